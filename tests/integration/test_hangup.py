@@ -110,7 +110,8 @@ SUPERVISE = textwrap.dedent('''
     run_dir = Path(sys.argv[1])
     lock = lock_run_dir(run_dir)
     daemon = "import signal, sys, time; signal.signal(signal.SIGTERM, {}); time.sleep(600)"
-    specs = [ProcSpec(name="polite", argv=[sys.executable, "-c", daemon.format("lambda *a: sys.exit(0)")]),
+    specs = [ProcSpec(name="polite", argv=[sys.executable, "-c", '''
+                                           '''daemon.format("lambda *a: sys.exit(0)")]),
              ProcSpec(name="deaf", argv=[sys.executable, "-c", daemon.format("signal.SIG_IGN")])]
     sup = Supervisor(specs, run_dir, echo=print, inherit_fds=(lock,))
     sup.on_change = lambda s: (run_dir / "pids.json").write_text(__import__("json").dumps(s.pids()))
@@ -147,12 +148,16 @@ def test_daemons_of_a_killed_supervisor_get_sigterm_and_hold_the_run_dir_until_g
         pids.update(wait_until(lambda: _both_started(run_dir), 60, 0.1, "both daemons started"))
         # started is not yet deaf: until its interpreter has set SIGTERM to ignored, the kernel's
         # SIGTERM kills it (the test then failed about one run in three on a loaded machine)
-        wait_until(lambda: signal.SIGTERM in _ignored(pids["deaf"]), 60, 0.05, "the deaf daemon to ignore SIGTERM")
+        wait_until(lambda: signal.SIGTERM in _ignored(pids["deaf"]), 60, 0.05,
+                   "the deaf daemon to ignore SIGTERM")
         os.kill(sup.pid, signal.SIGKILL)
         sup.wait(timeout=30)
-        wait_until(lambda: not _alive(pids["polite"]), GONE_S, 0.1, "the SIGTERM-abiding daemon to exit")
-        assert _alive(pids["deaf"])  # ignored its SIGTERM: the job is not over, and still holds run_dir
-        with pytest.raises(ConfigError, match=rf"in use by a running job \(areal-like run pid {sup.pid},"):
+        wait_until(lambda: not _alive(pids["polite"]), GONE_S, 0.1,
+                   "the SIGTERM-abiding daemon to exit")
+        # ignored its SIGTERM: the job is not over, and still holds run_dir
+        assert _alive(pids["deaf"])
+        with pytest.raises(ConfigError,
+                           match=rf"in use by a running job \(areal-like run pid {sup.pid},"):
             lock_run_dir(run_dir)
         os.kill(pids["deaf"], signal.SIGKILL)
         wait_until(lambda: not _alive(pids["deaf"]), GONE_S, 0.1, "the deaf daemon to die")
@@ -174,10 +179,12 @@ def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
     """SIGINT (Ctrl-C) to `areal-like run` (daemon logs echoed: no -q): what the daemons print while
     they stop goes to their logs only; the console gets the supervisor's one closing line."""
     run_dir, err_path = tmp_path / "run", tmp_path / "stderr"
-    argv = [sys.executable, "-m", "launch.cli", "run", "experiment=quickstart", "warm_start.steps=0",
+    argv = [sys.executable, "-m", "launch.cli", "run",
+            "experiment=quickstart", "warm_start.steps=0",
             "trainer.steps=100000", f"run_dir={run_dir}"]
     with err_path.open("w") as err:
-        sup = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=err,
+        sup = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(),
+                               stdout=subprocess.DEVNULL, stderr=err,
                                preexec_fn=_from_a_terminal)
     seen: set[int] = set()
     try:
@@ -187,17 +194,21 @@ def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
         # a started job: the supervisor may see the last daemon healthy after this test does
         wait_until(lambda: "processes healthy" in err_path.read_text(), START_S, 0.2,
                    "the supervisor's start-up to end")
-        wait_until(lambda: " | " in err_path.read_text(), 30, 0.2, "daemon lines echoed on the console")
+        wait_until(lambda: " | " in err_path.read_text(), 30, 0.2,
+                   "daemon lines echoed on the console")
         mark = err_path.stat().st_size
         os.kill(sup.pid, signal.SIGINT)
         assert sup.wait(timeout=GONE_S) == 1
         after = [ln for ln in _read_new(err_path, mark).splitlines() if not ln.startswith("[run] ")]
         daemon_lines = [ln for ln in after if " | " in ln]
-        # a line a daemon printed before the signal may still be in the pipe: none after its first stop line
+        # a line a daemon printed before the signal may still be in the pipe: none after its
+        # first stop line
         assert not any("stop requested" in ln or "Traceback" in ln for ln in daemon_lines), after
         assert after[-1] == "[supervisor] stopped on request", after
-        assert [ln for ln in after if ln.startswith("[supervisor]")] == ["[supervisor] stopped on request"], after
-        assert "stop requested" in (run_dir / "logs" / "trainer.log").read_text()  # the logs keep it all
+        assert [ln for ln in after if ln.startswith("[supervisor]")] == [
+            "[supervisor] stopped on request"], after
+        # the logs keep it all
+        assert "stop requested" in (run_dir / "logs" / "trainer.log").read_text()
     finally:
         stop_process(sup)
         left = _kill_all(seen)
@@ -207,13 +218,16 @@ def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path):
     err_path = tmp_path / "stderr"
-    argv = [sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart", "warm_start.steps=100000",
+    argv = [sys.executable, "-m", "launch.cli", "run", "-q",
+            "experiment=quickstart", "warm_start.steps=100000",
             f"run_dir={tmp_path / 'run'}"]
     with err_path.open("w") as err:
-        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=err, text=True,
+        proc = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(),
+                                stdout=subprocess.PIPE, stderr=err, text=True,
                                 preexec_fn=_from_a_terminal)
     try:
-        wait_until(lambda: "[warm-start]" in err_path.read_text(), START_S, 0.2, "the warm start to begin")
+        wait_until(lambda: "[warm-start]" in err_path.read_text(), START_S, 0.2,
+                   "the warm start to begin")
         mark = err_path.stat().st_size
         os.kill(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=GONE_S)
@@ -226,7 +240,8 @@ def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path)
         stop_process(proc)
 
 
-POLITE = SUPERVISE.replace('daemon.format("signal.SIG_IGN")', 'daemon.format("lambda *a: sys.exit(0)")').replace(
+POLITE = SUPERVISE.replace('daemon.format("signal.SIG_IGN")',
+                           'daemon.format("lambda *a: sys.exit(0)")').replace(
     "sys.exit(sup.run())", "sup.install_signals()\nsys.exit(sup.run())")  # as run_job does
 
 
@@ -235,7 +250,8 @@ def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_pat
     (SIG_IGN, inherited), and the supervisor must leave it so, not stop the job on it."""
     run_dir = tmp_path / "run"
     sup = subprocess.Popen(["nohup", sys.executable, "-c", POLITE, str(run_dir)],
-                           cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                           cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
     pids: dict[str, int] = {}
     try:
         pids.update(wait_until(lambda: _both_started(run_dir), 60, 0.1, "both daemons started"))
@@ -255,9 +271,11 @@ def test_a_hangup_whose_console_pipe_is_gone_still_ends_the_job_in_order(tmp_pat
     the supervisor's console is a pipe nobody reads. It must still stop the job and get past its
     last console line (run_job then writes summary.json), not die of EPIPE on the way."""
     run_dir = tmp_path / "run"
-    script = POLITE.replace("sys.exit(sup.run())", "code = sup.run()\n(run_dir / 'done').write_text(str(code))")
+    script = POLITE.replace("sys.exit(sup.run())",
+                            "code = sup.run()\n(run_dir / 'done').write_text(str(code))")
     read, write = os.pipe()
-    sup = subprocess.Popen([sys.executable, "-c", script, str(run_dir)], cwd=REPO_ROOT, env=child_env(),
+    sup = subprocess.Popen([sys.executable, "-c", script, str(run_dir)],
+                           cwd=REPO_ROOT, env=child_env(),
                            stdout=write, stderr=write, preexec_fn=_from_a_terminal)
     os.close(write)
     pids: dict[str, int] = {}

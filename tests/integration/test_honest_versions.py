@@ -35,18 +35,24 @@ def test_a_version_from_another_peer_or_a_jump_is_refused_logged_and_counted(tmp
             assert anonymous.request(P.VersionUpdate(policy_version=1)).status == "rejected"
             anonymous.close()
             huge = trainer.request(P.VersionUpdate(policy_version=10**9))
-            assert huge.status == "rejected" and huge.reason.startswith("version_jump") and huge.ref == "0"
-            assert trainer.request(P.VersionUpdate(policy_version=2)).status == "rejected"  # 0 -> 2 jumps too
+            assert (huge.status == "rejected" and huge.reason.startswith("version_jump")
+                    and huge.ref == "0")
+            # 0 -> 2 jumps too
+            assert trainer.request(P.VersionUpdate(policy_version=2)).status == "rejected"
             assert trainer.request(P.VersionUpdate(policy_version=1)).status == "ok"
-            assert trainer.request(P.VersionUpdate(policy_version=1)).status == "ok"  # a repeat is harmless
-            reg = stranger.request(P.Register(server_id="trainer-ws-7", engine_url="http://x", policy_version=0))
+            # a repeat is harmless
+            assert trainer.request(P.VersionUpdate(policy_version=1)).status == "ok"
+            reg = stranger.request(P.Register(server_id="trainer-ws-7", engine_url="http://x",
+                                              policy_version=0))
             assert isinstance(reg, P.Ack) and reg.reason.startswith("reserved_id")
             s = _stats(trainer)
             assert s["policy_version"] == 1
-            assert (s["rejected_not_trainer"], s["rejected_version_jump"], s["rejected_reserved_id"]) == (2, 2, 1)
+            assert (s["rejected_not_trainer"], s["rejected_version_jump"],
+                    s["rejected_reserved_id"]) == (2, 2, 1)
         finally:
             stranger.close()
-    assert any("version_jump" in r.getMessage() for r in caplog.records)  # rate-limited: once a minute
+    # rate-limited: once a minute
+    assert any("version_jump" in r.getMessage() for r in caplog.records)
     with running(cfg) as (svc, trainer):  # the refused versions were never made durable
         assert _stats(trainer)["policy_version"] == 1
 
@@ -70,18 +76,22 @@ def test_the_trainer_walks_a_restarted_buffer_up_to_its_version(tmp_path):
 
 def _write(run_dir, *records) -> None:
     (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics" / "trainer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run_dir / "metrics" / "trainer.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records))
 
 
 def test_ok_only_when_the_trainer_says_it_reached_its_steps(tmp_path):
     step = {"step": 1, "policy_version": 1, "reward_mean": 0.5}
     _write(tmp_path, step)  # exit 0, but no "done" record: the trainer never said it finished
     assert outcome(tmp_path, 0) == {"ok": False}
-    done = {"event": "done", "policy_version": 40, "steps": 50, "steps_trained": 38, "rolled_back_steps": 2}
+    done = {"event": "done", "policy_version": 40, "steps": 50, "steps_trained": 38,
+            "rolled_back_steps": 2}
     _write(tmp_path, step, done)  # stopped at the end of data, 10 steps short
     assert outcome(tmp_path, 0)["ok"] is False
-    resume = {"event": "resume", "policy_version": 9, "rolled_back_steps": 3, "rolled_back_total": 3}
-    _write(tmp_path, step, resume, {**done, "policy_version": 50, "steps_trained": 47, "rolled_back_steps": 3})
+    resume = {"event": "resume", "policy_version": 9, "rolled_back_steps": 3,
+              "rolled_back_total": 3}
+    _write(tmp_path, step, resume,
+           {**done, "policy_version": 50, "steps_trained": 47, "rolled_back_steps": 3})
     assert outcome(tmp_path, 0) == {"ok": True, "steps_trained": 47, "rolled_back_steps": 3}
     assert outcome(tmp_path, 1)["ok"] is False
     _write(tmp_path, step, resume)  # crashed out of restarts after a resume

@@ -36,7 +36,8 @@ DUMMY = textwrap.dedent('''
     else:
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
     if pidfile:  # a "rank" in its own session, like torchrun's children
-        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], '''
+                                 '''start_new_session=True)
         open(pidfile, "w").write(str(child.pid))
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -70,7 +71,8 @@ def _spec(dummy: Path, name: str, mode: str = "serve", stage: int = 1, main: boo
           pidfile: Path | None = None, health: bool = True) -> ProcSpec:
     port = free_port()
     argv = [sys.executable, str(dummy), str(port), mode] + ([str(pidfile)] if pidfile else [])
-    return ProcSpec(name=name, argv=argv, health_url=f"http://127.0.0.1:{port}/health" if health else None,
+    return ProcSpec(name=name, argv=argv,
+                    health_url=f"http://127.0.0.1:{port}/health" if health else None,
                     stage=stage, main=main)
 
 
@@ -149,7 +151,8 @@ def test_start_health_logs_restart_and_clean_stop(dummy, tmp_path):
         assert _wait(lambda: rank in sup.proc("trainer").descendants)
         os.kill(sup.proc("trainer").popen.pid, signal.SIGKILL)
         assert _wait(lambda: not _alive(rank)), "orphaned rank survived its leader's kill -9"
-        assert _wait(lambda: sup.pids()["trainer"] is not None and sup.proc("trainer").restarts == 1)
+        assert _wait(lambda: sup.pids()["trainer"] is not None
+                     and sup.proc("trainer").restarts == 1)
         assert _wait(lambda: pidfile.read_text().strip() not in ("", str(rank)))
         assert _wait(lambda: len(sup.proc("trainer").descendants) == 1)
         run.track()
@@ -159,7 +162,8 @@ def test_start_health_logs_restart_and_clean_stop(dummy, tmp_path):
 
 @pytest.mark.slow
 def test_main_exit_zero_completes_the_job_and_stops_the_rest(dummy, tmp_path):
-    specs = [_spec(dummy, "buffer", stage=0), _spec(dummy, "trainer", mode="exit_after_2", main=True)]
+    specs = [_spec(dummy, "buffer", stage=0),
+             _spec(dummy, "trainer", mode="exit_after_2", main=True)]
     sup = Supervisor(specs, tmp_path / "run", restarts=0, health_timeout_s=60, echo=lambda _: None)
     with _Run(sup) as run:
         assert _wait(lambda: not run.thread.is_alive(), 90)
@@ -209,7 +213,8 @@ def test_stop_while_a_daemon_never_becomes_healthy(dummy, tmp_path):
 
 @pytest.mark.slow
 def test_a_failed_job_names_the_daemon_and_shows_its_last_traceback(dummy, tmp_path):
-    specs = [_spec(dummy, "buffer", stage=0), _spec(dummy, "rollout-0", mode="traceback", health=False)]
+    specs = [_spec(dummy, "buffer", stage=0),
+             _spec(dummy, "rollout-0", mode="traceback", health=False)]
     sup = Supervisor(specs, tmp_path / "run", restarts=1, health_timeout_s=60, echo=lambda _: None)
     with _Run(sup) as run:
         assert _wait(lambda: not run.thread.is_alive(), 90)
@@ -229,29 +234,35 @@ def test_quiet_run_prints_why_the_job_failed(tmp_path):
     """`areal-like run -q` with a buffer that cannot create its WAL (a file where its directory
     should be): the job fails at start, and stderr says why, although -q hides daemon logs."""
     (tmp_path / "afile").write_text("")
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", f"run_dir={tmp_path / 'run'}",
-                        "warm_start.steps=0", f"buffer.wal_dir={tmp_path / 'afile' / 'wal'}", "launch.restarts=0"],
-                       capture_output=True, text=True, timeout=180, cwd=tmp_path, env={**os.environ,
-                                                                                      "PYTHONPATH": str(ROOT)})
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q",
+                        f"run_dir={tmp_path / 'run'}", "warm_start.steps=0",
+                        f"buffer.wal_dir={tmp_path / 'afile' / 'wal'}", "launch.restarts=0"],
+                       capture_output=True, text=True, timeout=180, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 1, r.stderr
     assert json.loads(r.stdout)["ok"] is False
-    assert f"[run] buffer failed; the end of {tmp_path / 'run' / 'logs' / 'buffer.log'}:" in r.stderr
+    assert (f"[run] buffer failed; the end of {tmp_path / 'run' / 'logs' / 'buffer.log'}:"
+            in r.stderr)
     assert "    Traceback (most recent call last):" in r.stderr
-    assert r.stderr.rstrip().endswith(f"NotADirectoryError: [Errno 20] Not a directory: '{tmp_path / 'afile' / 'wal'}'")
+    assert r.stderr.rstrip().endswith(
+        f"NotADirectoryError: [Errno 20] Not a directory: '{tmp_path / 'afile' / 'wal'}'")
     assert " | " not in r.stderr  # quiet: no streamed daemon lines, only the failure report
 
 
 @pytest.mark.slow
 def test_restarts_spread_over_time_do_not_use_up_the_budget(dummy, tmp_path):
-    """A crash every back-off (>= 0.4 s apart) against a 0.3 s window: each restart finds none in its
-    window, so six crashes with restarts=2 still do not fail the job; the back-off stays at its base."""
+    """A crash every back-off (>= 0.4 s apart) against a 0.3 s window: each restart finds none in
+    its window, so six crashes with restarts=2 still do not fail the job; the back-off stays at its
+    base."""
     crasher = _spec(dummy, "crasher", mode="crash", health=False)
     lines: list[str] = []
-    sup = Supervisor([crasher], tmp_path / "run", restarts=2, health_timeout_s=60, echo=lines.append,
+    sup = Supervisor([crasher], tmp_path / "run", restarts=2, health_timeout_s=60,
+                     echo=lines.append,
                      restart_window_s=0.3, restart_backoff_s=0.4, restart_backoff_max_s=0.4)
     with _Run(sup) as run:
         assert _wait(lambda: sup.proc("crasher").restarts >= 6, 90)
         run.track()
     assert run.code == 1 and sup.outcome == "stopped on request" and sup.failed is None
     restarts = [ln for ln in lines if "crasher exited with 3; restart" in ln]
-    assert len(restarts) >= 6 and all("restart 1/2 in the last 0s" in ln and "after 0.4s" in ln for ln in restarts)
+    assert len(restarts) >= 6 and all("restart 1/2 in the last 0s" in ln and "after 0.4s" in ln
+                                      for ln in restarts)

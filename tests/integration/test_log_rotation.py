@@ -29,11 +29,13 @@ from launch.topology import DaemonSlot, Topology
 from tests.conftest import REPO_ROOT, child_env, wait_until
 
 LINES = 3000
-CHATTY = f"import time\nfor i in range({LINES}): print(f'line {{i:05d}} ' + 'x' * 20, flush=True)\ntime.sleep(600)"
+CHATTY = (f"import time\nfor i in range({LINES}): "
+          f"print(f'line {{i:05d}} ' + 'x' * 20, flush=True)\ntime.sleep(600)")
 
 
 def _text(path: Path) -> str:
-    """The file's text, or "" while it does not exist (rotation renames it before making it again)."""
+    """The file's text, or "" while it does not exist (rotation renames it before making it
+    again)."""
     try:
         return path.read_text()
     except FileNotFoundError:
@@ -47,13 +49,15 @@ def _lines(files: list[Path]) -> list[str]:
 @pytest.mark.slow
 def test_a_daemon_log_rotates_and_keeps_the_newest_lines(tmp_path):
     run_dir, limit = tmp_path / "run", 4096
-    sup = Supervisor([ProcSpec(name="chatty", argv=[sys.executable, "-c", CHATTY])], run_dir, echo=lambda _: None,
+    sup = Supervisor([ProcSpec(name="chatty", argv=[sys.executable, "-c", CHATTY])], run_dir,
+                     echo=lambda _: None,
                      log_max_bytes=limit, log_backups=2)
     thread = threading.Thread(target=sup.run, daemon=True)
     thread.start()
     log = run_dir / "logs" / "chatty.log"
     try:
-        wait_until(lambda: f"line {LINES - 1:05d}" in _text(log), 120, 0.1, "the last line in chatty.log")
+        wait_until(lambda: f"line {LINES - 1:05d}" in _text(log), 120, 0.1,
+                   "the last line in chatty.log")
     finally:
         sup.request_stop()
         thread.join(timeout=60)
@@ -63,7 +67,8 @@ def test_a_daemon_log_rotates_and_keeps_the_newest_lines(tmp_path):
     assert all(f.stat().st_size <= limit + 40 for f in files), [f.stat().st_size for f in files]
     kept = _lines([files[2], files[1], files[0]])  # oldest first
     numbers = [int(ln.split()[1]) for ln in kept]
-    assert numbers == list(range(numbers[0], LINES)) and numbers[0] > 0  # consecutive, the oldest dropped
+    # consecutive, the oldest dropped
+    assert numbers == list(range(numbers[0], LINES)) and numbers[0] > 0
 
 
 def test_scrape_snapshots_rotate(tmp_path):
@@ -74,8 +79,10 @@ def test_scrape_snapshots_rotate(tmp_path):
         run = tmp_path / "run"
         (run / "metrics").mkdir(parents=True)
         cfg = RunConfig(run_dir=str(run))
-        cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, log_max_mb=2 / 1024, log_backups=1))
-        topo = Topology(host="127.0.0.1", buffer_address="", pub_address="", master_port=0, rollout_cpus=None,
+        cfg = dataclasses.replace(cfg, launch=dataclasses.replace(cfg.launch, log_max_mb=2 / 1024,
+                                                                  log_backups=1))
+        topo = Topology(host="127.0.0.1", buffer_address="", pub_address="", master_port=0,
+                        rollout_cpus=None,
                         trainer_cpus=None, slots=(DaemonSlot(name="buffer", kind="buffer",
                                                             metrics_port=server.port, cpus=None),))
         mon = Monitor(cfg, topo, run, out=io.StringIO())
@@ -96,9 +103,11 @@ def test_a_job_logs_weight_syncs_at_info_once_per_hundred_versions(tmp_path):
     """A real 30-step job: the rollout server's log holds the first sync (v0) and no per-version
     line after it (they are DEBUG; the next INFO one would be v100)."""
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart", "warm_start.steps=0",
-                        "trainer.steps=30", "eval.at_end=false", f"run_dir={run_dir}"], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart",
+                        "warm_start.steps=0", "trainer.steps=30", "eval.at_end=false",
+                        f"run_dir={run_dir}"], capture_output=True, text=True,
                        timeout=300, cwd=REPO_ROOT, env=child_env())
     assert r.returncode == 0, r.stderr[-3000:]
-    syncs = [ln for ln in (run_dir / "logs" / "rollout-0.log").read_text().splitlines() if "weight sync v" in ln]
+    syncs = [ln for ln in (run_dir / "logs" / "rollout-0.log").read_text().splitlines()
+             if "weight sync v" in ln]
     assert len(syncs) == 1 and "INFO" in syncs[0] and "weight sync v0 done" in syncs[0], syncs

@@ -25,7 +25,8 @@ JOB_S = 300.0  # one tiny job on 2 loaded cores
 
 def _run(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     """``areal-like run -q``; past JOB_S the launcher and everything under it is killed by PID."""
-    return _cli("run", "-q", "experiment=quickstart", "warm_start.steps=0", "trainer.checkpoint_every=1",
+    return _cli("run", "-q", "experiment=quickstart", "warm_start.steps=0",
+                "trainer.checkpoint_every=1",
                 "eval.at_end=false", f"run_dir={run_dir}", *args, timeout=JOB_S)
 
 

@@ -55,10 +55,13 @@ def write_config(run_dir: Path) -> tuple[Path, object]:
     # short leases so a dead server's prompts come back quickly, yet long enough that a group of
     # 2 x 32 tokens finishes well within one on a loaded machine (or its lease is re-issued too)
     cfg = load_config([
-        f"run_dir={run_dir}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
+        f"run_dir={run_dir}", "security.curve=false",
+        f"buffer.address=tcp://127.0.0.1:{free_port()}",
         f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.max_staleness=1000",
-        "buffer.groups_per_step=2", "buffer.lease_timeout_s=6", "buffer.heartbeat_timeout_s=6", "buffer.fsync=never",
-        "task.group_size=2", "task.max_new_tokens=32", "rollout.max_concurrent_groups=2", "rollout.heartbeat_s=0.5",
+        "buffer.groups_per_step=2", "buffer.lease_timeout_s=6", "buffer.heartbeat_timeout_s=6",
+        "buffer.fsync=never",
+        "task.group_size=2", "task.max_new_tokens=32", "rollout.max_concurrent_groups=2",
+        "rollout.heartbeat_s=0.5",
     ])
     path = run_dir / "config.yaml"
     path.write_text(to_yaml(cfg))
@@ -80,10 +83,12 @@ class Consumer:
         self.client = Client(address, timeout_s=30, identity=TRAINER_PEER)
         self.consumed: list = []
         self.version = 0
-        self.last_batch = ""  # acked with the next request, as the trainer does (else it is handed out again)
+        # acked with the next request, as the trainer does (else it is handed out again)
+        self.last_batch = ""
 
     def take_batch(self) -> bool:
-        batch = self.client.request(BatchRequest(n_groups=2, trainer_version=self.version, wait_s=0.5,
+        batch = self.client.request(BatchRequest(n_groups=2, trainer_version=self.version,
+                                                 wait_s=0.5,
                                                  ack_batch=self.last_batch))
         assert isinstance(batch, Batch)
         if not batch.groups:
@@ -115,9 +120,12 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
                                         f"rollout.metrics_port={a_port}"], capture=False)
     # B attaches by URL to a standalone engine process and drains in-flight work before a sync;
     # everything starts at once (process start-up dominates this test on a loaded machine)
-    spawn_python("rollout_server.engine", ["--config-file", config, "--port", engine_port], capture=False)
-    b = spawn_python("rollout_server", ["--config-file", config, "rollout.server_id=B", f"rollout.metrics_port={b_port}",
-                                        "rollout.engine.kind=url", f"rollout.engine.url=http://127.0.0.1:{engine_port}",
+    spawn_python("rollout_server.engine", ["--config-file", config, "--port", engine_port],
+                 capture=False)
+    b = spawn_python("rollout_server", ["--config-file", config, "rollout.server_id=B",
+                                        f"rollout.metrics_port={b_port}",
+                                        "rollout.engine.kind=url",
+                                        f"rollout.engine.url=http://127.0.0.1:{engine_port}",
                                         "rollout.drain_on_update=true"], capture=False)
     c = Consumer(cfg.buffer.address)
     try:
@@ -126,16 +134,21 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
         g = c.consumed[0]
         assert g.group_id == f"{g.server_id}-{g.lease_id}" and len(g.trajectories) == 2
         for t in g.trajectories:
-            assert 1 <= len(t.output_ids) <= 32 and len(t.behav_logp) == len(t.versions) == len(t.output_ids)
+            assert (1 <= len(t.output_ids) <= 32
+                    and len(t.behav_logp) == len(t.versions) == len(t.output_ids))
             assert (t.behav_logp <= 0).all() and t.prompt_ids[0] == 1
-        wait_until(lambda: metric(a_port, "areal_rollout_groups_acked_total") >= 2, STARTUP_S, 0.1, "A's acks")
+        wait_until(lambda: metric(a_port, "areal_rollout_groups_acked_total") >= 2, STARTUP_S, 0.1,
+                   "A's acks")
         assert metric(a_port, "areal_rollout_tokens_generated_total") > 0
         # after its first leases, a server gets its next ones with its groups' acks
-        wait_until(lambda: metric(a_port, 'areal_rollout_leases_received_total{via="ack"}') >= 1, 60, 0.1,
+        wait_until(lambda: metric(a_port, 'areal_rollout_leases_received_total{via="ack"}') >= 1,
+                   60, 0.1,
                    "leases with acks")
 
-        # 2. kill -9 A while it generates; A's leased prompts come back (lease timeout) and B makes them
-        wait_until(lambda: metric(a_port, "areal_rollout_requests_in_flight") >= 1, 60, 0.01, "A generating")
+        # 2. kill -9 A while it generates; A's leased prompts come back (lease timeout) and B
+        # makes them
+        wait_until(lambda: metric(a_port, "areal_rollout_requests_in_flight") >= 1, 60, 0.01,
+                   "A generating")
         acked_by_a = metric(a_port, "areal_rollout_groups_acked_total")
         spawn_python.kill9(a)
         cursor = c.stats()["cursor_index"]
@@ -146,16 +159,19 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
         wait_until(covered, STARTUP_S, 0.0, f"every prompt below {cursor} delivered")
         c.assert_no_prompt_twice()
         # every group A had acked is for a prompt below the cursor, and all of those were consumed
-        assert len([g for g in c.consumed if g.server_id == "A"]) >= acked_by_a, "a group acked to A was lost"
+        assert len([g for g in c.consumed if g.server_id == "A"]) >= acked_by_a, (
+            "a group acked to A was lost")
         assert c.stats().get("credits_reissued", 0) >= 1, "A's in-flight prompts were not re-issued"
 
         # 3. a weight sync through the buffer: B joins the group, receives, reports done
         new_version = weight_sync(c, wait_until)
-        wait_until(lambda: metric(b_port, "areal_rollout_policy_version") == new_version, 30, 0.1, "B's version")
+        wait_until(lambda: metric(b_port, "areal_rollout_policy_version") == new_version, 30, 0.1,
+                   "B's version")
 
         def new_tokens_arrived() -> bool:
             c.take_batch()
-            return any(new_version in t.versions for g in c.consumed for t in g.trajectories if g.server_id == "B")
+            return any(new_version in t.versions for g in c.consumed for t in g.trajectories
+                       if g.server_id == "B")
         wait_until(new_tokens_arrived, 120, 0.0, f"tokens generated by version {new_version}")
 
         # 4. kill -9 the buffer and restart it on the same run directory
@@ -165,10 +181,13 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
         # reconnect; this way sends time out and the groups wait in B's unacked map to be re-sent
         time.sleep(BUFFER_TIMEOUT_S + 1.0)
         spawn_python("buffer", ["--config-file", config], capture=False)
-        wait_until(lambda: c.take_batch() and len(c.consumed) >= before + 4, STARTUP_S, 0.0, "batches after restart")
+        wait_until(lambda: c.take_batch() and len(c.consumed) >= before + 4, STARTUP_S, 0.0,
+                   "batches after restart")
         # B's groups that finished while the buffer was down are re-sent after its send timeout and
-        # backoff, which may come after the batches above (new groups can overtake them): wait for it
-        wait_until(lambda: c.take_batch() is not None and metric(b_port, "areal_rollout_groups_resent_total") >= 1,
+        # backoff, which may come after the batches above (new groups can overtake them):
+        # wait for it
+        wait_until(lambda: c.take_batch() is not None
+                   and metric(b_port, "areal_rollout_groups_resent_total") >= 1,
                    60, 0.2, "B re-sent the groups the dead buffer never acked")
         c.assert_no_prompt_twice()
         assert metric(b_port, "areal_rollout_groups_acked_total") >= 1
@@ -190,13 +209,17 @@ def weight_sync(c: Consumer, wait_until) -> int:
     buckets = [names[: len(names) // 2], names[len(names) // 2:]]
     version = c.version + 1
     plan = WeightSyncPlan(
-        policy_version=version, group_name="flow_weights", master_addr="127.0.0.1", master_port=free_port(),
-        world_size=2, backend="gloo", reform=True, members=[SyncMember(server_id="B", rank_offset=1)],
-        buckets=[BucketSpec(names=b, dtypes=["float32"] * len(b), shapes=[list(state[n].shape) for n in b])
+        policy_version=version, group_name="flow_weights", master_addr="127.0.0.1",
+        master_port=free_port(), world_size=2, backend="gloo", reform=True,
+        members=[SyncMember(server_id="B", rank_offset=1)],
+        buckets=[BucketSpec(names=b, dtypes=["float32"] * len(b),
+                            shapes=[list(state[n].shape) for n in b])
                  for b in buckets], deadline_s=120.0)
     assert isinstance(c.client.request(plan), Ack)
     pg = init_weight_group("gloo", "127.0.0.1", plan.master_port, 2, 0, plan.group_name, 120)
-    try:  # each bucket as one flattened buffer, as the trainer sends it (rollout servers announce that format)
+    # each bucket as one flattened buffer, as the trainer sends it
+    # (rollout servers announce that format)
+    try:
         pipeline = BucketPipeline()
         for names in buckets:
             pipeline.send([state[name] for name in names], pg)

@@ -48,15 +48,18 @@ def make_plan(state: dict, port: int, group: str) -> tuple[WeightSyncPlan, list[
     buckets = [names[: len(names) // 2], names[len(names) // 2:]]
     specs = [BucketSpec(names=b, dtypes=[str(state[n].dtype).removeprefix("torch.") for n in b],
                         shapes=[list(state[n].shape) for n in b]) for b in buckets]
-    plan = WeightSyncPlan(policy_version=1, group_name=group, master_addr="127.0.0.1", master_port=port,
+    plan = WeightSyncPlan(policy_version=1, group_name=group, master_addr="127.0.0.1",
+                          master_port=port,
                           world_size=2, backend="gloo", reform=True,
-                          members=[SyncMember(server_id="engine-under-test", rank_offset=1)], buckets=specs,
+                          members=[SyncMember(server_id="engine-under-test", rank_offset=1)],
+                          buckets=specs,
                           deadline_s=120.0)
     return plan, buckets
 
 
 async def generated_tokens(client: SGLangClient) -> float:
-    return sum(v for k, v in (await client.metrics()).items() if k.startswith("sglang:generation_tokens_total"))
+    return sum(v for k, v in (await client.metrics()).items()
+               if k.startswith("sglang:generation_tokens_total"))
 
 
 async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen):
@@ -65,9 +68,11 @@ async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen):
     try:
         await client.wait_healthy(120)
         assert (await asyncio.to_thread(sender.stdout.readline)).strip() == "ready"
-        # greedy (top_k=1; logprobs are of the untruncated distribution), every sample runs to MAX_NEW
+        # greedy (top_k=1; logprobs are of the untruncated distribution), every sample runs to
+        # MAX_NEW
         sampling = {"temperature": 1.0, "top_k": 1, "ignore_eos": True}
-        jobs = [asyncio.create_task(generate_sample(client, p, sampling, MAX_NEW, lambda: version)) for p in PROMPTS]
+        jobs = [asyncio.create_task(generate_sample(client, p, sampling, MAX_NEW, lambda: version))
+                for p in PROMPTS]
         t0 = time.monotonic()  # pause once every sample is well under way (about 40 tokens each)
         while await generated_tokens(client) < 40 * len(PROMPTS) and time.monotonic() - t0 < 60:
             await asyncio.sleep(0.01)
@@ -82,7 +87,8 @@ async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen):
         await client.close()
 
 
-def check_against(model, prompt: list[int], out: list[int], logps: list[float], lo: int, hi: int) -> None:
+def check_against(model, prompt: list[int], out: list[int], logps: list[float], lo: int,
+                  hi: int) -> None:
     """Tokens out[lo:hi] are ``model``'s greedy choices given prompt + out[:t], logprobs match."""
     if lo >= hi:
         return
@@ -108,7 +114,8 @@ def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Pat
     # the trainer's side (rank 0) starts first and waits in the rendezvous, so that the pause lands
     # in the middle of the generations rather than after them
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
         engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8),

@@ -1,12 +1,13 @@
-"""CURVE on the buffer's sockets, over real processes and sockets: strangers get nothing and are counted.
+"""CURVE on the buffer's sockets, over real processes and sockets: strangers get nothing and are
+counted.
 
 A real buffer daemon (``python -m buffer``, CURVE on, keys from ``areal-like keys``) serves a real
 rollout-server client and a real trainer client (this process, holding the job's keys). Beside them,
-stranger processes, one with no CURVE at all, one with a CURVE key that is not on the allow-list, one
-that does not know the server's key, each try to register, send a group, ask for a Batch and listen for
-the WeightSyncPlan the job publishes meanwhile. Every stranger request must time out cleanly with
-nothing received; the buffer's ``auth_refused`` counter on /metrics must count them by reason; the
-job's own traffic must go on unaffected (its group trained on, its plan received).
+stranger processes, one with no CURVE at all, one with a CURVE key that is not on the allow-list,
+one that does not know the server's key, each try to register, send a group, ask for a Batch and
+listen for the WeightSyncPlan the job publishes meanwhile. Every stranger request must time out
+cleanly with nothing received; the buffer's ``auth_refused`` counter on /metrics must count them by
+reason; the job's own traffic must go on unaffected (its group trained on, its plan received).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig, to_y
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
-REQUEST_S = 30.0  # the job's own requests: a live buffer answers in milliseconds on a loaded machine too
+# the job's own requests: a live buffer answers in milliseconds on a loaded machine too
+REQUEST_S = 30.0
 STRANGER_REQUEST_S = 3.0  # each stranger request waits this long for an answer that must never come
 
-STRANGER = r"""
+STRANGER = (r"""
 import json, sys, time
 from pathlib import Path
 import numpy as np
@@ -42,16 +44,20 @@ from areal_like.net.transport import TransportTimeout
 
 address, pub_address, mode, keys_dir, stop_file, wait_s = sys.argv[1:7]
 keys = None
-if mode != "none":  # a CURVE client: its own key pair (never on the allow-list), and the server's key or not
+if mode != "none":  # a CURVE client: its own key pair (never on the allow-list), """
+    r"""and the server's key or not
     own = security.load(keys_dir, "trainer")
-    server = own.server_public if mode == "wrong_server" else security.load(sys.argv[7], "trainer").server_public
+    server = own.server_public if mode == "wrong_server" else """
+        r"""security.load(sys.argv[7], "trainer").server_public
     keys = security.Keys("trainer", own.public, own.secret, server)
 sub = Subscriber(pub_address, keys=keys)
 client = Client(address, keys=keys, timeout_s=float(wait_s))
-traj = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), behav_logp=as_f32([-1.0, -1.0]),
+traj = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), """
+                     r"""behav_logp=as_f32([-1.0, -1.0]),
                     versions=as_i32([0, 0]), reward=1.0, finish_reason="stop")
 requests = [P.Register(server_id="stranger", engine_url="http://127.0.0.1:1", policy_version=0),
-            P.TrajectoryGroup(group_id="stranger-g", server_id="stranger", lease_id="x", prompt_index=0, epoch=0,
+            P.TrajectoryGroup(group_id="stranger-g", server_id="stranger", lease_id="x", """
+                              r"""prompt_index=0, epoch=0,
                               trajectories=[traj, traj]),
             P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0.0),
             P.RosterRequest()]
@@ -62,25 +68,28 @@ for msg in requests:
     except TransportTimeout:
         out["requests"][msg.TYPE] = "timeout"
 print("listening", flush=True)
-while not Path(stop_file).exists():  # the test publishes plans until every stranger listened through some
+while not Path(stop_file).exists():  # the test publishes plans until every stranger listened """
+    r"""through some
     got = sub.recv(0.2)
     if got is not None:
         out["announcements"].append(got.TYPE)
 print(json.dumps(out), flush=True)
-"""
+""")
 
 
 def group(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
     trajs = [Trajectory.of(prompt_ids=as_i32([5, 6]), output_ids=as_i32(np.arange(4)),
                           behav_logp=as_f32(np.full(4, -1.0)), versions=as_i32(np.zeros(4)),
                           reward=float(r), finish_reason="stop") for r in (0.0, 1.0)]
-    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id, lease_id=credit.lease_id,
-                             prompt_index=credit.prompt_index, epoch=credit.epoch, trajectories=trajs)
+    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,
+                             lease_id=credit.lease_id, prompt_index=credit.prompt_index,
+                             epoch=credit.epoch, trajectories=trajs)
 
 
 def plan(version: int) -> P.WeightSyncPlan:
-    return P.WeightSyncPlan(policy_version=version, group_name="g", master_addr="127.0.0.1", master_port=1,
-                            world_size=2, backend="gloo", reform=True, members=[P.SyncMember(server_id="real",
+    return P.WeightSyncPlan(policy_version=version, group_name="g", master_addr="127.0.0.1",
+                            master_port=1, world_size=2, backend="gloo", reform=True,
+                            members=[P.SyncMember(server_id="real",
                             rank_offset=1)], buckets=[], deadline_s=60.0, plan_id=f"p{version}")
 
 
@@ -102,13 +111,16 @@ def test_keys_command_writes_private_files(tmp_path, spawn_python):
         assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
     before = (keys / "server.key_secret").read_bytes()
     code, out, _ = areal_like(spawn_python, "keys", tmp_path)
-    assert code == 0 and "kept" in out and (keys / "server.key_secret").read_bytes() == before  # a restart keeps them
-    assert security.load(keys, "rollout").server_public == security.load(keys, security.SERVER).public
+    # a restart keeps them
+    assert code == 0 and "kept" in out and (keys / "server.key_secret").read_bytes() == before
+    assert (security.load(keys, "rollout").server_public
+            == security.load(keys, security.SERVER).public)
 
 
 def test_buffer_without_keys_refuses_to_start(tmp_run_dir, spawn_python):
-    cfg = RunConfig(run_dir=str(tmp_run_dir), buffer=BufferConfig(address=f"tcp://127.0.0.1:{free_port()}",
-                                                                  pub_address=f"tcp://127.0.0.1:{free_port()}"))
+    cfg = RunConfig(run_dir=str(tmp_run_dir),
+                    buffer=BufferConfig(address=f"tcp://127.0.0.1:{free_port()}",
+                                        pub_address=f"tcp://127.0.0.1:{free_port()}"))
     (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
     proc = spawn_python("buffer", ["--config-file", tmp_run_dir / "config.yaml"])
     _, err = proc.communicate(timeout=120)
@@ -116,14 +128,17 @@ def test_buffer_without_keys_refuses_to_start(tmp_run_dir, spawn_python):
     assert "server.key is missing" in err and "areal-like keys RUN_DIR" in err
 
 
-def test_strangers_get_nothing_are_counted_and_the_job_goes_on(tmp_run_dir, tmp_path, spawn_python, wait_until):
+def test_strangers_get_nothing_are_counted_and_the_job_goes_on(
+        tmp_run_dir, tmp_path, spawn_python, wait_until):
     metrics_port = free_port()
     cfg = RunConfig(run_dir=str(tmp_run_dir), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
         address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
         groups_per_step=1, metrics_port=metrics_port, heartbeat_timeout_s=600,
-        io_threads=2))  # CURVE decrypted on two I/O threads: still every stranger refused and counted
+        # CURVE decrypted on two I/O threads: still every stranger refused and counted
+        io_threads=2))
     (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
-    keys, other = tmp_run_dir / "keys", tmp_path / "other"  # other: another job's keys (valid CURVE, not ours)
+    # other: another job's keys (valid CURVE, not ours)
+    keys, other = tmp_run_dir / "keys", tmp_path / "other"
     security.make_keys(keys)
     security.make_keys(other)
     spawn_python("buffer", ["--config-file", tmp_run_dir / "config.yaml"], capture=False)

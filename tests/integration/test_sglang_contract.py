@@ -56,8 +56,10 @@ CONTROL = {
     "/pause_generation": ("PauseGenerationReqInput", None),
     "/continue_generation": ("ContinueGenerationReqInput", None),
     "/flush_cache": ("FlushCacheReqInput", None),
-    "/init_weights_update_group": ("InitWeightsUpdateGroupReqInput", "InitWeightsUpdateGroupReqOutput"),
-    "/destroy_weights_update_group": ("DestroyWeightsUpdateGroupReqInput", "DestroyWeightsUpdateGroupReqOutput"),
+    "/init_weights_update_group": ("InitWeightsUpdateGroupReqInput",
+                                   "InitWeightsUpdateGroupReqOutput"),
+    "/destroy_weights_update_group": ("DestroyWeightsUpdateGroupReqInput",
+                                      "DestroyWeightsUpdateGroupReqOutput"),
     "/update_weights_from_distributed": ("UpdateWeightsFromDistributedReqInput",
                                          "UpdateWeightsFromDistributedReqOutput"),
     "/begin_weight_update": ("BeginWeightUpdateReqInput", "BeginWeightUpdateReqOutput"),
@@ -75,12 +77,15 @@ def sglang_wheel() -> Path:
     found = sorted(CACHE.glob(f"sglang-{SGLANG_PIN}-*.whl"))
     if found:
         return found[0]
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:  # concurrent runs: download aside, then rename
-        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"sglang=={SGLANG_PIN}",
+    # concurrent runs: download aside, then rename
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q",
+                            f"sglang=={SGLANG_PIN}",
                             "-d", tmp], capture_output=True, text=True, timeout=600)
         wheels = sorted(Path(tmp).glob("sglang-*.whl"))
         if r.returncode != 0 or not wheels:
-            pytest.skip(f"cannot download the pinned SGLang wheel (pip download --no-deps sglang=={SGLANG_PIN} "
+            pytest.skip("cannot download the pinned SGLang wheel "
+                        f"(pip download --no-deps sglang=={SGLANG_PIN} "
                         f"failed: {(r.stderr or r.stdout).strip()[-300:]})")
         target = CACHE / wheels[0].name
         os.replace(wheels[0], target)
@@ -124,7 +129,8 @@ def io_structs(source: str) -> dict[str, dict[str, tuple[ast.expr, bool]]]:
 def json_matches(value, ann: ast.expr) -> bool:
     """Does a JSON value fit a (simple) io_struct annotation? Unknown annotations accept."""
     if isinstance(ann, ast.Name):
-        expected = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float)}.get(ann.id)
+        expected = {"str": (str,), "int": (int,), "bool": (bool,),
+                    "float": (int, float)}.get(ann.id)
         if expected is None:
             return True
         return isinstance(value, expected) and (ann.id == "bool" or not isinstance(value, bool))
@@ -143,11 +149,13 @@ def json_matches(value, ann: ast.expr) -> bool:
 def check_control_body(structs, path: str, body) -> None:
     fields = structs[CONTROL[path][0]]
     body = body or {}
-    assert set(body) <= set(fields), f"{path}: fields {set(body) - set(fields)} are not in {CONTROL[path][0]}"
+    assert set(body) <= set(fields), (
+        f"{path}: fields {set(body) - set(fields)} are not in {CONTROL[path][0]}")
     missing = [f for f, (_, has_default) in fields.items() if not has_default and f not in body]
     assert not missing, f"{path}: required fields {missing} missing"
     for key, value in body.items():
-        assert json_matches(value, fields[key][0]), f"{path}: {key}={value!r} does not fit {ast.unparse(fields[key][0])}"
+        assert json_matches(value, fields[key][0]), (
+            f"{path}: {key}={value!r} does not fit {ast.unparse(fields[key][0])}")
 
 
 # ---------------------------------------------------------------------------- the engine under test
@@ -166,11 +174,14 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
         info = await client.model_info()
         await client.server_info()
         facts["version0"] = info.get("weight_version")
-        sp = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 0.9, "top_k": 20, "stop_token_ids": [2]}
+        sp = {"max_new_tokens": 6, "temperature": 1.0, "top_p": 0.9, "top_k": 20,
+              "stop_token_ids": [2]}
         facts["single"] = await client.generate([1, 20, 21, 22], sp, rid="contract-1")
-        facts["greedy_length"] = await client.generate([1, 30], {"max_new_tokens": 3, "temperature": 0.0,
+        facts["greedy_length"] = await client.generate([1, 30], {"max_new_tokens": 3,
+                                                                 "temperature": 0.0,
                                                                  "ignore_eos": True})
-        facts["stopped"] = await client.generate([1, 31], {"max_new_tokens": 3, "stop_token_ids": list(range(104))})
+        facts["stopped"] = await client.generate([1, 31], {"max_new_tokens": 3,
+                                                           "stop_token_ids": list(range(104))})
         facts["episode"] = await one_episode(client)  # the exact bodies a rollout server sends
         # a long request aborted by pause (interruptible generation) and by abort_request
         long_sp = {"max_new_tokens": LONG, "temperature": 1.0, "ignore_eos": True}
@@ -218,7 +229,8 @@ async def one_episode(client: SGLangClient):
     ctx = EpisodeContext(client=client, task=task, tokenizer=char_tokenizer(), rewards=rewards,
                          task_cfg=task_cfg, server_id="contract", current_version_fn=lambda: 0)
     try:
-        return await run_episode(ctx, Credit(lease_id="L1", prompt_index=3, epoch=0, deadline_s=60.0))
+        return await run_episode(ctx, Credit(lease_id="L1", prompt_index=3, epoch=0,
+                                             deadline_s=60.0))
     finally:
         rewards.close()
 
@@ -251,7 +263,8 @@ def weight_sync_setup() -> tuple[WeightSyncPlan, subprocess.Popen]:
         deadline_s=120.0)
     spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
+                              stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     return plan, sender
 
@@ -351,7 +364,8 @@ def check_responses(api, structs, responses: list, facts: dict) -> None:
             assert status == 200 and raw == "", raw
         elif path in CONTROL and CONTROL[path][1] and status == 200:
             out_fields = structs[CONTROL[path][1]]
-            assert isinstance(body, dict) and {"success", "message"} <= set(body) <= set(out_fields), body
+            assert (isinstance(body, dict)
+                    and {"success", "message"} <= set(body) <= set(out_fields)), body
     assert finish_types == {"FinishStop", "FinishLength", "FinishAbort"}, finish_types
     assert facts["bad_status"] == 400
 
@@ -363,13 +377,16 @@ def check_facts(f: dict, first_version: str | None = "0") -> None:
     assert f["greedy_length"].finish_reason == "length" and len(f["greedy_length"].output_ids) == 3
     assert f["stopped"].finish_reason == "stop" and len(f["stopped"].output_ids) == 1
     group = f["episode"]
-    assert group.group_id == "contract-L1" and group.prompt_index == 3 and len(group.trajectories) == 2
+    assert (group.group_id == "contract-L1" and group.prompt_index == 3
+            and len(group.trajectories) == 2)
     for t in group.trajectories:
-        assert 1 <= len(t.output_ids) <= 8 and t.finish_reason in ("stop", "length") and set(t.versions) == {0}
+        assert (1 <= len(t.output_ids) <= 8 and t.finish_reason in ("stop", "length")
+                and set(t.versions) == {0})
     for key in ("paused", "aborted"):
         assert f[key].finish_reason == "abort" and len(f[key].output_ids) < LONG, key
     assert f["sync"].ok, f["sync"].reason
     assert f["version0"] == first_version if first_version is not None else f["version0"].isdigit()
     assert (f["version1"], f["version2"]) == ("1", "2")
     names = {k.split("{")[0] for k in f["metrics"]}
-    assert {"sglang:num_running_reqs", "sglang:generation_tokens_total", "sglang:num_requests_total"} <= names
+    assert {"sglang:num_running_reqs", "sglang:generation_tokens_total",
+            "sglang:num_requests_total"} <= names

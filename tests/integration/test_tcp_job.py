@@ -1,12 +1,13 @@
 """A real job over the multi-node path, on one machine: `areal-like run -q` with
 ``security.local_ipc=false``, so every daemon reaches the buffer over tcp with CURVE (every frame
-encrypted, the buffer's I/O threads decrypting), and every weight group's rendezvous through rank 0's store gate and the members' doors
-(areal_like/net/store_gate.py). 2 rollout servers (embedded engines), 1 trainer rank.
+encrypted, the buffer's I/O threads decrypting), and every weight group's rendezvous through
+rank 0's store gate and the members' doors (areal_like/net/store_gate.py). 2 rollout servers
+(embedded engines), 1 trainer rank.
 
 Shown: the job completes every step; the daemons were on tcp with CURVE on; no weight sync of the
-run dropped a member, and from the first one both servers were in, both did every one; no member's store connection was
-refused (one that failed a handshake would be); the trained model still learns (the final evaluation holds the
-warm start's accuracy); nothing is left running.
+run dropped a member, and from the first one both servers were in, both did every one; no member's
+store connection was refused (one that failed a handshake would be); the trained model still learns
+(the final evaluation holds the warm start's accuracy); nothing is left running.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import pytest
 import yaml
 from test_eval_export import _children, run_job
 
-STEPS = 40  # long enough that an engine that starts seconds later under load still joins several syncs
+# long enough that an engine that starts seconds later under load still joins several syncs
+STEPS = 40
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +28,8 @@ pytestmark = pytest.mark.slow
 def test_a_job_over_tcp_with_curve_and_gated_rendezvous(tmp_path):
     run_dir = tmp_path / "run"
     before = _children()
-    r = run_job(run_dir, f"trainer.steps={STEPS}", "security.local_ipc=false", "launch.num_rollout_servers=2",
+    r = run_job(run_dir, f"trainer.steps={STEPS}", "security.local_ipc=false",
+                "launch.num_rollout_servers=2",
                 "launch.trainer_ranks=1", "eval.max_examples=64")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
@@ -37,20 +40,26 @@ def test_a_job_over_tcp_with_curve_and_gated_rendezvous(tmp_path):
     assert cfg["rollout"]["buffer_address"].startswith("tcp://"), cfg["rollout"]["buffer_address"]
     assert cfg["trainer"]["buffer_address"].startswith("tcp://") and cfg["security"]["curve"]
     logs = {p.name: p.read_text() for p in (run_dir / "logs").glob("*.log")}
-    assert all("CURVE on" in logs[f"{d}.log"] for d in ("buffer", "rollout-0", "rollout-1")), list(logs)
-    refusals = [line for text in logs.values() for line in text.splitlines()  # handshakes and gates only
+    assert all("CURVE on" in logs[f"{d}.log"]
+               for d in ("buffer", "rollout-0", "rollout-1")), list(logs)
+    # handshakes and gates only
+    refusals = [line for text in logs.values() for line in text.splitlines()
                 if any(m in line for m in ("StoreGate refused", "StoreDoor refused", "store gate"))]
     assert not refusals, refusals[:5]
 
-    records = [json.loads(line) for line in (run_dir / "metrics" / "trainer.jsonl").read_text().splitlines()]
+    records = [json.loads(line)
+               for line in (run_dir / "metrics" / "trainer.jsonl").read_text().splitlines()]
     steps = [rec for rec in records if "step" in rec]
     assert [rec["step"] for rec in steps] == list(range(1, STEPS + 1))
-    syncs = [rec["weight_sync"] for rec in steps if rec.get("weight_sync", {}).get("version", 0) >= 1]
-    assert all(not s["dropped"] and s["done"] for s in syncs), syncs  # a member that failed the gate is dropped
-    # a server that registers late (its engine slow to start) joins the roster at a later version; from
-    # the first sync both did, both do every one
+    syncs = [rec["weight_sync"] for rec in steps
+             if rec.get("weight_sync", {}).get("version", 0) >= 1]
+    # a member that failed the gate is dropped
+    assert all(not s["dropped"] and s["done"] for s in syncs), syncs
+    # a server that registers late (its engine slow to start) joins the roster at a later version;
+    # from the first sync both did, both do every one
     both = [sorted(s["done"]) == ["rollout-0", "rollout-1"] for s in syncs]
     registered = [line.split("rollout: ", 1)[1] for d in ("rollout-0", "rollout-1")
                   for line in logs[f"{d}.log"].splitlines() if "registered with the buffer" in line]
-    assert True in both and all(both[both.index(True):]), (registered, [(s["version"], s["done"]) for s in syncs])
+    assert True in both and all(both[both.index(True):]), (
+        registered, [(s["version"], s["done"]) for s in syncs])
     assert summary["eval_last"]["greedy_accuracy"] >= 0.5, summary["eval_last"]

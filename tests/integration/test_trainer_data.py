@@ -23,16 +23,21 @@ from trainer.model import attach_logprobs
 from trainer.step import output_logp
 
 
-def _group(gid: int, prompts_outputs: list[tuple[list[int], list[int]]], versions: int = 0) -> P.TrajectoryGroup:
-    trajs = [Trajectory.of(prompt_ids=as_i32(p), output_ids=as_i32(o), behav_logp=as_f32([-0.5] * len(o)),
-                          versions=as_i32([versions] * len(o)), reward=float(len(o)), finish_reason="stop")
+def _group(gid: int, prompts_outputs: list[tuple[list[int], list[int]]],
+           versions: int = 0) -> P.TrajectoryGroup:
+    trajs = [Trajectory.of(prompt_ids=as_i32(p), output_ids=as_i32(o),
+                           behav_logp=as_f32([-0.5] * len(o)),
+                           versions=as_i32([versions] * len(o)), reward=float(len(o)),
+                           finish_reason="stop")
              for p, o in prompts_outputs]
-    return P.TrajectoryGroup(group_id=f"g{gid}", server_id="s", lease_id=str(gid), prompt_index=gid, epoch=0,
+    return P.TrajectoryGroup(group_id=f"g{gid}", server_id="s", lease_id=str(gid),
+                             prompt_index=gid, epoch=0,
                              trajectories=trajs)
 
 
 def test_groups_to_batch_layout():
-    b = groups_to_batch([_group(0, [([1, 5], [7, 8, 9]), ([1], [6])]), _group(1, [([1, 4, 4], [2])], versions=3)])
+    b = groups_to_batch([_group(0, [([1, 5], [7, 8, 9]), ([1], [6])]),
+                         _group(1, [([1, 4, 4], [2])], versions=3)])
     assert b.input_ids.tolist() == [[1, 5, 7, 8, 9], [1, 6, 0, 0, 0], [1, 4, 4, 2, 0]]
     assert b.prompt_lens.tolist() == [2, 1, 3] and b.output_lens.tolist() == [3, 1, 1]
     assert b.mask.tolist() == [[1, 1, 1], [1, 0, 0], [1, 0, 0]]
@@ -87,7 +92,8 @@ class _StandIn:
             if got:
                 peer, req_id, m = got
                 self.requests.append(m)
-                self.server.send(peer, req_id, self.replies.pop(0) if len(self.replies) > 1 else self.replies[0])
+                self.server.send(peer, req_id,
+                                 self.replies.pop(0) if len(self.replies) > 1 else self.replies[0])
 
     def close(self):
         self.stop.set()
@@ -98,13 +104,15 @@ class _StandIn:
 def test_batch_source_retries_empty_then_returns_the_batch(free_port):
     address = f"tcp://127.0.0.1:{free_port()}"
     groups = [_group(0, [([1], [5, 6])]), _group(1, [([1], [7])])]
-    stand_in = _StandIn(address, [P.Batch(groups=[], trainer_version=4, reason="not enough fresh groups")] * 2 +
+    stand_in = _StandIn(address, [P.Batch(groups=[], trainer_version=4,
+                                          reason="not enough fresh groups")] * 2 +
                         [P.Batch(groups=groups, trainer_version=4)])
     src = BatchSource(address, 2, wait_s=0.1, buffer_timeout_s=10, rank=0)
     try:
         batch = src.next_batch(4)
         assert batch is not None and batch.n_seqs == 2 and src.empty_polls == 2
-        assert [g.group_id for g in src.last_groups] == [g.group_id for g in groups]  # for the sample tables
+        # for the sample tables
+        assert [g.group_id for g in src.last_groups] == [g.group_id for g in groups]
         assert all(r.n_groups == 2 and r.trainer_version == 4 for r in stand_in.requests)
     finally:
         src.close()
@@ -113,7 +121,8 @@ def test_batch_source_retries_empty_then_returns_the_batch(free_port):
 
 def test_batch_source_stop_and_silent_buffer(free_port):
     address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens here
-    src = BatchSource(address, 2, wait_s=0.1, buffer_timeout_s=1.0, rank=0, should_stop=lambda: True)
+    src = BatchSource(address, 2, wait_s=0.1, buffer_timeout_s=1.0, rank=0,
+                      should_stop=lambda: True)
     assert src.next_batch(0) is None  # a requested stop wins before any request
     src.close()
     src = BatchSource(address, 2, wait_s=0.1, buffer_timeout_s=1.0, rank=0)

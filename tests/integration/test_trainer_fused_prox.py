@@ -44,7 +44,8 @@ def worker(out: str) -> None:
         policy = build_policy(cfg.model, cfg.trainer, adam_eps=1e-3)
         s = StepSettings.from_config(cfg)
         init = full_state_dict(policy.model)
-        res["fuse_prox"], res["recompute_is_none"] = s.fuse_prox, recompute_prox_logp(policy, batch, s) is None
+        res["fuse_prox"], res["recompute_is_none"] = (
+            s.fuse_prox, recompute_prox_logp(policy, batch, s) is None)
         res["dtensor_params"] = any(isinstance(p, DTensor) for p in policy.model.parameters())
         prox = None if name == "fused" else batch_logp(policy.model, batch, s, policy.device)
         stats = train_step(policy, batch, s, prox)
@@ -54,7 +55,8 @@ def worker(out: str) -> None:
     res["grad_norm"] = [fs["grad_norm"], rs["grad_norm"]]
     res["max_weight_diff"] = max(float((fw[k] - rw[k]).abs().max()) for k in fw)
     res["moved"] = max(float((fw[k] - init[k]).abs().max()) for k in fw)
-    cfg2 = load_config(["trainer.micro_batch_size=4", "loss=decoupled_ppo", "trainer.num_minibatches=2"])
+    cfg2 = load_config(["trainer.micro_batch_size=4", "loss=decoupled_ppo",
+                        "trainer.num_minibatches=2"])
     s2 = StepSettings.from_config(cfg2)
     res["two_mb_fuse"] = s2.fuse_prox
     res["two_mb_recompute_shape"] = list(recompute_prox_logp(policy, batch, s2).shape)

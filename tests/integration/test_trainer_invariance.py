@@ -41,7 +41,8 @@ CASES = [
     ("grpo_seqmean_2mb", ["trainer.loss.kernel=ppo", "trainer.loss.agg=seq-mean-token-mean",
                           "trainer.num_minibatches=2"]),
     ("drgrpo_tokensum_norm", ["trainer.loss.kernel=ppo", "trainer.estimator=drgrpo",
-                              "trainer.loss.agg=seq-mean-token-sum-norm"]),  # C = task.max_new_tokens
+                              # C = task.max_new_tokens
+                              "trainer.loss.agg=seq-mean-token-sum-norm"]),
     ("vcpo", ["trainer.loss.kernel=vcpo", "trainer.loss.agg=seq-mean-token-mean"]),
     # groups 0 and 1 solved (SOLVED): the first minibatch has no row to train and runs one at zero
     # weight (trainer/step.py trained_rows), the second trains only its unsolved rows
@@ -80,12 +81,15 @@ def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, vers
             p, t = int(rng.integers(2, 7)), int(rng.integers(1, 9))
             # a multi-turn episode's context tokens (mask 0) sit between generated turns
             mask = np.ones(t, np.int32) if t < 5 else np.array([1, 1, 0, 0] + [1] * (t - 4))
-            trajs.append(Trajectory.of(prompt_ids=rng.integers(4, 100, p), output_ids=rng.integers(4, 100, t),
-                                    behav_logp=-rng.random(t) * 5, versions=np.full(t, version, np.int32),
+            trajs.append(Trajectory.of(prompt_ids=rng.integers(4, 100, p),
+                                    output_ids=rng.integers(4, 100, t),
+                                    behav_logp=-rng.random(t) * 5,
+                                    versions=np.full(t, version, np.int32),
                                     reward=max(float(rng.integers(0, 2)), float(g < solved)),
                                     finish_reason="stop",
                                     loss_mask=mask))
-        groups.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0,
+        groups.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g),
+                                      prompt_index=g, epoch=0,
                                       trajectories=trajs))
     return groups
 
@@ -120,7 +124,8 @@ def _spawn(out: Path, layouts: str, rank: int | None = None, world: int = 1,
            port: int = 0) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if rank is not None:
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
     return subprocess.Popen([sys.executable, __file__, str(out), layouts], env=env,
                             cwd=Path(__file__).resolve().parents[2])
@@ -153,8 +158,10 @@ def test_loss_stats_and_weights_invariant_to_layout_and_ranks(tmp_path):
             if "packed" in label:  # no padding computed
                 assert got["stats"]["padding_share"] == 0.0, (name, label)
             for key, w in ref["state"].items():
-                torch.testing.assert_close(got["state"][key], w, rtol=0, atol=1e-5, msg=f"{name} {label} {key}")
-        if name in SOLVED:  # not vacuous: the first minibatch trained no row, the second all of its rows
+                torch.testing.assert_close(got["state"][key], w, rtol=0, atol=1e-5,
+                                           msg=f"{name} {label} {key}")
+        # not vacuous: the first minibatch trained no row, the second all of its rows
+        if name in SOLVED:
             assert ref["stats"]["zero_adv_skip_frac"] == 0.5, name
         # the comparison is not vacuous: the step moved the weights by far more than the tolerance
         moved = max(float((w - one["init"][k]).abs().max()) for k, w in ref["state"].items())

@@ -10,7 +10,8 @@ Each worker builds the policy and the frozen reference (``trainer.loss.kl_coef``
 - packed micro-batches and right-padded ones (``trainer.pack_sequences``) give the same loss, KL
   and updated weights.
 1 rank and 2 ranks agree on every stat. The worker half of this file runs as
-``python -c RUNNER test_trainer_kl.py OUT_DIR`` (RANK/WORLD_SIZE/MASTER_* in the environment for 2 ranks).
+``python -c RUNNER test_trainer_kl.py OUT_DIR`` (RANK/WORLD_SIZE/MASTER_* in the environment
+for 2 ranks).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 
 RUNNER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
-WORKER_TIMEOUT_S = 300  # cold torch + transformers imports of three processes on a loaded 2-core machine
+# cold torch + transformers imports of three processes on a loaded 2-core machine
+WORKER_TIMEOUT_S = 300
 KL_COEF = 0.1
 
 
@@ -45,7 +47,8 @@ def worker(out_dir: Path) -> None:
         raise SystemExit(f"{out_dir} is not a directory")
     settings = ["trainer.lr=1e-2", "trainer.micro_batch_size=2", f"trainer.loss.kl_coef={KL_COEF}",
                 "trainer.loss.agg=token-mean"]
-    cfg = load_config([*settings, "trainer.pack_sequences=true", "trainer.pack_min_padding=0"])  # the tiny model's recipe pads
+    # the tiny model's recipe pads
+    cfg = load_config([*settings, "trainer.pack_sequences=true", "trainer.pack_min_padding=0"])
     rank, _ = init_distributed(cfg.trainer)
     policy = build_policy(cfg.model, cfg.trainer)
     reference = build_reference(cfg.model, cfg.trainer)
@@ -58,14 +61,18 @@ def worker(out_dir: Path) -> None:
                           reference_logp(ref_model, batch, s, policy.device))
 
     res = {"step0": step(reference), "step1": step(reference),
-           "ref_frozen": all(not p.requires_grad for p in reference.parameters()) and not reference.training,
-           "ref_state": full_state_dict(reference), "init": init, "policy": full_state_dict(policy.model)}
-    ckpt = save_checkpoint(out_dir / "ckpt", policy, 2)  # resume: a fresh policy loads it, the reference does not
+           "ref_frozen": (all(not p.requires_grad for p in reference.parameters())
+                          and not reference.training),
+           "ref_state": full_state_dict(reference), "init": init,
+           "policy": full_state_dict(policy.model)}
+    # resume: a fresh policy loads it, the reference does not
+    ckpt = save_checkpoint(out_dir / "ckpt", policy, 2)
     resumed = build_policy(cfg.model, cfg.trainer)
     load_checkpoint(ckpt, resumed)
     res["resumed_policy"] = full_state_dict(resumed.model)
     res["resumed_ref"] = full_state_dict(build_reference(cfg.model, cfg.trainer))
-    hf = export_hf(policy.model, out_dir / "hf", model_cfg=cfg.model, tokenizer=load_tokenizer(cfg.model),
+    hf = export_hf(policy.model, out_dir / "hf", model_cfg=cfg.model,
+                   tokenizer=load_tokenizer(cfg.model),
                    shard_mb=1, dtype="float32")
     cfg.trainer.ref_path = str(hf)
     from_dir = build_reference(cfg.model, cfg.trainer)
@@ -74,7 +81,8 @@ def worker(out_dir: Path) -> None:
     # the same two steps with right-padded micro-batches: packing must not change the KL term
     padded_cfg = load_config([*settings, "trainer.pack_sequences=false"])
     padded = build_policy(padded_cfg.model, padded_cfg.trainer)
-    padded_ref, ps = build_reference(padded_cfg.model, padded_cfg.trainer), StepSettings.from_config(padded_cfg)
+    padded_ref, ps = (build_reference(padded_cfg.model, padded_cfg.trainer),
+                      StepSettings.from_config(padded_cfg))
     for _ in range(2):
         res["padded_step1"] = train_step(padded, batch, ps, recompute_prox_logp(padded, batch, ps),
                                          reference_logp(padded_ref, batch, ps, padded.device))
@@ -87,11 +95,13 @@ def worker(out_dir: Path) -> None:
 def test_kl_reference_step_on_one_and_two_ranks(tmp_path, spawn_python, free_port):
     import torch
 
-    one, two = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(), WORKER_TIMEOUT_S)
+    one, two = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(),
+                                              WORKER_TIMEOUT_S)
     one, two = torch.load(one / "res.pt"), torch.load(two / "res.pt")
     for res in (one, two):
         s0, s1 = res["step0"], res["step1"]
-        assert s0["kl_ref"] == 0.0 and s0["loss"] == s0["policy_loss"]  # policy == reference: exactly 0
+        # policy == reference: exactly 0
+        assert s0["kl_ref"] == 0.0 and s0["loss"] == s0["policy_loss"]
         assert s1["kl_ref"] > 1e-6
         assert s1["loss"] - s1["policy_loss"] == pytest.approx(KL_COEF * s1["kl_ref"], rel=1e-4)
         assert res["ref_frozen"]
@@ -99,12 +109,15 @@ def test_kl_reference_step_on_one_and_two_ranks(tmp_path, spawn_python, free_por
         assert moved > 1e-3  # the policy did move away from the reference
         for key, w in res["init"].items():
             assert torch.equal(res["ref_state"][key], w), key  # two steps later: untouched
-            assert torch.equal(res["resumed_ref"][key], w), key  # after a resume: still the initial weights
+            # after a resume: still the initial weights
+            assert torch.equal(res["resumed_ref"][key], w), key
             assert torch.equal(res["resumed_policy"][key], res["policy"][key]), key
-            assert torch.equal(res["ref_path_state"][key], res["policy"][key]), key  # trainer.ref_path
+            # trainer.ref_path
+            assert torch.equal(res["ref_path_state"][key], res["policy"][key]), key
         assert res["ref_path_step"]["kl_ref"] == 0.0
         for key in ("loss", "policy_loss", "kl_ref"):  # packed and right-padded micro-batches agree
-            assert res["padded_step1"][key] == pytest.approx(res["step1"][key], rel=1e-5, abs=1e-7), key
+            assert res["padded_step1"][key] == pytest.approx(res["step1"][key],
+                                                             rel=1e-5, abs=1e-7), key
         for key, w in res["policy"].items():
             # Adam's first steps move each weight by about lr = 1e-2 whatever its gradient's size:
             # summation-order noise in a near-zero gradient shows as up to 1e-5 here

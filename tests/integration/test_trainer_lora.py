@@ -108,7 +108,8 @@ def worker(out_dir: Path) -> None:
 def test_lora_trains_adapters_only_on_one_and_two_ranks(tmp_path, spawn_python, free_port):
     import torch
 
-    one, two = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(), WORKER_TIMEOUT_S)
+    one, two = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(),
+                                              WORKER_TIMEOUT_S)
     one, two = torch.load(one / "res.pt"), torch.load(two / "res.pt")
     for res in (one, two):
         assert res["trainable"] and all(
@@ -181,7 +182,8 @@ def check_export(directory: Path, state: dict) -> None:
 
 
 # quickstart_lora's targets: the decoder's linear layers and the output head
-WITH_LM_HEAD = "trainer.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"
+WITH_LM_HEAD = ("trainer.lora.target_modules="
+                "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]")
 
 
 def bf16_worker(out_dir: Path) -> None:
@@ -209,9 +211,11 @@ def bf16_worker(out_dir: Path) -> None:
         init = full_state_dict(policy.model)
         # the KL reference first: the model's first forward runs with its adapters off
         steps = [train_step(policy, batch, s, recompute_prox_logp(policy, batch, s),
-                            reference_logp(policy.model, batch, s, policy.device)) for _ in range(2)]
+                            reference_logp(policy.model, batch, s, policy.device))
+                 for _ in range(2)]
         res[dtype] = {"steps": steps, "init": init, "after": full_state_dict(policy.model),
-                      "trainable": {n for n, p in policy.model.named_parameters() if p.requires_grad}}
+                      "trainable": {n for n, p in policy.model.named_parameters()
+                                    if p.requires_grad}}
     leave_distributed()
     if rank == 0:
         torch.save(res, out_dir / "res.pt")
@@ -225,7 +229,8 @@ def test_lora_computes_in_bf16_on_one_and_two_ranks(tmp_path, spawn_python, free
     backward assigned bf16 gradients to the fp32 adapters."""
     import torch
 
-    one, two = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(), WORKER_TIMEOUT_S,
+    one, two = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(),
+                                              WORKER_TIMEOUT_S,
                                               env={"LORA_WORKER": "bf16"})
     one, two = torch.load(one / "res.pt"), torch.load(two / "res.pt")
     for res in (one, two):
@@ -237,9 +242,11 @@ def test_lora_computes_in_bf16_on_one_and_two_ranks(tmp_path, spawn_python, free
             assert (moved > 1e-3) if name in bf16["trainable"] else moved == 0.0, name
         for key in ("loss", "kl_ref"):
             for step in (0, 1):
-                assert bf16["steps"][step][key] == pytest.approx(fp32["steps"][step][key], abs=2e-2), key
+                assert bf16["steps"][step][key] == pytest.approx(fp32["steps"][step][key],
+                                                                 abs=2e-2), key
         assert bf16["steps"][1]["kl_ref"] > 1e-6
-    assert two["bfloat16"]["steps"][1]["loss"] == pytest.approx(one["bfloat16"]["steps"][1]["loss"], abs=2e-2)
+    assert two["bfloat16"]["steps"][1]["loss"] == pytest.approx(
+        one["bfloat16"]["steps"][1]["loss"], abs=2e-2)
 
 
 if __name__ == "__main__":

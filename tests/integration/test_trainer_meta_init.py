@@ -10,7 +10,8 @@ On 1 rank and on 2 FSDP2 ranks (gloo, real processes):
 - activation checkpointing (``trainer.activation_checkpointing``) leaves the loss and every
   gradient of a forward/backward unchanged, and keeps the Hugging Face parameter names.
 
-The worker half runs as ``python test_trainer_meta_init.py OUT MODEL_DIR`` (torchrun env for 2 ranks).
+The worker half runs as ``python test_trainer_meta_init.py OUT MODEL_DIR``
+(torchrun env for 2 ranks).
 """
 
 from __future__ import annotations
@@ -42,21 +43,26 @@ def _grads_after_one_microbatch(policy, cfg) -> dict:
 
     batch = groups_to_batch(synthetic_groups())
     s = StepSettings.from_config(cfg)
-    prox = batch_logp(policy.model, batch, s, policy.device)  # the default kernel (decoupled PPO) uses it
+    # the default kernel (decoupled PPO) uses it
+    prox = batch_logp(policy.model, batch, s, policy.device)
     adv = minibatch_advantages(policy, batch, torch.arange(batch.mask.shape[0]), s).values
-    rows = torch.arange(policy.rank, 8, policy.world_size)  # the same 8 sequences whatever the world
+    # the same 8 sequences whatever the world
+    rows = torch.arange(policy.rank, 8, policy.world_size)
     mb = batch.select(rows)
     n_tokens, n_seqs = float(batch.mask[:8].sum()), 8.0
-    # the MLP runs inside the checkpointed block forward: twice per pass when recomputed (a PRE-hook:
-    # the recompute stops early, inside down_proj, once it has every tensor backward needs)
+    # the MLP runs inside the checkpointed block forward: twice per pass when recomputed
+    # (a PRE-hook: the recompute stops early, inside down_proj, once it has every tensor
+    # backward needs)
     calls = []
     hook = policy.model.model.layers[0].mlp.register_forward_pre_hook(lambda *a: calls.append(1))
-    stats = forward_backward(policy, mb, adv[rows, :mb.mask.shape[1]], prox[rows, :mb.mask.shape[1]], s,
+    stats = forward_backward(policy, mb, adv[rows, :mb.mask.shape[1]],
+                             prox[rows, :mb.mask.shape[1]], s,
                              s.loss_config(batch), n_tokens, n_seqs, packed=s.pack_sequences)
     hook.remove()
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
              for n, p in policy.model.named_parameters()}
-    return {"grads": grads, "stats": {k: float(v) for k, v in stats.items() if v.numel() == 1}, "mlp_calls": len(calls)}
+    return {"grads": grads, "stats": {k: float(v) for k, v in stats.items() if v.numel() == 1},
+            "mlp_calls": len(calls)}
 
 
 def worker(out: str, model_dir: str) -> None:
@@ -74,7 +80,8 @@ def worker(out: str, model_dir: str) -> None:
         with PeakTensorBytes() as m:
             policy = build_policy(cfg.model, cfg.trainer)
         # 1 rank: plain parameters (not sharded); 2 ranks: DTensors, their local shards
-        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4 for p in policy.model.parameters())
+        local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * 4
+                    for p in policy.model.parameters())
         res[f"init_tie={tie}"] = full_state_dict(policy.model)
         res[f"rotary_tie={tie}"] = policy.model.model.rotary_emb.inv_freq.clone()
         res[f"peak_tie={tie}"] = {"peak": m.peak, "local": local}
@@ -96,7 +103,8 @@ def _spawn(out: Path, model_dir: Path, rank: int | None = None, world: int = 1, 
 
     env = child_env()
     if rank is not None:
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port))
     return subprocess.Popen([sys.executable, __file__, str(out), str(model_dir)], env=env,
                             cwd=Path(__file__).resolve().parents[2])
@@ -111,7 +119,8 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("meta_init")
     model_dir = tmp / "hf"
     # another seed than the config-built runs, in three safetensors files and an index
-    build_model(_cfg("model.init_seed=11").model, dtype="float32").save_pretrained(model_dir, max_shard_size="500KB")
+    build_model(_cfg("model.init_seed=11").model, dtype="float32").save_pretrained(
+        model_dir, max_shard_size="500KB")
     port = free_port()
     procs = [_spawn(tmp / "one.pt", model_dir), _spawn(tmp / "two.pt", model_dir, 0, 2, port),
              _spawn(tmp / "unused.pt", model_dir, 1, 2, port)]
@@ -149,7 +158,8 @@ def test_safetensors_load_equals_from_pretrained(results, world):
     _assert_bit_equal(results[world]["loaded"], dict(model.named_parameters()))
     _assert_bit_equal(results[world]["reference"], dict(model.named_parameters()))  # fp32 on CPU
     loaded, built = results[world]["loaded"], results[world]["init_tie=False"]
-    assert not torch.equal(loaded["lm_head.weight"], built["lm_head.weight"])  # another seed: not vacuous
+    # another seed: not vacuous
+    assert not torch.equal(loaded["lm_head.weight"], built["lm_head.weight"])
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -172,9 +182,11 @@ def test_activation_checkpointing_keeps_loss_and_gradients(results, world):
     import torch
 
     off, on = results[world]["ac=False"], results[world]["ac=True"]
-    assert (off["mlp_calls"], on["mlp_calls"]) == (1, 2)  # on: the block's forward ran again in backward
+    # on: the block's forward ran again in backward
+    assert (off["mlp_calls"], on["mlp_calls"]) == (1, 2)
     assert off["stats"] == on["stats"]
-    assert set(off["grads"]) == set(on["grads"]) and "model.layers.0.self_attn.q_proj.weight" in on["grads"]
+    assert (set(off["grads"]) == set(on["grads"])
+            and "model.layers.0.self_attn.q_proj.weight" in on["grads"])
     for k, g in off["grads"].items():
         torch.testing.assert_close(on["grads"][k], g, rtol=0, atol=1e-7, msg=k)
     assert max(float(g.abs().max()) for g in off["grads"].values()) > 1e-3

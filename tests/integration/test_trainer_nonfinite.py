@@ -234,7 +234,8 @@ def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, s
 
     address = f"tcp://127.0.0.1:{free_port()}"
     cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}",
-                       "loss=oapl", "trainer.lr=1e30", "trainer.checkpoint_every=1", "trainer.steps=50",
+                       "loss=oapl", "trainer.lr=1e30", "trainer.checkpoint_every=1",
+                       "trainer.steps=50",
                        "trainer.micro_batch_size=4", "trainer.max_nonfinite_skips=3",
                        "trainer.logprob_guard_tol=0", "trainer.batch_wait_s=1"])
     cfg_path = tmp_path / "config.yaml"

@@ -45,7 +45,8 @@ class BufferStandIn:
             peer, req_id, m = got
             if isinstance(m, P.BatchRequest):
                 self.acks.append(m.ack_batch)
-                reply = P.Batch(groups=synthetic_groups(seed=m.trainer_version, version=m.trainer_version),
+                reply = P.Batch(groups=synthetic_groups(seed=m.trainer_version,
+                                                        version=m.trainer_version),
                                 trainer_version=m.trainer_version, batch_id=f"b{m.trainer_version}")
             elif isinstance(m, P.RosterRequest):
                 reply = P.Roster(members=[], policy_version=max(self.versions, default=0))
@@ -53,7 +54,8 @@ class BufferStandIn:
                 self.versions.append(m.policy_version)
                 reply = P.Ack(ref=str(m.policy_version), status="ok")
             else:
-                reply = P.Ack(ref="", status="rejected", reason=f"stand-in does not handle {type(m).__name__}")
+                reply = P.Ack(ref="", status="rejected",
+                              reason=f"stand-in does not handle {type(m).__name__}")
             self.server.send(peer, req_id, reply)
 
     def close(self) -> None:
@@ -70,7 +72,8 @@ def _lines(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("async_save", [False, True])
-def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn_python, free_port, wait_until,
+def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn_python, free_port,
+                                                                 wait_until,
                                                                  async_save):
     import torch
 
@@ -81,7 +84,8 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
                        "trainer.checkpoint_every=1", f"trainer.checkpoint_async={async_save}",
                        f"trainer.metrics_port={metrics_port}",
                        "trainer.steps=1000", "trainer.lr=1e-3", "trainer.micro_batch_size=4",
-                       "trainer.pack_sequences=true", "trainer.pack_min_padding=0",  # the tiny recipe pads; this test reads packing
+                       # the tiny recipe pads; this test reads packing
+                       "trainer.pack_sequences=true", "trainer.pack_min_padding=0",
                        "trainer.batch_wait_s=1"])
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(to_yaml(cfg))
@@ -92,12 +96,14 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
     def start_ranks():
         port = free_port()
         return [spawn_python("trainer", ["--config-file", cfg_path], capture=False,
-                             env={"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                             env={"RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                  "MASTER_ADDR": "127.0.0.1",
                                   "MASTER_PORT": str(port)}) for r in (0, 1)]
 
     try:
         ranks = start_ranks()
-        wait_until(lambda: len([x for x in _lines(jsonl) if "step" in x]) >= 3, STARTUP_S, 0.2, "3 training steps")
+        wait_until(lambda: len([x for x in _lines(jsonl) if "step" in x]) >= 3, STARTUP_S, 0.2,
+                   "3 training steps")
         for p in ranks:
             os.kill(p.pid, signal.SIGKILL)
         for p in ranks:
@@ -110,22 +116,26 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
         assert saved["policy_version"] == version >= 2
 
         n_before, n_acks = len(buffer.versions), len(buffer.acks)
-        announced = max(buffer.versions)  # the kill may land after announcing v+1 and before checkpointing it
+        # the kill may land after announcing v+1 and before checkpointing it
+        announced = max(buffer.versions)
         ranks = start_ranks()
-        resume = wait_until(lambda: [x for x in _lines(jsonl) if x.get("event") == "resume"], STARTUP_S, 0.2,
+        resume = wait_until(lambda: [x for x in _lines(jsonl) if x.get("event") == "resume"],
+                            STARTUP_S, 0.2,
                             "the resume record")[0]
         assert resume["checkpoint_version"] == version
-        # the first request after the restart acks the batch the checkpoint includes (step version-1 -> version),
-        # so the buffer consumes it instead of handing it out again; anything later is redelivered
+        # the first request after the restart acks the batch the checkpoint includes
+        # (step version-1 -> version), so the buffer consumes it instead of handing it out again;
+        # anything later is redelivered
         wait_until(lambda: len(buffer.acks) > n_acks, 60, 0.1, "a batch request after resume")
         assert buffer.acks[n_acks] == f"b{version - 1}"
-        # versions never go backwards: weights older than an announced version take that label (no label
-        # is skipped beyond the lost steps', so the buffer's stored groups keep their age)
+        # versions never go backwards: weights older than an announced version take that label (no
+        # label is skipped beyond the lost steps', so the buffer's stored groups keep their age)
         version = max(version, announced)
         assert resume["policy_version"] == version
         assert resume["checksums"] == saved["checksums"]  # bit-identical model and optimizer state
         assert resume["checksums"]["optim"] != 0.0
-        # the resumed version is re-announced before training goes on, then training continues from it
+        # the resumed version is re-announced before training goes on, then training continues
+        # from it
         wait_until(lambda: version in buffer.versions[n_before:], 60, 0.1, "re-announced version")
         after = wait_until(lambda: [x for x in _lines(jsonl) if x.get("step", 0) > version and
                                     x["time"] > resume["time"]], 120, 0.2, "a step after resume")
@@ -148,6 +158,7 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
         for p in ranks:  # graceful stop: exit 0 and a final checkpoint
             os.kill(p.pid, signal.SIGTERM)
         assert [p.wait(timeout=60) for p in ranks] == [0, 0]
-        assert int(sorted(p.name for p in ckpts.iterdir() if p.name.startswith("v"))[-1][1:]) > version
+        assert int(sorted(p.name for p in ckpts.iterdir()
+                          if p.name.startswith("v"))[-1][1:]) > version
     finally:
         buffer.close()

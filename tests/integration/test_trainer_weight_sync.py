@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 
 RUNNER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
-DEADLINE_S = 10.0  # the sync deadline under test (generous for a loaded machine; bounds the v2 wait)
+# the sync deadline under test (generous for a loaded machine; bounds the v2 wait)
+DEADLINE_S = 10.0
 STARTUP_S = 180.0  # cold imports of torch + transformers in 5 processes on 2 shared cores
 
 
@@ -57,7 +58,8 @@ def engine_role(cfg_path: str, out: str) -> None:
         v = engine.scheduler.weight_version
         if v != seen:
             time.sleep(0.2)  # let the last bucket's copy finish (the version is set with it)
-            Path(out + ".tmp").write_text(json.dumps({"version": v, "sha": weights_sha(engine.model.named_parameters())}))
+            Path(out + ".tmp").write_text(json.dumps(
+                {"version": v, "sha": weights_sha(engine.model.named_parameters())}))
             os.replace(out + ".tmp", out)
             seen = v
         time.sleep(0.1)
@@ -112,14 +114,16 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
             dist.broadcast_object_list(probe, src=0)
             mb = groups_to_batch([TrajectoryGroup(
                 group_id="probe", server_id="probe", lease_id="probe", prompt_index=0, epoch=0,
-                trajectories=[Trajectory.of(prompt_ids=as_i32(p), output_ids=as_i32(o), behav_logp=as_f32([0.0] * len(o)),
+                trajectories=[Trajectory.of(prompt_ids=as_i32(p), output_ids=as_i32(o),
+                                         behav_logp=as_f32([0.0] * len(o)),
                                          versions=as_i32([0] * len(o)),
-                                         reward=0.0, finish_reason="length") for p, o in probe[0]])])
+                                         reward=0.0, finish_reason="length")
+                              for p, o in probe[0]])])
             with torch.no_grad():
                 lp = output_logp(policy.model, mb, cfg.task.temperature)
             if rank == 0:
-                (out / "probe_logp.json").write_text(json.dumps([lp[i, :len(o)].tolist()
-                                                                 for i, (_, o) in enumerate(probe[0])]))
+                (out / "probe_logp.json").write_text(json.dumps(
+                    [lp[i, :len(o)].tolist() for i, (_, o) in enumerate(probe[0])]))
     wb.close()
     leave_distributed()
 
@@ -127,7 +131,8 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
 # ---------------------------------------------------------------- rollout-server stand-ins
 def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at: int | None = None,
           kill_pid: int | None = None) -> None:
-    """Register, heartbeat, apply plans with the real applier; optionally kill the engine mid-sync."""
+    """Register, heartbeat, apply plans with the real applier; optionally kill the engine
+    mid-sync."""
     from areal_like.net.dealer import Client
     from areal_like.wire.protocol import Heartbeat, Register
     from rollout_server.sglang_client import SGLangClient
@@ -135,11 +140,13 @@ def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at
 
     async def main() -> None:
         client = Client(address, timeout_s=10)
-        client.request(Register(server_id=server_id, engine_url=url, engine_ranks=1, policy_version=0))
+        client.request(Register(server_id=server_id, engine_url=url, engine_ranks=1,
+                                policy_version=0))
         sg, served, handled = SGLangClient(url, timeout_s=60), 0, set()
         try:
             while not stop.is_set():
-                plan = client.request(Heartbeat(server_id=server_id, policy_version=served)).pending_plan
+                plan = client.request(Heartbeat(server_id=server_id,
+                                                policy_version=served)).pending_plan
                 # each plan once, by plan_id, as a rollout server does: a re-push of a version is a
                 # new plan (one left unanswered keeps this server out of later syncs)
                 if plan is not None and plan.plan_id not in handled:
@@ -147,11 +154,14 @@ def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at
                     if plan.policy_version == kill_at:
                         await sg.pause_generation("abort")
                         await sg.begin_weight_update()
-                        os.kill(kill_pid, signal.SIGKILL)  # dies holding the session, before its first bucket
+                        # dies holding the session, before its first bucket
+                        os.kill(kill_pid, signal.SIGKILL)
                         return
                     done = await apply_weight_sync(sg, plan, server_id, drain=False)
-                    if not done.ok:  # workaround: the applier leaves the engine's update session open after
-                        try:         # a failed bucket, and the next begin_weight_update is refused (reported)
+                    # workaround: the applier leaves the engine's update session open after a
+                    # failed bucket, and the next begin_weight_update is refused (reported)
+                    if not done.ok:
+                        try:
                             await sg.end_weight_update(timeout_s=5)
                         except Exception:
                             pass
@@ -165,7 +175,8 @@ def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at
     asyncio.run(main())
 
 
-async def sample_probe(url: str, prompts: list[list[int]]) -> list[tuple[list[int], list[int], list[float]]]:
+async def sample_probe(
+        url: str, prompts: list[list[int]]) -> list[tuple[list[int], list[int], list[float]]]:
     from rollout_server.sglang_client import SGLangClient
 
     async with SGLangClient(url, timeout_s=60) as sg:
@@ -180,64 +191,81 @@ def _read_json(path: Path):
         return None
 
 
-def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(tmp_path, spawn_python, free_port, wait_until):
+def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(
+        tmp_path, spawn_python, free_port, wait_until):
     from areal_like.settings.config import load_config, to_yaml
 
     cfg = load_config([
-        f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
-        f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=3", "task.temperature=1.0",
-        f"trainer.weight_sync.deadline_s={DEADLINE_S}", "trainer.weight_sync.bucket_mb=0.25", "trainer.lr=1e-2",
+        f"run_dir={tmp_path}", "security.curve=false",
+        f"buffer.address=tcp://127.0.0.1:{free_port()}",
+        f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.heartbeat_timeout_s=3",
+        "task.temperature=1.0", f"trainer.weight_sync.deadline_s={DEADLINE_S}",
+        "trainer.weight_sync.bucket_mb=0.25", "trainer.lr=1e-2",
         "rollout.engine.max_running_requests=4", "rollout.engine.max_total_tokens=2048"])
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(to_yaml(cfg))
     spawn_python("buffer", ["--config-file", cfg_path], capture=False)
-    engines = {sid: spawn_python(RUNNER, [__file__, "engine", cfg_path, tmp_path / sid], capture=False)
+    engines = {sid: spawn_python(RUNNER, [__file__, "engine", cfg_path, tmp_path / sid],
+                                 capture=False)
                for sid in ("rollout-a", "rollout-b")}
-    urls = {sid: wait_until(lambda sid=sid: _read_json(tmp_path / sid) and (tmp_path / f"{sid}.url").read_text(),
+    urls = {sid: wait_until(lambda sid=sid: _read_json(tmp_path / sid)
+                                            and (tmp_path / f"{sid}.url").read_text(),
                             STARTUP_S, 0.2, f"engine {sid}") for sid in engines}
     stop = threading.Event()
-    drivers = [threading.Thread(target=drive, args=("rollout-a", urls["rollout-a"], cfg.buffer.address, stop, 2,
+    drivers = [threading.Thread(target=drive, args=("rollout-a", urls["rollout-a"],
+                                                    cfg.buffer.address, stop, 2,
                                                     engines["rollout-a"].pid), daemon=True),
-               threading.Thread(target=drive, args=("rollout-b", urls["rollout-b"], cfg.buffer.address, stop),
+               threading.Thread(target=drive, args=("rollout-b", urls["rollout-b"],
+                                                    cfg.buffer.address, stop),
                                 daemon=True)]
     for d in drivers:
         d.start()
     port = free_port()
     trainers = [spawn_python(RUNNER, [__file__, "trainer", cfg_path, tmp_path], capture=False,
                              env={"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}) for rank in (0, 1)]
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+                for rank in (0, 1)]
 
     def result(name: str):
         codes = [t.poll() for t in trainers]
-        assert all(c in (None, 0) for c in codes), f"a trainer rank died: exit codes by rank {codes} (see its log above)"
+        assert all(c in (None, 0) for c in codes), (
+            f"a trainer rank died: exit codes by rank {codes} (see its log above)")
         return _read_json(tmp_path / name)
 
     try:
         v1 = wait_until(lambda: result("v1.json"), STARTUP_S, 0.2, "trainer push v1")
         assert sorted(v1["done"]) == ["rollout-a", "rollout-b"] and not v1["dropped"], v1
         assert v1["reform"] and v1["bytes"] > 0
-        for sid in engines:  # exact weights: every parameter byte-identical to the trainer's full state
-            got = wait_until(lambda sid=sid: (r := _read_json(tmp_path / sid)) and r["version"] == "1" and r,
+        # exact weights: every parameter byte-identical to the trainer's full state
+        for sid in engines:
+            got = wait_until(lambda sid=sid: (r := _read_json(tmp_path / sid))
+                                             and r["version"] == "1" and r,
                              30, 0.1, f"{sid} at version 1")
             assert got["sha"] == v1["sha"], sid
-        probes = [s for sid in engines for s in asyncio.run(sample_probe(urls[sid], [[1, 20, 30, 40], [1, 50, 60]]))]
+        probes = [s for sid in engines
+                  for s in asyncio.run(sample_probe(urls[sid], [[1, 20, 30, 40], [1, 50, 60]]))]
         (tmp_path / "probe.tmp").write_text(json.dumps([[p, o] for p, o, _ in probes]))
-        os.replace(tmp_path / "probe.tmp", tmp_path / "probe.json")  # rank 0 reads it once it exists
+        # rank 0 reads it once it exists
+        os.replace(tmp_path / "probe.tmp", tmp_path / "probe.json")
         trainer_lp = wait_until(lambda: result("probe_logp.json"), 60, 0.1, "probe logprobs")
         for (_, _, engine_lp), lp in zip(probes, trainer_lp):
             assert max(abs(a - b) for a, b in zip(engine_lp, lp)) < 1e-4, (engine_lp, lp)
 
         v2 = wait_until(lambda: result("v2.json"), 120, 0.2, "trainer push v2")
         assert "rollout-a" in v2["dropped"], v2
-        assert v2["seconds"] <= DEADLINE_S + 5.0, v2  # finished within its deadline (+ gather/announce slack)
-        # (in practice sooner: A left the roster after buffer.heartbeat_timeout_s and was dropped then)
+        # finished within its deadline (+ gather/announce slack)
+        assert v2["seconds"] <= DEADLINE_S + 5.0, v2
+        # (in practice sooner: A left the roster after buffer.heartbeat_timeout_s and was
+        # dropped then)
         assert engines["rollout-a"].poll() is not None
 
         v3 = wait_until(lambda: result("v3.json"), 120, 0.2, "trainer push v3")
         assert v3["members"] == ["rollout-b"] and v3["done"] == ["rollout-b"], v3
-        assert v3["reform"] == ("rollout-b" not in v2["repushed"] or "rollout-b" not in v2["done"]), v3
+        assert v3["reform"] == ("rollout-b" not in v2["repushed"]
+                                or "rollout-b" not in v2["done"]), v3
         # (a group re-formed for B by v2's re-push stays warm)
-        got = wait_until(lambda: (r := _read_json(tmp_path / "rollout-b")) and r["version"] == "3" and r,
+        got = wait_until(lambda: (r := _read_json(tmp_path / "rollout-b"))
+                                 and r["version"] == "3" and r,
                          30, 0.1, "rollout-b at version 3")
         assert got["sha"] == v3["sha"]
     finally:

@@ -10,7 +10,8 @@ update is the one that computes them, in a real 1-rank process:
   whose first has no row to train: that one runs one row at zero weight, and the step's stats
   still carry the second's;
 - a batch where every group has equal rewards: one row at zero weight, and the weights after the
-  step (AdamW with weight decay, so the step moves them) are exactly those of the step computing all;
+  step (AdamW with weight decay, so the step moves them) are exactly those of the step
+  computing all;
 - OAPL (its loss is not 0 at A = 0), a KL term and a separate pi_prox pass compute every row.
 
 The worker runs as ``python test_trainer_zero_advantage.py OUT``.
@@ -25,7 +26,8 @@ from pathlib import Path
 WORKER_TIMEOUT_S = 300
 MIXED = [[1.0] * 4, [0.0, 1.0, 1.0, 0.0], [0.0] * 4, [1.0, 0.0, 0.0, 0.0]]  # groups 0 and 2: A = 0
 EQUAL = [[1.0] * 4, [0.0] * 4, [1.0] * 4, [0.0] * 4]
-FIRST_EQUAL = [[1.0] * 4, [0.0] * 4, [0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]  # minibatch 1: A = 0
+# minibatch 1: A = 0
+FIRST_EQUAL = [[1.0] * 4, [0.0] * 4, [0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]]
 
 
 def groups(rewards: list[list[float]], seed: int = 0):
@@ -40,10 +42,13 @@ def groups(rewards: list[list[float]], seed: int = 0):
         trajs = []
         for r in rs:
             p, t = int(rng.integers(2, 7)), int(rng.integers(1, 9))
-            trajs.append(Trajectory.of(prompt_ids=rng.integers(4, 100, p), output_ids=rng.integers(4, 100, t),
-                                       behav_logp=-rng.random(t) * 5, versions=np.zeros(t, np.int32),
+            trajs.append(Trajectory.of(prompt_ids=rng.integers(4, 100, p),
+                                       output_ids=rng.integers(4, 100, t),
+                                       behav_logp=-rng.random(t) * 5,
+                                       versions=np.zeros(t, np.int32),
                                        reward=r, finish_reason="stop"))
-        out.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g), prompt_index=g, epoch=0,
+        out.append(TrajectoryGroup(group_id=f"g{g}", server_id="s", lease_id=str(g),
+                                   prompt_index=g, epoch=0,
                                    trajectories=trajs))
     return out
 
@@ -88,7 +93,8 @@ def step(rewards: list[list[float]], overrides: list[str]) -> tuple[dict, dict, 
 
 def compare(rewards: list[list[float]], overrides: list[str]) -> dict:
     (on, before, w_on, rows_on), (off, _, w_off, rows_off) = (
-        step(rewards, overrides + [f"trainer.skip_zero_advantage={flag}"]) for flag in ("true", "false"))
+        step(rewards, overrides + [f"trainer.skip_zero_advantage={flag}"])
+        for flag in ("true", "false"))
     return {"rows_on": sum(rows_on), "rows_off": sum(rows_off), "loss": [on["loss"], off["loss"]],
             "grad_norm": [on["grad_norm"], off["grad_norm"]], "skip_frac": on["zero_adv_skip_frac"],
             "has_mismatch_kl": "mismatch_kl" in on,
@@ -100,9 +106,11 @@ def worker(out: str) -> None:
     import torch
 
     torch.set_num_threads(1)
-    res = {kernel: compare(MIXED, [f"loss={kernel}"]) for kernel in ("decoupled_ppo", "gspo", "vespo")}
+    res = {kernel: compare(MIXED, [f"loss={kernel}"])
+           for kernel in ("decoupled_ppo", "gspo", "vespo")}
     res["ppo_packed"] = compare(MIXED, ["loss=ppo", "trainer.loss.agg=seq-mean-token-sum",
-                                        "trainer.pack_sequences=true", "trainer.pack_min_padding=0"])
+                                        "trainer.pack_sequences=true",
+                                        "trainer.pack_min_padding=0"])
     res["two_minibatches"] = compare(FIRST_EQUAL, ["loss=vespo", "trainer.num_minibatches=2"])
     res["all_equal"] = compare(EQUAL, ["loss=decoupled_ppo"])
     res["oapl"] = compare(MIXED, ["loss=oapl"])
@@ -117,15 +125,18 @@ def test_rows_with_zero_advantage_are_not_computed_and_the_update_is_the_same(tm
     r = run_json_worker(__file__, tmp_path / "out.json", WORKER_TIMEOUT_S)
     for kernel in ("decoupled_ppo", "gspo", "vespo", "ppo_packed", "two_minibatches"):
         k = r[kernel]
-        # MIXED: groups 0 and 2 are never computed; FIRST_EQUAL: one row at zero weight, then 2 and 3
-        assert k["rows_off"] == 16 and k["rows_on"] == (9 if kernel == "two_minibatches" else 8), kernel
+        # MIXED: groups 0 and 2 are never computed;
+        # FIRST_EQUAL: one row at zero weight, then 2 and 3
+        assert (k["rows_off"] == 16
+                and k["rows_on"] == (9 if kernel == "two_minibatches" else 8)), kernel
         assert k["skip_frac"] == 0.5 and k["has_mismatch_kl"], kernel
         assert abs(k["loss"][0] - k["loss"][1]) <= 1e-6 * max(1.0, abs(k["loss"][1])), kernel
         assert abs(k["grad_norm"][0] - k["grad_norm"][1]) <= 1e-5 * k["grad_norm"][1], kernel
         assert k["weight_diff"] <= 1e-6, kernel
         assert k["moved"] > 1e-3, kernel  # not vacuous: the step moved the weights
     e = r["all_equal"]
-    assert e["rows_on"] == 1 and e["rows_off"] == 16 and e["skip_frac"] == 1.0 and not e["has_mismatch_kl"]
+    assert (e["rows_on"] == 1 and e["rows_off"] == 16 and e["skip_frac"] == 1.0
+            and not e["has_mismatch_kl"])
     assert e["loss"] == [0.0, 0.0] and e["grad_norm"] == [0.0, 0.0]
     assert e["weight_diff"] == 0.0 and e["moved"] > 1e-4  # weight decay moved them, alike
     for case in ("oapl", "kl", "prox_pass"):
@@ -138,9 +149,11 @@ def test_the_loss_share_of_the_rows_computed_follows_the_aggregation():
     from areal_like.settings.config import load_config
     from trainer.step import loss_share
 
-    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]],
+                        dtype=torch.float32)
     trained = torch.tensor([0, 3])  # 8 of 10 tokens, 2 of 3 sequences with a token
-    for agg, share in (("token-mean", 0.8), ("seq-mean-token-mean", 2 / 3), ("seq-mean-token-sum", 2 / 3),
+    for agg, share in (("token-mean", 0.8), ("seq-mean-token-mean", 2 / 3),
+                       ("seq-mean-token-sum", 2 / 3),
                        ("seq-mean-token-sum-norm", 1.0)):
         cfg = load_config([f"trainer.loss.agg={agg}"]).trainer.loss
         assert loss_share(cfg, mask, trained, 10.0, 3.0) == (8.0, 2.0, share), agg

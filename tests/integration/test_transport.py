@@ -66,7 +66,8 @@ while True:
 def wait_ready(proc) -> None:
     ready, _, _ = select.select([proc.stdout], [], [], READY_TIMEOUT_S)
     line = proc.stdout.readline() if ready else ""
-    assert line.strip() == "READY", f"server did not start: {line!r} exit={proc.poll()} {proc.stderr.read()[-2000:]}"
+    assert line.strip() == "READY", (
+        f"server did not start: {line!r} exit={proc.poll()} {proc.stderr.read()[-2000:]}")
 
 
 @pytest.fixture
@@ -81,7 +82,8 @@ def start_server(spawn_python, address: str, pub_address: str | None = None):
 
 
 def group(n_tokens: int = 64) -> P.TrajectoryGroup:
-    t = Trajectory.of(prompt_ids=np.arange(8), output_ids=np.arange(n_tokens), behav_logp=np.zeros(n_tokens),
+    t = Trajectory.of(prompt_ids=np.arange(8), output_ids=np.arange(n_tokens),
+                     behav_logp=np.zeros(n_tokens),
                      versions=np.zeros(n_tokens), reward=1.0, finish_reason="stop")
     return P.TrajectoryGroup(group_id="s-1", server_id="s", lease_id="1", prompt_index=0, epoch=0,
                              trajectories=[t] * 4)
@@ -122,7 +124,8 @@ def test_late_reply_to_an_abandoned_request_is_discarded(spawn_python, endpoint)
     try:
         client.request(P.StatsRequest())  # connected and warm
         with pytest.raises(TransportTimeout):
-            client.request(P.Heartbeat(server_id="s", policy_version=1, in_flight=800), timeout_s=0.2)
+            client.request(P.Heartbeat(server_id="s", policy_version=1, in_flight=800),
+                           timeout_s=0.2)
         reply = client.request(P.Heartbeat(server_id="s", policy_version=2, in_flight=0))
         assert isinstance(reply, P.HeartbeatAck) and reply.policy_version == 2
         time.sleep(0.8)  # the abandoned reply is surely sent by now; it must never surface
@@ -142,7 +145,8 @@ def test_reply_with_another_req_id_is_skipped(endpoint):
 
         def answer():
             peer, req_id, _payload = router.recv_multipart()
-            router.send_multipart([peer, b"stale-request-id", P.encode(P.VersionUpdate(policy_version=1))])
+            router.send_multipart([peer, b"stale-request-id",
+                                   P.encode(P.VersionUpdate(policy_version=1))])
             router.send_multipart([peer, req_id, P.encode(P.VersionUpdate(policy_version=2))])
 
         thread = threading.Thread(target=answer, daemon=True)
@@ -165,7 +169,8 @@ def test_server_answers_garbage_with_a_rejection(spawn_python, endpoint):
         req_id, payload = dealer.recv_multipart()
         reply = P.decode(payload)
         assert req_id == b"rid" and isinstance(reply, P.Ack) and reply.status == "rejected"
-        assert reply.reason.startswith("type: ") and "'bad'" in reply.reason  # the ProtocolError names the field
+        # the ProtocolError names the field
+        assert reply.reason.startswith("type: ") and "'bad'" in reply.reason
     finally:
         dealer.close(linger=0)
 
@@ -178,9 +183,11 @@ def test_async_client_kill9_and_reconnect(spawn_python, endpoint):
         try:
             first = await client.request(P.StatsRequest())
             assert first.values["pid"] == server.pid
-            # two concurrent requests share the socket: the lock serialises them, each gets its own reply
-            a, b = await asyncio.gather(client.request(P.Heartbeat(server_id="x", policy_version=5, in_flight=50)),
-                                        client.request(P.Heartbeat(server_id="x", policy_version=6)))
+            # two concurrent requests share the socket: the lock serialises them, each gets its
+            # own reply
+            a, b = await asyncio.gather(
+                client.request(P.Heartbeat(server_id="x", policy_version=5, in_flight=50)),
+                client.request(P.Heartbeat(server_id="x", policy_version=6)))
             assert (a.policy_version, b.policy_version) == (5, 6)
 
             spawn_python.kill9(server)
@@ -193,7 +200,8 @@ def test_async_client_kill9_and_reconnect(spawn_python, endpoint):
             assert (await client.request(P.StatsRequest())).values["pid"] == restarted.pid
             # a cancelled request leaves a late reply behind; the next request must not see it
             with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(client.request(P.Heartbeat(server_id="x", policy_version=7, in_flight=800)),
+                await asyncio.wait_for(client.request(P.Heartbeat(server_id="x", policy_version=7,
+                                                                  in_flight=800)),
                                        0.2)
             reply = await client.request(P.Heartbeat(server_id="x", policy_version=8))
             assert reply.policy_version == 8
@@ -210,7 +218,8 @@ def test_pub_sub_delivers_once_subscribed(spawn_python, free_port):
     try:
         first = sub.recv(REQUEST_TIMEOUT_S)  # slow joiner: whatever was published before is gone
         assert isinstance(first, P.VersionUpdate)
-        later = [sub.recv(REQUEST_TIMEOUT_S) for _ in range(3)]  # junk frames in between are skipped
+        # junk frames in between are skipped
+        later = [sub.recv(REQUEST_TIMEOUT_S) for _ in range(3)]
         versions = [first.policy_version] + [m.policy_version for m in later]
         assert versions == sorted(versions) and len(set(versions)) == 4
     finally:
@@ -233,7 +242,8 @@ def test_in_process_publisher_reaches_live_subscriber(endpoint):
         deadline = time.monotonic() + REQUEST_TIMEOUT_S
         got = None
         while got is None and time.monotonic() < deadline:
-            publisher.publish(P.VersionUpdate(policy_version=9))  # repeat until the subscription is live
+            # repeat until the subscription is live
+            publisher.publish(P.VersionUpdate(policy_version=9))
             got = sub.recv(0.1)
         assert isinstance(got, P.VersionUpdate) and got.policy_version == 9
     finally:

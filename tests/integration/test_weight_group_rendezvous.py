@@ -1,4 +1,5 @@
-"""Who can join a weight-update group: only the ranks that know the group's name (real processes, gloo).
+"""Who can join a weight-update group: only the ranks that know the group's name (real processes,
+gloo).
 
 Trainer rank 0 hosts the rendezvous (``init_weight_group`` rank 0, a thread of this test) on
 127.0.0.1 with a name carrying a secret token, as the trainer's plans do. Before the real engine
@@ -25,7 +26,8 @@ import torch
 from areal_like.net.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.net.store_gate import GATES, StoreDoor
 
-CONNECT_S = 60.0  # the group's rendezvous deadline (a loaded machine starts Python processes slowly)
+# the group's rendezvous deadline (a loaded machine starts Python processes slowly)
+CONNECT_S = 60.0
 STRANGER_S = 15.0  # the guessing stranger's own rendezvous deadline
 SECRET_NAME = "areal_like_weights-5f0c1d2e3a4b59687a8b9cadbecf0011"
 
@@ -43,16 +45,17 @@ dist.broadcast(t, src=0, group=pg)
 print("joined", t.tolist(), flush=True)
 """
 
-LISTER = r"""
+LISTER = (r"""
 import sys
 from datetime import timedelta
 from torch.distributed import TCPStore
 try:  # what a stranger does first: list the store's keys, whose prefix is the group's secret name
-    store = TCPStore("127.0.0.1", int(sys.argv[1]), 2, False, timedelta(seconds=float(sys.argv[2])), use_libuv=True)
+    store = TCPStore("127.0.0.1", int(sys.argv[1]), 2, False, """
+                     r"""timedelta(seconds=float(sys.argv[2])), use_libuv=True)
     print("listed", store.list_keys(), flush=True)
 except Exception as e:
     print("refused", type(e).__name__, flush=True)
-"""
+""")
 
 RAW = r"""
 import socket, sys, time
@@ -82,10 +85,12 @@ def other_ipv4() -> str | None:
 
 
 def host_rank0(port: int, tensor: torch.Tensor, result: dict) -> threading.Thread:
-    """Rank 0 of a group of two in a thread: join, broadcast ``tensor``; ``result`` gets "pg" or "error"."""
+    """Rank 0 of a group of two in a thread: join, broadcast ``tensor``; ``result`` gets "pg" or
+    "error"."""
     def rank0() -> None:
         try:
-            pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, SECRET_NAME, timeout_s=CONNECT_S,
+            pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, SECRET_NAME,
+                                   timeout_s=CONNECT_S,
                                    connect_timeout_s=CONNECT_S)
             torch.distributed.broadcast(tensor, src=0, group=pg)
             result["pg"] = pg
@@ -138,7 +143,8 @@ class _Lost(RuntimeError):
     pass
 
 
-def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_member_fails_at_once(spawn_python):
+def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_member_fails_at_once(
+        spawn_python):
     """A group of three where rank 2 never comes (an engine that died before joining). Rank 0's
     ``check`` raises once rank 1 is connected to the store (through rank 0's gate): rank 0's
     call raises that error, and rank 1's join, whose own timeout is far away, fails now because
@@ -148,13 +154,15 @@ def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_mem
     result: dict = {}
 
     def check() -> None:
-        if (gate := GATES.get(port)) is not None and gate.answered:  # the store has answered rank 1: it is in
+        # the store has answered rank 1: it is in
+        if (gate := GATES.get(port)) is not None and gate.answered:
             raise _Lost("rank 2 lost")
 
     def rank0() -> None:
         try:
-            result["pg"] = init_weight_group("gloo", "127.0.0.1", port, 3, 0, SECRET_NAME, timeout_s=CONNECT_S,
-                                             connect_timeout_s=CONNECT_S, check=check, check_every_s=0.2)
+            result["pg"] = init_weight_group("gloo", "127.0.0.1", port, 3, 0, SECRET_NAME,
+                                             timeout_s=CONNECT_S, connect_timeout_s=CONNECT_S,
+                                             check=check, check_every_s=0.2)
         except Exception as e:
             result["error"] = e
 
@@ -168,25 +176,27 @@ def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_mem
         socket.create_connection(("127.0.0.1", port), timeout=10).close()
 
 
-SGLANG_STYLE = r"""
+SGLANG_STYLE = (r"""
 import sys, torch, torch.distributed as dist
 from datetime import timedelta
 from torch.distributed.distributed_c10d import rendezvous
 from areal_like.net.distributed import _build_group
 door_port, name, timeout_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
-t = timedelta(seconds=timeout_s)  # torch's own tcp:// rendezvous, as SGLang's init_custom_process_group does
+t = timedelta(seconds=timeout_s)  # torch's own tcp:// rendezvous, as SGLang's """
+    r"""init_custom_process_group does
 raw, rank, world = next(rendezvous(f"tcp://127.0.0.1:{door_port}", 1, 2, timeout=t))
 pg = _build_group("gloo", raw, "127.0.0.1", world, rank, name, t, t)
 x = torch.zeros(3)
 dist.broadcast(x, src=0, group=pg)
 print("joined", x.tolist(), flush=True)
-"""
+""")
 
 
 def test_an_engine_joins_through_its_servers_door_and_the_door_admits_this_user_only(spawn_python):
     port = free_port()
     result: dict = {}
-    door = StoreDoor("127.0.0.1", port, SECRET_NAME)  # what the rollout server opens for its SGLang engine
+    # what the rollout server opens for its SGLang engine
+    door = StoreDoor("127.0.0.1", port, SECRET_NAME)
     host = host_rank0(port, torch.tensor([7.0, 8.0, 9.0]), result)
     try:
         if os.geteuid() == 0:  # another user on the engine's node: the door closes on it unanswered

@@ -25,13 +25,15 @@ from weight_sync_harness import Driver, engine_at, start_pusher, start_system, w
 REPORT_WAIT_S = 120.0
 
 
-def test_tensor_and_disk_paths_load_the_trainers_exact_weights(tmp_path, spawn_python, free_port, wait_until):
+def test_tensor_and_disk_paths_load_the_trainers_exact_weights(
+        tmp_path, spawn_python, free_port, wait_until):
     cfg, cfg_path = write_config(tmp_path, free_port, ["trainer.weight_sync.deadline_s=30",
                                                        "trainer.weight_sync.bucket_mb=0.25"])
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a"])
     driver = Driver("rollout-a", urls["rollout-a"], cfg.buffer.address)
     driver.start()
-    pushes = [{"version": 1, "members": 1, "path": "tensor"},  # each after the test read the engine's weights
+    # each after the test read the engine's weights
+    pushes = [{"version": 1, "members": 1, "path": "tensor"},
               {"version": 2, "members": 1, "path": "disk", "after": "checked-1"},
               {"version": 3, "members": 1, "path": "tensor", "after": "checked-2"}]
     pusher = start_pusher(spawn_python, cfg_path, tmp_path, pushes)
@@ -47,7 +49,8 @@ def test_tensor_and_disk_paths_load_the_trainers_exact_weights(tmp_path, spawn_p
             rep = wait_until(report, STARTUP_S + REPORT_WAIT_S, 0.2, f"trainer push v{v}")
             assert rep["done"] == ["rollout-a"] and not rep["dropped"] and not rep["error"], rep
             assert not rep["reform"], rep  # no group
-            got = wait_until(lambda v=v: engine_at(tmp_path, "rollout-a", v), 30, 0.1, f"engine at v{v}")
+            got = wait_until(lambda v=v: engine_at(tmp_path, "rollout-a", v), 30, 0.1,
+                             f"engine at v{v}")
             assert got["sha"] == rep["sha"], (push, got, rep)
             assert driver.results[v][0]
             (tmp_path / f"checked-{v}").write_text("")
@@ -77,12 +80,14 @@ def test_engine_refuses_payloads_it_must_not_unpickle(engine_url):
     async def post(payloads, load_format=None) -> str:
         async with SGLangClient(engine_url, timeout_s=30) as sg:
             with pytest.raises(SGLangError) as e:
-                await sg.update_weights_from_tensor(payloads, load_format=load_format, weight_version="9")
+                await sg.update_weights_from_tensor(payloads, load_format=load_format,
+                                                    weight_version="9")
             assert e.value.status == 400, e.value
             assert await sg.weight_version() == "0"  # nothing was loaded
             return e.value.message
 
     assert "builtins.print is not allowed" in asyncio.run(post([evil]))
-    assert "load_format='flattened_bucket' is not supported" in asyncio.run(post([evil], "flattened_bucket"))
+    assert ("load_format='flattened_bucket' is not supported"
+            in asyncio.run(post([evil], "flattened_bucket")))
     assert "serialized_named_tensors is empty" in asyncio.run(post([]))
     assert "cannot decode" in asyncio.run(post(["not base64!"]))

@@ -37,21 +37,25 @@ def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_lat
         {"version": 3, "members": 1, "overlap": True, "after": "checked2"}])
 
     def report(name: str):
-        assert pusher.poll() in (None, 0), f"the trainer died (exit {pusher.returncode}); see its log above"
+        assert pusher.poll() in (None, 0), (
+            f"the trainer died (exit {pusher.returncode}); see its log above")
         assert a.error is None, a.error
         return _read_json(tmp_path / name)
 
     try:
         shas = {}
         for v in (1, 2, 3):
-            rep = wait_until(lambda v=v: report(f"v{v}.json"), STARTUP_S + REPORT_WAIT_S, 0.2, f"push v{v}")
+            rep = wait_until(lambda v=v: report(f"v{v}.json"), STARTUP_S + REPORT_WAIT_S, 0.2,
+                             f"push v{v}")
             shas[v] = rep["sha"]
             if v > 1:  # the previous version's report, complete
                 assert rep["version"] == v - 1 and rep["overlapped"], rep
                 assert rep["done"] == ["rollout-a"] and not rep["dropped"] and not rep["error"], rep
                 assert rep["reform"] == (v - 1 == 1), rep  # formed once, then kept warm
-            got = wait_until(lambda v=v: engine_at(tmp_path, "rollout-a", v), REPORT_WAIT_S, 0.1, f"engine at v{v}")
-            assert got["sha"] == shas[v]  # the weights at push time, not the ones moved by +1000 after it
+            got = wait_until(lambda v=v: engine_at(tmp_path, "rollout-a", v), REPORT_WAIT_S, 0.1,
+                             f"engine at v{v}")
+            # the weights at push time, not the ones moved by +1000 after it
+            assert got["sha"] == shas[v]
             (tmp_path / f"checked{v}").write_text("ok")
         last = wait_until(lambda: report("last.json"), REPORT_WAIT_S, 0.2, "the last push's report")
         assert last["version"] == 3 and last["done"] == ["rollout-a"] and not last["reform"], last

@@ -1,12 +1,12 @@
 """Reward and tool code cannot read the job's keys or signal its processes.
 
 Real sandbox workers (``rollout_server/sandbox.py``: the reward pool's and the tool pool's) run an
-attacker's function that tries what an attack once found it could do: read ``secrets/engine_api_key`` and
-the CURVE secret keys in ``keys/``, list those directories, read the rollout server's command line
-and environment from ``/proc``, and signal the process that started it (signal 0: the permission
-check alone, and a real SIGUSR1 that this test would notice). The job's private directories are
-hidden as the rollout server hides them at start (``sandbox.hide``). Only as root: a job of another
-user cannot switch uid or make namespaces, which ``SECURITY.md`` states.
+attacker's function that tries what an attack once found it could do: read
+``secrets/engine_api_key`` and the CURVE secret keys in ``keys/``, list those directories, read the
+rollout server's command line and environment from ``/proc``, and signal the process that started it
+(signal 0: the permission check alone, and a real SIGUSR1 that this test would notice). The job's
+private directories are hidden as the rollout server hides them at start (``sandbox.hide``). Only as
+root: a job of another user cannot switch uid or make namespaces, which ``SECURITY.md`` states.
 """
 
 from __future__ import annotations
@@ -102,7 +102,8 @@ def test_a_sandboxed_call_reaches_no_key_and_signals_no_process(job):
     try:
         before = run_sandboxed("attack_fns:attack", (str(run_dir), os.getpid(), str(plant)),
                                SandboxLimits(timeout_s=30))
-        assert before.ok and "keys/clients/trainer.key_secret" in before.value  # as an attack once did
+        # as an attack once did
+        assert before.ok and "keys/clients/trainer.key_secret" in before.value
         assert before.value.get("wrote code") and plant.exists()  # a review found this
     finally:
         plant.unlink(missing_ok=True)
@@ -146,7 +147,8 @@ def test_code_under_tmp_is_read_only_to_a_hidden_worker(job, tmp_path, monkeypat
     monkeypatch.setattr(sandbox, "CODE_DIRS", (*sandbox.CODE_DIRS, str(code)))
     assert sandbox.hide([run_dir / "keys", run_dir / "secrets"])
     for where, writable in ((code, False), (scratch, True)):
-        got = run_sandboxed("attack_fns:attack", (str(run_dir), os.getpid(), str(where / "planted.py")),
+        got = run_sandboxed("attack_fns:attack",
+                            (str(run_dir), os.getpid(), str(where / "planted.py")),
                             SandboxLimits(timeout_s=30))
         assert got.ok and bool(got.value.get("wrote code")) is writable, (where, got)
         assert (where / "planted.py").exists() is writable

@@ -8,9 +8,10 @@ the test process (Register, Heartbeat, and each plan applied with the real
 trainer (``tests/weight_pusher.py``) that pushes the given versions.
 
 A ``Driver`` applies each plan once, told apart by ``plan_id`` (a re-push of the same version is
-a new plan), and keeps every attempt in ``attempts``. A ``Driver`` with ``fault`` kills its engine with SIGKILL, by PID, at one point of the first plan
-it applies, then stops as a dead rollout server does (no ``SyncDone``, no more heartbeats, so the
-buffer expires it after ``buffer.heartbeat_timeout_s``):
+a new plan), and keeps every attempt in ``attempts``. A ``Driver`` with ``fault`` kills its engine
+with SIGKILL, by PID, at one point of the first plan it applies, then stops as a dead rollout server
+does (no ``SyncDone``, no more heartbeats, so the buffer expires it after
+``buffer.heartbeat_timeout_s``):
 
 * ``"rendezvous"``: as it is about to join the group: the engine dies before its
   ``/init_weights_update_group`` reaches it, so it never joins and the group cannot form;
@@ -39,8 +40,10 @@ FAULTS = ("rendezvous", "bucket", "done")
 def write_config(tmp_path: Path, free_port, overrides: list[str]) -> tuple[object, Path]:
     from areal_like.settings.config import load_config, to_yaml
 
-    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
-                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "rollout.engine.max_running_requests=4",
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false",
+                       f"buffer.address=tcp://127.0.0.1:{free_port()}",
+                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}",
+                       "rollout.engine.max_running_requests=4",
                        "rollout.engine.max_total_tokens=2048", *overrides])
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
@@ -50,9 +53,11 @@ def write_config(tmp_path: Path, free_port, overrides: list[str]) -> tuple[objec
 def start_system(tmp_path: Path, spawn_python, wait_until, cfg_path: Path, server_ids: list[str]):
     """The buffer and one engine per server id; returns ({id: engine Popen}, {id: url})."""
     spawn_python("buffer", ["--config-file", cfg_path], capture=False)
-    engines = {sid: spawn_python(RUNNER, [HERE / "test_trainer_weight_sync.py", "engine", cfg_path, tmp_path / sid],
+    engines = {sid: spawn_python(RUNNER, [HERE / "test_trainer_weight_sync.py", "engine", cfg_path,
+                                          tmp_path / sid],
                                  capture=False) for sid in server_ids}
-    urls = {sid: wait_until(lambda sid=sid: _read_json(tmp_path / sid) and (tmp_path / f"{sid}.url").read_text(),
+    urls = {sid: wait_until(lambda sid=sid: _read_json(tmp_path / sid)
+                                            and (tmp_path / f"{sid}.url").read_text(),
                             STARTUP_S, 0.2, f"engine {sid}") for sid in engines}
     return engines, urls
 
@@ -73,7 +78,8 @@ def _faulty_client(url: str, fault: str | None, pid: int | None, killed: threadi
     class FaultyClient(SGLangClient):
         async def init_weights_update_group(self, **kw) -> None:
             if fault == "rendezvous":
-                kill()  # the join below then finds no engine: this member never reaches the rendezvous
+                # the join below then finds no engine: this member never reaches the rendezvous
+                kill()
             return await super().init_weights_update_group(**kw)
 
         async def update_weights_from_distributed(self, **kw) -> None:
@@ -91,13 +97,15 @@ def _faulty_client(url: str, fault: str | None, pid: int | None, killed: threadi
 
 
 class Driver(threading.Thread):
-    """A rollout server stand-in. ``attempts``: ``(version, plan_id, ok, seconds applying)`` for each plan
-    it reported, in order; ``results[version]``: ``(ok, seconds)`` of the last plan of that version."""
+    """A rollout server stand-in. ``attempts``: ``(version, plan_id, ok, seconds applying)`` for
+    each plan it reported, in order; ``results[version]``: ``(ok, seconds)`` of the last plan of
+    that version."""
 
     def __init__(self, server_id: str, url: str, address: str, *, fault: str | None = None,
                  engine_pid: int | None = None, fresh: bool = False, sglang: str | None = None):
         super().__init__(daemon=True, name=f"driver-{server_id}")
-        self.server_id, self.url, self.address, self.fault, self.pid = server_id, url, address, fault, engine_pid
+        self.server_id, self.url, self.address, self.fault, self.pid = (
+            server_id, url, address, fault, engine_pid)
         # ``sglang``: the real SGLang's API key. Its engine joins through a door (as a rollout
         # server of kind sglang); the fault kills its process group, ``engine_pid`` its group id.
         self.sglang = sglang
@@ -113,7 +121,8 @@ class Driver(threading.Thread):
     def run(self) -> None:
         try:
             asyncio.run(self._main())
-        except BaseException as e:  # surfaced by the test (a thread's exception is otherwise only printed)
+        except BaseException as e:
+            # surfaced by the test (a thread's exception is otherwise only printed)
             self.error = e
 
     async def _main(self) -> None:
@@ -128,10 +137,12 @@ class Driver(threading.Thread):
                                 policy_version=0, fresh=self.fresh, incarnation=self.incarnation))
         served, handled, applying, applying_plan = 0, set(), None, (0, "", 0.0)
         try:
-            # Heartbeats go on while a plan is applied (as a rollout server's do): a member busy in a
-            # long join must not look dead to the buffer.
-            while not self.stop.is_set() and not self.killed.is_set():  # a dead server stops heartbeating
-                plan = client.request(Heartbeat(server_id=self.server_id, policy_version=served)).pending_plan
+            # Heartbeats go on while a plan is applied (as a rollout server's do): a member busy in
+            # a long join must not look dead to the buffer.
+            # a dead server stops heartbeating
+            while not self.stop.is_set() and not self.killed.is_set():
+                plan = client.request(Heartbeat(server_id=self.server_id,
+                                                policy_version=served)).pending_plan
                 if applying is not None and applying.done():
                     version, plan_id, t0 = applying_plan
                     done = applying.result()
