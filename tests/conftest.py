@@ -31,7 +31,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     output, the repository importable even without the editable install, and the Python stacks of
     every thread printed if a process dies of a fatal signal (a native crash, an abort)."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false",
                PYTHONFAULTHANDLER="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     env.update(extra or {})
@@ -111,16 +112,19 @@ class Spawner:
     def __call__(self, code_or_module: str, args: list[str] | tuple[str, ...] = (), *,
                  env: dict[str, str] | None = None, cwd: str | Path | None = None,
                  capture: bool = True) -> subprocess.Popen:
-        """Start ``python -m MODULE args`` (a dotted name) or ``python -c CODE args`` (anything else).
+        """Start ``python -m MODULE args`` (a dotted name) or ``python -c CODE args`` (anything
+        else).
 
         stdout/stderr are pipes when ``capture`` (read them with ``proc.communicate``), else
         inherited. Text mode.
         """
-        is_module = code_or_module.replace(".", "").replace("_", "").isalnum() and "\n" not in code_or_module
+        is_module = (code_or_module.replace(".", "").replace("_", "").isalnum()
+                     and "\n" not in code_or_module)
         cmd = [sys.executable, "-m", code_or_module] if is_module else \
             [sys.executable, "-c", textwrap.dedent(code_or_module)]
         pipe = subprocess.PIPE if capture else None
-        proc = subprocess.Popen([*cmd, *map(str, args)], env=child_env(env), cwd=str(cwd or self.cwd),
+        proc = subprocess.Popen([*cmd, *map(str, args)], env=child_env(env),
+                                cwd=str(cwd or self.cwd),
                                 stdout=pipe, stderr=pipe, text=True)
         self.procs.append(proc)
         return proc
@@ -128,7 +132,8 @@ class Spawner:
     def one_and_two_ranks(self, code: str, script: str, out: Path, port: int,
                           timeout_s: float, env: dict | None = None) -> tuple[Path, Path]:
         """Run ``python -c code script DIR`` as one process (``out/one``) and as two torch ranks on
-        ``port`` (``out/two``), with ``env`` added; both must exit 0. Returns the two directories."""
+        ``port`` (``out/two``), with ``env`` added; both must exit 0. Returns the two
+        directories."""
         one, two = out / "one", out / "two"
         one.mkdir()
         two.mkdir()

@@ -1,12 +1,13 @@
-"""A world-size-1 trainer for weight-sync tests: the real ``WeightBroadcaster`` pushing a tiny model.
+"""A world-size-1 trainer for weight-sync tests: the real ``WeightBroadcaster`` pushing a tiny
+model.
 
 Run as ``python weight_pusher.py <config.yaml> <out_dir> '<json pushes>'``; each push is
 ``{"version": int, "members": int, "path": str (optional), "after": str (optional), "overlap": bool
 (optional: ``push(wait=False)``, then every weight += 1000 at once, as an optimizer step would
 move them while the push finishes)}``. Per push:
 wait until ``<out_dir>/<after>`` exists (the test has checked the engines), until the buffer's
-roster has ``members`` members, change every weight (``+= 0.01 * version``, so each version differs),
-push with ``trainer.weight_sync.path`` set to ``path`` (default: the config's), and write
+roster has ``members`` members, change every weight (``+= 0.01 * version``, so each version
+differs), push with ``trainer.weight_sync.path`` set to ``path`` (default: the config's), and write
 ``<out_dir>/v<version>.json``: the ``SyncReport`` fields plus ``sha``, the SHA-256 of the weights
 pushed (``test_trainer_weight_sync.weights_sha``); an overlapped push returns the PREVIOUS push's
 report. Ends with the last push's report in ``<out_dir>/last.json`` and ``done`` in
@@ -31,10 +32,12 @@ from areal_like.weights.hf import build_model  # noqa: E402
 from areal_like.wire.protocol import RosterRequest  # noqa: E402
 from trainer.weight_sync import WeightBroadcaster  # noqa: E402
 
-cfg_path, out_dir, pushes = sys.argv[-3:]  # run directly, or through runpy (which leaves its own argv first)
+# run directly, or through runpy (which leaves its own argv first)
+cfg_path, out_dir, pushes = sys.argv[-3:]
 cfg = load_daemon_config(["--config-file", cfg_path])
 out = Path(out_dir)
-model = build_model(cfg.model, device=cfg.trainer.device)  # cuda: the tensor path's payloads are CUDA IPC handles
+# cuda: the tensor path's payloads are CUDA IPC handles
+model = build_model(cfg.model, device=cfg.trainer.device)
 
 
 def broadcaster(path: str) -> WeightBroadcaster:
@@ -60,7 +63,8 @@ for push in json.loads(pushes):
             p.add_(0.01 * push["version"])
     rep = wb.push(model, push["version"], wait=not push.get("overlap", False))
     sha = weights_sha(model.named_parameters())
-    if push.get("overlap"):  # the optimizer moves the weights while the push finishes in the background
+    # the optimizer moves the weights while the push finishes in the background
+    if push.get("overlap"):
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(1000.0)

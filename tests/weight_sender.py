@@ -2,14 +2,14 @@
 
 Run as ``python weight_sender.py '<json spec>'`` (tests pass its text to ``python -c``). Spec:
 ``model`` (ModelConfig fields), ``port``, ``group``, ``buckets`` (lists of parameter names, the
-broadcast order), optional ``backend`` (gloo), ``device`` (cpu), ``timeout_s`` (120), ``load_format``
-(``"flattened_bucket"``: one packed broadcast per bucket with the trainer's ``BucketPipeline``, what
-``apply_weight_sync`` announces; null: one broadcast per tensor), ``rounds`` (a list of
-``{"seed": int, "dtype": str}``: push the buckets once per round, the model built with that init
-seed and sent in that wire dtype; default one round of ``model`` in its own dtype), ``stop_after``
-(exit abruptly, as a crashed trainer, once that many buckets were broadcast), ``wait_for`` (a path:
-broadcast nothing until that file exists), ``state_file`` (instead of a model: one round of the
-name -> tensor dict ``torch.save`` wrote there, e.g. a LoRA adapter). Prints
+broadcast order), optional ``backend`` (gloo), ``device`` (cpu), ``timeout_s`` (120),
+``load_format`` (``"flattened_bucket"``: one packed broadcast per bucket with the trainer's
+``BucketPipeline``, what ``apply_weight_sync`` announces; null: one broadcast per tensor),
+``rounds`` (a list of ``{"seed": int, "dtype": str}``: push the buckets once per round, the model
+built with that init seed and sent in that wire dtype; default one round of ``model`` in its own
+dtype), ``stop_after`` (exit abruptly, as a crashed trainer, once that many buckets were broadcast),
+``wait_for`` (a path: broadcast nothing until that file exists), ``state_file`` (instead of a model:
+one round of the name -> tensor dict ``torch.save`` wrote there, e.g. a LoRA adapter). Prints
 ``ready`` once the model is built (before the rendezvous) and ``sent`` after the last tensor.
 """
 import json
@@ -33,7 +33,8 @@ states = [torch.load(spec["state_file"])] if spec.get("state_file") else []  # t
 for r in [] if states else spec.get("rounds") or [{}]:
     cfg = ModelConfig(**{**spec["model"], **({"init_seed": r["seed"]} if "seed" in r else {})})
     dtype = getattr(torch, r["dtype"]) if "dtype" in r else None
-    states.append({n: t.to(dtype or t.dtype) for n, t in build_model(cfg, device=device).state_dict().items()})
+    states.append({n: t.to(dtype or t.dtype)
+                   for n, t in build_model(cfg, device=device).state_dict().items()})
 print("ready", flush=True)
 pg = init_weight_group(spec.get("backend", "gloo"), "127.0.0.1", spec["port"], 2, 0, spec["group"],
                        spec.get("timeout_s", 120))

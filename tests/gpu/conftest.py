@@ -38,7 +38,8 @@ def pytest_collection_modifyitems(config, items):
         if has_cuda is None:
             has_cuda = _cuda_available()
         if not has_cuda:
-            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is false)"))
+            item.add_marker(pytest.mark.skip(
+                reason="needs a CUDA GPU (torch.cuda.is_available() is false)"))
 
 
 @pytest.fixture

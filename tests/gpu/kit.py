@@ -35,22 +35,27 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 FIGURE_PREFIX = "figure:"  # as tests/gpu/conftest.py records them
 WHEELS = {  # name -> version: the project's non-torch needs the GPU image lacks (or has too old)
-    "hydra-core": "1.3.8", "omegaconf": "2.3.1", "antlr4-python3-runtime": "4.9.3", "pyzmq": "27.3.0",
+    "hydra-core": "1.3.8", "omegaconf": "2.3.1", "antlr4-python3-runtime": "4.9.3",
+    "pyzmq": "27.3.0",
     "msgspec": "0.22.0", "crc32c": "2.9.post0", "msgpack": "1.2.4", "prometheus-client": "0.26.0",
     "datasets": "5.2.0", "dill": "0.4.1", "multiprocess": "0.70.19", "math-verify": "0.9.0",
-    "latex2sympy2-extended": "1.11.0", "jsonschema": "4.26.0", "jsonschema-specifications": "2025.9.1",
+    "latex2sympy2-extended": "1.11.0", "jsonschema": "4.26.0",
+    "jsonschema-specifications": "2025.9.1",
     "referencing": "0.37.0", "rpds-py": "2026.9.1", "pytest-xdist": "3.8.0", "execnet": "2.1.2",
     "ruff": "0.17.6",  # tests/unit/test_lint.py
     # pyproject.toml pins these (sglang's versions); the image's transformers is older (5.17)
     "transformers": "5.19.0", "tokenizers": "0.23.2",
 }
-SDIST_ONLY = {"antlr4-python3-runtime"}  # pure Python, no wheel on PyPI: built here with `pip wheel`
+# pure Python, no wheel on PyPI: built here with `pip wheel`
+SDIST_ONLY = {"antlr4-python3-runtime"}
 IMAGE_HAS = {  # in the GPU image (the device tool's list of its packages), used as they are
     "torch", "jinja2", "pyarrow", "numpy", "aiohttp", "psutil", "matplotlib",
-    "rich", "safetensors", "pytest", "pytest-timeout", "hypothesis", "huggingface-hub", "pandas", "pyyaml",
+    "rich", "safetensors", "pytest", "pytest-timeout", "hypothesis", "huggingface-hub",
+    "pandas", "pyyaml",
     "xxhash", "fsspec", "requests", "tqdm", "filelock", "packaging", "sympy", "peft",
 }
-PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
+             "manylinux1_x86_64")
 
 
 def norm(name: str) -> str:
@@ -83,7 +88,8 @@ def pin_mismatches(pyproject: Path) -> list[str]:
 
     out = []
     for req in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
-        if (m := re.fullmatch(r"([A-Za-z0-9_.-]+)==([^;\s]+)", req.strip())) and norm(m[1]) != "torch":
+        if ((m := re.fullmatch(r"([A-Za-z0-9_.-]+)==([^;\s]+)", req.strip()))
+                and norm(m[1]) != "torch"):
             carried = {norm(n): v for n, v in WHEELS.items()}.get(norm(m[1]))
             if carried != m[2]:
                 out.append(f"{m[1]}=={m[2]}: the kit carries {carried or 'nothing'}")
@@ -94,7 +100,8 @@ def wheelhouse_commands(dest: Path, python: str = sys.executable) -> list[list[s
     """The pip commands that fill ``dest`` with ``WHEELS``: one download, one wheel build."""
     binary = [f"{n}=={v}" for n, v in WHEELS.items() if n not in SDIST_ONLY]
     plat = [a for p in PLATFORMS for a in ("--platform", p)]
-    download = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+    download = [python, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                "--python-version", "3.12",
                 "--implementation", "cp", *plat, "-d", str(dest), *binary]
     build = [python, "-m", "pip", "wheel", "--no-deps", "-w", str(dest),
              *[f"{n}=={WHEELS[n]}" for n in sorted(SDIST_ONLY)]]
@@ -108,7 +115,8 @@ def wheel_files(dest: Path) -> dict[str, Path]:
     for f in sorted(dest.glob("*.whl")):
         name = norm(f.name.split("-")[0])
         if name in out:
-            raise ValueError(f"two wheels of {name} in {dest}: {out[name].name} and {f.name}; keep one")
+            raise ValueError(f"two wheels of {name} in {dest}: {out[name].name} and {f.name}; "
+                             "keep one")
         out[name] = f
     return out
 
@@ -151,20 +159,24 @@ def parse_junit(path: Path) -> list[TestResult]:
                    if p.get("name", "").startswith(FIGURE_PREFIX)}
         module = case.get("classname", "").replace(".", "/")
         results.append(TestResult(name=f"{module}.py::{case.get('name')}", outcome=outcome,
-                                  seconds=float(case.get("time") or 0), message=message, figures=figures))
+                                  seconds=float(case.get("time") or 0), message=message,
+                                  figures=figures))
     return results
 
 
 def render_results(env: dict, results: list[TestResult]) -> str:
     """``tests/gpu/RESULTS.md``: the machine, the totals, one row per test, the figures."""
-    counts = {k: sum(r.outcome == k for r in results) for k in ("passed", "failed", "error", "skipped")}
+    counts = {k: sum(r.outcome == k for r in results)
+              for k in ("passed", "failed", "error", "skipped")}
     totals = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no tests ran"
     lines = ["# GPU validation results", "",
-             "Written by `python3 tests/gpu/kit.py run` (tests/gpu/README.md); replace it with a newer run's.", "",
+             "Written by `python3 tests/gpu/kit.py run` (tests/gpu/README.md); replace it with a "
+             "newer run's.", "",
              "| | |", "|---|---|"]
     for key in ("date", "gpu", "driver", "torch", "cuda", "nccl", "python", "commit"):
         lines.append(f"| {key} | {env.get(key, 'unknown')} |")
-    lines += [f"| result | {totals} ({sum(r.seconds for r in results):.0f} s) |", "", "## Tests", "",
+    lines += [f"| result | {totals} ({sum(r.seconds for r in results):.0f} s) |", "",
+              "## Tests", "",
               "| test | outcome | seconds | note |", "|---|---|---|---|"]
     for r in results:
         note = r.message.replace("|", "\\|")[:160]
@@ -178,12 +190,14 @@ def render_results(env: dict, results: list[TestResult]) -> str:
 
 ENV_PROBE = r"""
 import json, platform, torch
-out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": str(torch.version.cuda)}
+out = {"python": platform.python_version(), "torch": torch.__version__,
+       "cuda": str(torch.version.cuda)}
 try:
     out["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
 except Exception as e:  # a CPU build has no NCCL
     out["nccl"] = f"none ({type(e).__name__})"
-out["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (torch sees no GPU)"
+out["gpu"] = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else "none (torch sees no GPU)")
 print(json.dumps(out))
 """
 
@@ -192,12 +206,15 @@ def probe_env(python: str = sys.executable) -> dict:
     """Date, GPU, driver, torch/CUDA/NCCL, Python and commit of this machine and checkout."""
     env = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     r = subprocess.run([python, "-c", ENV_PROBE], capture_output=True, text=True, timeout=300)
-    env.update(json.loads(r.stdout) if r.returncode == 0 else {"torch": f"import failed: {r.stderr.strip()[-200:]}"})
-    for key, argv in (("driver", ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]),
+    env.update(json.loads(r.stdout) if r.returncode == 0
+               else {"torch": f"import failed: {r.stderr.strip()[-200:]}"})
+    for key, argv in (("driver", ["nvidia-smi", "--query-gpu=driver_version",
+                                  "--format=csv,noheader"]),
                       ("commit", ["git", "-C", str(REPO), "describe", "--always", "--dirty"])):
         try:
             out = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-            env[key] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
+            env[key] = (out.stdout.strip().splitlines()[0]
+                        if out.returncode == 0 and out.stdout.strip() else "unknown")
         except (FileNotFoundError, subprocess.TimeoutExpired):
             env[key] = "unknown"
     return env
@@ -205,15 +222,19 @@ def probe_env(python: str = sys.executable) -> dict:
 
 def run_kit(wheelhouse: Path, site: Path, out: Path, pytest_args: list[str]) -> int:
     """Install the wheelhouse, run the GPU tests, write RESULTS.md; pytest's exit code."""
-    problems = check_wheelhouse(wheelhouse) if wheelhouse.is_dir() else [f"{wheelhouse}: no such folder"]
+    problems = (check_wheelhouse(wheelhouse) if wheelhouse.is_dir()
+                else [f"{wheelhouse}: no such folder"])
     if problems:
-        print("the wheelhouse is incomplete (build it with `python tests/gpu/kit.py wheelhouse` where pip "
+        print("the wheelhouse is incomplete "
+              "(build it with `python tests/gpu/kit.py wheelhouse` where pip "
               "has network):\n  " + "\n  ".join(problems), file=sys.stderr)
         return 2
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                    "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheel_files(wheelhouse).values())],
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site),
+                    *map(str, wheel_files(wheelhouse).values())],
                    check=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]),
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(site), str(REPO), os.environ.get("PYTHONPATH", "")]),
            "PYTHONUNBUFFERED": "1"}
     out.mkdir(parents=True, exist_ok=True)
     junit = out / "junit.xml"
@@ -227,7 +248,8 @@ def run_kit(wheelhouse: Path, site: Path, out: Path, pytest_args: list[str]) -> 
 RESULTS = REPO / "tests" / "gpu" / "RESULTS.md"
 
 
-def write_results(env: dict, results: list[TestResult], out: Path | None, results_md: Path = RESULTS) -> None:
+def write_results(env: dict, results: list[TestResult], out: Path | None,
+                  results_md: Path = RESULTS) -> None:
     text = render_results(env, results)
     results_md.write_text(text)
     if out is not None:
@@ -239,18 +261,24 @@ def write_results(env: dict, results: list[TestResult], out: Path | None, result
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python tests/gpu/kit.py", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
-    wh = sub.add_parser("wheelhouse", help="download the wheels the GPU image lacks (needs network)")
+    wh = sub.add_parser("wheelhouse",
+                        help="download the wheels the GPU image lacks (needs network)")
     wh.add_argument("--dest", type=Path, default=REPO / ".whl")
-    run = sub.add_parser("run", help="on the GPU machine: install the wheelhouse, run tests/gpu, write RESULTS.md")
+    run = sub.add_parser("run", help="on the GPU machine: install the wheelhouse, run tests/gpu, "
+                                     "write RESULTS.md")
     run.add_argument("--wheelhouse", type=Path, default=REPO / ".whl")
     run.add_argument("--site", type=Path, default=Path("/tmp/areal-like-site"))
-    run.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else REPO / "outputs"
-                     / "gpu-kit", help="junit.xml, env.json and a copy of RESULTS.md (default: $OUT when set)")
-    run.add_argument("pytest_args", nargs="*", help="more pytest arguments, after `--` (e.g. -- -k throughput)")
+    run.add_argument("--out", type=Path,
+                     default=(Path(os.environ["OUT"]) if os.environ.get("OUT")
+                              else REPO / "outputs" / "gpu-kit"),
+                     help="junit.xml, env.json and a copy of RESULTS.md (default: $OUT when set)")
+    run.add_argument("pytest_args", nargs="*",
+                     help="more pytest arguments, after `--` (e.g. -- -k throughput)")
     rep = sub.add_parser("report", help="render RESULTS.md from a junit xml (and an env.json)")
     rep.add_argument("junit", type=Path)
     rep.add_argument("--env", type=Path)
-    rep.add_argument("--results", type=Path, default=RESULTS, help="where to write (default tests/gpu/RESULTS.md)")
+    rep.add_argument("--results", type=Path, default=RESULTS,
+                     help="where to write (default tests/gpu/RESULTS.md)")
     args = ap.parse_args(argv)
     if args.command == "wheelhouse":
         args.dest.mkdir(parents=True, exist_ok=True)

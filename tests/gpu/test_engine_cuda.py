@@ -1,6 +1,7 @@
-"""The embedded engine on CUDA: greedy == transformers' generate, logprobs == a separate forward (fp32 tight,
-bf16 with a bf16 tolerance), and a weight update broadcast from another process over NCCL (two GPUs: the
-sender on cuda:1) or gloo over CUDA tensors (one GPU: NCCL cannot put two ranks on one device).
+"""The embedded engine on CUDA: greedy == transformers' generate, logprobs == a separate forward
+(fp32 tight, bf16 with a bf16 tolerance), and a weight update broadcast from another process over
+NCCL (two GPUs: the sender on cuda:1) or gloo over CUDA tensors (one GPU: NCCL cannot put two ranks
+on one device).
 
 Skips cleanly without CUDA (tests/gpu/conftest.py marks and skips everything here).
 """
@@ -28,7 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 HTTP_TIMEOUT_S = 300.0
 GROUP = "areal_like_weights"
 BF16_LOGPROB_TOL = 0.1  # bf16 keeps ~3 significant digits; logprobs of a random model sit around -4
-BF16_TIE_GAP = 0.125  # a greedy divergence is accepted only where the reference's top-2 logits are this close
+# a greedy divergence is accepted only where the reference's top-2 logits are this close
+BF16_TIE_GAP = 0.125
 
 SENDER = r"""
 import json, os, sys, torch, torch.distributed as dist
@@ -67,8 +69,9 @@ def _stop(engine: EmbeddedEngine, sender: subprocess.Popen | None) -> None:
 
 
 def model_cfg(dtype: str, seed: int = 0) -> ModelConfig:
-    return ModelConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                       num_key_value_heads=2, max_position_embeddings=512, dtype=dtype, init_seed=seed)
+    return ModelConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                       dtype=dtype, init_seed=seed)
 
 
 def prompts(n: int) -> list[list[int]]:
@@ -79,7 +82,8 @@ def prompts(n: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_cuda_greedy_and_logprobs(dtype):
-    engine = EmbeddedEngine(model_cfg(dtype), EngineConfig(device="cuda", max_running_requests=4)).start()
+    engine = EmbeddedEngine(model_cfg(dtype),
+                            EngineConfig(device="cuda", max_running_requests=4)).start()
     try:
         ps, limits = prompts(10), [5, 80, 17, 3, 120, 25, 9, 60, 33, 1]
         with ThreadPoolExecutor(len(ps)) as pool:
@@ -90,18 +94,23 @@ def test_cuda_greedy_and_logprobs(dtype):
         for p, m, out in zip(ps, limits, outs):
             got = out["output_ids"]
             with torch.no_grad():
-                ref = model.generate(torch.tensor([p], device="cuda"), max_new_tokens=m, do_sample=False,
+                ref = model.generate(torch.tensor([p], device="cuda"),
+                                     max_new_tokens=m, do_sample=False,
                                      eos_token_id=2, pad_token_id=0)[0, len(p):].tolist()
-                logits = model(torch.tensor([p + got], device="cuda")).logits[0, len(p) - 1:-1].float()
-            lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(got, device="cuda")[:, None])[:, 0].cpu()
-            diff = (lp - torch.tensor([e[0] for e in out["meta_info"]["output_token_logprobs"]])).abs().max().item()
+                logits = (model(torch.tensor([p + got], device="cuda"))
+                          .logits[0, len(p) - 1:-1].float())
+            lp = (torch.log_softmax(logits, -1)
+                  .gather(1, torch.tensor(got, device="cuda")[:, None])[:, 0].cpu())
+            diff = (lp - torch.tensor(
+                [e[0] for e in out["meta_info"]["output_token_logprobs"]])).abs().max().item()
             if dtype == "float32":
                 assert got == ref
                 assert diff <= 1e-4
                 continue
             assert diff <= BF16_LOGPROB_TOL
             k = next((i for i, (a, b) in enumerate(zip(got, ref)) if a != b), None)
-            if k is not None:  # bf16: batched and single-sequence kernels may break a near-tie differently
+            # bf16: batched and single-sequence kernels may break a near-tie differently
+            if k is not None:
                 top2 = logits[k].topk(2).values
                 assert (top2[0] - top2[1]).item() <= BF16_TIE_GAP, (k, got, ref)
     finally:
@@ -111,13 +120,16 @@ def test_cuda_greedy_and_logprobs(dtype):
 def test_cuda_weight_update_from_another_process():
     two_gpus = torch.cuda.device_count() >= 2
     backend, sender_device = ("nccl", "cuda:1") if two_gpus else ("gloo", "cuda:0")
-    engine = EmbeddedEngine(model_cfg("bfloat16"), EngineConfig(device="cuda:0", max_running_requests=4)).start()
+    engine = EmbeddedEngine(model_cfg("bfloat16"),
+                            EngineConfig(device="cuda:0", max_running_requests=4)).start()
     sender = None
     try:
         port = free_port()
-        spec = {"device": sender_device, "model": asdict(model_cfg("bfloat16", seed=5)), "backend": backend,
+        spec = {"device": sender_device, "model": asdict(model_cfg("bfloat16", seed=5)),
+                "backend": backend,
                 "port": port, "group": GROUP}
-        sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], cwd=REPO, text=True,
+        sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)],
+                                  cwd=REPO, text=True,
                                   stdout=subprocess.PIPE)
         status, body = post(engine.url, "/init_weights_update_group", {
             "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
@@ -129,25 +141,28 @@ def test_cuda_weight_update_from_another_process():
         assert post(engine.url, "/begin_weight_update", {})[0] == 200
         status, body = post(engine.url, "/update_weights_from_distributed", {
             "names": [n for n, _ in named], "dtypes": ["bfloat16"] * len(named),
-            "shapes": [list(p.shape) for _, p in named], "group_name": GROUP, "weight_version": "1"})
+            "shapes": [list(p.shape) for _, p in named], "group_name": GROUP,
+            "weight_version": "1"})
         assert status == 200, body
         assert post(engine.url, "/end_weight_update", {})[0] == 200
         assert post(engine.url, "/continue_generation", {})[0] == 200
         assert sender.stdout.readline().strip() == "SENT"
         assert state_checksum(engine.model) == state_checksum(target)
-        info = json.loads(urllib.request.urlopen(engine.url + "/model_info", timeout=HTTP_TIMEOUT_S).read())
+        info = json.loads(urllib.request.urlopen(engine.url + "/model_info",
+                                                 timeout=HTTP_TIMEOUT_S).read())
         assert info["weight_version"] == "1"
-        out = post(engine.url, "/generate", {"input_ids": [1, 9], "sampling_params": {"max_new_tokens": 4}})[1]
+        out = post(engine.url, "/generate",
+                   {"input_ids": [1, 9], "sampling_params": {"max_new_tokens": 4}})[1]
         assert out["meta_info"]["weight_version"] == "1"
     finally:
         _stop(engine, sender)
 
 
 def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
-    """Two syncs in the trainer's wire format (one flattened bf16 broadcast per bucket, several buckets,
-    ``tests/weight_sender.py``) into a bf16 engine on CUDA: each parameter ends up a view of a received
-    buffer (swapped, not copied) holding exactly the sender's values, also in the second sync, which
-    receives into the buffers the first one retired."""
+    """Two syncs in the trainer's wire format (one flattened bf16 broadcast per bucket, several
+    buckets, ``tests/weight_sender.py``) into a bf16 engine on CUDA: each parameter ends up a view
+    of a received buffer (swapped, not copied) holding exactly the sender's values, also in the
+    second sync, which receives into the buffers the first one retired."""
     import asyncio
 
     from areal_like.wire.protocol import SyncMember, WeightSyncPlan
@@ -155,25 +170,30 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
     from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
 
-    engine = EmbeddedEngine(model_cfg("bfloat16"), EngineConfig(device="cuda:0", max_running_requests=4)).start()
+    engine = EmbeddedEngine(model_cfg("bfloat16"),
+                            EngineConfig(device="cuda:0", max_running_requests=4)).start()
     sender = None
     try:
         port, seeds = free_port(), [7, 8]
         named = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
         specs = plan_buckets([(n, s, "bfloat16") for n, s in named], 256 * 1024)
         assert len(specs) >= 3
-        spec = {"device": "cuda:0", "backend": "gloo", "model": asdict(model_cfg("bfloat16")), "port": port,
-                "group": GROUP, "buckets": [b.names for b in specs], "rounds": [{"seed": s} for s in seeds]}
-        sender = subprocess.Popen([sys.executable, "-c", (REPO / "tests" / "weight_sender.py").read_text(),
+        spec = {"device": "cuda:0", "backend": "gloo", "model": asdict(model_cfg("bfloat16")),
+                "port": port, "group": GROUP, "buckets": [b.names for b in specs],
+                "rounds": [{"seed": s} for s in seeds]}
+        sender = subprocess.Popen([sys.executable, "-c",
+                                   (REPO / "tests" / "weight_sender.py").read_text(),
                                    json.dumps(spec)], cwd=REPO, text=True, stdout=subprocess.PIPE)
 
         async def syncs() -> list[tuple[bool, str, str]]:
             out = []
             async with SGLangClient(engine.url, timeout_s=HTTP_TIMEOUT_S) as client:
                 for version in range(1, len(seeds) + 1):
-                    plan = WeightSyncPlan(policy_version=version, group_name=GROUP, master_addr="127.0.0.1",
-                                          master_port=port, world_size=2, backend="gloo", reform=version == 1,
-                                          members=[SyncMember(server_id="e", rank_offset=1)], buckets=specs,
+                    plan = WeightSyncPlan(policy_version=version, group_name=GROUP,
+                                          master_addr="127.0.0.1", master_port=port,
+                                          world_size=2, backend="gloo", reform=version == 1,
+                                          members=[SyncMember(server_id="e", rank_offset=1)],
+                                          buckets=specs,
                                           deadline_s=HTTP_TIMEOUT_S)
                     done = await apply_weight_sync(client, plan, "e", drain=False)
                     out.append((done.ok, done.reason, state_checksum(engine.model)))
@@ -181,10 +201,12 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
 
         for seed, (ok, reason, checksum) in zip(seeds, asyncio.run(syncs())):
             assert ok, reason
-            assert checksum == state_checksum(build_model(model_cfg("bfloat16", seed=seed), device="cuda:0"))
+            assert checksum == state_checksum(build_model(model_cfg("bfloat16", seed=seed),
+                                                          device="cuda:0"))
         live = {flat.untyped_storage().data_ptr() for flat in engine.weights._live.values()}
         assert {p.untyped_storage().data_ptr() for p in engine.model.parameters()} <= live
-        out = post(engine.url, "/generate", {"input_ids": [1, 9], "sampling_params": {"max_new_tokens": 4}})[1]
+        out = post(engine.url, "/generate",
+                   {"input_ids": [1, 9], "sampling_params": {"max_new_tokens": 4}})[1]
         assert out["meta_info"]["weight_version"] == str(len(seeds))
         assert [line.strip() for line in sender.stdout][-1] == "sent"
     finally:

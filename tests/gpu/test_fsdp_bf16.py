@@ -107,14 +107,16 @@ batch = groups_to_batch(synthetic_groups())
 out = {}
 for dtype in ("float32", "bfloat16"):
     cfg = load_config(["trainer.device=cuda", f"model.dtype={dtype}", "trainer.lr=1e-2",
-                       "trainer.micro_batch_size=4", "trainer.lora.rank=8", "trainer.loss.kl_coef=0.1",
+                       "trainer.micro_batch_size=4", "trainer.lora.rank=8",
+                       "trainer.loss.kl_coef=0.1",
                        "trainer.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
                        "down_proj,lm_head]"])
     init_distributed(cfg.trainer)
     policy = build_policy(cfg.model, cfg.trainer)
     base = policy.model.model.layers[0].self_attn.q_proj.base_layer  # PEFT's wrapped Linear
     seen = []
-    hook = base.register_forward_pre_hook(lambda m, a: seen.append([str(a[0].dtype), str(m.weight.dtype)])
+    hook = base.register_forward_pre_hook(lambda m, a: seen.append([str(a[0].dtype),
+                                                                    str(m.weight.dtype)])
                                           if torch.is_grad_enabled() else None)
     before = full_state_dict(policy.model)
     s = StepSettings.from_config(cfg)

@@ -115,7 +115,8 @@ def test_sglang_on_gpus_samples_what_the_adapter_scores(tmp_path, tp_size):
             outs = [await client.generate(p, sp) for p in PROMPTS]
             assert {o.weight_version for o in outs} == {"1"}
             assert _scored(outs, first) < TOL, "the engine does not serve the adapter"
-            assert _scored(outs, base) > CLOSER * _scored(outs, first), "the adapter changed nothing"
+            assert _scored(outs, base) > CLOSER * _scored(outs, first), (
+                "the adapter changed nothing")
             await _sync(client, second, 2)
             again = [await client.generate(p, sp) for p in PROMPTS]
             assert {o.weight_version for o in again} == {"2"}

@@ -1,4 +1,5 @@
-"""Loss kernels and token log-probs on CUDA: same numbers as on CPU, bounded memory for a real vocab.
+"""Loss kernels and token log-probs on CUDA: same numbers as on CPU, bounded memory for a real
+vocab.
 
 Marked ``gpu`` and skipped without CUDA by tests/gpu/conftest.py.
 """
@@ -23,7 +24,8 @@ def _batch(device):
     logp = prox + 0.3 * torch.randn(b, t, generator=g)
     behav = prox + 0.3 * torch.randn(b, t, generator=g)
     adv = torch.randn(b, generator=g)[:, None] * mask
-    return {k: v.to(device) for k, v in dict(logp=logp, prox=prox, behav=behav, adv=adv, mask=mask).items()}
+    return {k: v.to(device)
+            for k, v in dict(logp=logp, prox=prox, behav=behav, adv=adv, mask=mask).items()}
 
 
 @pytest.mark.parametrize("kind", LOSS_KINDS)
@@ -32,7 +34,8 @@ def test_cuda_matches_cpu(kind):
     for device in ("cpu", "cuda"):
         b = _batch(device)
         lp = b["logp"].clone().requires_grad_(True)
-        cfg = LossConfig(kernel=kind, agg="seq-mean-token-mean", dual_clip=3.0, mis=MISConfig(high=5.0))
+        cfg = LossConfig(kernel=kind, agg="seq-mean-token-mean", dual_clip=3.0,
+                         mis=MISConfig(high=5.0))
         loss, stats = compute_policy_loss(cfg, logp=lp, prox_logp=b["prox"], behav_logp=b["behav"],
                                           advantages=b["adv"], mask=b["mask"])
         loss.backward()
@@ -62,6 +65,7 @@ def test_token_logprobs_bf16_real_vocab_memory_bounded():
     # fp32 log_softmax path needs about 7x logits_bytes (fp32 copy, output, fp32 grads)
     assert peak < 2 * logits_bytes + 6 * CHUNK_BYTES, (peak, logits_bytes)
     rows = slice(0, 8)
-    ref = torch.log_softmax(logits.detach()[0, rows].double() / 0.9, -1).gather(-1, tokens[0, rows, None]).squeeze(-1)
+    ref = (torch.log_softmax(logits.detach()[0, rows].double() / 0.9, -1)
+           .gather(-1, tokens[0, rows, None]).squeeze(-1))
     torch.testing.assert_close(out.detach()[0, rows].double(), ref, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(logits.grad.float()).all()

@@ -1,4 +1,5 @@
-"""Weight broadcast from the trainer to an embedded engine on CUDA (marker gpu; skipped without CUDA).
+"""Weight broadcast from the trainer to an embedded engine on CUDA (marker gpu; skipped without
+CUDA).
 
 The real buffer daemon, one embedded engine on CUDA (bf16), one rollout-server stand-in applying
 plans with ``rollout_server.weight_update.apply_weight_sync``, and a world-size-1 trainer on CUDA
@@ -40,7 +41,8 @@ with torch.no_grad():  # new weights, different from the engine's initial ones
 client = Client(cfg.buffer.address)
 while len(client.request(RosterRequest()).members) != 1:
     time.sleep(0.2)
-wb = WeightBroadcaster(cfg.trainer.weight_sync, buffer_address=cfg.buffer.address, rank=0, device=policy.device,
+wb = WeightBroadcaster(cfg.trainer.weight_sync, buffer_address=cfg.buffer.address, rank=0,
+                       device=policy.device,
                        send_dtype=cfg.model.dtype)
 rep = wb.push(policy.model, 1)
 full = {k: v.to(torch.bfloat16) for k, v in full_state_dict(policy.model).items()}
@@ -56,8 +58,10 @@ def test_weight_broadcast_to_cuda_engine(tmp_path, spawn_python, free_port, wait
 
     two_gpus = torch.cuda.device_count() >= 2
     cfg = load_config([
-        f"run_dir={tmp_path}", "security.curve=false", f"buffer.address=tcp://127.0.0.1:{free_port()}",
-        f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "model.dtype=bfloat16", "rollout.engine.device=cuda",
+        f"run_dir={tmp_path}", "security.curve=false",
+        f"buffer.address=tcp://127.0.0.1:{free_port()}",
+        f"buffer.pub_address=tcp://127.0.0.1:{free_port()}",
+        "model.dtype=bfloat16", "rollout.engine.device=cuda",
         "trainer.device=cuda", f"trainer.weight_sync.backend={'nccl' if two_gpus else 'gloo'}",
         "trainer.weight_sync.deadline_s=120", "trainer.weight_sync.bucket_mb=0.25",
         "rollout.engine.max_running_requests=4", "rollout.engine.max_total_tokens=2048"])
@@ -65,12 +69,15 @@ def test_weight_broadcast_to_cuda_engine(tmp_path, spawn_python, free_port, wait
     cfg_path.write_text(to_yaml(cfg))
     spawn_python("buffer", ["--config-file", cfg_path], capture=False)
     engine = spawn_python(RUNNER, [str(Path(__file__).resolve().parents[1] / "integration" /
-                                       "test_trainer_weight_sync.py"), "engine", cfg_path, tmp_path / "gpu"],
+                                       "test_trainer_weight_sync.py"), "engine", cfg_path,
+                                   tmp_path / "gpu"],
                           capture=False, env={"CUDA_VISIBLE_DEVICES": "0"})
-    url = wait_until(lambda: _read_json(tmp_path / "gpu") and (tmp_path / "gpu.url").read_text(), STARTUP_S, 0.2,
+    url = wait_until(lambda: _read_json(tmp_path / "gpu") and (tmp_path / "gpu.url").read_text(),
+                     STARTUP_S, 0.2,
                      "the CUDA engine")
     stop = threading.Event()
-    driver = threading.Thread(target=drive, args=("gpu", url, cfg.buffer.address, stop), daemon=True)
+    driver = threading.Thread(target=drive, args=("gpu", url, cfg.buffer.address, stop),
+                              daemon=True)
     driver.start()
     try:
         trainer = spawn_python(TRAINER, [Path(__file__).resolve().parents[2], cfg_path],
@@ -79,7 +86,8 @@ def test_weight_broadcast_to_cuda_engine(tmp_path, spawn_python, free_port, wait
         assert trainer.returncode == 0, err[-4000:]
         rep = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
         assert rep["done"] == ["gpu"] and not rep["dropped"] and rep["bytes"] > 0, rep
-        got = wait_until(lambda: (r := _read_json(tmp_path / "gpu")) and r["version"] == "1" and r, 60, 0.1,
+        got = wait_until(lambda: (r := _read_json(tmp_path / "gpu")) and r["version"] == "1" and r,
+                         60, 0.1,
                          "engine at version 1")
         assert got["sha"] == rep["sha"]
         assert engine.poll() is None

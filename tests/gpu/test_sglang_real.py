@@ -25,8 +25,8 @@ from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from rollout_server.launch_sglang import installed_sglang
 
-# the installed distribution, not find_spec: pytest puts tests/ on sys.path, where tests/sglang/ is a
-# namespace package named sglang
+# the installed distribution, not find_spec: pytest puts tests/ on sys.path, where tests/sglang/ is
+# a namespace package named sglang
 pytestmark = pytest.mark.skipif(installed_sglang() is None, reason="sglang is not installed")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,8 +70,10 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
     port, group = free_port(), "gpu_test_weights"
     plan = WeightSyncPlan(
         policy_version=1, group_name=group, master_addr="127.0.0.1", master_port=port, world_size=2,
-        backend="nccl" if two_gpus else "gloo", reform=True, members=[SyncMember(server_id="gpu", rank_offset=1)],
-        buckets=[BucketSpec(names=b, dtypes=["bfloat16"] * len(b), shapes=[list(state[n].shape) for n in b])
+        backend="nccl" if two_gpus else "gloo", reform=True,
+        members=[SyncMember(server_id="gpu", rank_offset=1)],
+        buckets=[BucketSpec(names=b, dtypes=["bfloat16"] * len(b),
+                            shapes=[list(state[n].shape) for n in b])
                  for b in buckets], deadline_s=300)
     spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets,
             "backend": plan.backend, "device": "cuda:1" if two_gpus else "cuda:0", "timeout_s": 300}
@@ -82,13 +84,16 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
             assert await client.health_generate()
             assert await client.weight_version() == "0"
             out = await client.generate([1, 20, 21], {"max_new_tokens": 8, "temperature": 1.0})
-            assert out.finish_reason in ("stop", "length") and len(out.logprobs) == len(out.output_ids) >= 1
+            assert (out.finish_reason in ("stop", "length")
+                    and len(out.logprobs) == len(out.output_ids) >= 1)
             assert all(lp <= 0 for lp in out.logprobs) and out.weight_version == "0"
             version = 0
-            job = asyncio.create_task(generate_sample(client, [1, 30, 31], {"temperature": 1.0, "ignore_eos": True},
+            job = asyncio.create_task(generate_sample(client, [1, 30, 31],
+                                                      {"temperature": 1.0, "ignore_eos": True},
                                                       400, lambda: version))
             await asyncio.sleep(0.2)
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
             sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:

@@ -1,4 +1,5 @@
-"""The whole system on a GPU node, started by the real supervisor (marker gpu; skipped without CUDA).
+"""The whole system on a GPU node, started by the real supervisor (marker gpu; skipped without
+CUDA).
 
 topology=gpu_embedded: one rollout server whose embedded engine runs on CUDA and a 1-rank trainer
 on CUDA, for a few steps of the quickstart recipe. NCCL refuses two ranks on one device, so the
@@ -37,14 +38,17 @@ def test_system_on_cuda(tmp_path):
     model = warm_model(WARM_CACHE)
     with safe_open(str(Path(model) / "model.safetensors"), "pt") as f:
         names = sorted(f.keys())
-    cfg = system_config(tmp_path / "run", model, "topology=gpu_embedded", "trainer.weight_sync.backend=gloo",
-                        "launch.num_rollout_servers=1", "launch.trainer_ranks=1", f"trainer.steps={STEPS}",
+    cfg = system_config(tmp_path / "run", model, "topology=gpu_embedded",
+                        "trainer.weight_sync.backend=gloo", "launch.num_rollout_servers=1",
+                        "launch.trainer_ranks=1", f"trainer.steps={STEPS}",
                         "buffer.max_staleness=2")
     with RunningSystem(cfg) as system:
-        roster = system.wait_for(lambda: (r := system.roster()) and len(r) == 1 and r, 300, "the rollout server")
+        roster = system.wait_for(lambda: (r := system.roster()) and len(r) == 1 and r, 300,
+                                 "the rollout server")
         url = next(iter(roster.values())).engine_url
         system.wait_for(system.completed.is_set, 400, "the trainer to finish")
-        final = engine_weights(url, names, system.engine_key)  # the job is complete; its daemons wait for us
+        # the job is complete; its daemons wait for us
+        final = engine_weights(url, names, system.engine_key)
         trainer_sum = checkpoint_checksum(system.run_dir, STEPS)
         system.release.set()
         system.wait_for(system.finished, 120, "the job to stop")

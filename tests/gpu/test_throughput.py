@@ -42,7 +42,8 @@ from test_engine_cuda import HTTP_TIMEOUT_S, post  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True)
+             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=4096,
+             tie_word_embeddings=True)
 BATCH, PROMPT, NEW_TOKENS = 64, 64, 256
 # the trainer step: trainer/MEMORY.md's 0.5B row on one GPU (8 x 2048 tokens, one micro-batch)
 TRAIN_SEQS, TRAIN_SEQ_LEN, TRAIN_MBS = 8, 2048, 8
@@ -66,7 +67,8 @@ rng = np.random.default_rng(0)
 new = spec["seq_len"] - spec["prompt"]
 trajs = [Trajectory.of(prompt_ids=rng.integers(4, 100, spec["prompt"]),
                        output_ids=rng.integers(4, 100, new), behav_logp=-rng.random(new) * 5,
-                       versions=np.zeros(new, np.int32), reward=float(i % 2), finish_reason="length")
+                       versions=np.zeros(new, np.int32), reward=float(i % 2),
+                       finish_reason="length")
          for i in range(spec["seqs"])]
 batch = groups_to_batch([TrajectoryGroup(group_id="g", server_id="s", lease_id="0", prompt_index=0,
                                          epoch=0, trajectories=trajs)])
@@ -99,7 +101,8 @@ def engine():
     from rollout_server.engine import EmbeddedEngine
 
     e = EmbeddedEngine(model_cfg(), EngineConfig(device="cuda", max_running_requests=BATCH,
-                                                 max_total_tokens=BATCH * (PROMPT + NEW_TOKENS))).start()
+                                                 max_total_tokens=BATCH * (PROMPT + NEW_TOKENS))
+                       ).start()
     try:
         yield e
     finally:
@@ -110,13 +113,16 @@ def test_generated_tokens_per_second(engine, figure):
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, 100, (PROMPT,), generator=g).tolist() for _ in range(BATCH)]
     params = {"max_new_tokens": NEW_TOKENS, "temperature": 1.0, "ignore_eos": True}
-    assert post(engine.url, "/generate", {"input_ids": prompts[0], "sampling_params": params})[0] == 200  # warm-up
+    assert post(engine.url, "/generate",
+                {"input_ids": prompts[0], "sampling_params": params})[0] == 200  # warm-up
     t0 = time.perf_counter()
     with ThreadPoolExecutor(BATCH) as pool:
-        outs = list(pool.map(lambda p: post(engine.url, "/generate", {"input_ids": p, "sampling_params": params}),
+        outs = list(pool.map(lambda p: post(engine.url, "/generate",
+                                            {"input_ids": p, "sampling_params": params}),
                              prompts))
     seconds = time.perf_counter() - t0
-    assert all(status == 200 for status, _ in outs), [body for status, body in outs if status != 200][:1]
+    assert all(status == 200 for status, _ in outs), (
+        [body for status, body in outs if status != 200][:1])
     tokens = sum(len(body["output_ids"]) for _, body in outs)
     assert tokens == BATCH * NEW_TOKENS
     figure("generated_tokens_per_s", tokens / seconds, "tokens/s")
@@ -199,20 +205,26 @@ def test_weight_sync_seconds(engine, figure):
     named = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
     buckets = plan_buckets([(n, s, "bfloat16") for n, s in named], BUCKET_BYTES)
     port, group = free_port(), "throughput_weights"
-    spec = {"device": "cuda:0", "backend": "gloo", "model": asdict(model_cfg(seed=1)), "port": port, "group": group,
+    spec = {"device": "cuda:0", "backend": "gloo", "model": asdict(model_cfg(seed=1)),
+            "port": port, "group": group,
             "buckets": [b.names for b in buckets], "rounds": [{"seed": 1, "dtype": "bfloat16"}],
             "timeout_s": HTTP_TIMEOUT_S}
-    sender = subprocess.Popen([sys.executable, "-c", (REPO / "tests" / "weight_sender.py").read_text(),
+    sender = subprocess.Popen([sys.executable, "-c",
+                               (REPO / "tests" / "weight_sender.py").read_text(),
                                json.dumps(spec)], cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                  filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     try:
-        assert sender.stdout.readline().strip() == "ready"  # the model is built: time the sync alone
+        # the model is built: time the sync alone
+        assert sender.stdout.readline().strip() == "ready"
 
         async def sync():
             async with SGLangClient(engine.url, timeout_s=HTTP_TIMEOUT_S) as client:
-                plan = WeightSyncPlan(policy_version=1, group_name=group, master_addr="127.0.0.1", master_port=port,
+                plan = WeightSyncPlan(policy_version=1, group_name=group, master_addr="127.0.0.1",
+                                      master_port=port,
                                       world_size=2, backend="gloo", reform=True,
-                                      members=[SyncMember(server_id="e", rank_offset=1)], buckets=buckets,
+                                      members=[SyncMember(server_id="e", rank_offset=1)],
+                                      buckets=buckets,
                                       deadline_s=HTTP_TIMEOUT_S)
                 return await apply_weight_sync(client, plan, "e", drain=False)
 
@@ -226,4 +238,5 @@ def test_weight_sync_seconds(engine, figure):
             sender.kill()
         sender.wait(timeout=60)
     figure("weight_sync_s", seconds, "s")
-    figure("weight_sync_gb_per_s", sum(p.numel() * 2 for p in engine.model.parameters()) / seconds / 1e9, "GB/s")
+    figure("weight_sync_gb_per_s",
+           sum(p.numel() * 2 for p in engine.model.parameters()) / seconds / 1e9, "GB/s")

@@ -1,9 +1,10 @@
 """LoRA with the real SGLang on CPU: an SGLang server started for a job with ``trainer.lora``
 (rollout_server/launch_sglang.py: ``--enable-lora``, the job's rank and target modules, the
 ``torch_native`` LoRA kernels) gets each version's adapter alone (trainer/weight_local.py's disk
-path: a PEFT directory; rollout_server/weight_update.py's ``apply_adapter_sync``) and then samples what the
-trainer's model WITH that adapter scores, not what the base scores; a second adapter changes them
-again; a sync in the middle of a generation labels every token with the adapter that sampled it.
+path: a PEFT directory; rollout_server/weight_update.py's ``apply_adapter_sync``) and then samples
+what the trainer's model WITH that adapter scores, not what the base scores; a second adapter
+changes them again; a sync in the middle of a generation labels every token with the adapter that
+sampled it.
 
 The server is this module's own (LoRA is a launch flag), started once and stopped by PID."""
 
@@ -153,7 +154,8 @@ def test_the_logprob_guard_probes_the_adapter_the_engine_serves(lora_server):
     """A resumed job's first push makes a trained adapter live; the guard's probe names it as the
     job's generate calls do (``served_name`` of the push's version and plan) and so measures what
     the engine samples with: the trainer's model with that adapter, within the guard's default
-    tolerance. Unnamed, SGLang answers with the base model: that probe would refuse a correct job."""
+    tolerance. Unnamed, SGLang answers with the base model: that probe would refuse a correct
+    job."""
     from areal_like.tasks.tokenizer import load_tokenizer
 
     base, trained = _lora_model(None), _lora_model(5)
