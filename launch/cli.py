@@ -191,7 +191,24 @@ def _missing(flag: str) -> str:
 
 def _exec_trainer(rest: list[str]) -> int:
     flags, other = split_torchrun_args(rest)
+    if not any(f.split("=", 1)[0].replace("_", "-") == "--log-dir" for f in flags):
+        flags += torchrun_log_dir(other)
     return _exec_module("torch.distributed.run", [*flags, "-m", DAEMON_MODULES["train"], *other])
+
+
+def torchrun_log_dir(trainer_args: list[str]) -> list[str]:
+    """``--log-dir <run_dir>/logs/torchrun`` for the run the trainer args name: without one
+    torchrun leaves a directory in /tmp at every start. Nothing when the config does not load:
+    the trainer then says what is wrong with it."""
+    from pathlib import Path
+
+    from areal_like.settings.config import ConfigError, load_daemon_config
+
+    try:
+        run_dir = load_daemon_config(trainer_args).run_dir
+    except ConfigError:
+        return []
+    return ["--log-dir", str(Path(run_dir) / "logs" / "torchrun")]
 
 
 def _with_config(overrides: list[str], command) -> int:

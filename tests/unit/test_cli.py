@@ -126,6 +126,18 @@ def test_daemon_commands_pass_every_argument_through(monkeypatch):
                             "--config-file", "run/config.yaml", "trainer.steps=3"]
 
 
+def test_train_sends_torchruns_files_to_the_run_dir_unless_told(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
+    main(["train", f"run_dir={tmp_path}/run", "trainer.steps=3"])
+    main(["train", "--log-dir", "elsewhere", f"run_dir={tmp_path}/run"])
+    assert calls[0][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                            "--log-dir", f"{tmp_path}/run/logs/torchrun", "-m", "trainer",
+                            f"run_dir={tmp_path}/run", "trainer.steps=3"]
+    assert calls[1].count("--log-dir") == 1
+    assert calls[1][calls[1].index("--log-dir") + 1] == "elsewhere"
+
+
 def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(monkeypatch):
     calls = []
     monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
