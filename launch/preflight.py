@@ -227,8 +227,10 @@ def check_engine(cfg: RunConfig) -> list[str]:
     out, engine = [], cfg.rollout.engine
     if engine.kind == "sglang":
         if importlib.util.find_spec("sglang") is None:
-            out.append("rollout.engine.kind=sglang needs the sglang package: "
-                       "pip install -e '.[gpu]' (or topology=gpu_embedded)")
+            out.append("rollout.engine.kind=sglang needs the sglang package: " + (
+                "make its environment with tests/sglang/setup_env.sh DIR and run DIR/bin/areal-like"
+                if engine.device == "cpu"
+                else "pip install -e '.[gpu]' (or topology=gpu_embedded)"))
         if not cfg.model.path and cfg.warm_start.steps == 0:  # the warm start writes one
             out.append("rollout.engine.kind=sglang needs model.path "
                        "(SGLang serves a Hugging Face model directory)")
@@ -275,7 +277,8 @@ def check_agent(cfg: RunConfig) -> list[str]:
     try:  # the endpoint answers in its types (rollout_server/agent_chat.py), whatever agents use
         import openai  # noqa: F401
     except ImportError as e:
-        return [f"task.agent needs the openai package ({e}): pip install 'areal-like[agent]'"]
+        return [f"task.agent needs the openai package ({e}): pip install 'areal-like[agent]' "
+                "('areal-like[agent-langgraph]' for an agent written with LangGraph)"]
     problem = agent_problem(cfg.task.agent)
     return [problem] if problem else []
 

@@ -7,8 +7,10 @@ tokenizer code (the facts a config implies: ``areal_like/job_facts.py``).
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ __all__ = [
 # In every exported model directory: the task it was trained on, which `areal-like eval` scores it
 # on when no run config says otherwise (rollout_server/evaluate.py). Hugging Face loaders ignore it.
 EXPORT_TASK_FILE = "areal_like_task.yaml"
+DAEMON_USAGE = "a daemon takes [--config-file PATH] [key=value ...]"
 
 
 def config_dir() -> Path:
@@ -300,7 +303,11 @@ def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
 def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunConfig:
     """Entry-point helper: ``[--config-file PATH] [key=value ...]`` (the overrides on top of the
     launcher's resolved YAML, or composed with Hydra). Port 0 at one of ``addresses`` is refused:
-    only ``areal-like run`` picks free ports."""
+    only ``areal-like run`` picks free ports. ``-h``/``--help`` prints the entry point's docstring
+    (its usage) and exits 0."""
+    if "-h" in argv or "--help" in argv:
+        print(inspect.cleandoc(sys.modules["__main__"].__doc__ or DAEMON_USAGE))
+        raise SystemExit(0)
     cfg = _load_daemon_config(argv)
     for key in addresses:
         value = operator.attrgetter(key)(cfg)
@@ -326,6 +333,8 @@ def _load_daemon_config(argv: list[str]) -> RunConfig:
             break
     else:
         path = None
+    if flags := [a for a in argv if a.startswith("-")]:
+        raise ConfigError(f"unknown option {flags[0]!r}: {DAEMON_USAGE} (-h for help)")
     if path is None:
         return load_config(argv)
     _register_resolvers()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,6 +184,18 @@ def test_daemon_config_round_trip(tmp_path):
     assert to_yaml(load_daemon_config(["--config-file", str(path)])) == path.read_text()
     assert to_yaml(load_daemon_config([f"--config-file={path}"])) == path.read_text()
     assert load_daemon_config(["task=sort"]).task.name == "sort"  # without a file: Hydra composes
+
+
+def test_a_daemon_names_an_unknown_option_and_answers_help(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(load_config([])))
+    for argv, flag in ((["--confg-file", str(path)], "--confg-file"),
+                       (["--config-file", str(path), "-v"], "-v")):
+        with pytest.raises(ConfigError, match=f"unknown option '{flag}'"):
+            load_daemon_config(argv)
+    out = subprocess.run([sys.executable, "-m", "buffer", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("``python -m buffer [--config-file PATH]")
 
 
 def test_daemon_config_errors_name_the_key(tmp_path):

@@ -279,6 +279,16 @@ def test_sglang_engine_needs_its_package_and_a_model_directory(tmp_path):
     assert pf.check_engine(base()) == []  # embedded
 
 
+def test_a_missing_sglang_is_answered_for_the_machine_at_hand(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sglang", None)  # find_spec answers None: as if not installed
+    hint = {device: next(p for p in pf.check_engine(load_config([
+        "rollout.engine.kind=sglang", f"rollout.engine.device={device}"])) if "package" in p)
+        for device in ("cpu", "cuda")}
+    assert hint["cpu"].endswith("make its environment with tests/sglang/setup_env.sh DIR and run "
+                                "DIR/bin/areal-like")
+    assert hint["cuda"].endswith("pip install -e '.[gpu]' (or topology=gpu_embedded)")
+
+
 @pytest.mark.parametrize("heads,kv,tp,ok", [(14, 2, 2, True), (14, 2, 4, False), (28, 4, 8, False),
                                               (32, 8, 8, True), (32, 4, 8, True), (12, 12, 3, True),
                                               (12, 12, 8, False)])
