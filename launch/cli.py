@@ -50,8 +50,9 @@ def _process_commands(sub) -> None:
     tr = sub.add_parser("train",
                         help="run the trainer under torchrun (torchrun flags pass through)",
                         description="torchrun flags (--nproc-per-node, --nnodes, --node-rank, "
-                                    "--master-addr, --master-port, --rdzv-*) pass through; the "
-                                    "rest are Hydra overrides.")
+                                    "--master-addr, --master-port, --rdzv-*, --log-dir: "
+                                    "default <run_dir>/logs/torchrun) pass through; the rest "
+                                    "are Hydra overrides.")
     tr.add_argument("args", nargs=argparse.REMAINDER,
                     help="[torchrun flags] [--config-file PATH] overrides")
     ev = sub.add_parser("eval", help="evaluate an HF model directory or a trainer checkpoint on "

@@ -75,6 +75,14 @@ class EvalSchedule:
         last = max((v for v in self.done if v < version), default=0)
         return version // self.ev.every > last // self.ev.every
 
+    def describe(self) -> str:
+        """When, in words: "at the start, every 10 versions and at version 200"."""
+        ev = self.ev
+        when = [w for w, on in (("at the start", ev.at_start and ev.every > 0),
+                                (f"every {ev.every} versions", ev.every > 0),
+                                (f"at version {self.steps}", ev.at_end)) if on]
+        return " and ".join([", ".join(when[:-1]), when[-1]] if len(when) > 1 else when) or "never"
+
     def is_final(self, version: int) -> bool:
         return version >= self.steps
 

@@ -189,8 +189,8 @@ class RolloutServer(Daemon):
             from rollout_server.evaluate import ServerEvaluator
 
             self.evaluator = ServerEvaluator(self.facts, self.tokenizer, self.rewards, self.metrics)
-            self.log.info("evaluating %d eval prompts (eval.every=%d)",
-                          len(self.evaluator.examples), self.facts.eval.every)
+            self.log.info("evaluating %d eval prompts %s", len(self.evaluator.examples),
+                          self.evaluator.schedule.describe())
         self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
         self.started = True
 

@@ -276,3 +276,14 @@ def test_a_running_count_is_a_counter_brought_up_to_its_total():
     for total in (0, 2, 2, 5):
         m.count_to("trainer/groups_dropped_bad_data", "dropped", total)
     assert m.registry.get_sample_value("areal_trainer_groups_dropped_bad_data_total") == 5
+
+
+@pytest.mark.parametrize("every,at_start,at_end,words", [
+    (5, True, True, "at the start, every 5 versions and at version 20"),
+    (5, False, True, "every 5 versions and at version 20"),
+    (0, True, True, "at version 20"),  # every=0: no baseline either
+    (0, True, False, "never"),
+])
+def test_schedule_says_when_in_words(every, at_start, at_end, words):
+    ev = EvalConfig(every=every, at_start=at_start, at_end=at_end)
+    assert EvalSchedule(ev, steps=20).describe() == words
