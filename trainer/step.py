@@ -256,7 +256,9 @@ def loss_share(cfg: LossConfig, mask: torch.Tensor, trained: torch.Tensor, n_tok
     agg = getattr(cfg.params, "fixed_agg", cfg.agg)  # gspo and vcpo aggregate one way only
     if agg == "seq-mean-token-sum-norm":
         return t_tokens, t_seqs, 1.0
-    share = t_seqs / n_seqs if agg.startswith("seq-mean") else t_tokens / n_tokens
+    # floored as norms() floors: a minibatch without a loss token trains nothing, and divides by 1
+    share = (t_seqs / max(n_seqs, 1.0) if agg.startswith("seq-mean")
+             else t_tokens / max(n_tokens, 1.0))
     return t_tokens, t_seqs, share
 
 

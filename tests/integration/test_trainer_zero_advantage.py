@@ -157,6 +157,10 @@ def test_the_loss_share_of_the_rows_computed_follows_the_aggregation():
                        ("seq-mean-token-sum-norm", 1.0)):
         cfg = load_config([f"trainer.loss.agg={agg}"]).trainer.loss
         assert loss_share(cfg, mask, trained, 10.0, 3.0) == (8.0, 2.0, share), agg
+        # a minibatch without a loss token (multi-turn context only) trains nothing, and no row:
+        # counts floored at 1 as norms() floors them (its calls are masked), no ZeroDivisionError
+        none = torch.tensor([], dtype=torch.long)
+        assert loss_share(cfg, mask, none, 0.0, 0.0) == (1.0, 1.0, 1.0), agg
 
 
 if __name__ == "__main__":
