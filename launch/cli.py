@@ -104,7 +104,9 @@ def _job_tool_commands(sub) -> None:
                                     "client (rollout, trainer) into RUN_DIR/keys (mode 0600 files "
                                     "in a 0700 directory); keys that exist are kept. Every node of "
                                     "the job needs this directory (security.keys_dir; "
-                                    "launch/MULTINODE.md). `areal-like run` makes them itself.")
+                                    "launch/MULTINODE.md); and the engine API key, in "
+                                    "RUN_DIR/secrets/engine_api_key. `areal-like run` makes them "
+                                    "itself.")
     ky.add_argument("run_dir", help="run directory (the keys go to RUN_DIR/keys unless --keys-dir)")
     ky.add_argument("--keys-dir",
                     help="where to write the keys instead (pass it as security.keys_dir)")
@@ -304,9 +306,10 @@ def _track(run_dir: str, overrides: list[str], once: bool) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        follow(sink, run_dir, stop)
+        sent = follow(sink, run_dir, stop)
     finally:
         sink.close()
+    print(f"{sent} rows and tables of {run_dir} sent to {', '.join(cfg.tracker)}")
     return 0
 
 

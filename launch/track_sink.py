@@ -153,11 +153,11 @@ class TrackerSink:
 
 
 def follow(sink: TrackerSink, run_dir: str | Path, stop: threading.Event,
-           poll_s: float = FOLLOW_POLL_S) -> None:
+           poll_s: float = FOLLOW_POLL_S) -> int:
     """Poll until ``<run_dir>/summary.json`` exists (the job is over) or ``stop`` is set, then a
-    final poll. Does not close the sink."""
-    summary = Path(run_dir) / "summary.json"
+    final poll; the rows and tables sent. Does not close the sink."""
+    summary, sent = Path(run_dir) / "summary.json", 0
     while not stop.is_set() and not summary.exists():
-        sink.poll()
+        sent += sink.poll()
         stop.wait(poll_s)
-    sink.poll(final=True)
+    return sent + sink.poll(final=True)

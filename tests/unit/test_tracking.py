@@ -171,7 +171,7 @@ def test_monitor_tick_polls_the_sink(tmp_path):
     assert merged(run) == [{"step": 1, "metrics": {"train/reward_mean": 0.5}}]
 
 
-def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path):
+def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(to_yaml(RunConfig(run_dir=str(run))))
@@ -179,6 +179,7 @@ def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path):
     append(run / "samples.jsonl", {"step": 1, "prompt": "ab"})
     (run / "summary.json").write_text("{}")
     assert main(["track", str(run)]) == 0  # the summary exists: one final poll, then exit
+    assert capsys.readouterr().out == f"2 rows and tables of {run} sent to jsonl\n"
     assert merged(run) == [{"step": 1, "metrics": {"train/loss": 1.0}},
                            {"step": 1, "table": "samples", "rows": [{"step": 1, "prompt": "ab"}]}]
     (run / "summary.json").unlink()
