@@ -2,8 +2,10 @@
 
 Both read ``<run_dir>/ports.json`` (``{"daemons": [{"name", "kind", "metrics_url",
 "health_url"}, ...]}``) and scrape over HTTP, so they work from any machine that reaches the
-daemons. ``status`` says per daemon ``up`` (``/health`` 200), ``starting`` (port not open, process
-alive), ``finished`` (no answer, and ``summary.json`` is newer than ``ports.json``) or ``DOWN``.
+daemons. ``status`` says per daemon ``up`` (``/health`` 200), ``starting`` (its ``/health`` answers
+that it is not ready yet, e.g. a rollout server loading its engine; or its port is not open yet and
+its process lives; or ``areal-like run`` has not started it yet), ``finished`` (no answer, and
+``summary.json`` is newer than ``ports.json``) or ``DOWN``.
 """
 
 from __future__ import annotations
@@ -83,12 +85,22 @@ def job_finished(run_dir: Path) -> bool:
     return summary.is_file() and summary.stat().st_mtime >= ports.stat().st_mtime
 
 
-def state(ok: bool, details: dict, pid: int | None, finished: bool) -> str:
-    """One daemon's state for ``status`` (module docstring)."""
+def state(ok: bool, details: dict, pid: int | None, finished: bool,
+          launching: bool = False) -> str:
+    """One daemon's state for ``status`` (module docstring); ``launching``: the launcher of the job
+    (ports.json's ``supervisor_pid``) lives, so a daemon without a PID is one it has not started."""
     if ok:
         return "up"
     if finished:
         return "finished"
+    if details.get("ok") is False and "error" not in details:
+        # it answers (so its process lives) and its own health says not ready: a rollout server
+        # until start() has its engine up. A probe that raised says "error": DOWN. A daemon whose
+        # failure is recorded answers like this too, for the seconds until it exits (its health
+        # names no error); then it is refused and its process gone: DOWN
+        return "starting"
+    if pid is None:
+        return "starting" if launching else "DOWN"
     # starting: its port is not open yet. A port that accepts and does not answer (a timeout) is a
     # daemon that stopped answering, however long its process has lived: DOWN
     not_listening = "Connection refused" in str(details.get("error", ""))
@@ -99,20 +111,29 @@ def status(run_dir: str | Path) -> int:
     """Print one line per daemon (and the trainer's progress); 0 when every daemon is up."""
     info = load_ports(run_dir)
     finished = job_finished(Path(run_dir))
+    launching = alive(info.get("supervisor_pid"))
     all_ok = True
     for d in info["daemons"]:
         ok, details = health(d["health_url"])
         all_ok &= ok
-        extra = (f"uptime {details['uptime_s']}s" if "uptime_s" in details
-                 else details.get("error", ""))
-        now = state(ok, details, d.get("pid"), finished)
-        print(f"{d['name']:<12} {now:<8} pid={d.get('pid')}  {d['health_url']}  {extra}")
+        now = state(ok, details, d.get("pid"), finished, launching)
+        print(f"{d['name']:<12} {now:<8} pid={d.get('pid')}  {d['health_url']}  "
+              f"{_detail(now, details, d.get('pid'))}")
     last = _last_step(Path(run_dir))
     if last:
         print(f"trainer step {last.get('step')}  "
               f"reward {last.get('reward_mean', float('nan')):.3f}  "
               f"staleness max {last.get('staleness_max')}")
     return 0 if all_ok else 1
+
+
+def _detail(now: str, details: dict, pid: int | None) -> str:
+    """What ``status`` prints after a daemon's state: its uptime when it answers, else why not."""
+    if "uptime_s" in details:
+        return f"uptime {details['uptime_s']}s"
+    if now == "starting" and pid is None:
+        return "not started yet"
+    return details.get("error", "")
 
 
 def _last_step(run_dir: Path) -> dict | None:
