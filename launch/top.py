@@ -128,7 +128,10 @@ def status(run_dir: str | Path) -> int:
 
 
 def _detail(now: str, details: dict, pid: int | None) -> str:
-    """What ``status`` prints after a daemon's state: its uptime when it answers, else why not."""
+    """What ``status`` prints after a daemon's state: its uptime when it answers, else why not (a
+    finished job's daemons are gone, as they should be: no error to show)."""
+    if now == "finished":
+        return ""
     if "uptime_s" in details:
         return f"uptime {details['uptime_s']}s"
     if now == "starting" and pid is None:

@@ -62,3 +62,16 @@ def test_status_says_starting_for_a_daemon_the_live_launcher_has_not_started(tmp
     _ports(tmp_path, [("trainer", free_port(), None)], supervisor_pid=_dead_pid())
     assert status(tmp_path) == 1
     assert _states(capsys.readouterr().out) == {"trainer": "DOWN"}
+
+
+def test_status_of_a_finished_run_shows_no_connection_errors(tmp_path, capsys):
+    """The daemons of a finished job are gone as they should be: `finished`, without the refused
+    connection's error text, which read like a failure; the exit code stays 1 (not all up)."""
+    _ports(tmp_path, [("buffer", free_port(), _dead_pid()), ("rollout-0", free_port(), None)])
+    (tmp_path / "summary.json").write_text("{}")
+    later = os.stat(tmp_path / "ports.json").st_mtime + 1
+    os.utime(tmp_path / "summary.json", (later, later))
+    assert status(tmp_path) == 1
+    out = capsys.readouterr().out
+    assert _states(out) == {"buffer": "finished", "rollout-0": "finished"}, out
+    assert "Error" not in out and "refused" not in out, out
