@@ -176,7 +176,13 @@ def figure(values: dict[str, float], prev: dict[str, float] | None, dt: float, s
     return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.3g}"
 
 
-def render(info: dict, snap: dict, prev: dict, dt: float):
+# how ``top`` shows a daemon's state (``state``) where its /metrics did not answer
+STATE_STYLE = {"up": "green", "starting": "yellow", "finished": "blue", "DOWN": "red"}
+
+
+def render(info: dict, snap: dict, prev: dict, dt: float, states: dict[str, str] | None = None):
+    """One table per kind; a daemon without a snapshot shows its ``states`` entry (default
+    DOWN)."""
     from rich.table import Table
 
     tables = []
@@ -190,7 +196,9 @@ def render(info: dict, snap: dict, prev: dict, dt: float):
         for d in (d for d in info["daemons"] if d["kind"] == kind):
             values = snap.get(d["name"])
             if values is None:
-                table.add_row(d["name"], "[red]DOWN", *["-"] * len(cols))
+                now = (states or {}).get(d["name"], "DOWN")
+                table.add_row(d["name"], f"[{STATE_STYLE.get(now, 'red')}]{now}",
+                              *["-"] * len(cols))
                 continue
             table.add_row(d["name"], "[green]ok",
                           *[figure(values, prev.get(d["name"]), dt, s, h) for _, s, h in cols])
@@ -198,41 +206,69 @@ def render(info: dict, snap: dict, prev: dict, dt: float):
     return tables
 
 
-def _head(run_dir: str | Path) -> str:
+def down_states(info: dict, snap: dict, finished: bool) -> dict[str, str]:
+    """``status``'s word (``state``) for every daemon without a snapshot: its /health is asked,
+    unless the job finished."""
+    launching = alive(info.get("supervisor_pid"))
+    out = {}
+    for d in info["daemons"]:
+        if snap.get(d["name"]) is None:
+            ok, details = (False, {}) if finished else health(d["health_url"])
+            out[d["name"]] = state(ok, details, d.get("pid"), finished, launching)
+    return out
+
+
+def _head(run_dir: str | Path, finished: bool = False) -> str:
     last = _last_step(Path(run_dir)) or {}
     return (f"{run_dir}   trainer step {last.get('step', '-')}   "
-            f"reward {last.get('reward_mean', float('nan')):.3f}   {time.strftime('%H:%M:%S')}")
+            f"reward {last.get('reward_mean', float('nan')):.3f}   {time.strftime('%H:%M:%S')}"
+            + ("   job finished" if finished else ""))
 
 
 def live(run_dir: str | Path, interval_s: float = 2.0, once: bool = False) -> int:
     """``areal-like top``: a live view on a terminal; without one (or ``once``) a plain table per
-    interval, the first after one interval so that rates have two points (``once``: then exit)."""
+    interval, the first after one interval so that rates have two points (``once``: then exit).
+    Once the job has finished (``job_finished``) one last view, and exit 0."""
     from rich.console import Console, Group
     from rich.live import Live
     from rich.text import Text
 
     plain = once or not sys.stdout.isatty()
-    info = load_ports(run_dir)
-    prev, t_prev = (snapshot(info) if plain else {}), time.monotonic()
     console = Console(file=sys.stdout, force_terminal=False, color_system=None, width=160)
+
+    def show(head: str, *tables) -> None:
+        if plain:
+            console.print(head, *tables)
+            sys.stdout.flush()
+        else:
+            view.update(Group(Text(head), *tables))
+
     try:
         with (contextlib.nullcontext() if plain
               else Live(refresh_per_second=4, screen=False)) as view:
-            while True:
-                if plain:
-                    time.sleep(interval_s)
-                snap, now = snapshot(info), time.monotonic()
-                tables = render(info, snap, prev, now - t_prev)
-                if plain:
-                    console.print(_head(run_dir), *tables)
-                    sys.stdout.flush()
-                else:
-                    view.update(Group(Text(_head(run_dir)), *tables))
-                if once:  # like `status`: a script learns from the exit code that nothing answered
-                    return 0 if any(v is not None for v in snap.values()) else 1
-                prev, t_prev = {k: v for k, v in snap.items() if v is not None}, now
-                if not plain:
-                    time.sleep(interval_s)
-                info = load_ports(run_dir)  # PIDs change on restarts
+            return _watch(run_dir, show, plain, interval_s, once)
     except KeyboardInterrupt:
         return 0
+
+
+def _watch(run_dir: str | Path, show, plain: bool, interval_s: float, once: bool) -> int:
+    """``live``'s loop: ``show(head, *tables)`` per refresh; its exit code."""
+    info = load_ports(run_dir)
+    finished = job_finished(Path(run_dir))
+    prev, t_prev = (snapshot(info) if plain and not finished else {}), time.monotonic()
+    while True:
+        if plain and not finished:
+            time.sleep(interval_s)
+        finished = job_finished(Path(run_dir))
+        # a finished job's daemons are gone: nothing to scrape (its ports may serve another job)
+        snap, now = ({} if finished else snapshot(info)), time.monotonic()
+        show(_head(run_dir, finished),
+             *render(info, snap, prev, now - t_prev, down_states(info, snap, finished)))
+        if finished:
+            return 0
+        if once:  # like `status`: a script learns from the exit code that nothing answered
+            return 0 if any(v is not None for v in snap.values()) else 1
+        prev, t_prev = {k: v for k, v in snap.items() if v is not None}, now
+        if not plain:
+            time.sleep(interval_s)
+        info = load_ports(run_dir)  # PIDs change on restarts
