@@ -2,10 +2,11 @@
 
 Both read ``<run_dir>/ports.json`` (``{"daemons": [{"name", "kind", "metrics_url",
 "health_url"}, ...]}``) and scrape over HTTP, so they work from any machine that reaches the
-daemons. ``status`` says per daemon ``up`` (``/health`` 200), ``starting`` (its ``/health`` answers
-that it is not ready yet, e.g. a rollout server loading its engine; or its port is not open yet and
-its process lives; or ``areal-like run`` has not started it yet), ``finished`` (no answer, and
-``summary.json`` is newer than ``ports.json``) or ``DOWN``.
+daemons. Until ``areal-like run`` has started a daemon (preflight, warm start: no ports.json of
+this start yet) both say the job is starting. ``status`` says per daemon ``up`` (``/health`` 200),
+``starting`` (its ``/health`` answers that it is not ready yet, e.g. a rollout server loading its
+engine; or its port is not open yet and its process lives; or ``areal-like run`` has not started
+it yet), ``finished`` (no answer, and ``summary.json`` is newer than ``ports.json``) or ``DOWN``.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
+
 from launch.local import alive
 from launch.records import read_jsonl, trainer_jsonl
+from launch.rundir import LOCK_FILE, SETTINGS_FILE
 
 # (column title, kind, series, how):
 # how = "value" | "rate" (per second, from a counter) | "mean" (histogram)
@@ -45,9 +49,53 @@ COLUMNS = [
 ]
 
 
+# what status/top say while `areal-like run` has not started a daemon yet
+PREPARING = "`areal-like run` prepares the job (preflight, warm start): no daemon started yet"
+
+
 def newest_run_dir(root: str | Path = "runs") -> str | None:
-    found = sorted(Path(root).glob("**/ports.json"), key=lambda p: p.stat().st_mtime)
-    return str(found[-1].parent) if found else None
+    """The run directory under ``root`` that ``areal-like run`` started last, by its settings.yaml
+    (written at every start, before the warm start: a run without ports.json yet is found, and a
+    resumed one counts from its resume); a directory with only a ports.json (a job started by
+    hand) by that."""
+    dirs = {p.parent for name in (SETTINGS_FILE, "ports.json")
+            for p in Path(root).glob(f"**/{name}")}
+    started = [(t, str(d)) for d in dirs if (t := _started_at(d)) is not None]
+    return max(started)[1] if started else None
+
+
+def _started_at(run_dir: Path) -> float | None:
+    at = _mtime(run_dir / SETTINGS_FILE)
+    return at if at is not None else _mtime(run_dir / "ports.json")
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def launcher(run_dir: Path) -> int | None:
+    """The PID of the live ``areal-like run`` that took ``run_dir``'s job lock (the lock file holds
+    it), unless that process began after the lock was taken: a recycled PID."""
+    lock = Path(run_dir) / LOCK_FILE
+    try:
+        pid, taken = int(lock.read_text().split()[0]), lock.stat().st_mtime
+        born = psutil.Process(pid).create_time()
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return None
+    return pid if alive(pid) and born <= taken + 1.0 else None
+
+
+def preparing(run_dir: Path) -> int | None:
+    """The PID of the ``areal-like run`` that starts ``run_dir``'s job and has not started a daemon
+    yet (preflight, warm start): there is no ports.json, or only the previous start's (older than
+    this start's settings.yaml: a resume). None otherwise."""
+    ports, started = _mtime(Path(run_dir) / "ports.json"), _mtime(Path(run_dir) / SETTINGS_FILE)
+    if ports is not None and (started is None or ports >= started):
+        return None
+    return launcher(run_dir)
 
 
 def load_ports(run_dir: str | Path) -> dict:
@@ -108,7 +156,11 @@ def state(ok: bool, details: dict, pid: int | None, finished: bool,
 
 
 def status(run_dir: str | Path) -> int:
-    """Print one line per daemon (and the trainer's progress); 0 when every daemon is up."""
+    """Print one line per daemon (and the trainer's progress); 0 when every daemon is up. Before
+    any daemon started (``preparing``), one line saying so."""
+    if (pid := preparing(Path(run_dir))) is not None:
+        print(f"{'job':<12} {'starting':<8} pid={pid}  {PREPARING}")
+        return 1
     info = load_ports(run_dir)
     finished = job_finished(Path(run_dir))
     launching = alive(info.get("supervisor_pid"))
@@ -253,6 +305,12 @@ def live(run_dir: str | Path, interval_s: float = 2.0, once: bool = False) -> in
 
 def _watch(run_dir: str | Path, show, plain: bool, interval_s: float, once: bool) -> int:
     """``live``'s loop: ``show(head, *tables)`` per refresh; its exit code."""
+    while (pid := preparing(Path(run_dir))) is not None:  # no ports.json of this start yet
+        show(f"{run_dir}   starting: {PREPARING} (areal-like run pid={pid})   "
+             f"{time.strftime('%H:%M:%S')}")
+        if once:
+            return 1
+        time.sleep(interval_s)
     info = load_ports(run_dir)
     finished = job_finished(Path(run_dir))
     prev, t_prev = (snapshot(info) if plain and not finished else {}), time.monotonic()

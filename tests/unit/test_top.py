@@ -8,10 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import time
+
+import psutil
+import pytest
 
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import Metrics, MetricsServer
-from launch.top import status
+from launch.top import newest_run_dir, status
 
 
 def _ports(run_dir, daemons: list[tuple[str, int, int | None]], **extra) -> None:
@@ -123,4 +127,94 @@ def test_top_exits_with_a_last_view_when_the_job_it_watches_finishes(tmp_path):
         rows = [[c.strip() for c in ln.split("│")[1:3]] for ln in last if ln.startswith("│")]
         assert "job finished" in last[0] and rows == [["buffer", "finished"]], rest
     finally:
+        srv.stop()
+
+
+def _run_dir(path, *, at: float, ports: bool = False, launcher: int | None = None,
+             finished: bool = False):
+    """A run directory as ``areal-like run`` leaves it: settings.yaml written when it started
+    (``at``), job.lock holding the launcher's PID, ports.json once its daemons start, summary.json
+    at the end."""
+    path.mkdir(parents=True)
+    (path / "settings.yaml").write_text("run_dir: x\n")
+    os.utime(path / "settings.yaml", (at, at))
+    if launcher is not None:
+        (path / "job.lock").write_text(f"{launcher}\n")
+    if ports:
+        _ports(path, [("buffer", free_port(), None)])
+        os.utime(path / "ports.json", (at + 5, at + 5))
+    if finished:
+        (path / "summary.json").write_text("{}")
+        os.utime(path / "summary.json", (at + 60, at + 60))
+    return path
+
+
+def test_a_run_in_its_warm_start_is_the_newest_and_says_starting(tmp_path, capsys):
+    """Right after `areal-like run` starts, its run directory has no ports.json for the warm start's
+    ~12 s: status/top without RUN_DIR picked the previous run (newest ports.json) and said it had
+    finished. The newest is the run started last (settings.yaml), and it is starting."""
+    t0 = time.time() - 600
+    _run_dir(tmp_path / "runs/old", at=t0, ports=True, finished=True, launcher=_dead_pid())
+    new = _run_dir(tmp_path / "runs/new", at=t0 + 300, launcher=os.getpid())
+    assert newest_run_dir(tmp_path / "runs") == str(new)
+    assert status(new) == 1
+    out = capsys.readouterr().out
+    assert _states(out) == {"job": "starting"} and "warm start" in out, out
+    once = _top(str(new), "--once", "--interval", "0.1")
+    assert once.returncode == 1 and "starting" in once.stdout, (once.stdout, once.stderr)
+    # a job started by hand has a ports.json only: that one counts
+    hand = tmp_path / "runs/hand"
+    hand.mkdir()
+    _ports(hand, [("buffer", free_port(), None)])
+    assert newest_run_dir(tmp_path / "runs") == str(hand)
+
+
+def test_a_resume_in_its_warm_start_is_starting_not_finished(tmp_path, capsys):
+    """A resumed run keeps the previous start's ports.json and summary.json until its daemons
+    start: while its launcher prepares it, it is starting."""
+    t0 = time.time() - 600
+    run = _run_dir(tmp_path / "run", at=t0, ports=True, finished=True, launcher=os.getpid())
+    os.utime(run / "settings.yaml")  # the resume starts now
+    assert status(run) == 1
+    assert _states(capsys.readouterr().out) == {"job": "starting"}
+
+
+def test_a_run_whose_launcher_is_gone_is_not_starting(tmp_path, capsys):
+    """No launcher (it died in its warm start), or a PID in job.lock that a later process reuses:
+    not starting. Without ports.json status says what is missing, with one it reads it."""
+    t0 = time.time() - 600
+    died = _run_dir(tmp_path / "died", at=t0, launcher=_dead_pid())
+    with pytest.raises(SystemExit, match="ports.json not found"):
+        status(died)
+    recycled = _run_dir(tmp_path / "recycled", at=t0, launcher=os.getpid())
+    # the lock was taken before this process began: its PID is someone else's now
+    taken = psutil.Process().create_time() - 10
+    os.utime(recycled / "job.lock", (taken, taken))
+    with pytest.raises(SystemExit, match="ports.json not found"):
+        status(recycled)
+    resumed = _run_dir(tmp_path / "resumed", at=t0, ports=True, finished=True,
+                       launcher=_dead_pid())
+    os.utime(resumed / "settings.yaml")
+    assert status(resumed) == 1
+    assert _states(capsys.readouterr().out) == {"buffer": "finished"}
+
+
+def test_top_waits_through_the_warm_start_then_shows_the_daemons(tmp_path):
+    m = Metrics()
+    m.gauge("buffer/trainer_version").set(7)
+    srv = MetricsServer(m, 0, "127.0.0.1").start()
+    run = _run_dir(tmp_path / "run", at=time.time() - 60, launcher=os.getpid())
+    watching = subprocess.Popen([sys.executable, "-m", "launch.cli", "top", str(run),
+                                 "--interval", "0.2"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert "starting" in watching.stdout.readline()
+        _ports(run, [("buffer", srv.port, os.getpid())])  # the launcher starts its daemons
+        while "trainer step -" not in (line := watching.stdout.readline()):
+            assert line, "top exited"
+        _finish(run)
+        rest, _ = watching.communicate(timeout=30)
+        assert watching.returncode == 0 and "job finished" in rest, rest
+    finally:
+        watching.kill()
+        watching.wait()
         srv.stop()
