@@ -131,7 +131,12 @@ class Daemon:
         """Release resources. Called once, also after a failure."""
 
     def health(self) -> tuple[bool, dict]:
-        return self.failure is None, {"name": self.name}
+        return self.failure is None, {"name": self.name, **self.failed()}
+
+    def failed(self) -> dict:
+        """``{"error": kind}`` once a failure is recorded (the daemon is on its way out: `areal-like
+        status` says DOWN, not starting); only the kind, the reason is in the log."""
+        return {} if self.failure is None else {"error": type(self.failure).__name__}
 
     def metrics_text(self) -> str:
         """Extra Prometheus exposition text appended to ``/metrics`` (e.g. SGLang-named series)."""

@@ -174,7 +174,7 @@ class BufferService(Daemon):
         return self.failure is None, {"name": self.name, "policy_version": self.control.version,
                                       "stored": len(self.store), "in_flight": self.ledger.in_flight,
                                       **({"degraded": self.disk.reason()} if self.disk.degraded
-                                         else {})}
+                                         else {}), **self.failed()}
 
     def recover(self) -> None:
         """Take the state the WAL holds, then drop what cannot be served (WAL.md, Recovery)."""

@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = args.run_dir or top.newest_run_dir()
     if run_dir is None:
-        print("error: no run directory given and none with ports.json under ./runs",
+        print("error: no run directory given and no run under ./runs (give RUN_DIR)",
               file=sys.stderr)
         return 2
     if args.command == "status":

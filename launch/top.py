@@ -143,9 +143,8 @@ def state(ok: bool, details: dict, pid: int | None, finished: bool,
         return "finished"
     if details.get("ok") is False and "error" not in details:
         # it answers (so its process lives) and its own health says not ready: a rollout server
-        # until start() has its engine up. A probe that raised says "error": DOWN. A daemon whose
-        # failure is recorded answers like this too, for the seconds until it exits (its health
-        # names no error); then it is refused and its process gone: DOWN
+        # until start() has its engine up. A probe that raised, or a daemon whose failure is
+        # recorded (Daemon.failed), says "error": DOWN
         return "starting"
     if pid is None:
         return "starting" if launching else "DOWN"

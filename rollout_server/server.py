@@ -228,7 +228,7 @@ class RolloutServer(Daemon):
         only then)."""
         return self.failure is None and self.started, {
             "name": self.name, "server_id": self.server_id, "policy_version": self.policy_version,
-            "unacked": len(self.link.unacked) if self.link else 0}
+            "unacked": len(self.link.unacked) if self.link else 0, **self.failed()}
 
     # ------------------------------------------------------------------ the loop
     async def main(self) -> None:

@@ -117,7 +117,8 @@ def test_metrics_and_health_endpoints(spawn_python, tmp_path, wait_until):
     assert status == 200 and json.loads(body)["ok"] is True and json.loads(body)["name"] == "probe"
     flag.write_text("x")
     status, body = http_get(base + "/health")
-    assert status == 503 and json.loads(body)["ok"] is False
+    # not ready is not failed: no "error" (areal-like status says starting)
+    assert status == 503 and json.loads(body)["ok"] is False and "error" not in json.loads(body)
     assert http_get(base + "/nope")[0] == 404
     proc.terminate()
     assert proc.wait(timeout=EXIT_TIMEOUT_S) == 0
@@ -173,3 +174,10 @@ def test_exit_process_flushes_logs_and_output_and_keeps_the_code():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 3
     assert r.stdout == "no newline, still written" and "last log line" in r.stderr
+
+
+def test_health_names_the_kind_of_a_recorded_failure_only():
+    d = Counting(iterations=1)
+    assert d.health() == (True, {"name": "counting"})
+    d.failure = RuntimeError("/secret/path: boom")
+    assert d.health() == (False, {"name": "counting", "error": "RuntimeError"})
