@@ -8,8 +8,9 @@ Invariants of a sample:
 * ``output_ids``, ``behav_logp`` and ``versions`` are aligned and hold every token exactly once,
   in order;
 * ``versions[t]`` is the version that produced token t: the segment's ``weight_version`` (or its
-  ``weight_versions`` spans); a version string that is not an integer (SGLang's ``"default"``)
-  falls back to the version the server knows it serves;
+  ``weight_versions`` spans); a version string that is not an integer (SGLang's ``"default"``,
+  only ever the engine's first label) falls back to the version the server served when the
+  segment was sent (not when it came back: under ``pause_mode=retract`` a segment spans syncs);
 * ``len(output_ids) <= max_new_tokens``; a sample that exhausts its budget finishes as ``length``;
 * an abort that carries an HTTP status is an error (``SGLangError``), not a pause.
 """
@@ -110,13 +111,14 @@ async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sa
         params = [dict(sampling, max_new_tokens=max_new_tokens - len(samples[i].output_ids))
                   for i in pending]
         _gauge(metrics, "rollout/requests_in_flight", +len(pending))
+        sent_under = current_version_fn()
         try:
             outs = await client.generate_batch(inputs, params) if len(pending) > 1 else \
                 [await client.generate(inputs[0], params[0])]
         finally:
             _gauge(metrics, "rollout/requests_in_flight", -len(pending))
         pending = [i for i, out in zip(pending, outs, strict=True)
-                   if not _absorb(samples[i], out, i, empty, max_new_tokens, current_version_fn(),
+                   if not _absorb(samples[i], out, i, empty, max_new_tokens, sent_under,
                                   metrics)]
     return samples
 

@@ -18,13 +18,20 @@ Invariants:
 * ``/begin_weight_update``/``/end_weight_update``: a server answering 404 predates them; the
   client remembers it (``weight_session_supported = False``) and skips both from then on;
 * errors raise ``SGLangError`` with the HTTP status (None: no answer) and SGLang's own message,
-  whichever of its error bodies carried it.
+  whichever of its error bodies carried it;
+* a generate still running at its timeout is aborted by its ``rid``s: the tokens it made come back
+  as an abort's (``finish_reason`` abort, resubmitted by ``rollout_server/episode.py``), so a
+  request that waited out weight syncs in the engine (``pause_mode=retract``) loses nothing. One
+  that made no token in that time, or whose abort is not answered within ``ABORT_GRACE_S``, is a
+  timeout error.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,6 +45,7 @@ DEFAULT_TIMEOUT_S = 30.0
 GENERATE_TIMEOUT_S = 600.0  # a long generation on a busy CPU engine can take minutes
 MAX_ATTEMPTS = 4  # per call; with the backoff below a dead server is declared dead in about 3 s
 BACKOFF_S = 0.25  # first retry delay, doubled per attempt (0.25, 0.5, 1.0)
+ABORT_GRACE_S = 30.0  # a generate aborted at its timeout: how long its partial answer may take
 FLUSH_POLL_S = 0.5  # flush_cache is refused (400) while requests run; poll this often
 
 
@@ -243,8 +251,7 @@ class SGLangClient:
             body["lora_path"] = [named[0]] * n if n else named[0]
             self._naming[named[0]] = self._naming.get(named[0], 0) + 1
         try:
-            _, out, _ = await self._call("POST", "/generate", body, idempotent=False,
-                                         timeout_s=timeout_s or self.generate_timeout_s)
+            out = await self._generate_or_abort(body, n, timeout_s or self.generate_timeout_s)
         finally:
             if named is not None:
                 self._naming[named[0]] -= 1
@@ -256,6 +263,28 @@ class SGLangClient:
             got = len(out) if isinstance(out, list) else 1
             raise SGLangError("/generate", 200, f"a batch of {n} prompts got {got} answers")
         return [_under(parse_generate_output(o), named) for o in (out if n else [out])]
+
+    async def _generate_or_abort(self, body: dict, n: int, timeout_s: float) -> Any:
+        """The parsed answer of ``POST /generate``; past ``timeout_s`` its requests are aborted and
+        what they made is the answer (module docstring)."""
+        if "rid" not in body:
+            body["rid"] = [uuid.uuid4().hex for _ in range(n)] if n else uuid.uuid4().hex
+        call = asyncio.ensure_future(self._call("POST", "/generate", body, idempotent=False,
+                                                timeout_s=timeout_s + ABORT_GRACE_S))
+        try:
+            done, _ = await asyncio.wait({call}, timeout=timeout_s)
+            if done:
+                return (await call)[1]
+            for rid in body["rid"] if n else [body["rid"]]:
+                with contextlib.suppress(SGLangError):  # unanswered: the call's own limit decides
+                    await self.abort_request(rid, timeout_s=ABORT_GRACE_S)
+            out = (await call)[1]
+        finally:
+            call.cancel()
+        if not any(parse_generate_output(o).output_ids
+                   for o in (out if isinstance(out, list) else [out])):
+            raise SGLangError("/generate", None, f"TimeoutError: no token in {timeout_s:g} s")
+        return out
 
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
                        return_logprob: bool = True,
@@ -277,9 +306,10 @@ class SGLangClient:
                 "stream": False}
         return await self._generate(body, len(inputs), timeout_s)
 
-    async def abort_request(self, rid: str = "", *, abort_all: bool = False) -> None:
+    async def abort_request(self, rid: str = "", *, abort_all: bool = False,
+                            timeout_s: float | None = None) -> None:
         await self._call("POST", "/abort_request", {"rid": rid, "abort_all": abort_all},
-                         idempotent=True)
+                         idempotent=True, timeout_s=timeout_s)
 
     # ------------------------------------------------------------------ health and info
     async def health(self, *, generate: bool = False, timeout_s: float = 5.0) -> bool:

@@ -9,7 +9,8 @@ Invariants:
   a session a failed bucket left open is closed first (or every later sync is refused);
 * ``weight_version`` and ``flush_cache`` go only with the last bucket, so an engine whose sync
   fails half-way keeps its old label: tokens from mixed weights are never labelled newer;
-* a drain takes at most ``DRAIN_SHARE`` of the deadline, then the pause aborts what is left;
+* a drain takes at most ``DRAIN_SHARE`` of the deadline, then the pause (``pause_mode``: retract
+  or abort) takes what is left;
 * every call is bounded by what is left of ``plan.deadline_s`` (the trainer's own deadline is the
   authority); failures never raise: they become ``SyncDone(ok=False, reason=...)``.
 
@@ -277,7 +278,7 @@ async def _drain(inflight_drained: Callable[[], Awaitable[None]], budget_s: floa
     try:
         await asyncio.wait_for(inflight_drained(), min(budget_s, deadline.left()))
     except asyncio.TimeoutError:
-        log.warning("drain did not finish within %.1fs; aborting the remaining requests instead",
+        log.warning("drain did not finish within %.1fs; pausing the remaining requests instead",
                     budget_s)
 
 

@@ -209,6 +209,8 @@ class EngineConfig:
     max_running_requests: int = 64
     max_total_tokens: int = 65536  # KV slots budget of the embedded engine
     startup_timeout_s: float = 600.0
+    # a generate running this long is aborted and what it made is kept (its rest is asked again);
+    # one with no token by then is an error
     request_timeout_s: float = 600.0
     # GPUs per engine (SGLang's --tp-size); `run` places each rollout server on this many
     tp_size: int = 1

@@ -86,12 +86,13 @@ def test_generate_parses_tokens_logprobs_finish_and_version():
         server.script["/generate"] = [(200, gen_response([5, 6, 2], [-0.5, -1.25, -0.125],
                                                           {"type": "stop", "matched": 2},
                                                           version="3"))]
-        out = await client.generate([1, 7, 8], {"max_new_tokens": 4, "temperature": 1.0})
+        out = await client.generate([1, 7, 8], {"max_new_tokens": 4, "temperature": 1.0},
+                                    rid="r1")
         assert out == GenerateOutput(rid="r", output_ids=[5, 6, 2], logprobs=[-0.5, -1.25, -0.125],
                                      finish_reason="stop", finish_message="2", abort_status=None,
                                      weight_version="3", weight_spans=[])
         assert server.calls == [("/generate", {"input_ids": [1, 7, 8], "return_logprob": True,
-                                               "stream": False,
+                                               "stream": False, "rid": "r1",
                                                "sampling_params": {"max_new_tokens": 4,
                                                                    "temperature": 1.0}})]
     run(body)
@@ -107,12 +108,44 @@ def test_generate_is_not_retried_after_it_may_have_run():
 
         async def slow(_):
             await asyncio.sleep(1.0)
-            return 200, gen_response([4], [-1.0], {"type": "length", "length": 1})
+            return 200, gen_response([], [], {"type": "abort", "message": "Aborted"})
         server.script["/generate"] = [slow]
-        with pytest.raises(SGLangError) as e:
+        with pytest.raises(SGLangError) as e:  # aborted at 0.3 s without a token: a timeout
             await client.generate([1], {"max_new_tokens": 1}, timeout_s=0.3)
         assert e.value.status is None and "Timeout" in e.value.message
         assert server.count("/generate") == 2  # one more call, no retry
+    run(body)
+
+
+def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypatch):
+    """A request held in the engine (pause_mode=retract) past request_timeout_s: its rids are
+    aborted and the tokens it made come back as an abort's, for episode.py to resubmit; an engine
+    that does not answer the abort either is a timeout within ABORT_GRACE_S."""
+    async def body(server, client):
+        aborted = asyncio.Event()
+
+        async def held(req):
+            await aborted.wait()  # a real engine answers the generate once its rids are aborted
+            return 200, [gen_response([4, 5], [-1.0, -2.0], {"type": "abort"}, rid=r)
+                         for r in req["rid"]]
+
+        async def abort(req):
+            aborted.set()
+            return 200, {}
+        server.script["/generate"], server.script["/abort_request"] = [held], [abort]
+        outs = await client.generate_batch([[1], [2]], [{"max_new_tokens": 8}] * 2, timeout_s=0.3)
+        assert [(o.output_ids, o.finish_reason) for o in outs] == [([4, 5], "abort")] * 2
+        rids = server.calls[0][1]["rid"]
+        assert len(set(rids)) == 2 and [b for p, b in server.calls if p == "/abort_request"] == [
+            {"rid": r, "abort_all": False} for r in rids]
+
+        async def wedged(_):
+            await asyncio.sleep(5.0)
+            return 200, gen_response([4], [-1.0], {"type": "length", "length": 1})
+        monkeypatch.setattr("rollout_server.sglang_client.ABORT_GRACE_S", 0.3)
+        server.script["/generate"] = [wedged]
+        with pytest.raises(SGLangError, match="Timeout"):
+            await client.generate([1], {"max_new_tokens": 1}, timeout_s=0.3)
     run(body)
 
 
@@ -246,6 +279,26 @@ def test_segment_versions_use_spans_and_fall_back_for_non_integer_versions():
     default = GenerateOutput(rid="", output_ids=[1, 2], logprobs=[0.0, 0.0], finish_reason="length",
                              finish_message="", abort_status=None, weight_version="default")
     assert segment_versions(default, fallback=3) == [3, 3]
+
+
+def test_a_default_label_is_the_version_served_when_the_request_was_sent():
+    """pause_mode=retract: one request spans a sync to version 1; its first token carries the
+    engine's first label ("default", SGLang without --weight-version), its second "1". The first
+    is labelled 0, the version served when it was sent, not 1 (served when it came back)."""
+    async def body(server, client):
+        served = [0]
+
+        async def across_a_sync(_):
+            served[0] = 1  # the server applied a sync while the request was held
+            out = gen_response([4, 5], [-1.0, -2.0], {"type": "length", "length": 2},
+                               version="1")
+            out["meta_info"]["weight_versions"] = [{"version": "default", "start": 0, "end": 1},
+                                                   {"version": "1", "start": 1, "end": 2}]
+            return 200, out
+        server.script["/generate"] = [across_a_sync]
+        s = await generate_sample(client, [1], {}, 2, current_version_fn=lambda: served[0])
+        assert s.output_ids == [4, 5] and s.versions == [0, 1]
+    run(body)
 
 
 def test_sglang_command_passes_every_option_through():
