@@ -1,12 +1,13 @@
 """Interruptible generation across a real weight update.
 
 Long greedy generations run on the embedded engine; in the middle, a ``WeightSyncPlan`` is applied
-with ``apply_weight_sync`` (reform, pause with abort, begin, two buckets, end, continue) while a
-separate sender process joins the group as rank 0 and broadcasts a differently initialised model.
-Every sample is resubmitted as prompt + tokens so far and completes. Checked against reference
+with ``apply_weight_sync`` (reform, pause, begin, two buckets, end, continue) while a separate
+sender process joins the group as rank 0 and broadcasts a differently initialised model. With
+``pause_mode=abort`` every sample is resubmitted as prompt + tokens so far; with ``retract`` it is
+held in the engine and prefilled again with the new weights. Either way it completes. Checked against reference
 forward passes in this process:
 
-* versions switch 0 -> 1 exactly once per sample, at the point k where the sample was aborted;
+* versions switch 0 -> 1 exactly once per sample, at the point k where the sample was paused;
 * tokens before k are the old model's greedy choices and tokens from k on are the new model's
   greedy continuation of ``prompt + tokens[:k]`` (so no token was lost, duplicated or regenerated:
   the concatenation is exactly what the two weight versions generated);
@@ -26,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from areal_like.net.distributed import free_port
@@ -62,7 +64,7 @@ async def generated_tokens(client: SGLangClient) -> float:
                if k.startswith("sglang:generation_tokens_total"))
 
 
-async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen):
+async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen, pause_mode: str):
     client = SGLangClient(url, timeout_s=120)
     version = 0
     try:
@@ -76,7 +78,8 @@ async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen):
         t0 = time.monotonic()  # pause once every sample is well under way (about 40 tokens each)
         while await generated_tokens(client) < 40 * len(PROMPTS) and time.monotonic() - t0 < 60:
             await asyncio.sleep(0.01)
-        done = await apply_weight_sync(client, plan, "engine-under-test", drain=False)
+        done = await apply_weight_sync(client, plan, "engine-under-test", drain=False,
+                                       pause_mode=pause_mode)
         _, err = await asyncio.to_thread(sender.communicate, timeout=120)
         assert sender.returncode == 0, err[-2000:]
         if done.ok:
@@ -100,7 +103,8 @@ def check_against(model, prompt: list[int], out: list[int], logps: list[float], 
     assert (ref - torch.tensor(logps[lo:hi])).abs().max().item() <= 1e-4
 
 
-def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Path | None = None):
+def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Path | None = None,
+                    pause_mode: str = "abort"):
     """Generate PROMPTS on a fresh engine (``lora``: with adapters) while ``state`` (name -> tensor)
     is pushed as version 1 mid-generation; returns (SyncDone, samples, the served version)."""
     from rollout_server.engine import EmbeddedEngine
@@ -121,7 +125,7 @@ def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Pat
         engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8),
                                 lora=lora).start()
         try:
-            return asyncio.run(scenario(engine.url, plan, sender))
+            return asyncio.run(scenario(engine.url, plan, sender, pause_mode))
         finally:
             engine.stop()
     finally:
@@ -130,7 +134,7 @@ def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Pat
             sender.wait()
 
 
-def check_exact_switch(done, samples, served: str, old, new) -> None:
+def check_exact_switch(done, samples, served: str, old, new, pause_mode: str = "abort") -> None:
     assert done.ok and done.pause_s > 0, done.reason
     assert served == "1"
     spanning = 0
@@ -142,17 +146,20 @@ def check_exact_switch(done, samples, served: str, old, new) -> None:
         assert s.versions == [0] * k + [1] * (n - k), "versions must switch once, from 0 to 1"
         if 0 < k < n:
             spanning += 1
-            assert s.resumed >= 1
+            # abort: resubmitted; retract: held in the engine, re-prefilled, never resubmitted
+            assert (s.resumed >= 1) if pause_mode == "abort" else s.resumed == 0
         check_against(old, prompt, s.output_ids, s.logprobs, 0, k)
         check_against(new, prompt, s.output_ids, s.logprobs, k, n)
     assert spanning >= 1, "no sample was interrupted mid-generation"
 
 
-def test_pause_update_continue_switches_versions_exactly_at_the_abort_point():
+@pytest.mark.parametrize("pause_mode", ["abort", "retract"])
+def test_pause_update_continue_switches_versions_exactly_at_the_pause_point(pause_mode):
     torch.set_num_threads(1)
     old = build_model(ModelConfig(**MODEL, init_seed=0))
     new = build_model(ModelConfig(**MODEL, init_seed=1))
-    check_exact_switch(*run_interrupted(new.state_dict()), old, new)
+    check_exact_switch(*run_interrupted(new.state_dict(), pause_mode=pause_mode), old, new,
+                       pause_mode)
 
 
 def test_an_adapter_change_mid_generation_switches_versions_exactly(tmp_path):
