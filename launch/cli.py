@@ -51,8 +51,8 @@ def _process_commands(sub) -> None:
                         help="run the trainer under torchrun (torchrun flags pass through)",
                         description="torchrun flags (--nproc-per-node, --nnodes, --node-rank, "
                                     "--master-addr, --master-port, --rdzv-*, --log-dir: "
-                                    "default <run_dir>/logs/torchrun) pass through; the rest "
-                                    "are Hydra overrides.")
+                                    "default with --config-file <run_dir>/logs/torchrun) pass "
+                                    "through; the rest are Hydra overrides.")
     tr.add_argument("args", nargs=argparse.REMAINDER,
                     help="[torchrun flags] [--config-file PATH] overrides")
     ev = sub.add_parser("eval", help="evaluate an HF model directory or a trainer checkpoint on "
@@ -201,12 +201,16 @@ def _exec_trainer(rest: list[str]) -> int:
 
 def torchrun_log_dir(trainer_args: list[str]) -> list[str]:
     """``--log-dir <run_dir>/logs/torchrun`` for the run the trainer args name: without one
-    torchrun leaves a directory in /tmp at every start. Nothing when the config does not load:
-    the trainer then says what is wrong with it."""
+    torchrun leaves a directory in /tmp at every start. Only with ``--config-file`` (a run's
+    resolved config): composed here, a default run_dir stamped with the time could differ from the
+    trainer's own. Nothing when the config does not load: the trainer then says what is wrong."""
     from pathlib import Path
 
     from areal_like.settings.config import ConfigError, load_daemon_config
 
+    if not any(a.split("=", 1)[0] == "--config-file" for a in trainer_args) or (
+            {"-h", "--help"} & set(trainer_args)):
+        return []
     try:
         run_dir = load_daemon_config(trainer_args).run_dir
     except ConfigError:

@@ -129,13 +129,19 @@ def test_daemon_commands_pass_every_argument_through(monkeypatch):
 def test_train_sends_torchruns_files_to_the_run_dir_unless_told(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
-    main(["train", f"run_dir={tmp_path}/run", "trainer.steps=3"])
-    main(["train", "--log-dir", "elsewhere", f"run_dir={tmp_path}/run"])
+    from areal_like.settings.config import load_config, to_yaml
+
+    config = tmp_path / "config.yaml"
+    config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run"])))
+    main(["train", "--config-file", str(config), "trainer.steps=3"])
+    main(["train", "--log-dir", "elsewhere", "--config-file", str(config)])
+    main(["train", "trainer.steps=3"])  # composed here, a time-stamped run_dir could differ: none
     assert calls[0][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
                             "--log-dir", f"{tmp_path}/run/logs/torchrun", "-m", "trainer",
-                            f"run_dir={tmp_path}/run", "trainer.steps=3"]
+                            "--config-file", str(config), "trainer.steps=3"]
     assert calls[1].count("--log-dir") == 1
     assert calls[1][calls[1].index("--log-dir") + 1] == "elsewhere"
+    assert "--log-dir" not in calls[2]
 
 
 def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(monkeypatch):
