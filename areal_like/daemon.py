@@ -182,9 +182,11 @@ class Daemon:
             code = 1
         except StartRefused as e:
             self.log.error("%s", e)
+            self.failure = self.failure or e  # /health says so while stop() runs
             code = 2
-        except Exception:
+        except Exception as e:
             self.log.exception("%s crashed", self.name)
+            self.failure = self.failure or e
             code = 1
         finally:
             self.stop_requested.set()

@@ -183,8 +183,9 @@ def _detail(now: str, details: dict, pid: int | None) -> str:
     finished job's daemons are gone, as they should be: no error to show)."""
     if now == "finished":
         return ""
-    if "uptime_s" in details:
-        return f"uptime {details['uptime_s']}s"
+    if "uptime_s" in details:  # it answers; a recorded failure's kind too (Daemon.failed)
+        return " ".join([f"uptime {details['uptime_s']}s",
+                         *([f"error: {details['error']}"] if "error" in details else [])])
     if now == "starting" and pid is None:
         return "not started yet"
     return details.get("error", "")

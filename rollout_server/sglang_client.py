@@ -275,9 +275,9 @@ class SGLangClient:
             done, _ = await asyncio.wait({call}, timeout=timeout_s)
             if done:
                 return (await call)[1]
-            for rid in body["rid"] if n else [body["rid"]]:
-                with contextlib.suppress(SGLangError):  # unanswered: the call's own limit decides
-                    await self.abort_request(rid, timeout_s=ABORT_GRACE_S)
+            # all at once, each bounded: an unanswered one leaves it to the call's own limit
+            await asyncio.gather(*(self._abort_quietly(rid, ABORT_GRACE_S)
+                                   for rid in (body["rid"] if n else [body["rid"]])))
             out = (await call)[1]
         finally:
             call.cancel()
@@ -285,6 +285,10 @@ class SGLangClient:
                    for o in (out if isinstance(out, list) else [out])):
             raise SGLangError("/generate", None, f"TimeoutError: no token in {timeout_s:g} s")
         return out
+
+    async def _abort_quietly(self, rid: str, timeout_s: float) -> None:
+        with contextlib.suppress(SGLangError):
+            await self.abort_request(rid, timeout_s=timeout_s)
 
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
                        return_logprob: bool = True,

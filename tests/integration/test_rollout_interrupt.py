@@ -4,8 +4,8 @@ Long greedy generations run on the embedded engine; in the middle, a ``WeightSyn
 with ``apply_weight_sync`` (reform, pause, begin, two buckets, end, continue) while a separate
 sender process joins the group as rank 0 and broadcasts a differently initialised model. With
 ``pause_mode=abort`` every sample is resubmitted as prompt + tokens so far; with ``retract`` it is
-held in the engine and prefilled again with the new weights. Either way it completes. Checked against reference
-forward passes in this process:
+held in the engine and prefilled again with the new weights. Either way it completes. Checked
+against reference forward passes in this process:
 
 * versions switch 0 -> 1 exactly once per sample, at the point k where the sample was paused;
 * tokens before k are the old model's greedy choices and tokens from k on are the new model's

@@ -181,3 +181,15 @@ def test_health_names_the_kind_of_a_recorded_failure_only():
     assert d.health() == (True, {"name": "counting"})
     d.failure = RuntimeError("/secret/path: boom")
     assert d.health() == (False, {"name": "counting", "error": "RuntimeError"})
+
+
+def test_a_crash_is_in_health_while_the_daemon_stops():
+    """A crash in run() (or start()): while stop() runs (an engine stopping can take seconds)
+    /health names it, so `areal-like status` says DOWN rather than starting."""
+    class Stopping(Counting):
+        def stop(self):
+            self.seen = self.health()
+
+    d = Stopping(iterations=5, fail_at=2)
+    assert d.serve(install_signals=False) == 1
+    assert d.seen == (False, {"name": "counting", "error": "ValueError"})

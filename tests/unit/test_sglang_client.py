@@ -139,6 +139,25 @@ def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypat
         assert len(set(rids)) == 2 and [b for p, b in server.calls if p == "/abort_request"] == [
             {"rid": r, "abort_all": False} for r in rids]
 
+        # the aborts go out together: this engine answers none until all of a batch's arrived
+        # (sent one by one, the first would wait out its grace and the call its limit)
+        monkeypatch.setattr("rollout_server.sglang_client.ABORT_GRACE_S", 2.0)
+        arrived, all_in = [], asyncio.Event()
+
+        async def held_batch(req):
+            await all_in.wait()
+            return 200, [gen_response([7], [-1.0], {"type": "abort"}, rid=r) for r in req["rid"]]
+
+        async def abort_together(req):
+            arrived.append(req["rid"])
+            if len(arrived) == 4:
+                all_in.set()
+            await all_in.wait()
+            return 200, {}
+        server.script["/generate"], server.script["/abort_request"] = [held_batch], [abort_together]
+        outs = await client.generate_batch([[1]] * 4, [{"max_new_tokens": 8}] * 4, timeout_s=0.3)
+        assert [o.output_ids for o in outs] == [[7]] * 4 and len(set(arrived)) == 4
+
         async def wedged(_):
             await asyncio.sleep(5.0)
             return 200, gen_response([4], [-1.0], {"type": "length", "length": 1})
