@@ -168,7 +168,8 @@ def _exec_module(module: str, rest: list[str]) -> int:
 
 
 def split_torchrun_args(rest: list[str]) -> tuple[list[str], list[str]]:
-    """``[torchrun flags..., trainer args...]`` -> (torchrun flags, trainer args)."""
+    """``[torchrun flags..., trainer args...]`` -> (torchrun flags with the defaults of those not
+    given, trainer args)."""
     flags, other, keys = [], [], set()
     args = iter(rest)
     for a in args:
@@ -185,6 +186,8 @@ def split_torchrun_args(rest: list[str]) -> tuple[list[str], list[str]]:
         flags.append("--standalone")  # one node: torchrun picks a free rendezvous port itself
     if "--nproc-per-node" not in keys:
         flags += ["--nproc-per-node", "1"]
+    if "--log-dir" not in keys:
+        flags += torchrun_log_dir(other)
     return flags, other
 
 
@@ -194,8 +197,6 @@ def _missing(flag: str) -> str:
 
 def _exec_trainer(rest: list[str]) -> int:
     flags, other = split_torchrun_args(rest)
-    if not any(f.split("=", 1)[0].replace("_", "-") == "--log-dir" for f in flags):
-        flags += torchrun_log_dir(other)
     return _exec_module("torch.distributed.run", [*flags, "-m", DAEMON_MODULES["train"], *other])
 
 
