@@ -12,9 +12,6 @@ from itertools import islice
 from areal_like.wire.protocol import TrajectoryGroup
 from buffer.staleness import StalenessPolicy
 
-SELECTIONS = ("oldest", "newest", "fifo")
-
-
 @dataclass(slots=True)
 class StoredGroup:
     """A stored group's bookkeeping, and the group itself or where to read it (``ref``)."""
@@ -30,8 +27,6 @@ class StoredGroup:
 class ReplayBuffer:
     def __init__(self, policy: StalenessPolicy, *, capacity: int, selection: str = "oldest",
                  filter_equal_rewards: bool = False, max_tokens_per_trajectory: int = 0):
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection={selection!r}; choose one of {SELECTIONS}")
         self.policy, self.capacity, self.selection = policy, capacity, selection
         self.filter_equal_rewards = filter_equal_rewards
         self.max_tokens_per_trajectory = max_tokens_per_trajectory

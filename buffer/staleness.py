@@ -1,6 +1,7 @@
 """Staleness policy (pure: no I/O, no clock); the formulas, their argument and a worked example:
 STALENESS.md. Invariants: a credit is granted only within ``admission_limit``; a batch holds only
-groups with ``v - h <= eta`` (``check_batch`` raises ``StaleBatchError`` otherwise)."""
+groups with ``v - h <= eta`` (``check_batch`` raises ``StaleBatchError`` otherwise). The values are
+the config's, checked there (``BufferConfig``, ``RunConfig``: ``engine_lag <= max_staleness``)."""
 
 from __future__ import annotations
 
@@ -19,13 +20,6 @@ class StalenessPolicy:
     max_inflight: int  # cap on groups being generated at once
     # lambda: versions the engines may lag behind the trainer by design (<= eta)
     engine_lag: int = 0
-
-    def __post_init__(self) -> None:
-        if self.max_staleness < 0 or self.groups_per_step < 1 or self.max_inflight < 1:
-            raise ValueError(f"invalid staleness policy {self}")
-        if not 0 <= self.engine_lag <= self.max_staleness:
-            raise ValueError(f"engine_lag {self.engine_lag} must be in "
-                             f"[0, max_staleness={self.max_staleness}]")
 
     def admission_limit(self, consumed: int, lag: int = 0) -> int:
         """How many groups may have been started, for an engine ``lag`` versions behind."""
