@@ -98,10 +98,6 @@ def segment_path(directory: Path, n: int) -> Path:
     return Path(directory) / f"seg-{n:012d}.wal"
 
 
-def crc_ok(payload: memoryview, crc: int) -> bool:
-    return crc32c.crc32c(payload) == crc
-
-
 def record_problem(data: bytes, pos: int) -> tuple[int, str | None]:
     """``(end, None)`` if an intact record starts at ``pos``, else ``(pos, what is wrong)``."""
     if len(data) - pos < HEADER.size:
@@ -112,7 +108,7 @@ def record_problem(data: bytes, pos: int) -> tuple[int, str | None]:
         return pos, f"invalid length {length}"
     if end > len(data):
         return pos, f"truncated payload ({len(data) - pos - HEADER.size} of {length} bytes)"
-    if not crc_ok(memoryview(data)[pos + HEADER.size:end], crc):
+    if crc32c.crc32c(memoryview(data)[pos + HEADER.size:end]) != crc:
         return pos, "checksum mismatch"
     return end, None
 
