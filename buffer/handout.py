@@ -107,8 +107,6 @@ class Handout:
         return None
 
     def _load(self, stored: StoredGroup) -> P.TrajectoryGroup:
-        if stored.group is not None:
-            return stored.group
         group = P.decode(self.read(stored.ref))
         if not isinstance(group, P.TrajectoryGroup) or group.group_id != stored.group_id:
             raise P.ProtocolError(f"WAL record for {stored.group_id} holds {type(group).__name__} "

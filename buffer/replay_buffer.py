@@ -12,15 +12,15 @@ from itertools import islice
 from areal_like.wire.protocol import TrajectoryGroup
 from buffer.staleness import StalenessPolicy
 
+
 @dataclass(slots=True)
 class StoredGroup:
-    """A stored group's bookkeeping, and the group itself or where to read it (``ref``)."""
+    """A stored group's bookkeeping and where to read the group back (its frame stays on disk)."""
     group_id: str
     prompt_index: int
     epoch: int
     head_version: int
-    nbytes: int  # size of its wire frame (in the WAL, and in memory when ``group`` is held)
-    group: TrajectoryGroup | None = None  # held in memory (no ``ref``)
+    nbytes: int  # size of its wire frame
     ref: object = None  # an opaque location the owner reads the frame back from (a ``WalRef``)
 
 
@@ -60,11 +60,10 @@ class ReplayBuffer:
 
     def add(self, group: TrajectoryGroup, nbytes: int = 0, head_version: int | None = None,
             ref: object = None) -> bool:
-        """Store a group (False if one with its id is stored); with ``ref``, only its
-        bookkeeping."""
+        """Store a group's bookkeeping (False if one with its id is stored)."""
         head = group.head_version if head_version is None else head_version
         return self.put(StoredGroup(group.group_id, group.prompt_index, group.epoch, head, nbytes,
-                                    None if ref is not None else group, ref))
+                                    ref))
 
     def put(self, stored: StoredGroup) -> bool:
         gid = stored.group_id

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from areal_like.wire.protocol import TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
-from buffer.replay_buffer import ReplayBuffer
+from buffer.replay_buffer import ReplayBuffer, StoredGroup
 from buffer.staleness import StalenessPolicy
 
 
@@ -26,10 +26,9 @@ def make_group(gid: str, head: int, rewards=(0.0, 1.0), tokens: int = 4) -> Traj
 
 
 def take_batch(buf: ReplayBuffer, n: int, version: int,
-               max_bytes: int = 0) -> list[TrajectoryGroup] | None:
-    """The groups of ``take_stored`` (what the hand-out sends)."""
-    taken = buf.take_stored(n, version, max_bytes)
-    return None if taken is None else [s.group for s in taken]
+               max_bytes: int = 0) -> list[StoredGroup] | None:
+    """The groups of ``take_stored`` (what the hand-out reads back and sends)."""
+    return buf.take_stored(n, version, max_bytes)
 
 
 def make_buffer(eta=1, selection="oldest", capacity=100, **kw) -> ReplayBuffer:
