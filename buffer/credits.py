@@ -204,10 +204,10 @@ def version_range(group: TrajectoryGroup) -> tuple[int, int, int]:
 
 
 def invalid_group(group: TrajectoryGroup, lease: Lease | None, newest_version: int,
-                  versions: tuple[int, int, int] | None = None) -> str | None:
+                  versions: tuple[int, int, int]) -> str | None:
     """Why a group cannot be accepted against its lease (None: it can). ``newest_version`` is the
-    newest version any engine may serve: the trainer's, or that of a weight sync in progress.
-    ``versions``: the group's ``version_range`` if the caller has it already."""
+    newest version any engine may serve: the trainer's, or that of a weight sync in progress;
+    ``versions`` is the group's ``version_range``."""
     if not 0 < len(group.group_id.encode()) <= MAX_GROUP_ID_BYTES:
         return f"invalid_group_id: must be 1 to {MAX_GROUP_ID_BYTES} bytes"
     if lease is None:
@@ -216,7 +216,7 @@ def invalid_group(group: TrajectoryGroup, lease: Lease | None, newest_version: i
     if (lease.prompt_index, lease.epoch) != (group.prompt_index, group.epoch):
         return (f"lease_mismatch: lease {group.lease_id} is for prompt {lease.prompt_index} "
                 f"epoch {lease.epoch}")
-    lo, hi, _ = versions or version_range(group)
+    lo, hi, _ = versions
     if hi > newest_version:
         return f"future_version: token version {hi} > newest published version {newest_version}"
     if lo < 0:

@@ -4,12 +4,10 @@ and caps). Over a cap, a request is refused at once with a reply of the type its
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Container, Iterable
 
 from areal_like.net.transport import LOCAL_MEMBER
 from areal_like.wire import protocol as P
-from buffer.facts import MIN_SERVERS
 from buffer.handout import PendingBatch
 
 MAX_HELD_PER_MEMBER = 4  # BatchRequests one member may have waiting at once
@@ -18,7 +16,7 @@ TRAINER_ONLY = (P.BatchRequest, P.WeightSyncPlan)  # messages only the trainer's
 
 
 class PeerCaps:
-    def __init__(self, max_servers: int = MIN_SERVERS, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, max_servers: int, clock: Callable[[], float]):
         self.max_servers, self.clock = max_servers, clock
         self.owner: dict[str, str] = {}  # server id -> the member that registered it last
         # member -> (new ids it may register, when)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
-from buffer.peer_caps import MAX_HELD_PER_MEMBER, MIN_SERVERS
+from buffer.facts import MIN_SERVERS
+from buffer.peer_caps import MAX_HELD_PER_MEMBER
 from tests.unit.service_harness import Sink, start
 
 A, B, C = b"peer-a", b"peer-b", b"peer-c"  # sockets
