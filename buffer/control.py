@@ -98,15 +98,11 @@ class ControlPlane:
             self.release(lambda sid: sid not in gone, "gone from the roster")
         return gone
 
-    def new_process(self, m: P.Register) -> bool:
-        """Whether ``m`` comes from a new process (STALENESS.md); ask before ``register``."""
-        known = self.incarnations.get(m.server_id)
-        if known and m.incarnation:
-            return known != m.incarnation
-        return m.fresh
-
     def register(self, m: P.Register) -> P.RegisterAck:
-        new = self.new_process(m)
+        # a new process (STALENESS.md): another incarnation than the last, or, either being
+        # unknown, one that says it is fresh
+        known = self.incarnations.get(m.server_id)
+        new = known != m.incarnation if known and m.incarnation else m.fresh
         if new:  # it holds none of the leases an earlier one left
             self.release(lambda sid: sid != m.server_id, f"{m.server_id} restarted")
             self.alive(m.server_id, "registered as a new process")

@@ -31,15 +31,18 @@ class DiskGuard:
         self._next_rotate = 0.0
 
     def sweep(self, wal: WriteAheadLog, checkpoint: Callable[[], dict]) -> None:
-        """Enter or leave the degraded mode; while in it, rotate the WAL now and then
-        (compaction)."""
-        if self.refresh(hold=wal.disk_full):
-            if self.degraded:
-                self.log.error("degraded: %s; new groups are refused as unavailable (their senders "
-                               "keep them), stored batches are still handed out", self.reason())
-            else:
-                self.log.warning("disk space is back (%d bytes free): accepting groups again",
-                                 self.free)
+        """Read the free space again and enter or leave the degraded mode (not left while WAL
+        records wait for room: a quota ``statvfs`` does not show); while in it, rotate the WAL now
+        and then (compaction)."""
+        self.free = self._read(self.path)
+        if self.degraded and self.free >= 2 * self.reserve and not wal.disk_full:
+            self.degraded = False
+            self.log.warning("disk space is back (%d bytes free): accepting groups again",
+                             self.free)
+        elif not self.degraded and self.free < self.reserve:
+            self.degraded = True
+            self.log.error("degraded: %s; new groups are refused as unavailable (their senders "
+                           "keep them), stored batches are still handed out", self.reason())
         if wal.disk_full and not self.degraded:  # the fsync thread hit ENOSPC anyway
             self.full()
             self.log.error("degraded: no room to write %s; new groups are refused until space "
@@ -51,17 +54,6 @@ class DiskGuard:
             # not count (a big one would rotate every DEGRADED_ROTATE_S with no new record)
             if wal.records_size >= MIN_SEGMENT_BYTES:
                 wal.maybe_rotate(checkpoint, force=True)
-
-    def refresh(self, hold: bool = False) -> bool:
-        """Read the free space again; returns whether the degraded mode changed. ``hold``: records
-        still wait for room (a quota ``statvfs`` does not show): the mode is not left."""
-        self.free = self._read(self.path)
-        was = self.degraded
-        if self.degraded and self.free >= 2 * self.reserve and not hold:
-            self.degraded = False
-        elif not self.degraded and self.free < self.reserve:
-            self.degraded = True
-        return was != self.degraded
 
     def room(self, nbytes: int) -> bool:
         """Whether a group record of ``nbytes`` may be written now (it leaves the reserve free)."""
