@@ -17,8 +17,7 @@ import numpy as np
 
 from areal_like.wire.protocol import TrajectoryGroup
 from buffer.staleness import StalenessPolicy
-
-MAX_GROUP_ID_BYTES = 1024  # ids are "<server_id>-<lease_id>"; the WAL stores the length in 16 bits
+from buffer.wal_format import MAX_GID_BYTES
 
 
 @dataclass(slots=True)
@@ -208,8 +207,8 @@ def invalid_group(group: TrajectoryGroup, lease: Lease | None, newest_version: i
     """Why a group cannot be accepted against its lease (None: it can). ``newest_version`` is the
     newest version any engine may serve: the trainer's, or that of a weight sync in progress;
     ``versions`` is the group's ``version_range``."""
-    if not 0 < len(group.group_id.encode()) <= MAX_GROUP_ID_BYTES:
-        return f"invalid_group_id: must be 1 to {MAX_GROUP_ID_BYTES} bytes"
+    if not 0 < len(group.group_id.encode()) <= MAX_GID_BYTES:
+        return f"invalid_group_id: must be 1 to {MAX_GID_BYTES} bytes"
     if lease is None:
         return (f"unknown_lease: {group.lease_id} is not outstanding (expired and re-issued, or "
                 "never granted)")

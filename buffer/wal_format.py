@@ -144,7 +144,7 @@ def sync_data(fd: int) -> None:
 
 _KINDS = (ord("G"), ord("C"))  # a record could start at q if the byte after its header is a kind
 _SCAN_BYTES = 16 << 20  # searched for kind bytes this much at a time
-MAX_GID_BYTES = 1024
+MAX_GID_BYTES = 1024  # longer group ids are refused (credits.invalid_group); the WAL has 16 bits
 _MAP_HEADS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])  # a msgpack map starts with one of these
 
 
