@@ -138,10 +138,6 @@ class Daemon:
         status` says DOWN, not starting); only the kind, the reason is in the log."""
         return {} if self.failure is None else {"error": type(self.failure).__name__}
 
-    def metrics_text(self) -> str:
-        """Extra Prometheus exposition text appended to ``/metrics`` (e.g. SGLang-named series)."""
-        return ""
-
     def raise_if_component_stopped(self) -> None:
         """Raise the failure a part of the daemon recorded in ``failure`` (the daemon exits 1)."""
         if self.failure is not None:
@@ -156,8 +152,7 @@ class Daemon:
         if self.metrics_server is None and self.metrics_port is not None and self.metrics_port >= 0:
             token = metrics_token()
             self.metrics_server = MetricsServer(self.metrics, self.metrics_port, self.metrics_host,
-                                                health=self.health, extra_text=self.metrics_text,
-                                                token=token).start()
+                                                health=self.health, token=token)
             self.log.info("metrics on http://%s:%d/metrics (%s)", self.metrics_host,
                           self.metrics_server.port,
                           "bearer token required" if token else "no token")

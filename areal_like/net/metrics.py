@@ -76,17 +76,15 @@ class Metrics:
 
 
 class MetricsServer:
-    """``GET /metrics`` (Prometheus text, plus ``extra_text``; with ``token``, only with it) and
-    ``GET /health`` (``health()``'s ``(ok, details)`` as JSON, 200 or 503): an ``http_guard``
-    server on its own thread's loop, rendering on ``RENDER_THREADS`` threads."""
+    """``GET /metrics`` (Prometheus text; with ``token``, only with it) and ``GET /health``
+    (``health()``'s ``(ok, details)`` as JSON, 200 or 503): an ``http_guard`` server on its own
+    thread's loop, answering from construction on, rendering on ``RENDER_THREADS`` threads."""
 
     def __init__(self, metrics: Metrics, port: int, host: str = "127.0.0.1",
-                 health: Callable[[], tuple[bool, dict]] | None = None,
-                 extra_text: Callable[[], str] | None = None, token: str | None = None,
+                 health: Callable[[], tuple[bool, dict]] | None = None, token: str | None = None,
                  limits: HttpLimits = METRICS_LIMITS):
         self.metrics = metrics
         self.health = health or (lambda: (True, {}))
-        self.extra_text = extra_text
         self.started = time.time()
         self.host = host
         self.app = guarded_app(limits=limits, token=token, open_paths=("/health",),
@@ -113,10 +111,6 @@ class MetricsServer:
         """The guard's counters (connections open and refused, timeouts, 401s)."""
         return self._server.stats
 
-    def start(self) -> MetricsServer:
-        """The server answers from construction on."""
-        return self
-
     def stop(self) -> None:
         if not self._thread.is_alive():
             return
@@ -126,15 +120,6 @@ class MetricsServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
             self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def _render(self) -> bytes:
-        body = self.metrics.render()
-        if self.extra_text is not None:
-            try:
-                body += self.extra_text().encode()
-            except Exception as e:  # keep our own series scrapeable
-                body += f"# extra_text failed: {type(e).__name__}\n".encode()
-        return body
 
     def _probe(self) -> tuple[int, bytes]:
         try:
@@ -146,7 +131,7 @@ class MetricsServer:
         return (200 if ok else 503), body.encode()
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = await asyncio.get_running_loop().run_in_executor(self._pool, self._render)
+        body = await asyncio.get_running_loop().run_in_executor(self._pool, self.metrics.render)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _health(self, request: web.Request) -> web.Response:

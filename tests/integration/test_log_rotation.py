@@ -74,7 +74,7 @@ def test_a_daemon_log_rotates_and_keeps_the_newest_lines(tmp_path):
 def test_scrape_snapshots_rotate(tmp_path):
     metrics = Metrics()
     metrics.gauge("buffer/filler", "a series with a long name " * 4).set(1.0)
-    server = MetricsServer(metrics, 0, "127.0.0.1").start()
+    server = MetricsServer(metrics, 0, "127.0.0.1")
     try:
         run = tmp_path / "run"
         (run / "metrics").mkdir(parents=True)

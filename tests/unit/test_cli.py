@@ -83,7 +83,7 @@ def _ports_json(tmp_path, ports: dict[str, int]) -> None:
 def test_status_reports_every_daemon_and_fails_when_one_is_down(tmp_path, capsys):
     m = Metrics()
     m.gauge("buffer/trainer_version").set(7)
-    srv = MetricsServer(m, 0, "127.0.0.1").start()
+    srv = MetricsServer(m, 0, "127.0.0.1")
     try:
         _ports_json(tmp_path, {"buffer": srv.port})
         assert status(tmp_path) == 0
@@ -174,7 +174,7 @@ def test_status_tells_starting_up_finished_and_down_apart(tmp_path, capsys):
     import os
     import time
 
-    srv = MetricsServer(Metrics(), 0, "127.0.0.1").start()
+    srv = MetricsServer(Metrics(), 0, "127.0.0.1")
     # no port open yet
     waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -201,7 +201,7 @@ def test_status_tells_starting_up_finished_and_down_apart(tmp_path, capsys):
 def test_top_without_a_terminal_prints_plain_tables(tmp_path):
     m = Metrics()
     m.gauge("buffer/trainer_version").set(7)
-    srv = MetricsServer(m, 0, "127.0.0.1").start()
+    srv = MetricsServer(m, 0, "127.0.0.1")
     try:
         _ports(tmp_path, [("buffer", srv.port, None)])
         once = _cli("top", str(tmp_path), "--once", "--interval", "0.2")

@@ -109,7 +109,7 @@ def test_top_on_a_finished_run_says_finished_and_exits(tmp_path):
 def test_top_exits_with_a_last_view_when_the_job_it_watches_finishes(tmp_path):
     m = Metrics()
     m.gauge("buffer/trainer_version").set(7)
-    srv = MetricsServer(m, 0, "127.0.0.1").start()
+    srv = MetricsServer(m, 0, "127.0.0.1")
     try:
         _ports(tmp_path, [("buffer", srv.port, os.getpid())])
         watching = subprocess.Popen([sys.executable, "-m", "launch.cli", "top", str(tmp_path),
@@ -202,7 +202,7 @@ def test_a_run_whose_launcher_is_gone_is_not_starting(tmp_path, capsys):
 def test_top_waits_through_the_warm_start_then_shows_the_daemons(tmp_path):
     m = Metrics()
     m.gauge("buffer/trainer_version").set(7)
-    srv = MetricsServer(m, 0, "127.0.0.1").start()
+    srv = MetricsServer(m, 0, "127.0.0.1")
     run = _run_dir(tmp_path / "run", at=time.time() - 60, launcher=os.getpid())
     watching = subprocess.Popen([sys.executable, "-m", "launch.cli", "top", str(run),
                                  "--interval", "0.2"], stdout=subprocess.PIPE, text=True)
