@@ -40,7 +40,8 @@ TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: appl
 
 @dataclass(frozen=True, kw_only=True)
 class HttpLimits:
-    """What one client may cost a server; the defaults suit an engine's API."""
+    """What one client may cost a server; the defaults suit an engine's API. Every instance is a
+    constant in code (no config key sets one), so the values are not re-checked here."""
 
     max_body_bytes: int = 64 * 2**20  # a weight bucket sent as /update_weights_from_tensor fits
     max_header_bytes: int = 8190  # one request line or header field (aiohttp's default)
@@ -50,15 +51,6 @@ class HttpLimits:
     keepalive_s: float = 75.0
     max_connections: int = 512
     max_inflight: int = 256
-
-    def __post_init__(self):
-        for name in ("max_body_bytes", "max_header_bytes", "max_headers", "max_connections",
-                     "max_inflight"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"HttpLimits.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("header_timeout_s", "body_timeout_s", "keepalive_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"HttpLimits.{name} must be > 0, got {getattr(self, name)}")
 
 
 METRICS_LIMITS = HttpLimits(max_body_bytes=4096, header_timeout_s=5.0, body_timeout_s=5.0,

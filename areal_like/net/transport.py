@@ -90,9 +90,7 @@ _CONTEXTS: dict[int, zmq.Context] = {}
 
 
 def context(io_threads: int = 1) -> zmq.Context:
-    """The process's ZeroMQ context with ``io_threads`` I/O threads, made once per count."""
-    if io_threads < 1:
-        raise ValueError(f"io_threads must be >= 1, got {io_threads}")
+    """The process's ZeroMQ context with ``io_threads`` (>= 1) I/O threads, made once per count."""
     if io_threads == 1:
         return zmq.Context.instance()
     if (ctx := _CONTEXTS.get(io_threads)) is None or ctx.closed:
@@ -163,9 +161,7 @@ class Server:
         self.address, self.local_address = address, local_address
         self.max_frame_bytes = max_frame_bytes
         bound = None
-        if max_frame_bytes is not None:
-            if max_frame_bytes < 1:
-                raise ValueError(f"max_frame_bytes must be >= 1, got {max_frame_bytes}")
+        if max_frame_bytes is not None:  # >= 1: buffer.max_frame_bytes, else the job's
             bound = min(INCOMING_LIMIT_FACTOR * protocol.MAX_FRAME_BYTES,
                         max(INCOMING_LIMIT_FACTOR * max_frame_bytes, REFUSE_WINDOW_BYTES))
         self._ctx = context(io_threads)
@@ -178,17 +174,12 @@ class Server:
 
     def recv(self, timeout_s: float) -> tuple[bytes, bytes, Message | ProtocolError] | None:
         """Wait up to ``timeout_s`` for one request; None on timeout."""
-        got = self.recv_with_payload(timeout_s)
+        got = self.recv_request(timeout_s)
         return None if got is None else got[:3]
 
-    def recv_with_payload(self, timeout_s: float):
-        """``recv`` plus the undecoded payload (a read-only view of ZMQ's buffer)."""
-        got = self.recv_request(timeout_s)
-        return None if got is None else got[:4]
-
     def recv_request(self, timeout_s: float) -> Request | None:
-        """``recv_with_payload`` plus the sender's role (its CURVE key's name), or
-        ``LOCAL_MEMBER`` for a peer without a key."""
+        """``recv`` plus the undecoded payload (a read-only view of ZMQ's buffer) and the sender's
+        role (its CURVE key's name), or ``LOCAL_MEMBER`` for a peer without a key."""
         deadline = time.monotonic() + timeout_s
         for _ in range(MAX_HANDLED_PER_RECV):  # a refused frame is handled here; wait on
             frames = self._recv_frames(max(0.0, deadline - time.monotonic()))
