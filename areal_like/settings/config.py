@@ -261,8 +261,7 @@ def from_yaml(text: str) -> RunConfig:
     """Rebuild a RunConfig from ``to_yaml`` output (how the launcher hands configs to daemons)."""
     from omegaconf import OmegaConf
 
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text))
-    return OmegaConf.to_object(merged)
+    return _merged(RunConfig, OmegaConf.create(text))
 
 
 def task_yaml(task: TaskConfig) -> str:
@@ -291,13 +290,21 @@ def _structured(build: Callable[[], Any], where: str = "") -> Any:
         raise
 
 
+def _merged(schema: Any, *sources: Any, where: str = "") -> Any:
+    """``sources`` merged in order onto ``schema``'s defaults, as typed objects (errors as
+    ``_structured``'s)."""
+    from omegaconf import OmegaConf
+
+    return _structured(lambda: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
+                                                                   *sources)), where)
+
+
 def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
     """The task of ``task_yaml`` output with ``task.key=value`` ``overrides`` on top."""
     from omegaconf import OmegaConf
 
-    return _structured(lambda: OmegaConf.to_object(OmegaConf.merge(
-        OmegaConf.structured({"task": TaskConfig()}), OmegaConf.create(text),
-        OmegaConf.from_dotlist(list(overrides or []))).task))
+    return _merged({"task": TaskConfig()}, OmegaConf.create(text),
+                   OmegaConf.from_dotlist(list(overrides or [])))["task"]
 
 
 def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunConfig:
@@ -340,8 +347,4 @@ def _load_daemon_config(argv: list[str]) -> RunConfig:
     _register_resolvers()
     if not Path(path).is_file():
         raise ConfigError(f"--config-file {path!r} does not exist")
-    cfg = _structured(lambda: OmegaConf.to_object(OmegaConf.merge(
-        OmegaConf.structured(RunConfig), OmegaConf.load(path),
-        OmegaConf.from_dotlist(argv))), str(path))
-    assert isinstance(cfg, RunConfig)
-    return cfg
+    return _merged(RunConfig, OmegaConf.load(path), OmegaConf.from_dotlist(argv), where=str(path))
