@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +207,4 @@ def _plain(value: Any) -> Any:
         return _plain(value.tolist())
     if hasattr(value, "isoformat"):  # date, datetime, time, pandas Timestamp
         return value.isoformat()
-    if isinstance(value, Decimal):
-        return str(value)  # exact; float() would round
-    return str(value)
+    return str(value)  # Decimal too: exact, where float() would round

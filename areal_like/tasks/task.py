@@ -74,10 +74,7 @@ def countdown_reward(response: str, example: Example) -> float:
     return 1.0 if value == int(target) else 0.0
 
 
-@lru_cache(maxsize=64)
-def load_function(path: str) -> Callable:
-    """``import_function(path)``, imported once."""
-    return import_function(path)
+load_function = lru_cache(maxsize=64)(import_function)  # each path imported once
 
 
 class Task(abc.ABC):
