@@ -64,13 +64,12 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _flat_checksum(named: dict, rank_local: bool) -> float:
+def _flat_checksum(named: dict) -> float:
     total = torch.zeros((), dtype=torch.float64)
     for i, (name, t) in enumerate(sorted(named.items())):
         if not isinstance(t, torch.Tensor) or t.dim() == 0 and name.endswith("step"):
             continue  # optimizer step counters are replicated, not sharded: not summable over ranks
-        total += ((local(t) if rank_local else t).detach().double().sum().cpu()
-                  * (1 + (i % 7) * 1e-3))
+        total += local(t).detach().double().sum().cpu() * (1 + (i % 7) * 1e-3)
     return float(total)
 
 
@@ -86,25 +85,29 @@ def _flatten(prefix: str, obj, out: dict) -> dict:
 def state_checksums(policy: Policy) -> dict[str, float]:
     """Checksums of the model and optimizer state over all ranks (a collective)."""
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
-    vals = torch.tensor([_flat_checksum(model_sd, True),
-                         _flat_checksum(_flatten("", optim_sd["state"], {}), True)],
-                        dtype=torch.float64)
+    optim = _flatten("", optim_sd["state"], {})
+    vals = torch.tensor([_flat_checksum(model_sd), _flat_checksum(optim)], dtype=torch.float64)
     if several():
         dist.all_reduce(vals)
     return {"model": float(vals[0]), "optim": float(vals[1])}
 
 
-def _open_tmp(root: Path, version: int) -> tuple[Path, Path]:
-    """(temporary, final) directories of a save;
-    the temporary one made empty (rank 0), then a barrier."""
-    final = root / f"{PREFIX}{version:08d}"
-    tmp = root / f"{TMP_PREFIX}{final.name}"
+def open_tmp(final: Path) -> Path:
+    """Rank 0: ``final``'s temporary twin beside it, made empty (what an interrupted write of the
+    same name left is removed); it is written, then ``publish``-ed."""
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}"
     if rank_world()[0] == 0:
-        root.mkdir(parents=True, exist_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-    barrier()
-    return tmp, final
+    return tmp
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rank 0: ``tmp`` renamed over ``final`` (a re-save of the same name replaces it)."""
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
 
 
 def _write_rest(tmp: Path, policy: Policy, version: int, extra: dict | None) -> None:
@@ -127,10 +130,7 @@ def _commit(root: Path, tmp: Path, final: Path, version: int, keep: int) -> None
     newest."""
     barrier()
     if rank_world()[0] == 0:
-        # a re-save of the same version (e.g. shutdown right after a periodic save)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish(tmp, final)  # a re-save of the same version: shutdown right after a periodic save
         _fsync_dir(root)
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -154,7 +154,9 @@ def _begin(root: Path, policy: Policy, version: int, extra: dict | None, save, *
     """Check the state, open the temporary directory and write into it (``save``: DCP's save or
     async_save, whose result is returned); (tmp, final, that result)."""
     require_finite_state(policy.model, policy.optimizer)
-    tmp, final = _open_tmp(root, version)
+    final = root / f"{PREFIX}{version:08d}"
+    tmp = open_tmp(final)
+    barrier()
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
     result = save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), **kwargs)
     _write_rest(tmp, policy, version, extra)

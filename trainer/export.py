@@ -38,12 +38,12 @@ from areal_like.settings.config import (
 )
 from areal_like.weights.hf import torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters, base_name, has_adapters, is_adapter
+from trainer.checkpoint import dcp_load, latest_checkpoint, open_tmp, publish
 from trainer.ranks import barrier, rank_world
 from trainer.ranks import full as full_tensor
 
 log = logging.getLogger("trainer.export")
 
-TMP_PREFIX = ".tmp_"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SHARD_NAME = "model-{k:05d}-of-{n:05d}.safetensors"
@@ -98,7 +98,7 @@ def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelCon
     """A LoRA policy's export (a collective): the adapter in PEFT's layout, the tokenizer and the
     task; with ``merged`` also ``out_dir/merged``, a plain HF model with the adapter folded in."""
     rank = rank_world()[0]
-    out_dir, tmp = _open_tmp(out_dir)
+    tmp = open_tmp(out_dir)
     if merged:  # written into tmp/merged: the rename below publishes both at once
         _write_hf(model, _merged_tensors(model), tmp / MERGED_DIR, model_cfg=model_cfg,
                   tokenizer=tokenizer, shard_mb=shard_mb, dtype=dtype, task=task)
@@ -117,24 +117,11 @@ def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelCon
     return out_dir
 
 
-def _open_tmp(out_dir: Path) -> tuple[Path, Path]:
-    """(``out_dir``, its temporary twin): rank 0 makes the twin empty."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.parent / f"{TMP_PREFIX}{out_dir.name}"
-    if rank_world()[0] == 0:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted export of the same name left
-        tmp.mkdir()
-    return out_dir, tmp
-
-
 def _publish(tmp: Path, out_dir: Path, task: TaskConfig | None) -> None:
     """Rank 0: the task file, then ``tmp`` renamed over ``out_dir``."""
     if task is not None:
         (tmp / EXPORT_TASK_FILE).write_text(task_yaml(task))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    publish(tmp, out_dir)
 
 
 def _gather(t: torch.Tensor) -> torch.Tensor:
@@ -259,7 +246,7 @@ def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
               task: TaskConfig | None) -> Path:
     """``export_hf``'s writer: ``tensors`` (name, full tensor) on every rank, written by rank 0."""
     rank = rank_world()[0]
-    out_dir, tmp = _open_tmp(out_dir)
+    tmp = open_tmp(out_dir)
     writer = _ShardWriter(tmp, shard_mb * MIB) if rank == 0 else None
     dt = torch_dtype(dtype)
     for name, full in tensors:
@@ -296,7 +283,6 @@ def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig,
                           lora: LoraConfig | None = None) -> torch.nn.Module:
     """A fresh fp32 CPU model holding a trainer DCP checkpoint's model state (one process)."""
     from areal_like.weights.hf import build_model
-    from trainer.checkpoint import dcp_load
 
     if not (checkpoint / ".metadata").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a trainer checkpoint (no .metadata: expected "
@@ -342,7 +328,6 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *,
 
 def _resolve_checkpoint(path: Path) -> Path:
     """A checkpoint directory, or a checkpoint root (its newest complete checkpoint)."""
-    from trainer.checkpoint import latest_checkpoint
 
     if (path / "meta.pt").is_file() or (path / ".metadata").is_file():
         return path

@@ -31,6 +31,7 @@ from areal_like.settings.config import RunConfig, TrainerConfig
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.lora import served_name
 from trainer.checkpoint import (
+    TMP_PREFIX,
     AsyncSaver,
     latest_checkpoint,
     load_checkpoint,
@@ -39,7 +40,6 @@ from trainer.checkpoint import (
 )
 from trainer.data import BatchSource, TrainBatch
 from trainer.engine_lag import EngineSchedule
-from trainer.export import TMP_PREFIX as EXPORT_TMP_PREFIX
 from trainer.export import export_hf, export_tokenizer, prune_exports
 from trainer.facts import TrainerFacts
 from trainer.finite_guard import SkipTracker
@@ -296,7 +296,7 @@ class Trainer(Daemon):
         with self.phase("export"):
             # an export a crash interrupted (kill -9) left its temporary directory
             if self.rank == 0:
-                for stale in root.glob(f"{EXPORT_TMP_PREFIX}*"):
+                for stale in root.glob(f"{TMP_PREFIX}*"):
                     shutil.rmtree(stale, ignore_errors=True)
             out = export_hf(self.policy.model, root / f"v{self.version:08d}",
                             model_cfg=self.facts.model,
