@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,9 +26,9 @@ from dataclasses import dataclass
 import torch
 
 from areal_like.net.dealer import Client
-from areal_like.wire.protocol import Roster, RosterRequest
 from trainer.logprobs import token_logprobs
 from trainer.ranks import from_rank0
+from trainer.weight_members import BUFFER_REQUEST_TIMEOUT_S, roster
 
 log = logging.getLogger("trainer.logprob_guard")
 
@@ -132,11 +133,9 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
                    adapters: dict[str, str] | None = None) -> tuple[list[Probe], dict[str, str]]:
     """Rank 0: probe every roster engine in ``served`` (``adapters``: server id -> LoRA name); the
     probes and, per engine not probed, why it was NOT CHECKED."""
-    reply = buffer.request(RosterRequest())
-    if not isinstance(reply, Roster):
-        raise RuntimeError(f"buffer answered RosterRequest with {reply.TYPE}")
+    members = roster(buffer, time.monotonic() + BUFFER_REQUEST_TIMEOUT_S).members
     probes, unchecked = [], {}
-    for m in sorted(reply.members, key=lambda m: m.server_id):
+    for m in sorted(members, key=lambda m: m.server_id):
         if m.server_id not in served:
             log.warning("log-prob guard: %s does not serve the pushed weights yet; not probed",
                         m.server_id)

@@ -51,6 +51,10 @@ from trainer.step import StepSettings, recompute_prox_logp, reference_logp, trai
 from trainer.weight_members import await_registered
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
+# the SyncReport fields of a step's record (metrics/trainer.jsonl "weight_sync")
+SYNC_RECORD = ("version", "seconds", "blocked_s", "overlapped", "bytes", "transfer_s", "done",
+               "dropped", "repushed", "pause_s", "error")
+
 
 class StaleDataError(RuntimeError):
     """The buffer handed out a group older than the staleness bound (a bug, never a policy)."""
@@ -345,12 +349,7 @@ class Trainer(Daemon):
             "tokens_per_s": batch.n_tokens / max(step_s, 1e-9), "step_seconds": step_s,
             "phase_seconds": dict(self.phase_times),
             "data_wait_seconds": self.phase_times.get("fetch_batch", 0.0),
-            "weight_sync": {"version": sync.version, "seconds": sync.seconds,
-                            "blocked_s": sync.blocked_s,
-                            "overlapped": sync.overlapped, "bytes": sync.bytes,
-                            "transfer_s": sync.transfer_s,
-                            "done": sync.done, "dropped": sync.dropped, "repushed": sync.repushed,
-                            "pause_s": sync.pause_s, "error": sync.error},
+            "weight_sync": {k: getattr(sync, k) for k in SYNC_RECORD},
             "stats": stats, "steps_trained": self.steps_trained,
             "rolled_back_steps": self.rolled_back_steps,
             "groups_dropped_bad_data": self.data.dropped_groups, **layout,
