@@ -12,13 +12,50 @@ import argparse
 import os
 import sys
 
-DAEMON_MODULES = {"buffer": "buffer", "rollout": "rollout_server", "train": "trainer"}
-# one-shot commands: python -m module
-TOOL_MODULES = {"eval": "rollout_server.evaluate", "export": "trainer.export"}
 # torchrun's flags that take a value, spelled with dashes (torchrun also takes underscores)
 TORCHRUN_FLAGS_WITH_VALUE = {"--nproc-per-node", "--nnodes", "--node-rank", "--master-addr",
                              "--master-port", "--rdzv-backend", "--rdzv-endpoint", "--rdzv-id",
                              "--max-restarts", "--local-addr", "--log-dir"}
+
+
+# commands that hand every argument to ``python -m module`` (``main`` execs it; train under
+# torchrun); argparse only shows their help: command -> (module, help, help of the arguments,
+# more ``add_parser`` keywords)
+PASS_THROUGH = {
+    "buffer": ("buffer", "run one buffer daemon in the foreground",
+               "[--config-file PATH] Hydra overrides", {}),
+    "rollout": ("rollout_server", "run one rollout server in the foreground",
+                "[--config-file PATH] Hydra overrides", {}),
+    "train": ("trainer", "run the trainer under torchrun (torchrun flags pass through)",
+              "[torchrun flags] [--config-file PATH] overrides",
+              {"description": "torchrun flags (--nproc-per-node, --nnodes, --node-rank, "
+                              "--master-addr, --master-port, --rdzv-*, --log-dir: default with "
+                              "--config-file <run_dir>/logs/torchrun) pass through; the rest are "
+                              "Hydra overrides."}),
+    "eval": ("rollout_server.evaluate",
+             "evaluate an HF model directory or a trainer checkpoint on the eval split",
+             "MODEL [--config-file F] [--out FILE] [overrides]", {}),
+    "export": ("trainer.export", "convert a trainer checkpoint into a Hugging Face model directory",
+               "CHECKPOINT OUT [options]",
+               {"usage": "areal-like export CHECKPOINT OUT [--config-file FILE] [--shard-mb N] "
+                         "[--dtype float32|bfloat16|float16]",
+                "description": "Convert a trainer checkpoint into a Hugging Face model directory: "
+                               "loads the DCP checkpoint (<run_dir>/checkpoints/v<version>, or the "
+                               "checkpoints directory for its newest) on one process and writes "
+                               "config, safetensors shards, tokenizer and generation config into "
+                               "OUT (which must not exist). The run's config defaults to "
+                               "<run_dir>/config.yaml; --shard-mb and --dtype to export.shard_mb "
+                               "and model.dtype."}),
+}
+# commands that take Hydra overrides only: command -> (help, description)
+OVERRIDES_ONLY = {
+    "plan": ("print where `run` would put every process (GPUs, ports); starts nothing",
+             "One line per process of `areal-like run` with the same overrides: node, name, GPUs "
+             "(its CUDA_VISIBLE_DEVICES) and ports and addresses; a port the config leaves at 0 "
+             "shows as 'auto' (run picks it when it starts). A layout that does not fit the GPUs "
+             "is refused (exit 2). Inputs are not checked (`areal-like config` does that)."),
+    "config": ("print the resolved config as YAML (for --config-file on every node)", None),
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,13 +64,6 @@ def _parser() -> argparse.ArgumentParser:
                                 epilog="Overrides are Hydra's key=value, e.g. "
                                        "experiment=quickstart trainer.lr=1e-4")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _process_commands(sub)
-    _job_tool_commands(sub)
-    return p
-
-
-def _process_commands(sub) -> None:
-    """The commands that start processes."""
     run = sub.add_parser("run", help="run the whole job on this machine")
     run.add_argument("-q", "--quiet", action="store_true",
                      help="do not echo daemon logs (they stay in run_dir/logs); a failed job still "
@@ -42,52 +72,18 @@ def _process_commands(sub) -> None:
                      help="resume a run_dir although settings differ from its settings.yaml "
                           "(they are listed)")
     run.add_argument("overrides", nargs="*", help="Hydra overrides")
-    for name, help_ in (("buffer", "run one buffer daemon in the foreground"),
-                        ("rollout", "run one rollout server in the foreground")):
-        d = sub.add_parser(name, help=help_)
-        d.add_argument("args", nargs=argparse.REMAINDER,
-                       help="[--config-file PATH] Hydra overrides")
-    tr = sub.add_parser("train",
-                        help="run the trainer under torchrun (torchrun flags pass through)",
-                        description="torchrun flags (--nproc-per-node, --nnodes, --node-rank, "
-                                    "--master-addr, --master-port, --rdzv-*, --log-dir: "
-                                    "default with --config-file <run_dir>/logs/torchrun) pass "
-                                    "through; the rest are Hydra overrides.")
-    tr.add_argument("args", nargs=argparse.REMAINDER,
-                    help="[torchrun flags] [--config-file PATH] overrides")
-    ev = sub.add_parser("eval", help="evaluate an HF model directory or a trainer checkpoint on "
-                                     "the eval split")
-    ev.add_argument("args", nargs=argparse.REMAINDER,
-                    help="MODEL [--config-file F] [--out FILE] [overrides]")
-    ex = sub.add_parser("export", help="convert a trainer checkpoint into a Hugging Face model "
-                                       "directory",
-                        usage="areal-like export CHECKPOINT OUT [--config-file FILE] "
-                              "[--shard-mb N] [--dtype float32|bfloat16|float16]",
-                        description="Convert a trainer checkpoint into a Hugging Face model "
-                                    "directory: loads the DCP checkpoint "
-                                    "(<run_dir>/checkpoints/v<version>, or the checkpoints "
-                                    "directory for its newest) on one process and writes config, "
-                                    "safetensors shards, tokenizer and generation config into OUT "
-                                    "(which must not exist). The run's config defaults to "
-                                    "<run_dir>/config.yaml; --shard-mb and --dtype to "
-                                    "export.shard_mb and model.dtype.")
-    ex.add_argument("args", nargs=argparse.REMAINDER, help="CHECKPOINT OUT [options]")
+    for name, (_, help_, args_help, more) in PASS_THROUGH.items():
+        sub.add_parser(name, help=help_, **more).add_argument("args", nargs=argparse.REMAINDER,
+                                                              help=args_help)
+    for name, (help_, description) in OVERRIDES_ONLY.items():
+        sub.add_parser(name, help=help_, description=description).add_argument(
+            "overrides", nargs="*", help="Hydra overrides")
+    _run_dir_commands(sub)
+    return p
 
 
-def _job_tool_commands(sub) -> None:
-    """The commands that lay out, inspect or prepare a job."""
-    pl = sub.add_parser("plan", help="print where `run` would put every process (GPUs, ports); "
-                                     "starts nothing",
-                        description="One line per process of `areal-like run` with the same "
-                                    "overrides: node, name, GPUs (its CUDA_VISIBLE_DEVICES) and "
-                                    "ports and addresses; a port the config leaves at 0 shows as "
-                                    "'auto' (run picks it when it starts). A layout that does not "
-                                    "fit the GPUs is refused (exit 2). Inputs are not checked "
-                                    "(`areal-like config` does that).")
-    pl.add_argument("overrides", nargs="*", help="Hydra overrides")
-    cf = sub.add_parser("config", help="print the resolved config as YAML (for --config-file on "
-                                       "every node)")
-    cf.add_argument("overrides", nargs="*", help="Hydra overrides")
+def _run_dir_commands(sub) -> None:
+    """The commands that read or prepare a run directory."""
     tk = sub.add_parser("track", help="feed a run's metrics, evals and samples to its trackers "
                                       "(cfg.tracker)",
                         description="Tails RUN_DIR's metrics/trainer.jsonl, eval.jsonl and "
@@ -124,12 +120,11 @@ def _job_tool_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    modules = {**DAEMON_MODULES, **TOOL_MODULES}
-    if argv and argv[0] in modules and argv[1:2] not in (["-h"], ["--help"]):
+    if argv and argv[0] in PASS_THROUGH and argv[1:2] not in (["-h"], ["--help"]):
         # everything after the command is the module's (--config-file, torchrun flags, overrides):
         # argparse would reject flags it does not know
         return (_exec_trainer(argv[1:]) if argv[0] == "train"
-                else _exec_module(modules[argv[0]], argv[1:]))
+                else _exec_module(PASS_THROUGH[argv[0]][0], argv[1:]))
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra and (args.command not in ("track", "run") or any(a.startswith("-") for a in extra)):
@@ -197,7 +192,7 @@ def _missing(flag: str) -> str:
 
 def _exec_trainer(rest: list[str]) -> int:
     flags, other = split_torchrun_args(rest)
-    return _exec_module("torch.distributed.run", [*flags, "-m", DAEMON_MODULES["train"], *other])
+    return _exec_module("torch.distributed.run", [*flags, "-m", PASS_THROUGH["train"][0], *other])
 
 
 def torchrun_log_dir(trainer_args: list[str]) -> list[str]:
