@@ -38,6 +38,7 @@ from launch.placement import (
 from launch.preflight import checked
 from launch.records import (
     SUMMARY_WINDOW,
+    last_per,
     read_jsonl,
     reward_of,
     step_of,
@@ -224,40 +225,34 @@ class Monitor:
         # this invocation's steps, each line read once
         self.tail = JsonlTail(trainer_jsonl(run_dir), since)
         # the last SUMMARY_WINDOW steps' records (a replayed step: the last)
-        self.recent: dict[int, dict] = {}
+        self.recent: list[dict] = []
         self.t0 = time.monotonic()
-        self.next_line = self.next_scrape = self.next_track = 0.0
+        # (every how many seconds, what), each first on the first tick
+        self.tasks = [(PROGRESS_EVERY_S, self.print_progress), (SCRAPE_EVERY_S, self.scrape),
+                      *([(TRACK_EVERY_S, sink.poll)] if sink is not None else [])]
+        self.due = [0.0] * len(self.tasks)
         self.scrapes = rotating_file(run_dir / "metrics" / "scrape.jsonl", log_bytes(cfg),
                                      cfg.launch.log_backups)
 
     def __call__(self, sup: Supervisor) -> None:
         now = time.monotonic()
-        if now >= self.next_line:
-            self.next_line = now + PROGRESS_EVERY_S
-            self.out.write(self.progress_line() + "\n")
-            self.out.flush()
-        if now >= self.next_scrape:
-            self.next_scrape = now + SCRAPE_EVERY_S
-            self.scrape()
-        if self.sink is not None and now >= self.next_track:
-            self.next_track = now + TRACK_EVERY_S
-            self.sink.poll()
+        for i, (every_s, task) in enumerate(self.tasks):
+            if now >= self.due[i]:
+                self.due[i] = now + every_s
+                task()
+
+    def print_progress(self) -> None:
+        self.out.write(self.progress_line() + "\n")
+        self.out.flush()
 
     def progress_line(self) -> str:
-        for rec in self.tail.read():
-            if (step := step_of(rec)) is not None:
-                self.recent[step] = rec
-        for old in sorted(self.recent)[:-SUMMARY_WINDOW]:
-            del self.recent[old]
-        recs = [self.recent[k] for k in sorted(self.recent)]
+        self.recent = last_per([*self.recent, *self.tail.read()], step_of)[-SUMMARY_WINDOW:]
         elapsed = time.monotonic() - self.t0
-        if not recs:
+        if not self.recent:
             return f"[run] waiting for the first trainer step ... {elapsed:.0f}s"
-        last = recs[-1]
-        window = [reward_of(r) for r in recs[-SUMMARY_WINDOW:]]
-        total = self.cfg.trainer.steps
-        # counts resumed steps
-        done = min(total, int(last.get("step", last.get("policy_version", len(recs)))))
+        last, total = self.recent[-1], self.cfg.trainer.steps
+        window = [reward_of(r) for r in self.recent]
+        done = min(total, last["step"])  # counts resumed steps
         bar = "#" * int(20 * done / total) + "." * (20 - int(20 * done / total))
         return (f"[run] [{bar}] step {done}/{total}  reward {sum(window) / len(window):.3f}  "
                 f"version {last.get('policy_version', '?')}  {elapsed:.0f}s")

@@ -26,11 +26,9 @@ def read_jsonl(path: Path, since: int = 0) -> list[dict]:
 
 
 def reward_of(rec: dict) -> float | None:
-    """The mean task reward of one trainer step record."""
-    for key in ("reward_mean", "reward/mean", "trainer/reward_mean", "rewards/mean", "reward"):
-        if isinstance(rec.get(key), (int, float)):
-            return float(rec[key])
-    return None
+    """The mean task reward of one trainer step record (trainer/loop.py writes ``reward_mean``)."""
+    reward = rec.get("reward_mean")
+    return float(reward) if isinstance(reward, (int, float)) else None
 
 
 def trainer_jsonl(run_dir: Path) -> Path:
@@ -39,19 +37,21 @@ def trainer_jsonl(run_dir: Path) -> Path:
 
 def step_of(rec: dict) -> int | None:
     """The step of a trainer step record (one with a reward); None for any other record."""
-    step = rec.get("step", rec.get("policy_version"))
+    step = rec.get("step")
     return step if isinstance(step, int) and reward_of(rec) is not None else None
+
+
+def last_per(recs: list[dict], key) -> list[dict]:
+    """One record per ``key(rec)`` (None: skipped), in its order; the last one wins."""
+    by_key = {k: rec for rec in recs if (k := key(rec)) is not None}
+    return [by_key[k] for k in sorted(by_key)]
 
 
 def step_records(run_dir: Path, since: int = 0) -> list[dict]:
     """One record per trainer step written from byte ``since`` of trainer.jsonl on (0: the whole
     run; the size at start: this invocation's steps); the last one wins after a resume replays a
     step."""
-    by_step: dict[int, dict] = {}
-    for rec in read_jsonl(trainer_jsonl(run_dir), since):
-        if (step := step_of(rec)) is not None:
-            by_step[step] = rec
-    return [by_step[k] for k in sorted(by_step)]
+    return last_per(read_jsonl(trainer_jsonl(run_dir), since), step_of)
 
 
 def eval_summary(run_dir: Path) -> dict:
@@ -109,9 +109,8 @@ def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
 
 def eval_records(run_dir: Path) -> list[dict]:
     """One ``eval.jsonl`` record per evaluated policy version (the last one wins)."""
-    by_version = {rec["policy_version"]: rec for rec in read_jsonl(run_dir / "eval.jsonl")
-                  if isinstance(rec.get("policy_version"), int)}
-    return [by_version[v] for v in sorted(by_version)]
+    return last_per(read_jsonl(run_dir / "eval.jsonl"),
+                    lambda rec: v if isinstance(v := rec.get("policy_version"), int) else None)
 
 
 def curve_figure(run_dir: Path, recs: list[dict], evals: list[dict]) -> Figure:
@@ -119,7 +118,7 @@ def curve_figure(run_dir: Path, recs: list[dict], evals: list[dict]) -> Figure:
     policy version, which is the trainer step that produced those weights."""
     from matplotlib.figure import Figure  # no pyplot: no global figure registry, no GUI backend
 
-    steps = [r.get("step", r.get("policy_version")) for r in recs]
+    steps = [r["step"] for r in recs]
     rewards = [reward_of(r) for r in recs]
     k = max(1, min(SUMMARY_WINDOW, len(rewards)))
     windows = [rewards[max(0, i - k + 1):i + 1] for i in range(len(rewards))]
