@@ -10,12 +10,12 @@ working directory they inherit; each check's docstring says what it checks.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from areal_like.job_facts import model_json
 from areal_like.settings.config import ConfigError, RunConfig
 from areal_like.tasks.callables import split_function_path
 from areal_like.weights.hf import (
@@ -113,14 +113,11 @@ def check_warm_start(cfg: RunConfig) -> list[str]:
 
 
 def check_task_files(cfg: RunConfig) -> list[str]:
-    t, out = cfg.task, []
-    if t.name == "dataset" and t.dataset_path and not Path(t.dataset_path).expanduser().exists():
-        out.append(f"task.dataset_path={t.dataset_path!r} does not exist "
-                   f"(relative paths start at {os.getcwd()})")
-    if t.eval_path and not Path(t.eval_path).expanduser().exists():
-        out.append(f"task.eval_path={t.eval_path!r} does not exist "
-                   f"(relative paths start at {os.getcwd()})")
-    return out
+    t = cfg.task
+    paths = (("task.dataset_path", t.dataset_path if t.name == "dataset" else ""),
+             ("task.eval_path", t.eval_path))
+    return [f"{key}={value!r} does not exist (relative paths start at {os.getcwd()})"
+            for key, value in paths if value and not Path(value).expanduser().exists()]
 
 
 def check_dataset_columns(cfg: RunConfig) -> list[str]:
@@ -291,12 +288,10 @@ def check_tp_size(cfg: RunConfig) -> list[str]:
     if tp == 1:
         return []
     heads, kv, where = cfg.model.num_attention_heads, cfg.model.num_key_value_heads, "model"
-    config = Path(cfg.model.path or "").expanduser() / "config.json"
-    if cfg.model.path and config.is_file():
-        hf = json.loads(config.read_text())
-        hf = hf.get("text_config", hf)  # multimodal configs nest the language model's
-        heads = hf.get("num_attention_heads", heads)
-        kv, where = hf.get("num_key_value_heads", heads), str(config)
+    config = Path(cfg.model.path or "") / "config.json"
+    if cfg.model.path and config.is_file():  # model_json: a multimodal model's text_config too
+        heads = model_json(cfg.model, "num_attention_heads") or heads
+        kv, where = model_json(cfg.model, "num_key_value_heads") or heads, str(config)
     if heads % tp or (kv % tp if kv >= tp else tp % kv):
         return [f"rollout.engine.tp_size={tp} does not divide the model's {heads} attention heads "
                 f"and {kv} key/value heads ({where}): SGLang would fail after loading the model; "

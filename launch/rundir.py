@@ -31,12 +31,9 @@ CHECKPOINT_DONE = "meta.pt"  # written last into a checkpoint directory before i
 
 def latest_checkpoint_step(checkpoint_dir: Path) -> int | None:
     """The policy version of the newest complete checkpoint under ``checkpoint_dir``, or None."""
-    if not checkpoint_dir.is_dir():
-        return None
-    steps = [int(p.name[len(CHECKPOINT_PREFIX):]) for p in checkpoint_dir.iterdir()
-             if p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()
-             and (p / CHECKPOINT_DONE).is_file()]
-    return max(steps, default=None)
+    versions = (p.parent.name[len(CHECKPOINT_PREFIX):]
+                for p in checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}*/{CHECKPOINT_DONE}"))
+    return max((int(v) for v in versions if v.isdigit()), default=None)
 
 
 def lock_run_dir(run_dir: Path) -> int:

@@ -60,20 +60,17 @@ def newest_run_dir(root: str | Path = "runs") -> str | None:
     hand) by that."""
     dirs = {p.parent for name in (SETTINGS_FILE, "ports.json")
             for p in Path(root).glob(f"**/{name}")}
-    started = [(t, str(d)) for d in dirs if (t := _started_at(d)) is not None]
+    started = [(t, str(d)) for d in dirs
+               if (t := _mtime(d / SETTINGS_FILE, d / "ports.json")) is not None]
     return max(started)[1] if started else None
 
 
-def _started_at(run_dir: Path) -> float | None:
-    at = _mtime(run_dir / SETTINGS_FILE)
-    return at if at is not None else _mtime(run_dir / "ports.json")
-
-
-def _mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
+def _mtime(*paths: Path) -> float | None:
+    """The modification time of the first of ``paths`` that exists."""
+    for path in paths:
+        with contextlib.suppress(OSError):
+            return path.stat().st_mtime
+    return None
 
 
 def launcher(run_dir: Path) -> int | None:

@@ -280,9 +280,6 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
     """``areal-like plan``: a header, then per process its node, name, GPUs (``-`` inherited,
     ``none`` hidden) and where it listens or connects; a port ``cfg`` leaves at 0 is ``auto``.
     ``cfg`` is laid out (``launch.job.laid_out``): its weight path is resolved."""
-    ws = cfg.trainer.weight_sync
-    backend = (ws.backend if ws.backend != "auto"
-               else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo"))
     fixed_metrics = {"buffer": cfg.buffer.metrics_port, "rollout": cfg.rollout.metrics_port,
                      "trainer": cfg.trainer.metrics_port}
     rows = [("node", "process", "gpus", "ports and addresses")]
@@ -295,7 +292,7 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
         elif s.kind == "rollout":
             where = f"{metrics}  {_engine(cfg, host)}"
         else:
-            where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "", backend, ws.path)
+            where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "")
         rows.append((str(s.node), s.name, _gpus(s.gpus), where))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     return [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}".rstrip()
@@ -313,8 +310,7 @@ def _gpus(gpus: tuple[int, ...] | None) -> str:
     return planned if inherited is None else f"{planned} (={visible_devices(gpus, inherited)})"
 
 
-def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, backend: str,
-                   path: str) -> str:
+def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str) -> str:
     """One torchrun (on several nodes its ``--node-rank`` and global ranks), or, for one rank on
     one node, the trainer process itself."""
     la, ws = cfg.launch, cfg.trainer.weight_sync
@@ -326,8 +322,10 @@ def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str, 
                  f"global {first}..{first + la.trainer_ranks - 1}")
     if not metrics:  # another training node: its ranks reach rank 0 through the rendezvous
         return f"torchrun {ranks} rendezvous {topo.host}:auto"
+    backend = (ws.backend if ws.backend != "auto"
+               else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo"))
     sync = (f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}"
-            if path == "distributed" else f"weight sync {path} (no group)")
+            if ws.path == "distributed" else f"weight sync {ws.path} (no group)")
     if la.nodes == 1 and la.trainer_ranks == 1:
         return f"{metrics}  python -m trainer (1 rank, no torchrun)  {sync}"
     return f"{metrics} (rank 0)  torchrun {ranks} rendezvous {topo.host}:auto  {sync}"
