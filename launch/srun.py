@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 import psutil
 
-from areal_like.settings.config import ConfigError, RunConfig
+from areal_like.settings.config import ConfigError, RunConfig, load_daemon_config
 from launch.job import (
     engine_start_s,
     plan_job,
@@ -251,8 +251,6 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["after"]:
         return after(argv[1:])
     if argv[:1] == ["final-eval"] and len(argv) == 5 and argv[1::2] == ["--config-file", "--pid"]:
-        from areal_like.settings.config import load_daemon_config
-
         return final_eval(load_daemon_config(["--config-file", argv[2]]), int(argv[4]))
     ap = argparse.ArgumentParser(prog="python -m launch.srun", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -276,8 +274,6 @@ def main(argv: list[str]) -> int:
         if args.command == "head-ip":
             print(head_ip(args.iface))
             return 0
-        from areal_like.settings.config import load_daemon_config
-
         cfg = load_daemon_config(["--config-file", args.config_file])
         hosts = args.hosts.split(",")
         topo, steps = slurm_steps(cfg, hosts, config=args.config_file, cpus=args.cpus_per_node,

@@ -97,8 +97,7 @@ class TrackerSink:
 
     @classmethod
     def from_config(cls, cfg: RunConfig, run_dir: str | Path | None = None) -> TrackerSink:
-        run_dir = run_dir if run_dir is not None else cfg.run_dir
-        return cls(run_dir, build_trackers(cfg, run_dir))
+        return cls(run_dir if run_dir is not None else cfg.run_dir, build_trackers(cfg, run_dir))
 
     def poll(self, final: bool = False) -> int:
         """Forward every new complete row; ``final`` when the writers have stopped. Returns how many

@@ -105,6 +105,13 @@ def cell(value: Any) -> Any:
             else json.dumps(value))
 
 
+def table(rows: list[dict]) -> dict[str, list]:
+    """``columns`` (every key, in order of appearance) and ``data`` (one list of cells a row): the
+    keywords of wandb's and trackio's ``Table``."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    return {"columns": columns, "data": [[cell(r.get(c)) for c in columns] for r in rows]}
+
+
 class JsonlTracker(Tracker):
     """The merged view: ``{"step", "metrics"}`` and ``{"step", "table", "rows"}`` lines, in arrival
     order.
@@ -187,11 +194,8 @@ class WandbTracker(Tracker):
         self.run.log({**metrics, **{f"{s}/step": step for s in series}})
 
     def log_table(self, name: str, rows: list[dict], step: int) -> None:
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        table = self.wandb.Table(columns=columns,
-                                 data=[[cell(r.get(c)) for c in columns] for r in rows])
         # each log is a new version of the table; rows carry their "step"
-        self.run.log({name: table})
+        self.run.log({name: self.wandb.Table(**table(rows))})
 
     def close(self) -> None:
         self.run.finish()
@@ -259,10 +263,7 @@ class TrackioTracker(Tracker):
         self.run.log(dict(metrics), step=step)
 
     def log_table(self, name: str, rows: list[dict], step: int) -> None:
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        table = self.trackio.Table(columns=columns,
-                                   data=[[cell(r.get(c)) for c in columns] for r in rows])
-        self.run.log({name: table}, step=step)
+        self.run.log({name: self.trackio.Table(**table(rows))}, step=step)
 
     def close(self) -> None:
         with contextlib.redirect_stdout(sys.stderr):
