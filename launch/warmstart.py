@@ -140,9 +140,9 @@ def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = pri
     rng = random.Random(cfg.seed + 1)
     n, bs = len(task), cfg.warm_start.batch_size
     eval_idx = [rng.randrange(n) for _ in range(EVAL_PROMPTS)]
+    episodes = cfg.task.env or cfg.task.agent
     for step in range(1, cfg.warm_start.steps + 1):
         picks = [rng.randrange(n) for _ in range(bs)]
-        episodes = cfg.task.env or cfg.task.agent
         pairs = _demo_pairs(cfg, task, picks, tok, rng) if episodes else _pairs(task, picks, tok)
         ids, labels, mask = _batch(pairs)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -152,7 +152,7 @@ def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = pri
         opt.step()
         if step % LOG_EVERY == 0 or step == cfg.warm_start.steps:
             log(f"step {step}/{cfg.warm_start.steps} loss {loss.item():.3f}")
-    if cfg.task.env or cfg.task.agent:  # episodes: the RL run's first steps measure the warm start
+    if episodes:  # the RL run's first steps measure the warm start
         greedy = sampled = None
     else:
         greedy, sampled = evaluate(model.eval(), tok, task, eval_idx, cfg.task.max_new_tokens,
