@@ -12,7 +12,7 @@ Invariants:
 * otherwise scoring never raises and never hangs past ``task.reward_timeout_s`` per sample (per
   batch POST, remote): a sample whose reward raises, times out, returns no finite number, runs out
   of memory or kills its worker scores ``(0.0, reason)``; each kind of failure is logged at most
-  once per ``WARN_EVERY_S`` with how many went unlogged since;
+  once per ``WARN_EVERY_S`` with how many such lines went unlogged since;
 * a worker that timed out, died or ran out of memory is killed with its process group and
   replaced; the others go on;
 * results come back in the order of the responses; ``close()`` leaves no worker behind;
@@ -32,6 +32,7 @@ from collections.abc import Callable
 import aiohttp
 
 from areal_like.net.metrics import Metrics
+from areal_like.net.ratelog import RateLimitedLog
 from areal_like.settings.config import TaskConfig
 from areal_like.tasks.callables import import_function
 from rollout_server.reward_worker import as_reward, scrubbed_env
@@ -69,18 +70,16 @@ class RewardPool:
         self.path = cfg.reward_fn or default_path
         self.name = (f"task.reward_fn={self.path!r}" if cfg.reward_fn
                      else f"the task's reward {self.path!r}")
-        self.timeout_s, self.memory_mb = cfg.reward_timeout_s, cfg.reward_memory_mb
+        self.timeout_s = cfg.reward_timeout_s
         self.limits = SandboxLimits(timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
                                     processes=processes)
         self.url, self.retries = cfg.reward_url, cfg.reward_retries
         self.metrics = metrics
-        self.clock: Callable[[], float] = time.monotonic  # paces the failure warnings
+        self.warnings = RateLimitedLog(log, WARN_EVERY_S)  # one line per kind of failure
         self._workers = WorkerPool(self.path, self.limits, cfg.reward_workers, "reward")
-        self._lock = self._workers.lock  # also guards _error, _closed and _warned
+        self._lock = self._workers.lock  # also guards _error and _closed
         self._closed = False
         self._error: str | None = None  # set once: why the pool cannot score (RewardPoolError)
-        # kind -> (when last logged, failures unlogged since)
-        self._warned: dict[str, tuple[float, int]] = {}
         # task.reward_workers=0: the reward itself, called here
         self._inline: Callable | None = None
         if not self.url and cfg.reward_workers == 0:
@@ -154,11 +153,11 @@ class RewardPool:
         self._observe(seconds := time.monotonic() - t0)
         if why is not None:
             self._failed(kind, why)
-        if seconds > self.timeout_s and self._due("slow") is not None:
-            log.warning("%s took %.1fs in this process, past task.reward_timeout_s=%.1fs, which "
-                        "task.reward_workers=0 does not enforce: the server's loop (heartbeats "
-                        "included) waited meanwhile (logged at most every %.0fs)", self.name,
-                        seconds, self.timeout_s, WARN_EVERY_S)
+        if seconds > self.timeout_s:
+            self.warnings.warning(
+                "slow", "%s took %.1fs in this process, past task.reward_timeout_s=%.1fs, which "
+                "task.reward_workers=0 does not enforce: the server's loop (heartbeats included) "
+                "waited meanwhile", self.name, seconds, self.timeout_s)
         return reward, why
 
     # ------------------------------------------------------------------ local
@@ -234,25 +233,8 @@ class RewardPool:
             self.metrics.counter("rollout/reward_failures",
                                  "samples scored 0 because their reward failed",
                                  ("kind",)).labels(kind=kind).inc(n)
-        if (unlogged := self._due(kind, n)) is None:
-            return
-        since = f"; {unlogged} more since the last warning" if unlogged else ""
-        log.warning("%s: %d sample(s) scored 0, reward failure (%s): %s%s (logged at most every "
-                    "%.0fs per kind)",
-                    self.name, n, kind, reason, since, WARN_EVERY_S)
-
-    def _due(self, kind: str, n: int = 0) -> int | None:
-        """A warning of ``kind`` may be logged now (at most once per WARN_EVERY_S): how many events
-        of that kind went unlogged since the last one; None: not yet (these ``n`` are added to
-        them)."""
-        now = self.clock()
-        with self._lock:
-            last, unlogged = self._warned.get(kind, (None, 0))
-            if last is not None and now - last < WARN_EVERY_S:
-                self._warned[kind] = (last, unlogged + n)
-                return None
-            self._warned[kind] = (now, 0)
-        return unlogged
+        self.warnings.warning(kind, "%s: %d sample(s) scored 0, reward failure (%s): %s",
+                              self.name, n, kind, reason)
 
     # ------------------------------------------------------------------ remote
     async def _score_remote(self, prompt: str, responses: list[str], example) -> list[Score]:
