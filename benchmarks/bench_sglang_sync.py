@@ -131,7 +131,7 @@ async def one_version(client, sender, p, mode: str) -> dict:
     t0 = time.perf_counter()
     sender.stdin.write(json.dumps([b.names for b in p.buckets]) + "\n")
     sender.stdin.flush()
-    done = await apply_weight_sync(client, p, "bench", drain=False, door=True, pause_mode=mode)
+    done = await apply_weight_sync(client, p, "bench", door=True, pause_mode=mode)
     if not done.ok:
         print(
             f"[bench_sglang_sync] {mode} v{p.policy_version}: {done.reason}",
@@ -217,7 +217,7 @@ async def _form(client, sender, p, mode: str) -> dict:
     """The warm-up version, which forms the group (abort mode: the group is its point)."""
     from rollout_server.weight_update import apply_weight_sync
 
-    done = await apply_weight_sync(client, p, "bench", drain=False, door=True, pause_mode="abort")
+    done = await apply_weight_sync(client, p, "bench", door=True, pause_mode="abort")
     assert (await asyncio.to_thread(sender.stdout.readline)).strip() == "joined"
     await asyncio.to_thread(sender.stdout.readline)
     if not done.ok:

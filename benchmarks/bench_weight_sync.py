@@ -164,7 +164,7 @@ async def receiver_trials(args: argparse.Namespace, rank: int, wport: int, bucke
                     dist.broadcast(flat, group_src=0, group=pg)
                     loaded = pause = time.perf_counter() - t0
                 else:
-                    done = await apply_weight_sync(client, plan, f"engine-{rank}", drain=False,
+                    done = await apply_weight_sync(client, plan, f"engine-{rank}",
                                                    load_format=(FLATTENED if case == "flattened"
                                                                 else None))
                     if not done.ok:

@@ -108,8 +108,8 @@ class RolloutServer(Daemon):
         self.versions = RuntimeVersions()  # the engine's torch/CUDA/NCCL, for Register
         self.link: BufferLink | None = None  # made with the buffer connections (main)
         self.episodes: set[asyncio.Task] = set()
-        self.plans: dict[tuple, WeightSyncPlan] = {}
-        self.plans_handled: set[tuple] = set()
+        self.plan: WeightSyncPlan | None = None  # the newest plan offered and not yet taken
+        self.plans_handled: set[tuple] = set()  # every plan offered: none is applied twice
         self.episode_failures = 0
         self.syncing = False  # a weight sync is being applied: no lease is asked for
         # rollout.eval: runs the job's evaluations (rollout_server/evaluate.py)
@@ -245,7 +245,7 @@ class RolloutServer(Daemon):
         self.link = BufferLink(self.control, self.data, self.server_id, self.metrics,
                                free_slots=lambda: (self.rcfg.max_concurrent_groups
                                                    - len(self.episodes)),
-                               blocked=lambda: self.syncing or bool(self.plans),
+                               blocked=lambda: self.syncing or self.plan is not None,
                                start=self.start_episode)
         background = []
         try:
@@ -425,23 +425,20 @@ class RolloutServer(Daemon):
 
     # ------------------------------------------------------------------ weight sync
     def offer_plan(self, plan: WeightSyncPlan) -> None:
+        """Keep ``plan`` if it names us and is new: the newest one offered supersedes the others
+        (of two of one version, the later: a re-push)."""
         key = (plan.policy_version, plan.plan_id, plan.group_name, plan.master_addr,
                plan.master_port, plan.reform)
         if (key in self.plans_handled
                 or not any(m.server_id == self.server_id for m in plan.members)):
             return
-        self.plans[key] = plan
+        self.plans_handled.add(key)
+        if self.plan is None or plan.policy_version >= self.plan.policy_version:
+            self.plan = plan
         self.wake.set()
 
     def next_plan(self) -> WeightSyncPlan | None:
-        """The newest pending plan (of two of one version, the later: a re-push); older ones are
-        superseded."""
-        if not self.plans:
-            return None
-        key = max(reversed(list(self.plans)), key=lambda k: k[0])  # max keeps the first of equals
-        self.plans_handled.update(self.plans)
-        plan = self.plans[key]
-        self.plans.clear()
+        plan, self.plan = self.plan, None
         return plan
 
     async def sync_weights(self, plan: WeightSyncPlan) -> None:
@@ -449,16 +446,16 @@ class RolloutServer(Daemon):
                        plan.reform, len(plan.buckets))
         self.syncing = True
         try:
+            drained = self.episodes_idle if self.rcfg.drain_on_update else None
             if self.facts.lora.enabled and self.rcfg.engine.kind == "sglang":  # the adapter alone
-                drained = self.episodes_idle if self.rcfg.drain_on_update else None
                 done = await apply_adapter_sync(self.client, plan, self.server_id,
                                                 pause_mode=self.rcfg.pause_mode,
                                                 inflight_drained=drained)
             else:
                 done = await apply_weight_sync(
-                    self.client, plan, self.server_id, drain=self.rcfg.drain_on_update,
+                    self.client, plan, self.server_id, inflight_drained=drained,
                     door=self.rcfg.engine.kind != "embedded",  # torch's own join: SGLang
-                    inflight_drained=self.episodes_idle, pause_mode=self.rcfg.pause_mode)
+                    pause_mode=self.rcfg.pause_mode)
         finally:
             self.syncing = False
         if done.ok:
@@ -507,7 +504,7 @@ class RolloutServer(Daemon):
 
     # ------------------------------------------------------------------ evaluation
     def maybe_evaluate(self) -> None:
-        if (self.evaluator is None or self.eval_task is not None or self.syncing or self.plans
+        if (self.evaluator is None or self.eval_task is not None or self.syncing or self.plan
                 or not self.evaluator.schedule.due(self.policy_version)):
             return
         self.eval_task = asyncio.create_task(self.evaluate(), name="evaluate")
@@ -524,7 +521,7 @@ class RolloutServer(Daemon):
                 # a plan published just before came in the heartbeat its PUB hint sent, or comes
                 await asyncio.sleep(self.rcfg.heartbeat_s)
                 await self.heartbeat()  # in this answer's pending_plan; the main loop applies it
-            while self.syncing or self.plans:
+            while self.syncing or self.plan:
                 await asyncio.sleep(LOOP_TICK_S)
             self.eval_version = self.policy_version
             record = await self.evaluator.run(self.client, self.eval_version)

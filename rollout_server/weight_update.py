@@ -59,11 +59,11 @@ class _Deadline:
 
 
 async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *,
-                            drain: bool,
                             inflight_drained: Callable[[], Awaitable[None]] | None = None,
                             load_format: str | None = FLATTENED, door: bool = False,
                             pause_mode: str = "abort") -> SyncDone:
     """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused.
+    With ``inflight_drained`` (drain mode) the pause waits for it first (``DRAIN_SHARE``);
     ``load_format=None`` (one broadcast per tensor) is for senders that do not pack buckets;
     ``pause_mode``: SGLang's ``/pause_generation`` mode (``PAUSE_MODES``)."""
     member = next((m for m in plan.members if m.server_id == server_id), None)
@@ -80,7 +80,7 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     try:
         if plan.reform and receiver.joins_group:
             init_task = await _start_group_join(client, plan, member.rank_offset, deadline, door)
-        if drain and inflight_drained is not None:
+        if inflight_drained is not None:
             await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
         if init_task is not None:
             await asyncio.wait_for(asyncio.shield(init_task), deadline.left())

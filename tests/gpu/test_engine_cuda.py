@@ -195,7 +195,7 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
                                           members=[SyncMember(server_id="e", rank_offset=1)],
                                           buckets=specs,
                                           deadline_s=HTTP_TIMEOUT_S)
-                    done = await apply_weight_sync(client, plan, "e", drain=False)
+                    done = await apply_weight_sync(client, plan, "e")
                     out.append((done.ok, done.reason, state_checksum(engine.model)))
             return out
 

@@ -97,7 +97,7 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
             sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
-                done = await apply_weight_sync(client, plan, "gpu", drain=False)
+                done = await apply_weight_sync(client, plan, "gpu")
                 _, err = await asyncio.to_thread(sender.communicate, timeout=300)
                 assert sender.returncode == 0, err[-2000:]
             finally:

@@ -226,7 +226,7 @@ def test_weight_sync_seconds(engine, figure):
                                       members=[SyncMember(server_id="e", rank_offset=1)],
                                       buckets=buckets,
                                       deadline_s=HTTP_TIMEOUT_S)
-                return await apply_weight_sync(client, plan, "e", drain=False)
+                return await apply_weight_sync(client, plan, "e")
 
         t0 = time.perf_counter()
         done = asyncio.run(sync())

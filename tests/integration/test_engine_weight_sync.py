@@ -210,7 +210,7 @@ def test_consecutive_flattened_bucket_syncs_swap_exact_weights(engine, spawn_pyt
                                       backend="gloo", reform=version == 1,
                                       members=[SyncMember(server_id="e", rank_offset=1)],
                                       buckets=buckets, deadline_s=HTTP_TIMEOUT_S)
-                done = await apply_weight_sync(client, plan, "e", drain=False)
+                done = await apply_weight_sync(client, plan, "e")
                 out.append((done.ok, done.reason, await client.weight_version(),
                             state_checksum(engine.model)))
                 _no_spare_is_viewed_by_a_parameter(engine)
@@ -264,7 +264,7 @@ def test_a_sender_crash_mid_sync_never_labels_mixed_weights(engine, spawn_python
                               members=[SyncMember(server_id="e", rank_offset=1)],
                               buckets=plan_specs, deadline_s=HTTP_TIMEOUT_S)
         async with SGLangClient(engine.url, timeout_s=HTTP_TIMEOUT_S) as client:
-            done = await apply_weight_sync(client, plan, "e", drain=False)
+            done = await apply_weight_sync(client, plan, "e")
             return done, await client.weight_version()
 
     done, served = asyncio.run(sync(1, ports[0]))

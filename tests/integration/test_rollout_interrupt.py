@@ -78,7 +78,7 @@ async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen, pau
         t0 = time.monotonic()  # pause once every sample is well under way (about 40 tokens each)
         while await generated_tokens(client) < 40 * len(PROMPTS) and time.monotonic() - t0 < 60:
             await asyncio.sleep(0.01)
-        done = await apply_weight_sync(client, plan, "engine-under-test", drain=False,
+        done = await apply_weight_sync(client, plan, "engine-under-test",
                                        pause_mode=pause_mode)
         _, err = await asyncio.to_thread(sender.communicate, timeout=120)
         assert sender.returncode == 0, err[-2000:]

@@ -271,7 +271,7 @@ def weight_sync_setup() -> tuple[WeightSyncPlan, subprocess.Popen]:
 
 async def sync_from_sender(client: SGLangClient, plan: WeightSyncPlan, sender: subprocess.Popen,
                            door: bool = False):
-    done = await apply_weight_sync(client, plan, "contract", drain=False, door=door)
+    done = await apply_weight_sync(client, plan, "contract", door=door)
     _, err = await asyncio.to_thread(sender.communicate, timeout=120)
     assert sender.returncode == 0, err[-2000:]
     return done

@@ -157,7 +157,7 @@ def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at
                         # dies holding the session, before its first bucket
                         os.kill(kill_pid, signal.SIGKILL)
                         return
-                    done = await apply_weight_sync(sg, plan, server_id, drain=False)
+                    done = await apply_weight_sync(sg, plan, server_id)
                     # workaround: the applier leaves the engine's update session open after a
                     # failed bucket, and the next begin_weight_update is refused (reported)
                     if not done.ok:

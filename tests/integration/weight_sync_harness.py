@@ -154,7 +154,7 @@ class Driver(threading.Thread):
                     handled.add(plan.plan_id)
                     self.taken.append((plan.policy_version, plan.plan_id))
                     applying = asyncio.create_task(apply_weight_sync(
-                        sg, plan, self.server_id, drain=False, door=self.sglang is not None))
+                        sg, plan, self.server_id, door=self.sglang is not None))
                     applying_plan = (plan.policy_version, plan.plan_id, time.monotonic())
                 await asyncio.sleep(0.1)
         finally:

@@ -96,7 +96,6 @@ async def push(
             client,
             plan,
             "s",
-            drain=False,
             load_format=load_format,
             door=True,
             pause_mode=pause_mode,
@@ -113,7 +112,7 @@ async def push(
 
 async def load_from_disk(client, path: Path, version: int) -> None:
     plan = _plan(version, _model(0).state_dict(), 0, "disk", path="disk", payloads=[str(path)])
-    done = await apply_weight_sync(client, plan, "s", drain=False)
+    done = await apply_weight_sync(client, plan, "s")
     assert done.ok, done.reason
     assert await client.weight_version() == str(version)
 
@@ -155,7 +154,7 @@ def test_the_tensor_path_serves_the_trainers_weights(sglang_server):
 
     async def scenario():
         async with _client(sglang_server) as client:
-            done = await apply_weight_sync(client, plan, "s", drain=False)
+            done = await apply_weight_sync(client, plan, "s")
             assert done.ok, done.reason
             assert await client.weight_version() == "13"
             assert_served(await engine_logprobs(client, 1.0), model, 1.0)

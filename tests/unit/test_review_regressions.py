@@ -74,11 +74,11 @@ def test_a_begin_that_times_out_after_the_engine_opened_the_session_does_not_wed
         engine = SessionEngine(begin_delays=[2.0])
         client = SGLangClient(await engine.start(), timeout_s=10.0)
         try:
-            first = await apply_weight_sync(client, _plan(1, deadline_s=0.5), "s0", drain=False)
+            first = await apply_weight_sync(client, _plan(1, deadline_s=0.5), "s0")
             assert not first.ok
             assert engine.calls[-1] == "/continue_generation"  # never left paused
             await asyncio.sleep(2.0)  # the slow begin handler has finished
-            second = await apply_weight_sync(client, _plan(2, deadline_s=10.0), "s0", drain=False)
+            second = await apply_weight_sync(client, _plan(2, deadline_s=10.0), "s0")
             assert second.ok, second.reason
             assert not engine.session_open
         finally:

@@ -378,7 +378,7 @@ def test_weight_sync_follows_the_contract_in_order():
 
         async def drain():
             drained.append(len(server.calls))
-        done = await apply_weight_sync(client, _plan(reform=True), "s1", drain=True,
+        done = await apply_weight_sync(client, _plan(reform=True), "s1",
                                        inflight_drained=drain)
         assert done.ok and done.server_id == "s1" and done.policy_version == 3 and done.pause_s > 0
         assert [p for p, _ in server.calls] == [
@@ -402,15 +402,14 @@ def test_weight_sync_follows_the_contract_in_order():
 
         # not a member: nothing is called
         n = len(server.calls)
-        done = await apply_weight_sync(client, _plan(reform=False), "s9", drain=False)
+        done = await apply_weight_sync(client, _plan(reform=False), "s9")
         assert not done.ok and "not a member" in done.reason and len(server.calls) == n
 
         # a path this server does not know (a newer trainer): refused, naming it,
         # and nothing is called
         done = await apply_weight_sync(client,
                                        msgspec.structs.replace(_plan(reform=False), path="shm"),
-                                       "s1",
-                                       drain=False)
+                                       "s1")
         assert (not done.ok and "unknown weight-sync path 'shm'" in done.reason
                 and len(server.calls) == n)
     run(body)
@@ -426,7 +425,7 @@ def test_a_failed_sync_reports_the_reason_and_always_continues():
         server.script["/update_weights_from_distributed"] = [
             (400, {"success": False, "message": "bad shape"})]
         server.script["/end_weight_update"] = [OK]
-        done = await apply_weight_sync(client, _plan(reform=False), "s0", drain=False)
+        done = await apply_weight_sync(client, _plan(reform=False), "s0")
         assert not done.ok and "bad shape" in done.reason
         # the session is closed (or every later sync would be refused) and generation continues
         assert [p for p, _ in server.calls][-2:] == ["/end_weight_update", "/continue_generation"]
@@ -440,8 +439,7 @@ def test_a_failed_sync_reports_the_reason_and_always_continues():
         server.script["/destroy_weights_update_group"] = [
             (400, {"success": False, "message": "no group"})]
         server.script["/init_weights_update_group"] = [hang]
-        done = await apply_weight_sync(client, _plan(reform=True, deadline_s=0.5), "s0",
-                                       drain=False)
+        done = await apply_weight_sync(client, _plan(reform=True, deadline_s=0.5), "s0")
         assert not done.ok and "Timeout" in done.reason and done.pause_s == 0.0
         assert "/pause_generation" not in [p for p, _ in server.calls]
     run(body)
