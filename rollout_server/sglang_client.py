@@ -32,6 +32,7 @@ import asyncio
 import contextlib
 import json
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -46,7 +47,6 @@ GENERATE_TIMEOUT_S = 600.0  # a long generation on a busy CPU engine can take mi
 MAX_ATTEMPTS = 4  # per call; with the backoff below a dead server is declared dead in about 3 s
 BACKOFF_S = 0.25  # first retry delay, doubled per attempt (0.25, 0.5, 1.0)
 ABORT_GRACE_S = 30.0  # a generate aborted at its timeout: how long its partial answer may take
-FLUSH_POLL_S = 0.5  # flush_cache is refused (400) while requests run; poll this often
 
 
 class SGLangError(RuntimeError):
@@ -155,7 +155,7 @@ class SGLangClient:
         self.on_response = on_response
         self.weight_session_supported: bool | None = None  # None: not probed yet
         self.adapter: tuple[str, int] | None = None  # LoRA: what generate calls name, its version
-        self._naming: dict[str, int] = {}  # adapter name -> generate calls in flight that name it
+        self._naming: Counter[str] = Counter()  # adapter name -> generate calls in flight naming it
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> SGLangClient:
@@ -239,7 +239,7 @@ class SGLangClient:
     # ------------------------------------------------------------------ generation
     def running(self, name: str) -> int:
         """How many of this client's generate calls naming adapter ``name`` are in flight."""
-        return self._naming.get(name, 0)
+        return self._naming[name]
 
     async def _generate(self, body: dict, n: int, timeout_s: float | None) -> list[GenerateOutput]:
         """``POST /generate`` of ``body`` (``n`` prompts, 0: a single one) under the adapter
@@ -249,14 +249,12 @@ class SGLangClient:
         named = self.adapter
         if named is not None:
             body["lora_path"] = [named[0]] * n if n else named[0]
-            self._naming[named[0]] = self._naming.get(named[0], 0) + 1
+            self._naming[named[0]] += 1
         try:
             out = await self._generate_or_abort(body, n, timeout_s or self.generate_timeout_s)
         finally:
             if named is not None:
-                self._naming[named[0]] -= 1
-                if not self._naming[named[0]]:
-                    del self._naming[named[0]]
+                self._naming -= Counter([named[0]])  # an adapter at 0 is dropped
         if not n and isinstance(out, list):
             raise SGLangError("/generate", 200, "got a batch answer to a single request (n > 1?)")
         if n and (not isinstance(out, list) or len(out) != n):
@@ -359,21 +357,7 @@ class SGLangClient:
         _, _, raw = await self._call("GET", "/metrics", idempotent=True)
         return parse_exposition(raw)
 
-    # ------------------------------------------------------------------ cache, pause, continue
-    async def flush_cache(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
-        """``POST /flush_cache``, polled while SGLang refuses (400: requests still running)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            try:
-                await self._call("POST", "/flush_cache", idempotent=True,
-                                 timeout_s=max(1e-3, deadline - loop.time()))
-                return
-            except SGLangError as e:
-                if e.status != 400 or loop.time() + FLUSH_POLL_S > deadline:
-                    raise
-            await asyncio.sleep(FLUSH_POLL_S)
-
+    # ------------------------------------------------------------------ pause, continue
     async def pause_generation(self, mode: str = "abort", *,
                                timeout_s: float | None = None) -> None:
         """Returns once every in-flight request was aborted and answered (mode ``abort``)."""
@@ -445,10 +429,8 @@ class SGLangClient:
         await self._load("/update_weights_from_tensor", body, timeout_s, load_format=load_format)
 
     async def update_weights_from_disk(self, model_path: str, *, weight_version: str | None = None,
-                                       abort_all_requests: bool = False,
                                        timeout_s: float | None = None) -> None:
-        body = {"model_path": model_path, "abort_all_requests": abort_all_requests,
-                "weight_version": weight_version}
+        body = {"model_path": model_path, "weight_version": weight_version}
         await self._load("/update_weights_from_disk", body, timeout_s)
 
     async def _load(self, path: str, body: dict, timeout_s: float | None, **always) -> None:

@@ -248,18 +248,6 @@ def test_weight_session_endpoints_missing_on_older_servers_are_detected_once():
     run(body)
 
 
-def test_flush_cache_polls_while_requests_run():
-    async def body(server, client):
-        server.script["/flush_cache"] = [(400, "requests running"), (400, "requests running"),
-                                         (200, "Cache flushed.")]
-        await client.flush_cache(timeout_s=10)
-        assert server.count("/flush_cache") == 3
-        server.script["/flush_cache"] = [(400, "requests running")]
-        with pytest.raises(SGLangError):
-            await client.flush_cache(timeout_s=0.6)
-    run(body)
-
-
 def test_interrupted_sample_is_resumed_with_prompt_plus_tokens_and_remaining_budget():
     abort = {"type": "abort", "message": "Abort by pause", "status_code": None, "err_type": None}
 
