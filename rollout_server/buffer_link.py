@@ -19,6 +19,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -169,10 +170,8 @@ class BufferLink:
             if due:
                 await asyncio.sleep(0)
                 continue
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.ready.wait(), SENDER_IDLE_S)
-            except asyncio.TimeoutError:
-                pass
 
     async def send(self, *us: Unacked) -> bool:
         """Send groups, all in flight at once, each first send asking for the leases of free slots

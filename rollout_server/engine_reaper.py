@@ -13,6 +13,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -95,18 +96,13 @@ def semaphores(files: set[tuple[int, int]]) -> set[str]:
 def reap(pgid: int, files: list[str], timeout_s: float = GONE_TIMEOUT_S) -> bool:
     """Kill what is left of group ``pgid``, wait until it is gone, unlink ``files``. True when the
     group went within ``timeout_s`` (the files are unlinked either way: nothing will use them)."""
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     deadline = time.monotonic() + timeout_s
     while (left := group_members(pgid)) and time.monotonic() < deadline:
         time.sleep(POLL_S)
     for f in files:
-        try:
-            os.unlink(f)
-        except FileNotFoundError:
-            pass
+        Path(f).unlink(missing_ok=True)
     return not left
 
 

@@ -20,6 +20,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -69,10 +70,8 @@ def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
-    try:  # children that outlived their parent in the group
+    with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
         os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key: str | None = None,

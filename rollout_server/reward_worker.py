@@ -20,6 +20,7 @@ call could burn until its timeout. It exits when the pool's end of the socket cl
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -257,13 +258,11 @@ def main(fd: int) -> int:
         _send_json(sock, {"kind": "error",
                           "reason": f"cannot confine the worker: {type(e).__name__}: {e}"})
         return 1
-    try:
+    # ConnectionError, EOFError: the pool's process is gone (or reset the socket): so are we
+    with contextlib.suppress(ConnectionError, EOFError):
         _send_json(sock, {"ready": True})
         while (frame := recv_frame(sock)) is not None:
             _send_json(sock, call_one(fn, frame))
-    except (ConnectionError, EOFError):
-        # the pool's process is gone (or reset the socket): so are we
-        pass
     return 0
 
 

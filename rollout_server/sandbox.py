@@ -18,6 +18,7 @@ loaded.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -144,24 +145,20 @@ class Worker:
         finally:
             theirs.close()
         self.sock, self.ready = ours, False
-        try:
+        with contextlib.suppress(OSError):  # it died at once: its first call says how
             # its own uid from its host pid (its own pid may be 2, in a PID namespace of its own)
             send_frame(ours, pickle.dumps({
                 "path": path, "sys_path": [os.path.abspath(p) for p in sys.path],
                 "memory_mb": limits.memory_mb, "processes": limits.processes,
                 "uid": reward_worker.ISOLATED_UID_BASE + self.proc.pid}))
-        except OSError:  # it died at once: its first call says how
-            pass
 
     def send(self, request: bytes) -> None:
         """Queue one call (a blocking write: the caller queues no more than the socket holds). A
         worker found gone here is reported by the next ``reply``, after the answers it did send."""
         self.wait_ready()
-        try:
+        with contextlib.suppress(OSError):
             self.sock.settimeout(None)  # not the last reply's leftover deadline
             send_frame(self.sock, request)
-        except OSError:
-            pass
 
     def reply(self, timeout_s: float, timeout_reason: str = "") -> dict:
         """The reply to the oldest unanswered call, within ``timeout_s`` from now (a queued call
@@ -205,11 +202,9 @@ class Worker:
         """SIGKILL the worker's process group and reap the worker (idempotent)."""
         # once reaped, its pid (the group's id) may belong to another process
         if self.proc.returncode is None:
-            try:
+            # ProcessLookupError: the group is gone (the worker died, nothing it started lives)
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                # the group is gone (the worker died, and nothing it started lives)
-                pass
             self.proc.wait()
         self.sock.close()
 
@@ -271,9 +266,8 @@ class WorkerPool:
         killed: its slot's next call starts another and says why)."""
         i = self._idle.get()
         try:
-            self.worker(i).wait_ready()
-        except StartFailed:
-            pass
+            with contextlib.suppress(StartFailed):
+                self.worker(i).wait_ready()
         finally:
             self._idle.put(i)
 

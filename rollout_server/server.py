@@ -24,6 +24,7 @@ tasks. A background task that dies takes the daemon down (exit 1).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -195,12 +196,10 @@ class RolloutServer(Daemon):
         self.started = True
 
     def stop(self) -> None:
-        if self.tools is not None:
-            self.tools.close()
-            self.tools = None
-        if self.rewards is not None:
-            self.rewards.close()
-            self.rewards = None
+        for pool in (self.tools, self.rewards):
+            if pool is not None:
+                pool.close()
+        self.tools = self.rewards = None
         if self.engine is not None:
             proc = getattr(self.engine, "proc", None)  # a launched SGLang: its process group
             if self.wedged and proc is not None:
@@ -218,10 +217,8 @@ class RolloutServer(Daemon):
         while not main.done() and not self.stop_requested.is_set():
             await asyncio.wait({main}, timeout=LOOP_TICK_S)
         main.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await main
-        except asyncio.CancelledError:
-            pass
 
     def health(self) -> tuple[bool, dict]:
         """Healthy once ``start`` has its engine up (the launcher starts a trainer sharing the GPU
@@ -275,10 +272,8 @@ class RolloutServer(Daemon):
                 if not await self.link.request_credits():
                     await self.register()  # the buffer does not know us
                 self.wake.clear()
-                try:
+                with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.wake.wait(), LOOP_TICK_S)
-                except asyncio.TimeoutError:
-                    pass
         finally:
             others = [*background, *self.episodes, *([self.eval_task] if self.eval_task else [])]
             for t in others:
@@ -333,10 +328,8 @@ class RolloutServer(Daemon):
 
     async def heartbeats(self) -> None:
         while True:
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.beat_now.wait(), self.rcfg.heartbeat_s)
-            except asyncio.TimeoutError:
-                pass
             self.beat_now.clear()  # a hint arriving during this heartbeat asks for another
             await self.heartbeat()
 
