@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from areal_like.settings.config import EvalConfig, RunConfig, TaskConfig
@@ -35,24 +34,6 @@ from rollout_server.sglang_client import SGLangClient, SGLangError
 # a response "is correct" when its reward reaches 1 (verifiable rewards are 0/1)
 FULL_CREDIT = 1.0 - 1e-6
 EVAL_FILE = "eval.jsonl"
-
-
-@dataclass(frozen=True, slots=True)
-class EvalSettings:
-    """The sampling side of an evaluation, resolved from ``eval.*`` and ``task.*``."""
-
-    k: int
-    temperature: float
-    top_p: float
-    top_k: int
-    max_new_tokens: int
-    max_examples: int
-
-    @classmethod
-    def from_config(cls, ev: EvalConfig, task: TaskConfig) -> EvalSettings:
-        return cls(k=ev.k, temperature=ev.temperature or task.temperature, top_p=task.top_p,
-                   top_k=task.top_k, max_new_tokens=ev.max_new_tokens or task.max_new_tokens,
-                   max_examples=ev.max_examples)
 
 
 class EvalSchedule:
@@ -121,22 +102,23 @@ def summarize(rewards_greedy: Sequence[float], rewards_sampled: Sequence[Sequenc
 
 
 async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[object], list[int]],
-                   decode: Callable[[list[int]], str], rewards, settings: EvalSettings,
+                   decode: Callable[[list[int]], str], rewards, ev: EvalConfig, task: TaskConfig,
                    stop_token_ids: list[int],
                    version_fn: Callable[[], int], concurrency: int = 64) -> dict:
-    """Greedy and k sampled responses for every example, scored with ``rewards`` (a RewardPool:
-    ``await rewards.score_group(prompt, responses, example)``). Returns the figures plus the lowest
-    and highest token version seen."""
+    """Greedy and ``ev.k`` sampled responses for every example, scored with ``rewards`` (a
+    RewardPool: ``await rewards.score_group(prompt, responses, example)``); ``eval.*`` sampling
+    settings left unset are the task's. Returns the figures plus the lowest and highest token
+    version seen."""
     gate = asyncio.Semaphore(concurrency)
     versions: set[int] = set()
-    base = {"top_p": settings.top_p, "top_k": settings.top_k,
-            "stop_token_ids": list(stop_token_ids)}
+    base = {"top_p": task.top_p, "top_k": task.top_k, "stop_token_ids": list(stop_token_ids)}
+    temperature = ev.temperature or task.temperature
+    max_new_tokens = ev.max_new_tokens or task.max_new_tokens
 
     async def one(ids: list[int], temperature: float) -> list[int]:
         async with gate:
             s = await generate_sample(client, ids, dict(base, temperature=temperature),
-                                      settings.max_new_tokens,
-                                      version_fn)
+                                      max_new_tokens, version_fn)
         versions.update(s.versions)
         return s.output_ids
 
@@ -146,8 +128,8 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
         fails."""
         try:
             ids = encode(ex)
-            outs = await asyncio.gather(one(ids, 0.0), *(one(ids, settings.temperature)
-                                                         for _ in range(settings.k)))
+            outs = await asyncio.gather(one(ids, 0.0), *(one(ids, temperature)
+                                                         for _ in range(ev.k)))
         except SGLangError as e:
             errors.append(f"{type(e).__name__}: {e}")
             return None
@@ -159,7 +141,7 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
                if r is not None]
     if errors and not results:
         raise SGLangError("/generate", None, f"every eval prompt failed; the first: {errors[0]}")
-    figures = summarize([g for g, _ in results], [s for _, s in results], settings.k)
+    figures = summarize([g for g, _ in results], [s for _, s in results], ev.k)
     if errors:
         figures["errors"], figures["first_error"] = len(errors), errors[0]
     figures["token_versions"] = [min(versions), max(versions)] if versions else []
@@ -192,7 +174,6 @@ class ServerEvaluator:
         n = len(task) if not facts.eval.max_examples else min(len(task), facts.eval.max_examples)
         self.examples = [task.example(i, 0) for i in range(n)]
         self.encode = lambda ex: encode_prompt(tokenizer, ex, facts.task)
-        self.settings = EvalSettings.from_config(facts.eval, facts.task)
         self.path = facts.run_dir / EVAL_FILE
         self.schedule = EvalSchedule(facts.eval, facts.steps, read_done_versions(self.path))
 
@@ -203,7 +184,8 @@ class ServerEvaluator:
         """``evaluate`` of the eval split on ``client``'s engine, which serves ``version``."""
         eos = self.tokenizer.eos_token_id
         return await evaluate(client, self.examples, self.encode, self.decode, self.rewards,
-                              self.settings, [int(eos)] if eos is not None else [], lambda: version)
+                              self.facts.eval, self.facts.task,
+                              [int(eos)] if eos is not None else [], lambda: version)
 
     async def run(self, client: SGLangClient, version: int) -> dict:
         """Evaluate the engine (which serves ``version``) and record the result."""
@@ -215,7 +197,7 @@ class ServerEvaluator:
         append_record(self.path, record)
         self.schedule.done.add(version)
         if self.metrics is not None:
-            record_eval_metrics(self.metrics, record, self.settings.k)
+            record_eval_metrics(self.metrics, record, self.facts.eval.k)
             self.metrics.gauge("rollout/eval_policy_version",
                                "policy version of the last evaluation").set(version)
             self.metrics.counter("rollout/evaluations", "evaluations run").inc()

@@ -13,7 +13,7 @@ import json
 import pytest
 from test_handout import _start, _step  # the buffer service with fake sockets
 
-from areal_like.settings.config import EvalConfig
+from areal_like.settings.config import EvalConfig, TaskConfig
 from areal_like.wire import protocol as P
 from rollout_server.evaluate import EvalSchedule, read_done_versions, summarize
 
@@ -227,14 +227,13 @@ def _eval(examples, k=2):
     import asyncio
 
     from areal_like.tasks.task import Example
-    from rollout_server.evaluate import EvalSettings, evaluate
+    from rollout_server.evaluate import evaluate
 
-    settings = EvalSettings(k=k, temperature=1.0, top_p=1.0, top_k=-1, max_new_tokens=4,
-                            max_examples=0)
+    ev, task = EvalConfig(k=k, temperature=1.0, max_new_tokens=4), TaskConfig(top_p=1.0, top_k=-1)
     exs = [Example(prompt=str(p), answer=str(p + 1)) for p in examples]
     return asyncio.run(evaluate(_ScriptedEngine(), exs,
                                 lambda ex: [int(ex.prompt)], lambda ids: str(ids[0]),
-                                _Rewards(), settings, [2], lambda: 5))
+                                _Rewards(), ev, task, [2], lambda: 5))
 
 
 def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
