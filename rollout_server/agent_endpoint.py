@@ -95,10 +95,10 @@ class AgentEndpoint:
         app.router.add_get("/v1/models", self.list_models)
         self.server = await serve(app, self.host, self.port)
         self.port, self.stats = self.server.port, self.server.stats
-        if self.ctx.metrics is not None:  # read from the guard's count at each scrape
-            self.ctx.metrics.gauge("rollout/agent_unauthorized", "requests to the agent endpoint "
-                                   "refused 401 (no live episode's key)").set_function(
-                lambda: self.unauthorized)
+        # read from the guard's count at each scrape
+        self.ctx.metrics.gauge("rollout/agent_unauthorized", "requests to the agent endpoint "
+                               "refused 401 (no live episode's key)").set_function(
+            lambda: self.unauthorized)
         return self
 
     async def close(self) -> None:
@@ -235,12 +235,11 @@ class AgentEndpoint:
         return out
 
     def _count(self, outcome: str) -> None:
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.counter("rollout/agent_calls", "agent endpoint calls by outcome",
-                                     ("outcome",)).labels(outcome=outcome).inc()
+        self.ctx.metrics.counter("rollout/agent_calls", "agent endpoint calls by outcome",
+                                 ("outcome",)).labels(outcome=outcome).inc()
 
     def _count_split(self, session: EpisodeSession) -> None:
-        if self.ctx.metrics is not None and session.splits:
+        if session.splits:
             self.ctx.metrics.counter("rollout/agent_splits", "agent episodes split where the agent "
                                      "rewrote its history (an extra trajectory each)").inc()
 

@@ -93,6 +93,5 @@ class AgentRunner:
         return reward, error or "", ""
 
     def _count(self, outcome: str) -> None:
-        if self.ctx.metrics is not None:
-            self.ctx.metrics.counter("rollout/agent_episodes", "agent episodes by outcome",
-                                     ("outcome",)).labels(outcome=outcome).inc()
+        self.ctx.metrics.counter("rollout/agent_episodes", "agent episodes by outcome",
+                                 ("outcome",)).labels(outcome=outcome).inc()

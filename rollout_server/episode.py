@@ -104,19 +104,21 @@ async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sa
     """n samples for one prompt, each resubmitted across pauses on its own (module docstring). The
     samples not finished yet go to the engine as ONE batched ``/generate`` (a list of prompts, one
     per sample): one HTTP round trip per group and pause instead of one per sample."""
+    metrics = metrics or Metrics()  # None: counted nowhere
+    in_flight = metrics.gauge("rollout/requests_in_flight", "generate requests open")
     samples, empty = [Sample() for _ in range(n)], [0] * n
     pending = list(range(n))
     while pending:
         inputs = [prompt_ids + samples[i].output_ids for i in pending]
         params = [dict(sampling, max_new_tokens=max_new_tokens - len(samples[i].output_ids))
                   for i in pending]
-        _gauge(metrics, "rollout/requests_in_flight", +len(pending))
+        in_flight.inc(len(pending))
         sent_under = current_version_fn()
         try:
             outs = await client.generate_batch(inputs, params) if len(pending) > 1 else \
                 [await client.generate(inputs[0], params[0])]
         finally:
-            _gauge(metrics, "rollout/requests_in_flight", -len(pending))
+            in_flight.dec(len(pending))
         pending = [i for i, out in zip(pending, outs, strict=True)
                    if not _absorb(samples[i], out, i, empty, max_new_tokens, sent_under,
                                   metrics)]
@@ -124,14 +126,12 @@ async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sa
 
 
 def _absorb(sample: Sample, out: GenerateOutput, i: int, empty: list[int], max_new_tokens: int,
-            version: int, metrics: Metrics | None) -> bool:
+            version: int, metrics: Metrics) -> bool:
     """Append one segment to ``sample``; True when the sample is finished, False to resubmit it."""
     sample.output_ids += out.output_ids
     sample.logprobs += out.logprobs
     sample.versions += segment_versions(out, version)
-    if metrics is not None:
-        metrics.counter("rollout/tokens_generated",
-                        "output tokens received").inc(len(out.output_ids))
+    metrics.counter("rollout/tokens_generated", "output tokens received").inc(len(out.output_ids))
     if out.finish_reason != "abort":
         sample.finish_reason = out.finish_reason
         return True
@@ -145,8 +145,7 @@ def _absorb(sample: Sample, out: GenerateOutput, i: int, empty: list[int], max_n
     if empty[i] > MAX_EMPTY_RESUMES:
         raise SGLangError("/generate", None, f"aborted {empty[i]} times in a row without progress")
     sample.resumed += 1
-    if metrics is not None:
-        metrics.counter("rollout/aborted_resumed_requests", "aborted requests resubmitted").inc()
+    metrics.counter("rollout/aborted_resumed_requests", "aborted requests resubmitted").inc()
     return False
 
 
@@ -161,7 +160,7 @@ class EpisodeContext:
     task_cfg: object  # areal_like.settings.config.TaskConfig
     server_id: str
     current_version_fn: Callable[[], int]
-    metrics: Metrics | None = None
+    metrics: Metrics = field(default_factory=Metrics)
 
     def sampling_params(self) -> dict:
         cfg = self.task_cfg
@@ -186,10 +185,9 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
     samples = await generate_group(ctx.client, prompt_ids, ctx.task_cfg.group_size,
                                    ctx.sampling_params(), ctx.task_cfg.max_new_tokens,
                                    ctx.current_version_fn, ctx.metrics)
-    if ctx.metrics is not None:
-        ctx.metrics.histogram("rollout/generation_seconds", "wall time to generate one group",
-                              buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)).observe(
-                                  time.monotonic() - t0)
+    ctx.metrics.histogram("rollout/generation_seconds", "wall time to generate one group",
+                          buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)).observe(
+                              time.monotonic() - t0)
     texts = [ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
     scores = await ctx.rewards.score_group(example.prompt, texts, example)
     trajectories = []
@@ -201,20 +199,13 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
             prompt_ids=as_i32(prompt_ids), output_ids=as_i32(s.output_ids),
             behav_logp=as_f32(s.logprobs), versions=as_i32(s.versions), reward=reward,
             finish_reason=s.finish_reason, metadata=meta))
-    if ctx.metrics is not None and trajectories:
-        total = sum(t.reward for t in trajectories)
-        ctx.metrics.gauge("rollout/reward_mean",
-                          "mean reward of the last group").set(total / len(trajectories))
-        # every sample's reward: _sum / _count over an interval is its mean reward
-        # (`areal-like top`);
-        # a histogram, not two counters, since a reward may be negative
-        rewards = ctx.metrics.histogram("rollout/reward", "reward of every scored sample",
-                                        buckets=(0.0, 0.25, 0.5, 0.75, 1.0))
-        for t in trajectories:
-            rewards.observe(t.reward)
+    total = sum(t.reward for t in trajectories)
+    ctx.metrics.gauge("rollout/reward_mean",
+                      "mean reward of the last group").set(total / len(trajectories))
+    # every sample's reward: _sum / _count over an interval is its mean reward (`areal-like
+    # top`); a histogram, not two counters, since a reward may be negative
+    rewards = ctx.metrics.histogram("rollout/reward", "reward of every scored sample",
+                                    buckets=(0.0, 0.25, 0.5, 0.75, 1.0))
+    for t in trajectories:
+        rewards.observe(t.reward)
     return ctx.group(credit, trajectories)
-
-
-def _gauge(metrics: Metrics | None, name: str, delta: int) -> None:
-    if metrics is not None:
-        metrics.gauge(name, "generate requests open").inc(delta)

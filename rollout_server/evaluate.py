@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from areal_like.net.metrics import Metrics
 from areal_like.settings.config import EvalConfig, RunConfig, TaskConfig
 from rollout_server.episode import generate_sample
 from rollout_server.facts import RolloutFacts
@@ -168,7 +169,8 @@ class ServerEvaluator:
     def __init__(self, facts: RolloutFacts, tokenizer, rewards, metrics=None):
         from areal_like.tasks.task import encode_prompt, make_task
 
-        self.facts, self.tokenizer, self.rewards, self.metrics = facts, tokenizer, rewards, metrics
+        self.facts, self.tokenizer, self.rewards = facts, tokenizer, rewards
+        self.metrics = metrics or Metrics()  # None: counted nowhere
         task = make_task(facts.task, tokenizer=tokenizer, split="eval")
         self.reward_path = task.reward_path
         n = len(task) if not facts.eval.max_examples else min(len(task), facts.eval.max_examples)
@@ -196,11 +198,10 @@ class ServerEvaluator:
                   "seconds": round(time.monotonic() - t0, 3), **figures}
         append_record(self.path, record)
         self.schedule.done.add(version)
-        if self.metrics is not None:
-            record_eval_metrics(self.metrics, record, self.facts.eval.k)
-            self.metrics.gauge("rollout/eval_policy_version",
-                               "policy version of the last evaluation").set(version)
-            self.metrics.counter("rollout/evaluations", "evaluations run").inc()
+        record_eval_metrics(self.metrics, record, self.facts.eval.k)
+        self.metrics.gauge("rollout/eval_policy_version",
+                           "policy version of the last evaluation").set(version)
+        self.metrics.counter("rollout/evaluations", "evaluations run").inc()
         return record
 
 

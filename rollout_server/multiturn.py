@@ -141,19 +141,16 @@ class EpisodeRunner:
         name = call.name if call.name in registry.specs else "unknown"
         conv.tool_calls.append({"name": name, "outcome": outcome, "seconds": round(seconds, 4)})
         m = self.ctx.metrics
-        if m is not None:
-            m.counter("rollout/tool_calls",
-                      "tool calls by tool and outcome (ok, error, timeout, invalid)",
-                      ("tool", "outcome")).labels(tool=name, outcome=outcome).inc()
-            if outcome != "invalid":
-                m.histogram("rollout/tool_seconds", "wall time of one tool call", ("tool",),
-                            buckets=TOOL_SECONDS_BUCKETS).labels(tool=name).observe(seconds)
+        m.counter("rollout/tool_calls",
+                  "tool calls by tool and outcome (ok, error, timeout, invalid)",
+                  ("tool", "outcome")).labels(tool=name, outcome=outcome).inc()
+        if outcome != "invalid":
+            m.histogram("rollout/tool_seconds", "wall time of one tool call", ("tool",),
+                        buckets=TOOL_SECONDS_BUCKETS).labels(tool=name).observe(seconds)
         return tool_message(name, content, error=outcome != "ok")
 
     def observe(self, conv: Conversation) -> None:
         m = self.ctx.metrics
-        if m is None:
-            return
         m.histogram("rollout/episode_turns", "assistant turns per multi-turn episode",
                     buckets=TURN_BUCKETS).observe(conv.turns)
         m.histogram("rollout/episode_tokens", "prompt + output tokens per multi-turn episode",

@@ -74,7 +74,7 @@ class RewardPool:
         self.limits = SandboxLimits(timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
                                     processes=processes)
         self.url, self.retries = cfg.reward_url, cfg.reward_retries
-        self.metrics = metrics
+        self.metrics = metrics or Metrics()  # None: counted nowhere
         self.warnings = RateLimitedLog(log, WARN_EVERY_S)  # one line per kind of failure
         self._workers = WorkerPool(self.path, self.limits, cfg.reward_workers, "reward")
         self._lock = self._workers.lock  # also guards _error and _closed
@@ -219,20 +219,18 @@ class RewardPool:
             raise RewardPoolError(self._error)
 
     def _observe(self, seconds: float) -> None:
-        if self.metrics is not None:
-            self.metrics.histogram("rollout/reward_seconds", "wall time of one reward call (a "
-                                   "sample in a worker or in process, or a batch POST)",
-                                   buckets=SECONDS_BUCKETS).observe(seconds)
+        self.metrics.histogram("rollout/reward_seconds", "wall time of one reward call (a sample "
+                               "in a worker or in process, or a batch POST)",
+                               buckets=SECONDS_BUCKETS).observe(seconds)
 
     def _failed(self, kind: str, reason: str, n: int = 1) -> None:
         """Count ``n`` samples scored 0 for ``kind``; warn at most once per WARN_EVERY_S for each
         kind."""
         if not n:
             return
-        if self.metrics is not None:
-            self.metrics.counter("rollout/reward_failures",
-                                 "samples scored 0 because their reward failed",
-                                 ("kind",)).labels(kind=kind).inc(n)
+        self.metrics.counter("rollout/reward_failures",
+                             "samples scored 0 because their reward failed",
+                             ("kind",)).labels(kind=kind).inc(n)
         self.warnings.warning(kind, "%s: %d sample(s) scored 0, reward failure (%s): %s",
                               self.name, n, kind, reason)
 
