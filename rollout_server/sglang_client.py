@@ -289,12 +289,11 @@ class SGLangClient:
             await self.abort_request(rid, timeout_s=timeout_s)
 
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
-                       return_logprob: bool = True,
                        timeout_s: float | None = None) -> GenerateOutput:
         """``POST /generate`` for one prompt and one sample (``n`` must be 1: a group's samples are
         requests of their own)."""
         body = {"input_ids": [int(t) for t in input_ids], "sampling_params": dict(sampling_params),
-                "return_logprob": return_logprob, "stream": False}
+                "return_logprob": True, "stream": False}
         if rid is not None:
             body["rid"] = rid
         return (await self._generate(body, 0, timeout_s))[0]
