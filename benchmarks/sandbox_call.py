@@ -45,7 +45,7 @@ def run_sandboxed(fn_path: str, args: tuple | list,
         worker.send(request)
         reply = worker.reply(limits.timeout_s)
     except StartFailed as failed:
-        return SandboxResult(False, kind="start", reason=failed.reason)
+        return SandboxResult(False, kind="start", reason=str(failed))
     except WorkerLost as lost:
         return SandboxResult(False, kind=lost.kind, reason=lost.reason)
     finally:

@@ -176,7 +176,7 @@ class RewardPool:
             replies = self._workers.call_all(requests, self.timeout_s, self._observe)
         except StartFailed as failed:
             if not self._closed:  # else close() killed it while it started
-                self._break(f"{self.name} cannot be loaded in a reward worker: {failed.reason}")
+                self._break(f"{self.name} cannot be loaded in a reward worker: {failed}")
         except OSError as e:  # no process can be started (EAGAIN, out of file descriptors, ...)
             self._break(str(self._cannot_start(e)))
         self._raise_if_broken()

@@ -113,11 +113,7 @@ def call_request(args: tuple | list, timeout_s: float) -> bytes:
 
 
 class StartFailed(Exception):
-    """A worker never became ready; ``reason`` says why."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    """A worker never became ready; its message says why."""
 
 
 class WorkerLost(Exception):

@@ -65,7 +65,7 @@ class ToolPool:
                                                           self.timeout_s)],
                                             self.timeout_s, seconds.append)
         except StartFailed as e:
-            return ToolOutcome("error", f"{spec.name}: its worker could not start: {e.reason}", 0.0)
+            return ToolOutcome("error", f"{spec.name}: its worker could not start: {e}", 0.0)
         except Exception as e:  # arguments that do not pickle, a worker that cannot be spawned
             return ToolOutcome("error",
                                f"{spec.name} could not be called: {type(e).__name__}: {e}", 0.0)
