@@ -16,9 +16,10 @@ COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_g
             "credits_expired", "credits_reissued", "credits_released", "wal_bytes_written",
             "batches_redelivered", "groups_redelivered", "groups_deferred")
 LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadable"),
-            "rejected": ("decode", "frame_too_large", "unknown_lease", "lease_mismatch",
-                         "future_version", "not_trainer", "version_jump", "reserved_id",
-                         "empty_prompt", "bad_loss_mask", "token_out_of_vocab", "nonfinite_logp",
+            "rejected": ("decode", "frame_too_large", "invalid_group_id", "unknown_lease",
+                         "lease_mismatch", "future_version", "negative_version", "not_trainer",
+                         "version_jump", "reserved_id", "unexpected_type", "empty_prompt",
+                         "bad_loss_mask", "token_out_of_vocab", "nonfinite_logp",
                          "implausible_logp", "peer_limit", "role")}
 
 

@@ -63,3 +63,19 @@ def test_every_queried_metric_is_exported():
     text = (OBS / "alerts.yml").read_text() + (OBS / "grafana_dashboard.json").read_text()
     missing = sorted(_queried(text) - exported)
     assert not missing, f"queried but not exported by any daemon: {missing}"
+
+
+def test_every_rejection_reason_is_created_up_front():
+    """Each label the buffer counts under buffer/rejected is in LABELLED, so its series exists (at
+    0) from the first scrape; found in the source where the reasons are written."""
+    sources = {ROOT / "buffer" / "credits.py": r'f?"([a-z_]+): ',
+               ROOT / "areal_like" / "wire" / "group_checks.py": r'f?"([a-z_]+): ',
+               ROOT / "buffer" / "service.py": r'_refuse\("([a-z_]+)"',
+               ROOT / "buffer" / "peer_caps.py": r'return \(?"([a-z_]+)",'}
+    reasons = {"decode", "frame_too_large"}  # service.handle labels a ProtocolError by its length
+    for path, pattern in sources.items():
+        found = set(re.findall(pattern, path.read_text()))
+        assert found, f"no rejection reason found in {path.name}: the pattern is out of date"
+        reasons |= found
+    missing = sorted(reasons - set(LABELLED["rejected"]))
+    assert not missing, f"rejection reasons without a series until first counted: {missing}"
