@@ -47,7 +47,7 @@ def test_the_budget_starts_after_the_steps_that_may_train_groups_made_during_sta
     in the first eta + 1 steps; the clock starts at the end of step eta + 1, later steps count."""
     rows = [{"time": 1.0, "event": "resume"},
             {"time": 2.5, "event": "logprob_guard", "passed": True},
-            *({"time": 3.0 + k, "step": k, "seqs": 64, "reward": 0.5} for k in range(1, 7))]
+            *({"time": 3.0 + k, "step": k, "seqs": 64, "reward_mean": 0.5} for k in range(1, 7))]
     assert bench.rl_start(rows, eta=0) == 4.0 and bench.rl_start(rows, eta=4) == 8.0
     assert [r["step"] for r in bench.counted_steps(rows, eta=0)] == [2, 3, 4, 5, 6]
     assert [r["step"] for r in bench.counted_steps(rows, eta=4)] == [6]
