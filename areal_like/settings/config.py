@@ -261,7 +261,7 @@ def from_yaml(text: str) -> RunConfig:
     """Rebuild a RunConfig from ``to_yaml`` output (how the launcher hands configs to daemons)."""
     from omegaconf import OmegaConf
 
-    return _merged(RunConfig, OmegaConf.create(text))
+    return _merged(RunConfig, lambda: (OmegaConf.create(text),))
 
 
 def task_yaml(task: TaskConfig) -> str:
@@ -290,21 +290,23 @@ def _structured(build: Callable[[], Any], where: str = "") -> Any:
         raise
 
 
-def _merged(schema: Any, *sources: Any, where: str = "") -> Any:
-    """``sources`` merged in order onto ``schema``'s defaults, as typed objects (errors as
-    ``_structured``'s)."""
+def _merged(schema: Any, sources: Callable[[], tuple], where: str = "") -> Any:
+    """What ``sources()`` returns, merged in order onto ``schema``'s defaults, as typed objects.
+    ``sources`` is called inside ``_structured``, so a file or an override that does not parse is
+    a ``ConfigError`` too."""
     from omegaconf import OmegaConf
 
     return _structured(lambda: OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema),
-                                                                   *sources)), where)
+                                                                   *sources())), where)
 
 
 def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
     """The task of ``task_yaml`` output with ``task.key=value`` ``overrides`` on top."""
     from omegaconf import OmegaConf
 
-    return _merged({"task": TaskConfig()}, OmegaConf.create(text),
-                   OmegaConf.from_dotlist(list(overrides or [])))["task"]
+    dotlist = list(overrides or [])
+    return _merged({"task": TaskConfig()},
+                   lambda: (OmegaConf.create(text), OmegaConf.from_dotlist(dotlist)))["task"]
 
 
 def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunConfig:
@@ -347,4 +349,5 @@ def _load_daemon_config(argv: list[str]) -> RunConfig:
     _register_resolvers()
     if not Path(path).is_file():
         raise ConfigError(f"--config-file {path!r} does not exist")
-    return _merged(RunConfig, OmegaConf.load(path), OmegaConf.from_dotlist(argv), where=str(path))
+    return _merged(RunConfig, lambda: (OmegaConf.load(path), OmegaConf.from_dotlist(argv)),
+                   where=str(path))

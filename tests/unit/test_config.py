@@ -16,6 +16,8 @@ from areal_like.settings.config import (
     RunConfig,
     load_config,
     load_daemon_config,
+    task_from_yaml,
+    task_yaml,
     to_yaml,
 )
 
@@ -210,6 +212,15 @@ def test_daemon_config_errors_name_the_key(tmp_path):
         load_daemon_config(["--config-file", str(tmp_path / "missing.yaml")])
     with pytest.raises(ConfigError):
         load_daemon_config(["--config-file"])
+    # a file or an override that does not parse is a ConfigError naming it, not a traceback
+    with pytest.raises(ConfigError, match="trainer.lr"):
+        load_daemon_config(["--config-file", str(path), "trainer.lr=${oops"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_daemon_config(["--config-file", str(bad)])
+    with pytest.raises(ConfigError, match="task.temperature"):
+        task_from_yaml(task_yaml(load_config([]).task), ["task.temperature=${oops"])
 
 
 def test_dataset_size(tmp_path):
