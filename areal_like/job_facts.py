@@ -18,7 +18,7 @@ from areal_like.tasks.tokenizer import load_tokenizer
 
 def model_json(model: ModelConfig, key: str) -> object:
     """``key`` of ``model.path``'s config.json, or of its ``text_config`` (a multimodal model's)."""
-    path = Path(model.path) / "config.json"
+    path = Path(model.path).expanduser() / "config.json"
     try:
         cfg = json.loads(path.read_text())
     except (OSError, ValueError) as e:  # ValueError: JSONDecodeError and UnicodeDecodeError

@@ -288,7 +288,7 @@ def check_tp_size(cfg: RunConfig) -> list[str]:
     if tp == 1:
         return []
     heads, kv, where = cfg.model.num_attention_heads, cfg.model.num_key_value_heads, "model"
-    config = Path(cfg.model.path or "") / "config.json"
+    config = Path(cfg.model.path or "").expanduser() / "config.json"
     if cfg.model.path and config.is_file():  # model_json: a multimodal model's text_config too
         heads = model_json(cfg.model, "num_attention_heads") or heads
         kv, where = model_json(cfg.model, "num_key_value_heads") or heads, str(config)

@@ -43,7 +43,7 @@ def resolve_model_path(path: str, key: str = "model.path",
     (globs), or downloaded (not with HF_HUB_OFFLINE); else one ConfigError line naming ``key``."""
     local = Path(path).expanduser()
     if local.is_dir():
-        return path
+        return str(local)  # "~" expanded: the loaders take the path as written
     if not looks_like_hub_id(path):
         what = "is a file, not a model directory" if local.exists() else "does not exist"
         raise ConfigError(f"{key}={path!r} {what} (and is not a hub id of the form org/name)")

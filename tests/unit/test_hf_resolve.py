@@ -65,6 +65,23 @@ def test_local_directory_is_used_as_is(tmp_path):
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
 
 
+def test_a_home_relative_path_is_read_and_resolved_expanded(tmp_path, monkeypatch):
+    """``model.path=~/m``: the job facts, the tp check and the daemons' loaders see the directory
+    (the loaders take a path as written, so resolution hands them the expanded one)."""
+    from areal_like.job_facts import model_json
+    from launch.preflight import check_tp_size
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(
+        '{"vocab_size": 77, "num_attention_heads": 6, "num_key_value_heads": 2}')
+    cfg = load_config(["model.path='~/m'", "rollout.engine.kind=sglang",
+                       "rollout.engine.tp_size=4"])
+    assert model_json(cfg.model, "vocab_size") == 77
+    assert "6 attention heads" in check_tp_size(cfg)[0]  # read from ~/m, not the tiny model's
+    assert resolve_models(cfg).model.path == str(tmp_path / "m")
+
+
 def test_hub_id_is_found_in_the_local_cache_without_the_network(tmp_path):
     snap = fake_cache(tmp_path / "hf")
     # HF_HUB_OFFLINE unset: the cache is looked at first,
