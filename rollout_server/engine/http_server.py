@@ -218,7 +218,7 @@ class EngineHttp:
                    stream: web.StreamResponse | None = None) -> list[tuple[Request, bool]]:
         """Submit every (prompt, sample) and wait for all; with ``stream``, write a chunk per
         update."""
-        mailbox = self.e.scheduler.mail.for_loop(asyncio.get_running_loop())
+        loop, mail = asyncio.get_running_loop(), self.e.scheduler.mail
         events: asyncio.Queue[int] = asyncio.Queue()
         made: list[tuple[Request, bool]] = []
         for i, prompt in enumerate(inp.prompts):
@@ -228,7 +228,7 @@ class EngineHttp:
                 if params.sampling_seed is not None and j:
                     params = replace(params, sampling_seed=params.sampling_seed + j)
                 # scheduler thread -> this loop, after the step (mailbox.py)
-                notify = lambda _, idx=len(made): mailbox.post(events.put_nowait, idx)  # noqa: E731
+                notify = lambda _, i=len(made): mail.post(loop, events.put_nowait, i)  # noqa: E731
                 req = Request(rid=inp.rids[i] if inp.n == 1 else uuid.uuid4().hex,
                               input_ids=prompt, params=params,
                               stop_ids=self.e.stop_ids(params), on_finish=notify,

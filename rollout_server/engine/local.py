@@ -21,8 +21,6 @@ class LocalGenerate:
     def __init__(self, http) -> None:
         self.http = http
         self._running: set[concurrent.futures.Future] = set()
-        # cancelled by cancel_all, not by their callers
-        self._ended: set[concurrent.futures.Future] = set()
         self.closed = False
 
     async def call(self, loop: asyncio.AbstractEventLoop, body) -> tuple[int, object]:
@@ -37,25 +35,19 @@ class LocalGenerate:
         self._running.add(fut)
         fut.add_done_callback(self._running.discard)
         if self.closed:  # cancel_all ran in between: it did not see this one
-            self._end(fut)
+            fut.cancel()
         try:
             return await asyncio.wrap_future(fut)
         except asyncio.CancelledError:
-            if fut not in self._ended:  # the caller was cancelled (its requests are aborted)
+            if asyncio.current_task().cancelling():  # the caller was cancelled (requests aborted)
                 raise
             raise ConnectionAbortedError("the embedded engine stopped") from None
-        finally:
-            self._ended.discard(fut)
 
     def cancel_all(self) -> None:
         """The engine stops: end every call running (one may wait at the pause gate) and later."""
         self.closed = True
         for fut in list(self._running):
-            self._end(fut)
-
-    def _end(self, fut: concurrent.futures.Future) -> None:
-        self._ended.add(fut)
-        fut.cancel()
+            fut.cancel()
 
     async def _answer(self, body) -> tuple[int, object]:
         http = self.http

@@ -25,7 +25,7 @@ import torch
 
 from rollout_server.engine import fastpath, padded
 from rollout_server.engine.kv import SlotKV
-from rollout_server.engine.mailbox import Mailboxes
+from rollout_server.engine.mailbox import Mailbox
 from rollout_server.engine.sampling import SamplingParams, sample
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class Scheduler:
         self.prefills = 0  # prefill passes run
         self.prefill_tokens = 0  # tokens run through prefill passes (shared prompts count once)
         # on_finish callbacks' calls to event loops, sent once per step (mailbox.py)
-        self.mail = Mailboxes()
+        self.mail = Mailbox()
         self._inbox: list[Callable[[], None]] = []
         self._submits = 0  # submits among the inbox's commands
         self._cv = threading.Condition()
