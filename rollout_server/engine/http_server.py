@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from dataclasses import replace
 
 from aiohttp import web
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from areal_like.net.http_guard import guarded_app
 from areal_like.wire.weight_wire import FLATTENED
@@ -28,7 +29,6 @@ from rollout_server.engine.api import (
     parse_generate,
     validation_error,
 )
-from rollout_server.engine.metrics import CONTENT_TYPE
 from rollout_server.engine.scheduler import Request
 
 # re-send abort-all while requests are still in flight (SGLang does the same)
@@ -270,7 +270,8 @@ class EngineHttp:
         return web.Response(status=200 if ok else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.e.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+        return web.Response(body=self.e.metrics.render(),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     # ---- cache, abort, pause
     async def flush_cache(self, request: web.Request) -> web.Response:
@@ -301,11 +302,11 @@ class EngineHttp:
                                                PAUSE_ABORT_POLL_S)
                     except asyncio.TimeoutError:
                         pass
-            self.e.metrics.set_paused(0)
+            self.e.metrics.num_paused.set(0)
         else:
             # before the hold runs: a continue that overtakes it must still release it
             self.hold_posted = True
-            self.e.metrics.set_paused(await asyncio.wrap_future(
+            self.e.metrics.num_paused.set(await asyncio.wrap_future(
                 sched.hold(retract=f["mode"] == "retract")))
         return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
@@ -317,7 +318,7 @@ class EngineHttp:
             # queued behind the hold, so it wins
             await asyncio.wrap_future(self.e.scheduler.release())
         await self.gate.set_paused(False)
-        self.e.metrics.set_paused(0)
+        self.e.metrics.num_paused.set(0)
         return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
     # ---- weights

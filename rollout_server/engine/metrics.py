@@ -7,57 +7,46 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import generate_latest
 
 THROUGHPUT_WINDOW_S = 2.0  # gen_throughput averages the tokens of this trailing window
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 60, 120, 300, 600)
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
-
 
 class EngineMetrics:
     def __init__(self, model_name: str):
-        self.registry = CollectorRegistry()
-        r = self.registry
+        r = self.registry = CollectorRegistry()
         # SGLang's common labels (metrics_collector.py); one engine, no parallelism: constant ranks
         m = {"model_name": model_name, "engine_type": "unified", "tp_rank": "0", "pp_rank": "0",
              "moe_ep_rank": "0"}
-        base = tuple(m)
-        req = (*base, "is_streaming")
+        req = {**m, "is_streaming": "false"}  # the request series' labels
 
-        def gauge(name, doc, labels=base):
-            return Gauge(f"sglang:{name}", doc, labels, registry=r)
+        def child(kind, name: str, doc: str, labels: dict = m, **kw):  # a series' one child
+            return kind(f"sglang:{name}", doc, tuple(labels), registry=r, **kw).labels(**labels)
 
-        self.num_running = gauge("num_running_reqs", "The number of running requests.").labels(**m)
-        self.num_queue = gauge("num_queue_reqs",
-                               "The number of requests in the waiting queue.").labels(**m)
-        self.token_usage = gauge("token_usage",
-                                 "The token usage (used KV tokens / max_total_tokens).").labels(**m)
-        self.gen_throughput = gauge("gen_throughput",
-                                    "The generation throughput (token/s).").labels(**m)
-        self.num_paused = gauge("num_paused_reqs",
-                                "The number of requests paused by async weight sync.").labels(**m)
-        self.weight_load = gauge("weight_load_duration_seconds",
+        self.num_running = child(Gauge, "num_running_reqs", "The number of running requests.")
+        self.num_queue = child(Gauge, "num_queue_reqs",
+                               "The number of requests in the waiting queue.")
+        self.token_usage = child(Gauge, "token_usage",
+                                 "The token usage (used KV tokens / max_total_tokens).")
+        self.gen_throughput = child(Gauge, "gen_throughput", "The generation throughput (token/s).")
+        self.num_paused = child(Gauge, "num_paused_reqs",
+                                "The number of requests paused by async weight sync.")
+        self.weight_load = Gauge("sglang:weight_load_duration_seconds",
                                  "Wall time of the last update_weights_from_<source>.",
-                                 (*base, "source"))
-        labels = {**m, "is_streaming": "false"}
-        self.prompt_tokens = Counter("sglang:prompt_tokens",
-                                     "Number of prefill tokens processed.", req,
-                                     registry=r).labels(**labels)
-        self.generation_tokens = Counter("sglang:generation_tokens",
-                                         "Number of generation tokens processed.", req,
-                                         registry=r).labels(**labels)
-        self.num_requests = Counter("sglang:num_requests", "The number of processed requests.", req,
-                                    registry=r).labels(**labels)
-        self.num_aborted = Counter("sglang:num_aborted_requests",
-                                   "Number of requests aborted.", base,
-                                   registry=r).labels(**m)
-        self.ttft = Histogram("sglang:time_to_first_token_seconds",
-                              "Histogram of time to first token in seconds.",
-                              req, buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
-        self.e2e = Histogram("sglang:e2e_request_latency_seconds",
-                             "Histogram of End-to-end request latency in "
-                             "seconds", req, buckets=_LATENCY_BUCKETS, registry=r).labels(**labels)
+                                 (*m, "source"), registry=r)
+        self.prompt_tokens = child(Counter, "prompt_tokens", "Number of prefill tokens processed.",
+                                   req)
+        self.generation_tokens = child(Counter, "generation_tokens",
+                                       "Number of generation tokens processed.", req)
+        self.num_requests = child(Counter, "num_requests", "The number of processed requests.", req)
+        self.num_aborted = child(Counter, "num_aborted_requests", "Number of requests aborted.")
+        self.ttft = child(Histogram, "time_to_first_token_seconds",
+                          "Histogram of time to first token in seconds.", req,
+                          buckets=_LATENCY_BUCKETS)
+        self.e2e = child(Histogram, "e2e_request_latency_seconds",
+                         "Histogram of End-to-end request latency in seconds", req,
+                         buckets=_LATENCY_BUCKETS)
         self._labels = m
         self._window: list[tuple[float, int]] = []
         self.throughput = 0.0
@@ -93,9 +82,6 @@ class EngineMetrics:
             self.gen_throughput.set(0.0)
 
     # ---- HTTP side
-    def set_paused(self, n: int) -> None:
-        self.num_paused.set(n)
-
     def observe_weight_load(self, source: str, seconds: float) -> None:
         self.weight_load.labels(**self._labels, source=source).set(seconds)
 

@@ -47,7 +47,7 @@ def test_a_failing_call_does_not_keep_the_others_from_running_and_a_closed_loop_
     box.post(loop, got.append, "too late")
     box.post(other, got.append, "other loop")
     loop.close()
-    box.flush()  # no error for the closed loop: nobody is left to tell; the other still gets its call
+    box.flush()  # no error for the closed loop (nobody is left to tell); the other gets its call
     other.run_until_complete(asyncio.sleep(0))
     other.close()
     assert got == ["after", "other loop"]
