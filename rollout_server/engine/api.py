@@ -134,7 +134,7 @@ def max_text_chars(tokenizer, context_len: int) -> int:
 
 
 def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
-                   max_chars: int | None = None) -> GenerateInput:
+                   max_chars: int) -> GenerateInput:
     """Validate a decoded ``/generate`` body; raises ApiError with SGLang's status and body."""
     if not isinstance(body, dict):
         raise validation_error(f"[{{'type': 'dataclass_type', 'loc': ('body',), "
@@ -148,7 +148,7 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
     if text is not None:
         is_batch = isinstance(text, list)
         for t in text if is_batch else [text]:
-            if max_chars is not None and len(t) > max_chars:
+            if len(t) > max_chars:
                 raise value_error(
                     f"The input text ({len(t)} characters) is longer than the model's context "
                     f"length ({context_len} tokens) can hold (at most {max_chars} characters).")
@@ -178,10 +178,9 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
         raise value_error("The rid should be a list with the same length as the batch.")
     rl = body.get("return_logprob") or False
     return_logprob = [bool(x) for x in _per_prompt(rl, len(prompts), "return_logprob")]
-    for key in ("logprob_start_len", "top_logprobs_num"):
+    for key, lowest in (("logprob_start_len", 0), ("top_logprobs_num", 1)):  # lowest refused
         for v in _per_prompt(body.get(key), len(prompts), key):
-            if v is not None and ((key == "logprob_start_len" and v >= 0)
-                                  or (key == "top_logprobs_num" and v > 0)):
+            if v is not None and v >= lowest:
                 raise value_error(f"{key}={v} is not supported by the embedded engine "
                                   "(output token logprobs only)")
     if body.get("token_ids_logprob"):
@@ -219,13 +218,12 @@ def _stage1(body: dict) -> None:
 
 
 def _stage2(body: dict) -> None:
-    for key in ("return_logprob",):
-        v = body.get(key)
-        if isinstance(v, list):
-            for e in v:
-                _check(isinstance(e, bool), e, _BOOL)
-        elif v is not None:
-            _check(isinstance(v, bool), v, "a value or an array of values for BoolOrList")
+    v = body.get("return_logprob")
+    if isinstance(v, list):
+        for e in v:
+            _check(isinstance(e, bool), e, _BOOL)
+    elif v is not None:
+        _check(isinstance(v, bool), v, "a value or an array of values for BoolOrList")
     for key in ("stream", "return_text_in_logprobs", "return_prompt_token_ids"):
         if body.get(key) is not None:
             _check(isinstance(body[key], bool), body[key], _BOOL)

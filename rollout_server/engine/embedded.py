@@ -42,15 +42,15 @@ CHAR_TOKENIZER = "areal_like.tasks.tokenizer:char_tokenizer"  # of a model built
 
 class EmbeddedEngine:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, *, tokenizer=None,
-                 weight_version: str = "0", seed: int = 0, api_key: str | None = None,
-                 limits: HttpLimits = HttpLimits(), lora: LoraConfig | None = None):
+                 seed: int = 0, api_key: str | None = None, limits: HttpLimits = HttpLimits(),
+                 lora: LoraConfig | None = None):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
         # enabled: the model gets the trainer's adapters (areal_like/weights/lora.py)
         self.lora = lora
         # api_key None: no authentication (in-process tests)
         self.api_key, self.limits = api_key, limits
         self.tokenizer = tokenizer
-        self.initial_weight_version, self.seed = weight_version, seed
+        self.seed = seed
         self.log = logging.getLogger("engine")
         self.status = "starting"
         self.port = engine_cfg.port
@@ -95,7 +95,7 @@ class EmbeddedEngine:
         self.scheduler = Scheduler(self.model, max_running=ec.max_running_requests,
                                    max_total_tokens=ec.max_total_tokens,
                                    context_len=self.context_len,
-                                   weight_version=self.initial_weight_version, metrics=self.metrics,
+                                   weight_version="0", metrics=self.metrics,
                                    seed=self.seed).start()
         self.weights = WeightUpdater(self.scheduler, self.model_cfg,
                                      group_timeout_s=min(WEIGHT_GROUP_TIMEOUT_S,

@@ -341,14 +341,11 @@ class EngineHttp:
             "rank_offset": (int, REQUIRED),
             "world_size": (int, REQUIRED), "group_name": (str, "weight_update_group"),
             "backend": (str, "nccl")})
-        ok, msg = await asyncio.to_thread(self.e.weights.init_group, f["master_address"],
-                                          f["master_port"], f["rank_offset"], f["world_size"],
-                                          f["group_name"], f["backend"])
-        return _ok_or_400(ok, msg)
+        return _ok_or_400(*await asyncio.to_thread(self.e.weights.init_group, **f))
 
     async def destroy_group(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {"group_name": (str, "weight_update_group")})
-        return _ok_or_400(*await asyncio.to_thread(self.e.weights.destroy_group, f["group_name"]))
+        return _ok_or_400(*await asyncio.to_thread(self.e.weights.destroy_group, **f))
 
     async def begin_update(self, request: web.Request) -> web.Response:
         control_fields(await _body(request), {"selector": (("target", "draft", "all"), "all")})

@@ -22,13 +22,10 @@ class SlotKV:
         self.shape = (slots, kv_heads, head_dim)
         self.num_layers, self.max_len, self.dtype, self.device = (num_layers, max_len, dtype,
                                                                   torch.device(device))
-        self.capacity = 0
-        self.K: list[torch.Tensor] = []
-        self.V: list[torch.Tensor] = []
         self._rows = slice(0, 0)
         self._write_pos: torch.Tensor | None = None  # decode: per-row position of the new token
         self._kv_len = 0
-        self.ensure(min(INITIAL_CAPACITY, max_len))
+        self.flush()
 
     # ---- scheduler side
     def ensure(self, length: int) -> None:

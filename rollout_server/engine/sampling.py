@@ -33,10 +33,6 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
-    @property
-    def effective_temperature(self) -> float:
-        return 1.0 if self.temperature == 0.0 else self.temperature
-
 
 def sample(logits: torch.Tensor, params: list[SamplingParams],
            generators: list[torch.Generator | None],
@@ -44,7 +40,7 @@ def sample(logits: torch.Tensor, params: list[SamplingParams],
     """Sample one token per row. ``logits``: [B, V] (any dtype). Returns (tokens [B] long,
     logprobs [B] fp32)."""
     logits = logits.float()
-    temps = [p.effective_temperature for p in params]
+    temps = [p.temperature or 1.0 for p in params]  # greedy (0) rows: their logprobs at T=1
     if all(t == 1.0 for t in temps):  # greedy rows and T=1 sampling: no scaled copy of the logits
         scaled = logits
     else:

@@ -88,9 +88,9 @@ class Scheduler:
             raise NotImplementedError(f"layer types {sorted(layer_types)}: "
                                       "the embedded engine builds "
                                       "full-attention masks only (no sliding-window layers)")
-        # Prefill and decode through fastpath when the model's layout is one it knows (same math,
-        # less overhead).
-        self.use_fastpath = fastpath.supports(model)
+        # the module that runs prefill and decode passes: fastpath when the model's layout is one it
+        # knows (same math, less overhead)
+        self.path = fastpath if fastpath.supports(model) else padded
         self.running: list[Request] = []  # running[i] lives in KV slot i
         self.waiting: deque[Request] = deque()
         # Admit only when this many slots are free (or the queue is shorter): on CPU a forward pass
@@ -268,10 +268,6 @@ class Scheduler:
     def _reserve(self, r: Request) -> int:
         return min(self.context_len, len(r.input_ids) + r.params.max_new_tokens)
 
-    @property
-    def _path(self):  # the module that runs prefill and decode passes
-        return fastpath if self.use_fastpath else padded
-
     def _prefill(self, new: list[Request]) -> None:
         """Prefill ``new`` into slots ``[B, B + k)``; identical sequences in it are computed once
         and their KV copied (same weights, same pass, so nothing stale is shared)."""
@@ -288,7 +284,7 @@ class Scheduler:
         self.kv.ensure(longest + 1)
         # before the forward: if it raises, these are answered with the rest
         self.running.extend(new)
-        logits = self._path.prefill(self.model, self.kv, seqs[:u], B)
+        logits = self.path.prefill(self.model, self.kv, seqs[:u], B)
         self.prefill_tokens += sum(map(len, seqs[:u]))
         row = {orig: j for j, orig in enumerate(order)}  # original index -> position in `new`
         rows = [row[src[i]] for i in order]  # each request's distinct twin (a row of `logits`)
@@ -305,7 +301,7 @@ class Scheduler:
         self.kv.ensure(kv_len)
         last = torch.tensor([r.output_ids[-1] for r in self.running],
                             dtype=torch.long, device=self.device)
-        logits = self._path.decode(self.model, self.kv, last, start, kv_len)
+        logits = self.path.decode(self.model, self.kv, last, start, kv_len)
         for r in self.running:
             r.cached += 1
         self._sample_and_retire(logits, list(range(B)))

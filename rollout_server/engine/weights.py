@@ -33,8 +33,6 @@ NO_SESSION = ("update_weights_from_distributed must run between begin_weight_upd
 NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because "
                "requests are still running or "
                "queued. Retract or finish them, then call /flush_cache.")
-# a list of (name, tensor); SGLang's "flattened_bucket" needs its own classes
-LOAD_FORMATS = (None, "auto")
 _MODULES = ("torch", "torch.storage", "torch._utils", "torch.multiprocessing.reductions")
 _BUILTINS = ("list", "tuple", "dict", "int", "float", "bool", "str", "slice", "getattr",
              "bytearray", "complex")
@@ -175,7 +173,8 @@ class WeightUpdater:
                            flush_cache: bool) -> tuple[bool, str] | Future:
         """Decode this rank's payload (the first) and load it like any bucket (a copy out of the
         sender's memory; ENGINE.md)."""
-        if load_format not in LOAD_FORMATS:
+        # a list of (name, tensor); SGLang's "flattened_bucket" needs its own classes
+        if load_format not in (None, "auto"):
             return False, (f"load_format={load_format!r} is not supported by the embedded engine "
                            "(use null)")
         if not payloads:
@@ -290,20 +289,19 @@ class WeightUpdater:
         """Queue the load of ``tensors``: a bucket that neither sets the version nor flushes is
         checked, queued and answered at once (ENGINE.md); otherwise (or with ``wait_load``: the
         gloo path, which answers early only while paused) the answer is a Future of the load."""
-        if weight_version is None and not flush_cache and not wait_load:
+        early = weight_version is None and not flush_cache and not wait_load
+        if early:
             refusal = self._deferred_error or _refusal(self.scheduler.model.state_dict(), tensors)
             if refusal:
                 self._keep_spare(swap)
                 return False, refusal
-            settled: Future = Future()  # done once its failure, if any, is noted (end() reads it)
-            loading = self.scheduler.call(self._loader(tensors, None, False, swap))
-            self._settle(loading, settled, self._session_id)
-            self._early.append(settled)
-            return True, "Succeeded to update parameter online."
-        done: Future = Future()
+        done: Future = Future()  # early: done once its failure, if any, is noted (end() reads it)
         loading = self.scheduler.call(self._loader(tensors, weight_version, flush_cache, swap))
-        self._settle(loading, done, None)
-        return done
+        self._settle(loading, done, self._session_id if early else None)
+        if not early:
+            return done
+        self._early.append(done)
+        return True, "Succeeded to update parameter online."
 
     def _settle(self, out: tuple[bool, str] | Future, done: Future,
                 early_session: int | None) -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
-from rollout_server.engine import fastpath
+from rollout_server.engine import fastpath, padded
 from rollout_server.engine.sampling import SamplingParams
 from rollout_server.engine.scheduler import Request, Scheduler
 
@@ -44,7 +44,8 @@ def run(model, ps, params, *, fast: bool = True, max_running: int = 3,
         sched: list | None = None) -> list[Request]:
     s = Scheduler(model, max_running=max_running, max_total_tokens=4096, context_len=192,
                   weight_version="0")
-    s.use_fastpath = fast and s.use_fastpath
+    if not fast:
+        s.path = padded
     if sched is not None:
         sched.append(s)
     done, finished = {}, threading.Event()
@@ -196,7 +197,7 @@ def test_a_weight_swap_between_steps_is_seen_by_the_next_forward():
             p.add_(0.05 * torch.randn_like(p))
     ps = prompts(3, seed=19)
     s = Scheduler(model, max_running=3, max_total_tokens=4096, context_len=192, weight_version="0")
-    assert s.use_fastpath
+    assert s.path is fastpath
     s.start()
     try:
         for phase in ("before", "after"):
