@@ -365,34 +365,32 @@ class EngineHttp:
         if f["load_format"] not in (None, "auto", FLATTENED):
             return _ok_or_400(False, f"load_format={f['load_format']!r} is not supported by the "
                                      "embedded engine")
-        w = self.e.weights
         # only a paused engine may answer a bucket before it arrived
-        args = (f["names"], f["dtypes"], f["shapes"], f["group_name"], f["weight_version"],
-                f["flush_cache"], f["load_format"], self.gate.paused)
-        return _ok_or_400(*await self._weight_load("distributed", w.update_from_distributed,
-                                                   args, f))
+        return _ok_or_400(*await self._weight_load(
+            "distributed", self.e.weights.update_from_distributed, f, f["names"], f["dtypes"],
+            f["shapes"], f["group_name"], f["load_format"], self.gate.paused))
 
     async def update_disk(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {"model_path": (str, REQUIRED), **_LOAD})
-        args = (f["model_path"], f["weight_version"], f["flush_cache"])
-        ok, msg = await self._weight_load("disk", self.e.weights.update_from_disk, args, f)
+        ok, msg = await self._weight_load("disk", self.e.weights.update_from_disk, f,
+                                          f["model_path"])
         return _ok_or_400(ok, msg, num_paused_requests=0)
 
     async def update_tensor(self, request: web.Request) -> web.Response:
         f = control_fields(await _body(request), {
             "serialized_named_tensors": (list, REQUIRED), **_LOAD,
             "torch_empty_cache": (bool, False)})
-        args = (f["serialized_named_tensors"], f["load_format"], f["weight_version"],
-                f["flush_cache"])
-        load = self.e.weights.update_from_tensor
-        return _ok_or_400(*await self._weight_load("tensor", load, args, f))
+        return _ok_or_400(*await self._weight_load("tensor", self.e.weights.update_from_tensor, f,
+                                                   f["serialized_named_tensors"], f["load_format"]))
 
-    async def _weight_load(self, source: str, fn, args: tuple, f: dict) -> tuple[bool, str]:
+    async def _weight_load(self, source: str, fn, f: dict, *args) -> tuple[bool, str]:
+        """``fn(*args, weight_version, flush_cache)`` as SGLang runs a weight update: after the
+        requests it aborts, under the writer gate, timed in the metrics."""
         if f["abort_all_requests"]:
             self.e.scheduler.abort(abort_all=True, message="Abort for weight update")
         async with self.gate.writer():
             t0 = time.monotonic()
-            out = await asyncio.to_thread(fn, *args)
+            out = await asyncio.to_thread(fn, *args, f["weight_version"], f["flush_cache"])
             if isinstance(out, Future):  # the answer of a load still queued (weights.py)
                 out = await asyncio.wait_for(asyncio.wrap_future(out), LOAD_TIMEOUT_S)
             ok, msg = out

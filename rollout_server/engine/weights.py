@@ -119,9 +119,9 @@ class WeightUpdater:
 
     # ---- loading (blocking; called from executor threads)
     def update_from_distributed(self, names: list[str], dtypes: list[str], shapes: list[list[int]],
-                                group_name: str, weight_version: str | None, flush_cache: bool,
-                                load_format: str | None = None,
-                                paused: bool = False) -> tuple[bool, str] | Future:
+                                group_name: str, load_format: str | None, paused: bool,
+                                weight_version: str | None,
+                                flush_cache: bool) -> tuple[bool, str] | Future:
         """(ok, message), or a Future of it. Only while ``paused`` may a bucket be answered before
         its receive completed (else a request let in after the answer could see it land)."""
         if not self.session_open:
