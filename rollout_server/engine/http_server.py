@@ -91,16 +91,13 @@ async def _body(request: web.Request) -> dict:
         return {}
     try:
         body = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise validation_error(f"[{{'type': 'json_invalid', 'loc': ('body', {e.pos}), "
-                               "'msg': 'JSON decode error', "
-                               f"'input': {{}}, 'ctx': {{'error': {e.msg!r}}}}}]") from None
-    except (ValueError, RecursionError) as e:
-        # invalid UTF-8, an int of > 4300 digits, nesting past the stack
-        why = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:200]
-        raise validation_error(f"[{{'type': 'json_invalid', 'loc': ('body',), "
-                               "'msg': 'JSON decode error', "
-                               f"'input': {{}}, 'ctx': {{'error': {why!r}}}}}]") from None
+    except (ValueError, RecursionError) as e:  # also invalid UTF-8, an int of > 4300 digits,
+        # nesting past the stack (no position then)
+        loc, why = ((f"('body', {e.pos})", e.msg) if isinstance(e, json.JSONDecodeError) else
+                    ("('body',)", "nested too deeply" if isinstance(e, RecursionError)
+                     else str(e).splitlines()[0][:200]))
+        raise validation_error(f"[{{'type': 'json_invalid', 'loc': {loc}, 'msg': 'JSON decode "
+                               f"error', 'input': {{}}, 'ctx': {{'error': {why!r}}}}}]") from None
     if not isinstance(body, dict):
         raise validation_error(f"[{{'type': 'model_attributes_type', 'loc': ('body',), "
                                "'msg': 'Input should be a valid dictionary or object to extract "
