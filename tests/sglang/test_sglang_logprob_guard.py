@@ -28,7 +28,7 @@ class OneEngineBuffer:
     def __init__(self, url: str):
         self.url = url
 
-    def request(self, _msg):
+    def request(self, _msg, timeout_s=None):
         return Roster(
             members=[
                 RosterEntry(server_id="s", engine_url=self.url, engine_ranks=1, policy_version=0)
