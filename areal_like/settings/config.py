@@ -233,6 +233,8 @@ def _explain(e: BaseException) -> str:
     for x in chain:
         if isinstance(x, ConfigError):
             return str(x)
+        if isinstance(getattr(x, "override", None), str):  # hydra's OverrideParseException
+            return f"override {x.override!r} does not parse: {str(x).splitlines()[0]}"
     keyed = [x for x in chain if getattr(x, "full_key", None)]
     first_lines = [str(x).strip().splitlines()[0] for x in chain if str(x).strip()]
     if keyed:

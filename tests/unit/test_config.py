@@ -221,6 +221,8 @@ def test_daemon_config_errors_name_the_key(tmp_path):
         load_daemon_config(["--config-file", str(bad)])
     with pytest.raises(ConfigError, match="task.temperature"):
         task_from_yaml(task_yaml(load_config([]).task), ["task.temperature=${oops"])
+    with pytest.raises(ConfigError, match=r"override 'trainer.lr=\$\{oops' does not parse"):
+        load_config(["trainer.lr=${oops"])  # composed by Hydra (no --config-file)
 
 
 def test_dataset_size(tmp_path):
