@@ -9,9 +9,7 @@ transport (``_call``) is replaced, so its per-adapter count of generate calls is
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextlib
-import os
 import tempfile
 import uuid
 
@@ -101,8 +99,9 @@ class FakeTransportClient(SGLangClient):
             raise SGLangError(path, None, "TimeoutError: no answer in time") from None
 
 
-ADAPTER_DIR = tempfile.mkdtemp(prefix="adapter_sync_test_")  # what the engine reads is faked
-atexit.register(os.rmdir, ADAPTER_DIR)
+# a directory that exists (the engine's read of it is faked), made by nobody: a module-level
+# mkdtemp left one behind whenever an xdist worker ended without running atexit
+ADAPTER_DIR = tempfile.gettempdir()
 
 
 def plan(version: int, deadline_s: float = 2.0) -> WeightSyncPlan:
