@@ -41,10 +41,10 @@ from pathlib import Path
 
 import psutil
 
-from areal_like.daemon import die_with_parent
+from areal_like.daemon import GRACEFUL_STOP_S, die_with_parent
 
 POLL_S = 0.5  # how often exits are noticed; a restart within a second is plenty for daemons
-STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL; above daemon.GRACEFUL_STOP_S so a clean stop can finish
+STOP_GRACE_S = GRACEFUL_STOP_S + 5.0  # SIGTERM -> SIGKILL, with room for a clean stop to finish
 HEALTH_PROBE_S = 2.0  # one /health request; a daemon answering slower than this is not healthy
 # first wait between a crash and its restart, so a crash loop does not spin the CPU
 RESTART_BACKOFF_S = 1.0

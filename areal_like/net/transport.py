@@ -16,6 +16,7 @@ from typing import Any
 import zmq
 
 from areal_like.net import security
+from areal_like.net.auth import BIND_HOST_ENV
 from areal_like.net.peers import is_trainer_peer
 from areal_like.wire import protocol
 from areal_like.wire.protocol import Message, ProtocolError, decode, encode_into
@@ -44,7 +45,7 @@ def bind_address(address: str) -> str:
     if address.startswith("tcp://"):
         host_port = address[len("tcp://"):]
         _, port = host_port.rsplit(":", 1)
-        return f"tcp://{os.environ.get('AREAL_LIKE_BIND_HOST', '*')}:{port}"
+        return f"tcp://{os.environ.get(BIND_HOST_ENV, '*')}:{port}"
     return address
 
 
