@@ -28,6 +28,8 @@ from rollout_server.reward_pool import RewardPool
 from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
 
 MAX_EMPTY_RESUMES = 1000  # aborts in a row without a new token: the engine is stuck, not pausing
+# what callers without a registry (evaluation) count into: made once, never served
+UNCOUNTED = Metrics()
 
 
 @dataclass(slots=True)
@@ -92,7 +94,7 @@ def segment_versions(out: GenerateOutput, fallback: int) -> list[int]:
 
 async def generate_sample(client: SGLangClient, prompt_ids: list[int], sampling: dict,
                           max_new_tokens: int, current_version_fn: Callable[[], int],
-                          metrics: Metrics | None = None) -> Sample:
+                          metrics: Metrics = UNCOUNTED) -> Sample:
     """Generate one sample to completion, resubmitting across pauses (module docstring)."""
     return (await generate_group(client, prompt_ids, 1, sampling, max_new_tokens,
                                  current_version_fn, metrics))[0]
@@ -100,11 +102,10 @@ async def generate_sample(client: SGLangClient, prompt_ids: list[int], sampling:
 
 async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sampling: dict,
                          max_new_tokens: int, current_version_fn: Callable[[], int],
-                         metrics: Metrics | None = None) -> list[Sample]:
+                         metrics: Metrics = UNCOUNTED) -> list[Sample]:
     """n samples for one prompt, each resubmitted across pauses on its own (module docstring). The
     samples not finished yet go to the engine as ONE batched ``/generate`` (a list of prompts, one
     per sample): one HTTP round trip per group and pause instead of one per sample."""
-    metrics = metrics or Metrics()  # None: counted nowhere
     in_flight = metrics.gauge("rollout/requests_in_flight", "generate requests open")
     samples, empty = [Sample() for _ in range(n)], [0] * n
     pending = list(range(n))
