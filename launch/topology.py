@@ -322,8 +322,7 @@ def _trainer_where(cfg: RunConfig, topo: Topology, s: DaemonSlot, metrics: str) 
                  f"global {first}..{first + la.trainer_ranks - 1}")
     if not metrics:  # another training node: its ranks reach rank 0 through the rendezvous
         return f"torchrun {ranks} rendezvous {topo.host}:auto"
-    backend = (ws.backend if ws.backend != "auto"
-               else ("nccl" if cfg.trainer.device.startswith("cuda") else "gloo"))
+    backend = ws.backend_on(cfg.trainer.device)
     sync = (f"weight sync {backend} {ws.master_addr}:{_port(ws.master_port)}"
             if ws.path == "distributed" else f"weight sync {ws.path} (no group)")
     if la.nodes == 1 and la.trainer_ranks == 1:

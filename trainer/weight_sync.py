@@ -101,8 +101,7 @@ class WeightBroadcaster:
                  keys: Keys | None = None, adapter_path: str | None = None):
         self.cfg, self.metrics = cfg, metrics  # metrics: trainer/weight_sync_refused counted there
         self.rank = rank
-        self.backend = cfg.backend if cfg.backend != "auto" else \
-            ("nccl" if device.type == "cuda" else "gloo")
+        self.backend = cfg.backend_on(device.type)
         self.client = Client(buffer_address, keys=keys, timeout_s=BUFFER_REQUEST_TIMEOUT_S,
                              identity=TRAINER_PEER) if rank == 0 else None  # keys None: plain
         # `run` resolves auto (launch/placement.py); unresolved: the adapter's path, or the group

@@ -278,6 +278,11 @@ class WeightSyncConfig:
         """The most versions the engines may lag behind the trainer by design (0: every version
         pushed)."""
         return max(self.every - 1, self.delay)
+
+    def backend_on(self, device: str) -> str:
+        """The collective backend for a trainer on ``device`` (``cuda``, ``cuda:1``, ``cpu``)."""
+        return self.backend if self.backend != "auto" else (
+            "nccl" if device.startswith("cuda") else "gloo")
     # a model in <= 2 buckets: its push finishes while the next step trains (trainer/WEIGHT_SYNC.md)
     overlap: bool = True
 
