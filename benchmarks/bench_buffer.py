@@ -28,7 +28,8 @@ Cases (one JSON line each):
   always, to a buffer with ``buffer.io_threads`` = N as ``figure`` and 1 as ``baseline``: what one
   buffer ingests with every frame encrypted, and what spreading CURVE's cipher over I/O threads
   (one connection on one thread) adds. ``cluster_need_groups_s`` is what a large cluster generates
-  (benchmarks/README.md, "CURVE capacity"), ``need_ratio`` the figure over it;
+  (benchmarks/README.md, "CURVE capacity"), ``need_ratio`` the figure over it; with more than two
+  values (``--curve-io-threads 1 2 4 8``), ``by_io_threads`` holds each one's median;
 * ``buffer_memory``: resident memory of the daemon per 100,000 stored trajectories (RSS growth
   over the ingest / stored trajectories); baseline = their frame bytes; ratio = frame bytes / RSS.
   The daemon keeps only an index in its own memory: the frames stay in the WAL, on disk or in the
@@ -567,6 +568,8 @@ def curve_line(args, runs: dict, common: dict) -> None:
          cluster_need_groups_s=round(CLUSTER_NEED_GROUPS_S, 1),
          need_ratio=round(gps / CLUSTER_NEED_GROUPS_S, 3),
          rounds=[round(x[0], 1) for x in got], baseline_rounds=[round(x[0], 1) for x in base],
+         by_io_threads={m: round(statistics.median(x[0] for x in runs[f"curve{m}"]), 1)
+                        for m in args.curve_io_threads},
          cores=len(os.sched_getaffinity(0)), **{k: v for k, v in got[-1][2].items()}, **common,
          **load_warning())
 
