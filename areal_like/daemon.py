@@ -17,6 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
+import psutil
+
 from areal_like.net.auth import http_bind_host, metrics_token
 from areal_like.net.metrics import Metrics, MetricsServer
 
@@ -41,21 +43,22 @@ class LockHeld(Exception):
 
 
 def pid_lock(path: Path, mode: int, flags: int = os.O_CLOEXEC) -> int:
-    """An exclusive ``flock`` on ``path`` (created with ``mode``) with this process's PID written
-    in it, held until its descriptor (returned) is closed; LockHeld at once if another has it,
-    OSError from ``flock`` (a file system without locks)."""
+    """An exclusive ``flock`` on ``path`` (created with ``mode``) with ``"<pid> <create_time>"`` of
+    this process written in it (psutil's create_time: a reader on this machine tells the holder from
+    a later process that reuses its PID), held until its descriptor (returned) is closed; LockHeld
+    at once if another has it, OSError from ``flock`` (a file system without locks)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, mode)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        holder = (os.pread(fd, 64, 0).decode(errors="replace").split() or ["?"])[0]
         os.close(fd)
         raise LockHeld(holder) from None
     except OSError:
         os.close(fd)
         raise
     os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    os.pwrite(fd, f"{os.getpid()} {psutil.Process().create_time()!r}\n".encode(), 0)
     return fd
 
 

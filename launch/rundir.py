@@ -18,7 +18,7 @@ from areal_like.daemon import LockHeld, pid_lock
 from areal_like.settings.config import ConfigError, RunConfig
 from launch.tracking import flatten
 
-LOCK_FILE = "job.lock"  # in run_dir; holds the PID of the areal-like run that took it
+LOCK_FILE = "job.lock"  # in run_dir; "<pid> <create_time>" of the areal-like run that took it
 SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last areal-like run
 # keys (prefixes) a resume may change; run_dir is the directory settings.yaml was found in, whatever
 # its spelling (relative from another cwd, a symlink); checkpoint and export retention train nothing

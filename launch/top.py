@@ -74,15 +74,16 @@ def _mtime(*paths: Path) -> float | None:
 
 
 def launcher(run_dir: Path) -> int | None:
-    """The PID of the live ``areal-like run`` that took ``run_dir``'s job lock (the lock file holds
-    it), unless that process began after the lock was taken: a recycled PID."""
-    lock = Path(run_dir) / LOCK_FILE
+    """The PID of the live ``areal-like run`` that took ``run_dir``'s job lock. The lock file holds
+    its PID and create_time (``pid_lock``); a process that reuses the PID has another create_time.
+    Both come from this machine's process table: no clock is compared with the file's mtime, which
+    on NFS is the server's clock."""
     try:
-        pid, taken = int(lock.read_text().split()[0]), lock.stat().st_mtime
-        born = psutil.Process(pid).create_time()
-    except (OSError, ValueError, IndexError, psutil.Error):
+        pid, born = (Path(run_dir) / LOCK_FILE).read_text().split()
+        same = psutil.Process(int(pid)).create_time() == float(born)
+    except (OSError, ValueError, psutil.Error):  # no lock, no such process, or not "<pid> <time>"
         return None
-    return pid if alive(pid) and born <= taken + 1.0 else None
+    return int(pid) if same and alive(int(pid)) else None
 
 
 def preparing(run_dir: Path) -> int | None:

@@ -39,8 +39,6 @@ from typing import Any
 
 import aiohttp
 
-from areal_like.net.metrics import parse_exposition
-
 # control calls on a healthy server take milliseconds; 30 s is a wedged server
 DEFAULT_TIMEOUT_S = 30.0
 GENERATE_TIMEOUT_S = 600.0  # a long generation on a busy CPU engine can take minutes
@@ -350,11 +348,6 @@ class SGLangClient:
         """The version the server serves, from ``/model_info`` (0.5.23 has no /weight_version)."""
         v = (await self.model_info()).get("weight_version")
         return None if v is None else str(v)
-
-    async def metrics(self) -> dict[str, float]:
-        """``GET /metrics`` parsed to ``{series-with-labels: value}`` (needs --enable-metrics)."""
-        _, _, raw = await self._call("GET", "/metrics", idempotent=True)
-        return parse_exposition(raw)
 
     # ------------------------------------------------------------------ pause, continue
     async def pause_generation(self, mode: str = "abort", *,

@@ -65,12 +65,12 @@ def require_finite_state(model: torch.nn.Module, optimizer: Optimizer | None = N
 class SkipTracker:
     """Skipped steps of the trainer loop: counted, logged (rate-limited), exported, bounded."""
 
-    def __init__(self, max_consecutive: int, metrics=None, every_s: float = LOG_EVERY_S):
+    def __init__(self, max_consecutive: int, metrics=None):
         """``metrics``: the daemon's (rank 0); None on the other ranks, which count and stop alike
         (their stats are the same reduced numbers) but neither log nor export."""
         self.max_consecutive, self.metrics = max_consecutive, metrics
         self.total = self.consecutive = 0
-        self.lines = RateLimitedLog(log, every_s)
+        self.lines = RateLimitedLog(log, LOG_EVERY_S)
 
     def observe(self, version: int, stats: dict[str, float]) -> None:
         """Count the step that made ``version`` from its stats; raise ``NonFiniteStepError`` once

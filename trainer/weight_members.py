@@ -25,6 +25,9 @@ STATUS_POLL_MIN_S = 0.005
 STATUS_POLL_S = 0.05
 # while waiting for members: how often to check that they are still in the roster
 ROSTER_POLL_S = 0.5
+# before the initial push: how often to ask whether enough servers registered (a roster request
+# costs the buffer microseconds; the push should start soon after the last one registers)
+REGISTER_POLL_S = 0.1
 # a re-push needs at least this much of the deadline left (a rendezvous and the buckets)
 REPUSH_MIN_S = 1.0
 # The end of the deadline a rendezvous leaves for the members' reports (so the buffer tells members
@@ -73,8 +76,7 @@ def failed_members(client, version: int) -> list[str]:
     return list(st.failed) if isinstance(st, SyncStatus) else []
 
 
-def await_registered(client, want: int, timeout_s: float, should_stop=lambda: False,
-                     poll_s: float = 0.1) -> bool:
+def await_registered(client, want: int, timeout_s: float, should_stop=lambda: False) -> bool:
     """Rank 0, before the initial push: whether ``want`` servers registered before ``timeout_s`` or
     a stop."""
     deadline = time.monotonic() + timeout_s
@@ -86,9 +88,9 @@ def await_registered(client, want: int, timeout_s: float, should_stop=lambda: Fa
                 return True
         except TransportTimeout:  # no answer: ask again (an odd reply too, above)
             pass
-        if time.monotonic() + poll_s > deadline:
+        if time.monotonic() + REGISTER_POLL_S > deadline:
             return False
-        time.sleep(poll_s)
+        time.sleep(REGISTER_POLL_S)
     return False
 
 

@@ -30,19 +30,19 @@ SECRET_FIELD = re.compile(r"(^|[_-])(api[_-]?key|token|secret|passw(or)?d|creden
 _URL_PASSWORD = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
 
 
-def engine_api_key(run_dir: str | Path, environ: Mapping[str, str] = os.environ) -> str | None:
+def engine_api_key(run_dir: str | Path) -> str | None:
     """The job's engine API key: ``ENGINE_KEY_ENV``, else ``run_dir``'s ``KEY_FILE``, else None."""
-    return environ.get(ENGINE_KEY_ENV) or read_key_file(run_dir)
+    return os.environ.get(ENGINE_KEY_ENV) or read_key_file(run_dir)
 
 
-def metrics_token(environ: Mapping[str, str] = os.environ) -> str | None:
-    return environ.get(METRICS_TOKEN_ENV) or None
+def metrics_token() -> str | None:
+    return os.environ.get(METRICS_TOKEN_ENV) or None
 
 
-def http_bind_host(environ: Mapping[str, str] = os.environ) -> str:
+def http_bind_host() -> str:
     """Where a daemon's HTTP ports (``/metrics``) bind: ``AREAL_LIKE_BIND_HOST``, else loopback
     (``*`` in it, as ZeroMQ spells "every interface", is ``0.0.0.0`` here)."""
-    host = environ.get(BIND_HOST_ENV) or LOOPBACK
+    host = os.environ.get(BIND_HOST_ENV) or LOOPBACK
     return "0.0.0.0" if host == "*" else host
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from areal_like.net.distributed import free_port
+from areal_like.net.metrics import scrape
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from rollout_server.launch_sglang import installed_sglang
@@ -112,7 +113,8 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
             assert await client.weight_version() == "1"
             out = await client.generate([1, 20, 21], {"max_new_tokens": 4, "temperature": 1.0})
             assert out.weight_version == "1"
-            assert any(k.startswith("sglang:num_running_reqs") for k in await client.metrics())
+            page = await asyncio.to_thread(scrape, f"{sglang_server}/metrics", 30.0)
+            assert any(k.startswith("sglang:num_running_reqs") for k in page)
         finally:
             await client.close()
 

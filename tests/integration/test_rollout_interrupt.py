@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from areal_like.net.distributed import free_port
+from areal_like.net.metrics import scrape
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
 from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
@@ -59,9 +60,9 @@ def make_plan(state: dict, port: int, group: str) -> tuple[WeightSyncPlan, list[
     return plan, buckets
 
 
-async def generated_tokens(client: SGLangClient) -> float:
-    return sum(v for k, v in (await client.metrics()).items()
-               if k.startswith("sglang:generation_tokens_total"))
+async def generated_tokens(url: str) -> float:
+    page = await asyncio.to_thread(scrape, f"{url}/metrics", 30.0)
+    return sum(v for k, v in page.items() if k.startswith("sglang:generation_tokens_total"))
 
 
 async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen, pause_mode: str):
@@ -76,7 +77,7 @@ async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen, pau
         jobs = [asyncio.create_task(generate_sample(client, p, sampling, MAX_NEW, lambda: version))
                 for p in PROMPTS]
         t0 = time.monotonic()  # pause once every sample is well under way (about 40 tokens each)
-        while await generated_tokens(client) < 40 * len(PROMPTS) and time.monotonic() - t0 < 60:
+        while await generated_tokens(url) < 40 * len(PROMPTS) and time.monotonic() - t0 < 60:
             await asyncio.sleep(0.01)
         done = await apply_weight_sync(client, plan, "engine-under-test",
                                        pause_mode=pause_mode)

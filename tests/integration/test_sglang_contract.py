@@ -40,6 +40,7 @@ from pathlib import Path
 import pytest
 
 from areal_like.net.distributed import free_port
+from areal_like.net.metrics import scrape
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from rollout_server.sglang_client import SGLangClient, SGLangError
@@ -207,7 +208,7 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
         build_model(ModelConfig(**MODEL, init_seed=2)).save_pretrained(model_dir)
         await client.update_weights_from_disk(str(model_dir), weight_version="2")
         facts["version2"] = await client.weight_version()
-        facts["metrics"] = await client.metrics()
+        facts["metrics"] = await asyncio.to_thread(scrape, f"{url}/metrics", 30.0, api_key)
     finally:
         await client.close()
     return facts

@@ -15,6 +15,8 @@ import pytest
 
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import Metrics, MetricsServer
+from launch.rundir import lock_run_dir
+from launch.top import launcher as live_launcher
 from launch.top import newest_run_dir, status
 
 
@@ -131,15 +133,17 @@ def test_top_exits_with_a_last_view_when_the_job_it_watches_finishes(tmp_path):
 
 
 def _run_dir(path, *, at: float, ports: bool = False, launcher: int | None = None,
-             finished: bool = False):
+             born: float | None = None, finished: bool = False):
     """A run directory as ``areal-like run`` leaves it: settings.yaml written when it started
-    (``at``), job.lock holding the launcher's PID, ports.json once its daemons start, summary.json
-    at the end."""
+    (``at``), job.lock holding the launcher's PID and create_time (``born``, default: that PID's
+    now, or the time for a dead one), ports.json once its daemons start, summary.json at the end."""
     path.mkdir(parents=True)
     (path / "settings.yaml").write_text("run_dir: x\n")
     os.utime(path / "settings.yaml", (at, at))
     if launcher is not None:
-        (path / "job.lock").write_text(f"{launcher}\n")
+        if born is None:
+            born = psutil.Process(launcher).create_time() if psutil.pid_exists(launcher) else at
+        (path / "job.lock").write_text(f"{launcher} {born!r}\n")
     if ports:
         _ports(path, [("buffer", free_port(), None)])
         os.utime(path / "ports.json", (at + 5, at + 5))
@@ -186,10 +190,10 @@ def test_a_run_whose_launcher_is_gone_is_not_starting(tmp_path, capsys):
     died = _run_dir(tmp_path / "died", at=t0, launcher=_dead_pid())
     with pytest.raises(SystemExit, match="ports.json not found"):
         status(died)
-    recycled = _run_dir(tmp_path / "recycled", at=t0, launcher=os.getpid())
-    # the lock was taken before this process began: its PID is someone else's now
-    taken = psutil.Process().create_time() - 10
-    os.utime(recycled / "job.lock", (taken, taken))
+    # the lock's taker began 10 s before this process, which has its PID now (the lock's mtime,
+    # now, says nothing)
+    recycled = _run_dir(tmp_path / "recycled", at=t0, launcher=os.getpid(),
+                        born=psutil.Process().create_time() - 10)
     with pytest.raises(SystemExit, match="ports.json not found"):
         status(recycled)
     resumed = _run_dir(tmp_path / "resumed", at=t0, ports=True, finished=True,
@@ -197,6 +201,19 @@ def test_a_run_whose_launcher_is_gone_is_not_starting(tmp_path, capsys):
     os.utime(resumed / "settings.yaml")
     assert status(resumed) == 1
     assert _states(capsys.readouterr().out) == {"buffer": "finished"}
+
+
+def test_a_lock_whose_mtime_is_skewed_still_names_its_live_launcher(tmp_path):
+    """On NFS job.lock's mtime is the file server's clock: 5 s behind this machine's, the lock looks
+    older than the launcher that took it. The launcher is still told by its create_time, which
+    ``lock_run_dir`` (as ``areal-like run`` calls it) wrote beside its PID."""
+    run = _run_dir(tmp_path / "run", at=time.time() - 60)
+    os.close(lock_run_dir(run))
+    skewed = psutil.Process().create_time() - 5
+    os.utime(run / "job.lock", (skewed, skewed))
+    assert live_launcher(run) == os.getpid()
+    (run / "job.lock").write_text(f"{os.getpid()}\n")  # a lock without a create_time: no launcher
+    assert live_launcher(run) is None
 
 
 def test_top_waits_through_the_warm_start_then_shows_the_daemons(tmp_path):

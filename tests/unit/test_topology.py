@@ -227,6 +227,8 @@ def test_several_trainer_ranks_still_run_under_torchrun():
     argv = next(s for s in job_specs(cfg, topo, "config.yaml") if s.name == "trainer").argv()
     assert (argv[1:3] == ["-m", "torch.distributed.run"]
             and argv[argv.index("--nproc-per-node") + 1] == "2")
+    # torchrun's own files go with the run's logs, not to a new /tmp/torchelastic_* per start
+    assert argv[argv.index("--log-dir") + 1] == f"{cfg.run_dir}/logs/torchrun"
 
 
 def test_the_trainer_waits_for_the_evaluating_server_only_when_one_is_started_for_a_final_eval():
