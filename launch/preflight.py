@@ -140,7 +140,10 @@ def check_dataset_columns(cfg: RunConfig) -> list[str]:
         except ConfigError as e:
             out.append(str(e).splitlines()[0])
         except Exception as e:  # noqa: BLE001 - a malformed file: the reader's reason, in one line
-            out.append(f"{key}={value!r} cannot be read: {type(e).__name__}: {e}".splitlines()[0])
+            why = e.__cause__ or e.__context__  # datasets' own error names no line; its cause does
+            detail = f" ({type(why).__name__}: {why})" if why is not None and str(why) else ""
+            out.append(f"{key}={value!r} cannot be read: {type(e).__name__}: {e}{detail}"
+                       .splitlines()[0])
     return out
 
 

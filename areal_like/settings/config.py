@@ -100,9 +100,18 @@ def _sequence_count_wins(overrides: list[str]) -> list[str]:
     return overrides
 
 
+PASS_THROUGH = "rollout.engine.sglang."  # SGLang's own flags: any key, none of ours
+
+
+def _pass_through_adds(overrides: list[str]) -> list[str]:
+    """``rollout.engine.sglang.K=V`` adds K or sets it (Hydra's ``++``): that dict holds SGLang's
+    flags, which the schema does not list, so Hydra's ``+`` for a new key is not asked for."""
+    return [f"++{ov}" if ov.startswith(PASS_THROUGH) else ov for ov in overrides]
+
+
 def _compose_with_choices(overrides: list[str], config_name: str):
     """Hydra compose; returns the raw DictConfig and the chosen option of each config group."""
-    overrides = _sequence_count_wins(overrides)
+    overrides = _pass_through_adds(_sequence_count_wins(overrides))
     _register_resolvers()
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
@@ -234,7 +243,9 @@ def _explain(e: BaseException) -> str:
         if isinstance(x, ConfigError):
             return str(x)
         if isinstance(getattr(x, "override", None), str):  # hydra's OverrideParseException
-            return f"override {x.override!r} does not parse: {str(x).splitlines()[0]}"
+            hint = ("; Hydra reads a value with ~ only in quotes ('key=\"~/path\"'), or use $HOME"
+                    if "~" in x.override.partition("=")[2] else "")
+            return f"override {x.override!r} does not parse: {str(x).splitlines()[0]}{hint}"
     keyed = [x for x in chain if getattr(x, "full_key", None)]
     first_lines = [str(x).strip().splitlines()[0] for x in chain if str(x).strip()]
     if keyed:

@@ -9,6 +9,7 @@ A check raises ``ConfigError`` naming the key; no Hydra or torch here.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from areal_like.settings.config_checks import check as _check
 from areal_like.settings.config_checks import choice as _choice
 from areal_like.settings.loss_schema import ESTIMATORS, LossConfig
 from areal_like.settings.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
+
+# SGLang flags rollout_server/launch_sglang.py sets itself, and where each comes from
+LAUNCHER_FLAGS = {"model_path": "model.path", "host": "rollout.engine.host",
+                  "port": "rollout.engine.port", "weight_version": "the version served"}
 
 
 @dataclass(kw_only=True)
@@ -121,6 +126,11 @@ class TaskConfig:
         if self.name == "dataset":
             _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset",
                    self.dataset_path)
+        # a synthetic task reads no file: training on it while the user means their data is silent
+        for key in (k for k in ("dataset_path", "eval_path") if getattr(self, k)):
+            if self.name != "dataset":
+                raise ConfigError(f"task.{key}={getattr(self, key)!r} is read only by "
+                                  f"task=dataset, and task.name={self.name!r}: add task=dataset")
         _check("task.eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)", self.eval_fraction)
         each("task", self, ">= 0", "max_prompt_tokens", "reward_workers", "reward_memory_mb",
              "reward_retries", "tool_memory_mb", "agent_memory_mb")
@@ -226,6 +236,10 @@ class EngineConfig:
         for key in sorted(set(self.sglang) & {"tp_size", "tp", "tensor_parallel_size"}):
             raise ConfigError(f"rollout.engine.sglang.{key} is not passed through: "
                               "set rollout.engine.tp_size")
+        # the server polls the port it chose and the trainer trains model.path: no other ones
+        for key in sorted(set(self.sglang) & LAUNCHER_FLAGS.keys()):
+            raise ConfigError(f"rollout.engine.sglang.{key} is not passed through: the launcher "
+                              f"sets it ({LAUNCHER_FLAGS[key]})")
         # never in config.yaml or logs
         for key in sorted(k for k in self.sglang if SECRET_FIELD.search(str(k))):
             raise ConfigError(f"rollout.engine.sglang.{key}: credentials are not configuration; "
@@ -495,6 +509,7 @@ class RunConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self):
+        self.run_dir = os.path.expanduser(self.run_dir)  # not a directory named "~" in the cwd
         for name in self.tracker:
             _choice("tracker", name, TRACKERS)
         # engines that lag by design must still be admitted, and their groups consumed

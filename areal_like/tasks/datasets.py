@@ -79,7 +79,7 @@ def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[s
     if cfg.messages_key:
         messages = _messages(row[text_key], i, text_key, source)
         return Example("\n".join(m["content"] for m in messages), _text(answer), messages, metadata)
-    if row[text_key] is None:
+    if row[text_key] is None or not str(row[text_key]).strip():  # blank: nothing to answer
         raise ConfigError(f"task.prompt_key={text_key!r}: row {i} of {source} has no prompt")
     return Example(_text(row[text_key]), _text(answer), None, metadata)
 
@@ -107,8 +107,8 @@ def check_rows(cfg: TaskConfig, key: str, value: str, table: Any) -> str | None:
     if not bad:
         return None
     shown = ", ".join(map(str, bad[:SHOWN_ROWS])) + (", ..." if len(bad) > SHOWN_ROWS else "")
-    return (f"{key}={value!r}: {len(bad)} of {n} rows cannot be used (rows {shown}); "
-            f"the first: {first}")
+    return (f"{key}={value!r}: {len(bad)} of {n} rows cannot be used (rows {shown}, counted "
+            f"from 0); the first: {first}")
 
 
 def task_columns(cfg: TaskConfig, columns: list[str], source: str) -> tuple[str, str, list[str]]:
@@ -145,6 +145,8 @@ def load_table(key: str, value: str):
     if len(builders) > 1:
         raise ConfigError(f"{key}={value!r}: the directory mixes formats "
                           f"({', '.join(sorted(builders))}); keep one format per directory")
+    if all(f.stat().st_size == 0 for f in files):  # the json reader fails with a bare StopIteration
+        raise ConfigError(f"{key}={value!r} has no rows")
     return datasets.load_dataset(builders.pop(), data_files=[str(f) for f in files], split="train")
 
 

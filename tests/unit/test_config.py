@@ -266,3 +266,38 @@ def test_durations_that_travel_in_messages_must_be_finite(override):
     at load, naming the key, not by the first message a daemon builds."""
     with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
         load_config([override])
+
+
+def test_sglang_flags_pass_through_without_hydras_plus(tmp_path):
+    """``rollout.engine.sglang`` holds SGLang's own flags, which the schema does not list: a new one
+    needs no ``+``, on the command line or over a daemon's config file."""
+    cfg = load_config(["topology=gpu_sglang", "rollout.engine.sglang.chunked_prefill_size=4096",
+                       "rollout.engine.sglang.mem_fraction_static=0.7", f"run_dir={tmp_path}"])
+    assert cfg.rollout.engine.sglang == {"mem_fraction_static": 0.7, "skip_server_warmup": True,
+                                         "chunked_prefill_size": 4096}
+    assert load_config(["rollout.engine.sglang.dtype=float16"]).rollout.engine.sglang == {
+        "dtype": "float16"}
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    daemon = load_daemon_config(["--config-file", str(path),
+                                 "rollout.engine.sglang.max_running_requests=8"])
+    assert daemon.rollout.engine.sglang["max_running_requests"] == 8
+
+
+@pytest.mark.parametrize("key", ["model_path", "host", "port", "weight_version"])
+def test_flags_the_launcher_sets_are_not_passed_through(key):
+    # a port of the user's would leave the server polling its own for health until the timeout
+    with pytest.raises(ConfigError, match=rf"rollout.engine.sglang.{key} is not passed through: "
+                                          "the launcher sets it"):
+        load_config([f"rollout.engine.sglang.{key}=x"])
+
+
+def test_run_dir_with_a_tilde_is_in_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config(['run_dir="~/runs/a"']).run_dir == str(tmp_path / "runs" / "a")
+
+
+def test_an_unquoted_tilde_says_how_to_write_it():
+    with pytest.raises(ConfigError, match=r"override 'model.path=~/m' does not parse: .*only in "
+                                          r"quotes .*or use \$HOME"):
+        load_config(["model.path=~/m"])

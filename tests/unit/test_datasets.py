@@ -129,6 +129,11 @@ def test_bad_rows_are_named(tmp_path):
     write_jsonl(tmp_path / "n.jsonl", [{"question": "q", "answer": None}])
     with pytest.raises(ConfigError, match="task.answer_key='answer': row 0"):
         make_task(task_cfg(tmp_path / "n.jsonl"))
+    # a blank prompt encodes to nothing the model could answer (the buffer refuses empty prompts)
+    write_jsonl(tmp_path / "b.jsonl", [{"question": "q", "answer": "1"},
+                                       {"question": " \n", "answer": "2"}])
+    with pytest.raises(ConfigError, match="task.prompt_key='question': row 1 of .* has no prompt"):
+        make_task(task_cfg(tmp_path / "b.jsonl"))
     (tmp_path / "mixed").mkdir()
     write_jsonl(tmp_path / "mixed" / "a.jsonl", ROWS)
     pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "mixed" / "b.parquet")

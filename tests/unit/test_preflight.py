@@ -136,10 +136,14 @@ def test_dataset_and_eval_files_must_exist(tmp_path, monkeypatch):
     assert pf.check_task_files(cfg_with(name="dataset", dataset_path="train.jsonl")) == []
     assert pf.check_task_files(cfg_with(name="dataset", dataset_path="data/math.jsonl")) == [
         f"task.dataset_path='data/math.jsonl' does not exist (relative paths start at {tmp_path})"]
-    assert pf.check_task_files(cfg_with(eval_path="test.jsonl")) == [
+    assert pf.check_task_files(cfg_with(name="dataset", dataset_path="train.jsonl",
+                                        eval_path="test.jsonl")) == [
         f"task.eval_path='test.jsonl' does not exist (relative paths start at {tmp_path})"]
-    # a synthetic task ignores dataset_path: nothing to check
-    assert pf.check_task_files(cfg_with(dataset_path="ignored.jsonl")) == []
+    # a synthetic task reads no file: a path given with one is refused, not silently ignored
+    for key in ("dataset_path", "eval_path"):
+        with pytest.raises(ConfigError, match=rf"task.{key}='mine.jsonl' is read only by "
+                                              r"task=dataset, and task.name='reverse'"):
+            cfg_with(**{key: "mine.jsonl"})
 
 
 def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch):
@@ -165,10 +169,12 @@ def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch
     (tmp_path / "broken.jsonl").write_text('{"question": "1+1=", "answer": \n')
     [line] = pf.check_dataset_columns(cfg_with(**{**ok, "dataset_path": "broken.jsonl"}))
     assert line.startswith("task.dataset_path='broken.jsonl' cannot be read: ") and "\n" not in line
-    # a missing file is check_task_files' line, not a second one here;
-    # a synthetic task reads no columns
+    assert "JSON parse error" in line  # the reader's cause says what and where, not only datasets'
+    (tmp_path / "empty.jsonl").write_text("")
+    assert pf.check_dataset_columns(cfg_with(**{**ok, "dataset_path": "empty.jsonl"})) == [
+        "task.dataset_path='empty.jsonl' has no rows"]
+    # a missing file is check_task_files' line, not a second one here
     assert pf.check_dataset_columns(cfg_with(**{**ok, "dataset_path": "nope.jsonl"})) == []
-    assert pf.check_dataset_columns(cfg_with(eval_path="eval.jsonl")) == []
 
 
 def test_chat_template_is_auto_none_a_file_or_a_template_that_compiles(tmp_path, monkeypatch):
@@ -332,8 +338,10 @@ def test_preflight_lists_every_problem_and_checked_resolves_first(tmp_path, monk
 
 def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anything(tmp_path):
     run_dir = tmp_path / "run"
+    (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
     r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", f"run_dir={run_dir}",
-                        f"model.path={tmp_path / 'no_model'}", "task.eval_path=no_eval.jsonl",
+                        f"model.path={tmp_path / 'no_model'}", "task=dataset",
+                        "task.dataset_path=train.jsonl", "task.eval_path=no_eval.jsonl",
                         "task.reward_fn=no_such_module_areal:score"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
@@ -427,7 +435,7 @@ def test_rows_whose_contents_make_no_example_are_refused_before_start_in_one_lin
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
     [line] = r.stderr.splitlines()
     assert line.startswith(f"error: task.dataset_path={str(data)!r}: 2 of 8 rows cannot be used "
-                           "(rows 3, 6); "
+                           "(rows 3, 6, counted from 0); "
                            "the first: task."), line
     assert f"row 3 of {data} {why}" in line, line
 
@@ -443,7 +451,8 @@ def test_row_check_streams_batches_and_shows_the_first_rows(tmp_path, monkeypatc
                          ds.load_table("task.dataset_path", str(data)))
     assert line.startswith(f"task.dataset_path={str(data)!r}: 8 of 30 rows cannot be used "
                            "(rows 1, 5, 9, 13, 17, "
-                           "...); the first: task.answer_key='answer': row 1 of"), line
+                           "..., counted from 0); "
+                           "the first: task.answer_key='answer': row 1 of"), line
     ok = _jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "answer": "a"}] * 5)
     assert ds.check_rows(task, "task.dataset_path", str(ok),
                          ds.load_table("task.dataset_path", str(ok))) is None

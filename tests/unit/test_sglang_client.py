@@ -310,11 +310,10 @@ def test_a_default_label_is_the_version_served_when_the_request_was_sent():
 
 def test_sglang_command_passes_every_option_through():
     argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang", tp_size=2, sglang={
-        "skip_server_warmup": True, "enable_metrics": False, "cuda_graph_max_bs": 8,
-        "weight_version": "7"}), 30001)
+        "skip_server_warmup": True, "enable_metrics": False, "cuda_graph_max_bs": 8}), 30001)
     assert argv[1:3] == ["-m", "sglang.launch_server"]
     assert argv[3:] == ["--model-path", "/m", "--host", "127.0.0.1", "--port", "30001",
-                        "--weight-version", "7", "--tp-size", "2", "--dtype", "float32",
+                        "--weight-version", "0", "--tp-size", "2", "--dtype", "float32",
                         "--skip-server-warmup", "--cuda-graph-max-bs", "8"]
 
 
