@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import inspect
 import json
 import math
 import numbers
@@ -73,12 +74,19 @@ def load_failure(e: BaseException, memory_mb: int) -> dict:
 
 def probe(path: str, memory_mb: int) -> int:
     """Load the reward as a worker does (what the launcher's preflight runs in a child Python):
-    0 when it loads, else 1 after printing one line saying why."""
+    0 when it loads and takes ``(response, example)``, else 1 after printing one line saying why."""
     try:
-        load_reward(path, memory_mb)
+        fn = load_reward(path, memory_mb)
     except BaseException as e:  # noqa: BLE001 - SystemExit at import too: the reward cannot be used
         print(load_failure(e, memory_mb)["reason"], flush=True)
         return 1
+    try:  # every sample would score 0 with a TypeError, once a minute in the log
+        inspect.signature(fn).bind("response", {})
+    except TypeError as e:
+        print(f"it cannot be called as fn(response, example): TypeError: {e}", flush=True)
+        return 1
+    except ValueError:  # no signature to read (a builtin): its calls will tell
+        pass
     return 0
 
 

@@ -208,11 +208,21 @@ def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_serve
     # the child Python finds my_rewards.py here, as `python -m rollout_server` would
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_rewards.py").write_text("def score(response, example):\n    return 1.0\n"
+                                            "def loose(*args, **kw):\n    return 1.0\n"
+                                            "def one(response):\n    return 1.0\n"
+                                            "def three(response, example, extra):\n    return 1.0\n"
                                             "THRESHOLD = 3\n")
     (tmp_path / "broken_rewards.py").write_text("import no_such_package_areal\n")
     (tmp_path / "exits_rewards.py").write_text("raise SystemExit(7)\n")
     assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:score")) == []
     assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards.score")) == []
+    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:loose")) == []
+    # called as fn(response, example): a reward that cannot be would score every sample 0
+    for name, why in (("one", "too many positional arguments"),
+                      ("three", "missing a required argument: 'extra'")):
+        assert pf.check_reward_fn(cfg_with(reward_fn=f"my_rewards:{name}")) == [
+            f"task.reward_fn='my_rewards:{name}' cannot be loaded in a reward worker: it cannot be "
+            f"called as fn(response, example): TypeError: {why}"]
     assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:THRESHOLD")) == [
         "task.reward_fn='my_rewards:THRESHOLD' cannot be loaded in a reward worker: "
         "TypeError: THRESHOLD in my_rewards is a int, not a callable"]
