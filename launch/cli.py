@@ -259,14 +259,15 @@ def _run(cfg, quiet: bool, accept_changes: bool) -> int:
 def _plan(cfg) -> int:
     """``run``'s planning step (``launch.job.plan_job``) without writing or starting anything."""
     from launch.job import laid_out, plan_job
+    from launch.placement import idle_gpus
     from launch.topology import layout_line, plan_lines
 
     _, topo = plan_job(cfg)
     # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks
     # them)
     laid = laid_out(cfg)[0]
-    note = layout_line(cfg, laid, topo)  # the counts the cores chose, and why
-    print("\n".join([*plan_lines(laid, topo), *([note] if note else [])]))
+    notes = [layout_line(cfg, laid, topo), idle_gpus(laid)]  # the counts the cores chose, and why
+    print("\n".join([*plan_lines(laid, topo), *filter(None, notes)]))
     return 0
 
 

@@ -30,6 +30,7 @@ from launch.local import (
 )
 from launch.placement import (
     check_one_node,
+    idle_gpus,
     needs_gpus,
     place_nodes,
     visible_devices,
@@ -388,6 +389,8 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
         print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; "
               f"`areal-like top {run_dir}` for a live view)",
               file=sys.stderr, flush=True)
+        if note := idle_gpus(cfg):
+            print(f"[run] {note}", file=sys.stderr, flush=True)
         code = sup.run()
         if code != 0 and sup.failed is not None:
             report_failure(run_dir, sup.failed)

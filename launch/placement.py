@@ -65,9 +65,9 @@ def visible_devices(gpus: tuple[int, ...], inherited: str | None = None) -> str:
         return ",".join(map(str, gpus))
     have = [d.strip() for d in inherited.split(",") if d.strip()]
     if gpus and max(gpus) >= len(have):
-        raise ConfigError(f"the plan needs GPU index {max(gpus)} but "
-                          f"CUDA_VISIBLE_DEVICES={inherited!r} gives this launcher {len(have)} "
-                          "GPUs; unset it or lower launch.gpus_per_node")
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={inherited!r} gives this launcher {len(have)} "
+                          f"GPUs and the plan places a process on GPU {max(gpus)} (counted from "
+                          f"0); unset it or set launch.gpus_per_node={len(have)}")
     return ",".join(have[g] for g in gpus)
 
 
@@ -142,6 +142,16 @@ def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
                               tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k))
     _check_weight_path(cfg, shared=any(n.shared for n in out))
     return tuple(out)
+
+
+def idle_gpus(cfg: RunConfig) -> str | None:
+    """A note naming the nodes whose GPUs the counts leave unused (the counts are the user's, never
+    guessed on a GPU job), or None; ``cfg`` laid out."""
+    nodes, have = place_nodes(cfg), cfg.launch.gpus_per_node
+    idle = [f"{have - n.used} of {have} on node {k}" for k, n in enumerate(nodes or ())
+            if n.used < have]
+    return (f"GPUs left unused: {', '.join(idle)}; raise launch.trainer_ranks or "
+            "launch.num_rollout_servers (each takes rollout.engine.tp_size)") if idle else None
 
 
 def check_one_node(cfg: RunConfig) -> None:

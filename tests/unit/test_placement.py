@@ -13,7 +13,7 @@ import pytest
 
 from areal_like.settings.config import ConfigError, load_config
 from launch.job import job_specs
-from launch.placement import check_one_node, place_node, place_nodes
+from launch.placement import check_one_node, idle_gpus, place_node, place_nodes
 from launch.topology import apply_topology, plan_topology
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,6 +130,23 @@ def test_place_nodes_reads_the_config_and_cpu_topologies_take_no_gpu():
                                  "launch.gpus_per_node=4"]))
 
 
+def test_gpus_the_counts_leave_unused_are_named_per_node():
+    gpu = ["topology=gpu_sglang", "launch.gpus_per_node=8"]
+    assert idle_gpus(load_config(gpu)) == (
+        "GPUs left unused: 6 of 8 on node 0; raise launch.trainer_ranks or "
+        "launch.num_rollout_servers (each takes rollout.engine.tp_size)")
+    assert idle_gpus(load_config([*gpu, "launch.trainer_ranks=4", "launch.num_rollout_servers=2",
+                                  "rollout.engine.tp_size=2"])) is None
+    # two nodes: the training node is full, the engines' node has 2 GPUs over 2 x tp 3
+    assert idle_gpus(load_config([*gpu, "launch.nodes=2", "launch.train_nodes=1",
+                                  "launch.trainer_ranks=8", "launch.num_rollout_servers=2",
+                                  "rollout.engine.tp_size=3", "buffer.address=tcp://10.0.0.1:5555",
+                                  "buffer.pub_address=tcp://10.0.0.1:5556",
+                                  "trainer.weight_sync.master_addr=10.0.0.1"])
+                     ).startswith("GPUs left unused: 2 of 8 on node 1;")
+    assert idle_gpus(load_config(["launch.gpus_per_node=8"])) is None  # a CPU job takes none
+
+
 def test_tp_size_is_one_key():
     with pytest.raises(ConfigError, match="rollout.engine.tp_size=2 is invalid"):
         load_config(["rollout.engine.tp_size=2"])  # the embedded engine is one device
@@ -163,9 +180,10 @@ def test_an_inherited_cuda_visible_devices_is_translated_not_overwritten(monkeyp
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-a,GPU-b")  # UUIDs are entries like any other
     assert (_specs("topology=gpu_sglang", "launch.gpus_per_node=2")["rollout-0"]
             .env["CUDA_VISIBLE_DEVICES"] == "GPU-b")
-    with pytest.raises(ConfigError, match=r"needs GPU index 3 but "
-                                          r"CUDA_VISIBLE_DEVICES='GPU-a,GPU-b' gives this "
-                                          r"launcher 2 GPUs"):
+    with pytest.raises(ConfigError, match=r"CUDA_VISIBLE_DEVICES='GPU-a,GPU-b' gives this "
+                                          r"launcher 2 GPUs and the plan places a process on GPU "
+                                          r"3 \(counted from 0\); unset it or set "
+                                          r"launch.gpus_per_node=2"):
         _specs("topology=gpu_sglang", "launch.gpus_per_node=4", "launch.trainer_ranks=2",
                "launch.num_rollout_servers=1", "rollout.engine.tp_size=2")
 
