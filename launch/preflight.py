@@ -109,7 +109,8 @@ def check_warm_start(cfg: RunConfig) -> list[str]:
         return []
     return [f"warm_start.steps={steps} with model.path={path!r}: the warm start is for the tiny "
             "model built from config, not a Hugging Face model; add model=local_hf (no warm start, "
-            "no tiny-model recipe) or warm_start.steps=0"]
+            "no tiny-model recipe) or warm_start.steps=0 (which an experiment= that sets a warm "
+            "start also needs)"]
 
 
 def check_task_files(cfg: RunConfig) -> list[str]:

@@ -121,8 +121,12 @@ def test_warm_start_only_for_a_tiny_model_or_its_own_output(tmp_path):
         f"warm_start.steps=150 with model.path={str(model)!r}: the warm start is for the tiny "
         "model built from config, not a Hugging Face model; add model=local_hf (no warm start, "
         "no tiny-model recipe) "
-        "or warm_start.steps=0"]
+        "or warm_start.steps=0 (which an experiment= that sets a warm start also needs)"]
     assert pf.check_warm_start(load_config(["model=local_hf", f"model.path={model}"])) == []
+    # the experiment's own warm start outlives model=local_hf: the line names the way out
+    assert pf.check_warm_start(load_config(["experiment=quickstart", "model=local_hf",
+                                            f"model.path={model}"]))[0].endswith(
+        "(which an experiment= that sets a warm start also needs)")
     assert pf.check_warm_start(base()) == []  # built from config
     # a directory an earlier warm start wrote: refined further
     (model / "warm_start.json").write_text("{}")
