@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from areal_like.net.transport import TransportTimeout
 from areal_like.wire.protocol import Roster, RosterRequest, SyncStatus, SyncStatusRequest
@@ -123,12 +124,14 @@ def poll_periods():
         period = min(STATUS_POLL_S, period * 2)
 
 
-def await_members(client, version: int, report, deadline: float) -> None:
-    """Poll SyncStatus until every member reported or left the roster, or the deadline; fills
-    ``done``, ``pause_s``, ``dropped``, ``loaded``."""
+def await_members(client, version: int, report, deadline: float,
+                  should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Poll SyncStatus until every member reported or left the roster, the deadline, or a stop
+    (the trainer going away does not wait out a dead buffer); fills ``done``, ``pause_s``,
+    ``dropped``, ``loaded``."""
     pending, gone, next_roster = set(report.members), set(), time.monotonic() + ROSTER_POLL_S
     periods = poll_periods()
-    while pending - gone and time.monotonic() < deadline:
+    while pending - gone and time.monotonic() < deadline and not should_stop():
         try:
             st = client.request(SyncStatusRequest(policy_version=version),
                                 timeout_s=bounded(deadline))

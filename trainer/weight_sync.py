@@ -115,6 +115,7 @@ class WeightBroadcaster:
         # label may name other weights on a member the crashed trainer pushed it to)
         self.loaded: dict[str, int] = {}
         self._inflight: threading.Thread | None = None  # rank 0: an overlapped push still running
+        self.stopping = threading.Event()  # close(): a push in flight stops waiting on the members
         self._done_report: SyncReport | None = None  # what the last overlapped push reported
 
     # ------------------------------------------------------------------ the collective
@@ -209,6 +210,7 @@ class WeightBroadcaster:
         return reply.policy_version if isinstance(reply, Roster) else None
 
     def close(self) -> None:
+        self.stopping.set()
         self.join()
         self.sender.close()
         if self.client is not None:
@@ -232,7 +234,8 @@ class WeightBroadcaster:
         try:
             lost = self._attempt(params, buckets, report, deadline, alone=alone)
             whole = self.sender.holds_all(buckets)
-            targets = repush_targets(self.client, report, lost, deadline) if self.rank == 0 else []
+            targets = (repush_targets(self.client, report, lost, deadline)
+                       if self.rank == 0 and not self.stopping.is_set() else [])
             if not (alone or whole):
                 targets = from_rank0(targets)
             if not targets:
@@ -264,7 +267,7 @@ class WeightBroadcaster:
             report.bytes = 0
         # the members' reports, also after a failed rendezvous (the survivors' before a re-push)
         if self.rank == 0 and report.plan_id:
-            await_members(self.client, report.version, report, deadline)
+            await_members(self.client, report.version, report, deadline, self.stopping.is_set)
             if report.dropped:
                 log.warning("weight sync v%d: dropped %s (lost, missed the %.0fs deadline or "
                             "failed)", report.version, report.dropped, self.cfg.deadline_s)

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from areal_like.net.transport import TransportTimeout
 from areal_like.wire import protocol as P
 from trainer.weight_members import (
     REPUSH_MIN_S,
@@ -117,6 +118,24 @@ def test_await_members_polls_short_then_longer_and_never_sleeps_once_all_reporte
     assert len(buffer.sent) == 4  # stopped at the first status with every member in it
     # one sleep between polls, none after the last: the push is reported done as soon as it is
     assert sleeps == [wm.STATUS_POLL_MIN_S, 2 * wm.STATUS_POLL_MIN_S, 4 * wm.STATUS_POLL_MIN_S]
+
+
+def test_await_members_stops_waiting_on_a_dead_buffer_when_the_trainer_stops(monkeypatch):
+    """A trainer told to stop (its launcher gone, the buffer with it) does not poll a dead buffer
+    until the push's deadline: every member still pending is dropped at once."""
+    from trainer import weight_members as wm
+
+    monkeypatch.setattr(wm.time, "sleep", lambda s: None)
+    asked = []
+
+    class Dead:
+        def request(self, msg, timeout_s=None):
+            asked.append(msg)
+            raise TransportTimeout("no buffer")
+
+    report = SyncReport(version=4, members=["a", "b"], plan_id="p")
+    wm.await_members(Dead(), 4, report, _later(), should_stop=lambda: len(asked) >= 2)
+    assert len(asked) == 2 and (report.done, report.dropped) == ([], ["a", "b"])
 
 
 def test_poll_periods_double_up_to_the_longest():
