@@ -82,13 +82,9 @@ class ControlPlane:
         now = self.clock()
         gone = [s for s, m in self.roster.items() if now - m.last_seen > self.heartbeat_timeout_s]
         for sid in gone:
-            silent = now - self.roster.pop(sid).last_seen
-            self.log.warning("server %s silent for %.0fs: removed from the roster", sid, silent)
-            if (plan := self._pending_plan(sid)) is not None and sid not in self.handed:
-                self._failed(sid, plan, "left the roster")
-            self.departed[sid] = None
-        while len(self.departed) > INCARNATIONS_KEEP:
-            del self.incarnations[self.departed.popitem(last=False)[0]]
+            self.log.warning("server %s silent for %.0fs: removed from the roster", sid,
+                             now - self.roster[sid].last_seen)
+            self._remove(sid)
         if not self.orphans_checked and now - self.started_at > self.heartbeat_timeout_s:
             # after a restart: leases restored for servers that never came back (a server heartbeats
             # far more often than the timeout, so every live one has registered again by now)
@@ -97,6 +93,15 @@ class ControlPlane:
         elif gone:
             self.release(lambda sid: sid not in gone, "gone from the roster")
         return gone
+
+    def _remove(self, sid: str) -> None:
+        """Take ``sid`` off the roster: a plan it was not handed fails for it now."""
+        self.roster.pop(sid)
+        if (plan := self._pending_plan(sid)) is not None and sid not in self.handed:
+            self._failed(sid, plan, "left the roster")
+        self.departed[sid] = None
+        while len(self.departed) > INCARNATIONS_KEEP:
+            del self.incarnations[self.departed.popitem(last=False)[0]]
 
     def register(self, m: P.Register) -> P.RegisterAck:
         # a new process (STALENESS.md): another incarnation than the last, or, either being
@@ -123,6 +128,11 @@ class ControlPlane:
     def heartbeat(self, m: P.Heartbeat) -> P.HeartbeatAck:
         member = self.touch(m.server_id, m.policy_version)
         if member is None:
+            return P.HeartbeatAck(policy_version=self.version, known=False)
+        if m.leaving:  # stopped on request: its leases go to the others now
+            self.log.info("server %s is stopping: removed from the roster", m.server_id)
+            self._remove(m.server_id)
+            self.release(lambda sid: sid != m.server_id, f"{m.server_id} stopped")
             return P.HeartbeatAck(policy_version=self.version, known=False)
         if member.evaluating != m.evaluating:
             self.log.info("server %s %s", m.server_id,

@@ -19,7 +19,6 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -53,6 +52,18 @@ class Unacked:
     group: TrajectoryGroup
     due: float = 0.0  # monotonic time of the next send
     sends: int = 0
+
+
+async def wait_event(event: asyncio.Event, timeout_s: float) -> bool:
+    """``event.wait()`` for at most ``timeout_s``; whether it was set. Not ``asyncio.wait_for``:
+    before Python 3.12 it loses a cancellation that arrives as the event is set, and a loop around
+    it then never ends (a stop hung on it)."""
+    waiter = asyncio.ensure_future(event.wait())
+    try:
+        done, _ = await asyncio.wait({waiter}, timeout=timeout_s)
+    finally:
+        waiter.cancel()
+    return bool(done)
 
 
 class BufferLink:
@@ -170,8 +181,7 @@ class BufferLink:
             if due:
                 await asyncio.sleep(0)
                 continue
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.ready.wait(), SENDER_IDLE_S)
+            await wait_event(self.ready, SENDER_IDLE_S)
 
     async def send(self, *us: Unacked) -> bool:
         """Send groups, all in flight at once, each first send asking for the leases of free slots

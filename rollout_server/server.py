@@ -54,7 +54,7 @@ from areal_like.wire.protocol import (
     WeightSyncPlan,
     encode,
 )
-from rollout_server.buffer_link import BufferLink
+from rollout_server.buffer_link import BufferLink, wait_event
 from rollout_server.episode import EpisodeContext, as_version, run_episode
 from rollout_server.facts import RolloutFacts
 from rollout_server.launch_sglang import stop_group
@@ -77,6 +77,8 @@ SYNC_DONE_ATTEMPTS = 5  # SyncDone is idempotent; retry it through a short buffe
 REGISTER_RETRY_S = 2.0  # a Register refused over the buffer's caps is sent again after this
 # last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
 FLUSH_ON_STOP_S = 3.0
+CANCEL_WAIT_S = 5.0  # on stop: the background tasks and episodes end within it (else: warned)
+LEAVE_TIMEOUT_S = 2.0  # the last heartbeat (``leaving``) of a stop; a buffer gone: expiry does it
 MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
 ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must answer within this
 SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a failure: WARNING)
@@ -122,6 +124,7 @@ class RolloutServer(Daemon):
         self.eval_task: asyncio.Task | None = None
         self.pub_address = self.rcfg.pub_address
         self.started = False  # start() finished: the engine is up
+        self.closing = False  # main is in its last part (flush, leave): a stop does not cancel it
         self.wedged = False  # no answer after a failed sync: on exit the engine is killed
 
     @classmethod
@@ -212,11 +215,13 @@ class RolloutServer(Daemon):
             asyncio.run(self.serve_until_stopped())
 
     async def serve_until_stopped(self) -> None:
-        """Run ``main`` until a stop is requested, then cancel it wherever it waits."""
+        """Run ``main`` until a stop is requested, then cancel it wherever it waits, unless it is
+        closing already: cancelled there, it skipped the flush of unacked groups and the goodbye."""
         main = asyncio.create_task(self.main())
         while not main.done() and not self.stop_requested.is_set():
             await asyncio.wait({main}, timeout=LOOP_TICK_S)
-        main.cancel()
+        if not self.closing:
+            main.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await main
 
@@ -272,19 +277,27 @@ class RolloutServer(Daemon):
                 if not await self.link.request_credits():
                     await self.register()  # the buffer does not know us
                 self.wake.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), LOOP_TICK_S)
+                await wait_event(self.wake, LOOP_TICK_S)
         finally:
-            others = [*background, *self.episodes, *([self.eval_task] if self.eval_task else [])]
-            for t in others:
-                t.cancel()
-            await asyncio.gather(*others, return_exceptions=True)
-            await self.link.flush(FLUSH_ON_STOP_S)
-            if self.agent_endpoint is not None:
-                await self.agent_endpoint.close()
-            await self.client.close()
-            self.control.close()
-            self.data.close()
+            self.closing = True  # bounded from here on (``wind_down``): never cancelled half-way
+            await self.wind_down([*background, *self.episodes,
+                                  *([self.eval_task] if self.eval_task else [])])
+
+    async def wind_down(self, others: list[asyncio.Task]) -> None:
+        """The end of ``main``: cancel ``others`` (``CANCEL_WAIT_S``), send what is unacked
+        (``FLUSH_ON_STOP_S``), leave the roster (``LEAVE_TIMEOUT_S``), close the connections."""
+        for t in others:
+            t.cancel()
+        if others and (left := (await asyncio.wait(others, timeout=CANCEL_WAIT_S))[1]):
+            # asyncio.run cancels them again at its end
+            self.log.warning("%d tasks still ending: %s", len(left), [t.get_name() for t in left])
+        await self.link.flush(FLUSH_ON_STOP_S)
+        await self.leave()
+        if self.agent_endpoint is not None:
+            await self.agent_endpoint.close()
+        await self.client.close()
+        self.control.close()
+        self.data.close()
 
     def raise_if_engine_died(self) -> None:
         """A launched SGLang that died stops this server (exit 1) at the next tick, instead of
@@ -328,8 +341,7 @@ class RolloutServer(Daemon):
 
     async def heartbeats(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.beat_now.wait(), self.rcfg.heartbeat_s)
+            await wait_event(self.beat_now, self.rcfg.heartbeat_s)
             self.beat_now.clear()  # a hint arriving during this heartbeat asks for another
             await self.heartbeat()
 
@@ -351,6 +363,18 @@ class RolloutServer(Daemon):
             self.link.resend_all()
         if ack.pending_plan is not None:
             self.offer_plan(ack.pending_plan)
+
+    async def leave(self) -> None:
+        """Tell the buffer this server stops (its leases go to the others, a weight sync stops
+        waiting for it) instead of leaving it to find out ``buffer.heartbeat_timeout_s`` later."""
+        try:
+            await self.control.request(Heartbeat(server_id=self.server_id,
+                                                 policy_version=self.policy_version, leaving=True),
+                                       timeout_s=LEAVE_TIMEOUT_S)
+            self.log.info("left the buffer's roster")
+        except TransportTimeout:
+            self.log.warning("the buffer did not answer our leaving; it drops us after "
+                             "buffer.heartbeat_timeout_s")
 
     async def announcements(self) -> None:
         sub = Subscriber(self.pub_address, keys=self.facts.keys, asyncio_ctx=True)

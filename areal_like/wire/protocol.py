@@ -57,6 +57,8 @@ class Heartbeat(_TopLevel, tag="heartbeat"):
     in_flight: Count = 0  # groups being generated
     # running an evaluation: leave it out of weight syncs until it says False
     evaluating: bool = False
+    # its last one: a graceful stop, off the roster now (not buffer.heartbeat_timeout_s later)
+    leaving: bool = False
 
 
 class CreditRequest(_TopLevel, tag="credit_request"):

@@ -202,3 +202,23 @@ def test_a_versions_results_are_those_of_its_latest_plan():
     cp.take_plan(relabel)
     status = cp.sync_status(P.SyncStatusRequest(policy_version=5))
     assert (status.done, status.failed) == (["b"], [])
+
+
+def test_a_server_that_stops_on_request_leaves_at_once():
+    """A last Heartbeat with ``leaving`` (a rollout server's graceful stop) takes it off the roster
+    and releases its leases now, not ``heartbeat_timeout_s`` later; a plan it was not yet handed
+    fails for it, so the trainer's push stops waiting for it."""
+    released = []
+    cp = ControlPlane("tcp://x", 15.0, _Clock(), lambda m: None, logging.getLogger("test"),
+                      release=lambda keep, why: released.append(
+                          ([s for s in ("a", "b") if not keep(s)], why)))
+    cp.register(_hello("a", "1111", fresh=True))
+    cp.register(_hello("b", "2222", fresh=True))
+    released.clear()
+    cp.take_plan(_plan(1, "a", "b"))
+    ack = cp.heartbeat(P.Heartbeat(server_id="b", policy_version=0, leaving=True))
+    assert ack.known is False and _members(cp) == ["a"]
+    assert released == [(["b"], "b stopped")] and _failed(cp, 1) == ["b"]
+    assert cp.expire() == []  # gone already: no second removal
+    cp.register(_hello("b", "3333", fresh=True))  # started again later: a member as any other
+    assert _members(cp) == ["a", "b"]
