@@ -79,11 +79,12 @@ def launcher(run_dir: Path) -> int | None:
     Both come from this machine's process table: no clock is compared with the file's mtime, which
     on NFS is the server's clock."""
     try:
-        pid, born = (Path(run_dir) / LOCK_FILE).read_text().split()
-        same = psutil.Process(int(pid)).create_time() == float(born)
-    except (OSError, ValueError, psutil.Error):  # no lock, no such process, or not "<pid> <time>"
+        words = (Path(run_dir) / LOCK_FILE).read_text().split()
+        pid, born = int(words[0]), float(words[1])
+        same = psutil.Process(pid).create_time() == born
+    except (OSError, ValueError, IndexError, psutil.Error):  # no lock or process, or not "pid time"
         return None
-    return int(pid) if same and alive(int(pid)) else None
+    return pid if same and alive(pid) else None
 
 
 def preparing(run_dir: Path) -> int | None:

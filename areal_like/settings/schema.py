@@ -23,9 +23,12 @@ from areal_like.settings.config_checks import choice as _choice
 from areal_like.settings.loss_schema import ESTIMATORS, LossConfig
 from areal_like.settings.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
 
-# SGLang flags rollout_server/launch_sglang.py sets itself, and where each comes from
+# SGLang flags rollout_server/launch_sglang.py sets itself, and where each comes from: one source
+# of truth (the server polls the port it chose, the trainer trains model.path)
 LAUNCHER_FLAGS = {"model_path": "model.path", "host": "rollout.engine.host",
-                  "port": "rollout.engine.port", "weight_version": "the version served"}
+                  "port": "rollout.engine.port", "weight_version": "the version served",
+                  **dict.fromkeys(("tp_size", "tp", "tensor_parallel_size"),
+                                  "rollout.engine.tp_size")}
 
 
 @dataclass(kw_only=True)
@@ -127,8 +130,8 @@ class TaskConfig:
             _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset",
                    self.dataset_path)
         # a synthetic task reads no file: training on it while the user means their data is silent
-        for key in (k for k in ("dataset_path", "eval_path") if getattr(self, k)):
-            if self.name != "dataset":
+        for key in ("dataset_path", "eval_path") if self.name != "dataset" else ():
+            if getattr(self, key):
                 raise ConfigError(f"task.{key}={getattr(self, key)!r} is read only by "
                                   f"task=dataset, and task.name={self.name!r}: add task=dataset")
         _check("task.eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)", self.eval_fraction)
@@ -232,11 +235,6 @@ class EngineConfig:
         _check("rollout.engine.tp_size",
                self.tp_size == 1 or (self.tp_size > 1 and self.kind == "sglang"),
                "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
-        # one source of truth
-        for key in sorted(set(self.sglang) & {"tp_size", "tp", "tensor_parallel_size"}):
-            raise ConfigError(f"rollout.engine.sglang.{key} is not passed through: "
-                              "set rollout.engine.tp_size")
-        # the server polls the port it chose and the trainer trains model.path: no other ones
         for key in sorted(set(self.sglang) & LAUNCHER_FLAGS.keys()):
             raise ConfigError(f"rollout.engine.sglang.{key} is not passed through: the launcher "
                               f"sets it ({LAUNCHER_FLAGS[key]})")
