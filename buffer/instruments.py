@@ -46,7 +46,8 @@ class BufferMetrics:
         self._staleness = metrics.histogram("buffer/staleness",
                                             "staleness of consumed groups (versions)",
                                             buckets=range(0, 17))
-        refused = metrics.counter("buffer/auth_refused", "peers refused at the CURVE handshake",
+        refused = metrics.counter("buffer/auth_refused", "peers refused at the handshake "
+                                  "(unknown_key, handshake) or for their key's role (role)",
                                   ("reason",))
         self._refused = {r: refused.labels(reason=r) for r in REFUSAL_REASONS}
         self._refused_lock = threading.Lock()

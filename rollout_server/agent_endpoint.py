@@ -95,10 +95,7 @@ class AgentEndpoint:
         app.router.add_get("/v1/models", self.list_models)
         self.server = await serve(app, self.host, self.port)
         self.port, self.stats = self.server.port, self.server.stats
-        # read from the guard's count at each scrape
-        self.ctx.metrics.gauge("rollout/agent_unauthorized", "requests to the agent endpoint "
-                               "refused 401 (no live episode's key)").set_function(
-            lambda: self.unauthorized)
+        self.ctx.metrics.count_refusals("agent", lambda: self.unauthorized)  # 401s
         return self
 
     async def close(self) -> None:

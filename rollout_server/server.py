@@ -35,6 +35,7 @@ from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE
 from areal_like.net.dealer import AsyncClient
 from areal_like.net.pubsub import Subscriber
 from areal_like.net.security import Keys
+from areal_like.net.store_gate import refused_total
 from areal_like.net.transport import TransportTimeout
 from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.tasks.task import make_task
@@ -157,6 +158,7 @@ class RolloutServer(Daemon):
             self.engine = EmbeddedEngine(self.facts.model, ecfg, api_key=self.api_key,
                                          lora=self.facts.lora).start()
             self.engine_url = self.engine.url
+            self.metrics.count_refusals("engine", lambda: self.engine.unauthorized)
         elif ecfg.kind == "sglang":
             from rollout_server.launch_sglang import SGLangProcess, StartAborted
 
@@ -195,6 +197,7 @@ class RolloutServer(Daemon):
             self.evaluator = ServerEvaluator(self.facts, self.tokenizer, self.rewards, self.metrics)
             self.log.info("evaluating %d eval prompts %s", len(self.evaluator.examples),
                           self.evaluator.schedule.describe())
+        self.metrics.count_refusals("weight_sync", refused_total)  # its engines' store doors
         self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
         self.started = True
 

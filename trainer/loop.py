@@ -27,6 +27,7 @@ import torch.distributed as dist
 from areal_like.daemon import Daemon
 from areal_like.job_facts import model_vocab_size
 from areal_like.net.security import Keys
+from areal_like.net.store_gate import refused_total
 from areal_like.settings.config import RunConfig, TrainerConfig
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.lora import served_name
@@ -121,6 +122,7 @@ class Trainer(Daemon):
                                              metrics=self.metrics,
                                              adapter_path=self.facts.adapter_path)
         self.engines = EngineSchedule(t.weight_sync, self.broadcaster, self.policy.model, t.steps)
+        self.metrics.count_refusals("weight_sync", refused_total)  # rank 0's store gate
         self.data.on_stall = lambda: self.engines.repush(self.version)
         self.saver = AsyncSaver(self.ckpt_root, t.keep_checkpoints) if t.checkpoint_async else None
         self.skips = SkipTracker(t.max_nonfinite_skips, self.metrics if self.rank == 0 else None)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from areal_like.net.auth import metrics_token
@@ -38,6 +39,8 @@ class Metrics:
         self._by_name: dict[str, object] = {}
         self._totals: dict[str, float] = {}  # count_to's last totals
         self._lock = threading.Lock()
+        self._refusals: dict[str, Callable[[], int]] = {}  # count_refusals' sources, by port
+        self.registry.register(self)  # collect(): the refusals, read at each scrape
 
     def _get(self, kind, name: str, doc: str, labels: tuple[str, ...], **kw):
         with self._lock:
@@ -70,6 +73,18 @@ class Metrics:
             self._totals[name] = max(last, total)
         if total > last:
             counter.inc(total - last)
+
+    def count_refusals(self, port: str, total: Callable[[], int]) -> None:
+        """``areal_refused_total{port=...}``: strangers this daemon refused on ``port`` (a missing
+        or wrong key or proof), read from ``total()`` at each scrape (areal_like/SECURITY.md)."""
+        self._refusals[port] = total
+
+    def collect(self):
+        family = CounterMetricFamily(prom_name("refused"), "requests or connections refused for a "
+                                     "missing or wrong key or proof, by port", labels=("port",))
+        for port, total in sorted(self._refusals.items()):
+            family.add_metric((port,), total())
+        yield family
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -105,6 +120,7 @@ class MetricsServer:
             self._thread.join()
             raise
         self.port = self._server.port
+        metrics.count_refusals("metrics", lambda: self._server.stats.unauthorized)
 
     @property
     def stats(self):

@@ -30,6 +30,14 @@ MAX_UNPROVEN = 64  # connections proving themselves at once; more are closed at 
 ACCEPT_RETRY_S = 0.05  # after a failed accept (out of descriptors), before the next
 LISTEN_BACKLOG = 128  # pending connections (engines' TP ranks join at once)
 GATES: dict[int, StoreGate] = {}  # this process's open gates by port
+_refused_lock = threading.Lock()
+_refused_in_process = 0  # by every gate and door of this process
+
+
+def refused_total() -> int:
+    """Connections this process's gates and doors refused so far (its daemon's
+    ``areal_refused_total{port="weight_sync"}``)."""
+    return _refused_in_process
 
 
 def proof(secret: str, who: bytes, *nonces: bytes) -> bytes:
@@ -135,7 +143,10 @@ class _Relay:
     def _refuse(self, conn: socket.socket, why: str) -> None:
         """Close ``conn`` unanswered and count it; logged at most once a minute per gate or door
         kind."""
+        global _refused_in_process
         self.refused += 1
+        with _refused_lock:
+            _refused_in_process += 1
         _refusals.warning(type(self).__name__,
                           "%s refused a connection from %s (%s; %d refused so far)",
                           type(self).__name__, _peer(conn), why, self.refused)

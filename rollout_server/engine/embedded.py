@@ -65,6 +65,11 @@ class EmbeddedEngine:
         return f"http://{self.engine_cfg.host}:{self.port}"
 
     @property
+    def unauthorized(self) -> int:
+        """Requests its port refused 401 (no or a wrong API key) so far."""
+        return self._server.stats.unauthorized if self._server is not None else 0
+
+    @property
     def model_name(self) -> str:
         return self.model_cfg.path or "areal_like/tiny-qwen2"
 

@@ -249,7 +249,7 @@ def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
 
     strangers, ended, a, b, unauthorized = asyncio.run(scenario())
     assert strangers == unauthorized == 4  # every stranger counted; members are not
-    assert metrics.registry.get_sample_value("areal_rollout_agent_unauthorized") == 4
+    assert metrics.registry.get_sample_value("areal_refused_total", {"port": "agent"}) == 4
     assert getattr(ended, "status_code", None) == 410
     assert (len(a.segments), len(b.segments), len(engine.calls)) == (0, 1, 1)
 

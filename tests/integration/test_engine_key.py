@@ -9,6 +9,7 @@ this process with its embedded engine (a real HTTP server), probed by the traine
 ``probe_engine`` with the key ``TrainerFacts`` holds.
 A job with no key at all: the server refuses to start with one line naming what is missing, since
 the trainer's guard would send the engine requests it could not authenticate.
+A request with a wrong key is counted in the server's ``areal_refused_total{port="engine"}``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def test_a_server_without_the_variable_serves_the_trainers_probe_with_the_jobs_k
         assert probe.output_ids and len(probe.engine_logp) == len(probe.output_ids)
         with pytest.raises(urllib.error.HTTPError, match="401"):  # the engine does require it
             probe_engine("rollout-0", server.engine_url, [1, 2, 3], 1.0, api_key="not-the-key")
+        # the stranger is counted in the server's metrics (areal_like/SECURITY.md, "Ports")
+        refused = server.metrics.registry.get_sample_value("areal_refused_total",
+                                                           {"port": "engine"})
+        assert refused == 1
     finally:
         server.stop()
 

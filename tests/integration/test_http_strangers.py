@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.error
 import urllib.request
 
 import pytest
@@ -26,6 +27,7 @@ import pytest
 from areal_like.net import security
 from areal_like.net.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
 from areal_like.net.distributed import free_port
+from areal_like.net.metrics import scrape
 from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig, to_yaml
 from launch.local import probe
 from tests.integration.test_engine_http_load import engine_url
@@ -56,6 +58,16 @@ def closed_by_server(s: socket.socket, within_s: float) -> bool:
         return True
     except socket.timeout:
         return False
+
+
+def counted(port: int, token: str) -> dict:
+    """The daemon's scraped series, or {} while it answers 503 (its slots still taken)."""
+    try:
+        return scrape(f"http://127.0.0.1:{port}/metrics", token=token)
+    except urllib.error.HTTPError as e:
+        if e.code != 503:
+            raise
+        return {}
 
 
 def silent(port: int, n: int) -> list[socket.socket]:
@@ -99,6 +111,11 @@ def test_strangers_on_a_metrics_port_cannot_make_health_answer_503(
             assert all(closed_by_server(s, EOF_WITHIN_S) for s in socks[:64]), (
                 "a 401 kept its connection"
             )
+            for s in socks[64:]:  # the silent ones hold every slot: a scrape would get 503
+                s.close()
+            scraped = wait_until(lambda: counted(port, token), 30,
+                                 what="a scrape once the silent connections are gone")
+            assert scraped['areal_refused_total{port="metrics"}'] == 64  # each one counted
     finally:
         for s in socks:
             s.close()

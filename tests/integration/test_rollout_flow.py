@@ -140,6 +140,9 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
         wait_until(lambda: metric(a_port, "areal_rollout_groups_acked_total") >= 2, STARTUP_S, 0.1,
                    "A's acks")
         assert metric(a_port, "areal_rollout_tokens_generated_total") > 0
+        series = scrape(f"http://127.0.0.1:{a_port}/metrics")  # strangers of its engine and doors
+        assert series['areal_refused_total{port="engine"}'] == 0, sorted(series)
+        assert series['areal_refused_total{port="weight_sync"}'] == 0
         # after its first leases, a server gets its next ones with its groups' acks
         wait_until(lambda: metric(a_port, 'areal_rollout_leases_received_total{via="ack"}') >= 1,
                    60, 0.1,

@@ -155,6 +155,7 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
         assert series["areal_trainer_padding_share"] == 0.0
         assert series["areal_trainer_trained_tokens_per_s"] > 0
         assert "areal_trainer_rank_token_spread" in series
+        assert series['areal_refused_total{port="weight_sync"}'] == 0  # its store gate's strangers
         for p in ranks:  # graceful stop: exit 0 and a final checkpoint
             os.kill(p.pid, signal.SIGTERM)
         assert [p.wait(timeout=60) for p in ranks] == [0, 0]

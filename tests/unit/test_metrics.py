@@ -92,6 +92,8 @@ def test_metrics_token_guards_metrics_not_health():
         assert scrape(base + "/metrics", token="s3cret-token")["areal_t_requests_total"] == 1.0
         assert get(base + "/health")[0] == 200  # liveness probes need no token
         assert server.stats.unauthorized == 2
+        scraped = scrape(base + "/metrics", token="s3cret-token")
+        assert scraped['areal_refused_total{port="metrics"}'] == 2  # the strangers, counted
     finally:
         server.stop()
 

@@ -68,6 +68,7 @@ def test_a_wrong_name_and_a_torch_client_get_nothing(echo):
     port = free_port()
     gate, door = (StoreGate("127.0.0.1", port, SECRET, echo),
                   StoreDoor("127.0.0.1", port, "another name"))
+    before = store_gate.refused_total()  # what the daemon's metrics read, for the whole process
     try:
         with socket.create_connection(("127.0.0.1", door.port), timeout=DEADLINE_S) as s:
             # the door cannot pass the gate: the client's connection is closed
@@ -78,6 +79,7 @@ def test_a_wrong_name_and_a_torch_client_get_nothing(echo):
             s.sendall(b"\x00\xce\xf7\x85\x3c")
             assert closed_by_peer(s)
         assert gate.answered == 0 and gate.refused >= 1
+        assert store_gate.refused_total() - before == gate.refused + door.refused
     finally:
         door.close()
         gate.close()
