@@ -15,11 +15,13 @@ import contextlib
 import json
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import psutil
 
+from areal_like.net.auth import METRICS_TOKEN_ENV
 from launch.local import alive
 from launch.records import read_jsonl, trainer_jsonl
 from launch.rundir import LOCK_FILE, SETTINGS_FILE
@@ -201,6 +203,11 @@ def snapshot(info: dict) -> dict[str, dict[str, float] | None]:
     for d in info["daemons"]:
         try:
             out[d["name"]] = scrape(d["metrics_url"])
+        except urllib.error.HTTPError as e:
+            if e.code == 401:  # every scrape would be refused: nothing to show, say why once
+                raise SystemExit(f"error: {d['metrics_url']} answered 401: the job's /metrics "
+                                 f"need its token; set {METRICS_TOKEN_ENV} to it") from None
+            out[d["name"]] = None
         except Exception:
             out[d["name"]] = None
     return out

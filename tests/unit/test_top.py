@@ -13,6 +13,7 @@ import time
 import psutil
 import pytest
 
+from areal_like.net.auth import METRICS_TOKEN_ENV
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import Metrics, MetricsServer
 from launch.rundir import lock_run_dir
@@ -234,4 +235,24 @@ def test_top_waits_through_the_warm_start_then_shows_the_daemons(tmp_path):
     finally:
         watching.kill()
         watching.wait()
+        srv.stop()
+
+
+def test_top_without_the_metrics_token_says_so(tmp_path):
+    """A job whose /metrics need a token: without it `top` names the variable (before, it showed
+    each daemon "up" with a dash in every column); with it, the figures."""
+    srv = MetricsServer(Metrics(), 0, "127.0.0.1", token="t0k")
+    try:
+        _ports(tmp_path, [("buffer", srv.port, os.getpid())])
+        env = {k: v for k, v in os.environ.items() if k != METRICS_TOKEN_ENV}
+        done = subprocess.run([sys.executable, "-m", "launch.cli", "top", str(tmp_path), "--once",
+                               "--interval", "0.1"], capture_output=True, text=True, timeout=30,
+                              env=env)
+        assert done.returncode == 1 and "401" in done.stderr, (done.stdout, done.stderr)
+        assert METRICS_TOKEN_ENV in done.stderr
+        done = subprocess.run([sys.executable, "-m", "launch.cli", "top", str(tmp_path), "--once",
+                               "--interval", "0.1"], capture_output=True, text=True, timeout=30,
+                              env={**env, METRICS_TOKEN_ENV: "t0k"})
+        assert done.returncode == 0 and "ok" in done.stdout, (done.stdout, done.stderr)
+    finally:
         srv.stop()
