@@ -5,7 +5,8 @@ refuses a directory a job still runs in (an ``flock`` that every daemon inherits
 releases it only when the last of them is gone); ``check_existing_run`` returns the step to resume
 from (0: fresh) and refuses a finished run or a checkpoint with ``trainer.resume=false``;
 ``check_resume_settings`` refuses a resume whose settings differ from ``settings.yaml`` (the config
-as given) unless ``--accept-changes``, apart from ``FREE_ON_RESUME``. Only names and files are
+as given) unless ``--accept-changes``, apart from ``FREE_ON_RESUME``; ``FIXED_ON_RESUME`` (the
+adapters' layout) never. Only names and files are
 read (the ``v%08d`` layout of trainer/checkpoint.py): no torch import, so a refusal is instant.
 """
 
@@ -24,6 +25,9 @@ SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last a
 # its spelling (relative from another cwd, a symlink); checkpoint and export retention train nothing
 FREE_ON_RESUME = ("trainer.steps", "launch.", "tracker", "tracking.", "run_dir",
                   "trainer.keep_checkpoints", "export.keep")
+# keys (prefixes) no resume may change, --accept-changes or not: they name and size the adapters the
+# checkpoint holds, so the trainer could not load it (it failed on every restart)
+FIXED_ON_RESUME = ("trainer.lora.rank", "trainer.lora.target_modules")
 
 CHECKPOINT_PREFIX = "v"  # trainer/checkpoint.py PREFIX: v00000012 holds policy_version 12
 CHECKPOINT_DONE = "meta.pt"  # written last into a checkpoint directory before its atomic rename
@@ -96,6 +100,12 @@ def check_resume_settings(cfg: RunConfig, accept: bool) -> list[str]:
     """The settings a resume of ``cfg`` changes (``changed_settings``); ConfigError listing them,
     one line each, unless ``accept`` (``areal-like run --accept-changes``)."""
     changes = changed_settings(cfg)
+    fixed = [c for c in changes if c.startswith(FIXED_ON_RESUME)]
+    if fixed:
+        raise ConfigError("\n".join([f"run_dir {Path(cfg.run_dir).resolve()} holds a checkpoint "
+                                      "whose LoRA adapters these settings would change:",
+                                      *(f"  {c}" for c in fixed),
+                                      "no resume can load it: keep them, or use a new run_dir"]))
     if changes and not accept:
         raise ConfigError("\n".join([f"run_dir {Path(cfg.run_dir).resolve()} was run with other "
                                       f"settings; resuming would change {len(changes)}:",

@@ -3,7 +3,8 @@
 Two callers share ``evaluate``: the rollout server started with ``rollout.eval=true``
 (``EvalSchedule`` says when; the choreography with the buffer and the trainer is in
 rollout_server/ROLLOUT.md, "Evaluation"), and ``areal-like eval MODEL`` (``main``): an HF
-directory or a trainer checkpoint, evaluated on its own with an embedded engine. Its task is
+directory or a trainer checkpoint, evaluated on its own with an embedded engine (a LoRA run's
+export, an adapter in PEFT's layout, folded into the base it names first). Its task is
 never guessed (``_eval_config``): ``--config-file``; else ``task=NAME`` on the command line; else
 the config.yaml of the run the model sits in; else the task an export stores
 (``areal_like_task.yaml``); else the ``task.*`` overrides given; else it refuses (exit 2).
@@ -35,6 +36,7 @@ from rollout_server.sglang_client import SGLangClient, SGLangError
 # a response "is correct" when its reward reaches 1 (verifiable rewards are 0/1)
 FULL_CREDIT = 1.0 - 1e-6
 EVAL_FILE = "eval.jsonl"
+ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a LoRA run exports its adapter
 
 
 class EvalSchedule:
@@ -233,6 +235,28 @@ def _to_hf_dir(checkpoint: Path, config_file: Path | None, out: Path) -> Path:
     return out
 
 
+def _merged(adapter_dir: Path, out: Path) -> Path:
+    """A LoRA run's export (``adapter_config.json``, naming its base directory) folded into its
+    base by PEFT: a plain HF directory at ``out``, with the export's tokenizer."""
+    import shutil
+
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    from areal_like.settings.config import ConfigError
+
+    base = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise ConfigError(f"{adapter_dir} is a LoRA adapter whose base model ({base!r}, "
+                          f"base_model_name_or_path of its {ADAPTER_CONFIG}) is not a local model "
+                          "directory: evaluate the run's checkpoint or an export.merged=true "
+                          "export's merged/ instead")
+    shutil.copytree(adapter_dir, out, ignore=shutil.ignore_patterns("adapter_*"))
+    peft_model = AutoPeftModelForCausalLM.from_pretrained(str(adapter_dir), dtype=torch.float32)
+    peft_model.merge_and_unload().save_pretrained(str(out))
+    return out
+
+
 async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
     from areal_like.tasks.tokenizer import load_tokenizer
     from rollout_server.engine import EmbeddedEngine
@@ -268,6 +292,8 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dic
     with tempfile.TemporaryDirectory(prefix="areal-like-eval-") as tmp:
         model_dir = (_to_hf_dir(model, config_file, Path(tmp) / "hf") if _is_checkpoint(model)
                      else model)
+        if (model_dir / ADAPTER_CONFIG).is_file() and not (model_dir / "config.json").is_file():
+            model_dir = _merged(model_dir, Path(tmp) / "merged")
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=str(model_dir.resolve())),
             rollout=dataclasses.replace(cfg.rollout, engine=dataclasses.replace(

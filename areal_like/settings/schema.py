@@ -313,6 +313,10 @@ class WeightSyncConfig:
 LORA_PATHS = {"embedded": "distributed", "sglang": "disk"}  # engine kind -> its adapter's path
 # Qwen2 / Llama / Qwen3 names of every linear layer in a decoder block (PEFT's usual "all-linear")
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# SGLang flags the launcher sets with LoRA (rollout_server/launch_sglang.py lora_options), from what
+LORA_FLAGS = {"enable_lora": "trainer.lora.rank > 0", "max_lora_rank": "trainer.lora.rank",
+              "lora_target_modules": "trainer.lora.target_modules",
+              "max_loras_per_batch": "3: trainer/WEIGHT_SYNC.md"}
 
 
 @dataclass(kw_only=True)
@@ -530,6 +534,9 @@ class RunConfig:
         _check("trainer.weight_sync.path", path in ("auto", LORA_PATHS[engine.kind]),
                f"auto or {LORA_PATHS[engine.kind]} with trainer.lora.rank > 0 and "
                f"rollout.engine.kind={engine.kind}", path)
+        for key in sorted(set(engine.sglang) & LORA_FLAGS.keys()):  # a pass-through would win
+            raise ConfigError(f"rollout.engine.sglang.{key} is not passed through with "
+                              f"trainer.lora.rank > 0: the launcher sets it ({LORA_FLAGS[key]})")
 
     @property
     def adapter_path(self) -> str | None:

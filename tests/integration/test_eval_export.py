@@ -102,3 +102,44 @@ def test_in_run_evaluation_matches_the_exported_model(tmp_path):
     assert (json.loads(checkpoint.stdout.strip().splitlines()[-1])["greedy_accuracy"]
             == final["greedy_accuracy"])
     assert _children() <= before
+
+
+def test_eval_of_a_lora_export_scores_the_base_with_its_adapter(tmp_path):
+    """A LoRA run exports its adapter in PEFT's layout, naming its base (README.md, "LoRA");
+    ``areal-like eval`` of it scores the adapted model (before: refused, no config.json). The base
+    here is the warm-started model with its output head negated (greedy picks its worst token);
+    the adapter on lm_head undoes exactly that (B @ A = 2 x the head), so only the adapted model
+    reverses."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    warm = Path(warm_model(WARM_CACHE))
+    base_dir, export = tmp_path / "base", tmp_path / "export" / "v00000007"
+    shutil.copytree(warm, base_dir)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    head = model.lm_head.weight.detach().clone()
+    with torch.no_grad():
+        model.lm_head.weight.neg_()
+    model.save_pretrained(str(base_dir))
+    vocab = head.shape[0]  # rank = vocab, alpha = rank: scaling 1
+    peft_model = get_peft_model(model, LoraConfig(r=vocab, lora_alpha=vocab,
+                                                  target_modules=["lm_head"]))
+    layer = peft_model.base_model.model.lm_head
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(head)
+        layer.lora_B["default"].weight.copy_(2 * torch.eye(vocab))
+    peft_model.save_pretrained(str(export))
+    for f in warm.glob("tokenizer*"):
+        shutil.copy(f, export)
+    assert not (export / "config.json").exists()
+
+    before = _children()
+    r = _cli("eval", str(export), "task=reverse", "eval.max_examples=64", "eval.k=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(r.stdout.strip().splitlines()[-1])
+    assert record["policy_version"] == 7 and record["n"] == 64
+    assert record["greedy_accuracy"] > 0.9, record
+    assert _children() <= before

@@ -24,6 +24,11 @@ from launch import preflight as pf
         ("rollout.engine.kind=url rollout.engine.url=http://h:1", "rollout.engine.kind"),
         ("topology=cpu_sglang trainer.weight_sync.path=distributed", "trainer.weight_sync.path"),
         ("topology=cpu_sglang trainer.weight_sync.path=tensor", "trainer.weight_sync.path"),
+        # the launcher's LoRA flags: a pass-through of them won over trainer.lora
+        ("topology=cpu_sglang +rollout.engine.sglang.max_lora_rank=4",
+         "rollout.engine.sglang.max_lora_rank"),
+        ("topology=cpu_sglang +rollout.engine.sglang.enable_lora=false",
+         "rollout.engine.sglang.enable_lora"),
     ],
 )
 def test_bad_lora_settings_name_their_key(override, key):

@@ -191,3 +191,21 @@ def test_retention_settings_may_change_on_resume(tmp_path):
     assert changed_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=30",
                                          "trainer.keep_checkpoints=1",
                                          "export.keep=3"])) == []
+
+
+@pytest.mark.parametrize("change", ["trainer.lora.rank=4", "trainer.lora.rank=0",
+                                    "trainer.lora.target_modules=[q_proj]"])
+def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path, change):
+    """The checkpoint holds adapters of the rank and targets it was run with: no trainer can load
+    it with others (before: --accept-changes let the trainer fail to load it on every restart, a
+    DCP size mismatch). Their alpha and dropout may change like any setting."""
+    from launch.rundir import check_resume_settings, write_settings
+
+    write_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8"]))
+    with pytest.raises(ConfigError, match=r"LoRA adapters[\s\S]*" + change.split("=")[0]
+                       .replace(".", r"\.")):
+        check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8",
+                                           change]), accept=True)
+    assert check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8",
+                                              "trainer.lora.alpha=32"]), accept=True) == [
+        "trainer.lora.alpha: 16.0 -> 32.0"]
