@@ -3,7 +3,8 @@
 ``Supervisor(specs, run_dir).run()`` starts the ``ProcSpec``s stage by stage, each in its own
 session, and waits for every ``/health``; streams each one's output, prefixed with its name, to
 the console and to ``<run_dir>/logs/<name>.log`` (rotated: at most ``(log_backups + 1) x
-log_max_bytes`` per process); restarts a process that exits after a doubling back-off, at most
+log_max_bytes`` per process); restarts a process that exits (but not one that exits 2: it refused
+its settings or inputs, so the job fails) after a doubling back-off, at most
 ``restarts`` within a sliding ``restart_window_s`` (``RestartBudget``); the *main* process (the
 trainer) exiting 0 completes the job. On completion, failure, Ctrl-C, SIGTERM or SIGHUP (not
 under ``nohup``) it stops everything in reverse start order: SIGTERM to the group, wait, SIGKILL;
@@ -48,6 +49,7 @@ STOP_GRACE_S = GRACEFUL_STOP_S + 5.0  # SIGTERM -> SIGKILL, with room for a clea
 HEALTH_PROBE_S = 2.0  # one /health request; a daemon answering slower than this is not healthy
 # first wait between a crash and its restart, so a crash loop does not spin the CPU
 RESTART_BACKOFF_S = 1.0
+REFUSED_EXIT = 2  # it refused what it was given (areal_like/daemon.py StartRefused): no restart
 LOG_MAX_BYTES = 100 << 20  # a daemon's log file rotates past this (launch.log_max_mb)
 LOG_BACKUPS = 3  # rotated files kept per log (launch.log_backups)
 
@@ -238,6 +240,8 @@ class Supervisor:
                     self.outcome = f"{p.spec.name} completed"
                     return 0
                 self._kill_leftovers(p)
+                if rc == REFUSED_EXIT:  # its settings or inputs: a restart is refused the same way
+                    raise JobFailed(f"{p.spec.name} refused to start (exit {rc})", p.spec.name)
                 self._schedule_restart(p, rc)
             if self.on_tick is not None:
                 self.on_tick(self)

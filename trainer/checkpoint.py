@@ -15,6 +15,8 @@ Invariants:
 - Resume restores model, optimizer, scheduler, policy_version and RNG states; ``checkpoint_dir``
   must be shared by all nodes. meta.pt's checksums prove a resumed run holds the saved state.
 - A checkpoint never holds a non-finite weight or optimizer state (``trainer/finite_guard.py``).
+- Resume refuses (``StartRefused``, exit 2) a checkpoint whose model tensors have other shapes
+  than the model built from the settings (changed ``model.*`` or ``trainer.lora.*``).
 - Loading reads data, never code: every pickle is read with an allowlist
   (``UnsafeCheckpointError`` otherwise); a planted ``__reduce__`` is refused before it runs.
 """
@@ -39,6 +41,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from areal_like.daemon import StartRefused
 from trainer.finite_guard import require_finite_state
 from trainer.model import Policy
 from trainer.ranks import all_ranks, barrier, local, rank_world, several
@@ -317,6 +320,11 @@ def load_data(path: Path, numpy_arrays: bool = False):
         raise _refused(path, e) from None
 
 
+def _shape(saved) -> tuple[int, ...] | None:
+    """A tensor's shape in checkpoint metadata (None: not saved there)."""
+    return tuple(saved.size) if saved is not None and hasattr(saved, "size") else None
+
+
 def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
     """Restore everything from ``path`` on all ranks; returns (policy_version, saved meta)."""
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
@@ -326,10 +334,15 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
         meta = load_data(path / "meta.pt")
         rng_file = path / f"rng_rank{rank_world()[0]}.pt"
         rng = load_data(rng_file, numpy_arrays=True) if rng_file.is_file() else None
-        read_dcp_metadata(path)
+        saved = read_dcp_metadata(path).state_dict_metadata
     except UnsafeCheckpointError as e:
         error = e
     _agree(error, path)
+    if misfits := [f"{k}: saved {_shape(saved.get(f'model.{k}'))}, this model {tuple(t.shape)}"
+                   for k, t in model_sd.items() if _shape(saved.get(f"model.{k}")) != t.shape]:
+        raise StartRefused(f"{path} holds another model's weights ({len(misfits)} tensors differ, "
+                           f"e.g. {misfits[0]}): resume with the model.* and trainer.lora.* "
+                           "settings it was saved with, or use a new run_dir")
     dcp_load(state, path)
     set_state_dict(policy.model, policy.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])

@@ -103,6 +103,12 @@ def worker(out: str) -> None:
         res[f"export{name}"] = _outcome(lambda: load_checkpoint_model(bad, cfg.model), marker)
     version, meta = load_checkpoint(good, build_policy(cfg.model, cfg.trainer))
     res["good"] = [version, meta["extra"]["last_batch_id"]]
+    # a resume whose settings build another model: refused with its reason, not DCP's traceback
+    for name, overrides in {"wider": ["model.intermediate_size=512"],
+                            "lora": ["trainer.lora.rank=4"]}.items():
+        other = load_config(overrides)
+        res[name] = _outcome(lambda: load_checkpoint(good, build_policy(other.model,
+                                                                        other.trainer)), good)
     Path(out).write_text(json.dumps(res))
     leave_distributed()
 
@@ -124,6 +130,11 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
     for name in ("meta.pt", "rng_rank0.pt", "optim.param_groups.0.lr"):
         assert r[f"export{name}"] == {"error": "", "ran": False}, name
     assert r["good"] == [1, "b7"]  # a checkpoint of this trainer still resumes
+    # another model's settings (exit 2 in the daemon, which the launcher does not restart)
+    assert r["wider"]["error"].startswith("StartRefused: "), r["wider"]
+    assert "holds another model's weights" in r["wider"]["error"]
+    assert "_proj.weight: saved (256, 128), this model (512, 128)" in r["wider"]["error"]
+    assert r["lora"]["error"].startswith("StartRefused: ") and "saved None" in r["lora"]["error"]
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ DUMMY = textwrap.dedent('''
     class H(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+            probed.set()
         def log_message(self, *a): pass
+    probed = threading.Event()
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     print(f"dummy up pid={os.getpid()} port={port}", flush=True)
@@ -56,6 +58,10 @@ DUMMY = textwrap.dedent('''
                 sys.exit(0)
         if mode == "crash":
             sys.exit(3)
+        if mode == "refuse" and probed.wait(60):  # refusing its settings once seen healthy
+            time.sleep(0.5)  # (StartRefused in start(), after /health answered)
+            print("error: this run's settings cannot be served", flush=True)
+            sys.exit(2)
         time.sleep(0.05)
 ''')
 
@@ -198,6 +204,22 @@ def test_sigterm_ignored_gets_sigkill_and_restarts_are_bounded(dummy, tmp_path):
     assert "crasher exited with 3 and has no restarts left (2 within 3600s)" in sup.outcome
     assert sup.proc("crasher").restarts == 2
     assert not _alive(sup.proc("stubborn").popen.pid)
+
+
+@pytest.mark.slow
+def test_a_daemon_that_refuses_its_settings_fails_the_job_without_restarts(dummy, tmp_path):
+    """Exit 2 is a refusal (a checkpoint of another model, a missing key): every restart would be
+    refused the same way, so the job fails at once (it crash-looped through its restarts)."""
+    specs = [_spec(dummy, "buffer", stage=0), _spec(dummy, "trainer", mode="refuse", main=True)]
+    sup = Supervisor(specs, tmp_path / "run", restarts=3, health_timeout_s=60, echo=lambda _: None)
+    with _Run(sup) as run:
+        assert _wait(lambda: not run.thread.is_alive(), 90)
+        run.track()
+    assert run.code == 1 and sup.failed == "trainer", sup.outcome
+    assert "trainer refused to start (exit 2)" in sup.outcome
+    assert sup.proc("trainer").restarts == 0
+    assert error_tail(tmp_path / "run" / "logs" / "trainer.log")[-1] == (
+        "error: this run's settings cannot be served")
 
 
 @pytest.mark.slow
