@@ -212,6 +212,31 @@ def test_a_history_rewrite_splits_the_episode_and_each_part_is_its_rendering():
             "".join(c + "<eos>" for r, c in conv if r == "assistant")
 
 
+def test_a_special_token_generated_mid_turn_does_not_double_its_eos():
+    """The content the agent reads drops the special tokens the model generated (``<pad>`` here);
+    the next call's context must still follow the generated EOS with the template's ``|``, not
+    with another EOS (the ids are the template's rendering with the model's own tokens)."""
+    engine = Scripted(["x<pad>y", "z"])
+
+    async def scenario():
+        ep = await endpoint(engine).start()
+        try:
+            key, session = ep.open_session(None)
+            client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            history = [{"role": "user", "content": "a"}]
+            r1 = (await client.chat.completions.create(model="m", messages=history)).choices[0]
+            await client.chat.completions.create(model="m", messages=history + [
+                r1.message, {"role": "user", "content": "b"}])
+            await client.close()
+            return r1.message.content, session
+        finally:
+            await ep.close()
+
+    content, session = asyncio.run(scenario())
+    assert content == "xy" and session.splits == 0
+    assert engine.calls[1][0] == ids("user:a|assistant:x<pad>y<eos>|user:b|assistant:")
+
+
 def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
     engine = Scripted(["x", "y"])
 
