@@ -251,9 +251,10 @@ def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
             key_b, b = ep.open_session(None)
             user = [{"role": "user", "content": "q"}]
             for stranger in ("wrong", key_a[:-1]):
-                with pytest.raises(AuthenticationError):
+                with pytest.raises(AuthenticationError) as refused:
                     sdk = AsyncOpenAI(base_url=ep.base_url, api_key=stranger, max_retries=0)
                     await sdk.chat.completions.create(model="m", messages=user)
+                assert "wrong bearer token" in refused.value.message  # the SDK reads error.message
             async with aiohttp.ClientSession() as http:  # no key at all
                 url = ep.base_url + "/chat/completions"
                 async with http.post(url, json={"messages": user}) as r:
@@ -311,7 +312,7 @@ def test_calls_size_and_sampling_are_bounded():
     refused, room, used_up, big = asyncio.run(scenario())
     assert "n must be 1" in refused[0] and "stream" in refused[1] and "max_tokens" in refused[2]
     assert "no room left" in room.message and "calls are used up" in used_up.message
-    assert getattr(big, "status_code", None) == 413
+    assert getattr(big, "status_code", None) == 413 and "request body over" in big.message
     [(_, params)] = engine.calls  # only the one call in bounds reached the engine
     assert params["max_new_tokens"] == 1 and params["temperature"] == 1.0  # the task's, not 0.1
 
