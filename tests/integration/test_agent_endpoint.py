@@ -575,6 +575,37 @@ def test_a_null_max_completion_tokens_leaves_max_tokens_in_force():
                                       "max_tokens": 5})
     assert (both["max_tokens"], newer["max_tokens"]) == (5, 3)
 
+def test_a_null_n_is_one_call():
+    """``n: null`` is the API's default (1), as clients that send every field write it."""
+    user = [{"role": "user", "content": "q"}]
+    assert agent_chat.check_request({"messages": user, "n": None})["messages"] == user
+
+
+def test_an_api_the_endpoint_does_not_serve_is_named():
+    """An agent on the Responses API (the OpenAI Agents SDK's default) or the legacy completions
+    reads which path was not found and which are served, not a bare 404."""
+    from openai import NotFoundError
+
+    async def scenario():
+        ep = await endpoint(Scripted([])).start()
+        try:
+            key, _ = ep.open_session(None)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            with pytest.raises(NotFoundError) as responses:
+                await sdk.responses.create(model="m", input="q")
+            with pytest.raises(NotFoundError) as legacy:
+                await sdk.completions.create(model="m", prompt="q")
+            await sdk.close()
+            return responses.value.message, legacy.value.message
+        finally:
+            await ep.close()
+
+    responses, legacy = asyncio.run(scenario())
+    assert "POST /v1/responses is not served" in responses
+    assert "POST /v1/completions is not served" in legacy
+    assert "POST /v1/chat/completions and GET /v1/models" in responses
+
+
 def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recorded():
     class Held(Scripted):
         async def generate(self, input_ids, params):
