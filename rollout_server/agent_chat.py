@@ -79,7 +79,7 @@ def check_request(body: Any) -> dict:
             raise RequestError("a message's name and tool call ids and names must be strings")
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise RequestError("tools must be a list of tool specs")
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):  # null is the API's default, 1
         raise RequestError("n must be 1: one episode samples one answer per call")
     if body.get("stream"):
         raise RequestError("stream=true is not supported; ask without streaming")

@@ -93,6 +93,7 @@ class AgentEndpoint:
         app = guarded_app(limits=LIMITS, token=self.known_key)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_get("/v1/models", self.list_models)
+        app.router.add_route("*", "/{path:.*}", self.not_served)  # e.g. the Responses API
         self.server = await serve(app, self.host, self.port)
         self.port, self.stats = self.server.port, self.server.stats
         self.ctx.metrics.count_refusals("agent", lambda: self.unauthorized)  # 401s
@@ -138,6 +139,10 @@ class AgentEndpoint:
     # ------------------------------------------------------------------ routes
     async def list_models(self, request: web.Request) -> web.Response:
         return web.json_response(agent_chat.models(self.model))
+
+    async def not_served(self, request: web.Request) -> web.Response:
+        return _error(404, f"{request.method} {request.path} is not served here; the agent "
+                      "endpoint serves POST /v1/chat/completions and GET /v1/models", "not_found")
 
     async def chat(self, request: web.Request) -> web.Response:
         bearer = request.headers["Authorization"][len("Bearer "):].strip()  # the guard checked it

@@ -2,12 +2,14 @@
 
 ``run_agent`` is what the agent pool's workers call (``rollout_server/agent_episode.py``); it
 imports the agent at ``path`` (``"pkg.module:run"``) and calls ``run(client_base_url, api_key,
-example)``, awaiting it when it is a coroutine function (on a fresh event loop per episode).
+example)``, awaiting it when it is a coroutine function (on a fresh event loop per episode; what
+the episode before left behind is collected first, while no loop runs).
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 from typing import Any
 
@@ -15,6 +17,9 @@ from areal_like.tasks.callables import import_function
 
 
 def run_agent(path: str, base_url: str, api_key: str, example: Any) -> Any:
+    # what the last episode left (an unclosed client: a reference cycle) goes while no loop runs;
+    # collected on this episode's loop, its close would run there and fail: "Event loop is closed"
+    gc.collect()
     value = import_function(path)(base_url, api_key, example)
     if inspect.isawaitable(value):
         value = asyncio.run(_wait(value))

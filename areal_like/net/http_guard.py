@@ -294,17 +294,16 @@ def _guard_middleware(guard: _Guard):
             header, token = request.headers.get("Authorization"), guard.token
             if not (token(header) if callable(token) else bearer_ok(header, token)):
                 stats.unauthorized += 1
-                refused = web.json_response({"error": "missing or wrong bearer token"}, status=401,
-                                            headers={"WWW-Authenticate": "Bearer"})
+                refused = _refusal(401, "missing or wrong bearer token",
+                                   {"WWW-Authenticate": "Bearer"})
                 refused.force_close()  # "Connection: close": the connection ends with the answer
                 return refused
             if isinstance(request.protocol, _GuardedHandler):
                 request.protocol.vouched = True  # its idle time is a member's: never evicted
         capped = guard.capped_paths is None or request.path in guard.capped_paths
         if capped and stats.inflight >= lim.max_inflight:
-            return web.json_response({"error": f"over {lim.max_inflight} requests in flight; "
-                                                "retry later"},
-                                     status=429, headers={"Retry-After": "1"})
+            return _refusal(429, f"over {lim.max_inflight} requests in flight; retry later",
+                            {"Retry-After": "1"})
         stats.inflight += capped
         try:
             if request.content_length is not None and request.content_length > lim.max_body_bytes:
@@ -314,9 +313,8 @@ def _guard_middleware(guard: _Guard):
                     await asyncio.wait_for(request.read(), lim.body_timeout_s)
                 except asyncio.TimeoutError:
                     stats.timed_out += 1
-                    return web.json_response({"error": f"body not received within "
-                                                       f"{lim.body_timeout_s}s"},
-                                             status=408, headers={"Connection": "close"})
+                    return _refusal(408, f"body not received within {lim.body_timeout_s}s",
+                                    {"Connection": "close"})
                 except web.HTTPRequestEntityTooLarge:
                     return _too_large(request, lim)
             return await handler(request)
@@ -326,8 +324,14 @@ def _guard_middleware(guard: _Guard):
 
 
 def _too_large(request: web.Request, lim: HttpLimits) -> web.Response:
-    return web.json_response({"error": f"request body over {lim.max_body_bytes} bytes"}, status=413,
-                             headers={"Connection": "close"})
+    return _refusal(413, f"request body over {lim.max_body_bytes} bytes", {"Connection": "close"})
+
+
+def _refusal(status: int, message: str, headers: dict) -> web.Response:
+    """A refusal as the OpenAI API words one (``{"error": {"message": ...}}``): its SDKs show
+    only that message (the agent endpoint's clients), ``sglang_client`` reads it too."""
+    return web.json_response({"error": {"message": message, "code": status}}, status=status,
+                             headers=headers)
 
 
 def guarded_app(*, limits: HttpLimits, token: str | TokenCheck | None = None,

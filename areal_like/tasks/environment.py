@@ -121,10 +121,11 @@ class ChatRenderer:
                                 f"verbatim (expected it to start with {assistant_text[:40]!r}, "
                                 f"got {rest[:40]!r})")
         rest = rest[len(assistant_text):]
-        # generated special tokens after the content (the EOS that ends the turn)
-        # are already in the ids
-        full = self.tokenizer.decode(generated_ids, skip_special_tokens=False)
-        tail = full[len(assistant_text):] if full.startswith(assistant_text) else ""
+        # the special token that ended the turn (its EOS) is already in the ids; the content
+        # (decoded without special tokens) may have lost others the model generated before it
+        last = generated_ids[-1:]
+        tail = (self.tokenizer.decode(last, skip_special_tokens=False)
+                if last and last[0] in self.tokenizer.all_special_ids else "")
         if tail and rest.startswith(tail):
             rest = rest[len(tail):]
         return self.encode(rest)

@@ -3,10 +3,11 @@ agent worker process imports them as a rollout server's would."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 
-from openai import OpenAI
+from openai import AsyncOpenAI, OpenAI
 
 
 def _ask(base_url: str, api_key: str, example) -> None:
@@ -61,3 +62,19 @@ def hogs_memory(base_url: str, api_key: str, example) -> float:
 
 def fails_before_calling(base_url: str, api_key: str, example) -> float:
     raise ValueError("no such model: gpt-5")
+
+
+_episodes = [0]
+
+
+async def leaves_its_client_open(base_url: str, api_key: str, example) -> float:
+    """The README's agent: its ``AsyncOpenAI`` client is never closed; every other episode it
+    raises after its call (the traceback keeps the client until the worker has replied)."""
+    gc.collect()  # the collection that comes, sooner or later, in the next episode
+    client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)
+    await client.chat.completions.create(model="policy", messages=[
+        {"role": "user", "content": example.prompt}])
+    _episodes[0] += 1
+    if _episodes[0] % 2:
+        raise RuntimeError("agent bug")
+    return 1.0

@@ -212,6 +212,31 @@ def test_a_history_rewrite_splits_the_episode_and_each_part_is_its_rendering():
             "".join(c + "<eos>" for r, c in conv if r == "assistant")
 
 
+def test_a_special_token_generated_mid_turn_does_not_double_its_eos():
+    """The content the agent reads drops the special tokens the model generated (``<pad>`` here);
+    the next call's context must still follow the generated EOS with the template's ``|``, not
+    with another EOS (the ids are the template's rendering with the model's own tokens)."""
+    engine = Scripted(["x<pad>y", "z"])
+
+    async def scenario():
+        ep = await endpoint(engine).start()
+        try:
+            key, session = ep.open_session(None)
+            client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            history = [{"role": "user", "content": "a"}]
+            r1 = (await client.chat.completions.create(model="m", messages=history)).choices[0]
+            await client.chat.completions.create(model="m", messages=history + [
+                r1.message, {"role": "user", "content": "b"}])
+            await client.close()
+            return r1.message.content, session
+        finally:
+            await ep.close()
+
+    content, session = asyncio.run(scenario())
+    assert content == "xy" and session.splits == 0
+    assert engine.calls[1][0] == ids("user:a|assistant:x<pad>y<eos>|user:b|assistant:")
+
+
 def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
     engine = Scripted(["x", "y"])
 
@@ -226,9 +251,10 @@ def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
             key_b, b = ep.open_session(None)
             user = [{"role": "user", "content": "q"}]
             for stranger in ("wrong", key_a[:-1]):
-                with pytest.raises(AuthenticationError):
+                with pytest.raises(AuthenticationError) as refused:
                     sdk = AsyncOpenAI(base_url=ep.base_url, api_key=stranger, max_retries=0)
                     await sdk.chat.completions.create(model="m", messages=user)
+                assert "wrong bearer token" in refused.value.message  # the SDK reads error.message
             async with aiohttp.ClientSession() as http:  # no key at all
                 url = ep.base_url + "/chat/completions"
                 async with http.post(url, json={"messages": user}) as r:
@@ -286,7 +312,7 @@ def test_calls_size_and_sampling_are_bounded():
     refused, room, used_up, big = asyncio.run(scenario())
     assert "n must be 1" in refused[0] and "stream" in refused[1] and "max_tokens" in refused[2]
     assert "no room left" in room.message and "calls are used up" in used_up.message
-    assert getattr(big, "status_code", None) == 413
+    assert getattr(big, "status_code", None) == 413 and "request body over" in big.message
     [(_, params)] = engine.calls  # only the one call in bounds reached the engine
     assert params["max_new_tokens"] == 1 and params["temperature"] == 1.0  # the task's, not 0.1
 
@@ -430,6 +456,30 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
 
 
 
+def test_a_client_an_agent_leaves_open_does_not_break_the_next_episode(capfd):
+    """Each episode runs on a fresh event loop in a long-lived worker: an ``AsyncOpenAI`` client
+    the agent never closed (the README's example), whether it returned or raised, must not be
+    closed on the next episode's loop, which logged a traceback ("Event loop is closed") per
+    episode."""
+    example = make_task(task_cfg()).example(0)
+    pool = agent_pool(task_cfg(agent_workers=1, episode_timeout_s=30.0))
+
+    async def one():
+        ep = await endpoint(Scripted(["x"]), agent="agent_fns:leaves_its_client_open").start()
+        try:
+            return await AgentRunner(ep.ctx, ep, pool).run(example)
+        finally:
+            await ep.close()
+
+    try:
+        pool.wait_ready(120)
+        runs = [asyncio.run(one()) for _ in range(4)]
+    finally:
+        pool.close()
+    assert [[t.reward for t in run] for run in runs] == [[0.0], [1.0]] * 2  # it raised, it did not
+    assert "Event loop is closed" not in capfd.readouterr().err
+
+
 def test_an_agent_out_of_memory_is_told_the_agents_memory_setting():
     from rollout_server.agent_episode import RUN
 
@@ -525,6 +575,37 @@ def test_a_null_max_completion_tokens_leaves_max_tokens_in_force():
     newer = agent_chat.check_request({"messages": user, "max_completion_tokens": 3,
                                       "max_tokens": 5})
     assert (both["max_tokens"], newer["max_tokens"]) == (5, 3)
+
+def test_a_null_n_is_one_call():
+    """``n: null`` is the API's default (1), as clients that send every field write it."""
+    user = [{"role": "user", "content": "q"}]
+    assert agent_chat.check_request({"messages": user, "n": None})["messages"] == user
+
+
+def test_an_api_the_endpoint_does_not_serve_is_named():
+    """An agent on the Responses API (the OpenAI Agents SDK's default) or the legacy completions
+    reads which path was not found and which are served, not a bare 404."""
+    from openai import NotFoundError
+
+    async def scenario():
+        ep = await endpoint(Scripted([])).start()
+        try:
+            key, _ = ep.open_session(None)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            with pytest.raises(NotFoundError) as responses:
+                await sdk.responses.create(model="m", input="q")
+            with pytest.raises(NotFoundError) as legacy:
+                await sdk.completions.create(model="m", prompt="q")
+            await sdk.close()
+            return responses.value.message, legacy.value.message
+        finally:
+            await ep.close()
+
+    responses, legacy = asyncio.run(scenario())
+    assert "POST /v1/responses is not served" in responses
+    assert "POST /v1/completions is not served" in legacy
+    assert "POST /v1/chat/completions and GET /v1/models" in responses
+
 
 def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recorded():
     class Held(Scripted):
