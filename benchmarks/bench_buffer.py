@@ -93,6 +93,7 @@ from areal_like.net.distributed import free_port  # noqa: E402
 from areal_like.settings.config import (  # noqa: E402
     BufferConfig,
     LaunchConfig,
+    ModelConfig,
     RunConfig,
     SecurityConfig,
     TaskConfig,
@@ -343,6 +344,8 @@ def start_buffer(run_dir: Path, fsync: str, env: dict, io_threads: int = 0, prod
     cfg = RunConfig(run_dir=str(run_dir),
                     security=SecurityConfig(curve=io_threads > 0, local_ipc=False),
                     task=TaskConfig(num_prompts=10_000_000), buffer=buf,
+                    # a context that holds the long groups measured (the buffer refuses longer)
+                    model=ModelConfig(max_position_embeddings=1 << 20),
                     # every producer a server id
                     launch=LaunchConfig(num_rollout_servers=producers))
     run_dir.mkdir(parents=True)

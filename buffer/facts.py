@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from areal_like.job_facts import dataset_size, model_vocab_size, request_frame_limit
+from areal_like.job_facts import dataset_size, model_context, model_vocab_size, request_frame_limit
 from areal_like.net.security import Keys
 from areal_like.settings.config import RunConfig
 from areal_like.tasks.task import prompt_layout
@@ -18,6 +18,7 @@ MIN_SERVERS = 8  # buffer/peer_caps.py: the roster allowance of one member key, 
 @dataclass(frozen=True)
 class BufferFacts:
     vocab_size: int  # model: token ids outside [0, vocab_size) are refused
+    context: int  # model: a trajectory with more prompt and output tokens is refused
     dataset_size: int  # task + model: prompts in one epoch, the ledger's cursor range
     engine_lag: int  # trainer.weight_sync.engine_lag: versions engines may lag by design
     # task + model (or buffer.max_frame_bytes): bigger request frames are refused undecoded
@@ -39,7 +40,8 @@ class BufferFacts:
         # twice the rollout servers the job launches on every rollout node (null counts one)
         nodes = la.nodes - la.train_nodes if la.nodes > 1 else 1
         max_servers = max(MIN_SERVERS, 2 * (la.num_rollout_servers or 1) * nodes)
-        return cls(vocab_size=model_vocab_size(cfg.model), frame_limit=request_frame_limit(cfg),
+        return cls(vocab_size=model_vocab_size(cfg.model), context=model_context(cfg.model),
+                   frame_limit=request_frame_limit(cfg),
                    engine_lag=cfg.trainer.weight_sync.engine_lag,
                    dataset_size=dataset_size(cfg.task, cfg.model),
                    wal_dir=cfg.resolve_path(b.wal_dir),

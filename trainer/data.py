@@ -3,8 +3,9 @@
 Invariants:
 - Every rank leaves ``next_batch`` with the same outcome (a batch, a stop, or the same error);
   each attempt is bounded far below the process-group timeout.
-- The trainer never dies on data: a group with an empty prompt or an out-of-vocabulary token is
-  dropped and logged (``dropped_groups``); an empty batch is retried forever, a silent buffer for
+- The trainer never dies on data: a group ``content_problem`` refuses (an empty prompt, an
+  out-of-vocabulary token, a trajectory longer than the context, ...) is dropped and logged
+  (``dropped_groups``); an empty batch is retried forever, a silent buffer for
   ``buffer_timeout_s`` is ``BufferUnavailable``. Staleness is the buffer's to enforce.
 - Layout (right padding, pad id 0): ``input_ids[i] = prompt_i + output_i``; output token t sits at
   input position ``P_i + t`` and is predicted at ``P_i - 1 + t``.
@@ -116,13 +117,15 @@ class BatchSource:
 
     def __init__(self, address: str, n_groups: int, *, keys: Keys | None = None, wait_s: float,
                  buffer_timeout_s: float, rank: int,
-                 should_stop: Callable[[], bool] = lambda: False, vocab_size: int = 0):
+                 should_stop: Callable[[], bool] = lambda: False, vocab_size: int = 0,
+                 context: int = 0):
         self.n_groups = n_groups
         self.wait_s = wait_s
         self.buffer_timeout_s = buffer_timeout_s
         self.rank = rank
         self.should_stop = should_stop
         self.vocab_size = vocab_size  # token ids must lie in [0, vocab_size) (0: unchecked)
+        self.context = context  # prompt + output tokens of a trajectory, at most (0: unchecked)
         self.dropped_groups = 0  # groups dropped from batches for their content (never trained on)
         self.client = Client(address, keys=keys, timeout_s=wait_s + REPLY_MARGIN_S,
                              identity="trainer") if rank == 0 else None
@@ -171,7 +174,7 @@ class BatchSource:
         """The groups a step can train on; the others are logged and counted, never raised on."""
         out = []
         for g in groups:
-            if (why := content_problem(g, self.vocab_size)) is None:
+            if (why := content_problem(g, self.vocab_size, self.context)) is None:
                 out.append(g)
                 continue
             self.dropped_groups += 1

@@ -1,6 +1,7 @@
 """What a trajectory group must hold before anyone trains on it: a non-empty prompt in every
-trajectory, a loss mask of 0s and 1s, token ids in ``[0, vocab_size)``, and behaviour log-probs
-that are finite and within ``[LOGP_MIN, LOGP_MAX]``. Why each: areal_like/DESIGN.md section 3.
+trajectory, a loss mask of 0s and 1s, at most the model's context in prompt and output together,
+token ids in ``[0, vocab_size)``, and behaviour log-probs that are finite and within
+``[LOGP_MIN, LOGP_MAX]``. Why each: areal_like/DESIGN.md section 3.
 
 One check for two places: the buffer refuses such a group at admission and the trainer drops one
 that reaches it anyway. A reason's text up to the first ``:`` is its metric label.
@@ -19,9 +20,10 @@ REASONS = ("empty_prompt", "bad_loss_mask", "token_out_of_vocab")
 LOGP_MIN, LOGP_MAX = -100.0, 0.1  # plausible behaviour log-probs (module docstring)
 
 
-def content_problem(group: TrajectoryGroup, vocab_size: int) -> str | None:
-    """Why the group's tokens cannot be trained on by a model with ``vocab_size`` entries (None:
-    they can); ``vocab_size`` <= 0 skips the vocabulary check."""
+def content_problem(group: TrajectoryGroup, vocab_size: int, context: int = 0) -> str | None:
+    """Why the group's tokens cannot be trained on by a model with ``vocab_size`` entries and a
+    context of ``context`` tokens (None: they can); a value <= 0 skips its check. No engine makes
+    a longer trajectory, and a step's cost grows with its square (a 4 MiB frame holds 500k)."""
     arrays = []
     for i, t in enumerate(group.trajectories):
         if len(t.prompt_ids) == 0:
@@ -30,6 +32,9 @@ def content_problem(group: TrajectoryGroup, vocab_size: int) -> str | None:
         if not mask_values_ok(t.loss_mask_wire):
             return (f"bad_loss_mask: trajectory {i} has loss_mask values other than 0 (context) "
                     "and 1 (generated)")
+        if 0 < context < (n := len(t.prompt_ids) + t.n_tokens):
+            return (f"over_context: trajectory {i} has {n} prompt and output tokens, more than the "
+                    f"model's context of {context}")
         arrays += [t.prompt_ids, t.output_ids]
     if (why := logp_problem(group)) is not None:
         return why

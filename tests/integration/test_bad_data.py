@@ -97,3 +97,34 @@ def test_trainer_drops_a_bad_group_from_its_batch_and_goes_on(free_port):
     finally:
         source.close()
         buffer.close()
+
+
+def test_a_trajectory_longer_than_the_context_is_refused_by_the_buffer_and_dropped_by_the_trainer(
+        tmp_path, free_port):
+    # one member's group with a 200k-token trajectory (1.6 MB, within the 4 MiB frame limit)
+    # stalled the trainer for good and took 12 GB in two minutes; no engine makes one
+    cfg = make_cfg(tmp_path, max_staleness=3)
+    context = cfg.model.max_position_embeddings
+    with running(cfg) as (svc, c):
+        register(c)
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
+        over = _with_tokens(make_group(credits[0]), [7, 8], [1] * (context - 1))
+        ack = c.request(over)
+        assert ack.status == "rejected" and ack.reason.startswith(
+            f"over_context: trajectory 0 has {context + 1} prompt and output tokens"), ack.reason
+        # the whole context is fine
+        assert c.request(_with_tokens(make_group(credits[1]), [7, 8],
+                                      [1] * (context - 2))).status == "accepted"
+        assert c.request(P.StatsRequest()).values["rejected_over_context"] == 1
+    address = f"tcp://127.0.0.1:{free_port()}"
+    good = make_group(P.Credit(lease_id="L9", prompt_index=9, epoch=0, deadline_s=1.0))
+    buffer = _OneBatch(address, [over, good])
+    source = BatchSource(address, 2, wait_s=0.05, buffer_timeout_s=30, rank=0, vocab_size=VOCAB,
+                         context=context)
+    try:
+        batch = source.next_batch(0)
+        assert batch is not None and source.dropped_groups == 1
+        assert [g.group_id for g in source.last_groups] == [good.group_id]
+    finally:
+        source.close()
+        buffer.close()
