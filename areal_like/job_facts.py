@@ -42,11 +42,24 @@ def model_vocab_size(model: ModelConfig) -> int:
 
 
 def model_context(model: ModelConfig) -> int:
-    """The model's context length (its config.json's, 128k when it names none)."""
+    """The model's context length as SGLang reads it: its config.json's, times a ``rope_scaling``
+    factor that does not name its original length (128k when it names none)."""
     if not model.path:
         return model.max_position_embeddings
     size = model_json(model, "max_position_embeddings")
-    return size if isinstance(size, int) and size > 0 else 128 * 1024
+    if not isinstance(size, int) or size < 1:
+        return 128 * 1024
+    rope = model_json(model, "rope_scaling")
+    scaled = (isinstance(rope, dict) and "original_max_position_embeddings" not in rope
+              and rope.get("rope_type") != "llama3")
+    return int(size * rope.get("factor", 1)) if scaled else size
+
+
+def trajectory_limit(cfg: RunConfig) -> int:
+    """The most prompt and output tokens one trajectory of the job can hold: the model's context,
+    or ``rollout.engine.sglang.context_length`` where that is set longer."""
+    given = cfg.rollout.engine.sglang.get("context_length")
+    return max(model_context(cfg.model), int(given) if isinstance(given, int) else 0)
 
 
 # a group's frame per trajectory: 4 bytes a prompt token, 16 an output token, and metadata

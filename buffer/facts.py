@@ -7,7 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from areal_like.job_facts import dataset_size, model_context, model_vocab_size, request_frame_limit
+from areal_like.job_facts import (
+    dataset_size,
+    model_vocab_size,
+    request_frame_limit,
+    trajectory_limit,
+)
 from areal_like.net.security import Keys
 from areal_like.settings.config import RunConfig
 from areal_like.tasks.task import prompt_layout
@@ -40,7 +45,7 @@ class BufferFacts:
         # twice the rollout servers the job launches on every rollout node (null counts one)
         nodes = la.nodes - la.train_nodes if la.nodes > 1 else 1
         max_servers = max(MIN_SERVERS, 2 * (la.num_rollout_servers or 1) * nodes)
-        return cls(vocab_size=model_vocab_size(cfg.model), context=model_context(cfg.model),
+        return cls(vocab_size=model_vocab_size(cfg.model), context=trajectory_limit(cfg),
                    frame_limit=request_frame_limit(cfg),
                    engine_lag=cfg.trainer.weight_sync.engine_lag,
                    dataset_size=dataset_size(cfg.task, cfg.model),

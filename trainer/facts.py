@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from areal_like.job_facts import trajectory_limit
 from areal_like.net.auth import engine_api_key
 from areal_like.net.security import Keys
 from areal_like.settings.config import ExportConfig, ModelConfig, RunConfig, TaskConfig
@@ -34,6 +35,8 @@ class TrainerFacts:
     run_dir: Path  # where metrics/trainer.jsonl and samples.jsonl go
     checkpoint_dir: Path  # trainer.checkpoint_dir resolved against run_dir
     export_dir: Path  # export.dir resolved against run_dir
+    # the most prompt and output tokens of a trajectory (a longer one is dropped; 0: unchecked)
+    context: int = 0
     nodes: int = 1  # launch.nodes: > 1 puts the engines on other nodes than rank 0 (log-prob guard)
     keys: Keys | None = None  # the trainer client's CURVE keys (None: plain sockets)
     # with LoRA, the path the engine kind loads an adapter from: what weight_sync.path=auto is
@@ -55,5 +58,5 @@ class TrainerFacts:
                    run_dir=Path(cfg.run_dir),
                    checkpoint_dir=cfg.resolve_path(cfg.trainer.checkpoint_dir),
                    export_dir=cfg.resolve_path(cfg.export.dir), nodes=cfg.launch.nodes, keys=keys,
-                   engine_key=engine_api_key(cfg.run_dir),
+                   engine_key=engine_api_key(cfg.run_dir), context=trajectory_limit(cfg),
                    adapter_path=cfg.adapter_path)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from areal_like.daemon import Daemon
-from areal_like.job_facts import model_context, model_vocab_size
+from areal_like.job_facts import model_vocab_size
 from areal_like.net.security import Keys
 from areal_like.net.store_gate import refused_total
 from areal_like.settings.config import RunConfig, TrainerConfig
@@ -116,7 +116,7 @@ class Trainer(Daemon):
                                 buffer_timeout_s=t.buffer_timeout_s, rank=self.rank,
                                 should_stop=self.stop_requested.is_set,
                                 vocab_size=model_vocab_size(model_cfg),
-                                context=model_context(model_cfg))
+                                context=self.facts.context)
         self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address,
                                              keys=self.facts.keys, rank=self.rank,
                                              device=self.policy.device, send_dtype=model_cfg.dtype,

@@ -11,13 +11,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import msgspec
 import pytest
 import zmq
 
-from areal_like.job_facts import request_frame_limit
+from areal_like.job_facts import request_frame_limit, trajectory_limit
 from areal_like.net.dealer import Client
 from areal_like.settings.config import (
     BufferConfig,
@@ -122,3 +123,26 @@ def test_an_agent_groups_limit_holds_one_trajectory_per_call():
                       agent="areal_like.tasks.agents:calc_agent", max_episode_tokens=8192)
     biggest = 16 * 8 * (8192 * 16 + 64 * 1024)  # every call its own segment, all of it output
     assert request_frame_limit(RunConfig(task=task)) >= biggest
+
+
+def test_the_trajectory_limit_is_the_context_the_engine_serves(tmp_path):
+    """What the buffer and the trainer refuse past (``over_context``): the model's context as SGLang
+    reads it, a rope_scaling factor included, or a longer ``rollout.engine.sglang.context_length``
+    (before: max_position_embeddings alone, so a job serving a scaled context lost its long
+    trajectories)."""
+    def limit(config: dict, **sglang) -> int:
+        (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 100, **config}))
+        cfg = RunConfig(model=ModelConfig(path=str(tmp_path)))
+        cfg.rollout.engine.sglang.update(sglang)
+        return trajectory_limit(cfg)
+
+    assert trajectory_limit(RunConfig()) == ModelConfig().max_position_embeddings == 256
+    assert limit({"max_position_embeddings": 32768}) == 32768
+    yarn = {"rope_type": "yarn", "factor": 4.0}
+    assert limit({"max_position_embeddings": 32768, "rope_scaling": yarn}) == 131072
+    named = {**yarn, "original_max_position_embeddings": 32768}  # already the scaled length
+    assert limit({"max_position_embeddings": 131072, "rope_scaling": named}) == 131072
+    llama3 = {"rope_type": "llama3", "factor": 8.0}
+    assert limit({"max_position_embeddings": 131072, "rope_scaling": llama3}) == 131072
+    assert limit({"max_position_embeddings": 32768}, context_length=65536) == 65536
+    assert limit({"max_position_embeddings": 32768}, context_length=4096) == 32768
