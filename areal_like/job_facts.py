@@ -81,9 +81,13 @@ def request_frame_limit(cfg: RunConfig) -> int:
         task.max_new_tokens
     per_trajectory = (prompt * PROMPT_TOKEN_BYTES + output * OUTPUT_TOKEN_BYTES
                       + TRAJECTORY_METADATA_BYTES)
-    # an agent's episode: up to one trajectory per call (rollout_server/agent_endpoint.py)
-    trajectories = task.group_size * (task.max_turns if task.agent else 1)
-    return max(MIN_FRAME_BYTES, FRAME_MARGIN * trajectories * per_trajectory)
+    return max(MIN_FRAME_BYTES, FRAME_MARGIN * group_trajectories(task) * per_trajectory)
+
+
+def group_trajectories(task: TaskConfig) -> int:
+    """The most trajectories one group of the job holds: ``task.group_size``, times
+    ``task.max_turns`` for an agent task (up to one per call: rollout_server/agent_endpoint.py)."""
+    return task.group_size * (task.max_turns if task.agent else 1)
 
 
 def dataset_size(task: TaskConfig, model: ModelConfig) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from areal_like.job_facts import (
     dataset_size,
+    group_trajectories,
     model_vocab_size,
     request_frame_limit,
     trajectory_limit,
@@ -24,6 +25,7 @@ MIN_SERVERS = 8  # buffer/peer_caps.py: the roster allowance of one member key, 
 class BufferFacts:
     vocab_size: int  # model: token ids outside [0, vocab_size) are refused
     context: int  # model: a trajectory with more prompt and output tokens is refused
+    trajectories: int  # task: a group with more trajectories is refused
     dataset_size: int  # task + model: prompts in one epoch, the ledger's cursor range
     engine_lag: int  # trainer.weight_sync.engine_lag: versions engines may lag by design
     # task + model (or buffer.max_frame_bytes): bigger request frames are refused undecoded
@@ -46,6 +48,7 @@ class BufferFacts:
         nodes = la.nodes - la.train_nodes if la.nodes > 1 else 1
         max_servers = max(MIN_SERVERS, 2 * (la.num_rollout_servers or 1) * nodes)
         return cls(vocab_size=model_vocab_size(cfg.model), context=trajectory_limit(cfg),
+                   trajectories=group_trajectories(cfg.task),
                    frame_limit=request_frame_limit(cfg),
                    engine_lag=cfg.trainer.weight_sync.engine_lag,
                    dataset_size=dataset_size(cfg.task, cfg.model),

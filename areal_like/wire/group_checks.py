@@ -1,7 +1,8 @@
-"""What a trajectory group must hold before anyone trains on it: a non-empty prompt in every
-trajectory, a loss mask of 0s and 1s, at most the model's context in prompt and output together,
-token ids in ``[0, vocab_size)``, and behaviour log-probs that are finite and within
-``[LOGP_MIN, LOGP_MAX]``. Why each: areal_like/DESIGN.md section 3.
+"""What a trajectory group must hold before anyone trains on it: at most the trajectories a group
+of the job holds, a non-empty prompt in every trajectory, a loss mask of 0s and 1s, at most the
+model's context in prompt and output together, token ids in ``[0, vocab_size)``, and behaviour
+log-probs that are finite and within ``[LOGP_MIN, LOGP_MAX]``. Why each: areal_like/DESIGN.md
+section 3.
 
 One check for two places: the buffer refuses such a group at admission and the trainer drops one
 that reaches it anyway. A reason's text up to the first ``:`` is its metric label.
@@ -20,10 +21,16 @@ REASONS = ("empty_prompt", "bad_loss_mask", "token_out_of_vocab")
 LOGP_MIN, LOGP_MAX = -100.0, 0.1  # plausible behaviour log-probs (module docstring)
 
 
-def content_problem(group: TrajectoryGroup, vocab_size: int, context: int = 0) -> str | None:
-    """Why the group's tokens cannot be trained on by a model with ``vocab_size`` entries and a
-    context of ``context`` tokens (None: they can); a value <= 0 skips its check. No engine makes
-    a longer trajectory, and a step's cost grows with its square (a 4 MiB frame holds 500k)."""
+def content_problem(group: TrajectoryGroup, vocab_size: int, context: int = 0,
+                    trajectories: int = 0) -> str | None:
+    """Why the group cannot be trained on by a model with ``vocab_size`` entries and a context of
+    ``context`` tokens, in a job whose groups hold at most ``trajectories`` (None: it can); a value
+    <= 0 skips its check. No engine makes a longer trajectory or a bigger group, and a step's cost
+    grows with the square of its longest sequence (a 4 MiB frame holds 500k tokens) and with its
+    rows (thousands of short ones fit a frame)."""
+    if 0 < trajectories < len(group.trajectories):
+        return (f"too_many_trajectories: {len(group.trajectories)}, more than the {trajectories} "
+                "a group of this job holds (task.group_size; times task.max_turns for an agent)")
     arrays = []
     for i, t in enumerate(group.trajectories):
         if len(t.prompt_ids) == 0:

@@ -13,7 +13,9 @@ import msgspec
 import numpy as np
 from test_buffer_service import make_cfg, make_group, register, running
 
+from areal_like.job_facts import group_trajectories
 from areal_like.net.transport import Server
+from areal_like.settings.config import TaskConfig
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from trainer.data import BatchSource
@@ -128,3 +130,21 @@ def test_a_trajectory_longer_than_the_context_is_refused_by_the_buffer_and_dropp
     finally:
         source.close()
         buffer.close()
+
+
+def test_a_group_with_more_trajectories_than_the_job_makes_is_refused(tmp_path):
+    # one member's group of 1,500 short trajectories (within the frame limit) made a step of
+    # 1,556 rows: 27 s instead of 0.2 s; no rollout server makes more than task.group_size
+    cfg = make_cfg(tmp_path, max_staleness=3)
+    size = cfg.task.group_size
+    with running(cfg) as (svc, c):
+        register(c)
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
+        ack = c.request(make_group(credits[0], rewards=[0.0, 1.0] * size))
+        assert ack.status == "rejected" and ack.reason.startswith(
+            f"too_many_trajectories: {2 * size}, more than the {size}"), ack.reason
+        full = make_group(credits[1], rewards=[float(i % 2) for i in range(size)])
+        assert c.request(full).status == "accepted"  # the whole group is fine
+        assert c.request(P.StatsRequest()).values["rejected_too_many_trajectories"] == 1
+    agent = TaskConfig(group_size=4, max_turns=3, agent="tests.integration.agent_fns:hangs")
+    assert group_trajectories(agent) == 12  # up to one trajectory per call of each episode
