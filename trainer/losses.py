@@ -117,8 +117,8 @@ def ppo_token_loss(x: LossInputs) -> tuple[Tensor, Tensor, Tensor]:
     dual = torch.zeros_like(clipped)
     if c.dual_clip is not None:
         bound = -adv * c.dual_clip
-        dual = ((adv < 0) & (loss > bound)).float() * mask
-        loss = torch.where(adv < 0, torch.minimum(loss, bound), loss)
+        hit = (adv < 0) & (loss > bound)  # at r = c exactly nothing clips: the full gradient
+        loss, dual = torch.where(hit, bound, loss), hit.float() * mask
     return loss, clipped, dual
 
 

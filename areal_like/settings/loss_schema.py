@@ -141,6 +141,8 @@ class LossConfig:
         check(K + "dual_clip", self.dual_clip is None or self.dual_clip > 1, "null or > 1",
               self.dual_clip)
         check(K + "kl_coef", self.kl_coef >= 0, ">= 0", self.kl_coef)
+        c = self.loss_scale_factor  # divides the loss: 0 makes it inf, < 0 reverses the update
+        check(K + "loss_scale_factor", c is None or c > 0, "null (task.max_new_tokens) or > 0", c)
 
     @property
     def params(self) -> Any:

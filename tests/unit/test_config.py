@@ -120,6 +120,8 @@ def test_range_and_cross_field_rules():
     assert "trainer.loss.agg" in error_of(["loss=gspo", "trainer.loss.agg=seq-mean-token-sum"])
     assert "model.num_attention_heads" in error_of(["model.num_key_value_heads=3"])
     assert "task.top_p" in error_of(["task.top_p=0"])
+    for c in ("0", "-4"):  # Dr.GRPO's divisor: inf (every step skipped) or an ascent on the loss
+        assert "trainer.loss.loss_scale_factor" in error_of([f"trainer.loss.loss_scale_factor={c}"])
 
 
 def test_mandatory_values_must_be_supplied(tmp_path):

@@ -83,6 +83,21 @@ def test_ppo_vector(eps_high, expected):
     close(stats["dual_clip_frac"], 0.2)  # token 4
 
 
+def test_ratios_exactly_on_a_clip_bound_are_not_clipped():
+    # r = 1 + eps, 1 - eps (eps 0.25) and the dual clip c = 3, all exact in fp32: nothing clips,
+    # so each token has the loss -A r and the full gradient -A r / n, as the stats say
+    prox = torch.log(torch.full((1, 4), 0.2))
+    r = torch.tensor([[1.25, 0.75, 1.25, 3.0]])
+    logp = prox + torch.log(r)
+    assert torch.equal(torch.exp(logp - prox), r)  # the kernel sees the bounds exactly
+    adv = torch.tensor([[1.0, -1.0, -1.0, -1.0]])
+    loss, grad, stats = run("ppo", logp=logp, prox=prox, adv=adv, eps_clip=0.25, dual_clip=3.0)
+    close(loss, (-adv * r).mean())
+    close(grad, -adv * r / 4)
+    close(stats["clip_frac"], 0.0)
+    close(stats["dual_clip_frac"], 0.0)
+
+
 def test_ppo_accepts_per_sequence_advantages():
     m = torch.ones(2, 3)
     lp = torch.log(torch.full((2, 3), 0.5))
