@@ -18,6 +18,11 @@ ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 K = "trainer.loss."
 
 
+def high_clip(section: str, value: float | None) -> None:
+    """``eps_clip_high``: the ratio's upper bound is 1 + it, so below 0 the clamp inverts."""
+    check(f"{section}.eps_clip_high", value is None or value > 0, "null (eps_clip) or > 0", value)
+
+
 @dataclass(kw_only=True)
 class DecoupledPPOConfig:
     """AReaL (LOSSES.md section 4): tokens whose pi_prox/pi_behav is over ``cap`` get weight 0."""
@@ -70,6 +75,7 @@ class GSPOConfig:
 
     def __post_init__(self):
         check(K + "gspo.eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
+        high_clip(K + "gspo", self.eps_clip_high)
 
 
 @dataclass(kw_only=True)
@@ -81,6 +87,9 @@ class VESPOConfig:
     lambda_pos: float = 3.0
     k_neg: float = 3.0
     lambda_neg: float = 2.0
+
+    def __post_init__(self):  # phi -> 0 as W -> 0 needs k > 0, as W -> inf lambda > 0
+        each(K + "vespo", self, "> 0", "k_pos", "lambda_pos", "k_neg", "lambda_neg")
 
 
 @dataclass(kw_only=True)
@@ -95,7 +104,7 @@ class VCPOConfig:
     ess_base: float = 1.0
 
     def __post_init__(self):
-        check(K + "vcpo.cap", self.cap > 0, "> 0", self.cap)
+        each(K + "vcpo", self, "> 0", "cap", "ess_base")  # ESS / ess_base scales the LR
         choice(K + "vcpo.baseline_weight", self.baseline_weight, ("readme", "code"))
 
 
@@ -138,6 +147,7 @@ class LossConfig:
         choice(K + "agg", self.agg, AGG_MODES)
         choice(K + "kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
         check(K + "eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
+        high_clip(K.rstrip("."), self.eps_clip_high)
         check(K + "dual_clip", self.dual_clip is None or self.dual_clip > 1, "null or > 1",
               self.dual_clip)
         check(K + "kl_coef", self.kl_coef >= 0, ">= 0", self.kl_coef)

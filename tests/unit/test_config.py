@@ -122,6 +122,11 @@ def test_range_and_cross_field_rules():
     assert "task.top_p" in error_of(["task.top_p=0"])
     for c in ("0", "-4"):  # Dr.GRPO's divisor: inf (every step skipped) or an ascent on the loss
         assert "trainer.loss.loss_scale_factor" in error_of([f"trainer.loss.loss_scale_factor={c}"])
+    # bounds whose wrong sign inverts a clamp, scales the LR by NaN or flips VESPO's shape
+    for key in ("eps_clip_high", "gspo.eps_clip_high", "vcpo.ess_base", "vespo.k_pos",
+                "vespo.lambda_neg"):
+        assert f"trainer.loss.{key}" in error_of([f"trainer.loss.{key}=-0.5"]), key
+    load_config(["trainer.loss.eps_clip_high=null", "trainer.loss.gspo.eps_clip_high=null"])
 
 
 def test_mandatory_values_must_be_supplied(tmp_path):
