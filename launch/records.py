@@ -95,13 +95,15 @@ def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
     """``ok`` is true only when the job exited cleanly and the trainer's last record of this
     invocation says it finished (``event: done``) at ``trainer.steps`` or beyond; with what crashes
     cost: ``rolled_back_steps`` (steps lost and trained again, the run's total), ``steps_trained``
-    (optimizer steps the final weights hold: the final version less the labels resumes skipped)."""
+    (optimizer steps the final weights hold: the final version less the labels resumes skipped),
+    ``nonfinite_skipped`` (optimizer steps of the last trainer process not applied: non-finite)."""
     done = [r for r in read_jsonl(trainer_jsonl(run_dir), since)
             if r.get("event") in ("done", "resume")]
     last = next((r for r in reversed(done) if r["event"] == "done"), None)
     out = {"ok": code == 0 and last is not None and last["policy_version"] >= last["steps"]}
     if last is not None:
-        out.update(steps_trained=last["steps_trained"], rolled_back_steps=last["rolled_back_steps"])
+        out.update(steps_trained=last["steps_trained"], rolled_back_steps=last["rolled_back_steps"],
+                   nonfinite_skipped=last["nonfinite_skipped"])
     elif done:
         out["rolled_back_steps"] = done[-1].get("rolled_back_total", 0)
     return out

@@ -282,7 +282,9 @@ class Trainer(Daemon):
         self.record({"event": "done", "policy_version": self.version, "steps": t.steps,
                      "steps_trained": self.steps_trained,
                      "rolled_back_steps": self.rolled_back_steps,
-                     "labels_skipped": self.version - self.steps_trained})
+                     "labels_skipped": self.version - self.steps_trained,
+                     # optimizer steps not applied (non-finite), in this process's run
+                     "nonfinite_skipped": self.skips.total})
         self.log.info("done at policy_version %d (%d steps trained, %d rolled back by crashes)",
                       self.version,
                       self.steps_trained, self.rolled_back_steps)

@@ -68,7 +68,7 @@ def test_in_run_evaluation_matches_the_exported_model(tmp_path):
                 "export.at_end=true", "launch.num_rollout_servers=2", "launch.trainer_ranks=1")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
-    assert summary["ok"] and summary["steps"] == 6
+    assert summary["ok"] and summary["steps"] == 6 and summary["nonfinite_skipped"] == 0
 
     evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
     versions = [e["policy_version"] for e in evals]

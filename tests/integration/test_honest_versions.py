@@ -85,14 +85,17 @@ def test_ok_only_when_the_trainer_says_it_reached_its_steps(tmp_path):
     _write(tmp_path, step)  # exit 0, but no "done" record: the trainer never said it finished
     assert outcome(tmp_path, 0) == {"ok": False}
     done = {"event": "done", "policy_version": 40, "steps": 50, "steps_trained": 38,
-            "rolled_back_steps": 2}
+            "rolled_back_steps": 2, "nonfinite_skipped": 0}
     _write(tmp_path, step, done)  # stopped at the end of data, 10 steps short
     assert outcome(tmp_path, 0)["ok"] is False
     resume = {"event": "resume", "policy_version": 9, "rolled_back_steps": 3,
               "rolled_back_total": 3}
     _write(tmp_path, step, resume,
-           {**done, "policy_version": 50, "steps_trained": 47, "rolled_back_steps": 3})
-    assert outcome(tmp_path, 0) == {"ok": True, "steps_trained": 47, "rolled_back_steps": 3}
+           {**done, "policy_version": 50, "steps_trained": 47, "rolled_back_steps": 3,
+            "nonfinite_skipped": 5})
+    # a step whose loss was not finite holds its version but not its update: said beside it
+    assert outcome(tmp_path, 0) == {"ok": True, "steps_trained": 47, "rolled_back_steps": 3,
+                                    "nonfinite_skipped": 5}
     assert outcome(tmp_path, 1)["ok"] is False
     _write(tmp_path, step, resume)  # crashed out of restarts after a resume
     assert outcome(tmp_path, 1) == {"ok": False, "rolled_back_steps": 3}
