@@ -241,6 +241,13 @@ def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_serve
         "task.reward_fn='exits_rewards:score' cannot be loaded in a reward worker: SystemExit: 7"]
     assert pf.check_reward_fn(cfg_with(reward_fn="score")) == [
         "task.reward_fn='score' is not of the form package.module:function"]
+    # its calls would return coroutines: every sample would score 0
+    (tmp_path / "async_rewards.py").write_text("async def score(response, example):\n"
+                                               "    return 1.0\n")
+    assert pf.check_reward_fn(cfg_with(reward_fn="async_rewards:score")) == [
+        "task.reward_fn='async_rewards:score' cannot be loaded in a reward worker: TypeError: "
+        "async_rewards:score is an async def: a reward is a plain def fn(response, example) -> "
+        "float (await inside it with asyncio.run)"]
     # a remote reward replaces the function: its import is not the job's business
     assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score",
                                        reward_url="http://127.0.0.1:1/r")) == []
