@@ -9,6 +9,7 @@ working directory they inherit; each check's docstring says what it checks.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -255,6 +256,18 @@ def check_lora(cfg: RunConfig) -> list[str]:
     return []
 
 
+@contextlib.contextmanager
+def _daemons_sys_path():
+    """Import user code as the rollout servers will: ``python -m rollout_server`` puts the working
+    directory first on ``sys.path``, which the ``areal-like`` console script does not."""
+    saved = list(sys.path)
+    sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def check_env(cfg: RunConfig) -> list[str]:
     """``task.env`` (multi-turn episodes) loads as a rollout server will load it."""
     if not cfg.task.env:
@@ -263,7 +276,8 @@ def check_env(cfg: RunConfig) -> list[str]:
     from areal_like.tasks.tools import ToolRegistry
 
     try:
-        ToolRegistry(getattr(load_environment(cfg.task.env), "tools", None))
+        with _daemons_sys_path():
+            ToolRegistry(getattr(load_environment(cfg.task.env), "tools", None))
     except Exception as e:  # anything an import, a constructor or a schema check raises
         return [f"task.env={cfg.task.env!r} cannot be loaded: {type(e).__name__}: {e}"]
     return []
@@ -280,7 +294,8 @@ def check_agent(cfg: RunConfig) -> list[str]:
     except ImportError as e:
         return [f"task.agent needs the openai package ({e}): pip install 'areal-like[agent]' "
                 "('areal-like[agent-langgraph]' for an agent written with LangGraph)"]
-    problem = agent_problem(cfg.task.agent)
+    with _daemons_sys_path():
+        problem = agent_problem(cfg.task.agent)
     return [problem] if problem else []
 
 
