@@ -149,6 +149,17 @@ def check_dataset_columns(cfg: RunConfig) -> list[str]:
     return out
 
 
+def check_eval_split(cfg: RunConfig) -> list[str]:
+    """``eval.every`` asks for evaluations: a dataset task needs an eval split for them (without
+    one the job would evaluate nothing and say nothing)."""
+    from areal_like.tasks.task import has_eval_split
+
+    if cfg.eval.every <= 0 or has_eval_split(cfg.task):
+        return []
+    return [f"eval.every={cfg.eval.every}: task.dataset_path has no eval split to evaluate: set "
+            "task.eval_path or task.eval_fraction (or eval.every=0)"]
+
+
 def check_chat_template(cfg: RunConfig) -> list[str]:
     """``task.chat_template`` other than auto/none: a file or an inline template (as
     ``areal_like.tasks.task.chat_template_of`` reads it) that compiles as transformers compiles it
@@ -328,6 +339,6 @@ def check_environment(cfg: RunConfig) -> list[str]:
 
 
 # every check but check_models, which checked() runs on the resolved model keys
-OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template,
-                check_chat_format, check_reward_fn, check_env, check_agent, check_trackers,
+OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
+                check_chat_template, check_chat_format, check_reward_fn, check_env, check_agent, check_trackers,
                 check_engine, check_lora, check_environment)
