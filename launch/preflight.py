@@ -340,5 +340,5 @@ def check_environment(cfg: RunConfig) -> list[str]:
 
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
-                check_chat_template, check_chat_format, check_reward_fn, check_env, check_agent, check_trackers,
-                check_engine, check_lora, check_environment)
+                check_chat_template, check_chat_format, check_reward_fn, check_env, check_agent,
+                check_trackers, check_engine, check_lora, check_environment)
