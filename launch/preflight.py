@@ -9,6 +9,7 @@ working directory they inherit; each check's docstring says what it checks.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -148,6 +149,17 @@ def check_dataset_columns(cfg: RunConfig) -> list[str]:
     return out
 
 
+def check_eval_split(cfg: RunConfig) -> list[str]:
+    """``eval.every`` asks for evaluations: a dataset task needs an eval split for them (without
+    one the job would evaluate nothing and say nothing)."""
+    from areal_like.tasks.task import has_eval_split
+
+    if cfg.eval.every <= 0 or has_eval_split(cfg.task):
+        return []
+    return [f"eval.every={cfg.eval.every}: task.dataset_path has no eval split to evaluate: set "
+            "task.eval_path or task.eval_fraction (or eval.every=0)"]
+
+
 def check_chat_template(cfg: RunConfig) -> list[str]:
     """``task.chat_template`` other than auto/none: a file or an inline template (as
     ``areal_like.tasks.task.chat_template_of`` reads it) that compiles as transformers compiles it
@@ -255,6 +267,18 @@ def check_lora(cfg: RunConfig) -> list[str]:
     return []
 
 
+@contextlib.contextmanager
+def _daemons_sys_path():
+    """Import user code as the rollout servers will: ``python -m rollout_server`` puts the working
+    directory first on ``sys.path``, which the ``areal-like`` console script does not."""
+    saved = list(sys.path)
+    sys.path.insert(0, os.getcwd())
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
+
+
 def check_env(cfg: RunConfig) -> list[str]:
     """``task.env`` (multi-turn episodes) loads as a rollout server will load it."""
     if not cfg.task.env:
@@ -263,7 +287,8 @@ def check_env(cfg: RunConfig) -> list[str]:
     from areal_like.tasks.tools import ToolRegistry
 
     try:
-        ToolRegistry(getattr(load_environment(cfg.task.env), "tools", None))
+        with _daemons_sys_path():
+            ToolRegistry(getattr(load_environment(cfg.task.env), "tools", None))
     except Exception as e:  # anything an import, a constructor or a schema check raises
         return [f"task.env={cfg.task.env!r} cannot be loaded: {type(e).__name__}: {e}"]
     return []
@@ -280,7 +305,8 @@ def check_agent(cfg: RunConfig) -> list[str]:
     except ImportError as e:
         return [f"task.agent needs the openai package ({e}): pip install 'areal-like[agent]' "
                 "('areal-like[agent-langgraph]' for an agent written with LangGraph)"]
-    problem = agent_problem(cfg.task.agent)
+    with _daemons_sys_path():
+        problem = agent_problem(cfg.task.agent)
     return [problem] if problem else []
 
 
@@ -313,6 +339,6 @@ def check_environment(cfg: RunConfig) -> list[str]:
 
 
 # every check but check_models, which checked() runs on the resolved model keys
-OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_chat_template,
-                check_chat_format, check_reward_fn, check_env, check_agent, check_trackers,
-                check_engine, check_lora, check_environment)
+OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
+                check_chat_template, check_chat_format, check_reward_fn, check_env, check_agent,
+                check_trackers, check_engine, check_lora, check_environment)

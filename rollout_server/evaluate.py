@@ -140,8 +140,14 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
         return scored[0][0], [r for r, _ in scored[1:]]
 
     errors: list[str] = []
-    results = [r for r in await asyncio.gather(*(per_example(ex) for ex in examples))
-               if r is not None]
+    tasks = [asyncio.ensure_future(per_example(ex)) for ex in examples]
+    try:
+        results = [r for r in await asyncio.gather(*tasks) if r is not None]
+    except BaseException:  # a reward that cannot load: its siblings must not outlive the client
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     if errors and not results:
         raise SGLangError("/generate", None, f"every eval prompt failed; the first: {errors[0]}")
     figures = summarize([g for g, _ in results], [s for _, s in results], ev.k)

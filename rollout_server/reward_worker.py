@@ -55,11 +55,16 @@ def scrubbed_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 def load_reward(path: str, memory_mb: int) -> Callable:
     """The reward at ``path``, imported under an address-space limit of ``memory_mb`` MiB (0: none)
-    set on this whole process first; raises whatever the import raises."""
+    set on this whole process first; raises whatever the import raises, and TypeError for an
+    ``async def``."""
     _limit_memory(memory_mb)
     from areal_like.tasks.callables import import_function  # on the sys.path of the pool
 
-    return import_function(path)
+    fn = import_function(path)
+    if inspect.iscoroutinefunction(fn):  # its calls would return coroutines, never numbers
+        raise TypeError(f"{path} is an async def: a reward is a plain def fn(response, "
+                        "example) -> float (await inside it with asyncio.run)")
+    return fn
 
 
 def load_failure(e: BaseException, memory_mb: int) -> dict:

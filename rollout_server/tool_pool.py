@@ -30,9 +30,15 @@ class ToolOutcome:
 def invoke(function: str, arguments: dict) -> str:
     """In a worker: import the tool at ``function`` and call it with ``arguments``; its result as
     text."""
+    import inspect
+
     from areal_like.tasks.callables import import_function
 
-    return result_text(import_function(function)(**arguments))
+    value = import_function(function)(**arguments)
+    if inspect.iscoroutine(value):  # never awaited: its text would read "<coroutine object ...>"
+        value.close()
+        raise TypeError(f"{function} is an async def: a tool is a plain def")
+    return result_text(value)
 
 
 class ToolPool:

@@ -102,6 +102,11 @@ def add(a: int, b: int) -> dict:
     return {"sum": a + b, "args": [a, b]}
 
 
+async def async_add(a: int, b: int) -> dict:
+    """A tool written as ``async def``; as a reward (``async_add(response, example)``) too."""
+    return add(a, b)
+
+
 NOT_CALLABLE = 3
 
 

@@ -109,3 +109,24 @@ def test_the_preflight_names_an_environment_that_cannot_load():
     bad = check_env(load_config(["experiment=calc_env", "task.env=areal_like.tasks.envs:calc"]))
     assert bad == ["task.env='areal_like.tasks.envs:calc' cannot be loaded: TypeError: calc() "
                    "missing 1 required positional argument: 'e'"]
+
+
+def test_the_preflight_imports_an_environment_from_the_working_directory(tmp_path, monkeypatch):
+    # `areal-like` (a console script) has no working directory on sys.path; the rollout servers
+    # (`python -m rollout_server`) have it first, and load task.env from there
+    import sys
+
+    from areal_like.settings.config import load_config
+    from launch.preflight import check_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.delitem(sys.modules, "my_cwd_env", raising=False)
+    (tmp_path / "my_cwd_env.py").write_text(
+        "class Env:\n    def reset(self, example):\n        return []\n"
+        "    def step(self, text):\n        return [], 0.0, True, {}\n")
+    try:
+        assert check_env(load_config(["experiment=calc_env", "task.env=my_cwd_env:Env"])) == []
+        assert str(tmp_path) not in sys.path  # the launcher's own imports are left as they were
+    finally:
+        sys.modules.pop("my_cwd_env", None)

@@ -61,6 +61,42 @@ def test_summarize_hand_computed():
     assert "mean@0" not in summarize([1.0], [[]], k=0)
 
 
+def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_returns(monkeypatch):
+    """``areal-like eval`` closes its client and engine right after ``evaluate`` raises: a request
+    still running then opened a new HTTP session nobody closed ("Unclosed client session")."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import rollout_server.evaluate as E
+    from rollout_server.reward_pool import RewardPoolError
+
+    running: set[int] = set()
+
+    async def generate(client, ids, sampling, max_new_tokens, version_fn):
+        running.add(id(asyncio.current_task()))
+        try:
+            if ids[0] > 0:  # every prompt but the first is still generating
+                await asyncio.Event().wait()
+            return SimpleNamespace(versions=[0], output_ids=[1])
+        finally:
+            running.discard(id(asyncio.current_task()))
+
+    class Rewards:
+        async def score_group(self, prompt, responses, example):
+            raise RewardPoolError("task.reward_fn='m:f' cannot be loaded in a reward worker")
+
+    monkeypatch.setattr(E, "generate_sample", generate)
+    examples = [SimpleNamespace(prompt=str(i), index=i) for i in range(4)]
+
+    async def run():
+        with pytest.raises(RewardPoolError):
+            await E.evaluate(None, examples, lambda ex: [ex.index], str, Rewards(),
+                             EvalConfig(k=1), TaskConfig(), [], lambda: 0)
+        return set(running)
+
+    assert asyncio.run(run()) == set()
+
+
 def test_done_versions_survive_a_torn_line(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text(json.dumps({"policy_version": 0}) + "\n" + json.dumps({"policy_version": 5})

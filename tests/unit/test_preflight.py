@@ -181,6 +181,21 @@ def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch
     assert pf.check_dataset_columns(cfg_with(**{**ok, "dataset_path": "nope.jsonl"})) == []
 
 
+def test_eval_every_needs_an_eval_split():
+    # a dataset without one: the job would train without a single evaluation, saying nothing
+    every = dataclasses.replace(base().eval, every=5)
+    no_split = dataclasses.replace(cfg_with(name="dataset", dataset_path="train.jsonl"), eval=every)
+    assert pf.check_eval_split(no_split) == [
+        "eval.every=5: task.dataset_path has no eval split to evaluate: set task.eval_path or "
+        "task.eval_fraction (or eval.every=0)"]
+    for split in (dict(eval_path="test.jsonl"), dict(eval_fraction=0.1)):
+        task = dataclasses.replace(no_split.task, **split)
+        assert pf.check_eval_split(dataclasses.replace(no_split, task=task)) == []
+    assert pf.check_eval_split(dataclasses.replace(cfg_with(), eval=every)) == []  # synthetic
+    # eval.at_end (on by default) alone asks for nothing a dataset must have
+    assert pf.check_eval_split(cfg_with(name="dataset", dataset_path="train.jsonl")) == []
+
+
 def test_chat_template_is_auto_none_a_file_or_a_template_that_compiles(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for value in ("auto", "none", "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"):
@@ -241,6 +256,13 @@ def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_serve
         "task.reward_fn='exits_rewards:score' cannot be loaded in a reward worker: SystemExit: 7"]
     assert pf.check_reward_fn(cfg_with(reward_fn="score")) == [
         "task.reward_fn='score' is not of the form package.module:function"]
+    # its calls would return coroutines: every sample would score 0
+    (tmp_path / "async_rewards.py").write_text("async def score(response, example):\n"
+                                               "    return 1.0\n")
+    assert pf.check_reward_fn(cfg_with(reward_fn="async_rewards:score")) == [
+        "task.reward_fn='async_rewards:score' cannot be loaded in a reward worker: TypeError: "
+        "async_rewards:score is an async def: a reward is a plain def fn(response, example) -> "
+        "float (await inside it with asyncio.run)"]
     # a remote reward replaces the function: its import is not the job's business
     assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score",
                                        reward_url="http://127.0.0.1:1/r")) == []

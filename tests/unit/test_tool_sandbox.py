@@ -51,6 +51,14 @@ def test_a_call_returns_its_result_as_text(pool):
     still_works(pool)
 
 
+def test_an_async_tool_is_an_error_saying_so_not_a_coroutine_as_text(pool):
+    got = call(pool, "async_add", a=2, b=3)
+    assert (got.outcome, got.content) == (
+        "error", "async_add raised TypeError: reward_fns:async_add is an async def: a tool is a "
+        "plain def")
+    still_works(pool)
+
+
 def test_crash_is_an_error_naming_the_signal(pool):
     got = call(pool, "segfault")
     assert (got.outcome, got.content) == (
