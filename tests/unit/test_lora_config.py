@@ -49,7 +49,8 @@ def test_sglang_serves_the_jobs_adapters_over_the_disk_path():
 
 
 @pytest.mark.parametrize("topology,path", [("cpu_sglang", "disk"), ("local_cpu", "distributed")])
-def test_a_trainer_started_by_hand_sends_the_adapter_on_the_engine_kinds_path(topology, path):
+def test_a_trainer_started_by_hand_sends_the_adapter_on_the_engine_kinds_path(topology, path,
+                                                                              tmp_path):
     """No ``areal-like run`` resolved ``weight_sync.path=auto``: the trainer reads it as the path
     the job's engine kind loads an adapter from (before: the group path, which SGLang refuses)."""
     import torch
@@ -57,7 +58,9 @@ def test_a_trainer_started_by_hand_sends_the_adapter_on_the_engine_kinds_path(to
     from trainer.facts import TrainerFacts
     from trainer.weight_sync import SENDERS, WeightBroadcaster
 
-    cfg = load_config([f"topology={topology}", "trainer.lora.rank=4", "model.path=/m"])
+    # the facts read the model's context from its config.json
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 256, "vocab_size": 104}')
+    cfg = load_config([f"topology={topology}", "trainer.lora.rank=4", f"model.path={tmp_path}"])
     assert cfg.trainer.weight_sync.path == "auto"
     facts = TrainerFacts.from_run(cfg)
     wb = WeightBroadcaster(cfg.trainer.weight_sync, buffer_address="tcp://127.0.0.1:9", rank=1,
