@@ -88,8 +88,9 @@ def _run_dir_commands(sub) -> None:
                                       "(cfg.tracker)",
                         description="Tails RUN_DIR's metrics/trainer.jsonl, eval.jsonl and "
                                     "samples.jsonl into the trackers of RUN_DIR/config.yaml "
-                                    "(overrides apply on top, e.g. 'tracker=[wandb]') until "
-                                    "RUN_DIR/summary.json appears or Ctrl-C. For jobs not started "
+                                    "(overrides apply on top, e.g. 'tracker=[wandb]') until the "
+                                    "job is over (the trainer's done record and the final "
+                                    "evaluation) or Ctrl-C. For jobs not started "
                                     "by `areal-like run` (which does this itself).")
     tk.add_argument("run_dir", help="run directory (holds config.yaml)")
     tk.add_argument("--once", action="store_true", help="forward what is there now, then exit")
@@ -293,6 +294,7 @@ def _track(run_dir: str, overrides: list[str], once: bool) -> int:
     from pathlib import Path
 
     from areal_like.settings.config import ConfigError, load_daemon_config
+    from launch.records import job_over
     from launch.track_sink import TrackerSink, follow
 
     try:
@@ -307,7 +309,7 @@ def _track(run_dir: str, overrides: list[str], once: bool) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        sent = follow(sink, run_dir, stop)
+        sent = follow(sink, lambda: job_over(Path(run_dir), cfg), stop)
     finally:
         sink.close()
     print(f"{sent} rows and tables of {run_dir} sent to {', '.join(cfg.tracker)}")

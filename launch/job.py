@@ -39,8 +39,8 @@ from launch.placement import (
 from launch.preflight import checked
 from launch.records import (
     SUMMARY_WINDOW,
+    has_final_eval,
     last_per,
-    read_jsonl,
     reward_of,
     step_of,
     summarize,
@@ -307,13 +307,6 @@ def on_trainer_done(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> None:
     warm_plotting()
     if wants_eval(cfg) and cfg.eval.at_end:
         wait_for_final_eval(cfg, run_dir, sup)
-
-
-def has_final_eval(run_dir: Path, steps: int) -> bool:
-    """Whether ``eval.jsonl`` holds the final evaluation of the version ``steps`` (a run resumed
-    with more steps holds the earlier run's too)."""
-    return any(r.get("final") and r.get("policy_version") == steps
-               for r in read_jsonl(run_dir / "eval.jsonl"))
 
 
 def _supervisor_lines_only(line: str) -> None:

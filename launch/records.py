@@ -7,15 +7,20 @@ that appears twice (a resume replays a step) counts once, the last record winnin
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launch.local import write_json_atomic
+from launch.topology import wants_eval
 from launch.track_sink import JsonlTail
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+    from areal_like.settings.config import RunConfig
 
 SUMMARY_WINDOW = 5  # "first / last few steps" for reward_first / reward_last
 
@@ -107,6 +112,37 @@ def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
     elif done:
         out["rolled_back_steps"] = done[-1].get("rolled_back_total", 0)
     return out
+
+
+def trainer_done_at(run_dir: Path) -> float | None:
+    """The time of the trainer's ``done`` event when it is the last record of trainer.jsonl (read
+    from the file's end): where a job started without ``areal-like run`` (Slurm, by hand), which
+    writes no summary.json, ends."""
+    try:
+        with trainer_jsonl(run_dir).open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            last = json.loads(f.read().splitlines()[-1])
+    except (OSError, ValueError, IndexError):  # none yet, or its last line is being written
+        return None
+    done = isinstance(last, dict) and last.get("event") == "done"
+    return float(last.get("time", 0.0)) if done else None
+
+
+def has_final_eval(run_dir: Path, steps: int) -> bool:
+    """Whether ``eval.jsonl`` holds the final evaluation of the version ``steps`` (a run resumed
+    with more steps holds the earlier run's too)."""
+    return any(r.get("final") and r.get("policy_version") == steps
+               for r in read_jsonl(run_dir / "eval.jsonl"))
+
+
+def job_over(run_dir: Path, cfg: RunConfig) -> bool:
+    """Whether the job of ``run_dir`` is over: ``areal-like run`` wrote summary.json, or the
+    trainer is done (``trainer_done_at``) and the final evaluation ``cfg`` schedules is written."""
+    if (run_dir / "summary.json").exists():
+        return True
+    final = wants_eval(cfg) and cfg.eval.at_end
+    return trainer_done_at(run_dir) is not None and (
+        not final or has_final_eval(run_dir, cfg.trainer.steps))
 
 
 def eval_records(run_dir: Path) -> list[dict]:

@@ -6,7 +6,8 @@ daemons. Until ``areal-like run`` has started a daemon (preflight, warm start: n
 this start yet) both say the job is starting. ``status`` says per daemon ``up`` (``/health`` 200),
 ``starting`` (its ``/health`` answers that it is not ready yet, e.g. a rollout server loading its
 engine; or its port is not open yet and its process lives; or ``areal-like run`` has not started
-it yet), ``finished`` (no answer, and ``summary.json`` is newer than ``ports.json``) or ``DOWN``.
+it yet), ``finished`` (no answer, and ``summary.json`` is newer than ``ports.json``; in a job
+started without ``areal-like run``, the trainer's ``done`` record) or ``DOWN``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import psutil
 
 from areal_like.net.auth import METRICS_TOKEN_ENV
 from launch.local import alive
-from launch.records import read_jsonl, trainer_jsonl
+from launch.records import read_jsonl, trainer_done_at, trainer_jsonl
 from launch.rundir import LOCK_FILE, SETTINGS_FILE
 
 # (column title, kind, series, how):
@@ -102,8 +103,9 @@ def preparing(run_dir: Path) -> int | None:
 def load_ports(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "ports.json"
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found (is this a run directory started by "
-                         "`areal-like run`?)")
+        raise SystemExit(f"error: {path} not found: `areal-like run` and the Slurm script write "
+                         "it; for daemons started by hand write it (launch/MULTINODE.md, "
+                         "\"Watching it\")")
     try:
         info = json.loads(path.read_text())
         names = [(d["name"], d["health_url"], d["metrics_url"]) for d in info["daemons"]]
@@ -128,10 +130,15 @@ def health(url: str, timeout_s: float = 2.0) -> tuple[bool, dict]:
         return False, {"error": f"{type(e).__name__}: {e}"}
 
 
-def job_finished(run_dir: Path) -> bool:
-    """The job of ``run_dir`` ended: its summary.json was written after its ports.json."""
-    summary, ports = run_dir / "summary.json", run_dir / "ports.json"
-    return summary.is_file() and summary.stat().st_mtime >= ports.stat().st_mtime
+def job_finished(run_dir: Path, info: dict) -> bool:
+    """The job of ``run_dir`` (``info``: its ports.json) ended: its summary.json was written after
+    its ports.json, or, started without ``areal-like run`` (no supervisor: Slurm, by hand), its
+    trainer's ``done`` record was."""
+    summary, started = run_dir / "summary.json", (run_dir / "ports.json").stat().st_mtime
+    if summary.is_file() and summary.stat().st_mtime >= started:
+        return True
+    done = None if "supervisor_pid" in info else trainer_done_at(run_dir)
+    return done is not None and done >= started
 
 
 def state(ok: bool, details: dict, pid: int | None, finished: bool,
@@ -162,7 +169,7 @@ def status(run_dir: str | Path) -> int:
         print(f"{'job':<12} {'starting':<8} pid={pid}  {PREPARING}")
         return 1
     info = load_ports(run_dir)
-    finished = job_finished(Path(run_dir))
+    finished = job_finished(Path(run_dir), info)
     launching = alive(info.get("supervisor_pid"))
     all_ok = True
     for d in info["daemons"]:
@@ -318,12 +325,12 @@ def _watch(run_dir: str | Path, show, plain: bool, interval_s: float, once: bool
             return 1
         time.sleep(interval_s)
     info = load_ports(run_dir)
-    finished = job_finished(Path(run_dir))
+    finished = job_finished(Path(run_dir), info)
     prev, t_prev = (snapshot(info) if plain and not finished else {}), time.monotonic()
     while True:
         if plain and not finished:
             time.sleep(interval_s)
-        finished = job_finished(Path(run_dir))
+        finished = job_finished(Path(run_dir), info)
         # a finished job's daemons are gone: nothing to scrape (its ports may serve another job)
         snap, now = ({} if finished else snapshot(info)), time.monotonic()
         show(_head(run_dir, finished),

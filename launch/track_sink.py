@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,12 +152,12 @@ class TrackerSink:
         self.trackers = []
 
 
-def follow(sink: TrackerSink, run_dir: str | Path, stop: threading.Event,
+def follow(sink: TrackerSink, over: Callable[[], bool], stop: threading.Event,
            poll_s: float = FOLLOW_POLL_S) -> int:
-    """Poll until ``<run_dir>/summary.json`` exists (the job is over) or ``stop`` is set, then a
+    """Poll until the job is ``over()`` (``launch.records.job_over``) or ``stop`` is set, then a
     final poll; the rows and tables sent. Does not close the sink."""
-    summary, sent = Path(run_dir) / "summary.json", 0
-    while not stop.is_set() and not summary.exists():
+    sent = 0
+    while not stop.is_set() and not over():
         sent += sink.poll()
         stop.wait(poll_s)
     return sent + sink.poll(final=True)

@@ -256,3 +256,24 @@ def test_top_without_the_metrics_token_says_so(tmp_path):
         assert done.returncode == 0 and "ok" in done.stdout, (done.stdout, done.stderr)
     finally:
         srv.stop()
+
+
+def test_a_job_started_without_run_is_finished_once_its_trainer_is_done(tmp_path, capsys):
+    """A Slurm or hand-started job (launch/MULTINODE.md) has a ports.json without a supervisor and
+    never a summary.json: its trainer that exited 0 read DOWN for ever and top never ended. Its
+    ``done`` record, written after ports.json, ends the job; an older one (a resubmitted job's
+    earlier run) does not."""
+    _ports(tmp_path, [("trainer", free_port(), None)])
+    (tmp_path / "metrics").mkdir()
+    done = {"event": "done", "policy_version": 3, "steps": 3}
+    older = os.stat(tmp_path / "ports.json").st_mtime - 60
+    (tmp_path / "metrics" / "trainer.jsonl").write_text(json.dumps({**done, "time": older}) + "\n")
+    assert status(tmp_path) == 1
+    assert _states(capsys.readouterr().out) == {"trainer": "DOWN"}
+    (tmp_path / "metrics" / "trainer.jsonl").write_text(
+        json.dumps({"step": 3, "reward_mean": 0.5}) + "\n"
+        + json.dumps({**done, "time": time.time() + 1}) + "\n")
+    assert status(tmp_path) == 1
+    assert capsys.readouterr().out.split()[:2] == ["trainer", "finished"]
+    watched = _top(str(tmp_path), "--interval", "0.2")
+    assert watched.returncode == 0 and "job finished" in watched.stdout, watched.stdout

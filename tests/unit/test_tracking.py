@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -18,15 +19,15 @@ from pathlib import Path
 import pytest
 
 from areal_like.settings.config import to_yaml
-from areal_like.settings.report_schema import TrackingConfig
-from areal_like.settings.schema import ConfigError, RunConfig
+from areal_like.settings.report_schema import EvalConfig, TrackingConfig
+from areal_like.settings.schema import ConfigError, RunConfig, TrainerConfig
 from areal_like.tasks.tokenizer import EOS_ID, char_tokenizer
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from launch import tracking
 from launch.cli import main
 from launch.job import Monitor
-from launch.records import curve_figure, eval_records, plot_curve
+from launch.records import curve_figure, eval_records, job_over, plot_curve
 from launch.topology import Topology
 from launch.track_sink import JsonlTail, TrackerSink, follow, scalars
 from launch.tracking import JsonlTracker, MlflowTracker, TensorBoardTracker, Tracker, WandbTracker
@@ -140,7 +141,8 @@ def test_follow_polls_until_the_summary_appears(tmp_path):
     run = tmp_path / "run"
     sink = TrackerSink(run, [JsonlTracker(run / "tracking" / "metrics.jsonl")])
     stop = threading.Event()
-    follower = threading.Thread(target=follow, args=(sink, run, stop, 0.05))
+    over = lambda: job_over(run, RunConfig(run_dir=str(run)))  # noqa: E731
+    follower = threading.Thread(target=follow, args=(sink, over, stop, 0.05))
     follower.start()
     try:
         append(run / "metrics" / "trainer.jsonl", {"step": 1, "loss": 1.0})
@@ -188,6 +190,26 @@ def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path, cap
     assert list((run / "tracking" / "tensorboard").glob("events.out.tfevents.*"))
     # no config.yaml: a clear error
     assert main(["track", str(tmp_path / "nowhere"), "--once"]) == 2
+
+
+def test_track_of_a_job_started_without_run_ends_with_its_trainer_and_final_eval(tmp_path):
+    """`areal-like track` is for Slurm and hand-started jobs, which never write summary.json: it
+    ran until Ctrl-C. Their job is over once the trainer's last record is its ``done`` event and
+    the final evaluation the config schedules is written."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = RunConfig(run_dir=str(run), trainer=TrainerConfig(steps=3))  # reverse: it evaluates
+    (run / "config.yaml").write_text(to_yaml(cfg))
+    append(run / "metrics" / "trainer.jsonl", {"step": 1, "loss": 1.0},
+           {"event": "done", "policy_version": 3, "steps": 3, "time": 1.0})
+    assert not job_over(run, cfg)  # the final evaluation is not written yet
+    assert job_over(run, dataclasses.replace(cfg, eval=EvalConfig(at_end=False)))
+    append(run / "eval.jsonl", {"final": True, "policy_version": 3, "greedy_accuracy": 1.0})
+    assert job_over(run, cfg)
+    done = subprocess.run([sys.executable, "-m", "launch.cli", "track", str(run)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert any("eval/greedy_accuracy" in r.get("metrics", {}) for r in merged(run))
 
 
 # ---------------------------------------------------------------------------- backends, read back
