@@ -38,11 +38,15 @@ def main(argv: list[str]) -> int:
 
 
 def private_dirs(cfg) -> list:
-    """What reward and tool code must not read: the job's keys, its secrets (the engine API key) and
-    its same-node socket directory (a process of the job's user there is a member)."""
+    """What reward and tool code must not read: the job's keys (where ``security.keys_dir`` says,
+    and the run directory's own, which a shared run directory holds beside a node's copy), its
+    secrets (the engine API key) and its same-node socket directory (a process of the job's user
+    there is a member)."""
     from areal_like.net.auth import KEY_FILE
+    from areal_like.settings.config import SecurityConfig
 
-    dirs = [cfg.resolve_path(cfg.security.keys_dir), cfg.resolve_path(str(KEY_FILE.parent))]
+    dirs = [cfg.resolve_path(cfg.security.keys_dir), cfg.resolve_path(SecurityConfig.keys_dir),
+            cfg.resolve_path(str(KEY_FILE.parent))]
     if cfg.buffer.local_dir:
         dirs.append(cfg.resolve_path(cfg.buffer.local_dir))
     for address in (cfg.rollout.buffer_address, cfg.rollout.pub_address):

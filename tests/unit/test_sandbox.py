@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+from pathlib import Path
 
 import psutil
 
 from areal_like.net.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
 from areal_like.net.metrics import Metrics
-from areal_like.settings.config import TaskConfig
+from areal_like.settings.config import TaskConfig, load_config
 from areal_like.tasks.task import Example
 from benchmarks.sandbox_call import SandboxResult, run_sandboxed
 from rollout_server.reward_pool import RewardPool
@@ -119,3 +120,14 @@ def test_the_worker_scrubs_what_the_job_calls_secret():
 
     assert (WORKER_SECRET_NAME.pattern == SECRET_NAME.pattern
             and WORKER_SECRET_NAME.flags == SECRET_NAME.flags)
+
+
+def test_the_run_directorys_own_keys_are_hidden_beside_a_copy_elsewhere(tmp_path):
+    """A node given a copy of the keys (``security.keys_dir``) on a shared run directory: the run
+    directory's ``keys/`` holds the trainer's secret key too, and reward code must not read it
+    (before: only the copy was hidden)."""
+    from rollout_server.__main__ import private_dirs
+
+    cfg = load_config([f"run_dir={tmp_path / 'run'}", f"security.keys_dir={tmp_path / 'copy'}"])
+    dirs = {Path(d) for d in private_dirs(cfg)}
+    assert {tmp_path / "copy", tmp_path / "run" / "keys", tmp_path / "run" / "secrets"} <= dirs
