@@ -193,7 +193,7 @@ def _missing(flag: str) -> str:
 
 def _exec_trainer(rest: list[str]) -> int:
     flags, other = split_torchrun_args(rest)
-    return _exec_module("torch.distributed.run", [*flags, "-m", PASS_THROUGH["train"][0], *other])
+    return _exec_module("launch.torchrun", [*flags, "-m", PASS_THROUGH["train"][0], *other])
 
 
 def torchrun_log_dir(trainer_args: list[str]) -> list[str]:

@@ -196,7 +196,7 @@ def _trainer_argv(python: str, ranks: int, host: str, base: list[str], log_dir: 
 
     # a fresh rendezvous port per (re)start: the old one may linger in TIME_WAIT
     def argv() -> list[str]:
-        return [python, "-m", "torch.distributed.run", "--nnodes", "1",
+        return [python, "-m", "launch.torchrun", "--nnodes", "1",
                 "--nproc-per-node", str(ranks),
                 "--master-addr", host, "--master-port", str(free_port()), "--max-restarts", "0",
                 "--log-dir", str(log_dir), "-m", "trainer", *base]

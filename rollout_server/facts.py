@@ -8,9 +8,10 @@ at start: the CURVE ``keys`` (None: plain sockets) and the job's engine API key,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from areal_like.job_facts import trajectory_limit
 from areal_like.net.auth import engine_api_key
 from areal_like.net.security import Keys
 from areal_like.settings.config import EvalConfig, LoraConfig, ModelConfig, RunConfig, TaskConfig
@@ -35,8 +36,11 @@ class RolloutFacts:
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> RolloutFacts:
         """The facts of the job ``cfg`` describes; its ZeroMQ sockets are CURVE clients with
-        ``keys``."""
-        return cls(model=cfg.model, task=cfg.task, eval=cfg.eval, steps=cfg.trainer.steps,
+        ``keys``. An episode ends where the engine's context does, if that comes before
+        ``task.max_episode_tokens`` (the engine refuses a longer input)."""
+        room = min(cfg.task.max_episode_tokens, trajectory_limit(cfg))
+        return cls(model=cfg.model, task=replace(cfg.task, max_episode_tokens=room),
+                   eval=cfg.eval, steps=cfg.trainer.steps,
                    run_dir=Path(cfg.run_dir), lora=cfg.trainer.lora, keys=keys,
                    engine_key=engine_api_key(cfg.run_dir),
                    probed=cfg.trainer.logprob_guard_tol > 0)

@@ -223,6 +223,28 @@ def test_a_daemon_that_refuses_its_settings_fails_the_job_without_restarts(dummy
 
 
 @pytest.mark.slow
+def test_a_trainer_of_several_ranks_that_refuses_fails_the_job_without_restarts(tmp_path):
+    """Several ranks run under torchrun, which exits 1 with a traceback whatever its ranks did: a
+    refusal (exit 2) read as a crash was restarted until the restarts ran out, and the job's last
+    lines were torchrun's summary, not the refusal. launch/torchrun.py passes the rank's 2 on."""
+    rank = tmp_path / "rank.py"
+    rank.write_text("import sys\nprint('error: this checkpoint holds another model', flush=True)\n"
+                    "sys.exit(2)\n")
+    argv = [sys.executable, "-m", "launch.torchrun", "--standalone", "--nproc-per-node", "2",
+            "--log-dir", str(tmp_path / "torchrun"), str(rank)]
+    specs = [ProcSpec(name="trainer", argv=argv, main=True, env={"PYTHONPATH": str(ROOT)})]
+    sup = Supervisor(specs, tmp_path / "run", restarts=3, health_timeout_s=60, echo=lambda _: None)
+    with _Run(sup) as run:
+        assert _wait(lambda: not run.thread.is_alive(), 120)
+        run.track()
+    assert "trainer refused to start (exit 2)" in sup.outcome, sup.outcome
+    assert sup.proc("trainer").restarts == 0
+    tail = error_tail(tmp_path / "run" / "logs" / "trainer.log")
+    assert "error: this checkpoint holds another model" in "\n".join(tail), tail
+    assert not any("Traceback" in line for line in tail), tail
+
+
+@pytest.mark.slow
 def test_stop_while_a_daemon_never_becomes_healthy(dummy, tmp_path):
     never = ProcSpec(name="never", argv=[sys.executable, "-c", "import time; time.sleep(600)"],
                      health_url=f"http://127.0.0.1:{free_port()}/health")

@@ -121,7 +121,7 @@ def test_daemon_commands_pass_every_argument_through(monkeypatch):
     assert calls[0][1:] == ["-m", "rollout_server", "--config-file", "run/config.yaml",
                             "rollout.server_id=a"]
     assert calls[1][1:] == ["-m", "buffer", "buffer.metrics_port=9100"]
-    assert calls[2][1:] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+    assert calls[2][1:] == ["-m", "launch.torchrun", "--nproc-per-node", "2", "--standalone",
                             "-m", "trainer",
                             "--config-file", "run/config.yaml", "trainer.steps=3"]
 
@@ -136,7 +136,7 @@ def test_train_sends_torchruns_files_to_the_run_dir_unless_told(monkeypatch, tmp
     main(["train", "--config-file", str(config), "trainer.steps=3"])
     main(["train", "--log-dir", "elsewhere", "--config-file", str(config)])
     main(["train", "trainer.steps=3"])  # composed here, a time-stamped run_dir could differ: none
-    assert calls[0][1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+    assert calls[0][1:] == ["-m", "launch.torchrun", "--standalone", "--nproc-per-node", "1",
                             "--log-dir", f"{tmp_path}/run/logs/torchrun", "-m", "trainer",
                             "--config-file", str(config), "trainer.steps=3"]
     assert calls[1].count("--log-dir") == 1

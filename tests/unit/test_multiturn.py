@@ -192,6 +192,23 @@ def test_limits_end_episodes_with_their_finish_reason(limits, reason):
         assert conv.turns == 1
 
 
+def test_an_episode_ends_at_the_models_context_when_max_episode_tokens_is_longer():
+    """The tiny model's 256 positions against the default task.max_episode_tokens (1024): the
+    engine refused the 257th token of input (HTTP 400), every episode failed and the rollout
+    server stopped; the episode now ends there with max_tokens."""
+    from areal_like.settings.config import RunConfig
+    from rollout_server.facts import RolloutFacts
+
+    task = TaskConfig(env="agent_envs:Endless", chat_template=CHATML, group_size=1,
+                      max_new_tokens=64, max_turns=50)
+    facts = RolloutFacts.from_run(RunConfig(run_dir="/nonexistent", task=task))
+    assert task.max_episode_tokens == 1024 and facts.task.max_episode_tokens == 256
+    r = runner(ScriptedEngine(["a fairly long reply of many tokens"] * 50),
+               **{k: getattr(facts.task, k) for k in ("env", "max_turns", "max_episode_tokens")})
+    conv = asyncio.run(r.run(r.ctx.task.example(0)))
+    assert conv.finish_reason == "max_tokens" and conv.total_tokens <= 256 and conv.turns >= 2
+
+
 def test_a_weight_sync_mid_episode_keeps_every_tokens_version():
     replies = ["first turn", "second turn is long", "third"]
     # turn 2 is paused after 3 tokens, resumes at v1

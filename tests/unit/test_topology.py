@@ -225,7 +225,7 @@ def test_several_trainer_ranks_still_run_under_torchrun():
     cfg = _fixed("topology=local_cpu")
     topo = plan_topology(cfg, itertools.count(35000))
     argv = next(s for s in job_specs(cfg, topo, "config.yaml") if s.name == "trainer").argv()
-    assert (argv[1:3] == ["-m", "torch.distributed.run"]
+    assert (argv[1:3] == ["-m", "launch.torchrun"]
             and argv[argv.index("--nproc-per-node") + 1] == "2")
     # torchrun's own files go with the run's logs, not to a new /tmp/torchelastic_* per start
     assert argv[argv.index("--log-dir") + 1] == f"{cfg.run_dir}/logs/torchrun"
