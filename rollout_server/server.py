@@ -83,6 +83,9 @@ LEAVE_TIMEOUT_S = 2.0  # the last heartbeat (``leaving``) of a stop; a buffer go
 MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
 ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must answer within this
 SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a failure: WARNING)
+# plans remembered as handled: the buffer offers only its current plan (a new one each version),
+# so older ones never come back; all of them grew a week-long job by a tuple per version
+PLANS_KEEP = 64
 
 
 def unsendable(group: TrajectoryGroup) -> ProtocolError | None:
@@ -113,7 +116,8 @@ class RolloutServer(Daemon):
         self.link: BufferLink | None = None  # made with the buffer connections (main)
         self.episodes: set[asyncio.Task] = set()
         self.plan: WeightSyncPlan | None = None  # the newest plan offered and not yet taken
-        self.plans_handled: set[tuple] = set()  # every plan offered: none is applied twice
+        # the last PLANS_KEEP plans offered, oldest first: none is applied twice
+        self.plans_handled: dict[tuple, None] = {}
         self.episode_failures = 0
         self.syncing = False  # a weight sync is being applied: no lease is asked for
         # rollout.eval: runs the job's evaluations (rollout_server/evaluate.py)
@@ -452,7 +456,9 @@ class RolloutServer(Daemon):
         if (key in self.plans_handled
                 or not any(m.server_id == self.server_id for m in plan.members)):
             return
-        self.plans_handled.add(key)
+        self.plans_handled[key] = None
+        if len(self.plans_handled) > PLANS_KEEP:
+            del self.plans_handled[next(iter(self.plans_handled))]
         if self.plan is None or plan.policy_version >= self.plan.policy_version:
             self.plan = plan
         self.wake.set()

@@ -153,3 +153,20 @@ def test_the_final_evaluation_starts_at_once_no_plan_can_follow_the_final_versio
     beats = [m.evaluating for m in buffer.sent if isinstance(m, P.Heartbeat)]
     # left the syncs, evaluated, came back: no second "evaluating" beat
     assert beats == [True, False]
+
+
+def test_a_plan_offered_again_is_applied_once_and_the_plans_remembered_stay_bounded():
+    """Every heartbeat re-offers the buffer's current plan until our SyncDone lands; a plan key
+    was kept for every version before, a week-long job's rollout server growing without bound."""
+    server = _server()
+    server.wake = asyncio.Event()
+    applied = []
+    for version in range(6, 1006):
+        for _ in range(2):  # offered by two heartbeats: taken once
+            server.offer_plan(_plan(version))
+            if plan := server.next_plan():
+                applied.append(plan.policy_version)
+    assert applied == list(range(6, 1006))
+    server.offer_plan(_plan(1005))  # the current plan again, after 1000 others: still known
+    assert server.next_plan() is None
+    assert len(server.plans_handled) <= 64

@@ -128,6 +128,23 @@ def test_compaction_deletes_fully_consumed_prefix_only(tmp_path):
     assert [r[1] for r in recs if r[0] == "G"] == ["c"]
 
 
+def test_a_running_pipeline_keeps_at_most_two_segments(tmp_path):
+    """The README's bound ("Long runs: disk use"): a segment that rotates still holds the groups
+    not consumed yet, so it stays until the next rotation, and no longer."""
+    wal = WriteAheadLog(tmp_path, segment_bytes=400)
+    list(wal.replay())
+    wal.open({})
+    counts = []
+    for i in range(200):  # each group consumed 3 groups later, as a trainer behind the servers
+        wal.append_group(f"g{i}", b"." * 50)
+        if i >= 3:
+            wal.append_control({"consumed": [f"g{i - 3}"]})
+        wal.commit()
+        if wal.maybe_rotate(lambda: {}):
+            counts.append(len(wal.segments()))
+    assert len(counts) > 10 and set(counts) == {2}
+
+
 @pytest.mark.parametrize("policy", ["always", "batch", "never"])
 def test_records_survive_the_process_without_close(tmp_path, policy):
     """What was committed is readable without close/fsync: writev goes straight to the kernel."""
