@@ -338,8 +338,9 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
     except UnsafeCheckpointError as e:
         error = e
     _agree(error, path)
-    if misfits := [f"{k}: saved {_shape(saved.get(f'model.{k}'))}, this model {tuple(t.shape)}"
-                   for k, t in model_sd.items() if _shape(saved.get(f"model.{k}")) != t.shape]:
+    shapes = {k: (_shape(saved.get(f"model.{k}")), tuple(t.shape)) for k, t in model_sd.items()}
+    if misfits := [f"{k}: saved {old}, this model {new}" for k, (old, new) in shapes.items()
+                   if old != new]:
         raise StartRefused(f"{path} holds another model's weights ({len(misfits)} tensors differ, "
                            f"e.g. {misfits[0]}): resume with the model.* and trainer.lora.* "
                            "settings it was saved with, or use a new run_dir")

@@ -31,6 +31,14 @@ LAUNCHER_FLAGS = {"model_path": "model.path", "host": "rollout.engine.host",
                                   "rollout.engine.tp_size")}
 
 
+def launcher_sets(sglang: dict, flags: dict[str, str], when: str = "") -> None:
+    """Refuse a pass-through of a flag the launcher sets itself (``flags``: each one's source);
+    given twice, SGLang's last one would win."""
+    for key in sorted(set(sglang) & flags.keys()):
+        raise ConfigError(f"rollout.engine.sglang.{key} is not passed through{when}: the launcher "
+                          f"sets it ({flags[key]})")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     """A local HF model (``path``) or a tiny Qwen2 built from the fields below."""
@@ -235,9 +243,7 @@ class EngineConfig:
         _check("rollout.engine.tp_size",
                self.tp_size == 1 or (self.tp_size > 1 and self.kind == "sglang"),
                "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
-        for key in sorted(set(self.sglang) & LAUNCHER_FLAGS.keys()):
-            raise ConfigError(f"rollout.engine.sglang.{key} is not passed through: the launcher "
-                              f"sets it ({LAUNCHER_FLAGS[key]})")
+        launcher_sets(self.sglang, LAUNCHER_FLAGS)
         # never in config.yaml or logs
         for key in sorted(k for k in self.sglang if SECRET_FIELD.search(str(k))):
             raise ConfigError(f"rollout.engine.sglang.{key}: credentials are not configuration; "
@@ -534,9 +540,7 @@ class RunConfig:
         _check("trainer.weight_sync.path", path in ("auto", LORA_PATHS[engine.kind]),
                f"auto or {LORA_PATHS[engine.kind]} with trainer.lora.rank > 0 and "
                f"rollout.engine.kind={engine.kind}", path)
-        for key in sorted(set(engine.sglang) & LORA_FLAGS.keys()):  # a pass-through would win
-            raise ConfigError(f"rollout.engine.sglang.{key} is not passed through with "
-                              f"trainer.lora.rank > 0: the launcher sets it ({LORA_FLAGS[key]})")
+        launcher_sets(engine.sglang, LORA_FLAGS, " with trainer.lora.rank > 0")
 
     @property
     def adapter_path(self) -> str | None:
