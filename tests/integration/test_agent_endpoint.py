@@ -18,7 +18,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 import yaml
-from openai import AsyncOpenAI, AuthenticationError, BadRequestError
+from openai import (
+    APIStatusError,
+    AsyncOpenAI,
+    AuthenticationError,
+    BadRequestError,
+)
 
 from areal_like.net.metrics import Metrics, scrape
 from areal_like.settings.config import EngineConfig, ModelConfig, TaskConfig
@@ -636,6 +641,51 @@ def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recor
     answer, session = asyncio.run(scenario())
     assert answer.choices[0].message.content == "late"
     assert session.segments == [] and not session.generated
+
+
+async def _until(condition, timeout_s: float = 30.0) -> None:
+    """Return once ``condition()`` holds; TimeoutError past the deadline."""
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+def test_a_call_waiting_for_its_episodes_previous_call_is_refused_once_the_episode_ends():
+    """An episode's calls take turns: one still waiting for its turn when the episode ends gets the
+    ended episode's 410 and generates nothing (before: it generated tokens nobody recorded)."""
+    class Held(Scripted):
+        async def generate(self, input_ids, params):
+            started.set()
+            await release.wait()
+            return await super().generate(input_ids, params)
+
+    engine = Held(["first", "second"])
+
+    async def scenario():
+        ep = await endpoint(engine).start()
+        try:
+            key, session = ep.open_session(None)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            user = [{"role": "user", "content": "q"}]
+            first = asyncio.create_task(sdk.chat.completions.create(model="m", messages=user))
+            await asyncio.wait_for(started.wait(), 30)
+            second = asyncio.create_task(sdk.chat.completions.create(model="m", messages=user))
+            await _until(lambda: session.calls == 2)  # it waits for the first one's turn
+            ep.close_session(key)
+            release.set()
+            await first
+            with pytest.raises(APIStatusError) as late:
+                await second
+            await sdk.close()
+            return late.value, session
+        finally:
+            await ep.close()
+
+    started, release = asyncio.Event(), asyncio.Event()
+    late, session = asyncio.run(scenario())
+    assert late.status_code == 410 and "this episode has ended" in late.message
+    assert len(engine.calls) == 1 and session.segments == []
 
 
 def test_a_body_that_is_not_json_or_a_template_that_refuses_gets_400():
