@@ -176,7 +176,9 @@ def status(run_dir: str | Path) -> int:
         ok, details = health(d["health_url"])
         all_ok &= ok
         now = state(ok, details, d.get("pid"), finished, launching)
-        print(f"{d['name']:<12} {now:<8} pid={d.get('pid')}  {d['health_url']}  "
+        # the launcher's record, else the daemon's own (a job started without run records none)
+        pid = d.get("pid") or details.get("pid") or "-"
+        print(f"{d['name']:<12} {now:<8} pid={pid}  {d['health_url']}  "
               f"{_detail(now, details, d.get('pid'))}")
     last = _last_step(Path(run_dir))
     if last:

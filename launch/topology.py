@@ -293,19 +293,21 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
             where = f"{metrics}  {_engine(cfg, host)}"
         else:
             where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "")
-        rows.append((str(s.node), s.name, _gpus(s.gpus), where))
+        rows.append((str(s.node), s.name, _gpus(s.gpus, cfg.launch.nodes == 1), where))
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     return [f"{a:<{width[0]}}  {b:<{width[1]}}  {c:<{width[2]}}  {d}".rstrip()
             for a, b, c, d in rows]
 
 
-def _gpus(gpus: tuple[int, ...] | None) -> str:
-    """The launcher's GPU indices, and the ones its ``CUDA_VISIBLE_DEVICES`` maps them to."""
+def _gpus(gpus: tuple[int, ...] | None, one_node: bool) -> str:
+    """The plan's GPU indices and, on one node (``areal-like run`` hands its processes the
+    launcher's GPUs: ``launch/job.py``), the ones the launcher's ``CUDA_VISIBLE_DEVICES`` maps them
+    to; on several nodes each process's is the plan's own (``launch/srun.py``)."""
     if gpus is None:
         return "-"
     if not gpus:
         return "none"
-    inherited = os.environ.get("CUDA_VISIBLE_DEVICES")
+    inherited = os.environ.get("CUDA_VISIBLE_DEVICES") if one_node else None
     planned = visible_devices(gpus)
     return planned if inherited is None else f"{planned} (={visible_devices(gpus, inherited)})"
 

@@ -7,7 +7,8 @@ segment or starts a new one, and which trajectories an episode leaves: rollout_s
 
 Invariants (rollout_server/ROLLOUT.md, "Agent episodes", has the table of limits):
 * only a live session's key gets in (else 401, counted by the guard, ``http_guard.py``); a key of
-  an ended episode gets 410 and its call is not recorded;
+  an ended episode gets 410 and its call is not recorded, nor generated when it was still waiting
+  for the episode's previous call;
 * ``task.max_turns`` calls per episode, ``max_tokens`` at most ``task.max_new_tokens``, a
   segment's tokens at most ``task.max_episode_tokens`` (then 400), bodies up to
   ``MAX_BODY_BYTES`` (413);
@@ -148,8 +149,7 @@ class AgentEndpoint:
         bearer = request.headers["Authorization"][len("Bearer "):].strip()  # the guard checked it
         session = self.sessions.get(_digest(bearer))
         if session is None:
-            self._count("ended")
-            return _error(410, "this episode has ended", "episode_ended")
+            return self._ended()
         try:
             body = json.loads(await request.read())
         except (ValueError, RecursionError):
@@ -161,6 +161,8 @@ class AgentEndpoint:
                                    "(task.max_turns)")
             session.calls += 1
             async with session.lock:
+                if not session.open:  # it ended while this call waited for the one before
+                    return self._ended()
                 answer = await self.complete(session, req)
         except RequestError as e:
             return self._refuse(str(e))
@@ -171,6 +173,10 @@ class AgentEndpoint:
             return _error(400 if e.status and e.status < 500 else 502, str(e), "engine_error")
         self._count("ok")
         return web.json_response(answer)
+
+    def _ended(self) -> web.Response:
+        self._count("ended")
+        return _error(410, "this episode has ended", "episode_ended")
 
     def _refuse(self, why: str) -> web.Response:
         self._count("refused")

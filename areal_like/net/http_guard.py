@@ -33,9 +33,10 @@ HEAD_PEEK_BYTES = 1024  # what a refused connection may send before it is answer
 HEALTH_LINES = (b"GET /health ", b"GET /health?")  # request lines answered past the cap
 HealthAnswer = Callable[[], Awaitable[tuple[int, bytes]]]  # (status, JSON body) of a GET /health
 TokenCheck = Callable[[str | None], bool]  # the Authorization header -> let in (several keys)
+_BUSY = b'{"error": {"message": "too many open connections", "code": 503}}'  # as _refusal's
 TOO_MANY_CONNECTIONS = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                        b"Content-Length: 38\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
-                        b'{"error": "too many open connections"}')
+                        b"Content-Length: %d\r\nConnection: close\r\nRetry-After: 1\r\n\r\n%s"
+                        % (len(_BUSY), _BUSY))
 
 
 @dataclass(frozen=True, kw_only=True)

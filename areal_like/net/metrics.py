@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -92,8 +93,9 @@ class Metrics:
 
 class MetricsServer:
     """``GET /metrics`` (Prometheus text; with ``token``, only with it) and ``GET /health``
-    (``health()``'s ``(ok, details)`` as JSON, 200 or 503): an ``http_guard`` server on its own
-    thread's loop, answering from construction on, rendering on ``RENDER_THREADS`` threads."""
+    (``health()``'s ``(ok, details)`` as JSON with the uptime and PID, 200 or 503): an
+    ``http_guard`` server on its own thread's loop, answering from construction on, rendering on
+    ``RENDER_THREADS`` threads."""
 
     def __init__(self, metrics: Metrics, port: int, host: str = "127.0.0.1",
                  health: Callable[[], tuple[bool, dict]] | None = None, token: str | None = None,
@@ -142,8 +144,8 @@ class MetricsServer:
             ok, details = self.health()
         except Exception as e:  # a broken probe is an unhealthy daemon, not a crash
             ok, details = False, {"error": f"{type(e).__name__}: {e}"}
-        body = json.dumps({"ok": ok, "uptime_s": round(time.time() - self.started, 1), **details},
-                          default=str)
+        body = json.dumps({"ok": ok, "uptime_s": round(time.time() - self.started, 1),
+                           "pid": os.getpid(), **details}, default=str)
         return (200 if ok else 503), body.encode()
 
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -12,13 +12,20 @@ what the real engine generates and for the weight sync."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
-from openai import AsyncOpenAI, AuthenticationError, BadRequestError
+from openai import (
+    APIStatusError,
+    AsyncOpenAI,
+    AuthenticationError,
+    BadRequestError,
+    InternalServerError,
+)
 
 from areal_like.net.metrics import Metrics, scrape
 from areal_like.settings.config import EngineConfig, ModelConfig, TaskConfig
@@ -27,7 +34,7 @@ from areal_like.tasks.environment import ChatRenderer
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import EOS_ID, char_tokenizer
 from areal_like.wire.protocol import Credit
-from rollout_server import agent_chat
+from rollout_server import agent_chat, agent_endpoint
 from rollout_server.agent_endpoint import MAX_BODY_BYTES, AgentEndpoint
 from rollout_server.agent_episode import AgentRunner, agent_pool
 from rollout_server.episode import EpisodeContext
@@ -636,6 +643,78 @@ def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recor
     answer, session = asyncio.run(scenario())
     assert answer.choices[0].message.content == "late"
     assert session.segments == [] and not session.generated
+
+
+async def _until(condition, timeout_s: float = 30.0) -> None:
+    """Return once ``condition()`` holds; TimeoutError past the deadline."""
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+def test_a_call_waiting_for_its_episodes_previous_call_is_refused_once_the_episode_ends():
+    """An episode's calls take turns: one still waiting for its turn when the episode ends gets the
+    ended episode's 410 and generates nothing (before: it generated tokens nobody recorded)."""
+    class Held(Scripted):
+        async def generate(self, input_ids, params):
+            started.set()
+            await release.wait()
+            return await super().generate(input_ids, params)
+
+    engine = Held(["first", "second"])
+
+    async def scenario():
+        ep = await endpoint(engine).start()
+        try:
+            key, session = ep.open_session(None)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            user = [{"role": "user", "content": "q"}]
+            first = asyncio.create_task(sdk.chat.completions.create(model="m", messages=user))
+            await asyncio.wait_for(started.wait(), 30)
+            second = asyncio.create_task(sdk.chat.completions.create(model="m", messages=user))
+            await _until(lambda: session.calls == 2)  # it waits for the first one's turn
+            ep.close_session(key)
+            release.set()
+            await first
+            with pytest.raises(APIStatusError) as late:
+                await second
+            await sdk.close()
+            return late.value, session
+        finally:
+            await ep.close()
+
+    started, release = asyncio.Event(), asyncio.Event()
+    late, session = asyncio.run(scenario())
+    assert late.status_code == 410 and "this episode has ended" in late.message
+    assert len(engine.calls) == 1 and session.segments == []
+
+
+def test_the_connection_cap_answers_in_the_openai_error_shape(monkeypatch):
+    """At the connection cap the openai SDK shows why, as for the guard's other refusals (before:
+    'Error code: 503' and nothing else)."""
+    monkeypatch.setattr(agent_endpoint, "LIMITS",
+                        dataclasses.replace(agent_endpoint.LIMITS, max_connections=1))
+
+    async def scenario():
+        ep = await endpoint(Scripted([])).start()
+        _, holder = await asyncio.open_connection("127.0.0.1", ep.port)  # silent: the one slot
+        try:
+            await _until(lambda: ep.stats.connections == 1)
+            key, _ = ep.open_session(None)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            with pytest.raises(InternalServerError) as busy:
+                await sdk.chat.completions.create(model="m",
+                                                  messages=[{"role": "user", "content": "q"}])
+            await sdk.close()
+            return busy.value
+        finally:
+            holder.close()
+            await ep.close()
+
+    busy = asyncio.run(scenario())
+    assert busy.status_code == 503 and busy.message.endswith("too many open connections")
+    assert busy.body == {"message": "too many open connections", "code": 503}
 
 
 def test_a_body_that_is_not_json_or_a_template_that_refuses_gets_400():

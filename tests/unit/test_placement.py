@@ -4,6 +4,7 @@ the launcher's CUDA_VISIBLE_DEVICES and `areal-like plan` follow the placement."
 from __future__ import annotations
 
 import itertools
+import os
 import re
 import subprocess
 import sys
@@ -232,10 +233,10 @@ def test_cpu_topology_processes_inherit_cuda_visible_devices():
     assert all("CUDA_VISIBLE_DEVICES" not in s.env for s in specs.values())
 
 
-def _plan(*overrides: str) -> subprocess.CompletedProcess:
+def _plan(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launch.cli", "plan", *overrides],
-                          capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+                          capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def test_plan_prints_one_line_per_process_and_starts_nothing(tmp_path):
@@ -285,3 +286,19 @@ def test_plan_prints_every_node_of_a_multi_node_job():
                           "rendezvous 10.0.0.1:auto")
     assert (rows[3][3].startswith("metrics node2:9101  engine sglang tp=2")
             and rows[4][3].startswith("metrics node2:9102"))
+
+
+def test_the_launchers_cuda_visible_devices_maps_one_node_only():
+    """`run` (one node) hands its processes the launcher's GPUs; on several nodes every process's
+    CUDA_VISIBLE_DEVICES is the plan's own (launch/srun.py), whatever the launcher's says."""
+    one = _plan("topology=gpu_sglang", "launch.gpus_per_node=2",
+                env={"CUDA_VISIBLE_DEVICES": "4,5"})
+    assert one.returncode == 0, one.stderr
+    assert "rollout-0  1 (=5)" in one.stdout and "trainer    0 (=4)" in one.stdout
+    several = ("topology=gpu_sglang", "launch.gpus_per_node=4", "launch.nodes=2",
+               "launch.trainer_ranks=4", "launch.num_rollout_servers=2", "rollout.engine.tp_size=2",
+               *CLUSTER)
+    want = _plan(*several)
+    for visible in ("8,9,10,11", "4,5"):  # another node's GPUs; fewer than a node has
+        got = _plan(*several, env={"CUDA_VISIBLE_DEVICES": visible})
+        assert (got.returncode, got.stdout, got.stderr) == (0, want.stdout, "")

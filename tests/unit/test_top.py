@@ -277,3 +277,18 @@ def test_a_job_started_without_run_is_finished_once_its_trainer_is_done(tmp_path
     assert capsys.readouterr().out.split()[:2] == ["trainer", "finished"]
     watched = _top(str(tmp_path), "--interval", "0.2")
     assert watched.returncode == 0 and "job finished" in watched.stdout, watched.stdout
+
+
+def test_status_shows_the_pid_a_daemon_started_without_run_reports(tmp_path, capsys):
+    """A Slurm or hand-started job's ports.json records no PIDs (launch/srun.py writes none): the
+    PID comes from the daemon's own /health, and one that does not answer shows ``pid=-``, not
+    ``pid=None``."""
+    srv = MetricsServer(Metrics(), 0, "127.0.0.1", health=lambda: (True, {"name": "buffer"}))
+    try:
+        _ports(tmp_path, [("buffer", srv.port, None), ("rollout-0", free_port(), None)])
+        assert status(tmp_path) == 1
+        lines = capsys.readouterr().out.splitlines()
+    finally:
+        srv.stop()
+    assert lines[0].split()[:3] == ["buffer", "up", f"pid={os.getpid()}"], lines
+    assert lines[1].split()[:3] == ["rollout-0", "DOWN", "pid=-"], lines
