@@ -57,6 +57,19 @@ def test_files_parse():
     assert dash["panels"] and all(p["targets"] for p in dash["panels"])
 
 
+def test_prometheus_accepts_every_path_of_the_scrape_config():
+    """Prometheus refuses a whole config whose file_sd path has a '*' outside the file's name, or
+    a rule file path one outside the last segment (its own patterns, discovery/file/file.go and
+    config/config.go); ``runs/*/prometheus_targets.json`` did."""
+    file_sd = re.compile(r"^[^*]*(\*[^/]*)?\.(json|yml|yaml|JSON|YML|YAML)$")
+    rule_path = re.compile(r"^[^*]*(\*[^/]*)?$")
+    prom = yaml.safe_load((OBS / "prometheus.yml").read_text())
+    files = [f for job in prom["scrape_configs"] for sd in job.get("file_sd_configs", [])
+             for f in sd["files"]]
+    assert files and all(file_sd.match(f) for f in files), files
+    assert all(rule_path.match(f) for f in prom["rule_files"]), prom["rule_files"]
+
+
 def test_every_queried_metric_is_exported():
     exported = _exported()
     assert "areal_buffer_trainer_version" in exported and "areal_trainer_policy_version" in exported
