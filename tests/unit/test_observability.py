@@ -70,6 +70,22 @@ def test_prometheus_accepts_every_path_of_the_scrape_config():
     assert all(rule_path.match(f) for f in prom["rule_files"]), prom["rule_files"]
 
 
+def test_alert_rules_compare_daemons_within_one_job():
+    """One Prometheus may watch several jobs: a rule that aggregates over daemons keeps ``run``
+    (RosterShrunk compared one job's roster with every job's rollout servers, StalenessAtBound
+    every job's staleness with the largest bound of all), and every rule has one of the two
+    severities the rules route on."""
+    rules = [r for g in yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
+             for r in g["rules"]]
+    aggregation = re.compile(r"\b(?:sum|min|max|count|avg)\s*(?:by\s*\(([^)]*)\))?\s*\(")
+    for rule in rules:
+        expr = rule["expr"]
+        for m in aggregation.finditer(expr):
+            assert "run" in (m.group(1) or ""), f"{rule['alert']}: {m.group(0)} mixes jobs"
+        assert "scalar(" not in expr, f"{rule['alert']}: scalar() of every job's series"
+        assert rule["labels"]["severity"] in ("page", "warn"), rule["alert"]
+
+
 def test_every_queried_metric_is_exported():
     exported = _exported()
     assert "areal_buffer_trainer_version" in exported and "areal_trainer_policy_version" in exported
