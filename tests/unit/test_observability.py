@@ -86,6 +86,21 @@ def test_alert_rules_compare_daemons_within_one_job():
         assert rule["labels"]["severity"] in ("page", "warn"), rule["alert"]
 
 
+def test_docs_name_counters_as_prometheus_serves_them():
+    """A counter's series is ``<name>_total``: a page naming it without the suffix sends the reader
+    to a query that matches nothing (README.md named ``areal_trainer_nonfinite_steps``)."""
+    made = re.compile(r'(?:counter|count_to)\(\s*f?"((?:buffer|rollout|trainer)/[a-z_]+)"')
+    counters = {prom_name(f"buffer/{n}") for n in (*COUNTERS, *LABELLED)}
+    for pkg in ("buffer", "rollout_server", "trainer"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            counters |= {prom_name(n) for n in made.findall(path.read_text())}
+    assert "areal_trainer_nonfinite_steps" in counters  # the pattern finds them
+    bare = {f"{page.relative_to(ROOT)}: {name}" for page in ROOT.glob("**/*.md")
+            if ".venv" not in page.parts
+            for name in re.findall(r"\b(areal_[a-z_]+)", page.read_text()) if name in counters}
+    assert not bare, sorted(bare)
+
+
 def test_every_queried_metric_is_exported():
     exported = _exported()
     assert "areal_buffer_trainer_version" in exported and "areal_trainer_policy_version" in exported
