@@ -101,6 +101,27 @@ def test_docs_name_counters_as_prometheus_serves_them():
     assert not bare, sorted(bare)
 
 
+def _holds(expr: str, values: dict[str, float]) -> bool:
+    """A rule over one daemon's gauges, evaluated with each gauge (and its ``*_over_time``) at
+    ``values``: enough PromQL for rules of numbers and comparisons, nothing else."""
+    expr = re.sub(r"\b[a-z]+_over_time\((\w+)\[\w+\]\)", r"\1", " ".join(expr.split()))
+    assert not re.search(r"\b(and|or|on|by|unless)\b|[{(]", expr), expr
+    return bool(eval(re.sub(r"\b(areal_\w+)", lambda m: repr(values[m.group(1)]), expr)))
+
+
+def test_weight_sync_over_deadline_fires_for_a_sync_cut_at_its_deadline():
+    """The trainer cuts a sync at ``weight_sync.deadline_s`` (dropping the members not done), so a
+    sync that ran into it reports a little less than the deadline: an engine frozen by SIGSTOP for
+    a quickstart job gave 59.9 s of 60 s. ``seconds > deadline`` never held."""
+    rules = {r["alert"]: r["expr"] for g in yaml.safe_load((OBS / "alerts.yml").read_text())[
+        "groups"] for r in g["rules"]}
+    expr = rules["WeightSyncOverDeadline"]
+    cut = {"areal_trainer_weight_sync_seconds": 59.9,
+           "areal_trainer_weight_sync_deadline_seconds": 60.0}
+    assert _holds(expr, cut)
+    assert not _holds(expr, {**cut, "areal_trainer_weight_sync_seconds": 0.3})
+
+
 def test_every_queried_metric_is_exported():
     exported = _exported()
     assert "areal_buffer_trainer_version" in exported and "areal_trainer_policy_version" in exported
