@@ -385,6 +385,9 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
         if note := idle_gpus(cfg):
             print(f"[run] {note}", file=sys.stderr, flush=True)
         code = sup.run()
+        # every daemon has stopped: Prometheus drops their targets (else TrainerDown and
+        # EngineUnhealthy page for a job that ended, and it scrapes whatever takes its ports next)
+        write_json_atomic(run_dir / "prometheus_targets.json", [])
         if code != 0 and sup.failed is not None:
             report_failure(run_dir, sup.failed)
         summary = summarize(run_dir, time.monotonic() - t0, code, since=since,

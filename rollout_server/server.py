@@ -202,6 +202,8 @@ class RolloutServer(Daemon):
             self.log.info("evaluating %d eval prompts %s", len(self.evaluator.examples),
                           self.evaluator.schedule.describe())
         self.metrics.count_refusals("weight_sync", refused_total)  # its engines' store doors
+        # at 0 from the start: alert EngineNotGenerating (its rate is 0) sees an idle new engine
+        self.metrics.counter("rollout/tokens_generated", "output tokens received")
         self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
         self.started = True
 

@@ -140,6 +140,10 @@ class Trainer(Daemon):
         self.version = self.monotonic_version(self.version)
         lost = self.version - checkpoint_version  # labels announced by weights the crash lost
         self.rolled_back_steps += lost
+        # served from the start, not from the first step on: alerts TrainerNoStep and
+        # WeightSyncDroppedEngines see a trainer that never steps, or drops an engine at once
+        self.metrics.gauge("trainer/policy_version").set(self.version)
+        self.metrics.counter("trainer/weight_sync_dropped")
         if ckpt is not None or lost:
             self.record({"event": "resume", "policy_version": self.version,
                          "checkpoint_version": checkpoint_version,

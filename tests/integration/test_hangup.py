@@ -1,9 +1,10 @@
 """Closing the terminal, or killing the supervisor, leaves nothing of the job running.
 
 * ``areal-like run`` of a real job gets SIGHUP (what a closed terminal sends): every daemon and
-  every process under it is gone within a deadline, the command still writes its summary, and
-  the run directory's job lock is free afterwards. While the job runs, a second ``areal-like run``
-  on its ``run_dir`` is refused in one line naming the job's PID.
+  every process under it is gone within a deadline, the command still writes its summary, the
+  run directory's job lock is free afterwards and its Prometheus targets are empty. While the job
+  runs, a second ``areal-like run`` on its ``run_dir`` is refused in one line naming the job's
+  PID.
 * A supervisor killed with SIGKILL (an OOM kill) cannot stop anything: the kernel sends its
   daemons SIGTERM (``PR_SET_PDEATHSIG``); one that ignores SIGTERM still holds the job lock it
   inherited, so the run directory stays refused until it is gone.
@@ -87,10 +88,17 @@ def test_sighup_stops_every_daemon_and_a_rerun_on_a_live_run_dir_is_refused(tmp_
         assert f"is in use by a running job (areal-like run pid {sup.pid}," in again.stderr
         assert _alive(sup.pid) and all(_alive(p) for p in daemons.values())
 
+        targets = run_dir / "prometheus_targets.json"
+        assert {t["labels"]["kind"] for t in json.loads(targets.read_text())} == {
+            "buffer", "rollout", "trainer"}
+
         os.kill(sup.pid, signal.SIGHUP)
         wait_until(lambda: not any(_alive(p) for p in seen), GONE_S, 0.2,
                    f"every process of the job to exit after SIGHUP (left: {seen})")
         assert sup.wait(timeout=GONE_S) == 1
+        # Prometheus stops scraping (and alerting on) the job's ports: TrainerDown and
+        # EngineUnhealthy paged forever for an ended job before
+        assert json.loads(targets.read_text()) == []
         summary = json.loads((tmp_path / "stdout").read_text().strip().splitlines()[-1])
         assert summary["ok"] is False and summary["run_dir"] == str(run_dir)
         os.close(lock_run_dir(run_dir))  # the job lock went with the job

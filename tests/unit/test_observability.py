@@ -57,6 +57,71 @@ def test_files_parse():
     assert dash["panels"] and all(p["targets"] for p in dash["panels"])
 
 
+def test_prometheus_accepts_every_path_of_the_scrape_config():
+    """Prometheus refuses a whole config whose file_sd path has a '*' outside the file's name, or
+    a rule file path one outside the last segment (its own patterns, discovery/file/file.go and
+    config/config.go); ``runs/*/prometheus_targets.json`` did."""
+    file_sd = re.compile(r"^[^*]*(\*[^/]*)?\.(json|yml|yaml|JSON|YML|YAML)$")
+    rule_path = re.compile(r"^[^*]*(\*[^/]*)?$")
+    prom = yaml.safe_load((OBS / "prometheus.yml").read_text())
+    files = [f for job in prom["scrape_configs"] for sd in job.get("file_sd_configs", [])
+             for f in sd["files"]]
+    assert files and all(file_sd.match(f) for f in files), files
+    assert all(rule_path.match(f) for f in prom["rule_files"]), prom["rule_files"]
+
+
+def test_alert_rules_compare_daemons_within_one_job():
+    """One Prometheus may watch several jobs: a rule that aggregates over daemons keeps ``run``
+    (RosterShrunk compared one job's roster with every job's rollout servers, StalenessAtBound
+    every job's staleness with the largest bound of all), and every rule has one of the two
+    severities the rules route on."""
+    rules = [r for g in yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
+             for r in g["rules"]]
+    aggregation = re.compile(r"\b(?:sum|min|max|count|avg)\s*(?:by\s*\(([^)]*)\))?\s*\(")
+    for rule in rules:
+        expr = rule["expr"]
+        for m in aggregation.finditer(expr):
+            assert "run" in (m.group(1) or ""), f"{rule['alert']}: {m.group(0)} mixes jobs"
+        assert "scalar(" not in expr, f"{rule['alert']}: scalar() of every job's series"
+        assert rule["labels"]["severity"] in ("page", "warn"), rule["alert"]
+
+
+def test_docs_name_counters_as_prometheus_serves_them():
+    """A counter's series is ``<name>_total``: a page naming it without the suffix sends the reader
+    to a query that matches nothing (README.md named ``areal_trainer_nonfinite_steps``)."""
+    made = re.compile(r'(?:counter|count_to)\(\s*f?"((?:buffer|rollout|trainer)/[a-z_]+)"')
+    counters = {prom_name(f"buffer/{n}") for n in (*COUNTERS, *LABELLED)}
+    for pkg in ("buffer", "rollout_server", "trainer"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            counters |= {prom_name(n) for n in made.findall(path.read_text())}
+    assert "areal_trainer_nonfinite_steps" in counters  # the pattern finds them
+    bare = {f"{page.relative_to(ROOT)}: {name}" for page in ROOT.glob("**/*.md")
+            if ".venv" not in page.parts
+            for name in re.findall(r"\b(areal_[a-z_]+)", page.read_text()) if name in counters}
+    assert not bare, sorted(bare)
+
+
+def _holds(expr: str, values: dict[str, float]) -> bool:
+    """A rule over one daemon's gauges, evaluated with each gauge (and its ``*_over_time``) at
+    ``values``: enough PromQL for rules of numbers and comparisons, nothing else."""
+    expr = re.sub(r"\b[a-z]+_over_time\((\w+)\[\w+\]\)", r"\1", " ".join(expr.split()))
+    assert not re.search(r"\b(and|or|on|by|unless)\b|[{(]", expr), expr
+    return bool(eval(re.sub(r"\b(areal_\w+)", lambda m: repr(values[m.group(1)]), expr)))
+
+
+def test_weight_sync_over_deadline_fires_for_a_sync_cut_at_its_deadline():
+    """The trainer cuts a sync at ``weight_sync.deadline_s`` (dropping the members not done), so a
+    sync that ran into it reports a little less than the deadline: an engine frozen by SIGSTOP for
+    a quickstart job gave 59.9 s of 60 s. ``seconds > deadline`` never held."""
+    rules = {r["alert"]: r["expr"] for g in yaml.safe_load((OBS / "alerts.yml").read_text())[
+        "groups"] for r in g["rules"]}
+    expr = rules["WeightSyncOverDeadline"]
+    cut = {"areal_trainer_weight_sync_seconds": 59.9,
+           "areal_trainer_weight_sync_deadline_seconds": 60.0}
+    assert _holds(expr, cut)
+    assert not _holds(expr, {**cut, "areal_trainer_weight_sync_seconds": 0.3})
+
+
 def test_every_queried_metric_is_exported():
     exported = _exported()
     assert "areal_buffer_trainer_version" in exported and "areal_trainer_policy_version" in exported

@@ -1,0 +1,86 @@
+"""The series the alert rules read exist from a daemon's start, not from its first event.
+
+``launch/observability/alerts.yml``: TrainerNoStep is ``changes(areal_trainer_policy_version[10m])
+== 0`` and EngineNotGenerating ``rate(areal_rollout_tokens_generated_total[5m]) == 0``. Both were
+created at the first step or token, so a trainer that never made a step (starved, or stuck after
+a restart) and an engine that never generated a token had no series, and those alerts could not
+fire for exactly the stall they describe. Here a trainer fed by a buffer stand-in that has no data
+(empty batches, no engines) serves its version and a dropped-engines counter at 0 before any step,
+and a rollout server serves its token counter at 0 before any generation.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from areal_like.net.metrics import scrape
+from areal_like.settings.config import load_config, to_yaml
+from rollout_server.server import RolloutServer
+
+STARTUP_S = 180.0  # cold torch + transformers imports on a loaded 2-core machine
+
+
+class StarvedBuffer:
+    """A ROUTER stand-in for a buffer with nothing to hand out: empty batches, no engines."""
+
+    def __init__(self, address: str):
+        from areal_like.net.transport import Server
+
+        self.server, self.stop = Server(address), threading.Event()
+        self.batch_requests = 0
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self) -> None:
+        from areal_like.wire import protocol as P
+
+        while not self.stop.is_set():
+            got = self.server.recv(0.1)
+            if got is None:
+                continue
+            peer, req_id, m = got
+            if isinstance(m, P.BatchRequest):
+                self.batch_requests += 1
+                reply = P.Batch(groups=[], trainer_version=m.trainer_version)
+            elif isinstance(m, P.RosterRequest):
+                reply = P.Roster(members=[], policy_version=0)
+            else:
+                reply = P.Ack(ref=str(getattr(m, "policy_version", "")), status="ok")
+            self.server.send(peer, req_id, reply)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.server.close()
+
+
+def test_a_starved_trainer_serves_its_version_before_its_first_step(tmp_path, spawn_python,
+                                                                     free_port, wait_until):
+    address, port = f"tcp://127.0.0.1:{free_port()}", free_port()
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}",
+                       f"trainer.metrics_port={port}", "trainer.batch_wait_s=0.2"])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    buffer = StarvedBuffer(address)
+    try:
+        spawn_python("trainer", ["--config-file", tmp_path / "config.yaml"], capture=False)
+        # asking for its first batch: past its start and its first weight push
+        wait_until(lambda: buffer.batch_requests >= 3, STARTUP_S, 0.2, "the trainer's requests")
+        series = scrape(f"http://127.0.0.1:{port}/metrics")
+        assert series.get("areal_trainer_policy_version") == 0, sorted(series)
+        assert series.get("areal_trainer_weight_sync_dropped_total") == 0, sorted(series)
+        assert "areal_trainer_step_seconds" not in series  # no step was made
+    finally:
+        buffer.close()
+
+
+def test_a_rollout_server_serves_its_token_count_before_it_generates(tmp_run_dir):
+    cfg = load_config([f"run_dir={tmp_run_dir}", "rollout.engine.max_running_requests=2",
+                       "rollout.engine.max_total_tokens=1024", "task.reward_workers=0",
+                       "security.curve=false", "trainer.logprob_guard_tol=0"])
+    server = RolloutServer.from_run(cfg)
+    server.start()
+    try:
+        value = server.metrics.registry.get_sample_value("areal_rollout_tokens_generated_total")
+        assert value == 0.0
+    finally:
+        server.stop()
