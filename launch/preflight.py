@@ -27,7 +27,7 @@ from areal_like.weights.hf import (
     holds,
     resolve_models,
 )
-from areal_like.weights.lora import check_targets
+from areal_like.weights.lora import check_targets, export_without_base
 from launch.tracking import check_trackers
 from rollout_server.reward_worker import scrubbed_env
 
@@ -253,9 +253,13 @@ def check_engine(cfg: RunConfig) -> list[str]:
 
 def check_lora(cfg: RunConfig) -> list[str]:
     """``trainer.lora.target_modules`` against the model's own layers (its meta-device build: no
-    memory); a model that cannot be built is reported by ``check_models``."""
+    memory); a model that cannot be built is reported by ``check_models``. Exports that no base
+    could load (``export_without_base``; a warm start gives the model a directory)."""
     if not cfg.trainer.lora.enabled:
         return []
+    exports = cfg.export.at_end or cfg.export.every > 0
+    if exports and cfg.warm_start.steps <= 0 and (why := export_without_base(cfg)):
+        return [why]
     try:
         model = build_meta_model(cfg.model)
     except Exception:  # a broken model.path: check_models names it
