@@ -40,6 +40,11 @@ WARM_START_MARK = "warm_start.json"
 # it prints the reason and exits 1 when the reward cannot be loaded.
 REWARD_PROBE = ("import sys; from rollout_server.reward_worker import probe; "
                 "sys.exit(probe(sys.argv[1], int(sys.argv[2])))")
+# The same for tools (the function paths in argv): "path<TAB>reason" for each that does not import.
+TOOL_PROBE = ("import sys\nfrom areal_like.tasks.callables import import_function\n"
+              "for path in sys.argv[1:]:\n    try:\n        import_function(path)\n"
+              "    except BaseException as e:\n"
+              "        print(path, f'{type(e).__name__}: {e}'.splitlines()[0], sep='\\t')\n")
 
 
 class PreflightError(ConfigError):
@@ -284,7 +289,8 @@ def _daemons_sys_path():
 
 
 def check_env(cfg: RunConfig) -> list[str]:
-    """``task.env`` (multi-turn episodes) loads as a rollout server will load it."""
+    """``task.env`` (multi-turn episodes) loads as a rollout server will load it, and its tools'
+    functions as the tool workers will (``check_tools``)."""
     if not cfg.task.env:
         return []
     from areal_like.tasks.environment import load_environment
@@ -292,10 +298,32 @@ def check_env(cfg: RunConfig) -> list[str]:
 
     try:
         with _daemons_sys_path():
-            ToolRegistry(getattr(load_environment(cfg.task.env), "tools", None))
+            registry = ToolRegistry(getattr(load_environment(cfg.task.env), "tools", None))
     except Exception as e:  # anything an import, a constructor or a schema check raises
         return [f"task.env={cfg.task.env!r} cannot be loaded: {type(e).__name__}: {e}"]
-    return []
+    return check_tools(cfg.task.env, list(registry.specs.values()))
+
+
+def check_tools(env: str, specs: list) -> list[str]:
+    """Each tool's ``function`` imports (``TOOL_PROBE``): in a child Python with the working
+    directory first on sys.path and the workers' scrubbed environment, as a tool worker imports it
+    (a typo used to surface only as an error on each of its calls); its module's top-level code
+    never runs in the launcher."""
+    if not specs:
+        return []
+    try:
+        r = subprocess.run([sys.executable, "-c", TOOL_PROBE, *(s.function for s in specs)],
+                           capture_output=True, text=True, timeout=REWARD_IMPORT_TIMEOUT_S,
+                           stdin=subprocess.DEVNULL, env=scrubbed_env())
+    except subprocess.TimeoutExpired:
+        return [f"task.env={env!r}: importing its tools took over {REWARD_IMPORT_TIMEOUT_S:.0f}s"]
+    failed = dict(line.split("\t", 1) for line in r.stdout.splitlines() if "\t" in line)
+    out = [f"task.env={env!r}: tool {s.name!r} (function {s.function!r}) cannot be loaded: "
+           f"{failed[s.function]}" for s in specs if s.function in failed]
+    if r.returncode and not out:
+        out = [f"task.env={env!r}: importing its tools ended the interpreter with status "
+               f"{r.returncode}"]
+    return out
 
 
 def check_agent(cfg: RunConfig) -> list[str]:
