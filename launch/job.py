@@ -7,6 +7,7 @@ invocation trained).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -254,8 +255,9 @@ class Monitor:
         """This invocation's new step records; the first one writes the pending settings."""
         self.recent = last_per([*self.recent, *self.tail.read()], step_of)[-SUMMARY_WINDOW:]
         if self.recent and self.settings is not None:
-            write_settings(self.settings)
-            self.settings = None
+            with contextlib.suppress(OSError):  # a full disk: the next read tries again
+                write_settings(self.settings)
+                self.settings = None
 
     def progress_line(self) -> str:
         self.read()
