@@ -7,6 +7,7 @@ invocation trained).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -221,8 +222,12 @@ class Monitor:
     polls."""
 
     def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr,
-                 since: int = 0, sink: TrackerSink | None = None):
+                 since: int = 0, sink: TrackerSink | None = None,
+                 settings: RunConfig | None = None):
         self.cfg, self.topo, self.run_dir, self.out, self.sink = cfg, topo, run_dir, out, sink
+        # a resume's accepted changes: into settings.yaml once a step trained with them, so a
+        # resume that the trainer (or a rollout server) refuses leaves settings.yaml as it was
+        self.settings = settings
         # this invocation's steps, each line read once
         self.tail = JsonlTail(trainer_jsonl(run_dir), since)
         # the last SUMMARY_WINDOW steps' records (a replayed step: the last)
@@ -246,8 +251,16 @@ class Monitor:
         self.out.write(self.progress_line() + "\n")
         self.out.flush()
 
-    def progress_line(self) -> str:
+    def read(self) -> None:
+        """This invocation's new step records; the first one writes the pending settings."""
         self.recent = last_per([*self.recent, *self.tail.read()], step_of)[-SUMMARY_WINDOW:]
+        if self.recent and self.settings is not None:
+            with contextlib.suppress(OSError):  # a full disk: the next read tries again
+                write_settings(self.settings)
+                self.settings = None
+
+    def progress_line(self) -> str:
+        self.read()
         elapsed = time.monotonic() - self.t0
         if not self.recent:
             return f"[run] waiting for the first trainer step ... {elapsed:.0f}s"
@@ -323,10 +336,13 @@ def report_failure(run_dir: Path, daemon: str, out=sys.stderr) -> None:
     out.flush()
 
 
-def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology, Path, int, int]:
+def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology, Path, int, int,
+                                                              RunConfig | None]:
     """Steps 0-2 of ``run_job`` on a checked config: (the daemons' config, topology, config.yaml,
-    the step resumed from, the run_dir lock's descriptor). A run_dir this call created is removed
-    again when it fails (a ConfigError, Ctrl-C, a warm start that crashed): no daemon ran in it."""
+    the step resumed from, the run_dir lock's descriptor, the settings a resume changes that
+    settings.yaml gets once a step trained with them: ``Monitor``). A run_dir this call created is
+    removed again when it fails (a ConfigError, Ctrl-C, a warm start that crashed): no daemon ran
+    in it."""
     from launch.warmstart import ensure_warm_start
 
     run_dir = Path(cfg.run_dir).resolve()
@@ -334,17 +350,18 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
     lock = lock_run_dir(run_dir)  # released by the kernel when this job's last process is gone
     try:
         resumed_from = check_existing_run(cfg)
+        changes = check_resume_settings(cfg, accept_changes) if resumed_from else []
+        for change in changes:
+            print(f"[run] resuming with a changed setting: {change}", file=sys.stderr, flush=True)
         if resumed_from:
-            for change in check_resume_settings(cfg, accept_changes):
-                print(f"[run] resuming with a changed setting: {change}", file=sys.stderr,
-                      flush=True)
             print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr,
                   flush=True)
-        write_settings(cfg)
+        write_settings(cfg, keep=bool(changes))
         plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
+        pending = cfg if changes else None  # as given, before the warm start's model path
         cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr,
                                                          flush=True))
-        return (*prepare(cfg), resumed_from, lock)
+        return (*prepare(cfg), resumed_from, lock, pending)
     except BaseException:
         if fresh:
             os.close(lock)
@@ -361,13 +378,13 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
     check_one_node(cfg)
     # hub ids resolved, inputs and tracker packages checked: before anything starts
     cfg = checked(cfg)
-    cfg, topo, config_path, resumed_from, lock = start_job(cfg, accept_changes)
+    cfg, topo, config_path, resumed_from, lock, changed = start_job(cfg, accept_changes)
     run_dir = Path(cfg.run_dir)
     jsonl = trainer_jsonl(run_dir)
     since = jsonl.stat().st_size if jsonl.is_file() else 0  # what earlier invocations trained
     echo = _supervisor_lines_only if quiet else None
     sink = TrackerSink.from_config(cfg)
-    monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink)
+    monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink, settings=changed)
     try:
         sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
                          restart_window_s=cfg.launch.restart_window_s,
@@ -388,6 +405,7 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
         # every daemon has stopped: Prometheus drops their targets (else TrainerDown and
         # EngineUnhealthy page for a job that ended, and it scrapes whatever takes its ports next)
         write_json_atomic(run_dir / "prometheus_targets.json", [])
+        monitor.read()  # a step trained since the last tick accepts the settings too
         if code != 0 and sup.failed is not None:
             report_failure(run_dir, sup.failed)
         summary = summarize(run_dir, time.monotonic() - t0, code, since=since,

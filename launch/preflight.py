@@ -27,7 +27,7 @@ from areal_like.weights.hf import (
     holds,
     resolve_models,
 )
-from areal_like.weights.lora import check_targets
+from areal_like.weights.lora import check_targets, export_without_base
 from launch.tracking import check_trackers
 from rollout_server.reward_worker import scrubbed_env
 
@@ -40,6 +40,11 @@ WARM_START_MARK = "warm_start.json"
 # it prints the reason and exits 1 when the reward cannot be loaded.
 REWARD_PROBE = ("import sys; from rollout_server.reward_worker import probe; "
                 "sys.exit(probe(sys.argv[1], int(sys.argv[2])))")
+# The same for tools (the function paths in argv): "path<TAB>reason" for each that does not import.
+TOOL_PROBE = ("import sys\nfrom areal_like.tasks.callables import import_function\n"
+              "for path in sys.argv[1:]:\n    try:\n        import_function(path)\n"
+              "    except BaseException as e:\n"
+              "        print(path, f'{type(e).__name__}: {e}'.splitlines()[0], sep='\\t')\n")
 
 
 class PreflightError(ConfigError):
@@ -253,9 +258,13 @@ def check_engine(cfg: RunConfig) -> list[str]:
 
 def check_lora(cfg: RunConfig) -> list[str]:
     """``trainer.lora.target_modules`` against the model's own layers (its meta-device build: no
-    memory); a model that cannot be built is reported by ``check_models``."""
+    memory); a model that cannot be built is reported by ``check_models``. Exports that no base
+    could load (``export_without_base``; a warm start gives the model a directory)."""
     if not cfg.trainer.lora.enabled:
         return []
+    exports = cfg.export.at_end or cfg.export.every > 0
+    if exports and cfg.warm_start.steps <= 0 and (why := export_without_base(cfg)):
+        return [why]
     try:
         model = build_meta_model(cfg.model)
     except Exception:  # a broken model.path: check_models names it
@@ -280,7 +289,8 @@ def _daemons_sys_path():
 
 
 def check_env(cfg: RunConfig) -> list[str]:
-    """``task.env`` (multi-turn episodes) loads as a rollout server will load it."""
+    """``task.env`` (multi-turn episodes) loads as a rollout server will load it, and its tools'
+    functions as the tool workers will (``check_tools``)."""
     if not cfg.task.env:
         return []
     from areal_like.tasks.environment import load_environment
@@ -288,10 +298,32 @@ def check_env(cfg: RunConfig) -> list[str]:
 
     try:
         with _daemons_sys_path():
-            ToolRegistry(getattr(load_environment(cfg.task.env), "tools", None))
+            registry = ToolRegistry(getattr(load_environment(cfg.task.env), "tools", None))
     except Exception as e:  # anything an import, a constructor or a schema check raises
         return [f"task.env={cfg.task.env!r} cannot be loaded: {type(e).__name__}: {e}"]
-    return []
+    return check_tools(cfg.task.env, list(registry.specs.values()))
+
+
+def check_tools(env: str, specs: list) -> list[str]:
+    """Each tool's ``function`` imports (``TOOL_PROBE``): in a child Python with the working
+    directory first on sys.path and the workers' scrubbed environment, as a tool worker imports it
+    (a typo used to surface only as an error on each of its calls); its module's top-level code
+    never runs in the launcher."""
+    if not specs:
+        return []
+    try:
+        r = subprocess.run([sys.executable, "-c", TOOL_PROBE, *(s.function for s in specs)],
+                           capture_output=True, text=True, timeout=REWARD_IMPORT_TIMEOUT_S,
+                           stdin=subprocess.DEVNULL, env=scrubbed_env())
+    except subprocess.TimeoutExpired:
+        return [f"task.env={env!r}: importing its tools took over {REWARD_IMPORT_TIMEOUT_S:.0f}s"]
+    failed = dict(line.split("\t", 1) for line in r.stdout.splitlines() if "\t" in line)
+    out = [f"task.env={env!r}: tool {s.name!r} (function {s.function!r}) cannot be loaded: "
+           f"{failed[s.function]}" for s in specs if s.function in failed]
+    if r.returncode and not out:
+        out = [f"task.env={env!r}: importing its tools ended the interpreter with status "
+               f"{r.returncode}"]
+    return out
 
 
 def check_agent(cfg: RunConfig) -> list[str]:

@@ -6,8 +6,9 @@ releases it only when the last of them is gone); ``check_existing_run`` returns 
 from (0: fresh) and refuses a finished run or a checkpoint with ``trainer.resume=false``;
 ``check_resume_settings`` refuses a resume whose settings differ from ``settings.yaml`` (the config
 as given) unless ``--accept-changes``, apart from ``FREE_ON_RESUME``; ``FIXED_ON_RESUME`` (the
-adapters' layout) never. Only names and files are
-read (the ``v%08d`` layout of trainer/checkpoint.py): no torch import, so a refusal is instant.
+adapters' layout) never. Accepted changes reach ``settings.yaml`` only with the first step trained
+(launch/job.py, ``Monitor``): a resume a daemon refuses leaves it as it was. Only names and files
+are read (the ``v%08d`` layout of trainer/checkpoint.py): no torch import, so a refusal is instant.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from areal_like.settings.config import ConfigError, RunConfig
 from launch.tracking import flatten
 
 LOCK_FILE = "job.lock"  # in run_dir; "<pid> <create_time>" of the areal-like run that took it
-SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last areal-like run
+SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last run that trained
 # keys (prefixes) a resume may change; run_dir is the directory settings.yaml was found in, whatever
 # its spelling (relative from another cwd, a symlink); checkpoint and export retention train nothing
 FREE_ON_RESUME = ("trainer.steps", "launch.", "tracker", "tracking.", "run_dir",
@@ -115,12 +116,16 @@ def check_resume_settings(cfg: RunConfig, accept: bool) -> list[str]:
     return changes
 
 
-def write_settings(cfg: RunConfig) -> None:
+def write_settings(cfg: RunConfig, keep: bool = False) -> None:
     """``cfg`` (as given, before the layout) into ``settings.yaml``: what the next resume
-    compares."""
+    compares. ``keep``: only its time is renewed (this start, for ``areal-like status``), as for a
+    resume whose changed settings nothing has trained with yet."""
     from areal_like.settings.config import to_yaml
 
     path = Path(cfg.run_dir).resolve() / SETTINGS_FILE
+    if keep:
+        os.utime(path)
+        return
     tmp = path.with_suffix(".tmp")
     tmp.write_text(to_yaml(cfg))
     os.replace(tmp, path)

@@ -9,7 +9,10 @@ Invariants:
 - ``export_hf`` is a collective; parameters are gathered one at a time and rank 0 writes each
   shard as it fills: never a second copy of the model.
 - Atomic: written into ``.tmp_<name>`` and renamed when complete.
-- LoRA: the adapter in PEFT's layout, plus a streamed merged model with ``export.merged``.
+- LoRA: the adapter in PEFT's layout, plus a streamed merged model with ``export.merged``. The
+  adapter names its base by ``model.path``; with none (a model built from its config) only a
+  merged export can be loaded, so ``main`` refuses another (``export_without_base``), as the
+  preflight refuses such a run.
 - A tied parameter is written once, under its first name, as ``save_pretrained`` does.
 """
 
@@ -37,7 +40,14 @@ from areal_like.settings.config import (
     task_yaml,
 )
 from areal_like.weights.hf import torch_dtype
-from areal_like.weights.lora import ADAPTER, add_adapters, base_name, has_adapters, is_adapter
+from areal_like.weights.lora import (
+    ADAPTER,
+    add_adapters,
+    base_name,
+    export_without_base,
+    has_adapters,
+    is_adapter,
+)
 from trainer.checkpoint import dcp_load, latest_checkpoint, open_tmp, publish
 from trainer.ranks import barrier, rank_world
 from trainer.ranks import full as full_tensor
@@ -371,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.shard_mb is not None and args.shard_mb < 1:
             raise ValueError(f"--shard-mb={args.shard_mb} is invalid: must be >= 1")
         cfg = load_daemon_config(["--config-file", str(config_file)])
+        if why := export_without_base(cfg):
+            raise ValueError(f"{config_file}: {why} there (or in a copy, with --config-file)")
         out = export_checkpoint(ckpt, args.out, cfg, shard_mb=args.shard_mb, dtype=args.dtype)
     except (OSError, ValueError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,6 +7,7 @@ tokenizer code (the facts a config implies: ``areal_like/job_facts.py``).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import os
@@ -278,9 +279,20 @@ def from_yaml(text: str) -> RunConfig:
 
 
 def task_yaml(task: TaskConfig) -> str:
-    """``task`` as the YAML of a config holding only its ``task`` section (``EXPORT_TASK_FILE``)."""
+    """``task`` as the YAML of a config holding only its ``task`` section (``EXPORT_TASK_FILE``),
+    the files it names absolute (relative ones start at the working directory, where the daemons
+    open them), so it reads the same from anywhere."""
+    import dataclasses
+
     from omegaconf import OmegaConf
 
+    files = {k: str(Path(v).expanduser().absolute())
+             for k, v in (("dataset_path", task.dataset_path), ("eval_path", task.eval_path)) if v}
+    template = Path(task.chat_template).expanduser()
+    with contextlib.suppress(OSError):  # a one-line template longer than a file name can be
+        if task.chat_template not in ("auto", "none") and template.is_file():
+            files["chat_template"] = str(template.absolute())
+    task = dataclasses.replace(task, **files)
     return OmegaConf.to_yaml(OmegaConf.create({"task": OmegaConf.structured(task)}))
 
 

@@ -52,7 +52,8 @@ class ExportConfig:
     shard_mb: int = 2048  # largest model.safetensors shard
     keep: int = 0  # in-run exports kept, the newest (older ones deleted after each export); 0 = all
     # LoRA (trainer.lora.rank > 0): an export is the adapter (PEFT layout); true: also
-    # v<version>/merged, a plain Hugging Face model with the adapter folded into the base
+    # v<version>/merged, a plain Hugging Face model with the adapter folded into the base (needed
+    # by a model built from its config: its adapter has no base directory to name)
     merged: bool = False
 
     def __post_init__(self):

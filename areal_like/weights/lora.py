@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from areal_like.settings.config_checks import ConfigError
-from areal_like.settings.schema import LoraConfig
+from areal_like.settings.schema import LoraConfig, RunConfig
 
 ADAPTER = "default"  # PEFT's adapter name: one live adapter per model
 BASE_LAYER = ".base_layer"
@@ -52,6 +52,18 @@ def check_targets(model, lora: LoraConfig) -> None:
         raise ConfigError(f"trainer.lora.target_modules: {head_name!r} with tied input and output "
                           "embeddings (model.tie_word_embeddings): the adapter would change one "
                           "and not the other; leave it out")
+
+
+def export_without_base(cfg: RunConfig) -> str | None:
+    """Why ``cfg``'s LoRA exports could not be loaded (None: they can): with ``export.merged=false``
+    an export is the adapter alone, and a model built from its config (no ``model.path``) has no
+    base directory its ``adapter_config.json`` could name for PEFT to load it onto."""
+    if not cfg.trainer.lora.enabled or cfg.model.path or cfg.export.merged:
+        return None
+    return ("export.merged=false: a LoRA export is then the adapter alone, and this model is "
+            "built from its config (model.path is null): no base directory exists that its "
+            "adapter_config.json could name; set export.merged=true (each export then also holds "
+            "merged/, the adapted model)")
 
 
 def add_adapters(model, lora: LoraConfig):

@@ -5,8 +5,10 @@ checkpoints; then, on the same run_dir:
 
 * raising ``trainer.steps`` and changing ``trainer.lr``: refused (exit 2) before anything starts,
   naming ``trainer.lr`` with both values; ``trainer.steps`` (how a run is continued) is not listed;
-* the same with ``--accept-changes``: the run resumes, says which setting changed, trains to the
-  new end, and the run's config now holds the new learning rate.
+* an accepted change that the trainer then refuses (another model shape, exit 2 at start): the
+  job fails and ``settings.yaml`` is left as it was (it used to claim the refused settings);
+* the learning rate with ``--accept-changes``: the run resumes, says which setting changed, trains
+  to the new end, and the run's config and ``settings.yaml`` now hold the new learning rate.
 """
 
 from __future__ import annotations
@@ -42,9 +44,17 @@ def test_a_resume_with_changed_settings_is_refused_unless_accepted(tmp_path):
         "error:   trainer.lr: 0.0003 -> 0.001",
         "error: add --accept-changes to resume with them, or use a new run_dir"]
 
+    settings = (run_dir / "settings.yaml").read_text()
+    misfit = _run(run_dir, "--accept-changes", "trainer.steps=4", "trainer.lr=3e-4",
+                  "model.intermediate_size=512")
+    assert misfit.returncode == 1, misfit.stderr[-3000:]
+    assert "holds another model's weights" in misfit.stderr, misfit.stderr[-3000:]
+    assert (run_dir / "settings.yaml").read_text() == settings  # it never ran with them
+
     accepted = _run(run_dir, "--accept-changes", "trainer.steps=4", "trainer.lr=1e-3")
     assert accepted.returncode == 0, accepted.stderr[-3000:]
     assert "[run] resuming with a changed setting: trainer.lr: 0.0003 -> 0.001" in accepted.stderr
     summary = json.loads(accepted.stdout.strip().splitlines()[-1])
     assert summary["ok"] and summary["resumed_from"] == 2
     assert "  lr: 0.001\n" in (run_dir / "config.yaml").read_text()
+    assert "  lr: 0.001\n" in (run_dir / "settings.yaml").read_text()

@@ -308,3 +308,28 @@ def test_an_unquoted_tilde_says_how_to_write_it():
     with pytest.raises(ConfigError, match=r"override 'model.path=~/m' does not parse: .*only in "
                                           r"quotes .*or use \$HOME"):
         load_config(["model.path=~/m"])
+
+
+def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
+    """The task file written beside an export (``task_yaml``) reads from anywhere: relative
+    ``task.dataset_path``/``eval_path`` (and a chat template file) start at the working directory
+    the daemons run in, so they are written absolute (before: only the launch directory worked)."""
+    from areal_like.tasks.datasets import load_split
+
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    (launch / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    (launch / "data" / "m.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
+    (launch / "chat.jinja").write_text("{{ messages[0]['content'] }}")
+    monkeypatch.chdir(launch)
+    text = task_yaml(load_config(["task=dataset", "task.dataset_path=data/m.jsonl",
+                                  "task.eval_path=data/m.jsonl",
+                                  "task.chat_template=chat.jinja"]).task)
+    monkeypatch.chdir(elsewhere)
+    task = task_from_yaml(text, [])
+    assert task.dataset_path == task.eval_path == str(launch / "data" / "m.jsonl")
+    assert task.chat_template == str(launch / "chat.jinja")
+    assert [e.answer for e in load_split(task, "eval")] == ["2"]
+    # a template given as text stays text
+    assert task_from_yaml(task_yaml(C.TaskConfig(chat_template="{{ x }}")),
+                          []).chat_template == "{{ x }}"

@@ -130,3 +130,32 @@ def test_the_preflight_imports_an_environment_from_the_working_directory(tmp_pat
         assert str(tmp_path) not in sys.path  # the launcher's own imports are left as they were
     finally:
         sys.modules.pop("my_cwd_env", None)
+
+
+def test_the_preflight_imports_each_tool_of_an_environment(tmp_path, monkeypatch):
+    """A tool's function path with a typo surfaced only when the model called it (an error each
+    call, at run time); now the preflight imports each tool's function from the working
+    directory, as the tool workers will, and names the key, the tool and the path."""
+    import sys
+
+    from areal_like.settings.config import load_config
+    from launch.preflight import check_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    (tmp_path / "my_cwd_tool_fns.py").write_text("def calc(e):\n    return e\n")
+    (tmp_path / "my_cwd_tools.py").write_text(
+        "from areal_like.tasks.envs import CALC_TOOL, Calculator\n\n"
+        "class Env(Calculator):\n"
+        "    tools = [{**CALC_TOOL, 'function': 'my_cwd_tool_fns:calc'}]\n\n"
+        "class Typo(Calculator):\n"
+        "    tools = [{**CALC_TOOL, 'function': 'my_cwd_tool_fns:calx'}]\n")
+    try:
+        assert check_env(load_config(["experiment=calc_env", "task.env=my_cwd_tools:Env"])) == []
+        assert check_env(load_config(["experiment=calc_env", "task.env=my_cwd_tools:Typo"])) == [
+            "task.env='my_cwd_tools:Typo': tool 'calc' (function 'my_cwd_tool_fns:calx') cannot "
+            "be loaded: AttributeError: module 'my_cwd_tool_fns' has no attribute 'calx'"]
+        # imported in a child Python, as a tool worker imports it: not in the launcher
+        assert "my_cwd_tool_fns" not in sys.modules
+    finally:
+        sys.modules.pop("my_cwd_tools", None)

@@ -110,3 +110,31 @@ def test_an_adapter_on_a_tied_lm_head_is_refused():
         pf.checked(cfg)
     untied = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,lm_head]"])
     assert pf.checked(untied) == untied
+
+
+def test_an_adapter_export_with_no_base_to_name_is_refused_before_start():
+    """A model built from its config (no model.path, no warm start to save it) has no directory
+    an adapter's ``base_model_name_or_path`` could name (it was null: PEFT could load only the
+    merged export): such exports are refused naming export.merged=true."""
+    base = ["trainer.lora.rank=8", "warm_start.steps=0"]
+    with pytest.raises(pf.PreflightError) as e:
+        pf.checked(load_config(base))
+    assert len(e.value.problems) == 1 and "set export.merged=true" in e.value.problems[0]
+    for fine in (["export.merged=true"], ["export.at_end=false"], ["warm_start.steps=10"]):
+        cfg = load_config([*base, *fine])
+        assert pf.checked(cfg) == cfg, fine
+
+
+def test_areal_like_export_of_such_a_checkpoint_is_refused_naming_the_key(tmp_path, capsys):
+    from areal_like.settings.config import to_yaml
+    from trainer.export import main
+
+    ckpt = tmp_path / "checkpoints" / "v00000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.pt").write_bytes(b"")  # refused before anything is read
+    config = tmp_path / "config.yaml"
+    config.write_text(to_yaml(load_config(["trainer.lora.rank=8", "warm_start.steps=0"])))
+    assert main([str(ckpt), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {config}: export.merged=false") and "export.merged=true" in err
+    assert not (tmp_path / "out").exists()

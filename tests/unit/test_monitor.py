@@ -41,3 +41,26 @@ def test_monitor_progress_line_reads_each_record_once_and_keeps_the_last_steps(t
     line = mon.progress_line()
     assert "step 9/10" in line and "reward 0.580" in line  # steps 5, 6, 7 (replayed: 0.0), 8, 9
     assert mon.tail.offset == path.stat().st_size  # every line read once, none twice
+
+
+def test_a_resumes_accepted_settings_reach_settings_yaml_with_its_first_step(tmp_path):
+    """settings.yaml gets a resume's changed settings once a step trained with them: a resume that
+    a daemon refuses at start (another model's checkpoint) leaves the run's settings as they
+    were (they used to be written before any daemon started)."""
+    from areal_like.settings.config import load_config
+    from launch.rundir import SETTINGS_FILE, write_settings
+
+    run = tmp_path / "run"
+    run.mkdir()
+    write_settings(load_config([f"run_dir={run}", "trainer.lr=3e-4"]))
+    before = (run / SETTINGS_FILE).read_text()
+    topo = Topology(host="127.0.0.1", buffer_address="", pub_address="", master_port=0, slots=(),
+                    rollout_cpus=None, trainer_cpus=None)
+    changed = load_config([f"run_dir={run}", "trainer.lr=1e-3"])
+    mon = Monitor(changed, topo, run, out=io.StringIO(), settings=changed)
+    append(run / "metrics" / "trainer.jsonl", {"event": "resume", "policy_version": 2})
+    mon.read()
+    assert (run / SETTINGS_FILE).read_text() == before  # no step yet
+    append(run / "metrics" / "trainer.jsonl", {"step": 3, "reward_mean": 0.5})
+    mon.read()
+    assert "  lr: 0.001\n" in (run / SETTINGS_FILE).read_text()
