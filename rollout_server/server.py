@@ -202,8 +202,12 @@ class RolloutServer(Daemon):
             self.log.info("evaluating %d eval prompts %s", len(self.evaluator.examples),
                           self.evaluator.schedule.describe())
         self.metrics.count_refusals("weight_sync", refused_total)  # its engines' store doors
-        # at 0 from the start: alert EngineNotGenerating (its rate is 0) sees an idle new engine
-        self.metrics.counter("rollout/tokens_generated", "output tokens received")
+        # at 0 from the start: alert EngineNotGenerating (its rate is 0) sees an idle new engine,
+        # and the dashboard's resend and resume panels show 0 rather than "No data"
+        for name, doc in (("rollout/tokens_generated", "output tokens received"),
+                          ("rollout/groups_resent", "TrajectoryGroup sends"),
+                          ("rollout/aborted_resumed_requests", "aborted requests resubmitted")):
+            self.metrics.counter(name, doc)
         self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
         self.started = True
 

@@ -80,7 +80,8 @@ def test_a_rollout_server_serves_its_token_count_before_it_generates(tmp_run_dir
     server = RolloutServer.from_run(cfg)
     server.start()
     try:
-        value = server.metrics.registry.get_sample_value("areal_rollout_tokens_generated_total")
-        assert value == 0.0
+        for name in ("tokens_generated", "groups_resent", "aborted_resumed_requests"):
+            value = server.metrics.registry.get_sample_value(f"areal_rollout_{name}_total")
+            assert value == 0.0, name
     finally:
         server.stop()
