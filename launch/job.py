@@ -334,10 +334,10 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
     lock = lock_run_dir(run_dir)  # released by the kernel when this job's last process is gone
     try:
         resumed_from = check_existing_run(cfg)
+        # also before the first checkpoint: the buffer's WAL and the version labels go on
+        for change in check_resume_settings(cfg, accept_changes):
+            print(f"[run] resuming with a changed setting: {change}", file=sys.stderr, flush=True)
         if resumed_from:
-            for change in check_resume_settings(cfg, accept_changes):
-                print(f"[run] resuming with a changed setting: {change}", file=sys.stderr,
-                      flush=True)
             print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr,
                   flush=True)
         write_settings(cfg)
