@@ -318,6 +318,13 @@ class Trainer(Daemon):
         self.exported_version = self.version
         self.record({"event": "export", "policy_version": self.version, "path": str(out)})
 
+    def request_stop(self, *args) -> None:
+        """Also a push in flight stops waiting on the members: the buffer may be gone with the
+        launcher (PR_SET_PDEATHSIG), and run() waits for that push before it can stop."""
+        super().request_stop(*args)
+        if hasattr(self, "broadcaster"):
+            self.broadcaster.stopping.set()
+
     def stop(self) -> None:
         for part in ("data", "broadcaster"):
             if hasattr(self, part):
