@@ -329,8 +329,9 @@ def _shape(saved) -> tuple[int, ...] | None:
 def _damaged(path: Path, e: BaseException) -> StartRefused:
     """The refusal of a checkpoint whose files cannot be read, saying how to go on."""
     reason = str(e).replace("\n", ". ").split(". ")[0][:200]  # its first sentence
+    why = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
     earlier = [p.name for p in list_checkpoints(path.parent) if p.name < path.name]
-    return StartRefused(f"checkpoint {path} cannot be read ({type(e).__name__}: {reason}): it is "
+    return StartRefused(f"checkpoint {path} cannot be read ({why}): it is "
                         "damaged; " + (f"move it out of {path.parent} to resume from {earlier[-1]}"
                                        " before it, or " if earlier else "") + "use a new run_dir")
 
