@@ -350,7 +350,8 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
     lock = lock_run_dir(run_dir)  # released by the kernel when this job's last process is gone
     try:
         resumed_from = check_existing_run(cfg)
-        changes = check_resume_settings(cfg, accept_changes) if resumed_from else []
+        # also before the first checkpoint: the buffer's WAL and the version labels go on
+        changes = check_resume_settings(cfg, accept_changes)
         for change in changes:
             print(f"[run] resuming with a changed setting: {change}", file=sys.stderr, flush=True)
         if resumed_from:

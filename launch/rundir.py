@@ -99,10 +99,11 @@ def changed_settings(cfg: RunConfig) -> list[str]:
 
 def check_resume_settings(cfg: RunConfig, accept: bool) -> list[str]:
     """The settings a resume of ``cfg`` changes (``changed_settings``); ConfigError listing them,
-    one line each, unless ``accept`` (``areal-like run --accept-changes``)."""
+    one line each, unless ``accept`` (``areal-like run --accept-changes``). Also for a run_dir run
+    before without a checkpoint yet: its WAL's groups and version labels go on."""
     changes = changed_settings(cfg)
     fixed = [c for c in changes if c.startswith(FIXED_ON_RESUME)]
-    if fixed:
+    if fixed and latest_checkpoint_step(cfg.resolve_path(cfg.trainer.checkpoint_dir)) is not None:
         raise ConfigError("\n".join([f"run_dir {Path(cfg.run_dir).resolve()} holds a checkpoint "
                                       "whose LoRA adapters these settings would change:",
                                       *(f"  {c}" for c in fixed),

@@ -16,7 +16,8 @@ Invariants:
   must be shared by all nodes. meta.pt's checksums prove a resumed run holds the saved state.
 - A checkpoint never holds a non-finite weight or optimizer state (``trainer/finite_guard.py``).
 - Resume refuses (``StartRefused``, exit 2) a checkpoint whose model tensors have other shapes
-  than the model built from the settings (changed ``model.*`` or ``trainer.lora.*``).
+  than the model built from the settings (changed ``model.*`` or ``trainer.lora.*``), and one
+  whose files cannot be read (damaged: cut short, missing), naming it.
 - Loading reads data, never code: every pickle is read with an allowlist
   (``UnsafeCheckpointError`` otherwise); a planted ``__reduce__`` is refused before it runs.
 """
@@ -325,6 +326,16 @@ def _shape(saved) -> tuple[int, ...] | None:
     return tuple(saved.size) if saved is not None and hasattr(saved, "size") else None
 
 
+def _damaged(path: Path, e: BaseException) -> StartRefused:
+    """The refusal of a checkpoint whose files cannot be read, saying how to go on."""
+    reason = str(e).replace("\n", ". ").split(". ")[0][:200]  # its first sentence
+    why = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+    earlier = [p.name for p in list_checkpoints(path.parent) if p.name < path.name]
+    return StartRefused(f"checkpoint {path} cannot be read ({why}): it is "
+                        "damaged; " + (f"move it out of {path.parent} to resume from {earlier[-1]}"
+                                       " before it, or " if earlier else "") + "use a new run_dir")
+
+
 def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
     """Restore everything from ``path`` on all ranks; returns (policy_version, saved meta)."""
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
@@ -337,6 +348,8 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
         saved = read_dcp_metadata(path).state_dict_metadata
     except UnsafeCheckpointError as e:
         error = e
+    except Exception as e:  # noqa: BLE001 (a file cut short or missing: torch's RuntimeError, ...)
+        error = _damaged(path, e)
     _agree(error, path)
     shapes = {k: (_shape(saved.get(f"model.{k}")), tuple(t.shape)) for k, t in model_sd.items()}
     if misfits := [f"{k}: saved {old}, this model {new}" for k, (old, new) in shapes.items()
@@ -344,7 +357,10 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
         raise StartRefused(f"{path} holds another model's weights ({len(misfits)} tensors differ, "
                            f"e.g. {misfits[0]}): resume with the model.* and trainer.lora.* "
                            "settings it was saved with, or use a new run_dir")
-    dcp_load(state, path)
+    try:
+        dcp_load(state, path)
+    except CheckpointException as e:  # a shard cut short: each rank's reason, wrapped by DCP
+        raise _damaged(path, next(iter(e.failures.values()))[0]) from None
     set_state_dict(policy.model, policy.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     policy.scheduler.load_state_dict(meta["scheduler"])

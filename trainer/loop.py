@@ -93,6 +93,7 @@ class Trainer(Daemon):
         self.version = 0
         # version = steps_trained + rolled_back_steps (steps a crash lost: monotonic_version)
         self.steps_trained = self.rolled_back_steps = 0
+        self.saved_most_lost = 0  # most_lost() of the process that wrote the resumed checkpoint
         self.phase_times: dict[str, float] = {}
         self.ckpt_root = facts.checkpoint_dir
         self.exported_version: int | None = None
@@ -130,11 +131,7 @@ class Trainer(Daemon):
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy)
-            # acking the batch this checkpoint includes consumes it; a later, lost one goes back
-            extra = meta.get("extra", {})
-            self.data.last_batch_id = extra.get("last_batch_id", "")
-            self.rolled_back_steps = int(extra.get("rolled_back_steps", 0))
-            self.steps_trained = int(extra.get("steps_trained", self.version))
+            self.restore_extra(meta.get("extra", {}))
         self.warn_truncation()
         checkpoint_version = self.version
         self.version = self.monotonic_version(self.version)
@@ -192,7 +189,20 @@ class Trainer(Daemon):
 
     def checkpoint_extra(self) -> dict:
         return {"last_batch_id": self.data.last_batch_id, "steps_trained": self.steps_trained,
-                "rolled_back_steps": self.rolled_back_steps}
+                "rolled_back_steps": self.rolled_back_steps, "most_lost": self.most_lost()}
+
+    def restore_extra(self, extra: dict) -> None:
+        """What ``checkpoint_extra`` saved, back (after the checkpoint's version is restored)."""
+        # acking the batch this checkpoint includes consumes it; a later, lost one goes back
+        self.data.last_batch_id = extra.get("last_batch_id", "")
+        self.rolled_back_steps = int(extra.get("rolled_back_steps", 0))
+        self.steps_trained = int(extra.get("steps_trained", self.version))
+        self.saved_most_lost = int(extra.get("most_lost", 0))
+
+    def most_lost(self) -> int:
+        """The steps a crash of this process can lose: those since its last complete checkpoint
+        (async: the last save may be unfinished)."""
+        return self.cfg.checkpoint_every * (2 if self.cfg.checkpoint_async else 1)
 
     def monotonic_version(self, version: int) -> int:
         """Versions never go backwards: when the buffer announced a version past ours (steps lost
@@ -201,17 +211,14 @@ class Trainer(Daemon):
         announced = from_rank0(self.broadcaster.announced_version(
             timeout_s=self.cfg.buffer_timeout_s) if self.rank == 0 else None)
         if announced is not None and announced > version:
-            t = self.cfg
-            # async: the last save may be unfinished
-            most = t.checkpoint_every * (2 if t.checkpoint_async else 1)
-            if t.resume and announced > version + most:
+            # the checkpoint's process may have run with another trainer.checkpoint_every
+            most = max(self.most_lost(), self.saved_most_lost)
+            if self.cfg.resume and announced > version + most:
                 raise RuntimeError(f"buffer announced policy_version {announced} "
                                    "but our weights are version "
                                    f"{version}: a crash loses at most {most} steps "
-                                   "(trainer.checkpoint_every="
-                                   f"{t.checkpoint_every}), so that version is not ours; "
-                                   "refusing to take it as "
-                                   "trained")
+                                   "(trainer.checkpoint_every, now and when it was saved), so "
+                                   "that version is not ours; refusing to take it as trained")
             self.log.warning("buffer announced policy_version %d but our weights are version %d: "
                              "continuing as version %d (%d steps rolled back)",
                              announced, version, announced,
@@ -321,6 +328,13 @@ class Trainer(Daemon):
                 prune_exports(root, e.keep)
         self.exported_version = self.version
         self.record({"event": "export", "policy_version": self.version, "path": str(out)})
+
+    def request_stop(self, *args) -> None:
+        """Also a push in flight stops waiting on the members: the buffer may be gone with the
+        launcher (PR_SET_PDEATHSIG), and run() waits for that push before it can stop."""
+        super().request_stop(*args)
+        if hasattr(self, "broadcaster"):
+            self.broadcaster.stopping.set()
 
     def stop(self) -> None:
         for part in ("data", "broadcaster"):

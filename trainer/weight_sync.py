@@ -115,7 +115,8 @@ class WeightBroadcaster:
         # label may name other weights on a member the crashed trainer pushed it to)
         self.loaded: dict[str, int] = {}
         self._inflight: threading.Thread | None = None  # rank 0: an overlapped push still running
-        self.stopping = threading.Event()  # close(): a push in flight stops waiting on the members
+        # close() or the trainer's stop request: a push in flight stops waiting on the members
+        self.stopping = threading.Event()
         self._done_report: SyncReport | None = None  # what the last overlapped push reported
 
     # ------------------------------------------------------------------ the collective
@@ -222,7 +223,7 @@ class WeightBroadcaster:
         """Everything after the staging; ``alone``: rank 0 in the background of an overlapped push
         (every bucket is staged)."""
         self._sync(params, buckets, report, deadline, alone=alone)
-        if self.rank == 0:
+        if self.rank == 0 and not self.stopping.is_set():  # a stopping trainer's buffer may be gone
             self._announce(announce, report)
         report.seconds = time.monotonic() - t_start
         self._done_report = report
@@ -268,7 +269,7 @@ class WeightBroadcaster:
         # the members' reports, also after a failed rendezvous (the survivors' before a re-push)
         if self.rank == 0 and report.plan_id:
             await_members(self.client, report.version, report, deadline, self.stopping.is_set)
-            if report.dropped:
+            if report.dropped and not self.stopping.is_set():
                 log.warning("weight sync v%d: dropped %s (lost, missed the %.0fs deadline or "
                             "failed)", report.version, report.dropped, self.cfg.deadline_s)
                 self.sender.forget_members()  # re-form without them next time
@@ -277,7 +278,10 @@ class WeightBroadcaster:
     def _setup(self, buckets: list[BucketSpec], report: SyncReport, deadline: float,
                only: list[str] | None, lost: set[str]) -> bool:
         """Rank 0: roster (``only`` these members, for a re-push), plan, publish, connect. Returns
-        whether to send; a failure drops this attempt (members lost at the rendezvous: ``lost``)."""
+        whether to send; a failure drops this attempt (members lost at the rendezvous: ``lost``).
+        A stopping trainer sends nothing more (its buffer may be gone with the launcher)."""
+        if self.stopping.is_set():
+            return False
         try:
             admitted = self._admit(roster(self.client, deadline).members, report)
             admitted = admitted if only is None else [a for a in admitted if a[0] in only]

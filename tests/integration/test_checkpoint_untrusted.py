@@ -5,7 +5,9 @@ A real checkpoint is saved (1 rank), then one of its pickles is replaced by a pl
 DCP's ``.metadata`` (a plain pickle), or a value DCP stores as a pickle in its shard file (the
 optimizer's learning rate). Resuming from it (``load_checkpoint``) and exporting it
 (``load_checkpoint_model``, what ``areal-like export`` runs) refuse it with an error naming the
-file, and the marker is never written. The untouched checkpoint still resumes.
+file, and the marker is never written. The untouched checkpoint still resumes. A damaged one (a
+file cut short or missing) is refused naming it and the checkpoint before it, not with torch's
+traceback.
 
 The worker half runs as ``python test_checkpoint_untrusted.py OUT`` (a process of its own: the
 trainer's process group).
@@ -14,12 +16,14 @@ trainer's process group).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 WORKER_TIMEOUT_S = 240
 PLANTED = ("meta.pt", "rng_rank0.pt", ".metadata", "optim.param_groups.0.lr")
+DAMAGED = ("meta.pt", "__0_0.distcp", ".metadata")  # cut short, cut short, missing
 
 
 class Planted:
@@ -101,6 +105,16 @@ def worker(out: str) -> None:
         fresh = build_policy(cfg.model, cfg.trainer)
         res[name] = _outcome(lambda: load_checkpoint(bad, fresh), marker)
         res[f"export{name}"] = _outcome(lambda: load_checkpoint_model(bad, cfg.model), marker)
+    for name in DAMAGED:
+        root = base / f"damaged{name}"
+        shutil.copytree(good, root / good.name)
+        bad = shutil.copytree(good, root / "v00000002")
+        if name == ".metadata":
+            (bad / name).unlink()
+        else:
+            os.truncate(bad / name, (bad / name).stat().st_size // 2)
+        res[f"damaged{name}"] = _outcome(
+            lambda: load_checkpoint(bad, build_policy(cfg.model, cfg.trainer)), root / "none")
     version, meta = load_checkpoint(good, build_policy(cfg.model, cfg.trainer))
     res["good"] = [version, meta["extra"]["last_batch_id"]]
     # a resume whose settings build another model: refused with its reason, not DCP's traceback
@@ -130,6 +144,11 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
     for name in ("meta.pt", "rng_rank0.pt", "optim.param_groups.0.lr"):
         assert r[f"export{name}"] == {"error": "", "ran": False}, name
     assert r["good"] == [1, "b7"]  # a checkpoint of this trainer still resumes
+    for name in DAMAGED:  # one line naming it and how to go on (exit 2 in the daemon: no restart)
+        got = r[f"damaged{name}"]
+        assert got["error"].startswith("StartRefused: checkpoint "), (name, got)
+        assert "damaged{}/v00000002 cannot be read (".format(name) in got["error"], (name, got)
+        assert got["error"].endswith("to resume from v00000001 before it, or use a new run_dir")
     # another model's settings (exit 2 in the daemon, which the launcher does not restart)
     assert r["wider"]["error"].startswith("StartRefused: "), r["wider"]
     assert "holds another model's weights" in r["wider"]["error"]

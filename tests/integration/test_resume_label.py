@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 from test_buffer_service import make_cfg, make_group, register, running, stats
 
@@ -54,3 +55,40 @@ def test_a_resume_takes_the_announced_label_and_the_dead_trainers_batch_stays_fr
         assert sorted(g.group_id for g in again.groups) == ["s0-L2", "s0-L3"]
         s = stats(c)
         assert s["batches_redelivered"] == 1 and s.get("groups_dropped_stale", 0) == 0
+
+
+class _Announced:
+    """A buffer client that says which version was announced last."""
+
+    def __init__(self, version: int):
+        self.version = version
+
+    def announced_version(self, timeout_s: float) -> int:
+        return self.version
+
+
+def test_a_lowered_checkpoint_every_still_takes_the_label_its_checkpoint_allows(tmp_path):
+    """A job killed 23 steps after its checkpoint (trainer.checkpoint_every=50), resumed with
+    ``--accept-changes trainer.checkpoint_every=10``: the steps lost count against what the crashed
+    process ran with, saved in the checkpoint (before: against the new 10, so the label was refused
+    as 'not ours' on every restart and the job failed). Further ahead is still refused."""
+    from types import SimpleNamespace
+
+    from areal_like.settings.config import load_config
+
+    def trainer(every: int) -> Trainer:
+        t = Trainer.from_run(load_config([f"run_dir={tmp_path}",
+                                          f"trainer.checkpoint_every={every}"]))
+        t.data = SimpleNamespace(last_batch_id="b7")
+        return t
+
+    saved = trainer(50)
+    saved.version = saved.steps_trained = 50
+    resumed = trainer(10)
+    resumed.version = 50
+    resumed.restore_extra(saved.checkpoint_extra())
+    resumed.broadcaster = _Announced(73)
+    assert resumed.monotonic_version(50) == 73 and resumed.data.last_batch_id == "b7"
+    resumed.broadcaster = _Announced(101)
+    with pytest.raises(RuntimeError, match="a crash loses at most 50 steps"):
+        resumed.monotonic_version(50)

@@ -202,6 +202,7 @@ def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path
     from launch.rundir import check_resume_settings, write_settings
 
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8"]))
+    checkpoint(tmp_path / "checkpoints", 5)
     with pytest.raises(ConfigError, match=r"LoRA adapters[\s\S]*" + change.split("=")[0]
                        .replace(".", r"\.")):
         check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8",
@@ -209,3 +210,30 @@ def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path
     assert check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8",
                                               "trainer.lora.alpha=32"]), accept=True) == [
         "trainer.lora.alpha: 16.0 -> 32.0"]
+
+
+def test_a_run_dir_run_before_its_first_checkpoint_keeps_its_settings(tmp_path, monkeypatch):
+    """A job stopped hard before its first checkpoint leaves its WAL and version labels, which the
+    next run in that run_dir continues: other settings are refused as for any resume (before: not
+    compared at all, so `task=sort` trained the WAL's reverse groups and replaced settings.yaml).
+    The adapters' layout may change there: no checkpoint holds adapters yet."""
+    from launch import job, warmstart
+    from launch.rundir import SETTINGS_FILE, write_settings
+
+    write_settings(load_config([f"run_dir={tmp_path}", "trainer.lr=3e-4"]))
+    before = (tmp_path / SETTINGS_FILE).read_text()
+    locks: list[int] = []
+    monkeypatch.setattr(job, "lock_run_dir", lambda d: locks.append(lock_run_dir(d)) or locks[-1])
+    monkeypatch.setattr(warmstart, "ensure_warm_start", lambda *a, **k: pytest.fail("started"))
+    try:
+        with pytest.raises(ConfigError, match=r"would change 1:\n  trainer.lr: 0.0003 -> 0.001"):
+            job.start_job(load_config([f"run_dir={tmp_path}", "trainer.lr=1e-3"]), False)
+    finally:
+        for fd in locks:
+            os.close(fd)
+    assert (tmp_path / SETTINGS_FILE).read_text() == before
+    from launch.rundir import check_resume_settings
+
+    assert check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lr=3e-4",
+                                              "trainer.lora.rank=4"]), accept=True) == [
+        "trainer.lora.rank: 0 -> 4"]
