@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from areal_like.daemon import die_with_parent
+from areal_like.daemon import StartRefused, die_with_parent
 from areal_like.net.auth import redact_argv
 from areal_like.net.distributed import free_port
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
@@ -197,7 +197,7 @@ class SGLangProcess:
         while not self._healthy():
             if self.proc.poll() is not None:
                 self.stop()
-                raise RuntimeError(f"SGLang exited with code {self.proc.returncode} during startup")
+                raise self.start_failure()
             if time.monotonic() > deadline:
                 self.stop()
                 raise TimeoutError("SGLang not healthy within "
@@ -209,6 +209,21 @@ class SGLangProcess:
         log.info("SGLang healthy at %s (pid %d)", self.url, self.proc.pid)
         self.track_shm()
         return self
+
+    def start_failure(self) -> RuntimeError:
+        """Why SGLang exited during startup: its exit code and the last line of its log (SGLang
+        names what it refused there); exit code 2, its argument parser refusing a flag
+        (``rollout.engine.sglang.*``), is a ``StartRefused``: the settings, not the machine."""
+        code = self.proc.returncode
+        last = ""
+        with contextlib.suppress(OSError, TypeError):  # no log file: SGLang wrote to our stdout
+            with open(self.log_path, "rb") as f:  # appended to by every start: read its end
+                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+                lines = f.read().decode(errors="replace").splitlines()
+            last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        why = f": {last} (in {self.log_path})" if last else ""
+        return (StartRefused if code == 2 else RuntimeError)(
+            f"SGLang exited with code {code} during startup{why}")
 
     def track_shm(self) -> None:
         """Tell the reaper the /dev/shm files SGLang's processes hold now (it unlinks them)."""

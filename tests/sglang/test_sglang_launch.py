@@ -1,6 +1,6 @@
 """Launch through the rollout server's path (``SGLangProcess``, cpu_sglang's flags): health,
-the API key, flags passed through, and the refusal of an SGLang release the stand-in was not
-checked against."""
+the API key, flags passed through, a flag SGLang does not know refused naming it, and the
+refusal of an SGLang release the stand-in was not checked against."""
 
 from __future__ import annotations
 
@@ -79,6 +79,19 @@ def test_another_sglang_release_is_refused_before_anything_starts(monkeypatch, t
     with pytest.raises(RuntimeError, match=r"needs sglang==0\.5\.23.*0\.5\.22 is installed"):
         proc.start()
     assert proc.proc is None  # nothing was launched
+
+
+def test_a_misspelled_pass_through_flag_is_refused_naming_it(model_dir, tmp_path):
+    """SGLang's argument parser exits 2 naming the flag in its log; the rollout server's error
+    says so (one line, exit 2: the settings are wrong, a restart would not help)."""
+    from areal_like.daemon import StartRefused
+
+    engine = cpu_engine(max_totl_tokens=100)  # rollout.engine.sglang.max_totl_tokens=100
+    proc = SGLangProcess(model_config(model_dir), engine,
+                         log_path=str(tmp_path / "sglang.log"))
+    with pytest.raises(StartRefused, match=r"code 2 .*unrecognized arguments: --max-totl-tokens"):
+        proc.start()
+    assert proc.exit_code() == 2
 
 
 @pytest.mark.parametrize("key", ["-Zk3_a-9", "plainKey-_"])
