@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from areal_like.net.metrics import Metrics
-from areal_like.settings.config import EvalConfig, RunConfig, TaskConfig
+from areal_like.settings.config import EvalConfig, LoraConfig, RunConfig, TaskConfig
 from rollout_server.episode import generate_sample
 from rollout_server.facts import RolloutFacts
 from rollout_server.sglang_client import SGLangClient, SGLangError
@@ -302,6 +302,9 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dic
             model_dir = _merged(model_dir, Path(tmp) / "merged")
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=str(model_dir.resolve())),
+            # a whole model (an adapter is merged above): an SGLang LoRA run's disk path is not
+            # an embedded engine's
+            trainer=dataclasses.replace(cfg.trainer, lora=LoraConfig()),
             rollout=dataclasses.replace(cfg.rollout, engine=dataclasses.replace(
                 cfg.rollout.engine, kind="embedded", port=0)))
         return asyncio.run(_evaluate_model(cfg, _version_of(model)))

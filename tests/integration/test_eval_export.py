@@ -109,7 +109,8 @@ def test_eval_of_a_lora_export_scores_the_base_with_its_adapter(tmp_path):
     ``areal-like eval`` of it scores the adapted model (before: refused, no config.json). The base
     here is the warm-started model with its output head negated (greedy picks its worst token);
     the adapter on lm_head undoes exactly that (B @ A = 2 x the head), so only the adapted model
-    reverses."""
+    reverses. Also with the config.yaml of an SGLang LoRA run beside it (before: refused, its
+    adapters' disk path checked against the embedded engine that evaluates)."""
     import shutil
 
     import torch
@@ -136,10 +137,18 @@ def test_eval_of_a_lora_export_scores_the_base_with_its_adapter(tmp_path):
         shutil.copy(f, export)
     assert not (export / "config.json").exists()
 
+    # beside it, the config.yaml of the SGLang LoRA run it came from (its adapters went by disk)
+    from areal_like.settings.config import load_config, to_yaml
+
+    sglang_run = load_config(["topology=cpu_sglang", "task=reverse", "trainer.lora.rank=8",
+                              "trainer.weight_sync.path=disk", f"run_dir={tmp_path}"])
+    (tmp_path / "config.yaml").write_text(to_yaml(sglang_run))
+
     before = _children()
-    r = _cli("eval", str(export), "task=reverse", "eval.max_examples=64", "eval.k=1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    record = json.loads(r.stdout.strip().splitlines()[-1])
-    assert record["policy_version"] == 7 and record["n"] == 64
-    assert record["greedy_accuracy"] > 0.9, record
+    for task in (["task=reverse"], []):  # the task named, then the run's config.yaml
+        r = _cli("eval", str(export), *task, "eval.max_examples=64", "eval.k=1")
+        assert r.returncode == 0, r.stderr[-3000:]
+        record = json.loads(r.stdout.strip().splitlines()[-1])
+        assert record["policy_version"] == 7 and record["n"] == 64
+        assert record["greedy_accuracy"] > 0.9, record
     assert _children() <= before
