@@ -1,7 +1,9 @@
 #!/bin/bash
 # Run a command, restarting it when it exits non-zero, at most RESTARTS times (a rollout server
-# that dies comes back, as under the local supervisor). SIGTERM/SIGINT stop it for good: the
-# command gets SIGTERM and this script exits when it has.
+# that dies comes back, as under the local supervisor). Exit status 2 is not restarted (the
+# daemon refused its settings or inputs: the same start would be refused again), as under the
+# local supervisor. SIGTERM/SIGINT stop it for good: the command gets SIGTERM and this script
+# exits when it has.
 #   with_restarts.sh RESTARTS COMMAND [ARGS...]
 set -uo pipefail
 RESTARTS=$1; shift
@@ -12,6 +14,7 @@ for ((tries = 0; ; tries++)); do
   child=$!
   wait "$child"; code=$?
   (( code == 0 )) && exit 0
+  (( code == 2 )) && { echo "$1 exited with 2 (it refused its settings or inputs): not restarted" >&2; exit 2; }
   (( tries >= RESTARTS )) && { echo "$1 exited with $code; no restarts left ($RESTARTS)" >&2; exit "$code"; }
   echo "$1 exited with $code; restart $((tries + 1))/$RESTARTS" >&2
   sleep "${RESTART_BACKOFF_S:-5}"

@@ -249,6 +249,13 @@ def test_with_restarts_restarts_a_failing_command_then_gives_up(tmp_path):
     ok = subprocess.run(["bash", str(ROOT / "launch/slurm/with_restarts.sh"), "2", "true"],
                         timeout=60)
     assert ok.returncode == 0
+    # exit 2: the daemon refused its settings (the local supervisor's REFUSED_EXIT), not restarted
+    count.unlink()
+    refused = subprocess.run(["bash", str(ROOT / "launch/slurm/with_restarts.sh"), "2", "bash",
+                              "-c", f"echo run >> {count}; exit 2"], capture_output=True,
+                             text=True, timeout=60, env={**os.environ, "RESTART_BACKOFF_S": "0"})
+    assert refused.returncode == 2 and count.read_text() == "run\n"
+    assert "not restarted" in refused.stderr
 
 
 def test_a_cpu_trainer_takes_the_cores_of_the_gpus_nothing_uses():
@@ -261,3 +268,4 @@ def test_a_cpu_trainer_takes_the_cores_of_the_gpus_nothing_uses():
     full = place_node(gpus_per_node=2, trainer_ranks=0, rollout_servers=2, tp_size=1)
     with pytest.raises(ConfigError, match="^trainer.device=cpu on a node whose 2 GPUs all serve"):
         node_cores(full, physical_cores(9), gpus_per_node=2, has_buffer=True, cpu_trainer=True)
+
