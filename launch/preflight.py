@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from areal_like.job_facts import model_json
+from areal_like.job_facts import model_json, model_vocab_size
 from areal_like.settings.config import ConfigError, RunConfig
 from areal_like.tasks.callables import split_function_path
 from areal_like.weights.hf import (
@@ -104,7 +104,27 @@ def check_models(cfg: RunConfig) -> list[str]:
                        "not a tokenizer directory")
     if cfg.trainer.ref_path:
         out += _model_dir("trainer.ref_path", cfg.trainer.ref_path)
-    return out
+    return out or _tokenizer_fits(cfg)
+
+
+def _tokenizer_fits(cfg: RunConfig) -> list[str]:
+    """Every id of the tokenizer indexes the model's embedding (``model_vocab_size``: config.json's
+    ``vocab_size`` for ``model.path``, which ``model.vocab_size`` does not describe)."""
+    from areal_like.tasks.tokenizer import load_tokenizer
+
+    try:
+        size, vocab = len(load_tokenizer(cfg.model)), model_vocab_size(cfg.model)
+    except ConfigError as e:
+        return str(e).splitlines()[:1]
+    except Exception:  # noqa: BLE001 - files that are not a tokenizer: the daemons say why
+        return []
+    if size <= vocab:
+        return []
+    source = (f"model.tokenizer={cfg.model.tokenizer!r}" if cfg.model.tokenizer not in
+              TOKENIZER_NAMES else f"model.path={cfg.model.path!r}")
+    return [f"the tokenizer of {source} has {size} tokens, more than the model's embedding "
+            f"holds (vocab_size {vocab} in the config.json of model.path={cfg.model.path!r}): "
+            "its last ids would index past it"]
 
 
 def check_warm_start(cfg: RunConfig) -> list[str]:
