@@ -121,6 +121,34 @@ def test_tokenizer_is_measured_against_the_embedding_of_model_path(tmp_path):
         "): its last ids would index past it"]
 
 
+def test_a_model_the_trainer_or_the_engine_cannot_run_is_refused_naming_why(tmp_path):
+    """GPT-2, Gemma 2, Cohere: each failed inside a daemon after start (a traceback), or trained on
+    log-probs without the model's own logit scale, mismatch_kl > 0 at staleness 0."""
+    from transformers import CohereConfig, Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
+
+    dims = dict(vocab_size=104, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    configs = {"qwen2": Qwen2Config(**dims), "llama": LlamaConfig(**dims),
+               "gpt2": GPT2Config(vocab_size=104, n_embd=64, n_layer=2, n_head=4),
+               "gemma2": Gemma2Config(head_dim=16, **dims), "cohere": CohereConfig(**dims)}
+    found = {}
+    for name, config in configs.items():
+        model = hf_dir(tmp_path / name)
+        config.save_pretrained(model)
+        found[name] = pf.check_architecture(model_cfg(path=str(model)))
+    assert found["qwen2"] == found["llama"] == [] == pf.check_architecture(base())
+    assert found["gpt2"] == [f"model.path={str(tmp_path / 'gpt2')!r} (GPT2LMHeadModel) is not a "
+                             "model this job can train: its decoder blocks are not at model.layers"]
+    assert found["gemma2"][0].split(": ", 1)[1].split("; ") == [
+        "buffers ['embed_scale'] of model.embed_tokens (Gemma2TextScaledWordEmbedding), which the "
+        "trainer cannot rebuild from the meta device",
+        "config.json final_logit_softcapping=30.0 (the trainer's log-probs would leave it out)",
+        "layer types ['full_attention', 'sliding_attention']: the embedded engine builds "
+        "full-attention masks only (no sliding-window layers)"]
+    assert found["cohere"][0].endswith(": config.json logit_scale=0.0625 (the trainer's "
+                                       "log-probs would leave it out)")
+
+
 def test_a_warm_start_output_carries_its_tokenizer_and_passes(tmp_path, monkeypatch):
     from launch import warmstart
 
