@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from areal_like.job_facts import model_json
+from areal_like.job_facts import model_json, model_vocab_size
 from areal_like.settings.config import ConfigError, RunConfig
 from areal_like.tasks.callables import split_function_path
 from areal_like.weights.hf import (
@@ -32,6 +32,8 @@ from launch.tracking import check_trackers
 from rollout_server.reward_worker import scrubbed_env
 
 REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a loaded machine
+# config keys of logits transformed after lm_head (Gemma 2's soft cap, Cohere's and Granite's scale)
+LOGIT_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # written by launch/warmstart.py into the model directory it saves
 WARM_START_MARK = "warm_start.json"
 
@@ -104,7 +106,27 @@ def check_models(cfg: RunConfig) -> list[str]:
                        "not a tokenizer directory")
     if cfg.trainer.ref_path:
         out += _model_dir("trainer.ref_path", cfg.trainer.ref_path)
-    return out
+    return out or _tokenizer_fits(cfg)
+
+
+def _tokenizer_fits(cfg: RunConfig) -> list[str]:
+    """Every id of the tokenizer indexes the model's embedding (``model_vocab_size``: config.json's
+    ``vocab_size`` for ``model.path``, which ``model.vocab_size`` does not describe)."""
+    from areal_like.tasks.tokenizer import load_tokenizer
+
+    try:
+        size, vocab = len(load_tokenizer(cfg.model)), model_vocab_size(cfg.model)
+    except ConfigError as e:
+        return str(e).splitlines()[:1]
+    except Exception:  # noqa: BLE001 - files that are not a tokenizer: the daemons say why
+        return []
+    if size <= vocab:
+        return []
+    source = (f"model.tokenizer={cfg.model.tokenizer!r}" if cfg.model.tokenizer not in
+              TOKENIZER_NAMES else f"model.path={cfg.model.path!r}")
+    return [f"the tokenizer of {source} has {size} tokens, more than the model's embedding "
+            f"holds (vocab_size {vocab} in the config.json of model.path={cfg.model.path!r}): "
+            "its last ids would index past it"]
 
 
 def check_warm_start(cfg: RunConfig) -> list[str]:
@@ -256,6 +278,36 @@ def check_engine(cfg: RunConfig) -> list[str]:
     return out
 
 
+def check_architecture(cfg: RunConfig) -> list[str]:
+    """``model.path`` against what the job runs it with, on its meta-device build (no memory): the
+    trainer shards and checkpoints decoder blocks at ``model.layers``, recomputes no buffer but
+    rotary tables (``trainer/sharded_init.py``) and takes log-probs from ``lm_head`` alone (no
+    logit scale or soft cap after it: ``trainer/model.py``); the embedded engine attends fully
+    (``rollout_server/engine/scheduler.py``)."""
+    if not cfg.model.path:
+        return []
+    import torch
+
+    from rollout_server.engine.scheduler import unservable
+    from trainer.sharded_init import foreign_buffers
+
+    try:
+        model = build_meta_model(cfg.model)
+    except Exception:  # noqa: BLE001 - a broken model.path: check_models names it
+        return []
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    why = ([] if isinstance(layers, torch.nn.ModuleList)
+           else ["its decoder blocks are not at model.layers"])
+    why += [f"{b}, which the trainer cannot rebuild from the meta device"
+            for b in foreign_buffers(model)]
+    why += [f"config.json {key}={value} (the trainer's log-probs would leave it out)"
+            for key in LOGIT_KEYS if (value := getattr(model.config, key, None)) not in (None, 1)]
+    if cfg.rollout.engine.kind == "embedded" and unservable(model.config):
+        why.append(unservable(model.config))
+    return [f"model.path={cfg.model.path!r} ({type(model).__name__}) is not a model this job can "
+            f"train: {'; '.join(why)}"] if why else []
+
+
 def check_lora(cfg: RunConfig) -> list[str]:
     """``trainer.lora.target_modules`` against the model's own layers (its meta-device build: no
     memory); a model that cannot be built is reported by ``check_models``. Exports that no base
@@ -373,4 +425,5 @@ def check_environment(cfg: RunConfig) -> list[str]:
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
                 check_chat_template, check_chat_format, check_reward_fn, check_env, check_agent,
-                check_trackers, check_engine, check_lora, check_environment)
+                check_trackers, check_engine, check_architecture, check_lora,
+                check_environment)

@@ -198,16 +198,23 @@ def init_adapters(params: dict[str, torch.Tensor], seed: int) -> None:
         write_shard(params[name], full.to(params[name].dtype))
 
 
+def foreign_buffers(model: torch.nn.Module) -> list[str]:
+    """The buffers ``restore_buffers`` cannot recompute (all but rotary tables), one entry per
+    module."""
+    return [f"buffers {sorted(own)} of {mod_name} ({type(module).__name__})"
+            for mod_name, module in model.named_modules()
+            if (own := dict(module.named_buffers(recurse=False)))
+            and "RotaryEmbedding" not in type(module).__name__]
+
+
 def restore_buffers(model: torch.nn.Module) -> None:
     """Recompute the rotary tables that ``to_empty`` left uninitialised; refuse any other buffer."""
-    for mod_name, module in model.named_modules():
+    if foreign := foreign_buffers(model):
+        raise ValueError(f"cannot materialise {foreign[0]} from the meta device")
+    for module in model.modules():
         own = dict(module.named_buffers(recurse=False))
         if not own:
             continue
-        if "RotaryEmbedding" not in type(module).__name__:
-            raise ValueError(f"cannot materialise buffers {sorted(own)} of {mod_name} "
-                             f"({type(module).__name__}) "
-                             "from the meta device")
         with torch.device("cpu"):  # computed as build_model computes it, then moved
             fresh = type(module)(config=module.config)
         for name, buf in own.items():

@@ -81,7 +81,8 @@ def _has_tokenizer(path: Path) -> bool:
 
 def load_tokenizer(model: ModelConfig):
     """The tokenizer of ``model``: from ``model.path`` when it holds one, else
-    ``model.tokenizer``."""
+    ``model.tokenizer``; for a model built from config, no larger than ``model.vocab_size`` (a
+    ``model.path``'s embedding is its config.json's, which the preflight compares)."""
     if model.path and _has_tokenizer(Path(model.path)):
         from transformers import AutoTokenizer
 
@@ -97,7 +98,7 @@ def load_tokenizer(model: ModelConfig):
     else:
         raise ConfigError(f"model.tokenizer={model.tokenizer!r} is not 'char', 'bpe' or a local "
                           "directory holding a tokenizer (tokenizer.json or tokenizer_config.json)")
-    if len(tok) > model.vocab_size:
+    if not model.path and len(tok) > model.vocab_size:  # model.path: launch/preflight.py checks
         raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer "
                           f"(model.tokenizer={model.tokenizer!r}: {len(tok)} tokens)")
     return tok

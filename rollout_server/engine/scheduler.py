@@ -64,6 +64,15 @@ class Request:
             self.generator = torch.Generator().manual_seed(self.params.sampling_seed)
 
 
+def unservable(config) -> str:
+    """Why the engine cannot serve a model of this Hugging Face ``config``; "" when it can."""
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        return (f"layer types {sorted(layer_types)}: the embedded engine builds full-attention "
+                "masks only (no sliding-window layers)")
+    return ""
+
+
 class Scheduler:
     def __init__(self, model, *, max_running: int, max_total_tokens: int, context_len: int,
                  weight_version: str, metrics=None, seed: int = 0,
@@ -83,11 +92,8 @@ class Scheduler:
         self.kv = SlotKV(cfg.num_hidden_layers, max_running, cfg.num_key_value_heads,
                          head_dim, context_len,
                          self.dtype, self.device)
-        layer_types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-        if layer_types != {"full_attention"}:
-            raise NotImplementedError(f"layer types {sorted(layer_types)}: "
-                                      "the embedded engine builds "
-                                      "full-attention masks only (no sliding-window layers)")
+        if unservable(cfg):
+            raise NotImplementedError(unservable(cfg))
         # the module that runs prefill and decode passes: fastpath when the model's layout is one it
         # knows (same math, less overhead)
         self.path = fastpath if fastpath.supports(model) else padded

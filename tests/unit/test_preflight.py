@@ -71,7 +71,11 @@ def test_tokenizer_directory_and_reference_model(tmp_path):
         "not a tokenizer directory"]
     (tok / "tokenizer_config.json").write_text("{}")
     assert pf.check_models(model_cfg(tokenizer=str(tok))) == []
-    assert pf.check_models(model_cfg(tokenizer="bpe")) == []
+    assert pf.check_models(model_cfg(tokenizer="bpe", vocab_size=512)) == []
+    # the daemons' load_tokenizer would refuse it 10-30 s later
+    assert pf.check_models(model_cfg(tokenizer="bpe")) == [
+        "model.vocab_size=104 is too small for model.tokenizer=bpe: it needs at least 259 "
+        "(256 bytes + 3 special tokens), e.g. 512"]
     with_ref = dataclasses.replace(base(),
                                    trainer=dataclasses.replace(base().trainer, ref_path=str(tok)))
     assert pf.check_models(with_ref) == [f"trainer.ref_path={str(tok)!r} has no config.json: "
@@ -94,6 +98,55 @@ def test_model_path_without_a_tokenizer_needs_a_tokenizer_directory(tmp_path):
     with_config_only = hf_dir(tmp_path / "cfg_only", tokenizer=False)
     (with_config_only / "tokenizer_config.json").write_text("{}")
     assert pf.check_models(model_cfg(path=str(with_config_only))) == []
+
+
+def test_tokenizer_is_measured_against_the_embedding_of_model_path(tmp_path):
+    """A model directory's embedding is its config.json's vocab_size, not model.vocab_size (the
+    tiny model's 104, which every real tokenizer exceeds: the daemons refused such a job)."""
+    from areal_like.tasks.tokenizer import bpe_tokenizer, load_tokenizer
+
+    tok = bpe_tokenizer(512)
+    tok.save_pretrained(tmp_path / "tok")
+    model = hf_dir(tmp_path / "model", tokenizer=False)
+    (model / "config.json").write_text('{"vocab_size": 640}')
+    cfg = model_cfg(path=str(model), tokenizer=str(tmp_path / "tok"))
+    assert pf.check_models(cfg) == []
+    assert len(load_tokenizer(cfg.model)) == len(tok)  # as the daemons load it
+    small = hf_dir(tmp_path / "small", tokenizer=False)
+    (small / "config.json").write_text('{"vocab_size": 300}')
+    tok.save_pretrained(small)
+    assert pf.check_models(model_cfg(path=str(small))) == [
+        f"the tokenizer of model.path={str(small)!r} has {len(tok)} tokens, more than the "
+        f"model's embedding holds (vocab_size 300 in the config.json of model.path={str(small)!r}"
+        "): its last ids would index past it"]
+
+
+def test_a_model_the_trainer_or_the_engine_cannot_run_is_refused_naming_why(tmp_path):
+    """GPT-2, Gemma 2, Cohere: each failed inside a daemon after start (a traceback), or trained on
+    log-probs without the model's own logit scale, mismatch_kl > 0 at staleness 0."""
+    from transformers import CohereConfig, Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
+
+    dims = dict(vocab_size=104, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2)
+    configs = {"qwen2": Qwen2Config(**dims), "llama": LlamaConfig(**dims),
+               "gpt2": GPT2Config(vocab_size=104, n_embd=64, n_layer=2, n_head=4),
+               "gemma2": Gemma2Config(head_dim=16, **dims), "cohere": CohereConfig(**dims)}
+    found = {}
+    for name, config in configs.items():
+        model = hf_dir(tmp_path / name)
+        config.save_pretrained(model)
+        found[name] = pf.check_architecture(model_cfg(path=str(model)))
+    assert found["qwen2"] == found["llama"] == [] == pf.check_architecture(base())
+    assert found["gpt2"] == [f"model.path={str(tmp_path / 'gpt2')!r} (GPT2LMHeadModel) is not a "
+                             "model this job can train: its decoder blocks are not at model.layers"]
+    assert found["gemma2"][0].split(": ", 1)[1].split("; ") == [
+        "buffers ['embed_scale'] of model.embed_tokens (Gemma2TextScaledWordEmbedding), which the "
+        "trainer cannot rebuild from the meta device",
+        "config.json final_logit_softcapping=30.0 (the trainer's log-probs would leave it out)",
+        "layer types ['full_attention', 'sliding_attention']: the embedded engine builds "
+        "full-attention masks only (no sliding-window layers)"]
+    assert found["cohere"][0].endswith(": config.json logit_scale=0.0625 (the trainer's "
+                                       "log-probs would leave it out)")
 
 
 def test_a_warm_start_output_carries_its_tokenizer_and_passes(tmp_path, monkeypatch):
