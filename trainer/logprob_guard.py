@@ -5,7 +5,8 @@ Rank 0 sends each engine that acknowledged the initial push one short ``/generat
 engine API key; with LoRA naming the adapter that push made live), every rank scores the probes
 (a collective forward), and rank 0 broadcasts its verdict: a mean absolute per-token difference
 above ``trainer.logprob_guard_tol`` raises ``LogprobGuardError`` on every rank (the mean, not the
-max: bf16 kernels leave rare single tokens off). ``tol <= 0`` turns the guard off.
+max: bf16 kernels leave rare single tokens off), a refusal (exit 2): a restart would probe the same
+engines again. ``tol <= 0`` turns the guard off.
 
 Not covered, and reported as such (``not_checked``): engines that join later, unreachable ones
 (a warning), and on several nodes a loopback or any-address URL (it would name rank 0's machine).
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from areal_like.daemon import StartRefused
 from areal_like.net.dealer import Client
 from trainer.logprobs import token_logprobs
 from trainer.ranks import from_rank0
@@ -41,7 +43,7 @@ CAUSES = ("the engine does not apply the sampling temperature "
           "or it does not serve the trainer's weights")
 
 
-class LogprobGuardError(RuntimeError):
+class LogprobGuardError(StartRefused):
     """An engine's log-probs do not follow the trainer's convention: training would be biased."""
 
 

@@ -63,3 +63,25 @@ def test_probe_request_is_untruncated_at_the_run_temperature():
                     "sampling_params": {"max_new_tokens": PROBE_TOKENS,
                                         "temperature": 0.7, "top_p": 1.0,
                                         "top_k": -1, "ignore_eos": True}}
+
+
+def test_a_failed_guard_is_a_refusal_the_supervisor_does_not_restart(monkeypatch):
+    """The guard's verdict ends the daemon with exit 2 (``launch/local.py`` and the Slurm script
+    restart exit 1): a restarted trainer would probe the same engines and fail again, once per
+    restart (seen with 2 ranks and 2 servers: 3 restarts, then 'no restarts left')."""
+    import trainer.logprob_guard as guard
+    from areal_like.daemon import Daemon
+
+    probe = Probe(server_id="rollout-0", engine_url="http://127.0.0.1:1", prompt_ids=[1, 2],
+                  output_ids=[3, 4], engine_logp=[-3.0, -3.0])
+    monkeypatch.setattr(guard, "collect_probes", lambda *a: ([probe], {}))
+    monkeypatch.setattr(guard, "trainer_logprobs", lambda *a: [-1.0, -1.0])
+
+    class Trainer(Daemon):
+        name = "trainer"
+
+        def run(self) -> None:
+            guard.run_guard(None, None, rank=0, buffer=None, served=["rollout-0"],
+                            prompt_ids=[1, 2], temperature=1.0, tol=0.05)
+
+    assert Trainer(metrics_port=None).serve(install_signals=False) == 2
