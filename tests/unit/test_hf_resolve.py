@@ -33,7 +33,7 @@ def fake_cache(home: Path, repo: str = REPO, weights: bool = True, tokenizer: bo
     entry = home / "hub" / f"models--{repo.replace('/', '--')}"
     snap = entry / "snapshots" / COMMIT
     snap.mkdir(parents=True)
-    (snap / "config.json").write_text('{"model_type": "qwen2"}')
+    (snap / "config.json").write_text('{"model_type": "qwen2", "vocab_size": 160}')
     if weights:
         (snap / "model.safetensors").write_bytes(b"")
     if tokenizer:
