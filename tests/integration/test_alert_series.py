@@ -11,47 +11,30 @@ and a rollout server serves its token counter at 0 before any generation.
 
 from __future__ import annotations
 
-import threading
-
 from areal_like.net.metrics import scrape
 from areal_like.settings.config import load_config, to_yaml
 from rollout_server.server import RolloutServer
+from tests.helpers_trainer import BufferStandIn
 
 STARTUP_S = 180.0  # cold torch + transformers imports on a loaded 2-core machine
 
 
-class StarvedBuffer:
-    """A ROUTER stand-in for a buffer with nothing to hand out: empty batches, no engines."""
+class StarvedBuffer(BufferStandIn):
+    """A buffer with nothing to hand out: empty batches, no engines."""
 
     def __init__(self, address: str):
-        from areal_like.net.transport import Server
-
-        self.server, self.stop = Server(address), threading.Event()
         self.batch_requests = 0
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+        super().__init__(address)
 
-    def serve(self) -> None:
+    def answer(self, m):
         from areal_like.wire import protocol as P
 
-        while not self.stop.is_set():
-            got = self.server.recv(0.1)
-            if got is None:
-                continue
-            peer, req_id, m = got
-            if isinstance(m, P.BatchRequest):
-                self.batch_requests += 1
-                reply = P.Batch(groups=[], trainer_version=m.trainer_version)
-            elif isinstance(m, P.RosterRequest):
-                reply = P.Roster(members=[], policy_version=0)
-            else:
-                reply = P.Ack(ref=str(getattr(m, "policy_version", "")), status="ok")
-            self.server.send(peer, req_id, reply)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.server.close()
+        if isinstance(m, P.BatchRequest):
+            self.batch_requests += 1
+            return P.Batch(groups=[], trainer_version=m.trainer_version)
+        if isinstance(m, P.RosterRequest):
+            return P.Roster(members=[], policy_version=0)
+        return P.Ack(ref=str(getattr(m, "policy_version", "")), status="ok")
 
 
 def test_a_starved_trainer_serves_its_version_before_its_first_step(tmp_path, spawn_python,

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,47 +20,34 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_trainer_invariance import synthetic_groups  # noqa: E402
 
+from tests.helpers_trainer import BufferStandIn  # noqa: E402
+
 STARTUP_S = 180.0  # cold torch + transformers imports of two ranks on a loaded 2-core machine
 
 
-class BufferStandIn:
-    def __init__(self, address: str):
-        from areal_like.net.transport import Server
+class ResumeBuffer(BufferStandIn):
+    """Synthetic groups, no engines; records every VersionUpdate and each batch's ack."""
 
-        self.server = Server(address)
+    def __init__(self, address: str):
         self.versions: list[int] = []
         self.acks: list[str] = []  # ack_batch of every BatchRequest, in order
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(address)
 
-    def _serve(self) -> None:
+    def answer(self, m):
         from areal_like.wire import protocol as P
 
-        while not self.stop.is_set():
-            got = self.server.recv(0.1)
-            if got is None:
-                continue
-            peer, req_id, m = got
-            if isinstance(m, P.BatchRequest):
-                self.acks.append(m.ack_batch)
-                reply = P.Batch(groups=synthetic_groups(seed=m.trainer_version,
-                                                        version=m.trainer_version),
-                                trainer_version=m.trainer_version, batch_id=f"b{m.trainer_version}")
-            elif isinstance(m, P.RosterRequest):
-                reply = P.Roster(members=[], policy_version=max(self.versions, default=0))
-            elif isinstance(m, P.VersionUpdate):
-                self.versions.append(m.policy_version)
-                reply = P.Ack(ref=str(m.policy_version), status="ok")
-            else:
-                reply = P.Ack(ref="", status="rejected",
-                              reason=f"stand-in does not handle {type(m).__name__}")
-            self.server.send(peer, req_id, reply)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.server.close()
+        if isinstance(m, P.BatchRequest):
+            self.acks.append(m.ack_batch)
+            return P.Batch(groups=synthetic_groups(seed=m.trainer_version,
+                                                   version=m.trainer_version),
+                           trainer_version=m.trainer_version, batch_id=f"b{m.trainer_version}")
+        if isinstance(m, P.RosterRequest):
+            return P.Roster(members=[], policy_version=max(self.versions, default=0))
+        if isinstance(m, P.VersionUpdate):
+            self.versions.append(m.policy_version)
+            return P.Ack(ref=str(m.policy_version), status="ok")
+        return P.Ack(ref="", status="rejected",
+                     reason=f"stand-in does not handle {type(m).__name__}")
 
 
 def _lines(path: Path) -> list[dict]:
@@ -91,7 +77,7 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
     cfg_path.write_text(to_yaml(cfg))
     jsonl = tmp_path / "metrics" / "trainer.jsonl"
     ckpts = tmp_path / "checkpoints"
-    buffer = BufferStandIn(address)
+    buffer = ResumeBuffer(address)
 
     def start_ranks():
         port = free_port()
