@@ -333,3 +333,19 @@ def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
     # a template given as text stays text
     assert task_from_yaml(task_yaml(C.TaskConfig(chat_template="{{ x }}")),
                           []).chat_template == "{{ x }}"
+
+
+@pytest.mark.parametrize("override", [
+    "buffer.metrics_port=70000", "rollout.metrics_port=-1", "trainer.metrics_port=65536",
+    "rollout.engine.port=-5", "trainer.weight_sync.master_port=99999", "trainer.device=gpu",
+    "rollout.engine.device=cuda:x", "trainer.lr=inf", "trainer.betas=[0.9,2]",
+    "trainer.weight_decay=-1", "trainer.warmup_steps=-3", "trainer.checkpoint_every=0",
+    "rollout.engine.max_total_tokens=0", "rollout.engine.max_running_requests=0",
+    "warm_start.lr=-1", "warm_start.batch_size=0"])
+def test_values_a_daemon_or_the_optimizer_would_fail_on_later_are_refused_at_load(override):
+    """Each was accepted and failed only once a daemon ran: a port past 65535 in bind(), a device
+    neither cpu nor cuda in the layout (a TypeError), AdamW's own checks, ``version % 0`` at the
+    first step, an engine that can hold no request."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=.* is invalid"):
+        load_config([override])
