@@ -349,3 +349,24 @@ def test_values_a_daemon_or_the_optimizer_would_fail_on_later_are_refused_at_loa
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=.* is invalid"):
         load_config([override])
+
+
+def test_overrides_on_a_config_file_name_the_mistake(tmp_path):
+    """Over a ``--config-file``: Hydra's ``+`` was read as a key named ``+trainer``, a missing
+    ``=`` as the value null, a group (``task=dataset``) as a merge error naming no key; a
+    directory "did not exist" and an empty file ran on the schema's defaults."""
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(load_config([f"run_dir={tmp_path}"])))
+    file = ["--config-file", str(path)]
+    assert load_daemon_config([*file, "++trainer.lr=0.002"]).trainer.lr == 0.002
+    for override, message in (("+trainer.lrr=1", r"^trainer\.lrr: Key 'lrr' not in"),
+                              ("trainer.lr", r"^override 'trainer\.lr' is not key=value"),
+                              ("task=dataset", r"^task=dataset: a config group is chosen where"),
+                              ("experiment=quickstart", r"^experiment=quickstart: a config group")):
+        with pytest.raises(ConfigError, match=message):
+            load_daemon_config([*file, override])
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_daemon_config(["--config-file", str(tmp_path)])
+    (tmp_path / "empty.yaml").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_daemon_config(["--config-file", str(tmp_path / "empty.yaml")])
