@@ -376,8 +376,8 @@ def _load_daemon_config(argv: list[str]) -> RunConfig:
         raise ConfigError(f"--config-file {path!r} "
                           f"{'is a directory' if Path(path).is_dir() else 'does not exist'}")
     if not Path(path).read_text(errors="replace").strip():
-        raise ConfigError(f"--config-file {path!r} is empty (`areal-like config [overrides] > FILE` "
-                          "writes one)")
+        raise ConfigError(f"--config-file {path!r} is empty (`areal-like config [overrides] > "
+                          "FILE` writes one)")
     dotlist = _file_overrides(argv)
     return _merged(RunConfig, lambda: (OmegaConf.load(path), OmegaConf.from_dotlist(dotlist)),
                    where=str(path))
