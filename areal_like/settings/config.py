@@ -194,6 +194,10 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     from omegaconf import OmegaConf
 
     overrides = list(overrides or [])
+    env = os.environ.get("AREAL_LIKE_CONFIG_DIR")
+    if env and not (Path(env) / "config.yaml").is_file():
+        raise ConfigError(f"AREAL_LIKE_CONFIG_DIR={env!r} holds no config.yaml (a copy of the "
+                          "configs/ directory, or unset it)")
     _check_group_overrides(overrides)
 
     def build() -> RunConfig:

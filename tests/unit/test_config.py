@@ -370,3 +370,11 @@ def test_overrides_on_a_config_file_name_the_mistake(tmp_path):
     (tmp_path / "empty.yaml").write_text("\n")
     with pytest.raises(ConfigError, match="is empty"):
         load_daemon_config(["--config-file", str(tmp_path / "empty.yaml")])
+
+
+def test_a_config_dir_variable_without_configs_is_named(tmp_path, monkeypatch):
+    """It failed as Hydra's "Primary config directory not found", naming neither the variable nor
+    its value."""
+    monkeypatch.setenv("AREAL_LIKE_CONFIG_DIR", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"^AREAL_LIKE_CONFIG_DIR='.*nope' holds no config\.yaml"):
+        load_config([])
