@@ -104,6 +104,13 @@ def check_models(cfg: RunConfig) -> list[str]:
                        "not a tokenizer directory")
     if cfg.trainer.ref_path:
         out += _model_dir("trainer.ref_path", cfg.trainer.ref_path)
+    if not path and tok in TOKENIZER_NAMES:  # a model built from config: room for its tokenizer
+        from areal_like.tasks.tokenizer import load_tokenizer
+
+        try:
+            load_tokenizer(cfg.model)
+        except ConfigError as e:
+            out.append(str(e))
     return out
 
 
