@@ -154,8 +154,13 @@ class Daemon:
     def start_metrics(self) -> None:
         if self.metrics_server is None and self.metrics_port is not None and self.metrics_port >= 0:
             token = metrics_token()
-            self.metrics_server = MetricsServer(self.metrics, self.metrics_port, self.metrics_host,
-                                                health=self.health, token=token)
+            try:
+                self.metrics_server = MetricsServer(self.metrics, self.metrics_port,
+                                                    self.metrics_host, health=self.health,
+                                                    token=token)
+            except OSError as e:  # a fixed port another process holds, a host not of this machine
+                raise StartRefused(f"{self.name}.metrics_port={self.metrics_port}: cannot listen "
+                                   f"on {self.metrics_host}: {e.strerror or e}") from None
             self.log.info("metrics on http://%s:%d/metrics (%s)", self.metrics_host,
                           self.metrics_server.port,
                           "bearer token required" if token else "no token")
