@@ -77,7 +77,9 @@ def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
 
 def setup_logging(name: str, level: str | None = None) -> logging.Logger:
     """Structured, single-line logs tagged with the daemon name and PID."""
-    level = level or os.environ.get("AREAL_LIKE_LOG_LEVEL", "INFO")
+    given = level or os.environ.get("AREAL_LIKE_LOG_LEVEL") or "INFO"
+    level = given.upper()
+    unknown = not isinstance(logging.getLevelName(level), int)  # a typo does not stop the daemon
     root = logging.getLogger()
     if not getattr(root, "_areal_like_configured", False):
         handler = logging.StreamHandler(sys.stderr)
@@ -85,8 +87,11 @@ def setup_logging(name: str, level: str | None = None) -> logging.Logger:
             f"%(asctime)s %(levelname)s [{name} pid={os.getpid()}] %(name)s: %(message)s",
             "%H:%M:%S"))
         root.handlers[:] = [handler]
-        root.setLevel(level)
+        root.setLevel("INFO" if unknown else level)
         root._areal_like_configured = True  # type: ignore[attr-defined]
+        if unknown:
+            root.warning("AREAL_LIKE_LOG_LEVEL=%r is not a logging level (DEBUG, INFO, WARNING, "
+                         "ERROR): logging at INFO", given)
     return logging.getLogger(name)
 
 

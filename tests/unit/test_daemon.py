@@ -208,3 +208,16 @@ def test_a_metrics_port_another_process_holds_refuses_the_start_naming_the_key(c
         assert d.serve(install_signals=False) == 2 and d.calls == 0
     assert f"counting.metrics_port={d.metrics_port}: cannot listen on 127.0.0.1" in caplog.text
     assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("value,shown", [("debug", "x: hi"), ("loud", "is not a logging level")])
+def test_a_log_level_in_lower_case_or_misspelt_does_not_crash_the_daemon(value, shown):
+    """``AREAL_LIKE_LOG_LEVEL=debug`` (or a typo) raised ValueError in every daemon's first line."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from areal_like.daemon import setup_logging\nsetup_logging('x').debug('hi')\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "AREAL_LIKE_LOG_LEVEL": value})
+    assert out.returncode == 0 and shown in out.stderr and "Traceback" not in out.stderr
