@@ -320,7 +320,8 @@ class WeightSyncConfig:
         _choice("trainer.weight_sync.backend", self.backend, ("auto", "gloo", "nccl"))
         _choice("trainer.weight_sync.path", self.path, ("auto", "distributed", "tensor", "disk"))
         _check("trainer.weight_sync.bucket_mb", self.bucket_mb > 0, "> 0", self.bucket_mb)
-        each("trainer.weight_sync", self, PORT, "master_port")
+        _check("trainer.weight_sync.master_port", 0 <= self.master_port <= 65535, PORT,
+               self.master_port)
         _check("trainer.weight_sync.deadline_s", 0 < self.deadline_s < math.inf, "> 0 and finite",
                self.deadline_s)
 
