@@ -77,7 +77,9 @@ def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
 
 def setup_logging(name: str, level: str | None = None) -> logging.Logger:
     """Structured, single-line logs tagged with the daemon name and PID."""
-    level = level or os.environ.get("AREAL_LIKE_LOG_LEVEL", "INFO")
+    given = level or os.environ.get("AREAL_LIKE_LOG_LEVEL") or "INFO"
+    level = given.upper()
+    unknown = not isinstance(logging.getLevelName(level), int)  # a typo does not stop the daemon
     root = logging.getLogger()
     if not getattr(root, "_areal_like_configured", False):
         handler = logging.StreamHandler(sys.stderr)
@@ -85,8 +87,11 @@ def setup_logging(name: str, level: str | None = None) -> logging.Logger:
             f"%(asctime)s %(levelname)s [{name} pid={os.getpid()}] %(name)s: %(message)s",
             "%H:%M:%S"))
         root.handlers[:] = [handler]
-        root.setLevel(level)
+        root.setLevel("INFO" if unknown else level)
         root._areal_like_configured = True  # type: ignore[attr-defined]
+        if unknown:
+            root.warning("AREAL_LIKE_LOG_LEVEL=%r is not a logging level (DEBUG, INFO, WARNING, "
+                         "ERROR): logging at INFO", given)
     return logging.getLogger(name)
 
 
@@ -154,8 +159,13 @@ class Daemon:
     def start_metrics(self) -> None:
         if self.metrics_server is None and self.metrics_port is not None and self.metrics_port >= 0:
             token = metrics_token()
-            self.metrics_server = MetricsServer(self.metrics, self.metrics_port, self.metrics_host,
-                                                health=self.health, token=token)
+            try:
+                self.metrics_server = MetricsServer(self.metrics, self.metrics_port,
+                                                    self.metrics_host, health=self.health,
+                                                    token=token)
+            except OSError as e:  # a fixed port another process holds, a host not of this machine
+                raise StartRefused(f"{self.name}.metrics_port={self.metrics_port}: cannot listen "
+                                   f"on {self.metrics_host}: {e.strerror or e}") from None
             self.log.info("metrics on http://%s:%d/metrics (%s)", self.metrics_host,
                           self.metrics_server.port,
                           "bearer token required" if token else "no token")

@@ -140,7 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "track":
         return _track(args.run_dir, args.overrides, once=args.once)
     if args.command == "keys":
-        return _keys(args.run_dir, args.keys_dir)
+        try:
+            return _keys(args.run_dir, args.keys_dir)
+        except OSError as e:  # RUN_DIR a file, or not writable
+            print(f"error: cannot write the keys: {e}", file=sys.stderr)
+            return 2
+    if args.command == "top" and not 0 < args.interval < float("inf"):
+        parser.error(f"argument --interval: {args.interval} is not a number of seconds > 0")
     from launch import top
 
     run_dir = args.run_dir or top.newest_run_dir()

@@ -29,15 +29,15 @@ SHARED_MEM_FRACTION_MAX = 0.6
 COUNTS = ("num_rollout_servers", "trainer_ranks")  # launch.*: null = from the cores (CPU jobs only)
 
 
-def split_address(address: str) -> tuple[str, int]:
-    """``tcp://host:port`` -> (host, port). Raises ConfigError on anything else."""
+def split_address(address: str, key: str = "") -> tuple[str, int]:
+    """``tcp://host:port`` -> (host, port). Raises ConfigError (naming ``key``) on anything else."""
+    shown = f"{key}={address!r}" if key else repr(address)
     if not address.startswith("tcp://") or ":" not in address[len("tcp://"):]:
-        raise ConfigError(f"{address!r} is not a tcp://host:port address")
+        raise ConfigError(f"{shown} is not a tcp://host:port address")
     host, port = address[len("tcp://"):].rsplit(":", 1)
-    try:
-        return host, int(port)
-    except ValueError:
-        raise ConfigError(f"{address!r}: port {port!r} is not a number") from None
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{shown}: port {port!r} is not a port number (0 to 65535)")
+    return host, int(port)
 
 
 @dataclass(frozen=True, kw_only=True)

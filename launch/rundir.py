@@ -46,13 +46,15 @@ def lock_run_dir(run_dir: Path) -> int:
     open for the job's life and hand to every daemon (``Supervisor(inherit_fds=...)``). Raises
     ConfigError naming the holder when another job has it."""
     run_dir = Path(run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         return pid_lock(run_dir / LOCK_FILE, 0o600, flags=0)  # inheritable: every daemon holds it
     except LockHeld as held:
         raise ConfigError(f"run_dir {run_dir} is in use by a running job "
                           f"(areal-like run pid {held.holder}, or its daemons still stopping): "
                           "wait for it, stop it, or use a new run_dir") from None
+    except OSError as e:  # a file where the directory goes, no permission, a read-only disk
+        raise ConfigError(f"run_dir {run_dir} cannot be used: {e.strerror}: {e.filename}") from None
 
 
 def check_existing_run(cfg: RunConfig) -> int:

@@ -148,8 +148,8 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int],
     fixed; the trainer's port is rank 0's. On several nodes: the buffer and trainer rank 0 on node
     0, one ``trainer-n<k>`` slot (its torchrun) per other training node, servers numbered across
     the rollout nodes."""
-    host, router = split_address(cfg.buffer.address)
-    pub_host, pub = split_address(cfg.buffer.pub_address)
+    host, router = split_address(cfg.buffer.address, "buffer.address")
+    pub_host, pub = split_address(cfg.buffer.pub_address, "buffer.pub_address")
     fixed = _fixed_ports(cfg, router, pub)
     placed = place_nodes(cfg)  # before any port is taken: a refused layout costs nothing
     source = _unique(ports, fixed)

@@ -194,6 +194,10 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     from omegaconf import OmegaConf
 
     overrides = list(overrides or [])
+    env = os.environ.get("AREAL_LIKE_CONFIG_DIR")
+    if env and not (Path(env) / "config.yaml").is_file():
+        raise ConfigError(f"AREAL_LIKE_CONFIG_DIR={env!r} holds no config.yaml (a copy of the "
+                          "configs/ directory, or unset it)")
     _check_group_overrides(overrides)
 
     def build() -> RunConfig:
@@ -373,6 +377,28 @@ def _load_daemon_config(argv: list[str]) -> RunConfig:
         return load_config(argv)
     _register_resolvers()
     if not Path(path).is_file():
-        raise ConfigError(f"--config-file {path!r} does not exist")
-    return _merged(RunConfig, lambda: (OmegaConf.load(path), OmegaConf.from_dotlist(argv)),
+        raise ConfigError(f"--config-file {path!r} "
+                          f"{'is a directory' if Path(path).is_dir() else 'does not exist'}")
+    if not Path(path).read_text(errors="replace").strip():
+        raise ConfigError(f"--config-file {path!r} is empty (`areal-like config [overrides] > "
+                          "FILE` writes one)")
+    dotlist = _file_overrides(argv)
+    return _merged(RunConfig, lambda: (OmegaConf.load(path), OmegaConf.from_dotlist(dotlist)),
                    where=str(path))
+
+
+def _file_overrides(argv: list[str]) -> list[str]:
+    """``key=value`` overrides on top of a ``--config-file``: Hydra's ``+``/``++`` are dropped
+    (the file holds every key, so an unknown one is named as such), and a config group is refused:
+    groups are chosen where Hydra composes the config, not over a composed one."""
+    out = []
+    for arg in argv:
+        key, sep, _ = arg.lstrip("+").partition("=")
+        if not sep:
+            raise ConfigError(f"override {arg!r} is not key=value")
+        if "." not in key and (config_dir() / key).is_dir():
+            raise ConfigError(f"{arg}: a config group is chosen where the config is composed "
+                              f"(`areal-like config {arg} ... > FILE`), not on top of "
+                              "--config-file")
+        out.append(arg.lstrip("+"))
+    return out

@@ -4,6 +4,7 @@ from ``schema.py`` so that its sections in other modules use them without an imp
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -22,7 +23,10 @@ def check(key: str, ok: bool, rule: str, value: Any) -> None:
         raise ConfigError(f"{key}={value!r} is invalid: must be {rule}")
 
 
-RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1}
+PORT = "a port, 0 to 65535 (0: a free one)"
+RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
+         PORT: lambda v: 0 <= v <= 65535}
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # what trainer.device and rollout.engine.device take
 
 
 def each(section: str, obj: Any, rule: str, *keys: str) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from areal_like.net.auth import ENGINE_KEY_ENV, SECRET_FIELD
 from areal_like.settings.config_checks import (
+    DEVICE,
+    PORT,
     ConfigError,  # noqa: F401  (re-exported)
     each,
 )
@@ -209,6 +211,7 @@ class BufferConfig:
         _check("buffer.max_frame_bytes", self.max_frame_bytes >= 0, ">= 0 (0 = sized to the job)",
                self.max_frame_bytes)
         each("buffer", self, ">= 0", "max_staleness", "wal_reserve_bytes")
+        each("buffer", self, PORT, "metrics_port")
         each("buffer", self, ">= 1", "groups_per_step", "max_inflight")
         _check("buffer.capacity", self.capacity >= self.groups_per_step,
                ">= buffer.groups_per_step", self.capacity)
@@ -240,6 +243,10 @@ class EngineConfig:
 
     def __post_init__(self):
         _choice("rollout.engine.kind", self.kind, ("embedded", "sglang", "url"))
+        _check("rollout.engine.device", DEVICE.fullmatch(self.device), "cpu, cuda or cuda:N",
+               self.device)
+        each("rollout.engine", self, PORT, "port")
+        each("rollout.engine", self, ">= 1", "max_running_requests", "max_total_tokens")
         _check("rollout.engine.tp_size",
                self.tp_size == 1 or (self.tp_size > 1 and self.kind == "sglang"),
                "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
@@ -273,6 +280,7 @@ class RolloutConfig:
     def __post_init__(self):
         each("rollout", self, ">= 1", "max_concurrent_groups")
         each("rollout", self, "> 0", "heartbeat_s")
+        each("rollout", self, PORT, "metrics_port")
         _choice("rollout.pause_mode", self.pause_mode, ("abort", "retract"))
 
 
@@ -312,6 +320,8 @@ class WeightSyncConfig:
         _choice("trainer.weight_sync.backend", self.backend, ("auto", "gloo", "nccl"))
         _choice("trainer.weight_sync.path", self.path, ("auto", "distributed", "tensor", "disk"))
         _check("trainer.weight_sync.bucket_mb", self.bucket_mb > 0, "> 0", self.bucket_mb)
+        _check("trainer.weight_sync.master_port", 0 <= self.master_port <= 65535, PORT,
+               self.master_port)
         _check("trainer.weight_sync.deadline_s", 0 < self.deadline_s < math.inf, "> 0 and finite",
                self.deadline_s)
 
@@ -405,9 +415,14 @@ class TrainerConfig:
 
     def __post_init__(self):
         each("trainer", self, ">= 1", "keep_checkpoints", "steps", "micro_batch_size",
-             "num_minibatches", "logprob_chunk_tokens", "max_nonfinite_skips", "first_engines")
-        each("trainer", self, "> 0", "lr", "grad_clip")
-        each("trainer", self, ">= 0", "first_engine_wait_s")
+             "num_minibatches", "logprob_chunk_tokens", "max_nonfinite_skips", "first_engines",
+             "checkpoint_every")
+        _check("trainer.lr", 0 < self.lr < math.inf, "> 0 and finite", self.lr)
+        each("trainer", self, "> 0", "grad_clip")
+        each("trainer", self, ">= 0", "first_engine_wait_s", "weight_decay", "warmup_steps")
+        each("trainer", self, PORT, "metrics_port")
+        _check("trainer.device", DEVICE.fullmatch(self.device), "cpu, cuda or cuda:N",
+               self.device)
         _choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
         _choice("trainer.estimator", self.estimator, ESTIMATORS)
         _check("trainer.pack_min_padding", 0.0 <= self.pack_min_padding < 1.0, "in [0, 1)",
@@ -417,7 +432,8 @@ class TrainerConfig:
                self.max_tokens_per_micro_batch)
         _check("trainer.batch_wait_s", 0 <= self.batch_wait_s < math.inf, ">= 0 and finite",
                self.batch_wait_s)
-        _check("trainer.betas", len(self.betas) == 2, "two numbers", self.betas)
+        _check("trainer.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+               "two numbers in [0, 1)", self.betas)
         self.loss.check_agg()
         # the KL reference is the base itself, the adapter switched off; the weight path with
         # LoRA is checked with the engine kind (RunConfig)
@@ -437,6 +453,8 @@ class WarmStartConfig:
 
     def __post_init__(self):
         each("warm_start", self, ">= 0", "steps")
+        each("warm_start", self, ">= 1", "batch_size")
+        _check("warm_start.lr", 0 < self.lr < math.inf, "> 0 and finite", self.lr)
 
 
 @dataclass(kw_only=True)

@@ -54,7 +54,8 @@ def test_a_server_without_the_variable_serves_the_trainers_probe_with_the_jobs_k
 def test_a_job_without_a_key_is_refused_at_start_when_the_trainer_probes_engines(
         tmp_run_dir, monkeypatch, caplog):
     monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
-    cfg = load_config([f"run_dir={tmp_run_dir}", *SMALL, "rollout.metrics_port=-1"])
+    cfg = load_config([f"run_dir={tmp_run_dir}", *SMALL])
+    cfg.rollout.metrics_port = -1  # no /metrics server (the daemon's hook; not a config value)
     server = RolloutServer.from_run(cfg)
     with pytest.raises(StartRefused) as refused:
         server.engine_api_key()

@@ -273,3 +273,18 @@ def test_keys_makes_what_a_job_started_by_hand_needs(tmp_path, capsys):
     assert (tmp_path / KEY_FILE).stat().st_mode & 0o777 == 0o600
     assert main(["keys", str(tmp_path)]) == 0
     assert read_key_file(tmp_path) == key and "kept in" in capsys.readouterr().out
+
+
+def test_keys_into_a_file_and_a_top_interval_of_no_time_are_refused_without_a_traceback(
+        tmp_path, capsys):
+    """``keys`` with a RUN_DIR that is a file raised NotADirectoryError; ``top --interval -1``
+    (or 0, nan, inf) reached time.sleep, which raised ValueError once a job was running."""
+    run_file = tmp_path / "config.yaml"
+    run_file.write_text("")
+    assert main(["keys", str(run_file)]) == 2
+    assert capsys.readouterr().err.startswith("error: cannot write the keys: ")
+    for interval in ("-1", "0", "nan", "inf"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["top", str(tmp_path), "--interval", interval])
+        assert exit_.value.code == 2
+        assert "argument --interval" in capsys.readouterr().err

@@ -333,3 +333,48 @@ def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
     # a template given as text stays text
     assert task_from_yaml(task_yaml(C.TaskConfig(chat_template="{{ x }}")),
                           []).chat_template == "{{ x }}"
+
+
+@pytest.mark.parametrize("override", [
+    "buffer.metrics_port=70000", "rollout.metrics_port=-1", "trainer.metrics_port=65536",
+    "rollout.engine.port=-5", "trainer.weight_sync.master_port=99999", "trainer.device=gpu",
+    "rollout.engine.device=cuda:x", "trainer.lr=inf", "trainer.betas=[0.9,2]",
+    "trainer.weight_decay=-1", "trainer.warmup_steps=-3", "trainer.checkpoint_every=0",
+    "rollout.engine.max_total_tokens=0", "rollout.engine.max_running_requests=0",
+    "warm_start.lr=-1", "warm_start.batch_size=0"])
+def test_values_a_daemon_or_the_optimizer_would_fail_on_later_are_refused_at_load(override):
+    """Each was accepted and failed only once a daemon ran: a port past 65535 in bind(), a device
+    neither cpu nor cuda in the layout (a TypeError), AdamW's own checks, ``version % 0`` at the
+    first step, an engine that can hold no request."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=.* is invalid"):
+        load_config([override])
+
+
+def test_overrides_on_a_config_file_name_the_mistake(tmp_path):
+    """Over a ``--config-file``: Hydra's ``+`` was read as a key named ``+trainer``, a missing
+    ``=`` as the value null, a group (``task=dataset``) as a merge error naming no key; a
+    directory "did not exist" and an empty file ran on the schema's defaults."""
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(load_config([f"run_dir={tmp_path}"])))
+    file = ["--config-file", str(path)]
+    assert load_daemon_config([*file, "++trainer.lr=0.002"]).trainer.lr == 0.002
+    for override, message in (("+trainer.lrr=1", r"^trainer\.lrr: Key 'lrr' not in"),
+                              ("trainer.lr", r"^override 'trainer\.lr' is not key=value"),
+                              ("task=dataset", r"^task=dataset: a config group is chosen where"),
+                              ("experiment=quickstart", r"^experiment=quickstart: a config group")):
+        with pytest.raises(ConfigError, match=message):
+            load_daemon_config([*file, override])
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_daemon_config(["--config-file", str(tmp_path)])
+    (tmp_path / "empty.yaml").write_text("\n")
+    with pytest.raises(ConfigError, match="is empty"):
+        load_daemon_config(["--config-file", str(tmp_path / "empty.yaml")])
+
+
+def test_a_config_dir_variable_without_configs_is_named(tmp_path, monkeypatch):
+    """It failed as Hydra's "Primary config directory not found", naming neither the variable nor
+    its value."""
+    monkeypatch.setenv("AREAL_LIKE_CONFIG_DIR", str(tmp_path / "nope"))
+    with pytest.raises(ConfigError, match=r"^AREAL_LIKE_CONFIG_DIR='.*nope' holds no config\.yaml"):
+        load_config([])

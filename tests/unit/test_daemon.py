@@ -193,3 +193,31 @@ def test_a_crash_is_in_health_while_the_daemon_stops():
     d = Stopping(iterations=5, fail_at=2)
     assert d.serve(install_signals=False) == 1
     assert d.seen == (False, {"name": "counting", "error": "ValueError"})
+
+
+def test_a_metrics_port_another_process_holds_refuses_the_start_naming_the_key(caplog):
+    """It crashed the daemon with a traceback (exit 1: the supervisor restarted it, to the same
+    failure); a fixed port taken is a setting this machine cannot serve: one line, exit 2."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        d = Counting(iterations=1)
+        d.metrics_port = taken.getsockname()[1]
+        assert d.serve(install_signals=False) == 2 and d.calls == 0
+    assert f"counting.metrics_port={d.metrics_port}: cannot listen on 127.0.0.1" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("value,shown", [("debug", "x: hi"), ("loud", "is not a logging level")])
+def test_a_log_level_in_lower_case_or_misspelt_does_not_crash_the_daemon(value, shown):
+    """``AREAL_LIKE_LOG_LEVEL=debug`` (or a typo) raised ValueError in every daemon's first line."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from areal_like.daemon import setup_logging\nsetup_logging('x').debug('hi')\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "AREAL_LIKE_LOG_LEVEL": value})
+    assert out.returncode == 0 and shown in out.stderr and "Traceback" not in out.stderr

@@ -63,6 +63,13 @@ def test_model_path_must_be_a_model_directory(tmp_path):
         f"model.path={str(tmp_path / 'nope')!r} does not exist")
 
 
+def test_a_model_built_from_config_must_have_room_for_its_tokenizer():
+    """model.vocab_size below the tokenizer's size passed the preflight and stopped the rollout
+    server at start with a traceback (exit 1)."""
+    assert pf.check_models(load_config(["model.vocab_size=50"])) == [
+        "model.vocab_size=50 is smaller than the tokenizer (model.tokenizer='char': 104 tokens)"]
+
+
 def test_tokenizer_directory_and_reference_model(tmp_path):
     tok = tmp_path / "tok"
     tok.mkdir()

@@ -237,3 +237,13 @@ def test_a_run_dir_run_before_its_first_checkpoint_keeps_its_settings(tmp_path, 
     assert check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lr=3e-4",
                                               "trainer.lora.rank=4"]), accept=True) == [
         "trainer.lora.rank: 0 -> 4"]
+
+
+def test_a_run_dir_that_cannot_be_made_is_one_error_line(tmp_path):
+    """A file where run_dir goes (or under it) raised FileExistsError / NotADirectoryError from
+    ``areal-like run`` with a traceback."""
+    (tmp_path / "file").write_text("")
+    for run_dir, reason in ((tmp_path / "file", "File exists"),
+                            (tmp_path / "file" / "sub", "Not a directory")):
+        with pytest.raises(ConfigError, match=f"^run_dir {run_dir} cannot be used: {reason}"):
+            lock_run_dir(run_dir)

@@ -98,6 +98,18 @@ def test_split_address_rejects_non_tcp():
         split_address("ipc:///tmp/x")
 
 
+@pytest.mark.parametrize("override,message", [
+    ("buffer.address=127.0.0.1:5555", "buffer.address='127.0.0.1:5555' is not a tcp://host:port"),
+    ("buffer.pub_address=tcp://h:99999", "buffer.pub_address='tcp://h:99999': port '99999' is "
+                                         "not a port number"),
+    ("buffer.address=tcp://h:-1", "buffer.address='tcp://h:-1': port '-1' is not a port number")])
+def test_a_bad_buffer_address_is_refused_naming_its_key(override, message):
+    """The address alone did not say which key held it, and a port past 65535 or below 0 passed
+    the plan and failed in the buffer's bind."""
+    with pytest.raises(ConfigError, match=f"^{message}"):
+        plan_topology(_fixed(override), itertools.count(20000))
+
+
 @pytest.mark.parametrize("cores,servers,rollout,trainer", [
     ([0, 1], 1, (0,), (1,)),
     ([0, 1, 2, 3], 2, (0, 1), (2, 3)),
