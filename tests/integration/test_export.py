@@ -156,7 +156,7 @@ def _lines(path: Path) -> list[dict]:
 
 def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_python, free_port):
     import torch
-    from test_trainer_resume import BufferStandIn
+    from test_trainer_resume import ResumeBuffer
 
     from areal_like.settings.config import load_config, to_yaml
 
@@ -166,7 +166,7 @@ def test_in_run_export_and_cli_export_of_the_checkpoint_agree(tmp_path, spawn_py
                        f"export.shard_mb={SHARD_MB}", "trainer.loss.kl_coef=0.05",
                        "trainer.lr=1e-3", "trainer.micro_batch_size=4", "trainer.batch_wait_s=1"])
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
-    buffer = BufferStandIn(address)
+    buffer = ResumeBuffer(address)
     try:
         env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
         ranks = [spawn_python("trainer", ["--config-file", tmp_path / "config.yaml"], capture=False,
