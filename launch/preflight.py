@@ -302,8 +302,8 @@ def check_architecture(cfg: RunConfig) -> list[str]:
             for b in foreign_buffers(model)]
     why += [f"config.json {key}={value} (the trainer's log-probs would leave it out)"
             for key in LOGIT_KEYS if (value := getattr(model.config, key, None)) not in (None, 1)]
-    if cfg.rollout.engine.kind == "embedded" and unservable(model.config):
-        why.append(unservable(model.config))
+    if cfg.rollout.engine.kind == "embedded" and (engine := unservable(model.config)):
+        why.append(engine)
     return [f"model.path={cfg.model.path!r} ({type(model).__name__}) is not a model this job can "
             f"train: {'; '.join(why)}"] if why else []
 

@@ -393,12 +393,12 @@ def _file_overrides(argv: list[str]) -> list[str]:
     groups are chosen where Hydra composes the config, not over a composed one."""
     out = []
     for arg in argv:
-        key, sep, _ = arg.lstrip("+").partition("=")
+        key, sep, _ = (override := arg.lstrip("+")).partition("=")
         if not sep:
             raise ConfigError(f"override {arg!r} is not key=value")
         if "." not in key and (config_dir() / key).is_dir():
             raise ConfigError(f"{arg}: a config group is chosen where the config is composed "
                               f"(`areal-like config {arg} ... > FILE`), not on top of "
                               "--config-file")
-        out.append(arg.lstrip("+"))
+        out.append(override)
     return out

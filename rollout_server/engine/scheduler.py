@@ -92,8 +92,8 @@ class Scheduler:
         self.kv = SlotKV(cfg.num_hidden_layers, max_running, cfg.num_key_value_heads,
                          head_dim, context_len,
                          self.dtype, self.device)
-        if unservable(cfg):
-            raise NotImplementedError(unservable(cfg))
+        if why := unservable(cfg):
+            raise NotImplementedError(why)
         # the module that runs prefill and decode passes: fastpath when the model's layout is one it
         # knows (same math, less overhead)
         self.path = fastpath if fastpath.supports(model) else padded
