@@ -247,3 +247,15 @@ def test_a_logged_sample_shows_each_tokens_source_and_version():
     assert row["segments"][0]["text"] == "first turn<|im_end|>"
     assert row["segments"][1]["text"] == ("\n<|im_start|>user\nread 10<|im_end|>\n"
                                           "<|im_start|>assistant\n")
+
+
+def test_a_multi_turn_groups_rewards_reach_the_rollout_reward_metrics():
+    """``areal-like top``'s rollout reward column reads ``rollout/reward``: a job of multi-turn
+    episodes (and of agent episodes, which make their groups alike) showed no reward there."""
+    from areal_like.wire.protocol import Credit
+
+    r = runner(ScriptedEngine(["a", "b", "c"]))
+    asyncio.run(r.run_group(Credit(lease_id="l", prompt_index=0, epoch=0, deadline_s=60.0)))
+    value = r.ctx.metrics.registry.get_sample_value
+    assert value("areal_rollout_reward_count") == 1  # 0.25 + 0.25 + 1.0 (agent_envs.Chat)
+    assert value("areal_rollout_reward_sum") == value("areal_rollout_reward_mean") == 1.5
