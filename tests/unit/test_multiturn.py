@@ -259,3 +259,35 @@ def test_a_multi_turn_groups_rewards_reach_the_rollout_reward_metrics():
     value = r.ctx.metrics.registry.get_sample_value
     assert value("areal_rollout_reward_count") == 1  # 0.25 + 0.25 + 1.0 (agent_envs.Chat)
     assert value("areal_rollout_reward_sum") == value("areal_rollout_reward_mean") == 1.5
+
+
+def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_stops(caplog):
+    """An environment whose step raises fails its episode; the server stops after
+    MAX_EPISODE_FAILURES in a row. The log said only ``failed (1 in a row): 'missing'`` (a
+    KeyError's str): now the exception's type, and the traceback of the failure that stops the
+    server, which ``areal-like run`` shows (launch/local.py: error_tail)."""
+    import logging
+
+    from areal_like.settings.config import load_config
+    from areal_like.wire.protocol import Credit
+    from rollout_server.server import MAX_EPISODE_FAILURES, RolloutServer
+
+    server = RolloutServer.from_run(load_config([]))
+
+    async def episodes():
+        server.wake = asyncio.Event()
+        for i in range(MAX_EPISODE_FAILURES):
+            r = runner(ScriptedEngine(["a"]), env="agent_envs:Broken")
+            task = asyncio.create_task(r.run_group(Credit(lease_id=str(i), prompt_index=0,
+                                                          epoch=0, deadline_s=60.0)))
+            await asyncio.gather(task, return_exceptions=True)
+            server._episode_done(task)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(episodes())
+    records = [r for r in caplog.records if "episode" in r.getMessage()]
+    assert records[0].getMessage().endswith("failed (1 in a row): KeyError: 'missing'")
+    assert [r.exc_info is not None for r in records] == [False] * (MAX_EPISODE_FAILURES - 1) + [True]
+    assert "agent_envs.py" in caplog.text and ", in step" in caplog.text
+    assert str(server.failure) == (f"{MAX_EPISODE_FAILURES} episodes failed in a row: "
+                                   "KeyError: 'missing'")
