@@ -291,3 +291,14 @@ def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_
     assert "agent_envs.py" in caplog.text and ", in step" in caplog.text
     assert str(server.failure) == (f"{MAX_EPISODE_FAILURES} episodes failed in a row: "
                                    "KeyError: 'missing'")
+
+
+@pytest.mark.parametrize("reward", [None, float("nan"), "1.0"])
+def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
+    """A step's reward of None read ``float() argument must be a string or a real number``, a NaN
+    failed the group later as ``reward: must be finite`` (naming no environment), a string passed."""
+    from areal_like.tasks.environment import as_step_result
+
+    with pytest.raises(TypeError, match=r"^environment step returned reward .+; expected a finite"):
+        as_step_result(([], reward, True, {}))
+    assert as_step_result(([], True, True, None)).reward == 1.0  # a bool counts as 0/1
