@@ -302,3 +302,20 @@ def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
     with pytest.raises(TypeError, match=r"^environment step returned reward .+; expected a finite"):
         as_step_result(([], reward, True, {}))
     assert as_step_result(([], True, True, None)).reward == 1.0  # a bool counts as 0/1
+
+
+def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():
+    """An agent episode's part (rollout_server/agent_endpoint.py) records its ``calls``, not
+    ``turns``: its rows in samples.jsonl read ``"turns": null``."""
+    from areal_like.wire.protocol import TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
+    from trainer.samples import sample_rows
+
+    t = Trajectory.of(prompt_ids=as_i32([1, 2]), output_ids=as_i32([3, 4, 5]),
+                      behav_logp=as_f32([-0.5, 0.0, -0.5]), versions=as_i32([0, 0, 0]),
+                      loss_mask=as_i32([1, 0, 1]), reward=1.0, finish_reason="stop",
+                      metadata={"calls": 2, "segment": 0, "segments": 1, "text": "x"})
+    group = TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                            trajectories=[t])
+    [row] = sample_rows([group], version=0, k=1, decode=lambda ids: TOK.decode(ids))
+    assert row["turns"] == 2
