@@ -287,7 +287,8 @@ def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_
         asyncio.run(episodes())
     records = [r for r in caplog.records if "episode" in r.getMessage()]
     assert records[0].getMessage().endswith("failed (1 in a row): KeyError: 'missing'")
-    assert [r.exc_info is not None for r in records] == [False] * (MAX_EPISODE_FAILURES - 1) + [True]
+    traced = [r.exc_info is not None for r in records]
+    assert traced == [False] * (MAX_EPISODE_FAILURES - 1) + [True]
     assert "agent_envs.py" in caplog.text and ", in step" in caplog.text
     assert str(server.failure) == (f"{MAX_EPISODE_FAILURES} episodes failed in a row: "
                                    "KeyError: 'missing'")
@@ -296,7 +297,8 @@ def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_
 @pytest.mark.parametrize("reward", [None, float("nan"), "1.0"])
 def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
     """A step's reward of None read ``float() argument must be a string or a real number``, a NaN
-    failed the group later as ``reward: must be finite`` (naming no environment), a string passed."""
+    failed the group later as ``reward: must be finite`` (naming no environment), a string
+    passed."""
     from areal_like.tasks.environment import as_step_result
 
     with pytest.raises(TypeError, match=r"^environment step returned reward .+; expected a finite"):
