@@ -42,9 +42,12 @@ WARM_START_MARK = "warm_start.json"
 # it prints the reason and exits 1 when the reward cannot be loaded.
 REWARD_PROBE = ("import sys; from rollout_server.reward_worker import probe; "
                 "sys.exit(probe(sys.argv[1], int(sys.argv[2])))")
-# The same for tools (the function paths in argv): "path<TAB>reason" for each that does not import.
-TOOL_PROBE = ("import sys\nfrom areal_like.tasks.callables import import_function\n"
-              "for path in sys.argv[1:]:\n    try:\n        import_function(path)\n"
+# The same for tools (the function paths in argv): "path<TAB>reason" for each that does not import
+# or is an async def (its calls would each be an error: rollout_server/tool_pool.py).
+TOOL_PROBE = ("import inspect, sys\nfrom areal_like.tasks.callables import import_function\n"
+              "for path in sys.argv[1:]:\n    try:\n"
+              "        if inspect.iscoroutinefunction(import_function(path)):  # never awaited\n"
+              "            raise TypeError('it is an async def: a tool is a plain def')\n"
               "    except BaseException as e:\n"
               "        print(path, f'{type(e).__name__}: {e}'.splitlines()[0], sep='\\t')\n")
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from areal_like.settings.config import RunConfig
+from areal_like.settings.config import ConfigError, RunConfig
 
 LOG_EVERY = 100  # warm-start steps between progress lines
 EVAL_PROMPTS = 128  # prompts for the before/after accuracy line (greedy and sampled)
@@ -93,7 +93,7 @@ def _demo_pairs(cfg: RunConfig, task, indices: list[int], tok,
 
     env_cls = import_function(cfg.task.env or cfg.task.agent)  # an agent may carry a .demo too
     if not callable(getattr(env_cls, "demo", None)):
-        raise ValueError(f"warm_start.steps > 0 with task.env={cfg.task.env!r} / task.agent="
+        raise ConfigError(f"warm_start.steps > 0 with task.env={cfg.task.env!r} / task.agent="
                          f"{cfg.task.agent!r}: it has no "
                          "demo(example, rng) to learn from; set warm_start.steps=0")
     tools = [{"type": "function",

@@ -171,7 +171,17 @@ class EpisodeContext:
         return params
 
     def group(self, credit: Credit, trajectories: list[Trajectory]) -> TrajectoryGroup:
-        """The group of ``credit``'s lease, named after this server and the lease."""
+        """The group of ``credit``'s lease, named after this server and the lease; its rewards
+        observed (single-turn, multi-turn and agent episodes alike)."""
+        total = sum(t.reward for t in trajectories)
+        self.metrics.gauge("rollout/reward_mean",
+                           "mean reward of the last group").set(total / len(trajectories))
+        # every sample's reward: _sum / _count over an interval is its mean reward (`areal-like
+        # top`); a histogram, not two counters, since a reward may be negative
+        rewards = self.metrics.histogram("rollout/reward", "reward of every scored sample",
+                                         buckets=(0.0, 0.25, 0.5, 0.75, 1.0))
+        for t in trajectories:
+            rewards.observe(t.reward)
         return TrajectoryGroup(group_id=f"{self.server_id}-{credit.lease_id}",
                                server_id=self.server_id, lease_id=credit.lease_id,
                                prompt_index=credit.prompt_index, epoch=credit.epoch,
@@ -200,13 +210,4 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
             prompt_ids=as_i32(prompt_ids), output_ids=as_i32(s.output_ids),
             behav_logp=as_f32(s.logprobs), versions=as_i32(s.versions), reward=reward,
             finish_reason=s.finish_reason, metadata=meta))
-    total = sum(t.reward for t in trajectories)
-    ctx.metrics.gauge("rollout/reward_mean",
-                      "mean reward of the last group").set(total / len(trajectories))
-    # every sample's reward: _sum / _count over an interval is its mean reward (`areal-like
-    # top`); a histogram, not two counters, since a reward may be negative
-    rewards = ctx.metrics.histogram("rollout/reward", "reward of every scored sample",
-                                    buckets=(0.0, 0.25, 0.5, 0.75, 1.0))
-    for t in trajectories:
-        rewards.observe(t.reward)
     return ctx.group(credit, trajectories)

@@ -441,14 +441,17 @@ class RolloutServer(Daemon):
             return
         if (e := task.exception() or unsendable(task.result())) is not None:
             self.episode_failures += 1
+            why, stops = f"{type(e).__name__}: {e}", self.episode_failures >= MAX_EPISODE_FAILURES
+            # the traceback of the failure that stops us: where it was raised (an env's step, ...)
             self.log.error("episode %s failed (%d in a row): %s", task.get_name(),
-                           self.episode_failures, e)
+                           self.episode_failures, why,
+                           exc_info=e if stops and self.failure is None else None)
             if isinstance(e, RewardPoolError):
                 # the reward cannot be loaded: every later episode fails alike
                 self.failure = self.failure or ComponentStopped(str(e))
-            elif self.episode_failures >= MAX_EPISODE_FAILURES:
+            elif stops:
                 self.failure = self.failure or ComponentStopped(
-                    f"{self.episode_failures} episodes failed in a row: {e}")
+                    f"{self.episode_failures} episodes failed in a row: {why}")
             return
         self.episode_failures = 0
         self.link.add(task.result())

@@ -3,8 +3,8 @@
 A pure function of the groups and a decoder (trainer rank 0 appends the rows every
 ``tracking.sample_every`` steps). Row keys: ``step``, ``policy_version``, ``prompt``,
 ``response``, ``reward``, ``versions`` (``[min, max]``), ``staleness``, ``finish_reason``; a
-multi-turn trajectory adds ``turns``, ``masked_share`` and ``segments`` (runs of one source and
-version, ``{"source", "version", "text"}``).
+multi-turn trajectory adds ``turns`` (of an agent episode's part: its calls), ``masked_share`` and
+``segments`` (runs of one source and version, ``{"source", "version", "text"}``).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def sample_rows(groups: Sequence[TrajectoryGroup], version: int, k: int,
             "finish_reason": t.finish_reason,
         })
         if multiturn:
-            rows[-1].update(turns=t.metadata.get("turns"), masked_share=float(1.0 - mask.mean()),
+            turns = t.metadata.get("turns", t.metadata.get("calls"))  # an agent's: its calls
+            rows[-1].update(turns=turns, masked_share=float(1.0 - mask.mean()),
                             segments=segments(t.output_ids.tolist(), mask.tolist(),
                                               versions.tolist(), decode))
     return rows

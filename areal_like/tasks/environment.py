@@ -13,6 +13,8 @@ a template that renders a conversation as a prefix of its continuation; any othe
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +45,9 @@ def as_step_result(value: Any) -> StepResult:
         return value
     if isinstance(value, tuple) and len(value) == 4:
         messages, reward, done, info = value
+        if not (isinstance(reward, numbers.Real) and math.isfinite(reward)):  # bools are 0/1
+            raise TypeError(f"environment step returned reward {reward!r}; expected a finite "
+                            "number")
         return StepResult(check_messages(messages, "step"), float(reward), bool(done),
                           dict(info or {}))
     raise TypeError(f"environment step returned {type(value).__name__}; "

@@ -78,10 +78,18 @@ class ToolRegistry:
         self.specs: dict[str, ToolSpec] = {}
         self.validators: dict[str, jsonschema.protocols.Validator] = {}
         for raw in specs or []:
-            spec = ToolSpec(name=str(raw["name"]), function=str(raw["function"]),
+            if not (isinstance(raw, dict) and isinstance(raw.get("name"), str)
+                    and isinstance(raw.get("function"), str)):
+                raise ValueError('a tool is {"name": str, "function": "pkg.module:fn", '
+                                 f'"description": str, "parameters": JSON schema}}, not {raw!r}')
+            spec = ToolSpec(name=raw["name"], function=raw["function"],
                             description=str(raw.get("description", "")),
                             parameters=dict(raw.get("parameters") or {"type": "object"}))
-            jsonschema.Draft202012Validator.check_schema(spec.parameters)
+            try:
+                jsonschema.Draft202012Validator.check_schema(spec.parameters)
+            except jsonschema.SchemaError as e:  # its str is the whole meta-schema walk
+                raise ValueError(f"tool {spec.name!r}: parameters is not a JSON schema: "
+                                 f"{e.message}") from None
             if spec.name in self.specs:
                 raise ValueError(f"tool {spec.name!r} is declared twice")
             self.specs[spec.name] = spec

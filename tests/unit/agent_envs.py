@@ -66,3 +66,10 @@ class Stuck(Chat):
 
     async def step(self, text):
         await asyncio.Event().wait()
+
+
+class Broken(Chat):
+    """Its step has a bug: the episode fails (the rollout server logs where)."""
+
+    def step(self, text):
+        return {}["missing"]

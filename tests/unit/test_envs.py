@@ -159,3 +159,43 @@ def test_the_preflight_imports_each_tool_of_an_environment(tmp_path, monkeypatch
         assert "my_cwd_tool_fns" not in sys.modules
     finally:
         sys.modules.pop("my_cwd_tools", None)
+
+
+def test_the_preflight_names_an_async_tool_and_a_tool_spec_of_another_shape(tmp_path, monkeypatch):
+    """An ``async def`` tool imported fine, then every call of it was an error the model read; a
+    tool given in OpenAI's shape (``{"type": "function", "function": {...}}``) read ``KeyError:
+    'name'``, a function object ``is not of the form package.module:function`` and a bad schema
+    its whole meta-schema walk."""
+    import sys
+
+    from areal_like.settings.config import load_config
+    from launch.preflight import check_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    (tmp_path / "my_cwd_async_tools.py").write_text(
+        "from areal_like.tasks.envs import CALC_TOOL, Calculator\n\n"
+        "async def calc(e):\n    return e\n\n"
+        "class Async(Calculator):\n"
+        "    tools = [{**CALC_TOOL, 'function': 'my_cwd_async_tools:calc'}]\n\n"
+        "class OpenAI(Calculator):\n"
+        "    tools = [{'type': 'function', 'function': {'name': 'calc'}}]\n\n"
+        "class Schema(Calculator):\n"
+        "    tools = [{**CALC_TOOL, 'parameters': {'type': 'objekt'}}]\n")
+    problems = {}
+    try:
+        for env in ("Async", "OpenAI", "Schema"):
+            [problems[env]] = check_env(load_config(["experiment=calc_env",
+                                                     f"task.env=my_cwd_async_tools:{env}"]))
+    finally:
+        sys.modules.pop("my_cwd_async_tools", None)
+    assert problems["Async"] == (
+        "task.env='my_cwd_async_tools:Async': tool 'calc' (function 'my_cwd_async_tools:calc') "
+        "cannot be loaded: TypeError: it is an async def: a tool is a plain def")
+    assert problems["OpenAI"].startswith(
+        "task.env='my_cwd_async_tools:OpenAI' cannot be loaded: ValueError: a tool is "
+        '{"name": str, "function": "pkg.module:fn", "description": str, "parameters": JSON '
+        "schema}, not {'type': 'function'")
+    assert problems["Schema"] == (
+        "task.env='my_cwd_async_tools:Schema' cannot be loaded: ValueError: tool 'calc': "
+        "parameters is not a JSON schema: 'objekt' is not valid under any of the given schemas")

@@ -247,3 +247,77 @@ def test_a_logged_sample_shows_each_tokens_source_and_version():
     assert row["segments"][0]["text"] == "first turn<|im_end|>"
     assert row["segments"][1]["text"] == ("\n<|im_start|>user\nread 10<|im_end|>\n"
                                           "<|im_start|>assistant\n")
+
+
+def test_a_multi_turn_groups_rewards_reach_the_rollout_reward_metrics():
+    """``areal-like top``'s rollout reward column reads ``rollout/reward``: a job of multi-turn
+    episodes (and of agent episodes, which make their groups alike) showed no reward there."""
+    from areal_like.wire.protocol import Credit
+
+    r = runner(ScriptedEngine(["a", "b", "c"]))
+    asyncio.run(r.run_group(Credit(lease_id="l", prompt_index=0, epoch=0, deadline_s=60.0)))
+    value = r.ctx.metrics.registry.get_sample_value
+    assert value("areal_rollout_reward_count") == 1  # 0.25 + 0.25 + 1.0 (agent_envs.Chat)
+    assert value("areal_rollout_reward_sum") == value("areal_rollout_reward_mean") == 1.5
+
+
+def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_stops(caplog):
+    """An environment whose step raises fails its episode; the server stops after
+    MAX_EPISODE_FAILURES in a row. The log said only ``failed (1 in a row): 'missing'`` (a
+    KeyError's str): now the exception's type, and the traceback of the failure that stops the
+    server, which ``areal-like run`` shows (launch/local.py: error_tail)."""
+    import logging
+
+    from areal_like.settings.config import load_config
+    from areal_like.wire.protocol import Credit
+    from rollout_server.server import MAX_EPISODE_FAILURES, RolloutServer
+
+    server = RolloutServer.from_run(load_config([]))
+
+    async def episodes():
+        server.wake = asyncio.Event()
+        for i in range(MAX_EPISODE_FAILURES):
+            r = runner(ScriptedEngine(["a"]), env="agent_envs:Broken")
+            task = asyncio.create_task(r.run_group(Credit(lease_id=str(i), prompt_index=0,
+                                                          epoch=0, deadline_s=60.0)))
+            await asyncio.gather(task, return_exceptions=True)
+            server._episode_done(task)
+
+    with caplog.at_level(logging.ERROR):
+        asyncio.run(episodes())
+    records = [r for r in caplog.records if "episode" in r.getMessage()]
+    assert records[0].getMessage().endswith("failed (1 in a row): KeyError: 'missing'")
+    traced = [r.exc_info is not None for r in records]
+    assert traced == [False] * (MAX_EPISODE_FAILURES - 1) + [True]
+    assert "agent_envs.py" in caplog.text and ", in step" in caplog.text
+    assert str(server.failure) == (f"{MAX_EPISODE_FAILURES} episodes failed in a row: "
+                                   "KeyError: 'missing'")
+
+
+@pytest.mark.parametrize("reward", [None, float("nan"), "1.0"])
+def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
+    """A step's reward of None read ``float() argument must be a string or a real number``, a NaN
+    failed the group later as ``reward: must be finite`` (naming no environment), a string
+    passed."""
+    from areal_like.tasks.environment import as_step_result
+
+    with pytest.raises(TypeError, match=r"^environment step returned reward .+; expected a finite"):
+        as_step_result(([], reward, True, {}))
+    assert as_step_result(([], True, True, None)).reward == 1.0  # a bool counts as 0/1
+
+
+def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():
+    """An agent episode's part (rollout_server/agent_endpoint.py) records its ``calls``, not
+    ``turns``: its rows in samples.jsonl read ``"turns": null``."""
+    from areal_like.wire.protocol import TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
+    from trainer.samples import sample_rows
+
+    t = Trajectory.of(prompt_ids=as_i32([1, 2]), output_ids=as_i32([3, 4, 5]),
+                      behav_logp=as_f32([-0.5, 0.0, -0.5]), versions=as_i32([0, 0, 0]),
+                      loss_mask=as_i32([1, 0, 1]), reward=1.0, finish_reason="stop",
+                      metadata={"calls": 2, "segment": 0, "segments": 1, "text": "x"})
+    group = TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                            trajectories=[t])
+    [row] = sample_rows([group], version=0, k=1, decode=lambda ids: TOK.decode(ids))
+    assert row["turns"] == 2

@@ -77,3 +77,17 @@ def test_pairs_use_the_rollout_servers_prompt_layout():
     assert tok.decode(prompt + answer) == (f"<|im_start|>user\n{ex.prompt}<|im_end|>\n"
                                            "<|im_start|>assistant\n"
                                            f"{ex.answer}<|im_end|>")
+
+
+def test_an_environment_without_demos_is_a_config_error_not_a_traceback(tmp_path):
+    """``areal-like run task.env=...`` keeps the tiny model's warm start (150 steps); an environment
+    with no ``demo`` to learn from stopped the command with a ValueError's traceback. A ConfigError
+    is printed as one ``error:`` line and exits 2 (launch/cli.py)."""
+    import pytest
+
+    from areal_like.settings.config import ConfigError
+
+    cfg = load_config(["task.env=agent_envs:Chat", f"run_dir={tmp_path}/run"])  # tests/unit
+    with pytest.raises(ConfigError, match="has no demo.*set warm_start.steps=0"):
+        ensure_warm_start(cfg, log=lambda m: None)
+    assert not (tmp_path / "warmstart").exists()
