@@ -288,3 +288,13 @@ def test_keys_into_a_file_and_a_top_interval_of_no_time_are_refused_without_a_tr
             main(["top", str(tmp_path), "--interval", interval])
         assert exit_.value.code == 2
         assert "argument --interval" in capsys.readouterr().err
+
+
+def test_plan_into_a_pipe_its_reader_closed_ends_without_a_traceback():
+    """``areal-like plan ... | head -3``: head leaves after three lines, and plan's output ended
+    in a BrokenPipeError traceback. The read end is closed before plan writes a byte here."""
+    p = subprocess.Popen([sys.executable, "-m", "launch.cli", "plan"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # no reader left: plan's first write fails with EPIPE
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141 and not err, err  # 128 + SIGPIPE: as a command the signal killed
