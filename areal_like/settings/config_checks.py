@@ -29,6 +29,17 @@ RULES = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >
 DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # what trainer.device and rollout.engine.device take
 
 
+def split_address(address: str, key: str = "") -> tuple[str, int]:
+    """``tcp://host:port`` -> (host, port). Raises ConfigError (naming ``key``) on anything else."""
+    shown = f"{key}={address!r}" if key else repr(address)
+    if not address.startswith("tcp://") or ":" not in address[len("tcp://"):]:
+        raise ConfigError(f"{shown} is not a tcp://host:port address")
+    host, port = address[len("tcp://"):].rsplit(":", 1)
+    if not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{shown}: port {port!r} is not a port number (0 to 65535)")
+    return host, int(port)
+
+
 def each(section: str, obj: Any, rule: str, *keys: str) -> None:
     """``check`` of ``section.key`` against ``rule`` (one of ``RULES``) for every key."""
     for key in keys:
