@@ -227,7 +227,8 @@ def torchrun_log_dir(trainer_args: list[str]) -> list[str]:
         run_dir = load_daemon_config(trainer_args).run_dir
     except ConfigError:
         return []
-    return ["--log-dir", str(Path(run_dir) / "logs" / "torchrun")]
+    # absolute, as run_dir is everywhere: a relative "-x" was read by torchrun as a flag
+    return ["--log-dir", str(Path(run_dir).resolve() / "logs" / "torchrun")]
 
 
 def _with_config(overrides: list[str], command) -> int:

@@ -30,11 +30,15 @@ DEVICE = re.compile(r"cpu|cuda(:\d+)?")  # what trainer.device and rollout.engin
 
 
 def split_address(address: str, key: str = "") -> tuple[str, int]:
-    """``tcp://host:port`` -> (host, port). Raises ConfigError (naming ``key``) on anything else."""
+    """``tcp://host:port`` -> (host, port). Raises ConfigError (naming ``key``) on anything else,
+    also on a host that is empty or starts with "-" (no host name does; torchrun read it as a
+    flag and printed its usage)."""
     shown = f"{key}={address!r}" if key else repr(address)
     if not address.startswith("tcp://") or ":" not in address[len("tcp://"):]:
         raise ConfigError(f"{shown} is not a tcp://host:port address")
     host, port = address[len("tcp://"):].rsplit(":", 1)
+    if not host or host.startswith("-"):
+        raise ConfigError(f"{shown}: host {host!r} is not a host name or address")
     if not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"{shown}: port {port!r} is not a port number (0 to 65535)")
     return host, int(port)
