@@ -54,6 +54,10 @@ def visible_devices(gpus: tuple[int, ...], inherited: str | None = None) -> str:
     if inherited is None:
         return ",".join(map(str, gpus))
     have = [d.strip() for d in inherited.split(",") if d.strip()]
+    # CUDA takes an index or a UUID and stops at the first other entry: the GPUs after it vanish
+    if bad := [d for d in have if not (d.isdigit() or d.startswith(("GPU-", "MIG-")))]:
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={inherited!r}: {bad[0]!r} is not a GPU index "
+                          "or UUID (GPU-..., MIG-...), and CUDA sees no GPU from it on")
     if gpus and max(gpus) >= len(have):
         raise ConfigError(f"CUDA_VISIBLE_DEVICES={inherited!r} gives this launcher {len(have)} "
                           f"GPUs and the plan places a process on GPU {max(gpus)} (counted from "
