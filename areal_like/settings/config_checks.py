@@ -4,6 +4,8 @@ from ``schema.py`` so that its sections in other modules use them without an imp
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from typing import Any
 
@@ -49,3 +51,15 @@ def each(section: str, obj: Any, rule: str, *keys: str) -> None:
     for key in keys:
         value = getattr(obj, key)
         check(f"{section}.{key}", RULES[rule](value), rule, value)
+
+
+def finite_seconds(obj: Any, prefix: str = "") -> None:
+    """Every ``*_s`` key (a duration or timeout) of ``obj`` and of the sections in it is finite:
+    nothing reads inf as "no limit", and inf or nan failed in a daemon (a poll in milliseconds, a
+    ``timedelta``, a message field), not at load."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            finite_seconds(value, f"{prefix}{f.name}.")
+        elif f.name.endswith("_s") and isinstance(value, float):
+            check(f"{prefix}{f.name}", math.isfinite(value), "a finite number of seconds", value)
