@@ -120,7 +120,16 @@ def _run_dir_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = _main(sys.argv[1:] if argv is None else list(argv))
+        sys.stdout.flush()  # here, not at exit, where a closed pipe is an "Exception ignored"
+        return code
+    except BrokenPipeError:  # `areal-like plan | head -3`: the reader left, nothing to tell it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush
+        return 128 + 13  # as a command killed by SIGPIPE
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in PASS_THROUGH and argv[1:2] not in (["-h"], ["--help"]):
         # everything after the command is the module's (--config-file, torchrun flags, overrides):
         # argparse would reject flags it does not know
@@ -218,7 +227,8 @@ def torchrun_log_dir(trainer_args: list[str]) -> list[str]:
         run_dir = load_daemon_config(trainer_args).run_dir
     except ConfigError:
         return []
-    return ["--log-dir", str(Path(run_dir) / "logs" / "torchrun")]
+    # absolute, as run_dir is everywhere: a relative "-x" was read by torchrun as a flag
+    return ["--log-dir", str(Path(run_dir).resolve() / "logs" / "torchrun")]
 
 
 def _with_config(overrides: list[str], command) -> int:

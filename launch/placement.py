@@ -22,22 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from areal_like.settings.config import ConfigError, RunConfig
+from areal_like.settings.config_checks import split_address
 
 SHARED_MEM_FRACTION_DEFAULT = 0.4  # one shared GPU, fraction unset: what SGLang gets
 # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
 SHARED_MEM_FRACTION_MAX = 0.6
 COUNTS = ("num_rollout_servers", "trainer_ranks")  # launch.*: null = from the cores (CPU jobs only)
-
-
-def split_address(address: str, key: str = "") -> tuple[str, int]:
-    """``tcp://host:port`` -> (host, port). Raises ConfigError (naming ``key``) on anything else."""
-    shown = f"{key}={address!r}" if key else repr(address)
-    if not address.startswith("tcp://") or ":" not in address[len("tcp://"):]:
-        raise ConfigError(f"{shown} is not a tcp://host:port address")
-    host, port = address[len("tcp://"):].rsplit(":", 1)
-    if not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{shown}: port {port!r} is not a port number (0 to 65535)")
-    return host, int(port)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +54,10 @@ def visible_devices(gpus: tuple[int, ...], inherited: str | None = None) -> str:
     if inherited is None:
         return ",".join(map(str, gpus))
     have = [d.strip() for d in inherited.split(",") if d.strip()]
+    # CUDA takes an index or a UUID and stops at the first other entry: the GPUs after it vanish
+    if bad := [d for d in have if not (d.isdigit() or d.startswith(("GPU-", "MIG-")))]:
+        raise ConfigError(f"CUDA_VISIBLE_DEVICES={inherited!r}: {bad[0]!r} is not a GPU index "
+                          "or UUID (GPU-..., MIG-...), and CUDA sees no GPU from it on")
     if gpus and max(gpus) >= len(have):
         raise ConfigError(f"CUDA_VISIBLE_DEVICES={inherited!r} gives this launcher {len(have)} "
                           f"GPUs and the plan places a process on GPU {max(gpus)} (counted from "

@@ -6,15 +6,17 @@
 Invariants:
 * only processes in the group are read, each checked to be in it after its maps and fds are read
   (a PID reused meanwhile counts for nothing), so no other process's file is ever reaped;
-* one reaper per engine (``python -m rollout_server.engine_reaper PGID``), in a session of its own
-  and NOT tied to the rollout server, reads paths from stdin until end of file (the server's
-  ``stop()`` or death), then SIGKILLs what is left of the group, waits until it is gone
-  (``GONE_TIMEOUT_S``) and unlinks the files it was told.
+* one reaper per engine (``python -m rollout_server.engine_reaper PGID TMPDIR``), in a session of
+  its own and NOT tied to the rollout server, reads paths from stdin until end of file (the
+  server's ``stop()`` or death), then SIGKILLs what is left of the group, waits until it is gone
+  (``GONE_TIMEOUT_S``), unlinks the files it was told and removes the engine's own TMPDIR (its
+  IPC sockets; SGLang leaves them even on a clean stop).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -93,9 +95,11 @@ def semaphores(files: set[tuple[int, int]]) -> set[str]:
     return found
 
 
-def reap(pgid: int, files: list[str], timeout_s: float = GONE_TIMEOUT_S) -> bool:
-    """Kill what is left of group ``pgid``, wait until it is gone, unlink ``files``. True when the
-    group went within ``timeout_s`` (the files are unlinked either way: nothing will use them)."""
+def reap(pgid: int, files: list[str], timeout_s: float = GONE_TIMEOUT_S,
+         tmpdir: str | None = None) -> bool:
+    """Kill what is left of group ``pgid``, wait until it is gone, unlink ``files`` and remove
+    ``tmpdir``. True when the group went within ``timeout_s`` (the files are removed either way:
+    nothing will use them)."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
     deadline = time.monotonic() + timeout_s
@@ -103,13 +107,15 @@ def reap(pgid: int, files: list[str], timeout_s: float = GONE_TIMEOUT_S) -> bool
         time.sleep(POLL_S)
     for f in files:
         Path(f).unlink(missing_ok=True)
+    if tmpdir:
+        shutil.rmtree(tmpdir, ignore_errors=True)
     return not left
 
 
 def main() -> int:
-    pgid = int(sys.argv[1])
+    pgid, tmpdir = int(sys.argv[1]), sys.argv[2]
     files = [line.strip() for line in sys.stdin if line.strip().startswith(SHM)]  # until EOF
-    return 0 if reap(pgid, files) else 1
+    return 0 if reap(pgid, files, tmpdir=tmpdir) else 1
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ Invariants:
   session of its own, tied to the thread that started it (``PR_SET_PDEATHSIG``; ``start()`` runs
   on the server's main thread), and ``stop()`` signals that group by the PID we started (SIGTERM,
   SIGKILL after ``STOP_GRACE_S``), never by name;
-* what it leaves in ``/dev/shm`` is removed by a reaper process that outlives the server on
+* what it leaves in ``/dev/shm``, and its temporary directory (``TMPDIR``, one per engine, where
+  SGLang makes its IPC sockets), are removed by a reaper process that outlives the server on
   purpose (``rollout_server/engine_reaper.py``).
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
@@ -167,6 +169,7 @@ class SGLangProcess:
         self.proc: subprocess.Popen | None = None
         self.reaper: subprocess.Popen | None = None  # engine_reaper.py: outlives us to clean up
         self.shm: set[str] = set()  # the /dev/shm files SGLang made (told to the reaper)
+        self.tmpdir: str | None = None  # SGLang's TMPDIR, removed by the reaper
 
     @property
     def engine_ranks(self) -> int:
@@ -187,9 +190,12 @@ class SGLangProcess:
                          "ab") if self.log_path else None)
         if out is not None:
             os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
+        self.tmpdir = tempfile.mkdtemp(prefix="sglang-")  # short: a socket path has 107 bytes
+        env = sglang_env(self.engine, lora=self.lora is not None) or dict(os.environ)
         self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
-                               env=sglang_env(self.engine, lora=self.lora is not None))
-        reaper = [sys.executable, "-m", "rollout_server.engine_reaper", str(self.proc.pid)]
+                               env={**env, "TMPDIR": self.tmpdir})
+        reaper = [sys.executable, "-m", "rollout_server.engine_reaper", str(self.proc.pid),
+                  self.tmpdir]
         self.reaper = subprocess.Popen(reaper, stdin=subprocess.PIPE, text=True,
                                        start_new_session=True,
                                        env={**os.environ, "PYTHONPATH": _project_path()})
@@ -247,7 +253,8 @@ class SGLangProcess:
             return False
 
     def stop(self) -> None:
-        """Stop SGLang's group, then let the reaper remove its files (waiting for it, bounded)."""
+        """Stop SGLang's group, then let the reaper remove its files and TMPDIR (waiting for it,
+        bounded)."""
         if self.proc is not None:
             stop_group(self.proc)
         if self.reaper is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from areal_like.net.auth import redact
+from areal_like.settings.config_checks import split_address
 from areal_like.settings.loss_schema import AGG_MODES, ESTIMATORS, LOSS_KINDS
 from areal_like.settings.report_schema import EvalConfig, ExportConfig, TrackingConfig
 from areal_like.settings.schema import (
@@ -340,16 +341,17 @@ def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
 
 def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunConfig:
     """Entry-point helper: ``[--config-file PATH] [key=value ...]`` (the overrides on top of the
-    launcher's resolved YAML, or composed with Hydra). Port 0 at one of ``addresses`` is refused:
-    only ``areal-like run`` picks free ports. ``-h``/``--help`` prints the entry point's docstring
+    launcher's resolved YAML, or composed with Hydra). A tcp address among ``addresses`` is checked
+    as ``areal-like run`` checks it (``split_address``), and port 0 is refused: only ``areal-like
+    run`` picks free ports. ``-h``/``--help`` prints the entry point's docstring
     (its usage) and exits 0."""
     if "-h" in argv or "--help" in argv:
         print(inspect.cleandoc(sys.modules["__main__"].__doc__ or DAEMON_USAGE))
         raise SystemExit(0)
     cfg = _load_daemon_config(argv)
     for key in addresses:
-        value = operator.attrgetter(key)(cfg)
-        if isinstance(value, str) and value.rsplit(":", 1)[-1] == "0":
+        value = operator.attrgetter(key)(cfg)  # ipc:// (same node) has no port
+        if value.startswith("tcp://") and split_address(value, key)[1] == 0:
             raise ConfigError(f"{key}={value!r} has port 0: a daemon started on its own needs the "
                               "buffer's real address (e.g. buffer.address=tcp://HOST:5555 "
                               "buffer.pub_address=tcp://HOST:5556); "

@@ -19,6 +19,7 @@ from areal_like.settings.config_checks import (
     PORT,
     ConfigError,  # noqa: F401  (re-exported)
     each,
+    finite_seconds,
 )
 from areal_like.settings.config_checks import check as _check
 from areal_like.settings.config_checks import choice as _choice
@@ -213,13 +214,12 @@ class BufferConfig:
         each("buffer", self, ">= 0", "max_staleness", "wal_reserve_bytes")
         each("buffer", self, PORT, "metrics_port")
         each("buffer", self, ">= 1", "groups_per_step", "max_inflight")
+        each("buffer", self, "> 0", "lease_timeout_s")  # finite too (RunConfig): in every Credit
         _check("buffer.capacity", self.capacity >= self.groups_per_step,
                ">= buffer.groups_per_step", self.capacity)
         _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
         _choice("buffer.selection", self.selection, ("oldest", "newest", "fifo"))
         _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
-        _check("buffer.lease_timeout_s", 0 < self.lease_timeout_s < math.inf, "> 0 and finite (it "
-               "travels in every Credit)", self.lease_timeout_s)
 
 
 @dataclass(kw_only=True)
@@ -322,8 +322,7 @@ class WeightSyncConfig:
         _check("trainer.weight_sync.bucket_mb", self.bucket_mb > 0, "> 0", self.bucket_mb)
         _check("trainer.weight_sync.master_port", 0 <= self.master_port <= 65535, PORT,
                self.master_port)
-        _check("trainer.weight_sync.deadline_s", 0 < self.deadline_s < math.inf, "> 0 and finite",
-               self.deadline_s)
+        _check("trainer.weight_sync.deadline_s", self.deadline_s > 0, "> 0", self.deadline_s)
 
 
 LORA_PATHS = {"embedded": "distributed", "sglang": "disk"}  # engine kind -> its adapter's path
@@ -419,7 +418,8 @@ class TrainerConfig:
              "checkpoint_every")
         _check("trainer.lr", 0 < self.lr < math.inf, "> 0 and finite", self.lr)
         each("trainer", self, "> 0", "grad_clip")
-        each("trainer", self, ">= 0", "first_engine_wait_s", "weight_decay", "warmup_steps")
+        each("trainer", self, ">= 0", "first_engine_wait_s", "weight_decay", "warmup_steps",
+             "batch_wait_s")
         each("trainer", self, PORT, "metrics_port")
         _check("trainer.device", DEVICE.fullmatch(self.device), "cpu, cuda or cuda:N",
                self.device)
@@ -430,8 +430,6 @@ class TrainerConfig:
         _check("trainer.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0,
                ">= 0 (0: micro-batches of micro_batch_size sequences)",
                self.max_tokens_per_micro_batch)
-        _check("trainer.batch_wait_s", 0 <= self.batch_wait_s < math.inf, ">= 0 and finite",
-               self.batch_wait_s)
         _check("trainer.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                "two numbers in [0, 1)", self.betas)
         self.loss.check_agg()
@@ -536,6 +534,7 @@ class RunConfig:
 
     def __post_init__(self):
         self.run_dir = os.path.expanduser(self.run_dir)  # not a directory named "~" in the cwd
+        finite_seconds(self)
         for name in self.tracker:
             _choice("tracker", name, TRACKERS)
         # engines that lag by design must still be admitted, and their groups consumed

@@ -39,11 +39,12 @@ def _offline() -> bool:
 
 def resolve_model_path(path: str, key: str = "model.path",
                        needs: tuple[str, ...] = WEIGHT_GLOBS) -> str:
-    """``path`` as a local directory: itself, the hub id's cached snapshot holding one of ``needs``
-    (globs), or downloaded (not with HF_HUB_OFFLINE); else one ConfigError line naming ``key``."""
+    """``path`` as a local directory: itself (absolute), the hub id's cached snapshot holding one
+    of ``needs`` (globs), or downloaded (not with HF_HUB_OFFLINE); else one ConfigError line naming
+    ``key``."""
     local = Path(path).expanduser()
-    if local.is_dir():
-        return str(local)  # "~" expanded: the loaders take the path as written
+    if local.is_dir():  # "~" expanded and absolute: a daemon or a resume elsewhere finds it too
+        return str(local.absolute())
     if not looks_like_hub_id(path):
         what = "is a file, not a model directory" if local.exists() else "does not exist"
         raise ConfigError(f"{key}={path!r} {what} (and is not a hub id of the form org/name)")

@@ -1,6 +1,6 @@
-"""Faults with the real SGLang: ``kill -9`` of the rollout server (SGLang goes too, with its port
-and /dev/shm files), and ``kill -9`` of SGLang in a running job (its rollout server notices, the
-launcher starts it again with a new engine, and the job goes on).
+"""Faults with the real SGLang: ``kill -9`` of the rollout server (SGLang goes too, with its port,
+/dev/shm files and TMPDIR), and ``kill -9`` of SGLang in a running job (its rollout server
+notices, the launcher starts it again with a new engine, and the job goes on).
 
 Mutations checked (each made once, each failed its test): ``SGLangProcess.start`` without the
 reaper (the /dev/shm files stayed); ``engine_reaper.shm_files`` without the semaphores its group
@@ -98,14 +98,17 @@ def test_killing_the_rollout_server_takes_sglang_its_port_and_its_files(model_di
         sems = _mapped_semaphores(pgid)  # tqdm's lock in the scheduler: left even on SIGTERM
         assert any("/sem.mp-" in f for f in sems) and sems <= files, (sems, files)
         assert group_members(pgid) and not _port_free(port)
+        environ = Path(f"/proc/{pgid}/environ").read_bytes().split(b"\0")
+        tmpdir = next(e[len(b"TMPDIR="):].decode() for e in environ if e.startswith(b"TMPDIR="))
+        assert os.listdir(tmpdir), tmpdir  # its IPC sockets, in a directory of its own
         os.kill(server.pid, signal.SIGKILL)
         server.wait(timeout=30)
         _wait(lambda: not group_members(pgid), GONE_DEADLINE_S, f"SGLang's group {pgid} gone")
         _wait(lambda: _port_free(port), GONE_DEADLINE_S, f"port {port} free")
         _wait(
-            lambda: not any(os.path.exists(f) for f in files),
+            lambda: not any(os.path.exists(f) for f in [*files, tmpdir]),
             GONE_DEADLINE_S,
-            f"{sorted(files)} removed",
+            f"{sorted(files)} and {tmpdir} removed",
         )
     finally:
         if server.poll() is None:

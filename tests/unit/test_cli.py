@@ -73,6 +73,25 @@ def test_torchrun_flags_pass_through():
     assert flags == ["--standalone", "--nproc-per-node", "1"] and rest == ["trainer.steps=5"]
 
 
+def test_no_config_value_makes_torchrun_print_its_usage(monkeypatch, tmp_path):
+    """A relative run_dir starting with "-" reached torchrun as ``--log-dir -x/logs/torchrun``,
+    which its parser read as a flag: it printed its usage instead of starting. (A buffer host
+    starting with "-", torchrun's ``--master-addr``, is refused naming its key: test_topology.)"""
+    from torch.distributed.run import parse_args
+
+    from areal_like.settings.config import load_config, to_yaml
+
+    calls = []
+    monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "config.yaml"
+    config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run"])))
+    main(["train", "--nproc-per-node", "2", "--config-file", str(config), "run_dir=-x"])
+    args = parse_args(calls[0][3:])  # after `python -m launch.torchrun`
+    assert args.log_dir == str(tmp_path / "-x" / "logs" / "torchrun")
+    assert args.training_script_args[-1] == "run_dir=-x"
+
+
 def _ports_json(tmp_path, ports: dict[str, int]) -> None:
     daemons = [{"name": n, "kind": n.split("-")[0], "pid": None,
                 "metrics_url": f"http://127.0.0.1:{p}/metrics",
@@ -288,3 +307,13 @@ def test_keys_into_a_file_and_a_top_interval_of_no_time_are_refused_without_a_tr
             main(["top", str(tmp_path), "--interval", interval])
         assert exit_.value.code == 2
         assert "argument --interval" in capsys.readouterr().err
+
+
+def test_plan_into_a_pipe_its_reader_closed_ends_without_a_traceback():
+    """``areal-like plan ... | head -3``: head leaves after three lines, and plan's output ended
+    in a BrokenPipeError traceback. The read end is closed before plan writes a byte here."""
+    p = subprocess.Popen([sys.executable, "-m", "launch.cli", "plan"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()  # no reader left: plan's first write fails with EPIPE
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 141 and not err, err  # 128 + SIGPIPE: as a command the signal killed

@@ -275,6 +275,32 @@ def test_durations_that_travel_in_messages_must_be_finite(override):
         load_config([override])
 
 
+def _seconds_keys(obj, prefix: str = "") -> list[str]:
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _seconds_keys(value, f"{prefix}{f.name}.")
+        elif f.name.endswith("_s"):
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_every_duration_and_timeout_must_be_finite():
+    """inf was accepted by the keys without a rule of their own and failed in the daemon that read
+    it: ``timedelta(seconds=inf)`` (trainer.gloo_timeout_s) and a ZeroMQ poll of inf * 1000 ms
+    raise OverflowError. No key reads inf as "no limit", so every ``*_s`` key refuses it and nan
+    at load, naming the key."""
+    keys = _seconds_keys(load_config([]))
+    assert len(keys) > 15 and "trainer.gloo_timeout_s" in keys and "eval.final_timeout_s" in keys
+    for key in keys:
+        for value in ("inf", "nan"):
+            with pytest.raises(ConfigError, match=rf"(^| ){key.replace('.', '[.]')}={value}\b"):
+                load_config([f"{key}={value}"])
+
+
 def test_sglang_flags_pass_through_without_hydras_plus(tmp_path):
     """``rollout.engine.sglang`` holds SGLang's own flags, which the schema does not list: a new one
     needs no ``+``, on the command line or over a daemon's config file."""

@@ -87,6 +87,24 @@ def test_daemons_started_by_hand_refuse_port_0_and_take_the_multinode_addresses(
     assert dataclasses.asdict(loaded.buffer) == dataclasses.asdict(multinode.buffer)
 
 
+def test_daemons_started_by_hand_check_the_buffer_address_as_run_does(tmp_path):
+    """A hand-started daemon took ``tcp://h:99999`` (the buffer bound port 34463, libzmq's port
+    modulo 65536), which ``areal-like run`` and ``plan`` refuse naming the key (split_address)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(load_config([f"run_dir={tmp_path}"])))
+    for keys in (("buffer.address", "buffer.pub_address"),
+                 ("rollout.buffer_address", "rollout.pub_address"),
+                 ("trainer.buffer_address",)):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(keys[0])}='tcp://h:99999': port "
+                                              "'99999' is not a port number"):
+            load_daemon_config(["--config-file", str(path), f"{keys[0]}=tcp://h:99999"],
+                               addresses=keys)
+    ipc = load_daemon_config(["rollout.buffer_address=ipc:///local/router",  # one node: no port
+                              "rollout.pub_address=ipc:///local/pub"],
+                             addresses=("rollout.buffer_address", "rollout.pub_address"))
+    assert ipc.rollout.buffer_address == "ipc:///local/router"
+
+
 def test_the_multinode_recipes_pass_explicit_addresses():
     for doc in ("launch/slurm/areal_like.sbatch", "launch/MULTINODE.md"):
         text = (ROOT / doc).read_text()

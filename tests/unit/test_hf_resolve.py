@@ -158,6 +158,20 @@ def test_areal_like_config_prints_the_resolved_directory(tmp_path):
     assert "Traceback" not in r.stderr
 
 
+def test_a_relative_model_directory_is_written_absolute(tmp_path):
+    """``model.path=m`` stayed ``m`` in the run's config.yaml (``areal-like config`` prints what
+    ``run`` writes), which a resume or a daemon in another directory did not find."""
+    snap = fake_cache(tmp_path / "hf", tokenizer=True)
+    (tmp_path / "work").mkdir()
+    snap.rename(tmp_path / "work" / "m")
+    code = "import sys; from launch.cli import main; sys.exit(main(sys.argv[1:]))"
+    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", "model.path=m",
+               "model.tokenizer=./m", "trainer.ref_path=m", cwd=tmp_path / "work")
+    assert r.returncode == 0, r.stderr
+    for key in ("path", "tokenizer", "ref_path"):
+        assert f"  {key}: {tmp_path / 'work' / 'm'}\n" in r.stdout, key
+
+
 def test_neither_a_directory_nor_a_hub_id(tmp_path):
     with pytest.raises(ConfigError,
                        match=r"^model\.path='/no/such/dir' does not exist \(and is not a hub id"):

@@ -189,6 +189,19 @@ def test_an_inherited_cuda_visible_devices_is_translated_not_overwritten(monkeyp
                "launch.num_rollout_servers=1", "rollout.engine.tp_size=2")
 
 
+@pytest.mark.parametrize("visible", ["abc", "0,abc", "-1"])
+def test_an_inherited_cuda_visible_devices_cuda_cannot_read_is_refused(monkeypatch, visible):
+    """``abc`` was counted as one GPU and handed to both processes of the one-GPU layout (plan
+    showed ``0 (=abc)``); CUDA reads no GPU from an entry that is not an index or a UUID on."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    with pytest.raises(ConfigError, match=rf"^CUDA_VISIBLE_DEVICES={visible!r}: "
+                                          r"'(abc|-1)' is not a GPU index or UUID"):
+        _specs("topology=gpu_sglang", "launch.gpus_per_node=1")
+    r = _plan("topology=gpu_sglang", "launch.gpus_per_node=1",
+              env={"CUDA_VISIBLE_DEVICES": visible})
+    assert r.returncode == 2 and "is not a GPU index or UUID" in r.stderr, r.stdout + r.stderr
+
+
 def test_one_shared_gpu_starts_the_trainer_after_the_engine():
     """SGLang sizes its KV cache from the memory free after loading: the trainer waits for it."""
     specs = _specs("topology=gpu_sglang", "launch.gpus_per_node=1")

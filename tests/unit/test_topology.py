@@ -102,7 +102,10 @@ def test_split_address_rejects_non_tcp():
     ("buffer.address=127.0.0.1:5555", "buffer.address='127.0.0.1:5555' is not a tcp://host:port"),
     ("buffer.pub_address=tcp://h:99999", "buffer.pub_address='tcp://h:99999': port '99999' is "
                                          "not a port number"),
-    ("buffer.address=tcp://h:-1", "buffer.address='tcp://h:-1': port '-1' is not a port number")])
+    ("buffer.address=tcp://h:-1", "buffer.address='tcp://h:-1': port '-1' is not a port number"),
+    # torchrun's --master-addr: it read "-x" as a flag and printed its usage
+    ("buffer.address=tcp://-x:5555", "buffer.address='tcp://-x:5555': host '-x' is not a host"),
+    ("buffer.pub_address=tcp://:5556", "buffer.pub_address='tcp://:5556': host '' is not a host")])
 def test_a_bad_buffer_address_is_refused_naming_its_key(override, message):
     """The address alone did not say which key held it, and a port past 65535 or below 0 passed
     the plan and failed in the buffer's bind."""
