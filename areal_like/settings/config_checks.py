@@ -54,12 +54,13 @@ def each(section: str, obj: Any, rule: str, *keys: str) -> None:
 
 
 def finite_seconds(obj: Any, prefix: str = "") -> None:
-    """Every ``*_s`` key (a duration or timeout) of ``obj`` and of the sections in it is finite:
-    nothing reads inf as "no limit", and inf or nan failed in a daemon (a poll in milliseconds, a
-    ``timedelta``, a message field), not at load."""
+    """Every ``*_s`` key (a duration or timeout) of ``obj`` and of the sections in it is finite and
+    not negative: nothing reads inf as "no limit", and inf, nan or a negative value failed in a
+    daemon (a poll in milliseconds, a ``timedelta``, a message field), not at load."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
             finite_seconds(value, f"{prefix}{f.name}.")
-        elif f.name.endswith("_s") and isinstance(value, float):
-            check(f"{prefix}{f.name}", math.isfinite(value), "a finite number of seconds", value)
+        elif f.name.endswith("_s") and isinstance(value, (int, float)):
+            check(f"{prefix}{f.name}", 0 <= value < math.inf, "a finite number of seconds >= 0",
+                  value)

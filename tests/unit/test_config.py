@@ -291,12 +291,12 @@ def _seconds_keys(obj, prefix: str = "") -> list[str]:
 def test_every_duration_and_timeout_must_be_finite():
     """inf was accepted by the keys without a rule of their own and failed in the daemon that read
     it: ``timedelta(seconds=inf)`` (trainer.gloo_timeout_s) and a ZeroMQ poll of inf * 1000 ms
-    raise OverflowError. No key reads inf as "no limit", so every ``*_s`` key refuses it and nan
-    at load, naming the key."""
+    raise OverflowError. No key reads inf as "no limit", so every ``*_s`` key refuses it, nan and
+    a negative number at load, naming the key."""
     keys = _seconds_keys(load_config([]))
     assert len(keys) > 15 and "trainer.gloo_timeout_s" in keys and "eval.final_timeout_s" in keys
     for key in keys:
-        for value in ("inf", "nan"):
+        for value in ("inf", "nan", "-1"):
             with pytest.raises(ConfigError, match=rf"(^| ){key.replace('.', '[.]')}={value}\b"):
                 load_config([f"{key}={value}"])
 
