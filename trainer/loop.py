@@ -158,8 +158,9 @@ class Trainer(Daemon):
                          **({"saved_checksums": meta["checksums"],
                              "checksums": state_checksums(self.policy)}
                             if ckpt is not None else {})})
-        # a second crash before the next periodic checkpoint must not roll these labels back again
-        if lost:
+        # a second crash before the next periodic checkpoint must not roll these labels back again;
+        # nor may a later resume count a crash of ours against a most_lost smaller than ours
+        if lost or ckpt is not None and self.most_lost() > self.saved_most_lost:
             self.checkpoint_now()
 
     def checkpoint_now(self, record: dict | None = None) -> None:
