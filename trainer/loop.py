@@ -283,14 +283,8 @@ class Trainer(Daemon):
             with self.phase("weight_sync"):
                 sync = self.engines.after_step(self.version, wait=not t.weight_sync.overlap)
             if self.version % t.checkpoint_every == 0:
-                row = (self.step_row(batch, stats, sync, time.monotonic() - t_step)
-                       if self.rank == 0 else None)
-                # async: staging the state, and committing the previous save
-                with self.phase("checkpoint"):
-                    if self.saver is not None:
-                        self.saver.save(self.policy, self.version, self.checkpoint_extra(row))
-                    else:
-                        self.checkpoint_now(row)
+                self.checkpoint_step(self.step_row(batch, stats, sync, time.monotonic() - t_step)
+                                     if self.rank == 0 else None)
             elif self.saver is not None:
                 with self.phase("checkpoint"):
                     self.saver.poll()
@@ -319,6 +313,15 @@ class Trainer(Daemon):
                       self.steps_trained, self.rolled_back_steps)
         # every rank got here: stop() may wait for the others before leaving the group
         self.completed = True
+
+    def checkpoint_step(self, row: dict | None) -> None:
+        """The periodic checkpoint, holding the step's record ``row`` (rank 0's); async: the state
+        staged, and the previous save committed."""
+        with self.phase("checkpoint"):
+            if self.saver is not None:
+                self.saver.save(self.policy, self.version, self.checkpoint_extra(row))
+            else:
+                self.checkpoint_now(row)
 
     def export_if_due(self, final: bool = False) -> None:
         """Export (a collective) at multiples of ``export.every`` and at ``trainer.steps`` with
