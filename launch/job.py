@@ -355,8 +355,9 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
         for change in changes:
             print(f"[run] resuming with a changed setting: {change}", file=sys.stderr, flush=True)
         if resumed_from:
-            print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}", file=sys.stderr,
-                  flush=True)
+            print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}"
+                  + (": trained; its final evaluation is missing, so it runs now"
+                     if resumed_from == cfg.trainer.steps else ""), file=sys.stderr, flush=True)
         write_settings(cfg, keep=bool(changes))
         plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
         pending = cfg if changes else None  # as given, before the warm start's model path

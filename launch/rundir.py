@@ -3,7 +3,8 @@
 Running the same command twice with the same ``run_dir`` continues that run. ``lock_run_dir``
 refuses a directory a job still runs in (an ``flock`` that every daemon inherits, so the kernel
 releases it only when the last of them is gone); ``check_existing_run`` returns the step to resume
-from (0: fresh) and refuses a finished run or a checkpoint with ``trainer.resume=false``;
+from (0: fresh; ``trainer.steps``: trained, but its final evaluation is missing, so the rerun makes
+it) and refuses a finished run or a checkpoint with ``trainer.resume=false``;
 ``check_resume_settings`` refuses a resume whose settings differ from ``settings.yaml`` (the config
 as given) unless ``--accept-changes``, apart from ``FREE_ON_RESUME``; ``FIXED_ON_RESUME`` (the
 adapters' layout) never. Accepted changes reach ``settings.yaml`` only with the first step trained
@@ -18,6 +19,8 @@ from pathlib import Path
 
 from areal_like.daemon import LockHeld, pid_lock
 from areal_like.settings.config import ConfigError, RunConfig
+from launch.records import has_final_eval
+from launch.topology import wants_eval
 from launch.tracking import flatten
 
 LOCK_FILE = "job.lock"  # in run_dir; "<pid> <create_time>" of the areal-like run that took it
@@ -64,6 +67,8 @@ def check_existing_run(cfg: RunConfig) -> int:
     step = latest_checkpoint_step(cfg.resolve_path(cfg.trainer.checkpoint_dir))
     if step is None:
         return 0
+    if step == cfg.trainer.steps and cfg.trainer.resume and final_eval_missing(cfg):
+        return step  # the trainer only pushes its weights: the final evaluation is made
     if step >= cfg.trainer.steps:
         raise ConfigError(f"run_dir {run_dir} already finished at step {step} "
                           f"(trainer.steps={cfg.trainer.steps}): "
@@ -73,6 +78,13 @@ def check_existing_run(cfg: RunConfig) -> int:
                           "but trainer.resume=false: "
                           "use a new run_dir (or trainer.resume=true to continue it)")
     return step
+
+
+def final_eval_missing(cfg: RunConfig) -> bool:
+    """Whether ``cfg`` schedules a final evaluation that ``eval.jsonl`` lacks (the run was stopped
+    after its last step, before that evaluation was written)."""
+    return (wants_eval(cfg) and cfg.eval.at_end
+            and not has_final_eval(Path(cfg.run_dir).resolve(), cfg.trainer.steps))
 
 
 def changed_settings(cfg: RunConfig) -> list[str]:

@@ -69,7 +69,7 @@ def compare_logprobs(engine_logp: Sequence[float],
 
 def mismatch_message(p: Probe, mean: float, worst: float, tol: float, temperature: float) -> str:
     return (f"log-prob guard: engine {p.server_id} ({p.engine_url}) returns log-probs that differ "
-            f"from the trainer's by {mean:.4f} nats per token on average (max {worst:.4f}) over "
+            f"from the trainer's by {mean:.3g} nats per token on average (max {worst:.3g}) over "
             f"{len(p.output_ids)} tokens at temperature {temperature:g}, above "
             f"trainer.logprob_guard_tol={tol:g}. Likely causes: "
             f"{CAUSES}. Refusing to train: the importance ratios would be wrong.")

@@ -10,10 +10,14 @@ Invariants:
   (``wait=False``) finishes in the background; the next batch request names its own version.
 - Rank 0 decides when to stop and the decision reaches the others through the batch broadcast. A
   graceful stop saves a checkpoint.
+- A step's record is written after its checkpoint (it holds the checkpoint's seconds) and also
+  goes into it: a resume from that checkpoint writes the record when a kill came in between
+  (the step is not trained again, so nothing else would).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -57,6 +61,11 @@ SYNC_RECORD = ("version", "seconds", "blocked_s", "overlapped", "bytes", "transf
                "dropped", "repushed", "pause_s", "error")
 
 
+# the packing stats of a step's record (trainer/packing.py)
+LAYOUT_STATS = ("padding_share", "tokens_per_micro_batch", "rank_token_spread",
+                "packed_minibatches")
+
+
 class StaleDataError(RuntimeError):
     """The buffer handed out a group older than the staleness bound (a bug, never a policy)."""
 
@@ -74,8 +83,7 @@ def layout_metrics(stats: dict[str, float], phase_times: dict[str, float]) -> di
     (real tokens per second of its passes)."""
     compute_s = sum(phase_times.get(k, 0.0) for k in ("recompute_prox", "ref_logp", "train_step"))
     return {"trained_tokens_per_s": stats.get("seq_tokens", 0.0) / max(compute_s, 1e-9),
-            **{k: stats.get(k, 0.0) for k in ("padding_share", "tokens_per_micro_batch",
-                                              "rank_token_spread", "packed_minibatches")}}
+            **{k: stats.get(k, 0.0) for k in LAYOUT_STATS}}
 
 
 def train(cfg: RunConfig, keys: Keys | None = None) -> int:
@@ -150,12 +158,13 @@ class Trainer(Daemon):
                          **({"saved_checksums": meta["checksums"],
                              "checksums": state_checksums(self.policy)}
                             if ckpt is not None else {})})
-        # a second crash before the next periodic checkpoint must not roll these labels back again
-        if lost:
+        # a second crash before the next periodic checkpoint must not roll these labels back again;
+        # nor may a later resume count a crash of ours against a most_lost smaller than ours
+        if lost or ckpt is not None and self.most_lost() > self.saved_most_lost:
             self.checkpoint_now()
 
-    def checkpoint_now(self) -> None:
-        save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra(),
+    def checkpoint_now(self, record: dict | None = None) -> None:
+        save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra(record),
                         self.cfg.keep_checkpoints)
 
     def warn_truncation(self) -> None:
@@ -187,9 +196,13 @@ class Trainer(Daemon):
         self.record({"event": "logprob_guard", "policy_version": self.version, "passed": passed,
                      "not_checked": unchecked, "tol": tol})
 
-    def checkpoint_extra(self) -> dict:
+    def checkpoint_extra(self, record: dict | None = None) -> dict:
+        """``record``: the step's line of trainer.jsonl, written after the checkpoint (its time in
+        it): a resume writes it when a kill came first (``restore_extra``). As JSON text: data
+        only, whatever the stats hold."""
         return {"last_batch_id": self.data.last_batch_id, "steps_trained": self.steps_trained,
-                "rolled_back_steps": self.rolled_back_steps, "most_lost": self.most_lost()}
+                "rolled_back_steps": self.rolled_back_steps, "most_lost": self.most_lost(),
+                "record": json.dumps(record) if record else None}
 
     def restore_extra(self, extra: dict) -> None:
         """What ``checkpoint_extra`` saved, back (after the checkpoint's version is restored)."""
@@ -198,6 +211,9 @@ class Trainer(Daemon):
         self.rolled_back_steps = int(extra.get("rolled_back_steps", 0))
         self.steps_trained = int(extra.get("steps_trained", self.version))
         self.saved_most_lost = int(extra.get("most_lost", 0))
+        row = json.loads(extra.get("record") or "{}") if self.rank == 0 else {}
+        if row and not self.recorded(row["step"]):
+            self.record(row)
 
     def most_lost(self) -> int:
         """The steps a crash of this process can lose: those since its last complete checkpoint
@@ -267,12 +283,8 @@ class Trainer(Daemon):
             with self.phase("weight_sync"):
                 sync = self.engines.after_step(self.version, wait=not t.weight_sync.overlap)
             if self.version % t.checkpoint_every == 0:
-                # async: staging the state, and committing the previous save
-                with self.phase("checkpoint"):
-                    if self.saver is not None:
-                        self.saver.save(self.policy, self.version, self.checkpoint_extra())
-                    else:
-                        self.checkpoint_now()
+                self.checkpoint_step(self.step_row(batch, stats, sync, time.monotonic() - t_step)
+                                     if self.rank == 0 else None)
             elif self.saver is not None:
                 with self.phase("checkpoint"):
                     self.saver.poll()
@@ -301,6 +313,15 @@ class Trainer(Daemon):
                       self.steps_trained, self.rolled_back_steps)
         # every rank got here: stop() may wait for the others before leaving the group
         self.completed = True
+
+    def checkpoint_step(self, row: dict | None) -> None:
+        """The periodic checkpoint, holding the step's record ``row`` (rank 0's); async: the state
+        staged, and the previous save committed."""
+        with self.phase("checkpoint"):
+            if self.saver is not None:
+                self.saver.save(self.policy, self.version, self.checkpoint_extra(row))
+            else:
+                self.checkpoint_now(row)
 
     def export_if_due(self, final: bool = False) -> None:
         """Export (a collective) at multiples of ``export.every`` and at ``trainer.steps`` with
@@ -358,13 +379,11 @@ class Trainer(Daemon):
             self.metrics.gauge("trainer/phase_seconds", "seconds of the last run of each phase",
                                ("phase",)).labels(phase=name).set(dt)
 
-    def report(self, batch: TrainBatch, stats: dict[str, float], sync: SyncReport,
-               step_s: float) -> None:
-        if self.rank != 0:
-            return
+    def step_row(self, batch: TrainBatch, stats: dict[str, float], sync: SyncReport,
+                 step_s: float) -> dict:
+        """The step's line of trainer.jsonl (without its time)."""
         staleness = (self.version - 1) - batch.head_versions
-        layout = layout_metrics(stats, self.phase_times)
-        row = {
+        return {
             "step": self.version, "policy_version": self.version, "loss": stats.get("loss"),
             "reward_mean": float(batch.rewards.mean()),
             "staleness_mean": float(staleness.float().mean()),
@@ -375,13 +394,20 @@ class Trainer(Daemon):
             "weight_sync": {k: getattr(sync, k) for k in SYNC_RECORD},
             "stats": stats, "steps_trained": self.steps_trained,
             "rolled_back_steps": self.rolled_back_steps,
-            "groups_dropped_bad_data": self.data.dropped_groups, **layout,
+            "groups_dropped_bad_data": self.data.dropped_groups,
+            **layout_metrics(stats, self.phase_times),
         }
+
+    def report(self, batch: TrainBatch, stats: dict[str, float], sync: SyncReport,
+               step_s: float) -> None:
+        if self.rank != 0:
+            return
+        row = self.step_row(batch, stats, sync, step_s)
         self.record(row)
         m = self.metrics
         for key in ("loss", "reward_mean", "staleness_mean", "staleness_max", "tokens_per_s",
                     "step_seconds",
-                    "data_wait_seconds", *layout):
+                    "data_wait_seconds", "trained_tokens_per_s", *LAYOUT_STATS):
             m.gauge(f"trainer/{key}").set(float(row[key]))
         for key, value in stats.items():
             m.gauge(f"trainer/stat/{key}", f"kernel/step stat {key}").set(value)
@@ -426,6 +452,21 @@ class Trainer(Daemon):
     @cached_property
     def tokenizer(self):
         return load_tokenizer(self.facts.model)
+
+    def recorded(self, step: int) -> bool:
+        """Whether the end of trainer.jsonl (its last MiB: hundreds of lines) records ``step`` or a
+        later one."""
+        try:
+            with self.jsonl.open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - (1 << 20)))
+                lines = f.read().splitlines()
+        except OSError:
+            return False
+        for line in lines:
+            with contextlib.suppress(ValueError, AttributeError):  # cut by the seek, or torn
+                if json.loads(line).get("step", -1) >= step:
+                    return True
+        return False
 
     def record(self, row: dict) -> None:
         if self.rank != 0:

@@ -4,6 +4,7 @@ Formulas live in ``trainer/losses.py`` and ``trainer/advantages.py``; this modul
 each call sees. Invariants (the invariance tests check them):
 - A minibatch is a contiguous run of WHOLE groups and one optimizer step; its layout
   (``trainer/packing.py``) is the same for every pass (training, prox, reference, VCPO).
+  So ``trainer.num_minibatches`` is at most ``buffer.groups_per_step`` (refused at config load).
 - Every call gets the minibatch-GLOBAL counts (computed locally: every rank holds the batch), and
   the local loss is scaled by the world size: loss and weights do not depend on micro-batch size
   or rank count. All ranks run the same number of passes.

@@ -416,6 +416,11 @@ class TrainerConfig:
         each("trainer", self, ">= 1", "keep_checkpoints", "steps", "micro_batch_size",
              "num_minibatches", "logprob_chunk_tokens", "max_nonfinite_skips", "first_engines",
              "checkpoint_every")
+        # a minibatch is whole groups (trainer/step.py): more of them than groups would be empty
+        _check("trainer.num_minibatches", not isinstance(self.groups_per_step, int)
+               or self.num_minibatches <= self.groups_per_step,
+               f"<= buffer.groups_per_step={self.groups_per_step} (a minibatch is whole groups: "
+               "more would make fewer optimizer steps)", self.num_minibatches)
         _check("trainer.lr", 0 < self.lr < math.inf, "> 0 and finite", self.lr)
         each("trainer", self, "> 0", "grad_clip")
         each("trainer", self, ">= 0", "first_engine_wait_s", "weight_decay", "warmup_steps",

@@ -6,6 +6,7 @@ Invariant: ``decode`` raises only ``ProtocolError`` (naming the field) for any i
 
 from __future__ import annotations
 
+import gc
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -287,13 +288,24 @@ def encode_into(msg: Message, buffer: bytearray) -> None:
 def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -> Message:
     """Parse and validate one frame; only ProtocolError, for any input. Arrays are read-only views
     of the frame. A frame over ``max_bytes`` is refused from its length alone: decoding can take
-    ~73x its size, so the size bound is the memory bound."""
+    ~73x its size, so the size bound is the memory bound. The cyclic GC is off while msgspec
+    parses: a frame nested deeply runs the stack to the recursion limit, where a finalizer that
+    a collection ran (any object's, of any thread's garbage) would fail with RecursionError."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"frame must be bytes, got {type(data).__name__}", "frame")
     limit = MAX_FRAME_BYTES if max_bytes is None else max_bytes
     if (n := memoryview(data).nbytes) > limit:  # before any copy below
         raise ProtocolError(f"{n} bytes exceeds the limit of {limit}", "frame")
-    data = _frame(data)
+    collecting = gc.isenabled()  # False: another thread decodes, and re-enables it when done
+    gc.disable()
+    try:
+        return _decode(_frame(data))
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _decode(data: bytes | memoryview) -> Message:
     try:
         return _DECODER.decode(data)
     except RecursionError:  # arrays or maps nested deeper than the interpreter's recursion limit

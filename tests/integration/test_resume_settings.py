@@ -58,3 +58,28 @@ def test_a_resume_with_changed_settings_is_refused_unless_accepted(tmp_path):
     assert summary["ok"] and summary["resumed_from"] == 2
     assert "  lr: 0.001\n" in (run_dir / "config.yaml").read_text()
     assert "  lr: 0.001\n" in (run_dir / "settings.yaml").read_text()
+
+
+def test_a_run_stopped_before_its_final_evaluation_does_it_when_run_again(tmp_path):
+    """A run that trained ``trainer.steps`` but was stopped before its final evaluation was written
+    (eval.jsonl without it, as a Ctrl-C during the wait for it leaves it) is not refused as
+    finished when run again (before: exit 2, and only ``areal-like eval`` could make it): the rerun
+    resumes at the last step, trains nothing, writes the final evaluation, and ends ok. With the
+    evaluation written, a rerun is refused as before."""
+    run_dir = tmp_path / "run"
+    args = ("run", "-q", "experiment=quickstart", "warm_start.steps=0", "trainer.steps=2",
+            "eval.max_examples=8", "eval.k=0", f"run_dir={run_dir}")
+    first = _cli(*args, timeout=JOB_S)
+    assert first.returncode == 0, first.stderr[-3000:]
+    evals = run_dir / "eval.jsonl"
+    assert [json.loads(x)["final"] for x in evals.read_text().splitlines()] == [True]
+    evals.unlink()  # as if stopped while it ran
+
+    again = _cli(*args, timeout=JOB_S)
+    assert again.returncode == 0, again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["ok"] and summary["steps"] == 0 and summary["resumed_from"] == 2, summary
+    assert summary["eval_last"]["policy_version"] == 2 and summary["eval_last"]["final"], summary
+
+    finished = _cli(*args, timeout=JOB_S)
+    assert finished.returncode == 2 and "already finished at step 2" in finished.stderr

@@ -149,3 +149,83 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
                           if p.name.startswith("v"))[-1][1:]) > version
     finally:
         buffer.close()
+
+
+def test_a_kill_between_the_checkpoint_and_its_record_loses_no_record(tmp_path, spawn_python,
+                                                                        free_port, wait_until):
+    """``metrics/trainer.jsonl`` is a FIFO nobody reads, so the trainer blocks opening it for its
+    first record: step 1's, written after step 1's checkpoint. Once that checkpoint is in place
+    the trainer is ``kill -9``ed by PID there; the resume (at trainer.steps, so it only finishes)
+    writes the record from the checkpoint (before: the step was never trained again, so its record
+    never appeared)."""
+    from areal_like.settings.config import load_config, to_yaml
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}",
+                       "trainer.checkpoint_every=1", "trainer.steps=1", "trainer.batch_wait_s=1",
+                       "trainer.logprob_guard_tol=0", "export.at_end=false"])
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    jsonl = tmp_path / "metrics" / "trainer.jsonl"
+    jsonl.parent.mkdir()
+    os.mkfifo(jsonl)
+    buffer = ResumeBuffer(address)
+    try:
+        trainer = spawn_python("trainer", ["--config-file", cfg_path], capture=False)
+        wait_until(lambda: (tmp_path / "checkpoints" / "v00000001" / "meta.pt").is_file(),
+                   STARTUP_S, 0.1, "step 1's checkpoint")
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.wait(timeout=30)
+        jsonl.unlink()  # nothing was written: a FIFO holds no data
+        again = spawn_python("trainer", ["--config-file", cfg_path], capture=False)
+        assert again.wait(timeout=STARTUP_S) == 0
+    finally:
+        buffer.close()
+    records = _lines(jsonl)
+    steps = [r for r in records if "step" in r]
+    assert [r["step"] for r in steps] == [1], records
+    assert steps[0]["loss"] is not None and steps[0]["steps_trained"] == 1, steps[0]
+    assert [r.get("event") for r in records] == [None, "resume", "done"], records
+
+
+def test_checkpoint_every_raised_then_lowered_still_takes_the_label(tmp_path, spawn_python,
+                                                                      free_port, wait_until):
+    """Three runs on one run_dir: the first (trainer.checkpoint_every=1) checkpoints step 1 and
+    ends; the second (checkpoint_every=100) resumes there, trains past step 10 and is killed -9
+    before its first checkpoint; the third (checkpoint_every=2) resumes at step 1 again and must
+    take the label the second announced: the second could lose 100 steps (before: the check
+    counted only the first's 1 and the third's 2, refused the label as 'not ours' and exited)."""
+    from areal_like.settings.config import load_config, to_yaml
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    cfg_path = tmp_path / "config.yaml"
+    jsonl = tmp_path / "metrics" / "trainer.jsonl"
+
+    def trainer(every: int, steps: int):
+        cfg_path.write_text(to_yaml(load_config([
+            f"run_dir={tmp_path}", "security.curve=false", f"buffer.address={address}",
+            f"trainer.checkpoint_every={every}", f"trainer.steps={steps}",
+            "trainer.batch_wait_s=1", "trainer.logprob_guard_tol=0", "export.at_end=false"])))
+        return spawn_python("trainer", ["--config-file", cfg_path], capture=False)
+
+    buffer = ResumeBuffer(address)
+    try:
+        assert trainer(every=1, steps=1).wait(timeout=STARTUP_S) == 0
+        second = trainer(every=100, steps=1000)
+        wait_until(lambda: max(buffer.versions) >= 12, STARTUP_S, 0.1, "the second run's steps")
+        os.kill(second.pid, signal.SIGKILL)
+        second.wait(timeout=30)
+        announced = max(buffer.versions)
+        third = trainer(every=2, steps=1000)
+
+        def resumed():
+            return [r for r in _lines(jsonl) if r.get("event") == "resume"
+                    and r["checkpoint_version"] == 1 and r["rolled_back_steps"]]
+        wait_until(lambda: resumed() or third.poll() is not None, STARTUP_S, 0.2,
+                   "the third run's resume record")
+        assert third.poll() is None, "the third run refused the label and exited"
+        assert resumed()[0]["policy_version"] == announced, resumed()
+        os.kill(third.pid, signal.SIGTERM)
+        assert third.wait(timeout=60) == 0
+    finally:
+        buffer.close()

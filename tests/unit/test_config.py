@@ -88,6 +88,16 @@ def test_type_error_names_key_and_reason():
     assert "trainer.steps" in msg and "Integer" in msg
 
 
+def test_more_minibatches_than_groups_per_step_is_refused():
+    """A minibatch is whole groups: 16 of 8 groups made 8 optimizer steps, silently."""
+    assert error_of(["trainer.num_minibatches=16"]) == (
+        "trainer.num_minibatches=16 is invalid: must be <= buffer.groups_per_step=8 (a minibatch "
+        "is whole groups: more would make fewer optimizer steps)")
+    assert "buffer.groups_per_step=4" in error_of(["trainer.num_minibatches=8",
+                                                   "buffer.groups_per_step=4"])
+    assert load_config(["trainer.num_minibatches=8"]).trainer.num_minibatches == 8
+
+
 def test_bad_choice_lists_allowed_values():
     msg = error_of(["trainer.loss.kernel=xyz"])
     assert "trainer.loss.kernel" in msg and all(repr(k) in msg for k in C.LOSS_KINDS)

@@ -51,10 +51,14 @@ def test_mismatch_message_names_engine_difference_tolerance_and_causes():
               prompt_ids=[1, 2], output_ids=[5, 6, 7],
               engine_logp=[-1.0, -1.0, -1.0])
     msg = mismatch_message(p, 0.31, 0.9, 0.05, 2.0)
-    for part in ("rollout-3", "http://10.0.0.7:30000", "0.3100", "max 0.9000",
+    for part in ("rollout-3", "http://10.0.0.7:30000", "by 0.31 nats", "max 0.9)",
                  "trainer.logprob_guard_tol=0.05", "temperature 2",
                  "SGLANG_RETURN_ORIGINAL_LOGPROB", "top-p/top-k", "Refusing to train"):
         assert part in msg, part
+    # at a tiny tolerance the difference is still shown (it used to read "0.0000")
+    tiny = mismatch_message(p, 5e-8, 2e-7, 1e-9, 1.0)
+    assert "by 5e-08 nats per token on average (max 2e-07)" in tiny, tiny
+    assert "trainer.logprob_guard_tol=1e-09" in tiny, tiny
 
 
 def test_probe_request_is_untruncated_at_the_run_temperature():

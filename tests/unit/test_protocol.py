@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import typing
 
 import msgpack
@@ -698,6 +699,38 @@ def test_deep_nesting_raises_only_protocol_error(protocol, open_byte):
         P.decode(_nested_frame(50_000, open_byte, protocol=protocol))
     assert e.value.field in ("frame", "protocol")
     assert isinstance(P.decode(_nested_frame(3)), P.Stats)  # shallow nesting is fine, nothing broke
+
+
+def test_no_finalizer_runs_inside_a_deep_decode(monkeypatch):
+    """msgspec parses a deep frame down to the recursion limit: a garbage collection there ran
+    finalizers with no stack left, which raised RecursionError, and so did pytest's unraisable hook
+    formatting it ("Failed to process unraisable exception", a flake of test_deep_frame.py). A
+    collection made due at every depth near the limit: no finalizer runs inside the decode."""
+    import gc
+    import weakref
+
+    class Garbage:
+        pass
+
+    ran, unraisable = [], []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    frame = _nested_frame(50_000)
+    old = gc.get_threshold()
+    try:
+        for due in range(800, 1001):  # allocations before the next collection
+            gc.collect(0)
+            g = Garbage()
+            g.cycle = g  # freed only by a collection
+            weakref.finalize(g, lambda: ran.append(sum(range(3))))
+            del g
+            gc.set_threshold(due, 10, 10)
+            with pytest.raises(P.ProtocolError, match="nested too deeply"):
+                P.decode(frame)
+            gc.set_threshold(*old)
+    finally:
+        gc.set_threshold(*old)
+    gc.collect()
+    assert [u.exc_type for u in unraisable] == [] and len(ran) == 201
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

@@ -44,6 +44,12 @@ def test_fresh_unfinished_and_finished_runs(tmp_path):
     checkpoint(tmp_path / "checkpoints", 150)
     assert check_existing_run(cfg) == 150
     checkpoint(tmp_path / "checkpoints", 200)
+    # trained, but stopped before its final evaluation was written: the rerun makes it
+    assert check_existing_run(cfg) == 200
+    with pytest.raises(ConfigError, match="already finished at step 200"):
+        check_existing_run(load_config([f"run_dir={tmp_path}", "trainer.steps=200",
+                                        "trainer.resume=false"]))
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"policy_version": 200, "final": True}) + "\n")
     with pytest.raises(ConfigError) as info:
         check_existing_run(cfg)
     assert str(info.value) == (f"run_dir {tmp_path} already finished at step 200 "
@@ -59,7 +65,7 @@ def test_checkpoint_dir_outside_the_run_dir(tmp_path):
     ckpts = tmp_path / "elsewhere"
     checkpoint(ckpts, 7)
     cfg = load_config([f"run_dir={tmp_path / 'run'}", f"trainer.checkpoint_dir={ckpts}",
-                       "trainer.steps=7"])
+                       "trainer.steps=7", "eval.at_end=false"])
     with pytest.raises(ConfigError, match="already finished at step 7"):
         check_existing_run(cfg)
 
@@ -80,7 +86,7 @@ def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
 def test_running_a_finished_run_again_exits_2_with_one_line(tmp_path):
     checkpoint(tmp_path / "run" / "checkpoints", 200)
     r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q",
-                        f"run_dir={tmp_path / 'run'}", "trainer.steps=200"],
+                        f"run_dir={tmp_path / 'run'}", "trainer.steps=200", "eval.at_end=false"],
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == ""  # no summary line claiming "ok": true
     assert r.stderr == (f"error: run_dir {tmp_path / 'run'} already finished at step 200 "
