@@ -80,7 +80,8 @@ class EpisodeRunner:
         registry = ToolRegistry(getattr(env, "tools", None))
         renderer = ChatRenderer(self.ctx.tokenizer, self.template,
                                 registry.openai() if registry else None)
-        messages = check_messages(await maybe_await(env.reset(example)), "reset")
+        messages = check_messages(await maybe_await(env.reset(example)),
+                                  f"{self.cfg.env} reset")
         conv = Conversation(prompt_ids=renderer.prompt_ids(messages), messages=messages)
         try:
             await asyncio.wait_for(self._turns(conv, env, registry, renderer),
@@ -111,7 +112,7 @@ class EpisodeRunner:
             if calls:
                 result = StepResult([await self.call_tool(conv, registry, c) for c in calls])
             else:
-                result = as_step_result(await maybe_await(env.step(text)))
+                result = as_step_result(await maybe_await(env.step(text)), self.cfg.env)
                 conv.reward += result.reward
                 conv.info.update(result.info)
             before = conv.messages

@@ -301,9 +301,30 @@ def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
     passed."""
     from areal_like.tasks.environment import as_step_result
 
-    with pytest.raises(TypeError, match=r"^environment step returned reward .+; expected a finite"):
-        as_step_result(([], reward, True, {}))
-    assert as_step_result(([], True, True, None)).reward == 1.0  # a bool counts as 0/1
+    with pytest.raises(TypeError, match=r"^environment m:E step returned reward .+; expected a "
+                                        "finite"):
+        as_step_result(([], reward, True, {}), "m:E")
+    assert as_step_result(([], True, True, None), "m:E").reward == 1.0  # a bool counts as 0/1
+
+
+def test_numpy_values_in_a_steps_info_go_on_the_wire_and_others_are_named_at_the_step():
+    """An env's ``info`` of numpy values (``{"score": np.float32(0.5)}``) failed every episode in
+    the frame encoder (``frame: cannot encode: ... numpy.float32``, naming neither the env nor
+    ``info``); five in a row stopped the server. They become plain values where the step result
+    is taken; a value the wire cannot carry is refused there, naming the env and the key."""
+    from areal_like.tasks.environment import as_step_result
+    from areal_like.wire.protocol import Credit, encode
+
+    r = runner(ScriptedEngine(["a", "b", "c"]), env="agent_envs:NumpyInfo")
+    group = asyncio.run(r.run_group(Credit(lease_id="l", prompt_index=0, epoch=0,
+                                           deadline_s=60.0)))
+    encode(group)
+    info = group.trajectories[0].metadata["info"]
+    assert info == {"steps": 3, "score": 0.5, "hist": [0, 1, 2], "ok": True, "nested": {"x": 2}}
+    assert type(info["score"]) is float and type(info["nested"]["x"]) is int
+    with pytest.raises(TypeError, match=r"^environment m:E step returned info\['bad'\] = "
+                                        r"<object object at .+ cannot go on the wire"):
+        as_step_result(([], 1.0, True, {"fine": 1, "bad": object()}), "m:E")
 
 
 def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():
