@@ -38,13 +38,18 @@ class ScriptedEngine:
         self.replies, self.pause_after = list(replies), dict(pause_after or {})
         self.calls: list[tuple[list[int], dict]] = []
         self.version, self.turn, self.left = 0, 0, None
+        self.waiting = 0  # calls waiting on a turn that never answers
 
     async def generate(self, input_ids, params):
         self.calls.append((list(input_ids), dict(params)))
         if self.left is None:  # a new turn
             reply = self.replies[self.turn]
             if reply is None:  # this turn never answers
-                await asyncio.Event().wait()
+                self.waiting += 1
+                try:
+                    await asyncio.Event().wait()
+                finally:
+                    self.waiting -= 1
             self.left = TOK(reply, add_special_tokens=False)["input_ids"] + [EOS]
         ids, finish = self.left[:params["max_new_tokens"]], "stop"
         if len(ids) < len(self.left):
@@ -64,7 +69,8 @@ class ScriptedEngine:
 
 
 def runner(engine, tools=None, **task) -> EpisodeRunner:
-    cfg = TaskConfig(env=task.pop("env", "agent_envs:Chat"), chat_template=CHATML, group_size=1,
+    cfg = TaskConfig(env=task.pop("env", "agent_envs:Chat"), chat_template=CHATML,
+                     group_size=task.pop("group_size", 1),
                      max_new_tokens=task.pop("max_new_tokens", 64), **task)
     ctx = EpisodeContext(client=engine, task=make_task(cfg), tokenizer=TOK,
                          rewards=None, task_cfg=cfg,
@@ -259,6 +265,27 @@ def test_a_multi_turn_groups_rewards_reach_the_rollout_reward_metrics():
     value = r.ctx.metrics.registry.get_sample_value
     assert value("areal_rollout_reward_count") == 1  # 0.25 + 0.25 + 1.0 (agent_envs.Chat)
     assert value("areal_rollout_reward_sum") == value("areal_rollout_reward_mean") == 1.5
+
+
+def test_when_one_conversation_of_a_group_fails_its_siblings_are_cancelled():
+    """``run_group`` gathered its conversations with ``asyncio.gather``: when one failed the group
+    failed at once, but its siblings ran on, unseen (their slot freed), to
+    ``task.episode_timeout_s``, generating for a group already dropped. Now they are cancelled
+    (their engine requests with them) before the failure goes on."""
+    from areal_like.wire.protocol import Credit
+
+    async def group():
+        # the first request answers and its env's step raises; the others never answer
+        engine = ScriptedEngine(["a", None])
+        r = runner(engine, env="agent_envs:Broken", group_size=3)
+        with pytest.raises(KeyError, match="missing"):
+            await r.run_group(Credit(lease_id="l", prompt_index=0, epoch=0, deadline_s=60.0))
+        assert len(engine.calls) == 3
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return engine.waiting, left
+
+    waiting, left = asyncio.run(group())
+    assert (waiting, left) == (0, [])
 
 
 def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_stops(caplog):
