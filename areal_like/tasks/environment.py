@@ -61,8 +61,10 @@ def plain_info(info: Any, env: str) -> dict:
     """``info`` as the wire carries it (a trajectory's metadata is msgpack): numpy scalars and
     arrays become numbers and lists; a value msgpack cannot carry raises TypeError naming its
     key, here rather than in the frame encoder once the group is done."""
+    if not isinstance(info, dict | None):
+        raise TypeError(f"environment {env} step returned info {info!r:.80}; expected a dict")
     plain = {}
-    for key, value in dict(info or {}).items():
+    for key, value in (info or {}).items():
         try:
             plain[key] = msgspec.msgpack.decode(msgspec.msgpack.encode(value, enc_hook=_tolist))
         except (TypeError, ValueError, OverflowError, msgspec.MsgspecError) as e:

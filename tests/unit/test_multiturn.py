@@ -375,6 +375,8 @@ def test_numpy_values_in_a_steps_info_go_on_the_wire_and_others_are_named_at_the
     with pytest.raises(TypeError, match=r"^environment m:E step returned info\['bad'\] = "
                                         r"<object object at .+ cannot go on the wire"):
         as_step_result(([], 1.0, True, {"fine": 1, "bad": object()}), "m:E")
+    with pytest.raises(TypeError, match=r"^environment m:E step returned info \[1\]; expected a "):
+        as_step_result(([], 1.0, True, [1]), "m:E")
 
 
 def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():
