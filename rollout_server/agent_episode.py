@@ -10,14 +10,13 @@ none fails like an engine error (the credit lapses and is re-issued).
 """
 from __future__ import annotations
 
-import asyncio
 import math
 
 from areal_like.tasks.tools import ToolSpec
 from areal_like.wire.protocol import Credit, TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory
 from rollout_server.agent_endpoint import AgentEndpoint
-from rollout_server.episode import EpisodeContext
+from rollout_server.episode import EpisodeContext, gather_or_cancel
 from rollout_server.tool_pool import ToolOutcome, ToolPool
 
 RUN = ToolSpec(name="agent", function="rollout_server.agent_worker:run_agent", description="",
@@ -54,7 +53,7 @@ class AgentRunner:
 
     async def run_group(self, credit: Credit) -> TrajectoryGroup:
         example = self.ctx.task.example(credit.prompt_index, credit.epoch)
-        runs = await asyncio.gather(*(self.run(example) for _ in range(self.cfg.group_size)))
+        runs = await gather_or_cancel(self.run(example) for _ in range(self.cfg.group_size))
         trajectories = [t for run in runs for t in run]
         if not trajectories:
             why = f" (last error: {self.error})" if self.error else ""

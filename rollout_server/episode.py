@@ -16,6 +16,7 @@ Invariants of a sample:
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -148,6 +149,20 @@ def _absorb(sample: Sample, out: GenerateOutput, i: int, empty: list[int], max_n
     sample.resumed += 1
     metrics.counter("rollout/aborted_resumed_requests", "aborted requests resubmitted").inc()
     return False
+
+
+async def gather_or_cancel(coros) -> list:
+    """The results of ``coros``, run concurrently. When one raises, the others are cancelled
+    (their engine requests aborted, as a hang-up's) and waited for before its exception goes on:
+    ``asyncio.gather`` alone leaves them running, unseen, to their own timeouts."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 @dataclass(kw_only=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import EvalConfig, LoraConfig, RunConfig, TaskConfig
-from rollout_server.episode import generate_sample
+from rollout_server.episode import gather_or_cancel, generate_sample
 from rollout_server.facts import RolloutFacts
 from rollout_server.sglang_client import SGLangClient, SGLangError
 
@@ -140,14 +140,9 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
         return scored[0][0], [r for r, _ in scored[1:]]
 
     errors: list[str] = []
-    tasks = [asyncio.ensure_future(per_example(ex)) for ex in examples]
-    try:
-        results = [r for r in await asyncio.gather(*tasks) if r is not None]
-    except BaseException:  # a reward that cannot load: its siblings must not outlive the client
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
+    # a reward that cannot load: its siblings must not outlive the client
+    results = [r for r in await gather_or_cancel(per_example(ex) for ex in examples)
+               if r is not None]
     if errors and not results:
         raise SGLangError("/generate", None, f"every eval prompt failed; the first: {errors[0]}")
     figures = summarize([g for g, _ in results], [s for _, s in results], ev.k)

@@ -2,8 +2,8 @@
 
 ``EpisodeRunner.run_group`` replaces ``episode.run_episode`` when ``task.env`` names an
 environment: each of the group's samples is one conversation with its own environment instance,
-all run concurrently. How a turn is built, its limits and metrics: rollout_server/ROLLOUT.md,
-"Multi-turn episodes".
+all run concurrently (one that fails cancels the others). How a turn is built, its limits and
+metrics: rollout_server/ROLLOUT.md, "Multi-turn episodes".
 
 Invariants:
 * ``output_ids``, ``behav_logp``, ``versions`` and ``loss_mask`` are aligned; generated tokens keep
@@ -32,7 +32,13 @@ from areal_like.tasks.environment import (
 from areal_like.tasks.tools import ToolRegistry, parse_tool_calls, tool_message
 from areal_like.wire.protocol import Credit, TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory
-from rollout_server.episode import EpisodeContext, Sample, Transcript, generate_sample
+from rollout_server.episode import (
+    EpisodeContext,
+    Sample,
+    Transcript,
+    gather_or_cancel,
+    generate_sample,
+)
 
 TURN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 TOKEN_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
@@ -71,7 +77,7 @@ class EpisodeRunner:
 
     async def run_group(self, credit: Credit) -> TrajectoryGroup:
         example = self.ctx.task.example(credit.prompt_index, credit.epoch)
-        convs = await asyncio.gather(*(self.run(example) for _ in range(self.cfg.group_size)))
+        convs = await gather_or_cancel(self.run(example) for _ in range(self.cfg.group_size))
         return self.ctx.group(credit, [self.trajectory(c) for c in convs])
 
     async def run(self, example) -> Conversation:
@@ -80,7 +86,8 @@ class EpisodeRunner:
         registry = ToolRegistry(getattr(env, "tools", None))
         renderer = ChatRenderer(self.ctx.tokenizer, self.template,
                                 registry.openai() if registry else None)
-        messages = check_messages(await maybe_await(env.reset(example)), "reset")
+        messages = check_messages(await maybe_await(env.reset(example)),
+                                  f"{self.cfg.env} reset")
         conv = Conversation(prompt_ids=renderer.prompt_ids(messages), messages=messages)
         try:
             await asyncio.wait_for(self._turns(conv, env, registry, renderer),
@@ -111,7 +118,7 @@ class EpisodeRunner:
             if calls:
                 result = StepResult([await self.call_tool(conv, registry, c) for c in calls])
             else:
-                result = as_step_result(await maybe_await(env.step(text)))
+                result = as_step_result(await maybe_await(env.step(text)), self.cfg.env)
                 conv.reward += result.reward
                 conv.info.update(result.info)
             before = conv.messages

@@ -18,6 +18,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgspec
+
 from areal_like.tasks.callables import import_function
 from areal_like.tasks.task import chat_template_of
 
@@ -39,19 +41,43 @@ async def maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
 
-def as_step_result(value: Any) -> StepResult:
-    """A ``StepResult`` from what ``step`` returned; a bad shape raises TypeError naming it."""
+def as_step_result(value: Any, env: str) -> StepResult:
+    """A ``StepResult`` from what ``step`` of ``env`` (its ``task.env``) returned; a bad shape
+    raises TypeError naming it. Numpy values in ``info`` become plain numbers and lists."""
     if isinstance(value, StepResult):
-        return value
+        value = (value.messages, value.reward, value.done, value.info)
     if isinstance(value, tuple) and len(value) == 4:
         messages, reward, done, info = value
         if not (isinstance(reward, numbers.Real) and math.isfinite(reward)):  # bools are 0/1
-            raise TypeError(f"environment step returned reward {reward!r}; expected a finite "
-                            "number")
-        return StepResult(check_messages(messages, "step"), float(reward), bool(done),
-                          dict(info or {}))
-    raise TypeError(f"environment step returned {type(value).__name__}; "
+            raise TypeError(f"environment {env} step returned reward {reward!r}; expected a "
+                            "finite number")
+        return StepResult(check_messages(messages, f"{env} step"), float(reward), bool(done),
+                          plain_info(info, env))
+    raise TypeError(f"environment {env} step returned {type(value).__name__}; "
                     "expected (messages, reward, done, info)")
+
+
+def plain_info(info: Any, env: str) -> dict:
+    """``info`` as the wire carries it (a trajectory's metadata is msgpack): numpy scalars and
+    arrays become numbers and lists; a value msgpack cannot carry raises TypeError naming its
+    key, here rather than in the frame encoder once the group is done."""
+    if not isinstance(info, dict | None):
+        raise TypeError(f"environment {env} step returned info {info!r:.80}; expected a dict")
+    plain = {}
+    for key, value in (info or {}).items():
+        try:
+            plain[key] = msgspec.msgpack.decode(msgspec.msgpack.encode(value, enc_hook=_tolist))
+        except (TypeError, ValueError, OverflowError, msgspec.MsgspecError) as e:
+            raise TypeError(f"environment {env} step returned info[{key!r}] = {value!r:.80}, "
+                            f"which cannot go on the wire ({e}); expected numbers, strings, "
+                            "lists and dicts of them, or numpy values") from None
+    return plain
+
+
+def _tolist(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return value.tolist()
+    raise TypeError(f"a {type(value).__name__}")
 
 
 def check_messages(messages: Any, where: str) -> list[dict]:

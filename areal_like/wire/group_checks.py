@@ -1,8 +1,8 @@
 """What a trajectory group must hold before anyone trains on it: at most the trajectories a group
-of the job holds, a non-empty prompt in every trajectory, a loss mask of 0s and 1s, at most the
-model's context in prompt and output together, token ids in ``[0, vocab_size)``, and behaviour
-log-probs that are finite and within ``[LOGP_MIN, LOGP_MAX]``. Why each: areal_like/DESIGN.md
-section 3.
+of the job holds, a non-empty prompt and output in every trajectory, a loss mask of 0s and 1s, at
+most the model's context in prompt and output together, token ids in ``[0, vocab_size)``, and
+behaviour log-probs that are finite and within ``[LOGP_MIN, LOGP_MAX]``. Why each:
+areal_like/DESIGN.md section 3.
 
 One check for two places: the buffer refuses such a group at admission and the trainer drops one
 that reaches it anyway. A reason's text up to the first ``:`` is its metric label.
@@ -36,6 +36,10 @@ def content_problem(group: TrajectoryGroup, vocab_size: int, context: int = 0,
         if len(t.prompt_ids) == 0:
             return (f"empty_prompt: trajectory {i} has no prompt tokens (its first output token "
                     "has nothing to follow)")
+        if t.n_tokens == 0:  # its version would be 0: its group judged stale by that
+            return (f"empty_output: trajectory {i} has no output tokens (nothing to train on: a "
+                    f"prompt of {len(t.prompt_ids)} tokens that left no room to generate, or a "
+                    "first turn cut by a timeout)")
         if not mask_values_ok(t.loss_mask_wire):
             return (f"bad_loss_mask: trajectory {i} has loss_mask values other than 0 (context) "
                     "and 1 (generated)")

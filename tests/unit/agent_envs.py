@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
+
 
 def add(a: int, b: int) -> int:
     return a + b
@@ -59,6 +61,16 @@ class Endless(Chat):
     async def step(self, text):
         self.steps += 1
         return [{"role": "user", "content": "go on"}], 0.0, False, {}
+
+
+class NumpyInfo(Chat):
+    """Its info holds numpy values, as many environments' do."""
+
+    def step(self, text):
+        messages, reward, done, info = super().step(text)
+        return messages, np.float32(reward), np.bool_(done), dict(
+            info, score=np.float32(0.5), hist=np.arange(3), ok=np.bool_(True),
+            nested={"x": np.int64(2)})
 
 
 class Stuck(Chat):

@@ -38,13 +38,18 @@ class ScriptedEngine:
         self.replies, self.pause_after = list(replies), dict(pause_after or {})
         self.calls: list[tuple[list[int], dict]] = []
         self.version, self.turn, self.left = 0, 0, None
+        self.waiting = 0  # calls waiting on a turn that never answers
 
     async def generate(self, input_ids, params):
         self.calls.append((list(input_ids), dict(params)))
         if self.left is None:  # a new turn
             reply = self.replies[self.turn]
             if reply is None:  # this turn never answers
-                await asyncio.Event().wait()
+                self.waiting += 1
+                try:
+                    await asyncio.Event().wait()
+                finally:
+                    self.waiting -= 1
             self.left = TOK(reply, add_special_tokens=False)["input_ids"] + [EOS]
         ids, finish = self.left[:params["max_new_tokens"]], "stop"
         if len(ids) < len(self.left):
@@ -64,7 +69,8 @@ class ScriptedEngine:
 
 
 def runner(engine, tools=None, **task) -> EpisodeRunner:
-    cfg = TaskConfig(env=task.pop("env", "agent_envs:Chat"), chat_template=CHATML, group_size=1,
+    cfg = TaskConfig(env=task.pop("env", "agent_envs:Chat"), chat_template=CHATML,
+                     group_size=task.pop("group_size", 1),
                      max_new_tokens=task.pop("max_new_tokens", 64), **task)
     ctx = EpisodeContext(client=engine, task=make_task(cfg), tokenizer=TOK,
                          rewards=None, task_cfg=cfg,
@@ -209,6 +215,29 @@ def test_an_episode_ends_at_the_models_context_when_max_episode_tokens_is_longer
     assert conv.finish_reason == "max_tokens" and conv.total_tokens <= 256 and conv.turns >= 2
 
 
+def test_an_opening_prompt_that_leaves_no_room_is_refused_with_its_reason():
+    """An environment whose opening prompt fills the context (``max_episode_tokens``) ends at once
+    with ``max_tokens``: a trajectory of no output token, reward 0, the environment never stepped.
+    It passed every check and, having no token, counted as version 0: its group (fresh siblings
+    too) was dropped as ``stale`` once the trainer passed ``max_staleness``, and trained before.
+    The buffer (and the trainer) now refuse it as ``empty_output``, saying why."""
+    from areal_like.wire.group_checks import content_problem
+    from areal_like.wire.protocol import Credit
+
+    credit = Credit(lease_id="l", prompt_index=0, epoch=0, deadline_s=60.0)
+    _, traj = episode(ScriptedEngine(["a", "b", "c"]))
+    context = len(traj.prompt_ids)  # the opening prompt exactly at the context
+    r = runner(engine := ScriptedEngine(["a", "b", "c"]), max_episode_tokens=context,
+               max_new_tokens=16)
+    group = asyncio.run(r.run_group(credit))
+    [t] = group.trajectories
+    assert (t.n_tokens, t.finish_reason, t.reward, engine.calls) == (0, "max_tokens", 0.0, [])
+    why = content_problem(group, TOK.vocab_size, context, 1)
+    assert why is not None and why.startswith(
+        f"empty_output: trajectory 0 has no output tokens (nothing to train on: a prompt of "
+        f"{context} tokens that left no room to generate"), why
+
+
 def test_a_weight_sync_mid_episode_keeps_every_tokens_version():
     replies = ["first turn", "second turn is long", "third"]
     # turn 2 is paused after 3 tokens, resumes at v1
@@ -261,6 +290,27 @@ def test_a_multi_turn_groups_rewards_reach_the_rollout_reward_metrics():
     assert value("areal_rollout_reward_sum") == value("areal_rollout_reward_mean") == 1.5
 
 
+def test_when_one_conversation_of_a_group_fails_its_siblings_are_cancelled():
+    """``run_group`` gathered its conversations with ``asyncio.gather``: when one failed the group
+    failed at once, but its siblings ran on, unseen (their slot freed), to
+    ``task.episode_timeout_s``, generating for a group already dropped. Now they are cancelled
+    (their engine requests with them) before the failure goes on."""
+    from areal_like.wire.protocol import Credit
+
+    async def group():
+        # the first request answers and its env's step raises; the others never answer
+        engine = ScriptedEngine(["a", None])
+        r = runner(engine, env="agent_envs:Broken", group_size=3)
+        with pytest.raises(KeyError, match="missing"):
+            await r.run_group(Credit(lease_id="l", prompt_index=0, epoch=0, deadline_s=60.0))
+        assert len(engine.calls) == 3
+        left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        return engine.waiting, left
+
+    waiting, left = asyncio.run(group())
+    assert (waiting, left) == (0, [])
+
+
 def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_stops(caplog):
     """An environment whose step raises fails its episode; the server stops after
     MAX_EPISODE_FAILURES in a row. The log said only ``failed (1 in a row): 'missing'`` (a
@@ -301,9 +351,32 @@ def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
     passed."""
     from areal_like.tasks.environment import as_step_result
 
-    with pytest.raises(TypeError, match=r"^environment step returned reward .+; expected a finite"):
-        as_step_result(([], reward, True, {}))
-    assert as_step_result(([], True, True, None)).reward == 1.0  # a bool counts as 0/1
+    with pytest.raises(TypeError, match=r"^environment m:E step returned reward .+; expected a "
+                                        "finite"):
+        as_step_result(([], reward, True, {}), "m:E")
+    assert as_step_result(([], True, True, None), "m:E").reward == 1.0  # a bool counts as 0/1
+
+
+def test_numpy_values_in_a_steps_info_go_on_the_wire_and_others_are_named_at_the_step():
+    """An env's ``info`` of numpy values (``{"score": np.float32(0.5)}``) failed every episode in
+    the frame encoder (``frame: cannot encode: ... numpy.float32``, naming neither the env nor
+    ``info``); five in a row stopped the server. They become plain values where the step result
+    is taken; a value the wire cannot carry is refused there, naming the env and the key."""
+    from areal_like.tasks.environment import as_step_result
+    from areal_like.wire.protocol import Credit, encode
+
+    r = runner(ScriptedEngine(["a", "b", "c"]), env="agent_envs:NumpyInfo")
+    group = asyncio.run(r.run_group(Credit(lease_id="l", prompt_index=0, epoch=0,
+                                           deadline_s=60.0)))
+    encode(group)
+    info = group.trajectories[0].metadata["info"]
+    assert info == {"steps": 3, "score": 0.5, "hist": [0, 1, 2], "ok": True, "nested": {"x": 2}}
+    assert type(info["score"]) is float and type(info["nested"]["x"]) is int
+    with pytest.raises(TypeError, match=r"^environment m:E step returned info\['bad'\] = "
+                                        r"<object object at .+ cannot go on the wire"):
+        as_step_result(([], 1.0, True, {"fine": 1, "bad": object()}), "m:E")
+    with pytest.raises(TypeError, match=r"^environment m:E step returned info \[1\]; expected a "):
+        as_step_result(([], 1.0, True, [1]), "m:E")
 
 
 def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():
