@@ -138,9 +138,13 @@ class Trainer(Daemon):
         lost = self.version - checkpoint_version  # labels announced by weights the crash lost
         self.rolled_back_steps += lost
         # served from the start, not from the first step on: alerts TrainerNoStep and
-        # WeightSyncDroppedEngines see a trainer that never steps, or drops an engine at once
+        # WeightSyncDroppedEngines see a trainer that never steps, or drops an engine at once,
+        # TrainerRolledBack a resume at once
         self.metrics.gauge("trainer/policy_version").set(self.version)
         self.metrics.counter("trainer/weight_sync_dropped")
+        self.metrics.gauge("trainer/rolled_back_steps",
+                           "steps lost to crashes (labels skipped at resume)").set(
+            self.rolled_back_steps)
         if ckpt is not None or lost:
             self.record({"event": "resume", "policy_version": self.version,
                          "checkpoint_version": checkpoint_version,
@@ -389,9 +393,6 @@ class Trainer(Daemon):
         m.count_to("trainer/groups_dropped_bad_data",
                    "groups dropped from batches: what the buffer "
                    "refuses (areal_like/wire/group_checks.py)", self.data.dropped_groups)
-        m.gauge("trainer/rolled_back_steps",
-                "steps lost to crashes (labels skipped at resume)").set(
-            self.rolled_back_steps)
         if "mismatch_kl" in stats:  # absent when no row was computed (trainer/step.py trained_rows)
             m.gauge("trainer/mismatch_kl").set(stats["mismatch_kl"])
         m.gauge("trainer/grad_norm").set(stats.get("grad_norm", 0.0))
