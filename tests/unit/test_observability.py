@@ -184,6 +184,16 @@ def test_trainer_rolled_back_sees_a_whole_job_resume_on_new_ports():
     assert not resumed(0, 40002)  # a resume that lost nothing
 
 
+def test_every_kind_of_daemon_has_a_down_rule():
+    """``up`` of each kind at 0 pages (there was none for the buffer); ``up`` is there from the
+    job's start, since ``areal-like run`` lists every daemon in prometheus_targets.json."""
+    rules = {r["expr"]: r for g in yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
+             for r in g["rules"]}
+    for kind in ("buffer", "rollout", "trainer"):
+        rule = rules.get(f'up{{kind="{kind}"}} == 0')
+        assert rule and rule["for"] and rule["labels"]["severity"] == "page", kind
+
+
 def test_weight_sync_over_deadline_fires_for_a_sync_cut_at_its_deadline():
     """The trainer cuts a sync at ``weight_sync.deadline_s`` (dropping the members not done), so a
     sync that ran into it reports a little less than the deadline: an engine frozen by SIGSTOP for
