@@ -400,7 +400,6 @@ class Trainer(Daemon):
         m.gauge("trainer/weight_sync_seconds").set(sync.seconds)
         m.gauge("trainer/weight_sync_blocked_seconds",
                 "the trainer's time inside the last push").set(sync.blocked_s)
-        m.gauge("trainer/weight_sync_deadline_seconds").set(self.cfg.weight_sync.deadline_s)
         m.counter("trainer/weight_sync_bytes").inc(sync.bytes)
         m.counter("trainer/weight_sync_dropped").inc(len(sync.dropped))
         m.counter("trainer/weight_sync_repushed",
