@@ -316,7 +316,13 @@ def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor,
 
 
 def on_trainer_done(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> None:
-    """The trainer completed: warm the plotting imports; wait for a scheduled final evaluation."""
+    """The trainer completed: Prometheus stops scraping it (its port is closed: TrainerDown paged
+    during a final evaluation longer than 2 minutes); warm the plotting imports; wait for a
+    scheduled final evaluation."""
+    targets = run_dir / "prometheus_targets.json"
+    if targets.is_file():
+        write_json_atomic(targets, [t for t in json.loads(targets.read_text())
+                                    if t["labels"]["kind"] != "trainer"])
     warm_plotting()
     if wants_eval(cfg) and cfg.eval.at_end:
         wait_for_final_eval(cfg, run_dir, sup)

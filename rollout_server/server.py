@@ -61,7 +61,7 @@ from rollout_server.facts import RolloutFacts
 from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
-from rollout_server.sglang_client import SGLangClient
+from rollout_server.sglang_client import SGLangClient, SGLangError
 from rollout_server.weight_update import (
     answer,
     apply_adapter_sync,
@@ -514,10 +514,11 @@ class RolloutServer(Daemon):
     async def probe_engine(self, version: int) -> None:
         """After a failed sync: an engine that does not generate within ``ENGINE_PROBE_S`` is
         wedged; stop (module docstring)."""
-        if await self.client.health_generate(timeout_s=ENGINE_PROBE_S):
-            return
-        why = (f"engine {self.engine_url} did not answer /health_generate within "
-               f"{ENGINE_PROBE_S:.0f}s after the failed weight sync v{version}")
+        try:
+            return await self.client.health_generate(timeout_s=ENGINE_PROBE_S)
+        except SGLangError as e:  # refused, no answer in time, a 503: its message says which
+            why = (f"engine {self.engine_url} failed /health_generate after the failed weight "
+                   f"sync v{version}: {e.message}")
         if self.rcfg.engine.kind == "url":
             self.log.error("%s; attached by URL (rollout.engine.kind=url): restart it yourself",
                            why)

@@ -181,7 +181,7 @@ class SGLangClient:
         ``timeout_s`` bounds the whole call, retries included. Raises SGLangError for non-2xx
         answers and for unreachable servers."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout_s or self.timeout_s)
+        deadline = (start := loop.time()) + (timeout_s or self.timeout_s)
         if self.on_request is not None:
             self.on_request(method, path, body)
         if path == "/generate" and self.local is not None:
@@ -211,9 +211,11 @@ class SGLangClient:
                     if not ((idempotent and resp.status >= 500) or resp.status == 429):
                         raise last
             except aiohttp.ClientConnectorError as e:  # nothing was sent: safe to retry any call
-                last = SGLangError(path, None, f"connection failed: {e}")
+                last = SGLangError(path, None,
+                                   f"connection failed ({type(e.os_error).__name__}): {e}")
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                last = SGLangError(path, None, f"{type(e).__name__}: {e}")
+                last = SGLangError(path, None, f"{type(e).__name__}: "
+                                   f"{str(e) or f'no answer within {deadline - start:g}s'}")
                 if not idempotent:
                     raise last from None
         raise last
@@ -311,17 +313,18 @@ class SGLangClient:
                          idempotent=True, timeout_s=timeout_s)
 
     # ------------------------------------------------------------------ health and info
-    async def health(self, *, generate: bool = False, timeout_s: float = 5.0) -> bool:
-        """``GET /health`` (or ``/health_generate``): True on 200; False on 503 or no answer."""
+    async def health(self, *, timeout_s: float = 5.0) -> bool:
+        """``GET /health``: True on 200; False on 503 or no answer."""
         try:
-            await self._call("GET", "/health_generate" if generate else "/health",
-                             timeout_s=timeout_s, idempotent=True)
+            await self._call("GET", "/health", timeout_s=timeout_s, idempotent=True)
             return True
         except SGLangError:
             return False
 
-    async def health_generate(self, timeout_s: float = 30.0) -> bool:
-        return await self.health(generate=True, timeout_s=timeout_s)
+    async def health_generate(self, timeout_s: float = 30.0) -> None:
+        """``GET /health_generate`` (one token generated): SGLangError saying what happened (the
+        connection refused, no answer within ``timeout_s``, a 503) when it fails."""
+        await self._call("GET", "/health_generate", timeout_s=timeout_s, idempotent=True)
 
     async def wait_healthy(self, timeout_s: float, poll_s: float = 0.5) -> None:
         loop = asyncio.get_running_loop()

@@ -146,9 +146,13 @@ class Trainer(Daemon):
         lost = self.version - checkpoint_version  # labels announced by weights the crash lost
         self.rolled_back_steps += lost
         # served from the start, not from the first step on: alerts TrainerNoStep and
-        # WeightSyncDroppedEngines see a trainer that never steps, or drops an engine at once
+        # WeightSyncDroppedEngines see a trainer that never steps, or drops an engine at once,
+        # TrainerRolledBack a resume at once
         self.metrics.gauge("trainer/policy_version").set(self.version)
         self.metrics.counter("trainer/weight_sync_dropped")
+        self.metrics.gauge("trainer/rolled_back_steps",
+                           "steps lost to crashes (labels skipped at resume)").set(
+            self.rolled_back_steps)
         if ckpt is not None or lost:
             self.record({"event": "resume", "policy_version": self.version,
                          "checkpoint_version": checkpoint_version,
@@ -415,9 +419,6 @@ class Trainer(Daemon):
         m.count_to("trainer/groups_dropped_bad_data",
                    "groups dropped from batches: what the buffer "
                    "refuses (areal_like/wire/group_checks.py)", self.data.dropped_groups)
-        m.gauge("trainer/rolled_back_steps",
-                "steps lost to crashes (labels skipped at resume)").set(
-            self.rolled_back_steps)
         if "mismatch_kl" in stats:  # absent when no row was computed (trainer/step.py trained_rows)
             m.gauge("trainer/mismatch_kl").set(stats["mismatch_kl"])
         m.gauge("trainer/grad_norm").set(stats.get("grad_norm", 0.0))
@@ -425,7 +426,6 @@ class Trainer(Daemon):
         m.gauge("trainer/weight_sync_seconds").set(sync.seconds)
         m.gauge("trainer/weight_sync_blocked_seconds",
                 "the trainer's time inside the last push").set(sync.blocked_s)
-        m.gauge("trainer/weight_sync_deadline_seconds").set(self.cfg.weight_sync.deadline_s)
         m.counter("trainer/weight_sync_bytes").inc(sync.bytes)
         m.counter("trainer/weight_sync_dropped").inc(len(sync.dropped))
         m.counter("trainer/weight_sync_repushed",

@@ -100,6 +100,9 @@ class WeightBroadcaster:
                  device: torch.device, send_dtype: str = "float32", metrics: Metrics | None = None,
                  keys: Keys | None = None, adapter_path: str | None = None):
         self.cfg, self.metrics = cfg, metrics  # metrics: trainer/weight_sync_refused counted there
+        if metrics is not None:  # served from the start: alert WeightSyncOverDeadline
+            metrics.counter("trainer/weight_sync_near_deadline", "pushes that took 90% or more of "
+                            "weight_sync.deadline_s: cut at it (the members not done dropped)")
         self.rank = rank
         self.backend = cfg.backend_on(device.type)
         self.client = Client(buffer_address, keys=keys, timeout_s=BUFFER_REQUEST_TIMEOUT_S,
@@ -226,6 +229,9 @@ class WeightBroadcaster:
         if self.rank == 0 and not self.stopping.is_set():  # a stopping trainer's buffer may be gone
             self._announce(announce, report)
         report.seconds = time.monotonic() - t_start
+        near = report.seconds >= 0.9 * self.cfg.deadline_s  # cut at it: WeightSyncOverDeadline
+        if near and self.rank == 0 and self.metrics is not None:
+            self.metrics.counter("trainer/weight_sync_near_deadline").inc()
         self._done_report = report
 
     def _sync(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float, *,

@@ -6,7 +6,8 @@ setting: trainer/WEIGHT_SYNC.md; who can join: areal_like/SECURITY.md ("Ports").
 Invariants: every wait is bounded (the rendezvous and the ranks' connection by
 ``connect_timeout_s``, every later op by ``timeout_s``); rank 0 hosts the store on loopback behind
 a ``StoreGate`` on ``master_addr`` and members join through a ``StoreDoor``; rank 0 can abandon a
-rendezvous (``check`` raised): closing the store server fails every join at once; the store
+rendezvous (``check`` raised): closing the store server fails every join at once (torch's C++ log
+of its own join's failure, a 20-line stack, goes to DEBUG: the caller says why); the store
 server and gate live as long as the group (``destroy_weight_group``); an NCCL group is
 non-blocking with ``TORCH_NCCL_ASYNC_ERROR_HANDLING=2`` while it is built, so a dead engine
 aborts that group, never the trainer (``set_nccl_nonblocking_timeout`` before the first NCCL
@@ -16,10 +17,14 @@ call bounds the lazy communicator's creation).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import random
+import re
 import socket
+import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -29,6 +34,11 @@ from areal_like.net.store_gate import StoreDoor, StoreGate, listen_on
 
 # after an abort: how long rank 0 waits for its own join to fail (it does at once)
 ABANDON_JOIN_S = 5.0
+# what torch's C++ code writes to fd 2: its log lines ([W1126 13:12:51.895 TCPStore.cpp:138] ...)
+# and the stack under an error's message
+_CPP_LINE = re.compile(r"(\[rank\d+\]:)?\[[IWE]\d{4} |Exception raised from .*\(most recent call "
+                       r"first\):$|frame #\d+: |<omitting python frames>$|\s*$")
+log = logging.getLogger(__name__)
 _HOSTED: dict = {}  # group -> rank 0's store and gate, or a member's door (closed with the group)
 
 
@@ -134,14 +144,38 @@ def _host_group(backend: str, master_addr: str, master_port: int, world_size: in
     except BaseException:
         abandoned.set()
         gate.close()  # cuts the members' store connections
-        del server  # closes the store: every join in progress (the members', our own) fails now
-        helper.join(ABANDON_JOIN_S)
+        with _cpp_log_to_debug():  # our own join's failure: the caller logs why we abandoned
+            del server  # closes the store: every join in progress (the members', our own) fails
+            helper.join(ABANDON_JOIN_S)
         raise
     if "error" in result:
         gate.close()
         raise result["error"]
     _HOSTED[result["pg"]] = gate  # and through it the store server
     return result["pg"]
+
+
+@contextmanager
+def _cpp_log_to_debug():
+    """fd 2 into a file for the block, then torch's C++ lines in it to DEBUG and the rest back to
+    fd 2. The TCPStore client logs a failed receive (a store closed under it) as a warning with a
+    20-line C++ stack, straight to fd 2: no Python logger or warning filter sees it."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode(errors="replace").splitlines(keepends=True)
+            cpp = [ln for ln in lines if _CPP_LINE.match(ln)]
+            if cpp:
+                log.debug("torch's log of the abandoned rendezvous:\n%s", "".join(cpp).rstrip())
+            os.write(2, "".join(ln for ln in lines if not _CPP_LINE.match(ln)).encode())
 
 
 def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int, group_name: str,

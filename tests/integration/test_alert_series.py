@@ -4,7 +4,8 @@
 == 0`` and EngineNotGenerating ``rate(areal_rollout_tokens_generated_total[5m]) == 0``. Both were
 created at the first step or token, so a trainer that never made a step (starved, or stuck after
 a restart) and an engine that never generated a token had no series, and those alerts could not
-fire for exactly the stall they describe. Here a trainer fed by a buffer stand-in that has no data
+fire for exactly the stall they describe (TrainerRolledBack, too, saw a resume only at its first
+step). Here a trainer fed by a buffer stand-in that has no data
 (empty batches, no engines) serves its version and a dropped-engines counter at 0 before any step,
 and a rollout server serves its token counter at 0 before any generation.
 """
@@ -51,6 +52,7 @@ def test_a_starved_trainer_serves_its_version_before_its_first_step(tmp_path, sp
         series = scrape(f"http://127.0.0.1:{port}/metrics")
         assert series.get("areal_trainer_policy_version") == 0, sorted(series)
         assert series.get("areal_trainer_weight_sync_dropped_total") == 0, sorted(series)
+        assert series.get("areal_trainer_rolled_back_steps") == 0, sorted(series)  # a resume's
         assert "areal_trainer_step_seconds" not in series  # no step was made
     finally:
         buffer.close()

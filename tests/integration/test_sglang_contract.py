@@ -170,7 +170,7 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
     facts: dict = {}
     try:
         await client.wait_healthy(120)
-        facts["health_generate"] = await client.health_generate()
+        await client.health_generate()  # SGLangError when it does not generate
         info = await client.model_info()
         await client.server_info()
         facts["version0"] = info.get("weight_version")
@@ -371,7 +371,6 @@ def check_responses(api, structs, responses: list, facts: dict) -> None:
 
 def check_facts(f: dict, first_version: str | None = "0") -> None:
     """``first_version``: the version the engine served first (None: any number)."""
-    assert f["health_generate"] is True
     assert f["single"].finish_reason in ("stop", "length") and 1 <= len(f["single"].output_ids) <= 6
     assert f["greedy_length"].finish_reason == "length" and len(f["greedy_length"].output_ids) == 3
     assert f["stopped"].finish_reason == "stop" and len(f["stopped"].output_ids) == 1

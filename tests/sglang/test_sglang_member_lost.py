@@ -60,8 +60,7 @@ def _trainer_model(version: int) -> torch.nn.Module:
 
 async def _serves(server, version: int) -> None:
     async with SGLangClient(server.url, api_key=server.api_key, timeout_s=120) as client:
-        healthy = await asyncio.wait_for(client.health_generate(), HEALTH_S)
-        assert healthy, "the survivor failed its /health_generate"
+        await client.health_generate(HEALTH_S)  # SGLangError: the survivor failed it
         assert await client.weight_version() == str(version)
         assert_served(await engine_logprobs(client, 1.0), _trainer_model(version), 1.0)
 

@@ -4,6 +4,7 @@ they query is one a daemon really exports (names checked against the daemons' so
 from __future__ import annotations
 
 import json
+import operator
 import re
 from pathlib import Path
 
@@ -101,25 +102,88 @@ def test_docs_name_counters_as_prometheus_serves_them():
     assert not bare, sorted(bare)
 
 
-def _holds(expr: str, values: dict[str, float]) -> bool:
-    """A rule over one daemon's gauges, evaluated with each gauge (and its ``*_over_time``) at
-    ``values``: enough PromQL for rules of numbers and comparisons, nothing else."""
-    expr = re.sub(r"\b[a-z]+_over_time\((\w+)\[\w+\]\)", r"\1", " ".join(expr.split()))
-    assert not re.search(r"\b(and|or|on|by|unless)\b|[{(]", expr), expr
-    return bool(eval(re.sub(r"\b(areal_\w+)", lambda m: repr(values[m.group(1)]), expr)))
-
-
-def test_weight_sync_over_deadline_fires_for_a_sync_cut_at_its_deadline():
-    """The trainer cuts a sync at ``weight_sync.deadline_s`` (dropping the members not done), so a
-    sync that ran into it reports a little less than the deadline: an engine frozen by SIGSTOP for
-    a quickstart job gave 59.9 s of 60 s. ``seconds > deadline`` never held."""
-    rules = {r["alert"]: r["expr"] for g in yaml.safe_load((OBS / "alerts.yml").read_text())[
+def _rules() -> dict[str, str]:
+    return {r["alert"]: r["expr"] for g in yaml.safe_load((OBS / "alerts.yml").read_text())[
         "groups"] for r in g["rules"]}
-    expr = rules["WeightSyncOverDeadline"]
-    cut = {"areal_trainer_weight_sync_seconds": 59.9,
-           "areal_trainer_weight_sync_deadline_seconds": 60.0}
-    assert _holds(expr, cut)
-    assert not _holds(expr, {**cut, "areal_trainer_weight_sync_seconds": 0.3})
+
+
+LOOKBACK_S = 300  # how far back Prometheus takes a series' last sample for an instant selector
+
+
+class _Vector(dict):
+    """An instant vector: labels (a frozenset of pairs) -> value; arithmetic and comparisons
+    (which keep the left side's values where they hold) match labels one to one."""
+
+    def _op(self, other, op):
+        if isinstance(other, dict):
+            return {k: op(v, other[k]) for k, v in self.items() if k in other}
+        return {k: op(v, other) for k, v in self.items()}
+
+    def __sub__(self, other):
+        return _Vector(self._op(other, operator.sub))
+
+    def __gt__(self, other):
+        return _Vector({k: self[k] for k, held in self._op(other, operator.gt).items() if held})
+
+
+def _fires(expr: str, series: dict[str, dict[frozenset, list]], t: float) -> bool:
+    """Whether ``expr`` has a result at time ``t`` over ``series`` (metric name -> labels ->
+    [(time, value)]): enough PromQL for a rule of min/max by one label, min/max_over_time,
+    ``delta`` of a series, ``-`` and ``>``, nothing else (promtool is not installed here)."""
+    def window(name, seconds):
+        return {k: [v for ts, v in pts if t - seconds < ts <= t]
+                for k, pts in series.get(name, {}).items()}
+
+    def over(fn, name, minutes):
+        return _Vector({k: fn(vs) for k, vs in window(name, minutes * 60).items() if vs})
+
+    def agg(fn, label, vector):
+        groups: dict[frozenset, list] = {}
+        for k, v in vector.items():
+            groups.setdefault(frozenset(p for p in k if p[0] == label), []).append(v)
+        return _Vector({g: fn(vs) for g, vs in groups.items()})
+
+    py = " ".join(expr.split())
+    py = re.sub(r"\b(min|max)_over_time\((\w+)\[(\d+)m\]\)", r'over(\1, "\2", \3)', py)
+    py = re.sub(r"\bdelta\((\w+)\[(\d+)m\]\)", r'over(delta, "\1", \2)', py)
+    py = re.sub(r"\b(min|max) by \((\w+)\) \(", r'agg(\1, "\2", ', py)
+    py = re.sub(r'(?<!")\b(areal_\w+)', r'over(last, "\1", LOOKBACK_S / 60)', py)
+    assert not re.search(r"[{\[]|\b(and|or|on|unless|without|sum|count)\b", py), py
+    names = {"over": over, "agg": agg, "min": min, "max": max, "LOOKBACK_S": LOOKBACK_S,
+             "last": lambda v: v[-1], "delta": lambda v: v[-1] - v[0]}
+    return bool(eval(py, names))
+
+
+def test_trainer_rolled_back_sees_a_whole_job_resume_on_new_ports():
+    """``areal-like run`` again on a run_dir picks new metrics ports: the resumed trainer is a new
+    ``instance`` whose ``areal_trainer_rolled_back_steps`` starts at the steps the crash lost.
+    ``delta()`` of one series saw no change in either, so a resume never fired the rule."""
+    expr = _rules()["TrainerRolledBack"]
+
+    def resumed(lost: int, port: int) -> bool:
+        first = frozenset({"run": "myjob", "instance": "127.0.0.1:40001"}.items())
+        again = frozenset({"run": "myjob", "instance": f"127.0.0.1:{port}"}.items())
+        # the crashed job scraped every 5 s for 10 minutes, the resumed one from 2 minutes later
+        samples = {first: [(t, 0) for t in range(0, 600, 5)]}
+        samples.setdefault(again, []).extend((t, lost) for t in range(720, 900, 5))
+        # another job on the same Prometheus: its own rollback long ago is not this job's
+        other = frozenset({"run": "other", "instance": "127.0.0.1:40009"}.items())
+        samples[other] = [(t, 7) for t in range(0, 900, 5)]
+        return _fires(expr, {"areal_trainer_rolled_back_steps": samples}, 895)
+
+    assert resumed(3, 40002)  # the whole job again: a new instance
+    assert resumed(3, 40001)  # the trainer alone restarted by its supervisor: the same port
+    assert not resumed(0, 40002)  # a resume that lost nothing
+
+
+def test_every_kind_of_daemon_has_a_down_rule():
+    """``up`` of each kind at 0 pages (there was none for the buffer); ``up`` is there from the
+    job's start, since ``areal-like run`` lists every daemon in prometheus_targets.json."""
+    rules = {r["expr"]: r for g in yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
+             for r in g["rules"]}
+    for kind in ("buffer", "rollout", "trainer"):
+        rule = rules.get(f'up{{kind="{kind}"}} == 0')
+        assert rule and rule["for"] and rule["labels"]["severity"] == "page", kind
 
 
 def test_every_queried_metric_is_exported():

@@ -130,6 +130,27 @@ def test_trainer_done_loads_the_plotting_code_and_waits_only_for_a_scheduled_eva
     assert waited == [tmp_path]
 
 
+def test_prometheus_stops_scraping_a_completed_trainer_during_the_final_evaluation(
+        tmp_path, monkeypatch):
+    """The trainer exits when it completed, the job waits for the final evaluation (up to
+    eval.final_timeout_s, 600 s): its target stayed listed, so ``up{kind="trainer"}`` was 0 and
+    TrainerDown (``for: 2m``) paged for a job doing what it should. The others stay scraped."""
+    import launch.job as job
+
+    targets = tmp_path / "prometheus_targets.json"
+    listed = [{"targets": [f"127.0.0.1:{port}"], "labels": {"daemon": name, "kind": kind,
+                                                           "run": "r"}}
+              for port, name, kind in ((1, "buffer", "buffer"), (2, "rollout-0", "rollout"),
+                                       (3, "trainer", "trainer"))]
+    targets.write_text(json.dumps(listed))
+    scraped = []
+    monkeypatch.setattr(job, "wait_for_final_eval", lambda cfg, run_dir, sup: scraped.extend(
+        t["labels"]["daemon"] for t in json.loads(targets.read_text())))
+    monkeypatch.setattr(job, "warm_plotting", lambda: None)
+    job.on_trainer_done(load_config(["experiment=quickstart"]), tmp_path, sup=None)
+    assert scraped == ["buffer", "rollout-0"]
+
+
 def test_warm_plotting_imports_what_the_learning_curve_needs():
     from launch.records import warm_plotting
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import msgspec
 import pytest
@@ -455,3 +456,33 @@ def test_the_sglang_log_is_readable_by_this_user_only(tmp_path):
     with pytest.raises(RuntimeError, match="SGLang exited"):
         proc.start()
     assert log.stat().st_mode & 0o777 == 0o600 and log.read_text().startswith("an earlier run\n")
+
+
+def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answered(monkeypatch):
+    """After a failed sync the rollout server probes its engine (``RolloutServer.probe_engine``):
+    an engine whose port refused the connection (gone) was reported as one that "did not answer
+    /health_generate within 30s", 2 s after the probe began. Now the reason is the call's own."""
+    import socket
+    from types import SimpleNamespace
+
+    import rollout_server.server as server_module
+
+    monkeypatch.setattr(server_module, "ENGINE_PROBE_S", 1.0)
+
+    async def probe(url: str) -> str:
+        async with SGLangClient(url) as client:
+            server = SimpleNamespace(client=client, engine_url=url, failure=None, wedged=False,
+                                     rcfg=SimpleNamespace(engine=EngineConfig(kind="sglang")),
+                                     log=logging.getLogger("probe"))
+            await server_module.RolloutServer.probe_engine(server, 7)
+        assert server.wedged
+        return str(server.failure)
+
+    silent = socket.create_server(("127.0.0.1", 0))  # accepts connections, answers nothing
+    try:
+        refused = asyncio.run(probe(f"http://127.0.0.1:{free_port()}"))
+        mute = asyncio.run(probe(f"http://127.0.0.1:{silent.getsockname()[1]}"))
+    finally:
+        silent.close()
+    assert "after the failed weight sync v7: connection failed (ConnectionRefusedError)" in refused
+    assert "after the failed weight sync v7: TimeoutError: no answer within 1s" in mute

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from areal_like.net.metrics import Metrics
 from areal_like.settings.config import WeightSyncConfig
 from areal_like.wire import protocol as P
 from trainer.weight_sync import WeightBroadcaster
@@ -107,3 +108,37 @@ def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
     first, again = (plan for plan, _ in buffer.plans)
     assert [m.server_id for m in again.members] == ["b"]
     assert again.payloads == first.payloads and model.config.writes == 1
+
+
+class _FrozenFirst(_Buffer):
+    """Member a never reports v1 (an engine frozen during it) and loads v2 at once."""
+
+    def request(self, msg, timeout_s=None):
+        if isinstance(msg, P.SyncStatusRequest) and msg.policy_version == 1:
+            return P.SyncStatus(policy_version=1, done=[], failed=[])
+        return super().request(msg, timeout_s)
+
+
+def test_a_push_cut_at_its_deadline_is_counted_for_its_alert():
+    """Alert WeightSyncOverDeadline read the gauge of the last sync's seconds, which the next step
+    overwrites (a step of a small model takes less than a scrape interval): a sync cut at its
+    deadline was mostly never scraped. Each push that took 90% of its deadline or more (one that
+    was cut at it: 59.9 s of 60 s measured with an engine frozen) is counted when it ends."""
+    cfg = WeightSyncConfig(path="disk", deadline_s=1.0)
+    metrics = Metrics()
+    wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
+                           device=torch.device("cpu"), metrics=metrics)
+    wb.client.close()
+    wb.client = _FrozenFirst()
+    model = torch.nn.Linear(2, 2)
+    model.config = _Counting()
+    near = "areal_trainer_weight_sync_near_deadline_total"
+    try:
+        assert metrics.registry.get_sample_value(near) == 0  # served before any push
+        cut, fast = wb.push(model, 1), wb.push(model, 2)
+    finally:
+        wb.client = None
+        wb.close()
+    assert cut.dropped == ["a"] and fast.done == ["a"], (cut, fast)
+    assert cut.seconds >= 0.9 * cfg.deadline_s > fast.seconds
+    assert metrics.registry.get_sample_value(near) == 1
