@@ -294,10 +294,11 @@ class WriteAheadLog:
         acknowledged)."""
         def waiting() -> bool:
             return self._synced < self._requested and not (unless_full and self.disk_full)
-        while self.fsync_policy != "always" and waiting() and not self.failed:
+        while self.fsync_policy != "always" and self._synced < self._requested and not self.failed:
             self._commit_inline()  # written inline: tried again here, as the fsync thread would
-            if waiting():
-                time.sleep(DISK_RETRY_S)
+            if not waiting():
+                break
+            time.sleep(DISK_RETRY_S)
         with self._cv:
             while waiting() and self._sync_error is None:
                 self._cv.wait(0.1)
