@@ -8,6 +8,7 @@ from collections.abc import Callable, Container, Iterable
 
 from areal_like.net.transport import LOCAL_MEMBER
 from areal_like.wire import protocol as P
+from buffer.facts import MIN_SERVERS
 from buffer.handout import PendingBatch
 
 MAX_HELD_PER_MEMBER = 4  # BatchRequests one member may have waiting at once
@@ -46,7 +47,8 @@ class PeerCaps:
         mine = sum(1 for m in self.owner.values() if m == member)
         if mine >= self.max_servers:
             return (f"member {member!r} already has {mine} server ids on the roster (at most "
-                    f"{self.max_servers}); refused {server_id[:64]!r}")
+                    f"{self.max_servers}: 2 x launch.num_rollout_servers per rollout node, at "
+                    f"least {MIN_SERVERS}, in the buffer's config); refused {server_id[:64]!r}")
         now = self.clock()
         tokens, since = self.tokens.get(member, (float(self.max_servers), now))
         tokens = min(float(self.max_servers), tokens + (now - since) * NEW_IDS_PER_S)

@@ -163,7 +163,7 @@ class BufferService(Daemon):
         if self.server is not None and not self.wal.failed:  # a failed WAL makes nothing durable
             self._log_control()
             if self._waiting:
-                self.wal.wait_durable()
+                self.wal.wait_durable(unless_full=True)  # SIGTERM on a full disk: no hang
                 self.send_durable()
         for closable in (self.server, self.publisher):
             if closable is not None:

@@ -288,13 +288,19 @@ class WriteAheadLog:
             except BlockingIOError:
                 pass
 
-    def wait_durable(self) -> None:
+    def wait_durable(self, *, unless_full: bool = False) -> None:
+        """Until every ticket is durable; ``unless_full``: or until the disk is found full (a
+        stopping buffer does not wait for space that may never come: what waits was never
+        acknowledged)."""
+        def waiting() -> bool:
+            return self._synced < self._requested and not (unless_full and self.disk_full)
         while self.fsync_policy != "always" and self._synced < self._requested and not self.failed:
             self._commit_inline()  # written inline: tried again here, as the fsync thread would
-            if self._synced < self._requested:
-                time.sleep(DISK_RETRY_S)
+            if not waiting():
+                break
+            time.sleep(DISK_RETRY_S)
         with self._cv:
-            while self._synced < self._requested and self._sync_error is None:
+            while waiting() and self._sync_error is None:
                 self._cv.wait(0.1)
         self.durable()
 

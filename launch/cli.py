@@ -252,12 +252,17 @@ def _with_config(overrides: list[str], command) -> int:
 
 def _print_config(cfg) -> int:
     """The config the daemons would read: hub ids resolved to local directories, inputs checked,
-    and laid out as ``run`` lays it out (``launch.job.plan_job``: GPUs, weight path, addresses)."""
+    ``run``'s warm start (trained now or from its cache: ``model.path``) and laid out as ``run``
+    lays it out (``launch.job.plan_job``: GPUs, weight path, addresses)."""
     from areal_like.settings.config import to_yaml
     from launch.job import plan_job
     from launch.preflight import checked
+    from launch.warmstart import ensure_warm_start
 
-    cfg, _ = plan_job(checked(cfg))
+    cfg = checked(cfg)
+    plan_job(cfg)  # a layout that does not fit is refused before the warm start, as by `run`
+    cfg, _ = plan_job(ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}",
+                                                                 file=sys.stderr, flush=True)))
     sys.stdout.write(to_yaml(cfg, redacted=True))  # a credential in a URL is shown as <redacted>
     return 0
 

@@ -28,7 +28,7 @@ from functools import cached_property
 import torch
 import torch.distributed as dist
 
-from areal_like.daemon import Daemon
+from areal_like.daemon import Daemon, StartRefused
 from areal_like.job_facts import model_vocab_size
 from areal_like.net.security import Keys
 from areal_like.net.store_gate import refused_total
@@ -66,16 +66,21 @@ LAYOUT_STATS = ("padding_share", "tokens_per_micro_batch", "rank_token_spread",
                 "packed_minibatches")
 
 
-class StaleDataError(RuntimeError):
-    """The buffer handed out a group older than the staleness bound (a bug, never a policy)."""
+class StaleDataError(StartRefused):
+    """The buffer handed out a group older than the trainer's staleness bound: a buffer started
+    with a larger bound than the trainer's, or a bug; never a policy. One line, exit 2: a
+    restart would be handed the same groups."""
 
 
 def assert_fresh(batch: TrainBatch, version: int, max_staleness: int) -> None:
     """Consume-time guarantee (areal_like/DESIGN.md section 2): ``version - head <= eta``."""
     staleness = version - batch.head_versions
     if int(staleness.max()) > max_staleness:
-        raise StaleDataError(f"admitted stale training data: staleness {int(staleness.max())} > "
-                             f"max_staleness {max_staleness} at policy_version {version}")
+        raise StaleDataError(
+            f"the buffer handed out stale training data (not trained on): staleness "
+            f"{int(staleness.max())} > max_staleness {max_staleness} (this trainer's "
+            f"buffer.max_staleness) at policy_version {version}; was the buffer started with "
+            "another buffer.max_staleness? Every daemon must read the same one")
 
 
 def layout_metrics(stats: dict[str, float], phase_times: dict[str, float]) -> dict[str, float]:

@@ -28,6 +28,7 @@ NONCE_BYTES = PROOF_BYTES = 32
 HANDSHAKE_S = 10.0  # a connection not proven by then is closed, however slow
 MAX_UNPROVEN = 64  # connections proving themselves at once; more are closed at once
 ACCEPT_RETRY_S = 0.05  # after a failed accept (out of descriptors), before the next
+CONNECT_RETRY_S = 0.05  # a door: while the gate it leads to does not listen yet
 LISTEN_BACKLOG = 128  # pending connections (engines' TP ranks join at once)
 GATES: dict[int, StoreGate] = {}  # this process's open gates by port
 _refused_lock = threading.Lock()
@@ -237,7 +238,7 @@ class StoreDoor(_Relay):
         inner = first == MAGIC[:1]  # an engine's door behind its server's: it answers the gate
         if not first or inner and recv_exact(conn, len(MAGIC), deadline) != MAGIC:
             return None
-        upstream = socket.create_connection(self.target, timeout=HANDSHAKE_S)
+        upstream = _connect(self.target, deadline)
         try:
             if inner:
                 upstream.sendall(MAGIC)
@@ -255,6 +256,19 @@ class StoreDoor(_Relay):
             upstream.close()
             return None
         return upstream
+
+
+def _connect(target: tuple[str, int], deadline: float) -> socket.socket:
+    """A connection to the gate at ``target``, tried again until ``deadline`` while nothing
+    listens there yet: a member may take its plan up before rank 0 opens the gate, and a client
+    dropped for that retried on its own, logging torch's C++ stack trace each time."""
+    while True:
+        try:
+            return socket.create_connection(target, timeout=HANDSHAKE_S)
+        except ConnectionRefusedError:
+            if time.monotonic() + CONNECT_RETRY_S >= deadline:
+                raise
+            time.sleep(CONNECT_RETRY_S)
 
 
 def peer_uid(conn: socket.socket) -> int | None:

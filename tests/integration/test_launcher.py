@@ -245,6 +245,32 @@ def test_a_trainer_of_several_ranks_that_refuses_fails_the_job_without_restarts(
 
 
 @pytest.mark.slow
+def test_a_sigterm_to_torchrun_stops_its_ranks_in_one_line_without_a_traceback(tmp_path):
+    """`areal-like train` stopped with SIGTERM (an operator scaling the trainer pool): the ranks
+    stop gracefully, and torchrun printed a SignalException traceback and exited 1."""
+    rank = tmp_path / "rank.py"
+    rank.write_text("import signal, sys, time\n"
+                    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+                    "print('rank up', flush=True)\n"
+                    "time.sleep(600)\n")
+    proc = subprocess.Popen([sys.executable, "-m", "launch.torchrun", "--standalone",
+                             "--nproc-per-node", "1", str(rank)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip().endswith("rank up")  # waits for the rank
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == "torchrun: stopped by SIGTERM", err
+    assert proc.returncode == 128 + signal.SIGTERM
+
+
+@pytest.mark.slow
 def test_stop_while_a_daemon_never_becomes_healthy(dummy, tmp_path):
     never = ProcSpec(name="never", argv=[sys.executable, "-c", "import time; time.sleep(600)"],
                      health_url=f"http://127.0.0.1:{free_port()}/health")

@@ -89,7 +89,7 @@ def test_sglang_gets_the_key_on_its_command_line():
 def test_areal_like_config_redacts_credentials(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     r = subprocess.run([sys.executable, "-m", "launch.cli", "config", f"run_dir={tmp_path}",
-                        "task.reward_url=https://bot:hunter2@rewards.example/score"],
+                        "warm_start.steps=0", "task.reward_url=https://bot:hunter2@rewards.example/score"],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "hunter2" not in r.stdout and "https://bot:<redacted>@rewards.example/score" in r.stdout

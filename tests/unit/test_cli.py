@@ -294,6 +294,25 @@ def test_keys_makes_what_a_job_started_by_hand_needs(tmp_path, capsys):
     assert read_key_file(tmp_path) == key and "kept in" in capsys.readouterr().out
 
 
+def test_config_gives_the_daemons_runs_warm_started_model(tmp_path, capsys):
+    """`areal-like config` prints what `run` gives its daemons, the warm start's model (trained, or
+    here from its cache) included: without it a job started by hand (launch/MULTINODE.md, the
+    Slurm script) from model=tiny's recipe trained the untrained model and its reward stayed 0."""
+    import yaml
+
+    from areal_like.settings.config import load_config
+    from launch.warmstart import cache_path
+
+    overrides = [f"run_dir={tmp_path / 'run'}"]
+    cached = cache_path(load_config(overrides))  # what `run` trains or reuses
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    assert main(["config", *overrides]) == 0
+    out = capsys.readouterr()
+    assert yaml.safe_load(out.out)["model"]["path"] == str(cached)
+    assert f"[warm-start] cached: {cached}" in out.err
+
+
 def test_keys_into_a_file_and_a_top_interval_of_no_time_are_refused_without_a_traceback(
         tmp_path, capsys):
     """``keys`` with a RUN_DIR that is a file raised NotADirectoryError; ``top --interval -1``

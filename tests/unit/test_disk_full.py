@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import time
 
 import numpy as np
@@ -348,3 +349,29 @@ def test_a_rotation_whose_checkpoint_waits_for_room_keeps_the_segments_it_supers
     after.close()
     fails[0] = 0
     wal.close()
+
+
+@pytest.mark.parametrize("fsync", ["always", "batch", "never"])
+def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, monkeypatch, fsync):
+    """SIGTERM while a reply waits for its control record on a full disk: the buffer stops (the
+    reply is not sent; its sender asks again) instead of waiting for space that may never come
+    (it waited until the launcher's SIGKILL, or forever when started by hand)."""
+    monkeypatch.setattr(buffer.wal, "DISK_RETRY_S", 0.01)
+    svc = _start(tmp_path, _Disk(100 * RESERVE), fsync=fsync)
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    fails = [10 ** 9]
+    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    frame = P.encode(P.CreditRequest(server_id="s", max_credits=2))
+    sent = len(svc.server.sent)
+    svc.handle(b"s", b"req", P.decode(frame), frame)
+    svc.settle()  # the Credits wait for their leases' record, which waits for room
+    stopper = threading.Thread(target=svc.stop, daemon=True)
+    stopper.start()
+    stopper.join(timeout=60)
+    stuck = stopper.is_alive()
+    fails[0] = 0  # lets a stuck stop finish
+    stopper.join(timeout=60)
+    assert not stuck and len(svc.server.sent) == sent  # nothing left that was not durable
+    again = WriteAheadLog(tmp_path / "wal", fsync=fsync)
+    assert again.corrupt_records == 0 and list(again.replay())
+    again.close()

@@ -105,7 +105,8 @@ def test_a_member_registering_too_many_server_ids_is_refused_and_others_are_not(
     assert isinstance(refused, P.Ack) and refused.status == "rejected"
     assert refused.reason == (
         f"peer_limit: member 'rollout' already has {MIN_SERVERS} server ids on "
-        f"the roster (at most {MIN_SERVERS}); refused 's9'"
+        f"the roster (at most {MIN_SERVERS}: 2 x launch.num_rollout_servers per rollout node, "
+        "at least 8, in the buffer's config); refused 's9'"
     )
     assert "s9" not in svc.control.roster and svc.stats()["rejected_peer_limit"] == 1
     assert isinstance(

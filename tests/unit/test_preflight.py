@@ -486,7 +486,7 @@ def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tm
                                         "answer": str(i + 1)})
                             + "\n" for i in range(4)))
     common = ["task=dataset", f"task.dataset_path={data}", "task.messages_key=messages",
-              f"model.tokenizer={tmp_path / 'tok'}"]
+              f"model.tokenizer={tmp_path / 'tok'}", "warm_start.steps=0"]
 
     def config(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "launch.cli", "config", *common, *extra],

@@ -27,7 +27,8 @@ from launch.job import job_specs, plan_job
 HEAD = ("buffer.address=tcp://10.1.2.3:5555", "buffer.pub_address=tcp://10.1.2.3:5556",
         "trainer.weight_sync.master_addr=10.1.2.3", "buffer.metrics_port=9100",
         "rollout.metrics_port=9101",
-        "trainer.metrics_port=9200")  # what the sbatch script passes: HEAD_IP and fixed ports
+        "trainer.metrics_port=9200",  # what the sbatch script passes: HEAD_IP and fixed ports
+        "warm_start.steps=0")  # `config` would train one: `run`'s plan below has none
 
 
 def _one(gpus, trainer, servers, tp, *extra):

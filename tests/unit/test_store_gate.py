@@ -64,6 +64,35 @@ def test_a_door_carries_bytes_through_the_gate_unchanged_both_ways(echo):
         gate.close()
 
 
+def test_a_door_waits_for_a_gate_that_opens_after_its_client_came(echo, monkeypatch):
+    """A member can take its plan up before rank 0 opens the gate (a server added to a running
+    job did, every time): the door dropped its client at the first refused connect, and torch's
+    client logged a C++ stack trace at each retry of its own."""
+    refused = threading.Event()
+    connect = socket.create_connection
+
+    def watched(*args, **kwargs):
+        try:
+            return connect(*args, **kwargs)
+        except ConnectionRefusedError:
+            refused.set()
+            raise
+
+    monkeypatch.setattr(socket, "create_connection", watched)
+    port = free_port()
+    door, gate = StoreDoor("127.0.0.1", port, SECRET), None
+    try:
+        with socket.create_connection(("127.0.0.1", door.port), timeout=DEADLINE_S) as s:
+            s.sendall(b"\x00store")
+            assert refused.wait(DEADLINE_S)  # the door found no gate yet
+            gate = StoreGate("127.0.0.1", port, SECRET, echo)
+            assert s.recv(100) == b"erots\x00"
+    finally:
+        door.close()
+        if gate is not None:
+            gate.close()
+
+
 def test_a_wrong_name_and_a_torch_client_get_nothing(echo):
     port = free_port()
     gate, door = (StoreGate("127.0.0.1", port, SECRET, echo),

@@ -96,11 +96,15 @@ def test_no_repush_while_engines_are_current(free_port, monkeypatch):
 
 
 def test_consume_time_staleness_assertion():
+    from areal_like.daemon import StartRefused
     from trainer.data import groups_to_batch
     from trainer.loop import StaleDataError, assert_fresh
 
     batch = groups_to_batch([_group(3, "a"), _group(1, "b")])
     assert_fresh(batch, version=5, max_staleness=4)  # 5 - 1 = 4 <= 4
-    with pytest.raises(StaleDataError, match="staleness 4 > max_staleness 3"):
+    with pytest.raises(StaleDataError, match="staleness 4 > max_staleness 3") as refused:
         assert_fresh(batch, version=5, max_staleness=3)
+    # a buffer restarted by hand with a larger bound: one line naming the key, exit 2 (no restart
+    # that would be handed the same groups), not a crash's traceback
+    assert isinstance(refused.value, StartRefused) and "buffer.max_staleness" in str(refused.value)
     assert torch.equal(batch.head_versions, torch.tensor([3, 1]))
