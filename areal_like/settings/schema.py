@@ -211,10 +211,13 @@ class BufferConfig:
                self.io_threads)
         _check("buffer.max_frame_bytes", self.max_frame_bytes >= 0, ">= 0 (0 = sized to the job)",
                self.max_frame_bytes)
-        each("buffer", self, ">= 0", "max_staleness", "wal_reserve_bytes")
+        each("buffer", self, ">= 0", "max_staleness", "wal_reserve_bytes", "max_epochs",
+             "max_tokens_per_trajectory")
         each("buffer", self, PORT, "metrics_port")
         each("buffer", self, ">= 1", "groups_per_step", "max_inflight")
-        each("buffer", self, "> 0", "lease_timeout_s")  # finite too (RunConfig): in every Credit
+        # lease_timeout_s travels in every Credit (finite: RunConfig); segment_bytes <= 0 rotated
+        # the WAL after every record (1,179 segments in 60 steps)
+        each("buffer", self, "> 0", "lease_timeout_s", "segment_bytes")
         _check("buffer.capacity", self.capacity >= self.groups_per_step,
                ">= buffer.groups_per_step", self.capacity)
         _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
