@@ -43,11 +43,23 @@ def _timeout(seconds: int) -> int | None:
     return seconds if threading.current_thread() is threading.main_thread() else None
 
 
-@lru_cache(maxsize=4096)
 def _reference(answer: str) -> tuple:
-    """The reference's readings (sympy objects and strings); a group's samples share one parse."""
-    return tuple(parse(f"${_normalise(answer)}$", list(REFERENCE_CONFIG),
-                       parsing_timeout=_timeout(PARSE_TIMEOUT_S)))
+    """The reference's readings (sympy objects and strings), () when it has none."""
+    try:
+        return _parsed_reference(answer)
+    except LookupError:
+        return ()
+
+
+@lru_cache(maxsize=4096)
+def _parsed_reference(answer: str) -> tuple:
+    """A group's samples share one parse. No reading raises, so it is not cached: a parse past
+    its timeout also yields none (a loaded machine; the first parse imports sympy), and cached it
+    scored every later sample of that reference 0."""
+    if found := tuple(parse(f"${_normalise(answer)}$", list(REFERENCE_CONFIG),
+                            parsing_timeout=_timeout(PARSE_TIMEOUT_S))):
+        return found
+    raise LookupError(answer)
 
 
 def _choice(response: str) -> str | None:

@@ -164,3 +164,23 @@ def test_a_negative_with_a_leading_zero_scores_as_the_parser_reads_it(response, 
     1.0."""
     monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 60)
     assert rewards.parse(response) == [] and math_reward(response, Example("", reference)) == 0.0
+
+
+def test_a_reference_parse_that_yields_nothing_is_not_remembered(monkeypatch):
+    """math-verify returns [] for a parse past its timeout (a loaded machine; a fresh worker's
+    first parse imports sympy). Cached, that empty reading scored every later sample of the
+    reference 0 for the rest of the run."""
+    reference = r"\frac{7}{13}"  # used by no other test: nothing cached for it
+    real_parse = rewards.parse
+    timed_out = [True]
+
+    def parse_once_timing_out(text, *a, **k):
+        if timed_out and "13" in text and text.startswith("$"):
+            timed_out.clear()
+            return []  # what math-verify gives on a timeout
+        return real_parse(text, *a, **k)
+
+    monkeypatch.setattr(rewards, "parse", parse_once_timing_out)
+    assert math_reward(r"\boxed{\frac{7}{13}}", Example("", reference)) == 0.0  # the timeout
+    assert not timed_out
+    assert math_reward(r"\boxed{\frac{7}{13}}", Example("", reference)) == 1.0
