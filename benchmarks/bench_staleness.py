@@ -295,7 +295,9 @@ def parse_args():
     ap.add_argument("--from-runs", default=None,
                     help="summarise the run directories kept under this path "
                          "(--keep) instead of running; the cells' wall_s is then the runs' own")
-    ap.add_argument("--png", default=str(Path(__file__).with_name("staleness.png")))
+    ap.add_argument("--png", default=None,
+                    help="the plot (default: the --plot or --out file as .png, else "
+                         "./staleness.png; never the published benchmarks/staleness.png)")
     ap.add_argument("--table", action="store_true", help="with --plot: print the markdown table")
     args = ap.parse_args()
     q = args.quick
@@ -305,6 +307,7 @@ def parse_args():
     args.steps = args.steps or (24 if q else 80)
     args.eval_examples = args.eval_examples or (128 if q else 256)
     args.kernels = args.kernels.split(",")
+    args.png = args.png or str(Path(args.plot or args.out or "staleness.jsonl").with_suffix(".png"))
     return args
 
 

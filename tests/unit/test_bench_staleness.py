@@ -57,3 +57,13 @@ def test_a_cell_pools_its_seeds_and_its_ratio_is_over_the_same_kernel_at_eta_0()
     assert off["lag_exact_frac"] == 1.0 and off["staleness_max"] == 2
     table = bench.markdown_table(lines)
     assert "| vcpo | 0.700 [0.80 0.60] (0 div) | 0.350 [0.35 0.35], 0.50 (0 div) |" in table
+
+
+def test_the_plot_goes_beside_its_json_lines_never_over_the_published_figure(monkeypatch):
+    published = ROOT / "benchmarks" / "staleness.png"
+    for argv, png in ((["--quick"], "staleness.png"), (["--out", "q.jsonl"], "q.png"),
+                      (["--plot", "old.jsonl", "--table"], "old.png"),
+                      (["--plot", "a.jsonl", "--png", "b.png"], "b.png")):
+        monkeypatch.setattr(sys, "argv", ["bench_staleness.py", *argv])
+        got = bench.parse_args().png
+        assert got == png and Path(got).resolve() != published
