@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -103,11 +104,16 @@ def speedup_line(name: str, prefix: str, run_once, args) -> dict:
     from eta 0's measured generation and training phases, ratio = achieved / ideal."""
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs 2 cores: one for the rollout pool, one for the trainer pool")
+    if not 0 <= args.skip <= args.steps - 2:
+        raise SystemExit(f"--skip {args.skip} with --steps {args.steps} leaves no steps to "
+                         "measure: the figures need --skip between 0 and --steps - 2")
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        root = Path(args.keep) if args.keep else Path(tmp)
-        sync = run_once(root / "eta0", 0, args)
-        asyn = run_once(root / "eta4", 4, args)
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix=prefix))
+    # a failed run exits naming its logs: they stay; a finished temporary root goes
+    sync = run_once(root / "eta0", 0, args)
+    asyn = run_once(root / "eta4", 4, args)
+    if not args.keep:
+        shutil.rmtree(root)
     sps_sync, sps_async = throughput(sync, args.skip), throughput(asyn, args.skip)
     g, t = phases(sync, args.skip)
     achieved, ideal = sps_async / sps_sync, (g + t) / max(g, t)

@@ -52,6 +52,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -326,17 +327,19 @@ def summarize_kept(root: Path, args) -> list[dict]:
 
 def run_cells(args) -> list[dict]:
     lines = []
-    with tempfile.TemporaryDirectory(prefix="bench_staleness_") as tmp:
-        root = Path(args.keep).resolve() if args.keep else Path(tmp)
-        for eta in args.etas:
-            for kernel in args.kernels:
-                t0 = time.monotonic()
-                seeds = range(args.first_seed, args.first_seed + args.seeds)
-                runs = [run_cell_seed(kernel, eta, seed, args.steps, args, root) for seed in seeds]
-                lines.append(summarize_cell(kernel, eta, runs, args.steps, time.monotonic() - t0))
-                print(f"[bench] {kernel} eta={eta}: acc {lines[-1]['figure']} "
-                      f"in {lines[-1]['wall_s']}s",
-                      file=sys.stderr, flush=True)
+    # a failed run exits naming its logs: they stay; a finished temporary root goes
+    root = Path(args.keep or tempfile.mkdtemp(prefix="bench_staleness_")).resolve()
+    for eta in args.etas:
+        for kernel in args.kernels:
+            t0 = time.monotonic()
+            seeds = range(args.first_seed, args.first_seed + args.seeds)
+            runs = [run_cell_seed(kernel, eta, seed, args.steps, args, root) for seed in seeds]
+            lines.append(summarize_cell(kernel, eta, runs, args.steps, time.monotonic() - t0))
+            print(f"[bench] {kernel} eta={eta}: acc {lines[-1]['figure']} "
+                  f"in {lines[-1]['wall_s']}s",
+                  file=sys.stderr, flush=True)
+    if not args.keep:
+        shutil.rmtree(root)
     return lines
 
 

@@ -67,3 +67,19 @@ def test_the_plot_goes_beside_its_json_lines_never_over_the_published_figure(mon
         monkeypatch.setattr(sys, "argv", ["bench_staleness.py", *argv])
         got = bench.parse_args().png
         assert got == png and Path(got).resolve() != published
+
+
+def test_a_failed_run_keeps_the_logs_its_message_names(monkeypatch, tmp_path):
+    # the runs' temporary root was deleted on the way out, the logs named with it
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+
+    def failing(cfg, quiet):
+        (Path(cfg.run_dir) / "logs").mkdir(parents=True)
+        return 1
+
+    monkeypatch.setattr(bench, "run_job", failing)
+    monkeypatch.setattr(sys, "argv", ["bench_staleness.py", "--kernels", "ppo", "--etas", "0",
+                                      "--seeds", "1"])
+    with pytest.raises(SystemExit, match="logs in") as failed:
+        bench.run_cells(bench.parse_args())
+    assert Path(str(failed.value).rsplit("logs in ", 1)[1]).is_dir()
