@@ -59,6 +59,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -405,12 +406,14 @@ def main() -> None:
     version = trl_version()
     if version is None:
         say(TRL_MISSING)
-    with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
-        root = Path(args.keep).resolve() if args.keep else Path(tmp)
-        if args.user_path:
-            lines = [run_user_path(root, cpus, budget, eval_n, args.seed, args.repeats, version)]
-        else:
-            lines = synthetic_lines(root, cpus, budget, eval_n, args.seed, version)
+    # a failed run exits naming its logs: they stay; a finished temporary root goes
+    root = Path(args.keep or tempfile.mkdtemp(prefix="bench_vs_trl_")).resolve()
+    if args.user_path:
+        lines = [run_user_path(root, cpus, budget, eval_n, args.seed, args.repeats, version)]
+    else:
+        lines = synthetic_lines(root, cpus, budget, eval_n, args.seed, version)
+    if not args.keep:
+        shutil.rmtree(root)
     load = os.getloadavg()[0]
     # loaded, TRL's two torch threads wait on each other at every op (user path, load ~13 on 2
     # cores: 12 samples/s; one thread on one core: 314), so the ratio then says little

@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -286,16 +287,17 @@ def system_blocked(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO))
     med: dict[bool, float] = {}
     extra: dict[str, object] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_ws_system_") as tmp:
-        for overlap in (False, True):
-            recs = system_run(Path(tmp) / f"overlap_{overlap}", overlap, args)[args.skip:]
-            blocked = [r["phase_seconds"]["weight_sync"] for r in recs]
-            med[overlap] = statistics.median(blocked)
-            extra[f"sync_s_overlap_{overlap}"] = round(
-                statistics.median(r["weight_sync"]["seconds"] for r in recs), 4)
-            extra[f"step_s_overlap_{overlap}"] = round(
-                statistics.median(r["step_seconds"] for r in recs), 4)
-            extra["bytes"] = recs[-1]["weight_sync"]["bytes"]
+    tmp = tempfile.mkdtemp(prefix="bench_ws_system_")  # kept with a failed run's logs
+    for overlap in (False, True):
+        recs = system_run(Path(tmp) / f"overlap_{overlap}", overlap, args)[args.skip:]
+        blocked = [r["phase_seconds"]["weight_sync"] for r in recs]
+        med[overlap] = statistics.median(blocked)
+        extra[f"sync_s_overlap_{overlap}"] = round(
+            statistics.median(r["weight_sync"]["seconds"] for r in recs), 4)
+        extra[f"step_s_overlap_{overlap}"] = round(
+            statistics.median(r["step_seconds"] for r in recs), 4)
+        extra["bytes"] = recs[-1]["weight_sync"]["bytes"]
+    shutil.rmtree(tmp)
     print(json.dumps({
         "name": "weight_sync_trainer_blocked_small_model", "figure": round(med[True] * 1e3, 2),
         "unit": "ms trainer blocked per version (median)", "baseline": round(med[False] * 1e3, 2),
@@ -316,13 +318,13 @@ def system_lora(args: argparse.Namespace) -> None:
              f"model.num_hidden_layers={args.layers}", f"model.num_attention_heads={heads}",
              f"model.num_key_value_heads={max(1, heads // 2)}", "model.init_seed=0"]
     out: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_ws_lora_") as tmp:
-        for case, lora in (("full", []), ("lora", [f"trainer.lora.rank={args.lora}"])):
-            recs = system_run(Path(tmp) / case, not args.blocking, args,
-                              [*model, *lora])[args.skip:]
-            blocked = statistics.median(r["phase_seconds"]["weight_sync"] for r in recs)
-            out[case] = {"blocked": blocked, "bytes": recs[-1]["weight_sync"]["bytes"],
-                         "step_s": statistics.median(r["step_seconds"] for r in recs)}
+    tmp = tempfile.mkdtemp(prefix="bench_ws_lora_")  # kept with a failed run's logs
+    for case, lora in (("full", []), ("lora", [f"trainer.lora.rank={args.lora}"])):
+        recs = system_run(Path(tmp) / case, not args.blocking, args, [*model, *lora])[args.skip:]
+        blocked = statistics.median(r["phase_seconds"]["weight_sync"] for r in recs)
+        out[case] = {"blocked": blocked, "bytes": recs[-1]["weight_sync"]["bytes"],
+                     "step_s": statistics.median(r["step_seconds"] for r in recs)}
+    shutil.rmtree(tmp)
     full, lora = out["full"], out["lora"]
     print(json.dumps({
         "name": "weight_sync_lora_adapter_vs_full", "figure": round(lora["blocked"] * 1e3, 2),
@@ -359,6 +361,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--ports", type=str, default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if (args.lora or args.blocking) and not args.system:
+        ap.error("--lora and --blocking measure the real system: add --system")
+    if args.system and not 0 <= args.skip < args.steps:
+        ap.error(f"--skip {args.skip} leaves none of --steps {args.steps} to measure")
     if args.system and args.lora:
         system_lora(args)
         return

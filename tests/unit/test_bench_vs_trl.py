@@ -105,3 +105,20 @@ def test_medians_over_runs():
     pairs = ((30.0, 0.5), (10.0, 0.7), (20.0, 0.6))
     runs = [{"samples_per_s": s, "accuracy": {"greedy": g}} for s, g in pairs]
     assert (bench.median_of(runs, "samples_per_s"), bench.median_of(runs, "greedy")) == (20.0, 0.6)
+
+
+def test_a_failed_run_keeps_the_logs_its_message_names(monkeypatch, tmp_path):
+    # the temporary root was deleted on the way out, the logs named with it
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr(bench, "trl_version", lambda: "1.16.0")
+
+    def failing(root, *_):
+        (root / "ours_eta0" / "logs").mkdir(parents=True)
+        raise SystemExit(f"eta=0: the run trained nothing; logs in {root / 'ours_eta0' / 'logs'}")
+
+    monkeypatch.setattr(bench, "synthetic_lines", failing)
+    monkeypatch.setattr(bench.sys, "argv", ["bench_vs_trl.py", "--quick"])
+    with pytest.raises(SystemExit) as failed:
+        bench.main()
+    assert Path(str(failed.value).rsplit("logs in ", 1)[1]).is_dir()
