@@ -33,6 +33,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transport_report import load_warning  # noqa: E402
 
 from areal_like.settings.config import load_config  # noqa: E402
 from launch.job import job_specs, prepare  # noqa: E402
@@ -124,7 +127,7 @@ def speedup_line(name: str, prefix: str, run_once, args) -> dict:
         "generation_s": round(g, 3), "training_s": round(t, 3),
         "staleness_mean_eta4": round(sum(r["staleness_mean"] for r in asyn) / len(asyn), 2),
         "phases_eta0": phase_means(sync, args.skip), "phases_eta4": phase_means(asyn, args.skip),
-        "steps": args.steps, "wall_s": round(time.monotonic() - t0, 1),
+        "steps": args.steps, "wall_s": round(time.monotonic() - t0, 1), **load_warning(),
     }
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ import zmq
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from transport_report import load_warning  # noqa: E402
 
 from areal_like.net import security  # noqa: E402
 from areal_like.net.dealer import Client  # noqa: E402
@@ -447,7 +450,7 @@ def wal_ceiling(directory: Path, args) -> tuple[float, float]:
 
 
 def emit(**row) -> None:
-    print(json.dumps(row), flush=True)
+    print(json.dumps({**row, **load_warning()}), flush=True)
 
 
 def run_raw(keep: str, args, env: dict) -> tuple[float, float, dict]:
@@ -573,14 +576,7 @@ def curve_line(args, runs: dict, common: dict) -> None:
          rounds=[round(x[0], 1) for x in got], baseline_rounds=[round(x[0], 1) for x in base],
          by_io_threads={m: round(statistics.median(x[0] for x in runs[f"curve{m}"]), 1)
                         for m in args.curve_io_threads},
-         cores=len(os.sched_getaffinity(0)), **{k: v for k, v in got[-1][2].items()}, **common,
-         **load_warning())
-
-
-def load_warning() -> dict:
-    """A ``warning`` when other work keeps the machine busy (1-minute load above its CPU count)."""
-    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    return {"warning": f"loaded machine (load {load:.1f} on {cpus} CPUs)"} if load > cpus else {}
+         cores=len(os.sched_getaffinity(0)), **{k: v for k, v in got[-1][2].items()}, **common)
 
 
 def control_record_cost(leases: int, iterations: int = 300) -> None:

@@ -42,6 +42,9 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transport_report import load_warning  # noqa: E402
 
 from areal_like.net.metrics import scrape  # noqa: E402
 from areal_like.settings.config import load_config  # noqa: E402
@@ -173,7 +176,7 @@ def main() -> None:
                       "goal": "ratio <= 2", "clean": clean, "chaos": chaos, "steps": args.steps,
                       "checkpoint_every": args.checkpoint_every,
                       "checkpoint_async": args.checkpoint_async,
-                      "run_dir": str(root) if args.root else None}))
+                      "run_dir": str(root) if args.root else None, **load_warning()}))
 
 
 if __name__ == "__main__":

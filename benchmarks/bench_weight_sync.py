@@ -73,6 +73,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from transport_report import load_warning  # noqa: E402
+
 GROUP_TIMEOUT_S = 120.0  # rendezvous and every op; the whole benchmark must fit in well under it
 GROUP = "bench_weights"
 # flattened last: the final checksum checks the system's path
@@ -255,6 +258,7 @@ def report(results: dict, nbytes: int, n_buckets: int, n_tensors: int,
             "ratio_paired": round(paired, 3), "bytes": nbytes, "tensors": n_tensors,
             "buckets": n_buckets, "bucket_mb": args.bucket_mb,
             "receivers": 2, "trials": args.trials, "backend": "gloo", "load": os.getloadavg()[0],
+            **load_warning(),
         }), flush=True)
 
 
@@ -303,6 +307,7 @@ def system_blocked(args: argparse.Namespace) -> None:
         "unit": "ms trainer blocked per version (median)", "baseline": round(med[False] * 1e3, 2),
         "ratio": round(med[True] / med[False], 4), "goal": "figure <= 20 ms", **extra,
         "steps": args.steps, "skip": args.skip, "eta": args.eta, "load": os.getloadavg()[0],
+        **load_warning(),
     }), flush=True)
 
 
@@ -336,7 +341,7 @@ def system_lora(args: argparse.Namespace) -> None:
         "bytes_full": full["bytes"], "step_s_lora": round(lora["step_s"], 4),
         "step_s_full": round(full["step_s"], 4), "rank": args.lora, "hidden": args.hidden,
         "layers": args.layers,
-        "steps": args.steps, "skip": args.skip, "load": os.getloadavg()[0],
+        "steps": args.steps, "skip": args.skip, "load": os.getloadavg()[0], **load_warning(),
     }), flush=True)
 
 

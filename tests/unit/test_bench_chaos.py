@@ -45,3 +45,12 @@ def test_a_failed_run_keeps_its_logs_and_a_given_root_is_kept(monkeypatch, tmp_p
     with pytest.raises(SystemExit) as failed:
         bench.main()
     assert Path(str(failed.value).rsplit("logs in ", 1)[1]).is_dir()
+
+
+def test_a_loaded_machine_still_gets_its_line_with_a_warning(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(bench, "run", lambda run_dir, _a, chaos: {"wasted_share": 0.1})
+    monkeypatch.setattr(bench.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(sys, "argv", ["bench_chaos.py", "--root", str(tmp_path)])
+    bench.main()
+    assert "loaded machine" in json.loads(capsys.readouterr().out)["warning"]
