@@ -492,7 +492,8 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=2,
                     help="raw and buffer runs alternate this many times")
-    ap.add_argument("--fsync", nargs="+", default=["always", "never"])
+    ap.add_argument("--fsync", nargs="+", default=["always", "never"],
+                    choices=("always", "batch", "never"))
     ap.add_argument("--handout-groups", type=int, default=8)
     ap.add_argument("--curve-io-threads", type=int, nargs="*", default=[],
                     help="CURVE capacity: buffer.io_threads values to ingest with CURVE on and "
@@ -501,6 +502,8 @@ def main() -> None:
                     help="also run the raw server keeping every frame in memory "
                          "(what storing them costs)")
     args = ap.parse_args()
+    if len(args.curve_io_threads) == 1:  # its line compares two: it would run and print nothing
+        ap.error("--curve-io-threads takes a baseline and the values to compare, e.g. 1 2")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "AREAL_LIKE_LOG_LEVEL": "WARNING"}
     common = {"tokens": args.tokens, "group_size": args.group_size, "producers": args.producers}

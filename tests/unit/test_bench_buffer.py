@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("bench_buffer",
@@ -22,3 +26,13 @@ def test_every_line_carries_the_warning_of_a_loaded_machine(monkeypatch, capsys)
     monkeypatch.setattr(bench.os, "getloadavg", lambda: (7.6, 5.0, 5.0))
     bench.emit(name="raw_transport", figure=1.0)
     assert "load 7.6 on 2 CPUs" in json.loads(capsys.readouterr().out)["warning"]
+
+
+@pytest.mark.parametrize("argv, says", [(["--fsync", "sometimes"], "--fsync"),
+                                        (["--curve-io-threads", "2"], "--curve-io-threads")])
+def test_a_mistaken_flag_is_refused_before_anything_runs(argv, says):
+    # --fsync sometimes ran the raw round, then ended in BufferConfig's ConfigError traceback;
+    # one --curve-io-threads value ran the CURVE rounds and printed no line for them
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_buffer.py"), *argv],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and says in out.stderr.splitlines()[-1]
