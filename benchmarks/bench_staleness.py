@@ -60,7 +60,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from areal_like.settings.config import load_config  # noqa: E402
+from areal_like.settings.config import ConfigError, load_config  # noqa: E402
 from launch.job import run_job  # noqa: E402
 from launch.records import eval_records, step_records  # noqa: E402
 
@@ -326,6 +326,12 @@ def summarize_kept(root: Path, args) -> list[dict]:
 
 
 def run_cells(args) -> list[dict]:
+    for eta in args.etas:  # every cell's config before the first run: a typo costs no runs
+        for kernel in args.kernels:
+            try:
+                cell_config(kernel, eta, args.first_seed, args.steps, args, Path("check"))
+            except ConfigError as e:
+                raise SystemExit(f"{kernel} eta={eta}: {e}") from None
     lines = []
     # a failed run exits naming its logs: they stay; a finished temporary root goes
     root = Path(args.keep or tempfile.mkdtemp(prefix="bench_staleness_")).resolve()

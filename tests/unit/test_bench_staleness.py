@@ -83,3 +83,16 @@ def test_a_failed_run_keeps_the_logs_its_message_names(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match="logs in") as failed:
         bench.run_cells(bench.parse_args())
     assert Path(str(failed.value).rsplit("logs in ", 1)[1]).is_dir()
+
+
+def test_a_bad_kernel_or_override_is_refused_before_the_first_run(monkeypatch):
+    # a typo in the second kernel failed only after every cell of the first had run (minutes),
+    # and their lines were lost with it
+    ran = []
+    monkeypatch.setattr(bench, "run_job", lambda cfg, quiet: ran.append(cfg) or 0)
+    for argv, says in ((["--kernels", "ppo,vcpoo"], "vcpoo"),
+                       (["--kernels", "ppo", "--set", "trainer.lrr=1"], "trainer.lrr")):
+        monkeypatch.setattr(sys, "argv", ["bench_staleness.py", "--etas", "0", *argv])
+        with pytest.raises(SystemExit, match=says):
+            bench.run_cells(bench.parse_args())
+    assert ran == []
