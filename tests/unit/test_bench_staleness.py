@@ -85,9 +85,10 @@ def test_a_failed_run_keeps_the_logs_its_message_names(monkeypatch, tmp_path):
     assert Path(str(failed.value).rsplit("logs in ", 1)[1]).is_dir()
 
 
-def test_a_bad_kernel_or_override_is_refused_before_the_first_run(monkeypatch):
+def test_a_bad_kernel_or_override_is_refused_before_the_first_run(monkeypatch, tmp_path):
     # a typo in the second kernel failed only after every cell of the first had run (minutes),
     # and their lines were lost with it
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
     ran = []
     monkeypatch.setattr(bench, "run_job", lambda cfg, quiet: ran.append(cfg) or 0)
     for argv, says in ((["--kernels", "ppo,vcpoo"], "vcpoo"),
