@@ -110,6 +110,11 @@ def speedup_line(name: str, prefix: str, run_once, args) -> dict:
     if not 0 <= args.skip <= args.steps - 2:
         raise SystemExit(f"--skip {args.skip} with --steps {args.steps} leaves no steps to "
                          "measure: the figures need --skip between 0 and --steps - 2")
+    taken = [str(Path(args.keep) / d) for d in ("eta0", "eta4") if args.keep
+             and (Path(args.keep) / d).exists()]
+    if taken:  # the jobs would resume the finished runs and their old records be the figures
+        raise SystemExit(f"--keep {args.keep}: {', '.join(taken)} exist from an earlier run; "
+                         "choose a new directory")
     t0 = time.monotonic()
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix=prefix))
     # a failed run exits naming its logs: they stay; a finished temporary root goes

@@ -70,3 +70,15 @@ def test_a_loaded_machine_still_gets_its_line_with_a_warning(monkeypatch):
     monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
     line = bench.speedup_line("x", "bench_", fine, argparse.Namespace(steps=6, skip=2, keep=None))
     assert "loaded machine" in line["warning"]
+
+
+def test_a_keep_directory_holding_earlier_runs_is_refused_before_any_run(tmp_path):
+    # the jobs resumed the finished runs, trained nothing, and their old step records were
+    # printed as a new measurement (the same figures to the last digit)
+    def never(*_):
+        raise AssertionError("ran")
+
+    (tmp_path / "eta0").mkdir()
+    with pytest.raises(SystemExit, match="eta0 exist from an earlier run"):
+        bench.speedup_line("x", "bench_", never,
+                           argparse.Namespace(steps=6, skip=2, keep=str(tmp_path)))
