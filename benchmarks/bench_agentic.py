@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_async import run_job, speedup_line  # noqa: E402
+from transport_report import load_warning  # noqa: E402
 
 from areal_like.settings.config import load_config  # noqa: E402
 from areal_like.tasks.envs import LongTail  # noqa: E402
@@ -109,10 +110,10 @@ async def overhead(calls: int, tokens: int) -> dict:
     direct_ms, endpoint_ms, raw_ms = (statistics.median(times[k]) for k in ways)
     return {"name": "agent_endpoint_overhead_per_call", "figure": round(endpoint_ms - direct_ms, 3),
             "unit": "ms per call (endpoint - direct)", "baseline": round(direct_ms, 3),
-            "ratio": round(endpoint_ms / direct_ms, 3), "calls": calls,
+            "ratio": round(endpoint_ms / direct_ms, 3), "goal": None, "calls": calls,
             "plain_http_extra_ms": round(raw_ms - direct_ms, 3),
             "tokens_per_call": len(done.output_ids), "statistic": "median per call",
-            "prompt_tokens": len(ids)}
+            "prompt_tokens": len(ids), **load_warning()}
 
 
 async def _interleaved(ways: dict, calls: int) -> tuple[dict[str, list[float]], dict]:

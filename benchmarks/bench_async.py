@@ -26,12 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transport_report import load_warning  # noqa: E402
 
 from areal_like.settings.config import load_config  # noqa: E402
 from launch.job import job_specs, prepare  # noqa: E402
@@ -103,11 +107,21 @@ def speedup_line(name: str, prefix: str, run_once, args) -> dict:
     from eta 0's measured generation and training phases, ratio = achieved / ideal."""
     if len(os.sched_getaffinity(0)) < 2:
         raise SystemExit("needs 2 cores: one for the rollout pool, one for the trainer pool")
+    if not 0 <= args.skip <= args.steps - 2:
+        raise SystemExit(f"--skip {args.skip} with --steps {args.steps} leaves no steps to "
+                         "measure: the figures need --skip between 0 and --steps - 2")
+    taken = [str(Path(args.keep) / d) for d in ("eta0", "eta4") if args.keep
+             and (Path(args.keep) / d).exists()]
+    if taken:  # the jobs would resume the finished runs and their old records be the figures
+        raise SystemExit(f"--keep {args.keep}: {', '.join(taken)} exist from an earlier run; "
+                         "choose a new directory")
     t0 = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
-        root = Path(args.keep) if args.keep else Path(tmp)
-        sync = run_once(root / "eta0", 0, args)
-        asyn = run_once(root / "eta4", 4, args)
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix=prefix))
+    # a failed run exits naming its logs: they stay; a finished temporary root goes
+    sync = run_once(root / "eta0", 0, args)
+    asyn = run_once(root / "eta4", 4, args)
+    if not args.keep:
+        shutil.rmtree(root)
     sps_sync, sps_async = throughput(sync, args.skip), throughput(asyn, args.skip)
     g, t = phases(sync, args.skip)
     achieved, ideal = sps_async / sps_sync, (g + t) / max(g, t)
@@ -118,7 +132,7 @@ def speedup_line(name: str, prefix: str, run_once, args) -> dict:
         "generation_s": round(g, 3), "training_s": round(t, 3),
         "staleness_mean_eta4": round(sum(r["staleness_mean"] for r in asyn) / len(asyn), 2),
         "phases_eta0": phase_means(sync, args.skip), "phases_eta4": phase_means(asyn, args.skip),
-        "steps": args.steps, "wall_s": round(time.monotonic() - t0, 1),
+        "steps": args.steps, "wall_s": round(time.monotonic() - t0, 1), **load_warning(),
     }
 
 if __name__ == "__main__":

@@ -86,6 +86,9 @@ import zmq
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from transport_report import load_warning  # noqa: E402
 
 from areal_like.net import security  # noqa: E402
 from areal_like.net.dealer import Client  # noqa: E402
@@ -447,7 +450,7 @@ def wal_ceiling(directory: Path, args) -> tuple[float, float]:
 
 
 def emit(**row) -> None:
-    print(json.dumps(row), flush=True)
+    print(json.dumps({**row, **load_warning()}), flush=True)
 
 
 def run_raw(keep: str, args, env: dict) -> tuple[float, float, dict]:
@@ -489,7 +492,8 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=2,
                     help="raw and buffer runs alternate this many times")
-    ap.add_argument("--fsync", nargs="+", default=["always", "never"])
+    ap.add_argument("--fsync", nargs="+", default=["always", "never"],
+                    choices=("always", "batch", "never"))
     ap.add_argument("--handout-groups", type=int, default=8)
     ap.add_argument("--curve-io-threads", type=int, nargs="*", default=[],
                     help="CURVE capacity: buffer.io_threads values to ingest with CURVE on and "
@@ -498,6 +502,8 @@ def main() -> None:
                     help="also run the raw server keeping every frame in memory "
                          "(what storing them costs)")
     args = ap.parse_args()
+    if len(args.curve_io_threads) == 1:  # its line compares two: it would run and print nothing
+        ap.error("--curve-io-threads takes a baseline and the values to compare, e.g. 1 2")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
            "AREAL_LIKE_LOG_LEVEL": "WARNING"}
     common = {"tokens": args.tokens, "group_size": args.group_size, "producers": args.producers}
@@ -573,14 +579,7 @@ def curve_line(args, runs: dict, common: dict) -> None:
          rounds=[round(x[0], 1) for x in got], baseline_rounds=[round(x[0], 1) for x in base],
          by_io_threads={m: round(statistics.median(x[0] for x in runs[f"curve{m}"]), 1)
                         for m in args.curve_io_threads},
-         cores=len(os.sched_getaffinity(0)), **{k: v for k, v in got[-1][2].items()}, **common,
-         **load_warning())
-
-
-def load_warning() -> dict:
-    """A ``warning`` when other work keeps the machine busy (1-minute load above its CPU count)."""
-    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
-    return {"warning": f"loaded machine (load {load:.1f} on {cpus} CPUs)"} if load > cpus else {}
+         cores=len(os.sched_getaffinity(0)), **{k: v for k, v in got[-1][2].items()}, **common)
 
 
 def control_record_cost(leases: int, iterations: int = 300) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -41,6 +42,9 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from transport_report import load_warning  # noqa: E402
 
 from areal_like.net.metrics import scrape  # noqa: E402
 from areal_like.settings.config import load_config  # noqa: E402
@@ -160,15 +164,19 @@ def main() -> None:
     args = ap.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="bench-chaos-"))
     stamp = time.strftime("%H%M%S")
+    # a failed run exits naming its logs: they stay; a finished temporary root goes
     clean = run(root / f"clean-{stamp}", args, chaos=False)
     chaos = run(root / f"chaos-{stamp}", args, chaos=True)
-    print(json.dumps({"bench": "chaos", "figure": chaos["wasted_share"],
+    if not args.root:
+        shutil.rmtree(root)
+    print(json.dumps({"name": "chaos_wasted_generation", "figure": chaos["wasted_share"],
+                      "unit": "share of acked groups never trained",
                       "baseline": clean["wasted_share"],
                       "ratio": round(chaos["wasted_share"] / max(clean["wasted_share"], 1e-9), 2),
-                      "clean": clean, "chaos": chaos, "steps": args.steps,
+                      "goal": "ratio <= 2", "clean": clean, "chaos": chaos, "steps": args.steps,
                       "checkpoint_every": args.checkpoint_every,
                       "checkpoint_async": args.checkpoint_async,
-                      "run_dir": str(root)}))
+                      "run_dir": str(root) if args.root else None, **load_warning()}))
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
+from transport_report import load_warning  # noqa: E402 (beside this script)
 
 from areal_like.settings.config import EngineConfig, ModelConfig  # noqa: E402
 from areal_like.weights.hf import build_model  # noqa: E402
@@ -181,7 +182,7 @@ def measure(model, engine, lengths: str, args) -> dict:
             "round_ratios": [round(r[0], 3) for r in rounds], "requests": args.requests,
             "group": args.group, "batch": args.batch, "useful_tokens": tokens,
             "model": f"qwen2 h{args.hidden} L4 V4096 fp32", "threads": torch.get_num_threads(),
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
+            "load_avg_1m": round(os.getloadavg()[0], 2), **load_warning()}
 
 
 def main() -> None:

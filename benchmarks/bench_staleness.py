@@ -52,6 +52,7 @@ import contextlib
 import io
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -59,7 +60,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from areal_like.settings.config import load_config  # noqa: E402
+from areal_like.settings.config import ConfigError, load_config  # noqa: E402
 from launch.job import run_job  # noqa: E402
 from launch.records import eval_records, step_records  # noqa: E402
 
@@ -295,7 +296,9 @@ def parse_args():
     ap.add_argument("--from-runs", default=None,
                     help="summarise the run directories kept under this path "
                          "(--keep) instead of running; the cells' wall_s is then the runs' own")
-    ap.add_argument("--png", default=str(Path(__file__).with_name("staleness.png")))
+    ap.add_argument("--png", default=None,
+                    help="the plot (default: the --plot or --out file as .png, else "
+                         "./staleness.png; never the published benchmarks/staleness.png)")
     ap.add_argument("--table", action="store_true", help="with --plot: print the markdown table")
     args = ap.parse_args()
     q = args.quick
@@ -305,6 +308,7 @@ def parse_args():
     args.steps = args.steps or (24 if q else 80)
     args.eval_examples = args.eval_examples or (128 if q else 256)
     args.kernels = args.kernels.split(",")
+    args.png = args.png or str(Path(args.plot or args.out or "staleness.jsonl").with_suffix(".png"))
     return args
 
 
@@ -322,18 +326,26 @@ def summarize_kept(root: Path, args) -> list[dict]:
 
 
 def run_cells(args) -> list[dict]:
+    for eta in args.etas:  # every cell's config before the first run: a typo costs no runs
+        for kernel in args.kernels:
+            try:
+                cell_config(kernel, eta, args.first_seed, args.steps, args, Path("check"))
+            except ConfigError as e:
+                raise SystemExit(f"{kernel} eta={eta}: {e}") from None
     lines = []
-    with tempfile.TemporaryDirectory(prefix="bench_staleness_") as tmp:
-        root = Path(args.keep).resolve() if args.keep else Path(tmp)
-        for eta in args.etas:
-            for kernel in args.kernels:
-                t0 = time.monotonic()
-                seeds = range(args.first_seed, args.first_seed + args.seeds)
-                runs = [run_cell_seed(kernel, eta, seed, args.steps, args, root) for seed in seeds]
-                lines.append(summarize_cell(kernel, eta, runs, args.steps, time.monotonic() - t0))
-                print(f"[bench] {kernel} eta={eta}: acc {lines[-1]['figure']} "
-                      f"in {lines[-1]['wall_s']}s",
-                      file=sys.stderr, flush=True)
+    # a failed run exits naming its logs: they stay; a finished temporary root goes
+    root = Path(args.keep or tempfile.mkdtemp(prefix="bench_staleness_")).resolve()
+    for eta in args.etas:
+        for kernel in args.kernels:
+            t0 = time.monotonic()
+            seeds = range(args.first_seed, args.first_seed + args.seeds)
+            runs = [run_cell_seed(kernel, eta, seed, args.steps, args, root) for seed in seeds]
+            lines.append(summarize_cell(kernel, eta, runs, args.steps, time.monotonic() - t0))
+            print(f"[bench] {kernel} eta={eta}: acc {lines[-1]['figure']} "
+                  f"in {lines[-1]['wall_s']}s",
+                  file=sys.stderr, flush=True)
+    if not args.keep:
+        shutil.rmtree(root)
     return lines
 
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from transport_report import load_warning  # noqa: E402 (beside this script)
 
 
 def workload_batch(n_groups: int, group_size: int, max_new: int, seed: int = 0):
@@ -155,7 +156,7 @@ def main() -> None:
         "unit": "ms per step (median)",
         "baseline": round(base * 1e3, 2), "ratio": round(fig / base, 3), "goal": 1.3,
         "tokens": batch.n_tokens, "seqs": batch.n_seqs, "padded_shape": list(batch.input_ids.shape),
-        "trials": args.trials, "overrides": args.overrides,
+        "trials": args.trials, "overrides": args.overrides, **load_warning(),
     }))
 
 

@@ -59,6 +59,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -382,11 +383,12 @@ def median_of(runs: list[dict], key: str) -> float:
 # ---------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget-s", type=float, default=180.0,
-                    help="RL wall budget per system and run")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="RL wall budget per system and run (default 180; --quick 60)")
     ap.add_argument("--quick", action="store_true", help="a 60 s budget and 128 held-out prompts")
-    ap.add_argument("--eval-prompts", type=int, default=256,
-                    help="held-out prompts scored (not --user-path: all its 512)")
+    ap.add_argument("--eval-prompts", type=int, default=None,
+                    help="held-out prompts scored (default 256; --quick 128; not --user-path: "
+                         "all its 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--user-path", action="store_true",
                     help="the user's path instead: an HF model directory, a JSONL, "
@@ -394,7 +396,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="--user-path: runs per system (medians)")
     ap.add_argument("--keep", default=None, help="keep every run directory under this path")
     args = ap.parse_args()
-    budget, eval_n = (60.0, 128) if args.quick else (args.budget_s, args.eval_prompts)
+    budget = args.budget_s or (60.0 if args.quick else 180.0)  # what the user set wins
+    eval_n = args.eval_prompts or (128 if args.quick else 256)
     if args.user_path:
         eval_n = USER_EVAL_ROWS  # all of them: the accuracy goal's slack is below 256's error
     cpus = sorted(os.sched_getaffinity(0))[:2]
@@ -405,12 +408,14 @@ def main() -> None:
     version = trl_version()
     if version is None:
         say(TRL_MISSING)
-    with tempfile.TemporaryDirectory(prefix="bench_vs_trl_") as tmp:
-        root = Path(args.keep).resolve() if args.keep else Path(tmp)
-        if args.user_path:
-            lines = [run_user_path(root, cpus, budget, eval_n, args.seed, args.repeats, version)]
-        else:
-            lines = synthetic_lines(root, cpus, budget, eval_n, args.seed, version)
+    # a failed run exits naming its logs: they stay; a finished temporary root goes
+    root = Path(args.keep or tempfile.mkdtemp(prefix="bench_vs_trl_")).resolve()
+    if args.user_path:
+        lines = [run_user_path(root, cpus, budget, eval_n, args.seed, args.repeats, version)]
+    else:
+        lines = synthetic_lines(root, cpus, budget, eval_n, args.seed, version)
+    if not args.keep:
+        shutil.rmtree(root)
     load = os.getloadavg()[0]
     # loaded, TRL's two torch threads wait on each other at every op (user path, load ~13 on 2
     # cores: 12 samples/s; one thread on one core: 314), so the ratio then says little

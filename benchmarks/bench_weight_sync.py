@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -72,6 +73,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+from transport_report import load_warning  # noqa: E402
+
 GROUP_TIMEOUT_S = 120.0  # rendezvous and every op; the whole benchmark must fit in well under it
 GROUP = "bench_weights"
 # flattened last: the final checksum checks the system's path
@@ -254,6 +258,7 @@ def report(results: dict, nbytes: int, n_buckets: int, n_tensors: int,
             "ratio_paired": round(paired, 3), "bytes": nbytes, "tensors": n_tensors,
             "buckets": n_buckets, "bucket_mb": args.bucket_mb,
             "receivers": 2, "trials": args.trials, "backend": "gloo", "load": os.getloadavg()[0],
+            **load_warning(),
         }), flush=True)
 
 
@@ -286,21 +291,23 @@ def system_blocked(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO))
     med: dict[bool, float] = {}
     extra: dict[str, object] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_ws_system_") as tmp:
-        for overlap in (False, True):
-            recs = system_run(Path(tmp) / f"overlap_{overlap}", overlap, args)[args.skip:]
-            blocked = [r["phase_seconds"]["weight_sync"] for r in recs]
-            med[overlap] = statistics.median(blocked)
-            extra[f"sync_s_overlap_{overlap}"] = round(
-                statistics.median(r["weight_sync"]["seconds"] for r in recs), 4)
-            extra[f"step_s_overlap_{overlap}"] = round(
-                statistics.median(r["step_seconds"] for r in recs), 4)
-            extra["bytes"] = recs[-1]["weight_sync"]["bytes"]
+    tmp = tempfile.mkdtemp(prefix="bench_ws_system_")  # kept with a failed run's logs
+    for overlap in (False, True):
+        recs = system_run(Path(tmp) / f"overlap_{overlap}", overlap, args)[args.skip:]
+        blocked = [r["phase_seconds"]["weight_sync"] for r in recs]
+        med[overlap] = statistics.median(blocked)
+        extra[f"sync_s_overlap_{overlap}"] = round(
+            statistics.median(r["weight_sync"]["seconds"] for r in recs), 4)
+        extra[f"step_s_overlap_{overlap}"] = round(
+            statistics.median(r["step_seconds"] for r in recs), 4)
+        extra["bytes"] = recs[-1]["weight_sync"]["bytes"]
+    shutil.rmtree(tmp)
     print(json.dumps({
         "name": "weight_sync_trainer_blocked_small_model", "figure": round(med[True] * 1e3, 2),
         "unit": "ms trainer blocked per version (median)", "baseline": round(med[False] * 1e3, 2),
         "ratio": round(med[True] / med[False], 4), "goal": "figure <= 20 ms", **extra,
         "steps": args.steps, "skip": args.skip, "eta": args.eta, "load": os.getloadavg()[0],
+        **load_warning(),
     }), flush=True)
 
 
@@ -316,13 +323,13 @@ def system_lora(args: argparse.Namespace) -> None:
              f"model.num_hidden_layers={args.layers}", f"model.num_attention_heads={heads}",
              f"model.num_key_value_heads={max(1, heads // 2)}", "model.init_seed=0"]
     out: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="bench_ws_lora_") as tmp:
-        for case, lora in (("full", []), ("lora", [f"trainer.lora.rank={args.lora}"])):
-            recs = system_run(Path(tmp) / case, not args.blocking, args,
-                              [*model, *lora])[args.skip:]
-            blocked = statistics.median(r["phase_seconds"]["weight_sync"] for r in recs)
-            out[case] = {"blocked": blocked, "bytes": recs[-1]["weight_sync"]["bytes"],
-                         "step_s": statistics.median(r["step_seconds"] for r in recs)}
+    tmp = tempfile.mkdtemp(prefix="bench_ws_lora_")  # kept with a failed run's logs
+    for case, lora in (("full", []), ("lora", [f"trainer.lora.rank={args.lora}"])):
+        recs = system_run(Path(tmp) / case, not args.blocking, args, [*model, *lora])[args.skip:]
+        blocked = statistics.median(r["phase_seconds"]["weight_sync"] for r in recs)
+        out[case] = {"blocked": blocked, "bytes": recs[-1]["weight_sync"]["bytes"],
+                     "step_s": statistics.median(r["step_seconds"] for r in recs)}
+    shutil.rmtree(tmp)
     full, lora = out["full"], out["lora"]
     print(json.dumps({
         "name": "weight_sync_lora_adapter_vs_full", "figure": round(lora["blocked"] * 1e3, 2),
@@ -334,7 +341,7 @@ def system_lora(args: argparse.Namespace) -> None:
         "bytes_full": full["bytes"], "step_s_lora": round(lora["step_s"], 4),
         "step_s_full": round(full["step_s"], 4), "rank": args.lora, "hidden": args.hidden,
         "layers": args.layers,
-        "steps": args.steps, "skip": args.skip, "load": os.getloadavg()[0],
+        "steps": args.steps, "skip": args.skip, "load": os.getloadavg()[0], **load_warning(),
     }), flush=True)
 
 
@@ -359,6 +366,10 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--ports", type=str, default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if (args.lora or args.blocking) and not args.system:
+        ap.error("--lora and --blocking measure the real system: add --system")
+    if args.system and not 0 <= args.skip < args.steps:
+        ap.error(f"--skip {args.skip} leaves none of --steps {args.steps} to measure")
     if args.system and args.lora:
         system_lora(args)
         return

@@ -422,7 +422,8 @@ def main() -> None:
     ap.add_argument("--samples", default="soak_samples.jsonl", help="JSONL of every sample")
     ap.add_argument("--from-samples", help="only summarize this samples file (no run)")
     ap.add_argument("--root", help="directory for the run (default: a new temporary one)")
-    ap.add_argument("--keep", action="store_true", help="keep the run directory")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the run directory (ROOT/run; a temporary ROOT goes whole)")
     args = ap.parse_args()
     # SIGINT is ignored in a shell's background job: both signals end the soak early, cleanly
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -438,10 +439,14 @@ def main() -> None:
         try:
             samples = soak(root.resolve(), args)
         finally:
-            if not args.keep:
-                shutil.rmtree(root, ignore_errors=True)
+            if not args.keep:  # what the soak made: a --root given may hold other things
+                shutil.rmtree(root / "run" if args.root else root, ignore_errors=True)
     rotate_bytes = int(args.log_max_mb * 2**20) * (LOG_BACKUPS + 1)
-    for case in summarize(samples, args.warmup_frac, args.window_frac, rotate_bytes=rotate_bytes):
+    try:
+        cases = summarize(samples, args.warmup_frac, args.window_frac, rotate_bytes=rotate_bytes)
+    except ValueError as e:  # e.g. a --minutes too short for the job to train past its start
+        raise SystemExit(f"soak: {e}") from None
+    for case in cases:
         print(json.dumps(case), flush=True)
 
 

@@ -57,3 +57,43 @@ def test_a_cell_pools_its_seeds_and_its_ratio_is_over_the_same_kernel_at_eta_0()
     assert off["lag_exact_frac"] == 1.0 and off["staleness_max"] == 2
     table = bench.markdown_table(lines)
     assert "| vcpo | 0.700 [0.80 0.60] (0 div) | 0.350 [0.35 0.35], 0.50 (0 div) |" in table
+
+
+def test_the_plot_goes_beside_its_json_lines_never_over_the_published_figure(monkeypatch):
+    published = ROOT / "benchmarks" / "staleness.png"
+    for argv, png in ((["--quick"], "staleness.png"), (["--out", "q.jsonl"], "q.png"),
+                      (["--plot", "old.jsonl", "--table"], "old.png"),
+                      (["--plot", "a.jsonl", "--png", "b.png"], "b.png")):
+        monkeypatch.setattr(sys, "argv", ["bench_staleness.py", *argv])
+        got = bench.parse_args().png
+        assert got == png and Path(got).resolve() != published
+
+
+def test_a_failed_run_keeps_the_logs_its_message_names(monkeypatch, tmp_path):
+    # the runs' temporary root was deleted on the way out, the logs named with it
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+
+    def failing(cfg, quiet):
+        (Path(cfg.run_dir) / "logs").mkdir(parents=True)
+        return 1
+
+    monkeypatch.setattr(bench, "run_job", failing)
+    monkeypatch.setattr(sys, "argv", ["bench_staleness.py", "--kernels", "ppo", "--etas", "0",
+                                      "--seeds", "1"])
+    with pytest.raises(SystemExit, match="logs in") as failed:
+        bench.run_cells(bench.parse_args())
+    assert Path(str(failed.value).rsplit("logs in ", 1)[1]).is_dir()
+
+
+def test_a_bad_kernel_or_override_is_refused_before_the_first_run(monkeypatch, tmp_path):
+    # a typo in the second kernel failed only after every cell of the first had run (minutes),
+    # and their lines were lost with it
+    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
+    ran = []
+    monkeypatch.setattr(bench, "run_job", lambda cfg, quiet: ran.append(cfg) or 0)
+    for argv, says in ((["--kernels", "ppo,vcpoo"], "vcpoo"),
+                       (["--kernels", "ppo", "--set", "trainer.lrr=1"], "trainer.lrr")):
+        monkeypatch.setattr(sys, "argv", ["bench_staleness.py", "--etas", "0", *argv])
+        with pytest.raises(SystemExit, match=says):
+            bench.run_cells(bench.parse_args())
+    assert ran == []

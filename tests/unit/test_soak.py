@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -137,3 +138,28 @@ def test_a_leak_under_the_ratio_fails_the_week_budget_and_a_few_files_fail_the_a
     flat = {c["name"]: c for c in soak.summarize(_samples(), cores=2)}
     assert flat["soak_rss_week/trainer"]["figure"] == 0.0
     assert flat["soak_fds/trainer"]["growth"] == 0
+
+
+def test_a_root_given_keeps_what_it_held_and_too_short_a_run_says_why(monkeypatch, tmp_path):
+    # without --keep the soak deleted the whole --root, the user's files in it too; a run that
+    # trained no version ended in a ValueError traceback
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "precious.txt").write_text("not the soak's")
+
+    def short(run_root: Path, _args) -> list[dict]:
+        (run_root / "run").mkdir()
+        return [{"t": 0.0, "version": None, "procs": {}, "disk": {}}]
+
+    monkeypatch.setattr(soak, "soak", short)
+    monkeypatch.setattr(sys, "argv", ["soak.py", "--minutes", "1", "--root", str(root),
+                                      "--samples", str(tmp_path / "s.jsonl")])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit, match="nothing to summarize"):
+            soak.main()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert (root / "precious.txt").read_text() == "not the soak's"
+    assert not (root / "run").exists()
