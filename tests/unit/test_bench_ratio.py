@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -65,3 +66,16 @@ def test_the_chaos_ratio_is_the_clean_waste_over_the_chaos_waste(
     line = json.loads(capsys.readouterr().out)
     assert line["ratio"] == ratio and (ratio >= line["goal"]) == (chaos <= 2 * clean)
 
+
+def test_no_published_line_states_its_goal_lower_is_better_or_without_what_it_bounds():
+    """A goal is null, a number (ratio >= goal) or a string naming what it bounds: "<= 0.05" left
+    the reader to guess which field, "ratio <= 1.1" read the other way round."""
+    seen = 0
+    for path in BENCH.glob("*.jsonl"):
+        for text in path.read_text().splitlines():
+            goal = json.loads(text).get("goal") if text.strip() else None
+            seen += 1
+            if isinstance(goal, str):
+                assert not re.match(r"\s*[<>]=", goal), (path.name, goal)
+                assert not re.search(r"ratio <=|/ bound <=", goal), (path.name, goal)
+    assert seen > 100
