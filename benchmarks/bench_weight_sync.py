@@ -47,7 +47,7 @@ drives the real sender and real engines, so the same goals are measured on a har
 embedded engine generating, a 1-rank trainer; tiny Qwen2, 1.3 MB, 2-digit addition, 8 x 8
 samples, 8 new tokens, eta 4, pinned cores), with ``trainer.weight_sync.overlap`` false and true;
 figure = median time the trainer spends in ``push`` per version (its ``weight_sync`` phase) with
-overlap, baseline = without, goal <= 20 ms:
+overlap, baseline = without, ratio = baseline / figure (higher is better), goal: figure <= 20 ms:
 
     .venv/bin/python benchmarks/bench_weight_sync.py --system [--steps 25]
 
@@ -251,7 +251,7 @@ def report(results: dict, nbytes: int, n_buckets: int, n_tensors: int,
         print(json.dumps({
             "name": f"weight_sync_{case}_vs_flat", "figure": round(nbytes / t_load / 1e9, 3),
             "unit": "GB/s", "baseline": round(nbytes / t_flat / 1e9, 3),
-            "ratio": round(t_flat / t_load, 3), "goal": ">= 0.85", "loaded_s": round(t_load, 4),
+            "ratio": round(t_flat / t_load, 3), "goal": 0.85, "loaded_s": round(t_load, 4),
             "pause_s": round(pause, 4), "transfer_s": round(t_flat, 4),
             "pause_over_transfer": round(pause / t_flat, 3), "pause_goal": "<= 1.2",
             "ratio_best_trials": round(best_flat / min(r[0] for r in rows), 3),
@@ -303,12 +303,19 @@ def system_blocked(args: argparse.Namespace) -> None:
         extra["bytes"] = recs[-1]["weight_sync"]["bytes"]
     shutil.rmtree(tmp)
     print(json.dumps({
-        "name": "weight_sync_trainer_blocked_small_model", "figure": round(med[True] * 1e3, 2),
-        "unit": "ms trainer blocked per version (median)", "baseline": round(med[False] * 1e3, 2),
-        "ratio": round(med[True] / med[False], 4), "goal": "figure <= 20 ms", **extra,
+        **blocked_line(med[True], med[False]), **extra,
         "steps": args.steps, "skip": args.skip, "eta": args.eta, "load": os.getloadavg()[0],
         **load_warning(),
     }), flush=True)
+
+
+def blocked_line(overlap_s: float, blocking_s: float) -> dict:
+    """``--system``'s common keys: the trainer's blocked seconds per version with and without
+    overlap."""
+    return {"name": "weight_sync_trainer_blocked_small_model", "figure": round(overlap_s * 1e3, 2),
+            "unit": "ms trainer blocked per version (median)",
+            "baseline": round(blocking_s * 1e3, 2), "ratio": round(blocking_s / overlap_s, 4),
+            "goal": "figure <= 20 ms"}
 
 
 def system_lora(args: argparse.Namespace) -> None:

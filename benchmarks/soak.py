@@ -17,22 +17,26 @@ as ``other``), plus the trainer's latest policy version. Samples go to
 At the end it prints one JSON line per case (the benchmarks' convention: ``name``, ``figure``,
 ``unit``, ``baseline``, ``ratio``, ``goal``, ``warning`` when the machine was loaded):
 
+Every ``ratio`` is higher-is-better (baseline / figure where a smaller figure is better):
+
 * ``soak_rss/<proc>``: RSS at the end (mean of the last window) against RSS right after warm-up
-  (mean of the first window after it); goal ratio <= 1.10.
+  (mean of the first window after it); ratio = baseline / figure, goal ratio >= 0.91 (growth
+  within 10%).
 * ``soak_rss_week/<proc>``: the ratio alone misses a large leak in a short run (10% of 400 MB is
   40 MB, a week's leak of 2 KB a version), so the least-squares RSS slope per version after
   warm-up is extrapolated to a week of a GPU job's steps (7 x 2,880 = 20,160 versions: the
   soak's clock is its versions, compressed; its seconds are not) as ``figure`` (MB), against
-  ``RSS_WEEK_BUDGET_MB`` (64 MB a process) as ``baseline``; goal ratio <= 1.
+  ``RSS_WEEK_BUDGET_MB`` (64 MB a process) as ``baseline``; ratio = baseline / figure (a figure
+  under 0.1 MB, or a shrinking RSS, counts as 0.1 MB), goal ratio >= 1.
 * ``soak_fds/<proc>``: the same windows for open files, with an absolute goal: ``growth`` (end
-  minus baseline) <= ``FD_GROWTH_MAX`` (2; a ratio of 1.10 would let 50 files leak 5).
+  minus baseline) <= ``FD_GROWTH_MAX`` (2; a ratio of 0.91 would let 50 files leak 5).
 * ``soak_disk/<entry>``: KB the entry grows per 1,000 versions after warm-up (least squares). The
   goal follows the README's "Long runs: disk use" table: an entry held by retention
-  (``checkpoints``, ``export``, ``wal``) has ``ratio`` = its median size in the second half of
-  the post-warm-up samples over the median in the first half, goal <= 1.10 (``max_kb``: the
+  (``checkpoints``, ``export``, ``wal``) has ``ratio`` = its median size in the first half of
+  the post-warm-up samples over the median in the second half, goal >= 0.91 (``max_kb``: the
   largest, e.g. a checkpoint written before the oldest is deleted); a rotated one
-  (``logs/<daemon>.log``, ``metrics/scrape.jsonl``) its largest size ever over its bound
-  log_max_mb x (log_backups + 1), goal <= 1; one with no bound (``metrics/trainer.jsonl``,
+  (``logs/<daemon>.log``, ``metrics/scrape.jsonl``) its bound log_max_mb x (log_backups + 1)
+  over its largest size ever, goal >= 1; one with no bound (``metrics/trainer.jsonl``,
   ``tracking``, ``samples.jsonl``) its growth per day at a GPU job's 2,880 steps a day.
 
 **Warm-up** is the first ``--warmup-frac`` (default 0.25) of the time between the first sample
@@ -67,7 +71,7 @@ ROTATED = ("logs/", "metrics/scrape.jsonl")
 PER_FILE = ("logs", "metrics")  # entries sized per file (rotated backups with their file)
 GROWING = (*RETAINED, *PER_FILE, "tracking", "samples.jsonl", "eval.jsonl", "learning_curve.png",
            "summary.json")
-GOAL_RATIO = 1.10
+GOAL_RATIO = round(1 / 1.10, 2)  # baseline / figure: at most 10% growth
 LOG_BACKUPS = 2
 PROC_FIGURES = (("rss", "rss_kb", 1024, "MB"), ("fds", "fds", 1, "open files"))
 WEEK_VERSIONS = 7 * GPU_STEPS_PER_DAY
@@ -228,8 +232,8 @@ def proc_case(kind: str, name: str, series: list[tuple[float, int, float]], ph: 
                   [y for _, v, y in post if v is not None]) * 1000 / scale
     case = {"name": f"soak_{kind}/{name}", "figure": None if fig is None else round(fig, 2),
             "unit": unit, "baseline": None if base is None else round(base, 2),
-            "ratio": round(fig / base, 3) if base and fig is not None else None,
-            "goal": f"ratio <= {GOAL_RATIO} (flat after warm-up)",
+            "ratio": round(base / fig, 3) if fig and base is not None else None,
+            "goal": f"ratio >= {GOAL_RATIO} (flat after warm-up)",
             "start": round(_at(pts, ph["start"]) / scale, 2),
             "middle": round(_at(pts, ph["mid"]) / scale, 2),
             "end": round(_at(pts, ph["end"]) / scale, 2),
@@ -242,23 +246,24 @@ def proc_case(kind: str, name: str, series: list[tuple[float, int, float]], ph: 
 
 def week_case(name: str, per_1000_versions_mb: float) -> dict:
     """One process's ``soak_rss_week`` line: its RSS slope per 1,000 versions (MB) extrapolated
-    to WEEK_VERSIONS against RSS_WEEK_BUDGET_MB."""
+    to WEEK_VERSIONS against RSS_WEEK_BUDGET_MB; under 0.1 MB (the figure's resolution, or a
+    shrinking RSS) counts as 0.1."""
     week = per_1000_versions_mb * WEEK_VERSIONS / 1000
     return {"name": f"soak_rss_week/{name}", "figure": round(week, 1),
             "unit": f"MB in 7 days ({WEEK_VERSIONS} versions)", "baseline": RSS_WEEK_BUDGET_MB,
-            "ratio": round(week / RSS_WEEK_BUDGET_MB, 3),
-            "goal": "ratio <= 1 (least-squares RSS slope after warm-up, a week at 2,880 steps "
+            "ratio": round(RSS_WEEK_BUDGET_MB / max(week, 0.1), 3),
+            "goal": "ratio >= 1 (least-squares RSS slope after warm-up, a week at 2,880 steps "
                     "a day)"}
 
 
 def disk_case(entry: str, series: list[tuple[float, int | None, int]], ph: dict,
               rotate_bytes: float | None = None) -> dict:
     """One run-directory entry's ``soak_disk`` line from (t, version, bytes) samples: growth per
-    1,000 versions after warm-up as the figure; for a retained entry ``ratio`` = its median size
-    in the second half of the post-warm-up samples over the median in the first half; for a
-    rotated one (``rotate_bytes`` = launch.log_max_mb in bytes) its largest size over the bound
-    rotate_bytes x (log_backups + 1) (``rotate_bytes`` already multiplied); otherwise no goal but
-    the growth per day at a GPU job's step rate."""
+    1,000 versions after warm-up as the figure; ``ratio`` = its median size in the first half of
+    the post-warm-up samples over the median in the second half (goal for a retained entry); for a
+    rotated one (``rotate_bytes`` = launch.log_max_mb in bytes) the bound rotate_bytes x
+    (log_backups + 1) (``rotate_bytes`` already multiplied) over its largest size; otherwise no goal
+    but the growth per day at a GPU job's step rate."""
     post = [(t, v, y) for t, v, y in series if t >= ph["warm"] and v is not None]
     half = (ph["warm"] + ph["end"]) / 2
     first = _median([y for t, _, y in post if t < half])
@@ -266,14 +271,15 @@ def disk_case(entry: str, series: list[tuple[float, int | None, int]], ph: dict,
     per_k = slope([v for _, v, _ in post], [y for _, _, y in post]) * 1000
     case = {"name": f"soak_disk/{entry}", "figure": round(per_k / 1024, 2),
             "unit": "KB per 1000 versions", "baseline": round(first / 1024, 1),
-            "ratio": round(second / first, 3) if first else None}
+            "ratio": round(first / second, 3) if second else None}
     if entry.startswith(RETAINED):
-        case["goal"] = f"retained: ratio <= {GOAL_RATIO} (flat after warm-up)"
+        case["goal"] = f"retained: ratio >= {GOAL_RATIO} (flat after warm-up)"
         case["max_kb"] = round(max(y for _, _, y in series) / 1024, 1)
     elif entry.startswith(ROTATED) and rotate_bytes:
         top = max(y for _, _, y in series)
-        case.update(baseline=round(rotate_bytes / 1024, 1), ratio=round(top / rotate_bytes, 3),
-                    goal="rotated: largest size / bound <= 1", max_kb=round(top / 1024, 1))
+        case.update(baseline=round(rotate_bytes / 1024, 1),
+                    ratio=round(rotate_bytes / max(top, 1), 3),
+                    goal="rotated: ratio = bound / largest size >= 1", max_kb=round(top / 1024, 1))
     else:
         case["goal"] = "no bound (README): growth per day at 2,880 steps a day"
         case["gpu_mb_per_day"] = round(max(per_k, 0) / 1000 * GPU_STEPS_PER_DAY / 2**20, 2)
