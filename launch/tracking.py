@@ -150,7 +150,12 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 class TensorBoardTracker(Tracker):
+    """The sink replays the run from its start whenever it starts (a resume, `areal-like track`):
+    earlier event files are removed, or TensorBoard would plot every step once per replay."""
+
     def __init__(self, logdir: Path):
+        for old in logdir.glob("events.out.tfevents.*"):
+            old.unlink()
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:

@@ -238,6 +238,20 @@ def test_tensorboard_event_files_hold_scalars_and_the_text_table(tmp_path):
         "| prompt | versions |\n| --- | --- |\n| a\\|b | [1, 2] |")
 
 
+def test_tensorboard_holds_the_last_replay_only(tmp_path):
+    """A resumed run's sink (or `areal-like track`) replays every step again into the same log
+    directory: TensorBoard showed steps 1..N twice, its line going back from N to 1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for loss in (0.5, 0.25):  # the run, then its replay
+        tb = TensorBoardTracker(tmp_path / "tb")
+        tb.log_metrics({"train/loss": loss}, 1)
+        tb.close()
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(1, 0.25)]
+
+
 def wandb_records(path: Path) -> list:
     """The records of a ``run-*.wandb`` file: a ":W&B" header, then LevelDB-log framing (32 KiB
     blocks; each chunk has a 7-byte header: crc32c, length, type FULL=1 FIRST=2 MIDDLE=3 LAST=4)."""
