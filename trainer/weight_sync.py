@@ -149,7 +149,8 @@ class WeightBroadcaster:
         return report
 
     def join(self) -> SyncReport | None:
-        """Wait for a push running in the background (rank 0); the last finished push's report."""
+        """Wait for a push running in the background (rank 0); the last overlapped push's report
+        (before the first: the setup push's)."""
         thread, self._inflight = self._inflight, None
         if thread is not None:
             thread.join()
@@ -226,7 +227,8 @@ class WeightBroadcaster:
         if self.rank == 0 and not self.stopping.is_set():  # a stopping trainer's buffer may be gone
             self._announce(announce, report)
         report.seconds = time.monotonic() - t_start
-        self._done_report = report
+        if alone or self._done_report is None:  # not a blocking resync's: the record wants v's
+            self._done_report = report
 
     def _sync(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float, *,
               alone: bool) -> None:
