@@ -192,6 +192,21 @@ def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path, cap
     assert main(["track", str(tmp_path / "nowhere"), "--once"]) == 2
 
 
+def test_a_tracker_that_cannot_start_is_an_error_line_naming_it(tmp_path, capsys, monkeypatch):
+    """wandb online without a login raised its UsageError through `areal-like run` and `track`
+    (a traceback, after the warm start)."""
+    def not_logged_in(*args):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(tracking, "WandbTracker", not_logged_in)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(RunConfig(run_dir=str(run))))
+    assert main(["track", str(run), "--once", "tracker=[jsonl,wandb]"]) == 2
+    assert "tracker='wandb' could not start: RuntimeError: No API key configured" in (
+        capsys.readouterr().err)
+
+
 def test_track_of_a_job_started_without_run_ends_with_its_trainer_and_final_eval(tmp_path):
     """`areal-like track` is for Slurm and hand-started jobs, which never write summary.json: it
     ran until Ctrl-C. Their job is over once the trainer's last record is its ``done`` event and
