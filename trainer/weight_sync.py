@@ -128,7 +128,8 @@ class WeightBroadcaster:
         t_start = time.monotonic()
         previous = self.join()
         announce = version if announce is None else announce
-        deadline = t_start + self.cfg.deadline_s
+        # from now: the wait for the push before is not this one's (it may have used its deadline)
+        deadline = time.monotonic() + self.cfg.deadline_s
         report = SyncReport(version=version)
         params = synced_parameters(model)  # LoRA: the adapter alone
         buckets = push_buckets(params, self.send_dtype, self.cfg.bucket_mb)
