@@ -165,8 +165,8 @@ class ControlPlane:
                 self.absent[sid] = plan.policy_version
                 self._absent_log.warning(
                     "absent", "server %s never reported weight sync v%d: left out of weight syncs "
-                    "until it reports one, delivers a group or registers anew", sid[:64],
-                    plan.policy_version)
+                    "until it reports one, asks for credits, delivers a group or registers anew",
+                    sid[:64], plan.policy_version)
         for sid in list(self.absent)[:-ABSENT_KEEP]:
             del self.absent[sid]
 

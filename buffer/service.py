@@ -320,6 +320,8 @@ class BufferService(Daemon):
                      credits=self._grant(m.server_id, m.want_credits)[0] if m.want_credits else [])
 
     def _on_credits(self, m: P.CreditRequest) -> P.Credits:
+        # life: an absent engine too far behind gets no credits, so it could deliver no group
+        self.control.alive(m.server_id, "asked for credits")
         credits, reason = self._grant(m.server_id, m.max_credits)
         return P.Credits(credits=credits, policy_version=self.control.version, reason=reason)
 

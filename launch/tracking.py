@@ -76,12 +76,16 @@ def build_trackers(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Tr
         "trackio": lambda: TrackioTracker(out / "trackio", project, name, config),
     }
     trackers: list[Tracker] = []
+    tracker = ""
     try:
         for tracker in dict.fromkeys(cfg.tracker):  # each backend once, in the configured order
             trackers.append(builders[tracker]())
-    except BaseException:
+    except BaseException as e:
         for t in trackers:
             t.close()
+        if isinstance(e, Exception):  # not logged in (wandb online), a server that does not answer
+            why = f"{type(e).__name__}: {e}"
+            raise ConfigError(f"tracker={tracker!r} could not start: {why}") from e
         raise
     return trackers
 
@@ -150,7 +154,12 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 class TensorBoardTracker(Tracker):
+    """The sink replays the run from its start whenever it starts (a resume, `areal-like track`):
+    earlier event files are removed, or TensorBoard would plot every step once per replay."""
+
     def __init__(self, logdir: Path):
+        for old in logdir.glob("events.out.tfevents.*"):
+            old.unlink()
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:

@@ -131,7 +131,8 @@ class WeightBroadcaster:
         t_start = time.monotonic()
         previous = self.join()
         announce = version if announce is None else announce
-        deadline = t_start + self.cfg.deadline_s
+        # from now: the wait for the push before is not this one's (it may have used its deadline)
+        deadline = time.monotonic() + self.cfg.deadline_s
         report = SyncReport(version=version)
         params = synced_parameters(model)  # LoRA: the adapter alone
         buckets = push_buckets(params, self.send_dtype, self.cfg.bucket_mb)
@@ -152,7 +153,8 @@ class WeightBroadcaster:
         return report
 
     def join(self) -> SyncReport | None:
-        """Wait for a push running in the background (rank 0); the last finished push's report."""
+        """Wait for a push running in the background (rank 0); the last overlapped push's report
+        (before the first: the setup push's)."""
         thread, self._inflight = self._inflight, None
         if thread is not None:
             thread.join()
@@ -229,10 +231,13 @@ class WeightBroadcaster:
         if self.rank == 0 and not self.stopping.is_set():  # a stopping trainer's buffer may be gone
             self._announce(announce, report)
         report.seconds = time.monotonic() - t_start
-        near = report.seconds >= 0.9 * self.cfg.deadline_s  # cut at it: WeightSyncOverDeadline
+        # it ran into its deadline (cut there): WeightSyncOverDeadline. Not report.seconds: that
+        # includes the wait for the push before, which the deadline does not
+        near = time.monotonic() >= deadline - 0.1 * self.cfg.deadline_s
         if near and self.rank == 0 and self.metrics is not None:
             self.metrics.counter("trainer/weight_sync_near_deadline").inc()
-        self._done_report = report
+        if alone or self._done_report is None:  # not a blocking resync's: the record wants v's
+            self._done_report = report
 
     def _sync(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float, *,
               alone: bool) -> None:

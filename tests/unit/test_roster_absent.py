@@ -6,7 +6,9 @@ from __future__ import annotations
 import logging
 
 import msgspec
+from service_harness import start, step
 
+from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
 from buffer import control
 from buffer.control import ControlPlane
@@ -222,3 +224,20 @@ def test_a_server_that_stops_on_request_leaves_at_once():
     assert cp.expire() == []  # gone already: no second removal
     cp.register(_hello("b", "3333", fresh=True))  # started again later: a member as any other
     assert _members(cp) == ["a", "b"]
+
+
+def test_a_member_that_missed_a_plan_and_fell_behind_the_bound_is_back_when_it_asks_for_credits(
+        tmp_path):
+    """A rollout server frozen past the deadline (a stall, SIGSTOP) never took its plan up, so it
+    has no report to send; beyond the staleness bound it gets no credits, so no group to deliver:
+    it stayed out of every later plan, and at eta = 0 with one server the job waited forever."""
+    svc = start(tmp_path, BufferConfig(max_staleness=0, groups_per_step=1))
+    step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    step(svc, _plan(1, "s"), peer=b"trainer-ws-t")
+    step(svc, P.VersionUpdate(policy_version=1), peer=b"trainer-ws-t")  # s never answered
+    roster = step(svc, P.RosterRequest(), peer=b"trainer-ws-t")
+    assert roster.members == [] and roster.absent == ["s"]
+    credits = step(svc, P.CreditRequest(server_id="s", max_credits=1))
+    assert (credits.credits, credits.reason) == ([], "stale_engine")
+    roster = step(svc, P.RosterRequest(), peer=b"trainer-ws-t")
+    assert [m.server_id for m in roster.members] == ["s"]  # the next push names it again

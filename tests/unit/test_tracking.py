@@ -192,6 +192,21 @@ def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path, cap
     assert main(["track", str(tmp_path / "nowhere"), "--once"]) == 2
 
 
+def test_a_tracker_that_cannot_start_is_an_error_line_naming_it(tmp_path, capsys, monkeypatch):
+    """wandb online without a login raised its UsageError through `areal-like run` and `track`
+    (a traceback, after the warm start)."""
+    def not_logged_in(*args):
+        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(tracking, "WandbTracker", not_logged_in)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(to_yaml(RunConfig(run_dir=str(run))))
+    assert main(["track", str(run), "--once", "tracker=[jsonl,wandb]"]) == 2
+    assert "tracker='wandb' could not start: RuntimeError: No API key configured" in (
+        capsys.readouterr().err)
+
+
 def test_track_of_a_job_started_without_run_ends_with_its_trainer_and_final_eval(tmp_path):
     """`areal-like track` is for Slurm and hand-started jobs, which never write summary.json: it
     ran until Ctrl-C. Their job is over once the trainer's last record is its ``done`` event and
@@ -236,6 +251,20 @@ def test_tensorboard_event_files_hold_scalars_and_the_text_table(tmp_path):
     assert text.step == 4
     assert text.tensor_proto.string_val[0].decode() == (
         "| prompt | versions |\n| --- | --- |\n| a\\|b | [1, 2] |")
+
+
+def test_tensorboard_holds_the_last_replay_only(tmp_path):
+    """A resumed run's sink (or `areal-like track`) replays every step again into the same log
+    directory: TensorBoard showed steps 1..N twice, its line going back from N to 1."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for loss in (0.5, 0.25):  # the run, then its replay
+        tb = TensorBoardTracker(tmp_path / "tb")
+        tb.log_metrics({"train/loss": loss}, 1)
+        tb.close()
+    ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(1, 0.25)]
 
 
 def wandb_records(path: Path) -> list:
