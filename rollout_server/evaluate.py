@@ -360,8 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also append the result to this JSONL file")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.k=8 task.eval_path=...")
     args = p.parse_args(argv)
-    if not args.model.is_dir():
-        print(f"error: {args.model} is not a directory", file=sys.stderr)
+    if not (_is_checkpoint(args.model) or (args.model / "config.json").is_file()
+            or (args.model / ADAPTER_CONFIG).is_file()):
+        # e.g. a run directory: its config.yaml is not a model's
+        print(f"error: {args.model} is neither a Hugging Face model directory (config.json) nor "
+              "a trainer checkpoint: name one, e.g. <run_dir>/export/v<version> or "
+              "<run_dir>/checkpoints/v<version>", file=sys.stderr)
         return 2
     try:
         cfg, config_file = _eval_config(args.model, args.config_file, list(args.overrides))

@@ -15,7 +15,7 @@ from test_handout import _start, _step  # the buffer service with fake sockets
 
 from areal_like.settings.config import EvalConfig, TaskConfig
 from areal_like.wire import protocol as P
-from rollout_server.evaluate import EvalSchedule, read_done_versions, summarize
+from rollout_server.evaluate import EvalSchedule, main, read_done_versions, summarize
 
 
 @pytest.mark.parametrize("every,at_start,at_end,done,due", [
@@ -103,6 +103,19 @@ def test_done_versions_survive_a_torn_line(tmp_path):
                     + "\n{\"policy_ver")
     assert read_done_versions(path) == {0, 5}
     assert read_done_versions(tmp_path / "missing.jsonl") == set()
+
+
+def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, capsys):
+    """A run directory (its config.yaml is no model's) or its checkpoints root, before any config
+    is read: one error line naming what ``areal-like eval`` takes (it said no task was named)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("run_dir: run\n")
+    for path in (run_dir, run_dir / "checkpoints", tmp_path / "missing"):
+        assert main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "neither a Hugging Face model directory" in err, err
+        assert "<run_dir>/export/v<version>" in err, err
 
 
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
