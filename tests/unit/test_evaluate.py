@@ -118,6 +118,20 @@ def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, caps
         assert "<run_dir>/export/v<version>" in err, err
 
 
+def test_an_eval_path_on_a_synthetic_tasks_export_names_the_key_given(tmp_path, capsys):
+    """``areal-like eval`` reads ``task.eval_path`` alone (it sets ``task.dataset_path`` to it):
+    on an export of a synthetic task the refusal names the key the user gave, not the other."""
+    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, task_yaml
+
+    export = tmp_path / "v00000003"
+    export.mkdir()
+    (export / "config.json").write_text("{}")  # never read: the task is refused first
+    (export / EXPORT_TASK_FILE).write_text(task_yaml(TaskConfig(name="reverse")))
+    assert main([str(export), f"task.eval_path={tmp_path / 'mine.jsonl'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task.eval_path=") and "add task=dataset" in err, err
+
+
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
     svc = _start(tmp_path)  # the real buffer service with fake sockets (test_handout.py)
     try:
