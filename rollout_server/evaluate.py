@@ -4,8 +4,9 @@ Two callers share ``evaluate``: the rollout server started with ``rollout.eval=t
 (``EvalSchedule`` says when; the choreography with the buffer and the trainer is in
 rollout_server/ROLLOUT.md, "Evaluation"), and ``areal-like eval MODEL`` (``main``): an HF
 directory or a trainer checkpoint, evaluated on its own with an embedded engine (a LoRA run's
-export, an adapter in PEFT's layout, folded into the base it names first). Its task is
-never guessed (``_eval_config``): ``--config-file``; else ``task=NAME`` on the command line; else
+export, an adapter in PEFT's layout: its ``merged/`` when it has one, else folded into the base
+it names first). Its task is never guessed (``_eval_config``): ``--config-file``; else
+``task=NAME`` on the command line; else
 the config.yaml of the run the model sits in; else the task an export stores
 (``areal_like_task.yaml``); else the ``task.*`` overrides given; else it refuses (exit 2).
 
@@ -294,7 +295,10 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dic
         model_dir = (_to_hf_dir(model, config_file, Path(tmp) / "hf") if _is_checkpoint(model)
                      else model)
         if (model_dir / ADAPTER_CONFIG).is_file() and not (model_dir / "config.json").is_file():
-            model_dir = _merged(model_dir, Path(tmp) / "merged")
+            # export.merged=true wrote the merged model beside it (the only one a model built
+            # from its config, with no base directory to name, has)
+            model_dir = (model_dir / "merged" if (model_dir / "merged" / "config.json").is_file()
+                         else _merged(model_dir, Path(tmp) / "merged"))
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=str(model_dir.resolve())),
             # a whole model (an adapter is merged above): an SGLang LoRA run's disk path is not
