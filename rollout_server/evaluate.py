@@ -302,10 +302,10 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dic
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=str(model_dir.resolve())),
             # a whole model (an adapter is merged above): an SGLang LoRA run's disk path is not
-            # an embedded engine's
+            # an embedded engine's; on loopback: the run's engine address may be another node's
             trainer=dataclasses.replace(cfg.trainer, lora=LoraConfig()),
             rollout=dataclasses.replace(cfg.rollout, engine=dataclasses.replace(
-                cfg.rollout.engine, kind="embedded", port=0)))
+                cfg.rollout.engine, kind="embedded", host="127.0.0.1", port=0)))
         return asyncio.run(_evaluate_model(cfg, _version_of(model)))
 
 

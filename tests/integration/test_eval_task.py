@@ -55,7 +55,9 @@ def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(tmp_
                    cwd=REPO_ROOT, env=child_env())
     moved, bare = tmp_path / "moved" / "v00000003", tmp_path / "bare" / "v00000003"
 
-    r = _eval(moved, "task.max_new_tokens=5")
+    # rollout.engine.host: a multi-node run's engine address, not this machine's (TEST-NET-1);
+    # eval's own engine binds loopback (before: a traceback, cannot assign requested address)
+    r = _eval(moved, "task.max_new_tokens=5", "rollout.engine.host=192.0.2.1")
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(r.stdout.strip())
     assert record["task"] == "sort" and record["n"] == 4 and record["policy_version"] == 3
