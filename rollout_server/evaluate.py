@@ -379,9 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     record["model"] = str(args.model)
-    if args.out is not None:
-        append_record(args.out, record)
-    print(json.dumps(record), flush=True)
+    print(json.dumps(record), flush=True)  # first: a bad --out never loses the evaluation
+    try:
+        if args.out is not None:
+            append_record(args.out, record)
+    except OSError as e:
+        print(f"error: --out {args.out}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

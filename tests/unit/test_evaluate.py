@@ -132,6 +132,25 @@ def test_an_eval_path_on_a_synthetic_tasks_export_names_the_key_given(tmp_path, 
     assert err.startswith("error: task.eval_path=") and "add task=dataset" in err, err
 
 
+def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(tmp_path, capsys,
+                                                                        monkeypatch):
+    """``--out`` naming a directory: the record is printed all the same, then one error line and
+    exit 2 (before: a traceback after the whole evaluation, and no record anywhere)."""
+    import rollout_server.evaluate as evaluate
+
+    export = tmp_path / "v00000003"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
+                        (None, None))
+    monkeypatch.setattr(evaluate, "_evaluate_path", lambda model, cfg, config_file:
+                        {"policy_version": 3, "greedy_accuracy": 0.5})
+    assert main([str(export), "--out", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["greedy_accuracy"] == 0.5, out
+    assert err.startswith(f"error: --out {tmp_path}: ") and err.count("\n") == 1, err
+
+
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
     svc = _start(tmp_path)  # the real buffer service with fake sockets (test_handout.py)
     try:
