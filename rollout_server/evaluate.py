@@ -135,20 +135,21 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
             outs = await asyncio.gather(one(ids, 0.0), *(one(ids, temperature)
                                                          for _ in range(ev.k)))
         except SGLangError as e:
-            errors.append(f"{type(e).__name__}: {e}")
+            errors.append(e)
             return None
         scored = await rewards.score_group(ex.prompt, [decode(o) for o in outs], ex)
         return scored[0][0], [r for r, _ in scored[1:]]
 
-    errors: list[str] = []
+    errors: list[SGLangError] = []
     # a reward that cannot load: its siblings must not outlive the client
     results = [r for r in await gather_or_cancel(per_example(ex) for ex in examples)
                if r is not None]
-    if errors and not results:
-        raise SGLangError("/generate", None, f"every eval prompt failed; the first: {errors[0]}")
+    if errors and not results:  # its status: the first refusal's (None read 'unreachable')
+        raise SGLangError(errors[0].endpoint, errors[0].status,
+                          f"every eval prompt failed; the first: {errors[0].message}")
     figures = summarize([g for g, _ in results], [s for _, s in results], ev.k)
     if errors:
-        figures["errors"], figures["first_error"] = len(errors), errors[0]
+        figures["errors"], figures["first_error"] = len(errors), f"SGLangError: {errors[0]}"
     figures["token_versions"] = [min(versions), max(versions)] if versions else []
     return figures
 
@@ -374,8 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, config_file = _eval_config(args.model, args.config_file, list(args.overrides))
         record = _evaluate_path(args.model, cfg, config_file)
-    except (ConfigError, RewardPoolError, subprocess.CalledProcessError) as e:
-        # RewardPoolError: reward not loadable
+    except (ConfigError, RewardPoolError, SGLangError, subprocess.CalledProcessError) as e:
+        # RewardPoolError: reward not loadable; SGLangError: the engine refused every prompt
         print(f"error: {e}", file=sys.stderr)
         return 2
     record["model"] = str(args.model)

@@ -332,8 +332,33 @@ def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
 def test_evaluate_raises_when_every_prompt_fails():
     from rollout_server.sglang_client import SGLangError
 
-    with pytest.raises(SGLangError, match="every eval prompt failed"):
+    with pytest.raises(SGLangError, match="every eval prompt failed") as e:
         _eval([9, 9])
+    # the refusal's own status (before: None, which reads "unreachable": the engine answered)
+    assert e.value.status == 400 and "unreachable" not in str(e.value), e.value
+
+
+def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(tmp_path, capsys,
+                                                                    monkeypatch):
+    """``areal-like eval`` on an eval file whose every prompt is longer than the model's context:
+    one error line naming the refusal, exit 2 (before: a traceback)."""
+    import rollout_server.evaluate as evaluate
+    from rollout_server.sglang_client import SGLangError
+
+    def refused(model, cfg, config_file):
+        raise SGLangError("/generate", 400, "every eval prompt failed; the first: The input "
+                          "(406 tokens) is longer than the model's context length (256 tokens).")
+
+    export = tmp_path / "v00000003"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
+                        (None, None))
+    monkeypatch.setattr(evaluate, "_evaluate_path", refused)
+    assert main([str(export)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: /generate: HTTP 400: every eval prompt failed")
+    assert err.count("\n") == 1 and "context length" in err, err
 
 
 def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
