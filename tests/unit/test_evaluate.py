@@ -393,3 +393,24 @@ def test_a_running_count_is_a_counter_brought_up_to_its_total():
 def test_schedule_says_when_in_words(every, at_start, at_end, words):
     ev = EvalConfig(every=every, at_start=at_start, at_end=at_end)
     assert EvalSchedule(ev, steps=20).describe() == words
+
+
+def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_anywhere(
+        tmp_path, monkeypatch):
+    """config.yaml (``plan_job``'s config) holds ``task.*`` files absolute, as an export's task file
+    does: ``areal-like eval RUN/export/vN`` reads the run's config.yaml, also from another working
+    directory (before: ``data/test.jsonl`` was looked up there, and refused or another file)."""
+    from areal_like.settings.config import load_config, load_daemon_config, to_yaml
+    from launch.job import plan_job
+
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = plan_job(load_config(["task=dataset", "task.dataset_path=data/train.jsonl",
+                                   "task.eval_path=data/test.jsonl", "run_dir=run"]), cpus=[0, 1])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    task = load_daemon_config(["--config-file", str(tmp_path / "config.yaml")]).task
+    data = tmp_path / "data"
+    assert (task.dataset_path, task.eval_path) == (str(data / "train.jsonl"),
+                                                   str(data / "test.jsonl"))
+    assert plan_job(cfg, cpus=[0, 1])[0].task == cfg.task  # a laid-out config stays as it is
