@@ -20,7 +20,7 @@ from areal_like.daemon import MALLOC_ENV
 from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file
 from areal_like.net.distributed import free_port
 from areal_like.net.security import make_keys
-from areal_like.settings.config import RunConfig, to_yaml
+from areal_like.settings.config import RunConfig, absolute_files, to_yaml
 from launch.local import (
     ProcSpec,
     Supervisor,
@@ -99,7 +99,8 @@ def plan_job(cfg: RunConfig, cpus: list[int] | None = None,
     layout that does not fit. The ONE place the layout-dependent config is made: ``run``, ``plan``,
     ``config`` and ``launch/srun.py`` all call it, and laying out a laid-out config changes
     nothing. ``ports``: where the ports left at 0 come from (default: free ports here)."""
-    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
+    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()),
+                              task=absolute_files(cfg.task))
     cfg, cpus = laid_out(cfg, cpus)
     topo = plan_topology(cfg, iter(free_port, 0) if ports is None else ports, cpus)
     return with_local_ipc(apply_topology(cfg, topo)), topo  # one node: same-node sockets, no CURVE

@@ -4,8 +4,9 @@ Two callers share ``evaluate``: the rollout server started with ``rollout.eval=t
 (``EvalSchedule`` says when; the choreography with the buffer and the trainer is in
 rollout_server/ROLLOUT.md, "Evaluation"), and ``areal-like eval MODEL`` (``main``): an HF
 directory or a trainer checkpoint, evaluated on its own with an embedded engine (a LoRA run's
-export, an adapter in PEFT's layout, folded into the base it names first). Its task is
-never guessed (``_eval_config``): ``--config-file``; else ``task=NAME`` on the command line; else
+export, an adapter in PEFT's layout: its ``merged/`` when it has one, else folded into the base
+it names first). Its task is never guessed (``_eval_config``): ``--config-file``; else
+``task=NAME`` on the command line; else
 the config.yaml of the run the model sits in; else the task an export stores
 (``areal_like_task.yaml``); else the ``task.*`` overrides given; else it refuses (exit 2).
 
@@ -134,20 +135,21 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
             outs = await asyncio.gather(one(ids, 0.0), *(one(ids, temperature)
                                                          for _ in range(ev.k)))
         except SGLangError as e:
-            errors.append(f"{type(e).__name__}: {e}")
+            errors.append(e)
             return None
         scored = await rewards.score_group(ex.prompt, [decode(o) for o in outs], ex)
         return scored[0][0], [r for r, _ in scored[1:]]
 
-    errors: list[str] = []
+    errors: list[SGLangError] = []
     # a reward that cannot load: its siblings must not outlive the client
     results = [r for r in await gather_or_cancel(per_example(ex) for ex in examples)
                if r is not None]
-    if errors and not results:
-        raise SGLangError("/generate", None, f"every eval prompt failed; the first: {errors[0]}")
+    if errors and not results:  # its status: the first refusal's (None read 'unreachable')
+        raise SGLangError(errors[0].endpoint, errors[0].status,
+                          f"every eval prompt failed; the first: {errors[0].message}")
     figures = summarize([g for g, _ in results], [s for _, s in results], ev.k)
     if errors:
-        figures["errors"], figures["first_error"] = len(errors), errors[0]
+        figures["errors"], figures["first_error"] = len(errors), f"SGLangError: {errors[0]}"
     figures["token_versions"] = [min(versions), max(versions)] if versions else []
     return figures
 
@@ -294,14 +296,17 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dic
         model_dir = (_to_hf_dir(model, config_file, Path(tmp) / "hf") if _is_checkpoint(model)
                      else model)
         if (model_dir / ADAPTER_CONFIG).is_file() and not (model_dir / "config.json").is_file():
-            model_dir = _merged(model_dir, Path(tmp) / "merged")
+            # export.merged=true wrote the merged model beside it (the only one a model built
+            # from its config, with no base directory to name, has)
+            model_dir = (model_dir / "merged" if (model_dir / "merged" / "config.json").is_file()
+                         else _merged(model_dir, Path(tmp) / "merged"))
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=str(model_dir.resolve())),
             # a whole model (an adapter is merged above): an SGLang LoRA run's disk path is not
-            # an embedded engine's
+            # an embedded engine's; on loopback: the run's engine address may be another node's
             trainer=dataclasses.replace(cfg.trainer, lora=LoraConfig()),
             rollout=dataclasses.replace(cfg.rollout, engine=dataclasses.replace(
-                cfg.rollout.engine, kind="embedded", port=0)))
+                cfg.rollout.engine, kind="embedded", host="127.0.0.1", port=0)))
         return asyncio.run(_evaluate_model(cfg, _version_of(model)))
 
 
@@ -360,20 +365,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, help="also append the result to this JSONL file")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.k=8 task.eval_path=...")
     args = p.parse_args(argv)
-    if not args.model.is_dir():
-        print(f"error: {args.model} is not a directory", file=sys.stderr)
+    if not (_is_checkpoint(args.model) or (args.model / "config.json").is_file()
+            or (args.model / ADAPTER_CONFIG).is_file()):
+        # e.g. a run directory: its config.yaml is not a model's
+        print(f"error: {args.model} is neither a Hugging Face model directory (config.json) nor "
+              "a trainer checkpoint: name one, e.g. <run_dir>/export/v<version> or "
+              "<run_dir>/checkpoints/v<version>", file=sys.stderr)
         return 2
     try:
         cfg, config_file = _eval_config(args.model, args.config_file, list(args.overrides))
         record = _evaluate_path(args.model, cfg, config_file)
-    except (ConfigError, RewardPoolError, subprocess.CalledProcessError) as e:
-        # RewardPoolError: reward not loadable
+    except (ConfigError, RewardPoolError, SGLangError, subprocess.CalledProcessError) as e:
+        # RewardPoolError: reward not loadable; SGLangError: the engine refused every prompt
         print(f"error: {e}", file=sys.stderr)
         return 2
     record["model"] = str(args.model)
-    if args.out is not None:
-        append_record(args.out, record)
-    print(json.dumps(record), flush=True)
+    print(json.dumps(record), flush=True)  # first: a bad --out never loses the evaluation
+    try:
+        if args.out is not None:
+            append_record(args.out, record)
+    except OSError as e:
+        print(f"error: --out {args.out}: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

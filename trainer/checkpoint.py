@@ -294,11 +294,11 @@ def dcp_load(state: dict, path: Path, no_dist: bool = False) -> None:
     try:
         dcp.load(state, storage_reader=_SafeReader(str(path)), planner=_SafePlanner(),
                  no_dist=no_dist)
-    except CheckpointException as e:  # a BaseException: our refusal, wrapped by DCP per rank
+    except CheckpointException as e:  # a BaseException: each rank's reason, wrapped by DCP
         refused = [exc for exc, _ in e.failures.values() if isinstance(exc, UnsafeCheckpointError)]
         if refused:
             raise refused[0] from None
-        raise
+        raise _damaged(path, next(iter(e.failures.values()))[0]) from None  # a file cut short
 
 
 def _agree(error: Exception | None, path: Path) -> None:
@@ -357,10 +357,7 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
         raise StartRefused(f"{path} holds another model's weights ({len(misfits)} tensors differ, "
                            f"e.g. {misfits[0]}): resume with the model.* and trainer.lora.* "
                            "settings it was saved with, or use a new run_dir")
-    try:
-        dcp_load(state, path)
-    except CheckpointException as e:  # a shard cut short: each rank's reason, wrapped by DCP
-        raise _damaged(path, next(iter(e.failures.values()))[0]) from None
+    dcp_load(state, path)
     set_state_dict(policy.model, policy.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     policy.scheduler.load_state_dict(meta["scheduler"])

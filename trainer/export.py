@@ -350,6 +350,7 @@ def _resolve_checkpoint(path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """``python -m trainer.export CHECKPOINT OUT [--config-file FILE] [--shard-mb N] [--dtype D]``.
     """
+    from areal_like.daemon import StartRefused
     from areal_like.settings.config import ConfigError, load_daemon_config
     from areal_like.settings.report_schema import ExportConfig
 
@@ -369,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="default: model.dtype")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    ckpt = None
     try:
         ckpt = _resolve_checkpoint(args.checkpoint.resolve())
         config_file = args.config_file or ckpt.parent.parent / "config.yaml"
@@ -384,8 +386,11 @@ def main(argv: list[str] | None = None) -> int:
         if why := export_without_base(cfg):
             raise ValueError(f"{config_file}: {why} there (or in a copy, with --config-file)")
         out = export_checkpoint(ckpt, args.out, cfg, shard_mb=args.shard_mb, dtype=args.dtype)
-    except (OSError, ValueError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (OSError, ValueError, ConfigError, StartRefused) as e:  # StartRefused: damaged
+        gone = ckpt is not None and not ckpt.exists()  # a running job keeps only its newest
+        print("error: " + (f"{ckpt} was deleted while it was read (a running job keeps its "
+                           "trainer.keep_checkpoints newest): export a newer one" if gone
+                           else str(e)), file=sys.stderr)
         return 2
     print(json.dumps({"checkpoint": str(ckpt), "out": str(out.resolve())}))
     return 0

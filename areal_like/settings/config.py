@@ -283,13 +283,12 @@ def from_yaml(text: str) -> RunConfig:
     return _merged(RunConfig, lambda: (OmegaConf.create(text),))
 
 
-def task_yaml(task: TaskConfig) -> str:
-    """``task`` as the YAML of a config holding only its ``task`` section (``EXPORT_TASK_FILE``),
-    the files it names absolute (relative ones start at the working directory, where the daemons
-    open them), so it reads the same from anywhere."""
+def absolute_files(task: TaskConfig) -> TaskConfig:
+    """``task`` with the files it names absolute (relative ones start at the working directory,
+    where the daemons open them), so it reads the same from anywhere: in an export's
+    ``EXPORT_TASK_FILE`` and in the run's config.yaml (``launch/job.py``, ``plan_job``), which
+    ``areal-like eval`` of the run's models reads from another directory too."""
     import dataclasses
-
-    from omegaconf import OmegaConf
 
     files = {k: str(Path(v).expanduser().absolute())
              for k, v in (("dataset_path", task.dataset_path), ("eval_path", task.eval_path)) if v}
@@ -297,8 +296,16 @@ def task_yaml(task: TaskConfig) -> str:
     with contextlib.suppress(OSError):  # a one-line template longer than a file name can be
         if task.chat_template not in ("auto", "none") and template.is_file():
             files["chat_template"] = str(template.absolute())
-    task = dataclasses.replace(task, **files)
-    return OmegaConf.to_yaml(OmegaConf.create({"task": OmegaConf.structured(task)}))
+    return dataclasses.replace(task, **files)
+
+
+def task_yaml(task: TaskConfig) -> str:
+    """``task`` as the YAML of a config holding only its ``task`` section (``EXPORT_TASK_FILE``),
+    its files absolute."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create({"task": OmegaConf.structured(
+        absolute_files(task))}))
 
 
 def _structured(build: Callable[[], Any], where: str = "") -> Any:

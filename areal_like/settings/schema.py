@@ -141,7 +141,7 @@ class TaskConfig:
             _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset",
                    self.dataset_path)
         # a synthetic task reads no file: training on it while the user means their data is silent
-        for key in ("dataset_path", "eval_path") if self.name != "dataset" else ():
+        for key in ("eval_path", "dataset_path") if self.name != "dataset" else ():
             if getattr(self, key):
                 raise ConfigError(f"task.{key}={getattr(self, key)!r} is read only by "
                                   f"task=dataset, and task.name={self.name!r}: add task=dataset")

@@ -55,7 +55,9 @@ def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(tmp_
                    cwd=REPO_ROOT, env=child_env())
     moved, bare = tmp_path / "moved" / "v00000003", tmp_path / "bare" / "v00000003"
 
-    r = _eval(moved, "task.max_new_tokens=5")
+    # rollout.engine.host: a multi-node run's engine address, not this machine's (TEST-NET-1);
+    # eval's own engine binds loopback (before: a traceback, cannot assign requested address)
+    r = _eval(moved, "task.max_new_tokens=5", "rollout.engine.host=192.0.2.1")
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(r.stdout.strip())
     assert record["task"] == "sort" and record["n"] == 4 and record["policy_version"] == 3
@@ -69,3 +71,24 @@ def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(tmp_
     r = _eval(bare, "task=sort")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip())["task"] == "sort"
+
+
+def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(tmp_path):
+    """A LoRA run of a model built from its config has no base directory for its adapter to name
+    (``base_model_name_or_path`` null), so it must export with ``export.merged=true`` (README.md,
+    "LoRA"): ``areal-like eval`` of that export, and of the run's checkpoint (exported the same
+    way first), scores the ``merged/`` beside the adapter. Before, both were refused, telling the
+    user to evaluate the run's checkpoint or the merged/ instead."""
+    import shutil
+
+    subprocess.run([sys.executable, "-c", EXPORT, str(tmp_path)], check=True, timeout=300,
+                   cwd=REPO_ROOT, env=child_env())
+    lora = tmp_path / "lora" / "v00000003"
+    shutil.copytree(tmp_path / "moved" / "v00000003", lora / "merged")
+    shutil.copy(lora / "merged" / "areal_like_task.yaml", lora)
+    (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": None,
+                                                          "peft_type": "LORA", "r": 8}))
+    r = _eval(lora)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(r.stdout.strip())
+    assert record["task"] == "sort" and record["n"] == 4 and record["policy_version"] == 3

@@ -15,7 +15,7 @@ from test_handout import _start, _step  # the buffer service with fake sockets
 
 from areal_like.settings.config import EvalConfig, TaskConfig
 from areal_like.wire import protocol as P
-from rollout_server.evaluate import EvalSchedule, read_done_versions, summarize
+from rollout_server.evaluate import EvalSchedule, main, read_done_versions, summarize
 
 
 @pytest.mark.parametrize("every,at_start,at_end,done,due", [
@@ -103,6 +103,52 @@ def test_done_versions_survive_a_torn_line(tmp_path):
                     + "\n{\"policy_ver")
     assert read_done_versions(path) == {0, 5}
     assert read_done_versions(tmp_path / "missing.jsonl") == set()
+
+
+def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, capsys):
+    """A run directory (its config.yaml is no model's) or its checkpoints root, before any config
+    is read: one error line naming what ``areal-like eval`` takes (it said no task was named)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("run_dir: run\n")
+    for path in (run_dir, run_dir / "checkpoints", tmp_path / "missing"):
+        assert main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("error:") == 1 and "neither a Hugging Face model directory" in err, err
+        assert "<run_dir>/export/v<version>" in err, err
+
+
+def test_an_eval_path_on_a_synthetic_tasks_export_names_the_key_given(tmp_path, capsys):
+    """``areal-like eval`` reads ``task.eval_path`` alone (it sets ``task.dataset_path`` to it):
+    on an export of a synthetic task the refusal names the key the user gave, not the other."""
+    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, task_yaml
+
+    export = tmp_path / "v00000003"
+    export.mkdir()
+    (export / "config.json").write_text("{}")  # never read: the task is refused first
+    (export / EXPORT_TASK_FILE).write_text(task_yaml(TaskConfig(name="reverse")))
+    assert main([str(export), f"task.eval_path={tmp_path / 'mine.jsonl'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task.eval_path=") and "add task=dataset" in err, err
+
+
+def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(tmp_path, capsys,
+                                                                        monkeypatch):
+    """``--out`` naming a directory: the record is printed all the same, then one error line and
+    exit 2 (before: a traceback after the whole evaluation, and no record anywhere)."""
+    import rollout_server.evaluate as evaluate
+
+    export = tmp_path / "v00000003"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
+                        (None, None))
+    monkeypatch.setattr(evaluate, "_evaluate_path", lambda model, cfg, config_file:
+                        {"policy_version": 3, "greedy_accuracy": 0.5})
+    assert main([str(export), "--out", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert json.loads(out)["greedy_accuracy"] == 0.5, out
+    assert err.startswith(f"error: --out {tmp_path}: ") and err.count("\n") == 1, err
 
 
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
@@ -286,8 +332,33 @@ def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
 def test_evaluate_raises_when_every_prompt_fails():
     from rollout_server.sglang_client import SGLangError
 
-    with pytest.raises(SGLangError, match="every eval prompt failed"):
+    with pytest.raises(SGLangError, match="every eval prompt failed") as e:
         _eval([9, 9])
+    # the refusal's own status (before: None, which reads "unreachable": the engine answered)
+    assert e.value.status == 400 and "unreachable" not in str(e.value), e.value
+
+
+def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(tmp_path, capsys,
+                                                                    monkeypatch):
+    """``areal-like eval`` on an eval file whose every prompt is longer than the model's context:
+    one error line naming the refusal, exit 2 (before: a traceback)."""
+    import rollout_server.evaluate as evaluate
+    from rollout_server.sglang_client import SGLangError
+
+    def refused(model, cfg, config_file):
+        raise SGLangError("/generate", 400, "every eval prompt failed; the first: The input "
+                          "(406 tokens) is longer than the model's context length (256 tokens).")
+
+    export = tmp_path / "v00000003"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
+                        (None, None))
+    monkeypatch.setattr(evaluate, "_evaluate_path", refused)
+    assert main([str(export)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: /generate: HTTP 400: every eval prompt failed")
+    assert err.count("\n") == 1 and "context length" in err, err
 
 
 def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
@@ -322,3 +393,24 @@ def test_a_running_count_is_a_counter_brought_up_to_its_total():
 def test_schedule_says_when_in_words(every, at_start, at_end, words):
     ev = EvalConfig(every=every, at_start=at_start, at_end=at_end)
     assert EvalSchedule(ev, steps=20).describe() == words
+
+
+def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_anywhere(
+        tmp_path, monkeypatch):
+    """config.yaml (``plan_job``'s config) holds ``task.*`` files absolute, as an export's task file
+    does: ``areal-like eval RUN/export/vN`` reads the run's config.yaml, also from another working
+    directory (before: ``data/test.jsonl`` was looked up there, and refused or another file)."""
+    from areal_like.settings.config import load_config, load_daemon_config, to_yaml
+    from launch.job import plan_job
+
+    monkeypatch.chdir(tmp_path)
+    cfg, _ = plan_job(load_config(["task=dataset", "task.dataset_path=data/train.jsonl",
+                                   "task.eval_path=data/test.jsonl", "run_dir=run"]), cpus=[0, 1])
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    task = load_daemon_config(["--config-file", str(tmp_path / "config.yaml")]).task
+    data = tmp_path / "data"
+    assert (task.dataset_path, task.eval_path) == (str(data / "train.jsonl"),
+                                                   str(data / "test.jsonl"))
+    assert plan_job(cfg, cpus=[0, 1])[0].task == cfg.task  # a laid-out config stays as it is

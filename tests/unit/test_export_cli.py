@@ -1,0 +1,69 @@
+"""``areal-like export`` (``trainer/export.py``, ``main``) of a checkpoint it cannot read ends in
+one ``error:`` line and exit 2, never a traceback, and writes nothing: a checkpoint whose data file
+is cut short, and the newest checkpoint of a running job, which the job deletes under the export
+(it keeps ``trainer.keep_checkpoints``), before or after DCP read its metadata. Before, DCP's
+``CheckpointException`` (a ``BaseException``) came out as a traceback, and a checkpoint deleted
+earlier was reported as a missing ``.metadata`` file."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch.distributed.checkpoint as dcp
+
+from areal_like.settings.config import load_config, to_yaml
+from areal_like.weights.hf import build_model
+from trainer import checkpoint
+from trainer.export import main
+
+
+def _checkpoint(tmp_path):
+    """A run directory holding the model's DCP checkpoint v3 and its config.yaml."""
+    cfg = load_config([])
+    ckpt = tmp_path / "checkpoints" / "v00000003"
+    with warnings.catch_warnings():  # DCP warns that it runs in a single process: it is meant to
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save({"model": build_model(cfg.model, device="cpu", dtype="float32").state_dict()},
+                 checkpoint_id=str(ckpt), no_dist=True)
+    (ckpt / "meta.pt").write_bytes(b"")  # what marks a complete checkpoint; export reads none
+    (tmp_path / "config.yaml").write_text(to_yaml(cfg))
+    return ckpt
+
+
+def _export(source, out, capsys) -> tuple[int, str]:
+    code = main([str(source), str(out)])
+    return code, capsys.readouterr().err
+
+
+def test_a_checkpoint_cut_short_is_refused_in_one_line(tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path)
+    assert _export(ckpt, tmp_path / "whole", capsys)[0] == 0  # the checkpoint itself is fine
+    [data] = ckpt.glob("*.distcp")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    code, err = _export(ckpt, tmp_path / "out", capsys)
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert f"checkpoint {ckpt} cannot be read" in err and "damaged" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_checkpoint_its_job_deletes_under_the_export_is_named_as_deleted(
+        tmp_path, capsys, monkeypatch, when):
+    ckpt = _checkpoint(tmp_path)
+    read_metadata = checkpoint.read_dcp_metadata
+
+    def deleted(path):  # the job's retention, racing the export's read
+        if ckpt.exists() and when == "before":
+            shutil.rmtree(ckpt)
+        metadata = read_metadata(path)
+        if ckpt.exists():
+            shutil.rmtree(ckpt)
+        return metadata
+
+    monkeypatch.setattr(checkpoint, "read_dcp_metadata", deleted)
+    code, err = _export(tmp_path / "checkpoints", tmp_path / "out", capsys)  # its newest
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert f"{ckpt} was deleted while it was read" in err and "keep_checkpoints" in err, err
+    assert not (tmp_path / "out").exists()
