@@ -214,8 +214,15 @@ def write_ports(run_dir: Path, topo: Topology, sup: Supervisor) -> None:
     write_json_atomic(run_dir / "ports.json", info)
     targets = [{"targets": [f"{topo.host}:{d['metrics_port']}"],
                 "labels": {"daemon": d["name"], "kind": d["kind"], "run": run_dir.name}}
-               for d in info["daemons"]]
+               for d in info["daemons"] if scraped(sup.proc(d["name"]))]
     write_json_atomic(run_dir / "prometheus_targets.json", targets)
+
+
+def scraped(p) -> bool:
+    """Whether Prometheus should scrape the supervised process ``p``: started (a trainer that
+    waits for a slow engine paged TrainerDown) and alive or to be restarted (a completed trainer
+    during the final evaluation did)."""
+    return p.popen is not None and (p.popen.poll() is None or p.restart_at is not None)
 
 
 class Monitor:

@@ -178,7 +178,7 @@ def test_trainer_rolled_back_sees_a_whole_job_resume_on_new_ports():
 
 def test_every_kind_of_daemon_has_a_down_rule():
     """``up`` of each kind at 0 pages (there was none for the buffer); ``up`` is there from the
-    job's start, since ``areal-like run`` lists every daemon in prometheus_targets.json."""
+    daemon's first start, when ``areal-like run`` lists it in prometheus_targets.json."""
     rules = {r["expr"]: r for g in yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
              for r in g["rules"]}
     for kind in ("buffer", "rollout", "trainer"):

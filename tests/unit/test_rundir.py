@@ -274,3 +274,35 @@ def test_a_run_dir_that_cannot_be_made_is_one_error_line(tmp_path):
                             (tmp_path / "file" / "sub", "Not a directory")):
         with pytest.raises(ConfigError, match=f"^run_dir {run_dir} cannot be used: {reason}"):
             lock_run_dir(run_dir)
+
+
+def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
+    """``prometheus_targets.json`` lists a daemon from its first start until it completes: a
+    trainer that waits for a slow engine (one shared GPU: it starts once every engine is up) was
+    listed from the job's start and paged TrainerDown; a trainer that completed was listed again
+    by a later restart of another daemon. A daemon that crashed and waits for its restart stays
+    listed: that outage is what the down rules are for."""
+    from types import SimpleNamespace
+
+    import launch.job as job
+
+    _, topo = job.plan_job(load_config(["experiment=quickstart", f"run_dir={tmp_path}"]))
+    live = SimpleNamespace(poll=lambda: None, pid=4242)
+    exited = SimpleNamespace(poll=lambda: 0, pid=4243)
+    procs = {"buffer": SimpleNamespace(popen=live, restart_at=None),
+             "rollout-0": SimpleNamespace(popen=exited, restart_at=12.5),  # to be restarted
+             "trainer": SimpleNamespace(popen=None, restart_at=None)}  # not started yet
+    sup = SimpleNamespace(pids=lambda: {}, proc=lambda name: procs[name])
+
+    def listed() -> list[str]:
+        job.write_ports(tmp_path, topo, sup)
+        return [t["labels"]["daemon"]
+                for t in json.loads((tmp_path / "prometheus_targets.json").read_text())]
+
+    names = {d["name"] for d in json.loads(json.dumps(topo.to_json()))["daemons"]}
+    assert names == set(procs)
+    assert listed() == ["buffer", "rollout-0"]
+    procs["trainer"].popen = live
+    assert listed() == ["buffer", "rollout-0", "trainer"]
+    procs["trainer"].popen = exited  # completed: the job waits for its final evaluation
+    assert listed() == ["buffer", "rollout-0"]
