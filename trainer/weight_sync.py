@@ -281,7 +281,7 @@ class WeightBroadcaster:
         if self.rank == 0 and report.plan_id:
             await_members(self.client, report.version, report, deadline, self.stopping.is_set)
             if report.dropped and not self.stopping.is_set():
-                log.warning("weight sync v%d: dropped %s (lost, missed the %.0fs deadline or "
+                log.warning("weight sync v%d: dropped %s (lost, missed the %gs deadline or "
                             "failed)", report.version, report.dropped, self.cfg.deadline_s)
                 self.sender.forget_members()  # re-form without them next time
         return lost
