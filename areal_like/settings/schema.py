@@ -135,6 +135,7 @@ class TaskConfig:
     agent_tool_format: str = "hermes"  # the model's tool-call format: hermes (Qwen) | mistral
 
     def __post_init__(self):
+        finite_seconds(self, "task.")  # also alone: `areal-like eval` builds a TaskConfig only
         _choice("task.name", self.name,
                 ("addition", "sort", "reverse", "countdown", "calc", "guess", "dataset"))
         if self.name == "dataset":

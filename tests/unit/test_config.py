@@ -311,6 +311,15 @@ def test_every_duration_and_timeout_must_be_finite():
                 load_config([f"{key}={value}"])
 
 
+def test_a_task_alone_checks_its_durations_too():
+    """``areal-like eval`` builds a TaskConfig from an export's task file and its overrides, no
+    RunConfig: ``task.reward_timeout_s=inf`` passed there."""
+    text = task_yaml(C.TaskConfig())
+    for value in ("inf", "-1"):
+        with pytest.raises(ConfigError, match=rf"^task[.]reward_timeout_s={value}"):
+            task_from_yaml(text, [f"task.reward_timeout_s={value}"])
+
+
 def test_sglang_flags_pass_through_without_hydras_plus(tmp_path):
     """``rollout.engine.sglang`` holds SGLang's own flags, which the schema does not list: a new one
     needs no ``+``, on the command line or over a daemon's config file."""
