@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_async import run_job, speedup_line  # noqa: E402
-from transport_report import load_warning  # noqa: E402
+from transport_report import at_least, load_warning  # noqa: E402
 
 from areal_like.settings.config import load_config  # noqa: E402
 from areal_like.tasks.envs import LongTail  # noqa: E402
@@ -150,13 +150,14 @@ def turn_distribution(n: int = 2000) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--skip", type=int, default=4, help="warm-up steps left out of every figure")
-    ap.add_argument("--groups", type=int, default=8, help="groups per step (x8 samples)")
+    ap.add_argument("--steps", type=at_least(1), default=20)
+    ap.add_argument("--skip", type=at_least(0), default=4,
+                    help="warm-up steps left out of every figure")
+    ap.add_argument("--groups", type=at_least(1), default=8, help="groups per step (x8 samples)")
     ap.add_argument("--keep", default=None, help="keep both run directories under this path")
     ap.add_argument("--agent", action="store_true", help="episodes as an openai-SDK agent")
     ap.add_argument("--overhead", action="store_true", help="the agent endpoint's cost per call")
-    ap.add_argument("--calls", type=int, default=50, help="--overhead: calls each way")
+    ap.add_argument("--calls", type=at_least(1), default=50, help="--overhead: calls each way")
     args = ap.parse_args()
     if args.overhead:
         print(json.dumps(asyncio.run(overhead(args.calls, 16))))

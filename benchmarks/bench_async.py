@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transport_report import load_warning  # noqa: E402
+from transport_report import at_least, load_warning  # noqa: E402
 
 from areal_like.settings.config import load_config  # noqa: E402
 from launch.job import job_specs, prepare  # noqa: E402
@@ -90,11 +90,12 @@ def phase_means(recs: list[dict], skip: int) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--skip", type=int, default=4, help="warm-up steps left out of every figure")
+    ap.add_argument("--steps", type=at_least(1), default=20)
+    ap.add_argument("--skip", type=at_least(0), default=4,
+                    help="warm-up steps left out of every figure")
     ap.add_argument("--model", default="tiny")
-    ap.add_argument("--groups", type=int, default=8, help="groups per step (x8 samples)")
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--groups", type=at_least(1), default=8, help="groups per step (x8 samples)")
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=48)
     ap.add_argument("--keep", default=None, help="keep both run directories under this path")
     args = ap.parse_args()
     line = speedup_line("async_vs_sync_speedup", "bench_async_", run_once, args)

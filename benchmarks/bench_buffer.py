@@ -88,7 +88,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from transport_report import load_warning  # noqa: E402
+from transport_report import at_least, load_warning  # noqa: E402
 
 from areal_like.net import security  # noqa: E402
 from areal_like.net.dealer import Client  # noqa: E402
@@ -484,18 +484,18 @@ def memory_and_handout(address: str, pid: int, rss0: int, args, common: dict) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--group-size", type=int, default=8)
-    ap.add_argument("--producers", type=int, default=32)
-    ap.add_argument("--processes", type=int, default=4)
+    ap.add_argument("--tokens", type=at_least(1), default=4096)
+    ap.add_argument("--group-size", type=at_least(1), default=8)
+    ap.add_argument("--producers", type=at_least(1), default=32)
+    ap.add_argument("--processes", type=at_least(1), default=4)
     ap.add_argument("--seconds", type=float, default=4.0)
     ap.add_argument("--warmup-s", type=float, default=1.0)
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--rounds", type=at_least(1), default=2,
                     help="raw and buffer runs alternate this many times")
     ap.add_argument("--fsync", nargs="+", default=["always", "never"],
                     choices=("always", "batch", "never"))
-    ap.add_argument("--handout-groups", type=int, default=8)
-    ap.add_argument("--curve-io-threads", type=int, nargs="*", default=[],
+    ap.add_argument("--handout-groups", type=at_least(1), default=8)
+    ap.add_argument("--curve-io-threads", type=at_least(1), nargs="*", default=[],
                     help="CURVE capacity: buffer.io_threads values to ingest with CURVE on and "
                          "fsync=always (the first is the baseline), e.g. 1 2")
     ap.add_argument("--raw-keep", action="store_true",

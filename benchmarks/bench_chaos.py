@@ -45,7 +45,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from transport_report import load_warning  # noqa: E402
+from transport_report import at_least, load_warning  # noqa: E402
 
 from areal_like.net.metrics import scrape  # noqa: E402
 from areal_like.settings.config import load_config  # noqa: E402
@@ -157,8 +157,8 @@ def waste_by_cause(wasted: int, rolled_back: int, counts: Counter) -> dict[str, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--checkpoint-every", type=int, default=50)
+    ap.add_argument("--steps", type=at_least(1), default=200)
+    ap.add_argument("--checkpoint-every", type=at_least(1), default=50)
     ap.add_argument("--checkpoint-async", action="store_true", help="trainer.checkpoint_async=true")
     ap.add_argument("--root", type=Path, default=None,
                     help="directory for both runs (a warm start there is reused)")

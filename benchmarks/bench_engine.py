@@ -58,7 +58,7 @@ from concurrent.futures import ThreadPoolExecutor
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from transport_report import load_warning  # noqa: E402 (beside this script)
+from transport_report import at_least, load_warning  # noqa: E402 (beside this script)
 
 from areal_like.settings.config import EngineConfig, ModelConfig  # noqa: E402
 from areal_like.weights.hf import build_model  # noqa: E402
@@ -187,16 +187,17 @@ def measure(model, engine, lengths: str, args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=64,
+    ap.add_argument("--requests", type=at_least(1), default=64,
                     help="sequences per round (prompts x samples)")
-    ap.add_argument("--group", type=int, default=8, help="samples per prompt (GRPO group size)")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--group", type=at_least(1), default=8,
+                    help="samples per prompt (GRPO group size)")
+    ap.add_argument("--batch", type=at_least(1), default=16)
     ap.add_argument("--via", choices=("scheduler", "http"), default="scheduler")
     ap.add_argument("--lengths", choices=("uniform", "longtail", "both"), default="both")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=1,
+    ap.add_argument("--rounds", type=at_least(1), default=1,
                     help="baseline/engine rounds per case (median ratio)")
-    ap.add_argument("--hidden", type=int, default=512,
+    ap.add_argument("--hidden", type=at_least(1), default=512,
                     help="hidden size of the 4-layer benchmark Qwen2")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

@@ -45,6 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.transport_report import at_least  # noqa: E402
 
 
 def long_tailed_batch(seqs: int, median: int, sigma: float, max_len: int, group: int,
@@ -189,14 +190,17 @@ def layout_cases(args, batch, tokens: int, shape: dict, s_today, packed_share: f
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seqs", type=int, default=64)
-    p.add_argument("--median", type=int, default=300, help="median length (prompt + output)")
+    p.add_argument("--seqs", type=at_least(1), default=64)
+    p.add_argument("--median", type=at_least(1), default=300,
+                   help="median length (prompt + output)")
     p.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of the lengths")
-    p.add_argument("--max-len", type=int, default=4096)
-    p.add_argument("--group", type=int, default=8, help="sequences per group")
-    p.add_argument("--mbs", type=int, default=8, help="today's trainer.micro_batch_size")
-    p.add_argument("--budget", type=int, default=4096, help="trainer.max_tokens_per_micro_batch")
-    p.add_argument("--repeats", type=int, default=2, help="timed steps of each path, alternated")
+    p.add_argument("--max-len", type=at_least(1), default=4096)
+    p.add_argument("--group", type=at_least(1), default=8, help="sequences per group")
+    p.add_argument("--mbs", type=at_least(1), default=8, help="today's trainer.micro_batch_size")
+    p.add_argument("--budget", type=at_least(1), default=4096,
+                   help="trainer.max_tokens_per_micro_batch")
+    p.add_argument("--repeats", type=at_least(1), default=2,
+                   help="timed steps of each path, alternated")
     args = p.parse_args()
 
     import torch

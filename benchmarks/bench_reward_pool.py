@@ -31,7 +31,7 @@ from areal_like.tasks.task import make_task
 from rollout_server.reward_pool import RewardPool
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from transport_report import load_warning  # noqa: E402
+from transport_report import at_least, load_warning  # noqa: E402
 
 GROUPS, GROUP_SIZE, GOAL = 8, 8, 1.5
 
@@ -67,7 +67,7 @@ async def measure(pool: RewardPool, groups: list, rounds: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--rounds", type=int, default=200)
+    ap.add_argument("--rounds", type=at_least(1), default=200)
     args = ap.parse_args()
     # the workload of bench_vs_trl, scored in the default 2 sandboxed workers (that benchmark scores
     # in-process, task.reward_workers=0, where no call reaches a worker)

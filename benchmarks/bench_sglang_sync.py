@@ -47,6 +47,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.transport_report import at_least  # noqa: E402
+
 GROUP_TIMEOUT_S = 300.0
 MODES = ("abort", "retract", "in_place")  # SGLang 0.5.23's PauseGenerationReqInput.mode
 GOAL_PAUSE_S = 0.1
@@ -309,12 +311,12 @@ async def bench(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--hidden", type=at_least(1), default=512)
+    ap.add_argument("--layers", type=at_least(1), default=12)
     ap.add_argument(
-        "--requests", type=int, default=8, help="long generations keeping the engine busy"
+        "--requests", type=at_least(1), default=8, help="long generations keeping the engine busy"
     )
-    ap.add_argument("--versions", type=int, default=5, help="measured versions per case")
+    ap.add_argument("--versions", type=at_least(1), default=5, help="measured versions per case")
     ap.add_argument("--bucket-mb", type=float, nargs="+", default=[64.0, 128.0, 256.0])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--sender", help=argparse.SUPPRESS)

@@ -61,6 +61,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from areal_like.settings.config import ConfigError, load_config  # noqa: E402
+from benchmarks.transport_report import at_least, at_least_each  # noqa: E402
 from launch.job import run_job  # noqa: E402
 from launch.records import eval_records, step_records  # noqa: E402
 
@@ -274,14 +275,16 @@ def parse_args():
     ap.add_argument("--quick", action="store_true",
                     help="1 seed, 24 steps, eta {0, 8}, 128 eval prompts")
     ap.add_argument("--kernels", default=",".join(KERNELS))
-    ap.add_argument("--etas", default=None, help="comma-separated (default 0,2,8,32; --quick 0,8)")
-    ap.add_argument("--seeds", type=int, default=None, help="seeds per cell (default 2; --quick 1)")
-    ap.add_argument("--first-seed", type=int, default=0,
+    ap.add_argument("--etas", type=at_least_each(0), default=None,
+                    help="comma-separated (default 0,2,8,32; --quick 0,8)")
+    ap.add_argument("--seeds", type=at_least(1), default=None,
+                    help="seeds per cell (default 2; --quick 1)")
+    ap.add_argument("--first-seed", type=at_least(0), default=0,
                     help="seeds first-seed .. first-seed + seeds - 1")
-    ap.add_argument("--steps", type=int, default=None,
+    ap.add_argument("--steps", type=at_least(1), default=None,
                     help="trainer steps per run (default 80; --quick 24)")
-    ap.add_argument("--groups", type=int, default=4, help="groups per step (x8 samples)")
-    ap.add_argument("--eval-examples", type=int, default=None,
+    ap.add_argument("--groups", type=at_least(1), default=4, help="groups per step (x8 samples)")
+    ap.add_argument("--eval-examples", type=at_least(1), default=None,
                     help="held-out prompts (default 256; --quick 128)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="an extra config override for every run (repeatable), "
@@ -302,8 +305,7 @@ def parse_args():
     ap.add_argument("--table", action="store_true", help="with --plot: print the markdown table")
     args = ap.parse_args()
     q = args.quick
-    args.etas = [int(e)
-                 for e in (args.etas or ("0,8" if q else ",".join(map(str, ETAS)))).split(",")]
+    args.etas = args.etas or ([0, 8] if q else list(ETAS))
     args.seeds = args.seeds or (1 if q else 2)
     args.steps = args.steps or (24 if q else 80)
     args.eval_examples = args.eval_examples or (128 if q else 256)

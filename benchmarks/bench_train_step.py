@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from transport_report import load_warning  # noqa: E402 (beside this script)
+from transport_report import at_least, load_warning  # noqa: E402 (beside this script)
 
 GOAL = round(1 / 1.3, 2)  # ratio = plain / trainer: the trainer's step within 1.3x a plain one
 
@@ -115,10 +115,10 @@ def trainer_step(policy, batch, settings) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trials", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--groups", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--trials", type=at_least(1), default=30)
+    ap.add_argument("--warmup", type=at_least(0), default=5)
+    ap.add_argument("--groups", type=at_least(1), default=8)
+    ap.add_argument("--max-new-tokens", type=at_least(1), default=8)
     ap.add_argument("--profile", action="store_true",
                     help="print cProfile's top functions of the trainer's step")
     ap.add_argument("overrides", nargs="*", help="config overrides for both (key=value)")

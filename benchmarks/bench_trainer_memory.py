@@ -40,6 +40,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchmarks.transport_report import at_least  # noqa: E402
+
 GOAL = round(1 / 1.15, 2)  # ratio: the estimate and the measurement within 1.15x of each other
 
 
@@ -64,22 +66,23 @@ def synthetic_batch(seqs: int, length: int, prompt: int = 32):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="0.5B", choices=("0.5B", "1.5B", "3B", "7B"))
-    p.add_argument("--layers", type=int, default=4,
+    p.add_argument("--layers", type=at_least(1), default=4,
                    help="decoder blocks (the shape's own count: 0)")
-    p.add_argument("--vocab", type=int, default=0,
+    p.add_argument("--vocab", type=at_least(0), default=0,
                    help="vocabulary (the shape's own: 0); smaller makes the "
                         "activations, not the embeddings, the peak")
-    p.add_argument("--seqs", type=int, default=2)
-    p.add_argument("--mbs", type=int, default=1, help="trainer.micro_batch_size (sequences)")
-    p.add_argument("--len", type=int, default=512,
+    p.add_argument("--seqs", type=at_least(1), default=2)
+    p.add_argument("--mbs", type=at_least(1), default=1,
+                   help="trainer.micro_batch_size (sequences)")
+    p.add_argument("--len", type=at_least(1), default=512,
                    help="tokens per sequence (32 prompt + the rest output)")
-    p.add_argument("--steps", type=int, default=2)
-    p.add_argument("--chunk", type=int, default=512, help="trainer.logprob_chunk_tokens")
+    p.add_argument("--steps", type=at_least(1), default=2)
+    p.add_argument("--chunk", type=at_least(1), default=512, help="trainer.logprob_chunk_tokens")
     p.add_argument("--checkpointing", action="store_true",
                    help="trainer.activation_checkpointing=true")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="model.dtype")
-    p.add_argument("--lora-rank", type=int, default=0,
+    p.add_argument("--lora-rank", type=at_least(0), default=0,
                    help="trainer.lora.rank (0: off) on the default target_modules (fp32 base)")
     args = p.parse_args()
 

@@ -77,6 +77,8 @@ from areal_like.wire.trajectory import Trajectory  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from transport_report import (  # noqa: E402
     GROUP_SIZE,
+    at_least,
+    at_least_each,
     child_cpu_s,
     cpu_split_s,
     summary_lines,
@@ -320,15 +322,14 @@ def bench_size(tokens: int, ours_addr: str, raw_addr: str, curve_addr: str, loca
 def main() -> int:
     global WINDOW
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--tokens", default="512,4096", help="comma-separated output lengths")
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tokens", type=at_least_each(1), default=[512, 4096],
+                        help="comma-separated output lengths")
+    parser.add_argument("--rounds", type=at_least(1), default=7)
     parser.add_argument("--seconds", type=float, default=0.35,
                         help="duration of one round of one mode")
-    parser.add_argument("--window", type=int, default=WINDOW,
+    parser.add_argument("--window", type=at_least(1), default=WINDOW,
                         help="requests in flight in the stream pattern")
     args = parser.parse_args()
-    if args.window < 1:
-        parser.error(f"--window must be >= 1, got {args.window}")
     WINDOW = args.window
     ours_addr, raw_addr, curve_addr = (f"tcp://127.0.0.1:{free_port()}" for _ in range(3))
     keys_dir = tempfile.TemporaryDirectory(prefix="bench-keys-")
@@ -345,7 +346,7 @@ def main() -> int:
         ready, _, _ = select.select([receiver.stdout], [], [], READY_TIMEOUT_S)
         if not ready or receiver.stdout.readline().strip() != "READY":
             raise RuntimeError("receiver did not start")
-        for tokens in (int(t) for t in args.tokens.split(",")):
+        for tokens in args.tokens:
             for line in bench_size(tokens, ours_addr, raw_addr, curve_addr, local_addr, keys,
                                    receiver.pid,
                                    args.rounds, args.seconds):

@@ -70,6 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from areal_like.settings.config import RunConfig, load_config  # noqa: E402
 from areal_like.tasks.task import Example, exact_match, make_task  # noqa: E402
+from benchmarks.transport_report import at_least  # noqa: E402
 from launch.job import job_specs, prepare  # noqa: E402
 from launch.local import Supervisor  # noqa: E402
 from launch.records import read_jsonl, step_of, step_records, trainer_jsonl  # noqa: E402
@@ -386,14 +387,15 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=None,
                     help="RL wall budget per system and run (default 180; --quick 60)")
     ap.add_argument("--quick", action="store_true", help="a 60 s budget and 128 held-out prompts")
-    ap.add_argument("--eval-prompts", type=int, default=None,
+    ap.add_argument("--eval-prompts", type=at_least(1), default=None,
                     help="held-out prompts scored (default 256; --quick 128; not --user-path: "
                          "all its 512)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--user-path", action="store_true",
                     help="the user's path instead: an HF model directory, a JSONL, "
                          "task=jsonl_math, our defaults")
-    ap.add_argument("--repeats", type=int, default=3, help="--user-path: runs per system (medians)")
+    ap.add_argument("--repeats", type=at_least(1), default=3,
+                    help="--user-path: runs per system (medians)")
     ap.add_argument("--keep", default=None, help="keep every run directory under this path")
     args = ap.parse_args()
     budget = args.budget_s or (60.0 if args.quick else 180.0)  # what the user set wins

@@ -74,7 +74,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from transport_report import load_warning  # noqa: E402
+from transport_report import at_least, load_warning  # noqa: E402
 
 GROUP_TIMEOUT_S = 120.0  # rendezvous and every op; the whole benchmark must fit in well under it
 GROUP = "bench_weights"
@@ -355,18 +355,18 @@ def system_lora(args: argparse.Namespace) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--hidden", type=at_least(1), default=512)
+    ap.add_argument("--layers", type=at_least(1), default=4)
+    ap.add_argument("--vocab", type=at_least(1), default=8192)
     ap.add_argument("--bucket-mb", type=float, default=64.0)
     # the machine is shared: medians need the rounds
-    ap.add_argument("--trials", type=int, default=25)
+    ap.add_argument("--trials", type=at_least(1), default=25)
     ap.add_argument("--system", action="store_true",
                     help="trainer-blocked time per version in the real system")
-    ap.add_argument("--steps", type=int, default=25, help="--system: steps per run")
-    ap.add_argument("--skip", type=int, default=5, help="--system: warm-up steps left out")
-    ap.add_argument("--eta", type=int, default=4, help="--system: buffer.max_staleness")
-    ap.add_argument("--lora", type=int, default=0,
+    ap.add_argument("--steps", type=at_least(1), default=25, help="--system: steps per run")
+    ap.add_argument("--skip", type=at_least(0), default=5, help="--system: warm-up steps left out")
+    ap.add_argument("--eta", type=at_least(0), default=4, help="--system: buffer.max_staleness")
+    ap.add_argument("--lora", type=at_least(0), default=0,
                     help="--system: a LoRA rank-R adapter's sync vs the full weights")
     ap.add_argument("--blocking", action="store_true",
                     help="--system --lora: every push blocks (weight_sync.overlap=false)")

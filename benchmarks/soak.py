@@ -63,6 +63,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from transport_report import at_least  # noqa: E402
+
 GPU_STEPS_PER_DAY = 2880  # the README's GPU example: one step every 30 s
 # The README's table ("Long runs: disk use"): entries held by retention, entries rotated past
 # launch.log_max_mb into launch.log_backups files, entries with no bound.
@@ -416,8 +419,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=45.0, help="how long the job runs")
     ap.add_argument("--sample-s", type=float, default=15.0, help="seconds between samples")
-    ap.add_argument("--checkpoint-every", type=int, default=50)
-    ap.add_argument("--export-every", type=int, default=200)
+    ap.add_argument("--checkpoint-every", type=at_least(1), default=50)
+    ap.add_argument("--export-every", type=at_least(0), default=200)
     ap.add_argument("--segment-mb", type=float, default=16.0,
                     help="buffer.segment_bytes in MiB: small, so that WAL segments rotate within "
                          "the run, yet above the dedupe ids each rotation's control record holds")

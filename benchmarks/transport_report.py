@@ -1,10 +1,12 @@
 """What bench_transport.py reports: its JSON lines of one group size (``summary_lines``), CPU read
 from /proc (per process and per thread), and the security lines (CURVE on tcp, the same-node
 ipc:// path), each against the unencrypted tcp stream of the same rounds (medians over rounds; see
-bench_transport's docstring)."""
+bench_transport's docstring). Also ``at_least`` and ``at_least_each``, the ``type=`` of every
+benchmark's count flags."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 
@@ -36,6 +38,29 @@ def cpu_split_s(pid: int, task: str = "") -> tuple[float, float]:
     """(user, system) CPU seconds, all threads, of a process, from /proc (clock-tick resolution)."""
     fields = open(f"/proc/{pid}{task}/stat").read().rsplit(")", 1)[1].split()
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
+
+
+def at_least(minimum: int):
+    """An argparse ``type=``: an int of ``minimum`` or more. A count below it is refused at parsing
+    ("argument --trials: 0 is below 1", exit 2) rather than after the work ("no median for empty
+    data")."""
+
+    def count(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return count
+
+
+def at_least_each(minimum: int):
+    """An argparse ``type=``: comma-separated ints (``--etas 0,2,8``), each ``minimum`` or more."""
+
+    def counts(text: str) -> list[int]:
+        return [at_least(minimum)(part) for part in text.split(",")]
+
+    return counts
 
 
 def load_warning() -> dict:
