@@ -62,6 +62,7 @@ class ControlPlane:
         self.incarnations: dict[str, str] = {}  # id -> that of its last Register
         # ids off the roster after an expiry, oldest first: INCARNATIONS_KEEP of them keep theirs
         self.departed: OrderedDict[str, None] = OrderedDict()
+        self.superseded: dict[str, str] = {}  # id -> the older incarnation last warned about
         self._settled = ""  # plan_id of the last plan whose absent members were taken out
         self._absent_log = RateLimitedLog(log, ABSENT_LOG_EVERY_S)
 
@@ -101,7 +102,9 @@ class ControlPlane:
             self._failed(sid, plan, "left the roster")
         self.departed[sid] = None
         while len(self.departed) > INCARNATIONS_KEEP:
-            del self.incarnations[self.departed.popitem(last=False)[0]]
+            sid = self.departed.popitem(last=False)[0]
+            del self.incarnations[sid]
+            self.superseded.pop(sid, None)
 
     def register(self, m: P.Register) -> P.RegisterAck:
         # a new process (STALENESS.md): another incarnation than the last, or, either being
@@ -124,6 +127,24 @@ class ControlPlane:
         self.departed.pop(m.server_id, None)
         return P.RegisterAck(server_id=m.server_id, policy_version=self.version,
                              pub_address=self.pub_address)
+
+    def older(self, m: P.Message) -> str | None:
+        """Why ``m`` (a Heartbeat, CreditRequest or group) must not be served: its sender is an
+        older process than the last one that registered under its id (STALENESS.md), told to stop;
+        None when it is not. A warning once per such process."""
+        if not isinstance(m, (P.Heartbeat, P.CreditRequest, P.TrajectoryGroup)):
+            return None  # a Register: the newest wins
+        sid, was = m.server_id, m.incarnation
+        now = self.incarnations.get(sid)
+        if not was or not now or was == now:
+            return None
+        if self.superseded.get(sid) != was:
+            self.superseded[sid] = was
+            self.log.warning("server %s: process %s sends after process %s registered under its id"
+                             ": told to stop (two rollout servers share rollout.server_id)",
+                             sid[:64], was, now)
+        return (f"another process registered as {sid[:64]} after this one; give each rollout "
+                "server its own rollout.server_id")
 
     def heartbeat(self, m: P.Heartbeat) -> P.HeartbeatAck:
         member = self.touch(m.server_id, m.policy_version)

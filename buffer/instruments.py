@@ -21,7 +21,7 @@ LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadab
                          "version_jump", "reserved_id", "unexpected_type", "empty_prompt",
                          "empty_output", "bad_loss_mask", "over_context",
                          "too_many_trajectories", "token_out_of_vocab", "nonfinite_logp",
-                         "implausible_logp", "peer_limit", "role")}
+                         "implausible_logp", "peer_limit", "role", "duplicate_id")}
 
 
 class BufferMetrics:

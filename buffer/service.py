@@ -241,6 +241,10 @@ class BufferService(Daemon):
                                     "an oversized" if label != "decode" else "an undecodable",
                                     peer[:64], msg)
             reply, kind = P.Ack(ref="", status="rejected", reason=f"{label}: {msg}"), "invalid"
+        elif (older := self.control.older(msg)) is not None:  # it exits (STALENESS.md)
+            self.instruments.count("rejected", reason="duplicate_id")
+            reply, kind = P.Ack(ref=getattr(msg, "group_id", ""), status="rejected",
+                                reason=f"duplicate_id: {older}"), msg.TYPE
         elif isinstance(msg, P.TrajectoryGroup):
             reply, kind = self._on_group(msg, frame), msg.TYPE
         elif isinstance(msg, P.VersionUpdate):

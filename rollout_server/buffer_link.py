@@ -26,6 +26,7 @@ from typing import Callable
 
 import msgspec
 
+from areal_like.daemon import StartRefused
 from areal_like.net.dealer import AsyncClient
 from areal_like.net.metrics import Metrics
 from areal_like.net.transport import TransportTimeout
@@ -45,6 +46,13 @@ SEND_WINDOW = 16  # groups one send puts in flight at once on the data connectio
 SENDER_IDLE_S = 0.05  # the sender's longest wait when nothing is due; a new group wakes it at once
 
 log = logging.getLogger("rollout")
+
+
+def raise_if_superseded(reply) -> None:
+    """The buffer says another process registered under this server's id after this one: stop
+    (exit 2) with its reason (buffer/STALENESS.md)."""
+    if isinstance(reply, Ack) and reply.reason.startswith("duplicate_id: "):
+        raise StartRefused(reply.reason.removeprefix("duplicate_id: "))
 
 
 @dataclass(slots=True)
@@ -71,13 +79,14 @@ class BufferLink:
 
     def __init__(self, control: AsyncClient, data: AsyncClient, server_id: str, metrics: Metrics,
                  free_slots: Callable[[], int], blocked: Callable[[], bool],
-                 start: Callable[[Credit], None]):
+                 start: Callable[[Credit], None], incarnation: str = ""):
         # two connections: a CreditRequest does not queue behind a group the buffer is storing
         self.control, self.data, self.server_id, self.metrics = control, data, server_id, metrics
         self.free_slots = free_slots  # episode slots not running an episode
         # a weight sync is pending or applied: no lease is asked for or started
         self.blocked = blocked
         self.start = start  # starts the episode of one lease
+        self.incarnation = incarnation  # this process (RolloutServer.incarnation)
         self.unacked: dict[str, Unacked] = {}
         self.ready = asyncio.Event()  # a group was added: the sender sends it at once
         # leases asked for by requests still in flight (CreditRequest or a group's send)
@@ -120,13 +129,14 @@ class BufferLink:
             return True
         self.asked += want
         try:
-            reply = await self.control.request(CreditRequest(server_id=self.server_id,
-                                                             max_credits=want))
+            reply = await self.control.request(CreditRequest(
+                server_id=self.server_id, max_credits=want, incarnation=self.incarnation))
         except TransportTimeout:
             self.next_request_at = time.monotonic() + RESEND_BACKOFF_S
             return True
         finally:
             self.asked -= want
+        raise_if_superseded(reply)
         credits = reply.credits if isinstance(reply, Credits) else []
         self.take(credits, "credit_request")
         if not credits:
@@ -207,6 +217,7 @@ class BufferLink:
         return None not in acks
 
     def _settle(self, u: Unacked, ack) -> None:
+        raise_if_superseded(ack)
         if isinstance(ack, Ack) and ack.credits:
             self.take(ack.credits, "ack")
         if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate", "rejected"):

@@ -177,6 +177,7 @@ class EpisodeContext:
     server_id: str
     current_version_fn: Callable[[], int]
     metrics: Metrics = field(default_factory=Metrics)
+    incarnation: str = ""  # this process's, in every group (RolloutServer.incarnation)
 
     def sampling_params(self) -> dict:
         cfg = self.task_cfg
@@ -198,7 +199,8 @@ class EpisodeContext:
         for t in trajectories:
             rewards.observe(t.reward)
         return TrajectoryGroup(group_id=f"{self.server_id}-{credit.lease_id}",
-                               server_id=self.server_id, lease_id=credit.lease_id,
+                               server_id=self.server_id, incarnation=self.incarnation,
+                               lease_id=credit.lease_id,
                                prompt_index=credit.prompt_index, epoch=credit.epoch,
                                trajectories=trajectories)
 

@@ -55,7 +55,7 @@ from areal_like.wire.protocol import (
     WeightSyncPlan,
     encode,
 )
-from rollout_server.buffer_link import BufferLink, wait_event
+from rollout_server.buffer_link import BufferLink, raise_if_superseded, wait_event
 from rollout_server.episode import EpisodeContext, as_version, run_episode
 from rollout_server.facts import RolloutFacts
 from rollout_server.launch_sglang import stop_group
@@ -261,7 +261,7 @@ class RolloutServer(Daemon):
                                free_slots=lambda: (self.rcfg.max_concurrent_groups
                                                    - len(self.episodes)),
                                blocked=lambda: self.syncing or self.plan is not None,
-                               start=self.start_episode)
+                               start=self.start_episode, incarnation=self.incarnation)
         background = []
         try:
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
@@ -360,13 +360,14 @@ class RolloutServer(Daemon):
 
     async def heartbeat(self) -> None:
         msg = Heartbeat(server_id=self.server_id, policy_version=self.policy_version,
-                        in_flight=len(self.episodes),
-                        evaluating=self.evaluating)
+                        in_flight=len(self.episodes), evaluating=self.evaluating,
+                        incarnation=self.incarnation)
         try:
             ack = await self.control.request(msg)
         except TransportTimeout:
             self.log.warning("heartbeat timed out (buffer down or restarting)")
             return
+        raise_if_superseded(ack)
         if not isinstance(ack, HeartbeatAck):
             return
         if not ack.known:  # the buffer restarted or expired us: join again, re-send all unacked
@@ -382,7 +383,8 @@ class RolloutServer(Daemon):
         waiting for it) instead of leaving it to find out ``buffer.heartbeat_timeout_s`` later."""
         try:
             await self.control.request(Heartbeat(server_id=self.server_id,
-                                                 policy_version=self.policy_version, leaving=True),
+                                                 policy_version=self.policy_version, leaving=True,
+                                                 incarnation=self.incarnation),
                                        timeout_s=LEAVE_TIMEOUT_S)
             self.log.info("left the buffer's roster")
         except TransportTimeout:
@@ -409,7 +411,7 @@ class RolloutServer(Daemon):
     def episode_context(self) -> EpisodeContext:
         return EpisodeContext(client=self.client, task=self.task, tokenizer=self.tokenizer,
                               rewards=self.rewards, task_cfg=self.facts.task,
-                              server_id=self.server_id,
+                              server_id=self.server_id, incarnation=self.incarnation,
                               current_version_fn=lambda: self.policy_version, metrics=self.metrics)
 
     async def start_agent_endpoint(self) -> None:
@@ -582,4 +584,6 @@ def _raise_if_done(tasks: list[asyncio.Task]) -> None:
     for t in tasks:
         if t.done():
             exc = None if t.cancelled() else t.exception()
+            if isinstance(exc, StartRefused):  # e.g. another process took our id: exit 2
+                raise exc
             raise ComponentStopped(f"background task {t.get_name()!r} ended: {exc!r}")

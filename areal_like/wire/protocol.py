@@ -25,6 +25,9 @@ Wanted = Annotated[int, msgspec.Meta(ge=0, le=MAX_CREDITS_PER_REQUEST)]  # lease
 MAX_GROUP_RANKS = 65536  # ranks of one weight-update group (an engine's TP size, a group's size)
 Ranks = Annotated[int, msgspec.Meta(ge=1, le=MAX_GROUP_RANKS)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: none (a plan of a path without a group)
+# a random token per rollout server process start ("": not told): another one under an id is
+# another process (buffer/STALENESS.md)
+Incarnation = Annotated[str, msgspec.Meta(max_length=64)]
 
 
 class _TopLevel(Message, frozen=True, kw_only=True):
@@ -41,8 +44,7 @@ class Register(_TopLevel, tag="register"):
     cuda_version: str = ""
     nccl_version: str = ""
     evaluates: bool = False  # it runs the job's evaluations (rollout.eval)
-    # a random token per process start ("": not told): another one under this id is a new process
-    incarnation: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    incarnation: Incarnation = ""
     fresh: bool = False  # its first Register since it started (decides when the buffer knows none)
 
 
@@ -60,11 +62,13 @@ class Heartbeat(_TopLevel, tag="heartbeat"):
     evaluating: bool = False
     # its last one: a graceful stop, off the roster now (not buffer.heartbeat_timeout_s later)
     leaving: bool = False
+    incarnation: Incarnation = ""  # not its id's last Register's: it is told to stop
 
 
 class CreditRequest(_TopLevel, tag="credit_request"):
     server_id: str
     max_credits: Wanted
+    incarnation: Incarnation = ""
 
 
 class Credit(Message, tag="credit"):
@@ -92,6 +96,7 @@ class TrajectoryGroup(_TopLevel, tag="trajectory_group"):
     epoch: Count
     trajectories: Annotated[list[Trajectory], msgspec.Meta(min_length=1)]
     want_credits: Wanted = 0  # leases wanted with the ack (saves a CreditRequest round trip)
+    incarnation: Incarnation = ""
 
     @property
     def head_version(self) -> int:
@@ -143,7 +148,7 @@ class RosterEntry(Message, tag="roster_entry"):
     cuda_version: str = ""
     nccl_version: str = ""
     evaluates: bool = False  # from the member's Register
-    incarnation: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    incarnation: Incarnation = ""
 
 
 class Roster(_TopLevel, tag="roster"):

@@ -5,6 +5,10 @@ Real processes over loopback: the buffer daemon and one rollout server (embedded
 heartbeat (``leaving``, sent as SIGTERM stops it) can take it off the roster and hand its leases
 back within this test's waits; before it, the buffer found out 15 s later (the default timeout),
 and a weight sync under way waited that long for the member that had gone.
+
+A second server started by mistake under the same ``rollout.server_id`` takes the id over (the
+newest Register wins, as a restart does); the first one is told so and exits 2 with one error line
+naming the id, and its leaving does not take the second one off the roster.
 """
 
 from __future__ import annotations
@@ -22,8 +26,7 @@ STARTUP_S = 180.0  # a daemon imports torch and builds its model; the shared 2-c
 LEFT_S = 60.0  # well under the 600 s after which the buffer would expire the server anyway
 
 
-def test_a_server_stopped_on_request_leaves_the_roster_and_its_leases_at_once(
-        spawn_python, tmp_run_dir, wait_until):
+def _start_buffer(spawn_python, tmp_run_dir):
     cfg = load_config([
         f"run_dir={tmp_run_dir}", "security.curve=false",
         f"buffer.address=tcp://127.0.0.1:{free_port()}",
@@ -34,9 +37,20 @@ def test_a_server_stopped_on_request_leaves_the_roster_and_its_leases_at_once(
     config.write_text(to_yaml(cfg))
     ensure_key_file(tmp_run_dir)
     spawn_python("buffer", ["--config-file", config], capture=False)
-    server = spawn_python("rollout_server", ["--config-file", config, "rollout.server_id=A",
-                                             f"rollout.metrics_port={free_port()}"],
-                          capture=False)
+    return cfg
+
+
+def _server_a(spawn_python, tmp_run_dir, capture: bool = False):
+    return spawn_python("rollout_server", ["--config-file", tmp_run_dir / "config.yaml",
+                                           "rollout.server_id=A",
+                                           f"rollout.metrics_port={free_port()}"],
+                        capture=capture)
+
+
+def test_a_server_stopped_on_request_leaves_the_roster_and_its_leases_at_once(
+        spawn_python, tmp_run_dir, wait_until):
+    cfg = _start_buffer(spawn_python, tmp_run_dir)
+    server = _server_a(spawn_python, tmp_run_dir)
     trainer = Client(cfg.buffer.address, timeout_s=30, identity=TRAINER_PEER)
 
     def roster() -> set[str]:
@@ -57,5 +71,33 @@ def test_a_server_stopped_on_request_leaves_the_roster_and_its_leases_at_once(
         wait_until(lambda: "A" not in roster(), LEFT_S, 0.2, "A off the roster")
         left = stats()
         assert "leases_of_A" not in left and left["reissue_queue"] >= 1, left  # they went back
+    finally:
+        trainer.close()
+
+
+def test_a_second_server_under_the_same_id_stops_the_first_with_one_error_line(
+        spawn_python, tmp_run_dir, wait_until):
+    cfg = _start_buffer(spawn_python, tmp_run_dir)
+    first = _server_a(spawn_python, tmp_run_dir, capture=True)
+    trainer = Client(cfg.buffer.address, timeout_s=30, identity=TRAINER_PEER)
+
+    def incarnation() -> str | None:
+        reply = trainer.request(RosterRequest())
+        assert isinstance(reply, Roster)
+        return next((m.incarnation for m in reply.members if m.server_id == "A"), None)
+
+    try:
+        was = wait_until(incarnation, STARTUP_S, 0.2, "the first A on the roster")
+        second = _server_a(spawn_python, tmp_run_dir)
+        now = wait_until(lambda: (i := incarnation()) not in (None, was) and i, STARTUP_S, 0.2,
+                         "the second A registered")
+        _, err = first.communicate(timeout=LEFT_S)
+        errors = [line for line in err.splitlines() if " ERROR " in line]
+        assert first.returncode == 2, err[-2000:]
+        assert len(errors) == 1 and "another process registered as A" in errors[0], errors
+        assert "rollout.server_id" in errors[0]
+        assert incarnation() == now  # the first one's leaving took the second one off nothing
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0
     finally:
         trainer.close()
