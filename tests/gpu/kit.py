@@ -26,6 +26,7 @@ import datetime
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -147,6 +148,8 @@ def parse_junit(path: Path) -> list[TestResult]:
     """Every testcase of a pytest junit xml report, with its outcome and recorded figures."""
     results = []
     for case in ET.parse(path).getroot().iter("testcase"):
+        if case.get("name") is None:  # what pytest writes for a run stopped by SIGINT
+            continue
         outcome, message = "passed", ""
         for tag in ("failure", "error", "skipped"):
             node = case.find(tag)
@@ -164,7 +167,7 @@ def parse_junit(path: Path) -> list[TestResult]:
     return results
 
 
-def render_results(env: dict, results: list[TestResult]) -> str:
+def render_results(env: dict, results: list[TestResult], note: str = "") -> str:
     """``tests/gpu/RESULTS.md``: the machine, the totals, one row per test, the figures."""
     counts = {k: sum(r.outcome == k for r in results)
               for k in ("passed", "failed", "error", "skipped")}
@@ -175,7 +178,8 @@ def render_results(env: dict, results: list[TestResult]) -> str:
              "| | |", "|---|---|"]
     for key in ("date", "gpu", "driver", "torch", "cuda", "nccl", "python", "commit"):
         lines.append(f"| {key} | {env.get(key, 'unknown')} |")
-    lines += [f"| result | {totals} ({sum(r.seconds for r in results):.0f} s) |", "",
+    lines += [f"| result | {totals} ({sum(r.seconds for r in results):.0f} s)"
+              + (f"; {note}" if note else "") + " |", "",
               "## Tests", "",
               "| test | outcome | seconds | note |", "|---|---|---|---|"]
     for r in results:
@@ -220,7 +224,8 @@ def probe_env(python: str = sys.executable) -> dict:
     return env
 
 
-def run_kit(wheelhouse: Path, site: Path, out: Path, pytest_args: list[str]) -> int:
+def run_kit(wheelhouse: Path, site: Path, out: Path, pytest_args: list[str],
+            budget_s: float = 0) -> int:
     """Install the wheelhouse, run the GPU tests, write RESULTS.md; pytest's exit code."""
     problems = (check_wheelhouse(wheelhouse) if wheelhouse.is_dir()
                 else [f"{wheelhouse}: no such folder"])
@@ -238,19 +243,36 @@ def run_kit(wheelhouse: Path, site: Path, out: Path, pytest_args: list[str]) -> 
            "PYTHONUNBUFFERED": "1"}
     out.mkdir(parents=True, exist_ok=True)
     junit = out / "junit.xml"
-    code = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "tests/gpu", "-rA", "-v",
-                           f"--junitxml={junit}", "-o", "junit_family=xunit1", *pytest_args],
-                          cwd=REPO, env=env).returncode
-    write_results(probe_env(), parse_junit(junit) if junit.is_file() else [], out)
+    code, stopped = run_pytest(["-m", "gpu", "tests/gpu", "-rA", "-v", f"--junitxml={junit}",
+                                "-o", "junit_family=xunit1", *pytest_args], env, budget_s)
+    note = (f"stopped at the {budget_s:g} s budget (`--budget-s`): the tests listed ran; the one "
+            "running then and those after it did not" if stopped else "")
+    write_results(probe_env(), parse_junit(junit) if junit.is_file() else [], out, note=note)
     return code
+
+
+def run_pytest(args: list[str], env: dict, budget_s: float, cwd: Path = REPO) -> tuple[int, bool]:
+    """pytest's exit code, and whether it ran past ``budget_s`` (0: no budget). Past it pytest
+    gets SIGINT, as from Ctrl-C, so it still writes its junit report of the tests that finished
+    (a device call killed at its own limit brings back no report at all)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=cwd, env=env)
+    try:
+        return proc.wait(timeout=budget_s or None), False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        return proc.wait(), True
 
 
 RESULTS = REPO / "tests" / "gpu" / "RESULTS.md"
 
 
 def write_results(env: dict, results: list[TestResult], out: Path | None,
-                  results_md: Path = RESULTS) -> None:
-    text = render_results(env, results)
+                  results_md: Path = RESULTS, note: str = "") -> None:
+    text = render_results(env, results, note)
     results_md.write_text(text)
     if out is not None:
         (out / "RESULTS.md").write_text(text)
@@ -272,6 +294,9 @@ def main(argv: list[str]) -> int:
                      default=(Path(os.environ["OUT"]) if os.environ.get("OUT")
                               else REPO / "outputs" / "gpu-kit"),
                      help="junit.xml, env.json and a copy of RESULTS.md (default: $OUT when set)")
+    run.add_argument("--budget-s", type=float, default=0,
+                     help="stop pytest (SIGINT) after this many seconds and still write the "
+                          "report; keep it under the device call's timeout_s (default: none)")
     run.add_argument("pytest_args", nargs="*",
                      help="more pytest arguments, after `--` (e.g. -- -k throughput)")
     rep = sub.add_parser("report", help="render RESULTS.md from a junit xml (and an env.json)")
@@ -288,7 +313,9 @@ def main(argv: list[str]) -> int:
         print("\n".join(problems) or f"{len(WHEELS)} wheels in {args.dest}")
         return 1 if problems else 0
     if args.command == "run":
-        return run_kit(args.wheelhouse, args.site, args.out, args.pytest_args)
+        if not 0 <= args.budget_s < float("inf"):
+            ap.error(f"--budget-s {args.budget_s}: expected a finite number of seconds >= 0")
+        return run_kit(args.wheelhouse, args.site, args.out, args.pytest_args, args.budget_s)
     env = json.loads(args.env.read_text()) if args.env else {}
     write_results(env, parse_junit(args.junit), None, args.results)
     return 0

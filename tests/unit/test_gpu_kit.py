@@ -116,6 +116,23 @@ def test_the_figure_fixture_reaches_the_report_through_a_real_junit_file(tmp_pat
     assert (result.outcome, result.figures) == ("passed", {"speed": "1235 tokens/s"})
 
 
+def test_a_run_past_its_budget_still_reports_the_tests_that_finished(tmp_path):
+    (tmp_path / "test_two.py").write_text(
+        "import threading\n"
+        "def test_quick():\n    pass\n"
+        "def test_hangs():\n    threading.Event().wait()\n")
+    junit = tmp_path / "junit.xml"
+    code, stopped = kit.run_pytest(["-q", "-o", "addopts=", "-o", "junit_family=xunit1",
+                                    "-p", "no:cacheprovider", f"--junitxml={junit}",
+                                    f"--rootdir={tmp_path}", str(tmp_path)],
+                                   dict(os.environ), budget_s=30, cwd=tmp_path)
+    assert stopped and code == 2  # pytest's "interrupted"
+    assert [(r.name.rsplit("::")[-1], r.outcome) for r in kit.parse_junit(junit)] == [
+        ("test_quick", "passed")]
+    note = "stopped at the 30 s budget"
+    assert note in kit.render_results(ENV, kit.parse_junit(junit), note)
+
+
 def test_command_line(tmp_path):
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / "tests/gpu/kit.py"), *args],
@@ -134,3 +151,5 @@ def test_command_line(tmp_path):
     assert ((tmp_path / "RESULTS.md").read_text()
             == kit.render_results(ENV, kit.parse_junit(tmp_path / "junit.xml")))
     assert cli("bogus").returncode == 2
+    r = cli("run", "--budget-s", "-1")
+    assert r.returncode == 2 and "--budget-s -1.0: expected a finite number" in r.stderr
