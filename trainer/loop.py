@@ -292,6 +292,8 @@ class Trainer(Daemon):
             with self.phase("weight_sync"):
                 sync = self.engines.after_step(self.version, wait=not t.weight_sync.overlap)
             if self.version % t.checkpoint_every == 0:
+                # built twice on purpose: the checkpoint's copy (a resume writes it when a kill came
+                # before the line) precedes the checkpoint; the line (report) has its time in it
                 self.checkpoint_step(self.step_row(batch, stats, sync, time.monotonic() - t_step)
                                      if self.rank == 0 else None)
             elif self.saver is not None:
