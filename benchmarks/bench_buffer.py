@@ -88,7 +88,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from transport_report import at_least, load_warning  # noqa: E402
+from transport_report import at_least, load_warning, number_in  # noqa: E402
 
 from areal_like.net import security  # noqa: E402
 from areal_like.net.dealer import Client  # noqa: E402
@@ -488,8 +488,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=at_least(1), default=8)
     ap.add_argument("--producers", type=at_least(1), default=32)
     ap.add_argument("--processes", type=at_least(1), default=4)
-    ap.add_argument("--seconds", type=float, default=4.0)
-    ap.add_argument("--warmup-s", type=float, default=1.0)
+    ap.add_argument("--seconds", type=number_in(0), default=4.0)
+    ap.add_argument("--warmup-s", type=number_in(0, low_ok=True), default=1.0)
     ap.add_argument("--rounds", type=at_least(1), default=2,
                     help="raw and buffer runs alternate this many times")
     ap.add_argument("--fsync", nargs="+", default=["always", "never"],

@@ -45,7 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.transport_report import at_least  # noqa: E402
+from benchmarks.transport_report import at_least, number_in  # noqa: E402
 
 
 def long_tailed_batch(seqs: int, median: int, sigma: float, max_len: int, group: int,
@@ -193,7 +193,8 @@ def main() -> None:
     p.add_argument("--seqs", type=at_least(1), default=64)
     p.add_argument("--median", type=at_least(1), default=300,
                    help="median length (prompt + output)")
-    p.add_argument("--sigma", type=float, default=0.8, help="log-normal sigma of the lengths")
+    p.add_argument("--sigma", type=number_in(0, low_ok=True), default=0.8,
+                   help="log-normal sigma of the lengths")
     p.add_argument("--max-len", type=at_least(1), default=4096)
     p.add_argument("--group", type=at_least(1), default=8, help="sequences per group")
     p.add_argument("--mbs", type=at_least(1), default=8, help="today's trainer.micro_batch_size")

@@ -47,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.transport_report import at_least  # noqa: E402
+from benchmarks.transport_report import at_least, number_in  # noqa: E402
 
 GROUP_TIMEOUT_S = 300.0
 MODES = ("abort", "retract", "in_place")  # SGLang 0.5.23's PauseGenerationReqInput.mode
@@ -317,7 +317,7 @@ def main() -> None:
         "--requests", type=at_least(1), default=8, help="long generations keeping the engine busy"
     )
     ap.add_argument("--versions", type=at_least(1), default=5, help="measured versions per case")
-    ap.add_argument("--bucket-mb", type=float, nargs="+", default=[64.0, 128.0, 256.0])
+    ap.add_argument("--bucket-mb", type=number_in(0), nargs="+", default=[64.0, 128.0, 256.0])
     ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     ap.add_argument("--sender", help=argparse.SUPPRESS)
     args = ap.parse_args()

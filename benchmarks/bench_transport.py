@@ -81,6 +81,7 @@ from transport_report import (  # noqa: E402
     at_least_each,
     child_cpu_s,
     cpu_split_s,
+    number_in,
     summary_lines,
     thread_cpu_s,
 )
@@ -325,7 +326,7 @@ def main() -> int:
     parser.add_argument("--tokens", type=at_least_each(1), default=[512, 4096],
                         help="comma-separated output lengths")
     parser.add_argument("--rounds", type=at_least(1), default=7)
-    parser.add_argument("--seconds", type=float, default=0.35,
+    parser.add_argument("--seconds", type=number_in(0), default=0.35,
                         help="duration of one round of one mode")
     parser.add_argument("--window", type=at_least(1), default=WINDOW,
                         help="requests in flight in the stream pattern")

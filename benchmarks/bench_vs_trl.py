@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from areal_like.settings.config import RunConfig, load_config  # noqa: E402
 from areal_like.tasks.task import Example, exact_match, make_task  # noqa: E402
-from benchmarks.transport_report import at_least  # noqa: E402
+from benchmarks.transport_report import at_least, number_in  # noqa: E402
 from launch.job import job_specs, prepare  # noqa: E402
 from launch.local import Supervisor  # noqa: E402
 from launch.records import read_jsonl, step_of, step_records, trainer_jsonl  # noqa: E402
@@ -384,7 +384,7 @@ def median_of(runs: list[dict], key: str) -> float:
 # ---------------------------------------------------------------- main
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--budget-s", type=float, default=None,
+    ap.add_argument("--budget-s", type=number_in(0), default=None,
                     help="RL wall budget per system and run (default 180; --quick 60)")
     ap.add_argument("--quick", action="store_true", help="a 60 s budget and 128 held-out prompts")
     ap.add_argument("--eval-prompts", type=at_least(1), default=None,

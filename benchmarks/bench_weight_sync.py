@@ -74,7 +74,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
-from transport_report import at_least, load_warning  # noqa: E402
+from transport_report import at_least, load_warning, number_in  # noqa: E402
 
 GROUP_TIMEOUT_S = 120.0  # rendezvous and every op; the whole benchmark must fit in well under it
 GROUP = "bench_weights"
@@ -358,7 +358,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=at_least(1), default=512)
     ap.add_argument("--layers", type=at_least(1), default=4)
     ap.add_argument("--vocab", type=at_least(1), default=8192)
-    ap.add_argument("--bucket-mb", type=float, default=64.0)
+    ap.add_argument("--bucket-mb", type=number_in(0), default=64.0)
     # the machine is shared: medians need the rounds
     ap.add_argument("--trials", type=at_least(1), default=25)
     ap.add_argument("--system", action="store_true",

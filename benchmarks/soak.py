@@ -64,7 +64,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from transport_report import at_least  # noqa: E402
+from transport_report import at_least, number_in  # noqa: E402
 
 GPU_STEPS_PER_DAY = 2880  # the README's GPU example: one step every 30 s
 # The README's table ("Long runs: disk use"): entries held by retention, entries rotated past
@@ -417,17 +417,17 @@ def soak(root: Path, args: argparse.Namespace) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--minutes", type=float, default=45.0, help="how long the job runs")
-    ap.add_argument("--sample-s", type=float, default=15.0, help="seconds between samples")
+    ap.add_argument("--minutes", type=number_in(0), default=45.0, help="how long the job runs")
+    ap.add_argument("--sample-s", type=number_in(0), default=15.0, help="seconds between samples")
     ap.add_argument("--checkpoint-every", type=at_least(1), default=50)
     ap.add_argument("--export-every", type=at_least(0), default=200)
-    ap.add_argument("--segment-mb", type=float, default=16.0,
+    ap.add_argument("--segment-mb", type=number_in(0), default=16.0,
                     help="buffer.segment_bytes in MiB: small, so that WAL segments rotate within "
                          "the run, yet above the dedupe ids each rotation's control record holds")
-    ap.add_argument("--log-max-mb", type=float, default=0.05,
+    ap.add_argument("--log-max-mb", type=number_in(0), default=0.05,
                     help="launch.log_max_mb: small, so that logs and scrapes rotate within the run")
-    ap.add_argument("--warmup-frac", type=float, default=0.25)
-    ap.add_argument("--window-frac", type=float, default=0.10)
+    ap.add_argument("--warmup-frac", type=number_in(0, 1, low_ok=True), default=0.25)
+    ap.add_argument("--window-frac", type=number_in(0, 1), default=0.10)
     ap.add_argument("--samples", default="soak_samples.jsonl", help="JSONL of every sample")
     ap.add_argument("--from-samples", help="only summarize this samples file (no run)")
     ap.add_argument("--root", help="directory for the run (default: a new temporary one)")

@@ -2,11 +2,12 @@
 from /proc (per process and per thread), and the security lines (CURVE on tcp, the same-node
 ipc:// path), each against the unencrypted tcp stream of the same rounds (medians over rounds; see
 bench_transport's docstring). Also ``at_least`` and ``at_least_each``, the ``type=`` of every
-benchmark's count flags."""
+benchmark's count flags, and ``number_in``, that of its float flags."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 
@@ -61,6 +62,23 @@ def at_least_each(minimum: int):
         return [at_least(minimum)(part) for part in text.split(",")]
 
     return counts
+
+
+def number_in(low: float, high: float = math.inf, *, low_ok: bool = False):
+    """An argparse ``type=``: a finite float above ``low`` (or equal to it, ``low_ok``), at most
+    ``high``. ``--seconds 0``, a negative size, nan or inf is refused at parsing ("argument
+    --seconds: 0 is not a finite number > 0", exit 2), not met in the middle of the work."""
+
+    def number(text: str) -> float:
+        value = float(text)
+        if not (math.isfinite(value) and (value >= low if low_ok else value > low)
+                and value <= high):
+            bound = ">=" if low_ok else ">"
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number {bound} {low:g}"
+                                             + (f" and <= {high:g}" if high < math.inf else ""))
+        return value
+
+    return number
 
 
 def load_warning() -> dict:

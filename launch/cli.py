@@ -203,7 +203,8 @@ def split_torchrun_args(rest: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _missing(flag: str) -> str:
-    raise SystemExit(f"error: {flag} needs a value")
+    print(f"error: {flag} needs a value", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _exec_trainer(rest: list[str]) -> int:

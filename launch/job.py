@@ -212,9 +212,14 @@ def write_ports(run_dir: Path, topo: Topology, sup: Supervisor) -> None:
     for d in info["daemons"]:
         d["pid"] = pids.get(d["name"])
     write_json_atomic(run_dir / "ports.json", info)
+    write_targets(run_dir, topo, sup)
+
+
+def write_targets(run_dir: Path, topo: Topology, sup: Supervisor) -> None:
+    """``prometheus_targets.json``: the daemons that ``scraped`` says Prometheus should scrape."""
     targets = [{"targets": [f"{topo.host}:{d['metrics_port']}"],
                 "labels": {"daemon": d["name"], "kind": d["kind"], "run": run_dir.name}}
-               for d in info["daemons"] if scraped(sup.proc(d["name"]))]
+               for d in topo.to_json()["daemons"] if scraped(sup.proc(d["name"]))]
     write_json_atomic(run_dir / "prometheus_targets.json", targets)
 
 
@@ -323,14 +328,11 @@ def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor,
     return False
 
 
-def on_trainer_done(cfg: RunConfig, run_dir: Path, sup: Supervisor) -> None:
-    """The trainer completed: Prometheus stops scraping it (its port is closed: TrainerDown paged
-    during a final evaluation longer than 2 minutes); warm the plotting imports; wait for a
-    scheduled final evaluation."""
-    targets = run_dir / "prometheus_targets.json"
-    if targets.is_file():
-        write_json_atomic(targets, [t for t in json.loads(targets.read_text())
-                                    if t["labels"]["kind"] != "trainer"])
+def on_trainer_done(cfg: RunConfig, run_dir: Path, topo: Topology, sup: Supervisor) -> None:
+    """The trainer completed: Prometheus stops scraping it (``scraped``; its port is closed:
+    TrainerDown paged during a final evaluation longer than 2 minutes); warm the plotting imports;
+    wait for a scheduled final evaluation."""
+    write_targets(run_dir, topo, sup)
     warm_plotting()
     if wants_eval(cfg) and cfg.eval.at_end:
         wait_for_final_eval(cfg, run_dir, sup)
@@ -411,7 +413,7 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
                          inherit_fds=(lock,),
                          log_max_bytes=log_bytes(cfg), log_backups=cfg.launch.log_backups)
         sup.install_signals()
-        sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, s)
+        sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, topo, s)
         print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; "
               f"`areal-like top {run_dir}` for a live view)",
               file=sys.stderr, flush=True)

@@ -3,7 +3,8 @@
 Both read ``<run_dir>/ports.json`` (``{"daemons": [{"name", "kind", "metrics_url",
 "health_url"}, ...]}``) and scrape over HTTP, so they work from any machine that reaches the
 daemons. Until ``areal-like run`` has started a daemon (preflight, warm start: no ports.json of
-this start yet) both say the job is starting. ``status`` says per daemon ``up`` (``/health`` 200),
+this start yet) both say the job is starting. ``status`` says per daemon ``up`` (``/health`` 200;
+a buffer on a full disk adds ``refusing new groups:`` and why),
 ``starting`` (its ``/health`` answers that it is not ready yet, e.g. a rollout server loading its
 engine; or its port is not open yet and its process lives; or ``areal-like run`` has not started
 it yet), ``finished`` (no answer, and ``summary.json`` is newer than ``ports.json``; in a job
@@ -194,9 +195,12 @@ def _detail(now: str, details: dict, pid: int | None) -> str:
     finished job's daemons are gone, as they should be: no error to show)."""
     if now == "finished":
         return ""
-    if "uptime_s" in details:  # it answers; a recorded failure's kind too (Daemon.failed)
+    if "uptime_s" in details:  # it answers; a recorded failure's kind too (Daemon.failed), and
+        # a buffer on a full disk why it refuses groups while it hands out batches (buffer/WAL.md)
         return " ".join([f"uptime {details['uptime_s']}s",
-                         *([f"error: {details['error']}"] if "error" in details else [])])
+                         *([f"error: {details['error']}"] if "error" in details else []),
+                         *([f"refusing new groups: {details['degraded']}"]
+                           if "degraded" in details else [])])
     if now == "starting" and pid is None:
         return "not started yet"
     return details.get("error", "")

@@ -14,13 +14,17 @@ One evaluation (a line of ``<run_dir>/eval.jsonl``) over ``n`` prompts: ``greedy
 (share of greedy responses at full credit, reward >= 1) and ``greedy_reward`` (their mean);
 ``mean@k`` (mean reward of ``k`` samples at the sampling temperature) and ``pass@k`` (share of
 prompts with one of them at full credit). Every token must come from ``policy_version``; the
-record carries the versions seen (``token_versions``), so a violation is visible.
+record carries the versions seen (``token_versions``), so a violation is visible. Each sampled
+response has its own ``sampling_seed``, from the config's ``seed``, the prompt and the sample: on
+the embedded engine an evaluation is repeatable (SGLang uses the seed only when launched with
+``--enable-deterministic-inference``: ROLLOUT.md, Evaluation).
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import random
 import secrets
 import subprocess
 import sys
@@ -108,32 +112,35 @@ def summarize(rewards_greedy: Sequence[float], rewards_sampled: Sequence[Sequenc
 async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[object], list[int]],
                    decode: Callable[[list[int]], str], rewards, ev: EvalConfig, task: TaskConfig,
                    stop_token_ids: list[int],
-                   version_fn: Callable[[], int], concurrency: int = 64) -> dict:
+                   version_fn: Callable[[], int], concurrency: int = 64, seed: int = 0) -> dict:
     """Greedy and ``ev.k`` sampled responses for every example, scored with ``rewards`` (a
     RewardPool: ``await rewards.score_group(prompt, responses, example)``); ``eval.*`` sampling
-    settings left unset are the task's. Returns the figures plus the lowest and highest token
-    version seen."""
+    settings left unset are the task's; sample ``j`` of example ``i`` is seeded from ``(seed, i,
+    j)``. Returns the figures plus the lowest and highest token version seen."""
     gate = asyncio.Semaphore(concurrency)
     versions: set[int] = set()
     base = {"top_p": task.top_p, "top_k": task.top_k, "stop_token_ids": list(stop_token_ids)}
     temperature = ev.temperature or task.temperature
     max_new_tokens = ev.max_new_tokens or task.max_new_tokens
 
-    async def one(ids: list[int], temperature: float) -> list[int]:
+    async def one(ids: list[int], sampling: dict) -> list[int]:
         async with gate:
-            s = await generate_sample(client, ids, dict(base, temperature=temperature),
-                                      max_new_tokens, version_fn)
+            s = await generate_sample(client, ids, sampling, max_new_tokens, version_fn)
         versions.update(s.versions)
         return s.output_ids
 
-    async def per_example(ex) -> tuple[float, list[float]] | None:
+    def sampled(i: int, j: int) -> dict:  # a seed within int64 and >= 0, whatever `seed` is
+        return dict(base, temperature=temperature,
+                    sampling_seed=random.Random(f"{seed}/{i}/{j}").getrandbits(63))
+
+    async def per_example(i: int, ex) -> tuple[float, list[float]] | None:
         """The example's greedy reward and sampled rewards; None when the engine refused it (for
         example a prompt longer than its context): counted, not fatal, unless every example
         fails."""
         try:
             ids = encode(ex)
-            outs = await asyncio.gather(one(ids, 0.0), *(one(ids, temperature)
-                                                         for _ in range(ev.k)))
+            outs = await asyncio.gather(one(ids, dict(base, temperature=0.0)),
+                                        *(one(ids, sampled(i, j)) for j in range(ev.k)))
         except SGLangError as e:
             errors.append(e)
             return None
@@ -142,7 +149,8 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
 
     errors: list[SGLangError] = []
     # a reward that cannot load: its siblings must not outlive the client
-    results = [r for r in await gather_or_cancel(per_example(ex) for ex in examples)
+    results = [r for r in await gather_or_cancel(per_example(i, ex)
+                                                 for i, ex in enumerate(examples))
                if r is not None]
     if errors and not results:  # its status: the first refusal's (None read 'unreachable')
         raise SGLangError(errors[0].endpoint, errors[0].status,
@@ -192,7 +200,8 @@ class ServerEvaluator:
         eos = self.tokenizer.eos_token_id
         return await evaluate(client, self.examples, self.encode, self.decode, self.rewards,
                               self.facts.eval, self.facts.task,
-                              [int(eos)] if eos is not None else [], lambda: version)
+                              [int(eos)] if eos is not None else [], lambda: version,
+                              seed=self.facts.seed)
 
     async def run(self, client: SGLangClient, version: int) -> dict:
         """Evaluate the engine (which serves ``version``) and record the result."""

@@ -32,6 +32,7 @@ class RolloutFacts:
     # traceback's locals, like Keys.secret
     engine_key: str | None = field(default=None, repr=False)
     probed: bool = False  # trainer.logprob_guard_tol > 0: the trainer sends the engine requests too
+    seed: int = 0  # the job's seed: its evaluations' sampling seeds come from it
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> RolloutFacts:
@@ -43,4 +44,4 @@ class RolloutFacts:
                    eval=cfg.eval, steps=cfg.trainer.steps,
                    run_dir=Path(cfg.run_dir), lora=cfg.trainer.lora, keys=keys,
                    engine_key=engine_api_key(cfg.run_dir),
-                   probed=cfg.trainer.logprob_guard_tol > 0)
+                   probed=cfg.trainer.logprob_guard_tol > 0, seed=cfg.seed)

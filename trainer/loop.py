@@ -106,7 +106,8 @@ class Trainer(Daemon):
         self.version = 0
         # version = steps_trained + rolled_back_steps (steps a crash lost: monotonic_version)
         self.steps_trained = self.rolled_back_steps = 0
-        self.saved_most_lost = 0  # most_lost() of the process that wrote the resumed checkpoint
+        # most_lost() of the process that wrote the resumed checkpoint; None: none resumed
+        self.saved_most_lost: int | None = None
         self.phase_times: dict[str, float] = {}
         self.ckpt_root = facts.checkpoint_dir
         self.exported_version: int | None = None
@@ -236,9 +237,11 @@ class Trainer(Daemon):
         announced = from_rank0(self.broadcaster.announced_version(
             timeout_s=self.cfg.buffer_timeout_s) if self.rank == 0 else None)
         if announced is not None and announced > version:
-            # the checkpoint's process may have run with another trainer.checkpoint_every
-            most = max(self.most_lost(), self.saved_most_lost)
-            if self.cfg.resume and announced > version + most:
+            # the checkpoint's process may have run with another trainer.checkpoint_every; with no
+            # checkpoint (killed before its first) nothing says which, so the label is taken
+            saved = self.saved_most_lost
+            most = max(self.most_lost(), saved or 0)
+            if self.cfg.resume and saved is not None and announced > version + most:
                 raise RuntimeError(f"buffer announced policy_version {announced} "
                                    "but our weights are version "
                                    f"{version}: a crash loses at most {most} steps "
@@ -292,6 +295,8 @@ class Trainer(Daemon):
             with self.phase("weight_sync"):
                 sync = self.engines.after_step(self.version, wait=not t.weight_sync.overlap)
             if self.version % t.checkpoint_every == 0:
+                # built twice on purpose: the checkpoint's copy (a resume writes it when a kill came
+                # before the line) precedes the checkpoint; the line (report) has its time in it
                 self.checkpoint_step(self.step_row(batch, stats, sync, time.monotonic() - t_step)
                                      if self.rank == 0 else None)
             elif self.saver is not None:

@@ -92,3 +92,22 @@ def test_a_lowered_checkpoint_every_still_takes_the_label_its_checkpoint_allows(
     resumed.broadcaster = _Announced(101)
     with pytest.raises(RuntimeError, match="a crash loses at most 50 steps"):
         resumed.monotonic_version(50)
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_with_a_lowered_checkpoint_every(tmp_path):
+    """Killed 23 steps in (trainer.checkpoint_every=50, no checkpoint yet), resumed with
+    ``--accept-changes trainer.checkpoint_every=10``: no checkpoint holds the bound the crashed
+    process ran with, so the label is taken, as the steps rolled back (before: refused as 'not
+    ours' against the new 10, "now and when it was saved" though nothing was, on every restart)."""
+    from types import SimpleNamespace
+
+    from areal_like.settings.config import load_config
+
+    resumed = Trainer.from_run(load_config([f"run_dir={tmp_path}",
+                                            "trainer.checkpoint_every=10"]))
+    resumed.data = SimpleNamespace(last_batch_id="")
+    resumed.broadcaster = _Announced(23)
+    assert resumed.monotonic_version(0) == 23
+    resumed.restore_extra(resumed.checkpoint_extra())  # a checkpoint at 0, saved with 10, bounds it
+    with pytest.raises(RuntimeError, match="a crash loses at most 10 steps"):
+        resumed.monotonic_version(0)

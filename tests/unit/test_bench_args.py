@@ -1,6 +1,7 @@
 """Every count flag of every benchmark script refuses a value below its minimum when the arguments
-are parsed (``at_least`` in benchmarks/transport_report.py): exit 2 naming the flag, before any
-work. ``--trials 0`` used to end in "no median for empty data" after the work,
+are parsed (``at_least`` in benchmarks/transport_report.py), and every float flag a value out of
+its range, nan or inf (``number_in``): exit 2 naming the flag, before any work. ``--trials 0``
+used to end in "no median for empty data" after the work,
 ``bench_staleness.py --seeds 0`` silently became the default and ``--etas 0,x`` a traceback."""
 
 import argparse
@@ -39,6 +40,19 @@ CASES = [(script, flag, str(least - 1)) for script, flags in COUNTS.items()
          for flag, least in flags.items()]
 CASES += [("bench_staleness", "--etas", "0,x"), ("bench_staleness", "--etas", "0,-1"),
           ("bench_transport", "--tokens", "512,0")]
+FLOATS = {  # script: {flag: a value out of its range}
+    "bench_buffer": {"--seconds": "0", "--warmup-s": "-1"},
+    "bench_packing": {"--sigma": "-0.5"},
+    "bench_sglang_sync": {"--bucket-mb": "0"},
+    "bench_transport": {"--seconds": "-1"},
+    "bench_vs_trl": {"--budget-s": "0"},
+    "bench_weight_sync": {"--bucket-mb": "-64"},
+    "soak": {"--minutes": "0", "--sample-s": "0", "--segment-mb": "0", "--log-max-mb": "-1",
+             "--warmup-frac": "1.5", "--window-frac": "0"},
+}
+CASES += [(script, flag, value) for script, flags in FLOATS.items()
+          for flag, value in flags.items()]
+CASES += [("bench_buffer", "--seconds", "nan"), ("soak", "--minutes", "inf")]
 LOADED = {}
 PARSE = argparse.ArgumentParser.parse_args
 
@@ -61,8 +75,8 @@ def script(name: str, monkeypatch):
 
 
 @pytest.mark.parametrize("name, flag, value", CASES)
-def test_a_count_below_its_minimum_is_refused_at_parsing_naming_its_flag(name, flag, value,
-                                                                         monkeypatch, capsys):
+def test_a_value_out_of_its_range_is_refused_at_parsing_naming_its_flag(name, flag, value,
+                                                                        monkeypatch, capsys):
     main = script(name, monkeypatch).main
 
     def parse_args(parser, *args, **kwargs):

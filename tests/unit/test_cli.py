@@ -92,6 +92,33 @@ def test_no_config_value_makes_torchrun_print_its_usage(monkeypatch, tmp_path):
     assert args.training_script_args[-1] == "run_dir=-x"
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--nproc-per-node", "abc"], "--nproc-per-node"), (["--nproc_per_node=0"], "--nproc-per-node"),
+    (["--nnodes", "abc"], "--nnodes"), (["--nnodes", "2:1"], "--nnodes"),
+    (["--node-rank", "abc"], "--node-rank"), (["--nnodes", "2", "--node-rank", "2"], "--node-rank"),
+    (["--master-port", "99999"], "--master-port"), (["--max-restarts", "-1"], "--max-restarts")])
+def test_a_bad_torchrun_flag_is_one_error_line_and_exit_2(flags, named, capsys, monkeypatch):
+    """``areal-like train --nproc-per-node abc`` ended in torchrun's ValueError traceback (its
+    usage for a non-integer --node-rank): one line naming the flag, exit 2, before any rank."""
+    from launch import torchrun
+
+    def started(_args):
+        raise AssertionError("torchrun started its ranks")
+
+    monkeypatch.setattr("torch.distributed.run.run", started)
+
+    with pytest.raises(SystemExit) as e:
+        torchrun.main([*flags, "-m", "trainer"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: argument " + named), err
+
+
+def test_a_torchrun_flag_without_its_value_exits_2():
+    r = _cli("train", "--nproc-per-node")  # exited 1, as an error of the trainer would
+    assert (r.returncode, r.stderr) == (2, "error: --nproc-per-node needs a value\n")
+
+
 def _ports_json(tmp_path, ports: dict[str, int]) -> None:
     daemons = [{"name": n, "kind": n.split("-")[0], "pid": None,
                 "metrics_url": f"http://127.0.0.1:{p}/metrics",

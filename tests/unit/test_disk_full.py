@@ -375,3 +375,29 @@ def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, monkeypatch, fs
     again = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     assert again.corrupt_records == 0 and list(again.replay())
     again.close()
+
+
+def test_status_says_a_buffer_on_a_full_disk_is_up_but_refuses_new_groups(tmp_path, capsys):
+    """`areal-like status` showed such a buffer as plain "up": its /health (200: it still hands out
+    batches) says why it refuses groups, and status prints it."""
+    import json
+
+    from areal_like.net.metrics import Metrics, MetricsServer
+    from launch.top import status
+
+    disk = _Disk(RESERVE - 1)
+    svc = _start(tmp_path / "buffer", disk)
+    svc.settle()  # a sweep reads the free space
+    assert svc.disk.degraded
+    srv = MetricsServer(Metrics(), 0, "127.0.0.1", health=svc.health)
+    try:
+        (tmp_path / "ports.json").write_text(json.dumps({"daemons": [{
+            "name": "buffer", "kind": "buffer", "pid": None,
+            "metrics_url": f"http://127.0.0.1:{srv.port}/metrics",
+            "health_url": f"http://127.0.0.1:{srv.port}/health"}]}))
+        assert status(tmp_path) == 0
+        line = capsys.readouterr().out.splitlines()[0].split()
+        assert line[:2] == ["buffer", "up"] and "refusing new groups: disk_full:" in " ".join(line)
+    finally:
+        srv.stop()
+        svc.stop()

@@ -414,3 +414,45 @@ def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_an
     assert (task.dataset_path, task.eval_path) == (str(data / "train.jsonl"),
                                                    str(data / "test.jsonl"))
     assert plan_job(cfg, cpus=[0, 1])[0].task == cfg.task  # a laid-out config stays as it is
+
+
+def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
+    """Two evaluations of one model at temperature > 0 gave different mean@k (the engine's shared
+    generator, consumed in whatever order requests were batched): each sample now has its own
+    sampling_seed from (seed, prompt, sample). The same seed repeats the responses, at another
+    concurrency too (another batching); another seed changes them."""
+    import asyncio
+
+    from areal_like.settings.config import EngineConfig, ModelConfig
+    from areal_like.tasks.task import Example
+    from rollout_server.engine import EmbeddedEngine
+    from rollout_server.evaluate import evaluate
+    from rollout_server.sglang_client import SGLangClient
+
+    class Kept:  # keeps every response, scores none
+        async def score_group(self, prompt, responses, example):
+            seen.append(tuple(responses))
+            return [(0.0, None)] * len(responses)
+
+    ev, task = EvalConfig(k=3, temperature=1.5, max_new_tokens=6), TaskConfig(top_p=1.0, top_k=-1)
+    examples = [Example(prompt=str(p), answer="") for p in range(8)]
+
+    async def responses(engine, seed: int, concurrency: int) -> list[tuple]:
+        seen.clear()
+        client = SGLangClient(engine.url)
+        try:
+            await evaluate(client, examples, lambda ex: [3 + int(ex.prompt)], str, Kept(), ev,
+                           task, [], lambda: 0, concurrency=concurrency, seed=seed)
+        finally:
+            await client.close()
+        return sorted(seen)
+
+    seen: list[tuple] = []
+    engine = EmbeddedEngine(ModelConfig(max_position_embeddings=128),
+                            EngineConfig(max_running_requests=8)).start()
+    try:
+        first = asyncio.run(responses(engine, seed=0, concurrency=64))
+        assert asyncio.run(responses(engine, seed=0, concurrency=3)) == first
+        assert asyncio.run(responses(engine, seed=1, concurrency=64)) != first
+    finally:
+        engine.stop()

@@ -123,10 +123,11 @@ def test_trainer_done_loads_the_plotting_code_and_waits_only_for_a_scheduled_eva
                         lambda cfg, run_dir, sup: waited.append(run_dir))
     started = []
     monkeypatch.setattr(job, "warm_plotting", lambda: started.append(True))
+    monkeypatch.setattr(job, "write_targets", lambda run_dir, topo, sup: None)
     cfg = load_config(["experiment=quickstart", "eval.at_end=false"])
-    job.on_trainer_done(cfg, tmp_path, sup=None)
+    job.on_trainer_done(cfg, tmp_path, topo=None, sup=None)
     assert started == [True] and waited == []
-    job.on_trainer_done(load_config(["experiment=quickstart"]), tmp_path, sup=None)
+    job.on_trainer_done(load_config(["experiment=quickstart"]), tmp_path, topo=None, sup=None)
     assert waited == [tmp_path]
 
 
@@ -134,20 +135,26 @@ def test_prometheus_stops_scraping_a_completed_trainer_during_the_final_evaluati
         tmp_path, monkeypatch):
     """The trainer exits when it completed, the job waits for the final evaluation (up to
     eval.final_timeout_s, 600 s): its target stayed listed, so ``up{kind="trainer"}`` was 0 and
-    TrainerDown (``for: 2m``) paged for a job doing what it should. The others stay scraped."""
+    TrainerDown (``for: 2m``) paged for a job doing what it should. The others stay scraped, by
+    the rule ``write_ports`` lists them with (``scraped``: a completed trainer was filtered by hand
+    beside it)."""
+    from types import SimpleNamespace
+
     import launch.job as job
 
+    cfg = load_config(["experiment=quickstart", f"run_dir={tmp_path}"])
+    _, topo = job.plan_job(cfg)
+    live, exited = SimpleNamespace(poll=lambda: None), SimpleNamespace(poll=lambda: 0)
+    procs = {"buffer": SimpleNamespace(popen=live, restart_at=None),
+             "rollout-0": SimpleNamespace(popen=live, restart_at=None),
+             "trainer": SimpleNamespace(popen=exited, restart_at=None)}  # completed
+    sup = SimpleNamespace(proc=lambda name: procs[name])
     targets = tmp_path / "prometheus_targets.json"
-    listed = [{"targets": [f"127.0.0.1:{port}"], "labels": {"daemon": name, "kind": kind,
-                                                           "run": "r"}}
-              for port, name, kind in ((1, "buffer", "buffer"), (2, "rollout-0", "rollout"),
-                                       (3, "trainer", "trainer"))]
-    targets.write_text(json.dumps(listed))
     scraped = []
     monkeypatch.setattr(job, "wait_for_final_eval", lambda cfg, run_dir, sup: scraped.extend(
         t["labels"]["daemon"] for t in json.loads(targets.read_text())))
     monkeypatch.setattr(job, "warm_plotting", lambda: None)
-    job.on_trainer_done(load_config(["experiment=quickstart"]), tmp_path, sup=None)
+    job.on_trainer_done(cfg, tmp_path, topo, sup)
     assert scraped == ["buffer", "rollout-0"]
 
 
