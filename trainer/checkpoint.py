@@ -16,8 +16,9 @@ Invariants:
   must be shared by all nodes. meta.pt's checksums prove a resumed run holds the saved state.
 - A checkpoint never holds a non-finite weight or optimizer state (``trainer/finite_guard.py``).
 - Resume refuses (``StartRefused``, exit 2) a checkpoint whose model tensors have other shapes
-  than the model built from the settings (changed ``model.*`` or ``trainer.lora.*``), and one
-  whose files cannot be read (damaged: cut short, missing), naming it.
+  than the model built from the settings (changed ``model.*`` or ``trainer.lora.*``; so does
+  ``areal-like export``), and one whose files cannot be read (damaged: cut short, missing),
+  naming it.
 - Loading reads data, never code: every pickle is read with an allowlist
   (``UnsafeCheckpointError`` otherwise); a planted ``__reduce__`` is refused before it runs.
 """
@@ -336,6 +337,17 @@ def _damaged(path: Path, e: BaseException) -> StartRefused:
                                        " before it, or " if earlier else "") + "use a new run_dir")
 
 
+def refuse_other_shapes(path: Path, saved: dict, model_sd: dict, advice: str) -> None:
+    """StartRefused, ending in ``advice``, when the model tensors of checkpoint ``path`` (``saved``:
+    its ``state_dict_metadata``) have other shapes than ``model_sd``'s: other settings, not damage
+    (DCP's own error was reported as a damaged checkpoint)."""
+    shapes = {k: (_shape(saved.get(f"model.{k}")), tuple(t.shape)) for k, t in model_sd.items()}
+    if misfits := [f"{k}: saved {old}, this model {new}" for k, (old, new) in shapes.items()
+                   if old != new]:
+        raise StartRefused(f"{path} holds another model's weights ({len(misfits)} tensors differ, "
+                           f"e.g. {misfits[0]}): {advice}")
+
+
 def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
     """Restore everything from ``path`` on all ranks; returns (policy_version, saved meta)."""
     model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
@@ -351,12 +363,8 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
     except Exception as e:  # noqa: BLE001 (a file cut short or missing: torch's RuntimeError, ...)
         error = _damaged(path, e)
     _agree(error, path)
-    shapes = {k: (_shape(saved.get(f"model.{k}")), tuple(t.shape)) for k, t in model_sd.items()}
-    if misfits := [f"{k}: saved {old}, this model {new}" for k, (old, new) in shapes.items()
-                   if old != new]:
-        raise StartRefused(f"{path} holds another model's weights ({len(misfits)} tensors differ, "
-                           f"e.g. {misfits[0]}): resume with the model.* and trainer.lora.* "
-                           "settings it was saved with, or use a new run_dir")
+    refuse_other_shapes(path, saved, model_sd, "resume with the model.* and trainer.lora.* "
+                        "settings it was saved with, or use a new run_dir")
     dcp_load(state, path)
     set_state_dict(policy.model, policy.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])

@@ -48,7 +48,14 @@ from areal_like.weights.lora import (
     has_adapters,
     is_adapter,
 )
-from trainer.checkpoint import dcp_load, latest_checkpoint, open_tmp, publish
+from trainer.checkpoint import (
+    dcp_load,
+    latest_checkpoint,
+    open_tmp,
+    publish,
+    read_dcp_metadata,
+    refuse_other_shapes,
+)
 from trainer.ranks import barrier, rank_world
 from trainer.ranks import full as full_tensor
 
@@ -301,6 +308,9 @@ def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig,
     if lora is not None and lora.enabled:
         add_adapters(model, lora)
     state = {"model": model.state_dict()}
+    refuse_other_shapes(checkpoint, read_dcp_metadata(checkpoint).state_dict_metadata,
+                        state["model"], "export it with the model.* and trainer.lora.* settings "
+                        "it was saved with (--config-file: a config.yaml that has them)")
     # DCP warns that it loads in a single process: that is the point
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

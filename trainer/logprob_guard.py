@@ -4,9 +4,9 @@ convention (``log_softmax(logits / temperature)`` before top-p/top-k, ``trainer/
 Rank 0 sends each engine that acknowledged the initial push one short ``/generate`` (with the
 engine API key; with LoRA naming the adapter that push made live), every rank scores the probes
 (a collective forward), and rank 0 broadcasts its verdict: a mean absolute per-token difference
-above ``trainer.logprob_guard_tol`` raises ``LogprobGuardError`` on every rank (the mean, not the
-max: bf16 kernels leave rare single tokens off), a refusal (exit 2): a restart would probe the same
-engines again. ``tol <= 0`` turns the guard off.
+above ``trainer.logprob_guard_tol`` (or nan) raises ``LogprobGuardError`` on every rank (the mean,
+not the max: bf16 kernels leave rare single tokens off), a refusal (exit 2): a restart would probe
+the same engines again. ``tol <= 0`` turns the guard off.
 
 Not covered, and reported as such (``not_checked``): engines that join later, unreachable ones
 (a warning), and on several nodes a loopback or any-address URL (it would name rank 0's machine).
@@ -178,7 +178,7 @@ def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer
         if rank == 0:
             log.info("log-prob guard: %s differs by %.2e per token (max %.2e)", p.server_id, mean,
                      worst)
-            if mean > tol and verdict is None:
+            if not mean <= tol and verdict is None:  # nan too: nothing matched
                 verdict = mismatch_message(p, mean, worst, tol, temperature)
     verdict = from_rank0(verdict)
     if verdict is not None:

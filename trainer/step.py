@@ -12,7 +12,8 @@ each call sees. Invariants (the invariance tests check them):
 - Advantages once on the whole batch, except ``Kernel.per_minibatch`` (vcpo).
   (VCPO's one-sequence passes follow ``pack_sequences``: one sequence has no padding.)
 - pi_prox is the policy at the start of the step: with one minibatch each micro-batch's own
-  detached log-probs (``fuse_prox``), else a separate no-grad pass; the same numbers.
+  detached log-probs (``fuse_prox``), else a separate no-grad pass; the same numbers (so with
+  LoRA dropout always the separate pass: it computes without dropout).
 - A non-finite step is skipped on every rank alike (``trainer/finite_guard.py``).
 - Rows left out by ``trained_rows`` (every advantage exactly 0) change neither loss nor gradient;
   the stats other than the loss describe the rows computed.
@@ -63,6 +64,7 @@ class StepSettings:
     pack_min_padding: float = 0.0  # trainer.pack_min_padding (0: every minibatch packed)
     max_tokens_per_micro_batch: int = 0  # trainer.max_tokens_per_micro_batch (0: micro_batch_size)
     skip_zero_advantage: bool = False  # trainer.skip_zero_advantage
+    lora_dropout: float = 0.0  # trainer.lora.dropout: the training forward's only
 
     @classmethod
     def of(cls, t: TrainerConfig, task: TaskConfig) -> StepSettings:
@@ -72,7 +74,7 @@ class StepSettings:
                    chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=task.max_new_tokens,
                    pack_sequences=t.pack_sequences, pack_min_padding=t.pack_min_padding,
                    max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
-                   skip_zero_advantage=t.skip_zero_advantage)
+                   skip_zero_advantage=t.skip_zero_advantage, lora_dropout=t.lora.dropout)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> StepSettings:
@@ -84,8 +86,9 @@ class StepSettings:
 
     @property
     def fuse_prox(self) -> bool:
-        """pi_prox is the training forward's own log-probs, detached (module docstring)."""
-        return self.kernel.needs_prox and self.num_minibatches == 1
+        """pi_prox is the training forward's own log-probs, detached (module docstring): not with
+        LoRA dropout, which that forward has and pi_prox must not (the engines have none)."""
+        return self.kernel.needs_prox and self.num_minibatches == 1 and not self.lora_dropout
 
     def loss_config(self, batch: TrainBatch) -> LossConfig:
         if self.loss.loss_scale_factor is not None:

@@ -354,10 +354,12 @@ class LoraConfig:
 
     def __post_init__(self):
         _check("trainer.lora.rank", self.rank >= 0, ">= 0 (0: LoRA off)", self.rank)
-        _check("trainer.lora.alpha", self.alpha > 0, "> 0", self.alpha)
+        _check("trainer.lora.alpha", 0 < self.alpha < math.inf, "> 0 and finite", self.alpha)
         _check("trainer.lora.dropout", 0 <= self.dropout < 1, ">= 0 and < 1", self.dropout)
         _check("trainer.lora.target_modules", not self.enabled or len(self.target_modules) > 0,
                "at least one module name with trainer.lora.rank > 0", self.target_modules)
+        # a set, as PEFT reads it: in another order the same adapters (a resume compares them)
+        self.target_modules = sorted(set(self.target_modules))
 
 
 @dataclass(kw_only=True)

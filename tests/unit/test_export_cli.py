@@ -67,3 +67,18 @@ def test_a_checkpoint_its_job_deletes_under_the_export_is_named_as_deleted(
     assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
     assert f"{ckpt} was deleted while it was read" in err and "keep_checkpoints" in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("settings", [["model.intermediate_size=192"],
+                                      ["trainer.lora.rank=4", "export.merged=true"]])
+def test_a_checkpoint_of_other_settings_is_named_as_such_not_as_damaged(tmp_path, capsys,
+                                                                         settings):
+    """A config.yaml whose model.* or trainer.lora.* differ from the checkpoint's (e.g. written
+    by a resume that the trainer then refused for them) was reported as a damaged checkpoint, to
+    be moved out of the run's checkpoints."""
+    ckpt = _checkpoint(tmp_path)
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config(settings)))
+    code, err = _export(ckpt, tmp_path / "out", capsys)
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    assert "holds another model's weights" in err and "damaged" not in err, err
+    assert "--config-file" in err and not (tmp_path / "out").exists()

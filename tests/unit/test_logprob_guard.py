@@ -69,17 +69,20 @@ def test_probe_request_is_untruncated_at_the_run_temperature():
                                         "top_k": -1, "ignore_eos": True}}
 
 
-def test_a_failed_guard_is_a_refusal_the_supervisor_does_not_restart(monkeypatch):
+@pytest.mark.parametrize("mine", [[-1.0, -1.0], [float("nan")] * 2])
+def test_a_failed_guard_is_a_refusal_the_supervisor_does_not_restart(monkeypatch, mine):
     """The guard's verdict ends the daemon with exit 2 (``launch/local.py`` and the Slurm script
     restart exit 1): a restarted trainer would probe the same engines and fail again, once per
-    restart (seen with 2 ranks and 2 servers: 3 restarts, then 'no restarts left')."""
+    restart (seen with 2 ranks and 2 servers: 3 restarts, then 'no restarts left'). A nan
+    difference fails too (it passed: ``nan > tol`` is false; seen with trainer.lora.alpha=inf,
+    then the job waited for data forever, every group refused for its nan log-probs)."""
     import trainer.logprob_guard as guard
     from areal_like.daemon import Daemon
 
     probe = Probe(server_id="rollout-0", engine_url="http://127.0.0.1:1", prompt_ids=[1, 2],
                   output_ids=[3, 4], engine_logp=[-3.0, -3.0])
     monkeypatch.setattr(guard, "collect_probes", lambda *a: ([probe], {}))
-    monkeypatch.setattr(guard, "trainer_logprobs", lambda *a: [-1.0, -1.0])
+    monkeypatch.setattr(guard, "trainer_logprobs", lambda *a: mine)
 
     class Trainer(Daemon):
         name = "trainer"

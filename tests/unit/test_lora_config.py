@@ -14,6 +14,9 @@ from launch import preflight as pf
         ("trainer.lora.rank=-1", "trainer.lora.rank"),
         ("trainer.lora.dropout=1.0", "trainer.lora.dropout"),
         ("trainer.lora.alpha=0", "trainer.lora.alpha"),
+        ("trainer.lora.alpha=-16", "trainer.lora.alpha"),
+        # inf: scaling inf x B = 0 is nan, every log-prob nan; the job waited for data forever
+        ("trainer.lora.alpha=inf", "trainer.lora.alpha"),
         ("trainer.lora.target_modules=[]", "trainer.lora.target_modules"),
         (
             "trainer.ref_path=/tmp/ref",

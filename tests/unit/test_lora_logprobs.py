@@ -82,3 +82,41 @@ def test_policy_logprobs_include_every_adapter_and_drop_them_when_disabled():
     base = reference_logprobs(build_model(cfg), ids)
     torch.testing.assert_close(off, base, rtol=1e-6, atol=1e-5)
     assert (got - base).abs().max() > 1e-2  # the adapters change the numbers
+
+
+def test_the_proximal_logprobs_of_a_step_run_without_dropout_too():
+    """With one minibatch, decoupled PPO's pi_prox was the training forward's own log-probs
+    (``fuse_prox``), dropout and all: against engine log-probs of the same weights (no dropout),
+    ``mismatch_kl`` read 0.005 where it is 0. With LoRA dropout pi_prox is the separate
+    dropout-free pass, as README.md's LoRA section says."""
+    import numpy as np
+
+    from areal_like.settings.config import load_config
+    from areal_like.wire.protocol import TrajectoryGroup
+    from areal_like.wire.trajectory import Trajectory
+    from trainer.data import groups_to_batch
+    from trainer.model import Policy, attach_logprobs
+    from trainer.step import StepSettings, batch_logp, recompute_prox_logp, train_step
+
+    cfg = load_config(["trainer.lora.rank=4", "trainer.lora.dropout=0.5"])
+    torch.manual_seed(0)
+    model = attach_logprobs(add_adapters(build_model(cfg.model), cfg.trainer.lora))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter(name):
+                p.copy_(torch.randn(p.shape) * 0.3)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-9)
+    policy = Policy(model=model.train(), optimizer=opt,
+                    scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+                    device=torch.device("cpu"), rank=0, world_size=1)
+    trajs = [Trajectory.of(prompt_ids=np.array([5, 6, 7]), output_ids=np.arange(10, 10 + n),
+                           behav_logp=np.zeros(n), versions=np.zeros(n, np.int32), reward=r,
+                           finish_reason="stop") for n, r in ((6, 1.0), (4, 0.0))]
+    batch = groups_to_batch([TrajectoryGroup(group_id="g", server_id="s", lease_id="0",
+                                             prompt_index=0, epoch=0, trajectories=trajs)])
+    s = StepSettings.from_config(cfg)
+    assert s.kernel.needs_prox and s.num_minibatches == 1
+    batch.behav_logp = batch_logp(model, batch, s, policy.device)  # what the engine samples with
+    stats = train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
+    assert stats["mismatch_kl"] < 1e-9

@@ -244,6 +244,12 @@ def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path
     assert check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8",
                                               "trainer.lora.alpha=32"]), accept=True) == [
         "trainer.lora.alpha: 16.0 -> 32.0"]
+    # the same targets in another order are the same adapters (PEFT's adapter_config.json lists
+    # them in any order): no change (before: refused, "no resume can load it")
+    same = "[down_proj,up_proj,gate_proj,o_proj,v_proj,k_proj,q_proj,q_proj]"
+    assert check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8",
+                                              f"trainer.lora.target_modules={same}"]),
+                                 accept=False) == []
 
 
 def test_a_run_dir_run_before_its_first_checkpoint_keeps_its_settings(tmp_path, monkeypatch):
