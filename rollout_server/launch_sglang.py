@@ -239,9 +239,15 @@ class SGLangProcess:
             self.reaper.stdin.flush()
             self.shm |= new
 
-    def exit_code(self) -> int | None:
-        """None while SGLang's main process runs; then its exit code (negative: the signal)."""
-        return None if self.proc is None else self.proc.poll()
+    def exit_code(self, wait_s: float = 0.0) -> int | None:
+        """None while SGLang's main process runs (after waiting up to ``wait_s`` for its exit);
+        then its exit code (negative: the signal)."""
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(wait_s) if wait_s > 0 else self.proc.poll()
+        except subprocess.TimeoutExpired:
+            return None
 
     def _healthy(self) -> bool:
         try:

@@ -81,6 +81,9 @@ FLUSH_ON_STOP_S = 3.0
 CANCEL_WAIT_S = 5.0  # on stop: the background tasks and episodes end within it (else: warned)
 LEAVE_TIMEOUT_S = 2.0  # the last heartbeat (``leaving``) of a stop; a buffer gone: expiry does it
 MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the engine is broken; exit
+# a failure recorded with a launched engine: how long its exit may take to show (the kernel closes
+# a killed process's sockets before its parent can reap it)
+ENGINE_EXIT_GRACE_S = 2.0
 ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must answer within this
 SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a failure: WARNING)
 # plans remembered as handled: the buffer offers only its current plan (a new one each version),
@@ -314,12 +317,21 @@ class RolloutServer(Daemon):
 
     def raise_if_engine_died(self) -> None:
         """A launched SGLang that died stops this server (exit 1) at the next tick, instead of
-        failing episode after episode (ROLLOUT.md, "A launched SGLang that dies")."""
+        failing episode after episode (ROLLOUT.md, "A launched SGLang that dies"). With a failure
+        recorded, the engine first gets ``ENGINE_EXIT_GRACE_S`` to show an exit: a dying SGLang
+        closes its sockets (its episodes fail) a moment before this process can reap it."""
+        wait_s = 0.0 if self.failure is None else ENGINE_EXIT_GRACE_S
+        if (died := self.engine_death(wait_s)) is not None:
+            raise died
+
+    def engine_death(self, wait_s: float = 0.0) -> ComponentStopped | None:
+        """Why this server stops if the SGLang it launched exits within ``wait_s``; else None."""
         if self.rcfg.engine.kind != "sglang" or self.engine is None:
-            return
-        if (code := self.engine.exit_code()) is not None:
-            pid = self.engine.proc.pid
-            raise ComponentStopped(f"its SGLang engine (pid {pid}) exited with code {code}")
+            return None
+        if (code := self.engine.exit_code(wait_s)) is None:
+            return None
+        return ComponentStopped(f"its SGLang engine (pid {self.engine.proc.pid}) exited with "
+                                f"code {code}")
 
     # ------------------------------------------------------------------ buffer control
     async def register(self, fresh: bool = False) -> None:
@@ -442,6 +454,11 @@ class RolloutServer(Daemon):
         if task.cancelled():
             return
         if (e := task.exception() or unsendable(task.result())) is not None:
+            if (died := self.engine_death()) is not None:  # not the episode's failure: not counted
+                self.log.warning("episode %s failed with its engine: %s: %s", task.get_name(),
+                                 type(e).__name__, e)
+                self.failure = self.failure or died
+                return
             self.episode_failures += 1
             why, stops = f"{type(e).__name__}: {e}", self.episode_failures >= MAX_EPISODE_FAILURES
             # the traceback of the failure that stops us: where it was raised (an env's step, ...)

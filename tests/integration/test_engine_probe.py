@@ -10,13 +10,15 @@ HTTP server in SGLang's place, SGLang needs a GPU); a world-size-1 trainer
 PID, before the trainer pushes v1: the server's sync fails at its deadline, its probe
 (``/health_generate``) gets no answer, the server exits 1 killing the frozen engine, and the wrapper
 restarts it: a fresh engine (another PID) serves, the server registers again, the frozen one is
-gone.
+gone. And an engine killed with ``kill -9`` under eight groups in flight: the server names its
+death, not "episodes failed in a row" (reverting ``ENGINE_EXIT_GRACE_S`` to no wait fails it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import urllib.request
@@ -30,6 +32,7 @@ REPO = HERE.parents[1]
 STANDIN = HERE / "sglang_standin"
 DEADLINE_S = 6.0  # the sync deadline: short, the failure is the point
 STARTUP_S = 180.0
+EXIT_LAG_S = 0.5  # within rollout_server/server.py's ENGINE_EXIT_GRACE_S
 # Spawner starts python only: become bash, stdout and stderr appended to the file argv[1]
 EXEC_BASH = ("import os, sys; "
              "fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600); "
@@ -48,7 +51,8 @@ def _healthy(port: int) -> bool:
         return False
 
 
-def _start(tmp_path: Path, spawn_python, free_port, wait_until):
+def _start(tmp_path: Path, spawn_python, free_port, wait_until, extra: tuple[str, ...] = (),
+           standin: dict[str, str] | None = None):
     from areal_like.net.auth import ensure_key_file
     from areal_like.settings.config import load_config, to_yaml
     from areal_like.weights.hf import build_model
@@ -63,13 +67,15 @@ def _start(tmp_path: Path, spawn_python, free_port, wait_until):
                        "rollout.engine.max_running_requests=4",
                        "rollout.engine.max_total_tokens=2048",
                        f"trainer.weight_sync.deadline_s={DEADLINE_S}",
-                       "rollout.engine.startup_timeout_s=120", "buffer.heartbeat_timeout_s=120"])
+                       "rollout.engine.startup_timeout_s=120", "buffer.heartbeat_timeout_s=120",
+                       *extra])
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
     ensure_key_file(tmp_path)  # the job's engine key, as `areal-like run` writes it
     spawn_python("buffer", ["--config-file", path], capture=False)
     env = {"PYTHONPATH": f"{STANDIN}{os.pathsep}{REPO}", "AREAL_LIKE_STANDIN_CONFIG": str(path),
-           "AREAL_LIKE_STANDIN_PIDS": str(tmp_path / "engine.pids"), "RESTART_BACKOFF_S": "0"}
+           "AREAL_LIKE_STANDIN_PIDS": str(tmp_path / "engine.pids"), "RESTART_BACKOFF_S": "0",
+           **(standin or {})}
     server = spawn_python(EXEC_BASH, [tmp_path / "server.log",
                                       REPO / "launch/slurm/with_restarts.sh", "1",
                                       sys.executable, "-m",
@@ -133,3 +139,36 @@ def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
                 os.kill(frozen, signal.SIGKILL)  # by PID: never leave a stopped process behind
             except ProcessLookupError:
                 pass
+
+
+def _requests_in_engine(url: str, key: str) -> float:
+    from areal_like.net.metrics import scrape
+
+    page = scrape(f"{url}/metrics", 5.0, token=key)
+    return sum(v for k, v in page.items()
+               if k.startswith(("sglang:num_running_reqs", "sglang:num_queue_reqs")))
+
+
+@pytest.mark.timeout(720)
+def test_an_engine_killed_under_many_groups_stops_the_server_naming_the_engine(
+        tmp_path, spawn_python, free_port, wait_until):
+    """``kill -9`` of the engine, by PID, with eight groups in flight: their episodes all fail at
+    once (more than ``MAX_EPISODE_FAILURES``) while the engine's exit is not visible yet (the
+    stand-in reports it ``EXIT_LAG_S`` late, as a dying SGLang closes its sockets before its parent
+    can reap it). The server exits 1 naming the engine's death, not "episodes failed in a row",
+    and the wrapper restarts it with a fresh engine."""
+    from areal_like.net.auth import engine_api_key
+
+    cfg, *_ = _start(tmp_path, spawn_python, free_port, wait_until,
+                     ("task.group_size=2", "task.max_new_tokens=400",
+                      "rollout.max_concurrent_groups=8"),
+                     {"AREAL_LIKE_STANDIN_EXIT_LAG_S": str(EXIT_LAG_S)})
+    (engine,) = _pids(tmp_path / "engine.pids")
+    url = wait_until(lambda: _roster_url(cfg), 60, 0.2, "the server's registration")
+    wait_until(lambda: _requests_in_engine(url, engine_api_key(tmp_path)) >= 12, 120, 0.1,
+               "six groups or more in the engine")
+    os.kill(engine, signal.SIGKILL)
+    wait_until(lambda: len(_pids(tmp_path / "engine.pids")) == 2, 180, 0.2, "a second engine")
+    log = (tmp_path / "server.log").read_text()
+    assert re.search(r"its SGLang engine \(pid \d+\) exited with code -9", log), log[-3000:]
+    assert "episodes failed in a row" not in log, log[-3000:]

@@ -2,7 +2,10 @@
 
 Long greedy generations run on the embedded engine; in the middle, a ``WeightSyncPlan`` is applied
 with ``apply_weight_sync`` (reform, pause, begin, two buckets, end, continue) while a separate
-sender process joins the group as rank 0 and broadcasts a differently initialised model. With
+sender process joins the group as rank 0 and broadcasts a differently initialised model. The
+engine's steps wait at about 40 tokens per sample until the pause is posted (``gate_at_the_pause``):
+under load a group join can outlast the rest of a generation, and the pause must find every sample
+in flight by construction, not by timing. With
 ``pause_mode=abort`` every sample is resubmitted as prompt + tokens so far; with ``retract`` it is
 held in the engine and prefilled again with the new weights. Either way it completes. Checked
 against reference forward passes in this process:
@@ -24,14 +27,13 @@ import json
 import os
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from areal_like.net.distributed import free_port
-from areal_like.net.metrics import scrape
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
 from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
@@ -60,14 +62,35 @@ def make_plan(state: dict, port: int, group: str) -> tuple[WeightSyncPlan, list[
     return plan, buckets
 
 
-async def generated_tokens(url: str) -> float:
-    page = await asyncio.to_thread(scrape, f"{url}/metrics", 30.0)
-    return sum(v for k, v in page.items() if k.startswith("sglang:generation_tokens_total"))
+def gate_at_the_pause(sched, tokens: int) -> tuple[threading.Event, threading.Event]:
+    """Hold the engine's steps once every sample has ``tokens`` tokens (then ``held`` is set) until
+    its scheduler has the pause (``hold``: retract, ``abort``: abort) in its inbox, so that the
+    pause lands with every sample in flight however long the group join takes (the steps wait for
+    it, not the reverse); the pause then runs after at most one more step. ``go`` lets go."""
+    held, go = threading.Event(), threading.Event()
+
+    def then_go(post):
+        def posted(*args, **kwargs):
+            out = post(*args, **kwargs)
+            go.set()
+            return out
+        return posted
+    sched.hold, sched.abort = then_go(sched.hold), then_go(sched.abort)
+
+    def check(s) -> None:  # on the scheduler thread, between two steps; again after each step
+        if len(s.running) == len(PROMPTS) and min(len(r.output_ids) for r in s.running) >= tokens:
+            held.set()
+            go.wait(120)
+        else:
+            s.call(check)
+    sched.call(check)
+    return held, go
 
 
-async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen, pause_mode: str):
-    client = SGLangClient(url, timeout_s=120)
+async def scenario(engine, plan: WeightSyncPlan, sender: subprocess.Popen, pause_mode: str):
+    client = SGLangClient(engine.url, timeout_s=120)
     version = 0
+    go = threading.Event()
     try:
         await client.wait_healthy(120)
         assert (await asyncio.to_thread(sender.stdout.readline)).strip() == "ready"
@@ -76,9 +99,8 @@ async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen, pau
         sampling = {"temperature": 1.0, "top_k": 1, "ignore_eos": True}
         jobs = [asyncio.create_task(generate_sample(client, p, sampling, MAX_NEW, lambda: version))
                 for p in PROMPTS]
-        t0 = time.monotonic()  # pause once every sample is well under way (about 40 tokens each)
-        while await generated_tokens(url) < 40 * len(PROMPTS) and time.monotonic() - t0 < 60:
-            await asyncio.sleep(0.01)
+        held, go = gate_at_the_pause(engine.scheduler, 40)  # every sample well under way
+        assert await asyncio.to_thread(held.wait, 120)
         done = await apply_weight_sync(client, plan, "engine-under-test",
                                        pause_mode=pause_mode)
         _, err = await asyncio.to_thread(sender.communicate, timeout=120)
@@ -88,6 +110,7 @@ async def scenario(url: str, plan: WeightSyncPlan, sender: subprocess.Popen, pau
         samples = await asyncio.gather(*jobs)
         return done, samples, await client.weight_version()
     finally:
+        go.set()
         await client.close()
 
 
@@ -116,8 +139,7 @@ def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Pat
     if state_file is not None:
         torch.save(state, state_file)
         spec["state_file"] = str(state_file)
-    # the trainer's side (rank 0) starts first and waits in the rendezvous, so that the pause lands
-    # in the middle of the generations rather than after them
+    # the trainer's side (rank 0) starts first and waits in the rendezvous
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
                               stdout=subprocess.PIPE,
@@ -126,7 +148,7 @@ def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Pat
         engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8),
                                 lora=lora).start()
         try:
-            return asyncio.run(scenario(engine.url, plan, sender, pause_mode))
+            return asyncio.run(scenario(engine, plan, sender, pause_mode))
         finally:
             engine.stop()
     finally:
@@ -151,7 +173,7 @@ def check_exact_switch(done, samples, served: str, old, new, pause_mode: str = "
             assert (s.resumed >= 1) if pause_mode == "abort" else s.resumed == 0
         check_against(old, prompt, s.output_ids, s.logprobs, 0, k)
         check_against(new, prompt, s.output_ids, s.logprobs, k, n)
-    assert spanning >= 1, "no sample was interrupted mid-generation"
+    assert spanning == len(PROMPTS), "every sample is in flight at the pause"
 
 
 @pytest.mark.parametrize("pause_mode", ["abort", "retract"])

@@ -8,10 +8,20 @@ speaks SGLang's HTTP protocol, on the ``--host``/``--port`` SGLang was given, re
 ``--api-key``. The model and engine sizing come from the config in ``AREAL_LIKE_STANDIN_CONFIG``;
 its PID is appended to ``AREAL_LIKE_STANDIN_PIDS`` (a file) so that a test can inject faults into
 the engine by PID. Other SGLang flags are ignored.
+
+With ``AREAL_LIKE_STANDIN_EXIT_LAG_S`` the engine runs as a child instead (its PID in the file) and
+this process exits as it did (``kill -9``: by SIGKILL) that many seconds after it: a dying SGLang
+closes its sockets a moment before its parent can see it exit; this widens that moment.
 """
 
+import functools
 import os
+import signal
+import subprocess
 import sys
+import time
+
+from areal_like.daemon import die_with_parent
 
 
 def main(argv: list[str]) -> None:
@@ -20,11 +30,26 @@ def main(argv: list[str]) -> None:
     env = dict(os.environ)
     if "--api-key" in flags:
         env["AREAL_LIKE_ENGINE_API_KEY"] = flags["--api-key"]
+    argv = [sys.executable, "-m", "rollout_server.engine", "--config-file",
+            os.environ["AREAL_LIKE_STANDIN_CONFIG"], "--host", flags["--host"], "--port",
+            flags["--port"]]
+    lag = os.environ.get("AREAL_LIKE_STANDIN_EXIT_LAG_S")
+    if lag is None:
+        record_pid(os.getpid())
+        os.execve(sys.executable, argv, env)
+    engine = subprocess.Popen(argv, env=env, preexec_fn=functools.partial(
+        die_with_parent, os.getpid(), signal.SIGKILL))
+    record_pid(engine.pid)
+    code = engine.wait()
+    time.sleep(float(lag))  # the injected fault: the exit reported late
+    if code < 0:
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
+
+
+def record_pid(pid: int) -> None:
     with open(os.environ["AREAL_LIKE_STANDIN_PIDS"], "a") as f:
-        f.write(f"{os.getpid()}\n")
-    os.execve(sys.executable, [sys.executable, "-m", "rollout_server.engine", "--config-file",
-                               os.environ["AREAL_LIKE_STANDIN_CONFIG"], "--host", flags["--host"],
-                               "--port", flags["--port"]], env)
+        f.write(f"{pid}\n")
 
 
 if __name__ == "__main__":
