@@ -186,3 +186,21 @@ def test_strangers_get_nothing_are_counted_and_the_job_goes_on(
     assert exported['areal_buffer_auth_refused_total{reason="unknown_key"}'] >= 1
     assert exported['areal_buffer_auth_refused_total{reason="handshake"}'] >= 2
     rollout.close(), trainer.close(), real_sub.close()
+
+
+def test_a_one_rank_trainer_opens_no_port_on_every_interface(spawn_python):
+    """The one-rank trainer (every CPU job on 2 cores) once hosted its default group's TCPStore,
+    which listens on every interface whatever host it is given: any machine on the network could
+    list and overwrite its keys. Its store is in-process now; gloo's pair binds one address."""
+    proc = spawn_python("""
+        import json, psutil
+        from areal_like.settings.config import RunConfig
+        from trainer.model import init_distributed
+        init_distributed(RunConfig().trainer)
+        print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections("inet")
+                          if c.status == psutil.CONN_LISTEN]))
+    """)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    listening = json.loads(out.strip().splitlines()[-1])
+    assert not {"0.0.0.0", "::"} & set(listening), listening
