@@ -193,12 +193,12 @@ def test_a_one_rank_trainer_opens_no_port_on_every_interface(spawn_python):
     which listens on every interface whatever host it is given: any machine on the network could
     list and overwrite its keys. Its store is in-process now; gloo's pair binds one address."""
     proc = spawn_python("""
-        import json, psutil
+        import json, os, psutil
         from areal_like.settings.config import RunConfig
         from trainer.model import init_distributed
         init_distributed(RunConfig().trainer)
-        print(json.dumps([c.laddr.ip for c in psutil.Process().net_connections("inet")
-                          if c.status == psutil.CONN_LISTEN]))
+        print(json.dumps([c.laddr.ip for c in psutil.net_connections("inet")
+                          if c.pid == os.getpid() and c.status == psutil.CONN_LISTEN]))
     """)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
