@@ -23,7 +23,14 @@ from areal_like.net.dealer import Client
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import scrape
 from areal_like.net.pubsub import Subscriber
-from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.settings.config import (
+    BufferConfig,
+    RunConfig,
+    SecurityConfig,
+    TaskConfig,
+    TrainerConfig,
+    to_yaml,
+)
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
@@ -204,3 +211,26 @@ def test_a_one_rank_trainer_opens_no_port_on_every_interface(spawn_python):
     assert proc.returncode == 0, err
     listening = json.loads(out.strip().splitlines()[-1])
     assert not {"0.0.0.0", "::"} & set(listening), listening
+
+
+def test_only_trainer_rank_0_needs_the_trainer_key(tmp_run_dir, tmp_path, spawn_python):
+    """launch/MULTINODE.md gives clients/trainer.key_secret to rank 0's node only; a rank of
+    another training node (server.key alone) once exited 2 naming the file it does not use."""
+    security.make_keys(tmp_path / "all")
+    node = tmp_path / "node"
+    node.mkdir(mode=0o700)
+    (node / "server.key").write_bytes((tmp_path / "all" / "server.key").read_bytes())
+    cfg = RunConfig(run_dir=str(tmp_run_dir), security=SecurityConfig(keys_dir=str(node)),
+                    trainer=TrainerConfig(buffer_address=f"tcp://127.0.0.1:{free_port()}"))
+    (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
+    code = """
+        import sys, trainer.loop
+        from trainer.__main__ import main
+        trainer.loop.train = lambda cfg, keys: print("keys", keys) or 0  # the ranks' own work
+        sys.exit(main(sys.argv[1:]))
+    """
+    ranks = {rank: spawn_python(code, ["--config-file", tmp_run_dir / "config.yaml"],
+                                env={"RANK": rank}) for rank in ("0", "1")}
+    (_, err0), (out1, err1) = (ranks[r].communicate(timeout=120) for r in ("0", "1"))
+    assert ranks["1"].returncode == 0 and "keys None" in out1, err1
+    assert ranks["0"].returncode == 2 and "trainer.key_secret is missing" in err0, err0
