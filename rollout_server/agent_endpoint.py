@@ -253,7 +253,8 @@ class AgentEndpoint:
 
 
 def _digest(api_key: str) -> bytes:
-    return hashlib.sha256(api_key.encode()).digest()
+    # a header's undecodable bytes are surrogates: hashed as they are (401, never a 500)
+    return hashlib.sha256(api_key.encode(errors="surrogatepass")).digest()
 
 
 def _error(status: int, message: str, kind: str) -> web.Response:

@@ -25,7 +25,8 @@ def main(argv: list[str]) -> int:
     from areal_like.net import security
 
     try:
-        keys = security.setup(cfg, "trainer", log)  # rank 0's buffer clients (others open none)
+        # rank 0's buffer clients: the other ranks open none, so their nodes hold no client key
+        keys = security.setup(cfg, "trainer", log) if rank == "0" else None
     except security.SecurityError as e:
         log.error("%s", e)
         return 2

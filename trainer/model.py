@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from areal_like.net.distributed import free_port, set_nccl_nonblocking_timeout
+from areal_like.net.distributed import set_nccl_nonblocking_timeout
 from areal_like.settings.config import LoraConfig, ModelConfig, TrainerConfig
 from areal_like.weights.hf import build_meta_model, torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters
@@ -56,8 +56,9 @@ class Policy:
 def init_distributed(trainer_cfg: TrainerConfig) -> tuple[int, int]:
     """Join (or create) the trainer's default process group; returns (rank, world_size).
 
-    torchrun's env:// rendezvous, else a world-size-1 gloo group on loopback. On CUDA both
-    backends (gloo for CPU objects, NCCL for tensors)."""
+    torchrun's env:// rendezvous, else a world-size-1 group on an in-process store (a TCPStore
+    would listen on every interface, to anyone: areal_like/SECURITY.md). On CUDA both backends
+    (gloo for CPU objects, NCCL for tensors)."""
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     set_nccl_nonblocking_timeout(trainer_cfg.weight_sync.deadline_s)
@@ -68,8 +69,7 @@ def init_distributed(trainer_cfg: TrainerConfig) -> tuple[int, int]:
         if trainer_cfg.device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                world_size=1,
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                 timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 

@@ -114,10 +114,13 @@ GUARD_KEY = web.AppKey("http_guard", _Guard)
 
 
 def bearer_ok(header: str | None, token: str) -> bool:
-    """``header`` is ``Bearer <token>`` (constant-time comparison; any other scheme is refused)."""
+    """``header`` is ``Bearer <token>`` (constant-time comparison; any other scheme is refused).
+    A header's undecodable bytes (surrogates in aiohttp's str) are encoded as they are: 401, never
+    a 500."""
     if not header or not header.startswith("Bearer "):
         return False
-    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), token.encode())
+    return hmac.compare_digest(header[len("Bearer "):].strip().encode(errors="surrogatepass"),
+                               token.encode())
 
 
 class _GuardedHandler(RequestHandler):

@@ -287,6 +287,11 @@ def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
     assert (len(a.segments), len(b.segments), len(engine.calls)) == (0, 1, 1)
 
 
+def test_a_key_of_bytes_that_are_not_utf8_is_refused_not_an_error():
+    # aiohttp's str of the header bytes ff fe: once a UnicodeEncodeError (a 500) in the guard
+    assert not endpoint(Scripted([])).known_key("Bearer \udcff\udcfe")
+
+
 def test_calls_size_and_sampling_are_bounded():
     engine = Scripted(["1", "2", "3"])
 

@@ -23,7 +23,14 @@ from areal_like.net.dealer import Client
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import scrape
 from areal_like.net.pubsub import Subscriber
-from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig, to_yaml
+from areal_like.settings.config import (
+    BufferConfig,
+    RunConfig,
+    SecurityConfig,
+    TaskConfig,
+    TrainerConfig,
+    to_yaml,
+)
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
@@ -186,3 +193,44 @@ def test_strangers_get_nothing_are_counted_and_the_job_goes_on(
     assert exported['areal_buffer_auth_refused_total{reason="unknown_key"}'] >= 1
     assert exported['areal_buffer_auth_refused_total{reason="handshake"}'] >= 2
     rollout.close(), trainer.close(), real_sub.close()
+
+
+def test_a_one_rank_trainer_opens_no_port_on_every_interface(spawn_python):
+    """The one-rank trainer (every CPU job on 2 cores) once hosted its default group's TCPStore,
+    which listens on every interface whatever host it is given: any machine on the network could
+    list and overwrite its keys. Its store is in-process now; gloo's pair binds one address."""
+    proc = spawn_python("""
+        import json, os, psutil
+        from areal_like.settings.config import RunConfig
+        from trainer.model import init_distributed
+        init_distributed(RunConfig().trainer)
+        print(json.dumps([c.laddr.ip for c in psutil.net_connections("inet")
+                          if c.pid == os.getpid() and c.status == psutil.CONN_LISTEN]))
+    """)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    listening = json.loads(out.strip().splitlines()[-1])
+    assert not {"0.0.0.0", "::"} & set(listening), listening
+
+
+def test_only_trainer_rank_0_needs_the_trainer_key(tmp_run_dir, tmp_path, spawn_python):
+    """launch/MULTINODE.md gives clients/trainer.key_secret to rank 0's node only; a rank of
+    another training node (server.key alone) once exited 2 naming the file it does not use."""
+    security.make_keys(tmp_path / "all")
+    node = tmp_path / "node"
+    node.mkdir(mode=0o700)
+    (node / "server.key").write_bytes((tmp_path / "all" / "server.key").read_bytes())
+    cfg = RunConfig(run_dir=str(tmp_run_dir), security=SecurityConfig(keys_dir=str(node)),
+                    trainer=TrainerConfig(buffer_address=f"tcp://127.0.0.1:{free_port()}"))
+    (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
+    code = """
+        import sys, trainer.loop
+        from trainer.__main__ import main
+        trainer.loop.train = lambda cfg, keys: print("keys", keys) or 0  # the ranks' own work
+        sys.exit(main(sys.argv[1:]))
+    """
+    ranks = {rank: spawn_python(code, ["--config-file", tmp_run_dir / "config.yaml"],
+                                env={"RANK": rank}) for rank in ("0", "1")}
+    (_, err0), (out1, err1) = (ranks[r].communicate(timeout=120) for r in ("0", "1"))
+    assert ranks["1"].returncode == 0 and "keys None" in out1, err1
+    assert ranks["0"].returncode == 2 and "trainer.key_secret is missing" in err0, err0

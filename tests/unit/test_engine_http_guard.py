@@ -71,6 +71,16 @@ def test_every_endpoint_refuses_a_missing_or_wrong_key(engine):
     assert status == 200 and len(json.loads(text)["output_ids"]) == 2
 
 
+def test_a_key_of_bytes_that_are_not_utf8_gets_401_not_500(engine):
+    """aiohttp hands such header bytes over as surrogates, which the key check once failed to
+    encode: a stranger got 500 (uncounted) where the docs promise 401."""
+    port = int(engine.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n")
+        answer = sock.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]
+
+
 def test_a_body_over_the_limit_gets_413(engine):
     big = json.dumps({"text": "1" * (64 * 1024)}).encode()
     assert call(engine, "/generate", big)[0] == 413
