@@ -20,7 +20,7 @@ from areal_like.daemon import MALLOC_ENV
 from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file
 from areal_like.net.distributed import free_port
 from areal_like.net.security import make_keys
-from areal_like.settings.config import RunConfig, absolute_files, to_yaml
+from areal_like.settings.config import ConfigError, RunConfig, absolute_files, to_yaml
 from launch.local import (
     ProcSpec,
     Supervisor,
@@ -48,7 +48,13 @@ from launch.records import (
     trainer_jsonl,
     warm_plotting,
 )
-from launch.rundir import check_existing_run, check_resume_settings, lock_run_dir, write_settings
+from launch.rundir import (
+    check_existing_run,
+    check_resume_settings,
+    latest_checkpoint_step,
+    lock_run_dir,
+    write_settings,
+)
 from launch.topology import (
     Topology,
     apply_topology,
@@ -353,10 +359,11 @@ def report_failure(run_dir: Path, daemon: str, out=sys.stderr) -> None:
 
 
 def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology, Path, int, int,
-                                                              RunConfig | None]:
+                                                              tuple | None]:
     """Steps 0-2 of ``run_job`` on a checked config: (the daemons' config, topology, config.yaml,
-    the step resumed from, the run_dir lock's descriptor, the settings a resume changes that
-    settings.yaml gets once a step trained with them: ``Monitor``). A run_dir this call created is
+    the step resumed from, the run_dir lock's descriptor, and for a resume with changed settings:
+    the settings that settings.yaml gets once a step trained with them (``Monitor``) and
+    config.yaml's text before, which it gets back when none did). A run_dir this call created is
     removed again when it fails (a ConfigError, Ctrl-C, a warm start that crashed): no daemon ran
     in it."""
     from launch.warmstart import ensure_warm_start
@@ -368,6 +375,7 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
         resumed_from = check_existing_run(cfg)
         # also before the first checkpoint: the buffer's WAL and the version labels go on
         changes = check_resume_settings(cfg, accept_changes)
+        check_checkpoint_model(cfg, changes)  # before settings.yaml, warm start and config.yaml
         for change in changes:
             print(f"[run] resuming with a changed setting: {change}", file=sys.stderr, flush=True)
         if resumed_from:
@@ -376,7 +384,9 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
                      if resumed_from == cfg.trainer.steps else ""), file=sys.stderr, flush=True)
         write_settings(cfg, keep=bool(changes))
         plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
-        pending = cfg if changes else None  # as given, before the warm start's model path
+        config = run_dir / "config.yaml"
+        # as given, before the warm start's model path
+        pending = (cfg, config.read_text() if config.is_file() else None) if changes else None
         cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr,
                                                          flush=True))
         return (*prepare(cfg), resumed_from, lock, pending)
@@ -385,6 +395,30 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
             os.close(lock)
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def check_checkpoint_model(cfg: RunConfig, changes: list[str]) -> None:
+    """ConfigError naming the accepted ``model.*`` (``trainer.lora.*``) changes of a resume when the
+    model they build has other shapes than its newest checkpoint's: the trainer would refuse it
+    (``trainer/checkpoint.py``, ``refuse_other_settings``), after the warm start had trained the
+    new model and config.yaml had been rewritten. A checkpoint that cannot be read is left to the
+    trainer, which names it."""
+    from areal_like.daemon import StartRefused
+
+    keys = [c for c in changes if c.startswith(("model.", "trainer.lora."))]
+    root = cfg.resolve_path(cfg.trainer.checkpoint_dir)
+    if not keys or latest_checkpoint_step(root) is None:
+        return
+    from trainer.checkpoint import UnsafeCheckpointError, latest_checkpoint, refuse_other_settings
+
+    try:
+        refuse_other_settings(latest_checkpoint(root), cfg.model, cfg.trainer.lora,
+                              f"these settings changed it ({'; '.join(keys)}): resume without "
+                              "those changes, or use a new run_dir")
+    except StartRefused as e:
+        raise ConfigError(str(e)) from None
+    except (OSError, UnsafeCheckpointError):
+        return
 
 
 def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -> int:
@@ -402,7 +436,8 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
     since = jsonl.stat().st_size if jsonl.is_file() else 0  # what earlier invocations trained
     echo = _supervisor_lines_only if quiet else None
     sink = TrackerSink.from_config(cfg)
-    monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink, settings=changed)
+    monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink,
+                      settings=changed[0] if changed else None)
     try:
         sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
                          restart_window_s=cfg.launch.restart_window_s,
@@ -424,6 +459,8 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
         # EngineUnhealthy page for a job that ended, and it scrapes whatever takes its ports next)
         write_json_atomic(run_dir / "prometheus_targets.json", [])
         monitor.read()  # a step trained since the last tick accepts the settings too
+        if changed and changed[1] and monitor.settings is not None:  # none did: as it was
+            config_path.write_text(changed[1])
         if code != 0 and sup.failed is not None:
             report_failure(run_dir, sup.failed)
         summary = summarize(run_dir, time.monotonic() - t0, code, since=since,

@@ -8,8 +8,10 @@ it) and refuses a finished run or a checkpoint with ``trainer.resume=false``;
 ``check_resume_settings`` refuses a resume whose settings differ from ``settings.yaml`` (the config
 as given) unless ``--accept-changes``, apart from ``FREE_ON_RESUME``; ``FIXED_ON_RESUME`` (the
 adapters' layout) never. Accepted changes reach ``settings.yaml`` only with the first step trained
-(launch/job.py, ``Monitor``): a resume a daemon refuses leaves it as it was. Only names and files
-are read (the ``v%08d`` layout of trainer/checkpoint.py): no torch import, so a refusal is instant.
+(launch/job.py, ``Monitor``): a resume a daemon refuses leaves it, and ``config.yaml``, as it was
+(launch/job.py, ``check_checkpoint_model``, refuses a change of the model's shapes before either
+is touched). Only names and files are read (the ``v%08d`` layout of trainer/checkpoint.py): no
+torch import, so a refusal is instant.
 """
 
 from __future__ import annotations

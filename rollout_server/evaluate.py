@@ -385,8 +385,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg, config_file = _eval_config(args.model, args.config_file, list(args.overrides))
         record = _evaluate_path(args.model, cfg, config_file)
     except (ConfigError, RewardPoolError, SGLangError, subprocess.CalledProcessError) as e:
-        # RewardPoolError: reward not loadable; SGLangError: the engine refused every prompt
-        print(f"error: {e}", file=sys.stderr)
+        # RewardPoolError: reward not loadable; SGLangError: the engine refused every prompt;
+        # an export that refused (exit 2) printed its own error line
+        if not (isinstance(e, subprocess.CalledProcessError) and e.returncode == 2):
+            print(f"error: {e}", file=sys.stderr)
         return 2
     record["model"] = str(args.model)
     print(json.dumps(record), flush=True)  # first: a bad --out never loses the evaluation

@@ -16,8 +16,9 @@ Invariants:
   must be shared by all nodes. meta.pt's checksums prove a resumed run holds the saved state.
 - A checkpoint never holds a non-finite weight or optimizer state (``trainer/finite_guard.py``).
 - Resume refuses (``StartRefused``, exit 2) a checkpoint whose model tensors have other shapes
-  than the model built from the settings (changed ``model.*`` or ``trainer.lora.*``; so does
-  ``areal-like export``), and one whose files cannot be read (damaged: cut short, missing),
+  than the model built from the settings (changed ``model.*`` or ``trainer.lora.*``; so do
+  ``areal-like export`` and, before it writes anything, ``areal-like run``:
+  ``refuse_other_settings``), and one whose files cannot be read (damaged: cut short, missing),
   naming it.
 - Loading reads data, never code: every pickle is read with an allowlist
   (``UnsafeCheckpointError`` otherwise); a planted ``__reduce__`` is refused before it runs.
@@ -44,6 +45,9 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from areal_like.daemon import StartRefused
+from areal_like.settings.config import LoraConfig, ModelConfig
+from areal_like.weights.hf import build_meta_model
+from areal_like.weights.lora import add_adapters
 from trainer.finite_guard import require_finite_state
 from trainer.model import Policy
 from trainer.ranks import all_ranks, barrier, local, rank_world, several
@@ -346,6 +350,18 @@ def refuse_other_shapes(path: Path, saved: dict, model_sd: dict, advice: str) ->
                    if old != new]:
         raise StartRefused(f"{path} holds another model's weights ({len(misfits)} tensors differ, "
                            f"e.g. {misfits[0]}): {advice}")
+
+
+def refuse_other_settings(path: Path, model_cfg: ModelConfig, lora: LoraConfig,
+                          advice: str) -> None:
+    """``refuse_other_shapes`` against the model that ``model_cfg`` and ``lora`` build, on the meta
+    device (no memory), for a caller that has none built: ``areal-like run`` before it writes
+    anything of a resume (launch/job.py), ``areal-like export`` before it builds one."""
+    model = build_meta_model(model_cfg)
+    if lora.enabled:
+        add_adapters(model, lora)
+    refuse_other_shapes(path, read_dcp_metadata(path).state_dict_metadata, model.state_dict(),
+                        advice)
 
 
 def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:

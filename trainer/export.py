@@ -53,8 +53,7 @@ from trainer.checkpoint import (
     latest_checkpoint,
     open_tmp,
     publish,
-    read_dcp_metadata,
-    refuse_other_shapes,
+    refuse_other_settings,
 )
 from trainer.ranks import barrier, rank_world
 from trainer.ranks import full as full_tensor
@@ -304,13 +303,14 @@ def load_checkpoint_model(checkpoint: Path, model_cfg: ModelConfig,
     if not (checkpoint / ".metadata").is_file():
         raise FileNotFoundError(f"{checkpoint} is not a trainer checkpoint (no .metadata: expected "
                                 "<run_dir>/checkpoints/v<version>)")
+    lora = lora or LoraConfig()
+    refuse_other_settings(checkpoint, model_cfg, lora, "export it with the model.* and "
+                          "trainer.lora.* settings it was saved with (--config-file: a config.yaml "
+                          "that has them)")
     model = build_model(model_cfg, device="cpu", dtype="float32")
-    if lora is not None and lora.enabled:
+    if lora.enabled:
         add_adapters(model, lora)
     state = {"model": model.state_dict()}
-    refuse_other_shapes(checkpoint, read_dcp_metadata(checkpoint).state_dict_metadata,
-                        state["model"], "export it with the model.* and trainer.lora.* settings "
-                        "it was saved with (--config-file: a config.yaml that has them)")
     # DCP warns that it loads in a single process: that is the point
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

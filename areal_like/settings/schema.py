@@ -344,7 +344,8 @@ class LoraConfig:
 
     rank: int = 0  # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
     alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
-    # on the adapter's input, in the training forward only (not in log-prob passes)
+    # on the adapter's input, in the training forward only (not in log-prob passes); never on an
+    # lm_head adapter, whose weight change the trainer's output head adds (trainer/model.py)
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
 

@@ -5,8 +5,13 @@ checkpoints; then, on the same run_dir:
 
 * raising ``trainer.steps`` and changing ``trainer.lr``: refused (exit 2) before anything starts,
   naming ``trainer.lr`` with both values; ``trainer.steps`` (how a run is continued) is not listed;
-* an accepted change that the trainer then refuses (another model shape, exit 2 at start): the
-  job fails and ``settings.yaml`` is left as it was (it used to claim the refused settings);
+* an accepted change of the model's shape that its checkpoint does not fit: refused by the
+  launcher in one line naming the key (exit 2), before any daemon, warm start or file of the run
+  (the trainer used to refuse it at start, after ``config.yaml`` held the new model, so that
+  ``areal-like export``/``eval`` of the old checkpoints read the wrong settings);
+* an accepted change that the trainer refuses at start for a reason the launcher cannot see (its
+  newest checkpoint cut short): the job fails, and ``config.yaml`` and ``settings.yaml`` are as
+  they were;
 * the learning rate with ``--accept-changes``: the run resumes, says which setting changed, trains
   to the new end, and the run's config and ``settings.yaml`` now hold the new learning rate.
 """
@@ -14,6 +19,7 @@ checkpoints; then, on the same run_dir:
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -44,12 +50,26 @@ def test_a_resume_with_changed_settings_is_refused_unless_accepted(tmp_path):
         "error:   trainer.lr: 0.0003 -> 0.001",
         "error: add --accept-changes to resume with them, or use a new run_dir"]
 
-    settings = (run_dir / "settings.yaml").read_text()
+    files = [run_dir / "settings.yaml", run_dir / "config.yaml"]
+    before = [f.read_text() for f in files]
     misfit = _run(run_dir, "--accept-changes", "trainer.steps=4", "trainer.lr=3e-4",
                   "model.intermediate_size=512")
-    assert misfit.returncode == 1, misfit.stderr[-3000:]
-    assert "holds another model's weights" in misfit.stderr, misfit.stderr[-3000:]
-    assert (run_dir / "settings.yaml").read_text() == settings  # it never ran with them
+    assert misfit.returncode == 2 and misfit.stdout == "", misfit.stderr[-3000:]
+    [line] = misfit.stderr.splitlines()
+    assert line.startswith(f"error: {run_dir}/checkpoints/v00000002 holds another model's "
+                           "weights ("), line
+    assert line.endswith("these settings changed it (model.intermediate_size: 256 -> 512): "
+                         "resume without those changes, or use a new run_dir"), line
+    assert [f.read_text() for f in files] == before  # it never ran with them
+
+    data = run_dir / "checkpoints" / "v00000002" / "__0_0.distcp"
+    whole = data.read_bytes()
+    os.truncate(data, len(whole) // 2)
+    damaged = _run(run_dir, "--accept-changes", "trainer.steps=4", "trainer.lr=1e-3")
+    assert damaged.returncode == 1, damaged.stderr[-3000:]
+    assert "v00000002 cannot be read" in damaged.stderr, damaged.stderr[-3000:]
+    assert [f.read_text() for f in files] == before
+    data.write_bytes(whole)
 
     accepted = _run(run_dir, "--accept-changes", "trainer.steps=4", "trainer.lr=1e-3")
     assert accepted.returncode == 0, accepted.stderr[-3000:]

@@ -361,6 +361,21 @@ def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(tmp_path, ca
     assert err.count("\n") == 1 and "context length" in err, err
 
 
+def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, capfd):
+    """``areal-like eval`` of a checkpoint that ``trainer.export`` refuses (here: no run config
+    beside it): export's own error line, exit 2, and no second line for the export's exit status
+    (before: ``error: Command '[...]' returned non-zero exit status 2.``)."""
+    checkpoint = tmp_path / "checkpoints" / "v00000003"
+    checkpoint.mkdir(parents=True)
+    for name in (".metadata", "meta.pt"):  # never read: export refuses first
+        (checkpoint / name).write_bytes(b"")
+    assert main([str(checkpoint), "task=reverse"]) == 2
+    out, err = capfd.readouterr()
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert out == "" and errors == [f"error: no run config at {tmp_path / 'config.yaml'}: pass "
+                                    "--config-file <run_dir>/config.yaml"], err
+
+
 def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
     from areal_like.net.metrics import Metrics
     from rollout_server.evaluate import record_eval_metrics
