@@ -401,8 +401,9 @@ def check_checkpoint_model(cfg: RunConfig, changes: list[str]) -> None:
     """ConfigError naming the accepted ``model.*`` (``trainer.lora.*``) changes of a resume when the
     model they build has other shapes than its newest checkpoint's: the trainer would refuse it
     (``trainer/checkpoint.py``, ``refuse_other_settings``), after the warm start had trained the
-    new model and config.yaml had been rewritten. A checkpoint that cannot be read is left to the
-    trainer, which names it."""
+    new model and config.yaml had been rewritten. A checkpoint whose ``.metadata`` is empty or cut
+    short is refused here as the trainer would (damaged); others that cannot be read are left to
+    the trainer, which names them."""
     from areal_like.daemon import StartRefused
 
     keys = [c for c in changes if c.startswith(("model.", "trainer.lora."))]
