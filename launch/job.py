@@ -117,14 +117,15 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
     cfg, topo = plan_job(cfg, cpus)
     run_dir = Path(cfg.run_dir)
     (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-    if cfg.security.curve:  # the job's CURVE keys, no user step (kept when the run resumes)
+    # kept when the run resumes; one readable by others is refused (SecurityError) before
+    # config.yaml is written
+    if cfg.security.curve:  # the job's CURVE keys, no user step
         make_keys(cfg.resolve_path(cfg.security.keys_dir))
+    if engine_api_key(run_dir) is None:  # the job's engine API key, which job_specs hands out
+        ensure_key_file(run_dir)
     path = run_dir / "config.yaml"
     # no credential in it: they travel in the environment (areal_like/net/auth.py)
     path.write_text(to_yaml(cfg))
-    if engine_api_key(run_dir) is None:
-        # the job's engine API key (kept on resume), which job_specs hands out
-        ensure_key_file(run_dir)
     return cfg, topo, path
 
 
