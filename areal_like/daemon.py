@@ -107,6 +107,9 @@ class ComponentStopped(RuntimeError):
     """A supervised background task ended while the daemon was running."""
 
 
+STARTED = "started"  # logged once start() returned: launch/local.py tells a refusal to start by it
+
+
 class StartRefused(RuntimeError):
     """What the daemon was given cannot be served by this build: one line and exit status 2."""
 
@@ -182,7 +185,7 @@ class Daemon:
         try:
             self.start_metrics()
             self.start()
-            self.log.info("started")
+            self.log.info(STARTED)
             self.run()
             self.raise_if_component_stopped()
         except ComponentStopped as e:

@@ -149,10 +149,15 @@ def _main(argv: list[str]) -> int:
     if args.command == "track":
         return _track(args.run_dir, args.overrides, once=args.once)
     if args.command == "keys":
+        from areal_like.net.security import SecurityError
+
         try:
             return _keys(args.run_dir, args.keys_dir)
         except OSError as e:  # RUN_DIR a file, or not writable
             print(f"error: cannot write the keys: {e}", file=sys.stderr)
+            return 2
+        except SecurityError as e:  # a secret key kept there is readable by others
+            print(f"error: {e}", file=sys.stderr)
             return 2
     if args.command == "top" and not 0 < args.interval < float("inf"):
         parser.error(f"argument --interval: {args.interval} is not a number of seconds > 0")
@@ -235,7 +240,8 @@ def torchrun_log_dir(trainer_args: list[str]) -> list[str]:
 def _with_config(overrides: list[str], command) -> int:
     """``command(cfg)`` on the composed config. A ConfigError prints ``error:`` lines and exits 2:
     one for a bad composition, one per problem past it (preflight, run_dir, a layout that does not
-    fit, a port clash), all before anything started."""
+    fit, a port clash, a secret key file readable by others), all before anything started."""
+    from areal_like.net.security import SecurityError
     from areal_like.settings.config import ConfigError, load_config
 
     try:
@@ -245,7 +251,7 @@ def _with_config(overrides: list[str], command) -> int:
         return 2
     try:
         return command(cfg)
-    except ConfigError as e:
+    except (ConfigError, SecurityError) as e:
         for line in str(e).splitlines():
             print(f"error: {line}", file=sys.stderr)
         return 2

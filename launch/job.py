@@ -117,14 +117,15 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
     cfg, topo = plan_job(cfg, cpus)
     run_dir = Path(cfg.run_dir)
     (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-    if cfg.security.curve:  # the job's CURVE keys, no user step (kept when the run resumes)
+    # kept when the run resumes; one readable by others is refused (SecurityError) before
+    # config.yaml is written
+    if cfg.security.curve:  # the job's CURVE keys, no user step
         make_keys(cfg.resolve_path(cfg.security.keys_dir))
+    if engine_api_key(run_dir) is None:  # the job's engine API key, which job_specs hands out
+        ensure_key_file(run_dir)
     path = run_dir / "config.yaml"
     # no credential in it: they travel in the environment (areal_like/net/auth.py)
     path.write_text(to_yaml(cfg))
-    if engine_api_key(run_dir) is None:
-        # the job's engine API key (kept on resume), which job_specs hands out
-        ensure_key_file(run_dir)
     return cfg, topo, path
 
 
@@ -401,8 +402,9 @@ def check_checkpoint_model(cfg: RunConfig, changes: list[str]) -> None:
     """ConfigError naming the accepted ``model.*`` (``trainer.lora.*``) changes of a resume when the
     model they build has other shapes than its newest checkpoint's: the trainer would refuse it
     (``trainer/checkpoint.py``, ``refuse_other_settings``), after the warm start had trained the
-    new model and config.yaml had been rewritten. A checkpoint that cannot be read is left to the
-    trainer, which names it."""
+    new model and config.yaml had been rewritten. A checkpoint whose ``.metadata`` is empty or cut
+    short is refused here as the trainer would (damaged); others that cannot be read are left to
+    the trainer, which names them."""
     from areal_like.daemon import StartRefused
 
     keys = [c for c in changes if c.startswith(("model.", "trainer.lora."))]

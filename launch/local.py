@@ -4,7 +4,8 @@
 session, and waits for every ``/health``; streams each one's output, prefixed with its name, to
 the console and to ``<run_dir>/logs/<name>.log`` (rotated: at most ``(log_backups + 1) x
 log_max_bytes`` per process); restarts a process that exits (but not one that exits 2: it refused
-its settings or inputs, so the job fails) after a doubling back-off, at most
+its settings or inputs, so the job fails; "refused to start" when it had not logged ``STARTED``,
+else "stopped with exit 2") after a doubling back-off, at most
 ``restarts`` within a sliding ``restart_window_s`` (``RestartBudget``); the *main* process (the
 trainer) exiting 0 completes the job. On completion, failure, Ctrl-C, SIGTERM or SIGHUP (not
 under ``nohup``) it stops everything in reverse start order: SIGTERM to the group, wait, SIGKILL;
@@ -42,7 +43,7 @@ from pathlib import Path
 
 import psutil
 
-from areal_like.daemon import GRACEFUL_STOP_S, die_with_parent
+from areal_like.daemon import GRACEFUL_STOP_S, STARTED, die_with_parent
 
 POLL_S = 0.5  # how often exits are noticed; a restart within a second is plenty for daemons
 STOP_GRACE_S = GRACEFUL_STOP_S + 5.0  # SIGTERM -> SIGKILL, with room for a clean stop to finish
@@ -116,6 +117,7 @@ class _Proc:
     restart_at: float | None = None  # exited: started again at this monotonic time
     descendants: dict[int, psutil.Process] = field(default_factory=dict)  # by PID
     pump: threading.Thread | None = None
+    started: bool = False  # this start logged ``STARTED`` (areal_like/daemon.py)
 
 
 class JobFailed(RuntimeError):
@@ -241,7 +243,10 @@ class Supervisor:
                     return 0
                 self._kill_leftovers(p)
                 if rc == REFUSED_EXIT:  # its settings or inputs: a restart is refused the same way
-                    raise JobFailed(f"{p.spec.name} refused to start (exit {rc})", p.spec.name)
+                    p.pump.join(timeout=5)  # its last lines read: did it start?
+                    raise JobFailed(f"{p.spec.name} " + (f"stopped with exit {rc}" if p.started
+                                                        else f"refused to start (exit {rc})"),
+                                    p.spec.name)
                 self._schedule_restart(p, rc)
             if self.on_tick is not None:
                 self.on_tick(self)
@@ -281,18 +286,20 @@ class Supervisor:
                                    stderr=subprocess.STDOUT, start_new_session=True,
                                    pass_fds=self.inherit_fds,
                                    preexec_fn=functools.partial(die_with_parent, os.getpid()))
-        p.descendants = {}
-        p.pump = threading.Thread(target=self._pump, args=(p.spec.name, p.popen, log), daemon=True,
+        p.descendants, p.started = {}, False
+        p.pump = threading.Thread(target=self._pump, args=(p, p.popen, log), daemon=True,
                                   name=f"log-{p.spec.name}")
         p.pump.start()
         self.echo(f"[supervisor] started {p.spec.name} pid={p.popen.pid}")
         if self.on_change is not None:
             self.on_change(self)
 
-    def _pump(self, name: str, popen: subprocess.Popen, log: RotatingFileHandler) -> None:
+    def _pump(self, p: _Proc, popen: subprocess.Popen, log: RotatingFileHandler) -> None:
+        name = p.spec.name
         for raw in iter(popen.stdout.readline, b""):
             line = raw.decode(errors="replace").rstrip("\r\n")
             write_line(log, line)
+            p.started = p.started or line.endswith(f": {STARTED}")
             if not self.stopping.is_set():
                 self.echo(f"{name:>10} | {line.rstrip()}")
         popen.stdout.close()

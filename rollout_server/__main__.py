@@ -27,14 +27,15 @@ def main(argv: list[str]) -> int:
 
     try:
         keys = security.setup(cfg, "rollout", log)  # once: every socket is given them
+        from rollout_server import sandbox
+        from rollout_server.server import RolloutServer
+
+        server = RolloutServer.from_run(cfg, keys)  # reads the engine API key's file
     except security.SecurityError as e:
         log.error("%s", e)
         return 2
-    from rollout_server import sandbox
-    from rollout_server.server import RolloutServer
-
     sandbox.hide(private_dirs(cfg))  # before any reward or tool worker starts
-    return RolloutServer.from_run(cfg, keys).serve()
+    return server.serve()
 
 
 def private_dirs(cfg) -> list:

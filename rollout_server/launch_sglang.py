@@ -218,7 +218,8 @@ class SGLangProcess:
 
     def start_failure(self) -> RuntimeError:
         """Why SGLang exited during startup: its exit code and the last line of its log (SGLang
-        names what it refused there); exit code 2, its argument parser refusing a flag
+        names what it refused there, with the engine API key as ``***``: SGLang logs its
+        server_args unredacted); exit code 2, its argument parser refusing a flag
         (``rollout.engine.sglang.*``), is a ``StartRefused``: the settings, not the machine."""
         code = self.proc.returncode
         last = ""
@@ -227,6 +228,8 @@ class SGLangProcess:
                 f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
                 lines = f.read().decode(errors="replace").splitlines()
             last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+        if self.api_key:
+            last = last.replace(self.api_key, "***")
         why = f": {last} (in {self.log_path})" if last else ""
         return (StartRefused if code == 2 else RuntimeError)(
             f"SGLang exited with code {code} during startup{why}")

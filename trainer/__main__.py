@@ -27,12 +27,12 @@ def main(argv: list[str]) -> int:
     try:
         # rank 0's buffer clients: the other ranks open none, so their nodes hold no client key
         keys = security.setup(cfg, "trainer", log) if rank == "0" else None
+        from trainer.loop import train
+
+        return train(cfg, keys)  # raises one only before it serves: the engine API key's file
     except security.SecurityError as e:
         log.error("%s", e)
         return 2
-    from trainer.loop import train
-
-    return train(cfg, keys)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ Invariants:
 - Resume refuses (``StartRefused``, exit 2) a checkpoint whose model tensors have other shapes
   than the model built from the settings (changed ``model.*`` or ``trainer.lora.*``; so do
   ``areal-like export`` and, before it writes anything, ``areal-like run``:
-  ``refuse_other_settings``), and one whose files cannot be read (damaged: cut short, missing),
-  naming it.
+  ``refuse_other_settings``), and one whose files cannot be read (damaged: cut short, missing,
+  an empty ``.metadata``), naming it.
 - Loading reads data, never code: every pickle is read with an allowlist
   (``UnsafeCheckpointError`` otherwise); a planted ``__reduce__`` is refused before it runs.
 """
@@ -251,6 +251,9 @@ def read_dcp_metadata(path: Path) -> Metadata:
         with file.open("rb") as f:
             metadata = _MetadataUnpickler(f).load()
     except (pickle.UnpicklingError, AttributeError, TypeError, ValueError, EOFError) as e:
+        if file.stat().st_size == 0 or "truncated" in str(e):  # not planted: empty or cut short
+            raise _damaged(path, EOFError(f"{file.name} is " + (
+                "empty" if file.stat().st_size == 0 else "cut short"))) from None
         raise _refused(file, e) from None
     if not isinstance(metadata, Metadata):
         raise _refused(file, TypeError(f"a {type(metadata).__name__}, not DCP Metadata"))
@@ -374,7 +377,7 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
         rng_file = path / f"rng_rank{rank_world()[0]}.pt"
         rng = load_data(rng_file, numpy_arrays=True) if rng_file.is_file() else None
         saved = read_dcp_metadata(path).state_dict_metadata
-    except UnsafeCheckpointError as e:
+    except (UnsafeCheckpointError, StartRefused) as e:  # StartRefused: a damaged .metadata
         error = e
     except Exception as e:  # noqa: BLE001 (a file cut short or missing: torch's RuntimeError, ...)
         error = _damaged(path, e)

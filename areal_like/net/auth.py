@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from areal_like.net.security import owner_only
+
 ENGINE_KEY_ENV = "AREAL_LIKE_ENGINE_API_KEY"
 METRICS_TOKEN_ENV = "AREAL_LIKE_METRICS_TOKEN"
 BIND_HOST_ENV = "AREAL_LIKE_BIND_HOST"
@@ -47,9 +49,11 @@ def http_bind_host() -> str:
 
 
 def read_key_file(run_dir: str | Path) -> str | None:
-    """The engine API key written by ``ensure_key_file`` in ``run_dir``, or None."""
+    """The engine API key written by ``ensure_key_file`` in ``run_dir``, or None; SecurityError
+    when the file gives others any access (``owner_only``)."""
     path = Path(run_dir) / KEY_FILE
     try:
+        owner_only(path)
         return path.read_text().strip() or None
     except FileNotFoundError:
         return None

@@ -42,7 +42,8 @@ REFUSAL_REASONS = ("unknown_key", "handshake", "role")  # role: transport.Server
 
 
 class SecurityError(RuntimeError):
-    """Keys missing or unreadable; the message names the file and how to make it."""
+    """Keys missing, unreadable or readable by others; the message names the file and what to
+    do."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def make_keys(keys_dir: str | Path, clients: tuple[str, ...] = CLIENT_NAMES) -> 
     written = []
     for name, where in [(SERVER, keys_dir), *((c, keys_dir / "clients") for c in clients)]:
         if (where / f"{name}.key_secret").exists():
+            owner_only(where / f"{name}.key_secret")  # kept: refused now, not by a daemon later
             continue
         where.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=where, prefix=".new-") as tmp:  # atomic renames
@@ -110,7 +112,18 @@ def _read(path: Path, keys_dir: Path) -> tuple[bytes, bytes | None]:
         raise SecurityError(f"{path} is not a ZeroMQ certificate: {e}") from None
     if path.suffix == ".key_secret" and not secret:
         raise SecurityError(f"{path} holds no secret key")
+    if secret:
+        owner_only(path)
     return public, secret
+
+
+def owner_only(path: Path) -> None:
+    """SecurityError when the secret key file ``path`` gives its group or others any access, as ssh
+    refuses such a private key (a plain ``scp`` leaves a copy 0644); FileNotFoundError if none."""
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        raise SecurityError(f"{path} has mode {mode:04o}: other users may read the secret key in "
+                            f"it; chmod 600 {path}")
 
 
 def setup(cfg, role: str, logger: logging.Logger | None = None) -> Keys | None:

@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
 
     from areal_like.daemon import setup_logging
     from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, engine_api_key
+    from areal_like.net.security import SecurityError
     from areal_like.settings.config import load_daemon_config
     from rollout_server.engine.embedded import EmbeddedEngine
 
@@ -38,7 +39,11 @@ def main(argv: list[str]) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    key = engine_api_key(cfg.run_dir)
+    try:
+        key = engine_api_key(cfg.run_dir)
+    except SecurityError as e:  # its file readable by others
+        log.error("%s", e)
+        return 2
     if key is None:
         log.warning("no engine API key (%s unset, no %s): the engine's endpoints need none "
                     "(it listens on %s)", ENGINE_KEY_ENV, Path(cfg.run_dir) / KEY_FILE,

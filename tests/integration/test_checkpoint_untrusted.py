@@ -6,8 +6,8 @@ DCP's ``.metadata`` (a plain pickle), or a value DCP stores as a pickle in its s
 optimizer's learning rate). Resuming from it (``load_checkpoint``) and exporting it
 (``load_checkpoint_model``, what ``areal-like export`` runs) refuse it with an error naming the
 file, and the marker is never written. The untouched checkpoint still resumes. A damaged one (a
-file cut short or missing) is refused naming it and the checkpoint before it, not with torch's
-traceback.
+file cut short, missing or empty) is refused naming it and the checkpoint before it, not with
+torch's traceback.
 
 The worker half runs as ``python test_checkpoint_untrusted.py OUT`` (a process of its own: the
 trainer's process group).
@@ -23,7 +23,7 @@ from pathlib import Path
 
 WORKER_TIMEOUT_S = 240
 PLANTED = ("meta.pt", "rng_rank0.pt", ".metadata", "optim.param_groups.0.lr")
-DAMAGED = ("meta.pt", "__0_0.distcp", ".metadata")  # cut short, cut short, missing
+DAMAGED = ("meta.pt", "__0_0.distcp", ".metadata", "empty.metadata")  # cut short x2, missing, empty
 
 
 class Planted:
@@ -111,8 +111,9 @@ def worker(out: str) -> None:
         bad = shutil.copytree(good, root / "v00000002")
         if name == ".metadata":
             (bad / name).unlink()
-        else:
-            os.truncate(bad / name, (bad / name).stat().st_size // 2)
+        else:  # an empty .metadata: damaged, not planted
+            file = bad / name.removeprefix("empty")
+            os.truncate(file, 0 if name.startswith("empty") else file.stat().st_size // 2)
         res[f"damaged{name}"] = _outcome(
             lambda: load_checkpoint(bad, build_policy(cfg.model, cfg.trainer)), root / "none")
     version, meta = load_checkpoint(good, build_policy(cfg.model, cfg.trainer))
@@ -148,6 +149,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
         got = r[f"damaged{name}"]
         assert got["error"].startswith("StartRefused: checkpoint "), (name, got)
         assert "damaged{}/v00000002 cannot be read (".format(name) in got["error"], (name, got)
+        assert got["error"].count("cannot be read") == 1, (name, got)
         assert got["error"].endswith("to resume from v00000001 before it, or use a new run_dir")
     # another model's settings (exit 2 in the daemon, which the launcher does not restart)
     assert r["wider"]["error"].startswith("StartRefused: "), r["wider"]

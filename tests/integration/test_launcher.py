@@ -222,6 +222,40 @@ def test_a_daemon_that_refuses_its_settings_fails_the_job_without_restarts(dummy
         "error: this run's settings cannot be served")
 
 
+STOPS_LATER = textwrap.dedent('''
+    import os, sys, time
+    from areal_like.daemon import Daemon, StartRefused
+    class Trainer(Daemon):
+        name = "trainer"
+        def run(self):  # started (its "started" line is out): minutes of training, then
+            while not os.path.exists(sys.argv[2]):
+                time.sleep(0.05)
+            raise StartRefused("the buffer's data is staler than buffer.max_staleness")
+    sys.exit(Trainer(metrics_port=int(sys.argv[1])).serve())
+''')
+
+
+@pytest.mark.slow
+def test_a_daemon_that_exits_2_after_it_started_is_said_to_have_stopped(dummy, tmp_path):
+    """A daemon that ran (it reported ``started``) and then exited 2 was reported as "refused to
+    start (exit 2)"; it stopped with exit 2, and still fails the job without restarts."""
+    go, port = tmp_path / "go", free_port()
+    trainer = ProcSpec(name="trainer", main=True, env={"PYTHONPATH": str(ROOT)},
+                       argv=[sys.executable, "-c", STOPS_LATER, str(port), str(go)],
+                       health_url=f"http://127.0.0.1:{port}/health")
+    lines: list[str] = []
+    sup = Supervisor([_spec(dummy, "buffer", stage=0), trainer], tmp_path / "run", restarts=3,
+                     health_timeout_s=60, echo=lines.append)
+    with _Run(sup) as run:
+        assert _wait(lambda: any("all 2 processes healthy" in ln for ln in lines), 90), lines
+        go.touch()  # the job ran: now the trainer stops
+        assert _wait(lambda: not run.thread.is_alive(), 90)
+        run.track()
+    assert run.code == 1 and sup.failed == "trainer", sup.outcome
+    assert "trainer stopped with exit 2" in sup.outcome and "refused" not in sup.outcome
+    assert sup.proc("trainer").restarts == 0
+
+
 @pytest.mark.slow
 def test_a_trainer_of_several_ranks_that_refuses_fails_the_job_without_restarts(tmp_path):
     """Several ranks run under torchrun, which exits 1 with a traceback whatever its ranks did: a

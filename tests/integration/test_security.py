@@ -135,6 +135,30 @@ def test_buffer_without_keys_refuses_to_start(tmp_run_dir, spawn_python):
     assert "server.key is missing" in err and "areal-like keys RUN_DIR" in err
 
 
+def test_a_daemon_refuses_a_secret_key_file_others_may_read(tmp_run_dir, spawn_python):
+    """A key copied with a plain ``scp`` (0644) was accepted: each daemon that loads a secret key
+    (the buffer's CURVE key; the engine API key's file for a rollout server, a trainer rank and a
+    standalone engine) exits 2 with one line naming the file and ``chmod 600``; so does
+    ``areal-like keys``, which would keep them."""
+    from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
+
+    security.make_keys(tmp_run_dir / "keys")
+    ensure_key_file(tmp_run_dir)
+    config = tmp_run_dir / "config.yaml"
+    config.write_text(to_yaml(RunConfig(run_dir=str(tmp_run_dir))))
+    server_secret, engine_key = tmp_run_dir / "keys" / "server.key_secret", tmp_run_dir / KEY_FILE
+    server_secret.chmod(0o644)
+    engine_key.chmod(0o644)
+    procs = {m: spawn_python(m, ["--config-file", config], env={ENGINE_KEY_ENV: ""})
+             for m in ("buffer", "rollout_server", "trainer", "rollout_server.engine")}
+    procs["keys"] = spawn_python("launch.cli", ["keys", tmp_run_dir])
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        path = server_secret if name in ("buffer", "keys") else engine_key
+        assert proc.returncode == 2 and "Traceback" not in err, (name, err)
+        assert err.count(f"chmod 600 {path}") == 1 and "mode 0644" in err, (name, err)
+
+
 def test_strangers_get_nothing_are_counted_and_the_job_goes_on(
         tmp_run_dir, tmp_path, spawn_python, wait_until):
     metrics_port = free_port()

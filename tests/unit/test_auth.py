@@ -57,6 +57,22 @@ def test_a_local_job_hands_its_key_to_every_daemon_and_never_writes_it_into_conf
             == {"exported-by-the-user"})
 
 
+def test_a_job_whose_key_file_others_may_read_is_refused_before_config_yaml(tmp_path,
+                                                                            monkeypatch):
+    """``areal-like run`` (``prepare``) keeps a run's engine API key: one that others may read is
+    refused (SecurityError, printed as one ``error:`` line) before config.yaml is written."""
+    from areal_like.net.security import SecurityError
+
+    monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
+    ensure_key_file(tmp_path / "run")
+    (tmp_path / "run" / KEY_FILE).chmod(0o644)
+    cfg = load_config([f"run_dir={tmp_path / 'run'}", "launch.num_rollout_servers=1",
+                       "launch.trainer_ranks=1"])
+    with pytest.raises(SecurityError, match=f"chmod 600 {tmp_path / 'run' / KEY_FILE}"):
+        prepare(cfg)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_credentials_are_refused_in_config():
     with pytest.raises(ConfigError, match=f"rollout.engine.sglang.api_key: credentials are not "
                                           f"configuration.*{ENGINE_KEY_ENV}"):

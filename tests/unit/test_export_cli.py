@@ -7,6 +7,7 @@ earlier was reported as a missing ``.metadata`` file."""
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import warnings
 
@@ -82,3 +83,21 @@ def test_a_checkpoint_of_other_settings_is_named_as_such_not_as_damaged(tmp_path
     assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
     assert "holds another model's weights" in err and "damaged" not in err, err
     assert "--config-file" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("metadata", [b"", b"planted"])
+def test_an_empty_or_planted_metadata_is_refused_in_one_line_naming_which(tmp_path, capsys,
+                                                                          metadata):
+    """DCP's ``.metadata`` empty (a save cut off) or not a pickle of DCP metadata: export's
+    ``main`` let ``UnsafeCheckpointError`` out (a traceback, exit 1), and called an empty file
+    planted."""
+    ckpt = _checkpoint(tmp_path)
+    (ckpt / ".metadata").write_bytes(pickle.dumps({"planted": 1}) if metadata else b"")
+    code, err = _export(ckpt, tmp_path / "out", capsys)
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
+    if metadata:
+        assert f"{ckpt / '.metadata'} holds objects other than" in err and "(planted" in err, err
+    else:
+        assert f"checkpoint {ckpt} cannot be read (EOFError: .metadata is empty)" in err, err
+        assert "damaged" in err and "not written by this trainer" not in err, err
+    assert not (tmp_path / "out").exists()

@@ -71,3 +71,30 @@ def test_a_secret_key_never_shows_in_a_repr(tmp_path):
         assert (keys.secret and keys.secret not in repr(keys).encode()
                 and repr(keys.secret) not in repr(keys))
         assert keys.public.decode() in repr(keys)  # the public half still identifies it
+
+
+def test_a_secret_key_file_others_may_read_is_refused_naming_the_fix(tmp_path, monkeypatch):
+    """As ssh refuses a private key that others may read (a plain ``scp`` leaves a copy 0644): a
+    CURVE secret key or the engine API key's file with any group/other bit is refused, naming the
+    file and ``chmod 600``; a public key is not checked, and make_keys refuses to keep one."""
+    from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, engine_api_key, ensure_key_file
+
+    monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
+    keys = tmp_path / "keys"
+    security.make_keys(keys)
+    (keys / "server.key").chmod(0o644)  # public: fine
+    for secret, role, mode in [(keys / "server.key_secret", security.SERVER, 0o644),
+                               (keys / "clients" / "rollout.key_secret", "rollout", 0o640)]:
+        secret.chmod(mode)
+        with pytest.raises(security.SecurityError) as e:
+            security.load(keys, role)
+        assert str(e.value).endswith(f"chmod 600 {secret}") and f"mode 0{mode:o}" in str(e.value)
+        with pytest.raises(security.SecurityError, match="chmod 600"):
+            security.make_keys(keys)
+        secret.chmod(0o600)
+        assert security.load(keys, role).secret
+    ensure_key_file(tmp_path)
+    (tmp_path / KEY_FILE).chmod(0o604)
+    with pytest.raises(security.SecurityError) as e:
+        engine_api_key(tmp_path)
+    assert str(e.value).endswith(f"chmod 600 {tmp_path / KEY_FILE}"), e.value

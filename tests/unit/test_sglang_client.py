@@ -486,3 +486,19 @@ def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answere
         silent.close()
     assert "after the failed weight sync v7: connection failed (ConnectionRefusedError)" in refused
     assert "after the failed weight sync v7: TimeoutError: no answer within 1s" in mute
+
+
+def test_the_sglang_line_copied_into_our_log_never_holds_the_engine_key(tmp_path):
+    """SGLang logs its server_args, the API key among them, unredacted: the line of its log that a
+    failed start copies into the rollout server's log shows the key as ``***``."""
+    import subprocess
+
+    key = "k3y-" + "x" * 40
+    log = tmp_path / "sglang-s0.log"
+    log.write_text(f"server_args=ServerArgs(model_path='/m', api_key='{key}', port=30000)\n")
+    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang"), str(log),
+                         api_key=key)
+    proc.proc = subprocess.Popen(["false"])  # SGLang exited during startup (code 1)
+    proc.proc.wait()
+    why = str(proc.start_failure())
+    assert key not in why and "api_key='***'" in why and "exited with code 1" in why, why
