@@ -216,9 +216,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class UnsafeCheckpointError(RuntimeError):
+class UnsafeCheckpointError(StartRefused):
     """A checkpoint file holds something other than tensors and plain data (planted, or not
-    ours)."""
+    ours): a refusal (exit 2), since a restart would read the same file."""
 
 
 # What DCP's .metadata pickle may name (besides torch dtypes): its metadata classes and their parts
@@ -377,7 +377,7 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
         rng_file = path / f"rng_rank{rank_world()[0]}.pt"
         rng = load_data(rng_file, numpy_arrays=True) if rng_file.is_file() else None
         saved = read_dcp_metadata(path).state_dict_metadata
-    except (UnsafeCheckpointError, StartRefused) as e:  # StartRefused: a damaged .metadata
+    except StartRefused as e:  # a planted file (UnsafeCheckpointError) or a damaged .metadata
         error = e
     except Exception as e:  # noqa: BLE001 (a file cut short or missing: torch's RuntimeError, ...)
         error = _damaged(path, e)

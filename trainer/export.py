@@ -49,7 +49,6 @@ from areal_like.weights.lora import (
     is_adapter,
 )
 from trainer.checkpoint import (
-    UnsafeCheckpointError,
     dcp_load,
     latest_checkpoint,
     open_tmp,
@@ -397,8 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         if why := export_without_base(cfg):
             raise ValueError(f"{config_file}: {why} there (or in a copy, with --config-file)")
         out = export_checkpoint(ckpt, args.out, cfg, shard_mb=args.shard_mb, dtype=args.dtype)
-    except (OSError, ValueError, ConfigError, StartRefused, UnsafeCheckpointError) as e:
-        # StartRefused: damaged; UnsafeCheckpointError: planted
+    except (OSError, ValueError, ConfigError, StartRefused) as e:
+        # StartRefused: damaged, or planted (UnsafeCheckpointError)
         gone = ckpt is not None and not ckpt.exists()  # a running job keeps only its newest
         print("error: " + (f"{ckpt} was deleted while it was read (a running job keeps its "
                            "trainer.keep_checkpoints newest): export a newer one" if gone

@@ -78,7 +78,11 @@ def _outcome(fn, marker: Path) -> dict:
         error = ""
     except BaseException as e:  # noqa: BLE001
         # (what happened, whatever it was; DCP's are BaseException)
+        from areal_like.daemon import StartRefused
+
+        refused = isinstance(e, StartRefused)  # the daemon exits 2: its supervisor restarts it not
         error = f"{type(e).__name__}: {e}"
+        return {"error": error, "ran": marker.exists(), "refused": refused}
     return {"error": error, "ran": marker.exists()}
 
 
@@ -138,6 +142,7 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
         assert got["error"].startswith("UnsafeCheckpointError: "), (name, got)
         assert name in got["error"], (name, got)
         assert "refusing to load it" in got["error"], got
+        assert got["refused"], got  # exit 2, not a crash restarted into the same file
     # the export reads DCP's .metadata with the same allowlist, and not meta.pt, the rng files or
     # the optimizer's values at all (only the model's tensors)
     exported = r["export.metadata"]
