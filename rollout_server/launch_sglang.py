@@ -25,6 +25,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 30.0  # SGLang frees GPU memory and joins its subprocesses on SIGTERM; give it time
 HEALTH_POLL_S = 1.0
+# the last line of a Python traceback: ``AssertionError: ...``, ``torch.OutOfMemoryError: ...``
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception)(: |$)")
 
 
 def spawn_tied(argv: list[str], stdout=None, stderr=None,
@@ -170,6 +173,7 @@ class SGLangProcess:
         self.reaper: subprocess.Popen | None = None  # engine_reaper.py: outlives us to clean up
         self.shm: set[str] = set()  # the /dev/shm files SGLang made (told to the reaper)
         self.tmpdir: str | None = None  # SGLang's TMPDIR, removed by the reaper
+        self.log_from = 0  # the size of log_path when this start opened it
 
     @property
     def engine_ranks(self) -> int:
@@ -190,6 +194,7 @@ class SGLangProcess:
                          "ab") if self.log_path else None)
         if out is not None:
             os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
+            self.log_from = os.fstat(out.fileno()).st_size  # where this start's lines begin
         self.tmpdir = tempfile.mkdtemp(prefix="sglang-")  # short: a socket path has 107 bytes
         env = sglang_env(self.engine, lora=self.lora is not None) or dict(os.environ)
         self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
@@ -217,16 +222,20 @@ class SGLangProcess:
         return self
 
     def start_failure(self) -> RuntimeError:
-        """Why SGLang exited during startup: its exit code and the last line of its log (SGLang
-        names what it refused there); exit code 2, its argument parser refusing a flag
-        (``rollout.engine.sglang.*``), is a ``StartRefused``: the settings, not the machine."""
+        """Why SGLang exited during startup: its exit code and, from what this start wrote to its
+        log, the last exception a traceback ended with (a scheduler's, before the lines of its
+        parent killing the rest), else the last line (SGLang's argument parser names the flag it
+        refused there); exit code 2, that parser refusing a flag (``rollout.engine.sglang.*``),
+        is a ``StartRefused``: the settings, not the machine."""
         code = self.proc.returncode
         last = ""
         with contextlib.suppress(OSError, TypeError):  # no log file: SGLang wrote to our stdout
-            with open(self.log_path, "rb") as f:  # appended to by every start: read its end
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-                lines = f.read().decode(errors="replace").splitlines()
-            last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+            with open(self.log_path, "rb") as f:  # appended to by every start: read this one's
+                f.seek(max(self.log_from, os.fstat(f.fileno()).st_size - 65536))
+                lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+            lines = [ln for ln in lines if ln]
+            last = next((ln for ln in reversed(lines) if EXCEPTION_LINE.match(ln)),
+                        lines[-1] if lines else "")
         why = f": {last} (in {self.log_path})" if last else ""
         return (StartRefused if code == 2 else RuntimeError)(
             f"SGLang exited with code {code} during startup{why}")

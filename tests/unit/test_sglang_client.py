@@ -458,6 +458,31 @@ def test_the_sglang_log_is_readable_by_this_user_only(tmp_path):
     assert log.stat().st_mode & 0o777 == 0o600 and log.read_text().startswith("an earlier run\n")
 
 
+def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, monkeypatch):
+    """A scheduler that fails at start logs its traceback, then SGLang's parent kills the rest and
+    logs that last (e.g. SGLang on CPU with rollout.engine.tp_size=2 on one NUMA node): the error
+    names the exception, not the kill nor an exception an earlier start left in the log."""
+    import sys
+
+    import rollout_server.launch_sglang as launch
+
+    log = tmp_path / "sglang-s0.log"
+    log.write_text("ValueError: an earlier start\n")
+    lines = ["[TP1] Scheduler hit an exception: Traceback (most recent call last):",
+             "AssertionError: SGLANG_CPU_OMP_THREADS_BIND is not set",
+             "[x] Received sigquit from a child process.", "[x] kill_process_tree called: pid=1"]
+    for body, want in ((f"print({chr(10).join(lines)!r}, flush=True); import os; "
+                        "os.kill(os.getpid(), 9)",
+                        r"code -9 during startup: AssertionError: SGLANG_CPU_OMP_THREADS_BIND"),
+                       ("print('bye'); raise SystemExit(1)", r"code 1 during startup: bye \(in")):
+        monkeypatch.setattr(launch, "sglang_command", lambda *a, b=body, **k: [sys.executable,
+                                                                               "-c", b])
+        proc = SGLangProcess(ModelConfig(path="/m"),
+                             EngineConfig(kind="sglang", startup_timeout_s=60), str(log))
+        with pytest.raises(RuntimeError, match=want):
+            proc.start()
+
+
 def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answered(monkeypatch):
     """After a failed sync the rollout server probes its engine (``RolloutServer.probe_engine``):
     an engine whose port refused the connection (gone) was reported as one that "did not answer
