@@ -206,6 +206,7 @@ class SGLangProcess:
                                        env={**os.environ, "PYTHONPATH": _project_path()})
         deadline = time.monotonic() + self.engine.startup_timeout_s
         while not self._healthy():
+            self.track_shm()  # also while it starts: one that fails or is stopped then leaves them
             if self.proc.poll() is not None:
                 self.stop()
                 raise self.start_failure()

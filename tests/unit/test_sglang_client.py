@@ -483,6 +483,33 @@ def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, 
             proc.start()
 
 
+def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_comes_up(
+        tmp_path, monkeypatch):
+    """SGLang's scheduler makes its /dev/shm files while the server still starts; one that fails
+    then (its port taken), or whose rollout server is killed then, left them: they are tracked from
+    the start. The stand-in holds a /dev/shm file open and never answers /health."""
+    import os
+    import sys
+    import uuid
+    from pathlib import Path
+
+    import rollout_server.launch_sglang as launch
+
+    shm = f"/dev/shm/areal-like-test-{uuid.uuid4().hex}"
+    body = (f"import os, time; os.open({shm!r}, os.O_CREAT | os.O_RDWR, 0o600)\n"
+            "while True: time.sleep(0.1)")
+    monkeypatch.setattr(launch, "sglang_command", lambda *a, **k: [sys.executable, "-c", body])
+    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60),
+                         str(tmp_path / "sglang.log"))
+    try:
+        with pytest.raises((launch.StartAborted, TimeoutError)):  # stopped once the file is known
+            proc.start(stop_requested=lambda: shm in proc.shm)
+        assert not os.path.exists(shm)
+    finally:
+        proc.stop()
+        Path(shm).unlink(missing_ok=True)
+
+
 def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answered(monkeypatch):
     """After a failed sync the rollout server probes its engine (``RolloutServer.probe_engine``):
     an engine whose port refused the connection (gone) was reported as one that "did not answer
