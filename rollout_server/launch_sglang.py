@@ -38,6 +38,7 @@ from pathlib import Path
 from areal_like.daemon import StartRefused, die_with_parent
 from areal_like.net.auth import redact_argv
 from areal_like.net.distributed import free_port
+from areal_like.net.store_gate import listen_on
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
 from rollout_server.engine_reaper import GONE_TIMEOUT_S, shm_files
 
@@ -186,6 +187,12 @@ class SGLangProcess:
             from rollout_server.sglang_cpu import check_sglang_version
 
             check_sglang_version(installed_sglang())
+        try:  # a port taken: SGLang fails only after loading the model, its /health is another's
+            listen_on(self.engine.host, self.port).close()
+        except OSError as e:
+            raise RuntimeError(f"{self.engine.host}:{self.port} (rollout.engine.port) is in use "
+                               f"({e.strerror}): SGLang cannot listen there; free it or leave "
+                               "rollout.engine.port at 0 (a free port)") from None
         argv = sglang_command(self.model, self.engine, self.port, self.api_key, self.lora)
         log.info("starting SGLang: %s", " ".join(redact_argv(argv)))
         # SGLang may print its server_args, the API key among them: its log is readable by this

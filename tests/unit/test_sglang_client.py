@@ -510,6 +510,20 @@ def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_
         Path(shm).unlink(missing_ok=True)
 
 
+def test_a_port_in_use_is_refused_naming_it_before_sglang_starts(tmp_path):
+    """rollout.engine.port taken: SGLang failed only after loading the model, and the error named
+    what its own requests to that port got back from the other process."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", port=port),
+                             str(tmp_path / "sglang.log"))
+        with pytest.raises(RuntimeError, match=rf":{port} \(rollout.engine.port\) is in use"):
+            proc.start()
+    assert proc.proc is None  # nothing was launched
+
+
 def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answered(monkeypatch):
     """After a failed sync the rollout server probes its engine (``RolloutServer.probe_engine``):
     an engine whose port refused the connection (gone) was reported as one that "did not answer
