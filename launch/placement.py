@@ -150,11 +150,16 @@ def idle_gpus(cfg: RunConfig) -> str | None:
 
 def check_one_node(cfg: RunConfig) -> None:
     """ConfigError unless the job is one node (``areal-like run`` starts processes on this machine
-    only)."""
+    only), with one rollout server when it attaches to an engine by URL (every server would join
+    that engine to the weight group, which wedges it)."""
     if cfg.launch.nodes != 1:
         raise ConfigError(f"launch.nodes={cfg.launch.nodes}: `areal-like run` starts one node; "
                           "start several with launch/slurm/areal_like.sbatch or by hand "
                           "(launch/MULTINODE.md)")
+    if cfg.rollout.engine.kind == "url" and (n := cfg.launch.num_rollout_servers or 1) > 1:
+        raise ConfigError(f"launch.num_rollout_servers={n} with rollout.engine.kind=url: every "
+                          "rollout server would attach to rollout.engine.url, and an engine "
+                          "serves one; set launch.num_rollout_servers=1")
 
 
 def _gpu_checks(cfg: RunConfig) -> bool:
