@@ -174,9 +174,13 @@ def _gpu_checks(cfg: RunConfig) -> bool:
     if not needs_gpus(cfg):
         return False
     if cfg.launch.gpus_per_node < 1:
-        engine = ("rollout.engine.kind=sglang" if cfg.rollout.engine.kind == "sglang"
+        sglang = cfg.rollout.engine.kind == "sglang"
+        engine = ("rollout.engine.kind=sglang (without rollout.engine.sglang.device=cpu: "
+                  "SGLang on CPU is topology=cpu_sglang)" if sglang
                   else f"rollout.engine.device={cfg.rollout.engine.device!r}")
-        raise ConfigError(f"trainer.device={cfg.trainer.device!r} and {engine} need GPUs, and "
+        which = [*([f"trainer.device={cfg.trainer.device!r}"] if trainer_on_gpu(cfg) else []),
+                 *([engine] if engine_on_gpu(cfg) else [])]
+        raise ConfigError(f"{' and '.join(which)} need{'s' * (len(which) == 1)} GPUs, and "
                           "torch sees none here (launch.gpus_per_node=0 asks it): check the driver "
                           "(nvidia-smi) and the torch build, or set launch.gpus_per_node=N to plan "
                           "for a machine with N GPUs")
