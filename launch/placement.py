@@ -150,11 +150,16 @@ def idle_gpus(cfg: RunConfig) -> str | None:
 
 def check_one_node(cfg: RunConfig) -> None:
     """ConfigError unless the job is one node (``areal-like run`` starts processes on this machine
-    only)."""
+    only), with one rollout server when it attaches to an engine by URL (every server would join
+    that engine to the weight group, which wedges it)."""
     if cfg.launch.nodes != 1:
         raise ConfigError(f"launch.nodes={cfg.launch.nodes}: `areal-like run` starts one node; "
                           "start several with launch/slurm/areal_like.sbatch or by hand "
                           "(launch/MULTINODE.md)")
+    if cfg.rollout.engine.kind == "url" and (n := cfg.launch.num_rollout_servers or 1) > 1:
+        raise ConfigError(f"launch.num_rollout_servers={n} with rollout.engine.kind=url: every "
+                          "rollout server would attach to rollout.engine.url, and an engine "
+                          "serves one; set launch.num_rollout_servers=1")
 
 
 def _gpu_checks(cfg: RunConfig) -> bool:
@@ -169,9 +174,13 @@ def _gpu_checks(cfg: RunConfig) -> bool:
     if not needs_gpus(cfg):
         return False
     if cfg.launch.gpus_per_node < 1:
-        engine = ("rollout.engine.kind=sglang" if cfg.rollout.engine.kind == "sglang"
+        sglang = cfg.rollout.engine.kind == "sglang"
+        engine = ("rollout.engine.kind=sglang (without rollout.engine.sglang.device=cpu: "
+                  "SGLang on CPU is topology=cpu_sglang)" if sglang
                   else f"rollout.engine.device={cfg.rollout.engine.device!r}")
-        raise ConfigError(f"trainer.device={cfg.trainer.device!r} and {engine} need GPUs, and "
+        which = [*([f"trainer.device={cfg.trainer.device!r}"] if trainer_on_gpu(cfg) else []),
+                 *([engine] if engine_on_gpu(cfg) else [])]
+        raise ConfigError(f"{' and '.join(which)} need{'s' * (len(which) == 1)} GPUs, and "
                           "torch sees none here (launch.gpus_per_node=0 asks it): check the driver "
                           "(nvidia-smi) and the torch build, or set launch.gpus_per_node=N to plan "
                           "for a machine with N GPUs")

@@ -101,8 +101,9 @@ def laptop_layout(cfg: RunConfig, cpus: Iterable[int], can_pin: bool = True) -> 
     """The counts a CPU job on ONE machine leaves null (``COUNTS``), from the cores it may use
     (module docstring; measured in benchmarks/README.md: one trainer rank with several threads
     beats several FSDP ranks on CPU, and an embedded engine runs best single-threaded). One core,
-    or no ``taskset`` (``can_pin=False``): one server, one rank, unpinned. A GPU job's counts, and
-    a multi-node job's (a ConfigError naming the null key), are its own."""
+    or no ``taskset`` (``can_pin=False``): one server, one rank, unpinned; one server attached by
+    URL (``launch/placement.py``, ``check_one_node``). A GPU job's counts, and a multi-node job's
+    (a ConfigError naming the null key), are its own."""
     la = cfg.launch
     unset = [key for key in COUNTS if getattr(la, key) is None]
     if not unset or cfg.trainer.device != "cpu" or cfg.rollout.engine.device != "cpu":
@@ -112,7 +113,8 @@ def laptop_layout(cfg: RunConfig, cpus: Iterable[int], can_pin: bool = True) -> 
                           f"with launch.nodes={la.nodes} set it (launch/MULTINODE.md)")
     cores = tuple(sorted(set(cpus)))
     pin = la.pin_cpus if la.pin_cpus is not None else len(cores) >= 2 and can_pin  # set: kept
-    servers = min(len(split_cpus(cores)[0]), la.auto_max_servers) if pin else 1
+    url = cfg.rollout.engine.kind == "url"  # every server would attach to rollout.engine.url
+    servers = min(len(split_cpus(cores)[0]), la.auto_max_servers) if pin and not url else 1
     launch = dataclasses.replace(la, num_rollout_servers=la.num_rollout_servers or servers,
                                  trainer_ranks=la.trainer_ranks or 1, pin_cpus=pin)
     return dataclasses.replace(cfg, launch=launch)
@@ -123,7 +125,8 @@ def layout_line(asked: RunConfig, laid: RunConfig, topo: Topology) -> str | None
     if all(getattr(asked.launch, key) is not None for key in COUNTS):
         return None
     la, cores, threads = laid.launch, topo.slot("trainer").cpus, topo.slot("trainer").threads
-    servers = "one core, or no taskset" if not la.pin_cpus else (
+    servers = "one engine, rollout.engine.url" if laid.rollout.engine.kind == "url" else (
+        "one core, or no taskset") if not la.pin_cpus else (
         f"one per core of the rollout pool {list(topo.rollout_cpus)}, at most "
         f"launch.auto_max_servers={la.auto_max_servers}")
     ranks = "one rank threads best on CPU" + (

@@ -25,6 +25,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from pathlib import Path
 from areal_like.daemon import StartRefused, die_with_parent
 from areal_like.net.auth import redact_argv
 from areal_like.net.distributed import free_port
+from areal_like.net.store_gate import listen_on
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
 from rollout_server.engine_reaper import GONE_TIMEOUT_S, shm_files
 
@@ -44,6 +46,8 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 30.0  # SGLang frees GPU memory and joins its subprocesses on SIGTERM; give it time
 HEALTH_POLL_S = 1.0
+# the last line of a Python traceback: ``AssertionError: ...``, ``torch.OutOfMemoryError: ...``
+EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception)(: |$)")
 
 
 def spawn_tied(argv: list[str], stdout=None, stderr=None,
@@ -170,6 +174,7 @@ class SGLangProcess:
         self.reaper: subprocess.Popen | None = None  # engine_reaper.py: outlives us to clean up
         self.shm: set[str] = set()  # the /dev/shm files SGLang made (told to the reaper)
         self.tmpdir: str | None = None  # SGLang's TMPDIR, removed by the reaper
+        self.log_from = 0  # the size of log_path when this start opened it
 
     @property
     def engine_ranks(self) -> int:
@@ -182,6 +187,12 @@ class SGLangProcess:
             from rollout_server.sglang_cpu import check_sglang_version
 
             check_sglang_version(installed_sglang())
+        try:  # a port taken: SGLang fails only after loading the model, its /health is another's
+            listen_on(self.engine.host, self.port).close()
+        except OSError as e:
+            raise RuntimeError(f"{self.engine.host}:{self.port} (rollout.engine.port) is in use "
+                               f"({e.strerror}): SGLang cannot listen there; free it or leave "
+                               "rollout.engine.port at 0 (a free port)") from None
         argv = sglang_command(self.model, self.engine, self.port, self.api_key, self.lora)
         log.info("starting SGLang: %s", " ".join(redact_argv(argv)))
         # SGLang may print its server_args, the API key among them: its log is readable by this
@@ -190,6 +201,7 @@ class SGLangProcess:
                          "ab") if self.log_path else None)
         if out is not None:
             os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
+            self.log_from = os.fstat(out.fileno()).st_size  # where this start's lines begin
         self.tmpdir = tempfile.mkdtemp(prefix="sglang-")  # short: a socket path has 107 bytes
         env = sglang_env(self.engine, lora=self.lora is not None) or dict(os.environ)
         self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
@@ -201,6 +213,7 @@ class SGLangProcess:
                                        env={**os.environ, "PYTHONPATH": _project_path()})
         deadline = time.monotonic() + self.engine.startup_timeout_s
         while not self._healthy():
+            self.track_shm()  # also while it starts: one that fails or is stopped then leaves them
             if self.proc.poll() is not None:
                 self.stop()
                 raise self.start_failure()
@@ -217,17 +230,21 @@ class SGLangProcess:
         return self
 
     def start_failure(self) -> RuntimeError:
-        """Why SGLang exited during startup: its exit code and the last line of its log (SGLang
-        names what it refused there, with the engine API key as ``***``: SGLang logs its
-        server_args unredacted); exit code 2, its argument parser refusing a flag
-        (``rollout.engine.sglang.*``), is a ``StartRefused``: the settings, not the machine."""
+        """Why SGLang exited during startup: its exit code and, from what this start wrote to its
+        log, the last exception a traceback ended with (a scheduler's, before the lines of its
+        parent killing the rest), else the last line (SGLang's argument parser names the flag it
+        refused there), with the engine API key as ``***`` (SGLang logs its server_args
+        unredacted); exit code 2, that parser refusing a flag (``rollout.engine.sglang.*``), is a
+        ``StartRefused``: the settings, not the machine."""
         code = self.proc.returncode
         last = ""
         with contextlib.suppress(OSError, TypeError):  # no log file: SGLang wrote to our stdout
-            with open(self.log_path, "rb") as f:  # appended to by every start: read its end
-                f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
-                lines = f.read().decode(errors="replace").splitlines()
-            last = next((line.strip() for line in reversed(lines) if line.strip()), "")
+            with open(self.log_path, "rb") as f:  # appended to by every start: read this one's
+                f.seek(max(self.log_from, os.fstat(f.fileno()).st_size - 65536))
+                lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+            lines = [ln for ln in lines if ln]
+            last = next((ln for ln in reversed(lines) if EXCEPTION_LINE.match(ln)),
+                        lines[-1] if lines else "")
         if self.api_key:
             last = last.replace(self.api_key, "***")
         why = f": {last} (in {self.log_path})" if last else ""

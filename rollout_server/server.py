@@ -270,12 +270,7 @@ class RolloutServer(Daemon):
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
             if self.facts.task.agent:
                 await self.start_agent_endpoint()
-            # SGLang's "default" label: the initial weights, version 0
-            self.policy_version = as_version(await self.client.weight_version(), 0)
-            info = {} if self.rcfg.engine.kind == "embedded" else await self.client.server_info()
-            if self.rcfg.engine.kind == "url":  # its TP size decides how many group ranks it takes
-                self.engine_ranks = int(info.get("tp_size") or 1)
-            self.versions = await engine_versions(self.rcfg.engine.kind, info)  # told in Register
+            await self.meet_engine()
             self.metrics.gauge("rollout/policy_version",
                                "version the engine serves").set(self.policy_version)
             await self.register(fresh=True)
@@ -298,6 +293,25 @@ class RolloutServer(Daemon):
             self.closing = True  # bounded from here on (``wind_down``): never cancelled half-way
             await self.wind_down([*background, *self.episodes,
                                   *([self.eval_task] if self.eval_task else [])])
+
+    async def meet_engine(self) -> None:
+        """The engine's version, TP size and torch/CUDA/NCCL (told in Register). An engine attached
+        by URL that refuses the job's key is refused here (exit 2: a restart sends the same key)."""
+        kind = self.rcfg.engine.kind
+        try:  # SGLang's "default" label: the initial weights, version 0
+            self.policy_version = as_version(await self.client.weight_version(), 0)
+        except SGLangError as e:
+            if kind != "url" or e.status != 401:
+                raise
+            raise StartRefused(
+                f"the engine at {self.engine_url} (rollout.engine.kind=url) refused the job's "
+                f"engine API key (HTTP 401): start it with --api-key set to that key "
+                f"({ENGINE_KEY_ENV}, else {self.facts.run_dir / KEY_FILE}, which `areal-like keys "
+                "RUN_DIR` makes before the job starts)") from None
+        info = {} if kind == "embedded" else await self.client.server_info()
+        if kind == "url":  # its TP size decides how many group ranks it takes
+            self.engine_ranks = int(info.get("tp_size") or 1)
+        self.versions = await engine_versions(kind, info)
 
     async def wind_down(self, others: list[asyncio.Task]) -> None:
         """The end of ``main``: cancel ``others`` (``CANCEL_WAIT_S``), send what is unacked

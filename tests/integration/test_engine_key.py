@@ -14,6 +14,8 @@ A request with a wrong key is counted in the server's ``areal_refused_total{port
 
 from __future__ import annotations
 
+import http.server
+import threading
 import urllib.error
 
 import pytest
@@ -72,3 +74,36 @@ def test_a_job_without_a_key_is_refused_at_start_when_the_trainer_probes_engines
                                                    "rollout.engine.kind=url",
                                                    "rollout.engine.url=http://127.0.0.1:9"]))
     assert attached.engine_api_key() is None  # an attached engine: what the job has (none)
+
+
+class _KeyedEngine(http.server.BaseHTTPRequestHandler):
+    """SGLang started with another ``--api-key``: /health open, every other call 401."""
+
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 401)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_attached_engine_refusing_the_jobs_key_is_one_line_naming_the_key(
+        tmp_run_dir, monkeypatch, caplog):
+    """An engine attached by URL that was started without the job's key answered every start of
+    the server with a traceback ending in '/model_info: HTTP 401: Unauthorized', and the supervisor
+    restarted it until no restarts were left; now the start is refused (exit 2) in one line
+    saying which key the engine needs."""
+    monkeypatch.setenv(ENGINE_KEY_ENV, "the-jobs-key")
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeyedEngine) as engine:
+        threading.Thread(target=engine.serve_forever, daemon=True).start()
+        try:
+            cfg = load_config([f"run_dir={tmp_run_dir}", *SMALL, "rollout.engine.kind=url",
+                               f"rollout.engine.url=http://127.0.0.1:{engine.server_port}"])
+            cfg.rollout.metrics_port = -1  # no /metrics server (as above)
+            assert RolloutServer.from_run(cfg).serve(install_signals=False) == 2
+        finally:
+            engine.shutdown()
+    refused = [r.getMessage() for r in caplog.records if "refused the job's" in r.getMessage()]
+    assert len(refused) == 1 and ENGINE_KEY_ENV in refused[0] and "--api-key" in refused[0]
+    assert "Traceback" not in caplog.text

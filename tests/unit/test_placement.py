@@ -126,6 +126,12 @@ def test_place_nodes_reads_the_config_and_cpu_topologies_take_no_gpu():
     assert (mixed.trainer, mixed.rollout) == ((), ((0,), (1,)))
     with pytest.raises(ConfigError, match="need GPUs, and torch sees none here"):
         place_nodes(load_config(["topology=gpu_embedded"]))
+    # the CPU default with SGLang asked for: only the engine needs a GPU, and on CPU it is
+    # topology=cpu_sglang (the trainer on CPU was named as needing GPUs, the driver blamed)
+    with pytest.raises(ConfigError, match=r"^rollout.engine.kind=sglang \(without rollout.engine"
+                                          r".sglang.device=cpu: SGLang on CPU is "
+                                          r"topology=cpu_sglang\) needs GPUs"):
+        place_nodes(load_config(["rollout.engine.kind=sglang"]))
     with pytest.raises(ConfigError, match="rollout.engine.device='cuda:1'"):
         place_nodes(load_config(["topology=gpu_embedded", "rollout.engine.device=cuda:1",
                                  "launch.gpus_per_node=4"]))

@@ -458,6 +458,72 @@ def test_the_sglang_log_is_readable_by_this_user_only(tmp_path):
     assert log.stat().st_mode & 0o777 == 0o600 and log.read_text().startswith("an earlier run\n")
 
 
+def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, monkeypatch):
+    """A scheduler that fails at start logs its traceback, then SGLang's parent kills the rest and
+    logs that last (e.g. SGLang on CPU with rollout.engine.tp_size=2 on one NUMA node): the error
+    names the exception, not the kill nor an exception an earlier start left in the log."""
+    import sys
+
+    import rollout_server.launch_sglang as launch
+
+    log = tmp_path / "sglang-s0.log"
+    log.write_text("ValueError: an earlier start\n")
+    lines = ["[TP1] Scheduler hit an exception: Traceback (most recent call last):",
+             "AssertionError: SGLANG_CPU_OMP_THREADS_BIND is not set",
+             "[x] Received sigquit from a child process.", "[x] kill_process_tree called: pid=1"]
+    for body, want in ((f"print({chr(10).join(lines)!r}, flush=True); import os; "
+                        "os.kill(os.getpid(), 9)",
+                        r"code -9 during startup: AssertionError: SGLANG_CPU_OMP_THREADS_BIND"),
+                       ("print('bye'); raise SystemExit(1)", r"code 1 during startup: bye \(in")):
+        monkeypatch.setattr(launch, "sglang_command", lambda *a, b=body, **k: [sys.executable,
+                                                                               "-c", b])
+        proc = SGLangProcess(ModelConfig(path="/m"),
+                             EngineConfig(kind="sglang", startup_timeout_s=60), str(log))
+        with pytest.raises(RuntimeError, match=want):
+            proc.start()
+
+
+def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_comes_up(
+        tmp_path, monkeypatch):
+    """SGLang's scheduler makes its /dev/shm files while the server still starts; one that fails
+    then (its port taken), or whose rollout server is killed then, left them: they are tracked from
+    the start. The stand-in holds a /dev/shm file open and never answers /health."""
+    import os
+    import sys
+    import uuid
+    from pathlib import Path
+
+    import rollout_server.launch_sglang as launch
+
+    shm = f"/dev/shm/areal-like-test-{uuid.uuid4().hex}"
+    body = (f"import os, time; os.open({shm!r}, os.O_CREAT | os.O_RDWR, 0o600)\n"
+            "while True: time.sleep(0.1)")
+    monkeypatch.setattr(launch, "sglang_command", lambda *a, **k: [sys.executable, "-c", body])
+    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60),
+                         str(tmp_path / "sglang.log"))
+    try:
+        with pytest.raises((launch.StartAborted, TimeoutError)):  # stopped once the file is known
+            proc.start(stop_requested=lambda: shm in proc.shm)
+        assert not os.path.exists(shm)
+    finally:
+        proc.stop()
+        Path(shm).unlink(missing_ok=True)
+
+
+def test_a_port_in_use_is_refused_naming_it_before_sglang_starts(tmp_path):
+    """rollout.engine.port taken: SGLang failed only after loading the model, and the error named
+    what its own requests to that port got back from the other process."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", port=port),
+                             str(tmp_path / "sglang.log"))
+        with pytest.raises(RuntimeError, match=rf":{port} \(rollout.engine.port\) is in use"):
+            proc.start()
+    assert proc.proc is None  # nothing was launched
+
+
 def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answered(monkeypatch):
     """After a failed sync the rollout server probes its engine (``RolloutServer.probe_engine``):
     an engine whose port refused the connection (gone) was reported as one that "did not answer

@@ -234,6 +234,25 @@ def test_laptop_layout_ceilings_are_configurable_and_without_taskset_nothing_is_
         _cfg("topology=laptop", "launch.auto_max_servers=0")
 
 
+def test_a_job_attached_to_an_engine_by_url_gets_one_rollout_server():
+    """rollout.engine.kind=url: on 8 cores the cores chose 4 servers, all attached to that one
+    engine, each joining it to the weight group: the first sync wedged it. One server, and a
+    count set above one is refused by `areal-like run`."""
+    from launch.placement import check_one_node
+    from launch.topology import laptop_layout, layout_line
+
+    url = ("rollout.engine.kind=url", "rollout.engine.url=http://127.0.0.1:30000")
+    cpus = list(range(8))
+    asked = _cfg(*url)
+    cfg = laptop_layout(asked, cpus)
+    assert cfg.launch.num_rollout_servers == 1
+    line = layout_line(asked, cfg, plan_topology(cfg, itertools.count(35000), cpus))
+    assert "launch.num_rollout_servers=1 (one engine, rollout.engine.url)" in line
+    check_one_node(cfg)
+    with pytest.raises(ConfigError, match=r"^launch.num_rollout_servers=2 with rollout.engine"):
+        check_one_node(_cfg(*url, "launch.num_rollout_servers=2"))
+
+
 def test_several_trainer_ranks_still_run_under_torchrun():
     from launch.job import job_specs
 
