@@ -258,7 +258,7 @@ class Trainer(Daemon):
         t = self.cfg
         if self.rank == 0 and t.first_engine_wait_s > 0 and not await_registered(
                 self.broadcaster.client, t.first_engines, t.first_engine_wait_s,
-                self.stop_requested.is_set):
+                self.stop_requested.is_set) and not self.stop_requested.is_set():
             self.log.warning("fewer than %d rollout servers registered after %.0fs: the initial "
                              "push (and the log-prob guard) goes to those there are",
                              t.first_engines, t.first_engine_wait_s)

@@ -166,6 +166,40 @@ def test_the_initial_push_waits_for_the_servers_and_gives_up_at_its_timeout(monk
     assert wm.await_registered(both, 2, timeout_s=30.0) is True and len(both.sent) == 3
 
 
+def test_a_stop_during_the_wait_for_servers_is_not_said_to_be_too_few_servers(caplog):
+    """A job stopped while the trainer waits for its first servers: the push goes on (the other
+    ranks wait in its collective) but the log does not say 'fewer than N registered after 150s'
+    after 20 s."""
+    import contextlib
+    import logging
+    import threading
+    from types import SimpleNamespace
+
+    from trainer.loop import Trainer
+
+    class Pushed(Exception):
+        pass
+
+    def after_step(version, wait=True):
+        raise Pushed
+
+    stop = threading.Event()
+    fake = SimpleNamespace(
+        cfg=SimpleNamespace(first_engine_wait_s=150.0, first_engines=1), rank=0, version=0,
+        broadcaster=SimpleNamespace(client=_Buffer()), stop_requested=stop,
+        log=logging.getLogger("trainer"), phase=lambda name: contextlib.nullcontext(),
+        engines=SimpleNamespace(after_step=after_step))
+    stop.set()
+    with caplog.at_level(logging.WARNING, "trainer"), pytest.raises(Pushed):
+        Trainer.initial_push(fake)
+    assert not [r for r in caplog.records if "rollout servers registered" in r.getMessage()]
+    stop.clear()  # the wait's own timeout is still reported
+    fake.cfg.first_engine_wait_s, fake.broadcaster.client = 1e-9, _Buffer(_roster())
+    with caplog.at_level(logging.WARNING, "trainer"), pytest.raises(Pushed):
+        Trainer.initial_push(fake)
+    assert [r for r in caplog.records if "rollout servers registered" in r.getMessage()]
+
+
 def test_await_members_takes_an_odd_roster_reply_as_no_answer(monkeypatch):
     """A buffer that answers the roster poll with something else (a refusal) is waited on like one
     that does not answer: the push reports by its deadline instead of raising out of its thread."""
