@@ -402,24 +402,24 @@ def check_checkpoint_model(cfg: RunConfig, changes: list[str]) -> None:
     """ConfigError naming the accepted ``model.*`` (``trainer.lora.*``) changes of a resume when the
     model they build has other shapes than its newest checkpoint's: the trainer would refuse it
     (``trainer/checkpoint.py``, ``refuse_other_settings``), after the warm start had trained the
-    new model and config.yaml had been rewritten. A checkpoint whose ``.metadata`` is empty or cut
-    short is refused here as the trainer would (damaged); others that cannot be read are left to
-    the trainer, which names them."""
+    new model and config.yaml had been rewritten. A checkpoint whose ``.metadata`` is empty, cut
+    short or planted is refused here as the trainer would; one the OS cannot read is left to the
+    trainer, which names it."""
     from areal_like.daemon import StartRefused
 
     keys = [c for c in changes if c.startswith(("model.", "trainer.lora."))]
     root = cfg.resolve_path(cfg.trainer.checkpoint_dir)
     if not keys or latest_checkpoint_step(root) is None:
         return
-    from trainer.checkpoint import UnsafeCheckpointError, latest_checkpoint, refuse_other_settings
+    from trainer.checkpoint import latest_checkpoint, refuse_other_settings
 
     try:
         refuse_other_settings(latest_checkpoint(root), cfg.model, cfg.trainer.lora,
                               f"these settings changed it ({'; '.join(keys)}): resume without "
                               "those changes, or use a new run_dir")
-    except StartRefused as e:
+    except StartRefused as e:  # UnsafeCheckpointError (planted) is one too
         raise ConfigError(str(e)) from None
-    except (OSError, UnsafeCheckpointError):
+    except OSError:
         return
 
 
