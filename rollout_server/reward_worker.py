@@ -46,11 +46,28 @@ CAPABILITY_VERSION_3 = 0x20080522
 CPU_GRACE_S = 3  # RLIMIT_CPU: CPU seconds past the most a sample could use before its timeout
 # WANDB_API_KEY, HF_TOKEN, ...
 SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECASE)
+# The thread pools that numpy (OpenBLAS), torch (OpenMP) and MKL start at import or first use,
+# sized from these (else one thread per core). A pool past the worker's RLIMIT_NPROC fails to
+# start: OpenBLAS then interrupts the call.
+THREAD_POOL_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def scrubbed_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """``environ`` without the variables whose names look like secrets (``SECRET_NAME``)."""
     return {k: v for k, v in environ.items() if not SECRET_NAME.search(k)}
+
+
+def worker_env(processes: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """A worker's environment: ``scrubbed_env`` with each thread pool (``THREAD_POOL_VARS``) at most
+    the threads the worker may have, itself and ``processes`` more (``confine``); a smaller count
+    the job set stays."""
+    env = scrubbed_env(environ)
+    allowed = 1 + processes
+    for name in THREAD_POOL_VARS:
+        asked = env.get(name, "")
+        if not (asked.isdigit() and 0 < int(asked) <= allowed):
+            env[name] = str(allowed)
+    return env
 
 
 def load_reward(path: str, memory_mb: int) -> Callable:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rollout_server import reward_worker
-from rollout_server.reward_worker import recv_frame, scrubbed_env, send_frame
+from rollout_server.reward_worker import recv_frame, send_frame, worker_env
 
 WORKER_SCRIPT = str(Path(reward_worker.__file__).resolve())
 # requests queued on a worker ahead of its answers: far below a socket's buffer
@@ -132,8 +132,8 @@ class Worker:
         ours, theirs = socket.socketpair()
         try:
             self.proc = subprocess.Popen(_argv(theirs.fileno()), pass_fds=(theirs.fileno(),),
-                                         env=scrubbed_env(), stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
+                                         env=worker_env(limits.processes),
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
             self.wrapped = _hidden is not None  # its exit status is the shell's (HIDE_SCRIPT)
         except BaseException:
             ours.close()

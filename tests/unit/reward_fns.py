@@ -102,6 +102,16 @@ def add(a: int, b: int) -> dict:
     return {"sum": a + b, "args": [a, b]}
 
 
+def blas_matmul(n: int) -> dict:
+    """numpy imported at the first call, after the worker's RLIMIT_NPROC is set (as a tool module
+    that imports numpy is): OpenBLAS starts its thread pool then."""
+    import numpy as np
+
+    return {"sum": float((np.ones((n, n)) @ np.ones((n, n))).sum()),
+            "threads": {name: os.environ.get(name) for name in
+                        ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+
+
 async def async_add(a: int, b: int) -> dict:
     """A tool written as ``async def``; as a reward (``async_add(response, example)``) too."""
     return add(a, b)

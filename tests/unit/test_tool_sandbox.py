@@ -102,6 +102,29 @@ def test_the_tool_sees_no_secret_and_runs_under_the_limits(pool):
     assert seen["memory"] == 512 * 2**20
 
 
+def test_a_tool_that_imports_numpy_runs_within_the_process_limit(monkeypatch):
+    """The job's environment may ask for more BLAS threads than a worker may start (or none, so
+    OpenBLAS takes one per core): the worker's pools are sized to its allowance, 1 + processes,
+    and numpy imported at the first call (after RLIMIT_NPROC) works. Without that, OpenBLAS's
+    thread start failed and the call died (KeyboardInterrupt) on any machine with 2+ cores."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "64")
+    for processes, threads in ((0, "1"), (2, "3")):
+        tools = ToolPool(workers=1, timeout_s=30.0, processes=processes)
+        try:
+            got = call(tools, "blas_matmul", n=64)
+        finally:
+            tools.close()
+        assert got.outcome == "ok", got
+        import json
+
+        seen = json.loads(got.content)
+        assert seen["sum"] == 64.0**3
+        assert seen["threads"] == dict.fromkeys(
+            ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"), threads)
+
+
 def test_close_leaves_no_worker():
     before = my_children()
     tools = ToolPool(workers=2, timeout_s=2.0, memory_mb=512)
