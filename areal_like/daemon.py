@@ -62,6 +62,15 @@ def pid_lock(path: Path, mode: int, flags: int = os.O_CLOEXEC) -> int:
     return fd
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of directory ``path`` durable (a rename or a new file in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
     """In a child between fork and exec: the kernel sends it ``sig`` when ``parent`` dies (also by
     ``kill -9``; the signal survives ``exec``), and it exits at once if ``parent`` is gone already.
