@@ -62,6 +62,15 @@ def pid_lock(path: Path, mode: int, flags: int = os.O_CLOEXEC) -> int:
     return fd
 
 
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of directory ``path`` durable (a rename or a new file in it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
     """In a child between fork and exec: the kernel sends it ``sig`` when ``parent`` dies (also by
     ``kill -9``; the signal survives ``exec``), and it exits at once if ``parent`` is gone already.
@@ -117,11 +126,11 @@ class StartRefused(RuntimeError):
 class Daemon:
     name = "daemon"
 
-    def __init__(self, metrics_port: int = 0, metrics_host: str | None = None):
+    def __init__(self, metrics_port: int = 0):
         self.log = logging.getLogger(self.name)
         self.metrics = Metrics()
         self.metrics_port = metrics_port
-        self.metrics_host = metrics_host or http_bind_host()
+        self.metrics_host = http_bind_host()
         self.metrics_server: MetricsServer | None = None
         self.stop_requested = threading.Event()
         self.failure: BaseException | None = None
@@ -173,12 +182,12 @@ class Daemon:
                           self.metrics_server.port,
                           "bearer token required" if token else "no token")
 
-    def serve(self, install_signals: bool = True) -> int:
+    def serve(self) -> int:
         """Run the daemon to completion; returns the process exit code."""
         if not logging.getLogger().handlers:  # a bare process (not under pytest / an embedding app)
             setup_logging(self.name)
         previous_handlers = {}
-        if install_signals and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous_handlers[sig] = signal.signal(sig, self.request_stop)
         code = 0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import msgspec
 
+from areal_like.daemon import fsync_dir
 from buffer.wal_format import (  # noqa: F401 (re-exported: the WAL's public names)
     GID_LEN,
     HEADER,
@@ -441,11 +442,7 @@ class WriteAheadLog:
 
     def _fsync_dir(self) -> None:
         if self.fsync_policy != "never":
-            fd = os.open(self.dir, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(self.dir)
 
 
 def _copy(control: dict) -> bytes:

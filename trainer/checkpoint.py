@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from areal_like.daemon import StartRefused
+from areal_like.daemon import StartRefused, fsync_dir
 from areal_like.settings.config import LoraConfig, ModelConfig
 from areal_like.weights.hf import build_meta_model
 from areal_like.weights.lora import add_adapters
@@ -140,7 +140,7 @@ def _commit(root: Path, tmp: Path, final: Path, version: int, keep: int) -> None
     barrier()
     if rank_world()[0] == 0:
         publish(tmp, final)  # a re-save of the same version: shutdown right after a periodic save
-        _fsync_dir(root)
+        fsync_dir(root)
         for old in list_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in root.glob(f"{TMP_PREFIX}*"):
@@ -206,14 +206,6 @@ class AsyncSaver:
         future.result()
         _commit(self.root, tmp, final, version, self.keep)
         return final
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class UnsafeCheckpointError(StartRefused):

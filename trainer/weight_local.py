@@ -174,17 +174,17 @@ class DiskSender(LocalSender):
         self._written = self._this_push = out
         return [str(out)]
 
-    def done(self, keep_last: bool = True) -> None:
+    def done(self) -> None:
         """The push is over: remove the directories older than the last one written."""
         super().done()
         self._this_push = None
         if self._root is not None:
             for d in self._root.iterdir():
-                if d != self._written or not keep_last:
+                if d != self._written:
                     shutil.rmtree(d, ignore_errors=True)
 
     def close(self) -> None:
-        self.done(keep_last=False)
+        self.done()
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
             self._root = None

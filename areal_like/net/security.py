@@ -229,15 +229,12 @@ def peer_uid(zap_address: bytes) -> int | None:
     return int(parts[1]) if len(parts) == 4 and parts[1].isdigit() else None
 
 
-def private_dir(path: str | Path, create: bool = True) -> Path:
+def private_dir(path: str | Path) -> Path:
     """``path`` checked to be a directory only this user can enter (made 0700 when missing)."""
     path = Path(path)
-    if create and not path.exists():
+    if not path.exists():
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise SecurityError(f"{path} does not exist (the buffer makes it when it starts)") from None
+    st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode):
         raise SecurityError(f"{path} must be a directory (not a symlink or a file) to hold the "
                             "job's sockets")

@@ -41,7 +41,7 @@ def make_cfg(run_dir, num_prompts=1000, **buffer_kw) -> RunConfig:
 @contextmanager
 def running(cfg: RunConfig, clock=time.monotonic):
     svc = BufferService.from_run(cfg, clock=clock)
-    thread = threading.Thread(target=svc.serve, kwargs={"install_signals": False}, daemon=True)
+    thread = threading.Thread(target=svc.serve, daemon=True)
     thread.start()
     # also announces versions
     client = Client(cfg.buffer.address, timeout_s=TIMEOUT_S, identity=TRAINER_PEER)

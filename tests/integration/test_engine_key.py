@@ -64,7 +64,7 @@ def test_a_job_without_a_key_is_refused_at_start_when_the_trainer_probes_engines
     message = str(refused.value)
     assert "\n" not in message and ENGINE_KEY_ENV in message
     assert str(tmp_run_dir / KEY_FILE) in message
-    assert server.serve(install_signals=False) == 2 and server.engine is None  # exit 2, no engine
+    assert server.serve() == 2 and server.engine is None  # exit 2, no engine
     assert message in caplog.text
     # nobody else talks to its engine (the guard is off): a key of its own, never an open engine
     alone = RolloutServer.from_run(load_config([f"run_dir={tmp_run_dir}", *SMALL,
@@ -101,7 +101,7 @@ def test_an_attached_engine_refusing_the_jobs_key_is_one_line_naming_the_key(
             cfg = load_config([f"run_dir={tmp_run_dir}", *SMALL, "rollout.engine.kind=url",
                                f"rollout.engine.url=http://127.0.0.1:{engine.server_port}"])
             cfg.rollout.metrics_port = -1  # no /metrics server (as above)
-            assert RolloutServer.from_run(cfg).serve(install_signals=False) == 2
+            assert RolloutServer.from_run(cfg).serve() == 2
         finally:
             engine.shutdown()
     refused = [r.getMessage() for r in caplog.records if "refused the job's" in r.getMessage()]

@@ -47,7 +47,7 @@ class Probe(Daemon):
     def stop(self):
         print("STOP_RAN", flush=True)
 
-sys.exit(Probe(metrics_port=0, metrics_host="127.0.0.1").serve())
+sys.exit(Probe(metrics_port=0).serve())
 """
 
 
@@ -191,7 +191,7 @@ def test_a_crash_is_in_health_while_the_daemon_stops():
             self.seen = self.health()
 
     d = Stopping(iterations=5, fail_at=2)
-    assert d.serve(install_signals=False) == 1
+    assert d.serve() == 1
     assert d.seen == (False, {"name": "counting", "error": "ValueError"})
 
 
@@ -205,7 +205,7 @@ def test_a_metrics_port_another_process_holds_refuses_the_start_naming_the_key(c
         taken.listen()
         d = Counting(iterations=1)
         d.metrics_port = taken.getsockname()[1]
-        assert d.serve(install_signals=False) == 2 and d.calls == 0
+        assert d.serve() == 2 and d.calls == 0
     assert f"counting.metrics_port={d.metrics_port}: cannot listen on 127.0.0.1" in caplog.text
     assert "Traceback" not in caplog.text
 

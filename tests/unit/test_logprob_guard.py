@@ -91,4 +91,4 @@ def test_a_failed_guard_is_a_refusal_the_supervisor_does_not_restart(monkeypatch
             guard.run_guard(None, None, rank=0, buffer=None, served=["rollout-0"],
                             prompt_ids=[1, 2], temperature=1.0, tol=0.05)
 
-    assert Trainer(metrics_port=None).serve(install_signals=False) == 2
+    assert Trainer(metrics_port=None).serve() == 2
