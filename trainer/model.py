@@ -190,11 +190,25 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its own dropout off (``nn.Dropout`` layers, a config.json's
+    ``attention_dropout``): the engines sample without it, so the training forward must be the
+    policy they sampled from (pi_theta / pi_prox = 1 at a step's start, VESPO's and VCPO's
+    sequence weights on the same numbers). LoRA's dropout (``trainer.lora.dropout``) is added
+    after, and stays."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = 0.0
+    return model
+
+
 def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: str = "float32",
                 checkpointing: bool = False, lora: LoraConfig | None = None) -> torch.nn.Module:
     """The model of ``model_cfg``, sharded (module docstring), parameters in ``dtype``."""
     device = trainer_device(trainer_cfg)
-    model = build_meta_model(model_cfg, dtype)
+    model = without_dropout(build_meta_model(model_cfg, dtype))
     if lora is not None and lora.enabled:  # before sharding: FSDP2 groups a block's adapter with it
         add_adapters(model, lora)
     model.config.use_cache = False

@@ -6,13 +6,16 @@ per name here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 from areal_like.settings.config_checks import check, choice, each
 
 LOSS_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+# the kernels with a PPO trust region on pi_theta/pi_prox: the only readers of the shared eps_clip,
+# eps_clip_high and dual_clip
+PPO_CLIP_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop")
 ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
 K = "trainer.loss."
@@ -159,9 +162,19 @@ class LossConfig:
         """The chosen kernel's own knobs (its section of this config), or None when it has none."""
         return getattr(self, self.kernel, None)
 
-    def check_agg(self) -> None:
-        """A run config may not name an aggregation its kernel does not use (the kernel functions
-        accept any)."""
+    def check_for_kernel(self) -> None:
+        """A run config may not name an aggregation its kernel does not use, nor set a PPO trust
+        region knob (``PPO_CLIP_KINDS``) for a kernel that ignores it (the kernel functions accept
+        any): a dual clip or clip range asked for and silently not applied."""
         fixed = getattr(self.params, "fixed_agg", None)
         check(K + "agg", fixed is None or self.agg == fixed,
               f"{fixed!r} with {K}kernel={self.kernel}", self.agg)
+        if self.kernel in PPO_CLIP_KINDS:
+            return
+        own = f"; its own clip range is {K}gspo.*" if self.kernel == "gspo" else ""
+        for f in fields(self):
+            if f.name in ("eps_clip", "eps_clip_high", "dual_clip"):
+                value, unset = getattr(self, f.name), "null" if f.default is None else f.default
+                check(K + f.name, value == f.default,
+                      f"left at its default ({unset}) with {K}kernel={self.kernel}, which does "
+                      f"not read it (only {', '.join(PPO_CLIP_KINDS)} do){own}", value)

@@ -444,7 +444,7 @@ class TrainerConfig:
                self.max_tokens_per_micro_batch)
         _check("trainer.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                "two numbers in [0, 1)", self.betas)
-        self.loss.check_agg()
+        self.loss.check_for_kernel()
         # the KL reference is the base itself, the adapter switched off; the weight path with
         # LoRA is checked with the engine kind (RunConfig)
         _check("trainer.ref_path", not self.lora.enabled or self.ref_path is None, "unset with "

@@ -128,6 +128,12 @@ def test_range_and_cross_field_rules():
     assert "buffer.capacity" in error_of(["buffer.capacity=2", "buffer.groups_per_step=4"])
     assert "trainer.loss.agg" in error_of(["loss=vcpo", "trainer.loss.agg=token-mean"])
     assert "trainer.loss.agg" in error_of(["loss=gspo", "trainer.loss.agg=seq-mean-token-sum"])
+    # the PPO trust region of a kernel without one would be silently ignored
+    for loss, key in (("gspo", "dual_clip=3"), ("vespo", "eps_clip_high=0.28"),
+                      ("vcpo", "eps_clip=0.1"), ("oapl", "dual_clip=2")):
+        msg = error_of([f"loss={loss}", f"trainer.loss.{key}"])
+        assert msg.startswith(f"trainer.loss.{key.split('=')[0]}=") and loss in msg, msg
+    load_config(["loss=icepop", "trainer.loss.dual_clip=3", "trainer.loss.eps_clip_high=0.28"])
     assert "model.num_attention_heads" in error_of(["model.num_key_value_heads=3"])
     assert "task.top_p" in error_of(["task.top_p=0"])
     for c in ("0", "-4"):  # Dr.GRPO's divisor: inf (every step skipped) or an ascent on the loss
