@@ -87,3 +87,8 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     worker(sys.argv[1])
+    from areal_like.daemon import exit_process
+
+    # as the trainer exits: FSDP's caches keep the gloo group's threads past
+    # destroy_process_group, and the interpreter's teardown can abort on them (SIGABRT)
+    exit_process(0)

@@ -171,3 +171,8 @@ def test_loss_stats_and_weights_invariant_to_layout_and_ranks(tmp_path):
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     worker(sys.argv[1], LAYOUTS if sys.argv[2] == "1" else LAYOUTS_2)
+    from areal_like.daemon import exit_process
+
+    # as the trainer exits: FSDP's caches keep the gloo group's threads past
+    # destroy_process_group, and the interpreter's teardown can abort on them (SIGABRT)
+    exit_process(0)

@@ -129,3 +129,8 @@ def test_kl_reference_step_on_one_and_two_ranks(tmp_path, spawn_python, free_por
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     worker(Path(sys.argv[2]))  # argv: -c, this file, OUT_DIR (see RUNNER)
+    from areal_like.daemon import exit_process
+
+    # as the trainer exits: FSDP's caches keep the gloo group's threads past
+    # destroy_process_group, and the interpreter's teardown can abort on them (SIGABRT)
+    exit_process(0)

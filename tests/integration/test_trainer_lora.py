@@ -255,3 +255,8 @@ if __name__ == "__main__":
 
     # argv: -c, this file, OUT_DIR (see RUNNER)
     (bf16_worker if os.environ.get("LORA_WORKER") == "bf16" else worker)(Path(sys.argv[2]))
+    from areal_like.daemon import exit_process
+
+    # as the trainer exits: FSDP's caches keep the gloo group's threads past
+    # destroy_process_group, and the interpreter's teardown can abort on them (SIGABRT)
+    exit_process(0)
