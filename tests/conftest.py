@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+
+# One thread per process on few shared cores, set here (before torch is imported) rather than by
+# the shell: the README's test command in a plain shell runs as CI does. A shell's own value stays.
+for _name, _value in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"),
+                      ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_name, _value)
 import signal
 import subprocess
 import sys
