@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 
-# One thread per process on few shared cores, set here (before torch is imported) rather than by
-# the shell: the README's test command in a plain shell runs as CI does. A shell's own value stays.
+# One thread per process on few shared cores and unbuffered output from the processes tests
+# start, set here (before torch is imported) rather than by the shell: the README's test command
+# in a plain shell runs as CI does. A shell's own value stays.
 for _name, _value in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"),
-                      ("TOKENIZERS_PARALLELISM", "false")):
+                      ("TOKENIZERS_PARALLELISM", "false"), ("PYTHONUNBUFFERED", "1")):
     os.environ.setdefault(_name, _value)
 import signal
 import subprocess
