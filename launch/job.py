@@ -22,9 +22,11 @@ from areal_like.net.distributed import free_port
 from areal_like.net.security import make_keys
 from areal_like.settings.config import ConfigError, RunConfig, absolute_files, to_yaml
 from launch.local import (
+    REFUSED_EXIT,
     ProcSpec,
     Supervisor,
     error_tail,
+    refusal,
     rotating_file,
     write_json_atomic,
     write_line,
@@ -350,9 +352,14 @@ def _supervisor_lines_only(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def report_failure(run_dir: Path, daemon: str, out=sys.stderr) -> None:
-    """The failing daemon's last error lines, so that a failed job says why (also with ``-q``)."""
+def report_failure(run_dir: Path, daemon: str, out=sys.stderr, refused: bool = False) -> None:
+    """The failing daemon's last error lines, so that a failed job says why (also with ``-q``);
+    for one that refused to start (``refused``), its refusal as one ``error:`` line."""
     log = run_dir / "logs" / f"{daemon}.log"
+    if refused and (line := refusal(log)) is not None:
+        out.write(f"error: {line}\n[run] {daemon} refused to start; its log: {log}\n")
+        out.flush()
+        return
     lines = error_tail(log)
     out.write(f"[run] {daemon} failed; the end of {log}:\n"
               + "".join(f"    {ln}\n" for ln in lines))
@@ -464,7 +471,7 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
         if changed and changed[1] and monitor.settings is not None:  # none did: as it was
             config_path.write_text(changed[1])
         if code != 0 and sup.failed is not None:
-            report_failure(run_dir, sup.failed)
+            report_failure(run_dir, sup.failed, refused=code == REFUSED_EXIT)
         summary = summarize(run_dir, time.monotonic() - t0, code, since=since,
                             resumed_from=resumed_from)
         sink.poll(final=True)  # every daemon has stopped: the files are complete
