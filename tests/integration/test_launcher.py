@@ -354,22 +354,34 @@ def test_quiet_run_prints_why_the_job_failed(tmp_path):
     assert " | " not in r.stderr  # quiet: no streamed daemon lines, only the failure report
 
 
+def _run_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", *overrides],
+                          capture_output=True, text=True, timeout=180, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
 @pytest.mark.slow
 def test_a_trainer_that_refuses_to_start_fails_run_with_exit_2_and_its_line(tmp_path):
     """The trainer refuses at start (its metrics port is taken: exit 2, one ERROR line): `run`
     exited 1 and showed the log's last lines; now it exits 2 with the trainer's line as an
-    ``error:`` line (a refusal, as run's own refusals)."""
+    ``error:`` line (a refusal, as run's own refusals). Run again in that run_dir (a resume, with
+    a new trainer.steps), refused the same way: its settings.yaml, time too, and config.yaml are
+    as they were (``status`` and ``top`` took the refused run for the one started last)."""
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
-    port = taken.getsockname()[1]
+    port, run_dir = taken.getsockname()[1], tmp_path / "run"
+    args = (f"run_dir={run_dir}", "experiment=quickstart", "warm_start.steps=0",
+            "eval.at_end=false", f"trainer.metrics_port={port}")
     with taken:
-        r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q",
-                            f"run_dir={tmp_path / 'run'}", "experiment=quickstart",
-                            "warm_start.steps=0", "eval.at_end=false",
-                            f"trainer.metrics_port={port}"],
-                           capture_output=True, text=True, timeout=180, cwd=tmp_path,
-                           env={**os.environ, "PYTHONPATH": str(ROOT)})
+        r = _run_cli(tmp_path, *args, "trainer.steps=2")
+        files = [run_dir / "settings.yaml", run_dir / "config.yaml"]
+        for f in files:
+            os.utime(f, ns=(10**18, 10**18))  # 2001: a run started long ago
+        before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
+        again = _run_cli(tmp_path, *args, "trainer.steps=3")
+    assert again.returncode == 2 and "error: trainer.metrics_port=" in again.stderr, again.stderr
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
     assert r.returncode == 2, r.stderr
     assert json.loads(r.stdout)["ok"] is False
     assert "[supervisor] failed: trainer refused to start (exit 2)" in r.stderr, r.stderr

@@ -319,3 +319,30 @@ def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
     assert listed() == ["buffer", "rollout-0", "trainer"]
     procs["trainer"].popen = exited  # completed: the job waits for its final evaluation
     assert listed() == ["buffer", "rollout-0"]
+
+
+def test_a_start_refused_after_settings_were_written_leaves_them_as_they_were(tmp_path,
+                                                                             monkeypatch):
+    """A resume the launcher refuses after ``write_settings`` (a layout that does not fit, here two
+    daemons on one fixed port; a warm start that fails): settings.yaml got this start's content
+    (a new trainer.steps) and time, so ``status`` and ``top`` took the refused run for the one
+    started last. Now it is as it was, its time too."""
+    from launch import job, warmstart
+    from launch.rundir import SETTINGS_FILE, write_settings
+
+    same_port = ["buffer.metrics_port=29001", "trainer.metrics_port=29001"]
+    write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20", *same_port]))
+    path = tmp_path / SETTINGS_FILE
+    os.utime(path, ns=(10**18, 10**18))  # a run started long ago
+    before = path.read_bytes(), path.stat().st_mtime_ns
+    locks: list[int] = []
+    monkeypatch.setattr(job, "lock_run_dir", lambda d: locks.append(lock_run_dir(d)) or locks[-1])
+    monkeypatch.setattr(warmstart, "ensure_warm_start", lambda *a, **k: pytest.fail("started"))
+    try:
+        with pytest.raises(ConfigError, match="the same fixed port"):
+            job.start_job(load_config([f"run_dir={tmp_path}", "trainer.steps=30", *same_port]),
+                          False)
+    finally:
+        for fd in locks:
+            os.close(fd)
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
