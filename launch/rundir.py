@@ -29,9 +29,14 @@ from launch.tracking import flatten
 LOCK_FILE = "job.lock"  # in run_dir; "<pid> <create_time>" of the areal-like run that took it
 SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last run that trained
 # keys (prefixes) a resume may change; run_dir is the directory settings.yaml was found in, whatever
-# its spelling (relative from another cwd, a symlink); checkpoint and export retention train nothing
+# its spelling (relative from another cwd, a symlink). Checkpoint and export retention and cadence
+# train nothing (the trainer keeps the steps a crash could lose under the checkpoint's cadence:
+# trainer/loop.py, ``monotonic_version``), nor do the ports /metrics listens on
 FREE_ON_RESUME = ("trainer.steps", "launch.", "tracker", "tracking.", "run_dir",
-                  "trainer.keep_checkpoints", "export.keep")
+                  "trainer.keep_checkpoints", "trainer.checkpoint_every",
+                  "trainer.checkpoint_async", "export.keep", "export.every", "export.at_end",
+                  "export.shard_mb", "buffer.metrics_port", "rollout.metrics_port",
+                  "trainer.metrics_port")
 # keys (prefixes) no resume may change, --accept-changes or not: they name and size the adapters the
 # checkpoint holds, so the trainer could not load it (it failed on every restart)
 FIXED_ON_RESUME = ("trainer.lora.rank", "trainer.lora.target_modules")

@@ -227,6 +227,22 @@ def test_retention_settings_may_change_on_resume(tmp_path):
                                          "export.keep=3"])) == []
 
 
+def test_cadence_and_metrics_ports_may_change_on_resume(tmp_path):
+    """Checkpoints, exports and /metrics train nothing: how often a checkpoint or an export is
+    written (and how) and the ports /metrics listens on change without --accept-changes (before:
+    refused, ``trainer.checkpoint_every`` listed as a changed setting). A setting that trains
+    still is listed."""
+    from launch.rundir import changed_settings, write_settings
+
+    write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20"]))
+    free = ["trainer.checkpoint_every=5", "trainer.checkpoint_async=true", "export.every=10",
+            "export.at_end=false", "export.shard_mb=512", "buffer.metrics_port=29101",
+            "rollout.metrics_port=29102", "trainer.metrics_port=29103"]
+    assert changed_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=30", *free])) == []
+    assert changed_settings(load_config([f"run_dir={tmp_path}", *free, "trainer.lr=1e-3"])) == [
+        "trainer.lr: 0.0003 -> 0.001"]
+
+
 @pytest.mark.parametrize("change", ["trainer.lora.rank=4", "trainer.lora.rank=0",
                                     "trainer.lora.target_modules=[q_proj]"])
 def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path, change):
