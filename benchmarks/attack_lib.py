@@ -156,7 +156,7 @@ def engine_lockout(t: Target) -> tuple[bool, str]:
     try:
         socks += [_stranger_401(port, ask) for _ in range(520)]
         req = urllib.request.Request(
-            url + "/health", headers={"Authorization": f"Bearer {t.engine_key}"}
+            url + "/model_info", headers={"Authorization": f"Bearer {t.engine_key}"}
         )
         try:
             status = urllib.request.urlopen(req, timeout=10).status
@@ -373,7 +373,7 @@ def slow_http(t: Target) -> tuple[bool, str]:
             cut = True
         cut = cut or _closed(s)
     req = urllib.request.Request(
-        url + "/health", headers={"Authorization": f"Bearer {t.engine_key}"}
+        url + "/model_info", headers={"Authorization": f"Bearer {t.engine_key}"}
     )
     after = urllib.request.urlopen(req, timeout=10).status
     ok = all(o.startswith(("400", "413", "431")) for o in outcomes) and cut and after == 200

@@ -22,9 +22,11 @@ from areal_like.net.distributed import free_port
 from areal_like.net.security import make_keys
 from areal_like.settings.config import ConfigError, RunConfig, absolute_files, to_yaml
 from launch.local import (
+    REFUSED_EXIT,
     ProcSpec,
     Supervisor,
     error_tail,
+    refusal,
     rotating_file,
     write_json_atomic,
     write_line,
@@ -49,10 +51,13 @@ from launch.records import (
     warm_plotting,
 )
 from launch.rundir import (
+    SETTINGS_FILE,
     check_existing_run,
     check_resume_settings,
+    file_state,
     latest_checkpoint_step,
     lock_run_dir,
+    restore_file,
     write_settings,
 )
 from launch.topology import (
@@ -350,28 +355,51 @@ def _supervisor_lines_only(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def report_failure(run_dir: Path, daemon: str, out=sys.stderr) -> None:
-    """The failing daemon's last error lines, so that a failed job says why (also with ``-q``)."""
+def report_failure(run_dir: Path, daemon: str, out=sys.stderr, refused: bool = False) -> None:
+    """The failing daemon's last error lines, so that a failed job says why (also with ``-q``);
+    for one that refused to start (``refused``), its refusal as one ``error:`` line."""
     log = run_dir / "logs" / f"{daemon}.log"
+    if refused and (line := refusal(log)) is not None:
+        out.write(f"error: {line}\n[run] {daemon} refused to start; its log: {log}\n")
+        out.flush()
+        return
     lines = error_tail(log)
     out.write(f"[run] {daemon} failed; the end of {log}:\n"
               + "".join(f"    {ln}\n" for ln in lines))
     out.flush()
 
 
+@dataclasses.dataclass(frozen=True)
+class Before:
+    """What a start found in its run_dir and may change there (``start_job``): put back after a
+    job in which no step trained (``restore``)."""
+
+    settings: tuple[bytes, int, int] | None  # settings.yaml (``file_state``)
+    config: tuple[bytes, int, int] | None  # config.yaml
+    accepted: RunConfig | None  # a resume's changed settings: settings.yaml's once a step trained
+
+    def restore(self, run_dir: Path, refused: bool) -> None:
+        """config.yaml as it was when it got changed settings, or the start was ``refused``;
+        settings.yaml, its time too, when refused (``status`` and ``top`` take the run whose
+        settings.yaml is newest for the one started last)."""
+        if refused or self.accepted is not None:
+            restore_file(run_dir / "config.yaml", self.config)
+        if refused:
+            restore_file(run_dir / SETTINGS_FILE, self.settings)
+
+
 def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology, Path, int, int,
-                                                              tuple | None]:
+                                                              Before]:
     """Steps 0-2 of ``run_job`` on a checked config: (the daemons' config, topology, config.yaml,
-    the step resumed from, the run_dir lock's descriptor, and for a resume with changed settings:
-    the settings that settings.yaml gets once a step trained with them (``Monitor``) and
-    config.yaml's text before, which it gets back when none did). A run_dir this call created is
-    removed again when it fails (a ConfigError, Ctrl-C, a warm start that crashed): no daemon ran
-    in it."""
+    the step resumed from, the run_dir lock's descriptor, what the run_dir held before). A run_dir
+    this call created is removed again when it fails (a ConfigError, Ctrl-C, a warm start that
+    crashed): no daemon ran in it; in one that was there, settings.yaml is as it was."""
     from launch.warmstart import ensure_warm_start
 
     run_dir = Path(cfg.run_dir).resolve()
     fresh = not run_dir.exists()
     lock = lock_run_dir(run_dir)  # released by the kernel when this job's last process is gone
+    settings = file_state(run_dir / SETTINGS_FILE)
     try:
         resumed_from = check_existing_run(cfg)
         # also before the first checkpoint: the buffer's WAL and the version labels go on
@@ -383,18 +411,19 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
             print(f"[run] resuming at step {resumed_from} of {cfg.trainer.steps}"
                   + (": trained; its final evaluation is missing, so it runs now"
                      if resumed_from == cfg.trainer.steps else ""), file=sys.stderr, flush=True)
+        # as given, before the warm start's model path
+        before = Before(settings, file_state(run_dir / "config.yaml"), cfg if changes else None)
         write_settings(cfg, keep=bool(changes))
         plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
-        config = run_dir / "config.yaml"
-        # as given, before the warm start's model path
-        pending = (cfg, config.read_text() if config.is_file() else None) if changes else None
         cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr,
                                                          flush=True))
-        return (*prepare(cfg), resumed_from, lock, pending)
+        return (*prepare(cfg), resumed_from, lock, before)
     except BaseException:
         if fresh:
             os.close(lock)
             shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            restore_file(run_dir / SETTINGS_FILE, settings)
         raise
 
 
@@ -432,14 +461,14 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
     check_one_node(cfg)
     # hub ids resolved, inputs and tracker packages checked: before anything starts
     cfg = checked(cfg)
-    cfg, topo, config_path, resumed_from, lock, changed = start_job(cfg, accept_changes)
+    cfg, topo, config_path, resumed_from, lock, before = start_job(cfg, accept_changes)
     run_dir = Path(cfg.run_dir)
     jsonl = trainer_jsonl(run_dir)
     since = jsonl.stat().st_size if jsonl.is_file() else 0  # what earlier invocations trained
     echo = _supervisor_lines_only if quiet else None
     sink = TrackerSink.from_config(cfg)
     monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink,
-                      settings=changed[0] if changed else None)
+                      settings=before.accepted)
     try:
         sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
                          restart_window_s=cfg.launch.restart_window_s,
@@ -461,10 +490,10 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
         # EngineUnhealthy page for a job that ended, and it scrapes whatever takes its ports next)
         write_json_atomic(run_dir / "prometheus_targets.json", [])
         monitor.read()  # a step trained since the last tick accepts the settings too
-        if changed and changed[1] and monitor.settings is not None:  # none did: as it was
-            config_path.write_text(changed[1])
+        if not monitor.recent or monitor.settings is not None:  # none did (or none was accepted)
+            before.restore(run_dir, refused=code == REFUSED_EXIT)
         if code != 0 and sup.failed is not None:
-            report_failure(run_dir, sup.failed)
+            report_failure(run_dir, sup.failed, refused=code == REFUSED_EXIT)
         summary = summarize(run_dir, time.monotonic() - t0, code, since=since,
                             resumed_from=resumed_from)
         sink.poll(final=True)  # every daemon has stopped: the files are complete

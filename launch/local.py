@@ -5,7 +5,7 @@ session, and waits for every ``/health``; streams each one's output, prefixed wi
 the console and to ``<run_dir>/logs/<name>.log`` (rotated: at most ``(log_backups + 1) x
 log_max_bytes`` per process); restarts a process that exits (but not one that exits 2: it refused
 its settings or inputs, so the job fails; "refused to start" when it had not logged ``STARTED``,
-else "stopped with exit 2") after a doubling back-off, at most
+and ``run()`` returns 2 too, else "stopped with exit 2") after a doubling back-off, at most
 ``restarts`` within a sliding ``restart_window_s`` (``RestartBudget``); the *main* process (the
 trainer) exiting 0 completes the job. On completion, failure, Ctrl-C, SIGTERM or SIGHUP (not
 under ``nohup``) it stops everything in reverse start order: SIGTERM to the group, wait, SIGKILL;
@@ -27,6 +27,7 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import stat
@@ -121,11 +122,12 @@ class _Proc:
 
 
 class JobFailed(RuntimeError):
-    """The job cannot go on; ``daemon`` names the process that failed it (None: not one process)."""
+    """The job cannot go on; ``daemon`` names the process that failed it (None: not one process),
+    ``code`` is the job's exit status (``REFUSED_EXIT``: that process refused to start)."""
 
-    def __init__(self, message: str, daemon: str | None = None):
+    def __init__(self, message: str, daemon: str | None = None, code: int = 1):
         super().__init__(message)
-        self.daemon = daemon
+        self.daemon, self.code = daemon, code
 
 
 class Supervisor:
@@ -195,7 +197,8 @@ class Supervisor:
         return next(p for p in self.procs if p.spec.name == name)
 
     def run(self) -> int:
-        """Start, supervise, stop. Returns 0 when the main process completed, 1 otherwise."""
+        """Start, supervise, stop. Returns 0 when the main process completed, ``REFUSED_EXIT``
+        when a process refused to start (exit 2 before it logged ``STARTED``), 1 otherwise."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.start_all()
@@ -205,7 +208,7 @@ class Supervisor:
         except JobFailed as e:
             self.outcome = f"failed: {e}"
             self.failed = e.daemon
-            code = 1
+            code = e.code
         finally:
             self.stop_all()
             for handler in self.logs.values():
@@ -243,16 +246,22 @@ class Supervisor:
                     return 0
                 self._kill_leftovers(p)
                 if rc == REFUSED_EXIT:  # its settings or inputs: a restart is refused the same way
-                    p.pump.join(timeout=5)  # its last lines read: did it start?
-                    raise JobFailed(f"{p.spec.name} " + (f"stopped with exit {rc}" if p.started
-                                                        else f"refused to start (exit {rc})"),
-                                    p.spec.name)
+                    raise self._refused(p)
                 self._schedule_restart(p, rc)
             if self.on_tick is not None:
                 self.on_tick(self)
             self.stop_event.wait(POLL_S)
         self.outcome = "stopped on request"
         return 1
+
+    def _refused(self, p: _Proc) -> JobFailed:
+        """What fails the job when ``p`` exited 2: "refused to start" (the job's exit is 2 too)
+        unless it had logged ``STARTED`` ("stopped with exit 2": it ran)."""
+        p.pump.join(timeout=5)  # its last lines read: did it start?
+        if p.started:
+            return JobFailed(f"{p.spec.name} stopped with exit {REFUSED_EXIT}", p.spec.name)
+        return JobFailed(f"{p.spec.name} refused to start (exit {REFUSED_EXIT})", p.spec.name,
+                         code=REFUSED_EXIT)
 
     def _schedule_restart(self, p: _Proc, rc: int) -> None:
         now, budget = time.monotonic(), p.budget
@@ -311,6 +320,8 @@ class Supervisor:
             if p.popen.poll() is not None:
                 if p.spec.main and p.popen.returncode == 0:
                     return  # it completed before it was seen healthy (a short job): watch() says so
+                if p.popen.returncode == REFUSED_EXIT:
+                    raise self._refused(p)
                 raise JobFailed(f"{p.spec.name} exited with {p.popen.returncode} "
                                 "before it was healthy "
                                 f"(see {self.log_dir / (p.spec.name + '.log')})", p.spec.name)
@@ -389,6 +400,23 @@ def error_tail(log: Path, max_lines: int = 20) -> list[str]:
         return lines[-max_lines:]
     block = blocks[-1]
     return block if len(block) <= max_lines else [block[0], "  ...", *block[-(max_lines - 2):]]
+
+
+# a daemon's log line at ERROR level (areal_like/daemon.py ``setup_logging``): its message
+_ERROR_LINE = re.compile(r"\d\d:\d\d:\d\d ERROR \[[^\]]*\] [^:]+: (.+)")
+
+
+def refusal(log: Path) -> str | None:
+    """What a process that exited 2 logged as its refusal (``StartRefused``, logged in one line
+    at ERROR level): the message of the last ERROR line of its last start; None when there is none
+    (not a daemon's log)."""
+    if not log.is_file():
+        return None
+    lines = log.read_text(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(LOG_START)]
+    found = [m[1] for line in lines[starts[-1] + 1 if starts else 0:]
+             if (m := _ERROR_LINE.fullmatch(_body(line)))]
+    return found[-1] if found else None
 
 
 def _body(line: str) -> str:

@@ -8,10 +8,11 @@ it) and refuses a finished run or a checkpoint with ``trainer.resume=false``;
 ``check_resume_settings`` refuses a resume whose settings differ from ``settings.yaml`` (the config
 as given) unless ``--accept-changes``, apart from ``FREE_ON_RESUME``; ``FIXED_ON_RESUME`` (the
 adapters' layout) never. Accepted changes reach ``settings.yaml`` only with the first step trained
-(launch/job.py, ``Monitor``): a resume a daemon refuses leaves it, and ``config.yaml``, as it was
-(launch/job.py, ``check_checkpoint_model``, refuses a change of the model's shapes before either
-is touched). Only names and files are read (the ``v%08d`` layout of trainer/checkpoint.py): no
-torch import, so a refusal is instant.
+(launch/job.py, ``Monitor``); a start that is refused (by the launcher after ``write_settings``, or
+by a daemon that exits 2 at start) leaves it, its time too (``restore_file``), and
+``config.yaml`` as they were (launch/job.py, ``check_checkpoint_model``, refuses a change of the
+model's shapes before either is touched). Only names and files are read (the ``v%08d`` layout of
+trainer/checkpoint.py): no torch import, so a refusal is instant.
 """
 
 from __future__ import annotations
@@ -28,9 +29,14 @@ from launch.tracking import flatten
 LOCK_FILE = "job.lock"  # in run_dir; "<pid> <create_time>" of the areal-like run that took it
 SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last run that trained
 # keys (prefixes) a resume may change; run_dir is the directory settings.yaml was found in, whatever
-# its spelling (relative from another cwd, a symlink); checkpoint and export retention train nothing
+# its spelling (relative from another cwd, a symlink). Checkpoint and export retention and cadence
+# train nothing (the trainer keeps the steps a crash could lose under the checkpoint's cadence:
+# trainer/loop.py, ``monotonic_version``), nor do the ports /metrics listens on
 FREE_ON_RESUME = ("trainer.steps", "launch.", "tracker", "tracking.", "run_dir",
-                  "trainer.keep_checkpoints", "export.keep")
+                  "trainer.keep_checkpoints", "trainer.checkpoint_every",
+                  "trainer.checkpoint_async", "export.keep", "export.every", "export.at_end",
+                  "export.shard_mb", "buffer.metrics_port", "rollout.metrics_port",
+                  "trainer.metrics_port")
 # keys (prefixes) no resume may change, --accept-changes or not: they name and size the adapters the
 # checkpoint holds, so the trainer could not load it (it failed on every restart)
 FIXED_ON_RESUME = ("trainer.lora.rank", "trainer.lora.target_modules")
@@ -131,6 +137,34 @@ def check_resume_settings(cfg: RunConfig, accept: bool) -> list[str]:
                                       "add --accept-changes to resume with them, "
                                       "or use a new run_dir"]))
     return changes
+
+
+def file_state(path: Path) -> tuple[bytes, int, int] | None:
+    """A file's bytes and its access and modification times (ns), for ``restore_file``; None when
+    there is none."""
+    try:
+        st = path.stat()
+        return path.read_bytes(), st.st_atime_ns, st.st_mtime_ns
+    except OSError:
+        return None
+
+
+def restore_file(path: Path, state: tuple[bytes, int, int] | None) -> None:
+    """``path`` as ``file_state`` found it, its times too: a start that was refused leaves
+    settings.yaml and config.yaml untouched (``status`` and ``top`` take the run whose
+    settings.yaml is newest for the one started last). Nothing when there was none, or the disk
+    refuses."""
+    if state is None:
+        return
+    data, atime_ns, mtime_ns = state
+    try:
+        if not path.is_file() or path.read_bytes() != data:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        os.utime(path, ns=(atime_ns, mtime_ns))
+    except OSError:
+        pass
 
 
 def write_settings(cfg: RunConfig, keep: bool = False) -> None:

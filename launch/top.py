@@ -60,9 +60,9 @@ PREPARING = "`areal-like run` prepares the job (preflight, warm start): no daemo
 def newest_run_dir(root: str | Path = "runs") -> str | None:
     """The run directory under ``root`` that ``areal-like run`` started last, by its settings.yaml
     (written, or only touched while a resume's changes wait for a step, at every start, before
-    the warm start: a run without ports.json yet is found, and a
-    resumed one counts from its resume); a directory with only a ports.json (a job started by
-    hand) by that."""
+    the warm start: a run without ports.json yet is found, and a resumed one counts from its
+    resume; a start that was refused puts it back as it was); a directory with only a ports.json
+    (a job started by hand) by that."""
     dirs = {p.parent for name in (SETTINGS_FILE, "ports.json")
             for p in Path(root).glob(f"**/{name}")}
     started = [(t, str(d)) for d in dirs

@@ -212,7 +212,7 @@ class SGLangProcess:
                                        start_new_session=True,
                                        env={**os.environ, "PYTHONPATH": _project_path()})
         deadline = time.monotonic() + self.engine.startup_timeout_s
-        while not self._healthy():
+        while not healthy(self.url):
             self.track_shm()  # also while it starts: one that fails or is stopped then leaves them
             if self.proc.poll() is not None:
                 self.stop()
@@ -269,15 +269,6 @@ class SGLangProcess:
         except subprocess.TimeoutExpired:
             return None
 
-    def _healthy(self) -> bool:
-        try:
-            auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            with urllib.request.urlopen(urllib.request.Request(self.url + "/health", headers=auth),
-                                        timeout=10) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
     def stop(self) -> None:
         """Stop SGLang's group, then let the reaper remove its files and TMPDIR (waiting for it,
         bounded)."""
@@ -290,6 +281,16 @@ class SGLangProcess:
             except subprocess.TimeoutExpired:
                 log.error("the engine reaper (pid %d) did not finish", self.reaper.pid)
             self.reaper = None
+
+
+def healthy(url: str) -> bool:
+    """Whether SGLang at ``url`` answers ``GET /health`` 200. Without the API key: SGLang leaves
+    /health open, and whatever holds the port while SGLang starts gets no key from this poll."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=10) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def _project_path() -> str:

@@ -11,7 +11,9 @@ Invariants:
   5xx; a non-idempotent one (generate, group join, weight loads) only when nothing was sent
   (``ClientConnectorError``) or it was refused unread (429): a generate that may have run or a
   bucket whose broadcast may have started is never re-posted;
-* ``api_key`` goes as ``Authorization: Bearer`` on every call and is never logged;
+* ``api_key`` goes as ``Authorization: Bearer`` on every call but to ``OPEN_PATHS`` (open on
+  SGLang and the embedded engine alike: a process that holds the engine's port, while it starts
+  say, gets no key from the health poll) and is never logged;
 * ``adapter`` (LoRA) is the (name, version) generate calls name; a request's tokens carry that
   adapter's version, and ``running(name)`` counts calls in flight naming it
   (``rollout_server/weight_update.py`` unloads only names at 0);
@@ -45,6 +47,7 @@ GENERATE_TIMEOUT_S = 600.0  # a long generation on a busy CPU engine can take mi
 MAX_ATTEMPTS = 4  # per call; with the backoff below a dead server is declared dead in about 3 s
 BACKOFF_S = 0.25  # first retry delay, doubled per attempt (0.25, 0.5, 1.0)
 ABORT_GRACE_S = 30.0  # a generate aborted at its timeout: how long its partial answer may take
+OPEN_PATHS = frozenset({"/health"})  # called without the API key (SGLang leaves them open)
 
 
 class SGLangError(RuntimeError):
@@ -170,8 +173,7 @@ class SGLangClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # no connection limit: a rollout server keeps many generate calls open at once
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
-                                                  headers=self._headers)
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
     async def _call(self, method: str, path: str, body: Any = None, *,
@@ -195,8 +197,9 @@ class SGLangClient:
                 await asyncio.sleep(delay)
             timeout = aiohttp.ClientTimeout(total=max(1e-3, deadline - loop.time()))
             try:
-                async with self._http().request(method, self.base_url + path, json=body,
-                                                params=params, timeout=timeout) as resp:
+                async with self._http().request(
+                        method, self.base_url + path, json=body, params=params, timeout=timeout,
+                        headers=None if path in OPEN_PATHS else self._headers) as resp:
                     raw = await resp.text()
                     try:
                         parsed = json.loads(raw) if raw.strip() else None
@@ -314,7 +317,8 @@ class SGLangClient:
 
     # ------------------------------------------------------------------ health and info
     async def health(self, *, timeout_s: float = 5.0) -> bool:
-        """``GET /health``: True on 200; False on 503 or no answer."""
+        """``GET /health`` (without the key: ``OPEN_PATHS``): True on 200; False on 503 or no
+        answer."""
         try:
             await self._call("GET", "/health", timeout_s=timeout_s, idempotent=True)
             return True

@@ -11,6 +11,9 @@ Invariants:
   copied into the model only for the duration of a push.
 - ``repush`` sends what the engines should serve now, never newer. Snapshots held: one (lagged),
   D + 1 (delay), none (default).
+- ``STALL_PUSHES`` re-pushes in a row that each ran into ``weight_sync.deadline_s`` with no engine
+  done end the trainer (``DeadlineUnmeetable``, exit 2): the stall they answer cannot end, and the
+  loop re-pushed every few seconds forever.
 """
 
 from __future__ import annotations
@@ -20,8 +23,19 @@ from contextlib import contextmanager
 
 import torch
 
+from areal_like.daemon import StartRefused
 from areal_like.settings.config import WeightSyncConfig
+from trainer.ranks import from_rank0
 from trainer.weight_sync import SyncReport, WeightBroadcaster
+
+# re-pushes in a row, each cut at its deadline with no engine done, before the trainer gives up
+STALL_PUSHES = 3
+
+
+class DeadlineUnmeetable(StartRefused):
+    """No push can finish within ``trainer.weight_sync.deadline_s`` here, so the engines never get
+    the weights the data waits for: one line naming the setting, exit 2 (a restart would push
+    with the same deadline)."""
 
 
 class EngineSchedule:
@@ -34,6 +48,7 @@ class EngineSchedule:
         self.wb, self.model, self.final_version = broadcaster, model, final_version
         self.snapshots: deque[tuple[int, list[torch.Tensor]]] = deque()
         self.served: int | None = None  # the label the engines were last pushed
+        self.cut: list[float] = []  # rank 0: seconds of the re-pushes in a row cut, none done
 
     @property
     def lagging(self) -> bool:
@@ -59,8 +74,24 @@ class EngineSchedule:
         return self._push(target, version, wait)
 
     def repush(self, version: int) -> SyncReport:
-        """Push again what the engines should be serving (a stall: one may have missed a push)."""
-        return self._push(self.target(version) if self.served is not None else version, version)
+        """Push again what the engines should be serving (a stall: one may have missed a push);
+        the ``STALL_PUSHES``-th in a row cut at its deadline with no engine done raises
+        DeadlineUnmeetable on every rank."""
+        report = self._push(self.target(version) if self.served is not None else version, version)
+        failed = report.cut and report.members and not report.done
+        self.cut = [*self.cut, report.seconds] if failed else []
+        why = from_rank0(self.unmeetable(report) if len(self.cut) >= STALL_PUSHES else None)
+        if why:
+            raise DeadlineUnmeetable(why)
+        return report
+
+    def unmeetable(self, report: SyncReport) -> str:
+        took = ", ".join(f"{s:.2f}" for s in self.cut)
+        return (f"weight sync: {len(self.cut)} pushes of version {report.version} in a row ran "
+                f"into trainer.weight_sync.deadline_s={self.wb.cfg.deadline_s:g} ({took} s) and "
+                f"no engine loaded it ({', '.join(report.dropped)} dropped), so the data the "
+                "trainer waits for cannot come: raise trainer.weight_sync.deadline_s above what "
+                "a push takes here")
 
     def _push(self, target: int, version: int, wait: bool = True) -> SyncReport:
         if target == version:

@@ -91,6 +91,7 @@ class SyncReport:
     repushed: list[str] = field(default_factory=list)  # survivors of a lost member, again
     plan_id: str = ""  # the last plan the buffer took for this version ("": none was published)
     loaded: dict = field(default_factory=dict)  # member in ``done`` -> the plan it loaded
+    cut: bool = False  # it ran into its deadline (took 90% of it or more): WeightSyncOverDeadline
 
 
 class WeightBroadcaster:
@@ -233,7 +234,7 @@ class WeightBroadcaster:
         report.seconds = time.monotonic() - t_start
         # it ran into its deadline (cut there): WeightSyncOverDeadline. Not report.seconds: that
         # includes the wait for the push before, which the deadline does not
-        near = time.monotonic() >= deadline - 0.1 * self.cfg.deadline_s
+        near = report.cut = time.monotonic() >= deadline - 0.1 * self.cfg.deadline_s
         if near and self.rank == 0 and self.metrics is not None:
             self.metrics.counter("trainer/weight_sync_near_deadline").inc()
         if alone or self._done_report is None:  # not a blocking resync's: the record wants v's

@@ -128,11 +128,11 @@ class EngineHttp:
         self.hold_posted = False
 
     def app(self) -> web.Application:
-        # every endpoint needs the API key (SGLang's --api-key: /health too), within the limits
-        # (http_guard.py); generate calls (which wait while paused) count against max_inflight,
-        # control calls always get in
-        app = guarded_app(limits=self.e.limits, token=self.e.api_key, capped_paths=("/generate",),
-                          middlewares=(self._errors,))
+        # every endpoint but /health needs the API key (SGLang's --api-key leaves /health open:
+        # its answer is a status, no body), within the limits (http_guard.py); generate calls
+        # (which wait while paused) count against max_inflight, control calls always get in
+        app = guarded_app(limits=self.e.limits, token=self.e.api_key, open_paths=("/health",),
+                          capped_paths=("/generate",), middlewares=(self._errors,))
         r = app.router
         for path, handler in [("/generate", self.generate), ("/flush_cache", self.flush_cache),
                               ("/get_weights_by_name", self.weights_by_name)]:

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -215,7 +216,7 @@ def test_a_daemon_that_refuses_its_settings_fails_the_job_without_restarts(dummy
     with _Run(sup) as run:
         assert _wait(lambda: not run.thread.is_alive(), 90)
         run.track()
-    assert run.code == 1 and sup.failed == "trainer", sup.outcome
+    assert run.code == 2 and sup.failed == "trainer", sup.outcome  # a refusal: exit 2, as run's
     assert "trainer refused to start (exit 2)" in sup.outcome
     assert sup.proc("trainer").restarts == 0
     assert error_tail(tmp_path / "run" / "logs" / "trainer.log")[-1] == (
@@ -351,6 +352,44 @@ def test_quiet_run_prints_why_the_job_failed(tmp_path):
     assert r.stderr.rstrip().endswith(
         f"NotADirectoryError: [Errno 20] Not a directory: '{tmp_path / 'afile' / 'wal'}'")
     assert " | " not in r.stderr  # quiet: no streamed daemon lines, only the failure report
+
+
+def _run_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", *overrides],
+                          capture_output=True, text=True, timeout=180, cwd=cwd,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.slow
+def test_a_trainer_that_refuses_to_start_fails_run_with_exit_2_and_its_line(tmp_path):
+    """The trainer refuses at start (its metrics port is taken: exit 2, one ERROR line): `run`
+    exited 1 and showed the log's last lines; now it exits 2 with the trainer's line as an
+    ``error:`` line (a refusal, as run's own refusals). Run again in that run_dir (a resume, with
+    a new trainer.steps), refused the same way: its settings.yaml, time too, and config.yaml are
+    as they were (``status`` and ``top`` took the refused run for the one started last)."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port, run_dir = taken.getsockname()[1], tmp_path / "run"
+    args = (f"run_dir={run_dir}", "experiment=quickstart", "warm_start.steps=0",
+            "eval.at_end=false", f"trainer.metrics_port={port}")
+    with taken:
+        r = _run_cli(tmp_path, *args, "trainer.steps=2")
+        files = [run_dir / "settings.yaml", run_dir / "config.yaml"]
+        for f in files:
+            os.utime(f, ns=(10**18, 10**18))  # 2001: a run started long ago
+        before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
+        again = _run_cli(tmp_path, *args, "trainer.steps=3")
+    assert again.returncode == 2 and "error: trainer.metrics_port=" in again.stderr, again.stderr
+    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
+    assert r.returncode == 2, r.stderr
+    assert json.loads(r.stdout)["ok"] is False
+    assert "[supervisor] failed: trainer refused to start (exit 2)" in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-2] == (
+        f"error: trainer.metrics_port={port}: cannot listen on 127.0.0.1: error while attempting "
+        f"to bind on address ('127.0.0.1', {port}): address already in use"), r.stderr
+    assert r.stderr.splitlines()[-1] == (
+        f"[run] trainer refused to start; its log: {tmp_path / 'run' / 'logs' / 'trainer.log'}")
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ checkpoints; then, on the same run_dir:
   (the trainer used to refuse it at start, after ``config.yaml`` held the new model, so that
   ``areal-like export``/``eval`` of the old checkpoints read the wrong settings);
 * an accepted change that the trainer refuses at start for a reason the launcher cannot see (its
-  newest checkpoint cut short): the job fails, and ``config.yaml`` and ``settings.yaml`` are as
-  they were;
+  newest checkpoint cut short): the job fails with exit 2 and the trainer's line, and
+  ``config.yaml`` and ``settings.yaml`` (its time too) are as they were;
 * the learning rate with ``--accept-changes``: the run resumes, says which setting changed, trains
   to the new end, and the run's config and ``settings.yaml`` now hold the new learning rate.
 """
@@ -66,8 +66,9 @@ def test_a_resume_with_changed_settings_is_refused_unless_accepted(tmp_path):
     whole = data.read_bytes()
     os.truncate(data, len(whole) // 2)
     damaged = _run(run_dir, "--accept-changes", "trainer.steps=4", "trainer.lr=1e-3")
-    assert damaged.returncode == 1, damaged.stderr[-3000:]
-    assert "v00000002 cannot be read" in damaged.stderr, damaged.stderr[-3000:]
+    assert damaged.returncode == 2, damaged.stderr[-3000:]  # a refusal
+    assert damaged.stderr.splitlines()[-2].startswith(
+        f"error: checkpoint {run_dir}/checkpoints/v00000002 cannot be read ("), damaged.stderr
     assert [f.read_text() for f in files] == before
     data.write_bytes(whole)
 

@@ -1,5 +1,6 @@
 """The embedded engine's HTTP hardening over real sockets on 127.0.0.1 (one in-process engine with
-an API key and small limits): 401 on every endpoint without the key, 413 / 431 for oversized
+an API key and small limits): 401 on every endpoint but /health without the key (counted), /health
+open as SGLang leaves it (a status, no body), 413 / 431 for oversized
 bodies and headers, slow clients cut off by the header and body deadlines, and 400 (never 500)
 for invalid UTF-8, deep JSON and out-of-range numbers."""
 
@@ -55,16 +56,22 @@ def routes(engine) -> list[tuple[str, str]]:
                    if r.method != "HEAD"})
 
 
-def test_every_endpoint_refuses_a_missing_or_wrong_key(engine):
+def test_every_endpoint_but_health_refuses_a_missing_or_wrong_key(engine):
+    """/health is open, as SGLang's --api-key leaves it: the rollout server polls it without the
+    key, so a process holding the engine's port gets none; its answer is a status and no body.
+    Every other endpoint (``/health_generate`` too) refuses a stranger with 401, each counted."""
     found = routes(engine)
     assert (len(found) == 24 and ("POST", "/update_weights_from_distributed") in found
-            and ("GET", "/health") in found)
+            and ("GET", "/health") in found and ("GET", "/health_generate") in found)
+    strangers = (None, "Bearer wrong", f"Bearer {KEY}x", f"Basic {KEY}", KEY, "Bearer ")
+    before = engine.unauthorized
     for method, path in found:
         body = b"{}" if method in ("POST", "PUT") else None
-        for auth in (None, "Bearer wrong", f"Bearer {KEY}x", f"Basic {KEY}", KEY, "Bearer "):
+        for auth in strangers:
             status, text = call(engine, path, body, method=method, auth=auth)
-            assert status == 401, (method, path, auth, status)
-            assert KEY not in text
+            assert status == (200 if path == "/health" else 401), (method, path, auth, status)
+            assert KEY not in text and (path != "/health" or text == "")
+    assert engine.unauthorized - before == (len(found) - 1) * len(strangers)
     assert call(engine, "/health", method="GET")[0] == 200
     status, text = call(engine, "/generate", json.dumps({"input_ids": [1, 5], "sampling_params": {
         "max_new_tokens": 2, "temperature": 0}}).encode())
@@ -76,7 +83,8 @@ def test_a_key_of_bytes_that_are_not_utf8_gets_401_not_500(engine):
     encode: a stranger got 500 (uncounted) where the docs promise 401."""
     port = int(engine.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S) as sock:
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n\r\n")
+        sock.sendall(b"GET /model_info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
+                     b"\r\n")
         answer = sock.recv(4096)
     assert answer.startswith(b"HTTP/1.1 401 "), answer[:80]
 

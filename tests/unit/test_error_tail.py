@@ -1,10 +1,11 @@
-"""launch/local.py error_tail: the lines of a daemon's log that say why it failed."""
+"""launch/local.py error_tail: the lines of a daemon's log that say why it failed; refusal: the one
+line a daemon that exited 2 refused in."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from launch.local import error_tail
+from launch.local import error_tail, refusal
 
 RANK_TB = ['Traceback (most recent call last):', '  File "/x/trainer/loop.py", line 9, in start',
            '    self.policy = build_policy(cfg)', 'ValueError: model.vocab_size=10 is too small']
@@ -49,3 +50,23 @@ def test_a_long_traceback_keeps_its_head_and_the_frames_nearest_the_error(tmp_pa
 
 def test_no_log(tmp_path):
     assert error_tail(tmp_path / "missing.log") == []
+
+
+REFUSED = ["12:00:00 INFO [trainer-0 pid=7] trainer-0: CURVE on",
+           "12:00:01 ERROR [trainer-0 pid=7] trainer: trainer.metrics_port=9: cannot listen on "
+           "127.0.0.1: address already in use",
+           "12:00:01 INFO [trainer-0 pid=7] trainer: stopped (exit 2)"]
+
+
+def test_a_refusal_is_the_message_of_the_last_starts_last_error_line(tmp_path):
+    older = ["12:00:00 ERROR [trainer-0 pid=5] trainer: an older start's"]
+    assert refusal(log(tmp_path, older, REFUSED)) == (
+        "trainer.metrics_port=9: cannot listen on 127.0.0.1: address already in use")
+    ranked = [f"[rank0]: {ln}" for ln in REFUSED]  # torchrun's prefix
+    assert refusal(log(tmp_path, ranked)) == refusal(log(tmp_path, REFUSED))
+
+
+def test_no_refusal_without_an_error_line(tmp_path):
+    assert refusal(log(tmp_path, ["12:00:01 ERROR [trainer-0 pid=5] trainer: old"],
+                       ["error: not a daemon's line"])) is None
+    assert refusal(tmp_path / "missing.log") is None

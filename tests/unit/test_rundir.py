@@ -227,6 +227,22 @@ def test_retention_settings_may_change_on_resume(tmp_path):
                                          "export.keep=3"])) == []
 
 
+def test_cadence_and_metrics_ports_may_change_on_resume(tmp_path):
+    """Checkpoints, exports and /metrics train nothing: how often a checkpoint or an export is
+    written (and how) and the ports /metrics listens on change without --accept-changes (before:
+    refused, ``trainer.checkpoint_every`` listed as a changed setting). A setting that trains
+    still is listed."""
+    from launch.rundir import changed_settings, write_settings
+
+    write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20"]))
+    free = ["trainer.checkpoint_every=5", "trainer.checkpoint_async=true", "export.every=10",
+            "export.at_end=false", "export.shard_mb=512", "buffer.metrics_port=29101",
+            "rollout.metrics_port=29102", "trainer.metrics_port=29103"]
+    assert changed_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=30", *free])) == []
+    assert changed_settings(load_config([f"run_dir={tmp_path}", *free, "trainer.lr=1e-3"])) == [
+        "trainer.lr: 0.0003 -> 0.001"]
+
+
 @pytest.mark.parametrize("change", ["trainer.lora.rank=4", "trainer.lora.rank=0",
                                     "trainer.lora.target_modules=[q_proj]"])
 def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path, change):
@@ -319,3 +335,30 @@ def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
     assert listed() == ["buffer", "rollout-0", "trainer"]
     procs["trainer"].popen = exited  # completed: the job waits for its final evaluation
     assert listed() == ["buffer", "rollout-0"]
+
+
+def test_a_start_refused_after_settings_were_written_leaves_them_as_they_were(tmp_path,
+                                                                             monkeypatch):
+    """A resume the launcher refuses after ``write_settings`` (a layout that does not fit, here two
+    daemons on one fixed port; a warm start that fails): settings.yaml got this start's content
+    (a new trainer.steps) and time, so ``status`` and ``top`` took the refused run for the one
+    started last. Now it is as it was, its time too."""
+    from launch import job, warmstart
+    from launch.rundir import SETTINGS_FILE, write_settings
+
+    same_port = ["buffer.metrics_port=29001", "trainer.metrics_port=29001"]
+    write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20", *same_port]))
+    path = tmp_path / SETTINGS_FILE
+    os.utime(path, ns=(10**18, 10**18))  # a run started long ago
+    before = path.read_bytes(), path.stat().st_mtime_ns
+    locks: list[int] = []
+    monkeypatch.setattr(job, "lock_run_dir", lambda d: locks.append(lock_run_dir(d)) or locks[-1])
+    monkeypatch.setattr(warmstart, "ensure_warm_start", lambda *a, **k: pytest.fail("started"))
+    try:
+        with pytest.raises(ConfigError, match="the same fixed port"):
+            job.start_job(load_config([f"run_dir={tmp_path}", "trainer.steps=30", *same_port]),
+                          False)
+    finally:
+        for fd in locks:
+            os.close(fd)
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before

@@ -19,7 +19,7 @@ from aiohttp import web
 from areal_like.net.distributed import free_port
 from areal_like.settings.config import ConfigError, EngineConfig, ModelConfig
 from rollout_server.episode import generate_sample, segment_versions
-from rollout_server.launch_sglang import SGLangProcess, sglang_command
+from rollout_server.launch_sglang import SGLangProcess, healthy, sglang_command
 from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
 
 
@@ -28,6 +28,7 @@ class Scripted:
 
     def __init__(self):
         self.calls: list[tuple[str, object]] = []
+        self.auth: list[tuple[str, str | None]] = []  # (path, its Authorization header)
         self.script: dict[str, list] = {}
         self.app = web.Application()
         self.app.router.add_route("*", "/{path:.*}", self.handle)
@@ -38,6 +39,7 @@ class Scripted:
         path = "/" + request.match_info["path"]
         body = await request.text()
         self.calls.append((path, json.loads(body) if body else None))
+        self.auth.append((path, request.headers.get("Authorization")))
         answers = self.script.get(path) or [(404, {"detail": "Not Found"})]
         answer = answers.pop(0) if len(answers) > 1 else answers[0]
         if callable(answer):
@@ -72,7 +74,7 @@ def run(coro_fn):
     """Run ``coro_fn(server, client)`` with a fresh scripted server and client."""
     async def main():
         server = Scripted()
-        url = await server.start()
+        url = server.base = await server.start()
         client = SGLangClient(url, timeout_s=5.0)
         try:
             return await coro_fn(server, client)
@@ -568,3 +570,21 @@ def test_the_sglang_line_copied_into_our_log_never_holds_the_engine_key(tmp_path
     proc.proc.wait()
     why = str(proc.start_failure())
     assert key not in why and "api_key='***'" in why and "exited with code 1" in why, why
+
+
+def test_the_api_key_goes_to_every_path_but_the_open_health_poll():
+    """SGLang (and the embedded engine) leave /health open: the health poll sent the key there, so
+    a process holding the engine's port (while SGLang starts, say) got it. Now it goes without;
+    every other call carries it. SGLangProcess's own start-up poll sends none either."""
+    async def body(server, _):
+        server.script = {"/health": [(200, "")], "/health_generate": [(200, "")],
+                         "/model_info": [(200, {"weight_version": "0"})]}
+        async with SGLangClient(server.base, api_key="k-secret", timeout_s=5.0) as client:
+            assert await client.health()
+            await client.health_generate()
+            await client.model_info()
+        assert await asyncio.to_thread(healthy, server.base)
+        return server.auth
+
+    assert run(body) == [("/health", None), ("/health_generate", "Bearer k-secret"),
+                         ("/model_info", "Bearer k-secret"), ("/health", None)]

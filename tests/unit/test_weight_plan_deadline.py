@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 
+import pytest
 import torch
 
 from areal_like.net.metrics import Metrics
@@ -142,3 +143,57 @@ def test_a_push_cut_at_its_deadline_is_counted_for_its_alert():
     assert cut.dropped == ["a"] and fast.done == ["a"], (cut, fast)
     assert cut.seconds >= 0.9 * cfg.deadline_s > fast.seconds
     assert metrics.registry.get_sample_value(near) == 1
+
+
+class _Scripted(_Buffer):
+    """Member a reports each plan as ``answers`` says, in order: "none" (never: frozen past the
+    deadline), "done" or "failed" (at once)."""
+
+    def __init__(self, answers: list[str]):
+        super().__init__()
+        self.answers = answers
+
+    def request(self, msg, timeout_s=None):
+        if isinstance(msg, P.SyncStatusRequest):
+            answer = self.answers[len(self.plans) - 1]
+            return P.SyncStatus(policy_version=msg.policy_version,
+                                done=["a"] if answer == "done" else [],
+                                failed=["a"] if answer == "failed" else [])
+        return super().request(msg, timeout_s)
+
+
+def test_re_pushes_that_can_never_meet_the_deadline_end_the_trainer_in_one_line():
+    """A stall (no data, an engine behind) is answered by a re-push; when no push can finish
+    within deadline_s (measured: 0.05 s on a quickstart job, each push cut in its rendezvous) the
+    trainer re-pushed every few seconds forever, saying only that it re-pushes. The third re-push
+    in a row cut at its deadline with no engine done raises one line naming the setting and the
+    times; one that an engine loads, or that failed at once (a fault, not the deadline), starts
+    the count again."""
+    from trainer.engine_lag import STALL_PUSHES, DeadlineUnmeetable, EngineSchedule
+
+    cfg = WeightSyncConfig(path="disk", deadline_s=0.3)
+    wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
+                           device=torch.device("cpu"))
+    wb.client.close()
+    wb.client = buffer = _Scripted(["none", "none", "done", "none", "failed", "none", "none",
+                                    "none"])
+    model = torch.nn.Linear(2, 2)
+    model.config = _Counting()
+    engines = EngineSchedule(cfg, wb, model, final_version=10)
+    try:
+        for _ in range(5):  # two cut, one loaded, one cut, one failed at once
+            engines.repush(1)
+        for _ in range(STALL_PUSHES - 1):
+            assert engines.repush(1).dropped == ["a"]
+        with pytest.raises(DeadlineUnmeetable) as refused:
+            engines.repush(1)
+    finally:
+        wb.client = None
+        wb.close()
+    assert len(buffer.plans) == 8  # one plan a re-push
+    why = str(refused.value)
+    assert why.startswith("weight sync: 3 pushes of version 1 in a row ran into "
+                          "trainer.weight_sync.deadline_s=0.3 ("), why
+    assert why.endswith(" s) and no engine loaded it (a dropped), so the data the trainer waits "
+                        "for cannot come: raise trainer.weight_sync.deadline_s above what a push "
+                        "takes here"), why
