@@ -12,30 +12,25 @@ Invariants:
 - ``repush`` sends what the engines should serve now, never newer. Snapshots held: one (lagged),
   D + 1 (delay), none (default).
 - ``STALL_PUSHES`` re-pushes in a row that each ran into ``weight_sync.deadline_s`` with no engine
-  done end the trainer (``DeadlineUnmeetable``, exit 2): the stall they answer cannot end, and the
-  loop re-pushed every few seconds forever.
+  done log one error naming the setting (once per such streak; it had re-pushed every few seconds
+  saying only that it re-pushes). The re-pushes go on: an outage of the engines' network looks
+  the same and ends, and a long-lived trainer must outlive it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from contextlib import contextmanager
 
 import torch
 
-from areal_like.daemon import StartRefused
 from areal_like.settings.config import WeightSyncConfig
-from trainer.ranks import from_rank0
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
-# re-pushes in a row, each cut at its deadline with no engine done, before the trainer gives up
+log = logging.getLogger("trainer")
+# re-pushes in a row, each cut at its deadline with no engine done, before the error says why
 STALL_PUSHES = 3
-
-
-class DeadlineUnmeetable(StartRefused):
-    """No push can finish within ``trainer.weight_sync.deadline_s`` here, so the engines never get
-    the weights the data waits for: one line naming the setting, exit 2 (a restart would push
-    with the same deadline)."""
 
 
 class EngineSchedule:
@@ -75,14 +70,13 @@ class EngineSchedule:
 
     def repush(self, version: int) -> SyncReport:
         """Push again what the engines should be serving (a stall: one may have missed a push);
-        the ``STALL_PUSHES``-th in a row cut at its deadline with no engine done raises
-        DeadlineUnmeetable on every rank."""
+        after the ``STALL_PUSHES``-th in a row cut at its deadline with no engine done, rank 0
+        logs why once (module docstring)."""
         report = self._push(self.target(version) if self.served is not None else version, version)
         failed = report.cut and report.members and not report.done
         self.cut = [*self.cut, report.seconds] if failed else []
-        why = from_rank0(self.unmeetable(report) if len(self.cut) >= STALL_PUSHES else None)
-        if why:
-            raise DeadlineUnmeetable(why)
+        if len(self.cut) == STALL_PUSHES and self.wb.rank == 0:
+            log.error("%s", self.unmeetable(report))
         return report
 
     def unmeetable(self, report: SyncReport) -> str:
@@ -91,7 +85,7 @@ class EngineSchedule:
                 f"into trainer.weight_sync.deadline_s={self.wb.cfg.deadline_s:g} ({took} s) and "
                 f"no engine loaded it ({', '.join(report.dropped)} dropped), so the data the "
                 "trainer waits for cannot come: raise trainer.weight_sync.deadline_s above what "
-                "a push takes here")
+                "a push takes here (or the engines are unreachable); re-pushing on")
 
     def _push(self, target: int, version: int, wait: bool = True) -> SyncReport:
         if target == version:

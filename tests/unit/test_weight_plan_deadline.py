@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import time
 
-import pytest
 import torch
 
 from areal_like.net.metrics import Metrics
@@ -162,38 +161,44 @@ class _Scripted(_Buffer):
         return super().request(msg, timeout_s)
 
 
-def test_re_pushes_that_can_never_meet_the_deadline_end_the_trainer_in_one_line():
+def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplog):
     """A stall (no data, an engine behind) is answered by a re-push; when no push can finish
     within deadline_s (measured: 0.05 s on a quickstart job, each push cut in its rendezvous) the
     trainer re-pushed every few seconds forever, saying only that it re-pushes. The third re-push
-    in a row cut at its deadline with no engine done raises one line naming the setting and the
-    times; one that an engine loads, or that failed at once (a fault, not the deadline), starts
-    the count again."""
-    from trainer.engine_lag import STALL_PUSHES, DeadlineUnmeetable, EngineSchedule
+    in a row cut at its deadline with no engine done logs one error naming the setting and the
+    times, once per streak; the re-pushes go on (an outage of the engines looks the same, and
+    ends). One that an engine loads, or that failed at once (a fault), starts the count again."""
+    from trainer.engine_lag import STALL_PUSHES, EngineSchedule
 
     cfg = WeightSyncConfig(path="disk", deadline_s=0.3)
     wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
                            device=torch.device("cpu"))
     wb.client.close()
     wb.client = buffer = _Scripted(["none", "none", "done", "none", "failed", "none", "none",
-                                    "none"])
+                                    "none", "none"])
     model = torch.nn.Linear(2, 2)
     model.config = _Counting()
     engines = EngineSchedule(cfg, wb, model, final_version=10)
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+
     try:
         for _ in range(5):  # two cut, one loaded, one cut, one failed at once
             engines.repush(1)
         for _ in range(STALL_PUSHES - 1):
             assert engines.repush(1).dropped == ["a"]
-        with pytest.raises(DeadlineUnmeetable) as refused:
-            engines.repush(1)
+        assert errors() == []
+        engines.repush(1)
+        assert len(errors()) == 1
+        assert engines.repush(1).dropped == ["a"]  # still re-pushing, not said again
     finally:
         wb.client = None
         wb.close()
-    assert len(buffer.plans) == 8  # one plan a re-push
-    why = str(refused.value)
+    assert len(buffer.plans) == 9  # one plan a re-push
+    (why,) = errors()
     assert why.startswith("weight sync: 3 pushes of version 1 in a row ran into "
                           "trainer.weight_sync.deadline_s=0.3 ("), why
     assert why.endswith(" s) and no engine loaded it (a dropped), so the data the trainer waits "
                         "for cannot come: raise trainer.weight_sync.deadline_s above what a push "
-                        "takes here"), why
+                        "takes here (or the engines are unreachable); re-pushing on"), why
