@@ -16,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from areal_like.job_facts import model_json, model_vocab_size
+from areal_like.job_facts import dataset_size, model_json, model_vocab_size
 from areal_like.settings.config import ConfigError, RunConfig
 from areal_like.tasks.callables import split_function_path
 from areal_like.weights.hf import (
@@ -188,6 +188,29 @@ def check_eval_split(cfg: RunConfig) -> list[str]:
         return []
     return [f"eval.every={cfg.eval.every}: task.dataset_path has no eval split to evaluate: set "
             "task.eval_path or task.eval_fraction (or eval.every=0)"]
+
+
+def check_epochs(cfg: RunConfig) -> list[str]:
+    """``buffer.max_epochs`` passes over the train split give at least the groups the job trains
+    on (``trainer.steps`` x ``buffer.groups_per_step``): past the last pass the buffer grants no
+    prompt and the trainer would wait for data forever."""
+    epochs, groups = cfg.buffer.max_epochs, cfg.buffer.groups_per_step
+    if epochs <= 0:
+        return []
+    try:
+        prompts = dataset_size(cfg.task, cfg.model)
+    except Exception:  # noqa: BLE001 - an unusable dataset or tokenizer: other checks say why
+        return []
+    needed = cfg.trainer.steps * groups
+    if prompts * epochs >= needed:
+        return []
+    source = "task.dataset_path" if cfg.task.name == "dataset" else f"task={cfg.task.name}"
+    passes = "1 pass" if epochs == 1 else f"{epochs} passes"
+    return [f"buffer.max_epochs={epochs}: {passes} over the {prompts} prompts of {source} "
+            f"give{'s' if epochs == 1 else ''} {prompts * epochs} groups, fewer than the {needed} "
+            f"the job trains on (trainer.steps={cfg.trainer.steps} x buffer.groups_per_step="
+            f"{groups}): it would wait for data forever; raise buffer.max_epochs (0: no limit) or "
+            "lower trainer.steps"]
 
 
 def check_chat_template(cfg: RunConfig) -> list[str]:
@@ -427,6 +450,6 @@ def check_environment(cfg: RunConfig) -> list[str]:
 
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
-                check_chat_template, check_chat_format, check_reward_fn, check_env, check_agent,
-                check_trackers, check_engine, check_architecture, check_lora,
+                check_epochs, check_chat_template, check_chat_format, check_reward_fn, check_env,
+                check_agent, check_trackers, check_engine, check_architecture, check_lora,
                 check_environment)
