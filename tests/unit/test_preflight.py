@@ -316,6 +316,15 @@ def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_serve
         "task.reward_fn='exits_rewards:score' cannot be loaded in a reward worker: SystemExit: 7"]
     assert pf.check_reward_fn(cfg_with(reward_fn="score")) == [
         "task.reward_fn='score' is not of the form package.module:function"]
+    # a file's path for a module's name: said so, not "No module named 'my_rewards/py'"
+    assert pf.check_reward_fn(cfg_with(reward_fn="./my_rewards.py:score")) == [
+        "task.reward_fn='./my_rewards.py:score' is not of the form package.module:function"]
+    # the reward's own module is not found: where it was looked for (a new user's module
+    # sits beside their data, not where they started the job)
+    assert pf.check_reward_fn(cfg_with(reward_fn="elsewhere_rewards.mine:score")) == [
+        "task.reward_fn='elsewhere_rewards.mine:score' cannot be loaded in a reward worker: "
+        "ModuleNotFoundError: No module named 'elsewhere_rewards' (imported from the working "
+        f"directory, {tmp_path}, then PYTHONPATH)"]
     # its calls would return coroutines: every sample would score 0
     (tmp_path / "async_rewards.py").write_text("async def score(response, example):\n"
                                                "    return 1.0\n")
