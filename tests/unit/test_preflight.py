@@ -225,6 +225,12 @@ def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch
     assert pf.check_dataset_columns(cfg_with(**ok, answer_key="solution")) == [
         "task.answer_key='solution': no such column in train.jsonl; "
         "columns found: question, answer, level"]
+    # both wrong (the README's example keys on one's own data): both named at once, not the
+    # answer's only once the messages' is fixed
+    assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages",
+                                             answer_key="solution")) == [
+        "task.messages_key='messages', task.answer_key='solution': no such columns in "
+        "train.jsonl; columns found: question, answer, level"]
     assert pf.check_dataset_columns(cfg_with(**ok, metadata_keys=["level", "source"])) == [
         "task.metadata_keys='source': no such column in train.jsonl; "
         "columns found: question, answer, level"]
