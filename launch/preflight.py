@@ -16,9 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from areal_like.job_facts import model_json, model_vocab_size
+from areal_like.job_facts import dataset_size, model_json, model_vocab_size
 from areal_like.settings.config import ConfigError, RunConfig
-from areal_like.tasks.callables import split_function_path
 from areal_like.weights.hf import (
     TOKENIZER_FILES,
     TOKENIZER_NAMES,
@@ -29,21 +28,17 @@ from areal_like.weights.hf import (
 )
 from areal_like.weights.lora import check_targets, export_without_base
 from launch.tracking import check_trackers
+from rollout_server.reward_pool import REWARD_IMPORT_TIMEOUT_S, load_problem
 from rollout_server.reward_worker import scrubbed_env
 
-REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a loaded machine
 # config keys of logits transformed after lm_head (Gemma 2's soft cap, Cohere's and Granite's scale)
 LOGIT_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # written by launch/warmstart.py into the model directory it saves
 WARM_START_MARK = "warm_start.json"
 
-# Run as `python -c`: the working directory is first on sys.path, as for the rollout server's
-# `python -m rollout_server`. The reward worker's own loader (address-space limit, then import):
-# it prints the reason and exits 1 when the reward cannot be loaded.
-REWARD_PROBE = ("import sys; from rollout_server.reward_worker import probe; "
-                "sys.exit(probe(sys.argv[1], int(sys.argv[2])))")
-# The same for tools (the function paths in argv): "path<TAB>reason" for each that does not import
-# or is an async def (its calls would each be an error: rollout_server/tool_pool.py).
+# Run as `python -c`, the working directory first on sys.path as for `python -m rollout_server`
+# (the function paths in argv): "path<TAB>reason" for each tool that does not import or is an
+# async def (its calls would each be an error: rollout_server/tool_pool.py).
 TOOL_PROBE = ("import inspect, sys\nfrom areal_like.tasks.callables import import_function\n"
               "for path in sys.argv[1:]:\n    try:\n"
               "        if inspect.iscoroutinefunction(import_function(path)):  # never awaited\n"
@@ -190,6 +185,29 @@ def check_eval_split(cfg: RunConfig) -> list[str]:
             "task.eval_path or task.eval_fraction (or eval.every=0)"]
 
 
+def check_epochs(cfg: RunConfig) -> list[str]:
+    """``buffer.max_epochs`` passes over the train split give at least the groups the job trains
+    on (``trainer.steps`` x ``buffer.groups_per_step``): past the last pass the buffer grants no
+    prompt and the trainer would wait for data forever."""
+    epochs, groups = cfg.buffer.max_epochs, cfg.buffer.groups_per_step
+    if epochs <= 0:
+        return []
+    try:
+        prompts = dataset_size(cfg.task, cfg.model)
+    except Exception:  # noqa: BLE001 - an unusable dataset or tokenizer: other checks say why
+        return []
+    needed = cfg.trainer.steps * groups
+    if prompts * epochs >= needed:
+        return []
+    source = "task.dataset_path" if cfg.task.name == "dataset" else f"task={cfg.task.name}"
+    passes = "1 pass" if epochs == 1 else f"{epochs} passes"
+    return [f"buffer.max_epochs={epochs}: {passes} over the {prompts} prompts of {source} "
+            f"give{'s' if epochs == 1 else ''} {prompts * epochs} groups, fewer than the {needed} "
+            f"the job trains on (trainer.steps={cfg.trainer.steps} x buffer.groups_per_step="
+            f"{groups}): it would wait for data forever; raise buffer.max_epochs (0: no limit) or "
+            "lower trainer.steps"]
+
+
 def check_chat_template(cfg: RunConfig) -> list[str]:
     """``task.chat_template`` other than auto/none: a file or an inline template (as
     ``areal_like.tasks.task.chat_template_of`` reads it) that compiles as transformers compiles it
@@ -239,31 +257,10 @@ def check_chat_format(cfg: RunConfig) -> list[str]:
 
 
 def check_reward_fn(cfg: RunConfig) -> list[str]:
-    """Load ``task.reward_fn`` in a child Python as a reward worker would (``REWARD_PROBE``): with
-    the rollout servers' sys.path (the working directory first), the workers' address-space limit
-    and scrubbed environment (none with ``task.reward_workers=0``), and no harm to the launcher
-    from what the module does at import time."""
-    spec, inline = cfg.task.reward_fn, cfg.task.reward_workers == 0
-    memory_mb = 0 if inline else cfg.task.reward_memory_mb
-    if not spec or cfg.task.reward_url:  # a remote reward replaces the function
-        return []
-    try:
-        split_function_path(spec)
-    except ValueError:
-        return [f"task.reward_fn={spec!r} is not of the form package.module:function"]
-    try:
-        r = subprocess.run([sys.executable, "-c", REWARD_PROBE, spec, str(memory_mb)],
-                           capture_output=True, text=True, timeout=REWARD_IMPORT_TIMEOUT_S,
-                           stdin=subprocess.DEVNULL, env=None if inline else scrubbed_env())
-    except subprocess.TimeoutExpired:
-        return [f"task.reward_fn={spec!r}: importing it took over {REWARD_IMPORT_TIMEOUT_S:.0f}s"]
-    if r.returncode == 0:
-        return []
-    lines = r.stdout.strip().splitlines()
-    reason = (lines[-1] if lines
-              else f"importing it ended the interpreter with status {r.returncode}")
-    where = "in the rollout server (task.reward_workers=0)" if inline else "in a reward worker"
-    return [f"task.reward_fn={spec!r} cannot be loaded {where}: {reason}"]
+    """``task.reward_fn`` loads as a reward worker (or, with ``task.reward_workers=0``, the rollout
+    server) will load it: ``rollout_server.reward_pool.load_problem``, which ``areal-like eval``
+    runs too."""
+    return [why] if (why := load_problem(cfg.task)) else []
 
 
 def check_engine(cfg: RunConfig) -> list[str]:
@@ -427,6 +424,6 @@ def check_environment(cfg: RunConfig) -> list[str]:
 
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
-                check_chat_template, check_chat_format, check_reward_fn, check_env, check_agent,
-                check_trackers, check_engine, check_architecture, check_lora,
+                check_epochs, check_chat_template, check_chat_format, check_reward_fn, check_env,
+                check_agent, check_trackers, check_engine, check_architecture, check_lora,
                 check_environment)

@@ -297,10 +297,16 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
 
 
 def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dict:
-    """Evaluate an HF directory, or a checkpoint converted into one in a temporary directory."""
+    """Evaluate an HF directory, or a checkpoint converted into one in a temporary directory;
+    ConfigError first, before any model is read, when the task's reward cannot be loaded."""
     import dataclasses
     import tempfile
 
+    from areal_like.settings.config import ConfigError
+    from rollout_server.reward_pool import load_problem
+
+    if why := load_problem(cfg.task):
+        raise ConfigError(why)
     with tempfile.TemporaryDirectory(prefix="areal-like-eval-") as tmp:
         model_dir = (_to_hf_dir(model, config_file, Path(tmp) / "hf") if _is_checkpoint(model)
                      else model)

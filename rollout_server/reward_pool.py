@@ -25,7 +25,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import reprlib
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -34,11 +37,11 @@ import aiohttp
 from areal_like.net.metrics import Metrics
 from areal_like.net.ratelog import RateLimitedLog
 from areal_like.settings.config import TaskConfig
-from areal_like.tasks.callables import import_function
+from areal_like.tasks.callables import import_function, split_function_path
 from rollout_server.reward_worker import as_reward, scrubbed_env
 from rollout_server.sandbox import SandboxLimits, StartFailed, WorkerLost, WorkerPool, call_request
 
-__all__ = ["RewardPool", "RewardPoolError", "Score", "scrubbed_env"]
+__all__ = ["RewardPool", "RewardPoolError", "Score", "load_problem", "scrubbed_env"]
 
 Score = tuple[float, str | None]
 
@@ -47,6 +50,45 @@ WARN_EVERY_S = 60.0  # a kind of reward failure is logged at most this often
 REMOTE_BACKOFF_S = 0.2  # before the first retry; doubled each time, at most REMOTE_BACKOFF_MAX_S
 REMOTE_BACKOFF_MAX_S = 2.0
 SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
+REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a loaded machine
+# Run as `python -c`: the working directory is first on sys.path, as for `python -m
+# rollout_server`. The reward worker's own loader (address-space limit, then import): it prints
+# the reason and exits 1 when the reward cannot be loaded.
+REWARD_PROBE = ("import sys; from rollout_server.reward_worker import probe; "
+                "sys.exit(probe(sys.argv[1], int(sys.argv[2])))")
+
+
+def load_problem(cfg: TaskConfig) -> str | None:
+    """Why ``task.reward_fn`` cannot be loaded where it will be (``REWARD_PROBE`` in a child
+    Python: the working directory first on sys.path, the workers' address-space limit and
+    scrubbed environment, none with ``task.reward_workers=0``), in one line naming the key; None
+    when it can (or a remote reward replaces it). What its module does at import time never
+    happens in the caller."""
+    spec, inline = cfg.reward_fn, cfg.reward_workers == 0
+    if not spec or cfg.reward_url:
+        return None
+    try:
+        module = split_function_path(spec)[0]
+    except ValueError as e:
+        return f"task.reward_fn={e}"
+    try:
+        r = subprocess.run([sys.executable, "-c", REWARD_PROBE, spec,
+                            str(0 if inline else cfg.reward_memory_mb)],
+                           capture_output=True, text=True, timeout=REWARD_IMPORT_TIMEOUT_S,
+                           stdin=subprocess.DEVNULL, env=None if inline else scrubbed_env())
+    except subprocess.TimeoutExpired:
+        return f"task.reward_fn={spec!r}: importing it took over {REWARD_IMPORT_TIMEOUT_S:.0f}s"
+    if r.returncode == 0:
+        return None
+    lines = r.stdout.strip().splitlines()
+    reason = (lines[-1] if lines
+              else f"importing it ended the interpreter with status {r.returncode}")
+    parts = module.split(".")
+    if reason in {f"ModuleNotFoundError: No module named {'.'.join(parts[:i])!r}"
+                  for i in range(1, len(parts) + 1)}:  # the reward's own module: where from?
+        reason += f" (imported from the working directory, {os.getcwd()}, then PYTHONPATH)"
+    where = "in the rollout server (task.reward_workers=0)" if inline else "in a reward worker"
+    return f"task.reward_fn={spec!r} cannot be loaded {where}: {reason}"
 
 
 class RewardPoolError(RuntimeError):

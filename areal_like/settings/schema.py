@@ -196,7 +196,9 @@ class BufferConfig:
     # again at twice it (batches are still handed out)
     wal_reserve_bytes: int = 64 * 1024 * 1024
     metrics_port: int = 0  # 0 = ephemeral
-    max_epochs: int = 0  # 0 = unbounded passes over the dataset
+    # passes over the train split; 0 = unbounded. Fewer prompts than trainer.steps x
+    # groups_per_step in them is refused before start (the trainer would wait forever)
+    max_epochs: int = 0
     # largest request frame decoded (decoding may take ~73x its size); 0 = the job's biggest group
     # (areal_like/job_facts.py)
     max_frame_bytes: int = 0

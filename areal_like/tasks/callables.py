@@ -12,11 +12,12 @@ from collections.abc import Callable
 
 
 def split_function_path(path: str) -> tuple[str, str]:
-    """``(module, attribute)`` of ``path``; ValueError when either part is empty."""
+    """``(module, attribute)`` of ``path``; ValueError when either part is empty or the module
+    is not a dotted name (a file's path: ``my_pkg/rewards.py``)."""
     module, sep, attr = path.partition(":")
     if not sep:
         module, _, attr = path.rpartition(".")
-    if not module or not attr:
+    if not attr or not all(part.isidentifier() for part in module.split(".")):
         raise ValueError(f"{path!r} is not of the form package.module:function")
     return module, attr
 

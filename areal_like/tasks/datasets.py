@@ -112,10 +112,15 @@ def check_rows(cfg: TaskConfig, key: str, value: str, table: Any) -> str | None:
 
 
 def task_columns(cfg: TaskConfig, columns: list[str], source: str) -> tuple[str, str, list[str]]:
-    """(text, answer, metadata) columns; ConfigError naming the task key when one is missing."""
-    text_key = _require(columns, "task.messages_key" if cfg.messages_key else "task.prompt_key",
-                        cfg.messages_key or cfg.prompt_key, source)
-    answer_key = _require(columns, "task.answer_key", cfg.answer_key, source)
+    """(text, answer, metadata) columns; ConfigError naming the task keys whose column is
+    missing (the text's and the answer's at once)."""
+    text_key, answer_key = cfg.messages_key or cfg.prompt_key, cfg.answer_key
+    missing = [f"{key}={column!r}" for key, column in (
+        ("task.messages_key" if cfg.messages_key else "task.prompt_key", text_key),
+        ("task.answer_key", answer_key)) if column not in columns]
+    if missing:
+        raise ConfigError(f"{', '.join(missing)}: no such column{'s' if len(missing) > 1 else ''} "
+                          f"in {source}; columns found: {', '.join(columns)}")
     if cfg.metadata_keys is None:
         return text_key, answer_key, [c for c in columns if c not in (text_key, answer_key)]
     return text_key, answer_key, [_require(columns, "task.metadata_keys", k, source)

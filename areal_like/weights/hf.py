@@ -45,8 +45,9 @@ def resolve_model_path(path: str, key: str = "model.path",
     local = Path(path).expanduser()
     if local.is_dir():  # "~" expanded and absolute: a daemon or a resume elsewhere finds it too
         return str(local.absolute())
+    here = "" if local.is_absolute() else f" at {local.absolute()}"  # relative: to where?
     if not looks_like_hub_id(path):
-        what = "is a file, not a model directory" if local.exists() else "does not exist"
+        what = "is a file, not a model directory" if local.exists() else f"does not exist{here}"
         raise ConfigError(f"{key}={path!r} {what} (and is not a hub id of the form org/name)")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -65,7 +66,8 @@ def resolve_model_path(path: str, key: str = "model.path",
                           f"{_first_line(e)}") from None
     wanted = " or ".join(needs)
     where = (f"in the Hugging Face cache incompletely ({partial} has no {wanted})" if partial else
-             f"not a local directory and not in the Hugging Face cache {constants.HF_HUB_CACHE}")
+             f"not a local directory{here} and not in the Hugging Face cache "
+             f"{constants.HF_HUB_CACHE}")
     if _offline():
         raise ConfigError(f"{key}={path!r} is {where}, and HF_HUB_OFFLINE is set (unset it to "
                           f"download, or give a local directory)")

@@ -376,6 +376,28 @@ def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, ca
                                     "--config-file <run_dir>/config.yaml"], err
 
 
+def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_loads(
+        tmp_path, capfd, monkeypatch):
+    """``areal-like eval`` of an export whose ``task.reward_fn`` does not import from here (its
+    module sits in the training run's directory): one error line naming the key, the working
+    directory the workers import from, exit 2, before the model is read (before: the model loaded,
+    then the reward pool's log line and the same error line again)."""
+    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, task_yaml
+
+    monkeypatch.chdir(tmp_path)
+    export = tmp_path / "v00000003"
+    export.mkdir()
+    (export / "config.json").write_text("{}")  # never read: the reward is refused first
+    (export / EXPORT_TASK_FILE).write_text(task_yaml(TaskConfig(
+        name="reverse", reward_fn="my_own_rewards_mod.rewards:score")))
+    assert main([str(export)]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err.splitlines() == [
+        "error: task.reward_fn='my_own_rewards_mod.rewards:score' cannot be loaded in a reward "
+        "worker: ModuleNotFoundError: No module named 'my_own_rewards_mod' (imported from the "
+        f"working directory, {tmp_path}, then PYTHONPATH)"], err
+
+
 def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
     from areal_like.net.metrics import Metrics
     from rollout_server.evaluate import record_eval_metrics

@@ -182,6 +182,22 @@ def test_neither_a_directory_nor_a_hub_id(tmp_path):
         resolve_model_path(str(tmp_path / "f"), key="trainer.ref_path")
 
 
+def test_a_relative_model_path_that_is_not_here_says_where_it_was_looked_for(tmp_path,
+                                                                            monkeypatch):
+    """``model.path=models/mine`` from another directory than the one holding it: the line named
+    the hub (a download that failed, or HF_HUB_OFFLINE) and never the directory looked in."""
+    fake_cache(tmp_path / "hf")
+    r = run_py(ONE_LINE, tmp_path / "hf", True, "models/mine", cwd=tmp_path)
+    assert r.stdout.startswith(f"error: model.path='models/mine' is not a local directory at "
+                               f"{tmp_path / 'models' / 'mine'} and not in the Hugging Face "
+                               "cache"), r.stdout
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        resolve_model_path("mine")
+    assert str(e.value) == (f"model.path='mine' does not exist at {tmp_path / 'mine'} (and is "
+                            "not a hub id of the form org/name)")
+
+
 @pytest.mark.parametrize("text,expected", [
     ("Qwen/Qwen2.5-0.5B-Instruct", True), ("org/name", True), ("gpt2", False), ("/abs/path", False),
     ("./rel/dir", False), ("a/b/c", False), ("org/--x", False), ("org/a..b", False),

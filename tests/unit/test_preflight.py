@@ -225,6 +225,12 @@ def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch
     assert pf.check_dataset_columns(cfg_with(**ok, answer_key="solution")) == [
         "task.answer_key='solution': no such column in train.jsonl; "
         "columns found: question, answer, level"]
+    # both wrong (the README's example keys on one's own data): both named at once, not the
+    # answer's only once the messages' is fixed
+    assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages",
+                                             answer_key="solution")) == [
+        "task.messages_key='messages', task.answer_key='solution': no such columns in "
+        "train.jsonl; columns found: question, answer, level"]
     assert pf.check_dataset_columns(cfg_with(**ok, metadata_keys=["level", "source"])) == [
         "task.metadata_keys='source': no such column in train.jsonl; "
         "columns found: question, answer, level"]
@@ -316,6 +322,15 @@ def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_serve
         "task.reward_fn='exits_rewards:score' cannot be loaded in a reward worker: SystemExit: 7"]
     assert pf.check_reward_fn(cfg_with(reward_fn="score")) == [
         "task.reward_fn='score' is not of the form package.module:function"]
+    # a file's path for a module's name: said so, not "No module named 'my_rewards/py'"
+    assert pf.check_reward_fn(cfg_with(reward_fn="./my_rewards.py:score")) == [
+        "task.reward_fn='./my_rewards.py:score' is not of the form package.module:function"]
+    # the reward's own module is not found: where it was looked for (a new user's module
+    # sits beside their data, not where they started the job)
+    assert pf.check_reward_fn(cfg_with(reward_fn="elsewhere_rewards.mine:score")) == [
+        "task.reward_fn='elsewhere_rewards.mine:score' cannot be loaded in a reward worker: "
+        "ModuleNotFoundError: No module named 'elsewhere_rewards' (imported from the working "
+        f"directory, {tmp_path}, then PYTHONPATH)"]
     # its calls would return coroutines: every sample would score 0
     (tmp_path / "async_rewards.py").write_text("async def score(response, example):\n"
                                                "    return 1.0\n")
@@ -552,3 +567,35 @@ def test_row_check_streams_batches_and_shows_the_first_rows(tmp_path, monkeypatc
     ok = _jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "answer": "a"}] * 5)
     assert ds.check_rows(task, "task.dataset_path", str(ok),
                          ds.load_table("task.dataset_path", str(ok))) is None
+
+
+def test_max_epochs_must_give_the_groups_the_job_trains_on(tmp_path, monkeypatch):
+    """buffer.max_epochs over a dataset with fewer prompts than the job trains on: the buffer ran
+    out of prompts and the trainer waited for data forever ('3 of 4 fresh groups'), saying nothing
+    about why."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text(
+        "".join(f'{{"prompt": "q{i}", "answer": "{i}"}}\n' for i in range(3)))
+    small = cfg_with(name="dataset", dataset_path="train.jsonl")
+
+    def job(epochs: int, steps: int, groups: int, cfg: RunConfig = small) -> RunConfig:
+        return dataclasses.replace(
+            cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=epochs, groups_per_step=groups),
+            trainer=dataclasses.replace(cfg.trainer, steps=steps, groups_per_step=groups))
+
+    with pytest.raises(pf.PreflightError) as refused:
+        pf.checked(job(1, 4, 2))
+    assert refused.value.problems == [
+        "buffer.max_epochs=1: 1 pass over the 3 prompts of task.dataset_path gives 3 groups, "
+        "fewer than the 8 the job trains on (trainer.steps=4 x buffer.groups_per_step=2): it "
+        "would wait for data forever; raise buffer.max_epochs (0: no limit) or lower trainer.steps"]
+    assert pf.check_epochs(job(3, 4, 2)) == []  # 9 groups for 8
+    assert pf.check_epochs(job(0, 4, 2)) == []  # no limit
+    synthetic = cfg_with(num_prompts=5)
+    assert pf.check_epochs(job(2, 10, 1, synthetic)) == []
+    assert pf.check_epochs(job(2, 11, 1, synthetic)) == [
+        "buffer.max_epochs=2: 2 passes over the 5 prompts of task=reverse give 10 groups, fewer "
+        "than the 11 the job trains on (trainer.steps=11 x buffer.groups_per_step=1): it would "
+        "wait for data forever; raise buffer.max_epochs (0: no limit) or lower trainer.steps"]
+    # an unreadable dataset is check_dataset_columns' line
+    assert pf.check_epochs(job(1, 4, 2, cfg_with(name="dataset", dataset_path="nope.jsonl"))) == []
