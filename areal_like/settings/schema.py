@@ -19,7 +19,7 @@ from areal_like.settings.config_checks import (
     PORT,
     ConfigError,  # noqa: F401  (re-exported)
     each,
-    finite_seconds,
+    finite_numbers,
 )
 from areal_like.settings.config_checks import check as _check
 from areal_like.settings.config_checks import choice as _choice
@@ -135,7 +135,7 @@ class TaskConfig:
     agent_tool_format: str = "hermes"  # the model's tool-call format: hermes (Qwen) | mistral
 
     def __post_init__(self):
-        finite_seconds(self, "task.")  # also alone: `areal-like eval` builds a TaskConfig only
+        finite_numbers(self, "task.")  # also alone: `areal-like eval` builds a TaskConfig only
         _choice("task.name", self.name,
                 ("addition", "sort", "reverse", "countdown", "calc", "guess", "dataset"))
         if self.name == "dataset":
@@ -546,7 +546,7 @@ class RunConfig:
 
     def __post_init__(self):
         self.run_dir = os.path.expanduser(self.run_dir)  # not a directory named "~" in the cwd
-        finite_seconds(self)
+        finite_numbers(self)
         for name in self.tracker:
             _choice("tracker", name, TRACKERS)
         # engines that lag by design must still be admitted, and their groups consumed

@@ -317,6 +317,34 @@ def test_every_duration_and_timeout_must_be_finite():
                 load_config([f"{key}={value}"])
 
 
+def _float_keys(obj, prefix: str = "") -> list[str]:
+    import dataclasses
+    import typing
+
+    out = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _float_keys(value, f"{prefix}{f.name}.")
+        elif float in typing.get_args(hints[f.name]) or hints[f.name] is float:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_every_number_must_be_finite():
+    """inf passed every key whose rule is only a bound (``> 0``, ``>= 0``): launch.log_max_mb=inf
+    stopped ``areal-like run`` with an OverflowError after the preflight (``int(inf)``),
+    trainer.weight_decay or trainer.loss.kl_coef=inf made every weight nan, task.temperature=inf
+    sampled uniformly. No key reads inf (or nan) as "no limit": each is refused at load, naming
+    the key."""
+    keys = _float_keys(load_config([]))
+    assert len(keys) > 25 and "launch.log_max_mb" in keys and "trainer.loss.dual_clip" in keys
+    for key in keys:
+        for value in ("inf", "-inf", "nan"):
+            assert key in error_of([f"{key}={value}"])
+
+
 def test_a_task_alone_checks_its_durations_too():
     """``areal-like eval`` builds a TaskConfig from an export's task file and its overrides, no
     RunConfig: ``task.reward_timeout_s=inf`` passed there."""
