@@ -546,6 +546,8 @@ class RunConfig:
 
     def __post_init__(self):
         self.run_dir = os.path.expanduser(self.run_dir)  # not a directory named "~" in the cwd
+        _check("run_dir", self.run_dir.strip() != "", "a directory (run_dir=. for the current "
+               "one)", self.run_dir)
         finite_numbers(self)
         for name in self.tracker:
             _choice("tracker", name, TRACKERS)

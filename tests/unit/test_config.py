@@ -383,6 +383,13 @@ def test_run_dir_with_a_tilde_is_in_the_home_directory(tmp_path, monkeypatch):
     assert load_config(['run_dir="~/runs/a"']).run_dir == str(tmp_path / "runs" / "a")
 
 
+@pytest.mark.parametrize("value", ["", "' '"])
+def test_an_empty_run_dir_is_refused_not_read_as_the_current_directory(value):
+    """``run_dir=$RUN`` with RUN unset: the job wrote config.yaml, logs/, checkpoints/ and wal/
+    into the current directory (a checkout, say) and its warm start into the one above."""
+    assert error_of([f"run_dir={value}"]).startswith("run_dir=")
+
+
 def test_an_unquoted_tilde_says_how_to_write_it():
     with pytest.raises(ConfigError, match=r"override 'model.path=~/m' does not parse: .*only in "
                                           r"quotes .*or use \$HOME"):
