@@ -525,6 +525,12 @@ class LaunchConfig:
                f">= launch.restart_backoff_s={self.restart_backoff_s}", self.restart_backoff_max_s)
 
 
+# estimators that take no baseline over a prompt's group (rloo: none for a group of one), and the
+# kernels whose own advantages take one whatever the estimator (trainer/advantages.py)
+NO_GROUP_BASELINE = ("rloo", "reinforce_pp")
+GROUP_BASELINE_KERNELS = ("vcpo", "oapl")
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     experiment_name: str = "default"
@@ -560,6 +566,19 @@ class RunConfig:
                self.buffer.max_staleness)
         if self.trainer.lora.enabled:
             self._check_lora_engine()
+        self._check_group_size()
+
+    def _check_group_size(self) -> None:
+        """A group of one is its own baseline where one is taken over the group: every advantage
+        0, nothing learned."""
+        kernel, estimator = self.trainer.loss.kernel, self.trainer.estimator
+        if self.task.group_size == 1 and (kernel in GROUP_BASELINE_KERNELS
+                                          or estimator not in NO_GROUP_BASELINE):
+            why = (f"trainer.loss.kernel={kernel}" if kernel in GROUP_BASELINE_KERNELS
+                   else f"trainer.estimator={estimator}")
+            raise ConfigError(f"task.group_size=1 is invalid with {why}: every advantage is 0 (a "
+                              "group's baseline of one reward is that reward); use >= 2, or "
+                              f"estimator {' or '.join(NO_GROUP_BASELINE)} with another kernel")
 
     def _check_lora_engine(self) -> None:
         """What serves LoRA (trainer/WEIGHT_SYNC.md): an embedded engine over the group path, an
