@@ -221,7 +221,17 @@ def _missing(flag: str) -> str:
 
 
 def _exec_trainer(rest: list[str]) -> int:
+    """torchrun with the trainer, once its config loads: a bad one is one ``error:`` line here, not
+    one per rank and torchrun's report of each failed rank."""
     flags, other = split_torchrun_args(rest)
+    if not {"-h", "--help"} & set(other):
+        from areal_like.settings.config import ConfigError, load_daemon_config
+
+        try:
+            load_daemon_config(other, addresses=("trainer.buffer_address",))
+        except ConfigError as e:
+            print(f"error: bad configuration: {e}", file=sys.stderr)
+            return 2
     return _exec_module("launch.torchrun", [*flags, "-m", PASS_THROUGH["train"][0], *other])
 
 
