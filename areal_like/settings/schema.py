@@ -219,6 +219,7 @@ class BufferConfig:
         # lease_timeout_s travels in every Credit (finite: RunConfig); segment_bytes <= 0 rotated
         # the WAL after every record (1,179 segments in 60 steps)
         each("buffer", self, "> 0", "lease_timeout_s", "segment_bytes")
+        _check("buffer.wal_dir", self.wal_dir.strip() != "", "a directory", self.wal_dir)
         _check("buffer.capacity", self.capacity >= self.groups_per_step,
                ">= buffer.groups_per_step", self.capacity)
         _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
@@ -423,6 +424,8 @@ class TrainerConfig:
         each("trainer", self, ">= 1", "keep_checkpoints", "steps", "micro_batch_size",
              "num_minibatches", "logprob_chunk_tokens", "max_nonfinite_skips", "first_engines",
              "checkpoint_every")
+        _check("trainer.checkpoint_dir", self.checkpoint_dir.strip() != "", "a directory",
+               self.checkpoint_dir)
         # a minibatch is whole groups (trainer/step.py): more of them than groups would be empty
         _check("trainer.num_minibatches", not isinstance(self.groups_per_step, int)
                or self.num_minibatches <= self.groups_per_step,
@@ -465,6 +468,7 @@ class WarmStartConfig:
         each("warm_start", self, ">= 0", "steps")
         each("warm_start", self, ">= 1", "batch_size")
         _check("warm_start.lr", 0 < self.lr < math.inf, "> 0 and finite", self.lr)
+        _check("warm_start.cache_dir", self.cache_dir.strip() != "", "a directory", self.cache_dir)
 
 
 @dataclass(kw_only=True)
@@ -479,7 +483,7 @@ class SecurityConfig:
     local_ipc: bool = True
 
     def __post_init__(self):
-        _check("security.keys_dir", bool(self.keys_dir), "a directory", self.keys_dir)
+        _check("security.keys_dir", self.keys_dir.strip() != "", "a directory", self.keys_dir)
 
 
 @dataclass(kw_only=True)

@@ -399,11 +399,15 @@ def test_run_dir_with_a_tilde_is_in_the_home_directory(tmp_path, monkeypatch):
     assert load_config(['run_dir="~/runs/a"']).run_dir == str(tmp_path / "runs" / "a")
 
 
+@pytest.mark.parametrize("key", ["run_dir", "buffer.wal_dir", "trainer.checkpoint_dir",
+                                 "warm_start.cache_dir", "security.keys_dir"])
 @pytest.mark.parametrize("value", ["", "' '"])
-def test_an_empty_run_dir_is_refused_not_read_as_the_current_directory(value):
+def test_an_empty_directory_is_refused_not_read_as_the_one_it_is_relative_to(key, value):
     """``run_dir=$RUN`` with RUN unset: the job wrote config.yaml, logs/, checkpoints/ and wal/
-    into the current directory (a checkout, say) and its warm start into the one above."""
-    assert error_of([f"run_dir={value}"]).startswith("run_dir=")
+    into the current directory (a checkout, say) and its warm start into the one above; an empty
+    wal_dir or checkpoint_dir put the WAL's segments and LOCK or the checkpoints among the run
+    directory's own files, an empty cache_dir the warm starts among the run directories."""
+    assert error_of([f"{key}={value}"]).startswith(f"{key}=")
 
 
 def test_an_unquoted_tilde_says_how_to_write_it():
