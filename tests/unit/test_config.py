@@ -350,10 +350,10 @@ def _float_keys(obj, prefix: str = "") -> list[str]:
 
 def test_every_number_must_be_finite():
     """inf passed every key whose rule is only a bound (``> 0``, ``>= 0``): launch.log_max_mb=inf
-    stopped ``areal-like run`` with an OverflowError after the preflight (``int(inf)``),
-    trainer.weight_decay or trainer.loss.kl_coef=inf made every weight nan, task.temperature=inf
-    sampled uniformly. No key reads inf (or nan) as "no limit": each is refused at load, naming
-    the key."""
+    stopped ``areal-like run`` with an OverflowError after the preflight (``int(inf)``), and
+    task.temperature=inf reached the engines, which refuse it on every request; inf in
+    trainer.weight_decay or trainer.loss.kl_coef can only make the update non-finite. No key reads
+    inf (or nan) as "no limit": each is refused at load, naming the key."""
     keys = _float_keys(load_config([]))
     assert len(keys) > 25 and "launch.log_max_mb" in keys and "trainer.loss.dual_clip" in keys
     for key in keys:
