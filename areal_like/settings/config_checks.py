@@ -57,7 +57,7 @@ def finite_numbers(obj: Any, prefix: str = "") -> None:
     """Every number of ``obj`` and of the sections in it is finite, and every ``*_s`` key (a
     duration or timeout) is not negative either: nothing reads inf as "no limit", and inf or nan
     passed a bare bound (``> 0``) to fail in a daemon (``int(inf)``, a poll in milliseconds, a
-    ``timedelta``, a message field) or to make the weights nan, not at load."""
+    ``timedelta``, a message field) or to make an update non-finite, not at load."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
