@@ -108,10 +108,14 @@ def _run_dir_commands(sub) -> None:
     ky.add_argument("--keys-dir",
                     help="where to write the keys instead (pass it as security.keys_dir)")
     for name, help_ in (("top", "live terminal view of a running job"),
-                        ("status", "health of every daemon")):
+                        ("status", "health of every daemon"),
+                        ("stop", "stop a job as Ctrl-C does, and wait until it has stopped")):
         t = sub.add_parser(name, help=help_)
         t.add_argument("run_dir", nargs="?",
                        help="run directory (default: the newest under ./runs)")
+        if name == "stop":
+            t.add_argument("--timeout", type=float, default=120.0,
+                           help="seconds to wait for every process of the job (exit 1 after)")
         if name == "top":
             t.add_argument("--interval", type=float, default=2.0, help="seconds between scrapes")
             t.add_argument("--once", action="store_true",
@@ -161,6 +165,8 @@ def _main(argv: list[str]) -> int:
             return 2
     if args.command == "top" and not 0 < args.interval < float("inf"):
         parser.error(f"argument --interval: {args.interval} is not a number of seconds > 0")
+    if args.command == "stop" and not 0 <= args.timeout < float("inf"):
+        parser.error(f"argument --timeout: {args.timeout} is not a number of seconds >= 0")
     from launch import top
 
     run_dir = args.run_dir or top.newest_run_dir()
@@ -170,6 +176,8 @@ def _main(argv: list[str]) -> int:
         return 2
     if args.command == "status":
         return top.status(run_dir)
+    if args.command == "stop":
+        return top.stop(run_dir, args.timeout)
     return top.live(run_dir, interval_s=args.interval, once=args.once)
 
 
@@ -213,7 +221,17 @@ def _missing(flag: str) -> str:
 
 
 def _exec_trainer(rest: list[str]) -> int:
+    """torchrun with the trainer, once its config loads: a bad one is one ``error:`` line here, not
+    one per rank and torchrun's report of each failed rank."""
     flags, other = split_torchrun_args(rest)
+    if not {"-h", "--help"} & set(other):
+        from areal_like.settings.config import ConfigError, load_daemon_config
+
+        try:
+            load_daemon_config(other, addresses=("trainer.buffer_address",))
+        except ConfigError as e:
+            print(f"error: bad configuration: {e}", file=sys.stderr)
+            return 2
     return _exec_module("launch.torchrun", [*flags, "-m", PASS_THROUGH["train"][0], *other])
 
 

@@ -63,7 +63,8 @@ def lock_run_dir(run_dir: Path) -> int:
     except LockHeld as held:
         raise ConfigError(f"run_dir {run_dir} is in use by a running job "
                           f"(areal-like run pid {held.holder}, or its daemons still stopping): "
-                          "wait for it, stop it, or use a new run_dir") from None
+                          f"wait for it, stop it (areal-like stop {run_dir}), or use a new "
+                          "run_dir") from None
     except OSError as e:  # a file where the directory goes, no permission, a read-only disk
         raise ConfigError(f"run_dir {run_dir} cannot be used: {e.strerror}: {e.filename}") from None
 

@@ -14,7 +14,10 @@ started without ``areal-like run``, the trainer's ``done`` record) or ``DOWN``.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
+import signal
 import sys
 import time
 import urllib.error
@@ -188,6 +191,48 @@ def status(run_dir: str | Path) -> int:
               f"reward {last.get('reward_mean', float('nan')):.3f}  "
               f"staleness max {last.get('staleness_max')}")
     return 0 if all_ok else 1
+
+
+def job_running(run_dir: Path) -> bool:
+    """Whether a process of ``run_dir``'s job still holds its ``job.lock`` (taken and let go at
+    once when none does)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also lets go of the lock if this took it
+
+
+def stop(run_dir: str | Path, timeout_s: float, poll_s: float = 0.2) -> int:
+    """``areal-like stop``: SIGTERM to the job's ``areal-like run`` (as Ctrl-C), then wait until
+    every process of the job has let go of ``job.lock``. 0 once stopped (or when none runs), 1 when
+    it still runs after ``timeout_s``, 2 when ``run_dir`` is no run's."""
+    run_dir = Path(run_dir)
+    if not (run_dir / LOCK_FILE).is_file():
+        print(f"error: {run_dir} is not a run directory (no {LOCK_FILE})", file=sys.stderr)
+        return 2
+    if not job_running(run_dir):
+        print(f"no job is running in {run_dir}")
+        return 0
+    if (pid := launcher(run_dir)) is not None:
+        os.kill(pid, signal.SIGTERM)
+        print(f"stopping the job in {run_dir} (areal-like run pid {pid})", flush=True)
+    else:  # it was killed; its daemons got SIGTERM from the kernel and are stopping
+        print(f"waiting for the daemons of {run_dir} to stop (areal-like run is gone)", flush=True)
+    deadline = time.monotonic() + timeout_s
+    while job_running(run_dir):
+        if time.monotonic() > deadline:
+            print(f"error: the job in {run_dir} still runs after {timeout_s:g}s", file=sys.stderr)
+            return 1
+        time.sleep(poll_s)
+    print("stopped")
+    return 0
 
 
 def _detail(now: str, details: dict, pid: int | None) -> str:

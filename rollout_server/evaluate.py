@@ -379,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                         "model belongs to, when there is one)")
     p.add_argument("--out", type=Path, help="also append the result to this JSONL file")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.k=8 task.eval_path=...")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides after --out FILE too
     if not (_is_checkpoint(args.model) or (args.model / "config.json").is_file()
             or (args.model / ADAPTER_CONFIG).is_file()):
         # e.g. a run directory: its config.yaml is not a model's

@@ -53,14 +53,17 @@ def each(section: str, obj: Any, rule: str, *keys: str) -> None:
         check(f"{section}.{key}", RULES[rule](value), rule, value)
 
 
-def finite_seconds(obj: Any, prefix: str = "") -> None:
-    """Every ``*_s`` key (a duration or timeout) of ``obj`` and of the sections in it is finite and
-    not negative: nothing reads inf as "no limit", and inf, nan or a negative value failed in a
-    daemon (a poll in milliseconds, a ``timedelta``, a message field), not at load."""
+def finite_numbers(obj: Any, prefix: str = "") -> None:
+    """Every number of ``obj`` and of the sections in it is finite, and every ``*_s`` key (a
+    duration or timeout) is not negative either: nothing reads inf as "no limit", and inf or nan
+    passed a bare bound (``> 0``) to fail in a daemon (``int(inf)``, a poll in milliseconds, a
+    ``timedelta``, a message field) or to make an update non-finite, not at load."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            finite_seconds(value, f"{prefix}{f.name}.")
+            finite_numbers(value, f"{prefix}{f.name}.")
         elif f.name.endswith("_s") and isinstance(value, (int, float)):
             check(f"{prefix}{f.name}", 0 <= value < math.inf, "a finite number of seconds >= 0",
                   value)
+        elif isinstance(value, float):
+            check(f"{prefix}{f.name}", math.isfinite(value), "a finite number", value)

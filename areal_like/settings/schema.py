@@ -19,7 +19,7 @@ from areal_like.settings.config_checks import (
     PORT,
     ConfigError,  # noqa: F401  (re-exported)
     each,
-    finite_seconds,
+    finite_numbers,
 )
 from areal_like.settings.config_checks import check as _check
 from areal_like.settings.config_checks import choice as _choice
@@ -135,7 +135,7 @@ class TaskConfig:
     agent_tool_format: str = "hermes"  # the model's tool-call format: hermes (Qwen) | mistral
 
     def __post_init__(self):
-        finite_seconds(self, "task.")  # also alone: `areal-like eval` builds a TaskConfig only
+        finite_numbers(self, "task.")  # also alone: `areal-like eval` builds a TaskConfig only
         _choice("task.name", self.name,
                 ("addition", "sort", "reverse", "countdown", "calc", "guess", "dataset"))
         if self.name == "dataset":
@@ -221,6 +221,7 @@ class BufferConfig:
         # lease_timeout_s travels in every Credit (finite: RunConfig); segment_bytes <= 0 rotated
         # the WAL after every record (1,179 segments in 60 steps)
         each("buffer", self, "> 0", "lease_timeout_s", "segment_bytes")
+        _check("buffer.wal_dir", self.wal_dir.strip() != "", "a directory", self.wal_dir)
         _check("buffer.capacity", self.capacity >= self.groups_per_step,
                ">= buffer.groups_per_step", self.capacity)
         _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
@@ -425,6 +426,8 @@ class TrainerConfig:
         each("trainer", self, ">= 1", "keep_checkpoints", "steps", "micro_batch_size",
              "num_minibatches", "logprob_chunk_tokens", "max_nonfinite_skips", "first_engines",
              "checkpoint_every")
+        _check("trainer.checkpoint_dir", self.checkpoint_dir.strip() != "", "a directory",
+               self.checkpoint_dir)
         # a minibatch is whole groups (trainer/step.py): more of them than groups would be empty
         _check("trainer.num_minibatches", not isinstance(self.groups_per_step, int)
                or self.num_minibatches <= self.groups_per_step,
@@ -467,6 +470,7 @@ class WarmStartConfig:
         each("warm_start", self, ">= 0", "steps")
         each("warm_start", self, ">= 1", "batch_size")
         _check("warm_start.lr", 0 < self.lr < math.inf, "> 0 and finite", self.lr)
+        _check("warm_start.cache_dir", self.cache_dir.strip() != "", "a directory", self.cache_dir)
 
 
 @dataclass(kw_only=True)
@@ -481,7 +485,7 @@ class SecurityConfig:
     local_ipc: bool = True
 
     def __post_init__(self):
-        _check("security.keys_dir", bool(self.keys_dir), "a directory", self.keys_dir)
+        _check("security.keys_dir", self.keys_dir.strip() != "", "a directory", self.keys_dir)
 
 
 @dataclass(kw_only=True)
@@ -527,6 +531,12 @@ class LaunchConfig:
                f">= launch.restart_backoff_s={self.restart_backoff_s}", self.restart_backoff_max_s)
 
 
+# estimators that take no baseline over a prompt's group (rloo: none for a group of one), and the
+# kernels whose own advantages take one whatever the estimator (trainer/advantages.py)
+NO_GROUP_BASELINE = ("rloo", "reinforce_pp")
+GROUP_BASELINE_KERNELS = ("vcpo", "oapl")
+
+
 @dataclass(kw_only=True)
 class RunConfig:
     experiment_name: str = "default"
@@ -548,7 +558,9 @@ class RunConfig:
 
     def __post_init__(self):
         self.run_dir = os.path.expanduser(self.run_dir)  # not a directory named "~" in the cwd
-        finite_seconds(self)
+        _check("run_dir", self.run_dir.strip() != "", "a directory (run_dir=. for the current "
+               "one)", self.run_dir)
+        finite_numbers(self)
         for name in self.tracker:
             _choice("tracker", name, TRACKERS)
         # engines that lag by design must still be admitted, and their groups consumed
@@ -560,6 +572,19 @@ class RunConfig:
                self.buffer.max_staleness)
         if self.trainer.lora.enabled:
             self._check_lora_engine()
+        self._check_group_size()
+
+    def _check_group_size(self) -> None:
+        """A group of one is its own baseline where one is taken over the group: every advantage
+        0, nothing learned."""
+        kernel, estimator = self.trainer.loss.kernel, self.trainer.estimator
+        if self.task.group_size == 1 and (kernel in GROUP_BASELINE_KERNELS
+                                          or estimator not in NO_GROUP_BASELINE):
+            why = (f"trainer.loss.kernel={kernel}" if kernel in GROUP_BASELINE_KERNELS
+                   else f"trainer.estimator={estimator}")
+            raise ConfigError(f"task.group_size=1 is invalid with {why}: every advantage is 0 (a "
+                              "group's baseline of one reward is that reward); use >= 2, or "
+                              f"estimator {' or '.join(NO_GROUP_BASELINE)} with another kernel")
 
     def _check_lora_engine(self) -> None:
         """What serves LoRA (trainer/WEIGHT_SYNC.md): an embedded engine over the group path, an

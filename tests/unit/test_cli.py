@@ -13,6 +13,9 @@ from areal_like.net.metrics import Metrics, MetricsServer
 from launch.cli import main, split_torchrun_args
 from launch.top import figure, render, status
 
+# a trainer started on its own needs the buffer's real address (port 0 is refused)
+BUFFER = "buffer.address=tcp://127.0.0.1:5555"
+
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launch.cli", *args],
@@ -85,7 +88,7 @@ def test_no_config_value_makes_torchrun_print_its_usage(monkeypatch, tmp_path):
     monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "config.yaml"
-    config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run"])))
+    config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run", BUFFER])))
     main(["train", "--nproc-per-node", "2", "--config-file", str(config), "run_dir=-x"])
     args = parse_args(calls[0][3:])  # after `python -m launch.torchrun`
     assert args.log_dir == str(tmp_path / "-x" / "logs" / "torchrun")
@@ -158,18 +161,34 @@ def test_top_figures_values_rates_and_histogram_means():
     assert [t.title for t in tables] == ["buffer", "rollout", "trainer"]
 
 
-def test_daemon_commands_pass_every_argument_through(monkeypatch):
+def test_daemon_commands_pass_every_argument_through(monkeypatch, tmp_path):
+    from areal_like.settings.config import load_config, to_yaml
+
     calls = []
     monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
+    config = tmp_path / "config.yaml"
+    config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run", BUFFER])))
     main(["rollout", "--config-file", "run/config.yaml", "rollout.server_id=a"])
     main(["buffer", "buffer.metrics_port=9100"])
-    main(["train", "--nproc-per-node", "2", "--config-file", "run/config.yaml", "trainer.steps=3"])
+    main(["train", "--nproc-per-node", "2", "--log-dir", "l", "--config-file", str(config),
+          "trainer.steps=3"])
     assert calls[0][1:] == ["-m", "rollout_server", "--config-file", "run/config.yaml",
                             "rollout.server_id=a"]
     assert calls[1][1:] == ["-m", "buffer", "buffer.metrics_port=9100"]
-    assert calls[2][1:] == ["-m", "launch.torchrun", "--nproc-per-node", "2", "--standalone",
-                            "-m", "trainer",
-                            "--config-file", "run/config.yaml", "trainer.steps=3"]
+    assert calls[2][1:] == ["-m", "launch.torchrun", "--nproc-per-node", "2", "--log-dir", "l",
+                            "--standalone", "-m", "trainer",
+                            "--config-file", str(config), "trainer.steps=3"]
+
+
+@pytest.mark.parametrize("args", [["trainer.lrr=1"], ["--nproc-per-node", "4", "trainer.lr=-1"],
+                                  ["--config-file", "missing.yaml"]])
+def test_train_with_a_bad_config_is_one_error_line_before_torchrun(args, monkeypatch, capsys):
+    """Each rank refused it and torchrun reported every failed rank: with --nproc-per-node 4, four
+    error lines, torchrun's log line and its summary."""
+    monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: pytest.fail("torchrun started"))
+    assert main(["train", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bad configuration: ") and err.count("\n") == 1, err
 
 
 def test_train_sends_torchruns_files_to_the_run_dir_unless_told(monkeypatch, tmp_path):
@@ -178,10 +197,11 @@ def test_train_sends_torchruns_files_to_the_run_dir_unless_told(monkeypatch, tmp
     from areal_like.settings.config import load_config, to_yaml
 
     config = tmp_path / "config.yaml"
-    config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run"])))
+    config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run", BUFFER])))
     main(["train", "--config-file", str(config), "trainer.steps=3"])
     main(["train", "--log-dir", "elsewhere", "--config-file", str(config)])
-    main(["train", "trainer.steps=3"])  # composed here, a time-stamped run_dir could differ: none
+    # composed here, a time-stamped run_dir could differ: none
+    main(["train", "trainer.steps=3", BUFFER])
     assert calls[0][1:] == ["-m", "launch.torchrun", "--standalone", "--nproc-per-node", "1",
                             "--log-dir", f"{tmp_path}/run/logs/torchrun", "-m", "trainer",
                             "--config-file", str(config), "trainer.steps=3"]

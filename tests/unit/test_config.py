@@ -317,6 +317,50 @@ def test_every_duration_and_timeout_must_be_finite():
                 load_config([f"{key}={value}"])
 
 
+@pytest.mark.parametrize("overrides", [["task.group_size=1"],
+                                       ["task.group_size=1", "trainer.estimator=drgrpo"],
+                                       ["task.group_size=1", "loss=vcpo", "trainer.estimator=rloo"],
+                                       ["task.group_size=1", "loss=oapl"]])
+def test_a_group_of_one_where_every_advantage_is_zero_is_refused(overrides):
+    """A group's mean (or OAPL's soft value, VCPO's baseline) of one reward is that reward: every
+    advantage was 0 and the job ran to its last step without learning anything."""
+    msg = error_of(overrides)
+    assert msg.startswith("task.group_size=1 is invalid") and "every advantage" in msg, msg
+
+
+def test_a_group_of_one_trains_with_an_estimator_without_a_group_baseline():
+    for estimator in ("rloo", "reinforce_pp"):
+        assert load_config(["task.group_size=1", f"trainer.estimator={estimator}"])
+
+
+def _float_keys(obj, prefix: str = "") -> list[str]:
+    import dataclasses
+    import typing
+
+    out = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += _float_keys(value, f"{prefix}{f.name}.")
+        elif float in typing.get_args(hints[f.name]) or hints[f.name] is float:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+def test_every_number_must_be_finite():
+    """inf passed every key whose rule is only a bound (``> 0``, ``>= 0``): launch.log_max_mb=inf
+    stopped ``areal-like run`` with an OverflowError after the preflight (``int(inf)``), and
+    task.temperature=inf reached the engines, which refuse it on every request; inf in
+    trainer.weight_decay or trainer.loss.kl_coef can only make the update non-finite. No key reads
+    inf (or nan) as "no limit": each is refused at load, naming the key."""
+    keys = _float_keys(load_config([]))
+    assert len(keys) > 25 and "launch.log_max_mb" in keys and "trainer.loss.dual_clip" in keys
+    for key in keys:
+        for value in ("inf", "-inf", "nan"):
+            assert key in error_of([f"{key}={value}"])
+
+
 def test_a_task_alone_checks_its_durations_too():
     """``areal-like eval`` builds a TaskConfig from an export's task file and its overrides, no
     RunConfig: ``task.reward_timeout_s=inf`` passed there."""
@@ -353,6 +397,17 @@ def test_flags_the_launcher_sets_are_not_passed_through(key):
 def test_run_dir_with_a_tilde_is_in_the_home_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     assert load_config(['run_dir="~/runs/a"']).run_dir == str(tmp_path / "runs" / "a")
+
+
+@pytest.mark.parametrize("key", ["run_dir", "buffer.wal_dir", "trainer.checkpoint_dir",
+                                 "warm_start.cache_dir", "security.keys_dir"])
+@pytest.mark.parametrize("value", ["", "' '"])
+def test_an_empty_directory_is_refused_not_read_as_the_one_it_is_relative_to(key, value):
+    """``run_dir=$RUN`` with RUN unset: the job wrote config.yaml, logs/, checkpoints/ and wal/
+    into the current directory (a checkout, say) and its warm start into the one above; an empty
+    wal_dir or checkpoint_dir put the WAL's segments and LOCK or the checkpoints among the run
+    directory's own files, an empty cache_dir the warm starts among the run directories."""
+    assert error_of([f"{key}={value}"]).startswith(f"{key}=")
 
 
 def test_an_unquoted_tilde_says_how_to_write_it():

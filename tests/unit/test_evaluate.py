@@ -493,3 +493,23 @@ def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
         assert asyncio.run(responses(engine, seed=1, concurrency=64)) != first
     finally:
         engine.stop()
+
+
+def test_overrides_after_out_reach_the_config(tmp_path, capsys, monkeypatch):
+    """The README's ``areal-like eval MODEL [--out FILE] [overrides]``: overrides after ``--out
+    FILE`` were 'unrecognized arguments' (argparse had given the positionals out before the
+    flag), so ``--out e.jsonl eval.k=8`` could not run."""
+    import rollout_server.evaluate as evaluate
+
+    export = tmp_path / "v00000003"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
+                        (seen.append(overrides), None))
+    monkeypatch.setattr(evaluate, "_evaluate_path", lambda model, cfg, config_file:
+                        {"policy_version": 3})
+    out = tmp_path / "e.jsonl"
+    assert main([str(export), "--out", str(out), "eval.k=8", "task=reverse"]) == 0
+    assert seen == [["eval.k=8", "task=reverse"]], capsys.readouterr().err
+    assert json.loads(out.read_text())["policy_version"] == 3

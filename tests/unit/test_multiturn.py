@@ -205,7 +205,7 @@ def test_an_episode_ends_at_the_models_context_when_max_episode_tokens_is_longer
     from areal_like.settings.config import RunConfig
     from rollout_server.facts import RolloutFacts
 
-    task = TaskConfig(env="agent_envs:Endless", chat_template=CHATML, group_size=1,
+    task = TaskConfig(env="agent_envs:Endless", chat_template=CHATML, group_size=2,
                       max_new_tokens=64, max_turns=50)
     facts = RolloutFacts.from_run(RunConfig(run_dir="/nonexistent", task=task))
     assert task.max_episode_tokens == 1024 and facts.task.max_episode_tokens == 256

@@ -292,3 +292,57 @@ def test_status_shows_the_pid_a_daemon_started_without_run_reports(tmp_path, cap
         srv.stop()
     assert lines[0].split()[:3] == ["buffer", "up", f"pid={os.getpid()}"], lines
     assert lines[1].split()[:3] == ["rollout-0", "DOWN", "pid=-"], lines
+
+
+def _lock_holder(run_dir, launcher_pid: str | None = None) -> subprocess.Popen:
+    """A process holding ``run_dir``'s job lock as ``areal-like run`` does (SIGTERM ends it);
+    ``launcher_pid``: written over its own PID, as after the launcher of its job was killed."""
+    code = ("import sys, pathlib; from launch.rundir import lock_run_dir; "
+            "fd = lock_run_dir(pathlib.Path(sys.argv[1])); "
+            "sys.argv[2:] and (pathlib.Path(sys.argv[1]) / 'job.lock').write_text(sys.argv[2]); "
+            "print('locked', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir),
+                             *([launcher_pid] if launcher_pid else [])],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "locked\n"
+    return proc
+
+
+def test_stop_ends_the_job_as_ctrl_c_does_and_waits_for_it(tmp_path, capsys):
+    """``areal-like stop RUN_DIR``: the job's lock names its launcher, which gets SIGTERM; the
+    command returns once no process of the job holds the lock, and a second stop finds none. (There
+    was no command: a job started with nohup was stopped by finding its PID by hand.)"""
+    from launch.cli import main
+
+    run = tmp_path / "run"
+    proc = _lock_holder(run)
+    try:
+        assert main(["stop", str(run)]) == 0
+        assert proc.wait(timeout=60) == -15
+        out = capsys.readouterr().out
+        assert f"(areal-like run pid {proc.pid})" in out and out.endswith("stopped\n"), out
+        assert main(["stop", str(run)]) == 0
+        assert capsys.readouterr().out == f"no job is running in {run}\n"
+        assert main(["stop", str(tmp_path / "typo")]) == 2
+        assert "is not a run directory" in capsys.readouterr().err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_stop_after_the_launcher_was_killed_waits_for_its_daemons(tmp_path, capsys):
+    """``kill -9`` of ``areal-like run``: its daemons still hold the lock while they stop (the
+    kernel sent them SIGTERM); stop signals no one and waits for them, up to ``--timeout``."""
+    from launch.cli import main
+
+    run = tmp_path / "run"
+    daemon = _lock_holder(run, launcher_pid=f"{_dead_pid()} 1.0")
+    try:
+        assert main(["stop", str(run), "--timeout", "0.3"]) == 1
+        out, err = capsys.readouterr()
+        assert "areal-like run is gone" in out and "still runs after 0.3s" in err
+        assert daemon.poll() is None  # not signalled
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert main(["stop", str(run)]) == 0
