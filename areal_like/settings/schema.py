@@ -531,9 +531,9 @@ class LaunchConfig:
                f">= launch.restart_backoff_s={self.restart_backoff_s}", self.restart_backoff_max_s)
 
 
-# estimators that take no baseline over a prompt's group (rloo: none for a group of one), and the
-# kernels whose own advantages take one whatever the estimator (trainer/advantages.py)
-NO_GROUP_BASELINE = ("rloo", "reinforce_pp")
+# kernels whose own advantages take a baseline over the prompt's group whatever the estimator
+# (trainer/advantages.py): a group of one is its own baseline. The estimators give a group of one
+# no baseline (mean 0, std 1, as verl: A = R), so they train with it
 GROUP_BASELINE_KERNELS = ("vcpo", "oapl")
 
 
@@ -575,16 +575,13 @@ class RunConfig:
         self._check_group_size()
 
     def _check_group_size(self) -> None:
-        """A group of one is its own baseline where one is taken over the group: every advantage
-        0, nothing learned."""
-        kernel, estimator = self.trainer.loss.kernel, self.trainer.estimator
-        if self.task.group_size == 1 and (kernel in GROUP_BASELINE_KERNELS
-                                          or estimator not in NO_GROUP_BASELINE):
-            why = (f"trainer.loss.kernel={kernel}" if kernel in GROUP_BASELINE_KERNELS
-                   else f"trainer.estimator={estimator}")
-            raise ConfigError(f"task.group_size=1 is invalid with {why}: every advantage is 0 (a "
-                              "group's baseline of one reward is that reward); use >= 2, or "
-                              f"estimator {' or '.join(NO_GROUP_BASELINE)} with another kernel")
+        """A group of one is its own baseline where the kernel takes one over the group: every
+        advantage 0, nothing learned."""
+        kernel = self.trainer.loss.kernel
+        if self.task.group_size == 1 and kernel in GROUP_BASELINE_KERNELS:
+            raise ConfigError(f"task.group_size=1 is invalid with trainer.loss.kernel={kernel}: "
+                              "every advantage is 0 (its baseline over a group of one reward is "
+                              "that reward); use >= 2, or another kernel")
 
     def _check_lora_engine(self) -> None:
         """What serves LoRA (trainer/WEIGHT_SYNC.md): an embedded engine over the group path, an

@@ -317,19 +317,19 @@ def test_every_duration_and_timeout_must_be_finite():
                 load_config([f"{key}={value}"])
 
 
-@pytest.mark.parametrize("overrides", [["task.group_size=1"],
-                                       ["task.group_size=1", "trainer.estimator=drgrpo"],
-                                       ["task.group_size=1", "loss=vcpo", "trainer.estimator=rloo"],
+@pytest.mark.parametrize("overrides", [["task.group_size=1", "loss=vcpo", "trainer.estimator=rloo"],
                                        ["task.group_size=1", "loss=oapl"]])
 def test_a_group_of_one_where_every_advantage_is_zero_is_refused(overrides):
-    """A group's mean (or OAPL's soft value, VCPO's baseline) of one reward is that reward: every
-    advantage was 0 and the job ran to its last step without learning anything."""
+    """OAPL's soft value and VCPO's baseline of one reward are that reward: every advantage was 0
+    and the job ran to its last step without learning anything."""
     msg = error_of(overrides)
     assert msg.startswith("task.group_size=1 is invalid") and "every advantage" in msg, msg
 
 
-def test_a_group_of_one_trains_with_an_estimator_without_a_group_baseline():
-    for estimator in ("rloo", "reinforce_pp"):
+def test_a_group_of_one_trains_with_every_estimator():
+    """The estimators give a group of one no baseline (mean 0, std 1, as verl): A = R, not 0
+    (trainer/advantages.py; test_advantages.py, test_interleaved_groups_and_singletons)."""
+    for estimator in ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"):
         assert load_config(["task.group_size=1", f"trainer.estimator={estimator}"])
 
 
