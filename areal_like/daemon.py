@@ -21,6 +21,7 @@ import psutil
 
 from areal_like.net.auth import http_bind_host, metrics_token
 from areal_like.net.metrics import Metrics, MetricsServer
+from areal_like.net.security import SecurityError
 
 GRACEFUL_STOP_S = 10.0  # after SIGTERM, how long stop() may take before the launcher's kill
 
@@ -200,7 +201,8 @@ class Daemon:
         except ComponentStopped as e:
             self.log.error("%s", e)
             code = 1
-        except StartRefused as e:
+        # a key, socket directory or file mode it was given (areal_like/SECURITY.md)
+        except (StartRefused, SecurityError) as e:
             self.log.error("%s", e)
             self.failure = self.failure or e  # /health says so while stop() runs
             code = 2

@@ -45,6 +45,7 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from areal_like.daemon import StartRefused, fsync_dir
+from areal_like.net.distributed import gloo_toward
 from areal_like.settings.config import LoraConfig, ModelConfig
 from areal_like.weights.hf import build_meta_model
 from areal_like.weights.lora import add_adapters
@@ -180,7 +181,8 @@ class AsyncSaver:
         self.root, self.keep = root, keep
         # DCP's background write runs collectives;
         # a group of its own keeps them apart from training's
-        self._pg = dist.new_group(backend="gloo") if several() else None
+        with gloo_toward(os.environ.get("MASTER_ADDR")):  # as the default group (trainer/model.py)
+            self._pg = dist.new_group(backend="gloo") if several() else None
         self._pending: tuple | None = None  # (future, tmp, final, version)
 
     def save(self, policy: Policy, version: int, extra: dict | None = None) -> None:

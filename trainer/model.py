@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
-from areal_like.net.distributed import set_nccl_nonblocking_timeout
+from areal_like.net.distributed import gloo_toward, set_nccl_nonblocking_timeout
 from areal_like.settings.config import LoraConfig, ModelConfig, TrainerConfig
 from areal_like.weights.hf import build_meta_model, torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters
@@ -65,7 +65,9 @@ def init_distributed(trainer_cfg: TrainerConfig) -> tuple[int, int]:
     timeout = timedelta(seconds=trainer_cfg.gloo_timeout_s)
     backend = "cpu:gloo,cuda:nccl" if trainer_cfg.device.startswith("cuda") else "gloo"
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend, timeout=timeout)
+        # the interface toward torchrun's master, not the one the host's name resolves to
+        with gloo_toward(os.environ.get("MASTER_ADDR")):
+            dist.init_process_group(backend, timeout=timeout)
         if trainer_cfg.device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:

@@ -193,12 +193,7 @@ def _build_group(backend: str, raw, master_addr: str, world_size: int, rank: int
     store = PrefixStore(group_name, raw)
     nccl = Backend(backend) == Backend.NCCL
     env = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "2"} if nccl else {}
-    # a GLOO_SOCKET_IFNAME the user set wins
-    if rank == 0 and not nccl and "GLOO_SOCKET_IFNAME" not in os.environ and \
-            (iface := interface_of(master_addr)) is not None:
-        # read when the gloo group is built: its pairs listen there only
-        env["GLOO_SOCKET_IFNAME"] = iface
-    with _env(env):
+    with _env(env), gloo_toward(None if nccl else master_addr):
         pg, _ = _new_process_group_helper(world_size, rank, [], Backend(backend), store,
                                           group_name=group_name,
                                           backend_options=_nccl_options(timeout) if nccl else None,
@@ -216,6 +211,33 @@ def host_store(master_addr: str, master_port: int, world_size: int, timeout: tim
     sock = listen_on(master_addr, master_port)  # the store's server takes the descriptor over
     return TCPStore(master_addr, master_port, world_size, True, timeout, wait_for_workers=False,
                     master_listen_fd=sock.detach(), use_libuv=True)
+
+
+def interface_toward(address: str) -> str | None:
+    """The local interface this node reaches ``address`` through: the one holding it when it is
+    local, else the one its route leaves by (None: not resolvable, or no route)."""
+    try:
+        family, _, _, _, sockaddr = socket.getaddrinfo(address, 9, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(sockaddr)  # UDP: looks the route up, sends nothing
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    return interface_of(local)
+
+
+@contextmanager
+def gloo_toward(address: str | None):
+    """For the block, gloo groups made here listen on, and tell their peers, the interface this
+    node reaches ``address`` (the rendezvous' host) through. Left to itself gloo takes the address
+    the host's name resolves to, which on many machines (``127.0.1.1 host`` in /etc/hosts, a
+    container's ``127.0.0.1 host``) is loopback: ranks on other nodes are then told to connect to
+    their own loopback and the group never forms. A GLOO_SOCKET_IFNAME the user set wins; gloo
+    reads it when a group is made."""
+    iface = (interface_toward(address) if address and "GLOO_SOCKET_IFNAME" not in os.environ
+             else None)
+    with _env({"GLOO_SOCKET_IFNAME": iface} if iface else {}):
+        yield
 
 
 def interface_of(address: str) -> str | None:

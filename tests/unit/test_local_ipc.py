@@ -253,3 +253,26 @@ def test_a_one_node_run_points_every_daemon_at_the_same_node_sockets(tmp_path):
     deep = tmp_path / ("d" * 100)
     # would not fit AF_UNIX: tcp + CURVE
     assert with_local_ipc(_cfg(f"run_dir={deep}")).buffer.local_dir == ""
+
+
+def test_a_buffer_given_a_socket_directory_others_can_enter_refuses_in_one_line(tmp_path, keys):
+    """``buffer.local_dir`` made with a plain ``mkdir`` (0755) on a node of a job started by hand
+    (launch/MULTINODE.md): one line naming the directory and ``chmod 700``, exit 2 (not restarted
+    by launch/slurm/with_restarts.sh); it was 'buffer crashed', a traceback and exit 1."""
+    import subprocess
+    import sys
+
+    from tests.conftest import child_env
+
+    (tmp_path / "local").mkdir(mode=0o755)
+    os.chmod(tmp_path / "local", 0o755)
+    proc = subprocess.run(
+        [sys.executable, "-m", "buffer", f"run_dir={tmp_path}", f"security.keys_dir={keys}",
+         f"buffer.address=tcp://127.0.0.1:{free_port()}",
+         f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", f"buffer.metrics_port={free_port()}",
+         f"buffer.local_dir={tmp_path / 'local'}"],
+        capture_output=True, text=True, timeout=120, env=child_env(), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "has mode 0755" in errors[0] and "chmod 700" in errors[0], errors
