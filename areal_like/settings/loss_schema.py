@@ -16,6 +16,10 @@ AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mea
 # the kernels with a PPO trust region on pi_theta/pi_prox: the only readers of the shared eps_clip,
 # eps_clip_high and dual_clip
 PPO_CLIP_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop")
+# kernels whose own advantages take a baseline over the prompt's group whatever the estimator
+# (trainer/advantages.py): a group of one is its own baseline. The estimators give a group of one
+# no baseline (mean 0, std 1, as verl: A = R), so they train with it
+GROUP_BASELINE_KERNELS = ("vcpo", "oapl")
 ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
 K = "trainer.loss."

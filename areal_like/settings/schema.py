@@ -23,7 +23,7 @@ from areal_like.settings.config_checks import (
 )
 from areal_like.settings.config_checks import check as _check
 from areal_like.settings.config_checks import choice as _choice
-from areal_like.settings.loss_schema import ESTIMATORS, LossConfig
+from areal_like.settings.loss_schema import ESTIMATORS, GROUP_BASELINE_KERNELS, LossConfig
 from areal_like.settings.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
 
 # SGLang flags rollout_server/launch_sglang.py sets itself, and where each comes from: one source
@@ -531,10 +531,6 @@ class LaunchConfig:
                f">= launch.restart_backoff_s={self.restart_backoff_s}", self.restart_backoff_max_s)
 
 
-# kernels whose own advantages take a baseline over the prompt's group whatever the estimator
-# (trainer/advantages.py): a group of one is its own baseline. The estimators give a group of one
-# no baseline (mean 0, std 1, as verl: A = R), so they train with it
-GROUP_BASELINE_KERNELS = ("vcpo", "oapl")
 
 
 @dataclass(kw_only=True)
