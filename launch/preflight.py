@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from areal_like.daemon import StartRefused
 from areal_like.job_facts import dataset_size, model_json, model_vocab_size
 from areal_like.settings.config import ConfigError, RunConfig
 from areal_like.weights.hf import (
@@ -28,6 +29,7 @@ from areal_like.weights.hf import (
 )
 from areal_like.weights.lora import check_targets, export_without_base
 from launch.tracking import check_trackers
+from rollout_server.launch_sglang import THREADS_BIND, cpu_mode, threads_bind
 from rollout_server.reward_pool import REWARD_IMPORT_TIMEOUT_S, load_problem
 from rollout_server.reward_worker import scrubbed_env
 
@@ -274,7 +276,7 @@ def check_engine(cfg: RunConfig) -> list[str]:
         if not cfg.model.path and cfg.warm_start.steps == 0:  # the warm start writes one
             out.append("rollout.engine.kind=sglang needs model.path "
                        "(SGLang serves a Hugging Face model directory)")
-        out += check_tp_size(cfg)
+        out += check_tp_size(cfg) + check_cpu_ranks(cfg)
     return out
 
 
@@ -410,6 +412,20 @@ def check_tp_size(cfg: RunConfig) -> list[str]:
         return [f"rollout.engine.tp_size={tp} does not divide the model's {heads} attention heads "
                 f"and {kv} key/value heads ({where}): SGLang would fail after loading the model; "
                 "pick a tp_size that divides the heads"]
+    return []
+
+
+def check_cpu_ranks(cfg: RunConfig) -> list[str]:
+    """SGLang on CPU runs each TP rank on CPUs of its own (``threads_bind``): on one node, the
+    CPUs this launch may use (the rollout server's, there), unless ``THREADS_BIND`` says which."""
+    engine = cfg.rollout.engine
+    if engine.tp_size == 1 or not cpu_mode(engine) or cfg.launch.nodes > 1 \
+            or os.environ.get(THREADS_BIND):
+        return []
+    try:
+        threads_bind(engine.tp_size, sorted(os.sched_getaffinity(0)))
+    except StartRefused as e:
+        return [str(e)]
     return []
 
 

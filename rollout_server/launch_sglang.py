@@ -8,7 +8,9 @@ the one source of truth), ``--weight-version 0`` (our versions are integers) and
 weights), each unless configured. CPU mode (``rollout.engine.sglang.device=cpu``) adds, in SGLang's
 environment only, ``SGLANG_USE_CPU_ENGINE=1`` and the pure-torch ``sgl_kernel`` stand-in first on
 ``PYTHONPATH`` (with LoRA also its ``lora_site``: rollout_server/sglang_cpu/lora_site/__init__.py
-says why); the stand-in was checked against one SGLang release, and ``start()`` refuses another.
+says why), no NCCL library (``NO_NCCL`` there says why) and, with ``tp_size>1``, each rank's CPUs
+(``threads_bind``); the stand-in was checked against one SGLang release, and ``start()`` refuses
+another.
 
 Invariants:
 * the engine never outlives the rollout server, also when the server is SIGKILLed: it runs in a
@@ -48,6 +50,7 @@ STOP_GRACE_S = 30.0  # SGLang frees GPU memory and joins its subprocesses on SIG
 HEALTH_POLL_S = 1.0
 # the last line of a Python traceback: ``AssertionError: ...``, ``torch.OutOfMemoryError: ...``
 EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception)(: |$)")
+THREADS_BIND = "SGLANG_CPU_OMP_THREADS_BIND"  # SGLang on CPU: each TP rank's CPUs, '|' between
 
 
 def spawn_tied(argv: list[str], stdout=None, stderr=None,
@@ -137,16 +140,33 @@ def sglang_env(engine: EngineConfig, base: dict[str, str] | None = None,
     from there)."""
     if not cpu_mode(engine):
         return None
-    from rollout_server.sglang_cpu import SITE_DIR, STANDIN_DIR, UNPINNED_ENV
+    from rollout_server.sglang_cpu import NO_NCCL, SITE_DIR, STANDIN_DIR, UNPINNED_ENV
 
     env = dict(os.environ if base is None else base)
     rest = filter(None, env.get("PYTHONPATH", "").split(os.pathsep))
     site = [str(SITE_DIR)] if lora else []
     paths = [str(STANDIN_DIR), *site, str(STANDIN_DIR.parents[1]), *rest]
-    env.update(SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)))
+    env.update(SGLANG_USE_CPU_ENGINE="1", PYTHONPATH=os.pathsep.join(dict.fromkeys(paths)),
+               SGLANG_NCCL_SO_PATH=str(NO_NCCL))
+    if engine.tp_size > 1 and not env.get(THREADS_BIND):
+        env[THREADS_BIND] = threads_bind(engine.tp_size, sorted(os.sched_getaffinity(0)))
     if lora:
         env[UNPINNED_ENV] = "1"
     return env
+
+
+def threads_bind(tp_size: int, cpus: list[int]) -> str:
+    """``THREADS_BIND`` for ``tp_size`` ranks on ``cpus``: contiguous groups, one a rank (SGLang's
+    default, a NUMA node a rank, refuses more ranks than nodes); a ``StartRefused`` naming the
+    key for fewer CPUs than ranks."""
+    if tp_size > len(cpus):
+        raise StartRefused(
+            f"rollout.engine.tp_size={tp_size}: SGLang on CPU (rollout.engine.sglang.device=cpu) "
+            f"runs a rank on CPUs of its own and this process may use {len(cpus)}; lower "
+            f"tp_size or set {THREADS_BIND} (SGLang's 'CPUS|CPUS|...', a group a rank)")
+    n = len(cpus)
+    return "|".join(",".join(map(str, cpus[i * n // tp_size:(i + 1) * n // tp_size]))
+                    for i in range(tp_size))
 
 
 def installed_sglang() -> str | None:
@@ -187,6 +207,7 @@ class SGLangProcess:
             from rollout_server.sglang_cpu import check_sglang_version
 
             check_sglang_version(installed_sglang())
+        env = sglang_env(self.engine, lora=self.lora is not None) or dict(os.environ)
         try:  # a port taken: SGLang fails only after loading the model, its /health is another's
             listen_on(self.engine.host, self.port).close()
         except OSError as e:
@@ -203,7 +224,6 @@ class SGLangProcess:
             os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
             self.log_from = os.fstat(out.fileno()).st_size  # where this start's lines begin
         self.tmpdir = tempfile.mkdtemp(prefix="sglang-")  # short: a socket path has 107 bytes
-        env = sglang_env(self.engine, lora=self.lora is not None) or dict(os.environ)
         self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
                                env={**env, "TMPDIR": self.tmpdir})
         reaper = [sys.executable, "-m", "rollout_server.engine_reaper", str(self.proc.pid),

@@ -7,6 +7,12 @@ imports from ``sgl_kernel`` in CPU mode (its docstring says which and why). ``SI
 docstring says why; only under ``UNPINNED_ENV``) and then runs the ``sitecustomize`` it
 shadows. Only the SGLang process sees them: ``rollout_server/launch_sglang.py`` adds them for
 ``rollout.engine.sglang.device=cpu``.
+
+``NO_NCCL`` is what that launch gives SGLang as its NCCL library (``SGLANG_NCCL_SO_PATH``): no
+file. SGLang's CPU tensor parallelism reduces over gloo once its NCCL communicator finds no
+library, as on a CPU build of torch; the CUDA build of torch SGLang is installed with brings one,
+and with ``rollout.engine.tp_size>1`` the communicator then binds the ranks' ``cpu`` device as a
+CUDA device and every rank fails (``ValueError: Expected a cuda device, but got: cpu``).
 """
 
 from __future__ import annotations
@@ -16,13 +22,14 @@ from pathlib import Path
 from rollout_server.sglang_cpu.lora_site import SITE_DIR, UNPINNED_ENV
 
 __all__ = [
-    "SGLANG_VERSION", "SITE_DIR", "STANDIN_DIR", "UNPINNED_ENV", "check_sglang_version",
+    "NO_NCCL", "SGLANG_VERSION", "SITE_DIR", "STANDIN_DIR", "UNPINNED_ENV", "check_sglang_version",
 ]
 
 SGLANG_VERSION = (
     "0.5.23"  # the release the stand-in was checked against (its CPU imports, their semantics)
 )
 STANDIN_DIR = Path(__file__).resolve().parent
+NO_NCCL = STANDIN_DIR / "no-libnccl.so"  # never made: loading it fails (module docstring)
 
 
 def check_sglang_version(found: str | None) -> None:

@@ -42,7 +42,8 @@ def _client(server) -> SGLangClient:
 
 
 def _plan(
-    version: int, state: dict, port: int, group: str, path: str = "distributed", payloads=()
+    version: int, state: dict, port: int, group: str, path: str = "distributed", payloads=(),
+    engine_ranks: int = 1,
 ) -> WeightSyncPlan:
     names = list(state)
     buckets = [names[: len(names) // 2], names[len(names) // 2 :]]
@@ -51,7 +52,7 @@ def _plan(
         group_name=group,
         master_addr="127.0.0.1",
         master_port=port,
-        world_size=2,
+        world_size=1 + engine_ranks,
         backend="gloo",
         reform=True,
         members=[SyncMember(server_id="s", rank_offset=1)],
@@ -68,14 +69,17 @@ def _plan(
 
 
 async def push(
-    client, version: int, seed: int, load_format: str | None = FLATTENED, pause_mode: str = "abort"
+    client, version: int, seed: int, load_format: str | None = FLATTENED, pause_mode: str = "abort",
+    engine_ranks: int = 1,
 ) -> None:
-    """Broadcast the seed-``seed`` model as ``version`` from a sender process (group rank 0)."""
+    """Broadcast the seed-``seed`` model as ``version`` from a sender process (group rank 0) to
+    an engine of ``engine_ranks`` (its tp_size)."""
     state = _model(seed).state_dict()
     port, group = free_port(), f"sglang_tier_{version}_{seed}_{os.getpid()}"
-    plan = _plan(version, state, port, group)
+    plan = _plan(version, state, port, group, engine_ranks=engine_ranks)
     spec = {
         "model": {**MODEL, "init_seed": seed},
+        "world_size": 1 + engine_ranks,
         "port": port,
         "group": group,
         "load_format": load_format,
