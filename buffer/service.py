@@ -18,7 +18,7 @@ from areal_like.net import security
 from areal_like.net.peers import is_trainer_peer, takes_trainer_prefix
 from areal_like.net.pubsub import Publisher
 from areal_like.net.ratelog import RateLimitedLog
-from areal_like.net.transport import LOCAL_MEMBER, Server, local_addresses
+from areal_like.net.transport import LOCAL_MEMBER, Server, listening_on, local_addresses
 from areal_like.settings.config import BufferConfig, RunConfig
 from areal_like.wire import group_checks
 from areal_like.wire import protocol as P
@@ -128,9 +128,10 @@ class BufferService(Daemon):
         if self.wal.wakeup_fd is not None:
             self.server.wake_on(self.wal.wakeup_fd)  # a finished fsync ends the wait for requests
         self.publisher = Publisher(self.cfg.pub_address, keys=f.keys, local_address=local[1])
-        self.log.info("serving on %s (pub %s; same-node %s): version %d, %d groups stored, "
-                      "%d leases, cursor %s, frames up to %d bytes", self.cfg.address,
-                      self.cfg.pub_address, f.local_dir or "none", self.control.version,
+        self.log.info("listening on %s, pub %s; same-node %s: version %d, %d groups stored, "
+                      "%d leases, cursor %s, frames up to %d bytes", listening_on(self.cfg.address),
+                      listening_on(self.cfg.pub_address), f.local_dir or "none",
+                      self.control.version,
                       len(self.store), self.ledger.in_flight,
                       (self.ledger.next_index, self.ledger.epoch), f.frame_limit)
         if f.prompt_layout:

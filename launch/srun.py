@@ -57,12 +57,13 @@ def head_ip(iface: str) -> str:
         found.setdefault(name.split(":")[0], []).extend(
             a.address for a in addrs if a.family == socket.AF_INET)
     have = ", ".join(f"{name}={ips[0]}" for name, ips in found.items() if ips) or "none"
-    if not iface:
-        raise ConfigError("HEAD_IFACE is not set: name the network interface the other nodes reach "
-                          f"this node on (e.g. HEAD_IFACE=ib0); this node has: {have}")
+    if not iface:  # the sbatch script passes its HEAD_IFACE, empty when unset
+        raise ConfigError("no interface given (areal_like.sbatch: HEAD_IFACE is not set): name "
+                          f"the one the other nodes reach this node on; this node has: {have}")
     if not found.get(iface):
         why = "has no IPv4 address" if iface in found else "is not an interface of this node"
-        raise ConfigError(f"HEAD_IFACE={iface} {why}; interfaces with an IPv4 address here: {have}")
+        raise ConfigError(f"interface {iface!r} {why}; interfaces with an IPv4 address here: "
+                          f"{have}")
     return found[iface][0]
 
 

@@ -8,7 +8,9 @@ export, an adapter in PEFT's layout: its ``merged/`` when it has one, else folde
 it names first). Its task is never guessed (``_eval_config``): ``--config-file``; else
 ``task=NAME`` on the command line; else
 the config.yaml of the run the model sits in; else the task an export stores
-(``areal_like_task.yaml``); else the ``task.*`` overrides given; else it refuses (exit 2).
+(``areal_like_task.yaml``), with its run's ``eval.*`` and ``seed`` under the overrides given; else
+the ``task.*`` overrides given; else it refuses (exit 2). The record's ``policy_version`` is the
+one an export stores, else its directory's name's (``v00000200``).
 
 One evaluation (a line of ``<run_dir>/eval.jsonl``) over ``n`` prompts: ``greedy_accuracy``
 (share of greedy responses at full credit, reward >= 1) and ``greedy_reward`` (their mean);
@@ -221,7 +223,13 @@ class ServerEvaluator:
 
 # ---------------------------------------------------------------------- `areal-like eval`
 def _version_of(path: Path) -> int | None:
-    """``.../v00000200`` (an export or a checkpoint directory) -> 200."""
+    """The policy version an export stores, else the directory's name's: ``.../v00000200`` (an
+    export or a checkpoint directory) -> 200."""
+    from areal_like.settings.config import EXPORT_TASK_FILE, export_settings
+
+    stored = path / EXPORT_TASK_FILE
+    if stored.is_file() and (version := export_settings(stored.read_text())[1]) is not None:
+        return version
     name = path.resolve().name
     return int(name[1:]) if name.startswith("v") and name[1:].isdigit() else None
 
@@ -334,6 +342,7 @@ def _eval_config(model: Path, config_file: Path | None,
     from areal_like.settings.config import (
         EXPORT_TASK_FILE,
         ConfigError,
+        export_settings,
         load_daemon_config,
         task_from_yaml,
     )
@@ -350,8 +359,11 @@ def _eval_config(model: Path, config_file: Path | None,
         return load_daemon_config(["--config-file", str(config_file), *overrides]), config_file
     stored = model / EXPORT_TASK_FILE
     if not named and stored.is_file():
-        cfg = load_daemon_config([o for o in overrides if not o.startswith("task.")])
-        task = task_from_yaml(stored.read_text(), [o for o in overrides if o.startswith("task.")])
+        text = stored.read_text()
+        # the run's eval.* and seed, each under the same key given here
+        run = [o for o in export_settings(text)[0] if o.split("=", 1)[0] not in keys]
+        cfg = load_daemon_config([*run, *(o for o in overrides if not o.startswith("task."))])
+        task = task_from_yaml(text, [o for o in overrides if o.startswith("task.")])
         return dataclasses.replace(cfg, task=task), None
     if not any(k == "task" or k.startswith("task.") for k in keys):
         raise ConfigError(f"{model} does not say which task to score it on (no {EXPORT_TASK_FILE} "

@@ -34,7 +34,7 @@ from areal_like.daemon import ComponentStopped, Daemon, StartRefused
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE
 from areal_like.net.dealer import AsyncClient
 from areal_like.net.pubsub import Subscriber
-from areal_like.net.security import Keys
+from areal_like.net.security import Keys, check_local
 from areal_like.net.store_gate import refused_total
 from areal_like.net.transport import TransportTimeout
 from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
@@ -158,6 +158,8 @@ class RolloutServer(Daemon):
 
     def start(self) -> None:
         ecfg = self.rcfg.engine
+        for address in (self.rcfg.buffer_address, self.pub_address):  # main() connects them
+            check_local(address)  # a directory others may enter: a refused start, no engine
         self.api_key = self.engine_api_key()
         if ecfg.kind == "embedded":
             from rollout_server.engine import EmbeddedEngine

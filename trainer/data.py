@@ -129,6 +129,8 @@ class BatchSource:
         self.dropped_groups = 0  # groups dropped from batches for their content (never trained on)
         self.client = Client(address, keys=keys, timeout_s=wait_s + REPLY_MARGIN_S,
                              identity="trainer") if rank == 0 else None
+        if self.client is not None:  # a stop ends its wait (the buffer may be gone with run)
+            self.client.cancel = should_stop
         self.empty_polls = 0  # metric: answers with no batch (waiting for data)
         # acked in the next request: the buffer then marks that batch consumed
         self.last_batch_id = ""

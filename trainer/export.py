@@ -1,7 +1,8 @@
 """Hugging Face export: the policy as a directory that ``from_pretrained`` and SGLang load as is.
 
 The layout is ``save_pretrained``'s (safetensors shards of at most ``shard_mb`` MiB and their
-index), plus the tokenizer and ``areal_like_task.yaml`` (the task, for ``areal-like eval``). Two
+index), plus the tokenizer and ``areal_like_task.yaml`` (``export_yaml``: the task, eval.*, seed
+and policy version, for ``areal-like eval`` of the export away from its run). Two
 ways in: ``export_hf`` on the trainer's model during a run, and ``python -m trainer.export
 CHECKPOINT OUT`` (``areal-like export``) from a DCP checkpoint, in one process.
 
@@ -37,7 +38,7 @@ from areal_like.settings.config import (
     ModelConfig,
     RunConfig,
     TaskConfig,
-    task_yaml,
+    export_yaml,
 )
 from areal_like.weights.hf import torch_dtype
 from areal_like.weights.lora import (
@@ -51,6 +52,7 @@ from areal_like.weights.lora import (
 from trainer.checkpoint import (
     dcp_load,
     latest_checkpoint,
+    load_data,
     open_tmp,
     publish,
     refuse_other_settings,
@@ -109,15 +111,16 @@ def save_adapter(out_dir: Path, named: dict[str, torch.Tensor], model: torch.nn.
 
 
 def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer,
-                   shard_mb: int, dtype: str, task: TaskConfig | None = None,
+                   shard_mb: int, dtype: str, task_file: str | None = None,
                    merged: bool = False) -> Path:
-    """A LoRA policy's export (a collective): the adapter in PEFT's layout, the tokenizer and the
-    task; with ``merged`` also ``out_dir/merged``, a plain HF model with the adapter folded in."""
+    """A LoRA policy's export (a collective): the adapter in PEFT's layout, the tokenizer and
+    ``task_file``; with ``merged`` also ``out_dir/merged``, a plain HF model with the adapter
+    folded in."""
     rank = rank_world()[0]
     tmp = open_tmp(out_dir)
     if merged:  # written into tmp/merged: the rename below publishes both at once
         _write_hf(model, _merged_tensors(model), tmp / MERGED_DIR, model_cfg=model_cfg,
-                  tokenizer=tokenizer, shard_mb=shard_mb, dtype=dtype, task=task)
+                  tokenizer=tokenizer, shard_mb=shard_mb, dtype=dtype, task_file=task_file)
     adapter = {}
     for name, p in model.named_parameters():  # every rank, same order: full_tensor is a collective
         if is_adapter(name):
@@ -127,16 +130,16 @@ def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelCon
     if rank == 0:
         save_adapter(tmp, adapter, model, model_cfg.path)
         tokenizer.save_pretrained(str(tmp))
-        _publish(tmp, out_dir, task)
+        _publish(tmp, out_dir, task_file)
         log.info("exported adapter %s (%d tensors%s)", out_dir, len(adapter), ", merged" * merged)
     barrier()
     return out_dir
 
 
-def _publish(tmp: Path, out_dir: Path, task: TaskConfig | None) -> None:
-    """Rank 0: the task file, then ``tmp`` renamed over ``out_dir``."""
-    if task is not None:
-        (tmp / EXPORT_TASK_FILE).write_text(task_yaml(task))
+def _publish(tmp: Path, out_dir: Path, task_file: str | None) -> None:
+    """Rank 0: ``task_file`` (``EXPORT_TASK_FILE``), then ``tmp`` renamed over ``out_dir``."""
+    if task_file is not None:
+        (tmp / EXPORT_TASK_FILE).write_text(task_file)
     publish(tmp, out_dir)
 
 
@@ -246,20 +249,21 @@ def _write_metadata(model: torch.nn.Module, directory: Path, model_cfg: ModelCon
 
 def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer,
               shard_mb: int,
-              dtype: str, task: TaskConfig | None = None, merged: bool = False) -> Path:
+              dtype: str, task_file: str | None = None, merged: bool = False) -> Path:
     """Write ``model`` as an HF directory at ``out_dir`` in ``dtype`` (a collective; rank 0 writes;
-    an existing ``out_dir`` is replaced). With LoRA adapters: ``export_adapter``."""
+    an existing ``out_dir`` is replaced), with ``task_file`` (``export_yaml``: what ``areal-like
+    eval`` reads of the run) as ``EXPORT_TASK_FILE``. With LoRA adapters: ``export_adapter``."""
     if has_adapters(model):
         return export_adapter(model, out_dir, model_cfg=model_cfg, tokenizer=tokenizer,
-                              shard_mb=shard_mb, dtype=dtype, task=task, merged=merged)
+                              shard_mb=shard_mb, dtype=dtype, task_file=task_file, merged=merged)
     full = ((name, _gather(t)) for name, t in _exported_tensors(model))
     return _write_hf(model, full, out_dir, model_cfg=model_cfg, tokenizer=tokenizer,
-                     shard_mb=shard_mb, dtype=dtype, task=task)
+                     shard_mb=shard_mb, dtype=dtype, task_file=task_file)
 
 
 def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path,
               *, model_cfg: ModelConfig, tokenizer, shard_mb: int, dtype: str,
-              task: TaskConfig | None) -> Path:
+              task_file: str | None) -> Path:
     """``export_hf``'s writer: ``tensors`` (name, full tensor) on every rank, written by rank 0."""
     rank = rank_world()[0]
     tmp = open_tmp(out_dir)
@@ -276,7 +280,7 @@ def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
         mode = (tmp / "config.json").stat().st_mode & 0o777
         for weights in tmp.glob("*.safetensors"):
             os.chmod(weights, mode)
-        _publish(tmp, out_dir, task)
+        _publish(tmp, out_dir, task_file)
         log.info("exported %s (%d shard%s, %.1f MiB, %s)", out_dir, n, "s" * (n > 1),
                  writer.total_bytes / MIB, dtype)
     barrier()
@@ -340,10 +344,13 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *,
     """``areal-like export``:
     a trainer DCP checkpoint directory -> an HF directory at ``out_dir``."""
     model = load_checkpoint_model(Path(checkpoint), cfg.model, cfg.trainer.lora)
+    meta = Path(checkpoint) / "meta.pt"
+    version = int(load_data(meta)["policy_version"]) if meta.is_file() else None
     return export_hf(model, Path(out_dir), model_cfg=cfg.model,
                      tokenizer=export_tokenizer(cfg.model, cfg.task),
                      shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype,
-                     task=cfg.task, merged=cfg.export.merged)
+                     task_file=export_yaml(cfg.task, cfg.eval, cfg.seed, version),
+                     merged=cfg.export.merged)
 
 
 def _resolve_checkpoint(path: Path) -> Path:

@@ -14,7 +14,13 @@ from pathlib import Path
 from areal_like.job_facts import trajectory_limit
 from areal_like.net.auth import engine_api_key
 from areal_like.net.security import Keys
-from areal_like.settings.config import ExportConfig, ModelConfig, RunConfig, TaskConfig
+from areal_like.settings.config import (
+    EvalConfig,
+    ExportConfig,
+    ModelConfig,
+    RunConfig,
+    TaskConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +29,7 @@ class TrainerFacts:
     # the engines' sampling (temperature, top-p/k, max_new_tokens), the chat template exports carry
     task: TaskConfig
     export: ExportConfig  # in-run exports: when and in what shards
+    eval: EvalConfig  # eval.*: written beside each export, for `areal-like eval` away from the run
     seed: int  # torch's seed for this process
     # buffer.max_staleness: the consume-time bound every batch is checked against
     max_staleness: int
@@ -50,7 +57,7 @@ class TrainerFacts:
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> TrainerFacts:
         """The facts of the job ``cfg`` describes; its buffer clients are CURVE clients with
         ``keys``."""
-        return cls(model=cfg.model, task=cfg.task, export=cfg.export, seed=cfg.seed,
+        return cls(model=cfg.model, task=cfg.task, export=cfg.export, eval=cfg.eval, seed=cfg.seed,
                    max_staleness=cfg.buffer.max_staleness,
                    final_eval_timeout_s=cfg.eval.final_timeout_s,
                    final_eval=cfg.eval.await_server,

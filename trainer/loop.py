@@ -32,7 +32,7 @@ from areal_like.daemon import Daemon, StartRefused
 from areal_like.job_facts import model_vocab_size
 from areal_like.net.security import Keys
 from areal_like.net.store_gate import refused_total
-from areal_like.settings.config import RunConfig, TrainerConfig
+from areal_like.settings.config import RunConfig, TrainerConfig, export_yaml
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.lora import served_name
 from trainer.checkpoint import (
@@ -357,7 +357,9 @@ class Trainer(Daemon):
                             model_cfg=self.facts.model,
                             tokenizer=export_tokenizer(self.facts.model, self.facts.task,
                                                        self.tokenizer),
-                            shard_mb=e.shard_mb, dtype=self.facts.model.dtype, task=self.facts.task,
+                            shard_mb=e.shard_mb, dtype=self.facts.model.dtype,
+                            task_file=export_yaml(self.facts.task, self.facts.eval,
+                                                  self.facts.seed, self.version),
                             merged=e.merged)
             if self.rank == 0 and e.keep:
                 prune_exports(root, e.keep)

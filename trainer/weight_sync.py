@@ -119,8 +119,11 @@ class WeightBroadcaster:
         # label may name other weights on a member the crashed trainer pushed it to)
         self.loaded: dict[str, int] = {}
         self._inflight: threading.Thread | None = None  # rank 0: an overlapped push still running
-        # close() or the trainer's stop request: a push in flight stops waiting on the members
+        # close() or the trainer's stop request: a push in flight stops waiting on the members,
+        # and on the buffer's replies (it may be gone with the launcher)
         self.stopping = threading.Event()
+        if self.client is not None:
+            self.client.cancel = self.stopping.is_set
         self._done_report: SyncReport | None = None  # what the last overlapped push reported
 
     # ------------------------------------------------------------------ the collective

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
@@ -81,12 +82,20 @@ class _Dealer:
             self._sock = None
 
 
+# how often a wait for a reply looks at ``Client.cancel``: a daemon told to stop stops waiting
+# within this, not after the request's timeout (a peer gone with the launcher never answers)
+CANCEL_CHECK_S = 0.2
+
+
 class Client(_Dealer):
-    """Synchronous request/reply client (one outstanding request at a time; not thread safe)."""
+    """Synchronous request/reply client (one outstanding request at a time; not thread safe).
+    ``cancel``: once it returns True (its owner's stop event's ``is_set``, set from any thread),
+    a wait for a reply ends within ``CANCEL_CHECK_S`` with TransportTimeout."""
 
     def __init__(self, address: str, *, keys: security.Keys | None = None,
                  timeout_s: float = DEFAULT_TIMEOUT_S, identity: str | None = None):
         super().__init__(address, zmq.Context.instance(), timeout_s, identity, keys)
+        self.cancel: Callable[[], bool] | None = None
 
     def _on_socket(self) -> None:
         self._poller = zmq.Poller()  # kept: Socket.poll builds a new Poller on every call
@@ -97,14 +106,22 @@ class Client(_Dealer):
         timeout = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
         if (payload := self._wait(self._send(msg), deadline)) is None:
+            if self.cancel is not None and self.cancel():
+                self.reconnect()  # as after a timeout: a late reply is discarded
+                raise TransportTimeout(f"stopped waiting for {self.address} to answer {msg.TYPE}: "
+                                       "this process is stopping")
             raise self._timed_out(msg, timeout)
         return decode(payload)
 
     def _wait(self, req_id: bytes, deadline: float):
-        """The payload of the reply to ``req_id``, or None at ``deadline``."""
+        """The payload of the reply to ``req_id``, or None at ``deadline`` or once ``cancel``."""
         while (remaining := deadline - time.monotonic()) > 0:
+            if self.cancel is not None:
+                if self.cancel():
+                    return None
+                remaining = min(remaining, CANCEL_CHECK_S)
             if not self._poller.poll(max(1, int(remaining * 1000))):
-                return None
+                continue
             if (payload := self._payload(req_id, recv_parts(self._sock, 0))) is not None:
                 return payload
         return None

@@ -286,14 +286,22 @@ def bind(sock: zmq.Socket, address: str) -> None:
             sock.setsockopt(zmq.CURVE_SERVER, 1)  # its keys are still set
 
 
+def check_local(address: str) -> Path | None:
+    """The socket path of an ``ipc://`` address, its directory checked to be this user's alone
+    (``private_dir``); None for any other. A daemon calls it before it logs ``started``, so a
+    directory others may enter is a refused start (exit 2), not a stop after it ran."""
+    path = ipc_path(address)
+    if path is not None:
+        private_dir(path.parent)
+    return path
+
+
 def connect(sock: zmq.Socket, address: str) -> None:
     """Connect ``sock`` to ``address``: ipc:// without CURVE once its directory is checked to be
     this user's (the socket stays so: a later tcp endpoint is refused, never sent in clear)."""
-    path = ipc_path(address)
-    if path is None:
+    if check_local(address) is None:
         sock.connect(address)
         return
-    private_dir(path.parent)
     sock.setsockopt(zmq.CURVE_SERVER, 0)  # NULL mechanism (options apply at connect)
     sock.connect(address)
 

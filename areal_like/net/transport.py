@@ -49,6 +49,14 @@ def bind_address(address: str) -> str:
     return address
 
 
+def listening_on(address: str) -> str:
+    """Where a server given ``address`` listens (``bind_address``), for a log line; with the
+    address its clients are told when that is another (``tcp://*:5555 (clients connect to
+    tcp://10.77.0.1:5555)``)."""
+    bound = bind_address(address)
+    return bound if bound == address else f"{bound} (clients connect to {address})"
+
+
 class FrameWriter:
     """Encodes messages into one kept buffer and sends them. One per socket user, not thread
     safe; on an asyncio socket only with NOBLOCK (sent at once or failed, so the buffer is free

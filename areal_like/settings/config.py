@@ -44,11 +44,13 @@ __all__ = [
     "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "SecurityConfig", "TaskConfig",
     "TrackingConfig", "TrainerConfig", "WarmStartConfig",
     "WeightSyncConfig", "config_dir", "from_yaml", "group_options", "load_config",
-    "load_daemon_config", "to_yaml", "EXPORT_TASK_FILE", "task_yaml", "task_from_yaml",
+    "load_daemon_config", "to_yaml", "EXPORT_TASK_FILE", "export_yaml", "export_settings",
+    "task_from_yaml",
 ]
 
 # In every exported model directory: the task it was trained on, which `areal-like eval` scores it
-# on when no run config says otherwise (rollout_server/evaluate.py). Hugging Face loaders ignore it.
+# on when no run config says otherwise (rollout_server/evaluate.py), with the run's eval.* and seed
+# and the export's policy version (export_yaml). Hugging Face loaders ignore it.
 EXPORT_TASK_FILE = "areal_like_task.yaml"
 DAEMON_USAGE = "a daemon takes [--config-file PATH] [key=value ...]"
 
@@ -299,13 +301,37 @@ def absolute_files(task: TaskConfig) -> TaskConfig:
     return dataclasses.replace(task, **files)
 
 
-def task_yaml(task: TaskConfig) -> str:
-    """``task`` as the YAML of a config holding only its ``task`` section (``EXPORT_TASK_FILE``),
-    its files absolute."""
+def export_yaml(task: TaskConfig, ev: EvalConfig | None = None, seed: int | None = None,
+                policy_version: int | None = None) -> str:
+    """``EXPORT_TASK_FILE``: what ``areal-like eval`` needs of the run an export comes from, to
+    give the numbers the run's own evaluation gives: a config of its ``task`` (files absolute),
+    ``eval`` and ``seed`` (the evaluation's settings and sampling seeds), and the
+    ``policy_version`` of the weights beside it."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_yaml(OmegaConf.create({"task": OmegaConf.structured(
-        absolute_files(task))}))
+    sections: dict[str, Any] = {"task": OmegaConf.structured(absolute_files(task))}
+    if ev is not None:
+        sections["eval"] = OmegaConf.structured(ev)
+    if seed is not None:
+        sections["seed"] = seed
+    if policy_version is not None:
+        sections["policy_version"] = policy_version
+    return OmegaConf.to_yaml(OmegaConf.create(sections))
+
+
+def export_settings(text: str) -> tuple[list[str], int | None]:
+    """The ``eval.*`` and ``seed`` an ``export_yaml`` text holds, as ``key=value`` overrides, and
+    its ``policy_version``; none of them in an export written before they were stored."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    stored = _structured(lambda: OmegaConf.to_container(OmegaConf.create(text)))
+    overrides = [f"eval.{k}={json.dumps(v)}" for k, v in (stored.get("eval") or {}).items()]
+    if stored.get("seed") is not None:
+        overrides.append(f"seed={int(stored['seed'])}")
+    version = stored.get("policy_version")
+    return overrides, None if version is None else int(version)
 
 
 def _structured(build: Callable[[], Any], where: str = "") -> Any:
@@ -338,12 +364,13 @@ def _merged(schema: Any, sources: Callable[[], tuple], where: str = "") -> Any:
 
 
 def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
-    """The task of ``task_yaml`` output with ``task.key=value`` ``overrides`` on top."""
+    """The task of ``export_yaml`` output with ``task.key=value`` ``overrides`` on top."""
     from omegaconf import OmegaConf
 
     dotlist = list(overrides or [])
     return _merged({"task": TaskConfig()},
-                   lambda: (OmegaConf.create(text), OmegaConf.from_dotlist(dotlist)))["task"]
+                   lambda: (OmegaConf.masked_copy(OmegaConf.create(text), ["task"]),
+                            OmegaConf.from_dotlist(dotlist)))["task"]
 
 
 def load_daemon_config(argv: list[str], addresses: tuple[str, ...] = ()) -> RunConfig:

@@ -16,6 +16,7 @@ export at the end. Shown:
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,7 +102,26 @@ def test_in_run_evaluation_matches_the_exported_model(tmp_path):
     assert checkpoint.returncode == 0, checkpoint.stderr[-3000:]
     assert (json.loads(checkpoint.stdout.strip().splitlines()[-1])["greedy_accuracy"]
             == final["greedy_accuracy"])
+    _evaluated_away_from_the_run(tmp_path, run_dir, final)
     assert _children() <= before
+
+
+def _evaluated_away_from_the_run(tmp_path: Path, run_dir: Path, final: dict) -> None:
+    """The in-run export copied under another name, and ``areal-like export`` of the checkpoint
+    into a directory of one's own, each with no run config.yaml beside it: evaluated with the
+    run's eval.* (96 examples, k=2) and labelled with version 6, as the run's final evaluation.
+    Before, both used the default eval.* (every example, k=4) and said policy_version null."""
+    moved = tmp_path / "elsewhere" / "final"
+    shutil.copytree(run_dir / "export" / "v00000006", moved)
+    mine = tmp_path / "mine"
+    exported = _cli("export", str(run_dir / "checkpoints" / "v00000006"), str(mine))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    for model in (moved, mine):
+        r = _cli("eval", str(model))
+        assert r.returncode == 0, r.stderr[-3000:]
+        record = json.loads(r.stdout.strip().splitlines()[-1])
+        assert (record["policy_version"], record["n"], record["k"]) == (6, 96, 2), record
+        assert "mean@2" in record and record["greedy_accuracy"] == final["greedy_accuracy"]
 
 
 def test_eval_of_a_lora_export_scores_the_base_with_its_adapter(tmp_path):

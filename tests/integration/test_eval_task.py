@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 EXPORT = """
 import sys
 from pathlib import Path
-from areal_like.settings.config import load_config
+from areal_like.settings.config import export_yaml, load_config
 from areal_like.weights.hf import build_model
 from areal_like.tasks.tokenizer import load_tokenizer
 from trainer.export import export_hf
@@ -38,7 +38,7 @@ model, tok = build_model(cfg.model, dtype="float32"), load_tokenizer(cfg.model)
 export_hf(model, root / "bare" / "v00000003", model_cfg=cfg.model, tokenizer=tok, shard_mb=64,
           dtype="float32")
 export_hf(model, root / "moved" / "v00000003", model_cfg=cfg.model, tokenizer=tok, shard_mb=64,
-          dtype="float32", task=cfg.task)
+          dtype="float32", task_file=export_yaml(cfg.task))
 """
 # four greedy answers: the task is the point, not the score
 FAST = ["eval.max_examples=4", "eval.k=0"]

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from areal_like.settings.config import load_config
+from areal_like.settings.config import export_yaml, load_config
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.hf import build_model
 from launch.warmstart import ensure_warm_start
@@ -34,7 +34,8 @@ def test_an_export_served_by_sglang_evaluates_like_the_embedded_engine(sglang_se
         tokenizer=load_tokenizer(cfg.model),
         shard_mb=64,
         dtype="float32",
-        task=cfg.task,  # as the trainer exports: `areal-like eval` scores the stored task
+        # as the trainer exports: `areal-like eval` scores the stored task
+        task_file=export_yaml(cfg.task),
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     embedded = subprocess.run(

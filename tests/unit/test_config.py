@@ -14,10 +14,10 @@ from areal_like.settings import config as C
 from areal_like.settings.config import (
     ConfigError,
     RunConfig,
+    export_yaml,
     load_config,
     load_daemon_config,
     task_from_yaml,
-    task_yaml,
     to_yaml,
 )
 
@@ -243,7 +243,7 @@ def test_daemon_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="bad.yaml"):
         load_daemon_config(["--config-file", str(bad)])
     with pytest.raises(ConfigError, match="task.temperature"):
-        task_from_yaml(task_yaml(load_config([]).task), ["task.temperature=${oops"])
+        task_from_yaml(export_yaml(load_config([]).task), ["task.temperature=${oops"])
     with pytest.raises(ConfigError, match=r"override 'trainer.lr=\$\{oops' does not parse"):
         load_config(["trainer.lr=${oops"])  # composed by Hydra (no --config-file)
 
@@ -364,7 +364,7 @@ def test_every_number_must_be_finite():
 def test_a_task_alone_checks_its_durations_too():
     """``areal-like eval`` builds a TaskConfig from an export's task file and its overrides, no
     RunConfig: ``task.reward_timeout_s=inf`` passed there."""
-    text = task_yaml(C.TaskConfig())
+    text = export_yaml(C.TaskConfig())
     for value in ("inf", "-1"):
         with pytest.raises(ConfigError, match=rf"^task[.]reward_timeout_s={value}"):
             task_from_yaml(text, [f"task.reward_timeout_s={value}"])
@@ -417,7 +417,7 @@ def test_an_unquoted_tilde_says_how_to_write_it():
 
 
 def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
-    """The task file written beside an export (``task_yaml``) reads from anywhere: relative
+    """The task file written beside an export (``export_yaml``) reads from anywhere: relative
     ``task.dataset_path``/``eval_path`` (and a chat template file) start at the working directory
     the daemons run in, so they are written absolute (before: only the launch directory worked)."""
     from areal_like.tasks.datasets import load_split
@@ -428,7 +428,7 @@ def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
     (launch / "data" / "m.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
     (launch / "chat.jinja").write_text("{{ messages[0]['content'] }}")
     monkeypatch.chdir(launch)
-    text = task_yaml(load_config(["task=dataset", "task.dataset_path=data/m.jsonl",
+    text = export_yaml(load_config(["task=dataset", "task.dataset_path=data/m.jsonl",
                                   "task.eval_path=data/m.jsonl",
                                   "task.chat_template=chat.jinja"]).task)
     monkeypatch.chdir(elsewhere)
@@ -437,7 +437,7 @@ def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
     assert task.chat_template == str(launch / "chat.jinja")
     assert [e.answer for e in load_split(task, "eval")] == ["2"]
     # a template given as text stays text
-    assert task_from_yaml(task_yaml(C.TaskConfig(chat_template="{{ x }}")),
+    assert task_from_yaml(export_yaml(C.TaskConfig(chat_template="{{ x }}")),
                           []).chat_template == "{{ x }}"
 
 

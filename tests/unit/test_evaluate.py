@@ -121,12 +121,12 @@ def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, caps
 def test_an_eval_path_on_a_synthetic_tasks_export_names_the_key_given(tmp_path, capsys):
     """``areal-like eval`` reads ``task.eval_path`` alone (it sets ``task.dataset_path`` to it):
     on an export of a synthetic task the refusal names the key the user gave, not the other."""
-    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, task_yaml
+    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, export_yaml
 
     export = tmp_path / "v00000003"
     export.mkdir()
     (export / "config.json").write_text("{}")  # never read: the task is refused first
-    (export / EXPORT_TASK_FILE).write_text(task_yaml(TaskConfig(name="reverse")))
+    (export / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(name="reverse")))
     assert main([str(export), f"task.eval_path={tmp_path / 'mine.jsonl'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: task.eval_path=") and "add task=dataset" in err, err
@@ -382,13 +382,13 @@ def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_
     module sits in the training run's directory): one error line naming the key, the working
     directory the workers import from, exit 2, before the model is read (before: the model loaded,
     then the reward pool's log line and the same error line again)."""
-    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, task_yaml
+    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, export_yaml
 
     monkeypatch.chdir(tmp_path)
     export = tmp_path / "v00000003"
     export.mkdir()
     (export / "config.json").write_text("{}")  # never read: the reward is refused first
-    (export / EXPORT_TASK_FILE).write_text(task_yaml(TaskConfig(
+    (export / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(
         name="reverse", reward_fn="my_own_rewards_mod.rewards:score")))
     assert main([str(export)]) == 2
     out, err = capfd.readouterr()
@@ -513,3 +513,38 @@ def test_overrides_after_out_reach_the_config(tmp_path, capsys, monkeypatch):
     assert main([str(export), "--out", str(out), "eval.k=8", "task=reverse"]) == 0
     assert seen == [["eval.k=8", "task=reverse"]], capsys.readouterr().err
     assert json.loads(out.read_text())["policy_version"] == 3
+
+
+def test_an_export_away_from_its_run_is_evaluated_with_the_runs_eval_settings_and_version(
+        tmp_path):
+    """An export carries its run's eval.* and seed and its policy version (``export_yaml``):
+    ``areal-like eval`` of it in a directory of another name, with no run config.yaml beside it,
+    evaluates as the run did and labels the record with the version; an override given still
+    wins. An export written before they were stored reads as before (defaults, the name's
+    version)."""
+    from areal_like.settings.config import (
+        EXPORT_TASK_FILE,
+        EvalConfig,
+        TaskConfig,
+        export_yaml,
+    )
+    from rollout_server.evaluate import _eval_config, _version_of
+
+    export = tmp_path / "final"
+    export.mkdir()
+    run_eval = EvalConfig(k=2, max_examples=3, temperature=0.5, max_new_tokens=7)
+    (export / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(name="sort"), run_eval, seed=7,
+                                                       policy_version=12))
+    cfg, config_file = _eval_config(export, None, ["eval.k=8"])
+    assert config_file is None and cfg.task.name == "sort" and cfg.seed == 7
+    assert cfg.eval == EvalConfig(k=8, max_examples=3, temperature=0.5, max_new_tokens=7)
+    assert _version_of(export) == 12
+    cfg, _ = _eval_config(export, None, ["seed=1", "eval.temperature=null"])
+    assert cfg.seed == 1 and cfg.eval.temperature is None and cfg.eval.k == 2
+
+    older = tmp_path / "v00000005"
+    older.mkdir()
+    (older / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(name="sort")))
+    cfg, _ = _eval_config(older, None, [])
+    assert cfg.task.name == "sort" and cfg.eval == EvalConfig() and cfg.seed == 0
+    assert _version_of(older) == 5

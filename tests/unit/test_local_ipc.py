@@ -276,3 +276,34 @@ def test_a_buffer_given_a_socket_directory_others_can_enter_refuses_in_one_line(
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "has mode 0755" in errors[0] and "chmod 700" in errors[0], errors
+
+
+def test_a_rollout_server_given_a_socket_directory_others_can_enter_refuses_to_start(
+        tmp_path, caplog):
+    """The rollout server connects to the buffer in its loop, after ``started``: a same-node
+    address in a directory others may enter was refused only then, so the launcher said "stopped
+    with exit 2" (it ran) instead of "refused to start", after the engine had started. Now the
+    directory is checked first: one line, exit 2, no ``started`` and no engine."""
+    import logging
+
+    from areal_like.daemon import STARTED
+    from rollout_server.server import RolloutServer
+
+    (tmp_path / "open").mkdir(mode=0o755)
+    os.chmod(tmp_path / "open", 0o755)
+    router, pub = local_addresses(tmp_path / "open")
+    for given in ({"buffer_address": router}, {"pub_address": pub}):
+        caplog.clear()
+        cfg = _cfg(f"run_dir={tmp_path / 'run'}", "security.curve=false",
+                   "trainer.logprob_guard_tol=0")
+        for key, address in given.items():
+            setattr(cfg.rollout, key, address)
+        cfg.rollout.metrics_port = -1  # no /metrics server (the daemon's hook)
+        server = RolloutServer.from_run(cfg)
+        with caplog.at_level(logging.INFO, logger="rollout"):
+            assert server.serve() == 2
+        messages = [r.getMessage() for r in caplog.records]
+        assert STARTED not in messages, messages
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "has mode 0755" in errors[0], errors
+        assert not server.engine_url, "the engine started before the refusal"

@@ -46,13 +46,15 @@ def test_head_ip_is_the_named_interfaces_address(fake_ifaces):
 
 
 @pytest.mark.parametrize("iface,message", [
-    ("", "HEAD_IFACE is not set: name the network interface the other nodes reach this node on "
-         "(e.g. HEAD_IFACE=ib0); "
+    ("", "no interface given (areal_like.sbatch: HEAD_IFACE is not set): name the one the "
+         "other nodes reach this node on; "
          "this node has: lo=127.0.0.1, eth0=172.17.0.9, ib0=10.1.2.3"),
-    ("eth7", "HEAD_IFACE=eth7 is not an interface of this node; "
+    # the interface as the user typed it: `head-ip eth7` has no HEAD_IFACE (review: it said
+    # "HEAD_IFACE=eth7 is not an interface", a variable only the sbatch script has)
+    ("eth7", "interface 'eth7' is not an interface of this node; "
              "interfaces with an IPv4 address here: lo=127.0.0.1, "
              "eth0=172.17.0.9, ib0=10.1.2.3"),
-    ("ib1", "HEAD_IFACE=ib1 has no IPv4 address; "
+    ("ib1", "interface 'ib1' has no IPv4 address; "
             "interfaces with an IPv4 address here: lo=127.0.0.1, "
             "eth0=172.17.0.9, ib0=10.1.2.3"),
 ])
@@ -81,7 +83,13 @@ def test_the_sbatch_command_line_prints_the_address_or_one_error_line():
     bad = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip"],
                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert (bad.returncode == 2 and bad.stdout == ""
-            and bad.stderr.startswith("error: HEAD_IFACE is not set"))
+            and bad.stderr.startswith("error: no interface given"))
+    typo = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip", "lo7"],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    assert (typo.returncode == 2 and typo.stdout == ""
+            and typo.stderr.startswith("error: interface 'lo7' is not an interface of this node; "
+                                       "interfaces with an IPv4 address here: lo=127.0.0.1")
+            and "HEAD_IFACE" not in typo.stderr), typo.stderr
 
 
 def test_cores_follow_the_gpus_and_never_overlap():

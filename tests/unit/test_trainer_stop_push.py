@@ -64,3 +64,64 @@ def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
         wb.client = None
         wb.close()
     assert reports[0].dropped == ["a"]
+
+
+def test_a_stop_request_ends_the_version_announce_waiting_on_a_gone_buffer(tmp_path, monkeypatch):
+    """The announce after a push waited out its request timeout (10 s) for a buffer gone with the
+    launcher: daemons outlived a ``kill -9`` of it by up to ~12 s. The stop now ends that wait
+    too. A real client and a buffer socket that takes the request and never answers; the
+    request's timeout is the push's deadline here, so only the stop can end it in time."""
+    from areal_like.net.distributed import free_port
+    from areal_like.net.transport import Server
+
+    monkeypatch.setattr("trainer.weight_sync.BUFFER_REQUEST_TIMEOUT_S", DEADLINE_S)
+    address = f"tcp://127.0.0.1:{free_port()}"
+    gone = Server(address)  # binds; never replies
+    trainer = Trainer.from_run(load_config([f"run_dir={tmp_path}"]))
+    wb = WeightBroadcaster(WeightSyncConfig(path="disk", deadline_s=DEADLINE_S),
+                           buffer_address=address, rank=0, device=torch.device("cpu"))
+    trainer.broadcaster = wb
+    reports = []
+    announce = threading.Thread(target=lambda: reports.append(wb.announce(1)), daemon=True)
+    announce.start()
+    try:
+        got = gone.recv(DEADLINE_S / 2)
+        assert got is not None and isinstance(got[2], P.VersionUpdate)  # in flight
+        trainer.request_stop()
+        announce.join(STOP_S)
+        assert not announce.is_alive(), "the announce waited on the buffer after the stop request"
+    finally:
+        wb.stopping.set()
+        announce.join()
+        wb.close()
+        gone.close()
+    assert "stopped waiting" in reports[0].error, reports[0].error
+
+
+def test_a_stop_request_ends_the_batch_request_waiting_on_a_gone_buffer():
+    """The same for the trainer's wait for a batch: a BatchRequest waits ``batch_wait_s`` plus a
+    reply margin (10 s by default) for a buffer that may be gone with the launcher."""
+    from areal_like.net.distributed import free_port
+    from areal_like.net.transport import Server
+    from trainer.data import BatchSource
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    gone = Server(address)  # binds; never replies
+    stop = threading.Event()
+    source = BatchSource(address, 2, wait_s=DEADLINE_S, buffer_timeout_s=DEADLINE_S, rank=0,
+                         should_stop=stop.is_set)
+    batches = []
+    wait = threading.Thread(target=lambda: batches.append(source.next_batch(0)), daemon=True)
+    wait.start()
+    try:
+        got = gone.recv(DEADLINE_S / 2)
+        assert got is not None and isinstance(got[2], P.BatchRequest)  # in flight
+        stop.set()
+        wait.join(STOP_S)
+        assert not wait.is_alive(), "the batch request waited on the buffer after the stop request"
+    finally:
+        stop.set()
+        wait.join()
+        source.client.close()
+        gone.close()
+    assert batches == [None]
