@@ -251,10 +251,10 @@ def _no_prompt_fits(cfg: RunConfig, context: int, source: str) -> str | None:
         tokenizer, examples = load_tokenizer(cfg.model), load_split(t, "train")
     except Exception:  # noqa: BLE001 - an unusable dataset or tokenizer: other checks say why
         return None
-    limit = min(t.max_prompt_tokens or context - 1, context - 1)
+    limit = t.max_prompt_tokens or context - 1  # check_lengths: below the context
     if not examples or any(len(encode_prompt(tokenizer, ex, t)) <= limit for ex in examples):
         return None
-    if t.max_prompt_tokens and t.max_prompt_tokens < context - 1:
+    if t.max_prompt_tokens:
         return (f"task.max_prompt_tokens={t.max_prompt_tokens}: each of the {len(examples)} "
                 f"prompts of task.dataset_path={t.dataset_path!r} is longer: none is left")
     return (f"task.dataset_path={t.dataset_path!r}: each of its {len(examples)} prompts is "
