@@ -14,6 +14,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from areal_like.job_facts import (
@@ -194,18 +195,27 @@ def check_eval_split(cfg: RunConfig) -> list[str]:
 def check_epochs(cfg: RunConfig) -> list[str]:
     """``buffer.max_epochs`` passes over the train split give at least the groups the job trains
     on (``trainer.steps`` x ``buffer.groups_per_step``): past the last pass the buffer grants no
-    prompt and the trainer would wait for data forever."""
+    prompt and the trainer would wait for data forever. A dataset's prompts that fill the context
+    count for nothing: each epoch skips them (``rollout_server/episode.py``)."""
     epochs, groups = cfg.buffer.max_epochs, cfg.buffer.groups_per_step
     if epochs <= 0:
         return []
+    task, fitting = cfg.task, ""
     try:
-        prompts = dataset_size(cfg.task, cfg.model)
+        if task.name == "dataset" and task.max_prompt_tokens == 0:  # check_lengths: the context
+            context = trajectory_limit(cfg)
+            task = replace(task, max_prompt_tokens=context - 1)
+            fitting = f" that leave room in the model's context of {context} tokens"
+        prompts = dataset_size(task, cfg.model)
+        if fitting and prompts == dataset_size(cfg.task, cfg.model):  # every one fits
+            fitting = ""
     except Exception:  # noqa: BLE001 - an unusable dataset or tokenizer: other checks say why
         return []
     needed = cfg.trainer.steps * groups
     if prompts * epochs >= needed:
         return []
-    source = "task.dataset_path" if cfg.task.name == "dataset" else f"task={cfg.task.name}"
+    source = ("task.dataset_path" + fitting if task.name == "dataset"
+              else f"task={task.name}")
     passes = "1 pass" if epochs == 1 else f"{epochs} passes"
     return [f"buffer.max_epochs={epochs}: {passes} over the {prompts} prompts of {source} "
             f"give{'s' if epochs == 1 else ''} {prompts * epochs} groups, fewer than the {needed} "

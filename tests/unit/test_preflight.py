@@ -661,3 +661,23 @@ def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anythin
         "(model.max_position_embeddings=256): a prompt of one token leaves room for 255 output "
         "tokens; set task.max_new_tokens to at most 255"]
     assert not run_dir.exists()  # no warm start, no daemon
+
+
+def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(tmp_path, monkeypatch):
+    """A prompt that fills the context is skipped each epoch (its group refused as empty_output):
+    with buffer.max_epochs=1 over 2 prompts that fit and 2 that do not, 4 groups were asked for
+    and the trainer waited for data forever after the second."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mix.jsonl").write_text("".join(
+        f'{{"prompt": "{"x" * (300 if i % 2 else 3)}", "answer": "1"}}\n' for i in range(4)))
+    cfg = cfg_with(name="dataset", dataset_path="mix.jsonl")
+    job = dataclasses.replace(
+        cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=1, groups_per_step=1),
+        trainer=dataclasses.replace(cfg.trainer, steps=4, groups_per_step=1))
+    assert pf.check_epochs(job) == [
+        "buffer.max_epochs=1: 1 pass over the 2 prompts of task.dataset_path that leave room in "
+        "the model's context of 256 tokens gives 2 groups, fewer than the 4 the job trains on "
+        "(trainer.steps=4 x buffer.groups_per_step=1): it would wait for data forever; raise "
+        "buffer.max_epochs (0: no limit) or lower trainer.steps"]
+    two = dataclasses.replace(job, trainer=dataclasses.replace(job.trainer, steps=2))
+    assert pf.check_epochs(two) == []
