@@ -62,6 +62,16 @@ def trajectory_limit(cfg: RunConfig) -> int:
     return max(model_context(cfg.model), int(given) if isinstance(given, int) else 0)
 
 
+def context_source(cfg: RunConfig) -> str:
+    """The setting that makes ``trajectory_limit(cfg)``, as ``key=value``."""
+    given = cfg.rollout.engine.sglang.get("context_length")
+    if isinstance(given, int) and given > model_context(cfg.model):
+        return f"rollout.engine.sglang.context_length={given}"
+    if not cfg.model.path:
+        return f"model.max_position_embeddings={cfg.model.max_position_embeddings}"
+    return f"the config.json of model.path={cfg.model.path!r}"
+
+
 # a group's frame per trajectory: 4 bytes a prompt token, 16 an output token, and metadata
 PROMPT_TOKEN_BYTES, OUTPUT_TOKEN_BYTES, TRAJECTORY_METADATA_BYTES = 4, 16, 64 * 1024
 FRAME_MARGIN = 2  # envelope, msgpack headers and what the estimate misses

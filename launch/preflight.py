@@ -14,10 +14,17 @@ import importlib.util
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from areal_like.daemon import StartRefused
-from areal_like.job_facts import dataset_size, model_json, model_vocab_size
+from areal_like.job_facts import (
+    context_source,
+    dataset_size,
+    model_json,
+    model_vocab_size,
+    trajectory_limit,
+)
 from areal_like.settings.config import ConfigError, RunConfig
 from areal_like.weights.hf import (
     TOKENIZER_FILES,
@@ -190,24 +197,81 @@ def check_eval_split(cfg: RunConfig) -> list[str]:
 def check_epochs(cfg: RunConfig) -> list[str]:
     """``buffer.max_epochs`` passes over the train split give at least the groups the job trains
     on (``trainer.steps`` x ``buffer.groups_per_step``): past the last pass the buffer grants no
-    prompt and the trainer would wait for data forever."""
+    prompt and the trainer would wait for data forever. A dataset's prompts that fill the context
+    count for nothing: each epoch skips them (``rollout_server/episode.py``)."""
     epochs, groups = cfg.buffer.max_epochs, cfg.buffer.groups_per_step
     if epochs <= 0:
         return []
+    task, fitting = cfg.task, ""
     try:
-        prompts = dataset_size(cfg.task, cfg.model)
+        if task.name == "dataset" and task.max_prompt_tokens == 0:  # check_lengths: the context
+            context = trajectory_limit(cfg)
+            task = replace(task, max_prompt_tokens=context - 1)
+            fitting = f" that leave room in the model's context of {context} tokens"
+        prompts = dataset_size(task, cfg.model)
+        if fitting and prompts == dataset_size(cfg.task, cfg.model):  # every one fits
+            fitting = ""
     except Exception:  # noqa: BLE001 - an unusable dataset or tokenizer: other checks say why
         return []
     needed = cfg.trainer.steps * groups
     if prompts * epochs >= needed:
         return []
-    source = "task.dataset_path" if cfg.task.name == "dataset" else f"task={cfg.task.name}"
+    source = ("task.dataset_path" + fitting if task.name == "dataset"
+              else f"task={task.name}")
     passes = "1 pass" if epochs == 1 else f"{epochs} passes"
     return [f"buffer.max_epochs={epochs}: {passes} over the {prompts} prompts of {source} "
             f"give{'s' if epochs == 1 else ''} {prompts * epochs} groups, fewer than the {needed} "
             f"the job trains on (trainer.steps={cfg.trainer.steps} x buffer.groups_per_step="
             f"{groups}): it would wait for data forever; raise buffer.max_epochs (0: no limit) or "
             "lower trainer.steps"]
+
+
+def check_lengths(cfg: RunConfig) -> list[str]:
+    """Every length a request can ask for leaves room in the context the engine serves
+    (``trajectory_limit``): an output budget (``task.max_new_tokens``, ``eval.max_new_tokens``)
+    or a prompt limit of the context or more, or a dataset whose every prompt leaves no room,
+    can never be generated whole (SGLang refuses such a request; ``rollout_server/episode.py``
+    asks for what a shorter prompt leaves)."""
+    try:
+        context, source = trajectory_limit(cfg), context_source(cfg)
+    except ConfigError:  # an unreadable model.path: check_models says why
+        return []
+    t, most = cfg.task, f"the model's context of {context} tokens ({source})"
+    out = [f"{key}={value} is not below {most}: a prompt of one token leaves room for "
+           f"{context - 1} output tokens; set {key} to at most {context - 1}"
+           for key, value in (("task.max_new_tokens", t.max_new_tokens),
+                              ("eval.max_new_tokens", cfg.eval.max_new_tokens or 0))
+           if value >= context]
+    if t.max_prompt_tokens >= context:
+        out.append(f"task.max_prompt_tokens={t.max_prompt_tokens} is not below {most}: a prompt "
+                   "that long leaves no room to generate; set task.max_prompt_tokens to at most "
+                   f"{context - 1}")
+    elif t.name == "dataset" and (line := _no_prompt_fits(cfg, context, source)):
+        out.append(line)
+    return out
+
+
+def _no_prompt_fits(cfg: RunConfig, context: int, source: str) -> str | None:
+    """Why no prompt of the train split can be generated for (None: one can); reads up to the
+    first that fits."""
+    from areal_like.tasks.datasets import load_split
+    from areal_like.tasks.task import encode_prompt
+    from areal_like.tasks.tokenizer import load_tokenizer
+
+    t = cfg.task
+    try:
+        tokenizer, examples = load_tokenizer(cfg.model), load_split(t, "train")
+    except Exception:  # noqa: BLE001 - an unusable dataset or tokenizer: other checks say why
+        return None
+    limit = t.max_prompt_tokens or context - 1  # check_lengths: below the context
+    if not examples or any(len(encode_prompt(tokenizer, ex, t)) <= limit for ex in examples):
+        return None
+    if t.max_prompt_tokens:
+        return (f"task.max_prompt_tokens={t.max_prompt_tokens}: each of the {len(examples)} "
+                f"prompts of task.dataset_path={t.dataset_path!r} is longer: none is left")
+    return (f"task.dataset_path={t.dataset_path!r}: each of its {len(examples)} prompts is "
+            f"{context} tokens or longer, the model's context ({source}): none leaves room to "
+            "generate")
 
 
 def check_chat_template(cfg: RunConfig) -> list[str]:
@@ -440,6 +504,6 @@ def check_environment(cfg: RunConfig) -> list[str]:
 
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
-                check_epochs, check_chat_template, check_chat_format, check_reward_fn, check_env,
-                check_agent, check_trackers, check_engine, check_architecture, check_lora,
-                check_environment)
+                check_epochs, check_lengths, check_chat_template, check_chat_format,
+                check_reward_fn, check_env, check_agent, check_trackers, check_engine,
+                check_architecture, check_lora, check_environment)

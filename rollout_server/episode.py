@@ -151,6 +151,14 @@ def _absorb(sample: Sample, out: GenerateOutput, i: int, empty: list[int], max_n
     return False
 
 
+def output_room(prompt_tokens: int, task_cfg, context: int, max_new_tokens: int = 0) -> int:
+    """The output tokens a prompt of ``prompt_tokens`` asks for: ``max_new_tokens`` (else
+    ``task.max_new_tokens``), or what ``context`` leaves where that is less (SGLang refuses a
+    request over its context; <= 0: no room); ``context`` 0: no limit."""
+    budget = max_new_tokens or task_cfg.max_new_tokens
+    return min(budget, context - prompt_tokens) if context > 0 else budget
+
+
 async def gather_or_cancel(coros) -> list:
     """The results of ``coros``, run concurrently. When one raises, the others are cancelled
     (their engine requests aborted, as a hang-up's) and waited for before its exception goes on:
@@ -178,6 +186,7 @@ class EpisodeContext:
     current_version_fn: Callable[[], int]
     metrics: Metrics = field(default_factory=Metrics)
     incarnation: str = ""  # this process's, in every group (RolloutServer.incarnation)
+    context: int = 0  # prompt + output tokens the engine serves (RolloutFacts.context; 0: any)
 
     def sampling_params(self) -> dict:
         cfg = self.task_cfg
@@ -210,9 +219,11 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
     example = ctx.task.example(credit.prompt_index, credit.epoch)
     prompt_ids = encode_prompt(ctx.tokenizer, example, ctx.task_cfg)
     t0 = time.monotonic()
-    samples = await generate_group(ctx.client, prompt_ids, ctx.task_cfg.group_size,
-                                   ctx.sampling_params(), ctx.task_cfg.max_new_tokens,
-                                   ctx.current_version_fn, ctx.metrics)
+    n, budget = ctx.task_cfg.group_size, output_room(len(prompt_ids), ctx.task_cfg, ctx.context)
+    # a prompt that leaves no room is not sent: the buffer refuses its group (empty_output)
+    samples = (await generate_group(ctx.client, prompt_ids, n, ctx.sampling_params(), budget,
+                                    ctx.current_version_fn, ctx.metrics) if budget > 0
+               else [Sample(finish_reason="length") for _ in range(n)])
     ctx.metrics.histogram("rollout/generation_seconds", "wall time to generate one group",
                           buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)).observe(
                               time.monotonic() - t0)

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import EvalConfig, LoraConfig, RunConfig, TaskConfig
-from rollout_server.episode import gather_or_cancel, generate_sample
+from rollout_server.episode import gather_or_cancel, generate_sample, output_room
 from rollout_server.facts import RolloutFacts
 from rollout_server.sglang_client import SGLangClient, SGLangError
 
@@ -114,20 +114,23 @@ def summarize(rewards_greedy: Sequence[float], rewards_sampled: Sequence[Sequenc
 async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[object], list[int]],
                    decode: Callable[[list[int]], str], rewards, ev: EvalConfig, task: TaskConfig,
                    stop_token_ids: list[int],
-                   version_fn: Callable[[], int], concurrency: int = 64, seed: int = 0) -> dict:
+                   version_fn: Callable[[], int], concurrency: int = 64, seed: int = 0,
+                   context: int = 0) -> dict:
     """Greedy and ``ev.k`` sampled responses for every example, scored with ``rewards`` (a
     RewardPool: ``await rewards.score_group(prompt, responses, example)``); ``eval.*`` sampling
-    settings left unset are the task's; sample ``j`` of example ``i`` is seeded from ``(seed, i,
-    j)``. Returns the figures plus the lowest and highest token version seen."""
+    settings left unset are the task's, the output budget at most what ``context`` leaves (0: no
+    limit); sample ``j`` of example ``i`` is seeded from ``(seed, i, j)``. Returns the figures
+    plus the lowest and highest token version seen."""
     gate = asyncio.Semaphore(concurrency)
     versions: set[int] = set()
     base = {"top_p": task.top_p, "top_k": task.top_k, "stop_token_ids": list(stop_token_ids)}
     temperature = ev.temperature or task.temperature
-    max_new_tokens = ev.max_new_tokens or task.max_new_tokens
 
     async def one(ids: list[int], sampling: dict) -> list[int]:
+        # a prompt without room is sent all the same: the engine's refusal counts it
+        budget = max(1, output_room(len(ids), task, context, ev.max_new_tokens or 0))
         async with gate:
-            s = await generate_sample(client, ids, sampling, max_new_tokens, version_fn)
+            s = await generate_sample(client, ids, sampling, budget, version_fn)
         versions.update(s.versions)
         return s.output_ids
 
@@ -203,7 +206,7 @@ class ServerEvaluator:
         return await evaluate(client, self.examples, self.encode, self.decode, self.rewards,
                               self.facts.eval, self.facts.task,
                               [int(eos)] if eos is not None else [], lambda: version,
-                              seed=self.facts.seed)
+                              seed=self.facts.seed, context=self.facts.context)
 
     async def run(self, client: SGLangClient, version: int) -> dict:
         """Evaluate the engine (which serves ``version``) and record the result."""

@@ -33,15 +33,18 @@ class RolloutFacts:
     engine_key: str | None = field(default=None, repr=False)
     probed: bool = False  # trainer.logprob_guard_tol > 0: the trainer sends the engine requests too
     seed: int = 0  # the job's seed: its evaluations' sampling seeds come from it
+    # prompt and output tokens the engine serves (job_facts.trajectory_limit; 0: unbounded)
+    context: int = 0
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> RolloutFacts:
         """The facts of the job ``cfg`` describes; its ZeroMQ sockets are CURVE clients with
         ``keys``. An episode ends where the engine's context does, if that comes before
         ``task.max_episode_tokens`` (the engine refuses a longer input)."""
-        room = min(cfg.task.max_episode_tokens, trajectory_limit(cfg))
+        context = trajectory_limit(cfg)
+        room = min(cfg.task.max_episode_tokens, context)
         return cls(model=cfg.model, task=replace(cfg.task, max_episode_tokens=room),
-                   eval=cfg.eval, steps=cfg.trainer.steps,
+                   eval=cfg.eval, steps=cfg.trainer.steps, context=context,
                    run_dir=Path(cfg.run_dir), lora=cfg.trainer.lora, keys=keys,
                    engine_key=engine_api_key(cfg.run_dir),
                    probed=cfg.trainer.logprob_guard_tol > 0, seed=cfg.seed)

@@ -440,7 +440,8 @@ class RolloutServer(Daemon):
         return EpisodeContext(client=self.client, task=self.task, tokenizer=self.tokenizer,
                               rewards=self.rewards, task_cfg=self.facts.task,
                               server_id=self.server_id, incarnation=self.incarnation,
-                              current_version_fn=lambda: self.policy_version, metrics=self.metrics)
+                              current_version_fn=lambda: self.policy_version, metrics=self.metrics,
+                              context=self.facts.context)
 
     async def start_agent_endpoint(self) -> None:
         from rollout_server.agent_endpoint import AgentEndpoint

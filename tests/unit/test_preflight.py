@@ -501,7 +501,8 @@ def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tm
                                         "answer": str(i + 1)})
                             + "\n" for i in range(4)))
     common = ["task=dataset", f"task.dataset_path={data}", "task.messages_key=messages",
-              f"model.tokenizer={tmp_path / 'tok'}", "warm_start.steps=0"]
+              f"model.tokenizer={tmp_path / 'tok'}", "warm_start.steps=0",
+              "task.max_new_tokens=16"]  # task=dataset's 256 fill the tiny model's context
 
     def config(*extra: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "launch.cli", "config", *common, *extra],
@@ -540,7 +541,8 @@ def test_rows_whose_contents_make_no_example_are_refused_before_start_in_one_lin
     good = {"prompt_messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}
     data = _jsonl(tmp_path / "rows.jsonl", [bad_row if i in (3, 6) else good for i in range(8)])
     r = subprocess.run([sys.executable, "-m", "launch.cli", "config", "task=dataset",
-                        f"task.dataset_path={data}", "task.messages_key=prompt_messages"],
+                        f"task.dataset_path={data}", "task.messages_key=prompt_messages",
+                        "task.max_new_tokens=16"],
                        capture_output=True, text=True, timeout=120,
                        cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
@@ -599,3 +601,83 @@ def test_max_epochs_must_give_the_groups_the_job_trains_on(tmp_path, monkeypatch
         "wait for data forever; raise buffer.max_epochs (0: no limit) or lower trainer.steps"]
     # an unreadable dataset is check_dataset_columns' line
     assert pf.check_epochs(job(1, 4, 2, cfg_with(name="dataset", dataset_path="nope.jsonl"))) == []
+
+
+def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
+        tmp_path, monkeypatch):
+    """task.max_new_tokens=1000 on the tiny model (256 positions) was accepted: the embedded engine
+    cut every output at the context, and SGLang refuses every such request (input +
+    max_new_tokens over its context: HTTP 400), so each episode failed and the server stopped. A
+    prompt limit or a dataset whose every prompt leaves no room failed the same way at run
+    time."""
+    monkeypatch.chdir(tmp_path)
+    assert base().model.max_position_embeddings == 256
+    assert pf.check_lengths(cfg_with(max_new_tokens=255, max_prompt_tokens=255)) == []
+    job = dataclasses.replace(cfg_with(max_new_tokens=1000, max_prompt_tokens=256),
+                              eval=dataclasses.replace(base().eval, max_new_tokens=300))
+    assert pf.check_lengths(job) == [
+        "task.max_new_tokens=1000 is not below the model's context of 256 tokens "
+        "(model.max_position_embeddings=256): a prompt of one token leaves room for 255 output "
+        "tokens; set task.max_new_tokens to at most 255",
+        "eval.max_new_tokens=300 is not below the model's context of 256 tokens "
+        "(model.max_position_embeddings=256): a prompt of one token leaves room for 255 output "
+        "tokens; set eval.max_new_tokens to at most 255",
+        "task.max_prompt_tokens=256 is not below the model's context of 256 tokens "
+        "(model.max_position_embeddings=256): a prompt that long leaves no room to generate; "
+        "set task.max_prompt_tokens to at most 255"]
+    longer = dataclasses.replace(job, rollout=dataclasses.replace(
+        job.rollout, engine=dataclasses.replace(job.rollout.engine,
+                                                sglang={"context_length": 2048})))
+    assert pf.check_lengths(longer) == []  # SGLang serves 2048 tokens
+    # a dataset whose every prompt (the char tokenizer: one token a character) leaves no room
+    (tmp_path / "long.jsonl").write_text(
+        "".join(f'{{"prompt": "{"x" * (256 + i)}", "answer": "1"}}\n' for i in range(3)))
+    long = cfg_with(name="dataset", dataset_path="long.jsonl")
+    with pytest.raises(pf.PreflightError) as refused:
+        pf.checked(long)
+    assert refused.value.problems == [
+        "task.dataset_path='long.jsonl': each of its 3 prompts is 256 tokens or longer, the "
+        "model's context (model.max_position_embeddings=256): none leaves room to generate"]
+    (tmp_path / "long.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n'
+                                         + (tmp_path / "long.jsonl").read_text())
+    assert pf.check_lengths(long) == []  # one prompt fits: the others are skipped at run time
+    assert pf.check_lengths(dataclasses.replace(long, task=dataclasses.replace(
+        long.task, max_prompt_tokens=3))) == [
+        "task.max_prompt_tokens=3: each of the 4 prompts of task.dataset_path='long.jsonl' is "
+        "longer: none is left"]
+    assert pf.check_lengths(cfg_with(name="dataset", dataset_path="nope.jsonl")) == []
+
+
+def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anything_starts(
+        tmp_path):
+    """The review's command: it warm-started, then trained on outputs the engine cut at 256."""
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart",
+                        "task.max_new_tokens=1000", f"run_dir={run_dir}"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.splitlines() == [
+        "error: task.max_new_tokens=1000 is not below the model's context of 256 tokens "
+        "(model.max_position_embeddings=256): a prompt of one token leaves room for 255 output "
+        "tokens; set task.max_new_tokens to at most 255"]
+    assert not run_dir.exists()  # no warm start, no daemon
+
+
+def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(tmp_path, monkeypatch):
+    """A prompt that fills the context is skipped each epoch (its group refused as empty_output):
+    with buffer.max_epochs=1 over 2 prompts that fit and 2 that do not, 4 groups were asked for
+    and the trainer waited for data forever after the second."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mix.jsonl").write_text("".join(
+        f'{{"prompt": "{"x" * (300 if i % 2 else 3)}", "answer": "1"}}\n' for i in range(4)))
+    cfg = cfg_with(name="dataset", dataset_path="mix.jsonl")
+    job = dataclasses.replace(
+        cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=1, groups_per_step=1),
+        trainer=dataclasses.replace(cfg.trainer, steps=4, groups_per_step=1))
+    assert pf.check_epochs(job) == [
+        "buffer.max_epochs=1: 1 pass over the 2 prompts of task.dataset_path that leave room in "
+        "the model's context of 256 tokens gives 2 groups, fewer than the 4 the job trains on "
+        "(trainer.steps=4 x buffer.groups_per_step=1): it would wait for data forever; raise "
+        "buffer.max_epochs (0: no limit) or lower trainer.steps"]
+    two = dataclasses.replace(job, trainer=dataclasses.replace(job.trainer, steps=2))
+    assert pf.check_epochs(two) == []

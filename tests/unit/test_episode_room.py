@@ -1,0 +1,100 @@
+"""A single-turn episode and an evaluation ask the engine for at most what the context leaves
+after the prompt (rollout_server/episode.py ``output_room``), as a multi-turn turn does.
+
+The engine is a stand-in that validates a request as SGLang's tokenizer manager does
+(``_validate_one_request``, sglang 0.5): an input of the context or more, or an input plus
+``max_new_tokens`` over the context, is refused with HTTP 400; otherwise it answers
+``max_new_tokens`` tokens. Before the fix a prompt of 20 tokens with ``task.max_new_tokens=8``
+on a context of 24 was refused every time, and each episode failed."""
+
+from __future__ import annotations
+
+import asyncio
+
+from areal_like.settings.config import EvalConfig, RunConfig, TaskConfig
+from areal_like.tasks.task import encode_prompt, make_task
+from areal_like.tasks.tokenizer import char_tokenizer
+from areal_like.wire.group_checks import content_problem
+from areal_like.wire.protocol import Credit
+from rollout_server.episode import EpisodeContext, run_episode
+from rollout_server.evaluate import evaluate
+from rollout_server.facts import RolloutFacts
+from rollout_server.sglang_client import GenerateOutput, SGLangError
+
+TOK = char_tokenizer()
+
+
+class ContextEngine:
+    """Refuses what SGLang refuses over ``context``; answers token 5 ``max_new_tokens`` times."""
+
+    def __init__(self, context: int):
+        self.context, self.asked = context, []
+
+    async def generate(self, input_ids, params):
+        n, new = len(input_ids), params["max_new_tokens"]
+        self.asked.append((n, new))
+        if n >= self.context or n + new > self.context:
+            raise SGLangError("/generate", 400, f"{n} input + {new} new tokens exceed the "
+                              f"model's context length ({self.context} tokens)")
+        return GenerateOutput(rid="r", output_ids=[5] * new, logprobs=[-0.5] * new,
+                              finish_reason="length", finish_message="", abort_status=None,
+                              weight_version="0")
+
+    async def generate_batch(self, inputs, params):
+        return [await self.generate(i, p) for i, p in zip(inputs, params)]
+
+
+class Rewards:
+    async def score_group(self, prompt, texts, example):
+        return [(0.0, None)] * len(texts)
+
+
+def episode(prompt_room: int, max_new_tokens: int = 8):
+    """One group of 2 on an engine whose context leaves ``prompt_room`` tokens after the prompt."""
+    cfg = TaskConfig(name="reverse", group_size=2, max_new_tokens=max_new_tokens)
+    task = make_task(cfg)
+    prompt = len(encode_prompt(TOK, task.example(0), cfg))
+    engine = ContextEngine(prompt + prompt_room)
+    ctx = EpisodeContext(client=engine, task=task, tokenizer=TOK, rewards=Rewards(),
+                         task_cfg=cfg, server_id="s", current_version_fn=lambda: 0,
+                         context=engine.context)
+    group = asyncio.run(run_episode(ctx, Credit(lease_id="L", prompt_index=0, epoch=0,
+                                                deadline_s=60.0)))
+    return group, engine, prompt
+
+
+def test_an_episode_asks_for_what_the_context_leaves_after_its_prompt():
+    group, engine, prompt = episode(prompt_room=5)
+    assert engine.asked == [(prompt, 5), (prompt, 5)]
+    assert [t.n_tokens for t in group.trajectories] == [5, 5]
+    assert {t.finish_reason for t in group.trajectories} == {"length"}
+    assert content_problem(group, TOK.vocab_size, engine.context, 2) is None
+    group, engine, _ = episode(prompt_room=50)  # room to spare: the task's budget
+    assert engine.asked == [(prompt, 8), (prompt, 8)]
+
+
+def test_a_prompt_that_leaves_no_room_is_not_sent_and_its_group_is_refused_as_empty():
+    group, engine, prompt = episode(prompt_room=0)
+    assert engine.asked == []
+    why = content_problem(group, TOK.vocab_size, engine.context, 2)
+    assert why is not None and why.startswith("empty_output: trajectory 0 has no output tokens")
+
+
+def test_an_evaluation_asks_for_what_the_context_leaves_and_counts_a_prompt_without_room():
+    cfg = TaskConfig(name="reverse", max_new_tokens=8)
+    examples = [make_task(cfg).example(i) for i in range(2)]
+    engine = ContextEngine(10)
+    lengths = iter([4, 12])  # room for 6, then none
+
+    async def run():
+        return await evaluate(engine, examples, lambda ex: [1] * next(lengths), str, Rewards(),
+                              EvalConfig(k=0), cfg, [], lambda: 0, context=engine.context)
+
+    figures = asyncio.run(run())
+    assert engine.asked == [(4, 6), (12, 1)]
+    assert figures["n"] == 1 and figures["errors"] == 1
+
+
+def test_the_rollout_server_knows_the_context_it_serves():
+    facts = RolloutFacts.from_run(RunConfig(run_dir="/nonexistent"))
+    assert facts.context == 256 == facts.model.max_position_embeddings
