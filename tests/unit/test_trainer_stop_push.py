@@ -83,13 +83,8 @@ def test_a_stop_request_ends_the_version_announce_waiting_on_a_gone_buffer(tmp_p
     trainer.broadcaster = wb
     reports = []
     announce = threading.Thread(target=lambda: reports.append(wb.announce(1)), daemon=True)
-    announce.start()
     try:
-        got = gone.recv(DEADLINE_S / 2)
-        assert got is not None and isinstance(got[2], P.VersionUpdate)  # in flight
-        trainer.request_stop()
-        announce.join(STOP_S)
-        assert not announce.is_alive(), "the announce waited on the buffer after the stop request"
+        _ends_on_stop(gone, announce, P.VersionUpdate, trainer.request_stop)
     finally:
         wb.stopping.set()
         announce.join()
@@ -112,16 +107,22 @@ def test_a_stop_request_ends_the_batch_request_waiting_on_a_gone_buffer():
                          should_stop=stop.is_set)
     batches = []
     wait = threading.Thread(target=lambda: batches.append(source.next_batch(0)), daemon=True)
-    wait.start()
     try:
-        got = gone.recv(DEADLINE_S / 2)
-        assert got is not None and isinstance(got[2], P.BatchRequest)  # in flight
-        stop.set()
-        wait.join(STOP_S)
-        assert not wait.is_alive(), "the batch request waited on the buffer after the stop request"
+        _ends_on_stop(gone, wait, P.BatchRequest, stop.set)
     finally:
         stop.set()
         wait.join()
         source.client.close()
         gone.close()
     assert batches == [None]
+
+
+def _ends_on_stop(gone, waiting: threading.Thread, request: type, stop) -> None:
+    """``waiting`` sends a ``request`` to ``gone`` (a buffer socket that never answers) and waits
+    for the reply; ``stop()`` must end that wait within ``STOP_S``."""
+    waiting.start()
+    got = gone.recv(DEADLINE_S / 2)
+    assert got is not None and isinstance(got[2], request)  # in flight
+    stop()
+    waiting.join(STOP_S)
+    assert not waiting.is_alive(), f"the {request.__name__} waited on the gone buffer past the stop"
