@@ -50,6 +50,7 @@ from areal_like.weights.lora import (
     is_adapter,
 )
 from trainer.checkpoint import (
+    PREFIX,
     dcp_load,
     latest_checkpoint,
     load_data,
@@ -344,13 +345,23 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *,
     """``areal-like export``:
     a trainer DCP checkpoint directory -> an HF directory at ``out_dir``."""
     model = load_checkpoint_model(Path(checkpoint), cfg.model, cfg.trainer.lora)
-    meta = Path(checkpoint) / "meta.pt"
-    version = int(load_data(meta)["policy_version"]) if meta.is_file() else None
+    version = _checkpoint_version(Path(checkpoint))
     return export_hf(model, Path(out_dir), model_cfg=cfg.model,
                      tokenizer=export_tokenizer(cfg.model, cfg.task),
                      shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype,
                      task_file=export_yaml(cfg.task, cfg.eval, cfg.seed, version),
                      merged=cfg.export.merged)
+
+
+def _checkpoint_version(checkpoint: Path) -> int | None:
+    """The policy version ``checkpoint`` holds, a label for ``eval`` (the weights are what the
+    export needs): its meta.pt's, else its ``v%08d`` name's (a meta.pt missing, empty or not
+    ours), else None."""
+    try:
+        return int(load_data(checkpoint / "meta.pt")["policy_version"])
+    except Exception:  # noqa: BLE001 - no usable meta.pt: the name says it, by the layout
+        number = checkpoint.name[len(PREFIX):]
+        return int(number) if checkpoint.name.startswith(PREFIX) and number.isdigit() else None
 
 
 def _resolve_checkpoint(path: Path) -> Path:

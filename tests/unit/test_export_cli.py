@@ -14,7 +14,7 @@ import warnings
 import pytest
 import torch.distributed.checkpoint as dcp
 
-from areal_like.settings.config import load_config, to_yaml
+from areal_like.settings.config import EXPORT_TASK_FILE, export_settings, load_config, to_yaml
 from areal_like.weights.hf import build_model
 from trainer import checkpoint
 from trainer.export import main
@@ -28,7 +28,8 @@ def _checkpoint(tmp_path):
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({"model": build_model(cfg.model, device="cpu", dtype="float32").state_dict()},
                  checkpoint_id=str(ckpt), no_dist=True)
-    (ckpt / "meta.pt").write_bytes(b"")  # what marks a complete checkpoint; export reads none
+    # what marks a complete checkpoint; export reads only the policy version from it (none here)
+    (ckpt / "meta.pt").write_bytes(b"")
     (tmp_path / "config.yaml").write_text(to_yaml(cfg))
     return ckpt
 
@@ -41,6 +42,8 @@ def _export(source, out, capsys) -> tuple[int, str]:
 def test_a_checkpoint_cut_short_is_refused_in_one_line(tmp_path, capsys):
     ckpt = _checkpoint(tmp_path)
     assert _export(ckpt, tmp_path / "whole", capsys)[0] == 0  # the checkpoint itself is fine
+    # its version for eval from the v%08d name when meta.pt says none (empty here): not a crash
+    assert export_settings((tmp_path / "whole" / EXPORT_TASK_FILE).read_text())[1] == 3
     [data] = ckpt.glob("*.distcp")
     data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
     code, err = _export(ckpt, tmp_path / "out", capsys)
