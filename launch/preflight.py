@@ -209,12 +209,13 @@ def check_epochs(cfg: RunConfig) -> list[str]:
             task = replace(task, max_prompt_tokens=context - 1)
             fitting = f" that leave room in the model's context of {context} tokens"
         prompts = dataset_size(task, cfg.model)
+        needed = cfg.trainer.steps * groups
+        if prompts * epochs >= needed:
+            return []
+        # read the split a second time only for a refusal's wording
         if fitting and prompts == dataset_size(cfg.task, cfg.model):  # every one fits
             fitting = ""
     except Exception:  # noqa: BLE001 - an unusable dataset or tokenizer: other checks say why
-        return []
-    needed = cfg.trainer.steps * groups
-    if prompts * epochs >= needed:
         return []
     source = ("task.dataset_path" + fitting if task.name == "dataset"
               else f"task={task.name}")
