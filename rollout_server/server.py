@@ -600,7 +600,7 @@ class RolloutServer(Daemon):
             while self.syncing or self.plan:
                 await asyncio.sleep(LOOP_TICK_S)
             self.eval_version = self.policy_version
-            record = await self.evaluator.run(self.client, self.eval_version)
+            record = await self.evaluator.run(self.client, self.eval_version, self.max_input)
             self.log.info("eval v%d: %s", self.eval_version,
                           {k: v for k, v in record.items() if k not in ("time", "policy_version")})
         finally:

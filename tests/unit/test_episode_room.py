@@ -94,19 +94,22 @@ def test_a_prompt_the_engine_refuses_for_its_length_is_not_sent_either():
     assert engine.asked == [(prompt, 5), (prompt, 5)]
 
 
-def test_an_evaluation_asks_for_what_the_context_leaves_and_counts_a_prompt_without_room():
+def test_an_evaluation_asks_for_what_the_context_leaves_and_skips_a_prompt_without_room():
+    """A prompt without room is not sent and is counted as ``no_room``, as training skips it;
+    before, it was sent and the engine's refusal counted among the ``errors``."""
     cfg = TaskConfig(name="reverse", max_new_tokens=8)
-    examples = [make_task(cfg).example(i) for i in range(2)]
+    examples = [make_task(cfg).example(i) for i in range(4)]
     engine = ContextEngine(10)
-    lengths = iter([4, 12])  # room for 6, then none
+    lengths = iter([4, 12, 7, 6])  # room for 6, none, and on SGLang (max_input 7) none, then 4
 
     async def run():
         return await evaluate(engine, examples, lambda ex: [1] * next(lengths), str, Rewards(),
-                              EvalConfig(k=0), cfg, [], lambda: 0, context=engine.context)
+                              EvalConfig(k=1), cfg, [], lambda: 0, context=engine.context,
+                              max_input=7, concurrency=1)
 
     figures = asyncio.run(run())
-    assert engine.asked == [(4, 6), (12, 1)]
-    assert figures["n"] == 1 and figures["errors"] == 1
+    assert engine.asked == [(4, 6), (4, 6), (6, 4), (6, 4)]  # greedy and one sample each
+    assert (figures["n"], figures["no_room"], "errors" in figures) == (2, 2, False)
 
 
 def test_the_rollout_server_knows_the_context_it_serves():
