@@ -19,7 +19,7 @@ LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadab
             "rejected": ("decode", "frame_too_large", "invalid_group_id", "unknown_lease",
                          "lease_mismatch", "future_version", "negative_version", "not_trainer",
                          "version_jump", "reserved_id", "unexpected_type", "empty_prompt",
-                         "empty_output", "bad_loss_mask", "over_context",
+                         "no_room", "empty_output", "bad_loss_mask", "over_context",
                          "too_many_trajectories", "token_out_of_vocab", "nonfinite_logp",
                          "implausible_logp", "peer_limit", "role", "duplicate_id")}
 

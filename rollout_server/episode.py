@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from areal_like.net.metrics import Metrics
 from areal_like.tasks.task import encode_prompt
+from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.protocol import Credit, TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from rollout_server.reward_pool import RewardPool
@@ -151,10 +152,15 @@ def _absorb(sample: Sample, out: GenerateOutput, i: int, empty: list[int], max_n
     return False
 
 
-def output_room(prompt_tokens: int, task_cfg, context: int, max_new_tokens: int = 0) -> int:
+def output_room(prompt_tokens: int, task_cfg, context: int, max_new_tokens: int = 0,
+                max_input: int = 0) -> int:
     """The output tokens a prompt of ``prompt_tokens`` asks for: ``max_new_tokens`` (else
     ``task.max_new_tokens``), or what ``context`` leaves where that is less (SGLang refuses a
-    request over its context; <= 0: no room); ``context`` 0: no limit."""
+    request over its context; <= 0: no room); ``context`` 0: no limit. No room either for a
+    prompt of ``max_input`` tokens or more, which the engine refuses (SGLang's
+    ``max_req_input_len``: ROLLOUT.md; 0: none)."""
+    if 0 < max_input <= prompt_tokens:
+        return 0
     budget = max_new_tokens or task_cfg.max_new_tokens
     return min(budget, context - prompt_tokens) if context > 0 else budget
 
@@ -187,6 +193,7 @@ class EpisodeContext:
     metrics: Metrics = field(default_factory=Metrics)
     incarnation: str = ""  # this process's, in every group (RolloutServer.incarnation)
     context: int = 0  # prompt + output tokens the engine serves (RolloutFacts.context; 0: any)
+    max_input: int = 0  # the engine refuses an input this long (output_room; 0: none)
 
     def sampling_params(self) -> dict:
         cfg = self.task_cfg
@@ -219,11 +226,13 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
     example = ctx.task.example(credit.prompt_index, credit.epoch)
     prompt_ids = encode_prompt(ctx.tokenizer, example, ctx.task_cfg)
     t0 = time.monotonic()
-    n, budget = ctx.task_cfg.group_size, output_room(len(prompt_ids), ctx.task_cfg, ctx.context)
-    # a prompt that leaves no room is not sent: the buffer refuses its group (empty_output)
+    n = ctx.task_cfg.group_size
+    budget = output_room(len(prompt_ids), ctx.task_cfg, ctx.context, max_input=ctx.max_input)
+    # a prompt that leaves no room is not sent: the buffer refuses its group (no_room) and skips
+    # the prompt this epoch
     samples = (await generate_group(ctx.client, prompt_ids, n, ctx.sampling_params(), budget,
                                     ctx.current_version_fn, ctx.metrics) if budget > 0
-               else [Sample(finish_reason="length") for _ in range(n)])
+               else [Sample(finish_reason=NO_ROOM) for _ in range(n)])
     ctx.metrics.histogram("rollout/generation_seconds", "wall time to generate one group",
                           buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)).observe(
                               time.monotonic() - t0)

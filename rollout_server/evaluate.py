@@ -115,20 +115,18 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
                    decode: Callable[[list[int]], str], rewards, ev: EvalConfig, task: TaskConfig,
                    stop_token_ids: list[int],
                    version_fn: Callable[[], int], concurrency: int = 64, seed: int = 0,
-                   context: int = 0) -> dict:
+                   context: int = 0, max_input: int = 0) -> dict:
     """Greedy and ``ev.k`` sampled responses for every example, scored with ``rewards`` (a
     RewardPool: ``await rewards.score_group(prompt, responses, example)``); ``eval.*`` sampling
     settings left unset are the task's, the output budget at most what ``context`` leaves (0: no
-    limit); sample ``j`` of example ``i`` is seeded from ``(seed, i, j)``. Returns the figures
-    plus the lowest and highest token version seen."""
+    limit; ``max_input``: episode.py ``output_room``); sample ``j`` of example ``i`` is seeded
+    from ``(seed, i, j)``. Returns the figures plus the lowest and highest token version seen."""
     gate = asyncio.Semaphore(concurrency)
     versions: set[int] = set()
     base = {"top_p": task.top_p, "top_k": task.top_k, "stop_token_ids": list(stop_token_ids)}
     temperature = ev.temperature or task.temperature
 
-    async def one(ids: list[int], sampling: dict) -> list[int]:
-        # a prompt without room is sent all the same: the engine's refusal counts it
-        budget = max(1, output_room(len(ids), task, context, ev.max_new_tokens or 0))
+    async def one(ids: list[int], sampling: dict, budget: int) -> list[int]:
         async with gate:
             s = await generate_sample(client, ids, sampling, budget, version_fn)
         versions.update(s.versions)
@@ -139,13 +137,17 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
                     sampling_seed=random.Random(f"{seed}/{i}/{j}").getrandbits(63))
 
     async def per_example(i: int, ex) -> tuple[float, list[float]] | None:
-        """The example's greedy reward and sampled rewards; None when the engine refused it (for
-        example a prompt longer than its context): counted, not fatal, unless every example
-        fails."""
+        """The example's greedy reward and sampled rewards; None when its prompt leaves no room
+        (not sent: counted in ``no_room``, as training skips it) or the engine refused it
+        (counted in ``errors``, not fatal unless every example fails)."""
+        ids = encode(ex)
+        budget = output_room(len(ids), task, context, ev.max_new_tokens or 0, max_input)
+        if budget <= 0:
+            no_room.append(i)
+            return None
         try:
-            ids = encode(ex)
-            outs = await asyncio.gather(one(ids, dict(base, temperature=0.0)),
-                                        *(one(ids, sampled(i, j)) for j in range(ev.k)))
+            outs = await asyncio.gather(one(ids, dict(base, temperature=0.0), budget),
+                                        *(one(ids, sampled(i, j), budget) for j in range(ev.k)))
         except SGLangError as e:
             errors.append(e)
             return None
@@ -153,6 +155,7 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
         return scored[0][0], [r for r, _ in scored[1:]]
 
     errors: list[SGLangError] = []
+    no_room: list[int] = []  # examples whose prompt leaves no room
     # a reward that cannot load: its siblings must not outlive the client
     results = [r for r in await gather_or_cancel(per_example(i, ex)
                                                  for i, ex in enumerate(examples))
@@ -163,6 +166,8 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
     figures = summarize([g for g, _ in results], [s for _, s in results], ev.k)
     if errors:
         figures["errors"], figures["first_error"] = len(errors), f"SGLangError: {errors[0]}"
+    if no_room:
+        figures["no_room"] = len(no_room)
     figures["token_versions"] = [min(versions), max(versions)] if versions else []
     return figures
 
@@ -200,18 +205,20 @@ class ServerEvaluator:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    async def figures(self, client: SGLangClient, version: int) -> dict:
-        """``evaluate`` of the eval split on ``client``'s engine, which serves ``version``."""
+    async def figures(self, client: SGLangClient, version: int, max_input: int = 0) -> dict:
+        """``evaluate`` of the eval split on ``client``'s engine, which serves ``version`` and
+        refuses an input of ``max_input`` tokens (0: none)."""
         eos = self.tokenizer.eos_token_id
         return await evaluate(client, self.examples, self.encode, self.decode, self.rewards,
                               self.facts.eval, self.facts.task,
                               [int(eos)] if eos is not None else [], lambda: version,
-                              seed=self.facts.seed, context=self.facts.context)
+                              seed=self.facts.seed, context=self.facts.context,
+                              max_input=max_input)
 
-    async def run(self, client: SGLangClient, version: int) -> dict:
+    async def run(self, client: SGLangClient, version: int, max_input: int = 0) -> dict:
         """Evaluate the engine (which serves ``version``) and record the result."""
         t0 = time.monotonic()
-        figures = await self.figures(client, version)
+        figures = await self.figures(client, version, max_input)
         record = {"time": time.time(), "policy_version": version,
                   "final": self.schedule.is_final(version),
                   "seconds": round(time.monotonic() - t0, 3), **figures}

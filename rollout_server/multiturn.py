@@ -30,6 +30,7 @@ from areal_like.tasks.environment import (
     maybe_await,
 )
 from areal_like.tasks.tools import ToolRegistry, parse_tool_calls, tool_message
+from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.protocol import Credit, TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory
 from rollout_server.episode import (
@@ -38,6 +39,7 @@ from rollout_server.episode import (
     Transcript,
     gather_or_cancel,
     generate_sample,
+    output_room,
 )
 
 TURN_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
@@ -101,9 +103,10 @@ class EpisodeRunner:
                      renderer: ChatRenderer) -> None:
         ctx, cfg = self.ctx, self.cfg
         while True:
-            budget = min(cfg.max_new_tokens, cfg.max_episode_tokens - conv.total_tokens)
-            if budget <= 0:
-                conv.finish_reason = "max_tokens"
+            budget = output_room(conv.total_tokens, cfg, cfg.max_episode_tokens,
+                                 max_input=ctx.max_input)
+            if budget <= 0:  # an opening prompt without room is never sent (group_checks.py)
+                conv.finish_reason = "max_tokens" if conv.output_ids else NO_ROOM
                 return
             try:
                 sample = await asyncio.wait_for(generate_sample(
@@ -130,7 +133,8 @@ class EpisodeRunner:
                 conv.finish_reason = "max_turns"
                 return
             cont = renderer.continuation_ids(before, text, sample.output_ids, result.messages)
-            if conv.total_tokens + len(cont) >= cfg.max_episode_tokens:  # no room left to generate
+            if output_room(conv.total_tokens + len(cont), cfg, cfg.max_episode_tokens,
+                           max_input=ctx.max_input) <= 0:  # no room left to generate
                 conv.finish_reason = "max_tokens"
                 return
             conv.add_context(cont, ctx.current_version_fn())

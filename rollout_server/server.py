@@ -115,6 +115,7 @@ class RolloutServer(Daemon):
         self.tools = None  # ToolPool of task.env's tools, or the agent pool (task.agent)
         self.agent_endpoint = None  # task.agent: the OpenAI-compatible endpoint of its episodes
         self.engine_url, self.engine_ranks = "", 1
+        self.max_input = 0  # the engine refuses an input this long (meet_engine; 0: none)
         self.versions = RuntimeVersions()  # the engine's torch/CUDA/NCCL, for Register
         self.link: BufferLink | None = None  # made with the buffer connections (main)
         self.episodes: set[asyncio.Task] = set()
@@ -311,6 +312,9 @@ class RolloutServer(Daemon):
                 f"({ENGINE_KEY_ENV}, else {self.facts.run_dir / KEY_FILE}, which `areal-like keys "
                 "RUN_DIR` makes before the job starts)") from None
         info = {} if kind == "embedded" else await self.client.server_info()
+        # SGLang refuses a prompt of max_req_input_len tokens or more: none is sent (ROLLOUT.md)
+        if isinstance(limit := info.get("max_req_input_len"), int):
+            self.max_input = limit
         if kind == "url":  # its TP size decides how many group ranks it takes
             self.engine_ranks = int(info.get("tp_size") or 1)
         self.versions = await engine_versions(kind, info)
@@ -441,7 +445,7 @@ class RolloutServer(Daemon):
                               rewards=self.rewards, task_cfg=self.facts.task,
                               server_id=self.server_id, incarnation=self.incarnation,
                               current_version_fn=lambda: self.policy_version, metrics=self.metrics,
-                              context=self.facts.context)
+                              context=self.facts.context, max_input=self.max_input)
 
     async def start_agent_endpoint(self) -> None:
         from rollout_server.agent_endpoint import AgentEndpoint
@@ -596,7 +600,7 @@ class RolloutServer(Daemon):
             while self.syncing or self.plan:
                 await asyncio.sleep(LOOP_TICK_S)
             self.eval_version = self.policy_version
-            record = await self.evaluator.run(self.client, self.eval_version)
+            record = await self.evaluator.run(self.client, self.eval_version, self.max_input)
             self.log.info("eval v%d: %s", self.eval_version,
                           {k: v for k, v in record.items() if k not in ("time", "policy_version")})
         finally:

@@ -16,8 +16,12 @@ from areal_like.wire.protocol import TrajectoryGroup
 from areal_like.wire.trajectory import mask_values_ok
 
 # The prompt is what is wrong: it would come back the same, so it is skipped this epoch. Any other
-# reason ("nonfinite_logp": the engine's numbers, not the prompt) has the prompt generated again.
-REASONS = ("empty_prompt", "bad_loss_mask", "token_out_of_vocab")
+# reason ("nonfinite_logp", "empty_output": the engine's doing, not the prompt's) has the prompt
+# generated again (buffer/service.py ``_retry``).
+REASONS = ("empty_prompt", "no_room", "bad_loss_mask", "token_out_of_vocab")
+# the finish_reason of a trajectory whose prompt was never sent: it leaves the engine no room to
+# generate (rollout_server/episode.py ``output_room``)
+NO_ROOM = "no_room"
 LOGP_MIN, LOGP_MAX = -100.0, 0.1  # plausible behaviour log-probs (module docstring)
 
 
@@ -36,10 +40,12 @@ def content_problem(group: TrajectoryGroup, vocab_size: int, context: int = 0,
         if len(t.prompt_ids) == 0:
             return (f"empty_prompt: trajectory {i} has no prompt tokens (its first output token "
                     "has nothing to follow)")
+        if t.n_tokens == 0 and t.finish_reason == NO_ROOM:
+            return (f"no_room: trajectory {i} has no output tokens: its prompt of "
+                    f"{len(t.prompt_ids)} tokens leaves the engine no room to generate")
         if t.n_tokens == 0:  # its version would be 0: its group judged stale by that
-            return (f"empty_output: trajectory {i} has no output tokens (nothing to train on: a "
-                    f"prompt of {len(t.prompt_ids)} tokens that left no room to generate, or a "
-                    "first turn cut by a timeout)")
+            return (f"empty_output: trajectory {i} has no output tokens (nothing to train on: the "
+                    "engine answered none, or a first turn was cut by a timeout)")
         if not mask_values_ok(t.loss_mask_wire):
             return (f"bad_loss_mask: trajectory {i} has loss_mask values other than 0 (context) "
                     "and 1 (generated)")

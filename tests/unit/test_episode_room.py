@@ -49,15 +49,16 @@ class Rewards:
         return [(0.0, None)] * len(texts)
 
 
-def episode(prompt_room: int, max_new_tokens: int = 8):
-    """One group of 2 on an engine whose context leaves ``prompt_room`` tokens after the prompt."""
+def episode(prompt_room: int, max_new_tokens: int = 8, max_input: int = 0):
+    """One group of 2 on an engine whose context leaves ``prompt_room`` tokens after the prompt
+    (and that refuses an input of ``max_input`` tokens or more, when set)."""
     cfg = TaskConfig(name="reverse", group_size=2, max_new_tokens=max_new_tokens)
     task = make_task(cfg)
     prompt = len(encode_prompt(TOK, task.example(0), cfg))
     engine = ContextEngine(prompt + prompt_room)
     ctx = EpisodeContext(client=engine, task=task, tokenizer=TOK, rewards=Rewards(),
                          task_cfg=cfg, server_id="s", current_version_fn=lambda: 0,
-                         context=engine.context)
+                         context=engine.context, max_input=max_input)
     group = asyncio.run(run_episode(ctx, Credit(lease_id="L", prompt_index=0, epoch=0,
                                                 deadline_s=60.0)))
     return group, engine, prompt
@@ -73,28 +74,68 @@ def test_an_episode_asks_for_what_the_context_leaves_after_its_prompt():
     assert engine.asked == [(prompt, 8), (prompt, 8)]
 
 
-def test_a_prompt_that_leaves_no_room_is_not_sent_and_its_group_is_refused_as_empty():
+def test_a_prompt_that_leaves_no_room_is_not_sent_and_its_group_is_refused_as_no_room():
     group, engine, prompt = episode(prompt_room=0)
     assert engine.asked == []
+    assert {t.finish_reason for t in group.trajectories} == {"no_room"}
     why = content_problem(group, TOK.vocab_size, engine.context, 2)
-    assert why is not None and why.startswith("empty_output: trajectory 0 has no output tokens")
+    assert why is not None and why.startswith("no_room: trajectory 0 has no output tokens")
 
 
-def test_an_evaluation_asks_for_what_the_context_leaves_and_counts_a_prompt_without_room():
+def test_a_prompt_the_engine_refuses_for_its_length_is_not_sent_either():
+    """SGLang refuses a prompt of ``max_req_input_len`` (context - 6) tokens or more, though the
+    context leaves it room: the rollout server reads that limit (``max_input``) and such a prompt
+    is skipped as one that fills the context is, not sent to fail its episode."""
+    _, _, prompt = episode(prompt_room=5)
+    group, engine, _ = episode(prompt_room=5, max_input=prompt)
+    assert engine.asked == []
+    assert {t.finish_reason for t in group.trajectories} == {"no_room"}
+    group, engine, _ = episode(prompt_room=5, max_input=prompt + 1)  # one token shorter: sent
+    assert engine.asked == [(prompt, 5), (prompt, 5)]
+
+
+def test_an_evaluation_asks_for_what_the_context_leaves_and_skips_a_prompt_without_room():
+    """A prompt without room is not sent and is counted as ``no_room``, as training skips it;
+    before, it was sent and the engine's refusal counted among the ``errors``."""
     cfg = TaskConfig(name="reverse", max_new_tokens=8)
-    examples = [make_task(cfg).example(i) for i in range(2)]
+    examples = [make_task(cfg).example(i) for i in range(4)]
     engine = ContextEngine(10)
-    lengths = iter([4, 12])  # room for 6, then none
+    lengths = iter([4, 12, 7, 6])  # room for 6, none, and on SGLang (max_input 7) none, then 4
 
     async def run():
         return await evaluate(engine, examples, lambda ex: [1] * next(lengths), str, Rewards(),
-                              EvalConfig(k=0), cfg, [], lambda: 0, context=engine.context)
+                              EvalConfig(k=1), cfg, [], lambda: 0, context=engine.context,
+                              max_input=7, concurrency=1)
 
     figures = asyncio.run(run())
-    assert engine.asked == [(4, 6), (12, 1)]
-    assert figures["n"] == 1 and figures["errors"] == 1
+    assert engine.asked == [(4, 6), (4, 6), (6, 4), (6, 4)]  # greedy and one sample each
+    assert (figures["n"], figures["no_room"], "errors" in figures) == (2, 2, False)
 
 
 def test_the_rollout_server_knows_the_context_it_serves():
     facts = RolloutFacts.from_run(RunConfig(run_dir="/nonexistent"))
     assert facts.context == 256 == facts.model.max_position_embeddings
+
+
+def test_the_rollout_server_reads_the_input_limit_sglang_reports():
+    """``max_req_input_len`` of SGLang's ``/server_info`` reaches every episode and evaluation
+    (the real SGLang's: tests/sglang/test_sglang_context.py); an engine that reports none sets no
+    limit beyond the context."""
+    from rollout_server.server import RolloutServer
+
+    class Engine:
+        def __init__(self, info: dict):
+            self.info = info
+
+        async def weight_version(self):
+            return "default"
+
+        async def server_info(self):
+            return self.info
+
+    for info, limit in (({"max_req_input_len": 4090, "tp_size": 1}, 4090), ({}, 0)):
+        server = RolloutServer.from_run(RunConfig(run_dir="/nonexistent"))
+        server.rcfg.engine.kind = "url"
+        server.client, server.tokenizer, server.task, server.rewards = Engine(info), TOK, None, None
+        asyncio.run(server.meet_engine())
+        assert server.episode_context().max_input == limit == server.max_input

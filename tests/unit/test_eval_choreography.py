@@ -48,7 +48,7 @@ class _Evaluator:
         self.server, self.versions, self.plans_during = server, [], []
         self.schedule = EvalSchedule(EvalConfig(every=5), steps=20)
 
-    async def run(self, client, version: int) -> dict:
+    async def run(self, client, version: int, max_input: int = 0) -> dict:
         self.versions.append(version)
         self.server.offer_plan(_plan(version + 1))  # published after we left: must be declined
         await asyncio.sleep(0.05)

@@ -217,10 +217,11 @@ def test_an_episode_ends_at_the_models_context_when_max_episode_tokens_is_longer
 
 def test_an_opening_prompt_that_leaves_no_room_is_refused_with_its_reason():
     """An environment whose opening prompt fills the context (``max_episode_tokens``) ends at once
-    with ``max_tokens``: a trajectory of no output token, reward 0, the environment never stepped.
+    with ``no_room``: a trajectory of no output token, reward 0, the environment never stepped.
     It passed every check and, having no token, counted as version 0: its group (fresh siblings
     too) was dropped as ``stale`` once the trainer passed ``max_staleness``, and trained before.
-    The buffer (and the trainer) now refuse it as ``empty_output``, saying why."""
+    The buffer (and the trainer) now refuse it as ``no_room``, saying why: the prompt's fault, it
+    is skipped this epoch (tests/integration/test_no_room.py)."""
     from areal_like.wire.group_checks import content_problem
     from areal_like.wire.protocol import Credit
 
@@ -231,11 +232,10 @@ def test_an_opening_prompt_that_leaves_no_room_is_refused_with_its_reason():
                max_new_tokens=16)
     group = asyncio.run(r.run_group(credit))
     [t] = group.trajectories
-    assert (t.n_tokens, t.finish_reason, t.reward, engine.calls) == (0, "max_tokens", 0.0, [])
+    assert (t.n_tokens, t.finish_reason, t.reward, engine.calls) == (0, "no_room", 0.0, [])
     why = content_problem(group, TOK.vocab_size, context, 1)
-    assert why is not None and why.startswith(
-        f"empty_output: trajectory 0 has no output tokens (nothing to train on: a prompt of "
-        f"{context} tokens that left no room to generate"), why
+    assert why == (f"no_room: trajectory 0 has no output tokens: its prompt of {context} tokens "
+                   "leaves the engine no room to generate"), why
 
 
 def test_a_weight_sync_mid_episode_keeps_every_tokens_version():

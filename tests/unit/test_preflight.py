@@ -664,7 +664,7 @@ def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anythin
 
 
 def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(tmp_path, monkeypatch):
-    """A prompt that fills the context is skipped each epoch (its group refused as empty_output):
+    """A prompt that fills the context is skipped each epoch (its group refused as no_room):
     with buffer.max_epochs=1 over 2 prompts that fit and 2 that do not, 4 groups were asked for
     and the trainer waited for data forever after the second."""
     monkeypatch.chdir(tmp_path)
