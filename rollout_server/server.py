@@ -311,8 +311,9 @@ class RolloutServer(Daemon):
                 f"engine API key (HTTP 401): start it with --api-key set to that key "
                 f"({ENGINE_KEY_ENV}, else {self.facts.run_dir / KEY_FILE}, which `areal-like keys "
                 "RUN_DIR` makes before the job starts)") from None
-        info = {} if kind == "embedded" else await self.client.server_info()
-        # SGLang refuses a prompt of max_req_input_len tokens or more: none is sent (ROLLOUT.md)
+        info = (self.engine.server_info() if kind == "embedded"
+                else await self.client.server_info())
+        # an engine refuses a prompt of max_req_input_len tokens or more: none is sent (ROLLOUT.md)
         if isinstance(limit := info.get("max_req_input_len"), int):
             self.max_input = limit
         if kind == "url":  # its TP size decides how many group ranks it takes
