@@ -271,8 +271,6 @@ class RolloutServer(Daemon):
         background = []
         try:
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
-            if self.facts.task.agent:
-                await self.start_agent_endpoint()
             await self.meet_engine()
             self.metrics.gauge("rollout/policy_version",
                                "version the engine serves").set(self.policy_version)
@@ -298,7 +296,8 @@ class RolloutServer(Daemon):
                                   *([self.eval_task] if self.eval_task else [])])
 
     async def meet_engine(self) -> None:
-        """The engine's version, TP size and torch/CUDA/NCCL (told in Register). An engine attached
+        """The engine's version, TP size, torch/CUDA/NCCL (told in Register) and input limit; then,
+        for an agent task, the agent endpoint, whose calls know that limit. An engine attached
         by URL that refuses the job's key is refused here (exit 2: a restart sends the same key)."""
         kind = self.rcfg.engine.kind
         try:  # SGLang's "default" label: the initial weights, version 0
@@ -319,6 +318,8 @@ class RolloutServer(Daemon):
         if kind == "url":  # its TP size decides how many group ranks it takes
             self.engine_ranks = int(info.get("tp_size") or 1)
         self.versions = await engine_versions(kind, info)
+        if self.facts.task.agent:
+            await self.start_agent_endpoint()
 
     async def wind_down(self, others: list[asyncio.Task]) -> None:
         """The end of ``main``: cancel ``others`` (``CANCEL_WAIT_S``), send what is unacked
