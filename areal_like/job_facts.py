@@ -41,35 +41,44 @@ def model_vocab_size(model: ModelConfig) -> int:
     return size
 
 
-def model_context(model: ModelConfig) -> int:
+def model_context(model: ModelConfig, scaled: bool = True) -> int:
     """The model's context length as SGLang reads it: its config.json's, times a ``rope_scaling``
-    factor that does not name its original length (128k when it names none)."""
+    factor that does not name its original length (128k when it names none); ``scaled=False``:
+    the config.json's own, which the embedded engine serves."""
     if not model.path:
         return model.max_position_embeddings
     size = model_json(model, "max_position_embeddings")
     if not isinstance(size, int) or size < 1:
         return 128 * 1024
     rope = model_json(model, "rope_scaling")
-    scaled = (isinstance(rope, dict) and "original_max_position_embeddings" not in rope
-              and rope.get("rope_type") != "llama3")
-    return int(size * rope.get("factor", 1)) if scaled else size
+    stretch = (scaled and isinstance(rope, dict) and "original_max_position_embeddings" not in rope
+               and rope.get("rope_type") != "llama3")
+    return int(size * rope.get("factor", 1)) if stretch else size
 
 
 def trajectory_limit(cfg: RunConfig) -> int:
-    """The most prompt and output tokens one trajectory of the job can hold: the model's context,
-    or ``rollout.engine.sglang.context_length`` where that is set longer."""
-    given = cfg.rollout.engine.sglang.get("context_length")
-    return max(model_context(cfg.model), int(given) if isinstance(given, int) else 0)
+    """The most prompt and output tokens one trajectory of the job can hold: the context its
+    engine serves (``served_context``)."""
+    return served_context(cfg)[0]
 
 
-def context_source(cfg: RunConfig) -> str:
-    """The setting that makes ``trajectory_limit(cfg)``, as ``key=value``."""
-    given = cfg.rollout.engine.sglang.get("context_length")
-    if isinstance(given, int) and given > model_context(cfg.model):
-        return f"rollout.engine.sglang.context_length={given}"
-    if not cfg.model.path:
-        return f"model.max_position_embeddings={cfg.model.max_position_embeddings}"
-    return f"the config.json of model.path={cfg.model.path!r}"
+def served_context(cfg: RunConfig) -> tuple[int, str]:
+    """(the context the engine serves, the setting that makes it as ``key=value``): a slot of the
+    embedded engine holds at most its KV budget, ``rollout.engine.max_total_tokens``
+    (rollout_server/engine/ENGINE.md); SGLang serves the model's context, or
+    ``rollout.engine.sglang.context_length`` where that is longer."""
+    engine, model = cfg.rollout.engine, cfg.model
+    own = (f"model.max_position_embeddings={model.max_position_embeddings}" if not model.path
+           else f"the config.json of model.path={model.path!r}")
+    if engine.kind == "embedded":
+        positions = model_context(model, scaled=False)
+        if (budget := engine.max_total_tokens) < positions:
+            return budget, f"rollout.engine.max_total_tokens={budget}"
+        return positions, own
+    given, context = engine.sglang.get("context_length"), model_context(model)
+    if isinstance(given, int) and given > context:
+        return given, f"rollout.engine.sglang.context_length={given}"
+    return context, own
 
 
 # a group's frame per trajectory: 4 bytes a prompt token, 16 an output token, and metadata

@@ -19,10 +19,10 @@ from pathlib import Path
 
 from areal_like.daemon import StartRefused
 from areal_like.job_facts import (
-    context_source,
     dataset_size,
     model_json,
     model_vocab_size,
+    served_context,
     trajectory_limit,
 )
 from areal_like.settings.config import ConfigError, RunConfig
@@ -207,7 +207,7 @@ def check_epochs(cfg: RunConfig) -> list[str]:
         if task.name == "dataset" and task.max_prompt_tokens == 0:  # check_lengths: the context
             context = trajectory_limit(cfg)
             task = replace(task, max_prompt_tokens=context - 1)
-            fitting = f" that leave room in the model's context of {context} tokens"
+            fitting = f" that leave room in the context of {context} tokens the engine serves"
         prompts = dataset_size(task, cfg.model)
         needed = cfg.trainer.steps * groups
         if prompts * epochs >= needed:
@@ -229,15 +229,15 @@ def check_epochs(cfg: RunConfig) -> list[str]:
 
 def check_lengths(cfg: RunConfig) -> list[str]:
     """Every length a request can ask for leaves room in the context the engine serves
-    (``trajectory_limit``): an output budget (``task.max_new_tokens``, ``eval.max_new_tokens``)
+    (``served_context``): an output budget (``task.max_new_tokens``, ``eval.max_new_tokens``)
     or a prompt limit of the context or more, or a dataset whose every prompt leaves no room,
     can never be generated whole (SGLang refuses such a request; ``rollout_server/episode.py``
     asks for what a shorter prompt leaves)."""
     try:
-        context, source = trajectory_limit(cfg), context_source(cfg)
+        context, source = served_context(cfg)
     except ConfigError:  # an unreadable model.path: check_models says why
         return []
-    t, most = cfg.task, f"the model's context of {context} tokens ({source})"
+    t, most = cfg.task, f"the context of {context} tokens the engine serves ({source})"
     out = [f"{key}={value} is not below {most}: a prompt of one token leaves room for "
            f"{context - 1} output tokens; set {key} to at most {context - 1}"
            for key, value in (("task.max_new_tokens", t.max_new_tokens),
@@ -271,8 +271,8 @@ def _no_prompt_fits(cfg: RunConfig, context: int, source: str) -> str | None:
         return (f"task.max_prompt_tokens={t.max_prompt_tokens}: each of the {len(examples)} "
                 f"prompts of task.dataset_path={t.dataset_path!r} is longer: none is left")
     return (f"task.dataset_path={t.dataset_path!r}: each of its {len(examples)} prompts is "
-            f"{context} tokens or longer, the model's context ({source}): none leaves room to "
-            "generate")
+            f"{context} tokens or longer, the context the engine serves ({source}): none leaves "
+            "room to generate")
 
 
 def check_chat_template(cfg: RunConfig) -> list[str]:

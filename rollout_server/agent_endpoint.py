@@ -9,9 +9,12 @@ Invariants (rollout_server/ROLLOUT.md, "Agent episodes", has the table of limits
 * only a live session's key gets in (else 401, counted by the guard, ``http_guard.py``); a key of
   an ended episode gets 410 and its call is not recorded, nor generated when it was still waiting
   for the episode's previous call;
-* ``task.max_turns`` calls per episode, ``max_tokens`` at most ``task.max_new_tokens``, a
-  segment's tokens at most ``task.max_episode_tokens`` (then 400), bodies up to
-  ``MAX_BODY_BYTES`` (413);
+* ``task.max_turns`` calls per episode, ``max_tokens`` at most ``task.max_new_tokens``, bodies up
+  to ``MAX_BODY_BYTES`` (413);
+* a call that leaves the engine no room (a segment's tokens at ``task.max_episode_tokens``, or an
+  input the engine refuses, ``EpisodeContext.max_input``) is not sent: 400 with OpenAI's code
+  ``context_length_exceeded``; it ends its segment as ``max_tokens``, and an episode's first call
+  leaves a ``no_room`` trajectory, as a multi-turn episode does (``multiturn.py``);
 * it listens on the engine's host (``rollout.engine.host``, loopback by default).
 """
 from __future__ import annotations
@@ -28,10 +31,17 @@ from aiohttp import web
 
 from areal_like.net.http_guard import HttpLimits, guarded_app, serve
 from areal_like.tasks.environment import ChatRenderer, TemplateError, env_template
+from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.trajectory import Trajectory
 from rollout_server import agent_chat
 from rollout_server.agent_chat import RequestError
-from rollout_server.episode import EpisodeContext, Sample, Transcript, generate_sample
+from rollout_server.episode import (
+    EpisodeContext,
+    Sample,
+    Transcript,
+    generate_sample,
+    output_room,
+)
 from rollout_server.sglang_client import SGLangError
 
 MAX_BODY_BYTES = 1 << 20  # a long conversation is tens of kB; a MiB bounds what one call may cost
@@ -69,11 +79,16 @@ class EpisodeSession:
     calls: int = 0
     open: bool = True
     last: Segment | None = None  # the segment the latest recorded call extended
+    no_room: Segment | None = None  # its first call, which left no room (then no segment)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one call at a time per episode
 
     @property
     def splits(self) -> int:
         return max(0, len(self.segments) - 1)
+
+
+class NoRoom(RequestError):
+    """A call that leaves the engine no room to generate (module docstring)."""
 
 
 class AgentEndpoint:
@@ -164,6 +179,10 @@ class AgentEndpoint:
                 if not session.open:  # it ended while this call waited for the one before
                     return self._ended()
                 answer = await self.complete(session, req)
+        except NoRoom as e:  # the code OpenAI's clients and agent frameworks recognise
+            self._count("no_room")
+            return _error(400, str(e), "invalid_request_error", "context_length_exceeded",
+                          "messages")
         except RequestError as e:
             return self._refuse(str(e))
         except jinja2.TemplateError as e:  # the chat template refused the conversation
@@ -188,13 +207,12 @@ class AgentEndpoint:
         renderer = ChatRenderer(self.ctx.tokenizer, self.template, tools or None)
         keys, tools_key = [agent_chat.key(m) for m in messages], json.dumps(tools, sort_keys=True)
         seg, context, render = self.place(session, messages, keys, tools_key, renderer)
-        ids = seg.prompt_ids + seg.output_ids + context
-        budget = min(req["max_tokens"] or self.cfg.max_new_tokens, self.cfg.max_new_tokens,
-                     self.cfg.max_episode_tokens - len(ids))
+        ids, ctx = seg.prompt_ids + seg.output_ids + context, self.ctx
+        asked = min(req["max_tokens"] or self.cfg.max_new_tokens, self.cfg.max_new_tokens)
+        budget = output_room(len(ids), self.cfg, self.cfg.max_episode_tokens, asked, ctx.max_input)
         if budget <= 0:
-            raise RequestError(f"no room left: the conversation has {len(ids)} tokens of "
-                               f"task.max_episode_tokens={self.cfg.max_episode_tokens}")
-        ctx = self.ctx
+            self.end_without_room(session, seg)
+            raise NoRoom(self.no_room_message(len(ids)))
         sample = await generate_sample(ctx.client, ids, ctx.sampling_params(), budget,
                                        ctx.current_version_fn, ctx.metrics)
         text = ctx.tokenizer.decode(sample.output_ids, skip_special_tokens=True)
@@ -213,6 +231,25 @@ class AgentEndpoint:
         session.generated[seg.reply] = text
         session.last = seg
         return answer
+
+    def end_without_room(self, session: EpisodeSession, seg: Segment) -> None:
+        """Record a call without room: the segment it extends ends as ``max_tokens``; an
+        episode's first call is its ``no_room`` trajectory (``trajectories``)."""
+        if seg in session.segments:
+            seg.finish_reason = "max_tokens"
+        elif not session.segments and session.no_room is None:
+            seg.finish_reason, session.no_room = NO_ROOM, seg
+
+    def no_room_message(self, tokens: int) -> str:
+        limit, max_input = self.cfg.max_episode_tokens, self.ctx.max_input
+        why = f"task.max_episode_tokens={limit}"
+        if 0 < max_input <= tokens:
+            limit, why = max_input, f"the engine refuses an input of {max_input} tokens or more"
+        # the code in the text too: langchain-openai looks for it in str(error), which the
+        # openai SDK (3.x) makes of the message alone
+        return (f"This model's maximum context length is {limit} tokens. However, your messages "
+                f"resulted in {tokens} tokens. Please reduce the length of the messages. "
+                f"(context_length_exceeded: no room left to generate: {why})")
 
     def place(self, session: EpisodeSession, messages: list[dict], keys: list[str],
               tools_key: str, renderer: ChatRenderer) -> tuple[Segment, list[int], list[dict]]:
@@ -233,7 +270,10 @@ class AgentEndpoint:
 
     # ------------------------------------------------------------------ results
     def trajectories(self, session: EpisodeSession, reward: float, meta: dict) -> list[Trajectory]:
-        """One trajectory per segment, each with the episode's reward (module docstring)."""
+        """One trajectory per segment, each with the episode's reward; none made: the first call's,
+        without output, when it left no room (module docstring)."""
+        if not session.segments and session.no_room is not None:
+            return [session.no_room.trajectory(reward, {**meta, "calls": 0}, NO_ROOM)]
         out = []
         for i, seg in enumerate(session.segments):
             said = seg.render + [{"role": "assistant", "content": seg.text}]
@@ -257,6 +297,8 @@ def _digest(api_key: str) -> bytes:
     return hashlib.sha256(api_key.encode(errors="surrogatepass")).digest()
 
 
-def _error(status: int, message: str, kind: str) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": kind, "code": kind}},
-                             status=status)
+def _error(status: int, message: str, kind: str, code: str = "",
+           param: str | None = None) -> web.Response:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return web.json_response({"error": {"message": message, "type": kind, "param": param,
+                                        "code": code or kind}}, status=status)

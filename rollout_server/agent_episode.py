@@ -6,13 +6,16 @@ on the agent endpoint (its own API key) and ``run(base_url, api_key, example)`` 
 (sandboxed workers, killed with all they started past ``task.episode_timeout_s``). Its reward (None:
 the task's reward scores the last generated text; a failure: 0 with the reason) goes to every
 trajectory of its session. An episode whose agent made no call leaves no trajectory; a group with
-none fails like an engine error (the credit lapses and is re-issued).
+none fails like an engine error (the credit lapses and is re-issued). An episode whose first call
+left no room leaves a ``no_room`` one (agent_endpoint.py): the buffer refuses its group as
+``no_room`` and skips the prompt this epoch, as a multi-turn episode's.
 """
 from __future__ import annotations
 
 import math
 
 from areal_like.tasks.tools import ToolSpec
+from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.protocol import Credit, TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory
 from rollout_server.agent_endpoint import AgentEndpoint
@@ -79,7 +82,8 @@ class AgentRunner:
             meta["agent_error"] = self.error = error
         if finish:
             meta["finish_reason"] = finish
-        self._count("no_call" if not session.segments else finish or "ok")
+        self._count((finish or "ok") if session.segments else
+                    NO_ROOM if session.no_room else "no_call")
         return self.endpoint.trajectories(session, reward, meta)
 
     async def score_conversation(self, session, example) -> tuple[float, str, str]:

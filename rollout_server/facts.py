@@ -33,7 +33,7 @@ class RolloutFacts:
     engine_key: str | None = field(default=None, repr=False)
     probed: bool = False  # trainer.logprob_guard_tol > 0: the trainer sends the engine requests too
     seed: int = 0  # the job's seed: its evaluations' sampling seeds come from it
-    # prompt and output tokens the engine serves (job_facts.trajectory_limit; 0: unbounded)
+    # prompt and output tokens the engine serves (job_facts.served_context; 0: unbounded)
     context: int = 0
 
     @classmethod

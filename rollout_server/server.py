@@ -271,8 +271,6 @@ class RolloutServer(Daemon):
         background = []
         try:
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
-            if self.facts.task.agent:
-                await self.start_agent_endpoint()
             await self.meet_engine()
             self.metrics.gauge("rollout/policy_version",
                                "version the engine serves").set(self.policy_version)
@@ -298,7 +296,8 @@ class RolloutServer(Daemon):
                                   *([self.eval_task] if self.eval_task else [])])
 
     async def meet_engine(self) -> None:
-        """The engine's version, TP size and torch/CUDA/NCCL (told in Register). An engine attached
+        """The engine's version, TP size, torch/CUDA/NCCL (told in Register) and input limit; then,
+        for an agent task, the agent endpoint, whose calls know that limit. An engine attached
         by URL that refuses the job's key is refused here (exit 2: a restart sends the same key)."""
         kind = self.rcfg.engine.kind
         try:  # SGLang's "default" label: the initial weights, version 0
@@ -311,13 +310,16 @@ class RolloutServer(Daemon):
                 f"engine API key (HTTP 401): start it with --api-key set to that key "
                 f"({ENGINE_KEY_ENV}, else {self.facts.run_dir / KEY_FILE}, which `areal-like keys "
                 "RUN_DIR` makes before the job starts)") from None
-        info = {} if kind == "embedded" else await self.client.server_info()
-        # SGLang refuses a prompt of max_req_input_len tokens or more: none is sent (ROLLOUT.md)
+        info = (self.engine.server_info() if kind == "embedded"
+                else await self.client.server_info())
+        # an engine refuses a prompt of max_req_input_len tokens or more: none is sent (ROLLOUT.md)
         if isinstance(limit := info.get("max_req_input_len"), int):
             self.max_input = limit
         if kind == "url":  # its TP size decides how many group ranks it takes
             self.engine_ranks = int(info.get("tp_size") or 1)
         self.versions = await engine_versions(kind, info)
+        if self.facts.task.agent:
+            await self.start_agent_endpoint()
 
     async def wind_down(self, others: list[asyncio.Task]) -> None:
         """The end of ``main``: cancel ``others`` (``CANCEL_WAIT_S``), send what is unacked

@@ -215,6 +215,8 @@ class EmbeddedEngine:
         return {"model_path": self.model_name, "served_model_name": self.model_name,
                 "tokenizer_path": self.model_info()["tokenizer_path"],
                 "max_context_length": self.context_len,
+                # as SGLang's: an input this long is refused (HTTP 400; api.py, scheduler.py)
+                "max_req_input_len": self.context_len,
                 "max_total_num_tokens": ec.max_total_tokens,
                 "max_running_requests": ec.max_running_requests,
                 "version": PROTOCOL_VERSION, "engine": "areal_like.embedded", "frontend": "python",

@@ -33,13 +33,15 @@ from areal_like.tasks.agents import calc_agent, langgraph_calc_agent
 from areal_like.tasks.environment import ChatRenderer
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import EOS_ID, char_tokenizer
+from areal_like.wire import protocol as P
+from areal_like.wire.group_checks import content_problem
 from areal_like.wire.protocol import Credit
 from rollout_server import agent_chat, agent_endpoint
 from rollout_server.agent_endpoint import MAX_BODY_BYTES, AgentEndpoint
 from rollout_server.agent_episode import AgentRunner, agent_pool
 from rollout_server.episode import EpisodeContext
 from rollout_server.reward_pool import RewardPool
-from rollout_server.sglang_client import GenerateOutput, SGLangClient
+from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
 
 REPO = Path(__file__).resolve().parents[2]
 CALC = yaml.safe_load((REPO / "configs/task/calc.yaml").read_text())
@@ -327,6 +329,146 @@ def test_calls_size_and_sampling_are_bounded():
     assert getattr(big, "status_code", None) == 413 and "request body over" in big.message
     [(_, params)] = engine.calls  # only the one call in bounds reached the engine
     assert params["max_new_tokens"] == 1 and params["temperature"] == 1.0  # the task's, not 0.1
+
+
+class InputLimited(Scripted):
+    """Refuses an input of ``max_input`` tokens or more with HTTP 400, as SGLang does for its
+    ``max_req_input_len`` (tests/sglang/test_sglang_context.py); the rest as ``Scripted``."""
+
+    def __init__(self, replies: list[str], max_input: int):
+        super().__init__(replies)
+        self.max_input, self.refused = max_input, 0
+
+    async def generate(self, input_ids, params):
+        if len(input_ids) >= self.max_input:
+            self.refused += 1
+            raise SGLangError("/generate", 400, f"The input ({len(input_ids)} tokens) is longer "
+                              "than the model's context length")
+        return await super().generate(input_ids, params)
+
+    async def weight_version(self):  # what meet_engine asks
+        return "default"
+
+    async def server_info(self):
+        return {"max_req_input_len": self.max_input}
+
+
+def test_a_call_without_room_is_openais_context_length_exceeded_and_is_recorded():
+    """A conversation at the engine's input limit (SGLang's max_req_input_len) was sent and the
+    engine's 400 came back as ``engine_error``; one at task.max_episode_tokens came back as
+    ``invalid_request_error``. Both are now answered before the engine, with OpenAI's code
+    ``context_length_exceeded`` that langchain reads as a context overflow; a first call without
+    room leaves the episode a ``no_room`` trajectory, a later one ends its segment as max_tokens,
+    as a multi-turn episode does."""
+    from langchain_core.exceptions import ContextOverflowError
+    from langchain_openai import ChatOpenAI
+
+    engine = InputLimited(["1"], max_input=40)
+    user = [{"role": "user", "content": "q"}]
+
+    async def scenario():
+        ep = endpoint(engine, max_episode_tokens=30)
+        ep.ctx.max_input, ep.ctx.metrics = engine.max_input, Metrics()
+        await ep.start()
+        try:
+            first, opening = ep.open_session(None)
+            later, extended = ep.open_session(None)
+            errors = []
+            # 56 and 31 tokens: past the engine's input limit, past max_episode_tokens
+            for key, text in ((first, "q" * 40), (first, "q" * 15)):
+                sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+                with pytest.raises(BadRequestError) as refused:
+                    await sdk.chat.completions.create(model="m", messages=[
+                        {"role": "user", "content": text}])
+                errors.append(refused.value)
+                await sdk.close()
+            chat = ChatOpenAI(model="m", base_url=ep.base_url, api_key=first, max_retries=0)
+            with pytest.raises(ContextOverflowError):
+                await chat.ainvoke("q" * 40)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=later, max_retries=0)
+            reply = await sdk.chat.completions.create(model="m", messages=user)
+            with pytest.raises(BadRequestError):
+                await sdk.chat.completions.create(model="m", messages=user + [
+                    reply.choices[0].message, {"role": "user", "content": "q" * 30}])
+            await sdk.close()
+            return errors, ep.trajectories(opening, 0.0, {"finish_reason": "error"}), \
+                ep.trajectories(extended, 0.0, {}), ep.ctx.metrics
+        finally:
+            await ep.close()
+
+    errors, [opening], [extended], metrics = asyncio.run(scenario())
+    for e, why in zip(errors, ("the engine refuses an input of 40 tokens or more",
+                               "task.max_episode_tokens=30")):
+        assert (e.status_code, e.code, e.type, e.param) == (
+            400, "context_length_exceeded", "invalid_request_error", "messages")
+        assert "maximum context length" in e.message and why in e.message, e.message
+    assert engine.refused == 0 and len(engine.calls) == 1  # only the call with room was sent
+    assert (opening.n_tokens, opening.finish_reason) == (0, "no_room")
+    assert content_problem(P.TrajectoryGroup(
+        group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+        trajectories=[opening]), TOK.vocab_size).startswith("no_room:")
+    assert extended.n_tokens > 0 and extended.finish_reason == "max_tokens"
+    assert metrics.registry.get_sample_value("areal_rollout_agent_calls_total",
+                                             {"outcome": "no_room"}) == 4
+
+
+def test_a_group_whose_opening_prompt_leaves_no_room_is_refused_as_no_room_not_failed():
+    """calc_agent's first call left no room: no agent made a recorded call, so the group failed
+    like an engine error (its lease re-issued at every expiry, five in a row stop the server).
+    Now its trajectories are no_room, which the buffer refuses and skips, as a multi-turn
+    episode's."""
+    pool = agent_pool(task_cfg(agent_workers=2, episode_timeout_s=30.0))
+
+    async def group(max_input: int, replies: list[str]):
+        ep = endpoint(InputLimited(replies, max_input), group_size=2)
+        ep.ctx.max_input = max_input
+        await ep.start()
+        try:
+            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
+            return (await AgentRunner(ep.ctx, ep, pool).run_group(credit)).trajectories
+        finally:
+            await ep.close()
+
+    try:
+        pool.wait_ready(120)
+        trajectories = asyncio.run(group(5, []))
+    finally:
+        pool.close()
+    assert [(t.n_tokens, t.finish_reason) for t in trajectories] == [(0, "no_room")] * 2
+    why = content_problem(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l1",
+                                            prompt_index=0, epoch=0, trajectories=trajectories),
+                          TOK.vocab_size)
+    assert why.startswith("no_room:"), why
+
+
+def test_the_agent_endpoint_knows_the_input_limit_the_engine_reports():
+    """The rollout server started its agent endpoint before it read the engine's input limit
+    (``meet_engine``): every call of an agent task saw none, and SGLang's 400 came back."""
+    from areal_like.settings.config import RunConfig
+    from rollout_server.server import RolloutServer
+
+    engine = InputLimited(["1"], max_input=30)
+    cfg = RunConfig(run_dir="/nonexistent", task=task_cfg())
+    cfg.rollout.engine.kind, cfg.rollout.engine.url = "url", "http://127.0.0.1:9"
+    server = RolloutServer.from_run(cfg)
+    server.client, server.tokenizer = engine, TOK
+    server.task, server.rewards = make_task(cfg.task), None
+
+    async def scenario():
+        await server.meet_engine()
+        try:
+            key, _ = server.agent_endpoint.open_session(None)
+            sdk = AsyncOpenAI(base_url=server.agent_endpoint.base_url, api_key=key, max_retries=0)
+            with pytest.raises(BadRequestError) as refused:
+                await sdk.chat.completions.create(model="m", messages=[
+                    {"role": "user", "content": "q" * 30}])
+            await sdk.close()
+            return refused.value
+        finally:
+            await server.agent_endpoint.close()
+
+    refused = asyncio.run(scenario())
+    assert refused.code == "context_length_exceeded" and engine.refused == 0
 
 
 @pytest.fixture(scope="module")

@@ -8,20 +8,26 @@ a real ZMQ socket to a running BufferService (``test_buffer_service.py``).
 
 Mutation checked: with ``no_room`` left out of ``group_checks.REASONS`` the skip test fails (the
 prompt comes back), and with every empty trajectory read as ``no_room`` the retry test fails.
+
+The embedded engine serves a context of min(max_position_embeddings,
+rollout.engine.max_total_tokens) (its KV budget). A prompt that fits the model but not that budget
+was sent, refused with HTTP 400, and its episode failed (five in a row stop the rollout server;
+the lease came back forever).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 from test_buffer_service import make_cfg, register, running
 
-from areal_like.settings.config import TaskConfig
+from areal_like.settings.config import RunConfig, TaskConfig
 from areal_like.tasks.task import encode_prompt, make_task
 from areal_like.tasks.tokenizer import char_tokenizer
 from areal_like.wire import protocol as P
 from rollout_server.episode import EpisodeContext, run_episode
-from rollout_server.sglang_client import GenerateOutput
+from rollout_server.sglang_client import GenerateOutput, SGLangClient
 
 TOK = char_tokenizer()
 CFG = TaskConfig(name="reverse", group_size=2, max_new_tokens=8)
@@ -82,3 +88,61 @@ def test_an_engine_that_answers_no_token_for_a_prompt_with_room_is_asked_again(t
         assert ack.status == "rejected" and ack.reason.startswith("empty_output:"), ack.reason
         assert next_credit(c).prompt_index == first.prompt_index  # re-issued: the engine's fault
         assert c.request(P.StatsRequest()).values["rejected_empty_output"] == 1
+
+
+def meet(cfg: RunConfig, engine, kind: str):
+    """A rollout server of ``cfg`` that has met ``engine`` (``meet_engine``) as ``kind``: the
+    embedded one in-process, or over HTTP at its URL."""
+    from rollout_server.server import RolloutServer
+
+    server = RolloutServer.from_run(cfg)
+    server.rcfg = dataclasses.replace(server.rcfg, engine=dataclasses.replace(
+        server.rcfg.engine, kind=kind, url=engine.url))
+    server.engine = engine if kind == "embedded" else None
+    server.tokenizer, server.task, server.rewards = TOK, make_task(CFG), Rewards()
+
+    async def met():
+        server.client = SGLangClient(engine.url, local=server.engine)
+        try:
+            await server.meet_engine()
+        finally:
+            await server.client.close()
+    asyncio.run(met())
+    return server
+
+
+async def episode_on(engine, ctx: EpisodeContext, credit: P.Credit) -> P.TrajectoryGroup:
+    ctx.client = SGLangClient(engine.url, local=engine)
+    try:
+        return await run_episode(ctx, credit)
+    finally:
+        await ctx.client.close()
+
+
+def test_a_prompt_over_the_embedded_engines_kv_budget_is_skipped_not_failed(tmp_path):
+    """rollout.engine.max_total_tokens as long as the prompt, the model's context 256: the rollout
+    server knows the engine's context (its facts, and the input limit its /server_info reports,
+    also to a server that attaches by URL) and does not send the prompt; the buffer skips it."""
+    from rollout_server.engine import EmbeddedEngine
+
+    with running(make_cfg(tmp_path, max_staleness=3)) as (_, c):
+        register(c)
+        credit = next_credit(c)
+        prompt = len(encode_prompt(TOK, make_task(CFG).example(credit.prompt_index,
+                                                               credit.epoch), CFG))
+        cfg = RunConfig(run_dir=str(tmp_path / "job"), task=CFG)
+        cfg.rollout.engine = dataclasses.replace(cfg.rollout.engine, max_total_tokens=prompt)
+        assert cfg.model.max_position_embeddings == 256 > prompt
+        engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
+        try:
+            assert engine.context_len == prompt
+            assert meet(cfg, engine, "url").max_input == prompt  # read over HTTP
+            server = meet(cfg, engine, "embedded")
+            assert (server.facts.context, server.max_input) == (prompt, prompt)
+            group = asyncio.run(episode_on(engine, server.episode_context(), credit))
+        finally:
+            engine.stop()
+        assert {t.finish_reason for t in group.trajectories} == {"no_room"}
+        ack = c.request(group)
+        assert ack.status == "rejected" and ack.reason.startswith("no_room:"), ack.reason
+        assert next_credit(c).prompt_index != credit.prompt_index  # skipped this epoch

@@ -126,13 +126,16 @@ def test_an_agent_groups_limit_holds_one_trajectory_per_call():
 
 
 def test_the_trajectory_limit_is_the_context_the_engine_serves(tmp_path):
-    """What the buffer and the trainer refuse past (``over_context``): the model's context as SGLang
-    reads it, a rope_scaling factor included, or a longer ``rollout.engine.sglang.context_length``
-    (before: max_position_embeddings alone, so a job serving a scaled context lost its long
-    trajectories)."""
-    def limit(config: dict, **sglang) -> int:
+    """What the buffer and the trainer refuse past (``over_context``): on SGLang the model's
+    context as SGLang reads it, a rope_scaling factor included, or a longer
+    ``rollout.engine.sglang.context_length`` (before: max_position_embeddings alone, so a job
+    serving a scaled context lost its long trajectories); the embedded engine's slot holds
+    config.json's max_position_embeddings at most, and at most ``rollout.engine.max_total_tokens``
+    (before: the model's context, longer than the engine served)."""
+    def limit(config: dict, kind: str = "sglang", budget: int = 65536, **sglang) -> int:
         (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 100, **config}))
         cfg = RunConfig(model=ModelConfig(path=str(tmp_path)))
+        cfg.rollout.engine.kind, cfg.rollout.engine.max_total_tokens = kind, budget
         cfg.rollout.engine.sglang.update(sglang)
         return trajectory_limit(cfg)
 
@@ -146,3 +149,7 @@ def test_the_trajectory_limit_is_the_context_the_engine_serves(tmp_path):
     assert limit({"max_position_embeddings": 131072, "rope_scaling": llama3}) == 131072
     assert limit({"max_position_embeddings": 32768}, context_length=65536) == 65536
     assert limit({"max_position_embeddings": 32768}, context_length=4096) == 32768
+    embedded = {"kind": "embedded", "context_length": 65536}  # SGLang's setting: not its own
+    assert limit({"max_position_embeddings": 32768, "rope_scaling": yarn}, **embedded) == 32768
+    assert limit({"max_position_embeddings": 131072}, **embedded) == 65536  # the KV budget
+    assert limit({"max_position_embeddings": 32768}, budget=1000, **embedded) == 1000

@@ -616,17 +616,17 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
     job = dataclasses.replace(cfg_with(max_new_tokens=1000, max_prompt_tokens=256),
                               eval=dataclasses.replace(base().eval, max_new_tokens=300))
     assert pf.check_lengths(job) == [
-        "task.max_new_tokens=1000 is not below the model's context of 256 tokens "
+        "task.max_new_tokens=1000 is not below the context of 256 tokens the engine serves "
         "(model.max_position_embeddings=256): a prompt of one token leaves room for 255 output "
         "tokens; set task.max_new_tokens to at most 255",
-        "eval.max_new_tokens=300 is not below the model's context of 256 tokens "
+        "eval.max_new_tokens=300 is not below the context of 256 tokens the engine serves "
         "(model.max_position_embeddings=256): a prompt of one token leaves room for 255 output "
         "tokens; set eval.max_new_tokens to at most 255",
-        "task.max_prompt_tokens=256 is not below the model's context of 256 tokens "
+        "task.max_prompt_tokens=256 is not below the context of 256 tokens the engine serves "
         "(model.max_position_embeddings=256): a prompt that long leaves no room to generate; "
         "set task.max_prompt_tokens to at most 255"]
     longer = dataclasses.replace(job, rollout=dataclasses.replace(
-        job.rollout, engine=dataclasses.replace(job.rollout.engine,
+        job.rollout, engine=dataclasses.replace(job.rollout.engine, kind="sglang",
                                                 sglang={"context_length": 2048})))
     assert pf.check_lengths(longer) == []  # SGLang serves 2048 tokens
     # a dataset whose every prompt (the char tokenizer: one token a character) leaves no room
@@ -637,7 +637,8 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
         pf.checked(long)
     assert refused.value.problems == [
         "task.dataset_path='long.jsonl': each of its 3 prompts is 256 tokens or longer, the "
-        "model's context (model.max_position_embeddings=256): none leaves room to generate"]
+        "context the engine serves (model.max_position_embeddings=256): none leaves room to "
+        "generate"]
     (tmp_path / "long.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n'
                                          + (tmp_path / "long.jsonl").read_text())
     assert pf.check_lengths(long) == []  # one prompt fits: the others are skipped at run time
@@ -646,6 +647,36 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
         "task.max_prompt_tokens=3: each of the 4 prompts of task.dataset_path='long.jsonl' is "
         "longer: none is left"]
     assert pf.check_lengths(cfg_with(name="dataset", dataset_path="nope.jsonl")) == []
+
+
+def kv_budget(cfg: RunConfig, tokens: int) -> RunConfig:
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine=(
+        dataclasses.replace(cfg.rollout.engine, max_total_tokens=tokens))))
+
+
+def test_the_embedded_engines_kv_budget_is_the_context_the_lengths_are_checked_against(
+        tmp_path, monkeypatch):
+    """The embedded engine serves min(max_position_embeddings, rollout.engine.max_total_tokens);
+    the preflight checked against the model's 256 alone, so task.max_new_tokens=200 with a budget
+    of 128 passed, and the prompts it skips at run time counted as prompts of an epoch."""
+    monkeypatch.chdir(tmp_path)
+    assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=127), 128)) == []
+    assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=200), 128)) == [
+        "task.max_new_tokens=200 is not below the context of 128 tokens the engine serves "
+        "(rollout.engine.max_total_tokens=128): a prompt of one token leaves room for 127 output "
+        "tokens; set task.max_new_tokens to at most 127"]
+    # a budget over the model's positions: the model's 256 bind
+    assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=200), 512)) == []
+    (tmp_path / "mix.jsonl").write_text("".join(
+        f'{{"prompt": "{"x" * (150 if i % 2 else 3)}", "answer": "1"}}\n' for i in range(4)))
+    cfg = kv_budget(cfg_with(name="dataset", dataset_path="mix.jsonl"), 128)
+    job = dataclasses.replace(
+        cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=1, groups_per_step=1),
+        trainer=dataclasses.replace(cfg.trainer, steps=4, groups_per_step=1))
+    assert pf.check_epochs(job)[0].startswith(
+        "buffer.max_epochs=1: 1 pass over the 2 prompts of task.dataset_path that leave room in "
+        "the context of 128 tokens the engine serves gives 2 groups")
+    assert pf.check_epochs(kv_budget(job, 256)) == []  # all 4 fit the model's 256
 
 
 def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anything_starts(
@@ -657,7 +688,7 @@ def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anythin
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert r.stderr.splitlines() == [
-        "error: task.max_new_tokens=1000 is not below the model's context of 256 tokens "
+        "error: task.max_new_tokens=1000 is not below the context of 256 tokens the engine serves "
         "(model.max_position_embeddings=256): a prompt of one token leaves room for 255 output "
         "tokens; set task.max_new_tokens to at most 255"]
     assert not run_dir.exists()  # no warm start, no daemon
@@ -676,8 +707,8 @@ def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(tmp_p
         trainer=dataclasses.replace(cfg.trainer, steps=4, groups_per_step=1))
     assert pf.check_epochs(job) == [
         "buffer.max_epochs=1: 1 pass over the 2 prompts of task.dataset_path that leave room in "
-        "the model's context of 256 tokens gives 2 groups, fewer than the 4 the job trains on "
-        "(trainer.steps=4 x buffer.groups_per_step=1): it would wait for data forever; raise "
-        "buffer.max_epochs (0: no limit) or lower trainer.steps"]
+        "the context of 256 tokens the engine serves gives 2 groups, fewer than the 4 the job "
+        "trains on (trainer.steps=4 x buffer.groups_per_step=1): it would wait for data forever; "
+        "raise buffer.max_epochs (0: no limit) or lower trainer.steps"]
     two = dataclasses.replace(job, trainer=dataclasses.replace(job.trainer, steps=2))
     assert pf.check_epochs(two) == []
