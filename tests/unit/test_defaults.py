@@ -62,6 +62,18 @@ def test_a_task_chosen_on_the_command_line_wins(extra, task):
     assert load_config([*extra, f"task={task}"]).task == load_config([f"task={task}"]).task
 
 
+@pytest.mark.parametrize("experiment", sorted(
+    p.stem for p in (ROOT / "configs/experiment").glob("*.yaml")))
+def test_no_experiment_silently_replaces_a_task_chosen_on_the_command_line(experiment):
+    # experiment=math_chat task=sort trained on math_chat's dataset (its body set task.name)
+    try:
+        cfg = load_config([f"experiment={experiment}", "task=sort"])
+    except ConfigError as e:  # refused in one line is fine: the task is that experiment's own
+        assert "task" in str(e)
+        return
+    assert cfg.task.name == "sort"
+
+
 def test_benchmark_keeps_a_random_init_model_at_temperature_1():
     cfg = load_config(["experiment=bench_async"])
     assert cfg.warm_start.steps == 0 and cfg.task.temperature == 1.0 and cfg.trainer.lr == 1e-4
