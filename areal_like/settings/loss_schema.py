@@ -167,12 +167,19 @@ class LossConfig:
         return getattr(self, self.kernel, None)
 
     def check_for_kernel(self) -> None:
-        """A run config may not name an aggregation its kernel does not use, nor set a PPO trust
-        region knob (``PPO_CLIP_KINDS``) for a kernel that ignores it (the kernel functions accept
-        any): a dual clip or clip range asked for and silently not applied."""
+        """A run config may not name an aggregation its kernel does not use, a loss scale its
+        aggregation does not read, nor a PPO trust region knob (``PPO_CLIP_KINDS``) for a kernel
+        that ignores it (the kernel functions accept any): asked for and silently not applied."""
         fixed = getattr(self.params, "fixed_agg", None)
         check(K + "agg", fixed is None or self.agg == fixed,
               f"{fixed!r} with {K}kernel={self.kernel}", self.agg)
+        check(K + "agg", self.kernel != "oapl" or self.kl_coef > 0 or self.agg == "token-mean",
+              f"left at 'token-mean' with {K}kernel=oapl and {K}kl_coef=0: oapl's loss is a "
+              "mean over sequences, and agg shapes only the KL term", self.agg)
+        check(K + "loss_scale_factor",
+              self.loss_scale_factor is None or self.agg == "seq-mean-token-sum-norm",
+              f"null with {K}agg={self.agg!r}: only seq-mean-token-sum-norm divides by it",
+              self.loss_scale_factor)
         if self.kernel in PPO_CLIP_KINDS:
             return
         own = f"; its own clip range is {K}gspo.*" if self.kernel == "gspo" else ""

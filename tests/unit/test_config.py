@@ -134,6 +134,14 @@ def test_range_and_cross_field_rules():
         msg = error_of([f"loss={loss}", f"trainer.loss.{key}"])
         assert msg.startswith(f"trainer.loss.{key.split('=')[0]}=") and loss in msg, msg
     load_config(["loss=icepop", "trainer.loss.dual_clip=3", "trainer.loss.eps_clip_high=0.28"])
+    # knobs no kernel reads in that config: oapl's loss is a mean over sequences (agg shapes only
+    # a KL term), and only seq-mean-token-sum-norm divides by loss_scale_factor
+    assert error_of(["loss=oapl", "trainer.loss.agg=seq-mean-token-sum"]).startswith(
+        "trainer.loss.agg='seq-mean-token-sum'")
+    load_config(["loss=oapl", "trainer.loss.agg=seq-mean-token-sum", "trainer.loss.kl_coef=0.1"])
+    assert error_of(["trainer.loss.loss_scale_factor=4"]).startswith(
+        "trainer.loss.loss_scale_factor=4")
+    load_config(["trainer.loss.agg=seq-mean-token-sum-norm", "trainer.loss.loss_scale_factor=4"])
     assert "model.num_attention_heads" in error_of(["model.num_key_value_heads=3"])
     assert "task.top_p" in error_of(["task.top_p=0"])
     for c in ("0", "-4"):  # Dr.GRPO's divisor: inf (every step skipped) or an ascent on the loss

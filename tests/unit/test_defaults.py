@@ -54,9 +54,24 @@ def test_a_real_model_gets_none_of_the_tiny_models_recipe(tmp_path):
     assert cfg.task.temperature == 1.0
 
 
-@pytest.mark.parametrize("extra", [[], ["experiment=quickstart"]])
-def test_a_task_chosen_on_the_command_line_wins(extra):
-    assert load_config([*extra, "task=sort"]).task.name == "sort"
+@pytest.mark.parametrize("extra", [[], ["experiment=quickstart"], ["experiment=quickstart_lora"]])
+@pytest.mark.parametrize("task", ["sort", "calc"])
+def test_a_task_chosen_on_the_command_line_wins(extra, task):
+    # its own file's settings too: the quickstart's reversal lengths left calc's tool calls (63
+    # characters) 8 tokens to be written in
+    assert load_config([*extra, f"task={task}"]).task == load_config([f"task={task}"]).task
+
+
+@pytest.mark.parametrize("experiment", sorted(
+    p.stem for p in (ROOT / "configs/experiment").glob("*.yaml")))
+def test_no_experiment_silently_replaces_a_task_chosen_on_the_command_line(experiment):
+    # experiment=math_chat task=sort trained on math_chat's dataset (its body set task.name)
+    try:
+        cfg = load_config([f"experiment={experiment}", "task=sort"])
+    except ConfigError as e:  # refused in one line is fine: the task is that experiment's own
+        assert "task" in str(e)
+        return
+    assert cfg.task.name == "sort"
 
 
 def test_benchmark_keeps_a_random_init_model_at_temperature_1():

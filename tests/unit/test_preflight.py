@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,14 @@ def hf_dir(path: Path, config: bool = True, weights: bool = True, tokenizer: boo
 
 def test_the_default_job_passes():
     assert pf.checked(base()) == base()
+
+
+def test_the_dataset_tasks_own_example_passes_with_the_default_model():
+    # configs/task/dataset.yaml's example, as a user copies it: with the tiny model's 256
+    # positions, the task's max_new_tokens of 256 was refused
+    text = (ROOT / "configs/task/dataset.yaml").read_text().split("# Example")[1]
+    lines = text.split("\nname:")[0].splitlines()[1:]
+    pf.checked(load_config(shlex.split(" ".join(line.lstrip("# ") for line in lines))))
 
 
 def test_model_path_must_be_a_model_directory(tmp_path):

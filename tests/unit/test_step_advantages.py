@@ -47,7 +47,8 @@ def test_drgrpo_constant_is_the_task_max_new_tokens():
     assert s.loss_config(short).loss_scale_factor == 16.0
     # not the batch's width: the scale no longer moves
     assert s.loss_config(long).loss_scale_factor == 16.0
-    pinned = StepSettings.from_config(load_config(["trainer.loss.loss_scale_factor=4"]))
+    pinned = StepSettings.from_config(load_config(["trainer.loss.agg=seq-mean-token-sum-norm",
+                                                   "trainer.loss.loss_scale_factor=4"]))
     assert pinned.loss_config(long).loss_scale_factor == 4.0  # a configured C wins
 
 
