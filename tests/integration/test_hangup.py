@@ -204,9 +204,13 @@ def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
                    "the supervisor's start-up to end")
         wait_until(lambda: " | " in err_path.read_text(), 30, 0.2,
                    "daemon lines echoed on the console")
+        jsonl = run_dir / "metrics" / "trainer.jsonl"
+        wait_until(lambda: jsonl.is_file() and '"step": ' in jsonl.read_text(), START_S, 0.2,
+                   "a trainer step")
         mark = err_path.stat().st_size
         os.kill(sup.pid, signal.SIGINT)
         assert sup.wait(timeout=GONE_S) == 128 + signal.SIGINT
+        _says_where_it_stopped(run_dir, _read_new(err_path, mark), "SIGINT")
         after = [ln for ln in _read_new(err_path, mark).splitlines() if not ln.startswith("[run] ")]
         daemon_lines = [ln for ln in after if " | " in ln]
         # a line a daemon printed before the signal may still be in the pipe: none after its
@@ -221,6 +225,24 @@ def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
         stop_process(sup)
         left = _kill_all(seen)
     assert not left, f"processes left behind: {left}"
+
+
+def _says_where_it_stopped(run_dir: Path, console: str, sig: str) -> None:
+    """A job stopped partway: summary.json says so (not a completed job, not a failed one), the
+    console's line and ``status`` name the step and the checkpoint the trainer saved at it."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    at, ckpt = summary["policy_version"], summary["checkpoint"]
+    assert summary["end"] == "stopped" and not summary["ok"] and at > 0, summary
+    assert ckpt == str(run_dir / "checkpoints" / f"v{at:08d}") and Path(ckpt).is_dir(), summary
+    out = run_dir / "export" / f"v{at:08d}"
+    assert [ln for ln in console.splitlines() if ln.startswith("[run] stopped")] == [
+        f"[run] stopped at step {at} of 100000; the same command again resumes it; last "
+        f"checkpoint {ckpt}: `areal-like export {ckpt} {out}` makes a Hugging Face model of it"]
+    status = subprocess.run([sys.executable, "-m", "launch.cli", "status", str(run_dir)],
+                            cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert status.stdout.splitlines()[0] == (
+        f"job          stopped at step {at} of 100000 by {sig}; last checkpoint {ckpt}"), status
 
 
 @pytest.mark.slow
