@@ -379,7 +379,7 @@ def _head(run_dir: str | Path, ended: str | None = None) -> str:
 def live(run_dir: str | Path, interval_s: float = 2.0, once: bool = False) -> int:
     """``areal-like top``: a live view on a terminal; without one (or ``once``) a plain table per
     interval, the first after one interval so that rates have two points (``once``: then exit).
-    Once the job has finished (``job_finished``) one last view, and exit 0."""
+    Once the job has ended (``job_end``) one last view saying how, and exit 0."""
     from rich.console import Console, Group
     from rich.live import Live
     from rich.text import Text
