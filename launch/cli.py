@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 # torchrun's flags that take a value, spelled with dashes (torchrun also takes underscores)
@@ -147,7 +148,8 @@ def _main(argv: list[str]) -> int:
     if args.command in ("track", "run"):
         args.overrides += extra
     if args.command == "run":
-        return _with_config(args.overrides, lambda cfg: _run(cfg, args.quiet, args.accept_changes))
+        return _stoppable(lambda: _with_config(
+            args.overrides, lambda cfg: _run(cfg, args.quiet, args.accept_changes)))
     if args.command in ("config", "plan"):
         return _with_config(args.overrides, _print_config if args.command == "config" else _plan)
     if args.command == "track":
@@ -292,15 +294,44 @@ def _print_config(cfg) -> int:
     return 0
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGHUP to ``areal-like run`` before its supervisor took over, raised where
+    Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _interrupt(signum: int, _frame) -> None:
+    if signum == signal.SIGHUP:
+        from launch.local import console_gone
+
+        console_gone()
+    raise Interrupted(signum)
+
+
+def _stoppable(command) -> int:
+    """``command()`` (``areal-like run``), which a stop signal ends as Ctrl-C does in every phase:
+    exit 128 + the signal (130 SIGINT, 143 SIGTERM, 129 SIGHUP). Before the supervisor takes over
+    (``Supervisor.install_signals``: it stops the daemons, then returns the same) SIGTERM and SIGHUP
+    raise ``Interrupted`` (a SIGHUP that ``nohup`` ignores stays ignored), and whatever was started
+    is undone as on Ctrl-C (``launch.job.start_job``)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, _interrupt)
+    try:
+        return command()
+    except KeyboardInterrupt as e:  # before the supervisor took over (the checks, the warm start)
+        print("[run] interrupted before the job started; nothing is running", file=sys.stderr,
+              flush=True)
+        return 128 + getattr(e, "signum", signal.SIGINT)
+
+
 def _run(cfg, quiet: bool, accept_changes: bool) -> int:
     from launch.job import run_job
 
-    try:
-        return run_job(cfg, quiet=quiet, accept_changes=accept_changes)
-    except KeyboardInterrupt:  # Ctrl-C before the supervisor took over (the warm start, the checks)
-        print("[run] interrupted before the job started; nothing is running", file=sys.stderr,
-              flush=True)
-        return 130
+    return run_job(cfg, quiet=quiet, accept_changes=accept_changes)
 
 
 def _plan(cfg) -> int:
@@ -335,7 +366,6 @@ def _keys(run_dir: str, keys_dir: str | None) -> int:
 
 
 def _track(run_dir: str, overrides: list[str], once: bool) -> int:
-    import signal
     import threading
     from pathlib import Path
 

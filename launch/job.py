@@ -51,6 +51,7 @@ from launch.records import (
     warm_plotting,
 )
 from launch.rundir import (
+    CHECKPOINT_PREFIX,
     SETTINGS_FILE,
     check_existing_run,
     check_resume_settings,
@@ -495,10 +496,35 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
         if code != 0 and sup.failed is not None:
             report_failure(run_dir, sup.failed, refused=code == REFUSED_EXIT)
         summary = summarize(run_dir, time.monotonic() - t0, code, since=since,
-                            resumed_from=resumed_from)
+                            resumed_from=resumed_from, trainer_steps=cfg.trainer.steps,
+                            checkpoint=newest_checkpoint(cfg))
+        if summary["end"] == "stopped":
+            print(stopped_line(summary), file=sys.stderr, flush=True)
         sink.poll(final=True)  # every daemon has stopped: the files are complete
     finally:
         sink.close()
         monitor.close()
     print(json.dumps(summary), flush=True)
     return code
+
+
+def newest_checkpoint(cfg: RunConfig) -> str | None:
+    """The directory of the run's newest complete checkpoint (``v%08d``), or None."""
+    root = cfg.resolve_path(cfg.trainer.checkpoint_dir)
+    step = latest_checkpoint_step(root)
+    return None if step is None else str(root / f"{CHECKPOINT_PREFIX}{step:08d}")
+
+
+def stopped_line(summary: dict) -> str:
+    """The console's line for a job stopped before its end (``summarize``'s ``end``): where it
+    stopped, and what to do with its newest checkpoint (a stop exports nothing: the trainer has
+    seconds to stop, and an export of a large model takes longer)."""
+    ckpt = summary.get("checkpoint")
+    where = (f"[run] stopped at step {summary['policy_version']} of {summary['trainer_steps']}; "
+             "the same command again resumes it")
+    if ckpt is None:
+        return f"{where} (no checkpoint yet: from the start)"
+    out = Path(summary["run_dir"]) / "export" / Path(ckpt).name
+    model = (f"exported as {out}" if out.is_dir()
+             else f"`areal-like export {ckpt} {out}` makes a Hugging Face model of it")
+    return f"{where}; last checkpoint {ckpt}: {model}"

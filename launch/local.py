@@ -9,7 +9,8 @@ and ``run()`` returns 2 too, else "stopped with exit 2") after a doubling back-o
 ``restarts`` within a sliding ``restart_window_s`` (``RestartBudget``); the *main* process (the
 trainer) exiting 0 completes the job. On completion, failure, Ctrl-C, SIGTERM or SIGHUP (not
 under ``nohup``) it stops everything in reverse start order: SIGTERM to the group, wait, SIGKILL;
-from then on daemon output goes to the logs only.
+from then on daemon output goes to the logs only. A stop a signal asked for returns 128 + the
+signal, whatever the phase it came in.
 
 Invariants:
 * no process is left behind: the kernel sends SIGTERM to every child when the supervisor dies
@@ -160,27 +161,24 @@ class Supervisor:
         self.logs: dict[str, RotatingFileHandler] = {}
         self.stop_event = threading.Event()
         self.stopping = threading.Event()  # stop_all began: daemon output to the logs only
+        # the signal that asked for the stop (before stop_all): ``run()`` returns 128 + it
+        self.stop_signal: int | None = None
         self.outcome = ""
         # the process that failed the job (see error_tail for its log)
         self.failed: str | None = None
 
     # ---- public
-    def request_stop(self, *_args) -> None:
+    def request_stop(self, signum: int | None = None, _frame=None) -> None:
+        """Stop the job; ``signum``: the signal that asks it (a signal handler's first argument),
+        which makes ``run()`` return 128 + it unless the job was already stopping."""
+        if signum is not None and self.stop_signal is None and not self.stopping.is_set():
+            self.stop_signal = signum
         self.stop_event.set()
 
     def hang_up(self, *_args) -> None:
-        """SIGHUP: output to the terminal or a pipe (``| tee``) would fail from now on, so it goes
-        to /dev/null (a file keeps its output); then the job stops as on Ctrl-C."""
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        for fd in (1, 2):
-            try:
-                mode = os.fstat(fd).st_mode
-            except OSError:
-                continue
-            if os.isatty(fd) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
-                os.dup2(devnull, fd)
-        os.close(devnull)
-        self.request_stop()
+        """SIGHUP: the console is gone (``console_gone``); then the job stops as on Ctrl-C."""
+        console_gone()
+        self.request_stop(signal.SIGHUP)
 
     def install_signals(self) -> None:
         signal.signal(signal.SIGTERM, self.request_stop)
@@ -198,7 +196,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Start, supervise, stop. Returns 0 when the main process completed, ``REFUSED_EXIT``
-        when a process refused to start (exit 2 before it logged ``STARTED``), 1 otherwise."""
+        when a process refused to start (exit 2 before it logged ``STARTED``), 128 + the signal
+        when one asked for the stop (``request_stop``), in whichever phase (start-up, running, the
+        final evaluation ``on_complete`` waits for), 1 otherwise."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.start_all()
@@ -213,6 +213,8 @@ class Supervisor:
             self.stop_all()
             for handler in self.logs.values():
                 handler.close()
+        if self.stop_signal is not None:
+            code, self.outcome = 128 + self.stop_signal, "stopped on request"
         self.echo(f"[supervisor] {self.outcome}")
         return code
 
@@ -424,6 +426,20 @@ def _body(line: str) -> str:
     if line.startswith("[rank") and "]: " in line[:16]:
         return line.split("]: ", 1)[1]
     return line
+
+
+def console_gone() -> None:
+    """After SIGHUP: output to the terminal or a pipe (``| tee``) would fail from now on, so it
+    goes to /dev/null (a file keeps its output)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue
+        if os.isatty(fd) or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def probe(url: str, timeout_s: float = HEALTH_PROBE_S) -> bool:

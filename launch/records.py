@@ -74,9 +74,12 @@ def eval_summary(run_dir: Path) -> dict:
 
 
 def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0,
-              resumed_from: int = 0) -> dict:
+              resumed_from: int = 0, trainer_steps: int | None = None,
+              checkpoint: str | None = None) -> dict:
     """The run's summary: rewards and steps of this invocation (trainer.jsonl from byte ``since``),
-    ``resumed_from`` when it continued a checkpoint; the learning curve shows the whole run."""
+    ``resumed_from`` when it continued a checkpoint; how it ended (``outcome``), at which
+    ``policy_version`` of ``trainer_steps``, and its newest ``checkpoint``; the learning curve
+    shows the whole run."""
     recs = step_records(run_dir, since)
     rewards = [reward_of(r) for r in recs]
     first, last = rewards[:SUMMARY_WINDOW], rewards[-SUMMARY_WINDOW:]
@@ -85,6 +88,8 @@ def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0,
         "reward_last": round(sum(last) / len(last), 4) if last else None,
         "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir),
         **outcome(run_dir, code, since),
+        "policy_version": last_version(run_dir, resumed_from), "trainer_steps": trainer_steps,
+        "checkpoint": checkpoint,
     }
     summary.update(eval_summary(run_dir))
     if resumed_from:
@@ -106,6 +111,7 @@ def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
             if r.get("event") in ("done", "resume")]
     last = next((r for r in reversed(done) if r["event"] == "done"), None)
     out = {"ok": code == 0 and last is not None and last["policy_version"] >= last["steps"]}
+    out.update(end=ending(code, out["ok"]), exit_code=code)
     if last is not None:
         out.update(steps_trained=last["steps_trained"], rolled_back_steps=last["rolled_back_steps"],
                    nonfinite_skipped=last["nonfinite_skipped"])
@@ -114,18 +120,31 @@ def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
     return out
 
 
-def trainer_done_at(run_dir: Path) -> float | None:
-    """The time of the trainer's ``done`` event when it is the last record of trainer.jsonl (read
-    from the file's end): where a job started without ``areal-like run`` (Slurm, by hand), which
-    writes no summary.json, ends."""
+def ending(code: int, ok: bool) -> str:
+    """How a job ended (summary.json's ``end``): ``completed`` (``ok``); ``stopped``, by a signal
+    (exit 128 + it) or with its trainer stopped before ``trainer.steps`` (exit 0); ``failed``."""
+    return "completed" if ok else "stopped" if code == 0 or code > 128 else "failed"
+
+
+def last_version(run_dir: Path, default: int = 0) -> int:
+    """The policy version of the last trainer.jsonl record that has one (a step, ``done``):
+    the step the run reached; ``default`` when there is none."""
+    versions = [v for r in read_jsonl(trainer_jsonl(run_dir))
+                if isinstance(v := r.get("policy_version"), int)]
+    return versions[-1] if versions else default
+
+
+def trainer_done(run_dir: Path) -> dict | None:
+    """The trainer's ``done`` record when it is the last record of trainer.jsonl (read from the
+    file's end): where a job started without ``areal-like run`` (Slurm, by hand), which writes no
+    summary.json, ends; its ``policy_version`` below its ``steps`` when it was stopped."""
     try:
         with trainer_jsonl(run_dir).open("rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
             last = json.loads(f.read().splitlines()[-1])
     except (OSError, ValueError, IndexError):  # none yet, or its last line is being written
         return None
-    done = isinstance(last, dict) and last.get("event") == "done"
-    return float(last.get("time", 0.0)) if done else None
+    return last if isinstance(last, dict) and last.get("event") == "done" else None
 
 
 def has_final_eval(run_dir: Path, steps: int) -> bool:
@@ -137,11 +156,11 @@ def has_final_eval(run_dir: Path, steps: int) -> bool:
 
 def job_over(run_dir: Path, cfg: RunConfig) -> bool:
     """Whether the job of ``run_dir`` is over: ``areal-like run`` wrote summary.json, or the
-    trainer is done (``trainer_done_at``) and the final evaluation ``cfg`` schedules is written."""
+    trainer is done (``trainer_done``) and the final evaluation ``cfg`` schedules is written."""
     if (run_dir / "summary.json").exists():
         return True
     final = wants_eval(cfg) and cfg.eval.at_end
-    return trainer_done_at(run_dir) is not None and (
+    return trainer_done(run_dir) is not None and (
         not final or has_final_eval(run_dir, cfg.trainer.steps))
 
 

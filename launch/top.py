@@ -8,7 +8,9 @@ a buffer on a full disk adds ``refusing new groups:`` and why),
 ``starting`` (its ``/health`` answers that it is not ready yet, e.g. a rollout server loading its
 engine; or its port is not open yet and its process lives; or ``areal-like run`` has not started
 it yet), ``finished`` (no answer, and ``summary.json`` is newer than ``ports.json``; in a job
-started without ``areal-like run``, the trainer's ``done`` record) or ``DOWN``.
+started without ``areal-like run``, the trainer's ``done`` record) or ``DOWN``. Of a job that
+ended, both say how (``job_end``): completed, stopped at step N of M (by which signal, and its
+last checkpoint) or failed (its exit status).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import psutil
 
 from areal_like.net.auth import METRICS_TOKEN_ENV
 from launch.local import alive
-from launch.records import read_jsonl, trainer_done_at, trainer_jsonl
+from launch.records import read_jsonl, trainer_done, trainer_jsonl
 from launch.rundir import LOCK_FILE, SETTINGS_FILE
 
 # (column title, kind, series, how):
@@ -135,15 +137,43 @@ def health(url: str, timeout_s: float = 2.0) -> tuple[bool, dict]:
         return False, {"error": f"{type(e).__name__}: {e}"}
 
 
-def job_finished(run_dir: Path, info: dict) -> bool:
-    """The job of ``run_dir`` (``info``: its ports.json) ended: its summary.json was written after
-    its ports.json, or, started without ``areal-like run`` (no supervisor: Slurm, by hand), its
-    trainer's ``done`` record was."""
-    summary, started = run_dir / "summary.json", (run_dir / "ports.json").stat().st_mtime
-    if summary.is_file() and summary.stat().st_mtime >= started:
-        return True
-    done = None if "supervisor_pid" in info else trainer_done_at(run_dir)
-    return done is not None and done >= started
+def job_end(run_dir: Path, info: dict) -> str | None:
+    """How the job of ``run_dir`` (``info``: its ports.json) ended (``end_words``), or None while
+    it has not: its summary.json was written after its ports.json, or, started without
+    ``areal-like run`` (no supervisor: Slurm, by hand), its trainer's ``done`` record was."""
+    path, started = run_dir / "summary.json", (run_dir / "ports.json").stat().st_mtime
+    if path.is_file() and path.stat().st_mtime >= started:
+        try:
+            summary = json.loads(path.read_text())
+        except (OSError, ValueError):  # replaced atomically: only a hand-made one is unreadable
+            summary = {}
+        return end_words(summary if isinstance(summary, dict) else {})
+    done = None if "supervisor_pid" in info else trainer_done(run_dir)
+    if done is None or float(done.get("time", 0.0)) < started:
+        return None
+    version, steps = done.get("policy_version"), done.get("steps")
+    stopped = isinstance(version, int) and isinstance(steps, int) and version < steps
+    return end_words({"end": "stopped" if stopped else "completed", "policy_version": version,
+                      "trainer_steps": steps})
+
+
+def end_words(summary: dict) -> str:
+    """``completed at step M of M``, ``stopped at step N of M by SIGTERM; last checkpoint ...``
+    or ``failed (exit 1) at step N of M ...``, from summary.json (``launch.records.summarize``);
+    ``finished`` for one that does not say (an older version's)."""
+    end = summary.get("end") or "finished"
+    code, at, of = (summary.get(k) for k in ("exit_code", "policy_version", "trainer_steps"))
+    words = [end]
+    if end == "failed" and code is not None:
+        words.append(f"(exit {code})")
+    if at is not None and of is not None:
+        words.append(f"at step {at} of {of}")
+    if end == "stopped" and isinstance(code, int) and code > 128:
+        with contextlib.suppress(ValueError):
+            words.append(f"by {signal.Signals(code - 128).name}")
+    if end in ("stopped", "failed") and summary.get("checkpoint"):
+        words[-1] += f"; last checkpoint {summary['checkpoint']}"
+    return " ".join(words)
 
 
 def state(ok: bool, details: dict, pid: int | None, finished: bool,
@@ -174,7 +204,10 @@ def status(run_dir: str | Path) -> int:
         print(f"{'job':<12} {'starting':<8} pid={pid}  {PREPARING}")
         return 1
     info = load_ports(run_dir)
-    finished = job_finished(Path(run_dir), info)
+    ended = job_end(Path(run_dir), info)
+    finished = ended is not None
+    if finished:
+        print(f"{'job':<12} {ended}")
     launching = alive(info.get("supervisor_pid"))
     all_ok = True
     for d in info["daemons"]:
@@ -335,17 +368,18 @@ def down_states(info: dict, snap: dict, finished: bool) -> dict[str, str]:
     return out
 
 
-def _head(run_dir: str | Path, finished: bool = False) -> str:
+def _head(run_dir: str | Path, ended: str | None = None) -> str:
+    """``top``'s first line; ``ended``: how the job ended (``job_end``)."""
     last = _last_step(Path(run_dir)) or {}
     return (f"{run_dir}   trainer step {last.get('step', '-')}   "
             f"reward {last.get('reward_mean', float('nan')):.3f}   {time.strftime('%H:%M:%S')}"
-            + ("   job finished" if finished else ""))
+            + (f"   job {ended}" if ended is not None else ""))
 
 
 def live(run_dir: str | Path, interval_s: float = 2.0, once: bool = False) -> int:
     """``areal-like top``: a live view on a terminal; without one (or ``once``) a plain table per
     interval, the first after one interval so that rates have two points (``once``: then exit).
-    Once the job has finished (``job_finished``) one last view, and exit 0."""
+    Once the job has ended (``job_end``) one last view saying how, and exit 0."""
     from rich.console import Console, Group
     from rich.live import Live
     from rich.text import Text
@@ -377,15 +411,16 @@ def _watch(run_dir: str | Path, show, plain: bool, interval_s: float, once: bool
             return 1
         time.sleep(interval_s)
     info = load_ports(run_dir)
-    finished = job_finished(Path(run_dir), info)
+    finished = job_end(Path(run_dir), info) is not None
     prev, t_prev = (snapshot(info) if plain and not finished else {}), time.monotonic()
     while True:
         if plain and not finished:
             time.sleep(interval_s)
-        finished = job_finished(Path(run_dir), info)
+        ended = job_end(Path(run_dir), info)
+        finished = ended is not None
         # a finished job's daemons are gone: nothing to scrape (its ports may serve another job)
         snap, now = ({} if finished else snapshot(info)), time.monotonic()
-        show(_head(run_dir, finished),
+        show(_head(run_dir, ended),
              *render(info, snap, prev, now - t_prev, down_states(info, snap, finished)))
         if finished:
             return 0

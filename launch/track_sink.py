@@ -7,7 +7,10 @@ Invariants:
   read from where the previous poll stopped, and again from its start when it shrank;
 - nested dicts become "a/b" keys; only numbers are scalars;
 - a table goes out whole: held until a later step's row, an unchanged file or the final poll;
-- a tracker that raises is closed and dropped with one warning: the others, and the job, go on.
+- a tracker that raises is closed and dropped with one warning: the others, and the job, go on;
+- a tracker that continues its run (``Tracker.run_id``: wandb, mlflow, trackio) gets no row it
+  got before a resume (an x at or below its ``resumed`` mark: the files are read from their start
+  at every start), and ``tracking/runs.json`` keeps its run and marks for the next start.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from areal_like.settings.schema import RunConfig
-from launch.tracking import Tracker, build_trackers, flatten
+from launch.tracking import RUNS_FILE, Tracker, build_trackers, flatten, saved_runs
 
 log = logging.getLogger("launch.track_sink")
 
@@ -95,6 +98,9 @@ class TrackerSink:
         self.eval = JsonlTail(run_dir / "eval.jsonl")
         self.samples = JsonlTail(run_dir / "samples.jsonl")
         self.pending: list[dict] = []  # sample rows of tables not known to be complete yet
+        self.out = run_dir / "tracking"
+        # per tracker: the last x sent of each series (the marks runs.json keeps)
+        self.marks = {id(t): dict(t.resumed) for t in self.trackers}
 
     @classmethod
     def from_config(cls, cfg: RunConfig, run_dir: str | Path | None = None) -> TrackerSink:
@@ -109,9 +115,12 @@ class TrackerSink:
             for row in tail.read(final):
                 metrics = scalars(row, series, (x, "time"))
                 if _is_int(row.get(x)) and metrics:  # other rows (e.g. the resume event) have no x
-                    self._send("log_metrics", metrics, row[x])
+                    self._send(series, row[x], "log_metrics", metrics, row[x])
                     sent += 1
-        return sent + self._tables(final)
+        sent += self._tables(final)
+        if sent:
+            self._save_runs()
+        return sent
 
     def _tables(self, final: bool) -> int:
         new = self.samples.read(final)
@@ -125,19 +134,38 @@ class TrackerSink:
             if n == len(self.pending) and not settled:
                 break  # the newest table may still be growing
             table, self.pending = self.pending[:n], self.pending[n:]
-            self._send("log_table", "samples", table, step)
+            self._send("samples", step, "log_table", "samples", table, step)
             sent += 1
         return sent
 
-    def _send(self, method: str, *args: Any) -> None:
+    def _send(self, series: str, x: int, method: str, *args: Any) -> None:
         for tracker in list(self.trackers):
+            if x <= tracker.resumed.get(series, -1):
+                continue  # its run got it before the resume
             try:
                 getattr(tracker, method)(*args)
+                marks = self.marks[id(tracker)]
+                marks[series] = max(x, marks.get(series, x))
             except Exception as e:  # a tracker is an observer: its failure must not end the job
                 log.warning("tracker %s failed (%s: %s); it gets no more data",
                             type(tracker).__name__, type(e).__name__, e)
                 self.trackers.remove(tracker)
                 self._close(tracker)
+
+    def _save_runs(self) -> None:
+        """``tracking/runs.json``: the run and marks of every tracker that continues its run,
+        beside those of trackers this sink does not feed (``areal-like track 'tracker=[wandb]'``
+        of a run whose own sink fed others)."""
+        runs = saved_runs(self.out)
+        runs.update({t.name: {"id": t.run_id, **self.marks[id(t)]}
+                     for t in self.trackers if t.run_id is not None})
+        tmp = self.out / f"{RUNS_FILE}.tmp"
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(runs, indent=2))
+            os.replace(tmp, self.out / RUNS_FILE)
+        except OSError as e:  # a full disk: the next poll tries again
+            log.warning("cannot write %s: %s", self.out / RUNS_FILE, e)
 
     @staticmethod
     def _close(tracker: Tracker) -> None:

@@ -7,7 +7,9 @@ training. Every backend writes under ``<run_dir>/tracking/`` and works offline: 
 uploads later), ``mlflow`` (a file store; MLflow 3 needs ``MLFLOW_ALLOW_FILE_STORE=true``, which
 is set) and ``trackio`` (``TRACKIO_DIR`` wins when set). A backend's package is imported only when
 it is built; ``check_trackers`` names a missing one before anything starts. ``train/*`` goes at
-the trainer step and ``eval/*`` at the policy version, so steps may arrive out of order.
+the trainer step and ``eval/*`` at the policy version, so steps may arrive out of order. A
+resumed job continues each run it had (``RUNS_FILE``): wandb by id, MLflow by run id, trackio by
+name; TensorBoard's and the JSONL file are rewritten from the run's files at every start.
 """
 
 from __future__ import annotations
@@ -35,8 +37,19 @@ TRACKER_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
 }
 
 
+# where the sink keeps, per tracker that continues its run on a resume (wandb, mlflow, trackio), its
+# run's id and the last x it sent of each series: ``{name: {"id": ..., "train": step, ...}}``
+RUNS_FILE = "runs.json"
+
+
 class Tracker(ABC):
-    """Where scalars and tables go. ``metrics`` keys are "a/b" paths; ``step`` is the x value."""
+    """Where scalars and tables go. ``metrics`` keys are "a/b" paths; ``step`` is the x value.
+    ``run_id``: the run a later start continues (None: each start writes its own, as TensorBoard's
+    and the JSONL file's rewrite); ``resumed``: the last x of each series the run got before."""
+
+    name = ""  # its key in ``cfg.tracker`` and runs.json
+    run_id: str | None = None
+    resumed: dict[str, int] = {}
 
     @abstractmethod
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
@@ -68,18 +81,27 @@ def build_trackers(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Tr
     out = run_dir / "tracking"
     project, name = cfg.tracking.project, cfg.tracking.run_name or run_dir.name
     config = dataclasses.asdict(cfg)
+    runs = saved_runs(out)  # the runs a previous start of this run_dir wrote: continued
+
+    def run_id(tracker: str) -> str | None:
+        return runs.get(tracker, {}).get("id")
+
     builders = {
         "jsonl": lambda: JsonlTracker(out / "metrics.jsonl"),
         "tensorboard": lambda: TensorBoardTracker(out / "tensorboard"),
-        "wandb": lambda: WandbTracker(out, project, name, cfg.tracking.wandb_mode, config),
-        "mlflow": lambda: MlflowTracker(out / "mlruns", project, name, config),
-        "trackio": lambda: TrackioTracker(out / "trackio", project, name, config),
+        "wandb": lambda: WandbTracker(out, project, name, cfg.tracking.wandb_mode, config,
+                                      run_id("wandb")),
+        "mlflow": lambda: MlflowTracker(out / "mlruns", project, name, config, run_id("mlflow")),
+        "trackio": lambda: TrackioTracker(out / "trackio", project, name, config,
+                                          run_id("trackio")),
     }
     trackers: list[Tracker] = []
     tracker = ""
     try:
         for tracker in dict.fromkeys(cfg.tracker):  # each backend once, in the configured order
             trackers.append(builders[tracker]())
+            if trackers[-1].run_id is not None and trackers[-1].run_id == run_id(tracker):
+                trackers[-1].resumed = {k: v for k, v in runs[tracker].items() if k != "id"}
     except BaseException as e:
         for t in trackers:
             t.close()
@@ -88,6 +110,16 @@ def build_trackers(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Tr
             raise ConfigError(f"tracker={tracker!r} could not start: {why}") from e
         raise
     return trackers
+
+
+def saved_runs(out: Path) -> dict[str, dict]:
+    """``<out>/runs.json`` (``RUNS_FILE``): the trackers' runs to continue; {} when there is none
+    or it cannot be read (each tracker then starts a run of its own)."""
+    try:
+        runs = json.loads((out / RUNS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return runs if isinstance(runs, dict) else {}
 
 
 def flatten(obj: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
@@ -182,7 +214,10 @@ class WandbTracker(Tracker):
     """Each top-level series ("train", "eval") gets its own step metric ("train/step"), because
     ``wandb.log(step=...)`` drops every row whose step is below one already logged."""
 
-    def __init__(self, directory: Path, project: str, name: str, mode: str, config: dict):
+    name = "wandb"
+
+    def __init__(self, directory: Path, project: str, name: str, mode: str, config: dict,
+                 run_id: str | None = None):
         import wandb
 
         directory.mkdir(parents=True, exist_ok=True)
@@ -190,8 +225,12 @@ class WandbTracker(Tracker):
         # result
         settings = wandb.Settings(console="off", x_disable_stats=True, save_code=False)
         self.wandb = wandb
+        # a resume continues the run by its id (offline: a directory of the same id, which
+        # `wandb sync` adds to that run)
         self.run = wandb.init(project=project, name=name, dir=str(directory), mode=mode,
-                              config=config, settings=settings, reinit="create_new")
+                              config=config, settings=settings, reinit="create_new", id=run_id,
+                              resume="allow" if run_id else None)
+        self.run_id = self.run.id
         self.axes: set[str] = set()
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -217,20 +256,40 @@ MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on one param value
 class MlflowTracker(Tracker):
     """Through ``MlflowClient`` (no process-global active run); tables as JSON artifacts."""
 
-    def __init__(self, directory: Path, project: str, name: str, config: dict):
+    name = "mlflow"
+
+    def __init__(self, directory: Path, project: str, name: str, config: dict,
+                 run_id: str | None = None):
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
         directory.mkdir(parents=True, exist_ok=True)
         self.client = MlflowClient(tracking_uri=f"file:{directory}")
-        exp = self.client.get_experiment_by_name(project)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(project)
-        self.run_id = self.client.create_run(exp_id, run_name=name).info.run_id
+        logged = self.continued(run_id)
+        if logged is None:
+            exp = self.client.get_experiment_by_name(project)
+            exp_id = (exp.experiment_id if exp is not None
+                      else self.client.create_experiment(project))
+            self.run_id, logged = self.client.create_run(exp_id, run_name=name).info.run_id, {}
+        # a param keeps its first value (MLflow refuses another): a resume adds only new keys
         params = [Param(self.key(k), str(v)[:MLFLOW_PARAM_CHARS])
-                  for k, v in flatten(config).items()]
+                  for k, v in flatten(config).items() if self.key(k) not in logged]
         for i in range(0, len(params), MLFLOW_BATCH):
             self.client.log_batch(self.run_id, params=params[i:i + MLFLOW_BATCH])
+
+    def continued(self, run_id: str | None) -> dict | None:
+        """The params of the run ``run_id``, reopened (RUNNING again) to continue it; None when
+        there is none to continue (never made, or deleted from the store)."""
+        if run_id is None:
+            return None
+        try:
+            params = self.client.get_run(run_id).data.params
+        except Exception:  # noqa: BLE001 - MlflowException: no such run in this store
+            return None
+        self.client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        return params
 
     @staticmethod
     def key(name: str) -> str:
@@ -258,15 +317,21 @@ class TrackioTracker(Tracker):
     """trackio prints its banners on stdout, which is the supervisor's result channel: they go to
     stderr."""
 
-    def __init__(self, directory: Path, project: str, name: str, config: dict):
+    name = "trackio"
+
+    def __init__(self, directory: Path, project: str, name: str, config: dict,
+                 run_id: str | None = None):
         os.environ.setdefault("TRACKIO_DIR", str(directory))
         import trackio
 
         self.trackio = trackio
         with contextlib.redirect_stdout(sys.stderr):
-            # no CPU/GPU sampling: it would describe the supervisor's machine, not the daemons'
-            self.run = trackio.init(project=project, name=name, config=config, auto_log_cpu=False,
-                                    auto_log_gpu=False)
+            # no CPU/GPU sampling: it would describe the supervisor's machine, not the daemons'.
+            # trackio continues a run by its name (resume="allow": the newest of that name)
+            self.run = trackio.init(project=project, name=run_id or name, config=config,
+                                    auto_log_cpu=False, auto_log_gpu=False,
+                                    resume="allow" if run_id else "never")
+        self.run_id = run_id or name
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.run.log(dict(metrics), step=step)

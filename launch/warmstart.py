@@ -129,7 +129,7 @@ def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = pri
 
     from areal_like.tasks.task import make_task
     from areal_like.tasks.tokenizer import load_tokenizer
-    from areal_like.weights.hf import build_model
+    from areal_like.weights.hf import build_model, save_tokenizer
 
     torch.set_num_threads(max(1, cfg.launch.omp_threads))
     torch.manual_seed(cfg.seed)
@@ -164,7 +164,7 @@ def train_warm_start(cfg: RunConfig, out: Path, log: Callable[[str], None] = pri
 
     hf_logging.disable_progress_bar()  # one "Writing model shards" bar is noise in the run's output
     model.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_tokenizer(tok, out)
     (out / "warm_start.json").write_text(json.dumps({"key": out.name, "greedy_acc": greedy,
                                                      "sampled_acc": sampled,
                                                      "steps": cfg.warm_start.steps}))

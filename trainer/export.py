@@ -15,6 +15,8 @@ Invariants:
   merged export can be loaded, so ``main`` refuses another (``export_without_base``), as the
   preflight refuses such a run.
 - A tied parameter is written once, under its first name, as ``save_pretrained`` does.
+- The tokenizer files hold no argument it was loaded with (``save_tokenizer``: no
+  ``local_files_only`` of an offline daemon for whoever loads the export elsewhere).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from areal_like.settings.config import (
     TaskConfig,
     export_yaml,
 )
-from areal_like.weights.hf import torch_dtype
+from areal_like.weights.hf import save_tokenizer, torch_dtype
 from areal_like.weights.lora import (
     ADAPTER,
     add_adapters,
@@ -130,7 +132,7 @@ def export_adapter(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelCon
                 adapter[name] = full.to("cpu", torch_dtype(dtype)).contiguous()
     if rank == 0:
         save_adapter(tmp, adapter, model, model_cfg.path)
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
         _publish(tmp, out_dir, task_file)
         log.info("exported adapter %s (%d tensors%s)", out_dir, len(adapter), ", merged" * merged)
     barrier()
@@ -245,7 +247,7 @@ def _write_metadata(model: torch.nn.Module, directory: Path, model_cfg: ModelCon
     config.save_pretrained(str(directory))
     _add_legacy_keys(directory / "config.json")
     generation_config(model_cfg, tokenizer, config).save_pretrained(str(directory))
-    tokenizer.save_pretrained(str(directory))
+    save_tokenizer(tokenizer, directory)
 
 
 def export_hf(model: torch.nn.Module, out_dir: Path, *, model_cfg: ModelConfig, tokenizer,

@@ -10,6 +10,7 @@ process that builds it gets bit-identical weights. torch and huggingface_hub are
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from pathlib import Path
@@ -26,6 +27,10 @@ DOWNLOAD_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.gguf
 TOKENIZER_NAMES = ("char", "bpe")
 WEIGHT_GLOBS = ("*.safetensors", "*.bin")  # what from_pretrained loads (single or sharded)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # either makes a tokenizer directory
+# how ``from_pretrained`` loaded a tokenizer, which transformers 5 keeps among its init arguments
+# and writes into tokenizer_config.json: never a saved tokenizer's (``save_tokenizer``)
+LOADER_KEYS = ("is_local", "local_files_only", "cache_dir", "force_download", "proxies",
+               "revision", "subfolder", "token", "trust_remote_code", "_commit_hash")
 
 
 def looks_like_hub_id(path: str) -> bool:
@@ -107,6 +112,21 @@ def resolve_models(cfg: RunConfig) -> RunConfig:
         trainer = dataclasses.replace(trainer, ref_path=resolve_model_path(
             trainer.ref_path, "trainer.ref_path"))
     return dataclasses.replace(cfg, model=model, trainer=trainer)
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> None:
+    """``tokenizer.save_pretrained(directory)`` without the arguments it was loaded with
+    (``LOADER_KEYS``) in tokenizer_config.json: whoever loads the directory elsewhere (an export)
+    would inherit them, ``local_files_only`` of an offline daemon among them."""
+    tokenizer.save_pretrained(str(directory))
+    path = Path(directory) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    kept = {k: v for k, v in config.items() if k not in LOADER_KEYS}
+    if kept != config:  # as save_pretrained writes it
+        path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n",
+                        encoding="utf-8")
 
 
 def qwen2_config(cfg: ModelConfig, tokenizer=None):

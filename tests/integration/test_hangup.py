@@ -95,7 +95,7 @@ def test_sighup_stops_every_daemon_and_a_rerun_on_a_live_run_dir_is_refused(tmp_
         os.kill(sup.pid, signal.SIGHUP)
         wait_until(lambda: not any(_alive(p) for p in seen), GONE_S, 0.2,
                    f"every process of the job to exit after SIGHUP (left: {seen})")
-        assert sup.wait(timeout=GONE_S) == 1
+        assert sup.wait(timeout=GONE_S) == 128 + signal.SIGHUP
         # Prometheus stops scraping (and alerting on) the job's ports: TrainerDown and
         # EngineUnhealthy paged forever for an ended job before
         assert json.loads(targets.read_text()) == []
@@ -204,9 +204,13 @@ def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
                    "the supervisor's start-up to end")
         wait_until(lambda: " | " in err_path.read_text(), 30, 0.2,
                    "daemon lines echoed on the console")
+        jsonl = run_dir / "metrics" / "trainer.jsonl"
+        wait_until(lambda: jsonl.is_file() and '"step": ' in jsonl.read_text(), START_S, 0.2,
+                   "a trainer step")
         mark = err_path.stat().st_size
         os.kill(sup.pid, signal.SIGINT)
-        assert sup.wait(timeout=GONE_S) == 1
+        assert sup.wait(timeout=GONE_S) == 128 + signal.SIGINT
+        _says_where_it_stopped(run_dir, _read_new(err_path, mark), "SIGINT")
         after = [ln for ln in _read_new(err_path, mark).splitlines() if not ln.startswith("[run] ")]
         daemon_lines = [ln for ln in after if " | " in ln]
         # a line a daemon printed before the signal may still be in the pipe: none after its
@@ -223,8 +227,30 @@ def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
     assert not left, f"processes left behind: {left}"
 
 
+def _says_where_it_stopped(run_dir: Path, console: str, sig: str) -> None:
+    """A job stopped partway: summary.json says so (not a completed job, not a failed one), the
+    console's line and ``status`` name the step and the checkpoint the trainer saved at it."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    at, ckpt = summary["policy_version"], summary["checkpoint"]
+    assert summary["end"] == "stopped" and not summary["ok"] and at > 0, summary
+    assert ckpt == str(run_dir / "checkpoints" / f"v{at:08d}") and Path(ckpt).is_dir(), summary
+    out = run_dir / "export" / f"v{at:08d}"
+    assert [ln for ln in console.splitlines() if ln.startswith("[run] stopped")] == [
+        f"[run] stopped at step {at} of 100000; the same command again resumes it; last "
+        f"checkpoint {ckpt}: `areal-like export {ckpt} {out}` makes a Hugging Face model of it"]
+    status = subprocess.run([sys.executable, "-m", "launch.cli", "status", str(run_dir)],
+                            cwd=REPO_ROOT, env=child_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert status.stdout.splitlines()[0] == (
+        f"job          stopped at step {at} of 100000 by {sig}; last checkpoint {ckpt}"), status
+
+
 @pytest.mark.slow
-def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path, sig):
+    """Ctrl-C, or SIGTERM (``areal-like stop``), during the warm start: one line, the run
+    directory it made is gone, and exit 128 + the signal, as once the daemons run (SIGTERM killed
+    the command here: no line, its run directory left, and status 143 only in a shell's words)."""
     err_path = tmp_path / "stderr"
     argv = [sys.executable, "-m", "launch.cli", "run", "-q",
             "experiment=quickstart", "warm_start.steps=100000",
@@ -237,10 +263,10 @@ def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path)
         wait_until(lambda: "[warm-start]" in err_path.read_text(), START_S, 0.2,
                    "the warm start to begin")
         mark = err_path.stat().st_size
-        os.kill(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, sig)
         out, _ = proc.communicate(timeout=GONE_S)
         after = _read_new(err_path, mark)
-        assert proc.returncode == 130 and out == "", after
+        assert proc.returncode == 128 + sig and out == "", after
         assert "Traceback" not in after and after.splitlines()[-1] == (
             "[run] interrupted before the job started; nothing is running"), after
         assert not (tmp_path / "run").exists()  # no daemon ran: the run directory it made is gone
@@ -274,6 +300,25 @@ def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_pat
 
 
 
+def test_sigterm_to_a_running_job_exits_143_as_during_its_warm_start(tmp_path):
+    """``areal-like stop`` (SIGTERM) once the daemons run: the supervisor stops them and returns
+    128 + 15, as ``areal-like run`` exits for a SIGTERM in its warm start; it returned 1, a
+    failed job's status."""
+    run_dir = tmp_path / "run"
+    sup = subprocess.Popen([sys.executable, "-c", POLITE, str(run_dir)], cwd=REPO_ROOT,
+                           env=child_env(), stdout=subprocess.DEVNULL)
+    pids: dict[str, int] = {}
+    try:
+        pids.update(wait_until(lambda: _both_started(run_dir), 60, 0.1, "both daemons started"))
+        os.kill(sup.pid, signal.SIGTERM)
+        assert sup.wait(timeout=GONE_S) == 128 + signal.SIGTERM
+        assert not _alive(pids["polite"]) and not _alive(pids["deaf"])
+    finally:
+        stop_process(sup)
+        left = _kill_all(set(pids.values()))
+    assert not left, f"processes left behind: {left}"
+
+
 def test_a_hangup_whose_console_pipe_is_gone_still_ends_the_job_in_order(tmp_path):
     """``areal-like run ... | tee run.log`` and the terminal closes: tee dies of the same SIGHUP, so
     the supervisor's console is a pipe nobody reads. It must still stop the job and get past its
@@ -293,7 +338,7 @@ def test_a_hangup_whose_console_pipe_is_gone_still_ends_the_job_in_order(tmp_pat
         read = None
         os.kill(sup.pid, signal.SIGHUP)
         sup.wait(timeout=GONE_S)
-        assert (run_dir / "done").read_text() == "1"
+        assert (run_dir / "done").read_text() == str(128 + signal.SIGHUP)
         assert not _alive(pids["polite"]) and not _alive(pids["deaf"])
     finally:
         if read is not None:

@@ -257,7 +257,8 @@ def test_status_tells_starting_up_finished_and_down_apart(tmp_path, capsys):
         os.utime(tmp_path / "summary.json", (later, later))
         assert status(tmp_path) == 1
         states = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()}
-        assert states == {"buffer": "up", "rollout-0": "finished", "trainer": "finished"}, states
+        assert states == {"job": "finished", "buffer": "up", "rollout-0": "finished",
+                          "trainer": "finished"}, states
     finally:
         waiting.kill()
         waiting.wait()

@@ -7,6 +7,7 @@ earlier was reported as a missing ``.metadata`` file."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import warnings
@@ -104,3 +105,31 @@ def test_an_empty_or_planted_metadata_is_refused_in_one_line_naming_which(tmp_pa
         assert f"checkpoint {ckpt} cannot be read (EOFError: .metadata is empty)" in err, err
         assert "damaged" in err and "not written by this trainer" not in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_exports_tokenizer_config_carries_no_loader_arguments(tmp_path, capsys, monkeypatch):
+    """A model directory loaded for the run (``AutoTokenizer.from_pretrained``, offline as every
+    daemon is) and exported by ``areal-like export``: transformers 5 records how it loaded the
+    tokenizer (``is_local``, ``local_files_only``) and wrote that into the export's
+    tokenizer_config.json, so whoever loaded the export elsewhere inherited them. The export keeps
+    the source's keys, and loads as the source does."""
+    from transformers import AutoTokenizer
+
+    from areal_like.tasks.tokenizer import char_tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = tmp_path / "base"
+    base = load_config([])
+    build_model(base.model, device="cpu", dtype="float32").save_pretrained(str(source))
+    char_tokenizer().save_pretrained(str(source))
+    before = json.loads((source / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & before.keys()
+    run = tmp_path / "run"
+    ckpt = _checkpoint(run)
+    (run / "config.yaml").write_text(to_yaml(load_config(["model=local_hf",
+                                                          f"model.path={source}"])))
+    assert _export(ckpt, tmp_path / "out", capsys)[0] == 0
+    written = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+    assert not {"is_local", "local_files_only"} & written.keys(), written
+    loaded = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert loaded("a+b=c")["input_ids"] == char_tokenizer()("a+b=c")["input_ids"]

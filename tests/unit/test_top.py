@@ -91,7 +91,7 @@ def test_status_of_a_finished_run_shows_no_connection_errors(tmp_path, capsys):
     _finish(tmp_path)
     assert status(tmp_path) == 1
     out = capsys.readouterr().out
-    assert _states(out) == {"buffer": "finished", "rollout-0": "finished"}, out
+    assert _states(out) == {"job": "finished", "buffer": "finished", "rollout-0": "finished"}, out
     assert "Error" not in out and "refused" not in out, out
 
 
@@ -201,7 +201,7 @@ def test_a_run_whose_launcher_is_gone_is_not_starting(tmp_path, capsys):
                        launcher=_dead_pid())
     os.utime(resumed / "settings.yaml")
     assert status(resumed) == 1
-    assert _states(capsys.readouterr().out) == {"buffer": "finished"}
+    assert _states(capsys.readouterr().out) == {"job": "finished", "buffer": "finished"}
 
 
 def test_a_lock_whose_mtime_is_skewed_still_names_its_live_launcher(tmp_path):
@@ -274,9 +274,11 @@ def test_a_job_started_without_run_is_finished_once_its_trainer_is_done(tmp_path
         json.dumps({"step": 3, "reward_mean": 0.5}) + "\n"
         + json.dumps({**done, "time": time.time() + 1}) + "\n")
     assert status(tmp_path) == 1
-    assert capsys.readouterr().out.split()[:2] == ["trainer", "finished"]
+    job, trainer = capsys.readouterr().out.splitlines()[:2]
+    assert job.split() == ["job", "completed", "at", "step", "3", "of", "3"], job
+    assert trainer.split()[:2] == ["trainer", "finished"], trainer
     watched = _top(str(tmp_path), "--interval", "0.2")
-    assert watched.returncode == 0 and "job finished" in watched.stdout, watched.stdout
+    assert watched.returncode == 0 and "job completed" in watched.stdout, watched.stdout
 
 
 def test_status_shows_the_pid_a_daemon_started_without_run_reports(tmp_path, capsys):
@@ -346,3 +348,58 @@ def test_stop_after_the_launcher_was_killed_waits_for_its_daemons(tmp_path, caps
         daemon.kill()
         daemon.wait()
     assert main(["stop", str(run)]) == 0
+
+
+def _ended(run_dir, code: int, reached: int, steps: int = 10, checkpoint: str | None = None):
+    """A job that ended as ``areal-like run`` records it: trainer.jsonl (steps 1..``reached``, the
+    trainer's ``done`` record), then summary.json (``summarize``) after ports.json."""
+    from launch.records import summarize
+
+    (run_dir / "metrics").mkdir(exist_ok=True)
+    recs = [{"step": s, "policy_version": s, "reward_mean": 0.5} for s in range(1, reached + 1)]
+    recs.append({"event": "done", "policy_version": reached, "steps": steps, "steps_trained":
+                 reached, "rolled_back_steps": 0, "nonfinite_skipped": 0, "time": time.time()})
+    (run_dir / "metrics" / "trainer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    summary = summarize(run_dir, 1.0, code, trainer_steps=steps, checkpoint=checkpoint)
+    later = os.stat(run_dir / "ports.json").st_mtime + 1
+    os.utime(run_dir / "summary.json", (later, later))
+    return summary
+
+
+@pytest.mark.parametrize("code, reached, words", [
+    (0, 10, "completed at step 10 of 10"),
+    (143, 4, "stopped at step 4 of 10 by SIGTERM; last checkpoint {ckpt}"),
+    (130, 10, "stopped at step 10 of 10 by SIGINT; last checkpoint {ckpt}"),  # final eval cut
+    (1, 4, "failed (exit 1) at step 4 of 10; last checkpoint {ckpt}")])
+def test_status_and_top_tell_a_completed_job_from_a_stopped_or_failed_one(tmp_path, capsys, code,
+                                                                           reached, words):
+    """A job stopped partway (Ctrl-C, SIGTERM, `areal-like stop`) read `finished` in status and
+    `job finished` in top, as one that completed its steps: now each says how the job ended,
+    where, and the checkpoint a stopped or failed one can go on from."""
+    ckpt = str(tmp_path / "checkpoints" / f"v{reached:08d}")
+    _ports(tmp_path, [("buffer", free_port(), _dead_pid())])
+    summary = _ended(tmp_path, code, reached, checkpoint=ckpt)
+    assert summary["end"] == words.split()[0] and summary["ok"] is (code == 0)
+    assert status(tmp_path) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"job          {words.format(ckpt=ckpt)}", out
+    assert out[1].split()[:2] == ["buffer", "finished"], out
+    watched = _top(str(tmp_path), "--once")
+    assert watched.returncode == 0, watched.stderr
+    head = " ".join(watched.stdout.split("\nbuffer")[0].split())  # wrapped at 160 columns
+    assert head.endswith(f"job {words.format(ckpt=ckpt)}"), watched.stdout
+
+
+def test_a_job_started_without_run_and_stopped_says_where(tmp_path, capsys):
+    """No summary.json (Slurm, by hand): the trainer's ``done`` record below ``trainer.steps`` is
+    a stop, at its version; at ``trainer.steps`` the job completed."""
+    _ports(tmp_path, [("trainer", free_port(), None)])
+    (tmp_path / "metrics").mkdir()
+    done = {"event": "done", "policy_version": 2, "steps": 3, "time": time.time() + 1}
+    (tmp_path / "metrics" / "trainer.jsonl").write_text(json.dumps(done) + "\n")
+    assert status(tmp_path) == 1
+    assert capsys.readouterr().out.splitlines()[0] == "job          stopped at step 2 of 3"
+    (tmp_path / "metrics" / "trainer.jsonl").write_text(
+        json.dumps({**done, "policy_version": 3}) + "\n")
+    assert status(tmp_path) == 1
+    assert capsys.readouterr().out.splitlines()[0] == "job          completed at step 3 of 3"

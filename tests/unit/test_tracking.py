@@ -478,3 +478,67 @@ def test_learning_curve_gains_eval_points_when_eval_jsonl_exists(tmp_path):
     path = plot_curve(tmp_path, recs)
     assert path == tmp_path / "learning_curve.png" and path.read_bytes() != without
     assert matplotlib.image.imread(path).shape == (420, 600, 4)
+
+
+RESUMED = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from areal_like.settings.schema import RunConfig
+    from launch.track_sink import TrackerSink
+
+    run = Path(sys.argv[1])
+    jsonl = run / "metrics" / "trainer.jsonl"
+    jsonl.parent.mkdir(parents=True)
+
+    def start(steps):  # one start of the job: its trainer's lines, then its sink's polls
+        with jsonl.open("a") as f:
+            f.write("".join(json.dumps({"step": s, "reward_mean": s / 10}) + "\\n" for s in steps))
+        cfg = RunConfig(tracker=["mlflow", "trackio", "wandb"], run_dir=str(run))
+        cfg.tracking.wandb_mode = "offline"
+        sink = TrackerSink.from_config(cfg)
+        sink.poll(final=True)
+        sink.close()
+
+    start([1, 2, 3])
+    start([3, 4, 5])  # resumed from the checkpoint at 2: step 3 again, then on
+""")
+
+
+def test_a_resumed_job_continues_each_trackers_run(tmp_path, monkeypatch):
+    """A resume replays the run's files into new trackers: wandb, MLflow and trackio each started
+    a second run for the same job. Each continues its run now (wandb by id, MLflow by run id,
+    trackio by name) and gets only the rows it did not have; ``tracking/runs.json`` says which."""
+    import wandb  # noqa: F401 - installed, as the test's child needs
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # to read the store back here
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TRACKIO_DIR", "WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE",
+                        "WANDB_DIR")}
+    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HOME=str(tmp_path), WANDB_SILENT="true",
+               **{v: str(tmp_path / v.lower()) for v in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR",
+                                                         "WANDB_DATA_DIR")})
+    proc = subprocess.run([sys.executable, "-c", RESUMED, str(run)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    client = MlflowClient(tracking_uri=f"file:{run / 'tracking' / 'mlruns'}")
+    (ml,) = client.search_runs([client.get_experiment_by_name("areal-like").experiment_id])
+    assert ml.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(ml.info.run_id, "train/reward_mean")] == [
+        1, 2, 3, 4, 5]
+    with sqlite3.connect(run / "tracking" / "trackio" / "areal-like.db") as db:
+        logged = list(db.execute("SELECT run_id, step FROM metrics ORDER BY id"))
+    assert len({r for r, _ in logged}) == 1 and [s for _, s in logged] == [1, 2, 3, 4, 5], logged
+    starts = [wandb_records(f) for f in sorted((run / "tracking" / "wandb").glob(
+        "offline-run-*/run-*.wandb"), key=lambda f: f.stat().st_mtime)]
+    ids = [next(r.run.run_id for r in recs if r.WhichOneof("record_type") == "run")
+           for recs in starts]
+    steps = [[json.loads(i.value_json) for r in recs if r.WhichOneof("record_type") == "history"
+              for i in r.history.item if (i.key or "/".join(i.nested_key)) == "train/step"]
+             for recs in starts]
+    assert ids[0] == ids[1] and steps == [[1, 2, 3], [4, 5]], (ids, steps)
+    runs = json.loads((run / "tracking" / "runs.json").read_text())
+    assert runs == {"mlflow": {"id": ml.info.run_id, "train": 5},
+                    "trackio": {"id": "run", "train": 5},
+                    "wandb": {"id": ids[0], "train": 5}}, runs
