@@ -145,8 +145,9 @@ class Handout:
             self.in_transit = InTransit(batch_id, version, taken) if taken else None
 
     def trainer_version(self) -> int:
-        """The trainer version the batch in transit was handed out for (-1: none in transit)."""
-        return batch.version if (batch := self.in_transit) is not None else -1
+        """The newest trainer version a batch was asked for: held or in transit (-1: none)."""
+        held = [p.request.trainer_version for p in self.pending]
+        return max(held + ([self.in_transit.version] if self.in_transit else []), default=-1)
 
     def in_transit_groups(self) -> int:
         # one read: metrics thread

@@ -344,8 +344,8 @@ class BufferService(Daemon):
         queued = len(self.ledger.reissue)
         # an engine that missed a sync generates groups older than admission assumes: a smaller
         # window. Its lag counts from the trainer's newest version: with an overlapped sync the
-        # trainer asks for the batch of v + 1 (and so opens the window) before it announces v + 1;
-        # never more than one ahead.
+        # trainer asks for the batch of v + 1 (and so opens the window) before it announces v + 1,
+        # whether that batch is in transit or its request still waits; never more than one ahead.
         newest = version + 1 if self.handout.trainer_version() > version else version
         lag = (self.policy.engine_lag_of(member.entry.policy_version, newest)
                if member is not None else 0)

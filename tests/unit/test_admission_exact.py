@@ -172,3 +172,22 @@ def test_the_lag_counts_from_a_batch_asked_for_before_its_version_was_announced(
     _step(svc, P.Heartbeat(server_id="s", policy_version=1))  # the sync landed
     assert len(_step(svc, P.CreditRequest(server_id="s", max_credits=10)).credits) == B
     svc.wal.close()
+
+
+def test_the_lag_counts_from_a_batch_request_still_waiting_for_its_groups(tmp_path):
+    """An overlapped sync whose next batch is not stored yet: the trainer's request for version 1's
+    batch (acking version 0's) waits in the buffer, version 1 not announced. What the engine (still
+    version 0) starts now is trained at version 1, or 2 if it misses that batch: only the B groups
+    that batch needs may start, not the 2 * B of an engine that is up to date."""
+    svc = _start(tmp_path)
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    _deliver(svc, B, 0)
+    first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
+    ask = P.BatchRequest(n_groups=B, trainer_version=1, wait_s=60, ack_batch=first.batch_id)
+    frame = P.encode(ask)
+    svc.handle(TRAINER, b"req", P.decode(frame), frame)
+    svc.settle()
+    assert len(svc.handout.pending) == 1 and svc.ledger.consumed == B
+    assert svc.control.version == 0
+    assert len(_step(svc, P.CreditRequest(server_id="s", max_credits=10)).credits) == B
+    svc.wal.close()
