@@ -230,9 +230,9 @@ def check_epochs(cfg: RunConfig) -> list[str]:
 def check_lengths(cfg: RunConfig) -> list[str]:
     """Every length a request can ask for leaves room in the context the engine serves
     (``served_context``): an output budget (``task.max_new_tokens``, ``eval.max_new_tokens``)
-    or a prompt limit of the context or more, or a dataset whose every prompt leaves no room,
-    can never be generated whole (SGLang refuses such a request; ``rollout_server/episode.py``
-    asks for what a shorter prompt leaves)."""
+    or a prompt limit of the context or more, or a dataset whose every prompt leaves no room
+    (``task.eval_path`` too, where evaluated), can never be generated whole (SGLang refuses such
+    a request; ``rollout_server/episode.py`` asks for what a shorter prompt leaves)."""
     try:
         context, source = served_context(cfg)
     except ConfigError:  # an unreadable model.path: check_models says why
@@ -247,32 +247,39 @@ def check_lengths(cfg: RunConfig) -> list[str]:
         out.append(f"task.max_prompt_tokens={t.max_prompt_tokens} is not below {most}: a prompt "
                    "that long leaves no room to generate; set task.max_prompt_tokens to at most "
                    f"{context - 1}")
-    elif t.name == "dataset" and (line := _no_prompt_fits(cfg, context, source)):
-        out.append(line)
+    elif t.name == "dataset":
+        # an eval split without room: every evaluation would score nothing (check_eval_split)
+        splits = ("train", "eval") if cfg.eval.every > 0 and t.eval_path else ("train",)
+        out += [line for split in splits if (line := _no_prompt_fits(cfg, context, source, split))]
     return out
 
 
-def _no_prompt_fits(cfg: RunConfig, context: int, source: str) -> str | None:
-    """Why no prompt of the train split can be generated for (None: one can); reads up to the
-    first that fits."""
+def _no_prompt_fits(cfg: RunConfig, context: int, source: str, split: str) -> str | None:
+    """Why no prompt of ``split`` can be generated for (None: one can); reads up to the first that
+    fits."""
     from areal_like.tasks.datasets import load_split
     from areal_like.tasks.task import encode_prompt
     from areal_like.tasks.tokenizer import load_tokenizer
 
     t = cfg.task
     try:
-        tokenizer, examples = load_tokenizer(cfg.model), load_split(t, "train")
+        tokenizer, examples = load_tokenizer(cfg.model), load_split(t, split)
     except Exception:  # noqa: BLE001 - an unusable dataset or tokenizer: other checks say why
         return None
+    if split == "eval" and cfg.eval.max_examples > 0:
+        examples = examples[:cfg.eval.max_examples]
+    key, path = ("task.eval_path", t.eval_path) if split == "eval" else (
+        "task.dataset_path", t.dataset_path)
+    unused = (f", so no evaluation (eval.every={cfg.eval.every}) scores one" if split == "eval"
+              else "")
     limit = t.max_prompt_tokens or context - 1  # check_lengths: below the context
     if not examples or any(len(encode_prompt(tokenizer, ex, t)) <= limit for ex in examples):
         return None
     if t.max_prompt_tokens:
         return (f"task.max_prompt_tokens={t.max_prompt_tokens}: each of the {len(examples)} "
-                f"prompts of task.dataset_path={t.dataset_path!r} is longer: none is left")
-    return (f"task.dataset_path={t.dataset_path!r}: each of its {len(examples)} prompts is "
-            f"{context} tokens or longer, the context the engine serves ({source}): none leaves "
-            "room to generate")
+                f"prompts of {key}={path!r} is longer: none is left{unused}")
+    return (f"{key}={path!r}: each of its {len(examples)} prompts is {context} tokens or longer, "
+            f"the context the engine serves ({source}): none leaves room to generate{unused}")
 
 
 def check_chat_template(cfg: RunConfig) -> list[str]:

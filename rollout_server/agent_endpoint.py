@@ -80,6 +80,7 @@ class EpisodeSession:
     open: bool = True
     last: Segment | None = None  # the segment the latest recorded call extended
     no_room: Segment | None = None  # its first call, which left no room (then no segment)
+    out_of_room: bool = False  # a call was refused for lack of room (agent_episode.py)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one call at a time per episode
 
     @property
@@ -235,6 +236,7 @@ class AgentEndpoint:
     def end_without_room(self, session: EpisodeSession, seg: Segment) -> None:
         """Record a call without room: the segment it extends ends as ``max_tokens``; an
         episode's first call is its ``no_room`` trajectory (``trajectories``)."""
+        session.out_of_room = True
         if seg in session.segments:
             seg.finish_reason = "max_tokens"
         elif not session.segments and session.no_room is None:

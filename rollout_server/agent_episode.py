@@ -77,6 +77,8 @@ class AgentRunner:
             reward, error, finish = await self.score_conversation(session, example)
         else:
             reward, error, finish = score(outcome)
+        if finish == "error" and session.out_of_room:  # it raised on context_length_exceeded:
+            finish = "max_tokens"  # out of room, as a multi-turn episode ends, not a crash
         meta = {"agent_seconds": round(outcome.seconds, 3), "splits": session.splits}
         if error:
             meta["agent_error"] = self.error = error

@@ -441,6 +441,40 @@ def test_a_group_whose_opening_prompt_leaves_no_room_is_refused_as_no_room_not_f
     assert why.startswith("no_room:"), why
 
 
+@pytest.mark.parametrize("agent", ["calc_agent", "langgraph_calc_agent"])
+def test_an_agent_that_raises_on_a_later_call_without_room_ends_as_max_tokens(agent):
+    """Both shipped agents let the 400 ``context_length_exceeded`` of their second call raise: the
+    episode was recorded as an agent ``error`` (``rollout/agent_episodes{outcome="error"}``, the
+    trajectory's finish_reason ``error``), an episode that ran out of room read as a crashed agent.
+    It ends as ``max_tokens``, as ROLLOUT.md says and a multi-turn episode does; the agent
+    returned no reward (0), and its error stays in the metadata."""
+    cfg = task_cfg(agent=f"areal_like.tasks.agents:{agent}", agent_workers=1,
+                   episode_timeout_s=30.0)
+    example, pool = make_task(cfg).example(0), agent_pool(cfg)
+
+    async def group():
+        # the opening call has room; the second (the tool's answer added) is past the input limit
+        ep = endpoint(InputLimited([CALL % example.prompt], max_input=80), agent=cfg.agent)
+        ep.ctx.max_input, ep.ctx.metrics = 80, Metrics()
+        await ep.start()
+        try:
+            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
+            g = await AgentRunner(ep.ctx, ep, pool).run_group(credit)
+            return g.trajectories, ep.ctx.metrics
+        finally:
+            await ep.close()
+
+    try:
+        pool.wait_ready(120)
+        [t], metrics = asyncio.run(group())
+    finally:
+        pool.close()
+    assert (t.finish_reason, t.reward, t.metadata["calls"]) == ("max_tokens", 0.0, 1)
+    assert "context_length_exceeded" in t.metadata["agent_error"], t.metadata
+    assert metrics.registry.get_sample_value("areal_rollout_agent_episodes_total",
+                                             {"outcome": "max_tokens"}) == 1
+
+
 def test_the_agent_endpoint_knows_the_input_limit_the_engine_reports():
     """The rollout server started its agent endpoint before it read the engine's input limit
     (``meet_engine``): every call of an agent task saw none, and SGLang's 400 came back."""

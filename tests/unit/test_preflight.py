@@ -658,6 +658,28 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
     assert pf.check_lengths(cfg_with(name="dataset", dataset_path="nope.jsonl")) == []
 
 
+def test_an_eval_split_whose_every_prompt_leaves_no_room_is_refused(tmp_path, monkeypatch):
+    """An eval file of longer prompts than the train split's, none leaving room: the job ran and
+    every evaluation sent nothing (each prompt counted as no_room), recording n=0 and
+    greedy_accuracy 0.0, an evaluation of nothing that check_eval_split refuses where the split is
+    missing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
+    (tmp_path / "long.jsonl").write_text(
+        "".join(f'{{"prompt": "{"x" * (256 + i)}", "answer": "1"}}\n' for i in range(2)))
+    job = cfg_with(name="dataset", dataset_path="train.jsonl", eval_path="long.jsonl")
+    job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, every=5))
+    assert pf.check_lengths(job) == [
+        "task.eval_path='long.jsonl': each of its 2 prompts is 256 tokens or longer, the context "
+        "the engine serves (model.max_position_embeddings=256): none leaves room to generate, so "
+        "no evaluation (eval.every=5) scores one"]
+    assert pf.check_lengths(dataclasses.replace(job, eval=dataclasses.replace(
+        job.eval, every=0))) == []  # never evaluated
+    (tmp_path / "long.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n'
+                                         + (tmp_path / "long.jsonl").read_text())
+    assert pf.check_lengths(job) == []  # one eval prompt fits
+
+
 def kv_budget(cfg: RunConfig, tokens: int) -> RunConfig:
     return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine=(
         dataclasses.replace(cfg.rollout.engine, max_total_tokens=tokens))))
