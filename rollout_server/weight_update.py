@@ -65,7 +65,7 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused.
     With ``inflight_drained`` (drain mode) the pause waits for it first (``DRAIN_SHARE``);
     ``load_format=None`` (one broadcast per tensor) is for senders that do not pack buckets;
-    ``pause_mode``: SGLang's ``/pause_generation`` mode (``PAUSE_MODES``)."""
+    ``pause_mode``: SGLang's ``/pause_generation`` mode (``rollout.pause_mode``: abort, retract)."""
     member = next((m for m in plan.members if m.server_id == server_id), None)
     receiver = RECEIVERS.get(plan.path)
     refusal = "this server is not a member of the plan" if member is None else "" if receiver \
