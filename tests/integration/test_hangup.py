@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -144,6 +145,21 @@ def _both_started(run_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return found if len(found) == 2 and all(found.values()) else None
+
+
+@contextlib.contextmanager
+def _supervised(argv: list[str], run_dir: Path, **popen):
+    """(the test's supervisor, its two daemons' PIDs) once both started; on the way out every one
+    of them is stopped, by PID, and none may be left."""
+    sup = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), **popen)
+    pids: dict[str, int] = {}
+    try:
+        pids.update(wait_until(lambda: _both_started(run_dir), 60, 0.1, "both daemons started"))
+        yield sup, pids
+    finally:
+        stop_process(sup)
+        left = _kill_all(set(pids.values()))
+    assert not left, f"processes left behind: {left}"
 
 
 @pytest.mark.slow
@@ -283,20 +299,12 @@ def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_pat
     """``nohup areal-like run ... &`` is how a job is kept past logout: SIGHUP arrives ignored
     (SIG_IGN, inherited), and the supervisor must leave it so, not stop the job on it."""
     run_dir = tmp_path / "run"
-    sup = subprocess.Popen(["nohup", sys.executable, "-c", POLITE, str(run_dir)],
-                           cwd=REPO_ROOT, env=child_env(), stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-    pids: dict[str, int] = {}
-    try:
-        pids.update(wait_until(lambda: _both_started(run_dir), 60, 0.1, "both daemons started"))
+    with _supervised(["nohup", sys.executable, "-c", POLITE, str(run_dir)], run_dir,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as (sup, pids):
         os.kill(sup.pid, signal.SIGHUP)
         with pytest.raises(subprocess.TimeoutExpired):
             sup.wait(timeout=3)
         assert _alive(pids["polite"]) and _alive(pids["deaf"])
-    finally:
-        stop_process(sup)
-        left = _kill_all(set(pids.values()))
-    assert not left, f"processes left behind: {left}"
 
 
 
@@ -305,18 +313,11 @@ def test_sigterm_to_a_running_job_exits_143_as_during_its_warm_start(tmp_path):
     128 + 15, as ``areal-like run`` exits for a SIGTERM in its warm start; it returned 1, a
     failed job's status."""
     run_dir = tmp_path / "run"
-    sup = subprocess.Popen([sys.executable, "-c", POLITE, str(run_dir)], cwd=REPO_ROOT,
-                           env=child_env(), stdout=subprocess.DEVNULL)
-    pids: dict[str, int] = {}
-    try:
-        pids.update(wait_until(lambda: _both_started(run_dir), 60, 0.1, "both daemons started"))
+    with _supervised([sys.executable, "-c", POLITE, str(run_dir)], run_dir,
+                     stdout=subprocess.DEVNULL) as (sup, pids):
         os.kill(sup.pid, signal.SIGTERM)
         assert sup.wait(timeout=GONE_S) == 128 + signal.SIGTERM
         assert not _alive(pids["polite"]) and not _alive(pids["deaf"])
-    finally:
-        stop_process(sup)
-        left = _kill_all(set(pids.values()))
-    assert not left, f"processes left behind: {left}"
 
 
 def test_a_hangup_whose_console_pipe_is_gone_still_ends_the_job_in_order(tmp_path):
