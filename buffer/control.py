@@ -20,7 +20,8 @@ from areal_like.net.ratelog import RateLimitedLog
 from areal_like.wire import protocol as P
 from areal_like.wire.codec import field_names
 
-SYNC_RESULTS_KEEP = 8  # versions of SyncDone results kept for SyncStatusRequest
+# versions of SyncDone results kept for SyncStatusRequest (and the current plan's, whatever its age)
+SYNC_RESULTS_KEEP = 8
 ABSENT_KEEP = 4096  # absent server ids remembered (kept past expiry: silence is no sign of life)
 INCARNATIONS_KEEP = 4096  # ids off the roster whose last incarnation is kept (STALENESS.md)
 ABSENT_LOG_EVERY_S = 60.0  # a line about absent members at most this often (a key makes many ids)
@@ -206,10 +207,17 @@ class ControlPlane:
         for m in plan.members:  # off the roster after an expiry: the trainer read it before
             if m.server_id in self.departed and m.server_id not in sync.loaded:
                 self._failed(m.server_id, plan, "is off the roster")
-        for version in sorted(self.syncs)[:-SYNC_RESULTS_KEEP]:
-            del self.syncs[version]
+        self._trim_syncs()
         self.publish(plan)
         return P.Ack(ref=str(plan.policy_version), status="ok")
+
+    def _trim_syncs(self) -> None:
+        """The newest ``SYNC_RESULTS_KEEP`` versions' results and the current plan's: a report of
+        a version no plan named (a peer's, between pushes) adds no lasting entry."""
+        current = self.plan.policy_version if self.plan else None
+        for version in sorted(self.syncs)[:-SYNC_RESULTS_KEEP]:
+            if version != current:
+                del self.syncs[version]
 
     def _failed(self, server_id: str, plan: P.WeightSyncPlan, how: str) -> None:
         """The plan is not for the process behind ``server_id`` now (STALENESS.md): it is never
@@ -236,6 +244,7 @@ class ControlPlane:
                           "the current one", m.server_id[:64], m.policy_version)
             return P.Ack(ref=str(m.policy_version), status="ok")
         sync.loaded[m.server_id], sync.pause_s[m.server_id] = m.ok, m.pause_s
+        self._trim_syncs()
         if m.ok:
             self.touch(m.server_id, m.policy_version)
         else:

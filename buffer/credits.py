@@ -2,10 +2,13 @@
 whom, until when. No I/O.
 
 Invariants: every prompt below the cursor is exactly one of covered by an accepted group, leased,
-or queued for re-issue (served before the cursor moves on); lease ids are never reused, across
-restarts too, so ``group_id = f"{server_id}-{lease_id}"`` is unique for the life of the job. A WAL
-checkpoint holds ``snapshot()``, each control record ``take_changes()``; a restored lease gets a
-fresh full timeout."""
+queued for re-issue (served before the cursor moves on), or skipped this epoch (``give_back`` or
+``cancel`` without ``reissue``: buffer/service.py skips a prompt whose group was refused for its
+content or ``MAX_ENGINE_RETRIES`` times for the engine's numbers, or dropped stale under
+``stale_policy=drop``); lease ids are never reused, across restarts too, so
+``group_id = f"{server_id}-{lease_id}"`` is unique for the life of the job. A WAL checkpoint
+holds ``snapshot()``, each control record ``take_changes()``; a restored lease gets a fresh full
+timeout."""
 
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ Invariants:
   yet answered); no lease is asked for or started while a weight sync is pending or applied;
 * a plan is taken up only from ``HeartbeatAck.pending_plan``, which the buffer never fills with a
   plan it recorded this server failed (buffer/control.py); a published plan naming us is a hint
-  that sends a heartbeat at once. Each plan is applied once and answered with one ``SyncDone``;
+  that sends a heartbeat at once. Each plan taken up is applied once (declined while
+  evaluating) and answered by its ``SyncDone``, sent again only while unanswered; one superseded by
+  a newer plan before the loop took it up is neither;
 * ``policy_version`` is the version the engine serves: updated only by a successful sync;
 * after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``, else
   this server stops (exit 1, the wedged engine killed with it) for its supervisor to restart it

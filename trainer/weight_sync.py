@@ -4,10 +4,12 @@ Invariants:
 - ``push`` is a collective over all trainer ranks; only rank 0 talks to the buffer and sends. At
   most one push is in flight: every push (and ``catch_up``, ``close``) first joins the background
   one.
-- Every wait is bounded by ``weight_sync.deadline_s`` from the start of the push, a re-push
-  included; a member that misses it is dropped for this version and catches up at the next push.
+- Every wait on the members is bounded by ``weight_sync.deadline_s`` from the start of the push
+  (once the push before is joined), a re-push included; a member that misses it is dropped for
+  this version and catches up at the next push.
 - The survivors of a lost member get the version again, once.
-- The version is announced after every push, so the buffer's admission clock follows the trainer.
+- The version is announced after every push, so the buffer's admission clock follows the trainer
+  (not once the trainer is stopping: its buffer may be gone).
 - A member whose torch/CUDA/NCCL versions cannot share the group is left out of the plan.
 """
 

@@ -241,3 +241,17 @@ def test_a_member_that_missed_a_plan_and_fell_behind_the_bound_is_back_when_it_a
     assert (credits.credits, credits.reason) == ([], "stale_engine")
     roster = step(svc, P.RosterRequest(), peer=b"trainer-ws-t")
     assert [m.server_id for m in roster.members] == ["s"]  # the next push names it again
+
+
+def test_sync_results_stay_bounded_between_plans():
+    """SyncDone reports of versions no plan named (a peer's, between the trainer's pushes) made a
+    results entry each, trimmed only at the next plan: memory grew with every report meanwhile."""
+    cp = ControlPlane("tcp://x", 5.0, _Clock(), lambda m: None, logging.getLogger("test"))
+    _register(cp, "a")
+    cp.take_plan(_plan(5, "a"))
+    for v in range(10_000):
+        cp.sync_done(P.SyncDone(server_id="a", policy_version=v + 100, ok=True))
+    assert len(cp.syncs) <= control.SYNC_RESULTS_KEEP + 1
+    cp.sync_done(P.SyncDone(server_id="a", policy_version=5, ok=True, plan_id="p5"))
+    # the current plan's results are kept, however many newer versions were reported
+    assert cp.sync_status(P.SyncStatusRequest(policy_version=5)).done == ["a"]
