@@ -83,7 +83,8 @@ def _write(run_dir, *records) -> None:
 def test_ok_only_when_the_trainer_says_it_reached_its_steps(tmp_path):
     step = {"step": 1, "policy_version": 1, "reward_mean": 0.5}
     _write(tmp_path, step)  # exit 0, but no "done" record: the trainer never said it finished
-    assert outcome(tmp_path, 0) == {"ok": False}
+    # exit 0 short of the steps: stopped (a signal's exit would say so too), not failed
+    assert outcome(tmp_path, 0) == {"ok": False, "end": "stopped", "exit_code": 0}
     done = {"event": "done", "policy_version": 40, "steps": 50, "steps_trained": 38,
             "rolled_back_steps": 2, "nonfinite_skipped": 0}
     _write(tmp_path, step, done)  # stopped at the end of data, 10 steps short
@@ -94,8 +95,11 @@ def test_ok_only_when_the_trainer_says_it_reached_its_steps(tmp_path):
            {**done, "policy_version": 50, "steps_trained": 47, "rolled_back_steps": 3,
             "nonfinite_skipped": 5})
     # a step whose loss was not finite holds its version but not its update: said beside it
-    assert outcome(tmp_path, 0) == {"ok": True, "steps_trained": 47, "rolled_back_steps": 3,
+    assert outcome(tmp_path, 0) == {"ok": True, "end": "completed", "exit_code": 0,
+                                    "steps_trained": 47, "rolled_back_steps": 3,
                                     "nonfinite_skipped": 5}
     assert outcome(tmp_path, 1)["ok"] is False
     _write(tmp_path, step, resume)  # crashed out of restarts after a resume
-    assert outcome(tmp_path, 1) == {"ok": False, "rolled_back_steps": 3}
+    assert outcome(tmp_path, 1) == {"ok": False, "end": "failed", "exit_code": 1,
+                                    "rolled_back_steps": 3}
+    assert outcome(tmp_path, 143)["end"] == "stopped"  # areal-like stop: SIGTERM
