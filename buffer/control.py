@@ -46,10 +46,11 @@ class Sync:
 class ControlPlane:
     def __init__(self, pub_address: str, heartbeat_timeout_s: float, clock: Callable[[], float],
                  publish: Callable[[P.Message], None], log: logging.Logger,
-                 release: Callable[[Callable[[str], bool], str], None] = lambda keep, why: None):
+                 release: Callable[..., None] = lambda keep, why, level=logging.WARNING: None):
         self.pub_address, self.heartbeat_timeout_s = pub_address, heartbeat_timeout_s
         self.clock, self.publish, self.log = clock, publish, log
-        # release(keep, why): re-issue the leases of servers ``keep`` rejects
+        # release(keep, why, level): re-issue the leases of servers ``keep`` rejects, logged at
+        # ``level`` (a warning but for a server stopped on request: routine at every job's end)
         self.release = release
         # restored leases of servers not back
         self.started_at, self.orphans_checked = clock(), False
@@ -154,7 +155,8 @@ class ControlPlane:
         if m.leaving:  # stopped on request: its leases go to the others now
             self.log.info("server %s is stopping: removed from the roster", m.server_id)
             self._remove(m.server_id)
-            self.release(lambda sid: sid != m.server_id, f"{m.server_id} stopped")
+            self.release(lambda sid: sid != m.server_id, f"{m.server_id} stopped on request",
+                         logging.INFO)
             return P.HeartbeatAck(policy_version=self.version, known=False)
         if member.evaluating != m.evaluating:
             self.log.info("server %s %s", m.server_id,

@@ -8,6 +8,7 @@ counted."""
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter, deque
@@ -409,13 +410,13 @@ class BufferService(Daemon):
                              expired[0].lease_id, expired[0].server_id)
         self.control.expire()
 
-    def _release(self, keep: Callable[[str], bool], why: str) -> None:
+    def _release(self, keep: Callable[[str], bool], why: str, level: int = logging.WARNING) -> None:
         """Re-issue at once every lease whose holder ``keep`` rejects."""
         if released := self.ledger.release(keep):
             self._dirty = True
             self.instruments.count("credits_released", len(released))
-            self.log.warning("re-issuing %d leases of %s: %s", len(released),
-                             ", ".join(sorted({x.server_id for x in released})), why)
+            self.log.log(level, "re-issuing %d leases of %s: %s", len(released),
+                         ", ".join(sorted({x.server_id for x in released})), why)
 
     def _on_consumed(self, group_ids: list[str]) -> None:
         """The trainer acknowledged a batch: WAL marks, and the admission window moves on."""

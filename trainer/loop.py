@@ -264,8 +264,9 @@ class Trainer(Daemon):
                              t.first_engines, t.first_engine_wait_s)
         with self.phase("weight_sync"):  # the other ranks wait in this collective
             sync = self.engines.after_step(self.version)
-        self.log.info("serving policy_version %d to %s", sync.version,
-                      sync.done or "no engines yet")
+        if self.rank == 0:  # the others' reports name no engine (rank 0 talks to the buffer)
+            self.log.info("serving policy_version %d to %s", sync.version,
+                          sync.done or "no engines yet")
         with self.phase("logprob_guard"):
             self.guard_logprobs(sync)
 

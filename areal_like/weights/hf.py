@@ -185,9 +185,19 @@ def build_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     dt = torch_dtype(dtype or cfg.dtype)
     if cfg.path:
+        from transformers.utils import logging as hf_logging
+
         path = _local_model_dir(cfg)
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt,
-                                                     attn_implementation=cfg.attn_implementation)
+        # transformers 5 draws a "Loading weights" bar per load: in every rollout server's log
+        # (and at each weight update from disk) a line of carriage returns that says nothing
+        shown = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dt, attn_implementation=cfg.attn_implementation)
+        finally:
+            if shown:
+                hf_logging.enable_progress_bar()
     else:
         with torch.random.fork_rng(devices=[]):  # the caller's CPU generator is left as it was
             torch.manual_seed(cfg.init_seed)

@@ -9,6 +9,7 @@ trainer.jsonl records.
 from __future__ import annotations
 
 import json
+import logging
 
 import torch
 from test_buffer_service import TIMEOUT_S, make_cfg, running
@@ -72,6 +73,28 @@ def test_the_trainer_walks_a_restarted_buffer_up_to_its_version(tmp_path):
             assert s["rejected_version_jump"] == 1 and s.get("rejected_not_trainer", 0) == 0
         finally:
             ws.close()
+
+
+def test_a_resumed_trainer_walks_the_buffer_up_from_the_version_it_read_without_a_refusal(
+        tmp_path, caplog):
+    """A trainer stopped before announcing its last versions (a stop does not wait on the buffer)
+    leaves its checkpoint ahead of the buffer: the resumed trainer read the buffer's version at
+    start and walks it up from there, saying so once at INFO; no refused jump, no warning."""
+    cfg = make_cfg(tmp_path)
+    with running(cfg) as (svc, client):
+        ws = WeightBroadcaster(WeightSyncConfig(), buffer_address=cfg.buffer.address, rank=0,
+                               device=torch.device("cpu"))
+        try:
+            assert ws.announced_version(timeout_s=TIMEOUT_S) == 0
+            caplog.set_level(logging.INFO)
+            assert ws.announce(3).error == "" and _stats(client)["policy_version"] == 3
+            assert _stats(client).get("rejected_version_jump", 0) == 0
+        finally:
+            ws.close()
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    said = [r.getMessage() for r in caplog.records if "announcing the versions" in r.getMessage()]
+    assert said == ["buffer is at version 0, our checkpoint at 3: announcing the versions in "
+                    "between"]
 
 
 def _write(run_dir, *records) -> None:

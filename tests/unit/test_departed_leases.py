@@ -7,6 +7,8 @@ handling with fake sockets, a real WAL and a fake clock."""
 
 from __future__ import annotations
 
+import logging
+
 from service_harness import start, step
 
 from areal_like.settings.config import BufferConfig
@@ -53,6 +55,27 @@ def test_a_server_that_leaves_the_roster_releases_its_leases_at_once(tmp_path):
     # long before lease_timeout_s, the dead server's prompts go out again, first
     assert [c.prompt_index
             for c in _step(svc, P.CreditRequest(server_id="live", max_credits=3)).credits] == dead
+    svc.wal.close()
+
+
+def test_a_server_stopped_on_request_gives_its_leases_back_at_info_a_dead_one_warns(
+        tmp_path, caplog):
+    """Every rollout server of a healthy job stops on request at its end, holding the leases of
+    the episodes it was generating: routine (INFO); one gone silent is a fault (WARNING)."""
+    clock = _Clock()
+    svc = _start(tmp_path, clock)
+    caplog.set_level(logging.INFO, logger=svc.log.name)
+    _join(svc, "r0", 3)
+    _join(svc, "r1", 2)
+    _step(svc, P.Heartbeat(server_id="r0", policy_version=0, leaving=True))
+    assert svc.instruments.counts["credits_released"] == 3
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "re-issuing" in r.getMessage()]
+    assert said == [(logging.INFO, "re-issuing 3 leases of r0: r0 stopped on request")]
+    caplog.clear()
+    clock.t += HEARTBEAT_S + 1
+    svc.expire()
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if "re-issuing" in r.getMessage()]
+    assert said == [(logging.WARNING, "re-issuing 2 leases of r1: gone from the roster")]
     svc.wal.close()
 
 

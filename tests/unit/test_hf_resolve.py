@@ -219,3 +219,20 @@ def test_resolve_models_resolves_every_model_key_and_leaves_the_input_alone(tmp_
     bad = load_config(["model.tokenizer=/no/tok"])
     with pytest.raises(ConfigError, match=r"^model\.tokenizer='/no/tok' does not exist"):
         resolve_models(bad)
+
+
+def test_loading_a_saved_model_draws_no_progress_bar_and_leaves_the_setting_alone(tmp_path,
+                                                                                   capfd):
+    """transformers 5 draws a "Loading weights" bar per from_pretrained: in every rollout server's
+    log (and at each weight update from disk) a line of carriage returns saying nothing."""
+    from transformers.utils import logging as hf_logging
+
+    from areal_like.settings.config import ModelConfig
+    from areal_like.weights.hf import build_model
+
+    build_model(ModelConfig(max_position_embeddings=64)).save_pretrained(tmp_path / "m")
+    capfd.readouterr()
+    assert hf_logging.is_progress_bar_enabled()
+    build_model(ModelConfig(path=str(tmp_path / "m"), max_position_embeddings=64))
+    assert "Loading weights" not in capfd.readouterr().err
+    assert hf_logging.is_progress_bar_enabled()  # the process's other bars are not ours to hide

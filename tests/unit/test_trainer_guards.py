@@ -108,3 +108,23 @@ def test_consume_time_staleness_assertion():
     # that would be handed the same groups), not a crash's traceback
     assert isinstance(refused.value, StartRefused) and "buffer.max_staleness" in str(refused.value)
     assert torch.equal(batch.head_versions, torch.tensor([3, 1]))
+
+
+def test_only_rank_0_says_which_engines_the_first_push_served(tmp_path, monkeypatch, caplog):
+    """Rank 0 alone talks to the buffer and learns which engines loaded the weights; another
+    rank's report names none, and it said "serving policy_version 0 to no engines yet" beside rank
+    0's "to ['rollout-1']" in every healthy job of several ranks."""
+    import logging
+    from types import SimpleNamespace
+
+    from areal_like.settings.config import load_config
+    from trainer.loop import Trainer
+    from trainer.weight_sync import SyncReport
+
+    monkeypatch.setenv("RANK", "1")
+    trainer = Trainer.from_run(load_config([f"run_dir={tmp_path}"]))
+    trainer.engines = SimpleNamespace(after_step=lambda version: SyncReport(version=version))
+    trainer.guard_logprobs = lambda sync: None
+    caplog.set_level(logging.INFO, logger=trainer.log.name)
+    trainer.initial_push()
+    assert not [r for r in caplog.records if "serving policy_version" in r.getMessage()]
