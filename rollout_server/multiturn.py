@@ -12,8 +12,9 @@ Invariants:
   generated token;
 * the context ids are ``ChatRenderer.continuation_ids``: the ids equal the chat template's
   rendering of the conversation;
-* a turn cut by a timeout is dropped whole; the reward is the sum of the environment's step
-  rewards.
+* a turn whose generation a timeout cuts is dropped whole; one cut later (the episode timeout
+  during its tool calls or environment step) keeps its tokens and its assistant message, without
+  that step's reward; the reward is the sum of the environment's step rewards.
 """
 from __future__ import annotations
 
@@ -117,6 +118,8 @@ class EpisodeRunner:
                 return
             conv.add_generated(sample)
             text = ctx.tokenizer.decode(sample.output_ids, skip_special_tokens=True)
+            before = conv.messages  # the message goes with its ids, before any await (a cut)
+            conv.messages = before + [{"role": "assistant", "content": text}]
             calls = parse_tool_calls(text) if registry else []
             if calls:
                 result = StepResult([await self.call_tool(conv, registry, c) for c in calls])
@@ -124,8 +127,7 @@ class EpisodeRunner:
                 result = as_step_result(await maybe_await(env.step(text)), self.cfg.env)
                 conv.reward += result.reward
                 conv.info.update(result.info)
-            before = conv.messages
-            conv.messages = before + [{"role": "assistant", "content": text}] + result.messages
+            conv.messages = conv.messages + result.messages
             if result.done:
                 conv.finish_reason = "stop"
                 return

@@ -7,8 +7,9 @@ Invariants:
 - Commands run between two forward passes, so every forward pass sees exactly one weight version,
   and every output token records the version that produced it (``Request.output_versions``).
 - No KV outlives its request (no prefix cache), so nothing computed under old weights is reused.
-- Every request that entered the scheduler gets exactly one ``on_finish`` callback, also when the
-  loop dies (then with an abort carrying status 500).
+- Every request that entered the scheduler (``submit`` returned) gets exactly one ``on_finish``
+  callback, also when the loop dies (an abort carrying status 500) or stops (503); every command
+  posted runs, so no ``call`` Future is left pending.
 """
 
 from __future__ import annotations
@@ -184,15 +185,16 @@ class Scheduler:
             log.exception("engine scheduler died")
             with self._cv:
                 self.failure = e
+            reason = {"type": "abort", "message": f"engine failure: {e!r}", "status_code": 500,
+                      "err_type": "InternalServerError"}
+        finally:  # every request still here gets its one on_finish (module docstring)
+            with self._cv:  # stopping or failed: _post accepts nothing after this
                 inbox, self._inbox = self._inbox, []
             for cmd in inbox:  # answer pending callers instead of leaving them hanging
                 try:
                     cmd()
                 except BaseException:
                     pass
-            reason = {"type": "abort", "message": f"engine failure: {e!r}", "status_code": 500,
-                      "err_type": "InternalServerError"}
-        finally:  # every request still here gets its one on_finish (module docstring)
             for r in [*self.running, *self.waiting]:
                 self._finish(r, reason)
             self.running, self.waiting = [], deque()
@@ -213,8 +215,13 @@ class Scheduler:
                     if self._stopping:
                         break
                 inbox, self._inbox, self._submits = self._inbox, [], 0
-            for cmd in inbox:
-                cmd()
+            for i, cmd in enumerate(inbox):
+                try:
+                    cmd()
+                except BaseException:  # the loop dies: the rest are answered with the inbox
+                    with self._cv:
+                        self._inbox[:0] = inbox[i + 1:]
+                    raise
             self.heartbeat = time.monotonic()
             if self.held:
                 continue

@@ -4,6 +4,7 @@ sampler's truncation."""
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 
@@ -278,3 +279,61 @@ def test_only_submits_are_gathered(make_scheduler):
     # run before the prefill
     assert s.call(lambda sched: len(sched.waiting)).result(timeout=15.0) == 1
     assert finished.wait(15.0) and s.prefills == 1
+
+
+def _parked(s: Scheduler, when=lambda sch: True) -> threading.Event:
+    """Park the scheduler thread inside a command at the first step where ``when`` holds; set the
+    returned event to go on. Commands posted meanwhile wait in the inbox and run as one batch."""
+    go, answers = threading.Event(), queue.Queue()
+
+    def park(sch):
+        answers.put(parked := when(sch))
+        if parked:
+            go.wait(WAIT_S)
+    while True:
+        s.call(park)
+        if answers.get(timeout=WAIT_S):
+            return go
+
+
+def test_a_command_that_kills_the_loop_leaves_no_later_submit_unanswered(model, make_scheduler):
+    """A command that raises (here an abort whose KV copy fails, as a sticky CUDA error would)
+    ends the loop; a submit that came in the same batch after it still gets its on_finish."""
+    s = make_scheduler(max_running=2)
+    finished: dict[str, Request] = {}
+    all_done = threading.Event()
+
+    def fin(r):
+        finished[r.rid] = r
+        if len(finished) == 3:
+            all_done.set()
+    for rid in ("a", "b"):
+        s.submit(Request(rid=rid, input_ids=[1, 5, 6], stop_ids=frozenset(), on_finish=fin,
+                         params=SamplingParams(max_new_tokens=180, temperature=0.0)))
+    go = _parked(s, when=lambda sch: len(sch.running) == 2)
+
+    def broken_move(*_):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    s.kv.move = broken_move
+    s.abort("a")  # slot 0 leaves: slot 1's KV moves into it, and the copy fails
+    s.submit(Request(rid="late", input_ids=[1, 7], params=SamplingParams(max_new_tokens=3),
+                     stop_ids=frozenset(), on_finish=fin))
+    go.set()
+    assert all_done.wait(WAIT_S), f"unanswered: {sorted({'a', 'b', 'late'} - set(finished))}"
+    assert finished["late"].finish_reason["status_code"] == 500 and not s.alive
+
+
+def test_stop_answers_a_submit_still_in_the_inbox(make_scheduler):
+    """A submit accepted just before ``stop`` gets its on_finish (an abort), and a call posted
+    then gets its result: nobody waits for an answer that never comes."""
+    s = make_scheduler()
+    go = _parked(s)
+    done = threading.Event()
+    req = Request(rid="r", input_ids=[1, 5], params=SamplingParams(max_new_tokens=3),
+                  stop_ids=frozenset(), on_finish=lambda r: done.set())
+    s.submit(req)
+    later = s.call(lambda sch: "ran")
+    s.stop(timeout_s=0)  # refuses new commands; the loop ends at its next turn
+    go.set()
+    assert done.wait(WAIT_S) and req.finish_reason["status_code"] == 503
+    assert later.result(WAIT_S) == "ran"

@@ -394,3 +394,17 @@ def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():
                             trajectories=[t])
     [row] = sample_rows([group], version=0, k=1, decode=lambda ids: TOK.decode(ids))
     assert row["turns"] == 2
+
+
+def test_an_episode_cut_during_a_step_keeps_its_messages_equal_to_its_ids():
+    """The episode timeout fires while the environment steps the first turn: the turn's generated
+    tokens stay in the trajectory, so its conversation (metadata ``messages``) ends with that
+    assistant turn, and the ids are still the template's rendering of it."""
+    engine = ScriptedEngine(["hello there"])
+    conv, traj = episode(engine, env="agent_envs:Stuck", episode_timeout_s=0.3)
+    assert (conv.finish_reason, conv.turns) == ("episode_timeout", 1)
+    assert conv.messages[-1] == {"role": "assistant", "content": "hello there"}
+    rendered = ChatRenderer(TOK, CHATML).render(conv.messages, add_generation_prompt=False)
+    ids = list(traj.prompt_ids) + list(traj.output_ids)
+    newline = TOK("\n", add_special_tokens=False)["input_ids"]
+    assert ids + newline == TOK(rendered, add_special_tokens=False)["input_ids"]
