@@ -16,7 +16,9 @@ Invariants:
 * no process is left behind: the kernel sends SIGTERM to every child when the supervisor dies
   (``PR_SET_PDEATHSIG``, ``areal_like/daemon.py``), and since torchrun puts each rank in a session
   of its own, the descendants of every process are recorded on each poll (PID + create time, so a
-  recycled PID is never hit) and the survivors killed by PID after the group is gone;
+  recycled PID is never hit) and the survivors killed by PID after the group is gone; what is
+  left in a process's group is killed as soon as its exit is seen (before a restart forgets the
+  group; its number is signalled only then, never later, when another group may have it);
 * every process inherits ``inherit_fds`` (the run directory's job lock, ``launch/rundir.py``), so
   the lock is held until the last daemon of the job is gone.
 """
@@ -243,6 +245,8 @@ class Supervisor:
                 rc = p.popen.poll() if p.popen else None
                 if rc is None:
                     continue
+                # its group's survivors, now: the number is free for reuse once they are gone
+                _signal_group(p.popen.pid, signal.SIGKILL)
                 if p.spec.main and rc == 0:
                     self.outcome = f"{p.spec.name} completed"
                     return 0
@@ -320,6 +324,7 @@ class Supervisor:
         deadline = time.monotonic() + timeout_s
         while p.spec.health_url and not self.stop_event.is_set():
             if p.popen.poll() is not None:
+                _signal_group(p.popen.pid, signal.SIGKILL)  # as ``watch`` does
                 if p.spec.main and p.popen.returncode == 0:
                     return  # it completed before it was seen healthy (a short job): watch() says so
                 if p.popen.returncode == REFUSED_EXIT:
@@ -347,7 +352,8 @@ class Supervisor:
                     p.descendants[pid] = psutil.Process(pid)  # holds its create time
 
     def _stop(self, p: _Proc) -> None:
-        if p.popen is not None and p.popen.poll() is None:
+        running = p.popen is not None and p.popen.poll() is None
+        if running:
             self._record_descendants(p, process_tree())
             _signal_group(p.popen.pid, signal.SIGTERM)
             try:
@@ -357,8 +363,8 @@ class Supervisor:
                           f"{self.stop_grace_s:.0f}s; SIGKILL")
                 _signal_group(p.popen.pid, signal.SIGKILL)
                 p.popen.wait()
-        if p.popen is not None:
-            _signal_group(p.popen.pid, signal.SIGKILL)  # children that outlived their leader
+        if running:  # children that outlived their leader (one that exited before: ``watch``)
+            _signal_group(p.popen.pid, signal.SIGKILL)
         self._kill_leftovers(p)
         if p.pump is not None:
             p.pump.join(timeout=5)
