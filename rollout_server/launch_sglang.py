@@ -65,11 +65,12 @@ def spawn_tied(argv: list[str], stdout=None, stderr=None,
 
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM the process group ``proc`` leads, SIGKILL it after ``grace_s``, then every member
-    that outlived the leader."""
-    if proc.poll() is not None:
-        return
+    that outlived the leader, also when the leader exited before (its callers stop it soon after
+    they see that exit; while a member lives, the group's number is not reused)."""
     pgid = proc.pid  # start_new_session: the group id is the PID we started
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        if proc.poll() is not None:
+            break
         try:
             os.killpg(pgid, sig)
         except ProcessLookupError:

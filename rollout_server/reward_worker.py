@@ -91,7 +91,15 @@ def load_failure(e: BaseException, memory_mb: int) -> dict:
         if memory_mb > 0:
             why += f" (task.reward_memory_mb={memory_mb} limits the address space)"
         return {"kind": "memory", "reason": why}
-    return {"kind": "error", "reason": f"{type(e).__name__}: {e}".splitlines()[0]}
+    return {"kind": "error", "reason": why_failed(e).splitlines()[0]}
+
+
+def why_failed(e: BaseException) -> str:
+    """``Type: message`` of ``e``, raised by user code: its ``__str__`` may raise too."""
+    try:
+        return f"{type(e).__name__}: {e}"
+    except BaseException:  # noqa: BLE001
+        return f"{type(e).__name__} (its message raised)"
 
 
 def probe(path: str, memory_mb: int) -> int:
@@ -198,7 +206,7 @@ def call_one(fn: Callable, frame: bytes) -> dict:
         return {"kind": "memory", "reason": "MemoryError"}
     except BaseException as e:  # noqa: BLE001
         # SystemExit too: a call's failure is its own, not the worker's
-        return {"kind": "error", "reason": f"{type(e).__name__}: {e}"}
+        return {"kind": "error", "reason": why_failed(e)}
     return {"result": result}
 
 

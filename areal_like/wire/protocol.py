@@ -299,7 +299,11 @@ def decode(data: bytes | bytearray | memoryview, max_bytes: int | None = None) -
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError(f"frame must be bytes, got {type(data).__name__}", "frame")
     limit = MAX_FRAME_BYTES if max_bytes is None else max_bytes
-    if (n := memoryview(data).nbytes) > limit:  # before any copy below
+    try:
+        n = memoryview(data).nbytes
+    except ValueError as e:  # a released memoryview
+        raise ProtocolError(str(e), "frame") from None
+    if n > limit:  # before any copy below
         raise ProtocolError(f"{n} bytes exceeds the limit of {limit}", "frame")
     collecting = gc.isenabled()  # False: another thread decodes, and re-enables it when done
     gc.disable()

@@ -19,6 +19,8 @@ SECRET_VAR = "AREAL_TEST_API_TOKEN"
 def behave(response: str, example) -> object:
     if response == "crash":
         raise ZeroDivisionError("division by zero on purpose")
+    if response == "bad_error":  # an exception whose message cannot be made
+        raise type("BadError", (Exception,), {"__str__": lambda self: 1 / 0})()
     if response == "hang":
         while True:
             time.sleep(1)

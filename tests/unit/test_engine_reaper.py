@@ -14,16 +14,19 @@ dropped with its fd; the other process's semaphore was found).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from rollout_server import engine_reaper
 from rollout_server.engine_reaper import group_members, reap, shm_files
+from rollout_server.launch_sglang import stop_group
 
 GROUP = r"""
 import multiprocessing, sys
@@ -104,3 +107,21 @@ def test_a_pid_that_left_the_group_while_it_was_read_counts_for_nothing(group, m
 
     monkeypatch.setattr(engine_reaper, "group_of", reused)
     assert path not in shm_files(pgid) and looks.count(pgid) == 2
+
+
+def test_stop_group_kills_a_member_that_outlived_an_exited_leader():
+    """``stop_group`` returned at once when the leader had exited, though it promises every member
+    that outlived the leader; a member in the group of a leader seen exited is SIGKILLed now."""
+    leader = subprocess.Popen(["bash", "-c", "sleep 600 & echo $!"], stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    member = int(leader.stdout.readline())
+    try:
+        assert leader.wait(timeout=30) == 0 and group_members(leader.pid) == [member]
+        stop_group(leader, grace_s=0.0)
+        deadline = time.monotonic() + 30
+        while group_members(leader.pid) and time.monotonic() < deadline:
+            time.sleep(0.01)  # SIGKILL is sent; the kernel ends it a moment later
+        assert group_members(leader.pid) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(leader.pid, 9)

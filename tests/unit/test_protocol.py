@@ -557,7 +557,9 @@ def test_rejects_oversized_frame(monkeypatch):
 
 
 def test_rejects_non_frames():
-    for bad in ("text", None, 12, [b"x"]):
+    released = memoryview(P.encode(make_group()))
+    released.release()  # was a ValueError from memoryview(), not a ProtocolError
+    for bad in ("text", None, 12, [b"x"], released):
         with pytest.raises(P.ProtocolError) as info:
             P.decode(bad)  # type: ignore[arg-type]
         assert info.value.field == "frame"

@@ -87,6 +87,16 @@ def test_a_crashing_reward_scores_zero_and_keeps_its_worker(make_pool):
     assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 2
 
 
+def test_an_exception_whose_message_raises_scores_zero_and_keeps_its_worker(make_pool):
+    """The worker formatted the reason with ``str(e)``: the ZeroDivisionError of the exception's
+    own ``__str__`` escaped ``call_one`` and the worker died (lost, restarted, no reason)."""
+    pool = make_pool(reward_workers=1)
+    before = pool.worker_pids
+    assert score(pool, "bad_error", "1.5") == [(0.0, "BadError (its message raised)"),
+                                               (1.5, None)]
+    assert pool.worker_pids == before
+
+
 def test_a_hanging_reward_is_killed_at_the_timeout_and_replaced(make_pool):
     metrics = Metrics()
     pool = make_pool(metrics=metrics, reward_timeout_s=1.0, reward_workers=2)

@@ -277,3 +277,32 @@ def test_a_cpu_trainer_takes_the_cores_of_the_gpus_nothing_uses():
     with pytest.raises(ConfigError, match="^trainer.device=cpu on a node whose 2 GPUs all serve"):
         node_cores(full, physical_cores(9), gpus_per_node=2, has_buffer=True, cpu_trainer=True)
 
+
+def test_with_restarts_stops_at_once_on_sigterm_in_the_back_off_and_in_a_run(tmp_path):
+    """A SIGTERM in the back-off was acted on only when the (foreground) sleep ended, and the trap
+    signalled the reaped child's PID (another process's by then) or, before the first start, 0
+    (the whole process group); it signals only live children now, the sleep included."""
+    script = str(ROOT / "launch/slurm/with_restarts.sh")
+    env = {**os.environ, "RESTART_BACKOFF_S": "600"}
+    p = subprocess.Popen(["bash", script, "3", "bash", "-c", "exit 1"], stderr=subprocess.PIPE,
+                         text=True, env=env, start_new_session=True)
+    run = None
+    try:
+        assert "restart 1/3" in p.stderr.readline()  # in the back-off now
+        p.terminate()
+        assert p.wait(timeout=30) == 143
+        with pytest.raises(ProcessLookupError):  # its group is gone: the sleep was stopped too
+            os.killpg(p.pid, 0)
+        log = tmp_path / "log"
+        run = subprocess.Popen(["bash", script, "3", "bash", "-c",
+                                f"trap 'echo term > {log}; exit 5' TERM; echo up; "
+                                "while :; do sleep 0.05; done"], stdout=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)
+        assert run.stdout.readline() == "up\n"
+        run.terminate()
+        assert run.wait(timeout=30) == 143 and log.read_text() == "term\n"
+    finally:
+        for proc in (p, run):
+            if proc is not None and proc.poll() is None:
+                os.killpg(proc.pid, 9)
+                proc.wait()
