@@ -38,7 +38,7 @@ from areal_like.net.metrics import Metrics
 from areal_like.net.ratelog import RateLimitedLog
 from areal_like.settings.config import TaskConfig
 from areal_like.tasks.callables import import_function, split_function_path
-from rollout_server.reward_worker import as_reward, scrubbed_env
+from rollout_server.reward_worker import as_reward, scrubbed_env, why_failed
 from rollout_server.sandbox import SandboxLimits, StartFailed, WorkerLost, WorkerPool, call_request
 
 __all__ = ["RewardPool", "RewardPoolError", "Score", "load_problem", "scrubbed_env"]
@@ -191,7 +191,7 @@ class RewardPool:
             reward, why, kind = 0.0, "MemoryError", "memory"
         except BaseException as e:  # noqa: BLE001
             # SystemExit too, as in a worker (nothing is awaited here)
-            reward, why = 0.0, f"{type(e).__name__}: {e}"
+            reward, why = 0.0, why_failed(e)
         self._observe(seconds := time.monotonic() - t0)
         if why is not None:
             self._failed(kind, why)

@@ -95,6 +95,9 @@ def test_an_exception_whose_message_raises_scores_zero_and_keeps_its_worker(make
     assert score(pool, "bad_error", "1.5") == [(0.0, "BadError (its message raised)"),
                                                (1.5, None)]
     assert pool.worker_pids == before
+    inline = make_pool(reward_workers=0)  # scored in the server's own process: the same reason
+    assert score(inline, "bad_error", "1.5") == [(0.0, "BadError (its message raised)"),
+                                                 (1.5, None)]
 
 
 def test_a_hanging_reward_is_killed_at_the_timeout_and_replaced(make_pool):
