@@ -212,15 +212,16 @@ def test_a_server_that_stops_on_request_leaves_at_once():
     fails for it, so the trainer's push stops waiting for it."""
     released = []
     cp = ControlPlane("tcp://x", 15.0, _Clock(), lambda m: None, logging.getLogger("test"),
-                      release=lambda keep, why: released.append(
-                          ([s for s in ("a", "b") if not keep(s)], why)))
+                      release=lambda keep, why, level=logging.WARNING: released.append(
+                          ([s for s in ("a", "b") if not keep(s)], why, level)))
     cp.register(_hello("a", "1111", fresh=True))
     cp.register(_hello("b", "2222", fresh=True))
     released.clear()
     cp.take_plan(_plan(1, "a", "b"))
     ack = cp.heartbeat(P.Heartbeat(server_id="b", policy_version=0, leaving=True))
     assert ack.known is False and _members(cp) == ["a"]
-    assert released == [(["b"], "b stopped")] and _failed(cp, 1) == ["b"]
+    # a stop on request is routine: its leases go back at INFO, a dead server's at WARNING
+    assert released == [(["b"], "b stopped on request", logging.INFO)] and _failed(cp, 1) == ["b"]
     assert cp.expire() == []  # gone already: no second removal
     cp.register(_hello("b", "3333", fresh=True))  # started again later: a member as any other
     assert _members(cp) == ["a", "b"]
