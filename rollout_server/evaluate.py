@@ -145,9 +145,10 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
         if budget <= 0:
             no_room.append(i)
             return None
-        try:
-            outs = await asyncio.gather(one(ids, dict(base, temperature=0.0), budget),
-                                        *(one(ids, sampled(i, j), budget) for j in range(ev.k)))
+        try:  # a refused request stops its siblings: none may outlive the client
+            outs = await gather_or_cancel([one(ids, dict(base, temperature=0.0), budget),
+                                           *(one(ids, sampled(i, j), budget)
+                                             for j in range(ev.k))])
         except SGLangError as e:
             errors.append(e)
             return None

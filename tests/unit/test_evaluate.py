@@ -97,6 +97,48 @@ def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_retu
     assert asyncio.run(run()) == set()
 
 
+def test_a_refused_eval_request_stops_its_prompts_other_requests_before_evaluate_returns(
+        monkeypatch):
+    """One of a prompt's requests refused (SGLangError: the prompt is counted in ``errors``): its
+    greedy/sampled siblings were left running past ``evaluate`` (a plain gather), against a
+    client its caller closes next."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import rollout_server.evaluate as E
+    from rollout_server.sglang_client import SGLangError
+
+    running: set[int] = set()
+
+    async def generate(client, ids, sampling, max_new_tokens, version_fn):
+        running.add(id(asyncio.current_task()))
+        try:
+            if ids[0] == 0 and sampling["temperature"] == 0.0:
+                raise SGLangError("/generate", 400, "prompt too long")
+            if ids[0] == 0:  # prompt 0's samples are still generating
+                await asyncio.Event().wait()
+            return SimpleNamespace(versions=[0], output_ids=[1])
+        finally:
+            running.discard(id(asyncio.current_task()))
+
+    class Rewards:
+        async def score_group(self, prompt, responses, example):
+            return [(1.0, None) for _ in responses]
+
+    monkeypatch.setattr(E, "generate_sample", generate)
+    examples = [SimpleNamespace(prompt=str(i), index=i) for i in range(2)]
+
+    async def run():
+        out = await asyncio.wait_for(
+            E.evaluate(None, examples, lambda ex: [ex.index], str, Rewards(),
+                       EvalConfig(k=2, temperature=1.0), TaskConfig(), [], lambda: 0), 10)
+        return out, set(running)
+
+    out, left = asyncio.run(run())
+    assert out["errors"] == 1 and out["n"] == 1
+    assert left == set()
+
+
 def test_done_versions_survive_a_torn_line(tmp_path):
     path = tmp_path / "eval.jsonl"
     path.write_text(json.dumps({"policy_version": 0}) + "\n" + json.dumps({"policy_version": 5})
