@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import math
 import os
 import shlex
 import socket
@@ -225,7 +226,14 @@ def after(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     cut = argv.index("--")
-    deadline = time.monotonic() + float(argv[1])
+    try:
+        wait_s = float(argv[1])
+    except ValueError:
+        wait_s = math.nan
+    if not 0 <= wait_s < math.inf:
+        print(f"error: --timeout-s: {argv[1]!r} is not a number of seconds >= 0", file=sys.stderr)
+        return 2
+    deadline = time.monotonic() + wait_s
     for url in argv[2:cut]:
         while not probe(url, timeout_s=5):
             if time.monotonic() >= deadline:

@@ -1,5 +1,6 @@
 """``python -m launch.torchrun [torchrun's arguments]``: torchrun (``torch.distributed.run``) that
-exits with the status of its first failed rank, in one line instead of a traceback.
+exits with the status of its first failed rank (1 for one killed by a signal), in one line
+instead of a traceback.
 
 torchrun itself exits 1 with a ChildFailedError traceback whatever its ranks did, so a trainer rank
 that refused its settings or inputs (exit 2, ``areal_like/daemon.py``) looked like a crash:

@@ -72,9 +72,14 @@ def free_port(host: str = "127.0.0.1") -> int:
                     continue
             _HANDED.add(port)
             return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    for _ in range(200):  # off Linux, a narrow range, or no luck: the kernel's pick, once only
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED:
+            _HANDED.add(port)
+            return port
+    raise OSError(f"free_port: every port the kernel offered on {host} was handed out already")
 
 
 def init_weight_group(backend: str, master_addr: str, master_port: int, world_size: int, rank: int,

@@ -1,8 +1,8 @@
 """Prometheus ``/metrics`` and ``/health`` on a daemon's own port, from its own registry.
 
 Invariants: a metric's hierarchical name is stable (``buffer/staleness_max``), its Prometheus name
-is ``areal_`` + the name with ``/`` as ``_``; each daemon has a private ``CollectorRegistry``
-(several daemons in one test process never collide).
+is ``areal_`` + the name with ``/``, ``-`` and ``.`` as ``_``; each daemon has a private
+``CollectorRegistry`` (several daemons in one test process never collide).
 """
 
 from __future__ import annotations

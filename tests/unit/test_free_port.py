@@ -35,3 +35,34 @@ def test_binds_to_port_zero_never_get_a_handed_out_port():
         for s in socks:
             s.close()
 
+
+
+class _RepeatingKernel:
+    """A socket whose bind to port 0 gets the ports in ``PORTS`` in turn: a kernel that hands a
+    just-closed port out again (it may, off Linux or in a narrow range)."""
+
+    PORTS: list[int] = []
+
+    def __init__(self, *args):
+        self.port = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def bind(self, addr):
+        self.port = addr[1] or self.PORTS.pop(0)
+
+    def getsockname(self):
+        return ("127.0.0.1", self.port)
+
+
+def test_the_port_zero_fallback_never_hands_a_port_out_twice(monkeypatch):
+    monkeypatch.setattr(distributed, "_ephemeral_low", lambda: None)  # off Linux: the fallback
+    monkeypatch.setattr(distributed, "_HANDED", set())
+    monkeypatch.setattr(distributed.socket, "socket", _RepeatingKernel)
+    _RepeatingKernel.PORTS = [41000, 41000, 41001]
+    assert [free_port(), free_port()] == [41000, 41001]
+    assert distributed._HANDED == {41000, 41001}

@@ -306,3 +306,12 @@ def test_with_restarts_stops_at_once_on_sigterm_in_the_back_off_and_in_a_run(tmp
             if proc is not None and proc.poll() is None:
                 os.killpg(proc.pid, 9)
                 proc.wait()
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf"])
+def test_after_refuses_a_bad_timeout_in_one_line(value, capsys):
+    from launch.srun import after
+
+    assert after(["--timeout-s", value, "http://127.0.0.1:1/health", "--", "true"]) == 2
+    assert capsys.readouterr().err == (f"error: --timeout-s: {value!r} is not a number of "
+                                       "seconds >= 0\n")
