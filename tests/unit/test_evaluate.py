@@ -61,6 +61,32 @@ def test_summarize_hand_computed():
     assert "mean@0" not in summarize([1.0], [[]], k=0)
 
 
+def _tracked_generate(pick):
+    """(a stand-in for ``generate_sample``, the set of its calls still running): ``pick(ids,
+    sampling)`` says what a call does: ``"hang"`` (until cancelled), ``"refuse"`` (the engine's
+    400) or None (answers)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from rollout_server.sglang_client import SGLangError
+
+    running: set[int] = set()
+
+    async def generate(client, ids, sampling, max_new_tokens, version_fn):
+        running.add(id(asyncio.current_task()))
+        try:
+            how = pick(ids, sampling)
+            if how == "refuse":
+                raise SGLangError("/generate", 400, "prompt too long")
+            if how == "hang":
+                await asyncio.Event().wait()
+            return SimpleNamespace(versions=[0], output_ids=[1])
+        finally:
+            running.discard(id(asyncio.current_task()))
+
+    return generate, running
+
+
 def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_returns(monkeypatch):
     """``areal-like eval`` closes its client and engine right after ``evaluate`` raises: a request
     still running then opened a new HTTP session nobody closed ("Unclosed client session")."""
@@ -70,16 +96,8 @@ def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_retu
     import rollout_server.evaluate as E
     from rollout_server.reward_pool import RewardPoolError
 
-    running: set[int] = set()
-
-    async def generate(client, ids, sampling, max_new_tokens, version_fn):
-        running.add(id(asyncio.current_task()))
-        try:
-            if ids[0] > 0:  # every prompt but the first is still generating
-                await asyncio.Event().wait()
-            return SimpleNamespace(versions=[0], output_ids=[1])
-        finally:
-            running.discard(id(asyncio.current_task()))
+    # every prompt but the first is still generating
+    generate, running = _tracked_generate(lambda ids, sampling: "hang" if ids[0] > 0 else None)
 
     class Rewards:
         async def score_group(self, prompt, responses, example):
@@ -106,20 +124,11 @@ def test_a_refused_eval_request_stops_its_prompts_other_requests_before_evaluate
     from types import SimpleNamespace
 
     import rollout_server.evaluate as E
-    from rollout_server.sglang_client import SGLangError
 
-    running: set[int] = set()
+    def pick(ids, sampling):  # prompt 0: its greedy request refused, its samples still generating
+        return None if ids[0] else "refuse" if sampling["temperature"] == 0.0 else "hang"
 
-    async def generate(client, ids, sampling, max_new_tokens, version_fn):
-        running.add(id(asyncio.current_task()))
-        try:
-            if ids[0] == 0 and sampling["temperature"] == 0.0:
-                raise SGLangError("/generate", 400, "prompt too long")
-            if ids[0] == 0:  # prompt 0's samples are still generating
-                await asyncio.Event().wait()
-            return SimpleNamespace(versions=[0], output_ids=[1])
-        finally:
-            running.discard(id(asyncio.current_task()))
+    generate, running = _tracked_generate(pick)
 
     class Rewards:
         async def score_group(self, prompt, responses, example):
