@@ -88,7 +88,9 @@ def summarize(run_dir: Path, wall_s: float, code: int, since: int = 0,
         "reward_last": round(sum(last) / len(last), 4) if last else None,
         "steps": len(recs), "wall_s": round(wall_s, 1), "run_dir": str(run_dir),
         **outcome(run_dir, code, since),
-        "policy_version": last_version(run_dir, resumed_from), "trainer_steps": trainer_steps,
+        # the step reached: this invocation's last step, else where it resumed
+        "policy_version": recs[-1].get("policy_version", resumed_from) if recs else resumed_from,
+        "trainer_steps": trainer_steps,
         "checkpoint": checkpoint,
     }
     summary.update(eval_summary(run_dir))
@@ -124,14 +126,6 @@ def ending(code: int, ok: bool) -> str:
     """How a job ended (summary.json's ``end``): ``completed`` (``ok``); ``stopped``, by a signal
     (exit 128 + it) or with its trainer stopped before ``trainer.steps`` (exit 0); ``failed``."""
     return "completed" if ok else "stopped" if code == 0 or code > 128 else "failed"
-
-
-def last_version(run_dir: Path, default: int = 0) -> int:
-    """The policy version of the last trainer.jsonl record that has one (a step, ``done``):
-    the step the run reached; ``default`` when there is none."""
-    versions = [v for r in read_jsonl(trainer_jsonl(run_dir))
-                if isinstance(v := r.get("policy_version"), int)]
-    return versions[-1] if versions else default
 
 
 def trainer_done(run_dir: Path) -> dict | None:
