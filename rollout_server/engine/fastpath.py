@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rollout_server.engine.host import to_device
 from rollout_server.engine.kv import SlotKV
 
 FAMILIES = ("qwen2", "qwen3", "llama")  # the same decoder layer up to q/k norms and biases
@@ -75,9 +76,11 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
     inner = model.model
     device = inner.embed_tokens.weight.device
     lens = [len(s) for s in seqs]
-    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)
-    pos = torch.cat([torch.arange(n, device=device) for n in lens])
     starts = [sum(lens[:i]) for i in range(len(lens))]
+    # token ids, positions and each sequence's last row, sent without waiting (host.py)
+    ids, pos = to_device([[t for s in seqs for t in s], [i for n in lens for i in range(n)]],
+                         torch.long, device)
+    last = to_device([a + n - 1 for a, n in zip(starts, lens)], torch.long, device)
     _, kv_heads, dim = kv.shape
     h = inner.embed_tokens(ids)  # [T, hidden]
     cos, sin = inner.rotary_emb(h, pos[None])
@@ -98,7 +101,6 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
                 scale=attn.scaling, enable_gqa=True)[0].transpose(0, 1)
         h = h + attn.o_proj(o.flatten(1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    last = torch.tensor([a + n - 1 for a, n in zip(starts, lens)], device=device)
     return model.lm_head(inner.norm(h[last]))
 
 
