@@ -276,3 +276,19 @@ def test_cuda_sampler_frequencies_exact():
         got = torch.bincount(tok, minlength=4).tolist()
         assert all(abs(g - e) <= 1 for g, e in zip(got, expected)), got
         assert lp[tok == 0].sub(math.log(0.5)).abs().max().item() < 1e-6
+
+
+def test_cuda_bf16_logprob_gap_within_the_guards_default(figure):
+    """The bf16 embedded engine against the bf16 trainer on CUDA, 0.5B shape: the gap the log-prob
+    guard's bf16 default (trainer/logprob_guard.py, measured on CPU) must cover."""
+    from trainer.logprob_guard import default_tol
+
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_logprob_gap.py"),
+                          "--device", "cuda", "--dtype", "bfloat16", "--shape", "0.5b",
+                          "--probes", "16"], cwd=REPO, capture_output=True, text=True,
+                         timeout=HTTP_TIMEOUT_S)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    figure("logprob_gap_bf16", line["figure"], "nats/token")
+    figure("logprob_gap_bf16_max_token", line["max_token"], "nats")
+    assert line["figure"] <= default_tol("bfloat16"), line

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from areal_like.settings.config import ModelConfig, WeightSyncConfig
+from areal_like.settings.config import ModelConfig
 from areal_like.weights.hf import build_model
 from rollout_server.engine.scheduler import Scheduler
 from rollout_server.engine.weights import WeightUpdater
