@@ -9,6 +9,7 @@ Skips cleanly without CUDA (tests/gpu/conftest.py marks and skips everything her
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -286,7 +287,8 @@ def test_cuda_bf16_logprob_gap_within_the_guards_default(figure):
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_logprob_gap.py"),
                           "--device", "cuda", "--dtype", "bfloat16", "--shape", "0.5b",
                           "--probes", "16"], cwd=REPO, capture_output=True, text=True,
-                         timeout=HTTP_TIMEOUT_S)
+                         timeout=HTTP_TIMEOUT_S, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     assert out.returncode == 0, out.stderr[-3000:]
     line = json.loads(out.stdout.strip().splitlines()[-1])
     figure("logprob_gap_bf16", line["figure"], "nats/token")
