@@ -277,13 +277,13 @@ spec = json.loads(sys.argv[1])
 model = build_model(ModelConfig(**spec["model"]), device="cuda")
 params = list(model.named_parameters())
 buckets = plan_buckets([(n, list(p.shape), "bfloat16") for n, p in params], spec["bucket_bytes"])
-sender = types.SimpleNamespace(bytes=0)
+report = types.SimpleNamespace(bytes=0)
 out = TensorSender(WeightSyncConfig(), "gloo", 0, "bfloat16")
 print(json.dumps({"checksum": state_checksum(model), "buckets": len(buckets)}), flush=True)
 for push in range(spec["pushes"]):
     sys.stdin.readline()  # the engine is ready for the next push
     torch.cuda.synchronize(); t0 = time.perf_counter()
-    out.stage(model, params, buckets, sender)
+    out.stage(model, params, buckets, report)
     payloads = out.route(push, [("e", 1, "")])["payloads"]  # packs, one device wait
     print(json.dumps({"payloads": payloads, "stage_s": time.perf_counter() - t0}), flush=True)
     sys.stdin.readline()  # the engine has loaded it
