@@ -360,17 +360,6 @@ class WeightUpdater:
         return True
 
 
-def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str:
-    """Why ``tensors`` cannot be loaded into ``state`` ('' if they can)."""
-    for name, t in tensors.items():
-        if name not in state:
-            return f"Unknown parameter {name!r}; nothing was loaded."
-        if tuple(state[name].shape) != tuple(t.shape):
-            return (f"Shape mismatch for {name}: engine {tuple(state[name].shape)}, "
-                    f"received {tuple(t.shape)}; nothing was loaded.")
-    return ""
-
-
 def _one_buffer(tensors: dict[str, torch.Tensor]) -> tuple[tuple, list, torch.Tensor] | None:
     """(layout key, layout, a uint8 view of the bytes) when ``tensors`` lie back to back in one
     storage in the wire layout (``weight_wire.layout``, what ``TensorSender`` sends); else None."""
@@ -391,6 +380,17 @@ def _one_buffer(tensors: dict[str, torch.Tensor]) -> tuple[tuple, list, torch.Te
         return None
     flat = torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, base, (nbytes,))
     return tuple((n, str(dt), tuple(s)) for n, dt, s, _ in tensor_layout), tensor_layout, flat
+
+
+def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str:
+    """Why ``tensors`` cannot be loaded into ``state`` ('' if they can)."""
+    for name, t in tensors.items():
+        if name not in state:
+            return f"Unknown parameter {name!r}; nothing was loaded."
+        if tuple(state[name].shape) != tuple(t.shape):
+            return (f"Shape mismatch for {name}: engine {tuple(state[name].shape)}, "
+                    f"received {tuple(t.shape)}; nothing was loaded.")
+    return ""
 
 
 class _TensorUnpickler(pickle.Unpickler):
