@@ -48,7 +48,7 @@ from trainer.engine_lag import EngineSchedule
 from trainer.export import export_hf, export_tokenizer, prune_exports
 from trainer.facts import TrainerFacts
 from trainer.finite_guard import SkipTracker
-from trainer.logprob_guard import PROBE_TEXT, run_guard
+from trainer.logprob_guard import PROBE_TEXT, guard_tol, run_guard
 from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
 from trainer.ranks import from_rank0
 from trainer.samples import sample_rows
@@ -190,7 +190,7 @@ class Trainer(Daemon):
     def guard_logprobs(self, sync: SyncReport) -> None:
         """A collective: ``LogprobGuardError`` on an engine off the convention
         (logprob_guard.py)."""
-        tol = self.cfg.logprob_guard_tol
+        tol = guard_tol(self.cfg.logprob_guard_tol, self.facts.model.dtype)
         if tol <= 0:
             return
         prompt = list(self.tokenizer.encode(PROBE_TEXT)) if self.rank == 0 else []

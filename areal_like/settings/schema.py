@@ -411,8 +411,9 @@ class TrainerConfig:
     gloo_timeout_s: float = 300.0
     # the KL term's frozen reference (loss.kl_coef > 0): a local HF dir; None = initial
     ref_path: str | None = None
-    # mean |engine - trainer| log-prob per token at start; <= 0: off (logprob_guard.py)
-    logprob_guard_tol: float = 0.05
+    # mean |engine - trainer| log-prob per token at start; <= 0: off; None: by model.dtype,
+    # 0.05 for float32, 0.1 for bfloat16 and float16 (trainer/logprob_guard.py, DEFAULT_TOL)
+    logprob_guard_tol: float | None = None
     # wait for rollout servers before the first push (0: at once; `run` sets it)
     first_engine_wait_s: float = 0.0
     # how many: the first push waits (first_engine_wait_s) until this many registered
