@@ -31,7 +31,8 @@ AGENT_THREADS = 64
 def agent_pool(task_cfg) -> ToolPool:
     """The sandboxed workers that run one rollout server's agents."""
     return ToolPool(task_cfg.agent_workers, task_cfg.episode_timeout_s, task_cfg.agent_memory_mb,
-                    processes=AGENT_THREADS, memory_setting="task.agent_memory_mb")
+                    processes=AGENT_THREADS, memory_setting="task.agent_memory_mb",
+                    reply_mb=task_cfg.worker_reply_mb, network=True)  # its endpoint: loopback
 
 
 def score(outcome: ToolOutcome) -> tuple[float, str, str]:

@@ -43,10 +43,12 @@ def invoke(function: str, arguments: dict) -> str:
 
 class ToolPool:
     def __init__(self, workers: int, timeout_s: float, memory_mb: int = 2048, processes: int = 0,
-                 memory_setting: str = "task.tool_memory_mb"):
+                 memory_setting: str = "task.tool_memory_mb", reply_mb: int = 16,
+                 network: bool = False):
         self.timeout_s = timeout_s  # processes: threads a call may start (sandbox.SandboxLimits)
         self.memory_setting = memory_setting  # what an out-of-memory error tells the user to raise
-        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, processes=processes)
+        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, processes=processes,
+                                    reply_bytes=reply_mb * 2**20, network=network)
         self.workers = WorkerPool(INVOKE, self.limits, workers, "tool")
         self.warming: list[Future] = [self.workers.threads.submit(self.workers.warm)
                                       for _ in range(workers)]
@@ -82,6 +84,8 @@ class ToolPool:
         if isinstance(reply, WorkerLost) and reply.kind == "timeout":
             return ToolOutcome("timeout",
                                f"{spec.name} did not finish within {self.timeout_s:g}s", took)
+        if isinstance(reply, WorkerLost) and reply.kind == "oversize":
+            return ToolOutcome("error", f"{spec.name}: {reply.reason}", took)
         if isinstance(reply, WorkerLost):
             return ToolOutcome("error",
                                f"{spec.name} crashed its worker process ({reply.reason})", took)
