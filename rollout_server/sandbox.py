@@ -7,13 +7,16 @@ socket; the reward pool and the tool pool keep several alive (``WorkerPool``), e
 A worker is a fresh ``python -I`` (not a fork: the server runs asyncio and threads) in a session
 of its own, with an environment without anything that looks like a secret (``SECRET_NAME``), the
 limits ``reward_worker.py`` sets itself, and a wall-clock deadline per call (``limits.timeout_s``)
-enforced by the caller with SIGKILL to its process group, by PID, then reaped. ``hide`` (called
-by the rollout server at start) makes root's workers start in namespaces of their own where the
-job's secrets and processes cannot be reached (``setup_script``; what is and is not covered:
-areal_like/SECURITY.md, "Reward and tool code").
+enforced by the caller with SIGKILL to its process group, by PID, then reaped. Root's workers
+start in namespaces of their own, as a uid and gid of their own, with a private ``/tmp`` and
+``/dev/shm``, every other mount read-only and (unless ``SandboxLimits.network``) no network;
+``hide`` (called by the rollout server at start) names the directories covered there too, where
+the job's secrets lie (``setup_script``; what is and is not covered: areal_like/SECURITY.md,
+"Reward and tool code").
 
 Failure kinds (``WorkerLost.kind``, a reply's ``kind``): ``timeout`` | ``memory`` | ``died`` |
-``error`` (the call raised, or its result is not JSON); ``StartFailed``: the function could not be
+``error`` (the call raised, or its result is not JSON) | ``oversize`` (a reply past
+``SandboxLimits.reply_bytes``, refused unread); ``StartFailed``: the function could not be
 loaded.
 """
 from __future__ import annotations
@@ -85,7 +88,12 @@ def hide(paths) -> bool:
         _hidden = ()
         return False
     dirs = tuple(str(Path(p).resolve()) for p in paths if Path(p).is_dir())
-    if not isolating():
+    if not isolating() and os.geteuid() == 0:
+        log.warning("reward and tool workers get no namespaces of their own (util-linux unshare "
+                    "is missing or refused): they run as a uid of their own but share the host's "
+                    "/tmp, network and processes, and read what others may of %s "
+                    "(areal_like/SECURITY.md)", ", ".join(dirs) or "the job's files")
+    elif not isolating():
         log.warning("reward and tool workers run as this job's user: they can read %s and signal "
                     "its processes (hiding them needs root and util-linux unshare; "
                     "areal_like/SECURITY.md)", ", ".join(dirs) or "its files")
