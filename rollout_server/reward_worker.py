@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import inspect
 import json
 import math
@@ -36,6 +37,7 @@ import resource
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -183,6 +185,48 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes | 
     return bytes(buf)
 
 
+def relay(listener: socket.socket, connect: Callable[[], socket.socket]) -> None:
+    """Until ``listener`` is closed: pipe each connection it accepts to a fresh ``connect()`` (two
+    threads a connection; one that cannot be piped is closed). An agent worker's loopback reaches
+    its endpoint so, and the endpoint's Unix socket the host's loopback (sandbox.Forwarder)."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # closed
+            return
+        try:
+            upstream = connect()
+        except OSError:
+            conn.close()
+            continue
+        ended = [0]
+        try:
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=_copy, args=(src, dst, ended), daemon=True).start()
+        except RuntimeError:  # no thread to spare (RLIMIT_NPROC)
+            conn.close()
+            upstream.close()
+
+
+def _copy(src: socket.socket, dst: socket.socket, ended: list[int]) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := src.recv(1 << 16):
+            dst.sendall(chunk)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)  # the other direction may still carry an answer
+    ended.append(1)
+    if len(ended) == 3:  # both directions: [0, 1, 1]
+        src.close()
+        dst.close()
+
+
+def loopback_up() -> None:
+    """Bring this network namespace's loopback up (root, before ``drop_privileges``)."""
+    flags = 0x1 | 0x8 | 0x40  # IFF_UP | IFF_LOOPBACK | IFF_RUNNING
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, 0x8914, struct.pack("16sh", b"lo", flags))  # SIOCSIFFLAGS
+
+
 def _send_json(sock: socket.socket, message: dict) -> None:
     send_frame(sock, json.dumps(message).encode())
 
@@ -306,6 +350,8 @@ def main(fd: int) -> int:
     config = pickle.loads(init)
     sys.path[:] = config["sys_path"]  # what the pool's process can import, this one can
     try:
+        if config.get("loopback"):  # an agent's: its endpoint is relayed there (agent_worker.py)
+            loopback_up()
         dropped = drop_privileges(config.get("uid"))
         try:
             fn = load_reward(config["path"], config["memory_mb"])

@@ -35,6 +35,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -166,7 +167,8 @@ def _argv(fd: int, limits: SandboxLimits, sys_path: list[str]) -> list[str]:
     worker = [sys.executable, "-I", WORKER_SCRIPT, str(fd)]
     if not isolating():
         return worker
-    script = setup_script(os.getcwd(), code_dirs(sys_path), _hidden, limits.memory_mb)
+    seen = code_dirs(sys_path) + ([os.path.dirname(limits.endpoint)] if limits.endpoint else [])
+    script = setup_script(os.getcwd(), seen, _hidden, limits.memory_mb)
     return [shutil.which("unshare") or "unshare", *NAMESPACES,
             *(() if limits.network else ("--net",)), "/bin/sh", "-c", script, "sh", *worker]
 
@@ -182,11 +184,49 @@ class SandboxLimits:
     reply_bytes: int = 16 * 2**20
     # root's workers: keep the host's network (else a namespace of their own, without any)
     network: bool = False
+    # without it: a Forwarder's Unix socket, whose directory the worker sees, its loopback up to
+    # relay one endpoint there (an agent's: agent_worker.py)
+    endpoint: str = ""
 
 
 def call_request(args: tuple | list, timeout_s: float) -> bytes:
     """One call of ``fn(*args)`` as a worker reads it (``reward_worker.call_one``)."""
     return pickle.dumps((tuple(args), timeout_s))
+
+
+class Forwarder:
+    """A Unix socket in a directory of its own (``path``) piped to the host's TCP ``target``
+    (``forward_to``, once known): what root's agent workers, in network namespaces of their own,
+    reach their endpoint through (``SandboxLimits.endpoint``). Anyone may connect to it, as to
+    the endpoint's own port."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="areal-endpoint-")
+        os.chmod(self.dir, 0o711)  # others may pass, not list
+        self.path = os.path.join(self.dir, "endpoint.sock")
+        self.target: tuple[str, int] | None = None
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(self.path)
+        os.chmod(self.path, 0o666)  # the workers' uids connect
+        self.listener.listen(64)
+        threading.Thread(target=reward_worker.relay, args=(self.listener, self._connect),
+                         name="endpoint-forwarder", daemon=True).start()
+
+    def forward_to(self, host: str, port: int) -> None:
+        self.target = ("127.0.0.1" if host in ("", "0.0.0.0") else host, port)
+
+    def _connect(self) -> socket.socket:
+        if self.target is None:
+            raise ConnectionRefusedError("no endpoint yet")
+        upstream = socket.create_connection(self.target, timeout=10)
+        upstream.settimeout(None)
+        return upstream
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        self.listener.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class StartFailed(Exception):
@@ -226,6 +266,7 @@ class Worker:
             send_frame(ours, pickle.dumps({
                 "path": path, "sys_path": sys_path,
                 "memory_mb": limits.memory_mb, "processes": limits.processes,
+                "loopback": bool(limits.endpoint) and isolating() and not limits.network,
                 "uid": reward_worker.ISOLATED_UID_BASE + self.proc.pid}))
 
     def send(self, request: bytes) -> None:

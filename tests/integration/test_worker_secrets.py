@@ -16,6 +16,7 @@ root: a job of another user cannot switch uid or make namespaces, which ``SECURI
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -179,6 +180,15 @@ def files(host_marks, code_dir, name):
     return got
 
 
+def agent(base_url, api_key, example):
+    """An agent that tries its endpoint (``base_url``) and another loopback port (``example``):
+    10 for the endpoint's answer, 1 for the other's."""
+    from urllib.parse import urlsplit
+
+    got = connect(urlsplit(base_url).port).get("answer") == "hello"
+    return 10 * got + (connect(example).get("answer") == "hello")
+
+
 def connect(port, send=b""):
     """The first bytes the listener on loopback ``port`` answers, or why it could not connect."""
     try:
@@ -235,9 +245,9 @@ def test_a_workers_tmp_and_shm_are_its_own_and_its_code_read_only(probes):
             mark.unlink(missing_ok=True)
 
 
-@pytest.fixture
-def listener():
-    """A loopback server that answers each connection ``b"hello"``."""
+@contextlib.contextmanager
+def answering():
+    """A loopback server that answers each connection ``b"hello"``; yields its port."""
     server = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
 
@@ -252,10 +262,20 @@ def listener():
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    server.close()
-    thread.join(timeout=10)
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        server.close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def listener():
+    with answering() as port:
+        yield port
 
 
 @ROOT_ONLY
@@ -284,3 +304,22 @@ def test_sandboxed_code_gets_nothing_through_a_store_gate_door(probes, listener,
     finally:
         door.close()
         gate.close()
+
+
+@ROOT_ONLY
+def test_an_agent_worker_reaches_its_endpoint_and_nothing_else(probes, listener):
+    """The agent pool's workers get a network namespace with loopback alone, where their endpoint
+    (the rollout server's agent API on the host's loopback) is relayed."""
+    from rollout_server.agent_episode import RUN
+    from rollout_server.tool_pool import ToolPool
+
+    with answering() as other:  # another loopback port: an engine's, a store's
+        pool = ToolPool(workers=1, timeout_s=30.0, processes=8, endpoint=True)  # as agent_pool
+        try:
+            pool.forward_to("127.0.0.1", listener)
+            got = asyncio.run(pool.call(RUN, {
+                "path": "sandbox_probes:agent", "api_key": "k", "example": other,
+                "base_url": f"http://127.0.0.1:{listener}/v1", "relay": pool.relay}))
+        finally:
+            pool.close()
+    assert (got.outcome, got.content) == ("ok", "10"), got
