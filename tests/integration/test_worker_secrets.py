@@ -299,7 +299,10 @@ def test_sandboxed_code_gets_nothing_through_a_store_gate_door(probes, listener,
             ours.settimeout(10)
             assert ours.recv(5) == b"hello"
         got = probe("connect", door.port, b"\x00", network=network)
-        assert got == ({"answer": ""} if network else {"error": "OSError"}), got
+        if network:  # it connects, and the door closes it unanswered (EOF, or a reset)
+            assert got in ({"answer": ""}, {"error": "ConnectionResetError"}), got
+        else:  # it cannot even connect
+            assert got == {"error": "OSError"}, got
         assert door.refused == (1 if network else 0) and gate.refused == 0
     finally:
         door.close()
