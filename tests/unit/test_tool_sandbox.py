@@ -59,6 +59,15 @@ def test_an_async_tool_is_an_error_saying_so_not_a_coroutine_as_text(pool):
     still_works(pool)
 
 
+def test_a_reply_past_the_limit_is_an_error_saying_so(pool):
+    # a result's text is cut short in the worker; a tool that writes its own frame is not
+    got = call(pool, "behave", response="forged_frame", example=None)
+    assert (got.outcome, got.content) == (
+        "error", "behave: a reply of 1099511627776 bytes was refused: past the 16777216 bytes a "
+        "worker may send (task.worker_reply_mb)"), got
+    still_works(pool)
+
+
 def test_crash_is_an_error_naming_the_signal(pool):
     got = call(pool, "segfault")
     assert (got.outcome, got.content) == (
