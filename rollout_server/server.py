@@ -207,7 +207,9 @@ class RolloutServer(Daemon):
             from rollout_server.tool_pool import ToolPool
 
             self.tools = ToolPool(self.facts.task.tool_workers, self.facts.task.tool_timeout_s,
-                                  self.facts.task.tool_memory_mb)
+                                  self.facts.task.tool_memory_mb,
+                                  reply_mb=self.facts.task.worker_reply_mb,
+                                  network=self.facts.task.worker_network)
         if self.facts.task.agent:  # agent episodes (agent_episode.py): a bad path fails here
             from rollout_server.agent_episode import agent_pool
             from rollout_server.agent_worker import agent_problem

@@ -112,6 +112,12 @@ class TaskConfig:
     reward_memory_mb: int = 2048  # address-space limit of a reward worker; 0 = none
     reward_url: str = ""  # remote reward: POST a batch of (prompt, response, metadata) here
     reward_retries: int = 2  # remote reward: retries after a failed or timed-out call
+    # the longest reply a reward, tool or agent worker may send (MiB); a longer one is refused,
+    # its sample scored 0 with the reason (kind "oversize") and the worker replaced
+    worker_reply_mb: int = 16
+    # root's reward and tool workers keep the host's network (else none; a remote reward,
+    # task.reward_url, is called by the rollout server and needs none; agents keep it)
+    worker_network: bool = False
     # multi-turn episodes: "pkg.module:Class" of an environment (rollout_server/ROLLOUT.md) whose
     # step rewards replace the task's reward; empty = single-turn
     env: str = ""
@@ -150,7 +156,7 @@ class TaskConfig:
         each("task", self, ">= 0", "max_prompt_tokens", "reward_workers", "reward_memory_mb",
              "reward_retries", "tool_memory_mb", "agent_memory_mb")
         each("task", self, ">= 1", "group_size", "max_new_tokens", "max_turns", "tool_workers",
-             "agent_workers")
+             "agent_workers", "worker_reply_mb")
         each("task", self, "> 0", "reward_timeout_s", "turn_timeout_s", "episode_timeout_s",
              "tool_timeout_s")
         _check("task.temperature", self.temperature > 0, "> 0 (sampling; greedy is not RL)",
