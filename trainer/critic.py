@@ -68,8 +68,10 @@ def _last_hidden(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tenso
     return model.get_decoder()(input_ids=input_ids).last_hidden_state
 
 
-def build_critic(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -> Critic:
-    """The critic of ``trainer_cfg.critic`` for the policy of ``model_cfg`` (module docstring)."""
+def build_critic(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *,
+                 adam_eps: float = 1e-8) -> Critic:
+    """The critic of ``trainer_cfg.critic`` for the policy of ``model_cfg`` (module docstring);
+    ``adam_eps`` as ``build_policy``'s (tests)."""
     import types
 
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -93,7 +95,7 @@ def build_critic(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -> Critic:
     model = ValueModel(backbone, head).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=c.lr, betas=tuple(trainer_cfg.betas),
-                                  weight_decay=c.weight_decay, foreach=True)
+                                  weight_decay=c.weight_decay, eps=adam_eps, foreach=True)
     total = trainer_cfg.steps * trainer_cfg.num_minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda("constant", 0, total))
     return Critic(model, optimizer, scheduler, device, dist.get_world_size(), c)
