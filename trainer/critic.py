@@ -32,6 +32,7 @@ from areal_like.settings.config import ModelConfig, TrainerConfig
 from areal_like.settings.critic_schema import CriticConfig
 from trainer.advantages import adaptive_lambda, gae, token_rewards, whiten
 from trainer.data import TrainBatch
+from trainer.losses import value_loss
 from trainer.model import clip_gradients, evaluating, lr_lambda, mixed_precision, shard_model
 from trainer.packing import plan_minibatch
 from trainer.ranks import rank_world, several
@@ -169,8 +170,6 @@ def train_critic(critic: Critic, batch: TrainBatch, old_values: torch.Tensor,
                  micro_batch_size: int) -> dict[str, float]:
     """One optimizer step per minibatch (``minibatch_rows``) on the clipped value loss; the stats,
     averaged over the minibatches (``critic_`` keys)."""
-    from trainer.losses import value_loss
-
     world = critic.world_size
     per_step: list[dict[str, float]] = []
     for rows in minibatch_rows:
@@ -198,6 +197,7 @@ def train_critic(critic: Critic, batch: TrainBatch, old_values: torch.Tensor,
             critic.optimizer.step()
         critic.scheduler.step()
         per_step.append(out)
+    critic.optimizer.zero_grad(set_to_none=True)  # not held through the policy's next step
     return {k: sum(d[k] for d in per_step) / len(per_step) for k in per_step[0]}
 
 

@@ -192,6 +192,14 @@ class Trainer(Daemon):
         if lost or ckpt is not None and self.most_lost() > self.saved_most_lost:
             self.checkpoint_now()
 
+    def train_batch(self, batch: TrainBatch, prox_logp: torch.Tensor | None,
+                    ref_logp: torch.Tensor | None) -> dict[str, float]:
+        """The policy's step on ``batch`` (with a critic: ``critic_step``); its stats."""
+        if self.critic is not None:
+            return self.critic_step(batch, prox_logp, ref_logp)
+        with self.phase("train_step"):
+            return train_step(self.policy, batch, self.settings, prox_logp, ref_logp)
+
     def critic_step(self, batch: TrainBatch, prox_logp: torch.Tensor | None,
                     ref_logp: torch.Tensor | None) -> dict[str, float]:
         """PPO with a critic (trainer/critic.py): V_old from the critic as it is now, GAE, the
@@ -208,6 +216,7 @@ class Trainer(Daemon):
         if not stats["actor_frozen"]:
             with self.phase("train_step"):
                 stats |= train_step(self.policy, batch, s, prox_logp, ref_logp, advantages=adv)
+            self.policy.optimizer.zero_grad(set_to_none=True)  # not held through the critic's
         with self.phase("critic_step"):
             stats |= train_critic(self.critic, batch, values, returns,
                                   minibatches(batch, s.num_minibatches), s.micro_batch_size)
@@ -327,12 +336,8 @@ class Trainer(Daemon):
                 prox_logp = recompute_prox_logp(self.policy, batch, self.settings)
             with self.phase("ref_logp"):
                 ref_logp = reference_logp(self.reference, batch, self.settings, self.policy.device)
-            # the kernel's advantages, per minibatch, then its optimizer steps
-            if self.critic is not None:
-                stats = self.critic_step(batch, prox_logp, ref_logp)
-            else:
-                with self.phase("train_step"):
-                    stats = train_step(self.policy, batch, self.settings, prox_logp, ref_logp)
+            # the kernel's advantages (or the critic's), then the optimizer steps
+            stats = self.train_batch(batch, prox_logp, ref_logp)
             self.skips.observe(self.version + 1, stats)  # every rank alike: too many in a row stop
             self.version += 1
             self.steps_trained += 1
