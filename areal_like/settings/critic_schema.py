@@ -8,11 +8,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from areal_like.settings.config_checks import ConfigError, check, each
+from areal_like.settings.loss_schema import CRITIC_KINDS
 
 C = "trainer.critic."
-# kernels whose loss takes a per-token advantage as it comes (the PPO family and VESPO); gspo,
-# vcpo and oapl build sequence-level advantages or baselines of their own
-CRITIC_KERNELS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "vespo")
 # model.* keys the critic may not change: its tokenizer and vocabulary are the policy's (it reads
 # the policy's tokens)
 SAME_AS_POLICY = ("tokenizer", "vocab_size")
@@ -58,10 +56,10 @@ class CriticConfig:
             raise ConfigError("trainer.critic.enabled=true is not supported with "
                               "trainer.lora.rank > 0: the critic trains full weights; turn LoRA "
                               "off or the critic off")
-        if kernel not in CRITIC_KERNELS:
+        if kernel not in CRITIC_KINDS:
             raise ConfigError(f"trainer.critic.enabled=true is invalid with trainer.loss.kernel="
                               f"{kernel}: its advantages are its own; choose one of "
-                              f"{', '.join(CRITIC_KERNELS)}")
+                              f"{', '.join(CRITIC_KINDS)}")
         for key in self.model:
             if key not in model_keys:
                 raise ConfigError(f"{C}model.{key} is not a model.* key; choose among "
