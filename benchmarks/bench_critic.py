@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from areal_like.settings.config import load_config  # noqa: E402
+from benchmarks.transport_report import at_least  # noqa: E402
 from launch.job import run_job  # noqa: E402
 from launch.records import eval_records, step_records  # noqa: E402
 
@@ -78,8 +79,8 @@ def summarize(name: str, run_dir: Path, budget_s: float, steps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=at_least(WINDOW), default=200)
+    ap.add_argument("--seed", type=at_least(0), default=0)
     ap.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
     ap.add_argument("--keep", type=Path, default=None, help="run directories here (kept)")
     args = ap.parse_args()
