@@ -23,6 +23,7 @@ from areal_like.settings.config_checks import (
 )
 from areal_like.settings.config_checks import check as _check
 from areal_like.settings.config_checks import choice as _choice
+from areal_like.settings.critic_schema import CriticConfig, model_keys
 from areal_like.settings.loss_schema import ESTIMATORS, GROUP_BASELINE_KERNELS, LossConfig
 from areal_like.settings.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
 
@@ -403,6 +404,8 @@ class TrainerConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # PPO with a value model (trainer/critic.py); off: the kernels' own advantages
+    critic: CriticConfig = field(default_factory=CriticConfig)
     checkpoint_every: int = 20
     # a save stages the state and writes it while the next step trains (DCP async_save)
     checkpoint_async: bool = False
@@ -457,6 +460,7 @@ class TrainerConfig:
         _check("trainer.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                "two numbers in [0, 1)", self.betas)
         self.loss.check_for_kernel()
+        self.critic.check_for_trainer(self.loss.kernel, self.lora.enabled, model_keys(ModelConfig))
         # the KL reference is the base itself, the adapter switched off; the weight path with
         # LoRA is checked with the engine kind (RunConfig)
         _check("trainer.ref_path", not self.lora.enabled or self.ref_path is None, "unset with "
