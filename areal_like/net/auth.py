@@ -67,7 +67,7 @@ def ensure_key_file(run_dir: str | Path) -> str:
         return key
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    key = secrets.token_urlsafe(32)
+    key = secrets.token_hex(32)  # never starts with "-" (SGLang's parser: launch_sglang.py)
     # never world-readable, not even briefly
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

@@ -93,13 +93,22 @@ def test_redaction_keeps_what_is_not_a_credential():
         "sglang", "--api-key", "<redacted>", "--port", "1", "--admin-api-key=<redacted>"]
 
 
-def test_sglang_gets_the_key_on_its_command_line():
-    from areal_like.settings.config import ModelConfig
+def test_sglang_gets_the_key_in_an_owner_only_file_never_on_its_command_line(tmp_path):
+    import yaml
 
-    argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"), 30000, api_key="K")
-    assert argv[argv.index("--api-key") + 1] == "K"
-    assert "--api-key" not in sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"),
-                                             30000)
+    from areal_like.settings.config import ModelConfig
+    from rollout_server.launch_sglang import write_secrets
+
+    path = write_secrets(str(tmp_path), "K:#")
+    argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"), 30000, path)
+    assert argv[argv.index("--config") + 1] == path and "K:#" not in " ".join(argv)
+    assert yaml.safe_load(open(path)) == {"api-key": "K:#"}
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert "--config" not in sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"),
+                                            30000)
+    with pytest.raises(ValueError, match="starts with '-'"):  # SGLang would take it for a flag
+        write_secrets(str(tmp_path / "other"), "-K")
+    assert not ensure_key_file(tmp_path).startswith("-")
 
 
 def test_areal_like_config_redacts_credentials(tmp_path):
