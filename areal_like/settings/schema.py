@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from areal_like.net.auth import ENGINE_KEY_ENV, SECRET_FIELD
+from areal_like.net.auth import ENGINE_KEY_ENV, REWARD_AUTH_ENV, SECRET_FIELD, url_credential
 from areal_like.settings.config_checks import (
     DEVICE,
     PORT,
@@ -175,6 +175,11 @@ class TaskConfig:
         _check("task.reward_url",
                not self.reward_url or self.reward_url.startswith(("http://", "https://")),
                "empty or an http(s) URL", self.reward_url)
+        if why := url_credential(self.reward_url):  # never in config.yaml, exports or trackers
+            raise ConfigError(f"task.reward_url: credentials are not configuration ({why}): give "
+                              "the URL without them and the credential in the environment, "
+                              f"{REWARD_AUTH_ENV} (every reward request's Authorization header, "
+                              "e.g. 'Bearer TOKEN')")
 
 
 @dataclass(kw_only=True)
