@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from areal_like.net.distributed import gloo_toward, set_nccl_nonblocking_timeout
 from areal_like.settings.config import LoraConfig, ModelConfig, TrainerConfig
-from areal_like.weights.hf import build_meta_model, torch_dtype
+from areal_like.weights.hf import build_meta_model, layer_windows, torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters
 from trainer.logprobs import hidden_token_logprobs
 from trainer.packed_attention import PACKED_SDPA
@@ -134,8 +134,16 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
     Packed (``input_ids`` [1, L], sequence i at ``cu_seqlens[i] : cu_seqlens[i + 1]``): attention
     stays inside each sequence, positions restart at 0. ``use_cache=False`` whatever the config:
     with a cache transformers' mask is plain causal and sequences attend to their neighbours."""
-    decoder = model.get_decoder()
-    if cu_seqlens is None:
+    decoder, picked = model.get_decoder(), None
+    if cu_seqlens is not None and layer_windows(model.config) is not None:
+        # sliding windows are masks transformers builds per row (not every such model finds
+        # packed sequences in the positions): the sequences run as right-padded rows
+        lens = cu_seqlens.diff()
+        rows = torch.nn.utils.rnn.pad_sequence(input_ids[0].split(lens.tolist()), batch_first=True)
+        row = torch.searchsorted(cu_seqlens, positions[0], right=True) - 1
+        hidden = decoder(input_ids=rows).last_hidden_state[row, positions[0] - cu_seqlens[row]]
+        picked = hidden[None]
+    elif cu_seqlens is None:
         hidden = decoder(input_ids=input_ids).last_hidden_state
     else:
         lens = cu_seqlens.diff()
@@ -146,7 +154,8 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
                          attention_mask=packed_mask(model, decoder),
                          cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
                          max_length_q=longest, max_length_k=longest).last_hidden_state
-    picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+    if picked is None:
+        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     targets = input_ids.gather(1, positions + 1)
     return hidden_token_logprobs(picked, output_weight(model), targets, temperature,
                                  chunk_tokens=chunk_tokens)
@@ -169,9 +178,13 @@ VARLEN_ATTENTION = (PACKED_SDPA, "flash_attention_2", "flash_attention_3")
 
 def packed_mask(model: torch.nn.Module, decoder: torch.nn.Module) -> dict | None:
     """The mask argument of a packed forward: "no mask" as transformers' precomputed mapping for an
-    attention in ``VARLEN_ATTENTION`` (no dense [L, L] mask it would never read); else None."""
-    if model.config._attn_implementation in VARLEN_ATTENTION and not getattr(
-            decoder, "has_sliding_layers", False):
+    attention in ``VARLEN_ATTENTION`` (no dense [L, L] mask it would never read) where the model
+    takes one (a config with ``layer_types``; Llama's and Qwen3-MoE's forwards take no mapping);
+    else None (transformers builds the packed mask from the positions). Full attention only:
+    ``policy_logprobs`` runs sliding-window models as rows."""
+    config = model.config
+    if (config._attn_implementation in VARLEN_ATTENTION
+            and getattr(config, "layer_types", None) is not None):
         return {"full_attention": None}
     return None
 
