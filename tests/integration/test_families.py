@@ -187,3 +187,81 @@ def test_lora_default_targets_exist(family):
     mlp = {"gate_proj", "up_proj", "down_proj"}
     # every default target the model has as a linear layer; a mixture's fused experts are not
     assert adapted == attention | (set() if name in MIXTURES else mlp)
+
+
+# ---- two FSDP2 ranks (gloo, real processes) against one, for the families new to the trainer
+RANKED = ("qwen3_moe", "gemma3")
+WORKER_TIMEOUT_S = 300
+
+
+def worker(out: str, family: str, model_dir: str) -> None:
+    from test_trainer_invariance import synthetic_groups
+    from torch.distributed.tensor import DTensor
+
+    from tests.helpers_trainer import full_state_dict
+    from trainer.data import groups_to_batch
+    from trainer.model import build_policy, init_distributed, leave_distributed
+    from trainer.step import StepSettings, recompute_prox_logp, train_step
+
+    torch.set_num_threads(1)
+    cfg = _cfg(Path(model_dir), family)
+    rank, world = init_distributed(cfg.trainer)
+    policy = build_policy(cfg.model, cfg.trainer, adam_eps=1e-3)
+    # each decoder block is its own FSDP2 unit: its parameters (fused experts included) sharded
+    block = policy.model.model.layers[0]
+    sharded = {n: tuple(p.to_local().shape) for n, p in block.named_parameters()
+               if isinstance(p, DTensor)}
+    init = full_state_dict(policy.model)
+    s = StepSettings.from_config(cfg)
+    batch = groups_to_batch(synthetic_groups())
+    train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
+    state = full_state_dict(policy.model)
+    if rank == 0:
+        torch.save({"init": init, "state": state, "sharded": sharded,
+                    "block_params": {n: tuple(p.shape) for n, p in block.named_parameters()}},
+                   out)
+    leave_distributed()
+
+
+def _spawn(out: Path, family: str, model_dir: Path, rank: int | None = None, world: int = 1,
+           port: int = 0):
+    import subprocess
+
+    from tests.conftest import child_env
+
+    env = child_env()
+    if rank is not None:
+        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return subprocess.Popen([sys.executable, __file__, str(out), family, str(model_dir)],
+                            env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("name", RANKED)
+def test_two_fsdp2_ranks_shard_each_block_and_train_as_one(name, tmp_path):
+    from areal_like.net.distributed import free_port
+    from tests.conftest import wait_all
+
+    d = save_family(name, tmp_path / "hf")
+    port = free_port()
+    procs = [_spawn(tmp_path / "one.pt", name, d),
+             _spawn(tmp_path / "two.pt", name, d, 0, 2, port),
+             _spawn(tmp_path / "unused.pt", name, d, 1, 2, port)]
+    wait_all(procs, WORKER_TIMEOUT_S)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one["sharded"] == {}  # one fp32 rank: plain parameters
+    assert set(two["sharded"]) == set(two["block_params"])
+    for n, shape in two["block_params"].items():  # dim 0 split in two (experts: 4 -> 2 each)
+        assert two["sharded"][n][0] == (shape[0] + 1) // 2, n
+    for k, v in one["init"].items():
+        assert torch.equal(two["init"][k], v), k
+    for k, v in one["state"].items():
+        torch.testing.assert_close(two["state"][k], v, rtol=0, atol=2e-5, msg=k)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    worker(sys.argv[1], sys.argv[2], sys.argv[3])
+    from areal_like.daemon import exit_process
+
+    exit_process(0)  # as the trainer exits (tests/integration/test_trainer_meta_init.py)
