@@ -252,7 +252,8 @@ def restore_buffers(model: torch.nn.Module) -> None:
 
     if foreign := foreign_buffers(model):
         raise ValueError(f"cannot materialise {foreign[0]} from the meta device")
-    owners = [(name, m) for name, m in model.named_modules() if m._buffers]
+    owners = [(name, m) for name, m in model.named_modules()
+              if next(m.buffers(recurse=False), None) is not None]
     with initialization.guard_torch_init_functions():
         for _, module in owners:
             for buf in module.buffers(recurse=False):
