@@ -189,6 +189,39 @@ def test_lora_default_targets_exist(family):
     assert adapted == attention | (set() if name in MIXTURES else mlp)
 
 
+
+@pytest.mark.parametrize("name", MIXTURES)
+def test_the_router_aux_loss_is_off_by_default_and_a_switch_turns_it_on(name, tmp_path, group):
+    """Off (trainer.router_aux_loss_coef=0): the step is the policy loss alone, router logits never
+    asked for; on: transformers' load-balancing loss joins it and moves the router."""
+    from test_trainer_invariance import synthetic_groups
+
+    from tests.helpers_trainer import full_state_dict
+    from trainer.data import groups_to_batch
+    from trainer.model import build_policy
+    from trainer.step import StepSettings, recompute_prox_logp, train_step
+
+    d = save_family(name, tmp_path / "hf")
+    batch = groups_to_batch(synthetic_groups())
+    states, asked = {}, {}
+    for coef in (0.0, 10.0):
+        cfg = _cfg(d, name, f"trainer.router_aux_loss_coef={coef}")
+        policy = build_policy(cfg.model, cfg.trainer)
+        calls = []
+        policy.model.get_decoder().register_forward_pre_hook(
+            lambda _m, _a, kw: calls.append(kw.get("output_router_logits", False)),
+            with_kwargs=True)
+        s = StepSettings.from_config(cfg)
+        train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
+        states[coef], asked[coef] = full_state_dict(policy.model), any(calls)
+    assert asked == {0.0: False, 10.0: True}
+    routers = [k for k in states[0.0] if k.endswith("mlp.gate.weight") or ".router." in k]
+    assert routers and all(not torch.equal(states[0.0][k], states[10.0][k]) for k in routers)
+    with pytest.raises(ValueError, match="router_aux_loss_coef"):
+        dense = save_family("qwen3", tmp_path / "dense")
+        cfg = _cfg(dense, "qwen3", "trainer.router_aux_loss_coef=1.0")
+        build_policy(cfg.model, cfg.trainer)
+
 # ---- two FSDP2 ranks (gloo, real processes) against one, for the families new to the trainer
 RANKED = ("qwen3_moe", "gemma3")
 WORKER_TIMEOUT_S = 300
