@@ -109,6 +109,16 @@ def test_meta_build_equals_from_pretrained_and_the_engine_matches_the_trainer(fa
     assert (engine - packed).abs().max() <= ATOL, name
 
 
+def _tensor_names(directory: Path) -> set[str]:
+    from safetensors import safe_open
+
+    names = set()
+    for f in directory.glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as sf:
+            names |= set(sf.keys())
+    return names
+
+
 def test_train_checkpoint_export_and_weight_sync_reach_every_parameter(family, tmp_path):
     from test_trainer_invariance import synthetic_groups
 
@@ -145,6 +155,8 @@ def test_train_checkpoint_export_and_weight_sync_reach_every_parameter(family, t
     # export: from_pretrained loads it, same logits
     out = export_hf(policy.model, tmp_path / "export", model_cfg=cfg.model,
                     tokenizer=load_tokenizer(cfg.model), shard_mb=1, dtype="float32")
+    # under the checkpoint's own names (save_pretrained's: a mixture's experts one by one)
+    assert _tensor_names(out) == _tensor_names(d)
     exported = build_model(cfg.model.__class__(**{**cfg.model.__dict__, "path": str(out)}))
     ids = torch.tensor([[1, 5, 9, 30, 41, 7, 8, 9, 10, 11, 12, 13, 14, 15]])
     with torch.no_grad():
