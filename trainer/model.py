@@ -25,6 +25,7 @@ import contextlib
 import functools
 import math
 import os
+import sys
 import types
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -35,7 +36,7 @@ from torch.utils.checkpoint import checkpoint
 
 from areal_like.net.distributed import gloo_toward, set_nccl_nonblocking_timeout
 from areal_like.settings.config import LoraConfig, ModelConfig, TrainerConfig
-from areal_like.weights.hf import build_meta_model, torch_dtype
+from areal_like.weights.hf import build_meta_model, layer_windows, torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters
 from trainer.logprobs import hidden_token_logprobs
 from trainer.packed_attention import PACKED_SDPA
@@ -134,22 +135,48 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
     Packed (``input_ids`` [1, L], sequence i at ``cu_seqlens[i] : cu_seqlens[i + 1]``): attention
     stays inside each sequence, positions restart at 0. ``use_cache=False`` whatever the config:
     with a cache transformers' mask is plain causal and sequences attend to their neighbours."""
-    decoder = model.get_decoder()
-    if cu_seqlens is None:
-        hidden = decoder(input_ids=input_ids).last_hidden_state
+    decoder, picked = model.get_decoder(), None
+    # the training forward of a mixture with trainer.router_aux_loss_coef > 0: its router logits
+    aux = ({"output_router_logits": True}
+           if model.training and torch.is_grad_enabled() and router_aux(model) else {})
+    if cu_seqlens is not None and layer_windows(model.config) is not None:
+        # sliding windows are masks transformers builds per row (not every such model finds
+        # packed sequences in the positions): the sequences run as right-padded rows
+        lens = cu_seqlens.diff()
+        rows = torch.nn.utils.rnn.pad_sequence(input_ids[0].split(lens.tolist()), batch_first=True)
+        row = torch.searchsorted(cu_seqlens, positions[0], right=True) - 1
+        out = decoder(input_ids=rows, **aux)
+        picked = out.last_hidden_state[row, positions[0] - cu_seqlens[row]][None]
+    elif cu_seqlens is None:
+        out = decoder(input_ids=input_ids, **aux)
     else:
         lens = cu_seqlens.diff()
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
         position_ids = (position_ids - cu_seqlens[:-1].repeat_interleave(lens))[None]
         longest = int(lens.max())
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                         attention_mask=packed_mask(model, decoder),
-                         cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-                         max_length_q=longest, max_length_k=longest).last_hidden_state
-    picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        out = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                      attention_mask=packed_mask(model, decoder),
+                      cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
+                      max_length_q=longest, max_length_k=longest, **aux)
+    if aux:  # read (and cleared) by trainer/step.py's forward_backward
+        c = model.config
+        experts = getattr(c, "num_experts", None) or c.num_local_experts  # GPT-OSS's name
+        model.router_aux_loss = router_aux(model)(out.router_logits, experts,
+                                                  c.num_experts_per_tok)
+    if picked is None:
+        hidden = out.last_hidden_state
+        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     targets = input_ids.gather(1, positions + 1)
     return hidden_token_logprobs(picked, output_weight(model), targets, temperature,
                                  chunk_tokens=chunk_tokens)
+
+
+def router_aux(model: torch.nn.Module):
+    """The load-balancing loss function of ``model``'s transformers module when
+    ``model.router_aux_loss_coef`` > 0 (``build_policy``), else None."""
+    if getattr(model, "router_aux_loss_coef", 0.0) <= 0:
+        return None
+    return getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
 
 
 def output_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -169,9 +196,13 @@ VARLEN_ATTENTION = (PACKED_SDPA, "flash_attention_2", "flash_attention_3")
 
 def packed_mask(model: torch.nn.Module, decoder: torch.nn.Module) -> dict | None:
     """The mask argument of a packed forward: "no mask" as transformers' precomputed mapping for an
-    attention in ``VARLEN_ATTENTION`` (no dense [L, L] mask it would never read); else None."""
-    if model.config._attn_implementation in VARLEN_ATTENTION and not getattr(
-            decoder, "has_sliding_layers", False):
+    attention in ``VARLEN_ATTENTION`` (no dense [L, L] mask it would never read) where the model
+    takes one (a config with ``layer_types``; Llama's and Qwen3-MoE's forwards take no mapping);
+    else None (transformers builds the packed mask from the positions). Full attention only:
+    ``policy_logprobs`` runs sliding-window models as rows."""
+    config = model.config
+    if (config._attn_implementation in VARLEN_ATTENTION
+            and getattr(config, "layer_types", None) is not None):
         return {"full_attention": None}
     return None
 
@@ -261,6 +292,11 @@ def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *,
     device = trainer_device(trainer_cfg)
     model = shard_model(model_cfg, trainer_cfg, checkpointing=trainer_cfg.activation_checkpointing,
                         lora=trainer_cfg.lora)
+    model.router_aux_loss_coef = trainer_cfg.router_aux_loss_coef
+    if model.router_aux_loss_coef > 0 and router_aux(model) is None:
+        raise ValueError(f"trainer.router_aux_loss_coef={model.router_aux_loss_coef}: "
+                         f"{type(model).__name__} is not a mixture of experts transformers gives "
+                         "a load-balancing loss")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),

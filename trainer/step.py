@@ -232,6 +232,8 @@ def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor,
         loss_cfg, logp=logp, prox_logp=prox_logp, behav_logp=mb.behav_logp, advantages=advantages,
         mask=mb.mask,
         n_tokens_global=n_tokens, n_seqs_global=n_seqs, ref_logp=ref_logp)
+    if (aux := getattr(policy.model, "router_aux_loss", None)) is not None:  # a mixture's, if on
+        loss, policy.model.router_aux_loss = loss + policy.model.router_aux_loss_coef * aux, None
     (loss * (policy.world_size * share)).backward()  # FSDP2 averages over ranks (module docstring)
     if share != 1.0:
         stats = stats | {k: stats[k] * share for k in ("loss", "policy_loss")}

@@ -434,6 +434,10 @@ class TrainerConfig:
     first_engines: int = 1
     # recompute each decoder block in backward (trainer/MEMORY.md)
     activation_checkpointing: bool = False
+    # a mixture of experts' load-balancing loss (its transformers module's
+    # load_balancing_loss_func on the training forward's router logits), times this, added to the
+    # policy loss. 0 = off, the RL default: the routing the engine sampled with is left alone.
+    router_aux_loss_coef: float = 0.0
     # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
     logprob_chunk_tokens: int = 512
 
@@ -451,7 +455,7 @@ class TrainerConfig:
         _check("trainer.lr", 0 < self.lr < math.inf, "> 0 and finite", self.lr)
         each("trainer", self, "> 0", "grad_clip")
         each("trainer", self, ">= 0", "first_engine_wait_s", "weight_decay", "warmup_steps",
-             "batch_wait_s")
+             "batch_wait_s", "router_aux_loss_coef")
         each("trainer", self, PORT, "metrics_port")
         _check("trainer.device", DEVICE.fullmatch(self.device), "cpu, cuda or cuda:N",
                self.device)
