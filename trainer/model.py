@@ -38,7 +38,7 @@ from areal_like.settings.config import LoraConfig, ModelConfig, TrainerConfig
 from areal_like.weights.hf import build_meta_model, torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters
 from trainer.logprobs import hidden_token_logprobs
-from trainer.packed_attention import PACKED_SDPA
+from trainer.packed_attention import PACKED_SDPA, Packing, flash_attention_implementations
 from trainer.ranks import full
 from trainer.sharded_init import materialize
 
@@ -127,25 +127,21 @@ def evaluating(model: torch.nn.Module):
 
 def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                     temperature: float, chunk_tokens: int,
-                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                    packing: Packing | None = None) -> torch.Tensor:
     """log pi(input_ids[:, p + 1] | input_ids[:, :p + 1]) [n, T] (fp32) for each position p in
     ``positions`` [n, T], through the chunked lm_head. Right padding + causal: no mask needed.
 
-    Packed (``input_ids`` [1, L], sequence i at ``cu_seqlens[i] : cu_seqlens[i + 1]``): attention
-    stays inside each sequence, positions restart at 0. ``use_cache=False`` whatever the config:
-    with a cache transformers' mask is plain causal and sequences attend to their neighbours."""
+    Packed (``input_ids`` [1, L], sequence i at ``packing.cu_seqlens[i] : [i + 1]``, built once
+    per micro-batch: trainer/packed_attention.py): attention stays inside each sequence,
+    positions restart at 0. ``use_cache=False`` whatever the config: with a cache transformers'
+    mask is plain causal and sequences attend to their neighbours."""
     decoder = model.get_decoder()
-    if cu_seqlens is None:
+    if packing is None:
         hidden = decoder(input_ids=input_ids).last_hidden_state
     else:
-        lens = cu_seqlens.diff()
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-        position_ids = (position_ids - cu_seqlens[:-1].repeat_interleave(lens))[None]
-        longest = int(lens.max())
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+        hidden = decoder(input_ids=input_ids, use_cache=False,
                          attention_mask=packed_mask(model, decoder),
-                         cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-                         max_length_q=longest, max_length_k=longest).last_hidden_state
+                         **packing.decoder_kwargs()).last_hidden_state
     picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     targets = input_ids.gather(1, positions + 1)
     return hidden_token_logprobs(picked, output_weight(model), targets, temperature,
@@ -164,7 +160,9 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor:
 
 
 # Attention implementations that keep packed sequences apart from ``cu_seq_lens_q`` alone
-VARLEN_ATTENTION = (PACKED_SDPA, "flash_attention_2", "flash_attention_3")
+# (transformers' names; ``flash_attention_4``: the ``flash-attn-4`` package SGLang installs)
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+VARLEN_ATTENTION = (PACKED_SDPA, *FLASH_ATTENTION)
 
 
 def packed_mask(model: torch.nn.Module, decoder: torch.nn.Module) -> dict | None:
@@ -206,10 +204,22 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def require_attention(impl: str) -> None:
+    """Refuse a flash implementation whose package is not installed here, before any weight is
+    built: ``flash_attention_2`` where only ``flash-attn-4`` provides ``flash_attn`` (an SGLang
+    install) fails deep in transformers' import of FA2 otherwise. (``sdpa`` runs as
+    ``sdpa_packed``: the same SDPA unpacked; packed, torch's varlen flash kernel on CUDA.)"""
+    if impl in FLASH_ATTENTION and impl not in (found := flash_attention_implementations()):
+        raise ValueError(f"model.attn_implementation={impl}: its package is not installed here "
+                         f"(flash attention found: {', '.join(found) or 'none'}); use one of "
+                         "those, or sdpa (packed: torch's varlen kernel on CUDA)")
+
+
 def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: str = "float32",
                 checkpointing: bool = False, lora: LoraConfig | None = None) -> torch.nn.Module:
     """The model of ``model_cfg``, sharded (module docstring), parameters in ``dtype``."""
     device = trainer_device(trainer_cfg)
+    require_attention(model_cfg.attn_implementation)
     model = without_dropout(build_meta_model(model_cfg, dtype))
     if lora is not None and lora.enabled:  # before sharding: FSDP2 groups a block's adapter with it
         add_adapters(model, lora)
