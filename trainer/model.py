@@ -190,6 +190,21 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` each decoder block in place (``Module.compile``: parameter names stay
+    Hugging Face's), as torchtitan does per block: FSDP2's hooks stay between the blocks, and one
+    compiled block serves every layer (the same code, recompiled only for new shapes). Call after
+    ``checkpoint_blocks`` (the recompute is traced with the block) and before ``fully_shard``."""
+    for block in model.model.layers:
+        block.compile(backend=backend)
+
+
+def adamw_options(device: torch.device) -> dict:
+    """AdamW's implementation: CUDA's fused kernel (one launch for all parameters, DTensors
+    included), else the multi-tensor ``foreach`` one (CPU: the runs tests compare bit for bit)."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with its own dropout off (``nn.Dropout`` layers, a config.json's
     ``attention_dropout``): the engines sample without it, so the training forward must be the
@@ -228,6 +243,8 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
         model.set_attn_implementation(PACKED_SDPA)
     if checkpointing:
         checkpoint_blocks(model)
+    if trainer_cfg.compile_blocks:
+        compile_blocks(model)
     if dist.get_world_size() > 1 or mixed_precision(model_cfg) is not None:
         apply_fsdp(model, model_cfg)
     materialize(model, model_cfg, device)
@@ -274,7 +291,8 @@ def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *,
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
-                                  weight_decay=trainer_cfg.weight_decay, eps=adam_eps, foreach=True)
+                                  weight_decay=trainer_cfg.weight_decay, eps=adam_eps,
+                                  **adamw_options(device))
     # The optimizer step count is the number of AdamW steps (num_minibatches per policy version).
     total = trainer_cfg.steps * trainer_cfg.num_minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -422,6 +422,8 @@ class TrainerConfig:
     activation_checkpointing: bool = False
     # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
     logprob_chunk_tokens: int = 512
+    # torch.compile each decoder block (as torchtitan does; for CUDA jobs, first step slower)
+    compile_blocks: bool = False
 
     def __post_init__(self):
         each("trainer", self, ">= 1", "keep_checkpoints", "steps", "micro_batch_size",
