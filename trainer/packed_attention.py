@@ -13,11 +13,12 @@ Per call, with boundaries:
 
 * CUDA, bf16/fp16: torch's variable-length flash kernel (``torch.nn.attention.varlen``, torch
   >= 2.10; grouped-query attention and backward native), one launch per layer;
-* otherwise (CPU, fp32): causal SDPA per sequence, sequences of one length batched (``sum(l_i^2)``
-  scores, not transformers' dense ``[L, L]`` mask), with a backward that recomputes each group's
-  attention from q, k, v, so the attention output is held once per layer (trainer/MEMORY.md
-  section 1).
+* otherwise (CPU, fp32; a sliding window on torch 2.10): causal SDPA per sequence, sequences
+  of one length batched (``sum(l_i^2)`` scores, not transformers' dense ``[L, L]`` mask), with a
+  backward that recomputes each group's attention from q, k, v, so the attention output is held
+  once per layer (trainer/MEMORY.md section 1).
 
+A sliding-window layer (``sliding_window``) keeps its window inside each sequence on both paths.
 Without boundaries it is transformers' SDPA, unchanged. ``flash_attention_implementations``
 names the flash-attention packages installed here as transformers' implementations.
 """
@@ -44,8 +45,15 @@ try:  # torch >= 2.10
 except ImportError:  # pragma: no cover - older torch: the SDPA path everywhere
     varlen_attn = None
 # torch 2.10 took ``is_causal``; 2.11 on a ``window_size`` ((-1, 0): causal)
-_CAUSAL = ({"window_size": (-1, 0)} if varlen_attn is not None
-           and "window_size" in inspect.signature(varlen_attn).parameters else {"is_causal": True})
+_WINDOWED = varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
+
+
+def _varlen_mask(window: int | None) -> dict | None:
+    """``varlen_attn``'s causal (and sliding-window) arguments; None where this torch has none
+    for ``window`` (2.10: no windows)."""
+    if _WINDOWED:  # a token sees itself and the window - 1 before it, as transformers' mask
+        return {"window_size": (window - 1 if window else -1, 0)}
+    return None if window else {"is_causal": True}
 
 
 @dataclass
@@ -93,9 +101,16 @@ class Packing:
 
 
 def _causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-            scaling: float | None) -> torch.Tensor:
-    """Causal SDPA of sequences of one length, [m, H, l, D] -> [m, H, l, D]."""
-    return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+            scaling: float | None, window: int | None = None) -> torch.Tensor:
+    """Causal SDPA of sequences of one length, [m, H, l, D] -> [m, H, l, D]; with ``window``
+    each token sees itself and the ``window - 1`` tokens before it (a sliding-window layer)."""
+    n = query.shape[-2]
+    if window is None or window >= n:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                              enable_gqa=True)
+    seen = torch.ones(n, n, dtype=torch.bool, device=query.device)
+    band = seen.tril() & ~seen.tril(-window)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=band, scale=scaling,
                                           enable_gqa=True)
 
 
@@ -109,14 +124,15 @@ class _SegmentedAttention(torch.autograd.Function):
     backward recomputes each group's attention from q, k, v."""
 
     @staticmethod
-    def forward(ctx, query, key, value, groups: list[torch.Tensor], scaling: float | None):
+    def forward(ctx, query, key, value, groups: list[torch.Tensor], scaling: float | None,
+                window: int | None):
         b, h, n, d = query.shape
         out = query.new_empty(b, n, h, d)
         for idx in groups:
-            o = _causal(_stack(query, idx), _stack(key, idx), _stack(value, idx), scaling)
+            o = _causal(_stack(query, idx), _stack(key, idx), _stack(value, idx), scaling, window)
             out[0, idx.flatten()] = o.transpose(1, 2).reshape(-1, h, d)
         ctx.save_for_backward(query, key, value)
-        ctx.groups, ctx.scaling = groups, scaling
+        ctx.groups, ctx.scaling, ctx.window = groups, scaling, window
         return out
 
     @staticmethod
@@ -126,11 +142,11 @@ class _SegmentedAttention(torch.autograd.Function):
         for idx in ctx.groups:
             with torch.enable_grad():
                 qkv = [_stack(t, idx).detach().requires_grad_() for t in (query, key, value)]
-                o = _causal(*qkv, ctx.scaling)
+                o = _causal(*qkv, ctx.scaling, ctx.window)
                 part = torch.autograd.grad(o, qkv, grad_out[0, idx].transpose(1, 2))
             for g, p in zip(grads, part):
                 g[0][:, idx.flatten()] = p.transpose(0, 1).reshape(g.shape[1], -1, g.shape[3])
-        return *grads, None, None
+        return *grads, None, None, None
 
 
 @functools.cache
@@ -150,27 +166,28 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
                 value: torch.Tensor, attention_mask: torch.Tensor | None, dropout: float = 0.0,
                 scaling: float | None = None, cu_seq_lens_q: torch.Tensor | None = None,
                 max_length_q: int | None = None, packing: Packing | None = None,
-                **kwargs) -> tuple[torch.Tensor, None]:
+                sliding_window: int | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention signature, q/k/v [1, H, L, D] -> [1, L, H, D]. Packed when
-    ``packing`` (``Packing.decoder_kwargs``) is given; the ``attention_mask`` is not read then."""
+    ``packing`` (``Packing.decoder_kwargs``) is given; the ``attention_mask`` is not read then,
+    and a sliding-window layer's ``sliding_window`` bounds each sequence's causal window."""
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, **kwargs)
+                                      scaling=scaling, sliding_window=sliding_window, **kwargs)
     if packing is None:
         raise ValueError("sdpa_packed needs the row's Packing (trainer/packed_attention.py) with "
                          "cu_seq_lens_q: its boundaries are never read back from the device")
     if dropout:
         raise ValueError("packed attention has no attention dropout (the backward recomputes it)")
-    if uses_varlen_kernel(query):
+    if uses_varlen_kernel(query) and (mask := _varlen_mask(sliding_window)) is not None:
         out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1),
                           value[0].transpose(0, 1), packing.cu_seqlens, packing.cu_seqlens,
                           packing.max_len, packing.max_len, scale=scaling,
-                          enable_gqa=query.shape[1] != key.shape[1], **_CAUSAL)
+                          enable_gqa=query.shape[1] != key.shape[1], **mask)
         return out[None], None
     if len(packing.lens) == 1:  # one sequence: SDPA's own output, no copy
-        return _causal(query, key, value, scaling).transpose(1, 2), None
+        return _causal(query, key, value, scaling, sliding_window).transpose(1, 2), None
     return _SegmentedAttention.apply(query, key, value, packing.groups(query.device),
-                                     scaling), None
+                                     scaling, sliding_window), None
 
 
 def _distributions(module: str) -> set[str]:

@@ -109,9 +109,15 @@ def _reference_varlen(calls):
         assert cu_seq_k is cu_seq_q and cu_seq_q.dtype == torch.int32
         bounds = cu_seq_q.tolist()
         assert max_q == max_k == max(b - a for a, b in zip(bounds, bounds[1:]))
+        left, right = window_size
+        assert right == 0  # causal
+
+        def band(n):  # token i sees j in [i - left, i] (left -1: all before it)
+            i, j = torch.arange(n)[:, None], torch.arange(n)[None]
+            return (j <= i) & ((i - j <= left) if left >= 0 else True)
         outs = [torch.nn.functional.scaled_dot_product_attention(
             *(t[a:b].transpose(0, 1) for t in (query, key, value)), scale=scale,
-            is_causal=tuple(window_size) == (-1, 0), enable_gqa=enable_gqa).transpose(0, 1)
+            attn_mask=band(b - a), enable_gqa=enable_gqa).transpose(0, 1)
             for a, b in zip(bounds, bounds[1:])]
         return torch.cat(outs)
     return varlen_attn
@@ -144,11 +150,56 @@ def test_the_varlen_kernel_gets_the_row_in_its_layout(monkeypatch):
     assert calls[0]["shape"] == (sum(lens), cfg.num_attention_heads, cfg.hidden_size
                                  // cfg.num_attention_heads)
     assert calls[0]["gqa"] == (cfg.num_key_value_heads != cfg.num_attention_heads)
-    assert pa._CAUSAL == {"window_size": (-1, 0)} and calls[0]["window_size"] == (-1, 0)
+    assert calls[0]["window_size"] == (-1, 0)  # causal
     m = batch.mask > 0
     torch.testing.assert_close(varlen[m], exact[m], rtol=0, atol=1e-5)
     for a, b in zip(g_varlen, g_exact):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sliding_window_stays_inside_each_packed_sequence(monkeypatch):
+    """A Qwen2 whose layers all slide (window 3): each packed sequence's log-probs and gradients
+    equal that sequence's run alone through transformers' own sliding-window mask, on the SDPA
+    path and through the varlen call (``window_size`` (2, 0)). Fails when the packed path drops
+    the window (seen: today's code, which read every layer as fully causal)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import trainer.packed_attention as pa
+    from trainer.model import attach_logprobs
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                      sliding_window=3, max_window_layers=0)
+    model = attach_logprobs(Qwen2ForCausalLM(cfg).eval())
+    model.set_attn_implementation(pa.PACKED_SDPA)
+    assert set(model.config.layer_types) == {"sliding_attention"}
+    batch = _batch(SHAPES)
+    m = batch.mask > 0
+
+    def run(fn):
+        model.zero_grad()
+        lp = fn()
+        (lp * batch.mask).sum().backward()
+        return lp.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def alone():
+        width = batch.mask.shape[1]
+        return torch.cat([torch.nn.functional.pad(output_logp(model, batch.select([i]), 0.8),
+                                                  (0, width - int(batch.output_lens[i])))
+                          for i in range(batch.n_seqs)])
+
+    ref, g_ref = run(alone)
+    calls: list[dict] = []
+    for varlen in (False, True):
+        if varlen:
+            monkeypatch.setattr(pa, "varlen_attn", _reference_varlen(calls))
+            monkeypatch.setattr(pa, "uses_varlen_kernel", lambda q: True)
+        lp, grads = run(lambda: output_logp(model, batch, 0.8, chunk_tokens=5, packed=True))
+        torch.testing.assert_close(lp[m], ref[m], rtol=0, atol=1e-5)
+        for a, b in zip(grads, g_ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert calls and all(c["window_size"] == (2, 0) for c in calls)
 
 
 def test_the_varlen_kernel_is_chosen_for_half_precision_cuda_only():
