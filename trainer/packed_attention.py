@@ -44,8 +44,10 @@ try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # pragma: no cover - older torch: the SDPA path everywhere
     varlen_attn = None
-# torch 2.10 took ``is_causal``; 2.11 on a ``window_size`` ((-1, 0): causal)
-_WINDOWED = varlen_attn is not None and "window_size" in inspect.signature(varlen_attn).parameters
+# torch 2.10 took ``is_causal``, later ones a ``window_size`` ((-1, 0): causal); 2.12 added
+# ``enable_gqa`` (before it, fewer KV heads went to the flash kernel, which takes them, unchecked)
+_PARAMS = inspect.signature(varlen_attn).parameters if varlen_attn is not None else {}
+_WINDOWED, _GQA_FLAG = "window_size" in _PARAMS, "enable_gqa" in _PARAMS
 
 
 def _varlen_mask(window: int | None) -> dict | None:
@@ -179,10 +181,11 @@ def packed_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     if dropout:
         raise ValueError("packed attention has no attention dropout (the backward recomputes it)")
     if uses_varlen_kernel(query) and (mask := _varlen_mask(sliding_window)) is not None:
+        if _GQA_FLAG:
+            mask["enable_gqa"] = query.shape[1] != key.shape[1]
         out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1),
                           value[0].transpose(0, 1), packing.cu_seqlens, packing.cu_seqlens,
-                          packing.max_len, packing.max_len, scale=scaling,
-                          enable_gqa=query.shape[1] != key.shape[1], **mask)
+                          packing.max_len, packing.max_len, scale=scaling, **mask)
         return out[None], None
     if len(packing.lens) == 1:  # one sequence: SDPA's own output, no copy
         return _causal(query, key, value, scaling, sliding_window).transpose(1, 2), None
