@@ -136,8 +136,9 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
     positions restart at 0. ``use_cache=False`` whatever the config: with a cache transformers'
     mask is plain causal and sequences attend to their neighbours."""
     decoder = model.get_decoder()
-    if packing is None:
-        hidden = decoder(input_ids=input_ids).last_hidden_state
+    if packing is None:  # "no mask" where the attention is causal without one: no host sync
+        hidden = decoder(input_ids=input_ids,
+                         attention_mask=packed_mask(model, decoder)).last_hidden_state
     else:
         hidden = decoder(input_ids=input_ids, use_cache=False,
                          attention_mask=packed_mask(model, decoder),
@@ -166,8 +167,9 @@ VARLEN_ATTENTION = (PACKED_SDPA, *FLASH_ATTENTION)
 
 
 def packed_mask(model: torch.nn.Module, decoder: torch.nn.Module) -> dict | None:
-    """The mask argument of a packed forward: "no mask" as transformers' precomputed mapping for an
-    attention in ``VARLEN_ATTENTION`` (no dense [L, L] mask it would never read); else None."""
+    """The mask argument of a packed or right-padded causal forward: "no mask" as transformers'
+    precomputed mapping for an attention in ``VARLEN_ATTENTION`` (no dense [L, L] mask it would
+    never read, and no search of the positions for packed rows: a host sync); else None."""
     if model.config._attn_implementation in VARLEN_ATTENTION and not getattr(
             decoder, "has_sliding_layers", False):
         return {"full_attention": None}
