@@ -22,20 +22,22 @@ def _result(name: str, **figures: str) -> kit.TestResult:
 
 def test_the_goal_table_puts_each_figure_beside_its_baseline():
     results = [_result("test_packed_step_against_the_plain_hf_step",
-                       train_mfu_packed="41.5 %", train_mfu_plain_hf="18.25 %",
-                       train_packed_vs_plain="1.21 x",
-                       train_tokens_per_s_plain_hf="5.0e+04 tokens/s")]
+                       train_mfu_packed="41.5 %", train_mfu_packed_baseline_plain_hf="18.25 %",
+                       train_tokens_per_s_packed_ratio="1.21 x",
+                       train_tokens_per_s_packed_baseline_plain_hf="5.0e+04 tokens/s")]
     text = kit.render_results({}, results)
     assert text.endswith(
         "## Goals\n\n| figure | value | baseline (same run) | goal | met |\n|---|---|---|---|---|\n"
-        "| train_mfu_packed | 41.5 | train_mfu_plain_hf = 18.25 | >= 40 | yes |\n"
-        "| train_packed_vs_plain | 1.21 | train_tokens_per_s_plain_hf = 5e+04 | >= 1.3 | no |\n")
+        "| train_mfu_packed | 41.5 | train_mfu_packed_baseline_plain_hf = 18.25 | >= 40 | yes |\n"
+        "| train_tokens_per_s_packed_ratio | 1.21 | "
+        "train_tokens_per_s_packed_baseline_plain_hf = 5e+04 | >= 1.3 | no |\n")
     # a run without the trainer's tests has no goal table
     other = [kit.TestResult("tests/gpu/x.py::t", "passed", 1.0, figures={"a": "1 s"})]
     assert "## Goals" not in kit.render_results({}, other)
     # the baseline alone (the packed phase failed): its goal reads "not measured"
-    rows = kit.goal_rows([_result("t", train_mfu_plain_hf="18 %")])
-    assert rows[0] == "| train_mfu_packed |  | train_mfu_plain_hf = 18 | >= 40 | not measured |"
+    rows = kit.goal_rows([_result("t", train_mfu_packed_baseline_plain_hf="18 %")])
+    assert rows[0] == ("| train_mfu_packed |  | train_mfu_packed_baseline_plain_hf = 18 | >= 40 "
+                       "| not measured |")
 
 
 def test_a_dry_run_lists_the_trainer_tests_and_installs_nothing(tmp_path):
