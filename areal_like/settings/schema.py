@@ -440,6 +440,8 @@ class TrainerConfig:
     router_aux_loss_coef: float = 0.0
     # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
     logprob_chunk_tokens: int = 512
+    # torch.compile each decoder block (as torchtitan does; for CUDA jobs, first step slower)
+    compile_blocks: bool = False
 
     def __post_init__(self):
         each("trainer", self, ">= 1", "keep_checkpoints", "steps", "micro_batch_size",

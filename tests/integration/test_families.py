@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from tests.families import FAMILIES, WINDOW, save_family
+from trainer.packed_attention import Packing
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -104,7 +105,8 @@ def test_meta_build_equals_from_pretrained_and_the_engine_matches_the_trainer(fa
     pos = torch.cat([torch.arange(c + len(p) - 1, c + len(s) - 1)
                      for c, p, s in zip(cu[:-1].tolist(), prompts, seqs)])[None]
     with torch.no_grad():
-        packed = policy.model.policy_logprobs(flat, pos, 1.0, 64, cu_seqlens=cu)[0]
+        packed = policy.model.policy_logprobs(flat, pos, 1.0, 64,
+                                              Packing.of([len(s) for s in seqs], flat.device))[0]
     engine = torch.tensor(sum((r.output_logprobs for r in done), []))
     assert (engine - packed).abs().max() <= ATOL, name
 
