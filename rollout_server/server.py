@@ -37,6 +37,7 @@ from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE
 from areal_like.net.dealer import AsyncClient
 from areal_like.net.pubsub import Subscriber
 from areal_like.net.security import Keys, check_local
+from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.net.store_gate import refused_total
 from areal_like.net.transport import TransportTimeout
 from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
@@ -63,7 +64,6 @@ from rollout_server.facts import RolloutFacts
 from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
-from rollout_server.sglang_client import SGLangClient, SGLangError
 from rollout_server.weight_update import (
     answer,
     apply_adapter_sync,

@@ -25,12 +25,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.net.store_gate import StoreDoor
 from areal_like.weights.lora import served_name
 from areal_like.weights.versions import RuntimeVersions, from_server_info, local_versions
 from areal_like.wire.protocol import WEIGHT_PATHS, SyncDone, WeightSyncPlan
 from areal_like.wire.weight_wire import FLATTENED
-from rollout_server.sglang_client import SGLangClient, SGLangError
 
 log = logging.getLogger(__name__)
 
