@@ -168,6 +168,7 @@ class RolloutServer(Daemon):
             from rollout_server.engine import EmbeddedEngine
 
             self.engine = EmbeddedEngine(self.facts.model, ecfg, api_key=self.api_key,
+                                         group_key=self.facts.engine_key,
                                          lora=self.facts.lora).start()
             self.engine_url = self.engine.url
             self.metrics.count_refusals("engine", lambda: self.engine.unauthorized)
@@ -534,7 +535,7 @@ class RolloutServer(Daemon):
                 done = await apply_weight_sync(
                     self.client, plan, self.server_id, inflight_drained=drained,
                     door=self.rcfg.engine.kind != "embedded",  # torch's own join: SGLang
-                    pause_mode=self.rcfg.pause_mode)
+                    door_key=self.facts.engine_key, pause_mode=self.rcfg.pause_mode)
         finally:
             self.syncing = False
         if done.ok:
