@@ -86,6 +86,7 @@ async def push(
         "buckets": [b.names for b in plan.buckets],
         "backend": "gloo",
         "timeout_s": 120,
+        "key": client.api_key,  # the job's engine key: the engine's door proves it to this gate
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     sender = subprocess.Popen(
@@ -102,6 +103,7 @@ async def push(
             "s",
             load_format=load_format,
             door=True,
+            door_key=client.api_key,
             pause_mode=pause_mode,
         )
         _, err = await asyncio.to_thread(sender.communicate, timeout=120)
