@@ -130,7 +130,7 @@ def test_engine_refuses_payloads_that_reach_code_through_allowed_names(engine_ur
 
 
 def test_engine_refuses_payloads_it_must_not_unpickle(engine_url):
-    from rollout_server.sglang_client import SGLangClient, SGLangError
+    from areal_like.net.sglang_client import SGLangClient, SGLangError
 
     evil = base64.b64encode(pickle.dumps([("model.norm.weight", _Evil())])).decode()
 
