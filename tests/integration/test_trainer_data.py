@@ -53,6 +53,8 @@ def test_output_logp_reads_the_logits_that_predict_each_output_token():
     table = torch.randn(vocab, vocab)  # logits at a position = table[token at that position]
 
     class TableModel(torch.nn.Module):  # hidden state = one-hot of the token; lm_head = table^T
+        config = SimpleNamespace(_attn_implementation="eager")  # the mask is transformers' own
+
         def __init__(self):
             super().__init__()
             self.head = torch.nn.Linear(vocab, vocab, bias=False)
