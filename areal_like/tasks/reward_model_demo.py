@@ -2,12 +2,12 @@
 "Reward models": the shipped demonstration).
 
 Bradley-Terry on pairs of one prompt's right answer (the reversed string) and a wrong one (the
-reversal with one letter replaced, two neighbours swapped, a letter dropped or added, or the string
-not reversed): loss ``-log sigmoid(r(right) - r(wrong))``. The model is a Qwen2 sequence
-classifier with a scalar head (``num_labels=1``) on the char tokenizer, started from the
-quickstart's warm-started policy (``--init warm_start``, trained now or taken from its cache) or
-from random weights (``--init random``), and saved with its tokenizer as a Hugging Face directory
-that ``task.reward_model.path`` names:
+reversal corrupted one to four times: a letter replaced, two neighbours swapped, a letter dropped
+or added; the string not reversed; a random string): loss ``-log sigmoid(r(right) - r(wrong))``.
+The model is a Qwen2 sequence classifier with a scalar head (``num_labels=1``) on the char
+tokenizer, started from the quickstart's warm-started policy (``--init warm_start``, trained now
+or taken from its cache) or from random weights (``--init random``), and saved with its
+tokenizer as a Hugging Face directory that ``task.reward_model.path`` names:
 
     python -m areal_like.tasks.reward_model_demo --out runs/reversal_rm
     areal-like run experiment=quickstart task.reward_model.path=runs/reversal_rm
@@ -21,22 +21,37 @@ import random
 from pathlib import Path
 
 LETTERS = "abcdefghij"  # the reversal task's alphabet (areal_like/tasks/task.py)
+OTHERS = "klmnopqrstuvwxyz0123456789+-=: "  # what a policy sampling at a high temperature adds
 EVAL_SEED = 1_000_003  # held-out pairs come from another stream than training's
 
 
-def wrong_answer(rng: random.Random, s: str) -> str:
-    """A wrong answer to reversing ``s``: its reversal corrupted one of five ways."""
-    r, kind = s[::-1], rng.randrange(5)
-    i = rng.randrange(len(r))
-    if kind == 0:  # one letter replaced
-        return r[:i] + rng.choice(LETTERS.replace(r[i], "")) + r[i + 1:]
-    if kind == 1 and i + 1 < len(r) and r[i] != r[i + 1]:  # two neighbours swapped
+def _corrupt(rng: random.Random, r: str) -> str:
+    """``r`` with one letter replaced (by one of the task's or, now and then, another character),
+    two neighbours swapped, a letter added or a letter dropped."""
+    kind, i = rng.randrange(4), rng.randrange(max(1, len(r)))
+    if kind == 0 and r:
+        alphabet = LETTERS if rng.random() < 0.8 else OTHERS
+        return r[:i] + rng.choice(alphabet.replace(r[i], "")) + r[i + 1:]
+    if kind == 1 and i + 1 < len(r) and r[i] != r[i + 1]:
         return r[:i] + r[i + 1] + r[i] + r[i + 2:]
-    if kind == 2:  # one letter more
+    if kind == 2 or len(r) <= 1:
         return r[:i] + rng.choice(LETTERS) + r[i:]
-    if kind == 3 and s != r:  # not reversed
+    return r[:i] + r[i + 1:]
+
+
+def wrong_answer(rng: random.Random, s: str) -> str:
+    """A wrong answer to reversing ``s``: the string not reversed, a random one, or its reversal
+    corrupted one to four times (``_corrupt``), so that the model sees near misses and far ones."""
+    right, kind = s[::-1], rng.random()
+    if kind < 0.1 and s != right:
         return s
-    return r[:i] + r[i + 1:]  # one letter dropped
+    if kind < 0.2:
+        wrong = "".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 2 * len(s))))
+    else:
+        wrong = right
+        for _ in range(rng.choice((1, 1, 2, 3, 4))):
+            wrong = _corrupt(rng, wrong)
+    return wrong if wrong != right else right[1:]
 
 
 def pairs(n: int, seed: int, length: int = 6) -> list[tuple[str, str, str]]:
