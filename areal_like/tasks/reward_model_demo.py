@@ -129,8 +129,8 @@ def train(steps: int, batch_size: int = 64, lr: float = 3e-4, init: str = "warm_
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="the directory to save the reward model in")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--init", choices=("warm_start", "random"), default="warm_start")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)

@@ -93,7 +93,9 @@ def test_an_episode_is_scored_by_the_reward_model_with_the_rule_by_their_weights
 
 def test_a_reward_model_past_its_timeout_marks_its_samples_as_reward_failures(rm_dir):
     path, _ = rm_dir
-    group, _, metrics, _ = episode(path, ["abc", "def"], timeout_s=1e-6)
+    # two forward passes over 3000 tokens each: far past a timeout of a microsecond
+    group, _, metrics, _ = episode(path, ["abc" * 1000, "def" * 1000], timeout_s=1e-6,
+                                   batch_size=1)
     assert [t.reward for t in group.trajectories] == [0.0, 0.0]
     assert all("task.reward_timeout_s" in t.metadata["reward_error"] for t in group.trajectories)
     assert 'rollout_reward_failures_total{kind="model_timeout"} 2.0' in metrics.render().decode()
