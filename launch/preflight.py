@@ -337,6 +337,15 @@ def check_reward_fn(cfg: RunConfig) -> list[str]:
     return [why] if (why := load_problem(cfg.task)) else []
 
 
+def check_reward_model(cfg: RunConfig) -> list[str]:
+    """``task.reward_model`` loads with a scalar head (``rollout_server.reward_model``; config.json
+    and the tokenizer only)."""
+    from rollout_server.reward_model import load_problem as reward_model_problem
+
+    rm = cfg.task.reward_model
+    return [why] if rm.enabled and (why := reward_model_problem(rm)) else []
+
+
 def check_engine(cfg: RunConfig) -> list[str]:
     out, engine = [], cfg.rollout.engine
     if engine.kind == "sglang":
@@ -532,5 +541,5 @@ def check_critic(cfg: RunConfig) -> list[str]:
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
                 check_epochs, check_lengths, check_chat_template, check_chat_format,
-                check_reward_fn, check_env, check_agent, check_trackers, check_engine,
-                check_architecture, check_lora, check_environment, check_critic)
+                check_reward_fn, check_reward_model, check_env, check_agent, check_trackers,
+                check_engine, check_architecture, check_lora, check_environment, check_critic)

@@ -32,7 +32,8 @@ CACHE_FORMAT = 3  # 3: a dataset's plain prompt column is plain text under chat_
 
 def cache_key(cfg: RunConfig) -> str:
     ws = {k: v for k, v in dataclasses.asdict(cfg.warm_start).items() if k != "cache_dir"}
-    blob = json.dumps({"model": dataclasses.asdict(cfg.model), "task": dataclasses.asdict(cfg.task),
+    task = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "reward_model"}
+    blob = json.dumps({"model": dataclasses.asdict(cfg.model), "task": task,
                        "ws": ws, "format": CACHE_FORMAT}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -27,6 +27,7 @@ from areal_like.tasks.task import encode_prompt
 from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.protocol import Credit, TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
+from rollout_server.reward_model import RewardModel, combine
 from rollout_server.reward_pool import RewardPool
 
 MAX_EMPTY_RESUMES = 1000  # aborts in a row without a new token: the engine is stuck, not pausing
@@ -194,6 +195,7 @@ class EpisodeContext:
     incarnation: str = ""  # this process's, in every group (RolloutServer.incarnation)
     context: int = 0  # prompt + output tokens the engine serves (RolloutFacts.context; 0: any)
     max_input: int = 0  # the engine refuses an input this long (output_room; 0: none)
+    reward_model: RewardModel | None = None  # task.reward_model, loaded by the server
 
     def sampling_params(self) -> dict:
         cfg = self.task_cfg
@@ -237,10 +239,15 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
                           buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)).observe(
                               time.monotonic() - t0)
     texts = [ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
-    scores = await ctx.rewards.score_group(example.prompt, texts, example)
+    scores = rule = await ctx.rewards.score_group(example.prompt, texts, example)
+    if ctx.reward_model is not None:  # the rule's reward stays in the metadata
+        scores = combine(rule, await ctx.reward_model.score_group(example.prompt, texts),
+                         ctx.task_cfg.reward_model)
     trajectories = []
-    for s, text, (reward, error) in zip(samples, texts, scores):
+    for s, text, (reward, error), (rule_reward, _) in zip(samples, texts, scores, rule):
         meta = {"text": text, "resumed": s.resumed}
+        if ctx.reward_model is not None:
+            meta["rule_reward"] = rule_reward
         if error is not None:
             meta["reward_error"] = error
         trajectories.append(Trajectory.of(

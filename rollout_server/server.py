@@ -116,6 +116,7 @@ class RolloutServer(Daemon):
         self.policy_version = 0
         self.engine = None
         self.rewards: RewardPool | None = None
+        self.reward_model = None  # task.reward_model (rollout_server/reward_model.py)
         self.tools = None  # ToolPool of task.env's tools, or the agent pool (task.agent)
         self.agent_endpoint = None  # task.agent: the OpenAI-compatible endpoint of its episodes
         self.engine_url, self.engine_ranks = "", 1
@@ -208,6 +209,11 @@ class RolloutServer(Daemon):
         self.tokenizer = load_tokenizer(self.facts.model)
         self.task = make_task(self.facts.task, self.tokenizer)
         self.rewards = RewardPool(self.facts.task, self.task.reward_path, metrics=self.metrics)
+        if self.facts.task.reward_model.enabled:  # trusted weights, run here (reward_model.py)
+            from rollout_server.reward_model import RewardModel
+
+            self.reward_model = RewardModel(self.facts.task.reward_model,
+                                            self.facts.task.reward_timeout_s, self.metrics)
         # multi-turn episodes (rollout_server/multiturn.py): their tools run here
         if self.facts.task.env:
             from rollout_server.tool_pool import ToolPool
@@ -239,10 +245,10 @@ class RolloutServer(Daemon):
         self.started = True
 
     def stop(self) -> None:
-        for pool in (self.tools, self.rewards):
+        for pool in (self.tools, self.rewards, self.reward_model):
             if pool is not None:
                 pool.close()
-        self.tools = self.rewards = None
+        self.tools = self.rewards = self.reward_model = None
         if self.engine is not None:
             proc = getattr(self.engine, "proc", None)  # a launched SGLang: its process group
             if self.wedged and proc is not None:
@@ -468,7 +474,8 @@ class RolloutServer(Daemon):
                               rewards=self.rewards, task_cfg=self.facts.task,
                               server_id=self.server_id, incarnation=self.incarnation,
                               current_version_fn=lambda: self.policy_version, metrics=self.metrics,
-                              context=self.facts.context, max_input=self.max_input)
+                              context=self.facts.context, max_input=self.max_input,
+                              reward_model=self.reward_model)
 
     async def start_agent_endpoint(self) -> None:
         from rollout_server.agent_endpoint import AgentEndpoint

@@ -26,6 +26,7 @@ from areal_like.settings.config_checks import choice as _choice
 from areal_like.settings.critic_schema import CriticConfig, model_keys
 from areal_like.settings.loss_schema import ESTIMATORS, GROUP_BASELINE_KERNELS, LossConfig
 from areal_like.settings.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
+from areal_like.settings.reward_model_schema import RewardModelConfig
 
 # SGLang flags rollout_server/launch_sglang.py sets itself, and where each comes from: one source
 # of truth (the server polls the port it chose, the trainer trains model.path)
@@ -113,6 +114,9 @@ class TaskConfig:
     reward_memory_mb: int = 2048  # address-space limit of a reward worker; 0 = none
     reward_url: str = ""  # remote reward: POST a batch of (prompt, response, metadata) here
     reward_retries: int = 2  # remote reward: retries after a failed or timed-out call
+    # a learned reward model scoring the responses (path empty: none); with the rule reward by
+    # its weights (rollout_server/ROLLOUT.md, "Reward models")
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     # the longest reply a reward, tool or agent worker may send (MiB); a longer one is refused,
     # its sample scored 0 with the reason (kind "oversize") and the worker replaced
     worker_reply_mb: int = 16
@@ -172,6 +176,9 @@ class TaskConfig:
         _check("task.chat_template", not (chat and self.chat_template == "none"),
                "a chat template (not none) when task.env or task.agent is set", self.chat_template)
         _choice("task.agent_tool_format", self.agent_tool_format, ("hermes", "mistral"))
+        _check("task.reward_model.path", not (self.reward_model.enabled and chat),
+               "empty when task.env or task.agent is set (single-turn episodes only)",
+               self.reward_model.path)
         _check("task.reward_url",
                not self.reward_url or self.reward_url.startswith(("http://", "https://")),
                "empty or an http(s) URL", self.reward_url)

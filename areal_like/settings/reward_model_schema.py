@@ -1,0 +1,46 @@
+"""The ``task.reward_model`` section: a learned reward model scoring a task's responses
+(rollout_server/reward_model.py; user docs: rollout_server/ROLLOUT.md, "Reward models"). Off while
+``path`` is empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from areal_like.settings.config_checks import DEVICE, check, choice, each
+
+R = "task.reward_model."
+KINDS = ("classifier", "causal_lm")
+
+
+@dataclass(kw_only=True)
+class RewardModelConfig:
+    # a local Hugging Face directory: a sequence classifier with a scalar head (num_labels=1), or a
+    # causal LM (kind=causal_lm) whose logit of ``token`` after the text is the score
+    path: str = ""
+    kind: str = "classifier"
+    token: str = ""  # kind=causal_lm: the token whose logit is the score (one token, e.g. "Yes")
+    tokenizer: str = ""  # a local tokenizer directory; empty: path's own
+    # the text scored, from the prompt's text and the decoded response
+    template: str = "{prompt}{response}"
+    batch_size: int = 32  # responses per forward pass
+    device: str = "cpu"
+    # reward = weight * model score + rule_weight * the task's rule reward (0: the model alone; the
+    # rule's reward is kept in each trajectory's metadata as rule_reward either way)
+    weight: float = 1.0
+    rule_weight: float = 0.0
+
+    def __post_init__(self):
+        choice(R + "kind", self.kind, KINDS)
+        each(R.rstrip("."), self, ">= 1", "batch_size")
+        check(R + "device", DEVICE.fullmatch(self.device) is not None, "cpu or cuda[:N]",
+              self.device)
+        check(R + "token", bool(self.token) == (self.kind == "causal_lm"),
+              "set exactly when kind=causal_lm", self.token)
+        for key in ("prompt", "response"):
+            check(R + "template", "{" + key + "}" in self.template,
+                  "a text holding {prompt} and {response}", self.template)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.path)

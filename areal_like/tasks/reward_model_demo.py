@@ -1,0 +1,147 @@
+"""Train a tiny reward model for the reversal task, with no download (rollout_server/ROLLOUT.md,
+"Reward models": the shipped demonstration).
+
+Bradley-Terry on pairs of one prompt's right answer (the reversed string) and a wrong one (the
+reversal corrupted one to four times: a letter replaced, two neighbours swapped, a letter dropped
+or added; the string not reversed; a random string): loss ``-log sigmoid(r(right) - r(wrong))``.
+The model is a Qwen2 sequence classifier with a scalar head (``num_labels=1``) on the char
+tokenizer, started from the quickstart's warm-started policy (``--init warm_start``, trained now
+or taken from its cache) or from random weights (``--init random``), and saved with its
+tokenizer as a Hugging Face directory that ``task.reward_model.path`` names:
+
+    python -m areal_like.tasks.reward_model_demo --out runs/reversal_rm
+    areal-like run experiment=quickstart task.reward_model.path=runs/reversal_rm
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+LETTERS = "abcdefghij"  # the reversal task's alphabet (areal_like/tasks/task.py)
+OTHERS = "klmnopqrstuvwxyz0123456789+-=: "  # what a policy sampling at a high temperature adds
+EVAL_SEED = 1_000_003  # held-out pairs come from another stream than training's
+
+
+def _corrupt(rng: random.Random, r: str) -> str:
+    """``r`` with one letter replaced (by one of the task's or, now and then, another character),
+    two neighbours swapped, a letter added or a letter dropped."""
+    kind, i = rng.randrange(4), rng.randrange(max(1, len(r)))
+    if kind == 0 and r:
+        alphabet = LETTERS if rng.random() < 0.8 else OTHERS
+        return r[:i] + rng.choice(alphabet.replace(r[i], "")) + r[i + 1:]
+    if kind == 1 and i + 1 < len(r) and r[i] != r[i + 1]:
+        return r[:i] + r[i + 1] + r[i] + r[i + 2:]
+    if kind == 2 or len(r) <= 1:
+        return r[:i] + rng.choice(LETTERS) + r[i:]
+    return r[:i] + r[i + 1:]
+
+
+def wrong_answer(rng: random.Random, s: str) -> str:
+    """A wrong answer to reversing ``s``: the string not reversed, a random one, or its reversal
+    corrupted one to four times (``_corrupt``), so that the model sees near misses and far ones."""
+    right, kind = s[::-1], rng.random()
+    if kind < 0.1 and s != right:
+        return s
+    if kind < 0.2:
+        wrong = "".join(rng.choice(LETTERS) for _ in range(rng.randint(1, 2 * len(s))))
+    else:
+        wrong = right
+        for _ in range(rng.choice((1, 1, 2, 3, 4))):
+            wrong = _corrupt(rng, wrong)
+    return wrong if wrong != right else right[1:]
+
+
+def pairs(n: int, seed: int, length: int = 6) -> list[tuple[str, str, str]]:
+    """``n`` (prompt, right, wrong) triples, prompts laid out as the reversal task's."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        s = "".join(rng.choice(LETTERS) for _ in range(length))
+        out.append((f"rev:{s}=", s[::-1], wrong_answer(rng, s)))
+    return out
+
+
+def build(init: str):
+    """(model, tokenizer): a scalar-head Qwen2 classifier on the char tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+
+    from areal_like.settings.config import load_config
+    from areal_like.tasks.tokenizer import char_tokenizer
+    from areal_like.weights.hf import qwen2_config
+
+    cfg = load_config(["experiment=quickstart"])
+    tok = char_tokenizer()
+    if init == "warm_start":
+        from launch.warmstart import ensure_warm_start
+
+        path = ensure_warm_start(cfg).model.path
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+    else:
+        config = qwen2_config(cfg.model, tok)
+        config.num_labels = 1
+        model = AutoModelForSequenceClassification.from_config(config)
+    model.config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def scores(model, tok, texts: list[str]):
+    batch = tok(texts, padding=True, return_tensors="pt")
+    return model(**batch).logits[:, 0]
+
+
+def ranking_accuracy(model, tok, triples) -> float:
+    """The share of held-out pairs whose right answer scores above the wrong one."""
+    import torch
+
+    with torch.no_grad():
+        right = scores(model, tok, [p + a for p, a, _ in triples])
+        wrong = scores(model, tok, [p + b for p, _, b in triples])
+    return (right > wrong).float().mean().item()
+
+
+def train(steps: int, batch_size: int = 64, lr: float = 3e-4, init: str = "warm_start",
+          seed: int = 0, log=print):
+    """(model, tokenizer, held-out ranking accuracy) after ``steps`` Bradley-Terry steps."""
+    import torch
+
+    torch.manual_seed(seed)
+    model, tok = build(init)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    held_out = pairs(512, EVAL_SEED + seed)
+    for step in range(1, steps + 1):
+        batch = pairs(batch_size, seed * 1_000_000 + step)
+        r = scores(model, tok, [p + a for p, a, _ in batch] + [p + b for p, _, b in batch])
+        loss = -torch.nn.functional.logsigmoid(r[:batch_size] - r[batch_size:]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps:
+            log(f"step {step}/{steps} loss {loss.item():.3f} held-out ranking accuracy "
+                f"{ranking_accuracy(model, tok, held_out):.3f}")
+    model.eval()
+    return model, tok, ranking_accuracy(model, tok, held_out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="the directory to save the reward model in")
+    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--init", choices=("warm_start", "random"), default="warm_start")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    from areal_like.weights.hf import save_tokenizer
+
+    model, tok, acc = train(args.steps, lr=args.lr, init=args.init, seed=args.seed)
+    model.save_pretrained(args.out)
+    save_tokenizer(tok, args.out)
+    print(json.dumps({"name": "reward_model_ranking_accuracy", "figure": round(acc, 4),
+                      "unit": "share of held-out pairs", "out": str(Path(args.out).resolve())}))
+
+
+if __name__ == "__main__":
+    main()

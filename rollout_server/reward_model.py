@@ -1,0 +1,160 @@
+"""A learned reward model (``task.reward_model``): trusted local weights the rollout server loads
+and runs itself, scoring a group's responses in batches (rollout_server/ROLLOUT.md, "Reward
+models").
+
+A sequence classifier's scalar head (``num_labels=1``) is the score, or, with ``kind=causal_lm``,
+the logit of ``token`` after the text. The text is ``template`` filled with the prompt's text and
+the decoded response; the model's tokenizer (or ``tokenizer``) makes its ids, right-padded.
+
+Invariants:
+* a model that cannot be loaded, or whose head is not scalar, is fatal at start
+  (``RewardModelError``; the launcher's preflight runs ``load_problem`` first);
+* scoring never raises: a forward pass that raises, returns a non-finite score or runs past
+  ``task.reward_timeout_s`` (per group) scores each of its samples ``(0.0, reason)``, counted in
+  ``rollout/reward_failures`` (kinds ``model_error``, ``model_timeout``) like every reward failure;
+  a pass past its timeout is not interrupted (a thread): the next group waits for it;
+* the forward passes run on one thread of their own, never on the server's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from areal_like.net.metrics import Metrics
+from areal_like.net.ratelog import RateLimitedLog
+from areal_like.settings.reward_model_schema import RewardModelConfig
+
+log = logging.getLogger(__name__)
+WARN_EVERY_S = 60.0
+SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
+Score = tuple[float, str | None]
+
+
+class RewardModelError(RuntimeError):
+    """The reward model cannot be used at all (it does not load, or its head is not scalar)."""
+
+
+def load_problem(cfg: RewardModelConfig) -> str | None:
+    """Why ``task.reward_model`` cannot be loaded, in one line naming the key; None when it can.
+    Reads only config.json and the tokenizer (no weights)."""
+    key = f"task.reward_model.path={cfg.path!r}"
+    path = Path(cfg.path).expanduser()
+    if not (path / "config.json").is_file():
+        return f"{key} is not a local Hugging Face model directory (no config.json)"
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        tok = _tokenizer(cfg)
+    except Exception as e:  # noqa: BLE001 - one line, whatever the files hold
+        return f"{key} cannot be loaded: {type(e).__name__}: {e}".splitlines()[0]
+    if cfg.kind == "classifier":
+        if config.num_labels != 1:
+            return (f"{key}: its head gives {config.num_labels} scores (num_labels="
+                    f"{config.num_labels}); a reward model's head must be scalar (num_labels=1), "
+                    "or set task.reward_model.kind=causal_lm with task.reward_model.token")
+        if tok.pad_token_id is None and config.pad_token_id is None:
+            return f"{key}: neither the model nor its tokenizer names a pad token to batch with"
+        return None
+    ids = tok(cfg.token, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        return (f"task.reward_model.token={cfg.token!r} is {len(ids)} tokens of the reward "
+                "model's tokenizer; it must be exactly one")
+    return None
+
+
+def _tokenizer(cfg: RewardModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(Path(cfg.tokenizer or cfg.path).expanduser()))
+    tok.padding_side = "right"
+    return tok
+
+
+class RewardModel:
+    """``task.reward_model`` loaded in this process (module docstring)."""
+
+    def __init__(self, cfg: RewardModelConfig, timeout_s: float, metrics: Metrics | None = None):
+        if problem := load_problem(cfg):
+            raise RewardModelError(problem)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+        self.cfg, self.timeout_s = cfg, timeout_s
+        self.metrics = metrics or Metrics()
+        self.warnings = RateLimitedLog(log, WARN_EVERY_S)
+        self.tokenizer = _tokenizer(cfg)
+        auto = AutoModelForSequenceClassification if cfg.kind == "classifier" else \
+            AutoModelForCausalLM
+        self.model = auto.from_pretrained(str(Path(cfg.path).expanduser())).to(cfg.device).eval()
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token_id = self.model.config.pad_token_id
+        self.token_id = (self.tokenizer(cfg.token, add_special_tokens=False)["input_ids"][0]
+                         if cfg.kind == "causal_lm" else None)
+        self._torch = torch
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="reward-model")
+        log.info("reward model %s (%s) on %s", cfg.path, cfg.kind, cfg.device)
+
+    def scores(self, texts: list[str]) -> list[float]:
+        """The model's score of each text, in order, ``batch_size`` texts per forward pass."""
+        torch, out = self._torch, []
+        for i in range(0, len(texts), self.cfg.batch_size):
+            batch = self.tokenizer(texts[i:i + self.cfg.batch_size], padding=True,
+                                   return_tensors="pt").to(self.cfg.device)
+            with torch.no_grad():
+                logits = self.model(**batch).logits
+            if self.token_id is not None:  # the next-token logit after each text's last token
+                last = batch["attention_mask"].sum(dim=1) - 1
+                logits = logits[torch.arange(len(last)), last, self.token_id]
+            out += logits.reshape(len(batch["input_ids"]), -1)[:, 0].float().tolist()
+        return out
+
+    async def score_group(self, prompt: str, responses: list[str]) -> list[Score]:
+        """One ``(score, None)`` or ``(0.0, reason)`` per response, in order; never raises."""
+        texts = [self.cfg.template.format(prompt=prompt, response=r) for r in responses]
+        t0 = time.monotonic()
+        future = asyncio.wrap_future(self._thread.submit(self.scores, texts))
+        try:
+            values = await asyncio.wait_for(future, self.timeout_s)
+        except asyncio.TimeoutError:
+            return self._failed("model_timeout", f"reward model: no scores within "
+                                f"task.reward_timeout_s={self.timeout_s}s", len(texts))
+        except Exception as e:  # noqa: BLE001 - the model's failure is the samples' reason
+            why = f"reward model: {type(e).__name__}: {e}".splitlines()[0]
+            return self._failed("model_error", why, len(texts))
+        finally:
+            self.metrics.histogram("rollout/reward_model_seconds", "wall time of the reward "
+                                   "model on one group", buckets=SECONDS_BUCKETS).observe(
+                                       time.monotonic() - t0)
+        out: list[Score] = []
+        for v in values:
+            out.append((v, None) if math.isfinite(v) else
+                       self._failed("model_error", f"reward model: score {v}", 1)[0])
+        return out
+
+    def _failed(self, kind: str, why: str, n: int) -> list[Score]:
+        self.metrics.counter("rollout/reward_failures",
+                             "samples scored 0 because their reward failed",
+                             ("kind",)).labels(kind=kind).inc(n)
+        self.warnings.warning(kind, "%d sample(s) scored 0, reward failure (%s): %s", n, kind, why)
+        return [(0.0, why)] * n
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def combine(rule: list[Score], model: list[Score], cfg: RewardModelConfig) -> list[Score]:
+    """``weight * model + rule_weight * rule`` per sample; a failure of either is the sample's
+    (score 0, both reasons)."""
+    out = []
+    for (r, rule_why), (m, model_why) in zip(rule, model, strict=True):
+        why = "; ".join(w for w in (rule_why if cfg.rule_weight else None, model_why) if w)
+        out.append((0.0, why) if why else (cfg.weight * m + cfg.rule_weight * r, None))
+    return out

@@ -1,0 +1,112 @@
+"""A learned reward model (``task.reward_model``, rollout_server/reward_model.py): the shipped
+trainer (areal_like/tasks/reward_model_demo.py) makes one that ranks right reversals above wrong
+ones on held-out pairs; an episode is scored by it (combined with the rule by the configured
+weights, the rule's reward kept in the metadata); a pass past its timeout marks the samples as
+every reward failure does; a head that is not scalar is refused before start."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from areal_like.net.metrics import Metrics
+from areal_like.settings.config import TaskConfig, load_config
+from areal_like.settings.reward_model_schema import RewardModelConfig
+from areal_like.tasks import reward_model_demo
+from areal_like.tasks.task import encode_prompt, make_task
+from areal_like.tasks.tokenizer import char_tokenizer
+from areal_like.weights.hf import save_tokenizer
+from areal_like.wire.protocol import Credit
+from launch.preflight import check_reward_model
+from rollout_server.episode import EpisodeContext, run_episode
+from rollout_server.reward_model import RewardModel
+from rollout_server.reward_pool import RewardPool
+from rollout_server.sglang_client import GenerateOutput
+
+TOK = char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tmp_path_factory):
+    """A reward model trained from random weights for a few seconds, saved as the script saves
+    it."""
+    model, tok, acc = reward_model_demo.train(200, lr=1e-3, init="random", log=lambda _: None)
+    out = tmp_path_factory.mktemp("rm")
+    model.save_pretrained(out)
+    save_tokenizer(tok, out)
+    return str(out), acc
+
+
+def test_a_tiny_bradley_terry_model_ranks_right_answers_above_wrong_ones_held_out(rm_dir):
+    _, acc = rm_dir  # on 512 held-out pairs (chance: 0.5)
+    assert acc >= 0.7
+
+
+class Engine:
+    """Answers sample i with ``answers[i]`` and <eos> (an SGLang stand-in)."""
+
+    def __init__(self, answers: list[str]):
+        self.answers = answers
+
+    async def generate_batch(self, inputs, params):
+        return [GenerateOutput(rid="r", output_ids=TOK(a, add_special_tokens=False)["input_ids"]
+                               + [TOK.eos_token_id], logprobs=[-0.5] * (len(a) + 1),
+                               finish_reason="stop", finish_message="", abort_status=None,
+                               weight_version="0") for a in self.answers]
+
+
+def episode(path: str, answers: list[str], timeout_s: float = 30.0, **weights):
+    rm_cfg = RewardModelConfig(path=path, **weights)
+    cfg = TaskConfig(name="reverse", digits=4, group_size=len(answers), reward_workers=0,
+                     reward_timeout_s=timeout_s, reward_model=rm_cfg)
+    task, metrics = make_task(cfg), Metrics()
+    model = RewardModel(rm_cfg, timeout_s, metrics)
+    rewards = RewardPool(cfg, task.reward_path)
+    ctx = EpisodeContext(client=Engine(answers), task=task, tokenizer=TOK, rewards=rewards,
+                         task_cfg=cfg, server_id="s", current_version_fn=lambda: 0,
+                         metrics=metrics, reward_model=model)
+    try:
+        group = asyncio.run(run_episode(ctx, Credit(lease_id="L", prompt_index=0, epoch=0,
+                                                    deadline_s=60.0)))
+    finally:
+        model.close()
+        rewards.close()
+    example = task.example(0)
+    assert encode_prompt(TOK, example, cfg)  # the prompt the engine was given
+    return group, model, metrics, example
+
+
+def test_an_episode_is_scored_by_the_reward_model_with_the_rule_by_their_weights(rm_dir):
+    path, _ = rm_dir
+    example = make_task(TaskConfig(name="reverse", digits=4)).example(0)
+    right = example.answer
+    wrong = right[1:] + right[0]  # rotated: every letter in a wrong place
+    group, model, _, _ = episode(path, [right, wrong], weight=2.0, rule_weight=0.5)
+    raw = model.scores([example.prompt + right, example.prompt + wrong])
+    got = [t.reward for t in group.trajectories]
+    assert got == pytest.approx([2 * raw[0] + 0.5, 2 * raw[1]], abs=1e-5)
+    assert [t.metadata["rule_reward"] for t in group.trajectories] == [1.0, 0.0]
+    assert got[0] > got[1]
+    assert all("reward_error" not in t.metadata for t in group.trajectories)
+
+
+def test_a_reward_model_past_its_timeout_marks_its_samples_as_reward_failures(rm_dir):
+    path, _ = rm_dir
+    # two forward passes over 3000 tokens each: far past a timeout of a microsecond
+    group, _, metrics, _ = episode(path, ["abc" * 1000, "def" * 1000], timeout_s=1e-6,
+                                   batch_size=1)
+    assert [t.reward for t in group.trajectories] == [0.0, 0.0]
+    assert all("task.reward_timeout_s" in t.metadata["reward_error"] for t in group.trajectories)
+    assert 'rollout_reward_failures_total{kind="model_timeout"} 2.0' in metrics.render().decode()
+
+
+def test_a_reward_model_whose_head_is_not_scalar_is_refused_before_start(tmp_path):
+    model, tok = reward_model_demo.build("random")
+    model.config.num_labels = 2
+    model.save_pretrained(tmp_path)
+    save_tokenizer(tok, tmp_path)
+    cfg = load_config([f"task.reward_model.path={tmp_path}"])
+    [line] = check_reward_model(cfg)
+    assert "num_labels=2" in line and "must be scalar (num_labels=1)" in line
+    assert check_reward_model(load_config([])) == []
