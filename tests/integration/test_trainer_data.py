@@ -61,7 +61,7 @@ def test_output_logp_reads_the_logits_that_predict_each_output_token():
             self.head.weight.data = table.t().contiguous()
 
         def get_decoder(self):
-            return lambda input_ids: SimpleNamespace(
+            return lambda input_ids, **kwargs: SimpleNamespace(
                 last_hidden_state=torch.nn.functional.one_hot(input_ids, vocab).float())
 
         def get_output_embeddings(self):
