@@ -182,30 +182,8 @@ class RolloutServer(Daemon):
             check_local(address)  # a directory others may enter: a refused start, no engine
         ecfg = self.engine_toward_head()
         self.api_key = self.engine_api_key()
-        if ecfg.kind == "embedded":
-            from rollout_server.engine import EmbeddedEngine
-
-            self.engine = EmbeddedEngine(self.facts.model, ecfg, api_key=self.api_key,
-                                         group_key=self.facts.engine_key,
-                                         lora=self.facts.lora).start()
-            self.engine_url = self.engine.url
-            self.metrics.count_refusals("engine", lambda: self.engine.unauthorized)
-        elif ecfg.kind == "sglang":
-            from rollout_server.launch_sglang import SGLangProcess, StartAborted
-
-            log_path = str(self.facts.run_dir / f"logs/sglang-{self.server_id}.log")
-            os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            self.engine = SGLangProcess(self.facts.model, ecfg, log_path, api_key=self.api_key,
-                                        lora=self.facts.lora)
-            try:
-                self.engine.start(stop_requested=self.stop_requested.is_set)
-            except StartAborted:  # stopped while SGLang started (it is stopped too): nothing to run
-                self.engine = None
-                return
-            self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
-        else:
-            # it joins weight groups through our loopback door
-            self.engine_url = require_local_engine(ecfg.url)
+        if not self.start_engine(ecfg):
+            return
         self.tokenizer = load_tokenizer(self.facts.model)
         self.task = make_task(self.facts.task, self.tokenizer)
         self.rewards = RewardPool(self.facts.task, self.task.reward_path, metrics=self.metrics)
@@ -243,6 +221,34 @@ class RolloutServer(Daemon):
             self.metrics.counter(name, doc)
         self.log.info("server %s, engine %s (%s)", self.server_id, self.engine_url, ecfg.kind)
         self.started = True
+
+    def start_engine(self, ecfg) -> bool:
+        """Starts (or attaches to) this server's engine; False when a stop came first."""
+        if ecfg.kind == "embedded":
+            from rollout_server.engine import EmbeddedEngine
+
+            self.engine = EmbeddedEngine(self.facts.model, ecfg, api_key=self.api_key,
+                                         group_key=self.facts.engine_key,
+                                         lora=self.facts.lora).start()
+            self.engine_url = self.engine.url
+            self.metrics.count_refusals("engine", lambda: self.engine.unauthorized)
+        elif ecfg.kind == "sglang":
+            from rollout_server.launch_sglang import SGLangProcess, StartAborted
+
+            log_path = str(self.facts.run_dir / f"logs/sglang-{self.server_id}.log")
+            os.makedirs(os.path.dirname(log_path), exist_ok=True)
+            self.engine = SGLangProcess(self.facts.model, ecfg, log_path, api_key=self.api_key,
+                                        lora=self.facts.lora)
+            try:
+                self.engine.start(stop_requested=self.stop_requested.is_set)
+            except StartAborted:  # stopped while SGLang started (it is stopped too): nothing to run
+                self.engine = None
+                return False
+            self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
+        else:
+            # it joins weight groups through our loopback door
+            self.engine_url = require_local_engine(ecfg.url)
+        return True
 
     def stop(self) -> None:
         for pool in (self.tools, self.rewards, self.reward_model):
