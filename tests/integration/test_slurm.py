@@ -13,7 +13,8 @@ Slurm's: the batch script's copy, `scontrol show hostnames`, `srun` steps with t
 `scancel`.
 
 Needs root and the binaries (`apt-get install slurm-wlm munge`, as `.ci/run` does): skipped without
-them, except in CI (CI=true), where that is a failure. Every daemon is stopped by its PID at the end.
+them, except in CI (CI=true), where that is a failure. Every daemon is stopped by its PID at the
+end.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,8 @@ import psutil
 import pytest
 
 from areal_like.net.distributed import free_port
-from launch.records import trainer_done
+from launch.records import step_records, trainer_done
+from launch.top import job_end
 from tests.conftest import child_env, wait_until
 
 pytestmark = pytest.mark.slow
@@ -208,14 +209,22 @@ def _engine_pids(tmp_path: Path) -> list[int]:
     return [int(p) for p in (tmp_path / "engine.pids").read_text().split()]
 
 
-def _daemons(run_dir: Path, module: str) -> list[psutil.Process]:
-    """This job's ``python -m MODULE`` processes (their command line names its config)."""
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = p.info["cmdline"] or []
-        if module in cmd and any(str(run_dir) in c for c in cmd):
-            found.append(p)
-    return found
+def _job_processes(run_dir: Path) -> list[psutil.Process]:
+    """The processes whose command line names this job's run directory (srun, the restart
+    wrappers, the daemons; not Slurm's own)."""
+    return [p for p in psutil.process_iter(["cmdline"])
+            if p.pid != os.getpid() and any(str(run_dir) in c for c in p.info["cmdline"] or [])]
+
+
+def _rollout_servers(run_dir: Path) -> list[psutil.Process]:
+    """This job's rollout servers (``areal-like rollout`` execs ``python -m rollout_server``),
+    not the srun or with_restarts.sh around them."""
+    return [p for p in _job_processes(run_dir)
+            if p.info["cmdline"][1:3] == ["-m", "rollout_server"]]
+
+
+def _steps(run_dir: Path) -> int:
+    return len(step_records(run_dir))
 
 
 @pytest.mark.timeout(720)
@@ -245,35 +254,27 @@ def test_a_killed_rollout_step_restarts_and_scancel_stops_the_job_as_ctrl_c_does
     steps = 10_000
     job_id, run_dir = _submit(slurm, tmp_path, steps=steps, restarts=1)
     try:
-        wait_until(lambda: trainer_steps(run_dir) >= 1, JOB_S, 1.0, "the first trained step")
-        [server] = _daemons(run_dir, "rollout_server")
+        wait_until(lambda: _steps(run_dir) >= 1, JOB_S, 1.0, "the first trained step")
+        [server] = _rollout_servers(run_dir)
         first_engines = _engine_pids(tmp_path)
         os.kill(server.pid, signal.SIGKILL)  # with_restarts.sh starts it again (RESTARTS=1)
-        restarted = wait_until(
-            lambda: [p for p in _daemons(run_dir, "rollout_server") if p.pid != server.pid],
-            120, 0.5, "the rollout server's restart")
+        wait_until(lambda: [p for p in _rollout_servers(run_dir) if p.pid != server.pid],
+                   120, 0.5, "the rollout server's restart")
+        wait_until(lambda: len(_engine_pids(tmp_path)) > len(first_engines), 120, 0.5,
+                   "the restarted server's engine")
         assert "restart 1/1" in (run_dir / "rollout-0.log").read_text()
-        at_restart = trainer_steps(run_dir)
-        wait_until(lambda: trainer_steps(run_dir) > at_restart, 240, 1.0,
+        at_restart = _steps(run_dir)
+        wait_until(lambda: _steps(run_dir) > at_restart, 240, 1.0,
                    "a step trained after the restart")
-        family = [p.pid for p in _daemons(run_dir, "") if p.pid != os.getpid()]
-        family += _engine_pids(tmp_path) + [restarted[0].pid]
+        family = [p.pid for p in _job_processes(run_dir)] + _engine_pids(tmp_path)
         slurm.cmd("scancel", job_id)
         job = slurm.wait_ended(job_id, 120)
     finally:
         subprocess.run(["scancel", job_id], env=slurm.env, timeout=30)
     assert job["JobState"] == "CANCELLED", job
     wait_until(lambda: _gone(family), 60, 0.5, "every daemon of the job to exit")
-    assert set(first_engines) <= set(family)
     done = trainer_done(run_dir)  # the trainer stopped as on Ctrl-C: its done record, early
     assert done is not None and 1 <= done["policy_version"] < steps, done
+    ports = json.loads((run_dir / "ports.json").read_text())
+    assert job_end(run_dir, ports).startswith("stopped at step"), job_end(run_dir, ports)
 
-
-def trainer_steps(run_dir: Path) -> int:
-    """Optimizer steps the trainer has recorded so far."""
-    try:
-        lines = (run_dir / "metrics/trainer.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    return max((json.loads(x).get("policy_version", 0) for x in lines if x.startswith("{")),
-               default=0)
