@@ -1,0 +1,280 @@
+"""`launch/slurm/areal_like.sbatch` submitted with `sbatch` to a real Slurm (Debian's slurm-wlm).
+
+The fixture starts a one-node cluster inside the test: `munged` with its own key and socket,
+`slurmctld` and `slurmd` from a generated `slurm.conf` (no cgroups: `proctrack/linuxproc`,
+`task/none`; state, spool, logs and PID files in a temporary directory; free ports), the node named
+after this host with its memory and 8 CPUs (`SlurmdParameters=config_overrides`: CI's machine has
+2 cores, and the script's plan gives the buffer a core and each GPU a core of its own), with an
+`lscpu` first on PATH that reports those 8 cores. Slurm has no GPUs here: the job is submitted with
+`--gpus-per-node=0` and `GPUS_PER_NODE=2` (the script's knob): the trainer on CPU beside an engine
+on "GPU" 0 of 2. SGLang is `sglang_standin`, the embedded engine's HTTP server started by the
+rollout server's real launcher. Everything else is
+Slurm's: the batch script's copy, `scontrol show hostnames`, `srun` steps with their signals,
+`scancel`.
+
+Needs root and the binaries (`apt-get install slurm-wlm munge`, as `.ci/run` does): skipped without
+them, except in CI (CI=true), where that is a failure. Every daemon is stopped by its PID at the
+end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from areal_like.net.distributed import free_port
+from launch.records import step_records, trainer_done
+from launch.top import job_end
+from tests.conftest import child_env, wait_until
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scancel", "scontrol", "sinfo")
+JOB_S = 540.0  # ~80 s alone; the whole suite shares the cores
+CPUS = 8
+LSCPU = ("#!/bin/bash\necho '# CPU,Core,Socket'; "
+         f"for c in $(seq 0 {CPUS - 1}); do echo \"$c,$c,0\"; done\n")
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+
+
+def _need_slurm() -> None:
+    missing = [b for b in BINARIES if shutil.which(b) is None]
+    why = (f"Slurm is not installed (missing {', '.join(missing)}: apt-get install slurm-wlm munge)"
+           if missing else "slurmd runs as root: this test needs root" if os.geteuid() else None)
+    if why and os.environ.get("CI") == "true":
+        pytest.fail(f"{why}; CI must run this test (.ci/run installs Slurm)")
+    if why:
+        pytest.skip(why)
+
+
+@dataclass
+class Cluster:
+    root: Path
+    env: dict[str, str]
+
+    def cmd(self, *args: str) -> str:
+        return subprocess.run(args, env=self.env, check=True, capture_output=True, text=True,
+                              timeout=30).stdout
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job``'s fields of ``job_id``."""
+        line = self.cmd("scontrol", "show", "job", "--oneliner", job_id)
+        return dict(f.split("=", 1) for f in line.split() if "=" in f)
+
+    def wait_ended(self, job_id: str, timeout_s: float = JOB_S) -> dict[str, str]:
+        def ended() -> dict[str, str] | None:
+            job = self.job(job_id)
+            return job if job["JobState"] in ENDED else None
+        return wait_until(ended, timeout_s, 1.0, f"job {job_id} to end ({self.logs()})")
+
+    def logs(self) -> str:
+        return f"Slurm's logs in {self.root / 'log'}"
+
+
+def _conf(root: Path, host: str, ports: tuple[int, int]) -> str:
+    mem_mb = psutil.virtual_memory().total // 2**20 - 1024  # slurmd drains a node that has less
+    return f"""\
+ClusterName=arealci
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/munge.sock
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+KillWait=30
+SlurmdParameters=config_overrides
+NodeName={host} NodeAddr=127.0.0.1 CPUs={CPUS} RealMemory={mem_mb} State=UNKNOWN
+PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _stop_daemon(pid_file: Path) -> None:
+    """SIGTERM the daemon whose PID ``pid_file`` holds, SIGKILL it after 20 s."""
+    try:
+        proc = psutil.Process(int(pid_file.read_text()))
+    except (OSError, ValueError, psutil.Error):
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except psutil.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[Cluster]:
+    _need_slurm()
+    root = Path(tempfile.mkdtemp(prefix="al-slurm-"))  # short: the munge socket's path
+    for sub in ("state", "spool", "log"):
+        (root / sub).mkdir()
+    host = socket.gethostname().split(".")[0]
+    (root / "munge.key").write_bytes(os.urandom(1024))
+    (root / "munge.key").chmod(0o400)
+    (root / "slurm.conf").write_text(_conf(root, host, (free_port(), free_port())))
+    env = child_env({"SLURM_CONF": str(root / "slurm.conf")})
+    started = []
+    try:
+        # munged runs as root only when forced; each daemon forks and writes its PID file
+        subprocess.run(["munged", "--force", f"--key-file={root}/munge.key",
+                        f"--socket={root}/munge.sock", f"--pid-file={root}/munged.pid",
+                        f"--log-file={root}/log/munged.log", f"--seed-file={root}/munged.seed"],
+                       check=True, timeout=30)
+        started.append(root / "munged.pid")
+        for daemon, args in (("slurmctld", ["-i"]), ("slurmd", [])):
+            subprocess.run([daemon, *args], env=env, check=True, timeout=30)
+            started.append(root / f"{daemon}.pid")
+        cluster = Cluster(root, env)
+        wait_until(lambda: cluster.cmd("sinfo", "-h", "-o", "%t").strip() == "idle", 60, 0.5,
+                   f"the node to be idle ({cluster.logs()})")
+        yield cluster
+    finally:
+        for pid_file in reversed(started):
+            _stop_daemon(pid_file)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _model(path: Path) -> None:
+    from areal_like.settings.config import load_config
+    from areal_like.tasks.tokenizer import char_tokenizer
+    from areal_like.weights.hf import build_model
+
+    build_model(load_config([]).model).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)  # a model directory carries its tokenizer
+
+
+def _submit(slurm: Cluster, tmp_path: Path, steps: int, restarts: int) -> tuple[str, Path]:
+    """sbatch the script for a quickstart-sized CPU job of ``steps`` steps: (job id, run dir)."""
+    _model(tmp_path / "model")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin/lscpu").write_text(LSCPU)
+    (tmp_path / "bin/lscpu").chmod(0o755)
+    run_dir = tmp_path / "run"
+    env = {**slurm.env, "PATH": f"{tmp_path / 'bin'}{os.pathsep}{slurm.env['PATH']}",
+           "PYTHONPATH": f"{HERE / 'sglang_standin'}{os.pathsep}{REPO}",
+           "GPUS_PER_NODE": "2", "HEAD_IFACE": "lo", "RUN_DIR": str(run_dir),
+           "BUFFER_PORT": str(free_port()), "PUB_PORT": str(free_port()),
+           "TRAINER_PORT": str(free_port()), "METRICS_BASE": str(free_port()),
+           "RESTARTS": str(restarts), "RESTART_BACKOFF_S": "1",
+           "VENV": sys.prefix,  # the script's `python` is this test's interpreter
+           "AREAL_LIKE_STANDIN_CONFIG": str(run_dir / "config.yaml"),
+           "AREAL_LIKE_STANDIN_PIDS": str(tmp_path / "engine.pids")}
+    env.pop("AREAL_LIKE_ENGINE_API_KEY", None)
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={tmp_path}/job.out",
+         "launch/slurm/areal_like.sbatch", f"model.path={tmp_path / 'model'}",
+         "trainer.device=cpu", "rollout.engine.device=cpu", "model.dtype=float32",
+         "warm_start.steps=0", f"trainer.steps={steps}"],
+        env=env, cwd=REPO, check=True, capture_output=True, text=True, timeout=30).stdout
+    return out.strip().split(";")[0], run_dir
+
+
+def _gone(pids: list[int]) -> bool:
+    return all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+               for p in pids)
+
+
+def _engine_pids(tmp_path: Path) -> list[int]:
+    return [int(p) for p in (tmp_path / "engine.pids").read_text().split()]
+
+
+def _job_processes(run_dir: Path) -> list[psutil.Process]:
+    """The processes whose command line names this job's run directory (srun, the restart
+    wrappers, the daemons; not Slurm's own)."""
+    return [p for p in psutil.process_iter(["cmdline"])
+            if p.pid != os.getpid() and any(str(run_dir) in c for c in p.info["cmdline"] or [])]
+
+
+def _rollout_servers(run_dir: Path) -> list[psutil.Process]:
+    """This job's rollout servers (``areal-like rollout`` execs ``python -m rollout_server``),
+    not the srun or with_restarts.sh around them."""
+    return [p for p in _job_processes(run_dir)
+            if p.info["cmdline"][1:3] == ["-m", "rollout_server"]]
+
+
+def _steps(run_dir: Path) -> int:
+    return len(step_records(run_dir))
+
+
+@pytest.mark.timeout(720)
+def test_sbatch_runs_a_job_whose_guard_checks_its_engine_and_waits_for_the_final_eval(
+        slurm, tmp_path):
+    job_id, run_dir = _submit(slurm, tmp_path, steps=3, restarts=0)
+    try:
+        job = slurm.wait_ended(job_id)
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm.env, timeout=30)
+    out = (tmp_path / "job.out").read_text()
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), out[-4000:]
+    guard = [json.loads(line)
+             for line in (run_dir / "metrics/trainer.jsonl").read_text().splitlines()
+             if '"logprob_guard"' in line]
+    assert [g["passed"] for g in guard] == [["rollout-0"]], guard  # the first push waited
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert any(e.get("final") and e.get("policy_version") == 3 for e in evals), evals
+    done = trainer_done(run_dir)
+    assert done is not None and done["policy_version"] == 3, done
+    assert _gone(_engine_pids(tmp_path))
+
+
+@pytest.mark.timeout(720)
+def test_a_killed_rollout_step_restarts_and_scancel_stops_the_job_as_ctrl_c_does(
+        slurm, tmp_path):
+    steps = 10_000
+    job_id, run_dir = _submit(slurm, tmp_path, steps=steps, restarts=1)
+    try:
+        wait_until(lambda: _steps(run_dir) >= 1, JOB_S, 1.0, "the first trained step")
+        [server] = _rollout_servers(run_dir)
+        first_engines = _engine_pids(tmp_path)
+        os.kill(server.pid, signal.SIGKILL)  # with_restarts.sh starts it again (RESTARTS=1)
+        wait_until(lambda: [p for p in _rollout_servers(run_dir) if p.pid != server.pid],
+                   120, 0.5, "the rollout server's restart")
+        wait_until(lambda: len(_engine_pids(tmp_path)) > len(first_engines), 120, 0.5,
+                   "the restarted server's engine")
+        assert "restart 1/1" in (run_dir / "rollout-0.log").read_text()
+        at_restart = _steps(run_dir)
+        wait_until(lambda: _steps(run_dir) > at_restart, 240, 1.0,
+                   "a step trained after the restart")
+        family = [p.pid for p in _job_processes(run_dir)] + _engine_pids(tmp_path)
+        slurm.cmd("scancel", job_id)
+        job = slurm.wait_ended(job_id, 120)
+    finally:
+        subprocess.run(["scancel", job_id], env=slurm.env, timeout=30)
+    assert job["JobState"] == "CANCELLED", job
+    wait_until(lambda: _gone(family), 60, 0.5, "every daemon of the job to exit")
+    done = trainer_done(run_dir)  # the trainer stopped as on Ctrl-C: its done record, early
+    assert done is not None and 1 <= done["policy_version"] < steps, done
+    ports = json.loads((run_dir / "ports.json").read_text())
+    assert job_end(run_dir, ports).startswith("stopped at step"), job_end(run_dir, ports)
+
