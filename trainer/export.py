@@ -42,7 +42,7 @@ from areal_like.settings.config import (
     TaskConfig,
     export_yaml,
 )
-from areal_like.weights.hf import save_tokenizer, torch_dtype
+from areal_like.weights.hf import checkpoint_layout, save_tokenizer, torch_dtype
 from areal_like.weights.lora import (
     ADAPTER,
     add_adapters,
@@ -289,16 +289,6 @@ def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
                  writer.total_bytes / MIB, dtype)
     barrier()
     return out_dir
-
-
-def checkpoint_layout(model: torch.nn.Module, name: str,
-                      full: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """``name``'s tensor under the names a checkpoint of ``model`` has: transformers' own mapping
-    reversed, as ``save_pretrained`` writes (a mixture's fused experts as one tensor per expert,
-    which SGLang and vLLM load too); most parameters are unchanged."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    yield from revert_weight_conversion(model, {name: full}).items()
 
 
 def prune_exports(root: Path, keep: int) -> list[Path]:

@@ -1,5 +1,6 @@
-"""What every sender of weight sync shares: the ``Sender`` interface, ``gather``, and the staging
-pipeline of the group path's broadcast (wire format: ``areal_like.wire.weight_wire``).
+"""What every sender of weight sync shares: the ``Sender`` interface, what a push sends
+(``PushTensors``, ``gather``), and the staging pipeline of the group path's broadcast (wire
+format: ``areal_like.wire.weight_wire``).
 
 Invariants:
 - ``gather`` is a collective: every rank gathers the same buckets in the same order.
@@ -16,17 +17,50 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from areal_like.weights.hf import checkpoint_layout
+from areal_like.weights.lora import is_adapter, synced_parameters
 from areal_like.wire.protocol import BucketSpec
 from areal_like.wire.weight_wire import pack
 from trainer.ranks import full
 
 
-def gather(params: list[tuple[str, torch.nn.Parameter]], bucket: BucketSpec,
-           dtype: str) -> list[torch.Tensor]:
-    """The full tensors of ``bucket`` in ``dtype`` (an all-gather over the ranks of a shard)."""
-    by_name = dict(params)
+class PushTensors:
+    """What a push of ``model`` sends (``synced_parameters``: with LoRA its adapters alone), named
+    as a checkpoint of it is: transformers' conversion reversed (``checkpoint_layout``, the
+    export's), so a mixture's fused experts travel one tensor per expert, the names and shapes
+    SGLang's ``load_weights`` takes; adapters as they are. ``entries``: (name, shape, parameter)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.params = synced_parameters(model)
+        self._by_name = dict(self.params)
+        adapters = bool(self.params) and is_adapter(self.params[0][0])
+        self.entries: list[tuple[str, list[int], str]] = []
+        self._converted: set[str] = set()  # the parameters sent under other names or shapes
+        for name, p in self.params:
+            meta = torch.empty(p.shape, device="meta")
+            layout = [(name, meta)] if adapters else list(checkpoint_layout(model, name, meta))
+            if [(n, t.shape) for n, t in layout] != [(name, p.shape)]:
+                self._converted.add(name)
+            self.entries += [(saved, list(t.shape), name) for saved, t in layout]
+        self._source = {saved: name for saved, _, name in self.entries}
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The full tensors of ``names`` (an all-gather over the ranks of a shard per parameter);
+        a parameter split over several names is gathered once for all of those asked."""
+        out: dict[str, torch.Tensor] = {}
+        for name in dict.fromkeys(self._source[n] for n in names):
+            t = full(self._by_name[name]).detach()
+            out.update(checkpoint_layout(self.model, name, t) if name in self._converted
+                       else [(name, t)])
+        return out
+
+
+def gather(push: PushTensors, bucket: BucketSpec, dtype: str) -> list[torch.Tensor]:
+    """The full tensors of ``bucket`` in ``dtype`` (a collective: every rank of a shard)."""
+    got = push.tensors(bucket.names)
     wire = getattr(torch, dtype)
-    return [full(p).detach().to(wire) for p in (by_name[n] for n in bucket.names)]
+    return [got[n].to(wire) for n in bucket.names]
 
 
 class Sender(ABC):

@@ -31,7 +31,7 @@ from areal_like.net.peers import TRAINER_PEER
 from areal_like.net.security import Keys
 from areal_like.net.transport import TransportTimeout
 from areal_like.settings.config import WeightSyncConfig
-from areal_like.weights.lora import is_adapter, synced_parameters
+from areal_like.weights.lora import is_adapter
 from areal_like.weights.versions import RuntimeVersions, local_versions, mismatch
 from areal_like.wire.protocol import (
     WEIGHT_PATHS,
@@ -45,6 +45,7 @@ from areal_like.wire.protocol import (
 )
 from areal_like.wire.weight_wire import plan_buckets
 from trainer.ranks import from_rank0
+from trainer.weight_buckets import PushTensors
 from trainer.weight_group import GroupSender
 from trainer.weight_local import DiskSender, TensorSender
 from trainer.weight_members import (
@@ -69,10 +70,11 @@ SENDERS = {"distributed": GroupSender, "tensor": TensorSender, "disk": DiskSende
 assert SENDERS.keys() == WEIGHT_PATHS.keys()  # every path a plan may name has its sender
 
 
-def push_buckets(params, send_dtype: str, bucket_mb: float) -> list[BucketSpec]:
+def push_buckets(push: PushTensors, send_dtype: str, bucket_mb: float) -> list[BucketSpec]:
     """Buckets of at most ``bucket_mb``; a LoRA adapter is ONE bucket (SGLang loads it whole)."""
-    limit = sys.maxsize if params and is_adapter(params[0][0]) else int(bucket_mb * 1024 * 1024)
-    return plan_buckets([(n, list(p.shape), send_dtype) for n, p in params], limit)
+    adapter = bool(push.entries) and is_adapter(push.entries[0][0])
+    limit = sys.maxsize if adapter else int(bucket_mb * 1024 * 1024)
+    return plan_buckets([(n, shape, send_dtype) for n, shape, _ in push.entries], limit)
 
 
 @dataclass
@@ -145,7 +147,7 @@ class WeightBroadcaster:
         # from now: the wait for the push before is not this one's (it may have used its deadline)
         deadline = time.monotonic() + self.cfg.deadline_s
         report = SyncReport(version=version)
-        params = synced_parameters(model)  # LoRA: the adapter alone
+        params = PushTensors(model)  # LoRA: the adapter alone; a checkpoint's names
         buckets = push_buckets(params, self.send_dtype, self.cfg.bucket_mb)
         t_gather = time.monotonic()
         self.sender.stage(model, params, buckets, report)

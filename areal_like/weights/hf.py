@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 from areal_like.settings.config import ConfigError, ModelConfig, RunConfig
@@ -217,3 +218,30 @@ def build_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None)
             model = AutoModelForCausalLM.from_config(qwen2_config(cfg), dtype=dt,
                                                      attn_implementation=cfg.attn_implementation)
     return model.to(device).eval()
+
+
+def checkpoint_layout(model, name: str, full) -> Iterator[tuple[str, object]]:
+    """``name``'s tensor under the names a checkpoint of ``model`` has: transformers' own mapping
+    reversed, as ``save_pretrained`` writes (a mixture's fused experts as one tensor per expert,
+    which SGLang and vLLM load too); most parameters are unchanged. ``full`` may be on the meta
+    device (the names and shapes alone)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    yield from revert_weight_conversion(model, {name: full}).items()
+
+
+def checkpoint_slices(model) -> dict[str, tuple[str, object]]:
+    """Each checkpoint name ``model`` holds under another name (a mixture's per-expert tensors,
+    which transformers 5 fuses) -> (the parameter holding it, the flat indices of its elements
+    there, shaped as the checkpoint's tensor): how a module loads tensors sent under a
+    checkpoint's names (``checkpoint_layout``). Empty for a model whose names are a checkpoint's."""
+    import torch
+
+    out = {}
+    for name, p in model.named_parameters():
+        meta = torch.empty(p.shape, device="meta")
+        if [n for n, _ in checkpoint_layout(model, name, meta)] == [name]:
+            continue
+        index = torch.arange(p.numel()).view(p.shape)
+        out.update((saved, (name, idx)) for saved, idx in checkpoint_layout(model, name, index))
+    return out

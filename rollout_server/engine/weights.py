@@ -67,6 +67,7 @@ class WeightUpdater:
         # +1 per begin(): a request of an abandoned session never posts a receive
         self._session_id = 0
         self._early: list[Future] = []  # buckets answered before their load finished (end waits)
+        self._checkpoint_slices: dict | None = None  # made at the first load (``_slices``)
 
     # ---- group lifecycle (blocking)
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -248,7 +249,7 @@ class WeightUpdater:
         # gloo's completion callback queues the load itself: one thread hop less
         if device.type == "cpu":
             early = weight_version is None and not flush_cache and paused
-            early = early and not _refusal(self.scheduler.model.state_dict(), tensors)
+            early = early and not self._refusal(self.scheduler.model.state_dict(), tensors)
             done: Future = Future()
             work.get_future().then(lambda fut: self._received(
                 fut, tensors, (key, flat), (weight_version, flush_cache), done,
@@ -287,14 +288,14 @@ class WeightUpdater:
         are views of ``flat``, which the parameters may adopt instead of copying it."""
         def load_between_steps(sched) -> tuple[bool, str]:
             state = sched.model.state_dict()
-            refusal = self._deferred_error or _refusal(state, tensors)
+            refusal = self._deferred_error or self._refusal(state, tensors)
             if refusal:
                 self._keep_spare(swap)
                 return False, refusal
             if swap is None or not self._swap_in(sched.model, tensors, *swap):
                 with torch.no_grad():
                     for name, t in tensors.items():
-                        state[name].copy_(t)
+                        self._copy(state, name, t)
                 self._keep_spare(swap)
             if weight_version is not None:
                 sched.weight_version = weight_version
@@ -317,7 +318,8 @@ class WeightUpdater:
         gloo path, which answers early only while paused) the answer is a Future of the load."""
         early = weight_version is None and not flush_cache and not wait_load
         if early:
-            refusal = self._deferred_error or _refusal(self.scheduler.model.state_dict(), tensors)
+            refusal = self._deferred_error or self._refusal(
+                self.scheduler.model.state_dict(), tensors)
             if refusal:
                 self._keep_spare(swap)
                 return False, refusal
@@ -347,6 +349,41 @@ class WeightUpdater:
             done.set_result(out)
         except InvalidStateError:  # the HTTP caller hung up and cancelled its wait; the load stands
             pass
+
+    def _slices(self) -> dict[str, tuple[str, torch.Tensor]]:
+        """The checkpoint's names the module holds under others (``checkpoint_slices``: a
+        mixture's per-expert tensors), made once: where a push under those names lands."""
+        if self._checkpoint_slices is None:
+            from areal_like.weights.hf import checkpoint_slices
+
+            self._checkpoint_slices = checkpoint_slices(self.scheduler.model)
+        return self._checkpoint_slices
+
+    def _refusal(self, state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str:
+        """Why ``tensors`` cannot be loaded into ``state`` ('' if they can): each is one of the
+        module's own tensors or a checkpoint's name for a slice of one, of its shape."""
+        for name, t in tensors.items():
+            if name in state:
+                shape = tuple(state[name].shape)
+            elif name in self._slices():
+                shape = tuple(self._slices()[name][1].shape)
+            else:
+                return f"Unknown parameter {name!r}; nothing was loaded."
+            if shape != tuple(t.shape):
+                return (f"Shape mismatch for {name}: engine {shape}, received {tuple(t.shape)}; "
+                        "nothing was loaded.")
+        return ""
+
+    def _copy(self, state: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> None:
+        """Copy ``t`` into the module's tensor ``name``, or into the slice of a fused parameter a
+        checkpoint's ``name`` is (its elements by their flat indices there)."""
+        if name in state:
+            state[name].copy_(t)
+            return
+        param, index = self._slices()[name]
+        fused = state[param]
+        fused.view(-1).index_copy_(0, index.view(-1).to(fused.device),
+                                   t.reshape(-1).to(fused.device, fused.dtype))
 
     def _swap_in(self, model: torch.nn.Module, tensors: dict[str, torch.Tensor], key: tuple,
                  flat: torch.Tensor) -> bool:
@@ -389,17 +426,6 @@ def _one_buffer(tensors: dict[str, torch.Tensor]) -> tuple[tuple, list, torch.Te
         return None
     flat = torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, base, (nbytes,))
     return tuple((n, str(dt), tuple(s)) for n, dt, s, _ in tensor_layout), tensor_layout, flat
-
-
-def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str:
-    """Why ``tensors`` cannot be loaded into ``state`` ('' if they can)."""
-    for name, t in tensors.items():
-        if name not in state:
-            return f"Unknown parameter {name!r}; nothing was loaded."
-        if tuple(state[name].shape) != tuple(t.shape):
-            return (f"Shape mismatch for {name}: engine {tuple(state[name].shape)}, "
-                    f"received {tuple(t.shape)}; nothing was loaded.")
-    return ""
 
 
 class _TensorUnpickler(pickle.Unpickler):

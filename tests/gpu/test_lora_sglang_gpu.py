@@ -64,13 +64,13 @@ def _scored(outs, model) -> float:
 
 async def _sync(client, model, version: int) -> None:
     """What a push of ``model``'s adapter as ``version`` gives a rollout server (the disk path)."""
-    from areal_like.weights.lora import synced_parameters
     from areal_like.wire.protocol import WeightSyncPlan
     from rollout_server.weight_update import apply_adapter_sync
+    from trainer.weight_buckets import PushTensors
     from trainer.weight_local import DiskSender
     from trainer.weight_sync import SyncReport, push_buckets
 
-    params = synced_parameters(model)
+    params = PushTensors(model)
     buckets = push_buckets(params, "bfloat16", bucket_mb=64)
     sender = DiskSender(WeightSyncConfig(path="disk"), "gloo", 0, "bfloat16")
     sender.stage(model, params, buckets, SyncReport(version=version))

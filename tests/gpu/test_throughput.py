@@ -271,12 +271,13 @@ from areal_like.settings.config import ModelConfig, WeightSyncConfig
 from areal_like.weights.hf import build_model
 from areal_like.wire.weight_wire import plan_buckets
 from benchmarks.weight_checksum import state_checksum
+from trainer.weight_buckets import PushTensors
 from trainer.weight_local import TensorSender
 
 spec = json.loads(sys.argv[1])
 model = build_model(ModelConfig(**spec["model"]), device="cuda")
-params = list(model.named_parameters())
-buckets = plan_buckets([(n, list(p.shape), "bfloat16") for n, p in params], spec["bucket_bytes"])
+params = PushTensors(model)  # what WeightBroadcaster.push sends
+buckets = plan_buckets([(n, s, "bfloat16") for n, s, _ in params.entries], spec["bucket_bytes"])
 report = types.SimpleNamespace(bytes=0)
 out = TensorSender(WeightSyncConfig(), "gloo", 0, "bfloat16")
 print(json.dumps({"checksum": state_checksum(model), "buckets": len(buckets)}), flush=True)

@@ -8,7 +8,8 @@ own entry points, on CPU, FSDP2's world of one rank:
   and whose sampled log-probs equal the trainer's (packed and padded) and the model's own forward;
 - one training step moves every parameter that got a gradient (experts included); a checkpoint
   round trip restores it; the export loads with ``from_pretrained`` with identical logits;
-- the trainer's tensor weight sync reaches every engine parameter, bit for bit;
+- the trainer's weight push names the checkpoint's tensors (SGLang loads those: a mixture's
+  experts one by one) and reaches every engine parameter, bit for bit;
 - LoRA's default targets exist in it.
 """
 
@@ -134,7 +135,9 @@ def test_train_checkpoint_export_and_weight_sync_reach_every_parameter(family, t
     from trainer.export import export_hf
     from trainer.model import build_policy
     from trainer.step import StepSettings, recompute_prox_logp, train_step
+    from trainer.weight_buckets import PushTensors, gather
     from trainer.weight_local import tensor_payload
+    from trainer.weight_sync import push_buckets
 
     name, d = family
     cfg = _cfg(d, name)
@@ -165,16 +168,24 @@ def test_train_checkpoint_export_and_weight_sync_reach_every_parameter(family, t
         policy.model.eval()
         assert torch.allclose(exported(ids).logits, policy.model(ids).logits, atol=ATOL)
 
-    # weight sync (the trainer's tensor payload, the engine's loader): every engine parameter
+    # weight sync (the trainer's push, bucket by bucket, through the engine's loader): under the
+    # checkpoint's own names (what SGLang's load_weights takes: a mixture's experts one by one,
+    # a fused parameter split over buckets), every engine parameter, bit for bit
+    push = PushTensors(policy.model)
+    assert {n for n, *_ in push.entries} == _tensor_names(d)
+    buckets = push_buckets(push, "float32", bucket_mb=0.02)
     engine_model = build_model(cfg.model)
     sched = Scheduler(engine_model, max_running=2, max_total_tokens=512, context_len=256,
                       weight_version="0").start()
     try:
         updater = WeightUpdater(sched, cfg.model, group_timeout_s=30)
-        named = [(k, v.clone()) for k, v in after.items()]
-        ok = updater.update_from_tensor([tensor_payload(named)], None, "1", False)
-        ok = ok.result(60) if hasattr(ok, "result") else ok
-        assert ok[0], ok
+        for i, b in enumerate(buckets):
+            named = list(zip(b.names, gather(push, b, "float32")))
+            last = i == len(buckets) - 1
+            ok = updater.update_from_tensor([tensor_payload(named)], None,
+                                            "1" if last else None, False)
+            ok = ok.result(60) if hasattr(ok, "result") else ok
+            assert ok[0], ok
         assert sched.weight_version == "1"
         served = dict(engine_model.named_parameters())
         assert served.keys() == after.keys()

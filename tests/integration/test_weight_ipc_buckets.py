@@ -27,13 +27,14 @@ import json, sys, types, torch
 from areal_like.settings.config import ModelConfig, WeightSyncConfig
 from areal_like.weights.hf import build_model
 from areal_like.wire.weight_wire import plan_buckets
+from trainer.weight_buckets import PushTensors
 from trainer.weight_local import TensorSender
 
 sender = TensorSender(WeightSyncConfig(), "gloo", 0, "float32")
 for seed in (1, 2):
     model = build_model(ModelConfig(init_seed=seed))
-    params = list(model.named_parameters())
-    buckets = plan_buckets([(n, list(p.shape), "float32") for n, p in params], 1 << 16)
+    params = PushTensors(model)  # what WeightBroadcaster.push sends
+    buckets = plan_buckets([(n, s, "float32") for n, s, _ in params.entries], 1 << 16)
     sender.stage(model, params, buckets, types.SimpleNamespace(bytes=0))
     print(json.dumps(sender.route(seed, [("e", 1, "")])["payloads"]), flush=True)
     sys.stdin.readline()  # the engine has loaded this push

@@ -22,13 +22,14 @@ from test_sglang_weights import _until_decoding
 from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import LoraConfig, WeightSyncConfig
 from areal_like.weights.hf import build_model
-from areal_like.weights.lora import add_adapters, served_name, synced_parameters
+from areal_like.weights.lora import add_adapters, served_name
 from areal_like.wire.protocol import WeightSyncPlan
 from rollout_server.engine_reaper import shm_files
 from rollout_server.episode import generate_sample
 from rollout_server.launch_sglang import SGLangProcess
 from rollout_server.weight_update import apply_adapter_sync
 from trainer.logprob_guard import PROBE_TEXT, compare_logprobs, probe_engine, trainer_logprobs
+from trainer.weight_buckets import PushTensors
 from trainer.weight_local import DiskSender
 from trainer.weight_sync import SyncReport, push_buckets
 
@@ -72,7 +73,7 @@ async def sync_adapter(client, model, version: int, pause_mode: str = "abort") -
     (the adapter alone, staged and routed as ``WeightBroadcaster.push`` does), then the server's
     side of it; the directory is gone before the engine samples (SGLang holds its own copy).
     Returns the plan's id."""
-    params = synced_parameters(model)
+    params = PushTensors(model)
     buckets = push_buckets(params, "float32", bucket_mb=0.01)  # WeightBroadcaster.push's
     sender = DiskSender(WeightSyncConfig(path="disk"), "gloo", 0, "float32")
     sender.stage(model, params, buckets, SyncReport(version=version))

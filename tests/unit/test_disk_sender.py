@@ -11,7 +11,8 @@ import torch
 
 from areal_like.settings.config import WeightSyncConfig, load_config
 from areal_like.weights.hf import build_model
-from areal_like.weights.lora import add_adapters, synced_parameters
+from areal_like.weights.lora import add_adapters
+from trainer.weight_buckets import PushTensors
 from trainer.weight_local import ROOT_PREFIX, DiskSender, remove_orphans
 from trainer.weight_sync import SyncReport, push_buckets
 
@@ -25,7 +26,7 @@ def test_an_adapter_push_writes_what_peft_loads_onto_the_base():
         for name, p in model.named_parameters():
             if ".lora_B." in name:
                 p.normal_(0, 0.3)
-    params = synced_parameters(model)
+    params = PushTensors(model)
     buckets = push_buckets(params, "float32", bucket_mb=0.001)
     sender = DiskSender(WeightSyncConfig(path="disk"), "gloo", 0, "float32")
     sender.stage(model, params, buckets, SyncReport(version=3))
@@ -48,15 +49,15 @@ def test_an_adapter_push_overlaps_and_writes_the_staged_values_not_later_ones():
 
     cfg = load_config(["trainer.lora.rank=4"])
     model = add_adapters(build_model(cfg.model), cfg.trainer.lora)
-    params = synced_parameters(model)
+    params = PushTensors(model)
     buckets = push_buckets(params, "float32", bucket_mb=64)
     sender = DiskSender(WeightSyncConfig(path="disk"), "gloo", 0, "float32")
-    full = push_buckets(list(build_model(cfg.model).named_parameters()), "float32", 64)
+    full = push_buckets(PushTensors(build_model(cfg.model)), "float32", 64)
     assert sender.overlaps(buckets) and not sender.overlaps(full)
     sender.stage(model, params, buckets, SyncReport(version=1))
-    staged = {n: p.detach().clone() for n, p in params}
+    staged = {n: p.detach().clone() for n, p in params.params}
     with torch.no_grad():  # the next step's optimizer, before the background write
-        for _, p in params:
+        for _, p in params.params:
             p.add_(1.0)
     try:
         out = sender.route(1, [("s", 1, "")])["payloads"][0]
