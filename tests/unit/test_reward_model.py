@@ -1,5 +1,5 @@
 """A learned reward model (``task.reward_model``, rollout_server/reward_model.py): the shipped
-trainer (areal_like/tasks/reward_model_demo.py) makes one that ranks right reversals above wrong
+trainer (benchmarks/reward_model_demo.py) makes one that ranks right reversals above wrong
 ones on held-out pairs; an episode is scored by it (combined with the rule by the configured
 weights, the rule's reward kept in the metadata); a pass past its timeout marks the samples as
 every reward failure does; a head that is not scalar is refused before start."""
@@ -9,20 +9,20 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from rollout_server.sglang_client import GenerateOutput
 
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import TaskConfig, load_config
 from areal_like.settings.reward_model_schema import RewardModelConfig
-from areal_like.tasks import reward_model_demo
 from areal_like.tasks.task import encode_prompt, make_task
 from areal_like.tasks.tokenizer import char_tokenizer
 from areal_like.weights.hf import save_tokenizer
 from areal_like.wire.protocol import Credit
+from benchmarks import reward_model_demo
 from launch.preflight import check_reward_model
 from rollout_server.episode import EpisodeContext, run_episode
 from rollout_server.reward_model import RewardModel
 from rollout_server.reward_pool import RewardPool
-from rollout_server.sglang_client import GenerateOutput
 
 TOK = char_tokenizer()
 

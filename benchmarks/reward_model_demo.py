@@ -9,7 +9,7 @@ tokenizer, started from the quickstart's warm-started policy (``--init warm_star
 or taken from its cache) or from random weights (``--init random``), and saved with its
 tokenizer as a Hugging Face directory that ``task.reward_model.path`` names:
 
-    python -m areal_like.tasks.reward_model_demo --out runs/reversal_rm
+    python -m benchmarks.reward_model_demo --out runs/reversal_rm
     areal-like run experiment=quickstart task.reward_model.path=runs/reversal_rm
 """
 
