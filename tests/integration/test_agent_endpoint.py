@@ -646,7 +646,7 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
 
 def test_a_client_an_agent_leaves_open_does_not_break_the_next_episode(capfd):
     """Each episode runs on a fresh event loop in a long-lived worker: an ``AsyncOpenAI`` client
-    the agent never closed (the README's example), whether it returned or raised, must not be
+    the agent never closed (AGENTS.md's example), whether it returned or raised, must not be
     closed on the next episode's loop, which logged a traceback ("Event loop is closed") per
     episode."""
     example = make_task(task_cfg()).example(0)
