@@ -751,7 +751,7 @@ def test_preflight_names_the_missing_openai_package(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "openai", None)  # as if not installed
     [problem] = check_agent(SimpleNamespace(task=SimpleNamespace(
         agent="areal_like.tasks.agents:calc_agent")))  # imports openai only when it runs
-    assert "openai" in problem and "areal-like[agent]" in problem
+    assert "openai" in problem and "pip install -e '.[agent]'" in problem
 
 
 def test_a_null_max_completion_tokens_leaves_max_tokens_in_force():
