@@ -188,13 +188,19 @@ def attack(run_dir, parent_pid):
         got.append("may signal the rollout server")
     except OSError:
         pass
+    try:  # a host-wide control guarded by mode alone for uid 0: opened, closed, never written
+        os.close(os.open("/proc/sys/kernel/core_pattern", os.O_WRONLY))
+        got.append("may write /proc/sys/kernel/core_pattern")
+    except OSError:
+        pass
     return got
 """
 
 
 def worker_secrets(t: Target) -> tuple[bool, str]:
     """Issue 42 item 6: a reward worker, started as the rollout server starts it (its private
-    directories hidden), reads the job's keys and signals the process that started it."""
+    directories hidden), reads the job's keys and signals the process that started it; issue 64
+    item 1: it opens a host-wide control for writing (never writes it)."""
     import sys
 
     from benchmarks.sandbox_call import run_sandboxed
@@ -204,6 +210,7 @@ def worker_secrets(t: Target) -> tuple[bool, str]:
     hide = getattr(sandbox, "hide", None)  # absent in older builds: workers ran as the job's user
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "campaign_attack.py").write_text(WORKER_ATTACK)
+        os.chmod(tmp, 0o755)  # root's workers run as a uid of their own: it must read the attack
         sys.path.insert(0, tmp)
         try:
             hidden = hide(rollout_main.private_dirs(t.cfg)) if hide else False

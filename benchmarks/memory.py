@@ -23,7 +23,7 @@ that existed before it started are not counted, so it measures what a computatio
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
@@ -334,7 +334,58 @@ def markdown_table(seqs: int = 8, seq_len: int = 2048, micro_batch_size: int = 8
     return "\n".join(lines)
 
 
+def estimate_critic_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: int,
+                               dtype: str = "bfloat16", checkpointing: bool = False,
+                               logprob_chunk: int = 512, accumulating: bool = True,
+                               critic_cfg: ModelConfig | None = None) -> dict[str, int]:
+    """PPO with a critic (``trainer.critic``, trainer/critic.py): the peak of one trainer rank
+    holding the policy and a critic of ``critic_cfg`` (default the policy's shape). Each model
+    frees its gradients after its step, so between steps it holds its weights and AdamW moments;
+    the peak is the larger of the policy's step beside the critic's held state and the critic's
+    step beside the policy's. The critic's step is ``estimate_peak_bytes`` of its shape without
+    the log-prob working set (a scalar head), and an untied lm_head, unused, keeps its weight
+    shard but no gradient or AdamW state."""
+    c_cfg = critic_cfg or model_cfg
+    policy = estimate_peak_bytes(model_cfg, world, micro_batch_tokens, dtype, checkpointing,
+                                 logprob_chunk, accumulating)
+    critic = estimate_peak_bytes(c_cfg, world, micro_batch_tokens, dtype, checkpointing,
+                                 logprob_chunk, accumulating)
+    head = 0 if c_cfg.tie_word_embeddings else c_cfg.vocab_size * c_cfg.hidden_size
+    shard = -(-head // world)
+    # the unused head's unsharded gradient (compute dtype + its fp32 copy): 4 bytes either way
+    critic = replace(critic, logprobs=c_cfg.hidden_size * 4, grads=critic.grads - 4 * shard,
+                     adam=critic.adam - 8 * shard, optimizer_temps=critic.optimizer_temps
+                     - 4 * shard, root_grads=critic.root_grads - 4 * head)
+    policy_held, critic_held = policy.weights + policy.adam, critic.weights + critic.adam
+    return {"policy_step": policy.total + critic_held, "critic_step": critic.total + policy_held,
+            "critic_held": critic_held, "without_critic": policy.total,
+            "peak": max(policy.total + critic_held, critic.total + policy_held)}
+
+
+def critic_markdown_table(seqs: int = 8, seq_len: int = 2048, world: int = 8,
+                          dtype: str = "bfloat16") -> str:
+    """trainer/MEMORY.md's critic table: peak GiB per GPU with a critic of the policy's shape and
+    with one of half its layers, beside the policy alone, on ``world`` GPUs."""
+    lines = ["| model | GPUs | tokens per micro-batch | policy alone | + critic (same shape) "
+             "| + critic (half the layers) | critic's held state |",
+             "|---|---|---|---|---|---|---|"]
+    tokens = -(-seqs // world) * seq_len
+    for name in QWEN2_SHAPES:
+        cfg = qwen2_shape(name)
+        half = replace(cfg, num_hidden_layers=max(1, cfg.num_hidden_layers // 2))
+        many = -(-seqs // world) > 8  # more than trainer.micro_batch_size=8 per step
+        same = estimate_critic_peak_bytes(cfg, world, tokens, dtype, accumulating=many)
+        small = estimate_critic_peak_bytes(cfg, world, tokens, dtype, accumulating=many,
+                                           critic_cfg=half)
+        lines.append(f"| {name} | {world} | {tokens} | {same['without_critic'] / GIB:.1f} | "
+                     f"{same['peak'] / GIB:.1f} | {small['peak'] / GIB:.1f} | "
+                     f"{same['critic_held'] / GIB:.1f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     print(markdown_table())
     print()
     print(lora_markdown_table())
+    print()
+    print(critic_markdown_table())

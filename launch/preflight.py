@@ -510,8 +510,26 @@ def check_environment(cfg: RunConfig) -> list[str]:
             "before the temperature is applied, which biases every importance ratio; unset it"]
 
 
+def check_critic(cfg: RunConfig) -> list[str]:
+    """A critic from another ``trainer.critic.model.path``: a model directory whose tokenizer is
+    the policy's (trainer/critic.py ``check_critic_tokenizer``)."""
+    c = cfg.trainer.critic
+    path = c.model.get("path") if c.enabled else None
+    if not path or path == cfg.model.path:
+        return []
+    if out := _model_dir("trainer.critic.model.path", path):
+        return out
+    from trainer.critic import check_critic_tokenizer
+
+    try:
+        check_critic_tokenizer(cfg.model, c)
+    except Exception as e:  # noqa: BLE001 - one line, whatever the tokenizer files hold
+        return [str(e).splitlines()[0]]
+    return []
+
+
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
                 check_epochs, check_lengths, check_chat_template, check_chat_format,
                 check_reward_fn, check_env, check_agent, check_trackers, check_engine,
-                check_architecture, check_lora, check_environment)
+                check_architecture, check_lora, check_environment, check_critic)

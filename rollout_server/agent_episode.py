@@ -31,7 +31,8 @@ AGENT_THREADS = 64
 def agent_pool(task_cfg) -> ToolPool:
     """The sandboxed workers that run one rollout server's agents."""
     return ToolPool(task_cfg.agent_workers, task_cfg.episode_timeout_s, task_cfg.agent_memory_mb,
-                    processes=AGENT_THREADS, memory_setting="task.agent_memory_mb")
+                    processes=AGENT_THREADS, memory_setting="task.agent_memory_mb",
+                    reply_mb=task_cfg.worker_reply_mb, endpoint=True)
 
 
 def score(outcome: ToolOutcome) -> tuple[float, str, str]:
@@ -52,6 +53,7 @@ def score(outcome: ToolOutcome) -> tuple[float, str, str]:
 class AgentRunner:
     def __init__(self, ctx: EpisodeContext, endpoint: AgentEndpoint, pool: ToolPool):
         self.ctx, self.cfg, self.endpoint, self.pool = ctx, ctx.task_cfg, endpoint, pool
+        pool.forward_to(endpoint.host, endpoint.port)  # root's agents reach it alone
         self.error = ""  # the latest agent error: why a group without a call failed
 
     async def run_group(self, credit: Credit) -> TrajectoryGroup:
@@ -70,7 +72,7 @@ class AgentRunner:
         try:
             outcome = await self.pool.call(RUN, {"path": self.cfg.agent, "api_key": api_key,
                                                  "base_url": self.endpoint.base_url,
-                                                 "example": example})
+                                                 "example": example, "relay": self.pool.relay})
         finally:
             self.endpoint.close_session(api_key)
         if outcome.outcome == "ok" and outcome.content == "null":  # it returned None

@@ -11,19 +11,52 @@ from __future__ import annotations
 import asyncio
 import gc
 import inspect
+import socket
+import threading
+from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
 from areal_like.tasks.callables import import_function
+from rollout_server import reward_worker
+
+_RELAYS: dict[int, socket.socket] = {}  # port: this worker's listener relaying to its endpoint
 
 
-def run_agent(path: str, base_url: str, api_key: str, example: Any) -> Any:
+def run_agent(path: str, base_url: str, api_key: str, example: Any, relay: str = "") -> Any:
+    """``relay``: the Unix socket of the endpoint (root's workers: a network namespace of their
+    own, loopback only); this worker's loopback gets a relay to it on ``base_url``'s port."""
     # what the last episode left (an unclosed client: a reference cycle) goes while no loop runs;
     # collected on this episode's loop, its close would run there and fail: "Event loop is closed"
     gc.collect()
+    if relay:
+        base_url = _relayed(base_url, relay)
     value = import_function(path)(base_url, api_key, example)
     if inspect.isawaitable(value):
         value = asyncio.run(_wait(value))
     return value
+
+
+def _relayed(base_url: str, relay: str) -> str:
+    """``base_url`` on this worker's loopback, relayed to the Unix socket ``relay`` (the relay
+    started on first use; it lives as long as the worker)."""
+    url = urlsplit(base_url)
+    if url.port not in _RELAYS:
+        listener = socket.create_server(("127.0.0.1", url.port))
+        threading.Thread(target=reward_worker.relay, args=(listener, partial(_unix, relay)),
+                         name="endpoint-relay", daemon=True).start()
+        _RELAYS[url.port] = listener
+    return url._replace(netloc=f"127.0.0.1:{url.port}").geturl()
+
+
+def _unix(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 async def _wait(awaitable: Any) -> Any:

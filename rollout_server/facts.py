@@ -35,6 +35,8 @@ class RolloutFacts:
     seed: int = 0  # the job's seed: its evaluations' sampling seeds come from it
     # prompt and output tokens the engine serves (job_facts.served_context; 0: unbounded)
     context: int = 0
+    # launch.nodes: > 1 puts trainer rank 0 (whose log-prob guard probes the engine) elsewhere
+    nodes: int = 1
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> RolloutFacts:
@@ -47,4 +49,6 @@ class RolloutFacts:
                    eval=cfg.eval, steps=cfg.trainer.steps, context=context,
                    run_dir=Path(cfg.run_dir), lora=cfg.trainer.lora, keys=keys,
                    engine_key=engine_api_key(cfg.run_dir),
-                   probed=cfg.trainer.logprob_guard_tol > 0, seed=cfg.seed)
+                   probed=(cfg.trainer.logprob_guard_tol is None  # by model.dtype: on
+                           or cfg.trainer.logprob_guard_tol > 0), seed=cfg.seed,
+                   nodes=cfg.launch.nodes)

@@ -114,7 +114,8 @@ class RewardPool:
                      else f"the task's reward {self.path!r}")
         self.timeout_s = cfg.reward_timeout_s
         self.limits = SandboxLimits(timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
-                                    processes=processes)
+                                    processes=processes, reply_bytes=cfg.worker_reply_mb * 2**20,
+                                    network=cfg.worker_network)
         self.url, self.retries = cfg.reward_url, cfg.reward_retries
         self.metrics = metrics or Metrics()  # None: counted nowhere
         self.warnings = RateLimitedLog(log, WARN_EVERY_S)  # one line per kind of failure

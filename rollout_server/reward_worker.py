@@ -9,19 +9,22 @@ an 8-byte big-endian length and a body:
   one ``(args, timeout_s)`` per call of ``fn(*args)``;
 * worker -> pool, JSON (the pool never unpickles what user code produced): first
   ``{"ready": true}`` or ``{"kind": "error" | "memory", "reason"}`` (then it exits), then one
-  ``{"result": value}`` or ``{"kind", "reason"}`` per call.
+  ``{"result": value}`` or ``{"kind", "reason"}`` per call; the pool reads no reply longer than
+  its ``SandboxLimits.reply_bytes`` (``FrameTooLarge``).
 
-Limits the worker sets itself, in this order: capabilities dropped and a uid of its own (root
-only, before anything of the user's is imported: ``drop_privileges``), ``RLIMIT_AS`` before the
-function's module is imported (``load_reward``; the launcher's preflight runs the same through
-``probe``, so a reward passes preflight exactly when a worker can load it), ``RLIMIT_NPROC`` once
-it is loaded (its imports may start thread pools), ``RLIMIT_CPU`` before each call, past what the
-call could burn until its timeout. It exits when the pool's end of the socket closes.
+Limits the worker sets itself, in this order: capabilities and groups dropped and a uid and gid
+of its own (root only, before anything of the user's is imported: ``drop_privileges``),
+``RLIMIT_AS`` before the function's module is imported (``load_reward``; the launcher's preflight
+runs the same through ``probe``, so a reward passes preflight exactly when a worker can load it),
+``RLIMIT_NPROC`` once it is loaded (its imports may start thread pools), ``RLIMIT_CPU`` before each
+call, past what the call could burn until its timeout. It exits when the pool's end of the socket
+closes.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import inspect
 import json
 import math
@@ -34,12 +37,13 @@ import resource
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 
 HEADER = struct.Struct("!Q")
 ISOLATED_UID_BASE = 1_000_000_000  # + pid: a uid no other process has (pids stay below 2**22)
-PR_CAPBSET_DROP, PR_SET_SECUREBITS = 24, 28  # <linux/prctl.h>
+PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_SECUREBITS = 4, 24, 28  # <linux/prctl.h>
 # NOROOT, NO_SETUID_FIXUP and KEEP_CAPS off, each locked (<linux/securebits.h>)
 SECUREBITS_LOCKED_NOROOT = 0x2F
 CAPABILITY_VERSION_3 = 0x20080522
@@ -138,14 +142,26 @@ def send_frame(sock: socket.socket, body: bytes) -> None:
     sock.sendall(HEADER.pack(len(body)) + body)
 
 
-def recv_frame(sock: socket.socket, deadline: float | None = None) -> bytes | None:
+class FrameTooLarge(Exception):
+    """A frame's header announced more than the reader takes (``recv_frame``'s ``max_bytes``)."""
+
+    def __init__(self, size: int, max_bytes: int):
+        super().__init__(f"a {size}-byte frame, past the {max_bytes} taken")
+        self.size, self.max_bytes = size, max_bytes
+
+
+def recv_frame(sock: socket.socket, deadline: float | None = None,
+               max_bytes: int | None = None) -> bytes | None:
     """One frame's body; None when the peer closed between frames. Raises TimeoutError past
-    ``deadline`` (``time.monotonic()``; None waits forever) and EOFError when the peer closed
-    inside a frame."""
+    ``deadline`` (``time.monotonic()``; None waits forever), EOFError when the peer closed
+    inside a frame, and FrameTooLarge, before reading its body, for a frame past ``max_bytes``
+    (None: any)."""
     header = _recv_exact(sock, HEADER.size, deadline)
     if header is None:
         return None
     (size,) = HEADER.unpack(header)
+    if max_bytes is not None and size > max_bytes:
+        raise FrameTooLarge(size, max_bytes)
     body = _recv_exact(sock, size, deadline) if size else b""
     if body is None:
         raise EOFError("peer closed inside a frame")
@@ -167,6 +183,48 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None) -> bytes | 
             return None
         buf += chunk
     return bytes(buf)
+
+
+def relay(listener: socket.socket, connect: Callable[[], socket.socket]) -> None:
+    """Until ``listener`` is closed: pipe each connection it accepts to a fresh ``connect()`` (two
+    threads a connection; one that cannot be piped is closed). An agent worker's loopback reaches
+    its endpoint so, and the endpoint's Unix socket the host's loopback (sandbox.Forwarder)."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:  # closed
+            return
+        try:
+            upstream = connect()
+        except OSError:
+            conn.close()
+            continue
+        ended = [0]
+        try:
+            for src, dst in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=_copy, args=(src, dst, ended), daemon=True).start()
+        except RuntimeError:  # no thread to spare (RLIMIT_NPROC)
+            conn.close()
+            upstream.close()
+
+
+def _copy(src: socket.socket, dst: socket.socket, ended: list[int]) -> None:
+    with contextlib.suppress(OSError):
+        while chunk := src.recv(1 << 16):
+            dst.sendall(chunk)
+    with contextlib.suppress(OSError):
+        dst.shutdown(socket.SHUT_WR)  # the other direction may still carry an answer
+    ended.append(1)
+    if len(ended) == 3:  # both directions: [0, 1, 1]
+        src.close()
+        dst.close()
+
+
+def loopback_up() -> None:
+    """Bring this network namespace's loopback up (root, before ``drop_privileges``)."""
+    flags = 0x1 | 0x8 | 0x40  # IFF_UP | IFF_LOOPBACK | IFF_RUNNING
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        fcntl.ioctl(s, 0x8914, struct.pack("16sh", b"lo", flags))  # SIOCSIFFLAGS
 
 
 def _send_json(sock: socket.socket, message: dict) -> None:
@@ -212,15 +270,23 @@ def call_one(fn: Callable, frame: bytes) -> dict:
 
 def drop_privileges(uid: int | None = None) -> bool:
     """As root, before any user code is imported: give up every capability for good (bounding
-    set emptied, securebits locked) and take the real uid ``uid`` no other process has (default:
-    from this pid), so the hiding mounts stay (sandbox.py) and RLIMIT_NPROC binds. The effective
-    uid stays 0 (a root-only home's packages stay readable). False when not root."""
+    set emptied, securebits locked), every supplementary group, and become ``uid`` (default: from
+    this pid), a uid and gid no other process has, real, effective and saved alike: no file or
+    host-wide control guarded by mode for root (``/proc/sysrq-trigger``, ``/proc/sys``, sysfs) is
+    its own, the hiding mounts stay (sandbox.py) and RLIMIT_NPROC binds. The code it still needs
+    is readable at its own paths in its mount namespace (sandbox.py, ``exposure``). False when not
+    root."""
     if os.geteuid() != 0:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     _lock_capabilities(libc)
-    os.setresuid(uid or ISOLATED_UID_BASE + os.getpid(), 0, 0)  # needs CAP_SETUID: before capset
+    uid = uid or ISOLATED_UID_BASE + os.getpid()
+    os.setgroups([])  # each needs CAP_SETGID or CAP_SETUID: before setresuid and capset
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
     _libc_call(libc, "capset", ctypes.byref(_CapHeader(CAPABILITY_VERSION_3, 0)), (_CapData * 2)())
+    # the uid change made it undumpable: its own /proc/self would stay root's (environ, fd)
+    _libc_call(libc, "prctl", PR_SET_DUMPABLE, 1, 0, 0, 0)
     return True
 
 
@@ -284,6 +350,8 @@ def main(fd: int) -> int:
     config = pickle.loads(init)
     sys.path[:] = config["sys_path"]  # what the pool's process can import, this one can
     try:
+        if config.get("loopback"):  # an agent's: its endpoint is relayed there (agent_worker.py)
+            loopback_up()
         dropped = drop_privileges(config.get("uid"))
         try:
             fn = load_reward(config["path"], config["memory_mb"])

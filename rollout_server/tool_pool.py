@@ -15,7 +15,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from areal_like.tasks.tools import ToolSpec, result_text
-from rollout_server.sandbox import SandboxLimits, StartFailed, WorkerLost, WorkerPool, call_request
+from rollout_server.sandbox import (
+    Forwarder,
+    SandboxLimits,
+    StartFailed,
+    WorkerLost,
+    WorkerPool,
+    call_request,
+    isolating,
+)
 
 INVOKE = "rollout_server.tool_pool:invoke"  # what every worker loads: it imports and calls the tool
 
@@ -43,10 +51,17 @@ def invoke(function: str, arguments: dict) -> str:
 
 class ToolPool:
     def __init__(self, workers: int, timeout_s: float, memory_mb: int = 2048, processes: int = 0,
-                 memory_setting: str = "task.tool_memory_mb"):
+                 memory_setting: str = "task.tool_memory_mb", reply_mb: int = 16,
+                 network: bool = False, endpoint: bool = False):
+        """``network``: root's workers keep the host's network; ``endpoint`` (without it): they
+        reach one endpoint only, named by ``forward_to`` (``relay``: agent_worker.py)."""
         self.timeout_s = timeout_s  # processes: threads a call may start (sandbox.SandboxLimits)
         self.memory_setting = memory_setting  # what an out-of-memory error tells the user to raise
-        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, processes=processes)
+        self.forwarder = Forwarder() if endpoint and not network and isolating() else None
+        self.relay = self.forwarder.path if self.forwarder else ""  # "": the host's network
+        self.limits = SandboxLimits(timeout_s=timeout_s, memory_mb=memory_mb, processes=processes,
+                                    reply_bytes=reply_mb * 2**20, network=network,
+                                    endpoint=self.relay)
         self.workers = WorkerPool(INVOKE, self.limits, workers, "tool")
         self.warming: list[Future] = [self.workers.threads.submit(self.workers.warm)
                                       for _ in range(workers)]
@@ -60,8 +75,15 @@ class ToolPool:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.workers.threads, self._call, spec, arguments)
 
+    def forward_to(self, host: str, port: int) -> None:
+        """The endpoint the workers reach (``endpoint``)."""
+        if self.forwarder is not None:
+            self.forwarder.forward_to(host, port)
+
     def close(self) -> None:
         self.workers.close()
+        if self.forwarder is not None:
+            self.forwarder.close()
 
     def _call(self, spec: ToolSpec, arguments: dict) -> ToolOutcome:
         """In a pool thread: one call on one worker."""
@@ -82,6 +104,8 @@ class ToolPool:
         if isinstance(reply, WorkerLost) and reply.kind == "timeout":
             return ToolOutcome("timeout",
                                f"{spec.name} did not finish within {self.timeout_s:g}s", took)
+        if isinstance(reply, WorkerLost) and reply.kind == "oversize":
+            return ToolOutcome("error", f"{spec.name}: {reply.reason}", took)
         if isinstance(reply, WorkerLost):
             return ToolOutcome("error",
                                f"{spec.name} crashed its worker process ({reply.reason})", took)

@@ -1,6 +1,7 @@
 """Advantage estimators and the per-minibatch baselines of VCPO and OAPL: pure tensor functions.
 
-Formulas: ``trainer/LOSSES.md`` sections 1, 8 and 9; the last three functions are the
+Formulas: ``trainer/LOSSES.md`` sections 1, 8, 9 and 10 (GAE for the critic); the last three
+functions are the
 ``advantages`` rules of ``trainer/losses.py``'s ``KERNELS``. Invariants: computed on whole groups
 before any split into micro-batches; constants for the loss (no gradient); estimators return
 [N, T], zero on padding. No torch.distributed, no logging.
@@ -155,6 +156,59 @@ def oapl_targets(rewards: Tensor, group_ids: Tensor | Sequence, *, beta_v: float
     counts = _group_sums(torch.ones_like(r), idx)
     v = beta_v * (zmax + torch.log(sums) - torch.log(counts))
     return (r - v[idx]).float()
+
+
+# ----------------------------------------------------------- GAE for PPO with a critic (section 10)
+def token_rewards(outcome: Tensor, mask: Tensor, *, process: Tensor | None = None,
+                  kl: Tensor | None = None, kl_coef: float = 0.0) -> Tensor:
+    """Token-level rewards [N, T] (fp64): ``outcome`` [N] on each row's last valid token, plus
+    ``process`` [N, T] (a process reward at each step's last token, 0 elsewhere), minus
+    ``kl_coef`` * ``kl`` [N, T] on every valid token (classic RLHF's per-token KL penalty).
+    Rows without a valid token get nothing."""
+    m = mask.detach().double()
+    n, t = m.shape
+    r = torch.zeros(n, t, dtype=torch.float64, device=m.device)
+    has = m.sum(-1) > 0
+    last = (t - 1 - (m > 0).flip(-1).double().argmax(-1)).clamp(min=0)
+    rows = torch.arange(n, device=m.device)
+    r[rows[has], last[has]] = outcome.detach().double().to(m.device)[has]
+    if process is not None:
+        r = r + process.detach().double().to(m.device) * m
+    if kl_coef and kl is not None:
+        r = r - kl_coef * torch.nan_to_num(kl.detach().double().to(m.device)) * m
+    return r
+
+
+def adaptive_lambda(lengths: Tensor, alpha: float = 0.05) -> Tensor:
+    """VAPO's length-adaptive GAE lambda per row [N]: 1 - 1/(alpha l), l = the response's valid
+    length, clamped to [0, 1] (l <= 1/alpha gives 0: one-step TD)."""
+    ell = lengths.detach().double().clamp(min=1.0)
+    return (1.0 - 1.0 / (alpha * ell)).clamp(0.0, 1.0)
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float,
+        lam: float | Tensor) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over each row's valid tokens (fp64), returns
+    (advantages, returns) [N, T], 0 on invalid tokens:
+    delta_t = r_t + gamma V_{t'} - V_t, A_t = delta_t + gamma lam A_{t'}, t' the next valid token
+    (V and A past the last valid token are 0: the episode ends), returns = A + V. ``lam``: one
+    number or one per row [N]. Tokens with mask 0 inside a row (a multi-turn context) are skipped:
+    neither a step of the recursion nor a reward."""
+    m = mask.detach() > 0
+    r = rewards.detach().double()
+    v = values.detach().double().to(r.device)
+    n, t_max = r.shape
+    lam_t = torch.as_tensor(lam, dtype=torch.float64, device=r.device).expand(n)
+    adv = torch.zeros_like(r)
+    last = torch.zeros(n, dtype=torch.float64, device=r.device)
+    next_v = torch.zeros_like(last)
+    for t in range(t_max - 1, -1, -1):
+        delta = r[:, t] + gamma * next_v - v[:, t]
+        cur = delta + gamma * lam_t * last
+        last = torch.where(m[:, t], cur, last)
+        next_v = torch.where(m[:, t], v[:, t], next_v)
+        adv[:, t] = torch.where(m[:, t], cur, torch.zeros_like(cur))
+    return adv, (adv + v) * m
 
 
 # ---------------------------------------------------------- a kernel's advantages for one minibatch

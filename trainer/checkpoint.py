@@ -12,6 +12,9 @@ Invariants:
 - Atomic: every rank writes into the temporary directory; after a barrier rank 0 renames it, so a
   crash at any moment leaves the previous checkpoint usable (``AsyncSaver`` too: the rename waits
   for every rank's background write). The last ``trainer.keep_checkpoints`` are kept.
+- A critic (``trainer/critic.py``) is saved in the same DCP checkpoint (``critic_model``,
+  ``critic_optim``; its scheduler in meta.pt) and resumed with the policy; a checkpoint without one
+  is refused for a run with one (and the other way round).
 - Resume restores model, optimizer, scheduler, policy_version and RNG states; ``checkpoint_dir``
   must be shared by all nodes. meta.pt's checksums prove a resumed run holds the saved state.
 - A checkpoint never holds a non-finite weight or optimizer state (``trainer/finite_guard.py``).
@@ -92,14 +95,29 @@ def _flatten(prefix: str, obj, out: dict) -> dict:
     return out
 
 
-def state_checksums(policy: Policy) -> dict[str, float]:
-    """Checksums of the model and optimizer state over all ranks (a collective)."""
-    model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
-    optim = _flatten("", optim_sd["state"], {})
-    vals = torch.tensor([_flat_checksum(model_sd), _flat_checksum(optim)], dtype=torch.float64)
+def state_checksums(policy: Policy, critic=None) -> dict[str, float]:
+    """Checksums of the model and optimizer state over all ranks (a collective); with a
+    ``critic``, its own too (``critic_model``, ``critic_optim``)."""
+    parts = {"": policy} | ({"critic_": critic} if critic is not None else {})
+    vals = []
+    for owner in parts.values():
+        model_sd, optim_sd = get_state_dict(owner.model, owner.optimizer)
+        vals += [_flat_checksum(model_sd), _flat_checksum(_flatten("", optim_sd["state"], {}))]
+    total = torch.tensor(vals, dtype=torch.float64)
     if several():
-        dist.all_reduce(vals)
-    return {"model": float(vals[0]), "optim": float(vals[1])}
+        dist.all_reduce(total)
+    names = [f"{p}{k}" for p in parts for k in ("model", "optim")]
+    return dict(zip(names, map(float, total)))
+
+
+def _states(policy: Policy, critic=None) -> dict:
+    """The DCP state of the policy and, when given, the critic."""
+    model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    if critic is not None:
+        state["critic_model"], state["critic_optim"] = get_state_dict(critic.model,
+                                                                      critic.optimizer)
+    return state
 
 
 def open_tmp(final: Path) -> Path:
@@ -120,7 +138,8 @@ def publish(tmp: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
-def _write_rest(tmp: Path, policy: Policy, version: int, extra: dict | None) -> None:
+def _write_rest(tmp: Path, policy: Policy, version: int, extra: dict | None,
+                critic=None) -> None:
     """RNG states (every rank) and meta.pt with the checksums
     (rank 0; the checksums are a collective)."""
     rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -128,10 +147,12 @@ def _write_rest(tmp: Path, policy: Policy, version: int, extra: dict | None) -> 
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, tmp / f"rng_rank{rank_world()[0]}.pt")
-    sums = state_checksums(policy)
+    sums = state_checksums(policy, critic)
     if rank_world()[0] == 0:
         torch.save({"policy_version": version, "scheduler": policy.scheduler.state_dict(),
-                    "world_size": policy.world_size, "checksums": sums, "extra": dict(extra or {})},
+                    "world_size": policy.world_size, "checksums": sums, "extra": dict(extra or {}),
+                    **({"critic_scheduler": critic.scheduler.state_dict()}
+                       if critic is not None else {})},
                    tmp / "meta.pt")
 
 
@@ -152,24 +173,26 @@ def _commit(root: Path, tmp: Path, final: Path, version: int, keep: int) -> None
 
 
 def save_checkpoint(root: Path, policy: Policy, version: int, extra: dict | None = None,
-                    keep: int = KEEP) -> Path:
+                    keep: int = KEEP, critic=None) -> Path:
     """Save on all ranks (a collective); the final directory. ``extra`` (rank 0's) is kept in the
     metadata. ``NonFiniteStateError`` (every rank, nothing written) for a non-finite state."""
-    tmp, final, _ = _begin(root, policy, version, extra, dcp.save)
+    tmp, final, _ = _begin(root, policy, version, extra, dcp.save, critic=critic)
     _commit(root, tmp, final, version, keep)
     return final
 
 
-def _begin(root: Path, policy: Policy, version: int, extra: dict | None, save, **kwargs):
+def _begin(root: Path, policy: Policy, version: int, extra: dict | None, save, critic=None,
+           **kwargs):
     """Check the state, open the temporary directory and write into it (``save``: DCP's save or
     async_save, whose result is returned); (tmp, final, that result)."""
     require_finite_state(policy.model, policy.optimizer)
+    if critic is not None:
+        require_finite_state(critic.model, critic.optimizer)
     final = root / f"{PREFIX}{version:08d}"
     tmp = open_tmp(final)
     barrier()
-    model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
-    result = save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), **kwargs)
-    _write_rest(tmp, policy, version, extra)
+    result = save(_states(policy, critic), checkpoint_id=str(tmp), **kwargs)
+    _write_rest(tmp, policy, version, extra, critic)
     return tmp, final, result
 
 
@@ -185,11 +208,12 @@ class AsyncSaver:
             self._pg = dist.new_group(backend="gloo") if several() else None
         self._pending: tuple | None = None  # (future, tmp, final, version)
 
-    def save(self, policy: Policy, version: int, extra: dict | None = None) -> None:
+    def save(self, policy: Policy, version: int, extra: dict | None = None,
+             critic=None) -> None:
         """Stage the state and start writing it; the previous save is committed first."""
         self.finish()
         tmp, final, future = _begin(self.root, policy, version, extra, dcp.async_save,
-                                    process_group=self._pg)
+                                    critic=critic, process_group=self._pg)
         self._pending = (future, tmp, final, version)
 
     def poll(self) -> None:
@@ -361,10 +385,11 @@ def refuse_other_settings(path: Path, model_cfg: ModelConfig, lora: LoraConfig,
                         advice)
 
 
-def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
-    """Restore everything from ``path`` on all ranks; returns (policy_version, saved meta)."""
-    model_sd, optim_sd = get_state_dict(policy.model, policy.optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+def load_checkpoint(path: Path, policy: Policy, critic=None) -> tuple[int, dict]:
+    """Restore everything from ``path`` on all ranks (``critic``: its state too); returns
+    (policy_version, saved meta)."""
+    state = _states(policy, critic)
+    model_sd = state["model"]
     meta = rng = error = None
     try:  # first: a planted file fails before anything is read
         meta = load_data(path / "meta.pt")
@@ -378,10 +403,18 @@ def load_checkpoint(path: Path, policy: Policy) -> tuple[int, dict]:
     _agree(error, path)
     refuse_other_shapes(path, saved, model_sd, "resume with the model.* and trainer.lora.* "
                         "settings it was saved with, or use a new run_dir")
+    if (critic is not None) != ("critic_scheduler" in meta):
+        raise StartRefused(f"{path} was saved {'without' if critic is not None else 'with'} a "
+                           "critic: resume with the trainer.critic.enabled it was saved with, or "
+                           "use a new run_dir")
     dcp_load(state, path)
     set_state_dict(policy.model, policy.optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
     policy.scheduler.load_state_dict(meta["scheduler"])
+    if critic is not None:
+        set_state_dict(critic.model, critic.optimizer, model_state_dict=state["critic_model"],
+                       optim_state_dict=state["critic_optim"])
+        critic.scheduler.load_state_dict(meta["critic_scheduler"])
     if rng is not None:  # absent when resuming with more ranks than were saved: fresh RNG for those
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])

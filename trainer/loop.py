@@ -43,16 +43,30 @@ from trainer.checkpoint import (
     save_checkpoint,
     state_checksums,
 )
+from trainer.critic import (
+    build_critic,
+    check_critic_tokenizer,
+    critic_advantages,
+    critic_values,
+    explained_variance,
+    train_critic,
+)
 from trainer.data import BatchSource, TrainBatch
 from trainer.engine_lag import EngineSchedule
 from trainer.export import export_hf, export_tokenizer, prune_exports
 from trainer.facts import TrainerFacts
 from trainer.finite_guard import SkipTracker
-from trainer.logprob_guard import PROBE_TEXT, run_guard
+from trainer.logprob_guard import PROBE_TEXT, guard_tol, run_guard
 from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
 from trainer.ranks import from_rank0
 from trainer.samples import sample_rows
-from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
+from trainer.step import (
+    StepSettings,
+    minibatches,
+    recompute_prox_logp,
+    reference_logp,
+    train_step,
+)
 from trainer.weight_members import await_registered
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
@@ -122,9 +136,14 @@ class Trainer(Daemon):
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         torch.manual_seed(self.facts.seed)
         t, model_cfg = self.cfg, self.facts.model
+        check_critic_tokenizer(model_cfg, t.critic)  # before anything is built
         self.rank, self.world_size = init_distributed(t)
         self.policy = build_policy(model_cfg, t)
-        self.reference = build_reference(model_cfg, t, self.policy) if t.loss.kl_coef > 0 else None
+        # the value model of PPO with a critic (trainer/critic.py); never exported nor pushed
+        self.critic = build_critic(model_cfg, t) if t.critic.enabled else None
+        kl_in_reward = self.critic is not None and t.critic.kl_coef > 0
+        self.reference = (build_reference(model_cfg, t, self.policy)
+                          if t.loss.kl_coef > 0 or kl_in_reward else None)
         self.settings = StepSettings.of(t, self.facts.task)
         self.data = BatchSource(t.buffer_address, t.groups_per_step, keys=self.facts.keys,
                                 wait_s=t.batch_wait_s,
@@ -144,7 +163,7 @@ class Trainer(Daemon):
         self.skips = SkipTracker(t.max_nonfinite_skips, self.metrics if self.rank == 0 else None)
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
-            self.version, meta = load_checkpoint(ckpt, self.policy)
+            self.version, meta = load_checkpoint(ckpt, self.policy, self.critic)
             self.restore_extra(meta.get("extra", {}))
         self.warn_truncation()
         checkpoint_version = self.version
@@ -166,16 +185,47 @@ class Trainer(Daemon):
                          "rolled_back_total": self.rolled_back_steps,
                          "steps_trained": self.steps_trained,
                          **({"saved_checksums": meta["checksums"],
-                             "checksums": state_checksums(self.policy)}
+                             "checksums": state_checksums(self.policy, self.critic)}
                             if ckpt is not None else {})})
         # a second crash before the next periodic checkpoint must not roll these labels back again;
         # nor may a later resume count a crash of ours against a most_lost smaller than ours
         if lost or ckpt is not None and self.most_lost() > self.saved_most_lost:
             self.checkpoint_now()
 
+    def train_batch(self, batch: TrainBatch, prox_logp: torch.Tensor | None,
+                    ref_logp: torch.Tensor | None) -> dict[str, float]:
+        """The policy's step on ``batch`` (with a critic: ``critic_step``); its stats."""
+        if self.critic is not None:
+            return self.critic_step(batch, prox_logp, ref_logp)
+        with self.phase("train_step"):
+            return train_step(self.policy, batch, self.settings, prox_logp, ref_logp)
+
+    def critic_step(self, batch: TrainBatch, prox_logp: torch.Tensor | None,
+                    ref_logp: torch.Tensor | None) -> dict[str, float]:
+        """PPO with a critic (trainer/critic.py): V_old from the critic as it is now, GAE, the
+        policy's step with those advantages (none during ``trainer.critic.warmup_steps``), then
+        the critic's."""
+        c, s = self.cfg.critic, self.settings
+        with self.phase("critic_values"):
+            values = critic_values(self.critic, batch, s.micro_batch_size)
+            kl = None if ref_logp is None or not c.kl_coef else batch.behav_logp - ref_logp
+            adv, returns = critic_advantages(c, batch, values, kl)
+        # during the warm-up the policy does not move: no policy loss (as a step with no row)
+        stats: dict[str, float] = {"actor_frozen": float(self.version < c.warmup_steps),
+                                   "loss": 0.0, "policy_loss": 0.0}
+        if not stats["actor_frozen"]:
+            with self.phase("train_step"):
+                stats |= train_step(self.policy, batch, s, prox_logp, ref_logp, advantages=adv)
+            self.policy.optimizer.zero_grad(set_to_none=True)  # not held through the critic's
+        with self.phase("critic_step"):
+            stats |= train_critic(self.critic, batch, values, returns,
+                                  minibatches(batch, s.num_minibatches), s.micro_batch_size)
+        stats["critic_explained_variance"] = explained_variance(values, returns, batch.mask)
+        return stats
+
     def checkpoint_now(self, record: dict | None = None) -> None:
         save_checkpoint(self.ckpt_root, self.policy, self.version, self.checkpoint_extra(record),
-                        self.cfg.keep_checkpoints)
+                        self.cfg.keep_checkpoints, critic=self.critic)
 
     def warn_truncation(self) -> None:
         task = self.facts.task
@@ -190,7 +240,7 @@ class Trainer(Daemon):
     def guard_logprobs(self, sync: SyncReport) -> None:
         """A collective: ``LogprobGuardError`` on an engine off the convention
         (logprob_guard.py)."""
-        tol = self.cfg.logprob_guard_tol
+        tol = guard_tol(self.cfg.logprob_guard_tol, self.facts.model.dtype)
         if tol <= 0:
             return
         prompt = list(self.tokenizer.encode(PROBE_TEXT)) if self.rank == 0 else []
@@ -286,9 +336,8 @@ class Trainer(Daemon):
                 prox_logp = recompute_prox_logp(self.policy, batch, self.settings)
             with self.phase("ref_logp"):
                 ref_logp = reference_logp(self.reference, batch, self.settings, self.policy.device)
-            # the kernel's advantages, per minibatch, then its optimizer steps
-            with self.phase("train_step"):
-                stats = train_step(self.policy, batch, self.settings, prox_logp, ref_logp)
+            # the kernel's advantages (or the critic's), then the optimizer steps
+            stats = self.train_batch(batch, prox_logp, ref_logp)
             self.skips.observe(self.version + 1, stats)  # every rank alike: too many in a row stop
             self.version += 1
             self.steps_trained += 1
@@ -334,7 +383,8 @@ class Trainer(Daemon):
         staged, and the previous save committed."""
         with self.phase("checkpoint"):
             if self.saver is not None:
-                self.saver.save(self.policy, self.version, self.checkpoint_extra(row))
+                self.saver.save(self.policy, self.version, self.checkpoint_extra(row),
+                                critic=self.critic)
             else:
                 self.checkpoint_now(row)
 

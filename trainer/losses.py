@@ -298,6 +298,31 @@ def oapl_loss(x: LossInputs, p: OAPLConfig) -> tuple[Tensor, Stats]:
     return (resid * resid * valid).sum() / n_seq, stats
 
 
+# ---------------------------------------------------------------- the critic (section 10)
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *,
+               clip: float | None, n_tokens_global: float | None = None) -> tuple[Tensor, Stats]:
+    """The critic's clipped value loss (PPO2, as verl and OpenRLHF): token-mean of
+    0.5 max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2); ``clip`` None: 0.5 (V - R)^2.
+    Only ``values`` gets a gradient; ``n_tokens_global``: the minibatch's valid tokens (None: this
+    call's), so the per-call losses sum to the minibatch's."""
+    m = mask.detach().float()
+    n_tok, _ = norms(m, n_tokens_global, None)
+    v = torch.where(m > 0, values.float(), torch.zeros_like(m))
+    ret = torch.where(m > 0, returns.detach().float(), torch.zeros_like(m))
+    sq = (v - ret) ** 2
+    if clip is None:
+        per_tok, clipped = sq, torch.zeros_like(sq)
+    else:
+        old = torch.where(m > 0, old_values.detach().float(), torch.zeros_like(m))
+        sq_clip = (old + (v - old).clamp(-clip, clip) - ret) ** 2
+        per_tok, clipped = torch.maximum(sq, sq_clip), (sq_clip > sq).float()
+    loss = 0.5 * (per_tok * m).sum() / n_tok
+    stats = {"value_loss": loss.detach(), "value_clip_frac": (clipped * m).sum() / n_tok,
+             "value_mean": (v.detach() * m).sum() / n_tok,
+             "return_mean": (ret * m).sum() / n_tok}
+    return loss, stats
+
+
 # ---------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Kernel:

@@ -309,17 +309,19 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
 
 
 def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: torch.Tensor | None,
-               ref_logp: torch.Tensor | None = None) -> dict[str, float]:
-    """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them."""
+               ref_logp: torch.Tensor | None = None,
+               advantages: torch.Tensor | None = None) -> dict[str, float]:
+    """``num_minibatches`` optimizer steps on ``batch``; returns stats averaged over them.
+    ``advantages`` [N, T]: given (a critic's GAE, ``trainer/critic.py``) instead of the kernel's."""
     if prox_logp is None and s.kernel.needs_prox and not s.fuse_prox:
         raise ValueError(f"trainer.loss.kernel={s.loss.kernel} with "
                          f"trainer.num_minibatches={s.num_minibatches} "
                          "needs the proximal log-probs recomputed before the step "
                          "(recompute_prox_logp)")
     loss_cfg = s.loss_config(batch)
+    whole = batch_advantages(batch, s) if advantages is None else Advantages(advantages)
     advantages = torch.zeros_like(batch.mask)
     per_step: list[dict[str, float]] = []
-    whole = batch_advantages(batch, s)
     for rows in minibatches(batch, s.num_minibatches):
         n_tokens = float(batch.mask[rows].sum())
         n_seqs = float((batch.mask[rows].sum(-1) > 0).sum())

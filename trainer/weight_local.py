@@ -4,7 +4,9 @@ shared-memory file names) and ``disk`` (an HF directory, or a LoRA adapter in PE
 
 Invariants:
 - the memory a payload refers to stays alive until the push is over (every member reported, left,
-  or the deadline passed); on disk, one version's directory, removed at the next push;
+  or the deadline passed); a ``tensor`` bucket's buffer lives until ``close`` and is rewritten only
+  by a later push of the same bucket layout (the same IPC handle every push, so an engine opens it
+  once); on disk, one version's directory, removed at the next push;
 - a payload is made only from buffers this module allocated, never the model's own storage.
 """
 
@@ -85,7 +87,6 @@ class LocalSender(Sender):
         self._model: torch.nn.Module | None = None
         self._buckets: list[BucketSpec] = []
         self._tensors: list[list[torch.Tensor]] = []  # per bucket, in the wire dtype
-        self._held: list[torch.Tensor] = []  # what tensor payloads point into
 
     def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None:
         tensors = [gather(params, b, self.send_dtype) for b in buckets]  # all-gathers: every rank
@@ -105,28 +106,46 @@ class LocalSender(Sender):
         """The plan's ``payloads`` for ``tensors`` (per bucket, in the wire dtype)."""
 
     def done(self) -> None:
-        """The push is over: let go of the tensors and what the payloads point into."""
-        self._model, self._buckets, self._tensors, self._held = None, [], [], []
+        """The push is over: let go of the gathered tensors."""
+        self._model, self._buckets, self._tensors = None, [], []
 
 
 class TensorSender(LocalSender):
-    """Path ``tensor``: one payload per bucket, the bucket packed into a fresh shared buffer."""
+    """Path ``tensor``: one payload per bucket, the bucket packed into a shared buffer kept per
+    bucket layout from push to push (WEIGHT_SYNC.md, "One GPU"): every push names the same CUDA IPC
+    handle (on CPU, the same shared-memory file), which an engine maps once and keeps mapped."""
 
     PATH = "tensor"
 
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._flats: dict[tuple, torch.Tensor] = {}  # bucket layout -> its shared buffer
+
     def payloads(self, model, version, buckets, tensors) -> list[str]:
-        return [tensor_payload(list(self._bucket_views(b, ts).items()))
-                for b, ts in zip(buckets, tensors)]
+        views = [self._bucket_views(b, ts) for b, ts in zip(buckets, tensors)]
+        device = tensors[0][0].device if tensors else torch.device("cpu")
+        if device.type == "cuda":
+            # an engine that keeps the handle open waits on no IPC event when it reads the bucket
+            # again: the packing must be complete before any payload leaves (one wait per push)
+            torch.cuda.synchronize(device)
+        return [tensor_payload(list(v.items())) for v in views]
 
     def _bucket_views(self, b: BucketSpec, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         tensor_layout, nbytes = layout(b.names, b.dtypes, b.shapes)
-        flat = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
-        if flat.device.type == "cpu":
-            with _shared_by_file_name():
-                flat.share_memory_()  # in shared memory before the pack: the dump copies nothing
+        key = tuple((n, str(dt), tuple(s)) for n, dt, s, _ in tensor_layout)
+        flat = self._flats.get(key)
+        if flat is None or flat.device != tensors[0].device:
+            flat = torch.empty(nbytes, dtype=torch.uint8, device=tensors[0].device)
+            if flat.device.type == "cpu":
+                with _shared_by_file_name():
+                    flat.share_memory_()  # shared before the pack: the dump copies nothing
+            self._flats[key] = flat
         pack(tensors, flat)
-        self._held.append(flat)
         return unpack(flat, tensor_layout)
+
+    def close(self) -> None:
+        super().close()
+        self._flats = {}
 
 
 class DiskSender(LocalSender):

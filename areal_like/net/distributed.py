@@ -218,17 +218,46 @@ def host_store(master_addr: str, master_port: int, world_size: int, timeout: tim
                     master_listen_fd=sock.detach(), use_libuv=True)
 
 
-def interface_toward(address: str) -> str | None:
-    """The local interface this node reaches ``address`` through: the one holding it when it is
-    local, else the one its route leaves by (None: not resolvable, or no route)."""
+def address_toward(address: str) -> str | None:
+    """This node's address on the interface it reaches ``address`` through: ``address`` itself
+    when it is local, else the one its route leaves by (None: not resolvable, or no route)."""
     try:
         family, _, _, _, sockaddr = socket.getaddrinfo(address, 9, type=socket.SOCK_DGRAM)[0]
         with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.connect(sockaddr)  # UDP: looks the route up, sends nothing
-            local = s.getsockname()[0]
+            return s.getsockname()[0]
     except OSError:
         return None
-    return interface_of(local)
+
+
+def interface_toward(address: str) -> str | None:
+    """The local interface this node reaches ``address`` through (None: not resolvable, or no
+    route)."""
+    local = address_toward(address)
+    return None if local is None else interface_of(local)
+
+
+def resolves_to_loopback(host: str) -> bool:
+    """Whether every address ``host`` resolves to here is a loopback one (False: unresolvable)."""
+    import ipaddress
+
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
+
+
+def reachable_host(host: str, head: str | None) -> str:
+    """Where a server that the job's other nodes must reach listens: ``host``, unless it names a
+    loopback address here (a node's own host name that /etc/hosts maps to 127.0.1.1, as on many
+    machines) while ``head``, the job's head node, is not loopback; then this node's address on
+    its interface toward ``head`` (as ``gloo_toward`` picks for gloo). The any-address stays."""
+    if not head or host in ("", "0.0.0.0", "::") or resolves_to_loopback(head):
+        return host
+    if not resolves_to_loopback(host):
+        return host
+    return address_toward(head) or host
 
 
 @contextmanager

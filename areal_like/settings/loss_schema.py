@@ -20,6 +20,9 @@ PPO_CLIP_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop")
 # (trainer/advantages.py): a group of one is its own baseline. The estimators give a group of one
 # no baseline (mean 0, std 1, as verl: A = R), so they train with it
 GROUP_BASELINE_KERNELS = ("vcpo", "oapl")
+# kernels that take a per-token advantage as it comes, so a critic's GAE can drive them
+# (trainer.critic, critic_schema.py); gspo, vcpo and oapl build advantages of their own
+CRITIC_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "vespo")
 ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 
 K = "trainer.loss."

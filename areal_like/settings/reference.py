@@ -106,10 +106,7 @@ def _bounds(cls: type) -> dict[str, list[str]]:
         except Exception:
             return None
 
-    for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(post)))):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id in CHECKS and node.args):
-            continue
+    def record(node: ast.Call) -> None:
         name, args = node.func.id.lstrip("_"), node.args
         if name == "each" and len(args) >= 4:
             section, rule = value(args[0]), value(args[2])
@@ -124,6 +121,24 @@ def _bounds(cls: type) -> dict[str, list[str]]:
             key, rule = value(args[0]), value(args[2])
             if isinstance(key, str) and isinstance(rule, str):
                 out.setdefault(key, []).append(rule)
+
+    def visit(node: ast.AST) -> None:
+        """Each check call; a ``for`` over a tuple of names runs its body once per name."""
+        if isinstance(node, ast.For) and isinstance(node.target, ast.Name):
+            names = value(node.iter)
+            if isinstance(names, tuple):
+                for item in names:
+                    env[node.target.id] = item
+                    for child in node.body:
+                        visit(child)
+                return
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                and node.func.id in CHECKS and node.args):
+            record(node)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(textwrap.dedent(inspect.getsource(post))))
     return out
 
 

@@ -23,6 +23,7 @@ from areal_like.settings.config_checks import (
 )
 from areal_like.settings.config_checks import check as _check
 from areal_like.settings.config_checks import choice as _choice
+from areal_like.settings.critic_schema import CriticConfig, model_keys
 from areal_like.settings.loss_schema import ESTIMATORS, GROUP_BASELINE_KERNELS, LossConfig
 from areal_like.settings.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
 
@@ -119,6 +120,12 @@ class TaskConfig:
     reward_memory_mb: int = 2048  # address-space limit of a reward worker; 0 = none
     reward_url: str = ""  # remote reward: POST a batch of (prompt, response, metadata) here
     reward_retries: int = 2  # remote reward: retries after a failed or timed-out call
+    # the longest reply a reward, tool or agent worker may send (MiB); a longer one is refused,
+    # its sample scored 0 with the reason (kind "oversize") and the worker replaced
+    worker_reply_mb: int = 16
+    # root's reward and tool workers keep the host's network (else none; a remote reward,
+    # task.reward_url, is called by the rollout server and needs none; agents keep it)
+    worker_network: bool = False
     # multi-turn episodes: "pkg.module:Class" of an environment (rollout_server/ROLLOUT.md) whose
     # step rewards replace the task's reward; empty = single-turn
     env: str = ""
@@ -157,7 +164,7 @@ class TaskConfig:
         each("task", self, ">= 0", "max_prompt_tokens", "reward_workers", "reward_memory_mb",
              "reward_retries", "tool_memory_mb", "agent_memory_mb")
         each("task", self, ">= 1", "group_size", "max_new_tokens", "max_turns", "tool_workers",
-             "agent_workers")
+             "agent_workers", "worker_reply_mb")
         each("task", self, "> 0", "reward_timeout_s", "turn_timeout_s", "episode_timeout_s",
              "tool_timeout_s")
         _check("task.temperature", self.temperature > 0, "> 0 (sampling; greedy is not RL)",
@@ -441,6 +448,8 @@ class TrainerConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # PPO with a value model (trainer/critic.py); off: the kernels' own advantages
+    critic: CriticConfig = field(default_factory=CriticConfig)
     checkpoint_every: int = 20  # a checkpoint every this many steps, and at the last
     # a save stages the state and writes it while the next step trains (DCP async_save)
     checkpoint_async: bool = False
@@ -458,8 +467,9 @@ class TrainerConfig:
     gloo_timeout_s: float = 300.0  # timeout of the trainer ranks' collectives
     # the KL term's frozen reference (loss.kl_coef > 0): a local HF dir; None = initial
     ref_path: str | None = None
-    # mean |engine - trainer| log-prob per token at start; <= 0: off (logprob_guard.py)
-    logprob_guard_tol: float = 0.05
+    # mean |engine - trainer| log-prob per token at start; <= 0: off; None: by model.dtype,
+    # 0.05 for float32, 0.1 for bfloat16 and float16 (trainer/logprob_guard.py, DEFAULT_TOL)
+    logprob_guard_tol: float | None = None
     # wait for rollout servers before the first push (0: at once; `run` sets it)
     first_engine_wait_s: float = 0.0
     # how many: the first push waits (first_engine_wait_s) until this many registered
@@ -497,6 +507,7 @@ class TrainerConfig:
         _check("trainer.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
                "two numbers in [0, 1)", self.betas)
         self.loss.check_for_kernel()
+        self.critic.check_for_trainer(self.loss.kernel, self.lora.enabled, model_keys(ModelConfig))
         # the KL reference is the base itself, the adapter switched off; the weight path with
         # LoRA is checked with the engine kind (RunConfig)
         _check("trainer.ref_path", not self.lora.enabled or self.ref_path is None, "unset with "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rollout_server.engine.host import to_device
 from rollout_server.engine.kv import SlotKV
 
 FAMILIES = ("qwen2", "qwen3", "llama")  # the same decoder layer up to q/k norms and biases
@@ -75,9 +76,11 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
     inner = model.model
     device = inner.embed_tokens.weight.device
     lens = [len(s) for s in seqs]
-    ids = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=device)
-    pos = torch.cat([torch.arange(n, device=device) for n in lens])
     starts = [sum(lens[:i]) for i in range(len(lens))]
+    # token ids, positions and each sequence's last row, sent without waiting (host.py)
+    ids, pos = to_device([[t for s in seqs for t in s], [i for n in lens for i in range(n)]],
+                         torch.long, device)
+    last = to_device([a + n - 1 for a, n in zip(starts, lens)], torch.long, device)
     _, kv_heads, dim = kv.shape
     h = inner.embed_tokens(ids)  # [T, hidden]
     cos, sin = inner.rotary_emb(h, pos[None])
@@ -98,7 +101,6 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
                 scale=attn.scaling, enable_gqa=True)[0].transpose(0, 1)
         h = h + attn.o_proj(o.flatten(1))
         h = h + layer.mlp(layer.post_attention_layernorm(h))
-    last = torch.tensor([a + n - 1 for a, n in zip(starts, lens)], device=device)
     return model.lm_head(inner.norm(h[last]))
 
 
@@ -112,10 +114,11 @@ def decode(model, kv: SlotKV, ids: torch.Tensor, pos: torch.Tensor, kv_len: int)
     cos, sin = cos[:, 0], sin[:, 0]  # [B, D]
     keys = torch.arange(kv_len, device=ids.device)
     neg = torch.finfo(h.dtype).min
-    mask = torch.zeros(B, kv_len, dtype=h.dtype, device=h.device).masked_fill_(
-        keys[None, :] > pos[:, None], neg)
-    mask = mask[:, None, None, :]  # [B, 1, 1, L]
     _, kv_heads, dim = kv.shape
+    # [B * kv_heads, 1, L], built once per step: the scores' additive mask, broadcast over G
+    mask = torch.zeros(B, kv_len, dtype=h.dtype, device=h.device).masked_fill_(
+        keys[None, :] > pos[:, None], neg)[:, None].expand(B, kv_heads, kv_len).reshape(
+        B * kv_heads, 1, kv_len)
     # Flat row of each (slot, kv_head, pos) in a [slots * kv_heads * capacity, D] view of a
     # layer's cache.
     heads = torch.arange(kv_heads, device=ids.device)
@@ -128,11 +131,12 @@ def decode(model, kv: SlotKV, ids: torch.Tensor, pos: torch.Tensor, kv_len: int)
         K, V = kv.K[idx], kv.V[idx]
         K.view(-1, dim).index_copy_(0, write, k.reshape(-1, dim))
         V.view(-1, dim).index_copy_(0, write, v.reshape(-1, dim))
-        # [B, kvh, G, L]
-        scores = torch.matmul(q, K[:B, :, :kv_len].transpose(2, 3)) * attn.scaling + mask
+        # [B * kvh, G, L]: mask + scaling * q K^T in one GEMM (the cache rows are strided views)
+        keys_t = K[:B, :, :kv_len].flatten(0, 1).transpose(1, 2)  # [B * kvh, D, L]
+        scores = torch.baddbmm(mask, q.flatten(0, 1), keys_t, alpha=attn.scaling)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         # [B, heads * D], head = kv_head * G + g
-        o = torch.matmul(probs, V[:B, :, :kv_len]).reshape(B, -1)
+        o = torch.bmm(probs, V[:B, :, :kv_len].flatten(0, 1)).reshape(B, -1)
         h = h + attn.o_proj(o)
         h = h + layer.mlp(layer.post_attention_layernorm(h))
     return model.lm_head(inner.norm(h))

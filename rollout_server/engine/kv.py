@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rollout_server.engine.host import to_device
+
 INITIAL_CAPACITY = 128  # tokens per slot before the first growth; doubling keeps reallocations rare
 
 
@@ -55,8 +57,7 @@ class SlotKV:
         i, in one indexed copy per tensor. No slot may be both a source and a destination."""
         if not srcs:
             return
-        src = torch.tensor(srcs, device=self.device)
-        dst = torch.tensor(dsts, device=self.device)
+        src, dst = to_device([srcs, dsts], torch.long, self.device)  # no wait on queued work
         for store in (self.K, self.V):
             for t in store:
                 t[dst, :, :length] = t[src, :, :length]

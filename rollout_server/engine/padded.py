@@ -6,8 +6,8 @@ full attention): a per-layer-type dict is not understood by Llama's ``create_cau
 from __future__ import annotations
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
+from rollout_server.engine.host import to_device
 from rollout_server.engine.kv import SlotKV
 
 
@@ -22,10 +22,9 @@ def prefill(model, kv: SlotKV, seqs: list[list[int]], first_slot: int) -> torch.
     ``[first_slot, first_slot + k)``."""
     device, dtype = kv.device, kv.dtype
     k = len(seqs)
-    lens = torch.tensor([len(s) for s in seqs], device=device)
-    L = int(lens.max())
-    ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in seqs],
-                       batch_first=True).to(device)
+    L = max(map(len, seqs))
+    lens = to_device([len(s) for s in seqs], torch.long, device)
+    ids = to_device([s + [0] * (L - len(s)) for s in seqs], torch.long, device)  # right-padded
     pos = torch.arange(L, device=device)
     allowed = ((pos[None, None, :] <= pos[None, :, None])
                & (pos[None, None, :] < lens[:, None, None]))

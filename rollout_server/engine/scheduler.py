@@ -15,6 +15,7 @@ Invariants:
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -25,9 +26,10 @@ from dataclasses import dataclass, field
 import torch
 
 from rollout_server.engine import fastpath, padded
+from rollout_server.engine.host import to_device
 from rollout_server.engine.kv import SlotKV
 from rollout_server.engine.mailbox import Mailbox
-from rollout_server.engine.sampling import SamplingParams, sample
+from rollout_server.engine.sampling import SamplingParams, prepare, sample, seeded_rng
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +58,13 @@ class Request:
     created: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     finished_at: float | None = None
-    generator: torch.Generator | None = None
+    rng: random.Random | None = None  # its own uniforms when seeded (sampling.py)
     log_metrics: bool = True  # False for health probes, as in SGLang
     cached: int = 0  # positions of this request whose KV sits in its slot
 
     def __post_init__(self):
-        if self.params.sampling_seed is not None and self.generator is None:
-            self.generator = torch.Generator().manual_seed(self.params.sampling_seed)
+        if self.params.sampling_seed is not None and self.rng is None:
+            self.rng = seeded_rng(self.params.sampling_seed)
 
 
 def unservable(config) -> str:
@@ -88,7 +90,7 @@ class Scheduler:
         self.weight_version = weight_version
         self.metrics = metrics
         self.gather_gap_s, self.gather_max_s = gather_gap_s, gather_max_s
-        self.shared_gen = torch.Generator().manual_seed(seed)
+        self.shared_rng = random.Random(seed)  # the uniforms of requests without a seed
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.kv = SlotKV(cfg.num_hidden_layers, max_running, cfg.num_key_value_heads,
                          head_dim, context_len,
@@ -297,35 +299,47 @@ class Scheduler:
         self.kv.ensure(longest + 1)
         # before the forward: if it raises, these are answered with the rest
         self.running.extend(new)
-        logits = self.path.prefill(self.model, self.kv, seqs[:u], B)
-        self.prefill_tokens += sum(map(len, seqs[:u]))
+        batch = self._sampling(new)
         row = {orig: j for j, orig in enumerate(order)}  # original index -> position in `new`
         rows = [row[src[i]] for i in order]  # each request's distinct twin (a row of `logits`)
+        twin_rows = to_device(rows, torch.long, self.device)
+        logits = self.path.prefill(self.model, self.kv, seqs[:u], B)
+        self.prefill_tokens += sum(map(len, seqs[:u]))
         self.kv.move([B + rows[j] for j in range(u, len(new))],
                      list(range(B + u, B + len(new))), longest)
         for r, s in zip(new, seqs):
             r.cached = len(s)
-        self._sample_and_retire(logits[rows], list(range(B, B + len(new))))
+        self._sample_and_retire(logits[twin_rows], list(range(B, B + len(new))), batch)
 
     def _decode(self) -> None:
-        B = len(self.running)
-        start = torch.tensor([r.cached for r in self.running], device=self.device)
-        kv_len = max(r.cached for r in self.running) + 1
+        running = self.running
+        kv_len = max(r.cached for r in running) + 1
         self.kv.ensure(kv_len)
-        last = torch.tensor([r.output_ids[-1] for r in self.running],
-                            dtype=torch.long, device=self.device)
+        batch = self._sampling(running)
+        # each row's last token and its position, in one copy queued before the forward
+        last, start = to_device([[r.output_ids[-1] for r in running], [r.cached for r in running]],
+                                torch.long, self.device)
         logits = self.path.decode(self.model, self.kv, last, start, kv_len)
-        for r in self.running:
+        for r in running:
             r.cached += 1
-        self._sample_and_retire(logits, list(range(B)))
+        self._sample_and_retire(logits, list(range(len(running))), batch)
 
-    def _sample_and_retire(self, logits: torch.Tensor, slots: list[int]) -> None:
+    def _sampling(self, reqs: list[Request]):
+        """The sampling inputs of ``reqs``, on the device before the forward pass is queued: one
+        uniform per sampled row, from its request's own stream or the shared one (sampling.py)."""
+        uniforms = [0.0 if r.params.greedy
+                    else (r.rng if r.rng is not None else self.shared_rng).random() for r in reqs]
+        return prepare([r.params for r in reqs], uniforms, self.device)
+
+    def _sample_and_retire(self, logits: torch.Tensor, slots: list[int], batch) -> None:
         reqs = [self.running[s] for s in slots]
-        tokens, logps = sample(logits, [r.params for r in reqs],
-                               [r.generator for r in reqs], self.shared_gen)
+        tokens, logps = sample(logits, batch)
+        # The step's one read of the device (ENGINE.md): tokens and logprobs in one copy; fp64
+        # holds every token id and every fp32 logprob exactly.
+        out_tokens, out_logps = torch.stack((tokens.double(), logps.double())).tolist()
         now = time.monotonic()
         done: list[tuple[int, dict]] = []
-        for slot, r, tok, lp in zip(slots, reqs, tokens.tolist(), logps.tolist()):
+        for slot, r, tok, lp in zip(slots, reqs, map(int, out_tokens), out_logps):
             r.output_ids.append(tok)
             r.output_logprobs.append(lp)
             r.output_versions.append(self.weight_version)

@@ -50,6 +50,9 @@ class WeightUpdater:
         self._live: dict[tuple, torch.Tensor] = {}
         # layout -> a free buffer the next bucket is received into
         self._spare: dict[tuple, torch.Tensor] = {}
+        # layout -> the sender's shared bucket buffer (a tensor payload), kept mapped: its next
+        # push names the same IPC handle, which torch then finds open (update_from_tensor)
+        self._mapped: dict[tuple, torch.Tensor] = {}
         # a bucket of this session answered before its load/receive failed later
         self._deferred_error = ""
         # +1 per begin(): a request of an abandoned session never posts a receive
@@ -87,6 +90,7 @@ class WeightUpdater:
     def close(self) -> None:
         for name in list(self.groups):
             self.destroy_group(name)
+        self._mapped.clear()
 
     # ---- session
     def begin(self) -> tuple[bool, str]:
@@ -183,7 +187,20 @@ class WeightUpdater:
             tensors = decode_named_tensors(payloads[0])
         except ValueError as e:
             return False, f"Failed to update weights from tensor: {e}"
-        return self.load(tensors, weight_version, flush_cache)
+        bucket = _one_buffer(tensors)
+        if bucket is None:
+            return self.load(tensors, weight_version, flush_cache)
+        key, tensor_layout, src = bucket
+        with self._recv_lock:
+            self._mapped[key] = src
+            flat = self._spare.pop(key, None)
+            if flat is None or flat.device != self.scheduler.device:
+                flat = torch.empty(src.numel(), dtype=torch.uint8, device=self.scheduler.device)
+            flat.copy_(src)  # the bucket's one copy; the sender may rewrite src once answered
+            if flat.device.type == "cuda":
+                torch.cuda.current_stream(flat.device).synchronize()
+            return self._apply(unpack(flat, tensor_layout), weight_version, flush_cache,
+                               swap=(key, flat))
 
     def _update_flattened(self, names: list[str], dtypes: list[str], shapes: list[list[int]], pg,
                           weight_version: str | None, flush_cache: bool,
@@ -341,6 +358,28 @@ class WeightUpdater:
         if retired is not None:
             self._spare[key] = retired
         return True
+
+
+def _one_buffer(tensors: dict[str, torch.Tensor]) -> tuple[tuple, list, torch.Tensor] | None:
+    """(layout key, layout, a uint8 view of the bytes) when ``tensors`` lie back to back in one
+    storage in the wire layout (``weight_wire.layout``, what ``TensorSender`` sends); else None."""
+    items = list(tensors.items())
+    first = items[0][1]
+    try:
+        tensor_layout, nbytes = layout([n for n, _ in items], [str(t.dtype) for _, t in items],
+                                       [list(t.shape) for _, t in items])
+    except ValueError:
+        return None
+    storage = first.untyped_storage()
+    base = first.storage_offset() * first.element_size()
+    for (_, _, _, offset), (_, t) in zip(tensor_layout, items):
+        if (t.untyped_storage().data_ptr() != storage.data_ptr() or not t.is_contiguous()
+                or t.storage_offset() * t.element_size() != base + offset):
+            return None
+    if base + nbytes > storage.nbytes():
+        return None
+    flat = torch.empty(0, dtype=torch.uint8, device=first.device).set_(storage, base, (nbytes,))
+    return tuple((n, str(dt), tuple(s)) for n, dt, s, _ in tensor_layout), tensor_layout, flat
 
 
 def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str:

@@ -9,6 +9,7 @@ Skips cleanly without CUDA (tests/gpu/conftest.py marks and skips everything her
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.request
@@ -211,3 +212,85 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
         assert [line.strip() for line in sender.stdout][-1] == "sent"
     finally:
         _stop(engine, sender)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_a_step_waits_on_the_device_once(dtype, monkeypatch):
+    """torch's sync debug mode warns at every operation that waits for the device (a read, a
+    pageable copy, a boolean index): at most one per scheduler step (the read of its tokens)."""
+    import threading
+    import warnings
+
+    from rollout_server.engine import scheduler as scheduler_mod
+    from rollout_server.engine.sampling import SamplingParams
+    from rollout_server.engine.scheduler import Request, Scheduler
+
+    model = build_model(model_cfg(dtype), device="cuda")
+    steps = [0]
+    real_sample = scheduler_mod.sample
+
+    def counted(*args, **kwargs):
+        steps[0] += 1
+        return real_sample(*args, **kwargs)
+    monkeypatch.setattr(scheduler_mod, "sample", counted)
+    params = [SamplingParams(max_new_tokens=20), SamplingParams(max_new_tokens=14, top_p=0.8),
+              SamplingParams(max_new_tokens=20, temperature=0.0),
+              SamplingParams(max_new_tokens=9, top_k=5, sampling_seed=3)]
+    done, finished = threading.Event(), []
+
+    def fin(r):
+        finished.append(r)
+        if len(finished) == len(params):
+            done.set()
+    s = Scheduler(model, max_running=4, max_total_tokens=4096, context_len=512,
+                  weight_version="0")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            s.start()
+            for i, p in enumerate(params):
+                s.submit(Request(rid=str(i), input_ids=[1, 5 + i, 7, 9], params=p,
+                                 stop_ids=frozenset(), on_finish=fin))
+            assert done.wait(HTTP_TIMEOUT_S)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            s.stop()
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert sorted(len(r.output_ids) for r in finished) == [9, 14, 20, 20]
+    assert steps[0] >= 20 and len(syncs) <= steps[0], (len(syncs), steps[0],
+                                                        {str(w.message) for w in syncs})
+
+
+def test_cuda_sampler_frequencies_exact():
+    """The inverse-CDF sampler on CUDA: evenly spread uniforms give the exact frequencies."""
+    import math
+
+    from rollout_server.engine.sampling import SamplingParams, prepare, sample
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]], device="cuda").log().expand(1000, -1)
+    for params, expected in [(SamplingParams(), [500, 300, 150, 50]),
+                             (SamplingParams(top_p=0.6), [625, 375, 0, 0]),
+                             (SamplingParams(top_k=3), [526, 316, 158, 0])]:
+        batch = prepare([params] * 1000, [(i + 0.5) / 1000 for i in range(1000)],
+                        torch.device("cuda"))
+        tok, lp = sample(logits, batch)
+        got = torch.bincount(tok, minlength=4).tolist()
+        assert all(abs(g - e) <= 1 for g, e in zip(got, expected)), got
+        assert lp[tok == 0].sub(math.log(0.5)).abs().max().item() < 1e-6
+
+
+def test_cuda_bf16_logprob_gap_within_the_guards_default(figure):
+    """The bf16 embedded engine against the bf16 trainer on CUDA, 0.5B shape: the gap the log-prob
+    guard's bf16 default (trainer/logprob_guard.py, measured on CPU) must cover."""
+    from trainer.logprob_guard import default_tol
+
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_logprob_gap.py"),
+                          "--device", "cuda", "--dtype", "bfloat16", "--shape", "0.5b",
+                          "--probes", "16"], cwd=REPO, capture_output=True, text=True,
+                         timeout=HTTP_TIMEOUT_S, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                             filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    figure("logprob_gap_bf16", line["figure"], "nats/token")
+    figure("logprob_gap_bf16_max_token", line["max_token"], "nats")
+    assert line["figure"] <= default_tol("bfloat16"), line

@@ -126,6 +126,29 @@ def test_generated_tokens_per_second(engine, figure):
     tokens = sum(len(body["output_ids"]) for _, body in outs)
     assert tokens == BATCH * NEW_TOKENS
     figure("generated_tokens_per_s", tokens / seconds, "tokens/s")
+    baseline = hf_static_tokens_per_s(engine.model, prompts)
+    figure("generated_tokens_per_s_baseline_hf_static", baseline, "tokens/s")
+    figure("generated_tokens_per_s_ratio", tokens / seconds / baseline, "x")
+
+
+def hf_static_tokens_per_s(model, prompts: list[list[int]]) -> float:
+    """The baseline of ``generated_tokens_per_s``: transformers' ``generate`` on the same model and
+    card, the same prompts, tokens and sampling (temperature 1, whole vocabulary), with a static
+    cache (which transformers compiles the forward for); one warm-up call of the same shapes
+    (compilation), the second timed. The engine is idle meanwhile (its requests answered)."""
+    ids = torch.tensor(prompts, device="cuda")
+    kwargs = dict(max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=True,
+                  temperature=1.0, top_k=0, top_p=1.0, cache_implementation="static",
+                  pad_token_id=0, attention_mask=torch.ones_like(ids))
+    with torch.inference_mode():
+        model.generate(ids, **kwargs)  # compiles for these shapes
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = model.generate(ids, **kwargs)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+    assert out.shape == (BATCH, PROMPT + NEW_TOKENS)
+    return BATCH * NEW_TOKENS / seconds
 
 
 def peak_bf16_flops(gpu: str) -> float | None:
@@ -240,3 +263,86 @@ def test_weight_sync_seconds(engine, figure):
     figure("weight_sync_s", seconds, "s")
     figure("weight_sync_gb_per_s",
            sum(p.numel() * 2 for p in engine.model.parameters()) / seconds / 1e9, "GB/s")
+
+
+IPC_SENDER = r"""
+import json, sys, time, types, torch
+from areal_like.settings.config import ModelConfig, WeightSyncConfig
+from areal_like.weights.hf import build_model
+from areal_like.wire.weight_wire import plan_buckets
+from benchmarks.weight_checksum import state_checksum
+from trainer.weight_local import TensorSender
+
+spec = json.loads(sys.argv[1])
+model = build_model(ModelConfig(**spec["model"]), device="cuda")
+params = list(model.named_parameters())
+buckets = plan_buckets([(n, list(p.shape), "bfloat16") for n, p in params], spec["bucket_bytes"])
+report = types.SimpleNamespace(bytes=0)
+out = TensorSender(WeightSyncConfig(), "gloo", 0, "bfloat16")
+print(json.dumps({"checksum": state_checksum(model), "buckets": len(buckets)}), flush=True)
+for push in range(spec["pushes"]):
+    sys.stdin.readline()  # the engine is ready for the next push
+    torch.cuda.synchronize(); t0 = time.perf_counter()
+    out.stage(model, params, buckets, report)
+    payloads = out.route(push, [("e", 1, "")])["payloads"]  # packs, one device wait
+    print(json.dumps({"payloads": payloads, "stage_s": time.perf_counter() - t0}), flush=True)
+    sys.stdin.readline()  # the engine has loaded it
+    out.done()
+out.close()
+"""
+IPC_PUSHES = 4  # the first opens the handles; the median of the others is the figure
+
+
+def test_weight_sync_ipc_seconds(engine, figure):
+    """``weight_sync_ipc_s``: the one-GPU ``tensor`` path (trainer/WEIGHT_SYNC.md, "One GPU") of
+    the whole 0.5B bf16 model from another process into the engine: the sender's packing and
+    payloads, then one ``/update_weights_from_tensor`` per bucket (version on the last) until the
+    engine answered, the engine holding the sender's exact weights after. Baseline: a
+    device-to-device copy of the same bytes on the same card (``weight_sync_ipc_s_baseline``)."""
+    from benchmarks.weight_checksum import state_checksum
+    from tests.conftest import child_env
+
+    spec = {"model": asdict(model_cfg(seed=2)), "bucket_bytes": BUCKET_BYTES,
+            "pushes": IPC_PUSHES}
+    sender = subprocess.Popen([sys.executable, "-c", IPC_SENDER, json.dumps(spec)], cwd=REPO,
+                              text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              env=child_env())
+    times = []
+    try:
+        head = json.loads(sender.stdout.readline())
+        for push in range(IPC_PUSHES):
+            sender.stdin.write("go\n")
+            sender.stdin.flush()
+            made = json.loads(sender.stdout.readline())
+            t0 = time.perf_counter()
+            for i, payload in enumerate(made["payloads"]):
+                last = i == len(made["payloads"]) - 1
+                status, body = post(engine.url, "/update_weights_from_tensor", {
+                    "serialized_named_tensors": [payload], "flush_cache": last,
+                    "weight_version": f"ipc{push}" if last else None})
+                assert status == 200 and body.get("success"), body
+            times.append(made["stage_s"] + time.perf_counter() - t0)
+            sender.stdin.write("loaded\n")
+            sender.stdin.flush()
+        assert sender.wait(HTTP_TIMEOUT_S) == 0
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait(60)
+    assert state_checksum(engine.model) == pytest.approx(head["checksum"], rel=1e-12)
+    nbytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    copies = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        torch.cuda.synchronize()
+        copies.append(time.perf_counter() - t0)
+    seconds, copy_s = sorted(times[1:])[len(times[1:]) // 2], sorted(copies)[2]
+    figure("weight_sync_ipc_s", seconds, "s")
+    figure("weight_sync_ipc_first_s", times[0], "s")  # opens the IPC handles
+    figure("weight_sync_ipc_s_baseline", copy_s, "s")
+    figure("weight_sync_ipc_ratio", copy_s / seconds, "x")
+    figure("weight_sync_ipc_buckets", head["buckets"], "buckets")

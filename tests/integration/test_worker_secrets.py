@@ -1,21 +1,28 @@
-"""Reward and tool code cannot read the job's keys or signal its processes.
+"""Reward, tool and agent code cannot read the job's keys, signal its processes, act as root or
+reach the host's controls, files of others, network or the weight-sync store.
 
 Real sandbox workers (``rollout_server/sandbox.py``: the reward pool's and the tool pool's) run an
 attacker's function that tries what an attack once found it could do: read
 ``secrets/engine_api_key`` and the CURVE secret keys in ``keys/``, list those directories, read the
 rollout server's command line and environment from ``/proc``, and signal the process that started it
 (signal 0: the permission check alone, and a real SIGUSR1 that this test would notice). The job's
-private directories are hidden as the rollout server hides them at start (``sandbox.hide``). Only as
+private directories are hidden as the rollout server hides them at start (``sandbox.hide``). Then
+what issue 64 found a root worker kept: uid 0 and root's groups, host-wide controls guarded by mode
+alone (opened for writing and closed at once, never written: a test that could reboot the machine
+would be a defect), the shared ``/tmp`` and ``/dev/shm``, the network and a store-gate door. Only as
 root: a job of another user cannot switch uid or make namespaces, which ``SECURITY.md`` states.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -83,6 +90,7 @@ def job(tmp_path, monkeypatch):
     security.make_keys(run_dir / "keys")
     ensure_key_file(run_dir)
     (tmp_path / "attack_fns.py").write_text(textwrap.dedent(ATTACK))
+    tmp_path.chmod(0o755)  # pytest makes it 0700: root's workers run as a uid of their own
     monkeypatch.syspath_prepend(str(tmp_path))
     usr1 = []
     previous = signal.signal(signal.SIGUSR1, lambda *_: usr1.append(1))
@@ -93,20 +101,19 @@ def job(tmp_path, monkeypatch):
         sandbox.hide(None)
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or sys.platform != "linux", reason="hiding needs root on Linux"
-)
+ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux",
+                               reason="hiding needs root on Linux")
+
+
+@ROOT_ONLY
 def test_a_sandboxed_call_reaches_no_key_and_signals_no_process(job):
     run_dir, usr1 = job
+    sys.modules.pop("attack_fns", None)
+    from attack_fns import attack  # what it reaches where nothing stops it: this process
+
+    here = attack(str(run_dir), os.getpid())
+    assert "keys/clients/trainer.key_secret" in here and usr1 == [1]
     plant = Path(sandbox.__file__).with_name(f"_planted_{os.getpid()}.py")
-    try:
-        before = run_sandboxed("attack_fns:attack", (str(run_dir), os.getpid(), str(plant)),
-                               SandboxLimits(timeout_s=30))
-        # as an attack once did
-        assert before.ok and "keys/clients/trainer.key_secret" in before.value
-        assert before.value.get("wrote code") and plant.exists()  # a review found this
-    finally:
-        plant.unlink(missing_ok=True)
     assert sandbox.hide(
         [run_dir / "keys", run_dir / "secrets"]
     )  # what the rollout server does at start
@@ -116,12 +123,10 @@ def test_a_sandboxed_call_reaches_no_key_and_signals_no_process(job):
         assert got.ok and got.value == {} and not plant.exists(), got
     finally:
         plant.unlink(missing_ok=True)
-    assert usr1 == [1]  # only the unhidden call's signal came through
+    assert usr1 == [1]  # only this process's own signal came through
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or sys.platform != "linux", reason="hiding needs root on Linux"
-)
+@ROOT_ONLY
 def test_a_reward_in_the_pool_reaches_no_key(job):
     run_dir, usr1 = job
     assert sandbox.hide([run_dir / "keys", run_dir / "secrets"])
@@ -133,22 +138,191 @@ def test_a_reward_in_the_pool_reaches_no_key(job):
     assert got == [(0.0, None)] and usr1 == []  # nothing reached
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or sys.platform != "linux", reason="hiding needs root on Linux"
-)
-def test_code_under_tmp_is_read_only_to_a_hidden_worker(job, tmp_path, monkeypatch):
-    """/tmp stays writable in a worker's namespace, so the job's code is bound read-only by name
-    (``sandbox.CODE_DIRS``): a checkout or environment under /tmp (as CI's or a user's may be)
-    cannot be planted into, while the rest of /tmp still can be written."""
-    run_dir, _ = job
-    code, scratch = tmp_path / "code", tmp_path / "scratch"
-    code.mkdir()
-    scratch.mkdir()
-    monkeypatch.setattr(sandbox, "CODE_DIRS", (*sandbox.CODE_DIRS, str(code)))
-    assert sandbox.hide([run_dir / "keys", run_dir / "secrets"])
-    for where, writable in ((code, False), (scratch, True)):
-        got = run_sandboxed("attack_fns:attack",
-                            (str(run_dir), os.getpid(), str(where / "planted.py")),
-                            SandboxLimits(timeout_s=30))
-        assert got.ok and bool(got.value.get("wrote code")) is writable, (where, got)
-        assert (where / "planted.py").exists() is writable
+PROBES = '''
+import os, socket
+
+# host-wide controls that Linux guards by file mode alone for uid 0: opened for writing and closed
+# at once, never written
+CONTROLS = ("/proc/sysrq-trigger", "/proc/sys/kernel/core_pattern", "/proc/sys/kernel/modprobe",
+            "/proc/sys/vm/drop_caches", "/sys/kernel/uevent_helper", "/sys/power/state")
+
+
+def identity():
+    return {"uids": os.getresuid(), "gids": os.getresgid(), "groups": os.getgroups()}
+
+
+def controls():
+    """Each control this code could open for writing (none may be)."""
+    opened = []
+    for path in CONTROLS:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError:
+            continue
+        os.close(fd)  # never written
+        opened.append(path)
+    read_only = {p: bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+                 for p in ("/proc", "/proc/sys", "/sys", "/dev", "/tmp", "/dev/shm")}
+    return {"opened": opened, "read_only": read_only}
+
+
+def files(host_marks, code_dir, name):
+    """What it sees of the host's /tmp and /dev/shm, and where it could write."""
+    got = {"sees": [p for p in host_marks if os.path.exists(p)], "wrote": []}
+    for path in (os.path.join(code_dir, name), os.path.join("/tmp", name),
+                 os.path.join("/dev/shm", name)):
+        try:
+            with open(path, "w") as f:
+                f.write("planted")
+            got["wrote"].append(path)
+        except OSError:
+            pass
+    return got
+
+
+def agent(base_url, api_key, example):
+    """An agent that tries its endpoint (``base_url``) and another loopback port (``example``):
+    10 for the endpoint's answer, 1 for the other's."""
+    from urllib.parse import urlsplit
+
+    got = connect(urlsplit(base_url).port).get("answer") == "hello"
+    return 10 * got + (connect(example).get("answer") == "hello")
+
+
+def connect(port, send=b""):
+    """The first bytes the listener on loopback ``port`` answers, or why it could not connect."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(send)
+            conn.settimeout(10)
+            return {"answer": conn.recv(64).decode(errors="replace")}
+    except OSError as e:
+        return {"error": type(e).__name__}
+'''
+
+
+@pytest.fixture
+def probes(tmp_path, monkeypatch):
+    """``PROBES`` importable by workers: a directory others may read (pytest makes 0700 ones)."""
+    code = tmp_path / "code"
+    code.mkdir(mode=0o755)
+    (code / "sandbox_probes.py").write_text(PROBES)
+    monkeypatch.syspath_prepend(str(code))
+    return code
+
+
+def probe(name: str, *args, network: bool = False):
+    limits = SandboxLimits(timeout_s=30, network=True) if network else SandboxLimits(timeout_s=30)
+    got = run_sandboxed(f"sandbox_probes:{name}", args, limits)
+    assert got.ok, got
+    return got.value
+
+
+@ROOT_ONLY
+def test_a_worker_is_no_root_id_and_opens_no_host_control_for_writing(probes):
+    ids = probe("identity")
+    uid = ids["uids"][0]
+    assert uid != 0 and ids == {"uids": [uid] * 3, "gids": [uid] * 3, "groups": []}, ids
+    got = probe("controls")
+    assert got["opened"] == [], got
+    assert got["read_only"] == {"/proc": True, "/proc/sys": True, "/sys": True, "/dev": True,
+                                "/tmp": False, "/dev/shm": False}, got
+
+
+@ROOT_ONLY
+def test_a_workers_tmp_and_shm_are_its_own_and_its_code_read_only(probes):
+    name = f"areal-sandbox-test-{os.getpid()}"
+    marks = [Path("/tmp") / name, Path("/dev/shm") / name]  # the host's, made by this test
+    try:
+        for mark in marks:
+            mark.write_text("the host's")
+        got = probe("files", [str(m) for m in marks], str(probes), name)
+        assert got == {"sees": [], "wrote": [f"/tmp/{name}", f"/dev/shm/{name}"]}, got
+        assert [m.read_text() for m in marks] == ["the host's"] * 2  # not the worker's files
+        assert not (probes / name).exists()
+    finally:
+        for mark in marks:
+            mark.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def answering():
+    """A loopback server that answers each connection ``b"hello"``; yields its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"hello")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)  # wakes the accept
+        server.close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture
+def listener():
+    with answering() as port:
+        yield port
+
+
+@ROOT_ONLY
+def test_reward_and_tool_workers_have_no_network_unless_the_task_asks(probes, listener):
+    assert probe("connect", listener) == {"error": "OSError"}  # ENETUNREACH: no interface up
+    assert probe("connect", listener, network=True) == {"answer": "hello"}  # task.worker_network
+
+
+@ROOT_ONLY
+@pytest.mark.parametrize("network", [False, True])
+def test_sandboxed_code_gets_nothing_through_a_store_gate_door(probes, listener, network):
+    """A door admits its own user's connections (uid 0, the job's): a worker is not it."""
+    from areal_like.net.store_gate import StoreDoor, StoreGate
+
+    gate = StoreGate("127.0.0.1", 0, "group-name", listener)  # the "store": says hello
+    door = StoreDoor("127.0.0.1", gate.port, "group-name")
+    try:
+        ours = socket.create_connection(("127.0.0.1", door.port), timeout=10)
+        with ours:  # the job's own client gets through
+            ours.sendall(b"\x00")
+            ours.settimeout(10)
+            assert ours.recv(5) == b"hello"
+        got = probe("connect", door.port, b"\x00", network=network)
+        if network:  # it connects, and the door closes it unanswered (EOF, or a reset)
+            assert got in ({"answer": ""}, {"error": "ConnectionResetError"}), got
+        else:  # it cannot even connect
+            assert got == {"error": "OSError"}, got
+        assert door.refused == (1 if network else 0) and gate.refused == 0
+    finally:
+        door.close()
+        gate.close()
+
+
+@ROOT_ONLY
+def test_an_agent_worker_reaches_its_endpoint_and_nothing_else(probes, listener):
+    """The agent pool's workers get a network namespace with loopback alone, where their endpoint
+    (the rollout server's agent API on the host's loopback) is relayed."""
+    from rollout_server.agent_episode import RUN
+    from rollout_server.tool_pool import ToolPool
+
+    with answering() as other:  # another loopback port: an engine's, a store's
+        pool = ToolPool(workers=1, timeout_s=30.0, processes=8, endpoint=True)  # as agent_pool
+        try:
+            pool.forward_to("127.0.0.1", listener)
+            got = asyncio.run(pool.call(RUN, {
+                "path": "sandbox_probes:agent", "api_key": "k", "example": other,
+                "base_url": f"http://127.0.0.1:{listener}/v1", "relay": pool.relay}))
+        finally:
+            pool.close()
+    assert (got.outcome, got.content) == ("ok", "10"), got

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import os
 import resource
+import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 SECRET_VAR = "AREAL_TEST_API_TOKEN"
 
@@ -49,12 +49,15 @@ def behave(response: str, example) -> object:
         return resource.getrlimit(resource.RLIMIT_CPU)[0] - usage.ru_utime - usage.ru_stime
     if response == "child":  # start a process of its own and leave it running
         return subprocess.Popen(["sleep", "600"]).pid
-    if response.startswith("rendezvous "):  # "rendezvous DIR N": wait until N workers have arrived
-        _, folder, n = response.split()
-        (Path(folder) / str(os.getpid())).touch()
-        while len(list(Path(folder).iterdir())) < int(n):
-            time.sleep(0.01)
-        return float(len(list(Path(folder).iterdir())))
+    if response.startswith("rendezvous "):  # "rendezvous PORT": what a loopback server answers
+        # once every worker has connected (workers share no files: each has its own /tmp as root)
+        with socket.create_connection(("127.0.0.1", int(response.split()[1]))) as conn:
+            return float(conn.makefile().read())
+    if response.startswith("reply "):  # "reply N": a result of N characters (not a reward)
+        return "x" * int(response.split()[1])
+    if response == "forged_frame":  # a frame header of a terabyte, written on the pool's socket
+        os.write(int(sys.argv[1]), (2**40).to_bytes(8, "big") + b"x" * 4096)
+        time.sleep(60)
     if response.startswith("long "):  # a long response: its length
         return float(len(response))
     # "sleep S V": reward V after S seconds (to shuffle finishing order)

@@ -37,6 +37,9 @@ def test_every_leaf_key_of_the_schema_is_listed_with_its_effective_default():
     # a key that does nothing on SGLang says so, in its own column
     assert "embedded engine" in rows["rollout.engine.max_running_requests"].split("|")[5]
     assert "one of grpo, drgrpo" in rows["trainer.estimator"]
+    # bounds checked in a loop over key names are found too
+    assert "in [0, 1]" in rows["trainer.critic.lambda_actor"]
+    assert ">= 1 or null (from the cores)" in rows["launch.trainer_ranks"]
 
 
 @dataclass

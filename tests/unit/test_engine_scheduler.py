@@ -1,6 +1,6 @@
 """Engine correctness at the scheduler level (no HTTP): greedy == transformers' generate, exact
-logprobs, continuous batching with refill, abort/retract, weight loads between steps, and the
-sampler's truncation."""
+logprobs, continuous batching with refill, abort/retract, weight loads between steps (the sampler
+alone: test_engine_sampling.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from areal_like.settings.config import ModelConfig
 from areal_like.weights.hf import build_model
-from rollout_server.engine.sampling import SamplingParams, sample
+from rollout_server.engine.sampling import SamplingParams
 from rollout_server.engine.scheduler import Request, Scheduler
 
 WAIT_S = 120.0  # generous: the machine is shared by many engineers
@@ -132,24 +132,6 @@ def test_seeded_sampling_is_reproducible(model, make_scheduler):
               + [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=8)])
     a, b, c = run_all(s, p, params, stop_eos=False)
     assert a.output_ids == b.output_ids and a.output_ids != c.output_ids
-
-
-def test_sampler_truncation_hand_computed():
-    # probs = [0.5, 0.3, 0.15, 0.05]; top_p=0.6 keeps {0, 1} (mass before token 2 is 0.8 > 0.6)
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(400, 1)
-    shared = torch.Generator().manual_seed(0)
-    tok, lp = sample(logits, [SamplingParams(top_p=0.6)] * 400, [None] * 400, shared)
-    assert set(tok.tolist()) == {0, 1}
-    # the logprob is of the untruncated distribution: log 0.5 / log 0.3, not log(0.5/0.8)
-    assert torch.allclose(lp, torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))[tok], atol=1e-6)
-    tok, _ = sample(logits, [SamplingParams(top_k=3)] * 400, [None] * 400, shared)
-    assert set(tok.tolist()) == {0, 1, 2}
-    tok, lp = sample(logits[:1], [SamplingParams(temperature=0.0)], [None], shared)
-    assert tok.tolist() == [0] and abs(lp.item() - torch.log(torch.tensor(0.5)).item()) < 1e-6
-    # temperature 0.5 sharpens: logprob = log_softmax(log p / 0.5) = log(p^2 / sum p^2)
-    tok, lp = sample(logits[:1], [SamplingParams(temperature=0.5, top_k=1)], [None], shared)
-    p2 = torch.tensor([0.25, 0.09, 0.0225, 0.0025])
-    assert abs(lp.item() - torch.log(p2[0] / p2.sum()).item()) < 1e-6
 
 
 def test_abort_returns_partial_and_frees_slot(model, make_scheduler):

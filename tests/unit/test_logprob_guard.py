@@ -92,3 +92,18 @@ def test_a_failed_guard_is_a_refusal_the_supervisor_does_not_restart(monkeypatch
                             prompt_ids=[1, 2], temperature=1.0, tol=0.05)
 
     assert Trainer(metrics_port=None).serve() == 2
+
+
+def test_the_default_tolerance_follows_the_model_dtype():
+    """fp32 keeps 0.05 nats; bf16 engines and trainers differ more (the measurement in
+    trainer/logprob_guard.py's docstring): a bf16 job gets 0.1 unless it sets its own."""
+    from areal_like.settings.config import load_config
+    from trainer.logprob_guard import guard_tol
+
+    for dtype, tol in (("float32", 0.05), ("bfloat16", 0.1), ("float16", 0.1)):
+        cfg = load_config([f"model.dtype={dtype}"])
+        assert guard_tol(cfg.trainer.logprob_guard_tol, cfg.model.dtype) == tol
+    cfg = load_config(["model.dtype=bfloat16", "trainer.logprob_guard_tol=0.02"])
+    assert guard_tol(cfg.trainer.logprob_guard_tol, cfg.model.dtype) == 0.02
+    cfg = load_config(["model.dtype=bfloat16", "trainer.logprob_guard_tol=0"])
+    assert guard_tol(cfg.trainer.logprob_guard_tol, cfg.model.dtype) == 0  # off

@@ -27,6 +27,7 @@ from benchmarks.memory import (
     adapter_block_params,
     block_activation_bytes,
     block_params,
+    estimate_critic_peak_bytes,
     estimate_lora_peak_bytes,
     estimate_peak_bytes,
     lora_block_activation_bytes,
@@ -209,3 +210,20 @@ def test_7b_shaped_model_is_sharded_on_meta_without_allocating_it():
     assert got["numel"] == 7_615_616_512 and got["local"] == 951_952_064  # 1/8 of the rows, padded
     assert got["embed_local"] == [152064 // 8, 3584]
     assert got["rss"] < 1.5 * 2**30  # the rank's shard alone would be 3.8 GB in fp32
+
+
+def test_critic_estimate_terms_by_hand():
+    """PPO with a critic (trainer.critic): the larger of the policy's step beside the critic's held
+    weights and moments, and the critic's step beside the policy's; the critic's untied lm_head
+    keeps its weight shard only."""
+    cfg = qwen2_shape("7B")  # untied lm_head [152064, 3584]
+    est = estimate_critic_peak_bytes(cfg, world=8, micro_batch_tokens=2048, accumulating=False)
+    policy = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=2048, accumulating=False)
+    head_shard = -(-152064 * 3584 // 8)
+    assert est["without_critic"] == policy.total
+    assert est["critic_held"] == policy.weights + policy.adam - 8 * head_shard
+    assert est["policy_step"] == policy.total + est["critic_held"]
+    assert est["peak"] == max(est["policy_step"], est["critic_step"])
+    assert est["critic_step"] < est["policy_step"]  # no log-prob working set, a frozen head
+    half = qwen2_shape("7B", num_hidden_layers=14)
+    assert estimate_critic_peak_bytes(cfg, 8, 2048, critic_cfg=half)["peak"] < est["peak"]

@@ -1,0 +1,83 @@
+"""The ``trainer.critic`` section: PPO with a value model (trainer/critic.py; formulas in
+trainer/LOSSES.md section 10). Off by default; ``configs/loss/ppo_critic.yaml`` turns it on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from areal_like.settings.config_checks import ConfigError, check, each
+from areal_like.settings.loss_schema import CRITIC_KINDS
+
+C = "trainer.critic."
+# model.* keys the critic may not change: its tokenizer and vocabulary are the policy's (it reads
+# the policy's tokens)
+SAME_AS_POLICY = ("tokenizer", "vocab_size")
+
+
+@dataclass(kw_only=True)
+class CriticConfig:
+    """PPO with a value model beside the policy (trainer/critic.py, trainer/LOSSES.md)."""
+
+    # train a value model beside the policy and take the actor's advantages from GAE over it
+    # (loss=ppo_critic sets it)
+    enabled: bool = False
+    # overrides of model.* for the critic's backbone ({}: the policy's architecture and
+    # weights, from its own path or config); e.g. {num_hidden_layers: 1} or {path: /models/small}
+    model: dict = field(default_factory=dict)
+    lr: float = 1e-5  # the critic's AdamW learning rate
+    weight_decay: float = 0.0  # the critic's AdamW weight decay
+    grad_clip: float = 1.0  # the critic's global gradient-norm clip
+    # policy versions at the start whose batches train only the critic (VAPO's value pre-training)
+    warmup_steps: int = 0
+    gamma: float = 1.0  # discount of GAE per token
+    # decoupled GAE (VC-PPO): the critic's returns with lambda_critic, the actor's advantages with
+    # lambda_actor; adaptive_lambda: the actor's lambda per response 1 - 1/(alpha l) (VAPO)
+    lambda_critic: float = 1.0
+    lambda_actor: float = 0.95  # GAE lambda of the actor's advantages
+    adaptive_lambda: bool = False  # the actor's lambda per response, 1 - 1/(alpha l) (VAPO)
+    alpha: float = 0.05  # alpha of adaptive_lambda
+    value_clip: float | None = 0.5  # None: unclipped value loss
+    # per-token KL penalty in the reward: -kl_coef (log pi_behav - log pi_ref) (builds a reference)
+    kl_coef: float = 0.0
+    whiten_advantages: bool = True  # the actor's advantages whitened over the batch's tokens
+
+    def __post_init__(self):
+        each(C.rstrip("."), self, "> 0", "lr", "grad_clip", "alpha")
+        each(C.rstrip("."), self, ">= 0", "warmup_steps", "weight_decay", "kl_coef")
+        check(C + "gamma", 0 < self.gamma <= 1, "in (0, 1]", self.gamma)
+        for key in ("lambda_critic", "lambda_actor"):
+            check(C + key, 0 <= getattr(self, key) <= 1, "in [0, 1]", getattr(self, key))
+        check(C + "value_clip", self.value_clip is None or self.value_clip > 0, "null or > 0",
+              self.value_clip)
+
+    def check_for_trainer(self, kernel: str, lora: bool, model_keys: tuple[str, ...]) -> None:
+        """What the critic needs of the rest of the trainer's config (TrainerConfig calls it)."""
+        if not self.enabled:
+            return
+        if lora:
+            raise ConfigError("trainer.critic.enabled=true is not supported with "
+                              "trainer.lora.rank > 0: the critic trains full weights; turn LoRA "
+                              "off or the critic off")
+        if kernel not in CRITIC_KINDS:
+            raise ConfigError(f"trainer.critic.enabled=true is invalid with trainer.loss.kernel="
+                              f"{kernel}: its advantages are its own; choose one of "
+                              f"{', '.join(CRITIC_KINDS)}")
+        for key in self.model:
+            if key not in model_keys:
+                raise ConfigError(f"{C}model.{key} is not a model.* key; choose among "
+                                  f"{', '.join(model_keys)}")
+            if key in SAME_AS_POLICY:
+                raise ConfigError(f"{C}model.{key} may not be set: the critic reads the policy's "
+                                  "tokens, so its tokenizer and vocabulary are the policy's")
+
+    def model_config(self, policy_model: Any) -> Any:
+        """The critic backbone's ``ModelConfig``: the policy's with ``model`` applied."""
+        from dataclasses import replace
+
+        return replace(policy_model, **self.model)
+
+
+def model_keys(model_cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(model_cls))
