@@ -354,10 +354,11 @@ def check_engine(cfg: RunConfig) -> list[str]:
 
 def check_architecture(cfg: RunConfig) -> list[str]:
     """``model.path`` against what the job runs it with, on its meta-device build (no memory): the
-    trainer shards and checkpoints decoder blocks at ``model.layers``, recomputes no buffer but
-    rotary tables (``trainer/sharded_init.py``) and takes log-probs from ``lm_head`` alone (no
-    logit scale or soft cap after it: ``trainer/model.py``); the embedded engine attends fully
-    (``rollout_server/engine/scheduler.py``)."""
+    trainer shards and checkpoints decoder blocks at ``model.layers``, recomputes only the
+    non-persistent floating buffers the model's ``_init_weights`` computes
+    (``trainer/sharded_init.py``) and takes log-probs from ``lm_head`` alone (no logit scale or
+    soft cap after it: ``trainer/model.py``); the embedded engine serves full and sliding-window
+    attention (``rollout_server/engine/scheduler.py``)."""
     if not cfg.model.path:
         return []
     import torch

@@ -18,6 +18,7 @@ trainer/checkpoint.py): no torch import, so a refusal is instant.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from areal_like.daemon import LockHeld, pid_lock
@@ -58,8 +59,8 @@ def lock_run_dir(run_dir: Path) -> int:
     ConfigError naming the holder when another job has it."""
     run_dir = Path(run_dir).resolve()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return pid_lock(run_dir / LOCK_FILE, 0o600, flags=0)  # inheritable: every daemon holds it
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = pid_lock(run_dir / LOCK_FILE, 0o600, flags=0)  # inheritable: every daemon holds it
     except LockHeld as held:
         raise ConfigError(f"run_dir {run_dir} is in use by a running job "
                           f"(areal-like run pid {held.holder}, or its daemons still stopping): "
@@ -67,6 +68,25 @@ def lock_run_dir(run_dir: Path) -> int:
                           "run_dir") from None
     except OSError as e:  # a file where the directory goes, no permission, a read-only disk
         raise ConfigError(f"run_dir {run_dir} cannot be used: {e.strerror}: {e.filename}") from None
+    try:
+        make_private(run_dir)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_private(run_dir: Path) -> None:
+    """``run_dir`` readable by this user only (0700), whatever the umask made it: the WAL, the
+    checkpoints, the exports, the logs and the samples inside are reachable by no one else
+    (areal_like/SECURITY.md). ConfigError when another user owns it."""
+    st = os.stat(run_dir)
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"run_dir {run_dir} belongs to uid {st.st_uid}, not this user "
+                          f"({os.getuid()}): a job keeps its run directory private; use one "
+                          "of your own")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(run_dir, 0o700)
 
 
 def check_existing_run(cfg: RunConfig) -> int:

@@ -48,6 +48,25 @@ class RequestError(ValueError):
     """A request the endpoint refuses (400), with the reason the client reads."""
 
 
+# a conversation's JSON (a tool's schema, a call's arguments) is a few levels deep; one near what
+# Python parses made encoding it again recurse past the interpreter's limit (a 500)
+MAX_NESTING = 64
+TOO_DEEP = f"the body is JSON nested deeper than {MAX_NESTING} levels"
+
+
+def nested_deeper_than(value: Any, limit: int = MAX_NESTING) -> bool:
+    """Whether ``value`` (parsed JSON) has lists or objects nested more than ``limit`` deep."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth >= limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict)
+                                                  else item))
+    return False
+
+
 def text_of(content: Any) -> str:
     """A message's content as text: a string, None (""), or a list of ``{"type": "text"}`` parts."""
     if content is None or isinstance(content, str):
@@ -62,6 +81,8 @@ def check_request(body: Any) -> dict:
     """The request's messages, tools and limits (module docstring); RequestError otherwise."""
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
+    if nested_deeper_than(body):
+        raise RequestError(TOO_DEEP)
     messages, tools = body.get("messages"), body.get("tools") or []
     if not isinstance(messages, list) or not messages:
         raise RequestError("messages must be a non-empty list")
@@ -94,9 +115,10 @@ def check_request(body: Any) -> dict:
 def _arguments(raw: Any) -> Any:
     if isinstance(raw, str):
         try:
-            return json.loads(raw)
+            parsed = json.loads(raw)
         except (ValueError, RecursionError):  # not JSON, or nested past what Python parses
             return raw
+        return raw if nested_deeper_than(parsed) else parsed  # too deep to handle: its text
     return raw
 
 

@@ -9,8 +9,9 @@ Invariants (rollout_server/ROLLOUT.md, "Agent episodes", has the table of limits
 * only a live session's key gets in (else 401, counted by the guard, ``http_guard.py``); a key of
   an ended episode gets 410 and its call is not recorded, nor generated when it was still waiting
   for the episode's previous call;
-* ``task.max_turns`` calls per episode, ``max_tokens`` at most ``task.max_new_tokens``, bodies up
-  to ``MAX_BODY_BYTES`` (413);
+* ``task.max_turns`` calls per episode, a refused one too, ``max_tokens`` at most
+  ``task.max_new_tokens``, bodies up to ``MAX_BODY_BYTES`` (413), JSON nested at most
+  ``agent_chat.MAX_NESTING`` levels (400);
 * a call that leaves the engine no room (a segment's tokens at ``task.max_episode_tokens``, or an
   input the engine refuses, ``EpisodeContext.max_input``) is not sent: 400 with OpenAI's code
   ``context_length_exceeded``; it ends its segment as ``max_tokens``, and an episode's first call
@@ -166,16 +167,18 @@ class AgentEndpoint:
         session = self.sessions.get(_digest(bearer))
         if session is None:
             return self._ended()
+        if session.calls >= self.cfg.max_turns:  # every call counts, a refused one too
+            return self._refuse(f"this episode's {self.cfg.max_turns} calls are used up "
+                                "(task.max_turns)")
+        session.calls += 1
         try:
             body = json.loads(await request.read())
-        except (ValueError, RecursionError):
+        except RecursionError:
+            return self._refuse(agent_chat.TOO_DEEP)
+        except ValueError:
             return self._refuse("the body is not valid JSON")
         try:
             req = agent_chat.check_request(body)
-            if session.calls >= self.cfg.max_turns:
-                raise RequestError(f"this episode's {self.cfg.max_turns} calls are used up "
-                                   "(task.max_turns)")
-            session.calls += 1
             async with session.lock:
                 if not session.open:  # it ended while this call waited for the one before
                     return self._ended()

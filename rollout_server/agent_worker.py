@@ -15,7 +15,7 @@ import socket
 import threading
 from functools import partial
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from areal_like.tasks.callables import import_function
 from rollout_server import reward_worker
@@ -46,7 +46,7 @@ def _relayed(base_url: str, relay: str) -> str:
         threading.Thread(target=reward_worker.relay, args=(listener, partial(_unix, relay)),
                          name="endpoint-relay", daemon=True).start()
         _RELAYS[url.port] = listener
-    return url._replace(netloc=f"127.0.0.1:{url.port}").geturl()
+    return urlunsplit((url.scheme, f"127.0.0.1:{url.port}", url.path, url.query, url.fragment))
 
 
 def _unix(path: str) -> socket.socket:

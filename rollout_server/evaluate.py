@@ -10,7 +10,10 @@ it names first). Its task is never guessed (``_eval_config``): ``--config-file``
 the config.yaml of the run the model sits in; else the task an export stores
 (``areal_like_task.yaml``), with its run's ``eval.*`` and ``seed`` under the overrides given; else
 the ``task.*`` overrides given; else it refuses (exit 2). The record's ``policy_version`` is the
-one an export stores, else its directory's name's (``v00000200``).
+one an export stores, else its directory's name's (``v00000200``). An export's task file is data
+(``export_data``: no interpolation), its ``reward_fn`` one of ``PROJECT_REWARDS`` and its
+``reward_url`` none unless the command line names them, and eval refuses to start inside the
+model's directory (areal_like/SECURITY.md, "Evaluating an export").
 
 One evaluation (a line of ``<run_dir>/eval.jsonl``) over ``n`` prompts: ``greedy_accuracy``
 (share of greedy responses at full credit, reward >= 1) and ``greedy_reward`` (their mean);
@@ -44,6 +47,10 @@ from rollout_server.sglang_client import SGLangClient, SGLangError
 FULL_CREDIT = 1.0 - 1e-6
 EVAL_FILE = "eval.jsonl"
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a LoRA run exports its adapter
+# the rewards an export's task file may name (_refuse_untrusted): the project's own
+PROJECT_REWARDS = frozenset({"areal_like.tasks.task:exact_match",
+                             "areal_like.tasks.task:countdown_reward",
+                             "areal_like.tasks.rewards:math_reward"})
 
 
 class EvalSchedule:
@@ -344,6 +351,45 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dic
         return asyncio.run(_evaluate_model(cfg, _version_of(model)))
 
 
+def _refuse_untrusted(task: TaskConfig, keys: set[str], stored: Path) -> None:
+    """ConfigError when the task an export stores would run code or send data the evaluator did
+    not choose: a ``reward_fn`` outside ``PROJECT_REWARDS``, or any ``reward_url``, unless the
+    command line names it (areal_like/SECURITY.md, "Evaluating an export")."""
+    from areal_like.settings.config import ConfigError
+    from areal_like.tasks.callables import split_function_path
+
+    if task.reward_fn and "task.reward_fn" not in keys:
+        try:
+            known = ":".join(split_function_path(task.reward_fn)) in PROJECT_REWARDS
+        except ValueError:
+            known = False
+        if not known:
+            raise ConfigError(f"task.reward_fn={task.reward_fn!r} in {stored} is not one of the "
+                              f"project's rewards ({', '.join(sorted(PROJECT_REWARDS))}): an "
+                              "export's task file is data and names no code to run; to trust it, "
+                              f"name it on the command line: task.reward_fn={task.reward_fn}")
+    if task.reward_url and "task.reward_url" not in keys:
+        raise ConfigError(f"task.reward_url={task.reward_url!r} in {stored}: an export's task "
+                          "file chooses no address to send eval data to; to trust it, name it on "
+                          "the command line: task.reward_url=URL")
+
+
+def _outside(model: Path) -> str | None:
+    """Why evaluating ``model`` from here could import its files (None: it cannot): Python puts
+    the working directory first on the path of the children eval starts (the reward's probe and
+    workers, ``trainer.export``). Entries of ``sys.path`` inside ``model`` are dropped."""
+    root = model.resolve()
+
+    def inside(p: str | Path) -> bool:
+        return Path(os.path.abspath(p)).resolve().is_relative_to(root)
+
+    sys.path[:] = [p for p in sys.path if not (p and inside(p))]
+    if inside(Path.cwd()):
+        return (f"the working directory is inside {model}: run `areal-like eval` from outside the "
+                "model's directory, so that nothing shipped in it is imported")
+    return None
+
+
 def _eval_config(model: Path, config_file: Path | None,
                  overrides: list[str]) -> tuple[RunConfig, Path | None]:
     """The config evaluating ``model`` runs with, and the run config it came from (None: none);
@@ -375,6 +421,7 @@ def _eval_config(model: Path, config_file: Path | None,
         run = [o for o in export_settings(text)[0] if o.split("=", 1)[0] not in keys]
         cfg = load_daemon_config([*run, *(o for o in overrides if not o.startswith("task."))])
         task = task_from_yaml(text, [o for o in overrides if o.startswith("task.")])
+        _refuse_untrusted(task, keys, stored)
         return dataclasses.replace(cfg, task=task), None
     if not any(k == "task" or k.startswith("task.") for k in keys):
         raise ConfigError(f"{model} does not say which task to score it on (no {EXPORT_TASK_FILE} "
@@ -409,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.model} is neither a Hugging Face model directory (config.json) nor "
               "a trainer checkpoint: name one, e.g. <run_dir>/export/v<version> or "
               "<run_dir>/checkpoints/v<version>", file=sys.stderr)
+        return 2
+    if why := _outside(args.model):
+        print(f"error: {why}", file=sys.stderr)
         return 2
     try:
         cfg, config_file = _eval_config(args.model, args.config_file, list(args.overrides))

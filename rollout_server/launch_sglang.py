@@ -19,7 +19,9 @@ Invariants:
   SIGKILL after ``STOP_GRACE_S``), never by name;
 * what it leaves in ``/dev/shm``, and its temporary directory (``TMPDIR``, one per engine, where
   SGLang makes its IPC sockets), are removed by a reaper process that outlives the server on
-  purpose (``rollout_server/engine_reaper.py``).
+  purpose (``rollout_server/engine_reaper.py``);
+* no secret is on its command line: the engine API key goes in SGLang's ``--config`` YAML file
+  (``write_secrets``), owner-only in that private ``TMPDIR``, removed once SGLang is healthy.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from areal_like.daemon import StartRefused, die_with_parent
-from areal_like.net.auth import redact_argv
+from areal_like.net.auth import ENGINE_KEY_ENV, redact_argv
 from areal_like.net.distributed import free_port
 from areal_like.net.store_gate import listen_on
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
@@ -84,20 +86,24 @@ def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key: str | None = None,
-                   lora: LoraConfig | None = None) -> list[str]:
+def sglang_command(model: ModelConfig, engine: EngineConfig, port: int,
+                   secrets_file: str | None = None, lora: LoraConfig | None = None) -> list[str]:
     """The argv that starts SGLang for ``model`` with ``engine.sglang`` passed through (module
-    docstring); ``api_key`` goes as ``--api-key`` (SGLang takes it only on argv; the log shows the
-    argv redacted)."""
+    docstring); ``secrets_file`` (``write_secrets``: the API key) goes as ``--config``, SGLang's
+    YAML file of options, so that no secret is on the command line every local user reads."""
     if not model.path:
         raise ValueError("rollout.engine.kind=sglang needs model.path (a local HF model directory)")
+    if secrets_file and "config" in engine.sglang:
+        raise ValueError("rollout.engine.sglang.config: SGLang takes one --config file, and the "
+                         "job's passes the engine API key; give its options as "
+                         "rollout.engine.sglang.<option> instead")
     opts = {"model_path": model.path, "host": engine.host, "port": port, "weight_version": "0",
             "tp_size": engine.tp_size, "dtype": model.dtype}
     if lora is not None and lora.enabled:
         opts.update(lora_options(lora, cpu_mode(engine)))
     opts.update(engine.sglang)  # a pass-through value wins, ``dtype`` included
-    if api_key:
-        opts["api_key"] = api_key
+    if secrets_file:
+        opts["config"] = secrets_file
     argv = [sys.executable, "-m", "sglang.launch_server"]
     for key, value in opts.items():
         flag = "--" + str(key).replace("_", "-")
@@ -107,11 +113,28 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int, api_key:
             continue
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
-        elif str(value).startswith("-"):  # a separate word would parse as a flag: an API key
-            argv.append(f"{flag}={value}")  # from token_urlsafe starts with "-" 1 time in 64
+        elif str(value).startswith("-"):  # a separate word would parse as a flag
+            argv.append(f"{flag}={value}")
         else:
             argv += [flag, str(value)]
     return argv
+
+
+def write_secrets(directory: str, api_key: str) -> str:
+    """SGLang's ``--config`` file holding ``api_key`` (YAML), owner-only from its creation, in the
+    private ``directory``; its path. ValueError for a key starting with "-": SGLang turns the file
+    into ``--api-key VALUE`` words, and its parser takes such a value for a flag."""
+    import json
+
+    if api_key.startswith("-"):
+        raise ValueError(f"the engine API key ({ENGINE_KEY_ENV}) starts with '-', which SGLang "
+                         "reads as a flag: choose another")
+    path = os.path.join(directory, "secrets.yaml")  # SGLang reads only a .yaml/.yml file
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        # the flag's spelling (SGLang makes --api-key of it); a JSON string is a YAML string
+        f.write(f"api-key: {json.dumps(api_key)}\n")
+    return path
 
 
 def lora_options(lora: LoraConfig, cpu: bool) -> dict:
@@ -215,7 +238,9 @@ class SGLangProcess:
             raise RuntimeError(f"{self.engine.host}:{self.port} (rollout.engine.port) is in use "
                                f"({e.strerror}): SGLang cannot listen there; free it or leave "
                                "rollout.engine.port at 0 (a free port)") from None
-        argv = sglang_command(self.model, self.engine, self.port, self.api_key, self.lora)
+        self.tmpdir = tempfile.mkdtemp(prefix="sglang-")  # short: a socket path has 107 bytes
+        secrets_file = write_secrets(self.tmpdir, self.api_key) if self.api_key else None
+        argv = sglang_command(self.model, self.engine, self.port, secrets_file, self.lora)
         log.info("starting SGLang: %s", " ".join(redact_argv(argv)))
         # SGLang may print its server_args, the API key among them: its log is readable by this
         # user only
@@ -224,7 +249,6 @@ class SGLangProcess:
         if out is not None:
             os.fchmod(out.fileno(), 0o600)  # also a log an earlier run left readable
             self.log_from = os.fstat(out.fileno()).st_size  # where this start's lines begin
-        self.tmpdir = tempfile.mkdtemp(prefix="sglang-")  # short: a socket path has 107 bytes
         self.proc = spawn_tied(argv, stdout=out, stderr=subprocess.STDOUT if out else None,
                                env={**env, "TMPDIR": self.tmpdir})
         reaper = [sys.executable, "-m", "rollout_server.engine_reaper", str(self.proc.pid),
@@ -247,6 +271,8 @@ class SGLangProcess:
                 raise StartAborted("stop requested while SGLang was starting")
             time.sleep(HEALTH_POLL_S)
         log.info("SGLang healthy at %s (pid %d)", self.url, self.proc.pid)
+        if secrets_file:  # read at its start; the reaper removes TMPDIR in any case
+            os.unlink(secrets_file)
         self.track_shm()
         return self
 

@@ -34,6 +34,7 @@ from collections.abc import Callable
 
 import aiohttp
 
+from areal_like.net.auth import REWARD_AUTH_ENV
 from areal_like.net.metrics import Metrics
 from areal_like.net.ratelog import RateLimitedLog
 from areal_like.settings.config import TaskConfig
@@ -117,6 +118,9 @@ class RewardPool:
                                     processes=processes, reply_bytes=cfg.worker_reply_mb * 2**20,
                                     network=cfg.worker_network)
         self.url, self.retries = cfg.reward_url, cfg.reward_retries
+        self.headers = {"Content-Type": "application/json"}
+        if auth := os.environ.get(REWARD_AUTH_ENV):  # the URL's credential (areal_like/net/auth.py)
+            self.headers["Authorization"] = auth
         self.metrics = metrics or Metrics()  # None: counted nowhere
         self.warnings = RateLimitedLog(log, WARN_EVERY_S)  # one line per kind of failure
         self._workers = WorkerPool(self.path, self.limits, cfg.reward_workers, "reward")
@@ -311,8 +315,7 @@ class RewardPool:
         try:
             async with aiohttp.ClientSession(
                     timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
-                async with session.post(self.url, data=body,
-                                        headers={"Content-Type": "application/json"}) as resp:
+                async with session.post(self.url, data=body, headers=self.headers) as resp:
                     if resp.status >= 400:
                         raise _RemoteError(f"HTTP {resp.status}",
                                            retry=resp.status >= 500 or resp.status == 429)

@@ -161,20 +161,25 @@ class RolloutServer(Daemon):
                 "or trainer.logprob_guard_tol=0")
         return secrets.token_urlsafe(32)
 
-    def start(self) -> None:
-        for address in (self.rcfg.buffer_address, self.pub_address):  # main() connects them
-            check_local(address)  # a directory others may enter: a refused start, no engine
+    def engine_toward_head(self):
+        """The engine's settings, listening where trainer rank 0's log-prob guard probes it from
+        the head node (the buffer's) on several nodes: not a host name that resolves to loopback
+        here."""
         ecfg = self.rcfg.engine
         if self.facts.nodes > 1 and ecfg.kind != "url" and self.rcfg.buffer_address.startswith(
                 "tcp://"):
-            # the engine's URL is where trainer rank 0's log-prob guard probes it from the head
-            # node (the buffer's): not a host name that resolves to loopback here
             head = self.rcfg.buffer_address[len("tcp://"):].rsplit(":", 1)[0]
             ecfg = replace(ecfg, host=reachable_host(ecfg.host, head))
             if ecfg.host != self.rcfg.engine.host:
                 self.log.info("engine: %s resolves to loopback here; listening on %s, this node's "
                          "address toward the head node %s", self.rcfg.engine.host, ecfg.host, head)
                 self.rcfg = replace(self.rcfg, engine=ecfg)
+        return ecfg
+
+    def start(self) -> None:
+        for address in (self.rcfg.buffer_address, self.pub_address):  # main() connects them
+            check_local(address)  # a directory others may enter: a refused start, no engine
+        ecfg = self.engine_toward_head()
         self.api_key = self.engine_api_key()
         if ecfg.kind == "embedded":
             from rollout_server.engine import EmbeddedEngine
@@ -206,10 +211,9 @@ class RolloutServer(Daemon):
         if self.facts.task.env:
             from rollout_server.tool_pool import ToolPool
 
-            self.tools = ToolPool(self.facts.task.tool_workers, self.facts.task.tool_timeout_s,
-                                  self.facts.task.tool_memory_mb,
-                                  reply_mb=self.facts.task.worker_reply_mb,
-                                  network=self.facts.task.worker_network)
+            task = self.facts.task
+            self.tools = ToolPool(task.tool_workers, task.tool_timeout_s, task.tool_memory_mb,
+                                  reply_mb=task.worker_reply_mb, network=task.worker_network)
         if self.facts.task.agent:  # agent episodes (agent_episode.py): a bad path fails here
             from rollout_server.agent_episode import agent_pool
             from rollout_server.agent_worker import agent_problem

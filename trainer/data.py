@@ -72,7 +72,11 @@ class TrainBatch:
                           group_ids=self.group_ids[idx], head_versions=self.head_versions)
 
     def to(self, device: torch.device) -> TrainBatch:
-        return TrainBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        """On ``device``; onto a GPU without waiting for it (pageable host memory is staged at
+        once: safe), so the next micro-batch's copy does not drain the queue of the last one."""
+        onto_gpu = torch.device(device).type != "cpu"
+        return TrainBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=onto_gpu)
+                             for f in fields(self)})
 
 
 def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:

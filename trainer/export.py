@@ -273,8 +273,9 @@ def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
     writer = _ShardWriter(tmp, shard_mb * MIB) if rank == 0 else None
     dt = torch_dtype(dtype)
     for name, full in tensors:
-        if writer is not None:
-            writer.add(name, full.to("cpu", dt).contiguous())
+        if writer is not None:  # in the checkpoint layout save_pretrained writes (per expert)
+            for saved, t in checkpoint_layout(model, name, full):
+                writer.add(saved, t.to("cpu", dt).contiguous())
         del full
     if writer is not None:
         n = writer.finish()
@@ -288,6 +289,16 @@ def _write_hf(model: torch.nn.Module, tensors: Iterator[tuple[str, torch.Tensor]
                  writer.total_bytes / MIB, dtype)
     barrier()
     return out_dir
+
+
+def checkpoint_layout(model: torch.nn.Module, name: str,
+                      full: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """``name``'s tensor under the names a checkpoint of ``model`` has: transformers' own mapping
+    reversed, as ``save_pretrained`` writes (a mixture's fused experts as one tensor per expert,
+    which SGLang and vLLM load too); most parameters are unchanged."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    yield from revert_weight_conversion(model, {name: full}).items()
 
 
 def prune_exports(root: Path, keep: int) -> list[Path]:

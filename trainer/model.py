@@ -25,6 +25,7 @@ import contextlib
 import functools
 import math
 import os
+import sys
 import types
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -35,10 +36,10 @@ from torch.utils.checkpoint import checkpoint
 
 from areal_like.net.distributed import gloo_toward, set_nccl_nonblocking_timeout
 from areal_like.settings.config import LoraConfig, ModelConfig, TrainerConfig
-from areal_like.weights.hf import build_meta_model, torch_dtype
+from areal_like.weights.hf import build_meta_model, layer_windows, torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters
 from trainer.logprobs import hidden_token_logprobs
-from trainer.packed_attention import PACKED_SDPA
+from trainer.packed_attention import PACKED_SDPA, Packing, flash_attention_implementations
 from trainer.ranks import full
 from trainer.sharded_init import materialize
 
@@ -127,29 +128,52 @@ def evaluating(model: torch.nn.Module):
 
 def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                     temperature: float, chunk_tokens: int,
-                    cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                    packing: Packing | None = None) -> torch.Tensor:
     """log pi(input_ids[:, p + 1] | input_ids[:, :p + 1]) [n, T] (fp32) for each position p in
     ``positions`` [n, T], through the chunked lm_head. Right padding + causal: no mask needed.
 
-    Packed (``input_ids`` [1, L], sequence i at ``cu_seqlens[i] : cu_seqlens[i + 1]``): attention
-    stays inside each sequence, positions restart at 0. ``use_cache=False`` whatever the config:
-    with a cache transformers' mask is plain causal and sequences attend to their neighbours."""
-    decoder = model.get_decoder()
-    if cu_seqlens is None:
-        hidden = decoder(input_ids=input_ids).last_hidden_state
+    Packed (``input_ids`` [1, L], sequence i at ``packing.cu_seqlens[i] : [i + 1]``, built once
+    per micro-batch: trainer/packed_attention.py): attention stays inside each sequence,
+    positions restart at 0. ``use_cache=False`` whatever the config: with a cache transformers'
+    mask is plain causal and sequences attend to their neighbours."""
+    decoder, picked = model.get_decoder(), None
+    # the training forward of a mixture with trainer.router_aux_loss_coef > 0: its router logits
+    aux = ({"output_router_logits": True}
+           if model.training and torch.is_grad_enabled() and router_aux(model) else {})
+    if packing is not None and layer_windows(model.config) is not None:
+        # sliding windows are masks transformers builds per row (not every such model finds
+        # packed sequences in the positions): the sequences run as right-padded rows
+        cu_seqlens = packing.cu_seqlens.long()
+        rows = torch.nn.utils.rnn.pad_sequence(input_ids[0].split(list(packing.lens)),
+                                               batch_first=True)
+        row = torch.searchsorted(cu_seqlens, positions[0], right=True) - 1
+        out = decoder(input_ids=rows, **aux)
+        picked = out.last_hidden_state[row, positions[0] - cu_seqlens[row]][None]
+    elif packing is None:  # "no mask" where the attention is causal without one: no host sync
+        out = decoder(input_ids=input_ids, attention_mask=packed_mask(model, decoder), **aux)
     else:
-        lens = cu_seqlens.diff()
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
-        position_ids = (position_ids - cu_seqlens[:-1].repeat_interleave(lens))[None]
-        longest = int(lens.max())
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                         attention_mask=packed_mask(model, decoder),
-                         cu_seq_lens_q=cu_seqlens, cu_seq_lens_k=cu_seqlens,
-                         max_length_q=longest, max_length_k=longest).last_hidden_state
-    picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
+        out = decoder(input_ids=input_ids, use_cache=False,
+                      attention_mask=packed_mask(model, decoder), **packing.decoder_kwargs(),
+                      **aux)
+    if aux:  # read (and cleared) by trainer/step.py's forward_backward
+        c = model.config
+        experts = getattr(c, "num_experts", None) or c.num_local_experts  # GPT-OSS's name
+        model.router_aux_loss = router_aux(model)(out.router_logits, experts,
+                                                  c.num_experts_per_tok)
+    if picked is None:
+        hidden = out.last_hidden_state
+        picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     targets = input_ids.gather(1, positions + 1)
     return hidden_token_logprobs(picked, output_weight(model), targets, temperature,
                                  chunk_tokens=chunk_tokens)
+
+
+def router_aux(model: torch.nn.Module):
+    """The load-balancing loss function of ``model``'s transformers module when
+    ``model.router_aux_loss_coef`` > 0 (``build_policy``), else None."""
+    if getattr(model, "router_aux_loss_coef", 0.0) <= 0:
+        return None
+    return getattr(sys.modules[type(model).__module__], "load_balancing_loss_func", None)
 
 
 def output_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -164,14 +188,22 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor:
 
 
 # Attention implementations that keep packed sequences apart from ``cu_seq_lens_q`` alone
-VARLEN_ATTENTION = (PACKED_SDPA, "flash_attention_2", "flash_attention_3")
+# (transformers' names; ``flash_attention_4``: the ``flash-attn-4`` package SGLang installs)
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4")
+VARLEN_ATTENTION = (PACKED_SDPA, *FLASH_ATTENTION)
 
 
 def packed_mask(model: torch.nn.Module, decoder: torch.nn.Module) -> dict | None:
-    """The mask argument of a packed forward: "no mask" as transformers' precomputed mapping for an
-    attention in ``VARLEN_ATTENTION`` (no dense [L, L] mask it would never read); else None."""
-    if model.config._attn_implementation in VARLEN_ATTENTION and not getattr(
-            decoder, "has_sliding_layers", False):
+    """The mask argument of a packed or right-padded causal forward: "no mask" as transformers'
+    precomputed mapping for an attention in ``VARLEN_ATTENTION`` (no dense [L, L] mask it would
+    never read, and no search of the positions for packed rows: a host sync) where the model
+    takes one (a config with ``layer_types``; Llama's and Qwen3-MoE's forwards take no mapping);
+    else None (transformers builds the mask from the positions). Full attention only:
+    ``policy_logprobs`` runs sliding-window models as rows."""
+    config = model.config
+    if (config._attn_implementation in VARLEN_ATTENTION
+            and getattr(config, "layer_types", None) is not None
+            and not getattr(decoder, "has_sliding_layers", False)):
         return {"full_attention": None}
     return None
 
@@ -192,6 +224,21 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` each decoder block in place (``Module.compile``: parameter names stay
+    Hugging Face's), as torchtitan does per block: FSDP2's hooks stay between the blocks, and one
+    compiled block serves every layer (the same code, recompiled only for new shapes). Call after
+    ``checkpoint_blocks`` (the recompute is traced with the block) and before ``fully_shard``."""
+    for block in model.model.layers:
+        block.compile(backend=backend)
+
+
+def adamw_options(device: torch.device) -> dict:
+    """AdamW's implementation: CUDA's fused kernel (one launch for all parameters, DTensors
+    included), else the multi-tensor ``foreach`` one (CPU: the runs tests compare bit for bit)."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
 def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with its own dropout off (``nn.Dropout`` layers, a config.json's
     ``attention_dropout``): the engines sample without it, so the training forward must be the
@@ -206,10 +253,22 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+def require_attention(impl: str) -> None:
+    """Refuse a flash implementation whose package is not installed here, before any weight is
+    built: ``flash_attention_2`` where only ``flash-attn-4`` provides ``flash_attn`` (an SGLang
+    install) fails deep in transformers' import of FA2 otherwise. (``sdpa`` runs as
+    ``sdpa_packed``: the same SDPA unpacked; packed, torch's varlen flash kernel on CUDA.)"""
+    if impl in FLASH_ATTENTION and impl not in (found := flash_attention_implementations()):
+        raise ValueError(f"model.attn_implementation={impl}: its package is not installed here "
+                         f"(flash attention found: {', '.join(found) or 'none'}); use one of "
+                         "those, or sdpa (packed: torch's varlen kernel on CUDA)")
+
+
 def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: str = "float32",
                 checkpointing: bool = False, lora: LoraConfig | None = None) -> torch.nn.Module:
     """The model of ``model_cfg``, sharded (module docstring), parameters in ``dtype``."""
     device = trainer_device(trainer_cfg)
+    require_attention(model_cfg.attn_implementation)
     model = without_dropout(build_meta_model(model_cfg, dtype))
     if lora is not None and lora.enabled:  # before sharding: FSDP2 groups a block's adapter with it
         add_adapters(model, lora)
@@ -218,6 +277,8 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
         model.set_attn_implementation(PACKED_SDPA)
     if checkpointing:
         checkpoint_blocks(model)
+    if trainer_cfg.compile_blocks:
+        compile_blocks(model)
     if dist.get_world_size() > 1 or mixed_precision(model_cfg) is not None:
         apply_fsdp(model, model_cfg)
     materialize(model, model_cfg, device)
@@ -261,10 +322,16 @@ def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *,
     device = trainer_device(trainer_cfg)
     model = shard_model(model_cfg, trainer_cfg, checkpointing=trainer_cfg.activation_checkpointing,
                         lora=trainer_cfg.lora)
+    model.router_aux_loss_coef = trainer_cfg.router_aux_loss_coef
+    if model.router_aux_loss_coef > 0 and router_aux(model) is None:
+        raise ValueError(f"trainer.router_aux_loss_coef={model.router_aux_loss_coef}: "
+                         f"{type(model).__name__} is not a mixture of experts transformers gives "
+                         "a load-balancing loss")
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]  # LoRA: the adapters only
     optimizer = torch.optim.AdamW(trainable, lr=trainer_cfg.lr, betas=tuple(trainer_cfg.betas),
-                                  weight_decay=trainer_cfg.weight_decay, eps=adam_eps, foreach=True)
+                                  weight_decay=trainer_cfg.weight_decay, eps=adam_eps,
+                                  **adamw_options(device))
     # The optimizer step count is the number of AdamW steps (num_minibatches per policy version).
     total = trainer_cfg.steps * trainer_cfg.num_minibatches
     scheduler = torch.optim.lr_scheduler.LambdaLR(

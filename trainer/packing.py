@@ -10,8 +10,9 @@ packed, then evened out longest-first), else in runs of ``max_seqs``; every rank
 calls as the busiest (the others end in ``None``: zero-weight passes keep FSDP's collectives
 aligned). Any plan gives the same loss.
 ``trainer/step.py``'s ``plan`` packs a minibatch unless every call of its padded plan wastes less
-than ``trainer.pack_min_padding`` of its positions: a packed forward costs more per position (a
-segmented attention per length), so short, even sequences train faster padded (measured in
+than ``trainer.pack_min_padding`` of its positions: on CPU a packed forward costs more per
+position (a segmented attention per length; CUDA runs one varlen kernel), so short, even sequences
+train faster padded (measured in
 benchmarks/README.md, "The user's path"), and no padded call computes more than 1 / (1 - that
 share) positions per real token (activation memory).
 """

@@ -6,12 +6,18 @@ for bit on any number of ranks: ``record_init`` records Hugging Face's initialis
 ``FakeTensorMode``, ``replay_init`` replays it one parameter at a time (overwritten draws only
 advance the generator). LoRA: base weights under their HF names, adapters LoRA's init.
 
-Invariant: peak host memory is one full parameter, never an unsharded model. Non-persistent
-buffers are recomputed on ``device``; any other buffer is refused by name.
+A checkpoint's names go through transformers' own conversion for the model (``from_pretrained``'s:
+per-expert tensors fused into one parameter, renamed keys). Non-persistent buffers are recomputed
+on ``device`` by the model's own ``_init_weights``; any other buffer is refused by name.
+
+Invariant: peak host memory is one full parameter (a fused parameter: its sources and itself),
+never an unsharded model.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import logging
 import math
@@ -153,9 +159,18 @@ def write_shard(param: torch.Tensor, full_or_slice: torch.Tensor,
         local.copy_(src)
 
 
-def load_safetensors(params: dict[str, torch.Tensor], directory: Path) -> None:
-    """Each parameter's rank-local rows from the ``*.safetensors`` files of ``directory``."""
+def load_safetensors(model: torch.nn.Module, params: dict[str, torch.Tensor],
+                     directory: Path) -> None:
+    """Each parameter's rank-local rows from the ``*.safetensors`` files of ``directory``, the
+    checkpoint's names converted by transformers' own mapping for ``model`` (the one
+    ``from_pretrained`` applies: renamed keys, and per-expert tensors fused into one parameter).
+    A renamed tensor is read as its shard; a fused one is built whole (its sources, then the
+    result), converted by transformers' operations, then sliced."""
+    from contextlib import ExitStack
+
     from safetensors import safe_open
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, rename_source_key
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:
@@ -166,16 +181,33 @@ def load_safetensors(params: dict[str, torch.Tensor], directory: Path) -> None:
     if index.is_file():  # a sharded checkpoint: read only the files the index names
         names = set(json.loads(index.read_text())["weight_map"].values())
         files = [f for f in files if f.name in names]
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    fused: dict[str, WeightConverter] = {}  # target name -> its converter, collecting sources
     done, unexpected = set(), []
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
+    with ExitStack() as stack:
+        for f in files:
+            sf = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
             for key in sf.keys():
-                if key not in params:
+                name, pattern = rename_source_key(key, renamings, converters,
+                                                  getattr(model, "base_model_prefix", None),
+                                                  params)
+                if name not in params:
                     unexpected.append(key)
-                    continue
-                write_shard(params[key], sf.get_slice(key)[local_slices(params[key])],
-                            already_sliced=True)
-                done.add(key)
+                elif pattern is None:
+                    write_shard(params[name], sf.get_slice(key)[local_slices(params[name])],
+                                already_sliced=True)
+                    done.add(name)
+                else:  # read when its target is converted, in the checkpoint's order
+                    fused.setdefault(name, copy.deepcopy(by_pattern[pattern])).add_tensor(
+                        name, key, pattern, functools.partial(sf.get_tensor, key))
+        for first, converter in fused.items():
+            for name, value in converter.convert(first, model=model,
+                                                 config=model.config).items():
+                write_shard(params[name], value[0] if isinstance(value, list) else value)
+                done.add(name)
     missing = sorted(set(params) - done)
     if missing:
         raise ValueError(f"model.path={str(directory)!r} lacks {len(missing)} weight(s): "
@@ -199,26 +231,46 @@ def init_adapters(params: dict[str, torch.Tensor], seed: int) -> None:
 
 
 def foreign_buffers(model: torch.nn.Module) -> list[str]:
-    """The buffers ``restore_buffers`` cannot recompute (all but rotary tables), one entry per
-    module."""
-    return [f"buffers {sorted(own)} of {mod_name} ({type(module).__name__})"
-            for mod_name, module in model.named_modules()
-            if (own := dict(module.named_buffers(recurse=False)))
-            and "RotaryEmbedding" not in type(module).__name__]
+    """The buffers ``restore_buffers`` cannot recompute, one entry per module: persistent ones
+    (a checkpoint's, which the trainer does not read) and non-floating ones."""
+    out = []
+    for mod_name, module in model.named_modules():
+        own = module.named_buffers(recurse=False)
+        if bad := sorted(n for n, b in own if n not in module._non_persistent_buffers_set
+                         or not b.is_floating_point()):
+            out.append(f"buffers {bad} of {mod_name} ({type(module).__name__})")
+    return out
 
 
 def restore_buffers(model: torch.nn.Module) -> None:
-    """Recompute the rotary tables that ``to_empty`` left uninitialised; refuse any other buffer."""
+    """Recompute the non-persistent buffers ``to_empty`` left uninitialised (rotary tables, a
+    scaled embedding's ``embed_scale``) with the model's own ``_init_weights``, as
+    ``from_pretrained`` does for what a checkpoint lacks: transformers' init functions skip a
+    tensor marked ``_is_hf_initialized``, so each module's parameters are marked first and only
+    its buffers are written. A buffer it leaves unwritten is refused by name."""
+    from transformers import initialization
+
     if foreign := foreign_buffers(model):
         raise ValueError(f"cannot materialise {foreign[0]} from the meta device")
-    for module in model.modules():
-        own = dict(module.named_buffers(recurse=False))
-        if not own:
-            continue
-        with torch.device("cpu"):  # computed as build_model computes it, then moved
-            fresh = type(module)(config=module.config)
-        for name, buf in own.items():
-            buf.copy_(getattr(fresh, name))
+    owners = [(name, m) for name, m in model.named_modules()
+              if next(m.buffers(recurse=False), None) is not None]
+    with initialization.guard_torch_init_functions():
+        for _, module in owners:
+            for buf in module.buffers(recurse=False):
+                buf.fill_(math.nan)  # what _init_weights does not write stays NaN
+            kept = list(module.parameters(recurse=False))
+            for p in kept:
+                p._is_hf_initialized = True
+            try:
+                model._init_weights(module)
+            finally:
+                for p in kept:
+                    del p._is_hf_initialized
+    unset = [f"{name}.{b}" for name, m in owners for b, t in m.named_buffers(recurse=False)
+             if t.isnan().any()]
+    if unset:
+        raise ValueError(f"cannot materialise buffers {unset} from the meta device: the model's "
+                         "_init_weights does not compute them")
 
 
 def materialize(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
@@ -232,7 +284,7 @@ def materialize(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) 
     named = dict(model.named_parameters())  # a tied parameter appears once, under its first name
     params = {base_name(n): p for n, p in named.items() if not is_adapter(n)}  # Hugging Face names
     if cfg.path:
-        load_safetensors(params, Path(cfg.path))
+        load_safetensors(model, params, Path(cfg.path))
     else:
         replay_init(record_init(cfg), params, cfg.init_seed)
     init_adapters({n: p for n, p in named.items() if is_adapter(n)}, cfg.init_seed)

@@ -23,6 +23,7 @@ each call sees. Invariants (the invariance tests check them):
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
@@ -45,6 +46,7 @@ from trainer.losses import (
     vcpo_is_weights,
 )
 from trainer.model import Policy, clip_gradients, evaluating
+from trainer.packed_attention import Packing
 from trainer.packing import Plan, plan_minibatch
 from trainer.ranks import local, rank_world, several
 
@@ -113,23 +115,29 @@ def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
 def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
                        chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
     """``output_logp`` with the rows packed into one row: row i at offset ``o_i``, its output
-    token t predicted at ``o_i + P_i - 1 + t``; only output tokens reach the lm_head."""
-    dev, lens = mb.input_ids.device, (mb.prompt_lens + mb.output_lens).cpu()
+    token t predicted at ``o_i + P_i - 1 + t``; only output tokens reach the lm_head. The lengths
+    are read back once (the micro-batch's one host sync); every index is built on the host from
+    them and copied to the device without waiting, and the layers get them as a ``Packing``."""
+    dev = mb.input_ids.device
     n, t_max = mb.mask.shape
-    ids = torch.cat([mb.input_ids[i, :int(k)] for i, k in enumerate(lens)])[None]
-    starts = lens.cumsum(0) - lens
-    out_lens = mb.output_lens.cpu()
-    row = torch.repeat_interleave(torch.arange(n), out_lens)
-    t = torch.arange(len(row)) - torch.repeat_interleave(out_lens.cumsum(0) - out_lens, out_lens)
-    pos = starts[row] + mb.prompt_lens.cpu()[row] - 1 + t
+    prompt, output = torch.stack([mb.prompt_lens, mb.output_lens]).tolist()
+    lens = [p + o for p, o in zip(prompt, output)]
+    starts = [0, *itertools.accumulate(lens)][:-1]
+    width = mb.input_ids.shape[1]
+    flat = torch.cat([torch.arange(k) + i * width for i, k in enumerate(lens)])
+    ids = mb.input_ids.reshape(-1)[flat.to(dev, non_blocking=True)][None]
+    row = torch.repeat_interleave(torch.arange(n), torch.tensor(output, dtype=torch.long))
+    t = torch.cat([torch.arange(o) for o in output])
+    pos = torch.tensor(starts)[row] + torch.tensor(prompt)[row] - 1 + t
     if len(pos) == 0:  # no output token: one throwaway position keeps the graph (and FSDP) alike
         pos = torch.zeros(1, dtype=torch.long)
-    cu = torch.cat([starts, lens.sum()[None]]).to(dev, torch.int32)
-    lp = model.policy_logprobs(ids, pos[None].to(dev), temperature, chunk_tokens, cu)[0]
+    packing = Packing.of(lens, dev)
+    lp = model.policy_logprobs(ids, pos[None].to(dev, non_blocking=True), temperature,
+                               chunk_tokens, packing)[0]
     out = torch.zeros(n, t_max, dtype=lp.dtype, device=dev)
     if len(row) == 0:
         return out + 0.0 * lp.sum()
-    return out.index_put((row.to(dev), t.to(dev)), lp)
+    return out.index_put((row.to(dev, non_blocking=True), t.to(dev, non_blocking=True)), lp)
 
 
 def minibatches(batch: TrainBatch, n: int) -> list[torch.Tensor]:
@@ -232,6 +240,8 @@ def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor,
         loss_cfg, logp=logp, prox_logp=prox_logp, behav_logp=mb.behav_logp, advantages=advantages,
         mask=mb.mask,
         n_tokens_global=n_tokens, n_seqs_global=n_seqs, ref_logp=ref_logp)
+    if (aux := getattr(policy.model, "router_aux_loss", None)) is not None:  # a mixture's, if on
+        loss, policy.model.router_aux_loss = loss + policy.model.router_aux_loss_coef * aux, None
     (loss * (policy.world_size * share)).backward()  # FSDP2 averages over ranks (module docstring)
     if share != 1.0:
         stats = stats | {k: stats[k] * share for k in ("loss", "policy_loss")}

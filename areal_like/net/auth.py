@@ -18,6 +18,8 @@ from areal_like.net.security import owner_only
 
 ENGINE_KEY_ENV = "AREAL_LIKE_ENGINE_API_KEY"
 METRICS_TOKEN_ENV = "AREAL_LIKE_METRICS_TOKEN"
+# the Authorization header of every remote reward request (task.reward_url carries no credential)
+REWARD_AUTH_ENV = "AREAL_LIKE_REWARD_AUTH"
 BIND_HOST_ENV = "AREAL_LIKE_BIND_HOST"
 LOOPBACK = "127.0.0.1"
 KEY_FILE = Path("secrets") / "engine_api_key"  # under the run directory
@@ -30,6 +32,20 @@ SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH", re.IGNORECAS
 SECRET_FIELD = re.compile(r"(^|[_-])(api[_-]?key|token|secret|passw(or)?d|credentials?)($|[_-])",
                           re.IGNORECASE)
 _URL_PASSWORD = re.compile(r"(://[^/@:\s]+:)[^/@\s]+@")
+
+
+def url_credential(url: str) -> str:
+    """What in ``url`` is a credential ('' when nothing is): a user or password before its host,
+    or a query parameter named like one (``?token=``, ``?api_key=``, ``?key=``, ``?sig=``)."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        return "a user:password before its host"
+    for name, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if SECRET_FIELD.search(name) or name.lower() in ("key", "sig", "signature", "auth"):
+            return f"the query parameter {name!r}"
+    return ""
 
 
 def engine_api_key(run_dir: str | Path) -> str | None:
@@ -67,7 +83,7 @@ def ensure_key_file(run_dir: str | Path) -> str:
         return key
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
-    key = secrets.token_urlsafe(32)
+    key = secrets.token_hex(32)  # never starts with "-" (SGLang's parser: launch_sglang.py)
     # never world-readable, not even briefly
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

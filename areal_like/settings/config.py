@@ -44,8 +44,8 @@ __all__ = [
     "LossConfig", "ModelConfig", "RolloutConfig", "RunConfig", "SecurityConfig", "TaskConfig",
     "TrackingConfig", "TrainerConfig", "WarmStartConfig",
     "WeightSyncConfig", "config_dir", "from_yaml", "group_options", "load_config",
-    "load_daemon_config", "to_yaml", "EXPORT_TASK_FILE", "export_yaml", "export_settings",
-    "task_from_yaml",
+    "load_daemon_config", "to_yaml", "EXPORT_TASK_FILE", "export_yaml", "export_data",
+    "export_settings", "task_from_yaml",
 ]
 
 # In every exported model directory: the task it was trained on, which `areal-like eval` scores it
@@ -319,19 +319,53 @@ def export_yaml(task: TaskConfig, ev: EvalConfig | None = None, seed: int | None
     return OmegaConf.to_yaml(OmegaConf.create(sections))
 
 
+def export_data(text: str) -> dict:
+    """An ``EXPORT_TASK_FILE``'s text as plain data, never configuration: YAML's safe subset, and
+    no ``${...}`` anywhere (OmegaConf would resolve it: ``${oc.env:...}`` reads the evaluator's
+    environment), every ``eval`` key a plain name. ConfigError naming what is refused."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{EXPORT_TASK_FILE} is not YAML: {e}".splitlines()[0]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{EXPORT_TASK_FILE} must be a mapping, not {type(data).__name__}")
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, str) and "${" in value:
+            raise ConfigError(f"{where}: {value!r} in {EXPORT_TASK_FILE} is an interpolation; an "
+                              "export's task file is data, never resolved: name the value on the "
+                              "command line instead")
+        for k, v in value.items() if isinstance(value, dict) else enumerate(
+                value if isinstance(value, list) else ()):
+            walk(k, where)
+            walk(v, f"{where}.{k}" if where else str(k))
+
+    walk(data, "")
+    for k in data.get("eval") or {}:
+        if not (isinstance(k, str) and k.isidentifier()):
+            raise ConfigError(f"eval: {k!r} in {EXPORT_TASK_FILE} is not a setting's name")
+    return data
+
+
 def export_settings(text: str) -> tuple[list[str], int | None]:
-    """The ``eval.*`` and ``seed`` an ``export_yaml`` text holds, as ``key=value`` overrides, and
-    its ``policy_version``; none of them in an export written before they were stored."""
+    """The ``eval.*`` and ``seed`` an ``export_yaml`` text holds (``export_data``: plain data), as
+    ``key=value`` overrides, and its ``policy_version``; none of them in an export written before
+    they were stored."""
     import json
 
-    from omegaconf import OmegaConf
-
-    stored = _structured(lambda: OmegaConf.to_container(OmegaConf.create(text)))
+    stored = export_data(text)
     overrides = [f"eval.{k}={json.dumps(v)}" for k, v in (stored.get("eval") or {}).items()]
-    if stored.get("seed") is not None:
-        overrides.append(f"seed={int(stored['seed'])}")
-    version = stored.get("policy_version")
-    return overrides, None if version is None else int(version)
+    try:
+        if stored.get("seed") is not None:
+            overrides.append(f"seed={int(stored['seed'])}")
+        version = stored.get("policy_version")
+        return overrides, None if version is None else int(version)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"seed or policy_version in {EXPORT_TASK_FILE}: {e}") from None
 
 
 def _structured(build: Callable[[], Any], where: str = "") -> Any:
@@ -364,12 +398,14 @@ def _merged(schema: Any, sources: Callable[[], tuple], where: str = "") -> Any:
 
 
 def task_from_yaml(text: str, overrides: list[str] | None = None) -> TaskConfig:
-    """The task of ``export_yaml`` output with ``task.key=value`` ``overrides`` on top."""
+    """The task of ``export_yaml`` output (``export_data``: plain data, never resolved) with
+    ``task.key=value`` ``overrides`` on top."""
     from omegaconf import OmegaConf
 
     dotlist = list(overrides or [])
+    task = export_data(text).get("task") or {}
     return _merged({"task": TaskConfig()},
-                   lambda: (OmegaConf.masked_copy(OmegaConf.create(text), ["task"]),
+                   lambda: (OmegaConf.create({"task": task}),
                             OmegaConf.from_dotlist(dotlist)))["task"]
 
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from areal_like.net.auth import ENGINE_KEY_ENV, SECRET_FIELD
+from areal_like.net.auth import ENGINE_KEY_ENV, REWARD_AUTH_ENV, SECRET_FIELD, url_credential
 from areal_like.settings.config_checks import (
     DEVICE,
     PORT,
@@ -182,6 +182,11 @@ class TaskConfig:
         _check("task.reward_url",
                not self.reward_url or self.reward_url.startswith(("http://", "https://")),
                "empty or an http(s) URL", self.reward_url)
+        if why := url_credential(self.reward_url):  # never in config.yaml, exports or trackers
+            raise ConfigError(f"task.reward_url: credentials are not configuration ({why}): give "
+                              "the URL without them and the credential in the environment, "
+                              f"{REWARD_AUTH_ENV} (every reward request's Authorization header, "
+                              "e.g. 'Bearer TOKEN')")
 
 
 @dataclass(kw_only=True)
@@ -476,8 +481,14 @@ class TrainerConfig:
     first_engines: int = 1
     # recompute each decoder block in backward (trainer/MEMORY.md)
     activation_checkpointing: bool = False
+    # a mixture of experts' load-balancing loss (its transformers module's
+    # load_balancing_loss_func on the training forward's router logits), times this, added to the
+    # policy loss. 0 = off, the RL default: the routing the engine sampled with is left alone.
+    router_aux_loss_coef: float = 0.0
     # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
     logprob_chunk_tokens: int = 512
+    # torch.compile each decoder block (as torchtitan does; for CUDA jobs, first step slower)
+    compile_blocks: bool = False
 
     def __post_init__(self):
         each("trainer", self, ">= 1", "keep_checkpoints", "steps", "micro_batch_size",
@@ -493,7 +504,7 @@ class TrainerConfig:
         _check("trainer.lr", 0 < self.lr < math.inf, "> 0 and finite", self.lr)
         each("trainer", self, "> 0", "grad_clip")
         each("trainer", self, ">= 0", "first_engine_wait_s", "weight_decay", "warmup_steps",
-             "batch_wait_s")
+             "batch_wait_s", "router_aux_loss_coef")
         each("trainer", self, PORT, "metrics_port")
         _check("trainer.device", DEVICE.fullmatch(self.device), "cpu, cuda or cuda:N",
                self.device)

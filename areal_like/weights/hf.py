@@ -148,6 +148,19 @@ def qwen2_config(cfg: ModelConfig, tokenizer=None):
     )
 
 
+SLIDING = "sliding_attention"
+
+
+def layer_windows(config) -> dict[str, int | None] | int | None:
+    """Each layer type's window (None: full attention) when ``config`` mixes layer types; else
+    the one window every layer has (None: full)."""
+    types = set(getattr(config, "layer_types", None) or [])
+    window = getattr(config, "sliding_window", None)
+    if types and types != {"full_attention"}:
+        return {t: window if t == SLIDING else None for t in types}
+    return None if types else window  # layer_types all full: a leftover sliding_window is unused
+
+
 def _local_model_dir(cfg: ModelConfig) -> Path:
     path = Path(cfg.path)
     if not (path / "config.json").is_file():

@@ -4,7 +4,9 @@ paths, a targeted linear holding ``base_layer``, ``lora_A.default`` and ``lora_B
 
 Invariants: parameter names are identical on trainer and engine, so the sync sends the adapter
 under the engine's names; ``base_name`` maps a name back to the base model's weight (an adapter
-has none); every name in ``target_modules`` matches at least one linear layer (``check_targets``).
+has none); every name in ``target_modules`` matches at least one linear layer (``check_targets``),
+except with the default list, whose MLP names a mixture-of-experts model lacks (transformers 5 fuses
+its experts into parameters, not linear layers): there the names the model has (``targets``).
 """
 
 from __future__ import annotations
@@ -12,18 +14,20 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from areal_like.settings.config_checks import ConfigError
-from areal_like.settings.schema import LoraConfig, RunConfig
+from areal_like.settings.schema import LORA_DEFAULT_TARGETS, LoraConfig, RunConfig
 
 ADAPTER = "default"  # PEFT's adapter name: one live adapter per model
 BASE_LAYER = ".base_layer"
 
 
-def peft_config(lora: LoraConfig):
-    """PEFT's ``LoraConfig`` of ``trainer.lora`` (bias untouched: only A and B train)."""
+def peft_config(lora: LoraConfig, target_modules: list[str] | None = None):
+    """PEFT's ``LoraConfig`` of ``trainer.lora`` (bias untouched: only A and B train), on
+    ``target_modules`` (default: ``lora.target_modules``)."""
     from peft import LoraConfig as PeftLoraConfig
 
+    targets = lora.target_modules if target_modules is None else target_modules
     return PeftLoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=list(lora.target_modules), bias="none")
+                          target_modules=list(targets), bias="none")
 
 
 def served_name(version: int, plan_id: str) -> str:
@@ -39,10 +43,20 @@ def linear_names(model) -> set[str]:
             if isinstance(m, torch.nn.Linear)}
 
 
+def targets(model, lora: LoraConfig) -> list[str]:
+    """The names the adapters go on: ``lora.target_modules``; the default list only where the
+    model has such linear layers (a mixture's fused experts are not)."""
+    if sorted(lora.target_modules) == sorted(LORA_DEFAULT_TARGETS):
+        linear = linear_names(model)
+        return [t for t in lora.target_modules if t in linear]
+    return list(lora.target_modules)
+
+
 def check_targets(model, lora: LoraConfig) -> None:
     """ConfigError naming ``trainer.lora.target_modules`` when a name matches no linear layer."""
     linear = linear_names(model)
-    missing = [t for t in lora.target_modules if t not in linear]
+    chosen = targets(model, lora)
+    missing = [t for t in chosen if t not in linear] if chosen else list(lora.target_modules)
     if missing:
         raise ConfigError(f"trainer.lora.target_modules: {missing} match no linear layer of the "
                           f"model ({type(model).__name__}; its linear layers: {sorted(linear)})")
@@ -71,7 +85,8 @@ def add_adapters(model, lora: LoraConfig):
     from peft import inject_adapter_in_model
 
     check_targets(model, lora)
-    return inject_adapter_in_model(peft_config(lora), model, adapter_name=ADAPTER)
+    return inject_adapter_in_model(peft_config(lora, targets(model, lora)), model,
+                                   adapter_name=ADAPTER)
 
 
 def is_adapter(name: str) -> bool:

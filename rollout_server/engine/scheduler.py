@@ -70,9 +70,9 @@ class Request:
 def unservable(config) -> str:
     """Why the engine cannot serve a model of this Hugging Face ``config``; "" when it can."""
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    if layer_types != {"full_attention"}:
-        return (f"layer types {sorted(layer_types)}: the embedded engine builds full-attention "
-                "masks only (no sliding-window layers)")
+    if other := layer_types - padded.SERVED_LAYER_TYPES:
+        return (f"layer types {sorted(other)}: the embedded engine serves full and "
+                "sliding-window attention only")
     return ""
 
 

@@ -7,7 +7,8 @@ sender never hangs; a bucket answered before its load failed fails the rest of i
 the version of the last bucket is never set over it. Swap: a flat buffer is only ever viewed by
 the parameters of its own layout, and a swap re-points all of them, so the buffer it retires is
 viewed by no parameter. A tensor payload is unpickled only through ``_TensorUnpickler``, which
-resolves the torch rebuild functions and types such a payload names and refuses anything else.
+resolves exactly the torch rebuild functions, types and dtypes such a payload names and refuses
+anything else (no module as a whole, no builtin, no dotted name such as ``os.system``).
 """
 
 from __future__ import annotations
@@ -33,9 +34,15 @@ NO_SESSION = ("update_weights_from_distributed must run between begin_weight_upd
 NOT_FLUSHED = ("Weights were updated, but the cache was not flushed because "
                "requests are still running or "
                "queued. Retract or finish them, then call /flush_cache.")
-_MODULES = ("torch", "torch.storage", "torch._utils", "torch.multiprocessing.reductions")
-_BUILTINS = ("list", "tuple", "dict", "int", "float", "bool", "str", "slice", "getattr",
-             "bytearray", "complex")
+# exactly what torch's reducers (torch/multiprocessing/reductions.py) name for the dense CPU and
+# CUDA tensors a payload holds (trainer/weight_local.py, ``tensor_payload``; SGLang's senders), plus
+# the dtypes (``torch.float32``, ...): no module as a whole, no ``getattr``, no dotted name
+_ALLOWED = {
+    ("torch.multiprocessing.reductions", name) for name in (
+        "rebuild_tensor", "rebuild_cuda_tensor", "rebuild_typed_storage",
+        "rebuild_storage_filename", "rebuild_storage_empty")
+} | {("torch", "Tensor"), ("torch", "Size"), ("torch", "UntypedStorage"), ("torch", "TypedStorage"),
+     ("torch.storage", "UntypedStorage"), ("torch.storage", "TypedStorage")}
 
 
 class WeightUpdater:
@@ -394,9 +401,14 @@ def _refusal(state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -
 
 
 class _TensorUnpickler(pickle.Unpickler):
+    """Resolves the names of ``_ALLOWED`` and torch's dtypes; refuses every other global."""
+
     def find_class(self, module: str, name: str):
-        if module in _MODULES or (module == "builtins" and name in _BUILTINS):
+        if (module, name) in _ALLOWED:
             return super().find_class(module, name)
+        if module == "torch" and name.isidentifier() and isinstance(
+                getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a weight payload")
 
 

@@ -167,6 +167,49 @@ def parse_junit(path: Path) -> list[TestResult]:
     return results
 
 
+@dataclass(frozen=True)
+class Goal:
+    """A figure's goal (issue 61), shown with its value and its baseline from the same run."""
+
+    figure: str
+    at_least: float
+    baseline: str | None = None  # the figure measured beside it, on the same card
+
+
+# the trainer's (tests/gpu/test_train_throughput.py); other areas keep goals of their own
+TRAINER_GOALS = (
+    Goal("train_mfu_packed", 40.0, baseline="train_mfu_packed_baseline_plain_hf"),
+    Goal("train_tokens_per_s_packed_ratio", 1.3,
+         baseline="train_tokens_per_s_packed_baseline_plain_hf"),
+)
+GOALS = TRAINER_GOALS
+
+
+def figure_values(results: list[TestResult]) -> dict[str, float]:
+    """Every recorded figure's number (its ``"value unit"`` text's first word), by name."""
+    out = {}
+    for r in results:
+        for name, text in r.figures.items():
+            try:
+                out[name] = float(str(text).split()[0])
+            except (ValueError, IndexError):
+                continue
+    return out
+
+
+def goal_rows(results: list[TestResult], goals: tuple[Goal, ...] = GOALS) -> list[str]:
+    """The goal table's rows: figure, value, baseline, goal, met (``not measured`` when absent)."""
+    values, rows = figure_values(results), []
+    for g in goals:
+        v = values.get(g.figure)
+        base = (f"{g.baseline} = {values[g.baseline]:.4g}" if g.baseline in values
+                else g.baseline or "")
+        met = "not measured" if v is None else ("yes" if v >= g.at_least else "no")
+        value = "" if v is None else f"{v:.4g}"
+        rows.append(f"| {g.figure} | {value} | {base} | >= {g.at_least:g} | {met} |")
+    return rows
+
+
 def render_results(env: dict, results: list[TestResult], note: str = "") -> str:
     """``tests/gpu/RESULTS.md``: the machine, the totals, one row per test, the figures."""
     counts = {k: sum(r.outcome == k for r in results)
@@ -189,6 +232,10 @@ def render_results(env: dict, results: list[TestResult], note: str = "") -> str:
     if figures:
         lines += ["", "## Figures", "", "| test | figure | value |", "|---|---|---|"]
         lines += [f"| `{name}` | {key} | {value} |" for name, key, value in figures]
+    values = figure_values(results)
+    if any(g.figure in values or g.baseline in values for g in GOALS):  # else no such tests ran
+        lines += ["", "## Goals", "", "| figure | value | baseline (same run) | goal | met |",
+                  "|---|---|---|---|---|", *goal_rows(results)]
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +271,21 @@ def probe_env(python: str = sys.executable) -> dict:
     return env
 
 
+def pytest_selection(pytest_args: list[str]) -> list[str]:
+    """The GPU tests' pytest arguments (``pytest_args`` after them), as ``run`` passes them."""
+    return ["-m", "gpu", "tests/gpu", *pytest_args]
+
+
+def dry_run(pytest_args: list[str]) -> int:
+    """List the tests ``run`` would run with ``pytest_args`` (pytest's ``--collect-only``),
+    installing nothing: a check, on any machine, of a selection (``-- -k NAME``) before a device
+    call spends its minutes on it."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q",
+                           *pytest_selection(pytest_args)], cwd=REPO, env=env).returncode
+
+
 def run_kit(wheelhouse: Path, site: Path, out: Path, pytest_args: list[str],
             budget_s: float = 0) -> int:
     """Install the wheelhouse, run the GPU tests, write RESULTS.md; pytest's exit code."""
@@ -243,8 +305,9 @@ def run_kit(wheelhouse: Path, site: Path, out: Path, pytest_args: list[str],
            "PYTHONUNBUFFERED": "1"}
     out.mkdir(parents=True, exist_ok=True)
     junit = out / "junit.xml"
-    code, stopped = run_pytest(["-m", "gpu", "tests/gpu", "-rA", "-v", f"--junitxml={junit}",
-                                "-o", "junit_family=xunit1", *pytest_args], env, budget_s)
+    code, stopped = run_pytest([*pytest_selection(["-rA", "-v", f"--junitxml={junit}",
+                                                    "-o", "junit_family=xunit1"]), *pytest_args],
+                               env, budget_s)
     note = (f"stopped at the {budget_s:g} s budget (`--budget-s`): the tests listed ran; the one "
             "running then and those after it did not" if stopped else "")
     write_results(probe_env(), parse_junit(junit) if junit.is_file() else [], out, note=note)
@@ -297,6 +360,8 @@ def main(argv: list[str]) -> int:
     run.add_argument("--budget-s", type=float, default=0,
                      help="stop pytest (SIGINT) after this many seconds and still write the "
                           "report; keep it under the device call's timeout_s (default: none)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="list the tests it would run and stop (installs nothing; any machine)")
     run.add_argument("pytest_args", nargs="*",
                      help="more pytest arguments, after `--` (e.g. -- -k throughput)")
     rep = sub.add_parser("report", help="render RESULTS.md from a junit xml (and an env.json)")
@@ -315,6 +380,8 @@ def main(argv: list[str]) -> int:
     if args.command == "run":
         if not 0 <= args.budget_s < float("inf"):
             ap.error(f"--budget-s {args.budget_s}: expected a finite number of seconds >= 0")
+        if args.dry_run:
+            return dry_run(args.pytest_args)
         return run_kit(args.wheelhouse, args.site, args.out, args.pytest_args, args.budget_s)
     env = json.loads(args.env.read_text()) if args.env else {}
     write_results(env, parse_junit(args.junit), None, args.results)

@@ -1,14 +1,14 @@
 """Packed micro-batches on CUDA (``trainer/step.py``'s ``packed_output_logp``): each packed
-sequence's log-probs equal that sequence run alone, on the trainer's ``sdpa_packed`` and on
-flash-attention's variable-length kernel (``model.attn_implementation=flash_attention_2``; skips
-where ``flash_attn`` is not installed), in bfloat16 as a GPU job computes. The sequences' boundaries
+sequence's log-probs equal that sequence run alone, on the trainer's ``sdpa_packed`` (torch's
+``varlen_attn`` kernel in bf16 on CUDA: asserted) and on flash-attention's own variable-length
+kernels (``model.attn_implementation=flash_attention_2`` / ``flash_attention_4``; each skips where
+its package is not installed: ``flash_attn`` importable is not FA2 where SGLang installed
+``flash-attn-4``), in bfloat16 as a GPU job computes. The sequences' boundaries
 (``cu_seq_lens_q``) are what keep them apart: run as one sequence, the packed row must differ (the
 check that this test can fail). tests/unit/test_packing.py is the CPU twin in fp32.
 """
 
 from __future__ import annotations
-
-import importlib.util
 
 import numpy as np
 import pytest
@@ -31,23 +31,30 @@ def _batch(shapes):
                                             prompt_index=0, epoch=0, trajectories=trajs)])
 
 
-@pytest.mark.parametrize("attn", ["sdpa_packed", "flash_attention_2"])
+@pytest.mark.parametrize("attn", ["sdpa_packed", "flash_attention_2", "flash_attention_4"])
 def test_packed_logp_equals_each_sequence_alone_on_cuda(attn):
     import torch
 
     from areal_like.settings.config import load_config
     from areal_like.weights.hf import build_model
     from trainer.model import attach_logprobs
+    from trainer.packed_attention import (
+        PACKED_SDPA,
+        flash_attention_implementations,
+        uses_varlen_kernel,
+    )
     from trainer.step import output_logp
 
-    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        pytest.skip("flash_attn is not installed")
+    if attn != PACKED_SDPA and attn not in flash_attention_implementations():
+        pytest.skip(f"{attn}: its package is not installed")
     torch.manual_seed(0)
     dev = torch.device(DEVICE)
     model = attach_logprobs(build_model(load_config(["model.dtype=bfloat16"]).model)).to(dev)
     model.set_attn_implementation(attn)
     batch = _batch([(30, 60), (50, 20), (20, 70), (7, 3)]).to(dev)
     m = batch.mask > 0
+    if attn == PACKED_SDPA:  # the varlen kernel, not the per-length SDPA of CPU and fp32
+        assert uses_varlen_kernel(torch.zeros(1, 14, 8, 64, dtype=torch.bfloat16, device=dev))
     with torch.no_grad():
         packed = output_logp(model, batch, 0.8, chunk_tokens=64, packed=True)
         alone = torch.cat([torch.nn.functional.pad(

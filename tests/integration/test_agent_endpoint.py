@@ -298,7 +298,8 @@ def test_calls_size_and_sampling_are_bounded():
     engine = Scripted(["1", "2", "3"])
 
     async def scenario():
-        ep = await endpoint(engine, max_turns=2, max_episode_tokens=40).start()
+        # 3 refused, 1 without room, 1 answered: 5 calls; the 6th is one too many
+        ep = await endpoint(engine, max_turns=5, max_episode_tokens=40).start()
         try:
             key, _ = ep.open_session(None)
             client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
@@ -935,7 +936,8 @@ def test_ids_and_names_of_the_wrong_type_get_400_not_500():
     okay = [[user, {"role": "assistant", "content": "", "tool_calls": [c]}] for c in nested]
 
     async def scenario():
-        ep = await endpoint(Scripted(["a", "b"]), max_episode_tokens=10**6).start()
+        # max_turns: each refused call counts
+        ep = await endpoint(Scripted(["a", "b"]), max_episode_tokens=10**6, max_turns=10).start()
         try:
             key, session = ep.open_session(None)
             statuses = []
@@ -950,3 +952,73 @@ def test_ids_and_names_of_the_wrong_type_get_400_not_500():
 
     statuses, session = asyncio.run(scenario())
     assert statuses == [400] * len(bodies) + [200] * len(okay)  # arguments kept as their text
+
+
+def test_a_deeply_nested_message_or_tool_gets_a_clear_400_not_500():
+    """JSON nested nearly as deep as Python parses (in the body, or in a tool call's arguments
+    given as text) parsed, then encoding it again recursed past the interpreter's limit: a 500
+    (where exactly depends on the stack, so every depth up to what parses is tried). Now a body
+    nested deeper than ``MAX_NESTING`` is a 400 naming it, before the engine; arguments that deep
+    stay their text, as arguments that do not parse do."""
+    def body(depth: int, as_text: bool) -> bytes:
+        deep = "[" * depth + "]" * depth
+        arguments = json.dumps(deep) if as_text else deep
+        return ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", '
+                '"content": "", "tool_calls": [{"id": "c1", "function": {"name": "calc", '
+                f'"arguments": {arguments}}}}}]}}]}}').encode()
+
+    depths = [*range(65, 1000, 97), *range(940, 1000)]  # MAX_NESTING = 64
+    engine = Scripted(["a"] * len(depths))
+
+    async def scenario():
+        ep = await endpoint(engine, max_turns=4 * len(depths),
+                            max_episode_tokens=10**6).start()
+        try:
+            key, _ = ep.open_session(None)
+            out = {}
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+                for depth in depths:
+                    for as_text in (False, True):
+                        async with http.post(ep.base_url + "/chat/completions",
+                                             data=body(depth, as_text)) as r:
+                            out[depth, as_text] = (r.status, await r.text())
+            return out
+        finally:
+            await ep.close()
+
+    got = asyncio.run(scenario())
+    assert not [k for k, (status, _) in got.items() if status >= 500], got
+    nested = {k: v for k, v in got.items() if not k[1]}
+    assert all(s == 400 and ("nested deeper than" in t or "not valid JSON" in t)
+               for s, t in nested.values()), nested
+    assert "nested deeper than 64 levels" in got[depths[0], False][1]
+    assert all(s == 200 for (_, as_text), (s, _) in got.items() if as_text)
+    assert len(engine.calls) == len(depths)  # only the calls with their arguments as text
+
+
+def test_refused_calls_count_toward_the_episodes_calls():
+    """A refused call (bad JSON, a body the endpoint refuses) was free: an agent could send any
+    number of them, each parsed and checked. Each now counts toward ``task.max_turns``."""
+    engine = Scripted(["1", "2"])
+
+    async def scenario():
+        ep = await endpoint(engine, max_turns=3).start()
+        try:
+            key, session = ep.open_session(None)
+            statuses = []
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
+                url = ep.base_url + "/chat/completions"
+                for body in (b"{not json", b'{"messages": []}', b'{"messages": [{"role": "user", '
+                             b'"content": "q"}]}', b'{"messages": [{"role": "user", '
+                             b'"content": "q"}]}'):
+                    async with http.post(url, data=body) as r:
+                        statuses.append((r.status, (await r.json()).get("error", {}).get(
+                            "message", "")))
+            return statuses, session
+        finally:
+            await ep.close()
+
+    statuses, session = asyncio.run(scenario())
+    assert [s for s, _ in statuses] == [400, 400, 200, 400], statuses
+    assert "calls are used up" in statuses[3][1] and session.calls == 3
+    assert len(engine.calls) == 1

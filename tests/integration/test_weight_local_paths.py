@@ -8,8 +8,9 @@ handles), v2 from ``disk`` (an HF directory the trainer wrote, ``/update_weights
 v3 by ``tensor`` again. After each, the engine serves that version and its weights are
 bit-identical to the trainer's (SHA-256 of every parameter's bytes). No group is formed.
 
-Also: the engine refuses a payload that names anything but torch's rebuild functions, and a
-load_format it cannot read, with a clear 400.
+Also: the engine refuses a payload that names anything but torch's rebuild functions, types and
+dtypes (``torch.os.system``, a ``getattr`` chain, ``builtins.eval``: none runs), and a load_format
+it cannot read, with a clear 400.
 """
 
 from __future__ import annotations
@@ -70,6 +71,62 @@ def engine_url(tmp_path, spawn_python, free_port, wait_until):
 class _Evil:
     def __reduce__(self):
         return (print, ("this must never run",))
+
+
+def _global(module: str, name: str) -> bytes:
+    """Pickle opcodes pushing ``module.name`` (protocol 4: a dotted ``name`` is an attribute
+    path)."""
+    return b"".join(pickle.SHORT_BINUNICODE + bytes([len(w)]) + w.encode()
+                    for w in (module, name)) + pickle.STACK_GLOBAL
+
+
+def _text(s: str) -> bytes:
+    return pickle.BINUNICODE + len(s.encode()).to_bytes(4, "little") + s.encode()
+
+
+def _call(fn: bytes, *args: bytes) -> bytes:
+    return fn + pickle.MARK + b"".join(args) + pickle.TUPLE + pickle.REDUCE
+
+
+def _payload(obj: bytes) -> str:
+    """``[("model.norm.weight", obj)]`` as a base64 payload."""
+    return base64.b64encode(pickle.PROTO + b"\x04" + pickle.MARK + pickle.MARK
+                            + _text("model.norm.weight") + obj + pickle.TUPLE + pickle.LIST
+                            + pickle.STOP).decode()
+
+
+def test_engine_refuses_payloads_that_reach_code_through_allowed_names(engine_url, tmp_path):
+    """A payload's way to ``os.system`` through torch's namespace, a ``getattr`` chain or
+    ``builtins.eval`` runs nothing: each is a 400 naming what it tried, nothing is loaded."""
+    from rollout_server.sglang_client import SGLangClient, SGLangError
+
+    marker = tmp_path / "ran"
+    cmd = _text(f"touch {marker}")
+    payloads = [  # (the name refused first, the object)
+        ("torch.os.system", _call(_global("torch", "os.system"), cmd)),
+        ("builtins.getattr", _call(_call(_global("builtins", "getattr"), _global("torch", "os"),
+                                         _text("system")), cmd)),
+        ("torch.os", _call(_global("torch", "os"), cmd)),
+        ("builtins.getattr", _call(_call(_global("builtins", "getattr"),
+                                         _global("torch", "Tensor"), _text("__init__")), cmd)),
+        ("builtins.eval", _call(_global("builtins", "eval"),
+                                _text(f"__import__('os').system('touch {marker}')"))),
+        ("torch._utils._rebuild_parameter", _call(_global("torch._utils", "_rebuild_parameter"),
+                                                  cmd, cmd, cmd)),
+    ]
+
+    async def post(payload) -> str:
+        async with SGLangClient(engine_url, timeout_s=30) as sg:
+            with pytest.raises(SGLangError) as e:
+                await sg.update_weights_from_tensor([payload], weight_version="9")
+            assert e.value.status == 400, e.value
+            assert await sg.weight_version() == "0"
+            return e.value.message
+
+    for named, obj in payloads:
+        message = asyncio.run(post(_payload(obj)))
+        assert not marker.exists(), f"{named}: the payload ran a command"
+        assert f"{named} is not allowed" in message, (named, message)
 
 
 def test_engine_refuses_payloads_it_must_not_unpickle(engine_url):

@@ -61,7 +61,7 @@ class Server:
 
 
 def start_server(model_dir: Path, log_path: Path, **sglang) -> Server:
-    key = secrets.token_urlsafe(16)
+    key = secrets.token_hex(16)  # never starts with "-" (launch_sglang.write_secrets)
     proc = SGLangProcess(
         model_config(model_dir), cpu_engine(**sglang), log_path=str(log_path), api_key=key
     )

@@ -16,11 +16,12 @@ from areal_like.net.auth import (
     BIND_HOST_ENV,
     ENGINE_KEY_ENV,
     KEY_FILE,
+    REWARD_AUTH_ENV,
     ensure_key_file,
     redact,
     redact_argv,
 )
-from areal_like.settings.config import ConfigError, load_config
+from areal_like.settings.config import ConfigError, TaskConfig, load_config
 from areal_like.settings.schema import EngineConfig
 from launch.job import job_specs, prepare
 from rollout_server.launch_sglang import sglang_command
@@ -93,19 +94,39 @@ def test_redaction_keeps_what_is_not_a_credential():
         "sglang", "--api-key", "<redacted>", "--port", "1", "--admin-api-key=<redacted>"]
 
 
-def test_sglang_gets_the_key_on_its_command_line():
+def test_sglang_gets_the_key_in_an_owner_only_file_never_on_its_command_line(tmp_path):
+    import yaml
+
     from areal_like.settings.config import ModelConfig
+    from rollout_server.launch_sglang import write_secrets
 
-    argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"), 30000, api_key="K")
-    assert argv[argv.index("--api-key") + 1] == "K"
-    assert "--api-key" not in sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"),
-                                             30000)
+    path = write_secrets(str(tmp_path), "K:#")
+    argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"), 30000, path)
+    assert argv[argv.index("--config") + 1] == path and "K:#" not in " ".join(argv)
+    assert yaml.safe_load(open(path)) == {"api-key": "K:#"}
+    assert os.stat(path).st_mode & 0o777 == 0o600
+    assert "--config" not in sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"),
+                                            30000)
+    with pytest.raises(ValueError, match="starts with '-'"):  # SGLang would take it for a flag
+        write_secrets(str(tmp_path / "other"), "-K")
+    assert not ensure_key_file(tmp_path).startswith("-")
 
 
-def test_areal_like_config_redacts_credentials(tmp_path):
+def test_a_credential_in_the_reward_url_is_refused_before_any_file_is_written(tmp_path):
+    """``task.reward_url`` with a user:password or a token query parameter reached config.yaml,
+    exports and the trackers (``dataclasses.asdict`` of the config); now it is refused by name,
+    before anything is written, and the credential goes in ``REWARD_AUTH_ENV``."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "config", f"run_dir={tmp_path}",
-                        "warm_start.steps=0", "task.reward_url=https://bot:hunter2@rewards.example/score"],
-                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert "hunter2" not in r.stdout and "https://bot:<redacted>@rewards.example/score" in r.stdout
+    for url in ("https://bot:hunter2@rewards.example/score",
+                "https://rewards.example/score?token=hunter2"):
+        r = subprocess.run([sys.executable, "-m", "launch.cli", "config", f"run_dir={tmp_path}",
+                            "warm_start.steps=0", f"task.reward_url='{url}'"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert r.returncode == 2, (url, r.stdout[-500:])
+        assert "task.reward_url: credentials are not configuration" in r.stderr, r.stderr
+        assert REWARD_AUTH_ENV in r.stderr and "hunter2" not in r.stdout + r.stderr
+        assert not any("hunter2" in f.read_text(errors="replace")
+                       for f in tmp_path.rglob("*") if f.is_file())
+    TaskConfig(reward_url="https://rewards.example/score?batch=8")  # not a credential
+
+

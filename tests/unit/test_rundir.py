@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,22 @@ def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
     finally:
         os.close(held)
     os.close(lock_run_dir(tmp_path / "run"))
+
+
+def test_a_run_dir_is_private_to_its_user_whatever_the_umask(tmp_path):
+    """Under the usual umask (022) a run directory was 0755: its WAL, checkpoints, exports and
+    logs readable by every local user. A new one is made 0700 and one left open by an earlier
+    run is closed at the start."""
+    old = os.umask(0o022)
+    try:
+        os.close(lock_run_dir(tmp_path / "run"))
+        assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o700
+        (tmp_path / "old").mkdir(mode=0o755)
+        (tmp_path / "old" / "wal").mkdir()
+        os.close(lock_run_dir(tmp_path / "old"))
+        assert stat.S_IMODE(os.stat(tmp_path / "old").st_mode) == 0o700
+    finally:
+        os.umask(old)
 
 
 def test_running_a_finished_run_again_exits_2_with_one_line(tmp_path):

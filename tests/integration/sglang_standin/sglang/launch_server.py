@@ -2,11 +2,12 @@
 
 SGLang needs a GPU. On this directory's ``PYTHONPATH`` a rollout server with
 ``rollout.engine.kind=sglang`` starts, through its real launcher
-(``rollout_server/launch_sglang.py``: ``spawn_tied``, own process group, the API key on argv), this
-module in SGLang's place; it becomes (exec, same PID) ``python -m rollout_server.engine``, which
-speaks SGLang's HTTP protocol, on the ``--host``/``--port`` SGLang was given, requiring
-``--api-key``. The model and engine sizing come from the config in ``AREAL_LIKE_STANDIN_CONFIG``;
-its PID is appended to ``AREAL_LIKE_STANDIN_PIDS`` (a file) so that a test can inject faults into
+(``rollout_server/launch_sglang.py``: ``spawn_tied``, own process group, the API key in its
+``--config`` file), this module in SGLang's place; it becomes (exec, same PID)
+``python -m rollout_server.engine``, which speaks SGLang's HTTP protocol, on the
+``--host``/``--port`` SGLang was given, requiring the ``api_key`` of that file. The model and
+engine sizing come from the config in ``AREAL_LIKE_STANDIN_CONFIG``; its PID is appended to
+``AREAL_LIKE_STANDIN_PIDS`` (a file) so that a test can inject faults into
 the engine by PID. Other SGLang flags are ignored.
 
 With ``AREAL_LIKE_STANDIN_EXIT_LAG_S`` the engine runs as a child instead (its PID in the file) and
@@ -26,10 +27,15 @@ from areal_like.daemon import die_with_parent
 
 def main(argv: list[str]) -> None:
     flags = {argv[i]: argv[i + 1] for i in range(len(argv) - 1)
-             if argv[i] in ("--host", "--port", "--api-key")}
+             if argv[i] in ("--host", "--port", "--config")}
     env = dict(os.environ)
-    if "--api-key" in flags:
-        env["AREAL_LIKE_ENGINE_API_KEY"] = flags["--api-key"]
+    if "--config" in flags:  # SGLang's file of options: the launcher passes the API key there
+        import yaml
+
+        with open(flags["--config"]) as f:
+            key = (yaml.safe_load(f) or {}).get("api-key")
+        if key:
+            env["AREAL_LIKE_ENGINE_API_KEY"] = key
     argv = [sys.executable, "-m", "rollout_server.engine", "--config-file",
             os.environ["AREAL_LIKE_STANDIN_CONFIG"], "--host", flags["--host"], "--port",
             flags["--port"]]
