@@ -182,6 +182,9 @@ def walk(cls: type = RunConfig, prefix: str = "", applies: str = "") -> list[tup
     """(section path, class) and (key path, Key) rows in schema order."""
     rows: list[tuple[str, Any]] = []
     comments = _comments(cls)
+    # a section with an ``enabled`` switch: its other keys apply only when it is on
+    switch = next((f"{prefix}enabled=true" for f in dataclasses.fields(cls)
+                   if f.name == "enabled" and f.type in (bool, "bool")), "")
     bounds = {**_bounds(cls)}
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
@@ -201,8 +204,9 @@ def walk(cls: type = RunConfig, prefix: str = "", applies: str = "") -> list[tup
             rule.append("finite seconds >= 0")
         elif "float" in str(f.type) and not any("finite" in r for r in rule):
             rule.append("finite")
+        implied = switch if switch and f.name != "enabled" else applies
         rows.append((path, Key(path, _type(f.type), None, _schema_default(f), rule,
-                               scope[1] if scope else applies, text)))
+                               scope[1] if scope else implied, text)))
     return rows
 
 

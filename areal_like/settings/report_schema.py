@@ -70,6 +70,7 @@ class TrackingConfig:
 
     project: str = "areal-like"  # the trackers' project (wandb, mlflow experiment, trackio)
     run_name: str = ""  # empty = the run directory's name
+    # [tracker wandb only]
     # online | offline (offline needs no network; `wandb sync` uploads later)
     wandb_mode: str = "offline"
     sample_every: int = 10  # every N trainer steps, a table of samples; 0 = never

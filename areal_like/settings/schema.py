@@ -91,12 +91,18 @@ class TaskConfig:
     name: str = "addition"
     # [task.name=dataset only] a local .jsonl, .json or .parquet file (hub datasets are refused)
     dataset_path: str | None = None
+    # [task.name=dataset only]
     eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
+    # [task.name=dataset only]
     # held-out share of dataset_path when eval_path is unset (fixed seed)
     eval_fraction: float = 0.0
+    # [task.name=dataset only]
     prompt_key: str = "prompt"  # a column of plain prompt text ...
+    # [task.name=dataset only]
     messages_key: str = ""  # ... or, when set, a column of chat messages [{role, content}, ...]
+    # [task.name=dataset only]
     answer_key: str = "answer"  # the reference answer the reward grades against
+    # [task.name=dataset only]
     # extra columns passed to the reward; None = all the others
     metadata_keys: list[str] | None = None
     system_prompt: str = ""  # prepended as a system message (chat) or text (plain)
@@ -104,7 +110,9 @@ class TaskConfig:
     # for both | Jinja text or a file of it, for both
     chat_template: str = "auto"
     max_prompt_tokens: int = 0  # longer prompts are filtered out (and counted); 0 = no limit
+    # [synthetic tasks only]
     num_prompts: int = 100_000  # size of a synthetic dataset (an epoch)
+    # [synthetic tasks only]
     digits: int = 2  # operand size / list length for synthetic tasks
     seed: int = 0  # synthetic prompts and the dataset's eval split are drawn from it
     group_size: int = 8  # samples per prompt (GRPO "n")
@@ -129,6 +137,7 @@ class TaskConfig:
     # multi-turn episodes: "pkg.module:Class" of an environment (rollout_server/ROLLOUT.md) whose
     # step rewards replace the task's reward; empty = single-turn
     env: str = ""
+    # [task.env or task.agent only]
     max_turns: int = 8  # assistant turns per episode; then it ends with finish_reason "max_turns"
     # prompt + every turn's tokens; past it the episode ends ("max_tokens")
     max_episode_tokens: int = 1024
@@ -136,16 +145,22 @@ class TaskConfig:
     turn_timeout_s: float = 120.0
     # the whole episode, tools and environment included: "episode_timeout"
     episode_timeout_s: float = 600.0
+    # [task.env only]
     # one tool call; past it the tool's worker is killed and the model sees an error
     tool_timeout_s: float = 5.0
+    # [task.env only]
     tool_workers: int = 2  # processes that run tool calls (per rollout server)
+    # [task.env only]
     # address-space limit of a tool worker (sandboxed like rewards); 0 = none
     tool_memory_mb: int = 2048
     # agent episodes: "pkg.module:run", run(client_base_url, api_key, example) -> float talking to
     # the model through the OpenAI API (rollout_server/agent_episode.py); empty = no agent
     agent: str = ""
+    # [task.agent only]
     agent_workers: int = 4  # sandboxed processes that run agents (per rollout server)
+    # [task.agent only]
     agent_memory_mb: int = 4096  # address-space limit of an agent's worker; 0 = none
+    # [task.agent only]
     agent_tool_format: str = "hermes"  # the model's tool-call format: hermes (Qwen) | mistral
 
     def __post_init__(self):
@@ -259,6 +274,7 @@ class EngineConfig:
 
     # embedded (in-process CPU/GPU engine) | sglang (launch a real server) | url (attach)
     kind: str = "embedded"
+    # [rollout.engine.kind=url only]
     url: str = ""  # kind=url: base URL of a running SGLang server
     # address the engine listens on; the trainer's log-prob guard and pushes reach it there, so a
     # trainer on another node needs this node's address
@@ -280,6 +296,7 @@ class EngineConfig:
     request_timeout_s: float = 600.0
     # GPUs per engine (SGLang's --tp-size); `run` places each rollout server on this many
     tp_size: int = 1
+    # [rollout.engine.kind=sglang only]
     # passed verbatim to `python -m sglang.launch_server`
     sglang: dict = field(default_factory=dict)
 
@@ -394,10 +411,13 @@ class LoraConfig:
     """Low-rank adapters on a frozen base (areal_like/weights/lora.py)."""
 
     rank: int = 0  # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
+    # [trainer.lora.rank > 0 only]
     alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    # [trainer.lora.rank > 0 only]
     # on the adapter's input, in the training forward only (not in log-prob passes); never on an
     # lm_head adapter, whose weight change the trainer's output head adds (trainer/model.py)
     dropout: float = 0.0
+    # [trainer.lora.rank > 0 only]
     # names of the linear layers that get an adapter (PEFT's target_modules); default every linear
     # layer of a Qwen2/Llama/Qwen3 decoder block
     target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
@@ -531,8 +551,11 @@ class WarmStartConfig:
     """Short supervised warm start on the task's answers, cached in the run directory."""
 
     steps: int = 0  # 0 = off
+    # [warm_start.steps > 0 only]
     lr: float = 3e-3  # its AdamW learning rate
+    # [warm_start.steps > 0 only]
     batch_size: int = 64  # examples per warm-start step
+    # [warm_start.steps > 0 only]
     cache_dir: str = "warmstart"  # relative to run_dir's parent so later runs reuse it
 
     def __post_init__(self):
