@@ -62,12 +62,12 @@ async def overhead(calls: int, tokens: int) -> dict:
     import aiohttp
     from openai import AsyncOpenAI
 
+    from areal_like.net.sglang_client import SGLangClient
     from areal_like.settings.config import EngineConfig, ModelConfig
     from areal_like.tasks.tokenizer import char_tokenizer
     from rollout_server.agent_endpoint import AgentEndpoint
     from rollout_server.engine import EmbeddedEngine
     from rollout_server.episode import EpisodeContext, generate_sample
-    from rollout_server.sglang_client import SGLangClient
 
     cfg = load_config(["experiment=bench_agentic", *AGENT, f"task.max_new_tokens={tokens}",
                        "task.top_k=1", f"task.max_turns={2 * calls + 4}"]).task

@@ -134,9 +134,9 @@ async def receiver_trials(args: argparse.Namespace, rank: int, wport: int, bucke
     import torch
     import torch.distributed as dist
 
+    from areal_like.net.sglang_client import SGLangClient
     from areal_like.wire.protocol import SyncMember, WeightSyncPlan
     from areal_like.wire.weight_wire import FLATTENED
-    from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
 
     last_update = [0.0]

@@ -31,6 +31,7 @@ import jinja2
 from aiohttp import web
 
 from areal_like.net.http_guard import HttpLimits, guarded_app, serve
+from areal_like.net.sglang_client import SGLangError
 from areal_like.tasks.environment import ChatRenderer, TemplateError, env_template
 from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.trajectory import Trajectory
@@ -43,7 +44,6 @@ from rollout_server.episode import (
     generate_sample,
     output_room,
 )
-from rollout_server.sglang_client import SGLangError
 
 MAX_BODY_BYTES = 1 << 20  # a long conversation is tens of kB; a MiB bounds what one call may cost
 ENDED_KEPT = 4096  # keys of ended episodes remembered (answered 410, not 401)

@@ -22,12 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from areal_like.net.metrics import Metrics
+from areal_like.net.sglang_client import GenerateOutput, SGLangClient, SGLangError
 from areal_like.tasks.task import encode_prompt
 from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.protocol import Credit, TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from rollout_server.reward_pool import RewardPool
-from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
 
 MAX_EMPTY_RESUMES = 1000  # aborts in a row without a new token: the engine is stuck, not pausing
 # what callers without a registry (evaluation) count into: made once, never served

@@ -38,10 +38,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from areal_like.net.metrics import Metrics
+from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.settings.config import EvalConfig, LoraConfig, RunConfig, TaskConfig
 from rollout_server.episode import gather_or_cancel, generate_sample, output_room
 from rollout_server.facts import RolloutFacts
-from rollout_server.sglang_client import SGLangClient, SGLangError
 
 # a response "is correct" when its reward reaches 1 (verifiable rewards are 0/1)
 FULL_CREDIT = 1.0 - 1e-6

@@ -39,6 +39,7 @@ from areal_like.net.dealer import AsyncClient
 from areal_like.net.distributed import reachable_host
 from areal_like.net.pubsub import Subscriber
 from areal_like.net.security import Keys, check_local
+from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.net.store_gate import refused_total
 from areal_like.net.transport import TransportTimeout
 from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
@@ -65,7 +66,6 @@ from rollout_server.facts import RolloutFacts
 from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
-from rollout_server.sglang_client import SGLangClient, SGLangError
 from rollout_server.weight_update import (
     answer,
     apply_adapter_sync,
@@ -185,6 +185,7 @@ class RolloutServer(Daemon):
             from rollout_server.engine import EmbeddedEngine
 
             self.engine = EmbeddedEngine(self.facts.model, ecfg, api_key=self.api_key,
+                                         group_key=self.facts.engine_key,
                                          lora=self.facts.lora).start()
             self.engine_url = self.engine.url
             self.metrics.count_refusals("engine", lambda: self.engine.unauthorized)
@@ -552,7 +553,7 @@ class RolloutServer(Daemon):
                 done = await apply_weight_sync(
                     self.client, plan, self.server_id, inflight_drained=drained,
                     door=self.rcfg.engine.kind != "embedded",  # torch's own join: SGLang
-                    pause_mode=self.rcfg.pause_mode)
+                    door_key=self.facts.engine_key, pause_mode=self.rcfg.pause_mode)
         finally:
             self.syncing = False
         if done.ok:

@@ -25,12 +25,12 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.net.store_gate import StoreDoor
 from areal_like.weights.lora import served_name
 from areal_like.weights.versions import RuntimeVersions, from_server_info, local_versions
 from areal_like.wire.protocol import WEIGHT_PATHS, SyncDone, WeightSyncPlan
 from areal_like.wire.weight_wire import FLATTENED
-from rollout_server.sglang_client import SGLangClient, SGLangError
 
 log = logging.getLogger(__name__)
 
@@ -61,11 +61,12 @@ class _Deadline:
 async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *,
                             inflight_drained: Callable[[], Awaitable[None]] | None = None,
                             load_format: str | None = FLATTENED, door: bool = False,
-                            pause_mode: str = "abort") -> SyncDone:
+                            door_key: str | None = None, pause_mode: str = "abort") -> SyncDone:
     """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused.
     With ``inflight_drained`` (drain mode) the pause waits for it first (``DRAIN_SHARE``);
     ``load_format=None`` (one broadcast per tensor) is for senders that do not pack buckets;
-    ``pause_mode``: SGLang's ``/pause_generation`` mode (``rollout.pause_mode``: abort, retract)."""
+    ``pause_mode``: SGLang's ``/pause_generation`` mode (``rollout.pause_mode``: abort, retract);
+    ``door``: the engine joins through a door here proving ``door_key`` (the job's engine key)."""
     member = next((m for m in plan.members if m.server_id == server_id), None)
     receiver = RECEIVERS.get(plan.path)
     refusal = "this server is not a member of the plan" if member is None else "" if receiver \
@@ -79,7 +80,8 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     pause_s, reason = 0.0, ""
     try:
         if plan.reform and receiver.joins_group:
-            init_task = await _start_group_join(client, plan, member.rank_offset, deadline, door)
+            init_task = await _start_group_join(client, plan, member.rank_offset, deadline, door,
+                                                door_key)
         if inflight_drained is not None:
             await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
         if init_task is not None:
@@ -230,7 +232,7 @@ assert RECEIVERS.keys() == WEIGHT_PATHS.keys()  # every path a plan may name has
 
 
 async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_offset: int,
-                            deadline: _Deadline, door: bool) -> asyncio.Task:
+                            deadline: _Deadline, door: bool, door_key: str | None) -> asyncio.Task:
     # every formation has a name of its own: the engine's last group is the one to tear down
     for name in dict.fromkeys(n for n in (_JOINED.get(client.base_url), plan.group_name) if n):
         try:
@@ -246,7 +248,7 @@ async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_off
             old.close()
         try:
             _DOORS[client.base_url] = opened = StoreDoor(plan.master_addr, plan.master_port,
-                                                         plan.group_name)
+                                                         plan.group_name, key=door_key)
         except OSError as e:
             raise SGLangError("store door", None,
                               f"cannot open a door to the weight group's store: {e}") from e

@@ -1,8 +1,9 @@
 """The log-prob guard: before the first batch, every engine's log-probs must follow the trainer's
 convention (``log_softmax(logits / temperature)`` before top-p/top-k, ``trainer/logprobs.py``).
 
-Rank 0 sends each engine that acknowledged the initial push one short ``/generate`` (with the
-engine API key; with LoRA naming the adapter that push made live), every rank scores the probes
+Rank 0 sends each engine that acknowledged the initial push one short ``/generate`` through the
+project's one SGLang client (``areal_like/net/sglang_client.py``; with the engine API key; with
+LoRA naming the adapter that push made live), every rank scores the probes
 (a collective forward), and rank 0 broadcasts its verdict: a mean absolute per-token difference
 above ``trainer.logprob_guard_tol`` (or nan) raises ``LogprobGuardError`` on every rank (the mean,
 not the max: bf16 kernels leave rare single tokens off), a refusal (exit 2): a restart would probe
@@ -25,12 +26,10 @@ Only probed engines pass.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ import torch
 
 from areal_like.daemon import StartRefused
 from areal_like.net.dealer import Client
+from areal_like.net.sglang_client import GenerateOutput, SGLangClient, SGLangError
 from trainer.logprobs import token_logprobs
 from trainer.ranks import from_rank0
 from trainer.weight_members import BUFFER_REQUEST_TIMEOUT_S, roster
@@ -98,33 +98,26 @@ def mismatch_message(p: Probe, mean: float, worst: float, tol: float, temperatur
             f"{CAUSES}. Refusing to train: the importance ratios would be wrong.")
 
 
-def generate_body(prompt_ids: list[int], temperature: float, adapter: str | None = None) -> dict:
-    """SGLang's ``/generate`` request, as the rollout servers' client sends it (``lora_path``:
-    ``adapter`` when not None)."""
-    body = {"input_ids": [int(t) for t in prompt_ids], "return_logprob": True, "stream": False,
-            "sampling_params": {"max_new_tokens": PROBE_TOKENS, "temperature": temperature,
-                                "top_p": 1.0,
-                                "top_k": -1, "ignore_eos": True}}
-    if adapter is not None:
-        body["lora_path"] = adapter
-    return body
+def probe_sampling(temperature: float) -> dict:
+    """The probe's sampling parameters: the run's temperature, untruncated, a fixed length."""
+    return {"max_new_tokens": PROBE_TOKENS, "temperature": temperature, "top_p": 1.0,
+            "top_k": -1, "ignore_eos": True}
 
 
 def probe_engine(server_id: str, url: str, prompt_ids: list[int], temperature: float,
                  timeout_s: float = PROBE_TIMEOUT_S, api_key: str | None = None,
                  adapter: str | None = None) -> Probe:
-    """One ``/generate`` on ``url``: its output tokens and their log-probs."""
-    auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    body = generate_body(prompt_ids, temperature, adapter)
-    req = urllib.request.Request(url.rstrip("/") + "/generate", method="POST",
-                                 data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json", **auth})
-    with urllib.request.urlopen(req, timeout=timeout_s) as resp:
-        body = json.loads(resp.read())
-    entries = body["meta_info"]["output_token_logprobs"]
+    """One ``/generate`` on ``url`` through the project's SGLang client (naming ``adapter``):
+    its output tokens and their log-probs. ``SGLangError``: the engine refused or did not answer."""
+
+    async def generate() -> GenerateOutput:
+        async with SGLangClient(url, api_key=api_key, generate_timeout_s=timeout_s) as client:
+            client.adapter = None if adapter is None else (adapter, 0)
+            return await client.generate(prompt_ids, probe_sampling(temperature))
+
+    out = asyncio.run(generate())
     return Probe(server_id=server_id, engine_url=url, prompt_ids=list(prompt_ids),
-                 output_ids=[int(e[1]) for e in entries],
-                 engine_logp=[float(e[0]) for e in entries])
+                 output_ids=list(out.output_ids), engine_logp=list(out.logprobs))
 
 
 @torch.no_grad()
@@ -174,7 +167,7 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
                                      api_key=api_key,
                                      adapter=None if adapters is None else adapters[m.server_id])
                 why = None if probe.output_ids else "it generated no token"
-        except (OSError, urllib.error.URLError, KeyError, ValueError, TypeError, IndexError) as e:
+        except (OSError, SGLangError) as e:
             why = f"could not probe it at {m.engine_url} ({type(e).__name__}: {e})"
         if why is None:
             probes.append(probe)

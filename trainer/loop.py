@@ -155,7 +155,8 @@ class Trainer(Daemon):
                                              keys=self.facts.keys, rank=self.rank,
                                              device=self.policy.device, send_dtype=model_cfg.dtype,
                                              metrics=self.metrics,
-                                             adapter_path=self.facts.adapter_path)
+                                             adapter_path=self.facts.adapter_path,
+                                             engine_key=self.facts.engine_key)
         self.engines = EngineSchedule(t.weight_sync, self.broadcaster, self.policy.model, t.steps)
         self.metrics.count_refusals("weight_sync", refused_total)  # rank 0's store gate
         self.data.on_stall = lambda: self.engines.repush(self.version)

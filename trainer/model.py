@@ -140,9 +140,12 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
     # the training forward of a mixture with trainer.router_aux_loss_coef > 0: its router logits
     aux = ({"output_router_logits": True}
            if model.training and torch.is_grad_enabled() and router_aux(model) else {})
-    if packing is not None and layer_windows(model.config) is not None:
-        # sliding windows are masks transformers builds per row (not every such model finds
-        # packed sequences in the positions): the sequences run as right-padded rows
+    config = model.config
+    if (packing is not None and layer_windows(config) is not None
+            and config._attn_implementation not in VARLEN_ATTENTION):
+        # sliding windows outside the packed kernels (eager: GPT-OSS's sinks) are masks
+        # transformers builds per row (not every such model finds packed sequences in the
+        # positions): the sequences run as right-padded rows
         cu_seqlens = packing.cu_seqlens.long()
         rows = torch.nn.utils.rnn.pad_sequence(input_ids[0].split(list(packing.lens)),
                                                batch_first=True)
@@ -150,10 +153,10 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
         out = decoder(input_ids=rows, **aux)
         picked = out.last_hidden_state[row, positions[0] - cu_seqlens[row]][None]
     elif packing is None:  # "no mask" where the attention is causal without one: no host sync
-        out = decoder(input_ids=input_ids, attention_mask=packed_mask(model, decoder), **aux)
-    else:
+        out = decoder(input_ids=input_ids, attention_mask=packed_mask(model), **aux)
+    else:  # the packed kernels keep each layer's window inside each sequence
         out = decoder(input_ids=input_ids, use_cache=False,
-                      attention_mask=packed_mask(model, decoder), **packing.decoder_kwargs(),
+                      attention_mask=packed_mask(model, packed=True), **packing.decoder_kwargs(),
                       **aux)
     if aux:  # read (and cleared) by trainer/step.py's forward_backward
         c = model.config
@@ -193,19 +196,21 @@ FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3", "flash_attention_4"
 VARLEN_ATTENTION = (PACKED_SDPA, *FLASH_ATTENTION)
 
 
-def packed_mask(model: torch.nn.Module, decoder: torch.nn.Module) -> dict | None:
-    """The mask argument of a packed or right-padded causal forward: "no mask" as transformers'
-    precomputed mapping for an attention in ``VARLEN_ATTENTION`` (no dense [L, L] mask it would
-    never read, and no search of the positions for packed rows: a host sync) where the model
-    takes one (a config with ``layer_types``; Llama's and Qwen3-MoE's forwards take no mapping);
-    else None (transformers builds the mask from the positions). Full attention only:
-    ``policy_logprobs`` runs sliding-window models as rows."""
+def packed_mask(model: torch.nn.Module, packed: bool = False) -> dict | None:
+    """The mask argument of a packed or right-padded causal forward: "no mask" for each layer type
+    as transformers' precomputed mapping, for an attention in ``VARLEN_ATTENTION`` (no dense
+    [L, L] mask it would never read, and no search of the positions for packed rows: a host
+    sync), where the model takes a mapping (a config with ``layer_types``; Llama's and
+    Qwen3-MoE's forwards take none) and where no layer needs the mask for its window (a padded
+    row of a sliding-window model does; a packed one does not: the kernels keep windows);
+    else None (transformers builds the mask)."""
     config = model.config
-    if (config._attn_implementation in VARLEN_ATTENTION
-            and getattr(config, "layer_types", None) is not None
-            and not getattr(decoder, "has_sliding_layers", False)):
-        return {"full_attention": None}
-    return None
+    types = getattr(config, "layer_types", None)
+    if config._attn_implementation not in VARLEN_ATTENTION or types is None:
+        return None
+    if layer_windows(config) is not None and not packed:
+        return None
+    return dict.fromkeys(types)
 
 
 def attach_logprobs(model: torch.nn.Module) -> torch.nn.Module:

@@ -48,8 +48,10 @@ class Sender(ABC):
     @abstractmethod
     def route(self, version: int, roster: list[tuple[str, int, str]]) -> dict: ...
 
-    def connect(self, plan, roster: list[tuple[str, int, str]], watch) -> None:
-        """Nothing to join: the plan carries the weights."""
+    def connect(self, plan, roster: list[tuple[str, int, str]], watch,
+                engine_key: str | None = None) -> None:
+        """Nothing to join: the plan carries the weights (``engine_key``: what a group's store
+        gate asks its members to prove)."""
 
     def send(self, params, buckets: list[BucketSpec], report, deadline: float,
              check: Callable[[], None]) -> None:

@@ -53,15 +53,16 @@ class WeightGroup:
         self.name = f"{self.cfg.group_name}-{secrets.token_hex(GROUP_TOKEN_BYTES)}"
         return True
 
-    def form(self, plan: WeightSyncPlan, key: tuple, watch: RendezvousWatch) -> None:
-        """Join ``plan``'s group as rank 0;
-        the rendezvous ends at ``watch.give_up`` or a lost member."""
+    def form(self, plan: WeightSyncPlan, key: tuple, watch: RendezvousWatch,
+             engine_key: str | None = None) -> None:
+        """Join ``plan``'s group as rank 0, its store's gate asking for ``engine_key`` (the job's
+        engine API key); the rendezvous ends at ``watch.give_up`` or a lost member."""
         self.teardown()
         self.pg = init_weight_group(plan.backend, plan.master_addr, plan.master_port,
                                     plan.world_size, 0, plan.group_name,
                                     timeout_s=self.cfg.deadline_s,
                                     connect_timeout_s=max(0.5, watch.give_up - time.monotonic()),
-                                    check=watch, check_every_s=ROSTER_POLL_S)
+                                    check=watch, check_every_s=ROSTER_POLL_S, key=engine_key)
         self.key = key
 
     def forget_members(self) -> None:
@@ -131,9 +132,9 @@ class GroupSender(Sender):
                     master_port=self.group.port, world_size=offset, reform=reform, members=members)
 
     def connect(self, plan: WeightSyncPlan, roster: list[tuple[str, int, str]],
-                watch: RendezvousWatch) -> None:
+                watch: RendezvousWatch, engine_key: str | None = None) -> None:
         if plan.reform:
-            self.group.form(plan, tuple(roster), watch)
+            self.group.form(plan, tuple(roster), watch, engine_key)
 
     def send(self, params, buckets: list[BucketSpec], report, deadline: float,
              check: Callable[[], None]) -> None:

@@ -101,7 +101,8 @@ class WeightBroadcaster:
 
     def __init__(self, cfg: WeightSyncConfig, *, buffer_address: str, rank: int,
                  device: torch.device, send_dtype: str = "float32", metrics: Metrics | None = None,
-                 keys: Keys | None = None, adapter_path: str | None = None):
+                 keys: Keys | None = None, adapter_path: str | None = None,
+                 engine_key: str | None = None):
         self.cfg, self.metrics = cfg, metrics  # metrics: trainer/weight_sync_refused counted there
         if metrics is not None:  # served from the start: alert WeightSyncOverDeadline
             metrics.counter("trainer/weight_sync_near_deadline", "pushes that took 90% or more of "
@@ -114,6 +115,7 @@ class WeightBroadcaster:
         path = cfg.path if cfg.path != "auto" else adapter_path or "distributed"  # schema-checked
         self.sender = SENDERS[path](cfg, self.backend, rank, send_dtype)
         self.send_dtype = send_dtype
+        self.engine_key = engine_key  # the job's engine API key: the group's members prove it
         self.versions = local_versions()  # what each member's versions are checked against
         self.refused: set[str] = set()  # left out of the last plan: catch_up does not wait for them
         self._unversioned: set[str] = set()  # members reporting no versions, warned about once
@@ -326,7 +328,7 @@ class WeightBroadcaster:
             report.plan_id = plan.plan_id  # published: its members answer it
             watch = RendezvousWatch(self.client, report.version, report.members, deadline,
                                     rendezvous_end(deadline))
-            self.sender.connect(plan, admitted, watch)
+            self.sender.connect(plan, admitted, watch, self.engine_key)
             return True
         except Exception as e:  # rendezvous timeout, member lost, plan refused, buffer gone, disk
             report.error = f"{type(e).__name__}: {e}"

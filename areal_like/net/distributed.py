@@ -84,18 +84,21 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def init_weight_group(backend: str, master_addr: str, master_port: int, world_size: int, rank: int,
                       group_name: str, timeout_s: float, connect_timeout_s: float | None = None,
-                      check: Callable[[], None] | None = None, check_every_s: float = 0.5):
-    """Join (rank 0: host) the named group. Raises on timeout (a missing peer never hangs us), and
-    on rank 0 whatever ``check`` raised (the rendezvous is then abandoned and its store closed)."""
+                      check: Callable[[], None] | None = None, check_every_s: float = 0.5,
+                      key: str | None = None):
+    """Join (rank 0: host) the named group, its store's gate and doors proving ``key`` (the job's
+    engine API key; None: the group's name). Raises on timeout (a missing peer never hangs us),
+    and on rank 0 whatever ``check`` raised (the rendezvous is then abandoned and its store
+    closed)."""
     timeout = timedelta(seconds=timeout_s)
     connect = timedelta(seconds=connect_timeout_s if connect_timeout_s is not None else timeout_s)
     if rank == 0:
         return _host_group(backend, master_addr, master_port, world_size, group_name, timeout,
-                           connect, check, check_every_s)
+                           connect, check, check_every_s, key)
     from torch.distributed.distributed_c10d import rendezvous
 
     # answers rank 0's gate for our store client
-    door = StoreDoor(master_addr, master_port, group_name)
+    door = StoreDoor(master_addr, master_port, group_name, key=key)
     try:
         # under torchrun a tcp:// rendezvous would otherwise connect to the elastic agent's store
         with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
@@ -111,7 +114,7 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
 
 def _host_group(backend: str, master_addr: str, master_port: int, world_size: int, group_name: str,
                 timeout: timedelta, connect: timedelta, check: Callable[[], None] | None,
-                check_every_s: float):
+                check_every_s: float, key: str | None):
     """Rank 0: serve the store and join through a client of it in a helper thread, running
     ``check`` meanwhile; if it raises, close the server (every join fails) and re-raise."""
     from torch.distributed import TCPStore
@@ -119,7 +122,7 @@ def _host_group(backend: str, master_addr: str, master_port: int, world_size: in
     # loopback only: members come through the gate
     server = host_store("127.0.0.1", 0, world_size, connect)
     try:
-        gate = StoreGate(master_addr, master_port, group_name, server.port, store=server)
+        gate = StoreGate(master_addr, master_port, group_name, server.port, store=server, key=key)
     except BaseException:
         del server
         raise

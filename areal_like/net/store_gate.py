@@ -1,10 +1,13 @@
 """Who reaches a weight group's rendezvous store: a ``StoreGate`` in front of it, a ``StoreDoor``
 beside each member (the threat and the handshake: areal_like/SECURITY.md, "Ports").
 
-torch's TCPStore serves and lists its keys (the group's secret name among them) to anyone, so rank
-0 hosts it on loopback and the gate pipes a connection to it only once it proved it knows the
-group's name. A member's torch client connects to a door on its own loopback (established
-connections of its own user only, read from ``/proc/net/tcp``) that proves it for it.
+torch's TCPStore serves and lists its keys to anyone, so rank 0 hosts it on loopback and the gate
+pipes a connection to it only once it proved it holds the job's engine API key (the key the
+trainer and every engine already share; bound to the group's name, so a proof for one group is no
+proof for another). A member's torch client connects to a door on its own loopback (established
+connections of its own user only, read from ``/proc/net/tcp``) that proves it for it. Where the
+job has no engine key (components started by hand without one), the group's name is the secret,
+as it was before the key was.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from areal_like.net.ratelog import RateLimitedLog
 log = logging.getLogger("store_gate")
 _refusals = RateLimitedLog(log, every_s=60.0)  # a stranger can connect at will
 
-MAGIC = b"areal-like store gate/1\n"
+MAGIC = b"areal-like store gate/2\n"
 NONCE_BYTES = PROOF_BYTES = 32
 HANDSHAKE_S = 10.0  # a connection not proven by then is closed, however slow
 MAX_UNPROVEN = 64  # connections proving themselves at once; more are closed at once
@@ -41,10 +44,12 @@ def refused_total() -> int:
     return _refused_in_process
 
 
-def proof(secret: str, who: bytes, *nonces: bytes) -> bytes:
-    """HMAC-SHA256, keyed by the group's name, of ``who`` (b"door" or b"gate") and the nonces."""
-    key = hashlib.sha256(b"areal-like store gate key\0" + secret.encode()).digest()
-    return hmac.new(key, MAGIC + who + b"".join(nonces), hashlib.sha256).digest()
+def proof(key: str | None, group: str, who: bytes, *nonces: bytes) -> bytes:
+    """HMAC-SHA256, keyed by the job's engine API key ``key`` (None: by the group's name), of the
+    group's name, ``who`` (b"door" or b"gate") and the nonces."""
+    secret = hashlib.sha256(b"areal-like store gate key\0" + (key or group).encode()).digest()
+    message = MAGIC + who + group.encode() + b"\0" + b"".join(nonces)
+    return hmac.new(secret, message, hashlib.sha256).digest()
 
 
 def listen_on(host: str, port: int) -> socket.socket:
@@ -187,11 +192,12 @@ class _Relay:
 
 
 class StoreGate(_Relay):
-    """On ``host:port``: admits connections that prove ``secret``, piped to the store on loopback
-    ``store_port``; ``store`` (rank 0's store server) is kept while the gate is open."""
+    """On ``host:port``: admits connections that prove ``key`` for ``group``, piped to the store on
+    loopback ``store_port``; ``store`` (rank 0's store server) is kept while the gate is open."""
 
-    def __init__(self, host: str, port: int, secret: str, store_port: int, store: object = None):
-        self.secret, self.store_port, self.store = secret, store_port, store
+    def __init__(self, host: str, port: int, group: str, store_port: int, store: object = None, *,
+                 key: str | None = None):
+        self.group, self.key, self.store_port, self.store = group, key, store_port, store
         super().__init__(listen_on(host, port), f"store-gate-{port}")
         GATES[self.port] = self
 
@@ -208,23 +214,23 @@ class StoreGate(_Relay):
                   and recv_exact(conn, len(MAGIC) - 1, deadline) == MAGIC[1:])
             if ok:  # a door: its nonce, our challenge and our own proof; then its proof of both
                 theirs = recv_exact(conn, NONCE_BYTES, deadline)
-                conn.sendall(challenge + proof(self.secret, b"gate", theirs, challenge))
+                conn.sendall(challenge + proof(self.key, self.group, b"gate", theirs, challenge))
                 ok = hmac.compare_digest(recv_exact(conn, PROOF_BYTES, deadline),
-                                         proof(self.secret, b"door", theirs, challenge))
+                                         proof(self.key, self.group, b"door", theirs, challenge))
         except (OSError, ConnectionError):
             ok = False
         if not ok:
-            self._refuse(conn, "no valid proof of the group's name")
+            self._refuse(conn, "no valid proof of the job's engine key for this group")
             return None
         return socket.create_connection(("127.0.0.1", self.store_port), timeout=HANDSHAKE_S)
 
 
 class StoreDoor(_Relay):
-    """On loopback (``port``): this user's connections, carried through the gate at
-    ``host:port``."""
+    """On loopback (``port``): this user's connections, carried through the gate at ``host:port``
+    with a proof of ``key`` for ``group``."""
 
-    def __init__(self, host: str, port: int, secret: str):
-        self.target, self.secret = (host, port), secret
+    def __init__(self, host: str, port: int, group: str, *, key: str | None = None):
+        self.target, self.group, self.key = (host, port), group, key
         super().__init__(listen_on("127.0.0.1", 0), f"store-door-{port}")
 
     def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:
@@ -242,14 +248,14 @@ class StoreDoor(_Relay):
         try:
             if inner:
                 upstream.sendall(MAGIC)
-            else:  # prove the name only after the gate proved it (a squatter learns nothing)
+            else:  # prove the key only after the gate proved it (a squatter learns nothing)
                 ours = os.urandom(NONCE_BYTES)
                 upstream.sendall(MAGIC + ours)
                 challenge = recv_exact(upstream, NONCE_BYTES, deadline)
                 if not hmac.compare_digest(recv_exact(upstream, PROOF_BYTES, deadline),
-                                           proof(self.secret, b"gate", ours, challenge)):
+                                           proof(self.key, self.group, b"gate", ours, challenge)):
                     raise ConnectionError("the other end is not this group's store gate")
-                upstream.sendall(proof(self.secret, b"door", ours, challenge))
+                upstream.sendall(proof(self.key, self.group, b"door", ours, challenge))
         except (OSError, ConnectionError) as e:
             log.warning("could not pass the weight group's store gate at %s:%s: %s",
                         *self.target, e)

@@ -43,8 +43,11 @@ CHAR_TOKENIZER = "areal_like.tasks.tokenizer:char_tokenizer"  # of a model built
 class EmbeddedEngine:
     def __init__(self, model_cfg: ModelConfig, engine_cfg: EngineConfig, *, tokenizer=None,
                  seed: int = 0, api_key: str | None = None, limits: HttpLimits = HttpLimits(),
-                 lora: LoraConfig | None = None):
+                 lora: LoraConfig | None = None, group_key: str | None = None):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
+        # the job's engine API key, which its door proves to a weight group's store gate (None:
+        # the group's name; ``api_key`` may be a key of this engine's own: RolloutServer)
+        self.group_key = group_key
         # enabled: the model gets the trainer's adapters (areal_like/weights/lora.py)
         self.lora = lora
         # api_key None: no authentication (in-process tests)
@@ -104,7 +107,8 @@ class EmbeddedEngine:
                                    seed=self.seed).start()
         self.weights = WeightUpdater(self.scheduler, self.model_cfg,
                                      group_timeout_s=min(WEIGHT_GROUP_TIMEOUT_S,
-                                                         ec.request_timeout_s))
+                                                         ec.request_timeout_s),
+                                     door_key=self.group_key)
         self._start_http()
         warm_up = self.generate_one_token(timeout_s=ec.startup_timeout_s)
         if not asyncio.run_coroutine_threadsafe(warm_up, self._loop).result():

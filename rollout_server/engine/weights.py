@@ -46,8 +46,10 @@ _ALLOWED = {
 
 
 class WeightUpdater:
-    def __init__(self, scheduler, model_cfg: ModelConfig, group_timeout_s: float):
+    def __init__(self, scheduler, model_cfg: ModelConfig, group_timeout_s: float,
+                 door_key: str | None = None):
         self.scheduler = scheduler
+        self.door_key = door_key  # the engine API key: its door proves it to the group's gate
         self.model_cfg = model_cfg
         self.group_timeout_s = group_timeout_s
         self.groups: dict[str, object] = {}
@@ -76,7 +78,7 @@ class WeightUpdater:
         try:
             pg = init_weight_group(backend, master_address, master_port, world_size,
                                    rank_offset, group_name,
-                                   self.group_timeout_s)
+                                   self.group_timeout_s, key=self.door_key)
         except Exception as e:
             log.warning("init_weights_update_group %s failed: %s", group_name, e)
             return False, f"Failed to initialize custom process group: {e}."

@@ -166,9 +166,9 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
     second sync, which receives into the buffers the first one retired."""
     import asyncio
 
+    from areal_like.net.sglang_client import SGLangClient
     from areal_like.wire.protocol import SyncMember, WeightSyncPlan
     from areal_like.wire.weight_wire import plan_buckets
-    from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
 
     engine = EmbeddedEngine(model_cfg("bfloat16"),

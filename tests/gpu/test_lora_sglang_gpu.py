@@ -90,10 +90,10 @@ async def _sync(client, model, version: int) -> None:
 def test_sglang_on_gpus_samples_what_the_adapter_scores(tmp_path, tp_size):
     import torch
 
+    from areal_like.net.sglang_client import SGLangClient
     from areal_like.tasks.tokenizer import char_tokenizer
     from areal_like.weights.hf import build_model
     from rollout_server.launch_sglang import SGLangProcess
-    from rollout_server.sglang_client import SGLangClient
 
     if torch.cuda.device_count() < tp_size:
         pytest.skip(f"tp_size={tp_size} needs {tp_size} GPUs ({torch.cuda.device_count()} here)")

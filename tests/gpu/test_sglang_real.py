@@ -59,9 +59,9 @@ def sglang_server(tmp_path_factory):
 def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
     import torch
 
+    from areal_like.net.sglang_client import SGLangClient
     from areal_like.weights.hf import build_model
     from rollout_server.episode import generate_sample
-    from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
 
     two_gpus = torch.cuda.device_count() >= 2

@@ -28,6 +28,7 @@ from openai import (
 )
 
 from areal_like.net.metrics import Metrics, scrape
+from areal_like.net.sglang_client import GenerateOutput, SGLangClient, SGLangError
 from areal_like.settings.config import EngineConfig, ModelConfig, TaskConfig
 from areal_like.tasks.agents import calc_agent, langgraph_calc_agent
 from areal_like.tasks.environment import ChatRenderer
@@ -41,7 +42,6 @@ from rollout_server.agent_endpoint import MAX_BODY_BYTES, AgentEndpoint
 from rollout_server.agent_episode import AgentRunner, agent_pool
 from rollout_server.episode import EpisodeContext
 from rollout_server.reward_pool import RewardPool
-from rollout_server.sglang_client import GenerateOutput, SGLangClient, SGLangError
 
 REPO = Path(__file__).resolve().parents[2]
 CALC = yaml.safe_load((REPO / "configs/task/calc.yaml").read_text())

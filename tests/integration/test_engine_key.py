@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import http.server
 import threading
-import urllib.error
 
 import pytest
 
 from areal_like.daemon import StartRefused
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
+from areal_like.net.sglang_client import SGLangError
 from areal_like.settings.config import load_config
 from rollout_server.server import RolloutServer
 from trainer.facts import TrainerFacts
@@ -43,7 +43,7 @@ def test_a_server_without_the_variable_serves_the_trainers_probe_with_the_jobs_k
         assert trainer_key == key and server.api_key == key  # one key, found the same way by both
         probe = probe_engine("rollout-0", server.engine_url, [1, 2, 3], 1.0, api_key=trainer_key)
         assert probe.output_ids and len(probe.engine_logp) == len(probe.output_ids)
-        with pytest.raises(urllib.error.HTTPError, match="401"):  # the engine does require it
+        with pytest.raises(SGLangError, match="401"):  # the engine does require it
             probe_engine("rollout-0", server.engine_url, [1, 2, 3], 1.0, api_key="not-the-key")
         # the stranger is counted in the server's metrics (areal_like/SECURITY.md, "Ports")
         refused = server.metrics.registry.get_sample_value("areal_refused_total",

@@ -189,6 +189,7 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
     import torch
 
     from areal_like.net.dealer import Client
+    from areal_like.net.sglang_client import SGLangClient
     from areal_like.settings.config import load_config, to_yaml
     from areal_like.tasks.tokenizer import load_tokenizer
     from areal_like.weights.hf import build_model
@@ -200,7 +201,6 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
     )
     from areal_like.wire.protocol import Register
     from rollout_server.engine.embedded import EmbeddedEngine
-    from rollout_server.sglang_client import SGLangClient
     from trainer.logprob_guard import PROBE_TEXT, LogprobGuardError, run_guard
     from trainer.weight_local import tensor_payload
 

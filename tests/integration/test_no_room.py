@@ -22,12 +22,12 @@ import dataclasses
 
 from test_buffer_service import make_cfg, register, running
 
+from areal_like.net.sglang_client import GenerateOutput, SGLangClient
 from areal_like.settings.config import RunConfig, TaskConfig
 from areal_like.tasks.task import encode_prompt, make_task
 from areal_like.tasks.tokenizer import char_tokenizer
 from areal_like.wire import protocol as P
 from rollout_server.episode import EpisodeContext, run_episode
-from rollout_server.sglang_client import GenerateOutput, SGLangClient
 
 TOK = char_tokenizer()
 CFG = TaskConfig(name="reverse", group_size=2, max_new_tokens=8)

@@ -23,7 +23,7 @@ import signal
 import time
 from pathlib import Path
 
-from areal_like.net.auth import ensure_key_file
+from areal_like.net.auth import engine_api_key, ensure_key_file
 from areal_like.net.dealer import Client
 from areal_like.net.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.net.metrics import scrape
@@ -167,7 +167,7 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
         assert c.stats().get("credits_reissued", 0) >= 1, "A's in-flight prompts were not re-issued"
 
         # 3. a weight sync through the buffer: B joins the group, receives, reports done
-        new_version = weight_sync(c, wait_until)
+        new_version = weight_sync(c, wait_until, engine_api_key(tmp_run_dir))
         wait_until(lambda: metric(b_port, "areal_rollout_policy_version") == new_version, 30, 0.1,
                    "B's version")
 
@@ -200,9 +200,10 @@ def test_groups_flow_kill9_weight_sync_and_buffer_restart(spawn_python, tmp_run_
         c.client.close()
 
 
-def weight_sync(c: Consumer, wait_until) -> int:
-    """Trainer rank 0's part of the contract, done here: plan -> buffer, join the group as rank 0,
-    broadcast every bucket in order, wait for the members' SyncDone, announce the version."""
+def weight_sync(c: Consumer, wait_until, engine_key: str) -> int:
+    """Trainer rank 0's part of the contract, done here: plan -> buffer, join the group as rank 0
+    (its store gate asking the members for the job's engine key), broadcast every bucket in order,
+    wait for the members' SyncDone, announce the version."""
     def only_b() -> bool:  # A leaves the roster once its heartbeats are overdue
         roster = c.client.request(RosterRequest())
         return isinstance(roster, Roster) and [m.server_id for m in roster.members] == ["B"]
@@ -219,7 +220,8 @@ def weight_sync(c: Consumer, wait_until) -> int:
                             shapes=[list(state[n].shape) for n in b])
                  for b in buckets], deadline_s=120.0)
     assert isinstance(c.client.request(plan), Ack)
-    pg = init_weight_group("gloo", "127.0.0.1", plan.master_port, 2, 0, plan.group_name, 120)
+    pg = init_weight_group("gloo", "127.0.0.1", plan.master_port, 2, 0, plan.group_name, 120,
+                           key=engine_key)
     # each bucket as one flattened buffer, as the trainer sends it
     # (rollout servers announce that format)
     try:

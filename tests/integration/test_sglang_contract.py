@@ -41,9 +41,9 @@ import pytest
 
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import scrape
+from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
-from rollout_server.sglang_client import SGLangClient, SGLangError
 from rollout_server.weight_update import apply_weight_sync
 
 SGLANG_PIN = "0.5.23"

@@ -134,8 +134,8 @@ def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at
     """Register, heartbeat, apply plans with the real applier; optionally kill the engine
     mid-sync."""
     from areal_like.net.dealer import Client
+    from areal_like.net.sglang_client import SGLangClient
     from areal_like.wire.protocol import Heartbeat, Register
-    from rollout_server.sglang_client import SGLangClient
     from rollout_server.weight_update import apply_weight_sync
 
     async def main() -> None:
@@ -177,7 +177,7 @@ def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at
 
 async def sample_probe(
         url: str, prompts: list[list[int]]) -> list[tuple[list[int], list[int], list[float]]]:
-    from rollout_server.sglang_client import SGLangClient
+    from areal_like.net.sglang_client import SGLangClient
 
     async with SGLangClient(url, timeout_s=60) as sg:
         outs = [await sg.generate(p, {"max_new_tokens": 8, "temperature": 1.0}) for p in prompts]

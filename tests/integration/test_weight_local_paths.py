@@ -98,7 +98,7 @@ def _payload(obj: bytes) -> str:
 def test_engine_refuses_payloads_that_reach_code_through_allowed_names(engine_url, tmp_path):
     """A payload's way to ``os.system`` through torch's namespace, a ``getattr`` chain or
     ``builtins.eval`` runs nothing: each is a 400 naming what it tried, nothing is loaded."""
-    from rollout_server.sglang_client import SGLangClient, SGLangError
+    from areal_like.net.sglang_client import SGLangClient, SGLangError
 
     marker = tmp_path / "ran"
     cmd = _text(f"touch {marker}")
@@ -130,7 +130,7 @@ def test_engine_refuses_payloads_that_reach_code_through_allowed_names(engine_ur
 
 
 def test_engine_refuses_payloads_it_must_not_unpickle(engine_url):
-    from rollout_server.sglang_client import SGLangClient, SGLangError
+    from areal_like.net.sglang_client import SGLangClient, SGLangError
 
     evil = base64.b64encode(pickle.dumps([("model.norm.weight", _Evil())])).decode()
 

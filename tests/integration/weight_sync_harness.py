@@ -68,7 +68,7 @@ def start_pusher(spawn_python, cfg_path: Path, out: Path, pushes: list[dict]):
 
 def _faulty_client(url: str, fault: str | None, pid: int | None, killed: threading.Event,
                    group: bool = False, api_key: str | None = None):
-    from rollout_server.sglang_client import SGLangClient
+    from areal_like.net.sglang_client import SGLangClient
 
     def kill() -> None:
         if not killed.is_set():

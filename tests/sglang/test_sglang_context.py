@@ -14,6 +14,7 @@ import dataclasses
 import pytest
 from sglang_kit import MODEL
 
+from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.settings.config import TaskConfig, load_config
 from areal_like.tasks.datasets import Example
 from areal_like.tasks.task import encode_prompt
@@ -22,7 +23,6 @@ from areal_like.wire.group_checks import content_problem
 from areal_like.wire.protocol import Credit
 from rollout_server.episode import generate_group, output_room, run_episode
 from rollout_server.server import RolloutServer
-from rollout_server.sglang_client import SGLangClient, SGLangError
 
 
 def test_a_prompt_with_less_room_than_max_new_tokens_is_refused_and_asked_for_the_room(

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import export_yaml, load_config
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.hf import build_model
@@ -18,7 +19,6 @@ from launch.warmstart import ensure_warm_start
 from rollout_server.evaluate import ServerEvaluator
 from rollout_server.facts import RolloutFacts
 from rollout_server.reward_pool import RewardPool
-from rollout_server.sglang_client import SGLangClient
 from trainer.export import export_hf
 
 REPO = Path(__file__).resolve().parents[2]

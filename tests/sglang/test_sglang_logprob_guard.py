@@ -13,9 +13,9 @@ import pytest
 import torch
 from sglang_kit import model_config, start_server
 
+from areal_like.net.sglang_client import SGLangClient
 from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import Roster, RosterEntry
-from rollout_server.sglang_client import SGLangClient
 from trainer.logprob_guard import LogprobGuardError, run_guard
 
 PROMPT = [1, 20, 21, 22]

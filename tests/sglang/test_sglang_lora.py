@@ -19,6 +19,7 @@ import torch
 from sglang_kit import PROMPTS, TOL, Server, cpu_engine, engine_logprobs, model_config
 from test_sglang_weights import _until_decoding
 
+from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import LoraConfig, WeightSyncConfig
 from areal_like.weights.hf import build_model
 from areal_like.weights.lora import add_adapters, served_name, synced_parameters
@@ -26,7 +27,6 @@ from areal_like.wire.protocol import WeightSyncPlan
 from rollout_server.engine_reaper import shm_files
 from rollout_server.episode import generate_sample
 from rollout_server.launch_sglang import SGLangProcess
-from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_adapter_sync
 from trainer.logprob_guard import PROBE_TEXT, compare_logprobs, probe_engine, trainer_logprobs
 from trainer.weight_local import DiskSender

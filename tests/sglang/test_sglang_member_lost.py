@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 from sglang_kit import assert_served, engine_logprobs, model_config, start_server
 
+from areal_like.net.sglang_client import SGLangClient
 from areal_like.weights.hf import build_model
 from rollout_server.engine_reaper import group_members
-from rollout_server.sglang_client import SGLangClient
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))

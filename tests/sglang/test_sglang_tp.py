@@ -14,9 +14,9 @@ from dataclasses import replace
 from sglang_kit import assert_served, cpu_engine, engine_logprobs, model_config
 from test_sglang_weights import push
 
+from areal_like.net.sglang_client import SGLangClient
 from areal_like.weights.hf import build_model
 from rollout_server.launch_sglang import SGLangProcess
-from rollout_server.sglang_client import SGLangClient
 
 
 def test_tp_2_on_cpu_starts_samples_what_the_trainer_scores_and_takes_a_push(model_dir, tmp_path):

@@ -21,12 +21,12 @@ import torch
 from sglang_kit import MODEL, PROMPTS, TOL, assert_served, engine_logprobs, model_config, save_model
 
 from areal_like.net.distributed import free_port
+from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import WeightSyncConfig
 from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.wire.weight_wire import FLATTENED
 from rollout_server.episode import generate_sample
-from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync
 from trainer.logprob_guard import trainer_logprobs
 from trainer.weight_local import TensorSender
@@ -86,6 +86,7 @@ async def push(
         "buckets": [b.names for b in plan.buckets],
         "backend": "gloo",
         "timeout_s": 120,
+        "key": client.api_key,  # the job's engine key: the engine's door proves it to this gate
     }
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     sender = subprocess.Popen(
@@ -102,6 +103,7 @@ async def push(
             "s",
             load_format=load_format,
             door=True,
+            door_key=client.api_key,
             pause_mode=pause_mode,
         )
         _, err = await asyncio.to_thread(sender.communicate, timeout=120)

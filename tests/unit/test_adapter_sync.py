@@ -15,8 +15,8 @@ import uuid
 
 import msgspec
 
+from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
-from rollout_server.sglang_client import SGLangClient, SGLangError
 from rollout_server.weight_update import apply_adapter_sync
 
 DONE = {"meta_info": {"id": "r", "finish_reason": {"type": "stop"}, "output_token_logprobs": []},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
+from areal_like.net.sglang_client import GenerateOutput, SGLangError
 from areal_like.settings.config import EvalConfig, RunConfig, TaskConfig
 from areal_like.tasks.task import encode_prompt, make_task
 from areal_like.tasks.tokenizer import char_tokenizer
@@ -19,7 +20,6 @@ from areal_like.wire.protocol import Credit
 from rollout_server.episode import EpisodeContext, run_episode
 from rollout_server.evaluate import evaluate
 from rollout_server.facts import RolloutFacts
-from rollout_server.sglang_client import GenerateOutput, SGLangError
 
 TOK = char_tokenizer()
 

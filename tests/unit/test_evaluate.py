@@ -70,7 +70,7 @@ def _tracked_generate(pick):
     import asyncio
     from types import SimpleNamespace
 
-    from rollout_server.sglang_client import SGLangError
+    from areal_like.net.sglang_client import SGLangError
 
     running: set[int] = set()
 
@@ -338,7 +338,7 @@ class _ScriptedEngine:
         self.sampled: dict[int, int] = {}
 
     async def generate(self, input_ids, params):
-        from rollout_server.sglang_client import GenerateOutput, SGLangError
+        from areal_like.net.sglang_client import GenerateOutput, SGLangError
 
         prompt = input_ids[0]
         if prompt == 9:
@@ -383,7 +383,7 @@ def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
 
 
 def test_evaluate_raises_when_every_prompt_fails():
-    from rollout_server.sglang_client import SGLangError
+    from areal_like.net.sglang_client import SGLangError
 
     with pytest.raises(SGLangError, match="every eval prompt failed") as e:
         _eval([9, 9])
@@ -396,7 +396,7 @@ def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(tmp_path, ca
     """``areal-like eval`` on an eval file whose every prompt is longer than the model's context:
     one error line naming the refusal, exit 2 (before: a traceback)."""
     import rollout_server.evaluate as evaluate
-    from rollout_server.sglang_client import SGLangError
+    from areal_like.net.sglang_client import SGLangError
 
     def refused(model, cfg, config_file):
         raise SGLangError("/generate", 400, "every eval prompt failed; the first: The input "
@@ -514,11 +514,11 @@ def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
     concurrency too (another batching); another seed changes them."""
     import asyncio
 
+    from areal_like.net.sglang_client import SGLangClient
     from areal_like.settings.config import EngineConfig, ModelConfig
     from areal_like.tasks.task import Example
     from rollout_server.engine import EmbeddedEngine
     from rollout_server.evaluate import evaluate
-    from rollout_server.sglang_client import SGLangClient
 
     class Kept:  # keeps every response, scores none
         async def score_group(self, prompt, responses, example):

@@ -9,8 +9,8 @@ from trainer.logprob_guard import (
     PROBE_TOKENS,
     Probe,
     compare_logprobs,
-    generate_body,
     mismatch_message,
+    probe_sampling,
 )
 
 
@@ -62,11 +62,8 @@ def test_mismatch_message_names_engine_difference_tolerance_and_causes():
 
 
 def test_probe_request_is_untruncated_at_the_run_temperature():
-    body = generate_body([1, 2, 3], 0.7)
-    assert body == {"input_ids": [1, 2, 3], "return_logprob": True, "stream": False,
-                    "sampling_params": {"max_new_tokens": PROBE_TOKENS,
-                                        "temperature": 0.7, "top_p": 1.0,
-                                        "top_k": -1, "ignore_eos": True}}
+    assert probe_sampling(0.7) == {"max_new_tokens": PROBE_TOKENS, "temperature": 0.7,
+                                   "top_p": 1.0, "top_k": -1, "ignore_eos": True}
 
 
 @pytest.mark.parametrize("mine", [[-1.0, -1.0], [float("nan")] * 2])

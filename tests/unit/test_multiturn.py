@@ -16,6 +16,7 @@ import asyncio
 import numpy as np
 import pytest
 
+from areal_like.net.sglang_client import GenerateOutput
 from areal_like.settings.config import TaskConfig
 from areal_like.tasks.environment import ChatRenderer
 from areal_like.tasks.task import make_task
@@ -23,7 +24,6 @@ from areal_like.tasks.tokenizer import CHATML, bpe_tokenizer
 from areal_like.tasks.tools import ToolRegistry, parse_tool_calls
 from rollout_server.episode import EpisodeContext
 from rollout_server.multiturn import EpisodeRunner
-from rollout_server.sglang_client import GenerateOutput
 from rollout_server.tool_pool import ToolPool
 
 TOK = bpe_tokenizer(512)

@@ -252,8 +252,8 @@ def test_flash_attn_4_alone_is_not_taken_for_fa2(flash_attn_4_only):
     require_attention("flash_attention_4")  # installed: accepted
     assert "flash_attention_4" in VARLEN_ATTENTION
     model = types.SimpleNamespace(config=types.SimpleNamespace(
-        _attn_implementation="flash_attention_4"))
-    assert packed_mask(model, types.SimpleNamespace()) == {"full_attention": None}
+        _attn_implementation="flash_attention_4", layer_types=["full_attention"]))
+    assert packed_mask(model) == {"full_attention": None}
     assert ALL_MASK_ATTENTION_FUNCTIONS["flash_attention_4"] is flash_attention_mask
 
 

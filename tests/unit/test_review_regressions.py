@@ -11,8 +11,8 @@ import asyncio
 from aiohttp import web
 
 from areal_like.net.distributed import free_port
+from areal_like.net.sglang_client import SGLangClient
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
-from rollout_server.sglang_client import SGLangClient
 from rollout_server.weight_update import apply_weight_sync
 
 OK = {"success": True, "message": "ok"}

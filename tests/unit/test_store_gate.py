@@ -1,6 +1,7 @@
 """The weight group's store gate and door (areal_like/net/store_gate.py) over real loopback sockets:
 the handshake carries bytes both ways unchanged; a slow, idle or surplus connection is cut off; a
-door proves nothing to a listener that cannot prove the name itself; a closed socket's leftover
+door proves nothing to a listener that cannot prove the key itself; the proof is of the job's
+engine key for one group (knowing the group's name is not enough); a closed socket's leftover
 entry in /proc/net/tcp does not pass for its owner. The torch store and real members are in
 tests/integration/test_weight_group_rendezvous.py."""
 
@@ -17,7 +18,8 @@ from areal_like.net import store_gate
 from areal_like.net.distributed import free_port
 from areal_like.net.store_gate import MAGIC, NONCE_BYTES, StoreDoor, StoreGate, peer_uid
 
-SECRET = "areal_like_weights-00112233445566778899aabbccddeeff"
+GROUP = "areal_like_weights-00112233445566778899aabbccddeeff"
+KEY = "the-jobs-engine-api-key"
 DEADLINE_S = 30.0  # what a test waits at most for an answer that must come
 
 
@@ -53,7 +55,8 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 def test_a_door_carries_bytes_through_the_gate_unchanged_both_ways(echo):
     port = free_port()
-    gate, door = StoreGate("127.0.0.1", port, SECRET, echo), StoreDoor("127.0.0.1", port, SECRET)
+    gate = StoreGate("127.0.0.1", port, GROUP, echo, key=KEY)
+    door = StoreDoor("127.0.0.1", port, GROUP, key=KEY)
     try:
         with socket.create_connection(("127.0.0.1", door.port), timeout=DEADLINE_S) as s:
             s.sendall(b"\x00store")
@@ -80,12 +83,12 @@ def test_a_door_waits_for_a_gate_that_opens_after_its_client_came(echo, monkeypa
 
     monkeypatch.setattr(socket, "create_connection", watched)
     port = free_port()
-    door, gate = StoreDoor("127.0.0.1", port, SECRET), None
+    door, gate = StoreDoor("127.0.0.1", port, GROUP, key=KEY), None
     try:
         with socket.create_connection(("127.0.0.1", door.port), timeout=DEADLINE_S) as s:
             s.sendall(b"\x00store")
             assert refused.wait(DEADLINE_S)  # the door found no gate yet
-            gate = StoreGate("127.0.0.1", port, SECRET, echo)
+            gate = StoreGate("127.0.0.1", port, GROUP, echo, key=KEY)
             assert s.recv(100) == b"erots\x00"
     finally:
         door.close()
@@ -93,10 +96,16 @@ def test_a_door_waits_for_a_gate_that_opens_after_its_client_came(echo, monkeypa
             gate.close()
 
 
-def test_a_wrong_name_and_a_torch_client_get_nothing(echo):
+@pytest.mark.parametrize("group, key", [(GROUP, None), (GROUP, "another key"),
+                                        ("another group", KEY)])
+def test_the_groups_name_alone_another_key_or_another_group_and_a_torch_client_get_nothing(
+        echo, group, key):
+    """The gate asks for the job's engine key bound to its group: a door that knows the group's
+    name (which the plan carries, and the buffer relays) but not the key is refused, and so is the
+    right key offered for another group."""
     port = free_port()
-    gate, door = (StoreGate("127.0.0.1", port, SECRET, echo),
-                  StoreDoor("127.0.0.1", port, "another name"))
+    gate, door = (StoreGate("127.0.0.1", port, GROUP, echo, key=KEY),
+                  StoreDoor("127.0.0.1", port, group, key=key))
     before = store_gate.refused_total()  # what the daemon's metrics read, for the whole process
     try:
         with socket.create_connection(("127.0.0.1", door.port), timeout=DEADLINE_S) as s:
@@ -117,7 +126,7 @@ def test_a_wrong_name_and_a_torch_client_get_nothing(echo):
 def test_a_slow_sender_is_cut_off_at_the_handshake_deadline_in_all(monkeypatch, echo):
     monkeypatch.setattr(store_gate, "HANDSHAKE_S", 1.0)
     port = free_port()
-    gate = StoreGate("127.0.0.1", port, SECRET, echo)
+    gate = StoreGate("127.0.0.1", port, GROUP, echo, key=KEY)
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) as s:
             t0, closed = time.monotonic(), False
@@ -143,7 +152,7 @@ def test_a_slow_sender_is_cut_off_at_the_handshake_deadline_in_all(monkeypatch, 
 def test_connections_past_the_cap_are_closed_at_once(monkeypatch, echo):
     monkeypatch.setattr(store_gate, "MAX_UNPROVEN", 2)
     port = free_port()
-    gate = StoreGate("127.0.0.1", port, SECRET, echo)
+    gate = StoreGate("127.0.0.1", port, GROUP, echo, key=KEY)
     idle = [socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S) for _ in range(2)]
     try:
         deadline = time.monotonic() + DEADLINE_S
@@ -180,7 +189,7 @@ def test_a_door_proves_nothing_to_a_listener_that_cannot_prove_the_name():
 
     thread = threading.Thread(target=impostor, daemon=True)
     thread.start()
-    door = StoreDoor("127.0.0.1", squatter.getsockname()[1], SECRET)
+    door = StoreDoor("127.0.0.1", squatter.getsockname()[1], GROUP, key=KEY)
     try:
         with socket.create_connection(("127.0.0.1", door.port), timeout=DEADLINE_S) as s:
             s.sendall(b"\x00secret key of the group/")  # what a member's store client would send

@@ -148,6 +148,7 @@ class SGLangClient:
         self.local = local  # an engine in this process (``generate_local``): /generate without HTTP
         # sent as SGLang's --api-key expects it; never logged (SGLangError carries the answer, not
         # the request)
+        self.api_key = api_key
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout_s = timeout_s
         self.generate_timeout_s = generate_timeout_s
