@@ -28,7 +28,7 @@ temperature) for the warm start and every final model.
 
 One JSON line per eta: figure = our samples/s, baseline = TRL's, ratio = figure / baseline
 (goal >= 1.0), with the greedy accuracies (ours, TRL's, the warm start's). TRL is the optional
-extra ``trl`` (``pip install areal-like[trl]``); without it the lines still come, with our side
+extra ``trl`` (``pip install -e '.[trl]'``); without it the lines still come, with our side
 measured, baseline null and a message saying what is missing. On a loaded machine (load average
 above the cores) the lines carry a warning.
 
@@ -77,7 +77,7 @@ from launch.records import read_jsonl, step_of, step_records, trainer_jsonl  # n
 from launch.warmstart import ensure_warm_start, evaluate  # noqa: E402
 
 ETAS = (0, 4)
-TRL_MISSING = ("TRL is not installed: pip install 'areal-like[trl]' (the optional extra `trl`) "
+TRL_MISSING = ("TRL is not installed: pip install -e '.[trl]' (the optional extra `trl`) "
                "to measure the baseline")
 
 

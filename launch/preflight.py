@@ -471,8 +471,8 @@ def check_agent(cfg: RunConfig) -> list[str]:
     try:  # the endpoint answers in its types (rollout_server/agent_chat.py), whatever agents use
         import openai  # noqa: F401
     except ImportError as e:
-        return [f"task.agent needs the openai package ({e}): pip install 'areal-like[agent]' "
-                "('areal-like[agent-langgraph]' for an agent written with LangGraph)"]
+        return [f"task.agent needs the openai package ({e}): pip install -e '.[agent]' in "
+                "the checkout ('.[agent-langgraph]' for an agent written with LangGraph)"]
     with _daemons_sys_path():
         problem = agent_problem(cfg.task.agent)
     return [problem] if problem else []

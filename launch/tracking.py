@@ -69,7 +69,8 @@ def check_trackers(cfg: RunConfig) -> list[str]:
         if modules and not any(importlib.util.find_spec(m) is not None for m in modules):
             out.append(f"tracker={name!r} needs the {' or '.join(map(repr, modules))} package, "
                        "which is not installed: "
-                       f"pip install 'areal-like[{extra}]' (or drop {name!r} from tracker)")
+                       f"pip install -e '.[{extra}]' in the checkout (or drop {name!r} from "
+                       "tracker)")
     return out
 
 

@@ -18,26 +18,30 @@ SAME_AS_POLICY = ("tokenizer", "vocab_size")
 
 @dataclass(kw_only=True)
 class CriticConfig:
+    """PPO with a value model beside the policy (trainer/critic.py, trainer/LOSSES.md)."""
+
+    # train a value model beside the policy and take the actor's advantages from GAE over it
+    # (loss=ppo_critic sets it)
     enabled: bool = False
     # overrides of model.* for the critic's backbone ({}: the policy's architecture and
     # weights, from its own path or config); e.g. {num_hidden_layers: 1} or {path: /models/small}
     model: dict = field(default_factory=dict)
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    lr: float = 1e-5  # the critic's AdamW learning rate
+    weight_decay: float = 0.0  # the critic's AdamW weight decay
+    grad_clip: float = 1.0  # the critic's global gradient-norm clip
     # policy versions at the start whose batches train only the critic (VAPO's value pre-training)
     warmup_steps: int = 0
-    gamma: float = 1.0
+    gamma: float = 1.0  # discount of GAE per token
     # decoupled GAE (VC-PPO): the critic's returns with lambda_critic, the actor's advantages with
     # lambda_actor; adaptive_lambda: the actor's lambda per response 1 - 1/(alpha l) (VAPO)
     lambda_critic: float = 1.0
-    lambda_actor: float = 0.95
-    adaptive_lambda: bool = False
-    alpha: float = 0.05
+    lambda_actor: float = 0.95  # GAE lambda of the actor's advantages
+    adaptive_lambda: bool = False  # the actor's lambda per response, 1 - 1/(alpha l) (VAPO)
+    alpha: float = 0.05  # alpha of adaptive_lambda
     value_clip: float | None = 0.5  # None: unclipped value loss
     # per-token KL penalty in the reward: -kl_coef (log pi_behav - log pi_ref) (builds a reference)
     kl_coef: float = 0.0
-    whiten_advantages: bool = True
+    whiten_advantages: bool = True  # the actor's advantages whitened over the batch's tokens
 
     def __post_init__(self):
         each(C.rstrip("."), self, "> 0", "lr", "grad_clip", "alpha")

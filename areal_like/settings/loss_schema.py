@@ -47,7 +47,7 @@ class DecoupledPPOConfig:
 class TISConfig:
     """TIS (section 5): the IS weight truncated from above at ``cap``, per token or per sequence."""
 
-    cap: float = 2.0
+    cap: float = 2.0  # upper truncation of the importance weight
     level: str = "token"  # token | sequence (rho_i = the product over the sequence)
 
     def __post_init__(self):
@@ -60,8 +60,8 @@ class MISConfig:
     """Seq-MIS (section 6): sequences whose IS weight is outside [low, high] get weight 0."""
 
     key: ClassVar[str] = K + "mis"
-    low: float = 0.5
-    high: float = 2.0
+    low: float = 0.5  # lower edge of the kept band of the IS weight
+    high: float = 2.0  # upper edge of the kept band of the IS weight
 
     def __post_init__(self):
         check(f"{self.key}.low", 0 <= self.low < self.high, f"in [0, {self.key}.high)", self.low)
@@ -72,7 +72,7 @@ class IcePopConfig(MISConfig):
     """IcePop (section 6): the same band on each token's IS weight; the paper's beta = 5."""
 
     key: ClassVar[str] = K + "icepop"
-    high: float = 5.0
+    high: float = 5.0  # upper edge of the kept band of each token's IS weight (the paper's beta)
 
 
 @dataclass(kw_only=True)
@@ -80,7 +80,7 @@ class GSPOConfig:
     """GSPO (section 3): a trust region of its own on the sequence ratio (the paper's eps)."""
 
     fixed_agg: ClassVar[str] = "seq-mean-token-mean"
-    eps_clip: float = 3e-4
+    eps_clip: float = 3e-4  # lower clip of the sequence ratio (1 - eps_clip)
     eps_clip_high: float | None = 4e-4  # None = eps_clip
 
     def __post_init__(self):
@@ -93,10 +93,10 @@ class VESPOConfig:
     """VESPO (section 7): phi(W) = W^k exp(lambda (1 - W)), (k, lambda) by the sign of the
     advantage."""
 
-    k_pos: float = 2.0
-    lambda_pos: float = 3.0
-    k_neg: float = 3.0
-    lambda_neg: float = 2.0
+    k_pos: float = 2.0  # k of phi(W) for positive advantages
+    lambda_pos: float = 3.0  # lambda of phi(W) for positive advantages
+    k_neg: float = 3.0  # k of phi(W) for negative advantages
+    lambda_neg: float = 2.0  # lambda of phi(W) for negative advantages
 
     def __post_init__(self):  # phi -> 0 as W -> 0 needs k > 0, as W -> inf lambda > 0
         each(K + "vespo", self, "> 0", "k_pos", "lambda_pos", "k_neg", "lambda_neg")
@@ -108,10 +108,10 @@ class VCPOConfig:
     an ESS-scaled LR."""
 
     fixed_agg: ClassVar[str] = "seq-mean-token-mean"
-    cap: float = 8.0
+    cap: float = 8.0  # cap of the sequence importance weight
     # readme: w^2 |g|^2 (paper) | code: wclip^2 w^2 |g|^2 (released code)
     baseline_weight: str = "readme"
-    ess_base: float = 1.0
+    ess_base: float = 1.0  # the LR is scaled by ESS / ess_base
 
     def __post_init__(self):
         each(K + "vcpo", self, "> 0", "cap", "ess_base")  # ESS / ess_base scales the LR
@@ -134,6 +134,8 @@ class LossConfig:
     """The kernel, the knobs all kernels share, and one section per kernel (``params``: the chosen
     one's)."""
 
+    # the loss kernel (one of LOSS_KINDS; trainer/LOSSES.md); loss=X presets set it with their
+    # defaults (loss=grpo is kernel ppo with seq-mean-token-mean)
     kernel: str = "decoupled_ppo"
     agg: str = "token-mean"  # gspo and vcpo always seq-mean-token-mean, oapl a mean over sequences
     # seq-mean-token-sum-norm constant C (None = task.max_new_tokens)
@@ -142,7 +144,7 @@ class LossConfig:
     eps_clip_high: float | None = None  # None = eps_clip
     dual_clip: float | None = None  # c > 1, binds where A < 0
     kl_coef: float = 0.0  # KL to a frozen reference, any kernel; 0 = no reference is built
-    kl_estimator: str = "k3"
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (k3 = verl's low_var_kl)
     decoupled_ppo: DecoupledPPOConfig = field(default_factory=DecoupledPPOConfig)
     tis: TISConfig = field(default_factory=TISConfig)
     mis: MISConfig = field(default_factory=MISConfig)

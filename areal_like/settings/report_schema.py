@@ -68,8 +68,9 @@ TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow", "trackio")
 class TrackingConfig:
     """Where metrics, eval results and sample tables go besides the run directory's JSONL files."""
 
-    project: str = "areal-like"
+    project: str = "areal-like"  # the trackers' project (wandb, mlflow experiment, trackio)
     run_name: str = ""  # empty = the run directory's name
+    # [tracker wandb only]
     # online | offline (offline needs no network; `wandb sync` uploads later)
     wandb_mode: str = "offline"
     sample_every: int = 10  # every N trainer steps, a table of samples; 0 = never

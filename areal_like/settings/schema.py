@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from areal_like.net.auth import ENGINE_KEY_ENV, REWARD_AUTH_ENV, SECRET_FIELD, url_credential
@@ -53,17 +53,23 @@ class ModelConfig:
     # model built from config: char | bpe (built from shipped text) | a local directory
     tokenizer: str = "char"
     vocab_size: int = 104  # must cover the tokenizer; the char tokenizer has 104 tokens
+    # [model built from config only] the tiny Qwen2's shape (ignored with model.path): width of
+    # the residual stream
     hidden_size: int = 128
-    intermediate_size: int = 256
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    intermediate_size: int = 256  # [model built from config only] MLP width
+    num_hidden_layers: int = 2  # [model built from config only] decoder blocks
+    num_attention_heads: int = 4  # [model built from config only] query heads
+    num_key_value_heads: int = 2  # [model built from config only] key/value heads (GQA)
+    # [model built from config only] the longest sequence (prompt + response) the model takes
     max_position_embeddings: int = 256
+    # [model built from config only] lm_head shares the input embedding's weight
     tie_word_embeddings: bool = False
     # engines' weights; the trainer's compute dtype (fp32 master weights, fp32 grad reduce)
     dtype: str = "float32"
+    # transformers' attention implementation for the trainer and the embedded engine (sdpa, eager,
+    # flash_attention_2, ...); SGLang picks its own
     attn_implementation: str = "sdpa"
-    init_seed: int = 0
+    init_seed: int = 0  # [model built from config only] seed of its random initial weights
 
     def __post_init__(self):
         _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
@@ -84,13 +90,20 @@ class TaskConfig:
 
     # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
     name: str = "addition"
+    # [task.name=dataset only] a local .jsonl, .json or .parquet file (hub datasets are refused)
     dataset_path: str | None = None
+    # [task.name=dataset only]
     eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
+    # [task.name=dataset only]
     # held-out share of dataset_path when eval_path is unset (fixed seed)
     eval_fraction: float = 0.0
+    # [task.name=dataset only]
     prompt_key: str = "prompt"  # a column of plain prompt text ...
+    # [task.name=dataset only]
     messages_key: str = ""  # ... or, when set, a column of chat messages [{role, content}, ...]
+    # [task.name=dataset only]
     answer_key: str = "answer"  # the reference answer the reward grades against
+    # [task.name=dataset only]
     # extra columns passed to the reward; None = all the others
     metadata_keys: list[str] | None = None
     system_prompt: str = ""  # prepended as a system message (chat) or text (plain)
@@ -98,14 +111,16 @@ class TaskConfig:
     # for both | Jinja text or a file of it, for both
     chat_template: str = "auto"
     max_prompt_tokens: int = 0  # longer prompts are filtered out (and counted); 0 = no limit
+    # [synthetic tasks only]
     num_prompts: int = 100_000  # size of a synthetic dataset (an epoch)
+    # [synthetic tasks only]
     digits: int = 2  # operand size / list length for synthetic tasks
-    seed: int = 0
+    seed: int = 0  # synthetic prompts and the dataset's eval split are drawn from it
     group_size: int = 8  # samples per prompt (GRPO "n")
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
+    max_new_tokens: int = 16  # longest response per sample (verl max_response_length)
+    temperature: float = 1.0  # sampling temperature of training rollouts (> 0)
+    top_p: float = 1.0  # nucleus sampling of training rollouts; 1 = off
+    top_k: int = -1  # top-k sampling of training rollouts; -1 = off
     reward_fn: str = ""  # dotted path "pkg.module:function"; empty = the task's own reward
     # per sample; a reward past it is killed and scored 0 with its reason
     reward_timeout_s: float = 5.0
@@ -126,6 +141,7 @@ class TaskConfig:
     # multi-turn episodes: "pkg.module:Class" of an environment (rollout_server/ROLLOUT.md) whose
     # step rewards replace the task's reward; empty = single-turn
     env: str = ""
+    # [task.env or task.agent only]
     max_turns: int = 8  # assistant turns per episode; then it ends with finish_reason "max_turns"
     # prompt + every turn's tokens; past it the episode ends ("max_tokens")
     max_episode_tokens: int = 1024
@@ -133,16 +149,22 @@ class TaskConfig:
     turn_timeout_s: float = 120.0
     # the whole episode, tools and environment included: "episode_timeout"
     episode_timeout_s: float = 600.0
+    # [task.env only]
     # one tool call; past it the tool's worker is killed and the model sees an error
     tool_timeout_s: float = 5.0
+    # [task.env only]
     tool_workers: int = 2  # processes that run tool calls (per rollout server)
+    # [task.env only]
     # address-space limit of a tool worker (sandboxed like rewards); 0 = none
     tool_memory_mb: int = 2048
     # agent episodes: "pkg.module:run", run(client_base_url, api_key, example) -> float talking to
     # the model through the OpenAI API (rollout_server/agent_episode.py); empty = no agent
     agent: str = ""
+    # [task.agent only]
     agent_workers: int = 4  # sandboxed processes that run agents (per rollout server)
+    # [task.agent only]
     agent_memory_mb: int = 4096  # address-space limit of an agent's worker; 0 = none
+    # [task.agent only]
     agent_tool_format: str = "hermes"  # the model's tool-call format: hermes (Qwen) | mistral
 
     def __post_init__(self):
@@ -191,6 +213,8 @@ class TaskConfig:
 
 @dataclass(kw_only=True)
 class BufferConfig:
+    """The replay buffer: credits, staleness bound, WAL (buffer/STALENESS.md, buffer/WAL.md)."""
+
     address: str = "tcp://127.0.0.1:5555"  # request/reply (ROUTER); clients connect here
     pub_address: str = "tcp://127.0.0.1:5556"  # announcements (PUB)
     max_staleness: int = 4  # eta; 0 = synchronous on-policy
@@ -248,22 +272,38 @@ class BufferConfig:
         _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
 
 
+EMBEDDED_ONLY = ("max_running_requests", "max_total_tokens")  # EngineConfig keys SGLang ignores
+
+
 @dataclass(kw_only=True)
 class EngineConfig:
+    """The inference engine a rollout server drives (rollout_server/engine/ENGINE.md)."""
+
     # embedded (in-process CPU/GPU engine) | sglang (launch a real server) | url (attach)
     kind: str = "embedded"
+    # [rollout.engine.kind=url only]
     url: str = ""  # kind=url: base URL of a running SGLang server
+    # address the engine listens on; the trainer's log-prob guard and pushes reach it there, so a
+    # trainer on another node needs this node's address
     host: str = "127.0.0.1"
     port: int = 0  # 0 = pick a free port
+    # [embedded engine only] cpu, cuda or cuda:N; SGLang's device is its own flag
+    # (rollout.engine.sglang.device), and topology=gpu_sglang sets this to cuda for placement
     device: str = "cpu"
+    # [embedded engine only] requests decoded at once; refused with kind=sglang or url, where
+    # SGLang's own rollout.engine.sglang.max_running_requests is the knob
     max_running_requests: int = 64
-    max_total_tokens: int = 65536  # KV slots budget of the embedded engine
+    # [embedded engine only] KV slots budget; refused with kind=sglang or url (SGLang sizes its KV
+    # cache from rollout.engine.sglang.mem_fraction_static or .max_total_tokens)
+    max_total_tokens: int = 65536
+    # how long the engine may take to answer its first request (SGLang: load and warm up)
     startup_timeout_s: float = 600.0
     # a generate running this long is aborted and what it made is kept (its rest is asked again);
     # one with no token by then is an error
     request_timeout_s: float = 600.0
     # GPUs per engine (SGLang's --tp-size); `run` places each rollout server on this many
     tp_size: int = 1
+    # [rollout.engine.kind=sglang only]
     # passed verbatim to `python -m sglang.launch_server`
     sglang: dict = field(default_factory=dict)
 
@@ -277,6 +317,13 @@ class EngineConfig:
                self.tp_size == 1 or (self.tp_size > 1 and self.kind == "sglang"),
                "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
         launcher_sets(self.sglang, LAUNCHER_FLAGS)
+        # the embedded engine's own budgets: on SGLang they would be accepted and do nothing
+        for f in fields(self) if self.kind != "embedded" else ():
+            if f.name in EMBEDDED_ONLY and getattr(self, f.name) != f.default:
+                raise ConfigError(
+                    f"rollout.engine.{f.name}={getattr(self, f.name)!r} is read only by the "
+                    f"embedded engine, and rollout.engine.kind={self.kind!r}: SGLang's own is "
+                    f"rollout.engine.sglang.{f.name} (an attached engine's: its launch flags)")
         # never in config.yaml or logs
         for key in sorted(k for k in self.sglang if SECRET_FIELD.search(str(k))):
             raise ConfigError(f"rollout.engine.sglang.{key}: credentials are not configuration; "
@@ -289,18 +336,22 @@ class EngineConfig:
 
 @dataclass(kw_only=True)
 class RolloutConfig:
+    """A rollout server: generation, rewards, heartbeats (rollout_server/ROLLOUT.md)."""
+
     server_id: str = ""  # empty = "<hostname>-<pid>"
-    buffer_address: str = "${buffer.address}"
-    pub_address: str = "${buffer.pub_address}"
+    buffer_address: str = "${buffer.address}"  # where this server asks for credits (set by run)
+    pub_address: str = "${buffer.pub_address}"  # where it hears the buffer's announcements
+    # groups this server generates at once (x task.group_size requests to its engine); the job's
+    # total is also capped by buffer.max_inflight
     max_concurrent_groups: int = 8
-    heartbeat_s: float = 1.0
+    heartbeat_s: float = 1.0  # its heartbeat to the buffer (buffer.heartbeat_timeout_s)
     # finish in-flight requests before a weight update instead of aborting
     drain_on_update: bool = False
     # /pause_generation mode of a weight update: retract | abort (trainer/WEIGHT_SYNC.md)
     pause_mode: str = "retract"
     # this server runs the job's evaluations (eval.*); `areal-like run` sets it on the first
     eval: bool = False
-    metrics_port: int = 0
+    metrics_port: int = 0  # its /metrics HTTP port; 0 = ephemeral
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self):
@@ -312,12 +363,14 @@ class RolloutConfig:
 
 @dataclass(kw_only=True)
 class WeightSyncConfig:
-    bucket_mb: float = 64.0
+    """How the trainer pushes each version's weights to the engines (trainer/WEIGHT_SYNC.md)."""
+
+    bucket_mb: float = 64.0  # largest bucket of weights sent in one broadcast (a LoRA adapter: one)
     deadline_s: float = 60.0  # whole sync; a member that misses it is dropped for this version
     backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
     master_addr: str = "127.0.0.1"  # address engines use to reach trainer rank 0
     master_port: int = 0  # 0 = pick a free port per group formation
-    group_name: str = "areal_like_weights"
+    group_name: str = "areal_like_weights"  # name of the trainer-engines process group
     # auto (tensor where `run` puts trainer and engine on one GPU) | distributed | tensor | disk
     path: str = "auto"
     # engines lagging by design (trainer/engine_lag.py); buffer.max_staleness must cover the lag
@@ -365,10 +418,15 @@ class LoraConfig:
     """Low-rank adapters on a frozen base (areal_like/weights/lora.py)."""
 
     rank: int = 0  # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
+    # [trainer.lora.rank > 0 only]
     alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    # [trainer.lora.rank > 0 only]
     # on the adapter's input, in the training forward only (not in log-prob passes); never on an
     # lm_head adapter, whose weight change the trainer's output head adds (trainer/model.py)
     dropout: float = 0.0
+    # [trainer.lora.rank > 0 only]
+    # names of the linear layers that get an adapter (PEFT's target_modules); default every linear
+    # layer of a Qwen2/Llama/Qwen3 decoder block
     target_modules: list[str] = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
 
     @property
@@ -387,15 +445,19 @@ class LoraConfig:
 
 @dataclass(kw_only=True)
 class TrainerConfig:
-    buffer_address: str = "${buffer.address}"
+    """The FSDP2 trainer: optimizer, batches, checkpoints (trainer/MEMORY.md, trainer/LOSSES.md)."""
+
+    buffer_address: str = "${buffer.address}"  # the buffer it takes batches from
+    # groups per optimizer step (always buffer.groups_per_step)
     groups_per_step: int = "${buffer.groups_per_step}"  # type: ignore[assignment]
-    steps: int = 100
+    steps: int = 100  # optimizer steps (policy versions) of the run (verl total_training_steps)
+    # AdamW learning rate (verl actor.optim.lr); model=tiny sets 3e-4
     lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
     lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
+    warmup_steps: int = 0  # linear LR warmup from 0 over this many steps; 0 = none
+    grad_clip: float = 1.0  # global gradient-norm clip
     # a step with a non-finite loss or gradient is skipped; this many in a row stop the job
     max_nonfinite_skips: int = 10
     micro_batch_size: int = 8  # sequences per forward/backward (max_tokens_per_micro_batch = 0)
@@ -412,24 +474,29 @@ class TrainerConfig:
     skip_zero_advantage: bool = True
     # optimizer steps per batch (all but the first are off-policy by construction)
     num_minibatches: int = 1
+    # advantage estimator (verl adv_estimator): grpo | drgrpo | rloo | reinforce_pp |
+    # reinforce_pp_baseline (trainer/LOSSES.md); vcpo and oapl take their own group baseline
     estimator: str = "grpo"
     loss: LossConfig = field(default_factory=LossConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     # PPO with a value model (trainer/critic.py); off: the kernels' own advantages
     critic: CriticConfig = field(default_factory=CriticConfig)
-    checkpoint_every: int = 20
+    checkpoint_every: int = 20  # a checkpoint every this many steps, and at the last
     # a save stages the state and writes it while the next step trains (DCP async_save)
     checkpoint_async: bool = False
     checkpoint_dir: str = "checkpoints"  # relative to run_dir unless absolute
     # the newest checkpoints kept on disk (exports: export.keep)
     keep_checkpoints: int = 2
+    # start from the run directory's newest checkpoint; false refuses a run directory that has one
     resume: bool = True
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda or cuda:N (`run` gives each rank its GPU)
+    # longest the buffer holds a batch request open before answering "not yet" (the trainer asks
+    # again)
     batch_wait_s: float = 5.0
     buffer_timeout_s: float = 120.0  # the buffer silent this long is an error, not a wait
-    metrics_port: int = 0
-    gloo_timeout_s: float = 300.0
+    metrics_port: int = 0  # rank 0's /metrics HTTP port; 0 = ephemeral
+    gloo_timeout_s: float = 300.0  # timeout of the trainer ranks' collectives
     # the KL term's frozen reference (loss.kl_coef > 0): a local HF dir; None = initial
     ref_path: str | None = None
     # mean |engine - trainer| log-prob per token at start; <= 0: off; None: by model.dtype,
@@ -491,8 +558,11 @@ class WarmStartConfig:
     """Short supervised warm start on the task's answers, cached in the run directory."""
 
     steps: int = 0  # 0 = off
-    lr: float = 3e-3
-    batch_size: int = 64
+    # [warm_start.steps > 0 only]
+    lr: float = 3e-3  # its AdamW learning rate
+    # [warm_start.steps > 0 only]
+    batch_size: int = 64  # examples per warm-start step
+    # [warm_start.steps > 0 only]
     cache_dir: str = "warmstart"  # relative to run_dir's parent so later runs reuse it
 
     def __post_init__(self):
@@ -519,31 +589,36 @@ class SecurityConfig:
 
 @dataclass(kw_only=True)
 class LaunchConfig:
+    """How `areal-like run` lays out and supervises the job (launch/OPERATIONS.md)."""
+
     # null: from the cores, for a CPU job on one machine (launch/topology.py); a GPU or multi-node
     # job sets both
     num_rollout_servers: int | None = None
-    trainer_ranks: int | None = None
+    trainer_ranks: int | None = None  # trainer processes (FSDP2 ranks); null: from the cores
     restarts: int = 3  # per daemon within restart_window_s, before the job gives up
     # crashes older than the window no longer count; each restart in it waits twice the last
     restart_window_s: float = 3600.0
     # wait before the first restart in the window; doubles per restart
     restart_backoff_s: float = 1.0
-    restart_backoff_max_s: float = 60.0
+    restart_backoff_max_s: float = 60.0  # the longest wait between restarts
+    # how long `run` waits for the buffer and trainer to become healthy (rollout servers:
+    # rollout.engine.startup_timeout_s + 60)
     health_timeout_s: float = 300.0
     # rollout and trainer pools on disjoint cores; null: pinned when the counts come from the cores
     pin_cpus: bool | None = None
-    omp_threads: int = 1
+    omp_threads: int = 1  # OMP_NUM_THREADS and MKL_NUM_THREADS of each daemon
     # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
     gpus_per_node: int = 0
     # several nodes: the first train_nodes run trainer ranks, the others rollout servers
     # (launch/placement.py)
     nodes: int = 1
+    # of launch.nodes, how many run trainer ranks; a node either trains or serves, never both
     train_nodes: int = 1
     auto_max_servers: int = 8  # most rollout servers from the cores (each a process with a model)
     auto_max_threads: int = 8  # and on a pinned trainer's threads
     # logs and metrics/scrape.jsonl rotate past log_max_mb into <file>.1 ... .<log_backups>
     log_max_mb: float = 100.0
-    log_backups: int = 3
+    log_backups: int = 3  # rotated copies kept per log
 
     def __post_init__(self):
         each("launch", self, "> 0", "log_max_mb", "restart_window_s")
@@ -564,9 +639,11 @@ class LaunchConfig:
 
 @dataclass(kw_only=True)
 class RunConfig:
-    experiment_name: str = "default"
+    experiment_name: str = "default"  # names the run directory (experiment=X presets set it)
+    # the job's files: logs, WAL, checkpoints, exports, metrics (launch/OPERATIONS.md); a new
+    # timestamped one per run unless given (resume: pass the same run_dir)
     run_dir: str = "runs/${experiment_name}"
-    seed: int = 0
+    seed: int = 0  # the trainer's torch seed (sampling seeds come from task.seed)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     buffer: BufferConfig = field(default_factory=BufferConfig)

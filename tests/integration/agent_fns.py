@@ -68,7 +68,7 @@ _episodes = [0]
 
 
 async def leaves_its_client_open(base_url: str, api_key: str, example) -> float:
-    """The README's agent: its ``AsyncOpenAI`` client is never closed; every other episode it
+    """AGENTS.md's agent: its ``AsyncOpenAI`` client is never closed; every other episode it
     raises after its call (the traceback keeps the client until the worker has replied)."""
     gc.collect()  # the collection that comes, sooner or later, in the next episode
     client = AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0)

@@ -647,7 +647,7 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
 
 def test_a_client_an_agent_leaves_open_does_not_break_the_next_episode(capfd):
     """Each episode runs on a fresh event loop in a long-lived worker: an ``AsyncOpenAI`` client
-    the agent never closed (the README's example), whether it returned or raised, must not be
+    the agent never closed (AGENTS.md's example), whether it returned or raised, must not be
     closed on the next episode's loop, which logged a traceback ("Event loop is closed") per
     episode."""
     example = make_task(task_cfg()).example(0)
@@ -752,7 +752,7 @@ def test_preflight_names_the_missing_openai_package(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "openai", None)  # as if not installed
     [problem] = check_agent(SimpleNamespace(task=SimpleNamespace(
         agent="areal_like.tasks.agents:calc_agent")))  # imports openai only when it runs
-    assert "openai" in problem and "areal-like[agent]" in problem
+    assert "openai" in problem and "pip install -e '.[agent]'" in problem
 
 
 def test_a_null_max_completion_tokens_leaves_max_tokens_in_force():

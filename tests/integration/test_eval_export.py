@@ -125,7 +125,7 @@ def _evaluated_away_from_the_run(tmp_path: Path, run_dir: Path, final: dict) -> 
 
 
 def test_eval_of_a_lora_export_scores_the_base_with_its_adapter(tmp_path):
-    """A LoRA run exports its adapter in PEFT's layout, naming its base (README.md, "LoRA");
+    """A LoRA run exports its adapter in PEFT's layout, naming its base (LORA.md);
     ``areal-like eval`` of it scores the adapted model (before: refused, no config.json). The base
     here is the warm-started model with its output head negated (greedy picks its worst token);
     the adapter on lm_head undoes exactly that (B @ A = 2 x the head), so only the adapted model

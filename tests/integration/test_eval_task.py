@@ -75,8 +75,8 @@ def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(tmp_
 
 def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(tmp_path):
     """A LoRA run of a model built from its config has no base directory for its adapter to name
-    (``base_model_name_or_path`` null), so it must export with ``export.merged=true`` (README.md,
-    "LoRA"): ``areal-like eval`` of that export, and of the run's checkpoint (exported the same
+    (``base_model_name_or_path`` null), so it must export with ``export.merged=true`` (LORA.md,
+    on exports): ``areal-like eval`` of that export, and of the run's checkpoint (exported the same
     way first), scores the ``merged/`` beside the adapter. Before, both were refused, telling the
     user to evaluate the run's checkpoint or the merged/ instead."""
     import shutil

@@ -550,8 +550,8 @@ def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
 
 
 def test_overrides_after_out_reach_the_config(tmp_path, capsys, monkeypatch):
-    """The README's ``areal-like eval MODEL [--out FILE] [overrides]``: overrides after ``--out
-    FILE`` were 'unrecognized arguments' (argparse had given the positionals out before the
+    """launch/OPERATIONS.md's ``areal-like eval MODEL [--out FILE] [overrides]``: overrides after
+    ``--out FILE`` were 'unrecognized arguments' (argparse had given the positionals out before the
     flag), so ``--out e.jsonl eval.k=8`` could not run."""
     import rollout_server.evaluate as evaluate
 

@@ -88,7 +88,7 @@ def test_the_proximal_logprobs_of_a_step_run_without_dropout_too():
     """With one minibatch, decoupled PPO's pi_prox was the training forward's own log-probs
     (``fuse_prox``), dropout and all: against engine log-probs of the same weights (no dropout),
     ``mismatch_kl`` read 0.005 where it is 0. With LoRA dropout pi_prox is the separate
-    dropout-free pass, as README.md's LoRA section says."""
+    dropout-free pass, as areal_like/weights/LORA.md says."""
     import numpy as np
 
     from areal_like.settings.config import load_config

@@ -387,7 +387,7 @@ def test_trackers_packages_are_checked(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec answers None: as if not installed
     assert pf.check_trackers(cfg) == [
         "tracker='wandb' needs the 'wandb' package, which is not installed: "
-        "pip install 'areal-like[wandb]' "
+        "pip install -e '.[wandb]' in the checkout "
         "(or drop 'wandb' from tracker)"]
     assert pf.check_trackers(dataclasses.replace(cfg, tracker=["jsonl"])) == []
 

@@ -386,7 +386,7 @@ def test_check_trackers_names_the_missing_package_and_its_extra(monkeypatch, tmp
     missing = ("tracker='wandb' needs the 'areal_like_no_such_package' package, "
                "which is not installed: ")
     assert tracking.check_trackers(RunConfig(tracker=["jsonl", "wandb"])) == [
-        missing + "pip install 'areal-like[wandb]' (or drop 'wandb' from tracker)"]
+        missing + "pip install -e '.[wandb]' in the checkout (or drop 'wandb' from tracker)"]
     with pytest.raises(ConfigError,
                        match=r"^tracker='wandb' needs the 'areal_like_no_such_package' package"):
         tracking.build_trackers(RunConfig(tracker=["jsonl", "wandb"]), tmp_path)

@@ -129,8 +129,8 @@ def test_compaction_deletes_fully_consumed_prefix_only(tmp_path):
 
 
 def test_a_running_pipeline_keeps_at_most_two_segments(tmp_path):
-    """The README's bound ("Long runs: disk use"): a segment that rotates still holds the groups
-    not consumed yet, so it stays until the next rotation, and no longer."""
+    """launch/OPERATIONS.md's bound ("Long runs: disk use"): a segment that rotates still holds
+    the groups not consumed yet, so it stays until the next rotation, and no longer."""
     wal = WriteAheadLog(tmp_path, segment_bytes=400)
     list(wal.replay())
     wal.open({})
