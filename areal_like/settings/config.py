@@ -113,7 +113,7 @@ def _pass_through_adds(overrides: list[str]) -> list[str]:
     return [f"++{ov}" if ov.startswith(PASS_THROUGH) else ov for ov in overrides]
 
 
-def _compose_with_choices(overrides: list[str], config_name: str):
+def compose_with_choices(overrides: list[str], config_name: str):
     """Hydra compose; returns the raw DictConfig and the chosen option of each config group."""
     overrides = _pass_through_adds(_sequence_count_wins(overrides))
     _register_resolvers()
@@ -204,7 +204,7 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
     _check_group_overrides(overrides)
 
     def build() -> RunConfig:
-        raw, choices = _compose_with_choices(overrides, config_name)
+        raw, choices = compose_with_choices(overrides, config_name)
         for group, option in choices.items():
             for key in _mandatory_keys(group, option) if option else []:
                 if OmegaConf.select(raw, key, default=None) in (None, ""):

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from areal_like.settings.config import _compose_with_choices, config_dir
+from areal_like.settings.config import compose_with_choices, config_dir
 from areal_like.settings.schema import RunConfig
 
 CHECKS = {"check", "_check", "choice", "_choice", "each"}
@@ -217,7 +217,7 @@ def keys() -> list[Key]:
 def _effective() -> dict:
     from omegaconf import OmegaConf
 
-    raw, _ = _compose_with_choices([], "config")
+    raw, _ = compose_with_choices([], "config")
     return OmegaConf.to_container(raw, resolve=False)
 
 

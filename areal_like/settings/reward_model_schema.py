@@ -18,17 +18,17 @@ class RewardModelConfig:
     # a local Hugging Face directory: a sequence classifier with a scalar head (num_labels=1), or a
     # causal LM (kind=causal_lm) whose logit of ``token`` after the text is the score
     path: str = ""
-    kind: str = "classifier"
+    kind: str = "classifier"  # classifier (a scalar head) or causal_lm (a token's logit)
     token: str = ""  # kind=causal_lm: the token whose logit is the score (one token, e.g. "Yes")
     tokenizer: str = ""  # a local tokenizer directory; empty: path's own
     # the text scored, from the prompt's text and the decoded response
     template: str = "{prompt}{response}"
     batch_size: int = 32  # responses per forward pass
-    device: str = "cpu"
+    device: str = "cpu"  # where the reward model runs: cpu or cuda[:N]
     # reward = weight * model score + rule_weight * the task's rule reward (0: the model alone; the
     # rule's reward is kept in each trajectory's metadata as rule_reward either way)
     weight: float = 1.0
-    rule_weight: float = 0.0
+    rule_weight: float = 0.0  # the rule reward's weight in the sum above
 
     def __post_init__(self):
         choice(R + "kind", self.kind, KINDS)
