@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from areal_like.net.auth import ENGINE_KEY_ENV, REWARD_AUTH_ENV, SECRET_FIELD, url_credential
@@ -272,7 +272,6 @@ class BufferConfig:
         _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
 
 
-EMBEDDED_ONLY = ("max_running_requests", "max_total_tokens")  # EngineConfig keys SGLang ignores
 
 
 @dataclass(kw_only=True)
@@ -317,13 +316,6 @@ class EngineConfig:
                self.tp_size == 1 or (self.tp_size > 1 and self.kind == "sglang"),
                "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
         launcher_sets(self.sglang, LAUNCHER_FLAGS)
-        # the embedded engine's own budgets: on SGLang they would be accepted and do nothing
-        for f in fields(self) if self.kind != "embedded" else ():
-            if f.name in EMBEDDED_ONLY and getattr(self, f.name) != f.default:
-                raise ConfigError(
-                    f"rollout.engine.{f.name}={getattr(self, f.name)!r} is read only by the "
-                    f"embedded engine, and rollout.engine.kind={self.kind!r}: SGLang's own is "
-                    f"rollout.engine.sglang.{f.name} (an attached engine's: its launch flags)")
         # never in config.yaml or logs
         for key in sorted(k for k in self.sglang if SECRET_FIELD.search(str(k))):
             raise ConfigError(f"rollout.engine.sglang.{key}: credentials are not configuration; "

@@ -153,19 +153,6 @@ def test_range_and_cross_field_rules():
     load_config(["trainer.loss.eps_clip_high=null", "trainer.loss.gspo.eps_clip_high=null"])
 
 
-def test_the_embedded_engines_budgets_are_refused_on_an_engine_that_ignores_them():
-    """rollout.engine.max_running_requests / max_total_tokens size the embedded engine only: on
-    SGLang they were accepted and did nothing; SGLang's own flags are the pass-through's."""
-    for key in ("max_running_requests=8", "max_total_tokens=4096"):
-        for kind in ("topology=cpu_sglang", "rollout.engine.kind=url"):
-            extra = ["rollout.engine.url=http://127.0.0.1:30000"] if "url" in kind else []
-            msg = error_of([kind, *extra, f"rollout.engine.{key}"])
-            assert msg.startswith(f"rollout.engine.{key.split('=')[0]}=") and (
-                f"rollout.engine.sglang.{key.split('=')[0]}") in msg, msg
-        load_config([f"rollout.engine.{key}"])  # the embedded engine's, as before
-    load_config(["topology=cpu_sglang", "rollout.engine.sglang.max_running_requests=8"])
-
-
 def test_mandatory_values_must_be_supplied(tmp_path):
     assert "model.path" in error_of(["model=local_hf"])
     assert "task.dataset_path" in error_of(["task=jsonl_math"])

@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from rollout_server.sglang_client import GenerateOutput
 
 from areal_like.net.metrics import Metrics
+from areal_like.net.sglang_client import GenerateOutput
 from areal_like.settings.config import TaskConfig, load_config
 from areal_like.settings.reward_model_schema import RewardModelConfig
 from areal_like.tasks.task import encode_prompt, make_task
