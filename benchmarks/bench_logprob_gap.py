@@ -19,7 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
+from pathlib import Path
 
 import torch
 
@@ -31,21 +33,15 @@ from trainer.logprob_guard import PROBE_TOKENS, compare_logprobs, default_tol, t
 from trainer.model import build_policy, init_distributed
 from trainer.ranks import full
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.transport_report import at_least  # noqa: E402
+
 SHAPES = {"tiny": {}, "small": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
                                      num_attention_heads=8, num_key_value_heads=2),
           # Qwen2.5-0.5B's shape (tests/gpu/test_throughput.py), random weights
           "0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
                        num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                        tie_word_embeddings=True)}
-
-
-def at_least(lo: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        return value
-    return parse
 
 
 def engine_probes(model, prompts: list[list[int]], temperature: float) -> list[Request]:

@@ -18,11 +18,16 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from rollout_server.engine.sampling import SamplingParams, prepare, sample, seeded_rng
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.transport_report import at_least  # noqa: E402
 
 
 def old_sample(logits, params, generators, shared):
@@ -68,15 +73,6 @@ def _old_truncate(scaled, params):
     drop[:, 0] = False
     mask = torch.zeros_like(drop).scatter(1, order, drop)
     return scaled.masked_fill(mask, float("-inf"))
-
-
-def at_least(lo: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
-        return value
-    return parse
 
 
 def timed(fn, rounds: int, device: torch.device) -> float:
