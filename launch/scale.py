@@ -284,10 +284,11 @@ class Scaler:
         return f"trainer: restarted on {n} rank{'s' * (n != 1)} {where}{lost}"
 
     def check_pending(self, sup: Supervisor) -> None:
-        """``done`` once every daemon the last request started answers its /health."""
+        """``done`` once every daemon the last request started has started (logged ``STARTED``:
+        the trainer after it loaded the checkpoint) and answers its /health."""
         ask, names, message = self.pending
         procs = {p.spec.name: p for p in sup.procs}
-        if all(name in procs and procs[name].popen is not None
+        if all(name in procs and procs[name].started
                and probe(procs[name].spec.health_url) for name in names):
             self.pending = None
             sup.echo(f"[supervisor] scale {ask['pool']}={ask['size']} done: {message}")
