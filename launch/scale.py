@@ -128,7 +128,20 @@ def request(run_dir: str | Path, args: list[str], timeout_s: float, out=sys.stdo
     ask = {"id": uuid.uuid4().hex, "pool": pool, "size": n}
     write_json_atomic(run_dir / REQUEST_FILE, ask)
     print(f"asked the job in {run_dir} for {pool}={n}", file=out, flush=True)
-    deadline = time.monotonic() + timeout_s
+    try:
+        return wait_done(run_dir, ask, timeout_s, out)
+    except KeyboardInterrupt:  # the request stays: the job applies it all the same
+        print(f"interrupted; the job applies {pool}={n} all the same ({run_dir / STATE_FILE} "
+              "says when)", file=sys.stderr)
+        return 130
+
+
+def wait_done(run_dir: Path, ask: dict, timeout_s: float, out) -> int:
+    """``request``'s exit code once the supervisor recorded ``ask`` done or refused, the job ended
+    or ``timeout_s`` passed."""
+    from launch.top import job_running
+
+    what, deadline = f"{ask['pool']}={ask['size']}", time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         done = read_json(run_dir / STATE_FILE)
         if done.get("id") == ask["id"] and done.get("state") in ("done", "refused"):
@@ -137,8 +150,11 @@ def request(run_dir: str | Path, args: list[str], timeout_s: float, out=sys.stdo
                 return 2
             print(done.get("message", "done"), file=out, flush=True)
             return 0
+        if not job_running(run_dir):
+            print(f"error: the job in {run_dir} ended before it applied {what}", file=sys.stderr)
+            return 1
         time.sleep(WAIT_POLL_S)
-    print(f"error: {pool}={n} not applied within {timeout_s:g}s (see {run_dir / STATE_FILE} and "
+    print(f"error: {what} not applied within {timeout_s:g}s (see {run_dir / STATE_FILE} and "
           f"{run_dir / 'logs'}; it may still be)", file=sys.stderr)
     return 1
 

@@ -40,7 +40,9 @@ SCALE_S = 240.0  # a new server imports torch and builds its engine; a trainer s
 JOB = ["experiment=quickstart", "warm_start.steps=0", "trainer.steps=100000",
        "launch.num_rollout_servers=1", "launch.trainer_ranks=1", "eval.every=0",
        "eval.at_end=false", "buffer.lease_timeout_s=600", "buffer.heartbeat_timeout_s=600",
-       "trainer.checkpoint_every=50000"]
+       "trainer.checkpoint_every=50000",
+       # a server generates on through weight updates: it holds leases nearly all the time
+       "rollout.drain_on_update=false"]
 
 
 def _cli(*args: str, timeout_s: float = SCALE_S) -> subprocess.CompletedProcess:
@@ -121,6 +123,7 @@ def test_rollout_up_and_down_and_trainer_to_two_ranks_while_the_job_runs(tmp_pat
         stats = buffer.stats()
         assert not any(k.startswith("leases_of_rollout-1") for k in stats), stats
         assert buffer.roster() == {"rollout-0"}
+        assert "left the buffer's roster" in (run_dir / "logs" / "rollout-1.log").read_text()
         assert not psutil.pid_exists(pids["rollout-1"]) or psutil.Process(
             pids["rollout-1"]).status() == psutil.STATUS_ZOMBIE
         assert "rollout-1" not in {d["name"] for d in _ports(run_dir)["daemons"]}
@@ -130,6 +133,7 @@ def test_rollout_up_and_down_and_trainer_to_two_ranks_while_the_job_runs(tmp_pat
 
         two = _cli("scale", str(run_dir), "trainer=2")
         assert two.returncode == 0, two.stderr
+        assert "restarted on 2 ranks from checkpoint v" in two.stdout, two.stdout
         resume = [r for r in read_jsonl(run_dir / "metrics" / "trainer.jsonl")
                   if r.get("event") == "resume"][-1]
         before = max(s for s in _steps(run_dir) if s <= resume["checkpoint_version"])

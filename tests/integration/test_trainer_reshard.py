@@ -53,7 +53,10 @@ def worker(out_dir: Path) -> None:
     else:
         version, _ = load_checkpoint(out_dir.parent / "save" / "ckpt" / "v00000001", policy)
         assert version == 1
+    at_checkpoint = full_state_dict(policy.model)
     res = {"stats": step(2), "weights": full_state_dict(policy.model)}
+    # the second update: Adam's moments from the first step shape it
+    res["update"] = {k: w - at_checkpoint[k] for k, w in res["weights"].items()}
     if rank == 0:
         torch.save(res, out_dir / "res.pt")
     leave_distributed()
@@ -78,6 +81,10 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks_with_the_same_loss(tmp_path,
         assert res["weights"].keys() == kept["weights"].keys()
         for k, w in kept["weights"].items():
             torch.testing.assert_close(res["weights"][k], w, rtol=0, atol=1e-5, msg=k)
+            want, got = kept["update"][k], res["update"][k]
+            # relative to the update itself, which can be far smaller than the weights
+            assert (got - want).abs().max() <= 1e-3 * want.abs().max() + 1e-9, (
+                k, float((got - want).abs().max()), float(want.abs().max()))
 
 
 if __name__ == "__main__":
