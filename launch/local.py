@@ -10,7 +10,9 @@ and ``run()`` returns 2 too, else "stopped with exit 2") after a doubling back-o
 trainer) exiting 0 completes the job. On completion, failure, Ctrl-C, SIGTERM or SIGHUP (not
 under ``nohup``) it stops everything in reverse start order: SIGTERM to the group, wait, SIGKILL;
 from then on daemon output goes to the logs only. A stop a signal asked for returns 128 + the
-signal, whatever the phase it came in.
+signal, whatever the phase it came in. While it runs, ``add``, ``remove`` and ``restart_as``
+resize a pool (``areal-like scale``: launch/scale.py, from ``on_tick``): a process removed is
+stopped as ``stop_all`` stops it.
 
 Invariants:
 * no process is left behind: the kernel sends SIGTERM to every child when the supervisor dies

@@ -23,6 +23,10 @@ nothing) and says what the job was last asked for.
   the buffer admits (``buffer/facts.py``, ``max_servers``), a layout that does not fit (GPUs) or
   would move a running server's GPUs.
 
+Another launcher applies the same file with a ``Scaler`` of its own: ``specs`` and ``publish``
+are its, and the object it passes as ``sup`` has ``Supervisor``'s ``add``, ``remove``,
+``restart_as``, ``procs`` and ``echo``.
+
 A scale lasts for this run of the job: config.yaml keeps the sizes it started with, and a resume
 (the same ``areal-like run`` again) starts those unless given ``launch.num_rollout_servers`` /
 ``launch.trainer_ranks``.

@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from areal_like.net.dealer import Client
+from areal_like.net.metrics import scrape
 from areal_like.settings.config import load_daemon_config
 from areal_like.wire import protocol as P
 from launch.local import probe
@@ -114,9 +115,15 @@ def test_rollout_up_and_down_and_trainer_to_two_ranks_while_the_job_runs(tmp_pat
         assert _ports(run_dir)["pools"] == {"rollout": 2, "trainer": 1}
         status = _cli("status", str(run_dir))
         assert any(line.split()[:2] == ["rollout-1", "up"] for line in status.stdout.splitlines())
-        wait_until(lambda: any(k.startswith("leases_of_rollout-1") for k in buffer.stats())
+        top = _cli("top", str(run_dir), "--once", "--interval", "0.5")
+        assert "rollout-1" in top.stdout, top.stdout
+        url = next(d["metrics_url"] for d in _ports(run_dir)["daemons"] if d["name"] == "rollout-1")
+        wait_until(lambda: scrape(url).get("areal_rollout_groups_acked_total", 0) > 0
                    and {"rollout-0", "rollout-1"} <= buffer.roster(), 60, 0.2,
-                   "rollout-1 working for the buffer")
+                   "groups from rollout-1 acknowledged")
+        # it leaves while it holds leases (it nearly always does: rollout.drain_on_update=false)
+        wait_until(lambda: any(k.startswith("leases_of_rollout-1") for k in buffer.stats()), 30,
+                   0.05, "rollout-1 holding leases")
 
         down = _cli("scale", str(run_dir), "rollout=1")
         assert down.returncode == 0, down.stderr
