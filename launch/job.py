@@ -61,6 +61,7 @@ from launch.rundir import (
     restore_file,
     write_settings,
 )
+from launch.scale import Scaler
 from launch.topology import (
     Topology,
     apply_topology,
@@ -136,8 +137,10 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
 
 
 def job_specs(cfg: RunConfig, topo: Topology, config_path: Path,
-              python: str = sys.executable) -> list[ProcSpec]:
-    """One ``ProcSpec`` per slot of ``topo``, started in ``start_stage`` order, with its GPUs."""
+              python: str = sys.executable,
+              trainer_args: tuple[str, ...] | list[str] = ()) -> list[ProcSpec]:
+    """One ``ProcSpec`` per slot of ``topo``, started in ``start_stage`` order, with its GPUs;
+    ``trainer_args``: more ``key=value`` for the trainer (a resized job's: launch/scale.py)."""
     env = {**{k: v for k, v in MALLOC_ENV.items() if k not in os.environ},
            "OMP_NUM_THREADS": str(cfg.launch.omp_threads),
            "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
@@ -159,7 +162,7 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path,
         elif slot.kind == "rollout":
             argv = [python, "-m", "rollout_server", *base, *slot.overrides]
         else:
-            own = [*base, *trainer_overrides(cfg)]
+            own = [*base, *trainer_overrides(cfg), *trainer_args]
             argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, own,
                                  Path(cfg.run_dir) / "logs" / "torchrun")
         gpus = ({} if slot.gpus is None
@@ -218,10 +221,12 @@ def _trainer_argv(python: str, ranks: int, host: str, base: list[str], log_dir: 
     return argv
 
 
-def write_ports(run_dir: Path, topo: Topology, sup: Supervisor) -> None:
+def write_ports(run_dir: Path, topo: Topology, sup: Supervisor,
+                pools: dict[str, int] | None = None) -> None:
+    """``ports.json`` (``pools``: the sizes a scale left, launch/scale.py) and the targets."""
     pids = sup.pids()
     info = {**topo.to_json(), "run_dir": str(run_dir), "supervisor_pid": os.getpid(),
-            "ports": topo.ports()}
+            "ports": topo.ports(), **({"pools": pools} if pools else {})}
     for d in info["daemons"]:
         d["pid"] = pids.get(d["name"])
     write_json_atomic(run_dir / "ports.json", info)
@@ -471,16 +476,21 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
     monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink,
                       settings=before.accepted)
     try:
+        scaler = Scaler(cfg, topo, run_dir,
+                        lambda c, t, extra: job_specs(c, t, config_path, trainer_args=extra),
+                        lambda t, pools, s: (setattr(monitor, "topo", t),
+                                             write_ports(run_dir, t, s, pools)))
         sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
                          restart_window_s=cfg.launch.restart_window_s,
                          restart_backoff_s=cfg.launch.restart_backoff_s,
                          restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
                          health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
-                         on_tick=monitor, on_change=lambda s: write_ports(run_dir, topo, s),
+                         on_tick=lambda s: (monitor(s), scaler(s)),
+                         on_change=lambda s: write_ports(run_dir, scaler.topo, s, scaler.sizes),
                          inherit_fds=(lock,),
                          log_max_bytes=log_bytes(cfg), log_backups=cfg.launch.log_backups)
         sup.install_signals()
-        sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, topo, s)
+        sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, scaler.topo, s)
         print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; "
               f"`areal-like top {run_dir}` for a live view)",
               file=sys.stderr, flush=True)
