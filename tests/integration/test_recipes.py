@@ -9,7 +9,7 @@ ChatML template) in place of the hub model, on CPU. Shown per recipe:
 * a few steps train (the gradient is not zero: tests/recipe_reward.py gives the groups rewards
   that differ), the test split is evaluated at the start and the end, and the final model is
   exported as a Hugging Face directory of the family;
-* the multi-GPU recipes' own layouts are what their headers say (`areal-like plan`).
+* each recipe's own GPU layout is what its header says (`areal-like plan`).
 
 Nothing here says how well a recipe learns: no real model was trained (configs/RECIPES.md).
 """
@@ -112,7 +112,12 @@ def test_recipe_trains_a_tiny_model_of_its_family_on_prepared_data(name, tmp_pat
     assert exported["model_type"] == family
 
 
+ONE_GPU = {("0", "trainer"): "0", ("0", "rollout-0"): "0"}  # shared: SGLang takes 0.4 of it
+
+
 @pytest.mark.parametrize("name,layout", [
+    ("gsm8k_qwen25_05b", ONE_GPU),
+    ("math_qwen25_15b", ONE_GPU),
     ("math_qwen25_7b", {("0", "trainer"): "0,1,2,3", **{("0", f"rollout-{i}"): str(4 + i)
                                                        for i in range(4)}}),
     ("math_qwen3_30b_a3b", {("0", "trainer"): "0,1,2,3,4,5,6,7",
@@ -120,12 +125,15 @@ def test_recipe_trains_a_tiny_model_of_its_family_on_prepared_data(name, tmp_pat
                             **{(str(2 + i // 4), f"rollout-{i}"): f"{2 * (i % 4)},{2 * (i % 4) + 1}"
                                for i in range(8)}}),
 ])
-def test_multi_gpu_recipes_lay_out_as_their_headers_say(name, layout, tmp_path):
+def test_recipes_lay_out_as_their_headers_say(name, layout, tmp_path):
     family, _ = RECIPES[name]
     model = _tiny_model(family, tmp_path / "model")
-    done = _cli(tmp_path, "plan", f"experiment={name}", f"model.path={model}",
+    one_gpu = ["launch.gpus_per_node=1"] if layout is ONE_GPU else []  # the user's GPU count
+    done = _cli(tmp_path, "plan", f"experiment={name}", f"model.path={model}", *one_gpu,
                 "buffer.address=tcp://10.0.0.1:5555", "buffer.pub_address=tcp://10.0.0.1:5556",
                 "trainer.weight_sync.master_addr=10.0.0.1")
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line.split() for line in done.stdout.splitlines()[1:] if line.strip()]
     assert {(r[0], r[1]): r[2] for r in rows if r[1] != "buffer"} == layout
+    if layout is ONE_GPU:
+        assert "mem_fraction_static=0.4" in done.stdout
