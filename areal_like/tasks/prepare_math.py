@@ -10,7 +10,8 @@ The defaults are the hub ids: GSM8K ``openai/gsm8k`` (config ``main``), MATH's t
 ``DigitalLearningGmbH/MATH-lighteval`` and its test split the 500 problems of
 ``HuggingFaceH4/MATH-500``. The training rows are shuffled (seed ``--seed``; the job serves rows in
 file order); the test rows keep theirs. A row without a final answer (GSM8K's ``#### N``, MATH's
-last ``\\boxed{}``, or MATH-500's ``answer`` column) is dropped and counted.
+last ``\\boxed{}``, or MATH-500's ``answer`` column) is dropped and counted. A source that cannot be
+read (no such file, the hub out of reach, another dataset's columns) is one ``error:`` line, exit 2.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 DEFAULTS = {  # kind -> split -> (hub id, hub config or None, hub split)
@@ -27,6 +29,12 @@ DEFAULTS = {  # kind -> split -> (hub id, hub config or None, hub split)
              "test": ("HuggingFaceH4/MATH-500", None, "test")},
 }
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # org/name; a local path has a suffix or more parts
+_FILE_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".arrow")
+
+
+class SourceError(ValueError):
+    """A source that cannot be converted: one ``error:`` line, exit 2."""
 
 
 def gsm8k_answer(solution: str) -> str | None:
@@ -66,9 +74,12 @@ def convert_row(kind: str, row: dict) -> dict | None:
             "source": kind, **meta}
 
 
-def load_rows(source: str, hub_config: str | None, hub_split: str) -> list[dict]:
-    """The rows of a local file or directory, or of a hub dataset's split."""
-    path = Path(source).expanduser()
+def load_rows(split: str, source: str, hub_config: str | None, hub_split: str) -> list[dict]:
+    """The rows of a local file or directory, or of a hub dataset's split; SourceError naming the
+    source when it cannot be read."""
+    from areal_like.settings.config import ConfigError
+
+    path, flag = Path(source).expanduser(), f"--{split} {source}"
     import datasets
 
     if (path / "dataset_dict.json").is_file():  # save_to_disk of several splits: the one named
@@ -76,8 +87,35 @@ def load_rows(source: str, hub_config: str | None, hub_split: str) -> list[dict]
     if path.exists():
         from areal_like.tasks.datasets import load_table
 
-        return load_table("source", source).to_list()
-    return datasets.load_dataset(source, hub_config, split=hub_split).to_list()
+        try:
+            return load_table("source", source).to_list()
+        except ConfigError as e:
+            raise SourceError(f"{flag}: {e}") from None
+    if not _HUB_ID.fullmatch(source) or source.endswith(_FILE_SUFFIXES):
+        raise SourceError(f"{flag}: no such file or directory (a hub dataset id is org/name)")
+    try:
+        return datasets.load_dataset(source, hub_config, split=hub_split).to_list()
+    except Exception as e:  # noqa: BLE001 - the hub's errors are many; the user needs one line
+        raise SourceError(
+            f"{split} split: cannot load {source!r} from the Hugging Face hub ({type(e).__name__}: "
+            f"{e}); without the hub, download its files elsewhere and give them with --train and "
+            "--test (configs/RECIPES.md)") from None
+
+
+def convert_rows(kind: str, split: str, source: str, raw: list[dict]) -> list[dict]:
+    """``raw`` converted, rows without a final answer dropped; SourceError when the rows lack the
+    columns ``kind`` has."""
+    need = ["question", "answer"] if kind == "gsm8k" else ["problem", "solution"]
+    if kind == "math" and raw and "answer" in raw[0]:  # MATH-500: the answer column suffices
+        need[1] = "answer"
+    if raw and (missing := [c for c in need if c not in raw[0]]):
+        raise SourceError(f"{split} split {source}: no {' or '.join(map(repr, missing))} column "
+                          f"(it has {', '.join(map(repr, raw[0]))}): is it a {kind} dataset?")
+    rows = [r for r in (convert_row(kind, row) for row in raw) if r is not None]
+    if not rows:
+        raise SourceError(f"{split} split: no row of {source} has a final answer; is it the "
+                          "right dataset?")
+    return rows
 
 
 def write(rows: list[dict], path: Path) -> None:
@@ -98,11 +136,9 @@ def prepare(kind: str, out: Path, sources: dict[str, str | None], seed: int = 0)
     # hub splits first: reading a local file turns the hub off for the rest of the process
     for split in sorted(DEFAULTS[kind], key=lambda s: bool(sources.get(s))):
         hub_id, hub_config, hub_split = DEFAULTS[kind][split]
-        raw = load_rows(sources.get(split) or hub_id, hub_config, hub_split)
-        rows = [r for r in (convert_row(kind, row) for row in raw) if r is not None]
-        if not rows:
-            raise SystemExit(f"{split}: no row of {sources.get(split) or hub_id} has a final "
-                             "answer; is it the right dataset?")
+        source = sources.get(split) or hub_id
+        raw = load_rows(split, source, hub_config, hub_split)
+        rows = convert_rows(kind, split, source, raw)
         if split == "train":
             random.Random(seed).shuffle(rows)
         write(rows, out / f"{split}.parquet")
@@ -120,8 +156,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="the training rows' shuffle")
     args = parser.parse_args(argv)
     out = args.out or Path("data") / args.kind
-    print(json.dumps(prepare(args.kind, out, {"train": args.train, "test": args.test},
-                             args.seed)))
+    try:
+        summary = prepare(args.kind, out, {"train": args.train, "test": args.test}, args.seed)
+    except SourceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

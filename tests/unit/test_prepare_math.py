@@ -5,6 +5,7 @@ line, on the shipped samples in the public datasets' own formats
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,24 @@ def test_rows_without_a_final_answer_are_dropped_and_counted(tmp_path):
                            "--train", str(bad), "--test", str(src), "--out", str(tmp_path / "o")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "no row of" in done.stderr and "final answer" in done.stderr
+
+
+@pytest.mark.parametrize("kind,train,want", [
+    # no network (HF_HUB_OFFLINE stands for it): the hub's error in one line, and the way out
+    ("gsm8k", None, "cannot load 'openai/gsm8k' from the Hugging Face hub"),
+    ("gsm8k", "gsm8k/main/train.parquet", "--train gsm8k/main/train.parquet: no such file"),
+    ("math", "GSM", "no 'problem' column (it has 'question', 'answer'): is it a math"),
+    ("gsm8k", "notes.txt", "--train notes.txt: source='notes.txt': expected a .jsonl"),
+])
+def test_a_source_it_cannot_read_is_one_error_line(kind, train, want, tmp_path):
+    gsm = SAMPLES / "gsm8k" / "test.jsonl"
+    (tmp_path / "notes.txt").write_text("not a table\n")
+    args = [] if train is None else ["--train", str(gsm) if train == "GSM" else train,
+                                     "--test", str(gsm)]
+    done = subprocess.run([sys.executable, "-m", "areal_like.tasks.prepare_math", kind, *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    assert want in done.stderr
+    assert not (tmp_path / "data").exists()
