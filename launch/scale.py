@@ -141,19 +141,23 @@ def request(run_dir: str | Path, args: list[str], timeout_s: float, out=sys.stdo
 
 
 def wait_done(run_dir: Path, ask: dict, timeout_s: float, out) -> int:
-    """``request``'s exit code once the supervisor recorded ``ask`` done or refused, the job ended
-    or ``timeout_s`` passed."""
+    """``request``'s exit code once the supervisor recorded ``ask`` done or refused, another
+    request replaced it in scale.json (the supervisor applies only the last), the job ended or
+    ``timeout_s`` passed."""
     from launch.top import job_running
 
     what, deadline = f"{ask['pool']}={ask['size']}", time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        done = read_json(run_dir / STATE_FILE)
-        if done.get("id") == ask["id"] and done.get("state") in ("done", "refused"):
-            if done["state"] == "refused":
-                print(f"error: {done.get('message')}", file=sys.stderr)
-                return 2
-            print(done.get("message", "done"), file=out, flush=True)
-            return 0
+        if (code := answered(run_dir, ask, out)) is not None:
+            return code
+        if (later := read_json(run_dir / REQUEST_FILE)).get("id") != ask["id"]:
+            if (code := answered(run_dir, ask, out)) is not None:  # done just before
+                return code
+            by = (f"another request ({later.get('pool')}={later.get('size')})" if later
+                  else f"removing {run_dir / REQUEST_FILE}")
+            print(f"error: {by} replaced {what} before the job applied it (one request at a "
+                  f"time; {run_dir / STATE_FILE} says what the job does)", file=sys.stderr)
+            return 1
         if not job_running(run_dir):
             print(f"error: the job in {run_dir} ended before it applied {what}", file=sys.stderr)
             return 1
@@ -161,6 +165,19 @@ def wait_done(run_dir: Path, ask: dict, timeout_s: float, out) -> int:
     print(f"error: {what} not applied within {timeout_s:g}s (see {run_dir / STATE_FILE} and "
           f"{run_dir / 'logs'}; it may still be)", file=sys.stderr)
     return 1
+
+
+def answered(run_dir: Path, ask: dict, out) -> int | None:
+    """0 (its message printed) once scaled.json records ``ask`` done, 2 (its ``error:`` line)
+    once refused; None before."""
+    done = read_json(run_dir / STATE_FILE)
+    if done.get("id") != ask["id"] or done.get("state") not in ("done", "refused"):
+        return None
+    if done["state"] == "refused":
+        print(f"error: {done.get('message')}", file=sys.stderr)
+        return 2
+    print(done.get("message", "done"), file=out, flush=True)
+    return 0
 
 
 def run_config(run_dir: Path) -> RunConfig:

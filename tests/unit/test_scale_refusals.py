@@ -104,3 +104,34 @@ def test_the_supervisor_refuses_a_layout_that_does_not_fit_the_gpus(tmp_path):
     full = _ask(scaler, run_dir, "rollout", 4)
     assert full["state"] == "refused" and "needs 5 GPUs per node" in full["message"]
     assert scaler.sizes == {"rollout": 1, "trainer": 1}
+
+
+def test_a_request_replaced_before_the_job_read_it_says_so(tmp_path, capsys):
+    """Two `scale` commands at once: the second's request replaces the first's in scale.json before
+    the supervisor reads it; the first says so at once (exit 1) instead of waiting out its
+    --timeout for a request the job will never see."""
+    import os
+    import threading
+
+    run_dir = _run_dir(tmp_path)
+    lock = lock_run_dir(run_dir)  # this process is the job's `areal-like run`
+    (run_dir / "ports.json").write_text(json.dumps({"daemons": [], "supervisor_pid": os.getpid()}))
+    replaced = threading.Event()
+
+    def second_command():  # writes its request over the first's, as `request` does
+        while not (run_dir / REQUEST_FILE).exists():
+            replaced.wait(0.01)
+        (run_dir / REQUEST_FILE).write_text(json.dumps({"id": "b", "pool": "rollout", "size": 3}))
+        replaced.set()
+
+    other = threading.Thread(target=second_command, daemon=True)
+    other.start()
+    try:
+        code = main(["scale", "--timeout", "30", str(run_dir), "rollout=2"])
+    finally:
+        os.close(lock)
+        other.join(10)
+    err = capsys.readouterr().err
+    assert code == 1 and replaced.is_set()
+    assert err.startswith("error: another request (rollout=3) replaced rollout=2 before the job "
+                          "applied it"), err
