@@ -178,6 +178,9 @@ def _main(argv: list[str]) -> int:
     if args.command == "scale":
         from launch.scale import request
 
+        if not args.timeout > 0:  # (nan too) it would ask the job, then not wait for it
+            parser.error(f"argument --timeout: {args.timeout:g} is not a number of seconds > 0")
+
         return request(args.run_dir, args.size, args.timeout)
     if args.command == "top" and not 0 < args.interval < float("inf"):
         parser.error(f"argument --interval: {args.interval} is not a number of seconds > 0")

@@ -135,3 +135,15 @@ def test_a_request_replaced_before_the_job_read_it_says_so(tmp_path, capsys):
     assert code == 1 and replaced.is_set()
     assert err.startswith("error: another request (rollout=3) replaced rollout=2 before the job "
                           "applied it"), err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_a_timeout_that_is_not_seconds_is_refused_before_the_job_is_asked(tmp_path, capsys,
+                                                                          timeout):
+    run_dir = _run_dir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["scale", "--timeout", timeout, str(run_dir), "rollout=2"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --timeout: {timeout} is not a number of seconds > 0" in err
+    assert not (run_dir / REQUEST_FILE).exists()
