@@ -3,8 +3,8 @@ math-verify reads): ``python -m areal_like.tasks.prepare_math {gsm8k,math} [--tr
 [--test SRC] [--out DIR]``; the recipes (configs/RECIPES.md) read ``DIR/train.parquet`` and
 ``DIR/test.parquet``.
 
-A source is a local file or directory (``.parquet``, ``.jsonl``, ``.json``, ``.csv``, or a
-``save_to_disk`` directory: what ``datasets`` saved or a hub snapshot holds) or, where the machine
+A source is a local file or directory (``.parquet``, ``.jsonl``, ``.json``, ``.csv``, a directory
+of them, or a ``save_to_disk`` directory: what ``datasets`` saved) or, where the machine
 reaches the Hugging Face hub, a dataset id (``org/name``, loaded with ``datasets.load_dataset``).
 The defaults are the hub ids: GSM8K ``openai/gsm8k`` (config ``main``), MATH's training split
 ``DigitalLearningGmbH/MATH-lighteval`` and its test split the 500 problems of
@@ -84,6 +84,9 @@ def load_rows(split: str, source: str, hub_config: str | None, hub_split: str) -
 
     if (path / "dataset_dict.json").is_file():  # save_to_disk of several splits: the one named
         return datasets.load_from_disk(str(path))[hub_split].to_list()
+    if path.is_dir() and len(splits := split_files(path)) > 1:  # a hub snapshot: not all of it
+        raise SourceError(f"{flag}: the directory holds the files of several splits "
+                          f"({', '.join(splits)}); give the {split} split's file or directory")
     if path.exists():
         from areal_like.tasks.datasets import load_table
 
@@ -100,6 +103,17 @@ def load_rows(split: str, source: str, hub_config: str | None, hub_split: str) -
             f"{split} split: cannot load {source!r} from the Hugging Face hub ({type(e).__name__}: "
             f"{e}); without the hub, download its files elsewhere and give them with --train and "
             "--test (configs/RECIPES.md)") from None
+
+
+def split_files(directory: Path) -> list[str]:
+    """The splits whose files ``directory`` holds, named as ``datasets`` infers them (``train-*``,
+    ``test.jsonl``, ...); one (``train``) when the names say none."""
+    from datasets.data_files import get_data_patterns
+
+    try:
+        return sorted(map(str, get_data_patterns(str(directory))))
+    except Exception:  # noqa: BLE001 - no data files: the loader says what it expected
+        return []
 
 
 def convert_rows(kind: str, split: str, source: str, raw: list[dict]) -> list[dict]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -123,3 +124,23 @@ def test_a_source_it_cannot_read_is_one_error_line(kind, train, want, tmp_path):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
     assert want in done.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_a_directory_of_several_splits_is_refused_not_mixed(tmp_path):
+    """A hub snapshot (``main/train-*.parquet`` beside ``main/test-*.parquet``) given as the
+    training source would put the test problems into the training split: refused, naming them."""
+    snapshot = tmp_path / "gsm8k" / "main"
+    snapshot.mkdir(parents=True)
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in (SAMPLES / "gsm8k" / f"{split}.jsonl").open()]
+        pq.write_table(pa.Table.from_pylist(rows), snapshot / f"{split}-00000-of-00001.parquet")
+    done = subprocess.run([sys.executable, "-m", "areal_like.tasks.prepare_math", "gsm8k",
+                           "--train", "gsm8k", "--test", "gsm8k/main/test-00000-of-00001.parquet"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == ("error: --train gsm8k: the directory holds the files of several splits "
+                           "(test, train); give the train split's file or directory\n")
+    assert not (tmp_path / "data").exists()
+    summary = _prepare("gsm8k", tmp_path / "out", snapshot / "train-00000-of-00001.parquet",
+                       snapshot / "test-00000-of-00001.parquet")
+    assert summary["train"]["rows"] == 32 and summary["test"]["rows"] == 12
