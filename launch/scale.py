@@ -155,8 +155,9 @@ def wait_done(run_dir: Path, ask: dict, timeout_s: float, out) -> int:
                 return code
             by = (f"another request ({later.get('pool')}={later.get('size')})" if later
                   else f"removing {run_dir / REQUEST_FILE}")
-            print(f"error: {by} replaced {what} before the job applied it (one request at a "
-                  f"time; {run_dir / STATE_FILE} says what the job does)", file=sys.stderr)
+            print(f"error: {by} replaced {what} before the job reported it done (one request "
+                  f"at a time: the job applies the last; {run_dir / STATE_FILE} says what it did)",
+                  file=sys.stderr)
             return 1
         if not job_running(run_dir):
             print(f"error: the job in {run_dir} ended before it applied {what}", file=sys.stderr)

@@ -134,7 +134,7 @@ def test_a_request_replaced_before_the_job_read_it_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and replaced.is_set()
     assert err.startswith("error: another request (rollout=3) replaced rollout=2 before the job "
-                          "applied it"), err
+                          "reported it done"), err
 
 
 @pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
