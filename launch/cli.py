@@ -329,6 +329,10 @@ def _stoppable(command) -> int:
 
 
 def _run(cfg, quiet: bool, accept_changes: bool) -> int:
+    if cfg.launch.cluster == "ray":  # the same job placed on a Ray cluster (launch/RAY.md)
+        from launch.ray_job import run_on_ray
+
+        return run_on_ray(cfg, quiet=quiet, accept_changes=accept_changes)
     from launch.job import run_job
 
     return run_job(cfg, quiet=quiet, accept_changes=accept_changes)
