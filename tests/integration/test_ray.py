@@ -207,9 +207,9 @@ def test_a_ray_job_trains_survives_a_lost_node_and_stops(cluster, tmp_path):
         assert job.poll() is None, (tmp_path / "job.err").read_text()[-3000:]
         status = _cli("status", str(run_dir))
         assert status.returncode == 0, status.stdout + status.stderr
-        states = {ln.split()[0]: ln.split()[1] for ln in status.stdout.splitlines() if ln.strip()}
         names = ("buffer", "rollout-0", "rollout-1", "trainer")
-        assert all(states.get(n) == "up" for n in names), status.stdout
+        states = [ln.split()[:2] for ln in status.stdout.splitlines()[:4]]
+        assert states == [[n, "up"] for n in names], status.stdout
         top = _cli("top", str(run_dir), "--once", "--interval", "0.5")
         assert top.returncode == 0 and "rollout-1" in top.stdout, top.stdout + top.stderr
         placed = {n: _placed(run_dir, n) for n in ("buffer", "rollout-0", "rollout-1", "trainer")}
@@ -227,9 +227,13 @@ def test_a_ray_job_trains_survives_a_lost_node_and_stops(cluster, tmp_path):
         moved = wait_until(lambda: (p := _placed(run_dir, victim))["node_id"] != node.node_id
                            and p, 180, 1.0, f"{victim} placed again on a live node")
         assert moved["node_id"] in {placed[n]["node_id"] for n in placed}, moved
+        log = run_dir / "logs" / f"{victim}.log"
+        wait_until(lambda: log.read_text().count("rollout: started") >= 2, 180, 1.0,
+                   f"{victim} started on its new node")
+        assert "its actor or node is lost" in log.read_text(), log.read_text()[-3000:]
         wait_until(lambda: _steps(run_dir) >= at_kill + 3, 240, 1.0, "steps after the loss")
-        log = (run_dir / "logs" / f"{victim}.log").read_text()
-        assert "its actor or node is lost" in log and log.count(": started") >= 2, log[-3000:]
+        status = _cli("status", str(run_dir))
+        assert status.returncode == 0, status.stdout + status.stderr
         after = _books(run_dir)
         assert _balance(before) and _balance(after), (before, after)
         assert after["groups_accepted"] >= before["groups_accepted"]
