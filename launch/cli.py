@@ -344,6 +344,10 @@ def _plan(cfg) -> int:
     from launch.placement import idle_gpus
     from launch.topology import layout_line, plan_lines
 
+    if cfg.launch.cluster == "ray":  # node 0 is whichever Ray node its bundle lands on
+        from launch.ray_job import on_hosts
+
+        cfg = on_hosts(cfg, "node0")
     _, topo = plan_job(cfg)
     # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks
     # them)
