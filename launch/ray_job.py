@@ -44,7 +44,7 @@ from areal_like.daemon import die_with_parent
 from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV
 from areal_like.settings.config import ConfigError, RunConfig
 from launch.job import job_specs, run_job, write_ports
-from launch.local import write_json_atomic
+from launch.local import STOP_GRACE_S, write_json_atomic
 from launch.placement import COUNTS, engine_on_gpu, node_roles, place_node, trainer_on_gpu
 from launch.srun import daemon_command
 from launch.topology import Topology, split_address
@@ -84,13 +84,23 @@ def connect(ray, address: str) -> str:
             raise ConfigError(f"no Ray cluster at {address!r} (launch.ray_address or RAY_ADDRESS): "
                               f"{e}; start one with `ray start --head`") from None
     try:
-        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR,
-                 log_to_driver=False)
+        init(ray, address)
     except (ConnectionError, ValueError, RuntimeError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"no Ray cluster at {address!r} (launch.ray_address, RAY_ADDRESS, "
                           f"else one on this node): {why}") from None
     return ray.get_runtime_context().gcs_address
+
+
+def init(ray, address: str) -> None:
+    """``ray.init`` keeping this process's SIGTERM and SIGINT handlers (Ray's core worker puts in
+    its own, which end the process at once: no graceful stop)."""
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    ray.init(address=address, namespace=NAMESPACE, logging_level=logging.ERROR,
+             log_to_driver=False)
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
 
 
 def request(cfg: RunConfig, kind: str, shared: bool = False) -> tuple[float, float]:
@@ -331,6 +341,7 @@ class DaemonHost:
         argv = [a.replace(NODE_IP, ip) for a in argv]
         if argv[0] == "areal-like":  # this node's Python, whatever its PATH
             argv = [sys.executable, "-m", "launch.cli", *argv[1:]]
+        argv = [sys.executable, "-m", "launch.ray_job", "guard", "--", *argv]
         env = {**os.environ, **{k: v.replace(NODE_IP, ip) for k, v in env.items()},
                "PYTHONUNBUFFERED": "1"}
         if hide_gpus:  # the GPUs Ray gave this actor, none for a CPU process of a GPU job
@@ -364,7 +375,43 @@ class DaemonHost:
 
     def signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.popen.pid, sig)
+            os.kill(self.popen.pid, sig)  # its guard passes it on
+
+
+def guard(command: list[str], poll_s: float = 0.5) -> int:
+    """``python -m launch.ray_job guard -- COMMAND``, the actor's child: COMMAND in a session of its
+    own; SIGTERM and SIGINT passed on to its group (SIGKILL after ``STOP_GRACE_S``); its
+    descendants recorded on every poll (torchrun's ranks have sessions of their own) and the
+    survivors killed by PID once it exited. The kernel sends this SIGTERM when the actor dies
+    (``die_with_parent``), so a daemon never outlives its actor. Exit: COMMAND's (128 + signal)."""
+    import psutil
+
+    stop: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, _f: stop.append(s))
+    popen = subprocess.Popen(command, start_new_session=True,
+                             preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    seen: dict[int, psutil.Process] = {}
+    deadline = None
+    while popen.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            seen.update((p.pid, p) for p in psutil.Process(popen.pid).children(recursive=True))
+        if stop and deadline is None:
+            deadline = time.monotonic() + STOP_GRACE_S
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, stop[0])
+        if deadline is not None and time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            popen.wait(poll_s)
+    left = [p for p in seen.values() if p.is_running()]
+    for send in (psutil.Process.terminate, psutil.Process.kill):
+        for p in left:
+            with contextlib.suppress(psutil.Error):
+                send(p)
+        _, left = psutil.wait_procs(left, timeout=5)
+    return popen.returncode if popen.returncode >= 0 else 128 - popen.returncode
 
 
 def _wait(ray, ref, stop: list[int]):
@@ -385,8 +432,7 @@ def proxy(args: argparse.Namespace) -> int:
     stop: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: stop.append(s))
-    ray.init(address=os.environ["RAY_ADDRESS"], namespace=NAMESPACE,
-             logging_level=logging.ERROR, log_to_driver=False)
+    init(ray, os.environ["RAY_ADDRESS"])
     pg = ray.util.get_placement_group(args.pg)
     actor = ray.remote(DaemonHost).options(
         num_cpus=args.cpus, num_gpus=args.gpus, max_concurrency=4,
@@ -422,6 +468,8 @@ def _relay(ray, actor, stop: list[int]) -> int:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:2] == ["guard", "--"] and len(argv) > 2:
+        return guard(argv[2:])
     ap = argparse.ArgumentParser(prog="python -m launch.ray_job",
                                  description="one daemon of a Ray job (launch/RAY.md)")
     sub = ap.add_subparsers(dest="sub", required=True)

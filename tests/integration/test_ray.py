@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,6 +121,8 @@ def test_a_layout_larger_than_the_cluster_is_one_error_line(cluster, tmp_path, m
 
 def test_a_run_dir_a_node_does_not_see_is_one_error_line(tmp_path):
     _need_ray()
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("a mount namespace of its own for the raylet needs root and unshare")
     hidden = tmp_path / "hidden"  # a tmpfs over it in the raylet's mount namespace
     hidden.mkdir()
     port = free_port()
@@ -137,6 +140,46 @@ def test_a_run_dir_a_node_does_not_see_is_one_error_line(tmp_path):
         _refused(result, "is not on storage every node sees", "FileNotFoundError")
     finally:
         _kill_tree(head.pid)
+
+
+ACTOR = """import functools, os, subprocess, sys, time
+from areal_like.daemon import die_with_parent
+subprocess.Popen(sys.argv[1:], preexec_fn=functools.partial(die_with_parent, os.getpid()))
+time.sleep(600)
+"""
+# a stand-in torchrun: a rank in a session of its own, which a signal to its group misses
+TORCHRUN = """import os, subprocess, sys, time
+rank = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                        start_new_session=True)
+open(sys.argv[1], "w").write(f"{os.getpid()} {rank.pid}")
+time.sleep(600)
+"""
+
+
+def test_the_guard_leaves_no_process_behind_when_its_actor_dies(tmp_path):
+    """The actor's child (``python -m launch.ray_job guard``) outlives nothing: when the actor is
+    killed (-9), the kernel stops the guard, which stops the daemon and then, by PID, the rank
+    the daemon put in a session of its own."""
+    pids = tmp_path / "pids"
+    actor = subprocess.Popen([sys.executable, "-c", ACTOR, sys.executable, "-m", "launch.ray_job",
+                              "guard", "--", sys.executable, "-c", TORCHRUN, str(pids)],
+                             cwd=REPO, env=child_env(), start_new_session=True)
+    try:
+        wait_until(lambda: pids.is_file() and len(pids.read_text().split()) == 2, 60, 0.1,
+                   "the stand-in daemon and its rank")
+        daemon, rank = (psutil.Process(int(p)) for p in pids.read_text().split())
+        wait_until(lambda: rank.pid in [p.pid for p in psutil.Process(actor.pid).children(True)],
+                   10, 0.1, "the rank under the guard")
+        # the guard records the descendants every 0.5 s: the rank has lived through two polls
+        wait_until(lambda: time.time() - rank.create_time() > 1.0, 10, 0.1, "two polls")
+        actor.kill()
+        actor.wait(10)
+        gone, alive = psutil.wait_procs([daemon, rank], timeout=30)
+        assert not alive, f"left behind: {alive}"
+    finally:
+        _kill_tree(actor.pid)
+        for p in pids.read_text().split() if pids.is_file() else ():
+            _kill_tree(int(p))
 
 
 def _up(port: int) -> bool:
@@ -189,6 +232,21 @@ def _balance(s: dict) -> bool:
                                            + s.get("in_transit", 0))
 
 
+def _job_processes(run_dir: Path) -> list[psutil.Process]:
+    """The live processes whose command line names ``run_dir``."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        if p.info["status"] != psutil.STATUS_ZOMBIE and any(
+                str(run_dir) in c for c in p.info["cmdline"] or []):
+            out.append(p)
+    return out
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics" / "trainer.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _steps(run_dir: Path) -> int:
     return len(step_records(run_dir))
 
@@ -210,6 +268,8 @@ def test_a_ray_job_trains_survives_a_lost_node_and_stops(cluster, tmp_path):
         names = ("buffer", "rollout-0", "rollout-1", "trainer")
         states = [ln.split()[:2] for ln in status.stdout.splitlines()[:4]]
         assert states == [[n, "up"] for n in names], status.stdout
+        targets = json.loads((run_dir / "prometheus_targets.json").read_text())
+        assert sorted(t["labels"]["daemon"] for t in targets) == sorted(names), targets
         top = _cli("top", str(run_dir), "--once", "--interval", "0.5")
         assert top.returncode == 0 and "rollout-1" in top.stdout, top.stdout + top.stderr
         placed = {n: _placed(run_dir, n) for n in ("buffer", "rollout-0", "rollout-1", "trainer")}
@@ -251,6 +311,10 @@ def test_a_ray_job_trains_survives_a_lost_node_and_stops(cluster, tmp_path):
         assert summary["end"] == "stopped" and summary["steps"] >= at_kill + 3, summary
         assert not [p for p in daemons if psutil.pid_exists(p)
                     and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        # nothing of the job is left: proxies, guards, daemons, torchrun's rank (own session)
+        wait_until(lambda: not _job_processes(run_dir), 60, 0.5, "every process of the job to exit")
+        done = [r for r in _records(run_dir) if r.get("event") == "done"]
+        assert done, "the trainer stopped without its done record (not as on Ctrl-C)"
     finally:
         if job.poll() is None:
             _kill_tree(job.pid)
