@@ -125,16 +125,20 @@ def test_a_run_dir_a_node_does_not_see_is_one_error_line(tmp_path):
         pytest.skip("a mount namespace of its own for the raylet needs root and unshare")
     hidden = tmp_path / "hidden"  # a tmpfs over it in the raylet's mount namespace
     hidden.mkdir()
-    port = free_port()
+    # above the ports Ray keeps for its workers (10002-19999), which it refuses for the GCS
+    port = next(p for p in iter(free_port, 0) if p >= 20000)
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     script = (f"mount -t tmpfs tmpfs {hidden} && exec {ray} start --head --port={port} "
-              "--num-cpus=4 --include-dashboard=false --block")
+              "--num-cpus=4 --include-dashboard=false --disable-usage-stats --block")
+    log = tmp_path / "ray-head.log"
     head = subprocess.Popen(["unshare", "--mount", "sh", "-c", script], env=child_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         env = child_env({"RAY_ADDRESS": f"127.0.0.1:{port}"})
-        wait_until(lambda: _up(port), 60, 0.5, "the namespaced Ray head")
+        wait_until(lambda: _up(port) or head.poll() is not None, 180, 0.5,
+                   "the namespaced Ray head")
+        assert head.poll() is None, log.read_text()[-3000:]
         result = _cli("run", *[a for a in JOB if not a.startswith("launch.nodes")],
                       f"run_dir={hidden / 'run'}", env=env)
         _refused(result, "is not on storage every node sees", "FileNotFoundError")
