@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -63,16 +64,18 @@ def _need_ray():
 @pytest.fixture(scope="module")
 def cluster() -> Iterator:
     Cluster = _need_ray()
+    temp = tempfile.mkdtemp(prefix="al-ray-")  # Ray's sessions and logs (short: its sockets)
     c = Cluster(initialize_head=True,
                 head_node_args={"num_cpus": 3, "resources": {"n0": 1}, "include_dashboard": False,
-                                "_system_config": SYSTEM})
+                                "_system_config": SYSTEM, "temp_dir": temp})
     try:
         for k in (1, 2):
-            c.add_node(num_cpus=3, resources={f"n{k}": 1})
+            c.add_node(num_cpus=3, resources={f"n{k}": 1}, temp_dir=temp)
         c.wait_for_nodes()
         yield c
     finally:
         c.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None,
@@ -128,8 +131,10 @@ def test_a_run_dir_a_node_does_not_see_is_one_error_line(tmp_path):
     # above the ports Ray keeps for its workers (10002-19999), which it refuses for the GCS
     port = next(p for p in iter(free_port, 0) if p >= 20000)
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+    temp = tempfile.mkdtemp(prefix="al-ray-")
     script = (f"mount -t tmpfs tmpfs {hidden} && exec {ray} start --head --port={port} "
-              "--num-cpus=4 --include-dashboard=false --disable-usage-stats --block")
+              f"--temp-dir={temp} --num-cpus=4 --include-dashboard=false --disable-usage-stats "
+              "--block")
     log = tmp_path / "ray-head.log"
     head = subprocess.Popen(["unshare", "--mount", "sh", "-c", script], env=child_env(),
                             stdout=log.open("w"), stderr=subprocess.STDOUT,
@@ -144,6 +149,7 @@ def test_a_run_dir_a_node_does_not_see_is_one_error_line(tmp_path):
         _refused(result, "is not on storage every node sees", "FileNotFoundError")
     finally:
         _kill_tree(head.pid)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 ACTOR = """import functools, os, subprocess, sys, time
