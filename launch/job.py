@@ -62,6 +62,7 @@ from launch.rundir import (
     restore_file,
     write_settings,
 )
+from launch.scale import Scaler
 from launch.topology import (
     Topology,
     apply_topology,
@@ -137,8 +138,10 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
 
 
 def job_specs(cfg: RunConfig, topo: Topology, config_path: Path,
-              python: str = sys.executable) -> list[ProcSpec]:
-    """One ``ProcSpec`` per slot of ``topo``, started in ``start_stage`` order, with its GPUs."""
+              python: str = sys.executable,
+              trainer_args: tuple[str, ...] | list[str] = ()) -> list[ProcSpec]:
+    """One ``ProcSpec`` per slot of ``topo``, started in ``start_stage`` order, with its GPUs;
+    ``trainer_args``: more ``key=value`` for the trainer (a resized job's: launch/scale.py)."""
     env = {**{k: v for k, v in MALLOC_ENV.items() if k not in os.environ},
            "OMP_NUM_THREADS": str(cfg.launch.omp_threads),
            "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
@@ -160,7 +163,7 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path,
         elif slot.kind == "rollout":
             argv = [python, "-m", "rollout_server", *base, *slot.overrides]
         else:
-            own = [*base, *trainer_overrides(cfg)]
+            own = [*base, *trainer_overrides(cfg), *trainer_args]
             argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, own,
                                  Path(cfg.run_dir) / "logs" / "torchrun")
         gpus = ({} if slot.gpus is None
@@ -220,12 +223,12 @@ def _trainer_argv(python: str, ranks: int, host: str, base: list[str], log_dir: 
 
 
 def write_ports(run_dir: Path, topo: Topology, sup: Supervisor,
-                hosts: list[str] | None = None) -> None:
-    """``ports.json`` and the Prometheus targets; ``hosts``: each node's address (several nodes,
-    ``launch/ray_job.py``)."""
+                pools: dict[str, int] | None = None, hosts: list[str] | None = None) -> None:
+    """``ports.json`` (``pools``: the sizes a scale left, launch/scale.py) and the targets;
+    ``hosts``: each node's address (several nodes, ``launch/ray_job.py``)."""
     pids = sup.pids()
     info = {**topo.to_json(hosts), "run_dir": str(run_dir), "supervisor_pid": os.getpid(),
-            "ports": topo.ports()}
+            "ports": topo.ports(), **({"pools": pools} if pools else {})}
     for d in info["daemons"]:
         d["pid"] = pids.get(d["name"])
     write_json_atomic(run_dir / "ports.json", info)
@@ -464,8 +467,9 @@ class Local:
     """Where ``run_job`` starts the daemons: this machine (``launch/ray_job.py``'s ``RayCluster``
     places them on a Ray cluster through the same supervisor)."""
 
-    def specs(self, cfg: RunConfig, topo: Topology, config_path: Path) -> list[ProcSpec]:
-        return job_specs(cfg, topo, config_path)
+    def specs(self, cfg: RunConfig, topo: Topology, config_path: Path,
+              trainer_args: list[str] | None = None) -> list[ProcSpec]:
+        return job_specs(cfg, topo, config_path, trainer_args=trainer_args or ())
 
     def hosts(self) -> list[str] | None:  # each node's address: one node, the topology's
         return None
@@ -495,18 +499,24 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False,
     monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink,
                       settings=before.accepted, hosts=cluster.hosts)
     try:
+        scaler = Scaler(cfg, topo, run_dir,
+                        lambda c, t, extra: cluster.specs(c, t, config_path, trainer_args=extra),
+                        lambda t, pools, s: (setattr(monitor, "topo", t),
+                                             write_ports(run_dir, t, s, pools, cluster.hosts())))
         sup = Supervisor(cluster.specs(cfg, topo, config_path), run_dir,
                          restarts=cfg.launch.restarts,
                          restart_window_s=cfg.launch.restart_window_s,
                          restart_backoff_s=cfg.launch.restart_backoff_s,
                          restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
                          health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
-                         on_tick=lambda s: (monitor(s), cluster.tick(s)),
-                         on_change=lambda s: write_ports(run_dir, topo, s, cluster.hosts()),
+                         on_tick=lambda s: (monitor(s), scaler(s), cluster.tick(s)),
+                         on_change=lambda s: write_ports(run_dir, scaler.topo, s, scaler.sizes,
+                                                         cluster.hosts()),
                          inherit_fds=(lock,),
                          log_max_bytes=log_bytes(cfg), log_backups=cfg.launch.log_backups)
         sup.install_signals()
-        sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, topo, s, cluster.hosts())
+        sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, scaler.topo, s,
+                                                    cluster.hosts())
         print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; "
               f"`areal-like top {run_dir}` for a live view)",
               file=sys.stderr, flush=True)

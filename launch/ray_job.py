@@ -250,7 +250,10 @@ class RayCluster:
         self.written: list[str] | None = None
         self.read_at = 0.0
 
-    def specs(self, cfg: RunConfig, topo: Topology, config_path: Path) -> list:
+    def specs(self, cfg: RunConfig, topo: Topology, config_path: Path,
+              trainer_args: list[str] | None = None) -> list:
+        """One proxy ``ProcSpec`` per slot (a Ray job is not resized: ``launch/scale.py`` refuses
+        it, so ``trainer_args`` stays empty)."""
         self.run_dir, self.topo = Path(cfg.run_dir), topo
         (self.run_dir / "ray").mkdir(exist_ok=True)
         out = []
