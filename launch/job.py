@@ -478,6 +478,29 @@ class Local:
         pass
 
 
+def supervisor(cfg: RunConfig, topo: Topology, config_path: Path, lock: int, echo,
+               monitor: Monitor, cluster) -> Supervisor:
+    """``run_job``'s supervisor of the job's daemons (started where ``cluster`` starts them), with
+    its ``Scaler`` (launch/scale.py), ports.json and the trainer's completion."""
+    run_dir = Path(cfg.run_dir)
+    scaler = Scaler(cfg, topo, run_dir,
+                    lambda c, t, extra: cluster.specs(c, t, config_path, trainer_args=extra),
+                    lambda t, pools, s: (setattr(monitor, "topo", t),
+                                         write_ports(run_dir, t, s, pools, cluster.hosts())))
+    sup = Supervisor(cluster.specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
+                     restart_window_s=cfg.launch.restart_window_s,
+                     restart_backoff_s=cfg.launch.restart_backoff_s,
+                     restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
+                     health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
+                     on_tick=lambda s: (monitor(s), scaler(s), cluster.tick(s)),
+                     on_change=lambda s: write_ports(run_dir, scaler.topo, s, scaler.sizes,
+                                                     cluster.hosts()),
+                     inherit_fds=(lock,),
+                     log_max_bytes=log_bytes(cfg), log_backups=cfg.launch.log_backups)
+    sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, scaler.topo, s, cluster.hosts())
+    return sup
+
+
 def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False,
             cluster=None) -> int:
     """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout.
@@ -499,24 +522,8 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False,
     monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink,
                       settings=before.accepted, hosts=cluster.hosts)
     try:
-        scaler = Scaler(cfg, topo, run_dir,
-                        lambda c, t, extra: cluster.specs(c, t, config_path, trainer_args=extra),
-                        lambda t, pools, s: (setattr(monitor, "topo", t),
-                                             write_ports(run_dir, t, s, pools, cluster.hosts())))
-        sup = Supervisor(cluster.specs(cfg, topo, config_path), run_dir,
-                         restarts=cfg.launch.restarts,
-                         restart_window_s=cfg.launch.restart_window_s,
-                         restart_backoff_s=cfg.launch.restart_backoff_s,
-                         restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
-                         health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
-                         on_tick=lambda s: (monitor(s), scaler(s), cluster.tick(s)),
-                         on_change=lambda s: write_ports(run_dir, scaler.topo, s, scaler.sizes,
-                                                         cluster.hosts()),
-                         inherit_fds=(lock,),
-                         log_max_bytes=log_bytes(cfg), log_backups=cfg.launch.log_backups)
+        sup = supervisor(cfg, topo, config_path, lock, echo, monitor, cluster)
         sup.install_signals()
-        sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, scaler.topo, s,
-                                                    cluster.hosts())
         print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; "
               f"`areal-like top {run_dir}` for a live view)",
               file=sys.stderr, flush=True)
