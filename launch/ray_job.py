@@ -294,7 +294,7 @@ class RayCluster:
         hosts = self.hosts()
         if hosts != self.written and self.topo is not None:
             self.written = hosts
-            write_ports(self.run_dir, self.topo, sup, hosts)
+            write_ports(self.run_dir, self.topo, sup, hosts=hosts)
 
 
 def run_on_ray(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -> int:
