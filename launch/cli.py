@@ -346,6 +346,10 @@ def _stoppable(command) -> int:
 
 
 def _run(cfg, quiet: bool, accept_changes: bool) -> int:
+    if cfg.launch.cluster == "ray":  # the same job placed on a Ray cluster (launch/RAY.md)
+        from launch.ray_job import run_on_ray
+
+        return run_on_ray(cfg, quiet=quiet, accept_changes=accept_changes)
     from launch.job import run_job
 
     return run_job(cfg, quiet=quiet, accept_changes=accept_changes)
@@ -357,6 +361,10 @@ def _plan(cfg) -> int:
     from launch.placement import idle_gpus
     from launch.topology import layout_line, plan_lines
 
+    if cfg.launch.cluster == "ray":  # node 0 is whichever Ray node its bundle lands on
+        from launch.ray_job import on_hosts
+
+        cfg = on_hosts(cfg, "node0")
     _, topo = plan_job(cfg)
     # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks
     # them)

@@ -87,6 +87,9 @@ def refusal(cfg: RunConfig, pool: str, n: int) -> str | None:
 
     if pool not in POOLS:
         return f"unknown pool {pool!r}: the pools are {' and '.join(POOLS)}"
+    if cfg.launch.cluster == "ray":  # its placement group holds the pools it started with
+        return ("a job on Ray (launch.cluster=ray) is not resized yet: its placement group "
+                "holds the pools it started with (launch/RAY.md)")
     if not isinstance(n, int) or isinstance(n, bool):
         return f"{pool}={n!r} is not a whole number"
     if n < 1:
