@@ -52,6 +52,9 @@ class TrainBatch:
     rewards: torch.Tensor  # [N] float32
     group_ids: torch.Tensor  # [N] int64, index of the sequence's group in this batch
     head_versions: torch.Tensor  # [G] int64, min token version per group
+    # [N, S, layers, top_k] int64: the experts the engine routed each input position to (routing
+    # replay, areal_like/weights/routing.py); None: the routers choose
+    routes: torch.Tensor | None = None
 
     @property
     def n_seqs(self) -> int:
@@ -69,14 +72,15 @@ class TrainBatch:
         return TrainBatch(input_ids=self.input_ids[idx, :s], prompt_lens=self.prompt_lens[idx],
                           output_lens=self.output_lens[idx], behav_logp=self.behav_logp[idx, :t],
                           mask=self.mask[idx, :t], rewards=self.rewards[idx],
-                          group_ids=self.group_ids[idx], head_versions=self.head_versions)
+                          group_ids=self.group_ids[idx], head_versions=self.head_versions,
+                          routes=None if self.routes is None else self.routes[idx, :s])
 
     def to(self, device: torch.device) -> TrainBatch:
         """On ``device``; onto a GPU without waiting for it (pageable host memory is staged at
         once: safe), so the next micro-batch's copy does not drain the queue of the last one."""
         onto_gpu = torch.device(device).type != "cpu"
         return TrainBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=onto_gpu)
-                             for f in fields(self)})
+                             for f in fields(self) if getattr(self, f.name) is not None})
 
 
 def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
