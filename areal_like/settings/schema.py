@@ -504,6 +504,11 @@ class TrainerConfig:
     # load_balancing_loss_func on the training forward's router logits), times this, added to the
     # policy loss. 0 = off, the RL default: the routing the engine sampled with is left alone.
     router_aux_loss_coef: float = 0.0
+    # routing replay (a mixture of experts): the engine returns the experts it routed each token
+    # to, the trajectory carries them and the trainer's forwards route to them, so its log-probs
+    # follow the engine's choices (areal_like/weights/routing.py). Qwen3-MoE/Qwen2-MoE routers,
+    # the embedded engine and single-turn tasks only; refused before start otherwise.
+    routing_replay: bool = False
     # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
     logprob_chunk_tokens: int = 512
     # torch.compile each decoder block (as torchtitan does; for CUDA jobs, first step slower)
