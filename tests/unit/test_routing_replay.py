@@ -135,3 +135,20 @@ def test_a_dense_model_has_no_routes():
     dense = AutoModelForCausalLM.from_config(family_config("qwen3"))
     with pytest.raises(ValueError, match="no mixture-of-experts router"):
         route_shape(dense)
+
+
+def test_the_switch_is_refused_before_start_where_it_cannot_work(tmp_path):
+    from areal_like.settings.config import load_config
+    from launch.preflight import check_routing_replay
+    from tests.families import save_family
+
+    def why(*keys: str) -> str:
+        return " ".join(check_routing_replay(load_config(list(keys))))
+
+    assert why() == ""  # off by default
+    assert "no mixture-of-experts router" in why("trainer.routing_replay=true")  # a dense model
+    moe = save_family("qwen3_moe", tmp_path / "moe")
+    on = ("trainer.routing_replay=true", f"model.path={moe}")
+    assert why(*on) == ""
+    assert "rollout.engine.kind=sglang" in why(*on, "rollout.engine.kind=sglang")
+    assert "task.env" in why(*on, "task.env=areal_like.tasks.envs:calc")
