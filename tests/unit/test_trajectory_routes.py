@@ -59,3 +59,14 @@ def test_the_batch_carries_the_routes_aligned_to_its_input_positions():
     # a position no forward of the engine fed (the last token, padding): any valid experts
     assert batch.routes[1, 4:].tolist() == [[[0, 1]] * 2] * 3
     assert groups_to_batch([group(traj(routes=ROUTES))]).routes is None
+
+
+def test_with_replay_on_groups_without_their_routes_are_dropped_not_trained():
+    from trainer.data import BatchSource
+
+    source = BatchSource("inproc://none", 2, wait_s=1, buffer_timeout_s=1, rank=1,
+                         route_shape=(2, 2))
+    whole, bare, short = (group(traj(routes=ROUTES)), group(traj(routes=ROUTES), traj()),
+                          group(traj(routes=ROUTES[:, :1])))
+    assert source.usable([whole, bare, short]) == [whole]
+    assert source.dropped_groups == 2
