@@ -152,3 +152,12 @@ def test_the_switch_is_refused_before_start_where_it_cannot_work(tmp_path):
     assert why(*on) == ""
     assert "rollout.engine.kind=sglang" in why(*on, "rollout.engine.kind=sglang")
     assert "task.env" in why(*on, "task.env=areal_like.tasks.envs:calc")
+
+
+@pytest.mark.parametrize("other", ["trainer.activation_checkpointing=true",
+                                   "trainer.compile_blocks=true"])
+def test_the_switch_is_refused_with_recomputed_or_compiled_blocks(other):
+    from areal_like.settings.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="trainer.routing_replay=True is invalid"):
+        load_config(["trainer.routing_replay=true", other])
