@@ -559,8 +559,33 @@ def check_critic(cfg: RunConfig) -> list[str]:
     return []
 
 
+def check_routing_replay(cfg: RunConfig) -> list[str]:
+    """``trainer.routing_replay``: a mixture whose routers replay (areal_like/weights/routing.py),
+    served by the embedded engine (the engine that returns its routes to this job), single-turn
+    episodes (a multi-turn or agent trajectory carries no routes)."""
+    if not cfg.trainer.routing_replay:
+        return []
+    from areal_like.weights.hf import build_meta_model
+    from areal_like.weights.routing import route_shape
+
+    why = []
+    if cfg.rollout.engine.kind != "embedded":
+        why.append(f"rollout.engine.kind={cfg.rollout.engine.kind}: only the embedded engine "
+                   "returns its routes to this job")
+    if cfg.task.env or cfg.task.agent:
+        why.append("multi-turn (task.env) and agent (task.agent) trajectories carry no routes")
+    try:
+        route_shape(build_meta_model(cfg.model))
+    except ValueError as e:
+        why.append(str(e))
+    except Exception:  # noqa: BLE001 - a broken model.path: check_models names it
+        pass
+    return [f"trainer.routing_replay=true: {'; '.join(why)}"] if why else []
+
+
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
                 check_epochs, check_lengths, check_chat_template, check_chat_format,
                 check_reward_fn, check_reward_model, check_env, check_agent, check_trackers,
-                check_engine, check_architecture, check_lora, check_environment, check_critic)
+                check_engine, check_architecture, check_lora, check_environment, check_critic,
+                check_routing_replay)

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from areal_like.net.metrics import Metrics
 from areal_like.net.sglang_client import GenerateOutput, SGLangClient, SGLangError
 from areal_like.tasks.task import encode_prompt
@@ -42,6 +44,9 @@ class Sample:
     versions: list[int] = field(default_factory=list)
     finish_reason: str = ""
     resumed: int = 0  # how many times an aborted segment was resubmitted
+    # the last segment's routed experts: its input was the prompt and every token before it, so
+    # they cover [prompt + output - 1] positions (None: not asked for)
+    routes: bytes | None = None
 
 
 @dataclass(kw_only=True)
@@ -135,6 +140,7 @@ def _absorb(sample: Sample, out: GenerateOutput, i: int, empty: list[int], max_n
     sample.output_ids += out.output_ids
     sample.logprobs += out.logprobs
     sample.versions += segment_versions(out, version)
+    sample.routes = out.routed_experts
     metrics.counter("rollout/tokens_generated", "output tokens received").inc(len(out.output_ids))
     if out.finish_reason != "abort":
         sample.finish_reason = out.finish_reason
@@ -253,5 +259,6 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
         trajectories.append(Trajectory.of(
             prompt_ids=as_i32(prompt_ids), output_ids=as_i32(s.output_ids),
             behav_logp=as_f32(s.logprobs), versions=as_i32(s.versions), reward=reward,
-            finish_reason=s.finish_reason, metadata=meta))
+            finish_reason=s.finish_reason, metadata=meta,
+            routed_experts=None if s.routes is None else np.frombuffer(s.routes, "<i4")))
     return ctx.group(credit, trajectories)

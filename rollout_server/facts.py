@@ -3,8 +3,9 @@ section.
 
 ``RolloutFacts.from_run(cfg)`` is the one place that reads other sections of the run config for a
 rollout server: the model and the task whole (shared knowledge), of the trainer only its steps,
-its LoRA layout and whether its log-prob guard probes the engines; and the security resolved once
-at start: the CURVE ``keys`` (None: plain sockets) and the job's engine API key, never in a repr.
+its LoRA layout, whether its log-prob guard probes the engines and whether it replays routes; and
+the security resolved once at start: the CURVE ``keys`` (None: plain sockets) and the job's engine
+API key, never in a repr.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class RolloutFacts:
     context: int = 0
     # launch.nodes: > 1 puts trainer rank 0 (whose log-prob guard probes the engine) elsewhere
     nodes: int = 1
+    # trainer.routing_replay: every /generate asks for the experts it routed each token to
+    routed_experts: bool = False
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> RolloutFacts:
@@ -51,4 +54,4 @@ class RolloutFacts:
                    engine_key=engine_api_key(cfg.run_dir),
                    probed=(cfg.trainer.logprob_guard_tol is None  # by model.dtype: on
                            or cfg.trainer.logprob_guard_tol > 0), seed=cfg.seed,
-                   nodes=cfg.launch.nodes)
+                   nodes=cfg.launch.nodes, routed_experts=cfg.trainer.routing_replay)

@@ -291,7 +291,8 @@ class RolloutServer(Daemon):
         self.client = SGLangClient(
             self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s,
             api_key=self.api_key,  # an embedded engine answers /generate in-process
-            local=self.engine if self.rcfg.engine.kind == "embedded" else None)
+            local=self.engine if self.rcfg.engine.kind == "embedded" else None,
+            routed_experts=self.facts.routed_experts)
         to_buffer = {"keys": self.facts.keys, "timeout_s": BUFFER_TIMEOUT_S,
                      "identity": self.server_id}
         self.control = AsyncClient(self.rcfg.buffer_address, **to_buffer)

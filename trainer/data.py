@@ -52,6 +52,9 @@ class TrainBatch:
     rewards: torch.Tensor  # [N] float32
     group_ids: torch.Tensor  # [N] int64, index of the sequence's group in this batch
     head_versions: torch.Tensor  # [G] int64, min token version per group
+    # [N, S, layers, top_k] int64: the experts the engine routed each input position to (routing
+    # replay, areal_like/weights/routing.py); None: the routers choose
+    routes: torch.Tensor | None = None
 
     @property
     def n_seqs(self) -> int:
@@ -69,18 +72,22 @@ class TrainBatch:
         return TrainBatch(input_ids=self.input_ids[idx, :s], prompt_lens=self.prompt_lens[idx],
                           output_lens=self.output_lens[idx], behav_logp=self.behav_logp[idx, :t],
                           mask=self.mask[idx, :t], rewards=self.rewards[idx],
-                          group_ids=self.group_ids[idx], head_versions=self.head_versions)
+                          group_ids=self.group_ids[idx], head_versions=self.head_versions,
+                          routes=None if self.routes is None else self.routes[idx, :s])
 
     def to(self, device: torch.device) -> TrainBatch:
         """On ``device``; onto a GPU without waiting for it (pageable host memory is staged at
         once: safe), so the next micro-batch's copy does not drain the queue of the last one."""
         onto_gpu = torch.device(device).type != "cpu"
         return TrainBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=onto_gpu)
-                             for f in fields(self)})
+                             for f in fields(self) if getattr(self, f.name) is not None})
 
 
-def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
-    """Pad a list of groups into one ``TrainBatch`` (see the module docstring for the layout)."""
+def groups_to_batch(groups: list[TrajectoryGroup],
+                    route_shape: tuple[int, int] | None = None) -> TrainBatch:
+    """Pad a list of groups into one ``TrainBatch`` (see the module docstring for the layout);
+    with ``route_shape`` (layers, top_k: routing replay) every trajectory's ``routed_experts``
+    become ``routes`` (``BatchSource.usable`` dropped the groups without them)."""
     trajs = [(gi, t) for gi, g in enumerate(groups) for t in g.trajectories]
     n = len(trajs)
     p_lens = np.array([len(t.prompt_ids) for _, t in trajs], dtype=np.int64)
@@ -99,6 +106,7 @@ def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
         behav[i, :o] = t.behav_logp
         mask[i, :o] = t.loss_mask  # 0 on context tokens (multi-turn): no loss, no token count
     return TrainBatch(
+        routes=None if route_shape is None else batch_routes(trajs, s, route_shape),
         input_ids=torch.from_numpy(input_ids), prompt_lens=torch.from_numpy(p_lens),
         output_lens=torch.from_numpy(o_lens), behav_logp=torch.from_numpy(behav),
         mask=torch.from_numpy(mask),
@@ -106,6 +114,17 @@ def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
         group_ids=torch.tensor([gi for gi, _ in trajs], dtype=torch.long),
         head_versions=torch.tensor([g.head_version for g in groups], dtype=torch.long),
     )
+
+
+def batch_routes(trajs: list, width: int, shape: tuple[int, int]) -> torch.Tensor:
+    """[N, width, layers, top_k]: row i's engine routes at its fed positions; experts 0..k-1 at
+    the rest (its last token and padding: no log-prob reads them, causal attention)."""
+    layers, k = shape
+    out = np.broadcast_to(np.arange(k, dtype=np.int64), (len(trajs), width, layers, k)).copy()
+    for i, (_, t) in enumerate(trajs):
+        r = t.routed_experts.reshape(-1, layers, k)
+        out[i, :len(r)] = r
+    return torch.from_numpy(out)
 
 
 # no data for this long: ask the buffer whether an engine is behind our version
@@ -122,7 +141,7 @@ class BatchSource:
     def __init__(self, address: str, n_groups: int, *, keys: Keys | None = None, wait_s: float,
                  buffer_timeout_s: float, rank: int,
                  should_stop: Callable[[], bool] = lambda: False, vocab_size: int = 0,
-                 context: int = 0):
+                 context: int = 0, route_shape: tuple[int, int] | None = None):
         self.n_groups = n_groups
         self.wait_s = wait_s
         self.buffer_timeout_s = buffer_timeout_s
@@ -130,6 +149,8 @@ class BatchSource:
         self.should_stop = should_stop
         self.vocab_size = vocab_size  # token ids must lie in [0, vocab_size) (0: unchecked)
         self.context = context  # prompt + output tokens of a trajectory, at most (0: unchecked)
+        # routing replay (trainer.routing_replay): (layers, top_k) of every trajectory's routes
+        self.route_shape = route_shape
         self.dropped_groups = 0  # groups dropped from batches for their content (never trained on)
         self.client = Client(address, keys=keys, timeout_s=wait_s + REPLY_MARGIN_S,
                              identity="trainer") if rank == 0 else None
@@ -174,18 +195,33 @@ class BatchSource:
         if not groups:
             return "empty", "every group of the batch was dropped"
         self.last_groups = groups
-        return "batch", groups_to_batch(groups)
+        return "batch", groups_to_batch(groups, self.route_shape)
 
     def usable(self, groups: list[TrajectoryGroup]) -> list[TrajectoryGroup]:
         """The groups a step can train on; the others are logged and counted, never raised on."""
         out = []
         for g in groups:
-            if (why := content_problem(g, self.vocab_size, self.context)) is None:
+            why = content_problem(g, self.vocab_size, self.context) or self._no_routes(g)
+            if why is None:
                 out.append(g)
                 continue
             self.dropped_groups += 1
             log.error("dropped group %s from the batch: %s", g.group_id, why)
         return out
+
+    def _no_routes(self, g: TrajectoryGroup) -> str | None:
+        """Why routing replay cannot train on ``g`` (a trajectory without its routes), or None."""
+        if self.route_shape is None:
+            return None
+        size = self.route_shape[0] * self.route_shape[1]
+        for t in g.trajectories:
+            r = t.routed_experts
+            if r is None or len(r) != size * (len(t.prompt_ids) + t.n_tokens - 1):
+                return (f"trainer.routing_replay: a trajectory carries no routed_experts of "
+                        f"[prompt + output - 1, {self.route_shape[0]} layers, "
+                        f"{self.route_shape[1]} experts] (multi-turn and agent trajectories "
+                        "carry none)")
+        return None
 
     def _engines_behind(self, version: int) -> list[str]:
         try:

@@ -35,6 +35,7 @@ from areal_like.net.store_gate import refused_total
 from areal_like.settings.config import RunConfig, TrainerConfig, export_yaml
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.lora import served_name
+from areal_like.weights.routing import route_shape
 from trainer.checkpoint import (
     TMP_PREFIX,
     AsyncSaver,
@@ -146,11 +147,11 @@ class Trainer(Daemon):
                           if t.loss.kl_coef > 0 or kl_in_reward else None)
         self.settings = StepSettings.of(t, self.facts.task)
         self.data = BatchSource(t.buffer_address, t.groups_per_step, keys=self.facts.keys,
-                                wait_s=t.batch_wait_s,
-                                buffer_timeout_s=t.buffer_timeout_s, rank=self.rank,
-                                should_stop=self.stop_requested.is_set,
-                                vocab_size=model_vocab_size(model_cfg),
-                                context=self.facts.context)
+                                wait_s=t.batch_wait_s, buffer_timeout_s=t.buffer_timeout_s,
+                                rank=self.rank, should_stop=self.stop_requested.is_set,
+                                vocab_size=model_vocab_size(model_cfg), context=self.facts.context,
+                                route_shape=(route_shape(self.policy.model) if t.routing_replay
+                                             else None))
         self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address,
                                              keys=self.facts.keys, rank=self.rank,
                                              device=self.policy.device, send_dtype=model_cfg.dtype,

@@ -23,8 +23,10 @@ each call sees. Invariants (the invariance tests check them):
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 
 import torch
@@ -32,6 +34,7 @@ import torch.distributed as dist
 
 from areal_like.settings.config import LossConfig, RunConfig, TaskConfig, TrainerConfig
 from areal_like.weights.lora import adapters_disabled
+from areal_like.weights.routing import replaying
 from trainer.advantages import AdvantageInputs, Advantages
 from trainer.data import TrainBatch
 from trainer.finite_guard import SKIPPED, all_finite
@@ -109,7 +112,14 @@ def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
     s, t_max = mb.input_ids.shape[1], mb.mask.shape[1]
     pos = (mb.prompt_lens[:, None] - 1
            + torch.arange(t_max, device=mb.input_ids.device)).clamp(max=s - 2)
-    return model.policy_logprobs(mb.input_ids, pos, temperature, chunk_tokens)
+    with replay(model, None if mb.routes is None else mb.routes.flatten(0, 1)):
+        return model.policy_logprobs(mb.input_ids, pos, temperature, chunk_tokens)
+
+
+def replay(model: torch.nn.Module, routes: torch.Tensor | None) -> AbstractContextManager:
+    """The forward routes to ``routes`` [tokens, layers, top_k] (trainer.routing_replay), or
+    freely when None."""
+    return contextlib.nullcontext() if routes is None else replaying(model, routes)
 
 
 def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
@@ -132,8 +142,10 @@ def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: floa
     if len(pos) == 0:  # no output token: one throwaway position keeps the graph (and FSDP) alike
         pos = torch.zeros(1, dtype=torch.long)
     packing = Packing.of(lens, dev)
-    lp = model.policy_logprobs(ids, pos[None].to(dev, non_blocking=True), temperature,
-                               chunk_tokens, packing)[0]
+    routes = None if mb.routes is None else mb.routes.flatten(0, 1)[flat.to(dev)]
+    with replay(model, routes):
+        lp = model.policy_logprobs(ids, pos[None].to(dev, non_blocking=True), temperature,
+                                   chunk_tokens, packing)[0]
     out = torch.zeros(n, t_max, dtype=lp.dtype, device=dev)
     if len(row) == 0:
         return out + 0.0 * lp.sum()

@@ -31,6 +31,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import uuid
@@ -74,6 +76,8 @@ class GenerateOutput:
     abort_status: int | None  # an abort that carries an HTTP status is an error, not a pause
     weight_version: str | None  # the version that produced the segment (last span if several)
     weight_spans: list[tuple[str, int, int]] = field(default_factory=list)  # (version, start, end)
+    # return_routed_experts: int32 [input + output - 1, layers, top_k] bytes (None: not asked)
+    routed_experts: bytes | None = None
 
 
 def _ok(status: int, body: Any) -> bool:
@@ -117,8 +121,10 @@ def parse_generate_output(body: Any) -> GenerateOutput:
             rid=str(meta.get("id", "")), output_ids=ids, logprobs=logprobs, finish_reason=kind,
             finish_message=message,
             abort_status=fr.get("status_code") if isinstance(fr, dict) else None,
-            weight_version=None if version is None else str(version), weight_spans=spans)
-    except (KeyError, TypeError, ValueError, IndexError) as e:
+            weight_version=None if version is None else str(version), weight_spans=spans,
+            routed_experts=None if meta.get("routed_experts") is None
+            else base64.b64decode(meta["routed_experts"], validate=True))
+    except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as e:
         raise SGLangError("/generate", 200,
                           f"unexpected response shape: {type(e).__name__}: {e}") from None
 
@@ -143,8 +149,10 @@ class SGLangClient:
                  on_request: Callable[[str, str, Any], None] | None = None,
                  on_response: Callable[[str, str, int, Any, str], None] | None = None,
                  api_key: str | None = None,
-                 local: Any = None):
+                 local: Any = None, routed_experts: bool = False):
         self.base_url = base_url.rstrip("/")
+        # every /generate asks for the experts it routed each token to (routing replay)
+        self.routed_experts = routed_experts
         self.local = local  # an engine in this process (``generate_local``): /generate without HTTP
         # sent as SGLang's --api-key expects it; never logged (SGLangError carries the answer, not
         # the request)
@@ -300,6 +308,8 @@ class SGLangClient:
                 "return_logprob": True, "stream": False}
         if rid is not None:
             body["rid"] = rid
+        if self.routed_experts:
+            body["return_routed_experts"] = True
         return (await self._generate(body, 0, timeout_s))[0]
 
     async def generate_batch(self, inputs: list[list[int]], sampling_params: list[dict], *,
@@ -309,6 +319,8 @@ class SGLangClient:
         body = {"input_ids": [[int(t) for t in p] for p in inputs],
                 "sampling_params": [dict(p) for p in sampling_params], "return_logprob": True,
                 "stream": False}
+        if self.routed_experts:
+            body["return_routed_experts"] = True
         return await self._generate(body, len(inputs), timeout_s)
 
     async def abort_request(self, rid: str = "", *, abort_all: bool = False,

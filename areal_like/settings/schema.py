@@ -504,6 +504,12 @@ class TrainerConfig:
     # load_balancing_loss_func on the training forward's router logits), times this, added to the
     # policy loss. 0 = off, the RL default: the routing the engine sampled with is left alone.
     router_aux_loss_coef: float = 0.0
+    # routing replay (a mixture of experts): the engine returns the experts it routed each token
+    # to, the trajectory carries them and the trainer's forwards route to them, so its log-probs
+    # follow the engine's choices (areal_like/weights/routing.py). Qwen3-MoE/Qwen2-MoE routers,
+    # the embedded engine, single-turn tasks, no activation_checkpointing or compile_blocks;
+    # refused before start otherwise.
+    routing_replay: bool = False
     # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
     logprob_chunk_tokens: int = 512
     # torch.compile each decoder block (as torchtitan does; for CUDA jobs, first step slower)
@@ -528,6 +534,12 @@ class TrainerConfig:
         _check("trainer.device", DEVICE.fullmatch(self.device), "cpu, cuda or cuda:N",
                self.device)
         _choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        # the replayed routers are set for the forward only: a block recomputed in backward, or
+        # compiled, would route freely
+        _check("trainer.routing_replay", not self.routing_replay
+               or not (self.activation_checkpointing or self.compile_blocks),
+               "false with trainer.activation_checkpointing or trainer.compile_blocks",
+               self.routing_replay)
         _choice("trainer.estimator", self.estimator, ESTIMATORS)
         _check("trainer.pack_min_padding", 0.0 <= self.pack_min_padding < 1.0, "in [0, 1)",
                self.pack_min_padding)

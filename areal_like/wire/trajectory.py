@@ -80,11 +80,12 @@ def runs_array(wire: tuple) -> np.ndarray:
     return out
 
 
-class Trajectory(Message, tag="trajectory"):
+class Trajectory(Message, tag="trajectory", omit_defaults=True):
     """One sampled response; entry t of each per-token array belongs to output token t. A context
     token's (``loss_mask`` 0) ``behav_logp`` is 0 and its version the generated token's before it,
     so ``head_version`` is always a generated token's. ``msgspec.structs.replace`` checks no field:
-    a reward put in that way must be a finite ``float``."""
+    a reward put in that way must be a finite ``float``. Fields at their default are not sent
+    (``routed_experts`` travels only where routing replay asked for it)."""
 
     prompt_ids_wire: I32 = msgspec.field(name="prompt_ids")  # [P] prompt token ids
     output_ids_wire: I32 = msgspec.field(name="output_ids")  # [T] generated token ids
@@ -97,13 +98,18 @@ class Trajectory(Message, tag="trajectory"):
     reward: Finite  # scalar outcome reward
     finish_reason: str  # "stop" | "length" | "abort" | "error"
     metadata: dict[str, Any] = {}  # free-form, msgpack-able
+    # routing replay: the experts the engine routed each fed position to, int32 [P + T - 1, layers,
+    # top_k] flattened (row r: prompt + output token r; the last output token is never fed)
+    routed_experts_wire: I32 | None = msgspec.field(default=None, name="routed_experts")
 
     @classmethod
     def of(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: float,
-           finish_reason: str, metadata: dict | None = None, loss_mask: Any = None) -> Trajectory:
+           finish_reason: str, metadata: dict | None = None, loss_mask: Any = None,
+           routed_experts: Any = None) -> Trajectory:
         """Build from 1-D array-likes (of the wire dtype: no copy); ``loss_mask`` omitted: every
-        token generated. ``reward``: any finite real number. ProtocolError naming the field, for
-        a reward that is no finite number too (user code fails its episode here)."""
+        token generated. ``reward``: any finite real number; ``routed_experts``: int32
+        ``[P + T - 1, layers, k]`` (any shape: flattened) or None. ProtocolError naming the field,
+        for a reward that is no finite number too (user code fails its episode here)."""
         reward = _finite_float(reward)
         out = wire_array(output_ids, "<i4", "output_ids")
         if loss_mask is None:
@@ -112,7 +118,9 @@ class Trajectory(Message, tag="trajectory"):
             raise ProtocolError("values must be 0 (context) or 1 (generated)", "loss_mask")
         return cls(wire_array(prompt_ids, "<i4", "prompt_ids"), out,
                    wire_array(behav_logp, "<f4", "behav_logp"), runs_of(versions, "versions"), mask,
-                   reward, finish_reason, {} if metadata is None else metadata)
+                   reward, finish_reason, {} if metadata is None else metadata,
+                   None if routed_experts is None
+                   else wire_array(np.asarray(routed_experts).reshape(-1), "<i4", "routed_experts"))
 
     def validate(self) -> None:
         """Bytes match lengths, runs are well formed, per-token arrays have ``output_ids``'
@@ -122,7 +130,7 @@ class Trajectory(Message, tag="trajectory"):
         t = o[1]
         if (b[1] == t == v[1] == m[1] and o[2].nbytes == b[2].nbytes == 4 * t
                 and p[2].nbytes == 4 * p[1] and runs_ok(v) and runs_ok(m)):
-            return  # every trajectory received: one expression while all is well
+            return self._validate_routes()  # every trajectory received: one expression
         for name in ("prompt_ids", "output_ids", "behav_logp", "versions", "loss_mask"):
             tag, n, data = getattr(self, f"{name}_wire")
             if tag == RUNS and not runs_ok((tag, n, data)):
@@ -132,6 +140,16 @@ class Trajectory(Message, tag="trajectory"):
                 raise ProtocolError("array length does not match its bytes", name)
             if name != "prompt_ids" and n != t:
                 raise ProtocolError(f"length {n} != len(output_ids) {t}", name)
+        self._validate_routes()
+
+    def _validate_routes(self) -> None:
+        if self.routed_experts_wire is None:
+            return
+        _, n, data = self.routed_experts_wire
+        rows = self.prompt_ids_wire[1] + self.output_ids_wire[1] - 1
+        if data.nbytes != 4 * n or (n % rows if rows > 0 else n):
+            raise ProtocolError(f"{n} values are no [{rows} positions, layers, top_k] array",
+                                "routed_experts")
 
     @property
     def prompt_ids(self) -> np.ndarray:
@@ -152,6 +170,13 @@ class Trajectory(Message, tag="trajectory"):
     @property
     def loss_mask(self) -> np.ndarray:
         return runs_array(self.loss_mask_wire)
+
+    @property
+    def routed_experts(self) -> np.ndarray | None:
+        """int32 [P + T - 1, layers, top_k] flattened, or None (not recorded)."""
+        if self.routed_experts_wire is None:
+            return None
+        return np.frombuffer(self.routed_experts_wire[2], _I4)
 
     @property
     def n_tokens(self) -> int:

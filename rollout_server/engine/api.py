@@ -6,11 +6,14 @@ reads.
 
 from __future__ import annotations
 
+import base64
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
+import numpy as np
+import torch
 
 from rollout_server.engine.sampling import TOP_K_ALL, SamplingParams
 
@@ -85,6 +88,9 @@ class GenerateBody(msgspec.Struct):
     return_text_in_logprobs: bool | None = None
     stream: bool | None = None
     return_prompt_token_ids: bool | None = None
+    # the experts each token was routed to (a mixture's; SGLang's, with its
+    # --enable-return-routed-experts): meta_info["routed_experts"] when finished
+    return_routed_experts: bool | None = None
 
 
 # Known keys we do not implement: refused unless they carry SGLang's default (a no-op) value.
@@ -109,6 +115,7 @@ class GenerateInput:
     is_single: bool  # one prompt and n == 1 -> one JSON object, else a JSON array
     stream: bool  # server-sent events, one cumulative chunk per new token, then "data: [DONE]"
     prompt_ids_out: bool = False  # return_prompt_token_ids: echo the (tokenized) prompt
+    routed_experts: bool = False  # return_routed_experts
 
 
 def max_text_chars(tokenizer, context_len: int) -> int:
@@ -174,7 +181,8 @@ def parse_generate(body: GenerateBody | dict, tokenizer, vocab_size: int, contex
                          return_logprob=return_logprob,
                          text_in_logprobs=bool(b.return_text_in_logprobs),
                          is_single=not is_batch and n == 1, stream=bool(b.stream),
-                         prompt_ids_out=bool(b.return_prompt_token_ids))
+                         prompt_ids_out=bool(b.return_prompt_token_ids),
+                         routed_experts=bool(b.return_routed_experts))
 
 
 def _per_prompt(v: Any, count: int, key: str) -> list:
@@ -259,6 +267,10 @@ def build_output(req, tokenizer, *, return_logprob: bool,
     out = {"text": text, "output_ids": ids, "meta_info": meta}
     if prompt_ids:
         out["prompt_token_ids"] = list(req.input_ids)
+    if finished and req.routes is not None:  # as SGLang: base64 of int32 [P + O - 1, layers, k]
+        routes = torch.cat(req.routes)[:len(req.input_ids) + n - 1] if req.routes else []
+        meta["routed_experts"] = base64.b64encode(
+            np.asarray(torch.as_tensor(routes).cpu(), dtype="<i4").tobytes()).decode()
     return out
 
 

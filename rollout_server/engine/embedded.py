@@ -20,6 +20,7 @@ from areal_like.net.http_guard import HttpLimits
 from areal_like.net.http_guard import serve as guarded_serve
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
 from areal_like.weights.lora import add_adapters
+from areal_like.weights.routing import route_shape
 from rollout_server.engine.http_server import EngineHttp
 from rollout_server.engine.local import LocalGenerate
 from rollout_server.engine.metrics import EngineMetrics
@@ -96,6 +97,10 @@ class EmbeddedEngine:
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self.model_cfg)
         cfg = self.model.config
+        try:  # (layers, top_k) of the routes a request may ask for (return_routed_experts)
+            self.route_shape, self.route_error = route_shape(self.model), ""
+        except ValueError as e:
+            self.route_shape, self.route_error = None, str(e)
         self.vocab_size = cfg.vocab_size
         self.context_len = min(cfg.max_position_embeddings, ec.max_total_tokens)
         self.eos_ids = self._eos_ids()

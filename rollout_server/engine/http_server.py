@@ -178,7 +178,10 @@ class EngineHttp:
 
     def parse(self, body):
         e = self.e
-        return parse_generate(body, e.tokenizer, e.vocab_size, e.context_len, self.max_text_chars)
+        inp = parse_generate(body, e.tokenizer, e.vocab_size, e.context_len, self.max_text_chars)
+        if inp.routed_experts and e.route_shape is None:
+            raise api.value_error(f"return_routed_experts: {e.route_error}")
+        return inp
 
     async def answer(self, inp) -> tuple[int, object]:
         """A parsed, not streaming ``/generate``'s (status, JSON body); also for in-process callers
@@ -216,7 +219,8 @@ class EngineHttp:
                 req = Request(rid=inp.rids[i] if inp.n == 1 else uuid.uuid4().hex,
                               input_ids=prompt, params=params,
                               stop_ids=self.e.stop_ids(params), on_finish=notify,
-                              on_token=notify if stream is not None else None)
+                              on_token=notify if stream is not None else None,
+                              routes=[] if inp.routed_experts else None)
                 made.append((req, inp.return_logprob[i]))
         for req, _ in made:
             self.e.scheduler.submit(req)

@@ -14,6 +14,7 @@ Invariants:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -21,10 +22,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
 
+from areal_like.weights.routing import recording
 from rollout_server.engine import fastpath, padded
 from rollout_server.engine.host import to_device
 from rollout_server.engine.kv import SlotKV
@@ -61,6 +64,9 @@ class Request:
     rng: random.Random | None = None  # its own uniforms when seeded (sampling.py)
     log_metrics: bool = True  # False for health probes, as in SGLang
     cached: int = 0  # positions of this request whose KV sits in its slot
+    # return_routed_experts: the experts each fed position was routed to, [rows, layers, k] blocks
+    # in order (a prefill's, then one per decode step); None: not recorded
+    routes: list[torch.Tensor] | None = None
 
     def __post_init__(self):
         if self.params.sampling_seed is not None and self.rng is None:
@@ -303,7 +309,13 @@ class Scheduler:
         row = {orig: j for j, orig in enumerate(order)}  # original index -> position in `new`
         rows = [row[src[i]] for i in order]  # each request's distinct twin (a row of `logits`)
         twin_rows = to_device(rows, torch.long, self.device)
-        logits = self.path.prefill(self.model, self.kv, seqs[:u], B)
+        with self._recording(new) as seen:
+            logits = self.path.prefill(self.model, self.kv, seqs[:u], B)
+        if seen:  # right-padded rows of the distinct sequences: [u * longest, layers, k]
+            per_row = seen[0].view(u, -1, *seen[0].shape[1:])
+            for j, r in enumerate(new):
+                if r.routes is not None:  # a retracted request's are all recomputed here
+                    r.routes = [per_row[rows[j], :len(seqs[j])]]
         self.prefill_tokens += sum(map(len, seqs[:u]))
         self.kv.move([B + rows[j] for j in range(u, len(new))],
                      list(range(B + u, B + len(new))), longest)
@@ -319,10 +331,19 @@ class Scheduler:
         # each row's last token and its position, in one copy queued before the forward
         last, start = to_device([[r.output_ids[-1] for r in running], [r.cached for r in running]],
                                 torch.long, self.device)
-        logits = self.path.decode(self.model, self.kv, last, start, kv_len)
-        for r in running:
+        with self._recording(running) as seen:
+            logits = self.path.decode(self.model, self.kv, last, start, kv_len)
+        for i, r in enumerate(running):
             r.cached += 1
+            if seen and r.routes is not None:
+                r.routes.append(seen[0][i:i + 1])
         self._sample_and_retire(logits, list(range(len(running))), batch)
+
+    def _recording(self, reqs: list[Request]) -> AbstractContextManager[list[torch.Tensor]]:
+        """Records the routes of the forward inside when a request of ``reqs`` asked for them."""
+        if any(r.routes is not None for r in reqs):
+            return recording(self.model)
+        return contextlib.nullcontext([])
 
     def _sampling(self, reqs: list[Request]):
         """The sampling inputs of ``reqs``, on the device before the forward pass is queued: one

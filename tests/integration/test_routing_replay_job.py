@@ -1,0 +1,31 @@
+"""``trainer.routing_replay=true`` through a whole job (``areal-like run``: buffer, a rollout
+server with its embedded engine, the trainer) on a tiny Qwen3-MoE: every trajectory reaches the
+trainer with its routes (no group dropped for lacking them) and the job completes its steps."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.families import save_family
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_job_with_routing_replay_trains_on_every_trajectory(tmp_path: Path):
+    moe = save_family("qwen3_moe", tmp_path / "moe")
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "run", "experiment=quickstart", "warm_start.steps=0",
+         f"model.path={moe}", "model.attn_implementation=sdpa", "trainer.routing_replay=true",
+         "trainer.steps=3", f"run_dir={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=540)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps_trained"] == 3
+    steps = [json.loads(line) for line in (run_dir / "metrics" / "trainer.jsonl").open()
+             if '"groups_dropped_bad_data"' in line]
+    assert steps and all(s["groups_dropped_bad_data"] == 0 for s in steps)
