@@ -76,7 +76,11 @@ def connect(ray, address: str) -> str:
         raise ConfigError(f"launch.ray_address={address!r}: Ray Client is not supported (the job "
                           "starts processes that connect to the cluster themselves); run on a "
                           "node of the cluster or with `ray job submit`")
-    if address != "auto" and not address.startswith(("http://", "https://")):
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"launch.ray_address or RAY_ADDRESS is {address!r}, a dashboard "
+                          "address (what `ray job submit` takes): give the cluster's GCS "
+                          "address, HEAD:6379, or submit this command with `ray job submit`")
+    if address != "auto":
         host, _, port = address.rpartition(":")
         try:
             socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()

@@ -108,6 +108,15 @@ def test_no_cluster_at_the_address_is_one_error_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_dashboard_address_is_one_error_line(tmp_path):
+    """RAY_ADDRESS as the jobs CLI wants it (http://HEAD:8265) names the GCS address instead."""
+    _need_ray()
+    env = child_env({"RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"})
+    _refused(_cli("run", *JOB, f"run_dir={tmp_path / 'run'}", env=env), "dashboard address",
+             "HEAD:6379", "ray job submit")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("more, words", [
     (["trainer.device=cuda", "rollout.engine.device=cuda", "launch.gpus_per_node=1"],
      ("node 0 of the layout needs", "1 GPU", "no node of the Ray cluster")),
