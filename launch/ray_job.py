@@ -76,7 +76,11 @@ def connect(ray, address: str) -> str:
         raise ConfigError(f"launch.ray_address={address!r}: Ray Client is not supported (the job "
                           "starts processes that connect to the cluster themselves); run on a "
                           "node of the cluster or with `ray job submit`")
-    if address != "auto" and not address.startswith(("http://", "https://")):
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"launch.ray_address or RAY_ADDRESS is {address!r}, a dashboard "
+                          "address (what `ray job submit` takes): give the cluster's GCS "
+                          "address, HEAD:6379, or submit this command with `ray job submit`")
+    if address != "auto":
         host, _, port = address.rpartition(":")
         try:
             socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
@@ -435,6 +439,10 @@ def proxy(args: argparse.Namespace) -> int:
     stop: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: stop.append(s))
+    # Ray prints the cluster's error messages (a node lost, its raylet's state dump) on every
+    # driver's sys.stdout: the job's own driver shows them, a daemon's output holds only its own
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout = open(os.devnull, "w")  # for this process's whole life
     init(ray, os.environ["RAY_ADDRESS"])
     pg = ray.util.get_placement_group(args.pg)
     actor = ray.remote(DaemonHost).options(
@@ -447,17 +455,17 @@ def proxy(args: argparse.Namespace) -> int:
         if info is None:
             return 128 + stop[0]
         print(f"[ray] {args.name}: pid {info['pid']} on node {info['host']} "
-              f"({info['node_id'][:12]})", flush=True)
+              f"({info['node_id'][:12]})", file=out, flush=True)
         write_json_atomic(Path(args.run_dir) / "ray" / f"{args.name}.json", info)
-        return _relay(ray, actor, stop)
+        return _relay(ray, actor, stop, out)
     except ray.exceptions.RayError as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"[ray] {args.name}: its actor or node is lost ({type(e).__name__}: {why})",
-              flush=True)
+              file=out, flush=True)
         return 1
 
 
-def _relay(ray, actor, stop: list[int]) -> int:
+def _relay(ray, actor, stop: list[int], out) -> int:
     forwarded = False
     while True:
         if stop and not forwarded:
@@ -465,7 +473,7 @@ def _relay(ray, actor, stop: list[int]) -> int:
             forwarded = True
         lines, rc = ray.get(actor.read.remote(0.5))
         for line in lines:
-            print(line, flush=True)
+            print(line, file=out, flush=True)
         if rc is not None:
             return rc if rc >= 0 else 128 - rc
 

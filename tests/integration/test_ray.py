@@ -20,6 +20,7 @@ Needs Ray (``pip install -e '.[ray]'``, as ``.ci/run`` does): skipped without it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -108,6 +109,15 @@ def test_no_cluster_at_the_address_is_one_error_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_dashboard_address_is_one_error_line(tmp_path):
+    """RAY_ADDRESS as the jobs CLI wants it (http://HEAD:8265) names the GCS address instead."""
+    _need_ray()
+    env = child_env({"RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"})
+    _refused(_cli("run", *JOB, f"run_dir={tmp_path / 'run'}", env=env), "dashboard address",
+             "HEAD:6379", "ray job submit")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("more, words", [
     (["trainer.device=cuda", "rollout.engine.device=cuda", "launch.gpus_per_node=1"],
      ("node 0 of the layout needs", "1 GPU", "no node of the Ray cluster")),
@@ -190,6 +200,52 @@ def test_the_guard_leaves_no_process_behind_when_its_actor_dies(tmp_path):
         _kill_tree(actor.pid)
         for p in pids.read_text().split() if pids.is_file() else ():
             _kill_tree(int(p))
+
+
+DAEMON_UP = "import time; print('daemon-up', flush=True); time.sleep(600)"
+
+
+def test_rays_messages_about_the_cluster_stay_out_of_a_daemons_output(tmp_path, capfd):
+    """Ray prints the cluster's error messages (a node marked dead, with its raylet's state dump) to
+    the stdout of every driver: a proxy relays only its daemon's lines, so the daemon's log holds
+    none of them (the job's own driver shows them once)."""
+    Cluster = _need_ray()
+    import ray
+    from ray.util import placement_group
+
+    temp = tempfile.mkdtemp(prefix="al-ray-")
+    c = Cluster(initialize_head=True,
+                head_node_args={"num_cpus": 1, "resources": {"n0": 1}, "include_dashboard": False,
+                                "_system_config": SYSTEM, "temp_dir": temp})
+    proxy, out = None, tmp_path / "proxy.out"
+    try:
+        worker = c.add_node(num_cpus=1, temp_dir=temp)
+        c.wait_for_nodes()
+        ray.init(address=c.address, namespace="areal-like")  # the proxies'
+        ray.get(placement_group([{"CPU": 1, "n0": 1}], name="noise").ready(), timeout=60)
+        (tmp_path / "ray").mkdir()
+        with out.open("w") as sink:
+            proxy = subprocess.Popen(
+                [sys.executable, "-m", "launch.ray_job", "exec", "--pg", "noise", "--bundle", "0",
+                 "--cpus", "1", "--gpus", "0", "--name", "d", "--run-dir", str(tmp_path), "--",
+                 sys.executable, "-c", DAEMON_UP],
+                cwd=REPO, env=child_env({"RAY_ADDRESS": c.address}), stdout=sink,
+                stderr=subprocess.STDOUT)
+        wait_until(lambda: "daemon-up" in out.read_text().split(), 60, 0.2, "its first line")
+        c.remove_node(worker, allow_graceful=False)
+        seen: list[str] = []
+        wait_until(lambda: seen.append(capfd.readouterr().out) or "(raylet)" in "".join(seen),
+                   60, 0.2, "Ray's message, in this driver, that the worker node is dead")
+        with contextlib.suppress(AssertionError):  # the proxy hears it at the same time
+            wait_until(lambda: "(raylet)" in out.read_text(), 10, 0.2, "")
+        assert "(raylet)" not in out.read_text(), out.read_text()
+        assert "daemon-up" in out.read_text().split()
+    finally:
+        if proxy is not None:
+            _kill_tree(proxy.pid)
+        ray.shutdown()
+        c.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _up(port: int) -> bool:
