@@ -68,10 +68,18 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
                                        rank, init_info.group_name, JOIN_TIMEOUT_S)
 
     def start_weight_update(self) -> None:
-        """Loads in place (``load_weights``): nothing to prepare."""
+        """vLLM's layerwise reload of checkpoint-format weights, as its ``nccl`` engine: the
+        model's parameters as ``load_weights`` takes them (a CPU model's are processed after its
+        first load and have lost their loaders)."""
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.model)
 
     def finish_weight_update(self) -> None:
-        """Every bucket was loaded when its ``update_weights`` returned."""
+        """Every bucket is loaded: vLLM processes the weights as after a load from disk."""
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        finalize_layerwise_reload(self.model, self.model_config)
 
     def receive_weights(self, update_info: GlooUpdateInfo) -> None:
         if self.group is None:

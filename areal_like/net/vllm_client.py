@@ -85,6 +85,8 @@ def parse_vllm_output(body: Any) -> GenerateOutput:
 class VLLMClient(SGLangClient):
     """Async client for one vLLM server (the interface and transport of ``SGLangClient``)."""
 
+    finishing: tuple[str, bool] | None = None  # the open session's label and cache flush
+
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
                        timeout_s: float | None = None) -> GenerateOutput:
         if self.adapter is not None:
@@ -171,14 +173,22 @@ class VLLMClient(SGLangClient):
                          idempotent=True)
 
     async def begin_weight_update(self, *, timeout_s: float | None = None) -> bool:
+        self.finishing = None
         await self._call("POST", "/start_weight_update", timeout_s=timeout_s, idempotent=False)
         self.weight_session_supported = True
         return True
 
     async def end_weight_update(self, *, timeout_s: float | None = None) -> bool:
-        """Closes the session; the version label came with the last bucket."""
-        await self._call("POST", "/finish_weight_update", {}, timeout_s=timeout_s,
+        """Closes the session: vLLM processes the loaded weights, then takes the version label
+        the last bucket carried (``finishing``; none: the old label stays) and resets its prefix
+        cache. The label never comes before the weights are whole."""
+        label, self.finishing = self.finishing, None
+        body = {} if label is None else {"weight_version": label[0]}
+        await self._call("POST", "/finish_weight_update", body, timeout_s=timeout_s,
                          idempotent=False)
+        if label is not None and label[1]:
+            await self._call("POST", "/reset_prefix_cache", timeout_s=timeout_s,
+                             idempotent=True)
         return True
 
     async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str],
@@ -186,17 +196,14 @@ class VLLMClient(SGLangClient):
                                               weight_version: str | None, flush_cache: bool,
                                               load_format: str | None = None,
                                               timeout_s: float | None = None) -> None:
-        """One bucket by broadcast from group rank 0 (``vllm_gloo``), then, with the last one
-        (``weight_version`` set), the label and the prefix cache reset."""
+        """One bucket by broadcast from group rank 0 (``vllm_gloo``); the last one's
+        ``weight_version`` and ``flush_cache`` wait for ``end_weight_update``."""
         info = {"names": list(names), "dtype_names": list(dtypes),
                 "shapes": [list(map(int, s)) for s in shapes], "load_format": load_format}
         await self._call("POST", "/update_weights", {"update_info": info}, timeout_s=timeout_s,
                          idempotent=False)
-        if flush_cache:
-            await self._call("POST", "/reset_prefix_cache", timeout_s=timeout_s,
-                             idempotent=True)
         if weight_version is not None:
-            await self.update_weight_version(weight_version, timeout_s=timeout_s)
+            self.finishing = (weight_version, flush_cache)
 
     async def update_weight_version(self, version: str, *, timeout_s: float | None = None) -> None:
         await self._call("POST", "/update_weight_version", {"new_version": version},

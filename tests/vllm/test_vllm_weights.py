@@ -1,12 +1,15 @@
-"""Weights with the real vLLM: a push through vLLM's weight-transfer API (the gloo backend,
-rollout_server/vllm_gloo.py, driven by the rollout server's ``apply_weight_sync`` against a
-stand-in trainer, tests/weight_sender.py) after which the engine samples what the trainer scores,
-greedy included; and a push in the middle of a generation, paused in vLLM's abort mode, after
-which every token's recorded version is the one whose weights sampled it.
+"""Weights and log-probs with the real vLLM: what it samples at launch is what the trainer scores
+(vLLM's processed log-probs: areal_like/net/vllm_client.py); a push through vLLM's
+weight-transfer API (the gloo backend, rollout_server/vllm_gloo.py, driven by the rollout
+server's ``apply_weight_sync`` against a stand-in trainer, tests/weight_sender.py) after which
+the engine samples what the trainer scores, greedy included; and a push in the middle of a
+generation, paused in vLLM's abort mode, after which every token's recorded version is the one
+whose weights sampled it.
 
-Each test starts the engine it pushes to (the session's stays at the initial weights).
-Mutations checked (each made once, each failed its test): ``receive_weights`` not loading what
-it received (log-probs off by ~0.3 nats); the label sent before the last bucket's load."""
+The session's server changes weights from test to test: the first test reads the initial
+weights, each later one first serves the weights it compares against. Mutations checked (each
+made once, each failed its test): ``--logprobs-mode`` left at vLLM's ``raw_logprobs``;
+``receive_weights`` not loading what it received."""
 
 from __future__ import annotations
 
@@ -18,9 +21,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import pytest
 import torch
-from vllm_kit import MODEL, PROMPTS, TOL, assert_served, engine_outputs, model_config, start_server
+from vllm_kit import MODEL, PROMPTS, TOL, assert_served, engine_outputs, model_config
 
 from areal_like.net.distributed import free_port
 from areal_like.net.vllm_client import VLLMClient
@@ -33,10 +35,15 @@ from trainer.logprob_guard import trainer_logprobs
 
 REPO = Path(__file__).resolve().parents[2]
 SENDER = (REPO / "tests" / "weight_sender.py").read_text()  # group rank 0, as the trainer
+TOKENS = 3000  # ~20 s of generation here (prompt + TOKENS within the model's 4096 positions)
 
 
 def _model(seed: int) -> torch.nn.Module:
     return build_model(model_config(init_seed=seed))
+
+
+def _client(server) -> VLLMClient:
+    return VLLMClient(server.url, api_key=server.api_key, timeout_s=300)
 
 
 def _plan(version: int, state: dict, port: int, group: str) -> WeightSyncPlan:
@@ -51,8 +58,10 @@ def _plan(version: int, state: dict, port: int, group: str) -> WeightSyncPlan:
         deadline_s=300)
 
 
-async def push(client, version: int, seed: int, load_format: str | None = FLATTENED) -> None:
-    """Broadcast the seed-``seed`` model as ``version`` from a sender process (group rank 0)."""
+async def push(client, version: int, seed: int, load_format: str | None = FLATTENED,
+               when_ready=None) -> None:
+    """Broadcast the seed-``seed`` model as ``version`` from a sender process (group rank 0);
+    ``when_ready`` (a coroutine function) runs once the sender has its model, before the sync."""
     state = _model(seed).state_dict()
     port, group = free_port(), f"vllm_tier_{version}_{seed}_{os.getpid()}"
     plan = _plan(version, state, port, group)
@@ -63,6 +72,9 @@ async def push(client, version: int, seed: int, load_format: str | None = FLATTE
     sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
+        assert await asyncio.to_thread(sender.stdout.readline) == "ready\n"
+        if when_ready is not None:
+            await when_ready()
         done = await apply_weight_sync(client, plan, "s", load_format=load_format, door=True,
                                        door_key=client.api_key, pause_mode="abort")
         _, err = await asyncio.to_thread(sender.communicate, timeout=300)
@@ -75,18 +87,18 @@ async def push(client, version: int, seed: int, load_format: str | None = FLATTE
     assert await client.weight_version() == str(version)
 
 
-@pytest.fixture
-def engine(model_dir, tmp_path):
-    server = start_server(model_dir, tmp_path / "vllm.log")
-    try:
-        yield server
-    finally:
-        server.proc.stop()
-
-
-def test_after_a_push_the_engine_samples_what_the_trainer_scores(engine):
+def test_the_engine_log_probs_at_launch_are_the_trainers(vllm_server):
     async def scenario():
-        async with VLLMClient(engine.url, api_key=engine.api_key, timeout_s=300) as client:
+        async with VLLMClient(vllm_server.url, api_key=vllm_server.api_key) as client:
+            for temperature in (0.7, 1.0):
+                assert_served(await engine_outputs(client, temperature), _model(0), temperature)
+
+    asyncio.run(scenario())
+
+
+def test_after_a_push_the_engine_samples_what_the_trainer_scores(vllm_server):
+    async def scenario():
+        async with _client(vllm_server) as client:
             await push(client, 11, seed=3)
             for temperature in (1.0, 0.7):
                 assert_served(await engine_outputs(client, temperature), _model(3), temperature)
@@ -120,23 +132,27 @@ async def _until_generated(client, tokens: int, timeout_s: float = 300) -> None:
     raise AssertionError(f"vLLM never generated {tokens} tokens")
 
 
-def test_a_push_mid_generation_labels_every_token_with_the_weights_that_sampled_it(engine):
+def test_a_push_mid_generation_labels_every_token_with_the_weights_that_sampled_it(vllm_server):
     prompt, temperature = PROMPTS[0], 1.0
 
     async def scenario():
-        async with VLLMClient(engine.url, api_key=engine.api_key, timeout_s=300) as client:
+        async with _client(vllm_server) as client:
             await push(client, 20, seed=0)
-            version = 20
-            job = asyncio.create_task(generate_sample(
-                client, prompt, {"temperature": temperature, "ignore_eos": True}, 1500,
-                lambda: version))
-            await _until_generated(client, 200)
-            await push(client, 21, seed=1)
+            version, job = 20, None
+
+            async def generating():  # the sync pauses it a moment later
+                nonlocal job
+                job = asyncio.create_task(generate_sample(
+                    client, prompt, {"temperature": temperature, "ignore_eos": True}, TOKENS,
+                    lambda: version))
+                await _until_generated(client, 100)
+
+            await push(client, 21, seed=1, when_ready=generating)
             version = 21
             return await job
 
     sample = asyncio.run(scenario())
-    assert len(sample.output_ids) == 1500
+    assert len(sample.output_ids) == TOKENS
     assert sample.versions[0] == 20 and sample.versions[-1] == 21
     assert sample.versions == sorted(sample.versions)
     scored = {v: trainer_logprobs(_model(seed), prompt, sample.output_ids, temperature,
