@@ -1,12 +1,7 @@
 """Faults with the real vLLM: ``kill -9`` of the rollout server (vLLM goes too, its whole process
 group, with its port, /dev/shm files and TMPDIR), and ``kill -9`` of vLLM in a running job on
 ``topology=cpu_vllm`` (its rollout server notices, the launcher starts it again with a new
-engine, and the job goes on to its last step).
-
-Mutations checked (each made once, each failed its test): ``VLLMProcess`` started without
-``spawn_tied``'s parent-death signal (vLLM's group outlived the killed server);
-``raise_if_engine_died`` ignoring ``kind=vllm`` (the rollout server failed episode after episode
-and left on "5 episodes failed in a row" instead)."""
+engine, and the job goes on to its last step)."""
 
 from __future__ import annotations
 
