@@ -21,6 +21,15 @@ from areal_like.tasks.task import prompt_layout
 MIN_SERVERS = 8  # buffer/peer_caps.py: the roster allowance of one member key, at least
 
 
+def max_servers(cfg: RunConfig) -> int:
+    """Server ids one member key may have on the roster: twice the rollout servers the job
+    launches on every rollout node (null counts one), at least ``MIN_SERVERS``; also the most
+    rollout servers ``areal-like scale`` may grow a pool to (launch/scale.py)."""
+    la = cfg.launch
+    nodes = la.nodes - la.train_nodes if la.nodes > 1 else 1
+    return max(MIN_SERVERS, 2 * (la.num_rollout_servers or 1) * nodes)
+
+
 @dataclass(frozen=True)
 class BufferFacts:
     vocab_size: int  # model: token ids outside [0, vocab_size) are refused
@@ -43,10 +52,7 @@ class BufferFacts:
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> BufferFacts:
         """The facts of the job ``cfg`` describes (reads the task's dataset to count its
         prompts)."""
-        b, la = cfg.buffer, cfg.launch
-        # twice the rollout servers the job launches on every rollout node (null counts one)
-        nodes = la.nodes - la.train_nodes if la.nodes > 1 else 1
-        max_servers = max(MIN_SERVERS, 2 * (la.num_rollout_servers or 1) * nodes)
+        b = cfg.buffer
         return cls(vocab_size=model_vocab_size(cfg.model), context=trajectory_limit(cfg),
                    trajectories=group_trajectories(cfg.task),
                    frame_limit=request_frame_limit(cfg),
@@ -54,4 +60,4 @@ class BufferFacts:
                    dataset_size=dataset_size(cfg.task, cfg.model),
                    wal_dir=cfg.resolve_path(b.wal_dir),
                    local_dir=cfg.resolve_path(b.local_dir) if b.local_dir else None,
-                   max_servers=max_servers, prompt_layout=prompt_layout(cfg.task), keys=keys)
+                   max_servers=max_servers(cfg), prompt_layout=prompt_layout(cfg.task), keys=keys)

@@ -108,6 +108,16 @@ def _run_dir_commands(sub) -> None:
     ky.add_argument("run_dir", help="run directory (the keys go to RUN_DIR/keys unless --keys-dir)")
     ky.add_argument("--keys-dir",
                     help="where to write the keys instead (pass it as security.keys_dir)")
+    sc = sub.add_parser("scale", help="resize the rollout or trainer pool of a running job",
+                        description="Asks the `areal-like run` of RUN_DIR for N rollout servers "
+                                    "(added, or the highest-numbered leave: their leases go back) "
+                                    "or N trainer ranks (the trainer saves a checkpoint and "
+                                    "restarts on N ranks from it), and waits until it is done. "
+                                    "launch/OPERATIONS.md, \"Resizing a running job\".")
+    sc.add_argument("run_dir", help="run directory of a running job")
+    sc.add_argument("size", nargs="+", metavar="POOL=N", help="rollout=N or trainer=N")
+    sc.add_argument("--timeout", type=float, default=600.0,
+                    help="seconds to wait for the job to apply it (exit 1 after)")
     for name, help_ in (("top", "live terminal view of a running job"),
                         ("status", "health of every daemon"),
                         ("stop", "stop a job as Ctrl-C does, and wait until it has stopped")):
@@ -165,6 +175,13 @@ def _main(argv: list[str]) -> int:
         except SecurityError as e:  # a secret key kept there is readable by others
             print(f"error: {e}", file=sys.stderr)
             return 2
+    if args.command == "scale":
+        from launch.scale import request
+
+        if not args.timeout > 0:  # (nan too) it would ask the job, then not wait for it
+            parser.error(f"argument --timeout: {args.timeout:g} is not a number of seconds > 0")
+
+        return request(args.run_dir, args.size, args.timeout)
     if args.command == "top" and not 0 < args.interval < float("inf"):
         parser.error(f"argument --interval: {args.interval} is not a number of seconds > 0")
     if args.command == "stop" and not 0 <= args.timeout < float("inf"):
@@ -329,6 +346,10 @@ def _stoppable(command) -> int:
 
 
 def _run(cfg, quiet: bool, accept_changes: bool) -> int:
+    if cfg.launch.cluster == "ray":  # the same job placed on a Ray cluster (launch/RAY.md)
+        from launch.ray_job import run_on_ray
+
+        return run_on_ray(cfg, quiet=quiet, accept_changes=accept_changes)
     from launch.job import run_job
 
     return run_job(cfg, quiet=quiet, accept_changes=accept_changes)
@@ -340,6 +361,10 @@ def _plan(cfg) -> int:
     from launch.placement import idle_gpus
     from launch.topology import layout_line, plan_lines
 
+    if cfg.launch.cluster == "ray":  # node 0 is whichever Ray node its bundle lands on
+        from launch.ray_job import on_hosts
+
+        cfg = on_hosts(cfg, "node0")
     _, topo = plan_job(cfg)
     # the daemons' GPU settings and layout, but the ports as configured (``auto`` where run picks
     # them)

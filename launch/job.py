@@ -15,6 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from areal_like.daemon import MALLOC_ENV
 from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file
@@ -61,6 +62,7 @@ from launch.rundir import (
     restore_file,
     write_settings,
 )
+from launch.scale import Scaler
 from launch.topology import (
     Topology,
     apply_topology,
@@ -136,8 +138,10 @@ def prepare(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, T
 
 
 def job_specs(cfg: RunConfig, topo: Topology, config_path: Path,
-              python: str = sys.executable) -> list[ProcSpec]:
-    """One ``ProcSpec`` per slot of ``topo``, started in ``start_stage`` order, with its GPUs."""
+              python: str = sys.executable,
+              trainer_args: tuple[str, ...] | list[str] = ()) -> list[ProcSpec]:
+    """One ``ProcSpec`` per slot of ``topo``, started in ``start_stage`` order, with its GPUs;
+    ``trainer_args``: more ``key=value`` for the trainer (a resized job's: launch/scale.py)."""
     env = {**{k: v for k, v in MALLOC_ENV.items() if k not in os.environ},
            "OMP_NUM_THREADS": str(cfg.launch.omp_threads),
            "MKL_NUM_THREADS": str(cfg.launch.omp_threads),
@@ -159,7 +163,7 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path,
         elif slot.kind == "rollout":
             argv = [python, "-m", "rollout_server", *base, *slot.overrides]
         else:
-            own = [*base, *trainer_overrides(cfg)]
+            own = [*base, *trainer_overrides(cfg), *trainer_args]
             argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, own,
                                  Path(cfg.run_dir) / "logs" / "torchrun")
         gpus = ({} if slot.gpus is None
@@ -218,21 +222,25 @@ def _trainer_argv(python: str, ranks: int, host: str, base: list[str], log_dir: 
     return argv
 
 
-def write_ports(run_dir: Path, topo: Topology, sup: Supervisor) -> None:
+def write_ports(run_dir: Path, topo: Topology, sup: Supervisor,
+                pools: dict[str, int] | None = None, hosts: list[str] | None = None) -> None:
+    """``ports.json`` (``pools``: the sizes a scale left, launch/scale.py) and the targets;
+    ``hosts``: each node's address (several nodes, ``launch/ray_job.py``)."""
     pids = sup.pids()
-    info = {**topo.to_json(), "run_dir": str(run_dir), "supervisor_pid": os.getpid(),
-            "ports": topo.ports()}
+    info = {**topo.to_json(hosts), "run_dir": str(run_dir), "supervisor_pid": os.getpid(),
+            "ports": topo.ports(), **({"pools": pools} if pools else {})}
     for d in info["daemons"]:
         d["pid"] = pids.get(d["name"])
     write_json_atomic(run_dir / "ports.json", info)
-    write_targets(run_dir, topo, sup)
+    write_targets(run_dir, topo, sup, hosts)
 
 
-def write_targets(run_dir: Path, topo: Topology, sup: Supervisor) -> None:
+def write_targets(run_dir: Path, topo: Topology, sup: Supervisor,
+                  hosts: list[str] | None = None) -> None:
     """``prometheus_targets.json``: the daemons that ``scraped`` says Prometheus should scrape."""
-    targets = [{"targets": [f"{topo.host}:{d['metrics_port']}"],
+    targets = [{"targets": [urlsplit(d["metrics_url"]).netloc],
                 "labels": {"daemon": d["name"], "kind": d["kind"], "run": run_dir.name}}
-               for d in topo.to_json()["daemons"] if scraped(sup.proc(d["name"]))]
+               for d in topo.to_json(hosts)["daemons"] if scraped(sup.proc(d["name"]))]
     write_json_atomic(run_dir / "prometheus_targets.json", targets)
 
 
@@ -249,8 +257,9 @@ class Monitor:
 
     def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path, out=sys.stderr,
                  since: int = 0, sink: TrackerSink | None = None,
-                 settings: RunConfig | None = None):
+                 settings: RunConfig | None = None, hosts=lambda: None):
         self.cfg, self.topo, self.run_dir, self.out, self.sink = cfg, topo, run_dir, out, sink
+        self.hosts = hosts  # () -> each node's address (several nodes), or None
         # a resume's accepted changes: into settings.yaml once a step trained with them, so a
         # resume that the trainer (or a rollout server) refuses leaves settings.yaml as it was
         self.settings = settings
@@ -300,14 +309,14 @@ class Monitor:
     def scrape(self) -> None:
         from areal_like.net.metrics import scrape
 
-        for slot in self.topo.slots:
+        for d in self.topo.to_json(self.hosts())["daemons"]:
             try:
-                values = scrape(f"http://{self.topo.host}:{slot.metrics_port}/metrics")
+                values = scrape(d["metrics_url"])
             except Exception:
                 continue  # down or restarting: the supervisor reports that
             values = {k: v for k, v in values.items()
                       if k.startswith("areal_") and "_bucket{" not in k}
-            write_line(self.scrapes, json.dumps({"t": round(time.time(), 3), "daemon": slot.name,
+            write_line(self.scrapes, json.dumps({"t": round(time.time(), 3), "daemon": d["name"],
                                                  "values": values}))
 
     def close(self) -> None:
@@ -341,11 +350,12 @@ def wait_for_final_eval(cfg: RunConfig, run_dir: Path, sup: Supervisor,
     return False
 
 
-def on_trainer_done(cfg: RunConfig, run_dir: Path, topo: Topology, sup: Supervisor) -> None:
+def on_trainer_done(cfg: RunConfig, run_dir: Path, topo: Topology, sup: Supervisor,
+                    hosts: list[str] | None = None) -> None:
     """The trainer completed: Prometheus stops scraping it (``scraped``; its port is closed:
     TrainerDown paged during a final evaluation longer than 2 minutes); warm the plotting imports;
     wait for a scheduled final evaluation."""
-    write_targets(run_dir, topo, sup)
+    write_targets(run_dir, topo, sup, hosts)
     warm_plotting()
     if wants_eval(cfg) and cfg.eval.at_end:
         wait_for_final_eval(cfg, run_dir, sup)
@@ -453,13 +463,54 @@ def check_checkpoint_model(cfg: RunConfig, changes: list[str]) -> None:
         return
 
 
-def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -> int:
+class Local:
+    """Where ``run_job`` starts the daemons: this machine (``launch/ray_job.py``'s ``RayCluster``
+    places them on a Ray cluster through the same supervisor)."""
+
+    def specs(self, cfg: RunConfig, topo: Topology, config_path: Path,
+              trainer_args: list[str] | None = None) -> list[ProcSpec]:
+        return job_specs(cfg, topo, config_path, trainer_args=trainer_args or ())
+
+    def hosts(self) -> list[str] | None:  # each node's address: one node, the topology's
+        return None
+
+    def tick(self, sup: Supervisor) -> None:
+        pass
+
+
+def supervisor(cfg: RunConfig, topo: Topology, config_path: Path, lock: int, echo,
+               monitor: Monitor, cluster) -> Supervisor:
+    """``run_job``'s supervisor of the job's daemons (started where ``cluster`` starts them), with
+    its ``Scaler`` (launch/scale.py), ports.json and the trainer's completion."""
+    run_dir = Path(cfg.run_dir)
+    scaler = Scaler(cfg, topo, run_dir,
+                    lambda c, t, extra: cluster.specs(c, t, config_path, trainer_args=extra),
+                    lambda t, pools, s: (setattr(monitor, "topo", t),
+                                         write_ports(run_dir, t, s, pools, cluster.hosts())))
+    sup = Supervisor(cluster.specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
+                     restart_window_s=cfg.launch.restart_window_s,
+                     restart_backoff_s=cfg.launch.restart_backoff_s,
+                     restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
+                     health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
+                     on_tick=lambda s: (monitor(s), scaler(s), cluster.tick(s)),
+                     on_change=lambda s: write_ports(run_dir, scaler.topo, s, scaler.sizes,
+                                                     cluster.hosts()),
+                     inherit_fds=(lock,),
+                     log_max_bytes=log_bytes(cfg), log_backups=cfg.launch.log_backups)
+    sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, scaler.topo, s, cluster.hosts())
+    return sup
+
+
+def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False,
+            cluster=None) -> int:
     """``areal-like run``: returns the exit code; prints the summary as one JSON line on stdout.
     Raises ConfigError (before anything started) when an input is unusable or run_dir refuses
-    (a resume with changed settings too, unless ``accept_changes``)."""
+    (a resume with changed settings too, unless ``accept_changes``). ``cluster``: where the
+    daemons start (default ``Local``)."""
     t0 = time.monotonic()
-    # several nodes: launch/slurm or launch/MULTINODE.md (`areal-like plan` shows them)
-    check_one_node(cfg)
+    if cluster is None:  # several nodes: launch/slurm, Ray or launch/MULTINODE.md
+        check_one_node(cfg)
+        cluster = Local()
     # hub ids resolved, inputs and tracker packages checked: before anything starts
     cfg = checked(cfg)
     cfg, topo, config_path, resumed_from, lock, before = start_job(cfg, accept_changes)
@@ -469,18 +520,10 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -
     echo = _supervisor_lines_only if quiet else None
     sink = TrackerSink.from_config(cfg)
     monitor = Monitor(cfg, topo, run_dir, since=since, sink=sink,
-                      settings=before.accepted)
+                      settings=before.accepted, hosts=cluster.hosts)
     try:
-        sup = Supervisor(job_specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
-                         restart_window_s=cfg.launch.restart_window_s,
-                         restart_backoff_s=cfg.launch.restart_backoff_s,
-                         restart_backoff_max_s=cfg.launch.restart_backoff_max_s,
-                         health_timeout_s=cfg.launch.health_timeout_s, echo=echo,
-                         on_tick=monitor, on_change=lambda s: write_ports(run_dir, topo, s),
-                         inherit_fds=(lock,),
-                         log_max_bytes=log_bytes(cfg), log_backups=cfg.launch.log_backups)
+        sup = supervisor(cfg, topo, config_path, lock, echo, monitor, cluster)
         sup.install_signals()
-        sup.on_complete = lambda s: on_trainer_done(cfg, run_dir, topo, s)
         print(f"[run] run_dir {run_dir}  (logs in {run_dir / 'logs'}; "
               f"`areal-like top {run_dir}` for a live view)",
               file=sys.stderr, flush=True)

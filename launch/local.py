@@ -10,7 +10,9 @@ and ``run()`` returns 2 too, else "stopped with exit 2") after a doubling back-o
 trainer) exiting 0 completes the job. On completion, failure, Ctrl-C, SIGTERM or SIGHUP (not
 under ``nohup``) it stops everything in reverse start order: SIGTERM to the group, wait, SIGKILL;
 from then on daemon output goes to the logs only. A stop a signal asked for returns 128 + the
-signal, whatever the phase it came in.
+signal, whatever the phase it came in. While it runs, ``add``, ``remove`` and ``restart_as``
+resize a pool (``areal-like scale``: launch/scale.py, from ``on_tick``): a process removed is
+stopped as ``stop_all`` stops it.
 
 Invariants:
 * no process is left behind: the kernel sends SIGTERM to every child when the supervisor dies
@@ -143,8 +145,9 @@ class Supervisor:
                  on_change: Callable[[Supervisor], None] | None = None,
                  inherit_fds: tuple[int, ...] = (), log_max_bytes: int = LOG_MAX_BYTES,
                  log_backups: int = LOG_BACKUPS):
-        self.procs = [_Proc(s, RestartBudget(restarts, restart_window_s, restart_backoff_s,
-                                             restart_backoff_max_s))
+        # each process's restart budget, also of one added while the job runs (``add``)
+        self.budget = (restarts, restart_window_s, restart_backoff_s, restart_backoff_max_s)
+        self.procs = [_Proc(s, RestartBudget(*self.budget))
                       for s in sorted(specs, key=lambda s: s.stage)]
         self.run_dir = Path(run_dir)
         self.log_dir = self.run_dir / "logs"
@@ -286,6 +289,33 @@ class Supervisor:
         for p in reversed(self.procs):
             self._stop(p)
 
+    # ---- pools resized while the job runs (launch/scale.py, from ``on_tick``)
+    def add(self, spec: ProcSpec) -> None:
+        """Start one more process; it is supervised (restarted, stopped) as the others, and stopped
+        before those of a lower stage."""
+        p = _Proc(spec, RestartBudget(*self.budget))
+        at = next((i for i, q in enumerate(self.procs) if q.spec.stage > spec.stage),
+                  len(self.procs))
+        self.procs.insert(at, p)
+        self._start(p)
+
+    def remove(self, name: str, grace_s: float | None = None) -> None:
+        """Stop process ``name`` as ``stop_all`` does (SIGTERM: a daemon's graceful stop; SIGKILL
+        after ``grace_s``, default ``stop_grace_s``) and supervise it no more."""
+        p = self.proc(name)
+        p.restart_at = None
+        self._stop(p, grace_s)
+        self.procs.remove(p)
+        self.echo(f"[supervisor] removed {name}")
+
+    def restart_as(self, name: str, spec: ProcSpec, grace_s: float | None = None) -> None:
+        """Stop process ``name`` as ``remove`` does, then start it again as ``spec``."""
+        p = self.proc(name)
+        p.restart_at = None
+        self._stop(p, grace_s)
+        p.spec = spec
+        self._start(p)
+
     # ---- one process
     def _start(self, p: _Proc) -> None:
         argv = p.spec.argv() if callable(p.spec.argv) else list(p.spec.argv)
@@ -351,16 +381,17 @@ class Supervisor:
                 with contextlib.suppress(psutil.Error):  # exited since the walk: nothing to stop
                     p.descendants[pid] = psutil.Process(pid)  # holds its create time
 
-    def _stop(self, p: _Proc) -> None:
+    def _stop(self, p: _Proc, grace_s: float | None = None) -> None:
         running = p.popen is not None and p.popen.poll() is None
+        grace_s = self.stop_grace_s if grace_s is None else grace_s
         if running:
             self._record_descendants(p, process_tree())
             _signal_group(p.popen.pid, signal.SIGTERM)
             try:
-                p.popen.wait(self.stop_grace_s)
+                p.popen.wait(grace_s)
             except subprocess.TimeoutExpired:
                 self.echo(f"[supervisor] {p.spec.name} ignored SIGTERM for "
-                          f"{self.stop_grace_s:.0f}s; SIGKILL")
+                          f"{grace_s:.0f}s; SIGKILL")
                 _signal_group(p.popen.pid, signal.SIGKILL)
                 p.popen.wait()
         if running:  # children that outlived their leader (one that exited before: ``watch``)

@@ -357,7 +357,7 @@ def check_engine(cfg: RunConfig) -> list[str]:
         if not cfg.model.path and cfg.warm_start.steps == 0:  # the warm start writes one
             out.append("rollout.engine.kind=sglang needs model.path "
                        "(SGLang serves a Hugging Face model directory)")
-        out += check_tp_size(cfg) + check_cpu_ranks(cfg)
+        out += check_tp_size(cfg) + check_cpu_ranks(cfg) + check_sglang_head(cfg)
     if engine.kind == "vllm":
         from rollout_server.launch_vllm import VLLM_VERSION, installed_vllm
 
@@ -369,6 +369,27 @@ def check_engine(cfg: RunConfig) -> list[str]:
             out.append("rollout.engine.kind=vllm needs model.path "
                        "(vLLM serves a Hugging Face model directory)")
     return out
+
+
+def check_sglang_head(cfg: RunConfig) -> list[str]:
+    """SGLang 0.5.23's Gemma 3 (``sglang/srt/models/gemma3_causal.py``) computes its logits with
+    the input embedding and skips ``lm_head.weight`` when it loads: an untied Gemma 3 would be
+    served with other log-probs than the trainer's (1-4 nats on the family table's tiny one).
+    Every released Gemma 3 ties them."""
+    if not cfg.model.path or not (Path(cfg.model.path).expanduser() / "config.json").is_file():
+        return []
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(Path(cfg.model.path).expanduser()))
+    except Exception:  # noqa: BLE001 - a broken model.path: check_models names it
+        return []
+    if config.model_type != "gemma3_text" or config.tie_word_embeddings:
+        return []
+    return [f"model.path={cfg.model.path!r} is a Gemma 3 with an lm_head of its own "
+            "(tie_word_embeddings false): SGLang 0.5.23's Gemma 3 never loads lm_head.weight and "
+            "takes its logits from the input embedding, so it would sample with other log-probs "
+            "than the trainer's; serve it with rollout.engine.kind=embedded"]
 
 
 def check_architecture(cfg: RunConfig) -> list[str]:

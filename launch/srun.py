@@ -170,7 +170,7 @@ def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, mas
                 f"--cpu-bind=mask_cpu:{cpu_mask(cores[slot.node][key])}",
                 "env", f"CUDA_VISIBLE_DEVICES={visible_devices(slot.gpus or ())}"]
         wait = _after(cfg, topo, slot, hosts)
-        command = _command(cfg, topo, slot, config, restarts, repo, hosts[slot.node])
+        command = daemon_command(cfg, topo, slot, config, hosts[slot.node], restarts, repo)
         steps.append(Step(slot.name, slot.kind, (*srun, *wait, *command)))
     return topo, steps
 
@@ -200,16 +200,19 @@ def _after(cfg: RunConfig, topo: Topology, slot: DaemonSlot, hosts: list[str]) -
     return ["python", "-m", "launch.srun", "after", "--timeout-s", wait_s, *urls, "--"]
 
 
-def _command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, restarts: int,
-             repo: str, host: str) -> list[str]:
+def daemon_command(cfg: RunConfig, topo: Topology, slot: DaemonSlot, config: str, host: str,
+                   restarts: int | None = None, repo: str = "") -> list[str]:
+    """The command of ``slot`` on the node whose address is ``host`` (the Slurm steps' and the Ray
+    job's, ``launch/ray_job.py``); with ``restarts`` a rollout server runs under
+    ``launch/slurm/with_restarts.sh`` (from the checkout ``repo``), which restarts it in place."""
     if slot.kind == "buffer":
         return ["areal-like", "buffer", "--config-file", config]
-    if slot.kind == "rollout":  # restarted in place when it dies, like the local supervisor does
+    if slot.kind == "rollout":
         address = engine_address(cfg, host)
         engine = [] if address == cfg.rollout.engine.host else [f"rollout.engine.host={address}"]
-        return ["bash", f"{repo}/launch/slurm/with_restarts.sh", str(restarts),
-                "areal-like", "rollout",
-                "--config-file", config, *slot.overrides, *engine]
+        wrap = ([] if restarts is None
+                else ["bash", f"{repo}/launch/slurm/with_restarts.sh", str(restarts)])
+        return [*wrap, "areal-like", "rollout", "--config-file", config, *slot.overrides, *engine]
     return ["areal-like", "train", "--nnodes", str(cfg.launch.train_nodes),
             "--node-rank", str(slot.node),
             "--nproc-per-node", str(cfg.launch.trainer_ranks), "--master-addr", topo.host,

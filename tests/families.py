@@ -35,8 +35,11 @@ def _configs() -> dict:
             "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64}),
         "mistral": lambda: MistralConfig(**COMMON, sliding_window=WINDOW),
-        "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, query_pre_attn_scalar=16,
-                                           sliding_window=WINDOW, sliding_window_pattern=2),
+        # tied, as every released Gemma 3 is: SGLang's Gemma 3 takes its logits from the input
+        # embedding and never loads an lm_head.weight (launch/preflight.py refuses an untied one)
+        "gemma3": lambda: Gemma3TextConfig(**{**COMMON, "tie_word_embeddings": True}, head_dim=16,
+                                           query_pre_attn_scalar=16, sliding_window=WINDOW,
+                                           sliding_window_pattern=2),
         "gpt_oss": lambda: GptOssConfig(**{**COMMON, "intermediate_size": 32}, head_dim=16,
                                         num_local_experts=4, num_experts_per_tok=2,
                                         sliding_window=WINDOW),

@@ -2,16 +2,16 @@
 
 From ``model.path`` each rank reads only its slice of each safetensors tensor (``get_slice``).
 From the config the values are ``areal_like.weights.hf.build_model``'s for ``model.init_seed``, bit
-for bit on any number of ranks: ``record_init`` records Hugging Face's initialisation under
-``FakeTensorMode``, ``replay_init`` replays it one parameter at a time (overwritten draws only
-advance the generator). LoRA: base weights under their HF names, adapters LoRA's init.
+for bit on any number of ranks: rank 0 builds that model once and broadcasts it parameter by
+parameter (``broadcast_init``). LoRA: base weights under their HF names, adapters LoRA's init.
 
 A checkpoint's names go through transformers' own conversion for the model (``from_pretrained``'s:
 per-expert tensors fused into one parameter, renamed keys). Non-persistent buffers are recomputed
 on ``device`` by the model's own ``_init_weights``; any other buffer is refused by name.
 
-Invariant: peak host memory is one full parameter (a fused parameter: its sources and itself),
-never an unsharded model.
+Invariant: from a checkpoint, peak host memory is one full parameter (a fused parameter: its
+sources and itself), never an unsharded model. A model built from the config (tests, tiny models,
+training from scratch) is whole on rank 0 once, while it is broadcast.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import functools
 import json
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -34,107 +34,24 @@ from areal_like.weights.lora import base_name, is_adapter
 log = logging.getLogger("trainer.sharded_init")
 
 
-@dataclass(frozen=True)
-class InitOp:
-    """One recorded in-place write: ``func(target, *args)``; ``target`` is parameter ``name`` (None:
-    not a parameter) or a view of it (``view`` = size, stride, storage offset)."""
+def broadcast_init(cfg: ModelConfig, params: dict[str, torch.Tensor],
+                   device: torch.device) -> None:
+    """``build_model(cfg)``'s values (``cfg.init_seed``) into ``params`` (name -> parameter or
+    DTensor): rank 0 builds the model once, each parameter is broadcast from it and every rank
+    keeps its own rows."""
+    from areal_like.weights.hf import build_model
 
-    func: torch._ops.OpOverload
-    args: tuple
-    name: str | None
-    base_shape: tuple[int, ...]
-    dtype: torch.dtype
-    view: tuple | None
-    reads_tensor: bool  # a tensor argument besides the target (copy_): its value cannot be replayed
-
-    @property
-    def random(self) -> bool:
-        return self.func._schema.name in ("aten::normal_", "aten::uniform_", "aten::bernoulli_",
-                                          "aten::random_", "aten::exponential_",
-                                          "aten::log_normal_",
-                                          "aten::cauchy_", "aten::geometric_")
-
-
-def record_init(cfg: ModelConfig) -> list[InitOp]:
-    """The in-place writes ``build_model(cfg)`` (no ``path``) performs,
-    in order, without running it."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from transformers import AutoModelForCausalLM
-
-    from areal_like.weights.hf import qwen2_config
-
-    raw: list[tuple] = []
-
-    class Recorder(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            schema = func._schema.arguments
-            if (args and schema and schema[0].alias_info is not None
-                    and schema[0].alias_info.is_write):
-                raw.append((func, args[0], args[1:], kwargs or {}))
-            return func(*args, **(kwargs or {}))
-
-    config = qwen2_config(cfg)
-    with FakeTensorMode(), Recorder():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
-                                                 attn_implementation=cfg.attn_implementation)
-    names = {id(p): n for n, p in model.named_parameters()}
-    ops = []
-    for func, target, args, kwargs in raw:
-        if kwargs:
-            raise ValueError(f"cannot replay the initialisation: {func} "
-                             "was called with keyword arguments")
-        base = target._base if target._is_view() else target
-        whole = not target._is_view() and target.is_contiguous()
-        view = None if whole else (tuple(target.shape), target.stride(), target.storage_offset())
-        ops.append(InitOp(func, tuple(args), names.get(id(base)), tuple(base.shape), base.dtype,
-                          view,
-                          any(isinstance(a, torch.Tensor) for a in args)))
-    return ops
-
-
-def _target(op: InitOp, full: torch.Tensor) -> torch.Tensor:
-    return full if op.view is None else full.as_strided(*op.view)
-
-
-def _last_writes(ops: list[InitOp]) -> tuple[dict[str, int], dict[str, int]]:
-    """Per parameter: the index of its last whole-tensor write, and of the last op touching it."""
-    last_full, last_touch = {}, {}
-    for i, op in enumerate(ops):
-        if op.name is None:
-            continue
-        last_touch[op.name] = i
-        if op.view is None:
-            last_full[op.name] = i
-    return last_full, last_touch
-
-
-def replay_init(ops: list[InitOp], params: dict[str, torch.Tensor], seed: int) -> None:
-    """Write ``build_model``'s values for ``seed`` into ``params`` (name -> sharded parameter)."""
-    last_full, last_touch = _last_writes(ops)
-    missing = sorted(set(params) - set(last_full))
+    rank0 = dist.get_rank() == 0
+    full = build_model(cfg, dtype="float32").state_dict() if rank0 else {}
+    missing = sorted(set(params) - set(full)) if rank0 else []
     if missing:
-        raise ValueError(f"no recorded initialisation writes all of {missing}")
-    rng = torch.random.get_rng_state()
-    torch.manual_seed(seed)  # as build_model: the global CPU generator
-    try:
-        full: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for i, op in enumerate(ops):
-                if op.name is None or op.name not in params or i < last_full[op.name]:
-                    if op.random:  # overwritten later: run only for the random numbers it consumes
-                        op.func(_target(op, torch.empty(op.base_shape, dtype=op.dtype)), *op.args)
-                    continue
-                if op.reads_tensor:
-                    raise ValueError(f"cannot replay the initialisation of {op.name}: "
-                                     f"{op.func} reads a tensor")
-                if i == last_full[op.name]:
-                    full[op.name] = torch.empty(op.base_shape, dtype=op.dtype)
-                op.func(_target(op, full[op.name]), *op.args)
-                if i == last_touch[op.name]:
-                    write_shard(params[op.name], full.pop(op.name))
-    finally:
-        torch.random.set_rng_state(rng)
+        raise ValueError(f"the model built from the config has no parameters {missing}")
+    for name, param in params.items():  # the same order on every rank (one module tree)
+        tensor = (full.pop(name).to(device) if rank0
+                  else torch.empty(param.shape, dtype=torch.float32, device=device))
+        if dist.get_world_size() > 1:
+            dist.broadcast(tensor, src=0)
+        write_shard(param, tensor)
 
 
 def local_slices(param: torch.Tensor) -> tuple[slice, ...]:
@@ -286,7 +203,7 @@ def materialize(model: torch.nn.Module, cfg: ModelConfig, device: torch.device) 
     if cfg.path:
         load_safetensors(model, params, Path(cfg.path))
     else:
-        replay_init(record_init(cfg), params, cfg.init_seed)
+        broadcast_init(cfg, params, device)
     init_adapters({n: p for n, p in named.items() if is_adapter(n)}, cfg.init_seed)
     with torch.no_grad():
         restore_buffers(model)

@@ -625,8 +625,16 @@ class LaunchConfig:
     # logs and metrics/scrape.jsonl rotate past log_max_mb into <file>.1 ... .<log_backups>
     log_max_mb: float = 100.0
     log_backups: int = 3  # rotated copies kept per log
+    # where `run` starts the daemons: local (this machine) or ray (placement groups on the Ray
+    # cluster at launch.ray_address; launch/RAY.md)
+    cluster: str = "local"
+    # cluster=ray: the cluster's GCS address (host:port); null: RAY_ADDRESS, else ray.init's own
+    ray_address: str | None = None
+    ray_cpus: float = 1.0  # cluster=ray: CPUs each process reserves (a trainer: per rank)
 
     def __post_init__(self):
+        _check("launch.cluster", self.cluster in ("local", "ray"), "local or ray", self.cluster)
+        _check("launch.ray_cpus", 0 < self.ray_cpus < math.inf, "> 0 and finite", self.ray_cpus)
         each("launch", self, "> 0", "log_max_mb", "restart_window_s")
         each("launch", self, ">= 1", "log_backups", "auto_max_servers", "auto_max_threads", "nodes")
         each("launch", self, ">= 0", "gpus_per_node", "restarts", "restart_backoff_s")

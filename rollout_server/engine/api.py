@@ -1,14 +1,16 @@
-"""``/generate`` request parsing and response building with SGLang 0.5.23's shapes and error bodies,
-judged in SGLang's three stages (ENGINE.md, "Request validation"): body parsing (pydantic's
-``{"object": "error", ...}``), the JSON contract (``{"error": "<serde-style text>"}``), semantic
-checks (``{"error": {"message": ...}}``).
+"""``/generate`` request parsing and response building in SGLang 0.5.23's shapes. A body is
+checked by msgspec against the fields SGLang declares (ENGINE.md, "Request validation"); every
+refusal is a 400 ``{"error": {"message": ...}}`` naming the field, the shape the project's client
+reads.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+import msgspec
 
 from rollout_server.engine.sampling import TOP_K_ALL, SamplingParams
 
@@ -22,58 +24,69 @@ class ApiError(Exception):
         self.status, self.body = status, body
 
 
-def validation_error(message: str) -> ApiError:
-    return ApiError(400, {"object": "error", "message": message, "type": "Bad Request",
-                          "param": None, "code": 400})
-
-
-def contract_error(text: str) -> ApiError:
-    return ApiError(400, {"error": text})
-
-
 def value_error(message: str, status: int = 400) -> ApiError:
     return ApiError(status, {"error": {"message": message}})
 
 
-# ---- stage 2 helpers: serde's wording, so both the Rust and Python SGLang servers read the same
-def _unexpected(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return f"boolean `{'true' if v else 'false'}`"
-    if isinstance(v, int):
-        return f"integer `{v}`"
-    if isinstance(v, float):
-        return f"floating point `{v}`"
-    if isinstance(v, str):
-        return f'string "{v}"'
-    return "sequence" if isinstance(v, list) else "map" if isinstance(v, dict) else type(v).__name__
+def decode_body(raw: bytes, kind: type = dict, strict: bool = True) -> Any:
+    """``raw`` JSON (empty: ``{}``) as ``kind`` (a msgspec Struct or dict); a 400 naming the field
+    that is wrong (``$.sampling_params.top_k``), or saying why it is not JSON."""
+    try:
+        return msgspec.json.decode(raw.strip() or b"{}", type=kind, strict=strict)
+    except (ValueError, RecursionError, msgspec.MsgspecError) as e:  # not UTF-8; nested too deeply
+        raise value_error(f"invalid request body: {str(e) or type(e).__name__}") from None
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+class SamplingBody(msgspec.Struct, forbid_unknown_fields=True):
+    """SGLang's ``sampling_params`` keys: a key it does not know is refused, naming it."""
+
+    max_new_tokens: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    stop_regex: str | list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    repetition_penalty: float | None = None
+    min_new_tokens: int | None = None
+    n: int | None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    structural_tag: str | None = None
+    ignore_eos: bool | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    no_stop_trim: bool | None = None
+    stream_interval: int | None = None
+    logit_bias: dict | None = None
+    sampling_seed: int | None = None
+    custom_params: Any = None
+    beam_width: int | None = None
+    watermark: dict | None = None
+    choice: list[str] | None = None
 
 
-def _check(ok: bool, v: Any, expected: str) -> None:
-    if not ok:
-        raise contract_error(f"invalid type: {_unexpected(v)}, expected {expected}")
+class GenerateBody(msgspec.Struct):
+    """The ``/generate`` fields this engine reads (others are ignored, as SGLang ignores keys it
+    does not declare)."""
+
+    text: str | list[str] | None = None
+    input_ids: list[int | list[int]] | None = None  # one prompt, or a batch of them
+    sampling_params: SamplingBody | list[SamplingBody] | None = None
+    rid: str | list[str] | None = None
+    return_logprob: bool | list[bool] | None = None
+    logprob_start_len: int | list[int] | None = None
+    top_logprobs_num: int | list[int] | None = None
+    token_ids_logprob: Any = None
+    return_text_in_logprobs: bool | None = None
+    stream: bool | None = None
+    return_prompt_token_ids: bool | None = None
 
 
-_INT, _NUM, _BOOL, _STR = "i64", "f64", "a boolean", "a string"
-# sampling_params key -> expected kind, in SGLang's field order (the error text lists them)
-_SP_TYPES = {
-    "max_new_tokens": _INT, "stop": "str_or_list", "stop_token_ids": "int_list",
-    "stop_regex": "str_or_list",
-    "temperature": _NUM, "top_p": _NUM, "top_k": _INT, "min_p": _NUM, "frequency_penalty": _NUM,
-    "presence_penalty": _NUM, "repetition_penalty": _NUM, "min_new_tokens": _INT, "n": _INT,
-    "json_schema": _STR,
-    "regex": _STR, "ebnf": _STR, "structural_tag": _STR, "ignore_eos": _BOOL,
-    "skip_special_tokens": _BOOL,
-    "spaces_between_special_tokens": _BOOL, "no_stop_trim": _BOOL, "stream_interval": _INT,
-    "logit_bias": "map",
-    "sampling_seed": _INT, "custom_params": "any", "beam_width": _INT, "watermark": "map",
-    "choice": "str_list",
-}
 # Known keys we do not implement: refused unless they carry SGLang's default (a no-op) value.
 _UNSUPPORTED_DEFAULTS = {
     "stop": (None, "", []), "stop_regex": (None, "", []), "min_p": (None, 0.0),
@@ -83,35 +96,6 @@ _UNSUPPORTED_DEFAULTS = {
     "logit_bias": (None, {}),
     "beam_width": (None, 1), "watermark": (None,), "choice": (None, []), "custom_params": (None,),
 }
-
-
-_IS = {_INT: _is_int, _NUM: lambda v: _is_int(v) or isinstance(v, float),
-       _BOOL: lambda v: isinstance(v, bool), _STR: lambda v: isinstance(v, str)}
-
-
-def _check_value(v: Any, kind: str) -> None:
-    if v is None or kind == "any":
-        return
-    if kind in _IS:
-        _check(_IS[kind](v), v, kind)
-    elif kind == "map":
-        _check(isinstance(v, dict), v, "a map")
-    elif kind == "str_or_list" and not isinstance(v, list):
-        _check(isinstance(v, str), v, "a value or an array of values for StringOrList")
-    else:  # a list: int_list, str_list, or str_or_list given as a list
-        _check(isinstance(v, list), v, "a sequence")
-        item = _INT if kind == "int_list" else _STR
-        for e in v:
-            _check(_IS[item](e), e, item)
-
-
-def _contract_sampling_params(sp: Any) -> None:
-    _check(isinstance(sp, dict), sp, "struct SamplingParams")
-    for key, v in sp.items():
-        if key not in _SP_TYPES:
-            listed = ", ".join(f"`{f}`" for f in _SP_TYPES)
-            raise contract_error(f"unknown field `{key}`, expected one of {listed}")
-        _check_value(v, _SP_TYPES[key])
 
 
 @dataclass(kw_only=True)
@@ -133,32 +117,34 @@ def max_text_chars(tokenizer, context_len: int) -> int:
     return context_len * max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
 
 
-def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
+def parse_generate(body: GenerateBody | dict, tokenizer, vocab_size: int, context_len: int,
                    max_chars: int) -> GenerateInput:
-    """Validate a decoded ``/generate`` body; raises ApiError with SGLang's status and body."""
-    if not isinstance(body, dict):
-        raise validation_error(f"[{{'type': 'dataclass_type', 'loc': ('body',), "
-                               f"'msg': 'Input should be a dictionary or an instance of "
-                               f"GenerateReqInput', 'input': {body!r}}}]")
-    _stage1(body)
-    _stage2(body)
-    text, input_ids = body.get("text"), body.get("input_ids")
-    if (text is None) == (input_ids is None):
+    """Validate a ``/generate`` body (decoded, or a dict from an in-process caller); raises
+    ApiError (a 400 naming what is wrong)."""
+    try:
+        b = body if isinstance(body, GenerateBody) else msgspec.convert(body, GenerateBody)
+    except msgspec.ValidationError as e:
+        raise value_error(f"invalid request body: {e}") from None
+    if (b.text is None) == (b.input_ids is None):
         raise value_error("Either text, input_ids or input_embeds should be provided.")
-    if text is not None:
-        is_batch = isinstance(text, list)
-        for t in text if is_batch else [text]:
+    if b.text is not None:
+        is_batch = isinstance(b.text, list)
+        for t in b.text if is_batch else [b.text]:
             if len(t) > max_chars:
                 raise value_error(
                     f"The input text ({len(t)} characters) is longer than the model's context "
                     f"length ({context_len} tokens) can hold (at most {max_chars} characters).")
-        prompts = [tokenizer.encode(t) for t in (text if is_batch else [text])]
+        prompts = [tokenizer.encode(t) for t in (b.text if is_batch else [b.text])]
     else:
-        is_batch = bool(input_ids) and isinstance(input_ids[0], list)
-        prompts = [list(p) for p in (input_ids if is_batch else [input_ids])]
+        is_batch = bool(b.input_ids) and isinstance(b.input_ids[0], list)
+        if any(isinstance(p, list) != is_batch for p in b.input_ids):
+            raise value_error("input_ids: a list of integers or a list of lists of integers, "
+                              "not both")
+        prompts = [list(p) for p in (b.input_ids if is_batch else [b.input_ids])]
     for p in prompts:
         _check_prompt(p, vocab_size, context_len)
-    sps = _per_prompt(body.get("sampling_params") or {}, len(prompts), "sampling_params")
+    sps = [msgspec.structs.asdict(sp) if sp is not None else {}
+           for sp in _per_prompt(b.sampling_params, len(prompts), "sampling_params")]
     params = [_to_params(sp, vocab_size) for sp in sps]
     ns = {int(sp.get("n") or 1) for sp in sps}
     if len(ns) != 1:
@@ -171,69 +157,24 @@ def parse_generate(body: Any, tokenizer, vocab_size: int, context_len: int,
     if n * len(prompts) > MAX_FANOUT:
         raise value_error(f"{len(prompts)} prompts x n={n} is over {MAX_FANOUT} sequences in one "
                           "request.")
-    rid = body.get("rid")
-    rids = rid if isinstance(rid, list) else [rid or uuid.uuid4().hex] if not is_batch else \
-        [uuid.uuid4().hex for _ in prompts]
+    rids = b.rid if isinstance(b.rid, list) else [b.rid or uuid.uuid4().hex] if not is_batch \
+        else [uuid.uuid4().hex for _ in prompts]
     if len(rids) != len(prompts):
         raise value_error("The rid should be a list with the same length as the batch.")
-    rl = body.get("return_logprob") or False
-    return_logprob = [bool(x) for x in _per_prompt(rl, len(prompts), "return_logprob")]
+    return_logprob = [bool(x) for x in _per_prompt(b.return_logprob or False, len(prompts),
+                                                   "return_logprob")]
     for key, lowest in (("logprob_start_len", 0), ("top_logprobs_num", 1)):  # lowest refused
-        for v in _per_prompt(body.get(key), len(prompts), key):
+        for v in _per_prompt(getattr(b, key), len(prompts), key):
             if v is not None and v >= lowest:
                 raise value_error(f"{key}={v} is not supported by the embedded engine "
                                   "(output token logprobs only)")
-    if body.get("token_ids_logprob"):
+    if b.token_ids_logprob:
         raise value_error("token_ids_logprob is not supported by the embedded engine")
     return GenerateInput(prompts=prompts, params=params, rids=[str(r) for r in rids], n=n,
                          return_logprob=return_logprob,
-                         text_in_logprobs=bool(body.get("return_text_in_logprobs")),
-                         is_single=not is_batch and n == 1, stream=bool(body.get("stream")),
-                         prompt_ids_out=bool(body.get("return_prompt_token_ids")))
-
-
-def _stage1(body: dict) -> None:
-    def bad(field: str, msg: str):
-        raise validation_error(f"[{{'type': 'value_error', 'loc': ('body', '{field}'), "
-                               f"'msg': '{msg}', "
-                               f"'input': {body[field]!r}}}]")
-    text, ids, sp, rid = (body.get(k) for k in ("text", "input_ids", "sampling_params", "rid"))
-    if text is not None and not (isinstance(text, str) or (isinstance(text, list)
-                                                           and all(isinstance(t, str)
-                                                                   for t in text))):
-        bad("text", "Input should be a valid string or a list of strings")
-    if ids is not None:
-        flat = isinstance(ids, list) and all(_is_int(t) for t in ids)
-        nested = isinstance(ids, list) and bool(ids) and all(
-            isinstance(p, list) and all(_is_int(t) for t in p) for p in ids)
-        if not (flat or nested):
-            bad("input_ids",
-                "Input should be a valid list of integers or a list of lists of integers")
-    if sp is not None and not (isinstance(sp, dict) or (isinstance(sp, list)
-                                                        and all(isinstance(d, dict) for d in sp))):
-        bad("sampling_params", "Input should be a valid dictionary or a list of dictionaries")
-    if rid is not None and not (isinstance(rid, str) or (isinstance(rid, list)
-                                                         and all(isinstance(r, str) for r in rid))):
-        bad("rid", "Input should be a valid string or a list of strings")
-
-
-def _stage2(body: dict) -> None:
-    v = body.get("return_logprob")
-    if isinstance(v, list):
-        for e in v:
-            _check(isinstance(e, bool), e, _BOOL)
-    elif v is not None:
-        _check(isinstance(v, bool), v, "a value or an array of values for BoolOrList")
-    for key in ("stream", "return_text_in_logprobs", "return_prompt_token_ids"):
-        if body.get(key) is not None:
-            _check(isinstance(body[key], bool), body[key], _BOOL)
-    for key in ("logprob_start_len", "top_logprobs_num"):
-        v = body.get(key)
-        for e in (v if isinstance(v, list) else [v] if v is not None else []):
-            _check(_is_int(e), e, "a value or an array of values for Int64OrList")
-    sp = body.get("sampling_params")
-    for d in (sp if isinstance(sp, list) else [sp] if sp is not None else []):
-        _contract_sampling_params(d)
+                         text_in_logprobs=bool(b.return_text_in_logprobs),
+                         is_single=not is_batch and n == 1, stream=bool(b.stream),
+                         prompt_ids_out=bool(b.return_prompt_token_ids))
 
 
 def _per_prompt(v: Any, count: int, key: str) -> list:
@@ -331,38 +272,67 @@ def _version_spans(versions: list[str]) -> list[dict]:
     return spans
 
 
-REQUIRED = object()  # control_fields: a key the body must have
+Selector = Literal["target", "draft", "all"]
 
 
-def control_fields(body: dict, spec: dict) -> dict:
-    """Pydantic-lax parsing of a control body: defaults, required keys, int/float from numeric
-    strings, Literal choices (a tuple); unknown keys are dropped. Errors -> 400 ErrorResponse
-    shape."""
-    out = {}
-    for key, (kind, default) in spec.items():
-        v = body.get(key, default)
-        if v is REQUIRED:
-            raise validation_error(f"[{{'type': 'missing', 'loc': ('body', '{key}'), "
-                                   f"'msg': 'Field required'}}]")
-        try:
-            if v is None or kind is None:
-                pass
-            elif isinstance(kind, tuple):
-                if v not in kind:
-                    raise ValueError(f"Input should be {' or '.join(map(repr, kind))}")
-            elif kind is bool:
-                if not isinstance(v, bool):
-                    raise ValueError("Input should be a valid boolean")
-            elif kind in (int, float):
-                if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-                    raise ValueError("Input should be a valid "
-                                     f"{'integer' if kind is int else 'number'}")
-                v = kind(v)
-            elif not isinstance(v, kind):
-                raise ValueError(f"Input should be a valid {kind.__name__}")
-        except (ValueError, OverflowError) as e:  # int(inf) overflows
-            raise validation_error(f"[{{'type': 'value_error', 'loc': ('body', '{key}'), "
-                                   f"'msg': '{e}', "
-                                   f"'input': {v!r}}}]") from None
-        out[key] = v
-    return out
+class AbortBody(msgspec.Struct):
+    rid: str = ""
+    abort_all: bool = False
+    abort_message: str | None = None
+
+
+class PauseBody(msgspec.Struct):
+    mode: Literal["abort", "retract", "in_place"] = "abort"
+
+
+class ContinueBody(msgspec.Struct):
+    torch_empty_cache: bool = True
+
+
+class WeightsByNameBody(msgspec.Struct):
+    name: str
+    truncate_size: int = 100
+
+
+class InitGroupBody(msgspec.Struct):
+    master_address: str
+    master_port: int
+    rank_offset: int
+    world_size: int
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+class GroupBody(msgspec.Struct):
+    group_name: str = "weight_update_group"
+
+
+class BeginBody(msgspec.Struct):
+    selector: Selector = "all"
+
+
+class LoadBody(msgspec.Struct, kw_only=True):
+    """The keys every ``update_weights_from_*`` endpoint takes."""
+
+    load_format: str | None = None
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    flush_cache: bool = True
+
+
+class DistributedBody(LoadBody, kw_only=True):
+    names: list
+    dtypes: list
+    shapes: list
+    group_name: str = "weight_update_group"
+    selector: Selector = "all"
+    torch_empty_cache: bool = False
+
+
+class DiskBody(LoadBody, kw_only=True):
+    model_path: str
+
+
+class TensorBody(LoadBody, kw_only=True):
+    serialized_named_tensors: list
+    torch_empty_cache: bool = False

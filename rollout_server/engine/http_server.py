@@ -14,20 +14,21 @@ import uuid
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import replace
+from typing import Any
 
+import msgspec
 from aiohttp import web
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from areal_like.net.http_guard import guarded_app
 from areal_like.wire.weight_wire import FLATTENED
+from rollout_server.engine import api
 from rollout_server.engine.api import (
-    REQUIRED,
     ApiError,
     build_output,
-    control_fields,
+    decode_body,
     max_text_chars,
     parse_generate,
-    validation_error,
 )
 from rollout_server.engine.scheduler import Request
 
@@ -35,9 +36,6 @@ from rollout_server.engine.scheduler import Request
 PAUSE_ABORT_POLL_S = 1.0
 LOAD_TIMEOUT_S = 300.0  # a load waits for the current forward pass to end; generous under load
 HEALTH_TIMEOUT_S = 20.0  # SGLang's HEALTH_CHECK_TIMEOUT: a 1-token generation must finish by then
-# the body keys every update_weights_from_* endpoint takes
-_LOAD = {"load_format": (str, None), "abort_all_requests": (bool, False),
-         "weight_version": (str, None), "flush_cache": (bool, True)}
 FLUSHED = ("Cache flushed.\n"
            "Please check backend logs for more details. (When there are running or waiting "
            "requests, the operation will not be performed.)\n")
@@ -85,24 +83,13 @@ class Gate:
                     self.cond.notify_all()
 
 
-async def _body(request: web.Request) -> dict:
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # also invalid UTF-8, an int of > 4300 digits,
-        # nesting past the stack (no position then)
-        loc, why = ((f"('body', {e.pos})", e.msg) if isinstance(e, json.JSONDecodeError) else
-                    ("('body',)", "nested too deeply" if isinstance(e, RecursionError)
-                     else str(e).splitlines()[0][:200]))
-        raise validation_error(f"[{{'type': 'json_invalid', 'loc': {loc}, 'msg': 'JSON decode "
-                               f"error', 'input': {{}}, 'ctx': {{'error': {why!r}}}}}]") from None
-    if not isinstance(body, dict):
-        raise validation_error(f"[{{'type': 'model_attributes_type', 'loc': ('body',), "
-                               "'msg': 'Input should be a valid dictionary or object to extract "
-                               f"fields from', 'input': {body!r}}}]")
-    return body
+async def _body(request: web.Request, kind: type = dict) -> Any:
+    """The request's JSON object, checked as ``kind``: a control body pydantic-lax, as SGLang's
+    are (numeric strings are numbers), returned as a dict; a 400 naming what is wrong."""
+    if kind is api.GenerateBody:
+        return decode_body(await request.read(), kind)
+    body = decode_body(await request.read(), kind, strict=False)
+    return body if kind is dict else msgspec.structs.asdict(body)
 
 
 def _json_of(describe):
@@ -177,7 +164,7 @@ class EngineHttp:
 
     # ---- generation
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        inp = self.parse(await _body(request))
+        inp = self.parse(await _body(request, api.GenerateBody))
         if not inp.stream:
             status, body = await self.answer(inp)
             return web.json_response(body, status=status)
@@ -277,16 +264,14 @@ class EngineHttp:
                             status=200 if ok else 400)
 
     async def abort_request(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {"rid": (str, ""), "abort_all": (bool, False),
-                                                                 "abort_message": (str, None)})
+        f = await _body(request, api.AbortBody)
         if f["abort_all"] or f["rid"]:  # an empty rid without abort_all is ignored (SGLang)
             self.e.scheduler.abort(f["rid"], abort_all=f["abort_all"],
                                    message=f["abort_message"] or "Aborted")
         return web.Response(status=200)
 
     async def pause(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request),
-                           {"mode": (("abort", "retract", "in_place"), "abort")})
+        f = await _body(request, api.PauseBody)
         await self.gate.set_paused(True)
         sched = self.e.scheduler
         if f["mode"] == "abort":
@@ -308,7 +293,7 @@ class EngineHttp:
         return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
     async def continue_(self, request: web.Request) -> web.Response:
-        control_fields(await _body(request), {"torch_empty_cache": (bool, True)})
+        await _body(request, api.ContinueBody)
         # in_place / retract hold the steps; abort does not (no hop)
         if self.hold_posted or self.e.scheduler.held:
             self.hold_posted = False
@@ -320,8 +305,7 @@ class EngineHttp:
 
     # ---- weights
     async def weights_by_name(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request),
-                           {"name": (str, REQUIRED), "truncate_size": (int, 100)})
+        f = await _body(request, api.WeightsByNameBody)
 
         def read(sched):  # on the scheduler thread: never half-way through a weight load
             t = dict(sched.model.named_parameters()).get(f["name"])
@@ -333,19 +317,15 @@ class EngineHttp:
         return web.json_response(values)
 
     async def init_group(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {
-            "master_address": (str, REQUIRED), "master_port": (int, REQUIRED),
-            "rank_offset": (int, REQUIRED),
-            "world_size": (int, REQUIRED), "group_name": (str, "weight_update_group"),
-            "backend": (str, "nccl")})
+        f = await _body(request, api.InitGroupBody)
         return _ok_or_400(*await asyncio.to_thread(self.e.weights.init_group, **f))
 
     async def destroy_group(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {"group_name": (str, "weight_update_group")})
+        f = await _body(request, api.GroupBody)
         return _ok_or_400(*await asyncio.to_thread(self.e.weights.destroy_group, **f))
 
     async def begin_update(self, request: web.Request) -> web.Response:
-        control_fields(await _body(request), {"selector": (("target", "draft", "all"), "all")})
+        await _body(request, api.BeginBody)
         return _ok_or_400(*self.e.weights.begin())
 
     async def end_update(self, request: web.Request) -> web.Response:
@@ -355,10 +335,7 @@ class EngineHttp:
         return _ok_or_400(*(await asyncio.to_thread(w.end) if w.unsettled else w.end()))
 
     async def update_distributed(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {
-            "names": (list, REQUIRED), "dtypes": (list, REQUIRED), "shapes": (list, REQUIRED),
-            "group_name": (str, "weight_update_group"), **_LOAD,
-            "selector": (("target", "draft", "all"), "all"), "torch_empty_cache": (bool, False)})
+        f = await _body(request, api.DistributedBody)
         if f["load_format"] not in (None, "auto", FLATTENED):
             return _ok_or_400(False, f"load_format={f['load_format']!r} is not supported by the "
                                      "embedded engine")
@@ -368,15 +345,13 @@ class EngineHttp:
             f["shapes"], f["group_name"], f["load_format"], self.gate.paused))
 
     async def update_disk(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {"model_path": (str, REQUIRED), **_LOAD})
+        f = await _body(request, api.DiskBody)
         ok, msg = await self._weight_load("disk", self.e.weights.update_from_disk, f,
                                           f["model_path"])
         return _ok_or_400(ok, msg, num_paused_requests=0)
 
     async def update_tensor(self, request: web.Request) -> web.Response:
-        f = control_fields(await _body(request), {
-            "serialized_named_tensors": (list, REQUIRED), **_LOAD,
-            "torch_empty_cache": (bool, False)})
+        f = await _body(request, api.TensorBody)
         return _ok_or_400(*await self._weight_load("tensor", self.e.weights.update_from_tensor, f,
                                                    f["serialized_named_tensors"], f["load_format"]))
 

@@ -6,9 +6,9 @@ tensors under the checkpoint's own names, a mixture's experts one by one; traine
 
 One server per family (30-90 s to start), started once and stopped by PID. To keep the tier's
 time small it serves the families whose SGLang models differ from the tier's tiny Qwen2: Qwen3,
-Qwen3-MoE, Llama 3, and Gemma 3, which SGLang 0.5.23 serves with other log-probs (``MISMATCH``,
-an expected failure: fixed, it fails as XPASS and the README's table wants updating). Not here:
-Qwen2 (the rest of the tier serves it), Mistral and GPT-OSS (``NOT_SERVED``, with why)."""
+Qwen3-MoE, Llama 3 and Gemma 3 (tied embeddings, as released: SGLang's Gemma 3 never loads an
+``lm_head.weight``, and the preflight refuses an untied one). Not here: Qwen2 (the rest of the
+tier serves it), Mistral and GPT-OSS (``NOT_SERVED``, with why)."""
 
 from __future__ import annotations
 
@@ -37,14 +37,7 @@ NOT_SERVED = {
     "gpt_oss": "SGLang's GptOssForCausalLM refuses to start without a GPU attention backend "
                "(triton, trtllm_mha, fa3, fa4, ..., intel_amx); the CPU tier's is torch_native",
 }
-# family -> how SGLang's serving differs from the trainer's
-MISMATCH = {
-    "gemma3": "SGLang serves it, but its sampled log-probs differ from the trainer's by 1-4 nats, "
-              "with the 8-token window or one longer than the sequence (cause not found yet)",
-}
-SERVED = [pytest.param(f, marks=pytest.mark.xfail(reason=MISMATCH[f], raises=AssertionError,
-                                                   strict=True)) if f in MISMATCH else f
-          for f in FAMILIES if f not in NOT_SERVED]
+SERVED = [f for f in FAMILIES if f not in NOT_SERVED]
 
 
 def _model(directory, family: str):

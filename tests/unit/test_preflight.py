@@ -741,3 +741,20 @@ def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(tmp_p
         "raise buffer.max_epochs (0: no limit) or lower trainer.steps"]
     two = dataclasses.replace(job, trainer=dataclasses.replace(job.trainer, steps=2))
     assert pf.check_epochs(two) == []
+
+
+def test_sglang_refuses_an_untied_gemma3_whose_lm_head_it_would_never_load(tmp_path):
+    from tests.families import family_config
+
+    def problems(family: str, tied: bool) -> list[str]:
+        d = tmp_path / f"{family}-{tied}"
+        config = family_config(family)
+        config.tie_word_embeddings = tied
+        config.save_pretrained(str(d))
+        return pf.check_engine(load_config(["rollout.engine.kind=sglang", "warm_start.steps=0",
+                                            f"model.path={d}"]))
+
+    refused = [p for p in problems("gemma3", False) if "lm_head" in p]
+    assert len(refused) == 1 and "tie_word_embeddings false" in refused[0]
+    assert "serve it with rollout.engine.kind=embedded" in refused[0]
+    assert not any("lm_head" in p for p in problems("gemma3", True) + problems("qwen2", False))

@@ -140,7 +140,7 @@ def test_trainer_done_loads_the_plotting_code_and_waits_only_for_a_scheduled_eva
                         lambda cfg, run_dir, sup: waited.append(run_dir))
     started = []
     monkeypatch.setattr(job, "warm_plotting", lambda: started.append(True))
-    monkeypatch.setattr(job, "write_targets", lambda run_dir, topo, sup: None)
+    monkeypatch.setattr(job, "write_targets", lambda run_dir, topo, sup, hosts=None: None)
     cfg = load_config(["experiment=quickstart", "eval.at_end=false"])
     job.on_trainer_done(cfg, tmp_path, topo=None, sup=None)
     assert started == [True] and waited == []

