@@ -361,4 +361,4 @@ def _engine(cfg: RunConfig, node_host: str) -> str:
     frac = ec.sglang.get("mem_fraction_static")
     mem = "" if frac is None else f" mem_fraction_static={frac}"
     url = f"http://{engine_address(cfg, node_host)}:{_port(ec.port)}"
-    return f"engine sglang tp={ec.tp_size}{mem} {url}"
+    return f"engine {ec.kind} tp={ec.tp_size}{mem} {url}"

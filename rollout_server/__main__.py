@@ -2,7 +2,8 @@
 
 One rollout server owning one engine. On one machine the launcher starts N of them
 (``rollout.server_id=rollout-i rollout.metrics_port=...``); on GPU nodes start one per SGLang
-server with ``rollout.engine.kind=sglang`` (launch it) or ``kind=url`` (attach to a running one).
+server with ``rollout.engine.kind=sglang`` or ``vllm`` (launch it) or ``kind=url`` (attach to a
+running SGLang).
 """
 
 from __future__ import annotations

@@ -104,7 +104,13 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int,
     opts.update(engine.sglang)  # a pass-through value wins, ``dtype`` included
     if secrets_file:
         opts["config"] = secrets_file
-    argv = [sys.executable, "-m", "sglang.launch_server"]
+    return [sys.executable, "-m", "sglang.launch_server", *as_flags(opts)]
+
+
+def as_flags(opts: dict) -> list[str]:
+    """``opts`` as command-line words (module docstring: ``true`` a bare flag, ``false``/``null``
+    omitted, a list several values)."""
+    argv = []
     for key, value in opts.items():
         flag = "--" + str(key).replace("_", "-")
         if value is True:
@@ -220,28 +226,44 @@ class SGLangProcess:
         self.tmpdir: str | None = None  # SGLang's TMPDIR, removed by the reaper
         self.log_from = 0  # the size of log_path when this start opened it
 
+    NAME = "SGLang"  # in messages, and its TMPDIR's prefix
+
     @property
     def engine_ranks(self) -> int:
         return self.engine.tp_size
 
-    def start(self, stop_requested: Callable[[], bool] = lambda: False) -> SGLangProcess:
-        """Launch and wait until healthy; gives up (stopping what it started) at the startup
-        timeout or as soon as ``stop_requested()``."""
+    def check_version(self) -> None:
+        """Refuse (before anything starts) an engine release this launch was not checked with."""
         if cpu_mode(self.engine):
             from rollout_server.sglang_cpu import check_sglang_version
 
             check_sglang_version(installed_sglang())
-        env = sglang_env(self.engine, lora=self.lora is not None) or dict(os.environ)
-        try:  # a port taken: SGLang fails only after loading the model, its /health is another's
+
+    def environment(self) -> dict[str, str]:
+        return sglang_env(self.engine, lora=self.lora is not None) or dict(os.environ)
+
+    def command(self, tmpdir: str, env: dict[str, str]) -> tuple[list[str], str | None]:
+        """The argv, and the file of secrets it names (removed once healthy), if any; ``env`` is
+        the engine's environment (an engine may take its secrets from there)."""
+        secrets_file = write_secrets(tmpdir, self.api_key) if self.api_key else None
+        return sglang_command(self.model, self.engine, self.port, secrets_file,
+                              self.lora), secrets_file
+
+    def start(self, stop_requested: Callable[[], bool] = lambda: False) -> SGLangProcess:
+        """Launch and wait until healthy; gives up (stopping what it started) at the startup
+        timeout or as soon as ``stop_requested()``."""
+        self.check_version()
+        env = self.environment()
+        try:  # a port taken: the engine fails only after loading the model, its /health another's
             listen_on(self.engine.host, self.port).close()
         except OSError as e:
             raise RuntimeError(f"{self.engine.host}:{self.port} (rollout.engine.port) is in use "
-                               f"({e.strerror}): SGLang cannot listen there; free it or leave "
-                               "rollout.engine.port at 0 (a free port)") from None
-        self.tmpdir = tempfile.mkdtemp(prefix="sglang-")  # short: a socket path has 107 bytes
-        secrets_file = write_secrets(self.tmpdir, self.api_key) if self.api_key else None
-        argv = sglang_command(self.model, self.engine, self.port, secrets_file, self.lora)
-        log.info("starting SGLang: %s", " ".join(redact_argv(argv)))
+                               f"({e.strerror}): {self.NAME} cannot listen there; free it or "
+                               "leave rollout.engine.port at 0 (a free port)") from None
+        # short: a socket path has 107 bytes
+        self.tmpdir = tempfile.mkdtemp(prefix=self.NAME.lower() + "-")
+        argv, secrets_file = self.command(self.tmpdir, env)
+        log.info("starting %s: %s", self.NAME, " ".join(redact_argv(argv)))
         # SGLang may print its server_args, the API key among them: its log is readable by this
         # user only
         out = (os.fdopen(os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
@@ -255,7 +277,7 @@ class SGLangProcess:
                   self.tmpdir]
         self.reaper = subprocess.Popen(reaper, stdin=subprocess.PIPE, text=True,
                                        start_new_session=True,
-                                       env={**os.environ, "PYTHONPATH": _project_path()})
+                                       env={**os.environ, "PYTHONPATH": project_path()})
         deadline = time.monotonic() + self.engine.startup_timeout_s
         while not healthy(self.url):
             self.track_shm()  # also while it starts: one that fails or is stopped then leaves them
@@ -264,13 +286,13 @@ class SGLangProcess:
                 raise self.start_failure()
             if time.monotonic() > deadline:
                 self.stop()
-                raise TimeoutError("SGLang not healthy within "
+                raise TimeoutError(f"{self.NAME} not healthy within "
                                    f"{self.engine.startup_timeout_s:.0f}s")
             if stop_requested():
                 self.stop()
-                raise StartAborted("stop requested while SGLang was starting")
+                raise StartAborted(f"stop requested while {self.NAME} was starting")
             time.sleep(HEALTH_POLL_S)
-        log.info("SGLang healthy at %s (pid %d)", self.url, self.proc.pid)
+        log.info("%s healthy at %s (pid %d)", self.NAME, self.url, self.proc.pid)
         if secrets_file:  # read at its start; the reaper removes TMPDIR in any case
             os.unlink(secrets_file)
         self.track_shm()
@@ -296,7 +318,7 @@ class SGLangProcess:
             last = last.replace(self.api_key, "***")
         why = f": {last} (in {self.log_path})" if last else ""
         return (StartRefused if code == 2 else RuntimeError)(
-            f"SGLang exited with code {code} during startup{why}")
+            f"{self.NAME} exited with code {code} during startup{why}")
 
     def track_shm(self) -> None:
         """Tell the reaper the /dev/shm files SGLang's processes hold now (it unlinks them)."""
@@ -340,7 +362,7 @@ def healthy(url: str) -> bool:
         return False
 
 
-def _project_path() -> str:
+def project_path() -> str:
     """PYTHONPATH for a child importing this project: where it is imported from, then the rest."""
     here = str(Path(__file__).resolve().parents[1])
     rest = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != here]

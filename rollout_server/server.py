@@ -39,9 +39,10 @@ from areal_like.net.dealer import AsyncClient
 from areal_like.net.distributed import reachable_host
 from areal_like.net.pubsub import Subscriber
 from areal_like.net.security import Keys, check_local
-from areal_like.net.sglang_client import SGLangClient, SGLangError
+from areal_like.net.sglang_client import SGLangError
 from areal_like.net.store_gate import refused_total
 from areal_like.net.transport import TransportTimeout
+from areal_like.net.vllm_client import engine_client
 from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import load_tokenizer
@@ -93,6 +94,18 @@ SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a 
 # plans remembered as handled: the buffer offers only its current plan (a new one each version),
 # so older ones never come back; all of them grew a week-long job by a tuple per version
 PLANS_KEEP = 64
+LAUNCHED = ("sglang", "vllm")  # the engine kinds a rollout server starts as a process of its own
+
+
+def launched_engine(kind: str):
+    """The process class of a launched engine of ``kind`` (``LAUNCHED``)."""
+    if kind == "vllm":
+        from rollout_server.launch_vllm import VLLMProcess
+
+        return VLLMProcess
+    from rollout_server.launch_sglang import SGLangProcess
+
+    return SGLangProcess
 
 
 def unsendable(group: TrajectoryGroup) -> ProtocolError | None:
@@ -232,16 +245,16 @@ class RolloutServer(Daemon):
                                          lora=self.facts.lora).start()
             self.engine_url = self.engine.url
             self.metrics.count_refusals("engine", lambda: self.engine.unauthorized)
-        elif ecfg.kind == "sglang":
-            from rollout_server.launch_sglang import SGLangProcess, StartAborted
+        elif ecfg.kind in LAUNCHED:
+            from rollout_server.launch_sglang import StartAborted
 
-            log_path = str(self.facts.run_dir / f"logs/sglang-{self.server_id}.log")
+            log_path = str(self.facts.run_dir / f"logs/{ecfg.kind}-{self.server_id}.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            self.engine = SGLangProcess(self.facts.model, ecfg, log_path, api_key=self.api_key,
-                                        lora=self.facts.lora)
+            self.engine = launched_engine(ecfg.kind)(self.facts.model, ecfg, log_path,
+                                                     api_key=self.api_key, lora=self.facts.lora)
             try:
                 self.engine.start(stop_requested=self.stop_requested.is_set)
-            except StartAborted:  # stopped while SGLang started (it is stopped too): nothing to run
+            except StartAborted:  # stopped while it started (it is stopped too): nothing to run
                 self.engine = None
                 return False
             self.engine_url, self.engine_ranks = self.engine.url, self.engine.engine_ranks
@@ -288,8 +301,9 @@ class RolloutServer(Daemon):
     async def main(self) -> None:
         self.wake = asyncio.Event()
         self.beat_now = asyncio.Event()  # a plan naming us was published (``announcements``)
-        self.client = SGLangClient(
-            self.engine_url, generate_timeout_s=self.rcfg.engine.request_timeout_s,
+        self.client = engine_client(
+            self.rcfg.engine.kind, self.engine_url,
+            generate_timeout_s=self.rcfg.engine.request_timeout_s,
             api_key=self.api_key,  # an embedded engine answers /generate in-process
             local=self.engine if self.rcfg.engine.kind == "embedded" else None,
             routed_experts=self.facts.routed_experts)
@@ -382,12 +396,12 @@ class RolloutServer(Daemon):
 
     def engine_death(self, wait_s: float = 0.0) -> ComponentStopped | None:
         """Why this server stops if the SGLang it launched exits within ``wait_s``; else None."""
-        if self.rcfg.engine.kind != "sglang" or self.engine is None:
+        if self.rcfg.engine.kind not in LAUNCHED or self.engine is None:
             return None
         if (code := self.engine.exit_code(wait_s)) is None:
             return None
-        return ComponentStopped(f"its SGLang engine (pid {self.engine.proc.pid}) exited with "
-                                f"code {code}")
+        return ComponentStopped(f"its {self.engine.NAME} engine (pid {self.engine.proc.pid}) "
+                                f"exited with code {code}")
 
     # ------------------------------------------------------------------ buffer control
     async def register(self, fresh: bool = False) -> None:

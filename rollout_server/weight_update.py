@@ -304,6 +304,6 @@ async def engine_versions(kind: str, server_info: dict) -> RuntimeVersions:
     reported = from_server_info(server_info)
     if reported.known():
         return reported
-    log.log(logging.INFO if kind == "sglang" else logging.WARNING,
+    log.log(logging.INFO if kind in ("sglang", "vllm") else logging.WARNING,
             "the engine reports no torch/CUDA/NCCL versions: assuming this process's (%s)", local)
     return local

@@ -52,6 +52,7 @@ class TrainerFacts:
     # the job's engine API key (None: the job has none); never in a repr, a log line or a
     # traceback's locals, like Keys.secret
     engine_key: str | None = field(default=None, repr=False)
+    engine_kind: str = "sglang"  # rollout.engine.kind: the protocol the log-prob guard speaks
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> TrainerFacts:
@@ -66,4 +67,4 @@ class TrainerFacts:
                    checkpoint_dir=cfg.resolve_path(cfg.trainer.checkpoint_dir),
                    export_dir=cfg.resolve_path(cfg.export.dir), nodes=cfg.launch.nodes, keys=keys,
                    engine_key=engine_api_key(cfg.run_dir), context=trajectory_limit(cfg),
-                   adapter_path=cfg.adapter_path)
+                   adapter_path=cfg.adapter_path, engine_kind=cfg.rollout.engine.kind)

@@ -37,7 +37,8 @@ import torch
 
 from areal_like.daemon import StartRefused
 from areal_like.net.dealer import Client
-from areal_like.net.sglang_client import GenerateOutput, SGLangClient, SGLangError
+from areal_like.net.sglang_client import GenerateOutput, SGLangError
+from areal_like.net.vllm_client import engine_client
 from trainer.logprobs import token_logprobs
 from trainer.ranks import from_rank0
 from trainer.weight_members import BUFFER_REQUEST_TIMEOUT_S, roster
@@ -106,12 +107,14 @@ def probe_sampling(temperature: float) -> dict:
 
 def probe_engine(server_id: str, url: str, prompt_ids: list[int], temperature: float,
                  timeout_s: float = PROBE_TIMEOUT_S, api_key: str | None = None,
-                 adapter: str | None = None) -> Probe:
-    """One ``/generate`` on ``url`` through the project's SGLang client (naming ``adapter``):
-    its output tokens and their log-probs. ``SGLangError``: the engine refused or did not answer."""
+                 adapter: str | None = None, engine_kind: str = "sglang") -> Probe:
+    """One generate on ``url`` through the project's client for ``engine_kind`` (naming
+    ``adapter``): its output tokens and their log-probs. ``SGLangError``: the engine refused or did
+    not answer."""
 
     async def generate() -> GenerateOutput:
-        async with SGLangClient(url, api_key=api_key, generate_timeout_s=timeout_s) as client:
+        async with engine_client(engine_kind, url, api_key=api_key,
+                                 generate_timeout_s=timeout_s) as client:
             client.adapter = None if adapter is None else (adapter, 0)
             return await client.generate(prompt_ids, probe_sampling(temperature))
 
@@ -148,7 +151,8 @@ def elsewhere(url: str, several_nodes: bool) -> str | None:
 
 def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int], temperature: float,
                    several_nodes: bool = False, api_key: str | None = None,
-                   adapters: dict[str, str] | None = None) -> tuple[list[Probe], dict[str, str]]:
+                   adapters: dict[str, str] | None = None,
+                   engine_kind: str = "sglang") -> tuple[list[Probe], dict[str, str]]:
     """Rank 0: probe every roster engine in ``served`` (``adapters``: server id -> LoRA name); the
     probes and, per engine not probed, why it was NOT CHECKED."""
     members = roster(buffer, time.monotonic() + BUFFER_REQUEST_TIMEOUT_S).members
@@ -164,7 +168,7 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
                 if adapters is not None and m.server_id not in adapters else None)
             if why is None:
                 probe = probe_engine(m.server_id, m.engine_url, prompt_ids, temperature,
-                                     api_key=api_key,
+                                     api_key=api_key, engine_kind=engine_kind,
                                      adapter=None if adapters is None else adapters[m.server_id])
                 why = None if probe.output_ids else "it generated no token"
         except (OSError, SGLangError) as e:
@@ -180,11 +184,12 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
 def run_guard(model: torch.nn.Module, device: torch.device, *, rank: int, buffer: Client | None,
               served: Sequence[str], prompt_ids: list[int], temperature: float, tol: float,
               several_nodes: bool = False, api_key: str | None = None,
-              adapters: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+              adapters: dict[str, str] | None = None,
+              engine_kind: str = "sglang") -> tuple[list[str], dict[str, str]]:
     """All ranks: probe (rank 0), score (all), compare (rank 0), agree. The engines that passed,
     and those NOT CHECKED with the reason."""
     collected = collect_probes(buffer, served, prompt_ids, temperature, several_nodes, api_key,
-                               adapters) \
+                               adapters, engine_kind) \
         if rank == 0 else None
     probes, unchecked = from_rank0(collected)
     verdict: str | None = None

@@ -249,7 +249,7 @@ class Trainer(Daemon):
         passed, unchecked = run_guard(self.policy.model, self.policy.device, rank=self.rank,
                                       buffer=self.broadcaster.client, served=sync.done,
                                       api_key=self.facts.engine_key,
-                                      prompt_ids=prompt,
+                                      engine_kind=self.facts.engine_kind, prompt_ids=prompt,
                                       temperature=self.facts.task.temperature, tol=tol,
                                       several_nodes=self.facts.nodes > 1,
                                       adapters={s: served_name(sync.version, p)

@@ -112,6 +112,21 @@ def init_weight_group(backend: str, master_addr: str, master_port: int, world_si
     return pg
 
 
+def join_through_door(backend: str, door_port: int, world_size: int, rank: int, group_name: str,
+                      timeout_s: float):
+    """Join the named group as ``rank`` by torch's plain TCP rendezvous on loopback, through a
+    door the engine's rollout server opened (an engine in its own process: vLLM's weight-transfer
+    engine, rollout_server/vllm_gloo.py, as SGLang does); the group's bounds as
+    ``init_weight_group``'s."""
+    from torch.distributed.distributed_c10d import rendezvous
+
+    timeout = timedelta(seconds=timeout_s)
+    with _env({"TORCHELASTIC_USE_AGENT_STORE": "False"}):
+        raw, rank, world_size = next(rendezvous(f"tcp://127.0.0.1:{door_port}", rank, world_size,
+                                                timeout=timeout))
+    return _build_group(backend, raw, "127.0.0.1", world_size, rank, group_name, timeout, timeout)
+
+
 def _host_group(backend: str, master_addr: str, master_port: int, world_size: int, group_name: str,
                 timeout: timedelta, connect: timedelta, check: Callable[[], None] | None,
                 check_every_s: float, key: str | None):

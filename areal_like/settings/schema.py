@@ -34,14 +34,21 @@ LAUNCHER_FLAGS = {"model_path": "model.path", "host": "rollout.engine.host",
                   "port": "rollout.engine.port", "weight_version": "the version served",
                   **dict.fromkeys(("tp_size", "tp", "tensor_parallel_size"),
                                   "rollout.engine.tp_size")}
+# what rollout_server/launch_vllm.py sets on vLLM's command line
+VLLM_LAUNCHER_FLAGS = {"model": "model.path", "host": "rollout.engine.host",
+                       "port": "rollout.engine.port", "logprobs_mode": "the trainer's convention",
+                       "weight_transfer_config": "the job's weight path",
+                       "enable_scale_out": "the token ids in, token ids out route",
+                       **dict.fromkeys(("tensor_parallel_size", "tp"), "rollout.engine.tp_size")}
 
 
-def launcher_sets(sglang: dict, flags: dict[str, str], when: str = "") -> None:
+def launcher_sets(sglang: dict, flags: dict[str, str], when: str = "",
+                  engine: str = "sglang") -> None:
     """Refuse a pass-through of a flag the launcher sets itself (``flags``: each one's source);
-    given twice, SGLang's last one would win."""
+    given twice, the engine's last one would win."""
     for key in sorted(set(sglang) & flags.keys()):
-        raise ConfigError(f"rollout.engine.sglang.{key} is not passed through{when}: the launcher "
-                          f"sets it ({flags[key]})")
+        raise ConfigError(f"rollout.engine.{engine}.{key} is not passed through{when}: the "
+                          f"launcher sets it ({flags[key]})")
 
 
 @dataclass(kw_only=True)
@@ -278,7 +285,8 @@ class BufferConfig:
 class EngineConfig:
     """The inference engine a rollout server drives (rollout_server/engine/ENGINE.md)."""
 
-    # embedded (in-process CPU/GPU engine) | sglang (launch a real server) | url (attach)
+    # embedded (in-process CPU/GPU engine) | sglang or vllm (launch a real server) | url (attach
+    # a running SGLang)
     kind: str = "embedded"
     # [rollout.engine.kind=url only]
     url: str = ""  # kind=url: base URL of a running SGLang server
@@ -305,9 +313,12 @@ class EngineConfig:
     # [rollout.engine.kind=sglang only]
     # passed verbatim to `python -m sglang.launch_server`
     sglang: dict = field(default_factory=dict)
+    # [rollout.engine.kind=vllm only]
+    # passed verbatim to vLLM's API server (its `vllm serve` flags; rollout_server/launch_vllm.py)
+    vllm: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        _choice("rollout.engine.kind", self.kind, ("embedded", "sglang", "url"))
+        _choice("rollout.engine.kind", self.kind, ("embedded", "sglang", "vllm", "url"))
         _check("rollout.engine.device", DEVICE.fullmatch(self.device), "cpu, cuda or cuda:N",
                self.device)
         each("rollout.engine", self, PORT, "port")
@@ -316,9 +327,12 @@ class EngineConfig:
                self.tp_size == 1 or (self.tp_size > 1 and self.kind == "sglang"),
                "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
         launcher_sets(self.sglang, LAUNCHER_FLAGS)
+        launcher_sets(self.vllm, VLLM_LAUNCHER_FLAGS, engine="vllm")
         # never in config.yaml or logs
-        for key in sorted(k for k in self.sglang if SECRET_FIELD.search(str(k))):
-            raise ConfigError(f"rollout.engine.sglang.{key}: credentials are not configuration; "
+        secrets = [f"{name}.{k}" for name in ("sglang", "vllm")
+                   for k in getattr(self, name) if SECRET_FIELD.search(str(k))]
+        for key in sorted(secrets):
+            raise ConfigError(f"rollout.engine.{key}: credentials are not configuration; "
                               f"the engine API key comes from the environment ({ENGINE_KEY_ENV}; "
                               "`areal-like run` makes one per job)")
         if self.kind == "url":
@@ -686,7 +700,19 @@ class RunConfig:
                self.buffer.max_staleness)
         if self.trainer.lora.enabled:
             self._check_lora_engine()
+        if self.rollout.engine.kind == "vllm":
+            self._check_vllm_engine()
         self._check_group_size()
+
+    def _check_vllm_engine(self) -> None:
+        """What a vLLM engine offers (trainer/WEIGHT_SYNC.md, "vLLM"): the group path, paused in
+        abort mode."""
+        _check("trainer.weight_sync.path", self.trainer.weight_sync.path in ("auto", "distributed"),
+               "auto or distributed with rollout.engine.kind=vllm (vLLM's weight-transfer API)",
+               self.trainer.weight_sync.path)
+        _check("rollout.pause_mode", self.rollout.pause_mode == "abort", "abort with "
+               "rollout.engine.kind=vllm (vLLM's keep mode resumes on the old weights' KV cache)",
+               self.rollout.pause_mode)
 
     def _check_group_size(self) -> None:
         """A group of one is its own baseline where the kernel takes one over the group: every

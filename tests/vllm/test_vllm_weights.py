@@ -1,0 +1,162 @@
+"""Weights and log-probs with the real vLLM: what it samples at launch is what the trainer scores
+(vLLM's processed log-probs: areal_like/net/vllm_client.py); a push through vLLM's
+weight-transfer API (the gloo backend, rollout_server/vllm_gloo.py, driven by the rollout
+server's ``apply_weight_sync`` against a stand-in trainer, tests/weight_sender.py) after which
+the engine samples what the trainer scores, greedy included; and a push in the middle of a
+generation, paused in vLLM's abort mode, after which every token's recorded version is the one
+whose weights sampled it.
+
+The session's server changes weights from test to test: the first test reads the initial
+weights, each later one first serves the weights it compares against. Mutations checked (each
+made once, each failed its test): ``--logprobs-mode`` left at vLLM's ``raw_logprobs`` (0.15 nats
+off at temperature 0.7); ``receive_weights`` not loading what it received (0.75 nats off)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import torch
+from vllm_kit import MODEL, PROMPTS, TOL, assert_served, engine_outputs, model_config
+
+from areal_like.net.distributed import free_port
+from areal_like.net.vllm_client import VLLMClient
+from areal_like.weights.hf import build_model
+from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.wire.weight_wire import FLATTENED
+from rollout_server.episode import generate_sample
+from rollout_server.weight_update import apply_weight_sync
+from trainer.logprob_guard import trainer_logprobs
+
+REPO = Path(__file__).resolve().parents[2]
+SENDER = (REPO / "tests" / "weight_sender.py").read_text()  # group rank 0, as the trainer
+TOKENS = 3000  # ~20 s of generation here (prompt + TOKENS within the model's 4096 positions)
+
+
+def _model(seed: int) -> torch.nn.Module:
+    return build_model(model_config(init_seed=seed))
+
+
+def _client(server) -> VLLMClient:
+    return VLLMClient(server.url, api_key=server.api_key, timeout_s=300)
+
+
+def _plan(version: int, state: dict, port: int, group: str) -> WeightSyncPlan:
+    names = list(state)
+    buckets = [names[: len(names) // 2], names[len(names) // 2:]]
+    return WeightSyncPlan(
+        policy_version=version, group_name=group, master_addr="127.0.0.1", master_port=port,
+        world_size=2, backend="gloo", reform=True,
+        members=[SyncMember(server_id="s", rank_offset=1)], path="distributed",
+        buckets=[BucketSpec(names=b, dtypes=["float32"] * len(b),
+                            shapes=[list(state[n].shape) for n in b]) for b in buckets],
+        deadline_s=300)
+
+
+async def push(client, version: int, seed: int, load_format: str | None = FLATTENED,
+               when_ready=None) -> None:
+    """Broadcast the seed-``seed`` model as ``version`` from a sender process (group rank 0);
+    ``when_ready`` (a coroutine function) runs once the sender has its model, before the sync."""
+    state = _model(seed).state_dict()
+    port, group = free_port(), f"vllm_tier_{version}_{seed}_{os.getpid()}"
+    plan = _plan(version, state, port, group)
+    spec = {"model": {**MODEL, "init_seed": seed}, "world_size": 2, "port": port, "group": group,
+            "load_format": load_format, "buckets": [b.names for b in plan.buckets],
+            "backend": "gloo", "timeout_s": 300, "key": client.api_key}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert await asyncio.to_thread(sender.stdout.readline) == "ready\n"
+        if when_ready is not None:
+            await when_ready()
+        done = await apply_weight_sync(client, plan, "s", load_format=load_format, door=True,
+                                       door_key=client.api_key, pause_mode="abort")
+        _, err = await asyncio.to_thread(sender.communicate, timeout=300)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    assert done.ok, done.reason
+    assert sender.returncode == 0, err[-2000:]
+    assert await client.weight_version() == str(version)
+
+
+def test_the_engine_log_probs_at_launch_are_the_trainers(vllm_server):
+    async def scenario():
+        async with VLLMClient(vllm_server.url, api_key=vllm_server.api_key) as client:
+            for temperature in (0.7, 1.0):
+                assert_served(await engine_outputs(client, temperature), _model(0), temperature)
+
+    asyncio.run(scenario())
+
+
+def test_after_a_push_the_engine_samples_what_the_trainer_scores(vllm_server):
+    async def scenario():
+        async with _client(vllm_server) as client:
+            await push(client, 11, seed=3)
+            for temperature in (1.0, 0.7):
+                assert_served(await engine_outputs(client, temperature), _model(3), temperature)
+            # temperature 0 is greedy; its log-probs are at temperature 1
+            assert_served(await engine_outputs(client, 0.0), _model(3), 1.0)
+            await push(client, 12, seed=4, load_format=None)  # one broadcast per tensor
+            assert_served(await engine_outputs(client, 1.0), _model(4), 1.0)
+
+    asyncio.run(scenario())
+
+
+def _generated(url: str, key: str) -> float:
+    """The tokens vLLM counts as generated (its Prometheus ``/metrics``)."""
+    req = urllib.request.Request(url + "/metrics", headers={"Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        raw = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in raw.splitlines()
+               if line.startswith("vllm:generation_tokens_total"))
+
+
+async def _until_generated(client, tokens: int, timeout_s: float = 300) -> None:
+    """Until vLLM counts ``tokens`` more generated than when called."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    start = await asyncio.to_thread(_generated, client.base_url, client.api_key)
+    while loop.time() < deadline:
+        done = await asyncio.to_thread(_generated, client.base_url, client.api_key) - start
+        if done >= tokens:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"vLLM never generated {tokens} tokens")
+
+
+def test_a_push_mid_generation_labels_every_token_with_the_weights_that_sampled_it(vllm_server):
+    prompt, temperature = PROMPTS[0], 1.0
+
+    async def scenario():
+        async with _client(vllm_server) as client:
+            await push(client, 20, seed=0)
+            version, job = 20, None
+
+            async def generating():  # the sync pauses it a moment later
+                nonlocal job
+                job = asyncio.create_task(generate_sample(
+                    client, prompt, {"temperature": temperature, "ignore_eos": True}, TOKENS,
+                    lambda: version))
+                await _until_generated(client, 100)
+
+            await push(client, 21, seed=1, when_ready=generating)
+            version = 21
+            return await job
+
+    sample = asyncio.run(scenario())
+    assert len(sample.output_ids) == TOKENS
+    assert sample.versions[0] == 20 and sample.versions[-1] == 21
+    assert sample.versions == sorted(sample.versions)
+    scored = {v: trainer_logprobs(_model(seed), prompt, sample.output_ids, temperature,
+                                  torch.device("cpu")) for v, seed in ((20, 0), (21, 1))}
+    worst = max(abs(lp - scored[v][i])
+                for i, (lp, v) in enumerate(zip(sample.logprobs, sample.versions)))
+    assert worst < TOL, f"a token's log-prob differs by {worst:.2e} from its labelled version's"
