@@ -52,6 +52,9 @@ class TrainBatch:
     rewards: torch.Tensor  # [N] float32
     group_ids: torch.Tensor  # [N] int64, index of the sequence's group in this batch
     head_versions: torch.Tensor  # [G] int64, min token version per group
+    # [N, T] float32: a process reward model's step rewards on their tokens (the trajectory's
+    # process_rewards metadata; ``rewards`` holds their sum); None: no row has any
+    process_rewards: torch.Tensor | None = None
 
     @property
     def n_seqs(self) -> int:
@@ -69,14 +72,16 @@ class TrainBatch:
         return TrainBatch(input_ids=self.input_ids[idx, :s], prompt_lens=self.prompt_lens[idx],
                           output_lens=self.output_lens[idx], behav_logp=self.behav_logp[idx, :t],
                           mask=self.mask[idx, :t], rewards=self.rewards[idx],
-                          group_ids=self.group_ids[idx], head_versions=self.head_versions)
+                          group_ids=self.group_ids[idx], head_versions=self.head_versions,
+                          process_rewards=None if self.process_rewards is None
+                          else self.process_rewards[idx, :t])
 
     def to(self, device: torch.device) -> TrainBatch:
         """On ``device``; onto a GPU without waiting for it (pageable host memory is staged at
         once: safe), so the next micro-batch's copy does not drain the queue of the last one."""
         onto_gpu = torch.device(device).type != "cpu"
         return TrainBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=onto_gpu)
-                             for f in fields(self)})
+                             for f in fields(self) if getattr(self, f.name) is not None})
 
 
 def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
@@ -92,12 +97,16 @@ def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
     input_ids = np.full((n, s), PAD_ID, dtype=np.int64)
     behav = np.zeros((n, t_max), dtype=np.float32)
     mask = np.zeros((n, t_max), dtype=np.float32)
+    process = None
     for i, (_, t) in enumerate(trajs):
         p, o = p_lens[i], o_lens[i]
         input_ids[i, :p] = t.prompt_ids
         input_ids[i, p:p + o] = t.output_ids
         behav[i, :o] = t.behav_logp
         mask[i, :o] = t.loss_mask  # 0 on context tokens (multi-turn): no loss, no token count
+        for token, r in t.metadata.get("process_rewards", ()):  # checked: content_problem
+            process = np.zeros((n, t_max), dtype=np.float32) if process is None else process
+            process[i, token] += r
     return TrainBatch(
         input_ids=torch.from_numpy(input_ids), prompt_lens=torch.from_numpy(p_lens),
         output_lens=torch.from_numpy(o_lens), behav_logp=torch.from_numpy(behav),
@@ -105,6 +114,7 @@ def groups_to_batch(groups: list[TrajectoryGroup]) -> TrainBatch:
         rewards=torch.tensor([t.reward for _, t in trajs], dtype=torch.float32),
         group_ids=torch.tensor([gi for gi, _ in trajs], dtype=torch.long),
         head_versions=torch.tensor([g.head_version for g in groups], dtype=torch.long),
+        process_rewards=None if process is None else torch.from_numpy(process),
     )
 
 
