@@ -7,7 +7,11 @@ or added; the string not reversed; a random string): loss ``-log sigmoid(r(right
 The model is a Qwen2 sequence classifier with a scalar head (``num_labels=1``) on the char
 tokenizer, started from the quickstart's warm-started policy (``--init warm_start``, trained now
 or taken from its cache) or from random weights (``--init random``), and saved with its
-tokenizer as a Hugging Face directory that ``task.reward_model.path`` names:
+tokenizer as a Hugging Face directory that ``task.reward_model.path`` names. With ``--policy``
+(``warm_start``, or a directory such as an RL job's export; repeatable) half of each batch's wrong
+answers are that policy's own samples at the task's temperature instead (the rest synthetic): the
+negatives a practitioner collects from the policy being trained, and, with an RL job's export,
+one round of iterated RLHF (``benchmarks/bench_reward_model_rl.py`` runs both rounds):
 
     python -m benchmarks.reward_model_demo --out runs/reversal_rm
     areal-like run experiment=quickstart task.reward_model.path=runs/reversal_rm
