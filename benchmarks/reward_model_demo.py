@@ -7,14 +7,16 @@ or added; the string not reversed; a random string): loss ``-log sigmoid(r(right
 The model is a Qwen2 sequence classifier with a scalar head (``num_labels=1``) on the char
 tokenizer, started from the quickstart's warm-started policy (``--init warm_start``, trained now
 or taken from its cache) or from random weights (``--init random``), and saved with its
-tokenizer as a Hugging Face directory that ``task.reward_model.path`` names. With ``--policy``
-(``warm_start``, or a directory such as an RL job's export; repeatable) half of each batch's wrong
-answers are that policy's own samples at the task's temperature instead (the rest synthetic): the
+tokenizer as a Hugging Face directory that ``task.reward_model.path`` names. Half of each batch's
+wrong answers are a policy's own samples at the task's temperature (``--policy``: ``warm_start``,
+the default, or a directory such as an RL job's export, repeatable; ``none``: synthetic only): the
 negatives a practitioner collects from the policy being trained, and, with an RL job's export,
-one round of iterated RLHF (``benchmarks/bench_reward_model_rl.py`` runs both rounds):
+one round of iterated RLHF (``benchmarks/bench_reward_model_rl.py`` measures both rounds). The
+RL job that the defaults were measured with (ROLLOUT.md) keeps a KL penalty to the warm start:
 
     python -m benchmarks.reward_model_demo --out runs/reversal_rm
-    areal-like run experiment=quickstart task.reward_model.path=runs/reversal_rm
+    areal-like run experiment=quickstart task.reward_model.path=runs/reversal_rm \
+        trainer.loss.kl_coef=1.0
 """
 
 from __future__ import annotations
@@ -166,20 +168,20 @@ def train(steps: int, batch_size: int = 64, lr: float = 3e-4, init: str = "warm_
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="the directory to save the reward model in")
-    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--init", choices=("warm_start", "random"), default="warm_start")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--policy", action="append", default=[],
+    ap.add_argument("--policy", action="append", default=None,
                     help="a causal LM directory whose samples are wrong answers for half of each "
-                         "batch (repeatable: an RL job's export, to iterate); 'warm_start': the "
-                         "quickstart's")
+                         "batch (repeatable: an RL job's export, to iterate); 'warm_start' (the "
+                         "default): the quickstart's; 'none': synthetic wrong answers only")
     ap.add_argument("--policy-samples", type=int, default=4096, help="prompts sampled per policy")
     args = ap.parse_args(argv)
     from areal_like.weights.hf import save_tokenizer
 
     negatives, held_out_policy = [], []
-    for i, path in enumerate(args.policy):
+    for i, path in enumerate(p for p in args.policy or ["warm_start"] if p != "none"):
         if path == "warm_start":
             from areal_like.settings.config import load_config
             from launch.warmstart import ensure_warm_start
