@@ -33,7 +33,12 @@ def _evals(run_dir: Path) -> tuple[dict, dict]:
 
 
 def one(out: Path, seed: int, rnd: int, rm_args: list[str], run_args: list[str]) -> dict:
-    """Train the reward model, run RL scored by it; the case's JSON line."""
+    """Train the reward model, run RL scored by it from the quickstart's cached warm start (the
+    policy the model's negatives were sampled from); the case's JSON line."""
+    from areal_like.settings.config import load_config
+    from launch.warmstart import ensure_warm_start
+
+    warm = ensure_warm_start(load_config(["experiment=quickstart"])).model.path
     rm, run_dir = out / f"rm_s{seed}_r{rnd}", out / f"run_s{seed}_r{rnd}"
     trained = subprocess.run([sys.executable, "-m", "benchmarks.reward_model_demo", "--out",
                               str(rm), "--seed", str(seed), *rm_args], check=True,
@@ -41,6 +46,7 @@ def one(out: Path, seed: int, rnd: int, rm_args: list[str], run_args: list[str])
     rm_line = json.loads(trained.stdout.strip().splitlines()[-1])
     subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart",
                     f"task.reward_model.path={rm}", f"run_dir={run_dir}", f"seed={seed}",
+                    f"model.path={warm}", "warm_start.steps=0",
                     "eval.every=1000000", *run_args], check=True, stdout=subprocess.PIPE)
     first, last = _evals(run_dir)
     return {"name": f"reward_model_rl_round{rnd}", "seed": seed,
