@@ -7,10 +7,16 @@ or added; the string not reversed; a random string): loss ``-log sigmoid(r(right
 The model is a Qwen2 sequence classifier with a scalar head (``num_labels=1``) on the char
 tokenizer, started from the quickstart's warm-started policy (``--init warm_start``, trained now
 or taken from its cache) or from random weights (``--init random``), and saved with its
-tokenizer as a Hugging Face directory that ``task.reward_model.path`` names:
+tokenizer as a Hugging Face directory that ``task.reward_model.path`` names. Half of each batch's
+wrong answers are a policy's own samples at the task's temperature (``--policy``: ``warm_start``,
+the default, or a directory such as an RL job's export, repeatable; ``none``: synthetic only): the
+negatives a practitioner collects from the policy being trained, and, with an RL job's export,
+one round of iterated RLHF (``benchmarks/bench_reward_model_rl.py`` measures both rounds). The
+RL job that the defaults were measured with (ROLLOUT.md) keeps a KL penalty to the warm start:
 
     python -m benchmarks.reward_model_demo --out runs/reversal_rm
-    areal-like run experiment=quickstart task.reward_model.path=runs/reversal_rm
+    areal-like run experiment=quickstart task.reward_model.path=runs/reversal_rm \
+        trainer.loss.kl_coef=1.0
 """
 
 from __future__ import annotations
@@ -102,20 +108,53 @@ def ranking_accuracy(model, tok, triples) -> float:
     return (right > wrong).float().mean().item()
 
 
+def policy_negatives(path: str, n: int, seed: int, temperature: float = 2.0,
+                     max_new_tokens: int = 8) -> list[tuple[str, str, str]]:
+    """Up to ``n`` (prompt, right, wrong) triples whose wrong answer is a sample of the causal LM at
+    ``path`` (a warm start, or an RL job's export) as the rollout engine samples it (the task's
+    temperature, no top-k or top-p), for ``n`` prompts of ``pairs``; right samples are dropped."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from areal_like.tasks.tokenizer import char_tokenizer
+
+    tok = char_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    torch.manual_seed(seed)
+    triples = pairs(n, seed)
+    out = []
+    for i in range(0, n, 512):
+        chunk = triples[i:i + 512]
+        ids = torch.tensor([tok(p)["input_ids"] for p, _, _ in chunk])  # one length: no padding
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        answers = tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+        out += [(p, a, b) for (p, a, _), b in zip(chunk, answers) if b != a]
+    return out
+
+
 def train(steps: int, batch_size: int = 64, lr: float = 3e-4, init: str = "warm_start",
-          seed: int = 0, log=print):
-    """(model, tokenizer, held-out ranking accuracy) after ``steps`` Bradley-Terry steps."""
+          seed: int = 0, log=print, negatives: list[tuple[str, str, str]] = ()):
+    """(model, tokenizer, held-out ranking accuracy) after ``steps`` Bradley-Terry steps; with
+    ``negatives`` (``policy_negatives``) half of each batch's pairs are drawn from them."""
     import torch
 
     torch.manual_seed(seed)
+    rng = random.Random(seed)
     model, tok = build(init)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     held_out = pairs(512, EVAL_SEED + seed)
     for step in range(1, steps + 1):
-        batch = pairs(batch_size, seed * 1_000_000 + step)
+        n_policy = batch_size // 2 if negatives else 0
+        batch = (pairs(batch_size - n_policy, seed * 1_000_000 + step)
+                 + rng.sample(list(negatives), min(n_policy, len(negatives))))
+        n = len(batch)
         r = scores(model, tok, [p + a for p, a, _ in batch] + [p + b for p, _, b in batch])
-        loss = -torch.nn.functional.logsigmoid(r[:batch_size] - r[batch_size:]).mean()
+        loss = -torch.nn.functional.logsigmoid(r[:n] - r[n:]).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -129,18 +168,36 @@ def train(steps: int, batch_size: int = 64, lr: float = 3e-4, init: str = "warm_
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="the directory to save the reward model in")
-    ap.add_argument("--steps", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--init", choices=("warm_start", "random"), default="warm_start")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policy", action="append", default=None,
+                    help="a causal LM directory whose samples are wrong answers for half of each "
+                         "batch (repeatable: an RL job's export, to iterate); 'warm_start' (the "
+                         "default): the quickstart's; 'none': synthetic wrong answers only")
+    ap.add_argument("--policy-samples", type=int, default=4096, help="prompts sampled per policy")
     args = ap.parse_args(argv)
     from areal_like.weights.hf import save_tokenizer
 
-    model, tok, acc = train(args.steps, lr=args.lr, init=args.init, seed=args.seed)
+    negatives, held_out_policy = [], []
+    for i, path in enumerate(p for p in args.policy or ["warm_start"] if p != "none"):
+        if path == "warm_start":
+            from areal_like.settings.config import load_config
+            from launch.warmstart import ensure_warm_start
+
+            path = ensure_warm_start(load_config(["experiment=quickstart"])).model.path
+        negatives += policy_negatives(path, args.policy_samples, args.seed * 1000 + i)
+        held_out_policy += policy_negatives(path, 256, EVAL_SEED + args.seed * 1000 + i)
+    model, tok, acc = train(args.steps, lr=args.lr, init=args.init, seed=args.seed,
+                            negatives=negatives)
     model.save_pretrained(args.out)
     save_tokenizer(tok, args.out)
-    print(json.dumps({"name": "reward_model_ranking_accuracy", "figure": round(acc, 4),
-                      "unit": "share of held-out pairs", "out": str(Path(args.out).resolve())}))
+    line = {"name": "reward_model_ranking_accuracy", "figure": round(acc, 4),
+            "unit": "share of held-out pairs", "out": str(Path(args.out).resolve())}
+    if held_out_policy:  # right answers against the policies' own wrong samples, held out
+        line["policy_pairs_accuracy"] = round(ranking_accuracy(model, tok, held_out_policy), 4)
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":

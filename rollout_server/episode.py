@@ -29,7 +29,7 @@ from areal_like.tasks.task import encode_prompt
 from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.protocol import Credit, TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
-from rollout_server.reward_model import RewardModel, combine
+from rollout_server.reward_model import RewardModel, combine, process_rewards
 from rollout_server.reward_pool import RewardPool
 
 MAX_EMPTY_RESUMES = 1000  # aborts in a row without a new token: the engine is stuck, not pausing
@@ -244,16 +244,24 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
     ctx.metrics.histogram("rollout/generation_seconds", "wall time to generate one group",
                           buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)).observe(
                               time.monotonic() - t0)
-    texts = [ctx.tokenizer.decode(s.output_ids, skip_special_tokens=True) for s in samples]
+    def decode(ids):
+        return ctx.tokenizer.decode(ids, skip_special_tokens=True)
+
+    texts = [decode(s.output_ids) for s in samples]
     scores = rule = await ctx.rewards.score_group(example.prompt, texts, example)
+    model = [(0.0, None, ())] * n
     if ctx.reward_model is not None:  # the rule's reward stays in the metadata
-        scores = combine(rule, await ctx.reward_model.score_group(example.prompt, texts),
-                         ctx.task_cfg.reward_model)
+        model = await ctx.reward_model.score_group(example.prompt, texts)
+        scores = combine(rule, model, ctx.task_cfg.reward_model)
     trajectories = []
-    for s, text, (reward, error), (rule_reward, _) in zip(samples, texts, scores, rule):
+    for s, text, (reward, error), (rule_reward, _), (_, _, steps) in zip(samples, texts, scores,
+                                                                         rule, model):
         meta = {"text": text, "resumed": s.resumed}
         if ctx.reward_model is not None:
             meta["rule_reward"] = rule_reward
+        if steps and error is None:  # a process reward model's steps, on their tokens
+            meta["process_rewards"] = process_rewards(decode, s.output_ids, steps,
+                                                      ctx.task_cfg.reward_model.weight)
         if error is not None:
             meta["reward_error"] = error
         trajectories.append(Trajectory.of(

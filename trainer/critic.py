@@ -153,10 +153,13 @@ def critic_values(critic: Critic, batch: TrainBatch, micro_batch_size: int) -> t
 def critic_advantages(c: CriticConfig, batch: TrainBatch, values: torch.Tensor,
                       kl: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(actor advantages, critic returns) [N, T] fp32 for ``batch`` from V_old ``values``: outcome
-    reward at the last token (minus ``c.kl_coef`` * ``kl`` per token), GAE with
-    ``c.lambda_actor`` (VAPO's per-length lambda with ``c.adaptive_lambda``), whitened over the
-    batch's tokens with ``c.whiten_advantages``; returns with ``c.lambda_critic``."""
-    r = token_rewards(batch.rewards, batch.mask, kl=kl, kl_coef=c.kl_coef)
+    reward at the last token, a process reward model's step rewards at their tokens (the outcome
+    is then the reward less their sum: the rule's share), minus ``c.kl_coef`` * ``kl`` per token;
+    GAE with ``c.lambda_actor`` (VAPO's per-length lambda with ``c.adaptive_lambda``), whitened
+    over the batch's tokens with ``c.whiten_advantages``; returns with ``c.lambda_critic``."""
+    process = batch.process_rewards
+    outcome = batch.rewards if process is None else batch.rewards - process.sum(-1)
+    r = token_rewards(outcome, batch.mask, process=process, kl=kl, kl_coef=c.kl_coef)
     lam = adaptive_lambda(batch.mask.sum(-1), c.alpha) if c.adaptive_lambda else c.lambda_actor
     adv, _ = gae(r, values, batch.mask, gamma=c.gamma, lam=lam)
     _, returns = gae(r, values, batch.mask, gamma=c.gamma, lam=c.lambda_critic)

@@ -55,6 +55,9 @@ class TrainBatch:
     # [N, S, layers, top_k] int64: the experts the engine routed each input position to (routing
     # replay, areal_like/weights/routing.py); None: the routers choose
     routes: torch.Tensor | None = None
+    # [N, T] float32: a process reward model's step rewards on their tokens (the trajectory's
+    # process_rewards metadata; ``rewards`` holds their sum); None: no row has any
+    process_rewards: torch.Tensor | None = None
 
     @property
     def n_seqs(self) -> int:
@@ -73,7 +76,9 @@ class TrainBatch:
                           output_lens=self.output_lens[idx], behav_logp=self.behav_logp[idx, :t],
                           mask=self.mask[idx, :t], rewards=self.rewards[idx],
                           group_ids=self.group_ids[idx], head_versions=self.head_versions,
-                          routes=None if self.routes is None else self.routes[idx, :s])
+                          routes=None if self.routes is None else self.routes[idx, :s],
+                          process_rewards=None if self.process_rewards is None
+                          else self.process_rewards[idx, :t])
 
     def to(self, device: torch.device) -> TrainBatch:
         """On ``device``; onto a GPU without waiting for it (pageable host memory is staged at
@@ -99,12 +104,16 @@ def groups_to_batch(groups: list[TrajectoryGroup],
     input_ids = np.full((n, s), PAD_ID, dtype=np.int64)
     behav = np.zeros((n, t_max), dtype=np.float32)
     mask = np.zeros((n, t_max), dtype=np.float32)
+    process = None
     for i, (_, t) in enumerate(trajs):
         p, o = p_lens[i], o_lens[i]
         input_ids[i, :p] = t.prompt_ids
         input_ids[i, p:p + o] = t.output_ids
         behav[i, :o] = t.behav_logp
         mask[i, :o] = t.loss_mask  # 0 on context tokens (multi-turn): no loss, no token count
+        for token, r in t.metadata.get("process_rewards", ()):  # checked: content_problem
+            process = np.zeros((n, t_max), dtype=np.float32) if process is None else process
+            process[i, token] += r
     return TrainBatch(
         routes=None if route_shape is None else batch_routes(trajs, s, route_shape),
         input_ids=torch.from_numpy(input_ids), prompt_lens=torch.from_numpy(p_lens),
@@ -113,6 +122,7 @@ def groups_to_batch(groups: list[TrajectoryGroup],
         rewards=torch.tensor([t.reward for _, t in trajs], dtype=torch.float32),
         group_ids=torch.tensor([gi for gi, _ in trajs], dtype=torch.long),
         head_versions=torch.tensor([g.head_version for g in groups], dtype=torch.long),
+        process_rewards=None if process is None else torch.from_numpy(process),
     )
 
 

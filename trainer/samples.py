@@ -3,7 +3,9 @@
 A pure function of the groups and a decoder (trainer rank 0 appends the rows every
 ``tracking.sample_every`` steps). Row keys: ``step``, ``policy_version``, ``prompt``,
 ``response``, ``reward``, ``versions`` (``[min, max]``), ``staleness``, ``finish_reason``; a
-multi-turn trajectory adds ``turns`` (of an agent episode's part: its calls), ``masked_share`` and
+reward model's adds the rule's ``rule_reward`` and a process reward model's ``process_rewards``
+(``[[token, reward], ...]``, rollout_server/ROLLOUT.md "Reward models"); a multi-turn
+trajectory adds ``turns`` (of an agent episode's part: its calls), ``masked_share`` and
 ``segments`` (runs of one source and version, ``{"source", "version", "text"}``).
 """
 
@@ -41,6 +43,9 @@ def sample_rows(groups: Sequence[TrajectoryGroup], version: int, k: int,
             "staleness": version - group.head_version,
             "finish_reason": t.finish_reason,
         })
+        for key in ("rule_reward", "process_rewards"):  # a reward model's (ROLLOUT.md)
+            if key in t.metadata:
+                rows[-1][key] = t.metadata[key]
         if multiturn:
             turns = t.metadata.get("turns", t.metadata.get("calls"))  # an agent's: its calls
             rows[-1].update(turns=turns, masked_share=float(1.0 - mask.mean()),

@@ -29,6 +29,13 @@ class RewardModelConfig:
     # rule's reward is kept in each trajectory's metadata as rule_reward either way)
     weight: float = 1.0
     rule_weight: float = 0.0  # the rule reward's weight in the sum above
+    # a process reward model: one score per step, each step's score the model's score of the text
+    # up to that step's end; the reward is weight * the steps' sum (+ the rule's), and each step's
+    # share lands on its last token as a token-level reward for the critic (trainer.critic)
+    process: bool = False
+    # process=true: the text that ends each step of a response (e.g. "\n\n"; a last step without it
+    # ends with the response)
+    step_delimiter: str = ""
 
     def __post_init__(self):
         choice(R + "kind", self.kind, KINDS)
@@ -37,6 +44,9 @@ class RewardModelConfig:
               self.device)
         check(R + "token", bool(self.token) == (self.kind == "causal_lm"),
               "set exactly when kind=causal_lm", self.token)
+        check(R + "step_delimiter", bool(self.step_delimiter) == self.process,
+              "set exactly when process=true (a process reward model scores each step)",
+              self.step_delimiter)
         for key in ("prompt", "response"):
             check(R + "template", "{" + key + "}" in self.template,
                   "a text holding {prompt} and {response}", self.template)

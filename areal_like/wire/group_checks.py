@@ -1,14 +1,17 @@
 """What a trajectory group must hold before anyone trains on it: at most the trajectories a group
 of the job holds, a non-empty prompt and output in every trajectory, a loss mask of 0s and 1s, at
 most the model's context in prompt and output together, token ids in ``[0, vocab_size)``, and
-behaviour log-probs that are finite and within ``[LOGP_MIN, LOGP_MAX]``. Why each:
-areal_like/DESIGN.md section 3.
+behaviour log-probs that are finite and within ``[LOGP_MIN, LOGP_MAX]``, and process rewards
+(a process reward model's ``process_rewards`` metadata, ``[[t, reward], ...]``) on output tokens
+with finite values. Why each: areal_like/DESIGN.md section 3.
 
 One check for two places: the buffer refuses such a group at admission and the trainer drops one
 that reaches it anyway. A reason's text up to the first ``:`` is its metric label.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -53,7 +56,7 @@ def content_problem(group: TrajectoryGroup, vocab_size: int, context: int = 0,
             return (f"over_context: trajectory {i} has {n} prompt and output tokens, more than the "
                     f"model's context of {context}")
         arrays += [t.prompt_ids, t.output_ids]
-    if (why := logp_problem(group)) is not None:
+    if (why := logp_problem(group) or process_problem(group)) is not None:
         return why
     if vocab_size <= 0 or not arrays:
         return None
@@ -62,6 +65,21 @@ def content_problem(group: TrajectoryGroup, vocab_size: int, context: int = 0,
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         return f"token_out_of_vocab: token id {bad} is outside [0, {vocab_size}) (model.vocab_size)"
+    return None
+
+
+def process_problem(group: TrajectoryGroup) -> str | None:
+    """Why a trajectory's ``process_rewards`` metadata cannot be trained on (None: absent, or
+    ``[t, reward]`` pairs with t an output token's index and a finite reward)."""
+    for i, t in enumerate(group.trajectories):
+        pairs = t.metadata.get("process_rewards", [])
+        ok = isinstance(pairs, list) and all(
+            isinstance(p, list | tuple) and len(p) == 2 and type(p[0]) is int
+            and 0 <= p[0] < t.n_tokens and isinstance(p[1], int | float) and math.isfinite(p[1])
+            for p in pairs)
+        if not ok:
+            return (f"bad_process_rewards: trajectory {i} has process_rewards other than [t, "
+                    f"reward] pairs with t in [0, {t.n_tokens}) and a finite reward")
     return None
 
 
