@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import child_env
 from tests.families import family_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,7 +46,9 @@ pytestmark = pytest.mark.slow
 
 
 def _cli(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd,
+    # child_env: the repository importable (task.reward_fn names tests.recipe_reward) without
+    # the editable install's path or a PYTHONPATH of the caller's
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=cwd, env=child_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 
