@@ -22,7 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import torch
-from vllm_kit import MODEL, PROMPTS, TOL, assert_served, engine_outputs, model_config
+from vllm_kit import MODEL, PROMPTS, TOL, assert_served, engine_logprobs, model_config
 
 from areal_like.net.distributed import free_port
 from areal_like.net.vllm_client import VLLMClient
@@ -91,7 +91,7 @@ def test_the_engine_log_probs_at_launch_are_the_trainers(vllm_server):
     async def scenario():
         async with VLLMClient(vllm_server.url, api_key=vllm_server.api_key) as client:
             for temperature in (0.7, 1.0):
-                assert_served(await engine_outputs(client, temperature), _model(0), temperature)
+                assert_served(await engine_logprobs(client, temperature), _model(0), temperature)
 
     asyncio.run(scenario())
 
@@ -101,11 +101,11 @@ def test_after_a_push_the_engine_samples_what_the_trainer_scores(vllm_server):
         async with _client(vllm_server) as client:
             await push(client, 11, seed=3)
             for temperature in (1.0, 0.7):
-                assert_served(await engine_outputs(client, temperature), _model(3), temperature)
+                assert_served(await engine_logprobs(client, temperature), _model(3), temperature)
             # temperature 0 is greedy; its log-probs are at temperature 1
-            assert_served(await engine_outputs(client, 0.0), _model(3), 1.0)
+            assert_served(await engine_logprobs(client, 0.0), _model(3), 1.0)
             await push(client, 12, seed=4, load_format=None)  # one broadcast per tensor
-            assert_served(await engine_outputs(client, 1.0), _model(4), 1.0)
+            assert_served(await engine_logprobs(client, 1.0), _model(4), 1.0)
 
     asyncio.run(scenario())
 

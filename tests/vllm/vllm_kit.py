@@ -1,33 +1,25 @@
-"""Helpers of the vLLM tier (tests/vllm): the model it serves (the SGLang tier's tiny Qwen2), the
-engine flags a cpu_vllm job passes, and starting a server through the rollout server's launch
-path."""
+"""Helpers of the vLLM tier (tests/vllm): the engine flags a cpu_vllm job passes and starting a
+server through the rollout server's launch path; the model (the SGLang tier's tiny Qwen2) and
+checks are ``tests/engine_kit.py``."""
 
 from __future__ import annotations
 
-import secrets
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from areal_like.settings.config import EngineConfig, ModelConfig, load_config
+from areal_like.settings.config import EngineConfig, load_config
 from rollout_server.launch_vllm import VLLMProcess
-from trainer.logprob_guard import trainer_logprobs
-
-# The quickstart's tiny Qwen2 (configs/model/tiny.yaml, char tokenizer), as tests/sglang serves.
-MODEL = dict(
-    vocab_size=104,
-    hidden_size=128,
-    intermediate_size=256,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=4096,
-    dtype="float32",
+from tests.engine_kit import (  # noqa: F401 - the tier's tests import them from here
+    MODEL,
+    PROMPTS,
+    TOL,
+    Server,
+    assert_served,
+    engine_logprobs,
+    model_config,
+    save_model,
+    start,
 )
-
-PROMPTS = [[1, 20, 21, 22, 23], [1, 40, 41], [1, 60, 61, 62, 63, 64, 65]]
-TOL = 1e-4  # float32 on both sides; vLLM's CPU attention vs transformers' sdpa
 
 
 def cpu_engine(**vllm) -> EngineConfig:
@@ -36,49 +28,5 @@ def cpu_engine(**vllm) -> EngineConfig:
     return replace(engine, vllm={**engine.vllm, **vllm})
 
 
-def model_config(path: Path | str | None = None, **over) -> ModelConfig:
-    return ModelConfig(**{**MODEL, **over}, path=str(path) if path else None)
-
-
-def save_model(path: Path, init_seed: int = 0) -> Path:
-    """A Hugging Face directory of the tiny model built with ``init_seed``, char tokenizer."""
-    from areal_like.tasks.tokenizer import char_tokenizer
-    from areal_like.weights.hf import build_model
-
-    build_model(model_config(init_seed=init_seed)).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return path
-
-
-@dataclass
-class Server:
-    proc: VLLMProcess
-    model_dir: Path
-    api_key: str
-
-    @property
-    def url(self) -> str:
-        return self.proc.url
-
-
 def start_server(model_dir: Path, log_path: Path, **vllm) -> Server:
-    key = secrets.token_hex(16)
-    proc = VLLMProcess(model_config(model_dir), cpu_engine(**vllm), log_path=str(log_path),
-                       api_key=key)
-    return Server(proc=proc.start(), model_dir=model_dir, api_key=key)
-
-
-async def engine_outputs(client, temperature: float, tokens: int = 24) -> list:
-    """The engine's generations for ``PROMPTS`` (``tokens`` each, at ``temperature``)."""
-    sp = {"max_new_tokens": tokens, "temperature": temperature, "top_p": 1.0, "top_k": -1,
-          "ignore_eos": True}
-    return [await client.generate(p, sp) for p in PROMPTS]
-
-
-def assert_served(outs, model, temperature: float) -> None:
-    """Every sampled token's engine log-prob is the trainer's for ``model`` at ``temperature``."""
-    for prompt, out in zip(PROMPTS, outs):
-        assert out.output_ids, f"no token for prompt {prompt}"
-        mine = trainer_logprobs(model, prompt, out.output_ids, temperature, torch.device("cpu"))
-        worst = max(abs(a - b) for a, b in zip(out.logprobs, mine))
-        assert worst < TOL, f"engine and trainer differ by {worst:.2e} (prompt {prompt})"
+    return start(VLLMProcess, cpu_engine(**vllm), model_dir, log_path)
