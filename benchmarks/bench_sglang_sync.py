@@ -128,7 +128,7 @@ async def used_tokens(client) -> int:
 
 async def one_version(client, sender, p, mode: str) -> dict:
     """Apply one version under load; the three timings of it (module docstring)."""
-    from rollout_server.weight_update import apply_weight_sync
+    from areal_like.weights.engine_sync import apply_weight_sync
 
     t0 = time.perf_counter()
     sender.stdin.write(json.dumps([b.names for b in p.buckets]) + "\n")
@@ -217,7 +217,7 @@ async def run_case(server, args, mode: str, bucket_mb: float, first_version: int
 
 async def _form(client, sender, p, mode: str) -> dict:
     """The warm-up version, which forms the group (abort mode: the group is its point)."""
-    from rollout_server.weight_update import apply_weight_sync
+    from areal_like.weights.engine_sync import apply_weight_sync
 
     done = await apply_weight_sync(client, p, "bench", door=True, pause_mode="abort")
     assert (await asyncio.to_thread(sender.stdout.readline)).strip() == "joined"

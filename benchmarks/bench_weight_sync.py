@@ -6,7 +6,7 @@ Three processes on loopback. Rank 0 plays trainer rank 0: it builds a Qwen2
 parameters, ~96 MB) and sends it in the buckets of ``areal_like.wire.weight_wire.plan_buckets`` (64
 MB). Ranks 1-2 each run a real ``EmbeddedEngine`` (HTTP server, scheduler, ``WeightUpdater``) with a
 differently initialised copy of the model, and apply every sync exactly as a rollout server does:
-``rollout_server.weight_update.apply_weight_sync`` over ``SGLangClient`` (``/pause_generation``,
+``areal_like.weights.engine_sync.apply_weight_sync`` over ``SGLangClient`` (``/pause_generation``,
 ``/begin_weight_update``, one ``/update_weights_from_distributed`` per bucket,
 ``/end_weight_update``, ``/continue_generation``). The weight group is formed once, as in a real run
 (``/init_weights_update_group`` + rank 0's join).
@@ -135,9 +135,9 @@ async def receiver_trials(args: argparse.Namespace, rank: int, wport: int, bucke
     import torch.distributed as dist
 
     from areal_like.net.sglang_client import SGLangClient
+    from areal_like.weights.engine_sync import apply_weight_sync
     from areal_like.wire.protocol import SyncMember, WeightSyncPlan
     from areal_like.wire.weight_wire import FLATTENED
-    from rollout_server.weight_update import apply_weight_sync
 
     last_update = [0.0]
 

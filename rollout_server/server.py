@@ -46,6 +46,13 @@ from areal_like.net.vllm_client import engine_client
 from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import load_tokenizer
+from areal_like.weights.engine_sync import (
+    answer,
+    apply_adapter_sync,
+    apply_weight_sync,
+    engine_versions,
+    require_local_engine,
+)
 from areal_like.weights.versions import RuntimeVersions
 from areal_like.wire.protocol import (
     Ack,
@@ -67,13 +74,6 @@ from rollout_server.facts import RolloutFacts
 from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
-from rollout_server.weight_update import (
-    answer,
-    apply_adapter_sync,
-    apply_weight_sync,
-    engine_versions,
-    require_local_engine,
-)
 
 # the main loop also wakes on events; the tick only bounds reaction to stop requests
 LOOP_TICK_S = 0.2

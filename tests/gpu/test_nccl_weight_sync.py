@@ -2,7 +2,7 @@
 CUDA).
 
 The real buffer daemon, one embedded engine on CUDA (bf16), one rollout-server stand-in applying
-plans with ``rollout_server.weight_update.apply_weight_sync``, and a world-size-1 trainer on CUDA
+plans with ``areal_like.weights.engine_sync.apply_weight_sync``, and a world-size-1 trainer on CUDA
 pushing with ``WeightBroadcaster``. With two GPUs the engine runs on GPU 0 and the trainer on GPU 1
 over NCCL; with one GPU both share it and the group uses gloo on CUDA tensors (NCCL refuses two
 ranks on one device). Checks: the engine's weights equal the trainer's full state exactly (bf16

@@ -60,9 +60,9 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
     import torch
 
     from areal_like.net.sglang_client import SGLangClient
+    from areal_like.weights.engine_sync import apply_weight_sync
     from areal_like.weights.hf import build_model
     from rollout_server.episode import generate_sample
-    from rollout_server.weight_update import apply_weight_sync
 
     two_gpus = torch.cuda.device_count() >= 2
     state = build_model(ModelConfig(**MODEL, init_seed=1)).state_dict()

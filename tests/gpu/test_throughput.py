@@ -221,9 +221,9 @@ def test_peak_memory_against_the_estimate(trained, figure, checkpointing):
 
 def test_weight_sync_seconds(engine, figure):
     from areal_like.net.sglang_client import SGLangClient
+    from areal_like.weights.engine_sync import apply_weight_sync
     from areal_like.wire.protocol import SyncMember, WeightSyncPlan
     from areal_like.wire.weight_wire import plan_buckets
-    from rollout_server.weight_update import apply_weight_sync
 
     named = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
     buckets = plan_buckets([(n, s, "bfloat16") for n, s in named], BUCKET_BYTES)

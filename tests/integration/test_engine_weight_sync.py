@@ -27,12 +27,12 @@ from areal_like.net.distributed import free_port
 from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.tasks.tokenizer import char_tokenizer
+from areal_like.weights.engine_sync import apply_weight_sync
 from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.wire.weight_wire import plan_buckets
 from benchmarks.weight_checksum import state_checksum
 from rollout_server.engine import EmbeddedEngine
-from rollout_server.weight_update import apply_weight_sync
 
 HTTP_TIMEOUT_S = 180.0  # init_weights_update_group waits for the sender's imports under load
 PROCESS_START_S = 180.0

@@ -36,10 +36,10 @@ import torch
 from areal_like.net.distributed import free_port
 from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
+from areal_like.weights.engine_sync import apply_weight_sync
 from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from rollout_server.episode import generate_sample
-from rollout_server.weight_update import apply_weight_sync
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = {"max_position_embeddings": 512}

@@ -43,8 +43,8 @@ from areal_like.net.distributed import free_port
 from areal_like.net.metrics import scrape
 from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.settings.config import EngineConfig, ModelConfig
+from areal_like.weights.engine_sync import apply_weight_sync
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
-from rollout_server.weight_update import apply_weight_sync
 
 SGLANG_PIN = "0.5.23"
 CACHE = Path(os.environ.get("AREAL_LIKE_CACHE", Path.home() / ".cache" / "areal_like")) / "sglang"

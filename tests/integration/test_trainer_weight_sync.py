@@ -4,7 +4,7 @@ Processes: the real buffer daemon, two embedded engines (``python -m``-style wra
 also write a SHA-256 of their weights whenever their weight_version changes), two trainer ranks
 (torchrun environment, gloo). The rollout-server side is played by two small drivers in this
 test process that register with the buffer, heartbeat, and apply plans with the real
-``rollout_server.weight_update.apply_weight_sync``.
+``areal_like.weights.engine_sync.apply_weight_sync``.
 
 Checks:
 - v1: both engines hold exactly the trainer's full state (SHA-256 of every parameter's bytes) and
@@ -135,8 +135,8 @@ def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at
     mid-sync."""
     from areal_like.net.dealer import Client
     from areal_like.net.sglang_client import SGLangClient
+    from areal_like.weights.engine_sync import apply_weight_sync
     from areal_like.wire.protocol import Heartbeat, Register
-    from rollout_server.weight_update import apply_weight_sync
 
     async def main() -> None:
         client = Client(address, timeout_s=10)

@@ -4,7 +4,7 @@
 ``test_trainer_weight_sync.engine_role``: it writes the SHA-256 of its weights whenever its
 served version changes) and returns their URLs; ``Driver`` plays a rollout server in a thread of
 the test process (Register, Heartbeat, and each plan applied with the real
-``rollout_server.weight_update.apply_weight_sync``); ``start_pusher`` starts a world-size-1
+``areal_like.weights.engine_sync.apply_weight_sync``); ``start_pusher`` starts a world-size-1
 trainer (``tests/weight_pusher.py``) that pushes the given versions.
 
 A ``Driver`` applies each plan once, told apart by ``plan_id`` (a re-push of the same version is
@@ -127,8 +127,8 @@ class Driver(threading.Thread):
 
     async def _main(self) -> None:
         from areal_like.net.dealer import Client
+        from areal_like.weights.engine_sync import apply_weight_sync
         from areal_like.wire.protocol import Heartbeat, Register
-        from rollout_server.weight_update import apply_weight_sync
 
         client = Client(self.address, timeout_s=10)
         sg = _faulty_client(self.url, self.fault, self.pid, self.killed,

@@ -1,7 +1,7 @@
 """LoRA with the real SGLang on CPU: an SGLang server started for a job with ``trainer.lora``
 (rollout_server/launch_sglang.py: ``--enable-lora``, the job's rank and target modules, the
 ``torch_native`` LoRA kernels) gets each version's adapter alone (trainer/weight_local.py's disk
-path: a PEFT directory; rollout_server/weight_update.py's ``apply_adapter_sync``) and then samples
+path: a PEFT directory; areal_like/weights/engine_sync.py's ``apply_adapter_sync``) and then samples
 what the trainer's model WITH that adapter scores, not what the base scores; a second adapter
 changes them again; a sync in the middle of a generation labels every token with the adapter that
 sampled it.
@@ -21,13 +21,13 @@ from test_sglang_weights import _until_decoding
 
 from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import LoraConfig, WeightSyncConfig
+from areal_like.weights.engine_sync import apply_adapter_sync
 from areal_like.weights.hf import build_model
 from areal_like.weights.lora import add_adapters, served_name
 from areal_like.wire.protocol import WeightSyncPlan
 from rollout_server.engine_reaper import shm_files
 from rollout_server.episode import generate_sample
 from rollout_server.launch_sglang import SGLangProcess
-from rollout_server.weight_update import apply_adapter_sync
 from trainer.logprob_guard import PROBE_TEXT, compare_logprobs, probe_engine, trainer_logprobs
 from trainer.weight_buckets import PushTensors
 from trainer.weight_local import DiskSender

@@ -356,7 +356,7 @@ OK = (200, {"success": True, "message": "ok"})
 
 
 def test_weight_sync_follows_the_contract_in_order():
-    from rollout_server.weight_update import apply_weight_sync
+    from areal_like.weights.engine_sync import apply_weight_sync
 
     async def body(server, client):
         for path in ("/destroy_weights_update_group", "/init_weights_update_group",
@@ -406,7 +406,7 @@ def test_weight_sync_follows_the_contract_in_order():
 
 
 def test_a_failed_sync_reports_the_reason_and_always_continues():
-    from rollout_server.weight_update import apply_weight_sync
+    from areal_like.weights.engine_sync import apply_weight_sync
 
     async def body(server, client):
         server.script["/pause_generation"] = [OK]

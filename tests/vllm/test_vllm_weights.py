@@ -26,11 +26,11 @@ from vllm_kit import MODEL, PROMPTS, TOL, assert_served, engine_logprobs, model_
 
 from areal_like.net.distributed import free_port
 from areal_like.net.vllm_client import VLLMClient
+from areal_like.weights.engine_sync import apply_weight_sync
 from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.wire.weight_wire import FLATTENED
 from rollout_server.episode import generate_sample
-from rollout_server.weight_update import apply_weight_sync
 from trainer.logprob_guard import trainer_logprobs
 
 REPO = Path(__file__).resolve().parents[2]

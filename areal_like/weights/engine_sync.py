@@ -1,4 +1,6 @@
-"""A rollout server's side of a weight sync (phases 2-5 of areal_like/DESIGN.md section 4).
+"""An engine's side of a weight sync (phases 2-5 of areal_like/DESIGN.md section 4), in the shared
+core so that whoever drives the engine imports it: the rollout server today, the trainer in the
+design of trainer/WEIGHT_SYNC.md ("Where this is going").
 
 ``apply_weight_sync`` drives this server's engine through one ``WeightSyncPlan`` in the order of
 rollout_server/ROLLOUT.md, "Weight sync" (how each ``plan.path`` loads: ``RECEIVERS``);
