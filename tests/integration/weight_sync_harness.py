@@ -8,10 +8,10 @@ the test process (Register, Heartbeat, and each plan applied with the real
 trainer (``tests/weight_pusher.py``) that pushes the given versions.
 
 A ``Driver`` applies each plan once, told apart by ``plan_id`` (a re-push of the same version is
-a new plan), and keeps every attempt in ``attempts``. A ``Driver`` with ``fault`` kills its engine
-with SIGKILL, by PID, at one point of the first plan it applies, then stops as a dead rollout server
-does (no ``SyncDone``, no more heartbeats, so the buffer expires it after
-``buffer.heartbeat_timeout_s``):
+a new plan), and keeps every attempt in ``attempts``. A ``Driver`` with ``fault`` puts a
+``FaultProxy`` in front of its engine, which kills it with SIGKILL, by PID, at one point of the
+first push it sees; the Driver then stops as a dead rollout server does (no ``SyncDone``, no more
+heartbeats, so the buffer expires it after ``buffer.heartbeat_timeout_s``):
 
 * ``"rendezvous"``: as it is about to join the group: the engine dies before its
   ``/init_weights_update_group`` reaches it, so it never joins and the group cannot form;
@@ -26,6 +26,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -66,34 +67,76 @@ def start_pusher(spawn_python, cfg_path: Path, out: Path, pushes: list[dict]):
     return spawn_python(RUNNER, [PUSHER, cfg_path, out, json.dumps(pushes)], capture=False)
 
 
-def _faulty_client(url: str, fault: str | None, pid: int | None, killed: threading.Event,
-                   group: bool = False, api_key: str | None = None):
-    from areal_like.net.sglang_client import SGLangClient
+# fault -> (the engine route it fires at, whether before the call reaches the engine)
+FAULT_AT = {"rendezvous": ("/init_weights_update_group", True),
+            "bucket": ("/update_weights_from_distributed", False),
+            "done": ("/end_weight_update", False)}
 
-    def kill() -> None:
-        if not killed.is_set():
-            killed.set()
-            (os.killpg if group else os.kill)(pid, signal.SIGKILL)
 
-    class FaultyClient(SGLangClient):
-        async def init_weights_update_group(self, **kw) -> None:
-            if fault == "rendezvous":
-                # the join below then finds no engine: this member never reaches the rendezvous
-                kill()
-            return await super().init_weights_update_group(**kw)
+class FaultProxy:
+    """An HTTP proxy in front of one engine that kills it (SIGKILL by PID; ``group``: its process
+    group) at ``fault``. Whoever drives the engine sees only its URL (``url``), so the fault does
+    not depend on who sends the weight-sync calls (trainer/WEIGHT_SYNC.md, "Where this is
+    going")."""
 
-        async def update_weights_from_distributed(self, **kw) -> None:
-            await super().update_weights_from_distributed(**kw)
-            if fault == "bucket":
-                kill()
+    def __init__(self, target: str, fault: str, pid: int, killed: threading.Event,
+                 group: bool = False):
+        self.target, self.fault, self.pid, self.killed, self.group = (
+            target.rstrip("/"), fault, pid, killed, group)
+        self.ready = threading.Event()
+        self.url = ""
+        self.thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True,
+                                       name=f"fault-proxy-{fault}")
+        self.thread.start()
+        if not self.ready.wait(10):
+            raise RuntimeError("the fault proxy did not start")
 
-        async def end_weight_update(self, **kw) -> bool:
-            ok = await super().end_weight_update(**kw)
-            if fault == "done":
-                kill()
-            return ok
+    def kill(self) -> None:
+        if not self.killed.is_set():
+            self.killed.set()
+            (os.killpg if self.group else os.kill)(self.pid, signal.SIGKILL)
 
-    return FaultyClient(url, api_key=api_key, timeout_s=60)
+    async def _forward(self, request):
+        import aiohttp
+        from aiohttp import web
+
+        route, before = FAULT_AT[self.fault]
+        hit = request.path == route
+        if hit and before:
+            self.kill()  # the call then finds no engine: it never reaches the rendezvous
+        headers = {k: v for k, v in request.headers.items()
+                   if k.lower() in ("authorization", "content-type")}
+        try:
+            async with aiohttp.ClientSession() as session, session.request(
+                    request.method, self.target + request.path_qs, headers=headers,
+                    data=await request.read()) as answer:
+                body, status = await answer.read(), answer.status
+                kind = answer.headers.get("Content-Type", "application/json")
+        except aiohttp.ClientError as e:
+            return web.Response(status=502, text=f"fault proxy: {e}")
+        if hit and not before and status == 200:
+            self.kill()
+        return web.Response(status=status, body=body, headers={"Content-Type": kind})
+
+    async def _serve(self) -> None:
+        from aiohttp import web
+
+        app = web.Application(client_max_size=1 << 30)
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        await web.SockSite(runner, sock).start()
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.loop, self.stopped = asyncio.get_running_loop(), asyncio.Event()
+        self.ready.set()
+        await self.stopped.wait()
+        await runner.cleanup()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.stopped.set)
+        self.thread.join(10)
 
 
 class Driver(threading.Thread):
@@ -127,13 +170,16 @@ class Driver(threading.Thread):
 
     async def _main(self) -> None:
         from areal_like.net.dealer import Client
+        from areal_like.net.sglang_client import SGLangClient
         from areal_like.weights.engine_sync import apply_weight_sync
         from areal_like.wire.protocol import Heartbeat, Register
 
         client = Client(self.address, timeout_s=10)
-        sg = _faulty_client(self.url, self.fault, self.pid, self.killed,
-                            group=self.sglang is not None, api_key=self.sglang)
-        client.request(Register(server_id=self.server_id, engine_url=self.url, engine_ranks=1,
+        proxy = None if self.fault is None else FaultProxy(
+            self.url, self.fault, self.pid, self.killed, group=self.sglang is not None)
+        url = self.url if proxy is None else proxy.url
+        sg = SGLangClient(url, api_key=self.sglang, timeout_s=60)
+        client.request(Register(server_id=self.server_id, engine_url=url, engine_ranks=1,
                                 policy_version=0, fresh=self.fresh, incarnation=self.incarnation))
         served, handled, applying, applying_plan = 0, set(), None, (0, "", 0.0)
         try:
@@ -163,6 +209,8 @@ class Driver(threading.Thread):
                 await asyncio.gather(applying, return_exceptions=True)
             await sg.close()
             client.close()
+            if proxy is not None:
+                proxy.close()
 
 
 def engine_at(tmp_path: Path, sid: str, version: int):
