@@ -15,7 +15,8 @@ Invariants:
   that sends a heartbeat at once. Each plan taken up is applied once (declined while
   evaluating) and answered by its ``SyncDone``, sent again only while unanswered; one superseded by
   a newer plan before the loop took it up is neither;
-* ``policy_version`` is the version the engine serves: updated only by a successful sync;
+* ``policy_version`` is the version the engine serves: set by a successful sync and read from
+  the engine before each heartbeat (whoever loaded it, trainer/WEIGHT_SYNC.md);
 * after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``, else
   this server stops (exit 1, the wedged engine killed with it) for its supervisor to restart it
   with a fresh engine; an engine attached by URL is only reported.
@@ -89,6 +90,8 @@ MAX_EPISODE_FAILURES = 5  # consecutive failed episodes (engine errors): the eng
 # a failure recorded with a launched engine: how long its exit may take to show (the kernel closes
 # a killed process's sockets before its parent can reap it)
 ENGINE_EXIT_GRACE_S = 2.0
+# before a heartbeat: the engine's version label, read within this (else the last one stands)
+ENGINE_VERSION_READ_S = 2.0
 ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must answer within this
 SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a failure: WARNING)
 # plans remembered as handled: the buffer offers only its current plan (a new one each version),
@@ -440,7 +443,21 @@ class RolloutServer(Daemon):
             self.beat_now.clear()  # a hint arriving during this heartbeat asks for another
             await self.heartbeat()
 
+    async def read_engine_version(self) -> None:
+        """The version the engine labels its tokens with, whoever loaded it; a busy engine that
+        does not answer in ``ENGINE_VERSION_READ_S`` keeps the last one read (a wedged one is
+        the failed sync's probe's)."""
+        try:
+            label = await asyncio.wait_for(self.client.weight_version(), ENGINE_VERSION_READ_S)
+        except (SGLangError, asyncio.TimeoutError):
+            return
+        if (version := as_version(label, self.policy_version)) != self.policy_version:
+            self.policy_version = version
+            self.metrics.gauge("rollout/policy_version",
+                               "version the engine serves").set(self.policy_version)
+
     async def heartbeat(self) -> None:
+        await self.read_engine_version()
         msg = Heartbeat(server_id=self.server_id, policy_version=self.policy_version,
                         in_flight=len(self.episodes), evaluating=self.evaluating,
                         incarnation=self.incarnation)

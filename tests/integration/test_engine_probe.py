@@ -172,3 +172,41 @@ def test_an_engine_killed_under_many_groups_stops_the_server_naming_the_engine(
     log = (tmp_path / "server.log").read_text()
     assert re.search(r"its SGLang engine \(pid \d+\) exited with code -9", log), log[-3000:]
     assert "episodes failed in a row" not in log, log[-3000:]
+
+
+def _roster_version(cfg) -> int | None:
+    from areal_like.net.dealer import Client
+    from areal_like.wire.protocol import RosterRequest
+
+    client = Client(cfg.buffer.address, timeout_s=10)
+    try:
+        members = client.request(RosterRequest()).members
+    finally:
+        client.close()
+    return members[0].policy_version if members else None
+
+
+@pytest.mark.timeout(360)
+def test_the_server_reports_the_version_its_engine_serves_whoever_loaded_it(
+        tmp_path, spawn_python, free_port, wait_until):
+    """A version loaded into the engine by someone else than its rollout server (here from the
+    model's directory; the trainer, in trainer/WEIGHT_SYNC.md's design) reaches the buffer's
+    roster through the server's next heartbeat: the server reads its engine's label."""
+    import asyncio
+
+    from areal_like.net.auth import engine_api_key
+    from areal_like.net.sglang_client import SGLangClient
+
+    cfg, *_ = _start(tmp_path, spawn_python, free_port, wait_until)
+    url = wait_until(lambda: _roster_url(cfg), 60, 0.2, "the server's registration")
+    assert _roster_version(cfg) == 0
+
+    async def relabel() -> None:
+        client = SGLangClient(url, api_key=engine_api_key(tmp_path))
+        try:
+            await client.update_weights_from_disk(str(tmp_path / "model"), weight_version="7")
+        finally:
+            await client.close()
+
+    asyncio.run(relabel())
+    wait_until(lambda: _roster_version(cfg) == 7, 60, 0.2, "version 7 in the roster")
