@@ -1,0 +1,92 @@
+"""Rank 0 drives the engines of one push itself (trainer/WEIGHT_SYNC.md, "Where this is going"):
+one task per member runs the engine side (``areal_like/weights/engine_sync.py``: pause, join,
+load, continue) against that member's engine, on a loop thread of its own, while the push thread
+broadcasts.
+
+Invariants:
+- every task is bounded by the plan's ``deadline_s`` (the engine side's own bound) and answers a
+  ``SyncDone``, never an exception: a member that fails or misses the deadline is a failed result;
+- ``failed`` never waits, ``wait`` returns by its deadline (the members not done then are missing
+  from its answer);
+- one client per engine URL lives as long as the drive (its connections, and the state a client
+  keeps between calls of one sync: vLLM's version label, SGLang's adapter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections.abc import Callable
+
+from areal_like.net.sglang_client import SGLangClient
+from areal_like.net.vllm_client import engine_client
+from areal_like.weights.engine_sync import answer, apply_weight_sync
+from areal_like.wire.protocol import SyncDone, WeightSyncPlan
+
+WAIT_SLICE_S = 0.05  # ``wait`` looks at its stop request this often
+CLOSE_TIMEOUT_S = 5.0  # the clients' connections are closed within this
+
+
+class EngineDrive:
+    """The engines of the pushes of one trainer (rank 0): ``start`` one plan, ``failed`` while it
+    runs, ``wait`` for its results; ``close`` at the end."""
+
+    def __init__(self, *, kind: str = "embedded", engine_key: str | None = None,
+                 pause_mode: str = "retract", door: bool | None = None):
+        self.kind, self.engine_key, self.pause_mode = kind, engine_key, pause_mode
+        # torch's own join needs a door beside the engine (SGLang, vLLM); the embedded engine
+        # opens its own
+        self.door = kind != "embedded" if door is None else door
+        self.clients: dict[str, SGLangClient] = {}
+        self.runs: dict[str, concurrent.futures.Future] = {}
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="engine-drive",
+                                       daemon=True)
+        self.thread.start()
+
+    def start(self, plan: WeightSyncPlan, urls: dict[str, str]) -> None:
+        """Run ``plan`` on each member's engine (``urls``: server id -> engine URL)."""
+        self.runs = {m.server_id: asyncio.run_coroutine_threadsafe(
+            self._one(plan, m.server_id, urls.get(m.server_id)), self.loop)
+            for m in plan.members}
+
+    async def _one(self, plan: WeightSyncPlan, server_id: str, url: str | None) -> SyncDone:
+        if not url:
+            return answer(plan, server_id, "no engine URL in the roster")
+        client = self.clients.get(url)
+        if client is None:
+            client = self.clients[url] = engine_client(self.kind, url, api_key=self.engine_key)
+        return await apply_weight_sync(client, plan, server_id, door=self.door,
+                                       door_key=self.engine_key, pause_mode=self.pause_mode)
+
+    def failed(self) -> list[str]:
+        """The members whose sync already ended without loading the version."""
+        return sorted(s for s, f in self.runs.items() if f.done() and not f.result().ok)
+
+    def wait(self, deadline: float, should_stop: Callable[[], bool] = lambda: False
+             ) -> dict[str, SyncDone]:
+        """Every member's result, waiting until ``deadline`` (``time.monotonic()``) or a stop at
+        most; a member not done by then is missing."""
+        pending = set(self.runs.values())
+        while pending and not should_stop() and (left := deadline - time.monotonic()) > 0:
+            _, pending = concurrent.futures.wait(pending, timeout=min(WAIT_SLICE_S, left))
+        return {s: f.result() for s, f in self.runs.items() if f.done()}
+
+    def close(self) -> None:
+        for run in self.runs.values():
+            run.cancel()
+
+        async def close_clients() -> None:
+            await asyncio.gather(*(c.close() for c in self.clients.values()),
+                                 return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(close_clients(), self.loop).result(CLOSE_TIMEOUT_S)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(CLOSE_TIMEOUT_S)
+            if not self.thread.is_alive():
+                self.loop.close()
+            self.clients.clear()
