@@ -16,7 +16,8 @@ Invariants:
   evaluating) and answered by its ``SyncDone``, sent again only while unanswered; one superseded by
   a newer plan before the loop took it up is neither;
 * ``policy_version`` is the version the engine serves: set by a successful sync and read from
-  the engine after each heartbeat (whoever loaded it, trainer/WEIGHT_SYNC.md);
+  the engine after each heartbeat but while its own sync is pending (whoever loaded it,
+  trainer/WEIGHT_SYNC.md);
 * after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``, else
   this server stops (exit 1, the wedged engine killed with it) for its supervisor to restart it
   with a fresh engine; an engine attached by URL is only reported.
@@ -475,8 +476,10 @@ class RolloutServer(Daemon):
             self.link.resend_all()
         if ack.pending_plan is not None:
             self.offer_plan(ack.pending_plan)
-        # after the round trip, for the next heartbeat: a plan's hand-out never waits on the engine
-        await self.read_engine_version()
+        elif not self.syncing and self.plan is None:
+            # for the next heartbeat, after this one's round trip (a plan's hand-out never waits
+            # on the engine) and never during our own sync (it sets the version itself)
+            await self.read_engine_version()
 
     async def leave(self) -> None:
         """Tell the buffer this server stops (its leases go to the others, a weight sync stops
