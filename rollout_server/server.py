@@ -16,7 +16,7 @@ Invariants:
   evaluating) and answered by its ``SyncDone``, sent again only while unanswered; one superseded by
   a newer plan before the loop took it up is neither;
 * ``policy_version`` is the version the engine serves: set by a successful sync and read from
-  the engine after each heartbeat but while its own sync is pending (whoever loaded it,
+  the engine after each heartbeat except while its own sync is pending (whoever loaded it,
   trainer/WEIGHT_SYNC.md);
 * after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``, else
   this server stops (exit 1, the wedged engine killed with it) for its supervisor to restart it
