@@ -1,7 +1,9 @@
 """A world-size-1 trainer for weight-sync tests: the real ``WeightBroadcaster`` pushing a tiny
 model.
 
-Run as ``python weight_pusher.py <config.yaml> <out_dir> '<json pushes>'``; each push is
+Run as ``python weight_pusher.py <config.yaml> <out_dir> '<json pushes>' [--drive]`` (``--drive``:
+this process drives the members' engines, ``trainer/engine_drive.py``, instead of relaying each
+plan through the buffer to their rollout servers); each push is
 ``{"version": int, "members": int, "path": str (optional), "after": str (optional), "overlap": bool
 (optional: ``push(wait=False)``, then every weight += 1000 at once, as an optimizer step would
 move them while the push finishes)}``. Per push:
@@ -30,10 +32,12 @@ from areal_like.net.dealer import Client  # noqa: E402
 from areal_like.settings.config import load_daemon_config  # noqa: E402
 from areal_like.weights.hf import build_model  # noqa: E402
 from areal_like.wire.protocol import RosterRequest  # noqa: E402
+from trainer.engine_drive import EngineDrive  # noqa: E402
 from trainer.weight_sync import WeightBroadcaster  # noqa: E402
 
 # run directly, or through runpy (which leaves its own argv first)
-cfg_path, out_dir, pushes = sys.argv[-3:]
+drive = "--drive" in sys.argv
+cfg_path, out_dir, pushes = [a for a in sys.argv if a != "--drive"][-3:]
 cfg = load_daemon_config(["--config-file", cfg_path])
 out = Path(out_dir)
 # cuda: the tensor path's payloads are CUDA IPC handles
@@ -41,9 +45,12 @@ model = build_model(cfg.model, device=cfg.trainer.device)
 
 
 def broadcaster(path: str) -> WeightBroadcaster:
+    engines = EngineDrive(kind=cfg.rollout.engine.kind,
+                          pause_mode=cfg.rollout.pause_mode) if drive else None
     return WeightBroadcaster(replace(cfg.trainer.weight_sync, path=path),
                              buffer_address=cfg.buffer.address, rank=0,
-                             device=torch.device(cfg.trainer.device), send_dtype=cfg.model.dtype)
+                             device=torch.device(cfg.trainer.device), send_dtype=cfg.model.dtype,
+                             drive=engines)
 
 
 path = cfg.trainer.weight_sync.path

@@ -8,6 +8,8 @@ Invariants:
   ``SyncDone``, never an exception: a member that fails or misses the deadline is a failed result;
 - ``failed`` never waits, ``wait`` returns by its deadline (the members not done then are missing
   from its answer);
+- a member is ``lost`` when its sync failed and its engine then did not answer ``/health``: the
+  survivors that missed the version with it get it again (``WeightBroadcaster``), the lost one not;
 - one client per engine URL lives as long as the drive (its connections, and the state a client
   keeps between calls of one sync: vLLM's version label, SGLang's adapter).
 """
@@ -26,12 +28,15 @@ from areal_like.weights.engine_sync import answer, apply_weight_sync
 from areal_like.wire.protocol import SyncDone, WeightSyncPlan
 
 WAIT_SLICE_S = 0.05  # ``wait`` looks at its stop request this often
+# after a failed sync: an engine that does not answer /health within this is lost (gone with its
+# node or process), not a survivor of another member's loss
+LOST_PROBE_S = 2.0
 CLOSE_TIMEOUT_S = 5.0  # the clients' connections are closed within this
 
 
 class EngineDrive:
     """The engines of the pushes of one trainer (rank 0): ``start`` one plan, ``failed`` while it
-    runs, ``wait`` for its results; ``close`` at the end."""
+    runs, ``wait`` for its results (``collect``: into a ``SyncReport``); ``close`` at the end."""
 
     def __init__(self, *, kind: str = "embedded", engine_key: str | None = None,
                  pause_mode: str = "retract", door: bool | None = None):
@@ -41,6 +46,7 @@ class EngineDrive:
         self.door = kind != "embedded" if door is None else door
         self.clients: dict[str, SGLangClient] = {}
         self.runs: dict[str, concurrent.futures.Future] = {}
+        self.unreachable: set[str] = set()  # of the last plan: see ``lost``
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine-drive",
                                        daemon=True)
@@ -48,6 +54,7 @@ class EngineDrive:
 
     def start(self, plan: WeightSyncPlan, urls: dict[str, str]) -> None:
         """Run ``plan`` on each member's engine (``urls``: server id -> engine URL)."""
+        self.unreachable = set()
         self.runs = {m.server_id: asyncio.run_coroutine_threadsafe(
             self._one(plan, m.server_id, urls.get(m.server_id)), self.loop)
             for m in plan.members}
@@ -58,12 +65,19 @@ class EngineDrive:
         client = self.clients.get(url)
         if client is None:
             client = self.clients[url] = engine_client(self.kind, url, api_key=self.engine_key)
-        return await apply_weight_sync(client, plan, server_id, door=self.door,
+        done = await apply_weight_sync(client, plan, server_id, door=self.door,
                                        door_key=self.engine_key, pause_mode=self.pause_mode)
+        if not done.ok and not await client.health(timeout_s=LOST_PROBE_S):
+            self.unreachable.add(server_id)
+        return done
 
     def failed(self) -> list[str]:
         """The members whose sync already ended without loading the version."""
         return sorted(s for s, f in self.runs.items() if f.done() and not f.result().ok)
+
+    def lost(self) -> set[str]:
+        """The members of the last plan whose sync failed and whose engine no longer answers."""
+        return set(self.unreachable)
 
     def wait(self, deadline: float, should_stop: Callable[[], bool] = lambda: False
              ) -> dict[str, SyncDone]:
@@ -73,6 +87,16 @@ class EngineDrive:
         while pending and not should_stop() and (left := deadline - time.monotonic()) > 0:
             _, pending = concurrent.futures.wait(pending, timeout=min(WAIT_SLICE_S, left))
         return {s: f.result() for s, f in self.runs.items() if f.done()}
+
+    def collect(self, report, deadline: float, should_stop: Callable[[], bool] = lambda: False
+                ) -> None:
+        """Fill ``report``'s ``done``, ``pause_s``, ``dropped`` and ``loaded`` from ``wait``: a
+        member not done by ``deadline`` (or a stop) is dropped."""
+        results = self.wait(deadline, should_stop)
+        report.done = sorted(s for s, d in results.items() if d.ok and s in report.members)
+        report.pause_s.update({s: d.pause_s for s, d in results.items()})
+        report.dropped = sorted(set(report.members) - set(report.done))
+        report.loaded = {s: report.plan_id for s in report.done}
 
     def close(self) -> None:
         for run in self.runs.values():

@@ -13,7 +13,14 @@ import time
 from collections.abc import Callable
 
 from areal_like.net.transport import TransportTimeout
-from areal_like.wire.protocol import Roster, RosterRequest, SyncStatus, SyncStatusRequest
+from areal_like.wire.protocol import (
+    Ack,
+    Roster,
+    RosterRequest,
+    SyncStatus,
+    SyncStatusRequest,
+    WeightSyncPlan,
+)
 
 log = logging.getLogger("trainer.weight_sync")
 
@@ -97,18 +104,21 @@ def await_registered(client, want: int, timeout_s: float, should_stop=lambda: Fa
 
 class RendezvousWatch:
     """``check`` for ``init_weight_group``: ``MembersLost`` once a member failed or left the roster,
-    ``TimeoutError`` at ``give_up``."""
+    ``TimeoutError`` at ``give_up``. ``failed``: the members whose sync already failed (default:
+    as the buffer has them reported)."""
 
-    def __init__(self, client, version: int, members: list[str], deadline: float, give_up: float):
+    def __init__(self, client, version: int, members: list[str], deadline: float, give_up: float,
+                 failed: Callable[[], list[str]] | None = None):
         self.client, self.version, self.members, self.deadline = (
             client, version, set(members), deadline)
         self.give_up = give_up
+        self.failed = failed or (lambda: failed_members(self.client, self.version))
 
     def __call__(self) -> None:
         if time.monotonic() >= self.give_up:
             raise TimeoutError(f"members {sorted(self.members)} did not all join by the push's "
                                f"deadline (less the reports' margin)")
-        lost = set(failed_members(self.client, self.version)) & self.members
+        lost = set(self.failed()) & self.members
         try:
             lost |= self.members - roster_ids(self.client, self.deadline)
         except TransportTimeout:
@@ -149,6 +159,37 @@ def await_members(client, version: int, report, deadline: float,
             time.sleep(next(periods))
     report.dropped = sorted(set(report.members) - set(report.done))
     report.loaded = {s: report.plan_id for s in report.done}
+
+
+class BufferRelay:
+    """The members' side of a push through the buffer: the plan is published there and handed to
+    each member's rollout server in its ``HeartbeatAck``; their reports are polled from it. The
+    interface of ``trainer/engine_drive.py`` ``EngineDrive`` (``start``, ``failed``, ``collect``,
+    ``lost``, ``close``), which drives the engines instead."""
+
+    def __init__(self, client):
+        self.client, self.version = client, -1
+
+    def start(self, plan: WeightSyncPlan, urls: dict[str, str]) -> None:
+        """Publish ``plan`` (``urls`` is not needed: each member's rollout server drives its own
+        engine)."""
+        ack = self.client.request(plan, timeout_s=max(0.5, min(BUFFER_REQUEST_TIMEOUT_S,
+                                                               plan.deadline_s)))
+        if not (isinstance(ack, Ack) and ack.status in ("ok", "accepted")):
+            raise RuntimeError(f"buffer refused the plan for version {plan.policy_version}: {ack}")
+        self.version = plan.policy_version
+
+    def failed(self) -> list[str]:
+        return failed_members(self.client, self.version)
+
+    def collect(self, report, deadline: float, should_stop: Callable[[], bool]) -> None:
+        await_members(self.client, self.version, report, deadline, should_stop)
+
+    def lost(self) -> set[str]:
+        return set()  # ``repush_targets`` learns who was lost from the roster
+
+    def close(self) -> None:
+        pass  # the buffer client is the broadcaster's
 
 
 def repush_targets(client, report, lost: set[str], deadline: float) -> list[str]:

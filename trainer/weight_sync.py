@@ -44,17 +44,16 @@ from areal_like.wire.protocol import (
     WeightSyncPlan,
 )
 from areal_like.wire.weight_wire import plan_buckets
+from trainer.engine_drive import EngineDrive
 from trainer.ranks import from_rank0
 from trainer.weight_buckets import PushTensors
 from trainer.weight_group import GroupSender
 from trainer.weight_local import DiskSender, TensorSender
 from trainer.weight_members import (
     BUFFER_REQUEST_TIMEOUT_S,
+    BufferRelay,
     MembersLost,
     RendezvousWatch,
-    await_members,
-    bounded,
-    failed_members,
     merge_repush,
     rendezvous_end,
     repush_targets,
@@ -104,7 +103,7 @@ class WeightBroadcaster:
     def __init__(self, cfg: WeightSyncConfig, *, buffer_address: str, rank: int,
                  device: torch.device, send_dtype: str = "float32", metrics: Metrics | None = None,
                  keys: Keys | None = None, adapter_path: str | None = None,
-                 engine_key: str | None = None):
+                 engine_key: str | None = None, drive: EngineDrive | None = None):
         self.cfg, self.metrics = cfg, metrics  # metrics: trainer/weight_sync_refused counted there
         if metrics is not None:  # served from the start: alert WeightSyncOverDeadline
             metrics.counter("trainer/weight_sync_near_deadline", "pushes that took 90% or more of "
@@ -113,6 +112,11 @@ class WeightBroadcaster:
         self.backend = cfg.backend_on(device.type)
         self.client = Client(buffer_address, keys=keys, timeout_s=BUFFER_REQUEST_TIMEOUT_S,
                              identity=TRAINER_PEER) if rank == 0 else None  # keys None: plain
+        # rank 0: who runs a plan on the members' engines: ``drive`` (this process calls each
+        # engine, trainer/engine_drive.py) or, without one, the members' rollout servers, the plan
+        # relayed through the buffer (trainer/WEIGHT_SYNC.md, "Where this is going")
+        self.drive = drive
+        self.members_side: EngineDrive | BufferRelay | None = None  # the current plan's, set up
         # `run` resolves auto (launch/placement.py); unresolved: the adapter's path, or the group
         path = cfg.path if cfg.path != "auto" else adapter_path or "distributed"  # schema-checked
         self.sender = SENDERS[path](cfg, self.backend, rank, send_dtype)
@@ -235,6 +239,8 @@ class WeightBroadcaster:
         self.stopping.set()
         self.join()
         self.sender.close()
+        if self.drive is not None:
+            self.drive.close()
         if self.client is not None:
             self.client.close()
 
@@ -282,7 +288,8 @@ class WeightBroadcaster:
 
     def _attempt(self, params, buckets: list[BucketSpec], report: SyncReport, deadline: float, *,
                  alone: bool, only: list[str] | None = None) -> set[str]:
-        """One plan: set up, transfer, the members' reports; the members lost at the rendezvous."""
+        """One plan: set up, transfer, the members' reports; the members lost (at the rendezvous,
+        or, driven from here, whose engine stopped answering)."""
         lost: set[str] = set()
         send = self.rank == 0 and self._setup(buckets, report, deadline, only, lost)
         if not alone:
@@ -295,7 +302,8 @@ class WeightBroadcaster:
             report.bytes = 0
         # the members' reports, also after a failed rendezvous (the survivors' before a re-push)
         if self.rank == 0 and report.plan_id:
-            await_members(self.client, report.version, report, deadline, self.stopping.is_set)
+            self.members_side.collect(report, deadline, self.stopping.is_set)
+            lost.update(self.members_side.lost())
             if report.dropped and not self.stopping.is_set():
                 log.warning("weight sync v%d: dropped %s (lost, missed the %gs deadline or "
                             "failed)", report.version, report.dropped, self.cfg.deadline_s)
@@ -310,7 +318,8 @@ class WeightBroadcaster:
         if self.stopping.is_set():
             return False
         try:
-            admitted = self._admit(roster(self.client, deadline).members, report)
+            entries = roster(self.client, deadline).members
+            admitted = self._admit(entries, report)
             admitted = admitted if only is None else [a for a in admitted if a[0] in only]
             report.members = [a[0] for a in admitted]
             if not admitted:
@@ -324,12 +333,11 @@ class WeightBroadcaster:
                 deadline_s=max(0.5, min(self.cfg.deadline_s, deadline - time.monotonic())),
                 **route)
             report.reform = plan.reform
-            ack = self.client.request(plan, timeout_s=bounded(deadline))
-            if not (isinstance(ack, Ack) and ack.status in ("ok", "accepted")):
-                raise RuntimeError(f"buffer refused the plan for version {report.version}: {ack}")
-            report.plan_id = plan.plan_id  # published: its members answer it
+            self.members_side = self.drive or BufferRelay(self.client)
+            self.members_side.start(plan, {m.server_id: m.engine_url for m in entries})
+            report.plan_id = plan.plan_id  # started: its members answer it
             watch = RendezvousWatch(self.client, report.version, report.members, deadline,
-                                    rendezvous_end(deadline))
+                                    rendezvous_end(deadline), failed=self.members_side.failed)
             self.sender.connect(plan, admitted, watch, self.engine_key)
             return True
         except Exception as e:  # rendezvous timeout, member lost, plan refused, buffer gone, disk
@@ -364,9 +372,9 @@ class WeightBroadcaster:
         return sorted(admitted)
 
     def _raise_if_failed(self, version: int) -> None:
-        failed = failed_members(self.client, version)
+        failed = self.members_side.failed()
         if failed:
-            raise RuntimeError(f"member(s) {failed} failed during the broadcast")
+            raise RuntimeError(f"member(s) {failed} failed during the broadcast of v{version}")
 
     def _announce(self, version: int, report: SyncReport) -> None:
         try:

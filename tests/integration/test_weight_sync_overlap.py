@@ -13,18 +13,23 @@ push finishes in the background. Checks:
   ``push`` (SHA-256), not the weights moved afterwards: the background thread sends the packed
   copies only;
 - the group stays warm: only the first push forms it (``reform``).
+
+Each runs twice: the plan relayed through the buffer to the stand-in, and the trainer driving the
+engine itself (``drive``; trainer/engine_drive.py).
 """
 
 from __future__ import annotations
 
+import pytest
 from weight_sync_harness import Driver, engine_at, start_pusher, start_system, write_config
 
 REPORT_WAIT_S = 120.0  # an upper bound for a loaded 2-core machine, not a timing assert
 STARTUP_S = 180.0
 
 
+@pytest.mark.parametrize("drive", [False, True], ids=["relay", "drive"])
 def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_late(
-        tmp_path, spawn_python, free_port, wait_until):
+        drive, tmp_path, spawn_python, free_port, wait_until):
     from test_trainer_weight_sync import _read_json
 
     cfg, cfg_path = write_config(tmp_path, free_port, ["trainer.weight_sync.deadline_s=60"])
@@ -34,7 +39,7 @@ def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_lat
     pusher = start_pusher(spawn_python, cfg_path, tmp_path, [
         {"version": 1, "members": 1, "overlap": True},
         {"version": 2, "members": 1, "overlap": True, "after": "checked1"},
-        {"version": 3, "members": 1, "overlap": True, "after": "checked2"}])
+        {"version": 3, "members": 1, "overlap": True, "after": "checked2"}], drive=drive)
 
     def report(name: str):
         assert pusher.poll() in (None, 0), (

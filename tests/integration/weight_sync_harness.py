@@ -63,8 +63,12 @@ def start_system(tmp_path: Path, spawn_python, wait_until, cfg_path: Path, serve
     return engines, urls
 
 
-def start_pusher(spawn_python, cfg_path: Path, out: Path, pushes: list[dict]):
-    return spawn_python(RUNNER, [PUSHER, cfg_path, out, json.dumps(pushes)], capture=False)
+def start_pusher(spawn_python, cfg_path: Path, out: Path, pushes: list[dict],
+                 drive: bool = False):
+    """``drive``: the pusher drives the engines itself (its ``Driver``s then only register and
+    heartbeat: no plan reaches them)."""
+    return spawn_python(RUNNER, [PUSHER, cfg_path, out, json.dumps(pushes),
+                                 *(["--drive"] if drive else [])], capture=False)
 
 
 # fault -> (the engine route it fires at, whether before the call reaches the engine)
