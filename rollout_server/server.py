@@ -416,7 +416,7 @@ class RolloutServer(Daemon):
                        policy_version=self.policy_version, torch_version=self.versions.torch,
                        cuda_version=self.versions.cuda, nccl_version=self.versions.nccl,
                        evaluates=self.evaluator is not None, fresh=fresh,
-                       incarnation=self.incarnation)
+                       incarnation=self.incarnation, engine_kind=self.rcfg.engine.kind)
         while not self.stop_requested.is_set():
             try:
                 ack = await self.control.request(msg)

@@ -40,10 +40,9 @@ class EngineDrive:
 
     def __init__(self, *, kind: str = "embedded", engine_key: str | None = None,
                  pause_mode: str = "retract", door: bool | None = None):
+        # ``kind``: a member's engine kind when its roster entry names none
         self.kind, self.engine_key, self.pause_mode = kind, engine_key, pause_mode
-        # torch's own join needs a door beside the engine (SGLang, vLLM); the embedded engine
-        # opens its own
-        self.door = kind != "embedded" if door is None else door
+        self.door = door  # None: by the member's kind (see ``_one``)
         self.clients: dict[str, SGLangClient] = {}
         self.runs: dict[str, concurrent.futures.Future] = {}
         self.unreachable: set[str] = set()  # of the last plan: see ``lost``
@@ -52,20 +51,28 @@ class EngineDrive:
                                        daemon=True)
         self.thread.start()
 
-    def start(self, plan: WeightSyncPlan, urls: dict[str, str]) -> None:
-        """Run ``plan`` on each member's engine (``urls``: server id -> engine URL)."""
+    def start(self, plan: WeightSyncPlan, urls: dict[str, str],
+              kinds: dict[str, str] | None = None) -> None:
+        """Run ``plan`` on each member's engine (``urls``: server id -> engine URL; ``kinds``:
+        server id -> its engine's kind, from the roster)."""
         self.unreachable = set()
+        kinds = kinds or {}
         self.runs = {m.server_id: asyncio.run_coroutine_threadsafe(
-            self._one(plan, m.server_id, urls.get(m.server_id)), self.loop)
+            self._one(plan, m.server_id, urls.get(m.server_id),
+                      kinds.get(m.server_id) or self.kind), self.loop)
             for m in plan.members}
 
-    async def _one(self, plan: WeightSyncPlan, server_id: str, url: str | None) -> SyncDone:
+    async def _one(self, plan: WeightSyncPlan, server_id: str, url: str | None,
+                   kind: str) -> SyncDone:
         if not url:
             return answer(plan, server_id, "no engine URL in the roster")
         client = self.clients.get(url)
         if client is None:
-            client = self.clients[url] = engine_client(self.kind, url, api_key=self.engine_key)
-        done = await apply_weight_sync(client, plan, server_id, door=self.door,
+            client = self.clients[url] = engine_client(kind, url, api_key=self.engine_key)
+        # torch's own join needs a door beside the engine (SGLang, vLLM); the embedded engine
+        # opens its own
+        door = kind != "embedded" if self.door is None else self.door
+        done = await apply_weight_sync(client, plan, server_id, door=door,
                                        door_key=self.engine_key, pause_mode=self.pause_mode)
         if not done.ok and not await client.health(timeout_s=LOST_PROBE_S):
             self.unreachable.add(server_id)

@@ -28,6 +28,7 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: none (a plan of a path
 # a random token per rollout server process start ("": not told): another one under an id is
 # another process (buffer/STALENESS.md)
 Incarnation = Annotated[str, msgspec.Meta(max_length=64)]
+EngineKind = Annotated[str, msgspec.Meta(max_length=32)]  # rollout.engine.kind ("": not reported)
 
 
 class _TopLevel(Message, frozen=True, kw_only=True):
@@ -46,6 +47,7 @@ class Register(_TopLevel, tag="register"):
     evaluates: bool = False  # it runs the job's evaluations (rollout.eval)
     incarnation: Incarnation = ""
     fresh: bool = False  # its first Register since it started (decides when the buffer knows none)
+    engine_kind: EngineKind = ""  # the protocol its engine speaks: how a trainer drives it
 
 
 class RegisterAck(_TopLevel, tag="register_ack"):
@@ -149,6 +151,7 @@ class RosterEntry(Message, tag="roster_entry"):
     nccl_version: str = ""
     evaluates: bool = False  # from the member's Register
     incarnation: Incarnation = ""
+    engine_kind: EngineKind = ""  # from the member's Register
 
 
 class Roster(_TopLevel, tag="roster"):

@@ -255,6 +255,15 @@ def test_engine_behind_the_bound_gets_no_credits(tmp_path):
         assert len(c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits) == 1
 
 
+def test_the_roster_names_each_members_engine_kind_from_its_register(tmp_path):
+    with running(make_cfg(tmp_path)) as (svc, c):
+        c.request(P.Register(server_id="a", engine_url="http://127.0.0.1:1", policy_version=0,
+                             engine_kind="vllm"))
+        register(c, "b")  # a server that says no kind
+        kinds = {m.server_id: m.engine_kind for m in c.request(P.RosterRequest()).members}
+        assert kinds == {"a": "vllm", "b": ""}
+
+
 def test_weight_sync_flow_and_roster_liveness(tmp_path):
     cfg = make_cfg(tmp_path, heartbeat_timeout_s=1.0)
     with running(cfg) as (svc, c):

@@ -5,7 +5,10 @@ Real processes: two embedded engines (``test_trainer_weight_sync.engine_role``, 
 served version and the SHA-256 of its weights whenever the version changes), driven from this
 process through a disk plan (the model's directory). One member's engine is frozen by SIGSTOP, by
 PID: its sync ends failed at the plan's deadline, the other member's loads, and ``wait`` answers
-by the deadline. A member with no engine behind its URL is reported failed at once.
+by the deadline. A member with no engine behind its URL is reported failed at once, and ``lost``
+(no ``/health`` answer either), the frozen one too. The drive's own kind is vLLM's, the two
+engines' roster kind ``embedded``: each member is driven as its roster entry names (a vLLM client
+fails on the embedded engine: it has no ``/pause``).
 """
 
 from __future__ import annotations
@@ -39,11 +42,12 @@ def test_a_frozen_member_fails_at_the_deadline_and_the_other_loads(
     cfg, cfg_path = write_config(tmp_path, free_port, [])
     build_model(cfg.model).save_pretrained(tmp_path / "v1")
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["a", "b"])
-    drive = EngineDrive(kind="embedded", pause_mode="abort")
+    drive = EngineDrive(kind="vllm", pause_mode="abort")  # for a member whose entry names none
     os.kill(engines["a"].pid, signal.SIGSTOP)
     try:
         urls["dead"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-        drive.start(_disk_plan(["a", "b", "dead"], str(tmp_path / "v1"), 1), urls)
+        drive.start(_disk_plan(["a", "b", "dead"], str(tmp_path / "v1"), 1), urls,
+                    {"a": "embedded", "b": "embedded", "dead": ""})
         wait_until(lambda: drive.failed() == ["dead"], DEADLINE_S, 0.05, "the dead one failing")
         results = drive.wait(time.monotonic() + DEADLINE_S + 30)
         assert sorted(results) == ["a", "b", "dead"], results
@@ -52,6 +56,7 @@ def test_a_frozen_member_fails_at_the_deadline_and_the_other_loads(
         wait_until(lambda: engine_at(tmp_path, "b", 1), 30, 0.1, "engine b at v1")
         assert engine_at(tmp_path, "a", 1) is None
         assert drive.failed() == ["a", "dead"]
+        assert drive.lost() == {"a", "dead"}  # neither answers /health
     finally:
         os.kill(engines["a"].pid, signal.SIGCONT)
         drive.close()
