@@ -45,7 +45,14 @@ from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV
 from areal_like.settings.config import ConfigError, RunConfig
 from launch.job import job_specs, run_job, write_ports
 from launch.local import STOP_GRACE_S, write_json_atomic
-from launch.placement import COUNTS, engine_on_gpu, node_roles, place_node, trainer_on_gpu
+from launch.placement import (
+    COUNTS,
+    engine_on_gpu,
+    node_roles,
+    place_node,
+    reward_model_on_gpu,
+    trainer_on_gpu,
+)
 from launch.srun import daemon_command
 from launch.topology import Topology, split_address
 
@@ -116,7 +123,8 @@ def request(cfg: RunConfig, kind: str, shared: bool = False) -> tuple[float, flo
     if kind == "trainer":
         gpus = la.trainer_ranks if trainer_on_gpu(cfg) else 0
         return cpus * la.trainer_ranks, 0.5 if shared else gpus
-    gpus = cfg.rollout.engine.tp_size if engine_on_gpu(cfg) else 0
+    # its engine's GPUs and its reward model's (launch/placement.py, reward_model_on_gpu)
+    gpus = cfg.rollout.engine.tp_size + reward_model_on_gpu(cfg) if engine_on_gpu(cfg) else 0
     return cpus, 0.5 if shared else gpus
 
 
@@ -134,7 +142,8 @@ def layout_bundles(cfg: RunConfig) -> tuple[list[dict[str, float]], bool]:
                           trainer_ranks=la.trainer_ranks if trains and trainer_on_gpu(cfg) else 0,
                           rollout_servers=(la.num_rollout_servers
                                            if serves and engine_on_gpu(cfg) else 0),
-                          tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k)
+                          tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k,
+                          reward_model=serves and reward_model_on_gpu(cfg))
         shared = shared or gpus.shared
         kinds = (["buffer"] * (k == 0) + ["trainer"] * trains
                  + ["rollout"] * (la.num_rollout_servers if serves else 0))

@@ -24,7 +24,10 @@ class RewardModelConfig:
     # the text scored, from the prompt's text and the decoded response
     template: str = "{prompt}{response}"
     batch_size: int = 32  # responses per forward pass
-    device: str = "cpu"  # where the reward model runs: cpu or cuda[:N]
+    # where the reward model runs: auto (on a GPU topology a GPU of its own beside each rollout
+    # server's engine, placed by the layout (launch/placement.py); else the CPU), cpu, or cuda[:N]
+    # (a GPU the rollout server sees; on a GPU topology only cuda, the same as auto)
+    device: str = "auto"
     # reward = weight * model score + rule_weight * the task's rule reward (0: the model alone; the
     # rule's reward is kept in each trajectory's metadata as rule_reward either way)
     weight: float = 1.0
@@ -40,8 +43,8 @@ class RewardModelConfig:
     def __post_init__(self):
         choice(R + "kind", self.kind, KINDS)
         each(R.rstrip("."), self, ">= 1", "batch_size")
-        check(R + "device", DEVICE.fullmatch(self.device) is not None, "cpu or cuda[:N]",
-              self.device)
+        check(R + "device", self.device == "auto" or DEVICE.fullmatch(self.device) is not None,
+              "auto, cpu or cuda[:N]", self.device)
         check(R + "token", bool(self.token) == (self.kind == "causal_lm"),
               "set exactly when kind=causal_lm", self.token)
         check(R + "step_delimiter", bool(self.step_delimiter) == self.process,
