@@ -62,8 +62,7 @@ def one_of(*allowed: Any) -> Bound:
 
 
 PORT = Bound("a port, 0 to 65535 (0: a free one)", lambda v: 0 <= v <= 65535)
-DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")  # what trainer.device and rollout.engine.device take
-DEVICE = Bound("cpu, cuda or cuda:N", DEVICE_RE.fullmatch)
+DEVICE = Bound("cpu, cuda or cuda:N", re.compile(r"cpu|cuda(:\d+)?").fullmatch)
 DIRECTORY = Bound("a directory", lambda v: v.strip() != "")
 # nothing reads inf as "no limit": inf or nan passed a bare bound (``> 0``) to fail in a daemon
 # (``int(inf)``, a poll in milliseconds, a ``timedelta``, a message field) or to make an update
