@@ -2,12 +2,14 @@
 (``ray.cluster_utils.Cluster``: a head and two worker raylets, each with its own CPUs and a resource
 ``n<k>`` of its own; node failure seen after ~3 s).
 
-One job (quickstart-sized: buffer + trainer on layout node 0, one rollout server on each of nodes
-1 and 2, CPU, embedded engines) trains steps; ``status``, ``top`` and ports.json see every daemon
-at its Ray node; the raylet of a node running only a rollout server is killed by PID with every
-process under it: Ray places that server's bundle again on a live node, the supervisor starts it
-there, the trainer goes on, and the buffer's books balance (every acknowledged group consumed,
-dropped or stored: none lost); ``areal-like stop`` stops the job as Ctrl-C does.
+One job (the quickstart from its cached warm start: buffer + trainer on layout node 0, one rollout
+server on each of nodes 1 and 2, CPU, embedded engines) trains steps; ``status``, ``top`` and
+ports.json see every daemon at its Ray node; ``areal-like scale`` grows the rollout pool to three
+servers (the third in an actor of its own) and back to two, every acknowledged group accounted
+for; the raylet of a node running only a rollout server is killed by PID with every process
+under it: Ray places that server's bundle again on a live node, the supervisor starts it there,
+the trainer goes on, and the buffer's books balance (every acknowledged group consumed, dropped or
+stored: none lost); ``areal-like stop`` stops the job as Ctrl-C does; the reward rose by >= 0.3.
 
 Bad input, each one ``error:`` line and exit 2 before any daemon starts: Ray not importable, no
 cluster at the address, a layout with more GPUs or CPUs than the cluster has, a run directory a
@@ -37,6 +39,7 @@ import pytest
 from system_harness import warm_model
 
 from areal_like.net.distributed import free_port
+from launch.local import LOG_START
 from launch.records import step_records
 from tests.conftest import child_env, wait_until
 
@@ -419,6 +422,8 @@ def test_a_ray_job_learns_scales_survives_a_lost_node_and_stops(cluster, tmp_pat
         wait_until(lambda: log.read_text().count("rollout: started") >= 2, 180, 1.0,
                    f"{victim} started on its new node")
         assert "its actor or node is lost" in log.read_text(), log.read_text()[-3000:]
+        # one restart: its proxy makes the actor again until Ray placed the bundle anew
+        assert log.read_text().count(LOG_START) == 2, log.read_text()[-3000:]
         wait_until(lambda: _steps(run_dir) >= at_kill + 3, 240, 1.0, "steps after the loss")
         status = _cli("status", str(run_dir))
         assert status.returncode == 0, status.stdout + status.stderr
