@@ -12,6 +12,10 @@ rollout server's real launcher. Everything else is
 Slurm's: the batch script's copy, `scontrol show hostnames`, `srun` steps with their signals,
 `scancel`.
 
+Two nodes too (``two_nodes``): ``n0`` and ``n1`` are hosts of their own, each ``slurmd`` in a
+network namespace (test_hosts_netns.py's bridge), a UTS namespace with its hostname and a mount
+namespace whose /etc/hosts names both; the script runs across them (launch/MULTINODE.md).
+
 Needs root and the binaries (`apt-get install slurm-wlm munge`, as `.ci/run` does): skipped without
 them, except in CI (CI=true), where that is a failure. Every daemon is stopped by its PID at the
 end.
