@@ -56,7 +56,6 @@ NODE_IP = "@NODE_IP@"  # in a daemon's command and environment: its node's addre
 PLACE_TIMEOUT_S = 60.0  # a placement group the cluster cannot hold by then is refused
 CONNECT_TIMEOUT_S = 5.0
 HOSTS_EVERY_S = 2.0  # how often the driver rereads where the daemons run (ray/<name>.json)
-START_TRIES = 5  # actors a proxy makes for its daemon when each is lost before it started
 
 
 def import_ray():
@@ -490,8 +489,9 @@ def _wait(ray, ref, stop: list[int]):
 def proxy(args: argparse.Namespace) -> int:
     """``python -m launch.ray_job exec ... -- COMMAND``: COMMAND in a ``DaemonHost`` on bundle
     ``--bundle`` of the job's placement group; its output on stdout, its exit code as this one's;
-    SIGTERM and SIGINT forwarded. A lost node (or actor) once the daemon started exits 1."""
+    SIGTERM and SIGINT forwarded. A lost node (or actor) exits 1."""
     import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     stop: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -501,51 +501,25 @@ def proxy(args: argparse.Namespace) -> int:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout = open(os.devnull, "w")  # for this process's whole life
     init(ray, os.environ["RAY_ADDRESS"])
+    # bundle -1: a server beyond the layout's, spread over the cluster outside the placement group
+    where = "SPREAD" if args.bundle < 0 else PlacementGroupSchedulingStrategy(
+        ray.util.get_placement_group(args.pg), placement_group_bundle_index=args.bundle)
+    actor = ray.remote(DaemonHost).options(num_cpus=args.cpus, num_gpus=args.gpus,
+                                           max_concurrency=4, scheduling_strategy=where).remote()
+    env = {k: os.environ[k] for k in args.forward.split(",") if k in os.environ}
     try:
-        started = _start(ray, args, stop, out)
-        if started is None:
+        info = _wait(ray, actor.start.remote(args.command, env, args.hide_gpus, os.getcwd()), stop)
+        if info is None:
             return 128 + stop[0]
-        actor, info = started
         print(f"[ray] {args.name}: pid {info['pid']} on node {info['host']} "
               f"({info['node_id'][:12]})", file=out, flush=True)
         write_json_atomic(Path(args.run_dir) / "ray" / f"{args.name}.json", info)
         return _relay(ray, actor, stop, out)
     except ray.exceptions.RayError as e:
-        print(f"[ray] {args.name}: its actor or node is lost ({_why(e)})", file=out, flush=True)
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"[ray] {args.name}: its actor or node is lost ({type(e).__name__}: {why})",
+              file=out, flush=True)
         return 1
-
-
-def _why(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-def _start(ray, args: argparse.Namespace, stop: list[int], out):
-    """(the ``DaemonHost`` actor, its ``start``'s answer), or None once a stop signal came first.
-    An actor lost before it started the daemon (its bundle's node died and Ray had not yet marked it
-    dead: the bundle is placed again once it does) is made again, up to ``START_TRIES`` times."""
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    # bundle -1: a server beyond the layout's, spread over the cluster outside the placement group
-    where = "SPREAD" if args.bundle < 0 else PlacementGroupSchedulingStrategy(
-        ray.util.get_placement_group(args.pg), placement_group_bundle_index=args.bundle)
-    env = {k: os.environ[k] for k in args.forward.split(",") if k in os.environ}
-    for tries in range(1, START_TRIES + 1):
-        actor = ray.remote(DaemonHost).options(num_cpus=args.cpus, num_gpus=args.gpus,
-                                               max_concurrency=4,
-                                               scheduling_strategy=where).remote()
-        try:
-            info = _wait(ray, actor.start.remote(args.command, env, args.hide_gpus,
-                                                 os.getcwd()), stop)
-            return None if info is None else (actor, info)
-        except ray.exceptions.RayError as e:
-            if tries == START_TRIES or isinstance(e, ray.exceptions.ActorPlacementGroupRemoved):
-                raise
-            print(f"[ray] {args.name}: its actor was lost before it started ({_why(e)}); "
-                  "placing it again", file=out, flush=True)
-            ray.kill(actor)
-            time.sleep(1.0)
-    raise AssertionError("unreachable")
 
 
 def _relay(ray, actor, stop: list[int], out) -> int:
