@@ -494,7 +494,8 @@ def supervisor(cfg: RunConfig, topo: Topology, config_path: Path, lock: int, ech
     scaler = Scaler(cfg, topo, run_dir,
                     lambda c, t, extra: cluster.specs(c, t, config_path, trainer_args=extra),
                     lambda t, pools, s: (setattr(monitor, "topo", t),
-                                         write_ports(run_dir, t, s, pools, cluster.hosts())))
+                                         write_ports(run_dir, t, s, pools, cluster.hosts())),
+                    layout=getattr(cluster, "scale_layout", None))
     sup = Supervisor(cluster.specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
                      restart_window_s=cfg.launch.restart_window_s,
                      restart_backoff_s=cfg.launch.restart_backoff_s,
