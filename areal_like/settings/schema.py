@@ -747,6 +747,11 @@ class RunConfig:
             _check("trainer.lora.rank", rank <= VLLM_LORA_RANKS[-1], f"<= {VLLM_LORA_RANKS[-1]} "
                    "with rollout.engine.kind=vllm (vLLM's largest --max-lora-rank)", rank)
             launcher_sets(engine.vllm, VLLM_LORA_FLAGS, " with trainer.lora.rank > 0", "vllm")
+            other = sorted(set(self.trainer.lora.target_modules) - set(LORA_DEFAULT_TARGETS))
+            _check("trainer.lora.target_modules", not other, "the decoder's linear layers only "
+                   f"({', '.join(LORA_DEFAULT_TARGETS)}) with rollout.engine.kind=vllm: vLLM "
+                   f"0.32 refuses an adapter of {', '.join(other)} ('expected target modules "
+                   "in' those)", self.trainer.lora.target_modules)
 
     @property
     def adapter_path(self) -> str | None:

@@ -70,6 +70,9 @@ def test_the_engine_kind_picks_the_client():
     (["trainer.lora.rank=8", "trainer.weight_sync.path=distributed"],
      r"trainer.weight_sync.path='distributed' is invalid: must be auto or disk"),
     (["trainer.lora.rank=1024"], r"trainer.lora.rank=1024 is invalid: must be <= 512"),
+    (["experiment=quickstart_lora"],  # its lm_head adapter
+     r"trainer.lora.target_modules=.* is invalid: must be the decoder's linear layers only .*"
+     r"vLLM 0.32 refuses an adapter of lm_head"),
     (["trainer.lora.rank=8", "+rollout.engine.vllm.max_loras=2"],
      r"rollout.engine.vllm.max_loras is not passed through with trainer.lora.rank > 0"),
 ])
