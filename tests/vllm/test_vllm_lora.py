@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 import torch
-from test_vllm_weights import _until_generated
+from test_vllm_weights import TOKENS, _until_generated
 from vllm_kit import PROMPTS, TOL, Server, cpu_engine, engine_logprobs, model_config
 
 from areal_like.net.vllm_client import VLLMClient
@@ -130,14 +130,14 @@ def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that
             await sync_adapter(client, models[10], 10)
             version, prompt = 10, PROMPTS[0]
             job = asyncio.create_task(generate_sample(
-                client, prompt, {"temperature": 1.0, "ignore_eos": True}, 1500, lambda: version))
+                client, prompt, {"temperature": 1.0, "ignore_eos": True}, TOKENS, lambda: version))
             await _until_generated(client, 200)
             await sync_adapter(client, models[11], 11)
             version = 11
             return prompt, await job
 
     prompt, sample = asyncio.run(scenario())
-    assert len(sample.output_ids) == 1500 and sample.versions[0] == 10
+    assert len(sample.output_ids) == TOKENS and sample.versions[0] == 10
     assert sample.versions == sorted(sample.versions) and sample.versions[-1] == 11
     scores = {v: trainer_logprobs(m, prompt, sample.output_ids, 1.0, torch.device("cpu"))
               for v, m in models.items()}
