@@ -400,13 +400,19 @@ class WeightSyncConfig(Section):
                "0 with trainer.weight_sync.every > 1 (one lag mode at a time)", self.delay)
 
 
-LORA_PATHS = {"embedded": "distributed", "sglang": "disk"}  # engine kind -> its adapter's path
+# engine kind -> its adapter's path
+LORA_PATHS = {"embedded": "distributed", "sglang": "disk", "vllm": "disk"}
 # Qwen2 / Llama / Qwen3 names of every linear layer in a decoder block (PEFT's usual "all-linear")
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # SGLang flags the launcher sets with LoRA (rollout_server/launch_sglang.py lora_options), from what
 LORA_FLAGS = {"enable_lora": "trainer.lora.rank > 0", "max_lora_rank": "trainer.lora.rank",
               "lora_target_modules": "trainer.lora.target_modules",
               "max_loras_per_batch": "3: trainer/WEIGHT_SYNC.md"}
+# vLLM flags the launcher sets with LoRA (rollout_server/launch_vllm.py lora_options), from what
+VLLM_LORA_FLAGS = {"enable_lora": "trainer.lora.rank > 0",
+                   "max_lora_rank": "trainer.lora.rank, rounded up to a rank vLLM takes",
+                   "max_loras": "3: trainer/WEIGHT_SYNC.md"}
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's --max-lora-rank choices
 
 
 @dataclass(kw_only=True)
@@ -679,9 +685,10 @@ class RunConfig(Section):
         self._check_group_size()
 
     def _check_vllm_engine(self) -> None:
-        """What a vLLM engine offers (trainer/WEIGHT_SYNC.md, "vLLM"): the group path, paused in
-        abort mode."""
-        _check("trainer.weight_sync.path", self.trainer.weight_sync.path in ("auto", "distributed"),
+        """What a vLLM engine offers (trainer/WEIGHT_SYNC.md, "vLLM"): the group path (an adapter:
+        ``_check_lora_engine``), paused in abort mode."""
+        _check("trainer.weight_sync.path", self.trainer.lora.enabled
+               or self.trainer.weight_sync.path in ("auto", "distributed"),
                "auto or distributed with rollout.engine.kind=vllm (vLLM's weight-transfer API)",
                self.trainer.weight_sync.path)
         _check("rollout.pause_mode", self.rollout.pause_mode == "abort", "abort with "
@@ -699,15 +706,26 @@ class RunConfig(Section):
 
     def _check_lora_engine(self) -> None:
         """What serves LoRA (trainer/WEIGHT_SYNC.md): an embedded engine over the group path, an
-        SGLang this job starts over the disk path (a PEFT directory on the trainer's node)."""
+        SGLang or a vLLM this job starts over the disk path (a PEFT directory on the trainer's
+        node)."""
         engine, path = self.rollout.engine, self.trainer.weight_sync.path
-        _check("rollout.engine.kind", engine.kind in LORA_PATHS, "embedded or sglang with "
+        rank = self.trainer.lora.rank
+        _check("rollout.engine.kind", engine.kind in LORA_PATHS, "embedded, sglang or vllm with "
                "trainer.lora.rank > 0 (an attached engine is not started with LoRA enabled)",
                engine.kind)
         _check("trainer.weight_sync.path", path in ("auto", LORA_PATHS[engine.kind]),
                f"auto or {LORA_PATHS[engine.kind]} with trainer.lora.rank > 0 and "
                f"rollout.engine.kind={engine.kind}", path)
         launcher_sets(engine.sglang, LORA_FLAGS, " with trainer.lora.rank > 0")
+        if engine.kind == "vllm":
+            _check("trainer.lora.rank", rank <= VLLM_LORA_RANKS[-1], f"<= {VLLM_LORA_RANKS[-1]} "
+                   "with rollout.engine.kind=vllm (vLLM's largest --max-lora-rank)", rank)
+            launcher_sets(engine.vllm, VLLM_LORA_FLAGS, " with trainer.lora.rank > 0", "vllm")
+            other = sorted(set(self.trainer.lora.target_modules) - set(LORA_DEFAULT_TARGETS))
+            _check("trainer.lora.target_modules", not other, "the decoder's linear layers only "
+                   f"({', '.join(LORA_DEFAULT_TARGETS)}) with rollout.engine.kind=vllm: vLLM "
+                   f"0.32 refuses an adapter of {', '.join(other)} ('expected target modules "
+                   "in' those)", self.trainer.lora.target_modules)
 
     @property
     def adapter_path(self) -> str | None:
