@@ -13,9 +13,10 @@ Invariants (tested in tests/unit/test_placement.py):
 * one process per GPU (NCCL refuses two ranks of one group on one GPU; SGLang takes most of its
   GPU's memory): a layout needing more GPUs than the node has is a ``ConfigError`` naming the keys;
 * except a one-GPU node with one trainer rank and one rollout server of ``tp_size`` 1, which share
-  GPU 0 (``NodeGpus.shared``): the weights then go without a group (``with_weight_path``) and an
-  SGLang engine leaves the trainer room (``SHARED_MEM_FRACTION_DEFAULT``, at most
-  ``SHARED_MEM_FRACTION_MAX``);
+  GPU 0 (``NodeGpus.shared``): the weights then go without a group (``with_weight_path``; vLLM,
+  which takes whole weights by the group only, over gloo) and an SGLang or vLLM engine leaves the
+  trainer room (``mem_fraction_static`` / ``gpu_memory_utilization``:
+  ``SHARED_MEM_FRACTION_DEFAULT``, at most ``SHARED_MEM_FRACTION_MAX``);
 * the GPUs given out are ``[0, used)``; a process on CPU takes none, an engine by URL runs
   elsewhere;
 * a reward model on a GPU has one of its own, never its engine's or the trainer's (SGLang takes
@@ -110,10 +111,11 @@ def trainer_on_gpu(cfg: RunConfig) -> bool:
 
 
 def engine_on_gpu(cfg: RunConfig) -> bool:
-    """Whether each rollout server's engine runs on this node's GPUs (SGLang does unless on CPU)."""
+    """Whether each rollout server's engine runs on this node's GPUs (SGLang does unless on CPU;
+    an embedded engine or vLLM where ``rollout.engine.device`` says cuda)."""
     ec = cfg.rollout.engine
     sglang_gpu = ec.kind == "sglang" and ec.sglang.get("device") != "cpu"
-    return sglang_gpu or (ec.kind == "embedded" and ec.device.startswith("cuda"))
+    return sglang_gpu or (ec.kind in ("embedded", "vllm") and ec.device.startswith("cuda"))
 
 
 def reward_model_on_gpu(cfg: RunConfig) -> bool:
@@ -212,7 +214,7 @@ def _gpu_checks(cfg: RunConfig) -> bool:
                           "torch sees none here (launch.gpus_per_node=0 asks it): check the driver "
                           "(nvidia-smi) and the torch build, or set launch.gpus_per_node=N to plan "
                           "for a machine with N GPUs")
-    if (cfg.rollout.engine.kind == "embedded" and engine_on_gpu(cfg)
+    if (cfg.rollout.engine.kind in ("embedded", "vllm") and engine_on_gpu(cfg)
             and cfg.rollout.engine.device != "cuda"):
         raise ConfigError(f"rollout.engine.device={cfg.rollout.engine.device!r}: each rollout "
                           "server sees only its own GPUs (CUDA_VISIBLE_DEVICES), so the engine "
@@ -265,9 +267,11 @@ def _check_disk_nodes(cfg: RunConfig) -> None:
     """``disk`` (also LoRA's on SGLang) writes to the trainer node's temporary directory."""
     path, nodes = cfg.trainer.weight_sync.path, cfg.launch.nodes
     if nodes > 1 and auto_path(cfg, False) == "disk" and path in ("auto", "disk"):
-        raise ConfigError(f"trainer.lora.rank > 0 with SGLang and launch.nodes={nodes}: the "
-                          "adapter reaches SGLang as a directory the trainer writes on its own "
-                          "node; run the job on one node or use rollout.engine.kind=embedded")
+        kind = cfg.rollout.engine.kind
+        raise ConfigError(f"trainer.lora.rank > 0 with rollout.engine.kind={kind} and "
+                          f"launch.nodes={nodes}: the adapter reaches the engine as a directory "
+                          "the trainer writes on its own node; run the job on one node or use "
+                          "rollout.engine.kind=embedded")
     if path == "disk" and nodes > 1:
         raise ConfigError(f"trainer.weight_sync.path=disk with launch.nodes={nodes}: the trainer "
                           "writes to its own node's temporary directory; use path=auto "
@@ -286,6 +290,16 @@ def _check_shared(cfg: RunConfig) -> None:
         raise ConfigError("trainer.weight_sync.path=distributed with the trainer and the engine on "
                           "one GPU: NCCL refuses two ranks on one GPU; use path=auto (tensor), "
                           "tensor or disk, or backend=gloo")
+    if ec.kind == "vllm" and ws.backend != "gloo" and not cfg.trainer.lora.enabled:
+        raise ConfigError("rollout.engine.kind=vllm with the trainer and the engine on one GPU: "
+                          "vLLM takes weights by the group path only, where NCCL refuses two "
+                          "ranks on one GPU; set trainer.weight_sync.backend=gloo")
+    util = ec.vllm.get("gpu_memory_utilization")
+    if ec.kind == "vllm" and util is not None and not (isinstance(util, (int, float))
+                                                      and 0 < util <= SHARED_MEM_FRACTION_MAX):
+        raise ConfigError(f"rollout.engine.vllm.gpu_memory_utilization={util!r}: with the "
+                          "trainer on the same GPU vLLM must leave it room; "
+                          f"set it in (0, {SHARED_MEM_FRACTION_MAX}] (e.g. 0.4)")
     frac = ec.sglang.get("mem_fraction_static")
     if ec.kind == "sglang" and frac is not None and not (isinstance(frac, (int, float))
                                                         and 0 < frac <= SHARED_MEM_FRACTION_MAX):
@@ -297,7 +311,8 @@ def _check_shared(cfg: RunConfig) -> None:
 def auto_path(cfg: RunConfig, shared: bool) -> str:
     """``trainer.weight_sync.path=auto``: with LoRA the engine kind's adapter path
     (``RunConfig.adapter_path``), else ``tensor`` on a shared GPU, else ``distributed``."""
-    return cfg.adapter_path or ("tensor" if shared else "distributed")
+    vllm = cfg.rollout.engine.kind == "vllm"  # vLLM takes whole weights by the group only
+    return cfg.adapter_path or ("tensor" if shared and not vllm else "distributed")
 
 
 def with_weight_path(cfg: RunConfig) -> RunConfig:
@@ -312,4 +327,7 @@ def with_weight_path(cfg: RunConfig) -> RunConfig:
     if shared and ec.kind == "sglang" and ec.sglang.get("mem_fraction_static") is None:
         sglang = {**ec.sglang, "mem_fraction_static": SHARED_MEM_FRACTION_DEFAULT}
         cfg = replace(cfg, rollout=replace(cfg.rollout, engine=replace(ec, sglang=sglang)))
+    if shared and ec.kind == "vllm" and ec.vllm.get("gpu_memory_utilization") is None:
+        vllm = {**ec.vllm, "gpu_memory_utilization": SHARED_MEM_FRACTION_DEFAULT}
+        cfg = replace(cfg, rollout=replace(cfg.rollout, engine=replace(ec, vllm=vllm)))
     return cfg

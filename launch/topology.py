@@ -379,7 +379,8 @@ def _engine(cfg: RunConfig, node_host: str) -> str:
         return f"engine {ec.url}"
     if ec.kind == "embedded":
         return f"engine embedded on {ec.device}"
-    frac = ec.sglang.get("mem_fraction_static")
-    mem = "" if frac is None else f" mem_fraction_static={frac}"
+    key = "gpu_memory_utilization" if ec.kind == "vllm" else "mem_fraction_static"
+    frac = (ec.vllm if ec.kind == "vllm" else ec.sglang).get(key)
+    mem = "" if frac is None else f" {key}={frac}"
     url = f"http://{engine_address(cfg, node_host)}:{_port(ec.port)}"
     return f"engine {ec.kind} tp={ec.tp_size}{mem} {url}"

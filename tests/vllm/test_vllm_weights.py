@@ -58,10 +58,8 @@ def _plan(version: int, state: dict, port: int, group: str) -> WeightSyncPlan:
         deadline_s=300)
 
 
-async def push(client, version: int, seed: int, load_format: str | None = FLATTENED,
-               when_ready=None) -> None:
-    """Broadcast the seed-``seed`` model as ``version`` from a sender process (group rank 0);
-    ``when_ready`` (a coroutine function) runs once the sender has its model, before the sync."""
+async def push(client, version: int, seed: int, load_format: str | None = FLATTENED) -> None:
+    """Broadcast the seed-``seed`` model as ``version`` from a sender process (group rank 0)."""
     state = _model(seed).state_dict()
     port, group = free_port(), f"vllm_tier_{version}_{seed}_{os.getpid()}"
     plan = _plan(version, state, port, group)
@@ -73,8 +71,6 @@ async def push(client, version: int, seed: int, load_format: str | None = FLATTE
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert await asyncio.to_thread(sender.stdout.readline) == "ready\n"
-        if when_ready is not None:
-            await when_ready()
         done = await apply_weight_sync(client, plan, "s", load_format=load_format, door=True,
                                        door_key=client.api_key, pause_mode="abort")
         _, err = await asyncio.to_thread(sender.communicate, timeout=300)
@@ -139,15 +135,20 @@ def test_a_push_mid_generation_labels_every_token_with_the_weights_that_sampled_
         async with _client(vllm_server) as client:
             await push(client, 20, seed=0)
             version, job = 20, None
+            pause = client.pause_generation
 
-            async def generating():  # the sync pauses it a moment later
+            async def pause_mid_generation(*args, **kwargs):
+                # started here, after the group join (seconds on a loaded machine), so it is
+                # still generating when the pause comes: started before the join it could finish
                 nonlocal job
                 job = asyncio.create_task(generate_sample(
                     client, prompt, {"temperature": temperature, "ignore_eos": True}, TOKENS,
                     lambda: version))
                 await _until_generated(client, 100)
+                return await pause(*args, **kwargs)
 
-            await push(client, 21, seed=1, when_ready=generating)
+            client.pause_generation = pause_mid_generation
+            await push(client, 21, seed=1)
             version = 21
             return await job
 
