@@ -393,14 +393,16 @@ class Before:
     settings: bytes | None  # settings.yaml (``file_state``)
     config: bytes | None  # config.yaml
     accepted: RunConfig | None  # a resume's changed settings: settings.yaml's once a step trained
+    job: bytes | None  # job.json: a refused start is not the run `status` and `top` show
 
     def restore(self, run_dir: Path, refused: bool) -> None:
         """config.yaml as it was when it got changed settings, or the start was ``refused``;
-        settings.yaml when refused."""
+        settings.yaml and job.json when refused."""
         if refused or self.accepted is not None:
             restore_file(run_dir / "config.yaml", self.config)
         if refused:
             restore_file(run_dir / SETTINGS_FILE, self.settings)
+            restore_file(run_dir / JOB_FILE, self.job)
 
 
 def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology, Path, int, int,
@@ -429,7 +431,8 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
                   + (": trained; its final evaluation is missing, so it runs now"
                      if resumed_from == cfg.trainer.steps else ""), file=sys.stderr, flush=True)
         # as given, before the warm start's model path
-        before = Before(settings, file_state(run_dir / "config.yaml"), cfg if changes else None)
+        before = Before(settings, file_state(run_dir / "config.yaml"), cfg if changes else None,
+                        job)
         if not changes:  # changed settings reach it once a step trained with them (Monitor)
             write_settings(cfg)
         plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
@@ -543,14 +546,17 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False,
         # EngineUnhealthy page for a job that ended, and it scrapes whatever takes its ports next)
         write_json_atomic(run_dir / "prometheus_targets.json", [])
         monitor.read()  # a step trained since the last tick accepts the settings too
-        if not monitor.recent or monitor.settings is not None:  # none did (or none was accepted)
-            before.restore(run_dir, refused=code == REFUSED_EXIT)
+        # none did (or none was accepted); a refused start leaves the run_dir as it found it
+        restored = (not monitor.recent or monitor.settings is not None) and code == REFUSED_EXIT
+        if not monitor.recent or monitor.settings is not None:
+            before.restore(run_dir, refused=restored)
         if code != 0 and sup.failed is not None:
             report_failure(run_dir, sup.failed, refused=code == REFUSED_EXIT)
         summary = summarize(run_dir, time.monotonic() - t0, code, since=since,
                             resumed_from=resumed_from, trainer_steps=cfg.trainer.steps,
                             checkpoint=newest_checkpoint(cfg))
-        write_job(run_dir, state="ended", summary=summary)
+        if not restored:
+            write_job(run_dir, state="ended", summary=summary)
         if summary["end"] == "stopped":
             print(stopped_line(summary), file=sys.stderr, flush=True)
         sink.poll(final=True)  # every daemon has stopped: the files are complete
