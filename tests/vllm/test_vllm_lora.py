@@ -13,7 +13,6 @@ Mutations checked (each made once, each failed its test): generate calls not nam
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
 import pytest
@@ -22,17 +21,12 @@ from test_vllm_weights import TOKENS, _until_generated
 from vllm_kit import PROMPTS, TOL, Server, cpu_engine, engine_logprobs, model_config
 
 from areal_like.net.vllm_client import VLLMClient
-from areal_like.settings.config import LoraConfig, WeightSyncConfig
-from areal_like.weights.hf import build_model
-from areal_like.weights.lora import add_adapters, served_name
-from areal_like.wire.protocol import WeightSyncPlan
+from areal_like.settings.config import LoraConfig
+from areal_like.weights.lora import served_name
 from rollout_server.episode import generate_sample
 from rollout_server.launch_vllm import VLLMProcess
-from rollout_server.weight_update import apply_adapter_sync
+from tests.engine_kit import lora_model, scored, sync_adapter
 from trainer.logprob_guard import PROBE_TEXT, compare_logprobs, probe_engine, trainer_logprobs
-from trainer.weight_buckets import PushTensors
-from trainer.weight_local import DiskSender
-from trainer.weight_sync import SyncReport, push_buckets
 
 LORA = LoraConfig(rank=4, alpha=16.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                        "gate_proj", "up_proj", "down_proj"])
@@ -52,56 +46,12 @@ def lora_server(model_dir, tmp_path_factory):
         server.proc.stop()
 
 
-def _lora_model(seed: int | None) -> torch.nn.Module:
-    """The session's base (init seed 0) with LORA's adapters: B from ``seed`` (None: PEFT's
-    zero B, the base itself), as a trained adapter would be."""
-    model = add_adapters(build_model(model_config(init_seed=0)), LORA)
-    if seed is not None:
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if ".lora_B." in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.eval()
-
-
 def _client(server) -> VLLMClient:
     return VLLMClient(server.url, api_key=server.api_key, timeout_s=300)
 
 
-async def sync_adapter(client, model, version: int) -> str:
-    """What a push of ``model`` as ``version`` gives a rollout server: the trainer's disk path
-    (the adapter alone, staged and routed as ``WeightBroadcaster.push`` does), then the server's
-    side of it; the directory is gone before the engine samples (vLLM holds its own copy).
-    Returns the plan's id."""
-    params = PushTensors(model)
-    buckets = push_buckets(params, "float32", bucket_mb=0.01)  # WeightBroadcaster.push's
-    sender = DiskSender(WeightSyncConfig(path="disk"), "gloo", 0, "float32")
-    sender.stage(model, params, buckets, SyncReport(version=version))
-    try:
-        plan = WeightSyncPlan(policy_version=version, buckets=buckets, backend="gloo",
-                              plan_id=uuid.uuid4().hex[:12],
-                              deadline_s=300, **sender.route(version, [("s", 1)]))
-        assert len(buckets) == len(plan.payloads) == 1  # the whole adapter, bucket_mb or not
-        done = await apply_adapter_sync(client, plan, "s", pause_mode="abort")
-    finally:
-        sender.done()
-        sender.close()
-    assert not os.path.exists(plan.payloads[0])
-    assert done.ok, done.reason
-    assert await client.weight_version() == str(version)
-    return plan.plan_id
-
-
-def scored(outs, model, temperature: float) -> float:
-    """The largest difference between the engine's log-probs and ``model``'s for its tokens."""
-    return max(abs(a - b) for prompt, out in zip(PROMPTS, outs)
-               for a, b in zip(out.logprobs, trainer_logprobs(model, prompt, out.output_ids,
-                                                              temperature, torch.device("cpu"))))
-
-
 def test_after_an_adapter_sync_vllm_samples_what_the_trainer_with_the_adapter_scores(lora_server):
-    base, first, second = _lora_model(None), _lora_model(1), _lora_model(2)
+    base, first, second = lora_model(LORA, None), lora_model(LORA, 1), lora_model(LORA, 2)
 
     async def scenario():
         async with _client(lora_server) as client:
@@ -123,7 +73,7 @@ def test_after_an_adapter_sync_vllm_samples_what_the_trainer_with_the_adapter_sc
 def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that_sampled_it(
     lora_server
 ):
-    models = {10: _lora_model(3), 11: _lora_model(4)}
+    models = {10: lora_model(LORA, 3), 11: lora_model(LORA, 4)}
 
     async def scenario():
         async with _client(lora_server) as client:
@@ -152,7 +102,7 @@ def test_the_logprob_guard_probes_the_adapter_the_engine_serves(lora_server):
     unnamed, vLLM answers with the base model."""
     from areal_like.tasks.tokenizer import load_tokenizer
 
-    base, trained = _lora_model(None), _lora_model(5)
+    base, trained = lora_model(LORA, None), lora_model(LORA, 5)
     prompt = list(load_tokenizer(model_config(lora_server.model_dir)).encode(PROBE_TEXT))
 
     def mean_off(probe, model) -> float:
