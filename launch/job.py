@@ -546,16 +546,16 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False,
         # EngineUnhealthy page for a job that ended, and it scrapes whatever takes its ports next)
         write_json_atomic(run_dir / "prometheus_targets.json", [])
         monitor.read()  # a step trained since the last tick accepts the settings too
-        # none did (or none was accepted); a refused start leaves the run_dir as it found it
-        restored = (not monitor.recent or monitor.settings is not None) and code == REFUSED_EXIT
-        if not monitor.recent or monitor.settings is not None:
-            before.restore(run_dir, refused=restored)
+        untrained = not monitor.recent or monitor.settings is not None  # (or none was accepted)
+        refused = untrained and code == REFUSED_EXIT  # leaves the run_dir as it found it
+        if untrained:
+            before.restore(run_dir, refused=refused)
         if code != 0 and sup.failed is not None:
             report_failure(run_dir, sup.failed, refused=code == REFUSED_EXIT)
         summary = summarize(run_dir, time.monotonic() - t0, code, since=since,
                             resumed_from=resumed_from, trainer_steps=cfg.trainer.steps,
                             checkpoint=newest_checkpoint(cfg))
-        if not restored:
+        if not refused:
             write_job(run_dir, state="ended", summary=summary)
         if summary["end"] == "stopped":
             print(stopped_line(summary), file=sys.stderr, flush=True)

@@ -34,6 +34,9 @@ from areal_like.settings.config_checks import split_address
 SHARED_MEM_FRACTION_DEFAULT = 0.4  # one shared GPU, fraction unset: what SGLang gets
 # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
 SHARED_MEM_FRACTION_MAX = 0.6
+# engine kind -> (its name, the flag that caps its GPU memory share): ``memory_share``
+MEMORY_SHARE_FLAGS = {"sglang": ("SGLang", "mem_fraction_static"),
+                      "vllm": ("vLLM", "gpu_memory_utilization")}
 COUNTS = ("num_rollout_servers", "trainer_ranks")  # launch.*: null = from the cores (CPU jobs only)
 
 
@@ -294,19 +297,21 @@ def _check_shared(cfg: RunConfig) -> None:
         raise ConfigError("rollout.engine.kind=vllm with the trainer and the engine on one GPU: "
                           "vLLM takes weights by the group path only, where NCCL refuses two "
                           "ranks on one GPU; set trainer.weight_sync.backend=gloo")
-    util = ec.vllm.get("gpu_memory_utilization")
-    if ec.kind == "vllm" and util is not None and not (isinstance(util, (int, float))
-                                                      and 0 < util <= SHARED_MEM_FRACTION_MAX):
-        raise ConfigError(f"rollout.engine.vllm.gpu_memory_utilization={util!r}: with the "
-                          "trainer on the same GPU vLLM must leave it room; "
-                          f"set it in (0, {SHARED_MEM_FRACTION_MAX}] (e.g. 0.4)")
-    frac = ec.sglang.get("mem_fraction_static")
-    if ec.kind == "sglang" and frac is not None and not (isinstance(frac, (int, float))
-                                                        and 0 < frac <= SHARED_MEM_FRACTION_MAX):
-        raise ConfigError(f"rollout.engine.sglang.mem_fraction_static={frac!r}: with the trainer "
-                          "on the same GPU SGLang must leave it room; "
+    if ec.kind not in MEMORY_SHARE_FLAGS:
+        return
+    name, key = MEMORY_SHARE_FLAGS[ec.kind]
+    frac = memory_share(ec)
+    if frac is not None and not (isinstance(frac, (int, float))
+                                 and 0 < frac <= SHARED_MEM_FRACTION_MAX):
+        raise ConfigError(f"rollout.engine.{ec.kind}.{key}={frac!r}: with the trainer on the same "
+                          f"GPU {name} must leave it room; "
                           f"set it in (0, {SHARED_MEM_FRACTION_MAX}] (e.g. 0.4)")
 
+
+def memory_share(ec) -> object:
+    """The engine's GPU memory share as its flags set it (``MEMORY_SHARE_FLAGS``), or None."""
+    flags = MEMORY_SHARE_FLAGS.get(ec.kind)
+    return None if flags is None else getattr(ec, ec.kind).get(flags[1])
 
 def auto_path(cfg: RunConfig, shared: bool) -> str:
     """``trainer.weight_sync.path=auto``: with LoRA the engine kind's adapter path
@@ -317,17 +322,15 @@ def auto_path(cfg: RunConfig, shared: bool) -> str:
 
 def with_weight_path(cfg: RunConfig) -> RunConfig:
     """The config the daemons get on this placement: ``trainer.weight_sync.path=auto`` resolved
-    (``auto_path``), and on a shared GPU SGLang's ``mem_fraction_static`` defaulted."""
+    (``auto_path``), and on a shared GPU the engine's memory share defaulted."""
     placed = place_nodes(cfg)
     shared = placed is not None and any(n.shared for n in placed)
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
     if ws.path == "auto":
         path = auto_path(cfg, shared)
         cfg = replace(cfg, trainer=replace(cfg.trainer, weight_sync=replace(ws, path=path)))
-    if shared and ec.kind == "sglang" and ec.sglang.get("mem_fraction_static") is None:
-        sglang = {**ec.sglang, "mem_fraction_static": SHARED_MEM_FRACTION_DEFAULT}
-        cfg = replace(cfg, rollout=replace(cfg.rollout, engine=replace(ec, sglang=sglang)))
-    if shared and ec.kind == "vllm" and ec.vllm.get("gpu_memory_utilization") is None:
-        vllm = {**ec.vllm, "gpu_memory_utilization": SHARED_MEM_FRACTION_DEFAULT}
-        cfg = replace(cfg, rollout=replace(cfg.rollout, engine=replace(ec, vllm=vllm)))
+    if shared and ec.kind in MEMORY_SHARE_FLAGS and memory_share(ec) is None:
+        key = MEMORY_SHARE_FLAGS[ec.kind][1]
+        flags = {**getattr(ec, ec.kind), key: SHARED_MEM_FRACTION_DEFAULT}
+        cfg = replace(cfg, rollout=replace(cfg.rollout, engine=replace(ec, **{ec.kind: flags})))
     return cfg

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from areal_like.settings.config import ConfigError, RunConfig
 from launch.placement import (
     COUNTS,
+    MEMORY_SHARE_FLAGS,
+    memory_share,
     node_roles,
     place_nodes,
     reward_model_device,
@@ -379,8 +381,7 @@ def _engine(cfg: RunConfig, node_host: str) -> str:
         return f"engine {ec.url}"
     if ec.kind == "embedded":
         return f"engine embedded on {ec.device}"
-    key = "gpu_memory_utilization" if ec.kind == "vllm" else "mem_fraction_static"
-    frac = (ec.vllm if ec.kind == "vllm" else ec.sglang).get(key)
-    mem = "" if frac is None else f" {key}={frac}"
+    frac = memory_share(ec)
+    mem = "" if frac is None else f" {MEMORY_SHARE_FLAGS[ec.kind][1]}={frac}"
     url = f"http://{engine_address(cfg, node_host)}:{_port(ec.port)}"
     return f"engine {ec.kind} tp={ec.tp_size}{mem} {url}"
