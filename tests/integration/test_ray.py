@@ -87,6 +87,9 @@ def cluster() -> Iterator:
         shutil.rmtree(temp, ignore_errors=True)
 
 
+SCALE_TIMEOUT_S = 360  # CI's loaded machine took more than 120 s to add a server (2026-11-27)
+
+
 def _cli(*args: str, env: dict[str, str] | None = None,
          timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launch.cli", *args], cwd=REPO,
@@ -351,7 +354,8 @@ def _scale_rollout_up_and_down(run_dir: Path) -> None:
     dropped by rule."""
     from areal_like.net.metrics import scrape
 
-    up = _cli("scale", str(run_dir), "rollout=3")
+    # a new actor's process imports torch and starts its engine: minutes on a loaded machine
+    up = _cli("scale", str(run_dir), "rollout=3", timeout=SCALE_TIMEOUT_S)
     assert up.returncode == 0 and "rollout: 2 -> 3" in up.stdout, up.stdout + up.stderr
     third = _placed(run_dir, "rollout-2")
     ports = json.loads((run_dir / "ports.json").read_text())
@@ -364,7 +368,7 @@ def _scale_rollout_up_and_down(run_dir: Path) -> None:
         "areal_rollout_groups_acked_total", 0) > 0 and "rollout-2" in _roster(run_dir), 120, 0.5,
         "groups from rollout-2 acknowledged")
 
-    down = _cli("scale", str(run_dir), "rollout=2")
+    down = _cli("scale", str(run_dir), "rollout=2", timeout=SCALE_TIMEOUT_S)
     assert down.returncode == 0 and "rollout: 3 -> 2" in down.stdout, down.stdout + down.stderr
     assert _roster(run_dir) == {"rollout-0", "rollout-1"}
     assert "left the buffer's roster" in (run_dir / "logs" / "rollout-2.log").read_text()
