@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 import torch
-from test_vllm_weights import TOKENS, _until_generated
+from test_vllm_weights import TOKENS, _until_generated, mid_generation
 from vllm_kit import PROMPTS, TOL, Server, cpu_engine, engine_logprobs, model_config
 
 from areal_like.net.vllm_client import VLLMClient
@@ -73,22 +73,25 @@ def test_after_an_adapter_sync_vllm_samples_what_the_trainer_with_the_adapter_sc
 def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that_sampled_it(
     lora_server
 ):
-    models = {10: lora_model(LORA, 3), 11: lora_model(LORA, 4)}
+    prompt, built = PROMPTS[0], {}  # per attempt: its versions' models (PEFT draws A at random)
 
-    async def scenario():
+    async def scenario(attempt: int):
+        before, after = 10 + 2 * attempt, 11 + 2 * attempt
+        built[attempt] = {before: lora_model(LORA, 3), after: lora_model(LORA, 4)}
         async with _client(lora_server) as client:
-            await sync_adapter(client, models[10], 10)
-            version, prompt = 10, PROMPTS[0]
+            await sync_adapter(client, built[attempt][before], before)
+            version = before
             job = asyncio.create_task(generate_sample(
                 client, prompt, {"temperature": 1.0, "ignore_eos": True}, TOKENS, lambda: version))
-            await _until_generated(client, 200)
-            await sync_adapter(client, models[11], 11)
-            version = 11
-            return prompt, await job
+            await _until_generated(client, 20)
+            await sync_adapter(client, built[attempt][after], after)
+            version = after
+            return await job
 
-    prompt, sample = asyncio.run(scenario())
-    assert len(sample.output_ids) == TOKENS and sample.versions[0] == 10
-    assert sample.versions == sorted(sample.versions) and sample.versions[-1] == 11
+    attempt, sample = mid_generation(scenario)
+    models = built[attempt]
+    assert len(sample.output_ids) == TOKENS and sample.versions[0] == min(models)
+    assert sample.versions == sorted(sample.versions) and sample.versions[-1] == max(models)
     scores = {v: trainer_logprobs(m, prompt, sample.output_ids, 1.0, torch.device("cpu"))
               for v, m in models.items()}
     worst = max(abs(lp - scores[v][i]) for i, (lp, v) in enumerate(zip(sample.logprobs,
