@@ -56,6 +56,7 @@ def one(out: Path, seed: int, rnd: int, rm_args: list[str], run_args: list[str])
             "greedy": [first["greedy_accuracy"], last["greedy_accuracy"]],
             "rm_accuracy": rm_line["figure"],
             "rm_policy_pairs_accuracy": rm_line.get("policy_pairs_accuracy"),
+            "rm_substitution_accuracy": rm_line.get("substitution_accuracy"),
             "rm": " ".join(rm_args), "run": " ".join(run_args), "run_dir": str(run_dir)}
 
 

@@ -12,7 +12,11 @@ wrong answers are a policy's own samples at the task's temperature (``--policy``
 the default, or a directory such as an RL job's export, repeatable; ``none``: synthetic only): the
 negatives a practitioner collects from the policy being trained, and, with an RL job's export,
 one round of iterated RLHF (``benchmarks/bench_reward_model_rl.py`` measures both rounds). The
-RL job that the defaults were measured with (ROLLOUT.md) keeps a KL penalty to the warm start:
+RL job that the defaults were measured with (ROLLOUT.md) keeps a KL penalty to the warm start.
+``--layers N`` (more than the warm start's 2) adds blocks that start as the identity. The JSON
+line gives the held-out pair accuracy, the accuracy against the policies' own wrong samples, and
+``substitution_accuracy``: per answer letter, how often the right answer outranks itself with
+that one letter replaced (0.5: the letter is not read; ROLLOUT.md says what it found):
 
     python -m benchmarks.reward_model_demo --out runs/reversal_rm
     areal-like run experiment=quickstart task.reward_model.path=runs/reversal_rm \
@@ -29,6 +33,7 @@ from pathlib import Path
 LETTERS = "abcdefghij"  # the reversal task's alphabet (areal_like/tasks/task.py)
 OTHERS = "klmnopqrstuvwxyz0123456789+-=: "  # what a policy sampling at a high temperature adds
 EVAL_SEED = 1_000_003  # held-out pairs come from another stream than training's
+LAYERS = 2  # the reward model's decoder blocks by default (the warm start's own)
 
 
 def _corrupt(rng: random.Random, r: str) -> str:
@@ -70,9 +75,12 @@ def pairs(n: int, seed: int, length: int = 6) -> list[tuple[str, str, str]]:
     return out
 
 
-def build(init: str):
-    """(model, tokenizer): a scalar-head Qwen2 classifier on the char tokenizer."""
-    from transformers import AutoModelForSequenceClassification
+def build(init: str, layers: int = 0):
+    """(model, tokenizer): a scalar-head Qwen2 classifier on the char tokenizer. ``layers`` > the
+    warm start's (2): the blocks after its own start as the identity (their output projections
+    zero), so the model starts as the warm start and the new blocks learn to check its reading."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from areal_like.settings.config import load_config
     from areal_like.tasks.tokenizer import char_tokenizer
@@ -84,10 +92,20 @@ def build(init: str):
         from launch.warmstart import ensure_warm_start
 
         path = ensure_warm_start(cfg).model.path
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
+        config = AutoConfig.from_pretrained(path, num_labels=1)
+        own = config.num_hidden_layers
+        if layers > own:
+            config.num_hidden_layers, config.layer_types = layers, config.layer_types[:1] * layers
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+        with torch.no_grad():
+            for block in model.model.layers[own:]:
+                block.self_attn.o_proj.weight.zero_()
+                block.mlp.down_proj.weight.zero_()
     else:
         config = qwen2_config(cfg.model, tok)
         config.num_labels = 1
+        if layers:
+            config.num_hidden_layers, config.layer_types = layers, config.layer_types[:1] * layers
         model = AutoModelForSequenceClassification.from_config(config)
     model.config.pad_token_id = tok.pad_token_id
     return model, tok
@@ -106,6 +124,23 @@ def ranking_accuracy(model, tok, triples) -> float:
         right = scores(model, tok, [p + a for p, a, _ in triples])
         wrong = scores(model, tok, [p + b for p, _, b in triples])
     return (right > wrong).float().mean().item()
+
+
+def substitution_accuracy(model, tok, n: int = 256, seed: int = EVAL_SEED) -> list[float]:
+    """Per position of the answer, the share of ``n`` held-out prompts whose right answer scores
+    above it with that one letter replaced by another of the task's: whether the model reads every
+    letter (a model that checks only the length, the alphabet and the last letter is at 0.5 on the
+    others)."""
+    rng, out = random.Random(seed), []
+    for i in range(6):
+        triples = []
+        for _ in range(n):
+            s = "".join(rng.choice(LETTERS) for _ in range(6))
+            r = s[::-1]
+            wrong = r[:i] + rng.choice(LETTERS.replace(r[i], "")) + r[i + 1:]
+            triples.append((f"rev:{s}=", r, wrong))
+        out.append(round(ranking_accuracy(model, tok, triples), 3))
+    return out
 
 
 def policy_negatives(path: str, n: int, seed: int, temperature: float = 2.0,
@@ -137,14 +172,14 @@ def policy_negatives(path: str, n: int, seed: int, temperature: float = 2.0,
 
 
 def train(steps: int, batch_size: int = 64, lr: float = 3e-4, init: str = "warm_start",
-          seed: int = 0, log=print, negatives: list[tuple[str, str, str]] = ()):
+          seed: int = 0, log=print, negatives: list[tuple[str, str, str]] = (), layers: int = 0):
     """(model, tokenizer, held-out ranking accuracy) after ``steps`` Bradley-Terry steps; with
     ``negatives`` (``policy_negatives``) half of each batch's pairs are drawn from them."""
     import torch
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    model, tok = build(init)
+    model, tok = build(init, layers)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     held_out = pairs(512, EVAL_SEED + seed)
@@ -171,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--init", choices=("warm_start", "random"), default="warm_start")
+    ap.add_argument("--layers", type=int, default=LAYERS,
+                    help="decoder blocks (the warm start has 2; more start as the identity)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--policy", action="append", default=None,
                     help="a causal LM directory whose samples are wrong answers for half of each "
@@ -190,11 +227,12 @@ def main(argv: list[str] | None = None) -> None:
         negatives += policy_negatives(path, args.policy_samples, args.seed * 1000 + i)
         held_out_policy += policy_negatives(path, 256, EVAL_SEED + args.seed * 1000 + i)
     model, tok, acc = train(args.steps, lr=args.lr, init=args.init, seed=args.seed,
-                            negatives=negatives)
+                            negatives=negatives, layers=args.layers)
     model.save_pretrained(args.out)
     save_tokenizer(tok, args.out)
     line = {"name": "reward_model_ranking_accuracy", "figure": round(acc, 4),
-            "unit": "share of held-out pairs", "out": str(Path(args.out).resolve())}
+            "unit": "share of held-out pairs", "out": str(Path(args.out).resolve()),
+            "substitution_accuracy": substitution_accuracy(model, tok)}
     if held_out_policy:  # right answers against the policies' own wrong samples, held out
         line["policy_pairs_accuracy"] = round(ranking_accuracy(model, tok, held_out_policy), 4)
     print(json.dumps(line))

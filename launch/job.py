@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import psutil
+
 from areal_like.daemon import MALLOC_ENV
 from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV, engine_api_key, ensure_key_file
 from areal_like.net.distributed import free_port
@@ -53,6 +55,7 @@ from launch.records import (
 )
 from launch.rundir import (
     CHECKPOINT_PREFIX,
+    JOB_FILE,
     SETTINGS_FILE,
     check_existing_run,
     check_resume_settings,
@@ -60,6 +63,7 @@ from launch.rundir import (
     latest_checkpoint_step,
     lock_run_dir,
     restore_file,
+    write_job,
     write_settings,
 )
 from launch.scale import Scaler
@@ -224,14 +228,15 @@ def _trainer_argv(python: str, ranks: int, host: str, base: list[str], log_dir: 
 
 def write_ports(run_dir: Path, topo: Topology, sup: Supervisor,
                 pools: dict[str, int] | None = None, hosts: list[str] | None = None) -> None:
-    """``ports.json`` (``pools``: the sizes a scale left, launch/scale.py) and the targets;
-    ``hosts``: each node's address (several nodes, ``launch/ray_job.py``)."""
+    """``ports.json`` (``pools``: the sizes a scale left, launch/scale.py), the targets and the
+    daemons in job.json; ``hosts``: each node's address (several nodes, ``launch/ray_job.py``)."""
     pids = sup.pids()
     info = {**topo.to_json(hosts), "run_dir": str(run_dir), "supervisor_pid": os.getpid(),
             "ports": topo.ports(), **({"pools": pools} if pools else {})}
     for d in info["daemons"]:
         d["pid"] = pids.get(d["name"])
     write_json_atomic(run_dir / "ports.json", info)
+    write_job(run_dir, state="running", daemons=info["daemons"])
     write_targets(run_dir, topo, sup, hosts)
 
 
@@ -385,18 +390,19 @@ class Before:
     """What a start found in its run_dir and may change there (``start_job``): put back after a
     job in which no step trained (``restore``)."""
 
-    settings: tuple[bytes, int, int] | None  # settings.yaml (``file_state``)
-    config: tuple[bytes, int, int] | None  # config.yaml
+    settings: bytes | None  # settings.yaml (``file_state``)
+    config: bytes | None  # config.yaml
     accepted: RunConfig | None  # a resume's changed settings: settings.yaml's once a step trained
+    job: bytes | None  # job.json: a refused start is not the run `status` and `top` show
 
     def restore(self, run_dir: Path, refused: bool) -> None:
         """config.yaml as it was when it got changed settings, or the start was ``refused``;
-        settings.yaml, its time too, when refused (``status`` and ``top`` take the run whose
-        settings.yaml is newest for the one started last)."""
+        settings.yaml and job.json when refused."""
         if refused or self.accepted is not None:
             restore_file(run_dir / "config.yaml", self.config)
         if refused:
             restore_file(run_dir / SETTINGS_FILE, self.settings)
+            restore_file(run_dir / JOB_FILE, self.job)
 
 
 def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology, Path, int, int,
@@ -410,7 +416,9 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
     run_dir = Path(cfg.run_dir).resolve()
     fresh = not run_dir.exists()
     lock = lock_run_dir(run_dir)  # released by the kernel when this job's last process is gone
-    settings = file_state(run_dir / SETTINGS_FILE)
+    settings, job = file_state(run_dir / SETTINGS_FILE), file_state(run_dir / JOB_FILE)
+    write_job(run_dir, state="starting", started=time.time(), supervisor_pid=os.getpid(),
+              supervisor_born=psutil.Process().create_time())
     try:
         resumed_from = check_existing_run(cfg)
         # also before the first checkpoint: the buffer's WAL and the version labels go on
@@ -423,8 +431,10 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
                   + (": trained; its final evaluation is missing, so it runs now"
                      if resumed_from == cfg.trainer.steps else ""), file=sys.stderr, flush=True)
         # as given, before the warm start's model path
-        before = Before(settings, file_state(run_dir / "config.yaml"), cfg if changes else None)
-        write_settings(cfg, keep=bool(changes))
+        before = Before(settings, file_state(run_dir / "config.yaml"), cfg if changes else None,
+                        job)
+        if not changes:  # changed settings reach it once a step trained with them (Monitor)
+            write_settings(cfg)
         plan_job(cfg)  # a layout that does not fit is refused now, not after the warm start
         cfg = ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}", file=sys.stderr,
                                                          flush=True))
@@ -435,6 +445,7 @@ def start_job(cfg: RunConfig, accept_changes: bool) -> tuple[RunConfig, Topology
             shutil.rmtree(run_dir, ignore_errors=True)
         else:
             restore_file(run_dir / SETTINGS_FILE, settings)
+            restore_file(run_dir / JOB_FILE, job)
         raise
 
 
@@ -486,7 +497,8 @@ def supervisor(cfg: RunConfig, topo: Topology, config_path: Path, lock: int, ech
     scaler = Scaler(cfg, topo, run_dir,
                     lambda c, t, extra: cluster.specs(c, t, config_path, trainer_args=extra),
                     lambda t, pools, s: (setattr(monitor, "topo", t),
-                                         write_ports(run_dir, t, s, pools, cluster.hosts())))
+                                         write_ports(run_dir, t, s, pools, cluster.hosts())),
+                    layout=getattr(cluster, "scale_layout", None))
     sup = Supervisor(cluster.specs(cfg, topo, config_path), run_dir, restarts=cfg.launch.restarts,
                      restart_window_s=cfg.launch.restart_window_s,
                      restart_backoff_s=cfg.launch.restart_backoff_s,
@@ -534,13 +546,17 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False,
         # EngineUnhealthy page for a job that ended, and it scrapes whatever takes its ports next)
         write_json_atomic(run_dir / "prometheus_targets.json", [])
         monitor.read()  # a step trained since the last tick accepts the settings too
-        if not monitor.recent or monitor.settings is not None:  # none did (or none was accepted)
-            before.restore(run_dir, refused=code == REFUSED_EXIT)
+        untrained = not monitor.recent or monitor.settings is not None  # (or none was accepted)
+        refused = untrained and code == REFUSED_EXIT  # leaves the run_dir as it found it
+        if untrained:
+            before.restore(run_dir, refused=refused)
         if code != 0 and sup.failed is not None:
             report_failure(run_dir, sup.failed, refused=code == REFUSED_EXIT)
         summary = summarize(run_dir, time.monotonic() - t0, code, since=since,
                             resumed_from=resumed_from, trainer_steps=cfg.trainer.steps,
                             checkpoint=newest_checkpoint(cfg))
+        if not refused:
+            write_job(run_dir, state="ended", summary=summary)
         if summary["end"] == "stopped":
             print(stopped_line(summary), file=sys.stderr, flush=True)
         sink.poll(final=True)  # every daemon has stopped: the files are complete

@@ -1,7 +1,10 @@
 """Pure GPU placement: which GPUs each process of a node sees (its ``CUDA_VISIBLE_DEVICES``).
 
 ``place_node`` lays out one node: trainer ranks on GPUs ``[0, T)`` (local rank ``i`` on GPU
-``i``), then rollout server ``i`` on ``[T + i*tp, T + (i+1)*tp)``. ``place_nodes`` lays out every
+``i``), then rollout server ``i`` on ``[T + i*g, T + (i+1)*g)`` with ``g = tp`` GPUs for its
+engine, plus one (the last, its ``cuda:tp``) for its reward model when it scores on a GPU
+(``reward_model_on_gpu``: ``task.reward_model.device=auto`` or ``cuda`` on a GPU topology; the
+slot hands the server that device: ``launch/topology.py``). ``place_nodes`` lays out every
 node from ``launch.*`` and ``rollout.engine.tp_size``: on several nodes the first
 ``launch.train_nodes`` run only trainer ranks, the others only rollout servers, and both counts
 are per node.
@@ -10,11 +13,15 @@ Invariants (tested in tests/unit/test_placement.py):
 * one process per GPU (NCCL refuses two ranks of one group on one GPU; SGLang takes most of its
   GPU's memory): a layout needing more GPUs than the node has is a ``ConfigError`` naming the keys;
 * except a one-GPU node with one trainer rank and one rollout server of ``tp_size`` 1, which share
-  GPU 0 (``NodeGpus.shared``): the weights then go without a group (``with_weight_path``) and an
-  SGLang engine leaves the trainer room (``SHARED_MEM_FRACTION_DEFAULT``, at most
-  ``SHARED_MEM_FRACTION_MAX``);
+  GPU 0 (``NodeGpus.shared``): the weights then go without a group (``with_weight_path``; vLLM,
+  which takes whole weights by the group only, over gloo) and an SGLang or vLLM engine leaves the
+  trainer room (``mem_fraction_static`` / ``gpu_memory_utilization``:
+  ``SHARED_MEM_FRACTION_DEFAULT``, at most ``SHARED_MEM_FRACTION_MAX``);
 * the GPUs given out are ``[0, used)``; a process on CPU takes none, an engine by URL runs
-  elsewhere.
+  elsewhere;
+* a reward model on a GPU has one of its own, never its engine's or the trainer's (SGLang takes
+  most of its GPU's memory): the one-GPU node's sharing does not stretch to it (refused, naming
+  ``task.reward_model.device``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from areal_like.settings.config_checks import split_address
 SHARED_MEM_FRACTION_DEFAULT = 0.4  # one shared GPU, fraction unset: what SGLang gets
 # one shared GPU: SGLang's static share; the trainer's weights, grads, Adam need the rest
 SHARED_MEM_FRACTION_MAX = 0.6
+# engine kind -> (its name, the flag that caps its GPU memory share): ``memory_share``
+MEMORY_SHARE_FLAGS = {"sglang": ("SGLang", "mem_fraction_static"),
+                      "vllm": ("vLLM", "gpu_memory_utilization")}
 COUNTS = ("num_rollout_servers", "trainer_ranks")  # launch.*: null = from the cores (CPU jobs only)
 
 
@@ -35,7 +45,9 @@ class NodeGpus:
     """The GPUs of one node's processes."""
 
     trainer: tuple[int, ...]  # GPU of each trainer rank on this node (local rank i -> trainer[i])
-    rollout: tuple[tuple[int, ...], ...]  # the GPUs of each rollout server on this node
+    # the GPUs of each rollout server on this node (its engine's, then its reward model's if any)
+    rollout: tuple[tuple[int, ...], ...]
+    reward_model: tuple[int, ...] = ()  # the GPU of each server's reward model; () = none on GPU
 
     @property
     def used(self) -> int:
@@ -66,29 +78,35 @@ def visible_devices(gpus: tuple[int, ...], inherited: str | None = None) -> str:
 
 
 def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, tp_size: int,
-               nodes: int = 1, node: int = 0) -> NodeGpus:
-    """Node ``node`` of ``nodes`` (module docstring); ConfigError when it does not fit."""
+               nodes: int = 1, node: int = 0, reward_model: bool = False) -> NodeGpus:
+    """Node ``node`` of ``nodes`` (module docstring); ConfigError when it does not fit.
+    ``reward_model``: each rollout server's reward model gets a GPU after its engine's."""
     if not 0 <= node < nodes:
         raise ConfigError(f"node {node} is not one of the job's {nodes} nodes")
-    need = trainer_ranks + rollout_servers * tp_size
+    each = tp_size + reward_model
+    need = trainer_ranks + rollout_servers * each
     # the one-GPU machine
-    if gpus_per_node == 1 and (trainer_ranks, rollout_servers, tp_size) == (1, 1, 1):
+    if gpus_per_node == 1 and (trainer_ranks, rollout_servers, tp_size, reward_model) == (
+            1, 1, 1, False):
         return NodeGpus(trainer=(0,), rollout=((0,),))
     if need > gpus_per_node:
         terms = [f"launch.trainer_ranks={trainer_ranks}"] if trainer_ranks else []
         if rollout_servers:
-            terms.append(f"launch.num_rollout_servers={rollout_servers} x "
-                         f"rollout.engine.tp_size={tp_size}")
+            width = (f"(rollout.engine.tp_size={tp_size} + 1 for task.reward_model)"
+                     if reward_model else f"rollout.engine.tp_size={tp_size}")
+            terms.append(f"launch.num_rollout_servers={rollout_servers} x {width}")
         where = f" (node {node} of {nodes})" if nodes > 1 else ""
+        rm = ("; the reward model takes a GPU of its own beside each engine (set "
+              "task.reward_model.device=cpu to score on the CPU)") if reward_model else ""
         raise ConfigError(
             f"{' + '.join(terms)} needs {need} GPUs per node{where}; "
             f"launch.gpus_per_node={gpus_per_node}: one process per GPU (NCCL refuses two ranks of "
             "one group on one GPU; only a one-GPU node with one trainer rank and one rollout "
-            "server of tp_size 1 shares its GPU)")
-    rollout = tuple(tuple(range(trainer_ranks + i * tp_size,
-                                trainer_ranks + (i + 1) * tp_size))
+            f"server of tp_size 1 shares its GPU){rm}")
+    rollout = tuple(tuple(range(trainer_ranks + i * each, trainer_ranks + (i + 1) * each))
                     for i in range(rollout_servers))
-    return NodeGpus(trainer=tuple(range(trainer_ranks)), rollout=rollout)
+    return NodeGpus(trainer=tuple(range(trainer_ranks)), rollout=rollout,
+                    reward_model=tuple(g[-1] for g in rollout) if reward_model else ())
 
 
 def trainer_on_gpu(cfg: RunConfig) -> bool:
@@ -96,10 +114,24 @@ def trainer_on_gpu(cfg: RunConfig) -> bool:
 
 
 def engine_on_gpu(cfg: RunConfig) -> bool:
-    """Whether each rollout server's engine runs on this node's GPUs (SGLang does unless on CPU)."""
+    """Whether each rollout server's engine runs on this node's GPUs (SGLang does unless on CPU;
+    an embedded engine or vLLM where ``rollout.engine.device`` says cuda)."""
     ec = cfg.rollout.engine
     sglang_gpu = ec.kind == "sglang" and ec.sglang.get("device") != "cpu"
-    return sglang_gpu or (ec.kind == "embedded" and ec.device.startswith("cuda"))
+    return sglang_gpu or (ec.kind in ("embedded", "vllm") and ec.device.startswith("cuda"))
+
+
+def reward_model_on_gpu(cfg: RunConfig) -> bool:
+    """Whether each rollout server's reward model gets a GPU of its own from the layout:
+    ``task.reward_model`` set, its device ``auto`` or ``cuda``, and the engines on GPUs."""
+    rm = cfg.task.reward_model
+    return rm.enabled and rm.device in ("auto", "cuda") and engine_on_gpu(cfg)
+
+
+def reward_model_device(cfg: RunConfig) -> str | None:
+    """The device a rollout server's reward model is handed by its slot (``cuda:tp``: the GPU after
+    its engine's among those it sees), or None when the config's own stands."""
+    return f"cuda:{cfg.rollout.engine.tp_size}" if reward_model_on_gpu(cfg) else None
 
 
 def needs_gpus(cfg: RunConfig) -> bool:
@@ -133,7 +165,8 @@ def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
                                              if trains and trainer_on_gpu(cfg) else 0),
                               rollout_servers=(la.num_rollout_servers
                                                if serves and engine_on_gpu(cfg) else 0),
-                              tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k))
+                              tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k,
+                              reward_model=serves and reward_model_on_gpu(cfg)))
     _check_weight_path(cfg, shared=any(n.shared for n in out))
     return tuple(out)
 
@@ -184,12 +217,25 @@ def _gpu_checks(cfg: RunConfig) -> bool:
                           "torch sees none here (launch.gpus_per_node=0 asks it): check the driver "
                           "(nvidia-smi) and the torch build, or set launch.gpus_per_node=N to plan "
                           "for a machine with N GPUs")
-    if (cfg.rollout.engine.kind == "embedded" and engine_on_gpu(cfg)
+    if (cfg.rollout.engine.kind in ("embedded", "vllm") and engine_on_gpu(cfg)
             and cfg.rollout.engine.device != "cuda"):
         raise ConfigError(f"rollout.engine.device={cfg.rollout.engine.device!r}: each rollout "
                           "server sees only its own GPUs (CUDA_VISIBLE_DEVICES), so the engine "
                           "device is 'cuda'")
+    _check_reward_model_device(cfg)
     return True
+
+
+def _check_reward_model_device(cfg: RunConfig) -> None:
+    """On a GPU topology the layout gives the reward model its GPU: a device of the user's cannot
+    name one the rollout server sees (it sees only its own, CUDA_VISIBLE_DEVICES)."""
+    rm = cfg.task.reward_model
+    if rm.enabled and rm.device.startswith("cuda") and not reward_model_on_gpu(cfg):
+        where = ("the layout gives each rollout server's reward model a GPU of its own, and the "
+                 "server sees only its own GPUs (CUDA_VISIBLE_DEVICES)" if engine_on_gpu(cfg) else
+                 "the rollout servers' engines run on the CPU, and the servers see no GPU")
+        raise ConfigError(f"task.reward_model.device={rm.device!r} on a GPU topology: {where}; "
+                          "set it to auto (the layout's GPU) or cpu")
 
 
 LOOPBACK = ("127.", "localhost", "::1", "[::1]")
@@ -224,9 +270,11 @@ def _check_disk_nodes(cfg: RunConfig) -> None:
     """``disk`` (also LoRA's on SGLang) writes to the trainer node's temporary directory."""
     path, nodes = cfg.trainer.weight_sync.path, cfg.launch.nodes
     if nodes > 1 and auto_path(cfg, False) == "disk" and path in ("auto", "disk"):
-        raise ConfigError(f"trainer.lora.rank > 0 with SGLang and launch.nodes={nodes}: the "
-                          "adapter reaches SGLang as a directory the trainer writes on its own "
-                          "node; run the job on one node or use rollout.engine.kind=embedded")
+        kind = cfg.rollout.engine.kind
+        raise ConfigError(f"trainer.lora.rank > 0 with rollout.engine.kind={kind} and "
+                          f"launch.nodes={nodes}: the adapter reaches the engine as a directory "
+                          "the trainer writes on its own node; run the job on one node or use "
+                          "rollout.engine.kind=embedded")
     if path == "disk" and nodes > 1:
         raise ConfigError(f"trainer.weight_sync.path=disk with launch.nodes={nodes}: the trainer "
                           "writes to its own node's temporary directory; use path=auto "
@@ -245,30 +293,44 @@ def _check_shared(cfg: RunConfig) -> None:
         raise ConfigError("trainer.weight_sync.path=distributed with the trainer and the engine on "
                           "one GPU: NCCL refuses two ranks on one GPU; use path=auto (tensor), "
                           "tensor or disk, or backend=gloo")
-    frac = ec.sglang.get("mem_fraction_static")
-    if ec.kind == "sglang" and frac is not None and not (isinstance(frac, (int, float))
-                                                        and 0 < frac <= SHARED_MEM_FRACTION_MAX):
-        raise ConfigError(f"rollout.engine.sglang.mem_fraction_static={frac!r}: with the trainer "
-                          "on the same GPU SGLang must leave it room; "
+    if ec.kind == "vllm" and ws.backend != "gloo" and not cfg.trainer.lora.enabled:
+        raise ConfigError("rollout.engine.kind=vllm with the trainer and the engine on one GPU: "
+                          "vLLM takes weights by the group path only, where NCCL refuses two "
+                          "ranks on one GPU; set trainer.weight_sync.backend=gloo")
+    if ec.kind not in MEMORY_SHARE_FLAGS:
+        return
+    name, key = MEMORY_SHARE_FLAGS[ec.kind]
+    frac = memory_share(ec)
+    if frac is not None and not (isinstance(frac, (int, float))
+                                 and 0 < frac <= SHARED_MEM_FRACTION_MAX):
+        raise ConfigError(f"rollout.engine.{ec.kind}.{key}={frac!r}: with the trainer on the same "
+                          f"GPU {name} must leave it room; "
                           f"set it in (0, {SHARED_MEM_FRACTION_MAX}] (e.g. 0.4)")
 
+
+def memory_share(ec) -> object:
+    """The engine's GPU memory share as its flags set it (``MEMORY_SHARE_FLAGS``), or None."""
+    flags = MEMORY_SHARE_FLAGS.get(ec.kind)
+    return None if flags is None else getattr(ec, ec.kind).get(flags[1])
 
 def auto_path(cfg: RunConfig, shared: bool) -> str:
     """``trainer.weight_sync.path=auto``: with LoRA the engine kind's adapter path
     (``RunConfig.adapter_path``), else ``tensor`` on a shared GPU, else ``distributed``."""
-    return cfg.adapter_path or ("tensor" if shared else "distributed")
+    vllm = cfg.rollout.engine.kind == "vllm"  # vLLM takes whole weights by the group only
+    return cfg.adapter_path or ("tensor" if shared and not vllm else "distributed")
 
 
 def with_weight_path(cfg: RunConfig) -> RunConfig:
     """The config the daemons get on this placement: ``trainer.weight_sync.path=auto`` resolved
-    (``auto_path``), and on a shared GPU SGLang's ``mem_fraction_static`` defaulted."""
+    (``auto_path``), and on a shared GPU the engine's memory share defaulted."""
     placed = place_nodes(cfg)
     shared = placed is not None and any(n.shared for n in placed)
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
     if ws.path == "auto":
         path = auto_path(cfg, shared)
         cfg = replace(cfg, trainer=replace(cfg.trainer, weight_sync=replace(ws, path=path)))
-    if shared and ec.kind == "sglang" and ec.sglang.get("mem_fraction_static") is None:
-        sglang = {**ec.sglang, "mem_fraction_static": SHARED_MEM_FRACTION_DEFAULT}
-        cfg = replace(cfg, rollout=replace(cfg.rollout, engine=replace(ec, sglang=sglang)))
+    if shared and ec.kind in MEMORY_SHARE_FLAGS and memory_share(ec) is None:
+        key = MEMORY_SHARE_FLAGS[ec.kind][1]
+        flags = {**getattr(ec, ec.kind), key: SHARED_MEM_FRACTION_DEFAULT}
+        cfg = replace(cfg, rollout=replace(cfg.rollout, engine=replace(ec, **{ec.kind: flags})))
     return cfg

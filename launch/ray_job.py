@@ -42,12 +42,21 @@ from pathlib import Path
 
 from areal_like.daemon import die_with_parent
 from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV
+from areal_like.net.distributed import free_port
 from areal_like.settings.config import ConfigError, RunConfig
 from launch.job import job_specs, run_job, write_ports
 from launch.local import STOP_GRACE_S, write_json_atomic
-from launch.placement import COUNTS, engine_on_gpu, node_roles, place_node, trainer_on_gpu
+from launch.placement import (
+    COUNTS,
+    engine_on_gpu,
+    node_roles,
+    place_node,
+    reward_model_on_gpu,
+    trainer_on_gpu,
+)
+from launch.scale import sized
 from launch.srun import daemon_command
-from launch.topology import Topology, split_address
+from launch.topology import DaemonSlot, Topology, split_address
 
 NAMESPACE = "areal-like"
 NODE_IP = "@NODE_IP@"  # in a daemon's command and environment: its node's address, set there
@@ -116,7 +125,8 @@ def request(cfg: RunConfig, kind: str, shared: bool = False) -> tuple[float, flo
     if kind == "trainer":
         gpus = la.trainer_ranks if trainer_on_gpu(cfg) else 0
         return cpus * la.trainer_ranks, 0.5 if shared else gpus
-    gpus = cfg.rollout.engine.tp_size if engine_on_gpu(cfg) else 0
+    # its engine's GPUs and its reward model's (launch/placement.py, reward_model_on_gpu)
+    gpus = cfg.rollout.engine.tp_size + reward_model_on_gpu(cfg) if engine_on_gpu(cfg) else 0
     return cpus, 0.5 if shared else gpus
 
 
@@ -134,7 +144,8 @@ def layout_bundles(cfg: RunConfig) -> tuple[list[dict[str, float]], bool]:
                           trainer_ranks=la.trainer_ranks if trains and trainer_on_gpu(cfg) else 0,
                           rollout_servers=(la.num_rollout_servers
                                            if serves and engine_on_gpu(cfg) else 0),
-                          tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k)
+                          tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k,
+                          reward_model=serves and reward_model_on_gpu(cfg))
         shared = shared or gpus.shared
         kinds = (["buffer"] * (k == 0) + ["trainer"] * trains
                  + ["rollout"] * (la.num_rollout_servers if serves else 0))
@@ -244,22 +255,33 @@ def on_hosts(cfg: RunConfig, head: str) -> RunConfig:
 
 
 class RayCluster:
-    """``run_job``'s launcher for Ray (``launch.job.Local``'s interface): one proxy per slot."""
+    """``run_job``'s launcher for Ray (``launch.job.Local``'s interface): one proxy per slot. A
+    rollout server ``areal-like scale`` adds beyond the layout's runs outside the placement group
+    (an actor of its own, spread over the cluster): its slot's node is a layout node of its own
+    (``len(hosts) + i``), at the address Ray placed it on."""
 
     def __init__(self, pg_name: str, gcs: str, hosts: list[str], shared: bool):
         self.pg_name, self.gcs, self.shared = pg_name, gcs, shared
         self.placed = list(hosts)  # where each bundle is now (ray/<name>.json)
+        self.bundles = len(hosts)  # layout nodes of the placement group
+        self.base: dict[str, DaemonSlot] = {}  # the layout's slots, each in its bundle
         self.run_dir: Path | None = None
         self.topo: Topology | None = None
+        self.pools: dict[str, int] | None = None
         self.written: list[str] | None = None
         self.read_at = 0.0
 
     def specs(self, cfg: RunConfig, topo: Topology, config_path: Path,
               trainer_args: list[str] | None = None) -> list:
-        """One proxy ``ProcSpec`` per slot (a Ray job is not resized: ``launch/scale.py`` refuses
-        it, so ``trainer_args`` stays empty)."""
-        self.run_dir, self.topo = Path(cfg.run_dir), topo
+        """One proxy ``ProcSpec`` per slot; ``trainer_args``: more ``key=value`` for the trainer
+        (a resized job's, launch/scale.py)."""
+        self.run_dir = Path(cfg.run_dir)
         (self.run_dir / "ray").mkdir(exist_ok=True)
+        self.forget(topo)
+        self.topo, self.base = topo, self.base or {s.name: s for s in topo.slots}
+        self.pools = {"rollout": sum(s.kind == "rollout" for s in topo.slots),
+                      "trainer": cfg.launch.trainer_ranks}
+        self.placed += [self.placed[0]] * (max(s.node for s in topo.slots) + 1 - len(self.placed))
         out = []
         for spec, slot in zip(job_specs(cfg, topo, config_path), topo.slots, strict=True):
             env = {**spec.env, "RAY_ADDRESS": self.gcs,
@@ -268,16 +290,54 @@ class RayCluster:
             forward = [k for k in env if k not in (ENGINE_KEY_ENV, "CUDA_VISIBLE_DEVICES",
                                                    "RAY_ADDRESS")]
             cpus, gpus = request(cfg, slot.kind, self.shared)
+            bundle = slot.node if slot.node < self.bundles else -1
+            extra = (trainer_args or []) if slot.kind == "trainer" else []
             proxy = [sys.executable, "-m", "launch.ray_job", "exec", "--pg", self.pg_name,
-                     "--bundle", str(slot.node), "--cpus", f"{cpus:g}", "--gpus", f"{gpus:g}",
+                     "--bundle", str(bundle), "--cpus", f"{cpus:g}", "--gpus", f"{gpus:g}",
                      "--name", slot.name, "--run-dir", str(self.run_dir),
                      "--forward", ",".join(forward),
                      *(["--hide-gpus"] if slot.gpus is not None else []), "--",
-                     *daemon_command(cfg, topo, slot, str(config_path), NODE_IP)]
-            out.append(dataclasses.replace(
-                spec, argv=proxy, env=env, cpus=None,
-                health_url=f"http://{self.placed[slot.node]}:{slot.metrics_port}/health"))
+                     *daemon_command(cfg, topo, slot, str(config_path), NODE_IP), *extra]
+            out.append(dataclasses.replace(spec, argv=proxy, env=env, cpus=None,
+                                           health_url=self.health_url(slot)))
         return out
+
+    def forget(self, topo: Topology) -> None:
+        """Where a daemon that ``topo`` drops ran: forgotten (the same name may return later)."""
+        names = {s.name for s in topo.slots}
+        for slot in self.topo.slots if self.topo is not None else ():
+            if slot.name not in names:
+                (self.run_dir / "ray" / f"{slot.name}.json").unlink(missing_ok=True)
+
+    def health_url(self, slot: DaemonSlot) -> str:
+        return f"http://{self.placed[slot.node]}:{slot.metrics_port}/health"
+
+    def scale_layout(self, cfg: RunConfig, topo: Topology, pool: str,
+                     n: int) -> tuple[RunConfig, Topology]:
+        """``launch/scale.py``'s plan of ``n`` of ``pool`` on Ray: the trainer on ``n`` ranks in
+        its bundle (``ray_trainer_refusal`` checked that they fit); ``rollout-<i>`` for the new
+        ``i`` in its bundle of the layout, else in an actor of its own (``own_slot``)."""
+        if pool == "trainer":
+            return sized(cfg, "trainer", n), topo
+        servers = sorted((s for s in topo.slots if s.kind == "rollout"),
+                         key=lambda s: int(s.name.rpartition("-")[2]))
+        added = [self.base.get(f"rollout-{j}") or self.own_slot(cfg, j)
+                 for j in range(len(servers), n)]
+        slots = (*[s for s in topo.slots if s.kind == "buffer"], *servers[:n], *added,
+                 *[s for s in topo.slots if s.kind == "trainer"])
+        return cfg, dataclasses.replace(topo, slots=slots)
+
+    def own_slot(self, cfg: RunConfig, j: int) -> DaemonSlot:
+        """Server ``rollout-<j>`` beyond the layout: a layout server's slot (not the evaluating
+        one's settings) with its own name and port (``rollout.metrics_port + j`` when fixed)."""
+        like = next((s for s in self.base.values() if s.kind == "rollout"), None)
+        if like is None:
+            raise ConfigError("the job's layout has no rollout server to model another on")
+        port = cfg.rollout.metrics_port + j if cfg.rollout.metrics_port else free_port()
+        return dataclasses.replace(like, name=f"rollout-{j}", metrics_port=port,
+                                   overrides=(f"rollout.server_id=rollout-{j}",
+                                              f"rollout.metrics_port={port}"),
+                                   node=self.bundles + j)
 
     def hosts(self) -> list[str]:
         """Each layout node's address now: a daemon placed anew (its node lost) moves it."""
@@ -294,11 +354,17 @@ class RayCluster:
         return list(self.placed)
 
     def tick(self, sup) -> None:
-        """ports.json and the Prometheus targets follow a daemon to its new node."""
+        """ports.json, the Prometheus targets and the supervisor's health probes follow a daemon
+        to the node it runs on now."""
         hosts = self.hosts()
         if hosts != self.written and self.topo is not None:
             self.written = hosts
-            write_ports(self.run_dir, self.topo, sup, hosts=hosts)
+            slots = {s.name: s for s in self.topo.slots}
+            for p in sup.procs:
+                if p.spec.name in slots and p.spec.health_url:
+                    p.spec = dataclasses.replace(p.spec,
+                                                 health_url=self.health_url(slots[p.spec.name]))
+            write_ports(self.run_dir, self.topo, sup, self.pools, hosts=hosts)
 
 
 def run_on_ray(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -> int:
@@ -444,11 +510,11 @@ def proxy(args: argparse.Namespace) -> int:
     out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout = open(os.devnull, "w")  # for this process's whole life
     init(ray, os.environ["RAY_ADDRESS"])
-    pg = ray.util.get_placement_group(args.pg)
-    actor = ray.remote(DaemonHost).options(
-        num_cpus=args.cpus, num_gpus=args.gpus, max_concurrency=4,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(
-            pg, placement_group_bundle_index=args.bundle)).remote()
+    # bundle -1: a server beyond the layout's, spread over the cluster outside the placement group
+    where = "SPREAD" if args.bundle < 0 else PlacementGroupSchedulingStrategy(
+        ray.util.get_placement_group(args.pg), placement_group_bundle_index=args.bundle)
+    actor = ray.remote(DaemonHost).options(num_cpus=args.cpus, num_gpus=args.gpus,
+                                           max_concurrency=4, scheduling_strategy=where).remote()
     env = {k: os.environ[k] for k in args.forward.split(",") if k in os.environ}
     try:
         info = _wait(ray, actor.start.remote(args.command, env, args.hide_gpus, os.getcwd()), stop)
@@ -486,7 +552,8 @@ def main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="sub", required=True)
     ex = sub.add_parser("exec", help="run COMMAND on a bundle of the job's placement group")
     ex.add_argument("--pg", required=True)
-    ex.add_argument("--bundle", type=int, required=True)
+    ex.add_argument("--bundle", type=int, required=True,
+                    help="the bundle of --pg; -1: none (an actor of its own, spread)")
     ex.add_argument("--cpus", type=float, required=True)
     ex.add_argument("--gpus", type=float, required=True)
     ex.add_argument("--name", required=True)

@@ -9,7 +9,7 @@ it) and refuses a finished run or a checkpoint with ``trainer.resume=false``;
 as given) unless ``--accept-changes``, apart from ``FREE_ON_RESUME``; ``FIXED_ON_RESUME`` (the
 adapters' layout) never. Accepted changes reach ``settings.yaml`` only with the first step trained
 (launch/job.py, ``Monitor``); a start that is refused (by the launcher after ``write_settings``, or
-by a daemon that exits 2 at start) leaves it, its time too (``restore_file``), and
+by a daemon that exits 2 at start) leaves it (``restore_file``), and
 ``config.yaml`` as they were (launch/job.py, ``check_checkpoint_model``, refuses a change of the
 model's shapes before either is touched). Only names and files are read (the ``v%08d`` layout of
 trainer/checkpoint.py): no torch import, so a refusal is instant.
@@ -17,18 +17,25 @@ trainer/checkpoint.py): no torch import, so a refusal is instant.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import stat
 from pathlib import Path
 
 from areal_like.daemon import LockHeld, pid_lock
 from areal_like.settings.config import ConfigError, RunConfig
+from launch.local import write_json_atomic
 from launch.records import has_final_eval
 from launch.topology import wants_eval
 from launch.tracking import flatten
 
 LOCK_FILE = "job.lock"  # in run_dir; "<pid> <create_time>" of the areal-like run that took it
 SETTINGS_FILE = "settings.yaml"  # in run_dir: the config as given to the last run that trained
+# in run_dir: the job as `status` and `top` show it (launch/top.py), kept by `areal-like run`:
+# {"state": "starting" | "running" | "ended", "started" (epoch s), "supervisor_pid",
+#  "supervisor_born" (its create_time), "daemons" (as ports.json's), "summary" (once ended)}
+JOB_FILE = "job.json"
 # keys (prefixes) a resume may change; run_dir is the directory settings.yaml was found in, whatever
 # its spelling (relative from another cwd, a symlink). Checkpoint and export retention and cadence
 # train nothing (the trainer keeps the steps a crash could lose under the checkpoint's cadence:
@@ -160,44 +167,49 @@ def check_resume_settings(cfg: RunConfig, accept: bool) -> list[str]:
     return changes
 
 
-def file_state(path: Path) -> tuple[bytes, int, int] | None:
-    """A file's bytes and its access and modification times (ns), for ``restore_file``; None when
-    there is none."""
+def write_job(run_dir: Path, **fields) -> None:
+    """``JOB_FILE`` updated with ``fields``, replaced atomically (a reader sees the old file or the
+    new one); ``state="starting"`` begins a new one."""
+    old = {} if fields.get("state") == "starting" else read_job(run_dir)
+    write_json_atomic(Path(run_dir) / JOB_FILE, {**old, **fields})
+
+
+def read_job(run_dir: Path) -> dict:
+    """``JOB_FILE``, or {} where there is none."""
     try:
-        st = path.stat()
-        return path.read_bytes(), st.st_atime_ns, st.st_mtime_ns
+        job = json.loads((Path(run_dir) / JOB_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return job if isinstance(job, dict) else {}
+
+
+def file_state(path: Path) -> bytes | None:
+    """A file's bytes, for ``restore_file``; None when there is none."""
+    try:
+        return path.read_bytes()
     except OSError:
         return None
 
 
-def restore_file(path: Path, state: tuple[bytes, int, int] | None) -> None:
-    """``path`` as ``file_state`` found it, its times too: a start that was refused leaves
-    settings.yaml and config.yaml untouched (``status`` and ``top`` take the run whose
-    settings.yaml is newest for the one started last). Nothing when there was none, or the disk
+def restore_file(path: Path, data: bytes | None) -> None:
+    """``path`` as ``file_state`` found it (``data``; None: there was none): a start that was
+    refused leaves settings.yaml, config.yaml and job.json as they were. Nothing when the disk
     refuses."""
-    if state is None:
-        return
-    data, atime_ns, mtime_ns = state
-    try:
-        if not path.is_file() or path.read_bytes() != data:
+    with contextlib.suppress(OSError):
+        if data is None:
+            path.unlink(missing_ok=True)
+        else:
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(data)
             os.replace(tmp, path)
-        os.utime(path, ns=(atime_ns, mtime_ns))
-    except OSError:
-        pass
 
 
-def write_settings(cfg: RunConfig, keep: bool = False) -> None:
+def write_settings(cfg: RunConfig) -> None:
     """``cfg`` (as given, before the layout) into ``settings.yaml``: what the next resume
-    compares. ``keep``: only its time is renewed (this start, for ``areal-like status``), as for a
-    resume whose changed settings nothing has trained with yet."""
+    compares."""
     from areal_like.settings.config import to_yaml
 
     path = Path(cfg.run_dir).resolve() / SETTINGS_FILE
-    if keep:
-        os.utime(path)
-        return
     tmp = path.with_suffix(".tmp")
     tmp.write_text(to_yaml(cfg))
     os.replace(tmp, path)

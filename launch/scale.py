@@ -21,11 +21,14 @@ nothing) and says what the job was last asked for.
   unknown pool, a size that is not a whole number, fewer than 1, fewer rollout servers than one
   batch needs at once (``N x rollout.max_concurrent_groups < buffer.groups_per_step``), more than
   the buffer admits (``buffer/facts.py``, ``max_servers``), a layout that does not fit (GPUs) or
-  would move a running server's GPUs.
+  would move a running server's GPUs; on Ray, a trainer larger than the one it started with.
 
-Another launcher applies the same file with a ``Scaler`` of its own: ``specs`` and ``publish``
-are its, and the object it passes as ``sup`` has ``Supervisor``'s ``add``, ``remove``,
-``restart_as``, ``procs`` and ``echo``.
+A job on Ray (``launch.cluster=ray``) is resized by the same ``Scaler`` with the launcher's
+``specs``, ``publish`` and ``layout`` (``launch/ray_job.py``, ``RayCluster``): a server beyond the
+layout's runs in a Ray actor of its own, outside the job's placement group; its trainer scales
+within the bundle reserved at the start (launch/RAY.md). Another launcher passes its own the same
+way; the object it passes as ``sup`` has ``Supervisor``'s ``add``, ``remove``, ``restart_as``,
+``procs`` and ``echo``.
 
 A scale lasts for this run of the job: config.yaml keeps the sizes it started with, and a resume
 (the same ``areal-like run`` again) starts those unless given ``launch.num_rollout_servers`` /
@@ -87,9 +90,6 @@ def refusal(cfg: RunConfig, pool: str, n: int) -> str | None:
 
     if pool not in POOLS:
         return f"unknown pool {pool!r}: the pools are {' and '.join(POOLS)}"
-    if cfg.launch.cluster == "ray":  # its placement group holds the pools it started with
-        return ("a job on Ray (launch.cluster=ray) is not resized yet: its placement group "
-                "holds the pools it started with (launch/RAY.md)")
     if not isinstance(n, int) or isinstance(n, bool):
         return f"{pool}={n!r} is not a whole number"
     if n < 1:
@@ -97,7 +97,7 @@ def refusal(cfg: RunConfig, pool: str, n: int) -> str | None:
                 + ("rollout server" if pool == "rollout" else "trainer rank")
                 + " (`areal-like stop` stops the job)")
     if pool == "trainer":
-        return None
+        return ray_trainer_refusal(cfg, n) if cfg.launch.cluster == "ray" else None
     per, batch = cfg.rollout.max_concurrent_groups, cfg.buffer.groups_per_step
     if n * per < batch:
         return (f"rollout={n}: {n} x rollout.max_concurrent_groups={per} groups at once is fewer "
@@ -107,10 +107,26 @@ def refusal(cfg: RunConfig, pool: str, n: int) -> str | None:
         return (f"rollout={n}: the job's buffer admits at most {cap} rollout servers (2 x "
                 f"launch.num_rollout_servers={cfg.launch.num_rollout_servers} at its start, at "
                 "least 8): run the job again with a larger launch.num_rollout_servers")
+    if cfg.launch.cluster == "ray":  # a server beyond the layout's gets its own actor
+        return None
     try:
         check_one_node(sized(cfg, "rollout", n))
     except ConfigError as e:
         return str(e)
+    return None
+
+
+def ray_trainer_refusal(cfg: RunConfig, n: int) -> str | None:
+    """Why a Ray job (``cfg``: as it started) cannot run its trainer on ``n`` ranks: its placement
+    group's bundle on each training node holds the CPUs and GPUs of the ranks it started with."""
+    la = cfg.launch
+    if la.train_nodes > 1:
+        return (f"trainer={n}: a Ray job's trainer on launch.train_nodes={la.train_nodes} nodes "
+                "is not resized (one torchrun per node, each in its own bundle)")
+    if n > la.trainer_ranks:
+        return (f"trainer={n}: a Ray job's trainer runs in the bundle its placement group "
+                f"reserved at the start, for launch.trainer_ranks={la.trainer_ranks} ranks; "
+                f"start the job with launch.trainer_ranks={n} to grow it to {n} (launch/RAY.md)")
     return None
 
 
@@ -230,9 +246,11 @@ class Scaler:
 
     def __init__(self, cfg: RunConfig, topo: Topology, run_dir: Path,
                  specs: Callable[[RunConfig, Topology, list[str]], list[ProcSpec]],
-                 publish: Callable[[Topology, dict, Supervisor], None]):
+                 publish: Callable[[Topology, dict, Supervisor], None],
+                 layout: Callable[[RunConfig, Topology, str, int],
+                                  tuple[RunConfig, Topology]] | None = None):
         self.cfg, self.topo, self.run_dir = cfg, topo, Path(run_dir)
-        self.specs, self.publish = specs, publish
+        self.specs, self.publish, self.layout = specs, publish, layout
         self.sizes = {"rollout": sum(s.kind == "rollout" for s in topo.slots),
                       "trainer": cfg.launch.trainer_ranks}
         self.seen = read_json(self.run_dir / REQUEST_FILE).get("id")
@@ -264,7 +282,11 @@ class Scaler:
     def plan(self, pool: str, n: int) -> tuple[RunConfig, Topology]:
         """The job's layout with ``n`` of ``pool``, as ``plan_topology`` lays it out at start; every
         running daemon keeps its slot (ports, cores). ConfigError when it does not fit, or would
-        move a running rollout server's GPUs."""
+        move a running rollout server's GPUs. A launcher's own ``layout(cfg, topo, pool, n)``
+        plans it instead where given (Ray: launch/ray_job.py)."""
+        if self.layout is not None:
+            return self.layout(sized(self.cfg, "trainer", self.sizes["trainer"]), self.topo,
+                               pool, n)
         cfg = sized(sized(self.cfg, "rollout", self.sizes["rollout"]), pool, n)
         cores = (None if self.topo.rollout_cpus is None
                  else self.topo.rollout_cpus + self.topo.trainer_cpus)

@@ -1,16 +1,17 @@
 """``areal-like top`` and ``areal-like status``: the job seen from its ``/metrics`` and ``/health``.
 
-Both read ``<run_dir>/ports.json`` (``{"daemons": [{"name", "kind", "metrics_url",
-"health_url"}, ...]}``) and scrape over HTTP, so they work from any machine that reaches the
-daemons. Until ``areal-like run`` has started a daemon (preflight, warm start: no ports.json of
-this start yet) both say the job is starting. ``status`` says per daemon ``up`` (``/health`` 200;
-a buffer on a full disk adds ``refusing new groups:`` and why),
-``starting`` (its ``/health`` answers that it is not ready yet, e.g. a rollout server loading its
-engine; or its port is not open yet and its process lives; or ``areal-like run`` has not started
-it yet), ``finished`` (no answer, and ``summary.json`` is newer than ``ports.json``; in a job
-started without ``areal-like run``, the trainer's ``done`` record) or ``DOWN``. Of a job that
-ended, both say how (``job_end``): completed, stopped at step N of M (by which signal, and its
-last checkpoint) or failed (its exit status).
+Both read ``<run_dir>/job.json``, which ``areal-like run`` keeps (``launch/rundir.py``,
+``JOB_FILE``: starting, running with its daemons ``{"name", "kind", "pid", "metrics_url",
+"health_url"}``, or ended with its summary), and scrape over HTTP, so they work from any machine
+that reaches the daemons. A job started without ``areal-like run`` (Slurm, by hand) has a
+``ports.json`` with its daemons instead. While ``areal-like run`` prepares the job (preflight,
+warm start) both say it is starting. ``status`` says per daemon ``up`` (``/health`` 200; a buffer
+on a full disk adds ``refusing new groups:`` and why), ``starting`` (its ``/health`` answers that
+it is not ready yet, e.g. a rollout server loading its engine; or its port is not open yet and its
+process lives; or ``areal-like run`` has not started it yet), ``finished`` (the job ended; in a job
+started without ``areal-like run``, the trainer's ``done`` record is newer than ``ports.json``) or
+``DOWN``. Of a job that ended, both say how (``job_end``): completed, stopped at step N of M (by
+which signal, and its last checkpoint) or failed (its exit status).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import psutil
 from areal_like.net.auth import METRICS_TOKEN_ENV
 from launch.local import alive
 from launch.records import read_jsonl, trainer_done, trainer_jsonl
-from launch.rundir import LOCK_FILE, SETTINGS_FILE
+from launch.rundir import JOB_FILE, LOCK_FILE, read_job
 
 # (column title, kind, series, how):
 # how = "value" | "rate" (per second, from a counter) | "mean" (histogram)
@@ -63,56 +64,56 @@ PREPARING = "`areal-like run` prepares the job (preflight, warm start): no daemo
 
 
 def newest_run_dir(root: str | Path = "runs") -> str | None:
-    """The run directory under ``root`` that ``areal-like run`` started last, by its settings.yaml
-    (written, or only touched while a resume's changes wait for a step, at every start, before
-    the warm start: a run without ports.json yet is found, and a resumed one counts from its
-    resume; a start that was refused puts it back as it was); a directory with only a ports.json
-    (a job started by hand) by that."""
-    dirs = {p.parent for name in (SETTINGS_FILE, "ports.json")
-            for p in Path(root).glob(f"**/{name}")}
-    started = [(t, str(d)) for d in dirs
-               if (t := _mtime(d / SETTINGS_FILE, d / "ports.json")) is not None]
+    """The run directory under ``root`` whose job started last: by job.json's ``started`` (written
+    at every start of ``areal-like run``, before the warm start; a start that was refused puts the
+    file back as it was), or the modification time of a job started by hand's ports.json."""
+    dirs = {p.parent for name in (JOB_FILE, "ports.json") for p in Path(root).glob(f"**/{name}")}
+    started = []
+    for d in dirs:
+        with contextlib.suppress(OSError, TypeError, ValueError):
+            started.append((float(read_job(d).get("started") or (d / "ports.json").stat().st_mtime),
+                            str(d)))
     return max(started)[1] if started else None
 
 
-def _mtime(*paths: Path) -> float | None:
-    """The modification time of the first of ``paths`` that exists."""
-    for path in paths:
-        with contextlib.suppress(OSError):
-            return path.stat().st_mtime
-    return None
+def _live(pid: object, born: object) -> int | None:
+    """``pid`` if it is a live process created at ``born`` (psutil's create_time, from this
+    machine's process table: a later process that reuses the PID has another), else None."""
+    try:
+        same = psutil.Process(int(pid)).create_time() == float(born)
+    except (TypeError, ValueError, psutil.Error):
+        return None
+    return int(pid) if same and alive(int(pid)) else None
 
 
 def launcher(run_dir: Path) -> int | None:
-    """The PID of the live ``areal-like run`` that took ``run_dir``'s job lock. The lock file holds
-    its PID and create_time (``pid_lock``); a process that reuses the PID has another create_time.
-    Both come from this machine's process table: no clock is compared with the file's mtime, which
-    on NFS is the server's clock."""
+    """The PID of the live ``areal-like run`` that took ``run_dir``'s job lock (``pid_lock``: its
+    PID and create_time)."""
     try:
-        words = (Path(run_dir) / LOCK_FILE).read_text().split()
-        pid, born = int(words[0]), float(words[1])
-        same = psutil.Process(pid).create_time() == born
-    except (OSError, ValueError, IndexError, psutil.Error):  # no lock or process, or not "pid time"
+        return _live(*(Path(run_dir) / LOCK_FILE).read_text().split()[:2])
+    except (OSError, TypeError):  # no lock, or not "pid time"
         return None
-    return pid if same and alive(pid) else None
 
 
 def preparing(run_dir: Path) -> int | None:
-    """The PID of the ``areal-like run`` that starts ``run_dir``'s job and has not started a daemon
-    yet (preflight, warm start): there is no ports.json, or only the previous start's (older than
-    this start's settings.yaml: a resume). None otherwise."""
-    ports, started = _mtime(Path(run_dir) / "ports.json"), _mtime(Path(run_dir) / SETTINGS_FILE)
-    if ports is not None and (started is None or ports >= started):
+    """The PID of the ``areal-like run`` that prepares ``run_dir``'s job and has not started a
+    daemon yet (preflight, warm start: job.json says starting); None otherwise."""
+    job = read_job(Path(run_dir))
+    if job.get("state") != "starting":
         return None
-    return launcher(run_dir)
+    return _live(job.get("supervisor_pid"), job.get("supervisor_born"))
 
 
-def load_ports(run_dir: str | Path) -> dict:
+def load_job(run_dir: str | Path) -> dict:
+    """job.json, or a job started without ``areal-like run``'s ports.json; SystemExit saying what
+    is missing or wrong."""
+    if (job := read_job(Path(run_dir))).get("state") in ("starting", "running", "ended"):
+        return {"daemons": [], **job}
     path = Path(run_dir) / "ports.json"
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found: `areal-like run` and the Slurm script write "
-                         "it; for daemons started by hand write it (launch/MULTINODE.md, "
-                         "\"Watching it\")")
+        raise SystemExit(f"error: neither {Path(run_dir) / JOB_FILE} (`areal-like run` keeps it) "
+                         f"nor {path} (the Slurm script writes it; for daemons started by hand "
+                         "write it: launch/MULTINODE.md, \"Watching it\") found")
     try:
         info = json.loads(path.read_text())
         names = [(d["name"], d["health_url"], d["metrics_url"]) for d in info["daemons"]]
@@ -138,18 +139,13 @@ def health(url: str, timeout_s: float = 2.0) -> tuple[bool, dict]:
 
 
 def job_end(run_dir: Path, info: dict) -> str | None:
-    """How the job of ``run_dir`` (``info``: its ports.json) ended (``end_words``), or None while
-    it has not: its summary.json was written after its ports.json, or, started without
-    ``areal-like run`` (no supervisor: Slurm, by hand), its trainer's ``done`` record was."""
-    path, started = run_dir / "summary.json", (run_dir / "ports.json").stat().st_mtime
-    if path.is_file() and path.stat().st_mtime >= started:
-        try:
-            summary = json.loads(path.read_text())
-        except (OSError, ValueError):  # replaced atomically: only a hand-made one is unreadable
-            summary = {}
-        return end_words(summary if isinstance(summary, dict) else {})
+    """How the job of ``run_dir`` (``info``: ``load_job``'s) ended (``end_words``), or None while
+    it has not: job.json says so, or, started without ``areal-like run`` (no supervisor: Slurm, by
+    hand), its trainer's ``done`` record was written after its ports.json."""
+    if info.get("state") == "ended":
+        return end_words(info.get("summary") or {})
     done = None if "supervisor_pid" in info else trainer_done(run_dir)
-    if done is None or float(done.get("time", 0.0)) < started:
+    if done is None or float(done.get("time", 0.0)) < (run_dir / "ports.json").stat().st_mtime:
         return None
     version, steps = done.get("policy_version"), done.get("steps")
     stopped = isinstance(version, int) and isinstance(steps, int) and version < steps
@@ -200,10 +196,13 @@ def state(ok: bool, details: dict, pid: int | None, finished: bool,
 def status(run_dir: str | Path) -> int:
     """Print one line per daemon (and the trainer's progress); 0 when every daemon is up. Before
     any daemon started (``preparing``), one line saying so."""
-    if (pid := preparing(Path(run_dir))) is not None:
-        print(f"{'job':<12} {'starting':<8} pid={pid}  {PREPARING}")
+    info = load_job(run_dir)
+    if info.get("state") == "starting":
+        pid = preparing(Path(run_dir))
+        print(f"{'job':<12} {'starting':<8} pid={pid}  {PREPARING}" if pid is not None else
+              f"{'job':<12} {'DOWN':<8} pid={info.get('supervisor_pid')}  `areal-like run` is "
+              "gone before it started a daemon")
         return 1
-    info = load_ports(run_dir)
     ended = job_end(Path(run_dir), info)
     finished = ended is not None
     if finished:
@@ -404,13 +403,16 @@ def live(run_dir: str | Path, interval_s: float = 2.0, once: bool = False) -> in
 
 def _watch(run_dir: str | Path, show, plain: bool, interval_s: float, once: bool) -> int:
     """``live``'s loop: ``show(head, *tables)`` per refresh; its exit code."""
-    while (pid := preparing(Path(run_dir))) is not None:  # no ports.json of this start yet
+    while (pid := preparing(Path(run_dir))) is not None:
         show(f"{run_dir}   starting: {PREPARING} (areal-like run pid={pid})   "
              f"{time.strftime('%H:%M:%S')}")
         if once:
             return 1
         time.sleep(interval_s)
-    info = load_ports(run_dir)
+    if (info := load_job(run_dir)).get("state") == "starting":  # its launcher is gone
+        show(f"{run_dir}   DOWN: `areal-like run` (pid={info.get('supervisor_pid')}) is gone "
+             "before it started a daemon")
+        return 1
     finished = job_end(Path(run_dir), info) is not None
     prev, t_prev = (snapshot(info) if plain and not finished else {}), time.monotonic()
     while True:
@@ -429,4 +431,6 @@ def _watch(run_dir: str | Path, show, plain: bool, interval_s: float, once: bool
         prev, t_prev = {k: v for k, v in snap.items() if v is not None}, now
         if not plain:
             time.sleep(interval_s)
-        info = load_ports(run_dir)  # PIDs change on restarts
+        info = load_job(run_dir)  # PIDs change on restarts, and the job ends
+        if info.get("state") == "starting":  # started again (a resume): its daemons are to come
+            return _watch(run_dir, show, plain, interval_s, once)

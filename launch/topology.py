@@ -24,7 +24,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from areal_like.settings.config import ConfigError, RunConfig
-from launch.placement import COUNTS, node_roles, place_nodes, split_address, visible_devices
+from launch.placement import (
+    COUNTS,
+    MEMORY_SHARE_FLAGS,
+    memory_share,
+    node_roles,
+    place_nodes,
+    reward_model_device,
+    split_address,
+    visible_devices,
+)
 
 # At eta 0 the trainer's idle OpenMP threads spin this many rounds (libgomp's default: 300,000), not
 # ~1 ms on the rollout cores after each step: a step with 2 threads on the 8 x 8 workload is as fast
@@ -225,9 +234,12 @@ def _rollout_slot(cfg: RunConfig, j: int, port: int, cpus: tuple[int, ...] | Non
                   gpus: tuple[int, ...] | None, node: int) -> DaemonSlot:
     # the first server evaluates
     evaluates = ("rollout.eval=true",) if j == 0 and wants_eval(cfg) else ()
+    # its reward model's GPU, the last it sees (launch/placement.py)
+    device = reward_model_device(cfg) if gpus else None
+    scorer = (f"task.reward_model.device={device}",) if device else ()
     return DaemonSlot(name=f"rollout-{j}", kind="rollout", metrics_port=port, cpus=cpus,
                       overrides=(f"rollout.server_id=rollout-{j}", f"rollout.metrics_port={port}",
-                                 *evaluates),
+                                 *evaluates, *scorer),
                       gpus=gpus, node=node)
 
 
@@ -293,7 +305,7 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
             where = (f"router {_addr(cfg.buffer.address)}  "
                      f"pub {_addr(cfg.buffer.pub_address)}  {metrics}")
         elif s.kind == "rollout":
-            where = f"{metrics}  {_engine(cfg, host)}"
+            where = f"{metrics}  {_engine(cfg, host)}{_reward_model(cfg, s)}"
         else:
             where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "")
         rows.append((str(s.node), s.name, _gpus(s.gpus, cfg.launch.nodes == 1), where))
@@ -352,13 +364,24 @@ def engine_address(cfg: RunConfig, node_host: str) -> str:
     return node_host if spread else ec.host
 
 
+def _reward_model(cfg: RunConfig, s: DaemonSlot) -> str:
+    """A rollout row's reward model, on the GPU its slot hands it or where the config says."""
+    rm = cfg.task.reward_model
+    if not rm.enabled:
+        return ""
+    if device := next((o.split("=", 1)[1] for o in s.overrides
+                       if o.startswith("task.reward_model.device=")), None):
+        return f"  reward model on GPU {s.gpus[-1]} ({device})"
+    return f"  reward model on {'cpu' if rm.device == 'auto' else rm.device}"
+
+
 def _engine(cfg: RunConfig, node_host: str) -> str:
     ec = cfg.rollout.engine
     if ec.kind == "url":
         return f"engine {ec.url}"
     if ec.kind == "embedded":
         return f"engine embedded on {ec.device}"
-    frac = ec.sglang.get("mem_fraction_static")
-    mem = "" if frac is None else f" mem_fraction_static={frac}"
+    frac = memory_share(ec)
+    mem = "" if frac is None else f" {MEMORY_SHARE_FLAGS[ec.kind][1]}={frac}"
     url = f"http://{engine_address(cfg, node_host)}:{_port(ec.port)}"
     return f"engine {ec.kind} tp={ec.tp_size}{mem} {url}"

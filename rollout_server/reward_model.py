@@ -102,7 +102,10 @@ class RewardModel:
         self.tokenizer = _tokenizer(cfg)
         auto = AutoModelForSequenceClassification if cfg.kind == "classifier" else \
             AutoModelForCausalLM
-        self.model = auto.from_pretrained(str(Path(cfg.path).expanduser())).to(cfg.device).eval()
+        # auto: the launcher hands a server its layout's device (launch/placement.py); a server
+        # started without one scores on the CPU
+        self.device = "cpu" if cfg.device == "auto" else cfg.device
+        self.model = auto.from_pretrained(str(Path(cfg.path).expanduser())).to(self.device).eval()
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         if self.tokenizer.pad_token_id is None:
@@ -111,14 +114,14 @@ class RewardModel:
                          if cfg.kind == "causal_lm" else None)
         self._torch = torch
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="reward-model")
-        log.info("reward model %s (%s) on %s", cfg.path, cfg.kind, cfg.device)
+        log.info("reward model %s (%s) on %s", cfg.path, cfg.kind, self.device)
 
     def scores(self, texts: list[str]) -> list[float]:
         """The model's score of each text, in order, ``batch_size`` texts per forward pass."""
         torch, out = self._torch, []
         for i in range(0, len(texts), self.cfg.batch_size):
             batch = self.tokenizer(texts[i:i + self.cfg.batch_size], padding=True,
-                                   return_tensors="pt").to(self.cfg.device)
+                                   return_tensors="pt").to(self.device)
             with torch.no_grad():
                 logits = self.model(**batch).logits
             if self.token_id is not None:  # the next-token logit after each text's last token

@@ -594,7 +594,7 @@ class RolloutServer(Daemon):
         self.syncing = True
         try:
             drained = self.episodes_idle if self.rcfg.drain_on_update else None
-            if self.facts.lora.enabled and self.rcfg.engine.kind == "sglang":  # the adapter alone
+            if self.facts.lora.enabled and self.rcfg.engine.kind in LAUNCHED:  # the adapter alone
                 done = await apply_adapter_sync(self.client, plan, self.server_id,
                                                 pause_mode=self.rcfg.pause_mode,
                                                 inflight_drained=drained)

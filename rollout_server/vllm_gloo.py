@@ -1,12 +1,17 @@
-"""A weight-transfer engine for vLLM on CPU, plugged into vLLM's own weight-transfer API.
+"""A weight-transfer engine for vLLM that joins the trainer's own weight group, plugged into
+vLLM's weight-transfer API.
 
 vLLM 0.32 transfers a trainer's weights through a ``WeightTransferEngine`` its workers make from
 ``--weight-transfer-config`` (``/init_weight_transfer_engine``, ``/start_weight_update``,
 ``/update_weights``, ``/finish_weight_update``); its built-in backends need CUDA (``nccl``: NCCL
-broadcasts on a CUDA stream; ``ipc``: CUDA IPC handles). The nearest path on CPU is the same
-group broadcast over gloo, which this engine is: registered as backend ``gloo`` by ``register``,
-a ``vllm.general_plugins`` entry point (pyproject.toml) that vLLM runs in every process it starts,
-and chosen by the launch (rollout_server/launch_vllm.py).
+broadcasts on a CUDA stream; ``ipc``: CUDA IPC handles) and a trainer speaking vLLM's own
+rendezvous (its stateless group and NCCL communicator), which the project's trainer does not. The
+nearest path on CPU is the trainer's group broadcast over gloo, which this engine is: registered
+as backend ``gloo`` by ``register``, a ``vllm.general_plugins`` entry point (pyproject.toml) that
+vLLM runs in every process it starts, and chosen by the launch (rollout_server/launch_vllm.py).
+On a GPU the same engine, registered as ``areal_nccl`` too (``BACKENDS``), joins the trainer's
+group of the plan's backend: NCCL (received into the worker's device), or gloo (received on the
+CPU, then loaded); planned for topology=gpu_vllm, not run here (no GPU).
 
 It receives exactly what the trainer's ``GroupSender`` sends to SGLang (trainer/WEIGHT_SYNC.md):
 the worker joins the job's weight group as rank ``rank_offset + its TP rank`` through the door its
@@ -31,6 +36,7 @@ from areal_like.net.distributed import destroy_weight_group, join_through_door
 from areal_like.wire.weight_wire import FLATTENED, layout, torch_dtype, unpack
 
 BACKEND = "gloo"
+BACKENDS = ("gloo", "areal_nccl")  # the names it is registered under (launch_vllm picks one)
 JOIN_TIMEOUT_S = 600.0  # every wait of the group (the trainer bounds the sync by its deadline)
 
 
@@ -57,15 +63,20 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
     update_info_cls = GlooUpdateInfo
     supports_draft_weight_update = False
     group = None
+    on = torch.device("cpu")  # where the buckets are received: the worker's device with NCCL
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
-        if init_info.backend != BACKEND:
-            raise ValueError(f"the gloo weight-transfer engine joins gloo groups, not "
-                             f"{init_info.backend!r}")
+        """Join the group of the plan's backend: gloo receives on the CPU (and loads into the
+        model wherever it is), NCCL into the worker's device."""
+        if init_info.backend not in ("gloo", "nccl"):
+            raise ValueError(f"the {self.config.backend} weight-transfer engine joins gloo or "
+                             f"nccl groups, not {init_info.backend!r}")
         self.shutdown()  # a new formation replaces the last one
         rank = init_info.rank_offset + self.parallel_config.rank
-        self.group = join_through_door(BACKEND, init_info.master_port, init_info.world_size,
-                                       rank, init_info.group_name, JOIN_TIMEOUT_S)
+        self.group = join_through_door(init_info.backend, init_info.master_port,
+                                       init_info.world_size, rank, init_info.group_name,
+                                       JOIN_TIMEOUT_S)
+        self.on = torch.device("cpu") if init_info.backend == "gloo" else self.device
 
     def start_weight_update(self) -> None:
         """vLLM's layerwise reload of checkpoint-format weights, as its ``nccl`` engine: the
@@ -87,13 +98,13 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         info = update_info
         if info.load_format == FLATTENED:
             tensor_layout, size = layout(info.names, info.dtype_names, info.shapes)
-            flat = torch.empty(size, dtype=torch.uint8)
+            flat = torch.empty(size, dtype=torch.uint8, device=self.on)
             dist.broadcast(flat, group_src=0, group=self.group)
             named = list(unpack(flat, tensor_layout).items())
         else:
             named = []
             for name, dtype, shape in zip(info.names, info.dtype_names, info.shapes):
-                tensor = torch.empty(shape, dtype=torch_dtype(dtype))
+                tensor = torch.empty(shape, dtype=torch_dtype(dtype), device=self.on)
                 dist.broadcast(tensor, group_src=0, group=self.group)
                 named.append((name, tensor))
         self.model.load_weights(weights=named)
@@ -105,11 +116,12 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
 
 
 def register() -> None:
-    """The ``vllm.general_plugins`` entry point: backend ``gloo`` in vLLM's registry (once per
+    """The ``vllm.general_plugins`` entry point: ``BACKENDS`` in vLLM's registry (once per
     process)."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
-    try:
-        WeightTransferEngineFactory.register_engine(BACKEND, GlooWeightTransferEngine)
-    except ValueError:  # registered already (vLLM loads its plugins more than once a process)
-        pass
+    for name in BACKENDS:
+        try:
+            WeightTransferEngineFactory.register_engine(name, GlooWeightTransferEngine)
+        except ValueError:  # registered already (vLLM loads its plugins more than once a process)
+            pass

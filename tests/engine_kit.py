@@ -1,17 +1,27 @@
 """What the real-engine tiers (tests/sglang, tests/vllm) share: the model they serve, its prompts
-and tolerance, and the check that an engine's log-probs are the trainer's. Each tier's kit
+and tolerance, the check that an engine's log-probs are the trainer's, and the LoRA tests' adapter
+model and disk-path push (``lora_model``, ``sync_adapter``, ``scored``). Each tier's kit
 (``sglang_kit``, ``vllm_kit``) adds its engine's flags and how to start one."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from areal_like.settings.config import ModelConfig
+from areal_like.settings.config import LoraConfig, ModelConfig, WeightSyncConfig
+from areal_like.weights.engine_sync import apply_adapter_sync
+from areal_like.weights.hf import build_model
+from areal_like.weights.lora import add_adapters
+from areal_like.wire.protocol import WeightSyncPlan
 from trainer.logprob_guard import trainer_logprobs
+from trainer.weight_buckets import PushTensors
+from trainer.weight_local import DiskSender
+from trainer.weight_sync import SyncReport, push_buckets
 
 # The quickstart's tiny Qwen2 (configs/model/tiny.yaml, char tokenizer), room for long generations.
 MODEL = dict(
@@ -76,3 +86,47 @@ def assert_served(outs, model, temperature: float) -> None:
         mine = trainer_logprobs(model, prompt, out.output_ids, temperature, torch.device("cpu"))
         worst = max(abs(a - b) for a, b in zip(out.logprobs, mine))
         assert worst < TOL, f"engine and trainer differ by {worst:.2e} (prompt {prompt})"
+
+
+def lora_model(lora: LoraConfig, seed: int | None) -> torch.nn.Module:
+    """The tiers' base (init seed 0) with ``lora``'s adapters: B from ``seed`` (None: PEFT's
+    zero B, the base itself), as a trained adapter would be."""
+    model = add_adapters(build_model(model_config(init_seed=0)), lora)
+    if seed is not None:
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_B." in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model.eval()
+
+
+async def sync_adapter(client, model, version: int, pause_mode: str = "abort") -> str:
+    """What a push of ``model`` as ``version`` gives a rollout server: the trainer's disk path
+    (the adapter alone, staged and routed as ``WeightBroadcaster.push`` does), then the server's
+    side of it; the directory is gone before the engine samples (the engine holds its own copy).
+    Returns the plan's id."""
+    params = PushTensors(model)
+    buckets = push_buckets(params, "float32", bucket_mb=0.01)  # WeightBroadcaster.push's
+    sender = DiskSender(WeightSyncConfig(path="disk"), "gloo", 0, "float32")
+    sender.stage(model, params, buckets, SyncReport(version=version))
+    try:
+        plan = WeightSyncPlan(policy_version=version, buckets=buckets, backend="gloo",
+                              plan_id=uuid.uuid4().hex[:12],
+                              deadline_s=300, **sender.route(version, [("s", 1)]))
+        assert len(buckets) == len(plan.payloads) == 1  # the whole adapter, bucket_mb or not
+        done = await apply_adapter_sync(client, plan, "s", pause_mode=pause_mode)
+    finally:
+        sender.done()
+        sender.close()
+    assert not os.path.exists(plan.payloads[0])
+    assert done.ok, done.reason
+    assert await client.weight_version() == str(version)
+    return plan.plan_id
+
+
+def scored(outs, model, temperature: float) -> float:
+    """The largest difference between the engine's log-probs for PROMPTS and ``model``'s."""
+    return max(abs(a - b) for prompt, out in zip(PROMPTS, outs)
+               for a, b in zip(out.logprobs, trainer_logprobs(model, prompt, out.output_ids,
+                                                              temperature, torch.device("cpu"))))

@@ -120,15 +120,25 @@ class TensorSender(LocalSender):
     def __init__(self, *args):
         super().__init__(*args)
         self._flats: dict[tuple, torch.Tensor] = {}  # bucket layout -> its shared buffer
+        self._views: list[dict[str, torch.Tensor]] = []  # this push's buckets in their buffers
+
+    def overlaps(self, buckets: list[BucketSpec]) -> bool:
+        return True  # ``stage`` packs every bucket into this module's buffers
+
+    def stage(self, model: torch.nn.Module, params, buckets: list[BucketSpec], report) -> None:
+        """Also packs every bucket now, so that the push may finish in the background while the
+        next step changes the model (the buffers are rewritten only after this push is over)."""
+        super().stage(model, params, buckets, report)
+        if self.rank == 0:
+            self._views = [self._bucket_views(b, ts) for b, ts in zip(buckets, self._tensors)]
+            if self._tensors and self._tensors[0][0].device.type == "cuda":
+                # an engine that keeps the handle open waits on no IPC event when it reads the
+                # bucket again: the packing is complete before any payload leaves (one wait a push)
+                torch.cuda.synchronize(self._tensors[0][0].device)
+            self._tensors = []  # the gathered copies: packed
 
     def payloads(self, model, version, buckets, tensors) -> list[str]:
-        views = [self._bucket_views(b, ts) for b, ts in zip(buckets, tensors)]
-        device = tensors[0][0].device if tensors else torch.device("cpu")
-        if device.type == "cuda":
-            # an engine that keeps the handle open waits on no IPC event when it reads the bucket
-            # again: the packing must be complete before any payload leaves (one wait per push)
-            torch.cuda.synchronize(device)
-        return [tensor_payload(list(v.items())) for v in views]
+        return [tensor_payload(list(v.items())) for v in self._views]
 
     def _bucket_views(self, b: BucketSpec, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         tensor_layout, nbytes = layout(b.names, b.dtypes, b.shapes)
@@ -142,6 +152,10 @@ class TensorSender(LocalSender):
             self._flats[key] = flat
         pack(tensors, flat)
         return unpack(flat, tensor_layout)
+
+    def done(self) -> None:
+        super().done()
+        self._views = []
 
     def close(self) -> None:
         super().close()

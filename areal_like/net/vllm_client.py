@@ -21,8 +21,11 @@ Invariants (beyond ``SGLangClient``'s):
   -> ``min_tokens``, ``sampling_seed`` -> ``seed``, ``top_k`` -1 -> 0: all); one vLLM does not
   take is a ``SGLangError`` naming it before anything is sent;
 * the weight path is vLLM's weight-transfer API with the job's ``gloo`` backend
-  (``rollout_server/vllm_gloo.py``): the group join, each bucket, the session; the LoRA, tensor
-  and disk paths are not offered (the settings refuse them with ``kind=vllm``);
+  (``rollout_server/vllm_gloo.py``): the group join, each bucket, the session; the tensor and
+  disk paths of a whole model are not offered (the settings refuse them with ``kind=vllm``);
+* a LoRA adapter is loaded from its PEFT directory (``/v1/load_lora_adapter``, a vLLM started
+  with ``--enable-lora``) and named by each generate call as its ``model``; its tokens carry the
+  adapter's version, as ``SGLangClient``'s do;
 * a generate still running at its timeout is aborted (``/inference/v1/abort_requests``) and
   answered as a timeout error.
 """
@@ -32,6 +35,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections import Counter
+from dataclasses import replace
 from typing import Any
 
 from areal_like.net.sglang_client import GenerateOutput, SGLangClient, SGLangError
@@ -89,11 +94,22 @@ class VLLMClient(SGLangClient):
 
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
                        timeout_s: float | None = None) -> GenerateOutput:
-        if self.adapter is not None:
-            raise SGLangError(GENERATE, None, "LoRA adapters are not served by the vLLM engine")
+        """One request; under ``adapter`` (LoRA) it names the adapter as its ``model``, counts in
+        ``running`` until it ends, and every token carries the adapter's version."""
         body = {"request_id": rid or uuid.uuid4().hex, "token_ids": [int(t) for t in input_ids],
                 "sampling_params": vllm_sampling(sampling_params), "stream": False}
-        timeout_s = timeout_s or self.generate_timeout_s
+        named = self.adapter  # read and counted with no await between (SGLangClient._generate)
+        if named is None:
+            return await self._generate_once(body, timeout_s or self.generate_timeout_s)
+        body["model"] = named[0]
+        self._naming[named[0]] += 1
+        try:
+            out = await self._generate_once(body, timeout_s or self.generate_timeout_s)
+        finally:
+            self._naming -= Counter([named[0]])  # an adapter at 0 is dropped
+        return replace(out, weight_version=str(named[1]), weight_spans=[])
+
+    async def _generate_once(self, body: dict, timeout_s: float) -> GenerateOutput:
         call = asyncio.ensure_future(self._call("POST", GENERATE, body, idempotent=False,
                                                 timeout_s=timeout_s))
         try:
@@ -209,12 +225,24 @@ class VLLMClient(SGLangClient):
         await self._call("POST", "/update_weight_version", {"new_version": version},
                          timeout_s=timeout_s, idempotent=True)
 
+    async def load_lora_adapter(self, name: str, path: str, *, timeout_s: float | None = None
+                                ) -> None:
+        """Load the adapter in the PEFT directory ``path`` as ``name`` (vLLM reads it into its
+        CPU cache of adapters before answering; ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``)."""
+        await self._call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path},
+                         timeout_s=timeout_s, idempotent=False)
+
+    async def unload_lora_adapter(self, name: str, *, timeout_s: float | None = None) -> None:
+        """Forget adapter ``name``: later requests cannot name it (vLLM drops its tensors from
+        its cache of ``--max-cpu-loras`` adapters when newer ones need the room)."""
+        await self._call("POST", "/v1/unload_lora_adapter", {"lora_name": name},
+                         timeout_s=timeout_s, idempotent=True)
+
     async def _unsupported(self, *args, **kwargs) -> None:
         raise SGLangError("weight update", None, "the vLLM engine loads weights by the "
-                          "distributed path only (trainer.weight_sync.path)")
+                          "distributed path (an adapter: the disk path; trainer.weight_sync.path)")
 
     update_weights_from_tensor = update_weights_from_disk = _unsupported
-    load_lora_adapter = unload_lora_adapter = _unsupported
 
 
 def engine_client(kind: str, base_url: str, **kwargs) -> SGLangClient:

@@ -5,9 +5,9 @@ trainer/LOSSES.md section 10). Off by default; ``configs/loss/ppo_critic.yaml`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any
 
-from areal_like.settings.config_checks import ConfigError, check, each
+from areal_like.settings.config_checks import ConfigError, Section, above, at_least, within
 from areal_like.settings.loss_schema import CRITIC_KINDS
 
 C = "trainer.critic."
@@ -17,8 +17,10 @@ SAME_AS_POLICY = ("tokenizer", "vocab_size")
 
 
 @dataclass(kw_only=True)
-class CriticConfig:
+class CriticConfig(Section):
     """PPO with a value model beside the policy (trainer/critic.py, trainer/LOSSES.md)."""
+
+    key = C.rstrip(".")
 
     # train a value model beside the policy and take the actor's advantages from GAE over it
     # (loss=ppo_critic sets it)
@@ -26,31 +28,22 @@ class CriticConfig:
     # overrides of model.* for the critic's backbone ({}: the policy's architecture and
     # weights, from its own path or config); e.g. {num_hidden_layers: 1} or {path: /models/small}
     model: dict = field(default_factory=dict)
-    lr: float = 1e-5  # the critic's AdamW learning rate
-    weight_decay: float = 0.0  # the critic's AdamW weight decay
-    grad_clip: float = 1.0  # the critic's global gradient-norm clip
+    lr: Annotated[float, above(0)] = 1e-5  # the critic's AdamW learning rate
+    weight_decay: Annotated[float, at_least(0)] = 0.0  # the critic's AdamW weight decay
+    grad_clip: Annotated[float, above(0)] = 1.0  # the critic's global gradient-norm clip
     # policy versions at the start whose batches train only the critic (VAPO's value pre-training)
-    warmup_steps: int = 0
-    gamma: float = 1.0  # discount of GAE per token
+    warmup_steps: Annotated[int, at_least(0)] = 0
+    gamma: Annotated[float, within(0, 1, "(]")] = 1.0  # discount of GAE per token
     # decoupled GAE (VC-PPO): the critic's returns with lambda_critic, the actor's advantages with
     # lambda_actor; adaptive_lambda: the actor's lambda per response 1 - 1/(alpha l) (VAPO)
-    lambda_critic: float = 1.0
-    lambda_actor: float = 0.95  # GAE lambda of the actor's advantages
+    lambda_critic: Annotated[float, within(0, 1)] = 1.0
+    lambda_actor: Annotated[float, within(0, 1)] = 0.95  # GAE lambda of the actor's advantages
     adaptive_lambda: bool = False  # the actor's lambda per response, 1 - 1/(alpha l) (VAPO)
-    alpha: float = 0.05  # alpha of adaptive_lambda
-    value_clip: float | None = 0.5  # None: unclipped value loss
+    alpha: Annotated[float, above(0)] = 0.05  # alpha of adaptive_lambda
+    value_clip: Annotated[float | None, above(0)] = 0.5  # None: unclipped value loss
     # per-token KL penalty in the reward: -kl_coef (log pi_behav - log pi_ref) (builds a reference)
-    kl_coef: float = 0.0
+    kl_coef: Annotated[float, at_least(0)] = 0.0
     whiten_advantages: bool = True  # the actor's advantages whitened over the batch's tokens
-
-    def __post_init__(self):
-        each(C.rstrip("."), self, "> 0", "lr", "grad_clip", "alpha")
-        each(C.rstrip("."), self, ">= 0", "warmup_steps", "weight_decay", "kl_coef")
-        check(C + "gamma", 0 < self.gamma <= 1, "in (0, 1]", self.gamma)
-        for key in ("lambda_critic", "lambda_actor"):
-            check(C + key, 0 <= getattr(self, key) <= 1, "in [0, 1]", getattr(self, key))
-        check(C + "value_clip", self.value_clip is None or self.value_clip > 0, "null or > 0",
-              self.value_clip)
 
     def check_for_trainer(self, kernel: str, lora: bool, model_keys: tuple[str, ...]) -> None:
         """What the critic needs of the rest of the trainer's config (TrainerConfig calls it)."""

@@ -7,9 +7,9 @@ per name here.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from areal_like.settings.config_checks import check, choice, each
+from areal_like.settings.config_checks import Section, above, at_least, check, one_of, within
 
 LOSS_KINDS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -28,35 +28,26 @@ ESTIMATORS = ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 K = "trainer.loss."
 
 
-def high_clip(section: str, value: float | None) -> None:
-    """``eps_clip_high``: the ratio's upper bound is 1 + it, so below 0 the clamp inverts."""
-    check(f"{section}.eps_clip_high", value is None or value > 0, "null (eps_clip) or > 0", value)
-
-
 @dataclass(kw_only=True)
-class DecoupledPPOConfig:
+class DecoupledPPOConfig(Section):
     """AReaL (LOSSES.md section 4): tokens whose pi_prox/pi_behav is over ``cap`` get weight 0."""
 
-    cap: float | None = 5.0  # None = no cap
-
-    def __post_init__(self):
-        check(K + "decoupled_ppo.cap", self.cap is None or self.cap > 1, "null or > 1", self.cap)
+    key = K + "decoupled_ppo"
+    cap: Annotated[float | None, above(1)] = 5.0  # None = no cap
 
 
 @dataclass(kw_only=True)
-class TISConfig:
+class TISConfig(Section):
     """TIS (section 5): the IS weight truncated from above at ``cap``, per token or per sequence."""
 
-    cap: float = 2.0  # upper truncation of the importance weight
-    level: str = "token"  # token | sequence (rho_i = the product over the sequence)
-
-    def __post_init__(self):
-        check(K + "tis.cap", self.cap > 0, "> 0", self.cap)
-        choice(K + "tis.level", self.level, ("token", "sequence"))
+    key = K + "tis"
+    cap: Annotated[float, above(0)] = 2.0  # upper truncation of the importance weight
+    # token | sequence (rho_i = the product over the sequence)
+    level: Annotated[str, one_of("token", "sequence")] = "token"
 
 
 @dataclass(kw_only=True)
-class MISConfig:
+class MISConfig(Section):
     """Seq-MIS (section 6): sequences whose IS weight is outside [low, high] get weight 0."""
 
     key: ClassVar[str] = K + "mis"
@@ -64,6 +55,7 @@ class MISConfig:
     high: float = 2.0  # upper edge of the kept band of the IS weight
 
     def __post_init__(self):
+        super().__post_init__()
         check(f"{self.key}.low", 0 <= self.low < self.high, f"in [0, {self.key}.high)", self.low)
 
 
@@ -76,75 +68,73 @@ class IcePopConfig(MISConfig):
 
 
 @dataclass(kw_only=True)
-class GSPOConfig:
+class GSPOConfig(Section):
     """GSPO (section 3): a trust region of its own on the sequence ratio (the paper's eps)."""
 
+    key = K + "gspo"
     fixed_agg: ClassVar[str] = "seq-mean-token-mean"
-    eps_clip: float = 3e-4  # lower clip of the sequence ratio (1 - eps_clip)
-    eps_clip_high: float | None = 4e-4  # None = eps_clip
-
-    def __post_init__(self):
-        check(K + "gspo.eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
-        high_clip(K + "gspo", self.eps_clip_high)
+    # lower clip of the sequence ratio (1 - eps_clip)
+    eps_clip: Annotated[float, within(0, 1, "()")] = 3e-4
+    # None = eps_clip; the ratio's upper bound is 1 + it, so below 0 the clamp inverts
+    eps_clip_high: Annotated[float | None, above(0)] = 4e-4
 
 
 @dataclass(kw_only=True)
-class VESPOConfig:
+class VESPOConfig(Section):
     """VESPO (section 7): phi(W) = W^k exp(lambda (1 - W)), (k, lambda) by the sign of the
-    advantage."""
+    advantage; phi -> 0 as W -> 0 needs k > 0, as W -> inf lambda > 0."""
 
-    k_pos: float = 2.0  # k of phi(W) for positive advantages
-    lambda_pos: float = 3.0  # lambda of phi(W) for positive advantages
-    k_neg: float = 3.0  # k of phi(W) for negative advantages
-    lambda_neg: float = 2.0  # lambda of phi(W) for negative advantages
-
-    def __post_init__(self):  # phi -> 0 as W -> 0 needs k > 0, as W -> inf lambda > 0
-        each(K + "vespo", self, "> 0", "k_pos", "lambda_pos", "k_neg", "lambda_neg")
+    key = K + "vespo"
+    k_pos: Annotated[float, above(0)] = 2.0  # k of phi(W) for positive advantages
+    lambda_pos: Annotated[float, above(0)] = 3.0  # lambda of phi(W) for positive advantages
+    k_neg: Annotated[float, above(0)] = 3.0  # k of phi(W) for negative advantages
+    lambda_neg: Annotated[float, above(0)] = 2.0  # lambda of phi(W) for negative advantages
 
 
 @dataclass(kw_only=True)
-class VCPOConfig:
+class VCPOConfig(Section):
     """VCPO (section 8): capped sequence IS weight, the off-policy optimal baseline,
     an ESS-scaled LR."""
 
+    key = K + "vcpo"
     fixed_agg: ClassVar[str] = "seq-mean-token-mean"
-    cap: float = 8.0  # cap of the sequence importance weight
+    cap: Annotated[float, above(0)] = 8.0  # cap of the sequence importance weight
     # readme: w^2 |g|^2 (paper) | code: wclip^2 w^2 |g|^2 (released code)
-    baseline_weight: str = "readme"
-    ess_base: float = 1.0  # the LR is scaled by ESS / ess_base
-
-    def __post_init__(self):
-        each(K + "vcpo", self, "> 0", "cap", "ess_base")  # ESS / ess_base scales the LR
-        choice(K + "vcpo.baseline_weight", self.baseline_weight, ("readme", "code"))
+    baseline_weight: Annotated[str, one_of("readme", "code")] = "readme"
+    ess_base: Annotated[float, above(0)] = 1.0  # the LR is scaled by ESS / ess_base
 
 
 @dataclass(kw_only=True)
-class OAPLConfig:
+class OAPLConfig(Section):
     """OAPL (section 9): two betas, as the implementations citing the paper use them."""
 
-    beta1: float = 1.0  # temperature of V_hat = beta1 log mean exp(R / beta1)
-    beta2: float = 1e-3  # scales the log-ratio in (beta2 Delta - (R - V_hat))^2: the KL strength
-
-    def __post_init__(self):
-        each(K + "oapl", self, "> 0", "beta1", "beta2")
+    key = K + "oapl"
+    beta1: Annotated[float, above(0)] = 1.0  # temperature of V_hat = beta1 log mean exp(R / beta1)
+    # scales the log-ratio in (beta2 Delta - (R - V_hat))^2: the KL strength
+    beta2: Annotated[float, above(0)] = 1e-3
 
 
 @dataclass(kw_only=True)
-class LossConfig:
+class LossConfig(Section):
     """The kernel, the knobs all kernels share, and one section per kernel (``params``: the chosen
     one's)."""
 
+    key = K.rstrip(".")
     # the loss kernel (one of LOSS_KINDS; trainer/LOSSES.md); loss=X presets set it with their
     # defaults (loss=grpo is kernel ppo with seq-mean-token-mean)
-    kernel: str = "decoupled_ppo"
-    agg: str = "token-mean"  # gspo and vcpo always seq-mean-token-mean, oapl a mean over sequences
+    kernel: Annotated[str, one_of(*LOSS_KINDS)] = "decoupled_ppo"
+    # gspo and vcpo always seq-mean-token-mean, oapl a mean over sequences
+    agg: Annotated[str, one_of(*AGG_MODES)] = "token-mean"
     # seq-mean-token-sum-norm constant C (None = task.max_new_tokens)
-    loss_scale_factor: float | None = None
-    eps_clip: float = 0.2  # the PPO trust region (ppo, decoupled_ppo, tis, mis, icepop)
-    eps_clip_high: float | None = None  # None = eps_clip
-    dual_clip: float | None = None  # c > 1, binds where A < 0
-    kl_coef: float = 0.0  # KL to a frozen reference, any kernel; 0 = no reference is built
-    kl_estimator: str = "k3"  # k1 | k2 | k3 (k3 = verl's low_var_kl)
+    loss_scale_factor: Annotated[float | None, above(0)] = None
+    # the PPO trust region (ppo, decoupled_ppo, tis, mis, icepop)
+    eps_clip: Annotated[float, within(0, 1, "()")] = 0.2
+    eps_clip_high: Annotated[float | None, above(0)] = None  # None = eps_clip
+    dual_clip: Annotated[float | None, above(1)] = None  # c > 1, binds where A < 0
+    # KL to a frozen reference, any kernel; 0 = no reference is built
+    kl_coef: Annotated[float, at_least(0)] = 0.0
+    # k1 | k2 | k3 (k3 = verl's low_var_kl)
+    kl_estimator: Annotated[str, one_of("k1", "k2", "k3")] = "k3"
     decoupled_ppo: DecoupledPPOConfig = field(default_factory=DecoupledPPOConfig)
     tis: TISConfig = field(default_factory=TISConfig)
     mis: MISConfig = field(default_factory=MISConfig)
@@ -153,18 +143,6 @@ class LossConfig:
     vespo: VESPOConfig = field(default_factory=VESPOConfig)
     vcpo: VCPOConfig = field(default_factory=VCPOConfig)
     oapl: OAPLConfig = field(default_factory=OAPLConfig)
-
-    def __post_init__(self):
-        choice(K + "kernel", self.kernel, LOSS_KINDS)
-        choice(K + "agg", self.agg, AGG_MODES)
-        choice(K + "kl_estimator", self.kl_estimator, ("k1", "k2", "k3"))
-        check(K + "eps_clip", 0 < self.eps_clip < 1, "in (0, 1)", self.eps_clip)
-        high_clip(K.rstrip("."), self.eps_clip_high)
-        check(K + "dual_clip", self.dual_clip is None or self.dual_clip > 1, "null or > 1",
-              self.dual_clip)
-        check(K + "kl_coef", self.kl_coef >= 0, ">= 0", self.kl_coef)
-        c = self.loss_scale_factor  # divides the loss: 0 makes it inf, < 0 reverses the update
-        check(K + "loss_scale_factor", c is None or c > 0, "null (task.max_new_tokens) or > 0", c)
 
     @property
     def params(self) -> Any:

@@ -3,12 +3,12 @@
 prints, and that every key has a description).
 
 Every leaf key of ``RunConfig`` with its type, its effective default (``configs/config.yaml``
-composed with no overrides; the dataclass default beside it where the two differ), the bounds its
-section's ``__post_init__`` checks, the presets (config group options) that set it, and its
-description. A description is the comment of the field in the schema's source, the lines directly
-above it and the one at the end of its line; a comment starting ``[X only]`` names what the key
-applies to. Sections (fields that are dataclasses) take their class docstring. Nothing here imports
-torch or starts anything.
+composed with no overrides; the dataclass default beside it where the two differ), the bounds
+declared on its type (``config_checks.field_bounds``, which the load checks too), the presets
+(config group options) that set it, and its description. A description is the comment of the
+field in the schema's source, the lines directly above it and the one at the end of its line; a
+comment starting ``[X only]`` names what the key applies to. Sections (fields that are
+dataclasses) take their class docstring. Nothing here imports torch or starts anything.
 """
 
 from __future__ import annotations
@@ -21,15 +21,16 @@ import re
 import sys
 import textwrap
 import tokenize
+import typing
 from functools import cache
 from typing import Any
 
 import yaml
 
 from areal_like.settings.config import compose_with_choices, config_dir
+from areal_like.settings.config_checks import field_bounds
 from areal_like.settings.schema import RunConfig
 
-CHECKS = {"check", "_check", "choice", "_choice", "each"}
 APPLIES = re.compile(r"^\[([^\]]+) only\]\s*")
 HEADER = """# Configuration reference
 
@@ -40,8 +41,9 @@ YAML: configs/README.md.
 
 Columns: **default** is the effective default of `areal-like run` with no overrides
 (`configs/config.yaml` composed: `task=reverse model=tiny loss=decoupled_ppo topology=local_cpu`);
-where the dataclass default differs it follows as "schema: ...". **bounds** are the checks run at
-load (a bad value stops the job before anything starts, naming the key). **set by** lists the
+where the dataclass default differs it follows as "schema: ...". **bounds** are those the key
+declares, checked at load (a bad value stops the job before anything starts, naming the key, as
+do the checks that relate two keys, in the schema's `__post_init__`). **set by** lists the
 presets (`group=option`) that change the key. `${a.b}` is the value of key `a.b`.
 """
 
@@ -81,67 +83,6 @@ def _own_comments(cls: type) -> dict[str, str]:
     return out
 
 
-# ---- bounds: the checks each section's __post_init__ runs ---------------------------------------
-
-def _instance(cls: type) -> Any:
-    try:
-        return cls()
-    except Exception:  # a section that needs its neighbours to build
-        return None
-
-
-@cache
-def _bounds(cls: type) -> dict[str, list[str]]:
-    """dotted key -> the rules ``cls.__post_init__`` checks it against (as their messages say)."""
-    post = getattr(cls, "__post_init__", None)
-    if post is None:
-        return {}
-    module = sys.modules[cls.__module__]
-    env = {**vars(module), "self": _instance(cls)}
-    out: dict[str, list[str]] = {}
-
-    def value(node: ast.AST) -> Any:
-        try:
-            return eval(compile(ast.Expression(node), "<bound>", "eval"), env)  # noqa: S307
-        except Exception:
-            return None
-
-    def record(node: ast.Call) -> None:
-        name, args = node.func.id.lstrip("_"), node.args
-        if name == "each" and len(args) >= 4:
-            section, rule = value(args[0]), value(args[2])
-            for arg in args[3:]:
-                if isinstance(section, str) and isinstance(rule, str) and value(arg):
-                    out.setdefault(f"{section}.{value(arg)}", []).append(rule)
-        elif name == "choice" and len(args) == 3:
-            key, allowed = value(args[0]), value(args[2])
-            if isinstance(key, str) and isinstance(allowed, tuple):
-                out.setdefault(key, []).append("one of " + ", ".join(map(str, allowed)))
-        elif name == "check" and len(args) == 4:
-            key, rule = value(args[0]), value(args[2])
-            if isinstance(key, str) and isinstance(rule, str):
-                out.setdefault(key, []).append(rule)
-
-    def visit(node: ast.AST) -> None:
-        """Each check call; a ``for`` over a tuple of names runs its body once per name."""
-        if isinstance(node, ast.For) and isinstance(node.target, ast.Name):
-            names = value(node.iter)
-            if isinstance(names, tuple):
-                for item in names:
-                    env[node.target.id] = item
-                    for child in node.body:
-                        visit(child)
-                return
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-                and node.func.id in CHECKS and node.args):
-            record(node)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(textwrap.dedent(inspect.getsource(post))))
-    return out
-
-
 # ---- the keys ------------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -155,9 +96,8 @@ class Key:
     description: str
 
 
-def _type(annotation: Any) -> str:
-    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
-    return text.replace(" | None", " or null")
+def _type(hint: Any) -> str:
+    return (hint.__name__ if isinstance(hint, type) else str(hint)).replace(" | None", " or null")
 
 
 def _schema_default(f: dataclasses.Field) -> Any:
@@ -181,11 +121,9 @@ def _section_doc(cls: type) -> str:
 def walk(cls: type = RunConfig, prefix: str = "", applies: str = "") -> list[tuple[str, Any]]:
     """(section path, class) and (key path, Key) rows in schema order."""
     rows: list[tuple[str, Any]] = []
-    comments = _comments(cls)
+    comments, hints, bounds = _comments(cls), typing.get_type_hints(cls), field_bounds(cls)
     # a section with an ``enabled`` switch: its other keys apply only when it is on
-    switch = next((f"{prefix}enabled=true" for f in dataclasses.fields(cls)
-                   if f.name == "enabled" and f.type in (bool, "bool")), "")
-    bounds = {**_bounds(cls)}
+    switch = f"{prefix}enabled=true" if hints.get("enabled") is bool else ""
     for f in dataclasses.fields(cls):
         path = f"{prefix}{f.name}"
         section = _is_section(cls, f)
@@ -199,14 +137,10 @@ def walk(cls: type = RunConfig, prefix: str = "", applies: str = "") -> list[tup
         scope = APPLIES.match(text)
         if scope:
             text = text[scope.end():]
-        rule = [r for k, rs in bounds.items() if k in (path, f.name) for r in rs]
-        if f.name.endswith("_s"):  # config_checks.finite_numbers, for every section
-            rule.append("finite seconds >= 0")
-        elif "float" in str(f.type) and not any("finite" in r for r in rule):
-            rule.append("finite")
         implied = switch if switch and f.name != "enabled" else applies
-        rows.append((path, Key(path, _type(f.type), None, _schema_default(f), rule,
-                               scope[1] if scope else implied, text)))
+        rows.append((path, Key(path, _type(hints[f.name]), None, _schema_default(f),
+                               [b.rule for b in bounds[f.name]], scope[1] if scope else implied,
+                               text)))
     return rows
 
 

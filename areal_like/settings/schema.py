@@ -1,28 +1,34 @@
 """The configuration schema: typed dataclasses, one per component, each validating itself.
 
-``areal_like.settings.config`` composes ``configs/`` with Hydra into ``RunConfig``, running every
-``__post_init__`` below (``trainer.loss``'s: ``loss_schema.py``; ``eval``, ``export`` and
-``tracking``'s: ``report_schema.py``): code past an entry point sees only checked values.
+``areal_like.settings.config`` composes ``configs/`` with Hydra into ``RunConfig``, building every
+section below (``trainer.loss``'s: ``loss_schema.py``; ``eval``, ``export`` and ``tracking``'s:
+``report_schema.py``): code past an entry point sees only checked values. A field's bounds are
+declared on its type (``Annotated[int, at_least(1)]``) and checked by ``Section``
+(``config_checks.py``); a section's ``__post_init__`` holds only the checks that relate two fields.
 A check raises ``ConfigError`` naming the key; no Hydra or torch here.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 from areal_like.net.auth import ENGINE_KEY_ENV, REWARD_AUTH_ENV, SECRET_FIELD, url_credential
 from areal_like.settings.config_checks import (
     DEVICE,
+    DIRECTORY,
     PORT,
-    ConfigError,  # noqa: F401  (re-exported)
-    each,
-    finite_numbers,
+    Bound,
+    ConfigError,
+    Section,
+    above,
+    at_least,
+    one_of,
+    within,
 )
 from areal_like.settings.config_checks import check as _check
-from areal_like.settings.config_checks import choice as _choice
 from areal_like.settings.critic_schema import CriticConfig, model_keys
 from areal_like.settings.loss_schema import ESTIMATORS, GROUP_BASELINE_KERNELS, LossConfig
 from areal_like.settings.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
@@ -52,37 +58,38 @@ def launcher_sets(sglang: dict, flags: dict[str, str], when: str = "",
 
 
 @dataclass(kw_only=True)
-class ModelConfig:
+class ModelConfig(Section):
     """A local HF model (``path``) or a tiny Qwen2 built from the fields below."""
+
+    key = "model"
 
     # a local HF directory, or a hub id (org/name) resolved once before any start
     path: str | None = None
     # model built from config: char | bpe (built from shipped text) | a local directory
     tokenizer: str = "char"
-    vocab_size: int = 104  # must cover the tokenizer; the char tokenizer has 104 tokens
+    # must cover the tokenizer; the char tokenizer has 104 tokens
+    vocab_size: Annotated[int, above(0)] = 104
     # [model built from config only] the tiny Qwen2's shape (ignored with model.path): width of
     # the residual stream
-    hidden_size: int = 128
-    intermediate_size: int = 256  # [model built from config only] MLP width
-    num_hidden_layers: int = 2  # [model built from config only] decoder blocks
-    num_attention_heads: int = 4  # [model built from config only] query heads
-    num_key_value_heads: int = 2  # [model built from config only] key/value heads (GQA)
+    hidden_size: Annotated[int, above(0)] = 128
+    intermediate_size: Annotated[int, above(0)] = 256  # [model built from config only] MLP width
+    num_hidden_layers: Annotated[int, above(0)] = 2  # [model built from config only] decoder blocks
+    num_attention_heads: Annotated[int, above(0)] = 4  # [model built from config only] query heads
+    # [model built from config only] key/value heads (GQA)
+    num_key_value_heads: Annotated[int, above(0)] = 2
     # [model built from config only] the longest sequence (prompt + response) the model takes
-    max_position_embeddings: int = 256
+    max_position_embeddings: Annotated[int, above(0)] = 256
     # [model built from config only] lm_head shares the input embedding's weight
     tie_word_embeddings: bool = False
     # engines' weights; the trainer's compute dtype (fp32 master weights, fp32 grad reduce)
-    dtype: str = "float32"
+    dtype: Annotated[str, one_of("float32", "bfloat16", "float16")] = "float32"
     # transformers' attention implementation for the trainer and the embedded engine (sdpa, eager,
     # flash_attention_2, ...); SGLang picks its own
     attn_implementation: str = "sdpa"
     init_seed: int = 0  # [model built from config only] seed of its random initial weights
 
     def __post_init__(self):
-        _choice("model.dtype", self.dtype, ("float32", "bfloat16", "float16"))
-        each("model", self, "> 0", "vocab_size", "hidden_size", "intermediate_size",
-             "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-             "max_position_embeddings")
+        super().__post_init__()
         _check("model.num_attention_heads",
                self.num_attention_heads % self.num_key_value_heads == 0,
                "a multiple of model.num_key_value_heads", self.num_attention_heads)
@@ -91,19 +98,22 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
-class TaskConfig:
+class TaskConfig(Section):
     """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is
     scored."""
 
+    key = "task"
+
     # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
-    name: str = "addition"
+    name: Annotated[str, one_of("addition", "sort", "reverse", "countdown", "calc", "guess",
+                                "dataset")] = "addition"
     # [task.name=dataset only] a local .jsonl, .json or .parquet file (hub datasets are refused)
     dataset_path: str | None = None
     # [task.name=dataset only]
     eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
     # [task.name=dataset only]
     # held-out share of dataset_path when eval_path is unset (fixed seed)
-    eval_fraction: float = 0.0
+    eval_fraction: Annotated[float, within(0, 1, "[)")] = 0.0
     # [task.name=dataset only]
     prompt_key: str = "prompt"  # a column of plain prompt text ...
     # [task.name=dataset only]
@@ -117,31 +127,39 @@ class TaskConfig:
     # auto: plain prompts as text, chat rows through the tokenizer's template (TRL) | none: text
     # for both | Jinja text or a file of it, for both
     chat_template: str = "auto"
-    max_prompt_tokens: int = 0  # longer prompts are filtered out (and counted); 0 = no limit
+    # longer prompts are filtered out (and counted); 0 = no limit
+    max_prompt_tokens: Annotated[int, at_least(0)] = 0
     # [synthetic tasks only]
     num_prompts: int = 100_000  # size of a synthetic dataset (an epoch)
     # [synthetic tasks only]
-    digits: int = 2  # operand size / list length for synthetic tasks
+    digits: Annotated[int, within(1, 9)] = 2  # operand size / list length for synthetic tasks
     seed: int = 0  # synthetic prompts and the dataset's eval split are drawn from it
-    group_size: int = 8  # samples per prompt (GRPO "n")
-    max_new_tokens: int = 16  # longest response per sample (verl max_response_length)
-    temperature: float = 1.0  # sampling temperature of training rollouts (> 0)
-    top_p: float = 1.0  # nucleus sampling of training rollouts; 1 = off
+    group_size: Annotated[int, at_least(1)] = 8  # samples per prompt (GRPO "n")
+    # longest response per sample (verl max_response_length)
+    max_new_tokens: Annotated[int, at_least(1)] = 16
+    # sampling temperature of training rollouts
+    temperature: Annotated[float, above(0, " (sampling; greedy is not RL)")] = 1.0
+    # nucleus sampling of training rollouts; 1 = off
+    top_p: Annotated[float, within(0, 1, "(]")] = 1.0
     top_k: int = -1  # top-k sampling of training rollouts; -1 = off
     reward_fn: str = ""  # dotted path "pkg.module:function"; empty = the task's own reward
     # per sample; a reward past it is killed and scored 0 with its reason
-    reward_timeout_s: float = 5.0
+    reward_timeout_s: Annotated[float, above(0)] = 5.0
     # processes of the reward pool (per rollout server); 0: in-process, unsandboxed
-    reward_workers: int = 2
-    reward_memory_mb: int = 2048  # address-space limit of a reward worker; 0 = none
-    reward_url: str = ""  # remote reward: POST a batch of (prompt, response, metadata) here
-    reward_retries: int = 2  # remote reward: retries after a failed or timed-out call
+    reward_workers: Annotated[int, at_least(0)] = 2
+    # address-space limit of a reward worker; 0 = none
+    reward_memory_mb: Annotated[int, at_least(0)] = 2048
+    # remote reward: POST a batch of (prompt, response, metadata) here
+    reward_url: Annotated[str, Bound("empty or an http(s) URL", lambda v: not v or v.startswith(
+        ("http://", "https://")))] = ""
+    # remote reward: retries after a failed or timed-out call
+    reward_retries: Annotated[int, at_least(0)] = 2
     # a learned reward model scoring the responses (path empty: none); with the rule reward by
     # its weights (rollout_server/ROLLOUT.md, "Reward models")
     reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
     # the longest reply a reward, tool or agent worker may send (MiB); a longer one is refused,
     # its sample scored 0 with the reason (kind "oversize") and the worker replaced
-    worker_reply_mb: int = 16
+    worker_reply_mb: Annotated[int, at_least(1)] = 16
     # root's reward and tool workers keep the host's network (else none; a remote reward,
     # task.reward_url, is called by the rollout server and needs none; agents keep it)
     worker_network: bool = False
@@ -149,35 +167,38 @@ class TaskConfig:
     # step rewards replace the task's reward; empty = single-turn
     env: str = ""
     # [task.env or task.agent only]
-    max_turns: int = 8  # assistant turns per episode; then it ends with finish_reason "max_turns"
+    # assistant turns per episode; then it ends with finish_reason "max_turns"
+    max_turns: Annotated[int, at_least(1)] = 8
     # prompt + every turn's tokens; past it the episode ends ("max_tokens")
-    max_episode_tokens: int = 1024
+    max_episode_tokens: Annotated[int, at_least(2)] = 1024
     # one assistant turn's generation (across weight-sync pauses): "turn_timeout"
-    turn_timeout_s: float = 120.0
+    turn_timeout_s: Annotated[float, above(0)] = 120.0
     # the whole episode, tools and environment included: "episode_timeout"
-    episode_timeout_s: float = 600.0
+    episode_timeout_s: Annotated[float, above(0)] = 600.0
     # [task.env only]
     # one tool call; past it the tool's worker is killed and the model sees an error
-    tool_timeout_s: float = 5.0
+    tool_timeout_s: Annotated[float, above(0)] = 5.0
     # [task.env only]
-    tool_workers: int = 2  # processes that run tool calls (per rollout server)
+    # processes that run tool calls (per rollout server)
+    tool_workers: Annotated[int, at_least(1)] = 2
     # [task.env only]
     # address-space limit of a tool worker (sandboxed like rewards); 0 = none
-    tool_memory_mb: int = 2048
+    tool_memory_mb: Annotated[int, at_least(0)] = 2048
     # agent episodes: "pkg.module:run", run(client_base_url, api_key, example) -> float talking to
     # the model through the OpenAI API (rollout_server/agent_episode.py); empty = no agent
     agent: str = ""
     # [task.agent only]
-    agent_workers: int = 4  # sandboxed processes that run agents (per rollout server)
+    # sandboxed processes that run agents (per rollout server)
+    agent_workers: Annotated[int, at_least(1)] = 4
     # [task.agent only]
-    agent_memory_mb: int = 4096  # address-space limit of an agent's worker; 0 = none
+    # address-space limit of an agent's worker; 0 = none
+    agent_memory_mb: Annotated[int, at_least(0)] = 4096
     # [task.agent only]
-    agent_tool_format: str = "hermes"  # the model's tool-call format: hermes (Qwen) | mistral
+    # the model's tool-call format: hermes (Qwen) | mistral
+    agent_tool_format: Annotated[str, one_of("hermes", "mistral")] = "hermes"
 
     def __post_init__(self):
-        finite_numbers(self, "task.")  # also alone: `areal-like eval` builds a TaskConfig only
-        _choice("task.name", self.name,
-                ("addition", "sort", "reverse", "countdown", "calc", "guess", "dataset"))
+        super().__post_init__()
         if self.name == "dataset":
             _check("task.dataset_path", bool(self.dataset_path), "set when task.name=dataset",
                    self.dataset_path)
@@ -186,31 +207,14 @@ class TaskConfig:
             if getattr(self, key):
                 raise ConfigError(f"task.{key}={getattr(self, key)!r} is read only by "
                                   f"task=dataset, and task.name={self.name!r}: add task=dataset")
-        _check("task.eval_fraction", 0 <= self.eval_fraction < 1, "in [0, 1)", self.eval_fraction)
-        each("task", self, ">= 0", "max_prompt_tokens", "reward_workers", "reward_memory_mb",
-             "reward_retries", "tool_memory_mb", "agent_memory_mb")
-        each("task", self, ">= 1", "group_size", "max_new_tokens", "max_turns", "tool_workers",
-             "agent_workers", "worker_reply_mb")
-        each("task", self, "> 0", "reward_timeout_s", "turn_timeout_s", "episode_timeout_s",
-             "tool_timeout_s")
-        _check("task.temperature", self.temperature > 0, "> 0 (sampling; greedy is not RL)",
-               self.temperature)
-        _check("task.top_p", 0 < self.top_p <= 1, "in (0, 1]", self.top_p)
-        _check("task.digits", 1 <= self.digits <= 9, "in [1, 9]", self.digits)
-        _check("task.max_episode_tokens", self.max_episode_tokens >= 2, ">= 2",
-               self.max_episode_tokens)
         _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
                self.agent)
         chat = bool(self.agent or self.env)  # an episode talks in chat
         _check("task.chat_template", not (chat and self.chat_template == "none"),
                "a chat template (not none) when task.env or task.agent is set", self.chat_template)
-        _choice("task.agent_tool_format", self.agent_tool_format, ("hermes", "mistral"))
         _check("task.reward_model.path", not (self.reward_model.enabled and chat),
                "empty when task.env or task.agent is set (single-turn episodes only)",
                self.reward_model.path)
-        _check("task.reward_url",
-               not self.reward_url or self.reward_url.startswith(("http://", "https://")),
-               "empty or an http(s) URL", self.reward_url)
         if why := url_credential(self.reward_url):  # never in config.yaml, exports or trackers
             raise ConfigError(f"task.reward_url: credentials are not configuration ({why}): give "
                               "the URL without them and the credential in the environment, "
@@ -219,90 +223,84 @@ class TaskConfig:
 
 
 @dataclass(kw_only=True)
-class BufferConfig:
+class BufferConfig(Section):
     """The replay buffer: credits, staleness bound, WAL (buffer/STALENESS.md, buffer/WAL.md)."""
+
+    key = "buffer"
 
     address: str = "tcp://127.0.0.1:5555"  # request/reply (ROUTER); clients connect here
     pub_address: str = "tcp://127.0.0.1:5556"  # announcements (PUB)
-    max_staleness: int = 4  # eta; 0 = synchronous on-policy
-    groups_per_step: int = 8  # B: groups the trainer consumes per optimizer step
-    max_inflight: int = 64  # cap on groups being generated at once (all servers)
+    max_staleness: Annotated[int, at_least(0)] = 4  # eta; 0 = synchronous on-policy
+    # B: groups the trainer consumes per optimizer step
+    groups_per_step: Annotated[int, at_least(1)] = 8
+    # cap on groups being generated at once (all servers)
+    max_inflight: Annotated[int, at_least(1)] = 64
     capacity: int = 1024  # stored groups; admission stops (back-pressure) at this size
     # what happens to a group over the bound: drop | reissue its prompt
-    stale_policy: str = "reissue"
-    selection: str = "oldest"  # hand-out order: oldest (head version) | newest | fifo
+    stale_policy: Annotated[str, one_of("drop", "reissue")] = "reissue"
+    # hand-out order: oldest (head version) | newest | fifo
+    selection: Annotated[str, one_of("oldest", "newest", "fifo")] = "oldest"
     # drop groups with no learning signal (DAPO dynamic sampling)
     filter_equal_rewards: bool = False
-    max_tokens_per_trajectory: int = 0  # 0 = no length filter
-    lease_timeout_s: float = 120.0  # a credit not fulfilled by then is re-issued
+    max_tokens_per_trajectory: Annotated[int, at_least(0)] = 0  # 0 = no length filter
+    # a credit not fulfilled by then is re-issued
+    lease_timeout_s: Annotated[float, above(0)] = 120.0
     heartbeat_timeout_s: float = 15.0  # a rollout server silent this long leaves the roster
-    wal_dir: str = "wal"  # relative to run_dir unless absolute
+    wal_dir: Annotated[str, DIRECTORY] = "wal"  # relative to run_dir unless absolute
     # always (ack after fsync; group commit) |
     # batch (fsync every 50 ms; acks may precede it) | never
-    fsync: str = "always"
+    fsync: Annotated[str, one_of("always", "batch", "never")] = "always"
     # WAL segment: big, as a rotation stalls the loop for a few ms; at most 1/8 of the free disk
-    segment_bytes: int = 256 * 1024 * 1024
+    segment_bytes: Annotated[int, above(0)] = 256 * 1024 * 1024
     # groups are refused ("unavailable") this many bytes before the WAL's disk is full, and taken
     # again at twice it (batches are still handed out)
-    wal_reserve_bytes: int = 64 * 1024 * 1024
-    metrics_port: int = 0  # 0 = ephemeral
+    wal_reserve_bytes: Annotated[int, at_least(0)] = 64 * 1024 * 1024
+    metrics_port: Annotated[int, PORT] = 0  # 0 = ephemeral
     # passes over the train split; 0 = unbounded. Fewer prompts than trainer.steps x
     # groups_per_step in them is refused before start (the trainer would wait forever)
-    max_epochs: int = 0
+    max_epochs: Annotated[int, at_least(0)] = 0
     # largest request frame decoded (decoding may take ~73x its size); 0 = the job's biggest group
     # (areal_like/job_facts.py)
-    max_frame_bytes: int = 0
+    max_frame_bytes: Annotated[int, at_least(0, " (0 = sized to the job)")] = 0
     # also serve same-node ipc:// sockets in this directory (no CURVE: areal_like/SECURITY.md),
     # relative to run_dir unless absolute; "" = tcp only
     local_dir: str = ""
     # ZeroMQ I/O threads of the request/reply socket, where CURVE's cipher runs (one connection
     # per thread); 0 = half the cores this process may use, 1 to 8
-    io_threads: int = 0
+    io_threads: Annotated[int, at_least(0, " (0 = from the cores)")] = 0
 
     def __post_init__(self):
-        _check("buffer.io_threads", self.io_threads >= 0, ">= 0 (0 = from the cores)",
-               self.io_threads)
-        _check("buffer.max_frame_bytes", self.max_frame_bytes >= 0, ">= 0 (0 = sized to the job)",
-               self.max_frame_bytes)
-        each("buffer", self, ">= 0", "max_staleness", "wal_reserve_bytes", "max_epochs",
-             "max_tokens_per_trajectory")
-        each("buffer", self, PORT, "metrics_port")
-        each("buffer", self, ">= 1", "groups_per_step", "max_inflight")
-        # lease_timeout_s travels in every Credit (finite: RunConfig); segment_bytes <= 0 rotated
-        # the WAL after every record (1,179 segments in 60 steps)
-        each("buffer", self, "> 0", "lease_timeout_s", "segment_bytes")
-        _check("buffer.wal_dir", self.wal_dir.strip() != "", "a directory", self.wal_dir)
+        super().__post_init__()
         _check("buffer.capacity", self.capacity >= self.groups_per_step,
                ">= buffer.groups_per_step", self.capacity)
-        _choice("buffer.stale_policy", self.stale_policy, ("drop", "reissue"))
-        _choice("buffer.selection", self.selection, ("oldest", "newest", "fifo"))
-        _choice("buffer.fsync", self.fsync, ("always", "batch", "never"))
 
 
 
 
 @dataclass(kw_only=True)
-class EngineConfig:
+class EngineConfig(Section):
     """The inference engine a rollout server drives (rollout_server/engine/ENGINE.md)."""
+
+    key = "rollout.engine"
 
     # embedded (in-process CPU/GPU engine) | sglang or vllm (launch a real server) | url (attach
     # a running SGLang)
-    kind: str = "embedded"
+    kind: Annotated[str, one_of("embedded", "sglang", "vllm", "url")] = "embedded"
     # [rollout.engine.kind=url only]
     url: str = ""  # kind=url: base URL of a running SGLang server
     # address the engine listens on; the trainer's log-prob guard and pushes reach it there, so a
     # trainer on another node needs this node's address
     host: str = "127.0.0.1"
-    port: int = 0  # 0 = pick a free port
+    port: Annotated[int, PORT] = 0  # 0 = pick a free port
     # [embedded engine only] cpu, cuda or cuda:N; SGLang's device is its own flag
     # (rollout.engine.sglang.device), and topology=gpu_sglang sets this to cuda for placement
-    device: str = "cpu"
+    device: Annotated[str, DEVICE] = "cpu"
     # [embedded engine only] requests decoded at once; refused with kind=sglang or url, where
     # SGLang's own rollout.engine.sglang.max_running_requests is the knob
-    max_running_requests: int = 64
+    max_running_requests: Annotated[int, at_least(1)] = 64
     # [embedded engine only] KV slots budget; refused with kind=sglang or url (SGLang sizes its KV
     # cache from rollout.engine.sglang.mem_fraction_static or .max_total_tokens)
-    max_total_tokens: int = 65536
+    max_total_tokens: Annotated[int, at_least(1)] = 65536
     # how long the engine may take to answer its first request (SGLang: load and warm up)
     startup_timeout_s: float = 600.0
     # a generate running this long is aborted and what it made is kept (its rest is asked again);
@@ -318,11 +316,7 @@ class EngineConfig:
     vllm: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        _choice("rollout.engine.kind", self.kind, ("embedded", "sglang", "vllm", "url"))
-        _check("rollout.engine.device", DEVICE.fullmatch(self.device), "cpu, cuda or cuda:N",
-               self.device)
-        each("rollout.engine", self, PORT, "port")
-        each("rollout.engine", self, ">= 1", "max_running_requests", "max_total_tokens")
+        super().__post_init__()
         _check("rollout.engine.tp_size",
                self.tp_size == 1 or (self.tp_size > 1 and self.kind == "sglang"),
                "1, or > 1 with rollout.engine.kind=sglang", self.tp_size)
@@ -341,48 +335,51 @@ class EngineConfig:
 
 
 @dataclass(kw_only=True)
-class RolloutConfig:
+class RolloutConfig(Section):
     """A rollout server: generation, rewards, heartbeats (rollout_server/ROLLOUT.md)."""
+
+    key = "rollout"
 
     server_id: str = ""  # empty = "<hostname>-<pid>"
     buffer_address: str = "${buffer.address}"  # where this server asks for credits (set by run)
     pub_address: str = "${buffer.pub_address}"  # where it hears the buffer's announcements
     # groups this server generates at once (x task.group_size requests to its engine); the job's
     # total is also capped by buffer.max_inflight
-    max_concurrent_groups: int = 8
-    heartbeat_s: float = 1.0  # its heartbeat to the buffer (buffer.heartbeat_timeout_s)
+    max_concurrent_groups: Annotated[int, at_least(1)] = 8
+    # its heartbeat to the buffer (buffer.heartbeat_timeout_s)
+    heartbeat_s: Annotated[float, above(0)] = 1.0
     # finish in-flight requests before a weight update instead of aborting
     drain_on_update: bool = False
     # /pause_generation mode of a weight update: retract | abort (trainer/WEIGHT_SYNC.md)
-    pause_mode: str = "retract"
+    pause_mode: Annotated[str, one_of("abort", "retract")] = "retract"
     # this server runs the job's evaluations (eval.*); `areal-like run` sets it on the first
     eval: bool = False
-    metrics_port: int = 0  # its /metrics HTTP port; 0 = ephemeral
+    metrics_port: Annotated[int, PORT] = 0  # its /metrics HTTP port; 0 = ephemeral
     engine: EngineConfig = field(default_factory=EngineConfig)
-
-    def __post_init__(self):
-        each("rollout", self, ">= 1", "max_concurrent_groups")
-        each("rollout", self, "> 0", "heartbeat_s")
-        each("rollout", self, PORT, "metrics_port")
-        _choice("rollout.pause_mode", self.pause_mode, ("abort", "retract"))
 
 
 @dataclass(kw_only=True)
-class WeightSyncConfig:
+class WeightSyncConfig(Section):
     """How the trainer pushes each version's weights to the engines (trainer/WEIGHT_SYNC.md)."""
 
-    bucket_mb: float = 64.0  # largest bucket of weights sent in one broadcast (a LoRA adapter: one)
-    deadline_s: float = 60.0  # whole sync; a member that misses it is dropped for this version
-    backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | gloo | nccl
+    key = "trainer." + "weight_sync"  # a config key, not the module trainer/weight_sync.py
+
+    # largest bucket of weights sent in one broadcast (a LoRA adapter: one)
+    bucket_mb: Annotated[float, above(0)] = 64.0
+    # whole sync; a member that misses it is dropped for this version
+    deadline_s: Annotated[float, above(0)] = 60.0
+    # auto (nccl on cuda, gloo on cpu) | gloo | nccl
+    backend: Annotated[str, one_of("auto", "gloo", "nccl")] = "auto"
     master_addr: str = "127.0.0.1"  # address engines use to reach trainer rank 0
-    master_port: int = 0  # 0 = pick a free port per group formation
+    master_port: Annotated[int, PORT] = 0  # 0 = pick a free port per group formation
     group_name: str = "areal_like_weights"  # name of the trainer-engines process group
     # auto (tensor where `run` puts trainer and engine on one GPU) | distributed | tensor | disk
-    path: str = "auto"
+    path: Annotated[str, one_of("auto", "distributed", "tensor", "disk")] = "auto"
     # engines lagging by design (trainer/engine_lag.py); buffer.max_staleness must cover the lag
     # L: push only every L versions (OAPL's lagged inference); the engines lag up to L - 1
-    every: int = 1
-    delay: int = 0  # D: the engines always serve version v - D (a controlled-staleness experiment)
+    every: Annotated[int, at_least(1)] = 1
+    # D: the engines always serve version v - D (a controlled-staleness experiment)
+    delay: Annotated[int, at_least(0)] = 0
 
     @property
     def engine_lag(self) -> int:
@@ -398,38 +395,40 @@ class WeightSyncConfig:
     overlap: bool = True
 
     def __post_init__(self):
-        _check("trainer.weight_sync.every", self.every >= 1, ">= 1", self.every)
-        _check("trainer.weight_sync.delay", self.delay >= 0, ">= 0", self.delay)
+        super().__post_init__()
         _check("trainer.weight_sync.delay", self.delay == 0 or self.every == 1,
                "0 with trainer.weight_sync.every > 1 (one lag mode at a time)", self.delay)
-        _choice("trainer.weight_sync.backend", self.backend, ("auto", "gloo", "nccl"))
-        _choice("trainer.weight_sync.path", self.path, ("auto", "distributed", "tensor", "disk"))
-        _check("trainer.weight_sync.bucket_mb", self.bucket_mb > 0, "> 0", self.bucket_mb)
-        _check("trainer.weight_sync.master_port", 0 <= self.master_port <= 65535, PORT,
-               self.master_port)
-        _check("trainer.weight_sync.deadline_s", self.deadline_s > 0, "> 0", self.deadline_s)
 
 
-LORA_PATHS = {"embedded": "distributed", "sglang": "disk"}  # engine kind -> its adapter's path
+# engine kind -> its adapter's path
+LORA_PATHS = {"embedded": "distributed", "sglang": "disk", "vllm": "disk"}
 # Qwen2 / Llama / Qwen3 names of every linear layer in a decoder block (PEFT's usual "all-linear")
 LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # SGLang flags the launcher sets with LoRA (rollout_server/launch_sglang.py lora_options), from what
 LORA_FLAGS = {"enable_lora": "trainer.lora.rank > 0", "max_lora_rank": "trainer.lora.rank",
               "lora_target_modules": "trainer.lora.target_modules",
               "max_loras_per_batch": "3: trainer/WEIGHT_SYNC.md"}
+# vLLM flags the launcher sets with LoRA (rollout_server/launch_vllm.py lora_options), from what
+VLLM_LORA_FLAGS = {"enable_lora": "trainer.lora.rank > 0",
+                   "max_lora_rank": "trainer.lora.rank, rounded up to a rank vLLM takes",
+                   "max_loras": "3: trainer/WEIGHT_SYNC.md"}
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM 0.32's --max-lora-rank choices
 
 
 @dataclass(kw_only=True)
-class LoraConfig:
+class LoraConfig(Section):
     """Low-rank adapters on a frozen base (areal_like/weights/lora.py)."""
 
-    rank: int = 0  # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
+    key = "trainer.lora"
+
+    # 0 = off (every weight trains); r of the A [r, in] and B [out, r] matrices
+    rank: Annotated[int, at_least(0, " (0: LoRA off)")] = 0
     # [trainer.lora.rank > 0 only]
-    alpha: float = 16.0  # the adapter's output is scaled by alpha / rank
+    alpha: Annotated[float, above(0)] = 16.0  # the adapter's output is scaled by alpha / rank
     # [trainer.lora.rank > 0 only]
     # on the adapter's input, in the training forward only (not in log-prob passes); never on an
     # lm_head adapter, whose weight change the trainer's output head adds (trainer/model.py)
-    dropout: float = 0.0
+    dropout: Annotated[float, within(0, 1, "[)")] = 0.0
     # [trainer.lora.rank > 0 only]
     # names of the linear layers that get an adapter (PEFT's target_modules); default every linear
     # layer of a Qwen2/Llama/Qwen3 decoder block
@@ -440,9 +439,7 @@ class LoraConfig:
         return self.rank > 0
 
     def __post_init__(self):
-        _check("trainer.lora.rank", self.rank >= 0, ">= 0 (0: LoRA off)", self.rank)
-        _check("trainer.lora.alpha", 0 < self.alpha < math.inf, "> 0 and finite", self.alpha)
-        _check("trainer.lora.dropout", 0 <= self.dropout < 1, ">= 0 and < 1", self.dropout)
+        super().__post_init__()
         _check("trainer.lora.target_modules", not self.enabled or len(self.target_modules) > 0,
                "at least one module name with trainer.lora.rank > 0", self.target_modules)
         # a set, as PEFT reads it: in another order the same adapters (a resume compares them)
@@ -450,58 +447,68 @@ class LoraConfig:
 
 
 @dataclass(kw_only=True)
-class TrainerConfig:
+class TrainerConfig(Section):
     """The FSDP2 trainer: optimizer, batches, checkpoints (trainer/MEMORY.md, trainer/LOSSES.md)."""
+
+    key = "trainer"
 
     buffer_address: str = "${buffer.address}"  # the buffer it takes batches from
     # groups per optimizer step (always buffer.groups_per_step)
     groups_per_step: int = "${buffer.groups_per_step}"  # type: ignore[assignment]
-    steps: int = 100  # optimizer steps (policy versions) of the run (verl total_training_steps)
+    # optimizer steps (policy versions) of the run (verl total_training_steps)
+    steps: Annotated[int, at_least(1)] = 100
     # AdamW learning rate (verl actor.optim.lr); model=tiny sets 3e-4
-    lr: float = 1e-5
-    weight_decay: float = 0.0  # AdamW decoupled weight decay
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW (beta1, beta2)
-    lr_schedule: str = "constant"  # constant | linear | cosine (after warmup)
-    warmup_steps: int = 0  # linear LR warmup from 0 over this many steps; 0 = none
-    grad_clip: float = 1.0  # global gradient-norm clip
+    lr: Annotated[float, above(0)] = 1e-5
+    weight_decay: Annotated[float, at_least(0)] = 0.0  # AdamW decoupled weight decay
+    # AdamW (beta1, beta2)
+    betas: Annotated[list[float], Bound("two numbers in [0, 1)", lambda b: len(b) == 2 and all(
+        0 <= x < 1 for x in b))] = field(default_factory=lambda: [0.9, 0.999])
+    # constant | linear | cosine (after warmup)
+    lr_schedule: Annotated[str, one_of("constant", "linear", "cosine")] = "constant"
+    # linear LR warmup from 0 over this many steps; 0 = none
+    warmup_steps: Annotated[int, at_least(0)] = 0
+    grad_clip: Annotated[float, above(0)] = 1.0  # global gradient-norm clip
     # a step with a non-finite loss or gradient is skipped; this many in a row stop the job
-    max_nonfinite_skips: int = 10
-    micro_batch_size: int = 8  # sequences per forward/backward (max_tokens_per_micro_batch = 0)
+    max_nonfinite_skips: Annotated[int, at_least(1)] = 10
+    # sequences per forward/backward (max_tokens_per_micro_batch = 0)
+    micro_batch_size: Annotated[int, at_least(1)] = 8
     # sequences concatenated without padding (trainer/packing.py); false: right-padded
     pack_sequences: bool = True
     # a minibatch is packed unless each of its right-padded calls would waste less than this share
     # of its positions: there a packed forward costs more than the padding (trainer/packing.py)
-    pack_min_padding: float = 0.15
+    pack_min_padding: Annotated[float, within(0, 1, "[)")] = 0.15
     # > 0: micro-batches of at most this many tokens instead of micro_batch_size sequences
     # (trainer/MEMORY.md); 0: off
-    max_tokens_per_micro_batch: int = 0
+    max_tokens_per_micro_batch: Annotated[
+        int, at_least(0, " (0: micro-batches of micro_batch_size sequences)")] = 0
     # rows whose every advantage is exactly 0 (a group whose rewards are all equal) are not computed
     # where that leaves the update unchanged (trainer/LOSSES.md, "Rows with zero advantage")
     skip_zero_advantage: bool = True
     # optimizer steps per batch (all but the first are off-policy by construction)
-    num_minibatches: int = 1
+    num_minibatches: Annotated[int, at_least(1)] = 1
     # advantage estimator (verl adv_estimator): grpo | drgrpo | rloo | reinforce_pp |
     # reinforce_pp_baseline (trainer/LOSSES.md); vcpo and oapl take their own group baseline
-    estimator: str = "grpo"
+    estimator: Annotated[str, one_of(*ESTIMATORS)] = "grpo"
     loss: LossConfig = field(default_factory=LossConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     # PPO with a value model (trainer/critic.py); off: the kernels' own advantages
     critic: CriticConfig = field(default_factory=CriticConfig)
-    checkpoint_every: int = 20  # a checkpoint every this many steps, and at the last
+    # a checkpoint every this many steps, and at the last
+    checkpoint_every: Annotated[int, at_least(1)] = 20
     # a save stages the state and writes it while the next step trains (DCP async_save)
     checkpoint_async: bool = False
-    checkpoint_dir: str = "checkpoints"  # relative to run_dir unless absolute
+    checkpoint_dir: Annotated[str, DIRECTORY] = "checkpoints"  # relative to run_dir unless absolute
     # the newest checkpoints kept on disk (exports: export.keep)
-    keep_checkpoints: int = 2
+    keep_checkpoints: Annotated[int, at_least(1)] = 2
     # start from the run directory's newest checkpoint; false refuses a run directory that has one
     resume: bool = True
-    device: str = "cpu"  # cpu, cuda or cuda:N (`run` gives each rank its GPU)
+    device: Annotated[str, DEVICE] = "cpu"  # cpu, cuda or cuda:N (`run` gives each rank its GPU)
     # longest the buffer holds a batch request open before answering "not yet" (the trainer asks
     # again)
-    batch_wait_s: float = 5.0
+    batch_wait_s: Annotated[float, at_least(0)] = 5.0
     buffer_timeout_s: float = 120.0  # the buffer silent this long is an error, not a wait
-    metrics_port: int = 0  # rank 0's /metrics HTTP port; 0 = ephemeral
+    metrics_port: Annotated[int, PORT] = 0  # rank 0's /metrics HTTP port; 0 = ephemeral
     gloo_timeout_s: float = 300.0  # timeout of the trainer ranks' collectives
     # the KL term's frozen reference (loss.kl_coef > 0): a local HF dir; None = initial
     ref_path: str | None = None
@@ -509,15 +516,15 @@ class TrainerConfig:
     # 0.05 for float32, 0.1 for bfloat16 and float16 (trainer/logprob_guard.py, DEFAULT_TOL)
     logprob_guard_tol: float | None = None
     # wait for rollout servers before the first push (0: at once; `run` sets it)
-    first_engine_wait_s: float = 0.0
+    first_engine_wait_s: Annotated[float, at_least(0)] = 0.0
     # how many: the first push waits (first_engine_wait_s) until this many registered
-    first_engines: int = 1
+    first_engines: Annotated[int, at_least(1)] = 1
     # recompute each decoder block in backward (trainer/MEMORY.md)
     activation_checkpointing: bool = False
     # a mixture of experts' load-balancing loss (its transformers module's
     # load_balancing_loss_func on the training forward's router logits), times this, added to the
     # policy loss. 0 = off, the RL default: the routing the engine sampled with is left alone.
-    router_aux_loss_coef: float = 0.0
+    router_aux_loss_coef: Annotated[float, at_least(0)] = 0.0
     # routing replay (a mixture of experts): the engine returns the experts it routed each token
     # to, the trajectory carries them and the trainer's forwards route to them, so its log-probs
     # follow the engine's choices (areal_like/weights/routing.py). Qwen3-MoE/Qwen2-MoE routers,
@@ -525,43 +532,23 @@ class TrainerConfig:
     # refused before start otherwise.
     routing_replay: bool = False
     # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
-    logprob_chunk_tokens: int = 512
+    logprob_chunk_tokens: Annotated[int, at_least(1)] = 512
     # torch.compile each decoder block (as torchtitan does; for CUDA jobs, first step slower)
     compile_blocks: bool = False
 
     def __post_init__(self):
-        each("trainer", self, ">= 1", "keep_checkpoints", "steps", "micro_batch_size",
-             "num_minibatches", "logprob_chunk_tokens", "max_nonfinite_skips", "first_engines",
-             "checkpoint_every")
-        _check("trainer.checkpoint_dir", self.checkpoint_dir.strip() != "", "a directory",
-               self.checkpoint_dir)
+        super().__post_init__()
         # a minibatch is whole groups (trainer/step.py): more of them than groups would be empty
         _check("trainer.num_minibatches", not isinstance(self.groups_per_step, int)
                or self.num_minibatches <= self.groups_per_step,
                f"<= buffer.groups_per_step={self.groups_per_step} (a minibatch is whole groups: "
                "more would make fewer optimizer steps)", self.num_minibatches)
-        _check("trainer.lr", 0 < self.lr < math.inf, "> 0 and finite", self.lr)
-        each("trainer", self, "> 0", "grad_clip")
-        each("trainer", self, ">= 0", "first_engine_wait_s", "weight_decay", "warmup_steps",
-             "batch_wait_s", "router_aux_loss_coef")
-        each("trainer", self, PORT, "metrics_port")
-        _check("trainer.device", DEVICE.fullmatch(self.device), "cpu, cuda or cuda:N",
-               self.device)
-        _choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
         # the replayed routers are set for the forward only: a block recomputed in backward, or
         # compiled, would route freely
         _check("trainer.routing_replay", not self.routing_replay
                or not (self.activation_checkpointing or self.compile_blocks),
                "false with trainer.activation_checkpointing or trainer.compile_blocks",
                self.routing_replay)
-        _choice("trainer.estimator", self.estimator, ESTIMATORS)
-        _check("trainer.pack_min_padding", 0.0 <= self.pack_min_padding < 1.0, "in [0, 1)",
-               self.pack_min_padding)
-        _check("trainer.max_tokens_per_micro_batch", self.max_tokens_per_micro_batch >= 0,
-               ">= 0 (0: micro-batches of micro_batch_size sequences)",
-               self.max_tokens_per_micro_batch)
-        _check("trainer.betas", len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-               "two numbers in [0, 1)", self.betas)
         self.loss.check_for_kernel()
         self.critic.check_for_trainer(self.loss.kernel, self.lora.enabled, model_keys(ModelConfig))
         # the KL reference is the base itself, the adapter switched off; the weight path with
@@ -572,52 +559,52 @@ class TrainerConfig:
 
 
 @dataclass(kw_only=True)
-class WarmStartConfig:
+class WarmStartConfig(Section):
     """Short supervised warm start on the task's answers, cached in the run directory."""
 
-    steps: int = 0  # 0 = off
-    # [warm_start.steps > 0 only]
-    lr: float = 3e-3  # its AdamW learning rate
-    # [warm_start.steps > 0 only]
-    batch_size: int = 64  # examples per warm-start step
-    # [warm_start.steps > 0 only]
-    cache_dir: str = "warmstart"  # relative to run_dir's parent so later runs reuse it
+    key = "warm_start"
 
-    def __post_init__(self):
-        each("warm_start", self, ">= 0", "steps")
-        each("warm_start", self, ">= 1", "batch_size")
-        _check("warm_start.lr", 0 < self.lr < math.inf, "> 0 and finite", self.lr)
-        _check("warm_start.cache_dir", self.cache_dir.strip() != "", "a directory", self.cache_dir)
+    steps: Annotated[int, at_least(0)] = 0  # 0 = off
+    # [warm_start.steps > 0 only]
+    lr: Annotated[float, above(0)] = 3e-3  # its AdamW learning rate
+    # [warm_start.steps > 0 only]
+    batch_size: Annotated[int, at_least(1)] = 64  # examples per warm-start step
+    # [warm_start.steps > 0 only]
+    # relative to run_dir's parent so later runs reuse it
+    cache_dir: Annotated[str, DIRECTORY] = "warmstart"
 
 
 @dataclass(kw_only=True)
-class SecurityConfig:
+class SecurityConfig(Section):
     """Who may join the job's ZeroMQ traffic (areal_like/SECURITY.md)."""
+
+    key = "security"
 
     # CURVE-encrypt and authenticate every ZeroMQ socket; false only on a trusted network
     curve: bool = True
     # the job's keys (`areal-like keys RUN_DIR`); relative to run_dir unless absolute
-    keys_dir: str = "keys"
+    keys_dir: Annotated[str, DIRECTORY] = "keys"
     # a one-node `run`: daemons reach the buffer over ipc:// in <run_dir>/sock; false = tcp, CURVE
     local_ipc: bool = True
 
-    def __post_init__(self):
-        _check("security.keys_dir", self.keys_dir.strip() != "", "a directory", self.keys_dir)
-
 
 @dataclass(kw_only=True)
-class LaunchConfig:
+class LaunchConfig(Section):
     """How `areal-like run` lays out and supervises the job (launch/OPERATIONS.md)."""
+
+    key = "launch"
 
     # null: from the cores, for a CPU job on one machine (launch/topology.py); a GPU or multi-node
     # job sets both
-    num_rollout_servers: int | None = None
-    trainer_ranks: int | None = None  # trainer processes (FSDP2 ranks); null: from the cores
-    restarts: int = 3  # per daemon within restart_window_s, before the job gives up
+    num_rollout_servers: Annotated[int | None, at_least(1)] = None
+    # trainer processes (FSDP2 ranks); null: from the cores
+    trainer_ranks: Annotated[int | None, at_least(1)] = None
+    # per daemon within restart_window_s, before the job gives up
+    restarts: Annotated[int, at_least(0)] = 3
     # crashes older than the window no longer count; each restart in it waits twice the last
-    restart_window_s: float = 3600.0
+    restart_window_s: Annotated[float, above(0)] = 3600.0
     # wait before the first restart in the window; doubles per restart
-    restart_backoff_s: float = 1.0
+    restart_backoff_s: Annotated[float, at_least(0)] = 1.0
     restart_backoff_max_s: float = 60.0  # the longest wait between restarts
     # how long `run` waits for the buffer and trainer to become healthy (rollout servers:
     # rollout.engine.startup_timeout_s + 60)
@@ -626,37 +613,32 @@ class LaunchConfig:
     pin_cpus: bool | None = None
     omp_threads: int = 1  # OMP_NUM_THREADS and MKL_NUM_THREADS of each daemon
     # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
-    gpus_per_node: int = 0
+    gpus_per_node: Annotated[int, at_least(0)] = 0
     # several nodes: the first train_nodes run trainer ranks, the others rollout servers
     # (launch/placement.py)
-    nodes: int = 1
+    nodes: Annotated[int, at_least(1)] = 1
     # of launch.nodes, how many run trainer ranks; a node either trains or serves, never both
     train_nodes: int = 1
-    auto_max_servers: int = 8  # most rollout servers from the cores (each a process with a model)
-    auto_max_threads: int = 8  # and on a pinned trainer's threads
+    # most rollout servers from the cores (each a process with a model)
+    auto_max_servers: Annotated[int, at_least(1)] = 8
+    auto_max_threads: Annotated[int, at_least(1)] = 8  # and on a pinned trainer's threads
     # logs and metrics/scrape.jsonl rotate past log_max_mb into <file>.1 ... .<log_backups>
-    log_max_mb: float = 100.0
-    log_backups: int = 3  # rotated copies kept per log
+    log_max_mb: Annotated[float, above(0)] = 100.0
+    log_backups: Annotated[int, at_least(1)] = 3  # rotated copies kept per log
     # where `run` starts the daemons: local (this machine) or ray (placement groups on the Ray
     # cluster at launch.ray_address; launch/RAY.md)
-    cluster: str = "local"
+    cluster: Annotated[str, one_of("local", "ray")] = "local"
     # cluster=ray: the cluster's GCS address (host:port); null: RAY_ADDRESS, else ray.init's own
     ray_address: str | None = None
-    ray_cpus: float = 1.0  # cluster=ray: CPUs each process reserves (a trainer: per rank)
+    # cluster=ray: CPUs each process reserves (a trainer: per rank)
+    ray_cpus: Annotated[float, above(0)] = 1.0
 
     def __post_init__(self):
-        _check("launch.cluster", self.cluster in ("local", "ray"), "local or ray", self.cluster)
-        _check("launch.ray_cpus", 0 < self.ray_cpus < math.inf, "> 0 and finite", self.ray_cpus)
-        each("launch", self, "> 0", "log_max_mb", "restart_window_s")
-        each("launch", self, ">= 1", "log_backups", "auto_max_servers", "auto_max_threads", "nodes")
-        each("launch", self, ">= 0", "gpus_per_node", "restarts", "restart_backoff_s")
+        super().__post_init__()
         _check("launch.train_nodes", 1 <= self.train_nodes < max(self.nodes, 2),
                f">= 1 and < launch.nodes={self.nodes} (the other nodes run the rollout servers)"
                if self.nodes > 1
                else "1 on one node (launch.nodes=1)", self.train_nodes)
-        for key in ("num_rollout_servers", "trainer_ranks"):
-            n = getattr(self, key)
-            _check(f"launch.{key}", n is None or n >= 1, ">= 1 or null (from the cores)", n)
         _check("launch.restart_backoff_max_s", self.restart_backoff_max_s >= self.restart_backoff_s,
                f">= launch.restart_backoff_s={self.restart_backoff_s}", self.restart_backoff_max_s)
 
@@ -664,11 +646,12 @@ class LaunchConfig:
 
 
 @dataclass(kw_only=True)
-class RunConfig:
+class RunConfig(Section):
     experiment_name: str = "default"  # names the run directory (experiment=X presets set it)
     # the job's files: logs, WAL, checkpoints, exports, metrics (launch/OPERATIONS.md); a new
     # timestamped one per run unless given (resume: pass the same run_dir)
-    run_dir: str = "runs/${experiment_name}"
+    run_dir: Annotated[str, Bound("a directory (run_dir=. for the current one)",
+                                  DIRECTORY.test)] = "runs/${experiment_name}"
     seed: int = 0  # the trainer's torch seed (sampling seeds come from task.seed)
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -680,17 +663,14 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     # any of TRACKERS, e.g. [jsonl,tensorboard]
-    tracker: list[str] = field(default_factory=lambda: ["jsonl"])
+    tracker: Annotated[list[str], Bound("any of " + ", ".join(map(repr, TRACKERS)), lambda v: set(
+        v) <= set(TRACKERS))] = field(default_factory=lambda: ["jsonl"])
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     security: SecurityConfig = field(default_factory=SecurityConfig)
 
     def __post_init__(self):
+        super().__post_init__()
         self.run_dir = os.path.expanduser(self.run_dir)  # not a directory named "~" in the cwd
-        _check("run_dir", self.run_dir.strip() != "", "a directory (run_dir=. for the current "
-               "one)", self.run_dir)
-        finite_numbers(self)
-        for name in self.tracker:
-            _choice("tracker", name, TRACKERS)
         # engines that lag by design must still be admitted, and their groups consumed
         # (buffer/STALENESS.md)
         lag = self.trainer.weight_sync.engine_lag
@@ -705,9 +685,10 @@ class RunConfig:
         self._check_group_size()
 
     def _check_vllm_engine(self) -> None:
-        """What a vLLM engine offers (trainer/WEIGHT_SYNC.md, "vLLM"): the group path, paused in
-        abort mode."""
-        _check("trainer.weight_sync.path", self.trainer.weight_sync.path in ("auto", "distributed"),
+        """What a vLLM engine offers (trainer/WEIGHT_SYNC.md, "vLLM"): the group path (an adapter:
+        ``_check_lora_engine``), paused in abort mode."""
+        _check("trainer.weight_sync.path", self.trainer.lora.enabled
+               or self.trainer.weight_sync.path in ("auto", "distributed"),
                "auto or distributed with rollout.engine.kind=vllm (vLLM's weight-transfer API)",
                self.trainer.weight_sync.path)
         _check("rollout.pause_mode", self.rollout.pause_mode == "abort", "abort with "
@@ -725,15 +706,26 @@ class RunConfig:
 
     def _check_lora_engine(self) -> None:
         """What serves LoRA (trainer/WEIGHT_SYNC.md): an embedded engine over the group path, an
-        SGLang this job starts over the disk path (a PEFT directory on the trainer's node)."""
+        SGLang or a vLLM this job starts over the disk path (a PEFT directory on the trainer's
+        node)."""
         engine, path = self.rollout.engine, self.trainer.weight_sync.path
-        _check("rollout.engine.kind", engine.kind in LORA_PATHS, "embedded or sglang with "
+        rank = self.trainer.lora.rank
+        _check("rollout.engine.kind", engine.kind in LORA_PATHS, "embedded, sglang or vllm with "
                "trainer.lora.rank > 0 (an attached engine is not started with LoRA enabled)",
                engine.kind)
         _check("trainer.weight_sync.path", path in ("auto", LORA_PATHS[engine.kind]),
                f"auto or {LORA_PATHS[engine.kind]} with trainer.lora.rank > 0 and "
                f"rollout.engine.kind={engine.kind}", path)
         launcher_sets(engine.sglang, LORA_FLAGS, " with trainer.lora.rank > 0")
+        if engine.kind == "vllm":
+            _check("trainer.lora.rank", rank <= VLLM_LORA_RANKS[-1], f"<= {VLLM_LORA_RANKS[-1]} "
+                   "with rollout.engine.kind=vllm (vLLM's largest --max-lora-rank)", rank)
+            launcher_sets(engine.vllm, VLLM_LORA_FLAGS, " with trainer.lora.rank > 0", "vllm")
+            other = sorted(set(self.trainer.lora.target_modules) - set(LORA_DEFAULT_TARGETS))
+            _check("trainer.lora.target_modules", not other, "the decoder's linear layers only "
+                   f"({', '.join(LORA_DEFAULT_TARGETS)}) with rollout.engine.kind=vllm: vLLM "
+                   f"0.32 refuses an adapter of {', '.join(other)} ('expected target modules "
+                   "in' those)", self.trainer.lora.target_modules)
 
     @property
     def adapter_path(self) -> str | None:

@@ -364,24 +364,26 @@ def _run_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
 def test_a_trainer_that_refuses_to_start_fails_run_with_exit_2_and_its_line(tmp_path):
     """The trainer refuses at start (its metrics port is taken: exit 2, one ERROR line): `run`
     exited 1 and showed the log's last lines; now it exits 2 with the trainer's line as an
-    ``error:`` line (a refusal, as run's own refusals). Run again in that run_dir (a resume, with
-    a new trainer.steps), refused the same way: its settings.yaml, time too, and config.yaml are
-    as they were (``status`` and ``top`` took the refused run for the one started last)."""
+    ``error:`` line (a refusal, as run's own refusals), and the run_dir is left as it was: a first
+    start leaves no settings.yaml, config.yaml or job.json. After a run that trained, a resume
+    (with a new trainer.steps) refused the same way leaves those three as they were (``status`` and
+    ``top`` read job.json: the refused run is not taken for the one started last)."""
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     port, run_dir = taken.getsockname()[1], tmp_path / "run"
     args = (f"run_dir={run_dir}", "experiment=quickstart", "warm_start.steps=0",
-            "eval.at_end=false", f"trainer.metrics_port={port}")
+            "eval.at_end=false")
+    files = [run_dir / "settings.yaml", run_dir / "config.yaml", run_dir / "job.json"]
     with taken:
-        r = _run_cli(tmp_path, *args, "trainer.steps=2")
-        files = [run_dir / "settings.yaml", run_dir / "config.yaml"]
-        for f in files:
-            os.utime(f, ns=(10**18, 10**18))  # 2001: a run started long ago
-        before = [(f.read_bytes(), f.stat().st_mtime_ns) for f in files]
-        again = _run_cli(tmp_path, *args, "trainer.steps=3")
+        r = _run_cli(tmp_path, *args, f"trainer.metrics_port={port}", "trainer.steps=2")
+        assert not any(f.exists() for f in files), [f.name for f in files if f.exists()]
+        trained = _run_cli(tmp_path, *args, "trainer.steps=2")
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        before = [f.read_bytes() for f in files]
+        again = _run_cli(tmp_path, *args, f"trainer.metrics_port={port}", "trainer.steps=3")
     assert again.returncode == 2 and "error: trainer.metrics_port=" in again.stderr, again.stderr
-    assert [(f.read_bytes(), f.stat().st_mtime_ns) for f in files] == before
+    assert [f.read_bytes() for f in files] == before
     assert r.returncode == 2, r.stderr
     assert json.loads(r.stdout)["ok"] is False
     assert "[supervisor] failed: trainer refused to start (exit 2)" in r.stderr, r.stderr

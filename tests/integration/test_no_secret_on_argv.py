@@ -10,6 +10,7 @@ no process they started has on its argv the job's engine API key or a CURVE secr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import urllib.request
@@ -72,16 +73,13 @@ def test_no_secret_is_on_the_argv_of_any_process_a_job_starts(tmp_path, spawn_py
     for server_id, port in ports.items():
         wait_until(lambda port=port: _healthy(port), STARTUP_S, 0.5, f"{server_id}'s /health")
 
-    me = psutil.Process()
-    procs = me.children(recursive=True)
-    names = {" ".join(p.cmdline()[1:4]) for p in procs}
+    argvs = {}
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # a short-lived child gone meanwhile
+            argvs[p.pid] = p.cmdline()
+    names = {" ".join(argv[1:4]) for argv in argvs.values()}
     assert any("sglang.launch_server" in n for n in names), names  # the stand-in, as launched
     assert buffer.poll() is None
-    leaks = []
-    for p in procs:
-        try:
-            argv = "\0".join(p.cmdline())
-        except psutil.Error:
-            continue  # gone meanwhile
-        leaks += [(p.pid, p.cmdline()[:4]) for s in secrets if s in argv]
+    leaks = [(pid, argv[:4]) for pid, argv in argvs.items() for s in secrets
+             if s in "\0".join(argv)]
     assert not leaks, f"a secret is on the command line of {leaks}"

@@ -2,12 +2,14 @@
 (``ray.cluster_utils.Cluster``: a head and two worker raylets, each with its own CPUs and a resource
 ``n<k>`` of its own; node failure seen after ~3 s).
 
-One job (quickstart-sized: buffer + trainer on layout node 0, one rollout server on each of nodes
-1 and 2, CPU, embedded engines) trains steps; ``status``, ``top`` and ports.json see every daemon
-at its Ray node; the raylet of a node running only a rollout server is killed by PID with every
-process under it: Ray places that server's bundle again on a live node, the supervisor starts it
-there, the trainer goes on, and the buffer's books balance (every acknowledged group consumed,
-dropped or stored: none lost); ``areal-like stop`` stops the job as Ctrl-C does.
+One job (the quickstart from its cached warm start: buffer + trainer on layout node 0, one rollout
+server on each of nodes 1 and 2, CPU, embedded engines) trains steps; ``status``, ``top`` and
+ports.json see every daemon at its Ray node; ``areal-like scale`` grows the rollout pool to three
+servers (the third in an actor of its own) and back to two, every acknowledged group accounted
+for; the raylet of a node running only a rollout server is killed by PID with every process
+under it: Ray places that server's bundle again on a live node, the supervisor starts it there,
+the trainer goes on, and the buffer's books balance (every acknowledged group consumed, dropped or
+stored: none lost); ``areal-like stop`` stops the job as Ctrl-C does; the reward rose by >= 0.3.
 
 Bad input, each one ``error:`` line and exit 2 before any daemon starts: Ray not importable, no
 cluster at the address, a layout with more GPUs or CPUs than the cluster has, a run directory a
@@ -34,8 +36,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from system_harness import warm_model
 
 from areal_like.net.distributed import free_port
+from launch.local import LOG_START
 from launch.records import step_records
 from tests.conftest import child_env, wait_until
 
@@ -46,6 +50,10 @@ JOB = ["launch.cluster=ray", "launch.nodes=3", "launch.train_nodes=1", "launch.t
        "launch.num_rollout_servers=1", "warm_start.steps=0", "task.group_size=4",
        "buffer.groups_per_step=4", "buffer.lease_timeout_s=15", "buffer.heartbeat_timeout_s=8",
        "eval.every=0", "eval.at_end=false", "launch.restart_backoff_s=0.5"]
+# the quickstart (its recipe and batch) from the warm start the other system tests share
+LEARN = [*(a for a in JOB if not a.startswith(("task.group_size", "buffer.groups_per_step"))),
+         "experiment=quickstart", "trainer.steps=100000", "trainer.checkpoint_every=100000"]
+WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart"  # shared with test_e2e.py
 # Ray marks a node dead after this many missed 1 s health checks (default 5 x 3 s)
 SYSTEM = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
@@ -77,6 +85,9 @@ def cluster() -> Iterator:
     finally:
         c.shutdown()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+SCALE_TIMEOUT_S = 360  # CI's loaded machine took more than 120 s to add a server (2026-11-27)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None,
@@ -317,14 +328,69 @@ def _steps(run_dir: Path) -> int:
     return len(step_records(run_dir))
 
 
-@pytest.mark.timeout(600)
-def test_a_ray_job_trains_survives_a_lost_node_and_stops(cluster, tmp_path):
+def _roster(run_dir: Path) -> set[str]:
+    from areal_like.net import security
+    from areal_like.net.dealer import Client
+    from areal_like.wire import protocol as P
+
+    ports = json.loads((run_dir / "ports.json").read_text())
+    client = Client(ports["buffer_address"], keys=security.load(run_dir / "keys", "trainer"),
+                    timeout_s=10)
+    try:
+        return {m.server_id for m in client.request(P.RosterRequest()).members}
+    finally:
+        client.close()
+
+
+def _url(run_dir: Path, name: str) -> str:
+    ports = json.loads((run_dir / "ports.json").read_text())
+    return next(d["metrics_url"] for d in ports["daemons"] if d["name"] == name)
+
+
+def _scale_rollout_up_and_down(run_dir: Path) -> None:
+    """rollout=3: a third server, in an actor of its own outside the placement group, joins and
+    the buffer acknowledges its groups; rollout=2: it leaves (off the roster, its actor's
+    processes gone) and every group the buffer acknowledged is consumed, stored, in transit or
+    dropped by rule."""
+    from areal_like.net.metrics import scrape
+
+    # a new actor's process imports torch and starts its engine: minutes on a loaded machine
+    up = _cli("scale", str(run_dir), "rollout=3", timeout=SCALE_TIMEOUT_S)
+    assert up.returncode == 0 and "rollout: 2 -> 3" in up.stdout, up.stdout + up.stderr
+    third = _placed(run_dir, "rollout-2")
+    ports = json.loads((run_dir / "ports.json").read_text())
+    assert ports["pools"] == {"rollout": 3, "trainer": 1}, ports
+    assert f"http://{third['host']}:" in _url(run_dir, "rollout-2")
+    status = _cli("status", str(run_dir))
+    assert any(ln.split()[:2] == ["rollout-2", "up"] for ln in status.stdout.splitlines()), \
+        status.stdout
+    wait_until(lambda: scrape(_url(run_dir, "rollout-2")).get(
+        "areal_rollout_groups_acked_total", 0) > 0 and "rollout-2" in _roster(run_dir), 120, 0.5,
+        "groups from rollout-2 acknowledged")
+
+    down = _cli("scale", str(run_dir), "rollout=2", timeout=SCALE_TIMEOUT_S)
+    assert down.returncode == 0 and "rollout: 3 -> 2" in down.stdout, down.stdout + down.stderr
+    assert _roster(run_dir) == {"rollout-0", "rollout-1"}
+    assert "left the buffer's roster" in (run_dir / "logs" / "rollout-2.log").read_text()
+    wait_until(lambda: not psutil.pid_exists(third["pid"])
+               or psutil.Process(third["pid"]).status() == psutil.STATUS_ZOMBIE, 30, 0.2,
+               "rollout-2's guard gone with its actor")
+    assert not (run_dir / "ray" / "rollout-2.json").exists()
+    assert _balance(_books(run_dir))
+
+
+@pytest.mark.timeout(900)
+def test_a_ray_job_learns_scales_survives_a_lost_node_and_stops(cluster, tmp_path):
+    """The quickstart from its warm start on three Ray nodes: status, top and the Prometheus
+    targets see every daemon; the rollout pool grows and shrinks (``_scale_rollout_up_and_down``);
+    a worker node is lost; ``stop`` stops it as Ctrl-C does; the reward rose by >= 0.3."""
     run_dir = tmp_path / "run"
     env = child_env({"RAY_ADDRESS": cluster.address})
-    job = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", "-q", *JOB,
-                            f"run_dir={run_dir}", "trainer.steps=10000"], cwd=REPO, env=env,
-                           stdout=subprocess.PIPE, stderr=open(tmp_path / "job.err", "w"),
-                           text=True, start_new_session=True)
+    job = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", "-q", *LEARN,
+                            f"model.path={warm_model(WARM_CACHE)}", f"run_dir={run_dir}"],
+                           cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=open(tmp_path / "job.err", "w"), text=True,
+                           start_new_session=True)
     try:
         wait_until(lambda: _steps(run_dir) >= 2 or job.poll() is not None, 300, 1.0,
                    "two trained steps")
@@ -338,7 +404,10 @@ def test_a_ray_job_trains_survives_a_lost_node_and_stops(cluster, tmp_path):
         assert sorted(t["labels"]["daemon"] for t in targets) == sorted(names), targets
         top = _cli("top", str(run_dir), "--once", "--interval", "0.5")
         assert top.returncode == 0 and "rollout-1" in top.stdout, top.stdout + top.stderr
-        placed = {n: _placed(run_dir, n) for n in ("buffer", "rollout-0", "rollout-1", "trainer")}
+
+        _scale_rollout_up_and_down(run_dir)
+
+        placed = {n: _placed(run_dir, n) for n in names}
         # three bundles on three nodes: the two servers' nodes run nothing else
         assert len({p["node_id"] for p in placed.values()}) == 3, placed
 
@@ -357,6 +426,8 @@ def test_a_ray_job_trains_survives_a_lost_node_and_stops(cluster, tmp_path):
         wait_until(lambda: log.read_text().count("rollout: started") >= 2, 180, 1.0,
                    f"{victim} started on its new node")
         assert "its actor or node is lost" in log.read_text(), log.read_text()[-3000:]
+        # one restart: the restarted actor waits until Ray placed the bundle anew (launch/RAY.md)
+        assert log.read_text().count(LOG_START) == 2, log.read_text()[-3000:]
         wait_until(lambda: _steps(run_dir) >= at_kill + 3, 240, 1.0, "steps after the loss")
         status = _cli("status", str(run_dir))
         assert status.returncode == 0, status.stdout + status.stderr
@@ -375,6 +446,7 @@ def test_a_ray_job_trains_survives_a_lost_node_and_stops(cluster, tmp_path):
         summary = json.loads(out.strip().splitlines()[-1])
         assert job.returncode == 128 + signal.SIGTERM, job.returncode
         assert summary["end"] == "stopped" and summary["steps"] >= at_kill + 3, summary
+        assert summary["reward_last"] - summary["reward_first"] >= 0.3, summary
         assert not [p for p in daemons if psutil.pid_exists(p)
                     and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         # nothing of the job is left: proxies, guards, daemons, torchrun's rank (own session)

@@ -11,7 +11,7 @@ checkpoints; then, on the same run_dir:
   ``areal-like export``/``eval`` of the old checkpoints read the wrong settings);
 * an accepted change that the trainer refuses at start for a reason the launcher cannot see (its
   newest checkpoint cut short): the job fails with exit 2 and the trainer's line, and
-  ``config.yaml`` and ``settings.yaml`` (its time too) are as they were;
+  ``config.yaml`` and ``settings.yaml`` are as they were;
 * the learning rate with ``--accept-changes``: the run resumes, says which setting changed, trains
   to the new end, and the run's config and ``settings.yaml`` now hold the new learning rate.
 """

@@ -12,6 +12,10 @@ rollout server's real launcher. Everything else is
 Slurm's: the batch script's copy, `scontrol show hostnames`, `srun` steps with their signals,
 `scancel`.
 
+Two nodes too (``two_nodes``): ``n0`` and ``n1`` are hosts of their own, each ``slurmd`` in a
+network namespace (test_hosts_netns.py's bridge), a UTS namespace with its hostname and a mount
+namespace whose /etc/hosts names both; the script runs across them (launch/MULTINODE.md).
+
 Needs root and the binaries (`apt-get install slurm-wlm munge`, as `.ci/run` does): skipped without
 them, except in CI (CI=true), where that is a failure. Every daemon is stopped by its PID at the
 end.
@@ -19,6 +23,7 @@ end.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -27,12 +32,13 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
+from test_hosts_netns import hosts  # noqa: F401  (the fixture: hosts on a bridge)
 
 from areal_like.net.distributed import free_port
 from launch.records import step_records, trainer_done
@@ -66,10 +72,12 @@ def _need_slurm() -> None:
 class Cluster:
     root: Path
     env: dict[str, str]
+    # what the commands run under: on namespaced hosts, host 0's network (where slurmctld listens)
+    within: tuple[str, ...] = ()
 
     def cmd(self, *args: str) -> str:
-        return subprocess.run(args, env=self.env, check=True, capture_output=True, text=True,
-                              timeout=30).stdout
+        return subprocess.run([*self.within, *args], env=self.env, check=True,
+                              capture_output=True, text=True, timeout=30).stdout
 
     def job(self, job_id: str) -> dict[str, str]:
         """``scontrol show job``'s fields of ``job_id``."""
@@ -86,11 +94,15 @@ class Cluster:
         return f"Slurm's logs in {self.root / 'log'}"
 
 
-def _conf(root: Path, host: str, ports: tuple[int, int]) -> str:
+def _conf(root: Path, ctld: str, nodes: list[tuple[str, str]], ports: tuple[int, int]) -> str:
+    """slurm.conf: slurmctld at ``ctld`` (``name(address)``), a node per (name, address), each
+    with its own spool directory, PID file and log (``%n``: the node's name)."""
     mem_mb = psutil.virtual_memory().total // 2**20 - 1024  # slurmd drains a node that has less
+    lines = "".join(f"NodeName={name} NodeAddr={addr} CPUs={CPUS} RealMemory={mem_mb} "
+                    "State=UNKNOWN\n" for name, addr in nodes)
     return f"""\
 ClusterName=arealci
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={ctld}
 SlurmctldPort={ports[0]}
 SlurmdPort={ports[1]}
 SlurmUser=root
@@ -99,11 +111,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge.sock
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -115,8 +127,7 @@ SelectTypeParameters=CR_Core
 ReturnToService=2
 KillWait=30
 SlurmdParameters=config_overrides
-NodeName={host} NodeAddr=127.0.0.1 CPUs={CPUS} RealMemory={mem_mb} State=UNKNOWN
-PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+{lines}PartitionName=ci Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -134,16 +145,19 @@ def _stop_daemon(pid_file: Path) -> None:
         proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="module")
-def slurm() -> Iterator[Cluster]:
+@contextlib.contextmanager
+def _cluster(ctld: str, nodes: list[tuple[str, str]],
+             wrap: Callable[[str | None], list[str]] = lambda _node: [],
+             within: tuple[str, ...] = ()) -> Iterator[Cluster]:
+    """munged, slurmctld and a slurmd per node, each started under ``wrap(node)`` (slurmctld's:
+    ``wrap(None)``), until every node is idle; everything stopped by its PID file at the end."""
     _need_slurm()
     root = Path(tempfile.mkdtemp(prefix="al-slurm-"))  # short: the munge socket's path
-    for sub in ("state", "spool", "log"):
+    for sub in ("state", "log", *(f"spool-{name}" for name, _ in nodes)):
         (root / sub).mkdir()
-    host = socket.gethostname().split(".")[0]
     (root / "munge.key").write_bytes(os.urandom(1024))
     (root / "munge.key").chmod(0o400)
-    (root / "slurm.conf").write_text(_conf(root, host, (free_port(), free_port())))
+    (root / "slurm.conf").write_text(_conf(root, ctld, nodes, (free_port(), free_port())))
     env = child_env({"SLURM_CONF": str(root / "slurm.conf")})
     started = []
     try:
@@ -153,17 +167,26 @@ def slurm() -> Iterator[Cluster]:
                         f"--log-file={root}/log/munged.log", f"--seed-file={root}/munged.seed"],
                        check=True, timeout=30)
         started.append(root / "munged.pid")
-        for daemon, args in (("slurmctld", ["-i"]), ("slurmd", [])):
-            subprocess.run([daemon, *args], env=env, check=True, timeout=30)
-            started.append(root / f"{daemon}.pid")
-        cluster = Cluster(root, env)
-        wait_until(lambda: cluster.cmd("sinfo", "-h", "-o", "%t").strip() == "idle", 60, 0.5,
-                   f"the node to be idle ({cluster.logs()})")
+        for node, daemon, args in [(None, "slurmctld", ["-i"]),
+                                   *((name, "slurmd", []) for name, _ in nodes)]:
+            subprocess.run([*wrap(node), daemon, *args], env=env, check=True, timeout=30)
+            started.append(root / (f"slurmd-{node}.pid" if node else "slurmctld.pid"))
+        cluster = Cluster(root, env, within)
+        wait_until(lambda: set(cluster.cmd("sinfo", "-h", "-N", "-o", "%t").split()) == {"idle"},
+                   60, 0.5, f"every node to be idle ({cluster.logs()})")
         yield cluster
     finally:
         for pid_file in reversed(started):
             _stop_daemon(pid_file)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def slurm() -> Iterator[Cluster]:
+    """One node, named after this host."""
+    host = socket.gethostname().split(".")[0]
+    with _cluster(f"{host}(127.0.0.1)", [(host, "127.0.0.1")]) as cluster:
+        yield cluster
 
 
 def _model(path: Path) -> None:
@@ -175,8 +198,10 @@ def _model(path: Path) -> None:
     char_tokenizer().save_pretrained(path)  # a model directory carries its tokenizer
 
 
-def _submit(slurm: Cluster, tmp_path: Path, steps: int, restarts: int) -> tuple[str, Path]:
-    """sbatch the script for a quickstart-sized CPU job of ``steps`` steps: (job id, run dir)."""
+def _submit(slurm: Cluster, tmp_path: Path, steps: int, restarts: int, nodes: int = 1,
+            **knobs: str) -> tuple[str, Path]:
+    """sbatch the script for a quickstart-sized CPU job of ``steps`` steps on ``nodes`` nodes,
+    ``knobs`` the script's environment knobs over the one-node test's: (job id, run dir)."""
     _model(tmp_path / "model")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin/lscpu").write_text(LSCPU)
@@ -190,10 +215,11 @@ def _submit(slurm: Cluster, tmp_path: Path, steps: int, restarts: int) -> tuple[
            "RESTARTS": str(restarts), "RESTART_BACKOFF_S": "1",
            "VENV": sys.prefix,  # the script's `python` is this test's interpreter
            "AREAL_LIKE_STANDIN_CONFIG": str(run_dir / "config.yaml"),
-           "AREAL_LIKE_STANDIN_PIDS": str(tmp_path / "engine.pids")}
+           "AREAL_LIKE_STANDIN_PIDS": str(tmp_path / "engine.pids"), **knobs}
     env.pop("AREAL_LIKE_ENGINE_API_KEY", None)
     out = subprocess.run(
-        ["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={tmp_path}/job.out",
+        [*slurm.within, "sbatch", "--parsable", f"--nodes={nodes}", "--gpus-per-node=0",
+         f"--output={tmp_path}/job.out",
          "launch/slurm/areal_like.sbatch", f"model.path={tmp_path / 'model'}",
          "trainer.device=cpu", "rollout.engine.device=cpu", "model.dtype=float32",
          "warm_start.steps=0", f"trainer.steps={steps}"],
@@ -302,3 +328,59 @@ def _restart_and_cancel(slurm: Cluster, job_id: str, run_dir: Path, tmp_path: Pa
     slurm.cmd("scancel", job_id)
     slurm.wait_ended(job_id, 120)
     wait_until(lambda: _gone(family), 60, 0.5, "every daemon of the job to exit")
+
+
+# ---- two nodes: hosts of their own (network and UTS namespaces, test_hosts_netns.py's bridge)
+
+
+@pytest.fixture
+def two_nodes(request, tmp_path_factory) -> Iterator[tuple[Cluster, str]]:
+    """Slurm nodes ``n0`` and ``n1``, each a host of its own: its own network (host 0 holds the
+    bridge, whose name is returned), its own hostname (what slurmd knows itself by) and an
+    /etc/hosts naming both (the script's srun steps and ports.json name the nodes). slurmctld runs
+    on host 0 as ``ctl``; the test's commands run in host 0's network."""
+    names, addrs = request.getfixturevalue("hosts")
+    etc_hosts = tmp_path_factory.mktemp("hosts") / "hosts"
+    etc_hosts.write_text(f"127.0.0.1 localhost\n{addrs[0]} n0 ctl\n{addrs[1]} n1\n")
+
+    def wrap(node: str | None) -> list[str]:  # nsenter: /sys stays the host's (cgroups, for slurmd)
+        return ["nsenter", f"--net=/run/netns/{names[node == 'n1']}", "unshare", "--uts",
+                "--mount", "sh", "-c", f'mount --bind {etc_hosts} /etc/hosts && '
+                f'hostname {node or "ctl"} && exec "$0" "$@"']
+
+    with _cluster(f"ctl({addrs[0]})", [("n0", addrs[0]), ("n1", addrs[1])], wrap,
+                  within=("nsenter", f"--net=/run/netns/{names[0]}")) as cluster:
+        yield cluster, f"{names[0].rsplit('-', 1)[0]}-br"
+
+
+@pytest.mark.timeout(720)
+def test_sbatch_runs_a_job_across_two_nodes_of_their_own(two_nodes, tmp_path):
+    """The script on two hosts: the buffer and the trainer on n0, the rollout server and its
+    engine on n1; groups cross the bridge to the buffer, weights to the engine (the trainer's
+    log-prob guard passed it), three steps trained, the final evaluation done, nothing left."""
+    slurm, bridge = two_nodes
+    job_id, run_dir = _submit(slurm, tmp_path, steps=3, restarts=0, nodes=2, GPUS_PER_NODE="1",
+                              HEAD_IFACE=bridge)
+    try:
+        job = slurm.wait_ended(job_id)
+    finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            slurm.cmd("scancel", job_id)
+    logs = _logs(tmp_path, run_dir)
+    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), logs
+    assert job["NodeList"] == "n[0-1]", job
+    where = {row.split("\t")[0]: row.split("\t")[2]
+             for row in (run_dir / "steps.tsv").read_text().splitlines()}
+    assert {name: "--nodelist=n1" in cmd for name, cmd in where.items()} == {
+        "buffer": False, "rollout-0": True, "trainer": False}, where
+    urls = {d["name"]: d["metrics_url"]
+            for d in json.loads((run_dir / "ports.json").read_text())["daemons"]}
+    assert urls["rollout-0"].startswith("http://n1:"), urls
+    guard = [json.loads(line)
+             for line in (run_dir / "metrics/trainer.jsonl").read_text().splitlines()
+             if '"logprob_guard"' in line]
+    assert [g["passed"] for g in guard] == [["rollout-0"]], guard
+    done = trainer_done(run_dir)
+    assert done is not None and done["policy_version"] == 3, done
+    assert _gone(_engine_pids(tmp_path))
+    wait_until(lambda: not _job_processes(run_dir), 60, 0.5, "every process of the job to exit")

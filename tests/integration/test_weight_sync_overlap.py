@@ -1,4 +1,5 @@
-"""Overlapped weight sync (``push(wait=False)``, trainer/WEIGHT_SYNC.md "Overlap") on CPU (gloo).
+"""Overlapped weight sync (``push(wait=False)``, trainer/WEIGHT_SYNC.md "Overlap") on CPU, by the
+group (gloo) and by the ``tensor`` path (shared-memory buffers packed at ``stage``).
 
 Real processes and sockets: the buffer daemon, one embedded engine, a world-size-1 trainer
 (``tests/weight_pusher.py``, the real ``WeightBroadcaster``) and a rollout-server stand-in in this
@@ -27,9 +28,10 @@ REPORT_WAIT_S = 120.0  # an upper bound for a loaded 2-core machine, not a timin
 STARTUP_S = 180.0
 
 
-@pytest.mark.parametrize("drive", [False, True], ids=["relay", "drive"])
+@pytest.mark.parametrize("drive,path", [(False, "distributed"), (True, "distributed"),
+                                        (True, "tensor")], ids=["relay", "drive", "drive-tensor"])
 def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_late(
-        drive, tmp_path, spawn_python, free_port, wait_until):
+        drive, path, tmp_path, spawn_python, free_port, wait_until):
     from test_trainer_weight_sync import _read_json
 
     cfg, cfg_path = write_config(tmp_path, free_port, ["trainer.weight_sync.deadline_s=60"])
@@ -37,9 +39,10 @@ def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_lat
     a = Driver("rollout-a", urls["rollout-a"], cfg.buffer.address)
     a.start()
     pusher = start_pusher(spawn_python, cfg_path, tmp_path, [
-        {"version": 1, "members": 1, "overlap": True},
-        {"version": 2, "members": 1, "overlap": True, "after": "checked1"},
-        {"version": 3, "members": 1, "overlap": True, "after": "checked2"}], drive=drive)
+        {"version": 1, "members": 1, "overlap": True, "path": path},
+        {"version": 2, "members": 1, "overlap": True, "after": "checked1", "path": path},
+        {"version": 3, "members": 1, "overlap": True, "after": "checked2", "path": path}],
+        drive=drive)
 
     def report(name: str):
         assert pusher.poll() in (None, 0), (
@@ -56,7 +59,8 @@ def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_lat
             if v > 1:  # the previous version's report, complete
                 assert rep["version"] == v - 1 and rep["overlapped"], rep
                 assert rep["done"] == ["rollout-a"] and not rep["dropped"] and not rep["error"], rep
-                assert rep["reform"] == (v - 1 == 1), rep  # formed once, then kept warm
+                # a group is formed once, then kept warm; the tensor path has none
+                assert rep["reform"] == (v - 1 == 1 and path == "distributed"), rep
             got = wait_until(lambda v=v: engine_at(tmp_path, "rollout-a", v), REPORT_WAIT_S, 0.1,
                              f"engine at v{v}")
             # the weights at push time, not the ones moved by +1000 after it

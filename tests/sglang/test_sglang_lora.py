@@ -20,18 +20,13 @@ from sglang_kit import PROMPTS, TOL, Server, cpu_engine, engine_logprobs, model_
 from test_sglang_weights import _until_decoding
 
 from areal_like.net.sglang_client import SGLangClient
-from areal_like.settings.config import LoraConfig, WeightSyncConfig
-from areal_like.weights.engine_sync import apply_adapter_sync
-from areal_like.weights.hf import build_model
-from areal_like.weights.lora import add_adapters, served_name
-from areal_like.wire.protocol import WeightSyncPlan
+from areal_like.settings.config import LoraConfig
+from areal_like.weights.lora import served_name
 from rollout_server.engine_reaper import shm_files
 from rollout_server.episode import generate_sample
 from rollout_server.launch_sglang import SGLangProcess
+from tests.engine_kit import lora_model, scored, sync_adapter
 from trainer.logprob_guard import PROBE_TEXT, compare_logprobs, probe_engine, trainer_logprobs
-from trainer.weight_buckets import PushTensors
-from trainer.weight_local import DiskSender
-from trainer.weight_sync import SyncReport, push_buckets
 
 LORA = LoraConfig(rank=8, alpha=16.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                        "gate_proj", "up_proj", "down_proj"])
@@ -51,59 +46,15 @@ def lora_server(model_dir, tmp_path_factory):
         server.proc.stop()
 
 
-def _lora_model(seed: int | None) -> torch.nn.Module:
-    """The session's base (init seed 0) with LORA's adapters: B from ``seed`` (None: PEFT's
-    zero B, the base itself), as a trained adapter would be."""
-    model = add_adapters(build_model(model_config(init_seed=0)), LORA)
-    if seed is not None:
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if ".lora_B." in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.eval()
-
-
 def _client(server) -> SGLangClient:
     return SGLangClient(server.url, api_key=server.api_key, timeout_s=120)
-
-
-async def sync_adapter(client, model, version: int, pause_mode: str = "abort") -> str:
-    """What a push of ``model`` as ``version`` gives a rollout server: the trainer's disk path
-    (the adapter alone, staged and routed as ``WeightBroadcaster.push`` does), then the server's
-    side of it; the directory is gone before the engine samples (SGLang holds its own copy).
-    Returns the plan's id."""
-    params = PushTensors(model)
-    buckets = push_buckets(params, "float32", bucket_mb=0.01)  # WeightBroadcaster.push's
-    sender = DiskSender(WeightSyncConfig(path="disk"), "gloo", 0, "float32")
-    sender.stage(model, params, buckets, SyncReport(version=version))
-    try:
-        plan = WeightSyncPlan(policy_version=version, buckets=buckets, backend="gloo",
-                              plan_id=uuid.uuid4().hex[:12],
-                              deadline_s=120, **sender.route(version, [("s", 1)]))
-        assert len(buckets) == len(plan.payloads) == 1  # the whole adapter, bucket_mb or not
-        done = await apply_adapter_sync(client, plan, "s", pause_mode=pause_mode)
-    finally:
-        sender.done()
-        sender.close()
-    assert not os.path.exists(plan.payloads[0])
-    assert done.ok, done.reason
-    assert await client.weight_version() == str(version)
-    return plan.plan_id
-
-
-def scored(outs, model, temperature: float) -> float:
-    """The largest difference between the engine's log-probs and ``model``'s for its tokens."""
-    return max(abs(a - b) for prompt, out in zip(PROMPTS, outs)
-               for a, b in zip(out.logprobs, trainer_logprobs(model, prompt, out.output_ids,
-                                                              temperature, torch.device("cpu"))))
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "sampled"])
 def test_after_an_adapter_sync_sglang_samples_what_the_trainer_with_the_adapter_scores(
     lora_server, temperature
 ):
-    base, first, second = _lora_model(None), _lora_model(1), _lora_model(2)
+    base, first, second = lora_model(LORA, None), lora_model(LORA, 1), lora_model(LORA, 2)
     scale = temperature or 1.0  # greedy: SGLang reports the log-probs at temperature 1
 
     async def scenario():
@@ -126,7 +77,7 @@ def test_after_an_adapter_sync_sglang_samples_what_the_trainer_with_the_adapter_
 def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that_sampled_it(
     lora_server, pause_mode
 ):
-    models = {10: _lora_model(3), 11: _lora_model(4)}
+    models = {10: lora_model(LORA, 3), 11: lora_model(LORA, 4)}
 
     async def scenario():
         async with _client(lora_server) as client:
@@ -159,7 +110,7 @@ def test_the_logprob_guard_probes_the_adapter_the_engine_serves(lora_server):
     job."""
     from areal_like.tasks.tokenizer import load_tokenizer
 
-    base, trained = _lora_model(None), _lora_model(5)
+    base, trained = lora_model(LORA, None), lora_model(LORA, 5)
     prompt = list(load_tokenizer(model_config(lora_server.model_dir)).encode(PROBE_TEXT))
 
     def mean_off(probe, model) -> float:
@@ -186,8 +137,9 @@ def test_an_sglang_stopped_while_holding_adapters_leaves_no_shared_memory_file(l
     LAST in the module: it stops the module's server."""
     async def two_syncs() -> None:
         async with _client(lora_server) as client:
-            await sync_adapter(client, _lora_model(6), 20)
-            await sync_adapter(client, _lora_model(7), 21)  # v20's adapter retired, still loaded
+            await sync_adapter(client, lora_model(LORA, 6), 20)
+            # v20's adapter retired, still loaded
+            await sync_adapter(client, lora_model(LORA, 7), 21)
 
     asyncio.run(two_syncs())
     process = lora_server.proc

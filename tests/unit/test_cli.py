@@ -235,10 +235,11 @@ def _ports(tmp_path, daemons: list[tuple[str, int, int | None]]) -> None:
 
 
 def test_status_tells_starting_up_finished_and_down_apart(tmp_path, capsys):
-    """up: /health answers; starting: its process lives but does not answer yet; DOWN: neither;
-    finished: the job wrote summary.json after ports.json, so nobody answering is expected."""
+    """up: /health answers; starting: its process lives but does not answer yet; DOWN: neither
+    (a crashed daemon); finished: job.json says the job ended, so nobody answering is expected."""
     import os
-    import time
+
+    from launch.rundir import write_job
 
     srv = MetricsServer(Metrics(), 0, "127.0.0.1")
     # no port open yet
@@ -252,9 +253,8 @@ def test_status_tells_starting_up_finished_and_down_apart(tmp_path, capsys):
         assert status(tmp_path) == 1
         states = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()}
         assert states == {"buffer": "up", "rollout-0": "starting", "trainer": "DOWN"}, states
-        (tmp_path / "summary.json").write_text("{}")
-        later = time.time() + 1
-        os.utime(tmp_path / "summary.json", (later, later))
+        daemons = json.loads((tmp_path / "ports.json").read_text())["daemons"]
+        write_job(tmp_path, state="ended", daemons=daemons, summary={})
         assert status(tmp_path) == 1
         states = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()}
         assert states == {"job": "finished", "buffer": "up", "rollout-0": "finished",

@@ -356,17 +356,26 @@ def _float_keys(obj, prefix: str = "") -> list[str]:
     return out
 
 
-def test_every_number_must_be_finite():
+def test_every_number_must_be_finite(tmp_path):
     """inf passed every key whose rule is only a bound (``> 0``, ``>= 0``): launch.log_max_mb=inf
     stopped ``areal-like run`` with an OverflowError after the preflight (``int(inf)``), and
     task.temperature=inf reached the engines, which refuse it on every request; inf in
     trainer.weight_decay or trainer.loss.kl_coef can only make the update non-finite. No key reads
-    inf (or nan) as "no limit": each is refused at load, naming the key."""
-    keys = _float_keys(load_config([]))
+    inf (or nan) as "no limit": each is refused at load, naming the key: a daemon's load of the
+    job's config file for every key (the same rules, without Hydra composing each time), and
+    ``areal-like run``'s for the two above."""
+    cfg = load_config([])
+    keys = _float_keys(cfg)
     assert len(keys) > 25 and "launch.log_max_mb" in keys and "trainer.loss.dual_clip" in keys
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
     for key in keys:
         for value in ("inf", "-inf", "nan"):
-            assert key in error_of([f"{key}={value}"])
+            with pytest.raises(ConfigError) as info:
+                load_daemon_config(["--config-file", str(path), f"{key}={value}"])
+            assert key in str(info.value)
+    for key in ("launch.log_max_mb", "task.temperature"):
+        assert key in error_of([f"{key}=inf"])
 
 
 def test_a_task_alone_checks_its_durations_too():

@@ -321,3 +321,36 @@ def test_the_launchers_cuda_visible_devices_maps_one_node_only():
     for visible in ("8,9,10,11", "4,5"):  # another node's GPUs; fewer than a node has
         got = _plan(*several, env={"CUDA_VISIBLE_DEVICES": visible})
         assert (got.returncode, got.stdout, got.stderr) == (0, want.stdout, "")
+
+
+@pytest.mark.parametrize("layout", [
+    ("launch.gpus_per_node=8", "launch.trainer_ranks=4", "launch.num_rollout_servers=4"),
+    ("launch.gpus_per_node=2",),
+    ("launch.gpus_per_node=4", "launch.nodes=3", "launch.train_nodes=1",
+     "launch.trainer_ranks=4", "launch.num_rollout_servers=4", *CLUSTER),
+])
+def test_gpu_vllm_is_planned_and_placed_as_gpu_sglang(layout):
+    """The same layout code places both: every node's GPUs, and on one node every process's
+    CUDA_VISIBLE_DEVICES, start stage and the engine's start allowance (vLLM engines of
+    ``tp_size`` 1: the schema refuses more with kind=vllm)."""
+    vllm, sglang = (load_config([f"topology={t}", *layout]) for t in ("gpu_vllm", "gpu_sglang"))
+    assert place_nodes(vllm) == place_nodes(sglang) is not None
+    if "launch.nodes=3" in layout:
+        return
+    got = {t: {n: (s.env["CUDA_VISIBLE_DEVICES"], s.stage, s.health_timeout_s)
+               for n, s in _specs(f"topology={t}", *layout).items()}
+           for t in ("gpu_vllm", "gpu_sglang")}
+    assert got["gpu_vllm"] == got["gpu_sglang"]
+
+
+def test_gpu_vllm_launches_the_pinned_cuda_build_joining_the_trainers_nccl_group():
+    from rollout_server.launch_vllm import VLLMProcess, version_problem
+
+    cfg = load_config(["topology=gpu_vllm", "launch.gpus_per_node=2", "model.path=/m"])
+    assert (cfg.rollout.engine.kind, cfg.rollout.engine.device) == ("vllm", "cuda")
+    argv = VLLMProcess(cfg.model, cfg.rollout.engine).command("/tmp", {})[0]
+    assert argv[argv.index("--weight-transfer-config") + 1] == '{"backend": "areal_nccl"}'
+    assert argv[argv.index("--dtype") + 1] == "bfloat16"
+    # this Python has vLLM's CPU build at most: the GPU job is refused naming its pin and extra
+    assert re.search(r"kind=vllm on cuda needs vllm==0\.33\.0 .*pip install -e '\.\[gpu-vllm\]'",
+                     version_problem("cuda"))

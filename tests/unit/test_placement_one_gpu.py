@@ -60,13 +60,15 @@ def test_an_sglang_lora_job_gets_its_adapter_as_a_directory_on_any_gpu_of_the_tr
         cfg = with_weight_path(load_config([*lora, f"launch.gpus_per_node={gpus}"]))
         assert cfg.trainer.weight_sync.path == "disk", gpus
     with pytest.raises(ConfigError,
-                       match=r"^trainer\.lora\.rank > 0 with SGLang and launch\.nodes=2"):
+                       match=r"^trainer\.lora\.rank > 0 with rollout\.engine\.kind=sglang and "
+                             r"launch\.nodes=2"):
         place_nodes(load_config([*lora, "launch.gpus_per_node=2", "launch.nodes=2",
                                  "buffer.address=tcp://10.0.0.1:5555",
                                  "buffer.pub_address=tcp://10.0.0.1:5556",
                                  "trainer.weight_sync.master_addr=10.0.0.1"]))
     with pytest.raises(ConfigError,
-                       match=r"^trainer\.lora\.rank > 0 with SGLang and launch\.nodes=2"):
+                       match=r"^trainer\.lora\.rank > 0 with rollout\.engine\.kind=sglang and "
+                             r"launch\.nodes=2"):
         # CPU too
         place_nodes(load_config(["topology=cpu_sglang", "trainer.lora.rank=8", "launch.nodes=2"]))
     embedded = with_weight_path(load_config(["topology=gpu_embedded", "trainer.lora.rank=8",
@@ -123,3 +125,30 @@ def test_plan_prints_the_shared_gpu_and_the_path():
     assert "weight sync tensor (no group)" in rows["trainer"][3]
     # what job_specs starts for one rank
     assert "python -m trainer (1 rank, no torchrun)" in rows["trainer"][3]
+
+
+def test_vllm_on_one_shared_gpu_takes_the_group_over_gloo_and_leaves_the_trainer_room():
+    """vLLM takes whole weights by the group only (no tensor path), which NCCL refuses on one GPU:
+    refused naming the key, then over gloo; its memory share defaulted and bounded as SGLang's;
+    an adapter goes as a directory (path disk) on any GPU layout, never to a second node."""
+    one = ["topology=gpu_vllm", "launch.gpus_per_node=1"]
+    with pytest.raises(ConfigError, match=r"^rollout\.engine\.kind=vllm with the trainer and the "
+                                          r"engine on one GPU.*trainer\.weight_sync\.backend=gloo"):
+        place_nodes(load_config(one))
+    shared = with_weight_path(load_config([*one, "trainer.weight_sync.backend=gloo"]))
+    assert shared.trainer.weight_sync.path == "distributed"
+    assert shared.rollout.engine.vllm["gpu_memory_utilization"] == SHARED_MEM_FRACTION_DEFAULT
+    apart = with_weight_path(load_config(["topology=gpu_vllm", "launch.gpus_per_node=2"]))
+    assert apart.trainer.weight_sync.path == "distributed"
+    assert "gpu_memory_utilization" not in apart.rollout.engine.vllm  # vLLM's own choice
+    for util in ("0.9", "0", "'lots'"):
+        with pytest.raises(ConfigError, match=r"^rollout\.engine\.vllm\.gpu_memory_utilization="):
+            place_nodes(load_config([*one, "trainer.weight_sync.backend=gloo",
+                                     f"+rollout.engine.vllm.gpu_memory_utilization={util}"]))
+    for gpus in ("1", "2"):
+        lora = with_weight_path(load_config(["topology=gpu_vllm", "trainer.lora.rank=8",
+                                             f"launch.gpus_per_node={gpus}"]))
+        assert lora.trainer.weight_sync.path == "disk", gpus
+    with pytest.raises(ConfigError, match=r"^trainer\.lora\.rank > 0 with rollout\.engine\.kind="
+                                          r"vllm and launch\.nodes=2"):
+        place_nodes(load_config(["topology=cpu_vllm", "trainer.lora.rank=8", "launch.nodes=2"]))

@@ -110,3 +110,32 @@ def test_a_reward_model_whose_head_is_not_scalar_is_refused_before_start(tmp_pat
     [line] = check_reward_model(cfg)
     assert "num_labels=2" in line and "must be scalar (num_labels=1)" in line
     assert check_reward_model(load_config([])) == []
+
+
+class LetterChecker:
+    """A stand-in reward model scoring the reversal's answer by hand: 1 per answer letter that is
+    the prompt's mirrored letter (``every``), or only the last letter's (``every=False``)."""
+
+    def __init__(self, every: bool):
+        self.every = every
+
+    def __call__(self, input_ids, attention_mask):
+        # <bos> "rev:" s "=" answer, 6 letters each
+        s, answer = input_ids[:, 5:11], input_ids[:, 12:18]
+        hits = answer == s.flip(1)
+        score = hits.sum(1) if self.every else hits[:, -1]
+        return type("Out", (), {"logits": score.float()[:, None]})()
+
+
+def test_substitution_accuracy_finds_a_model_that_reads_only_the_last_letter():
+    """The demo's per-position probe: a right answer against itself with one letter replaced
+    ranks above it at every position for a model that checks every letter; one that checks only
+    the last letter ties (0 ranked above) at the five others."""
+    assert reward_model_demo.substitution_accuracy(LetterChecker(True), TOK, n=32) == [1.0] * 6
+    assert reward_model_demo.substitution_accuracy(LetterChecker(False), TOK, n=32) == \
+        [0.0] * 5 + [1.0]
+
+
+def test_the_demo_reward_model_takes_more_decoder_blocks():
+    model, _ = reward_model_demo.build("random", layers=3)
+    assert len(model.model.layers) == 3 and model.config.num_hidden_layers == 3

@@ -17,7 +17,7 @@ import pytest
 
 from areal_like.settings.config import ConfigError, load_config
 from launch.records import summarize
-from launch.rundir import check_existing_run, latest_checkpoint_step, lock_run_dir
+from launch.rundir import check_existing_run, latest_checkpoint_step, lock_run_dir, read_job
 
 
 def checkpoint(root: Path, step: int, complete: bool = True) -> None:
@@ -342,6 +342,9 @@ def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
 
     def listed() -> list[str]:
         job.write_ports(tmp_path, topo, sup)
+        # status and top see the same daemons in job.json
+        assert read_job(tmp_path)["daemons"] == json.loads(
+            (tmp_path / "ports.json").read_text())["daemons"]
         return [t["labels"]["daemon"]
                 for t in json.loads((tmp_path / "prometheus_targets.json").read_text())]
 
@@ -358,16 +361,17 @@ def test_a_start_refused_after_settings_were_written_leaves_them_as_they_were(tm
                                                                              monkeypatch):
     """A resume the launcher refuses after ``write_settings`` (a layout that does not fit, here two
     daemons on one fixed port; a warm start that fails): settings.yaml got this start's content
-    (a new trainer.steps) and time, so ``status`` and ``top`` took the refused run for the one
-    started last. Now it is as it was, its time too."""
+    (a new trainer.steps), and ``status`` and ``top`` took the refused run for the one started
+    last. Now it is as it was, and so is job.json (its ``started`` with it)."""
     from launch import job, warmstart
-    from launch.rundir import SETTINGS_FILE, write_settings
+    from launch.rundir import JOB_FILE, SETTINGS_FILE, write_job, write_settings
 
     same_port = ["buffer.metrics_port=29001", "trainer.metrics_port=29001"]
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20", *same_port]))
     path = tmp_path / SETTINGS_FILE
-    os.utime(path, ns=(10**18, 10**18))  # a run started long ago
-    before = path.read_bytes(), path.stat().st_mtime_ns
+    write_job(tmp_path, state="ended", started=10.0**9, summary={"end": "completed"})
+    before = path.read_bytes()
+    job_before = (tmp_path / JOB_FILE).read_bytes()
     locks: list[int] = []
     monkeypatch.setattr(job, "lock_run_dir", lambda d: locks.append(lock_run_dir(d)) or locks[-1])
     monkeypatch.setattr(warmstart, "ensure_warm_start", lambda *a, **k: pytest.fail("started"))
@@ -378,4 +382,5 @@ def test_a_start_refused_after_settings_were_written_leaves_them_as_they_were(tm
     finally:
         for fd in locks:
             os.close(fd)
-    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+    assert path.read_bytes() == before
+    assert (tmp_path / JOB_FILE).read_bytes() == job_before

