@@ -130,15 +130,22 @@ class TensorSender(LocalSender):
         next step changes the model (the buffers are rewritten only after this push is over)."""
         super().stage(model, params, buckets, report)
         if self.rank == 0:
-            self._views = [self._bucket_views(b, ts) for b, ts in zip(buckets, self._tensors)]
-            if self._tensors and self._tensors[0][0].device.type == "cuda":
-                # an engine that keeps the handle open waits on no IPC event when it reads the
-                # bucket again: the packing is complete before any payload leaves (one wait a push)
-                torch.cuda.synchronize(self._tensors[0][0].device)
+            self._views = self._pack(buckets, self._tensors)
             self._tensors = []  # the gathered copies: packed
 
     def payloads(self, model, version, buckets, tensors) -> list[str]:
-        return [tensor_payload(list(v.items())) for v in self._views]
+        """The staged buckets' payloads (``tensors`` given: those, packed now)."""
+        views = self._pack(buckets, tensors) if tensors else self._views
+        return [tensor_payload(list(v.items())) for v in views]
+
+    def _pack(self, buckets: list[BucketSpec], tensors: list[list[torch.Tensor]]
+              ) -> list[dict[str, torch.Tensor]]:
+        views = [self._bucket_views(b, ts) for b, ts in zip(buckets, tensors)]
+        if tensors and tensors[0][0].device.type == "cuda":
+            # an engine that keeps the handle open waits on no IPC event when it reads the bucket
+            # again: the packing is complete before any payload leaves (one wait per push)
+            torch.cuda.synchronize(tensors[0][0].device)
+        return views
 
     def _bucket_views(self, b: BucketSpec, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         tensor_layout, nbytes = layout(b.names, b.dtypes, b.shapes)

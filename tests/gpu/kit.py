@@ -317,8 +317,11 @@ def run_kit(wheelhouse: Path, site: Path, out: Path, pytest_args: list[str],
 def run_pytest(args: list[str], env: dict, budget_s: float, cwd: Path = REPO) -> tuple[int, bool]:
     """pytest's exit code, and whether it ran past ``budget_s`` (0: no budget). Past it pytest
     gets SIGINT, as from Ctrl-C, so it still writes its junit report of the tests that finished
-    (a device call killed at its own limit brings back no report at all)."""
-    proc = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=cwd, env=env)
+    (a device call killed at its own limit brings back no report at all). SIGINT is restored to
+    its default in pytest: a shell without job control starts a command it puts in the
+    background (``&``) with SIGINT ignored, and pytest would then never stop."""
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", *args], cwd=cwd, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         return proc.wait(timeout=budget_s or None), False
     except subprocess.TimeoutExpired:
