@@ -313,6 +313,7 @@ def memory_share(ec) -> object:
     flags = MEMORY_SHARE_FLAGS.get(ec.kind)
     return None if flags is None else getattr(ec, ec.kind).get(flags[1])
 
+
 def auto_path(cfg: RunConfig, shared: bool) -> str:
     """``trainer.weight_sync.path=auto``: with LoRA the engine kind's adapter path
     (``RunConfig.adapter_path``), else ``tensor`` on a shared GPU, else ``distributed``."""

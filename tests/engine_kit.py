@@ -88,10 +88,11 @@ def assert_served(outs, model, temperature: float) -> None:
         assert worst < TOL, f"engine and trainer differ by {worst:.2e} (prompt {prompt})"
 
 
-def lora_model(lora: LoraConfig, seed: int | None) -> torch.nn.Module:
-    """The tiers' base (init seed 0) with ``lora``'s adapters: B from ``seed`` (None: PEFT's
-    zero B, the base itself), as a trained adapter would be."""
-    model = add_adapters(build_model(model_config(init_seed=0)), lora)
+def lora_model(lora: LoraConfig, seed: int | None, base: ModelConfig | None = None
+               ) -> torch.nn.Module:
+    """``base`` (default: the tiers' model, init seed 0) with ``lora``'s adapters: B from ``seed``
+    (None: PEFT's zero B, the base itself), as a trained adapter would be."""
+    model = add_adapters(build_model(base or model_config(init_seed=0)), lora)
     if seed is not None:
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():

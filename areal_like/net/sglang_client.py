@@ -48,6 +48,7 @@ DEFAULT_TIMEOUT_S = 30.0
 GENERATE_TIMEOUT_S = 600.0  # a long generation on a busy CPU engine can take minutes
 MAX_ATTEMPTS = 4  # per call; with the backoff below a dead server is declared dead in about 3 s
 BACKOFF_S = 0.25  # first retry delay, doubled per attempt (0.25, 0.5, 1.0)
+KEEPALIVE_S = 2.0  # an idle connection is reused this long: well inside the servers' 5 s
 ABORT_GRACE_S = 30.0  # a generate aborted at its timeout: how long its partial answer may take
 OPEN_PATHS = frozenset({"/health"})  # called without the API key (SGLang leaves them open)
 
@@ -181,8 +182,12 @@ class SGLangClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            # no connection limit: a rollout server keeps many generate calls open at once
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            # no connection limit: a rollout server keeps many generate calls open at once.
+            # SGLang's and vLLM's servers (uvicorn) close a connection idle for 5 s; aiohttp would
+            # reuse one for 15 s, and a call sent as the server closes it is lost unanswered
+            # (ServerDisconnectedError: seen on CI for a LoRA load after a 5 s generation)
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=KEEPALIVE_S))
         return self._session
 
     async def _call(self, method: str, path: str, body: Any = None, *,

@@ -34,20 +34,9 @@ CLOSER = 5.0  # the served adapter is at least this much closer than the base (o
 
 def _model(seed: int | None):
     """The base (init seed 0) with LORA's adapters: B from ``seed`` (None: PEFT's zero B)."""
-    import torch
+    from tests.engine_kit import lora_model
 
-    from areal_like.weights.hf import build_model
-    from areal_like.weights.lora import add_adapters
-
-    model = add_adapters(build_model(ModelConfig(**{**MODEL, "dtype": "float32"}, init_seed=0)),
-                         LORA)
-    if seed is not None:
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if ".lora_B." in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return model.eval()
+    return lora_model(LORA, seed, ModelConfig(**{**MODEL, "dtype": "float32"}, init_seed=0))
 
 
 def _scored(outs, model) -> float:

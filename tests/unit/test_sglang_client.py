@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from areal_like.net.distributed import free_port
-from areal_like.net.sglang_client import GenerateOutput, SGLangClient, SGLangError
+from areal_like.net.sglang_client import KEEPALIVE_S, GenerateOutput, SGLangClient, SGLangError
 from areal_like.settings.config import ConfigError, EngineConfig, ModelConfig
 from rollout_server.episode import generate_sample, segment_versions
 from rollout_server.launch_sglang import SGLangProcess, healthy, sglang_command
@@ -29,6 +29,7 @@ class Scripted:
     def __init__(self):
         self.calls: list[tuple[str, object]] = []
         self.auth: list[tuple[str, str | None]] = []  # (path, its Authorization header)
+        self.peers: list[tuple] = []  # each request's client address: one per connection
         self.script: dict[str, list] = {}
         self.app = web.Application()
         self.app.router.add_route("*", "/{path:.*}", self.handle)
@@ -40,6 +41,7 @@ class Scripted:
         body = await request.text()
         self.calls.append((path, json.loads(body) if body else None))
         self.auth.append((path, request.headers.get("Authorization")))
+        self.peers.append(request.transport.get_extra_info("peername"))
         answers = self.script.get(path) or [(404, {"detail": "Not Found"})]
         answer = answers.pop(0) if len(answers) > 1 else answers[0]
         if callable(answer):
@@ -192,6 +194,21 @@ def test_idempotent_calls_retry_on_5xx_and_generate_retries_on_refused_connectio
             starter.cancel()
             await late_client.close()
             await late.stop()
+    run(body)
+
+
+def test_a_connection_idle_past_the_keepalive_is_not_reused():
+    """SGLang's and vLLM's servers close a connection idle for 5 s; a call sent on one as it
+    closes is lost unanswered, so the client opens a new one once KEEPALIVE_S has passed."""
+    async def body(server, client):
+        server.script["/model_info"] = [(200, {"model_path": "m"})]
+        for _ in range(2):
+            await client.model_info()
+        assert len(server.peers) == 2 and server.peers[0] == server.peers[1]  # reused when fresh
+        await asyncio.sleep(KEEPALIVE_S + 0.5)  # the idleness is the behaviour under test
+        await client.model_info()
+        assert server.peers[2] != server.peers[1]
+    assert KEEPALIVE_S < 5
     run(body)
 
 
