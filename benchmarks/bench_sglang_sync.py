@@ -128,12 +128,14 @@ async def used_tokens(client) -> int:
 
 async def one_version(client, sender, p, mode: str) -> dict:
     """Apply one version under load; the three timings of it (module docstring)."""
-    from areal_like.weights.engine_sync import apply_weight_sync
+    from areal_like.weights.engine_sync import apply_weight_sync, local_door
 
     t0 = time.perf_counter()
     sender.stdin.write(json.dumps([b.names for b in p.buckets]) + "\n")
     sender.stdin.flush()
-    done = await apply_weight_sync(client, p, "bench", door=True, pause_mode=mode)
+    door = local_door(client.base_url, client.api_key)
+    done = await apply_weight_sync(client, p, "bench", door=door,
+                                   pause_mode=mode)
     if not done.ok:
         print(
             f"[bench_sglang_sync] {mode} v{p.policy_version}: {done.reason}",
@@ -217,9 +219,11 @@ async def run_case(server, args, mode: str, bucket_mb: float, first_version: int
 
 async def _form(client, sender, p, mode: str) -> dict:
     """The warm-up version, which forms the group (abort mode: the group is its point)."""
-    from areal_like.weights.engine_sync import apply_weight_sync
+    from areal_like.weights.engine_sync import apply_weight_sync, local_door
 
-    done = await apply_weight_sync(client, p, "bench", door=True, pause_mode="abort")
+    door = local_door(client.base_url, client.api_key)
+    done = await apply_weight_sync(client, p, "bench", door=door,
+                                   pause_mode="abort")
     assert (await asyncio.to_thread(sender.stdout.readline)).strip() == "joined"
     await asyncio.to_thread(sender.stdout.readline)
     if not done.ok:

@@ -73,12 +73,13 @@ async def generated(client) -> float:
 
 async def one_version(client, sender, p) -> dict:
     """Apply one version under load; the three timings of it (module docstring)."""
-    from areal_like.weights.engine_sync import apply_weight_sync
+    from areal_like.weights.engine_sync import apply_weight_sync, local_door
 
     t0 = time.perf_counter()
     sender.stdin.write(json.dumps([b.names for b in p.buckets]) + "\n")
     sender.stdin.flush()
-    done = await apply_weight_sync(client, p, "bench", door=True,
+    door = local_door(client.base_url, client.api_key)
+    done = await apply_weight_sync(client, p, "bench", door=door,
                                    pause_mode="abort")
     if not done.ok:
         print(f"[bench_vllm_sync] v{p.policy_version}: {done.reason}", file=sys.stderr, flush=True)
@@ -100,7 +101,7 @@ async def run_versions(server, args, buckets) -> list[dict]:
     engine, through one weight group."""
     from areal_like.net.distributed import free_port
     from areal_like.net.vllm_client import VLLMClient
-    from areal_like.weights.engine_sync import apply_weight_sync
+    from areal_like.weights.engine_sync import apply_weight_sync, local_door
 
     port, group = free_port(), f"bench_vllm_{os.getpid()}"
     spec = {"model": {"hidden": args.hidden, "layers": args.layers}, "port": port, "group": group}
@@ -119,7 +120,7 @@ async def run_versions(server, args, buckets) -> list[dict]:
         sender.stdin.write(json.dumps([b.names for b in buckets]) + "\n")
         sender.stdin.flush()
         done = await apply_weight_sync(client, plan(1, buckets, port, group, reform=True),
-                                       "bench", door=True,
+                                       "bench", door=local_door(client.base_url, client.api_key),
                                        pause_mode="abort")
         assert (await asyncio.to_thread(sender.stdout.readline)).strip() == "joined"
         await asyncio.to_thread(sender.stdout.readline)

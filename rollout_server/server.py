@@ -33,7 +33,9 @@ import logging
 import os
 import secrets
 import socket
+import time
 from dataclasses import replace
+from urllib.parse import urlparse
 
 from areal_like.daemon import ComponentStopped, Daemon, StartRefused
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE
@@ -49,10 +51,14 @@ from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.engine_sync import (
+    LAUNCHED,
     answer,
     apply_adapter_sync,
     apply_weight_sync,
+    close_door,
     engine_versions,
+    local_door,
+    open_door,
     require_local_engine,
 )
 from areal_like.weights.versions import RuntimeVersions
@@ -76,6 +82,7 @@ from rollout_server.facts import RolloutFacts
 from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
+from rollout_server.sync_port import SyncPort
 
 # the main loop also wakes on events; the tick only bounds reaction to stop requests
 LOOP_TICK_S = 0.2
@@ -98,7 +105,6 @@ SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a 
 # plans remembered as handled: the buffer offers only its current plan (a new one each version),
 # so older ones never come back; all of them grew a week-long job by a tuple per version
 PLANS_KEEP = 64
-LAUNCHED = ("sglang", "vllm")  # the engine kinds a rollout server starts as a process of its own
 
 
 def launched_engine(kind: str):
@@ -146,6 +152,12 @@ class RolloutServer(Daemon):
         self.plans_handled: dict[tuple, None] = {}
         self.episode_failures = 0
         self.syncing = False  # a weight sync is being applied: no lease is asked for
+        # a driving trainer's drain holds episodes until then (``time.monotonic()``, sync_port.py)
+        self.held_until = 0.0
+        self.door = None  # where a sync we apply opens the engine's door (None: the engine's own)
+        self.sync_port: SyncPort | None = None  # made in main with the job's engine key
+        self.sync_url = ""
+        self.probes: set[asyncio.Task] = set()  # probes a driving trainer asked for (``probe``)
         # rollout.eval: runs the job's evaluations (rollout_server/evaluate.py)
         self.evaluator = None
         # told to the buffer in heartbeats: it leaves us out of weight syncs
@@ -265,6 +277,8 @@ class RolloutServer(Daemon):
         else:
             # it joins weight groups through our loopback door
             self.engine_url = require_local_engine(ecfg.url)
+        if ecfg.kind != "embedded":  # torch's own join (SGLang, vLLM): through a door we open
+            self.door = local_door(self.engine_url, self.facts.engine_key)
         return True
 
     def stop(self) -> None:
@@ -318,12 +332,14 @@ class RolloutServer(Daemon):
         self.link = BufferLink(self.control, self.data, self.server_id, self.metrics,
                                free_slots=lambda: (self.rcfg.max_concurrent_groups
                                                    - len(self.episodes)),
-                               blocked=lambda: self.syncing or self.plan is not None,
+                               blocked=lambda: (self.syncing or self.plan is not None
+                                                or time.monotonic() < self.held_until),
                                start=self.start_episode, incarnation=self.incarnation)
         background = []
         try:
             await self.client.wait_healthy(self.rcfg.engine.startup_timeout_s)
             await self.meet_engine()
+            await self.open_sync_port()
             self.metrics.gauge("rollout/policy_version",
                                "version the engine serves").set(self.policy_version)
             await self.register(fresh=True)
@@ -385,6 +401,9 @@ class RolloutServer(Daemon):
         await self.leave()
         if self.agent_endpoint is not None:
             await self.agent_endpoint.close()
+        if self.sync_port is not None:
+            await self.sync_port.close()
+        close_door(self.engine_url)
         await self.client.close()
         self.control.close()
         self.data.close()
@@ -416,7 +435,8 @@ class RolloutServer(Daemon):
                        policy_version=self.policy_version, torch_version=self.versions.torch,
                        cuda_version=self.versions.cuda, nccl_version=self.versions.nccl,
                        evaluates=self.evaluator is not None, fresh=fresh,
-                       incarnation=self.incarnation, engine_kind=self.rcfg.engine.kind)
+                       incarnation=self.incarnation, engine_kind=self.rcfg.engine.kind,
+                       sync_url=self.sync_url)
         while not self.stop_requested.is_set():
             try:
                 ack = await self.control.request(msg)
@@ -601,8 +621,7 @@ class RolloutServer(Daemon):
             else:
                 done = await apply_weight_sync(
                     self.client, plan, self.server_id, inflight_drained=drained,
-                    door=self.rcfg.engine.kind != "embedded",  # torch's own join: SGLang
-                    door_key=self.facts.engine_key, pause_mode=self.rcfg.pause_mode)
+                    door=self.door, pause_mode=self.rcfg.pause_mode)
         finally:
             self.syncing = False
         if done.ok:
@@ -688,6 +707,40 @@ class RolloutServer(Daemon):
     async def episodes_idle(self) -> None:
         while self.episodes:
             await asyncio.wait(set(self.episodes))
+
+    # ------------------------------------------------------------------ a driving trainer's calls
+    async def open_sync_port(self) -> None:
+        """Where the trainer asks for the engine's door, a drain and a probe (sync_port.py): on
+        the engine's host, behind the job's engine key; none without a key."""
+        if not (key := self.facts.engine_key):
+            return
+        self.sync_port = SyncPort(
+            key, door=lambda *group: open_door(self.engine_url, key, *group),
+            drain=self.drain, release=self.release, probe=self.probe)
+        self.sync_url = await self.sync_port.start(urlparse(self.engine_url).hostname,
+                                                   self.rcfg.sync_port)
+        self.log.info("sync port %s", self.sync_url)
+
+    async def drain(self, seconds: float) -> bool:
+        """rollout.drain_on_update: no episode starts for ``seconds`` (or until ``release``);
+        True once the ones in flight ended, within ``seconds``."""
+        if not self.rcfg.drain_on_update:
+            return False
+        self.held_until = time.monotonic() + seconds
+        try:
+            await asyncio.wait_for(self.episodes_idle(), seconds)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def release(self) -> None:
+        self.held_until = 0.0
+        self.wake.set()
+
+    def probe(self, version: int) -> None:
+        task = asyncio.create_task(self.probe_engine(version), name=f"probe-v{version}")
+        self.probes.add(task)
+        task.add_done_callback(self.probes.discard)
 
 
 def _raise_if_done(tasks: list[asyncio.Task]) -> None:

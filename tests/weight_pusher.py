@@ -28,6 +28,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).resolve().parent / "integration"))
 from test_trainer_weight_sync import weights_sha  # noqa: E402
 
+from areal_like.net.auth import engine_api_key  # noqa: E402
 from areal_like.net.dealer import Client  # noqa: E402
 from areal_like.settings.config import load_daemon_config  # noqa: E402
 from areal_like.weights.hf import build_model  # noqa: E402
@@ -45,12 +46,13 @@ model = build_model(cfg.model, device=cfg.trainer.device)
 
 
 def broadcaster(path: str) -> WeightBroadcaster:
-    engines = EngineDrive(kind=cfg.rollout.engine.kind,
+    key = engine_api_key(cfg.run_dir)  # the job's, where the test made one (as a trainer's)
+    engines = EngineDrive(kind=cfg.rollout.engine.kind, engine_key=key,
                           pause_mode=cfg.rollout.pause_mode) if drive else None
     return WeightBroadcaster(replace(cfg.trainer.weight_sync, path=path),
                              buffer_address=cfg.buffer.address, rank=0,
                              device=torch.device(cfg.trainer.device), send_dtype=cfg.model.dtype,
-                             drive=engines)
+                             engine_key=key, drive=engines)
 
 
 path = cfg.trainer.weight_sync.path

@@ -18,14 +18,23 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import functools
 import threading
 import time
 from collections.abc import Callable
 
-from areal_like.net.sglang_client import SGLangClient
+from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.net.vllm_client import engine_client
-from areal_like.weights.engine_sync import answer, apply_weight_sync
-from areal_like.wire.protocol import SyncDone, WeightSyncPlan
+from areal_like.weights.engine_sync import (
+    LAUNCHED,
+    ServerPort,
+    answer,
+    apply_adapter_sync,
+    apply_weight_sync,
+    local_door,
+)
+from areal_like.wire.protocol import RosterEntry, SyncDone, WeightSyncPlan
 
 WAIT_SLICE_S = 0.05  # ``wait`` looks at its stop request this often
 # after a failed sync: an engine that does not answer /health within this is lost (gone with its
@@ -39,11 +48,10 @@ class EngineDrive:
     runs, ``wait`` for its results (``collect``: into a ``SyncReport``); ``close`` at the end."""
 
     def __init__(self, *, kind: str = "embedded", engine_key: str | None = None,
-                 pause_mode: str = "retract", door: bool | None = None):
+                 pause_mode: str = "retract", lora: bool = False):
         # ``kind``: a member's engine kind when its roster entry names none
-        self.kind, self.engine_key, self.pause_mode = kind, engine_key, pause_mode
-        self.door = door  # None: by the member's kind (see ``_one``)
-        self.clients: dict[str, SGLangClient] = {}
+        self.kind, self.engine_key, self.pause_mode, self.lora = kind, engine_key, pause_mode, lora
+        self.clients: dict[str, SGLangClient] = {}  # by engine URL, and by sync URL
         self.runs: dict[str, concurrent.futures.Future] = {}
         self.unreachable: set[str] = set()  # of the last plan: see ``lost``
         self.loop = asyncio.new_event_loop()
@@ -51,31 +59,51 @@ class EngineDrive:
                                        daemon=True)
         self.thread.start()
 
-    def start(self, plan: WeightSyncPlan, urls: dict[str, str],
-              kinds: dict[str, str] | None = None) -> None:
-        """Run ``plan`` on each member's engine (``urls``: server id -> engine URL; ``kinds``:
-        server id -> its engine's kind, from the roster)."""
+    def start(self, plan: WeightSyncPlan, entries: list[RosterEntry]) -> None:
+        """Run ``plan`` on each member's engine (``entries``: the roster it was made from)."""
         self.unreachable = set()
-        kinds = kinds or {}
+        by_id = {e.server_id: e for e in entries}
         self.runs = {m.server_id: asyncio.run_coroutine_threadsafe(
-            self._one(plan, m.server_id, urls.get(m.server_id),
-                      kinds.get(m.server_id) or self.kind), self.loop)
+            self._one(plan, m.server_id, by_id.get(m.server_id)), self.loop)
             for m in plan.members}
 
-    async def _one(self, plan: WeightSyncPlan, server_id: str, url: str | None,
-                   kind: str) -> SyncDone:
-        if not url:
+    def _client(self, kind: str, url: str) -> SGLangClient:
+        if (client := self.clients.get(url)) is None:
+            make = ServerPort if kind == "port" else functools.partial(engine_client, kind)
+            client = self.clients[url] = make(url, api_key=self.engine_key)
+        return client
+
+    async def _one(self, plan: WeightSyncPlan, server_id: str,
+                   entry: RosterEntry | None) -> SyncDone:
+        if entry is None or not entry.engine_url:
             return answer(plan, server_id, "no engine URL in the roster")
-        client = self.clients.get(url)
-        if client is None:
-            client = self.clients[url] = engine_client(kind, url, api_key=self.engine_key)
-        # torch's own join needs a door beside the engine (SGLang, vLLM); the embedded engine
-        # opens its own
-        door = kind != "embedded" if self.door is None else self.door
-        done = await apply_weight_sync(client, plan, server_id, door=door,
-                                       door_key=self.engine_key, pause_mode=self.pause_mode)
-        if not done.ok and not await client.health(timeout_s=LOST_PROBE_S):
-            self.unreachable.add(server_id)
+        kind = entry.engine_kind or self.kind
+        client = self._client(kind, entry.engine_url)
+        # the member's server beside its engine (door, drain, probe); without one (no engine key)
+        # a door here reaches an engine on this node only, and nothing drains
+        port = self._client("port", entry.sync_url) if entry.sync_url else None
+        drained = None if port is None else functools.partial(port.drain, plan.deadline_s)
+        try:
+            if self.lora and kind in LAUNCHED:  # the adapter alone
+                done = await apply_adapter_sync(client, plan, server_id,
+                                                pause_mode=self.pause_mode,
+                                                inflight_drained=drained)
+            else:  # torch's join needs a door beside the engine (the embedded one opens its own)
+                door = None if kind == "embedded" else port.door if port is not None \
+                    else local_door(entry.engine_url, self.engine_key)
+                done = await apply_weight_sync(client, plan, server_id, door=door,
+                                               inflight_drained=drained,
+                                               pause_mode=self.pause_mode)
+        finally:
+            if port is not None:
+                with contextlib.suppress(SGLangError):
+                    await port.release()
+        if not done.ok:
+            if port is not None:  # does the engine still generate? its server checks, and
+                with contextlib.suppress(SGLangError):  # restarts it when it does not
+                    await port.probe(plan.policy_version)
+            if not await client.health(timeout_s=LOST_PROBE_S):
+                self.unreachable.add(server_id)
         return done
 
     def failed(self) -> list[str]:

@@ -170,9 +170,8 @@ class BufferRelay:
     def __init__(self, client):
         self.client, self.version = client, -1
 
-    def start(self, plan: WeightSyncPlan, urls: dict[str, str],
-              kinds: dict[str, str] | None = None) -> None:
-        """Publish ``plan`` (``urls`` and ``kinds`` are not needed: each member's rollout server
+    def start(self, plan: WeightSyncPlan, entries: list) -> None:
+        """Publish ``plan`` (the roster's ``entries`` are not needed: each member's rollout server
         drives its own engine)."""
         ack = self.client.request(plan, timeout_s=max(0.5, min(BUFFER_REQUEST_TIMEOUT_S,
                                                                plan.deadline_s)))

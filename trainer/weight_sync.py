@@ -334,8 +334,7 @@ class WeightBroadcaster:
                 **route)
             report.reform = plan.reform
             self.members_side = self.drive or BufferRelay(self.client)
-            self.members_side.start(plan, {m.server_id: m.engine_url for m in entries},
-                                    {m.server_id: m.engine_kind for m in entries})
+            self.members_side.start(plan, entries)
             report.plan_id = plan.plan_id  # started: its members answer it
             watch = RendezvousWatch(self.client, report.version, report.members, deadline,
                                     rendezvous_end(deadline), failed=self.members_side.failed)

@@ -47,6 +47,11 @@ _JOINED: dict[str, str] = {}  # engine URL -> the group its engine was last told
 _RETIRED: dict[str, list[str]] = {}  # engine URL -> adapters no generate call names any more
 _unloading: set[asyncio.Task] = set()  # unloads in the background (held: tasks are not collected)
 UNLOAD_TIMEOUT_S = 600.0  # an unload returns when the last request under the adapter ends
+# the engine kinds a rollout server starts as a process of its own (with LoRA: they load the
+# adapter alone, ``apply_adapter_sync``)
+LAUNCHED = ("sglang", "vllm")
+# opens a door beside the engine to ``plan``'s store gate: the loopback port the engine joins by
+Door = Callable[[WeightSyncPlan], Awaitable[int]]
 
 
 class _Deadline:
@@ -62,13 +67,15 @@ class _Deadline:
 
 async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *,
                             inflight_drained: Callable[[], Awaitable[None]] | None = None,
-                            load_format: str | None = FLATTENED, door: bool = False,
-                            door_key: str | None = None, pause_mode: str = "abort") -> SyncDone:
+                            load_format: str | None = FLATTENED, door: Door | None = None,
+                            pause_mode: str = "abort") -> SyncDone:
     """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused.
     With ``inflight_drained`` (drain mode) the pause waits for it first (``DRAIN_SHARE``);
     ``load_format=None`` (one broadcast per tensor) is for senders that do not pack buckets;
     ``pause_mode``: SGLang's ``/pause_generation`` mode (``rollout.pause_mode``: abort, retract);
-    ``door``: the engine joins through a door here proving ``door_key`` (the job's engine key)."""
+    ``door``: the engine joins through the loopback port it opens (``local_door``, a rollout
+    server's ``ServerPort.door``); None: straight to the plan's gate (the embedded engine opens
+    a door of its own)."""
     member = next((m for m in plan.members if m.server_id == server_id), None)
     receiver = RECEIVERS.get(plan.path)
     refusal = "this server is not a member of the plan" if member is None else "" if receiver \
@@ -82,8 +89,7 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     pause_s, reason = 0.0, ""
     try:
         if plan.reform and receiver.joins_group:
-            init_task = await _start_group_join(client, plan, member.rank_offset, deadline, door,
-                                                door_key)
+            init_task = await _start_group_join(client, plan, member.rank_offset, deadline, door)
         if inflight_drained is not None:
             await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
         if init_task is not None:
@@ -234,7 +240,7 @@ assert RECEIVERS.keys() == WEIGHT_PATHS.keys()  # every path a plan may name has
 
 
 async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_offset: int,
-                            deadline: _Deadline, door: bool, door_key: str | None) -> asyncio.Task:
+                            deadline: _Deadline, door: Door | None) -> asyncio.Task:
     # every formation has a name of its own: the engine's last group is the one to tear down
     for name in dict.fromkeys(n for n in (_JOINED.get(client.base_url), plan.group_name) if n):
         try:
@@ -244,21 +250,67 @@ async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_off
             pass  # no group yet, or the old one is already gone
     _JOINED[client.base_url] = plan.group_name
     address, port = plan.master_addr, plan.master_port
-    if door:
-        # the engine's old group is gone
-        if (old := _DOORS.pop(client.base_url, None)) is not None:
-            old.close()
-        try:
-            _DOORS[client.base_url] = opened = StoreDoor(plan.master_addr, plan.master_port,
-                                                         plan.group_name, key=door_key)
-        except OSError as e:
-            raise SGLangError("store door", None,
-                              f"cannot open a door to the weight group's store: {e}") from e
-        address, port = "127.0.0.1", opened.port
+    if door is not None:
+        address, port = "127.0.0.1", await door(plan)
     return asyncio.create_task(client.init_weights_update_group(
         master_address=address, master_port=port, rank_offset=rank_offset,
         world_size=plan.world_size, group_name=plan.group_name, backend=plan.backend,
         timeout_s=deadline.left()))
+
+
+def open_door(engine_url: str, key: str | None, master_addr: str, master_port: int,
+              group_name: str) -> int:
+    """A door on this node's loopback to group ``group_name``'s store gate at ``master_addr:
+    master_port``, proving ``key`` (the job's engine key), in place of the one the engine at
+    ``engine_url`` joined its last group by; its port. SGLangError when it cannot open."""
+    close_door(engine_url)  # the engine's old group is gone
+    try:
+        door = StoreDoor(master_addr, master_port, group_name, key=key)
+    except OSError as e:
+        raise SGLangError("store door", None,
+                          f"cannot open a door to the weight group's store: {e}") from e
+    _DOORS[engine_url] = door
+    return door.port
+
+
+def close_door(engine_url: str) -> None:
+    """Close the door ``open_door`` opened for the engine at ``engine_url``, if any."""
+    if (door := _DOORS.pop(engine_url, None)) is not None:
+        door.close()
+
+
+def local_door(engine_url: str, key: str | None) -> Door:
+    """``open_door`` in this process: for an engine on this node."""
+    async def door(plan: WeightSyncPlan) -> int:
+        return open_door(engine_url, key, plan.master_addr, plan.master_port, plan.group_name)
+    return door
+
+
+class ServerPort(SGLangClient):
+    """A rollout server's sync port (rollout_server/sync_port.py), as a trainer driving its
+    engine calls it: the door beside the engine, the drain, the probe after a failed sync."""
+
+    async def door(self, plan: WeightSyncPlan) -> int:
+        body = {"master_addr": plan.master_addr, "master_port": plan.master_port,
+                "group_name": plan.group_name}
+        _, answer_, _ = await self._call("POST", "/door", body, timeout_s=plan.deadline_s,
+                                         idempotent=True)  # a second door replaces the first
+        return int(answer_["port"])
+
+    async def drain(self, seconds: float) -> None:
+        """Until the server's episodes in flight ended (no new one starts for ``seconds``, or
+        until ``release``); at once where the server does not drain (rollout.drain_on_update)."""
+        await self._call("POST", "/drain", {"seconds": seconds}, timeout_s=seconds + 5.0,
+                         idempotent=True)
+
+    async def release(self) -> None:
+        await self._call("POST", "/release", timeout_s=CONTINUE_TIMEOUT_S, idempotent=True)
+
+    async def probe(self, version: int) -> None:
+        """After a failed sync of ``version``: the server checks that its engine still generates
+        (else it stops, and its supervisor restarts it with a fresh engine)."""
+        await self._call("POST", "/probe", {"version": version}, timeout_s=CONTINUE_TIMEOUT_S,
+                         idempotent=True)
 
 
 def require_local_engine(url: str) -> str:

@@ -48,6 +48,8 @@ class Register(_TopLevel, tag="register"):
     incarnation: Incarnation = ""
     fresh: bool = False  # its first Register since it started (decides when the buffer knows none)
     engine_kind: EngineKind = ""  # the protocol its engine speaks: how a trainer drives it
+    # its sync port (rollout_server/sync_port.py): a driving trainer's door, drain and probe calls
+    sync_url: str = ""
 
 
 class RegisterAck(_TopLevel, tag="register_ack"):
@@ -152,6 +154,7 @@ class RosterEntry(Message, tag="roster_entry"):
     evaluates: bool = False  # from the member's Register
     incarnation: Incarnation = ""
     engine_kind: EngineKind = ""  # from the member's Register
+    sync_url: str = ""  # from the member's Register
 
 
 class Roster(_TopLevel, tag="roster"):

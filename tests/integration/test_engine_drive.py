@@ -37,6 +37,7 @@ def _disk_plan(members: list[str], path: str, version: int):
 def test_a_frozen_member_fails_at_the_deadline_and_the_other_loads(
         tmp_path, spawn_python, free_port, wait_until):
     from areal_like.weights.hf import build_model
+    from areal_like.wire.protocol import RosterEntry
     from trainer.engine_drive import EngineDrive
 
     cfg, cfg_path = write_config(tmp_path, free_port, [])
@@ -46,8 +47,10 @@ def test_a_frozen_member_fails_at_the_deadline_and_the_other_loads(
     os.kill(engines["a"].pid, signal.SIGSTOP)
     try:
         urls["dead"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-        drive.start(_disk_plan(["a", "b", "dead"], str(tmp_path / "v1"), 1), urls,
-                    {"a": "embedded", "b": "embedded", "dead": ""})
+        kinds = {"a": "embedded", "b": "embedded", "dead": ""}
+        drive.start(_disk_plan(["a", "b", "dead"], str(tmp_path / "v1"), 1),
+                    [RosterEntry(server_id=s, engine_url=u, engine_ranks=1, policy_version=0,
+                                 engine_kind=kinds[s]) for s, u in urls.items()])
         wait_until(lambda: drive.failed() == ["dead"], DEADLINE_S, 0.05, "the dead one failing")
         results = drive.wait(time.monotonic() + DEADLINE_S + 30)
         assert sorted(results) == ["a", "b", "dead"], results

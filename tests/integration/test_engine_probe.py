@@ -104,8 +104,11 @@ def _report(tmp_path: Path, version: int) -> dict | None:
 
 
 @pytest.mark.timeout(720)  # ~90 s alone: a 6 s deadline, the 30 s probe, two engine starts
+@pytest.mark.parametrize("drive", [False, True], ids=["relay", "drive"])
 def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
-        tmp_path, spawn_python, free_port, wait_until):
+        tmp_path, spawn_python, free_port, wait_until, drive):
+    """``drive``: the trainer drives the engine; its server probes it when the trainer asks
+    (rollout_server/sync_port.py)."""
     from weight_sync_harness import start_pusher
 
     cfg, path, server, metrics = _start(tmp_path, spawn_python, free_port, wait_until)
@@ -113,7 +116,7 @@ def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
     old_url = wait_until(lambda: _roster_url(cfg), 60, 0.2, "the server's registration")
     os.kill(frozen, signal.SIGSTOP)  # up, answering nothing: a wedged SGLang
     try:
-        start_pusher(spawn_python, path, tmp_path, [{"version": 1, "members": 1}])
+        start_pusher(spawn_python, path, tmp_path, [{"version": 1, "members": 1}], drive=drive)
         report = wait_until(lambda: _report(tmp_path, 1), DEADLINE_S + 120, 0.2,
                             "the v1 push's report")
         assert report["dropped"] == ["rollout-0"], report  # the sync failed

@@ -43,7 +43,7 @@ from areal_like.net.distributed import free_port
 from areal_like.net.metrics import scrape
 from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.settings.config import EngineConfig, ModelConfig
-from areal_like.weights.engine_sync import apply_weight_sync
+from areal_like.weights.engine_sync import apply_weight_sync, local_door
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 
 SGLANG_PIN = "0.5.23"
@@ -270,7 +270,8 @@ def weight_sync_setup() -> tuple[WeightSyncPlan, subprocess.Popen]:
 
 async def sync_from_sender(client: SGLangClient, plan: WeightSyncPlan, sender: subprocess.Popen,
                            door: bool = False):
-    done = await apply_weight_sync(client, plan, "contract", door=door)
+    opened = local_door(client.base_url, client.api_key) if door else None
+    done = await apply_weight_sync(client, plan, "contract", door=opened)
     _, err = await asyncio.to_thread(sender.communicate, timeout=120)
     assert sender.returncode == 0, err[-2000:]
     return done

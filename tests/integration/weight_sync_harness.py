@@ -175,7 +175,7 @@ class Driver(threading.Thread):
     async def _main(self) -> None:
         from areal_like.net.dealer import Client
         from areal_like.net.sglang_client import SGLangClient
-        from areal_like.weights.engine_sync import apply_weight_sync
+        from areal_like.weights.engine_sync import apply_weight_sync, local_door
         from areal_like.wire.protocol import Heartbeat, Register
 
         client = Client(self.address, timeout_s=10)
@@ -204,7 +204,8 @@ class Driver(threading.Thread):
                     handled.add(plan.plan_id)
                     self.taken.append((plan.policy_version, plan.plan_id))
                     applying = asyncio.create_task(apply_weight_sync(
-                        sg, plan, self.server_id, door=self.sglang is not None))
+                        sg, plan, self.server_id,
+                        door=local_door(sg.base_url, None) if self.sglang is not None else None))
                     applying_plan = (plan.policy_version, plan.plan_id, time.monotonic())
                 await asyncio.sleep(0.1)
         finally:

@@ -23,7 +23,7 @@ from sglang_kit import MODEL, PROMPTS, TOL, assert_served, engine_logprobs, mode
 from areal_like.net.distributed import free_port
 from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import WeightSyncConfig
-from areal_like.weights.engine_sync import apply_weight_sync
+from areal_like.weights.engine_sync import apply_weight_sync, local_door
 from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.wire.weight_wire import FLATTENED
@@ -102,8 +102,7 @@ async def push(
             plan,
             "s",
             load_format=load_format,
-            door=True,
-            door_key=client.api_key,
+            door=local_door(client.base_url, client.api_key),
             pause_mode=pause_mode,
         )
         _, err = await asyncio.to_thread(sender.communicate, timeout=120)

@@ -27,7 +27,7 @@ from vllm_kit import MODEL, PROMPTS, TOL, assert_served, engine_logprobs, model_
 
 from areal_like.net.distributed import free_port
 from areal_like.net.vllm_client import VLLMClient
-from areal_like.weights.engine_sync import apply_weight_sync
+from areal_like.weights.engine_sync import apply_weight_sync, local_door
 from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.wire.weight_wire import FLATTENED
@@ -72,8 +72,9 @@ async def push(client, version: int, seed: int, load_format: str | None = FLATTE
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert await asyncio.to_thread(sender.stdout.readline) == "ready\n"
-        done = await apply_weight_sync(client, plan, "s", load_format=load_format, door=True,
-                                       door_key=client.api_key, pause_mode="abort")
+        done = await apply_weight_sync(client, plan, "s", load_format=load_format,
+                                       door=local_door(client.base_url, client.api_key),
+                                       pause_mode="abort")
         _, err = await asyncio.to_thread(sender.communicate, timeout=300)
     finally:
         if sender.poll() is None:

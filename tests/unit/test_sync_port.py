@@ -1,0 +1,81 @@
+"""A rollout server's sync port (rollout_server/sync_port.py) as a driving trainer calls it
+(``ServerPort``, areal_like/weights/engine_sync.py), over real loopback sockets: the door it opens
+carries a client's bytes through the weight group's real store gate, a second door replaces the
+first, and a caller without the job's engine key or with a malformed body gets nothing done. What
+the server does for a drain and a probe is tested with whole daemons (tests/integration)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from test_store_gate import DEADLINE_S, GROUP, KEY, closed_by_peer, echo  # noqa: F401 - fixture
+
+from areal_like.net.distributed import free_port
+from areal_like.net.sglang_client import SGLangError
+from areal_like.net.store_gate import StoreGate
+from areal_like.weights.engine_sync import ServerPort, close_door, open_door
+from areal_like.wire.protocol import WeightSyncPlan
+from rollout_server.sync_port import SyncPort
+
+
+def _plan(port: int) -> WeightSyncPlan:
+    return WeightSyncPlan(policy_version=1, group_name=GROUP, master_addr="127.0.0.1",
+                          master_port=port, world_size=2, backend="gloo", reform=True,
+                          buckets=[], deadline_s=DEADLINE_S, plan_id="p1", members=[])
+
+
+def _post(url: str, body: bytes, key: str) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body, method="POST",
+                                     headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=DEADLINE_S) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_one(echo):  # noqa: F811
+    gate_port, calls = free_port(), []
+    gate = StoreGate("127.0.0.1", gate_port, GROUP, echo, key=KEY)
+    port = SyncPort(KEY, door=lambda *group: open_door("engine-a", KEY, *group),
+                    drain=None, release=lambda: calls.append("release"),
+                    probe=lambda version: calls.append(("probe", version)))
+
+    async def scenario() -> None:
+        url = await port.start("127.0.0.1", 0)
+        try:
+            async with ServerPort(url, api_key=KEY) as trainer:
+                first = await trainer.door(_plan(gate_port))
+                with socket.create_connection(("127.0.0.1", first), timeout=DEADLINE_S) as s:
+                    s.sendall(b"\x00store")
+                    assert s.recv(100) == b"erots\x00"  # through the gate, both ways
+                second = await trainer.door(_plan(gate_port))  # the engine's next group
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection(("127.0.0.1", first), timeout=DEADLINE_S)
+                with socket.create_connection(("127.0.0.1", second), timeout=DEADLINE_S) as s:
+                    s.sendall(b"\x00store")
+                    assert s.recv(100) == b"erots\x00"
+                await trainer.release()
+                await trainer.probe(3)
+            assert calls == ["release", ("probe", 3)]
+            async with ServerPort(url, api_key="not-the-key") as stranger:
+                with pytest.raises(SGLangError) as refused:
+                    await stranger.door(_plan(gate_port))
+                assert refused.value.status == 401
+            body = json.dumps({"master_addr": "127.0.0.1", "master_port": 0, "group_name": GROUP})
+            status, text = await asyncio.to_thread(_post, f"{url}/door", body.encode(), KEY)
+            assert status == 400 and "master_port" in text, text
+            assert calls == ["release", ("probe", 3)]
+        finally:
+            await port.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        close_door("engine-a")
+        gate.close()
