@@ -13,7 +13,7 @@ from buffer.handout import PendingBatch
 
 MAX_HELD_PER_MEMBER = 4  # BatchRequests one member may have waiting at once
 NEW_IDS_PER_S = 1.0  # new server ids one member may register per second, after a burst
-TRAINER_ONLY = (P.BatchRequest, P.WeightSyncPlan)  # messages only the trainer's role may send
+TRAINER_ONLY = (P.BatchRequest,)  # messages only the trainer's role may send
 
 
 class PeerCaps:

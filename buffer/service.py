@@ -76,8 +76,8 @@ class BufferService(Daemon):
         self.disk = DiskGuard(facts.wal_dir, b.wal_reserve_bytes, log=self.log)
         segment_bytes = min(b.segment_bytes, max(MIN_SEGMENT_BYTES, self.disk.free // 8))
         self.wal = WriteAheadLog(facts.wal_dir, fsync=b.fsync, segment_bytes=segment_bytes)
-        self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock,
-                                    lambda m: self.publisher.publish(m), self.log, self._release)
+        self.control = ControlPlane(b.pub_address, b.heartbeat_timeout_s, clock, self.log,
+                                    self._release)
         self.instruments = BufferMetrics(self.metrics,
                                          {"in_flight": lambda: self.ledger.in_flight,
                                           "stored": lambda: len(self.store),
@@ -101,10 +101,7 @@ class BufferService(Daemon):
         self._next_sweep = 0.0
         self._handlers = {
             P.Register: self.control.register, P.Heartbeat: self.control.heartbeat,
-            P.RosterRequest: self.control.roster_reply, P.WeightSyncPlan: self.control.take_plan,
-            # the sync first
-            P.SyncDone: lambda m: self._ack_with_leases(m, self.control.sync_done(m).ref, "ok"),
-            P.SyncStatusRequest: self.control.sync_status,
+            P.RosterRequest: self.control.roster_reply,
             P.CreditRequest: self._on_credits,
             P.StatsRequest: lambda m: P.Stats(values=self.stats()),
         }
@@ -306,7 +303,7 @@ class BufferService(Daemon):
         self.disk.wrote(ref.length)
         self.instruments.count("wal_bytes_written", ref.length)
         self.ledger.fulfil(g.lease_id)
-        self.control.alive(g.server_id, "delivered a group")
+        self.control.acted(g.server_id)
         if lease is not None:
             self.engine_faults.pop((lease.prompt_index, lease.epoch), None)
         self._remember(g.group_id)
@@ -321,13 +318,12 @@ class BufferService(Daemon):
             self.store.add(g, len(frame), head, ref=ref)
         return self._ack_with_leases(g, g.group_id, "accepted")
 
-    def _ack_with_leases(self, m: P.TrajectoryGroup | P.SyncDone, ref: str, status: str) -> P.Ack:
+    def _ack_with_leases(self, m: P.TrajectoryGroup, ref: str, status: str) -> P.Ack:
         return P.Ack(ref=ref, status=status,
                      credits=self._grant(m.server_id, m.want_credits)[0] if m.want_credits else [])
 
     def _on_credits(self, m: P.CreditRequest) -> P.Credits:
-        # life: an absent engine too far behind gets no credits, so it could deliver no group
-        self.control.alive(m.server_id, "asked for credits")
+        self.control.acted(m.server_id)
         credits, reason = self._grant(m.server_id, m.max_credits)
         return P.Credits(credits=credits, policy_version=self.control.version, reason=reason)
 
@@ -377,7 +373,6 @@ class BufferService(Daemon):
         if m.policy_version > self.control.version + 1:
             return self._refuse("version_jump", f"VersionUpdate({m.policy_version}) at version "
                                 f"{self.control.version}")
-        self.control.settle_plan(m.policy_version)  # the trainer is done with that version's plan
         if m.policy_version > self.control.version:
             self.control.version = m.policy_version
             self._dirty = True

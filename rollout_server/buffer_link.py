@@ -9,10 +9,10 @@ Invariants:
   ``group_id``) or ``rejected``; "unavailable" (disk full) or no answer keeps it, due again
   ``RESEND_BACKOFF_S`` later (a timeout backs off every group: the buffer is not answering);
 * due groups go out ``SEND_WINDOW`` at a time, all in flight at once (``request_many``);
-* leases for free slots are asked for with each group's first send and with the report of a sync
-  that loaded (``want_credits``), by a ``CreditRequest`` only when no group is due; a re-send asks
-  for none (it may be a duplicate whose lost ack carried them); ``asked`` counts the leases of
-  requests in flight, so a slot is never asked for twice;
+* leases for free slots are asked for with each group's first send (``want_credits``), by a
+  ``CreditRequest`` only when no group is due; a re-send asks for none (it may be a duplicate whose
+  lost ack carried them); ``asked`` counts the leases of requests in flight, so a slot is never
+  asked for twice;
 * no lease is asked for while a weight sync blocks; leases that arrive meanwhile are held;
 * on stop, ``flush`` makes one last best-effort send of each group.
 """
@@ -36,7 +36,6 @@ from areal_like.wire.protocol import (
     Credit,
     CreditRequest,
     Credits,
-    SyncDone,
     TrajectoryGroup,
 )
 
@@ -143,28 +142,6 @@ class BufferLink:
             self.next_request_at = time.monotonic() + CREDIT_RETRY_S
             return not (isinstance(reply, Credits) and reply.reason == "unknown_server")
         return True
-
-    async def report_sync(self, done: SyncDone, attempts: int) -> bool:
-        """Tell the buffer a weight sync is over, asking for the free slots' leases with the report
-        when it loaded (a repeat asks for none, as a re-sent group does). False if no attempt was
-        answered."""
-        # a back-off from before is over: the version just loaded is what reopens admission
-        if done.ok:
-            self.window_moved()
-        for attempt in range(attempts):
-            want = self.wanted() if done.ok and attempt == 0 else 0
-            self.asked += want
-            try:
-                ack = await self.control.request(msgspec.structs.replace(done, want_credits=want)
-                                                 if want else done)
-            except TransportTimeout:
-                continue
-            finally:
-                self.asked -= want
-            if isinstance(ack, Ack) and ack.credits:
-                self.take(ack.credits, "sync_done")
-            return True
-        return False
 
     # ------------------------------------------------------------------ groups
     def add(self, group: TrajectoryGroup) -> None:

@@ -29,10 +29,9 @@ class RolloutFacts:
     # trainer.lora: the adapter layout the engine's weight updates fill
     lora: LoraConfig = field(default_factory=LoraConfig)
     keys: Keys | None = None  # the rollout client's CURVE keys (None: plain sockets)
-    # the job's engine API key (None: the job has none); never in a repr, a log line or a
-    # traceback's locals, like Keys.secret
+    # the job's engine API key (auth.engine_api_key; None only in facts a test builds); never in a
+    # repr, a log line or a traceback's locals, like Keys.secret
     engine_key: str | None = field(default=None, repr=False)
-    probed: bool = False  # trainer.logprob_guard_tol > 0: the trainer sends the engine requests too
     seed: int = 0  # the job's seed: its evaluations' sampling seeds come from it
     # prompt and output tokens the engine serves (job_facts.served_context; 0: unbounded)
     context: int = 0
@@ -51,7 +50,5 @@ class RolloutFacts:
         return cls(model=cfg.model, task=replace(cfg.task, max_episode_tokens=room),
                    eval=cfg.eval, steps=cfg.trainer.steps, context=context,
                    run_dir=Path(cfg.run_dir), lora=cfg.trainer.lora, keys=keys,
-                   engine_key=engine_api_key(cfg.run_dir),
-                   probed=(cfg.trainer.logprob_guard_tol is None  # by model.dtype: on
-                           or cfg.trainer.logprob_guard_tol > 0), seed=cfg.seed,
+                   engine_key=engine_api_key(cfg.run_dir), seed=cfg.seed,
                    nodes=cfg.launch.nodes, routed_experts=cfg.trainer.routing_replay)

@@ -1,7 +1,9 @@
 """The rollout server daemon: keeps one engine busy and streams scored groups to the buffer.
 
-Owns its engine (embedded, a launched SGLang, or attached by URL), its episodes, and its side of
-every weight sync and evaluation; its groups and leases go through ``buffer_link.py``. Holds no
+Owns its engine (embedded, a launched SGLang or vLLM, or attached by URL), its episodes and its
+evaluations; its groups and leases go through ``buffer_link.py``. The trainer drives the engine's
+weight syncs itself, asking this server (``sync_port.py``) only for the door beside the engine and
+to be told when a sync begins and ends (trainer/WEIGHT_SYNC.md). Holds no
 durable state: a crash loses only unacknowledged work, whose leases the buffer re-issues. The loop,
 the failure table and the evaluation choreography: rollout_server/ROLLOUT.md.
 
@@ -9,15 +11,12 @@ Invariants:
 * a group is re-sent until acked, also across buffer restarts (``known=False``: register again,
   re-send everything unacked);
 * at most ``rollout.max_concurrent_groups`` episodes run at once (counting leases asked for and not
-  yet answered); no lease is asked for or started while a weight sync is pending or applied;
-* a plan is taken up only from ``HeartbeatAck.pending_plan``, which the buffer never fills with a
-  plan it recorded this server failed (buffer/control.py); a published plan naming us is a hint
-  that sends a heartbeat at once. Each plan taken up is applied once (declined while
-  evaluating) and answered by its ``SyncDone``, sent again only while unanswered; one superseded by
-  a newer plan before the loop took it up is neither;
-* ``policy_version`` is the version the engine serves: set by a successful sync and read from
-  the engine after each heartbeat except while its own sync is pending (whoever loaded it,
-  trainer/WEIGHT_SYNC.md);
+  yet answered); no lease is asked for between a sync's ``begin`` and its ``end`` (or the
+  deadline ``begin`` was given);
+* an evaluation never overlaps a sync: ``begin`` is refused while one runs, and one begins only
+  once a sync under way ended;
+* ``policy_version`` is the version the engine serves: set by a sync's ``end`` and read from the
+  engine after each heartbeat outside a sync (whoever loaded it);
 * after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``, else
   this server stops (exit 1, the wedged engine killed with it) for its supervisor to restart it
   with a fresh engine; an engine attached by URL is only reported.
@@ -38,7 +37,7 @@ from dataclasses import replace
 from urllib.parse import urlparse
 
 from areal_like.daemon import ComponentStopped, Daemon, StartRefused
-from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
 from areal_like.net.dealer import AsyncClient
 from areal_like.net.distributed import reachable_host
 from areal_like.net.pubsub import Subscriber
@@ -52,12 +51,9 @@ from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.engine_sync import (
     LAUNCHED,
-    answer,
     apply_adapter_sync,
-    apply_weight_sync,
     close_door,
     engine_versions,
-    local_door,
     open_door,
     require_local_engine,
 )
@@ -82,13 +78,12 @@ from rollout_server.facts import RolloutFacts
 from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
-from rollout_server.sync_port import SyncPort
+from rollout_server.sync_port import SyncPort, SyncRefused
 
 # the main loop also wakes on events; the tick only bounds reaction to stop requests
 LOOP_TICK_S = 0.2
 # a healthy buffer answers in ms (one fsync per batch); 5 s means gone or wedged
 BUFFER_TIMEOUT_S = 5.0
-SYNC_DONE_ATTEMPTS = 5  # SyncDone is idempotent; retry it through a short buffer outage
 REGISTER_RETRY_S = 2.0  # a Register refused over the buffer's caps is sent again after this
 # last sends on stop; well inside the launcher's grace period (GRACEFUL_STOP_S)
 FLUSH_ON_STOP_S = 3.0
@@ -101,10 +96,8 @@ ENGINE_EXIT_GRACE_S = 2.0
 # before a heartbeat: the engine's version label, read within this (else the last one stands)
 ENGINE_VERSION_READ_S = 2.0
 ENGINE_PROBE_S = 30.0  # after a failed sync: /health_generate (one token) must answer within this
+DRAIN_SHARE = 0.5  # of a sync's deadline, at most, waiting for episodes to end (drain_on_update)
 SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a failure: WARNING)
-# plans remembered as handled: the buffer offers only its current plan (a new one each version),
-# so older ones never come back; all of them grew a week-long job by a tuple per version
-PLANS_KEEP = 64
 
 
 def launched_engine(kind: str):
@@ -147,22 +140,18 @@ class RolloutServer(Daemon):
         self.versions = RuntimeVersions()  # the engine's torch/CUDA/NCCL, for Register
         self.link: BufferLink | None = None  # made with the buffer connections (main)
         self.episodes: set[asyncio.Task] = set()
-        self.plan: WeightSyncPlan | None = None  # the newest plan offered and not yet taken
-        # the last PLANS_KEEP plans offered, oldest first: none is applied twice
-        self.plans_handled: dict[tuple, None] = {}
         self.episode_failures = 0
-        self.syncing = False  # a weight sync is being applied: no lease is asked for
-        # a driving trainer's drain holds episodes until then (``time.monotonic()``, sync_port.py)
-        self.held_until = 0.0
-        self.door = None  # where a sync we apply opens the engine's door (None: the engine's own)
-        self.sync_port: SyncPort | None = None  # made in main with the job's engine key
+        # the trainer's sync of our engine is under way until then (``time.monotonic()``; its
+        # ``begin`` and ``end``): no lease is asked for, no evaluation begins
+        self.sync_until, self.sync_version = 0.0, -1
+        self.sync_port: SyncPort | None = None  # made in main
         self.sync_url = ""
-        self.probes: set[asyncio.Task] = set()  # probes a driving trainer asked for (``probe``)
+        self.probes: set[asyncio.Task] = set()  # after a failed sync (``end``)
         # rollout.eval: runs the job's evaluations (rollout_server/evaluate.py)
         self.evaluator = None
         # told to the buffer in heartbeats: it leaves us out of weight syncs
         self.evaluating = False
-        # the version under evaluation: plans are declined meanwhile
+        # the version under evaluation: the trainer's syncs are refused meanwhile (``begin``)
         self.eval_version: int | None = None
         self.eval_task: asyncio.Task | None = None
         self.pub_address = self.rcfg.pub_address
@@ -177,20 +166,6 @@ class RolloutServer(Daemon):
         return cls(cfg.rollout, RolloutFacts.from_run(cfg, keys))
 
     # ------------------------------------------------------------------ lifecycle
-    def engine_api_key(self) -> str | None:
-        """The job's engine key; an engine this server starts without one gets a key of its own,
-        unless the trainer's log-prob guard talks to it too (``facts.probed``): then no start."""
-        kind = self.rcfg.engine.kind
-        if self.facts.engine_key is not None or kind == "url":
-            return self.facts.engine_key
-        if self.facts.probed:
-            raise StartRefused(
-                f"no engine API key for this job: the trainer's log-prob guard sends the {kind} "
-                f"engine requests with the job's key; set {ENGINE_KEY_ENV} or write it to "
-                f"{self.facts.run_dir / KEY_FILE} (`areal-like run` does), "
-                "or trainer.logprob_guard_tol=0")
-        return secrets.token_urlsafe(32)
-
     def engine_toward_head(self):
         """The engine's settings, listening where trainer rank 0's log-prob guard probes it from
         the head node (the buffer's) on several nodes: not a host name that resolves to loopback
@@ -210,7 +185,9 @@ class RolloutServer(Daemon):
         for address in (self.rcfg.buffer_address, self.pub_address):  # main() connects them
             check_local(address)  # a directory others may enter: a refused start, no engine
         ecfg = self.engine_toward_head()
-        self.api_key = self.engine_api_key()
+        if self.facts.engine_key is None:  # started by hand, first of its job: it makes the key
+            self.facts = replace(self.facts, engine_key=ensure_key_file(self.facts.run_dir))
+        self.api_key = self.facts.engine_key  # the job's: the trainer drives the engine with it
         if not self.start_engine(ecfg):
             return
         self.tokenizer = load_tokenizer(self.facts.model)
@@ -277,8 +254,6 @@ class RolloutServer(Daemon):
         else:
             # it joins weight groups through our loopback door
             self.engine_url = require_local_engine(ecfg.url)
-        if ecfg.kind != "embedded":  # torch's own join (SGLang, vLLM): through a door we open
-            self.door = local_door(self.engine_url, self.facts.engine_key)
         return True
 
     def stop(self) -> None:
@@ -318,7 +293,6 @@ class RolloutServer(Daemon):
     # ------------------------------------------------------------------ the loop
     async def main(self) -> None:
         self.wake = asyncio.Event()
-        self.beat_now = asyncio.Event()  # a plan naming us was published (``announcements``)
         self.client = engine_client(
             self.rcfg.engine.kind, self.engine_url,
             generate_timeout_s=self.rcfg.engine.request_timeout_s,
@@ -332,8 +306,7 @@ class RolloutServer(Daemon):
         self.link = BufferLink(self.control, self.data, self.server_id, self.metrics,
                                free_slots=lambda: (self.rcfg.max_concurrent_groups
                                                    - len(self.episodes)),
-                               blocked=lambda: (self.syncing or self.plan is not None
-                                                or time.monotonic() < self.held_until),
+                               blocked=self.in_sync,
                                start=self.start_episode, incarnation=self.incarnation)
         background = []
         try:
@@ -349,9 +322,6 @@ class RolloutServer(Daemon):
                 self.raise_if_engine_died()  # first: a dead engine also fails every episode
                 self.raise_if_component_stopped()
                 _raise_if_done(background)
-                if plan := self.next_plan():
-                    await (self.decline_plan(plan) if self.eval_version is not None
-                           else self.sync_weights(plan))
                 self.maybe_evaluate()
                 self.link.start_held()
                 if not await self.link.request_credits():
@@ -460,8 +430,7 @@ class RolloutServer(Daemon):
 
     async def heartbeats(self) -> None:
         while True:
-            await wait_event(self.beat_now, self.rcfg.heartbeat_s)
-            self.beat_now.clear()  # a hint arriving during this heartbeat asks for another
+            await asyncio.sleep(self.rcfg.heartbeat_s)
             await self.heartbeat()
 
     async def read_engine_version(self) -> None:
@@ -494,11 +463,7 @@ class RolloutServer(Daemon):
                           len(self.link.unacked))
             await self.register()
             self.link.resend_all()
-        if ack.pending_plan is not None:
-            self.offer_plan(ack.pending_plan)
-        elif not self.syncing and self.plan is None:
-            # for the next heartbeat, after this one's round trip (a plan's hand-out never waits
-            # on the engine) and never during our own sync (it sets the version itself)
+        if not self.in_sync():  # for the next heartbeat; a sync's end sets it itself
             await self.read_engine_version()
 
     async def leave(self) -> None:
@@ -519,10 +484,7 @@ class RolloutServer(Daemon):
         try:
             while True:
                 msg = await sub.arecv(0.5)
-                if isinstance(msg, WeightSyncPlan):  # a hint (module docstring)
-                    if any(m.server_id == self.server_id for m in msg.members):
-                        self.beat_now.set()
-                elif isinstance(msg, VersionUpdate):
+                if isinstance(msg, VersionUpdate):
                     self.metrics.gauge("rollout/trainer_version",
                                        "latest announced trainer version").set(msg.policy_version)
                     self.link.window_moved()  # ask for leases now, not after a back-off
@@ -589,59 +551,6 @@ class RolloutServer(Daemon):
         self.link.add(task.result())
 
     # ------------------------------------------------------------------ weight sync
-    def offer_plan(self, plan: WeightSyncPlan) -> None:
-        """Keep ``plan`` if it names us and is new: the newest one offered supersedes the others
-        (of two of one version, the later: a re-push)."""
-        key = (plan.policy_version, plan.plan_id, plan.group_name, plan.master_addr,
-               plan.master_port, plan.reform)
-        if (key in self.plans_handled
-                or not any(m.server_id == self.server_id for m in plan.members)):
-            return
-        self.plans_handled[key] = None
-        if len(self.plans_handled) > PLANS_KEEP:
-            del self.plans_handled[next(iter(self.plans_handled))]
-        if self.plan is None or plan.policy_version >= self.plan.policy_version:
-            self.plan = plan
-        self.wake.set()
-
-    def next_plan(self) -> WeightSyncPlan | None:
-        plan, self.plan = self.plan, None
-        return plan
-
-    async def sync_weights(self, plan: WeightSyncPlan) -> None:
-        self.log.debug("applying weight sync v%d (reform=%s, %d buckets)", plan.policy_version,
-                       plan.reform, len(plan.buckets))
-        self.syncing = True
-        try:
-            drained = self.episodes_idle if self.rcfg.drain_on_update else None
-            if self.facts.lora.enabled and self.rcfg.engine.kind in LAUNCHED:  # the adapter alone
-                done = await apply_adapter_sync(self.client, plan, self.server_id,
-                                                pause_mode=self.rcfg.pause_mode,
-                                                inflight_drained=drained)
-            else:
-                done = await apply_weight_sync(
-                    self.client, plan, self.server_id, inflight_drained=drained,
-                    door=self.door, pause_mode=self.rcfg.pause_mode)
-        finally:
-            self.syncing = False
-        if done.ok:
-            self.policy_version = plan.policy_version
-            self.metrics.gauge("rollout/policy_version",
-                               "version the engine serves").set(self.policy_version)
-        self.metrics.histogram("rollout/weight_sync_pause_seconds",
-                               "engine pause per weight update",
-                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)).observe(
-                                   done.pause_s)
-        level = (logging.WARNING if not done.ok
-                 else logging.DEBUG if plan.policy_version % SYNC_INFO_EVERY
-                 else logging.INFO)
-        self.log.log(level, "weight sync v%d %s in %.2fs pause%s",
-                     plan.policy_version, "done" if done.ok else "FAILED", done.pause_s,
-                     f": {done.reason}" if done.reason else "")
-        await self.report_sync(done)
-        if not done.ok:
-            await self.probe_engine(plan.policy_version)
-
     async def probe_engine(self, version: int) -> None:
         """After a failed sync: an engine that does not generate within ``ENGINE_PROBE_S`` is
         wedged; stop (module docstring)."""
@@ -658,38 +567,23 @@ class RolloutServer(Daemon):
         self.wedged = True
         self.failure = self.failure or ComponentStopped(why)
 
-    async def report_sync(self, done: SyncDone) -> None:
-        if not await self.link.report_sync(done, SYNC_DONE_ATTEMPTS):
-            self.log.error("could not report SyncDone v%d to the buffer", done.policy_version)
-
-    async def decline_plan(self, plan: WeightSyncPlan) -> None:
-        """A plan that reached us after we left the roster to evaluate: decline it at once."""
-        self.log.warning("declining weight sync v%d: evaluating version %s", plan.policy_version,
-                         self.eval_version)
-        await self.report_sync(answer(plan, self.server_id,
-                                      f"evaluating version {self.eval_version}"))
-
     # ------------------------------------------------------------------ evaluation
     def maybe_evaluate(self) -> None:
-        if (self.evaluator is None or self.eval_task is not None or self.syncing or self.plan
+        if (self.evaluator is None or self.eval_task is not None or self.in_sync()
                 or not self.evaluator.schedule.due(self.policy_version)):
             return
         self.eval_task = asyncio.create_task(self.evaluate(), name="evaluate")
         self.eval_task.add_done_callback(self._evaluation_done)
 
     async def evaluate(self) -> None:
-        """Leave the weight syncs, let a plan on its way land, evaluate the version served, come
-        back (ROLLOUT.md, "Evaluation")."""
+        """Refuse the trainer's syncs (``begin``), let one under way end, evaluate the version
+        the engine serves, take syncs again (ROLLOUT.md, "Evaluation")."""
         self.evaluating = True
         try:
-            await self.heartbeat()  # from its answer on, no new plan includes us
-            # no plan follows the final version
-            if not self.evaluator.schedule.is_final(self.policy_version):
-                # a plan published just before came in the heartbeat its PUB hint sent, or comes
-                await asyncio.sleep(self.rcfg.heartbeat_s)
-                await self.heartbeat()  # in this answer's pending_plan; the main loop applies it
-            while self.syncing or self.plan:
+            await self.heartbeat()  # from its answer on, the roster leaves us out
+            while self.in_sync():
                 await asyncio.sleep(LOOP_TICK_S)
+            await self.read_engine_version()
             self.eval_version = self.policy_version
             record = await self.evaluator.run(self.client, self.eval_version, self.max_input)
             self.log.info("eval v%d: %s", self.eval_version,
@@ -708,39 +602,67 @@ class RolloutServer(Daemon):
         while self.episodes:
             await asyncio.wait(set(self.episodes))
 
-    # ------------------------------------------------------------------ a driving trainer's calls
+    # ------------------------------------------------------------------ the trainer's sync calls
     async def open_sync_port(self) -> None:
-        """Where the trainer asks for the engine's door, a drain and a probe (sync_port.py): on
-        the engine's host, behind the job's engine key; none without a key."""
-        if not (key := self.facts.engine_key):
-            return
-        self.sync_port = SyncPort(
-            key, door=lambda *group: open_door(self.engine_url, key, *group),
-            drain=self.drain, release=self.release, probe=self.probe)
+        """Where the trainer driving our engine's weight syncs asks for its door, says when a
+        sync begins and ends (sync_port.py): on the engine's host, behind the job's engine key."""
+        key = self.facts.engine_key
+        self.sync_port = SyncPort(key, door=lambda *group: open_door(self.engine_url, key, *group),
+                                  begin=self.begin, adapter=self.load_adapter, end=self.end)
         self.sync_url = await self.sync_port.start(urlparse(self.engine_url).hostname,
                                                    self.rcfg.sync_port)
+        self.metrics.count_refusals("sync", self.sync_port.unauthorized)
         self.log.info("sync port %s", self.sync_url)
 
-    async def drain(self, seconds: float) -> bool:
-        """rollout.drain_on_update: no episode starts for ``seconds`` (or until ``release``);
-        True once the ones in flight ended, within ``seconds``."""
+    def in_sync(self) -> bool:
+        return time.monotonic() < self.sync_until
+
+    async def begin(self, version: int, seconds: float) -> bool:
+        """The trainer's sync of ``version`` to our engine begins: no lease is asked for and no
+        evaluation begins for ``seconds`` or until its ``end``; with rollout.drain_on_update, True
+        once the episodes in flight ended (``DRAIN_SHARE`` of ``seconds`` at most: then the
+        engine's pause cuts them, and they resume after it). Refused while evaluating."""
+        if self.evaluating:
+            raise SyncRefused(f"evaluating version {self.policy_version}")
+        self.sync_until, self.sync_version = time.monotonic() + seconds, version
         if not self.rcfg.drain_on_update:
             return False
-        self.held_until = time.monotonic() + seconds
         try:
-            await asyncio.wait_for(self.episodes_idle(), seconds)
+            await asyncio.wait_for(self.episodes_idle(), seconds * DRAIN_SHARE)
         except asyncio.TimeoutError:
+            self.log.warning("drain did not finish within %.1fs; the pause cuts the remaining "
+                             "requests instead", seconds * DRAIN_SHARE)
             return False
         return True
 
-    def release(self) -> None:
-        self.held_until = 0.0
-        self.wake.set()
+    async def load_adapter(self, plan: WeightSyncPlan) -> SyncDone:
+        """LoRA on a launched engine: the trainer's sync loads the adapter through us, as our
+        generate calls name it."""
+        return await apply_adapter_sync(self.client, plan, self.server_id,
+                                        pause_mode=self.rcfg.pause_mode)
 
-    def probe(self, version: int) -> None:
-        task = asyncio.create_task(self.probe_engine(version), name=f"probe-v{version}")
-        self.probes.add(task)
-        task.add_done_callback(self.probes.discard)
+    def end(self, version: int, ok: bool, pause_s: float, reason: str) -> None:
+        """The trainer's sync of ``version`` ended; after a failed one the engine is probed."""
+        if version == self.sync_version:  # not a late end of an earlier sync
+            self.sync_until = 0.0
+        self.wake.set()
+        if ok:  # the version just loaded is what reopens admission: ask for leases now
+            self.link.window_moved()
+            self.policy_version = version
+            self.metrics.gauge("rollout/policy_version",
+                               "version the engine serves").set(self.policy_version)
+        self.metrics.histogram("rollout/weight_sync_pause_seconds",
+                               "engine pause per weight update",
+                               buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)).observe(
+                                   pause_s)
+        level = (logging.WARNING if not ok else logging.DEBUG if version % SYNC_INFO_EVERY
+                 else logging.INFO)
+        self.log.log(level, "weight sync v%d %s in %.2fs pause%s", version,
+                     "done" if ok else "FAILED", pause_s, f": {reason}" if reason else "")
+        if not ok:
+            task = asyncio.create_task(self.probe_engine(version), name=f"probe-v{version}")
+            self.probes.add(task)
+            task.add_done_callback(self.probes.discard)
 
 
 def _raise_if_done(tasks: list[asyncio.Task]) -> None:

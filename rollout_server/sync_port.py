@@ -1,20 +1,22 @@
-"""A rollout server's sync port: what a trainer driving a weight sync (trainer/engine_drive.py)
-asks of the server beside the engine. It listens where the engine does (the engine URL's host,
-port ``rollout.sync_port``), behind the job's engine key, served like every HTTP port of the
-project (areal_like/net/http_guard.py); a server without an engine key opens none (its Register
-names no sync URL; a trainer then reaches only an engine on its own node, through a door of its
-own).
+"""A rollout server's sync port: what the trainer driving its engine's weight syncs
+(trainer/engine_drive.py) asks of the server beside the engine. It listens where the engine does
+(the engine URL's host, port ``rollout.sync_port``), behind the job's engine key, served like
+every HTTP port of the project (areal_like/net/http_guard.py).
 
 ``POST /door {"master_addr", "master_port", "group_name"}`` -> ``{"port"}``: a door on this node's
 loopback to that group's store gate (areal_like/net/store_gate.py), in place of the engine's last
 one; the trainer tells the engine to join through it.
-``POST /drain {"seconds"}`` -> ``{"drained"}``: with ``rollout.drain_on_update``, no episode
-starts for ``seconds`` (or until ``/release``) and the answer comes once the episodes in flight
-ended, ``seconds`` at most; without it, at once (``drained`` false).
-``POST /release`` -> ``{}``: episodes start again.
-``POST /probe {"version"}`` -> ``{}``: after a failed sync of ``version``, the server checks that
-its engine still generates, and stops when it does not (its supervisor restarts it with a fresh
-engine).
+``POST /begin {"version", "seconds"}`` -> ``{"drained"}``: the sync of ``version`` begins; no lease
+is asked for and no evaluation begins for ``seconds`` or until its ``/end``. With
+``rollout.drain_on_update`` the answer comes once the episodes in flight ended (half of
+``seconds`` at most). 409 while the server evaluates: the sync of this member fails before anything
+reached its engine.
+``POST /adapter`` (a ``WeightSyncPlan``, JSON) -> ``{"ok", "reason", "pause_s"}``: with LoRA on a
+launched engine, the server loads the plan's adapter itself (its generate calls name the adapter:
+``areal_like/weights/engine_sync.py`` ``apply_adapter_sync``).
+``POST /end {"version", "ok", "pause_s", "reason"}`` -> ``{}``: the sync ended; after a failed one
+the server checks that its engine still generates and stops when it does not (its supervisor
+restarts it with a fresh engine).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from aiohttp import web
 
 from areal_like.net.http_guard import METRICS_LIMITS, guarded_app, serve
 from areal_like.net.sglang_client import SGLangError
+from areal_like.wire.protocol import SyncDone, WeightSyncPlan
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
@@ -38,31 +41,44 @@ class DoorBody(msgspec.Struct, forbid_unknown_fields=True):
     group_name: Name
 
 
-class DrainBody(msgspec.Struct, forbid_unknown_fields=True):
+class BeginBody(msgspec.Struct, forbid_unknown_fields=True):
+    version: Annotated[int, msgspec.Meta(ge=0)]
     seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)]
 
 
-class ProbeBody(msgspec.Struct, forbid_unknown_fields=True):
+class EndBody(msgspec.Struct, forbid_unknown_fields=True):
     version: Annotated[int, msgspec.Meta(ge=0)]
+    ok: bool
+    pause_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    reason: Annotated[str, msgspec.Meta(max_length=2000)] = ""
+
+
+class SyncRefused(Exception):
+    """``begin`` cannot be: its message says why (409)."""
 
 
 class SyncPort:
     """The routes above, each a call into the server that made it."""
 
     def __init__(self, key: str, *, door: Callable[[str, int, str], int],
-                 drain: Callable[[float], Awaitable[bool]], release: Callable[[], None],
-                 probe: Callable[[int], None]):
-        self.key, self.door, self.drain, self.release, self.probe = key, door, drain, release, probe
+                 begin: Callable[[int, float], Awaitable[bool]],
+                 adapter: Callable[[WeightSyncPlan], Awaitable[SyncDone]],
+                 end: Callable[[int, bool, float, str], None]):
+        self.key, self.door, self.begin, self.adapter, self.end = key, door, begin, adapter, end
         self.server = None
 
     async def start(self, host: str, port: int) -> str:
         """Serve on ``host:port`` (0: a free port); the URL."""
         app = guarded_app(limits=METRICS_LIMITS, token=self.key)
-        for path, handler in (("/door", self._door), ("/drain", self._drain),
-                              ("/release", self._release), ("/probe", self._probe)):
+        for path, handler in (("/door", self._door), ("/begin", self._begin),
+                              ("/adapter", self._adapter), ("/end", self._end)):
             app.router.add_post(path, handler)
         self.server = await serve(app, host, port)
         return f"http://{host}:{self.server.port}"
+
+    def unauthorized(self) -> int:
+        """Calls refused for a missing or wrong key (``areal_refused_total{port="sync"}``)."""
+        return self.server.stats.unauthorized if self.server is not None else 0
 
     async def close(self) -> None:
         if self.server is not None:
@@ -73,20 +89,28 @@ class SyncPort:
         try:
             port = self.door(body.master_addr, body.master_port, body.group_name)
         except SGLangError as e:  # it cannot listen here: the trainer's sync of it fails, saying so
-            return web.json_response({"error": {"message": e.message}}, status=502)
+            return _error(502, e.message)
         return web.json_response({"port": port})
 
-    async def _drain(self, request: web.Request) -> web.Response:
-        return web.json_response({"drained": await self.drain(
-            (await _body(request, DrainBody)).seconds)})
+    async def _begin(self, request: web.Request) -> web.Response:
+        body = await _body(request, BeginBody)
+        try:
+            return web.json_response({"drained": await self.begin(body.version, body.seconds)})
+        except SyncRefused as e:
+            return _error(409, str(e))
 
-    async def _release(self, request: web.Request) -> web.Response:
-        self.release()
+    async def _adapter(self, request: web.Request) -> web.Response:
+        done = await self.adapter(await _body(request, WeightSyncPlan))
+        return web.json_response({"ok": done.ok, "reason": done.reason, "pause_s": done.pause_s})
+
+    async def _end(self, request: web.Request) -> web.Response:
+        body = await _body(request, EndBody)
+        self.end(body.version, body.ok, body.pause_s, body.reason)
         return web.json_response({})
 
-    async def _probe(self, request: web.Request) -> web.Response:
-        self.probe((await _body(request, ProbeBody)).version)
-        return web.json_response({})
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"message": message}}, status=status)
 
 
 async def _body(request: web.Request, kind: type):

@@ -64,10 +64,11 @@ class Server:
         return self.proc.url
 
 
-def start(process_class, engine, model_dir: Path, log_path: Path) -> Server:
-    """An engine of ``process_class`` serving ``model_dir`` with ``engine``'s flags and a fresh key
-    (hex: never starts with "-", launch_sglang.write_secrets)."""
-    key = secrets.token_hex(16)
+def start(process_class, engine, model_dir: Path, log_path: Path, api_key: str | None = None
+          ) -> Server:
+    """An engine of ``process_class`` serving ``model_dir`` with ``engine``'s flags and ``api_key``,
+    else a fresh key (hex: never starts with "-", launch_sglang.write_secrets)."""
+    key = api_key or secrets.token_hex(16)
     proc = process_class(model_config(model_dir), engine, log_path=str(log_path), api_key=key)
     return Server(proc=proc.start(), model_dir=model_dir, api_key=key)
 

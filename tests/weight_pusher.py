@@ -1,9 +1,8 @@
 """A world-size-1 trainer for weight-sync tests: the real ``WeightBroadcaster`` pushing a tiny
 model.
 
-Run as ``python weight_pusher.py <config.yaml> <out_dir> '<json pushes>' [--drive]`` (``--drive``:
-this process drives the members' engines, ``trainer/engine_drive.py``, instead of relaying each
-plan through the buffer to their rollout servers); each push is
+Run as ``python weight_pusher.py <config.yaml> <out_dir> '<json pushes>'``: this process drives the
+members' engines (``trainer/engine_drive.py``), as a trainer does; each push is
 ``{"version": int, "members": int, "path": str (optional), "after": str (optional), "overlap": bool
 (optional: ``push(wait=False)``, then every weight += 1000 at once, as an optimizer step would
 move them while the push finishes)}``. Per push:
@@ -37,8 +36,7 @@ from trainer.engine_drive import EngineDrive  # noqa: E402
 from trainer.weight_sync import WeightBroadcaster  # noqa: E402
 
 # run directly, or through runpy (which leaves its own argv first)
-drive = "--drive" in sys.argv
-cfg_path, out_dir, pushes = [a for a in sys.argv if a != "--drive"][-3:]
+cfg_path, out_dir, pushes = sys.argv[-3:]
 cfg = load_daemon_config(["--config-file", cfg_path])
 out = Path(out_dir)
 # cuda: the tensor path's payloads are CUDA IPC handles
@@ -48,7 +46,7 @@ model = build_model(cfg.model, device=cfg.trainer.device)
 def broadcaster(path: str) -> WeightBroadcaster:
     key = engine_api_key(cfg.run_dir)  # the job's, where the test made one (as a trainer's)
     engines = EngineDrive(kind=cfg.rollout.engine.kind, engine_key=key,
-                          pause_mode=cfg.rollout.pause_mode) if drive else None
+                          pause_mode=cfg.rollout.pause_mode, lora=cfg.trainer.lora.enabled)
     return WeightBroadcaster(replace(cfg.trainer.weight_sync, path=path),
                              buffer_address=cfg.buffer.address, rank=0,
                              device=torch.device(cfg.trainer.device), send_dtype=cfg.model.dtype,

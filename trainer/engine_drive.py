@@ -1,6 +1,8 @@
-"""Rank 0 drives the engines of one push itself (trainer/WEIGHT_SYNC.md, "Where this is going"):
-one task per member runs the engine side (``areal_like/weights/engine_sync.py``: pause, join,
-load, continue) against that member's engine, on a loop thread of its own, while the push thread
+"""Rank 0 drives the engines of one push itself (trainer/WEIGHT_SYNC.md): one task per member
+tells the member's rollout server the sync begins (its sync port, rollout_server/sync_port.py:
+refused while it evaluates, answered once drained where it drains), runs the engine side
+(``areal_like/weights/engine_sync.py``: pause, join through the door that server opens, load,
+continue) and tells the server how it ended; on a loop thread of its own, while the push thread
 broadcasts.
 
 Invariants:
@@ -10,6 +12,8 @@ Invariants:
   from its answer);
 - a member is ``lost`` when its sync failed and its engine then did not answer ``/health``: the
   survivors that missed the version with it get it again (``WeightBroadcaster``), the lost one not;
+  it ``stalled`` when its sync ran into the deadline (``WeightBroadcaster`` leaves it out until it
+  shows life);
 - one client per engine URL lives as long as the drive (its connections, and the state a client
   keeps between calls of one sync: vLLM's version label, SGLang's adapter).
 """
@@ -41,6 +45,7 @@ WAIT_SLICE_S = 0.05  # ``wait`` looks at its stop request this often
 # node or process), not a survivor of another member's loss
 LOST_PROBE_S = 2.0
 CLOSE_TIMEOUT_S = 5.0  # the clients' connections are closed within this
+STALL_SHARE = 0.9  # a member whose sync took this share of the plan's deadline or more stalled
 
 
 class EngineDrive:
@@ -54,6 +59,7 @@ class EngineDrive:
         self.clients: dict[str, SGLangClient] = {}  # by engine URL, and by sync URL
         self.runs: dict[str, concurrent.futures.Future] = {}
         self.unreachable: set[str] = set()  # of the last plan: see ``lost``
+        self.slow: set[str] = set()  # of the last plan: see ``stalled``
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine-drive",
                                        daemon=True)
@@ -61,11 +67,12 @@ class EngineDrive:
 
     def start(self, plan: WeightSyncPlan, entries: list[RosterEntry]) -> None:
         """Run ``plan`` on each member's engine (``entries``: the roster it was made from)."""
-        self.unreachable = set()
+        # this plan's own sets: a task of an earlier plan still ending adds to its plan's
+        self.unreachable, self.slow = set(), set()
         by_id = {e.server_id: e for e in entries}
         self.runs = {m.server_id: asyncio.run_coroutine_threadsafe(
-            self._one(plan, m.server_id, by_id.get(m.server_id)), self.loop)
-            for m in plan.members}
+            self._one(plan, m.server_id, by_id.get(m.server_id), self.unreachable, self.slow),
+            self.loop) for m in plan.members}
 
     def _client(self, kind: str, url: str) -> SGLangClient:
         if (client := self.clients.get(url)) is None:
@@ -73,42 +80,46 @@ class EngineDrive:
             client = self.clients[url] = make(url, api_key=self.engine_key)
         return client
 
-    async def _one(self, plan: WeightSyncPlan, server_id: str,
-                   entry: RosterEntry | None) -> SyncDone:
+    async def _one(self, plan: WeightSyncPlan, server_id: str, entry: RosterEntry | None,
+                   unreachable: set[str], slow: set[str]) -> SyncDone:
         if entry is None or not entry.engine_url:
             return answer(plan, server_id, "no engine URL in the roster")
-        kind = entry.engine_kind or self.kind
+        kind, started = entry.engine_kind or self.kind, time.monotonic()
         client = self._client(kind, entry.engine_url)
-        # the member's server beside its engine (door, drain, probe); without one (no engine key)
-        # a door here reaches an engine on this node only, and nothing drains
+        # the member's server beside its engine: the door, the sync's begin and end; a member
+        # without one (a stand-in that only registers) is driven alone, a door here reaching only
+        # an engine on this node
         port = self._client("port", entry.sync_url) if entry.sync_url else None
-        drained = None if port is None else functools.partial(port.drain, plan.deadline_s)
         try:
-            if self.lora and kind in LAUNCHED:  # the adapter alone
-                done = await apply_adapter_sync(client, plan, server_id,
-                                                pause_mode=self.pause_mode,
-                                                inflight_drained=drained)
-            else:  # torch's join needs a door beside the engine (the embedded one opens its own)
-                door = None if kind == "embedded" else port.door if port is not None \
-                    else local_door(entry.engine_url, self.engine_key)
-                done = await apply_weight_sync(client, plan, server_id, door=door,
-                                               inflight_drained=drained,
-                                               pause_mode=self.pause_mode)
-        finally:
-            if port is not None:
-                with contextlib.suppress(SGLangError):
-                    await port.release()
-        if not done.ok:
-            if port is not None:  # does the engine still generate? its server checks, and
-                with contextlib.suppress(SGLangError):  # restarts it when it does not
-                    await port.probe(plan.policy_version)
-            if not await client.health(timeout_s=LOST_PROBE_S):
-                self.unreachable.add(server_id)
+            if port is not None:  # refused while it evaluates; drains first where it drains
+                await port.begin(plan)
+        except SGLangError as e:
+            return answer(plan, server_id, f"its rollout server: {e}")
+        if self.lora and kind in LAUNCHED:  # the adapter alone, switched by the member's server
+            done = await (port.adapter(plan, server_id) if port is not None else
+                          apply_adapter_sync(client, plan, server_id, pause_mode=self.pause_mode))
+        else:  # torch's join needs a door beside the engine (the embedded one opens its own)
+            door = None if kind == "embedded" else port.door if port is not None \
+                else local_door(entry.engine_url, self.engine_key)
+            done = await apply_weight_sync(client, plan, server_id, door=door,
+                                           pause_mode=self.pause_mode)
+        if port is not None:  # after a failed sync its server checks that the engine generates
+            with contextlib.suppress(SGLangError):
+                await port.end(done)
+        if not done.ok and time.monotonic() - started >= STALL_SHARE * plan.deadline_s:
+            slow.add(server_id)
+        if not done.ok and not await client.health(timeout_s=LOST_PROBE_S):
+            unreachable.add(server_id)
         return done
 
     def failed(self) -> list[str]:
         """The members whose sync already ended without loading the version."""
         return sorted(s for s, f in self.runs.items() if f.done() and not f.result().ok)
+
+    def stalled(self) -> set[str]:
+        """The members of the last plan that held it up: not done by ``wait``'s deadline, or failed
+        only at (``STALL_SHARE`` of) the plan's."""
+        return self.slow | {s for s, f in self.runs.items() if not f.done()}
 
     def lost(self) -> set[str]:
         """The members of the last plan whose sync failed and whose engine no longer answers."""

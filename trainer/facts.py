@@ -49,10 +49,11 @@ class TrainerFacts:
     # with LoRA, the path the engine kind loads an adapter from: what weight_sync.path=auto is
     # when no `areal-like run` resolved it (a trainer started by hand), as placement's auto_path
     adapter_path: str | None = None
-    # the job's engine API key (None: the job has none); never in a repr, a log line or a
-    # traceback's locals, like Keys.secret
+    # the job's engine API key (auth.engine_api_key; None only in facts a test builds); never in a
+    # repr, a log line or a traceback's locals, like Keys.secret
     engine_key: str | None = field(default=None, repr=False)
-    engine_kind: str = "sglang"  # rollout.engine.kind: the protocol the log-prob guard speaks
+    engine_kind: str = "sglang"  # rollout.engine.kind: the protocol the trainer drives it by
+    pause_mode: str = "retract"  # rollout.pause_mode: how a weight sync pauses each engine
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> TrainerFacts:
@@ -67,4 +68,5 @@ class TrainerFacts:
                    checkpoint_dir=cfg.resolve_path(cfg.trainer.checkpoint_dir),
                    export_dir=cfg.resolve_path(cfg.export.dir), nodes=cfg.launch.nodes, keys=keys,
                    engine_key=engine_api_key(cfg.run_dir), context=trajectory_limit(cfg),
-                   adapter_path=cfg.adapter_path, engine_kind=cfg.rollout.engine.kind)
+                   adapter_path=cfg.adapter_path, engine_kind=cfg.rollout.engine.kind,
+                   pause_mode=cfg.rollout.pause_mode)

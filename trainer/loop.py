@@ -23,6 +23,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from functools import cached_property
 
 import torch
@@ -30,6 +31,7 @@ import torch.distributed as dist
 
 from areal_like.daemon import Daemon, StartRefused
 from areal_like.job_facts import model_vocab_size
+from areal_like.net.auth import ensure_key_file
 from areal_like.net.security import Keys
 from areal_like.net.store_gate import refused_total
 from areal_like.settings.config import RunConfig, TrainerConfig, export_yaml
@@ -53,6 +55,7 @@ from trainer.critic import (
     train_critic,
 )
 from trainer.data import BatchSource, TrainBatch
+from trainer.engine_drive import EngineDrive
 from trainer.engine_lag import EngineSchedule
 from trainer.export import export_hf, export_tokenizer, prune_exports
 from trainer.facts import TrainerFacts
@@ -138,6 +141,8 @@ class Trainer(Daemon):
         torch.manual_seed(self.facts.seed)
         t, model_cfg = self.cfg, self.facts.model
         check_critic_tokenizer(model_cfg, t.critic)  # before anything is built
+        if self.facts.engine_key is None:  # started by hand, first of its job: it makes the key
+            self.facts = replace(self.facts, engine_key=ensure_key_file(self.facts.run_dir))
         self.rank, self.world_size = init_distributed(t)
         self.policy = build_policy(model_cfg, t)
         # the value model of PPO with a critic (trainer/critic.py); never exported nor pushed
@@ -152,12 +157,7 @@ class Trainer(Daemon):
                                 vocab_size=model_vocab_size(model_cfg), context=self.facts.context,
                                 route_shape=(route_shape(self.policy.model) if t.routing_replay
                                              else None))
-        self.broadcaster = WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address,
-                                             keys=self.facts.keys, rank=self.rank,
-                                             device=self.policy.device, send_dtype=model_cfg.dtype,
-                                             metrics=self.metrics,
-                                             adapter_path=self.facts.adapter_path,
-                                             engine_key=self.facts.engine_key)
+        self.broadcaster = self.make_broadcaster()
         self.engines = EngineSchedule(t.weight_sync, self.broadcaster, self.policy.model, t.steps)
         self.metrics.count_refusals("weight_sync", refused_total)  # rank 0's store gate
         self.data.on_stall = lambda: self.engines.repush(self.version)
@@ -193,6 +193,16 @@ class Trainer(Daemon):
         # nor may a later resume count a crash of ours against a most_lost smaller than ours
         if lost or ckpt is not None and self.most_lost() > self.saved_most_lost:
             self.checkpoint_now()
+
+    def make_broadcaster(self) -> WeightBroadcaster:
+        """Rank 0 drives every engine's weight sync, with the job's engine key."""
+        f, t = self.facts, self.cfg
+        drive = EngineDrive(kind=f.engine_kind, engine_key=f.engine_key, pause_mode=f.pause_mode,
+                            lora=t.lora.enabled) if self.rank == 0 else None
+        return WeightBroadcaster(t.weight_sync, buffer_address=t.buffer_address, keys=f.keys,
+                                 rank=self.rank, device=self.policy.device,
+                                 send_dtype=f.model.dtype, metrics=self.metrics,
+                                 adapter_path=f.adapter_path, engine_key=f.engine_key, drive=drive)
 
     def train_batch(self, batch: TrainBatch, prox_logp: torch.Tensor | None,
                     ref_logp: torch.Tensor | None) -> dict[str, float]:

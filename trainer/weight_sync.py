@@ -51,7 +51,6 @@ from trainer.weight_group import GroupSender
 from trainer.weight_local import DiskSender, TensorSender
 from trainer.weight_members import (
     BUFFER_REQUEST_TIMEOUT_S,
-    BufferRelay,
     MembersLost,
     RendezvousWatch,
     merge_repush,
@@ -112,11 +111,9 @@ class WeightBroadcaster:
         self.backend = cfg.backend_on(device.type)
         self.client = Client(buffer_address, keys=keys, timeout_s=BUFFER_REQUEST_TIMEOUT_S,
                              identity=TRAINER_PEER) if rank == 0 else None  # keys None: plain
-        # rank 0: who runs a plan on the members' engines: ``drive`` (this process calls each
-        # engine, trainer/engine_drive.py) or, without one, the members' rollout servers, the plan
-        # relayed through the buffer (trainer/WEIGHT_SYNC.md, "Where this is going")
-        self.drive = drive
-        self.members_side: EngineDrive | BufferRelay | None = None  # the current plan's, set up
+        # rank 0 runs each plan on the members' engines itself (trainer/engine_drive.py; default:
+        # as embedded engines, unless the roster names another kind)
+        self.drive = (drive or EngineDrive(engine_key=engine_key)) if rank == 0 else None
         # `run` resolves auto (launch/placement.py); unresolved: the adapter's path, or the group
         path = cfg.path if cfg.path != "auto" else adapter_path or "distributed"  # schema-checked
         self.sender = SENDERS[path](cfg, self.backend, rank, send_dtype)
@@ -124,6 +121,11 @@ class WeightBroadcaster:
         self.engine_key = engine_key  # the job's engine API key: the group's members prove it
         self.versions = local_versions()  # what each member's versions are checked against
         self.refused: set[str] = set()  # left out of the last plan: catch_up does not wait for them
+        # members whose sync ran into the deadline -> (incarnation, active) then: left out until
+        # their roster entry moves (they ask for leases, deliver a group or register anew), so a
+        # registered id with nothing behind it holds up one push, not every one
+        self.stalled: dict[str, tuple[str, int]] = {}
+        self.entries: dict[str, RosterEntry] = {}  # the roster of the plan being run
         self._unversioned: set[str] = set()  # members reporting no versions, warned about once
         # rank 0: member -> the last version it loaded from this process (a resumed trainer's
         # label may name other weights on a member the crashed trainer pushed it to)
@@ -208,13 +210,15 @@ class WeightBroadcaster:
     def catch_up_decision(self, version: int, deadline: float, pushes: int,
                           final_eval: bool = False) -> str:
         """Rank 0: "wait" (a server evaluates, or ``final_eval`` and none that evaluates yet),
-        "push" (a member is behind; never one refused for its versions) or "done"."""
+        "push" (a member is behind; never one refused for its versions or left out stalled) or
+        "done"."""
         try:
             reply = roster(self.client, deadline)
         except (TransportTimeout, RuntimeError):
             return "done"
-        behind = sorted(m.server_id for m in reply.members if m.server_id not in self.refused and
-                        min(m.policy_version, self.loaded.get(m.server_id, -1)) < version)
+        behind = sorted(m.server_id for m in reply.members if m.server_id not in self.refused
+                        and self.stalled.get(m.server_id) != (m.incarnation, m.active)
+                        and min(m.policy_version, self.loaded.get(m.server_id, -1)) < version)
         absent = final_eval and not reply.evaluating and not any(m.evaluates for m in reply.members)
         if time.monotonic() > deadline or pushes >= CATCH_UP_PUSHES:
             if reply.evaluating or behind or absent:
@@ -302,8 +306,10 @@ class WeightBroadcaster:
             report.bytes = 0
         # the members' reports, also after a failed rendezvous (the survivors' before a re-push)
         if self.rank == 0 and report.plan_id:
-            self.members_side.collect(report, deadline, self.stopping.is_set)
-            lost.update(self.members_side.lost())
+            self.drive.collect(report, deadline, self.stopping.is_set)
+            lost.update(self.drive.lost())
+            for sid in self.drive.stalled() & set(self.entries):
+                self.stalled[sid] = (self.entries[sid].incarnation, self.entries[sid].active)
             if report.dropped and not self.stopping.is_set():
                 log.warning("weight sync v%d: dropped %s (lost, missed the %gs deadline or "
                             "failed)", report.version, report.dropped, self.cfg.deadline_s)
@@ -319,6 +325,7 @@ class WeightBroadcaster:
             return False
         try:
             entries = roster(self.client, deadline).members
+            self.entries = {e.server_id: e for e in entries}
             admitted = self._admit(entries, report)
             admitted = admitted if only is None else [a for a in admitted if a[0] in only]
             report.members = [a[0] for a in admitted]
@@ -333,11 +340,10 @@ class WeightBroadcaster:
                 deadline_s=max(0.5, min(self.cfg.deadline_s, deadline - time.monotonic())),
                 **route)
             report.reform = plan.reform
-            self.members_side = self.drive or BufferRelay(self.client)
-            self.members_side.start(plan, entries)
+            self.drive.start(plan, entries)
             report.plan_id = plan.plan_id  # started: its members answer it
-            watch = RendezvousWatch(self.client, report.version, report.members, deadline,
-                                    rendezvous_end(deadline), failed=self.members_side.failed)
+            watch = RendezvousWatch(self.client, report.members, deadline,
+                                    rendezvous_end(deadline), failed=self.drive.failed)
             self.sender.connect(plan, admitted, watch, self.engine_key)
             return True
         except Exception as e:  # rendezvous timeout, member lost, plan refused, buffer gone, disk
@@ -353,6 +359,11 @@ class WeightBroadcaster:
         others are refused this version."""
         admitted = []
         for m in entries:
+            if self.stalled.get(m.server_id) == (m.incarnation, m.active):
+                log.info("weight sync v%d: server %s left out: its last sync ran into the deadline "
+                         "and it showed no life since", report.version, m.server_id)
+                continue
+            self.stalled.pop(m.server_id, None)
             peer = RuntimeVersions(m.torch_version, m.cuda_version, m.nccl_version)
             if why := mismatch(self.versions, peer, self.backend):
                 report.refused.append(m.server_id)
@@ -372,7 +383,7 @@ class WeightBroadcaster:
         return sorted(admitted)
 
     def _raise_if_failed(self, version: int) -> None:
-        failed = self.members_side.failed()
+        failed = self.drive.failed()
         if failed:
             raise RuntimeError(f"member(s) {failed} failed during the broadcast of v{version}")
 

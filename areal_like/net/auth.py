@@ -48,9 +48,13 @@ def url_credential(url: str) -> str:
     return ""
 
 
-def engine_api_key(run_dir: str | Path) -> str | None:
-    """The job's engine API key: ``ENGINE_KEY_ENV``, else ``run_dir``'s ``KEY_FILE``, else None."""
-    return os.environ.get(ENGINE_KEY_ENV) or read_key_file(run_dir)
+def engine_api_key(run_dir: str | Path, make: bool = False) -> str | None:
+    """The job's engine API key: ``ENGINE_KEY_ENV``, else ``run_dir``'s ``KEY_FILE``; with
+    ``make`` (a daemon starting), made there when there is none, by the first of the job's
+    processes to start (``ensure_key_file``; `areal-like run` makes it before any starts and hands
+    it to other nodes in ``ENGINE_KEY_ENV``)."""
+    return os.environ.get(ENGINE_KEY_ENV) or (ensure_key_file(run_dir) if make
+                                              else read_key_file(run_dir))
 
 
 def metrics_token() -> str | None:
@@ -84,10 +88,18 @@ def ensure_key_file(run_dir: str | Path) -> str:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(path.parent, 0o700)
     key = secrets.token_hex(32)  # never starts with "-" (SGLang's parser: launch_sglang.py)
-    # never world-readable, not even briefly
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
+    # written whole beside it, never world-readable, then linked in: of processes making it at
+    # once, the first link wins and the others read that key
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(key + "\n")
+        os.link(tmp, path)
+    except FileExistsError:
+        return read_key_file(run_dir) or key
+    finally:
+        tmp.unlink(missing_ok=True)
     return key
 
 

@@ -355,8 +355,9 @@ class RolloutConfig(Section):
     # this server runs the job's evaluations (eval.*); `areal-like run` sets it on the first
     eval: bool = False
     metrics_port: Annotated[int, PORT] = 0  # its /metrics HTTP port; 0 = ephemeral
-    # where a trainer driving a weight sync asks for the engine's door, a drain and a probe (on
-    # the engine's host, behind the engine key: rollout_server/sync_port.py); 0 = ephemeral
+    # where the trainer driving a weight sync asks for the engine's door and says when the sync
+    # begins and ends (on the engine's host, behind the engine key: rollout_server/sync_port.py);
+    # 0 = ephemeral
     sync_port: Annotated[int, PORT] = 0
     engine: EngineConfig = field(default_factory=EngineConfig)
 

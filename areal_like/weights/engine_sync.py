@@ -1,8 +1,8 @@
-"""An engine's side of a weight sync (phases 2-5 of areal_like/DESIGN.md section 4), in the shared
-core so that whoever drives the engine imports it: the rollout server today, the trainer in the
-design of trainer/WEIGHT_SYNC.md ("Where this is going").
+"""An engine's side of a weight sync (phases 2-5 of areal_like/DESIGN.md section 4), as the trainer
+drives each member's engine (trainer/engine_drive.py), and what it asks of the member's rollout
+server beside it (``ServerPort``).
 
-``apply_weight_sync`` drives this server's engine through one ``WeightSyncPlan`` in the order of
+``apply_weight_sync`` drives one engine through one ``WeightSyncPlan`` in the order of
 rollout_server/ROLLOUT.md, "Weight sync" (how each ``plan.path`` loads: ``RECEIVERS``);
 ``apply_adapter_sync`` loads a LoRA adapter instead (ROLLOUT.md, "LoRA adapters on SGLang").
 
@@ -11,8 +11,6 @@ Invariants:
   a session a failed bucket left open is closed first (or every later sync is refused);
 * ``weight_version`` and ``flush_cache`` go only with the last bucket, so an engine whose sync
   fails half-way keeps its old label: tokens from mixed weights are never labelled newer;
-* a drain takes at most ``DRAIN_SHARE`` of the deadline, then the pause (``pause_mode``: retract
-  or abort) takes what is left;
 * every call is bounded by what is left of ``plan.deadline_s`` (the trainer's own deadline is the
   authority); failures never raise: they become ``SyncDone(ok=False, reason=...)``.
 
@@ -27,6 +25,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.net.store_gate import StoreDoor
 from areal_like.weights.lora import served_name
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 DESTROY_TIMEOUT_S = 10.0
 # continue runs even after the deadline passed; it must not wait forever either
 CONTINUE_TIMEOUT_S = 30.0
-DRAIN_SHARE = 0.5  # at most this share of the deadline is spent letting in-flight requests finish
 # engine URL -> the door its store connection to its current group runs through
 _DOORS: dict[str, StoreDoor] = {}
 _JOINED: dict[str, str] = {}  # engine URL -> the group its engine was last told to join
@@ -66,11 +65,9 @@ class _Deadline:
 
 
 async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *,
-                            inflight_drained: Callable[[], Awaitable[None]] | None = None,
                             load_format: str | None = FLATTENED, door: Door | None = None,
                             pause_mode: str = "abort") -> SyncDone:
     """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused.
-    With ``inflight_drained`` (drain mode) the pause waits for it first (``DRAIN_SHARE``);
     ``load_format=None`` (one broadcast per tensor) is for senders that do not pack buckets;
     ``pause_mode``: SGLang's ``/pause_generation`` mode (``rollout.pause_mode``: abort, retract);
     ``door``: the engine joins through the loopback port it opens (``local_door``, a rollout
@@ -90,8 +87,6 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     try:
         if plan.reform and receiver.joins_group:
             init_task = await _start_group_join(client, plan, member.rank_offset, deadline, door)
-        if inflight_drained is not None:
-            await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
         if init_task is not None:
             await asyncio.wait_for(asyncio.shield(init_task), deadline.left())
         paused_at = time.monotonic()
@@ -124,13 +119,10 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
 
 
 async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *,
-                             pause_mode: str = "abort",
-                             inflight_drained: Callable[[], Awaitable[None]] | None = None
-                             ) -> SyncDone:
+                             pause_mode: str = "abort") -> SyncDone:
     """Load ``plan``'s adapter (a PEFT directory) into an SGLang engine started with LoRA and make
     it the one generate calls name; never raises (but ``CancelledError``), never leaves the engine
-    paused (also when cancelled), retires every adapter it sent and does not serve. With
-    ``inflight_drained`` (drain mode) the pause waits for it, as ``apply_weight_sync`` does."""
+    paused (also when cancelled), retires every adapter it sent and does not serve."""
     if not any(m.server_id == server_id for m in plan.members):
         return answer(plan, server_id, "this server is not a member of the plan")
     if plan.path != "disk" or len(plan.payloads) != 1:
@@ -147,8 +139,6 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
         sent = True  # before the call: a load whose answer is late or lost may still happen
         await client.load_lora_adapter(name, plan.payloads[0], timeout_s=deadline.left())
         client.adapter = (name, plan.policy_version)  # before the pause: what it aborts resubmits
-        if inflight_drained is not None:
-            await _drain(inflight_drained, plan.deadline_s * DRAIN_SHARE, deadline)
         paused_at = time.monotonic()
         await client.pause_generation(pause_mode, timeout_s=deadline.left())
         await client.update_weight_version(str(plan.policy_version), timeout_s=deadline.left())
@@ -287,8 +277,8 @@ def local_door(engine_url: str, key: str | None) -> Door:
 
 
 class ServerPort(SGLangClient):
-    """A rollout server's sync port (rollout_server/sync_port.py), as a trainer driving its
-    engine calls it: the door beside the engine, the drain, the probe after a failed sync."""
+    """A rollout server's sync port (rollout_server/sync_port.py), as the trainer driving its
+    engine calls it: the door beside the engine, a sync's begin and end."""
 
     async def door(self, plan: WeightSyncPlan) -> int:
         body = {"master_addr": plan.master_addr, "master_port": plan.master_port,
@@ -297,20 +287,29 @@ class ServerPort(SGLangClient):
                                          idempotent=True)  # a second door replaces the first
         return int(answer_["port"])
 
-    async def drain(self, seconds: float) -> None:
-        """Until the server's episodes in flight ended (no new one starts for ``seconds``, or
-        until ``release``); at once where the server does not drain (rollout.drain_on_update)."""
-        await self._call("POST", "/drain", {"seconds": seconds}, timeout_s=seconds + 5.0,
-                         idempotent=True)
+    async def begin(self, plan: WeightSyncPlan) -> None:
+        """``plan``'s sync of the server's engine begins: it asks for no lease and begins no
+        evaluation until ``end`` (or the plan's deadline); answered once drained where it drains
+        (rollout.drain_on_update). SGLangError 409 while it evaluates."""
+        await self._call("POST", "/begin", {"version": plan.policy_version,
+                                            "seconds": plan.deadline_s},
+                         timeout_s=plan.deadline_s + CONTINUE_TIMEOUT_S, idempotent=True)
 
-    async def release(self) -> None:
-        await self._call("POST", "/release", timeout_s=CONTINUE_TIMEOUT_S, idempotent=True)
+    async def adapter(self, plan: WeightSyncPlan, server_id: str) -> SyncDone:
+        """The server loads ``plan``'s LoRA adapter into its engine (``apply_adapter_sync`` there:
+        its generate calls name the adapter, so the switch is its own); never raises."""
+        try:
+            _, got, _ = await self._call("POST", "/adapter", msgspec.to_builtins(plan),
+                                         timeout_s=plan.deadline_s + CONTINUE_TIMEOUT_S,
+                                         idempotent=False)
+        except SGLangError as e:
+            return answer(plan, server_id, f"its rollout server: {e}")
+        return answer(plan, server_id, got["reason"] if not got["ok"] else "", got["pause_s"])
 
-    async def probe(self, version: int) -> None:
-        """After a failed sync of ``version``: the server checks that its engine still generates
-        (else it stops, and its supervisor restarts it with a fresh engine)."""
-        await self._call("POST", "/probe", {"version": version}, timeout_s=CONTINUE_TIMEOUT_S,
-                         idempotent=True)
+    async def end(self, done: SyncDone) -> None:
+        await self._call("POST", "/end", {"version": done.policy_version, "ok": done.ok,
+                                          "pause_s": done.pause_s, "reason": done.reason[:2000]},
+                         timeout_s=CONTINUE_TIMEOUT_S, idempotent=True)
 
 
 def require_local_engine(url: str) -> str:
@@ -327,15 +326,6 @@ def require_local_engine(url: str) -> str:
                          "the trainer's weight groups through a door on this node's loopback "
                          "(areal_like/net/store_gate.py)")
     return url
-
-
-async def _drain(inflight_drained: Callable[[], Awaitable[None]], budget_s: float,
-                 deadline: _Deadline) -> None:
-    try:
-        await asyncio.wait_for(inflight_drained(), min(budget_s, deadline.left()))
-    except asyncio.TimeoutError:
-        log.warning("drain did not finish within %.1fs; pausing the remaining requests instead",
-                    budget_s)
 
 
 async def _continue(client: SGLangClient, reason: str) -> str:

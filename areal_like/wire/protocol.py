@@ -48,14 +48,14 @@ class Register(_TopLevel, tag="register"):
     incarnation: Incarnation = ""
     fresh: bool = False  # its first Register since it started (decides when the buffer knows none)
     engine_kind: EngineKind = ""  # the protocol its engine speaks: how a trainer drives it
-    # its sync port (rollout_server/sync_port.py): a driving trainer's door, drain and probe calls
+    # its sync port (rollout_server/sync_port.py): the trainer's door, begin, adapter, end calls
     sync_url: str = ""
 
 
 class RegisterAck(_TopLevel, tag="register_ack"):
     server_id: str
     policy_version: int  # the trainer version the buffer knows
-    pub_address: str  # where VersionUpdate / WeightSyncPlan announcements are published
+    pub_address: str  # where VersionUpdate announcements are published
 
 
 class Heartbeat(_TopLevel, tag="heartbeat"):
@@ -155,13 +155,15 @@ class RosterEntry(Message, tag="roster_entry"):
     incarnation: Incarnation = ""
     engine_kind: EngineKind = ""  # from the member's Register
     sync_url: str = ""  # from the member's Register
+    # the buffer's count of its lease requests and groups: the trainer leaves out a member whose
+    # sync ran into the deadline until this (or its incarnation) moves (trainer/weight_sync.py)
+    active: int = 0
 
 
 class Roster(_TopLevel, tag="roster"):
     members: list[RosterEntry]
     policy_version: int
     evaluating: list[str] = []  # servers out of the roster while they evaluate
-    absent: list[str] = []  # out of weight syncs: they never answered one (buffer/control.py)
 
 
 class SyncMember(Message, tag="sync_member"):
@@ -188,8 +190,9 @@ class BucketSpec(Message, tag="bucket_spec"):
 WEIGHT_PATHS = {"distributed": lambda buckets: 0, "tensor": len, "disk": lambda buckets: 1}
 
 
-class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
-    """Trainer -> buffer -> rollout servers: how version ``policy_version`` is pushed."""
+class WeightSyncPlan(Message):
+    """How version ``policy_version`` is pushed to its members' engines, in the trainer's process
+    (trainer/weight_sync.py, driven by trainer/engine_drive.py); never on the wire."""
 
     policy_version: int
     group_name: str
@@ -200,9 +203,9 @@ class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
     reform: bool  # members must (re)join the group before receiving
     members: list[SyncMember]
     buckets: list[BucketSpec]
-    deadline_s: Finite  # the whole sync, from publication
+    deadline_s: Finite  # the whole sync, from the plan's start
     plan_id: str = ""  # unique per push attempt: a re-push of the same version is a new plan
-    path: str = "distributed"  # WEIGHT_PATHS; a str: an unknown one is answered SyncDone(ok=False)
+    path: str = "distributed"  # WEIGHT_PATHS; a str: an unknown one fails the member's sync
     payloads: list[str] = []  # WEIGHT_PATHS[path](buckets) of them
 
     def validate(self) -> None:
@@ -218,29 +221,18 @@ class WeightSyncPlan(_TopLevel, tag="weight_sync_plan"):
 class HeartbeatAck(_TopLevel, tag="heartbeat_ack"):
     policy_version: int
     known: bool  # False: the buffer lost this server (restart/expiry); it must Register again
-    pending_plan: WeightSyncPlan | None = None  # a sync this server must join (covers missed PUBs)
 
 
-class SyncDone(_TopLevel, tag="sync_done"):
+class SyncDone(Message):
+    """One member's result of a ``WeightSyncPlan`` (areal_like/weights/engine_sync.py); never on
+    the wire."""
+
     server_id: str
     policy_version: int
     ok: bool
     reason: str = ""
     pause_s: Finite = 0.0  # how long the engine was not generating
-    want_credits: Wanted = 0  # leases wanted with the Ack (saves a CreditRequest after a sync)
-    # the plan answered; a late answer to an earlier plan is not this one's result
-    plan_id: str = ""
-
-
-class SyncStatusRequest(_TopLevel, tag="sync_status_request"):
-    policy_version: int
-
-
-class SyncStatus(_TopLevel, tag="sync_status"):
-    policy_version: int
-    done: list[str]  # server ids that loaded the version
-    failed: list[str]
-    pause_s: dict[str, Any] = {}  # server id -> seconds its engine was not generating
+    plan_id: str = ""  # the plan answered
 
 
 class StatsRequest(_TopLevel, tag="stats_request"):
@@ -251,11 +243,9 @@ class Stats(_TopLevel, tag="stats"):
     values: dict[str, Any]  # flat str -> number
 
 
-
 _ALL = (Trajectory, Register, RegisterAck, Heartbeat, HeartbeatAck, CreditRequest, Credit, Credits,
         TrajectoryGroup, Ack, BatchRequest, Batch, VersionUpdate, RosterRequest, RosterEntry,
-        Roster, SyncMember, BucketSpec, WeightSyncPlan, SyncDone, SyncStatusRequest, SyncStatus,
-        StatsRequest, Stats)
+        Roster, SyncMember, BucketSpec, WeightSyncPlan, SyncDone, StatsRequest, Stats)
 for _cls in _ALL:
     _cls.TYPE = _cls.__struct_config__.tag
 TOP_LEVEL_TYPES: dict[str, type[Message]] = {c.TYPE: c for c in _ALL if issubclass(c, _TopLevel)}

@@ -1,5 +1,5 @@
 """The trainer drives the engines of a push itself (``trainer/engine_drive.py``;
-trainer/WEIGHT_SYNC.md, "Where this is going").
+trainer/WEIGHT_SYNC.md, "Who drives the engines").
 
 Real processes: two embedded engines (``test_trainer_weight_sync.engine_role``, each writes its
 served version and the SHA-256 of its weights whenever the version changes), driven from this

@@ -7,8 +7,7 @@ key, got 401 from it. Now every daemon finds the job's key once at start the sam
 ``areal-like run`` writes) and keeps it in its facts. Real objects: a ``RolloutServer`` started in
 this process with its embedded engine (a real HTTP server), probed by the trainer's own
 ``probe_engine`` with the key ``TrainerFacts`` holds.
-A job with no key at all: the server refuses to start with one line naming what is missing, since
-the trainer's guard would send the engine requests it could not authenticate.
+A job with no key at all: its first process makes one in the run directory, for all.
 A request with a wrong key is counted in the server's ``areal_refused_total{port="engine"}``.
 """
 
@@ -19,7 +18,6 @@ import threading
 
 import pytest
 
-from areal_like.daemon import StartRefused
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
 from areal_like.net.sglang_client import SGLangError
 from areal_like.settings.config import load_config
@@ -53,27 +51,29 @@ def test_a_server_without_the_variable_serves_the_trainers_probe_with_the_jobs_k
         server.stop()
 
 
-def test_a_job_without_a_key_is_refused_at_start_when_the_trainer_probes_engines(
-        tmp_run_dir, monkeypatch, caplog):
+def test_a_job_without_a_key_gets_one_made_by_its_first_process_and_shared_by_all(
+        tmp_run_dir, monkeypatch):
+    """No variable and no key file (daemons started by hand): the first process that asks makes
+    the key file, owner-only, and processes asking at once all end with that one key (the trainer
+    drives every engine with it: trainer/WEIGHT_SYNC.md)."""
+    import subprocess
+    import sys
+
+    from areal_like.net.auth import engine_api_key
+
     monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
+    ask = ("import sys; from areal_like.net.auth import engine_api_key; "
+           "print(engine_api_key(sys.argv[1], make=True))")  # as each daemon's start asks
+    askers = [subprocess.Popen([sys.executable, "-c", ask, str(tmp_run_dir)],
+                               stdout=subprocess.PIPE, text=True) for _ in range(6)]
+    keys = {p.communicate(timeout=120)[0].strip() for p in askers}
+    assert all(p.returncode == 0 for p in askers)
+    assert len(keys) == 1 and keys == {engine_api_key(tmp_run_dir)}, keys
+    assert (tmp_run_dir / KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in (tmp_run_dir / KEY_FILE).parent.iterdir()] == [KEY_FILE.split("/")[-1]]
     cfg = load_config([f"run_dir={tmp_run_dir}", *SMALL])
-    cfg.rollout.metrics_port = -1  # no /metrics server (the daemon's hook; not a config value)
-    server = RolloutServer.from_run(cfg)
-    with pytest.raises(StartRefused) as refused:
-        server.engine_api_key()
-    message = str(refused.value)
-    assert "\n" not in message and ENGINE_KEY_ENV in message
-    assert str(tmp_run_dir / KEY_FILE) in message
-    assert server.serve() == 2 and server.engine is None  # exit 2, no engine
-    assert message in caplog.text
-    # nobody else talks to its engine (the guard is off): a key of its own, never an open engine
-    alone = RolloutServer.from_run(load_config([f"run_dir={tmp_run_dir}", *SMALL,
-                                                "trainer.logprob_guard_tol=0"]))
-    assert alone.engine_api_key() and alone.engine_api_key() != alone.engine_api_key()
-    attached = RolloutServer.from_run(load_config([f"run_dir={tmp_run_dir}", *SMALL,
-                                                   "rollout.engine.kind=url",
-                                                   "rollout.engine.url=http://127.0.0.1:9"]))
-    assert attached.engine_api_key() is None  # an attached engine: what the job has (none)
+    assert RolloutServer.from_run(cfg).facts.engine_key == TrainerFacts.from_run(cfg).engine_key \
+        == keys.pop()
 
 
 class _KeyedEngine(http.server.BaseHTTPRequestHandler):

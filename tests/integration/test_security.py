@@ -5,9 +5,10 @@ A real buffer daemon (``python -m buffer``, CURVE on, keys from ``areal-like key
 rollout-server client and a real trainer client (this process, holding the job's keys). Beside them,
 stranger processes, one with no CURVE at all, one with a CURVE key that is not on the allow-list,
 one that does not know the server's key, each try to register, send a group, ask for a Batch and
-listen for the WeightSyncPlan the job publishes meanwhile. Every stranger request must time out
-cleanly with nothing received; the buffer's ``auth_refused`` counter on /metrics must count them by
-reason; the job's own traffic must go on unaffected (its group trained on, its plan received).
+listen for the version announcements the job publishes meanwhile. Every stranger request must time
+out cleanly with nothing received; the buffer's ``auth_refused`` counter on /metrics must count
+them by reason; the job's own traffic must go on unaffected (its group trained on, its
+announcements received).
 """
 
 from __future__ import annotations
@@ -75,8 +76,8 @@ for msg in requests:
     except TransportTimeout:
         out["requests"][msg.TYPE] = "timeout"
 print("listening", flush=True)
-while not Path(stop_file).exists():  # the test publishes plans until every stranger listened """
-    r"""through some
+while not Path(stop_file).exists():  # the test announces versions until every stranger """
+    r"""listened
     got = sub.recv(0.2)
     if got is not None:
         out["announcements"].append(got.TYPE)
@@ -91,13 +92,6 @@ def group(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
     return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,
                              lease_id=credit.lease_id, prompt_index=credit.prompt_index,
                              epoch=credit.epoch, trajectories=trajs)
-
-
-def plan(version: int) -> P.WeightSyncPlan:
-    return P.WeightSyncPlan(policy_version=version, group_name="g", master_addr="127.0.0.1",
-                            master_port=1, world_size=2, backend="gloo", reform=True,
-                            members=[P.SyncMember(server_id="real",
-                            rank_offset=1)], buckets=[], deadline_s=60.0, plan_id=f"p{version}")
 
 
 def areal_like(spawn_python, *args) -> tuple[int, str, str]:
@@ -191,14 +185,14 @@ def test_strangers_get_nothing_are_counted_and_the_job_goes_on(
     assert rollout.request(group(credit, "real")).status == "accepted"
     batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
     assert [g.group_id for g in batch.groups] == [f"real-{credit.lease_id}"]
-    # plans are published while every stranger listens; the real subscriber gets them
+    # versions are announced while every stranger listens; the real subscriber gets them
     for proc in strangers.values():
         assert proc.stdout.readline().strip() == "listening", proc.stderr.read()
     received, version = [], 1
     while len(received) < 3:
-        assert trainer.request(plan(version)).status == "ok"
+        assert trainer.request(P.VersionUpdate(policy_version=version)).status == "ok"
         version += 1
-        if (got := real_sub.recv(1.0)) is not None and got.TYPE == "weight_sync_plan":
+        if (got := real_sub.recv(1.0)) is not None and got.TYPE == "version_update":
             received.append(got.policy_version)
     stop_file.touch()
     roster = trainer.request(P.RosterRequest())

@@ -2,9 +2,9 @@
 
 Processes: the real buffer daemon, two embedded engines (``python -m``-style wrappers below that
 also write a SHA-256 of their weights whenever their weight_version changes), two trainer ranks
-(torchrun environment, gloo). The rollout-server side is played by two small drivers in this
-test process that register with the buffer, heartbeat, and apply plans with the real
-``areal_like.weights.engine_sync.apply_weight_sync``.
+(torchrun environment, gloo); rank 0 drives both engines. The rollout-server side is played by two
+stand-ins in this test process that register with the buffer and heartbeat
+(``weight_sync_harness.Driver``); A's engine is behind a proxy that kills it.
 
 Checks:
 - v1: both engines hold exactly the trainer's full state (SHA-256 of every parameter's bytes) and
@@ -20,9 +20,7 @@ import asyncio
 import hashlib
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -128,53 +126,6 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
     leave_distributed()
 
 
-# ---------------------------------------------------------------- rollout-server stand-ins
-def drive(server_id: str, url: str, address: str, stop: threading.Event, kill_at: int | None = None,
-          kill_pid: int | None = None) -> None:
-    """Register, heartbeat, apply plans with the real applier; optionally kill the engine
-    mid-sync."""
-    from areal_like.net.dealer import Client
-    from areal_like.net.sglang_client import SGLangClient
-    from areal_like.weights.engine_sync import apply_weight_sync
-    from areal_like.wire.protocol import Heartbeat, Register
-
-    async def main() -> None:
-        client = Client(address, timeout_s=10)
-        client.request(Register(server_id=server_id, engine_url=url, engine_ranks=1,
-                                policy_version=0))
-        sg, served, handled = SGLangClient(url, timeout_s=60), 0, set()
-        try:
-            while not stop.is_set():
-                plan = client.request(Heartbeat(server_id=server_id,
-                                                policy_version=served)).pending_plan
-                # each plan once, by plan_id, as a rollout server does: a re-push of a version is a
-                # new plan (one left unanswered keeps this server out of later syncs)
-                if plan is not None and plan.plan_id not in handled:
-                    handled.add(plan.plan_id)
-                    if plan.policy_version == kill_at:
-                        await sg.pause_generation("abort")
-                        await sg.begin_weight_update()
-                        # dies holding the session, before its first bucket
-                        os.kill(kill_pid, signal.SIGKILL)
-                        return
-                    done = await apply_weight_sync(sg, plan, server_id)
-                    # workaround: the applier leaves the engine's update session open after a
-                    # failed bucket, and the next begin_weight_update is refused (reported)
-                    if not done.ok:
-                        try:
-                            await sg.end_weight_update(timeout_s=5)
-                        except Exception:
-                            pass
-                    client.request(done)
-                    served = plan.policy_version if done.ok else served
-                await asyncio.sleep(0.1)
-        finally:
-            await sg.close()
-            client.close()
-
-    asyncio.run(main())
-
-
 async def sample_probe(
         url: str, prompts: list[list[int]]) -> list[tuple[list[int], list[int], list[float]]]:
     from areal_like.net.sglang_client import SGLangClient
@@ -211,13 +162,11 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(
     urls = {sid: wait_until(lambda sid=sid: _read_json(tmp_path / sid)
                                             and (tmp_path / f"{sid}.url").read_text(),
                             STARTUP_S, 0.2, f"engine {sid}") for sid in engines}
-    stop = threading.Event()
-    drivers = [threading.Thread(target=drive, args=("rollout-a", urls["rollout-a"],
-                                                    cfg.buffer.address, stop, 2,
-                                                    engines["rollout-a"].pid), daemon=True),
-               threading.Thread(target=drive, args=("rollout-b", urls["rollout-b"],
-                                                    cfg.buffer.address, stop),
-                                daemon=True)]
+    from weight_sync_harness import Driver
+
+    drivers = [Driver("rollout-a", urls["rollout-a"], cfg.buffer.address, fault="session",
+                      engine_pid=engines["rollout-a"].pid, at_pause=2),  # v2's
+               Driver("rollout-b", urls["rollout-b"], cfg.buffer.address)]
     for d in drivers:
         d.start()
     port = free_port()
@@ -230,6 +179,7 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(
         codes = [t.poll() for t in trainers]
         assert all(c in (None, 0) for c in codes), (
             f"a trainer rank died: exit codes by rank {codes} (see its log above)")
+        assert all(d.error is None for d in drivers), [d.error for d in drivers]
         return _read_json(tmp_path / name)
 
     try:
@@ -257,7 +207,7 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(
         assert v2["seconds"] <= DEADLINE_S + 5.0, v2
         # (in practice sooner: A left the roster after buffer.heartbeat_timeout_s and was
         # dropped then)
-        assert engines["rollout-a"].poll() is not None
+        assert drivers[0].killed.is_set() and engines["rollout-a"].poll() is not None
 
         v3 = wait_until(lambda: result("v3.json"), 120, 0.2, "trainer push v3")
         assert v3["members"] == ["rollout-b"] and v3["done"] == ["rollout-b"], v3
@@ -269,7 +219,8 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(
                          30, 0.1, "rollout-b at version 3")
         assert got["sha"] == v3["sha"]
     finally:
-        stop.set()
+        for d in drivers:
+            d.stop.set()
         for d in drivers:
             d.join(timeout=15)
 

@@ -53,7 +53,6 @@ def test_tensor_and_disk_paths_load_the_trainers_exact_weights(
             got = wait_until(lambda v=v: engine_at(tmp_path, "rollout-a", v), 30, 0.1,
                              f"engine at v{v}")
             assert got["sha"] == rep["sha"], (push, got, rep)
-            assert driver.results[v][0]
             (tmp_path / f"checked-{v}").write_text("")
         assert engines["rollout-a"].poll() is None
     finally:

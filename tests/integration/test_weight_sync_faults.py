@@ -1,17 +1,18 @@
 """Bounded weight sync on CPU (gloo): an engine killed with SIGKILL at three points of a push.
 
 Real processes and sockets: the buffer daemon, two embedded engines, a world-size-1 trainer
-(``tests/weight_pusher.py``, the real ``WeightBroadcaster``), and two rollout-server stand-ins in
-this process (``weight_sync_harness.Driver``, applying plans with the real applier). Engine A is
-killed by PID during the first push (v1), at one of:
+(``tests/weight_pusher.py``, the real ``WeightBroadcaster`` driving both engines), and two
+rollout-server stand-ins in this process (``weight_sync_harness.Driver``: they register and
+heartbeat). Engine A is killed by PID, from a proxy in front of it, during the first push (v1), at
+one of:
 
 * ``rendezvous``: as it is about to join the group, so it never does: the trainer's rendezvous
-  cannot complete; it gives up as soon as the buffer expires A (``buffer.heartbeat_timeout_s``),
-  which closes its store and fails B's join at once;
+  cannot complete; it gives up as soon as A's sync fails (its call finds no engine), which closes
+  its store and fails B's join at once;
 * ``bucket``: after its first bucket, with more to come: the next broadcast fails or the group
   breaks, the trainer tears it down, and B's receive fails with it;
-* ``done``: after every bucket, before its ``SyncDone``: the trainer stops waiting for it when the
-  buffer expires it, or at the deadline.
+* ``done``: after every bucket, before the trainer has its answer: the trainer's call fails with
+  the connection.
 
 ``rendezvous`` runs twice: with six buckets of 0.25 MB (the re-push gathers every bucket again) and
 with two of 1 MB (``rendezvous-staged``: the whole model is in the staging buffers, which rank 0
@@ -21,13 +22,8 @@ In the first two, B survives A but misses v1 with it: the same push re-forms the
 and pushes v1 again, within the same deadline. Each test checks that the v1 push returned (waited
 on with a generous bound) having blocked the trainer no longer than the deadline, that A is dropped
 for v1 and its process is gone, that B serves v1 itself, exactly the trainer's weights (after a
-re-push where B missed it), that each of B's applies ended within the deadline (no member waits
-past it), and that v2 reaches B alone (on the group re-formed for it during v1, or a new one after
-``done``) with exactly the trainer's weights.
-
-Each runs twice: the plan relayed through the buffer to the stand-ins (``relay``), and the trainer
-driving both engines itself (``drive``, trainer/engine_drive.py: the stand-ins only register and
-heartbeat; A's engine, killed, stops answering, so A is lost and B gets v1 again).
+re-push where B missed it), and that v2 reaches B alone (on the group re-formed for it during v1,
+or a new one after ``done``) with exactly the trainer's weights.
 """
 
 from __future__ import annotations
@@ -38,17 +34,14 @@ from weight_sync_harness import Driver, engine_at, start_pusher, start_system, w
 # the sync deadline under test: small, so a hang would show; room for a re-push on 2 shared cores
 DEADLINE_S = 12.0
 HEARTBEAT_TIMEOUT_S = 3.0  # how soon the buffer expires the killed engine's server
-# B's own apply may start after the trainer's deadline began (it learns of the plan by heartbeat)
-SLACK_S = 5.0
 # how long the test waits for a report at most (not a timing assert)
 REPORT_WAIT_S = DEADLINE_S + 60.0
 STARTUP_S = 180.0
 
 
-@pytest.mark.parametrize("drive", [False, True], ids=["relay", "drive"])
 @pytest.mark.parametrize("fault", ["rendezvous", "rendezvous-staged", "bucket", "done"])
 def test_engine_killed_during_a_push_is_dropped_and_the_survivor_serves_this_version(
-        fault, drive, tmp_path, spawn_python, free_port, wait_until):
+        fault, tmp_path, spawn_python, free_port, wait_until):
     # the model: 1.3 MB
     fault, bucket_mb = ("rendezvous", 1.0) if fault == "rendezvous-staged" else (fault, 0.25)
     cfg, cfg_path = write_config(tmp_path, free_port, [
@@ -66,7 +59,7 @@ def test_engine_killed_during_a_push_is_dropped_and_the_survivor_serves_this_ver
     # B's v1 label
     pusher = start_pusher(spawn_python, cfg_path, tmp_path,
                           [{"version": 1, "members": 2},
-                           {"version": 2, "members": 1, "after": "checked-v1"}], drive=drive)
+                           {"version": 2, "members": 1, "after": "checked-v1"}])
 
     def report(version: int):
         assert pusher.poll() in (None, 0), (
@@ -89,14 +82,6 @@ def test_engine_killed_during_a_push_is_dropped_and_the_survivor_serves_this_ver
         got = wait_until(lambda: engine_at(tmp_path, "rollout-b", 1), 30, 0.1,
                          "rollout-b at version 1")
         assert got["sha"] == v1["sha"]
-        b_v1 = [(ok, s) for version, _, ok, s in b.attempts if version == 1]
-        if not drive:  # driven by the trainer, B's stand-in sees no plan: the report says it all
-            assert [ok for ok, _ in b_v1] == ([True] if fault == "done" else [False, True]), \
-                b.attempts
-            # B never waited past the deadline
-            assert all(s <= DEADLINE_S + SLACK_S for _, s in b_v1), b.attempts
-        else:
-            assert not b.attempts, b.attempts
         (tmp_path / "checked-v1").write_text("ok")
 
         v2 = wait_until(lambda: report(2), REPORT_WAIT_S, 0.2, "trainer push v2")
@@ -107,7 +92,6 @@ def test_engine_killed_during_a_push_is_dropped_and_the_survivor_serves_this_ver
         got = wait_until(lambda: engine_at(tmp_path, "rollout-b", 2), 30, 0.1,
                          "rollout-b at version 2")
         assert got["sha"] == v2["sha"]
-        assert drive or b.results[2][0]
     finally:
         for d in (a, b):
             d.stop.set()

@@ -2,10 +2,10 @@
 group (gloo) and by the ``tensor`` path (shared-memory buffers packed at ``stage``).
 
 Real processes and sockets: the buffer daemon, one embedded engine, a world-size-1 trainer
-(``tests/weight_pusher.py``, the real ``WeightBroadcaster``) and a rollout-server stand-in in this
-process (``weight_sync_harness.Driver``). The trainer pushes v1, v2, v3 overlapped; right after
-each push returns it moves every weight by +1000, as the next optimizer step would while the
-push finishes in the background. Checks:
+(``tests/weight_pusher.py``, the real ``WeightBroadcaster`` driving the engine) and a
+rollout-server stand-in in this process (``weight_sync_harness.Driver``). The trainer pushes v1,
+v2, v3 overlapped; right after each push returns it moves every weight by +1000, as the next
+optimizer step would while the push finishes in the background. Checks:
 
 - each overlapped push returns the PREVIOUS push's complete report (v2's call returns v1's:
   the engine reported it done, nothing dropped) marked ``overlapped``, and the last one's report
@@ -14,9 +14,6 @@ push finishes in the background. Checks:
   ``push`` (SHA-256), not the weights moved afterwards: the background thread sends the packed
   copies only;
 - the group stays warm: only the first push forms it (``reform``).
-
-Each runs twice: the plan relayed through the buffer to the stand-in, and the trainer driving the
-engine itself (``drive``; trainer/engine_drive.py).
 """
 
 from __future__ import annotations
@@ -28,10 +25,9 @@ REPORT_WAIT_S = 120.0  # an upper bound for a loaded 2-core machine, not a timin
 STARTUP_S = 180.0
 
 
-@pytest.mark.parametrize("drive,path", [(False, "distributed"), (True, "distributed"),
-                                        (True, "tensor")], ids=["relay", "drive", "drive-tensor"])
+@pytest.mark.parametrize("path", ["distributed", "tensor"])
 def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_late(
-        drive, path, tmp_path, spawn_python, free_port, wait_until):
+        path, tmp_path, spawn_python, free_port, wait_until):
     from test_trainer_weight_sync import _read_json
 
     cfg, cfg_path = write_config(tmp_path, free_port, ["trainer.weight_sync.deadline_s=60"])
@@ -41,8 +37,7 @@ def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_lat
     pusher = start_pusher(spawn_python, cfg_path, tmp_path, [
         {"version": 1, "members": 1, "overlap": True, "path": path},
         {"version": 2, "members": 1, "overlap": True, "after": "checked1", "path": path},
-        {"version": 3, "members": 1, "overlap": True, "after": "checked2", "path": path}],
-        drive=drive)
+        {"version": 3, "members": 1, "overlap": True, "after": "checked2", "path": path}])
 
     def report(name: str):
         assert pusher.poll() in (None, 0), (

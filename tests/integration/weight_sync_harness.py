@@ -3,32 +3,32 @@
 ``start_system`` starts the real buffer daemon, the given embedded engines (each its own process,
 ``test_trainer_weight_sync.engine_role``: it writes the SHA-256 of its weights whenever its
 served version changes) and returns their URLs; ``Driver`` plays a rollout server in a thread of
-the test process (Register, Heartbeat, and each plan applied with the real
-``areal_like.weights.engine_sync.apply_weight_sync``); ``start_pusher`` starts a world-size-1
-trainer (``tests/weight_pusher.py``) that pushes the given versions.
+the test process (Register and Heartbeat); ``start_pusher`` starts a world-size-1 trainer
+(``tests/weight_pusher.py``) that pushes the given versions, driving the engines itself.
 
-A ``Driver`` applies each plan once, told apart by ``plan_id`` (a re-push of the same version is
-a new plan), and keeps every attempt in ``attempts``. A ``Driver`` with ``fault`` puts a
-``FaultProxy`` in front of its engine, which kills it with SIGKILL, by PID, at one point of the
-first push it sees; the Driver then stops as a dead rollout server does (no ``SyncDone``, no more
-heartbeats, so the buffer expires it after ``buffer.heartbeat_timeout_s``):
+A ``Driver`` with ``fault`` puts a ``FaultProxy`` in front of its engine, which kills it with
+SIGKILL, by PID, at one point of the first push that reaches it; the Driver then stops as a dead
+rollout server does (no more heartbeats, so the buffer expires it after
+``buffer.heartbeat_timeout_s``):
 
 * ``"rendezvous"``: as it is about to join the group: the engine dies before its
   ``/init_weights_update_group`` reaches it, so it never joins and the group cannot form;
+* ``"session"``: paused, its update session open, before its first bucket reaches it;
 * ``"bucket"``: once its first bucket was answered (later buckets still to come);
-* ``"done"``: after ``/end_weight_update`` answered, i.e. after every bucket, before ``SyncDone``.
+* ``"done"``: after ``/end_weight_update`` answered, i.e. after every bucket, before the trainer
+  has its answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
 import signal
 import socket
 import threading
-import time
 from pathlib import Path
 
 from test_trainer_weight_sync import RUNNER, STARTUP_S, _read_json
@@ -63,30 +63,39 @@ def start_system(tmp_path: Path, spawn_python, wait_until, cfg_path: Path, serve
     return engines, urls
 
 
-def start_pusher(spawn_python, cfg_path: Path, out: Path, pushes: list[dict],
-                 drive: bool = False):
-    """``drive``: the pusher drives the engines itself (its ``Driver``s then only register and
-    heartbeat: no plan reaches them)."""
-    return spawn_python(RUNNER, [PUSHER, cfg_path, out, json.dumps(pushes),
-                                 *(["--drive"] if drive else [])], capture=False)
+def write_job_key(run_dir: Path, key: str) -> None:
+    """``key`` as the job's engine key in ``run_dir`` (as ``areal-like run`` writes one): the
+    pusher drives the engines with it."""
+    from areal_like.net.auth import KEY_FILE
+
+    path = run_dir / KEY_FILE
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+
+
+def start_pusher(spawn_python, cfg_path: Path, out: Path, pushes: list[dict]):
+    """The trainer stand-in (tests/weight_pusher.py): it drives the members' engines."""
+    return spawn_python(RUNNER, [PUSHER, cfg_path, out, json.dumps(pushes)], capture=False)
 
 
 # fault -> (the engine route it fires at, whether before the call reaches the engine)
 FAULT_AT = {"rendezvous": ("/init_weights_update_group", True),
+            "session": ("/update_weights_from_distributed", True),  # paused, session open
             "bucket": ("/update_weights_from_distributed", False),
             "done": ("/end_weight_update", False)}
 
 
 class FaultProxy:
     """An HTTP proxy in front of one engine that kills it (SIGKILL by PID; ``group``: its process
-    group) at ``fault``. Whoever drives the engine sees only its URL (``url``), so the fault does
-    not depend on who sends the weight-sync calls (trainer/WEIGHT_SYNC.md, "Where this is
-    going")."""
+    group) at ``fault``, in the push whose pause is the engine's ``at_pause``-th (1: the first).
+    Whoever drives the engine sees only its URL (``url``)."""
 
     def __init__(self, target: str, fault: str, pid: int, killed: threading.Event,
-                 group: bool = False):
+                 group: bool = False, at_pause: int = 1):
         self.target, self.fault, self.pid, self.killed, self.group = (
             target.rstrip("/"), fault, pid, killed, group)
+        self.at_pause, self.pauses = at_pause, 0
         self.ready = threading.Event()
         self.url = ""
         self.thread = threading.Thread(target=asyncio.run, args=(self._serve(),), daemon=True,
@@ -105,7 +114,8 @@ class FaultProxy:
         from aiohttp import web
 
         route, before = FAULT_AT[self.fault]
-        hit = request.path == route
+        self.pauses += request.path == "/pause_generation"
+        hit = request.path == route and self.pauses >= self.at_pause
         if hit and before:
             self.kill()  # the call then finds no engine: it never reaches the rendezvous
         headers = {k: v for k, v in request.headers.items()
@@ -144,25 +154,24 @@ class FaultProxy:
 
 
 class Driver(threading.Thread):
-    """A rollout server stand-in. ``attempts``: ``(version, plan_id, ok, seconds applying)`` for
-    each plan it reported, in order; ``results[version]``: ``(ok, seconds)`` of the last plan of
-    that version."""
+    """A rollout server stand-in: it registers its engine (behind a ``FaultProxy`` with ``fault``)
+    and heartbeats with the version its engine serves; the trainer drives the engine. Once the
+    proxy killed the engine it stops heartbeating, as a dead rollout server does."""
 
     def __init__(self, server_id: str, url: str, address: str, *, fault: str | None = None,
-                 engine_pid: int | None = None, fresh: bool = False, sglang: str | None = None):
+                 engine_pid: int | None = None, fresh: bool = False, sglang: str | None = None,
+                 at_pause: int = 1):
         super().__init__(daemon=True, name=f"driver-{server_id}")
         self.server_id, self.url, self.address, self.fault, self.pid = (
             server_id, url, address, fault, engine_pid)
-        # ``sglang``: the real SGLang's API key. Its engine joins through a door (as a rollout
-        # server of kind sglang); the fault kills its process group, ``engine_pid`` its group id.
+        self.at_pause = at_pause  # the fault fires in the push of this pause (FaultProxy)
+        # ``sglang``: the real SGLang's API key (the job's: the trainer drives it with it); its
+        # engine joins through a door; the fault kills its process group, ``engine_pid`` its id
         self.sglang = sglang
         self.fresh = fresh  # registers as a new process (Register.fresh), as a started server does
         self.incarnation = secrets.token_hex(8)  # one stand-in, one process (Register.incarnation)
         self.stop = threading.Event()
         self.killed = threading.Event()
-        self.results: dict[int, tuple[bool, float]] = {}
-        self.attempts: list[tuple[int, str, bool, float]] = []
-        self.taken: list[tuple[int, str]] = []  # (version, plan_id) of each plan it began to apply
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -175,44 +184,28 @@ class Driver(threading.Thread):
     async def _main(self) -> None:
         from areal_like.net.dealer import Client
         from areal_like.net.sglang_client import SGLangClient
-        from areal_like.weights.engine_sync import apply_weight_sync, local_door
         from areal_like.wire.protocol import Heartbeat, Register
+        from rollout_server.episode import as_version
 
         client = Client(self.address, timeout_s=10)
         proxy = None if self.fault is None else FaultProxy(
-            self.url, self.fault, self.pid, self.killed, group=self.sglang is not None)
+            self.url, self.fault, self.pid, self.killed, group=self.sglang is not None,
+            at_pause=self.at_pause)
         url = self.url if proxy is None else proxy.url
-        sg = SGLangClient(url, api_key=self.sglang, timeout_s=60)
+        engine = SGLangClient(self.url, api_key=self.sglang, timeout_s=5)
         client.request(Register(server_id=self.server_id, engine_url=url, engine_ranks=1,
-                                policy_version=0, fresh=self.fresh, incarnation=self.incarnation))
-        served, handled, applying, applying_plan = 0, set(), None, (0, "", 0.0)
+                                policy_version=0, fresh=self.fresh, incarnation=self.incarnation,
+                                engine_kind="sglang" if self.sglang else "embedded"))
+        served = 0
         try:
-            # Heartbeats go on while a plan is applied (as a rollout server's do): a member busy in
-            # a long join must not look dead to the buffer.
-            # a dead server stops heartbeating
             while not self.stop.is_set() and not self.killed.is_set():
-                plan = client.request(Heartbeat(server_id=self.server_id,
-                                                policy_version=served)).pending_plan
-                if applying is not None and applying.done():
-                    version, plan_id, t0 = applying_plan
-                    done = applying.result()
-                    self.results[version] = (done.ok, time.monotonic() - t0)
-                    self.attempts.append((version, plan_id, done.ok, self.results[version][1]))
-                    client.request(done)
-                    served, applying = version if done.ok else served, None
-                if applying is None and plan is not None and plan.plan_id not in handled:
-                    handled.add(plan.plan_id)
-                    self.taken.append((plan.policy_version, plan.plan_id))
-                    applying = asyncio.create_task(apply_weight_sync(
-                        sg, plan, self.server_id,
-                        door=local_door(sg.base_url, None) if self.sglang is not None else None))
-                    applying_plan = (plan.policy_version, plan.plan_id, time.monotonic())
+                client.request(Heartbeat(server_id=self.server_id, policy_version=served,
+                                         incarnation=self.incarnation))
+                with contextlib.suppress(Exception):  # a dying engine: the last version stands
+                    served = as_version(await engine.weight_version(), served)
                 await asyncio.sleep(0.1)
         finally:
-            if applying is not None and not applying.done():  # killed mid-apply: it reports nothing
-                applying.cancel()
-                await asyncio.gather(applying, return_exceptions=True)
-            await sg.close()
+            await engine.close()
             client.close()
             if proxy is not None:
                 proxy.close()

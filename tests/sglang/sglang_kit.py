@@ -28,5 +28,5 @@ def cpu_engine(**sglang) -> EngineConfig:
     return replace(engine, sglang={**engine.sglang, **sglang})
 
 
-def start_server(model_dir: Path, log_path: Path, **sglang) -> Server:
-    return start(SGLangProcess, cpu_engine(**sglang), model_dir, log_path)
+def start_server(model_dir: Path, log_path: Path, api_key: str | None = None, **sglang) -> Server:
+    return start(SGLangProcess, cpu_engine(**sglang), model_dir, log_path, api_key)

@@ -3,13 +3,13 @@ next version on a group formed without the lost one.
 
 Real processes and sockets: the buffer daemon, a world-size-1 trainer (``tests/weight_pusher.py``,
 the real ``WeightBroadcaster`` and ``GroupSender`` on gloo), two SGLang servers on CPU (``lost``,
-started here, and the session's ``sglang_server``, the survivor) and two rollout-server stand-ins
-in this process (``weight_sync_harness.Driver``: Register, Heartbeat, each plan applied with the
-real ``apply_weight_sync`` through a store door, as a rollout server of kind sglang does).
+started here with the same key, and the session's ``sglang_server``, the survivor), driven by the
+trainer through store doors, and two rollout-server stand-ins in this process
+(``weight_sync_harness.Driver``: Register and Heartbeat).
 
 The push of v1 has six buckets. Once ``lost`` answered the first, its whole SGLang process group
-gets SIGKILL (by its group id) and its stand-in stops as its rollout server would (no
-``SyncDone``, no heartbeats). That is a lost member as the trainer knows one: the process in the
+gets SIGKILL (by its group id) and its stand-in stops as its rollout server would (no more
+heartbeats). That is a lost member as the trainer knows one: the process in the
 group (SGLang's scheduler) and its server gone at once, as when a node dies, so the buffer
 expires it. Killing SGLang alone while its rollout server lives is the relaunch path instead (the
 member stays in the roster and re-registers: test_sglang_faults.py).
@@ -39,7 +39,12 @@ from rollout_server.engine_reaper import group_members
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from test_trainer_weight_sync import _read_json  # noqa: E402
-from weight_sync_harness import Driver, start_pusher, write_config  # noqa: E402
+from weight_sync_harness import (  # noqa: E402
+    Driver,
+    start_pusher,
+    write_config,
+    write_job_key,
+)
 
 DEADLINE_S = 40.0  # the sync deadline: a re-push fits in it with SGLang's HTTP calls on 2 cores
 HEARTBEAT_TIMEOUT_S = 10.0  # how soon the buffer expires the lost member; 3 s expired the
@@ -68,7 +73,7 @@ async def _serves(server, version: int) -> None:
 def test_a_member_lost_mid_bucket_leaves_the_survivor_healthy_and_on_the_next_version(
     sglang_server, model_dir, tmp_path, spawn_python, free_port, wait_until
 ):
-    lost = start_server(model_dir, tmp_path / "lost.log")
+    lost = start_server(model_dir, tmp_path / "lost.log", api_key=sglang_server.api_key)
     pgid = lost.proc.proc.pid  # started in a session of its own: its group id
     a = b = None
     try:
@@ -83,6 +88,7 @@ def test_a_member_lost_mid_bucket_leaves_the_survivor_healthy_and_on_the_next_ve
                 f"model.max_position_embeddings={model_config().max_position_embeddings}",
             ],
         )
+        write_job_key(tmp_path, sglang_server.api_key)  # the one the trainer drives both with
         spawn_python("buffer", ["--config-file", cfg_path], capture=False)
         a = Driver("rollout-a", lost.url, cfg.buffer.address, fault="bucket", engine_pid=pgid,
                    sglang=lost.api_key)
@@ -108,7 +114,6 @@ def test_a_member_lost_mid_bucket_leaves_the_survivor_healthy_and_on_the_next_ve
         assert v1["repushed"] == ["rollout-b"], v1  # a new group without the lost member
         assert v1["blocked_s"] <= DEADLINE_S, v1
         wait_until(lambda: not group_members(pgid), 30, 0.1, "the lost SGLang's processes gone")
-        assert [ok for v, _, ok, _ in b.attempts if v == 1] == [False, True], b.attempts
         asyncio.run(_serves(sglang_server, 1))
         (tmp_path / "checked-v1").write_text("ok")
 
@@ -116,8 +121,6 @@ def test_a_member_lost_mid_bucket_leaves_the_survivor_healthy_and_on_the_next_ve
         assert v2["members"] == ["rollout-b"] and v2["done"] == ["rollout-b"], v2
         assert not v2["reform"], v2  # the group re-formed for the survivor during v1 stays warm
         assert not v2["dropped"] and not v2["error"] and not v2["repushed"], v2
-        wait_until(lambda: b.results.get(2), 30, 0.1, "the survivor's report of v2")
-        assert b.results[2][0], b.attempts
         asyncio.run(_serves(sglang_server, 2))
     finally:
         for d in (a, b):

@@ -1,172 +1,169 @@
 """The rollout server's side of an evaluation (rollout_server/server.py, evaluation section).
 
-A real ``RolloutServer`` object (nothing started) with a scripted buffer and evaluator: the plan
-that was already on its way when the server said "evaluating" is applied first and the evaluation
-runs at the version it brought; the heartbeats say evaluating before and not evaluating after; a
-plan that still arrives during the evaluation is declined at once with the reason; the schedule
-decides when.
+A real ``RolloutServer`` object (nothing started but its sync port, rollout_server/sync_port.py,
+which the trainer driving its engine calls over real HTTP with the job's engine key) with a
+scripted buffer, engine label and evaluator: a sync under way when the evaluation starts ends
+first and the evaluation runs at the version it brought; the heartbeats say evaluating before and
+not evaluating after; a sync the trainer begins during the evaluation is refused at once with the
+reason (409); the schedule decides when.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from areal_like.net.metrics import Metrics
+from areal_like.net.sglang_client import SGLangError
 from areal_like.settings.config import EvalConfig, RunConfig
+from areal_like.weights.engine_sync import ServerPort
 from areal_like.wire import protocol as P
 from rollout_server.buffer_link import BufferLink
 from rollout_server.evaluate import EvalSchedule
 from rollout_server.server import RolloutServer
 
-
-def _plan(version: int, server_id: str = "me") -> P.WeightSyncPlan:
-    return P.WeightSyncPlan(policy_version=version, group_name="g",
-                            master_addr="127.0.0.1", master_port=1,
-                            world_size=2, backend="gloo", reform=False,
-                            members=[P.SyncMember(server_id=server_id, rank_offset=1)],
-                            buckets=[], deadline_s=30.0,
-                            plan_id=f"p{version}")
+WAIT_S = 10.0  # the longest wait for an event (not a timing assert)
 
 
 class _Buffer:
-    """Answers Heartbeat (the first evaluating one carries a pending plan) and records every
-    request."""
+    """Answers every request and records it."""
 
-    def __init__(self, pending: P.WeightSyncPlan | None):
-        self.pending, self.sent = pending, []
+    def __init__(self):
+        self.sent = []
 
     async def request(self, msg, timeout_s=None):
         self.sent.append(msg)
         if isinstance(msg, P.Heartbeat):
-            plan, self.pending = (self.pending, None) if msg.evaluating else (None, self.pending)
-            return P.HeartbeatAck(policy_version=7, known=True, pending_plan=plan)
+            return P.HeartbeatAck(policy_version=7, known=True)
         return P.Ack(ref="", status="ok")
 
 
+class _Engine:
+    """The engine's version label, as the server reads it."""
+
+    def __init__(self, version: int):
+        self.version = version
+
+    async def weight_version(self) -> str:
+        return str(self.version)
+
+
 class _Evaluator:
-    def __init__(self, server: RolloutServer):
-        self.server, self.versions, self.plans_during = server, [], []
+    """Records the version of each evaluation and what a sync begun during it was answered."""
+
+    def __init__(self, port: ServerPort | None = None):
+        self.port, self.versions, self.refusals = port, [], []
         self.schedule = EvalSchedule(EvalConfig(every=5), steps=20)
 
     async def run(self, client, version: int, max_input: int = 0) -> dict:
         self.versions.append(version)
-        self.server.offer_plan(_plan(version + 1))  # published after we left: must be declined
-        await asyncio.sleep(0.05)
+        if self.port is not None:  # the trainer's next push reaches us now
+            with pytest.raises(SGLangError) as refused:
+                await self.port.begin(30.0)
+            self.refusals.append((refused.value.status, refused.value.message))
         return {"policy_version": version}
 
 
-def _server() -> RolloutServer:
-    server = RolloutServer.from_run(RunConfig(run_dir="/nonexistent"))
-    server.server_id, server.policy_version, server.client = "me", 5, None
-    server.rcfg = server.rcfg.__class__(heartbeat_s=0.05)
-    server.evaluator = _Evaluator(server)
+def _server(tmp_path, version: int, heartbeat_s: float = 0.05) -> RolloutServer:
+    server = RolloutServer.from_run(RunConfig(run_dir=str(tmp_path)))
+    server.server_id, server.policy_version = "me", version
+    server.rcfg = server.rcfg.__class__(heartbeat_s=heartbeat_s)
+    server.engine_url, server.client = "http://127.0.0.1:1", _Engine(version)
+    server.evaluator = _Evaluator()
+    server.control = buffer = _Buffer()
+    server.link = BufferLink(buffer, buffer, server.server_id, Metrics(),
+                             free_slots=lambda: 0, blocked=server.in_sync,
+                             start=lambda credit: None)
     return server
 
 
-def _attach(server: RolloutServer, buffer: _Buffer) -> _Buffer:
-    """``buffer`` as the server's control connection, also under its BufferLink (which reports
-    syncs)."""
-    server.control = buffer
-    server.link = BufferLink(buffer, buffer, server.server_id, Metrics(),
-                             free_slots=lambda: 0, blocked=lambda: False,
-                             start=lambda credit: None)
-    return buffer
+async def _trainer(server: RolloutServer) -> ServerPort:
+    """The sync port opened as ``main`` opens it, called as the trainer calls it."""
+    await server.open_sync_port()
+    return ServerPort(server.sync_url, api_key=server.facts.engine_key)
 
 
-async def _main_loop(server: RolloutServer, done: asyncio.Event) -> None:
-    """What RolloutServer.main does with plans: apply one (here: take its version), or decline
-    it."""
-    while not done.is_set():
-        if plan := server.next_plan():
-            if server.eval_version is not None:
-                await server.decline_plan(plan)
-            else:
-                server.policy_version = plan.policy_version
+async def _until(cond, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + WAIT_S
+    while not cond():
+        assert loop.time() < deadline, f"no {what} within {WAIT_S}s"
         await asyncio.sleep(0.01)
 
 
-def test_a_plan_on_its_way_lands_first_then_the_evaluation_holds_one_version_and_declines_the_rest(
-):
-    server = _server()
-    buffer = _attach(server, _Buffer(pending=_plan(6)))
-
-    async def scenario():
-        server.wake, done = asyncio.Event(), asyncio.Event()
-        loop = asyncio.create_task(_main_loop(server, done))
-        await server.evaluate()
-        await asyncio.sleep(0.05)  # the main loop answers the plan offered during the evaluation
-        done.set()
-        await loop
-
-    asyncio.run(scenario())
-    # the plan published before the buffer knew landed first
-    assert server.evaluator.versions == [6]
-    beats = [m.evaluating for m in buffer.sent if isinstance(m, P.Heartbeat)]
-    assert (beats[0] is True and beats[-1] is False and not server.evaluating
-            and server.eval_version is None)
-    declined = [m for m in buffer.sent if isinstance(m, P.SyncDone)]
-    assert len(declined) == 1 and declined[0].policy_version == 7 and not declined[0].ok
-    assert declined[0].reason == "evaluating version 6" and server.policy_version == 6
-
-
-def test_the_schedule_starts_an_evaluation_only_when_due_and_idle():
-    server = _server()
-    _attach(server, _Buffer(pending=None))
+def test_a_sync_under_way_ends_first_then_the_evaluation_holds_its_version_and_refuses_syncs(
+        tmp_path):
+    server = _server(tmp_path, version=5)
 
     async def scenario():
         server.wake = asyncio.Event()
-        server.policy_version = 4
-        server.maybe_evaluate()
-        assert server.eval_task is None  # 4 is not a multiple of 5
-        server.policy_version, server.syncing = 5, True
-        server.maybe_evaluate()
-        assert server.eval_task is None  # never while a sync is applied
-        server.syncing = False
-        server.maybe_evaluate()
-        task = server.eval_task
-        assert task is not None
-        server.maybe_evaluate()
-        assert server.eval_task is task  # one at a time
-        await task
-        await asyncio.sleep(0)
-        assert server.eval_task is None and server.failure is None
+        port = await _trainer(server)
+        server.evaluator.port = port
+        try:
+            await port.begin(30.0)  # v6 is being loaded into our engine
+            evaluation = asyncio.create_task(server.evaluate())
+            await _until(lambda: any(m.evaluating for m in server.control.sent), "evaluating beat")
+            # out of the roster now; the evaluation waits for the sync's end (else it had run at 5)
+            assert server.evaluator.versions == [] and not evaluation.done()
+            server.client.version = 6  # the engine loaded it
+            await port.end(P.SyncDone(server_id="me", policy_version=6, ok=True, pause_s=0.1))
+            await asyncio.wait_for(evaluation, WAIT_S)
+            await port.begin(30.0)  # after the evaluation: syncs are taken again
+        finally:
+            await port.close()
+            await server.sync_port.close()
+
+    asyncio.run(scenario())
+    # the version the sync under way brought is the one evaluated
+    assert server.evaluator.versions == [6] and server.policy_version == 6
+    assert server.evaluator.refusals == [(409, "evaluating version 6")]
+    beats = [m.evaluating for m in server.control.sent if isinstance(m, P.Heartbeat)]
+    assert (beats[0] is True and beats[-1] is False and not server.evaluating
+            and server.eval_version is None)
+
+
+def test_the_schedule_starts_an_evaluation_only_when_due_and_idle(tmp_path):
+    server = _server(tmp_path, version=4)
+
+    async def scenario():
+        server.wake = asyncio.Event()
+        port = await _trainer(server)
+        try:
+            server.maybe_evaluate()
+            assert server.eval_task is None  # 4 is not a multiple of 5
+            server.policy_version = server.client.version = 5
+            await port.begin(30.0)
+            server.maybe_evaluate()
+            assert server.eval_task is None  # never while a sync runs
+            await port.end(P.SyncDone(server_id="me", policy_version=5, ok=True))
+            server.maybe_evaluate()
+            task = server.eval_task
+            assert task is not None
+            server.maybe_evaluate()
+            assert server.eval_task is task  # one at a time
+            await task
+            await asyncio.sleep(0)
+            assert server.eval_task is None and server.failure is None
+        finally:
+            await port.close()
+            await server.sync_port.close()
 
     asyncio.run(scenario())
     assert server.evaluator.versions == [5]
 
 
-def test_the_final_evaluation_starts_at_once_no_plan_can_follow_the_final_version():
-    server = _server()
-    server.rcfg = server.rcfg.__class__(heartbeat_s=30.0)  # a wait for a plan on its way would show
-    server.policy_version = 20  # trainer.steps: the last push has landed
-    buffer = _attach(server, _Buffer(pending=None))
+def test_the_final_evaluation_starts_at_once(tmp_path):
+    """No wait for a heartbeat period (nor for anything else) before the final version's
+    evaluation: the server leaves the syncs, evaluates, comes back."""
+    server = _server(tmp_path, version=20, heartbeat_s=30.0)  # trainer.steps: the last push landed
 
     async def scenario():
-        server.wake, done = asyncio.Event(), asyncio.Event()
-        loop = asyncio.create_task(_main_loop(server, done))
-        await asyncio.wait_for(server.evaluate(), timeout=10)  # far less than heartbeat_s
-        done.set()
-        await loop
+        server.wake = asyncio.Event()
+        await asyncio.wait_for(server.evaluate(), timeout=WAIT_S)  # far less than heartbeat_s
 
     asyncio.run(scenario())
     assert server.evaluator.versions == [20]
-    beats = [m.evaluating for m in buffer.sent if isinstance(m, P.Heartbeat)]
+    beats = [m.evaluating for m in server.control.sent if isinstance(m, P.Heartbeat)]
     # left the syncs, evaluated, came back: no second "evaluating" beat
     assert beats == [True, False]
-
-
-def test_a_plan_offered_again_is_applied_once_and_the_plans_remembered_stay_bounded():
-    """Every heartbeat re-offers the buffer's current plan until our SyncDone lands; a plan key
-    was kept for every version before, a week-long job's rollout server growing without bound."""
-    server = _server()
-    server.wake = asyncio.Event()
-    applied = []
-    for version in range(6, 1006):
-        for _ in range(2):  # offered by two heartbeats: taken once
-            server.offer_plan(_plan(version))
-            if plan := server.next_plan():
-                applied.append(plan.policy_version)
-    assert applied == list(range(6, 1006))
-    server.offer_plan(_plan(1005))  # the current plan again, after 1000 others: still known
-    assert server.next_plan() is None
-    assert len(server.plans_handled) <= 64

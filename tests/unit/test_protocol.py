@@ -22,7 +22,6 @@ from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 # ---------------------------------------------------------------- strategies from the schema
 
 INT = st.integers(-(2**63), 2**64 - 1)  # what msgpack carries
-SMALL_INT = st.integers(-1000, 10**6)
 FLOAT = st.floats(allow_nan=False, allow_infinity=False)
 TEXT = st.text(max_size=12)
 JSON_LEAF = st.one_of(st.none(), st.booleans(), INT, FLOAT, TEXT, st.binary(max_size=8))
@@ -51,36 +50,9 @@ def _trajectory(draw) -> Trajectory:
                         metadata=draw(FREE_DICT))
 
 
-@st.composite
-def _bucket_spec(draw) -> P.BucketSpec:
-    n = draw(st.integers(0, 4))
-    return P.BucketSpec(names=draw(st.lists(TEXT, min_size=n, max_size=n)),
-                        dtypes=draw(st.lists(st.sampled_from(["float32", "bfloat16"]), min_size=n,
-                                             max_size=n)),
-                        shapes=draw(st.lists(st.lists(SMALL_INT, max_size=3), min_size=n,
-                                             max_size=n)))
-
-
-@st.composite
-def _weight_sync_plan(draw) -> P.WeightSyncPlan:
-    """Payloads that fit the path (none, one per bucket, one directory), or a path only a newer
-    server knows."""
-    path = draw(st.sampled_from(["distributed", "tensor", "disk", "shm"]))
-    buckets = draw(st.lists(_bucket_spec(), max_size=3))
-    n = {"distributed": 0, "tensor": len(buckets), "disk": 1}.get(path)
-    payloads = draw(st.lists(TEXT, min_size=n or 0, max_size=3 if n is None else n))
-    rest = {f.name: draw(strategy_for(f.type)) for f in msgspec.structs.fields(P.WeightSyncPlan)
-            if f.name not in ("protocol", "path", "buckets", "payloads")}
-    if path == "distributed":  # a group's port; 0 (none) only on paths without a group
-        rest["master_port"] = draw(st.integers(1, 65535))
-    return P.WeightSyncPlan(**rest, path=path, buckets=buckets, payloads=payloads)
-
-
 # Classes whose validate() constrains several fields together get a hand-written strategy;
 # single fields with a rule get an override; everything else is derived from the annotations.
-CLASS_STRATEGIES: dict[type, st.SearchStrategy] = {Trajectory: _trajectory(),
-                                                   P.BucketSpec: _bucket_spec(),
-                                                   P.WeightSyncPlan: _weight_sync_plan()}
+CLASS_STRATEGIES: dict[type, st.SearchStrategy] = {Trajectory: _trajectory()}
 FIELD_STRATEGIES = {
     (P.Ack, "status"): st.sampled_from(["accepted", "duplicate", "rejected", "ok"]),
 }
@@ -158,11 +130,20 @@ def test_round_trip_every_message_type(cls, data):
 def test_top_level_types_cover_design_messages():
     expected = {"register", "register_ack", "heartbeat", "heartbeat_ack", "credit_request",
                 "credits", "trajectory_group", "ack", "batch_request", "batch", "version_update",
-                "weight_sync_plan",
-                "sync_done", "stats_request", "stats"}
+                "roster_request", "roster", "stats_request", "stats"}
     assert expected <= set(P.TOP_LEVEL_TYPES)
-    assert not ({"trajectory", "credit", "bucket_spec", "sync_member", "roster_entry"}
+    # nested only, or a weight sync's structs, which stay in the trainer's process (it drives the
+    # members' engines itself): never a frame of their own
+    assert not ({"trajectory", "credit", "bucket_spec", "sync_member", "roster_entry",
+                 "weight_sync_plan", "sync_done", "sync_status_request", "sync_status"}
                 & set(P.TOP_LEVEL_TYPES))
+    plan = P.WeightSyncPlan(policy_version=1, group_name="g", master_addr="127.0.0.1",
+                            master_port=29500, world_size=2, backend="gloo", reform=True,
+                            members=[P.SyncMember(server_id="s", rank_offset=1)], buckets=[],
+                            deadline_s=30.0)
+    for struct in (plan, P.SyncDone(server_id="s", policy_version=1, ok=True)):
+        with pytest.raises(P.ProtocolError):
+            P.encode(struct)
 
 
 def make_traj(t: int = 5, reward: float = 1.0, **kw) -> Trajectory:
@@ -472,19 +453,6 @@ def test_want_credits_is_optional_and_bounded():
     for bad in (-1, P.MAX_CREDITS_PER_REQUEST + 1):
         ask["max_credits"] = bad
         assert reject(ask).field == "max_credits"
-    # the same field on a SyncDone
-    done = wire_of(P.SyncDone(server_id="s", policy_version=3, ok=True))
-    del done["want_credits"]
-    assert P.decode(msgpack.packb(done, use_bin_type=True)).want_credits == 0
-    for bad in (-1, P.MAX_CREDITS_PER_REQUEST + 1):
-        done["want_credits"] = bad
-        assert reject(done).field == "want_credits"
-
-
-_PLAN = dict(policy_version=1, group_name="g", master_addr="127.0.0.1", master_port=29500,
-             world_size=2, backend="gloo", reform=True,
-             members=[P.SyncMember(server_id="s", rank_offset=1)], buckets=[],
-             deadline_s=30.0)
 
 
 @pytest.mark.parametrize("msg, path, bad", [
@@ -500,12 +468,6 @@ _PLAN = dict(policy_version=1, group_name="g", master_addr="127.0.0.1", master_p
     (P.Roster(members=[P.RosterEntry(server_id="s", engine_url="u", engine_ranks=1,
                                      policy_version=0)],
               policy_version=0), ("members", 0, "engine_ranks"), [0]),
-    (P.WeightSyncPlan(**_PLAN), ("master_port",), [0, -1, 65536]),  # 0: only without a group
-    (P.WeightSyncPlan(**{**_PLAN, "master_port": 0, "path": "disk", "payloads": ["/d"]}),
-     ("master_port",),
-     [-1, 65536]),
-    (P.WeightSyncPlan(**_PLAN), ("world_size",), [0]),
-    (P.WeightSyncPlan(**_PLAN), ("members", 0, "rank_offset"), [-1, P.MAX_GROUP_RANKS]),
 ], ids=lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else None)
 def test_counts_ranks_and_ports_have_ranges_on_decode(msg, path, bad):
     """A member's message with an index, count, rank or port out of range is refused naming the
@@ -521,28 +483,23 @@ def test_counts_ranks_and_ports_have_ranges_on_decode(msg, path, bad):
 
 
 def test_weight_sync_plan_payloads_fit_its_path():
-    """``path`` and ``payloads`` came after version 1 shipped: a plan without them is a distributed
-    one. A known path takes exactly its payloads (one per bucket, one directory, none); an unknown
-    path decodes, so the server can refuse it with a SyncDone that names it."""
+    """A plan (built in the trainer's process, trainer/weight_sync.py; never on the wire) without
+    ``path`` is a distributed one. A known path takes exactly its payloads (one per bucket, one
+    directory, none), else it is refused when built, naming the field; an unknown path is built,
+    and the engine side fails that member's sync naming it (areal_like/weights/engine_sync.py)."""
     bucket = P.BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2]])
     plan = P.WeightSyncPlan(policy_version=1, group_name="g", master_addr="h", master_port=1,
                             world_size=2, backend="gloo", reform=False, members=[],
                             buckets=[bucket, bucket], deadline_s=5.0)
-    wire = wire_of(plan)
-    del wire["path"], wire["payloads"]
-    old = P.decode(msgpack.packb(wire, use_bin_type=True))
-    assert (old.path, old.payloads) == ("distributed", [])
+    assert (plan.path, plan.payloads) == ("distributed", [])
     for path, payloads in (("tensor", ["a", "b"]), ("disk", ["/d"]), ("shm", ["x"])):
-        back = P.decode(P.encode(msgspec.structs.replace(plan, path=path, payloads=payloads)))
-        assert (back.path, back.payloads) == (path, payloads)
+        built = msgspec.structs.replace(plan, path=path, payloads=payloads)
+        assert (built.path, built.payloads) == (path, payloads)
     for path, payloads in (("tensor", ["a"]), ("disk", []), ("disk", ["/d", "/e"]),
                            ("distributed", ["x"])):
         with pytest.raises(P.ProtocolError) as info:
-            msgspec.structs.replace(plan, path=path, payloads=payloads)  # refused when built
+            msgspec.structs.replace(plan, path=path, payloads=payloads)
         assert info.value.field == "payloads" and f"path {path} needs" in str(info.value)
-        # and when decoded
-        assert reject({**wire, "path": path, "payloads": payloads}).field == "payloads"
-    assert reject({**wire, "payloads": [1]}).field == "payloads[0]"
 
 
 def test_rejects_oversized_frame(monkeypatch):
@@ -586,18 +543,14 @@ def _valid_frames(rng: random.Random) -> list[bytes]:
     frames += [P.encode(m) for m in (
         P.Register(server_id="r", engine_url="http://h:1"),
         P.Heartbeat(server_id="r", policy_version=3),
-        P.HeartbeatAck(policy_version=2, known=True, pending_plan=P.WeightSyncPlan(
-            policy_version=2, group_name="g", master_addr="h", master_port=9, world_size=3,
-            backend="gloo",
-            reform=True, members=[P.SyncMember(server_id="r", rank_offset=1)],
-            buckets=[P.BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2, 3]])],
-            deadline_s=5.0)),
+        P.Register(server_id="r", engine_url="http://h:1", sync_url="http://h:2"),
+        P.HeartbeatAck(policy_version=2, known=True),
         P.Credits(credits=[P.Credit(lease_id="1", prompt_index=2, epoch=0, deadline_s=9.0)],
                   policy_version=1),
         P.Batch(groups=[make_group()], trainer_version=3), P.Stats(values={"a": 1.5}),
         P.Roster(members=[P.RosterEntry(server_id="r", engine_url="u", engine_ranks=1,
                                         policy_version=0)],
-                 policy_version=0), P.SyncStatus(policy_version=1, done=["a"], failed=[]))]
+                 policy_version=0), P.RosterRequest())]
     return frames
 
 
@@ -738,9 +691,8 @@ def test_no_finalizer_runs_inside_a_deep_decode(monkeypatch):
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("make", [
     lambda v: P.BatchRequest(n_groups=1, trainer_version=0, wait_s=v),
-    lambda v: P.SyncDone(server_id="s0", policy_version=1, ok=True, pause_s=v),
     lambda v: P.Credit(lease_id="L1", prompt_index=0, epoch=0, deadline_s=v),
-], ids=["BatchRequest.wait_s", "SyncDone.pause_s", "Credit.deadline_s"])
+], ids=["BatchRequest.wait_s", "Credit.deadline_s"])
 def test_every_float_field_must_be_finite(make, bad):
     """Not the reward only: every float field of every message (areal_like/DESIGN.md), on decode
     of a frame a member wrote by hand (before: NaN and inf decoded)."""

@@ -155,10 +155,10 @@ def test_the_buffer_keeps_the_versions_from_register_in_the_roster(tmp_path):
         old = _without(P.Register(server_id="old", engine_url="http://o"), *FIELDS)
         svc.handle(b"peer", b"req", P.decode(old), old)
         members = {m.server_id: m for m in _step(svc, P.RosterRequest()).members}
-        assert _values(members["new"]) == {"server_id": "new", "engine_url": "http://n",
-                                           "engine_ranks": 2, "policy_version": 0,
-                                           "evaluates": True, "incarnation": "",
-                                           **VERSIONS}
+        # what the Register said, every other field its default
+        assert _values(members["new"]) == _values(P.RosterEntry(
+            server_id="new", engine_url="http://n", engine_ranks=2, policy_version=0,
+            evaluates=True, **VERSIONS))
         assert (members["old"].torch_version, members["old"].cuda_version,
                 members["old"].nccl_version) == ("",) * 3
         _step(svc, P.Heartbeat(server_id="new", policy_version=4))  # a version change keeps them
@@ -262,7 +262,7 @@ def test_a_member_restarted_between_syncs_re_forms_the_group(broadcaster):
     group (it never joined the formed one); the same processes reuse it. Before, the plan reused
     the group and the broadcast stalled on the new process and failed for every member."""
     b, _ = broadcaster
-    control = ControlPlane("tcp://x", 5.0, lambda: 0.0, lambda m: None,
+    control = ControlPlane("tcp://x", 5.0, lambda: 0.0,
                            logging.getLogger("test"))
 
     def plan_reforms(incarnation: str) -> bool:

@@ -381,12 +381,7 @@ def test_weight_sync_follows_the_contract_in_order():
                      "/update_weights_from_distributed", "/end_weight_update",
                      "/continue_generation"):
             server.script[path] = [OK]
-        drained = []
-
-        async def drain():
-            drained.append(len(server.calls))
-        done = await apply_weight_sync(client, _plan(reform=True), "s1",
-                                       inflight_drained=drain)
+        done = await apply_weight_sync(client, _plan(reform=True), "s1")
         assert done.ok and done.server_id == "s1" and done.policy_version == 3 and done.pause_s > 0
         assert [p for p, _ in server.calls] == [
             "/destroy_weights_update_group", "/init_weights_update_group", "/pause_generation",
@@ -404,8 +399,6 @@ def test_weight_sync_follows_the_contract_in_order():
         # a half-applied sync keeps the old label
         assert [(b["names"], b.get("weight_version"), b["flush_cache"]) for b in updates] == [
             (["w0"], None, False), (["w1"], "3", True)]
-        # after the group join was issued (concurrent), before the pause
-        assert drained and drained[0] in (1, 2)
 
         # not a member: nothing is called
         n = len(server.calls)

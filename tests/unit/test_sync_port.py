@@ -1,8 +1,9 @@
 """A rollout server's sync port (rollout_server/sync_port.py) as a driving trainer calls it
 (``ServerPort``, areal_like/weights/engine_sync.py), over real loopback sockets: the door it opens
 carries a client's bytes through the weight group's real store gate, a second door replaces the
-first, and a caller without the job's engine key or with a malformed body gets nothing done. What
-the server does for a drain and a probe is tested with whole daemons (tests/integration)."""
+first, a sync's begin and end reach the server as sent, and a caller without the job's engine key
+(counted) or with a malformed body gets nothing done. What the server does on them is tested with
+whole daemons (tests/integration, tests/unit/test_eval_choreography.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from areal_like.net.distributed import free_port
 from areal_like.net.sglang_client import SGLangError
 from areal_like.net.store_gate import StoreGate
 from areal_like.weights.engine_sync import ServerPort, close_door, open_door
-from areal_like.wire.protocol import WeightSyncPlan
+from areal_like.wire.protocol import SyncDone, WeightSyncPlan
 from rollout_server.sync_port import SyncPort
 
 
@@ -42,9 +43,15 @@ def _post(url: str, body: bytes, key: str) -> tuple[int, str]:
 def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_one(echo):  # noqa: F811
     gate_port, calls = free_port(), []
     gate = StoreGate("127.0.0.1", gate_port, GROUP, echo, key=KEY)
-    port = SyncPort(KEY, door=lambda *group: open_door("engine-a", KEY, *group),
-                    drain=None, release=lambda: calls.append("release"),
-                    probe=lambda version: calls.append(("probe", version)))
+    async def begin(version: int, seconds: float) -> bool:
+        calls.append(("begin", version, seconds))
+        return False
+
+    async def adapter(plan):  # the LoRA route: not called here
+        raise AssertionError(plan)
+
+    port = SyncPort(KEY, door=lambda *group: open_door("engine-a", KEY, *group), begin=begin,
+                    adapter=adapter, end=lambda *ended: calls.append(("end", *ended)))
 
     async def scenario() -> None:
         url = await port.start("127.0.0.1", 0)
@@ -60,17 +67,18 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
                 with socket.create_connection(("127.0.0.1", second), timeout=DEADLINE_S) as s:
                     s.sendall(b"\x00store")
                     assert s.recv(100) == b"erots\x00"
-                await trainer.release()
-                await trainer.probe(3)
-            assert calls == ["release", ("probe", 3)]
+                await trainer.begin(_plan(gate_port))
+                await trainer.end(SyncDone(server_id="a", policy_version=1, ok=False,
+                                           reason="why", pause_s=0.5))
+            assert calls == [("begin", 1, DEADLINE_S), ("end", 1, False, 0.5, "why")]
             async with ServerPort(url, api_key="not-the-key") as stranger:
                 with pytest.raises(SGLangError) as refused:
                     await stranger.door(_plan(gate_port))
-                assert refused.value.status == 401
+                assert refused.value.status == 401 and port.unauthorized() == 1
             body = json.dumps({"master_addr": "127.0.0.1", "master_port": 0, "group_name": GROUP})
             status, text = await asyncio.to_thread(_post, f"{url}/door", body.encode(), KEY)
             assert status == 400 and "master_port" in text, text
-            assert calls == ["release", ("probe", 3)]
+            assert len(calls) == 2
         finally:
             await port.close()
 

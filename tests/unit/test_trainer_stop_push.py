@@ -1,11 +1,12 @@
-"""A trainer told to stop while a weight push waits on the members' reports stops waiting at once
+"""A trainer told to stop while a weight push waits on the members stops waiting at once
 (trainer/loop.py ``Trainer.request_stop``): its launcher killed -9, every daemon gets SIGTERM, the
 buffer is gone in a second, and run() waits for the push in flight before it can stop; it waited
-out the push's ``deadline_s`` (60 s, holding job.lock) polling the dead buffer."""
+out the push's ``deadline_s`` (60 s, holding job.lock) on members that no longer answer."""
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 
 import torch
@@ -19,19 +20,17 @@ DEADLINE_S = 60.0  # the push's own deadline: what a stop must not wait out
 STOP_S = 10.0  # the push ends this soon after the stop request
 
 
-class _Silent:
-    """One member, a plan acknowledged, and never a report from it (the buffer gone mid-push)."""
+class _Roster:
+    """The buffer's side: one member, whose engine is at ``engine_url``."""
 
-    def __init__(self):
-        self.polled = threading.Event()
+    def __init__(self, engine_url: str):
+        self.engine_url = engine_url
 
     def request(self, msg, timeout_s=None):
         if isinstance(msg, P.RosterRequest):
-            entry = P.RosterEntry(server_id="a", engine_url="", engine_ranks=1, policy_version=0)
+            entry = P.RosterEntry(server_id="a", engine_url=self.engine_url, engine_ranks=1,
+                                  policy_version=0)
             return P.Roster(members=[entry], policy_version=0)
-        if isinstance(msg, P.SyncStatusRequest):
-            self.polled.set()
-            return P.SyncStatus(policy_version=msg.policy_version, done=[], failed=[])
         return P.Ack(ref=str(getattr(msg, "policy_version", "")), status="ok")
 
 
@@ -42,28 +41,38 @@ class _Config:
 
 
 def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
+    """Member a's engine takes the sync's first request and never answers (a frozen node): the
+    push's drive (trainer/engine_drive.py) would wait for it until the deadline."""
     trainer = Trainer.from_run(load_config([f"run_dir={tmp_path}"]))
+    frozen = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
     wb = WeightBroadcaster(WeightSyncConfig(path="disk", deadline_s=DEADLINE_S),
                            buffer_address="tcp://127.0.0.1:9", rank=0, device=torch.device("cpu"))
     wb.client.close()
-    wb.client = buffer = _Silent()
+    wb.client = _Roster(f"http://127.0.0.1:{frozen.getsockname()[1]}")
     trainer.broadcaster = wb
     model = torch.nn.Linear(2, 2)
     model.config = _Config()
     reports = []
     push = threading.Thread(target=lambda: reports.append(wb.push(model, 1)), daemon=True)
     push.start()
+    frozen.settimeout(DEADLINE_S / 2)
     try:
-        assert buffer.polled.wait(DEADLINE_S / 2)
-        trainer.request_stop()
-        push.join(STOP_S)
-        assert not push.is_alive(), "the push waited on the members after the stop request"
+        called, _ = frozen.accept()  # the sync of a's engine is under way
+        with called:
+            request = b""
+            while b"\r\n" not in request and (chunk := called.recv(4096)):
+                request += chunk
+            assert request.startswith(b"POST /pause_generation"), request
+            trainer.request_stop()
+            push.join(STOP_S)
+            assert not push.is_alive(), "the push waited on the members after the stop request"
     finally:
         wb.stopping.set()
         push.join()
         wb.client = None
         wb.close()
-    assert reports[0].dropped == ["a"]
+        frozen.close()
+    assert reports[0].dropped == ["a"] and reports[0].done == []
 
 
 def test_a_stop_request_ends_the_version_announce_waiting_on_a_gone_buffer(tmp_path, monkeypatch):

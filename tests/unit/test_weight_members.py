@@ -1,5 +1,5 @@
-"""The re-push decision and the rendezvous watch (trainer/weight_members.py), against scripted
-buffer replies."""
+"""The re-push decision, the rendezvous watch and the wait for the first servers
+(trainer/weight_members.py), against scripted buffer replies."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from areal_like.net.transport import TransportTimeout
 from areal_like.wire import protocol as P
 from trainer.weight_members import (
     REPUSH_MIN_S,
@@ -80,72 +79,24 @@ def test_merge_keeps_one_report_per_version():
             and report.error == "broadcast failed")
 
 
-def test_the_watch_raises_for_a_failure_report_or_a_departure():
-    # x: not a member of this plan
-    status = P.SyncStatus(policy_version=4, done=[], failed=["x", "b"])
+def test_the_watch_raises_for_a_failed_sync_or_a_departure():
+    # x: not a member of this plan; ``failed``: the drive's members whose sync already failed
     with pytest.raises(MembersLost) as lost:
-        RendezvousWatch(_Buffer(status, _roster("a", "b")), 4, ["a", "b"], _later(), _later())()
+        RendezvousWatch(_Buffer(_roster("a", "b")), ["a", "b"], _later(), _later(),
+                        failed=lambda: ["x", "b"])()
     assert lost.value.lost == ["b"]
     with pytest.raises(MembersLost) as lost:
-        RendezvousWatch(_Buffer(P.SyncStatus(policy_version=4, done=[], failed=[]), _roster("b")),
-                        4, ["a", "b"], _later(), _later())()
+        RendezvousWatch(_Buffer(_roster("b")), ["a", "b"], _later(), _later(), failed=list)()
     assert lost.value.lost == ["a"]
-    RendezvousWatch(_Buffer(P.SyncStatus(policy_version=4, done=[], failed=[]), _roster("a", "b")),
-                    4, ["a", "b"], _later(), _later())()  # everyone there: no error
+    RendezvousWatch(_Buffer(_roster("a", "b")), ["a", "b"], _later(), _later(),
+                    failed=list)()  # everyone there: no error
 
 
 def test_the_watch_gives_up_at_its_end_without_asking_the_buffer():
     buffer = _Buffer()  # no reply scripted: a request would fail
     with pytest.raises(TimeoutError):
-        RendezvousWatch(buffer, 4, ["a", "b"], _later(), time.monotonic())()
+        RendezvousWatch(buffer, ["a", "b"], _later(), time.monotonic(), failed=list)()
     assert buffer.sent == []
-
-
-def _status(done=(), failed=()) -> P.SyncStatus:
-    return P.SyncStatus(policy_version=4, done=list(done), failed=list(failed),
-                        pause_s={s: 0.01 for s in done})
-
-
-def test_await_members_polls_short_then_longer_and_never_sleeps_once_all_reported(monkeypatch):
-    from trainer import weight_members as wm
-
-    sleeps = []
-    monkeypatch.setattr(wm.time, "sleep", sleeps.append)
-    buffer = _Buffer(_status(), _status(), _status(done=["a"]), _status(done=["a", "b"]))
-    report = SyncReport(version=4, members=["a", "b"], plan_id="p")
-    wm.await_members(buffer, 4, report, _later())
-    assert (report.done, report.dropped, report.loaded) == (["a", "b"], [], {"a": "p", "b": "p"})
-    assert len(buffer.sent) == 4  # stopped at the first status with every member in it
-    # one sleep between polls, none after the last: the push is reported done as soon as it is
-    assert sleeps == [wm.STATUS_POLL_MIN_S, 2 * wm.STATUS_POLL_MIN_S, 4 * wm.STATUS_POLL_MIN_S]
-
-
-def test_await_members_stops_waiting_on_a_dead_buffer_when_the_trainer_stops(monkeypatch):
-    """A trainer told to stop (its launcher gone, the buffer with it) does not poll a dead buffer
-    until the push's deadline: every member still pending is dropped at once."""
-    from trainer import weight_members as wm
-
-    monkeypatch.setattr(wm.time, "sleep", lambda s: None)
-    asked = []
-
-    class Dead:
-        def request(self, msg, timeout_s=None):
-            asked.append(msg)
-            raise TransportTimeout("no buffer")
-
-    report = SyncReport(version=4, members=["a", "b"], plan_id="p")
-    wm.await_members(Dead(), 4, report, _later(), should_stop=lambda: len(asked) >= 2)
-    assert len(asked) == 2 and (report.done, report.dropped) == ([], ["a", "b"])
-
-
-def test_poll_periods_double_up_to_the_longest():
-    from itertools import islice
-
-    from trainer.weight_members import STATUS_POLL_MIN_S, STATUS_POLL_S, poll_periods
-
-    periods = list(islice(poll_periods(), 12))
-    assert periods[0] == STATUS_POLL_MIN_S and periods[-1] == STATUS_POLL_S
-    assert all(b == min(STATUS_POLL_S, 2 * a) for a, b in zip(periods, periods[1:]))
 
 
 def test_the_initial_push_waits_for_the_servers_and_gives_up_at_its_timeout(monkeypatch):
@@ -198,17 +149,3 @@ def test_a_stop_during_the_wait_for_servers_is_not_said_to_be_too_few_servers(ca
     with caplog.at_level(logging.WARNING, "trainer"), pytest.raises(Pushed):
         Trainer.initial_push(fake)
     assert [r for r in caplog.records if "rollout servers registered" in r.getMessage()]
-
-
-def test_await_members_takes_an_odd_roster_reply_as_no_answer(monkeypatch):
-    """A buffer that answers the roster poll with something else (a refusal) is waited on like one
-    that does not answer: the push reports by its deadline instead of raising out of its thread."""
-    from trainer import weight_members as wm
-
-    monkeypatch.setattr(wm.time, "sleep", lambda s: None)
-    monkeypatch.setattr(wm, "ROSTER_POLL_S", 0.0)  # ask for the roster at the first status
-    refusal = P.Ack(ref="", status="rejected", reason="peer_cap: over")
-    buffer = _Buffer(_status(), refusal, _status(done=["a", "b"]), _roster("a", "b"))
-    report = SyncReport(version=4, members=["a", "b"], plan_id="p")
-    wm.await_members(buffer, 4, report, _later())
-    assert (report.done, report.dropped, report.loaded) == (["a", "b"], [], {"a": "p", "b": "p"})

@@ -1,21 +1,128 @@
 """Path disk against the push's deadline (trainer/weight_sync.py, trainer/weight_local.py): a
 plan's deadline is what is left when the plan goes out, after its sender wrote the payloads (a
 whole HF directory), so the members never wait past the trainer's deadline; and a re-push to the
-survivors of a lost member sends the directory already written instead of writing it again."""
+survivors of a lost member sends the directory already written instead of writing it again.
+
+Rank 0 drives the members' engines itself (trainer/engine_drive.py, the real ``EngineDrive``): each
+member's engine is a stand-in over real HTTP that answers the calls of a disk sync (pause, load,
+continue, ``/health``) and loads, fails at once or freezes as the test says; the buffer is a
+scripted roster."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
+import threading
 import time
+from collections.abc import Callable
 
 import torch
 
+from areal_like.net.distributed import free_port
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import WeightSyncConfig
 from areal_like.wire import protocol as P
+from trainer.engine_drive import EngineDrive
 from trainer.weight_sync import WeightBroadcaster
 
 WRITE_S = 0.6  # how long the stand-in model's directory takes to write
+FROZEN_S = 60.0  # a frozen engine's longest silence (the test ends it sooner)
+
+
+class _Engine:
+    """An engine over real HTTP for a disk sync; ``how(body)`` of each load (its JSON body) says
+    what it does: "done", "failed" (a 500 at once) or "frozen" (no answer until ``close``: the
+    sync runs into its deadline). ``loaded``: the version labels it loaded."""
+
+    def __init__(self, how: Callable[[dict], str]):
+        self.how, self.loaded, self.released = how, [], threading.Event()
+        engine = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # /health
+                self._reply(200, {})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"] or 0)))
+                if self.path != "/update_weights_from_disk":  # pause, continue
+                    return self._reply(200, {})
+                how = engine.how(body)
+                if how == "frozen":
+                    engine.released.wait(FROZEN_S)
+                elif how == "done":
+                    engine.loaded.append(body["weight_version"])
+                    return self._reply(200, {"success": True})
+                self._reply(500, {"error": {"message": f"load {how}"}})
+
+            def _reply(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                with contextlib.suppress(OSError):  # a frozen answer's caller is gone
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.released.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Recording(EngineDrive):
+    """The real drive, keeping each plan it was given with the time it went out."""
+
+    def __init__(self):
+        super().__init__()
+        self.plans: list[tuple[P.WeightSyncPlan, float]] = []
+
+    def start(self, plan, entries) -> None:
+        self.plans.append((plan, time.monotonic()))
+        super().start(plan, entries)
+
+
+class _Buffer:
+    """The roster of ``members`` (id -> engine URL), each showing life between two pushes (its
+    ``active`` count moves, as a member asking for leases does); everything else acknowledged."""
+
+    def __init__(self, members: dict[str, str]):
+        self.members, self.asked = members, 0
+
+    def request(self, msg, timeout_s=None):
+        if isinstance(msg, P.RosterRequest):
+            self.asked += 1
+            return P.Roster(members=[P.RosterEntry(server_id=s, engine_url=url, engine_ranks=1,
+                                                   policy_version=0, active=self.asked)
+                                     for s, url in self.members.items()], policy_version=0)
+        return P.Ack(ref="", status="ok")
+
+
+def _broadcaster(cfg: WeightSyncConfig, members: dict[str, str], drive: EngineDrive,
+                 metrics: Metrics | None = None) -> WeightBroadcaster:
+    wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
+                           device=torch.device("cpu"), metrics=metrics, drive=drive)
+    wb.client.close()
+    wb.client = _Buffer(members)
+    return wb
+
+
+@contextlib.contextmanager
+def _closing(wb: WeightBroadcaster, *engines: _Engine):
+    try:
+        yield wb
+    finally:
+        for engine in engines:
+            engine.close()
+        wb.client = None
+        wb.close()
 
 
 class _SlowConfig:
@@ -25,43 +132,19 @@ class _SlowConfig:
             json.dump({}, f)
 
 
-class _Buffer:
-    """Answers by message type; keeps each plan with the time it arrived."""
-
-    def __init__(self):
-        self.plans: list[tuple[P.WeightSyncPlan, float]] = []
-
-    def request(self, msg, timeout_s=None):
-        if isinstance(msg, P.RosterRequest):
-            entry = P.RosterEntry(server_id="a", engine_url="", engine_ranks=1, policy_version=0)
-            return P.Roster(members=[entry], policy_version=0)
-        if isinstance(msg, P.WeightSyncPlan):
-            self.plans.append((msg, time.monotonic()))
-            return P.Ack(ref=str(msg.policy_version), status="ok")
-        if isinstance(msg, P.SyncStatusRequest):
-            return P.SyncStatus(policy_version=msg.policy_version, done=["a"], failed=[])
-        return P.Ack(ref="", status="ok")
-
-
 def test_the_plan_deadline_leaves_out_the_time_spent_making_the_payloads():
     cfg = WeightSyncConfig(path="disk", deadline_s=5.0)
-    wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
-                           device=torch.device("cpu"))
-    wb.client.close()
-    wb.client = buffer = _Buffer()
+    engine, drive = _Engine(lambda body: "done"), _Recording()
     model = torch.nn.Linear(2, 2)
     model.config = _SlowConfig()
-    try:
+    with _closing(_broadcaster(cfg, {"a": engine.url}, drive), engine) as wb:
         t0 = time.monotonic()
         report = wb.push(model, 1)
-    finally:
-        wb.client = None
-        wb.close()
-    assert report.done == ["a"], report
-    (plan, arrived), = buffer.plans
+    assert report.done == ["a"] and engine.loaded == ["1"], report
+    (plan, sent), = drive.plans
     assert plan.path == "disk"
     # the members' deadline ends no later than the trainer's (t0 + deadline_s)
-    assert arrived + plan.deadline_s <= t0 + cfg.deadline_s + 0.2, (plan.deadline_s, arrived - t0)
+    assert sent + plan.deadline_s <= t0 + cfg.deadline_s + 0.2, (plan.deadline_s, sent - t0)
 
 
 class _Counting:
@@ -74,91 +157,43 @@ class _Counting:
             json.dump({}, f)
 
 
-class _LosesOne(_Buffer):
-    """Members a and b; after the first plan a leaves the roster and b reports failure (the
-    group-less paths re-push too); b loads the second plan."""
-
-    def request(self, msg, timeout_s=None):
-        n = len(self.plans)
-        if isinstance(msg, P.RosterRequest):
-            ids = ["a", "b"] if n == 0 else ["b"]
-            members = [P.RosterEntry(server_id=s, engine_url="", engine_ranks=1, policy_version=0)
-                       for s in ids]
-            return P.Roster(members=members, policy_version=0)
-        if isinstance(msg, P.SyncStatusRequest):
-            return P.SyncStatus(policy_version=msg.policy_version, done=["b"] if n == 2 else [],
-                                failed=["b"] if n == 1 else [])
-        return super().request(msg, timeout_s)
-
-
 def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
+    """Members a and b: a's engine is gone (nothing listens at its URL: lost, though still on the
+    roster), b's fails the first plan at once (the group-less paths re-push too) and loads the
+    second, which goes to b alone."""
     cfg = WeightSyncConfig(path="disk", deadline_s=20.0)
-    wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
-                           device=torch.device("cpu"))
-    wb.client.close()
-    wb.client = buffer = _LosesOne()
+    drive = _Recording()
+    b = _Engine(lambda body: "failed" if len(drive.plans) == 1 else "done")
     model = torch.nn.Linear(2, 2)
     model.config = _Counting()
-    try:
+    members = {"a": f"http://127.0.0.1:{free_port()}", "b": b.url}
+    with _closing(_broadcaster(cfg, members, drive), b) as wb:
         report = wb.push(model, 1)
-    finally:
-        wb.client = None
-        wb.close()
-    assert report.done == ["b"] and report.repushed == ["b"], report
-    first, again = (plan for plan, _ in buffer.plans)
+    assert report.done == ["b"] and report.repushed == ["b"] and b.loaded == ["1"], report
+    first, again = (plan for plan, _ in drive.plans)
+    assert [m.server_id for m in first.members] == ["a", "b"]
     assert [m.server_id for m in again.members] == ["b"]
     assert again.payloads == first.payloads and model.config.writes == 1
-
-
-class _FrozenFirst(_Buffer):
-    """Member a never reports v1 (an engine frozen during it) and loads v2 at once."""
-
-    def request(self, msg, timeout_s=None):
-        if isinstance(msg, P.SyncStatusRequest) and msg.policy_version == 1:
-            return P.SyncStatus(policy_version=1, done=[], failed=[])
-        return super().request(msg, timeout_s)
 
 
 def test_a_push_cut_at_its_deadline_is_counted_for_its_alert():
     """Alert WeightSyncOverDeadline read the gauge of the last sync's seconds, which the next step
     overwrites (a step of a small model takes less than a scrape interval): a sync cut at its
     deadline was mostly never scraped. Each push that took 90% of its deadline or more (one that
-    was cut at it: 59.9 s of 60 s measured with an engine frozen) is counted when it ends."""
+    was cut at it: 59.9 s of 60 s measured with an engine frozen) is counted when it ends. Member
+    a's engine freezes in v1 and loads v2 at once."""
     cfg = WeightSyncConfig(path="disk", deadline_s=1.0)
     metrics = Metrics()
-    wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
-                           device=torch.device("cpu"), metrics=metrics)
-    wb.client.close()
-    wb.client = _FrozenFirst()
+    engine = _Engine(lambda body: "frozen" if body["weight_version"] == "1" else "done")
     model = torch.nn.Linear(2, 2)
     model.config = _Counting()
     near = "areal_trainer_weight_sync_near_deadline_total"
-    try:
+    with _closing(_broadcaster(cfg, {"a": engine.url}, _Recording(), metrics), engine) as wb:
         assert metrics.registry.get_sample_value(near) == 0  # served before any push
         cut, fast = wb.push(model, 1), wb.push(model, 2)
-    finally:
-        wb.client = None
-        wb.close()
-    assert cut.dropped == ["a"] and fast.done == ["a"], (cut, fast)
+    assert cut.dropped == ["a"] and fast.done == ["a"] and engine.loaded == ["2"], (cut, fast)
     assert cut.seconds >= 0.9 * cfg.deadline_s > fast.seconds
     assert metrics.registry.get_sample_value(near) == 1
-
-
-class _Scripted(_Buffer):
-    """Member a reports each plan as ``answers`` says, in order: "none" (never: frozen past the
-    deadline), "done" or "failed" (at once)."""
-
-    def __init__(self, answers: list[str]):
-        super().__init__()
-        self.answers = answers
-
-    def request(self, msg, timeout_s=None):
-        if isinstance(msg, P.SyncStatusRequest):
-            answer = self.answers[len(self.plans) - 1]
-            return P.SyncStatus(policy_version=msg.policy_version,
-                                done=["a"] if answer == "done" else [],
-                                failed=["a"] if answer == "failed" else [])
-        return super().request(msg, timeout_s)
 
 
 def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplog):
@@ -167,23 +202,24 @@ def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplo
     trainer re-pushed every few seconds forever, saying only that it re-pushes. The third re-push
     in a row cut at its deadline with no engine done logs one error naming the setting and the
     times, once per streak; the re-pushes go on (an outage of the engines looks the same, and
-    ends). One that an engine loads, or that failed at once (a fault), starts the count again."""
+    ends). One that an engine loads, or that failed at once (a fault), starts the count again.
+    Member a's engine treats each plan's directory as ``answers`` says, in order."""
     from trainer.engine_lag import STALL_PUSHES, EngineSchedule
 
+    answers = ["frozen", "frozen", "done", "frozen", "failed", "frozen", "frozen", "frozen",
+               "frozen"]
     cfg = WeightSyncConfig(path="disk", deadline_s=0.3)
-    wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
-                           device=torch.device("cpu"))
-    wb.client.close()
-    wb.client = buffer = _Scripted(["none", "none", "done", "none", "failed", "none", "none",
-                                    "none", "none"])
+    drive = _Recording()
+    paths = lambda: [plan.payloads[0] for plan, _ in drive.plans]  # noqa: E731 - one line
+    engine = _Engine(lambda body: answers[paths().index(body["model_path"])])
     model = torch.nn.Linear(2, 2)
     model.config = _Counting()
-    engines = EngineSchedule(cfg, wb, model, final_version=10)
 
     def errors() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
 
-    try:
+    with _closing(_broadcaster(cfg, {"a": engine.url}, drive), engine) as wb:
+        engines = EngineSchedule(cfg, wb, model, final_version=10)
         for _ in range(5):  # two cut, one loaded, one cut, one failed at once
             engines.repush(1)
         for _ in range(STALL_PUSHES - 1):
@@ -192,11 +228,8 @@ def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplo
         engines.repush(1)
         assert len(errors()) == 1
         assert engines.repush(1).dropped == ["a"]  # still re-pushing, not said again
-    finally:
-        wb.client = None
-        wb.close()
-    assert len(buffer.plans) == 9  # one plan a re-push
-    (why,) = errors()
+        (why,) = errors()
+    assert len(drive.plans) == 9 and engine.loaded == ["1"]  # one plan a re-push
     assert why.startswith("weight sync: 3 pushes of version 1 in a row ran into "
                           "trainer.weight_sync.deadline_s=0.3 ("), why
     assert why.endswith(" s) and no engine loaded it (a dropped), so the data the trainer waits "
