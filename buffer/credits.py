@@ -208,7 +208,8 @@ def version_range(group: TrajectoryGroup) -> tuple[int, int, int]:
 def invalid_group(group: TrajectoryGroup, lease: Lease | None, newest_version: int,
                   versions: tuple[int, int, int]) -> str | None:
     """Why a group cannot be accepted against its lease (None: it can). ``newest_version`` is the
-    newest version any engine may serve: the trainer's, or that of a weight sync in progress;
+    newest version any engine may serve: the trainer's + 1 (its push may be loading before it
+    announces it);
     ``versions`` is the group's ``version_range``."""
     if not 0 < len(group.group_id.encode()) <= MAX_GID_BYTES:
         return f"invalid_group_id: must be 1 to {MAX_GID_BYTES} bytes"

@@ -146,7 +146,7 @@ class RolloutServer(Daemon):
         self.sync_until, self.sync_version = 0.0, -1
         self.sync_port: SyncPort | None = None  # made in main
         self.sync_url = ""
-        self.probes: set[asyncio.Task] = set()  # after a failed sync (``end``)
+        self.after_sync: set[asyncio.Task] = set()  # what a sync's ``end`` started
         # rollout.eval: runs the job's evaluations (rollout_server/evaluate.py)
         self.evaluator = None
         # told to the buffer in heartbeats: it leaves us out of weight syncs
@@ -646,8 +646,7 @@ class RolloutServer(Daemon):
         if version == self.sync_version:  # not a late end of an earlier sync
             self.sync_until = 0.0
         self.wake.set()
-        if ok:  # the version just loaded is what reopens admission: ask for leases now
-            self.link.window_moved()
+        if ok:
             self.policy_version = version
             self.metrics.gauge("rollout/policy_version",
                                "version the engine serves").set(self.policy_version)
@@ -659,10 +658,17 @@ class RolloutServer(Daemon):
                  else logging.INFO)
         self.log.log(level, "weight sync v%d %s in %.2fs pause%s", version,
                      "done" if ok else "FAILED", pause_s, f": {reason}" if reason else "")
-        if not ok:
-            task = asyncio.create_task(self.probe_engine(version), name=f"probe-v{version}")
-            self.probes.add(task)
-            task.add_done_callback(self.probes.discard)
+        # ok: the buffer learns the version at once (a heartbeat), then we ask for leases (at eta 0
+        # they wait for the engine's version); failed: does the engine still generate?
+        task = asyncio.create_task(self.after_load() if ok else self.probe_engine(version),
+                                   name=f"after-v{version}")
+        self.after_sync.add(task)
+        task.add_done_callback(self.after_sync.discard)
+
+    async def after_load(self) -> None:
+        await self.heartbeat()
+        self.link.window_moved()
+        self.wake.set()
 
 
 def _raise_if_done(tasks: list[asyncio.Task]) -> None:

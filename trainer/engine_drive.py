@@ -12,8 +12,8 @@ Invariants:
   from its answer);
 - a member is ``lost`` when its sync failed and its engine then did not answer ``/health``: the
   survivors that missed the version with it get it again (``WeightBroadcaster``), the lost one not;
-  it ``stalled`` when its sync ran into the deadline (``WeightBroadcaster`` leaves it out until it
-  shows life);
+  it ``stalled`` when lost or not done by the deadline (``WeightBroadcaster`` leaves it out until
+  it shows life);
 - one client per engine URL lives as long as the drive (its connections, and the state a client
   keeps between calls of one sync: vLLM's version label, SGLang's adapter).
 """
@@ -45,7 +45,6 @@ WAIT_SLICE_S = 0.05  # ``wait`` looks at its stop request this often
 # node or process), not a survivor of another member's loss
 LOST_PROBE_S = 2.0
 CLOSE_TIMEOUT_S = 5.0  # the clients' connections are closed within this
-STALL_SHARE = 0.9  # a member whose sync took this share of the plan's deadline or more stalled
 
 
 class EngineDrive:
@@ -59,7 +58,6 @@ class EngineDrive:
         self.clients: dict[str, SGLangClient] = {}  # by engine URL, and by sync URL
         self.runs: dict[str, concurrent.futures.Future] = {}
         self.unreachable: set[str] = set()  # of the last plan: see ``lost``
-        self.slow: set[str] = set()  # of the last plan: see ``stalled``
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine-drive",
                                        daemon=True)
@@ -67,11 +65,10 @@ class EngineDrive:
 
     def start(self, plan: WeightSyncPlan, entries: list[RosterEntry]) -> None:
         """Run ``plan`` on each member's engine (``entries``: the roster it was made from)."""
-        # this plan's own sets: a task of an earlier plan still ending adds to its plan's
-        self.unreachable, self.slow = set(), set()
+        self.unreachable = set()  # this plan's own: an earlier plan's task still ending adds to its
         by_id = {e.server_id: e for e in entries}
         self.runs = {m.server_id: asyncio.run_coroutine_threadsafe(
-            self._one(plan, m.server_id, by_id.get(m.server_id), self.unreachable, self.slow),
+            self._one(plan, m.server_id, by_id.get(m.server_id), self.unreachable),
             self.loop) for m in plan.members}
 
     def _client(self, kind: str, url: str) -> SGLangClient:
@@ -81,10 +78,10 @@ class EngineDrive:
         return client
 
     async def _one(self, plan: WeightSyncPlan, server_id: str, entry: RosterEntry | None,
-                   unreachable: set[str], slow: set[str]) -> SyncDone:
+                   unreachable: set[str]) -> SyncDone:
         if entry is None or not entry.engine_url:
             return answer(plan, server_id, "no engine URL in the roster")
-        kind, started = entry.engine_kind or self.kind, time.monotonic()
+        kind = entry.engine_kind or self.kind
         client = self._client(kind, entry.engine_url)
         # the member's server beside its engine: the door, the sync's begin and end; a member
         # without one (a stand-in that only registers) is driven alone, a door here reaching only
@@ -106,8 +103,6 @@ class EngineDrive:
         if port is not None:  # after a failed sync its server checks that the engine generates
             with contextlib.suppress(SGLangError):
                 await port.end(done)
-        if not done.ok and time.monotonic() - started >= STALL_SHARE * plan.deadline_s:
-            slow.add(server_id)
         if not done.ok and not await client.health(timeout_s=LOST_PROBE_S):
             unreachable.add(server_id)
         return done
@@ -117,9 +112,9 @@ class EngineDrive:
         return sorted(s for s, f in self.runs.items() if f.done() and not f.result().ok)
 
     def stalled(self) -> set[str]:
-        """The members of the last plan that held it up: not done by ``wait``'s deadline, or failed
-        only at (``STALL_SHARE`` of) the plan's."""
-        return self.slow | {s for s, f in self.runs.items() if not f.done()}
+        """The members of the last plan that may hold up the next: lost, or not done by ``wait``'s
+        deadline."""
+        return self.lost() | {s for s, f in self.runs.items() if not f.done()}
 
     def lost(self) -> set[str]:
         """The members of the last plan whose sync failed and whose engine no longer answers."""

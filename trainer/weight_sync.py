@@ -121,9 +121,9 @@ class WeightBroadcaster:
         self.engine_key = engine_key  # the job's engine API key: the group's members prove it
         self.versions = local_versions()  # what each member's versions are checked against
         self.refused: set[str] = set()  # left out of the last plan: catch_up does not wait for them
-        # members whose sync ran into the deadline -> (incarnation, active) then: left out until
-        # their roster entry moves (they ask for leases, deliver a group or register anew), so a
-        # registered id with nothing behind it holds up one push, not every one
+        # members whose sync failed with no engine answering after it, or ran into the deadline ->
+        # (incarnation, active) then: left out until their roster entry moves (they ask for leases,
+        # deliver a group or register anew), so an id with nothing behind it holds up one push
         self.stalled: dict[str, tuple[str, int]] = {}
         self.entries: dict[str, RosterEntry] = {}  # the roster of the plan being run
         self._unversioned: set[str] = set()  # members reporting no versions, warned about once
@@ -360,8 +360,8 @@ class WeightBroadcaster:
         admitted = []
         for m in entries:
             if self.stalled.get(m.server_id) == (m.incarnation, m.active):
-                log.info("weight sync v%d: server %s left out: its last sync ran into the deadline "
-                         "and it showed no life since", report.version, m.server_id)
+                log.info("weight sync v%d: server %s left out: its engine did not answer after its "
+                         "last sync and it showed no life since", report.version, m.server_id)
                 continue
             self.stalled.pop(m.server_id, None)
             peer = RuntimeVersions(m.torch_version, m.cuda_version, m.nccl_version)

@@ -19,11 +19,12 @@ from rollout_server.server import RolloutServer
 
 def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announces(
         tmp_path, monkeypatch):
-    """At eta 0 a server's sync report can reach the buffer before the trainer's request for its
-    next batch, which is what consumes the last one: the report and the CreditRequest after it are
-    refused ("staleness") and the link backs off. With the default overlapped push the trainer's
-    announcement comes after that request (trainer/weight_sync.py, ``_finish``), and ends the
-    back-off (``BufferLink.window_moved``): the next ask gets the leases."""
+    """At eta 0 the leases a server asks for as its engine's sync ends (``RolloutServer.end`` ends
+    any back-off) can reach the buffer before the trainer's request for its next batch, which is
+    what consumes the last one: the request is refused ("staleness") and the link backs off. With
+    the default overlapped push the trainer's announcement comes after that batch request
+    (trainer/weight_sync.py, ``_finish``), and ends the back-off (``BufferLink.window_moved``): the
+    next ask gets the leases."""
     # the back-off outlasts any slow machine
     monkeypatch.setattr(buffer_link, "CREDIT_RETRY_S", 3600.0)
     cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2)
@@ -37,10 +38,10 @@ def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announce
         async def scenario() -> None:
             link = link_to(cfg, "a", started)
             try:
-                assert await link.report_sync(P.SyncDone(server_id="a", policy_version=1, ok=True),
-                                              attempts=1)
                 assert await link.request_credits()
                 assert started == [] and link.wanted() == 0  # refused, backing off
+                # the server's heartbeat: its engine serves v1 (the sync's end said so)
+                await asyncio.to_thread(c.request, P.Heartbeat(server_id="a", policy_version=1))
                 await asyncio.to_thread(c.request,
                                         P.BatchRequest(n_groups=2, trainer_version=1, wait_s=0.05,
                                                        ack_batch=batch.batch_id))
@@ -62,7 +63,6 @@ def test_the_servers_announcement_loop_ends_the_back_off_and_wakes_the_main_loop
     pub = Publisher(address)
     moved = []
     server = types.SimpleNamespace(pub_address=address, metrics=Metrics(), wake=None,
-                                   offer_plan=moved.append,
                                    link=types.SimpleNamespace(
                                        window_moved=lambda: moved.append("moved")),
                                    facts=types.SimpleNamespace(keys=None))  # plain sockets
