@@ -144,6 +144,7 @@ class RolloutServer(Daemon):
         # the trainer's sync of our engine is under way until then (``time.monotonic()``; its
         # ``begin`` and ``end``): no lease is asked for, no evaluation begins
         self.sync_until, self.sync_version = 0.0, -1
+        self.sync_open = False  # a sync began and has not ended
         self.sync_port: SyncPort | None = None  # made in main
         self.sync_url = ""
         self.after_sync: set[asyncio.Task] = set()  # what a sync's ``end`` started
@@ -322,6 +323,7 @@ class RolloutServer(Daemon):
                 self.raise_if_engine_died()  # first: a dead engine also fails every episode
                 self.raise_if_component_stopped()
                 _raise_if_done(background)
+                self.end_abandoned_sync()
                 self.maybe_evaluate()
                 self.link.start_held()
                 if not await self.link.request_credits():
@@ -625,6 +627,7 @@ class RolloutServer(Daemon):
         if self.evaluating:
             raise SyncRefused(f"evaluating version {self.policy_version}")
         self.sync_until, self.sync_version = time.monotonic() + seconds, version
+        self.sync_open = True
         if not self.rcfg.drain_on_update:
             return False
         try:
@@ -644,7 +647,7 @@ class RolloutServer(Daemon):
     def end(self, version: int, ok: bool, pause_s: float, reason: str) -> None:
         """The trainer's sync of ``version`` ended; after a failed one the engine is probed."""
         if version == self.sync_version:  # not a late end of an earlier sync
-            self.sync_until = 0.0
+            self.sync_until, self.sync_open = 0.0, False
         self.wake.set()
         if ok:
             self.policy_version = version
@@ -664,6 +667,23 @@ class RolloutServer(Daemon):
                                    name=f"after-v{version}")
         self.after_sync.add(task)
         task.add_done_callback(self.after_sync.discard)
+
+    def end_abandoned_sync(self) -> None:
+        """A sync that began and never ended by its deadline (the trainer died or gave up during
+        it): its engine may be left paused; continue it and check that it still generates."""
+        if not self.sync_open or self.in_sync():
+            return
+        self.sync_open = False
+        self.log.warning("weight sync v%d began and never ended: continuing the engine and "
+                         "probing it", self.sync_version)
+        task = asyncio.create_task(self.resume_abandoned(self.sync_version), name="abandoned")
+        self.after_sync.add(task)
+        task.add_done_callback(self.after_sync.discard)
+
+    async def resume_abandoned(self, version: int) -> None:
+        with contextlib.suppress(SGLangError):
+            await self.client.continue_generation(timeout_s=ENGINE_PROBE_S)
+        await self.probe_engine(version)
 
     async def after_load(self) -> None:
         await self.heartbeat()

@@ -1,23 +1,23 @@
 """Weight broadcast from the trainer to an embedded engine on CUDA (marker gpu; skipped without
 CUDA).
 
-The real buffer daemon, one embedded engine on CUDA (bf16), one rollout-server stand-in applying
-plans with ``areal_like.weights.engine_sync.apply_weight_sync``, and a world-size-1 trainer on CUDA
-pushing with ``WeightBroadcaster``. With two GPUs the engine runs on GPU 0 and the trainer on GPU 1
-over NCCL; with one GPU both share it and the group uses gloo on CUDA tensors (NCCL refuses two
-ranks on one device). Checks: the engine's weights equal the trainer's full state exactly (bf16
-bytes, SHA-256) and the engine serves the new version.
+The real buffer daemon, one embedded engine on CUDA (bf16), one rollout-server stand-in
+(``weight_sync_harness.Driver``: it registers and heartbeats), and a world-size-1 trainer on CUDA
+pushing with ``WeightBroadcaster``, driving the engine. With two GPUs the engine runs on GPU 0 and
+the trainer on GPU 1 over NCCL; with one GPU both share it and the group uses gloo on CUDA tensors
+(NCCL refuses two ranks on one device). Checks: the engine's weights equal the trainer's full state
+exactly (bf16 bytes, SHA-256) and the engine serves the new version.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_trainer_weight_sync import RUNNER, STARTUP_S, _read_json, drive  # noqa: E402
+from test_trainer_weight_sync import RUNNER, STARTUP_S, _read_json  # noqa: E402
+from weight_sync_harness import Driver  # noqa: E402
 
 TRAINER = r"""
 import json, sys, time
@@ -75,9 +75,7 @@ def test_weight_broadcast_to_cuda_engine(tmp_path, spawn_python, free_port, wait
     url = wait_until(lambda: _read_json(tmp_path / "gpu") and (tmp_path / "gpu.url").read_text(),
                      STARTUP_S, 0.2,
                      "the CUDA engine")
-    stop = threading.Event()
-    driver = threading.Thread(target=drive, args=("gpu", url, cfg.buffer.address, stop),
-                              daemon=True)
+    driver = Driver("gpu", url, cfg.buffer.address)
     driver.start()
     try:
         trainer = spawn_python(TRAINER, [Path(__file__).resolve().parents[2], cfg_path],
@@ -92,5 +90,5 @@ def test_weight_broadcast_to_cuda_engine(tmp_path, spawn_python, free_port, wait
         assert got["sha"] == rep["sha"]
         assert engine.poll() is None
     finally:
-        stop.set()
+        driver.stop.set()
         driver.join(timeout=15)

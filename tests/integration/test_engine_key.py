@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.server
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -70,7 +71,7 @@ def test_a_job_without_a_key_gets_one_made_by_its_first_process_and_shared_by_al
     assert all(p.returncode == 0 for p in askers)
     assert len(keys) == 1 and keys == {engine_api_key(tmp_run_dir)}, keys
     assert (tmp_run_dir / KEY_FILE).stat().st_mode & 0o777 == 0o600
-    assert [p.name for p in (tmp_run_dir / KEY_FILE).parent.iterdir()] == [KEY_FILE.split("/")[-1]]
+    assert [p.name for p in (tmp_run_dir / KEY_FILE).parent.iterdir()] == [Path(KEY_FILE).name]
     cfg = load_config([f"run_dir={tmp_run_dir}", *SMALL])
     assert RolloutServer.from_run(cfg).facts.engine_key == TrainerFacts.from_run(cfg).engine_key \
         == keys.pop()

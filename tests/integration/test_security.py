@@ -23,6 +23,7 @@ from areal_like.net import security
 from areal_like.net.dealer import Client
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import scrape
+from areal_like.net.peers import TRAINER_PEER
 from areal_like.net.pubsub import Subscriber
 from areal_like.settings.config import (
     BufferConfig,
@@ -172,7 +173,7 @@ def test_strangers_get_nothing_are_counted_and_the_job_goes_on(
     rollout = Client(cfg.buffer.address, keys=member, timeout_s=REQUEST_S, identity="real")
     real_sub = Subscriber(cfg.buffer.pub_address, keys=member)
     trainer = Client(cfg.buffer.address, keys=security.load(keys, "trainer"), timeout_s=REQUEST_S,
-                     identity="trainer")
+                     identity=TRAINER_PEER)
     assert isinstance(trainer.request(P.StatsRequest()), P.Stats)  # up, and our keys are accepted
     strangers = {mode: spawn_python(STRANGER, [cfg.buffer.address, cfg.buffer.pub_address, mode,
                                                other, stop_file, STRANGER_REQUEST_S, keys])

@@ -84,6 +84,7 @@ FAULT_AT = {"rendezvous": ("/init_weights_update_group", True),
             "session": ("/update_weights_from_distributed", True),  # paused, session open
             "bucket": ("/update_weights_from_distributed", False),
             "done": ("/end_weight_update", False)}
+BEFORE_PAUSE = {"/init_weights_update_group"}  # a push joins the group before it pauses
 
 
 class FaultProxy:
@@ -115,7 +116,7 @@ class FaultProxy:
 
         route, before = FAULT_AT[self.fault]
         self.pauses += request.path == "/pause_generation"
-        hit = request.path == route and self.pauses >= self.at_pause
+        hit = request.path == route and self.pauses + (route in BEFORE_PAUSE) >= self.at_pause
         if hit and before:
             self.kill()  # the call then finds no engine: it never reaches the rendezvous
         headers = {k: v for k, v in request.headers.items()

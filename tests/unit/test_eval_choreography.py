@@ -60,9 +60,15 @@ class _Evaluator:
         self.versions.append(version)
         if self.port is not None:  # the trainer's next push reaches us now
             with pytest.raises(SGLangError) as refused:
-                await self.port.begin(30.0)
+                await self.port.begin(_plan(version + 1))
             self.refusals.append((refused.value.status, refused.value.message))
         return {"policy_version": version}
+
+
+def _plan(version: int) -> P.WeightSyncPlan:
+    return P.WeightSyncPlan(policy_version=version, group_name="", master_addr="", master_port=0,
+                            world_size=1, backend="gloo", reform=False, members=[], buckets=[],
+                            deadline_s=30.0, path="disk", payloads=["unread"])
 
 
 def _server(tmp_path, version: int, heartbeat_s: float = 0.05) -> RolloutServer:
@@ -101,7 +107,7 @@ def test_a_sync_under_way_ends_first_then_the_evaluation_holds_its_version_and_r
         port = await _trainer(server)
         server.evaluator.port = port
         try:
-            await port.begin(30.0)  # v6 is being loaded into our engine
+            await port.begin(_plan(6))  # v6 is being loaded into our engine
             evaluation = asyncio.create_task(server.evaluate())
             await _until(lambda: any(m.evaluating for m in server.control.sent), "evaluating beat")
             # out of the roster now; the evaluation waits for the sync's end (else it had run at 5)
@@ -109,7 +115,7 @@ def test_a_sync_under_way_ends_first_then_the_evaluation_holds_its_version_and_r
             server.client.version = 6  # the engine loaded it
             await port.end(P.SyncDone(server_id="me", policy_version=6, ok=True, pause_s=0.1))
             await asyncio.wait_for(evaluation, WAIT_S)
-            await port.begin(30.0)  # after the evaluation: syncs are taken again
+            await port.begin(_plan(7))  # after the evaluation: syncs are taken again
         finally:
             await port.close()
             await server.sync_port.close()
@@ -133,7 +139,7 @@ def test_the_schedule_starts_an_evaluation_only_when_due_and_idle(tmp_path):
             server.maybe_evaluate()
             assert server.eval_task is None  # 4 is not a multiple of 5
             server.policy_version = server.client.version = 5
-            await port.begin(30.0)
+            await port.begin(_plan(5))
             server.maybe_evaluate()
             assert server.eval_task is None  # never while a sync runs
             await port.end(P.SyncDone(server_id="me", policy_version=5, ok=True))

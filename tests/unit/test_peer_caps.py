@@ -63,27 +63,13 @@ def test_a_member_holding_too_many_batch_requests_is_refused_on_any_socket(tmp_p
     assert svc.stats()["rejected_peer_limit"] == 1
 
 
-def test_a_rollout_key_takes_no_batch_and_publishes_no_plan(tmp_path):
+def test_a_rollout_key_takes_no_batch(tmp_path):
     svc, _ = serve(tmp_path)
     ((_, _, reply),) = send(
         svc, A, b"r", P.BatchRequest(n_groups=1, trainer_version=0, wait_s=600.0), "rollout"
     )
     assert isinstance(reply, P.Batch) and reply.groups == [] and reply.reason.startswith("role: ")
-    plan = P.WeightSyncPlan(
-        policy_version=1,
-        group_name="g",
-        master_addr="127.0.0.1",
-        master_port=1,
-        world_size=1,
-        backend="gloo",
-        reform=True,
-        members=[],
-        buckets=[],
-        deadline_s=5.0,
-    )
-    ((_, _, ack),) = send(svc, A, b"p", plan, "rollout")
-    assert isinstance(ack, P.Ack) and ack.status == "rejected" and svc.control.plan is None
-    assert svc.handout.pending == [] and svc.stats()["rejected_role"] == 2
+    assert svc.handout.pending == [] and svc.stats()["rejected_role"] == 1
 
 
 def test_a_member_registering_too_many_server_ids_is_refused_and_others_are_not(tmp_path):

@@ -71,13 +71,16 @@ def test_unknown_dtype_is_refused():
         plan_buckets([("x", [2], "complex64")], MB)
 
 
-def test_plan_travels_on_the_wire():
-    from areal_like.wire.protocol import WeightSyncPlan, decode, encode
+def test_plan_travels_as_the_sync_ports_json():
+    """As the trainer sends a plan to a rollout server's /adapter (rollout_server/sync_port.py)."""
+    import msgspec
+
+    from areal_like.wire.protocol import WeightSyncPlan
 
     buckets = plan_buckets([("a", [2, 3], "float32"), ("b", [5], "bfloat16")], MB)
     plan = WeightSyncPlan(policy_version=3, group_name="g", master_addr="127.0.0.1",
                           master_port=1234, world_size=2,
                           backend="gloo", reform=True, members=[], buckets=buckets, deadline_s=10.0)
-    back = decode(encode(plan))
+    back = msgspec.json.decode(msgspec.json.encode(msgspec.to_builtins(plan)), type=WeightSyncPlan)
     assert ([(b.names, b.dtypes, b.shapes) for b in back.buckets]
             == [(b.names, b.dtypes, b.shapes) for b in buckets])
