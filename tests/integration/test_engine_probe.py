@@ -87,7 +87,8 @@ def _start(tmp_path: Path, spawn_python, free_port, wait_until, extra: tuple[str
     return cfg, path, server, metrics
 
 
-def _roster_url(cfg) -> str | None:
+def _member(cfg):
+    """The roster's one member (a ``RosterEntry``), or None before it registered."""
     from areal_like.net.dealer import Client
     from areal_like.wire.protocol import RosterRequest
 
@@ -96,7 +97,11 @@ def _roster_url(cfg) -> str | None:
         members = client.request(RosterRequest()).members
     finally:
         client.close()
-    return members[0].engine_url if members else None
+    return members[0] if members else None
+
+
+def _roster_url(cfg) -> str | None:
+    return (m := _member(cfg)) and m.engine_url
 
 
 def _report(tmp_path: Path, version: int) -> dict | None:
@@ -175,18 +180,6 @@ def test_an_engine_killed_under_many_groups_stops_the_server_naming_the_engine(
     assert "episodes failed in a row" not in log, log[-3000:]
 
 
-def _roster_version(cfg) -> int | None:
-    from areal_like.net.dealer import Client
-    from areal_like.wire.protocol import RosterRequest
-
-    client = Client(cfg.buffer.address, timeout_s=10)
-    try:
-        members = client.request(RosterRequest()).members
-    finally:
-        client.close()
-    return members[0].policy_version if members else None
-
-
 @pytest.mark.timeout(360)
 def test_the_server_reports_the_version_its_engine_serves_whoever_loaded_it(
         tmp_path, spawn_python, free_port, wait_until):
@@ -200,7 +193,7 @@ def test_the_server_reports_the_version_its_engine_serves_whoever_loaded_it(
 
     cfg, *_ = _start(tmp_path, spawn_python, free_port, wait_until)
     url = wait_until(lambda: _roster_url(cfg), 60, 0.2, "the server's registration")
-    assert _roster_version(cfg) == 0
+    assert _member(cfg).policy_version == 0
 
     async def relabel() -> None:
         client = SGLangClient(url, api_key=engine_api_key(tmp_path))
@@ -210,4 +203,4 @@ def test_the_server_reports_the_version_its_engine_serves_whoever_loaded_it(
             await client.close()
 
     asyncio.run(relabel())
-    wait_until(lambda: _roster_version(cfg) == 7, 60, 0.2, "version 7 in the roster")
+    wait_until(lambda: _member(cfg).policy_version == 7, 60, 0.2, "version 7 in the roster")

@@ -270,7 +270,7 @@ def weight_sync_setup() -> tuple[WeightSyncPlan, subprocess.Popen]:
 
 async def sync_from_sender(client: SGLangClient, plan: WeightSyncPlan, sender: subprocess.Popen,
                            door: bool = False):
-    opened = local_door(client.base_url, client.api_key) if door else None
+    opened = local_door(client.base_url, None) if door else None  # the sender's gate: no key
     done = await apply_weight_sync(client, plan, "contract", door=opened)
     _, err = await asyncio.to_thread(sender.communicate, timeout=120)
     assert sender.returncode == 0, err[-2000:]
