@@ -21,6 +21,7 @@ restarts it with a fresh engine).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -31,6 +32,8 @@ from areal_like.net.http_guard import METRICS_LIMITS, guarded_app, serve
 from areal_like.net.sglang_client import SGLangError
 from areal_like.wire.protocol import SyncDone, WeightSyncPlan
 
+# the metrics port's limits, but a body as large as a plan of a big adapter (its names and shapes)
+LIMITS = dataclasses.replace(METRICS_LIMITS, max_body_bytes=4 << 20)
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 
@@ -69,7 +72,7 @@ class SyncPort:
 
     async def start(self, host: str, port: int) -> str:
         """Serve on ``host:port`` (0: a free port); the URL."""
-        app = guarded_app(limits=METRICS_LIMITS, token=self.key)
+        app = guarded_app(limits=LIMITS, token=self.key)
         for path, handler in (("/door", self._door), ("/begin", self._begin),
                               ("/adapter", self._adapter), ("/end", self._end)):
             app.router.add_post(path, handler)

@@ -93,7 +93,7 @@ class EngineDrive:
         except SGLangError as e:
             return answer(plan, server_id, f"its rollout server: {e}")
         if self.lora and kind in LAUNCHED:  # the adapter alone, switched by the member's server
-            done = await (port.adapter(plan, server_id) if port is not None else
+            done = await (port.load_adapter_for(plan, server_id) if port is not None else
                           apply_adapter_sync(client, plan, server_id, pause_mode=self.pause_mode))
         else:  # torch's join needs a door beside the engine (the embedded one opens its own)
             door = None if kind == "embedded" else port.door if port is not None \

@@ -295,7 +295,7 @@ class ServerPort(SGLangClient):
                                             "seconds": plan.deadline_s},
                          timeout_s=plan.deadline_s + CONTINUE_TIMEOUT_S, idempotent=True)
 
-    async def adapter(self, plan: WeightSyncPlan, server_id: str) -> SyncDone:
+    async def load_adapter_for(self, plan: WeightSyncPlan, server_id: str) -> SyncDone:
         """The server loads ``plan``'s LoRA adapter into its engine (``apply_adapter_sync`` there:
         its generate calls name the adapter, so the switch is its own); never raises."""
         try:

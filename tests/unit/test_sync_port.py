@@ -13,6 +13,7 @@ import socket
 import urllib.error
 import urllib.request
 
+import msgspec
 import pytest
 from test_store_gate import DEADLINE_S, GROUP, KEY, closed_by_peer, echo  # noqa: F401 - fixture
 
@@ -20,7 +21,7 @@ from areal_like.net.distributed import free_port
 from areal_like.net.sglang_client import SGLangError
 from areal_like.net.store_gate import StoreGate
 from areal_like.weights.engine_sync import ServerPort, close_door, open_door
-from areal_like.wire.protocol import SyncDone, WeightSyncPlan
+from areal_like.wire.protocol import BucketSpec, SyncDone, WeightSyncPlan
 from rollout_server.sync_port import SyncPort
 
 
@@ -47,8 +48,9 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
         calls.append(("begin", version, seconds))
         return False
 
-    async def adapter(plan):  # the LoRA route: not called here
-        raise AssertionError(plan)
+    async def adapter(plan):  # the LoRA route: the server loads the plan's adapter
+        calls.append(("adapter", plan.policy_version, len(plan.buckets[0].names)))
+        return SyncDone(server_id="a", policy_version=plan.policy_version, ok=True, pause_s=0.25)
 
     port = SyncPort(KEY, door=lambda *group: open_door("engine-a", KEY, *group), begin=begin,
                     adapter=adapter, end=lambda *ended: calls.append(("end", *ended)))
@@ -68,9 +70,18 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
                     s.sendall(b"\x00store")
                     assert s.recv(100) == b"erots\x00"
                 await trainer.begin(_plan(gate_port))
+                # a big adapter's plan (its names and shapes: past 4 KB) goes whole, both ways
+                names = [f"model.layers.{i}.self_attn.q_proj.lora_A.weight" for i in range(400)]
+                big = msgspec.structs.replace(
+                    _plan(gate_port), path="disk", payloads=["/x"],
+                    buckets=[BucketSpec(names=names, dtypes=["float32"] * 400,
+                                        shapes=[[8, 64]] * 400)])
+                done = await trainer.load_adapter_for(big, "a")
+                assert done.ok and done.pause_s == 0.25 and done.server_id == "a", done
                 await trainer.end(SyncDone(server_id="a", policy_version=1, ok=False,
                                            reason="why", pause_s=0.5))
-            assert calls == [("begin", 1, DEADLINE_S), ("end", 1, False, 0.5, "why")]
+            assert calls == [("begin", 1, DEADLINE_S), ("adapter", 1, 400),
+                             ("end", 1, False, 0.5, "why")]
             async with ServerPort(url, api_key="not-the-key") as stranger:
                 with pytest.raises(SGLangError) as refused:
                     await stranger.door(_plan(gate_port))
@@ -78,7 +89,7 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
             body = json.dumps({"master_addr": "127.0.0.1", "master_port": 0, "group_name": GROUP})
             status, text = await asyncio.to_thread(_post, f"{url}/door", body.encode(), KEY)
             assert status == 400 and "master_port" in text, text
-            assert len(calls) == 2
+            assert len(calls) == 3
         finally:
             await port.close()
 
