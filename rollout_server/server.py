@@ -681,6 +681,8 @@ class RolloutServer(Daemon):
         task.add_done_callback(self.after_sync.discard)
 
     async def resume_abandoned(self, version: int) -> None:
+        with contextlib.suppress(SGLangError):  # a session it left open refuses the next sync
+            await self.client.end_weight_update(timeout_s=ENGINE_PROBE_S)
         with contextlib.suppress(SGLangError):
             await self.client.continue_generation(timeout_s=ENGINE_PROBE_S)
         await self.probe_engine(version)

@@ -79,6 +79,15 @@ class EngineDrive:
 
     async def _one(self, plan: WeightSyncPlan, server_id: str, entry: RosterEntry | None,
                    unreachable: set[str]) -> SyncDone:
+        """One member's sync; any error is its failed result, never the trainer's (a member may
+        answer anything: its URLs are what it registered)."""
+        try:
+            return await self._member(plan, server_id, entry, unreachable)
+        except Exception as e:  # noqa: BLE001 - a malformed answer, a client bug: this member's
+            return answer(plan, server_id, f"{type(e).__name__}: {e}")
+
+    async def _member(self, plan: WeightSyncPlan, server_id: str, entry: RosterEntry | None,
+                      unreachable: set[str]) -> SyncDone:
         if entry is None or not entry.engine_url:
             return answer(plan, server_id, "no engine URL in the roster")
         kind = entry.engine_kind or self.kind
