@@ -27,6 +27,7 @@ Invariants (tested in tests/unit/test_placement.py):
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 
 from areal_like.settings.config import ConfigError, RunConfig
 from areal_like.settings.config_checks import split_address
@@ -247,6 +248,8 @@ def _check_reachable(cfg: RunConfig) -> None:
             ("buffer.pub_address", split_address(cfg.buffer.pub_address)[0])]
     if cfg.trainer.weight_sync.path in ("auto", "distributed"):
         keys.append(("trainer.weight_sync.master_addr", cfg.trainer.weight_sync.master_addr))
+    if cfg.rollout.engine.kind == "url":  # trainer rank 0 drives the engine at its URL
+        keys.append(("rollout.engine.url", urlsplit(cfg.rollout.engine.url).hostname or ""))
     for key, host in keys:
         if host.startswith(LOOPBACK) or host in ("0.0.0.0", "*"):
             raise ConfigError(f"{key} host {host!r} with launch.nodes={cfg.launch.nodes}: "

@@ -2,8 +2,8 @@
 
 Owns its engine (embedded, a launched SGLang or vLLM, or attached by URL), its episodes and its
 evaluations; its groups and leases go through ``buffer_link.py``. The trainer drives the engine's
-weight syncs itself, asking this server (``sync_port.py``) only for the door beside the engine and
-to be told when a sync begins and ends (trainer/WEIGHT_SYNC.md). Holds no
+weight syncs itself, asking this server (``sync_port.py``) only to vouch for its engine, for the
+door beside the engine and to be told when a sync begins and ends (trainer/WEIGHT_SYNC.md). Holds no
 durable state: a crash loses only unacknowledged work, whose leases the buffer re-issues. The loop,
 the failure table and the evaluation choreography: rollout_server/ROLLOUT.md.
 
@@ -11,8 +11,10 @@ Invariants:
 * a group is re-sent until acked, also across buffer restarts (``known=False``: register again,
   re-send everything unacked);
 * at most ``rollout.max_concurrent_groups`` episodes run at once (counting leases asked for and not
-  yet answered); no lease is asked for between a sync's ``begin`` and its ``end`` (or the
-  deadline ``begin`` was given);
+  yet answered); no lease is asked for between a sync's ``begin`` and its ``end`` (or the job's
+  sync deadline and the engine's continue after it);
+* the sync port acts for the sync under way only: a door, adapter or end naming another plan is
+  refused (``sync_under_way``), so a late call of an earlier sync changes nothing;
 * an evaluation never overlaps a sync: ``begin`` is refused while one runs, and one begins only
   once a sync under way ended;
 * ``policy_version`` is the version the engine serves: set by a sync's ``end`` and read from the
@@ -50,6 +52,7 @@ from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.engine_sync import (
+    CONTINUE_TIMEOUT_S,
     LAUNCHED,
     apply_adapter_sync,
     close_door,
@@ -78,7 +81,7 @@ from rollout_server.facts import RolloutFacts
 from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
-from rollout_server.sync_port import SyncPort, SyncRefused
+from rollout_server.sync_port import BeginBody, DoorBody, EndBody, SyncPort, SyncRefused
 
 # the main loop also wakes on events; the tick only bounds reaction to stop requests
 LOOP_TICK_S = 0.2
@@ -144,7 +147,7 @@ class RolloutServer(Daemon):
         # the trainer's sync of our engine is under way until then (``time.monotonic()``; its
         # ``begin`` and ``end``): no lease is asked for, no evaluation begins
         self.sync_until, self.sync_version = 0.0, -1
-        self.sync_open = False  # a sync began and has not ended
+        self.sync_plan = ""  # the plan of the sync that began and has not ended ("": none)
         self.sync_port: SyncPort | None = None  # made in main
         self.sync_url = ""
         self.after_sync: set[asyncio.Task] = set()  # what a sync's ``end`` started
@@ -608,8 +611,7 @@ class RolloutServer(Daemon):
     async def open_sync_port(self) -> None:
         """Where the trainer driving our engine's weight syncs asks for its door, says when a
         sync begins and ends (sync_port.py): on the engine's host, behind the job's engine key."""
-        key = self.facts.engine_key
-        self.sync_port = SyncPort(key, door=lambda *group: open_door(self.engine_url, key, *group),
+        self.sync_port = SyncPort(self.facts.engine_key, self.engine_url, door=self.door,
                                   begin=self.begin, adapter=self.load_adapter, end=self.end)
         self.sync_url = await self.sync_port.start(urlparse(self.engine_url).hostname,
                                                    self.rcfg.sync_port)
@@ -619,15 +621,22 @@ class RolloutServer(Daemon):
     def in_sync(self) -> bool:
         return time.monotonic() < self.sync_until
 
-    async def begin(self, version: int, seconds: float) -> bool:
-        """The trainer's sync of ``version`` to our engine begins: no lease is asked for and no
-        evaluation begins for ``seconds`` or until its ``end``; with rollout.drain_on_update, True
-        once the episodes in flight ended (``DRAIN_SHARE`` of ``seconds`` at most: then the
+    def sync_under_way(self, plan_id: str) -> None:
+        """SyncRefused unless ``plan_id``'s sync began here and has not ended (nor run out)."""
+        if plan_id != self.sync_plan or not self.in_sync():
+            raise SyncRefused(f"plan {plan_id} is not the weight sync under way here")
+
+    async def begin(self, body: BeginBody) -> bool:
+        """The trainer's sync of ``body.version`` to our engine begins: no lease is asked for and
+        no evaluation begins until its ``end``, or for the sync's deadline and the engine's
+        continue after it (the trainer's calls end by then); with rollout.drain_on_update, True
+        once the episodes in flight ended (``DRAIN_SHARE`` of the deadline at most: then the
         engine's pause cuts them, and they resume after it). Refused while evaluating."""
         if self.evaluating:
             raise SyncRefused(f"evaluating version {self.policy_version}")
-        self.sync_until, self.sync_version = time.monotonic() + seconds, version
-        self.sync_open = True
+        seconds = self.facts.sync_deadline_s
+        self.sync_until = time.monotonic() + seconds + CONTINUE_TIMEOUT_S
+        self.sync_version, self.sync_plan = body.version, body.plan_id
         if not self.rcfg.drain_on_update:
             return False
         try:
@@ -638,16 +647,26 @@ class RolloutServer(Daemon):
             return False
         return True
 
+    def door(self, body: DoorBody) -> int:
+        """A door beside our engine to the group's store gate (``open_door``)."""
+        self.sync_under_way(body.plan_id)
+        return open_door(self.engine_url, self.facts.engine_key, body.master_addr,
+                         body.master_port, body.group_name)
+
     async def load_adapter(self, plan: WeightSyncPlan) -> SyncDone:
         """LoRA on a launched engine: the trainer's sync loads the adapter through us, as our
         generate calls name it."""
+        self.sync_under_way(plan.plan_id)
         return await apply_adapter_sync(self.client, plan, self.server_id,
                                         pause_mode=self.rcfg.pause_mode)
 
-    def end(self, version: int, ok: bool, pause_s: float, reason: str) -> None:
-        """The trainer's sync of ``version`` ended; after a failed one the engine is probed."""
-        if version == self.sync_version:  # not a late end of an earlier sync
-            self.sync_until, self.sync_open = 0.0, False
+    def end(self, body: EndBody) -> None:
+        """The trainer's sync of ``body.version`` ended; after a failed one the engine is
+        probed. Refused for any plan but the one under way (a late end of an earlier sync)."""
+        if body.plan_id != self.sync_plan:
+            raise SyncRefused(f"plan {body.plan_id} is not the weight sync under way here")
+        version, ok, pause_s, reason = body.version, body.ok, body.pause_s, body.reason
+        self.sync_until, self.sync_plan = 0.0, ""
         self.wake.set()
         if ok:
             self.policy_version = version
@@ -671,9 +690,9 @@ class RolloutServer(Daemon):
     def end_abandoned_sync(self) -> None:
         """A sync that began and never ended by its deadline (the trainer died or gave up during
         it): its engine may be left paused; continue it and check that it still generates."""
-        if not self.sync_open or self.in_sync():
+        if not self.sync_plan or self.in_sync():
             return
-        self.sync_open = False
+        self.sync_plan = ""
         self.log.warning("weight sync v%d began and never ended: continuing the engine and "
                          "probing it", self.sync_version)
         task = asyncio.create_task(self.resume_abandoned(self.sync_version), name="abandoned")

@@ -44,7 +44,8 @@ model = build_model(cfg.model, device=cfg.trainer.device)
 
 
 def broadcaster(path: str) -> WeightBroadcaster:
-    key = engine_api_key(cfg.run_dir)  # the job's, where the test made one (as a trainer's)
+    # the job's key (made by the first of its processes to ask, as a trainer makes it)
+    key = engine_api_key(cfg.run_dir, make=True)
     engines = EngineDrive(kind=cfg.rollout.engine.kind, engine_key=key,
                           pause_mode=cfg.rollout.pause_mode, lora=cfg.trainer.lora.enabled)
     return WeightBroadcaster(replace(cfg.trainer.weight_sync, path=path),

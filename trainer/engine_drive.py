@@ -1,16 +1,22 @@
 """Rank 0 drives the engines of one push itself (trainer/WEIGHT_SYNC.md): one task per member
-tells the member's rollout server the sync begins (its sync port, rollout_server/sync_port.py:
-refused while it evaluates, answered once drained where it drains), runs the engine side
-(``areal_like/weights/engine_sync.py``: pause, join through the door that server opens, load,
-continue) and tells the server how it ended; on a loop thread of its own, while the push thread
-broadcasts.
+has the member's rollout server vouch for its engine and tells it the sync begins (its sync port,
+rollout_server/sync_port.py: refused while it evaluates, answered once drained where it drains),
+runs the engine side (``areal_like/weights/engine_sync.py``: pause, join through the door that
+server opens, load, continue) and tells the server how it ended; on a loop thread of its own,
+while the push thread broadcasts.
 
 Invariants:
-- every task is bounded by the plan's ``deadline_s`` (the engine side's own bound) and answers a
-  ``SyncDone``, never an exception: a member that fails or misses the deadline is a failed result;
+- the job's engine key goes to a member's URLs only once its sync port proved it holds the key
+  and serves that engine (``ServerPort.vouch``): a URL in the roster is what a member registered;
+- every task ends by the plan's start plus ``deadline_s`` (a drain included: the engine side gets
+  what is left) and answers a ``SyncDone``, never an exception: a member that fails or misses the
+  deadline is a failed result;
+- a member's task begins once its task of the last plan ended (or fails, saying so, when that one
+  outlives this plan's deadline): a late continue never lands in the next plan's load;
 - ``failed`` never waits, ``wait`` returns by its deadline (the members not done then are missing
   from its answer);
-- a member is ``lost`` when its sync failed and its engine then did not answer ``/health``: the
+- a member is ``lost`` when its sync failed and its engine then did not answer ``/health`` (or its
+  task of the last plan outlived this one's deadline): the
   survivors that missed the version with it get it again (``WeightBroadcaster``), the lost one not;
   it ``stalled`` when lost or not done by the deadline (``WeightBroadcaster`` leaves it out until
   it shows life);
@@ -24,22 +30,19 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.net.vllm_client import engine_client
-from areal_like.weights.engine_sync import (
-    LAUNCHED,
-    ServerPort,
-    answer,
-    apply_adapter_sync,
-    apply_weight_sync,
-    local_door,
-)
+from areal_like.weights.engine_sync import LAUNCHED, ServerPort, answer, apply_weight_sync
 from areal_like.wire.protocol import RosterEntry, SyncDone, WeightSyncPlan
 
+log = logging.getLogger("trainer.engine_drive")
 WAIT_SLICE_S = 0.05  # ``wait`` looks at its stop request this often
 # after a failed sync: an engine that does not answer /health within this is lost (gone with its
 # node or process), not a survivor of another member's loss
@@ -64,12 +67,16 @@ class EngineDrive:
         self.thread.start()
 
     def start(self, plan: WeightSyncPlan, entries: list[RosterEntry]) -> None:
-        """Run ``plan`` on each member's engine (``entries``: the roster it was made from)."""
+        """Run ``plan`` on each member's engine (``entries``: the roster it was made from), each
+        after the member's task of the last plan ended."""
         self.unreachable = set()  # this plan's own: an earlier plan's task still ending adds to its
         by_id = {e.server_id: e for e in entries}
-        self.runs = {m.server_id: asyncio.run_coroutine_threadsafe(
-            self._one(plan, m.server_id, by_id.get(m.server_id), self.unreachable),
-            self.loop) for m in plan.members}
+        end = time.monotonic() + plan.deadline_s
+        last, self.runs = self.runs, {}
+        for m in plan.members:
+            run = self._one(plan, end, m.server_id, by_id.get(m.server_id), last.get(m.server_id),
+                            self.unreachable)
+            self.runs[m.server_id] = asyncio.run_coroutine_threadsafe(run, self.loop)
 
     def _client(self, kind: str, url: str) -> SGLangClient:
         if (client := self.clients.get(url)) is None:
@@ -77,41 +84,46 @@ class EngineDrive:
             client = self.clients[url] = make(url, api_key=self.engine_key)
         return client
 
-    async def _one(self, plan: WeightSyncPlan, server_id: str, entry: RosterEntry | None,
+    async def _one(self, plan: WeightSyncPlan, end: float, server_id: str,
+                   entry: RosterEntry | None, last: concurrent.futures.Future | None,
                    unreachable: set[str]) -> SyncDone:
-        """One member's sync; any error is its failed result, never the trainer's (a member may
-        answer anything: its URLs are what it registered)."""
+        """One member's sync, by ``end`` (``time.monotonic()``); any error is its failed result,
+        never the trainer's (a member may answer anything: its URLs are what it registered)."""
         try:
-            return await self._member(plan, server_id, entry, unreachable)
+            if last is not None and not last.done():  # its calls of the last plan end first
+                await asyncio.wait([asyncio.wrap_future(last)], timeout=end - time.monotonic())
+                if not last.done():  # wedged: no re-push of this version either (``lost``)
+                    unreachable.add(server_id)
+                    return _refused(plan, server_id, "its sync of the last plan has not ended")
+            return await self._member(plan, end, server_id, entry, unreachable)
         except Exception as e:  # noqa: BLE001 - a malformed answer, a client bug: this member's
-            return answer(plan, server_id, f"{type(e).__name__}: {e}")
+            return _refused(plan, server_id, f"{type(e).__name__}: {e}")
 
-    async def _member(self, plan: WeightSyncPlan, server_id: str, entry: RosterEntry | None,
-                      unreachable: set[str]) -> SyncDone:
-        if entry is None or not entry.engine_url:
-            return answer(plan, server_id, "no engine URL in the roster")
+    async def _member(self, plan: WeightSyncPlan, end: float, server_id: str,
+                      entry: RosterEntry | None, unreachable: set[str]) -> SyncDone:
+        if entry is None or not entry.engine_url or not entry.sync_url:
+            return _refused(plan, server_id, "no engine URL and sync port in the roster (a "
+                            "rollout server older than this trainer?)")
         kind = entry.engine_kind or self.kind
-        client = self._client(kind, entry.engine_url)
-        # the member's server beside its engine: the door, the sync's begin and end; a member
-        # without one (a stand-in that only registers) is driven alone, a door here reaching only
-        # an engine on this node
-        port = self._client("port", entry.sync_url) if entry.sync_url else None
+        # the member's server beside its engine: its word for the engine (before the key goes to
+        # either), the sync's begin (refused while it evaluates; drained first where it drains)
+        port = self._client("port", entry.sync_url)
         try:
-            if port is not None:  # refused while it evaluates; drains first where it drains
-                await port.begin(plan)
+            await port.vouch(entry.engine_url, timeout_s=max(0.0, end - time.monotonic()))
+            await port.begin(plan)
         except SGLangError as e:
-            return answer(plan, server_id, f"its rollout server: {e}")
+            return _refused(plan, server_id, f"its rollout server: {e}")
+        # the engine side ends by the plan's deadline, whatever the drain took
+        plan = msgspec.structs.replace(plan, deadline_s=max(0.0, end - time.monotonic()))
+        client = self._client(kind, entry.engine_url)
         if self.lora and kind in LAUNCHED:  # the adapter alone, switched by the member's server
-            done = await (port.load_adapter_for(plan, server_id) if port is not None else
-                          apply_adapter_sync(client, plan, server_id, pause_mode=self.pause_mode))
+            done = await port.load_adapter_for(plan, server_id)
         else:  # torch's join needs a door beside the engine (the embedded one opens its own)
-            door = None if kind == "embedded" else port.door if port is not None \
-                else local_door(entry.engine_url, self.engine_key)
-            done = await apply_weight_sync(client, plan, server_id, door=door,
-                                           pause_mode=self.pause_mode)
-        if port is not None:  # after a failed sync its server checks that the engine generates
-            with contextlib.suppress(SGLangError):
-                await port.end(done)
+            done = await apply_weight_sync(client, plan, server_id, pause_mode=self.pause_mode,
+                                           door=None if kind == "embedded" else port.door)
+        # after a failed sync its server checks that the engine generates
+        with contextlib.suppress(SGLangError):
+            await port.end(plan, done)
         if not done.ok and not await client.health(timeout_s=LOST_PROBE_S):
             unreachable.add(server_id)
         return done
@@ -164,3 +176,9 @@ class EngineDrive:
             if not self.thread.is_alive():
                 self.loop.close()
             self.clients.clear()
+
+
+def _refused(plan: WeightSyncPlan, server_id: str, reason: str) -> SyncDone:
+    """A member's sync that failed before its engine was called (the engine side logs its own)."""
+    log.warning("weight sync v%d: %s failed: %s", plan.policy_version, server_id, reason)
+    return answer(plan, server_id, reason)

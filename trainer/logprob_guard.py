@@ -2,8 +2,9 @@
 convention (``log_softmax(logits / temperature)`` before top-p/top-k, ``trainer/logprobs.py``).
 
 Rank 0 sends each engine that acknowledged the initial push one short ``/generate`` through the
-project's one SGLang client (``areal_like/net/sglang_client.py``; with the engine API key; with
-LoRA naming the adapter that push made live), every rank scores the probes
+project's one SGLang client (``areal_like/net/sglang_client.py``; with the engine API key, once
+the engine's rollout server vouched for its URL: ``unvouched``; with LoRA naming the adapter that
+push made live), every rank scores the probes
 (a collective forward), and rank 0 broadcasts its verdict: a mean absolute per-token difference
 above ``trainer.logprob_guard_tol`` (or nan) raises ``LogprobGuardError`` on every rank (the mean,
 not the max: bf16 kernels leave rare single tokens off), a refusal (exit 2): a restart would probe
@@ -20,8 +21,8 @@ kernels on both sides) is still to be measured: ``tests/gpu/test_engine_cuda.py`
 ``logprob_gap_bf16``.
 
 Not covered, and reported as such (``not_checked``): engines that join later, unreachable ones
-(a warning), and on several nodes a loopback or any-address URL (it would name rank 0's machine).
-Only probed engines pass.
+(a warning), ones no sync port vouches for, and on several nodes a loopback or any-address URL
+(it would name rank 0's machine). Only probed engines pass.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ from areal_like.daemon import StartRefused
 from areal_like.net.dealer import Client
 from areal_like.net.sglang_client import GenerateOutput, SGLangError
 from areal_like.net.vllm_client import engine_client
+from areal_like.weights.engine_sync import ServerPort
+from areal_like.wire.protocol import RosterEntry
 from trainer.logprobs import token_logprobs
 from trainer.ranks import from_rank0
 from trainer.weight_members import BUFFER_REQUEST_TIMEOUT_S, roster
@@ -149,6 +152,23 @@ def elsewhere(url: str, several_nodes: bool) -> str | None:
             "nodes than trainer rank 0: set rollout.engine.host to the engine node's address")
 
 
+def unvouched(entry: RosterEntry, api_key: str | None) -> str | None:
+    """Why the job's key may not go to ``entry``'s engine, or None: its sync port proved it holds
+    the key and serves that engine (``ServerPort.vouch``; a roster URL is a member's word)."""
+    if not entry.sync_url:
+        return "no sync port in the roster vouches for its engine URL"
+
+    async def ask() -> None:
+        async with ServerPort(entry.sync_url, api_key=api_key) as port:
+            await port.vouch(entry.engine_url, PROBE_TIMEOUT_S)
+
+    try:
+        asyncio.run(ask())
+    except SGLangError as e:
+        return f"its rollout server did not vouch for it ({e})"
+    return None
+
+
 def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int], temperature: float,
                    several_nodes: bool = False, api_key: str | None = None,
                    adapters: dict[str, str] | None = None,
@@ -165,7 +185,8 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
         try:
             why = elsewhere(m.engine_url, several_nodes) or (
                 "the push's report names no adapter it loaded"
-                if adapters is not None and m.server_id not in adapters else None)
+                if adapters is not None and m.server_id not in adapters else None) or \
+                unvouched(m, api_key)
             if why is None:
                 probe = probe_engine(m.server_id, m.engine_url, prompt_ids, temperature,
                                      api_key=api_key, engine_kind=engine_kind,

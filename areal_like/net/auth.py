@@ -7,6 +7,8 @@ also in ``<run_dir>/secrets/``, mode 0600), so they never reach ``config.yaml`` 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import re
 import secrets
@@ -55,6 +57,16 @@ def engine_api_key(run_dir: str | Path, make: bool = False) -> str | None:
     it to other nodes in ``ENGINE_KEY_ENV``)."""
     return os.environ.get(ENGINE_KEY_ENV) or (ensure_key_file(run_dir) if make
                                               else read_key_file(run_dir))
+
+
+def vouch_proof(key: str, nonce: str, sync_url: str, engine_url: str) -> str:
+    """What only a holder of the job's engine key answers to ``nonce``: that the rollout server's
+    sync port at ``sync_url`` serves the engine at ``engine_url`` (HMAC-SHA256, its own prefix: no
+    other proof of the key signs this message). Trainer rank 0 asks for it before it sends the key
+    to either URL (rollout_server/sync_port.py, ``/vouch``)."""
+    message = b"\0".join((b"areal-like vouch/1", nonce.encode(), sync_url.encode(),
+                          engine_url.encode()))
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
 
 
 def metrics_token() -> str | None:

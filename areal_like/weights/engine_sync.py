@@ -19,14 +19,17 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
 
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, vouch_proof
 from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.net.store_gate import StoreDoor
 from areal_like.weights.lora import served_name
@@ -278,22 +281,36 @@ def local_door(engine_url: str, key: str | None) -> Door:
 
 class ServerPort(SGLangClient):
     """A rollout server's sync port (rollout_server/sync_port.py), as the trainer driving its
-    engine calls it: the door beside the engine, a sync's begin and end."""
+    engine calls it: its word for its engine, the door beside the engine, a sync's begin and end.
+    ``vouch`` first: the other calls carry the key."""
 
-    async def door(self, plan: WeightSyncPlan) -> int:
-        body = {"master_addr": plan.master_addr, "master_port": plan.master_port,
-                "group_name": plan.group_name}
-        _, answer_, _ = await self._call("POST", "/door", body, timeout_s=plan.deadline_s,
-                                         idempotent=True)  # a second door replaces the first
-        return int(answer_["port"])
+    async def vouch(self, engine_url: str, timeout_s: float) -> None:
+        """SGLangError unless the port proves it holds the job's key (``self.api_key``) and serves
+        the engine at ``engine_url``: only then may the key go to either (a URL in the roster is
+        what a member registered)."""
+        nonce = secrets.token_hex(16)
+        _, got, _ = await self._call("POST", "/vouch", {"nonce": nonce}, timeout_s=timeout_s,
+                                     idempotent=True)
+        want = vouch_proof(self.api_key or "", nonce, self.base_url, engine_url)
+        if not (isinstance(got, dict) and hmac.compare_digest(str(got.get("proof")), want)):
+            raise SGLangError("/vouch", None, f"{self.base_url} does not prove the job's engine "
+                              f"key for {engine_url}: not this job's rollout server, or one with "
+                              f"another key ({ENGINE_KEY_ENV} or <run_dir>/{KEY_FILE} on its node)")
 
     async def begin(self, plan: WeightSyncPlan) -> None:
         """``plan``'s sync of the server's engine begins: it asks for no lease and begins no
-        evaluation until ``end`` (or the plan's deadline); answered once drained where it drains
+        evaluation until ``end`` (or the deadline); answered once drained where it drains
         (rollout.drain_on_update). SGLangError 409 while it evaluates."""
-        await self._call("POST", "/begin", {"version": plan.policy_version,
-                                            "seconds": plan.deadline_s},
+        await self._call("POST", "/begin", {"plan_id": plan.plan_id,
+                                            "version": plan.policy_version},
                          timeout_s=plan.deadline_s + CONTINUE_TIMEOUT_S, idempotent=True)
+
+    async def door(self, plan: WeightSyncPlan) -> int:
+        body = {"plan_id": plan.plan_id, "master_addr": plan.master_addr,
+                "master_port": plan.master_port, "group_name": plan.group_name}
+        _, answer_, _ = await self._call("POST", "/door", body, timeout_s=plan.deadline_s,
+                                         idempotent=True)  # a second door replaces the first
+        return int(answer_["port"])
 
     async def load_adapter_for(self, plan: WeightSyncPlan, server_id: str) -> SyncDone:
         """The server loads ``plan``'s LoRA adapter into its engine (``apply_adapter_sync`` there:
@@ -306,9 +323,10 @@ class ServerPort(SGLangClient):
             return answer(plan, server_id, f"its rollout server: {e}")
         return answer(plan, server_id, got["reason"] if not got["ok"] else "", got["pause_s"])
 
-    async def end(self, done: SyncDone) -> None:
-        await self._call("POST", "/end", {"version": done.policy_version, "ok": done.ok,
-                                          "pause_s": done.pause_s, "reason": done.reason[:2000]},
+    async def end(self, plan: WeightSyncPlan, done: SyncDone) -> None:
+        await self._call("POST", "/end", {"plan_id": plan.plan_id, "version": done.policy_version,
+                                          "ok": done.ok, "pause_s": done.pause_s,
+                                          "reason": done.reason[:2000]},
                          timeout_s=CONTINUE_TIMEOUT_S, idempotent=True)
 
 

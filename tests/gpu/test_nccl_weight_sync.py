@@ -25,6 +25,7 @@ sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/tests/integr
 import torch
 torch.set_num_threads(1)
 from test_trainer_weight_sync import weights_sha
+from areal_like.net.auth import engine_api_key
 from areal_like.settings.config import load_daemon_config
 from areal_like.wire.protocol import RosterRequest
 from areal_like.net.dealer import Client
@@ -42,8 +43,8 @@ client = Client(cfg.buffer.address)
 while len(client.request(RosterRequest()).members) != 1:
     time.sleep(0.2)
 wb = WeightBroadcaster(cfg.trainer.weight_sync, buffer_address=cfg.buffer.address, rank=0,
-                       device=policy.device,
-                       send_dtype=cfg.model.dtype)
+                       device=policy.device, send_dtype=cfg.model.dtype,
+                       engine_key=engine_api_key(cfg.run_dir, make=True))
 rep = wb.push(policy.model, 1)
 full = {k: v.to(torch.bfloat16) for k, v in full_state_dict(policy.model).items()}
 print("RESULT " + json.dumps({**rep.__dict__, "sha": weights_sha(full.items())}), flush=True)
@@ -75,7 +76,7 @@ def test_weight_broadcast_to_cuda_engine(tmp_path, spawn_python, free_port, wait
     url = wait_until(lambda: _read_json(tmp_path / "gpu") and (tmp_path / "gpu.url").read_text(),
                      STARTUP_S, 0.2,
                      "the CUDA engine")
-    driver = Driver("gpu", url, cfg.buffer.address)
+    driver = Driver("gpu", url, cfg)
     driver.start()
     try:
         trainer = spawn_python(TRAINER, [Path(__file__).resolve().parents[2], cfg_path],

@@ -63,7 +63,7 @@ def test_one_gpu_tensor_and_disk_paths_end_to_end(tmp_path, spawn_python, free_p
         "trainer.device=cuda", "rollout.engine.device=cuda", "trainer.weight_sync.deadline_s=60",
         "model.dtype=bfloat16"])
     _, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a"])
-    driver = Driver("rollout-a", urls["rollout-a"], cfg.buffer.address)
+    driver = Driver("rollout-a", urls["rollout-a"], cfg)
     driver.start()
     pushes = [{"version": 1, "members": 1, "path": "tensor"},
               {"version": 2, "members": 1, "path": "disk", "after": "checked-1"},

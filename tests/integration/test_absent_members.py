@@ -3,7 +3,8 @@
 Real processes and sockets: the buffer daemon, one embedded engine with a rollout-server stand-in
 (``weight_sync_harness.Driver``), a world-size-1 trainer (``tests/weight_pusher.py``, the real
 ``WeightBroadcaster`` driving every member's engine itself), and a fake member: a socket that
-registers an id and heartbeats, as any holder of a member key can, with an engine URL that
+registers an id and heartbeats, as any holder of a member key can, with an engine URL and sync
+port that
 
 * refuses connections (``refused``): the trainer's drive of it fails at once;
 * accepts TCP connections but never answers (``silent``): the drive of it fails only at the
@@ -36,7 +37,8 @@ VERSIONS = (1, 2, 3)
 
 
 class FakeMember(threading.Thread):
-    """Registers ``server_id`` with ``engine_url``, then only heartbeats."""
+    """Registers ``server_id`` with ``engine_url`` (its sync port's URL too), then only
+    heartbeats."""
 
     def __init__(self, address: str, server_id: str, engine_url: str):
         super().__init__(daemon=True, name=f"fake-{server_id}")
@@ -48,7 +50,7 @@ class FakeMember(threading.Thread):
         client = Client(self.address, timeout_s=30)
         try:
             client.request(P.Register(server_id=self.server_id, engine_url=self.engine_url,
-                                      policy_version=0, fresh=True))
+                                      sync_url=self.engine_url, policy_version=0, fresh=True))
             while not self.stop.wait(HEARTBEAT_S):
                 client.request(P.Heartbeat(server_id=self.server_id, policy_version=0))
         except BaseException as e:  # surfaced by the test
@@ -68,7 +70,7 @@ def test_a_member_without_an_engine_does_not_hold_up_every_sync(
     fake_url = (f"http://127.0.0.1:{hole.getsockname()[1]}" if hole is not None
                 else f"http://127.0.0.1:{free_port()}")  # nothing listens there
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-real"])
-    real = Driver("rollout-real", urls["rollout-real"], cfg.buffer.address)
+    real = Driver("rollout-real", urls["rollout-real"], cfg)
     fake = FakeMember(cfg.buffer.address, "fake-1", fake_url)
     real.start()
     fake.start()

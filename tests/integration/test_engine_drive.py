@@ -6,21 +6,26 @@ served version and the SHA-256 of its weights whenever the version changes), dri
 process through a disk plan (the model's directory). One member's engine is frozen by SIGSTOP, by
 PID: its sync ends failed at the plan's deadline, the other member's loads, and ``wait`` answers
 by the deadline. A member with no engine behind its URL is reported failed at once, and ``lost``
-(no ``/health`` answer either), the frozen one too. The drive's own kind is vLLM's, the two
+(no ``/health`` answer either), the frozen one too. A second plan started at once waits, per
+member, for the member's task of the first to end: the healthy member's sync port sees the first
+sync end before the second begins, and the frozen member's second sync fails, never begun, as its
+first outlives the second's deadline. The drive's own kind is vLLM's, the two
 engines' roster kind ``embedded``: each member is driven as its roster entry names (a vLLM client
 fails on the embedded engine: it has no ``/pause``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import signal
 import time
 
 import pytest
-from weight_sync_harness import engine_at, start_system, write_config
+from weight_sync_harness import SyncStandIn, engine_at, start_system, write_config
 
 DEADLINE_S = 8.0  # the plan's: the frozen member's sync ends failed by then
+KEY = "k" * 32  # the job's engine key (the embedded engines take any)
 
 
 def _disk_plan(members: list[str], path: str, version: int):
@@ -43,23 +48,37 @@ def test_a_frozen_member_fails_at_the_deadline_and_the_other_loads(
     cfg, cfg_path = write_config(tmp_path, free_port, [])
     build_model(cfg.model).save_pretrained(tmp_path / "v1")
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["a", "b"])
-    drive = EngineDrive(kind="vllm", pause_mode="abort")  # for a member whose entry names none
+    # for a member whose entry names no kind
+    drive = EngineDrive(kind="vllm", pause_mode="abort", engine_key=KEY)
+    urls["dead"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    ports = {s: SyncStandIn(s, u, KEY) for s, u in urls.items()}  # each member's server's
     os.kill(engines["a"].pid, signal.SIGSTOP)
     try:
-        urls["dead"] = f"http://127.0.0.1:{free_port()}"  # nothing listens there
         kinds = {"a": "embedded", "b": "embedded", "dead": ""}
-        drive.start(_disk_plan(["a", "b", "dead"], str(tmp_path / "v1"), 1),
-                    [RosterEntry(server_id=s, engine_url=u, engine_ranks=1, policy_version=0,
-                                 engine_kind=kinds[s]) for s, u in urls.items()])
+        entries = [RosterEntry(server_id=s, engine_url=u, engine_ranks=1, policy_version=0,
+                               engine_kind=kinds[s], sync_url=ports[s].url)
+                   for s, u in urls.items()]
+        drive.start(_disk_plan(["a", "b", "dead"], str(tmp_path / "v1"), 1), entries)
         wait_until(lambda: drive.failed() == ["dead"], DEADLINE_S, 0.05, "the dead one failing")
-        results = drive.wait(time.monotonic() + DEADLINE_S + 30)
-        assert sorted(results) == ["a", "b", "dead"], results
-        assert results["b"].ok and not results["a"].ok and not results["dead"].ok, results
+        first, lost = dict(drive.runs), drive.unreachable  # the first plan's
+        drive.start(_disk_plan(["a", "b"], str(tmp_path / "v1"), 2), entries)  # a's first runs on
+        second = drive.wait(time.monotonic() + DEADLINE_S + 30)
+        assert second["b"].ok and not second["a"].ok, second
+        assert "its sync of the last plan has not ended" in second["a"].reason, second
+        assert drive.lost() == {"a"}  # wedged: not re-pushed either
+        done, _ = concurrent.futures.wait(first.values(), timeout=DEADLINE_S + 60)
+        results = {s: f.result() for s, f in first.items()}
+        assert len(done) == 3 and results["b"].ok and not results["a"].ok, results
+        assert not results["dead"].ok, results
         assert "deadline" in results["a"].reason or "Timeout" in results["a"].reason, results
-        wait_until(lambda: engine_at(tmp_path, "b", 1), 30, 0.1, "engine b at v1")
+        wait_until(lambda: engine_at(tmp_path, "b", 2), 30, 0.1, "engine b at v2")
         assert engine_at(tmp_path, "a", 1) is None
-        assert drive.failed() == ["a", "dead"]
-        assert drive.lost() == {"a", "dead"}  # neither answers /health
+        assert lost == {"a", "dead"}  # neither answers /health (``a``: ended by now)
+        assert ports["a"].calls == [("begin", "p1"), ("end", "p1", False)]
+        assert ports["b"].calls == [("begin", "p1"), ("end", "p1", True),
+                                    ("begin", "p2"), ("end", "p2", True)]
     finally:
         os.kill(engines["a"].pid, signal.SIGCONT)
         drive.close()
+        for port in ports.values():
+            port.close()

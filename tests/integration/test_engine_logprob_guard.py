@@ -5,6 +5,9 @@ a real embedded engine (in this process), and a proxy engine that forwards ``/ge
 with the temperature replaced by 1: its tokens and log-probs are those of an engine that ignores
 the run's temperature (0.5 here), the mistake the guard exists for. The trainer side scores with a
 model holding the engine's weights, with ``trainer.logprobs.token_logprobs`` at temperature 0.5.
+Each engine's rollout server is a real sync port (``weight_sync_harness.SyncStandIn``) vouching for
+it: the guard sends the job's key to no engine before one did, and leaves one it would not vouch
+for unchecked.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import threading
 import aiohttp
 import pytest
 from aiohttp import web
+from weight_sync_harness import SyncStandIn
 
 TEMPERATURE = 0.5
+KEY = "k" * 32  # the job's engine key (the embedded engines here take any)
 
 
 def start_proxy(target: str,
@@ -69,6 +74,9 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
     spawn_python("buffer", ["--config-file", cfg_path], capture=False)
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
     proxy_port, proxy = free_port(), None
+    proxy_url = f"http://127.0.0.1:{proxy_port}"
+    ports = {"good": SyncStandIn("good", engine.url, KEY),
+             "no-temperature": SyncStandIn("no-temperature", proxy_url, KEY)}
     client = Client(cfg.buffer.address, timeout_s=60)
     try:
         proxy = start_proxy(engine.url, proxy_port)
@@ -77,16 +85,20 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
         trainer_model.load_state_dict(engine.model.state_dict())
         prompt = list(load_tokenizer(cfg.model).encode(PROBE_TEXT))
         client.request(Register(server_id="good", engine_url=engine.url, engine_ranks=1,
-                                policy_version=0))
-        client.request(Register(server_id="no-temperature",
-                                engine_url=f"http://127.0.0.1:{proxy_port}",
-                                engine_ranks=1, policy_version=0))
+                                policy_version=0, sync_url=ports["good"].url))
+        client.request(Register(server_id="no-temperature", engine_url=proxy_url,
+                                engine_ranks=1, policy_version=0,
+                                sync_url=ports["no-temperature"].url))
+        # a member's word alone: its sync port is another's, which vouches for its own engine only
+        client.request(Register(server_id="unvouched", engine_url=proxy_url, engine_ranks=1,
+                                policy_version=0, sync_url=ports["good"].url))
 
         def guard(served: list[str], tol: float = 0.05) -> list[str]:
             passed, unchecked = run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client,
-                                          served=served, prompt_ids=prompt, temperature=TEMPERATURE,
-                                          tol=tol)
-            assert unchecked == {}  # one node: the loopback URLs are the engines' own
+                                          served=[*served, "unvouched"], prompt_ids=prompt,
+                                          temperature=TEMPERATURE, tol=tol, api_key=KEY)
+            # one node: the loopback URLs are the engines' own
+            assert list(unchecked) == ["unvouched"] and "did not vouch" in unchecked["unvouched"]
             return passed
 
         # the mis-configured engine did not take the push: not probed
@@ -102,6 +114,8 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
         assert guard(["good", "no-temperature"], tol=mean + 1.0) == ["good", "no-temperature"]
     finally:
         client.close()
+        for port in ports.values():
+            port.close()
         if proxy is not None:
             loop, thread, runner = proxy
             asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=30)
@@ -158,24 +172,27 @@ def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopb
     # the trap: an engine answering on rank 0's own loopback, as another job's (or node's) would
     local = EmbeddedEngine(cfg.model,
                            dataclasses.replace(cfg.rollout.engine, host="127.0.0.1")).start()
+    port = SyncStandIn("routable", engine.url, KEY)
     client = Client(cfg.buffer.address, timeout_s=60)
     try:
         assert engine.url.startswith(f"http://{host}:")  # what a rollout server registers for it
         trainer_model = build_model(cfg.model, device="cpu", dtype="float32").eval()
         trainer_model.load_state_dict(engine.model.state_dict())
         client.request(Register(server_id="routable", engine_url=engine.url, engine_ranks=1,
-                                policy_version=0))
+                                policy_version=0, sync_url=port.url))
         client.request(Register(server_id="loopback", engine_url=local.url, engine_ranks=1,
                                 policy_version=0))
         passed, unchecked = run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client,
                                       served=["routable", "loopback"], prompt_ids=list(
                                           load_tokenizer(cfg.model).encode(PROBE_TEXT)),
-                                      temperature=TEMPERATURE, tol=0.05, several_nodes=True)
+                                      temperature=TEMPERATURE, tol=0.05, several_nodes=True,
+                                      api_key=KEY)
         assert passed == ["routable"]
         assert (list(unchecked) == ["loopback"]
                 and "set rollout.engine.host" in unchecked["loopback"])
     finally:
         client.close()
+        port.close()
         engine.stop()
         local.stop()
 
@@ -216,6 +233,7 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
     cfg_path.write_text(to_yaml(cfg))
     spawn_python("buffer", ["--config-file", cfg_path], capture=False)
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine, lora=cfg.trainer.lora).start()
+    port = SyncStandIn("s", engine.url, KEY)
     client = Client(cfg.buffer.address, timeout_s=60)
     try:
         trainer_model = add_adapters(build_model(cfg.model, device="cpu", dtype="float32"),
@@ -242,17 +260,18 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
 
         asyncio.run(sync())
         client.request(Register(server_id="s", engine_url=engine.url, engine_ranks=1,
-                                policy_version=3))
+                                policy_version=3, sync_url=port.url))
         prompt = list(load_tokenizer(cfg.model).encode(PROBE_TEXT))
 
         def guard() -> list[str]:
             return run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client,
                              served=["s"], prompt_ids=prompt, temperature=TEMPERATURE, tol=0.05,
-                             adapters={"s": served_name(3, "plan")})[0]
+                             adapters={"s": served_name(3, "plan")}, api_key=KEY)[0]
 
         assert guard() == ["s"]  # the engine serves the synced adapter, and the probe measured it
         with adapters_disabled(trainer_model), pytest.raises(LogprobGuardError):
             guard()  # the base is not what it serves: the adapter is live, so the check has teeth
     finally:
         client.close()
+        port.close()
         engine.stop()

@@ -43,6 +43,7 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from test_trainer_invariance import synthetic_groups
 
+    from areal_like.net.auth import engine_api_key
     from areal_like.net.dealer import Client
     from areal_like.settings.config import load_daemon_config
     from areal_like.weights.lora import adapters_disabled, is_adapter
@@ -63,7 +64,8 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
         Path(out_dir),
     )
     wb = WeightBroadcaster(
-        cfg.trainer.weight_sync, buffer_address=cfg.buffer.address, rank=0, device=policy.device
+        cfg.trainer.weight_sync, buffer_address=cfg.buffer.address, rank=0, device=policy.device,
+        engine_key=engine_api_key(cfg.run_dir, make=True),  # the job's, as a trainer holds it
     )
     client = Client(cfg.buffer.address)
     while len(client.request(RosterRequest()).members) != 1:
@@ -131,7 +133,7 @@ def test_adapter_sync_reaches_the_engine_exactly(tmp_path, spawn_python, free_po
         ],
     )
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a"])
-    driver = Driver("rollout-a", urls["rollout-a"], cfg.buffer.address)
+    driver = Driver("rollout-a", urls["rollout-a"], cfg)
     driver.start()
     trainer = spawn_python(RUNNER, [__file__, "trainer", cfg_path, tmp_path], capture=False)
 

@@ -32,7 +32,7 @@ def test_a_server_restarted_between_syncs_gets_the_next_version_on_a_reformed_gr
     cfg, cfg_path = write_config(tmp_path, free_port,
                                  [f"trainer.weight_sync.deadline_s={DEADLINE_S}"])
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["old", "new"])
-    first = Driver("rollout-a", urls["old"], cfg.buffer.address, fresh=True)
+    first = Driver("rollout-a", urls["old"], cfg, fresh=True)
     first.start()
     pushes = [{"version": 1, "members": 1}, {"version": 2, "members": 1, "after": "restarted"}]
     pusher = start_pusher(spawn_python, cfg_path, tmp_path, pushes)
@@ -60,7 +60,7 @@ def test_a_server_restarted_between_syncs_gets_the_next_version_on_a_reformed_gr
         spawn_python.kill9(engines["old"])
         first.stop.set()
         first.join(timeout=15)
-        restarted = Driver("rollout-a", urls["new"], cfg.buffer.address, fresh=True)
+        restarted = Driver("rollout-a", urls["new"], cfg, fresh=True)
         restarted.start()
         wait_until(lambda: a_entry().incarnation == restarted.incarnation, 30, 0.05,
                    "the restarted server registered")

@@ -45,11 +45,16 @@ def engine_role(cfg_path: str, out: str) -> None:
     import torch
 
     torch.set_num_threads(1)
+    from areal_like.net.auth import engine_api_key
     from areal_like.settings.config import load_daemon_config
     from rollout_server.engine.embedded import EmbeddedEngine
 
     cfg = load_daemon_config(["--config-file", cfg_path])
-    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine, lora=cfg.trainer.lora).start()
+    # its door proves the job's key to a group's gate (made by the first of the job's processes
+    # to ask, as the daemons make it); its HTTP API takes any caller
+    key = engine_api_key(cfg.run_dir, make=True)
+    engine = EmbeddedEngine(cfg.model, cfg.rollout.engine, lora=cfg.trainer.lora,
+                            group_key=key).start()
     Path(out + ".url").write_text(engine.url)
     seen = None
     while True:  # report the weights whenever the served version changes (until killed/terminated)
@@ -86,8 +91,10 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
     policy = build_policy(cfg.model, cfg.trainer)
     s = StepSettings.from_config(cfg)
     batch = groups_to_batch(synthetic_groups())
+    from areal_like.net.auth import engine_api_key
+
     wb = WeightBroadcaster(cfg.trainer.weight_sync, buffer_address=cfg.buffer.address, rank=rank,
-                           device=policy.device)
+                           device=policy.device, engine_key=engine_api_key(cfg.run_dir, make=True))
     out = Path(out_dir)
     client = Client(cfg.buffer.address) if rank == 0 else None
 
@@ -164,9 +171,9 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(
                             STARTUP_S, 0.2, f"engine {sid}") for sid in engines}
     from weight_sync_harness import Driver
 
-    drivers = [Driver("rollout-a", urls["rollout-a"], cfg.buffer.address, fault="session",
+    drivers = [Driver("rollout-a", urls["rollout-a"], cfg, fault="session",
                       engine_pid=engines["rollout-a"].pid, at_pause=2),  # v2's
-               Driver("rollout-b", urls["rollout-b"], cfg.buffer.address)]
+               Driver("rollout-b", urls["rollout-b"], cfg)]
     for d in drivers:
         d.start()
     port = free_port()

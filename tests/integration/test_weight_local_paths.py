@@ -31,7 +31,7 @@ def test_tensor_and_disk_paths_load_the_trainers_exact_weights(
     cfg, cfg_path = write_config(tmp_path, free_port, ["trainer.weight_sync.deadline_s=30",
                                                        "trainer.weight_sync.bucket_mb=0.25"])
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a"])
-    driver = Driver("rollout-a", urls["rollout-a"], cfg.buffer.address)
+    driver = Driver("rollout-a", urls["rollout-a"], cfg)
     driver.start()
     # each after the test read the engine's weights
     pushes = [{"version": 1, "members": 1, "path": "tensor"},

@@ -50,9 +50,9 @@ def test_engine_killed_during_a_push_is_dropped_and_the_survivor_serves_this_ver
         f"buffer.heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}"])
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path,
                                  ["rollout-a", "rollout-b"])
-    a = Driver("rollout-a", urls["rollout-a"], cfg.buffer.address, fault=fault,
+    a = Driver("rollout-a", urls["rollout-a"], cfg, fault=fault,
                engine_pid=engines["rollout-a"].pid)
-    b = Driver("rollout-b", urls["rollout-b"], cfg.buffer.address)
+    b = Driver("rollout-b", urls["rollout-b"], cfg)
     for d in (a, b):
         d.start()
     # v2 waits for the test's look at B's v1 weights: its buckets would otherwise land under

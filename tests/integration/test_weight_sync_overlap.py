@@ -32,7 +32,7 @@ def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_lat
 
     cfg, cfg_path = write_config(tmp_path, free_port, ["trainer.weight_sync.deadline_s=60"])
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a"])
-    a = Driver("rollout-a", urls["rollout-a"], cfg.buffer.address)
+    a = Driver("rollout-a", urls["rollout-a"], cfg)
     a.start()
     pusher = start_pusher(spawn_python, cfg_path, tmp_path, [
         {"version": 1, "members": 1, "overlap": True, "path": path},

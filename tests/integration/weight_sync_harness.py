@@ -3,8 +3,9 @@
 ``start_system`` starts the real buffer daemon, the given embedded engines (each its own process,
 ``test_trainer_weight_sync.engine_role``: it writes the SHA-256 of its weights whenever its
 served version changes) and returns their URLs; ``Driver`` plays a rollout server in a thread of
-the test process (Register and Heartbeat); ``start_pusher`` starts a world-size-1 trainer
-(``tests/weight_pusher.py``) that pushes the given versions, driving the engines itself.
+the test process (Register, Heartbeat, and a real sync port: ``SyncStandIn``); ``start_pusher``
+starts a world-size-1 trainer (``tests/weight_pusher.py``) that pushes the given versions, driving
+the engines itself.
 
 A ``Driver`` with ``fault`` puts a ``FaultProxy`` in front of its engine, which kills it with
 SIGKILL, by PID, at one point of the first push that reaches it; the Driver then stops as a dead
@@ -154,20 +155,78 @@ class FaultProxy:
         self.thread.join(10)
 
 
+class SyncStandIn:
+    """A rollout server's sync port (rollout_server/sync_port.py, the real one) for the engine at
+    ``engine_url`` (as registered), on a loop thread of its own, with the job's engine ``key``: it
+    vouches for that engine, opens doors beside it and loads LoRA adapters into it (at
+    ``door_url``: the engine itself when ``engine_url`` is a proxy in front of it), and takes a
+    sync's begin and end (``calls``: their plan ids); the trainer drives the engine."""
+
+    def __init__(self, server_id: str, engine_url: str, key: str, *, kind: str = "embedded",
+                 door_url: str | None = None):
+        from areal_like.net.vllm_client import engine_client
+        from areal_like.weights.engine_sync import apply_adapter_sync, open_door
+        from rollout_server.sync_port import SyncPort
+
+        self.door_url, self.calls = door_url or engine_url, []
+
+        async def begin(body) -> bool:
+            self.calls.append(("begin", body.plan_id))
+            return False
+
+        async def adapter(plan):
+            return await apply_adapter_sync(self.engine, plan, server_id)
+
+        def end(body) -> None:
+            self.calls.append(("end", body.plan_id, body.ok))
+
+        def door(body) -> int:
+            return open_door(self.door_url, key, body.master_addr, body.master_port,
+                             body.group_name)
+
+        self.port = SyncPort(key, engine_url, door=door, begin=begin, adapter=adapter, end=end)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                       name=f"sync-port-{server_id}")
+        self.thread.start()
+        self.engine = engine_client(kind, self.door_url, api_key=key)
+        self.url = self._run(self.port.start("127.0.0.1", 0))
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(STARTUP_S)
+
+    def close(self) -> None:
+        from areal_like.weights.engine_sync import close_door
+
+        async def closing() -> None:
+            await self.port.close()
+            await self.engine.close()
+
+        try:
+            self._run(closing())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(STARTUP_S)
+            close_door(self.door_url)
+
+
 class Driver(threading.Thread):
     """A rollout server stand-in: it registers its engine (behind a ``FaultProxy`` with ``fault``)
-    and heartbeats with the version its engine serves; the trainer drives the engine. Once the
-    proxy killed the engine it stops heartbeating, as a dead rollout server does."""
+    and its sync port (``SyncStandIn``), and heartbeats with the version its engine serves; the
+    trainer drives the engine. Once the proxy killed the engine it stops heartbeating and closes
+    its sync port, as a dead rollout server does. Its engine key is the job's (``cfg.run_dir``;
+    made there if none is yet, as a rollout server does)."""
 
-    def __init__(self, server_id: str, url: str, address: str, *, fault: str | None = None,
+    def __init__(self, server_id: str, url: str, cfg, *, fault: str | None = None,
                  engine_pid: int | None = None, fresh: bool = False, sglang: str | None = None,
                  at_pause: int = 1):
         super().__init__(daemon=True, name=f"driver-{server_id}")
         self.server_id, self.url, self.address, self.fault, self.pid = (
-            server_id, url, address, fault, engine_pid)
+            server_id, url, cfg.buffer.address, fault, engine_pid)
+        self.run_dir = cfg.run_dir
         self.at_pause = at_pause  # the fault fires in the push of this pause (FaultProxy)
-        # ``sglang``: the real SGLang's API key (the job's: the trainer drives it with it); its
-        # engine joins through a door; the fault kills its process group, ``engine_pid`` its id
+        # ``sglang``: the real SGLang's API key (the job's: the trainer drives it with it); the
+        # fault kills its process group, ``engine_pid`` its id
         self.sglang = sglang
         self.fresh = fresh  # registers as a new process (Register.fresh), as a started server does
         self.incarnation = secrets.token_hex(8)  # one stand-in, one process (Register.incarnation)
@@ -183,6 +242,7 @@ class Driver(threading.Thread):
             self.error = e
 
     async def _main(self) -> None:
+        from areal_like.net.auth import engine_api_key
         from areal_like.net.dealer import Client
         from areal_like.net.sglang_client import SGLangClient
         from areal_like.wire.protocol import Heartbeat, Register
@@ -193,10 +253,13 @@ class Driver(threading.Thread):
             self.url, self.fault, self.pid, self.killed, group=self.sglang is not None,
             at_pause=self.at_pause)
         url = self.url if proxy is None else proxy.url
+        kind = "sglang" if self.sglang else "embedded"
+        port = SyncStandIn(self.server_id, url, engine_api_key(self.run_dir, make=True),
+                           kind=kind, door_url=self.url)
         engine = SGLangClient(self.url, api_key=self.sglang, timeout_s=5)
         client.request(Register(server_id=self.server_id, engine_url=url, engine_ranks=1,
                                 policy_version=0, fresh=self.fresh, incarnation=self.incarnation,
-                                engine_kind="sglang" if self.sglang else "embedded"))
+                                engine_kind=kind, sync_url=port.url))
         served = 0
         try:
             while not self.stop.is_set() and not self.killed.is_set():
@@ -208,6 +271,7 @@ class Driver(threading.Thread):
         finally:
             await engine.close()
             client.close()
+            await asyncio.to_thread(port.close)
             if proxy is not None:
                 proxy.close()
 

@@ -8,6 +8,8 @@ test failed: the wrongly started engine passed)."""
 from __future__ import annotations
 
 import asyncio
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,20 +20,25 @@ from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import Roster, RosterEntry
 from trainer.logprob_guard import LogprobGuardError, run_guard
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from weight_sync_harness import SyncStandIn  # noqa: E402
+
 PROMPT = [1, 20, 21, 22]
 TEMPERATURE = 2.0  # the quickstart's; at 1 the two conventions agree
 
 
 class OneEngineBuffer:
-    """What ``run_guard`` asks the buffer: the roster (here one engine)."""
+    """What ``run_guard`` asks the buffer: the roster (here one engine, and its rollout server's
+    sync port, which vouches for it)."""
 
-    def __init__(self, url: str):
-        self.url = url
+    def __init__(self, url: str, sync_url: str):
+        self.url, self.sync_url = url, sync_url
 
     def request(self, _msg, timeout_s=None):
         return Roster(
             members=[
-                RosterEntry(server_id="s", engine_url=self.url, engine_ranks=1, policy_version=0)
+                RosterEntry(server_id="s", engine_url=self.url, engine_ranks=1, policy_version=0,
+                            sync_url=self.sync_url)
             ],
             policy_version=0,
         )
@@ -46,17 +53,21 @@ def _serve_seed0(server) -> None:
 
 
 def _guard(server, monkeypatch) -> tuple[list[str], dict[str, str]]:
-    return run_guard(
-        build_model(model_config(init_seed=0)),
-        torch.device("cpu"),
-        rank=0,
-        buffer=OneEngineBuffer(server.url),
-        served=["s"],
-        prompt_ids=PROMPT,
-        temperature=TEMPERATURE,
-        tol=0.05,
-        api_key=server.api_key,  # the job's key, as the trainer's facts hold it
-    )
+    port = SyncStandIn("s", server.url, server.api_key, kind="sglang")
+    try:
+        return run_guard(
+            build_model(model_config(init_seed=0)),
+            torch.device("cpu"),
+            rank=0,
+            buffer=OneEngineBuffer(server.url, port.url),
+            served=["s"],
+            prompt_ids=PROMPT,
+            temperature=TEMPERATURE,
+            tol=0.05,
+            api_key=server.api_key,  # the job's key, as the trainer's facts hold it
+        )
+    finally:
+        port.close()
 
 
 def test_the_guard_passes_sglang_serving_the_trainers_weights(sglang_server, monkeypatch):

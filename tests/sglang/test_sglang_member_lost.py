@@ -90,9 +90,9 @@ def test_a_member_lost_mid_bucket_leaves_the_survivor_healthy_and_on_the_next_ve
         )
         write_job_key(tmp_path, sglang_server.api_key)  # the one the trainer drives both with
         spawn_python("buffer", ["--config-file", cfg_path], capture=False)
-        a = Driver("rollout-a", lost.url, cfg.buffer.address, fault="bucket", engine_pid=pgid,
+        a = Driver("rollout-a", lost.url, cfg, fault="bucket", engine_pid=pgid,
                    sglang=lost.api_key)
-        b = Driver("rollout-b", sglang_server.url, cfg.buffer.address, sglang=sglang_server.api_key)
+        b = Driver("rollout-b", sglang_server.url, cfg, sglang=sglang_server.api_key)
         for d in (a, b):
             d.start()
         pusher = start_pusher(

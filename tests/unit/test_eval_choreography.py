@@ -5,13 +5,15 @@ which the trainer driving its engine calls over real HTTP with the job's engine 
 scripted buffer, engine label and evaluator: a sync under way when the evaluation starts ends
 first and the evaluation runs at the version it brought; the heartbeats say evaluating before and
 not evaluating after; a sync the trainer begins during the evaluation is refused at once with the
-reason (409); the schedule decides when.
+reason (409); the schedule decides when. The port acts only for the sync under way: a door,
+adapter or end of another plan (a late call of an earlier one) is refused and changes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 
 from areal_like.net.metrics import Metrics
@@ -68,7 +70,8 @@ class _Evaluator:
 def _plan(version: int) -> P.WeightSyncPlan:
     return P.WeightSyncPlan(policy_version=version, group_name="", master_addr="", master_port=0,
                             world_size=1, backend="gloo", reform=False, members=[], buckets=[],
-                            deadline_s=30.0, path="disk", payloads=["unread"])
+                            deadline_s=30.0, path="disk", payloads=["unread"],
+                            plan_id=f"plan-{version}")
 
 
 def _server(tmp_path, version: int, heartbeat_s: float = 0.05) -> RolloutServer:
@@ -113,7 +116,8 @@ def test_a_sync_under_way_ends_first_then_the_evaluation_holds_its_version_and_r
             # out of the roster now; the evaluation waits for the sync's end (else it had run at 5)
             assert server.evaluator.versions == [] and not evaluation.done()
             server.client.version = 6  # the engine loaded it
-            await port.end(P.SyncDone(server_id="me", policy_version=6, ok=True, pause_s=0.1))
+            await port.end(_plan(6), P.SyncDone(server_id="me", policy_version=6, ok=True,
+                                                pause_s=0.1))
             await asyncio.wait_for(evaluation, WAIT_S)
             await port.begin(_plan(7))  # after the evaluation: syncs are taken again
         finally:
@@ -142,7 +146,7 @@ def test_the_schedule_starts_an_evaluation_only_when_due_and_idle(tmp_path):
             await port.begin(_plan(5))
             server.maybe_evaluate()
             assert server.eval_task is None  # never while a sync runs
-            await port.end(P.SyncDone(server_id="me", policy_version=5, ok=True))
+            await port.end(_plan(5), P.SyncDone(server_id="me", policy_version=5, ok=True))
             server.maybe_evaluate()
             task = server.eval_task
             assert task is not None
@@ -173,3 +177,36 @@ def test_the_final_evaluation_starts_at_once(tmp_path):
     beats = [m.evaluating for m in server.control.sent if isinstance(m, P.Heartbeat)]
     # left the syncs, evaluated, came back: no second "evaluating" beat
     assert beats == [True, False]
+
+
+def test_the_sync_port_acts_only_for_the_sync_under_way(tmp_path):
+    server = _server(tmp_path, version=5)
+    group = {"master_addr": "127.0.0.1", "master_port": 1, "group_name": "g"}
+    plan6, plan7 = (msgspec.structs.replace(_plan(v), **group) for v in (6, 7))
+    ok = {v: P.SyncDone(server_id="me", policy_version=v, ok=True) for v in (6, 7)}
+
+    async def refused(call) -> None:
+        with pytest.raises(SGLangError) as e:
+            await call
+        assert e.value.status == 409 and "not the weight sync under way" in e.value.message
+
+    async def scenario():
+        server.wake = asyncio.Event()
+        port = await _trainer(server)
+        try:
+            await refused(port.door(plan6))  # no sync began
+            await port.begin(plan6)
+            await refused(port.door(plan7))
+            await refused(port.end(plan7, ok[7]))  # a late end of another plan: nothing changes
+            late = await port.load_adapter_for(plan7, "me")
+            assert not late.ok and "not the weight sync under way" in late.reason
+            assert server.in_sync() and server.policy_version == 5
+            await port.end(plan6, ok[6])
+            assert not server.in_sync() and server.policy_version == 6
+            await refused(port.end(plan6, ok[6]))  # ended: its powers with it
+            await refused(port.door(plan6))
+        finally:
+            await port.close()
+            await server.sync_port.close()
+
+    asyncio.run(scenario())

@@ -229,6 +229,10 @@ def test_one_shared_gpu_starts_the_trainer_after_the_engine():
     (("launch.gpus_per_node=8", "launch.nodes=2", *CLUSTER[:1],
       "buffer.pub_address=tcp://localhost:5556"),
      "buffer.pub_address host 'localhost'"),
+    # trainer rank 0 drives each engine at the URL its rollout server registers
+    (("launch.gpus_per_node=8", "launch.nodes=2", *CLUSTER, "rollout.engine.kind=url",
+      "rollout.engine.url=http://127.0.0.1:30000"),
+     "rollout.engine.url host '127.0.0.1' with launch.nodes=2"),
 ])
 def test_layouts_a_gpu_run_would_hang_or_crash_on_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

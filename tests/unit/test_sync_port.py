@@ -1,9 +1,10 @@
 """A rollout server's sync port (rollout_server/sync_port.py) as a driving trainer calls it
-(``ServerPort``, areal_like/weights/engine_sync.py), over real loopback sockets: the door it opens
+(``ServerPort``, areal_like/weights/engine_sync.py), over real loopback sockets: it vouches for its
+own engine only, and a relay of it vouches for nothing and is never sent the key; the door it opens
 carries a client's bytes through the weight group's real store gate, a second door replaces the
 first, a sync's begin and end reach the server as sent, and a caller without the job's engine key
 (counted) or with a malformed body gets nothing done. What the server does on them is tested with
-whole daemons (tests/integration, tests/unit/test_eval_choreography.py)."""
+whole daemons (tests/integration) and tests/unit/test_eval_choreography.py."""
 
 from __future__ import annotations
 
@@ -24,11 +25,27 @@ from areal_like.weights.engine_sync import ServerPort, close_door, open_door
 from areal_like.wire.protocol import BucketSpec, SyncDone, WeightSyncPlan
 from rollout_server.sync_port import SyncPort
 
+ENGINE = "http://127.0.0.1:1"  # the engine the port serves (never called here)
+
 
 def _plan(port: int) -> WeightSyncPlan:
     return WeightSyncPlan(policy_version=1, group_name=GROUP, master_addr="127.0.0.1",
                           master_port=port, world_size=2, backend="gloo", reform=True,
                           buckets=[], deadline_s=DEADLINE_S, plan_id="p1", members=[])
+
+
+def _port(key: str, calls: list, **routes) -> SyncPort:
+    async def begin(body) -> bool:
+        calls.append(("begin", body.plan_id, body.version))
+        return False
+
+    def door(body) -> int:
+        return open_door("engine-a", key, body.master_addr, body.master_port, body.group_name)
+
+    return SyncPort(key, ENGINE, **{"door": door, "begin": begin, "adapter": None,
+                                    "end": lambda b: calls.append(("end", b.plan_id, b.ok,
+                                                                   b.pause_s, b.reason)),
+                                    **routes})
 
 
 def _post(url: str, body: bytes, key: str) -> tuple[int, str]:
@@ -44,16 +61,12 @@ def _post(url: str, body: bytes, key: str) -> tuple[int, str]:
 def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_one(echo):  # noqa: F811
     gate_port, calls = free_port(), []
     gate = StoreGate("127.0.0.1", gate_port, GROUP, echo, key=KEY)
-    async def begin(version: int, seconds: float) -> bool:
-        calls.append(("begin", version, seconds))
-        return False
 
     async def adapter(plan):  # the LoRA route: the server loads the plan's adapter
         calls.append(("adapter", plan.policy_version, len(plan.buckets[0].names)))
         return SyncDone(server_id="a", policy_version=plan.policy_version, ok=True, pause_s=0.25)
 
-    port = SyncPort(KEY, door=lambda *group: open_door("engine-a", KEY, *group), begin=begin,
-                    adapter=adapter, end=lambda *ended: calls.append(("end", *ended)))
+    port = _port(KEY, calls, adapter=adapter)
 
     async def scenario() -> None:
         url = await port.start("127.0.0.1", 0)
@@ -78,15 +91,16 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
                                         shapes=[[8, 64]] * 400)])
                 done = await trainer.load_adapter_for(big, "a")
                 assert done.ok and done.pause_s == 0.25 and done.server_id == "a", done
-                await trainer.end(SyncDone(server_id="a", policy_version=1, ok=False,
-                                           reason="why", pause_s=0.5))
-            assert calls == [("begin", 1, DEADLINE_S), ("adapter", 1, 400),
-                             ("end", 1, False, 0.5, "why")]
+                await trainer.end(_plan(gate_port), SyncDone(
+                    server_id="a", policy_version=1, ok=False, reason="why", pause_s=0.5))
+            assert calls == [("begin", "p1", 1), ("adapter", 1, 400),
+                             ("end", "p1", False, 0.5, "why")]
             async with ServerPort(url, api_key="not-the-key") as stranger:
                 with pytest.raises(SGLangError) as refused:
                     await stranger.door(_plan(gate_port))
                 assert refused.value.status == 401 and port.unauthorized() == 1
-            body = json.dumps({"master_addr": "127.0.0.1", "master_port": 0, "group_name": GROUP})
+            body = json.dumps({"plan_id": "p1", "master_addr": "127.0.0.1", "master_port": 0,
+                               "group_name": GROUP})
             status, text = await asyncio.to_thread(_post, f"{url}/door", body.encode(), KEY)
             assert status == 400 and "master_port" in text, text
             assert len(calls) == 3
@@ -98,3 +112,45 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
     finally:
         close_door("engine-a")
         gate.close()
+
+
+def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key():
+    """The trainer sends the key to a member's URLs only once the port proved it holds it for
+    them: a URL in the roster is what a member registered (areal_like/SECURITY.md)."""
+    from aiohttp import web
+
+    port, seen = _port(KEY, []), []
+
+    async def relay(request: web.Request) -> web.Response:  # a stranger's port, in front of ours
+        seen.append((request.path, request.headers.get("Authorization")))
+        async with ServerPort(port.url) as upstream:
+            _, got, _ = await upstream._call("POST", request.path, await request.json(),
+                                             idempotent=True)
+        return web.json_response(got)
+
+    async def scenario() -> None:
+        url = await port.start("127.0.0.1", 0)
+        app = web.Application()
+        app.router.add_post("/{path:.*}", relay)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        relay_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        try:
+            async with ServerPort(url, api_key=KEY) as trainer:
+                await trainer.vouch(ENGINE, DEADLINE_S)  # ours: proven
+                with pytest.raises(SGLangError, match="does not prove"):
+                    await trainer.vouch("http://10.9.9.9:1", DEADLINE_S)  # not its engine
+            async with ServerPort(url, api_key="another-jobs-key") as other:
+                with pytest.raises(SGLangError, match="AREAL_LIKE_ENGINE_API_KEY"):
+                    await other.vouch(ENGINE, DEADLINE_S)
+            async with ServerPort(relay_url, api_key=KEY) as trainer:
+                with pytest.raises(SGLangError, match="does not prove"):
+                    await trainer.vouch(ENGINE, DEADLINE_S)  # the proof names our port's URL
+            assert seen == [("/vouch", None)]  # asked without the key
+        finally:
+            await runner.cleanup()
+            await port.close()
+
+    asyncio.run(scenario())
