@@ -148,6 +148,7 @@ class RolloutServer(Daemon):
         # ``begin`` and ``end``): no lease is asked for, no evaluation begins
         self.sync_until, self.sync_version = 0.0, -1
         self.sync_plan = ""  # the plan of the sync that began and has not ended ("": none)
+        self.syncs_begun = 0  # a label read while one began is stale (``read_engine_version``)
         self.sync_port: SyncPort | None = None  # made in main
         self.sync_url = ""
         self.after_sync: set[asyncio.Task] = set()  # what a sync's ``end`` started
@@ -442,9 +443,12 @@ class RolloutServer(Daemon):
         """The version the engine labels its tokens with, whoever loaded it; a busy engine that
         does not answer in ``ENGINE_VERSION_READ_S`` keeps the last one read (a wedged one is
         the failed sync's probe's)."""
+        begun = self.syncs_begun
         try:
             label = await asyncio.wait_for(self.client.weight_version(), ENGINE_VERSION_READ_S)
         except (SGLangError, asyncio.TimeoutError):
+            return
+        if begun != self.syncs_begun:  # a sync began meanwhile: its end says what the engine serves
             return
         if (version := as_version(label, self.policy_version)) != self.policy_version:
             self.policy_version = version
@@ -637,6 +641,7 @@ class RolloutServer(Daemon):
         seconds = self.facts.sync_deadline_s
         self.sync_until = time.monotonic() + seconds + CONTINUE_TIMEOUT_S
         self.sync_version, self.sync_plan = body.version, body.plan_id
+        self.syncs_begun += 1
         if not self.rcfg.drain_on_update:
             return False
         try:

@@ -20,8 +20,9 @@ Invariants:
   survivors that missed the version with it get it again (``WeightBroadcaster``), the lost one not;
   it ``stalled`` when lost or not done by the deadline (``WeightBroadcaster`` leaves it out until
   it shows life);
-- one client per engine URL lives as long as the drive (its connections, and the state a client
-  keeps between calls of one sync: vLLM's version label, SGLang's adapter).
+- one client per engine URL and sync URL lives while the roster names the URL (its connections,
+  and the state a client keeps between calls of one sync: vLLM's version label, SGLang's
+  adapter).
 """
 
 from __future__ import annotations
@@ -71,12 +72,19 @@ class EngineDrive:
         after the member's task of the last plan ended."""
         self.unreachable = set()  # this plan's own: an earlier plan's task still ending adds to its
         by_id = {e.server_id: e for e in entries}
+        live = {url for e in entries for url in (e.engine_url, e.sync_url)}
+        asyncio.run_coroutine_threadsafe(self._forget(live), self.loop)
         end = time.monotonic() + plan.deadline_s
         last, self.runs = self.runs, {}
         for m in plan.members:
             run = self._one(plan, end, m.server_id, by_id.get(m.server_id), last.get(m.server_id),
                             self.unreachable)
             self.runs[m.server_id] = asyncio.run_coroutine_threadsafe(run, self.loop)
+
+    async def _forget(self, live: set[str]) -> None:
+        """Close the clients of URLs no roster entry names (gone, or restarted elsewhere)."""
+        for url in set(self.clients) - live:
+            await self.clients.pop(url).close()
 
     def _client(self, kind: str, url: str) -> SGLangClient:
         if (client := self.clients.get(url)) is None:

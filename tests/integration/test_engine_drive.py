@@ -9,7 +9,8 @@ by the deadline. A member with no engine behind its URL is reported failed at on
 (no ``/health`` answer either), the frozen one too. A second plan started at once waits, per
 member, for the member's task of the first to end: the healthy member's sync port sees the first
 sync end before the second begins, and the frozen member's second sync fails, never begun, as its
-first outlives the second's deadline. The drive's own kind is vLLM's, the two
+first outlives the second's deadline; the clients of a member that left the roster are closed.
+The drive's own kind is vLLM's, the two
 engines' roster kind ``embedded``: each member is driven as its roster entry names (a vLLM client
 fails on the embedded engine: it has no ``/pause``).
 """
@@ -61,8 +62,10 @@ def test_a_frozen_member_fails_at_the_deadline_and_the_other_loads(
         drive.start(_disk_plan(["a", "b", "dead"], str(tmp_path / "v1"), 1), entries)
         wait_until(lambda: drive.failed() == ["dead"], DEADLINE_S, 0.05, "the dead one failing")
         first, lost = dict(drive.runs), drive.unreachable  # the first plan's
-        drive.start(_disk_plan(["a", "b"], str(tmp_path / "v1"), 2), entries)  # a's first runs on
+        gone = [e for e in entries if e.server_id != "dead"]  # the dead one left the roster
+        drive.start(_disk_plan(["a", "b"], str(tmp_path / "v1"), 2), gone)  # a's first runs on
         second = drive.wait(time.monotonic() + DEADLINE_S + 30)
+        assert not {urls["dead"], ports["dead"].url} & set(drive.clients)  # its clients closed
         assert second["b"].ok and not second["a"].ok, second
         assert "its sync of the last plan has not ended" in second["a"].reason, second
         assert drive.lost() == {"a"}  # wedged: not re-pushed either

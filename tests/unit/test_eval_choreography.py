@@ -6,7 +6,8 @@ scripted buffer, engine label and evaluator: a sync under way when the evaluatio
 first and the evaluation runs at the version it brought; the heartbeats say evaluating before and
 not evaluating after; a sync the trainer begins during the evaluation is refused at once with the
 reason (409); the schedule decides when. The port acts only for the sync under way: a door,
-adapter or end of another plan (a late call of an earlier one) is refused and changes nothing.
+adapter or end of another plan (a late call of an earlier one) is refused and changes nothing; an engine label read that a sync began and ended during does not
+undo the version the sync's end set.
 """
 
 from __future__ import annotations
@@ -210,3 +211,41 @@ def test_the_sync_port_acts_only_for_the_sync_under_way(tmp_path):
             await server.sync_port.close()
 
     asyncio.run(scenario())
+
+
+def test_a_label_read_across_a_sync_does_not_undo_the_version_its_end_set(tmp_path):
+    """The engine's label read after a heartbeat may answer from before a sync that began and
+    ended while it was under way: the version the sync's end set stands."""
+    server = _server(tmp_path, version=5)
+
+    class SlowLabel(_Engine):
+        async def weight_version(self) -> str:  # the first read answers late, from before
+            label = str(self.version)
+            if not asking.is_set():
+                asking.set()
+                await answer.wait()
+            return label
+
+    async def scenario():
+        nonlocal asking, answer
+        asking, answer = asyncio.Event(), asyncio.Event()
+        server.wake = asyncio.Event()
+        port = await _trainer(server)
+        server.client = SlowLabel(5)
+        try:
+            read = asyncio.create_task(server.read_engine_version())
+            await asyncio.wait_for(asking.wait(), WAIT_S)
+            await port.begin(_plan(6))
+            server.client.version = 6  # the engine loaded it
+            await port.end(_plan(6), P.SyncDone(server_id="me", policy_version=6, ok=True))
+            await asyncio.wait_for(asyncio.gather(*server.after_sync), WAIT_S)  # its heartbeat
+            assert server.policy_version == 6
+            answer.set()
+            await asyncio.wait_for(read, WAIT_S)
+        finally:
+            await port.close()
+            await server.sync_port.close()
+
+    asking = answer = None
+    asyncio.run(scenario())
+    assert server.policy_version == 6
