@@ -39,8 +39,6 @@ class RolloutFacts:
     nodes: int = 1
     # trainer.routing_replay: every /generate asks for the experts it routed each token to
     routed_experts: bool = False
-    # trainer.weight_sync.deadline_s: how long one sync of our engine may take (the sync port)
-    sync_deadline_s: float = 60.0
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> RolloutFacts:
@@ -53,5 +51,4 @@ class RolloutFacts:
                    eval=cfg.eval, steps=cfg.trainer.steps, context=context,
                    run_dir=Path(cfg.run_dir), lora=cfg.trainer.lora, keys=keys,
                    engine_key=engine_api_key(cfg.run_dir), seed=cfg.seed,
-                   nodes=cfg.launch.nodes, routed_experts=cfg.trainer.routing_replay,
-                   sync_deadline_s=cfg.trainer.weight_sync.deadline_s)
+                   nodes=cfg.launch.nodes, routed_experts=cfg.trainer.routing_replay)

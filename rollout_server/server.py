@@ -149,6 +149,7 @@ class RolloutServer(Daemon):
         self.sync_until, self.sync_version = 0.0, -1
         self.sync_plan = ""  # the plan of the sync that began and has not ended ("": none)
         self.syncs_begun = 0  # a label read while one began is stale (``read_engine_version``)
+        self.resuming: asyncio.Task | None = None  # continuing the engine of an abandoned sync
         self.sync_port: SyncPort | None = None  # made in main
         self.sync_url = ""
         self.after_sync: set[asyncio.Task] = set()  # what a sync's ``end`` started
@@ -615,8 +616,9 @@ class RolloutServer(Daemon):
     async def open_sync_port(self) -> None:
         """Where the trainer driving our engine's weight syncs asks for its door, says when a
         sync begins and ends (sync_port.py): on the engine's host, behind the job's engine key."""
-        self.sync_port = SyncPort(self.facts.engine_key, self.engine_url, door=self.door,
-                                  begin=self.begin, adapter=self.load_adapter, end=self.end)
+        self.sync_port = SyncPort(self.facts.engine_key, self.server_id, self.engine_url,
+                                  door=self.door, begin=self.begin, adapter=self.load_adapter,
+                                  end=self.end)
         self.sync_url = await self.sync_port.start(urlparse(self.engine_url).hostname,
                                                    self.rcfg.sync_port)
         self.metrics.count_refusals("sync", self.sync_port.unauthorized)
@@ -632,13 +634,16 @@ class RolloutServer(Daemon):
 
     async def begin(self, body: BeginBody) -> bool:
         """The trainer's sync of ``body.version`` to our engine begins: no lease is asked for and
-        no evaluation begins until its ``end``, or for the sync's deadline and the engine's
-        continue after it (the trainer's calls end by then); with rollout.drain_on_update, True
-        once the episodes in flight ended (``DRAIN_SHARE`` of the deadline at most: then the
-        engine's pause cuts them, and they resume after it). Refused while evaluating."""
+        no evaluation begins until its ``end``, or for ``body.seconds`` (the trainer's deadline)
+        and the engine's continue after it; with rollout.drain_on_update, True once the episodes
+        in flight ended (``DRAIN_SHARE`` of ``seconds`` at most: then the engine's pause cuts
+        them, and they resume after it). Refused while evaluating, and while the engine of a sync
+        the trainer abandoned is being continued (that would land in this one)."""
         if self.evaluating:
             raise SyncRefused(f"evaluating version {self.policy_version}")
-        seconds = self.facts.sync_deadline_s
+        if self.resuming is not None and not self.resuming.done():
+            raise SyncRefused(f"still ending the abandoned sync of v{self.sync_version}")
+        seconds = body.seconds
         self.sync_until = time.monotonic() + seconds + CONTINUE_TIMEOUT_S
         self.sync_version, self.sync_plan = body.version, body.plan_id
         self.syncs_begun += 1
@@ -700,7 +705,8 @@ class RolloutServer(Daemon):
         self.sync_plan = ""
         self.log.warning("weight sync v%d began and never ended: continuing the engine and "
                          "probing it", self.sync_version)
-        task = asyncio.create_task(self.resume_abandoned(self.sync_version), name="abandoned")
+        task = self.resuming = asyncio.create_task(self.resume_abandoned(self.sync_version),
+                                                   name="abandoned")
         self.after_sync.add(task)
         task.add_done_callback(self.after_sync.discard)
 

@@ -3,15 +3,15 @@
 (the engine URL's host, port ``rollout.sync_port``), served like every HTTP port of the project
 (areal_like/net/http_guard.py); every route but ``/vouch`` behind the job's engine key.
 
-``POST /vouch {"nonce"}`` -> ``{"proof"}``, open: ``auth.vouch_proof`` of the nonce, this port's
-URL and its engine's, so the trainer sends the key to neither URL before a holder of the key
-vouched for both (a registered URL is a member's word, SECURITY.md).
-``POST /begin {"plan_id", "version"}`` -> ``{"drained"}``: the sync of plan ``plan_id`` (of
-``version``) begins: no lease is asked for and no evaluation begins until its ``/end`` or for
-the job's ``trainer.weight_sync.deadline_s`` and the engine's continue after it. With
-``rollout.drain_on_update`` the answer comes once the episodes in flight ended (``DRAIN_SHARE``
-of the deadline at most). 409 while the server evaluates: the sync fails before anything reached
-the engine.
+``POST /vouch {"nonce"}`` -> ``{"proof"}``, open: ``auth.vouch_proof`` of the nonce, the server's
+id, this port's URL and its engine's, so the trainer sends the key to neither URL before a holder
+of the key vouched for both under that id (a roster entry is a member's word, SECURITY.md).
+``POST /begin {"plan_id", "version", "seconds"}`` -> ``{"drained"}``: the sync of plan ``plan_id``
+(of ``version``) begins: no lease is asked for and no evaluation begins until its ``/end`` or for
+``seconds`` (what is left of the trainer's deadline; an hour at most) and the engine's continue
+after it. With ``rollout.drain_on_update`` the answer comes once the episodes in flight ended
+(``DRAIN_SHARE`` of ``seconds`` at most). 409 while the server evaluates, or still ends a sync
+its trainer abandoned: the sync fails before anything reached the engine.
 The others act only for the sync under way (409 for any other ``plan_id``, or none):
 ``POST /door {"plan_id", "master_addr", "master_port", "group_name"}`` -> ``{"port"}``: a door on
 this node's loopback to that group's store gate (areal_like/net/store_gate.py), in place of the
@@ -59,6 +59,7 @@ class DoorBody(msgspec.Struct, forbid_unknown_fields=True):
 class BeginBody(msgspec.Struct, forbid_unknown_fields=True):
     plan_id: PlanId
     version: Annotated[int, msgspec.Meta(ge=0)]
+    seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)]
 
 
 class EndBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -76,11 +77,12 @@ class SyncRefused(Exception):
 class SyncPort:
     """The routes above, each a call into the server that made it (``SyncRefused``: 409)."""
 
-    def __init__(self, key: str, engine_url: str, *, door: Callable[[DoorBody], int],
+    def __init__(self, key: str, server_id: str, engine_url: str, *,
+                 door: Callable[[DoorBody], int],
                  begin: Callable[[BeginBody], Awaitable[bool]],
                  adapter: Callable[[WeightSyncPlan], Awaitable[SyncDone]],
                  end: Callable[[EndBody], None]):
-        self.key, self.engine_url = key, engine_url
+        self.key, self.server_id, self.engine_url = key, server_id, engine_url
         self.door, self.begin, self.adapter, self.end = door, begin, adapter, end
         self.server, self.url = None, ""
 
@@ -93,7 +95,7 @@ class SyncPort:
                               ("/end", self._end)):
             app.router.add_post(path, handler)
         self.server = await serve(app, host, port)
-        self.url = f"http://{host}:{self.server.port}"
+        self.url = f"http://{f'[{host}]' if ':' in host else host}:{self.server.port}"
         return self.url
 
     def unauthorized(self) -> int:
@@ -106,7 +108,7 @@ class SyncPort:
 
     async def _vouch(self, request: web.Request) -> web.Response:
         nonce = (await _body(request, VouchBody)).nonce
-        return web.json_response({"proof": vouch_proof(self.key, nonce, self.url,
+        return web.json_response({"proof": vouch_proof(self.key, nonce, self.server_id, self.url,
                                                        self.engine_url)})
 
     async def _door(self, request: web.Request) -> web.Response:

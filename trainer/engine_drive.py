@@ -60,7 +60,9 @@ class EngineDrive:
         # ``kind``: a member's engine kind when its roster entry names none
         self.kind, self.engine_key, self.pause_mode, self.lora = kind, engine_key, pause_mode, lora
         self.clients: dict[str, SGLangClient] = {}  # by engine URL, and by sync URL
-        self.runs: dict[str, concurrent.futures.Future] = {}
+        self.runs: dict[str, concurrent.futures.Future] = {}  # of the last plan
+        # each member's last task, whichever plan it was of (a member left out of a plan keeps its)
+        self.last: dict[str, concurrent.futures.Future] = {}
         self.unreachable: set[str] = set()  # of the last plan: see ``lost``
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="engine-drive",
@@ -75,11 +77,12 @@ class EngineDrive:
         live = {url for e in entries for url in (e.engine_url, e.sync_url)}
         asyncio.run_coroutine_threadsafe(self._forget(live), self.loop)
         end = time.monotonic() + plan.deadline_s
-        last, self.runs = self.runs, {}
+        self.runs, self.last = {}, {s: f for s, f in self.last.items() if not f.done()}
         for m in plan.members:
-            run = self._one(plan, end, m.server_id, by_id.get(m.server_id), last.get(m.server_id),
-                            self.unreachable)
-            self.runs[m.server_id] = asyncio.run_coroutine_threadsafe(run, self.loop)
+            run = self._one(plan, end, m.server_id, by_id.get(m.server_id),
+                            self.last.get(m.server_id), self.unreachable)
+            self.runs[m.server_id] = self.last[m.server_id] = asyncio.run_coroutine_threadsafe(
+                run, self.loop)
 
     async def _forget(self, live: set[str]) -> None:
         """Close the clients of URLs no roster entry names (gone, or restarted elsewhere)."""
@@ -117,12 +120,12 @@ class EngineDrive:
         # either), the sync's begin (refused while it evaluates; drained first where it drains)
         port = self._client("port", entry.sync_url)
         try:
-            await port.vouch(entry.engine_url, timeout_s=max(0.0, end - time.monotonic()))
-            await port.begin(plan)
+            await port.vouch(server_id, entry.engine_url, timeout_s=_left(end))
+            await port.begin(msgspec.structs.replace(plan, deadline_s=_left(end)))
         except SGLangError as e:
             return _refused(plan, server_id, f"its rollout server: {e}")
         # the engine side ends by the plan's deadline, whatever the drain took
-        plan = msgspec.structs.replace(plan, deadline_s=max(0.0, end - time.monotonic()))
+        plan = msgspec.structs.replace(plan, deadline_s=_left(end))
         client = self._client(kind, entry.engine_url)
         if self.lora and kind in LAUNCHED:  # the adapter alone, switched by the member's server
             done = await port.load_adapter_for(plan, server_id)
@@ -169,7 +172,7 @@ class EngineDrive:
         report.loaded = {s: report.plan_id for s in report.done}
 
     def close(self) -> None:
-        for run in self.runs.values():
+        for run in self.last.values():
             run.cancel()
 
         async def close_clients() -> None:
@@ -190,3 +193,7 @@ def _refused(plan: WeightSyncPlan, server_id: str, reason: str) -> SyncDone:
     """A member's sync that failed before its engine was called (the engine side logs its own)."""
     log.warning("weight sync v%d: %s failed: %s", plan.policy_version, server_id, reason)
     return answer(plan, server_id, reason)
+
+
+def _left(end: float) -> float:
+    return max(0.0, end - time.monotonic())

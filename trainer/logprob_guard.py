@@ -160,7 +160,7 @@ def unvouched(entry: RosterEntry, api_key: str | None) -> str | None:
 
     async def ask() -> None:
         async with ServerPort(entry.sync_url, api_key=api_key) as port:
-            await port.vouch(entry.engine_url, PROBE_TIMEOUT_S)
+            await port.vouch(entry.server_id, entry.engine_url, PROBE_TIMEOUT_S)
 
     try:
         asyncio.run(ask())

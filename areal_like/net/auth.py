@@ -59,13 +59,13 @@ def engine_api_key(run_dir: str | Path, make: bool = False) -> str | None:
                                               else read_key_file(run_dir))
 
 
-def vouch_proof(key: str, nonce: str, sync_url: str, engine_url: str) -> str:
-    """What only a holder of the job's engine key answers to ``nonce``: that the rollout server's
-    sync port at ``sync_url`` serves the engine at ``engine_url`` (HMAC-SHA256, its own prefix: no
-    other proof of the key signs this message). Trainer rank 0 asks for it before it sends the key
-    to either URL (rollout_server/sync_port.py, ``/vouch``)."""
-    message = b"\0".join((b"areal-like vouch/1", nonce.encode(), sync_url.encode(),
-                          engine_url.encode()))
+def vouch_proof(key: str, nonce: str, server_id: str, sync_url: str, engine_url: str) -> str:
+    """What only a holder of the job's engine key answers to ``nonce``: that rollout server
+    ``server_id``'s sync port at ``sync_url`` serves the engine at ``engine_url`` (HMAC-SHA256, its
+    own prefix: no other proof of the key signs this message). Trainer rank 0 asks for it before it
+    sends the key to either URL (rollout_server/sync_port.py, ``/vouch``)."""
+    message = b"\0".join((b"areal-like vouch/2", nonce.encode(), server_id.encode(),
+                          sync_url.encode(), engine_url.encode()))
     return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
 
 

@@ -147,6 +147,8 @@ class SGLangClient:
     (tracing; the contract test validates both sides through them).
     """
 
+    max_answer_bytes: int | None = None  # an answer read whole, however long (a subclass caps it)
+
     def __init__(self, base_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  generate_timeout_s: float = GENERATE_TIMEOUT_S, max_attempts: int = MAX_ATTEMPTS,
                  on_request: Callable[[str, str, Any], None] | None = None,
@@ -199,7 +201,7 @@ class SGLangClient:
         ``timeout_s`` bounds the whole call, retries included. Raises SGLangError for non-2xx
         answers and for unreachable servers."""
         loop = asyncio.get_running_loop()
-        deadline = (start := loop.time()) + (timeout_s or self.timeout_s)
+        deadline = (start := loop.time()) + (self.timeout_s if timeout_s is None else timeout_s)
         if self.on_request is not None:
             self.on_request(method, path, body)
         if path == "/generate" and self.local is not None:
@@ -216,7 +218,7 @@ class SGLangClient:
                 async with self._http().request(
                         method, self.base_url + path, json=body, params=params, timeout=timeout,
                         headers=None if path in OPEN_PATHS else self._headers) as resp:
-                    raw = await resp.text()
+                    raw = await self._read(path, resp)
                     try:
                         parsed = json.loads(raw) if raw.strip() else None
                     except ValueError:
@@ -238,6 +240,18 @@ class SGLangClient:
                 if not idempotent:
                     raise last from None
         raise last
+
+    async def _read(self, path: str, resp) -> str:
+        """The answer's text; SGLangError past ``max_answer_bytes`` (None: unbounded)."""
+        if self.max_answer_bytes is None:
+            return await resp.text()
+        body = bytearray()
+        async for chunk in resp.content.iter_chunked(1 << 16):
+            body += chunk
+            if len(body) > self.max_answer_bytes:
+                raise SGLangError(path, resp.status,
+                                  f"an answer over {self.max_answer_bytes} bytes")
+        return body.decode("utf-8", errors="replace")
 
     async def _call_local(self, path: str, body: Any, timeout_s: float) -> tuple[int, Any, str]:
         """``_call`` answered by ``local`` (an engine in this process), errors mapped alike."""

@@ -284,17 +284,20 @@ class ServerPort(SGLangClient):
     engine calls it: its word for its engine, the door beside the engine, a sync's begin and end.
     ``vouch`` first: the other calls carry the key."""
 
-    async def vouch(self, engine_url: str, timeout_s: float) -> None:
-        """SGLangError unless the port proves it holds the job's key (``self.api_key``) and serves
-        the engine at ``engine_url``: only then may the key go to either (a URL in the roster is
-        what a member registered)."""
+    max_answer_bytes = 1 << 20  # its answers are small; an unvouched URL's are a stranger's
+
+    async def vouch(self, server_id: str, engine_url: str, timeout_s: float) -> None:
+        """SGLangError unless the port proves it holds the job's key (``self.api_key``) and is
+        ``server_id``'s, serving the engine at ``engine_url``: only then may the key go to either
+        (a roster entry is what a member registered)."""
         nonce = secrets.token_hex(16)
         _, got, _ = await self._call("POST", "/vouch", {"nonce": nonce}, timeout_s=timeout_s,
                                      idempotent=True)
-        want = vouch_proof(self.api_key or "", nonce, self.base_url, engine_url)
+        want = vouch_proof(self.api_key or "", nonce, server_id, self.base_url, engine_url)
         if not (isinstance(got, dict) and hmac.compare_digest(str(got.get("proof")), want)):
             raise SGLangError("/vouch", None, f"{self.base_url} does not prove the job's engine "
-                              f"key for {engine_url}: not this job's rollout server, or one with "
+                              f"key for {server_id} at {engine_url}: not this job's rollout server "
+                              "(or not that one), or one with "
                               f"another key ({ENGINE_KEY_ENV} or <run_dir>/{KEY_FILE} on its node)")
 
     async def begin(self, plan: WeightSyncPlan) -> None:
@@ -302,8 +305,9 @@ class ServerPort(SGLangClient):
         evaluation until ``end`` (or the deadline); answered once drained where it drains
         (rollout.drain_on_update). SGLangError 409 while it evaluates."""
         await self._call("POST", "/begin", {"plan_id": plan.plan_id,
-                                            "version": plan.policy_version},
-                         timeout_s=plan.deadline_s + CONTINUE_TIMEOUT_S, idempotent=True)
+                                            "version": plan.policy_version,
+                                            "seconds": min(max(plan.deadline_s, 1e-3), 3600.0)},
+                         timeout_s=plan.deadline_s, idempotent=True)
 
     async def door(self, plan: WeightSyncPlan) -> int:
         body = {"plan_id": plan.plan_id, "master_addr": plan.master_addr,

@@ -192,7 +192,8 @@ WEIGHT_PATHS = {"distributed": lambda buckets: 0, "tensor": len, "disk": lambda 
 
 class WeightSyncPlan(Message):
     """How version ``policy_version`` is pushed to its members' engines, in the trainer's process
-    (trainer/weight_sync.py, driven by trainer/engine_drive.py); never on the wire."""
+    (trainer/weight_sync.py, driven by trainer/engine_drive.py); never on ZeroMQ (with LoRA
+    on a launched engine, the JSON body of a sync port's ``/adapter``)."""
 
     policy_version: int
     group_name: str

@@ -184,7 +184,8 @@ class SyncStandIn:
             return open_door(self.door_url, key, body.master_addr, body.master_port,
                              body.group_name)
 
-        self.port = SyncPort(key, engine_url, door=door, begin=begin, adapter=adapter, end=end)
+        self.port = SyncPort(key, server_id, engine_url, door=door, begin=begin, adapter=adapter,
+                             end=end)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
                                        name=f"sync-port-{server_id}")

@@ -6,8 +6,9 @@ scripted buffer, engine label and evaluator: a sync under way when the evaluatio
 first and the evaluation runs at the version it brought; the heartbeats say evaluating before and
 not evaluating after; a sync the trainer begins during the evaluation is refused at once with the
 reason (409); the schedule decides when. The port acts only for the sync under way: a door,
-adapter or end of another plan (a late call of an earlier one) is refused and changes nothing; an engine label read that a sync began and ended during does not
-undo the version the sync's end set.
+adapter or end of another plan (a late call of an earlier one) is refused and changes nothing;
+an engine label read that a sync began and ended during does not undo the version the sync's end
+set; no sync begins while the server continues the engine of one its trainer abandoned.
 """
 
 from __future__ import annotations
@@ -249,3 +250,52 @@ def test_a_label_read_across_a_sync_does_not_undo_the_version_its_end_set(tmp_pa
     asking = answer = None
     asyncio.run(scenario())
     assert server.policy_version == 6
+
+
+def test_no_sync_begins_while_the_engine_of_an_abandoned_one_is_being_continued(tmp_path,
+                                                                                monkeypatch):
+    """A sync whose trainer never ended it is ended by the server (its engine's session closed,
+    generation continued, the engine probed); a sync begun meanwhile would have those calls land
+    in its load: it is refused until they are done."""
+    import rollout_server.server as server_module
+
+    monkeypatch.setattr(server_module, "CONTINUE_TIMEOUT_S", 0.0)  # the window: the deadline alone
+    server = _server(tmp_path, version=5)
+    calls = []
+
+    class Abandoned(_Engine):
+        async def end_weight_update(self, timeout_s=None) -> None:
+            calls.append("end_weight_update")
+            await closing.wait()
+
+        async def continue_generation(self, timeout_s=None) -> None:
+            calls.append("continue_generation")
+
+        async def health_generate(self, timeout_s=None) -> None:
+            calls.append("health_generate")
+
+    async def scenario():
+        nonlocal closing
+        closing = asyncio.Event()
+        server.wake = asyncio.Event()
+        port = await _trainer(server)
+        server.client = Abandoned(5)
+        try:
+            await port.begin(msgspec.structs.replace(_plan(6), deadline_s=1.0))
+            await _until(lambda: not server.in_sync(), "the sync's window to pass")
+            server.end_abandoned_sync()  # as the loop does once the window passed
+            await _until(lambda: calls == ["end_weight_update"], "the session closed")
+            with pytest.raises(SGLangError) as refused:
+                await port.begin(_plan(7))
+            assert refused.value.status == 409 and "abandoned sync of v6" in refused.value.message
+            closing.set()
+            await asyncio.wait_for(server.resuming, WAIT_S)
+            await port.begin(_plan(7))  # taken once the engine is continued and probed
+            assert server.in_sync() and server.failure is None
+        finally:
+            await port.close()
+            await server.sync_port.close()
+
+    closing = None
+    asyncio.run(scenario())
+    assert calls == ["end_weight_update", "continue_generation", "health_generate"]

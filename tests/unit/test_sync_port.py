@@ -1,6 +1,7 @@
 """A rollout server's sync port (rollout_server/sync_port.py) as a driving trainer calls it
 (``ServerPort``, areal_like/weights/engine_sync.py), over real loopback sockets: it vouches for its
-own engine only, and a relay of it vouches for nothing and is never sent the key; the door it opens
+own engine and id only, and a relay of it vouches for nothing and is never sent the key (nor is an
+answer past the client's cap read whole); the door it opens
 carries a client's bytes through the weight group's real store gate, a second door replaces the
 first, a sync's begin and end reach the server as sent, and a caller without the job's engine key
 (counted) or with a malformed body gets nothing done. What the server does on them is tested with
@@ -42,7 +43,7 @@ def _port(key: str, calls: list, **routes) -> SyncPort:
     def door(body) -> int:
         return open_door("engine-a", key, body.master_addr, body.master_port, body.group_name)
 
-    return SyncPort(key, ENGINE, **{"door": door, "begin": begin, "adapter": None,
+    return SyncPort(key, "a", ENGINE, **{"door": door, "begin": begin, "adapter": None,
                                     "end": lambda b: calls.append(("end", b.plan_id, b.ok,
                                                                    b.pause_s, b.reason)),
                                     **routes})
@@ -122,6 +123,8 @@ def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key(
     port, seen = _port(KEY, []), []
 
     async def relay(request: web.Request) -> web.Response:  # a stranger's port, in front of ours
+        if request.path.startswith("/flood/"):  # one that answers without end (here: 2 MiB)
+            return web.Response(body=b"x" * (2 << 20))
         seen.append((request.path, request.headers.get("Authorization")))
         async with ServerPort(port.url) as upstream:
             _, got, _ = await upstream._call("POST", request.path, await request.json(),
@@ -139,16 +142,21 @@ def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key(
         relay_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
         try:
             async with ServerPort(url, api_key=KEY) as trainer:
-                await trainer.vouch(ENGINE, DEADLINE_S)  # ours: proven
+                await trainer.vouch("a", ENGINE, DEADLINE_S)  # ours: proven
                 with pytest.raises(SGLangError, match="does not prove"):
-                    await trainer.vouch("http://10.9.9.9:1", DEADLINE_S)  # not its engine
+                    await trainer.vouch("a", "http://10.9.9.9:1", DEADLINE_S)  # not its engine
+                with pytest.raises(SGLangError, match="does not prove"):
+                    await trainer.vouch("b", ENGINE, DEADLINE_S)  # another id naming our URLs
             async with ServerPort(url, api_key="another-jobs-key") as other:
                 with pytest.raises(SGLangError, match="AREAL_LIKE_ENGINE_API_KEY"):
-                    await other.vouch(ENGINE, DEADLINE_S)
+                    await other.vouch("a", ENGINE, DEADLINE_S)
             async with ServerPort(relay_url, api_key=KEY) as trainer:
                 with pytest.raises(SGLangError, match="does not prove"):
-                    await trainer.vouch(ENGINE, DEADLINE_S)  # the proof names our port's URL
+                    await trainer.vouch("a", ENGINE, DEADLINE_S)  # the proof names our port's URL
             assert seen == [("/vouch", None)]  # asked without the key
+            async with ServerPort(relay_url + "/flood", api_key=KEY) as trainer:
+                with pytest.raises(SGLangError, match="an answer over 1048576 bytes"):
+                    await trainer.vouch("a", ENGINE, DEADLINE_S)
         finally:
             await runner.cleanup()
             await port.close()
