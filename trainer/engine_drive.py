@@ -118,23 +118,24 @@ class EngineDrive:
         kind = entry.engine_kind or self.kind
         # the member's server beside its engine: its word for the engine (before the key goes to
         # either), the sync's begin (refused while it evaluates; drained first where it drains)
-        port = self._client("port", entry.sync_url)
+        port, client = self._client("port", entry.sync_url), self._client(kind, entry.engine_url)
         try:
             await port.vouch(server_id, entry.engine_url, timeout_s=_left(end))
             await port.begin(msgspec.structs.replace(plan, deadline_s=_left(end)))
         except SGLangError as e:
-            return _refused(plan, server_id, f"its rollout server: {e}")
-        # the engine side ends by the plan's deadline, whatever the drain took
-        plan = msgspec.structs.replace(plan, deadline_s=_left(end))
-        client = self._client(kind, entry.engine_url)
-        if self.lora and kind in LAUNCHED:  # the adapter alone, switched by the member's server
-            done = await port.load_adapter_for(plan, server_id)
-        else:  # torch's join needs a door beside the engine (the embedded one opens its own)
-            done = await apply_weight_sync(client, plan, server_id, pause_mode=self.pause_mode,
-                                           door=None if kind == "embedded" else port.door)
-        # after a failed sync its server checks that the engine generates
-        with contextlib.suppress(SGLangError):
-            await port.end(plan, done)
+            done = _refused(plan, server_id, f"its rollout server: {e}")
+        else:  # the engine side ends by the plan's deadline, whatever the drain took
+            plan = msgspec.structs.replace(plan, deadline_s=_left(end))
+            if self.lora and kind in LAUNCHED:  # the adapter alone, switched by its server
+                done = await port.load_adapter_for(plan, server_id)
+            else:  # torch's join needs a door beside the engine (the embedded one opens its own)
+                door = None if kind == "embedded" else port.door
+                done = await apply_weight_sync(client, plan, server_id, door=door,
+                                               pause_mode=self.pause_mode)
+            # after a failed sync its server checks that the engine generates
+            with contextlib.suppress(SGLangError):
+                await port.end(plan, done)
+        # /health carries no key: an engine no port vouched for may be asked
         if not done.ok and not await client.health(timeout_s=LOST_PROBE_S):
             unreachable.add(server_id)
         return done

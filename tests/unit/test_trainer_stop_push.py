@@ -21,7 +21,7 @@ STOP_S = 10.0  # the push ends this soon after the stop request
 
 
 class _Roster:
-    """The buffer's side: one member, whose engine is at ``engine_url``."""
+    """The buffer's side: one member, whose engine and sync port are at ``engine_url``."""
 
     def __init__(self, engine_url: str):
         self.engine_url = engine_url
@@ -29,7 +29,7 @@ class _Roster:
     def request(self, msg, timeout_s=None):
         if isinstance(msg, P.RosterRequest):
             entry = P.RosterEntry(server_id="a", engine_url=self.engine_url, engine_ranks=1,
-                                  policy_version=0)
+                                  policy_version=0, sync_url=self.engine_url)
             return P.Roster(members=[entry], policy_version=0)
         return P.Ack(ref=str(getattr(msg, "policy_version", "")), status="ok")
 
@@ -41,8 +41,9 @@ class _Config:
 
 
 def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
-    """Member a's engine takes the sync's first request and never answers (a frozen node): the
-    push's drive (trainer/engine_drive.py) would wait for it until the deadline."""
+    """Member a's node takes the sync's first request (its sync port's ``/vouch``) and never
+    answers (a frozen node): the push's drive (trainer/engine_drive.py) would wait for it until
+    the deadline."""
     trainer = Trainer.from_run(load_config([f"run_dir={tmp_path}"]))
     frozen = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
     wb = WeightBroadcaster(WeightSyncConfig(path="disk", deadline_s=DEADLINE_S),
@@ -57,12 +58,12 @@ def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
     push.start()
     frozen.settimeout(DEADLINE_S / 2)
     try:
-        called, _ = frozen.accept()  # the sync of a's engine is under way
+        called, _ = frozen.accept()  # the sync of a is under way
         with called:
             request = b""
             while b"\r\n" not in request and (chunk := called.recv(4096)):
                 request += chunk
-            assert request.startswith(b"POST /pause_generation"), request
+            assert request.startswith(b"POST /vouch"), request
             trainer.request_stop()
             push.join(STOP_S)
             assert not push.is_alive(), "the push waited on the members after the stop request"

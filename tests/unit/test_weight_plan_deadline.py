@@ -5,7 +5,8 @@ survivors of a lost member sends the directory already written instead of writin
 
 Rank 0 drives the members' engines itself (trainer/engine_drive.py, the real ``EngineDrive``): each
 member's engine is a stand-in over real HTTP that answers the calls of a disk sync (pause, load,
-continue, ``/health``) and loads, fails at once or freezes as the test says; the buffer is a
+continue, ``/health``) and loads, fails at once or freezes as the test says, and, on the same port,
+its rollout server's sync port (``/vouch`` for its id, ``/begin``, ``/end``); the buffer is a
 scripted roster."""
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 
 import torch
 
+from areal_like.net.auth import vouch_proof
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import WeightSyncConfig
@@ -37,6 +39,7 @@ class _Engine:
 
     def __init__(self, how: Callable[[dict], str]):
         self.how, self.loaded, self.released = how, [], threading.Event()
+        self.server_id = ""  # the roster's id for it (``_Buffer``)
         engine = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -45,7 +48,10 @@ class _Engine:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"] or 0)))
-                if self.path != "/update_weights_from_disk":  # pause, continue
+                if self.path == "/vouch":  # its server's word, for the roster's id (no key)
+                    return self._reply(200, {"proof": vouch_proof(
+                        "", body["nonce"], engine.server_id, engine.url, engine.url)})
+                if self.path != "/update_weights_from_disk":  # begin, pause, continue, end
                     return self._reply(200, {})
                 how = engine.how(body)
                 if how == "frozen":
@@ -90,22 +96,28 @@ class _Recording(EngineDrive):
 
 
 class _Buffer:
-    """The roster of ``members`` (id -> engine URL), each showing life between two pushes (its
-    ``active`` count moves, as a member asking for leases does); everything else acknowledged."""
+    """The roster of ``members`` (id -> ``_Engine``, or a URL where nothing answers), each
+    showing life between two pushes (its ``active`` count moves, as a member asking for leases
+    does); everything else acknowledged."""
 
-    def __init__(self, members: dict[str, str]):
+    def __init__(self, members: dict[str, _Engine | str]):
         self.members, self.asked = members, 0
+        for s, engine in members.items():
+            if isinstance(engine, _Engine):
+                engine.server_id = s
 
     def request(self, msg, timeout_s=None):
         if isinstance(msg, P.RosterRequest):
             self.asked += 1
-            return P.Roster(members=[P.RosterEntry(server_id=s, engine_url=url, engine_ranks=1,
-                                                   policy_version=0, active=self.asked)
-                                     for s, url in self.members.items()], policy_version=0)
+            urls = {s: getattr(e, "url", e) for s, e in self.members.items()}
+            return P.Roster(members=[P.RosterEntry(server_id=s, engine_url=url, sync_url=url,
+                                                   engine_ranks=1, policy_version=0,
+                                                   active=self.asked)
+                                     for s, url in urls.items()], policy_version=0)
         return P.Ack(ref="", status="ok")
 
 
-def _broadcaster(cfg: WeightSyncConfig, members: dict[str, str], drive: EngineDrive,
+def _broadcaster(cfg: WeightSyncConfig, members: dict, drive: EngineDrive,
                  metrics: Metrics | None = None) -> WeightBroadcaster:
     wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
                            device=torch.device("cpu"), metrics=metrics, drive=drive)
@@ -137,7 +149,7 @@ def test_the_plan_deadline_leaves_out_the_time_spent_making_the_payloads():
     engine, drive = _Engine(lambda body: "done"), _Recording()
     model = torch.nn.Linear(2, 2)
     model.config = _SlowConfig()
-    with _closing(_broadcaster(cfg, {"a": engine.url}, drive), engine) as wb:
+    with _closing(_broadcaster(cfg, {"a": engine}, drive), engine) as wb:
         t0 = time.monotonic()
         report = wb.push(model, 1)
     assert report.done == ["a"] and engine.loaded == ["1"], report
@@ -166,7 +178,7 @@ def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
     b = _Engine(lambda body: "failed" if len(drive.plans) == 1 else "done")
     model = torch.nn.Linear(2, 2)
     model.config = _Counting()
-    members = {"a": f"http://127.0.0.1:{free_port()}", "b": b.url}
+    members = {"a": f"http://127.0.0.1:{free_port()}", "b": b}
     with _closing(_broadcaster(cfg, members, drive), b) as wb:
         report = wb.push(model, 1)
     assert report.done == ["b"] and report.repushed == ["b"] and b.loaded == ["1"], report
@@ -188,7 +200,7 @@ def test_a_push_cut_at_its_deadline_is_counted_for_its_alert():
     model = torch.nn.Linear(2, 2)
     model.config = _Counting()
     near = "areal_trainer_weight_sync_near_deadline_total"
-    with _closing(_broadcaster(cfg, {"a": engine.url}, _Recording(), metrics), engine) as wb:
+    with _closing(_broadcaster(cfg, {"a": engine}, _Recording(), metrics), engine) as wb:
         assert metrics.registry.get_sample_value(near) == 0  # served before any push
         cut, fast = wb.push(model, 1), wb.push(model, 2)
     assert cut.dropped == ["a"] and fast.done == ["a"] and engine.loaded == ["2"], (cut, fast)
@@ -208,7 +220,9 @@ def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplo
 
     answers = ["frozen", "frozen", "done", "frozen", "failed", "frozen", "frozen", "frozen",
                "frozen"]
-    cfg = WeightSyncConfig(path="disk", deadline_s=0.3)
+    # 1 s: a plan gets at least 0.5 s (``WeightBroadcaster``), so a frozen plan's member task
+    # would outlive a shorter push and hold up the next plan's (one member task at a time)
+    cfg = WeightSyncConfig(path="disk", deadline_s=1.0)
     drive = _Recording()
     paths = lambda: [plan.payloads[0] for plan, _ in drive.plans]  # noqa: E731 - one line
     engine = _Engine(lambda body: answers[paths().index(body["model_path"])])
@@ -218,7 +232,7 @@ def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplo
     def errors() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
 
-    with _closing(_broadcaster(cfg, {"a": engine.url}, drive), engine) as wb:
+    with _closing(_broadcaster(cfg, {"a": engine}, drive), engine) as wb:
         engines = EngineSchedule(cfg, wb, model, final_version=10)
         for _ in range(5):  # two cut, one loaded, one cut, one failed at once
             engines.repush(1)
@@ -231,7 +245,7 @@ def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplo
         (why,) = errors()
     assert len(drive.plans) == 9 and engine.loaded == ["1"]  # one plan a re-push
     assert why.startswith("weight sync: 3 pushes of version 1 in a row ran into "
-                          "trainer.weight_sync.deadline_s=0.3 ("), why
+                          "trainer.weight_sync.deadline_s=1 ("), why
     assert why.endswith(" s) and no engine loaded it (a dropped), so the data the trainer waits "
                         "for cannot come: raise trainer.weight_sync.deadline_s above what a push "
                         "takes here (or the engines are unreachable); re-pushing on"), why
