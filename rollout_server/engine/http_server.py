@@ -152,10 +152,8 @@ class EngineHttp:
             return await handler(request)
         except ApiError as e:
             return web.json_response(e.body, status=e.status)
-        except web.HTTPNotFound:
-            return web.json_response({"detail": "Not Found"}, status=404)
-        except web.HTTPMethodNotAllowed:
-            return web.json_response({"detail": "Method Not Allowed"}, status=405)
+        except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as e:  # the one error shape
+            return web.json_response({"error": {"message": e.reason}}, status=e.status)
         except web.HTTPException:
             raise
         except Exception as e:  # a bug answers 500 with SGLang's error body; the server stays up
