@@ -3,7 +3,8 @@
 Run as ``python weight_sender.py '<json spec>'`` (tests pass its text to ``python -c``). Spec:
 ``model`` (ModelConfig fields), ``port``, ``group``, ``buckets`` (lists of parameter names, the
 broadcast order), optional ``world_size`` (2: this rank and one engine rank), ``backend`` (gloo),
-``device`` (cpu), ``timeout_s`` (120), ``key`` (the job's engine API key its store gate asks for),
+``device`` (cpu), ``timeout_s`` (120), ``key`` (required: the job's engine API key its store gate
+asks for, which the engine's door proves),
 ``load_format`` (``"flattened_bucket"``: one packed broadcast per bucket with the trainer's
 ``BucketPipeline``, what ``apply_weight_sync`` announces; null: one broadcast per tensor),
 ``rounds`` (a list of ``{"seed": int, "dtype": str}``: push the buckets once per round, the model
@@ -39,7 +40,7 @@ for r in [] if states else spec.get("rounds") or [{}]:
 print("ready", flush=True)
 pg = init_weight_group(spec.get("backend", "gloo"), "127.0.0.1", spec["port"],
                        spec.get("world_size", 2), 0, spec["group"], spec.get("timeout_s", 120),
-                       key=spec.get("key"))
+                       key=spec["key"])
 pipeline = BucketPipeline()
 sent = 0
 while spec.get("wait_for") and not os.path.exists(spec["wait_for"]):

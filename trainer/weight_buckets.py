@@ -83,7 +83,7 @@ class Sender(ABC):
     def route(self, version: int, roster: list[tuple[str, int, str]]) -> dict: ...
 
     def connect(self, plan, roster: list[tuple[str, int, str]], watch,
-                engine_key: str | None = None) -> None:
+                engine_key: str) -> None:
         """Nothing to join: the plan carries the weights (``engine_key``: what a group's store
         gate asks its members to prove)."""
 

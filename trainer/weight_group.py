@@ -54,7 +54,7 @@ class WeightGroup:
         return True
 
     def form(self, plan: WeightSyncPlan, key: tuple, watch: RendezvousWatch,
-             engine_key: str | None = None) -> None:
+             engine_key: str) -> None:
         """Join ``plan``'s group as rank 0, its store's gate asking for ``engine_key`` (the job's
         engine API key); the rendezvous ends at ``watch.give_up`` or a lost member."""
         self.teardown()
@@ -132,7 +132,7 @@ class GroupSender(Sender):
                     master_port=self.group.port, world_size=offset, reform=reform, members=members)
 
     def connect(self, plan: WeightSyncPlan, roster: list[tuple[str, int, str]],
-                watch: RendezvousWatch, engine_key: str | None = None) -> None:
+                watch: RendezvousWatch, engine_key: str) -> None:
         if plan.reform:
             self.group.form(plan, tuple(roster), watch, engine_key)
 

@@ -84,12 +84,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def init_weight_group(backend: str, master_addr: str, master_port: int, world_size: int, rank: int,
                       group_name: str, timeout_s: float, connect_timeout_s: float | None = None,
-                      check: Callable[[], None] | None = None, check_every_s: float = 0.5,
-                      key: str | None = None):
+                      check: Callable[[], None] | None = None, check_every_s: float = 0.5, *,
+                      key: str):
     """Join (rank 0: host) the named group, its store's gate and doors proving ``key`` (the job's
-    engine API key; None: the group's name). Raises on timeout (a missing peer never hangs us),
-    and on rank 0 whatever ``check`` raised (the rendezvous is then abandoned and its store
-    closed)."""
+    engine API key; none: SecurityError, ``store_gate.need_key``). Raises on timeout (a missing
+    peer never hangs us), and on rank 0 whatever ``check`` raised (the rendezvous is then
+    abandoned and its store closed)."""
     timeout = timedelta(seconds=timeout_s)
     connect = timedelta(seconds=connect_timeout_s if connect_timeout_s is not None else timeout_s)
     if rank == 0:
@@ -129,7 +129,7 @@ def join_through_door(backend: str, door_port: int, world_size: int, rank: int, 
 
 def _host_group(backend: str, master_addr: str, master_port: int, world_size: int, group_name: str,
                 timeout: timedelta, connect: timedelta, check: Callable[[], None] | None,
-                check_every_s: float, key: str | None):
+                check_every_s: float, key: str):
     """Rank 0: serve the store and join through a client of it in a helper thread, running
     ``check`` meanwhile; if it raises, close the server (every join fails) and re-raise."""
     from torch.distributed import TCPStore

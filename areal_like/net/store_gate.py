@@ -5,9 +5,8 @@ torch's TCPStore serves and lists its keys to anyone, so rank 0 hosts it on loop
 pipes a connection to it only once it proved it holds the job's engine API key (the key the
 trainer and every engine already share; bound to the group's name, so a proof for one group is no
 proof for another). A member's torch client connects to a door on its own loopback (established
-connections of its own user only, read from ``/proc/net/tcp``) that proves it for it. Where the
-job has no engine key (components started by hand without one), the group's name is the secret,
-as it was before the key was.
+connections of its own user only, read from ``/proc/net/tcp``) that proves it for it. A gate or
+door is made only with the key (``need_key``: a SecurityError naming where the key comes from).
 """
 
 from __future__ import annotations
@@ -21,7 +20,9 @@ import socket
 import threading
 import time
 
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE
 from areal_like.net.ratelog import RateLimitedLog
+from areal_like.net.security import SecurityError
 
 log = logging.getLogger("store_gate")
 _refusals = RateLimitedLog(log, every_s=60.0)  # a stranger can connect at will
@@ -44,10 +45,22 @@ def refused_total() -> int:
     return _refused_in_process
 
 
-def proof(key: str | None, group: str, who: bytes, *nonces: bytes) -> bytes:
-    """HMAC-SHA256, keyed by the job's engine API key ``key`` (None: by the group's name), of the
-    group's name, ``who`` (b"door" or b"gate") and the nonces."""
-    secret = hashlib.sha256(b"areal-like store gate key\0" + (key or group).encode()).digest()
+def need_key(key: str | None) -> str:
+    """``key``, the job's engine API key, which every gate and door proves; SecurityError when
+    there is none (a component started by hand without it)."""
+    if not key:
+        raise SecurityError(
+            "a weight group's store gate and doors prove the job's engine API key, and this "
+            f"process has none: set {ENGINE_KEY_ENV} to it, or start the process with the job's "
+            f"run_dir, where <run_dir>/{KEY_FILE} holds it (made by `areal-like run`, or by the "
+            "first of the job's daemons to start)")
+    return key
+
+
+def proof(key: str, group: str, who: bytes, *nonces: bytes) -> bytes:
+    """HMAC-SHA256, keyed by the job's engine API key ``key``, of the group's name, ``who``
+    (b"door" or b"gate") and the nonces."""
+    secret = hashlib.sha256(b"areal-like store gate key\0" + key.encode()).digest()
     message = MAGIC + who + group.encode() + b"\0" + b"".join(nonces)
     return hmac.new(secret, message, hashlib.sha256).digest()
 
@@ -196,8 +209,8 @@ class StoreGate(_Relay):
     loopback ``store_port``; ``store`` (rank 0's store server) is kept while the gate is open."""
 
     def __init__(self, host: str, port: int, group: str, store_port: int, store: object = None, *,
-                 key: str | None = None):
-        self.group, self.key, self.store_port, self.store = group, key, store_port, store
+                 key: str):
+        self.group, self.key, self.store_port, self.store = group, need_key(key), store_port, store
         super().__init__(listen_on(host, port), f"store-gate-{port}")
         GATES[self.port] = self
 
@@ -229,8 +242,8 @@ class StoreDoor(_Relay):
     """On loopback (``port``): this user's connections, carried through the gate at ``host:port``
     with a proof of ``key`` for ``group``."""
 
-    def __init__(self, host: str, port: int, group: str, *, key: str | None = None):
-        self.target, self.group, self.key = (host, port), group, key
+    def __init__(self, host: str, port: int, group: str, *, key: str):
+        self.target, self.group, self.key = (host, port), group, need_key(key)
         super().__init__(listen_on("127.0.0.1", 0), f"store-door-{port}")
 
     def _admit(self, conn: socket.socket, deadline: float) -> socket.socket | None:

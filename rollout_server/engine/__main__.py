@@ -46,8 +46,8 @@ def main(argv: list[str]) -> int:
         return 2
     if key is None:
         log.warning("no engine API key (%s unset, no %s): the engine's endpoints need none "
-                    "(it listens on %s)", ENGINE_KEY_ENV, Path(cfg.run_dir) / KEY_FILE,
-                    engine_cfg.host)
+                    "(it listens on %s), and it can join no weight group", ENGINE_KEY_ENV,
+                    Path(cfg.run_dir) / KEY_FILE, engine_cfg.host)
     engine = EmbeddedEngine(cfg.model, engine_cfg, seed=cfg.seed, api_key=key, group_key=key,
                             lora=cfg.trainer.lora).start()
     print(f"ENGINE_URL {engine.url}", flush=True)

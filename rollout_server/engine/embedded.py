@@ -47,7 +47,7 @@ class EmbeddedEngine:
                  lora: LoraConfig | None = None, group_key: str | None = None):
         self.model_cfg, self.engine_cfg = model_cfg, engine_cfg
         # the job's engine API key, which its door proves to a weight group's store gate (None:
-        # the group's name; ``api_key`` may be a key of this engine's own: RolloutServer)
+        # it joins no group, its answer says where the key comes from)
         self.group_key = group_key
         # enabled: the model gets the trainer's adapters (areal_like/weights/lora.py)
         self.lora = lora

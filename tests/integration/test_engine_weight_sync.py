@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import secrets
 import threading
 import time
 import urllib.error
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE
 from areal_like.net.distributed import free_port
 from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import EngineConfig, ModelConfig
@@ -37,6 +39,7 @@ from rollout_server.engine import EmbeddedEngine
 HTTP_TIMEOUT_S = 180.0  # init_weights_update_group waits for the sender's imports under load
 PROCESS_START_S = 180.0
 GROUP = "areal_like_weights"
+KEY = secrets.token_hex(16)  # the job's engine key: the sender's gate asks, the engine proves it
 MODEL = ModelConfig(max_position_embeddings=128)
 
 SENDER = """
@@ -49,9 +52,9 @@ from areal_like.settings.config import ModelConfig
 from areal_like.net.distributed import init_weight_group
 from areal_like.weights.hf import build_model
 
-port, seed, group = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+port, seed, group, key = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 model = build_model(ModelConfig(max_position_embeddings=128, init_seed=seed))
-pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, group, 120.0)
+pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, group, 120.0, key=key)
 print("JOINED", flush=True)
 for name, p in model.named_parameters():  # the buckets' order; each waits for the engine's receive
     dist.broadcast(p.data, group_src=0, group=pg)
@@ -110,7 +113,7 @@ def read_line(proc, prefix: str, timeout_s: float) -> str:
 @pytest.fixture
 def engine():
     torch.set_num_threads(1)
-    e = EmbeddedEngine(MODEL, EngineConfig(max_running_requests=4)).start()
+    e = EmbeddedEngine(MODEL, EngineConfig(max_running_requests=4), group_key=KEY).start()
     try:
         yield e
     finally:
@@ -120,7 +123,7 @@ def engine():
 def test_weight_update_over_gloo_from_another_process(engine, spawn_python):
     url = engine.url
     port = free_port()
-    sender = spawn_python(SENDER, [port, 11, GROUP])
+    sender = spawn_python(SENDER, [port, 11, GROUP, KEY])
     target = build_model(ModelConfig(max_position_embeddings=128, init_seed=11))
     names = [n for n, _ in target.named_parameters()]
     buckets = [names[: len(names) // 2], names[len(names) // 2:]]
@@ -163,9 +166,13 @@ def test_weight_update_over_gloo_from_another_process(engine, spawn_python):
 
 
 def test_standalone_engine_process(spawn_python):
+    """An engine started by hand, without the job's engine key (no variable, no key file in its
+    run directory): it serves, and it joins no weight group, saying where the key comes from."""
     proc = spawn_python("rollout_server.engine", ["--port", "0",
                                                   "model.max_position_embeddings=128",
-                                                  "rollout.engine.max_running_requests=4"])
+                                                  "rollout.engine.max_running_requests=4",
+                                                  "rollout.engine.request_timeout_s=20"],
+                        env={ENGINE_KEY_ENV: ""})
     url = read_line(proc, "ENGINE_URL", PROCESS_START_S).split()[1]
     assert urllib.request.urlopen(url + "/health", timeout=HTTP_TIMEOUT_S).status == 200
     status, out = post(url, "/generate", {"text": "7+8=",
@@ -182,6 +189,12 @@ def test_standalone_engine_process(spawn_python):
     line = next(x for x in metrics.splitlines() if x.startswith("sglang:generation_tokens_total{"))
     assert 'is_streaming="false"' in line and 'tp_rank="0"' in line
     assert float(line.rsplit(" ", 1)[1]) >= len(out["output_ids"])
+    # before, its door proved the group's name instead of a key (a gate of the job refused it)
+    status, joined = post(url, "/init_weights_update_group", {
+        "master_address": "127.0.0.1", "master_port": free_port(), "rank_offset": 1,
+        "world_size": 2, "group_name": GROUP, "backend": "gloo"})
+    assert (status, joined["success"]) == (400, False), joined
+    assert ENGINE_KEY_ENV in joined["message"] and str(KEY_FILE) in joined["message"], joined
     proc.terminate()
     assert proc.wait(timeout=60) == 0
 
@@ -194,8 +207,8 @@ def test_consecutive_flattened_bucket_syncs_swap_exact_weights(engine, spawn_pyt
     shapes = dict(names)
     assert len(bucket_names) >= 3
     sender = spawn_python(FLAT_SENDER, [json.dumps({"model": model_fields, "port": port,
-                                                    "group": GROUP, "buckets": bucket_names,
-                                                    "rounds": ROUNDS})])
+                                                    "group": GROUP, "key": KEY,
+                                                    "buckets": bucket_names, "rounds": ROUNDS})])
 
     async def syncs() -> list[tuple[bool, str, str, str]]:
         out = []
@@ -256,7 +269,7 @@ def test_a_sender_crash_mid_sync_never_labels_mixed_weights(engine, spawn_python
     ports = [free_port(), free_port()]
     crashing = spawn_python(FLAT_SENDER, [json.dumps({
         "model": {"max_position_embeddings": 128, "init_seed": 31}, "port": ports[0],
-        "group": GROUP, "buckets": bucket_names, "stop_after": 1})])
+        "group": GROUP, "key": KEY, "buckets": bucket_names, "stop_after": 1})])
 
     async def sync(version: int, port: int):
         plan = WeightSyncPlan(policy_version=version, group_name=GROUP, master_addr="127.0.0.1",
@@ -273,7 +286,7 @@ def test_a_sender_crash_mid_sync_never_labels_mixed_weights(engine, spawn_python
     assert not done.ok and served == "0", (done, served)
     sender = spawn_python(FLAT_SENDER, [json.dumps({
         "model": {"max_position_embeddings": 128, "init_seed": 32}, "port": ports[1],
-        "group": GROUP, "buckets": bucket_names})])
+        "group": GROUP, "key": KEY, "buckets": bucket_names})])
     done, served = asyncio.run(sync(2, ports[1]))
     assert done.ok and served == "2", done.reason
     assert (state_checksum(engine.model)
@@ -287,7 +300,7 @@ def test_a_refused_flattened_bucket_is_drained_and_loads_nothing(engine, spawn_p
     port = free_port()
     sender = spawn_python(FLAT_SENDER, [json.dumps({
         "model": {"max_position_embeddings": 128, "init_seed": 41}, "port": port,
-        "group": GROUP, "buckets": [b.names for b in specs]})])
+        "group": GROUP, "key": KEY, "buckets": [b.names for b in specs]})])
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
     with ThreadPoolExecutor(1) as pool:
         joined = pool.submit(post, engine.url, "/init_weights_update_group", {
@@ -332,7 +345,7 @@ def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(
         port = free_port()
         sender = spawn_python(FLAT_SENDER, [json.dumps({
             "model": {"max_position_embeddings": 128, "init_seed": seed}, "port": port,
-            "group": GROUP, "buckets": [bucket.names], "wait_for": str(go), **spec})])
+            "group": GROUP, "key": KEY, "buckets": [bucket.names], "wait_for": str(go), **spec})])
         post(engine.url, "/destroy_weights_update_group", {"group_name": GROUP})
         assert post(engine.url, "/init_weights_update_group", {
             "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
@@ -374,7 +387,7 @@ def test_an_update_while_not_paused_holds_new_requests_until_its_bucket_is_loade
     port, go = free_port(), tmp_path / "go"
     sender = spawn_python(FLAT_SENDER, [json.dumps({
         "model": {"max_position_embeddings": 128, "init_seed": 81}, "port": port,
-        "group": GROUP, "buckets": [specs[0].names], "wait_for": str(go)})])
+        "group": GROUP, "key": KEY, "buckets": [specs[0].names], "wait_for": str(go)})])
     # what the engine holds once bucket 0 is in: bucket 0 new, the rest old
     mixed = build_model(MODEL)
     new = dict(build_model(ModelConfig(max_position_embeddings=128,

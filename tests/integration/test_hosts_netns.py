@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import secrets
 import shutil
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from areal_like.net.auth import ENGINE_KEY_ENV
 from tests.conftest import child_env, stop_process
 
 TIMEOUT_S = 60.0
@@ -107,10 +109,11 @@ def test_a_trainer_of_two_nodes_forms_its_group(hosts, free_port):
 
 WEIGHT_GROUP = """
 import os, torch, torch.distributed as dist
+from areal_like.net.auth import ENGINE_KEY_ENV
 from areal_like.net.distributed import destroy_weight_group, init_weight_group
 rank = int(os.environ["R"])
 pg = init_weight_group("gloo", os.environ["M"], int(os.environ["P"]), 3, rank, "wg-secret-name",
-                       timeout_s=20.0)
+                       timeout_s=20.0, key=os.environ[ENGINE_KEY_ENV])
 t = torch.tensor([7.0 if rank == 0 else 0.0])
 dist.broadcast(t, 0, group=pg)
 print(t.item())
@@ -123,6 +126,7 @@ def test_engines_on_two_other_nodes_join_the_weight_group(hosts, free_port):
     join through the gate (gloo connects every pair of ranks, the engines' too) and receive the
     broadcast."""
     names, addrs = hosts
-    base = {"M": addrs[0], "P": str(free_port())}
+    # the job's engine key in every node's environment, as `areal-like run` hands it out
+    base = {"M": addrs[0], "P": str(free_port()), ENGINE_KEY_ENV: secrets.token_hex(16)}
     outs = _on_each(names, WEIGHT_GROUP, [{**base, "R": str(r)} for r in range(3)])
     assert [o.strip() for o in outs] == ["7.0"] * 3

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -46,6 +47,7 @@ MODEL = {"max_position_embeddings": 512}
 MAX_NEW = 300
 PROMPTS = [[1, 20 + i, 40 + 2 * i, 60 + i] for i in range(4)]
 SENDER = (Path(__file__).resolve().parents[1] / "weight_sender.py").read_text()  # group rank 0
+GROUP_KEY = secrets.token_hex(16)  # the job's engine key: the sender's gate asks, the engine proves
 
 
 def make_plan(state: dict, port: int, group: str) -> tuple[WeightSyncPlan, list[list[str]]]:
@@ -135,7 +137,8 @@ def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Pat
 
     port, group = free_port(), "interrupt_weights"
     plan, buckets = make_plan(state, port, group)
-    spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets}
+    spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets,
+            "key": GROUP_KEY}
     if state_file is not None:
         torch.save(state, state_file)
         spec["state_file"] = str(state_file)
@@ -146,7 +149,7 @@ def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Pat
                               stderr=subprocess.PIPE, text=True)
     try:
         engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8),
-                                lora=lora).start()
+                                lora=lora, group_key=GROUP_KEY).start()
         try:
             return asyncio.run(scenario(engine, plan, sender, pause_mode))
         finally:

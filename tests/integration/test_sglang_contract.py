@@ -29,6 +29,7 @@ import ast
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -69,6 +70,7 @@ CONTROL = {
 }
 
 SENDER = (Path(__file__).resolve().parents[1] / "weight_sender.py").read_text()  # group rank 0
+GROUP_KEY = secrets.token_hex(16)  # the job's engine key: the sender's gate asks, a door proves
 
 
 # ---------------------------------------------------------------------------- SGLang's contract
@@ -260,7 +262,8 @@ def weight_sync_setup() -> tuple[WeightSyncPlan, subprocess.Popen]:
         buckets=[BucketSpec(names=b, dtypes=[str(state[n].dtype).removeprefix("torch.") for n in b],
                             shapes=[list(state[n].shape) for n in b]) for b in buckets],
         deadline_s=120.0)
-    spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets}
+    spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets,
+            "key": GROUP_KEY}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
                               stdout=subprocess.PIPE,
@@ -270,7 +273,7 @@ def weight_sync_setup() -> tuple[WeightSyncPlan, subprocess.Popen]:
 
 async def sync_from_sender(client: SGLangClient, plan: WeightSyncPlan, sender: subprocess.Popen,
                            door: bool = False):
-    opened = local_door(client.base_url, None) if door else None  # the sender's gate: no key
+    opened = local_door(client.base_url, GROUP_KEY) if door else None
     done = await apply_weight_sync(client, plan, "contract", door=opened)
     _, err = await asyncio.to_thread(sender.communicate, timeout=120)
     assert sender.returncode == 0, err[-2000:]
@@ -286,7 +289,8 @@ def engine_run(tmp_path_factory):
     requests: list = []
     responses: list = []
     try:
-        engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8)).start()
+        engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8),
+                                group_key=GROUP_KEY).start()
         try:
             facts = asyncio.run(drive_engine(engine.url, tmp, requests, responses, plan, sender))
         finally:

@@ -1,22 +1,25 @@
-"""Who can join a weight-update group: only the ranks that know the group's name (real processes,
-gloo).
+"""Who can join a weight-update group: only the ranks that hold the job's engine key and know the
+group's name (real processes, gloo).
 
 Trainer rank 0 hosts the rendezvous (``init_weight_group`` rank 0, a thread of this test) on
 127.0.0.1 with a name carrying a secret token, as the trainer's plans do. Before the real engine
 rank joins, strangers connect to the store's port: one holds an idle connection, one sends garbage,
 one is a torch TCPStore client that tries to take rank 1 under the name it can guess (the configured
-``weight_sync.group_name`` without the token), and one a torch client that asks the store for its
-keys (whose prefix is the secret name). The group must form with the real rank within its deadline
-and carry a broadcast; the strangers must get no rank and no key (rank 0's store sits on loopback
-behind a gate that wants proof of the name: areal_like/net/store_gate.py); and the port must not
-answer on any other interface of this machine. An engine that joins with torch's own rendezvous
-(SGLang) does so through a door its rollout server opens; a door admits this user only.
+``weight_sync.group_name`` without the token), one a member of another job (the secret name, but
+another engine key), and one a torch client that asks the store for its keys (whose prefix is the
+secret name). The group must form with the real rank within its deadline and carry a broadcast;
+the strangers must get no rank and no key (rank 0's store sits on loopback behind a gate that wants
+proof of the job's engine key for the name: areal_like/net/store_gate.py); and the port must not
+answer on any other interface of this machine. A process without a key hosts and joins nothing.
+An engine that joins with torch's own rendezvous (SGLang) does so through a door its rollout server
+opens; a door admits this user only.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import threading
 
@@ -24,20 +27,25 @@ import psutil
 import pytest
 import torch
 
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE
 from areal_like.net.distributed import destroy_weight_group, free_port, init_weight_group
+from areal_like.net.security import SecurityError
 from areal_like.net.store_gate import GATES, StoreDoor
 
 # the group's rendezvous deadline (a loaded machine starts Python processes slowly)
 CONNECT_S = 60.0
 STRANGER_S = 15.0  # the guessing stranger's own rendezvous deadline
 SECRET_NAME = "areal_like_weights-5f0c1d2e3a4b59687a8b9cadbecf0011"
+KEY = secrets.token_hex(16)  # the job's engine key (a member gets it in its environment)
+JOB = {ENGINE_KEY_ENV: KEY}
 
 MEMBER = r"""
-import sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 from areal_like.net.distributed import init_weight_group
 port, name, timeout_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 try:
-    pg = init_weight_group("gloo", "127.0.0.1", port, 2, 1, name, timeout_s=timeout_s)
+    pg = init_weight_group("gloo", "127.0.0.1", port, 2, 1, name, timeout_s=timeout_s,
+                           key=os.environ["AREAL_LIKE_ENGINE_API_KEY"])
 except Exception as e:
     print("refused", type(e).__name__, flush=True)
     sys.exit(0)
@@ -91,8 +99,7 @@ def host_rank0(port: int, tensor: torch.Tensor, result: dict) -> threading.Threa
     def rank0() -> None:
         try:
             pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, SECRET_NAME,
-                                   timeout_s=CONNECT_S,
-                                   connect_timeout_s=CONNECT_S)
+                                   timeout_s=CONNECT_S, connect_timeout_s=CONNECT_S, key=KEY)
             torch.distributed.broadcast(tensor, src=0, group=pg)
             result["pg"] = pg
         except Exception as e:  # reported by the caller's assertions
@@ -110,12 +117,17 @@ def test_only_the_named_members_join_and_strangers_cannot_stall_it(spawn_python)
     strangers = [spawn_python(RAW, [port, kind]) for kind in ("idle", "garbage")]
     for proc in strangers:  # the store is up (they connected) before anyone real joins
         assert proc.stdout.readline().strip() == "connected", proc.stderr.read()
-    guesser = spawn_python(MEMBER, [port, "areal_like_weights", STRANGER_S])
+    guesser = spawn_python(MEMBER, [port, "areal_like_weights", STRANGER_S], env=JOB)
+    # another job's member: knows the secret name (its plan was relayed), holds another key
+    other_job = spawn_python(MEMBER, [port, SECRET_NAME, STRANGER_S],
+                             env={ENGINE_KEY_ENV: secrets.token_hex(16)})
     lister = spawn_python(LISTER, [port, STRANGER_S])
     if (address := other_ipv4()) is not None:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection((address, port), timeout=10).close()
-    member = spawn_python(MEMBER, [port, SECRET_NAME, CONNECT_S])
+    out, err = other_job.communicate(timeout=STRANGER_S + 60)
+    assert out.strip().startswith("refused"), (out, err[-2000:])
+    member = spawn_python(MEMBER, [port, SECRET_NAME, CONNECT_S], env=JOB)
     out, err = member.communicate(timeout=CONNECT_S + 60)
     assert out.strip() == "joined [0.0, 1.0, 2.0, 3.0]", err[-2000:]
     host.join(timeout=CONNECT_S)
@@ -127,12 +139,26 @@ def test_only_the_named_members_join_and_strangers_cannot_stall_it(spawn_python)
     destroy_weight_group(result["pg"])
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_without_the_jobs_key_hosts_no_group_and_joins_none(rank):
+    """Rank 0 or a member started without the job's engine key (no variable, no key file): before,
+    its gate or door keyed by the group's name; now it fails at once, saying where the key comes
+    from, and leaves nothing listening."""
+    port = free_port()
+    with pytest.raises(SecurityError) as refused:
+        init_weight_group("gloo", "127.0.0.1", port, 2, rank, SECRET_NAME, timeout_s=5.0, key=None)
+    assert ENGINE_KEY_ENV in str(refused.value) and str(KEY_FILE) in str(refused.value)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+
+
 MEMBER_OF_3 = r"""
-import sys
+import os, sys
 from areal_like.net.distributed import init_weight_group
 port, name, timeout_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 try:
-    init_weight_group("gloo", "127.0.0.1", port, 3, 1, name, timeout_s=timeout_s)
+    init_weight_group("gloo", "127.0.0.1", port, 3, 1, name, timeout_s=timeout_s,
+                      key=os.environ["AREAL_LIKE_ENGINE_API_KEY"])
 except Exception as e:
     print("refused", type(e).__name__, flush=True)
     sys.exit(0)
@@ -154,7 +180,7 @@ def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_mem
     before a group formed): it is at DEBUG now, the caller's error says what happened."""
     caplog.set_level(logging.DEBUG, logger="areal_like.net.distributed")
     port = free_port()
-    member = spawn_python(MEMBER_OF_3, [port, SECRET_NAME, CONNECT_S])
+    member = spawn_python(MEMBER_OF_3, [port, SECRET_NAME, CONNECT_S], env=JOB)
     result: dict = {}
 
     def check() -> None:
@@ -166,7 +192,7 @@ def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_mem
         try:
             result["pg"] = init_weight_group("gloo", "127.0.0.1", port, 3, 0, SECRET_NAME,
                                              timeout_s=CONNECT_S, connect_timeout_s=CONNECT_S,
-                                             check=check, check_every_s=0.2)
+                                             check=check, check_every_s=0.2, key=KEY)
         except Exception as e:
             result["error"] = e
 
@@ -203,7 +229,7 @@ def test_an_engine_joins_through_its_servers_door_and_the_door_admits_this_user_
     port = free_port()
     result: dict = {}
     # what the rollout server opens for its SGLang engine
-    door = StoreDoor("127.0.0.1", port, SECRET_NAME)
+    door = StoreDoor("127.0.0.1", port, SECRET_NAME, key=KEY)
     host = host_rank0(port, torch.tensor([7.0, 8.0, 9.0]), result)
     try:
         if os.geteuid() == 0:  # another user on the engine's node: the door closes on it unanswered

@@ -290,8 +290,9 @@ def test_sandboxed_code_gets_nothing_through_a_store_gate_door(probes, listener,
     """A door admits its own user's connections (uid 0, the job's): a worker is not it."""
     from areal_like.net.store_gate import StoreDoor, StoreGate
 
-    gate = StoreGate("127.0.0.1", 0, "group-name", listener)  # the "store": says hello
-    door = StoreDoor("127.0.0.1", gate.port, "group-name")
+    # the "store": says hello
+    gate = StoreGate("127.0.0.1", 0, "group-name", listener, key="the-jobs-engine-key")
+    door = StoreDoor("127.0.0.1", gate.port, "group-name", key="the-jobs-engine-key")
     try:
         ours = socket.create_connection(("127.0.0.1", door.port), timeout=10)
         with ours:  # the job's own client gets through

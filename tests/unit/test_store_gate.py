@@ -1,9 +1,9 @@
 """The weight group's store gate and door (areal_like/net/store_gate.py) over real loopback sockets:
 the handshake carries bytes both ways unchanged; a slow, idle or surplus connection is cut off; a
 door proves nothing to a listener that cannot prove the key itself; the proof is of the job's
-engine key for one group (knowing the group's name is not enough); a closed socket's leftover
-entry in /proc/net/tcp does not pass for its owner. The torch store and real members are in
-tests/integration/test_weight_group_rendezvous.py."""
+engine key for one group (knowing the group's name is not enough, and no gate or door is made
+without the key); a closed socket's leftover entry in /proc/net/tcp does not pass for its owner.
+The torch store and real members are in tests/integration/test_weight_group_rendezvous.py."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ import time
 import pytest
 
 from areal_like.net import store_gate
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE
 from areal_like.net.distributed import free_port
+from areal_like.net.security import SecurityError
 from areal_like.net.store_gate import MAGIC, NONCE_BYTES, StoreDoor, StoreGate, peer_uid
 
 GROUP = "areal_like_weights-00112233445566778899aabbccddeeff"
@@ -51,6 +53,20 @@ def closed_by_peer(sock: socket.socket) -> bool:
         return sock.recv(100) == b""
     except ConnectionResetError:
         return True
+
+
+@pytest.mark.parametrize("key", [None, ""])
+def test_no_gate_or_door_without_the_jobs_key_and_the_error_says_where_it_comes_from(echo, key):
+    """A process without the job's engine key (an engine started by hand without it) can host no
+    group and join none: before, its gate or door fell back to keying by the group's name."""
+    port = free_port()
+    for make in (lambda: StoreGate("127.0.0.1", port, GROUP, echo, key=key),
+                 lambda: StoreDoor("127.0.0.1", port, GROUP, key=key)):
+        with pytest.raises(SecurityError) as refused:
+            make().close()
+        assert ENGINE_KEY_ENV in str(refused.value) and str(KEY_FILE) in str(refused.value)
+    with pytest.raises(ConnectionRefusedError):  # nothing was left listening
+        socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S).close()
 
 
 def test_a_door_carries_bytes_through_the_gate_unchanged_both_ways(echo):
@@ -96,13 +112,14 @@ def test_a_door_waits_for_a_gate_that_opens_after_its_client_came(echo, monkeypa
             gate.close()
 
 
-@pytest.mark.parametrize("group, key", [(GROUP, None), (GROUP, "another key"),
+@pytest.mark.parametrize("group, key", [(GROUP, GROUP), (GROUP, "another job's key"),
                                         ("another group", KEY)])
 def test_the_groups_name_alone_another_key_or_another_group_and_a_torch_client_get_nothing(
         echo, group, key):
     """The gate asks for the job's engine key bound to its group: a door that knows the group's
-    name (which the plan carries, and the buffer relays) but not the key is refused, and so is the
-    right key offered for another group."""
+    name (which the plan carries) but not the key is refused (keyed by the name, as a keyless door
+    was until issue 62), so is one of another job (its key), and so is the right key offered for
+    another group."""
     port = free_port()
     gate, door = (StoreGate("127.0.0.1", port, GROUP, echo, key=KEY),
                   StoreDoor("127.0.0.1", port, group, key=key))

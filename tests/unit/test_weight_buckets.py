@@ -46,7 +46,8 @@ def test_engine_layout_matches_the_packing_and_refuses_misalignment():
 
 
 def test_pipeline_packs_the_next_bucket_while_one_is_on_the_wire():
-    pg = init_weight_group("gloo", "127.0.0.1", free_port(), 1, 0, "unit_pipeline", 30.0)
+    pg = init_weight_group("gloo", "127.0.0.1", free_port(), 1, 0, "unit_pipeline", 30.0,
+                           key="the-jobs-engine-key")
     waited = []
     try:
         pipe = BucketPipeline(wait=lambda w: (w.wait(), waited.append(w)))
