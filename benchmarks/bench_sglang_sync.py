@@ -83,7 +83,8 @@ def sender_main(spec: dict) -> None:
 
     state = build_model(model_config(argparse.Namespace(**spec["model"]), seed=1)).state_dict()
     print("ready", flush=True)
-    pg = init_weight_group("gloo", "127.0.0.1", spec["port"], 2, 0, spec["group"], GROUP_TIMEOUT_S)
+    pg = init_weight_group("gloo", "127.0.0.1", spec["port"], 2, 0, spec["group"], GROUP_TIMEOUT_S,
+                           key=spec["key"])
     print("joined", flush=True)
     pipeline = BucketPipeline()
     for line in sys.stdin:
@@ -174,7 +175,9 @@ async def run_case(server, args, mode: str, bucket_mb: float, first_version: int
         [(n, list(t.shape), "float32") for n, t in state.items()], int(bucket_mb * 2**20)
     )
     port, group = free_port(), f"bench_sglang_{mode}_{int(bucket_mb)}_{os.getpid()}"
-    spec = {"model": {"hidden": args.hidden, "layers": args.layers}, "port": port, "group": group}
+    # key: the job's engine key, which the engine's door (``local_door``) proves to its gate
+    spec = {"model": {"hidden": args.hidden, "layers": args.layers}, "port": port, "group": group,
+            "key": server.api_key}
     sender = subprocess.Popen(
         [sys.executable, __file__, "--sender", json.dumps(spec)],
         stdin=subprocess.PIPE,

@@ -65,6 +65,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -98,10 +99,12 @@ def sender(args: argparse.Namespace, wport: int, buckets, model):
     import torch
     import torch.distributed as dist
 
+    from areal_like.net.auth import ENGINE_KEY_ENV
     from areal_like.net.distributed import init_weight_group
     from trainer.weight_buckets import BucketPipeline
 
-    pg = init_weight_group("gloo", "127.0.0.1", wport, 3, 0, GROUP, GROUP_TIMEOUT_S)
+    pg = init_weight_group("gloo", "127.0.0.1", wport, 3, 0, GROUP, GROUP_TIMEOUT_S,
+                           key=os.environ[ENGINE_KEY_ENV])
     params = dict(model.named_parameters())
     nbytes = sum(p.numel() * p.element_size() for p in params.values())
     flat = torch.randn(nbytes // 4)
@@ -195,6 +198,7 @@ def worker(rank: int, cport: int, wport: int, args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     sys.path.insert(0, str(REPO))
+    from areal_like.net.auth import ENGINE_KEY_ENV
     from areal_like.settings.config import EngineConfig
     from areal_like.weights.hf import build_model
     from areal_like.wire.weight_wire import plan_buckets
@@ -206,7 +210,8 @@ def worker(rank: int, cport: int, wport: int, args: argparse.Namespace) -> None:
         model = build_model(model_config(args, seed=7))
     else:
         engine = EmbeddedEngine(model_config(args, seed=rank),
-                                EngineConfig(max_running_requests=4, max_total_tokens=512)).start()
+                                EngineConfig(max_running_requests=4, max_total_tokens=512),
+                                group_key=os.environ[ENGINE_KEY_ENV]).start()
         model = engine.model
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{cport}", rank=rank,
@@ -388,10 +393,13 @@ def main() -> None:
         worker(args.rank, cport, wport, args)
         return
     sys.path.insert(0, str(REPO))
+    from areal_like.net.auth import ENGINE_KEY_ENV
     from areal_like.net.distributed import free_port
 
     ports = f"{free_port()},{free_port()}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # the job's engine key, as `areal-like run` hands it to its daemons: rank 0's gate asks for
+    # it, the engines' doors prove it
+    env = {**os.environ, "OMP_NUM_THREADS": "1", ENGINE_KEY_ENV: secrets.token_hex(16)}
     procs = [subprocess.Popen([sys.executable, __file__, *sys.argv[1:], "--rank", str(r),
                                "--ports", ports],
                               env=env) for r in range(3)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import urllib.request
@@ -29,6 +30,7 @@ from rollout_server.engine import EmbeddedEngine
 REPO = Path(__file__).resolve().parents[2]
 HTTP_TIMEOUT_S = 300.0
 GROUP = "areal_like_weights"
+KEY = secrets.token_hex(16)  # the job's engine key: the sender's gate asks, the engine proves it
 BF16_LOGPROB_TOL = 0.1  # bf16 keeps ~3 significant digits; logprobs of a random model sit around -4
 # a greedy divergence is accepted only where the reference's top-2 logits are this close
 BF16_TIE_GAP = 0.125
@@ -41,7 +43,8 @@ from areal_like.weights.hf import build_model
 spec = json.loads(sys.argv[1])
 torch.cuda.set_device(spec["device"])
 model = build_model(ModelConfig(**spec["model"]), device=spec["device"])
-pg = init_weight_group(spec["backend"], "127.0.0.1", spec["port"], 2, 0, spec["group"], 300)
+pg = init_weight_group(spec["backend"], "127.0.0.1", spec["port"], 2, 0, spec["group"], 300,
+                       key=spec["key"])
 for name, p in model.named_parameters():
     dist.broadcast(p.data, group_src=0, group=pg)
 torch.cuda.synchronize()
@@ -122,13 +125,14 @@ def test_cuda_weight_update_from_another_process():
     two_gpus = torch.cuda.device_count() >= 2
     backend, sender_device = ("nccl", "cuda:1") if two_gpus else ("gloo", "cuda:0")
     engine = EmbeddedEngine(model_cfg("bfloat16"),
-                            EngineConfig(device="cuda:0", max_running_requests=4)).start()
+                            EngineConfig(device="cuda:0", max_running_requests=4),
+                            group_key=KEY).start()
     sender = None
     try:
         port = free_port()
         spec = {"device": sender_device, "model": asdict(model_cfg("bfloat16", seed=5)),
                 "backend": backend,
-                "port": port, "group": GROUP}
+                "port": port, "group": GROUP, "key": KEY}
         sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)],
                                   cwd=REPO, text=True,
                                   stdout=subprocess.PIPE)
@@ -172,7 +176,8 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
     from areal_like.wire.weight_wire import plan_buckets
 
     engine = EmbeddedEngine(model_cfg("bfloat16"),
-                            EngineConfig(device="cuda:0", max_running_requests=4)).start()
+                            EngineConfig(device="cuda:0", max_running_requests=4),
+                            group_key=KEY).start()
     sender = None
     try:
         port, seeds = free_port(), [7, 8]
@@ -180,7 +185,7 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
         specs = plan_buckets([(n, s, "bfloat16") for n, s in named], 256 * 1024)
         assert len(specs) >= 3
         spec = {"device": "cuda:0", "backend": "gloo", "model": asdict(model_cfg("bfloat16")),
-                "port": port, "group": GROUP, "buckets": [b.names for b in specs],
+                "port": port, "group": GROUP, "key": KEY, "buckets": [b.names for b in specs],
                 "rounds": [{"seed": s} for s in seeds]}
         sender = subprocess.Popen([sys.executable, "-c",
                                    (REPO / "tests" / "weight_sender.py").read_text(),

@@ -13,6 +13,7 @@ the communicator, and rank 1 never does.
 from __future__ import annotations
 
 import json
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -21,12 +22,13 @@ REPO = Path(__file__).resolve().parents[2]
 DEADLINE_S = 20.0
 
 MEMBER = r"""
-import sys, threading
+import os, sys, threading
 sys.path.insert(0, sys.argv[1])
 import torch
 from areal_like.net.distributed import init_weight_group
 torch.cuda.set_device(0)
-pg = init_weight_group("nccl", "127.0.0.1", int(sys.argv[2]), 2, 1, sys.argv[3], timeout_s=600)
+pg = init_weight_group("nccl", "127.0.0.1", int(sys.argv[2]), 2, 1, sys.argv[3], timeout_s=600,
+                       key=os.environ["AREAL_LIKE_ENGINE_API_KEY"])
 print("JOINED", flush=True)
 threading.Event().wait()  # never issues an op; the test stops this process
 """
@@ -42,7 +44,7 @@ import torch.distributed as dist
 from trainer.weight_group import wait_work, watchdog
 torch.cuda.set_device(0)
 pg = init_weight_group("nccl", "127.0.0.1", int(sys.argv[2]), 2, 0, sys.argv[3],
-                       timeout_s=deadline_s)
+                       timeout_s=deadline_s, key=os.environ["AREAL_LIKE_ENGINE_API_KEY"])
 print("HOSTED", flush=True)
 sys.stdin.readline()  # the member has joined
 t = torch.ones(1 << 20, device="cuda")
@@ -70,7 +72,9 @@ def test_a_member_that_never_receives_cannot_hold_rank_0_past_its_deadline(figur
     from tests.conftest import child_env, stop_process
 
     port, name = free_port(), "deadline-test-group"
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": child_env()}
+    # the job's engine key in both ranks' environment, as `areal-like run` hands it out
+    env = child_env({"AREAL_LIKE_ENGINE_API_KEY": secrets.token_hex(16)})
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, "env": env}
     args = [str(REPO), str(port), name]
     rank0 = subprocess.Popen([sys.executable, "-c", RANK0, *args, str(DEADLINE_S)],
                              stdin=subprocess.PIPE,

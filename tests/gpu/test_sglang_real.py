@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[2]
 MODEL = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
              num_hidden_layers=2, max_position_embeddings=512, dtype="bfloat16")
 SENDER = (Path(__file__).resolve().parents[1] / "weight_sender.py").read_text()  # group rank 0
+KEY = secrets.token_hex(16)  # the job's engine key: the sender's gate asks, a door proves it
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +62,7 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
     import torch
 
     from areal_like.net.sglang_client import SGLangClient
-    from areal_like.weights.engine_sync import apply_weight_sync
+    from areal_like.weights.engine_sync import apply_weight_sync, local_door
     from areal_like.weights.hf import build_model
     from rollout_server.episode import generate_sample
 
@@ -77,7 +79,8 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
                             shapes=[list(state[n].shape) for n in b])
                  for b in buckets], deadline_s=300)
     spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets,
-            "backend": plan.backend, "device": "cuda:1" if two_gpus else "cuda:0", "timeout_s": 300}
+            "backend": plan.backend, "device": "cuda:1" if two_gpus else "cuda:0", "timeout_s": 300,
+            "key": KEY}
 
     async def scenario():
         client = SGLangClient(sglang_server, timeout_s=300)
@@ -98,7 +101,9 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
             sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             try:
-                done = await apply_weight_sync(client, plan, "gpu")
+                # SGLang joins by torch's own rendezvous: through a door, as its rollout server
+                done = await apply_weight_sync(client, plan, "gpu",
+                                               door=local_door(client.base_url, KEY))
                 _, err = await asyncio.to_thread(sender.communicate, timeout=300)
                 assert sender.returncode == 0, err[-2000:]
             finally:

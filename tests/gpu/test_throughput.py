@@ -38,7 +38,7 @@ from areal_like.net.distributed import free_port
 from areal_like.settings.config import EngineConfig, ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_engine_cuda import HTTP_TIMEOUT_S, post  # noqa: E402
+from test_engine_cuda import HTTP_TIMEOUT_S, KEY, post  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -101,8 +101,8 @@ def engine():
     from rollout_server.engine import EmbeddedEngine
 
     e = EmbeddedEngine(model_cfg(), EngineConfig(device="cuda", max_running_requests=BATCH,
-                                                 max_total_tokens=BATCH * (PROMPT + NEW_TOKENS))
-                       ).start()
+                                                 max_total_tokens=BATCH * (PROMPT + NEW_TOKENS)),
+                       group_key=KEY).start()
     try:
         yield e
     finally:
@@ -229,7 +229,7 @@ def test_weight_sync_seconds(engine, figure):
     buckets = plan_buckets([(n, s, "bfloat16") for n, s in named], BUCKET_BYTES)
     port, group = free_port(), "throughput_weights"
     spec = {"device": "cuda:0", "backend": "gloo", "model": asdict(model_cfg(seed=1)),
-            "port": port, "group": group,
+            "port": port, "group": group, "key": KEY,
             "buckets": [b.names for b in buckets], "rounds": [{"seed": 1, "dtype": "bfloat16"}],
             "timeout_s": HTTP_TIMEOUT_S}
     sender = subprocess.Popen([sys.executable, "-c",
