@@ -1,7 +1,7 @@
 """Buffer ingest and hand-out against the raw transport, same frames, same run.
 
 Cases (one JSON line each):
-* ``raw_transport``: 32 producers send TrajectoryGroup frames to a bare ROUTER that answers each
+* ``raw_transport``: 32 producers send GroupSubmit frames to a bare ROUTER that answers each
   with a pre-encoded Ack (no decode, no disk): the transport ceiling;
 * ``buffer_ingest_fsync_<policy>``: the same producers, the same frames, to ``python -m buffer``
   (decode, validate, WAL append, group-commit fsync, ack); each producer leases prompts first,
@@ -52,10 +52,10 @@ disk round trip, the producers' one request in flight each), not by CPU.
 
 Producers run in several processes with several threads each (one DEALER socket per thread) so
 that producer-side Python does not cap either case, and they do not encode: each thread packs its
-trajectories once and rewrites only the ids at the end of the frame per group (``FrameWriter``),
-in both cases. The buffer case also leases its prompts as a rollout server does: every group asks
-for the next lease with its ack (``want_credits=1``), and a producer holding no lease sends a
-CreditRequest (the raw case sends the same frames and ignores that field).
+trajectories once and rewrites only the group's ids near the end of its GroupSubmit frame per group
+(``FrameWriter``), in both cases. The buffer case also leases its prompts as a rollout server does:
+every group asks for the next lease with its ack (``want_credits=1``), and a producer holding no
+lease sends a CreditRequest (the raw case sends the same frames and ignores that field).
 
     .venv/bin/python benchmarks/bench_buffer.py                 # defaults, < 60 s
     .venv/bin/python benchmarks/bench_buffer.py --tokens 512 --seconds 3 --fsync always never
@@ -141,25 +141,32 @@ def trajectories_blob(tokens: int, group_size: int, prompt_tokens: int = 256) ->
                          use_bin_type=True)
 
 
-def _frame_prefix(blob: bytes) -> bytes:
-    """A TrajectoryGroup frame up to its ids: the map header, type, protocol and the trajectories
-    (msgpack maps are unordered; the ids come last so that only they change between groups)."""
-    head = [msgpack.Packer().pack_map_header(9)]
+def _frame_prefix(blob: bytes, submit: bool = True) -> bytes:
+    """A GroupSubmit frame (``submit``; else its TrajectoryGroup frame) up to the group's ids: the
+    map headers, type, protocol and the trajectories (msgpack maps are unordered; the ids come
+    last so that only they change between groups)."""
+    head = [msgpack.Packer().pack_map_header(4), *map(msgpack.packb, ("type", "group_submit",
+                                                                      "group"))] if submit else []
+    head += [msgpack.Packer().pack_map_header(8)]
     head += [msgpack.packb(x) for x in ("type", "trajectory_group", "protocol", P.PROTOCOL_VERSION,
                                         "trajectories")]
     return b"".join([*head, blob])
 
 
 def _frame_suffix(server_id: str, lease_id: str, prompt_index: int, epoch: int,
-                  want_credits: int = 1) -> bytes:
+                  want_credits: int | None = 1) -> bytes:
+    """The group's ids, then (``want_credits`` not None) the rest of its GroupSubmit."""
     ids = {"group_id": f"{server_id}-{lease_id}", "server_id": server_id, "lease_id": lease_id,
-           "prompt_index": prompt_index, "epoch": epoch, "want_credits": want_credits}
+           "prompt_index": prompt_index, "epoch": epoch}
+    if want_credits is not None:
+        ids |= {"want_credits": want_credits, "protocol": P.PROTOCOL_VERSION}
     return b"".join(msgpack.packb(x) for kv in ids.items() for x in kv)
 
 
 def group_frame(blob: bytes, server_id: str, lease_id: str, prompt_index: int, epoch: int) -> bytes:
-    """A TrajectoryGroup frame built around the pre-packed trajectories."""
-    return _frame_prefix(blob) + _frame_suffix(server_id, lease_id, prompt_index, epoch)
+    """A TrajectoryGroup frame built around the pre-packed trajectories (what the WAL stores)."""
+    return (_frame_prefix(blob, submit=False)
+            + _frame_suffix(server_id, lease_id, prompt_index, epoch, want_credits=None))
 
 
 class FrameWriter:

@@ -11,6 +11,8 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from areal_like.wire import protocol as P
 from buffer.instruments import BufferMetrics
 from buffer.replay_buffer import ReplayBuffer, StoredGroup
@@ -83,35 +85,29 @@ class Handout:
                                        batch_id=self.in_transit.batch_id)))
         return out
 
-    def _load_all(self, taken: list[StoredGroup]) -> list[P.TrajectoryGroup] | None:
-        """The taken groups read back, or None when one cannot be: a damaged record is dropped as
-        ``unreadable``, the others go back to the store. Running out of a resource or a failed WAL
-        is no damage: it propagates, never dropping a group."""
-        groups, bad = [], []
+    def _load_all(self, taken: list[StoredGroup]) -> list[msgspec.Raw] | None:
+        """The taken groups' frames as stored (CRC-checked, spliced into the Batch as they are:
+        each was decoded and checked when it arrived, and again by replay after a restart), or None
+        when one cannot be read: a damaged record is dropped as ``unreadable``, the others go back
+        to the store. Running out of a resource or a failed WAL is no damage: it propagates, never
+        dropping a group."""
+        frames, bad = [], []
         for stored in taken:
             try:
-                groups.append(self._load(stored))
-            except (OSError, P.ProtocolError) as e:
-                if isinstance(e, WalFailed) or (isinstance(e, OSError)
-                                                and e.errno in TRANSIENT_ERRNOS):
+                frames.append(msgspec.Raw(self.read(stored.ref)))
+            except OSError as e:
+                if isinstance(e, WalFailed) or e.errno in TRANSIENT_ERRNOS:
                     raise
                 self.log.error("group %s cannot be read back from the WAL (%s): dropped, "
                                "its prompt goes out again", stored.group_id, e)
                 bad.append(stored)
         if not bad:
-            return groups
+            return frames
         self.drop(bad, "unreadable")
         for stored in taken:
             if stored not in bad:
                 self.store.put(stored)
         return None
-
-    def _load(self, stored: StoredGroup) -> P.TrajectoryGroup:
-        group = P.decode(self.read(stored.ref))
-        if not isinstance(group, P.TrajectoryGroup) or group.group_id != stored.group_id:
-            raise P.ProtocolError(f"WAL record for {stored.group_id} holds {type(group).__name__} "
-                                  f"{getattr(group, 'group_id', '')!r}")
-        return group
 
     def _settle(self, ack_batch: str) -> None:
         """What became of the batch in transit: received (acked) or lost."""

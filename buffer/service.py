@@ -222,8 +222,16 @@ class BufferService(Daemon):
 
     def handle(self, peer: bytes, req_id: bytes, msg: P.Message | P.ProtocolError, frame: bytes,
                member: str = LOCAL_MEMBER) -> None:
-        """One request from ``peer``, a socket of ``member`` (its key's role: peer_caps.py)."""
-        received = self.clock()
+        """One request from ``peer``, a socket of ``member`` (its key's role: peer_caps.py). A
+        GroupSubmit is served as the group it carries, whose frame the WAL stores; a bare
+        TrajectoryGroup asks for no leases."""
+        received, want = self.clock(), 0
+        if isinstance(msg, P.GroupSubmit):
+            want = msg.want_credits
+            try:
+                msg, frame = P.opened(msg)
+            except P.ProtocolError as e:
+                msg = e
         if (refused := self.caps.refusal(member, msg, self.handout.pending, self.control.roster)):
             refused = self._refuse(*refused)
             reply = P.Batch(groups=[], trainer_version=msg.trainer_version, reason=refused.reason) \
@@ -245,7 +253,7 @@ class BufferService(Daemon):
             reply, kind = P.Ack(ref=getattr(msg, "group_id", ""), status="rejected",
                                 reason=f"duplicate_id: {older}"), msg.TYPE
         elif isinstance(msg, P.TrajectoryGroup):
-            reply, kind = self._on_group(msg, frame), msg.TYPE
+            reply, kind = self._on_group(msg, frame, want), msg.TYPE
         elif isinstance(msg, P.VersionUpdate):
             reply, kind = self._on_version(msg, peer), msg.TYPE
         elif isinstance(msg, P.Register) and takes_trainer_prefix(msg.server_id):
@@ -271,10 +279,10 @@ class BufferService(Daemon):
                          "for the engine's numbers (%s)", *key, MAX_ENGINE_RETRIES, label)
         return False
 
-    def _on_group(self, g: P.TrajectoryGroup, frame: bytes) -> P.Ack:
+    def _on_group(self, g: P.TrajectoryGroup, frame: memoryview, want: int) -> P.Ack:
         if g.group_id in self.seen or g.group_id in self.store:
             self.instruments.count("groups_duplicate")
-            return self._ack_with_leases(g, g.group_id, "duplicate")
+            return self._ack_with_leases(g, "duplicate", want)
         lease = self.ledger.leases.get(g.lease_id)
         versions = version_range(g)  # one pass over the token versions, for every check below
         reason = (invalid_group(g, lease, self.control.newest_version(), versions)
@@ -316,11 +324,11 @@ class BufferService(Daemon):
         else:
             # the frame's memory is freed: the WAL holds it
             self.store.add(g, len(frame), head, ref=ref)
-        return self._ack_with_leases(g, g.group_id, "accepted")
+        return self._ack_with_leases(g, "accepted", want)
 
-    def _ack_with_leases(self, m: P.TrajectoryGroup, ref: str, status: str) -> P.Ack:
-        return P.Ack(ref=ref, status=status,
-                     credits=self._grant(m.server_id, m.want_credits)[0] if m.want_credits else [])
+    def _ack_with_leases(self, g: P.TrajectoryGroup, status: str, want: int) -> P.Ack:
+        return P.Ack(ref=g.group_id, status=status,
+                     credits=self._grant(g.server_id, want)[0] if want else [])
 
     def _on_credits(self, m: P.CreditRequest) -> P.Credits:
         self.control.acted(m.server_id)

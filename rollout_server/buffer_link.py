@@ -1,6 +1,7 @@
 """A rollout server's data exchange with the buffer: its groups go out, its leases come in.
 
-Owns the groups not yet acknowledged and the lease accounting. The server
+Owns the groups not yet acknowledged (each as its frame, encoded once when it is added: every send
+of it carries those bytes in a ``GroupSubmit``) and the lease accounting. The server
 (``rollout_server/server.py``) adds a group when an episode ends, says how many episode slots are
 free and whether a weight sync blocks, and starts an episode for each lease handed to it.
 
@@ -9,7 +10,8 @@ Invariants:
   ``group_id``) or ``rejected``; "unavailable" (disk full) or no answer keeps it, due again
   ``RESEND_BACKOFF_S`` later (a timeout backs off every group: the buffer is not answering);
 * due groups go out ``SEND_WINDOW`` at a time, all in flight at once (``request_many``);
-* leases for free slots are asked for with each group's first send (``want_credits``), by a
+* leases for free slots are asked for with each group's first send (``GroupSubmit.want_credits``;
+  outside the group's frame, so a re-send is the same bytes), by a
   ``CreditRequest`` only when no group is due; a re-send asks for none (it may be a duplicate whose
   lost ack carried them); ``asked`` counts the leases of requests in flight, so a slot is never
   asked for twice;
@@ -24,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import msgspec
+from msgspec import Raw
 
 from areal_like.daemon import StartRefused
 from areal_like.net.dealer import AsyncClient
@@ -36,7 +38,10 @@ from areal_like.wire.protocol import (
     Credit,
     CreditRequest,
     Credits,
+    GroupSubmit,
+    ProtocolError,
     TrajectoryGroup,
+    encode_group,
 )
 
 RESEND_BACKOFF_S = 2.0  # after a send timed out, wait this long before re-sending unacked groups
@@ -56,7 +61,8 @@ def raise_if_superseded(reply) -> None:
 
 @dataclass(slots=True)
 class Unacked:
-    group: TrajectoryGroup
+    group_id: str
+    frame: Raw  # the group's frame (``encode_group``)
     due: float = 0.0  # monotonic time of the next send
     sends: int = 0
 
@@ -144,9 +150,17 @@ class BufferLink:
         return True
 
     # ------------------------------------------------------------------ groups
-    def add(self, group: TrajectoryGroup) -> None:
-        self.unacked[group.group_id] = Unacked(group)
+    def add(self, group: TrajectoryGroup) -> ProtocolError | None:
+        """Keep ``group`` to send, encoded once; else why it cannot go on the wire (metadata msgpack
+        cannot carry, a frame over the limit): its episode fails, not the sender with every group
+        in it."""
+        try:
+            frame = encode_group(group)
+        except ProtocolError as e:
+            return e
+        self.unacked[group.group_id] = Unacked(group.group_id, frame)
         self.ready.set()
+        return None
 
     def resend_all(self) -> None:
         """Make every group due now (the buffer lost us: it may have lost them too)."""
@@ -182,7 +196,7 @@ class BufferLink:
             want = self.wanted() if u.sends == 1 else 0
             self.asked += want
             asked += want
-            msgs.append(msgspec.structs.replace(u.group, want_credits=want) if want else u.group)
+            msgs.append(GroupSubmit(group=u.frame, want_credits=want))
         try:
             acks = await self.data.request_many(msgs)
         except TransportTimeout:
@@ -198,9 +212,9 @@ class BufferLink:
         if isinstance(ack, Ack) and ack.credits:
             self.take(ack.credits, "ack")
         if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate", "rejected"):
-            self.unacked.pop(u.group.group_id, None)
+            self.unacked.pop(u.group_id, None)
             if ack.status == "rejected":  # e.g. too stale or malformed: re-sending cannot help
-                log.warning("group %s rejected: %s", u.group.group_id, ack.reason)
+                log.warning("group %s rejected: %s", u.group_id, ack.reason)
                 self.metrics.counter("rollout/groups_rejected", "groups the buffer refused").inc()
             else:
                 self.metrics.counter("rollout/groups_acked",
@@ -219,11 +233,11 @@ class BufferLink:
             if (left := end - time.monotonic()) <= 0:
                 break
             try:
-                ack = await self.data.request(u.group, timeout_s=left)
+                ack = await self.data.request(GroupSubmit(group=u.frame), timeout_s=left)
             except TransportTimeout:
                 break
             if isinstance(ack, Ack) and ack.status in ("accepted", "duplicate"):
-                self.unacked.pop(u.group.group_id, None)
+                self.unacked.pop(u.group_id, None)
         if self.unacked:
             log.warning("stopping with %d unacknowledged groups (their leases will be re-issued)",
                         len(self.unacked))

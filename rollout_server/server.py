@@ -66,14 +66,11 @@ from areal_like.wire.protocol import (
     Credit,
     Heartbeat,
     HeartbeatAck,
-    ProtocolError,
     Register,
     RegisterAck,
     SyncDone,
-    TrajectoryGroup,
     VersionUpdate,
     WeightSyncPlan,
-    encode,
 )
 from rollout_server.buffer_link import BufferLink, raise_if_superseded, wait_event
 from rollout_server.episode import EpisodeContext, as_version, run_episode
@@ -112,16 +109,6 @@ def launched_engine(kind: str):
     from rollout_server.launch_sglang import SGLangProcess
 
     return SGLangProcess
-
-
-def unsendable(group: TrajectoryGroup) -> ProtocolError | None:
-    """Why ``group`` cannot go on the wire (metadata msgpack cannot carry, a frame over the
-    limit), else None: its episode fails where it ends, not the sender with every group in it."""
-    try:
-        encode(group)
-    except ProtocolError as e:
-        return e
-    return None
 
 
 class RolloutServer(Daemon):
@@ -538,7 +525,8 @@ class RolloutServer(Daemon):
         self.wake.set()
         if task.cancelled():
             return
-        if (e := task.exception() or unsendable(task.result())) is not None:
+        # the link keeps the group, encoded once; one that cannot go on the wire fails here
+        if (e := task.exception() or self.link.add(task.result())) is not None:
             if (died := self.engine_death()) is not None:  # not the episode's failure: not counted
                 self.log.warning("episode %s failed with its engine: %s: %s", task.get_name(),
                                  type(e).__name__, e)
@@ -558,7 +546,6 @@ class RolloutServer(Daemon):
                     f"{self.episode_failures} episodes failed in a row: {why}")
             return
         self.episode_failures = 0
-        self.link.add(task.result())
 
     # ------------------------------------------------------------------ weight sync
     async def probe_engine(self, version: int) -> None:

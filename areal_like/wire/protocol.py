@@ -15,11 +15,13 @@ from areal_like.wire.codec import Count, Finite, Message, ProtocolError, error_f
 from areal_like.wire.trajectory import Trajectory
 
 __all__ = ["PROTOCOL_VERSION", "MAX_FRAME_BYTES", "MAX_CREDITS_PER_REQUEST", "Message", "encode",
-           "encode_into", "decode", "TOP_LEVEL_TYPES"]
+           "encode_into", "encode_group", "decode", "opened", "TOP_LEVEL_TYPES"]
 
-# 2: Trajectory.loss_mask; 3: versions and loss masks as runs (module docstring)
-PROTOCOL_VERSION = 3
+# 2: Trajectory.loss_mask; 3: versions and loss masks as runs; 4: a group goes to the buffer in a
+# GroupSubmit, its leases asked for there (areal_like/DESIGN.md section 3)
+PROTOCOL_VERSION = 4
 MAX_FRAME_BYTES = 256 * 1024 * 1024  # one batch of many long groups stays far below this
+SUBMIT_ENVELOPE_BYTES = 64  # what a GroupSubmit adds to its group's frame (51 bytes at most)
 MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with its ack
 Wanted = Annotated[int, msgspec.Meta(ge=0, le=MAX_CREDITS_PER_REQUEST)]  # leases asked for at once
 MAX_GROUP_RANKS = 65536  # ranks of one weight-update group (an engine's TP size, a group's size)
@@ -33,7 +35,7 @@ EngineKind = Annotated[str, msgspec.Meta(max_length=32)]  # rollout.engine.kind 
 
 class _TopLevel(Message, frozen=True, kw_only=True):
     # kw_only: after every subclass's fields, so the frame ends with it
-    protocol: Literal[3] = PROTOCOL_VERSION
+    protocol: Literal[4] = PROTOCOL_VERSION
 
 
 class Register(_TopLevel, tag="register"):
@@ -91,7 +93,9 @@ class Credits(_TopLevel, tag="credits"):
 
 
 class TrajectoryGroup(_TopLevel, tag="trajectory_group"):
-    """All samples for one prompt: the unit of storage and of hand-out."""
+    """All samples for one prompt: the unit of storage and of hand-out. Its frame is encoded once,
+    by its rollout server (``encode_group``): the buffer stores it as received and hands it out
+    inside a ``Batch`` as stored."""
 
     group_id: str  # globally unique; dedupe key
     server_id: str
@@ -99,7 +103,6 @@ class TrajectoryGroup(_TopLevel, tag="trajectory_group"):
     prompt_index: Count
     epoch: Count
     trajectories: Annotated[list[Trajectory], msgspec.Meta(min_length=1)]
-    want_credits: Wanted = 0  # leases wanted with the ack (saves a CreditRequest round trip)
     incarnation: Incarnation = ""
 
     @property
@@ -111,12 +114,20 @@ class TrajectoryGroup(_TopLevel, tag="trajectory_group"):
         return sum(len(t.output_ids) for t in self.trajectories)
 
 
+class GroupSubmit(_TopLevel, tag="group_submit"):
+    """A group sent to the buffer: its frame as its sender encoded it (``encode_group``; a re-send
+    is the same bytes) and the leases wanted with the ack (saves a CreditRequest round trip)."""
+
+    group: msgspec.Raw  # a TrajectoryGroup frame; the buffer decodes it with ``opened``
+    want_credits: Wanted = 0
+
+
 class Ack(_TopLevel, tag="ack"):
     ref: str  # id of what is acknowledged (group id, version, ...)
     # "unavailable": not stored now (the buffer's disk is full): keep it and send it again later
     status: Literal["accepted", "duplicate", "rejected", "ok", "unavailable"]
     reason: str = ""
-    credits: list[Credit] = []  # leases asked for by TrajectoryGroup.want_credits
+    credits: list[Credit] = []  # leases asked for by GroupSubmit.want_credits
 
 
 class BatchRequest(_TopLevel, tag="batch_request"):
@@ -128,7 +139,9 @@ class BatchRequest(_TopLevel, tag="batch_request"):
 
 
 class Batch(_TopLevel, tag="batch"):
-    groups: list[TrajectoryGroup]  # exactly n_groups fresh groups, or empty
+    # exactly n_groups fresh groups, or empty; the buffer puts in their stored frames (msgspec.Raw,
+    # written as they are), a reader gets them decoded and checked
+    groups: list[TrajectoryGroup]
     trainer_version: int
     reason: str = ""  # why empty
     # unique id of a non-empty batch; the next BatchRequest acks it with ack_batch
@@ -245,8 +258,8 @@ class Stats(_TopLevel, tag="stats"):
 
 
 _ALL = (Trajectory, Register, RegisterAck, Heartbeat, HeartbeatAck, CreditRequest, Credit, Credits,
-        TrajectoryGroup, Ack, BatchRequest, Batch, VersionUpdate, RosterRequest, RosterEntry,
-        Roster, SyncMember, BucketSpec, WeightSyncPlan, SyncDone, StatsRequest, Stats)
+        TrajectoryGroup, GroupSubmit, Ack, BatchRequest, Batch, VersionUpdate, RosterRequest,
+        RosterEntry, Roster, SyncMember, BucketSpec, WeightSyncPlan, SyncDone, StatsRequest, Stats)
 for _cls in _ALL:
     _cls.TYPE = _cls.__struct_config__.tag
 TOP_LEVEL_TYPES: dict[str, type[Message]] = {c.TYPE: c for c in _ALL if issubclass(c, _TopLevel)}
@@ -274,6 +287,28 @@ def encode(msg: Message) -> bytes:
     if len(data) > MAX_FRAME_BYTES:
         raise ProtocolError(f"{len(data)} bytes exceeds the limit of {MAX_FRAME_BYTES}", "frame")
     return data
+
+
+def encode_group(group: TrajectoryGroup) -> msgspec.Raw:
+    """A group's frame, encoded once: what every send of it carries (``GroupSubmit.group``).
+    ProtocolError as ``encode``, also when its GroupSubmit would be over the limit."""
+    if len(data := encode(group)) > MAX_FRAME_BYTES - SUBMIT_ENVELOPE_BYTES:
+        raise ProtocolError(f"{len(data)} bytes and a GroupSubmit's envelope exceed the limit of "
+                            f"{MAX_FRAME_BYTES}", "frame")
+    return msgspec.Raw(data)
+
+
+def opened(submit: GroupSubmit) -> tuple[TrajectoryGroup, memoryview]:
+    """The group a GroupSubmit carries, decoded and checked, and its frame (a view of the
+    submit's frame, no copy); else ProtocolError naming the field under ``group``."""
+    frame = memoryview(submit.group)
+    try:
+        group = decode(frame)
+    except ProtocolError as e:
+        raise ProtocolError(e.reason, f"group.{e.field}") from None
+    if not isinstance(group, TrajectoryGroup):
+        raise ProtocolError(f"expected a trajectory_group, got {group.TYPE}", "group")
+    return group, frame
 
 
 def encode_into(msg: Message, buffer: bytearray) -> None:

@@ -66,6 +66,11 @@ def make_group(credit: P.Credit, server_id="s0", version=0, rewards=(0.0, 1.0),
                              epoch=credit.epoch, trajectories=trajs)
 
 
+def submit(group: P.TrajectoryGroup, want_credits: int = 0) -> P.GroupSubmit:
+    """``group`` as a rollout server sends it: encoded once, asking for ``want_credits`` leases."""
+    return P.GroupSubmit(group=P.encode_group(group), want_credits=want_credits)
+
+
 def register(client, server_id="s0", version=0) -> None:
     ack = client.request(P.Register(server_id=server_id, engine_url="http://127.0.0.1:1",
                                     policy_version=version))
@@ -368,17 +373,18 @@ def test_restart_resumes_counters_without_a_capacity_burst(tmp_path):
 
 
 def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_path):
-    """``want_credits``: the Ack carries new leases (the same admission rules as a CreditRequest:
-    capped by staleness and capacity, none for a rejected group), and they are durable before the
-    Ack is sent: after a restart they are still outstanding, and the cursor does not repeat them."""
+    """``GroupSubmit.want_credits``: the Ack carries new leases (the same admission rules as a
+    CreditRequest: capped by staleness and capacity, none for a rejected group), and they are
+    durable before the Ack is sent: after a restart they are still outstanding, and the cursor does
+    not repeat them."""
     # (1 + 0 + 1) * 2 = 4 groups may start
     cfg = make_cfg(tmp_path, max_staleness=1, groups_per_step=2)
     with running(cfg) as (svc, c):
         register(c)
         (first,) = c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits
-        ack = c.request(msgspec.structs.replace(make_group(first), want_credits=2))
+        ack = c.request(submit(make_group(first), want_credits=2))
         assert ack.status == "accepted" and [x.prompt_index for x in ack.credits] == [1, 2]
-        again = c.request(msgspec.structs.replace(make_group(ack.credits[0]), want_credits=5))
+        again = c.request(submit(make_group(ack.credits[0]), want_credits=5))
         # the bound: 4
         assert again.status == "accepted" and [x.prompt_index for x in again.credits] == [3]
         # durable before the Ack was sent: a copy of the WAL taken now
@@ -388,7 +394,7 @@ def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_pat
                     if r.kind == "C"]
         assert again.credits[0].lease_id in [x[0] for x in controls[-1]["changes"]["granted"]]
         # a future version
-        bad = msgspec.structs.replace(make_group(ack.credits[1], version=9), want_credits=1)
+        bad = submit(make_group(ack.credits[1], version=9), want_credits=1)
         rejected = c.request(bad)
         assert rejected.status == "rejected" and rejected.credits == []
         assert stats(c)["credits_granted"] == 4
@@ -415,7 +421,7 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
 
     from areal_like.net.dealer import AsyncClient
     from areal_like.net.metrics import Metrics
-    from rollout_server.buffer_link import BufferLink, Unacked
+    from rollout_server.buffer_link import BufferLink
 
     cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)
     with running(cfg) as (svc, c):
@@ -442,9 +448,12 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
                 assert not link.unacked
                 started.clear()
                 # a re-send: answered as a duplicate, no lease
-                resend = Unacked(make_group(first), sends=1)
+                link.add(make_group(first))
+                resend = link.unacked[f"s0-{first.lease_id}"]
+                resend.sends = 1
                 assert await link.send(resend) and started == []
-                task = asyncio.ensure_future(link.send(Unacked(make_group(second))))
+                link.add(make_group(second))
+                task = asyncio.ensure_future(link.send(link.unacked[f"s0-{second.lease_id}"]))
                 await asyncio.sleep(0)
                 assert link.asked == 2  # asked for, the ack not back yet: a sync begins now
                 syncing[0] = True
@@ -455,7 +464,9 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
                 link.start_held()  # the main loop, once the sync is over
                 assert [x.prompt_index for x in started] == [5, 6] and link.held == []
                 syncing[0] = True  # during a sync nothing is asked for
-                assert await link.send(Unacked(make_group(third))) and len(started) == 2
+                link.add(make_group(third))
+                assert (await link.send(link.unacked[f"s0-{third.lease_id}"])
+                        and len(started) == 2)
             finally:
                 client.close()
 

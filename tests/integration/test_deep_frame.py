@@ -14,9 +14,10 @@ REPLY_S = 10.0  # a live buffer answers in milliseconds; a dead one never does
 
 
 def nested(depth: int) -> bytes:
-    """``{"type": "stats", "values": {"a": [[[...]]]}, "protocol": 3}``, the list ``depth`` deep,
-    written by hand: every msgpack encoder recurses too."""
-    return b"\x83\xa4type\xa5stats\xa6values\x81\xa1a" + b"\x91" * depth + b"\x90\xa8protocol\x03"
+    """``{"type": "stats", "values": {"a": [[[...]]]}, "protocol": <this side's>}``, the list
+    ``depth`` deep, written by hand: every msgpack encoder recurses too."""
+    return (b"\x83\xa4type\xa5stats\xa6values\x81\xa1a" + b"\x91" * depth + b"\x90\xa8protocol"
+            + bytes([P.PROTOCOL_VERSION]))
 
 
 def test_a_deeply_nested_frame_is_refused_and_the_buffer_keeps_serving(tmp_path):

@@ -12,16 +12,19 @@ from buffer.service import BufferService
 
 
 class Sink:
-    """Stands for the ROUTER and the PUB socket: keeps every message sent or published."""
+    """Stands for the ROUTER and the PUB socket: keeps every message sent or published, as its
+    receiver decodes it (a Batch's groups leave as their stored frames)."""
 
     def __init__(self):
         self.sent: list[P.Message] = []
+        self.frames: list[bytes] = []  # as they went on the wire
 
     def send(self, peer, req_id, msg):
-        self.sent.append(msg)
+        self.frames.append(P.encode(msg))
+        self.sent.append(P.decode(self.frames[-1]))
 
     def publish(self, msg):
-        self.sent.append(msg)
+        self.send(b"", b"", msg)
 
     def close(self):
         pass

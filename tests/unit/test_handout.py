@@ -121,6 +121,8 @@ def test_wal_replay_restores_the_batch_in_transit(tmp_path):
 
 
 def test_stored_groups_live_in_the_wal_and_come_back_whole(tmp_path):
+    """A group's frame, encoded once by its sender, is what the WAL stores and what the Batch
+    carries (spliced, not decoded and encoded again); the trainer reads the group sent."""
     svc = _start(tmp_path)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     sent = []
@@ -131,10 +133,15 @@ def test_stored_groups_live_in_the_wal_and_come_back_whole(tmp_path):
         sent.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}",
                                       server_id="s", lease_id=c.lease_id,
                                       prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t]))
-        assert _step(svc, sent[-1]).status == "accepted"
+        # as a rollout server sends it: encoded once, asking for a lease with the ack
+        submit = P.GroupSubmit(group=P.encode_group(sent[-1]), want_credits=1)
+        assert _step(svc, submit).status == "accepted"
     # no frame kept in memory: each is read back from the WAL
     assert all(s.ref is not None for s in svc.store.groups())
     batch = _ask(svc)
+    # handed out as stored, which is what its sender encoded: each group's bytes verbatim
+    frame = svc.server.frames[-1]
+    assert all(frame.count(bytes(P.encode_group(g))) == 1 for g in sent)
     for got, want in zip(batch.groups, sent, strict=True):
         assert ((got.group_id, got.prompt_index, got.trajectories[0].reward)
                 == (want.group_id, want.prompt_index, want.trajectories[0].reward))

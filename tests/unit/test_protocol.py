@@ -55,6 +55,9 @@ def _trajectory(draw) -> Trajectory:
 CLASS_STRATEGIES: dict[type, st.SearchStrategy] = {Trajectory: _trajectory()}
 FIELD_STRATEGIES = {
     (P.Ack, "status"): st.sampled_from(["accepted", "duplicate", "rejected", "ok"]),
+    # a group's frame, encoded once by its sender
+    (P.GroupSubmit, "group"): st.deferred(lambda: message_strategy(P.TrajectoryGroup)
+                                          .map(P.encode_group)),
 }
 
 
@@ -436,9 +439,9 @@ def test_rejects_empty_group_and_bad_ack_status():
 
 
 def test_want_credits_is_optional_and_bounded():
-    """A group may ask for leases with its ack; a frame without the field (an older sender, a group
-    stored in the WAL before the field existed) decodes with 0."""
-    wire = wire_of(make_group())
+    """A group's send may ask for leases with its ack; a GroupSubmit without the field decodes
+    with 0."""
+    wire = wire_of(P.GroupSubmit(group=P.encode_group(make_group())))
     del wire["want_credits"]
     frame = msgpack.packb(wire, use_bin_type=True)
     assert P.decode(frame).want_credits == 0
@@ -453,6 +456,50 @@ def test_want_credits_is_optional_and_bounded():
     for bad in (-1, P.MAX_CREDITS_PER_REQUEST + 1):
         ask["max_credits"] = bad
         assert reject(ask).field == "max_credits"
+
+
+def test_a_group_submit_carries_the_group_frame_as_encoded_and_opens_it_checked():
+    """The group's frame is encoded once: a GroupSubmit's frame holds those bytes verbatim,
+    ``opened`` returns the group and a view of them; a frame inside that is not a valid group is
+    refused naming the field under ``group``."""
+    group_frame = P.encode_group(make_group())
+    frame = P.encode(P.GroupSubmit(group=group_frame, want_credits=3))
+    assert bytes(group_frame) in frame and frame.count(bytes(group_frame)) == 1
+    submit = P.decode(frame)
+    group, view = P.opened(submit)
+    assert bytes(view) == bytes(group_frame) and view.readonly
+    assert_same(group, make_group())
+    wire = wire_of(make_group())
+    wire["trajectories"][0]["reward"] = "x"
+    bad = P.GroupSubmit(group=msgspec.Raw(msgpack.packb(wire, use_bin_type=True)))
+    with pytest.raises(P.ProtocolError) as info:
+        P.opened(P.decode(P.encode(bad)))
+    assert info.value.field == "group.trajectories[0].reward"
+    other = P.GroupSubmit(group=msgspec.Raw(P.encode(P.StatsRequest())))
+    with pytest.raises(P.ProtocolError, match="expected a trajectory_group, got stats_request"):
+        P.opened(P.decode(P.encode(other)))
+
+
+def test_a_batch_of_stored_frames_decodes_as_a_batch_of_groups():
+    """The buffer hands out groups as their stored frames (msgspec.Raw, no decode and re-encode);
+    the trainer reads the same groups a Batch of decoded groups gives."""
+    groups = [make_group(), make_group(n=3, t=2)]
+    spliced = P.encode(P.Batch(groups=[P.encode_group(g) for g in groups], trainer_version=2,
+                               batch_id="b"))
+    assert spliced == P.encode(P.Batch(groups=groups, trainer_version=2, batch_id="b"))
+    assert_same(P.decode(spliced), P.Batch(groups=groups, trainer_version=2, batch_id="b"))
+
+
+def test_a_group_too_large_for_its_submit_is_refused_before_it_is_sent(monkeypatch):
+    frame = P.encode(make_group())
+    monkeypatch.setattr(P, "MAX_FRAME_BYTES", len(frame) + P.SUBMIT_ENVELOPE_BYTES - 1)
+    with pytest.raises(P.ProtocolError, match="envelope exceed the limit") as info:
+        P.encode_group(make_group())
+    assert info.value.field == "frame"
+    monkeypatch.setattr(P, "MAX_FRAME_BYTES", len(frame) + P.SUBMIT_ENVELOPE_BYTES)
+    submit = P.GroupSubmit(group=P.encode_group(make_group()),
+                           want_credits=P.MAX_CREDITS_PER_REQUEST)
+    assert len(P.encode(submit)) <= P.MAX_FRAME_BYTES
 
 
 @pytest.mark.parametrize("msg, path, bad", [
@@ -637,7 +684,7 @@ def test_fuzz_only_protocol_error_escapes():
 
 
 def _nested_frame(depth: int, open_byte: bytes = b"\x91", key: bytes = b"\xa6values",
-                  protocol: int = 3) -> bytes:
+                  protocol: int = P.PROTOCOL_VERSION) -> bytes:
     """``{"type": "stats", <key>: {"a": [[[...]]]}, "protocol": protocol}`` with the value nested
     ``depth`` deep (``open_byte``: a 1-element fixarray, or ``\\x81\\xa1a``, a 1-entry fixmap),
     written by hand: no encoder builds it (they recurse too)."""
@@ -646,7 +693,8 @@ def _nested_frame(depth: int, open_byte: bytes = b"\x91", key: bytes = b"\xa6val
 
 
 @pytest.mark.parametrize("open_byte", [b"\x91", b"\x81\xa1a"])
-@pytest.mark.parametrize("protocol", [3, 1])  # 1: the refused-version path reads the frame again
+# 1: the refused-version path reads the frame again
+@pytest.mark.parametrize("protocol", [P.PROTOCOL_VERSION, 1])
 def test_deep_nesting_raises_only_protocol_error(protocol, open_byte):
     """A map whose value nests lists (or maps) 50,000 deep: msgspec raises
     RecursionError; ``decode`` refuses it like any other bad frame, and the next frame decodes."""

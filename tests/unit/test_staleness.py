@@ -7,6 +7,7 @@ Every row of the table below is computed by hand in its comment.
 from __future__ import annotations
 
 import pytest
+from service_harness import Sink
 
 from buffer.credits import CreditLedger
 from buffer.staleness import StaleBatchError, StalenessPolicy
@@ -139,22 +140,6 @@ def test_state_round_trip_neither_repeats_nor_skips():
 
 # -------------------------------------------------------- the service's books, under random traffic
 
-class _FakeServer:
-    def __init__(self):
-        self.sent = []
-
-    def send(self, peer, req_id, msg):
-        self.sent.append(msg)
-
-    def close(self):
-        pass
-
-
-class _FakePublisher(_FakeServer):
-    def publish(self, msg):
-        self.sent.append(msg)
-
-
 def _group(credit, server_id: str, version: int, rewards):
     import numpy as np
 
@@ -257,7 +242,7 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
         stale_policy="reissue"))
     svc = BufferService.from_run(cfg, clock=clock)
     svc.recover()
-    svc.server, svc.publisher = _FakeServer(), _FakePublisher()
+    svc.server, svc.publisher = Sink(), Sink()
     consumed: list = []
     in_transit: list = []  # the last batch received, not yet acked
     last_batch = ""
@@ -315,7 +300,7 @@ def test_books_balance_under_random_traffic(seed, tmp_path):
             svc.wal.close()
             svc = BufferService.from_run(cfg, clock=clock)
             svc.recover()
-            svc.server, svc.publisher = _FakeServer(), _FakePublisher()
+            svc.server, svc.publisher = Sink(), Sink()
             assert (svc.state(), {g.group_id for g in svc.store.groups()},
                     svc.control.version) == before
             for server_id in ("a", "b"):  # the roster is soft state: servers re-register
