@@ -17,7 +17,8 @@ Cases (one JSON line each):
 * ``raw_transport_keeping_frames`` (``--raw-keep``): the raw server also keeps every frame in
   memory, as the store does: what holding the data costs before any protocol work;
 * ``buffer_handout``: BatchRequest latency p50/p99 with the store full, n_groups per batch (each
-  request acks the previous batch, as the trainer does);
+  request acks the previous batch, as the trainer does), and the buffer's CPU per batch
+  (``server_cpu_ms_per_batch``: less sensitive to a shared machine's load than the latency);
 * ``control_record_<n>_leases``: the control record the buffer logs after a loop iteration that
   closed one lease and granted one, with ``n`` leases outstanding: CPU to build and encode it as
   logged now (what changed, ``CreditLedger.take_changes``) against the whole state, which is what
@@ -483,10 +484,12 @@ def memory_and_handout(address: str, pid: int, rss0: int, args, common: dict) ->
          wal_mib_per_100k=round(stats["wal_bytes"] / n_traj * 1e5 / 2**20, 1),
          stored_trajectories=n_traj, **common)
     trials = min(200, stats["stored"] // args.handout_groups)
+    cpu0 = _cpu_seconds([pid])
     p50, p99 = handout_latency(address, args.handout_groups, trials)
+    cpu_ms = (_cpu_seconds([pid]) - cpu0) / trials * 1e3  # the buffer's, per batch: load-robust
     emit(name="buffer_handout", figure=round(p50, 2), unit="ms p50", baseline=None, ratio=None,
-         goal=None,
-         p99_ms=round(p99, 2), n_groups=args.handout_groups, trials=trials, **common)
+         goal=None, p99_ms=round(p99, 2), server_cpu_ms_per_batch=round(cpu_ms, 3),
+         n_groups=args.handout_groups, trials=trials, **common)
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
 """Frames and write-ahead logs of an earlier build are refused, each naming the version it has and
 the one this build reads (areal_like/wire/protocol.py, "Compatibility"; buffer/recovery.py).
 
-The fixtures were written once by the protocol-version-2 build and are never regenerated:
+The fixtures were written once by the build of their protocol version and are never regenerated:
 ``tests/fixtures/wire_v2`` holds one frame of every message type, ``tests/fixtures/wal_v2`` a
-buffer's WAL with stored, consumed and leased groups. So:
+buffer's WAL with stored, consumed and leased groups, ``tests/fixtures/wal_v3`` one with stored and
+consumed groups, each sent asking for a lease (``want_credits``, a field of the group until version
+4). So:
 
 * every one of those frames, received live, is refused with an error naming protocol version 2 and
   this side's version (and nothing else about it: the version is read before any field);
@@ -48,8 +50,10 @@ def test_a_frame_of_version_2_is_refused_naming_both_versions(name):
     assert info.value.field == "protocol"
 
 
-def test_a_buffer_refuses_to_start_on_a_wal_of_version_2(tmp_run_dir, spawn_python, free_port):
-    shutil.copytree(FIXTURES / "wal_v2" / "wal", tmp_run_dir / "wal")
+@pytest.mark.parametrize("version", [2, 3])
+def test_a_buffer_refuses_to_start_on_a_wal_of_an_earlier_version(version, tmp_run_dir,
+                                                                  spawn_python, free_port):
+    shutil.copytree(FIXTURES / f"wal_v{version}" / "wal", tmp_run_dir / "wal")
     before = {p.name: p.read_bytes() for p in (tmp_run_dir / "wal").iterdir()}
     cfg = RunConfig(run_dir=str(tmp_run_dir), task=TaskConfig(num_prompts=1000),
                     security=SecurityConfig(curve=False), buffer=BufferConfig(
@@ -61,7 +65,8 @@ def test_a_buffer_refuses_to_start_on_a_wal_of_version_2(tmp_run_dir, spawn_pyth
     assert proc.returncode == 2, err[-2000:]
     said = [line for line in err.splitlines() if "the WAL holds group" in line]
     assert len(said) == 1 and "Traceback" not in err, err[-2000:]
-    assert f"unsupported protocol version 2 (this side speaks {P.PROTOCOL_VERSION})" in said[0]
+    assert (f"unsupported protocol version {version} (this side speaks {P.PROTOCOL_VERSION})"
+            in said[0])
     assert "finish this run with the build that wrote it" in said[0]
     after = {p.name: p.read_bytes() for p in (tmp_run_dir / "wal").iterdir() if p.name != "LOCK"}
     assert after == {k: v for k, v in before.items() if k != "LOCK"}
