@@ -428,13 +428,15 @@ def test_a_group_the_wire_cannot_carry_fails_its_episode_not_the_sender():
     stop the server with its unacknowledged groups."""
     import numpy as np
 
+    from areal_like.net.metrics import Metrics
     from areal_like.wire.protocol import TrajectoryGroup
     from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
+    from rollout_server.buffer_link import BufferLink
 
     server = RolloutServer.from_run(load_config([]))
-    sent: list[str] = []
-    # the sender's queue
-    server.link = type("Link", (), {"add": lambda self, g: sent.append(g.group_id)})()
+    # the sender's queue: groups are encoded once as they join it (no connection needed here)
+    server.link = BufferLink(None, None, "s", Metrics(), free_slots=lambda: 0,
+                             blocked=lambda: False, start=lambda credit: None)
 
     def group(meta: dict) -> TrajectoryGroup:
         t = Trajectory.of(prompt_ids=as_i32([1, 2]), output_ids=as_i32([3]),
@@ -454,6 +456,6 @@ def test_a_group_the_wire_cannot_carry_fails_its_episode_not_the_sender():
         server._episode_done(task)
 
     asyncio.run(finish(group({"score": np.float32(0.5)})))
-    assert server.episode_failures == 1 and not sent and server.failure is None
+    assert server.episode_failures == 1 and not server.link.unacked and server.failure is None
     asyncio.run(finish(group({"score": 0.5})))
-    assert server.episode_failures == 0 and sent == ["g"]
+    assert server.episode_failures == 0 and list(server.link.unacked) == ["g"]
