@@ -1,13 +1,16 @@
 """A rollout server's sync port: what the trainer driving its engine's weight syncs
 (trainer/engine_drive.py) asks of the server beside the engine. It listens where the engine does
 (the engine URL's host, port ``rollout.sync_port``), served like every HTTP port of the project
-(areal_like/net/http_guard.py); every route but ``/vouch`` behind the job's engine key.
+(areal_like/net/http_guard.py); every route but ``/vouch`` and ``/begin`` behind the job's
+engine key.
 
 ``POST /vouch {"nonce"}`` -> ``{"proof"}``, open: ``auth.vouch_proof`` of the nonce, the server's
 id, this port's URL and its engine's, so the trainer sends the key to neither URL before a holder
 of the key vouched for both under that id (a roster entry is a member's word, SECURITY.md).
-``POST /begin {"plan_id", "version", "seconds"}`` -> ``{"drained"}``: the sync of plan ``plan_id``
-(of ``version``) begins: no lease is asked for and no evaluation begins until its ``/end`` or for
+``POST /begin {"plan_id", "version", "seconds", "nonce", "proof"}`` -> ``{"drained", "proof"}``,
+open but for a ``proof`` (``auth.begin_proof``) of the key, this port's URL, its engine's, the
+server's id and the body, answered with ``/vouch``'s proof of the nonce (one round trip proves the
+key each way; 401 otherwise): the sync of plan ``plan_id`` (of ``version``) begins: no lease is asked for and no evaluation begins until its ``/end`` or for
 ``seconds`` (what is left of the trainer's deadline; an hour at most) and the engine's continue
 after it. With ``rollout.drain_on_update`` the answer comes once the episodes in flight ended
 (``DRAIN_SHARE`` of ``seconds`` at most). 409 while the server evaluates, or still ends a sync
@@ -27,13 +30,14 @@ supervisor restarts it with a fresh engine).
 from __future__ import annotations
 
 import dataclasses
+import hmac
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import msgspec
 from aiohttp import web
 
-from areal_like.net.auth import vouch_proof
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, begin_proof, vouch_proof
 from areal_like.net.http_guard import METRICS_LIMITS, guarded_app, serve
 from areal_like.net.sglang_client import SGLangError
 from areal_like.wire.protocol import SyncDone, WeightSyncPlan
@@ -45,8 +49,11 @@ Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 PlanId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
 
 
+Nonce = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32,128}$")]
+
+
 class VouchBody(msgspec.Struct, forbid_unknown_fields=True):
-    nonce: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32,128}$")]
+    nonce: Nonce
 
 
 class DoorBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -60,6 +67,8 @@ class BeginBody(msgspec.Struct, forbid_unknown_fields=True):
     plan_id: PlanId
     version: Annotated[int, msgspec.Meta(ge=0)]
     seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)]
+    nonce: Nonce
+    proof: Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{64}$")]
 
 
 class EndBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -82,13 +91,16 @@ class SyncPort:
                  begin: Callable[[BeginBody], Awaitable[bool]],
                  adapter: Callable[[WeightSyncPlan], Awaitable[SyncDone]],
                  end: Callable[[EndBody], None]):
+        if not key:  # it proves the key (``/vouch``, ``/begin``): with none, no trainer may sync
+            raise ValueError(f"the sync port needs the job's engine key: {ENGINE_KEY_ENV}, or "
+                             f"<run_dir>/{KEY_FILE} (`areal-like run` makes it)")
         self.key, self.server_id, self.engine_url = key, server_id, engine_url
         self.door, self.begin, self.adapter, self.end = door, begin, adapter, end
         self.server, self.url = None, ""
 
     async def start(self, host: str, port: int) -> str:
         """Serve on ``host:port`` (0: a free port); the URL."""
-        app = guarded_app(limits=LIMITS, token=self.key, open_paths=("/vouch",),
+        app = guarded_app(limits=LIMITS, token=self.key, open_paths=("/vouch", "/begin"),
                           middlewares=(_refusals,))
         for path, handler in (("/vouch", self._vouch), ("/door", self._door),
                               ("/begin", self._begin), ("/adapter", self._adapter),
@@ -107,15 +119,22 @@ class SyncPort:
             await self.server.close()
 
     async def _vouch(self, request: web.Request) -> web.Response:
-        nonce = (await _body(request, VouchBody)).nonce
-        return web.json_response({"proof": vouch_proof(self.key, nonce, self.server_id, self.url,
-                                                       self.engine_url)})
+        return web.json_response({"proof": self._vouched((await _body(request, VouchBody)).nonce)})
+
+    def _vouched(self, nonce: str) -> str:
+        return vouch_proof(self.key, nonce, self.server_id, self.url, self.engine_url)
 
     async def _door(self, request: web.Request) -> web.Response:
         return web.json_response({"port": self.door(await _body(request, DoorBody))})
 
     async def _begin(self, request: web.Request) -> web.Response:
-        return web.json_response({"drained": await self.begin(await _body(request, BeginBody))})
+        b = await _body(request, BeginBody)
+        if not hmac.compare_digest(b.proof, begin_proof(self.key, b.nonce, self.server_id, self.url,
+                                                        self.engine_url, b.plan_id, b.version,
+                                                        b.seconds)):
+            self.server.stats.unauthorized += 1
+            return _error(401, "no proof of the job's engine key for this port")
+        return web.json_response({"drained": await self.begin(b), "proof": self._vouched(b.nonce)})
 
     async def _adapter(self, request: web.Request) -> web.Response:
         done = await self.adapter(await _body(request, WeightSyncPlan))

@@ -1,18 +1,21 @@
 """Rank 0 drives the engines of one push itself (trainer/WEIGHT_SYNC.md): one task per member
-has the member's rollout server vouch for its engine and tells it the sync begins (its sync port,
-rollout_server/sync_port.py: refused while it evaluates, answered once drained where it drains),
+tells the member's rollout server the sync begins, the server vouching for its engine in its
+answer (its sync port, rollout_server/sync_port.py: refused while it evaluates, answered once
+drained where it drains),
 runs the engine side (``areal_like/weights/engine_sync.py``: pause, join through the door that
-server opens, load, continue) and tells the server how it ended; on a loop thread of its own,
-while the push thread broadcasts.
+server opens, load, continue) and tells the server how it ended (after the member's result is
+known: the push does not wait for that call); on a loop thread of its own, while the push thread
+broadcasts.
 
 Invariants:
 - the job's engine key goes to a member's URLs only once its sync port proved it holds the key
-  and serves that engine (``ServerPort.vouch``): a URL in the roster is what a member registered;
-- every task ends by the plan's start plus ``deadline_s`` (a drain included: the engine side gets
-  what is left) and answers a ``SyncDone``, never an exception: a member that fails or misses the
-  deadline is a failed result;
-- a member's task begins once its task of the last plan ended (or fails, saying so, when that one
-  outlives this plan's deadline): a late continue never lands in the next plan's load;
+  and serves that engine (``ServerPort.begin``): a URL in the roster is what a member registered;
+- every member's result is a ``SyncDone`` by the plan's start plus ``deadline_s`` (a drain
+  included: the engine side gets what is left), never an exception: a member that fails or misses
+  the deadline is a failed result;
+- a member's task begins once its task of the last plan ended, its server told how it ended (or
+  fails, saying so, when that one outlives this plan's deadline): a late continue never lands in
+  the next plan's load, and ``/end`` of a plan comes before ``/begin`` of the next;
 - ``failed`` never waits, ``wait`` returns by its deadline (the members not done then are missing
   from its answer);
 - a member is ``lost`` when its sync failed and its engine then did not answer ``/health`` (or its
@@ -79,10 +82,11 @@ class EngineDrive:
         end = time.monotonic() + plan.deadline_s
         self.runs, self.last = {}, {s: f for s, f in self.last.items() if not f.done()}
         for m in plan.members:
+            # ``runs``: the member's result, known before its ``/end``; ``last``: the whole task
+            self.runs[m.server_id] = result = concurrent.futures.Future()
             run = self._one(plan, end, m.server_id, by_id.get(m.server_id),
-                            self.last.get(m.server_id), self.unreachable)
-            self.runs[m.server_id] = self.last[m.server_id] = asyncio.run_coroutine_threadsafe(
-                run, self.loop)
+                            self.last.get(m.server_id), self.unreachable, result)
+            self.last[m.server_id] = asyncio.run_coroutine_threadsafe(run, self.loop)
 
     async def _forget(self, live: set[str]) -> None:
         """Close the clients of URLs no roster entry names (gone, or restarted elsewhere)."""
@@ -97,48 +101,54 @@ class EngineDrive:
 
     async def _one(self, plan: WeightSyncPlan, end: float, server_id: str,
                    entry: RosterEntry | None, last: concurrent.futures.Future | None,
-                   unreachable: set[str]) -> SyncDone:
-        """One member's sync, by ``end`` (``time.monotonic()``); any error is its failed result,
-        never the trainer's (a member may answer anything: its URLs are what it registered)."""
+                   unreachable: set[str], result: concurrent.futures.Future) -> None:
+        """One member's sync, by ``end`` (``time.monotonic()``), its ``result`` set; any error is
+        its failed result, never the trainer's (a member may answer anything: its URLs are what
+        it registered)."""
         try:
             if last is not None and not last.done():  # its calls of the last plan end first
                 await asyncio.wait([asyncio.wrap_future(last)], timeout=end - time.monotonic())
                 if not last.done():  # wedged: no re-push of this version either (``lost``)
                     unreachable.add(server_id)
-                    return _refused(plan, server_id, "its sync of the last plan has not ended")
-            return await self._member(plan, end, server_id, entry, unreachable)
+                    result.set_result(_refused(plan, server_id,
+                                               "its sync of the last plan has not ended"))
+                    return
+            await self._member(plan, end, server_id, entry, unreachable, result)
         except Exception as e:  # noqa: BLE001 - a malformed answer, a client bug: this member's
-            return _refused(plan, server_id, f"{type(e).__name__}: {e}")
+            if not result.done():
+                result.set_result(_refused(plan, server_id, f"{type(e).__name__}: {e}"))
 
     async def _member(self, plan: WeightSyncPlan, end: float, server_id: str,
-                      entry: RosterEntry | None, unreachable: set[str]) -> SyncDone:
+                      entry: RosterEntry | None, unreachable: set[str],
+                      result: concurrent.futures.Future) -> None:
         if entry is None or not entry.engine_url or not entry.sync_url:
-            return _refused(plan, server_id, "no engine URL and sync port in the roster (a "
-                            "rollout server older than this trainer?)")
+            result.set_result(_refused(plan, server_id, "no engine URL and sync port in the "
+                                       "roster (a rollout server older than this trainer?)"))
+            return
         kind = entry.engine_kind or self.kind
         # the member's server beside its engine: its word for the engine (before the key goes to
         # either), the sync's begin (refused while it evaluates; drained first where it drains)
         port, client = self._client("port", entry.sync_url), self._client(kind, entry.engine_url)
         try:
-            await port.vouch(server_id, entry.engine_url, timeout_s=_left(end))
-            await port.begin(msgspec.structs.replace(plan, deadline_s=_left(end)))
+            await port.begin(msgspec.structs.replace(plan, deadline_s=_left(end)), server_id,
+                             entry.engine_url)
         except SGLangError as e:
-            done = _refused(plan, server_id, f"its rollout server: {e}")
+            done, began = _refused(plan, server_id, f"its rollout server: {e}"), False
         else:  # the engine side ends by the plan's deadline, whatever the drain took
-            plan = msgspec.structs.replace(plan, deadline_s=_left(end))
+            plan, began = msgspec.structs.replace(plan, deadline_s=_left(end)), True
             if self.lora and kind in LAUNCHED:  # the adapter alone, switched by its server
                 done = await port.load_adapter_for(plan, server_id)
             else:  # torch's join needs a door beside the engine (the embedded one opens its own)
                 door = None if kind == "embedded" else port.door
                 done = await apply_weight_sync(client, plan, server_id, door=door,
                                                pause_mode=self.pause_mode)
-            # after a failed sync its server checks that the engine generates
-            with contextlib.suppress(SGLangError):
-                await port.end(plan, done)
         # /health carries no key: an engine no port vouched for may be asked
         if not done.ok and not await client.health(timeout_s=LOST_PROBE_S):
             unreachable.add(server_id)
-        return done
+        result.set_result(done)  # the push goes on; this task (the next plan's wait) ends below
+        if began:  # after a failed sync its server checks that the engine generates
+            with contextlib.suppress(SGLangError):
+                await port.end(plan, done)
 
     def failed(self) -> list[str]:
         """The members whose sync already ended without loading the version."""

@@ -62,11 +62,23 @@ def engine_api_key(run_dir: str | Path, make: bool = False) -> str | None:
 def vouch_proof(key: str, nonce: str, server_id: str, sync_url: str, engine_url: str) -> str:
     """What only a holder of the job's engine key answers to ``nonce``: that rollout server
     ``server_id``'s sync port at ``sync_url`` serves the engine at ``engine_url`` (HMAC-SHA256, its
-    own prefix: no other proof of the key signs this message). Trainer rank 0 asks for it before it
-    sends the key to either URL (rollout_server/sync_port.py, ``/vouch``)."""
-    message = b"\0".join((b"areal-like vouch/2", nonce.encode(), server_id.encode(),
-                          sync_url.encode(), engine_url.encode()))
-    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+    own prefix: no other proof of the key signs this message). Trainer rank 0 checks it before it
+    sends the key to either URL (rollout_server/sync_port.py, ``/begin`` and ``/vouch``)."""
+    return _mac(key, b"areal-like vouch/2", nonce, server_id, sync_url, engine_url)
+
+
+def begin_proof(key: str, nonce: str, server_id: str, sync_url: str, engine_url: str,
+                plan_id: str, version: int, seconds: float) -> str:
+    """What only a holder of the job's engine key sends with a sync's ``/begin`` of plan
+    ``plan_id`` to that port (the trainer's side of ``vouch_proof``, which the port answers with:
+    each proves the key to the other in one round trip, before the key travels)."""
+    return _mac(key, b"areal-like begin/1", nonce, server_id, sync_url, engine_url, plan_id,
+                str(version), repr(float(seconds)))
+
+
+def _mac(key: str, prefix: bytes, *parts: str) -> str:
+    return hmac.new(key.encode(), b"\0".join((prefix, *(p.encode() for p in parts))),
+                    hashlib.sha256).hexdigest()
 
 
 def metrics_token() -> str | None:

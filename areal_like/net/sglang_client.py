@@ -13,8 +13,8 @@ Invariants:
   bucket whose broadcast may have started is never re-posted;
 * ``api_key`` goes as ``Authorization: Bearer`` on every call but to ``OPEN_PATHS`` (``/health``,
   open on SGLang and the embedded engine alike: a process that holds the engine's port, while it
-  starts say, gets no key from the health poll; a sync port's ``/vouch``, which proves the key
-  before it is sent) and is never logged;
+  starts say, gets no key from the health poll; a sync port's ``/vouch`` and ``/begin``, whose
+  proofs of the key go before it is sent) and is never logged;
 * ``adapter`` (LoRA) is the (name, version) generate calls name; a request's tokens carry that
   adapter's version, and ``running(name)`` counts calls in flight naming it
   (``areal_like/weights/engine_sync.py`` unloads only names at 0);
@@ -51,8 +51,8 @@ MAX_ATTEMPTS = 4  # per call; with the backoff below a dead server is declared d
 BACKOFF_S = 0.25  # first retry delay, doubled per attempt (0.25, 0.5, 1.0)
 KEEPALIVE_S = 2.0  # an idle connection is reused this long: well inside the servers' 5 s
 ABORT_GRACE_S = 30.0  # a generate aborted at its timeout: how long its partial answer may take
-# called without the API key (SGLang leaves /health open; a sync port's /vouch proves it holds it)
-OPEN_PATHS = frozenset({"/health", "/vouch"})
+# called without the API key (SGLang leaves /health open; a sync port's /vouch and /begin prove it)
+OPEN_PATHS = frozenset({"/health", "/vouch", "/begin"})
 
 
 class SGLangError(RuntimeError):

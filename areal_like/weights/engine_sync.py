@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, vouch_proof
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, begin_proof, vouch_proof
 from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.net.store_gate import StoreDoor
 from areal_like.weights.lora import served_name
@@ -293,21 +293,35 @@ class ServerPort(SGLangClient):
         nonce = secrets.token_hex(16)
         _, got, _ = await self._call("POST", "/vouch", {"nonce": nonce}, timeout_s=timeout_s,
                                      idempotent=True)
+        self._proven("/vouch", got, nonce, server_id, engine_url)
+
+    async def begin(self, plan: WeightSyncPlan, server_id: str, engine_url: str) -> None:
+        """``plan``'s sync of the server's engine begins: it asks for no lease and begins no
+        evaluation until ``end`` (or the deadline); answered once drained where it drains
+        (rollout.drain_on_update). Sent with ``begin_proof`` instead of the key and answered with
+        the port's vouch (``vouch``'s SGLangError when it does not prove the key); SGLangError
+        409 while it evaluates."""
+        nonce, seconds = secrets.token_hex(16), min(max(plan.deadline_s, 1e-3), 3600.0)
+        proof = begin_proof(self.api_key or "", nonce, server_id, self.base_url, engine_url,
+                            plan.plan_id, plan.policy_version, seconds)
+        body = {"plan_id": plan.plan_id, "version": plan.policy_version, "seconds": seconds,
+                "nonce": nonce, "proof": proof}
+        try:
+            _, got, _ = await self._call("POST", "/begin", body, timeout_s=plan.deadline_s,
+                                         idempotent=True)
+        except SGLangError as e:
+            if e.status != 401:
+                raise
+            got = None  # it found no proof of its own key in ours: another job's
+        self._proven("/begin", got, nonce, server_id, engine_url)
+
+    def _proven(self, path: str, got, nonce: str, server_id: str, engine_url: str) -> None:
         want = vouch_proof(self.api_key or "", nonce, server_id, self.base_url, engine_url)
         if not (isinstance(got, dict) and hmac.compare_digest(str(got.get("proof")), want)):
-            raise SGLangError("/vouch", None, f"{self.base_url} does not prove the job's engine "
+            raise SGLangError(path, None, f"{self.base_url} does not prove the job's engine "
                               f"key for {server_id} at {engine_url}: not this job's rollout server "
                               "(or not that one), or one with "
                               f"another key ({ENGINE_KEY_ENV} or <run_dir>/{KEY_FILE} on its node)")
-
-    async def begin(self, plan: WeightSyncPlan) -> None:
-        """``plan``'s sync of the server's engine begins: it asks for no lease and begins no
-        evaluation until ``end`` (or the deadline); answered once drained where it drains
-        (rollout.drain_on_update). SGLangError 409 while it evaluates."""
-        await self._call("POST", "/begin", {"plan_id": plan.plan_id,
-                                            "version": plan.policy_version,
-                                            "seconds": min(max(plan.deadline_s, 1e-3), 3600.0)},
-                         timeout_s=plan.deadline_s, idempotent=True)
 
     async def door(self, plan: WeightSyncPlan) -> int:
         body = {"plan_id": plan.plan_id, "master_addr": plan.master_addr,

@@ -77,6 +77,9 @@ def test_a_frozen_member_fails_at_the_deadline_and_the_other_loads(
         wait_until(lambda: engine_at(tmp_path, "b", 2), 30, 0.1, "engine b at v2")
         assert engine_at(tmp_path, "a", 1) is None
         assert lost == {"a", "dead"}  # neither answers /health (``a``: ended by now)
+        # a member's server is told how its sync ended after its result (the push goes on)
+        wait_until(lambda: len(ports["a"].calls) >= 2 and len(ports["b"].calls) >= 4, 60, 0.05,
+                   "each member's last /end")
         assert ports["a"].calls == [("begin", "p1"), ("end", "p1", False)]
         assert ports["b"].calls == [("begin", "p1"), ("end", "p1", True),
                                     ("begin", "p2"), ("end", "p2", True)]

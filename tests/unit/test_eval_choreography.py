@@ -14,6 +14,7 @@ set; no sync begins while the server continues the engine of one its trainer aba
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import msgspec
 import pytest
@@ -64,9 +65,12 @@ class _Evaluator:
         self.versions.append(version)
         if self.port is not None:  # the trainer's next push reaches us now
             with pytest.raises(SGLangError) as refused:
-                await self.port.begin(_plan(version + 1))
+                await self.port.begin(_plan(version + 1), *ME)
             self.refusals.append((refused.value.status, refused.value.message))
         return {"policy_version": version}
+
+
+ME = ("me", "http://127.0.0.1:1")  # the server's id and its engine's URL (``begin``)
 
 
 def _plan(version: int) -> P.WeightSyncPlan:
@@ -78,6 +82,7 @@ def _plan(version: int) -> P.WeightSyncPlan:
 
 def _server(tmp_path, version: int, heartbeat_s: float = 0.05) -> RolloutServer:
     server = RolloutServer.from_run(RunConfig(run_dir=str(tmp_path)))
+    server.facts = dataclasses.replace(server.facts, engine_key="the-jobs-key")
     server.server_id, server.policy_version = "me", version
     server.rcfg = server.rcfg.__class__(heartbeat_s=heartbeat_s)
     server.engine_url, server.client = "http://127.0.0.1:1", _Engine(version)
@@ -112,7 +117,7 @@ def test_a_sync_under_way_ends_first_then_the_evaluation_holds_its_version_and_r
         port = await _trainer(server)
         server.evaluator.port = port
         try:
-            await port.begin(_plan(6))  # v6 is being loaded into our engine
+            await port.begin(_plan(6), *ME)  # v6 is being loaded into our engine
             evaluation = asyncio.create_task(server.evaluate())
             await _until(lambda: any(m.evaluating for m in server.control.sent), "evaluating beat")
             # out of the roster now; the evaluation waits for the sync's end (else it had run at 5)
@@ -121,7 +126,7 @@ def test_a_sync_under_way_ends_first_then_the_evaluation_holds_its_version_and_r
             await port.end(_plan(6), P.SyncDone(server_id="me", policy_version=6, ok=True,
                                                 pause_s=0.1))
             await asyncio.wait_for(evaluation, WAIT_S)
-            await port.begin(_plan(7))  # after the evaluation: syncs are taken again
+            await port.begin(_plan(7), *ME)  # after the evaluation: syncs are taken again
         finally:
             await port.close()
             await server.sync_port.close()
@@ -145,7 +150,7 @@ def test_the_schedule_starts_an_evaluation_only_when_due_and_idle(tmp_path):
             server.maybe_evaluate()
             assert server.eval_task is None  # 4 is not a multiple of 5
             server.policy_version = server.client.version = 5
-            await port.begin(_plan(5))
+            await port.begin(_plan(5), *ME)
             server.maybe_evaluate()
             assert server.eval_task is None  # never while a sync runs
             await port.end(_plan(5), P.SyncDone(server_id="me", policy_version=5, ok=True))
@@ -197,7 +202,7 @@ def test_the_sync_port_acts_only_for_the_sync_under_way(tmp_path):
         port = await _trainer(server)
         try:
             await refused(port.door(plan6))  # no sync began
-            await port.begin(plan6)
+            await port.begin(plan6, *ME)
             await refused(port.door(plan7))
             await refused(port.end(plan7, ok[7]))  # a late end of another plan: nothing changes
             late = await port.load_adapter_for(plan7, "me")
@@ -236,7 +241,7 @@ def test_a_label_read_across_a_sync_does_not_undo_the_version_its_end_set(tmp_pa
         try:
             read = asyncio.create_task(server.read_engine_version())
             await asyncio.wait_for(asking.wait(), WAIT_S)
-            await port.begin(_plan(6))
+            await port.begin(_plan(6), *ME)
             server.client.version = 6  # the engine loaded it
             await port.end(_plan(6), P.SyncDone(server_id="me", policy_version=6, ok=True))
             await asyncio.wait_for(asyncio.gather(*server.after_sync), WAIT_S)  # its heartbeat
@@ -281,16 +286,16 @@ def test_no_sync_begins_while_the_engine_of_an_abandoned_one_is_being_continued(
         port = await _trainer(server)
         server.client = Abandoned(5)
         try:
-            await port.begin(msgspec.structs.replace(_plan(6), deadline_s=1.0))
+            await port.begin(msgspec.structs.replace(_plan(6), deadline_s=1.0), *ME)
             await _until(lambda: not server.in_sync(), "the sync's window to pass")
             server.end_abandoned_sync()  # as the loop does once the window passed
             await _until(lambda: calls == ["end_weight_update"], "the session closed")
             with pytest.raises(SGLangError) as refused:
-                await port.begin(_plan(7))
+                await port.begin(_plan(7), *ME)
             assert refused.value.status == 409 and "abandoned sync of v6" in refused.value.message
             closing.set()
             await asyncio.wait_for(server.resuming, WAIT_S)
-            await port.begin(_plan(7))  # taken once the engine is continued and probed
+            await port.begin(_plan(7), *ME)  # taken once the engine is continued and probed
             assert server.in_sync() and server.failure is None
         finally:
             await port.close()

@@ -83,7 +83,7 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
                 with socket.create_connection(("127.0.0.1", second), timeout=DEADLINE_S) as s:
                     s.sendall(b"\x00store")
                     assert s.recv(100) == b"erots\x00"
-                await trainer.begin(_plan(gate_port))
+                await trainer.begin(_plan(gate_port), "a", ENGINE)
                 # a big adapter's plan (its names and shapes: past 4 KB) goes whole, both ways
                 names = [f"model.layers.{i}.self_attn.q_proj.lora_A.weight" for i in range(400)]
                 big = msgspec.structs.replace(
@@ -100,6 +100,9 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
                 with pytest.raises(SGLangError) as refused:
                     await stranger.door(_plan(gate_port))
                 assert refused.value.status == 401 and port.unauthorized() == 1
+                with pytest.raises(SGLangError, match="AREAL_LIKE_ENGINE_API_KEY"):
+                    await stranger.begin(_plan(gate_port), "a", ENGINE)  # its proof is no proof
+                assert port.unauthorized() == 2
             body = json.dumps({"plan_id": "p1", "master_addr": "127.0.0.1", "master_port": 0,
                                "group_name": GROUP})
             status, text = await asyncio.to_thread(_post, f"{url}/door", body.encode(), KEY)
@@ -117,18 +120,25 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
 
 def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key():
     """The trainer sends the key to a member's URLs only once the port proved it holds it for
-    them: a URL in the roster is what a member registered (areal_like/SECURITY.md)."""
+    them (``vouch``, and ``begin``'s answer): a URL in the roster is what a member registered
+    (areal_like/SECURITY.md). A sync begins only for a proof of the key for this port."""
     from aiohttp import web
 
-    port, seen = _port(KEY, []), []
+    calls, seen = [], []
+    port = _port(KEY, calls)
 
     async def relay(request: web.Request) -> web.Response:  # a stranger's port, in front of ours
         if request.path.startswith("/flood/"):  # one that answers without end (here: 2 MiB)
             return web.Response(body=b"x" * (2 << 20))
         seen.append((request.path, request.headers.get("Authorization")))
+        if request.path.startswith("/lie/"):  # a squatter's port: yes to anything
+            return web.json_response({"drained": False, "proof": "0" * 64})
         async with ServerPort(port.url) as upstream:
-            _, got, _ = await upstream._call("POST", request.path, await request.json(),
-                                             idempotent=True)
+            try:
+                _, got, _ = await upstream._call("POST", request.path, await request.json(),
+                                                 idempotent=True)
+            except SGLangError as e:
+                return web.json_response({}, status=e.status or 502)
         return web.json_response(got)
 
     async def scenario() -> None:
@@ -141,19 +151,29 @@ def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key(
         await site.start()
         relay_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
         try:
+            plan = _plan(1)
             async with ServerPort(url, api_key=KEY) as trainer:
                 await trainer.vouch("a", ENGINE, DEADLINE_S)  # ours: proven
-                with pytest.raises(SGLangError, match="does not prove"):
-                    await trainer.vouch("a", "http://10.9.9.9:1", DEADLINE_S)  # not its engine
-                with pytest.raises(SGLangError, match="does not prove"):
-                    await trainer.vouch("b", ENGINE, DEADLINE_S)  # another id naming our URLs
+                await trainer.begin(plan, "a", ENGINE)
+                for server_id, engine in (("a", "http://10.9.9.9:1"),  # not its engine
+                                          ("b", ENGINE)):  # another id naming our URLs
+                    with pytest.raises(SGLangError, match="does not prove"):
+                        await trainer.vouch(server_id, engine, DEADLINE_S)
+                    with pytest.raises(SGLangError, match="does not prove"):
+                        await trainer.begin(plan, server_id, engine)
             async with ServerPort(url, api_key="another-jobs-key") as other:
                 with pytest.raises(SGLangError, match="AREAL_LIKE_ENGINE_API_KEY"):
                     await other.vouch("a", ENGINE, DEADLINE_S)
-            async with ServerPort(relay_url, api_key=KEY) as trainer:
-                with pytest.raises(SGLangError, match="does not prove"):
-                    await trainer.vouch("a", ENGINE, DEADLINE_S)  # the proof names our port's URL
-            assert seen == [("/vouch", None)]  # asked without the key
+            assert calls == [("begin", "p1", 1)]  # ours alone began a sync
+            for path in ("", "/lie"):  # the proofs name our port's URL; a squatter's are none
+                async with ServerPort(relay_url + path, api_key=KEY) as trainer:
+                    with pytest.raises(SGLangError, match="does not prove"):
+                        await trainer.vouch("a", ENGINE, DEADLINE_S)
+                    with pytest.raises(SGLangError, match="does not prove"):
+                        await trainer.begin(plan, "a", ENGINE)
+            assert seen == [("/vouch", None), ("/begin", None), ("/lie/vouch", None),
+                            ("/lie/begin", None)]  # asked without the key
+            assert calls == [("begin", "p1", 1)]
             async with ServerPort(relay_url + "/flood", api_key=KEY) as trainer:
                 with pytest.raises(SGLangError, match="an answer over 1048576 bytes"):
                     await trainer.vouch("a", ENGINE, DEADLINE_S)

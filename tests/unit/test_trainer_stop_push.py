@@ -41,7 +41,7 @@ class _Config:
 
 
 def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
-    """Member a's node takes the sync's first request (its sync port's ``/vouch``) and never
+    """Member a's node takes the sync's first request (its sync port's ``/begin``) and never
     answers (a frozen node): the push's drive (trainer/engine_drive.py) would wait for it until
     the deadline."""
     trainer = Trainer.from_run(load_config([f"run_dir={tmp_path}"]))
@@ -63,7 +63,7 @@ def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
             request = b""
             while b"\r\n" not in request and (chunk := called.recv(4096)):
                 request += chunk
-            assert request.startswith(b"POST /vouch"), request
+            assert request.startswith(b"POST /begin"), request
             trainer.request_stop()
             push.join(STOP_S)
             assert not push.is_alive(), "the push waited on the members after the stop request"

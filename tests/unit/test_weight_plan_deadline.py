@@ -6,7 +6,7 @@ survivors of a lost member sends the directory already written instead of writin
 Rank 0 drives the members' engines itself (trainer/engine_drive.py, the real ``EngineDrive``): each
 member's engine is a stand-in over real HTTP that answers the calls of a disk sync (pause, load,
 continue, ``/health``) and loads, fails at once or freezes as the test says, and, on the same port,
-its rollout server's sync port (``/vouch`` for its id, ``/begin``, ``/end``); the buffer is a
+its rollout server's sync port (``/begin``, vouching for its id, ``/end``); the buffer is a
 scripted roster."""
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class _Engine:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"] or 0)))
-                if self.path == "/vouch":  # its server's word, for the roster's id (no key)
-                    return self._reply(200, {"proof": vouch_proof(
+                if self.path == "/begin":  # its server's word, for the roster's id (no key)
+                    return self._reply(200, {"drained": False, "proof": vouch_proof(
                         "", body["nonce"], engine.server_id, engine.url, engine.url)})
                 if self.path != "/update_weights_from_disk":  # begin, pause, continue, end
                     return self._reply(200, {})
