@@ -10,11 +10,12 @@ of the key vouched for both under that id (a roster entry is a member's word, SE
 ``POST /begin {"plan_id", "version", "seconds", "nonce", "proof"}`` -> ``{"drained", "proof"}``,
 open but for a ``proof`` (``auth.begin_proof``) of the key, this port's URL, its engine's, the
 server's id and the body, answered with ``/vouch``'s proof of the nonce (one round trip proves the
-key each way; 401 otherwise): the sync of plan ``plan_id`` (of ``version``) begins: no lease is asked for and no evaluation begins until its ``/end`` or for
-``seconds`` (what is left of the trainer's deadline; an hour at most) and the engine's continue
-after it. With ``rollout.drain_on_update`` the answer comes once the episodes in flight ended
-(``DRAIN_SHARE`` of ``seconds`` at most). 409 while the server evaluates, or still ends a sync
-its trainer abandoned: the sync fails before anything reached the engine.
+key each way; 401 otherwise): the sync of plan ``plan_id`` (of ``version``) begins: no lease is
+asked for and no evaluation begins until its ``/end`` or for ``seconds`` (what is left of the
+trainer's deadline; an hour at most) and the engine's continue after it. With
+``rollout.drain_on_update`` the answer comes once the episodes in flight ended (``DRAIN_SHARE`` of
+``seconds`` at most). 409 while the server evaluates, or still ends a sync its trainer abandoned:
+the sync fails before anything reached the engine.
 The others act only for the sync under way (409 for any other ``plan_id``, or none):
 ``POST /door {"plan_id", "master_addr", "master_port", "group_name"}`` -> ``{"port"}``: a door on
 this node's loopback to that group's store gate (areal_like/net/store_gate.py), in place of the

@@ -251,7 +251,7 @@ async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_off
         timeout_s=deadline.left()))
 
 
-def open_door(engine_url: str, key: str | None, master_addr: str, master_port: int,
+def open_door(engine_url: str, key: str, master_addr: str, master_port: int,
               group_name: str) -> int:
     """A door on this node's loopback to group ``group_name``'s store gate at ``master_addr:
     master_port``, proving ``key`` (the job's engine key), in place of the one the engine at
@@ -272,7 +272,7 @@ def close_door(engine_url: str) -> None:
         door.close()
 
 
-def local_door(engine_url: str, key: str | None) -> Door:
+def local_door(engine_url: str, key: str) -> Door:
     """``open_door`` in this process: for an engine on this node."""
     async def door(plan: WeightSyncPlan) -> int:
         return open_door(engine_url, key, plan.master_addr, plan.master_port, plan.group_name)
