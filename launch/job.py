@@ -94,19 +94,12 @@ def with_gpu_count(cfg: RunConfig) -> RunConfig:
         cfg, launch=dataclasses.replace(cfg.launch, gpus_per_node=torch.cuda.device_count()))
 
 
-def usable_cpus() -> list[int]:
-    """The cores this process may run on (its affinity, where the OS has the call)."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
-
-
 def laid_out(cfg: RunConfig, cpus: list[int] | None = None) -> tuple[RunConfig, list[int] | None]:
     """``cfg`` laid out for this machine (``laptop_layout``, GPU count, weight path), and the cores
     used (when pinning or laying out)."""
     la = cfg.launch
     if cpus is None and (la.pin_cpus or la.num_rollout_servers is None or la.trainer_ranks is None):
-        cpus = usable_cpus()
+        cpus = sorted(os.sched_getaffinity(0))  # the cores this process may run on
     cfg = laptop_layout(cfg, cpus or (), can_pin=shutil.which("taskset") is not None)
     return with_weight_path(with_gpu_count(cfg)), cpus
 

@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Callable
@@ -401,15 +402,19 @@ class Supervisor:
             p.pump.join(timeout=5)
 
     def _kill_leftovers(self, p: _Proc) -> None:
-        """SIGTERM, then SIGKILL, every recorded descendant still alive: psutil checks its create
-        time, so a recycled PID is never signalled."""
-        still = [proc for proc in p.descendants.values() if proc.is_running()]
-        for send in (psutil.Process.terminate, psutil.Process.kill):
-            for proc in still:
-                with contextlib.suppress(psutil.Error):
-                    send(proc)
-            _, still = psutil.wait_procs(still, timeout=5)
+        kill_survivors(p.descendants.values())
         p.descendants = {}
+
+
+def kill_survivors(procs) -> None:
+    """SIGTERM, then SIGKILL, each recorded ``psutil.Process`` still alive: psutil checks its create
+    time, so a recycled PID is never signalled."""
+    still = [proc for proc in procs if proc.is_running()]
+    for send in (psutil.Process.terminate, psutil.Process.kill):
+        for proc in still:
+            with contextlib.suppress(psutil.Error):
+                send(proc)
+        _, still = psutil.wait_procs(still, timeout=5)
 
 
 LOG_START = "---- start "  # the line _start writes before each (re)start of a process
@@ -421,11 +426,7 @@ def error_tail(log: Path, max_lines: int = 20) -> list[str]:
     its exception line (torchrun's own ChildFailedError traceback is skipped: it only says that a
     rank failed, the rank's traceback is above it), shortened to ``max_lines``; without a traceback,
     the last ``max_lines`` lines. Empty when there is no log."""
-    if not log.is_file():
-        return []
-    lines = log.read_text(errors="replace").splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith(LOG_START)]
-    lines = lines[starts[-1] + 1:] if starts else lines
+    lines = _last_start(log)
     blocks = []
     for i, line in enumerate(lines):
         if TRACEBACK not in line:
@@ -449,13 +450,18 @@ def refusal(log: Path) -> str | None:
     """What a process that exited 2 logged as its refusal (``StartRefused``, logged in one line
     at ERROR level): the message of the last ERROR line of its last start; None when there is none
     (not a daemon's log)."""
+    found = [m[1] for line in _last_start(log) if (m := _ERROR_LINE.fullmatch(_body(line)))]
+    return found[-1] if found else None
+
+
+def _last_start(log: Path) -> list[str]:
+    """The lines of ``log`` since its last ``LOG_START`` (all of them without one; none without
+    the file)."""
     if not log.is_file():
-        return None
+        return []
     lines = log.read_text(errors="replace").splitlines()
     starts = [i for i, line in enumerate(lines) if line.startswith(LOG_START)]
-    found = [m[1] for line in lines[starts[-1] + 1 if starts else 0:]
-             if (m := _ERROR_LINE.fullmatch(_body(line)))]
-    return found[-1] if found else None
+    return lines[starts[-1] + 1:] if starts else lines
 
 
 def _body(line: str) -> str:
@@ -479,12 +485,23 @@ def console_gone() -> None:
     os.close(devnull)
 
 
-def probe(url: str, timeout_s: float = HEALTH_PROBE_S) -> bool:
+def health(url: str, timeout_s: float = HEALTH_PROBE_S) -> tuple[bool, dict]:
+    """GET ``url`` (a daemon's ``/health``): (200, its JSON); refused, a timeout or a 503 (it
+    answers and reports itself not ready) are not healthy, with why."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as r:
-            return r.status == 200
-    except Exception:  # refused, timeout, 503: all mean "not healthy yet"
-        return False
+            return r.status == 200, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:  # 503: the daemon answers but reports itself unhealthy
+        try:
+            return False, json.loads(e.read() or b"{}")
+        except ValueError:
+            return False, {"error": f"HTTP {e.code}"}
+    except Exception as e:
+        return False, {"error": f"{type(e).__name__}: {e}"}
+
+
+def probe(url: str, timeout_s: float = HEALTH_PROBE_S) -> bool:
+    return health(url, timeout_s)[0]
 
 
 def alive(pid: int | None) -> bool:
@@ -498,12 +515,9 @@ def alive(pid: int | None) -> bool:
 def process_tree() -> dict[int, list[int]]:
     """Child PIDs by parent PID, from one walk of the process table: once a tick for every daemon
     (``Process.children(recursive=True)`` walks all of it per call). Reads ``/proc/PID/stat``
-    directly where there is a /proc (psutil's ``process_iter`` costs 4x more a walk)."""
+    directly (psutil's ``process_iter`` costs 4x more a walk); the launcher runs on Linux (its
+    daemons die with it: ``PR_SET_PDEATHSIG``)."""
     tree: dict[int, list[int]] = {}
-    if not os.path.isdir("/proc"):
-        for proc in psutil.process_iter(["ppid"]):
-            tree.setdefault(proc.info["ppid"], []).append(proc.pid)
-        return tree
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:

@@ -82,8 +82,6 @@ def place_node(*, gpus_per_node: int, trainer_ranks: int, rollout_servers: int, 
                nodes: int = 1, node: int = 0, reward_model: bool = False) -> NodeGpus:
     """Node ``node`` of ``nodes`` (module docstring); ConfigError when it does not fit.
     ``reward_model``: each rollout server's reward model gets a GPU after its engine's."""
-    if not 0 <= node < nodes:
-        raise ConfigError(f"node {node} is not one of the job's {nodes} nodes")
     each = tp_size + reward_model
     need = trainer_ranks + rollout_servers * each
     # the one-GPU machine
@@ -158,7 +156,15 @@ def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
         if getattr(la, key) is None:
             raise ConfigError(f"launch.{key}=null (from the cores) is for CPU jobs; a GPU job "
                               "sets it (topology=gpu_sglang and gpu_embedded: 1)")
-    out = []
+    out = each_node(cfg)
+    _check_weight_path(cfg, shared=any(n.shared for n in out))
+    return out
+
+
+def each_node(cfg: RunConfig) -> tuple[NodeGpus, ...]:
+    """``place_node`` for every node of ``launch.*`` (its roles, the processes on GPUs), node 0
+    first, without ``place_nodes``'s checks (a CPU job's nodes use no GPU)."""
+    la, out = cfg.launch, []
     for k in range(la.nodes):
         trains, serves = node_roles(la.nodes, la.train_nodes, k)
         out.append(place_node(gpus_per_node=la.gpus_per_node,
@@ -168,7 +174,6 @@ def place_nodes(cfg: RunConfig) -> tuple[NodeGpus, ...] | None:
                                                if serves and engine_on_gpu(cfg) else 0),
                               tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k,
                               reward_model=serves and reward_model_on_gpu(cfg)))
-    _check_weight_path(cfg, shared=any(n.shared for n in out))
     return tuple(out)
 
 

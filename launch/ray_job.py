@@ -45,12 +45,12 @@ from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV
 from areal_like.net.distributed import free_port
 from areal_like.settings.config import ConfigError, RunConfig
 from launch.job import job_specs, run_job, write_ports
-from launch.local import STOP_GRACE_S, write_json_atomic
+from launch.local import STOP_GRACE_S, kill_survivors, write_json_atomic
 from launch.placement import (
     COUNTS,
+    each_node,
     engine_on_gpu,
     node_roles,
-    place_node,
     reward_model_on_gpu,
     trainer_on_gpu,
 )
@@ -137,16 +137,9 @@ def layout_bundles(cfg: RunConfig) -> tuple[list[dict[str, float]], bool]:
     for key in COUNTS:
         if getattr(la, key) is None:
             raise ConfigError(f"launch.{key}=null (from this machine's cores): a Ray job sets it")
-    bundles, shared = [], False
-    for k in range(la.nodes):
+    bundles, placed = [], each_node(cfg)
+    for k, gpus in enumerate(placed):
         trains, serves = node_roles(la.nodes, la.train_nodes, k)
-        gpus = place_node(gpus_per_node=la.gpus_per_node,
-                          trainer_ranks=la.trainer_ranks if trains and trainer_on_gpu(cfg) else 0,
-                          rollout_servers=(la.num_rollout_servers
-                                           if serves and engine_on_gpu(cfg) else 0),
-                          tp_size=cfg.rollout.engine.tp_size, nodes=la.nodes, node=k,
-                          reward_model=serves and reward_model_on_gpu(cfg))
-        shared = shared or gpus.shared
         kinds = (["buffer"] * (k == 0) + ["trainer"] * trains
                  + ["rollout"] * (la.num_rollout_servers if serves else 0))
         need = [request(cfg, kind, gpus.shared) for kind in kinds]
@@ -154,7 +147,7 @@ def layout_bundles(cfg: RunConfig) -> tuple[list[dict[str, float]], bool]:
         if gpus.used:
             bundle["GPU"] = float(gpus.used)
         bundles.append(bundle)
-    return bundles, shared
+    return bundles, any(n.shared for n in placed)
 
 
 def with_cluster_gpus(cfg: RunConfig, nodes: list[dict]) -> RunConfig:
@@ -478,12 +471,7 @@ def guard(command: list[str], poll_s: float = 0.5) -> int:
                 os.killpg(popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             popen.wait(poll_s)
-    left = [p for p in seen.values() if p.is_running()]
-    for send in (psutil.Process.terminate, psutil.Process.kill):
-        for p in left:
-            with contextlib.suppress(psutil.Error):
-                send(p)
-        _, left = psutil.wait_procs(left, timeout=5)
+    kill_survivors(seen.values())
     return popen.returncode if popen.returncode >= 0 else 128 - popen.returncode
 
 
