@@ -229,8 +229,6 @@ def split_torchrun_args(rest: list[str]) -> tuple[list[str], list[str]]:
         flags.append("--standalone")  # one node: torchrun picks a free rendezvous port itself
     if "--nproc-per-node" not in keys:
         flags += ["--nproc-per-node", "1"]
-    if "--log-dir" not in keys:
-        flags += torchrun_log_dir(other)
     return flags, other
 
 
@@ -241,37 +239,26 @@ def _missing(flag: str) -> str:
 
 def _exec_trainer(rest: list[str]) -> int:
     """torchrun with the trainer, once its config loads: a bad one is one ``error:`` line here, not
-    one per rank and torchrun's report of each failed rank."""
+    one per rank and torchrun's report of each failed rank. Without ``--log-dir`` torchrun leaves
+    a directory in /tmp at every start: with ``--config-file`` (a run's resolved config; composed
+    here, a default run_dir stamped with the time could differ from the trainer's own) its files
+    go to ``<run_dir>/logs/torchrun``."""
     flags, other = split_torchrun_args(rest)
     if not {"-h", "--help"} & set(other):
+        from pathlib import Path
+
         from areal_like.settings.config import ConfigError, load_daemon_config
 
         try:
-            load_daemon_config(other, addresses=("trainer.buffer_address",))
+            cfg = load_daemon_config(other, addresses=("trainer.buffer_address",))
         except ConfigError as e:
             print(f"error: bad configuration: {e}", file=sys.stderr)
             return 2
+        given = {a.split("=", 1)[0].replace("_", "-") for a in [*flags, *other]}
+        if "--config-file" in given and "--log-dir" not in given:
+            # absolute, as run_dir is everywhere: a relative "-x" was read by torchrun as a flag
+            flags += ["--log-dir", str(Path(cfg.run_dir).resolve() / "logs" / "torchrun")]
     return _exec_module("launch.torchrun", [*flags, "-m", PASS_THROUGH["train"][0], *other])
-
-
-def torchrun_log_dir(trainer_args: list[str]) -> list[str]:
-    """``--log-dir <run_dir>/logs/torchrun`` for the run the trainer args name: without one
-    torchrun leaves a directory in /tmp at every start. Only with ``--config-file`` (a run's
-    resolved config): composed here, a default run_dir stamped with the time could differ from the
-    trainer's own. Nothing when the config does not load: the trainer then says what is wrong."""
-    from pathlib import Path
-
-    from areal_like.settings.config import ConfigError, load_daemon_config
-
-    if not any(a.split("=", 1)[0] == "--config-file" for a in trainer_args) or (
-            {"-h", "--help"} & set(trainer_args)):
-        return []
-    try:
-        run_dir = load_daemon_config(trainer_args).run_dir
-    except ConfigError:
-        return []
-    # absolute, as run_dir is everywhere: a relative "-x" was read by torchrun as a flag
-    return ["--log-dir", str(Path(run_dir).resolve() / "logs" / "torchrun")]
 
 
 def _with_config(overrides: list[str], command) -> int:

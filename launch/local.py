@@ -551,7 +551,21 @@ def _stderr_echo(line: str) -> None:
         sys.stderr.flush()
 
 
-def write_json_atomic(path: Path, obj) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """``path`` replaced by a file holding ``data``: a reader sees the old file or the new one."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2))
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; {} where there is none (no file, not JSON, not an object)."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -18,14 +18,13 @@ trainer/checkpoint.py): no torch import, so a refusal is instant.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import stat
 from pathlib import Path
 
 from areal_like.daemon import LockHeld, pid_lock
 from areal_like.settings.config import ConfigError, RunConfig
-from launch.local import write_json_atomic
+from launch.local import read_json, write_atomic, write_json_atomic
 from launch.records import has_final_eval
 from launch.topology import wants_eval
 from launch.tracking import flatten
@@ -176,11 +175,7 @@ def write_job(run_dir: Path, **fields) -> None:
 
 def read_job(run_dir: Path) -> dict:
     """``JOB_FILE``, or {} where there is none."""
-    try:
-        job = json.loads((Path(run_dir) / JOB_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return job if isinstance(job, dict) else {}
+    return read_json(Path(run_dir) / JOB_FILE)
 
 
 def file_state(path: Path) -> bytes | None:
@@ -199,9 +194,7 @@ def restore_file(path: Path, data: bytes | None) -> None:
         if data is None:
             path.unlink(missing_ok=True)
         else:
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            write_atomic(path, data)
 
 
 def write_settings(cfg: RunConfig) -> None:
@@ -209,7 +202,4 @@ def write_settings(cfg: RunConfig) -> None:
     compares."""
     from areal_like.settings.config import to_yaml
 
-    path = Path(cfg.run_dir).resolve() / SETTINGS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(to_yaml(cfg))
-    os.replace(tmp, path)
+    write_atomic(Path(cfg.run_dir).resolve() / SETTINGS_FILE, to_yaml(cfg))

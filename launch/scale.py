@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -49,7 +48,7 @@ from pathlib import Path
 
 from areal_like.net.distributed import free_port
 from areal_like.settings.config import ConfigError, RunConfig
-from launch.local import ProcSpec, Supervisor, probe, write_json_atomic
+from launch.local import ProcSpec, Supervisor, probe, read_json, write_json_atomic
 from launch.placement import check_one_node
 from launch.records import read_jsonl, trainer_jsonl
 from launch.rundir import latest_checkpoint_step
@@ -227,14 +226,6 @@ def check_running(run_dir: Path) -> None:
     if pid is None or read_json(run_dir / "ports.json").get("supervisor_pid") != pid:
         raise ScaleRefused(f"the job in {run_dir} was not started by `areal-like run` (or it is "
                            "stopping): no supervisor there applies a scale")
-
-
-def read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 # ------------------------------------------------------------------ the supervisor's side

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from areal_like.settings.schema import RunConfig
+from launch.local import write_json_atomic
 from launch.tracking import RUNS_FILE, Tracker, build_trackers, flatten, saved_runs
 
 log = logging.getLogger("launch.track_sink")
@@ -159,11 +160,9 @@ class TrackerSink:
         runs = saved_runs(self.out)
         runs.update({t.name: {"id": t.run_id, **self.marks[id(t)]}
                      for t in self.trackers if t.run_id is not None})
-        tmp = self.out / f"{RUNS_FILE}.tmp"
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(runs, indent=2))
-            os.replace(tmp, self.out / RUNS_FILE)
+            write_json_atomic(self.out / RUNS_FILE, runs)
         except OSError as e:  # a full disk: the next poll tries again
             log.warning("cannot write %s: %s", self.out / RUNS_FILE, e)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from areal_like.settings.schema import ConfigError, RunConfig
+from launch.local import read_json
 
 # tracker -> (importable modules, any one of which is enough; the pip extra that installs one)
 TRACKER_MODULES: dict[str, tuple[tuple[str, ...], str]] = {
@@ -116,11 +117,7 @@ def build_trackers(cfg: RunConfig, run_dir: str | Path | None = None) -> list[Tr
 def saved_runs(out: Path) -> dict[str, dict]:
     """``<out>/runs.json`` (``RUNS_FILE``): the trackers' runs to continue; {} when there is none
     or it cannot be read (each tracker then starts a run of its own)."""
-    try:
-        runs = json.loads((out / RUNS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return runs if isinstance(runs, dict) else {}
+    return read_json(out / RUNS_FILE)
 
 
 def flatten(obj: dict[str, Any], prefix: str = "", sep: str = "/") -> dict[str, Any]:
