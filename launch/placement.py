@@ -127,12 +127,6 @@ def reward_model_on_gpu(cfg: RunConfig) -> bool:
     return rm.enabled and rm.device in ("auto", "cuda") and engine_on_gpu(cfg)
 
 
-def reward_model_device(cfg: RunConfig) -> str | None:
-    """The device a rollout server's reward model is handed by its slot (``cuda:tp``: the GPU after
-    its engine's among those it sees), or None when the config's own stands."""
-    return f"cuda:{cfg.rollout.engine.tp_size}" if reward_model_on_gpu(cfg) else None
-
-
 def needs_gpus(cfg: RunConfig) -> bool:
     """Whether the job places processes on GPUs at all (a GPU topology)."""
     return trainer_on_gpu(cfg) or engine_on_gpu(cfg)

@@ -74,11 +74,6 @@ def import_ray():
     return ray
 
 
-def cluster_address(cfg: RunConfig) -> str:
-    """``launch.ray_address``, else ``RAY_ADDRESS``, else ``auto`` (a cluster on this node)."""
-    return cfg.launch.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
-
-
 def connect(ray, address: str) -> str:
     """``ray.init`` on the cluster at ``address`` (never a new one); its GCS address."""
     if address.startswith("ray://"):
@@ -363,7 +358,8 @@ class RayCluster:
 def run_on_ray(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False) -> int:
     """``areal-like run launch.cluster=ray``: the module docstring's steps 1-3."""
     ray = import_ray()
-    address = cluster_address(cfg)
+    # launch.ray_address, else RAY_ADDRESS, else a cluster on this node
+    address = cfg.launch.ray_address or os.environ.get("RAY_ADDRESS") or "auto"
     gcs = connect(ray, address)
     pg = None
     try:

@@ -113,19 +113,16 @@ def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
             if r.get("event") in ("done", "resume")]
     last = next((r for r in reversed(done) if r["event"] == "done"), None)
     out = {"ok": code == 0 and last is not None and last["policy_version"] >= last["steps"]}
-    out.update(end=ending(code, out["ok"]), exit_code=code)
+    # how it ended (summary.json's ``end``): completed (ok); stopped, by a signal (exit 128 + it) or
+    # with its trainer stopped before trainer.steps (exit 0); failed
+    end = "completed" if out["ok"] else "stopped" if code == 0 or code > 128 else "failed"
+    out.update(end=end, exit_code=code)
     if last is not None:
         out.update(steps_trained=last["steps_trained"], rolled_back_steps=last["rolled_back_steps"],
                    nonfinite_skipped=last["nonfinite_skipped"])
     elif done:
         out["rolled_back_steps"] = done[-1].get("rolled_back_total", 0)
     return out
-
-
-def ending(code: int, ok: bool) -> str:
-    """How a job ended (summary.json's ``end``): ``completed`` (``ok``); ``stopped``, by a signal
-    (exit 128 + it) or with its trainer stopped before ``trainer.steps`` (exit 0); ``failed``."""
-    return "completed" if ok else "stopped" if code == 0 or code > 128 else "failed"
 
 
 def trainer_done(run_dir: Path) -> dict | None:

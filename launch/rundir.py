@@ -102,8 +102,11 @@ def check_existing_run(cfg: RunConfig) -> int:
     step = latest_checkpoint_step(cfg.resolve_path(cfg.trainer.checkpoint_dir))
     if step is None:
         return 0
-    if step == cfg.trainer.steps and cfg.trainer.resume and final_eval_missing(cfg):
-        return step  # the trainer only pushes its weights: the final evaluation is made
+    # stopped after its last step, before the final evaluation it schedules was written: the
+    # trainer only pushes its weights and the evaluation is made
+    if (step == cfg.trainer.steps and cfg.trainer.resume and wants_eval(cfg) and cfg.eval.at_end
+            and not has_final_eval(run_dir, cfg.trainer.steps)):
+        return step
     if step >= cfg.trainer.steps:
         raise ConfigError(f"run_dir {run_dir} already finished at step {step} "
                           f"(trainer.steps={cfg.trainer.steps}): "
@@ -113,13 +116,6 @@ def check_existing_run(cfg: RunConfig) -> int:
                           "but trainer.resume=false: "
                           "use a new run_dir (or trainer.resume=true to continue it)")
     return step
-
-
-def final_eval_missing(cfg: RunConfig) -> bool:
-    """Whether ``cfg`` schedules a final evaluation that ``eval.jsonl`` lacks (the run was stopped
-    after its last step, before that evaluation was written)."""
-    return (wants_eval(cfg) and cfg.eval.at_end
-            and not has_final_eval(Path(cfg.run_dir).resolve(), cfg.trainer.steps))
 
 
 def changed_settings(cfg: RunConfig) -> list[str]:

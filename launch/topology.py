@@ -30,7 +30,7 @@ from launch.placement import (
     memory_share,
     node_roles,
     place_nodes,
-    reward_model_device,
+    reward_model_on_gpu,
     split_address,
     visible_devices,
 )
@@ -176,7 +176,7 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int],
     # a GPU topology hides the GPUs from CPU-only daemons
     no_gpu = () if placed is not None else None
     job_cpus = rollout_cpus + trainer_cpus if cfg.launch.pin_cpus else None  # both pools
-    turns = takes_turns(cfg)
+    turns = cfg.launch.pin_cpus and cfg.buffer.max_staleness == 0  # eta 0 (module docstring)
     slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port),
                         cpus=job_cpus, gpus=no_gpu)]
     trainers = []
@@ -213,11 +213,6 @@ def auto_threads(cfg: RunConfig, cores: tuple[int, ...] | None) -> int | None:
     return max(1, min(len(cores) // cfg.launch.trainer_ranks, cfg.launch.auto_max_threads))
 
 
-def takes_turns(cfg: RunConfig) -> bool:
-    """Whether a pinned CPU job's generation and training take turns (eta 0; module docstring)."""
-    return cfg.launch.pin_cpus and cfg.buffer.max_staleness == 0
-
-
 def _fixed_ports(cfg: RunConfig, router: int, pub: int) -> set[int]:
     """The ports the config fixes (non-zero) on node 0; ConfigError when two daemons share one."""
     # other nodes: other hosts
@@ -234,9 +229,9 @@ def _rollout_slot(cfg: RunConfig, j: int, port: int, cpus: tuple[int, ...] | Non
                   gpus: tuple[int, ...] | None, node: int) -> DaemonSlot:
     # the first server evaluates
     evaluates = ("rollout.eval=true",) if j == 0 and wants_eval(cfg) else ()
-    # its reward model's GPU, the last it sees (launch/placement.py)
-    device = reward_model_device(cfg) if gpus else None
-    scorer = (f"task.reward_model.device={device}",) if device else ()
+    # its reward model's GPU: the last it sees, after its engine's (launch/placement.py)
+    scorer = ((f"task.reward_model.device=cuda:{cfg.rollout.engine.tp_size}",)
+              if gpus and reward_model_on_gpu(cfg) else ())
     return DaemonSlot(name=f"rollout-{j}", kind="rollout", metrics_port=port, cpus=cpus,
                       overrides=(f"rollout.server_id=rollout-{j}", f"rollout.metrics_port={port}",
                                  *evaluates, *scorer),
