@@ -573,7 +573,6 @@ def check_routing_replay(cfg: RunConfig) -> list[str]:
     episodes (a multi-turn or agent trajectory carries no routes)."""
     if not cfg.trainer.routing_replay:
         return []
-    from areal_like.weights.hf import build_meta_model
     from areal_like.weights.routing import route_shape
 
     why = []

@@ -24,12 +24,13 @@ import signal
 import sys
 import time
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
 
 from areal_like.net.auth import METRICS_TOKEN_ENV
-from launch.local import alive, health
+from launch.local import alive
 from launch.records import read_jsonl, trainer_done, trainer_jsonl
 from launch.rundir import JOB_FILE, LOCK_FILE, read_job
 
@@ -122,6 +123,19 @@ def load_job(run_dir: str | Path) -> dict:
     if not names:
         raise SystemExit(f"error: {path} lists no daemons")
     return info
+
+
+def health(url: str, timeout_s: float = 2.0) -> tuple[bool, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status == 200, json.loads(r.read() or b"{}")
+    except urllib.error.HTTPError as e:  # 503: the daemon answers but reports itself unhealthy
+        try:
+            return False, json.loads(e.read() or b"{}")
+        except ValueError:
+            return False, {"error": f"HTTP {e.code}"}
+    except Exception as e:
+        return False, {"error": f"{type(e).__name__}: {e}"}
 
 
 def job_end(run_dir: Path, info: dict) -> str | None:
