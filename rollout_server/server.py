@@ -604,8 +604,8 @@ class RolloutServer(Daemon):
         """Where the trainer driving our engine's weight syncs asks for its door, says when a
         sync begins and ends (sync_port.py): on the engine's host, behind the job's engine key."""
         self.sync_port = SyncPort(self.facts.engine_key, self.server_id, self.engine_url,
-                                  door=self.door, begin=self.begin, adapter=self.load_adapter,
-                                  end=self.end)
+                                  incarnation=self.incarnation, door=self.door,
+                                  begin=self.begin, adapter=self.load_adapter, end=self.end)
         self.sync_url = await self.sync_port.start(urlparse(self.engine_url).hostname,
                                                    self.rcfg.sync_port)
         self.metrics.count_refusals("sync", self.sync_port.unauthorized)

@@ -87,7 +87,7 @@ class SyncRefused(Exception):
 class SyncPort:
     """The routes above, each a call into the server that made it (``SyncRefused``: 409)."""
 
-    def __init__(self, key: str, server_id: str, engine_url: str, *,
+    def __init__(self, key: str, server_id: str, engine_url: str, *, incarnation: str = "",
                  door: Callable[[DoorBody], int],
                  begin: Callable[[BeginBody], Awaitable[bool]],
                  adapter: Callable[[WeightSyncPlan], Awaitable[SyncDone]],
@@ -96,6 +96,7 @@ class SyncPort:
             raise ValueError(f"the sync port needs the job's engine key: {ENGINE_KEY_ENV}, or "
                              f"<run_dir>/{KEY_FILE} (`areal-like run` makes it)")
         self.key, self.server_id, self.engine_url = key, server_id, engine_url
+        self.incarnation = incarnation  # the server process's (``Register.incarnation``)
         self.door, self.begin, self.adapter, self.end = door, begin, adapter, end
         self.server, self.url = None, ""
 
@@ -130,9 +131,9 @@ class SyncPort:
 
     async def _begin(self, request: web.Request) -> web.Response:
         b = await _body(request, BeginBody)
-        if not hmac.compare_digest(b.proof, begin_proof(self.key, b.nonce, self.server_id, self.url,
-                                                        self.engine_url, b.plan_id, b.version,
-                                                        b.seconds)):
+        want = begin_proof(self.key, b.nonce, self.server_id, self.incarnation, self.url,
+                           self.engine_url, b.plan_id, b.version, b.seconds)
+        if not hmac.compare_digest(b.proof, want):
             self.server.stats.unauthorized += 1
             return _error(401, "no proof of the job's engine key for this port")
         return web.json_response({"drained": await self.begin(b), "proof": self._vouched(b.nonce)})

@@ -131,7 +131,7 @@ class EngineDrive:
         port, client = self._client("port", entry.sync_url), self._client(kind, entry.engine_url)
         try:
             await port.begin(msgspec.structs.replace(plan, deadline_s=_left(end)), server_id,
-                             entry.engine_url)
+                             entry.engine_url, entry.incarnation)
         except SGLangError as e:
             done, began = _refused(plan, server_id, f"its rollout server: {e}"), False
         else:  # the engine side ends by the plan's deadline, whatever the drain took
@@ -182,7 +182,14 @@ class EngineDrive:
         report.dropped = sorted(set(report.members) - set(report.done))
         report.loaded = {s: report.plan_id for s in report.done}
 
+    def settle(self, timeout_s: float) -> None:
+        """Wait up to ``timeout_s`` for the members whose result is known to have told their
+        server how their sync ended (``/end``: it then heartbeats the version its engine serves)."""
+        ending = [self.last[s] for s, f in self.runs.items() if f.done() and s in self.last]
+        concurrent.futures.wait(ending, timeout=max(0.0, timeout_s))
+
     def close(self) -> None:
+        self.settle(CLOSE_TIMEOUT_S)  # a server not told would hold its leases for the window
         for run in self.last.values():
             run.cancel()
 

@@ -212,6 +212,7 @@ class WeightBroadcaster:
         """Rank 0: "wait" (a server evaluates, or ``final_eval`` and none that evaluates yet),
         "push" (a member is behind; never one refused for its versions or left out stalled) or
         "done"."""
+        self.drive.settle(deadline - time.monotonic())  # the servers told: their versions move
         try:
             reply = roster(self.client, deadline)
         except (TransportTimeout, RuntimeError):

@@ -67,13 +67,15 @@ def vouch_proof(key: str, nonce: str, server_id: str, sync_url: str, engine_url:
     return _mac(key, b"areal-like vouch/2", nonce, server_id, sync_url, engine_url)
 
 
-def begin_proof(key: str, nonce: str, server_id: str, sync_url: str, engine_url: str,
-                plan_id: str, version: int, seconds: float) -> str:
+def begin_proof(key: str, nonce: str, server_id: str, incarnation: str, sync_url: str,
+                engine_url: str, plan_id: str, version: int, seconds: float) -> str:
     """What only a holder of the job's engine key sends with a sync's ``/begin`` of plan
-    ``plan_id`` to that port (the trainer's side of ``vouch_proof``, which the port answers with:
-    each proves the key to the other in one round trip, before the key travels)."""
-    return _mac(key, b"areal-like begin/1", nonce, server_id, sync_url, engine_url, plan_id,
-                str(version), repr(float(seconds)))
+    ``plan_id`` to that port, of that server process (``incarnation``: what a squatter of the
+    port's address captured before the server restarted there begins nothing) - the trainer's
+    side of ``vouch_proof``, which the port answers with: each proves the key to the other in one
+    round trip, before the key travels."""
+    return _mac(key, b"areal-like begin/2", nonce, server_id, incarnation, sync_url, engine_url,
+                plan_id, str(version), repr(float(seconds)))
 
 
 def _mac(key: str, prefix: bytes, *parts: str) -> str:

@@ -295,15 +295,16 @@ class ServerPort(SGLangClient):
                                      idempotent=True)
         self._proven("/vouch", got, nonce, server_id, engine_url)
 
-    async def begin(self, plan: WeightSyncPlan, server_id: str, engine_url: str) -> None:
+    async def begin(self, plan: WeightSyncPlan, server_id: str, engine_url: str,
+                    incarnation: str = "") -> None:
         """``plan``'s sync of the server's engine begins: it asks for no lease and begins no
         evaluation until ``end`` (or the deadline); answered once drained where it drains
         (rollout.drain_on_update). Sent with ``begin_proof`` instead of the key and answered with
         the port's vouch (``vouch``'s SGLangError when it does not prove the key); SGLangError
         409 while it evaluates."""
         nonce, seconds = secrets.token_hex(16), min(max(plan.deadline_s, 1e-3), 3600.0)
-        proof = begin_proof(self.api_key or "", nonce, server_id, self.base_url, engine_url,
-                            plan.plan_id, plan.policy_version, seconds)
+        proof = begin_proof(self.api_key or "", nonce, server_id, incarnation, self.base_url,
+                            engine_url, plan.plan_id, plan.policy_version, seconds)
         body = {"plan_id": plan.plan_id, "version": plan.policy_version, "seconds": seconds,
                 "nonce": nonce, "proof": proof}
         try:

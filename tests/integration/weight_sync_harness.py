@@ -163,7 +163,7 @@ class SyncStandIn:
     sync's begin and end (``calls``: their plan ids); the trainer drives the engine."""
 
     def __init__(self, server_id: str, engine_url: str, key: str, *, kind: str = "embedded",
-                 door_url: str | None = None):
+                 door_url: str | None = None, incarnation: str = ""):
         from areal_like.net.vllm_client import engine_client
         from areal_like.weights.engine_sync import apply_adapter_sync, open_door
         from rollout_server.sync_port import SyncPort
@@ -184,8 +184,8 @@ class SyncStandIn:
             return open_door(self.door_url, key, body.master_addr, body.master_port,
                              body.group_name)
 
-        self.port = SyncPort(key, server_id, engine_url, door=door, begin=begin, adapter=adapter,
-                             end=end)
+        self.port = SyncPort(key, server_id, engine_url, incarnation=incarnation, door=door,
+                             begin=begin, adapter=adapter, end=end)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
                                        name=f"sync-port-{server_id}")
@@ -256,7 +256,7 @@ class Driver(threading.Thread):
         url = self.url if proxy is None else proxy.url
         kind = "sglang" if self.sglang else "embedded"
         port = SyncStandIn(self.server_id, url, engine_api_key(self.run_dir, make=True),
-                           kind=kind, door_url=self.url)
+                           kind=kind, door_url=self.url, incarnation=self.incarnation)
         engine = SGLangClient(self.url, api_key=self.sglang, timeout_s=5)
         client.request(Register(server_id=self.server_id, engine_url=url, engine_ranks=1,
                                 policy_version=0, fresh=self.fresh, incarnation=self.incarnation,

@@ -70,7 +70,8 @@ class _Evaluator:
         return {"policy_version": version}
 
 
-ME = ("me", "http://127.0.0.1:1")  # the server's id and its engine's URL (``begin``)
+# the server's id, its engine's URL and its process's incarnation (``begin``)
+ME = ("me", "http://127.0.0.1:1", "me-1")
 
 
 def _plan(version: int) -> P.WeightSyncPlan:
@@ -83,7 +84,7 @@ def _plan(version: int) -> P.WeightSyncPlan:
 def _server(tmp_path, version: int, heartbeat_s: float = 0.05) -> RolloutServer:
     server = RolloutServer.from_run(RunConfig(run_dir=str(tmp_path)))
     server.facts = dataclasses.replace(server.facts, engine_key="the-jobs-key")
-    server.server_id, server.policy_version = "me", version
+    server.server_id, server.policy_version, server.incarnation = "me", version, ME[2]
     server.rcfg = server.rcfg.__class__(heartbeat_s=heartbeat_s)
     server.engine_url, server.client = "http://127.0.0.1:1", _Engine(version)
     server.evaluator = _Evaluator()

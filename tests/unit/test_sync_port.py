@@ -43,10 +43,10 @@ def _port(key: str, calls: list, **routes) -> SyncPort:
     def door(body) -> int:
         return open_door("engine-a", key, body.master_addr, body.master_port, body.group_name)
 
-    return SyncPort(key, "a", ENGINE, **{"door": door, "begin": begin, "adapter": None,
-                                    "end": lambda b: calls.append(("end", b.plan_id, b.ok,
-                                                                   b.pause_s, b.reason)),
-                                    **routes})
+    return SyncPort(key, "a", ENGINE, incarnation="now",
+                    **{"door": door, "begin": begin, "adapter": None,
+                       "end": lambda b: calls.append(("end", b.plan_id, b.ok, b.pause_s, b.reason)),
+                       **routes})
 
 
 def _post(url: str, body: bytes, key: str) -> tuple[int, str]:
@@ -83,7 +83,7 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
                 with socket.create_connection(("127.0.0.1", second), timeout=DEADLINE_S) as s:
                     s.sendall(b"\x00store")
                     assert s.recv(100) == b"erots\x00"
-                await trainer.begin(_plan(gate_port), "a", ENGINE)
+                await trainer.begin(_plan(gate_port), "a", ENGINE, "now")
                 # a big adapter's plan (its names and shapes: past 4 KB) goes whole, both ways
                 names = [f"model.layers.{i}.self_attn.q_proj.lora_A.weight" for i in range(400)]
                 big = msgspec.structs.replace(
@@ -101,7 +101,7 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
                     await stranger.door(_plan(gate_port))
                 assert refused.value.status == 401 and port.unauthorized() == 1
                 with pytest.raises(SGLangError, match="AREAL_LIKE_ENGINE_API_KEY"):
-                    await stranger.begin(_plan(gate_port), "a", ENGINE)  # its proof is no proof
+                    await stranger.begin(_plan(gate_port), "a", ENGINE, "now")  # no proof
                 assert port.unauthorized() == 2
             body = json.dumps({"plan_id": "p1", "master_addr": "127.0.0.1", "master_port": 0,
                                "group_name": GROUP})
@@ -154,13 +154,15 @@ def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key(
             plan = _plan(1)
             async with ServerPort(url, api_key=KEY) as trainer:
                 await trainer.vouch("a", ENGINE, DEADLINE_S)  # ours: proven
-                await trainer.begin(plan, "a", ENGINE)
+                await trainer.begin(plan, "a", ENGINE, "now")
+                with pytest.raises(SGLangError, match="does not prove"):  # a proof the port's
+                    await trainer.begin(plan, "a", ENGINE, "before")  # last process was sent
                 for server_id, engine in (("a", "http://10.9.9.9:1"),  # not its engine
                                           ("b", ENGINE)):  # another id naming our URLs
                     with pytest.raises(SGLangError, match="does not prove"):
                         await trainer.vouch(server_id, engine, DEADLINE_S)
                     with pytest.raises(SGLangError, match="does not prove"):
-                        await trainer.begin(plan, server_id, engine)
+                        await trainer.begin(plan, server_id, engine, "now")
             async with ServerPort(url, api_key="another-jobs-key") as other:
                 with pytest.raises(SGLangError, match="AREAL_LIKE_ENGINE_API_KEY"):
                     await other.vouch("a", ENGINE, DEADLINE_S)
@@ -170,7 +172,7 @@ def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key(
                     with pytest.raises(SGLangError, match="does not prove"):
                         await trainer.vouch("a", ENGINE, DEADLINE_S)
                     with pytest.raises(SGLangError, match="does not prove"):
-                        await trainer.begin(plan, "a", ENGINE)
+                        await trainer.begin(plan, "a", ENGINE, "now")
             assert seen == [("/vouch", None), ("/begin", None), ("/lie/vouch", None),
                             ("/lie/begin", None)]  # asked without the key
             assert calls == [("begin", "p1", 1)]

@@ -39,6 +39,7 @@ class _Engine:
 
     def __init__(self, how: Callable[[dict], str]):
         self.how, self.loaded, self.released = how, [], threading.Event()
+        self.ended, self.end_s = [], 0.0  # each /end's ok, answered after ``end_s``
         self.server_id = ""  # the roster's id for it (``_Buffer``)
         engine = self
 
@@ -51,6 +52,9 @@ class _Engine:
                 if self.path == "/begin":  # its server's word, for the roster's id (no key)
                     return self._reply(200, {"drained": False, "proof": vouch_proof(
                         "", body["nonce"], engine.server_id, engine.url, engine.url)})
+                if self.path == "/end":
+                    time.sleep(engine.end_s)
+                    engine.ended.append(body["ok"])
                 if self.path != "/update_weights_from_disk":  # begin, pause, continue, end
                     return self._reply(200, {})
                 how = engine.how(body)
@@ -249,3 +253,21 @@ def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplo
     assert why.endswith(" s) and no engine loaded it (a dropped), so the data the trainer waits "
                         "for cannot come: raise trainer.weight_sync.deadline_s above what a push "
                         "takes here (or the engines are unreachable); re-pushing on"), why
+
+
+def test_a_trainer_closing_after_its_last_push_still_tells_each_server_how_it_ended():
+    """A member's result is known before its server is told (``/end``, which the push does not
+    wait for); a trainer closed right after its last push tells it still: a server not told
+    holds its leases until the sync's window passes."""
+    engine = _Engine(lambda body: "done")
+    engine.end_s = 0.5
+    model = torch.nn.Linear(2, 2)
+    model.config = _Counting()
+    wb = _broadcaster(WeightSyncConfig(path="disk", deadline_s=5.0), {"a": engine}, EngineDrive())
+    try:
+        report = wb.push(model, 1)
+        wb.client = None
+        wb.close()
+        assert report.done == ["a"] and engine.ended == [True], (report, engine.ended)
+    finally:
+        engine.close()
