@@ -6,7 +6,7 @@ Invariants (tested in tests/unit/test_topology.py):
 * every port in a topology is distinct, and a port fixed in the config (non-zero) is kept;
 * with ``pin_cpus`` the rollout pool (the servers) and the trainer pool (every trainer rank) are
   non-empty, disjoint and cover the cores given; the buffer, which only moves bytes, floats over
-  both (benchmarks/README.md, "Session 20");
+  both (benchmarks/README.md, "Layout choices");
 * laid out from the cores (``laptop_layout``), no core gets more than one busy thread: one
   single-threaded server per core of the rollout pool, one trainer rank threading over the trainer
   pool, each count at most its ceiling (``launch.auto_max_servers``, ``launch.auto_max_threads``);
@@ -38,7 +38,7 @@ from launch.placement import (
 # At eta 0 the trainer's idle OpenMP threads spin this many rounds (libgomp's default: 300,000), not
 # ~1 ms on the rollout cores after each step: a step with 2 threads on the 8 x 8 workload is as fast
 # with 10,000 as with the default (21 ms against 31 with one thread) and slow with 1,000 (31 ms)
-# (benchmarks/README.md, "Session 20")
+# (benchmarks/README.md, "Layout choices")
 TURN_SPINCOUNT = 10_000
 
 
