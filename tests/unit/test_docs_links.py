@@ -1,12 +1,12 @@
 """Every relative Markdown link in the repository leads to a file that exists, and every
 ``#anchor`` names a heading of the page it points at.
 
-Scanned: every ``*.md`` under the repository root but ``.git``, virtual environments, the
-``*-env`` folders and build outputs. A link is ``[text](target)``; absolute URLs (``scheme:``)
-and ``mailto:`` are not checked. Anchors follow GitHub's rule: the heading lowercased, everything
-but letters, digits, spaces, ``-`` and ``_`` dropped, spaces turned into ``-``; a repeated heading
-gets ``-1``, ``-2`` and so on. Code spans and fenced blocks are skipped, so an example link in code
-is not a link.
+Scanned: every ``*.md`` under the repository root but hidden folders (``.git``, the virtual
+environments, the ``*-env`` folders) and build outputs. A link is ``[text](target)``; absolute
+URLs (``scheme:``) and ``mailto:`` are not checked. Anchors follow GitHub's rule: the heading
+lowercased, everything but letters, digits, spaces, ``-`` and ``_`` dropped, spaces turned into
+``-``; a repeated heading gets ``-1``, ``-2`` and so on. Code spans and fenced blocks are skipped,
+so an example link in code is not a link.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SKIPPED = {".git", "build", "node_modules", "__pycache__", "runs"}
+SKIPPED = {"build", "dist", "outputs", "node_modules", "__pycache__", "runs", "site-packages"}
 
 LINK = re.compile(r"!?\[[^\]]*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
 HEADING = re.compile(r"^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$")
@@ -26,7 +26,9 @@ CODE_SPAN = re.compile(r"(`+)(?:(?!\1).)+?\1")
 
 
 def _skipped(rel: Path) -> bool:
-    return any(part in SKIPPED or part.startswith(".venv") or part.endswith("-env")
+    """Hidden folders (``.git``, ``.venv``, ``.ci-venv``, ``.sglang-env``, ``.vllm-env``), any
+    other ``*-env``/``*venv`` folder, build outputs and installed packages."""
+    return any(part in SKIPPED or part.startswith(".") or part.endswith(("-env", "venv"))
                or part.endswith(".egg-info") for part in rel.parts[:-1])
 
 
@@ -95,10 +97,15 @@ def test_every_relative_markdown_link_resolves():
     assert not problems, "broken Markdown links:\n" + "\n".join(problems)
 
 
-def test_the_scan_finds_the_pages():
+def test_the_scan_finds_the_pages_and_skips_environments(tmp_path):
     found = {str(p.relative_to(ROOT)) for p in markdown_files(ROOT)}
     assert {"README" + MD, "trainer/WEIGHT_SYNC" + MD, "benchmarks/README" + MD} <= found
     assert not any(".venv" in p for p in found)
+    for folder in (".venv/lib", ".ci-venv/x", ".sglang-env", "vllm-env", "build", "pkg.egg-info"):
+        _tree(tmp_path, {f"{folder}/X" + MD: "[gone](nowhere" + MD + ")\n"})
+    _tree(tmp_path, {"docs/Y" + MD: "[ok](Y" + MD + ")\n"})
+    assert [p.relative_to(tmp_path) for p in markdown_files(tmp_path)] == [Path("docs/Y" + MD)]
+    assert link_problems(tmp_path) == []
 
 
 def _tree(tmp_path: Path, pages: dict[str, str]) -> Path:
