@@ -60,6 +60,7 @@ from trainer.engine_lag import EngineSchedule
 from trainer.export import export_hf, export_tokenizer, prune_exports
 from trainer.facts import TrainerFacts
 from trainer.finite_guard import SkipTracker
+from trainer.learning_watch import LearningWatch
 from trainer.logprob_guard import PROBE_TEXT, guard_tol, run_guard
 from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
 from trainer.ranks import from_rank0
@@ -163,6 +164,7 @@ class Trainer(Daemon):
         self.data.on_stall = lambda: self.engines.repush(self.version)
         self.saver = AsyncSaver(self.ckpt_root, t.keep_checkpoints) if t.checkpoint_async else None
         self.skips = SkipTracker(t.max_nonfinite_skips, self.metrics if self.rank == 0 else None)
+        self.watch = LearningWatch(t.learning_watch_steps, report=self.rank == 0)
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy, self.critic)
@@ -351,6 +353,7 @@ class Trainer(Daemon):
             # the kernel's advantages (or the critic's), then the optimizer steps
             stats = self.train_batch(batch, prox_logp, ref_logp)
             self.skips.observe(self.version + 1, stats)  # every rank alike: too many in a row stop
+            self.watch.observe(self.version + 1, stats, float(batch.rewards.mean()))
             self.version += 1
             self.steps_trained += 1
             # a push (a small model's finishes in the background), or only the announcement
@@ -383,7 +386,9 @@ class Trainer(Daemon):
                      "rolled_back_steps": self.rolled_back_steps,
                      "labels_skipped": self.version - self.steps_trained,
                      # optimizer steps not applied (non-finite), in this process's run
-                     "nonfinite_skipped": self.skips.total})
+                     "nonfinite_skipped": self.skips.total,
+                     # steps without a learning signal (trainer/learning_watch.py); None: off
+                     "learning": self.watch.verdict()})
         self.log.info("done at policy_version %d (%d steps trained, %d rolled back by crashes)",
                       self.version,
                       self.steps_trained, self.rolled_back_steps)
