@@ -691,8 +691,9 @@ class RunConfig(Section):
         if self.rollout.engine.kind == "vllm":
             self._check_vllm_engine()
         self._check_group_size()
-        _check("trainer.groups_per_step", self.trainer.groups_per_step
-               == self.buffer.groups_per_step, f"buffer.groups_per_step="
+        _check("trainer.groups_per_step", not isinstance(self.trainer.groups_per_step, int)
+               or self.trainer.groups_per_step == self.buffer.groups_per_step,
+               f"buffer.groups_per_step="
                f"{self.buffer.groups_per_step} (set buffer.groups_per_step instead: the trainer "
                "takes what the buffer admits per version)", self.trainer.groups_per_step)
 
