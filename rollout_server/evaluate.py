@@ -7,9 +7,14 @@ directory or a trainer checkpoint, evaluated on its own with an embedded engine 
 export, an adapter in PEFT's layout: its ``merged/`` when it has one, else folded into the base
 it names first). Its task is never guessed (``_eval_config``): ``--config-file``; else
 ``task=NAME`` on the command line; else
-the config.yaml of the run the model sits in; else the task an export stores
+the config.yaml of the run the model sits in (``run_dir/export/vN``, its ``merged/``,
+``run_dir/checkpoints/vN``), or the one an export names (``run_config``: ``areal-like export``
+writes it) where that file is the evaluating user's own; else the task an export stores
 (``areal_like_task.yaml``), with its run's ``eval.*`` and ``seed`` under the overrides given; else
-the ``task.*`` overrides given; else it refuses (exit 2). The record's ``policy_version`` is the
+the ``task.*`` overrides given, for a model of the user's (``model=local_hf``: the task's sampling
+settings, never ``model=tiny``'s recipe); else it refuses (exit 2). The sampling settings are
+printed and recorded (``sampling``); ``--samples FILE`` writes every prompt's responses and
+rewards. The record's ``policy_version`` is the
 one an export stores, else its directory's name's (``v00000200``). An export's task file is data
 (``export_data``: no interpolation), its ``reward_fn`` one of ``PROJECT_REWARDS`` and its
 ``reward_url`` none unless the command line names them, and eval refuses to start inside the
