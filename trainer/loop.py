@@ -427,7 +427,8 @@ class Trainer(Daemon):
                                                        self.tokenizer),
                             shard_mb=e.shard_mb, dtype=self.facts.model.dtype,
                             task_file=export_yaml(self.facts.task, self.facts.eval,
-                                                  self.facts.seed, self.version),
+                                                  self.facts.seed, self.version,
+                                                  self.facts.run_dir / "config.yaml"),
                             merged=e.merged)
             if self.rank == 0 and e.keep:
                 prune_exports(root, e.keep)
