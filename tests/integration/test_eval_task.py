@@ -9,7 +9,9 @@ and once without a task (an HF directory from elsewhere). Each sits in a directo
 * the export that stores its task is scored on it (the record names ``sort``), and a
   ``task.*`` override still applies on top of the stored task;
 * the bare directory is refused with one ``error:`` line and exit 2, and no JSON record;
-* naming the task on the command line (``task=sort``) evaluates the bare directory.
+* naming the task on the command line (``task=sort``) evaluates the bare directory, at the
+  task's sampling settings (with or without ``model=local_hf``), printed and recorded;
+* a LoRA export's ``merged/`` is scored with its run's config.yaml.
 """
 
 from __future__ import annotations
