@@ -108,9 +108,7 @@ def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
     invocation says it finished (``event: done``) at ``trainer.steps`` or beyond; with what crashes
     cost: ``rolled_back_steps`` (steps lost and trained again, the run's total), ``steps_trained``
     (optimizer steps the final weights hold: the final version less the labels resumes skipped),
-    ``nonfinite_skipped`` (optimizer steps of the last trainer process not applied: non-finite);
-    ``learning``: whether the last trainer process had a learning signal (``ok`` false after
-    ``trainer.learning_watch_steps`` steps in a row without one: trainer/learning_watch.py)."""
+    ``nonfinite_skipped`` (optimizer steps of the last trainer process not applied: non-finite)."""
     done = [r for r in read_jsonl(trainer_jsonl(run_dir), since)
             if r.get("event") in ("done", "resume")]
     last = next((r for r in reversed(done) if r["event"] == "done"), None)
@@ -122,10 +120,12 @@ def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
     if last is not None:
         out.update(steps_trained=last["steps_trained"], rolled_back_steps=last["rolled_back_steps"],
                    nonfinite_skipped=last["nonfinite_skipped"])
-        if last.get("learning") is not None:  # trainer/learning_watch.py; absent: the watch is off
-            out["learning"] = last["learning"]
     elif done:
         out["rolled_back_steps"] = done[-1].get("rolled_back_total", 0)
+    # whether the last trainer process had a learning signal (``ok`` false after
+    # trainer.learning_watch_steps steps in a row without one: trainer/learning_watch.py)
+    if last is not None and last.get("learning") is not None:  # None: the watch is off
+        out["learning"] = last["learning"]
     return out
 
 

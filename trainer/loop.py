@@ -152,6 +152,7 @@ class Trainer(Daemon):
         self.reference = (build_reference(model_cfg, t, self.policy)
                           if t.loss.kl_coef > 0 or kl_in_reward else None)
         self.settings = StepSettings.of(t, self.facts.task)
+        self.watch = LearningWatch(t.learning_watch_steps, report=self.rank == 0)
         self.data = BatchSource(t.buffer_address, t.groups_per_step, keys=self.facts.keys,
                                 wait_s=t.batch_wait_s, buffer_timeout_s=t.buffer_timeout_s,
                                 rank=self.rank, should_stop=self.stop_requested.is_set,
@@ -164,7 +165,6 @@ class Trainer(Daemon):
         self.data.on_stall = lambda: self.engines.repush(self.version)
         self.saver = AsyncSaver(self.ckpt_root, t.keep_checkpoints) if t.checkpoint_async else None
         self.skips = SkipTracker(t.max_nonfinite_skips, self.metrics if self.rank == 0 else None)
-        self.watch = LearningWatch(t.learning_watch_steps, report=self.rank == 0)
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy, self.critic)
@@ -382,13 +382,13 @@ class Trainer(Daemon):
                                           should_stop=self.stop_requested.is_set,
                                           final_eval=self.facts.final_eval)
         self.record({"event": "done", "policy_version": self.version, "steps": t.steps,
+                     # steps without a learning signal (trainer/learning_watch.py); None: off
+                     "learning": self.watch.verdict(),
                      "steps_trained": self.steps_trained,
                      "rolled_back_steps": self.rolled_back_steps,
                      "labels_skipped": self.version - self.steps_trained,
                      # optimizer steps not applied (non-finite), in this process's run
-                     "nonfinite_skipped": self.skips.total,
-                     # steps without a learning signal (trainer/learning_watch.py); None: off
-                     "learning": self.watch.verdict()})
+                     "nonfinite_skipped": self.skips.total})
         self.log.info("done at policy_version %d (%d steps trained, %d rolled back by crashes)",
                       self.version,
                       self.steps_trained, self.rolled_back_steps)
