@@ -689,3 +689,26 @@ def test_eval_started_inside_an_export_imports_nothing_shipped_in_it(tmp_path, m
         assert not marker.exists(), "a module shipped in the export was imported"
     assert rc == 2
     assert "run `areal-like eval` from outside" in capsys.readouterr().err
+
+
+def test_a_run_config_an_export_names_is_read_only_when_it_is_the_users_own(tmp_path, capsys):
+    """``areal-like export`` names the run's config.yaml in the export's task file, and eval reads
+    that config (and the reward it names) from there; a file others may write is not the user's
+    configuration: the stored task is data again, and its reward outside the project's is
+    refused."""
+    import os
+
+    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, export_yaml
+
+    config = tmp_path / "run" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text("task:\n  name: reverse\n")
+    export = tmp_path / "mine"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / EXPORT_TASK_FILE).write_text(export_yaml(
+        TaskConfig(name="reverse", reward_fn="my_rewards:score"), run_config=config))
+    os.chmod(config, 0o666)
+    assert main([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert "task.reward_fn='my_rewards:score' in" in err and "is not one of" in err, err
