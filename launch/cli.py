@@ -35,7 +35,7 @@ PASS_THROUGH = {
                               "Hydra overrides."}),
     "eval": ("rollout_server.evaluate",
              "evaluate an HF model directory or a trainer checkpoint on the eval split",
-             "MODEL [--config-file F] [--out FILE] [overrides]", {}),
+             "MODEL [--config-file F] [--out FILE] [--samples FILE] [overrides]", {}),
     "export": ("trainer.export", "convert a trainer checkpoint into a Hugging Face model directory",
                "CHECKPOINT OUT [options]",
                {"usage": "areal-like export CHECKPOINT OUT [--config-file FILE] [--shard-mb N] "

@@ -552,6 +552,9 @@ def run_job(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False,
             write_job(run_dir, state="ended", summary=summary)
         if summary["end"] == "stopped":
             print(stopped_line(summary), file=sys.stderr, flush=True)
+        if not summary.get("learning", {}).get("ok", True):  # it ran: the exit code stays
+            print(f"[run] not learning: {summary['learning']['reason']}; what to try: "
+                  f"{summary['learning']['what_to_try']}", file=sys.stderr, flush=True)
         sink.poll(final=True)  # every daemon has stopped: the files are complete
     finally:
         sink.close()

@@ -122,6 +122,10 @@ def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
                    nonfinite_skipped=last["nonfinite_skipped"])
     elif done:
         out["rolled_back_steps"] = done[-1].get("rolled_back_total", 0)
+    # whether the last trainer process had a learning signal (``ok`` false after
+    # trainer.learning_watch_steps steps in a row without one: trainer/learning_watch.py)
+    if last is not None and last.get("learning") is not None:  # None: the watch is off
+        out["learning"] = last["learning"]
     return out
 
 

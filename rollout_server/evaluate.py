@@ -7,9 +7,14 @@ directory or a trainer checkpoint, evaluated on its own with an embedded engine 
 export, an adapter in PEFT's layout: its ``merged/`` when it has one, else folded into the base
 it names first). Its task is never guessed (``_eval_config``): ``--config-file``; else
 ``task=NAME`` on the command line; else
-the config.yaml of the run the model sits in; else the task an export stores
+the config.yaml of the run the model sits in (``run_dir/export/vN``, its ``merged/``,
+``run_dir/checkpoints/vN``), or the one an export names (``run_config``: ``areal-like export``
+writes it) where that file is the evaluating user's own; else the task an export stores
 (``areal_like_task.yaml``), with its run's ``eval.*`` and ``seed`` under the overrides given; else
-the ``task.*`` overrides given; else it refuses (exit 2). The record's ``policy_version`` is the
+the ``task.*`` overrides given, for a model of the user's (``model=local_hf``: the task's sampling
+settings, never ``model=tiny``'s recipe); else it refuses (exit 2). The sampling settings are
+printed and recorded (``sampling``); ``--samples FILE`` writes every prompt's responses and
+rewards. The record's ``policy_version`` is the
 one an export stores, else its directory's name's (``v00000200``). An export's task file is data
 (``export_data``: no interpolation), its ``reward_fn`` one of ``PROJECT_REWARDS`` and its
 ``reward_url`` none unless the command line names them, and eval refuses to start inside the
@@ -47,6 +52,7 @@ from rollout_server.facts import RolloutFacts
 FULL_CREDIT = 1.0 - 1e-6
 EVAL_FILE = "eval.jsonl"
 ADAPTER_CONFIG = "adapter_config.json"  # PEFT's: a LoRA run exports its adapter
+MERGED_DIR = "merged"  # a LoRA export's merged model (export.merged=true), beside the adapter
 # the rewards an export's task file may name (_refuse_untrusted): the project's own
 PROJECT_REWARDS = frozenset({"areal_like.tasks.task:exact_match",
                              "areal_like.tasks.task:countdown_reward",
@@ -118,20 +124,28 @@ def summarize(rewards_greedy: Sequence[float], rewards_sampled: Sequence[Sequenc
     return out
 
 
+def sampling_settings(ev: EvalConfig, task: TaskConfig) -> dict:
+    """How an evaluation samples: ``eval.*`` where set, else the task's (``max_new_tokens`` is
+    at most what the context leaves a prompt); greedy responses are always measured too."""
+    return {"temperature": ev.temperature or task.temperature, "top_p": task.top_p,
+            "top_k": task.top_k, "max_new_tokens": ev.max_new_tokens or task.max_new_tokens,
+            "samples_per_prompt": ev.k}
+
+
 async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[object], list[int]],
                    decode: Callable[[list[int]], str], rewards, ev: EvalConfig, task: TaskConfig,
-                   stop_token_ids: list[int],
-                   version_fn: Callable[[], int], concurrency: int = 64, seed: int = 0,
-                   context: int = 0, max_input: int = 0) -> dict:
-    """Greedy and ``ev.k`` sampled responses for every example, scored with ``rewards`` (a
-    RewardPool: ``await rewards.score_group(prompt, responses, example)``); ``eval.*`` sampling
-    settings left unset are the task's, the output budget at most what ``context`` leaves (0: no
-    limit; ``max_input``: episode.py ``output_room``); sample ``j`` of example ``i`` is seeded
-    from ``(seed, i, j)``. Returns the figures plus the lowest and highest token version seen."""
+                   stop_token_ids: list[int], version_fn: Callable[[], int], concurrency: int = 64,
+                   seed: int = 0, context: int = 0, max_input: int = 0,
+                   samples: list | None = None) -> dict:
+    """Greedy and ``ev.k`` sampled responses for every example (``sampling_settings``), scored
+    with ``rewards`` (a RewardPool); the output budget at most what ``context`` leaves (0: no
+    limit; ``max_input``: episode.py ``output_room``); sample ``j`` of example ``i`` seeded from
+    ``(seed, i, j)``. Returns the figures plus the lowest and highest token version seen;
+    ``samples``: a list that gets each example's ``sample_row``."""
     gate = asyncio.Semaphore(concurrency)
     versions: set[int] = set()
-    base = {"top_p": task.top_p, "top_k": task.top_k, "stop_token_ids": list(stop_token_ids)}
-    temperature = ev.temperature or task.temperature
+    base = {"top_p": task.top_p, "top_k": task.top_k, "stop_token_ids": list(stop_token_ids),
+            "temperature": sampling_settings(ev, task)["temperature"]}
 
     async def one(ids: list[int], sampling: dict, budget: int) -> list[int]:
         async with gate:
@@ -140,8 +154,7 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
         return s.output_ids
 
     def sampled(i: int, j: int) -> dict:  # a seed within int64 and >= 0, whatever `seed` is
-        return dict(base, temperature=temperature,
-                    sampling_seed=random.Random(f"{seed}/{i}/{j}").getrandbits(63))
+        return dict(base, sampling_seed=random.Random(f"{seed}/{i}/{j}").getrandbits(63))
 
     async def per_example(i: int, ex) -> tuple[float, list[float]] | None:
         """The example's greedy reward and sampled rewards; None when its prompt leaves no room
@@ -159,11 +172,13 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
         except SGLangError as e:
             errors.append(e)
             return None
-        scored = await rewards.score_group(ex.prompt, [decode(o) for o in outs], ex)
+        scored = await rewards.score_group(ex.prompt, texts := [decode(o) for o in outs], ex)
+        if samples is not None:
+            samples.append(sample_row(i, ex, texts, scored))
         return scored[0][0], [r for r, _ in scored[1:]]
 
     errors: list[SGLangError] = []
-    no_room: list[int] = []  # examples whose prompt leaves no room
+    no_room: list[int] = []  # examples whose prompt leaves no room (not sent)
     # a reward that cannot load: its siblings must not outlive the client
     results = [r for r in await gather_or_cancel(per_example(i, ex)
                                                  for i, ex in enumerate(examples))
@@ -174,10 +189,21 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
     figures = summarize([g for g, _ in results], [s for _, s in results], ev.k)
     if errors:
         figures["errors"], figures["first_error"] = len(errors), f"SGLangError: {errors[0]}"
-    if no_room:
-        figures["no_room"] = len(no_room)
+    figures |= {"no_room": len(no_room)} if no_room else {}
     figures["token_versions"] = [min(versions), max(versions)] if versions else []
     return figures
+
+
+def sample_row(index: int, example, responses: list[str], scored: list) -> dict:
+    """One line of ``areal-like eval --samples``: the prompt, its reference answer, the greedy
+    response and the sampled ones, each with its reward (and the reward's error, if any)."""
+    def one(text: str, score) -> dict:
+        reward, error = score
+        return {"response": text, "reward": reward, **({"error": error} if error else {})}
+
+    return {"index": index, "prompt": example.prompt, "answer": example.answer,
+            "greedy": one(responses[0], scored[0]),
+            "sampled": [one(t, sc) for t, sc in zip(responses[1:], scored[1:])]}
 
 
 def record_eval_metrics(metrics, record: dict, k: int) -> None:
@@ -213,7 +239,8 @@ class ServerEvaluator:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    async def figures(self, client: SGLangClient, version: int, max_input: int = 0) -> dict:
+    async def figures(self, client: SGLangClient, version: int, max_input: int = 0,
+                      samples: list | None = None) -> dict:
         """``evaluate`` of the eval split on ``client``'s engine, which serves ``version`` and
         refuses an input of ``max_input`` tokens (0: none)."""
         eos = self.tokenizer.eos_token_id
@@ -221,7 +248,7 @@ class ServerEvaluator:
                               self.facts.eval, self.facts.task,
                               [int(eos)] if eos is not None else [], lambda: version,
                               seed=self.facts.seed, context=self.facts.context,
-                              max_input=max_input)
+                              max_input=max_input, samples=samples)
 
     async def run(self, client: SGLangClient, version: int, max_input: int = 0) -> dict:
         """Evaluate the engine (which serves ``version``) and record the result."""
@@ -257,9 +284,33 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _default_config(path: Path) -> Path | None:
-    """The run's config.yaml for ``run_dir/export/vN`` or ``run_dir/checkpoints/vN``."""
-    candidate = path.resolve().parent.parent / "config.yaml"
+    """The run's config.yaml for ``run_dir/export/vN`` (and its ``merged/``) or
+    ``run_dir/checkpoints/vN``."""
+    path = path.resolve()
+    if path.name == MERGED_DIR and (path.parent / ADAPTER_CONFIG).is_file():
+        path = path.parent
+    candidate = path.parent.parent / "config.yaml"
     return candidate if candidate.is_file() else None
+
+
+def _recorded_config(path: Path) -> Path | None:
+    """The run config.yaml an export names (``run_config`` in its task file: ``areal-like
+    export`` writes it), when it is yours: a file owned by this user that no one else may write.
+    An export made elsewhere names a file that is not here, or not yours: None."""
+    import stat
+
+    from areal_like.settings.config import EXPORT_TASK_FILE, export_data
+
+    stored = path / EXPORT_TASK_FILE
+    named = export_data(stored.read_text()).get("run_config") if stored.is_file() else None
+    if not isinstance(named, str):
+        return None
+    try:
+        st = Path(named).stat()
+    except OSError:
+        return None
+    mine = stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+    return Path(named) if mine else None
 
 
 def _to_hf_dir(checkpoint: Path, config_file: Path | None, out: Path) -> Path:
@@ -295,7 +346,8 @@ def _merged(adapter_dir: Path, out: Path) -> Path:
     return out
 
 
-async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
+async def _evaluate_model(cfg: RunConfig, version: int | None,
+                          samples: list | None = None) -> dict:
     from areal_like.tasks.tokenizer import load_tokenizer
     from rollout_server.engine import EmbeddedEngine
     from rollout_server.reward_pool import RewardPool
@@ -310,7 +362,7 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
                           api_key=key)
     try:
         t0 = time.monotonic()
-        figures = await evaluator.figures(client, 0)
+        figures = await evaluator.figures(client, 0, samples=samples)
     finally:
         await client.close()
         rewards.close()
@@ -322,7 +374,8 @@ async def _evaluate_model(cfg: RunConfig, version: int | None) -> dict:
             "seconds": round(time.monotonic() - t0, 3), **figures}
 
 
-def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dict:
+def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None,
+                   samples: list | None = None) -> dict:
     """Evaluate an HF directory, or a checkpoint converted into one in a temporary directory;
     ConfigError first, before any model is read, when the task's reward cannot be loaded."""
     import dataclasses
@@ -339,8 +392,9 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dic
         if (model_dir / ADAPTER_CONFIG).is_file() and not (model_dir / "config.json").is_file():
             # export.merged=true wrote the merged model beside it (the only one a model built
             # from its config, with no base directory to name, has)
-            model_dir = (model_dir / "merged" if (model_dir / "merged" / "config.json").is_file()
-                         else _merged(model_dir, Path(tmp) / "merged"))
+            merged = model_dir / MERGED_DIR
+            model_dir = (merged if (merged / "config.json").is_file()
+                         else _merged(model_dir, Path(tmp) / MERGED_DIR))
         cfg = dataclasses.replace(
             cfg, model=dataclasses.replace(cfg.model, path=str(model_dir.resolve())),
             # a whole model (an adapter is merged above): an SGLang LoRA run's disk path is not
@@ -348,7 +402,7 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None) -> dic
             trainer=dataclasses.replace(cfg.trainer, lora=LoraConfig()),
             rollout=dataclasses.replace(cfg.rollout, engine=dataclasses.replace(
                 cfg.rollout.engine, kind="embedded", host="127.0.0.1", port=0)))
-        return asyncio.run(_evaluate_model(cfg, _version_of(model)))
+        return asyncio.run(_evaluate_model(cfg, _version_of(model), samples))
 
 
 def _refuse_untrusted(task: TaskConfig, keys: set[str], stored: Path) -> None:
@@ -411,15 +465,21 @@ def _eval_config(model: Path, config_file: Path | None,
                                                      if o.startswith("task.eval_path=")
                                                      ).split("=", 1)[1])
     named = "task" in keys  # task=NAME: the user's task, whatever the model's run trained on
-    config_file = config_file or (None if named else _default_config(model))
-    if config_file is not None:
-        return load_daemon_config(["--config-file", str(config_file), *overrides]), config_file
+    run_config = None if config_file or named else _default_config(model) or _recorded_config(
+        model)
+    if config_file or run_config:
+        # the model is MODEL and its settings the run's: a model=NAME has nothing left to choose
+        kept = [o for o in overrides if o.split("=", 1)[0] != "model"]
+        config_file = config_file or run_config
+        return load_daemon_config(["--config-file", str(config_file), *kept]), config_file
     stored = model / EXPORT_TASK_FILE
     if not named and stored.is_file():
         text = stored.read_text()
         # the run's eval.* and seed, each under the same key given here
         run = [o for o in export_settings(text)[0] if o.split("=", 1)[0] not in keys]
-        cfg = load_daemon_config([*run, *(o for o in overrides if not o.startswith("task."))])
+        given = [*_model_overrides(model, keys, default=None),
+                 *(o for o in overrides if not o.startswith("task."))]
+        cfg = load_daemon_config([*run, *given])
         task = task_from_yaml(text, [o for o in overrides if o.startswith("task.")])
         _refuse_untrusted(task, keys, stored)
         return dataclasses.replace(cfg, task=task), None
@@ -427,15 +487,65 @@ def _eval_config(model: Path, config_file: Path | None,
         raise ConfigError(f"{model} does not say which task to score it on (no {EXPORT_TASK_FILE} "
                           "in it, no run config.yaml beside it): name one (task=NAME and its "
                           "task.* keys) or pass --config-file <run_dir>/config.yaml")
-    return load_daemon_config(overrides), None
+    given = [*_model_overrides(model, keys, default="local_hf"), *overrides]
+    return load_daemon_config(given), None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``areal-like eval MODEL [--config-file F] [--out FILE] [key=value ...]``: one JSON line."""
+def _model_overrides(model: Path, keys: set[str], default: str | None) -> list[str]:
+    """``model=`` (``default`` unless given; a user's model takes the task's sampling settings,
+    never ``model=tiny``'s recipe) and ``model.path=MODEL`` unless given, which ``model=local_hf``
+    makes mandatory."""
+    out = [f"model={default}"] if default and "model" not in keys else []
+    if (out or "model" in keys) and "model.path" not in keys:
+        out.append("model.path='{}'".format(str(model.resolve()).replace("'", "\\'")))
+    return out
+
+
+def _not_a_model(path: Path) -> str:
+    """Why ``path`` cannot be evaluated: deleted by its run (an older ``v<version>`` beside newer
+    ones: pruned), missing, or not a model."""
+    if path.exists():  # e.g. a run directory: its config.yaml is not a model's
+        return (f"{path} is neither a Hugging Face model directory (config.json) nor a trainer "
+                "checkpoint: name one, e.g. <run_dir>/export/v<version> or "
+                "<run_dir>/checkpoints/v<version>")
+    parent = path.parent
+    kept = sorted((p.name for p in parent.glob("v*") if p.name[1:].isdigit()),
+                  key=lambda n: int(n[1:])) if parent.is_dir() else []
+    if path.name[:1] == "v" and path.name[1:].isdigit() and kept and (
+            int(kept[-1][1:]) > int(path.name[1:])):
+        what = {"checkpoints": "checkpoints (trainer.keep_checkpoints)",
+                "export": "exports (export.keep)"}.get(
+            parent.name, "checkpoints and exports (trainer.keep_checkpoints, export.keep)")
+        return (f"{path} was deleted by its run, which keeps only its newest {what}: "
+                f"{parent} holds {', '.join(kept)}")
+    return f"{path} does not exist"
+
+
+def _settings_source(args, config_file: Path | None, cfg: RunConfig) -> str:
+    """Where ``_eval_config`` took the task and eval settings from, in words."""
+    from areal_like.settings.config import EXPORT_TASK_FILE
+
+    if args.config_file is not None:
+        return f"--config-file {args.config_file}"
+    if config_file is not None:
+        return f"the run's {config_file}"
+    stored = args.model / EXPORT_TASK_FILE
+    if stored.is_file() and not any(o.split("=", 1)[0] == "task" for o in args.overrides):
+        return f"the export's {stored}"
+    return f"task={cfg.task.name}'s defaults and the command line"
+
+
+def _say_sampling(sampling: dict) -> None:
+    """One line on stderr: how the evaluation samples, and where that comes from."""
+    print(f"[eval] sampling at temperature {sampling['temperature']:g}, top_p "
+          f"{sampling['top_p']:g}, top_k {sampling['top_k']}, at most "
+          f"{sampling['max_new_tokens']} new tokens, {sampling['samples_per_prompt']} samples "
+          f"per prompt besides the greedy one; from {sampling['from']}", file=sys.stderr,
+          flush=True)
+
+
+def _parser():
     import argparse
-
-    from areal_like.settings.config import ConfigError
-    from rollout_server.reward_pool import RewardPoolError
 
     p = argparse.ArgumentParser(prog="areal-like eval",
                                 description="Evaluate an HF model directory or a trainer "
@@ -448,34 +558,51 @@ def main(argv: list[str] | None = None) -> int:
                    help="the run's config.yaml (default: the one of the run the "
                         "model belongs to, when there is one)")
     p.add_argument("--out", type=Path, help="also append the result to this JSONL file")
+    p.add_argument("--samples", type=Path,
+                   help="write each prompt, its answers and their rewards to this JSONL file")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. eval.k=8 task.eval_path=...")
-    args = p.parse_intermixed_args(argv)  # overrides after --out FILE too
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``areal-like eval MODEL [--config-file F] [--out FILE] [--samples FILE] [key=value ...]``:
+    one JSON line."""
+    from areal_like.settings.config import ConfigError
+    from rollout_server.reward_pool import RewardPoolError
+
+    args = _parser().parse_intermixed_args(argv)  # overrides after --out FILE too
     if not (_is_checkpoint(args.model) or (args.model / "config.json").is_file()
             or (args.model / ADAPTER_CONFIG).is_file()):
-        # e.g. a run directory: its config.yaml is not a model's
-        print(f"error: {args.model} is neither a Hugging Face model directory (config.json) nor "
-              "a trainer checkpoint: name one, e.g. <run_dir>/export/v<version> or "
-              "<run_dir>/checkpoints/v<version>", file=sys.stderr)
+        print(f"error: {_not_a_model(args.model)}", file=sys.stderr)
         return 2
     if why := _outside(args.model):
         print(f"error: {why}", file=sys.stderr)
         return 2
+    samples: list[dict] | None = [] if args.samples is not None else None
     try:
         cfg, config_file = _eval_config(args.model, args.config_file, list(args.overrides))
-        record = _evaluate_path(args.model, cfg, config_file)
+        sampling = {**sampling_settings(cfg.eval, cfg.task),
+                    "from": _settings_source(args, config_file, cfg)}
+        record = _evaluate_path(args.model, cfg, config_file, samples)
     except (ConfigError, RewardPoolError, SGLangError, subprocess.CalledProcessError) as e:
         # RewardPoolError: reward not loadable; SGLangError: the engine refused every prompt;
         # an export that refused (exit 2) printed its own error line
         if not (isinstance(e, subprocess.CalledProcessError) and e.returncode == 2):
             print(f"error: {e}", file=sys.stderr)
         return 2
-    record["model"] = str(args.model)
+    record.update(model=str(args.model), sampling=sampling)
+    _say_sampling(sampling)
     print(json.dumps(record), flush=True)  # first: a bad --out never loses the evaluation
+    flag = "--out"
     try:
         if args.out is not None:
             append_record(args.out, record)
+        flag = "--samples"
+        if args.samples is not None:
+            rows = sorted(samples or [], key=lambda r: r["index"])
+            args.samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
     except OSError as e:
-        print(f"error: --out {args.out}: {e}", file=sys.stderr)
+        print(f"error: {flag} {getattr(args, flag[2:])}: {e}", file=sys.stderr)
         return 2
     return 0
 

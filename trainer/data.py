@@ -257,10 +257,11 @@ class BatchSource:
             if status == "error":
                 raise BufferUnavailable(payload)
             if status == "resync":
-                if self.rank == 0:
-                    log.warning("no data for version %d and engines %s are behind it: "
-                                "re-pushing weights",
-                                version, payload)
+                if self.rank == 0:  # expected after an evaluation (ROLLOUT.md, "Evaluation");
+                    # a push that cannot succeed is logged as an error (trainer/engine_lag.py)
+                    log.info("engines %s serve a version older than %d (back from an evaluation, "
+                             "or they missed a push): pushing the weights to them again",
+                             payload, version)
                 self.on_stall()
                 continue
             self.empty_polls += 1

@@ -344,15 +344,16 @@ def export_tokenizer(model_cfg: ModelConfig, task: TaskConfig, tokenizer=None):
 
 def export_checkpoint(checkpoint: Path, out_dir: Path, cfg: RunConfig, *,
                       shard_mb: int | None = None,
-                      dtype: str | None = None) -> Path:
+                      dtype: str | None = None, run_config: Path | None = None) -> Path:
     """``areal-like export``:
-    a trainer DCP checkpoint directory -> an HF directory at ``out_dir``."""
+    a trainer DCP checkpoint directory -> an HF directory at ``out_dir``, whose task file names
+    ``run_config`` (the config.yaml ``cfg`` came from), which ``areal-like eval`` reads."""
     model = load_checkpoint_model(Path(checkpoint), cfg.model, cfg.trainer.lora)
     version = _checkpoint_version(Path(checkpoint))
     return export_hf(model, Path(out_dir), model_cfg=cfg.model,
                      tokenizer=export_tokenizer(cfg.model, cfg.task),
                      shard_mb=shard_mb or cfg.export.shard_mb, dtype=dtype or cfg.model.dtype,
-                     task_file=export_yaml(cfg.task, cfg.eval, cfg.seed, version),
+                     task_file=export_yaml(cfg.task, cfg.eval, cfg.seed, version, run_config),
                      merged=cfg.export.merged)
 
 
@@ -416,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_daemon_config(["--config-file", str(config_file)])
         if why := export_without_base(cfg):
             raise ValueError(f"{config_file}: {why} there (or in a copy, with --config-file)")
-        out = export_checkpoint(ckpt, args.out, cfg, shard_mb=args.shard_mb, dtype=args.dtype)
+        out = export_checkpoint(ckpt, args.out, cfg, shard_mb=args.shard_mb, dtype=args.dtype,
+                                run_config=config_file)
     except (OSError, ValueError, ConfigError, StartRefused) as e:
         # StartRefused: damaged, or planted (UnsafeCheckpointError)
         gone = ckpt is not None and not ckpt.exists()  # a running job keeps only its newest

@@ -60,6 +60,7 @@ from trainer.engine_lag import EngineSchedule
 from trainer.export import export_hf, export_tokenizer, prune_exports
 from trainer.facts import TrainerFacts
 from trainer.finite_guard import SkipTracker
+from trainer.learning_watch import LearningWatch
 from trainer.logprob_guard import PROBE_TEXT, guard_tol, run_guard
 from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
 from trainer.ranks import from_rank0
@@ -151,6 +152,7 @@ class Trainer(Daemon):
         self.reference = (build_reference(model_cfg, t, self.policy)
                           if t.loss.kl_coef > 0 or kl_in_reward else None)
         self.settings = StepSettings.of(t, self.facts.task)
+        self.watch = LearningWatch(t.learning_watch_steps, report=self.rank == 0)
         self.data = BatchSource(t.buffer_address, t.groups_per_step, keys=self.facts.keys,
                                 wait_s=t.batch_wait_s, buffer_timeout_s=t.buffer_timeout_s,
                                 rank=self.rank, should_stop=self.stop_requested.is_set,
@@ -351,6 +353,7 @@ class Trainer(Daemon):
             # the kernel's advantages (or the critic's), then the optimizer steps
             stats = self.train_batch(batch, prox_logp, ref_logp)
             self.skips.observe(self.version + 1, stats)  # every rank alike: too many in a row stop
+            self.watch.observe(self.version + 1, stats, float(batch.rewards.mean()))
             self.version += 1
             self.steps_trained += 1
             # a push (a small model's finishes in the background), or only the announcement
@@ -379,6 +382,8 @@ class Trainer(Daemon):
                                           should_stop=self.stop_requested.is_set,
                                           final_eval=self.facts.final_eval)
         self.record({"event": "done", "policy_version": self.version, "steps": t.steps,
+                     # steps without a learning signal (trainer/learning_watch.py); None: off
+                     "learning": self.watch.verdict(),
                      "steps_trained": self.steps_trained,
                      "rolled_back_steps": self.rolled_back_steps,
                      "labels_skipped": self.version - self.steps_trained,
@@ -422,7 +427,8 @@ class Trainer(Daemon):
                                                        self.tokenizer),
                             shard_mb=e.shard_mb, dtype=self.facts.model.dtype,
                             task_file=export_yaml(self.facts.task, self.facts.eval,
-                                                  self.facts.seed, self.version),
+                                                  self.facts.seed, self.version,
+                                                  self.facts.run_dir / "config.yaml"),
                             merged=e.merged)
             if self.rank == 0 and e.keep:
                 prune_exports(root, e.keep)

@@ -302,11 +302,12 @@ def absolute_files(task: TaskConfig) -> TaskConfig:
 
 
 def export_yaml(task: TaskConfig, ev: EvalConfig | None = None, seed: int | None = None,
-                policy_version: int | None = None) -> str:
+                policy_version: int | None = None, run_config: Path | None = None) -> str:
     """``EXPORT_TASK_FILE``: what ``areal-like eval`` needs of the run an export comes from, to
     give the numbers the run's own evaluation gives: a config of its ``task`` (files absolute),
-    ``eval`` and ``seed`` (the evaluation's settings and sampling seeds), and the
-    ``policy_version`` of the weights beside it."""
+    ``eval`` and ``seed`` (the evaluation's settings and sampling seeds), the
+    ``policy_version`` of the weights beside it, and the ``run_config`` it was made from (eval
+    reads it where it is the evaluating user's own file)."""
     from omegaconf import OmegaConf
 
     sections: dict[str, Any] = {"task": OmegaConf.structured(absolute_files(task))}
@@ -316,6 +317,8 @@ def export_yaml(task: TaskConfig, ev: EvalConfig | None = None, seed: int | None
         sections["seed"] = seed
     if policy_version is not None:
         sections["policy_version"] = policy_version
+    if run_config is not None:
+        sections["run_config"] = str(Path(run_config).absolute())
     return OmegaConf.to_yaml(OmegaConf.create(sections))
 
 

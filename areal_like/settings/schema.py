@@ -457,7 +457,8 @@ class TrainerConfig(Section):
     key = "trainer"
 
     buffer_address: str = "${buffer.address}"  # the buffer it takes batches from
-    # groups per optimizer step (always buffer.groups_per_step)
+    # groups per optimizer step: set by buffer.groups_per_step (set that key); another value here
+    # is refused, since the buffer's admission and staleness bound count that many per version
     groups_per_step: int = "${buffer.groups_per_step}"  # type: ignore[assignment]
     # optimizer steps (policy versions) of the run (verl total_training_steps)
     steps: Annotated[int, at_least(1)] = 100
@@ -474,6 +475,9 @@ class TrainerConfig(Section):
     grad_clip: Annotated[float, above(0)] = 1.0  # global gradient-norm clip
     # a step with a non-finite loss or gradient is skipped; this many in a row stop the job
     max_nonfinite_skips: Annotated[int, at_least(1)] = 10
+    # steps in a row with no learning signal (every group's rewards equal: zero_adv_skip_frac 1; or
+    # grad_norm 0) after which the trainer warns and the final JSON says learning.ok false; 0 = off
+    learning_watch_steps: Annotated[int, at_least(0)] = 10
     # sequences per forward/backward (max_tokens_per_micro_batch = 0)
     micro_batch_size: Annotated[int, at_least(1)] = 8
     # sequences concatenated without padding (trainer/packing.py); false: right-padded
@@ -687,6 +691,11 @@ class RunConfig(Section):
         if self.rollout.engine.kind == "vllm":
             self._check_vllm_engine()
         self._check_group_size()
+        _check("trainer.groups_per_step", not isinstance(self.trainer.groups_per_step, int)
+               or self.trainer.groups_per_step == self.buffer.groups_per_step,
+               f"buffer.groups_per_step="
+               f"{self.buffer.groups_per_step} (set buffer.groups_per_step instead: the trainer "
+               "takes what the buffer admits per version)", self.trainer.groups_per_step)
 
     def _check_vllm_engine(self) -> None:
         """What a vLLM engine offers (trainer/WEIGHT_SYNC.md, "vLLM"): the group path (an adapter:

@@ -9,12 +9,15 @@ and once without a task (an HF directory from elsewhere). Each sits in a directo
 * the export that stores its task is scored on it (the record names ``sort``), and a
   ``task.*`` override still applies on top of the stored task;
 * the bare directory is refused with one ``error:`` line and exit 2, and no JSON record;
-* naming the task on the command line (``task=sort``) evaluates the bare directory.
+* naming the task on the command line (``task=sort``) evaluates the bare directory, at the
+  task's sampling settings (with or without ``model=local_hf``), printed and recorded;
+* a LoRA export's ``merged/`` is scored with its run's config.yaml.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +95,38 @@ def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(tmp_pa
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(r.stdout.strip())
     assert record["task"] == "sort" and record["n"] == 4 and record["policy_version"] == 3
+
+
+def test_a_users_model_samples_at_its_tasks_settings_and_a_merged_export_finds_its_run(tmp_path):
+    """A model from elsewhere is sampled at the task's settings (``task=sort``: temperature 1),
+    not at the tiny model's recipe (2), and ``model=local_hf`` beside it is accepted (before:
+    "model.path is mandatory"); the settings are printed and recorded. A LoRA export's ``merged/``
+    is evaluated with its run's config.yaml two folders up, the user's own reward included
+    (before: refused as a reward the export's task file names)."""
+    from areal_like.settings.config import load_config, to_yaml
+
+    subprocess.run([sys.executable, "-c", EXPORT, str(tmp_path)], check=True, timeout=300,
+                   cwd=REPO_ROOT, env=child_env())
+    bare = tmp_path / "bare" / "v00000003"
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 16,
+                "samples_per_prompt": 0, "from": "task=sort's defaults and the command line"}
+    for model in ([], ["model=local_hf"]):
+        r = _eval(bare, "task=sort", *model)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert json.loads(r.stdout.strip())["sampling"] == sampling, r.stdout
+        assert "[eval] sampling at temperature 1, top_p 1, top_k -1, at most 16 new tokens, 0 " \
+               "samples per prompt" in r.stderr, r.stderr
+
+    run = tmp_path / "run"
+    merged = run / "export" / "v00000003" / "merged"
+    shutil.copytree(tmp_path / "moved" / "v00000003", merged)
+    (merged.parent / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    (merged / "areal_like_task.yaml").write_text(
+        "task: {name: sort, reward_fn: 'tests.learning_reward:reversed_exact'}\n")
+    (run / "config.yaml").write_text(to_yaml(load_config(
+        ["task=sort", "task.reward_fn=tests.learning_reward:reversed_exact", f"run_dir={run}"])))
+    r = _eval(merged)
+    assert r.returncode == 0, r.stderr[-3000:]
+    record = json.loads(r.stdout.strip())
+    assert record["task"] == "sort" and record["sampling"]["from"] == f"the run's {run}/config.yaml"
+    assert record["sampling"]["temperature"] == 2.0  # the run's: model=tiny's recipe

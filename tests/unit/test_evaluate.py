@@ -19,6 +19,9 @@ from areal_like.settings.config import EvalConfig, TaskConfig
 from areal_like.wire import protocol as P
 from rollout_server.evaluate import EvalSchedule, main, read_done_versions, summarize
 
+# what main reads of a config it did not compose (the tests that replace the evaluation)
+_SETTINGS = type("Settings", (), {"eval": EvalConfig(), "task": TaskConfig()})()
+
 
 @pytest.mark.parametrize("every,at_start,at_end,done,due", [
     # every=5, 20 steps: 0 (baseline), 5, 10, 15, 20 (final)
@@ -164,11 +167,25 @@ def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, caps
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("run_dir: run\n")
-    for path in (run_dir, run_dir / "checkpoints", tmp_path / "missing"):
+    for path in (run_dir, run_dir / "checkpoints"):
         assert main([str(path)]) == 2
         err = capsys.readouterr().err
         assert err.count("error:") == 1 and "neither a Hugging Face model directory" in err, err
         assert "<run_dir>/export/v<version>" in err, err
+    assert main([str(tmp_path / "missing")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'missing'} does not exist\n"
+
+
+def test_eval_of_a_checkpoint_its_run_pruned_says_so(tmp_path, capsys):
+    """A checkpoint ``trainer.keep_checkpoints`` deleted (older than those left beside it) is named
+    as pruned, with the ones that remain; before, it read as a path that never existed."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for version in (8, 10):
+        (checkpoints / f"v{version:08d}").mkdir(parents=True)
+    assert main([str(checkpoints / "v00000004")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {checkpoints / 'v00000004'} was deleted by its run"), err
+    assert "trainer.keep_checkpoints" in err and "holds v00000008, v00000010" in err, err
 
 
 def test_an_eval_path_on_a_synthetic_tasks_export_names_the_key_given(tmp_path, capsys):
@@ -195,13 +212,14 @@ def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(tmp_path,
     export.mkdir()
     (export / "config.json").write_text("{}")
     monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
-                        (None, None))
-    monkeypatch.setattr(evaluate, "_evaluate_path", lambda model, cfg, config_file:
+                        (_SETTINGS, None))
+    monkeypatch.setattr(evaluate, "_evaluate_path", lambda model, cfg, config_file, samples:
                         {"policy_version": 3, "greedy_accuracy": 0.5})
     assert main([str(export), "--out", str(tmp_path)]) == 2
     out, err = capsys.readouterr()
     assert json.loads(out)["greedy_accuracy"] == 0.5, out
-    assert err.startswith(f"error: --out {tmp_path}: ") and err.count("\n") == 1, err
+    assert err.startswith("[eval] sampling at temperature ") and err.count("\n") == 2, err
+    assert err.splitlines()[1].startswith(f"error: --out {tmp_path}: "), err
 
 
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
@@ -398,7 +416,7 @@ def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(tmp_path, ca
     import rollout_server.evaluate as evaluate
     from areal_like.net.sglang_client import SGLangError
 
-    def refused(model, cfg, config_file):
+    def refused(model, cfg, config_file, samples):
         raise SGLangError("/generate", 400, "every eval prompt failed; the first: The input "
                           "(406 tokens) is longer than the model's context length (256 tokens).")
 
@@ -406,7 +424,7 @@ def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(tmp_path, ca
     export.mkdir()
     (export / "config.json").write_text("{}")
     monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
-                        (None, None))
+                        (_SETTINGS, None))
     monkeypatch.setattr(evaluate, "_evaluate_path", refused)
     assert main([str(export)]) == 2
     out, err = capsys.readouterr()
@@ -560,8 +578,8 @@ def test_overrides_after_out_reach_the_config(tmp_path, capsys, monkeypatch):
     (export / "config.json").write_text("{}")
     seen = []
     monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
-                        (seen.append(overrides), None))
-    monkeypatch.setattr(evaluate, "_evaluate_path", lambda model, cfg, config_file:
+                        (seen.append(overrides) or _SETTINGS, None))
+    monkeypatch.setattr(evaluate, "_evaluate_path", lambda model, cfg, config_file, samples:
                         {"policy_version": 3})
     out = tmp_path / "e.jsonl"
     assert main([str(export), "--out", str(out), "eval.k=8", "task=reverse"]) == 0
@@ -671,3 +689,26 @@ def test_eval_started_inside_an_export_imports_nothing_shipped_in_it(tmp_path, m
         assert not marker.exists(), "a module shipped in the export was imported"
     assert rc == 2
     assert "run `areal-like eval` from outside" in capsys.readouterr().err
+
+
+def test_a_run_config_an_export_names_is_read_only_when_it_is_the_users_own(tmp_path, capsys):
+    """``areal-like export`` names the run's config.yaml in the export's task file, and eval reads
+    that config (and the reward it names) from there; a file others may write is not the user's
+    configuration: the stored task is data again, and its reward outside the project's is
+    refused."""
+    import os
+
+    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, export_yaml
+
+    config = tmp_path / "run" / "config.yaml"
+    config.parent.mkdir()
+    config.write_text("task:\n  name: reverse\n")
+    export = tmp_path / "mine"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / EXPORT_TASK_FILE).write_text(export_yaml(
+        TaskConfig(name="reverse", reward_fn="my_rewards:score"), run_config=config))
+    os.chmod(config, 0o666)
+    assert main([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert "task.reward_fn='my_rewards:score' in" in err and "is not one of" in err, err

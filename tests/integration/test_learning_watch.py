@@ -1,0 +1,107 @@
+"""A job says when it is not learning, and its models evaluate with the run's settings.
+
+Two short real jobs (`areal-like run -q`, the quickstart's warm-started model at test size, one
+rollout server, one trainer rank), with ``trainer.learning_watch_steps=3``:
+
+* a reward that gives every response 0 (``tests/learning_reward.py:zero``): every group's rewards
+  are equal, nothing is trained. The job still ends with exit 0 and ``"ok": true`` (it ran), but
+  the trainer's log warns, the console says "not learning", and the final JSON's ``learning``
+  (also in summary.json) has ``ok`` false, the steps without a signal and what to try;
+* the reversal task's own grade under a user's module name (``reversed_exact``): ``learning.ok``
+  is true. Then ``areal-like export`` of its checkpoint into a directory of one's own is evaluated
+  with the run's settings, the user's reward included (its task file names the run's config.yaml),
+  with ``--samples``; and a checkpoint ``trainer.keep_checkpoints`` deleted is named as deleted.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import psutil
+import pytest
+from system_harness import BASE_OVERRIDES, warm_model
+
+from tests.conftest import REPO_ROOT, child_env
+
+WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart"  # shared with test_e2e.py
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``areal-like`` in a subprocess from the repository root (the rewards import from there);
+    past ``timeout`` it and every process it started are killed, by PID."""
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=child_env())
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _run(run_dir: Path, reward: str) -> tuple[subprocess.CompletedProcess, dict]:
+    r = _cli("run", "-q", *BASE_OVERRIDES, f"model.path={warm_model(WARM_CACHE)}",
+             "warm_start.steps=0", f"run_dir={run_dir}", "trainer.steps=5",
+             "launch.num_rollout_servers=1", "launch.trainer_ranks=1",
+             "trainer.learning_watch_steps=3", f"task.reward_fn=tests.learning_reward:{reward}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(900)
+def test_a_run_whose_rewards_are_all_equal_says_it_did_not_learn(tmp_path):
+    run_dir = tmp_path / "run"
+    r, summary = _run(run_dir, "zero")
+    assert summary["ok"] and summary["steps"] == 5  # it ran: the exit code and ok stay
+    learning = summary["learning"]
+    assert learning["ok"] is False, learning
+    assert learning["steps_without_signal"] == learning["longest_run"] == 5, learning
+    assert "equal rewards" in learning["reason"] and "OWN_MODEL.md" in learning["what_to_try"]
+    assert json.loads((run_dir / "summary.json").read_text())["learning"] == learning
+    assert "[run] not learning: no learning signal in 5 of 5 steps" in r.stderr, r.stderr[-3000:]
+    log = (run_dir / "logs" / "trainer.log").read_text()
+    assert "WARNING" in log and "no learning signal for 3 steps in a row" in log, log[-3000:]
+
+
+@pytest.mark.timeout(900)
+def test_a_learning_run_is_not_flagged_and_its_export_evaluates_with_the_runs_settings(tmp_path):
+    run_dir = tmp_path / "run"
+    r, summary = _run(run_dir, "reversed_exact")
+    assert summary["ok"] and summary["learning"]["ok"] is True, summary
+    assert "not learning" not in r.stderr
+
+    # checkpoint_every=1 and keep_checkpoints=2: v00000004 and v00000005 are left
+    checkpoints = run_dir / "checkpoints"
+    pruned = _cli("eval", str(checkpoints / "v00000002"))
+    assert pruned.returncode == 2 and pruned.stdout == ""
+    assert f"{checkpoints / 'v00000002'} was deleted by its run" in pruned.stderr, pruned.stderr
+
+    mine, samples = tmp_path / "mine", tmp_path / "samples.jsonl"
+    exported = _cli("export", str(checkpoints / "v00000005"), str(mine))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    e = _cli("eval", str(mine), "eval.max_examples=6", "eval.k=2", "--samples", str(samples))
+    assert e.returncode == 0, e.stderr[-3000:]
+    record = json.loads(e.stdout.strip().splitlines()[-1])
+    # the run's task and sampling (temperature 2, the quickstart's), from the run's config.yaml
+    assert record["policy_version"] == 5 and record["n"] == 6, record
+    assert record["sampling"] == {"temperature": 2.0, "top_p": 1.0, "top_k": -1,
+                                  "max_new_tokens": 8, "samples_per_prompt": 2,
+                                  "from": f"the run's {run_dir / 'config.yaml'}"}, record
+    assert "[eval] sampling at temperature 2, top_p 1, top_k -1, at most 8 new tokens" in e.stderr
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert [row["index"] for row in rows] == list(range(6))
+    for row in rows:
+        assert row["prompt"] and row["answer"] and len(row["sampled"]) == 2, row
+        assert row["greedy"]["reward"] == float(row["greedy"]["response"].strip() == row["answer"])
+    assert sum(row["greedy"]["reward"] for row in rows) / 6 == record["greedy_accuracy"]
