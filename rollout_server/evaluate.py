@@ -295,8 +295,10 @@ def _default_config(path: Path) -> Path | None:
 
 def _recorded_config(path: Path) -> Path | None:
     """The run config.yaml an export names (``run_config`` in its task file: ``areal-like
-    export`` writes it), when it is yours: a file owned by this user that no one else may write.
-    An export made elsewhere names a file that is not here, or not yours: None."""
+    export`` writes it), when it is yours: a file owned by this user that no one else may write,
+    in a run directory (owned by this user, mode 0700, as every run directory is made). An export
+    made elsewhere names a file that is not here, or not in a run directory of yours (a download
+    keeps no 0700 directory): None."""
     import stat
 
     from areal_like.settings.config import EXPORT_TASK_FILE, export_data
@@ -306,10 +308,11 @@ def _recorded_config(path: Path) -> Path | None:
     if not isinstance(named, str):
         return None
     try:
-        st = Path(named).stat()
+        st, run_dir = Path(named).stat(), Path(named).parent.stat()
     except OSError:
         return None
-    mine = stat.S_ISREG(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+    mine = (stat.S_ISREG(st.st_mode) and st.st_uid == run_dir.st_uid == os.getuid()
+            and not st.st_mode & 0o022 and stat.S_IMODE(run_dir.st_mode) == 0o700)
     return Path(named) if mine else None
 
 

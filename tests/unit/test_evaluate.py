@@ -712,3 +712,10 @@ def test_a_run_config_an_export_names_is_read_only_when_it_is_the_users_own(tmp_
     assert main([str(export)]) == 2
     err = capsys.readouterr().err
     assert "task.reward_fn='my_rewards:score' in" in err and "is not one of" in err, err
+    # a file only its owner may write, in a folder that is not a run directory (a download's
+    # folders are 0755; a run directory is 0700): not the user's configuration either
+    os.chmod(config, 0o644)
+    os.chmod(config.parent, 0o755)
+    assert main([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert "task.reward_fn='my_rewards:score' in" in err and "is not one of" in err, err
