@@ -518,7 +518,7 @@ def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tm
     r = config()
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert r.stderr.splitlines() == [
-        "error: task.messages_key='messages' is a chat dataset, but the tokenizer of "
+        "error: task.messages_key='messages' holds chat messages, but the tokenizer of "
         f"model.tokenizer={str(tmp_path / 'tok')!r} has no chat template to lay its messages out: "
         "set task.chat_template to a Jinja template (or a file of one), or task.chat_template=none "
         "to feed the messages' contents as plain text"]
