@@ -336,10 +336,28 @@ def check_chat_format(cfg: RunConfig) -> list[str]:
 
 
 def check_reward_fn(cfg: RunConfig) -> list[str]:
-    """``task.reward_fn`` loads as a reward worker (or, with ``task.reward_workers=0``, the rollout
-    server) will load it: ``rollout_server.reward_pool.load_problem``, which ``areal-like eval``
-    runs too."""
-    return [why] if (why := load_problem(cfg.task)) else []
+    """Each function of ``task.reward_fn`` loads as a reward worker (or, with
+    ``task.reward_workers=0``, the rollout server) will load it, and a batched one takes the
+    dataset's columns: ``rollout_server.reward_pool.load_problem``, which ``areal-like eval`` runs
+    too."""
+    return [why] if (why := load_problem(cfg.task, reward_columns(cfg.task))) else []
+
+
+def reward_columns(t) -> list[str] | None:
+    """The columns a batched reward gets as keywords (``rollout_server.reward_pool.trl_batch``):
+    the answer's and the metadata's; None when the dataset cannot be read (other checks say
+    why)."""
+    if t.name != "dataset":
+        return [t.answer_key] if t.answer_key else []
+    from areal_like.tasks.datasets import load_table, task_columns
+
+    try:
+        _, answer, metadata = task_columns(t, list(load_table("task.dataset_path",
+                                                              t.dataset_path).column_names),
+                                           t.dataset_path)
+    except Exception:  # noqa: BLE001 - check_dataset_columns says why
+        return None
+    return [c for c in (answer, *metadata) if c]
 
 
 def check_reward_model(cfg: RunConfig) -> list[str]:

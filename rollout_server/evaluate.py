@@ -356,11 +356,12 @@ def _refuse_untrusted(task: TaskConfig, keys: set[str], stored: Path) -> None:
     not choose: a ``reward_fn`` outside ``PROJECT_REWARDS``, or any ``reward_url``, unless the
     command line names it (areal_like/SECURITY.md, "Evaluating an export")."""
     from areal_like.settings.config import ConfigError
-    from areal_like.tasks.callables import split_function_path
+    from areal_like.tasks.callables import reward_paths, split_function_path
 
     if task.reward_fn and "task.reward_fn" not in keys:
         try:
-            known = ":".join(split_function_path(task.reward_fn)) in PROJECT_REWARDS
+            known = all(":".join(split_function_path(p)) in PROJECT_REWARDS
+                        for p in reward_paths(task))
         except ValueError:
             known = False
         if not known:

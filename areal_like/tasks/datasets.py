@@ -155,8 +155,8 @@ def task_columns(cfg: TaskConfig, columns: list[str], source: str) -> tuple[str,
             f"task.messages_key: {source} has both a {prompt_key!r} column and a "
             f"{MESSAGES_COLUMN!r} column, so which one is the prompt is ambiguous: set "
             f"task.messages_key={MESSAGES_COLUMN} to prompt with the messages, or "
-            f"task.messages_key={prompt_key} when the {prompt_key!r} column holds the chat messages "
-            f"(for a plain-text prompt, drop the {MESSAGES_COLUMN!r} column)")
+            f"task.messages_key={prompt_key} when the {prompt_key!r} column holds the chat "
+            f"messages (for a plain-text prompt, drop the {MESSAGES_COLUMN!r} column)")
     elif prompt_key not in columns and MESSAGES_COLUMN in columns:
         text_key, text_name = MESSAGES_COLUMN, "task.messages_key"
     else:
