@@ -107,7 +107,8 @@ class TaskConfig(Section):
     # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
     name: Annotated[str, one_of("addition", "sort", "reverse", "countdown", "calc", "guess",
                                 "dataset")] = "addition"
-    # [task.name=dataset only] a local .jsonl, .json or .parquet file (hub datasets are refused)
+    # [task.name=dataset only] a local .jsonl, .json, .parquet or .csv file, a directory of
+    # them or a save_to_disk directory (hub datasets are refused)
     dataset_path: str | None = None
     # [task.name=dataset only]
     eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
@@ -156,7 +157,8 @@ class TaskConfig(Section):
                                         and all(isinstance(p, str) and p for p in v)))] = ""
     # one weight per task.reward_fn entry (the reward is their weighted sum); empty = all 1.0
     reward_weights: list[float] = field(default_factory=list)
-    # per sample; a reward past it is killed and scored 0 with its reason
+    # per sample (a batched reward: per completion of its group); a reward past it is killed
+    # and scored 0 with its reason
     reward_timeout_s: Annotated[float, above(0)] = 5.0
     # processes of the reward pool (per rollout server); 0: in-process, unsandboxed
     reward_workers: Annotated[int, at_least(0)] = 2
