@@ -229,20 +229,22 @@ def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch
     assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages")) == [
         "task.messages_key='messages': no such column in train.jsonl; "
         "columns found: question, answer, level"]
+    no_answer = "; task.answer_key='' when the reward (task.reward_fn) needs no answer"
     assert pf.check_dataset_columns(cfg_with(**ok, answer_key="solution")) == [
         "task.answer_key='solution': no such column in train.jsonl; "
-        "columns found: question, answer, level"]
+        "columns found: question, answer, level" + no_answer]
     # both wrong (the README's example keys on one's own data): both named at once, not the
     # answer's only once the messages' is fixed
     assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages",
                                              answer_key="solution")) == [
         "task.messages_key='messages', task.answer_key='solution': no such columns in "
-        "train.jsonl; columns found: question, answer, level"]
+        "train.jsonl; columns found: question, answer, level" + no_answer]
     assert pf.check_dataset_columns(cfg_with(**ok, metadata_keys=["level", "source"])) == [
         "task.metadata_keys='source': no such column in train.jsonl; "
         "columns found: question, answer, level"]
     assert pf.check_dataset_columns(cfg_with(**ok, eval_path="eval.jsonl")) == [
-        "task.answer_key='answer': no such column in eval.jsonl; columns found: question, solution"]
+        "task.answer_key='answer': no such column in eval.jsonl; columns found: question, "
+        "solution" + no_answer]
     (tmp_path / "broken.jsonl").write_text('{"question": "1+1=", "answer": \n')
     [line] = pf.check_dataset_columns(cfg_with(**{**ok, "dataset_path": "broken.jsonl"}))
     assert line.startswith("task.dataset_path='broken.jsonl' cannot be read: ") and "\n" not in line
