@@ -1,6 +1,13 @@
 """Scoring responses in worker processes, so that a reward function cannot take the rollout server
 down.
 
+``task.reward_fn`` may name several functions: each has workers of its own, the score is their
+sum weighted by ``task.reward_weights``, and each one's rewards come back by name
+(``score_terms``). A function with a ``completions`` parameter is TRL's batched form
+(``callables.is_batched``, which the worker's hello reports): one call per group with TRL's
+keywords (``trl_batch``) and ``task.reward_timeout_s`` per completion; any other is called per
+sample. A batched result that is not one number (or None) per completion scores the group 0.
+
 The three modes (sandbox workers, one batch POST to ``task.reward_url``, in process with
 ``task.reward_workers=0``), what each guarantees and costs, its threads and its metrics:
 rollout_server/ROLLOUT.md, "Rewards".
@@ -47,7 +54,7 @@ from areal_like.tasks.callables import (
     reward_paths,
     split_function_path,
 )
-from rollout_server.reward_worker import as_reward, scrubbed_env, why_failed
+from rollout_server.reward_worker import as_reward, plain_numbers, scrubbed_env, why_failed
 from rollout_server.sandbox import (
     SandboxLimits,
     StartFailed,
@@ -314,7 +321,7 @@ class RewardPool:
         t0 = time.monotonic()
         kind = "error"
         try:
-            result = f.inline(*args, **kwargs)
+            result = plain_numbers(f.inline(*args, **kwargs))
             scores = [as_reward(result)] if n is None else self._batch_scores(f, result, n)
         except MemoryError:
             scores, kind = [(0.0, "MemoryError")] * (n or 1), "memory"

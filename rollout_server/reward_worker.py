@@ -269,7 +269,7 @@ def call_one(fn: Callable, frame: bytes) -> dict:
         *call, timeout_s = pickle.loads(frame)
         args, kwargs = call if len(call) == 2 else (call[0], {})
         _limit_cpu(timeout_s)
-        result = _plain_numbers(fn(*args, **kwargs))
+        result = plain_numbers(fn(*args, **kwargs))
         try:
             json.dumps(result)
         except (TypeError, ValueError):
@@ -282,7 +282,7 @@ def call_one(fn: Callable, frame: bytes) -> dict:
     return {"result": result}
 
 
-def _plain_numbers(result: object) -> object:
+def plain_numbers(result: object) -> object:
     """``result`` with numpy/torch numbers as floats: a number, or a batched reward's list (an
     array's ``tolist()``)."""
     if not isinstance(result, (list, tuple, str, bytes, dict)) and hasattr(result, "tolist"):

@@ -67,8 +67,10 @@ def test_a_batched_result_of_the_wrong_length_scores_zero_naming_the_counts(make
     assert by_fn == {"one_short": [0.0] * 3, "exact": [1.0, 0.0, 1.0]}
 
 
-def test_none_is_not_scored_and_an_array_is_read(make_pool):
-    pool = make_pool([f"{M}:none_for_odd", f"{M}:as_array"], reward_weights=[1.0, 0.1])
+@pytest.mark.parametrize("workers", [2, 0], ids=["workers", "in_process"])
+def test_none_is_not_scored_and_an_array_is_read(workers, make_pool):
+    pool = make_pool([f"{M}:none_for_odd", f"{M}:as_array"], reward_weights=[1.0, 0.1],
+                     reward_workers=workers)
     scores, by_fn = terms(pool, "ab", "abc")
     assert by_fn == {"none_for_odd": [1.0, None], "as_array": [2.0, 3.0]}
     assert scores == [(pytest.approx(1.2), None), (pytest.approx(0.3), None)]
