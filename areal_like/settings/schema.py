@@ -234,6 +234,9 @@ class TaskConfig(Section):
         _check("task.reward_weights", not self.reward_weights or (
             self.reward_fn and len(self.reward_weights) == n),
                f"empty or one weight per task.reward_fn entry ({n})", self.reward_weights)
+        _check("task.reward_weights", not (self.reward_weights and self.reward_url),
+               "empty with task.reward_url (the remote reward replaces task.reward_fn)",
+               self.reward_weights)
         _check("task.answer_key", self.answer_key or self.name != "dataset" or bool(
             self.reward_fn or self.reward_url or self.env or self.agent),
                "a column name: the task's own reward (math-verify) grades against the answer "
