@@ -365,10 +365,12 @@ def _refuse_untrusted(task: TaskConfig, keys: set[str], stored: Path) -> None:
         except ValueError:
             known = False
         if not known:
+            paths = reward_paths(task)  # as the command line writes them
+            shown = paths[0] if isinstance(task.reward_fn, str) else f"[{','.join(paths)}]"
             raise ConfigError(f"task.reward_fn={task.reward_fn!r} in {stored} is not one of the "
                               f"project's rewards ({', '.join(sorted(PROJECT_REWARDS))}): an "
                               "export's task file is data and names no code to run; to trust it, "
-                              f"name it on the command line: task.reward_fn={task.reward_fn}")
+                              f"name it on the command line: task.reward_fn={shown}")
     if task.reward_url and "task.reward_url" not in keys:
         raise ConfigError(f"task.reward_url={task.reward_url!r} in {stored}: an export's task "
                           "file chooses no address to send eval data to; to trust it, name it on "
