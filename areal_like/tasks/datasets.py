@@ -94,12 +94,16 @@ def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[s
     if answer is None:
         raise ConfigError(f"task.answer_key={answer_key!r}: row {i} of {source} has no answer")
     metadata = {k: _plain(row[k]) for k in meta_keys}
-    key = "task.messages_key" if cfg.messages_key else "task.prompt_key"
+    key = "task.messages_key" if cfg.messages_key or text_key != cfg.prompt_key else (
+        "task.prompt_key")
     if chat:
         messages = _messages(row[text_key], i, f"{key}={text_key!r}", source)
         return Example("\n".join(m["content"] for m in messages), _text(answer), messages, metadata)
     if row[text_key] is None or not str(row[text_key]).strip():  # blank: nothing to answer
         raise ConfigError(f"{key}={text_key!r}: row {i} of {source} has no prompt")
+    if isinstance(row[text_key], (dict, list, tuple)):  # its str() would be the prompt
+        raise ConfigError(f"{key}={text_key!r}: row {i} of {source} is neither text nor a list "
+                          f"of {{role, content}} messages: {str(row[text_key])[:120]}")
     text = _text(row[text_key])
     if CHAT_AS_TEXT.match(text):
         raise ConfigError(f"{key}={text_key!r}: row {i} of {source} is chat messages written as "

@@ -115,6 +115,13 @@ def test_ambiguous_data_is_refused_naming_the_key(tmp_path):
                                           r"messages written as text"):
         make_task(dataset(text))
 
+    (tmp_path / "one").mkdir()  # one message, not a list of them
+    one = write("jsonl", tmp_path / "one", [{"prompt": r["prompt"][0], "answer": r["answer"]}
+                                            for r in CONVERSATIONAL])
+    with pytest.raises(ConfigError, match=r"^task.prompt_key='prompt': row 0 of .* is neither text "
+                                          r"nor a list of \{role, content\} messages"):
+        make_task(dataset(one))
+
     with pytest.raises(ConfigError, match=r"^task.answer_key='answer': no such column in .*; "
                                           r"columns found: prompt, completion; task.answer_key='' "
                                           r"when the reward \(task.reward_fn\) needs no answer"):
