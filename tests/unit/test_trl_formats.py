@@ -139,3 +139,31 @@ def test_the_preflight_refuses_ambiguous_data_before_start(tmp_path):
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert r.stderr.startswith(f"error: task.messages_key: {both} has both a 'prompt' column and "
                                "a 'messages' column"), r.stderr
+
+
+def test_a_conversational_prompt_column_needs_a_chat_template(tmp_path):
+    """A tokenizer without a chat template on TRL's conversational rows: refused before start,
+    naming the key to set; a plain-text dataset needs none."""
+    import copy
+
+    tok = copy.deepcopy(char_tokenizer())
+    tok.chat_template = None
+    tok.save_pretrained(str(tmp_path / "tok"))
+    conv = write("jsonl", tmp_path, CONVERSATIONAL)
+    common = ["task=dataset", f"model.tokenizer={tmp_path / 'tok'}", "warm_start.steps=0",
+              "task.max_new_tokens=8"]
+
+    def config(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "launch.cli", "config", *common, *extra],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env=child_env())
+
+    r = config(f"task.dataset_path={conv}")
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: task.prompt_key='prompt' holds chat messages, but the tokenizer of "
+        f"model.tokenizer={str(tmp_path / 'tok')!r} has no chat template to lay its messages out: "
+        "set task.chat_template to a Jinja template (or a file of one), or task.chat_template=none "
+        "to feed the messages' contents as plain text"], r.stderr
+    plain = write("parquet", tmp_path, [{"prompt": r["prompt"][0]["content"], "answer": r["answer"]}
+                                        for r in CONVERSATIONAL])
+    assert config(f"task.dataset_path={plain}").returncode == 0
