@@ -309,32 +309,55 @@ def check_chat_template(cfg: RunConfig) -> list[str]:
 
 
 def check_chat_format(cfg: RunConfig) -> list[str]:
-    """A chat dataset (``task.messages_key``) with ``task.chat_template=auto`` needs a tokenizer
-    that has a chat template; ``none`` (plain text) or a template of one's own says otherwise."""
+    """A chat dataset (``task.messages_key``, a ``messages`` column, or a prompt column of message
+    lists: ``areal_like.tasks.datasets.prompt_column``) with ``task.chat_template=auto`` needs a
+    tokenizer that has a chat template; ``none`` (plain text) or a template of one's own says
+    otherwise."""
     t = cfg.task
-    if t.name != "dataset" or not t.messages_key or t.chat_template != "auto":
+    if t.name != "dataset" or t.chat_template != "auto":
         return []
+    from areal_like.tasks.datasets import prompt_column
     from areal_like.tasks.tokenizer import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(cfg.model)
-    except Exception:  # noqa: BLE001 - an unusable model or tokenizer: check_models says why
+        column, chat = prompt_column(t)
+        tokenizer = load_tokenizer(cfg.model) if chat else None
+    except Exception:  # noqa: BLE001 - an unusable dataset, model or tokenizer: other checks say why
         return []
-    if getattr(tokenizer, "chat_template", None):
+    if not chat or getattr(tokenizer, "chat_template", None):
         return []
     source = (f"model.path={cfg.model.path!r}" if cfg.model.path
               else f"model.tokenizer={cfg.model.tokenizer!r}")
-    return [f"task.messages_key={t.messages_key!r} is a chat dataset, but the tokenizer of "
+    key = "task.messages_key" if t.messages_key or column != t.prompt_key else "task.prompt_key"
+    return [f"{key}={column!r} holds chat messages, but the tokenizer of "
             f"{source} has no chat template to lay its messages out: set task.chat_template to a "
             "Jinja template (or a file of one), or task.chat_template=none to feed the messages' "
             "contents as plain text"]
 
 
 def check_reward_fn(cfg: RunConfig) -> list[str]:
-    """``task.reward_fn`` loads as a reward worker (or, with ``task.reward_workers=0``, the rollout
-    server) will load it: ``rollout_server.reward_pool.load_problem``, which ``areal-like eval``
-    runs too."""
-    return [why] if (why := load_problem(cfg.task)) else []
+    """Each function of ``task.reward_fn`` loads as a reward worker (or, with
+    ``task.reward_workers=0``, the rollout server) will load it, and a batched one takes the
+    dataset's columns: ``rollout_server.reward_pool.load_problem``, which ``areal-like eval`` runs
+    too."""
+    return [why] if (why := load_problem(cfg.task, reward_columns(cfg.task))) else []
+
+
+def reward_columns(t) -> list[str] | None:
+    """The columns a batched reward gets as keywords (``rollout_server.reward_pool.trl_batch``):
+    the answer's and the metadata's; None when the dataset cannot be read (other checks say
+    why)."""
+    if t.name != "dataset":
+        return [t.answer_key] if t.answer_key else []
+    from areal_like.tasks.datasets import load_table, task_columns
+
+    try:
+        _, answer, metadata = task_columns(t, list(load_table("task.dataset_path",
+                                                              t.dataset_path).column_names),
+                                           t.dataset_path)
+    except Exception:  # noqa: BLE001 - check_dataset_columns says why
+        return None
+    return [c for c in (answer, *metadata) if c]
 
 
 def check_reward_model(cfg: RunConfig) -> list[str]:

@@ -229,6 +229,16 @@ class EpisodeContext:
                                trajectories=trajectories)
 
 
+def observe_terms(metrics: Metrics, terms: dict[str, list[float | None]]) -> None:
+    """Each reward function's mean over the group (``RewardPool.score_terms``; a None, TRL's "not
+    mine to score", is left out), labelled with its name."""
+    gauge = metrics.gauge("rollout/reward_fn_mean", "mean reward of each task.reward_fn function "
+                          "over the last group", ("fn",)) if terms else None
+    for name, values in terms.items():
+        if got := [v for v in values if v is not None]:
+            gauge.labels(fn=name).set(sum(got) / len(got))
+
+
 async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
     """Generate, detokenise and score one group for ``credit``."""
     example = ctx.task.example(credit.prompt_index, credit.epoch)
@@ -248,7 +258,9 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
         return ctx.tokenizer.decode(ids, skip_special_tokens=True)
 
     texts = [decode(s.output_ids) for s in samples]
-    scores = rule = await ctx.rewards.score_group(example.prompt, texts, example)
+    rule, terms = await ctx.rewards.score_terms(example.prompt, texts, example)
+    scores = rule
+    observe_terms(ctx.metrics, terms)
     model = [(0.0, None, ())] * n
     if ctx.reward_model is not None:  # the rule's reward stays in the metadata
         model = await ctx.reward_model.score_group(example.prompt, texts)
@@ -257,6 +269,8 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
     for s, text, (reward, error), (rule_reward, _), (_, _, steps) in zip(samples, texts, scores,
                                                                          rule, model):
         meta = {"text": text, "resumed": s.resumed}
+        if terms:  # each task.reward_fn function's reward of this sample, by its name
+            meta["rewards"] = {name: values[len(trajectories)] for name, values in terms.items()}
         if ctx.reward_model is not None:
             meta["rule_reward"] = rule_reward
         if steps and error is None:  # a process reward model's steps, on their tokens

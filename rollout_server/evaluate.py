@@ -413,18 +413,21 @@ def _refuse_untrusted(task: TaskConfig, keys: set[str], stored: Path) -> None:
     not choose: a ``reward_fn`` outside ``PROJECT_REWARDS``, or any ``reward_url``, unless the
     command line names it (areal_like/SECURITY.md, "Evaluating an export")."""
     from areal_like.settings.config import ConfigError
-    from areal_like.tasks.callables import split_function_path
+    from areal_like.tasks.callables import reward_paths, split_function_path
 
     if task.reward_fn and "task.reward_fn" not in keys:
         try:
-            known = ":".join(split_function_path(task.reward_fn)) in PROJECT_REWARDS
+            known = all(":".join(split_function_path(p)) in PROJECT_REWARDS
+                        for p in reward_paths(task))
         except ValueError:
             known = False
         if not known:
+            paths = reward_paths(task)  # as the command line writes them
+            shown = paths[0] if isinstance(task.reward_fn, str) else f"[{','.join(paths)}]"
             raise ConfigError(f"task.reward_fn={task.reward_fn!r} in {stored} is not one of the "
                               f"project's rewards ({', '.join(sorted(PROJECT_REWARDS))}): an "
                               "export's task file is data and names no code to run; to trust it, "
-                              f"name it on the command line: task.reward_fn={task.reward_fn}")
+                              f"name it on the command line: task.reward_fn={shown}")
     if task.reward_url and "task.reward_url" not in keys:
         raise ConfigError(f"task.reward_url={task.reward_url!r} in {stored}: an export's task "
                           "file chooses no address to send eval data to; to trust it, name it on "

@@ -1,6 +1,13 @@
 """Scoring responses in worker processes, so that a reward function cannot take the rollout server
 down.
 
+``task.reward_fn`` may name several functions: each has workers of its own, the score is their
+sum weighted by ``task.reward_weights``, and each one's rewards come back by name
+(``score_terms``). A function with a ``completions`` parameter is TRL's batched form
+(``callables.is_batched``, which the worker's hello reports): one call per group with TRL's
+keywords (``trl_batch``) and ``task.reward_timeout_s`` per completion; any other is called per
+sample. A batched result that is not one number (or None) per completion scores the group 0.
+
 The three modes (sandbox workers, one batch POST to ``task.reward_url``, in process with
 ``task.reward_workers=0``), what each guarantees and costs, its threads and its metrics:
 rollout_server/ROLLOUT.md, "Rewards".
@@ -26,11 +33,14 @@ import asyncio
 import json
 import logging
 import os
+import pickle
 import reprlib
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -38,11 +48,23 @@ from areal_like.net.auth import REWARD_AUTH_ENV
 from areal_like.net.metrics import Metrics
 from areal_like.net.ratelog import RateLimitedLog
 from areal_like.settings.config import TaskConfig
-from areal_like.tasks.callables import import_function, split_function_path
-from rollout_server.reward_worker import as_reward, scrubbed_env, why_failed
-from rollout_server.sandbox import SandboxLimits, StartFailed, WorkerLost, WorkerPool, call_request
+from areal_like.tasks.callables import (
+    import_function,
+    is_batched,
+    reward_paths,
+    split_function_path,
+)
+from rollout_server.reward_worker import as_reward, plain_numbers, scrubbed_env, why_failed
+from rollout_server.sandbox import (
+    SandboxLimits,
+    StartFailed,
+    WorkerLost,
+    WorkerPool,
+    call_request,
+)
 
-__all__ = ["RewardPool", "RewardPoolError", "Score", "load_problem", "scrubbed_env"]
+__all__ = ["RewardFn", "RewardPool", "RewardPoolError", "Score", "load_problem", "reward_names",
+           "scrubbed_env", "trl_batch"]
 
 Score = tuple[float, str | None]
 
@@ -56,25 +78,34 @@ REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a 
 # rollout_server`. The reward worker's own loader (address-space limit, then import): it prints
 # the reason and exits 1 when the reward cannot be loaded.
 REWARD_PROBE = ("import sys; from rollout_server.reward_worker import probe; "
-                "sys.exit(probe(sys.argv[1], int(sys.argv[2])))")
+                "sys.exit(probe(sys.argv[1], int(sys.argv[2]), *sys.argv[3:]))")
 
 
-def load_problem(cfg: TaskConfig) -> str | None:
-    """Why ``task.reward_fn`` cannot be loaded where it will be (``REWARD_PROBE`` in a child
-    Python: the working directory first on sys.path, the workers' address-space limit and
-    scrubbed environment, none with ``task.reward_workers=0``), in one line naming the key; None
-    when it can (or a remote reward replaces it). What its module does at import time never
+def load_problem(cfg: TaskConfig, columns: list[str] | None = None) -> str | None:
+    """Why a function of ``task.reward_fn`` cannot be loaded where it will be (``REWARD_PROBE``
+    in a child Python: the working directory first on sys.path, the workers' address-space limit
+    and scrubbed environment, none with ``task.reward_workers=0``), in one line naming the key;
+    None when each can (or a remote reward replaces them). A batched one must take the dataset's
+    ``columns`` as keywords (None: not checked). What its module does at import time never
     happens in the caller."""
-    spec, inline = cfg.reward_fn, cfg.reward_workers == 0
-    if not spec or cfg.reward_url:
+    if cfg.reward_url:
         return None
+    for spec in reward_paths(cfg):
+        if why := _probe(cfg, spec, columns):
+            return why
+    return None
+
+
+def _probe(cfg: TaskConfig, spec: str, columns: list[str] | None) -> str | None:
+    inline = cfg.reward_workers == 0
     try:
         module = split_function_path(spec)[0]
     except ValueError as e:
         return f"task.reward_fn={e}"
     try:
         r = subprocess.run([sys.executable, "-c", REWARD_PROBE, spec,
-                            str(0 if inline else cfg.reward_memory_mb)],
+                            str(0 if inline else cfg.reward_memory_mb),
+                            *([] if columns is None else [",".join(columns)])],
                            capture_output=True, text=True, timeout=REWARD_IMPORT_TIMEOUT_S,
                            stdin=subprocess.DEVNULL, env=None if inline else scrubbed_env())
     except subprocess.TimeoutExpired:
@@ -103,6 +134,46 @@ class _RemoteError(Exception):
         self.retry = retry
 
 
+@dataclass(kw_only=True)
+class RewardFn:
+    """One function of ``task.reward_fn`` and its workers (or itself, called in process)."""
+
+    path: str
+    name: str  # its metric's (``reward_names``)
+    label: str  # what the log and errors call it
+    weight: float
+    workers: WorkerPool
+    inline: Callable | None = None  # task.reward_workers=0: the function itself
+    batched: bool | None = None  # TRL's form (``is_batched``); None until a worker said
+
+
+def reward_names(paths: list[str]) -> list[str]:
+    """Each reward function's name in metrics: its own (``score``), or its whole path when two
+    share a name."""
+    def attr(path: str) -> str:
+        try:
+            return split_function_path(path)[1]
+        except ValueError:  # not a path: its worker says so at the first score
+            return path
+
+    attrs = [attr(p) for p in paths]
+    return [a if attrs.count(a) == 1 else p for a, p in zip(attrs, paths, strict=True)]
+
+
+def trl_batch(cfg: TaskConfig, responses: list[str], example) -> dict:
+    """A batched reward's keywords for one group, TRL's way: ``prompts`` (the row's messages, or
+    its text), ``completions`` (each ``[{"role": "assistant", "content": text}]`` for a chat row,
+    else the text), and the answer and metadata columns under their names, one entry per
+    completion."""
+    n, messages = len(responses), getattr(example, "messages", None)
+    prompt = [dict(m) for m in messages] if messages else example.prompt
+    columns = {cfg.answer_key: example.answer} if cfg.answer_key else {}
+    columns.update(getattr(example, "metadata", {}))  # synthetic examples carry none
+    return {**{k: [v] * n for k, v in columns.items()}, "prompts": [prompt] * n,
+            "completions": [[{"role": "assistant", "content": r}] if messages else r
+                            for r in responses]}
+
+
 class RewardPool:
     """Reward workers (or a remote reward) for one rollout server (module docstring)."""
 
@@ -110,39 +181,49 @@ class RewardPool:
                  processes: int = 0):
         """``processes``: what one sample may start (``sandbox.SandboxLimits.processes``; a reward
         needs none)."""
-        self.path = cfg.reward_fn or default_path
-        self.name = (f"task.reward_fn={self.path!r}" if cfg.reward_fn
-                     else f"the task's reward {self.path!r}")
+        paths = reward_paths(cfg) or [default_path]
+        self.cfg = cfg
+        self.path = paths[0]
+        # the per-function rewards of task.reward_fn are reported (the task's own: just its sum)
+        self.reported = bool(cfg.reward_fn) and not cfg.reward_url
         self.timeout_s = cfg.reward_timeout_s
         self.limits = SandboxLimits(timeout_s=cfg.reward_timeout_s, memory_mb=cfg.reward_memory_mb,
                                     processes=processes, reply_bytes=cfg.worker_reply_mb * 2**20,
                                     network=cfg.worker_network)
         self.url, self.retries = cfg.reward_url, cfg.reward_retries
+        self.name = ("task.reward_url" if self.url else
+                     f"task.reward_fn={self.path!r}" if cfg.reward_fn
+                     else f"the task's reward {self.path!r}")
         self.headers = {"Content-Type": "application/json"}
         if auth := os.environ.get(REWARD_AUTH_ENV):  # the URL's credential (areal_like/net/auth.py)
             self.headers["Authorization"] = auth
         self.metrics = metrics or Metrics()  # None: counted nowhere
         self.warnings = RateLimitedLog(log, WARN_EVERY_S)  # one line per kind of failure
-        self._workers = WorkerPool(self.path, self.limits, cfg.reward_workers, "reward")
-        self._lock = self._workers.lock  # also guards _error and _closed
+        weights = cfg.reward_weights or [1.0] * len(paths)
+        self.fns = [RewardFn(path=p, name=name, weight=w, workers=WorkerPool(
+                        p, self.limits, 0 if self.url else cfg.reward_workers, "reward"),
+                             label=(f"task.reward_fn={p!r}" if cfg.reward_fn
+                                    else f"the task's reward {p!r}"))
+                    for p, name, w in zip(paths, reward_names(paths), weights, strict=True)]
+        self._lock = threading.RLock()  # guards _error and _closed
         self._closed = False
         self._error: str | None = None  # set once: why the pool cannot score (RewardPoolError)
-        # task.reward_workers=0: the reward itself, called here
-        self._inline: Callable | None = None
-        if not self.url and cfg.reward_workers == 0:
-            self._inline = self._load_inline()
-        elif not self.url:
+        for f in self.fns if not self.url else ():
+            if cfg.reward_workers == 0:  # the reward itself, called here
+                f.inline = self._load_inline(f)
+                f.batched = is_batched(f.inline)
+                continue
             # the workers import the reward: their ready replies are the check, not an import here
             for i in range(cfg.reward_workers):
                 try:
-                    self._workers.start(i)
+                    f.workers.start(i)
                 except OSError as e:
                     self.close()
-                    raise self._cannot_start(e) from None
+                    raise self._cannot_start(e, f) from None
 
     @property
     def worker_pids(self) -> list[int]:
-        return self._workers.worker_pids
+        return [pid for f in self.fns for pid in f.workers.worker_pids]
 
     async def score(self, prompt: str, response: str, example) -> Score:
         """``(reward, None)`` or ``(0.0, reason)`` for one response (module docstring for what
@@ -150,87 +231,183 @@ class RewardPool:
         return (await self.score_group(prompt, [response], example))[0]
 
     async def score_group(self, prompt: str, responses: list[str], example) -> list[Score]:
-        """One score per response, in order; the samples are scored in parallel across workers.
-        Raises RewardPoolError when the reward cannot be loaded, RuntimeError once closed."""
+        """One score per response, in order: the weighted sum of the reward functions
+        (``score_terms``). Raises RewardPoolError when a reward cannot be loaded, RuntimeError
+        once closed."""
+        return (await self.score_terms(prompt, responses, example))[0]
+
+    async def score_terms(self, prompt: str, responses: list[str], example
+                          ) -> tuple[list[Score], dict[str, list[float | None]]]:
+        """One score per response, in order, and each reported function's reward of each
+        response by its name (empty for the task's own reward and a remote one). A score is the
+        weighted sum of the functions' rewards; a function that failed on a sample adds 0 and
+        its reason; one that answered None (TRL: "not mine to score") adds 0 and no reason."""
         if self._closed:
             raise RuntimeError("the reward pool is closed")
         self._raise_if_broken()
         if self.url:
-            return await self._score_remote(prompt, responses, example)
-        if self._inline is not None:
-            return [self._call_inline(r, example) for r in responses]
-        loop = asyncio.get_running_loop()
-        # one call per worker: a thread handoff costs more than a sample
-        k = min(len(responses), len(self._workers.workers)) or 1
-        chunks = [responses[j * len(responses) // k:(j + 1) * len(responses) // k]
-                  for j in range(k)]
-        parts = await asyncio.gather(*(loop.run_in_executor(self._workers.threads,
-                                                            self._score_local, c, example)
-                                       for c in chunks))
-        return [score for part in parts for score in part]
+            return await self._score_remote(prompt, responses, example), {}
+        parts = await asyncio.gather(*(self._score_fn(f, responses, example) for f in self.fns))
+        terms = {f.name: [r for r, _ in part] for f, part in zip(self.fns, parts, strict=True)}
+        scores = []
+        for j in range(len(responses)):
+            total = sum(f.weight * (part[j][0] or 0.0) for f, part in zip(self.fns, parts,
+                                                                          strict=True))
+            whys = [(f.name, part[j][1]) for f, part in zip(self.fns, parts, strict=True)
+                    if part[j][1] is not None]
+            why = None if not whys else (whys[0][1] if len(self.fns) == 1 else
+                                         "; ".join(f"{name}: {w}" for name, w in whys))
+            scores.append((total, why))
+        return scores, terms if self.reported else {}
 
     def close(self) -> None:
         """Kill every worker, wait for the pool's threads; later scoring raises RuntimeError."""
         self._closed = True
-        self._workers.close()
+        for f in self.fns:
+            f.workers.close()
+
+    async def _score_fn(self, f: RewardFn, responses: list[str], example
+                        ) -> list[tuple[float | None, str | None]]:
+        """``f``'s reward of each response: per sample, the samples in parallel across its
+        workers; batched, the group in one call (``trl_batch``)."""
+        loop = asyncio.get_running_loop()
+        if f.batched is None:
+            await loop.run_in_executor(f.workers.threads, self._learn_kind, f)
+        if f.batched:
+            kwargs = trl_batch(self.cfg, responses, example)
+            if f.inline is not None:
+                return self._call_inline(f, (), kwargs, len(responses))
+            return await loop.run_in_executor(f.workers.threads, self._score_batch_local, f,
+                                              kwargs, len(responses))
+        if f.inline is not None:
+            return [self._call_inline(f, (r, example), {}, None)[0] for r in responses]
+        # one call per worker: a thread handoff costs more than a sample
+        k = min(len(responses), len(f.workers.workers)) or 1
+        chunks = [responses[j * len(responses) // k:(j + 1) * len(responses) // k]
+                  for j in range(k)]
+        parts = await asyncio.gather(*(loop.run_in_executor(f.workers.threads,
+                                                            self._score_local, f, c, example)
+                                       for c in chunks))
+        return [score for part in parts for score in part]
+
+    def _learn_kind(self, f: RewardFn) -> None:
+        """In a pool thread: whether ``f`` is batched, from a worker's hello; RewardPoolError
+        when no worker can load it."""
+        try:
+            f.batched = bool(f.workers.hello().get("batched"))
+        except StartFailed as failed:
+            if not self._closed:  # else close() killed it while it started
+                self._break(f"{f.label} cannot be loaded in a reward worker: {failed}")
+        except OSError as e:  # no process can be started (EAGAIN, out of file descriptors, ...)
+            self._break(str(self._cannot_start(e, f)))
+        self._raise_if_broken()
 
     # ---------------------------------------------------------------- in process (reward_workers=0)
-    def _load_inline(self) -> Callable:
+    def _load_inline(self, f: RewardFn) -> Callable:
         try:
-            fn = import_function(self.path)
+            fn = import_function(f.path)
         except BaseException as e:  # noqa: BLE001
             # an exit() at import is the reward's failure, not the server's
             raise RewardPoolError(
-                f"{self.name} cannot be loaded: {type(e).__name__}: {e}".splitlines()[0]) from None
+                f"{f.label} cannot be loaded: {type(e).__name__}: {e}".splitlines()[0]) from None
         log.warning("%s is scored in the rollout server's own process (task.reward_workers=0): "
                     "no sandbox, no memory or time limit; only for a reward trusted to be quick "
-                    "and safe", self.name)
+                    "and safe", f.label)
         return fn
 
-    def _call_inline(self, response: str, example) -> Score:
+    def _call_inline(self, f: RewardFn, args: tuple, kwargs: dict, n: int | None
+                     ) -> list[tuple[float | None, str | None]]:
+        """``f`` called here: one sample's score (``n`` None) or a batch's ``n``."""
         t0 = time.monotonic()
         kind = "error"
         try:
-            reward, why = as_reward(self._inline(response, example))
+            result = plain_numbers(f.inline(*args, **kwargs))
+            scores = [as_reward(result)] if n is None else self._batch_scores(f, result, n)
         except MemoryError:
-            reward, why, kind = 0.0, "MemoryError", "memory"
+            scores, kind = [(0.0, "MemoryError")] * (n or 1), "memory"
         except BaseException as e:  # noqa: BLE001
             # SystemExit too, as in a worker (nothing is awaited here)
-            reward, why = 0.0, why_failed(e)
+            scores = [(0.0, why_failed(e))] * (n or 1)
         self._observe(seconds := time.monotonic() - t0)
-        if why is not None:
-            self._failed(kind, why)
-        if seconds > self.timeout_s:
+        if whys := [why for _, why in scores if why is not None]:
+            self._failed(kind, whys[0], len(whys), f.label)
+        if seconds > self.timeout_s * (n or 1):
             self.warnings.warning(
-                "slow", "%s took %.1fs in this process, past task.reward_timeout_s=%.1fs, which "
-                "task.reward_workers=0 does not enforce: the server's loop (heartbeats included) "
-                "waited meanwhile", self.name, seconds, self.timeout_s)
-        return reward, why
+                "slow", "%s took %.1fs in this process, past task.reward_timeout_s=%.1fs per "
+                "sample, which task.reward_workers=0 does not enforce: the server's loop "
+                "(heartbeats included) waited meanwhile", f.label, seconds, self.timeout_s)
+        return scores
 
     # ------------------------------------------------------------------ local
-    def _score_local(self, responses: list[str], example) -> list[Score]:
-        """``responses`` scored by one worker, in this one pool thread (``WorkerPool.call_all``).
-        Raises RewardPoolError when a worker could not start (or the pool broke meanwhile: that
-        killed it). Samples left when the pool is closed meanwhile are not scored (nor a
-        failure)."""
+    def _score_local(self, f: RewardFn, responses: list[str], example) -> list[Score]:
+        """``responses`` scored by one of ``f``'s workers, in this one pool thread
+        (``WorkerPool.call_all``). Raises RewardPoolError when a worker could not start (or the
+        pool broke meanwhile: that killed it). Samples left when the pool is closed meanwhile are
+        not scored (nor a failure)."""
         try:
             requests = [call_request((r, example), self.timeout_s) for r in responses]
         except Exception as e:
             why = f"cannot send the example to a reward worker: {type(e).__name__}: {e}"
-            return [self._score_reply({"kind": "error", "reason": why}) for _ in responses]
-        replies: list[dict | WorkerLost] = []
-        try:
-            replies = self._workers.call_all(requests, self.timeout_s, self._observe)
-        except StartFailed as failed:
-            if not self._closed:  # else close() killed it while it started
-                self._break(f"{self.name} cannot be loaded in a reward worker: {failed}")
-        except OSError as e:  # no process can be started (EAGAIN, out of file descriptors, ...)
-            self._break(str(self._cannot_start(e)))
-        self._raise_if_broken()
-        scores = [self._score_reply(reply) for reply in replies]
+            return [self._score_reply(f, {"kind": "error", "reason": why}) for _ in responses]
+        replies = self._call_all(f, requests, self.timeout_s)
+        scores = [self._score_reply(f, reply) for reply in replies]
         return scores + [(0.0, "the reward pool was closed")] * (len(responses) - len(scores))
 
-    def _score_reply(self, reply: dict | WorkerLost) -> Score:
+    def _score_batch_local(self, f: RewardFn, kwargs: dict, n: int
+                           ) -> list[tuple[float | None, str | None]]:
+        """The group in one call of ``f`` by one worker, in this pool thread: ``n`` times
+        ``task.reward_timeout_s`` for it."""
+        timeout_s = self.timeout_s * n
+        try:
+            request = pickle.dumps(((), kwargs, timeout_s))
+        except Exception as e:
+            return self._batch_failed(f, "error", f"cannot send the batch to a reward worker: "
+                                                  f"{type(e).__name__}: {e}", n)
+        replies = self._call_all(f, [request], timeout_s)
+        if not replies:
+            return [(0.0, "the reward pool was closed")] * n
+        reply = replies[0]
+        if isinstance(reply, WorkerLost):
+            return self._batch_failed(f, reply.kind, reply.reason, n)
+        if "result" not in reply:
+            return self._batch_failed(f, reply["kind"], reply["reason"], n)
+        scores = self._batch_scores(f, reply["result"], n)
+        if whys := [why for _, why in scores if why is not None]:
+            self._failed("error", whys[0], len(whys), f.label)
+        return scores
+
+    def _batch_scores(self, f: RewardFn, result: object, n: int
+                      ) -> list[tuple[float | None, str | None]]:
+        """A batched reward's result as ``n`` scores: one number (or None) per completion, else
+        each scores 0 with the reason."""
+        if not isinstance(result, (list, tuple)) or len(result) != n:
+            got = (f"{len(result)} rewards" if isinstance(result, (list, tuple))
+                   else reprlib.repr(result))
+            why = (f"a batched reward returns one number per completion: {f.path} returned {got} "
+                   f"for {n} completions")
+            return [(0.0, why)] * n
+        return [(None, None) if v is None else as_reward(v) for v in result]
+
+    def _batch_failed(self, f: RewardFn, kind: str, why: str, n: int) -> list[Score]:
+        self._failed(kind, why, n, f.label)
+        return [(0.0, why)] * n
+
+    def _call_all(self, f: RewardFn, requests: list[bytes], timeout_s: float
+                  ) -> list[dict | WorkerLost]:
+        """``f.workers.call_all``; RewardPoolError (the pool broken) when a worker cannot
+        start."""
+        replies: list[dict | WorkerLost] = []
+        try:
+            replies = f.workers.call_all(requests, timeout_s, self._observe)
+        except StartFailed as failed:
+            if not self._closed:  # else close() killed it while it started
+                self._break(f"{f.label} cannot be loaded in a reward worker: {failed}")
+        except OSError as e:  # no process can be started (EAGAIN, out of file descriptors, ...)
+            self._break(str(self._cannot_start(e, f)))
+        self._raise_if_broken()
+        return replies
+
+    def _score_reply(self, f: RewardFn, reply: dict | WorkerLost) -> Score:
         if isinstance(reply, WorkerLost):
             kind, why = reply.kind, reply.reason
         elif "result" in reply:
@@ -239,11 +416,11 @@ class RewardPool:
                 return reward, None
         else:
             kind, why = reply["kind"], reply["reason"]
-        self._failed(kind, why)
+        self._failed(kind, why, 1, f.label)
         return 0.0, why
 
-    def _cannot_start(self, e: OSError) -> RewardPoolError:
-        return RewardPoolError(f"cannot start a reward worker for {self.name}: "
+    def _cannot_start(self, e: OSError, f: RewardFn) -> RewardPoolError:
+        return RewardPoolError(f"cannot start a reward worker for {f.label}: "
                                f"{type(e).__name__}: {e}")
 
     def _break(self, why: str) -> None:
@@ -253,7 +430,8 @@ class RewardPool:
             first = self._error is None
             if first:
                 self._error = why
-            self._workers.stop()  # a thread blocked on one wakes with EOF and raises the same error
+            for f in self.fns:  # a thread blocked on one wakes with EOF and raises the same error
+                f.workers.stop()
         if first:
             log.error("%s", why)
 
@@ -267,10 +445,10 @@ class RewardPool:
 
     def _observe(self, seconds: float) -> None:
         self.metrics.histogram("rollout/reward_seconds", "wall time of one reward call (a sample "
-                               "in a worker or in process, or a batch POST)",
-                               buckets=SECONDS_BUCKETS).observe(seconds)
+                               "in a worker or in process, a batched reward's group, or a batch "
+                               "POST)", buckets=SECONDS_BUCKETS).observe(seconds)
 
-    def _failed(self, kind: str, reason: str, n: int = 1) -> None:
+    def _failed(self, kind: str, reason: str, n: int = 1, label: str = "") -> None:
         """Count ``n`` samples scored 0 for ``kind``; warn at most once per WARN_EVERY_S for each
         kind."""
         if not n:
@@ -279,7 +457,7 @@ class RewardPool:
                              "samples scored 0 because their reward failed",
                              ("kind",)).labels(kind=kind).inc(n)
         self.warnings.warning(kind, "%s: %d sample(s) scored 0, reward failure (%s): %s",
-                              self.name, n, kind, reason)
+                              label or self.name, n, kind, reason)
 
     # ------------------------------------------------------------------ remote
     async def _score_remote(self, prompt: str, responses: list[str], example) -> list[Score]:

@@ -106,18 +106,32 @@ def why_failed(e: BaseException) -> str:
         return f"{type(e).__name__} (its message raised)"
 
 
-def probe(path: str, memory_mb: int) -> int:
+def probe(path: str, memory_mb: int, columns: str | None = None) -> int:
     """Load the reward as a worker does (what the launcher's preflight runs in a child Python):
-    0 when it loads and takes ``(response, example)``, else 1 after printing one line saying why."""
+    0 when it loads and takes ``(response, example)``, or, batched (``is_batched``), TRL's
+    keywords with the dataset's ``columns`` (comma-separated; None: not checked); else 1 after
+    printing one line saying why."""
     try:
         fn = load_reward(path, memory_mb)
     except BaseException as e:  # noqa: BLE001 - SystemExit at import too: the reward cannot be used
         print(load_failure(e, memory_mb)["reason"], flush=True)
         return 1
+    from areal_like.tasks.callables import is_batched
+
     try:  # every sample would score 0 with a TypeError, once a minute in the log
-        inspect.signature(fn).bind("response", {})
+        if not is_batched(fn):
+            inspect.signature(fn).bind("response", {})
+        elif columns is not None:
+            names = [c for c in columns.split(",") if c]
+            inspect.signature(fn).bind(prompts=[], completions=[], **dict.fromkeys(names, []))
     except TypeError as e:
-        print(f"it cannot be called as fn(response, example): TypeError: {e}", flush=True)
+        if not is_batched(fn):
+            print(f"it cannot be called as fn(response, example): TypeError: {e}", flush=True)
+        else:
+            shown = ", ".join(names) or "none"
+            print(f"it is a batched reward (it has a completions parameter) and cannot be called "
+                  f"with prompts, completions and the dataset's columns ({shown}): TypeError: "
+                  f"{e}", flush=True)
         return 1
     except ValueError:  # no signature to read (a builtin): its calls will tell
         pass
@@ -249,23 +263,36 @@ def _limit_cpu(timeout_s: float) -> None:
 
 
 def call_one(fn: Callable, frame: bytes) -> dict:
-    """The reply for one pickled ``(args, timeout_s)``; never raises."""
+    """The reply for one pickled ``(args, timeout_s)`` or ``(args, kwargs, timeout_s)``; never
+    raises."""
     try:
-        args, timeout_s = pickle.loads(frame)
+        *call, timeout_s = pickle.loads(frame)
+        args, kwargs = call if len(call) == 2 else (call[0], {})
         _limit_cpu(timeout_s)
-        result = fn(*args)
+        result = plain_numbers(fn(*args, **kwargs))
         try:
             json.dumps(result)
         except (TypeError, ValueError):
-            if not isinstance(result, numbers.Real):
-                return {"kind": "error", "reason": f"result is not JSON: {reprlib.repr(result)}"}
-            result = float(result)
+            return {"kind": "error", "reason": f"result is not JSON: {reprlib.repr(result)}"}
     except MemoryError:
         return {"kind": "memory", "reason": "MemoryError"}
     except BaseException as e:  # noqa: BLE001
         # SystemExit too: a call's failure is its own, not the worker's
         return {"kind": "error", "reason": why_failed(e)}
     return {"result": result}
+
+
+def plain_numbers(result: object) -> object:
+    """``result`` with numpy/torch numbers as floats: a number, or a batched reward's list (an
+    array's ``tolist()``)."""
+    if not isinstance(result, (list, tuple, str, bytes, dict)) and hasattr(result, "tolist"):
+        result = result.tolist()  # a numpy array or scalar, a torch tensor
+    if isinstance(result, (list, tuple)):
+        return [float(v) if isinstance(v, numbers.Real) and not isinstance(v, (bool, int))
+                else v for v in result]
+    if isinstance(result, numbers.Real) and not isinstance(result, (bool, int, float)):
+        return float(result)
+    return result
 
 
 def drop_privileges(uid: int | None = None) -> bool:
@@ -366,7 +393,10 @@ def main(fd: int) -> int:
         return 1
     # ConnectionError, EOFError: the pool's process is gone (or reset the socket): so are we
     with contextlib.suppress(ConnectionError, EOFError):
-        _send_json(sock, {"ready": True})
+        from areal_like.tasks.callables import is_batched
+
+        # the pool sends a batched reward one call per group (TRL's form), others one per sample
+        _send_json(sock, {"ready": True, "batched": is_batched(fn)})
         while (frame := recv_frame(sock)) is not None:
             _send_json(sock, call_one(fn, frame))
     return 0

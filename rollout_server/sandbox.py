@@ -310,7 +310,7 @@ class Worker:
         if reply.get("ready") is not True:
             self.kill()  # it exits after saying why; reaped here
             raise StartFailed(reply.get("reason", f"bad hello: {reprlib.repr(reply)}"))
-        self.ready = True
+        self.ready, self.hello = True, reply
 
     def _death(self) -> str:
         self.kill()
@@ -389,6 +389,17 @@ class WorkerPool:
         try:
             with contextlib.suppress(StartFailed):
                 self.worker(i).wait_ready()
+        finally:
+            self._idle.put(i)
+
+    def hello(self) -> dict:
+        """In a pool thread: a ready worker's hello (what it says of its function), a slot's
+        worker started if need be. Raises StartFailed, or OSError (no process starts)."""
+        i = self._idle.get()
+        try:
+            worker = self.worker(i)
+            worker.wait_ready()
+            return worker.hello
         finally:
             self._idle.put(i)
 

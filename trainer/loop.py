@@ -64,7 +64,7 @@ from trainer.learning_watch import LearningWatch
 from trainer.logprob_guard import PROBE_TEXT, guard_tol, run_guard
 from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
 from trainer.ranks import from_rank0
-from trainer.samples import sample_rows
+from trainer.samples import reward_fn_means, sample_rows
 from trainer.step import (
     StepSettings,
     minibatches,
@@ -481,6 +481,8 @@ class Trainer(Daemon):
             "rolled_back_steps": self.rolled_back_steps,
             "groups_dropped_bad_data": self.data.dropped_groups,
             **layout_metrics(stats, self.phase_times),
+            # each task.reward_fn function's mean reward (none: the key is left out)
+            **({"rewards": r} if (r := reward_fn_means(self.data.last_groups)) else {}),
         }
 
     def report(self, batch: TrainBatch, stats: dict[str, float], sync: SyncReport,
@@ -496,6 +498,9 @@ class Trainer(Daemon):
             m.gauge(f"trainer/{key}").set(float(row[key]))
         for key, value in stats.items():
             m.gauge(f"trainer/stat/{key}", f"kernel/step stat {key}").set(value)
+        for name, value in row.get("rewards", {}).items():
+            m.gauge("trainer/reward_fn_mean", "mean reward of each task.reward_fn function over "
+                    "the step's batch", ("fn",)).labels(fn=name).set(value)
         m.gauge("trainer/policy_version").set(self.version)
         m.count_to("trainer/groups_dropped_bad_data",
                    "groups dropped from batches: what the buffer "

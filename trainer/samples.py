@@ -4,7 +4,8 @@ A pure function of the groups and a decoder (trainer rank 0 appends the rows eve
 ``tracking.sample_every`` steps). Row keys: ``step``, ``policy_version``, ``prompt``,
 ``response``, ``reward``, ``versions`` (``[min, max]``), ``staleness``, ``finish_reason``; a
 reward model's adds the rule's ``rule_reward`` and a process reward model's ``process_rewards``
-(``[[token, reward], ...]``, rollout_server/ROLLOUT.md "Reward models"); a multi-turn
+(``[[token, reward], ...]``, rollout_server/ROLLOUT.md "Reward models"); a list of reward
+functions adds ``rewards`` (each one's reward, by its name); a multi-turn
 trajectory adds ``turns`` (of an agent episode's part: its calls), ``masked_share`` and
 ``segments`` (runs of one source and version, ``{"source", "version", "text"}``).
 """
@@ -43,7 +44,8 @@ def sample_rows(groups: Sequence[TrajectoryGroup], version: int, k: int,
             "staleness": version - group.head_version,
             "finish_reason": t.finish_reason,
         })
-        for key in ("rule_reward", "process_rewards"):  # a reward model's (ROLLOUT.md)
+        # a reward model's (ROLLOUT.md); each task.reward_fn function's
+        for key in ("rule_reward", "process_rewards", "rewards"):
             if key in t.metadata:
                 rows[-1][key] = t.metadata[key]
         if multiturn:
@@ -66,3 +68,16 @@ def segments(ids: list[int], mask: list[int], versions: list[int],
                         "text": decode(ids[start:i])})
             start = i
     return out
+
+
+def reward_fn_means(groups: Sequence[TrajectoryGroup]) -> dict[str, float]:
+    """Each reward function's mean reward over the groups' trajectories (their ``rewards``
+    metadata, by function name; a None, TRL's "not mine to score", is left out); empty when no
+    trajectory carries it."""
+    values: dict[str, list[float]] = {}
+    for g in groups:
+        for t in g.trajectories:
+            for name, value in t.metadata.get("rewards", {}).items():
+                if value is not None:
+                    values.setdefault(name, []).append(float(value))
+    return {name: sum(v) / len(v) for name, v in values.items()}

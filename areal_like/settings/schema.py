@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from areal_like.net.auth import ENGINE_KEY_ENV, REWARD_AUTH_ENV, SECRET_FIELD, url_credential
 from areal_like.settings.config_checks import (
@@ -107,7 +107,8 @@ class TaskConfig(Section):
     # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
     name: Annotated[str, one_of("addition", "sort", "reverse", "countdown", "calc", "guess",
                                 "dataset")] = "addition"
-    # [task.name=dataset only] a local .jsonl, .json or .parquet file (hub datasets are refused)
+    # [task.name=dataset only] a local .jsonl, .json, .parquet or .csv file, a directory of
+    # them or a save_to_disk directory (hub datasets are refused)
     dataset_path: str | None = None
     # [task.name=dataset only]
     eval_path: str | None = None  # the eval split; unset = eval_fraction of dataset_path held out
@@ -115,11 +116,16 @@ class TaskConfig(Section):
     # held-out share of dataset_path when eval_path is unset (fixed seed)
     eval_fraction: Annotated[float, within(0, 1, "[)")] = 0.0
     # [task.name=dataset only]
-    prompt_key: str = "prompt"  # a column of plain prompt text ...
+    # the prompt column: plain text, or chat messages [{role, content}, ...] (TRL's
+    # conversational format, told apart by the column's type) ...
+    prompt_key: str = "prompt"
     # [task.name=dataset only]
-    messages_key: str = ""  # ... or, when set, a column of chat messages [{role, content}, ...]
+    # ... or, when set, a column of chat messages; unset, a "messages" column is read when there
+    # is no prompt column
+    messages_key: str = ""
     # [task.name=dataset only]
-    answer_key: str = "answer"  # the reference answer the reward grades against
+    # the reference answer the reward grades against; "" = none (only with task.reward_fn)
+    answer_key: str = "answer"
     # [task.name=dataset only]
     # extra columns passed to the reward; None = all the others
     metadata_keys: list[str] | None = None
@@ -142,8 +148,17 @@ class TaskConfig(Section):
     # nucleus sampling of training rollouts; 1 = off
     top_p: Annotated[float, within(0, 1, "(]")] = 1.0
     top_k: int = -1  # top-k sampling of training rollouts; -1 = off
-    reward_fn: str = ""  # dotted path "pkg.module:function"; empty = the task's own reward
-    # per sample; a reward past it is killed and scored 0 with its reason
+    # dotted path "pkg.module:function", or a list of them summed with task.reward_weights; empty
+    # = the task's own reward. Each is fn(response, example) -> float, or TRL's batched
+    # fn(prompts, completions, **columns) -> list[float] when it has a `completions` parameter
+    reward_fn: Annotated[Any, Bound("a dotted path or a non-empty list of distinct ones",
+                                    lambda v: isinstance(v, str) or (
+                                        isinstance(v, list) and len(v) == len(set(v)) > 0
+                                        and all(isinstance(p, str) and p for p in v)))] = ""
+    # one weight per task.reward_fn entry (the reward is their weighted sum); empty = all 1.0
+    reward_weights: list[float] = field(default_factory=list)
+    # per sample (a batched reward: per completion of its group); a reward past it is killed
+    # and scored 0 with its reason
     reward_timeout_s: Annotated[float, above(0)] = 5.0
     # processes of the reward pool (per rollout server); 0: in-process, unsandboxed
     reward_workers: Annotated[int, at_least(0)] = 2
@@ -215,6 +230,17 @@ class TaskConfig(Section):
         _check("task.reward_model.path", not (self.reward_model.enabled and chat),
                "empty when task.env or task.agent is set (single-turn episodes only)",
                self.reward_model.path)
+        n = len(self.reward_fn) if isinstance(self.reward_fn, list) else 1
+        _check("task.reward_weights", not self.reward_weights or (
+            self.reward_fn and len(self.reward_weights) == n),
+               f"empty or one weight per task.reward_fn entry ({n})", self.reward_weights)
+        _check("task.reward_weights", not (self.reward_weights and self.reward_url),
+               "empty with task.reward_url (the remote reward replaces task.reward_fn)",
+               self.reward_weights)
+        _check("task.answer_key", self.answer_key or self.name != "dataset" or bool(
+            self.reward_fn or self.reward_url or self.env or self.agent),
+               "a column name: the task's own reward (math-verify) grades against the answer "
+               "(task.answer_key='' needs a task.reward_fn of your own)", self.answer_key)
         if why := url_credential(self.reward_url):  # never in config.yaml, exports or trackers
             raise ConfigError(f"task.reward_url: credentials are not configuration ({why}): give "
                               "the URL without them and the credential in the environment, "

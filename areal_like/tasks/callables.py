@@ -8,6 +8,7 @@ Invariant: standard library only: a reward worker imports this module just befor
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 
@@ -29,3 +30,20 @@ def import_function(path: str) -> Callable:
     if not callable(fn):
         raise TypeError(f"{attr} in {module} is a {type(fn).__name__}, not a callable")
     return fn
+
+
+def is_batched(fn: Callable) -> bool:
+    """Whether the reward ``fn`` takes TRL's batched form, ``fn(prompts, completions, **columns)
+    -> list[float]``: it has a parameter named ``completions`` (TRL passes every argument by that
+    name). Otherwise it is per sample, ``fn(response, example) -> float``."""
+    try:
+        return "completions" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): per sample
+        return False
+
+
+def reward_paths(cfg) -> list[str]:
+    """``task.reward_fn`` (of the TaskConfig ``cfg``) as a list of paths; empty: the task's own
+    reward."""
+    value = cfg.reward_fn
+    return list(value) if isinstance(value, list) else [value] if value else []

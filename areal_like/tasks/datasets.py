@@ -4,6 +4,12 @@ format, or a ``save_to_disk`` directory), read with the ``datasets`` library; no
 downloaded. Columns map to ``Example`` by the ``task.*_key`` settings; metadata is converted to
 plain msgpack-able values.
 
+TRL's formats: a ``prompt`` column of text (standard) or of ``[{role, content}, ...]`` lists
+(conversational, told apart by the column's type), or a ``messages`` column. Ambiguous data is
+refused naming the key to set (``task_columns``, ``holds_messages``, ``row_example``): both a
+``prompt`` and a ``messages`` column, a prompt column mixing text and lists, chat messages written
+as text (a CSV cell).
+
 Invariants: the same files and config give the same examples in the same order in every process;
 the eval split is ``task.eval_path`` or a held-out ``task.eval_fraction`` drawn with
 ``task.seed`` before any filtering. No task code here (``DatasetTask`` is in ``task.py``).
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,28 +67,53 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
 def load_examples(cfg: TaskConfig, key: str, value: str) -> list[Example]:
     """Every row of the dataset at ``value`` (the config key ``key`` names it) as an Example."""
     table = load_table(key, value)
-    text_key, answer_key, meta_keys = task_columns(cfg, list(table.column_names), value)
-    rows = table.select_columns(list(dict.fromkeys([text_key, answer_key, *meta_keys]))).to_list()
+    keys = example_keys(cfg, table, value)
+    rows = table.select_columns(selected(keys)).to_list()
     if not rows:
         raise ConfigError(f"{key}={value!r} has no rows")
-    return [row_example(cfg, row, i, (text_key, answer_key, meta_keys), value)
-            for i, row in enumerate(rows)]
+    return [row_example(cfg, row, i, keys, value) for i, row in enumerate(rows)]
 
 
-def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[str]],
+def example_keys(cfg: TaskConfig, table: Any, source: str) -> tuple[str, str, list[str], bool]:
+    """``task_columns`` of ``table`` and whether its prompt column holds chat messages."""
+    text_key, answer_key, meta_keys = task_columns(cfg, list(table.column_names), source)
+    return text_key, answer_key, meta_keys, holds_messages(cfg, table, text_key, source)
+
+
+def selected(keys: tuple) -> list[str]:
+    """The columns an Example reads (no answer column with ``task.answer_key=''``)."""
+    return list(dict.fromkeys(c for c in (keys[0], keys[1], *keys[2]) if c))
+
+
+def row_example(cfg: TaskConfig, row: dict, i: int, keys: tuple[str, str, list[str], bool],
                 source: str) -> Example:
-    """Row ``i`` of ``source`` as an Example; ConfigError naming the key when it cannot be one."""
-    text_key, answer_key, meta_keys = keys
-    answer = row[answer_key]
+    """Row ``i`` of ``source`` as an Example; ConfigError naming the key when it cannot be one.
+    ``keys``: ``example_keys``."""
+    text_key, answer_key, meta_keys, chat = keys
+    answer = row[answer_key] if answer_key else ""
     if answer is None:
         raise ConfigError(f"task.answer_key={answer_key!r}: row {i} of {source} has no answer")
     metadata = {k: _plain(row[k]) for k in meta_keys}
-    if cfg.messages_key:
-        messages = _messages(row[text_key], i, text_key, source)
+    key = "task.messages_key" if cfg.messages_key or text_key != cfg.prompt_key else (
+        "task.prompt_key")
+    if chat:
+        messages = _messages(row[text_key], i, f"{key}={text_key!r}", source)
         return Example("\n".join(m["content"] for m in messages), _text(answer), messages, metadata)
     if row[text_key] is None or not str(row[text_key]).strip():  # blank: nothing to answer
-        raise ConfigError(f"task.prompt_key={text_key!r}: row {i} of {source} has no prompt")
-    return Example(_text(row[text_key]), _text(answer), None, metadata)
+        raise ConfigError(f"{key}={text_key!r}: row {i} of {source} has no prompt")
+    if isinstance(row[text_key], (dict, list, tuple)):  # its str() would be the prompt
+        raise ConfigError(f"{key}={text_key!r}: row {i} of {source} is neither text nor a list "
+                          f"of {{role, content}} messages: {str(row[text_key])[:120]}")
+    text = _text(row[text_key])
+    if CHAT_AS_TEXT.match(text):
+        raise ConfigError(f"{key}={text_key!r}: row {i} of {source} is chat messages written as "
+                          f"text ({text[:60]!r}...): keep the messages a list, in JSONL, JSON or "
+                          "parquet (a CSV cell holds text only)")
+    return Example(text, _text(answer), None, metadata)
+
+
+# a text prompt that is the text of a messages list: JSON's or Python's repr of one
+CHAT_AS_TEXT = re.compile(r"\s*\[\s*\{\s*[\"']role[\"']\s*:")
 
 
 ROW_BATCH = 1024  # rows decoded at a time by check_rows, whatever the file's size
@@ -91,8 +123,8 @@ SHOWN_ROWS = 5  # row numbers a check_rows line lists
 def check_rows(cfg: TaskConfig, key: str, value: str, table: Any) -> str | None:
     """One line saying which rows of ``table`` cannot become examples (``row_example``), or None;
     streamed ``ROW_BATCH`` rows at a time."""
-    keys = task_columns(cfg, list(table.column_names), value)
-    columns = list(dict.fromkeys([keys[0], keys[1], *keys[2]]))
+    keys = example_keys(cfg, table, value)
+    columns = selected(keys)
     bad, first, n = [], "", 0
     for batch in table.select_columns(columns).iter(batch_size=ROW_BATCH):
         for j in range(len(batch[columns[0]])):
@@ -111,20 +143,64 @@ def check_rows(cfg: TaskConfig, key: str, value: str, table: Any) -> str | None:
             f"from 0); the first: {first}")
 
 
+MESSAGES_COLUMN = "messages"  # TRL's conversational column, read when there is no prompt column
+
+
 def task_columns(cfg: TaskConfig, columns: list[str], source: str) -> tuple[str, str, list[str]]:
-    """(text, answer, metadata) columns; ConfigError naming the task keys whose column is
-    missing (the text's and the answer's at once)."""
-    text_key, answer_key = cfg.messages_key or cfg.prompt_key, cfg.answer_key
+    """(prompt, answer, metadata) columns: ``task.messages_key``, else ``task.prompt_key``, else a
+    ``messages`` column; ConfigError naming the task keys whose column is missing (the prompt's
+    and the answer's at once), or ``task.messages_key`` when both a prompt and a ``messages``
+    column could be the prompt. No answer column with ``task.answer_key=''``."""
+    answer_key, prompt_key = cfg.answer_key, cfg.prompt_key
+    if cfg.messages_key:
+        text_key, text_name = cfg.messages_key, "task.messages_key"
+    elif prompt_key in columns and MESSAGES_COLUMN in columns and prompt_key != MESSAGES_COLUMN:
+        raise ConfigError(
+            f"task.messages_key: {source} has both a {prompt_key!r} column and a "
+            f"{MESSAGES_COLUMN!r} column, so which one is the prompt is ambiguous: set "
+            f"task.messages_key={MESSAGES_COLUMN} to prompt with the messages, or "
+            f"task.messages_key={prompt_key} when the {prompt_key!r} column holds the chat "
+            f"messages (for a plain-text prompt, drop the {MESSAGES_COLUMN!r} column)")
+    elif prompt_key not in columns and MESSAGES_COLUMN in columns:
+        text_key, text_name = MESSAGES_COLUMN, "task.messages_key"
+    else:
+        text_key, text_name = prompt_key, "task.prompt_key"
     missing = [f"{key}={column!r}" for key, column in (
-        ("task.messages_key" if cfg.messages_key else "task.prompt_key", text_key),
-        ("task.answer_key", answer_key)) if column not in columns]
+        (text_name, text_key), ("task.answer_key", answer_key)) if column and column not in columns]
     if missing:
+        hint = ("; task.answer_key='' when the reward (task.reward_fn) needs no answer"
+                if answer_key and answer_key not in columns else "")
         raise ConfigError(f"{', '.join(missing)}: no such column{'s' if len(missing) > 1 else ''} "
-                          f"in {source}; columns found: {', '.join(columns)}")
+                          f"in {source}; columns found: {', '.join(columns)}{hint}")
     if cfg.metadata_keys is None:
         return text_key, answer_key, [c for c in columns if c not in (text_key, answer_key)]
     return text_key, answer_key, [_require(columns, "task.metadata_keys", k, source)
                                   for k in cfg.metadata_keys]
+
+
+def holds_messages(cfg: TaskConfig, table: Any, column: str, source: str) -> bool:
+    """Whether the prompt ``column`` of ``table`` holds chat messages: a ``task.messages_key`` or
+    ``messages`` column always; a prompt column when its type is a list (TRL's conversational
+    format); text otherwise. A column of mixed types (the ``datasets`` JSON reader's ``Json``
+    feature) is read row by row: text and lists together are refused naming the key."""
+    import pyarrow as pa
+
+    if cfg.messages_key or column != cfg.prompt_key:
+        return True
+    kind = table.data.schema.field(column).type
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        return True
+    if not isinstance(kind, pa.BaseExtensionType):  # a typed column: text, numbers, ...
+        return False
+    first: dict[bool, int] = {}
+    for i, value in enumerate(table[column]):
+        if value is not None:
+            first.setdefault(isinstance(value, (list, tuple)), i)
+    if len(first) > 1:
+        raise ConfigError(f"task.prompt_key={column!r}: the column mixes text (row {first[False]}) "
+                          f"and message lists (row {first[True]}) in {source}: make every row "
+                          "plain text or every row a list of {role, content} messages")
+    return first.get(True) is not None
 
 
 def load_table(key: str, value: str):
@@ -192,7 +268,7 @@ def _messages(value: Any, row: int, key: str, source: str) -> tuple[dict, ...]:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in value)
     if not ok:
-        raise ConfigError(f"task.messages_key={key!r}: row {row} of {source} is not a non-empty "
+        raise ConfigError(f"{key}: row {row} of {source} is not a non-empty "
                           f"list of {{role, content}} messages: {str(value)[:120]}")
     return tuple({k: _plain(v) for k, v in m.items() if v is not None} for m in value)
 
@@ -215,3 +291,13 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "isoformat"):  # date, datetime, time, pandas Timestamp
         return value.isoformat()
     return str(value)  # Decimal too: exact, where float() would round
+
+
+def prompt_column(cfg: TaskConfig) -> tuple[str, bool]:
+    """The train split's prompt column and whether it holds chat messages, as ``load_examples``
+    reads them (``task.messages_key`` says so without reading the file)."""
+    if cfg.messages_key:
+        return cfg.messages_key, True
+    value = cfg.dataset_path or ""
+    keys = example_keys(cfg, load_table("task.dataset_path", value), value)
+    return keys[0], keys[3]

@@ -23,7 +23,7 @@ from typing import Any
 
 from areal_like.settings.config import ConfigError, TaskConfig
 from areal_like.tasks.callables import import_function
-from areal_like.tasks.datasets import Example, load_split
+from areal_like.tasks.datasets import Example, load_split, prompt_column
 
 SPLITS = ("train", "eval")
 SYNTHETIC_EVAL_SIZE = 512  # prompts in a synthetic task's eval split (at most task.num_prompts)
@@ -257,9 +257,13 @@ def prompt_layout(cfg: TaskConfig) -> str:
     if cfg.env or cfg.agent:  # task.chat_template=none is refused for both
         owner = "task.env" if cfg.env else "task.agent"
         return f"task: episodes are conversations through {template} ({owner})"
-    chat = cfg.name == "dataset" and bool(cfg.messages_key)
-    source = (f"column {cfg.messages_key if chat else cfg.prompt_key}" if cfg.name == "dataset"
-              else f"synthetic task {cfg.name}")
+    chat, column = False, cfg.prompt_key
+    if cfg.name == "dataset":
+        try:  # a prompt column of messages is chat too (TRL's conversational format)
+            column, chat = prompt_column(cfg)
+        except ConfigError:  # unreadable: the preflight and the loaders say why
+            column, chat = cfg.messages_key or cfg.prompt_key, bool(cfg.messages_key)
+    source = f"column {column}" if cfg.name == "dataset" else f"synthetic task {cfg.name}"
     if value == "none" or (value == "auto" and not chat):
         how = "are plain text with the tokenizer's special tokens"
         how += ", the messages' contents one per line" if chat else ""

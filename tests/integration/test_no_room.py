@@ -47,8 +47,13 @@ class SilentEngine:
 
 
 class Rewards:
+    """RewardPool's scoring calls: every sample scores 0, no reward function reported."""
+
     async def score_group(self, prompt, texts, example):
         return [(0.0, None)] * len(texts)
+
+    async def score_terms(self, prompt, texts, example):
+        return await self.score_group(prompt, texts, example), {}
 
 
 def group_for(credit: P.Credit, room: int, engine: SilentEngine) -> P.TrajectoryGroup:

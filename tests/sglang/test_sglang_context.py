@@ -60,8 +60,13 @@ class PromptOf:
 
 
 class Rewards:
+    """RewardPool's scoring calls: every sample scores 0, no reward function reported."""
+
     async def score_group(self, prompt, texts, example):
         return [(0.0, None)] * len(texts)
+
+    async def score_terms(self, prompt, texts, example):
+        return await self.score_group(prompt, texts, example), {}
 
 
 def test_a_prompt_sglang_refuses_for_its_length_is_not_sent_and_skipped_as_no_room(

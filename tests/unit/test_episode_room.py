@@ -45,8 +45,13 @@ class ContextEngine:
 
 
 class Rewards:
+    """RewardPool's scoring calls: every sample scores 0, no reward function reported."""
+
     async def score_group(self, prompt, texts, example):
         return [(0.0, None)] * len(texts)
+
+    async def score_terms(self, prompt, texts, example):
+        return await self.score_group(prompt, texts, example), {}
 
 
 def episode(prompt_room: int, max_new_tokens: int = 8, max_input: int = 0):

@@ -229,20 +229,22 @@ def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch
     assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages")) == [
         "task.messages_key='messages': no such column in train.jsonl; "
         "columns found: question, answer, level"]
+    no_answer = "; task.answer_key='' when the reward (task.reward_fn) needs no answer"
     assert pf.check_dataset_columns(cfg_with(**ok, answer_key="solution")) == [
         "task.answer_key='solution': no such column in train.jsonl; "
-        "columns found: question, answer, level"]
+        "columns found: question, answer, level" + no_answer]
     # both wrong (the README's example keys on one's own data): both named at once, not the
     # answer's only once the messages' is fixed
     assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages",
                                              answer_key="solution")) == [
         "task.messages_key='messages', task.answer_key='solution': no such columns in "
-        "train.jsonl; columns found: question, answer, level"]
+        "train.jsonl; columns found: question, answer, level" + no_answer]
     assert pf.check_dataset_columns(cfg_with(**ok, metadata_keys=["level", "source"])) == [
         "task.metadata_keys='source': no such column in train.jsonl; "
         "columns found: question, answer, level"]
     assert pf.check_dataset_columns(cfg_with(**ok, eval_path="eval.jsonl")) == [
-        "task.answer_key='answer': no such column in eval.jsonl; columns found: question, solution"]
+        "task.answer_key='answer': no such column in eval.jsonl; columns found: question, "
+        "solution" + no_answer]
     (tmp_path / "broken.jsonl").write_text('{"question": "1+1=", "answer": \n')
     [line] = pf.check_dataset_columns(cfg_with(**{**ok, "dataset_path": "broken.jsonl"}))
     assert line.startswith("task.dataset_path='broken.jsonl' cannot be read: ") and "\n" not in line
@@ -518,7 +520,7 @@ def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tm
     r = config()
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert r.stderr.splitlines() == [
-        "error: task.messages_key='messages' is a chat dataset, but the tokenizer of "
+        "error: task.messages_key='messages' holds chat messages, but the tokenizer of "
         f"model.tokenizer={str(tmp_path / 'tok')!r} has no chat template to lay its messages out: "
         "set task.chat_template to a Jinja template (or a file of one), or task.chat_template=none "
         "to feed the messages' contents as plain text"]
