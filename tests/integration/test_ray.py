@@ -151,7 +151,10 @@ class RayNodes:
     def run(self, code: str, timeout: float = 120) -> None:
         """``code`` in a Ray driver with the token; it must succeed."""
         proc = self.driver(code)
-        _, err = proc.communicate(timeout=timeout)
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        finally:
+            _kill_tree(proc.pid)
         assert proc.returncode == 0, err[-3000:]
 
     def shutdown(self) -> None:
@@ -261,16 +264,20 @@ def test_a_client_without_the_token_runs_no_task_and_submits_no_job(cluster, tmp
                                    address=address)
                for how, address in (("driver", None),
                                     ("client", f"ray://127.0.0.1:{cluster.client_port}"))}
-    wait_until(lambda: _jobs_api(cluster, None)[0], 120, 0.5, "the dashboard")
-    marker = tmp_path / "job"
-    entry = f"{sys.executable} -c \"open('{marker}', 'w').write('ran')\""
-    assert _jobs_api(cluster, None, {"entrypoint": entry})[0] == 401
-    assert _jobs_api(cluster, "0" * 64, {"entrypoint": entry})[0] == 403  # a wrong token
-    status, jobs = _jobs_api(cluster, cluster.token)
-    assert status == 200 and not [j for j in jobs if j["entrypoint"] == entry], jobs
-    for how, proc in keyless.items():
-        _, err = proc.communicate(timeout=180)
-        assert proc.returncode != 0 and not (tmp_path / how).exists(), (how, err[-3000:])
+    try:
+        wait_until(lambda: _jobs_api(cluster, None)[0], 120, 0.5, "the dashboard")
+        marker = tmp_path / "job"
+        entry = f"{sys.executable} -c \"open('{marker}', 'w').write('ran')\""
+        assert _jobs_api(cluster, None, {"entrypoint": entry})[0] == 401
+        assert _jobs_api(cluster, "0" * 64, {"entrypoint": entry})[0] == 403  # a wrong token
+        status, jobs = _jobs_api(cluster, cluster.token)
+        assert status == 200 and not [j for j in jobs if j["entrypoint"] == entry], jobs
+        for how, proc in keyless.items():
+            _, err = proc.communicate(timeout=180)
+            assert proc.returncode != 0 and not (tmp_path / how).exists(), (how, err[-3000:])
+    finally:
+        for proc in keyless.values():
+            _kill_tree(proc.pid)
     # with the token: the same task runs, the same job is taken and runs
     cluster.run(TASK.format(path=str(tmp_path / "with-token")))
     assert (tmp_path / "with-token").read_text() == "ran"
@@ -304,7 +311,10 @@ def test_the_launcher_refuses_a_cluster_that_serves_clients_without_a_token(tmp_
     try:
         open_cluster.start(tmp_path, [3], auth=False, more=("--include-dashboard=false",))
         proc = open_cluster.driver(TASK.format(path=str(tmp_path / "keyless")), token=False)
-        _, err = proc.communicate(timeout=120)
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            _kill_tree(proc.pid)
         assert proc.returncode == 0 and (tmp_path / "keyless").exists(), err[-3000:]
         env = open_cluster.client_env(RAY_ADDRESS=open_cluster.address)
         _refused(_cli("run", *[a for a in JOB if not a.startswith("launch.nodes")],
