@@ -593,17 +593,19 @@ def ray_keyless(t: Target) -> tuple[bool, str]:
     key_file = t.run_dir / "secrets" / "engine_api_key"
     with tempfile.TemporaryDirectory(prefix="al-ray-") as tmp:
         head, address, dashboard, auth, _ = _ray_head(Path(tmp))
+        drivers = [_ray_driver(address, key_file, {})]  # the stranger's, then the owner's
         try:
-            stranger = _ray_driver(address, key_file, {})
             deadline, status = time.monotonic() + 90, 0
             while status == 0 and time.monotonic() < deadline and head.poll() is None:
                 status = _ray_submit(dashboard, f"cp {key_file} {tmp}/stolen")
                 time.sleep(0.5 if status == 0 else 0)
-            out, _ = stranger.communicate(timeout=90)
+            out, _ = drivers[0].communicate(timeout=90)
             task_stolen = t.engine_key in out
-            owner, _ = _ray_driver(address, key_file, auth).communicate(timeout=90)
+            drivers.append(_ray_driver(address, key_file, auth))
+            owner, _ = drivers[1].communicate(timeout=90)
         finally:
-            _kill_ray_tree(head.pid)
+            for pid in (*(d.pid for d in drivers), head.pid):
+                _kill_ray_tree(pid)
         job_taken = status not in (401, 403) or Path(tmp, "stolen").exists()
     serves = t.engine_key in owner
     return (serves and not task_stolen and not job_taken,
