@@ -1,7 +1,7 @@
 """``areal-like run launch.cluster=ray`` on a real local Ray cluster of three nodes, started as
 launch/RAY.md says (``ray start``, token authentication on, the token in a 0600 file: a head and
 two worker nodes, each with its own CPUs and a resource ``n<k>`` of its own; node failure seen
-after ~3 s).
+after ~8 s).
 
 Ray's own security: a client without the cluster's token runs no task (neither as a driver on
 the GCS port nor through Ray Client) and submits no job (the jobs API on the dashboard port); one
