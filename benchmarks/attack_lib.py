@@ -8,9 +8,13 @@ the model if admission lets it through).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pickle
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -524,6 +528,107 @@ def job_alive(t: Target) -> tuple[bool, str]:
     )
 
 
+RAY_STEAL = """import sys, ray
+ray.init(address=sys.argv[1])
+steal = ray.remote(lambda path: open(path).read())
+print("STOLEN", ray.get(steal.remote(sys.argv[2]), timeout=60))
+"""
+
+
+def _ray_head(root: Path) -> tuple[subprocess.Popen, str, str, dict[str, str], str]:
+    """One Ray node started as launch/RAY.md says (``RAY_AUTH_MODE=token``, a token made for it in
+    a 0600 file, the dashboard on loopback), ports picked free above Ray's worker range: (its
+    ``ray start --block``, GCS address, dashboard URL, a client's auth environment, the token)."""
+    from areal_like.net.distributed import free_port
+
+    def port() -> int:
+        return next(p for p in iter(free_port, 0) if p >= 20000)
+
+    token, token_file = os.urandom(32).hex(), root / "auth_token"
+    token_file.touch(mode=0o600)
+    token_file.write_text(token)
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+    gcs, dashboard = port(), port()
+    ray = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray, "start", "--head", f"--port={gcs}", f"--temp-dir={root / 'ray'}", "--num-cpus=1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--ray-client-server-port={port()}", f"--dashboard-agent-listen-port={port()}",
+         "--object-store-memory=100000000", "--disable-usage-stats", "--block"],
+        env={**os.environ, **auth}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    return head, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}", auth, token
+
+
+def _ray_driver(address: str, key_file: Path, auth: dict[str, str]) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH_")}
+    return subprocess.Popen([sys.executable, "-c", RAY_STEAL, address, str(key_file)],
+                            env={**env, **auth}, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+
+
+def _ray_submit(dashboard: str, entrypoint: str) -> int:
+    """Ray's job submission REST API, with no credential: the HTTP status (0: no answer)."""
+    req = urllib.request.Request(f"{dashboard}/api/jobs/", method="POST",
+                                 data=json.dumps({"entrypoint": entrypoint}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_S) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return 0
+
+
+def ray_keyless(t: Target) -> tuple[bool, str]:
+    """A stranger who reaches a Ray cluster started as launch/RAY.md says, without its token:
+    a driver on the GCS port runs a task that reads the job's engine key, and the jobs API on the
+    dashboard port takes a command that copies it. The cluster's owner, with the token, runs the
+    same task (the cluster serves: the stranger's failure is the token's doing)."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return True, "Ray is not installed here: no Ray port to reach"
+    key_file = t.run_dir / "secrets" / "engine_api_key"
+    with tempfile.TemporaryDirectory(prefix="al-ray-") as tmp:
+        head, address, dashboard, auth, _ = _ray_head(Path(tmp))
+        drivers = [_ray_driver(address, key_file, {})]  # the stranger's, then the owner's
+        try:
+            deadline, status = time.monotonic() + 90, 0
+            while status == 0 and time.monotonic() < deadline and head.poll() is None:
+                status = _ray_submit(dashboard, f"cp {key_file} {tmp}/stolen")
+                time.sleep(0.5 if status == 0 else 0)
+            out, _ = drivers[0].communicate(timeout=90)
+            task_stolen = t.engine_key in out
+            drivers.append(_ray_driver(address, key_file, auth))
+            owner, _ = drivers[1].communicate(timeout=90)
+        finally:
+            for pid in (*(d.pid for d in drivers), head.pid):
+                _kill_ray_tree(pid)
+        job_taken = status not in (401, 403) or Path(tmp, "stolen").exists()
+    serves = t.engine_key in owner
+    return (serves and not task_stolen and not job_taken,
+            f"keyless task {'STOLE the engine key' if task_stolen else 'refused'}; keyless job "
+            f"submission HTTP {status}; the owner's task with the token "
+            f"{'ran' if serves else 'did NOT run (the cluster is not serving)'}")
+
+
+def _kill_ray_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process under it, by PID."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [*root.children(recursive=True), root]
+    except psutil.Error:
+        return
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(procs, timeout=30)
+
+
 ATTACKS = [
     ("batch_theft", batch_theft),
     ("register_flood", register_flood),
@@ -537,4 +642,5 @@ ATTACKS = [
     ("job_still_trains", job_alive),
     ("nan_group", nan_group),
     ("checkpoint_pickle", checkpoint_pickle),
+    ("ray_keyless_client", ray_keyless),
 ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -68,18 +69,24 @@ def main() -> None:
     ap.add_argument("--rounds", type=at_least(1), default=1)
     ap.add_argument("--steps", type=at_least(SKIP + 2), default=40)
     args = ap.parse_args()
-    from ray.cluster_utils import Cluster
-
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 4, "include_dashboard": False})
     results: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-ray-") as root:
+    with tempfile.TemporaryDirectory(prefix="bench-ray-") as root:
+        # Ray's token authentication, which the launcher requires (launch/RAY.md): the cluster's
+        # nodes and the jobs inherit it from this process's environment, set before Ray's import
+        token = Path(root) / "auth_token"
+        token.touch(mode=0o600)
+        token.write_text(secrets.token_hex(32))
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        from ray.cluster_utils import Cluster
+
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={"num_cpus": 4, "include_dashboard": False})
+        try:
             for _ in range(args.rounds):
                 for ray in (True, False):
                     results[ray].append(one_job(ray, args.steps, Path(root), cluster.address))
-    finally:
-        cluster.shutdown()
+        finally:
+            cluster.shutdown()
     first, rate = ({ray: statistics.median(r[i] for r in results[ray]) for ray in (True, False)}
                    for i in (0, 1))
     warn = load_warning()

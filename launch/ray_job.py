@@ -5,7 +5,9 @@ Ray places, watches and restarts; it carries no data (ZeroMQ with CURVE, the WAL
 the weight broadcast are the job's own). ``run_on_ray``:
 
 1. connects to the cluster at ``launch.ray_address`` (else ``RAY_ADDRESS``, else the one started
-   on this machine), never starting one;
+   on this machine), never starting one, with Ray's token authentication (``RAY_AUTH_MODE=token``
+   and the cluster's token: ``RAY_AUTH_TOKEN_PATH``, a file only its user reads, or
+   ``RAY_AUTH_TOKEN``), and refuses a cluster that answers a client without the token;
 2. reserves one placement-group bundle per node of the layout ``areal-like plan`` prints (the
    buffer and trainer rank 0 on node 0; CPUs ``launch.ray_cpus`` per process, the plan's GPUs),
    strategy SPREAD, and checks that every bundle's node sees the run directory;
@@ -17,8 +19,13 @@ the weight broadcast are the job's own). ``run_on_ray``:
    ``status``/``top``/``stop`` are ``run``'s. A daemon whose node is lost ends its proxy (exit 1):
    the supervisor starts it again once Ray has placed the bundle anew.
 
-Bad input (Ray missing, no cluster, a layout the cluster cannot hold, a run directory a node does
-not see) is a ``ConfigError``: one ``error:`` line, exit 2, before any daemon starts.
+No credential is a task or actor argument: the engine key and the CURVE keys are files under the
+run directory only the job's user reads, and the forwarded environment holds no variable named
+like a credential (``SECRET_NAME``); a daemon does not inherit Ray's token.
+
+Bad input (Ray missing, no cluster, no token or one others may read, a cluster without token
+authentication, a layout the cluster cannot hold, a run directory a node does not see) is a
+``ConfigError``: one ``error:`` line, exit 2, before any daemon starts.
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ from collections import deque
 from pathlib import Path
 
 from areal_like.daemon import die_with_parent
-from areal_like.net.auth import BIND_HOST_ENV, ENGINE_KEY_ENV
+from areal_like.net.auth import BIND_HOST_ENV, SECRET_NAME
 from areal_like.net.distributed import free_port
+from areal_like.net.security import SecurityError, owner_only
 from areal_like.settings.config import ConfigError, RunConfig
 from launch.job import job_specs, run_job, write_ports
 from launch.local import STOP_GRACE_S, kill_survivors, write_json_atomic
@@ -63,6 +71,10 @@ NODE_IP = "@NODE_IP@"  # in a daemon's command and environment: its node's addre
 PLACE_TIMEOUT_S = 60.0  # a placement group the cluster cannot hold by then is refused
 CONNECT_TIMEOUT_S = 5.0
 HOSTS_EVERY_S = 2.0  # how often the driver rereads where the daemons run (ray/<name>.json)
+# Ray's token authentication (Ray >= 2.52): the mode, and the token itself or the file holding it
+AUTH_MODE_ENV, TOKEN_ENV, TOKEN_PATH_ENV = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+AUTH_HELP = ("export RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<the cluster's token file, mode "
+             "0600> (or RAY_AUTH_TOKEN), as on every node of the cluster (launch/RAY.md)")
 
 
 def import_ray():
@@ -91,13 +103,55 @@ def connect(ray, address: str) -> str:
         except (OSError, ValueError) as e:
             raise ConfigError(f"no Ray cluster at {address!r} (launch.ray_address or RAY_ADDRESS): "
                               f"{e}; start one with `ray start --head`") from None
+    check_token()
     try:
         init(ray, address)
     except (ConnectionError, ValueError, RuntimeError) as e:
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"no Ray cluster at {address!r} (launch.ray_address, RAY_ADDRESS, "
-                          f"else one on this node): {why}") from None
-    return ray.get_runtime_context().gcs_address
+                          f"else one on this node), or it refused this process's Ray token: "
+                          f"{why}") from None
+    gcs = ray.get_runtime_context().gcs_address
+    if not keyless_refused(gcs):
+        ray.shutdown()
+        raise ConfigError(f"the Ray cluster at {gcs} serves clients without a token: anyone who "
+                          "reaches it runs code as its user, with this job's keys; start every "
+                          "node of it with RAY_AUTH_MODE=token and the cluster's token "
+                          "(launch/RAY.md)")
+    return gcs
+
+
+def check_token() -> None:
+    """ConfigError unless this process uses Ray's token authentication with a token in its
+    environment or in a non-empty file that only its user may read."""
+    if os.environ.get(AUTH_MODE_ENV) != "token":
+        raise ConfigError("launch.cluster=ray runs only with Ray's token authentication: "
+                          + AUTH_HELP)
+    if os.environ.get(TOKEN_ENV):
+        return
+    path = Path(os.environ.get(TOKEN_PATH_ENV) or Path.home() / ".ray" / "auth_token")
+    try:
+        owner_only(path)
+        empty = not path.read_text().strip()
+    except (OSError, SecurityError) as e:
+        raise ConfigError(f"{TOKEN_PATH_ENV}: the Ray token file {path}: {e}") from None
+    if empty:
+        raise ConfigError(f"{TOKEN_PATH_ENV}: the Ray token file {path} is empty: {AUTH_HELP}")
+
+
+def keyless_refused(gcs: str) -> bool:
+    """Whether the cluster's GCS at ``gcs`` refuses a client that sends no token: its first call
+    (``GetClusterId``, which every Ray client makes) sent without Ray's token header."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(gcs) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
+                gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S)
+        except grpc.RpcError as e:
+            return e.code() == grpc.StatusCode.UNAUTHENTICATED
+    return False
 
 
 def init(ray, address: str) -> None:
@@ -274,9 +328,10 @@ class RayCluster:
         for spec, slot in zip(job_specs(cfg, topo, config_path), topo.slots, strict=True):
             env = {**spec.env, "RAY_ADDRESS": self.gcs,
                    BIND_HOST_ENV: os.environ.get(BIND_HOST_ENV) or NODE_IP}
-            # the engine API key stays out of Ray: every daemon reads it from the shared run_dir
-            forward = [k for k in env if k not in (ENGINE_KEY_ENV, "CUDA_VISIBLE_DEVICES",
-                                                   "RAY_ADDRESS")]
+            # no credential is an actor's argument (Ray keeps those): every daemon reads the
+            # engine API key from the shared run_dir (0600), the others from its node's environment
+            forward = [k for k in env if k not in ("CUDA_VISIBLE_DEVICES", "RAY_ADDRESS")
+                       and not SECRET_NAME.search(k)]
             cpus, gpus = request(cfg, slot.kind, self.shared)
             bundle = slot.node if slot.node < self.bundles else -1
             extra = (trainer_args or []) if slot.kind == "trainer" else []
@@ -406,6 +461,7 @@ class DaemonHost:
         argv = [sys.executable, "-m", "launch.ray_job", "guard", "--", *argv]
         env = {**os.environ, **{k: v.replace(NODE_IP, ip) for k, v in env.items()},
                "PYTHONUNBUFFERED": "1"}
+        env.pop(TOKEN_ENV, None)  # Ray's token, which the node's workers hold: no daemon needs it
         if hide_gpus:  # the GPUs Ray gave this actor, none for a CPU process of a GPU job
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in ray.get_gpu_ids())
         self.popen = subprocess.Popen(argv, env=env, cwd=cwd if os.path.isdir(cwd) else None,

@@ -1,6 +1,12 @@
-"""``areal-like run launch.cluster=ray`` on a real local Ray cluster of three nodes
-(``ray.cluster_utils.Cluster``: a head and two worker raylets, each with its own CPUs and a resource
-``n<k>`` of its own; node failure seen after ~3 s).
+"""``areal-like run launch.cluster=ray`` on a real local Ray cluster of three nodes, started as
+launch/RAY.md says (``ray start``, token authentication on, the token in a 0600 file: a head and
+two worker nodes, each with its own CPUs and a resource ``n<k>`` of its own; node failure seen
+after ~8 s).
+
+Ray's own security: a client without the cluster's token runs no task (neither as a driver on
+the GCS port nor through Ray Client) and submits no job (the jobs API on the dashboard port); one
+with it does; the launcher refuses to run without the token, with a token file others may read,
+and on a cluster that serves clients without a token (the ``ray start --head`` of old).
 
 One job (the quickstart from its cached warm start: buffer + trainer on layout node 0, one rollout
 server on each of nodes 1 and 2, CPU, embedded engines) trains steps; ``status``, ``top`` and
@@ -25,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -54,8 +61,9 @@ JOB = ["launch.cluster=ray", "launch.nodes=3", "launch.train_nodes=1", "launch.t
 LEARN = [*(a for a in JOB if not a.startswith(("task.group_size", "buffer.groups_per_step"))),
          "experiment=quickstart", "trainer.steps=100000", "trainer.checkpoint_every=100000"]
 WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart"  # shared with test_e2e.py
-# Ray marks a node dead after this many missed 1 s health checks (default 5 x 3 s)
-SYSTEM = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+# Ray marks a node dead after this many missed 1 s health checks (default 5 x 3 s); more than 3 on
+# a loaded machine, where a live raylet missed 3 and Ray ended it
+SYSTEM = {"health_check_period_ms": 1000, "health_check_failure_threshold": 8}
 
 
 def _need_ray():
@@ -70,21 +78,99 @@ def _need_ray():
     return Cluster
 
 
+def _port() -> int:
+    """A free port above the ones Ray keeps for its workers (10002-19999), which it refuses for
+    its own servers."""
+    return next(p for p in iter(free_port, 0) if p >= 20000)
+
+
+class RayNodes:
+    """A local Ray cluster started with ``ray start ... --block`` as launch/RAY.md says (one
+    process per node: killing its tree loses the node): ``RAY_AUTH_MODE=token`` and a token made
+    for it in a 0600 file (``auth=False``: the ``ray start`` of old, no token), the dashboard on
+    loopback, every port of the head picked free."""
+
+    def __init__(self):
+        self.temp = tempfile.mkdtemp(prefix="al-ray-")  # Ray's sessions and logs (short: sockets)
+        self.token = secrets.token_hex(32)
+        token_file = Path(self.temp) / "auth_token"
+        token_file.touch(mode=0o600)
+        token_file.write_text(self.token)
+        self.env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)}
+        self.port, self.dashboard_port, self.client_port = _port(), _port(), _port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
+        self.nodes: list[subprocess.Popen] = []
+
+    def start(self, tmp: Path, cpus: list[int], auth: bool = True,
+              more: tuple[str, ...] = ()) -> RayNodes:
+        """A head (``more``: its further flags) and ``len(cpus) - 1`` worker nodes; node k has
+        ``cpus[k]`` CPUs."""
+        ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
+        env = child_env(self.env if auth else {"RAY_AUTH_MODE": "disabled"})
+        # the job moves no data through Ray's object store: 100 MB of /dev/shm each, not 30%
+        common = ["--disable-usage-stats", "--block", "--object-store-memory=100000000",
+                  f"--dashboard-agent-listen-port={_port()}"]
+        head = [ray, "start", "--head", f"--port={self.port}", f"--temp-dir={self.temp}",
+                "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+                f"--ray-client-server-port={self.client_port}",
+                f"--system-config={json.dumps(SYSTEM)}", *more]
+        for k, n in enumerate(cpus):
+            argv = head if k == 0 else [ray, "start", f"--address={self.address}"]
+            argv = [*argv, f"--num-cpus={n}", f"--resources={json.dumps({f'n{k}': 1})}", *common]
+            common[-1] = f"--dashboard-agent-listen-port={_port()}"
+            log = tmp / f"ray-node{k}.log"
+            with log.open("w") as out:
+                node = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+            self.nodes.append(node)
+            # one node at a time: nodes starting together on one host race for the names of
+            # their sockets in the session directory, and one of them never comes up
+            wait_until(lambda: "Ray runtime started" in log.read_text()  # noqa: B023
+                       or node.poll() is not None, 180, 0.5, f"Ray node {k} to start")  # noqa: B023
+            assert node.poll() is None, log.read_text()[-3000:]
+        self.run(f"while sum(n['Alive'] for n in ray.nodes()) < {len(cpus)}: time.sleep(0.2)",
+                 timeout=180)  # every node joined
+        return self
+
+    def client_env(self, token: bool = True, **extra: str) -> dict[str, str]:
+        """A client's environment: the cluster's token (launch/RAY.md) or none at all."""
+        env = child_env({**(self.env if token else {}), **extra})
+        if not token:
+            for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+                env.pop(key, None)
+        return env
+
+    def driver(self, code: str, token: bool = True, address: str | None = None) -> subprocess.Popen:
+        """``code`` in a Ray driver connected to the cluster (or ``address``: ``ray://...``), with
+        the cluster's token or none."""
+        script = f"import time, ray\nray.init(address={address or self.address!r})\n{code}\n"
+        return subprocess.Popen([sys.executable, "-c", script], env=self.client_env(token),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def run(self, code: str, timeout: float = 120) -> None:
+        """``code`` in a Ray driver with the token; it must succeed."""
+        proc = self.driver(code)
+        try:
+            _, err = proc.communicate(timeout=timeout)
+        finally:
+            _kill_tree(proc.pid)
+        assert proc.returncode == 0, err[-3000:]
+
+    def shutdown(self) -> None:
+        for node in reversed(self.nodes):
+            _kill_tree(node.pid)
+        shutil.rmtree(self.temp, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def cluster() -> Iterator:
-    Cluster = _need_ray()
-    temp = tempfile.mkdtemp(prefix="al-ray-")  # Ray's sessions and logs (short: its sockets)
-    c = Cluster(initialize_head=True,
-                head_node_args={"num_cpus": 3, "resources": {"n0": 1}, "include_dashboard": False,
-                                "_system_config": SYSTEM, "temp_dir": temp})
+def cluster(tmp_path_factory) -> Iterator[RayNodes]:
+    _need_ray()
+    c = RayNodes()
     try:
-        for k in (1, 2):
-            c.add_node(num_cpus=3, resources={f"n{k}": 1}, temp_dir=temp)
-        c.wait_for_nodes()
-        yield c
+        yield c.start(tmp_path_factory.mktemp("ray"), [3, 3, 3])
     finally:
         c.shutdown()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 SCALE_TIMEOUT_S = 360  # CI's loaded machine took more than 120 s to add a server (2026-11-27)
@@ -136,11 +222,107 @@ def test_a_dashboard_address_is_one_error_line(tmp_path):
     (["launch.nodes=10"], ("the layout needs 11 CPU", "has 9 CPU")),
 ])
 def test_a_layout_larger_than_the_cluster_is_one_error_line(cluster, tmp_path, more, words):
-    env = child_env({"RAY_ADDRESS": cluster.address})
+    env = cluster.client_env(RAY_ADDRESS=cluster.address)
     keys = {a.split("=")[0] for a in more}
     job = [a for a in JOB if a.split("=")[0] not in keys]
     _refused(_cli("run", *job, f"run_dir={tmp_path / 'run'}", *more, env=env), *words)
     assert not (tmp_path / "run").exists()
+
+
+# a task that leaves proof it ran (the keyless task of the security review printed the job's keys)
+TASK = """@ray.remote
+def prove(path):
+    open(path, "w").write("ran")
+ray.get(prove.remote({path!r}), timeout=60)"""
+
+
+def _jobs_api(cluster: RayNodes, token: str | None, body: dict | None = None) -> tuple[int, object]:
+    """Ray's job submission REST API on the dashboard port: POST ``body`` to /api/jobs/ (GET the
+    job list without one), with ``Authorization: Bearer token`` or no credential."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(f"{cluster.dashboard}/api/jobs/", headers=headers,
+                                 data=None if body is None else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except OSError:
+        return 0, None  # the dashboard is not up yet
+
+
+def test_a_client_without_the_token_runs_no_task_and_submits_no_job(cluster, tmp_path):
+    """The cluster launch/RAY.md starts: a driver on the GCS port and a Ray Client on its port,
+    both without the token, run no task; the jobs API on the dashboard port takes no job without
+    it; with the token, each does."""
+    keyless = {how: cluster.driver(TASK.format(path=str(tmp_path / how)), token=False,
+                                   address=address)
+               for how, address in (("driver", None),
+                                    ("client", f"ray://127.0.0.1:{cluster.client_port}"))}
+    try:
+        wait_until(lambda: _jobs_api(cluster, None)[0], 120, 0.5, "the dashboard")
+        marker = tmp_path / "job"
+        entry = f"{sys.executable} -c \"open('{marker}', 'w').write('ran')\""
+        assert _jobs_api(cluster, None, {"entrypoint": entry})[0] == 401
+        assert _jobs_api(cluster, "0" * 64, {"entrypoint": entry})[0] == 403  # a wrong token
+        status, jobs = _jobs_api(cluster, cluster.token)
+        assert status == 200 and not [j for j in jobs if j["entrypoint"] == entry], jobs
+        for how, proc in keyless.items():
+            _, err = proc.communicate(timeout=180)
+            assert proc.returncode != 0 and not (tmp_path / how).exists(), (how, err[-3000:])
+    finally:
+        for proc in keyless.values():
+            _kill_tree(proc.pid)
+    # with the token: the same task runs, the same job is taken and runs
+    cluster.run(TASK.format(path=str(tmp_path / "with-token")))
+    assert (tmp_path / "with-token").read_text() == "ran"
+    status, _ = _jobs_api(cluster, cluster.token, {"entrypoint": entry})
+    assert status == 200
+    wait_until(marker.exists, 120, 0.5, "the job submitted with the token to run")
+
+
+@pytest.mark.parametrize("auth, words", [
+    ({"RAY_AUTH_MODE": ""}, ("runs only with Ray's token authentication", "RAY_AUTH_MODE=token",
+                             "RAY_AUTH_TOKEN_PATH")),
+    ({"RAY_AUTH_TOKEN_PATH": "{readable}"}, ("RAY_AUTH_TOKEN_PATH", "mode 0644", "chmod 600")),
+    ({"RAY_AUTH_TOKEN_PATH": "{missing}"}, ("RAY_AUTH_TOKEN_PATH", "No such file")),
+])
+def test_the_launcher_refuses_to_run_without_a_token_only_its_user_reads(cluster, tmp_path, auth,
+                                                                           words):
+    readable = tmp_path / "readable"
+    readable.write_text(cluster.token)
+    readable.chmod(0o644)
+    auth = {k: v.format(readable=readable, missing=tmp_path / "missing") for k, v in auth.items()}
+    env = cluster.client_env(RAY_ADDRESS=cluster.address, **auth)
+    _refused(_cli("run", *JOB, f"run_dir={tmp_path / 'run'}", env=env), *words)
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_launcher_refuses_a_cluster_that_serves_clients_without_a_token(tmp_path):
+    """``ray start --head`` without RAY_AUTH_MODE=token (the command launch/RAY.md gave before):
+    any client that reaches it runs tasks; the launcher, holding a token, refuses to run there."""
+    _need_ray()
+    open_cluster = RayNodes()
+    try:
+        open_cluster.start(tmp_path, [3], auth=False, more=("--include-dashboard=false",))
+        proc = open_cluster.driver(TASK.format(path=str(tmp_path / "keyless")), token=False)
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            _kill_tree(proc.pid)
+        assert proc.returncode == 0 and (tmp_path / "keyless").exists(), err[-3000:]
+        env = open_cluster.client_env(RAY_ADDRESS=open_cluster.address)
+        _refused(_cli("run", *[a for a in JOB if not a.startswith("launch.nodes")],
+                      f"run_dir={tmp_path / 'run'}", env=env),
+                 "serves clients without a token", "RAY_AUTH_MODE=token")
+        assert not (tmp_path / "run").exists()
+    finally:
+        open_cluster.shutdown()
 
 
 def test_a_run_dir_a_node_does_not_see_is_one_error_line(tmp_path):
@@ -149,19 +331,23 @@ def test_a_run_dir_a_node_does_not_see_is_one_error_line(tmp_path):
         pytest.skip("a mount namespace of its own for the raylet needs root and unshare")
     hidden = tmp_path / "hidden"  # a tmpfs over it in the raylet's mount namespace
     hidden.mkdir()
-    # above the ports Ray keeps for its workers (10002-19999), which it refuses for the GCS
-    port = next(p for p in iter(free_port, 0) if p >= 20000)
+    port = _port()
     ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     temp = tempfile.mkdtemp(prefix="al-ray-")
+    token = tmp_path / "auth_token"  # the cluster's, as launch/RAY.md makes it
+    token.touch(mode=0o600)
+    token.write_text(secrets.token_hex(32))
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     script = (f"mount -t tmpfs tmpfs {hidden} && exec {ray} start --head --port={port} "
               f"--temp-dir={temp} --num-cpus=4 --include-dashboard=false --disable-usage-stats "
+              f"--ray-client-server-port={_port()} --dashboard-agent-listen-port={_port()} "
               "--block")
     log = tmp_path / "ray-head.log"
-    head = subprocess.Popen(["unshare", "--mount", "sh", "-c", script], env=child_env(),
+    head = subprocess.Popen(["unshare", "--mount", "sh", "-c", script], env=child_env(auth),
                             stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        env = child_env({"RAY_ADDRESS": f"127.0.0.1:{port}"})
+        env = child_env({**auth, "RAY_ADDRESS": f"127.0.0.1:{port}"})
         wait_until(lambda: _up(port) or head.poll() is not None, 180, 0.5,
                    "the namespaced Ray head")
         assert head.poll() is None, log.read_text()[-3000:]
@@ -385,7 +571,7 @@ def test_a_ray_job_learns_scales_survives_a_lost_node_and_stops(cluster, tmp_pat
     targets see every daemon; the rollout pool grows and shrinks (``_scale_rollout_up_and_down``);
     a worker node is lost; ``stop`` stops it as Ctrl-C does; the reward rose by >= 0.3."""
     run_dir = tmp_path / "run"
-    env = child_env({"RAY_ADDRESS": cluster.address})
+    env = cluster.client_env(RAY_ADDRESS=cluster.address)
     job = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", "-q", *LEARN,
                             f"model.path={warm_model(WARM_CACHE)}", f"run_dir={run_dir}"],
                            cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -412,15 +598,14 @@ def test_a_ray_job_learns_scales_survives_a_lost_node_and_stops(cluster, tmp_pat
         assert len({p["node_id"] for p in placed.values()}) == 3, placed
 
         # ---- a node that runs only a rollout server is lost: its raylet and every process on it
-        head = cluster.head_node.node_id
-        victim = next(n for n in ("rollout-1", "rollout-0") if placed[n]["node_id"] != head)
-        node = next(n for n in cluster.worker_nodes if n.node_id == placed[victim]["node_id"])
-        raylet = node.all_processes["raylet"][0].process.pid
-        assert placed[victim]["pid"] in [p.pid for p in psutil.Process(raylet).children(True)]
+        victim, node = next((n, w) for n in ("rollout-1", "rollout-0") for w in cluster.nodes[1:]
+                            if placed[n]["pid"] in [p.pid for p in
+                                                    psutil.Process(w.pid).children(True)])
         before, at_kill = _books(run_dir), _steps(run_dir)
-        _kill_tree(raylet)
-        moved = wait_until(lambda: (p := _placed(run_dir, victim))["node_id"] != node.node_id
-                           and p, 180, 1.0, f"{victim} placed again on a live node")
+        _kill_tree(node.pid)
+        moved = wait_until(lambda: (p := _placed(run_dir, victim))["node_id"]
+                           != placed[victim]["node_id"] and p, 180, 1.0,
+                           f"{victim} placed again on a live node")
         assert moved["node_id"] in {placed[n]["node_id"] for n in placed}, moved
         log = run_dir / "logs" / f"{victim}.log"
         wait_until(lambda: log.read_text().count("rollout: started") >= 2, 180, 1.0,
