@@ -289,7 +289,7 @@ class BufferService(Daemon):
         versions = version_range(g)  # one pass over the token versions, for every check below
         reason = (invalid_group(g, lease, self.control.newest_version(), versions)
                   or group_checks.content_problem(g, self.facts.vocab_size, self.facts.context,
-                                                  self.facts.trajectories))
+                                                  self.facts.trajectories, self.facts.routes))
         if reason is not None:
             self.instruments.count("rejected", reason=(label := reason.split(":")[0]))
             self.rejections.warning(f"group:{label}", "rejected group %s from %s: %s", g.group_id,
