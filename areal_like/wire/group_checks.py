@@ -60,7 +60,7 @@ def content_problem(group: TrajectoryGroup, vocab_size: int, context: int = 0,
                     f"model's context of {context}")
         arrays += [t.prompt_ids, t.output_ids]
     if (why := logp_problem(group) or process_problem(group)
-            or (routes is not None and routes_problem(group, *routes))) is not None:
+            or (routes_problem(group, *routes) if routes else None)) is not None:
         return why
     if vocab_size <= 0 or not arrays:
         return None
