@@ -1,4 +1,4 @@
-"""Routing-replay routes are checked at the buffer's admission (``areal_like/wire/group_checks.py``).
+"""Routing-replay routes are checked at the buffer's admission (areal_like/wire/group_checks.py).
 
 A tiny Qwen3-MoE (2 mixture layers, top-2 of 4 experts) is saved as a user's checkpoint; a buffer
 of a job with ``trainer.routing_replay=true`` on it runs over real sockets and a member sends it
