@@ -10,7 +10,11 @@ did:
   settled the trainer's batch as lost and handed its groups to the attacker);
 * it registers a flood of fresh server ids: at most the key's roster allowance joins, the rest are
   refused and counted, the buffer's log about them stays short, and the real server is unaffected
-  (before, every id joined the roster and so the next weight-sync plan).
+  (before, every id joined the roster and so the next weight-sync plan);
+* it asks for the roster: refused for its role (before, it read every server's URLs and
+  incarnation);
+* it re-registers the real server's id with its own URLs: refused while the real server
+  heartbeats, which is told and goes on (before, its entry was replaced).
 """
 
 from __future__ import annotations
