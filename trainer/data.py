@@ -145,8 +145,10 @@ RESYNC_CHECK_S = 5.0
 # quarantined batches in a row after which the trainer stops: it is broken, not fed poison
 MAX_QUARANTINED_IN_A_ROW = 3
 ERROR_CHARS = 400  # of a quarantined batch's error, in its record
-# raised in a step, but not by its batch: a peer rank or the device failed, a disk, a socket
-NOT_THE_BATCH = (torch.distributed.DistError, torch.OutOfMemoryError, OSError)
+# raised in a step, but not by its batch: a peer rank or the device failed (a CUDA error leaves
+# the context unusable), a disk, a socket
+NOT_THE_BATCH = (torch.distributed.DistError, torch.OutOfMemoryError, torch.AcceleratorError,
+                 OSError)
 
 
 class Quarantine:
