@@ -7,7 +7,8 @@ raises. The trainer must record the batch (its groups, the error), skip it, ackn
 next BatchRequest (so a buffer never hands it out again), train on the clean batches after it and
 finish its steps with exit 0, its ``done`` record counting the quarantined batch. Before, the
 trainer died on it, and a restarted trainer was handed the same batch (unacknowledged) until its
-restarts ran out.
+restarts ran out. On 2 ranks (every trajectory poisoned, so each rank's rows raise) both ranks agree
+to skip the batch and go on in step.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import threading
 
 import numpy as np
+import pytest
 
 from areal_like.net.transport import Server
 from areal_like.settings.config import load_config, to_yaml
@@ -28,13 +30,13 @@ LAYERS, TOP_K, OUTPUT = 2, 2, 4
 POISON = 1_000_000
 
 
-def _groups(tag: str, version: int, poison: bool) -> list[P.TrajectoryGroup]:
+def _groups(tag: str, version: int, poison: bool, everywhere: bool) -> list[P.TrajectoryGroup]:
     out = []
     for g in range(2):
         trajs = []
         for r in (0.0, 1.0):
             routes = np.tile(np.arange(TOP_K, dtype=np.int32), (2 + OUTPUT - 1, LAYERS, 1))
-            if poison and g == 1 and r:
+            if poison and (everywhere or (g == 1 and r)):
                 routes[2, 1, 0] = POISON
             trajs.append(Trajectory.of(
                 prompt_ids=as_i32([5, 6]), output_ids=as_i32(np.arange(10, 10 + OUTPUT)),
@@ -49,8 +51,9 @@ class StandIn:
     """A buffer stand-in: the first batch is poisoned, every later one clean; it keeps each
     BatchRequest's ``ack_batch``, answers rosters (no engines) and version announcements."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, everywhere: bool):
         self.server, self.stop = Server(address), threading.Event()
+        self.everywhere = everywhere
         self.acks: list[str] = []
         self.handed = 0
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -61,7 +64,8 @@ class StandIn:
             self.acks.append(m.ack_batch)
             tag = "poison" if self.handed == 0 else f"clean{self.handed}"
             self.handed += 1
-            return P.Batch(groups=_groups(tag, m.trainer_version, tag == "poison"),
+            return P.Batch(groups=_groups(tag, m.trainer_version, tag == "poison",
+                                          self.everywhere),
                            trainer_version=m.trainer_version, batch_id=tag)
         if isinstance(m, P.RosterRequest):
             return P.Roster(members=[], policy_version=0)
@@ -79,8 +83,9 @@ class StandIn:
         self.server.close()
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
 def test_a_batch_whose_step_raises_is_quarantined_and_the_job_finishes(tmp_path, spawn_python,
-                                                                      free_port):
+                                                                      free_port, ranks):
     moe = save_family("qwen3_moe", tmp_path / "moe")
     address = f"tcp://127.0.0.1:{free_port()}"
     run_dir = tmp_path / "run"
@@ -92,13 +97,17 @@ def test_a_batch_whose_step_raises_is_quarantined_and_the_job_finishes(tmp_path,
     run_dir.mkdir()
     cfg_path = run_dir / "config.yaml"
     cfg_path.write_text(to_yaml(cfg))
-    buffer = StandIn(address)
+    buffer = StandIn(address, everywhere=ranks > 1)
+    master = str(free_port())
     try:
-        proc = spawn_python("trainer", ["--config-file", cfg_path])
-        _, err = proc.communicate(timeout=TRAINER_S)
+        procs = [spawn_python("trainer", ["--config-file", cfg_path], env={
+            "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(ranks),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": master}) for r in range(ranks)]
+        errs = [p.communicate(timeout=TRAINER_S)[1] for p in procs]
     finally:
         buffer.close()
-    assert proc.returncode == 0, err[-3000:]
+    err = errs[0]  # rank 0: it logs the quarantine
+    assert [p.returncode for p in procs] == [0] * ranks, [e[-3000:] for e in errs]
     # the poisoned batch was acknowledged by the request after it: never handed out again
     assert buffer.acks[:3] == ["", "poison", "clean1"], buffer.acks
     rows = [json.loads(line) for line in (run_dir / "metrics" / "trainer.jsonl").open()]
