@@ -1,5 +1,5 @@
-"""Facts of the job that its config implies but does not state: the model's vocabulary and
-context, the largest frame a group can need, the prompts in one epoch of the task.
+"""Facts of the job that its config implies but does not state: the model's vocabulary, context and
+routing-replay shape, the largest frame a group can need, the prompts in one epoch of the task.
 
 Invariants: above config loading (which imports no task, dataset or tokenizer); the vocabulary,
 context and frame limit are read as JSON, never through torch or transformers (the buffer needs
@@ -39,6 +39,27 @@ def model_vocab_size(model: ModelConfig) -> int:
     if not isinstance(size, int) or size < 1:
         raise ConfigError(f"model.path={model.path!r}: config.json has no vocab_size")
     return size
+
+
+def model_routes(cfg: RunConfig) -> tuple[int, int, int] | None:
+    """``(layers, top_k, experts)`` of one token's routes under ``trainer.routing_replay``: the
+    mixture layers of a Qwen3-MoE/Qwen2-MoE config.json (areal_like/weights/routing.py), the
+    experts each token is routed to and the experts each layer has; None when routing replay is off
+    or the config.json names no such mixture (preflight and the trainer refuse that job)."""
+    if not cfg.trainer.routing_replay or not cfg.model.path:
+        return None
+    model = cfg.model
+    top_k, layers = model_json(model, "num_experts_per_tok"), model_json(model, "num_hidden_layers")
+    # transformers 5 saves Qwen3-MoE's num_experts under its attribute_map name
+    experts = model_json(model, "num_experts") or model_json(model, "num_local_experts")
+    if not all(isinstance(v, int) and v > 0 for v in (experts, top_k, layers)):
+        return None
+    dense = model_json(model, "mlp_only_layers") or []  # as the model builds its layers
+    every = model_json(model, "decoder_sparse_step") or 1
+    if not isinstance(dense, list) or not isinstance(every, int) or every < 1:
+        return None
+    moe = sum(1 for i in range(layers) if i not in dense and (i + 1) % every == 0)
+    return (moe, top_k, experts) if moe else None
 
 
 def model_context(model: ModelConfig, scaled: bool = True) -> int:

@@ -8,7 +8,9 @@ and prints one line per attack::
 
     <name> <contained|NOT CONTAINED> <what was seen>
 
-Attacks: the hand-out by socket (``batch_theft``), the register flood, strangers on a ``/metrics``
+Attacks: the hand-out by socket (``batch_theft``), the register flood, the roster read and a
+real server's id taken over by a member (``roster_read``, ``roster_hijack``), strangers on a
+``/metrics``
 port and on an engine, the reward worker reaching keys and signalling the job, malformed and
 oversized frames on the buffer's CURVE port, replayed CURVE traffic, a frame
 nested 50,000 deep, slow and malformed HTTP with the valid engine key, a NaN group, and a

@@ -512,6 +512,39 @@ def _plant_and_load(t: Target, torch, build_policy, save_checkpoint, load_checkp
     return not ran, f"{why}; planted code {'RAN' if ran else 'did not run'}"
 
 
+def roster_read(t: Target) -> tuple[bool, str]:
+    """The rollout key asks for the roster (each server's engine URL, sync URL and incarnation:
+    what a hijack of its id needs) from 10 fresh sockets."""
+    replies = [t.fresh(P.RosterRequest()) for _ in range(10)]
+    read = sum(isinstance(r, P.Roster) for r in replies)
+    refused = sum(isinstance(r, P.Ack) and r.reason.startswith("role") for r in replies)
+    return read == 0, f"{refused}/10 refused for their role, {read} rosters read"
+
+
+def roster_hijack(t: Target) -> tuple[bool, str]:
+    """A real server's id registered again with the attacker's URLs, under its own incarnation
+    (as if it had leaked) and under a new one: the entry must stay the real server's, and the job
+    must go on training (before, the push hung on the fake engine and training fell to a step in
+    20 s)."""
+    from launch.records import step_records
+
+    real = t.roster()[0]
+    replies = [t.fresh(P.Register(server_id=real.server_id, engine_url="http://127.0.0.1:9",
+                                  sync_url="http://127.0.0.1:9", policy_version=real.policy_version,
+                                  incarnation=incarnation, engine_kind=real.engine_kind))
+               for incarnation in (real.incarnation, "f" * 16)]
+    refused = sum(isinstance(r, P.Ack) and r.reason.startswith("id_in_use") for r in replies)
+    now = next((m for m in t.roster() if m.server_id == real.server_id), None)
+    kept = now is not None and (now.engine_url, now.incarnation) == (real.engine_url,
+                                                                     real.incarnation)
+    before, deadline = len(step_records(t.run_dir)), time.monotonic() + 90
+    while len(step_records(t.run_dir)) < before + 2 and time.monotonic() < deadline:
+        time.sleep(1.0)
+    steps = len(step_records(t.run_dir)) - before
+    return (refused == 2 and kept and steps >= 2,
+            f"{refused}/2 refused, entry {'kept' if kept else 'REPLACED'}, {steps} steps after")
+
+
 def job_alive(t: Target) -> tuple[bool, str]:
     """After everything: the job still trains (its step count moves) and every daemon is up."""
     from launch.records import step_records
@@ -632,6 +665,8 @@ def _kill_ray_tree(pid: int) -> None:
 ATTACKS = [
     ("batch_theft", batch_theft),
     ("register_flood", register_flood),
+    ("roster_read", roster_read),
+    ("roster_hijack", roster_hijack),
     ("metrics_strangers", metrics_strangers),
     ("engine_lockout", engine_lockout),
     ("worker_secrets", worker_secrets),

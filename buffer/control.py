@@ -20,6 +20,9 @@ from areal_like.wire import protocol as P
 from areal_like.wire.codec import field_names
 
 INCARNATIONS_KEEP = 4096  # ids off the roster whose last incarnation is kept (STALENESS.md)
+# what a process registers once and never changes: another value under a live id is another
+# process, or the same one pointed elsewhere (STALENESS.md, The roster)
+IDENTITY = ("incarnation", "engine_url", "sync_url", "engine_ranks", "engine_kind")
 
 
 @dataclass(slots=True)
@@ -29,6 +32,7 @@ class Member:
     # out of weight syncs while its engine holds one version for an evaluation
     evaluating: bool = False
     active: int = 0  # lease requests and groups so far (``RosterEntry.active``)
+    challenged: str = ""  # a refused Register under its id, told in its next HeartbeatAck
 
 
 class ControlPlane:
@@ -113,6 +117,25 @@ class ControlPlane:
         return P.RegisterAck(server_id=m.server_id, policy_version=self.version,
                              pub_address=self.pub_address)
 
+    def held(self, m: P.Register) -> str | None:
+        """Why ``m`` may not take its id (None: it may): a live process holds the id (heard within
+        the heartbeat timeout) and ``m`` differs from its Register in ``IDENTITY``. That process
+        is told at its next heartbeat (``HeartbeatAck.challenged``)."""
+        member = self.roster.get(m.server_id)
+        if member is None:
+            return None
+        silent = self.clock() - member.last_seen
+        changed = [k for k in IDENTITY if getattr(member.entry, k) != getattr(m, k)]
+        if not changed or silent > self.heartbeat_timeout_s:  # the same process, or one gone
+            return None
+        member.challenged = (f"a Register under this server's id with another "
+                             f"{', '.join(changed)} (engine_url {m.engine_url[:80]!r}) was "
+                             "refused; this process keeps the id")
+        return (f"server id {m.server_id[:64]!r} is held by a live process (heard {silent:.1f}s "
+                f"ago) with another {', '.join(changed)}; a restarted server is let in once the "
+                f"old one is silent for buffer.heartbeat_timeout_s={self.heartbeat_timeout_s:g}s; "
+                "give each rollout server its own rollout.server_id")
+
     def older(self, m: P.Message) -> str | None:
         """Why ``m`` (a Heartbeat, CreditRequest or group) must not be served: its sender is an
         older process than the last one that registered under its id (STALENESS.md), told to stop;
@@ -141,12 +164,13 @@ class ControlPlane:
             self.release(lambda sid: sid != m.server_id, f"{m.server_id} stopped on request",
                          logging.INFO)
             return P.HeartbeatAck(policy_version=self.version, known=False)
+        challenged, member.challenged = member.challenged, ""
         if member.evaluating != m.evaluating:
             self.log.info("server %s %s", m.server_id,
                           "evaluating: out of weight syncs" if m.evaluating
                           else "done evaluating: back in weight syncs")
             member.evaluating = m.evaluating
-        return P.HeartbeatAck(policy_version=self.version, known=True)
+        return P.HeartbeatAck(policy_version=self.version, known=True, challenged=challenged)
 
     def roster_reply(self, _m: P.RosterRequest) -> P.Roster:
         """Weight-sync members: every live server but those evaluating."""

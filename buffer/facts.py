@@ -10,6 +10,7 @@ from pathlib import Path
 from areal_like.job_facts import (
     dataset_size,
     group_trajectories,
+    model_routes,
     model_vocab_size,
     request_frame_limit,
     trajectory_limit,
@@ -47,6 +48,9 @@ class BufferFacts:
     # the task's prompt encoding (areal_like.tasks.task.prompt_layout): logged
     prompt_layout: str = ""
     keys: Keys | None = None  # the server's CURVE keys (None: plain sockets)
+    # model, trainer.routing_replay: (layers, top_k, experts) of a token's routes, which must
+    # match (None: unchecked)
+    routes: tuple[int, int, int] | None = None
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> BufferFacts:
@@ -60,4 +64,5 @@ class BufferFacts:
                    dataset_size=dataset_size(cfg.task, cfg.model),
                    wal_dir=cfg.resolve_path(b.wal_dir),
                    local_dir=cfg.resolve_path(b.local_dir) if b.local_dir else None,
-                   max_servers=max_servers(cfg), prompt_layout=prompt_layout(cfg.task), keys=keys)
+                   max_servers=max_servers(cfg), prompt_layout=prompt_layout(cfg.task), keys=keys,
+                   routes=model_routes(cfg))

@@ -21,8 +21,8 @@ LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadab
                          "version_jump", "reserved_id", "unexpected_type", "empty_prompt",
                          "no_room", "empty_output", "bad_loss_mask", "over_context",
                          "too_many_trajectories", "token_out_of_vocab", "nonfinite_logp",
-                         "implausible_logp", "bad_process_rewards", "peer_limit", "role",
-                         "duplicate_id")}
+                         "implausible_logp", "bad_process_rewards", "bad_routes", "peer_limit",
+                         "role", "duplicate_id", "id_in_use")}
 
 
 class BufferMetrics:

@@ -13,7 +13,9 @@ from buffer.handout import PendingBatch
 
 MAX_HELD_PER_MEMBER = 4  # BatchRequests one member may have waiting at once
 NEW_IDS_PER_S = 1.0  # new server ids one member may register per second, after a burst
-TRAINER_ONLY = (P.BatchRequest,)  # messages only the trainer's role may send
+# messages only the trainer's role may send: its batches, and the roster (each member's engine URL,
+# sync URL and incarnation: what a hijack of a server's id needs)
+TRAINER_ONLY = (P.BatchRequest, P.RosterRequest)
 
 
 class PeerCaps:
@@ -28,7 +30,7 @@ class PeerCaps:
         """``(reason, detail)`` when ``member`` may not send ``msg`` or is over a cap (None: a
         Register within the caps is recorded). ``pending``: the held BatchRequests."""
         if isinstance(msg, TRAINER_ONLY) and member not in ("trainer", LOCAL_MEMBER):
-            return "role", f"a {member!r} key may not send {msg.TYPE}"
+            return "role", f"a {member!r} key may not send {msg.TYPE} (the trainer's key only)"
         if isinstance(msg, P.BatchRequest):
             held = sum(1 for p in pending if p.member == member)
             if held >= MAX_HELD_PER_MEMBER:

@@ -259,6 +259,8 @@ class BufferService(Daemon):
         elif isinstance(msg, P.Register) and takes_trainer_prefix(msg.server_id):
             reply, kind = self._refuse("reserved_id", f"server id {msg.server_id!r} takes the "
                                        "trainer's prefix"), msg.TYPE
+        elif isinstance(msg, P.Register) and (held := self.control.held(msg)) is not None:
+            reply, kind = self._refuse("id_in_use", held, ref=""), msg.TYPE
         elif type(msg) in self._handlers:
             reply, kind = self._handlers[type(msg)](msg), msg.TYPE
         else:  # a valid message the buffer does not serve (e.g. a reply type sent by mistake)
@@ -287,7 +289,7 @@ class BufferService(Daemon):
         versions = version_range(g)  # one pass over the token versions, for every check below
         reason = (invalid_group(g, lease, self.control.newest_version(), versions)
                   or group_checks.content_problem(g, self.facts.vocab_size, self.facts.context,
-                                                  self.facts.trajectories))
+                                                  self.facts.trajectories, self.facts.routes))
         if reason is not None:
             self.instruments.count("rejected", reason=(label := reason.split(":")[0]))
             self.rejections.warning(f"group:{label}", "rejected group %s from %s: %s", g.group_id,

@@ -108,7 +108,8 @@ def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
     invocation says it finished (``event: done``) at ``trainer.steps`` or beyond; with what crashes
     cost: ``rolled_back_steps`` (steps lost and trained again, the run's total), ``steps_trained``
     (optimizer steps the final weights hold: the final version less the labels resumes skipped),
-    ``nonfinite_skipped`` (optimizer steps of the last trainer process not applied: non-finite)."""
+    ``nonfinite_skipped`` (optimizer steps of the last trainer process not applied: non-finite),
+    ``batches_quarantined`` when any (batches whose step raised, skipped)."""
     done = [r for r in read_jsonl(trainer_jsonl(run_dir), since)
             if r.get("event") in ("done", "resume")]
     last = next((r for r in reversed(done) if r["event"] == "done"), None)
@@ -120,6 +121,8 @@ def outcome(run_dir: Path, code: int, since: int = 0) -> dict:
     if last is not None:
         out.update(steps_trained=last["steps_trained"], rolled_back_steps=last["rolled_back_steps"],
                    nonfinite_skipped=last["nonfinite_skipped"])
+        if last.get("batches_quarantined"):  # batches whose step raised, skipped (trainer/data.py)
+            out["batches_quarantined"] = last["batches_quarantined"]
     elif done:
         out["rolled_back_steps"] = done[-1].get("rolled_back_total", 0)
     # whether the last trainer process had a learning signal (``ok`` false after

@@ -414,10 +414,12 @@ class RolloutServer(Daemon):
                     self.pub_address = ack.pub_address or self.pub_address
                 self.log.info("registered with the buffer (trainer version %d)", ack.policy_version)
                 return
-            capped = isinstance(ack, Ack) and ack.reason.startswith("peer_limit")
-            if not capped:
+            # the buffer caps new server ids per key (buffer/peer_caps.py), and keeps our id for
+            # a process of it still heard (a restart within buffer.heartbeat_timeout_s of a
+            # kill): try again shortly
+            retry = isinstance(ack, Ack) and ack.reason.startswith(("peer_limit", "id_in_use"))
+            if not retry:
                 raise RuntimeError(f"unexpected answer to Register: {ack!r}")
-            # the buffer caps new server ids per key (buffer/peer_caps.py): try again shortly
             self.log.warning("registration refused (%s); retrying in %.0fs", ack.reason,
                              REGISTER_RETRY_S)
             await asyncio.sleep(REGISTER_RETRY_S)
@@ -455,6 +457,8 @@ class RolloutServer(Daemon):
         raise_if_superseded(ack)
         if not isinstance(ack, HeartbeatAck):
             return
+        if ack.challenged:  # another process tried to take our id (buffer/STALENESS.md)
+            self.log.warning("buffer: %s", ack.challenged)
         if not ack.known:  # the buffer restarted or expired us: join again, re-send all unacked
             self.log.info("buffer does not know us: registering again, re-sending %d groups",
                           len(self.link.unacked))

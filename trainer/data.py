@@ -6,7 +6,9 @@ Invariants:
 - The trainer never dies on data: a group ``content_problem`` refuses (an empty prompt, an
   out-of-vocabulary token, a trajectory longer than the context, ...) is dropped and logged
   (``dropped_groups``); an empty batch is retried forever, a silent buffer for
-  ``buffer_timeout_s`` is ``BufferUnavailable``. Staleness is the buffer's to enforce.
+  ``buffer_timeout_s`` is ``BufferUnavailable``. Staleness is the buffer's to enforce. A batch
+  whose step raises anyway is quarantined (``Quarantine``): skipped on every rank, recorded, and
+  acknowledged with the next request like any batch received, so it never comes back.
 - Layout (right padding, pad id 0): ``input_ids[i] = prompt_i + output_i``; output token t sits at
   input position ``P_i + t`` and is predicted at ``P_i - 1 + t``.
 - ``mask`` is the loss mask everything reads: 1 on generated tokens, 0 on padding and on a
@@ -28,7 +30,7 @@ from areal_like.net.security import Keys
 from areal_like.net.transport import TransportTimeout
 from areal_like.wire.group_checks import content_problem
 from areal_like.wire.protocol import Batch, BatchRequest, Roster, RosterRequest, TrajectoryGroup
-from trainer.ranks import from_rank0
+from trainer.ranks import all_ranks, from_rank0
 
 log = logging.getLogger("trainer.data")
 
@@ -139,6 +141,61 @@ def batch_routes(trajs: list, width: int, shape: tuple[int, int]) -> torch.Tenso
 
 # no data for this long: ask the buffer whether an engine is behind our version
 RESYNC_CHECK_S = 5.0
+
+# quarantined batches in a row after which the trainer stops: it is broken, not fed poison
+MAX_QUARANTINED_IN_A_ROW = 3
+ERROR_CHARS = 400  # of a quarantined batch's error, in its record
+# raised in a step, but not by its batch: a peer rank or the device failed (a CUDA error leaves
+# the context unusable), a disk, a socket
+NOT_THE_BATCH = (torch.distributed.DistError, torch.OutOfMemoryError, torch.AcceleratorError,
+                 OSError)
+
+
+class Quarantine:
+    """Batches whose step raised in its computation (forward, loss, backward): each is skipped
+    after its one failure, on every rank alike, and recorded (its groups, the error cut to
+    ``ERROR_CHARS``); ``BatchSource`` acknowledges it with the next request, so the buffer never
+    hands it out again (buffer/STALENESS.md, Hand-out). An error in ``NOT_THE_BATCH`` is
+    raised as before, and so is the error of the ``MAX_QUARANTINED_IN_A_ROW``-th batch in a
+    row."""
+
+    def __init__(self, rank: int, metrics=None):
+        self.rank, self.metrics = rank, metrics  # metrics: rank 0's
+        self.total = self.in_a_row = 0
+
+    @staticmethod
+    def caught(error: Exception) -> Exception:
+        """``error`` if it may be the batch's doing; else it is raised again."""
+        if isinstance(error, NOT_THE_BATCH):
+            raise error
+        return error
+
+    def skip(self, error: Exception | None, group_ids: list[str], version: int) -> dict | None:
+        """A collective (every rank calls it after every step's computation, ``error`` the
+        exception this rank's raised or None): the batch's record when any rank's raised, else
+        None. Raises once ``MAX_QUARANTINED_IN_A_ROW`` batches in a row were quarantined."""
+        if all_ranks(error is None):
+            self.in_a_row = 0
+            return None
+        self.total += 1
+        self.in_a_row += 1
+        said = (" ".join(f"{type(error).__name__}: {error}".split())[:ERROR_CHARS]
+                if error is not None else "raised on another rank (its log holds the traceback)")
+        if error is not None:
+            log.error("batch for version %d quarantined (skipped, acknowledged): its step raised "
+                      "%s", version, said, exc_info=error)
+        if self.metrics is not None:
+            self.metrics.counter("trainer/batches_quarantined", "batches whose step raised: "
+                                 "skipped and acknowledged").inc()
+            self.metrics.counter("trainer/groups_quarantined",
+                                 "groups of quarantined batches").inc(len(group_ids))
+        if self.in_a_row >= MAX_QUARANTINED_IN_A_ROW:
+            raise RuntimeError(f"{self.in_a_row} batches in a row raised in their step (the last "
+                               f"for version {version}: {said}): the trainer fails on every batch; "
+                               "stopping") from error
+        return {"event": "quarantined", "policy_version": version, "groups": group_ids,
+                "error": said, "rank": self.rank if error is not None else None,
+                "quarantined_total": self.total}
 
 
 class BatchSource:

@@ -54,7 +54,7 @@ from trainer.critic import (
     explained_variance,
     train_critic,
 )
-from trainer.data import BatchSource, TrainBatch
+from trainer.data import BatchSource, Quarantine, TrainBatch
 from trainer.engine_drive import EngineDrive
 from trainer.engine_lag import EngineSchedule
 from trainer.export import export_hf, export_tokenizer, prune_exports
@@ -165,6 +165,7 @@ class Trainer(Daemon):
         self.data.on_stall = lambda: self.engines.repush(self.version)
         self.saver = AsyncSaver(self.ckpt_root, t.keep_checkpoints) if t.checkpoint_async else None
         self.skips = SkipTracker(t.max_nonfinite_skips, self.metrics if self.rank == 0 else None)
+        self.quarantine = Quarantine(self.rank, self.metrics if self.rank == 0 else None)
         ckpt = latest_checkpoint(self.ckpt_root) if t.resume else None
         if ckpt is not None:
             self.version, meta = load_checkpoint(ckpt, self.policy, self.critic)
@@ -205,6 +206,29 @@ class Trainer(Daemon):
                                  rank=self.rank, device=self.policy.device,
                                  send_dtype=f.model.dtype, metrics=self.metrics,
                                  adapter_path=f.adapter_path, engine_key=f.engine_key, drive=drive)
+
+    def compute(self, batch: TrainBatch) -> dict[str, float] | None:
+        """The step's computation on ``batch``: its stats, or None on every rank when it raised on
+        any (the batch quarantined: ``trainer.data.Quarantine``)."""
+        error = None
+        try:
+            with self.phase("recompute_prox"):
+                prox_logp = recompute_prox_logp(self.policy, batch, self.settings)
+            with self.phase("ref_logp"):
+                ref_logp = reference_logp(self.reference, batch, self.settings, self.policy.device)
+            # the kernel's advantages (or the critic's), then the optimizer steps
+            stats = self.train_batch(batch, prox_logp, ref_logp)
+        except Exception as e:  # noqa: BLE001 - Quarantine.caught raises what is not the batch's
+            error = Quarantine.caught(e)
+        groups = [g.group_id for g in self.data.last_groups] if self.rank == 0 else []
+        row = self.quarantine.skip(error, groups, self.version)
+        if row is None:
+            return stats
+        for model in (self.policy, self.critic):  # a half-computed gradient is not applied
+            if model is not None:
+                model.optimizer.zero_grad(set_to_none=True)
+        self.record(row)
+        return None
 
     def train_batch(self, batch: TrainBatch, prox_logp: torch.Tensor | None,
                     ref_logp: torch.Tensor | None) -> dict[str, float]:
@@ -346,12 +370,8 @@ class Trainer(Daemon):
             if batch is None:
                 break
             assert_fresh(batch, self.version, self.facts.max_staleness)
-            with self.phase("recompute_prox"):
-                prox_logp = recompute_prox_logp(self.policy, batch, self.settings)
-            with self.phase("ref_logp"):
-                ref_logp = reference_logp(self.reference, batch, self.settings, self.policy.device)
-            # the kernel's advantages (or the critic's), then the optimizer steps
-            stats = self.train_batch(batch, prox_logp, ref_logp)
+            if (stats := self.compute(batch)) is None:  # quarantined: the next batch acks it
+                continue
             self.skips.observe(self.version + 1, stats)  # every rank alike: too many in a row stop
             self.watch.observe(self.version + 1, stats, float(batch.rewards.mean()))
             self.version += 1
@@ -388,7 +408,9 @@ class Trainer(Daemon):
                      "rolled_back_steps": self.rolled_back_steps,
                      "labels_skipped": self.version - self.steps_trained,
                      # optimizer steps not applied (non-finite), in this process's run
-                     "nonfinite_skipped": self.skips.total})
+                     "nonfinite_skipped": self.skips.total,
+                     # batches whose step raised, skipped (trainer.data.Quarantine)
+                     "batches_quarantined": self.quarantine.total})
         self.log.info("done at policy_version %d (%d steps trained, %d rolled back by crashes)",
                       self.version,
                       self.steps_trained, self.rolled_back_steps)

@@ -1,9 +1,10 @@
 """What a trajectory group must hold before anyone trains on it: at most the trajectories a group
 of the job holds, a non-empty prompt and output in every trajectory, a loss mask of 0s and 1s, at
 most the model's context in prompt and output together, token ids in ``[0, vocab_size)``, and
-behaviour log-probs that are finite and within ``[LOGP_MIN, LOGP_MAX]``, and process rewards
+behaviour log-probs that are finite and within ``[LOGP_MIN, LOGP_MAX]``, process rewards
 (a process reward model's ``process_rewards`` metadata, ``[[t, reward], ...]``) on output tokens
-with finite values. Why each: areal_like/DESIGN.md section 3.
+with finite values, and routing-replay routes of the model's shape naming its experts. Why each:
+areal_like/DESIGN.md section 3.
 
 One check for two places: the buffer refuses such a group at admission and the trainer drops one
 that reaches it anyway. A reason's text up to the first ``:`` is its metric label.
@@ -29,12 +30,14 @@ LOGP_MIN, LOGP_MAX = -100.0, 0.1  # plausible behaviour log-probs (module docstr
 
 
 def content_problem(group: TrajectoryGroup, vocab_size: int, context: int = 0,
-                    trajectories: int = 0) -> str | None:
+                    trajectories: int = 0,
+                    routes: tuple[int, int, int] | None = None) -> str | None:
     """Why the group cannot be trained on by a model with ``vocab_size`` entries and a context of
     ``context`` tokens, in a job whose groups hold at most ``trajectories`` (None: it can); a value
     <= 0 skips its check. No engine makes a longer trajectory or a bigger group, and a step's cost
     grows with the square of its longest sequence (a 4 MiB frame holds 500k tokens) and with its
-    rows (thousands of short ones fit a frame)."""
+    rows (thousands of short ones fit a frame). ``routes``: (layers, top_k, experts) of routing
+    replay (``routes_problem``; None: unchecked)."""
     if 0 < trajectories < len(group.trajectories):
         return (f"too_many_trajectories: {len(group.trajectories)}, more than the {trajectories} "
                 "a group of this job holds (task.group_size; times task.max_turns for an agent)")
@@ -56,7 +59,8 @@ def content_problem(group: TrajectoryGroup, vocab_size: int, context: int = 0,
             return (f"over_context: trajectory {i} has {n} prompt and output tokens, more than the "
                     f"model's context of {context}")
         arrays += [t.prompt_ids, t.output_ids]
-    if (why := logp_problem(group) or process_problem(group)) is not None:
+    if (why := logp_problem(group) or process_problem(group)
+            or (routes_problem(group, *routes) if routes else None)) is not None:
         return why
     if vocab_size <= 0 or not arrays:
         return None
@@ -95,4 +99,24 @@ def logp_problem(group: TrajectoryGroup) -> str | None:
             at = np.flatnonzero((logp < LOGP_MIN) | (logp > LOGP_MAX))
             return (f"implausible_logp: trajectory {i} has {len(at)} behav_logp value(s) outside "
                     f"[{LOGP_MIN}, {LOGP_MAX}] (first {float(logp[at[0]])}, at token {int(at[0])})")
+    return None
+
+
+def routes_problem(group: TrajectoryGroup, layers: int, top_k: int, experts: int) -> str | None:
+    """Why a trajectory's routing-replay routes cannot be replayed by a model of ``layers`` mixture
+    layers routing each token to ``top_k`` of ``experts`` experts (None: they can, or it carries
+    none: the trainer drops such a group itself). An expert id out of range fails the replayed
+    forward, and with it the trainer's whole batch."""
+    for i, t in enumerate(group.trajectories):
+        r = t.routed_experts
+        if r is None:
+            continue
+        rows = len(t.prompt_ids) + t.n_tokens - 1
+        if len(r) != rows * layers * top_k:
+            return (f"bad_routes: trajectory {i} has {len(r)} routed_experts, not [{rows} "
+                    f"positions, {layers} layers, top_k {top_k}] (the model's)")
+        lo, hi = (int(r.min()), int(r.max())) if len(r) else (0, 0)
+        if lo < 0 or hi >= experts:
+            return (f"bad_routes: trajectory {i} routes to expert {lo if lo < 0 else hi}, outside "
+                    f"[0, {experts}) (the model's num_experts)")
     return None

@@ -235,6 +235,9 @@ class WeightSyncPlan(Message):
 class HeartbeatAck(_TopLevel, tag="heartbeat_ack"):
     policy_version: int
     known: bool  # False: the buffer lost this server (restart/expiry); it must Register again
+    # why a Register under this server's id from another process was refused since its last
+    # heartbeat ("": none); it keeps its id (buffer/STALENESS.md, The roster)
+    challenged: str = ""
 
 
 class SyncDone(Message):

@@ -10,7 +10,11 @@ did:
   settled the trainer's batch as lost and handed its groups to the attacker);
 * it registers a flood of fresh server ids: at most the key's roster allowance joins, the rest are
   refused and counted, the buffer's log about them stays short, and the real server is unaffected
-  (before, every id joined the roster and so the next weight-sync plan).
+  (before, every id joined the roster and so the next weight-sync plan);
+* it asks for the roster: refused for its role (before, it read every server's URLs and
+  incarnation);
+* it re-registers the real server's id with its own URLs: refused while the real server
+  heartbeats, which is told and goes on (before, its entry was replaced).
 """
 
 from __future__ import annotations
@@ -151,3 +155,50 @@ def test_a_register_flood_from_fresh_sockets_is_capped_per_key(tmp_run_dir, spaw
     assert len(about) <= 3 * MIN_SERVERS, about[
         :20
     ]  # the accepted ids, and a rate-limited refusal line
+
+
+def test_a_rollout_key_cannot_read_the_roster(tmp_run_dir, spawn_python):
+    """The roster holds each server's engine URL, sync URL and incarnation: what a member needs to
+    take a server's id over. Only the trainer's key reads it (before, any member did)."""
+    cfg, rollout, trainer, _ = start_buffer(tmp_run_dir, spawn_python)
+    attacker = security.load(tmp_run_dir / "keys", "rollout")
+    replies = [fresh_socket_request(cfg, attacker, P.RosterRequest()) for _ in range(3)]
+    replies.append(rollout.request(P.RosterRequest()))  # the real server's own socket alike
+    assert all(isinstance(r, P.Ack) and r.status == "rejected"
+               and r.reason.startswith("role: a 'rollout' key may not send roster_request")
+               for r in replies), replies
+    roster = trainer.request(P.RosterRequest())
+    assert isinstance(roster, P.Roster) and [m.server_id for m in roster.members] == ["real"]
+    assert trainer.request(P.StatsRequest()).values["rejected_role"] == 4
+    rollout.close(), trainer.close()
+
+
+def test_a_member_cannot_take_a_live_servers_id_and_the_server_is_told(tmp_run_dir,
+                                                                      spawn_python):
+    """A member re-registers the real server's id with its own engine and sync URLs (under the
+    real server's incarnation, as if it had read it, and under its own): both are refused while
+    the real server heartbeats, the roster keeps the real entry, the real server's next heartbeat
+    answer says so, and it goes on delivering groups that the trainer takes. Before, the last
+    Register replaced the entry: the trainer's next push went to the attacker's engine and hung."""
+    cfg, rollout, trainer, _ = start_buffer(tmp_run_dir, spawn_python)
+    real = trainer.request(P.RosterRequest()).members[0]
+    attacker = security.load(tmp_run_dir / "keys", "rollout")
+    for incarnation in (real.incarnation, "f" * 16):
+        reply = fresh_socket_request(cfg, attacker, P.Register(
+            server_id="real", engine_url="http://127.0.0.1:9", sync_url="http://127.0.0.1:9",
+            policy_version=0, incarnation=incarnation))
+        assert isinstance(reply, P.Ack) and reply.status == "rejected", reply
+        assert reply.reason.startswith("id_in_use: server id 'real' is held by a live process")
+    entry = trainer.request(P.RosterRequest()).members[0]
+    assert (entry.engine_url, entry.sync_url, entry.incarnation) == (
+        real.engine_url, real.sync_url, real.incarnation)
+    beat = rollout.request(P.Heartbeat(server_id="real", policy_version=0))
+    assert beat.known and beat.challenged.startswith("a Register under this server's id"), beat
+    assert "'http://127.0.0.1:9'" in beat.challenged
+    assert not rollout.request(P.Heartbeat(server_id="real", policy_version=0)).challenged  # once
+    credit = rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits[0]
+    assert rollout.request(group(credit, "real")).status == "accepted"
+    batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
+    assert [g.group_id for g in batch.groups] == [f"real-{credit.lease_id}"]
+    assert trainer.request(P.StatsRequest()).values["rejected_id_in_use"] == 2
+    rollout.close(), trainer.close()

@@ -62,7 +62,8 @@ def test_a_server_restarted_between_syncs_gets_the_next_version_on_a_reformed_gr
         first.join(timeout=15)
         restarted = Driver("rollout-a", urls["new"], cfg, fresh=True)
         restarted.start()
-        wait_until(lambda: a_entry().incarnation == restarted.incarnation, 30, 0.05,
+        # let in once the old process is silent for buffer.heartbeat_timeout_s (15 s)
+        wait_until(lambda: a_entry().incarnation == restarted.incarnation, 60, 0.05,
                    "the restarted server registered")
         assert a_entry().engine_url == urls["new"]
         (tmp_path / "restarted").write_text("ok")

@@ -6,9 +6,9 @@ heartbeat (``leaving``, sent as SIGTERM stops it) can take it off the roster and
 back within this test's waits; before it, the buffer found out 15 s later (the default timeout),
 and a weight sync under way waited that long for the member that had gone.
 
-A second server started by mistake under the same ``rollout.server_id`` takes the id over (the
-newest Register wins, as a restart does); the first one is told so and exits 2 with one error line
-naming the id, and its leaving does not take the second one off the roster.
+A second server started by mistake (or by someone else) under the same ``rollout.server_id`` is
+refused while the first is heard (``id_in_use``: it keeps retrying); the first keeps the id, is
+told in a heartbeat answer and logs it on one line; once the first leaves, the second takes the id.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def test_a_server_stopped_on_request_leaves_the_roster_and_its_leases_at_once(
         trainer.close()
 
 
-def test_a_second_server_under_the_same_id_stops_the_first_with_one_error_line(
+def test_a_second_server_under_a_live_id_is_refused_and_the_first_is_told(
         spawn_python, tmp_run_dir, wait_until):
     cfg = _start_buffer(spawn_python, tmp_run_dir)
     first = _server_a(spawn_python, tmp_run_dir, capture=True)
@@ -86,18 +86,30 @@ def test_a_second_server_under_the_same_id_stops_the_first_with_one_error_line(
         assert isinstance(reply, Roster)
         return next((m.incarnation for m in reply.members if m.server_id == "A"), None)
 
+    def refused() -> int:
+        reply = trainer.request(StatsRequest())
+        assert isinstance(reply, Stats)
+        return reply.values.get("rejected_id_in_use", 0)
+
+    second = None
     try:
         was = wait_until(incarnation, STARTUP_S, 0.2, "the first A on the roster")
-        second = _server_a(spawn_python, tmp_run_dir)
-        now = wait_until(lambda: (i := incarnation()) not in (None, was) and i, STARTUP_S, 0.2,
-                         "the second A registered")
+        second = _server_a(spawn_python, tmp_run_dir, capture=True)
+        # two refusals: the first (heartbeat_s=0.5) answered a heartbeat in between
+        wait_until(lambda: refused() >= 2, STARTUP_S, 0.2, "the second A refused twice")
+        assert incarnation() == was and second.poll() is None  # it keeps retrying
+        first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=LEFT_S)
-        errors = [line for line in err.splitlines() if " ERROR " in line]
-        assert first.returncode == 2, err[-2000:]
-        assert len(errors) == 1 and "another process registered as A" in errors[0], errors
-        assert "rollout.server_id" in errors[0]
-        assert incarnation() == now  # the first one's leaving took the second one off nothing
+        assert first.returncode == 0, err[-2000:]
+        told = [line for line in err.splitlines() if "a Register under this server's id" in line]
+        assert told and " WARNING " in told[0] and "incarnation" in told[0], err[-2000:]
+        assert not [line for line in err.splitlines() if " ERROR " in line], err[-2000:]
+        now = wait_until(lambda: (i := incarnation()) not in (None, was) and i, LEFT_S, 0.2,
+                         "the second A registered once the first left")
+        assert now != was
         second.send_signal(signal.SIGTERM)
-        assert second.wait(timeout=60) == 0
+        _, err2 = second.communicate(timeout=60)
+        assert second.returncode == 0, err2[-2000:]
+        assert "registration refused (id_in_use: server id 'A' is held by a live process" in err2
     finally:
         trainer.close()

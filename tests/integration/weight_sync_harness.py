@@ -246,7 +246,7 @@ class Driver(threading.Thread):
         from areal_like.net.auth import engine_api_key
         from areal_like.net.dealer import Client
         from areal_like.net.sglang_client import SGLangClient
-        from areal_like.wire.protocol import Heartbeat, Register
+        from areal_like.wire.protocol import Heartbeat, Register, RegisterAck
         from rollout_server.episode import as_version
 
         client = Client(self.address, timeout_s=10)
@@ -258,9 +258,13 @@ class Driver(threading.Thread):
         port = SyncStandIn(self.server_id, url, engine_api_key(self.run_dir, make=True),
                            kind=kind, door_url=self.url, incarnation=self.incarnation)
         engine = SGLangClient(self.url, api_key=self.sglang, timeout_s=5)
-        client.request(Register(server_id=self.server_id, engine_url=url, engine_ranks=1,
-                                policy_version=0, fresh=self.fresh, incarnation=self.incarnation,
-                                engine_kind=kind, sync_url=port.url))
+        register = Register(server_id=self.server_id, engine_url=url, engine_ranks=1,
+                            policy_version=0, fresh=self.fresh, incarnation=self.incarnation,
+                            engine_kind=kind, sync_url=port.url)
+        # as a rollout server does: a restart is let in once the old process is silent for
+        # buffer.heartbeat_timeout_s (``id_in_use`` until then)
+        while not isinstance(client.request(register), RegisterAck) and not self.stop.is_set():
+            await asyncio.sleep(0.2)
         served = 0
         try:
             while not self.stop.is_set() and not self.killed.is_set():

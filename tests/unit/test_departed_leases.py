@@ -135,6 +135,7 @@ def test_a_process_is_told_by_its_incarnation_not_by_fresh_alone(tmp_path):
     old = [c.prompt_index for c in _step(svc, ask).credits]
     _step(svc, first)  # retried: the answer to the first attempt was lost
     assert svc.ledger.in_flight == 3 and "credits_released" not in svc.instruments.counts
+    clock.t += HEARTBEAT_S + 1  # killed -9: another incarnation takes the id once it is silent
     _step(svc, P.Register(server_id="r0", engine_url="http://x", policy_version=0,
                           incarnation="2222"))  # restarted; a new process even without fresh
     assert svc.ledger.in_flight == 0 and svc.instruments.counts["credits_released"] == 3

@@ -1,9 +1,11 @@
-"""Two rollout server processes under one ``rollout.server_id``: the newest Register wins, and the
-older process is told to stop (an Ack ``duplicate_id`` naming the id) when the buffer hears from it
+"""Two rollout server processes under one ``rollout.server_id``: while the first is heard, a second
+one's Register is refused (``id_in_use``) and the first is told in its next heartbeat answer; once
+the first is silent for ``buffer.heartbeat_timeout_s`` the second takes the id, and the older
+process is told to stop (an Ack ``duplicate_id`` naming the id) when the buffer hears from it
 again, by its heartbeat, credit request or group; its leaving heartbeat does not take the newer
-one off the roster; the buffer warns once per such process. A restart (the older process dead)
-costs nothing more than before. The real request handling with fake sockets (service_harness);
-the process-level check is in tests/integration/test_rollout_leave.py."""
+one off the roster; the buffer warns once per such process. The real request handling with fake
+sockets and a fake clock (service_harness); the process-level check is in
+tests/integration/test_rollout_leave.py."""
 
 from __future__ import annotations
 
@@ -17,21 +19,29 @@ from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.service import BufferService
 
 OLD, NEW = "a" * 16, "b" * 16
+HEARTBEAT_S = 15.0
 
 
-def _start(tmp_path) -> BufferService:
+class _Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _start(tmp_path, clock: _Clock) -> BufferService:
     return start(tmp_path, BufferConfig(max_staleness=4, groups_per_step=2, max_inflight=32,
-                                        capacity=64))
+                                        capacity=64, heartbeat_timeout_s=HEARTBEAT_S), clock=clock)
 
 
 def _step(svc: BufferService, msg: P.Message) -> P.Message:
     return step(svc, msg, peer=b"rollout")
 
 
-def _register(svc: BufferService, incarnation: str) -> None:
-    ack = _step(svc, P.Register(server_id="rollout-0", engine_url="http://x", policy_version=0,
-                                incarnation=incarnation, fresh=True))
-    assert isinstance(ack, P.RegisterAck)
+def _register(svc: BufferService, incarnation: str, url: str = "http://x") -> P.Message:
+    return _step(svc, P.Register(server_id="rollout-0", engine_url=url, policy_version=0,
+                                 incarnation=incarnation, fresh=True))
 
 
 def _group(incarnation: str) -> P.TrajectoryGroup:
@@ -50,9 +60,12 @@ def _told_to_stop(reply: P.Message) -> bool:
 
 def test_the_older_process_of_an_id_is_told_to_stop_and_cannot_unregister_the_newer(
         tmp_path, caplog):
-    svc = _start(tmp_path)
-    _register(svc, OLD)
-    _register(svc, NEW)  # a second rollout-0 started by hand: it wins, as a restart does
+    clock = _Clock()
+    svc = _start(tmp_path, clock)
+    assert isinstance(_register(svc, OLD), P.RegisterAck)
+    clock.t += HEARTBEAT_S + 1  # the first one stalled (SIGSTOP): silent past the timeout
+    # a second rollout-0 started by hand: it takes the id, as a restart does
+    assert isinstance(_register(svc, NEW), P.RegisterAck)
     with caplog.at_level(logging.WARNING, logger=svc.log.name):
         for msg in (P.Heartbeat(server_id="rollout-0", policy_version=0, incarnation=OLD),
                     P.CreditRequest(server_id="rollout-0", max_credits=2, incarnation=OLD),
@@ -70,10 +83,32 @@ def test_the_older_process_of_an_id_is_told_to_stop_and_cannot_unregister_the_ne
     svc.wal.close()
 
 
+def test_a_second_process_is_refused_while_the_first_is_heard_and_the_first_is_told(tmp_path):
+    clock = _Clock()
+    svc = _start(tmp_path, clock)
+    assert isinstance(_register(svc, OLD), P.RegisterAck)
+    for incarnation, url in ((NEW, "http://x"), (OLD, "http://elsewhere"), ("", "http://x")):
+        clock.t += HEARTBEAT_S / 2
+        beat = _step(svc, P.Heartbeat(server_id="rollout-0", policy_version=0, incarnation=OLD))
+        assert isinstance(beat, P.HeartbeatAck) and beat.known and not beat.challenged
+        refused = _register(svc, incarnation, url)
+        assert (isinstance(refused, P.Ack) and refused.status == "rejected"
+                and refused.reason.startswith("id_in_use: server id 'rollout-0' is held by a "
+                                              "live process")
+                and "buffer.heartbeat_timeout_s=15s" in refused.reason), refused
+        beat = _step(svc, P.Heartbeat(server_id="rollout-0", policy_version=0, incarnation=OLD))
+        assert beat.known and beat.challenged.startswith("a Register under this server's id")
+    assert svc.control.roster["rollout-0"].entry.incarnation == OLD
+    assert svc.instruments.counts["rejected_id_in_use"] == 3
+    svc.wal.close()
+
+
 def test_a_restarted_server_and_a_sender_that_tells_no_incarnation_are_served_as_before(tmp_path):
-    svc = _start(tmp_path)
-    _register(svc, OLD)
-    _register(svc, NEW)  # the old process was killed -9: only the new one speaks
+    clock = _Clock()
+    svc = _start(tmp_path, clock)
+    assert isinstance(_register(svc, OLD), P.RegisterAck)
+    clock.t += HEARTBEAT_S + 0.5  # the old process was killed -9: silent since
+    assert isinstance(_register(svc, NEW), P.RegisterAck)  # only the new one speaks
     for incarnation in (NEW, ""):  # "": a sender from before incarnations in these messages
         ack = _step(svc, P.Heartbeat(server_id="rollout-0", policy_version=0,
                                      incarnation=incarnation))
