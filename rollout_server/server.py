@@ -681,8 +681,8 @@ class RolloutServer(Daemon):
                                    pause_s)
         level = (logging.WARNING if not ok else logging.DEBUG if version % SYNC_INFO_EVERY
                  else logging.INFO)
-        self.log.log(level, "weight sync v%d %s in %.2fs pause%s", version,
-                     "done" if ok else "FAILED", pause_s, f": {peer_text(reason)}" if reason else "")
+        self.log.log(level, "weight sync v%d %s in %.2fs pause%s", version, "done" if ok
+                     else "FAILED", pause_s, f": {peer_text(reason)}" if reason else "")
         # ok: the buffer learns the version at once (a heartbeat), then we ask for leases (at eta 0
         # they wait for the engine's version); failed: does the engine still generate?
         task = asyncio.create_task(self.after_load() if ok else self.probe_engine(version),
