@@ -4,8 +4,8 @@ implementation of the one engine interface ``SGLangClient`` defines (``engine_cl
 It keeps ``SGLangClient``'s transport (retries, timeouts, the API key on every call but
 ``/health``, tracing hooks, answer limits, ``SGLangError`` for every failure) and answers each of
 its calls in SGLang's terms, so the rollout server, the trainer's log-prob guard, evaluation and
-the weight sync drive either engine alike. vLLM's routes (``rollout_server/launch_vllm.py`` starts it with
-them): token ids in, token ids out by ``/inference/v1/generate`` (``--enable-scale-out``), each
+the weight sync drive either engine alike. vLLM's routes (``rollout_server/launch_vllm.py``
+starts it with them): token ids in, token ids out by ``/inference/v1/generate`` (``--enable-scale-out``), each
 answer with its weight-version spans; ``/pause``, ``/resume``, ``/weight_info``,
 ``/update_weight_version`` and the weight-transfer routes ``/init_weight_transfer_engine``,
 ``/start_weight_update``, ``/update_weights``, ``/finish_weight_update`` (``VLLM_SERVER_DEV_MODE``).
