@@ -283,12 +283,15 @@ class SGLangClient:
                     # 429: refused unread
                     if not ((idempotent and resp.status >= 500) or resp.status == 429):
                         raise last
+            # (their texts name the URL: a member's, as it registered it)
             except aiohttp.ClientConnectorError as e:  # nothing was sent: safe to retry any call
                 last = SGLangError(path, None,
-                                   f"connection failed ({type(e.os_error).__name__}): {e}")
+                                   f"connection failed ({type(e.os_error).__name__}): {e}",
+                                   from_peer=True)
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 last = SGLangError(path, None, f"{type(e).__name__}: "
-                                   f"{str(e) or f'no answer within {deadline - start:g}s'}")
+                                   f"{str(e) or f'no answer within {deadline - start:g}s'}",
+                                   from_peer=True)
                 if not idempotent:
                     raise last from None
         raise last

@@ -336,9 +336,9 @@ class ServerPort(SGLangClient):
     def _proven(self, path: str, got, nonce: str, server_id: str, engine_url: str) -> None:
         want = vouch_proof(self.api_key or "", nonce, server_id, self.base_url, engine_url)
         if not (isinstance(got, dict) and hmac.compare_digest(str(got.get("proof")), want)):
-            raise SGLangError(path, None, f"{self.base_url} does not prove the job's engine "
-                              f"key for {server_id} at {engine_url}: not this job's rollout server "
-                              "(or not that one), or one with "
+            raise SGLangError(path, None, f"{peer_text(self.base_url)} does not prove the job's "
+                              f"engine key for {peer_text(server_id)} at {peer_text(engine_url)}: "
+                              "not this job's rollout server (or not that one), or one with "
                               f"another key ({ENGINE_KEY_ENV} or <run_dir>/{KEY_FILE} on its node)")
 
     async def door(self, plan: WeightSyncPlan) -> int:

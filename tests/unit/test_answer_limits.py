@@ -168,16 +168,19 @@ def test_a_members_huge_health_answers_cost_the_trainer_no_memory(fake_engine, f
 
 
 def test_a_members_error_text_and_id_stay_on_one_log_line(fake_engine, fake_port, caplog):
-    """Its id and its sync port's error (four forged lines and 100 KiB) are quoted and cut."""
+    """Its id, its sync port's error (four forged lines and 100 KiB) and a URL it registered with
+    a forged line in it are quoted and cut."""
     caplog.set_level(logging.WARNING, logger="trainer.engine_drive")
-    drive, sync, _ = _syncs(fake_engine, fake_port)
-    try:
-        sync(1)
-    finally:
-        drive.close()
+    for port in (fake_port, f"{fake_port}/\n{FORGED}"):
+        drive, sync, _ = _syncs(fake_engine, port)
+        try:
+            sync(1)
+        finally:
+            drive.close()
     lines = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
-    assert len(lines) == 1, lines
-    assert "\n" not in lines[0] and "FORGED" in lines[0] and len(lines[0]) < 2000, lines[0][:3000]
+    assert len(lines) == 2, lines
+    for line in lines:
+        assert "\n" not in line and "FORGED" in line and len(line) < 2000, line[:3000]
 
 
 def test_a_generate_answer_past_what_its_request_can_make_is_refused(fake_engine):
