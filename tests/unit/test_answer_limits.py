@@ -36,7 +36,7 @@ SYNCS = 10
 MAX_GROWTH = 64 << 20
 FORGED = "2026-01-01 00:00:00 ERROR trainer: FORGED"
 SID = "m\n" + FORGED  # a member's id: what it registered
-ERROR = "refused\n" + "\n".join([FORGED] * 4) + "\n" + "y" * (100 << 10)
+ERROR = "refused\n" + "\n".join([FORGED] * 4) + "\n" + "y" * (32 << 10)
 
 
 class FakeEngine(http.server.BaseHTTPRequestHandler):
@@ -168,7 +168,7 @@ def test_a_members_huge_health_answers_cost_the_trainer_no_memory(fake_engine, f
 
 
 def test_a_members_error_text_and_id_stay_on_one_log_line(fake_engine, fake_port, caplog):
-    """Its id, its sync port's error (four forged lines and 100 KiB) and a URL it registered with
+    """Its id, its sync port's error (four forged lines and 32 KiB) and a URL it registered with
     a forged line in it are quoted and cut."""
     caplog.set_level(logging.WARNING, logger="trainer.engine_drive")
     for port in (fake_port, f"{fake_port}/\n{FORGED}"):
