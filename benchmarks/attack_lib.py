@@ -563,37 +563,43 @@ class _FakeMember(http.server.BaseHTTPRequestHandler):
 
 def _fake_member(t: Target, health_bytes: int, error: str, probes: int,
                  within_s: float = 90.0) -> tuple[list[str], list[int], int]:
-    """Register a fake member (the rollout key) whose URLs are a ``_FakeMember`` server, again
-    under a fresh incarnation after each ``/health`` probe (a lost member is left out of the
-    syncs until it registers as a new process), until ``probes`` probes or ``within_s``; heartbeat
-    meanwhile. The paths the trainer called, the bytes each ``/health`` answer got out before the
-    trainer stopped reading, and trainer rank 0's peak RSS growth (bytes) meanwhile."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeMember)
-    server.daemon_threads, server.health_bytes, server.error = True, health_bytes, error
-    server.seen, server.sent = [], []
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url, sid = f"http://127.0.0.1:{server.server_address[1]}", f"fake-{os.getpid()}"
+    """Register a fake member (the rollout key) whose engine and sync port are ``_FakeMember``
+    servers (two: each URL gets a client of its own), again under a fresh incarnation after each
+    ``/health`` probe (a lost member is left out of the syncs until it registers as a new
+    process), until ``probes`` probes or ``within_s``; heartbeat meanwhile. The paths the trainer
+    called, the bytes each ``/health`` answer got out before the trainer stopped reading, and
+    trainer rank 0's peak RSS growth (bytes) meanwhile."""
+    seen, sent, servers = [], [], []
+    for _ in range(2):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeMember)
+        server.daemon_threads, server.health_bytes, server.error = True, health_bytes, error
+        server.seen, server.sent = seen, sent
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    url, port = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
+    sid = f"fake-{os.getpid()}"
     trainer = psutil.Process(t.sup.pids()["trainer"])
     base = peak = trainer.memory_info().rss
     client = Client(t.address, keys=t.rollout, timeout_s=REQUEST_S, identity=sid)
     deadline, registered = time.monotonic() + within_s, -1
     try:
-        while len(server.sent) < probes and time.monotonic() < deadline:
-            if registered < len(server.sent):  # probed (or never registered): a new process
+        while len(sent) < probes and time.monotonic() < deadline:
+            if registered < len(sent):  # probed (or never registered): a new process
                 version = t.observer.request(P.RosterRequest()).policy_version
                 ack = client.request(P.Register(
-                    server_id=sid, engine_url=url, sync_url=url, policy_version=version,
+                    server_id=sid, engine_url=url, sync_url=port, policy_version=version,
                     incarnation=secrets.token_hex(8), engine_kind="embedded"))
-                registered = len(server.sent) if isinstance(ack, P.RegisterAck) else registered
+                registered = len(sent) if isinstance(ack, P.RegisterAck) else registered
             client.request(P.Heartbeat(server_id=sid, policy_version=version))
             peak = max(peak, trainer.memory_info().rss)
             time.sleep(0.2)
         peak = max(peak, trainer.memory_info().rss)
     finally:
         client.close()
-        server.shutdown()
-        server.server_close()
-    return server.seen, server.sent, peak - base
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    return seen, sent, peak - base
 
 
 def huge_health(t: Target) -> tuple[bool, str]:

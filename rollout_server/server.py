@@ -560,7 +560,7 @@ class RolloutServer(Daemon):
             return await self.client.health_generate(timeout_s=ENGINE_PROBE_S)
         except SGLangError as e:  # refused, no answer in time, a 503: its message says which
             why = (f"engine {self.engine_url} failed /health_generate after the failed weight "
-                   f"sync v{version}: {e.message}")
+                   f"sync v{version}: {peer_text(e.message)}")
         if self.rcfg.engine.kind == "url":
             self.log.error("%s; attached by URL (rollout.engine.kind=url): restart it yourself",
                            why)
