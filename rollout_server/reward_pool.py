@@ -122,7 +122,8 @@ class RewardPool:
                                     processes=processes, reply_bytes=cfg.worker_reply_mb * 2**20,
                                     network=cfg.worker_network)
         self.url, self.retries = cfg.reward_url, cfg.reward_retries
-        self.headers = {"Content-Type": "application/json"}
+        # answers as they are (no gzip, which inflates past what its limit counts)
+        self.headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if auth := os.environ.get(REWARD_AUTH_ENV):  # the URL's credential (areal_like/net/auth.py)
             self.headers["Authorization"] = auth
         self.metrics = metrics or Metrics()  # None: counted nowhere
@@ -318,7 +319,8 @@ class RewardPool:
         """The answer's ``rewards`` list; raises _RemoteError."""
         try:
             async with aiohttp.ClientSession(
-                    timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
+                    timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                    auto_decompress=False) as session:
                 async with session.post(self.url, data=body, headers=self.headers) as resp:
                     if resp.status >= 400:
                         raise _RemoteError(f"HTTP {resp.status}",
