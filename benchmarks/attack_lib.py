@@ -9,9 +9,11 @@ the model if admission lets it through).
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import pickle
+import secrets
 import socket
 import subprocess
 import sys
@@ -22,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import zmq
 
 from areal_like.job_facts import request_frame_limit
@@ -662,6 +665,109 @@ def _kill_ray_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
+class _FakeMember(http.server.BaseHTTPRequestHandler):
+    """A member's engine and sync port in one, on 127.0.0.1: ``/health`` answers ``health_bytes``
+    (made as sent, no ``Content-Length``), every other call 409 with ``error`` as its message."""
+
+    protocol_version = "HTTP/1.0"
+    health_bytes, error, seen = 0, "", None  # set per server (``_fake_member``)
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.server.seen.append(self.path)
+        self.send_response(200)
+        self.end_headers()
+        chunk, sent = b"x" * (1 << 20), 0
+        try:
+            while sent < self.server.health_bytes:
+                self.wfile.write(chunk)
+                sent += len(chunk)
+        except OSError:  # the trainer stopped reading: what it should do
+            pass
+        self.server.sent.append(sent)
+
+    def do_POST(self) -> None:
+        self.server.seen.append(self.path)
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        body = json.dumps({"error": {"message": self.server.error}}).encode()
+        self.send_response(409)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _fake_member(t: Target, health_bytes: int, error: str, probes: int,
+                 within_s: float = 90.0) -> tuple[list[str], list[int], int]:
+    """Register a fake member (the rollout key) whose engine and sync port are ``_FakeMember``
+    servers (two: each URL gets a client of its own), again under a fresh incarnation after each
+    ``/health`` probe (a lost member is left out of the syncs until it registers as a new
+    process), until ``probes`` probes or ``within_s``; heartbeat meanwhile. The paths the trainer
+    called, the bytes each ``/health`` answer got out before the trainer stopped reading, and
+    trainer rank 0's peak RSS growth (bytes) meanwhile."""
+    seen, sent, servers = [], [], []
+    for _ in range(2):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeMember)
+        server.daemon_threads, server.health_bytes, server.error = True, health_bytes, error
+        server.seen, server.sent = seen, sent
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+    url, port = (f"http://127.0.0.1:{s.server_address[1]}" for s in servers)
+    sid = f"fake-{os.getpid()}"
+    trainer = psutil.Process(t.sup.pids()["trainer"])
+    base = peak = trainer.memory_info().rss
+    client = Client(t.address, keys=t.rollout, timeout_s=REQUEST_S, identity=sid)
+    deadline, registered = time.monotonic() + within_s, -1
+    try:
+        while len(sent) < probes and time.monotonic() < deadline:
+            if registered < len(sent):  # probed (or never registered): a new process
+                version = t.observer.request(P.RosterRequest()).policy_version
+                ack = client.request(P.Register(
+                    server_id=sid, engine_url=url, sync_url=port, policy_version=version,
+                    incarnation=secrets.token_hex(8), engine_kind="embedded"))
+                registered = len(sent) if isinstance(ack, P.RegisterAck) else registered
+            client.request(P.Heartbeat(server_id=sid, policy_version=version))
+            peak = max(peak, trainer.memory_info().rss)
+            time.sleep(0.2)
+        peak = max(peak, trainer.memory_info().rss)
+    finally:
+        client.close()
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    return seen, sent, peak - base
+
+
+def huge_health(t: Target) -> tuple[bool, str]:
+    """A member (the rollout key) registers URLs whose ``/begin`` fails and whose ``/health``
+    answers 1 GiB: after each failed sync trainer rank 0 probes that ``/health``. Five probes."""
+    seen, sent, growth = _fake_member(t, 1 << 30, "busy", probes=5)
+    most = max(sent, default=0)
+    return (
+        bool(sent) and growth < 128 << 20 and most < 64 << 20,
+        f"{len(sent)} /health probes, each fed up to {most >> 20} MiB before the trainer stopped "
+        f"reading; trainer RSS peak +{growth >> 20} MiB",
+    )
+
+
+def log_forging(t: Target) -> tuple[bool, str]:
+    """A member's sync port answers ``/begin`` with an error whose text holds log lines of its
+    own: none of them may start a line of trainer.log."""
+    marker, head = f"FORGED-{secrets.token_hex(4)}", "00:00:00 ERROR [trainer pid=1]"
+    error = "busy" + "".join(f"\n{head} trainer.loop: {marker} {i}" for i in range(4))
+    seen, sent, _ = _fake_member(t, 0, error, probes=2)
+    log_dir = t.run_dir / "logs"
+    text = "".join(p.read_text(errors="replace") for p in log_dir.glob("trainer*.log*"))
+    forged = sum(line.startswith(head) and marker in line for line in text.splitlines())
+    logged = sum(marker in line for line in text.splitlines())
+    return (
+        bool(sent) and logged > 0 and forged == 0,
+        f"{seen.count('/begin')} /begin refusals carried 4 forged lines each; trainer.log: "
+        f"{logged} lines name them, {forged} forged lines",
+    )
+
+
 ATTACKS = [
     ("batch_theft", batch_theft),
     ("register_flood", register_flood),
@@ -674,6 +780,8 @@ ATTACKS = [
     ("curve_replay", curve_replay),
     ("nested_frame", nested_frame),
     ("slow_http_with_key", slow_http),
+    ("huge_health", huge_health),
+    ("log_forging", log_forging),
     ("job_still_trains", job_alive),
     ("nan_group", nan_group),
     ("checkpoint_pickle", checkpoint_pickle),

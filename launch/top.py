@@ -29,6 +29,7 @@ from pathlib import Path
 
 import psutil
 
+from areal_like.net.answers import read_capped_sync
 from areal_like.net.auth import METRICS_TOKEN_ENV
 from launch.local import alive
 from launch.records import read_jsonl, trainer_done, trainer_jsonl
@@ -125,13 +126,18 @@ def load_job(run_dir: str | Path) -> dict:
     return info
 
 
+HEALTH_ANSWER_BYTES = 64 << 10  # a daemon's /health: its state in a few hundred bytes
+
+
 def health(url: str, timeout_s: float = 2.0) -> tuple[bool, dict]:
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as r:
-            return r.status == 200, json.loads(r.read() or b"{}")
+            body = read_capped_sync(r, url, HEALTH_ANSWER_BYTES, "status")
+            return r.status == 200, json.loads(body or b"{}")
     except urllib.error.HTTPError as e:  # 503: the daemon answers but reports itself unhealthy
         try:
-            return False, json.loads(e.read() or b"{}")
+            return False, json.loads(read_capped_sync(e, url, HEALTH_ANSWER_BYTES, "status")
+                                     or b"{}")
         except ValueError:
             return False, {"error": f"HTTP {e.code}"}
     except Exception as e:

@@ -16,7 +16,11 @@ Invariants (rollout_server/ROLLOUT.md, "Agent episodes", has the table of limits
   input the engine refuses, ``EpisodeContext.max_input``) is not sent: 400 with OpenAI's code
   ``context_length_exceeded``; it ends its segment as ``max_tokens``, and an episode's first call
   leaves a ``no_room`` trajectory, as a multi-turn episode does (``multiturn.py``);
-* it listens on the engine's host (``rollout.engine.host``, loopback by default).
+* it listens on ``rollout.engine.host`` as set (loopback by default), also on a job of several
+  nodes, where the engine listens toward the head node instead: only the server's own agent
+  workers call it;
+* its calls reach the engine through the server's engine client, whose answers are bounded
+  (areal_like/net/answers.py).
 """
 from __future__ import annotations
 

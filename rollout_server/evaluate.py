@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from areal_like.net.answers import peer_text
 from areal_like.net.metrics import Metrics
 from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.settings.config import EvalConfig, LoraConfig, RunConfig, TaskConfig
@@ -185,7 +186,7 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
                if r is not None]
     if errors and not results:  # its status: the first refusal's (None read 'unreachable')
         raise SGLangError(errors[0].endpoint, errors[0].status,
-                          f"every eval prompt failed; the first: {errors[0].message}")
+                          f"every eval prompt failed; the first: {peer_text(errors[0].message)}")
     figures = summarize([g for g, _ in results], [s for _, s in results], ev.k)
     if errors:
         figures["errors"], figures["first_error"] = len(errors), f"SGLangError: {errors[0]}"

@@ -3,7 +3,8 @@ section.
 
 ``RolloutFacts.from_run(cfg)`` is the one place that reads other sections of the run config for a
 rollout server: the model and the task whole (shared knowledge), of the trainer only its steps,
-its LoRA layout, whether its log-prob guard probes the engines and whether it replays routes; and
+its LoRA layout, whether its log-prob guard probes the engines, whether it replays routes and the
+address of its weight group's rendezvous (the only one a door leads to); and
 the security resolved once at start: the CURVE ``keys`` (None: plain sockets) and the job's engine
 API key, never in a repr.
 """
@@ -39,6 +40,9 @@ class RolloutFacts:
     nodes: int = 1
     # trainer.routing_replay: every /generate asks for the experts it routed each token to
     routed_experts: bool = False
+    # trainer.weight_sync.master_addr and master_port (0: a free one per group): where the sync
+    # port's doors may lead (sync_port.py)
+    rendezvous: tuple[str, int] = ("127.0.0.1", 0)
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> RolloutFacts:
@@ -51,4 +55,6 @@ class RolloutFacts:
                    eval=cfg.eval, steps=cfg.trainer.steps, context=context,
                    run_dir=Path(cfg.run_dir), lora=cfg.trainer.lora, keys=keys,
                    engine_key=engine_api_key(cfg.run_dir), seed=cfg.seed,
-                   nodes=cfg.launch.nodes, routed_experts=cfg.trainer.routing_replay)
+                   nodes=cfg.launch.nodes, routed_experts=cfg.trainer.routing_replay,
+                   rendezvous=(cfg.trainer.weight_sync.master_addr,
+                               cfg.trainer.weight_sync.master_port))

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from areal_like.net.answers import AnswerTooLarge, read_capped
 from areal_like.net.auth import REWARD_AUTH_ENV
 from areal_like.net.metrics import Metrics
 from areal_like.net.ratelog import RateLimitedLog
@@ -72,6 +73,9 @@ log = logging.getLogger(__name__)
 WARN_EVERY_S = 60.0  # a kind of reward failure is logged at most this often
 REMOTE_BACKOFF_S = 0.2  # before the first retry; doubled each time, at most REMOTE_BACKOFF_MAX_S
 REMOTE_BACKOFF_MAX_S = 2.0
+# a remote reward's answer, {"rewards": [n numbers]}, is read up to this (areal_like/net/answers.py)
+REMOTE_ANSWER_BASE_BYTES = 64 << 10
+REMOTE_ANSWER_BYTES_PER_REWARD = 1 << 10
 SECONDS_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
 REWARD_IMPORT_TIMEOUT_S = 120.0  # a reward module importing a big library on a loaded machine
 # Run as `python -c`: the working directory is first on sys.path, as for `python -m
@@ -194,7 +198,8 @@ class RewardPool:
         self.name = ("task.reward_url" if self.url else
                      f"task.reward_fn={self.path!r}" if cfg.reward_fn
                      else f"the task's reward {self.path!r}")
-        self.headers = {"Content-Type": "application/json"}
+        # answers as they are (no gzip, which inflates past what its limit counts)
+        self.headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
         if auth := os.environ.get(REWARD_AUTH_ENV):  # the URL's credential (areal_like/net/auth.py)
             self.headers["Authorization"] = auth
         self.metrics = metrics or Metrics()  # None: counted nowhere
@@ -492,12 +497,16 @@ class RewardPool:
         """The answer's ``rewards`` list; raises _RemoteError."""
         try:
             async with aiohttp.ClientSession(
-                    timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as session:
+                    timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+                    auto_decompress=False) as session:
                 async with session.post(self.url, data=body, headers=self.headers) as resp:
                     if resp.status >= 400:
                         raise _RemoteError(f"HTTP {resp.status}",
                                            retry=resp.status >= 500 or resp.status == 429)
-                    payload = await resp.json(content_type=None)
+                    limit = REMOTE_ANSWER_BASE_BYTES + n * REMOTE_ANSWER_BYTES_PER_REWARD
+                    payload = json.loads(await read_capped(resp, self.url, limit, "reward"))
+        except AnswerTooLarge as e:
+            raise _RemoteError(str(e), retry=False) from None
         except asyncio.TimeoutError:
             raise _RemoteError(f"timeout after {self.timeout_s}s", retry=True) from None
         except aiohttp.ClientError as e:

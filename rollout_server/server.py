@@ -39,6 +39,7 @@ from dataclasses import replace
 from urllib.parse import urlparse
 
 from areal_like.daemon import ComponentStopped, Daemon, StartRefused
+from areal_like.net.answers import peer_text
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
 from areal_like.net.dealer import AsyncClient
 from areal_like.net.distributed import reachable_host
@@ -117,6 +118,10 @@ class RolloutServer(Daemon):
     def __init__(self, rcfg: RolloutConfig, facts: RolloutFacts):
         super().__init__(metrics_port=rcfg.metrics_port)
         self.rcfg, self.facts = rcfg, facts
+        # the agent endpoint's host: rollout.engine.host as set (loopback by default), kept when
+        # the engine listens toward the head node (``engine_toward_head``): only this server's
+        # own agent workers call it
+        self.agent_host = rcfg.engine.host
         self.server_id = self.rcfg.server_id or f"{socket.gethostname()}-{os.getpid()}"
         self.incarnation = secrets.token_hex(8)  # this process in each Register (buffer/control.py)
         self.policy_version = 0
@@ -505,7 +510,7 @@ class RolloutServer(Daemon):
     async def start_agent_endpoint(self) -> None:
         from rollout_server.agent_endpoint import AgentEndpoint
 
-        endpoint = AgentEndpoint(self.episode_context(), host=self.rcfg.engine.host,
+        endpoint = AgentEndpoint(self.episode_context(), host=self.agent_host,
                                  tool_format=self.facts.task.agent_tool_format)
         self.agent_endpoint = await endpoint.start()
         self.log.info("agent endpoint %s", self.agent_endpoint.base_url)
@@ -559,7 +564,7 @@ class RolloutServer(Daemon):
             return await self.client.health_generate(timeout_s=ENGINE_PROBE_S)
         except SGLangError as e:  # refused, no answer in time, a 503: its message says which
             why = (f"engine {self.engine_url} failed /health_generate after the failed weight "
-                   f"sync v{version}: {e.message}")
+                   f"sync v{version}: {peer_text(e.message)}")
         if self.rcfg.engine.kind == "url":
             self.log.error("%s; attached by URL (rollout.engine.kind=url): restart it yourself",
                            why)
@@ -608,7 +613,8 @@ class RolloutServer(Daemon):
         """Where the trainer driving our engine's weight syncs asks for its door, says when a
         sync begins and ends (sync_port.py): on the engine's host, behind the job's engine key."""
         self.sync_port = SyncPort(self.facts.engine_key, self.server_id, self.engine_url,
-                                  incarnation=self.incarnation, door=self.door,
+                                  incarnation=self.incarnation, rendezvous=self.facts.rendezvous,
+                                  door=self.door,
                                   begin=self.begin, adapter=self.load_adapter, end=self.end)
         self.sync_url = await self.sync_port.start(urlparse(self.engine_url).hostname,
                                                    self.rcfg.sync_port)
@@ -679,8 +685,8 @@ class RolloutServer(Daemon):
                                    pause_s)
         level = (logging.WARNING if not ok else logging.DEBUG if version % SYNC_INFO_EVERY
                  else logging.INFO)
-        self.log.log(level, "weight sync v%d %s in %.2fs pause%s", version,
-                     "done" if ok else "FAILED", pause_s, f": {reason}" if reason else "")
+        self.log.log(level, "weight sync v%d %s in %.2fs pause%s", version, "done" if ok
+                     else "FAILED", pause_s, f": {peer_text(reason)}" if reason else "")
         # ok: the buffer learns the version at once (a heartbeat), then we ask for leases (at eta 0
         # they wait for the engine's version); failed: does the engine still generate?
         task = asyncio.create_task(self.after_load() if ok else self.probe_engine(version),

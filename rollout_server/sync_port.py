@@ -10,7 +10,8 @@ of the key vouched for both under that id (a roster entry is a member's word, SE
 ``POST /begin {"plan_id", "version", "seconds", "nonce", "proof"}`` -> ``{"drained", "proof"}``,
 open but for a ``proof`` (``auth.begin_proof``) of the key, this port's URL, its engine's, the
 server's id and the body, answered with ``/vouch``'s proof of the nonce (one round trip proves the
-key each way; 401 otherwise): the sync of plan ``plan_id`` (of ``version``) begins: no lease is
+key each way; 401 otherwise; 409 for a nonce this port has seen: a replay, ``NONCES_KEPT``): the
+sync of plan ``plan_id`` (of ``version``) begins: no lease is
 asked for and no evaluation begins until its ``/end`` or for ``seconds`` (what is left of the
 trainer's deadline; an hour at most) and the engine's continue after it. With
 ``rollout.drain_on_update`` the answer comes once the episodes in flight ended (``DRAIN_SHARE`` of
@@ -19,10 +20,12 @@ the sync fails before anything reached the engine.
 The others act only for the sync under way (409 for any other ``plan_id``, or none):
 ``POST /door {"plan_id", "master_addr", "master_port", "group_name"}`` -> ``{"port"}``: a door on
 this node's loopback to that group's store gate (areal_like/net/store_gate.py), in place of the
-engine's last one; the trainer tells the engine to join through it.
+engine's last one; the trainer tells the engine to join through it. Only to the job's rendezvous
+(``trainer.weight_sync.master_addr``, and ``master_port`` unless 0): 400 for any other address.
 ``POST /adapter`` (a ``WeightSyncPlan``, JSON) -> ``{"ok", "reason", "pause_s"}``: with LoRA on a
 launched engine, the server loads the plan's adapter itself (its generate calls name the adapter:
-``areal_like/weights/engine_sync.py`` ``apply_adapter_sync``).
+``areal_like/weights/engine_sync.py`` ``apply_adapter_sync``). Only from a push directory of the
+disk path (``engine_sync.in_push_dir``): 400 for any other path, the same whether it exists.
 ``POST /end {"plan_id", "version", "ok", "pause_s", "reason"}`` -> ``{}``: the sync ended; after
 a failed one the server checks that its engine still generates and stops when it does not (its
 supervisor restarts it with a fresh engine).
@@ -32,15 +35,18 @@ from __future__ import annotations
 
 import dataclasses
 import hmac
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import msgspec
 from aiohttp import web
 
+from areal_like.net.answers import peer_text
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, begin_proof, vouch_proof
 from areal_like.net.http_guard import METRICS_LIMITS, guarded_app, serve
 from areal_like.net.sglang_client import SGLangError
+from areal_like.weights.engine_sync import ROOT_PREFIX, in_push_dir
 from areal_like.wire.protocol import SyncDone, WeightSyncPlan
 
 # the metrics port's limits, but a body as large as a plan of a big adapter (its names and shapes)
@@ -48,6 +54,10 @@ LIMITS = dataclasses.replace(METRICS_LIMITS, max_body_bytes=4 << 20)
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 PlanId = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+# the nonces of the last this many begun syncs are refused again (a replay); a nonce is 16 bytes
+# of randomness, so a trainer never repeats one, and a replay also needs this process (its proof
+# names the server's incarnation)
+NONCES_KEPT = 1 << 16
 
 
 Nonce = Annotated[str, msgspec.Meta(pattern="^[0-9a-f]{32,128}$")]
@@ -88,6 +98,7 @@ class SyncPort:
     """The routes above, each a call into the server that made it (``SyncRefused``: 409)."""
 
     def __init__(self, key: str, server_id: str, engine_url: str, *, incarnation: str = "",
+                 rendezvous: tuple[str, int],
                  door: Callable[[DoorBody], int],
                  begin: Callable[[BeginBody], Awaitable[bool]],
                  adapter: Callable[[WeightSyncPlan], Awaitable[SyncDone]],
@@ -98,6 +109,9 @@ class SyncPort:
         self.key, self.server_id, self.engine_url = key, server_id, engine_url
         self.incarnation = incarnation  # the server process's (``Register.incarnation``)
         self.door, self.begin, self.adapter, self.end = door, begin, adapter, end
+        # trainer.weight_sync.master_addr and master_port (0: any): where a door may lead
+        self.rendezvous = rendezvous
+        self.nonces: OrderedDict[str, None] = OrderedDict()  # of the syncs begun, newest last
         self.server, self.url = None, ""
 
     async def start(self, host: str, port: int) -> str:
@@ -127,7 +141,13 @@ class SyncPort:
         return vouch_proof(self.key, nonce, self.server_id, self.url, self.engine_url)
 
     async def _door(self, request: web.Request) -> web.Response:
-        return web.json_response({"port": self.door(await _body(request, DoorBody))})
+        body, (addr, port) = await _body(request, DoorBody), self.rendezvous
+        if body.master_addr != addr or port not in (0, body.master_port):
+            where = f"{addr}:{port or '<any port>'}"
+            return _error(400, f"/door leads only to the job's weight-sync rendezvous {where} "
+                          "(trainer.weight_sync.master_addr, master_port), not to "
+                          f"{peer_text(body.master_addr)}:{body.master_port}")
+        return web.json_response({"port": self.door(body)})
 
     async def _begin(self, request: web.Request) -> web.Response:
         b = await _body(request, BeginBody)
@@ -136,10 +156,19 @@ class SyncPort:
         if not hmac.compare_digest(b.proof, want):
             self.server.stats.unauthorized += 1
             return _error(401, "no proof of the job's engine key for this port")
+        if b.nonce in self.nonces:
+            return _error(409, "a replayed /begin: its nonce began a sync here already")
+        self.nonces[b.nonce] = None
+        while len(self.nonces) > NONCES_KEPT:
+            self.nonces.popitem(last=False)
         return web.json_response({"drained": await self.begin(b), "proof": self._vouched(b.nonce)})
 
     async def _adapter(self, request: web.Request) -> web.Response:
-        done = await self.adapter(await _body(request, WeightSyncPlan))
+        plan = await _body(request, WeightSyncPlan)
+        if not all(in_push_dir(p) for p in plan.payloads):
+            return _error(400, "/adapter loads only a push directory of the disk path "
+                          f"(<tmp>/{ROOT_PREFIX}*/*, written by the trainer on this node)")
+        done = await self.adapter(plan)
         return web.json_response({"ok": done.ok, "reason": done.reason, "pause_s": done.pause_s})
 
     async def _end(self, request: web.Request) -> web.Response:

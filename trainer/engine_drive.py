@@ -25,7 +25,10 @@ Invariants:
   it shows life);
 - one client per engine URL and sync URL lives while the roster names the URL (its connections,
   and the state a client keeps between calls of one sync: vLLM's version label, SGLang's
-  adapter).
+  adapter), kept by what it is (a sync port or an engine of a kind), its URL and the key it sends:
+  a member naming another's URL as a URL of another role gets a client of its own;
+- a member's words (its id, its answers' texts) reach the log quoted and cut
+  (areal_like/net/answers.py ``peer_text``), and its answers are read up to their limits.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from collections.abc import Callable
 
 import msgspec
 
+from areal_like.net.answers import peer_text
 from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.net.vllm_client import engine_client
 from areal_like.weights.engine_sync import LAUNCHED, ServerPort, answer, apply_weight_sync
@@ -62,7 +66,8 @@ class EngineDrive:
                  pause_mode: str = "retract", lora: bool = False):
         # ``kind``: a member's engine kind when its roster entry names none
         self.kind, self.engine_key, self.pause_mode, self.lora = kind, engine_key, pause_mode, lora
-        self.clients: dict[str, SGLangClient] = {}  # by engine URL, and by sync URL
+        # by (kind: "port" or the engine's, URL, key): engine URLs and sync URLs
+        self.clients: dict[tuple[str, str, str | None], SGLangClient] = {}
         self.runs: dict[str, concurrent.futures.Future] = {}  # of the last plan
         # each member's last task, whichever plan it was of (a member left out of a plan keeps its)
         self.last: dict[str, concurrent.futures.Future] = {}
@@ -90,13 +95,13 @@ class EngineDrive:
 
     async def _forget(self, live: set[str]) -> None:
         """Close the clients of URLs no roster entry names (gone, or restarted elsewhere)."""
-        for url in set(self.clients) - live:
-            await self.clients.pop(url).close()
+        for key in [k for k in self.clients if k[1] not in live]:
+            await self.clients.pop(key).close()
 
     def _client(self, kind: str, url: str) -> SGLangClient:
-        if (client := self.clients.get(url)) is None:
+        if (client := self.clients.get(key := (kind, url, self.engine_key))) is None:
             make = ServerPort if kind == "port" else functools.partial(engine_client, kind)
-            client = self.clients[url] = make(url, api_key=self.engine_key)
+            client = self.clients[key] = make(url, api_key=self.engine_key)
         return client
 
     async def _one(self, plan: WeightSyncPlan, end: float, server_id: str,
@@ -116,7 +121,8 @@ class EngineDrive:
             await self._member(plan, end, server_id, entry, unreachable, result)
         except Exception as e:  # noqa: BLE001 - a malformed answer, a client bug: this member's
             if not result.done():
-                result.set_result(_refused(plan, server_id, f"{type(e).__name__}: {e}"))
+                result.set_result(_refused(plan, server_id,
+                                           peer_text(f"{type(e).__name__}: {e}")))
 
     async def _member(self, plan: WeightSyncPlan, end: float, server_id: str,
                       entry: RosterEntry | None, unreachable: set[str],
@@ -209,7 +215,8 @@ class EngineDrive:
 
 def _refused(plan: WeightSyncPlan, server_id: str, reason: str) -> SyncDone:
     """A member's sync that failed before its engine was called (the engine side logs its own)."""
-    log.warning("weight sync v%d: %s failed: %s", plan.policy_version, server_id, reason)
+    log.warning("weight sync v%d: %s failed: %s", plan.policy_version, peer_text(server_id),
+                reason)
     return answer(plan, server_id, reason)
 
 

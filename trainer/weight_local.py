@@ -28,6 +28,7 @@ import psutil
 import torch
 
 from areal_like.settings.config import WeightSyncConfig
+from areal_like.weights.engine_sync import ROOT_PREFIX  # + the writer's pid + "_": its pushes
 from areal_like.weights.lora import is_adapter
 from areal_like.wire.protocol import BucketSpec, SyncMember
 from areal_like.wire.weight_wire import layout, pack, unpack
@@ -37,7 +38,6 @@ from trainer.weight_buckets import Sender, gather
 log = logging.getLogger("trainer.weight_sync")
 
 WEIGHTS_FILE = "model.safetensors"
-ROOT_PREFIX = "areal_like_weights_"  # + the writing process's pid + "_": DiskSender's directories
 
 
 def remove_orphans(tmp: str | None = None) -> list[Path]:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from areal_like.net.answers import peer_text
 from areal_like.net.transport import TransportTimeout
 from areal_like.wire.protocol import Roster, RosterRequest
 
@@ -48,7 +49,8 @@ class MembersLost(RuntimeError):
     """Members left the roster or failed before the group formed: the rendezvous cannot complete."""
 
     def __init__(self, lost: list[str]):
-        super().__init__(f"member(s) {lost} lost before the group formed")
+        super().__init__(f"member(s) {', '.join(map(peer_text, lost))} lost before the group "
+                         "formed")
         self.lost = lost
 
 

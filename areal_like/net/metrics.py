@@ -20,10 +20,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
+from areal_like.net.answers import read_capped_sync, refused_answers
 from areal_like.net.auth import metrics_token
 from areal_like.net.http_guard import METRICS_LIMITS, HttpLimits, guarded_app, serve
 
 PREFIX = "areal_"
+SCRAPE_ANSWER_BYTES = 64 << 20  # a /metrics page: a few hundred KiB with every histogram
 RENDER_THREADS = 2  # /metrics renders and /health probes run here, at most this many at once
 
 
@@ -85,6 +87,12 @@ class Metrics:
                                      "missing or wrong key or proof, by port", labels=("port",))
         for port, total in sorted(self._refusals.items()):
             family.add_metric((port,), total())
+        yield family
+        family = CounterMetricFamily(prom_name("answers_refused"), "HTTP answers of peers refused "
+                                     "for their size, by client (areal_like/net/answers.py)",
+                                     labels=("client",))
+        for client, total in sorted(refused_answers().items()):
+            family.add_metric((client,), total)
         yield family
 
     def render(self) -> bytes:
@@ -166,7 +174,8 @@ def scrape(url: str, timeout_s: float = 2.0, token: str | None = None) -> dict[s
 
     token = token or metrics_token()
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    return parse_exposition(urllib.request.urlopen(req, timeout=timeout_s).read().decode())
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        return parse_exposition(read_capped_sync(r, url, SCRAPE_ANSWER_BYTES, "scrape").decode())
 
 
 def parse_exposition(text: str) -> dict[str, float]:

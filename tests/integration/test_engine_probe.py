@@ -136,8 +136,8 @@ def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
         assert psutil.Process(fresh).status() != psutil.STATUS_STOPPED and new_url != old_url
         assert server.poll() is None  # the wrapper runs the restarted server
         log = (tmp_path / "server.log").read_text()
-        assert ("failed /health_generate after the failed weight sync v1: TimeoutError: no "
-                "answer within 30s" in log), log[-3000:]
+        assert ("failed /health_generate after the failed weight sync v1: 'TimeoutError: no "
+                "answer within 30s'" in log), log[-3000:]
         assert "restart 1/1" in log
     finally:
         if psutil.pid_exists(frozen):

@@ -184,8 +184,9 @@ class SyncStandIn:
             return open_door(self.door_url, key, body.master_addr, body.master_port,
                              body.group_name)
 
-        self.port = SyncPort(key, server_id, engine_url, incarnation=incarnation, door=door,
-                             begin=begin, adapter=adapter, end=end)
+        self.port = SyncPort(key, server_id, engine_url, incarnation=incarnation,
+                             rendezvous=("127.0.0.1", 0), door=door, begin=begin,
+                             adapter=adapter, end=end)  # the tests' master_addr
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
                                        name=f"sync-port-{server_id}")

@@ -88,7 +88,8 @@ class FakeTransportClient(SGLangClient):
         super().__init__(f"http://{uuid.uuid4().hex}.invalid")  # its own retired adapters
         self.engine = engine
 
-    async def _call(self, method, path, body=None, *, timeout_s=None, idempotent, params=None):
+    async def _call(self, method, path, body=None, *, timeout_s=None, idempotent, params=None,
+                    limit=None):
         task = asyncio.create_task(self.engine.handle(path, body))  # goes on after a timeout
         self.engine.tasks.add(task)
         task.add_done_callback(self.engine.tasks.discard)

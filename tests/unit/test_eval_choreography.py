@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import tempfile
 
 import msgspec
 import pytest
@@ -22,7 +24,7 @@ import pytest
 from areal_like.net.metrics import Metrics
 from areal_like.net.sglang_client import SGLangError
 from areal_like.settings.config import EvalConfig, RunConfig
-from areal_like.weights.engine_sync import ServerPort
+from areal_like.weights.engine_sync import ROOT_PREFIX, ServerPort
 from areal_like.wire import protocol as P
 from rollout_server.buffer_link import BufferLink
 from rollout_server.evaluate import EvalSchedule
@@ -70,6 +72,8 @@ class _Evaluator:
         return {"policy_version": version}
 
 
+# an adapter's directory where the trainer writes one (trainer/weight_local.py): never read here
+UNREAD = os.path.join(tempfile.gettempdir(), f"{ROOT_PREFIX}1_test", "v1")
 # the server's id, its engine's URL and its process's incarnation (``begin``)
 ME = ("me", "http://127.0.0.1:1", "me-1")
 
@@ -77,7 +81,7 @@ ME = ("me", "http://127.0.0.1:1", "me-1")
 def _plan(version: int) -> P.WeightSyncPlan:
     return P.WeightSyncPlan(policy_version=version, group_name="", master_addr="", master_port=0,
                             world_size=1, backend="gloo", reform=False, members=[], buckets=[],
-                            deadline_s=30.0, path="disk", payloads=["unread"],
+                            deadline_s=30.0, path="disk", payloads=[UNREAD],
                             plan_id=f"plan-{version}")
 
 

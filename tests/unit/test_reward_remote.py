@@ -45,6 +45,8 @@ class RewardServer:
             rewards = rewards[:-1]
         if self.mode == "one_bad":
             rewards[1] = "x"
+        if self.mode == "huge":  # 8 MiB of padding around the rewards
+            return web.json_response({"rewards": rewards, "pad": "x" * (8 << 20)})
         return web.json_response({"rewards": rewards})
 
 
@@ -143,3 +145,12 @@ def test_the_credential_comes_from_the_environment_as_the_authorization_header(m
     monkeypatch.setenv(REWARD_AUTH_ENV, "Bearer hunter2")
     got, server = run("fails_twice", ["1", "0"], reward_retries=2)
     assert got == [(1.0, None), (0.0, None)] and server.auth == ["Bearer hunter2"] * 3
+
+
+def test_an_answer_past_what_the_group_needs_is_refused_unread_and_not_retried():
+    """An answer is read up to what ``{"rewards": [n numbers]}`` can take
+    (areal_like/net/answers.py): past it, every response scores 0 with the reason, once."""
+    got, server = run("huge", ["1", "0"], reward_retries=2)
+    assert len(server.bodies) == 1, "retried"
+    assert [r for r, _ in got] == [0.0, 0.0]
+    assert all("over its limit of" in why for _, why in got), got

@@ -562,8 +562,9 @@ def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answere
         mute = asyncio.run(probe(f"http://127.0.0.1:{silent.getsockname()[1]}"))
     finally:
         silent.close()
-    assert "after the failed weight sync v7: connection failed (ConnectionRefusedError)" in refused
-    assert "after the failed weight sync v7: TimeoutError: no answer within 1s" in mute
+    # the engine's words quoted (areal_like/net/answers.py)
+    assert 'after the failed weight sync v7: "connection failed (ConnectionRefusedError)' in refused
+    assert "after the failed weight sync v7: 'TimeoutError: no answer within 1s'" in mute
 
 
 def test_the_sglang_line_copied_into_our_log_never_holds_the_engine_key(tmp_path):

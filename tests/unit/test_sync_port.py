@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import tempfile
 import urllib.error
 import urllib.request
 
@@ -22,11 +24,13 @@ from test_store_gate import DEADLINE_S, GROUP, KEY, closed_by_peer, echo  # noqa
 from areal_like.net.distributed import free_port
 from areal_like.net.sglang_client import SGLangError
 from areal_like.net.store_gate import StoreGate
-from areal_like.weights.engine_sync import ServerPort, close_door, open_door
+from areal_like.weights.engine_sync import ROOT_PREFIX, ServerPort, close_door, open_door
 from areal_like.wire.protocol import BucketSpec, SyncDone, WeightSyncPlan
 from rollout_server.sync_port import SyncPort
 
 ENGINE = "http://127.0.0.1:1"  # the engine the port serves (never called here)
+# where the trainer's disk path writes a push (trainer/weight_local.py): need not exist here
+PUSHED = os.path.join(tempfile.gettempdir(), f"{ROOT_PREFIX}1_test", "v1-abcdef")
 
 
 def _plan(port: int) -> WeightSyncPlan:
@@ -43,7 +47,7 @@ def _port(key: str, calls: list, **routes) -> SyncPort:
     def door(body) -> int:
         return open_door("engine-a", key, body.master_addr, body.master_port, body.group_name)
 
-    return SyncPort(key, "a", ENGINE, incarnation="now",
+    return SyncPort(key, "a", ENGINE, incarnation="now", rendezvous=("127.0.0.1", 0),
                     **{"door": door, "begin": begin, "adapter": None,
                        "end": lambda b: calls.append(("end", b.plan_id, b.ok, b.pause_s, b.reason)),
                        **routes})
@@ -87,7 +91,7 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
                 # a big adapter's plan (its names and shapes: past 4 KB) goes whole, both ways
                 names = [f"model.layers.{i}.self_attn.q_proj.lora_A.weight" for i in range(400)]
                 big = msgspec.structs.replace(
-                    _plan(gate_port), path="disk", payloads=["/x"],
+                    _plan(gate_port), path="disk", payloads=[PUSHED],
                     buckets=[BucketSpec(names=names, dtypes=["float32"] * 400,
                                         shapes=[[8, 64]] * 400)])
                 done = await trainer.load_adapter_for(big, "a")
@@ -177,10 +181,114 @@ def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key(
                             ("/lie/begin", None)]  # asked without the key
             assert calls == [("begin", "p1", 1)]
             async with ServerPort(relay_url + "/flood", api_key=KEY) as trainer:
-                with pytest.raises(SGLangError, match="an answer over 1048576 bytes"):
+                with pytest.raises(SGLangError, match="over its limit of 65536 bytes"):
                     await trainer.vouch("a", ENGINE, DEADLINE_S)
         finally:
             await runner.cleanup()
             await port.close()
 
     asyncio.run(scenario())
+
+
+def _begin_body(url: str, nonce: str, plan_id: str = "p1") -> bytes:
+    """A /begin as the trainer sends it (``ServerPort.begin``), proof of the key included."""
+    from areal_like.net.auth import begin_proof
+
+    proof = begin_proof(KEY, nonce, "a", "now", url, ENGINE, plan_id, 1, 30.0)
+    return json.dumps({"plan_id": plan_id, "version": 1, "seconds": 30.0, "nonce": nonce,
+                       "proof": proof}).encode()
+
+
+def test_a_replayed_begin_is_refused_and_begins_nothing():
+    """A /begin seen on the wire and sent again (it needs no key: its proof is in the body) begins
+    no second sync; a fresh nonce does."""
+    calls = []
+    port = _port(KEY, calls)
+
+    async def scenario() -> list[tuple[int, str]]:
+        url = await port.start("127.0.0.1", 0)
+        try:
+            first = _begin_body(url, "ab" * 16)
+            return [await asyncio.to_thread(_post, f"{url}/begin", body, "")
+                    for body in (first, first, _begin_body(url, "cd" * 16, "p2"))]
+        finally:
+            await port.close()
+
+    answers = asyncio.run(scenario())
+    assert [status for status, _ in answers] == [200, 409, 200], answers
+    assert "replayed" in answers[1][1], answers
+    assert calls == [("begin", "p1", 1), ("begin", "p2", 1)]  # the replay began nothing
+
+
+def test_a_door_leads_only_to_the_jobs_rendezvous(echo):  # noqa: F811
+    """A key holder's /door to any other address (another host, another port when the job fixes
+    its port) is refused before anything is dialled; the rendezvous's own still opens."""
+    gate_port, calls = free_port(), []
+    gate = StoreGate("127.0.0.1", gate_port, GROUP, echo, key=KEY)
+    dialled = []
+
+    def door(body) -> int:
+        dialled.append((body.master_addr, body.master_port))
+        return open_door("engine-a", KEY, body.master_addr, body.master_port, body.group_name)
+
+    port = _port(KEY, calls, door=door)
+    port.rendezvous = ("127.0.0.1", gate_port)  # trainer.weight_sync.master_port set
+
+    async def scenario() -> list[tuple[int, str]]:
+        url = await port.start("127.0.0.1", 0)
+        try:
+            bodies = [{"master_addr": addr, "master_port": p}
+                      for addr, p in (("10.1.2.3", gate_port), ("127.0.0.1", 22),
+                                      ("127.0.0.1", gate_port))]
+            return [await asyncio.to_thread(
+                _post, f"{url}/door", json.dumps({"plan_id": "p1", "group_name": GROUP, **b})
+                .encode(), KEY) for b in bodies]
+        finally:
+            await port.close()
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        close_door("engine-a")
+        gate.close()
+    assert [status for status, _ in answers] == [400, 400, 200], answers
+    assert "trainer.weight_sync.master_addr" in answers[0][1], answers
+    assert dialled == [("127.0.0.1", gate_port)]
+
+
+def test_an_adapter_outside_the_push_directories_is_refused_alike_whether_it_exists(tmp_path):
+    """/adapter loads only a directory the trainer's disk path writes; any other path, one that
+    exists or not, a ``..`` out of one or a link from one to elsewhere, is refused the same way,
+    and the server's adapter route is never called."""
+    calls = []
+
+    async def adapter(plan):
+        calls.append(plan.payloads[0])
+        return SyncDone(server_id="a", policy_version=1, ok=True)
+
+    root = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}1_")
+    os.symlink(str(tmp_path), os.path.join(root, "v1-link"))
+    paths = [str(tmp_path), str(tmp_path / "not-here"), "/etc", f"{root}/../../etc",
+             f"{root}/v1-link", PUSHED]
+    port = _port(KEY, calls, adapter=adapter)
+
+    async def scenario() -> list[tuple[int, str]]:
+        url = await port.start("127.0.0.1", 0)
+        try:
+            out = []
+            for path in paths:
+                plan = msgspec.structs.replace(_plan(1), path="disk", payloads=[path])
+                out.append(await asyncio.to_thread(
+                    _post, f"{url}/adapter", msgspec.json.encode(plan), KEY))
+            return out
+        finally:
+            await port.close()
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        os.unlink(os.path.join(root, "v1-link"))
+        os.rmdir(root)
+    assert [status for status, _ in answers] == [400] * 5 + [200], answers
+    assert len({text for _, text in answers[:5]}) == 1  # says nothing of what exists
+    assert calls == [PUSHED]
