@@ -345,6 +345,7 @@ def _run(cfg, quiet: bool, accept_changes: bool) -> int:
 def _plan(cfg) -> int:
     """``run``'s planning step (``launch.job.plan_job``) without writing or starting anything."""
     from launch.job import laid_out, plan_job
+    from launch.memory import memory_lines
     from launch.placement import idle_gpus
     from launch.topology import layout_line, plan_lines
 
@@ -357,7 +358,9 @@ def _plan(cfg) -> int:
     # them)
     laid = laid_out(cfg)[0]
     notes = [layout_line(cfg, laid, topo), idle_gpus(laid)]  # the counts the cores chose, and why
-    print("\n".join([*plan_lines(laid, topo), *filter(None, notes)]))
+    memory = memory_lines(laid)  # a GPU job's estimate per GPU, after a blank line
+    memory = ["", *memory] if memory else []
+    print("\n".join([*plan_lines(laid, topo), *filter(None, notes), *memory]))
     return 0
 
 

@@ -9,8 +9,9 @@ Invariants:
   for bit, for any world size.
 - Master weights, gradients and AdamW states are fp32; ``model.dtype`` bf16/fp16 is FSDP2's
   ``MixedPrecisionPolicy`` (fp32 reduction) on any world size, one rank included (not autocast:
-  the sharded run's arithmetic). One fp32 rank is NOT sharded (plain parameters; every consumer
-  accepts tensors and DTensors; tests/integration/test_trainer_invariance.py).
+  the sharded run's arithmetic). One rank whose weights are held in ``model.dtype`` (fp32, or a
+  LoRA base) is NOT sharded (plain parameters; every consumer accepts tensors and DTensors;
+  tests/integration/test_trainer_invariance.py); its fp32 adapters compute in fp32.
 - Parameter names are the unwrapped Hugging Face names, so weight-sync names match what an
   engine's ``load_weights`` expects.
 - LoRA: adapters injected before sharding, base frozen, only A and B train; the reference is the
@@ -188,7 +189,8 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor:
     # PEFT's LoraLayer: lora_A, disable_adapters, get_delta_weight
     lora_a = getattr(head, "lora_A", None)
     if lora_a is not None and ADAPTER in lora_a and not head.disable_adapters:
-        return head.weight + head.get_delta_weight(ADAPTER)
+        # in the base's dtype (the hidden states'): an unsharded bf16 base beside fp32 adapters
+        return (head.weight + head.get_delta_weight(ADAPTER)).to(head.weight.dtype)
     return head.weight
 
 
@@ -289,7 +291,10 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
         checkpoint_blocks(model)
     if trainer_cfg.compile_blocks:
         compile_blocks(model)
-    if dist.get_world_size() > 1 or mixed_precision(model_cfg) is not None:
+    # one rank is sharded only for FSDP2's cast of fp32 weights to a lower model.dtype; one held in
+    # model.dtype already (a LoRA base, a KL reference) computes as it is, gathering nothing
+    if dist.get_world_size() > 1 or (mixed_precision(model_cfg) is not None
+                                     and dtype == "float32"):
         apply_fsdp(model, model_cfg)
     materialize(model, model_cfg, device)
     return attach_logprobs(model)

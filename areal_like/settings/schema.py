@@ -618,6 +618,9 @@ class LaunchConfig(Section):
     omp_threads: int = 1  # OMP_NUM_THREADS and MKL_NUM_THREADS of each daemon
     # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
     gpus_per_node: Annotated[int, at_least(0)] = 0
+    # GiB of memory per GPU that `areal-like plan` sizes the job against (a card sold as 24 GB
+    # has about 24 GiB); the estimate only, nothing is refused
+    gpu_memory_gb: Annotated[float, above(0)] = 80.0
     # several nodes: the first train_nodes run trainer ranks, the others rollout servers
     # (launch/placement.py)
     nodes: Annotated[int, at_least(1)] = 1
