@@ -120,7 +120,8 @@ def test_plan_prints_the_shared_gpu_and_the_path():
                        capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    rows = {row.split(None, 3)[1]: row.split(None, 3) for row in r.stdout.splitlines()[1:]}
+    rows = {row.split(None, 3)[1]: row.split(None, 3)
+            for row in r.stdout.split("\n\n")[0].splitlines()[1:]}
     assert rows["rollout-0"][2] == "0" and rows["trainer"][2] == "0"
     assert "weight sync tensor (no group)" in rows["trainer"][3]
     # what job_specs starts for one rank
