@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from areal_like.settings.config import ModelConfig, RunConfig
@@ -211,10 +211,10 @@ def estimate_lora_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tok
     ``model.dtype``, ``trainer/model.py`` ``base_dtype``) with no gradient or AdamW state; the
     adapters hold fp32 weights, gradients, two moments and AdamW's temporary.
     The ranks gather (FSDP2) when ``world`` > 1 or the compute dtype is not the base's (mixed
-    precision); one rank computing in its base's dtype is not sharded and gathers nothing. Frozen embeddings and
-    lm_head: no root gradients, no lm_head gradient accumulator; the final norm, frozen too, keeps
-    no normalised input. The KL reference (the policy with its adapters off) is a no-grad forward:
-    its transients are not counted, as the full model's reference is not."""
+    precision); one rank computing in its base's dtype is not sharded and gathers nothing. Frozen
+    embeddings and lm_head: no root gradients, no lm_head gradient accumulator; the final norm,
+    frozen too, keeps no normalised input. The KL reference (the policy with its adapters off) is
+    a no-grad forward: its transients are not counted, as the full model's reference is not."""
     c, b = (4 if d == "float32" else 2 for d in (dtype, base_dtype or dtype))
     mp = 4 if c != 4 else 0
     blk_a = adapter_block_params(model_cfg, rank, targets)

@@ -14,7 +14,8 @@ Invariants (tested in tests/unit/test_placement.py):
   GPU's memory): a layout needing more GPUs than the node has is a ``ConfigError`` naming the keys;
 * except a one-GPU node with one trainer rank and one rollout server of ``tp_size`` 1, which share
   GPU 0 (``NodeGpus.shared``): the weights then go without a group (``with_weight_path``; vLLM,
-  which takes whole weights by the group only, over gloo, which ``backend=auto`` picks there) and an SGLang or vLLM engine leaves the
+  which takes whole weights by the group only, over gloo, which ``backend=auto`` picks there)
+  and an SGLang or vLLM engine leaves the
   trainer room (``mem_fraction_static`` / ``gpu_memory_utilization``:
   ``SHARED_MEM_FRACTION_DEFAULT``, at most ``SHARED_MEM_FRACTION_MAX``);
 * the GPUs given out are ``[0, used)``; a process on CPU takes none, an engine by URL runs
@@ -327,7 +328,8 @@ def auto_path(cfg: RunConfig, shared: bool) -> str:
 def with_weight_path(cfg: RunConfig) -> RunConfig:
     """The config the daemons get on this placement: ``trainer.weight_sync.path=auto`` resolved
     (``auto_path``); on a shared GPU the engine's memory share defaulted and, for vLLM's whole
-    weights (the group path only, where NCCL refuses two ranks on one GPU), ``backend=auto`` gloo."""
+    weights (the group path only, where NCCL refuses two ranks on one GPU), ``backend=auto``
+    gloo."""
     placed = place_nodes(cfg)
     shared = placed is not None and any(n.shared for n in placed)
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine

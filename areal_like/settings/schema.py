@@ -309,10 +309,11 @@ class EngineConfig(Section):
     # GPUs per engine (SGLang's --tp-size); `run` places each rollout server on this many
     tp_size: int = 1
     # [rollout.engine.kind=sglang only]
-    # passed verbatim to `python -m sglang.launch_server`
+    # passed verbatim to `python -m sglang.launch_server`; rollout.engine.sglang.FLAG=V sets one
     sglang: dict = field(default_factory=dict)
     # [rollout.engine.kind=vllm only]
-    # passed verbatim to vLLM's API server (its `vllm serve` flags; rollout_server/launch_vllm.py)
+    # passed verbatim to vLLM's API server (its `vllm serve` flags; rollout_server/launch_vllm.py);
+    # rollout.engine.vllm.FLAG=V sets one (no Hydra `+` needed)
     vllm: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -1,4 +1,5 @@
-"""benchmarks/memory.py: the accounting behind trainer/MEMORY.md; a 7B-shaped model sharded on meta.
+"""launch/memory.py: the accounting behind trainer/MEMORY.md (benchmarks/memory.py measures);
+a 7B-shaped model sharded on meta.
 
 - ``PeakTensorBytes`` counts what a computation allocates (hand-checkable sizes);
 - the parameter counts equal the meta-built Hugging Face models' and Qwen2's published sizes;
@@ -22,8 +23,8 @@ import pytest
 import torch
 
 from areal_like.settings.config import ModelConfig
-from benchmarks.memory import (
-    PeakTensorBytes,
+from benchmarks.memory import PeakTensorBytes
+from launch.memory import (
     adapter_block_params,
     block_activation_bytes,
     block_params,
@@ -137,10 +138,12 @@ def test_lora_estimate_terms_by_hand():
     assert e.activations == 2 * 64 * 8184 + 64 * 128 * 4 * 3 + 32 * 64 == 1147904
     assert e.moments == {"backward_start": 1815040 + 1147904 + 26624,
                          "backward_end": 1815040 + 65536, "optimizer_step": 1815040 + 131072}
-    # a bf16 base on one rank computing in bf16 gathers nothing; an fp32 base in bf16 compute does
-    bf16 = estimate_lora_peak_bytes(cfg, 1, 64, 8, dtype="bfloat16", base_dtype="bfloat16")
+    # a bf16 base on one rank computing in bf16 (the trainer's: the base in model.dtype) gathers
+    # nothing; an fp32 base in bf16 compute does
+    bf16 = estimate_lora_peak_bytes(cfg, 1, 64, 8, dtype="bfloat16")
+    assert bf16 == estimate_lora_peak_bytes(cfg, 1, 64, 8, dtype="bfloat16", base_dtype="bfloat16")
     assert bf16.weights == 2 * 322688 + 4 * 32768 and bf16.gathered == 0
-    mixed = estimate_lora_peak_bytes(cfg, 2, 64, 8, dtype="bfloat16")
+    mixed = estimate_lora_peak_bytes(cfg, 2, 64, 8, dtype="bfloat16", base_dtype="float32")
     assert mixed.gathered == (26752 + 2 * (147968 + 16384)) * 2
     assert mixed.weights == 4 * 161344 + 4 * 16384  # half of each, world 2
 
@@ -182,7 +185,7 @@ from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=8)
 from areal_like.weights.hf import build_meta_model
-from benchmarks.memory import qwen2_shape
+from launch.memory import qwen2_shape
 from trainer.model import apply_fsdp
 cfg = qwen2_shape("7B")
 model = apply_fsdp(build_meta_model(cfg), cfg)
