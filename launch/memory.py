@@ -118,6 +118,24 @@ def lora_block_activation_bytes(cfg: ModelConfig, c: int, rank: int,
     return block_activation_bytes(cfg, c) + (len(targets) * rank - 2 * cfg.hidden_size) * c
 
 
+# the linear layers of a block that read one input: a group's input is one tensor
+INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
+                ("down_proj",))
+
+
+def fp32_adapter_input_bytes(cfg: ModelConfig, c: int, rank: int,
+                             targets=LORA_DEFAULT_TARGETS) -> int:
+    """Per token and block, what fp32 adapters on an unsharded base of ``c`` bytes keep beyond
+    ``lora_block_activation_bytes``: PEFT casts each targeted linear's input to the adapter's
+    dtype, and lora_A keeps that fp32 copy instead of the shared compute-dtype input; lora_A's
+    output is fp32 too. Measured on CPU: ``benchmarks/bench_trainer_memory.py --lora-rank 8
+    --dtype bfloat16`` (trainer/MEMORY.md, section 4)."""
+    shapes = linear_shapes(cfg)
+    copies = sum(shapes[t][0] for t in targets) * 4
+    shared = sum(shapes[g[0]][0] for g in INPUT_GROUPS if set(g) & set(targets)) * c
+    return copies - shared + len(targets) * rank * (4 - c)
+
+
 def activation_bytes(cfg: ModelConfig, t: int, c: int, checkpointing: bool, per_block: int) -> int:
     """The activations kept for backward at ``t`` tokens: every block's ``per_block`` (or the block
     inputs plus one block recomputed, checkpointed), then the final norm, the gathered hidden
@@ -222,6 +240,8 @@ def estimate_lora_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tok
     p, blk, root = total_params(model_cfg), block_params(model_cfg), root_params(model_cfg)
     t, v = micro_batch_tokens, model_cfg.vocab_size
     per_block = lora_block_activation_bytes(model_cfg, c, rank, targets)
+    if world == 1 and c == b != 4:  # not sharded: the fp32 adapters compute in fp32
+        per_block += fp32_adapter_input_bytes(model_cfg, c, rank, targets)
     acts = activation_bytes(model_cfg, t, c, checkpointing, per_block)
     acts -= t * model_cfg.hidden_size * c  # the frozen final norm keeps no normalised input
     logprobs = min(logprob_chunk, t) * v * (4 + c * (mp > 0))
