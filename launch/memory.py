@@ -118,9 +118,9 @@ def lora_block_activation_bytes(cfg: ModelConfig, c: int, rank: int,
     return block_activation_bytes(cfg, c) + (len(targets) * rank - 2 * cfg.hidden_size) * c
 
 
-# the linear layers of a block that read one input: a group's input is one tensor
-INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"),
-                ("down_proj",))
+# the linear layers of a block that read one input, which only they keep (o_proj's input, the
+# attention's output, is kept by the attention itself)
+INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("down_proj",))
 
 
 def fp32_adapter_input_bytes(cfg: ModelConfig, c: int, rank: int,
@@ -128,7 +128,7 @@ def fp32_adapter_input_bytes(cfg: ModelConfig, c: int, rank: int,
     """Per token and block, what fp32 adapters on an unsharded base of ``c`` bytes keep beyond
     ``lora_block_activation_bytes``: PEFT casts each targeted linear's input to the adapter's
     dtype, and lora_A keeps that fp32 copy instead of the shared compute-dtype input; lora_A's
-    output is fp32 too. Measured on CPU: ``benchmarks/bench_trainer_memory.py --lora-rank 8
+    output is fp32 too (tests/unit/test_memory.py counts the real layer). Measured on CPU: ``benchmarks/bench_trainer_memory.py --lora-rank 8
     --dtype bfloat16`` (trainer/MEMORY.md, section 4)."""
     shapes = linear_shapes(cfg)
     copies = sum(shapes[t][0] for t in targets) * 4

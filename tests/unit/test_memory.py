@@ -30,6 +30,7 @@ from launch.memory import (
     block_params,
     estimate_critic_peak_bytes,
     estimate_lora_peak_bytes,
+    fp32_adapter_input_bytes,
     estimate_peak_bytes,
     lora_block_activation_bytes,
     qwen2_shape,
@@ -64,7 +65,7 @@ def test_parameter_counts_match_the_model(name, published):
 
 
 def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 48,
-                           lora_rank: int = 0) -> float:
+                           lora_rank: int = 0, fp32_adapters: bool = False) -> float:
     from areal_like.settings.schema import LoraConfig
     from areal_like.weights.hf import build_model
     from areal_like.weights.lora import add_adapters
@@ -73,6 +74,12 @@ def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 4
     if lora_rank:  # PEFT freezes the base: its layers keep only what the adapters' gradients need
         add_adapters(model, LoraConfig(rank=lora_rank))
     model = model.to(dtype).train()
+    if fp32_adapters:  # one unsharded rank: the base in dtype, the adapters fp32 (trainer/model.py)
+        from areal_like.weights.lora import is_adapter
+
+        for name, p in model.named_parameters():
+            if is_adapter(name):
+                p.data = p.data.float()
     layer = model.model.layers[0]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -103,6 +110,17 @@ def test_block_activation_bytes_match_what_the_layer_saves(dtype, c, shape, lora
     want = (lora_block_activation_bytes(cfg, c, lora_rank) if lora_rank
             else block_activation_bytes(cfg, c))
     assert _saved_bytes_per_token(cfg, dtype, lora_rank=lora_rank) == want
+
+
+@pytest.mark.parametrize("shape", [(128, 256, 4, 2), (192, 320, 6, 3)])
+def test_fp32_adapters_on_a_bf16_base_keep_fp32_copies_of_their_inputs(shape):
+    """One unsharded LoRA rank (a bf16 base, fp32 adapters): PEFT casts each targeted linear's
+    input to fp32, and lora_A keeps that copy."""
+    h, i, heads, kv = shape
+    cfg = ModelConfig(vocab_size=104, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
+    want = lora_block_activation_bytes(cfg, 2, 8) + fp32_adapter_input_bytes(cfg, 2, 8)
+    assert _saved_bytes_per_token(cfg, torch.bfloat16, lora_rank=8, fp32_adapters=True) == want
 
 
 def test_adapter_params_match_peft():
