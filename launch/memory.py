@@ -128,8 +128,9 @@ def fp32_adapter_input_bytes(cfg: ModelConfig, c: int, rank: int,
     """Per token and block, what fp32 adapters on an unsharded base of ``c`` bytes keep beyond
     ``lora_block_activation_bytes``: PEFT casts each targeted linear's input to the adapter's
     dtype, and lora_A keeps that fp32 copy instead of the shared compute-dtype input; lora_A's
-    output is fp32 too (tests/unit/test_memory.py counts the real layer). Measured on CPU: ``benchmarks/bench_trainer_memory.py --lora-rank 8
-    --dtype bfloat16`` (trainer/MEMORY.md, section 4)."""
+    output is fp32 too (tests/unit/test_memory.py counts the real layer). Measured on CPU:
+    ``benchmarks/bench_trainer_memory.py --lora-rank 8 --dtype bfloat16`` (trainer/MEMORY.md,
+    section 4)."""
     shapes = linear_shapes(cfg)
     copies = sum(shapes[t][0] for t in targets) * 4
     shared = sum(shapes[g[0]][0] for g in INPUT_GROUPS if set(g) & set(targets)) * c
