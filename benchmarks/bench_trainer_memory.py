@@ -1,4 +1,4 @@
-"""Trainer memory: measured peak of one real training step vs ``benchmarks.memory``'s estimate.
+"""Trainer memory: measured peak of one real training step vs ``launch.memory``'s estimate.
 
 One process, the trainer's own code path (world-size-1 gloo group, CPU, ``--dtype``: fp32 (not
 sharded) or bf16 (FSDP2 on a one-rank mesh with the mixed-precision policy)): the policy is
@@ -90,13 +90,8 @@ def main() -> None:
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from areal_like.settings.config import load_config
-    from benchmarks.memory import (
-        GIB,
-        PeakTensorBytes,
-        estimate_lora_peak_bytes,
-        estimate_peak_bytes,
-        qwen2_shape,
-    )
+    from benchmarks.memory import PeakTensorBytes
+    from launch.memory import GIB, estimate_lora_peak_bytes, estimate_peak_bytes, qwen2_shape
     from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, train_step
 
@@ -127,7 +122,7 @@ def main() -> None:
     many = args.seqs > args.mbs
     if args.lora_rank:
         est = estimate_lora_peak_bytes(cfg.model, 1, args.mbs * args.len, args.lora_rank,
-                                       cfg.trainer.lora.target_modules, args.dtype, "float32",
+                                       cfg.trainer.lora.target_modules, args.dtype, None,
                                        args.checkpointing, args.chunk, many)
     else:
         est = estimate_peak_bytes(cfg.model, 1, args.mbs * args.len, args.dtype, args.checkpointing,
@@ -149,7 +144,7 @@ def main() -> None:
 
 def memory_line(measured: int, estimate: int) -> dict:
     """The line's common keys from the measured and the estimated peak bytes."""
-    from benchmarks.memory import GIB
+    from launch.memory import GIB
 
     return {"name": "trainer_memory", "figure": round(measured / GIB, 3),
             "unit": "GiB (measured tensor peak)", "baseline": round(estimate / GIB, 3),

@@ -50,11 +50,14 @@ PASS_THROUGH = {
 }
 # commands that take Hydra overrides only: command -> (help, description)
 OVERRIDES_ONLY = {
-    "plan": ("print where `run` would put every process (GPUs, ports); starts nothing",
+    "plan": ("print where `run` would put every process (GPUs, ports) and a GPU job's memory per "
+             "GPU; starts nothing",
              "One line per process of `areal-like run` with the same overrides: node, name, GPUs "
              "(its CUDA_VISIBLE_DEVICES) and ports and addresses; a port the config leaves at 0 "
              "shows as 'auto' (run picks it when it starts). A layout that does not fit the GPUs "
-             "is refused (exit 2). Inputs are not checked (`areal-like config` does that)."),
+             "is refused (exit 2). A GPU job's layout is followed, after a blank line, by its "
+             "memory estimate per GPU against launch.gpu_memory_gb (launch/GPU.md). Inputs are "
+             "not checked (`areal-like config` does that)."),
     "config": ("print the resolved config as YAML (for --config-file on every node)", None),
 }
 
@@ -345,6 +348,7 @@ def _run(cfg, quiet: bool, accept_changes: bool) -> int:
 def _plan(cfg) -> int:
     """``run``'s planning step (``launch.job.plan_job``) without writing or starting anything."""
     from launch.job import laid_out, plan_job
+    from launch.memory import memory_lines
     from launch.placement import idle_gpus
     from launch.topology import layout_line, plan_lines
 
@@ -357,7 +361,9 @@ def _plan(cfg) -> int:
     # them)
     laid = laid_out(cfg)[0]
     notes = [layout_line(cfg, laid, topo), idle_gpus(laid)]  # the counts the cores chose, and why
-    print("\n".join([*plan_lines(laid, topo), *filter(None, notes)]))
+    memory = memory_lines(laid)  # a GPU job's estimate per GPU, after a blank line
+    memory = ["", *memory] if memory else []
+    print("\n".join([*plan_lines(laid, topo), *filter(None, notes), *memory]))
     return 0
 
 

@@ -14,7 +14,8 @@ Invariants (tested in tests/unit/test_placement.py):
   GPU's memory): a layout needing more GPUs than the node has is a ``ConfigError`` naming the keys;
 * except a one-GPU node with one trainer rank and one rollout server of ``tp_size`` 1, which share
   GPU 0 (``NodeGpus.shared``): the weights then go without a group (``with_weight_path``; vLLM,
-  which takes whole weights by the group only, over gloo) and an SGLang or vLLM engine leaves the
+  which takes whole weights by the group only, over gloo, which ``backend=auto`` picks there)
+  and an SGLang or vLLM engine leaves the
   trainer room (``mem_fraction_static`` / ``gpu_memory_utilization``:
   ``SHARED_MEM_FRACTION_DEFAULT``, at most ``SHARED_MEM_FRACTION_MAX``);
 * the GPUs given out are ``[0, used)``; a process on CPU takes none, an engine by URL runs
@@ -295,10 +296,11 @@ def _check_shared(cfg: RunConfig) -> None:
         raise ConfigError("trainer.weight_sync.path=distributed with the trainer and the engine on "
                           "one GPU: NCCL refuses two ranks on one GPU; use path=auto (tensor), "
                           "tensor or disk, or backend=gloo")
-    if ec.kind == "vllm" and ws.backend != "gloo" and not cfg.trainer.lora.enabled:
-        raise ConfigError("rollout.engine.kind=vllm with the trainer and the engine on one GPU: "
-                          "vLLM takes weights by the group path only, where NCCL refuses two "
-                          "ranks on one GPU; set trainer.weight_sync.backend=gloo")
+    if ec.kind == "vllm" and ws.backend == "nccl" and not cfg.trainer.lora.enabled:
+        raise ConfigError("trainer.weight_sync.backend=nccl with rollout.engine.kind=vllm and the "
+                          "trainer and the engine on one GPU: vLLM takes weights by the group "
+                          "path only, where NCCL refuses two ranks on one GPU; set "
+                          "trainer.weight_sync.backend=auto (gloo there) or gloo")
     if ec.kind not in MEMORY_SHARE_FLAGS:
         return
     name, key = MEMORY_SHARE_FLAGS[ec.kind]
@@ -325,13 +327,17 @@ def auto_path(cfg: RunConfig, shared: bool) -> str:
 
 def with_weight_path(cfg: RunConfig) -> RunConfig:
     """The config the daemons get on this placement: ``trainer.weight_sync.path=auto`` resolved
-    (``auto_path``), and on a shared GPU the engine's memory share defaulted."""
+    (``auto_path``); on a shared GPU the engine's memory share defaulted and, for vLLM's whole
+    weights (the group path only, where NCCL refuses two ranks on one GPU), ``backend=auto``
+    gloo."""
     placed = place_nodes(cfg)
     shared = placed is not None and any(n.shared for n in placed)
     ws, ec = cfg.trainer.weight_sync, cfg.rollout.engine
     if ws.path == "auto":
-        path = auto_path(cfg, shared)
-        cfg = replace(cfg, trainer=replace(cfg.trainer, weight_sync=replace(ws, path=path)))
+        ws = replace(ws, path=auto_path(cfg, shared))
+    if shared and ec.kind == "vllm" and ws.backend == "auto" and ws.path == "distributed":
+        ws = replace(ws, backend="gloo")
+    cfg = replace(cfg, trainer=replace(cfg.trainer, weight_sync=ws))
     if shared and ec.kind in MEMORY_SHARE_FLAGS and memory_share(ec) is None:
         key = MEMORY_SHARE_FLAGS[ec.kind][1]
         flags = {**getattr(ec, ec.kind), key: SHARED_MEM_FRACTION_DEFAULT}

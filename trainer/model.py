@@ -9,12 +9,15 @@ Invariants:
   for bit, for any world size.
 - Master weights, gradients and AdamW states are fp32; ``model.dtype`` bf16/fp16 is FSDP2's
   ``MixedPrecisionPolicy`` (fp32 reduction) on any world size, one rank included (not autocast:
-  the sharded run's arithmetic). One fp32 rank is NOT sharded (plain parameters; every consumer
-  accepts tensors and DTensors; tests/integration/test_trainer_invariance.py).
+  the sharded run's arithmetic). One rank whose weights are held in ``model.dtype`` (fp32, or a
+  LoRA base) is NOT sharded (plain parameters; every consumer accepts tensors and DTensors;
+  tests/integration/test_trainer_invariance.py); its fp32 adapters compute in fp32.
 - Parameter names are the unwrapped Hugging Face names, so weight-sync names match what an
   engine's ``load_weights`` expects.
 - LoRA: adapters injected before sharding, base frozen, only A and B train; the reference is the
-  same model with the adapters off. Otherwise the reference is the run's INITIAL weights, sharded
+  same model with the adapters off. The frozen base is held in ``model.dtype`` (``base_dtype``:
+  bf16 on the GPU topologies, fp32 on CPU's), the adapters and their AdamW state in fp32.
+  Otherwise the reference is the run's INITIAL weights, sharded
   like the policy, frozen, built only when ``trainer.loss.kl_coef`` > 0.
 - FSDP2 averages gradients over ranks; ``trainer/step.py`` scales the local loss by the world size.
 """
@@ -37,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 from areal_like.net.distributed import gloo_toward, set_nccl_nonblocking_timeout
 from areal_like.settings.config import LoraConfig, ModelConfig, TrainerConfig
 from areal_like.weights.hf import build_meta_model, layer_windows, torch_dtype
-from areal_like.weights.lora import ADAPTER, add_adapters
+from areal_like.weights.lora import ADAPTER, add_adapters, is_adapter
 from trainer.logprobs import hidden_token_logprobs
 from trainer.packed_attention import PACKED_SDPA, Packing, flash_attention_implementations
 from trainer.ranks import full
@@ -186,7 +189,8 @@ def output_weight(model: torch.nn.Module) -> torch.Tensor:
     # PEFT's LoraLayer: lora_A, disable_adapters, get_delta_weight
     lora_a = getattr(head, "lora_A", None)
     if lora_a is not None and ADAPTER in lora_a and not head.disable_adapters:
-        return head.weight + head.get_delta_weight(ADAPTER)
+        # in the base's dtype (the hidden states'): an unsharded bf16 base beside fp32 adapters
+        return (head.weight + head.get_delta_weight(ADAPTER)).to(head.weight.dtype)
     return head.weight
 
 
@@ -277,6 +281,9 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
     model = without_dropout(build_meta_model(model_cfg, dtype))
     if lora is not None and lora.enabled:  # before sharding: FSDP2 groups a block's adapter with it
         add_adapters(model, lora)
+        for name, p in model.named_parameters():  # trained: fp32 whatever the base's dtype
+            if is_adapter(name):
+                p.data = p.data.float()
     model.config.use_cache = False
     if model.config._attn_implementation == "sdpa":  # the same SDPA, per sequence when packed
         model.set_attn_implementation(PACKED_SDPA)
@@ -284,7 +291,10 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
         checkpoint_blocks(model)
     if trainer_cfg.compile_blocks:
         compile_blocks(model)
-    if dist.get_world_size() > 1 or mixed_precision(model_cfg) is not None:
+    # one rank is sharded only for FSDP2's cast of fp32 weights to a lower model.dtype; one held in
+    # model.dtype already (a LoRA base, a KL reference) computes as it is, gathering nothing
+    if dist.get_world_size() > 1 or (mixed_precision(model_cfg) is not None
+                                     and dtype == "float32"):
         apply_fsdp(model, model_cfg)
     materialize(model, model_cfg, device)
     return attach_logprobs(model)
@@ -320,13 +330,22 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int):
     return f
 
 
+def base_dtype(model_cfg: ModelConfig, trainer_cfg: TrainerConfig) -> str:
+    """The dtype the policy's weights are held in: fp32 master weights when they train; with LoRA
+    the frozen base in ``model.dtype``, the dtype every forward casts it to anyway (FSDP2's
+    mixed precision), so the numbers are the same and a bf16 base takes half the memory (a 7B
+    base: 14.2 GiB, not 28.4; trainer/MEMORY.md)."""
+    return model_cfg.dtype if trainer_cfg.lora.enabled else "float32"
+
+
 def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *,
                  adam_eps: float = 1e-8) -> Policy:
-    """Build (or load) the sharded fp32 model and its optimizer. ``adam_eps``: for tests comparing
-    weights across shardings (a larger eps keeps Adam's first step linear in the gradient)."""
+    """Build (or load) the sharded model (fp32 master weights; LoRA: ``base_dtype``) and its
+    optimizer. ``adam_eps``: for tests comparing weights across shardings (a larger eps keeps
+    Adam's first step linear in the gradient)."""
     device = trainer_device(trainer_cfg)
-    model = shard_model(model_cfg, trainer_cfg, checkpointing=trainer_cfg.activation_checkpointing,
-                        lora=trainer_cfg.lora)
+    model = shard_model(model_cfg, trainer_cfg, dtype=base_dtype(model_cfg, trainer_cfg),
+                        checkpointing=trainer_cfg.activation_checkpointing, lora=trainer_cfg.lora)
     model.router_aux_loss_coef = trainer_cfg.router_aux_loss_coef
     if model.router_aux_loss_coef > 0 and router_aux(model) is None:
         raise ValueError(f"trainer.router_aux_loss_coef={model.router_aux_loss_coef}: "

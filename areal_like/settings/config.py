@@ -104,12 +104,14 @@ def _sequence_count_wins(overrides: list[str]) -> list[str]:
     return overrides
 
 
-PASS_THROUGH = "rollout.engine.sglang."  # SGLang's own flags: any key, none of ours
+# the engines' own flags: any key, none of ours
+PASS_THROUGH = ("rollout.engine.sglang.", "rollout.engine.vllm.")
 
 
 def _pass_through_adds(overrides: list[str]) -> list[str]:
-    """``rollout.engine.sglang.K=V`` adds K or sets it (Hydra's ``++``): that dict holds SGLang's
-    flags, which the schema does not list, so Hydra's ``+`` for a new key is not asked for."""
+    """``rollout.engine.sglang.K=V`` (or ``.vllm.K=V``) adds K or sets it (Hydra's ``++``): those
+    dicts hold the engine's flags, which the schema does not list, so Hydra's ``+`` for a new key
+    is not asked for."""
     return [f"++{ov}" if ov.startswith(PASS_THROUGH) else ov for ov in overrides]
 
 

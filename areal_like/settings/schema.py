@@ -335,10 +335,11 @@ class EngineConfig(Section):
     # GPUs per engine (SGLang's --tp-size); `run` places each rollout server on this many
     tp_size: int = 1
     # [rollout.engine.kind=sglang only]
-    # passed verbatim to `python -m sglang.launch_server`
+    # passed verbatim to `python -m sglang.launch_server`; rollout.engine.sglang.FLAG=V sets one
     sglang: dict = field(default_factory=dict)
     # [rollout.engine.kind=vllm only]
-    # passed verbatim to vLLM's API server (its `vllm serve` flags; rollout_server/launch_vllm.py)
+    # passed verbatim to vLLM's API server (its `vllm serve` flags; rollout_server/launch_vllm.py);
+    # rollout.engine.vllm.FLAG=V sets one (no Hydra `+` needed)
     vllm: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -648,6 +649,9 @@ class LaunchConfig(Section):
     omp_threads: int = 1  # OMP_NUM_THREADS and MKL_NUM_THREADS of each daemon
     # GPUs `run` places processes on (launch/placement.py); 0 = torch's count on cuda
     gpus_per_node: Annotated[int, at_least(0)] = 0
+    # GiB of memory per GPU that `areal-like plan` sizes the job against (a card sold as 24 GB
+    # has about 24 GiB); the estimate only, nothing is refused
+    gpu_memory_gb: Annotated[float, above(0)] = 80.0
     # several nodes: the first train_nodes run trainer ranks, the others rollout servers
     # (launch/placement.py)
     nodes: Annotated[int, at_least(1)] = 1

@@ -12,7 +12,7 @@ with the ``figure`` fixture for tests/gpu/RESULTS.md:
   the default kernel takes pi_prox from the training forward itself); MFU against the GPU's dense
   bf16 peak;
 * ``train_peak_gib`` (with and without activation checkpointing): the same step's
-  ``torch.cuda.max_memory_allocated`` against ``benchmarks.memory.estimate_peak_bytes``, the
+  ``torch.cuda.max_memory_allocated`` against ``launch.memory.estimate_peak_bytes``, the
   accounting of trainer/MEMORY.md (its 0.5B row on one GPU);
 * ``weight_sync_s``: one weight sync of the whole model in the trainer's wire format (flattened
   bf16 buckets, ``tests/weight_sender.py``) into that engine over gloo on CUDA tensors, the path a
@@ -164,7 +164,7 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     weights N (the blocks and one vocab x hidden projection, the input embedding being a lookup)
     plus 12 L H T for attention over a T-token sequence (causal masking not discounted). A
     checkpointed recompute is not counted (that would be hardware FLOPs utilisation)."""
-    from benchmarks.memory import block_params
+    from launch.memory import block_params
 
     n = cfg.num_hidden_layers * block_params(cfg) + cfg.vocab_size * cfg.hidden_size
     return 6 * n + 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
@@ -208,7 +208,7 @@ def test_trained_tokens_per_second_and_mfu(trained, figure):
 def test_peak_memory_against_the_estimate(trained, figure, checkpointing):
     """torch.cuda.max_memory_allocated of the step against trainer/MEMORY.md's estimate for it
     (its table's 0.5B row on one GPU: 8 sequences of 2048 tokens in one micro-batch)."""
-    from benchmarks.memory import GIB, estimate_peak_bytes, qwen2_shape
+    from launch.memory import GIB, estimate_peak_bytes, qwen2_shape
 
     res = trained(checkpointing)
     est = estimate_peak_bytes(qwen2_shape("0.5B"), 1, TRAIN_MBS * TRAIN_SEQ_LEN, "bfloat16",

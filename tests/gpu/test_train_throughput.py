@@ -8,7 +8,7 @@ these tests record their figures:
   ``..._baseline_plain_hf``, and ``train_tokens_per_s_packed_ratio`` (tests/gpu/README.md's
   naming of baselines). Goals (issue 61; the kit's goal table): MFU >= 40 %, ratio >= 1.3;
 * ``train_tokens_per_s_1_5b``, ``train_mfu_1_5b``, ``train_peak_gib_1_5b`` against
-  ``train_peak_estimate_gib_1_5b`` (``benchmarks.memory.estimate_peak_bytes`` at the budget, an
+  ``train_peak_estimate_gib_1_5b`` (``launch.memory.estimate_peak_bytes`` at the budget, an
   upper bound: the largest packed micro-batch is at most the budget);
 * ``train_tokens_per_s_compiled`` and ``train_mfu_compiled``: the 0.5B step with
   ``trainer.compile_blocks=true`` (whether to turn it on by default on CUDA);
@@ -100,7 +100,7 @@ def test_packed_step_against_the_plain_hf_step(phases, figure):
 def test_the_1_5b_step(phases, figure):
     import torch
 
-    from benchmarks.memory import GIB, estimate_peak_bytes, qwen2_shape
+    from launch.memory import GIB, estimate_peak_bytes, qwen2_shape
 
     res = _phase(phases, "packed_1.5B")
     figure("train_tokens_per_s_1_5b", res["tokens"] / res["seconds"], "tokens/s")
@@ -117,7 +117,7 @@ def test_the_1_5b_step(phases, figure):
 def test_the_7b_lora_step_peak_memory_against_the_estimate(phases, figure):
     from train_figures import LORA_BUDGET, LORA_LEN, LORA_RANK, LORA_SEQS
 
-    from benchmarks.memory import GIB, estimate_lora_peak_bytes, qwen2_shape
+    from launch.memory import GIB, estimate_lora_peak_bytes, qwen2_shape
 
     res = _phase(phases, "lora_7B")
     est = estimate_lora_peak_bytes(qwen2_shape("7B"), 1, LORA_BUDGET, LORA_RANK,

@@ -77,7 +77,7 @@ def model_flops(cfg, lens: list[int]) -> float:
     """Training FLOPs of one pass over sequences of ``lens``: 6 N per token for the matmul weights
     (blocks and one vocab x hidden projection) plus 12 L H l per token of an l-token sequence
     (attention, causal masking not discounted), as tests/gpu/test_throughput.py counts."""
-    from benchmarks.memory import block_params
+    from launch.memory import block_params
 
     n = cfg.num_hidden_layers * block_params(cfg) + cfg.vocab_size * cfg.hidden_size
     return float(sum(6 * n * k + 12 * cfg.num_hidden_layers * cfg.hidden_size * k * k
@@ -175,7 +175,7 @@ def plain_phase(model_cfg, batch, dev: Device, mbs: int) -> dict:
 
 def run_phase(name: str, args, dev: Device) -> dict:
     from areal_like.settings.config import load_config
-    from benchmarks.memory import qwen2_shape
+    from launch.memory import qwen2_shape
 
     dtype = "float32" if args.tiny else "bfloat16"
 

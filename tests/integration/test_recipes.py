@@ -136,7 +136,8 @@ def test_recipes_lay_out_as_their_headers_say(name, layout, tmp_path):
                 "buffer.address=tcp://10.0.0.1:5555", "buffer.pub_address=tcp://10.0.0.1:5556",
                 "trainer.weight_sync.master_addr=10.0.0.1")
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split() for line in done.stdout.splitlines()[1:] if line.strip()]
+    table = done.stdout.split("\n\n")[0]  # the memory estimate follows a blank line
+    rows = [line.split() for line in table.splitlines()[1:]]
     assert {(r[0], r[1]): r[2] for r in rows if r[1] != "buffer"} == layout
     if layout is ONE_GPU:
         assert "mem_fraction_static=0.4" in done.stdout

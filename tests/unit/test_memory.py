@@ -1,4 +1,5 @@
-"""benchmarks/memory.py: the accounting behind trainer/MEMORY.md; a 7B-shaped model sharded on meta.
+"""launch/memory.py: the accounting behind trainer/MEMORY.md (benchmarks/memory.py measures);
+a 7B-shaped model sharded on meta.
 
 - ``PeakTensorBytes`` counts what a computation allocates (hand-checkable sizes);
 - the parameter counts equal the meta-built Hugging Face models' and Qwen2's published sizes;
@@ -22,14 +23,15 @@ import pytest
 import torch
 
 from areal_like.settings.config import ModelConfig
-from benchmarks.memory import (
-    PeakTensorBytes,
+from benchmarks.memory import PeakTensorBytes
+from launch.memory import (
     adapter_block_params,
     block_activation_bytes,
     block_params,
     estimate_critic_peak_bytes,
     estimate_lora_peak_bytes,
     estimate_peak_bytes,
+    fp32_adapter_input_bytes,
     lora_block_activation_bytes,
     qwen2_shape,
     root_params,
@@ -63,7 +65,7 @@ def test_parameter_counts_match_the_model(name, published):
 
 
 def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 48,
-                           lora_rank: int = 0) -> float:
+                           lora_rank: int = 0, fp32_adapters: bool = False) -> float:
     from areal_like.settings.schema import LoraConfig
     from areal_like.weights.hf import build_model
     from areal_like.weights.lora import add_adapters
@@ -72,6 +74,12 @@ def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 4
     if lora_rank:  # PEFT freezes the base: its layers keep only what the adapters' gradients need
         add_adapters(model, LoraConfig(rank=lora_rank))
     model = model.to(dtype).train()
+    if fp32_adapters:  # one unsharded rank: the base in dtype, the adapters fp32 (trainer/model.py)
+        from areal_like.weights.lora import is_adapter
+
+        for name, p in model.named_parameters():
+            if is_adapter(name):
+                p.data = p.data.float()
     layer = model.model.layers[0]
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
@@ -102,6 +110,17 @@ def test_block_activation_bytes_match_what_the_layer_saves(dtype, c, shape, lora
     want = (lora_block_activation_bytes(cfg, c, lora_rank) if lora_rank
             else block_activation_bytes(cfg, c))
     assert _saved_bytes_per_token(cfg, dtype, lora_rank=lora_rank) == want
+
+
+@pytest.mark.parametrize("shape", [(128, 256, 4, 2), (192, 320, 6, 3)])
+def test_fp32_adapters_on_a_bf16_base_keep_fp32_copies_of_their_inputs(shape):
+    """One unsharded LoRA rank (a bf16 base, fp32 adapters): PEFT casts each targeted linear's
+    input to fp32, and lora_A keeps that copy."""
+    h, i, heads, kv = shape
+    cfg = ModelConfig(vocab_size=104, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
+                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
+    want = lora_block_activation_bytes(cfg, 2, 8) + fp32_adapter_input_bytes(cfg, 2, 8)
+    assert _saved_bytes_per_token(cfg, torch.bfloat16, lora_rank=8, fp32_adapters=True) == want
 
 
 def test_adapter_params_match_peft():
@@ -137,10 +156,12 @@ def test_lora_estimate_terms_by_hand():
     assert e.activations == 2 * 64 * 8184 + 64 * 128 * 4 * 3 + 32 * 64 == 1147904
     assert e.moments == {"backward_start": 1815040 + 1147904 + 26624,
                          "backward_end": 1815040 + 65536, "optimizer_step": 1815040 + 131072}
-    # a bf16 base on one rank computing in bf16 gathers nothing; an fp32 base in bf16 compute does
-    bf16 = estimate_lora_peak_bytes(cfg, 1, 64, 8, dtype="bfloat16", base_dtype="bfloat16")
+    # a bf16 base on one rank computing in bf16 (the trainer's: the base in model.dtype) gathers
+    # nothing; an fp32 base in bf16 compute does
+    bf16 = estimate_lora_peak_bytes(cfg, 1, 64, 8, dtype="bfloat16")
+    assert bf16 == estimate_lora_peak_bytes(cfg, 1, 64, 8, dtype="bfloat16", base_dtype="bfloat16")
     assert bf16.weights == 2 * 322688 + 4 * 32768 and bf16.gathered == 0
-    mixed = estimate_lora_peak_bytes(cfg, 2, 64, 8, dtype="bfloat16")
+    mixed = estimate_lora_peak_bytes(cfg, 2, 64, 8, dtype="bfloat16", base_dtype="float32")
     assert mixed.gathered == (26752 + 2 * (147968 + 16384)) * 2
     assert mixed.weights == 4 * 161344 + 4 * 16384  # half of each, world 2
 
@@ -182,7 +203,7 @@ from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 dist.init_process_group("fake", store=FakeStore(), rank=3, world_size=8)
 from areal_like.weights.hf import build_meta_model
-from benchmarks.memory import qwen2_shape
+from launch.memory import qwen2_shape
 from trainer.model import apply_fsdp
 cfg = qwen2_shape("7B")
 model = apply_fsdp(build_meta_model(cfg), cfg)

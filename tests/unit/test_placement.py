@@ -254,6 +254,11 @@ def test_cpu_topology_processes_inherit_cuda_visible_devices():
     assert all("CUDA_VISIBLE_DEVICES" not in s.env for s in specs.values())
 
 
+def layout_rows(stdout: str) -> list[str]:
+    """`plan`'s table: the lines before the memory estimate's blank line."""
+    return stdout.split("\n\n")[0].splitlines()
+
+
 def _plan(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launch.cli", "plan", *overrides],
                           capture_output=True, text=True, timeout=120, cwd=ROOT,
@@ -267,7 +272,7 @@ def test_plan_prints_one_line_per_process_and_starts_nothing(tmp_path):
               "buffer.address=tcp://10.0.0.5:7000",
               "rollout.metrics_port=9101", f"run_dir={run_dir}")
     assert r.returncode == 0, r.stderr
-    rows = [line.split(None, 3) for line in r.stdout.splitlines()]
+    rows = [line.split(None, 3) for line in layout_rows(r.stdout)]
     assert rows[0] == ["node", "process", "gpus", "ports and addresses"]
     assert [row[:3] for row in rows[1:]] == [["0", "buffer", "none"], ["0", "rollout-0", "4,5"],
                                              ["0", "rollout-1", "6,7"], ["0", "trainer", "0,1,2,3"]]
@@ -295,7 +300,7 @@ def test_plan_prints_every_node_of_a_multi_node_job():
               "launch.trainer_ranks=4", "launch.num_rollout_servers=2", "rollout.engine.tp_size=2",
               *CLUSTER, "rollout.metrics_port=9101", "trainer.metrics_port=9200")
     assert r.returncode == 0, r.stderr
-    rows = [line.split(None, 3) for line in r.stdout.splitlines()[1:]]
+    rows = [line.split(None, 3) for line in layout_rows(r.stdout)[1:]]
     assert [row[:3] for row in rows] == [["0", "buffer", "none"], ["0", "trainer", "0,1,2,3"],
                                          ["1", "trainer-n1", "0,1,2,3"], ["2", "rollout-0", "0,1"],
                                          ["2", "rollout-1", "2,3"]]

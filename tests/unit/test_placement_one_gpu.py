@@ -120,7 +120,8 @@ def test_plan_prints_the_shared_gpu_and_the_path():
                        capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    rows = {row.split(None, 3)[1]: row.split(None, 3) for row in r.stdout.splitlines()[1:]}
+    rows = {row.split(None, 3)[1]: row.split(None, 3)
+            for row in r.stdout.split("\n\n")[0].splitlines()[1:]}
     assert rows["rollout-0"][2] == "0" and rows["trainer"][2] == "0"
     assert "weight sync tensor (no group)" in rows["trainer"][3]
     # what job_specs starts for one rank
@@ -129,22 +130,28 @@ def test_plan_prints_the_shared_gpu_and_the_path():
 
 def test_vllm_on_one_shared_gpu_takes_the_group_over_gloo_and_leaves_the_trainer_room():
     """vLLM takes whole weights by the group only (no tensor path), which NCCL refuses on one GPU:
-    refused naming the key, then over gloo; its memory share defaulted and bounded as SGLang's;
-    an adapter goes as a directory (path disk) on any GPU layout, never to a second node."""
+    backend auto picks gloo there, an explicit nccl is refused naming the key; its memory share
+    defaulted and bounded as SGLang's, set without Hydra's ``+`` as SGLang's flags are; an
+    adapter goes as a directory (path disk) on any GPU layout, never to a second node."""
     one = ["topology=gpu_vllm", "launch.gpus_per_node=1"]
-    with pytest.raises(ConfigError, match=r"^rollout\.engine\.kind=vllm with the trainer and the "
-                                          r"engine on one GPU.*trainer\.weight_sync\.backend=gloo"):
-        place_nodes(load_config(one))
-    shared = with_weight_path(load_config([*one, "trainer.weight_sync.backend=gloo"]))
-    assert shared.trainer.weight_sync.path == "distributed"
-    assert shared.rollout.engine.vllm["gpu_memory_utilization"] == SHARED_MEM_FRACTION_DEFAULT
+    with pytest.raises(ConfigError, match=r"^trainer\.weight_sync\.backend=nccl with rollout\."
+                                          r"engine\.kind=vllm.*backend=auto \(gloo there\)"):
+        place_nodes(load_config([*one, "trainer.weight_sync.backend=nccl"]))
+    for given in ([], ["trainer.weight_sync.backend=gloo"]):
+        shared = with_weight_path(load_config([*one, *given]))
+        assert shared.trainer.weight_sync.path == "distributed"
+        assert shared.trainer.weight_sync.backend == "gloo"
+        assert shared.rollout.engine.vllm["gpu_memory_utilization"] == SHARED_MEM_FRACTION_DEFAULT
+    mine = with_weight_path(load_config([*one, "rollout.engine.vllm.gpu_memory_utilization=0.5",
+                                         "rollout.engine.vllm.enforce_eager=true"]))
+    assert mine.rollout.engine.vllm == {"gpu_memory_utilization": 0.5, "enforce_eager": True}
     apart = with_weight_path(load_config(["topology=gpu_vllm", "launch.gpus_per_node=2"]))
     assert apart.trainer.weight_sync.path == "distributed"
     assert "gpu_memory_utilization" not in apart.rollout.engine.vllm  # vLLM's own choice
     for util in ("0.9", "0", "'lots'"):
         with pytest.raises(ConfigError, match=r"^rollout\.engine\.vllm\.gpu_memory_utilization="):
-            place_nodes(load_config([*one, "trainer.weight_sync.backend=gloo",
-                                     f"+rollout.engine.vllm.gpu_memory_utilization={util}"]))
+            place_nodes(load_config([*one,
+                                     f"rollout.engine.vllm.gpu_memory_utilization={util}"]))
     for gpus in ("1", "2"):
         lora = with_weight_path(load_config(["topology=gpu_vllm", "trainer.lora.rank=8",
                                              f"launch.gpus_per_node={gpus}"]))
