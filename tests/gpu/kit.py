@@ -50,6 +50,8 @@ WHEELS = {  # name -> version: the project's non-torch needs the GPU image lacks
     "jsonschema-specifications": "2025.9.1",
     "referencing": "0.37.0", "rpds-py": "2026.9.1", "pytest-xdist": "3.8.0", "execnet": "2.1.2",
     "ruff": "0.17.6",  # tests/unit/test_lint.py
+    # the fused log-prob head (trainer.logprob_head; Triton comes with the image's torch)
+    "liger-kernel": "0.8.5",
     # pyproject.toml pins these (sglang's versions); the image's transformers is older (5.17)
     "transformers": "5.19.0", "tokenizers": "0.23.2",
 }
