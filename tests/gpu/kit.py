@@ -14,10 +14,11 @@ Two steps, standard library only (it runs before anything is installed):
   pass/fail/skip per test and the figures tests record (``figure`` fixture, tests/gpu/conftest.py),
   and ``GOALS`` (at least or at most a number, or at least a baseline of the same run) met or not.
 
-Each call also writes ``results.json`` (beside RESULTS.md, in ``$OUT`` and in ``/tmp/areal-like-kit``
-on the machine); a later call on the same commit merges into it (its tests replace those rows), so
-a run made of two device calls keeps the figures of both. Tests write profiler tables with the
-``artifact`` fixture into ``profiles/`` beside RESULTS.md (``AREAL_KIT_ARTIFACTS``).
+Each call also writes ``results.json`` (beside RESULTS.md, in ``$OUT`` and in
+``/tmp/areal-like-kit`` on the machine); a later call on the same commit merges into it (its tests
+replace those rows), so a run made of two device calls keeps the figures of both. Tests write
+profiler tables with the ``artifact`` fixture into ``profiles/`` beside RESULTS.md
+(``AREAL_KIT_ARTIFACTS``).
 
 ``IMAGE_HAS`` lists what the GPU image already provides; ``missing_requirements`` checks that every
 dependency in pyproject.toml is in one of the two lists, and ``pin_mismatches`` that what
