@@ -278,7 +278,20 @@ def merge_records(old: dict | None, new: dict) -> dict:
     results = merge_results([TestResult(**r) for r in old["results"]],
                             [TestResult(**r) for r in new["results"]])
     return {"env": new["env"], "calls": old["calls"] + new["calls"],
-            "results": [asdict(r) for r in results]}
+            "results": [asdict(r) for r in results],
+            "profiles": sorted(set(old.get("profiles", [])) | set(new.get("profiles", [])))}
+
+
+def merge_with_previous(record: dict, previous: list[dict | None]) -> dict:
+    """``record`` merged into the newest of ``previous`` (None: none there) on its commit, with
+    the profile files of both; ``record`` alone when none is on its commit. The newest: the
+    checkout's copy may hold fewer calls than the warm machine's."""
+    same = [r for r in previous
+            if r and r.get("env", {}).get("commit") == record["env"].get("commit")]
+    if not same:
+        return record
+    old = max(same, key=lambda r: (r["calls"][-1]["date"], len(r["calls"])))
+    return merge_records(old, record)
 
 
 def load_record(path: Path) -> dict | None:
@@ -449,13 +462,7 @@ def run_kit(wheelhouse: Path, site: Path, out: Path, pytest_args: list[str],
     record = make_record(probe_env(), parse_junit(junit) if junit.is_file() else [], note,
                          pytest_args)
     record["profiles"] = sorted(f"{PROFILES}/{f.name}" for f in (out / PROFILES).glob("*.txt"))
-    previous = [r for r in map(load_record, (RECORD, STATE / RECORD.name)) if r]
-    for old in sorted(previous, key=lambda r: r["calls"][-1]["date"]):
-        if old.get("env", {}).get("commit") == record["env"].get("commit"):
-            merged = merge_records(old, record)
-            merged["profiles"] = sorted(set(old.get("profiles", [])) | set(record["profiles"]))
-            record = merged
-            break
+    record = merge_with_previous(record, [load_record(RECORD), load_record(STATE / RECORD.name)])
     for f in (out / PROFILES).glob("*.txt"):  # beside RESULTS.md in the checkout too
         (RESULTS.parent / PROFILES).mkdir(exist_ok=True)
         (RESULTS.parent / PROFILES / f.name).write_text(f.read_text())

@@ -80,6 +80,23 @@ def test_results_of_two_calls_on_one_commit_are_merged():
     assert kit.merge_records(None, first) == first
 
 
+def test_a_call_merges_into_the_newest_record_of_its_commit():
+    env = {"commit": "abc", "date": "2026-11-27 15:00 UTC"}
+    one = kit.make_record({**env, "date": "2026-11-27 14:00 UTC"}, [_r("a")])
+    one["profiles"] = ["profiles/profile_decode.txt"]
+    two = kit.merge_records(one, kit.make_record({**env, "date": "2026-11-27 14:30 UTC"},
+                                                 [_r("b")]))
+    new = kit.make_record(env, [_r("c")])
+    new["profiles"] = ["profiles/profile_train_packed_0.5B.txt"]
+    other = kit.make_record({**env, "commit": "zzz"}, [_r("z")])
+    got = kit.merge_with_previous(new, [one, None, two, other])
+    assert [r["name"][-1] for r in got["results"]] == ["a", "b", "c"]
+    assert len(got["calls"]) == 3
+    assert got["profiles"] == ["profiles/profile_decode.txt",
+                               "profiles/profile_train_packed_0.5B.txt"]
+    assert kit.merge_with_previous(new, [other, None]) is new
+
+
 def test_a_record_round_trips_through_its_file(tmp_path):
     record = kit.make_record({"commit": "abc", "date": "d"}, [_r("a", x="1 s")])
     record["profiles"] = ["profiles/profile_decode.txt"]
