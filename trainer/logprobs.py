@@ -6,12 +6,25 @@ log-softmax is off by ~0.03 nats per token; trainer/LOSSES.md section 0, rule 2)
 ``hidden_token_logprobs`` applies lm_head ``chunk_tokens`` at a time and recomputes each chunk in
 backward: at most one ``[chunk, V]`` fp32 block alive (trainer/MEMORY.md section 1).
 ``token_logprobs`` takes existing logits in row chunks of at most CHUNK_BYTES.
+
+Two heads (``trainer.logprob_head``): ``chunked`` is the one above, pure PyTorch, on any device;
+``fused`` is liger-kernel's fused linear cross entropy (Triton, CUDA only) with reduction none,
+which never writes a [chunk, V] fp32 block to memory and recomputes the logits in backward with
+each token's own upstream gradient. ``auto`` takes ``fused`` where the tensors are on CUDA and
+liger-kernel and Triton import, else ``chunked``. Both take the softmax in fp32 of the logits of
+the compute dtype; ``fused`` applies the temperature to the hidden states before the matmul (the
+same quotient, but rounded to the compute dtype before the product in bf16).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+
 import torch
 from torch import Tensor
+
+HEADS = ("chunked", "fused", "auto")
 
 # tokens per lm_head chunk (trainer.logprob_chunk_tokens): 512 x 152k vocab is a 300 MiB fp32 block
 CHUNK_TOKENS = 512
@@ -113,12 +126,58 @@ class _HiddenTokenLogprob(torch.autograd.Function):
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None
 
 
+@functools.cache
+def _liger_imports() -> bool:
+    """liger-kernel's fused linear cross entropy imports (with its Triton)."""
+    if any(importlib.util.find_spec(m) is None for m in ("liger_kernel", "triton")):
+        return False
+    try:
+        import liger_kernel.ops.fused_linear_cross_entropy  # noqa: F401
+    except Exception:  # an install that does not import (Triton too old for it): not usable
+        return False
+    return True
+
+
+def fused_head_available(device: torch.device | str) -> bool:
+    """Whether the ``fused`` head can run on ``device``: a CUDA device, with liger-kernel and
+    Triton installed and importing."""
+    return torch.device(device).type == "cuda" and torch.cuda.is_available() and _liger_imports()
+
+
+def resolve_head(head: str, device: torch.device | str) -> str:
+    """``chunked`` or ``fused``: ``auto`` is ``fused`` where ``fused_head_available``. ValueError
+    for an unknown head, or ``fused`` where it cannot run."""
+    if head not in HEADS:
+        raise ValueError(f"unknown log-prob head {head!r} (known: {', '.join(HEADS)})")
+    if head == "auto":
+        return "fused" if fused_head_available(device) else "chunked"
+    if head == "fused" and not fused_head_available(device):
+        raise ValueError(f"the fused log-prob head needs CUDA, liger-kernel and Triton; on "
+                         f"{torch.device(device)} use trainer.logprob_head=chunked or auto")
+    return head
+
+
+def _fused_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor,
+                          temperature: float) -> Tensor:
+    """liger-kernel's fused linear cross entropy, reduction none, negated: log pi [rows] in fp32;
+    the weight gradient accumulated in fp32."""
+    from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+    x = hidden if temperature == 1.0 else hidden / temperature
+    # (input, weight, target, bias, ce_weight, ignore_index, lse_square_scale, label_smoothing,
+    #  reduction, softcap, return_z_loss, accum_dtype)
+    loss = LigerFusedLinearCrossEntropyFunction.apply(x, weight, tokens, None, None, -100, 0.0,
+                                                      0.0, "none", None, False, torch.float32)[0]
+    return -loss
+
+
 def hidden_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor,
                           temperature: float = 1.0, *,
-                          chunk_tokens: int = CHUNK_TOKENS) -> Tensor:
+                          chunk_tokens: int = CHUNK_TOKENS, head: str = "chunked") -> Tensor:
     """log pi(token | prefix) [...] in fp32 from final hidden states ``hidden`` [..., H], the output
     embedding ``weight`` [V, H] (``lm_head.weight``) and ``tokens`` [...]; never more than
-    ``chunk_tokens`` rows of logits at a time, forward or backward.
+    ``chunk_tokens`` rows of logits at a time, forward or backward (``head="chunked"``), or no
+    fp32 logits block at all (``"fused"``; ``"auto"``: ``resolve_head``).
 
     Equal to ``token_logprobs(hidden @ weight.T, tokens, temperature)`` up to matmul rounding;
     differentiable w.r.t. ``hidden`` and ``weight`` (gradients in their dtype).
@@ -131,6 +190,9 @@ def hidden_token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor,
         raise ValueError(f"hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)} and tokens "
                          f"{tuple(tokens.shape)} do not match ([..., H], [V, H], [...])")
     flat = hidden.reshape(-1, hidden.shape[-1])
+    if resolve_head(head, hidden.device) == "fused":
+        lp = _fused_token_logprobs(flat, weight, tokens.reshape(-1).long(), float(temperature))
+        return lp.to(_work_dtype(hidden)).view(tokens.shape)
     return _HiddenTokenLogprob.apply(flat, weight, tokens.reshape(-1).long(), float(temperature),
                                      int(chunk_tokens),
                                      tuple(tokens.shape))

@@ -131,9 +131,10 @@ def evaluating(model: torch.nn.Module):
 
 def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: torch.Tensor,
                     temperature: float, chunk_tokens: int,
-                    packing: Packing | None = None) -> torch.Tensor:
+                    packing: Packing | None = None, head: str = "chunked") -> torch.Tensor:
     """log pi(input_ids[:, p + 1] | input_ids[:, :p + 1]) [n, T] (fp32) for each position p in
-    ``positions`` [n, T], through the chunked lm_head. Right padding + causal: no mask needed.
+    ``positions`` [n, T], through the lm_head (``head``: trainer/logprobs.py's). Right padding +
+    causal: no mask needed.
 
     Packed (``input_ids`` [1, L], sequence i at ``packing.cu_seqlens[i] : [i + 1]``, built once
     per micro-batch: trainer/packed_attention.py): attention stays inside each sequence,
@@ -171,7 +172,7 @@ def policy_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, positions: 
         picked = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))
     targets = input_ids.gather(1, positions + 1)
     return hidden_token_logprobs(picked, output_weight(model), targets, temperature,
-                                 chunk_tokens=chunk_tokens)
+                                 chunk_tokens=chunk_tokens, head=head)
 
 
 def router_aux(model: torch.nn.Module):

@@ -63,6 +63,7 @@ class StepSettings:
     grad_clip: float
     temperature: float
     chunk_tokens: int = CHUNK_TOKENS  # trainer.logprob_chunk_tokens
+    head: str = "chunked"  # trainer.logprob_head
     # task.max_new_tokens: Dr.GRPO's constant C when none is configured
     max_new_tokens: int | None = None
     pack_sequences: bool = False  # trainer.pack_sequences
@@ -76,7 +77,8 @@ class StepSettings:
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
                    num_minibatches=t.num_minibatches, grad_clip=t.grad_clip,
                    temperature=task.temperature,
-                   chunk_tokens=t.logprob_chunk_tokens, max_new_tokens=task.max_new_tokens,
+                   chunk_tokens=t.logprob_chunk_tokens, head=t.logprob_head,
+                   max_new_tokens=task.max_new_tokens,
                    pack_sequences=t.pack_sequences, pack_min_padding=t.pack_min_padding,
                    max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
                    skip_zero_advantage=t.skip_zero_advantage, lora_dropout=t.lora.dropout)
@@ -104,16 +106,17 @@ class StepSettings:
 
 
 def output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
-                chunk_tokens: int = CHUNK_TOKENS, packed: bool = False) -> torch.Tensor:
+                chunk_tokens: int = CHUNK_TOKENS, packed: bool = False,
+                head: str = "chunked") -> torch.Tensor:
     """log pi(output token t) [n, T] under ``model`` (fp32): the logits at position P - 1 + t;
-    garbage on padding (0 when ``packed``)."""
+    garbage on padding (0 when ``packed``); ``head`` as trainer/logprobs.py's."""
     if packed:
-        return packed_output_logp(model, mb, temperature, chunk_tokens)
+        return packed_output_logp(model, mb, temperature, chunk_tokens, head)
     s, t_max = mb.input_ids.shape[1], mb.mask.shape[1]
     pos = (mb.prompt_lens[:, None] - 1
            + torch.arange(t_max, device=mb.input_ids.device)).clamp(max=s - 2)
     with replay(model, None if mb.routes is None else mb.routes.flatten(0, 1)):
-        return model.policy_logprobs(mb.input_ids, pos, temperature, chunk_tokens)
+        return model.policy_logprobs(mb.input_ids, pos, temperature, chunk_tokens, head=head)
 
 
 def replay(model: torch.nn.Module, routes: torch.Tensor | None) -> AbstractContextManager:
@@ -123,7 +126,7 @@ def replay(model: torch.nn.Module, routes: torch.Tensor | None) -> AbstractConte
 
 
 def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: float,
-                       chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+                       chunk_tokens: int = CHUNK_TOKENS, head: str = "chunked") -> torch.Tensor:
     """``output_logp`` with the rows packed into one row: row i at offset ``o_i``, its output
     token t predicted at ``o_i + P_i - 1 + t``; only output tokens reach the lm_head. The lengths
     are read back once (the micro-batch's one host sync); every index is built on the host from
@@ -145,7 +148,7 @@ def packed_output_logp(model: torch.nn.Module, mb: TrainBatch, temperature: floa
     routes = None if mb.routes is None else mb.routes.flatten(0, 1)[flat.to(dev)]
     with replay(model, routes):
         lp = model.policy_logprobs(ids, pos[None].to(dev, non_blocking=True), temperature,
-                                   chunk_tokens, packing)[0]
+                                   chunk_tokens, packing, head=head)[0]
     out = torch.zeros(n, t_max, dtype=lp.dtype, device=dev)
     if len(row) == 0:
         return out + 0.0 * lp.sum()
@@ -198,7 +201,7 @@ def batch_logp(model: torch.nn.Module, batch: TrainBatch, s: StepSettings,
             p = plan(batch, rows, s)
             for idx, real in rank_calls(p, rows):
                 lp = output_logp(model, batch.select(idx).to(device), s.temperature, s.chunk_tokens,
-                                 p.packed)
+                                 p.packed, head=s.head)
                 if real:
                     out[idx, :lp.shape[1]] = lp.float().cpu()
     return out
@@ -245,7 +248,7 @@ def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor,
     """Loss and gradient of one micro-batch (on the device; ``packed``: its plan's layout); the
     kernel's stats. ``n_tokens`` / ``n_seqs`` count the rows computed, which are ``share`` of the
     minibatch's loss normaliser (``trained_rows``): loss and gradient are scaled by it."""
-    logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, packed)
+    logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, packed, head=s.head)
     if prox_logp is None and s.kernel.needs_prox:
         prox_logp = logp.detach()
     loss, stats = compute_policy_loss(
@@ -313,7 +316,8 @@ def sequence_score_terms(policy: Policy, batch: TrainBatch, rows: torch.Tensor,
         mine = k % world == rank
         mb = batch.select([j]).to(policy.device)
         policy.optimizer.zero_grad(set_to_none=True)
-        logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, s.pack_sequences)
+        logp = output_logp(policy.model, mb, s.temperature, s.chunk_tokens, s.pack_sequences,
+                           head=s.head)
         score = torch.where(mb.mask > 0, logp.float(), torch.zeros_like(mb.mask)).sum()
         (score * (world if mine else 0.0)).backward()
         # Read after the backward: FSDP2 swaps sharded and unsharded parameters.

@@ -568,6 +568,11 @@ class TrainerConfig(Section):
     routing_replay: bool = False
     # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
     logprob_chunk_tokens: Annotated[int, at_least(1)] = 512
+    # the output head of the log-probs (trainer/logprobs.py): chunked (PyTorch, chunks of
+    # logprob_chunk_tokens, any device), fused (liger-kernel's fused linear cross entropy, no
+    # fp32 logits block; CUDA with liger-kernel installed), auto (fused where it can run, else
+    # chunked)
+    logprob_head: Annotated[str, one_of("chunked", "fused", "auto")] = "auto"
     # torch.compile each decoder block (as torchtitan does; for CUDA jobs, first step slower)
     compile_blocks: bool = False
 

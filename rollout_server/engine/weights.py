@@ -19,6 +19,7 @@ import io
 import logging
 import pickle
 import threading
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import replace
 
@@ -68,6 +69,7 @@ class WeightUpdater:
         self._session_id = 0
         self._early: list[Future] = []  # buckets answered before their load finished (end waits)
         self._checkpoint_slices: dict | None = None  # made at the first load (``_slices``)
+        self._state: LiveState | None = None  # the model's state by name (``_live_state``)
 
     # ---- group lifecycle (blocking)
     def init_group(self, master_address: str, master_port: int, rank_offset: int, world_size: int,
@@ -249,7 +251,7 @@ class WeightUpdater:
         # gloo's completion callback queues the load itself: one thread hop less
         if device.type == "cpu":
             early = weight_version is None and not flush_cache and paused
-            early = early and not self._refusal(self.scheduler.model.state_dict(), tensors)
+            early = early and not self._refusal(self._live_state(self.scheduler.model), tensors)
             done: Future = Future()
             work.get_future().then(lambda fut: self._received(
                 fut, tensors, (key, flat), (weight_version, flush_cache), done,
@@ -287,7 +289,7 @@ class WeightUpdater:
         """The load of one bucket on the scheduler thread. With ``swap=(layout, flat)`` the tensors
         are views of ``flat``, which the parameters may adopt instead of copying it."""
         def load_between_steps(sched) -> tuple[bool, str]:
-            state = sched.model.state_dict()
+            state = self._live_state(sched.model)
             refusal = self._deferred_error or self._refusal(state, tensors)
             if refusal:
                 self._keep_spare(swap)
@@ -319,7 +321,7 @@ class WeightUpdater:
         early = weight_version is None and not flush_cache and not wait_load
         if early:
             refusal = self._deferred_error or self._refusal(
-                self.scheduler.model.state_dict(), tensors)
+                self._live_state(self.scheduler.model), tensors)
             if refusal:
                 self._keep_spare(swap)
                 return False, refusal
@@ -350,6 +352,14 @@ class WeightUpdater:
         except InvalidStateError:  # the HTTP caller hung up and cancelled its wait; the load stands
             pass
 
+    def _live_state(self, model: torch.nn.Module) -> LiveState:
+        """``model``'s state by name (``LiveState``), made once per model: a bucket's check and
+        load read the tensors the names hold now without building the state dict again."""
+        state = self._state
+        if state is None or state.model is not model:
+            state = self._state = LiveState(model)
+        return state
+
     def _slices(self) -> dict[str, tuple[str, torch.Tensor]]:
         """The checkpoint's names the module holds under others (``checkpoint_slices``: a
         mixture's per-expert tensors), made once: where a push under those names lands."""
@@ -359,7 +369,8 @@ class WeightUpdater:
             self._checkpoint_slices = checkpoint_slices(self.scheduler.model)
         return self._checkpoint_slices
 
-    def _refusal(self, state: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> str:
+    def _refusal(self, state: Mapping[str, torch.Tensor], tensors: dict[str, torch.Tensor]
+                 ) -> str:
         """Why ``tensors`` cannot be loaded into ``state`` ('' if they can): each is one of the
         module's own tensors or a checkpoint's name for a slice of one, of its shape."""
         for name, t in tensors.items():
@@ -374,7 +385,7 @@ class WeightUpdater:
                         "nothing was loaded.")
         return ""
 
-    def _copy(self, state: dict[str, torch.Tensor], name: str, t: torch.Tensor) -> None:
+    def _copy(self, state: Mapping[str, torch.Tensor], name: str, t: torch.Tensor) -> None:
         """Copy ``t`` into the module's tensor ``name``, or into the slice of a fused parameter a
         checkpoint's ``name`` is (its elements by their flat indices there)."""
         if name in state:
@@ -390,8 +401,7 @@ class WeightUpdater:
         """Scheduler thread: make the parameters views of ``flat`` when every name is a distinct
         parameter of the same dtype and device; the buffer they viewed (if any) becomes the
         spare."""
-        params = dict(model.named_parameters())
-        chosen = [params.get(n) for n in tensors]
+        chosen = [self._live_state(model).parameter(n) for n in tensors]
         if any(p is None for p in chosen) or len({id(p) for p in chosen}) != len(chosen):
             return False  # a buffer, a tied alias or a repeated name: copy instead
         if any(p.dtype != t.dtype or p.device != t.device
@@ -404,6 +414,47 @@ class WeightUpdater:
         if retired is not None:
             self._spare[key] = retired
         return True
+
+
+class LiveState(Mapping):
+    """``model.state_dict()`` without building it: name -> the tensor (detached) its module holds
+    under that name now. The names and their modules are found once; what a module holds is read
+    at each lookup, so a parameter swapped in since (``WeightUpdater._swap_in``: ``p.data = t``)
+    is seen as it is."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        names = set(model.state_dict())
+        self._where: dict[str, tuple[torch.nn.Module, str]] = {}
+        for prefix, module in model.named_modules(remove_duplicate=False):
+            tensors = [*module.named_parameters(recurse=False, remove_duplicate=False),
+                       *module.named_buffers(recurse=False, remove_duplicate=False)]
+            for attr, _ in tensors:
+                name = f"{prefix}.{attr}" if prefix else attr
+                if name in names:
+                    self._where[name] = (module, attr)
+        # what named_parameters() names: a tied alias is not one (it is copied, not swapped in)
+        self._params = {n for n, _ in model.named_parameters()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        module, attr = self._where[name]
+        return getattr(module, attr).detach()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._where
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def parameter(self, name: str) -> torch.nn.Parameter | None:
+        """The parameter object ``name`` is (None for a buffer, a tied alias, or no such name)."""
+        if name not in self._params:
+            return None
+        module, attr = self._where[name]
+        return getattr(module, attr)
 
 
 def _one_buffer(tensors: dict[str, torch.Tensor]) -> tuple[tuple, list, torch.Tensor] | None:

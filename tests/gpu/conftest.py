@@ -6,10 +6,15 @@ where a GPU exists and reports them as skipped (not failed, not errored) where n
 ``figure(name, value, unit)``: a measured figure of a test (tokens/s, seconds), printed and
 recorded as the junit property ``figure:<name>`` = ``"<value> <unit>"``, which
 ``tests/gpu/kit.py`` collects into ``tests/gpu/RESULTS.md``.
+
+``artifact(name, text)``: a text file a test writes beside the figures (a profiler table): into
+the folder the kit names in ``AREAL_KIT_ARTIFACTS`` (``profiles/`` beside ``RESULTS.md``), else
+the test's own temporary folder.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -49,3 +54,19 @@ def figure(record_property) -> Callable[[str, float, str], None]:
         record_property(FIGURE_PREFIX + name, f"{value:.4g} {unit}")
 
     return record
+
+
+ARTIFACTS_ENV = "AREAL_KIT_ARTIFACTS"  # as tests/gpu/kit.py sets it
+
+
+@pytest.fixture
+def artifact(tmp_path) -> Callable[[str, str], Path]:
+    def write(name: str, text: str) -> Path:
+        folder = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / name
+        path.write_text(text)
+        print(f"ARTIFACT {path}", flush=True)
+        return path
+
+    return write

@@ -20,7 +20,7 @@ the slowest to start):
   trainer/MEMORY.md's "LoRA on one GPU beside SGLang" table (36.7 GiB estimated).
 
 Each phase reports its tokens (real ones: padding not counted), seconds, model FLOPs (the MFU
-convention of tests/gpu/test_throughput.py per sequence: 6 N l + 12 L H l^2) and peak memory
+convention of ``kit.train_flops``: the output head on output tokens only) and peak memory
 (``torch.cuda.max_memory_allocated`` since the phase began), or its error. On CPU
 (``--device cpu --tiny``: the default tiny model in fp32, a few short sequences) every phase but
 the compiled one runs end to end in seconds, which tests/unit/test_gpu_kit_trainer.py checks.
@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # kit.py
 
 PHASES = ("packed_0.5B", "plain_0.5B", "packed_1.5B", "lora_7B", "compiled_0.5B")
 LORA_SEQS, LORA_LEN, LORA_BUDGET, LORA_RANK = 8, 2048, 4096, 8
@@ -73,15 +74,33 @@ def seq_lens(batch) -> list[int]:
     return (batch.prompt_lens + batch.output_lens).tolist()
 
 
-def model_flops(cfg, lens: list[int]) -> float:
-    """Training FLOPs of one pass over sequences of ``lens``: 6 N per token for the matmul weights
-    (blocks and one vocab x hidden projection) plus 12 L H l per token of an l-token sequence
-    (attention, causal masking not discounted), as tests/gpu/test_throughput.py counts."""
+def model_flops(cfg, batch) -> float:
+    """Training FLOPs of one pass over ``batch``: ``kit.train_flops`` (the output head on the
+    output tokens only; its docstring states the attention convention)."""
+    from kit import train_flops
+
     from launch.memory import block_params
 
-    n = cfg.num_hidden_layers * block_params(cfg) + cfg.vocab_size * cfg.hidden_size
-    return float(sum(6 * n * k + 12 * cfg.num_hidden_layers * cfg.hidden_size * k * k
-                     for k in lens))
+    seqs = list(zip(batch.prompt_lens.tolist(), batch.output_lens.tolist()))
+    return train_flops(cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, block_params(cfg),
+                       seqs)
+
+
+# what each test of tests/gpu/test_train_throughput.py reads (the compiled phase runs apart)
+NEEDS = {
+    "test_packed_step_against_the_plain_hf_step": ("packed_0.5B", "plain_0.5B"),
+    "test_the_1_5b_step": ("packed_1.5B",),
+    "test_the_7b_lora_step_peak_memory_against_the_estimate": ("lora_7B",),
+    "test_the_compiled_step": ("packed_0.5B",),
+}
+
+
+def phases_for(tests: list[str]) -> list[str]:
+    """The phases (in ``PHASES`` order, the compiled one left out) that the selected tests of
+    test_train_throughput.py read: ``-k packed`` runs no 1.5B or 7B phase. A test name may carry
+    pytest's parameter suffix; an unknown name needs nothing."""
+    wanted = {p for t in tests for p in NEEDS.get(t.split("[")[0], ())}
+    return [p for p in PHASES if p in wanted and not p.startswith("compiled")]
 
 
 class Device:
@@ -116,8 +135,26 @@ class Device:
         return seconds
 
 
-def trainer_phase(model_cfg, batch, dev: Device, overrides: list[str], steps: int = 2) -> dict:
-    """The trainer's own step (``build_policy`` + ``train_step``) on ``batch``."""
+def profile_step(step, dev: Device, path: Path, title: str) -> None:
+    """One more call of ``step`` under torch.profiler (after the timed ones: the figures are not
+    the profiler's), its table by CUDA and CPU time written to ``path``."""
+    import torch
+    from kit import profile_text
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if dev.cuda:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        dev.sync()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profile_text(title, prof))
+
+
+def trainer_phase(model_cfg, batch, dev: Device, overrides: list[str], steps: int = 2,
+                  profile: Path | None = None) -> dict:
+    """The trainer's own step (``build_policy`` + ``train_step``) on ``batch``; with ``profile``,
+    one more step profiled into that file."""
     from areal_like.settings.config import load_config
     from trainer.model import build_policy, init_distributed
     from trainer.step import StepSettings, recompute_prox_logp, train_step
@@ -136,6 +173,10 @@ def trainer_phase(model_cfg, batch, dev: Device, overrides: list[str], steps: in
     seconds = dev.timed(step, steps)
     result = {"seconds": seconds, "peak_bytes": dev.peak(), "loss": out["stats"]["loss"],
               "micro_batches": out["stats"].get("micro_batches")}
+    if profile is not None:
+        profile_step(step, dev, profile, f"one packed trainer step ({len(seq_lens(batch))} "
+                                         f"sequences, {sum(seq_lens(batch))} tokens)")
+        result["profile"] = str(profile)
     return result  # the model and its optimizer go with this frame (reset_peak collects them)
 
 
@@ -200,10 +241,12 @@ def run_phase(name: str, args, dev: Device) -> dict:
             res = trainer_phase(model_cfg, batch, dev, [*budget, "trainer.compile_blocks=true"],
                                 steps=3)
         else:
-            res = trainer_phase(model_cfg, batch, dev, budget)
+            profile = (Path(args.profile_dir) / f"profile_train_{name}.txt"
+                       if args.profile_dir and name == "packed_0.5B" else None)
+            res = trainer_phase(model_cfg, batch, dev, budget, profile=profile)
     lens = seq_lens(batch)
     return {"phase": name, "tokens": sum(lens), "longest": max(lens), "seqs": len(lens),
-            "flops": model_flops(model_cfg, lens), **res}
+            "flops": model_flops(model_cfg, batch), **res}
 
 
 def main(argv: list[str]) -> int:
@@ -217,6 +260,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--budget", type=int, default=16384, help="tokens per packed micro-batch")
     ap.add_argument("--plain-mbs", type=int, default=8, help="sequences per padded micro-batch")
+    ap.add_argument("--profile-dir", default="",
+                    help="profile one more packed_0.5B step into DIR/profile_train_packed_0.5B.txt")
     args = ap.parse_args(argv)
     phases = [p for p in args.phases.split(",") if p]
     if unknown := [p for p in phases if p not in PHASES]:

@@ -94,10 +94,12 @@ def test_results_md_from_a_sample_junit_report(tmp_path):
             "AssertionError: assert 0.5 == 0.1 \\| see log |") in text
     assert ("| `tests/gpu/test_sglang_real.py::test_real_sglang` | skipped | 0.0 | "
             "sglang is not installed |") in text
-    assert text.endswith("## Figures\n\n| test | figure | value |\n|---|---|---|\n"
-                         "| `tests/gpu/test_throughput.py::test_generated_tokens_per_second` | "
-                         "generated_tokens_per_s | "
-                         "1.234e+04 tokens/s |\n")
+    assert ("## Figures\n\n| test | figure | value |\n|---|---|---|\n"
+            "| `tests/gpu/test_throughput.py::test_generated_tokens_per_second` | "
+            "generated_tokens_per_s | "
+            "1.234e+04 tokens/s |\n\n## Goals\n") in text
+    # an engine figure with a goal: judged against the absolute one, its baseline not measured
+    assert "| generated_tokens_per_s | 1.234e+04 |  | >= 5028 | yes |" in text
 
 
 def test_the_figure_fixture_reaches_the_report_through_a_real_junit_file(tmp_path):

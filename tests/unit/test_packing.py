@@ -127,7 +127,7 @@ def test_each_pass_runs_its_minibatch_in_the_layout_its_plan_chose(monkeypatch):
     cfg = load_config(["trainer.pack_sequences=true", "trainer.num_minibatches=2"])
     s = StepSettings.from_config(cfg)
     seen = []
-    monkeypatch.setattr(step, "output_logp", lambda model, mb, *a: (
+    monkeypatch.setattr(step, "output_logp", lambda model, mb, *a, **kw: (
         seen.append((mb.input_ids.shape[0], a[-1])) or torch.zeros(mb.mask.shape)))
     step.batch_logp(torch.nn.Linear(1, 1), batch, s, torch.device("cpu"))
     assert seen == [(2, True), (2, False)]
