@@ -73,6 +73,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="resume a run_dir although settings differ from its settings.yaml "
                           "(they are listed)")
     run.add_argument("overrides", nargs="*", help="Hydra overrides")
+    sft = sub.add_parser("sft", help="supervised fine-tuning of the model (the usual first stage "
+                                     "before RL)",
+                         description="Trains warm_start.steps steps of cross-entropy on the "
+                                     "answers of the task (or of warm_start.dataset_path: chat "
+                                     "messages or prompt and answer columns), on one process, and "
+                                     "writes a Hugging Face model directory. Without --out it "
+                                     "goes to the warm-start cache, which `areal-like run` with "
+                                     "the same overrides then starts from. Prints one JSON line: "
+                                     "steps, loss_first, loss_last, model, greedy_acc.")
+    sft.add_argument("--out", help="the model directory to write (must not exist)")
+    sft.add_argument("overrides", nargs="*", help="Hydra overrides, as for run")
     for name, (_, help_, args_help, more) in PASS_THROUGH.items():
         sub.add_parser(name, help=help_, **more).add_argument("args", nargs=argparse.REMAINDER,
                                                               help=args_help)
@@ -152,11 +163,14 @@ def _main(argv: list[str]) -> int:
                 else _exec_module(PASS_THROUGH[argv[0]][0], argv[1:]))
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command not in ("track", "run") or any(a.startswith("-") for a in extra)):
+    flexible = ("track", "run", "sft")
+    if extra and (args.command not in flexible or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # overrides after a flag (--once, -q): argparse leaves them over
-    if args.command in ("track", "run"):
+    if args.command in flexible:
         args.overrides += extra
+    if args.command == "sft":
+        return _with_config(args.overrides, lambda cfg: _sft(cfg, args.out))
     if args.command == "run":
         return _stoppable(lambda: _with_config(
             args.overrides, lambda cfg: _run(cfg, args.quiet, args.accept_changes)))
@@ -295,6 +309,20 @@ def _print_config(cfg) -> int:
     cfg, _ = plan_job(ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}",
                                                                  file=sys.stderr, flush=True)))
     sys.stdout.write(to_yaml(cfg, redacted=True))  # a credential in a URL is shown as <redacted>
+    return 0
+
+
+def _sft(cfg, out: str | None) -> int:
+    """``areal-like sft``: the inputs checked as for ``run``, then ``launch.warmstart.sft``; its
+    summary as one JSON line."""
+    import json
+
+    from launch.preflight import checked
+    from launch.warmstart import sft
+
+    summary = sft(checked(cfg), out, log=lambda m: print(f"[sft] {m}", file=sys.stderr,
+                                                         flush=True))
+    print(json.dumps(summary), flush=True)
     return 0
 
 
