@@ -44,8 +44,9 @@ from rollout_server.reward_worker import scrubbed_env
 LOGIT_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # written by launch/warmstart.py into the model directory it saves
 WARM_START_MARK = "warm_start.json"
-# model=tiny's warm start (configs/model/tiny.yaml: steps, lr, batch_size)
-TINY_WARM_START = (150, 3e-3, 64)
+# model=tiny's recipe (configs/model/tiny.yaml, experiment=quickstart): warm_start.steps, .lr,
+# .batch_size, trainer.lr, trainer.micro_batch_size
+TINY_RECIPE = (150, 3e-3, 64, 3e-4, 64)
 
 # Run as `python -c`, the working directory first on sys.path as for `python -m rollout_server`
 # (the function paths in argv): "path<TAB>reason" for each tool that does not import or is an
@@ -139,23 +140,25 @@ def _tokenizer_fits(cfg: RunConfig) -> list[str]:
 
 
 def check_warm_start(cfg: RunConfig) -> list[str]:
-    """The warm start fine-tunes any model, but ``model.path=X`` alone keeps model=tiny and its
-    warm start (``TINY_WARM_START``: a rate for a 0.3M-parameter model), hence the hint; and
-    ``warm_start.dataset_path`` exists."""
-    ws, path = cfg.warm_start, cfg.model.path
+    """The warm start fine-tunes any model (``launch/warmstart.py``), but ``model.path=X`` alone
+    keeps model=tiny's recipe (``TINY_RECIPE``: rates for a 0.3M-parameter model), hence the
+    hint; and ``warm_start.dataset_path`` exists."""
+    ws, path, t = cfg.warm_start, cfg.model.path, cfg.trainer
     if ws.steps <= 0:
         return []
     out = []
     if ws.dataset_path and not Path(ws.dataset_path).expanduser().exists():
         out.append(f"warm_start.dataset_path={ws.dataset_path!r} does not exist (relative paths "
                    f"start at {os.getcwd()})")
+    recipe = (ws.steps, ws.lr, ws.batch_size, t.lr, t.micro_batch_size)
     if (path and not (Path(path).expanduser() / WARM_START_MARK).is_file()
-            and (ws.steps, ws.lr, ws.batch_size) == TINY_WARM_START):
-        out.append(f"model.path={path!r} with model=tiny's warm start (warm_start.steps={ws.steps} "
-                   f"lr={ws.lr} batch_size={ws.batch_size}, for the tiny model built from "
-                   "config): for a Hugging Face model add model=local_hf, whose warm start is "
-                   "off unless warm_start.steps=N (supervised fine-tuning at warm_start.lr=2e-5), "
-                   "or set warm_start.steps=0")
+            and recipe == TINY_RECIPE):
+        out.append(f"model.path={path!r} with the tiny model's recipe (warm_start.steps={ws.steps} "
+                   f"warm_start.lr={ws.lr} warm_start.batch_size={ws.batch_size} trainer.lr={t.lr}"
+                   ": model=tiny's and experiment=quickstart's, for a model built from config): "
+                   "for a Hugging Face model use model=local_hf without an experiment made for "
+                   "the tiny model (its warm start, supervised fine-tuning, is off unless "
+                   "warm_start.steps=N), or set those keys; warm_start.steps=0 for no warm start")
     return out
 
 

@@ -270,6 +270,7 @@ def accuracy(cfg: RunConfig, model_dir: Path, tok, log: Callable[[str], None]) -
     if cfg.task.env or cfg.task.agent:
         return {}
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from areal_like.tasks.callables import import_function
     from areal_like.tasks.task import has_eval_split, make_task
@@ -278,6 +279,7 @@ def accuracy(cfg: RunConfig, model_dir: Path, tok, log: Callable[[str], None]) -
     task = make_task(cfg.task, tok, split=split)
     indices = list(range(min(EVAL_PROMPTS, len(task))))
     reward = import_function(cfg.task.reward_fn) if cfg.task.reward_fn else task.reward
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in the log
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     greedy, sampled = evaluate(model, tok, task, indices, cfg.task.max_new_tokens,
                                cfg.task.temperature, reward)
