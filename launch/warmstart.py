@@ -31,8 +31,8 @@ CACHE_FORMAT = 4
 
 
 def content_hash(path: str | None) -> str | None:
-    """SHA-256 of a file's bytes, or of a directory's files (relative names and bytes, in name
-    order); None for no path (a model built from config); the value itself for a path that does
+    """SHA-256 of a file's bytes (not its name), or of a directory's files (relative names and
+    bytes, in name order); None for no path (a model built from config); the value itself for a path that does
     not exist (a tokenizer name such as ``char``)."""
     if not path:
         return None
@@ -42,7 +42,7 @@ def content_hash(path: str | None) -> str | None:
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     h = hashlib.sha256()
     for f in files:
-        h.update(str(f.relative_to(root) if f != root else f.name).encode() + b"\0")
+        h.update(str(f.relative_to(root)).encode() + b"\0")  # "." for a file
         with open(f, "rb") as fh:
             h.update(hashlib.file_digest(fh, "sha256").digest())
     return h.hexdigest()
@@ -100,7 +100,6 @@ def publish_sft(cfg: RunConfig, out: Path, log: Callable[[str], None],
     from trainer.sft import train_sft
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
         summary = train_sft(cfg, tmp, log)
         try:

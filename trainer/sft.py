@@ -119,7 +119,8 @@ def file_pairs(cfg: RunConfig, tok) -> tuple[int, Callable[[int, random.Random],
                               "tokenizer has no chat template: set task.chat_template")
         rows = [chat_row(r, i, column, path) for i, r in enumerate(table[column])]
         return len(rows), lambda i, _rng: chat_pairs(rows[i], tok, template)
-    task_cfg = dataclasses.replace(cfg.task, dataset_path=path, eval_path=None, eval_fraction=0.0)
+    task_cfg = dataclasses.replace(cfg.task, name="dataset", dataset_path=path, eval_path=None,
+                                   eval_fraction=0.0)
     examples = load_examples(task_cfg, key, path)
     return len(examples), lambda i, _rng: [example_pair(tok, examples[i], cfg.task)]
 
