@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "the same overrides then starts from. Prints one JSON line: "
                                      "steps, loss_first, loss_last, model, greedy_acc.")
     sft.add_argument("--out", help="the model directory to write (must not exist)")
+    sft.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
+                     help="train on K ranks of this machine (torchrun, FSDP2), as `train` does")
     sft.add_argument("overrides", nargs="*", help="Hydra overrides, as for run")
     for name, (_, help_, args_help, more) in PASS_THROUGH.items():
         sub.add_parser(name, help=help_, **more).add_argument("args", nargs=argparse.REMAINDER,
@@ -170,7 +172,10 @@ def _main(argv: list[str]) -> int:
     if args.command in flexible:
         args.overrides += extra
     if args.command == "sft":
-        return _with_config(args.overrides, lambda cfg: _sft(cfg, args.out))
+        if args.nproc_per_node < 1:
+            parser.error(f"argument --nproc-per-node: {args.nproc_per_node} is not a count >= 1")
+        return _with_config(args.overrides,
+                            lambda cfg: _sft(cfg, args.out, args.nproc_per_node, args.overrides))
     if args.command == "run":
         return _stoppable(lambda: _with_config(
             args.overrides, lambda cfg: _run(cfg, args.quiet, args.accept_changes)))
@@ -312,16 +317,22 @@ def _print_config(cfg) -> int:
     return 0
 
 
-def _sft(cfg, out: str | None) -> int:
-    """``areal-like sft``: the inputs checked as for ``run``, then ``launch.warmstart.sft``; its
-    summary as one JSON line."""
+def _sft(cfg, out: str | None, nproc: int, overrides: list[str]) -> int:
+    """``areal-like sft``: the inputs checked as for ``run``, then ``launch.warmstart.sft`` in this
+    process (its summary as one JSON line), or ``python -m trainer.sft`` on ``nproc`` ranks under
+    torchrun (rank 0 prints the line)."""
     import json
 
     from launch.preflight import checked
-    from launch.warmstart import sft
+    from launch.warmstart import sft, sft_target
 
-    summary = sft(checked(cfg), out, log=lambda m: print(f"[sft] {m}", file=sys.stderr,
-                                                         flush=True))
+    cfg = checked(cfg)
+    if nproc > 1:
+        resolved = [f"model.path={cfg.model.path}"] if cfg.model.path else []  # a hub id: local
+        return _exec_module("launch.torchrun", [
+            "--standalone", "--nproc-per-node", str(nproc), "-m", "trainer.sft",
+            "--out", str(sft_target(cfg, out)), *overrides, *resolved])
+    summary = sft(cfg, out, log=lambda m: print(f"[sft] {m}", file=sys.stderr, flush=True))
     print(json.dumps(summary), flush=True)
     return 0
 

@@ -112,10 +112,9 @@ def publish_sft(cfg: RunConfig, out: Path, log: Callable[[str], None],
     return summary | {"out": str(out), "model": str(model_dir(cfg, out))}
 
 
-def sft(cfg: RunConfig, out: str | None, log: Callable[[str], None] = print) -> dict:
-    """``areal-like sft``: train ``warm_start.steps`` steps into ``out`` (default: the warm-start
-    cache entry of ``cfg``, which ``areal-like run`` with the same overrides then reuses); the
-    summary. ``out`` must not exist yet."""
+def sft_target(cfg: RunConfig, out: str | None) -> Path:
+    """Where ``areal-like sft`` writes: ``out``, or the warm-start cache entry of ``cfg`` (which
+    ``areal-like run`` with the same overrides then reuses); refused when it exists."""
     if cfg.warm_start.steps <= 0:
         raise ConfigError("warm_start.steps=0: set warm_start.steps=N, the number of SFT "
                           "optimizer steps")
@@ -123,7 +122,12 @@ def sft(cfg: RunConfig, out: str | None, log: Callable[[str], None] = print) -> 
     if target.exists():
         raise ConfigError(f"{target} exists: give --out a new directory"
                           + ("" if out else " (or use that model: it is the cached result)"))
-    return publish_sft(cfg, target, log, replace=True)
+    return target
+
+
+def sft(cfg: RunConfig, out: str | None, log: Callable[[str], None] = print) -> dict:
+    """``areal-like sft`` in this process: train into ``sft_target``; the summary."""
+    return publish_sft(cfg, sft_target(cfg, out), log, replace=True)
 
 
 def evaluate(model, tok, task, indices: list[int], max_new_tokens: int,
