@@ -3,9 +3,9 @@
 ``ensure_warm_start(cfg)`` trains ``warm_start.steps`` SFT steps and returns the config with
 ``model.path`` at the saved Hugging Face directory, so RL starts from it. The result is cached
 under ``<warm_start.cache_dir>/<key>``: ``key`` hashes the content of the model directory
-(``model.path``) and of the data files (``task.dataset_path``, ``task.eval_path``,
-``warm_start.dataset_path``), not their names, with the model, task, LoRA and warm-start
-settings. A cache entry is written under a temporary name and renamed, so a crash never leaves a
+(``model.path``) and of the data files (``task.dataset_path``, ``warm_start.dataset_path``), not
+their names, with the model, LoRA and warm-start settings and the task settings the examples
+depend on (``TASK_KEYS``). A cache entry is written under a temporary name and renamed, so a crash never leaves a
 half-written one. ``sft(cfg, out)`` is ``areal-like sft``: the same training into ``out`` (by
 default the cache entry ``areal-like run`` with the same overrides would use).
 """
@@ -28,6 +28,12 @@ from areal_like.settings.config import ConfigError, RunConfig
 # text under chat_template=auto; 4: trained by trainer/sft.py (the RL trainer's model and
 # micro-batches), keyed by content
 CACHE_FORMAT = 4
+# the task.* keys the SFT's examples and their layout depend on (the key leaves out what only RL
+# and the evaluation read: group_size, temperature, rewards, ...; the accuracy the summary
+# reports is the first run's)
+TASK_KEYS = ("name", "dataset_path", "eval_fraction", "prompt_key", "messages_key", "answer_key",
+             "system_prompt", "chat_template", "max_prompt_tokens", "num_prompts", "digits",
+             "seed", "env", "agent", "agent_tool_format")
 
 
 def content_hash(path: str | None) -> str | None:
@@ -51,8 +57,8 @@ def content_hash(path: str | None) -> str | None:
 def cache_key(cfg: RunConfig) -> str:
     model = dataclasses.asdict(cfg.model) | {"path": content_hash(cfg.model.path),
                                              "tokenizer": content_hash(cfg.model.tokenizer)}
-    task = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k != "reward_model"}
-    task |= {k: content_hash(task[k]) for k in ("dataset_path", "eval_path")}
+    task = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k in TASK_KEYS}
+    task["dataset_path"] = content_hash(task["dataset_path"])
     ws = {k: v for k, v in dataclasses.asdict(cfg.warm_start).items() if k != "cache_dir"}
     ws["dataset_path"] = content_hash(ws["dataset_path"])
     blob = json.dumps({"model": model, "task": task, "ws": ws, "seed": cfg.seed,

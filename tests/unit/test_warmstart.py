@@ -24,6 +24,10 @@ def test_cache_key_covers_model_task_and_warm_start_but_not_the_run_dir(tmp_path
     for override in ("task.digits=3", "model.hidden_size=64", "warm_start.steps=7",
                      "warm_start.lr=1e-4", "trainer.lora.rank=4", "seed=1"):
         assert cache_key(load_config(["experiment=quickstart", override])) != cache_key(a), override
+    # what only RL and the evaluation read: `run` reuses what `sft` trained with other RL settings
+    for override in ("task.group_size=4", "task.temperature=1.0", "trainer.steps=3",
+                     "buffer.groups_per_step=4", "task.max_new_tokens=4"):
+        assert cache_key(load_config(["experiment=quickstart", override])) == cache_key(a), override
 
 
 def test_cache_key_is_the_content_of_model_and_data_not_their_names(tmp_path):
