@@ -5,9 +5,10 @@
 under ``<warm_start.cache_dir>/<key>``: ``key`` hashes the content of the model directory
 (``model.path``) and of the data files (``task.dataset_path``, ``warm_start.dataset_path``), not
 their names, with the model, LoRA and warm-start settings and the task settings the examples
-depend on (``TASK_KEYS``). A cache entry is written under a temporary name and renamed, so a crash never leaves a
-half-written one. ``sft(cfg, out)`` is ``areal-like sft``: the same training into ``out`` (by
-default the cache entry ``areal-like run`` with the same overrides would use).
+depend on (``TASK_KEYS``). A cache entry is written under a temporary name and renamed, so a
+crash never leaves a half-written one. ``sft(cfg, out)`` is ``areal-like sft``: the same
+training into ``out`` (by default the cache entry ``areal-like run`` with the same overrides
+would use; ``--nproc-per-node K`` runs ``python -m trainer.sft`` under torchrun instead).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ TASK_KEYS = ("name", "dataset_path", "eval_fraction", "prompt_key", "messages_ke
 
 def content_hash(path: str | None) -> str | None:
     """SHA-256 of a file's bytes (not its name), or of a directory's files (relative names and
-    bytes, in name order); None for no path (a model built from config); the value itself for a path that does
-    not exist (a tokenizer name such as ``char``)."""
+    bytes, in name order); None for no path (a model built from config); the value itself for a
+    path that does not exist (a tokenizer name such as ``char``)."""
     if not path:
         return None
     root = Path(path).expanduser()

@@ -247,7 +247,8 @@ def _train(cfg: RunConfig, out: Path, log: Callable[[str], None], t0: float) -> 
             log(f"step {step}/{steps} loss {loss:.4f} grad_norm {grad_norm:.3f}")
     if rank == 0 and dropped:
         log(f"{dropped} examples longer than the model's context ({context} tokens) left out")
-    export_hf(policy.model, out, model_cfg=cfg.model, tokenizer=export_tokenizer(cfg.model, cfg.task, tok),
+    export_hf(policy.model, out, model_cfg=cfg.model,
+              tokenizer=export_tokenizer(cfg.model, cfg.task, tok),
               shard_mb=cfg.export.shard_mb, dtype=cfg.model.dtype,
               task_file=export_yaml(cfg.task, cfg.eval, cfg.seed, 0),
               merged=cfg.trainer.lora.enabled)

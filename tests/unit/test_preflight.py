@@ -196,7 +196,8 @@ def test_warm_start_fine_tunes_a_hf_model_but_not_with_the_tiny_recipe(tmp_path)
     # the tiny model's warm-start numbers
     for ws in (["warm_start.steps=300"],
                ["warm_start.steps=150", "warm_start.lr=3e-3", "warm_start.batch_size=64"]):
-        assert pf.check_warm_start(load_config(["model=local_hf", f"model.path={model}", *ws])) == []
+        hf = load_config(["model=local_hf", f"model.path={model}", *ws])
+        assert pf.check_warm_start(hf) == []
     # an experiment made for the tiny model brings its recipe with it
     assert pf.check_warm_start(load_config(["experiment=quickstart", "model=local_hf",
                                             f"model.path={model}"]))[0].startswith(

@@ -116,7 +116,8 @@ def test_chat_rows_train_every_assistant_message_in_its_context(tmp_path):
     from areal_like.tasks.tokenizer import load_tokenizer
 
     rows = [{"messages": [{"role": "system", "content": "Add."},
-                          {"role": "user", "content": "1+2="}, {"role": "assistant", "content": "3"},
+                          {"role": "user", "content": "1+2="},
+                          {"role": "assistant", "content": "3"},
                           {"role": "user", "content": "and 4+4="},
                           {"role": "assistant", "content": "8"}]}]
     path = tmp_path / "chat.jsonl"
