@@ -60,7 +60,8 @@ def cache_key(cfg: RunConfig) -> str:
                                              "tokenizer": content_hash(cfg.model.tokenizer)}
     task = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k in TASK_KEYS}
     task["dataset_path"] = content_hash(task["dataset_path"])
-    ws = {k: v for k, v in dataclasses.asdict(cfg.warm_start).items() if k != "cache_dir"}
+    ws = {k: v for k, v in dataclasses.asdict(cfg.warm_start).items()
+          if k not in ("cache_dir", "eval_prompts")}
     ws["dataset_path"] = content_hash(ws["dataset_path"])
     blob = json.dumps({"model": model, "task": task, "ws": ws, "seed": cfg.seed,
                        "lora": dataclasses.asdict(cfg.trainer.lora), "format": CACHE_FORMAT},

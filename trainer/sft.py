@@ -54,7 +54,6 @@ from trainer.ranks import barrier, several
 from trainer.step import apply_optimizer_step, output_logp, rank_calls
 
 LOG_EVERY = 100  # steps between progress lines
-EVAL_PROMPTS = 128  # prompts of the accuracy line after training (greedy and sampled)
 SUMMARY_FILE = "warm_start.json"  # written into the model directory SFT saves
 
 Pair = tuple[list[int], list[int]]  # (prompt ids, target ids ending with EOS)
@@ -266,10 +265,10 @@ def _train(cfg: RunConfig, out: Path, log: Callable[[str], None], t0: float) -> 
 
 # ------------------------------------------------------------------------------------ evaluation
 def accuracy(cfg: RunConfig, model_dir: Path, tok, log: Callable[[str], None]) -> dict:
-    """Greedy and sampled accuracy of the saved model on ``EVAL_PROMPTS`` prompts of the task's
-    eval split (its train split when it has none); nothing for multi-turn tasks, whose RL run
-    measures the model."""
-    if cfg.task.env or cfg.task.agent:
+    """Greedy and sampled accuracy of the saved model on ``warm_start.eval_prompts`` prompts of
+    the task's eval split (its train split when it has none); nothing for multi-turn tasks, whose
+    RL run measures the model."""
+    if cfg.task.env or cfg.task.agent or cfg.warm_start.eval_prompts == 0:
         return {}
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -279,7 +278,7 @@ def accuracy(cfg: RunConfig, model_dir: Path, tok, log: Callable[[str], None]) -
 
     split = "eval" if has_eval_split(cfg.task) else "train"
     task = make_task(cfg.task, tok, split=split)
-    indices = list(range(min(EVAL_PROMPTS, len(task))))
+    indices = list(range(min(cfg.warm_start.eval_prompts, len(task))))
     reward = import_function(cfg.task.reward_fn) if cfg.task.reward_fn else task.reward
     hf_logging.disable_progress_bar()  # a "Loading weights" bar is noise in the log
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()

@@ -583,6 +583,10 @@ class WarmStartConfig(Section):
     # the task's prompt and answer columns
     dataset_path: str | None = None
     # [warm_start.steps > 0 only]
+    # eval prompts of the accuracy line after SFT (greedy and sampled, transformers' generate on
+    # CPU, slow for a large model); 0 = none
+    eval_prompts: Annotated[int, at_least(0)] = 128
+    # [warm_start.steps > 0 only]
     # where results are cached, by content; relative to run_dir's parent so later runs reuse them
     cache_dir: Annotated[str, DIRECTORY] = "warmstart"
 

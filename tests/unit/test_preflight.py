@@ -169,7 +169,7 @@ def test_a_warm_start_output_carries_its_tokenizer_and_passes(tmp_path):
 
     # the accuracy line after it: few prompts, short answers
     cfg = load_config([f"run_dir={tmp_path / 'run'}", "warm_start.steps=1",
-                       "warm_start.batch_size=2", "task.num_prompts=2",
+                       "warm_start.batch_size=2", "warm_start.eval_prompts=1",
                        "task.max_new_tokens=2"])
     warmed = warmstart.ensure_warm_start(cfg, log=lambda m: None)
     assert (warmed.model.tokenizer == "char"

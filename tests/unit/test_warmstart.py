@@ -26,7 +26,8 @@ def test_cache_key_covers_model_task_and_warm_start_but_not_the_run_dir(tmp_path
         assert cache_key(load_config(["experiment=quickstart", override])) != cache_key(a), override
     # what only RL and the evaluation read: `run` reuses what `sft` trained with other RL settings
     for override in ("task.group_size=4", "task.temperature=1.0", "trainer.steps=3",
-                     "buffer.groups_per_step=4", "task.max_new_tokens=4"):
+                     "buffer.groups_per_step=4", "task.max_new_tokens=4",
+                     "warm_start.eval_prompts=0"):
         assert cache_key(load_config(["experiment=quickstart", override])) == cache_key(a), override
 
 
