@@ -8,7 +8,8 @@ their names, with the model, LoRA and warm-start settings and the task settings 
 depend on (``TASK_KEYS``). A cache entry is written under a temporary name and renamed, so a
 crash never leaves a half-written one. ``sft(cfg, out)`` is ``areal-like sft``: the same
 training into ``out`` (by default the cache entry ``areal-like run`` with the same overrides
-would use; ``--nproc-per-node K`` runs ``python -m trainer.sft`` under torchrun instead).
+would use). Both train in a process of their own, ``python -m trainer.sft`` (under torchrun with
+``areal-like sft --nproc-per-node K``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -103,13 +107,18 @@ def ensure_warm_start(cfg: RunConfig, log: Callable[[str], None] = print) -> Run
 
 def publish_sft(cfg: RunConfig, out: Path, log: Callable[[str], None],
                 replace: bool) -> dict:
-    """Train into a temporary sibling of ``out``, then rename it to ``out``; when another
-    process finished ``out`` first (and not ``replace``), theirs is kept."""
-    from trainer.sft import train_sft
+    """Train into a temporary sibling of ``out`` (``python -m trainer.sft``: a process of its
+    own, so no process group, device memory or thread setting stays with the caller), then rename
+    it to ``out``; when another process finished ``out`` first (and not ``replace``), theirs is
+    kept. The summary."""
+    from areal_like.settings.config import to_yaml
 
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
-        summary = train_sft(cfg, tmp, log)
+        with tempfile.TemporaryDirectory() as d:
+            config = Path(d) / "config.yaml"
+            config.write_text(to_yaml(cfg))
+            summary = run_sft(["--config-file", str(config), "--out", str(tmp)], log)
         try:
             os.replace(tmp, out)
         except OSError:  # another run finished the same key first: use theirs
@@ -118,6 +127,32 @@ def publish_sft(cfg: RunConfig, out: Path, log: Callable[[str], None],
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return summary | {"out": str(out), "model": str(model_dir(cfg, out))}
+
+
+def run_sft(args: list[str], log: Callable[[str], None]) -> dict:
+    """``python -m trainer.sft ARGS``, its log lines passed to ``log``; its summary. Its refusal
+    (exit 2) is a ConfigError of its ``error:`` lines."""
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.sft", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={"OMP_NUM_THREADS": "1", **os.environ})
+    errors = []
+    try:
+        for line in proc.stderr:
+            line = line.rstrip("\n")
+            if line.startswith("error: "):
+                errors.append(line.removeprefix("error: "))
+            else:
+                log(line.removeprefix("[sft] "))
+        out = proc.stdout.read()
+        code = proc.wait()
+    except BaseException:  # Ctrl-C, a stop signal: the training stops with the caller
+        proc.kill()
+        proc.wait()
+        raise
+    if code != 0:
+        raise ConfigError("\n".join(errors) or f"supervised fine-tuning (python -m trainer.sft) "
+                          f"exited with {code}; its log above says why")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def sft_target(cfg: RunConfig, out: str | None) -> Path:
@@ -134,7 +169,7 @@ def sft_target(cfg: RunConfig, out: str | None) -> Path:
 
 
 def sft(cfg: RunConfig, out: str | None, log: Callable[[str], None] = print) -> dict:
-    """``areal-like sft`` in this process: train into ``sft_target``; the summary."""
+    """``areal-like sft`` on one rank: train into ``sft_target``; the summary."""
     return publish_sft(cfg, sft_target(cfg, out), log, replace=True)
 
 

@@ -318,9 +318,9 @@ def evaluate(model, tok, task, indices: list[int], max_new_tokens: int, temperat
 
 # ------------------------------------------------------------------------------------ entry point
 def main(argv: list[str]) -> int:
-    """``python -m trainer.sft --out DIR [overrides]`` (under torchrun: several ranks); prints the
-    summary as one JSON line (rank 0)."""
-    from areal_like.settings.config import load_config
+    """``python -m trainer.sft --out DIR [--config-file P] [overrides]`` (under torchrun: several
+    ranks); prints the summary as one JSON line (rank 0)."""
+    from areal_like.settings.config import load_daemon_config
 
     if "--out" not in argv[:-1]:
         print("error: --out DIR is required (the model directory to write)", file=sys.stderr)
@@ -328,7 +328,7 @@ def main(argv: list[str]) -> int:
     i = argv.index("--out")
     out, overrides = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
     try:
-        cfg = load_config(overrides)
+        cfg = load_daemon_config(overrides)  # [--config-file P] overrides
         if cfg.warm_start.steps <= 0:
             raise ConfigError("warm_start.steps=0: set warm_start.steps=N, the SFT's optimizer "
                               "steps")

@@ -152,11 +152,13 @@ def test_chat_rows_train_every_assistant_message_in_its_context(tmp_path):
                                 f"warm_start.dataset_path={path}"]), tok)
 
 
-def test_an_environment_without_demos_is_a_config_error_not_a_traceback(tmp_path):
+def test_an_environment_without_demos_is_a_config_error_not_a_traceback(tmp_path, monkeypatch):
     """``areal-like run task.env=...`` keeps the tiny model's warm start (150 steps); an environment
     with no ``demo`` to learn from stopped the command with a ValueError's traceback. A ConfigError
     is printed as one ``error:`` line and exits 2 (launch/cli.py)."""
-    cfg = load_config(["task.env=agent_envs:Chat", f"run_dir={tmp_path}/run"])  # tests/unit
+    # the SFT process imports the environment from its working directory, as the daemons do
+    monkeypatch.chdir(Path(__file__).parent)  # tests/unit: agent_envs.py
+    cfg = load_config(["task.env=agent_envs:Chat", f"run_dir={tmp_path}/run"])
     with pytest.raises(ConfigError, match="has no demo.*set warm_start.steps=0"):
         ensure_warm_start(cfg, log=lambda m: None)
     assert not (tmp_path / "warmstart").exists()
