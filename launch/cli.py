@@ -77,8 +77,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "before RL)",
                          description="Trains warm_start.steps steps of cross-entropy on the "
                                      "answers of the task (or of warm_start.dataset_path: chat "
-                                     "messages or prompt and answer columns), on one process, and "
-                                     "writes a Hugging Face model directory. Without --out it "
+                                     "messages or prompt and answer columns) on one process, or "
+                                     "K ranks with --nproc-per-node, and writes a Hugging Face "
+                                     "model directory. Without --out it "
                                      "goes to the warm-start cache, which `areal-like run` with "
                                      "the same overrides then starts from. Prints one JSON line: "
                                      "steps, loss_first, loss_last, model, greedy_acc.")
