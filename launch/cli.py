@@ -76,6 +76,20 @@ def _parser() -> argparse.ArgumentParser:
                      help="resume a run_dir although settings differ from its settings.yaml "
                           "(they are listed)")
     run.add_argument("overrides", nargs="*", help="Hydra overrides")
+    sft = sub.add_parser("sft", help="supervised fine-tuning of the model (the usual first stage "
+                                     "before RL)",
+                         description="Trains warm_start.steps steps of cross-entropy on the "
+                                     "answers of the task (or of warm_start.dataset_path: chat "
+                                     "messages or prompt and answer columns) on one process, or "
+                                     "K ranks with --nproc-per-node, and writes a Hugging Face "
+                                     "model directory. Without --out it "
+                                     "goes to the warm-start cache, which `areal-like run` with "
+                                     "the same overrides then starts from. Prints one JSON line: "
+                                     "steps, loss_first, loss_last, model, greedy_acc.")
+    sft.add_argument("--out", help="the model directory to write (must not exist)")
+    sft.add_argument("--nproc-per-node", type=int, default=1, metavar="K",
+                     help="train on K ranks of this machine (torchrun, FSDP2), as `train` does")
+    sft.add_argument("overrides", nargs="*", help="Hydra overrides, as for run")
     for name, (_, help_, args_help, more) in PASS_THROUGH.items():
         sub.add_parser(name, help=help_, **more).add_argument("args", nargs=argparse.REMAINDER,
                                                               help=args_help)
@@ -155,11 +169,17 @@ def _main(argv: list[str]) -> int:
                 else _exec_module(PASS_THROUGH[argv[0]][0], argv[1:]))
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and (args.command not in ("track", "run") or any(a.startswith("-") for a in extra)):
+    flexible = ("track", "run", "sft")
+    if extra and (args.command not in flexible or any(a.startswith("-") for a in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # overrides after a flag (--once, -q): argparse leaves them over
-    if args.command in ("track", "run"):
+    if args.command in flexible:
         args.overrides += extra
+    if args.command == "sft":
+        if args.nproc_per_node < 1:
+            parser.error(f"argument --nproc-per-node: {args.nproc_per_node} is not a count >= 1")
+        return _with_config(args.overrides,
+                            lambda cfg: _sft(cfg, args.out, args.nproc_per_node, args.overrides))
     if args.command == "run":
         return _stoppable(lambda: _with_config(
             args.overrides, lambda cfg: _run(cfg, args.quiet, args.accept_changes)))
@@ -298,6 +318,26 @@ def _print_config(cfg) -> int:
     cfg, _ = plan_job(ensure_warm_start(cfg, log=lambda m: print(f"[warm-start] {m}",
                                                                  file=sys.stderr, flush=True)))
     sys.stdout.write(to_yaml(cfg, redacted=True))  # a credential in a URL is shown as <redacted>
+    return 0
+
+
+def _sft(cfg, out: str | None, nproc: int, overrides: list[str]) -> int:
+    """``areal-like sft``: the inputs checked as for ``run``, then ``launch.warmstart.sft`` in this
+    process (its summary as one JSON line), or ``python -m trainer.sft`` on ``nproc`` ranks under
+    torchrun (rank 0 prints the line)."""
+    import json
+
+    from launch.preflight import checked
+    from launch.warmstart import sft, sft_target
+
+    cfg = checked(cfg)
+    if nproc > 1:
+        resolved = [f"model.path={cfg.model.path}"] if cfg.model.path else []  # a hub id: local
+        return _exec_module("launch.torchrun", [
+            "--standalone", "--nproc-per-node", str(nproc), "-m", "trainer.sft",
+            "--out", str(sft_target(cfg, out)), *overrides, *resolved])
+    summary = sft(cfg, out, log=lambda m: print(f"[sft] {m}", file=sys.stderr, flush=True))
+    print(json.dumps(summary), flush=True)
     return 0
 
 

@@ -44,6 +44,9 @@ from rollout_server.reward_worker import scrubbed_env
 LOGIT_KEYS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # written by launch/warmstart.py into the model directory it saves
 WARM_START_MARK = "warm_start.json"
+# model=tiny's recipe (configs/model/tiny.yaml, experiment=quickstart): warm_start.steps, .lr,
+# .batch_size, trainer.lr, trainer.micro_batch_size
+TINY_RECIPE = (150, 3e-3, 64, 3e-4, 64)
 
 # Run as `python -c`, the working directory first on sys.path as for `python -m rollout_server`
 # (the function paths in argv): "path<TAB>reason" for each tool that does not import or is an
@@ -137,15 +140,26 @@ def _tokenizer_fits(cfg: RunConfig) -> list[str]:
 
 
 def check_warm_start(cfg: RunConfig) -> list[str]:
-    """The warm start is for the tiny model built from config, or one it wrote (warm_start.json);
-    ``model.path=X`` alone keeps model=tiny and its recipe, hence the hint."""
-    path, steps = cfg.model.path, cfg.warm_start.steps
-    if steps <= 0 or not path or (Path(path).expanduser() / WARM_START_MARK).is_file():
+    """The warm start fine-tunes any model (``launch/warmstart.py``), but ``model.path=X`` alone
+    keeps model=tiny's recipe (``TINY_RECIPE``: rates for a 0.3M-parameter model), hence the
+    hint; and ``warm_start.dataset_path`` exists."""
+    ws, path, t = cfg.warm_start, cfg.model.path, cfg.trainer
+    if ws.steps <= 0:
         return []
-    return [f"warm_start.steps={steps} with model.path={path!r}: the warm start is for the tiny "
-            "model built from config, not a Hugging Face model; add model=local_hf (no warm start, "
-            "no tiny-model recipe) or warm_start.steps=0 (which an experiment= that sets a warm "
-            "start also needs)"]
+    out = []
+    if ws.dataset_path and not Path(ws.dataset_path).expanduser().exists():
+        out.append(f"warm_start.dataset_path={ws.dataset_path!r} does not exist (relative paths "
+                   f"start at {os.getcwd()})")
+    recipe = (ws.steps, ws.lr, ws.batch_size, t.lr, t.micro_batch_size)
+    if (path and not (Path(path).expanduser() / WARM_START_MARK).is_file()
+            and recipe == TINY_RECIPE):
+        out.append(f"model.path={path!r} with the tiny model's recipe (warm_start.steps={ws.steps} "
+                   f"warm_start.lr={ws.lr} warm_start.batch_size={ws.batch_size} trainer.lr={t.lr}"
+                   ": model=tiny's and experiment=quickstart's, for a model built from config): "
+                   "for a Hugging Face model use model=local_hf without an experiment made for "
+                   "the tiny model (its warm start, supervised fine-tuning, is off unless "
+                   "warm_start.steps=N), or set those keys; warm_start.steps=0 for no warm start")
+    return out
 
 
 def check_task_files(cfg: RunConfig) -> list[str]:

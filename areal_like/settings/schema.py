@@ -600,17 +600,30 @@ class TrainerConfig(Section):
 
 @dataclass(kw_only=True)
 class WarmStartConfig(Section):
-    """Short supervised warm start on the task's answers, cached in the run directory."""
+    """Supervised fine-tuning before RL (`areal-like sft`, and `run`'s warm start): cross-entropy
+    on the answers, cached by the content of the model and data (trainer/sft.py)."""
 
     key = "warm_start"
 
-    steps: Annotated[int, at_least(0)] = 0  # 0 = off
+    # SFT optimizer steps before RL; 0 = off (`areal-like sft` needs > 0)
+    steps: Annotated[int, at_least(0)] = 0
     # [warm_start.steps > 0 only]
-    lr: Annotated[float, above(0)] = 3e-3  # its AdamW learning rate
+    # its AdamW learning rate (constant; no weight decay); model=tiny sets 3e-3, model=local_hf 2e-5
+    lr: Annotated[float, above(0)] = 3e-3
     # [warm_start.steps > 0 only]
-    batch_size: Annotated[int, at_least(1)] = 64  # examples per warm-start step
+    # answers per step (a chat row gives one per assistant message); micro-batches as trainer.*
+    batch_size: Annotated[int, at_least(1)] = 64
     # [warm_start.steps > 0 only]
-    # relative to run_dir's parent so later runs reuse it
+    # a local file (or directory) of SFT rows instead of the task's own: chat rows (a messages
+    # column, or task.messages_key, and no answer column: each assistant message is a target), or
+    # the task's prompt and answer columns
+    dataset_path: str | None = None
+    # [warm_start.steps > 0 only]
+    # eval prompts of the accuracy line after SFT (greedy and sampled, transformers' generate on
+    # CPU, slow for a large model); 0 = none
+    eval_prompts: Annotated[int, at_least(0)] = 128
+    # [warm_start.steps > 0 only]
+    # where results are cached, by content; relative to run_dir's parent so later runs reuse them
     cache_dir: Annotated[str, DIRECTORY] = "warmstart"
 
 

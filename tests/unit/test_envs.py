@@ -76,14 +76,14 @@ def test_the_warm_start_sees_a_demo_laid_out_as_the_episode_would_be():
     from areal_like.settings.config import load_config
     from areal_like.tasks.environment import ChatRenderer
     from areal_like.tasks.tokenizer import char_tokenizer
-    from launch.warmstart import _demo_pairs
+    from trainer.sft import demo_pairs
 
     cfg = load_config(["experiment=calc_env"])
     tok, task = char_tokenizer(), make_task(cfg.task)
     index = next(i for i in range(50)
                  if len(Calculator.demo(task.example(i), random.Random(i))) == 4)
     demo = Calculator.demo(task.example(index), random.Random(index))
-    pairs = _demo_pairs(cfg, task, [index], tok, random.Random(index))
+    pairs = demo_pairs(cfg, task, tok)(index, random.Random(index))
     assert len(pairs) == 2  # one per assistant turn
     # the episode: prompt, the generated call + EOS, the template's continuation,
     # the generated answer + EOS

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import os
 import shlex
 import subprocess
 import sys
@@ -163,13 +164,12 @@ def test_a_model_the_trainer_or_the_engine_cannot_run_is_refused_naming_why(tmp_
                                        "log-probs would leave it out)")
 
 
-def test_a_warm_start_output_carries_its_tokenizer_and_passes(tmp_path, monkeypatch):
+def test_a_warm_start_output_carries_its_tokenizer_and_passes(tmp_path):
     from launch import warmstart
 
-    # the before/after accuracy line: one prompt is enough
-    monkeypatch.setattr(warmstart, "EVAL_PROMPTS", 1)
+    # the accuracy line after it: few prompts, short answers
     cfg = load_config([f"run_dir={tmp_path / 'run'}", "warm_start.steps=1",
-                       "warm_start.batch_size=2",
+                       "warm_start.batch_size=2", "warm_start.eval_prompts=1",
                        "task.max_new_tokens=2"])
     warmed = warmstart.ensure_warm_start(cfg, log=lambda m: None)
     assert (warmed.model.tokenizer == "char"
@@ -179,25 +179,39 @@ def test_a_warm_start_output_carries_its_tokenizer_and_passes(tmp_path, monkeypa
     assert pf.checked(again) == again
 
 
-def test_warm_start_only_for_a_tiny_model_or_its_own_output(tmp_path):
+def test_warm_start_fine_tunes_a_hf_model_but_not_with_the_tiny_recipe(tmp_path):
     model = hf_dir(tmp_path / "qwen")
-    # model.path=... alone keeps model=tiny and its 150-step warm start
+    # model.path=... alone keeps model=tiny and its recipe: refused, naming the way out
     cfg = model_cfg(path=str(model))
     assert base().warm_start.steps == 150
     assert pf.check_warm_start(cfg) == [
-        f"warm_start.steps=150 with model.path={str(model)!r}: the warm start is for the tiny "
-        "model built from config, not a Hugging Face model; add model=local_hf (no warm start, "
-        "no tiny-model recipe) "
-        "or warm_start.steps=0 (which an experiment= that sets a warm start also needs)"]
+        f"model.path={str(model)!r} with the tiny model's recipe (warm_start.steps=150 "
+        "warm_start.lr=0.003 warm_start.batch_size=64 trainer.lr=0.0003: model=tiny's and "
+        "experiment=quickstart's, for a model built from config): for a Hugging Face model use "
+        "model=local_hf without an experiment made for the tiny model (its warm start, "
+        "supervised fine-tuning, is off unless warm_start.steps=N), or set those keys; "
+        "warm_start.steps=0 for no warm start"]
     assert pf.check_warm_start(load_config(["model=local_hf", f"model.path={model}"])) == []
-    # the experiment's own warm start outlives model=local_hf: the line names the way out
+    # model=local_hf with a warm start of its own: supervised fine-tuning of that model, even at
+    # the tiny model's warm-start numbers
+    for ws in (["warm_start.steps=300"],
+               ["warm_start.steps=150", "warm_start.lr=3e-3", "warm_start.batch_size=64"]):
+        hf = load_config(["model=local_hf", f"model.path={model}", *ws])
+        assert pf.check_warm_start(hf) == []
+    # an experiment made for the tiny model brings its recipe with it
     assert pf.check_warm_start(load_config(["experiment=quickstart", "model=local_hf",
-                                            f"model.path={model}"]))[0].endswith(
-        "(which an experiment= that sets a warm start also needs)")
+                                            f"model.path={model}"]))[0].startswith(
+        f"model.path={str(model)!r} with the tiny model's recipe")
     assert pf.check_warm_start(base()) == []  # built from config
     # a directory an earlier warm start wrote: refined further
     (model / "warm_start.json").write_text("{}")
     assert pf.check_warm_start(cfg) == []
+    # the SFT's own data must exist
+    assert pf.check_warm_start(load_config(["model=local_hf", f"model.path={model}",
+                                            "warm_start.steps=3",
+                                            "warm_start.dataset_path=nope.jsonl"])) == [
+        f"warm_start.dataset_path='nope.jsonl' does not exist (relative paths start at "
+        f"{os.getcwd()})"]
 
 
 def test_dataset_and_eval_files_must_exist(tmp_path, monkeypatch):

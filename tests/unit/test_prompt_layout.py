@@ -88,11 +88,11 @@ def test_a_template_of_ones_own_applies_to_both_and_none_to_neither(tmp_path):
 
 
 def test_the_warm_start_uses_the_same_layout(tmp_path):
-    from launch.warmstart import _pairs
+    from trainer.sft import example_pair
 
     tok, plain = char_tokenizer(), dataset(plain_rows(tmp_path))
     task = make_task(plain, tok)
-    [(prompt, _answer)] = _pairs(task, [1], tok)
+    prompt, _answer = example_pair(tok, task.example(1), plain)
     assert prompt == tok(QUESTIONS[1][0])["input_ids"] and prompt[0] == BOS_ID
 
 
