@@ -118,7 +118,7 @@ def test_train_flops_counts_the_output_head_on_output_tokens_only():
     assert kit.train_flops(2, 4, 10, 100, [(3, 2), (5, 0)]) == 8880 + 6000 + 2400
     # the 0.5B shape on 8 x 2048 tokens with 64-token prompts: the head on all tokens would be
     # the old count, more than this one by the prompt tokens' head work
-    from benchmarks.memory import block_params, qwen2_shape
+    from launch.memory import block_params, qwen2_shape
 
     cfg = qwen2_shape("0.5B")
     new = kit.train_flops(cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size,
