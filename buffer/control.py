@@ -139,12 +139,14 @@ class ControlPlane:
     def older(self, m: P.Message) -> str | None:
         """Why ``m`` (a Heartbeat, CreditRequest or group) must not be served: its sender is an
         older process than the last one that registered under its id (STALENESS.md), told to stop;
-        None when it is not. A warning once per such process."""
+        None when it is not. An id registered with an incarnation is served only to messages that
+        carry it: one without (``""``) could otherwise take the holder off the roster (``leaving``)
+        or keep a dead one on it. A warning once per such process."""
         if not isinstance(m, (P.Heartbeat, P.CreditRequest, P.TrajectoryGroup)):
             return None  # a Register: the newest wins
         sid, was = m.server_id, m.incarnation
         now = self.incarnations.get(sid)
-        if not was or not now or was == now:
+        if not now or was == now:
             return None
         if self.superseded.get(sid) != was:
             self.superseded[sid] = was

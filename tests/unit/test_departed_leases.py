@@ -131,7 +131,7 @@ def test_a_process_is_told_by_its_incarnation_not_by_fresh_alone(tmp_path):
     first = P.Register(server_id="r0", engine_url="http://x", policy_version=0, fresh=True,
                        incarnation="1111")
     _step(svc, first)
-    ask = P.CreditRequest(server_id="r0", max_credits=3)
+    ask = P.CreditRequest(server_id="r0", max_credits=3, incarnation="1111")
     old = [c.prompt_index for c in _step(svc, ask).credits]
     _step(svc, first)  # retried: the answer to the first attempt was lost
     assert svc.ledger.in_flight == 3 and "credits_released" not in svc.instruments.counts
@@ -139,5 +139,6 @@ def test_a_process_is_told_by_its_incarnation_not_by_fresh_alone(tmp_path):
     _step(svc, P.Register(server_id="r0", engine_url="http://x", policy_version=0,
                           incarnation="2222"))  # restarted; a new process even without fresh
     assert svc.ledger.in_flight == 0 and svc.instruments.counts["credits_released"] == 3
+    ask = P.CreditRequest(server_id="r0", max_credits=3, incarnation="2222")
     assert [c.prompt_index for c in _step(svc, ask).credits] == old
     svc.wal.close()

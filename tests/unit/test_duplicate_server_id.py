@@ -103,14 +103,30 @@ def test_a_second_process_is_refused_while_the_first_is_heard_and_the_first_is_t
     svc.wal.close()
 
 
-def test_a_restarted_server_and_a_sender_that_tells_no_incarnation_are_served_as_before(tmp_path):
+def test_a_restarted_server_is_served_once_its_old_process_is_silent(tmp_path):
     clock = _Clock()
     svc = _start(tmp_path, clock)
     assert isinstance(_register(svc, OLD), P.RegisterAck)
     clock.t += HEARTBEAT_S + 0.5  # the old process was killed -9: silent since
     assert isinstance(_register(svc, NEW), P.RegisterAck)  # only the new one speaks
-    for incarnation in (NEW, ""):  # "": a sender from before incarnations in these messages
-        ack = _step(svc, P.Heartbeat(server_id="rollout-0", policy_version=0,
-                                     incarnation=incarnation))
-        assert isinstance(ack, P.HeartbeatAck) and ack.known
+    ack = _step(svc, P.Heartbeat(server_id="rollout-0", policy_version=0, incarnation=NEW))
+    assert isinstance(ack, P.HeartbeatAck) and ack.known
     svc.wal.close()
+
+
+def test_a_message_without_the_holders_incarnation_neither_unregisters_nor_keeps_it_alive(tmp_path):
+    """A holder of the rollout key who names a live server's id but no incarnation: its leaving
+    heartbeat takes the server off nothing, and its heartbeats do not keep a dead server's id held
+    against the server's restart."""
+    clock = _Clock()
+    svc = _start(tmp_path, clock)
+    assert isinstance(_register(svc, OLD), P.RegisterAck)
+    for msg in (P.Heartbeat(server_id="rollout-0", policy_version=0, leaving=True),
+                P.Heartbeat(server_id="rollout-0", policy_version=0),
+                P.CreditRequest(server_id="rollout-0", max_credits=2), _group("")):
+        assert _told_to_stop(_step(svc, msg)), msg.TYPE
+    assert "rollout-0" in svc.control.roster
+    assert isinstance(_register(svc, OLD, url="http://attacker"), P.Ack)  # held: id_in_use
+    # the holder dies; the keyless heartbeats above kept nothing alive: its restart gets in
+    clock.t += HEARTBEAT_S + 1
+    assert isinstance(_register(svc, NEW), P.RegisterAck)
