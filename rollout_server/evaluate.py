@@ -297,9 +297,11 @@ def _default_config(path: Path) -> Path | None:
 def _recorded_config(path: Path) -> Path | None:
     """The run config.yaml an export names (``run_config`` in its task file: ``areal-like
     export`` writes it), when it is yours: a file owned by this user that no one else may write,
-    in a run directory (owned by this user, mode 0700, as every run directory is made). An export
-    made elsewhere names a file that is not here, or not in a run directory of yours (a download
-    keeps no 0700 directory): None."""
+    in a run directory (owned by this user, mode 0700, as every run directory is made), named by
+    an absolute path, no link on the way's last two steps. An export made elsewhere names a file
+    that is not here, or not in a run directory of yours: None. An archive can carry such modes,
+    so what this config may choose is settings: its rewards are checked as the stored task's are
+    (``_refuse_untrusted``)."""
     import stat
 
     from areal_like.settings.config import EXPORT_TASK_FILE, export_data
@@ -308,11 +310,14 @@ def _recorded_config(path: Path) -> Path | None:
     named = export_data(stored.read_text()).get("run_config") if stored.is_file() else None
     if not isinstance(named, str):
         return None
+    if not Path(named).is_absolute():
+        return None
     try:
-        st, run_dir = Path(named).stat(), Path(named).parent.stat()
+        st, run_dir = Path(named).lstat(), Path(named).parent.lstat()
     except OSError:
         return None
-    mine = (stat.S_ISREG(st.st_mode) and st.st_uid == run_dir.st_uid == os.getuid()
+    mine = (stat.S_ISREG(st.st_mode) and stat.S_ISDIR(run_dir.st_mode)
+            and st.st_uid == run_dir.st_uid == os.getuid()
             and not st.st_mode & 0o022 and stat.S_IMODE(run_dir.st_mode) == 0o700)
     return Path(named) if mine else None
 
@@ -472,13 +477,17 @@ def _eval_config(model: Path, config_file: Path | None,
                                                      if o.startswith("task.eval_path=")
                                                      ).split("=", 1)[1])
     named = "task" in keys  # task=NAME: the user's task, whatever the model's run trained on
-    run_config = None if config_file or named else _default_config(model) or _recorded_config(
-        model)
+    run_config = recorded = None
+    if not (config_file or named):
+        run_config = _default_config(model) or (recorded := _recorded_config(model))
     if config_file or run_config:
         # the model is MODEL and its settings the run's: a model=NAME has nothing left to choose
         kept = [o for o in overrides if o.split("=", 1)[0] != "model"]
         config_file = config_file or run_config
-        return load_daemon_config(["--config-file", str(config_file), *kept]), config_file
+        cfg = load_daemon_config(["--config-file", str(config_file), *kept])
+        if recorded:  # named by the export's own task file: its settings, not its code
+            _refuse_untrusted(cfg.task, keys, recorded)
+        return cfg, config_file
     stored = model / EXPORT_TASK_FILE
     if not named and stored.is_file():
         text = stored.read_text()

@@ -9,8 +9,8 @@ rollout server, one trainer rank), with ``trainer.learning_watch_steps=3``:
   (also in summary.json) has ``ok`` false, the steps without a signal and what to try;
 * the reversal task's own grade under a user's module name (``reversed_exact``): ``learning.ok``
   is true. Then ``areal-like export`` of its checkpoint into a directory of one's own is evaluated
-  with the run's settings, the user's reward included (its task file names the run's config.yaml),
-  with ``--samples``; and a checkpoint ``trainer.keep_checkpoints`` deleted is named as deleted.
+  with the run's settings (its task file names the run's config.yaml), the user's reward named on
+  the command line (a recorded config chooses settings, not code), with ``--samples``; and a checkpoint ``trainer.keep_checkpoints`` deleted is named as deleted.
 """
 
 from __future__ import annotations
@@ -90,7 +90,12 @@ def test_a_learning_run_is_not_flagged_and_its_export_evaluates_with_the_runs_se
     mine, samples = tmp_path / "mine", tmp_path / "samples.jsonl"
     exported = _cli("export", str(checkpoints / "v00000005"), str(mine))
     assert exported.returncode == 0, exported.stderr[-3000:]
-    e = _cli("eval", str(mine), "eval.max_examples=6", "eval.k=2", "--samples", str(samples))
+    # the recorded config chooses settings, not code: the user's reward is named here
+    refused = _cli("eval", str(mine), "eval.max_examples=6")
+    assert refused.returncode == 2 and "task.reward_fn=tests.learning_reward:reversed_exact" in (
+        refused.stderr), refused.stderr[-3000:]
+    e = _cli("eval", str(mine), "eval.max_examples=6", "eval.k=2", "--samples", str(samples),
+             "task.reward_fn=tests.learning_reward:reversed_exact")
     assert e.returncode == 0, e.stderr[-3000:]
     record = json.loads(e.stdout.strip().splitlines()[-1])
     # the run's task and sampling (temperature 2, the quickstart's), from the run's config.yaml
