@@ -141,11 +141,21 @@ def check_token() -> None:
 
 def keyless_refused(gcs: str) -> bool:
     """Whether the cluster's GCS at ``gcs`` refuses a client that sends no token: its first call
-    (``GetClusterId``, which every Ray client makes) sent without Ray's token header."""
+    (``GetClusterId``, which every Ray client makes) sent without Ray's token header, over TLS
+    with this process's certificates where Ray's TLS is on (``RAY_USE_TLS``), as Ray's own
+    clients connect."""
     import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
-    with grpc.insecure_channel(gcs) as channel:
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        from ray._common.tls_utils import load_certs_from_env
+
+        chain, key, ca = load_certs_from_env()
+        channel = grpc.secure_channel(gcs, grpc.ssl_channel_credentials(
+            certificate_chain=chain, private_key=key, root_certificates=ca))
+    else:
+        channel = grpc.insecure_channel(gcs)
+    with channel:
         try:
             gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).GetClusterId(
                 gcs_service_pb2.GetClusterIdRequest(), timeout=CONNECT_TIMEOUT_S)

@@ -23,6 +23,7 @@ import hmac
 import logging
 import os
 import secrets
+import stat
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -64,11 +65,19 @@ ROOT_PREFIX = "areal_like_weights_"
 def in_push_dir(path: str) -> bool:
     """Whether ``path``, symbolic links resolved, is one push's directory of the disk path (the
     only place an adapter is loaded from): a directory of a ``ROOT_PREFIX`` one in the temporary
-    directory. Says nothing of whether it exists."""
+    directory, that one a real directory of this user's that no one else may enter (as
+    ``mkdtemp`` makes it: another local user's look-alike is not a push). Says nothing of whether
+    the push itself exists."""
     real = os.path.realpath(path)
     root = os.path.dirname(real)
-    return (os.path.dirname(root) == os.path.realpath(tempfile.gettempdir())
-            and os.path.basename(root).startswith(ROOT_PREFIX) and real != root)
+    if not (os.path.dirname(root) == os.path.realpath(tempfile.gettempdir())
+            and os.path.basename(root).startswith(ROOT_PREFIX) and real != root):
+        return False
+    try:
+        st = os.lstat(root)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
 class _Deadline:

@@ -30,7 +30,15 @@ from rollout_server.sync_port import SyncPort
 
 ENGINE = "http://127.0.0.1:1"  # the engine the port serves (never called here)
 # where the trainer's disk path writes a push (trainer/weight_local.py): need not exist here
-PUSHED = os.path.join(tempfile.gettempdir(), f"{ROOT_PREFIX}1_test", "v1-abcdef")
+
+
+@pytest.fixture
+def pushed():
+    """One push's directory of the disk path, as the trainer's DiskSender makes its root
+    (``mkdtemp``: this user's, mode 0700); the push itself need not exist."""
+    root = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}1_")
+    yield os.path.join(root, "v1-abcdef")
+    os.rmdir(root)
 
 
 def _plan(port: int) -> WeightSyncPlan:
@@ -63,7 +71,7 @@ def _post(url: str, body: bytes, key: str) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_one(echo):  # noqa: F811
+def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_one(echo, pushed):  # noqa: F811
     gate_port, calls = free_port(), []
     gate = StoreGate("127.0.0.1", gate_port, GROUP, echo, key=KEY)
 
@@ -91,7 +99,7 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
                 # a big adapter's plan (its names and shapes: past 4 KB) goes whole, both ways
                 names = [f"model.layers.{i}.self_attn.q_proj.lora_A.weight" for i in range(400)]
                 big = msgspec.structs.replace(
-                    _plan(gate_port), path="disk", payloads=[PUSHED],
+                    _plan(gate_port), path="disk", payloads=[pushed],
                     buckets=[BucketSpec(names=names, dtypes=["float32"] * 400,
                                         shapes=[[8, 64]] * 400)])
                 done = await trainer.load_adapter_for(big, "a")
@@ -256,10 +264,12 @@ def test_a_door_leads_only_to_the_jobs_rendezvous(echo):  # noqa: F811
     assert dialled == [("127.0.0.1", gate_port)]
 
 
-def test_an_adapter_outside_the_push_directories_is_refused_alike_whether_it_exists(tmp_path):
+def test_an_adapter_outside_the_push_directories_is_refused_alike_whether_it_exists(tmp_path,
+                                                                                   pushed):
     """/adapter loads only a directory the trainer's disk path writes; any other path, one that
-    exists or not, a ``..`` out of one or a link from one to elsewhere, is refused the same way,
-    and the server's adapter route is never called."""
+    exists or not, a ``..`` out of one, a link from one to elsewhere, or a look-alike root others
+    may enter (another local user's), is refused the same way, and the server's adapter route is
+    never called."""
     calls = []
 
     async def adapter(plan):
@@ -268,8 +278,10 @@ def test_an_adapter_outside_the_push_directories_is_refused_alike_whether_it_exi
 
     root = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}1_")
     os.symlink(str(tmp_path), os.path.join(root, "v1-link"))
+    open_root = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}2_")
+    os.chmod(open_root, 0o755)
     paths = [str(tmp_path), str(tmp_path / "not-here"), "/etc", f"{root}/../../etc",
-             f"{root}/v1-link", PUSHED]
+             f"{root}/v1-link", f"{open_root}/v1-abcdef", pushed]
     port = _port(KEY, calls, adapter=adapter)
 
     async def scenario() -> list[tuple[int, str]]:
@@ -289,6 +301,7 @@ def test_an_adapter_outside_the_push_directories_is_refused_alike_whether_it_exi
     finally:
         os.unlink(os.path.join(root, "v1-link"))
         os.rmdir(root)
-    assert [status for status, _ in answers] == [400] * 5 + [200], answers
-    assert len({text for _, text in answers[:5]}) == 1  # says nothing of what exists
-    assert calls == [PUSHED]
+        os.rmdir(open_root)
+    assert [status for status, _ in answers] == [400] * 6 + [200], answers
+    assert len({text for _, text in answers[:6]}) == 1  # says nothing of what exists
+    assert calls == [pushed]
