@@ -31,6 +31,9 @@ Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: none (a plan of a path
 # another process (buffer/STALENESS.md)
 Incarnation = Annotated[str, msgspec.Meta(max_length=64)]
 EngineKind = Annotated[str, msgspec.Meta(max_length=32)]  # rollout.engine.kind ("": not reported)
+# a peer's names and addresses reach log lines: bounded, and no control character (no forged line)
+ServerId = Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[^\x00-\x1f\x7f]*$")]
+Url = Annotated[str, msgspec.Meta(max_length=512, pattern=r"^[^\x00-\x1f\x7f]*$")]
 
 
 class _TopLevel(Message, frozen=True, kw_only=True):
@@ -39,8 +42,8 @@ class _TopLevel(Message, frozen=True, kw_only=True):
 
 
 class Register(_TopLevel, tag="register"):
-    server_id: str
-    engine_url: str  # HTTP base URL of the engine this server owns (weight-sync peer)
+    server_id: ServerId
+    engine_url: Url  # HTTP base URL of the engine this server owns (weight-sync peer)
     engine_ranks: Ranks = 1  # ranks the engine contributes to the weight-update group (its TP size)
     policy_version: int = -1  # version the engine serves now (-1: unknown)
     torch_version: str = ""  # the engine's runtime ("": unknown; areal_like/weights/versions.py)
@@ -51,17 +54,17 @@ class Register(_TopLevel, tag="register"):
     fresh: bool = False  # its first Register since it started (decides when the buffer knows none)
     engine_kind: EngineKind = ""  # the protocol its engine speaks: how a trainer drives it
     # its sync port (rollout_server/sync_port.py): the trainer's door, begin, adapter, end calls
-    sync_url: str = ""
+    sync_url: Url = ""
 
 
 class RegisterAck(_TopLevel, tag="register_ack"):
-    server_id: str
+    server_id: ServerId
     policy_version: int  # the trainer version the buffer knows
     pub_address: str  # where VersionUpdate announcements are published
 
 
 class Heartbeat(_TopLevel, tag="heartbeat"):
-    server_id: str
+    server_id: ServerId
     policy_version: int  # version the engine serves
     in_flight: Count = 0  # groups being generated
     # running an evaluation: leave it out of weight syncs until it says False
@@ -72,7 +75,7 @@ class Heartbeat(_TopLevel, tag="heartbeat"):
 
 
 class CreditRequest(_TopLevel, tag="credit_request"):
-    server_id: str
+    server_id: ServerId
     max_credits: Wanted
     incarnation: Incarnation = ""
 
@@ -98,7 +101,7 @@ class TrajectoryGroup(_TopLevel, tag="trajectory_group"):
     inside a ``Batch`` as stored."""
 
     group_id: str  # globally unique; dedupe key
-    server_id: str
+    server_id: ServerId
     lease_id: str
     prompt_index: Count
     epoch: Count
@@ -157,8 +160,8 @@ class RosterRequest(_TopLevel, tag="roster_request"):
 
 
 class RosterEntry(Message, tag="roster_entry"):
-    server_id: str
-    engine_url: str
+    server_id: ServerId
+    engine_url: Url
     engine_ranks: Ranks
     policy_version: int
     torch_version: str = ""  # from the member's Register ("": not reported)
@@ -167,7 +170,7 @@ class RosterEntry(Message, tag="roster_entry"):
     evaluates: bool = False  # from the member's Register
     incarnation: Incarnation = ""
     engine_kind: EngineKind = ""  # from the member's Register
-    sync_url: str = ""  # from the member's Register
+    sync_url: Url = ""  # from the member's Register
     # the buffer's count of its lease requests and groups: the trainer leaves out a member whose
     # sync ran into the deadline until this (or its incarnation) moves (trainer/weight_sync.py)
     active: int = 0
@@ -180,7 +183,7 @@ class Roster(_TopLevel, tag="roster"):
 
 
 class SyncMember(Message, tag="sync_member"):
-    server_id: str
+    server_id: ServerId
     # engine TP rank t is group rank rank_offset + t
     rank_offset: Annotated[int, msgspec.Meta(ge=0, le=MAX_GROUP_RANKS - 1)]
 
@@ -244,7 +247,7 @@ class SyncDone(Message):
     """One member's result of a ``WeightSyncPlan`` (areal_like/weights/engine_sync.py); never on
     the wire."""
 
-    server_id: str
+    server_id: ServerId
     policy_version: int
     ok: bool
     reason: str = ""

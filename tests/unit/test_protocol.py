@@ -70,6 +70,9 @@ def strategy_for(tp) -> st.SearchStrategy:
         if inner is int:
             return st.integers(meta.ge if meta.ge is not None else -(2**63),
                                meta.le if meta.le is not None else 2**64 - 1)
+        if inner is str and meta.pattern:  # a peer's name or address: printable text
+            return st.text(st.characters(min_codepoint=0x20, exclude_characters="\x7f"),
+                           max_size=min(12, meta.max_length or 12))
         if typing.get_origin(inner) is list:
             return st.lists(strategy_for(typing.get_args(inner)[0]), min_size=meta.min_length or 0,
                             max_size=max(3, meta.min_length or 0))
@@ -759,3 +762,17 @@ def _float_swapped(wire, bad: float):
     if isinstance(wire, list):
         return [_float_swapped(v, bad) for v in wire]
     return bad if type(wire) is float and wire == 1.0 else wire
+
+
+@pytest.mark.parametrize("field,value", [("server_id", "rollout-0\n[buffer] forged line"),
+                                         ("server_id", "r" * 129),
+                                         ("engine_url", "http://x\r\nforged"),
+                                         ("sync_url", "http://" + "x" * 600)])
+def test_a_peers_names_and_addresses_reach_no_log_line_with_a_newline(field, value):
+    """A Register's id and URLs go into the buffer's and the trainer's log lines: one with a
+    control character or past its length is refused at decode, naming the field."""
+    fields = {"server_id": "rollout-0", "engine_url": "http://127.0.0.1:1", "policy_version": 0}
+    frame = P.encode(P.Register(**{**fields, field: value}))
+    with pytest.raises(P.ProtocolError) as info:
+        P.decode(frame)
+    assert field in str(info.value)
