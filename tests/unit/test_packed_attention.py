@@ -162,7 +162,7 @@ def test_the_varlen_kernel_gets_the_row_in_its_layout(monkeypatch):
     m = batch.mask > 0
     torch.testing.assert_close(varlen[m], exact[m], rtol=0, atol=1e-5)
     for a, b in zip(g_varlen, g_exact):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
 
 
 def test_a_sliding_window_stays_inside_each_packed_sequence(monkeypatch):
