@@ -65,7 +65,9 @@ class LearningWatch:
         """The ``learning`` field of the final JSON; None when the watch is off."""
         if not self.steps:
             return None
-        out: dict = {"ok": self.longest < self.steps, "steps_watched": self.watched,
+        # a run shorter than the watch's window that never had a signal learned nothing either
+        silent = self.watched > 0 and self.without == self.watched
+        out: dict = {"ok": self.longest < self.steps and not silent, "steps_watched": self.watched,
                      "steps_without_signal": self.without, "longest_run": self.longest}
         if not out["ok"]:
             out["reason"] = (f"no learning signal in {self.without} of {self.watched} steps "

@@ -49,3 +49,9 @@ def test_frozen_and_skipped_steps_count_neither_way_and_zero_is_off():
     assert verdict == {"ok": True, "steps_watched": 2, "steps_without_signal": 1,
                        "longest_run": 1}
     assert _watch(0, [EQUAL] * 5).verdict() is None
+
+
+def test_a_run_shorter_than_the_bound_without_any_signal_learned_nothing():
+    verdict = _watch(10, [EQUAL] * 5).verdict()
+    assert verdict["ok"] is False and verdict["steps_without_signal"] == 5, verdict
+    assert "5 of 5 steps" in verdict["reason"]
