@@ -1,4 +1,4 @@
-"""Issue 42's attack campaign: every attack replayed against a real running job, one line each.
+"""The attack campaign: every attack replayed against a real running job, one line each.
 
 Starts a real job on loopback (the quickstart at test size through the real supervisor and
 daemons, ``security.local_ipc=false``: every daemon on tcp with CURVE), waits
@@ -8,13 +8,14 @@ and prints one line per attack::
 
     <name> <contained|NOT CONTAINED> <what was seen>
 
-Attacks: the hand-out by socket (``batch_theft``), the register flood, the roster read and a
-real server's id taken over by a member (``roster_read``, ``roster_hijack``), strangers on a
-``/metrics``
-port and on an engine, the reward worker reaching keys and signalling the job, malformed and
-oversized frames on the buffer's CURVE port, replayed CURVE traffic, a frame
-nested 50,000 deep, slow and malformed HTTP with the valid engine key, a NaN group, and a
-checkpoint whose ``meta.pt`` runs code when loaded. Every attack is bounded in count and time;
+Attacks: the hand-out by socket (``batch_theft``), the register flood, a member reading the
+roster and taking a live server's id, strangers on a ``/metrics`` port and on an engine, the
+reward worker reaching keys and signalling the job, malformed and oversized frames on the
+buffer's CURVE port, replayed CURVE traffic, a frame nested 50,000 deep, slow and malformed HTTP
+with the valid engine key, a member's engine answering 1 GiB to ``/health``, a member's sync port
+forging log lines, a NaN group, a keyless client on a Ray cluster started as launch/RAY.md says,
+and a checkpoint whose ``meta.pt`` runs code when loaded. Every attack is bounded in count and
+time;
 everything goes to 127.0.0.1; the job is stopped at the end and every process it started is
 gone (checked by PID; any left is killed by PID), and its directory removed unless ``--root``
 named it. Exit status: 0 when all were contained.
