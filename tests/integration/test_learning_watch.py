@@ -10,7 +10,8 @@ rollout server, one trainer rank), with ``trainer.learning_watch_steps=3``:
 * the reversal task's own grade under a user's module name (``reversed_exact``): ``learning.ok``
   is true. Then ``areal-like export`` of its checkpoint into a directory of one's own is evaluated
   with the run's settings (its task file names the run's config.yaml), the user's reward named on
-  the command line (a recorded config chooses settings, not code), with ``--samples``; and a checkpoint ``trainer.keep_checkpoints`` deleted is named as deleted.
+  the command line (a recorded config chooses settings, not code), with ``--samples``; and a
+  checkpoint ``trainer.keep_checkpoints`` deleted is named as deleted.
 """
 
 from __future__ import annotations

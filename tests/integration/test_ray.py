@@ -611,8 +611,9 @@ def test_a_ray_job_learns_scales_survives_a_lost_node_and_stops(cluster, tmp_pat
         wait_until(lambda: log.read_text().count("rollout: started") >= 2, 180, 1.0,
                    f"{victim} started on its new node")
         assert "its actor or node is lost" in log.read_text(), log.read_text()[-3000:]
-        # one restart: the restarted actor waits until Ray placed the bundle anew (launch/RAY.md)
-        assert log.read_text().count(LOG_START) == 2, log.read_text()[-3000:]
+        # one restart: the restarted actor waits until Ray placed the bundle anew (launch/RAY.md);
+        # one more where Ray placed it on the lost node before its health checks ran out (8 s)
+        assert log.read_text().count(LOG_START) in (2, 3), log.read_text()[-3000:]
         wait_until(lambda: _steps(run_dir) >= at_kill + 3, 240, 1.0, "steps after the loss")
         status = _cli("status", str(run_dir))
         assert status.returncode == 0, status.stdout + status.stderr

@@ -72,8 +72,16 @@ class _Evaluator:
         return {"policy_version": version}
 
 
-# an adapter's directory where the trainer writes one (trainer/weight_local.py): never read here
-UNREAD = os.path.join(tempfile.gettempdir(), f"{ROOT_PREFIX}1_test", "v1")
+# an adapter's directory where the trainer writes one (trainer/weight_local.py: a push root made
+# by mkdtemp, this user's, 0700): never read here; the root goes with the module's tests
+_PUSH_ROOT = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}1_")
+UNREAD = os.path.join(_PUSH_ROOT, "v1")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _push_root():
+    yield
+    os.rmdir(_PUSH_ROOT)
 # the server's id, its engine's URL and its process's incarnation (``begin``)
 ME = ("me", "http://127.0.0.1:1", "me-1")
 

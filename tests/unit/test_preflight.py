@@ -461,7 +461,8 @@ def test_preflight_lists_every_problem_and_checked_resolves_first(tmp_path, monk
         pf.checked(cfg)
     assert isinstance(info.value, ConfigError)
     keys = [p.split("=", 1)[0] for p in info.value.problems]
-    assert keys == ["model.path", "warm_start.steps", "task.dataset_path", "task.prompt_key",
+    # the second: a model path under the tiny model's warm-start recipe
+    assert keys == ["model.path", "model.path", "task.dataset_path", "task.prompt_key",
                     "task.chat_template"]
     assert str(info.value).splitlines() == info.value.problems
     model = hf_dir(tmp_path / "model")
@@ -480,7 +481,7 @@ def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anyt
                        capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert [ln.split("=", 1)[0] for ln in lines] == ["error: model.path", "error: warm_start.steps",
+    assert [ln.split("=", 1)[0] for ln in lines] == ["error: model.path", "error: model.path",
                                                      "error: task.eval_path",
                                                      "error: task.reward_fn"], lines
     assert "Traceback" not in r.stderr and r.stdout == ""
