@@ -72,14 +72,18 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+# resolved once in the parent: a dlopen in the child between fork and exec can wait forever on the
+# loader's lock, held at the fork by another of the parent's threads
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
     """In a child between fork and exec: the kernel sends it ``sig`` when ``parent`` dies (also by
     ``kill -9``; the signal survives ``exec``), and it exits at once if ``parent`` is gone already.
     No-op off Linux."""
-    if not sys.platform.startswith("linux"):
+    if _PRCTL is None:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+    if _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent:  # reparented: the parent died before prctl, nobody sends the signal
         os._exit(1)
