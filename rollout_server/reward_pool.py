@@ -30,6 +30,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -298,14 +299,8 @@ class RewardPool:
     def _learn_kind(self, f: RewardFn) -> None:
         """In a pool thread: whether ``f`` is batched, from a worker's hello; RewardPoolError
         when no worker can load it."""
-        try:
+        with self._starting(f):
             f.batched = bool(f.workers.hello().get("batched"))
-        except StartFailed as failed:
-            if not self._closed:  # else close() killed it while it started
-                self._break(f"{f.label} cannot be loaded in a reward worker: {failed}")
-        except OSError as e:  # no process can be started (EAGAIN, out of file descriptors, ...)
-            self._break(str(self._cannot_start(e, f)))
-        self._raise_if_broken()
 
     # ---------------------------------------------------------------- in process (reward_workers=0)
     def _load_inline(self, f: RewardFn) -> Callable:
@@ -402,15 +397,22 @@ class RewardPool:
         """``f.workers.call_all``; RewardPoolError (the pool broken) when a worker cannot
         start."""
         replies: list[dict | WorkerLost] = []
-        try:
+        with self._starting(f):
             replies = f.workers.call_all(requests, timeout_s, self._observe)
+        return replies
+
+    @contextlib.contextmanager
+    def _starting(self, f: RewardFn):
+        """Around a call that may start ``f``'s workers: one that cannot start breaks the pool,
+        and RewardPoolError leaves here."""
+        try:
+            yield
         except StartFailed as failed:
             if not self._closed:  # else close() killed it while it started
                 self._break(f"{f.label} cannot be loaded in a reward worker: {failed}")
         except OSError as e:  # no process can be started (EAGAIN, out of file descriptors, ...)
             self._break(str(self._cannot_start(e, f)))
         self._raise_if_broken()
-        return replies
 
     def _score_reply(self, f: RewardFn, reply: dict | WorkerLost) -> Score:
         if isinstance(reply, WorkerLost):
