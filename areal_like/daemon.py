@@ -8,11 +8,13 @@ the loop raises it (``raise_if_component_stopped``) and the daemon exits non-zer
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import fcntl
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -30,9 +32,6 @@ GRACEFUL_STOP_S = 10.0  # after SIGTERM, how long stop() may take before the lau
 # (per arena) instead of handing each group's frames back to the kernel and faulting them in again
 # (~100 us per 400 KB group on each side: benchmarks/bench_transport.py).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(32 << 20)}
-
-
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class LockHeld(Exception):
@@ -72,21 +71,22 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-# resolved once in the parent: a dlopen in the child between fork and exec can wait forever on the
-# loader's lock, held at the fork by another of the parent's threads
-_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+TIED = str(Path(__file__).with_name("tied.py"))
 
 
-def die_with_parent(parent: int, sig: int = signal.SIGTERM) -> None:
-    """In a child between fork and exec: the kernel sends it ``sig`` when ``parent`` dies (also by
-    ``kill -9``; the signal survives ``exec``), and it exits at once if ``parent`` is gone already.
-    No-op off Linux."""
-    if _PRCTL is None:
-        return
-    if _PRCTL(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent:  # reparented: the parent died before prctl, nobody sends the signal
-        os._exit(1)
+def popen_tied(argv: list[str], sig: int = signal.SIGTERM, **popen) -> subprocess.Popen:
+    """``subprocess.Popen(argv, **popen)`` whose process the kernel sends ``sig`` when the calling
+    thread's process dies, also by ``kill -9`` (``PR_SET_PDEATHSIG``, set by ``tied.py`` before
+    it execs ``argv``; a child whose parent died before that exits 1). FileNotFoundError, as from
+    Popen, when ``argv[0]`` is not found on the ``PATH`` it will run with. Linux only."""
+    if not sys.platform.startswith("linux"):
+        raise RuntimeError("a tied child needs Linux (prctl PR_SET_PDEATHSIG)")
+    path = (popen.get("env") or os.environ).get("PATH", os.defpath)
+    program = shutil.which(argv[0], path=path)
+    if program is None:
+        raise FileNotFoundError(errno.ENOENT, "no such program", argv[0])
+    return subprocess.Popen([sys.executable, "-I", "-S", TIED, str(os.getpid()), str(int(sig)),
+                             os.path.abspath(program), *argv], **popen)
 
 
 def setup_logging(name: str, level: str | None = None) -> logging.Logger:

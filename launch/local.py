@@ -28,7 +28,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ from pathlib import Path
 
 import psutil
 
-from areal_like.daemon import GRACEFUL_STOP_S, STARTED, die_with_parent
+from areal_like.daemon import GRACEFUL_STOP_S, STARTED, popen_tied
 
 POLL_S = 0.5  # how often exits are noticed; a restart within a second is plenty for daemons
 STOP_GRACE_S = GRACEFUL_STOP_S + 5.0  # SIGTERM -> SIGKILL, with room for a clean stop to finish
@@ -327,10 +326,9 @@ class Supervisor:
             log = self.logs[p.spec.name] = rotating_file(self.log_dir / f"{p.spec.name}.log",
                                                          self.log_max_bytes, self.log_backups)
         write_line(log, f"{LOG_START}{time.strftime('%H:%M:%S')}: {' '.join(argv)}")
-        p.popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, start_new_session=True,
-                                   pass_fds=self.inherit_fds,
-                                   preexec_fn=functools.partial(die_with_parent, os.getpid()))
+        p.popen = popen_tied(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, start_new_session=True,
+                             pass_fds=self.inherit_fds)
         p.descendants, p.started = {}, False
         p.pump = threading.Thread(target=self._pump, args=(p, p.popen, log), daemon=True,
                                   name=f"log-{p.spec.name}")

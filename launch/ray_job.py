@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ import time
 from collections import deque
 from pathlib import Path
 
-from areal_like.daemon import die_with_parent
+from areal_like.daemon import popen_tied
 from areal_like.net.auth import BIND_HOST_ENV, SECRET_NAME
 from areal_like.net.distributed import free_port
 from areal_like.net.security import SecurityError, owner_only
@@ -453,7 +452,7 @@ def run_on_ray(cfg: RunConfig, quiet: bool = False, accept_changes: bool = False
 
 class DaemonHost:
     """A Ray actor (threaded) that runs one daemon as a subprocess on its node and buffers its
-    output for ``read``; the daemon dies with the actor (``die_with_parent``)."""
+    output for ``read``; the daemon dies with the actor (``popen_tied``)."""
 
     def __init__(self):
         self.lines: deque[str] = deque()
@@ -474,10 +473,9 @@ class DaemonHost:
         env.pop(TOKEN_ENV, None)  # Ray's token, which the node's workers hold: no daemon needs it
         if hide_gpus:  # the GPUs Ray gave this actor, none for a CPU process of a GPU job
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in ray.get_gpu_ids())
-        self.popen = subprocess.Popen(argv, env=env, cwd=cwd if os.path.isdir(cwd) else None,
-                                      stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                      preexec_fn=functools.partial(die_with_parent, os.getpid()))
+        self.popen = popen_tied(argv, env=env, cwd=cwd if os.path.isdir(cwd) else None,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         threading.Thread(target=self._pump, daemon=True).start()
         return {"host": ip, "pid": self.popen.pid,
                 "node_id": ray.get_runtime_context().get_node_id()}
@@ -511,14 +509,13 @@ def guard(command: list[str], poll_s: float = 0.5) -> int:
     own; SIGTERM and SIGINT passed on to its group (SIGKILL after ``STOP_GRACE_S``); its
     descendants recorded on every poll (torchrun's ranks have sessions of their own) and the
     survivors killed by PID once it exited. The kernel sends this SIGTERM when the actor dies
-    (``die_with_parent``), so a daemon never outlives its actor. Exit: COMMAND's (128 + signal)."""
+    (``popen_tied``), so a daemon never outlives its actor. Exit: COMMAND's (128 + signal)."""
     import psutil
 
     stop: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: stop.append(s))
-    popen = subprocess.Popen(command, start_new_session=True,
-                             preexec_fn=functools.partial(die_with_parent, os.getpid()))
+    popen = popen_tied(command, start_new_session=True)
     seen: dict[int, psutil.Process] = {}
     deadline = None
     while popen.poll() is None:

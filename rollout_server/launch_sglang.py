@@ -26,7 +26,6 @@ Invariants:
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import re
@@ -39,7 +38,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from areal_like.daemon import StartRefused, die_with_parent
+from areal_like.daemon import StartRefused, popen_tied
 from areal_like.net.auth import ENGINE_KEY_ENV, redact_argv
 from areal_like.net.distributed import free_port
 from areal_like.net.store_gate import listen_on
@@ -58,11 +57,8 @@ THREADS_BIND = "SGLANG_CPU_OMP_THREADS_BIND"  # SGLang on CPU: each TP rank's CP
 def spawn_tied(argv: list[str], stdout=None, stderr=None,
                env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``argv`` in a session of its own, killed by the kernel when this process dies."""
-    if not sys.platform.startswith("linux"):
-        raise RuntimeError("spawn_tied needs Linux (prctl PR_SET_PDEATHSIG)")
-    return subprocess.Popen(argv, stdout=stdout, stderr=stderr, env=env, start_new_session=True,
-                            preexec_fn=functools.partial(die_with_parent, os.getpid(),
-                                                         signal.SIGKILL))
+    return popen_tied(argv, signal.SIGKILL, stdout=stdout, stderr=stderr, env=env,
+                      start_new_session=True)
 
 
 def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:

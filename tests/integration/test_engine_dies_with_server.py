@@ -119,8 +119,10 @@ def test_control_an_untied_child_survives_its_parent():
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
 def test_a_child_whose_parent_is_already_gone_exits_at_once():
     """The race fork -> prctl: a child reparented before prctl exits instead of running untied."""
-    code = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                           "from areal_like.daemon import die_with_parent; "
-                           "die_with_parent(1); print('untied')", str(REPO)],
+    from areal_like.daemon import TIED
+
+    # PID 1 is not this process: the tie sees its parent gone and does not run the command
+    code = subprocess.run([sys.executable, "-I", "-S", TIED, "1", str(int(signal.SIGKILL)),
+                           sys.executable, "python", "-c", "print('untied')"],
                           capture_output=True, text=True, timeout=60)
     assert code.returncode == 1 and "untied" not in code.stdout

@@ -359,9 +359,9 @@ def test_a_run_dir_a_node_does_not_see_is_one_error_line(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-ACTOR = """import functools, os, subprocess, sys, time
-from areal_like.daemon import die_with_parent
-subprocess.Popen(sys.argv[1:], preexec_fn=functools.partial(die_with_parent, os.getpid()))
+ACTOR = """import time, sys
+from areal_like.daemon import popen_tied
+popen_tied(sys.argv[1:])
 time.sleep(600)
 """
 # a stand-in torchrun: a rank in a session of its own, which a signal to its group misses

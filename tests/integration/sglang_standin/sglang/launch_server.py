@@ -15,14 +15,12 @@ this process exits as it did (``kill -9``: by SIGKILL) that many seconds after i
 closes its sockets a moment before its parent can see it exit; this widens that moment.
 """
 
-import functools
 import os
 import signal
-import subprocess
 import sys
 import time
 
-from areal_like.daemon import die_with_parent
+from areal_like.daemon import popen_tied
 
 
 def main(argv: list[str]) -> None:
@@ -43,8 +41,7 @@ def main(argv: list[str]) -> None:
     if lag is None:
         record_pid(os.getpid())
         os.execve(sys.executable, argv, env)
-    engine = subprocess.Popen(argv, env=env, preexec_fn=functools.partial(
-        die_with_parent, os.getpid(), signal.SIGKILL))
+    engine = popen_tied(argv, signal.SIGKILL, env=env)
     record_pid(engine.pid)
     code = engine.wait()
     time.sleep(float(lag))  # the injected fault: the exit reported late
