@@ -7,6 +7,7 @@ well. Nothing here kills by name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -45,6 +46,24 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.update(extra or {})
     return env
 
+
+
+def run_cli(*args: str, timeout: float = 600, cwd: Path = REPO_ROOT,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``areal-like ARGS`` in a subprocess (``child_env()`` unless ``env``), output captured as
+    text. Past ``timeout`` it and every process it started are killed, by PID, before
+    ``TimeoutExpired`` is raised, so a hung job leaves no process behind."""
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env or child_env())
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p in _descendants(proc.pid) + [proc]:
+            with contextlib.suppress(ProcessLookupError, psutil.NoSuchProcess):
+                p.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def run_json_worker(script: str, out: Path, timeout_s: float) -> dict:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -26,32 +25,16 @@ import psutil
 import pytest
 from system_harness import BASE_OVERRIDES, warm_model
 
+from tests.conftest import run_cli
+
 WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart"  # shared with test_e2e.py
 
 pytestmark = pytest.mark.slow
 
 
-def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``areal-like`` in a subprocess; past ``timeout`` the launcher AND the daemons it started are
-    killed (by PID) before the timeout is raised, so a hung job leaves no process behind."""
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def run_job(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """``areal-like run -q`` at test size from the warm-started model (no warm start of its own)."""
-    return _cli("run", "-q", *BASE_OVERRIDES, f"model.path={warm_model(WARM_CACHE)}",
+    return run_cli("run", "-q", *BASE_OVERRIDES, f"model.path={warm_model(WARM_CACHE)}",
                 "warm_start.steps=0", f"run_dir={run_dir}", *overrides)
 
 
@@ -90,7 +73,7 @@ def test_in_run_evaluation_matches_the_exported_model(tmp_path):
     assert final["greedy_accuracy"] > 0.5
 
     export = run_dir / "export" / "v00000006"
-    offline = _cli("eval", str(export), "--out", str(tmp_path / "offline.jsonl"))
+    offline = run_cli("eval", str(export), "--out", str(tmp_path / "offline.jsonl"))
     assert offline.returncode == 0, offline.stderr[-3000:]
     record = json.loads(offline.stdout.strip().splitlines()[-1])
     assert record["policy_version"] == 6 and record["n"] == 96
@@ -98,7 +81,7 @@ def test_in_run_evaluation_matches_the_exported_model(tmp_path):
     assert (json.loads((tmp_path / "offline.jsonl").read_text())["greedy_accuracy"]
             == final["greedy_accuracy"])
 
-    checkpoint = _cli("eval", str(run_dir / "checkpoints" / "v00000006"))
+    checkpoint = run_cli("eval", str(run_dir / "checkpoints" / "v00000006"))
     assert checkpoint.returncode == 0, checkpoint.stderr[-3000:]
     assert (json.loads(checkpoint.stdout.strip().splitlines()[-1])["greedy_accuracy"]
             == final["greedy_accuracy"])
@@ -114,10 +97,10 @@ def _evaluated_away_from_the_run(tmp_path: Path, run_dir: Path, final: dict) -> 
     moved = tmp_path / "elsewhere" / "final"
     shutil.copytree(run_dir / "export" / "v00000006", moved)
     mine = tmp_path / "mine"
-    exported = _cli("export", str(run_dir / "checkpoints" / "v00000006"), str(mine))
+    exported = run_cli("export", str(run_dir / "checkpoints" / "v00000006"), str(mine))
     assert exported.returncode == 0, exported.stderr[-3000:]
     for model in (moved, mine):
-        r = _cli("eval", str(model))
+        r = run_cli("eval", str(model))
         assert r.returncode == 0, r.stderr[-3000:]
         record = json.loads(r.stdout.strip().splitlines()[-1])
         assert (record["policy_version"], record["n"], record["k"]) == (6, 96, 2), record
@@ -166,7 +149,7 @@ def test_eval_of_a_lora_export_scores_the_base_with_its_adapter(tmp_path):
 
     before = _children()
     for task in (["task=reverse"], []):  # the task named, then the run's config.yaml
-        r = _cli("eval", str(export), *task, "eval.max_examples=64", "eval.k=1")
+        r = run_cli("eval", str(export), *task, "eval.max_examples=64", "eval.k=1")
         assert r.returncode == 0, r.stderr[-3000:]
         record = json.loads(r.stdout.strip().splitlines()[-1])
         assert record["policy_version"] == 7 and record["n"] == 64

@@ -18,41 +18,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-import psutil
 import pytest
 from system_harness import BASE_OVERRIDES, warm_model
 
-from tests.conftest import REPO_ROOT, child_env
+from tests.conftest import run_cli
 
 WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart"  # shared with test_e2e.py
 
 pytestmark = pytest.mark.slow
 
 
-def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``areal-like`` in a subprocess from the repository root (the rewards import from there);
-    past ``timeout`` it and every process it started are killed, by PID."""
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT, env=child_env())
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def _run(run_dir: Path, reward: str) -> tuple[subprocess.CompletedProcess, dict]:
-    r = _cli("run", "-q", *BASE_OVERRIDES, f"model.path={warm_model(WARM_CACHE)}",
+    r = run_cli("run", "-q", *BASE_OVERRIDES, f"model.path={warm_model(WARM_CACHE)}",
              "warm_start.steps=0", f"run_dir={run_dir}", "trainer.steps=5",
              "launch.num_rollout_servers=1", "launch.trainer_ranks=1",
              "trainer.learning_watch_steps=3", f"task.reward_fn=tests.learning_reward:{reward}")
@@ -84,18 +64,18 @@ def test_a_learning_run_is_not_flagged_and_its_export_evaluates_with_the_runs_se
 
     # checkpoint_every=1 and keep_checkpoints=2: v00000004 and v00000005 are left
     checkpoints = run_dir / "checkpoints"
-    pruned = _cli("eval", str(checkpoints / "v00000002"))
+    pruned = run_cli("eval", str(checkpoints / "v00000002"))
     assert pruned.returncode == 2 and pruned.stdout == ""
     assert f"{checkpoints / 'v00000002'} was deleted by its run" in pruned.stderr, pruned.stderr
 
     mine, samples = tmp_path / "mine", tmp_path / "samples.jsonl"
-    exported = _cli("export", str(checkpoints / "v00000005"), str(mine))
+    exported = run_cli("export", str(checkpoints / "v00000005"), str(mine))
     assert exported.returncode == 0, exported.stderr[-3000:]
     # the recorded config chooses settings, not code: the user's reward is named here
-    refused = _cli("eval", str(mine), "eval.max_examples=6")
+    refused = run_cli("eval", str(mine), "eval.max_examples=6")
     assert refused.returncode == 2 and "task.reward_fn=tests.learning_reward:reversed_exact" in (
         refused.stderr), refused.stderr[-3000:]
-    e = _cli("eval", str(mine), "eval.max_examples=6", "eval.k=2", "--samples", str(samples),
+    e = run_cli("eval", str(mine), "eval.max_examples=6", "eval.k=2", "--samples", str(samples),
              "task.reward_fn=tests.learning_reward:reversed_exact")
     assert e.returncode == 0, e.stderr[-3000:]
     record = json.loads(e.stdout.strip().splitlines()[-1])

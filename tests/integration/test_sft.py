@@ -20,30 +20,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import psutil
 import pytest
 
+from tests.conftest import run_cli
+
 pytestmark = pytest.mark.slow
-
-
-def _cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``areal-like`` in a subprocess; past ``timeout`` it and its children are killed by PID."""
-    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        for p in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.communicate()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def _summary(r: subprocess.CompletedProcess) -> dict:
@@ -83,7 +67,7 @@ def test_sft_then_a_run_that_starts_from_it(tmp_path):
               f"task.dataset_path={data}", f"task.eval_path={data}",
               "task.reward_fn=areal_like.tasks.task:exact_match", "task.max_new_tokens=4",
               "warm_start.steps=150", "warm_start.lr=3e-3"]
-    sft = _summary(_cli("sft", *common, f"run_dir={tmp_path / 'runs' / 'sft'}"))
+    sft = _summary(run_cli("sft", *common, f"run_dir={tmp_path / 'runs' / 'sft'}"))
     assert sft["ok"] and sft["steps"] == 150 and sft["examples"] == 100
     assert sft["loss_last"] < sft["loss_first"] / 5
     assert sft["greedy_acc"] >= 0.6 and sft["eval_prompts"] == 100
@@ -92,7 +76,7 @@ def test_sft_then_a_run_that_starts_from_it(tmp_path):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "areal_like_task.yaml"):
         assert (out / name).is_file(), name
 
-    r = _cli("run", "-q", *common, f"run_dir={tmp_path / 'runs' / 'rl'}", "trainer.steps=3",
+    r = run_cli("run", "-q", *common, f"run_dir={tmp_path / 'runs' / 'rl'}", "trainer.steps=3",
              "task.group_size=4", "buffer.groups_per_step=4", "launch.num_rollout_servers=1",
              "launch.trainer_ranks=1")
     run = _summary(r)
@@ -100,7 +84,7 @@ def test_sft_then_a_run_that_starts_from_it(tmp_path):
     assert run["ok"] and run["steps"] == 3
     assert run["eval_last"]["n"] == 100 and run["eval_last"]["greedy_accuracy"] >= 0.6
 
-    again = _cli("sft", *common, f"run_dir={tmp_path / 'runs' / 'sft'}")
+    again = run_cli("sft", *common, f"run_dir={tmp_path / 'runs' / 'sft'}")
     assert again.returncode == 2
     assert f"error: {out} exists: give --out a new directory" in again.stderr
     assert _children() <= before
@@ -113,15 +97,15 @@ def test_two_ranks_train_as_one_and_lora_writes_a_merged_model(tmp_path):
     before = _children()
     common = ["experiment=quickstart", "warm_start.steps=5", "trainer.micro_batch_size=16",
               f"run_dir={tmp_path / 'runs' / 'r'}"]
-    one = _summary(_cli("sft", *common, "--out", str(tmp_path / "one")))
-    two = _summary(_cli("sft", "--nproc-per-node", "2", *common, "--out", str(tmp_path / "two")))
+    one = _summary(run_cli("sft", *common, "--out", str(tmp_path / "one")))
+    two = _summary(run_cli("sft", "--nproc-per-node", "2", *common, "--out", str(tmp_path / "two")))
     assert one["loss_first"] == two["loss_first"]
     assert abs(one["loss_last"] - two["loss_last"]) < 1e-3
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("one", "two"))
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
-    lora = _summary(_cli("sft", *common, "trainer.lora.rank=4", "warm_start.lr=1e-2",
+    lora = _summary(run_cli("sft", *common, "trainer.lora.rank=4", "warm_start.lr=1e-2",
                          "--out", str(tmp_path / "lora")))
     assert lora["model"] == str(tmp_path / "lora" / "merged")
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
