@@ -64,6 +64,9 @@ def one_of(*allowed: Any) -> Bound:
 PORT = Bound("a port, 0 to 65535 (0: a free one)", lambda v: 0 <= v <= 65535)
 DEVICE = Bound("cpu, cuda or cuda:N", re.compile(r"cpu|cuda(:\d+)?").fullmatch)
 DIRECTORY = Bound("a directory", lambda v: v.strip() != "")
+# the wire's rule for a name a peer sends (areal_like/wire/protocol.py ServerId), checked at load
+WIRE_NAME = Bound("at most 128 characters, none a control character",
+                  re.compile(r"[^\x00-\x1f\x7f]{0,128}").fullmatch)
 # nothing reads inf as "no limit": inf or nan passed a bare bound (``> 0``) to fail in a daemon
 # (``int(inf)``, a poll in milliseconds, a ``timedelta``, a message field) or to make an update
 # non-finite, not at load

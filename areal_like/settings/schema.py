@@ -20,6 +20,7 @@ from areal_like.settings.config_checks import (
     DEVICE,
     DIRECTORY,
     PORT,
+    WIRE_NAME,
     Bound,
     ConfigError,
     Section,
@@ -367,7 +368,7 @@ class RolloutConfig(Section):
 
     key = "rollout"
 
-    server_id: str = ""  # empty = "<hostname>-<pid>"
+    server_id: Annotated[str, WIRE_NAME] = ""  # empty = "<hostname>-<pid>"
     buffer_address: str = "${buffer.address}"  # where this server asks for credits (set by run)
     pub_address: str = "${buffer.pub_address}"  # where it hears the buffer's announcements
     # groups this server generates at once (x task.group_size requests to its engine); the job's

@@ -465,12 +465,14 @@ def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
     "trainer.weight_decay=-1", "trainer.warmup_steps=-3", "trainer.checkpoint_every=0",
     "rollout.engine.max_total_tokens=0", "rollout.engine.max_running_requests=0",
     "warm_start.lr=-1", "warm_start.batch_size=0", "buffer.segment_bytes=0",
-    "buffer.max_epochs=-1", "buffer.max_tokens_per_trajectory=-5"])
+    "buffer.max_epochs=-1", "buffer.max_tokens_per_trajectory=-5",
+    "rollout.server_id=" + "s" * 129, "rollout.server_id='a\tb'"])
 def test_values_a_daemon_or_the_optimizer_would_fail_on_later_are_refused_at_load(override):
     """Each was accepted and failed only once a daemon ran: a port past 65535 in bind(), a device
     neither cpu nor cuda in the layout (a TypeError), AdamW's own checks, ``version % 0`` at the
     first step, an engine that can hold no request, a WAL rotated after every record, a negative
-    epoch or length limit read as none or as refusing every group."""
+    epoch or length limit read as none or as refusing every group, a server id the buffer refuses
+    at its first message."""
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=.* is invalid"):
         load_config([override])
