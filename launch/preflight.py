@@ -37,7 +37,7 @@ from areal_like.weights.hf import (
 from areal_like.weights.lora import check_targets, export_without_base
 from launch.tracking import check_trackers
 from rollout_server.launch_sglang import THREADS_BIND, cpu_mode, threads_bind
-from rollout_server.reward_pool import REWARD_IMPORT_TIMEOUT_S, load_problem
+from rollout_server.reward_pool import REWARD_IMPORT_TIMEOUT_S, load_problem, reward_columns
 from rollout_server.reward_worker import scrubbed_env
 
 # config keys of logits transformed after lm_head (Gemma 2's soft cap, Cohere's and Granite's scale)
@@ -355,23 +355,6 @@ def check_reward_fn(cfg: RunConfig) -> list[str]:
     dataset's columns: ``rollout_server.reward_pool.load_problem``, which ``areal-like eval`` runs
     too."""
     return [why] if (why := load_problem(cfg.task, reward_columns(cfg.task))) else []
-
-
-def reward_columns(t) -> list[str] | None:
-    """The columns a batched reward gets as keywords (``rollout_server.reward_pool.trl_batch``):
-    the answer's and the metadata's; None when the dataset cannot be read (other checks say
-    why)."""
-    if t.name != "dataset":
-        return [t.answer_key] if t.answer_key else []
-    from areal_like.tasks.datasets import load_table, task_columns
-
-    try:
-        _, answer, metadata = task_columns(t, list(load_table("task.dataset_path",
-                                                              t.dataset_path).column_names),
-                                           t.dataset_path)
-    except Exception:  # noqa: BLE001 - check_dataset_columns says why
-        return None
-    return [c for c in (answer, *metadata) if c]
 
 
 def check_reward_model(cfg: RunConfig) -> list[str]:

@@ -391,9 +391,9 @@ def _evaluate_path(model: Path, cfg: RunConfig, config_file: Path | None,
     import tempfile
 
     from areal_like.settings.config import ConfigError
-    from rollout_server.reward_pool import load_problem
+    from rollout_server.reward_pool import load_problem, reward_columns
 
-    if why := load_problem(cfg.task):
+    if why := load_problem(cfg.task, reward_columns(cfg.task)):
         raise ConfigError(why)
     with tempfile.TemporaryDirectory(prefix="areal-like-eval-") as tmp:
         model_dir = (_to_hf_dir(model, config_file, Path(tmp) / "hf") if _is_checkpoint(model)

@@ -65,8 +65,8 @@ from rollout_server.sandbox import (
     call_request,
 )
 
-__all__ = ["RewardFn", "RewardPool", "RewardPoolError", "Score", "load_problem", "reward_names",
-           "scrubbed_env", "trl_batch"]
+__all__ = ["RewardFn", "RewardPool", "RewardPoolError", "Score", "load_problem", "reward_columns",
+           "reward_names", "scrubbed_env", "trl_batch"]
 
 Score = tuple[float, str | None]
 
@@ -99,6 +99,23 @@ def load_problem(cfg: TaskConfig, columns: list[str] | None = None) -> str | Non
         if why := _probe(cfg, spec, columns):
             return why
     return None
+
+
+def reward_columns(t: TaskConfig) -> list[str] | None:
+    """The columns a batched reward gets as keywords (``rollout_server.reward_pool.trl_batch``):
+    the answer's and the metadata's; None when the dataset cannot be read (other checks say
+    why)."""
+    if t.name != "dataset":
+        return [t.answer_key] if t.answer_key else []
+    from areal_like.tasks.datasets import load_table, task_columns
+
+    try:
+        _, answer, metadata = task_columns(t, list(load_table("task.dataset_path",
+                                                              t.dataset_path).column_names),
+                                           t.dataset_path)
+    except Exception:  # noqa: BLE001 - check_dataset_columns says why
+        return None
+    return [c for c in (answer, *metadata) if c]
 
 
 def _probe(cfg: TaskConfig, spec: str, columns: list[str] | None) -> str | None:
