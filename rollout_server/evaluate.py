@@ -477,6 +477,9 @@ def _eval_config(model: Path, config_file: Path | None,
                                                      if o.startswith("task.eval_path=")
                                                      ).split("=", 1)[1])
     named = "task" in keys  # task=NAME: the user's task, whatever the model's run trained on
+    if named and (model / EXPORT_TASK_FILE).is_file():
+        print(f"note: scoring on the task given (task=...), not the one {model} stores in "
+              f"{EXPORT_TASK_FILE}", file=sys.stderr)
     run_config = recorded = None
     if not (config_file or named):
         run_config = _default_config(model) or (recorded := _recorded_config(model))

@@ -474,18 +474,23 @@ def test_eval_with_a_batched_reward_that_cannot_take_the_columns_is_one_error_li
         tmp_path, capfd, monkeypatch):
     """A batched (TRL) reward is called with the dataset's columns as keywords: eval checks that it
     can be, as ``run`` does, before the model is read (before: every completion scored 0, with one
-    line on stderr)."""
+    line on stderr). A task named on the command line over the one the export stores is said."""
+    from areal_like.settings.config import EXPORT_TASK_FILE, export_yaml
+
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the workers import from here
     export = tmp_path / "v00000003"
     export.mkdir()
     (export / "config.json").write_text("{}")  # never read: the reward is refused first
+    (export / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(name="sort")))
     spec = "tests.unit.trl_reward_fns:needs_solution"
     assert main([str(export), "task=reverse", f"task.reward_fn={spec}"]) == 2
     out, err = capfd.readouterr()
-    assert out == "" and len(err.splitlines()) == 1, err
-    assert err.startswith(f"error: task.reward_fn='{spec}' cannot be loaded in a reward worker: it "
-                          "is a batched reward"), err
-    assert "missing a required argument: 'solution'" in err, err
+    note, error = err.splitlines()
+    assert out == "" and note == (f"note: scoring on the task given (task=...), not the one "
+                                  f"{export} stores in {EXPORT_TASK_FILE}")
+    assert error.startswith(f"error: task.reward_fn='{spec}' cannot be loaded in a reward worker: "
+                            "it is a batched reward"), err
+    assert "missing a required argument: 'solution'" in error, err
 
 
 def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
