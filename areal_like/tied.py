@@ -17,5 +17,5 @@ parent, sig, program, *argv = sys.argv[1:]
 if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
     sys.exit(f"prctl(PR_SET_PDEATHSIG): {os.strerror(ctypes.get_errno())}")
 if os.getppid() != int(parent):
-    os._exit(1)
+    sys.exit(1)
 os.execv(program, argv)

@@ -35,7 +35,7 @@ import jinja2
 from aiohttp import web
 
 from areal_like.net.http_guard import HttpLimits, guarded_app, serve
-from areal_like.net.sglang_client import SGLangError
+from areal_like.net.sglang_client import EngineError
 from areal_like.tasks.environment import ChatRenderer, TemplateError, env_template
 from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.trajectory import Trajectory
@@ -195,7 +195,7 @@ class AgentEndpoint:
             return self._refuse(str(e))
         except jinja2.TemplateError as e:  # the chat template refused the conversation
             return self._refuse(f"the chat template cannot render these messages: {e}")
-        except SGLangError as e:
+        except EngineError as e:
             self._count("engine_error")
             return _error(400 if e.status and e.status < 500 else 502, str(e), "engine_error")
         self._count("ok")

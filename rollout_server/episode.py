@@ -12,7 +12,7 @@ Invariants of a sample:
   only ever the engine's first label) falls back to the version the server served when the
   segment was sent (not when it came back: under ``pause_mode=retract`` a segment spans syncs);
 * ``len(output_ids) <= max_new_tokens``; a sample that exhausts its budget finishes as ``length``;
-* an abort that carries an HTTP status is an error (``SGLangError``), not a pause.
+* an abort that carries an HTTP status is an error (``EngineError``), not a pause.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from areal_like.net.metrics import Metrics
-from areal_like.net.sglang_client import GenerateOutput, SGLangClient, SGLangError
+from areal_like.net.sglang_client import EngineError, GenerateOutput, SGLangClient
 from areal_like.tasks.task import encode_prompt
 from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.protocol import Credit, TrajectoryGroup
@@ -146,14 +146,14 @@ def _absorb(sample: Sample, out: GenerateOutput, i: int, empty: list[int], max_n
         sample.finish_reason = out.finish_reason
         return True
     if out.abort_status is not None and out.abort_status >= 400:
-        raise SGLangError("/generate", out.abort_status,
+        raise EngineError("/generate", out.abort_status,
                           f"request aborted by the engine: {out.finish_message}")
     if len(sample.output_ids) >= max_new_tokens:
         sample.finish_reason = "length"
         return True
     empty[i] = 0 if out.output_ids else empty[i] + 1
     if empty[i] > MAX_EMPTY_RESUMES:
-        raise SGLangError("/generate", None, f"aborted {empty[i]} times in a row without progress")
+        raise EngineError("/generate", None, f"aborted {empty[i]} times in a row without progress")
     sample.resumed += 1
     metrics.counter("rollout/aborted_resumed_requests", "aborted requests resubmitted").inc()
     return False

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from areal_like.net.answers import peer_text
 from areal_like.net.metrics import Metrics
-from areal_like.net.sglang_client import SGLangClient, SGLangError
+from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.settings.config import EvalConfig, LoraConfig, RunConfig, TaskConfig
 from rollout_server.episode import gather_or_cancel, generate_sample, output_room
 from rollout_server.facts import RolloutFacts
@@ -170,7 +170,7 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
             outs = await gather_or_cancel([one(ids, dict(base, temperature=0.0), budget),
                                            *(one(ids, sampled(i, j), budget)
                                              for j in range(ev.k))])
-        except SGLangError as e:
+        except EngineError as e:
             errors.append(e)
             return None
         scored = await rewards.score_group(ex.prompt, texts := [decode(o) for o in outs], ex)
@@ -178,18 +178,18 @@ async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[o
             samples.append(sample_row(i, ex, texts, scored))
         return scored[0][0], [r for r, _ in scored[1:]]
 
-    errors: list[SGLangError] = []
+    errors: list[EngineError] = []
     no_room: list[int] = []  # examples whose prompt leaves no room (not sent)
     # a reward that cannot load: its siblings must not outlive the client
     results = [r for r in await gather_or_cancel(per_example(i, ex)
                                                  for i, ex in enumerate(examples))
                if r is not None]
     if errors and not results:  # its status: the first refusal's (None read 'unreachable')
-        raise SGLangError(errors[0].endpoint, errors[0].status,
+        raise EngineError(errors[0].endpoint, errors[0].status,
                           f"every eval prompt failed; the first: {peer_text(errors[0].message)}")
     figures = summarize([g for g, _ in results], [s for _, s in results], ev.k)
     if errors:
-        figures["errors"], figures["first_error"] = len(errors), f"SGLangError: {errors[0]}"
+        figures["errors"], figures["first_error"] = len(errors), f"EngineError: {errors[0]}"
     figures |= {"no_room": len(no_room)} if no_room else {}
     figures["token_versions"] = [min(versions), max(versions)] if versions else []
     return figures
@@ -603,8 +603,8 @@ def main(argv: list[str] | None = None) -> int:
         sampling = {**sampling_settings(cfg.eval, cfg.task),
                     "from": _settings_source(args, config_file, cfg)}
         record = _evaluate_path(args.model, cfg, config_file, samples)
-    except (ConfigError, RewardPoolError, SGLangError, subprocess.CalledProcessError) as e:
-        # RewardPoolError: reward not loadable; SGLangError: the engine refused every prompt;
+    except (ConfigError, RewardPoolError, EngineError, subprocess.CalledProcessError) as e:
+        # RewardPoolError: reward not loadable; EngineError: the engine refused every prompt;
         # an export that refused (exit 2) printed its own error line
         if not (isinstance(e, subprocess.CalledProcessError) and e.returncode == 2):
             print(f"error: {e}", file=sys.stderr)

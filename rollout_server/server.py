@@ -45,7 +45,7 @@ from areal_like.net.dealer import AsyncClient
 from areal_like.net.distributed import reachable_host
 from areal_like.net.pubsub import Subscriber
 from areal_like.net.security import Keys, check_local
-from areal_like.net.sglang_client import SGLangError
+from areal_like.net.sglang_client import EngineError
 from areal_like.net.store_gate import refused_total
 from areal_like.net.transport import TransportTimeout
 from areal_like.net.vllm_client import engine_client
@@ -339,7 +339,7 @@ class RolloutServer(Daemon):
         kind = self.rcfg.engine.kind
         try:  # SGLang's "default" label: the initial weights, version 0
             self.policy_version = as_version(await self.client.weight_version(), 0)
-        except SGLangError as e:
+        except EngineError as e:
             if kind != "url" or e.status != 401:
                 raise
             raise StartRefused(
@@ -441,7 +441,7 @@ class RolloutServer(Daemon):
         begun = self.syncs_begun
         try:
             label = await asyncio.wait_for(self.client.weight_version(), ENGINE_VERSION_READ_S)
-        except (SGLangError, asyncio.TimeoutError):
+        except (EngineError, asyncio.TimeoutError):
             return
         if begun != self.syncs_begun:  # a sync began meanwhile: its end says what the engine serves
             return
@@ -562,7 +562,7 @@ class RolloutServer(Daemon):
         wedged; stop (module docstring)."""
         try:
             return await self.client.health_generate(timeout_s=ENGINE_PROBE_S)
-        except SGLangError as e:  # refused, no answer in time, a 503: its message says which
+        except EngineError as e:  # refused, no answer in time, a 503: its message says which
             why = (f"engine {self.engine_url} failed /health_generate after the failed weight "
                    f"sync v{version}: {peer_text(e.message)}")
         if self.rcfg.engine.kind == "url":
@@ -708,9 +708,9 @@ class RolloutServer(Daemon):
         task.add_done_callback(self.after_sync.discard)
 
     async def resume_abandoned(self, version: int) -> None:
-        with contextlib.suppress(SGLangError):  # a session it left open refuses the next sync
+        with contextlib.suppress(EngineError):  # a session it left open refuses the next sync
             await self.client.end_weight_update(timeout_s=ENGINE_PROBE_S)
-        with contextlib.suppress(SGLangError):
+        with contextlib.suppress(EngineError):
             await self.client.continue_generation(timeout_s=ENGINE_PROBE_S)
         await self.probe_engine(version)
 

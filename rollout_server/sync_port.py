@@ -45,7 +45,7 @@ from aiohttp import web
 from areal_like.net.answers import peer_text
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, begin_proof, vouch_proof
 from areal_like.net.http_guard import METRICS_LIMITS, guarded_app, serve
-from areal_like.net.sglang_client import SGLangError
+from areal_like.net.sglang_client import EngineError
 from areal_like.weights.engine_sync import ROOT_PREFIX, in_push_dir
 from areal_like.wire.protocol import SyncDone, WeightSyncPlan
 
@@ -182,7 +182,7 @@ async def _refusals(request: web.Request, handler) -> web.Response:
         return await handler(request)
     except SyncRefused as e:
         return _error(409, str(e))
-    except SGLangError as e:  # no door can listen here: the trainer's sync fails, saying so
+    except EngineError as e:  # no door can listen here: the trainer's sync fails, saying so
         return _error(502, e.message)
 
 

@@ -45,7 +45,7 @@ from collections.abc import Callable
 import msgspec
 
 from areal_like.net.answers import peer_text
-from areal_like.net.sglang_client import SGLangClient, SGLangError
+from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.net.vllm_client import engine_client
 from areal_like.weights.engine_sync import LAUNCHED, ServerPort, answer, apply_weight_sync
 from areal_like.wire.protocol import RosterEntry, SyncDone, WeightSyncPlan
@@ -138,7 +138,7 @@ class EngineDrive:
         try:
             await port.begin(msgspec.structs.replace(plan, deadline_s=_left(end)), server_id,
                              entry.engine_url, entry.incarnation)
-        except SGLangError as e:
+        except EngineError as e:
             done, began = _refused(plan, server_id, f"its rollout server: {e}"), False
         else:  # the engine side ends by the plan's deadline, whatever the drain took
             plan, began = msgspec.structs.replace(plan, deadline_s=_left(end)), True
@@ -153,7 +153,7 @@ class EngineDrive:
             unreachable.add(server_id)
         result.set_result(done)  # the push goes on; this task (the next plan's wait) ends below
         if began:  # after a failed sync its server checks that the engine generates
-            with contextlib.suppress(SGLangError):
+            with contextlib.suppress(EngineError):
                 await port.end(plan, done)
 
     def failed(self) -> list[str]:

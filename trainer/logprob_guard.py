@@ -38,7 +38,7 @@ import torch
 
 from areal_like.daemon import StartRefused
 from areal_like.net.dealer import Client
-from areal_like.net.sglang_client import GenerateOutput, SGLangError
+from areal_like.net.sglang_client import EngineError, GenerateOutput
 from areal_like.net.vllm_client import engine_client
 from areal_like.weights.engine_sync import ServerPort
 from areal_like.wire.protocol import RosterEntry
@@ -112,7 +112,7 @@ def probe_engine(server_id: str, url: str, prompt_ids: list[int], temperature: f
                  timeout_s: float = PROBE_TIMEOUT_S, api_key: str | None = None,
                  adapter: str | None = None, engine_kind: str = "sglang") -> Probe:
     """One generate on ``url`` through the project's client for ``engine_kind`` (naming
-    ``adapter``): its output tokens and their log-probs. ``SGLangError``: the engine refused or did
+    ``adapter``): its output tokens and their log-probs. ``EngineError``: the engine refused or did
     not answer."""
 
     async def generate() -> GenerateOutput:
@@ -164,7 +164,7 @@ def unvouched(entry: RosterEntry, api_key: str | None) -> str | None:
 
     try:
         asyncio.run(ask())
-    except SGLangError as e:
+    except EngineError as e:
         return f"its rollout server did not vouch for it ({e})"
     return None
 
@@ -192,7 +192,7 @@ def collect_probes(buffer: Client, served: Sequence[str], prompt_ids: list[int],
                                      api_key=api_key, engine_kind=engine_kind,
                                      adapter=None if adapters is None else adapters[m.server_id])
                 why = None if probe.output_ids else "it generated no token"
-        except (OSError, SGLangError) as e:
+        except (OSError, EngineError) as e:
             why = f"could not probe it at {m.engine_url} ({type(e).__name__}: {e})"
         if why is None:
             probes.append(probe)

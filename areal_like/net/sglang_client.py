@@ -20,7 +20,7 @@ Invariants:
   (``areal_like/weights/engine_sync.py`` unloads only names at 0);
 * ``/begin_weight_update``/``/end_weight_update``: a server answering 404 predates them; the
   client remembers it (``weight_session_supported = False``) and skips both from then on;
-* errors raise ``SGLangError`` with the HTTP status (None: no answer) and SGLang's own message,
+* errors raise ``EngineError`` with the HTTP status (None: no answer) and SGLang's own message,
   whichever of its error bodies carried it (cut to ``MESSAGE_CHARS``; quoted in ``str()``, which
   log lines show: ``areal_like/net/answers.py`` ``peer_text``);
 * every answer is read up to a limit (``areal_like/net/answers.py``), never past it: a
@@ -28,7 +28,7 @@ Invariants:
   ``max_new_tokens``, times ``ANSWER_BYTES_PER_TOKEN``, plus the experts' bytes per token when it
   asks for them, plus ``ANSWER_BASE_BYTES`` each), ``/health``'s and ``/health_generate``'s are
   ``PROBE_ANSWER_BYTES``, ``/server_info``'s ``INFO_ANSWER_BYTES``, every other one's
-  ``max_answer_bytes``. An answer over it is an ``SGLangError`` naming the URL and the limit, not
+  ``max_answer_bytes``. An answer over it is an ``EngineError`` naming the URL and the limit, not
   retried, and counted (``areal_answers_refused_total{client="engine"}``);
 * a generate still running at its timeout is aborted by its ``rid``s: the tokens it made come back
   as an abort's (``finish_reason`` abort, resubmitted by ``rollout_server/episode.py``), so a
@@ -79,8 +79,9 @@ ROUTED_BYTES_PER_TOKEN = 8 << 10
 SGLANG_MAX_NEW_TOKENS = 128  # SGLang's default when a request names none
 
 
-class SGLangError(RuntimeError):
-    """A failed SGLang call. ``status`` is the HTTP status, or None if no answer came."""
+class EngineError(RuntimeError):
+    """A failed call to an engine (SGLang, vLLM, the embedded one) or to a peer that speaks
+    HTTP like one. ``status`` is the HTTP status, or None if no answer came."""
 
     def __init__(self, endpoint: str, status: int | None, message: str, *,
                  from_peer: bool = False):
@@ -129,7 +130,7 @@ def _error_message(body: Any, raw: str) -> str:
 
 
 def parse_generate_output(body: Any) -> GenerateOutput:
-    """Turn one ``/generate`` response object into a GenerateOutput. Raises SGLangError on a
+    """Turn one ``/generate`` response object into a GenerateOutput. Raises EngineError on a
     shape we do not understand (never a KeyError deep in the caller)."""
     try:
         meta = body["meta_info"]
@@ -156,7 +157,7 @@ def parse_generate_output(body: Any) -> GenerateOutput:
             routed_experts=None if meta.get("routed_experts") is None
             else base64.b64decode(meta["routed_experts"], validate=True))
     except (KeyError, TypeError, ValueError, IndexError, binascii.Error) as e:
-        raise SGLangError("/generate", 200, f"unexpected response shape: {type(e).__name__}: {e}",
+        raise EngineError("/generate", 200, f"unexpected response shape: {type(e).__name__}: {e}",
                           from_peer=True) from None
 
 
@@ -206,7 +207,7 @@ class SGLangClient:
         # every /generate asks for the experts it routed each token to (routing replay)
         self.routed_experts = routed_experts
         self.local = local  # an engine in this process (``generate_local``): /generate without HTTP
-        # sent as SGLang's --api-key expects it; never logged (SGLangError carries the answer, not
+        # sent as SGLang's --api-key expects it; never logged (EngineError carries the answer, not
         # the request)
         self.api_key = api_key
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -249,7 +250,7 @@ class SGLangClient:
                     params: dict | None = None, limit: int | None = None) -> tuple[int, Any, str]:
         """One HTTP call with retries; returns (status, parsed JSON or None, raw text).
         ``timeout_s`` bounds the whole call, retries included; ``limit`` the answer's bytes (None:
-        the path's, module docstring). Raises SGLangError for non-2xx answers, for answers over
+        the path's, module docstring). Raises EngineError for non-2xx answers, for answers over
         the limit and for unreachable servers."""
         loop = asyncio.get_running_loop()
         deadline = (start := loop.time()) + (self.timeout_s if timeout_s is None else timeout_s)
@@ -257,7 +258,7 @@ class SGLangClient:
             self.on_request(method, path, body)
         if path == "/generate" and self.local is not None:
             return await self._call_local(path, body, deadline - loop.time())
-        last = SGLangError(path, None, "no attempt fitted in the timeout")
+        last = EngineError(path, None, "no attempt fitted in the timeout")
         for attempt in range(self.max_attempts):
             if attempt:
                 delay = BACKOFF_S * 2 ** (attempt - 1)
@@ -278,18 +279,18 @@ class SGLangClient:
                         self.on_response(method, path, resp.status, parsed, raw)
                     if _ok(resp.status, parsed):
                         return resp.status, parsed, raw
-                    last = SGLangError(path, resp.status, _error_message(parsed, raw),
+                    last = EngineError(path, resp.status, _error_message(parsed, raw),
                                        from_peer=True)
                     # 429: refused unread
                     if not ((idempotent and resp.status >= 500) or resp.status == 429):
                         raise last
             # (their texts name the URL: a member's, as it registered it)
             except aiohttp.ClientConnectorError as e:  # nothing was sent: safe to retry any call
-                last = SGLangError(path, None,
+                last = EngineError(path, None,
                                    f"connection failed ({type(e.os_error).__name__}): {e}",
                                    from_peer=True)
             except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                last = SGLangError(path, None, f"{type(e).__name__}: "
+                last = EngineError(path, None, f"{type(e).__name__}: "
                                    f"{str(e) or f'no answer within {deadline - start:g}s'}",
                                    from_peer=True)
                 if not idempotent:
@@ -297,12 +298,12 @@ class SGLangClient:
         raise last
 
     async def _read(self, path: str, resp, limit: int | None) -> str:
-        """The answer's text, read up to ``limit`` (None: the path's); SGLangError past it."""
+        """The answer's text, read up to ``limit`` (None: the path's); EngineError past it."""
         limit = limit or ANSWER_PATHS.get(path, self.max_answer_bytes)
         try:
             body = await read_capped(resp, self.base_url + path, limit, self.client_name)
         except AnswerTooLarge as e:
-            raise SGLangError(path, resp.status, str(e)) from None
+            raise EngineError(path, resp.status, str(e)) from None
         return body.decode("utf-8", errors="replace")
 
     async def _call_local(self, path: str, body: Any, timeout_s: float) -> tuple[int, Any, str]:
@@ -311,14 +312,14 @@ class SGLangClient:
             status, parsed = await asyncio.wait_for(self.local.generate_local(body),
                                                     max(1e-3, timeout_s))
         except asyncio.TimeoutError:
-            raise SGLangError(path, None, "TimeoutError: no answer in time") from None
+            raise EngineError(path, None, "TimeoutError: no answer in time") from None
         except OSError as e:
             # the engine is not up (or stopped meanwhile): as an unreachable server
-            raise SGLangError(path, None, f"connection failed: {e}") from None
+            raise EngineError(path, None, f"connection failed: {e}") from None
         if self.on_response is not None:
             self.on_response("POST", path, status, parsed, "")
         if not _ok(status, parsed):
-            raise SGLangError(path, status, _error_message(parsed, ""), from_peer=True)
+            raise EngineError(path, status, _error_message(parsed, ""), from_peer=True)
         return status, parsed, ""
 
     # ------------------------------------------------------------------ generation
@@ -341,10 +342,10 @@ class SGLangClient:
             if named is not None:
                 self._naming -= Counter([named[0]])  # an adapter at 0 is dropped
         if not n and isinstance(out, list):
-            raise SGLangError("/generate", 200, "got a batch answer to a single request (n > 1?)")
+            raise EngineError("/generate", 200, "got a batch answer to a single request (n > 1?)")
         if n and (not isinstance(out, list) or len(out) != n):
             got = len(out) if isinstance(out, list) else 1
-            raise SGLangError("/generate", 200, f"a batch of {n} prompts got {got} answers")
+            raise EngineError("/generate", 200, f"a batch of {n} prompts got {got} answers")
         return [_under(parse_generate_output(o), named) for o in (out if n else [out])]
 
     async def _generate_or_abort(self, body: dict, n: int, timeout_s: float) -> Any:
@@ -367,11 +368,11 @@ class SGLangClient:
             call.cancel()
         if not any(parse_generate_output(o).output_ids
                    for o in (out if isinstance(out, list) else [out])):
-            raise SGLangError("/generate", None, f"TimeoutError: no token in {timeout_s:g} s")
+            raise EngineError("/generate", None, f"TimeoutError: no token in {timeout_s:g} s")
         return out
 
     async def _abort_quietly(self, rid: str, timeout_s: float) -> None:
-        with contextlib.suppress(SGLangError):
+        with contextlib.suppress(EngineError):
             await self.abort_request(rid, timeout_s=timeout_s)
 
     async def generate(self, input_ids: list[int], sampling_params: dict, *, rid: str | None = None,
@@ -409,11 +410,11 @@ class SGLangClient:
         try:
             await self._call("GET", "/health", timeout_s=timeout_s, idempotent=True)
             return True
-        except SGLangError:
+        except EngineError:
             return False
 
     async def health_generate(self, timeout_s: float = 30.0) -> None:
-        """``GET /health_generate`` (one token generated): SGLangError saying what happened (the
+        """``GET /health_generate`` (one token generated): EngineError saying what happened (the
         connection refused, no answer within ``timeout_s``, a 503) when it fails."""
         await self._call("GET", "/health_generate", timeout_s=timeout_s, idempotent=True)
 
@@ -422,7 +423,7 @@ class SGLangClient:
         deadline = loop.time() + timeout_s
         while not await self.health(timeout_s=min(10.0, timeout_s)):
             if loop.time() > deadline:
-                raise SGLangError("/health", None, f"not healthy within {timeout_s:.0f}s")
+                raise EngineError("/health", None, f"not healthy within {timeout_s:.0f}s")
             await asyncio.sleep(poll_s)
 
     async def model_info(self) -> dict:
@@ -482,7 +483,7 @@ class SGLangClient:
             return False
         try:
             await self._call("POST", path, body, timeout_s=timeout_s, idempotent=False)
-        except SGLangError as e:
+        except EngineError as e:
             if e.status == 404:  # an SGLang release before weight-update sessions
                 self.weight_session_supported = False
                 return False

@@ -2,7 +2,7 @@
 implementation of the one engine interface ``SGLangClient`` defines (``engine_client`` picks one).
 
 It keeps ``SGLangClient``'s transport (retries, timeouts, the API key on every call but ``/health``,
-tracing hooks, answer limits, ``SGLangError`` for every failure) and answers each of its calls in
+tracing hooks, answer limits, ``EngineError`` for every failure) and answers each of its calls in
 SGLang's terms, so the rollout server, the trainer's log-prob guard, evaluation and the weight sync
 drive either engine alike. vLLM's routes (``rollout_server/launch_vllm.py`` starts it with them):
 token ids in, token ids out by ``/inference/v1/generate`` (``--enable-scale-out``), each answer with
@@ -19,7 +19,7 @@ trainer's). vLLM's default, ``raw_logprobs``, is before temperature: off at any 
 Invariants (beyond ``SGLangClient``'s):
 * SGLang's sampling keys are translated (``max_new_tokens`` -> ``max_tokens``, ``min_new_tokens``
   -> ``min_tokens``, ``sampling_seed`` -> ``seed``, ``top_k`` -1 -> 0: all); one vLLM does not
-  take is a ``SGLangError`` naming it before anything is sent;
+  take is a ``EngineError`` naming it before anything is sent;
 * the weight path is vLLM's weight-transfer API with the job's ``gloo`` backend
   (``rollout_server/vllm_gloo.py``): the group join, each bucket, the session; the tensor and
   disk paths of a whole model are not offered (the settings refuse them with ``kind=vllm``);
@@ -40,9 +40,9 @@ from dataclasses import replace
 from typing import Any
 
 from areal_like.net.sglang_client import (
+    EngineError,
     GenerateOutput,
     SGLangClient,
-    SGLangError,
     generate_answer_bytes,
 )
 
@@ -60,7 +60,7 @@ def vllm_sampling(params: dict) -> dict:
     """SGLang's ``sampling_params`` as vLLM's, with the sampled token's log-prob asked for."""
     unknown = sorted(set(params) - set(SAMPLING_KEYS) - {"n"})
     if unknown or int(params.get("n", 1)) != 1:
-        raise SGLangError(GENERATE, None, "vLLM takes none of the sampling params "
+        raise EngineError(GENERATE, None, "vLLM takes none of the sampling params "
                           f"{unknown or ['n != 1']}")
     out = {SAMPLING_KEYS[k]: v for k, v in params.items() if k != "n"}
     if out.get("top_k") == -1:
@@ -69,7 +69,7 @@ def vllm_sampling(params: dict) -> dict:
 
 
 def parse_vllm_output(body: Any) -> GenerateOutput:
-    """One ``/inference/v1/generate`` answer (one choice) as a GenerateOutput; SGLangError on a
+    """One ``/inference/v1/generate`` answer (one choice) as a GenerateOutput; EngineError on a
     shape we do not understand."""
     try:
         choice = body["choices"][0]
@@ -88,7 +88,7 @@ def parse_vllm_output(body: Any) -> GenerateOutput:
             finish_message=str(choice.get("stop_reason") or ""), abort_status=None,
             weight_version=spans[-1][0] if spans else None, weight_spans=spans)
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        raise SGLangError(GENERATE, 200, f"unexpected response shape: {type(e).__name__}: {e}",
+        raise EngineError(GENERATE, 200, f"unexpected response shape: {type(e).__name__}: {e}",
                           from_peer=True) from None
 
 
@@ -121,9 +121,9 @@ class VLLMClient(SGLangClient):
         try:
             done, _ = await asyncio.wait({call}, timeout=timeout_s)
             if not done:
-                with contextlib.suppress(SGLangError):
+                with contextlib.suppress(EngineError):
                     await self.abort_request(body["request_id"])
-                raise SGLangError(GENERATE, None, f"TimeoutError: no answer in {timeout_s:g} s")
+                raise EngineError(GENERATE, None, f"TimeoutError: no answer in {timeout_s:g} s")
             return parse_vllm_output((await call)[1])
         finally:
             call.cancel()
@@ -162,7 +162,7 @@ class VLLMClient(SGLangClient):
         return info
 
     async def loads(self) -> list[dict]:
-        raise SGLangError("/v1/loads", None, "the vLLM engine reports no per-rank loads")
+        raise EngineError("/v1/loads", None, "the vLLM engine reports no per-rank loads")
 
     async def weight_version(self) -> str | None:
         v = (await self._call("GET", "/weight_info", idempotent=True))[1].get("weight_version")
@@ -172,7 +172,7 @@ class VLLMClient(SGLangClient):
                                timeout_s: float | None = None) -> None:
         """Returns once every in-flight request was aborted and answered (vLLM's ``abort``)."""
         if mode not in PAUSE_MODES:
-            raise SGLangError("/pause", None, f"pause mode {mode!r}: the vLLM engine pauses in "
+            raise EngineError("/pause", None, f"pause mode {mode!r}: the vLLM engine pauses in "
                               f"{', '.join(PAUSE_MODES)} (trainer/WEIGHT_SYNC.md)")
         await self._call("POST", "/pause", params={"mode": PAUSE_MODES[mode]},
                          timeout_s=timeout_s, idempotent=True)
@@ -245,7 +245,7 @@ class VLLMClient(SGLangClient):
                          timeout_s=timeout_s, idempotent=True)
 
     async def _unsupported(self, *args, **kwargs) -> None:
-        raise SGLangError("weight update", None, "the vLLM engine loads weights by the "
+        raise EngineError("weight update", None, "the vLLM engine loads weights by the "
                           "distributed path (an adapter: the disk path; trainer.weight_sync.path)")
 
     update_weights_from_tensor = update_weights_from_disk = _unsupported

@@ -33,7 +33,7 @@ import msgspec
 
 from areal_like.net.answers import peer_text
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, begin_proof, vouch_proof
-from areal_like.net.sglang_client import SGLangClient, SGLangError
+from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.net.store_gate import StoreDoor
 from areal_like.weights.lora import served_name
 from areal_like.weights.versions import RuntimeVersions, from_server_info, local_versions
@@ -127,8 +127,8 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
         if receiver.session:
             await client.end_weight_update(timeout_s=deadline.left())
             session_open = False
-    except (SGLangError, TimeoutError, asyncio.TimeoutError) as e:
-        reason = f"{type(e).__name__}: {e}" if not isinstance(e, SGLangError) else str(e)
+    except (EngineError, TimeoutError, asyncio.TimeoutError) as e:
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, EngineError) else str(e)
         log.warning("weight sync v%d failed: %s", plan.policy_version, reason)
     finally:
         if init_task is not None and not init_task.done():
@@ -137,7 +137,7 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
         if session_open:
             try:
                 await client.end_weight_update(timeout_s=CONTINUE_TIMEOUT_S)
-            except SGLangError as e:
+            except EngineError as e:
                 log.error("could not close the weight-update session after a failed sync: %s", e)
         if paused_at is not None:
             reason = await _continue(client, reason)
@@ -170,8 +170,8 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
         await client.pause_generation(pause_mode, timeout_s=deadline.left())
         await client.update_weight_version(str(plan.policy_version), timeout_s=deadline.left())
         ok = True
-    except (SGLangError, TimeoutError, asyncio.TimeoutError) as e:
-        reason = f"{type(e).__name__}: {e}" if not isinstance(e, SGLangError) else str(e)
+    except (EngineError, TimeoutError, asyncio.TimeoutError) as e:
+        reason = f"{type(e).__name__}: {e}" if not isinstance(e, EngineError) else str(e)
         log.warning("adapter sync v%d failed: %s", plan.policy_version, reason)
     finally:  # also on cancellation
         if sent:  # a failed one is named by no later call (one that named it meanwhile keeps it)
@@ -208,7 +208,7 @@ def _unload_idle(client: SGLangClient) -> None:
 async def _unload(client: SGLangClient, name: str) -> None:
     try:
         await client.unload_lora_adapter(name, timeout_s=UNLOAD_TIMEOUT_S)
-    except SGLangError as e:  # 400: SGLang never registered it (a load that failed, or never ran)
+    except EngineError as e:  # 400: SGLang never registered it (a load that failed, or never ran)
         log.log(logging.INFO if e.status == 400 else logging.WARNING,
                 "could not unload the retired adapter %s: %s", name, e)
 
@@ -263,7 +263,7 @@ async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_off
         try:
             await client.destroy_weights_update_group(
                 name, timeout_s=min(DESTROY_TIMEOUT_S, deadline.left()))
-        except SGLangError:
+        except EngineError:
             pass  # no group yet, or the old one is already gone
     _JOINED[client.base_url] = plan.group_name
     address, port = plan.master_addr, plan.master_port
@@ -279,12 +279,12 @@ def open_door(engine_url: str, key: str, master_addr: str, master_port: int,
               group_name: str) -> int:
     """A door on this node's loopback to group ``group_name``'s store gate at ``master_addr:
     master_port``, proving ``key`` (the job's engine key), in place of the one the engine at
-    ``engine_url`` joined its last group by; its port. SGLangError when it cannot open."""
+    ``engine_url`` joined its last group by; its port. EngineError when it cannot open."""
     close_door(engine_url)  # the engine's old group is gone
     try:
         door = StoreDoor(master_addr, master_port, group_name, key=key)
     except OSError as e:
-        raise SGLangError("store door", None,
+        raise EngineError("store door", None,
                           f"cannot open a door to the weight group's store: {e}") from e
     _DOORS[engine_url] = door
     return door.port
@@ -312,7 +312,7 @@ class ServerPort(SGLangClient):
     client_name = "sync"
 
     async def vouch(self, server_id: str, engine_url: str, timeout_s: float) -> None:
-        """SGLangError unless the port proves it holds the job's key (``self.api_key``) and is
+        """EngineError unless the port proves it holds the job's key (``self.api_key``) and is
         ``server_id``'s, serving the engine at ``engine_url``: only then may the key go to either
         (a roster entry is what a member registered)."""
         nonce = secrets.token_hex(16)
@@ -325,7 +325,7 @@ class ServerPort(SGLangClient):
         """``plan``'s sync of the server's engine begins: it asks for no lease and begins no
         evaluation until ``end`` (or the deadline); answered once drained where it drains
         (rollout.drain_on_update). Sent with ``begin_proof`` instead of the key and answered with
-        the port's vouch (``vouch``'s SGLangError when it does not prove the key); SGLangError
+        the port's vouch (``vouch``'s EngineError when it does not prove the key); EngineError
         409 while it evaluates."""
         nonce, seconds = secrets.token_hex(16), min(max(plan.deadline_s, 1e-3), 3600.0)
         proof = begin_proof(self.api_key or "", nonce, server_id, incarnation, self.base_url,
@@ -336,7 +336,7 @@ class ServerPort(SGLangClient):
             # not idempotent: the port refuses a nonce it has seen (a replay)
             _, got, _ = await self._call("POST", "/begin", body, timeout_s=plan.deadline_s,
                                          idempotent=False)
-        except SGLangError as e:
+        except EngineError as e:
             if e.status != 401:
                 raise
             got = None  # it found no proof of its own key in ours: another job's
@@ -345,7 +345,7 @@ class ServerPort(SGLangClient):
     def _proven(self, path: str, got, nonce: str, server_id: str, engine_url: str) -> None:
         want = vouch_proof(self.api_key or "", nonce, server_id, self.base_url, engine_url)
         if not (isinstance(got, dict) and hmac.compare_digest(str(got.get("proof")), want)):
-            raise SGLangError(path, None, f"{peer_text(self.base_url)} does not prove the job's "
+            raise EngineError(path, None, f"{peer_text(self.base_url)} does not prove the job's "
                               f"engine key for {peer_text(server_id)} at {peer_text(engine_url)}: "
                               "not this job's rollout server (or not that one), or one with "
                               f"another key ({ENGINE_KEY_ENV} or <run_dir>/{KEY_FILE} on its node)")
@@ -364,7 +364,7 @@ class ServerPort(SGLangClient):
             _, got, _ = await self._call("POST", "/adapter", msgspec.to_builtins(plan),
                                          timeout_s=plan.deadline_s + CONTINUE_TIMEOUT_S,
                                          idempotent=False)
-        except SGLangError as e:
+        except EngineError as e:
             return answer(plan, server_id, f"its rollout server: {e}")
         reason = f"its rollout server: {peer_text(got['reason'])}" if not got["ok"] else ""
         return answer(plan, server_id, reason, float(got["pause_s"]))
@@ -395,7 +395,7 @@ def require_local_engine(url: str) -> str:
 async def _continue(client: SGLangClient, reason: str) -> str:
     try:
         await client.continue_generation(timeout_s=CONTINUE_TIMEOUT_S)
-    except SGLangError as e:
+    except EngineError as e:
         log.error("could not continue generation after a weight sync: %s", e)
         reason = "; ".join(r for r in (reason, f"continue failed: {e}") if r)
     return reason

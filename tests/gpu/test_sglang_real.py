@@ -85,7 +85,7 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
     async def scenario():
         client = SGLangClient(sglang_server, timeout_s=300)
         try:
-            await client.health_generate()  # SGLangError when it does not generate
+            await client.health_generate()  # EngineError when it does not generate
             assert await client.weight_version() == "0"
             out = await client.generate([1, 20, 21], {"max_new_tokens": 8, "temperature": 1.0})
             assert (out.finish_reason in ("stop", "length")

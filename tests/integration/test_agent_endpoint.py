@@ -28,7 +28,7 @@ from openai import (
 )
 
 from areal_like.net.metrics import Metrics, scrape
-from areal_like.net.sglang_client import GenerateOutput, SGLangClient, SGLangError
+from areal_like.net.sglang_client import EngineError, GenerateOutput, SGLangClient
 from areal_like.settings.config import EngineConfig, ModelConfig, TaskConfig
 from areal_like.tasks.agents import calc_agent, langgraph_calc_agent
 from areal_like.tasks.environment import ChatRenderer
@@ -343,7 +343,7 @@ class InputLimited(Scripted):
     async def generate(self, input_ids, params):
         if len(input_ids) >= self.max_input:
             self.refused += 1
-            raise SGLangError("/generate", 400, f"The input ({len(input_ids)} tokens) is longer "
+            raise EngineError("/generate", 400, f"The input ({len(input_ids)} tokens) is longer "
                               "than the model's context length")
         return await super().generate(input_ids, params)
 

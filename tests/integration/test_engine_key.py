@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
-from areal_like.net.sglang_client import SGLangError
+from areal_like.net.sglang_client import EngineError
 from areal_like.settings.config import load_config
 from rollout_server.server import RolloutServer
 from trainer.facts import TrainerFacts
@@ -42,7 +42,7 @@ def test_a_server_without_the_variable_serves_the_trainers_probe_with_the_jobs_k
         assert trainer_key == key and server.api_key == key  # one key, found the same way by both
         probe = probe_engine("rollout-0", server.engine_url, [1, 2, 3], 1.0, api_key=trainer_key)
         assert probe.output_ids and len(probe.engine_logp) == len(probe.output_ids)
-        with pytest.raises(SGLangError, match="401"):  # the engine does require it
+        with pytest.raises(EngineError, match="401"):  # the engine does require it
             probe_engine("rollout-0", server.engine_url, [1, 2, 3], 1.0, api_key="not-the-key")
         # the stranger is counted in the server's metrics (areal_like/SECURITY.md, "Ports")
         refused = server.metrics.registry.get_sample_value("areal_refused_total",

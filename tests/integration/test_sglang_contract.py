@@ -42,7 +42,7 @@ import pytest
 
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import scrape
-from areal_like.net.sglang_client import SGLangClient, SGLangError
+from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.weights.engine_sync import apply_weight_sync, local_door
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
@@ -172,7 +172,7 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
     facts: dict = {}
     try:
         await client.wait_healthy(120)
-        await client.health_generate()  # SGLangError when it does not generate
+        await client.health_generate()  # EngineError when it does not generate
         info = await client.model_info()
         await client.server_info()
         facts["version0"] = info.get("weight_version")
@@ -198,7 +198,7 @@ async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses:
         facts["aborted"] = await job
         await client.abort_request(abort_all=True)
         # a malformed request gets SGLang's 400 contract error
-        with pytest.raises(SGLangError) as e:
+        with pytest.raises(EngineError) as e:
             await client.generate([1, 5], {"max_new_tokens": 2, "bogus": 1})
         facts["bad_status"] = e.value.status
         # weight update by broadcast from a sender process, driven by a plan

@@ -97,7 +97,7 @@ def _payload(obj: bytes) -> str:
 def test_engine_refuses_payloads_that_reach_code_through_allowed_names(engine_url, tmp_path):
     """A payload's way to ``os.system`` through torch's namespace, a ``getattr`` chain or
     ``builtins.eval`` runs nothing: each is a 400 naming what it tried, nothing is loaded."""
-    from areal_like.net.sglang_client import SGLangClient, SGLangError
+    from areal_like.net.sglang_client import EngineError, SGLangClient
 
     marker = tmp_path / "ran"
     cmd = _text(f"touch {marker}")
@@ -116,7 +116,7 @@ def test_engine_refuses_payloads_that_reach_code_through_allowed_names(engine_ur
 
     async def post(payload) -> str:
         async with SGLangClient(engine_url, timeout_s=30) as sg:
-            with pytest.raises(SGLangError) as e:
+            with pytest.raises(EngineError) as e:
                 await sg.update_weights_from_tensor([payload], weight_version="9")
             assert e.value.status == 400, e.value
             assert await sg.weight_version() == "0"
@@ -129,13 +129,13 @@ def test_engine_refuses_payloads_that_reach_code_through_allowed_names(engine_ur
 
 
 def test_engine_refuses_payloads_it_must_not_unpickle(engine_url):
-    from areal_like.net.sglang_client import SGLangClient, SGLangError
+    from areal_like.net.sglang_client import EngineError, SGLangClient
 
     evil = base64.b64encode(pickle.dumps([("model.norm.weight", _Evil())])).decode()
 
     async def post(payloads, load_format=None) -> str:
         async with SGLangClient(engine_url, timeout_s=30) as sg:
-            with pytest.raises(SGLangError) as e:
+            with pytest.raises(EngineError) as e:
                 await sg.update_weights_from_tensor(payloads, load_format=load_format,
                                                     weight_version="9")
             assert e.value.status == 400, e.value

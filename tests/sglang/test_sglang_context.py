@@ -14,7 +14,7 @@ import dataclasses
 import pytest
 from sglang_kit import MODEL
 
-from areal_like.net.sglang_client import SGLangClient, SGLangError
+from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.settings.config import TaskConfig, load_config
 from areal_like.tasks.datasets import Example
 from areal_like.tasks.task import encode_prompt
@@ -35,7 +35,7 @@ def test_a_prompt_with_less_room_than_max_new_tokens_is_refused_and_asked_for_th
     async def run():
         async with SGLangClient(sglang_server.url, api_key=sglang_server.api_key,
                                 timeout_s=120) as client:
-            with pytest.raises(SGLangError) as refused:
+            with pytest.raises(EngineError) as refused:
                 await client.generate(prompt, dict(sampling, max_new_tokens=30))
             budget = output_room(len(prompt), task, context)
             samples = await generate_group(client, prompt, 2, sampling, budget, lambda: 0)
@@ -91,7 +91,7 @@ def test_a_prompt_sglang_refuses_for_its_length_is_not_sent_and_skipped_as_no_ro
             ctx = server.episode_context()
             at = {n: dataclasses.replace(ctx, task=PromptOf(n, ctx.task_cfg))
                   for n in (context - 7, context - 6)}
-            with pytest.raises(SGLangError) as refused:  # what the server did before
+            with pytest.raises(EngineError) as refused:  # what the server did before
                 await run_episode(dataclasses.replace(at[context - 6], max_input=0), credit)
             return (refused.value, await run_episode(at[context - 7], credit),
                     await run_episode(at[context - 6], credit))

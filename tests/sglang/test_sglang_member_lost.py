@@ -65,7 +65,7 @@ def _trainer_model(version: int) -> torch.nn.Module:
 
 async def _serves(server, version: int) -> None:
     async with SGLangClient(server.url, api_key=server.api_key, timeout_s=120) as client:
-        await client.health_generate(HEALTH_S)  # SGLangError: the survivor failed it
+        await client.health_generate(HEALTH_S)  # EngineError: the survivor failed it
         assert await client.weight_version() == str(version)
         assert_served(await engine_logprobs(client, 1.0), _trainer_model(version), 1.0)
 

@@ -15,7 +15,7 @@ import uuid
 
 import msgspec
 
-from areal_like.net.sglang_client import SGLangClient, SGLangError
+from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.weights.engine_sync import apply_adapter_sync
 from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
 
@@ -57,7 +57,7 @@ class LockedLoraEngine:
         elif path == "/unload_lora_adapter":
             async with self.lock:
                 if name not in self.loaded:
-                    raise SGLangError(path, 400, f"LoRA with name {name} does not exist")
+                    raise EngineError(path, 400, f"LoRA with name {name} does not exist")
                 self.loaded.discard(name)
                 async with self.changed:  # wait_for_unload: every request using it ended
                     await self.changed.wait_for(lambda: not self.using.get(name))
@@ -70,7 +70,7 @@ class LockedLoraEngine:
 
     async def _generate(self, name: str | None):
         if name is not None and name not in self.loaded:
-            raise SGLangError("/generate", 400, f"no adapter {name}")
+            raise EngineError("/generate", 400, f"no adapter {name}")
         self.using[name] = self.using.get(name, 0) + 1
         try:
             if name == self.hold:
@@ -97,7 +97,7 @@ class FakeTransportClient(SGLangClient):
             return 200, await asyncio.wait_for(asyncio.shield(task),
                                                timeout_s or self.timeout_s), ""
         except asyncio.TimeoutError:
-            raise SGLangError(path, None, "TimeoutError: no answer in time") from None
+            raise EngineError(path, None, "TimeoutError: no answer in time") from None
 
 
 # a directory that exists (the engine's read of it is faked), made by nobody: a module-level

@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from areal_like.net.metrics import Metrics, parse_exposition
-from areal_like.net.sglang_client import SGLangClient, SGLangError
+from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.wire.protocol import RosterEntry, SyncMember, WeightSyncPlan
 from trainer.engine_drive import EngineDrive
 
@@ -184,9 +184,9 @@ def test_a_members_error_text_and_id_stay_on_one_log_line(fake_engine, fake_port
 
 
 def test_a_generate_answer_past_what_its_request_can_make_is_refused(fake_engine):
-    async def scenario() -> SGLangError:
+    async def scenario() -> EngineError:
         async with SGLangClient(fake_engine, api_key="k" * 32) as client:
-            with pytest.raises(SGLangError) as refused:
+            with pytest.raises(EngineError) as refused:
                 await client.generate([1, 2, 3], {"max_new_tokens": 4}, timeout_s=60)
             return refused.value
 

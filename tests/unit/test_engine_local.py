@@ -81,7 +81,7 @@ def test_in_process_generate_waits_while_paused_and_a_cancelled_caller_aborts(en
 
 
 def test_the_client_maps_in_process_answers_like_http_ones(engine):
-    from areal_like.net.sglang_client import SGLangClient, SGLangError
+    from areal_like.net.sglang_client import EngineError, SGLangClient
 
     async def main():
         client = SGLangClient("http://127.0.0.1:1", local=engine)  # no HTTP reachable
@@ -90,7 +90,7 @@ def test_the_client_maps_in_process_answers_like_http_ones(engine):
                                              "ignore_eos": True}] * 2)
         assert [(len(o.output_ids), len(o.logprobs), o.finish_reason, o.weight_version)
                 for o in outs] == [(3, 3, "length", "0")] * 2
-        with pytest.raises(SGLangError) as e:
+        with pytest.raises(EngineError) as e:
             await client.generate([1, 999], {"max_new_tokens": 2})
         assert e.value.status == 400
         await client.close()
@@ -101,7 +101,7 @@ def test_an_in_process_call_ends_when_its_engine_stops_and_later_ones_are_refuse
     """A call held at the pause gate when the engine stops ends (as unreachable, like a dropped
     connection) instead of waiting for its timeout; a call to a stopped engine is refused at
     once."""
-    from areal_like.net.sglang_client import SGLangClient, SGLangError
+    from areal_like.net.sglang_client import EngineError, SGLangClient
 
     e = EmbeddedEngine(MODEL, EngineConfig(max_running_requests=2)).start()
 
@@ -113,9 +113,9 @@ def test_an_in_process_call_ends_when_its_engine_stops_and_later_ones_are_refuse
             done, _ = await asyncio.wait([held], timeout=0.3)
             assert not done  # held back by the pause
             await asyncio.to_thread(e.stop)
-            with pytest.raises(SGLangError) as ended:
+            with pytest.raises(EngineError) as ended:
                 await asyncio.wait_for(held, HTTP_TIMEOUT_S)
-            with pytest.raises(SGLangError) as refused:
+            with pytest.raises(EngineError) as refused:
                 await client.generate([1, 2], {"max_new_tokens": 2})
             assert ended.value.status is None and refused.value.status is None
         finally:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from areal_like.net.sglang_client import GenerateOutput, SGLangError
+from areal_like.net.sglang_client import EngineError, GenerateOutput
 from areal_like.settings.config import EvalConfig, RunConfig, TaskConfig
 from areal_like.tasks.task import encode_prompt, make_task
 from areal_like.tasks.tokenizer import char_tokenizer
@@ -34,7 +34,7 @@ class ContextEngine:
         n, new = len(input_ids), params["max_new_tokens"]
         self.asked.append((n, new))
         if n >= self.context or n + new > self.context:
-            raise SGLangError("/generate", 400, f"{n} input + {new} new tokens exceed the "
+            raise EngineError("/generate", 400, f"{n} input + {new} new tokens exceed the "
                               f"model's context length ({self.context} tokens)")
         return GenerateOutput(rid="r", output_ids=[5] * new, logprobs=[-0.5] * new,
                               finish_reason="length", finish_message="", abort_status=None,

@@ -22,7 +22,7 @@ import msgspec
 import pytest
 
 from areal_like.net.metrics import Metrics
-from areal_like.net.sglang_client import SGLangError
+from areal_like.net.sglang_client import EngineError
 from areal_like.settings.config import EvalConfig, RunConfig
 from areal_like.weights.engine_sync import ROOT_PREFIX, ServerPort
 from areal_like.wire import protocol as P
@@ -66,7 +66,7 @@ class _Evaluator:
     async def run(self, client, version: int, max_input: int = 0) -> dict:
         self.versions.append(version)
         if self.port is not None:  # the trainer's next push reaches us now
-            with pytest.raises(SGLangError) as refused:
+            with pytest.raises(EngineError) as refused:
                 await self.port.begin(_plan(version + 1), *ME)
             self.refusals.append((refused.value.status, refused.value.message))
         return {"policy_version": version}
@@ -206,7 +206,7 @@ def test_the_sync_port_acts_only_for_the_sync_under_way(tmp_path):
     ok = {v: P.SyncDone(server_id="me", policy_version=v, ok=True) for v in (6, 7)}
 
     async def refused(call) -> None:
-        with pytest.raises(SGLangError) as e:
+        with pytest.raises(EngineError) as e:
             await call
         assert e.value.status == 409 and "not the weight sync under way" in e.value.message
 
@@ -303,7 +303,7 @@ def test_no_sync_begins_while_the_engine_of_an_abandoned_one_is_being_continued(
             await _until(lambda: not server.in_sync(), "the sync's window to pass")
             server.end_abandoned_sync()  # as the loop does once the window passed
             await _until(lambda: calls == ["end_weight_update"], "the session closed")
-            with pytest.raises(SGLangError) as refused:
+            with pytest.raises(EngineError) as refused:
                 await port.begin(_plan(7), *ME)
             assert refused.value.status == 409 and "abandoned sync of v6" in refused.value.message
             closing.set()

@@ -73,7 +73,7 @@ def _tracked_generate(pick):
     import asyncio
     from types import SimpleNamespace
 
-    from areal_like.net.sglang_client import SGLangError
+    from areal_like.net.sglang_client import EngineError
 
     running: set[int] = set()
 
@@ -82,7 +82,7 @@ def _tracked_generate(pick):
         try:
             how = pick(ids, sampling)
             if how == "refuse":
-                raise SGLangError("/generate", 400, "prompt too long")
+                raise EngineError("/generate", 400, "prompt too long")
             if how == "hang":
                 await asyncio.Event().wait()
             return SimpleNamespace(versions=[0], output_ids=[1])
@@ -122,7 +122,7 @@ def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_retu
 
 def test_a_refused_eval_request_stops_its_prompts_other_requests_before_evaluate_returns(
         monkeypatch):
-    """One of a prompt's requests refused (SGLangError: the prompt is counted in ``errors``): its
+    """One of a prompt's requests refused (EngineError: the prompt is counted in ``errors``): its
     greedy/sampled siblings were left running past ``evaluate`` (a plain gather), against a
     client its caller closes next."""
     import asyncio
@@ -356,11 +356,11 @@ class _ScriptedEngine:
         self.sampled: dict[int, int] = {}
 
     async def generate(self, input_ids, params):
-        from areal_like.net.sglang_client import GenerateOutput, SGLangError
+        from areal_like.net.sglang_client import EngineError, GenerateOutput
 
         prompt = input_ids[0]
         if prompt == 9:
-            raise SGLangError("/generate", 400, "prompt too long")
+            raise EngineError("/generate", 400, "prompt too long")
         if params["temperature"] == 0.0:
             out = [1]
         else:
@@ -401,9 +401,9 @@ def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
 
 
 def test_evaluate_raises_when_every_prompt_fails():
-    from areal_like.net.sglang_client import SGLangError
+    from areal_like.net.sglang_client import EngineError
 
-    with pytest.raises(SGLangError, match="every eval prompt failed") as e:
+    with pytest.raises(EngineError, match="every eval prompt failed") as e:
         _eval([9, 9])
     # the refusal's own status (before: None, which reads "unreachable": the engine answered)
     assert e.value.status == 400 and "unreachable" not in str(e.value), e.value
@@ -414,10 +414,10 @@ def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(tmp_path, ca
     """``areal-like eval`` on an eval file whose every prompt is longer than the model's context:
     one error line naming the refusal, exit 2 (before: a traceback)."""
     import rollout_server.evaluate as evaluate
-    from areal_like.net.sglang_client import SGLangError
+    from areal_like.net.sglang_client import EngineError
 
     def refused(model, cfg, config_file, samples):
-        raise SGLangError("/generate", 400, "every eval prompt failed; the first: The input "
+        raise EngineError("/generate", 400, "every eval prompt failed; the first: The input "
                           "(406 tokens) is longer than the model's context length (256 tokens).")
 
     export = tmp_path / "v00000003"

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 
 from areal_like.net.distributed import free_port
-from areal_like.net.sglang_client import KEEPALIVE_S, GenerateOutput, SGLangClient, SGLangError
+from areal_like.net.sglang_client import KEEPALIVE_S, EngineError, GenerateOutput, SGLangClient
 from areal_like.settings.config import ConfigError, EngineConfig, ModelConfig
 from rollout_server.episode import generate_sample, segment_versions
 from rollout_server.launch_sglang import SGLangProcess, healthy, sglang_command
@@ -106,7 +106,7 @@ def test_generate_parses_tokens_logprobs_finish_and_version():
 def test_generate_is_not_retried_after_it_may_have_run():
     async def body(server, client):
         server.script["/generate"] = [(500, {"error": {"message": "boom"}})]
-        with pytest.raises(SGLangError) as e:
+        with pytest.raises(EngineError) as e:
             await client.generate([1], {"max_new_tokens": 1})
         assert (e.value.status, e.value.message) == (500, "boom")
         assert server.count("/generate") == 1
@@ -115,7 +115,7 @@ def test_generate_is_not_retried_after_it_may_have_run():
             await asyncio.sleep(1.0)
             return 200, gen_response([], [], {"type": "abort", "message": "Aborted"})
         server.script["/generate"] = [slow]
-        with pytest.raises(SGLangError) as e:  # aborted at 0.3 s without a token: a timeout
+        with pytest.raises(EngineError) as e:  # aborted at 0.3 s without a token: a timeout
             await client.generate([1], {"max_new_tokens": 1}, timeout_s=0.3)
         assert e.value.status is None and "Timeout" in e.value.message
         assert server.count("/generate") == 2  # one more call, no retry
@@ -168,7 +168,7 @@ def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypat
             return 200, gen_response([4], [-1.0], {"type": "length", "length": 1})
         monkeypatch.setattr("areal_like.net.sglang_client.ABORT_GRACE_S", 0.3)
         server.script["/generate"] = [wedged]
-        with pytest.raises(SGLangError, match="Timeout"):
+        with pytest.raises(EngineError, match="Timeout"):
             await client.generate([1], {"max_new_tokens": 1}, timeout_s=0.3)
     run(body)
 
@@ -216,7 +216,7 @@ def test_unreachable_server_raises_after_bounded_attempts():
     async def main():
         client = SGLangClient(f"http://127.0.0.1:{free_port()}", max_attempts=2)
         try:
-            with pytest.raises(SGLangError) as e:
+            with pytest.raises(EngineError) as e:
                 await client.pause_generation()
             assert e.value.status is None
             assert not await client.health()
@@ -247,7 +247,7 @@ def test_error_bodies_of_every_sglang_shape_become_the_message():
             (client.abort_request("x"), 400, 'invalid type: string "x", expected a boolean'),
         ]
         for call, status, message in cases:
-            with pytest.raises(SGLangError) as e:
+            with pytest.raises(EngineError) as e:
                 await call
             assert (e.value.status, e.value.message) == (status, message)
         assert server.count("/pause_generation") == 1  # 4xx is never retried
@@ -293,7 +293,7 @@ def test_interrupted_sample_is_resumed_with_prompt_plus_tokens_and_remaining_bud
         s = await generate_sample(client, [1], {}, 2, current_version_fn=lambda: 0)
         assert s.finish_reason == "length" and s.output_ids == [3, 4]
         server.script["/generate"] = [(200, gen_response([], [], {**abort, "status_code": 400}))]
-        with pytest.raises(SGLangError):
+        with pytest.raises(EngineError):
             await generate_sample(client, [1], {}, 2, current_version_fn=lambda: 0)
     run(body)
 
@@ -449,7 +449,7 @@ def test_timeout_bounds_the_whole_call_including_retries():
     async def body(server, client):
         # idempotent and 5xx: retried until the budget
         server.script["/pause_generation"] = [(503, "busy")]
-        with pytest.raises(SGLangError) as e:
+        with pytest.raises(EngineError) as e:
             await client.pause_generation(timeout_s=0.5)
         assert e.value.status == 503
         # without the budget: 4 attempts (backoff 0.25, 0.5, 1.0)

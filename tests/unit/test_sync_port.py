@@ -22,7 +22,7 @@ import pytest
 from test_store_gate import DEADLINE_S, GROUP, KEY, closed_by_peer, echo  # noqa: F401 - fixture
 
 from areal_like.net.distributed import free_port
-from areal_like.net.sglang_client import SGLangError
+from areal_like.net.sglang_client import EngineError
 from areal_like.net.store_gate import StoreGate
 from areal_like.weights.engine_sync import ROOT_PREFIX, ServerPort, close_door, open_door
 from areal_like.wire.protocol import BucketSpec, SyncDone, WeightSyncPlan
@@ -109,10 +109,10 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
             assert calls == [("begin", "p1", 1), ("adapter", 1, 400),
                              ("end", "p1", False, 0.5, "why")]
             async with ServerPort(url, api_key="not-the-key") as stranger:
-                with pytest.raises(SGLangError) as refused:
+                with pytest.raises(EngineError) as refused:
                     await stranger.door(_plan(gate_port))
                 assert refused.value.status == 401 and port.unauthorized() == 1
-                with pytest.raises(SGLangError, match="AREAL_LIKE_ENGINE_API_KEY"):
+                with pytest.raises(EngineError, match="AREAL_LIKE_ENGINE_API_KEY"):
                     await stranger.begin(_plan(gate_port), "a", ENGINE, "now")  # no proof
                 assert port.unauthorized() == 2
             body = json.dumps({"plan_id": "p1", "master_addr": "127.0.0.1", "master_port": 0,
@@ -149,7 +149,7 @@ def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key(
             try:
                 _, got, _ = await upstream._call("POST", request.path, await request.json(),
                                                  idempotent=True)
-            except SGLangError as e:
+            except EngineError as e:
                 return web.json_response({}, status=e.status or 502)
         return web.json_response(got)
 
@@ -167,29 +167,29 @@ def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key(
             async with ServerPort(url, api_key=KEY) as trainer:
                 await trainer.vouch("a", ENGINE, DEADLINE_S)  # ours: proven
                 await trainer.begin(plan, "a", ENGINE, "now")
-                with pytest.raises(SGLangError, match="does not prove"):  # a proof the port's
+                with pytest.raises(EngineError, match="does not prove"):  # a proof the port's
                     await trainer.begin(plan, "a", ENGINE, "before")  # last process was sent
                 for server_id, engine in (("a", "http://10.9.9.9:1"),  # not its engine
                                           ("b", ENGINE)):  # another id naming our URLs
-                    with pytest.raises(SGLangError, match="does not prove"):
+                    with pytest.raises(EngineError, match="does not prove"):
                         await trainer.vouch(server_id, engine, DEADLINE_S)
-                    with pytest.raises(SGLangError, match="does not prove"):
+                    with pytest.raises(EngineError, match="does not prove"):
                         await trainer.begin(plan, server_id, engine, "now")
             async with ServerPort(url, api_key="another-jobs-key") as other:
-                with pytest.raises(SGLangError, match="AREAL_LIKE_ENGINE_API_KEY"):
+                with pytest.raises(EngineError, match="AREAL_LIKE_ENGINE_API_KEY"):
                     await other.vouch("a", ENGINE, DEADLINE_S)
             assert calls == [("begin", "p1", 1)]  # ours alone began a sync
             for path in ("", "/lie"):  # the proofs name our port's URL; a squatter's are none
                 async with ServerPort(relay_url + path, api_key=KEY) as trainer:
-                    with pytest.raises(SGLangError, match="does not prove"):
+                    with pytest.raises(EngineError, match="does not prove"):
                         await trainer.vouch("a", ENGINE, DEADLINE_S)
-                    with pytest.raises(SGLangError, match="does not prove"):
+                    with pytest.raises(EngineError, match="does not prove"):
                         await trainer.begin(plan, "a", ENGINE, "now")
             assert seen == [("/vouch", None), ("/begin", None), ("/lie/vouch", None),
                             ("/lie/begin", None)]  # asked without the key
             assert calls == [("begin", "p1", 1)]
             async with ServerPort(relay_url + "/flood", api_key=KEY) as trainer:
-                with pytest.raises(SGLangError, match="over its limit of 65536 bytes"):
+                with pytest.raises(EngineError, match="over its limit of 65536 bytes"):
                     await trainer.vouch("a", ENGINE, DEADLINE_S)
         finally:
             await runner.cleanup()

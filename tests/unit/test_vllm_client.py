@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from areal_like.net.sglang_client import SGLangClient, SGLangError
+from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.net.vllm_client import (
     VLLMClient,
     engine_client,
@@ -27,7 +27,7 @@ def test_sglang_sampling_params_are_sent_in_vllms_names_with_the_sampled_log_pro
 
 @pytest.mark.parametrize("sp", [{"regex": "a+"}, {"n": 2}])
 def test_a_sampling_param_vllm_does_not_take_is_refused_naming_it(sp):
-    with pytest.raises(SGLangError, match="vLLM takes none of the sampling params"):
+    with pytest.raises(EngineError, match="vLLM takes none of the sampling params"):
         vllm_sampling(sp)
 
 
@@ -52,7 +52,7 @@ def test_a_generate_answer_gives_tokens_log_probs_and_each_tokens_version():
     _answer([30], [-1.0], [], finish="error"),
 ])
 def test_an_answer_of_another_shape_is_an_error_naming_the_route(body):
-    with pytest.raises(SGLangError, match=r"/inference/v1/generate: HTTP 200: .unexpected"):
+    with pytest.raises(EngineError, match=r"/inference/v1/generate: HTTP 200: .unexpected"):
         parse_vllm_output(body)
 
 
