@@ -741,6 +741,10 @@ class RunConfig(Section):
         if self.rollout.engine.kind == "vllm":
             self._check_vllm_engine()
         self._check_group_size()
+        multiturn = self.task.env or self.task.agent
+        _check("distill.teachers", not (self.distill.enabled and multiturn),
+               "empty with task.env or task.agent (a teacher scores single-turn episodes only)",
+               self.distill.teachers)
         _check("trainer.groups_per_step", not isinstance(self.trainer.groups_per_step, int)
                or self.trainer.groups_per_step == self.buffer.groups_per_step,
                f"buffer.groups_per_step="
