@@ -57,10 +57,11 @@ def tokenizer_problem(distill: DistillConfig, student: ModelConfig) -> str | Non
         mine = load_tokenizer(student).get_vocab()
         if theirs != mine:
             differ = len(set(theirs.items()) ^ set(mine.items()))
+            key = (f"model.path={student.path!r}" if student.path
+                   else f"model.tokenizer={student.tokenizer!r}")
             return (f"distill.teachers: the teacher {teacher!r} has another tokenizer than the "
-                    f"student model.path={student.path or student.tokenizer!r} ({len(theirs)} and "
-                    f"{len(mine)} tokens, {differ} entries differ): a teacher must score the "
-                    "student's tokens")
+                    f"student's {key} ({len(theirs)} and {len(mine)} tokens, {differ} entries "
+                    "differ): a teacher must score the student's tokens")
     return None
 
 

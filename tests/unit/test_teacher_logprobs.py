@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +25,7 @@ from tests.engine_kit import model_config, save_model
 
 PROMPT = [5, 6, 7]
 OUTPUTS = [[10, 11, 12, 13], [20, 21], [30]]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +116,23 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_both(teacher_dir):
     assert why is not None and str(teacher_dir) in why and "'bpe'" in why
     assert tokenizer_problem(DistillConfig(teachers=[str(teacher_dir)]),
                              model_config(teacher_dir)) is None
+
+
+def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_dir):
+    """The preflight (``areal-like run``'s first step): the tiny student reads the char
+    tokenizer as the teacher does, a bpe student does not. ``areal-like plan``: each rollout
+    server's row names its teacher."""
+    from areal_like.settings.config import load_config
+    from launch.preflight import PreflightError, checked
+
+    checked(load_config([f"distill.teachers=[{teacher_dir}]"]))
+    with pytest.raises(PreflightError, match=f"the teacher '{teacher_dir}' has another tokenizer "
+                       "than the student's model.tokenizer='bpe'"):
+        checked(load_config([f"distill.teachers=[{teacher_dir}]", "model.tokenizer=bpe",
+                             "model.vocab_size=512"]))
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan",
+                        f"distill.teachers=[{teacher_dir}]"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if "teacher" in line]
+    assert rows and all(f"teacher {teacher_dir} (embedded, cpu)" in row for row in rows)
