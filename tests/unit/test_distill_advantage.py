@@ -1,6 +1,7 @@
 """On-policy distillation in the trainer (trainer/LOSSES.md section 11): the advantage of each
 sampled token against hand-computed vectors, the teacher's log-probs carried by a trajectory over
-the wire into the trainer's batch, and a training step that reads them as those vectors say."""
+the wire and through the buffer's log into the trainer's batch, and a training step that reads
+them as those vectors say."""
 
 from __future__ import annotations
 
@@ -59,6 +60,23 @@ def test_teacher_logprobs_cross_the_wire_into_the_batch():
     assert batch.select([1]).teacher_logp.tolist() == [[0.0, 0.0]]
     plain = groups_to_batch([P.decode(P.encode(group(sample(2, None))))])
     assert plain.teacher_logp is None and plain.has_teacher is None  # off: nothing carried
+
+
+def test_teacher_logprobs_survive_the_buffers_write_ahead_log(tmp_path):
+    """The buffer logs a group's frame as its rollout server encoded it and replays it after a
+    restart (buffer/WAL.md): the teacher's log-probs come back with it."""
+    from buffer.wal import WriteAheadLog
+
+    frame = P.encode(group(sample(3, [-0.5, -1.0, -2.0])))
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    wal.open({"state": {}})
+    wal.append_group("g", frame)
+    wal.commit()
+    wal.close()
+    (record,) = [r for r in WriteAheadLog(tmp_path).replay() if r.kind == "G"]
+    replayed = P.decode(record.frame).trajectories[0]
+    assert replayed.teacher_logp.tolist() == [-0.5, -1.0, -2.0]
 
 
 def test_a_wrong_length_or_a_nonfinite_teacher_logprob_is_refused():
