@@ -3,8 +3,8 @@ on loopback; the tiny model from config, no warm start) with ``distill.teachers`
 model directory, which the rollout server serves with an embedded engine of its own. Shown:
 
 * every step's loss saw the teacher on every row (``distill_rows``) and reports the sampled
-  reverse KL (``distill_reverse_kl``) among its ``stats``, finite and positive (student and teacher are different
-  random models);
+  reverse KL (``distill_reverse_kl``) among its ``stats``, finite and positive (student and
+  teacher are different random models);
 * the job completes every step, and nothing is left running (the teacher's engine included).
 """
 
