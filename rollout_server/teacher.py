@@ -94,6 +94,8 @@ class Teacher:
         """The teacher's log-prob of each output token (0 on a context token), per sample; a
         None per sample when it failed and ``on_teacher_failure=task_reward_only``."""
         rows = [(i, out) for i, out in enumerate(outputs) if out]
+        if not rows:  # nothing sampled: nothing to ask
+            return [[] for _ in outputs]
         t0 = time.monotonic()
         try:
             values = await asyncio.wait_for(self.client.input_logprobs(

@@ -65,6 +65,8 @@ def test_a_model_directory_teacher_equals_a_direct_forward(teacher_dir):
         got = ask(teacher)
         # a context token (mask 0) gets 0, as its behaviour log-prob
         masked = ask(teacher, [[1, 0, 1, 1], [1, 1], [0]])
+        # no token sampled: nothing asked, nothing failed
+        assert asyncio.run(teacher.group_logprobs(PROMPT, [[], []], [[], []])) == [[], []]
     finally:
         teacher.close()
     want = direct(teacher_dir)
