@@ -366,6 +366,15 @@ def check_reward_model(cfg: RunConfig) -> list[str]:
     return [why] if rm.enabled and (why := reward_model_problem(rm)) else []
 
 
+def check_teachers(cfg: RunConfig) -> list[str]:
+    """A ``distill.teachers`` model directory reads the student's tokens: its tokenizer is the
+    student's (``rollout_server.teacher``; the tokenizers only)."""
+    from rollout_server.teacher import tokenizer_problem
+
+    d = cfg.distill
+    return [why] if d.enabled and (why := tokenizer_problem(d, cfg.model)) else []
+
+
 def check_engine(cfg: RunConfig) -> list[str]:
     out, engine = [], cfg.rollout.engine
     if engine.kind == "sglang":
@@ -613,6 +622,6 @@ def check_routing_replay(cfg: RunConfig) -> list[str]:
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
                 check_epochs, check_lengths, check_chat_template, check_chat_format,
-                check_reward_fn, check_reward_model, check_env, check_agent, check_trackers,
-                check_engine, check_architecture, check_lora, check_environment, check_critic,
-                check_routing_replay)
+                check_reward_fn, check_reward_model, check_teachers, check_env, check_agent,
+                check_trackers, check_engine, check_architecture, check_lora, check_environment,
+                check_critic, check_routing_replay)

@@ -300,7 +300,7 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
             where = (f"router {_addr(cfg.buffer.address)}  "
                      f"pub {_addr(cfg.buffer.pub_address)}  {metrics}")
         elif s.kind == "rollout":
-            where = f"{metrics}  {_engine(cfg, host)}{_reward_model(cfg, s)}"
+            where = f"{metrics}  {_engine(cfg, host)}{_reward_model(cfg, s)}{_teachers(cfg)}"
         else:
             where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "")
         rows.append((str(s.node), s.name, _gpus(s.gpus, cfg.launch.nodes == 1), where))
@@ -368,6 +368,14 @@ def _reward_model(cfg: RunConfig, s: DaemonSlot) -> str:
                        if o.startswith("task.reward_model.device=")), None):
         return f"  reward model on GPU {s.gpus[-1]} ({device})"
     return f"  reward model on {'cpu' if rm.device == 'auto' else rm.device}"
+
+
+def _teachers(cfg: RunConfig) -> str:
+    """A rollout row's distillation teacher: an engine at a URL, or the embedded engine the
+    server starts for a model directory (rollout_server/teacher.py)."""
+    d = cfg.distill
+    return "".join(f"  teacher {t}" if d.is_url(t) else f"  teacher {t} (embedded, {d.device})"
+                   for t in d.teachers)
 
 
 def _engine(cfg: RunConfig, node_host: str) -> str:

@@ -31,6 +31,7 @@ from areal_like.wire.protocol import Credit, TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from rollout_server.reward_model import RewardModel, combine, process_rewards
 from rollout_server.reward_pool import RewardPool
+from rollout_server.teacher import Teacher
 
 MAX_EMPTY_RESUMES = 1000  # aborts in a row without a new token: the engine is stuck, not pausing
 # what callers without a registry (evaluation) count into: made once, never served
@@ -202,6 +203,7 @@ class EpisodeContext:
     context: int = 0  # prompt + output tokens the engine serves (RolloutFacts.context; 0: any)
     max_input: int = 0  # the engine refuses an input this long (output_room; 0: none)
     reward_model: RewardModel | None = None  # task.reward_model, loaded by the server
+    teacher: Teacher | None = None  # distill.teachers: each sample's teacher log-probs
 
     def sampling_params(self) -> dict:
         cfg = self.task_cfg
@@ -265,9 +267,13 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
     if ctx.reward_model is not None:  # the rule's reward stays in the metadata
         model = await ctx.reward_model.score_group(example.prompt, texts)
         scores = combine(rule, model, ctx.task_cfg.reward_model)
+    teacher = [None] * n
+    if ctx.teacher is not None and budget > 0:  # TeacherError (on_teacher_failure=drop): no group
+        teacher = await ctx.teacher.group_logprobs(prompt_ids, [s.output_ids for s in samples],
+                                                   [[1] * len(s.output_ids) for s in samples])
     trajectories = []
-    for s, text, (reward, error), (rule_reward, _), (_, _, steps) in zip(samples, texts, scores,
-                                                                         rule, model):
+    for s, text, (reward, error), (rule_reward, _), (_, _, steps), teacher_logp in zip(
+            samples, texts, scores, rule, model, teacher):
         meta = {"text": text, "resumed": s.resumed}
         if terms:  # each task.reward_fn function's reward of this sample, by its name
             meta["rewards"] = {name: values[len(trajectories)] for name, values in terms.items()}
@@ -282,5 +288,6 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
             prompt_ids=as_i32(prompt_ids), output_ids=as_i32(s.output_ids),
             behav_logp=as_f32(s.logprobs), versions=as_i32(s.versions), reward=reward,
             finish_reason=s.finish_reason, metadata=meta,
-            routed_experts=None if s.routes is None else np.frombuffer(s.routes, "<i4")))
+            routed_experts=None if s.routes is None else np.frombuffer(s.routes, "<i4"),
+            teacher_logp=None if teacher_logp is None else as_f32(teacher_logp)))
     return ctx.group(credit, trajectories)

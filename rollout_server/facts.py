@@ -4,7 +4,8 @@ section.
 ``RolloutFacts.from_run(cfg)`` is the one place that reads other sections of the run config for a
 rollout server: the model and the task whole (shared knowledge), of the trainer only its steps,
 its LoRA layout, whether its log-prob guard probes the engines, whether it replays routes and the
-address of its weight group's rendezvous (the only one a door leads to); and
+address of its weight group's rendezvous (the only one a door leads to), the teachers it asks
+(``distill``); and
 the security resolved once at start: the CURVE ``keys`` (None: plain sockets) and the job's engine
 API key, never in a repr.
 """
@@ -17,6 +18,7 @@ from areal_like.job_facts import trajectory_limit
 from areal_like.net.auth import engine_api_key
 from areal_like.net.security import Keys
 from areal_like.settings.config import EvalConfig, LoraConfig, ModelConfig, RunConfig, TaskConfig
+from areal_like.settings.distill_schema import DistillConfig
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class RolloutFacts:
     # trainer.weight_sync.master_addr and master_port (0: a free one per group): where the sync
     # port's doors may lead (sync_port.py)
     rendezvous: tuple[str, int] = ("127.0.0.1", 0)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # the teachers (teacher.py)
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> RolloutFacts:
@@ -57,4 +60,5 @@ class RolloutFacts:
                    engine_key=engine_api_key(cfg.run_dir), seed=cfg.seed,
                    nodes=cfg.launch.nodes, routed_experts=cfg.trainer.routing_replay,
                    rendezvous=(cfg.trainer.weight_sync.master_addr,
-                               cfg.trainer.weight_sync.master_port))
+                               cfg.trainer.weight_sync.master_port),
+                   distill=cfg.distill)

@@ -128,6 +128,7 @@ class RolloutServer(Daemon):
         self.engine = None
         self.rewards: RewardPool | None = None
         self.reward_model = None  # task.reward_model (rollout_server/reward_model.py)
+        self.teacher = None  # distill.teachers (rollout_server/teacher.py)
         self.tools = None  # ToolPool of task.env's tools, or the agent pool (task.agent)
         self.agent_endpoint = None  # task.agent: the OpenAI-compatible endpoint of its episodes
         self.engine_url, self.engine_ranks = "", 1
@@ -196,6 +197,11 @@ class RolloutServer(Daemon):
 
             self.reward_model = RewardModel(self.facts.task.reward_model,
                                             self.facts.task.reward_timeout_s, self.metrics)
+        if self.facts.distill.enabled:  # its engine started here, or one at a URL
+            from rollout_server.teacher import Teacher
+
+            self.teacher = Teacher(self.facts.distill, self.facts.model, self.metrics,
+                                   api_key=self.api_key)
         # multi-turn episodes (rollout_server/multiturn.py): their tools run here
         if self.facts.task.env:
             from rollout_server.tool_pool import ToolPool
@@ -255,10 +261,10 @@ class RolloutServer(Daemon):
         return True
 
     def stop(self) -> None:
-        for pool in (self.tools, self.rewards, self.reward_model):
+        for pool in (self.tools, self.rewards, self.reward_model, self.teacher):
             if pool is not None:
                 pool.close()
-        self.tools = self.rewards = self.reward_model = None
+        self.tools = self.rewards = self.reward_model = self.teacher = None
         if self.engine is not None:
             proc = getattr(self.engine, "proc", None)  # a launched SGLang: its process group
             if self.wedged and proc is not None:
@@ -374,6 +380,8 @@ class RolloutServer(Daemon):
             await self.sync_port.close()
         close_door(self.engine_url)
         await self.client.close()
+        if self.teacher is not None:
+            await self.teacher.client.close()
         self.control.close()
         self.data.close()
 
@@ -505,7 +513,7 @@ class RolloutServer(Daemon):
                               server_id=self.server_id, incarnation=self.incarnation,
                               current_version_fn=lambda: self.policy_version, metrics=self.metrics,
                               context=self.facts.context, max_input=self.max_input,
-                              reward_model=self.reward_model)
+                              reward_model=self.reward_model, teacher=self.teacher)
 
     async def start_agent_endpoint(self) -> None:
         from rollout_server.agent_endpoint import AgentEndpoint

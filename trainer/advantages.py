@@ -1,9 +1,9 @@
 """Advantage estimators and the per-minibatch baselines of VCPO and OAPL: pure tensor functions.
 
-Formulas: ``trainer/LOSSES.md`` sections 1, 8, 9 and 10 (GAE for the critic); the last three
-functions are the
-``advantages`` rules of ``trainer/losses.py``'s ``KERNELS``. Invariants: computed on whole groups
-before any split into micro-batches; constants for the loss (no gradient); estimators return
+Formulas: ``trainer/LOSSES.md`` sections 1, 8, 9, 10 (GAE for the critic) and 11
+(distillation); the three functions before GAE are the ``advantages`` rules of
+``trainer/losses.py``'s ``KERNELS``. Invariants: computed on whole groups before any split into
+micro-batches; constants for the loss (no gradient); estimators return
 [N, T], zero on padding. No torch.distributed, no logging.
 """
 
@@ -260,3 +260,19 @@ def vcpo_step_advantages(a: AdvantageInputs, params: VCPOConfig) -> Advantages:
     stats = {"vcpo_lr_scale": float(scale), "vcpo_ess": float(ess),
              "vcpo_grad_sq_norm_mean": float(g2.mean())}
     return Advantages(adv.to(m.device)[:, None] * m, float(scale), stats)
+
+
+# ------------------------------------------------ on-policy distillation (LOSSES.md section 11)
+def distill_advantages(task: Tensor, teacher_logp: Tensor, behav_logp: Tensor, mask: Tensor,
+                       has_teacher: Tensor, *, kl_weight: float,
+                       task_reward_weight: float) -> Tensor:
+    """Advantages [N, T] (fp32) of on-policy distillation: on each sampled token
+    ``task_reward_weight * A_task + kl_weight * (log pi_teacher - log pi_behav)`` (the negative
+    reverse KL's per-token estimate, the student's log-prob being the engine's behaviour log-prob);
+    a row without the teacher's log-probs (``has_teacher`` [N] false) keeps ``A_task`` alone.
+    0 off ``mask``."""
+    m = mask.detach().double()
+    a = task.detach().double().to(m.device)
+    kl = (teacher_logp.detach().double() - behav_logp.detach().double()).to(m.device)
+    mixed = task_reward_weight * a + kl_weight * kl
+    return (torch.where(has_teacher.to(m.device)[:, None], mixed, a) * m).float()

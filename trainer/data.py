@@ -60,6 +60,10 @@ class TrainBatch:
     # [N, T] float32: a process reward model's step rewards on their tokens (the trajectory's
     # process_rewards metadata; ``rewards`` holds their sum); None: no row has any
     process_rewards: torch.Tensor | None = None
+    # [N, T] float32: a teacher's log-probs of the output tokens (distill; 0 on padding and on rows
+    # without them); None: no row has any
+    teacher_logp: torch.Tensor | None = None
+    has_teacher: torch.Tensor | None = None  # [N] bool: the row has the teacher's log-probs
 
     @property
     def n_seqs(self) -> int:
@@ -80,7 +84,10 @@ class TrainBatch:
                           group_ids=self.group_ids[idx], head_versions=self.head_versions,
                           routes=None if self.routes is None else self.routes[idx, :s],
                           process_rewards=None if self.process_rewards is None
-                          else self.process_rewards[idx, :t])
+                          else self.process_rewards[idx, :t],
+                          teacher_logp=None if self.teacher_logp is None
+                          else self.teacher_logp[idx, :t],
+                          has_teacher=None if self.has_teacher is None else self.has_teacher[idx])
 
     def to(self, device: torch.device) -> TrainBatch:
         """On ``device``; onto a GPU without waiting for it (pageable host memory is staged at
@@ -106,13 +113,18 @@ def groups_to_batch(groups: list[TrajectoryGroup],
     input_ids = np.full((n, s), PAD_ID, dtype=np.int64)
     behav = np.zeros((n, t_max), dtype=np.float32)
     mask = np.zeros((n, t_max), dtype=np.float32)
-    process = None
+    process = teacher = None
+    has_teacher = np.array([t.teacher_logp is not None for _, t in trajs])
+    if has_teacher.any():
+        teacher = np.zeros((n, t_max), dtype=np.float32)
     for i, (_, t) in enumerate(trajs):
         p, o = p_lens[i], o_lens[i]
         input_ids[i, :p] = t.prompt_ids
         input_ids[i, p:p + o] = t.output_ids
         behav[i, :o] = t.behav_logp
         mask[i, :o] = t.loss_mask  # 0 on context tokens (multi-turn): no loss, no token count
+        if has_teacher[i]:
+            teacher[i, :o] = t.teacher_logp
         for token, r in t.metadata.get("process_rewards", ()):  # checked: content_problem
             process = np.zeros((n, t_max), dtype=np.float32) if process is None else process
             process[i, token] += r
@@ -125,6 +137,8 @@ def groups_to_batch(groups: list[TrajectoryGroup],
         group_ids=torch.tensor([gi for gi, _ in trajs], dtype=torch.long),
         head_versions=torch.tensor([g.head_version for g in groups], dtype=torch.long),
         process_rewards=None if process is None else torch.from_numpy(process),
+        teacher_logp=None if teacher is None else torch.from_numpy(teacher),
+        has_teacher=None if teacher is None else torch.from_numpy(has_teacher),
     )
 
 

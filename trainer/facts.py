@@ -21,6 +21,7 @@ from areal_like.settings.config import (
     RunConfig,
     TaskConfig,
 )
+from areal_like.settings.distill_schema import DistillConfig
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class TrainerFacts:
     engine_key: str | None = field(default=None, repr=False)
     engine_kind: str = "sglang"  # rollout.engine.kind: the protocol the trainer drives it by
     pause_mode: str = "retract"  # rollout.pause_mode: how a weight sync pauses each engine
+    distill: DistillConfig | None = None  # distill: the teachers' weight in the advantages
 
     @classmethod
     def from_run(cls, cfg: RunConfig, keys: Keys | None = None) -> TrainerFacts:
@@ -69,4 +71,5 @@ class TrainerFacts:
                    export_dir=cfg.resolve_path(cfg.export.dir), nodes=cfg.launch.nodes, keys=keys,
                    engine_key=engine_api_key(cfg.run_dir), context=trajectory_limit(cfg),
                    adapter_path=cfg.adapter_path, engine_kind=cfg.rollout.engine.kind,
-                   pause_mode=cfg.rollout.pause_mode)
+                   pause_mode=cfg.rollout.pause_mode,
+                   distill=cfg.distill if cfg.distill.enabled else None)

@@ -151,7 +151,7 @@ class Trainer(Daemon):
         kl_in_reward = self.critic is not None and t.critic.kl_coef > 0
         self.reference = (build_reference(model_cfg, t, self.policy)
                           if t.loss.kl_coef > 0 or kl_in_reward else None)
-        self.settings = StepSettings.of(t, self.facts.task)
+        self.settings = StepSettings.of(t, self.facts.task, self.facts.distill)
         self.watch = LearningWatch(t.learning_watch_steps, report=self.rank == 0)
         self.data = BatchSource(t.buffer_address, t.groups_per_step, keys=self.facts.keys,
                                 wait_s=t.batch_wait_s, buffer_timeout_s=t.buffer_timeout_s,

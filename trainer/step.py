@@ -33,9 +33,10 @@ import torch
 import torch.distributed as dist
 
 from areal_like.settings.config import LossConfig, RunConfig, TaskConfig, TrainerConfig
+from areal_like.settings.distill_schema import DistillConfig
 from areal_like.weights.lora import adapters_disabled
 from areal_like.weights.routing import replaying
-from trainer.advantages import AdvantageInputs, Advantages
+from trainer.advantages import AdvantageInputs, Advantages, distill_advantages
 from trainer.data import TrainBatch
 from trainer.finite_guard import SKIPPED, all_finite
 from trainer.logprobs import CHUNK_TOKENS
@@ -71,9 +72,11 @@ class StepSettings:
     max_tokens_per_micro_batch: int = 0  # trainer.max_tokens_per_micro_batch (0: micro_batch_size)
     skip_zero_advantage: bool = False  # trainer.skip_zero_advantage
     lora_dropout: float = 0.0  # trainer.lora.dropout: the training forward's only
+    distill: DistillConfig | None = None  # distill (None: off): the teachers' term in advantages
 
     @classmethod
-    def of(cls, t: TrainerConfig, task: TaskConfig) -> StepSettings:
+    def of(cls, t: TrainerConfig, task: TaskConfig,
+           distill: DistillConfig | None = None) -> StepSettings:
         return cls(loss=t.loss, estimator=t.estimator, micro_batch_size=t.micro_batch_size,
                    num_minibatches=t.num_minibatches, grad_clip=t.grad_clip,
                    temperature=task.temperature,
@@ -81,11 +84,12 @@ class StepSettings:
                    max_new_tokens=task.max_new_tokens,
                    pack_sequences=t.pack_sequences, pack_min_padding=t.pack_min_padding,
                    max_tokens_per_micro_batch=t.max_tokens_per_micro_batch,
-                   skip_zero_advantage=t.skip_zero_advantage, lora_dropout=t.lora.dropout)
+                   skip_zero_advantage=t.skip_zero_advantage, lora_dropout=t.lora.dropout,
+                   distill=distill)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> StepSettings:
-        return cls.of(cfg.trainer, cfg.task)
+        return cls.of(cfg.trainer, cfg.task, cfg.distill if cfg.distill.enabled else None)
 
     @property
     def kernel(self) -> Kernel:
@@ -240,6 +244,24 @@ def batch_advantages(batch: TrainBatch, s: StepSettings) -> Advantages | None:
     return s.kernel.advantages(a, s.loss.params)
 
 
+def with_teacher(adv: Advantages, batch: TrainBatch, rows: torch.Tensor,
+                 s: StepSettings) -> Advantages:
+    """``adv`` with the teacher's term of on-policy distillation on the rows that carry its
+    log-probs (``distill_advantages``; LOSSES.md section 11), and the sampled reverse KL
+    (log pi_behav - log pi_teacher, per token of those rows) among its stats; ``adv`` itself when
+    distillation is off or no row has a teacher's log-probs."""
+    if s.distill is None or batch.teacher_logp is None:
+        return adv
+    d, mask, has = s.distill, batch.mask[rows], batch.has_teacher[rows]
+    teacher, behav = batch.teacher_logp[rows], batch.behav_logp[rows]
+    values = distill_advantages(adv.values, teacher, behav, mask, has, kl_weight=d.kl_weight,
+                                task_reward_weight=d.task_reward_weight)
+    m = mask * has[:, None]
+    kl = float(((behav - teacher) * m).sum() / m.sum().clamp(min=1.0))
+    return adv._replace(values=values, stats=adv.stats | {"distill_reverse_kl": kl,
+                                                          "distill_rows": float(has.sum())})
+
+
 def forward_backward(policy: Policy, mb: TrainBatch, advantages: torch.Tensor,
                      prox_logp: torch.Tensor | None,
                      s: StepSettings, loss_cfg: LossConfig, n_tokens: float, n_seqs: float,
@@ -355,6 +377,7 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
             adv = minibatch_advantages(policy, batch, rows, s)
         else:
             adv = whole._replace(values=whole.values[rows])
+        adv = with_teacher(adv, batch, rows, s)
         advantages[rows] = adv.values.to(advantages.device)
         policy.optimizer.zero_grad(set_to_none=True)
         trained = trained_rows(rows, advantages, batch.mask, s)
@@ -405,8 +428,8 @@ def apply_optimizer_step(policy: Policy, lr_scale: float) -> float:
 # Stats of the layout, not of the loss: padded and packed runs differ in them by design.
 LAYOUT_STATS = ("seq_tokens", "computed_tokens", "micro_batches", "rank_token_spread",
                 "padding_share", "tokens_per_micro_batch", "packed_minibatches")
-_SUMMED = ("tokens", "seqs", SKIPPED, "seq_tokens", "computed_tokens", "micro_batches",
-           "packed_minibatches")
+_SUMMED = ("tokens", "seqs", "distill_rows", SKIPPED, "seq_tokens", "computed_tokens",
+           "micro_batches", "packed_minibatches")
 
 
 def layout_stats(p: Plan) -> dict[str, float]:

@@ -398,6 +398,32 @@ class SGLangClient:
             body["return_routed_experts"] = True
         return await self._generate(body, len(inputs), timeout_s)
 
+    async def input_logprobs(self, inputs: list[list[int]], starts: list[int], *,
+                             timeout_s: float | None = None) -> list[list[float]]:
+        """The log-prob of each token of ``inputs[i]`` from ``starts[i]`` (>= 1) on, given the
+        tokens before it, at temperature 1: ``POST /generate`` generating nothing
+        (``max_new_tokens`` 0) with ``logprob_start_len``, read from SGLang's
+        ``input_token_logprobs``. What a teacher gives a sampled response (distill)."""
+        body = {"input_ids": [[int(t) for t in p] for p in inputs],
+                "sampling_params": [{"max_new_tokens": 0, "temperature": 1.0} for _ in inputs],
+                "return_logprob": True, "logprob_start_len": [int(s) for s in starts],
+                "stream": False}
+        _, out, _ = await self._call("POST", "/generate", body, idempotent=True,
+                                     timeout_s=timeout_s or self.generate_timeout_s,
+                                     limit=generate_answer_bytes(body))
+        if not isinstance(out, list) or len(out) != len(inputs):
+            raise EngineError("/generate", 200, f"a batch of {len(inputs)} inputs got another "
+                              "answer")
+        values = []
+        for o, p, start in zip(out, inputs, starts):
+            entries = ((o or {}).get("meta_info") or {}).get("input_token_logprobs") or []
+            got = [e[0] for e in entries[-(len(p) - start):]] if len(p) > start else []
+            if len(got) != len(p) - start or any(not isinstance(v, int | float) for v in got):
+                raise EngineError("/generate", 200, f"input_token_logprobs: {len(entries)} "
+                                  f"entries for {len(p) - start} tokens")
+            values.append([float(v) for v in got])
+        return values
+
     async def abort_request(self, rid: str = "", *, abort_all: bool = False,
                             timeout_s: float | None = None) -> None:
         await self._call("POST", "/abort_request", {"rid": rid, "abort_all": abort_all},

@@ -31,6 +31,7 @@ from areal_like.settings.config_checks import (
 )
 from areal_like.settings.config_checks import check as _check
 from areal_like.settings.critic_schema import CriticConfig, model_keys
+from areal_like.settings.distill_schema import DistillConfig
 from areal_like.settings.loss_schema import ESTIMATORS, GROUP_BASELINE_KERNELS, LossConfig
 from areal_like.settings.report_schema import TRACKERS, EvalConfig, ExportConfig, TrackingConfig
 from areal_like.settings.reward_model_schema import RewardModelConfig
@@ -716,6 +717,7 @@ class RunConfig(Section):
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)  # on-policy distillation
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -740,6 +742,10 @@ class RunConfig(Section):
         if self.rollout.engine.kind == "vllm":
             self._check_vllm_engine()
         self._check_group_size()
+        multiturn = self.task.env or self.task.agent
+        _check("distill.teachers", not (self.distill.enabled and multiturn),
+               "empty with task.env or task.agent (a teacher scores single-turn episodes only)",
+               self.distill.teachers)
         _check("trainer.groups_per_step", not isinstance(self.trainer.groups_per_step, int)
                or self.trainer.groups_per_step == self.buffer.groups_per_step,
                f"buffer.groups_per_step="

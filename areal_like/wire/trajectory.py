@@ -101,14 +101,18 @@ class Trajectory(Message, tag="trajectory", omit_defaults=True):
     # routing replay: the experts the engine routed each fed position to, int32 [P + T - 1, layers,
     # top_k] flattened (row r: prompt + output token r; the last output token is never fed)
     routed_experts_wire: I32 | None = msgspec.field(default=None, name="routed_experts")
+    # [T] on-policy distillation (``distill``): log pi_teacher(token | prompt, tokens before it),
+    # fp32, 0 on context tokens; None: no teacher scored this sample
+    teacher_logp_wire: F32 | None = msgspec.field(default=None, name="teacher_logp")
 
     @classmethod
     def of(cls, *, prompt_ids: Any, output_ids: Any, behav_logp: Any, versions: Any, reward: float,
            finish_reason: str, metadata: dict | None = None, loss_mask: Any = None,
-           routed_experts: Any = None) -> Trajectory:
+           routed_experts: Any = None, teacher_logp: Any = None) -> Trajectory:
         """Build from 1-D array-likes (of the wire dtype: no copy); ``loss_mask`` omitted: every
         token generated. ``reward``: any finite real number; ``routed_experts``: int32
-        ``[P + T - 1, layers, k]`` (any shape: flattened) or None. ProtocolError naming the field,
+        ``[P + T - 1, layers, k]`` (any shape: flattened) or None; ``teacher_logp``: float32 [T]
+        or None. ProtocolError naming the field,
         for a reward that is no finite number too (user code fails its episode here)."""
         reward = _finite_float(reward)
         out = wire_array(output_ids, "<i4", "output_ids")
@@ -120,7 +124,9 @@ class Trajectory(Message, tag="trajectory", omit_defaults=True):
                    wire_array(behav_logp, "<f4", "behav_logp"), runs_of(versions, "versions"), mask,
                    reward, finish_reason, {} if metadata is None else metadata,
                    None if routed_experts is None
-                   else wire_array(np.asarray(routed_experts).reshape(-1), "<i4", "routed_experts"))
+                   else wire_array(np.asarray(routed_experts).reshape(-1), "<i4", "routed_experts"),
+                   None if teacher_logp is None
+                   else wire_array(teacher_logp, "<f4", "teacher_logp"))
 
     def validate(self) -> None:
         """Bytes match lengths, runs are well formed, per-token arrays have ``output_ids``'
@@ -130,7 +136,7 @@ class Trajectory(Message, tag="trajectory", omit_defaults=True):
         t = o[1]
         if (b[1] == t == v[1] == m[1] and o[2].nbytes == b[2].nbytes == 4 * t
                 and p[2].nbytes == 4 * p[1] and runs_ok(v) and runs_ok(m)):
-            return self._validate_routes()  # every trajectory received: one expression
+            return self._validate_optional()  # every trajectory received: one expression
         for name in ("prompt_ids", "output_ids", "behav_logp", "versions", "loss_mask"):
             tag, n, data = getattr(self, f"{name}_wire")
             if tag == RUNS and not runs_ok((tag, n, data)):
@@ -140,9 +146,18 @@ class Trajectory(Message, tag="trajectory", omit_defaults=True):
                 raise ProtocolError("array length does not match its bytes", name)
             if name != "prompt_ids" and n != t:
                 raise ProtocolError(f"length {n} != len(output_ids) {t}", name)
-        self._validate_routes()
+        self._validate_optional()
 
-    def _validate_routes(self) -> None:
+    def _validate_optional(self) -> None:
+        """The optional arrays, where present: the teacher's log-probs one finite value per output
+        token, the routes a [positions, layers, top_k] array."""
+        if self.teacher_logp_wire is not None:
+            _, n, data = self.teacher_logp_wire
+            t = self.output_ids_wire[1]
+            if n != t or data.nbytes != 4 * n:
+                raise ProtocolError(f"length {n} != len(output_ids) {t}", "teacher_logp")
+            if not np.isfinite(np.frombuffer(data, _F4)).all():
+                raise ProtocolError("values must be finite", "teacher_logp")
         if self.routed_experts_wire is None:
             return
         _, n, data = self.routed_experts_wire
@@ -177,6 +192,13 @@ class Trajectory(Message, tag="trajectory", omit_defaults=True):
         if self.routed_experts_wire is None:
             return None
         return np.frombuffer(self.routed_experts_wire[2], _I4)
+
+    @property
+    def teacher_logp(self) -> np.ndarray | None:
+        """float32 [T], or None (no teacher scored this sample)."""
+        if self.teacher_logp_wire is None:
+            return None
+        return np.frombuffer(self.teacher_logp_wire[2], _F4)
 
     @property
     def n_tokens(self) -> int:

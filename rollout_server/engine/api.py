@@ -116,6 +116,8 @@ class GenerateInput:
     stream: bool  # server-sent events, one cumulative chunk per new token, then "data: [DONE]"
     prompt_ids_out: bool = False  # return_prompt_token_ids: echo the (tokenized) prompt
     routed_experts: bool = False  # return_routed_experts
+    # per prompt: logprob_start_len, where its input token logprobs start (None: none asked for)
+    logprob_starts: list[int | None] | None = None
 
 
 def max_text_chars(tokenizer, context_len: int) -> int:
@@ -170,11 +172,12 @@ def parse_generate(body: GenerateBody | dict, tokenizer, vocab_size: int, contex
         raise value_error("The rid should be a list with the same length as the batch.")
     return_logprob = [bool(x) for x in _per_prompt(b.return_logprob or False, len(prompts),
                                                    "return_logprob")]
-    for key, lowest in (("logprob_start_len", 0), ("top_logprobs_num", 1)):  # lowest refused
-        for v in _per_prompt(getattr(b, key), len(prompts), key):
-            if v is not None and v >= lowest:
-                raise value_error(f"{key}={v} is not supported by the embedded engine "
-                                  "(output token logprobs only)")
+    for v in _per_prompt(b.top_logprobs_num, len(prompts), "top_logprobs_num"):
+        if v is not None and v >= 1:
+            raise value_error(f"top_logprobs_num={v} is not supported by the embedded engine")
+    starts = [_input_logprob_start(v, p, sp, lp) for v, p, sp, lp in zip(
+        _per_prompt(b.logprob_start_len, len(prompts), "logprob_start_len"), params, sps,
+        return_logprob)]
     if b.token_ids_logprob:
         raise value_error("token_ids_logprob is not supported by the embedded engine")
     return GenerateInput(prompts=prompts, params=params, rids=[str(r) for r in rids], n=n,
@@ -182,7 +185,21 @@ def parse_generate(body: GenerateBody | dict, tokenizer, vocab_size: int, contex
                          text_in_logprobs=bool(b.return_text_in_logprobs),
                          is_single=not is_batch and n == 1, stream=bool(b.stream),
                          prompt_ids_out=bool(b.return_prompt_token_ids),
-                         routed_experts=bool(b.return_routed_experts))
+                         routed_experts=bool(b.return_routed_experts), logprob_starts=starts)
+
+
+def _input_logprob_start(start: int | None, params: SamplingParams, sp: dict,
+                         return_logprob: bool) -> int | None:
+    """Where a prompt's input token log-probs start (SGLang's ``logprob_start_len``); None: none
+    asked for (the default -1). Served only for a request that generates nothing
+    (``max_new_tokens`` 0, a teacher's scoring: ENGINE.md)."""
+    if start is None or start < 0 or not return_logprob:
+        return None
+    if sp.get("max_new_tokens") != 0:
+        raise value_error(f"logprob_start_len={start} is served by the embedded engine only with "
+                          "max_new_tokens=0 (input token logprobs of a request that generates "
+                          "nothing)")
+    return start
 
 
 def _per_prompt(v: Any, count: int, key: str) -> list:
@@ -263,6 +280,10 @@ def build_output(req, tokenizer, *, return_logprob: bool,
     if return_logprob:
         texts = [tokenizer.decode([t]) for t in ids] if text_in_logprobs else [None] * n
         meta["output_token_logprobs"] = [[lp, t, s] for lp, t, s in zip(logps, ids, texts)]
+    if return_logprob and req.input_logprobs is not None:  # as SGLang's: the first token has none
+        start = req.input_logprob_start
+        meta["input_token_logprobs"] = [[lp, t, None] for lp, t in zip(
+            req.input_logprobs, req.input_ids[start:])]
     text = tokenizer.decode(ids, skip_special_tokens=req.params.skip_special_tokens)
     out = {"text": text, "output_ids": ids, "meta_info": meta}
     if prompt_ids:

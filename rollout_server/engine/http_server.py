@@ -218,7 +218,9 @@ class EngineHttp:
                               input_ids=prompt, params=params,
                               stop_ids=self.e.stop_ids(params), on_finish=notify,
                               on_token=notify if stream is not None else None,
-                              routes=[] if inp.routed_experts else None)
+                              routes=[] if inp.routed_experts else None,
+                              input_logprob_start=inp.logprob_starts[i]
+                              if inp.logprob_starts else None)
                 made.append((req, inp.return_logprob[i]))
         for req, _ in made:
             self.e.scheduler.submit(req)

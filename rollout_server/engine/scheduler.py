@@ -67,6 +67,10 @@ class Request:
     # return_routed_experts: the experts each fed position was routed to, [rows, layers, k] blocks
     # in order (a prefill's, then one per decode step); None: not recorded
     routes: list[torch.Tensor] | None = None
+    # logprob_start_len (max_new_tokens 0 only): the log-prob of each input token from this one on
+    # given the tokens before it, in ``input_logprobs`` when finished (None for token 0)
+    input_logprob_start: int | None = None
+    input_logprobs: list[float | None] | None = None
 
     def __post_init__(self):
         if self.params.sampling_seed is not None and self.rng is None:
@@ -262,9 +266,22 @@ class Scheduler:
                                "status_code": 400,
                                "err_type": "BadRequestError"})
         elif req.params.max_new_tokens == 0:
+            if req.input_logprob_start is not None:
+                req.input_logprobs = self._input_logprobs(req)
             self._finish(req, {"type": "length", "length": 0})
         else:
             self.waiting.append(req)
+
+    @torch.no_grad()
+    def _input_logprobs(self, req: Request) -> list[float | None]:
+        """log_softmax(logits / temperature)[token] of each input token from
+        ``input_logprob_start`` on, fp32 (the engine's convention, sampling.py: temperature 0 is
+        1), from one plain forward of the whole input outside the KV slots; None for token 0."""
+        ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        logp = torch.log_softmax(logits / (req.params.temperature or 1.0), dim=-1)
+        values = logp.gather(-1, ids[0, 1:, None])[:, 0].tolist()
+        return ([None] + values)[req.input_logprob_start:]
 
     def _admit(self) -> list[Request]:
         free = self.max_running - len(self.running)

@@ -1,0 +1,53 @@
+"""The ``distill`` section: on-policy distillation from teacher models (trainer/LOSSES.md
+section 11; rollout_server/ROLLOUT.md, "Teachers"). Off while ``teachers`` is empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from areal_like.settings.config_checks import DEVICE, Bound, Section, at_least, check, one_of
+
+D = "distill."
+POLICIES = ("drop", "task_reward_only")
+
+
+TEACHERS = Bound("a list of engine URLs (http://host:port) or model directories",
+                 lambda v: all(t.strip() for t in v))
+
+
+@dataclass(kw_only=True)
+class DistillConfig(Section):
+    key = D.rstrip(".")
+
+    # the teachers: each an engine URL (http://host:port, an SGLang server or an embedded engine
+    # serving the teacher, never weight-synced) or a local model directory the rollout server
+    # scores with itself; its tokenizer must be the student's (preflight)
+    teachers: Annotated[list[str], TEACHERS] = field(default_factory=list)
+    # the per-token advantage is task_reward_weight * A_task + kl_weight * (log pi_teacher -
+    # log pi_behav) on each sampled token (trainer/LOSSES.md section 11)
+    kl_weight: Annotated[float, at_least(0.0)] = 1.0
+    task_reward_weight: Annotated[float, at_least(0.0)] = 0.0  # 0: pure distillation
+    # a sample whose teacher failed or timed out: drop (its whole group is generated again) or
+    # task_reward_only (trained on its task advantage alone)
+    on_teacher_failure: Annotated[str, one_of(*POLICIES)] = "drop"
+    teacher_timeout_s: Annotated[float, at_least(0.001)] = 60.0  # one group's teacher call
+    # where a teacher given as a model directory runs, in each rollout server
+    device: Annotated[str, DEVICE] = "cpu"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(D + "teachers", len(self.teachers) <= 1, "at most one teacher (one per job)",
+              self.teachers)
+        check(D + "kl_weight", not self.enabled or self.kl_weight > 0,
+              "> 0 with distill.teachers set (else the teachers are asked for nothing)",
+              self.kl_weight)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teachers)
+
+    @staticmethod
+    def is_url(teacher: str) -> bool:
+        return teacher.startswith(("http://", "https://"))

@@ -1,0 +1,129 @@
+"""The teacher of on-policy distillation (``distill``; trainer/LOSSES.md section 11): the log-prob
+it gives each sampled token, given the prompt and the tokens before it, at temperature 1, put on
+the trajectory as ``teacher_logp``.
+
+A teacher is an engine: one at a URL (an SGLang server, or an embedded engine started by hand), or
+an embedded engine this rollout server starts for a model directory (its own scheduler thread and
+port, started and health-checked with the server, stopped with it; never weight-synced: the trainer
+drives only the engines on the buffer's roster). One ``/generate`` per group, generating nothing,
+asks for the input log-probs of the group's prompt + response rows from the prompt's end
+(``SGLangClient.input_logprobs``).
+
+Invariants:
+* ``group_logprobs`` never raises but ``TeacherError`` (``distill.on_teacher_failure=drop``): a
+  call that raises, runs past ``distill.teacher_timeout_s`` or answers a wrong count is counted in
+  ``rollout/teacher_failures`` (kinds ``error``, ``timeout``) and fails the whole group, which is
+  then not sent (``drop``) or sent without teacher log-probs (``task_reward_only``);
+* a context token (loss mask 0) gets 0, as its behaviour log-prob;
+* the teacher reads the student's tokens: its tokenizer is the student's (``tokenizer_problem``,
+  run by the launcher's preflight and at start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from areal_like.net.metrics import Metrics
+from areal_like.net.ratelog import RateLimitedLog
+from areal_like.net.sglang_client import SGLangClient
+from areal_like.settings.config import EngineConfig, ModelConfig
+from areal_like.settings.distill_schema import DistillConfig
+
+log = logging.getLogger(__name__)
+WARN_EVERY_S = 60.0
+SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
+
+
+class TeacherError(RuntimeError):
+    """The teacher gave no log-probs for a group, and ``distill.on_teacher_failure=drop``."""
+
+
+def tokenizer_problem(distill: DistillConfig, student: ModelConfig) -> str | None:
+    """Why a teacher given as a model directory cannot score the student's tokens (its tokenizer
+    differs), naming both; None when it can or the teacher is a URL (its engine says nothing of its
+    tokenizer before the job runs)."""
+    from areal_like.tasks.tokenizer import load_tokenizer
+
+    for teacher in distill.teachers:
+        if DistillConfig.is_url(teacher):
+            continue
+        try:
+            theirs = load_tokenizer(ModelConfig(path=teacher)).get_vocab()
+        except Exception as e:  # noqa: BLE001 - one line, whatever the files hold
+            return (f"distill.teachers: {teacher!r} has no tokenizer that loads: "
+                    f"{type(e).__name__}: {e}").splitlines()[0]
+        mine = load_tokenizer(student).get_vocab()
+        if theirs != mine:
+            differ = len(set(theirs.items()) ^ set(mine.items()))
+            key = (f"model.path={student.path!r}" if student.path
+                   else f"model.tokenizer={student.tokenizer!r}")
+            return (f"distill.teachers: the teacher {teacher!r} has another tokenizer than the "
+                    f"student's {key} ({len(theirs)} and {len(mine)} tokens, {differ} entries "
+                    "differ): a teacher must score the student's tokens")
+    return None
+
+
+class Teacher:
+    """``distill.teachers[0]`` (module docstring). ``api_key``: the job's engine key, which the
+    embedded engine started here requires; a URL teacher is called without one."""
+
+    def __init__(self, cfg: DistillConfig, student: ModelConfig, metrics: Metrics | None = None,
+                 api_key: str | None = None):
+        if problem := tokenizer_problem(cfg, student):
+            raise ValueError(problem)
+        self.cfg, self.metrics = cfg, metrics or Metrics()
+        self.warnings = RateLimitedLog(log, WARN_EVERY_S)
+        self.engine, url = None, cfg.teachers[0]
+        if not cfg.is_url(url):
+            from rollout_server.engine import EmbeddedEngine
+
+            self.engine = EmbeddedEngine(ModelConfig(path=url), EngineConfig(device=cfg.device),
+                                         api_key=api_key).start()
+            url = self.engine.url
+        # the engine started here answers /generate in-process (no HTTP)
+        self.client = SGLangClient(url, api_key=api_key if self.engine is not None else None,
+                                   local=self.engine)
+        self.failures = self.metrics.counter("rollout/teacher_failures", "groups the teacher "
+                                             "gave no log-probs for", ("kind",))
+        log.info("teacher %s at %s", cfg.teachers[0], url)
+
+    async def group_logprobs(self, prompt_ids: list[int], outputs: list[list[int]],
+                             masks: list[list[int]]) -> list[list[float] | None]:
+        """The teacher's log-prob of each output token (0 on a context token), per sample; a
+        None per sample when it failed and ``on_teacher_failure=task_reward_only``."""
+        rows = [(i, out) for i, out in enumerate(outputs) if out]
+        if not rows:  # nothing sampled: nothing to ask
+            return [[] for _ in outputs]
+        t0 = time.monotonic()
+        try:
+            values = await asyncio.wait_for(self.client.input_logprobs(
+                [prompt_ids + out for _, out in rows], [len(prompt_ids)] * len(rows),
+                timeout_s=self.cfg.teacher_timeout_s), self.cfg.teacher_timeout_s)
+        except asyncio.TimeoutError:
+            return self._failed("timeout", f"no answer within distill.teacher_timeout_s="
+                                f"{self.cfg.teacher_timeout_s}s", len(outputs))
+        except Exception as e:  # noqa: BLE001 - the teacher's failure is the group's
+            return self._failed("error", f"{type(e).__name__}: {e}".splitlines()[0], len(outputs))
+        finally:
+            self.metrics.histogram("rollout/teacher_seconds", "wall time of the teacher on one "
+                                   "group", buckets=SECONDS_BUCKETS).observe(time.monotonic() - t0)
+        out: list[list[float] | None] = [[] for _ in outputs]
+        for (i, _), v in zip(rows, values):
+            out[i] = [lp if m else 0.0 for lp, m in zip(v, masks[i])]
+        return out
+
+    def _failed(self, kind: str, why: str, n: int) -> list[None]:
+        self.failures.labels(kind=kind).inc()
+        self.warnings.warning(kind, "teacher failed on a group (%s): %s; on_teacher_failure=%s",
+                              kind, why, self.cfg.on_teacher_failure)
+        if self.cfg.on_teacher_failure == "drop":
+            raise TeacherError(f"teacher: {why}")
+        return [None] * n
+
+    def close(self) -> None:
+        """Stops the engine started here (its client is closed on the server's loop)."""
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine = None

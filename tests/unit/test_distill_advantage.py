@@ -1,0 +1,117 @@
+"""On-policy distillation in the trainer (trainer/LOSSES.md section 11): the advantage of each
+sampled token against hand-computed vectors, the teacher's log-probs carried by a trajectory over
+the wire and through the buffer's log into the trainer's batch, and a training step that reads
+them as those vectors say."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from areal_like.settings.config import load_config
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory
+from trainer.advantages import distill_advantages
+from trainer.data import groups_to_batch
+
+TASK = torch.tensor([[0.5, 0.5, 0.0], [-0.5, -0.5, -0.5]])
+TEACHER = torch.tensor([[-1.0, -0.5, 0.0], [-2.0, -1.0, -3.0]])
+BEHAV = torch.tensor([[-1.5, -0.25, 0.0], [-1.0, -1.0, -1.0]])
+MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])  # row 0: 2 tokens; row 1: a context token
+
+
+def test_mixed_advantage_by_hand():
+    # 0.5 * A + 2 * (teacher - behav) on each token of the mask:
+    # row 0: 0.25 + 2 * 0.5 = 1.25, 0.25 + 2 * (-0.25) = -0.25, padding 0
+    # row 1: -0.25 + 2 * (-1) = -2.25, context 0, -0.25 + 2 * (-2) = -4.25
+    adv = distill_advantages(TASK, TEACHER, BEHAV, MASK, torch.tensor([True, True]), kl_weight=2.0,
+                             task_reward_weight=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[1.25, -0.25, 0.0], [-2.25, 0.0, -4.25]]))
+
+
+def test_pure_distillation_and_a_row_without_the_teacher():
+    # task weight 0, kl weight 1: row 0 is teacher - behav = 0.5, -0.25; row 1 has no teacher's
+    # log-probs (task_reward_only): its task advantage alone, -0.5, context 0, -0.5
+    adv = distill_advantages(TASK, TEACHER, BEHAV, MASK, torch.tensor([True, False]),
+                             kl_weight=1.0, task_reward_weight=0.0)
+    torch.testing.assert_close(adv, torch.tensor([[0.5, -0.25, 0.0], [-0.5, 0.0, -0.5]]))
+
+
+def sample(n: int, teacher: list[float] | None, reward: float = 1.0) -> Trajectory:
+    return Trajectory.of(prompt_ids=np.array([5, 6, 7]), output_ids=np.arange(10, 10 + n),
+                         behav_logp=np.full(n, -1.0, np.float32), versions=np.zeros(n, np.int32),
+                         reward=reward, finish_reason="stop",
+                         teacher_logp=None if teacher is None else np.array(teacher, np.float32))
+
+
+def group(*trajectories: Trajectory) -> P.TrajectoryGroup:
+    return P.TrajectoryGroup(group_id="g", server_id="s", lease_id="0", prompt_index=0, epoch=0,
+                             trajectories=list(trajectories))
+
+
+def test_teacher_logprobs_cross_the_wire_into_the_batch():
+    g = P.decode(P.encode(group(sample(3, [-0.5, -1.0, -2.0]), sample(2, None))))
+    assert g.trajectories[0].teacher_logp.tolist() == [-0.5, -1.0, -2.0]
+    assert g.trajectories[1].teacher_logp is None
+    batch = groups_to_batch([g])
+    assert batch.teacher_logp.tolist() == [[-0.5, -1.0, -2.0], [0.0, 0.0, 0.0]]
+    assert batch.has_teacher.tolist() == [True, False]
+    assert batch.select([1]).teacher_logp.tolist() == [[0.0, 0.0]]
+    plain = groups_to_batch([P.decode(P.encode(group(sample(2, None))))])
+    assert plain.teacher_logp is None and plain.has_teacher is None  # off: nothing carried
+
+
+def test_teacher_logprobs_survive_the_buffers_write_ahead_log(tmp_path):
+    """The buffer logs a group's frame as its rollout server encoded it and replays it after a
+    restart (buffer/WAL.md): the teacher's log-probs come back with it."""
+    from buffer.wal import WriteAheadLog
+
+    frame = P.encode(group(sample(3, [-0.5, -1.0, -2.0])))
+    wal = WriteAheadLog(tmp_path)
+    list(wal.replay())
+    wal.open({"state": {}})
+    wal.append_group("g", frame)
+    wal.commit()
+    wal.close()
+    (record,) = [r for r in WriteAheadLog(tmp_path).replay() if r.kind == "G"]
+    replayed = P.decode(record.frame).trajectories[0]
+    assert replayed.teacher_logp.tolist() == [-0.5, -1.0, -2.0]
+
+
+def test_a_wrong_length_or_a_nonfinite_teacher_logprob_is_refused():
+    with pytest.raises(P.ProtocolError, match="length 2 != len") as info:
+        sample(3, [-0.5, -1.0])
+    assert info.value.field == "teacher_logp"
+    with pytest.raises(P.ProtocolError, match="finite") as info:
+        P.decode(P.encode(group(sample(2, [-0.5, float("nan")]))))
+    assert info.value.field == "teacher_logp"
+
+
+def test_a_training_step_reads_the_teacher_as_the_vectors_say():
+    """A step with the teacher's log-probs has the loss of the same step given the mixed
+    advantages by hand, and reports the sampled reverse KL (behav - teacher over the tokens)."""
+    from areal_like.weights.hf import build_model
+    from trainer.model import Policy, attach_logprobs
+    from trainer.step import StepSettings, train_step
+
+    cfg = load_config(["distill.teachers=[http://127.0.0.1:1]", "distill.kl_weight=2.0",
+                       "distill.task_reward_weight=0.5", "loss=grpo"])
+    torch.manual_seed(0)
+    model = attach_logprobs(build_model(cfg.model))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    policy = Policy(model=model, optimizer=opt,
+                    scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+                    device=torch.device("cpu"), rank=0, world_size=1)
+    batch = groups_to_batch([group(sample(3, [-0.5, -1.0, -2.0], 1.0),
+                                   sample(2, [-3.0, -1.0], 0.0))])
+    s = StepSettings.from_config(cfg)
+    with_teacher = train_step(policy, batch, s, None)
+    # grpo on rewards (1, 0): +-1/(sqrt(0.5) + 1e-6), times 0.5, plus 2 * (teacher - behav)
+    a = 0.5 / (0.5 ** 0.5 + 1e-6)
+    by_hand = torch.tensor([[a + 1.0, a + 0.0, a - 2.0], [-a - 4.0, -a + 0.0, 0.0]])
+    plain = train_step(policy, batch, StepSettings.from_config(load_config(["loss=grpo"])), None,
+                       advantages=by_hand)
+    assert with_teacher["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    # behav - teacher: (-0.5 + 0 + 1 + 2 + 0) / 5 tokens
+    assert with_teacher["distill_reverse_kl"] == pytest.approx(2.5 / 5)

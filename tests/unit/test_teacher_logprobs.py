@@ -1,0 +1,140 @@
+"""A teacher's log-probs (rollout_server/teacher.py): an embedded engine started for a model
+directory, and one reached at its URL, give each sampled token the log-prob a direct forward of the
+teacher model gives it; a failing teacher is counted and its group dropped or sent without them; a
+teacher with another tokenizer than the student's is refused, naming both."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from areal_like.net.metrics import Metrics
+from areal_like.settings.config import EngineConfig, ModelConfig
+from areal_like.settings.distill_schema import DistillConfig
+from rollout_server.engine import EmbeddedEngine
+from rollout_server.teacher import Teacher, TeacherError, tokenizer_problem
+from tests.engine_kit import model_config, save_model
+
+PROMPT = [5, 6, 7]
+OUTPUTS = [[10, 11, 12, 13], [20, 21], [30]]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    torch.set_num_threads(1)
+    return save_model(tmp_path_factory.mktemp("teacher"), init_seed=3)
+
+
+def direct(teacher_dir) -> list[list[float]]:
+    """log_softmax(logits)[token] of each output token, from one plain transformers forward."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    out = []
+    for o in OUTPUTS:
+        ids = torch.tensor([PROMPT + o])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids).logits[0].float(), -1)
+        out.append([float(logp[len(PROMPT) - 1 + t, tok]) for t, tok in enumerate(o)])
+    return out
+
+
+def ask(teacher: Teacher, masks=None) -> list:
+    async def go():
+        try:
+            return await teacher.group_logprobs(PROMPT, OUTPUTS,
+                                                masks or [[1] * len(o) for o in OUTPUTS])
+        finally:
+            await teacher.client.close()
+    return asyncio.run(go())
+
+
+def test_a_model_directory_teacher_equals_a_direct_forward(teacher_dir):
+    student = model_config(teacher_dir)
+    teacher = Teacher(DistillConfig(teachers=[str(teacher_dir)]), student, api_key="k" * 32)
+    try:
+        got = ask(teacher)
+        # a context token (mask 0) gets 0, as its behaviour log-prob
+        masked = ask(teacher, [[1, 0, 1, 1], [1, 1], [0]])
+        # no token sampled: nothing asked, nothing failed
+        assert asyncio.run(teacher.group_logprobs(PROMPT, [[], []], [[], []])) == [[], []]
+    finally:
+        teacher.close()
+    want = direct(teacher_dir)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=0, atol=1e-5)
+    assert masked[0][1] == 0.0 and masked[2] == [0.0] and masked[0][2] == got[0][2]
+
+
+def test_a_url_teacher_over_http_equals_a_direct_forward(teacher_dir):
+    engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig()).start()
+    try:
+        got = ask(Teacher(DistillConfig(teachers=[engine.url]), model_config(teacher_dir)))
+    finally:
+        engine.stop()
+    for g, w in zip(got, direct(teacher_dir)):
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=0, atol=1e-5)
+
+
+def test_the_engine_refuses_input_logprobs_of_a_request_that_generates(teacher_dir):
+    engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig()).start()
+    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2},
+            "return_logprob": True, "logprob_start_len": 1}
+    req = urllib.request.Request(engine.url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(req, timeout=60)
+        assert info.value.code == 400 and "max_new_tokens=0" in info.value.read().decode()
+    finally:
+        engine.stop()
+
+
+def test_a_failing_teacher_is_counted_and_its_policy_applied(teacher_dir, free_port):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    metrics = Metrics()
+    keep = Teacher(DistillConfig(teachers=[url], on_teacher_failure="task_reward_only",
+                                 teacher_timeout_s=5.0), model_config(teacher_dir), metrics)
+    assert ask(keep) == [None, None, None]
+    drop = Teacher(DistillConfig(teachers=[url], teacher_timeout_s=5.0),
+                   model_config(teacher_dir), metrics)
+    with pytest.raises(TeacherError, match="teacher: "):
+        ask(drop)
+    assert "rollout_teacher_failures_total{kind=\"error\"} 2.0" in metrics.render().decode()
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_naming_both(teacher_dir):
+    student = ModelConfig(tokenizer="bpe", vocab_size=512)
+    why = tokenizer_problem(DistillConfig(teachers=[str(teacher_dir)]), student)
+    assert why is not None and str(teacher_dir) in why and "'bpe'" in why
+    assert tokenizer_problem(DistillConfig(teachers=[str(teacher_dir)]),
+                             model_config(teacher_dir)) is None
+
+
+def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_dir):
+    """The preflight (``areal-like run``'s first step): the tiny student reads the char
+    tokenizer as the teacher does, a bpe student does not. ``areal-like plan``: each rollout
+    server's row names its teacher."""
+    from areal_like.settings.config import load_config
+    from launch.preflight import PreflightError, checked
+
+    checked(load_config([f"distill.teachers=[{teacher_dir}]"]))
+    with pytest.raises(PreflightError, match=f"the teacher '{teacher_dir}' has another tokenizer "
+                       "than the student's model.tokenizer='bpe'"):
+        checked(load_config([f"distill.teachers=[{teacher_dir}]", "model.tokenizer=bpe",
+                             "model.vocab_size=512"]))
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan",
+                        f"distill.teachers=[{teacher_dir}]"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if "teacher" in line]
+    assert rows and all(f"teacher {teacher_dir} (embedded, cpu)" in row for row in rows)
