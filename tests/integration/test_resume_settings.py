@@ -24,7 +24,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_eval_export import _cli
+
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ JOB_S = 300.0  # one tiny job on 2 loaded cores
 
 def _run(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
     """``areal-like run -q``; past JOB_S the launcher and everything under it is killed by PID."""
-    return _cli("run", "-q", "experiment=quickstart", "warm_start.steps=0",
+    return run_cli("run", "-q", "experiment=quickstart", "warm_start.steps=0",
                 "trainer.checkpoint_every=1",
                 "eval.at_end=false", f"run_dir={run_dir}", *args, timeout=JOB_S)
 
@@ -90,17 +91,17 @@ def test_a_run_stopped_before_its_final_evaluation_does_it_when_run_again(tmp_pa
     run_dir = tmp_path / "run"
     args = ("run", "-q", "experiment=quickstart", "warm_start.steps=0", "trainer.steps=2",
             "eval.max_examples=8", "eval.k=0", f"run_dir={run_dir}")
-    first = _cli(*args, timeout=JOB_S)
+    first = run_cli(*args, timeout=JOB_S)
     assert first.returncode == 0, first.stderr[-3000:]
     evals = run_dir / "eval.jsonl"
     assert [json.loads(x)["final"] for x in evals.read_text().splitlines()] == [True]
     evals.unlink()  # as if stopped while it ran
 
-    again = _cli(*args, timeout=JOB_S)
+    again = run_cli(*args, timeout=JOB_S)
     assert again.returncode == 0, again.stderr[-3000:]
     summary = json.loads(again.stdout.strip().splitlines()[-1])
     assert summary["ok"] and summary["steps"] == 0 and summary["resumed_from"] == 2, summary
     assert summary["eval_last"]["policy_version"] == 2 and summary["eval_last"]["final"], summary
 
-    finished = _cli(*args, timeout=JOB_S)
+    finished = run_cli(*args, timeout=JOB_S)
     assert finished.returncode == 2 and "already finished at step 2" in finished.stderr

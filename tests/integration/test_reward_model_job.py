@@ -19,12 +19,13 @@ import psutil
 import pytest
 import torch
 from system_harness import warm_model
-from test_eval_export import WARM_CACHE, _cli
+from test_eval_export import WARM_CACHE
 
 from areal_like.settings.reward_model_schema import RewardModelConfig
 from areal_like.weights.hf import save_tokenizer
 from benchmarks import reward_model_demo
 from rollout_server.reward_model import RewardModel, step_ends
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow
 STEPS, GROUPS, GROUP_SIZE = 3, 2, 4
@@ -39,7 +40,7 @@ def test_a_job_is_rewarded_by_a_saved_process_reward_model_step_by_step(tmp_path
     save_tokenizer(tok, rm)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     run_dir = tmp_path / "run"
-    r = _cli("run", "-q", "experiment=quickstart", "loss=ppo_critic", "warm_start.steps=0",
+    r = run_cli("run", "-q", "experiment=quickstart", "loss=ppo_critic", "warm_start.steps=0",
              f"model.path={warm_model(WARM_CACHE)}", f"run_dir={run_dir}",
              "launch.num_rollout_servers=1", "launch.trainer_ranks=1",
              f"trainer.steps={STEPS}", f"buffer.groups_per_step={GROUPS}",
