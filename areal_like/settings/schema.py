@@ -86,7 +86,7 @@ class ModelConfig(Section):
     # engines' weights; the trainer's compute dtype (fp32 master weights, fp32 grad reduce)
     dtype: Annotated[str, one_of("float32", "bfloat16", "float16")] = "float32"
     # transformers' attention implementation for the trainer and the embedded engine (sdpa, eager,
-    # flash_attention_2, ...); SGLang picks its own
+    # flash_attention_2, ...; sdpa: eager for a family without it, as GPT-OSS); SGLang picks its own
     attn_implementation: str = "sdpa"
     init_seed: int = 0  # [model built from config only] seed of its random initial weights
 

@@ -180,6 +180,18 @@ def hf_config(cfg: ModelConfig):
     return AutoConfig.from_pretrained(str(_local_model_dir(cfg))) if cfg.path else qwen2_config(cfg)
 
 
+def attention(cfg: ModelConfig, config) -> str:
+    """``model.attn_implementation`` for a model of ``config``, but eager where sdpa (the default)
+    is asked of a family transformers has no SDPA for (GPT-OSS's attention sinks): a checkpoint as
+    published, which names no attention implementation, starts."""
+    if cfg.attn_implementation != "sdpa":
+        return cfg.attn_implementation
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "eager" if getattr(model_class, "_supports_sdpa", True) is False else "sdpa"
+
+
 def build_meta_model(cfg: ModelConfig, dtype: str = "float32"):
     """The architecture of ``cfg`` on the meta device (weights: ``trainer/sharded_init.py``)."""
     import torch
@@ -188,7 +200,7 @@ def build_meta_model(cfg: ModelConfig, dtype: str = "float32"):
     config = hf_config(cfg)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=torch_dtype(dtype),
-                                                attn_implementation=cfg.attn_implementation)
+                                                attn_implementation=attention(cfg, config))
 
 
 def build_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None):
@@ -208,15 +220,16 @@ def build_model(cfg: ModelConfig, device: str = "cpu", dtype: str | None = None)
         hf_logging.disable_progress_bar()
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                str(path), dtype=dt, attn_implementation=cfg.attn_implementation)
+                str(path), dtype=dt, attn_implementation=attention(cfg, hf_config(cfg)))
         finally:
             if shown:
                 hf_logging.enable_progress_bar()
     else:
         with torch.random.fork_rng(devices=[]):  # the caller's CPU generator is left as it was
             torch.manual_seed(cfg.init_seed)
-            model = AutoModelForCausalLM.from_config(qwen2_config(cfg), dtype=dt,
-                                                     attn_implementation=cfg.attn_implementation)
+            config = qwen2_config(cfg)
+            model = AutoModelForCausalLM.from_config(config, dtype=dt,
+                                                     attn_implementation=attention(cfg, config))
     return model.to(device).eval()
 
 

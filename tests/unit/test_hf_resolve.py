@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.settings.config import ConfigError, load_config
+from areal_like.settings.config import ConfigError, ModelConfig, load_config
 from areal_like.weights.hf import looks_like_hub_id, resolve_model_path, resolve_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -227,7 +227,6 @@ def test_loading_a_saved_model_draws_no_progress_bar_and_leaves_the_setting_alon
     log (and at each weight update from disk) a line of carriage returns saying nothing."""
     from transformers.utils import logging as hf_logging
 
-    from areal_like.settings.config import ModelConfig
     from areal_like.weights.hf import build_model
 
     build_model(ModelConfig(max_position_embeddings=64)).save_pretrained(tmp_path / "m")
@@ -236,3 +235,18 @@ def test_loading_a_saved_model_draws_no_progress_bar_and_leaves_the_setting_alon
     build_model(ModelConfig(path=str(tmp_path / "m"), max_position_embeddings=64))
     assert "Loading weights" not in capfd.readouterr().err
     assert hf_logging.is_progress_bar_enabled()  # the process's other bars are not ours to hide
+
+
+@pytest.mark.parametrize("family,asked,used", [("gpt_oss", "sdpa", "eager"),
+                                                ("qwen2", "sdpa", "sdpa"),
+                                                ("gpt_oss", "flex_attention", "flex_attention")])
+def test_a_checkpoint_as_published_starts_with_an_attention_its_family_has(tmp_path, family,
+                                                                          asked, used):
+    """A GPT-OSS directory names no attention implementation (as published); transformers has no
+    SDPA for its attention sinks, so the default (sdpa) loads it eager. Another choice is kept."""
+    from areal_like.weights.hf import build_model
+    from tests.families import save_family
+
+    save_family(family, tmp_path)
+    model = build_model(ModelConfig(path=str(tmp_path), attn_implementation=asked))
+    assert model.config._attn_implementation == used
