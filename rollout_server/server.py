@@ -197,11 +197,10 @@ class RolloutServer(Daemon):
 
             self.reward_model = RewardModel(self.facts.task.reward_model,
                                             self.facts.task.reward_timeout_s, self.metrics)
-        if self.facts.distill.enabled:  # its engine started here, or one at a URL
+        if self.facts.distill.enabled:  # an engine at a URL (the job's teacher process's)
             from rollout_server.teacher import Teacher
 
-            self.teacher = Teacher(self.facts.distill, self.facts.model, self.metrics,
-                                   api_key=self.api_key)
+            self.teacher = Teacher(self.facts.distill, self.metrics, api_key=self.api_key)
         # multi-turn episodes (rollout_server/multiturn.py): their tools run here
         if self.facts.task.env:
             from rollout_server.tool_pool import ToolPool
@@ -261,7 +260,7 @@ class RolloutServer(Daemon):
         return True
 
     def stop(self) -> None:
-        for pool in (self.tools, self.rewards, self.reward_model, self.teacher):
+        for pool in (self.tools, self.rewards, self.reward_model):
             if pool is not None:
                 pool.close()
         self.tools = self.rewards = self.reward_model = self.teacher = None

@@ -1,11 +1,11 @@
 """A real job distilled from a teacher: `areal-like run -q` (the real CLI, supervisor and daemons
 on loopback; the tiny model from config, no warm start) with ``distill.teachers`` a saved tiny
-model directory, which the rollout server serves with an embedded engine of its own. Shown:
+model directory, which the job serves with its `teacher` engine process. Shown:
 
 * every step's loss saw the teacher on every row (``distill_rows``) and reports the sampled
   reverse KL (``distill_reverse_kl``) among its ``stats``, finite and positive (student and
   teacher are different random models);
-* the job completes every step, and nothing is left running (the teacher's engine included).
+* the job completes every step, and nothing is left running (the teacher process included).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import math
 
 import psutil
 import pytest
-from test_eval_export import _cli
 
+from tests.conftest import run_cli
 from tests.engine_kit import save_model
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def test_a_job_trains_on_its_teachers_logprobs(tmp_path):
     teacher = save_model(tmp_path / "teacher", init_seed=7)
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     run_dir = tmp_path / "run"
-    r = _cli("run", "-q", "warm_start.steps=0", f"run_dir={run_dir}",
+    r = run_cli("run", "-q", "warm_start.steps=0", f"run_dir={run_dir}",
              "launch.num_rollout_servers=1", "launch.trainer_ranks=1",
              f"trainer.steps={STEPS}", f"buffer.groups_per_step={GROUPS}",
              f"task.group_size={GROUP_SIZE}", "task.temperature=1.0", "eval.at_end=false",
