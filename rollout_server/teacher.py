@@ -7,8 +7,8 @@ job's ``teacher`` process, which ``areal-like run`` starts for a model directory
 puts in ``distill.teachers`` (launch/topology.py; started, health-checked, restarted and stopped
 with the job; never weight-synced: the trainer drives only the engines on the buffer's roster).
 It is called with the job's engine key, as the policy's engine is. One ``/generate`` per group,
-generating nothing, asks for the input log-probs of the group's prompt + response rows from the prompt's end
-(``SGLangClient.input_logprobs``).
+generating nothing, asks for the input log-probs of the group's prompt + response rows from the
+prompt's end (``SGLangClient.input_logprobs``).
 
 Invariants:
 * ``group_logprobs`` never raises but ``TeacherError`` (``distill.on_teacher_failure=drop``): a
