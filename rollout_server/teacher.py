@@ -14,7 +14,8 @@ Invariants:
 * ``group_logprobs`` never raises but ``TeacherError`` (``distill.on_teacher_failure=drop``): a
   call that raises, runs past ``distill.teacher_timeout_s`` or answers a wrong count is counted in
   ``rollout/teacher_failures`` (kinds ``error``, ``timeout``) and fails the whole group, which is
-  then not sent (``drop``) or sent without teacher log-probs (``task_reward_only``);
+  then not sent (``drop``) or sent without teacher log-probs (``task_reward_only``); a dropped
+  group is no failure of the server's engine (``down_s``: the server's bound on that);
 * a context token (loss mask 0) gets 0, as its behaviour log-prob;
 * the teacher reads the student's tokens: its tokenizer is the student's (``tokenizer_problem``,
   run by the launcher's preflight on a model directory).
@@ -80,6 +81,7 @@ class Teacher:
         self.cfg, self.metrics = cfg, metrics or Metrics()
         self.warnings = RateLimitedLog(log, WARN_EVERY_S)
         self.client = SGLangClient(url, api_key=api_key)
+        self.failing_since: float | None = None  # the first of the failures since a success
         self.failures = self.metrics.counter("rollout/teacher_failures", "groups the teacher "
                                              "gave no log-probs for", ("kind",))
         log.info("teacher at %s", url)
@@ -104,13 +106,19 @@ class Teacher:
         finally:
             self.metrics.histogram("rollout/teacher_seconds", "wall time of the teacher on one "
                                    "group", buckets=SECONDS_BUCKETS).observe(time.monotonic() - t0)
+        self.failing_since = None
         out: list[list[float] | None] = [[] for _ in outputs]
         for (i, _), v in zip(rows, values):
             out[i] = [lp if m else 0.0 for lp, m in zip(v, masks[i])]
         return out
 
+    def down_s(self) -> float:
+        """For how long every call has failed (0 after a success)."""
+        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
+
     def _failed(self, kind: str, why: str, n: int) -> list[None]:
         self.failures.labels(kind=kind).inc()
+        self.failing_since = self.failing_since or time.monotonic()
         self.warnings.warning(kind, "teacher failed on a group (%s): %s; on_teacher_failure=%s",
                               kind, why, self.cfg.on_teacher_failure)
         if self.cfg.on_teacher_failure == "drop":

@@ -5,7 +5,7 @@ test_distill_job.py runs it:
 * the supervisor counts it and starts it again (its ``[supervisor] started teacher`` line, twice);
 * the rollout server counts the groups the dead teacher failed (``rollout/teacher_failures``: its
   warning in the server's log) and applies ``distill.on_teacher_failure=drop``: every step still
-  trains on rows the teacher scored;
+  trains on rows the teacher scored, and the server itself goes on (no restart);
 * the job completes every step, and nothing is left running.
 """
 
@@ -70,7 +70,9 @@ def test_a_killed_teacher_is_restarted_and_the_job_finishes(tmp_path):
                    "launch.trainer_ranks=1", f"trainer.steps={STEPS}",
                    f"buffer.groups_per_step={GROUPS}", f"task.group_size={GROUP_SIZE}",
                    "task.temperature=1.0", "eval.at_end=false", f"distill.teachers=[{teacher}]",
-                   "distill.on_teacher_failure=drop", "distill.teacher_timeout_s=20")
+                   "distill.on_teacher_failure=drop", "distill.teacher_timeout_s=20",
+                   # a dropped group's prompt is issued again when its lease expires
+                   "buffer.lease_timeout_s=15")
     try:
         (first,) = job.wait_teachers(1, timeout_s=180)
         # mid-job: a step trained, the teacher answering
@@ -89,6 +91,7 @@ def test_a_killed_teacher_is_restarted_and_the_job_finishes(tmp_path):
     err = "".join(job.lines)
     assert job.proc.returncode == 0, err[-3000:]
     assert re.search(r"\[supervisor\] teacher exited with -9; restart 1/", err), err[-3000:]
+    assert "[supervisor] rollout-0 exited" not in err, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["ok"] and summary["steps"] == STEPS
     # counted by the server (Teacher._failed logs each kind at once), and its group dropped:
