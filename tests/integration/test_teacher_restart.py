@@ -6,7 +6,8 @@ test_distill_job.py runs it:
 * the rollout server counts the groups the dead teacher failed (``rollout/teacher_failures``: its
   warning in the server's log) and applies ``distill.on_teacher_failure=drop``: every step still
   trains on rows the teacher scored, and the server itself goes on (no restart);
-* the job completes every step, and nothing is left running.
+* the job completes every step, and nothing is left running; the job's engine key never was on
+  the teacher's argv.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from areal_like.net.auth import engine_api_key
 from tests.conftest import REPO_ROOT, child_env, stop_process, wait_until
 from tests.engine_kit import save_model
 
@@ -80,6 +82,9 @@ def test_a_killed_teacher_is_restarted_and_the_job_finishes(tmp_path):
         wait_until(lambda: jsonl.is_file() and '"distill_rows"' in jsonl.read_text(), 240,
                    what="the first step")
         assert psutil.Process(first) in psutil.Process(job.proc.pid).children(recursive=True)
+        # it requires the job's engine key, which reached it by the environment, not its argv
+        key = engine_api_key(run_dir)
+        assert key and key not in " ".join(psutil.Process(first).cmdline())
         os.kill(first, signal.SIGKILL)
         second = job.wait_teachers(2, timeout_s=120)[1]
         assert second != first
