@@ -159,6 +159,9 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path,
             argv = [python, "-m", "buffer", *base]
         elif slot.kind == "rollout":
             argv = [python, "-m", "rollout_server", *base, *slot.overrides]
+        elif slot.kind == "teacher":  # the key comes from the environment, as every engine's
+            argv = [python, "-m", "rollout_server.engine", *base, *slot.overrides,
+                    "--host", topo.host, "--port", str(slot.metrics_port)]
         else:
             own = [*base, *trainer_overrides(cfg), *trainer_args]
             argv = _trainer_argv(python, cfg.launch.trainer_ranks, topo.host, own,
@@ -175,8 +178,8 @@ def job_specs(cfg: RunConfig, topo: Topology, config_path: Path,
                               health_url=health,
                               stage=start_stage(slot.kind, shared), main=slot.kind == "trainer",
                               cpus=slot.cpus,
-                              health_timeout_s=engine_start_s(cfg) if slot.kind == "rollout"
-                              else None))
+                              health_timeout_s=engine_start_s(cfg)
+                              if slot.kind in ("rollout", "teacher") else None))
     return specs
 
 
@@ -192,10 +195,10 @@ def shares_gpu(cfg: RunConfig) -> bool:
 
 
 def start_stage(kind: str, shared: bool) -> int:
-    """The buffer first, then the rollout servers and the trainer together; on one shared GPU the
-    trainer once every engine is up (SGLang sizes its KV cache from the memory free after
-    loading)."""
-    return 0 if kind == "buffer" else 2 if kind == "trainer" and shared else 1
+    """The buffer and the teacher first, then the rollout servers and the trainer together; on
+    one shared GPU the trainer once every engine is up (SGLang sizes its KV cache from the memory
+    free after loading)."""
+    return 0 if kind in ("buffer", "teacher") else 2 if kind == "trainer" and shared else 1
 
 
 def engine_start_s(cfg: RunConfig) -> float:
@@ -235,10 +238,12 @@ def write_ports(run_dir: Path, topo: Topology, sup: Supervisor,
 
 def write_targets(run_dir: Path, topo: Topology, sup: Supervisor,
                   hosts: list[str] | None = None) -> None:
-    """``prometheus_targets.json``: the daemons that ``scraped`` says Prometheus should scrape."""
+    """``prometheus_targets.json``: the daemons that ``scraped`` says Prometheus should scrape (not
+    the teacher: an engine's /metrics wants the job's key)."""
     targets = [{"targets": [urlsplit(d["metrics_url"]).netloc],
                 "labels": {"daemon": d["name"], "kind": d["kind"], "run": run_dir.name}}
-               for d in topo.to_json(hosts)["daemons"] if scraped(sup.proc(d["name"]))]
+               for d in topo.to_json(hosts)["daemons"]
+               if d["kind"] != "teacher" and scraped(sup.proc(d["name"]))]
     write_json_atomic(run_dir / "prometheus_targets.json", targets)
 
 
@@ -308,6 +313,8 @@ class Monitor:
         from areal_like.net.metrics import scrape
 
         for d in self.topo.to_json(self.hosts())["daemons"]:
+            if d["kind"] == "teacher":  # an engine's /metrics wants the job's key
+                continue
             try:
                 values = scrape(d["metrics_url"])
             except Exception:

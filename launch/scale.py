@@ -288,6 +288,9 @@ class Scaler:
         slots = tuple(old[s.name] if s.name in old and s.kind != "trainer"
                       else dataclasses.replace(s, metrics_port=old[s.name].metrics_port)
                       if s.name in old else s for s in planned.slots)
+        # the teacher process (its directory is a URL in the daemons' config): kept as it runs
+        kept = tuple(s for s in self.topo.slots if s.kind == "teacher")
+        slots = (*slots[:1], *kept, *slots[1:]) if kept else slots
         return cfg, dataclasses.replace(self.topo, slots=slots)
 
     def apply(self, sup: Supervisor, ask: dict, cfg: RunConfig, topo: Topology) -> None:

@@ -148,6 +148,9 @@ def slurm_steps(cfg: RunConfig, hosts: list[str], *, config: str, cpus: int, mas
         if not port:
             raise ConfigError(f"{key} has port 0: every port of a Slurm job is fixed in its config "
                               "(ports.json lists them for `areal-like top` and Prometheus)")
+    if teacher := next((t for t in cfg.distill.teachers if not cfg.distill.is_url(t)), None):
+        raise ConfigError(f"distill.teachers: {teacher!r} (a model directory): a Slurm job starts "
+                          "no teacher process; give the URL of an engine serving it")
     placed = place_nodes(cfg)
     if placed is None:
         raise ConfigError(f"trainer.device={cfg.trainer.device!r} and "

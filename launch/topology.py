@@ -46,9 +46,9 @@ TURN_SPINCOUNT = 10_000
 class DaemonSlot:
     """One process the launcher starts: its name, kind, metrics port, pinned cores and GPUs."""
 
-    name: str  # "buffer", "rollout-0", ..., "trainer"
-    kind: str  # "buffer" | "rollout" | "trainer"
-    metrics_port: int
+    name: str  # "buffer", "teacher", "rollout-0", ..., "trainer"
+    kind: str  # "buffer" | "teacher" | "rollout" | "trainer"
+    metrics_port: int  # a teacher's: its engine's port (/health open, the rest keyed)
     cpus: tuple[int, ...] | None  # None = not pinned
     overrides: tuple[str, ...] = ()  # extra `key=value` for this daemon's command line
     # its CUDA_VISIBLE_DEVICES; None = left as inherited (CPU topologies)
@@ -179,6 +179,11 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int],
     turns = cfg.launch.pin_cpus and cfg.buffer.max_staleness == 0  # eta 0 (module docstring)
     slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port),
                         cpus=job_cpus, gpus=no_gpu)]
+    if (teacher := own_teacher(cfg)) is not None:  # beside the servers it scores for
+        gpus = no_gpu if cfg.distill.device == "cpu" else None
+        slots.append(DaemonSlot(name="teacher", kind="teacher", metrics_port=next(source),
+                                cpus=rollout_cpus, gpus=gpus,
+                                overrides=teacher_overrides(teacher, cfg.distill.device)))
     trainers = []
     for k in range(cfg.launch.nodes):
         gpus = placed[k] if placed is not None else None
@@ -203,6 +208,26 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int],
                     pub_address=f"tcp://{pub_host}:{pub}",
                     master_port=next(source), slots=(*slots, *trainers), rollout_cpus=rollout_cpus,
                     trainer_cpus=trainer_cpus)
+
+
+def own_teacher(cfg: RunConfig) -> str | None:
+    """The model directory of ``distill.teachers`` that the job serves with an engine process of
+    its own (the ``teacher`` slot; its URL replaces the directory in what the daemons read), or None
+    (no teacher, or one at a URL, used as is). ConfigError on several nodes or Ray, whose launchers
+    start no teacher: there it is an engine URL."""
+    teacher = next((t for t in cfg.distill.teachers if not cfg.distill.is_url(t)), None)
+    if teacher is not None and (cfg.launch.nodes > 1 or cfg.launch.cluster != "local"):
+        raise ConfigError(f"distill.teachers: {teacher!r} (a model directory) is served by a "
+                          "process of one-node local jobs only: with launch.nodes > 1 or "
+                          "launch.cluster=ray give the URL of an engine serving it")
+    return teacher
+
+
+def teacher_overrides(teacher: str, device: str) -> tuple[str, ...]:
+    """The teacher process's ``key=value`` on the job's config (``python -m
+    rollout_server.engine``): its model, on ``distill.device``, without the student's LoRA."""
+    return (f"model.path={teacher}", "rollout.engine.kind=embedded",
+            f"rollout.engine.device={device}", "trainer.lora.rank=0")
 
 
 def auto_threads(cfg: RunConfig, cores: tuple[int, ...] | None) -> int | None:
@@ -262,7 +287,10 @@ def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:
                                   metrics_port=topo.slot("trainer").metrics_port,
                                   first_engine_wait_s=wait,
                                   first_engines=max(cfg.trainer.first_engines, servers))
-    return dataclasses.replace(cfg, buffer=buffer, rollout=rollout, trainer=trainer)
+    teachers = ([f"http://{topo.host}:{topo.slot('teacher').metrics_port}"]
+                if any(s.kind == "teacher" for s in topo.slots) else cfg.distill.teachers)
+    return dataclasses.replace(cfg, buffer=buffer, rollout=rollout, trainer=trainer,
+                               distill=dataclasses.replace(cfg.distill, teachers=teachers))
 
 
 def with_local_ipc(cfg: RunConfig) -> RunConfig:
@@ -291,7 +319,7 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
     ``none`` hidden) and where it listens or connects; a port ``cfg`` leaves at 0 is ``auto``.
     ``cfg`` is laid out (``launch.job.laid_out``): its weight path is resolved."""
     fixed_metrics = {"buffer": cfg.buffer.metrics_port, "rollout": cfg.rollout.metrics_port,
-                     "trainer": cfg.trainer.metrics_port}
+                     "trainer": cfg.trainer.metrics_port, "teacher": 0}
     rows = [("node", "process", "gpus", "ports and addresses")]
     for s in sorted(topo.slots, key=lambda s: s.node):
         host = topo.host if s.node == 0 else f"node{s.node}"
@@ -301,6 +329,10 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
                      f"pub {_addr(cfg.buffer.pub_address)}  {metrics}")
         elif s.kind == "rollout":
             where = f"{metrics}  {_engine(cfg, host)}{_reward_model(cfg, s)}{_teachers(cfg)}"
+        elif s.kind == "teacher":
+            model = s.overrides[0].split("=", 1)[1]
+            where = (f"engine embedded on {cfg.distill.device} http://{host}:auto  "
+                     f"model {model} (never weight-synced)")
         else:
             where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "")
         rows.append((str(s.node), s.name, _gpus(s.gpus, cfg.launch.nodes == 1), where))
@@ -371,10 +403,10 @@ def _reward_model(cfg: RunConfig, s: DaemonSlot) -> str:
 
 
 def _teachers(cfg: RunConfig) -> str:
-    """A rollout row's distillation teacher: an engine at a URL, or the embedded engine the
-    server starts for a model directory (rollout_server/teacher.py)."""
+    """A rollout row's distillation teacher: an engine at a URL, or the job's ``teacher``
+    process serving a model directory."""
     d = cfg.distill
-    return "".join(f"  teacher {t}" if d.is_url(t) else f"  teacher {t} (embedded, {d.device})"
+    return "".join(f"  teacher {t}" if d.is_url(t) else "  teacher process teacher"
                    for t in d.teachers)
 
 

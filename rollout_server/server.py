@@ -80,6 +80,7 @@ from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
 from rollout_server.sync_port import BeginBody, DoorBody, EndBody, SyncPort, SyncRefused
+from rollout_server.teacher import TeacherError
 
 # the main loop also wakes on events; the tick only bounds reaction to stop requests
 LOOP_TICK_S = 0.2
@@ -129,6 +130,9 @@ class RolloutServer(Daemon):
         self.rewards: RewardPool | None = None
         self.reward_model = None  # task.reward_model (rollout_server/reward_model.py)
         self.teacher = None  # distill.teachers (rollout_server/teacher.py)
+        # a teacher failing for longer than an engine may take to start fails episodes as an
+        # engine does (MAX_EPISODE_FAILURES); before, its groups are dropped and generated again
+        self.teacher_wait_s = self.rcfg.engine.startup_timeout_s
         self.tools = None  # ToolPool of task.env's tools, or the agent pool (task.agent)
         self.agent_endpoint = None  # task.agent: the OpenAI-compatible endpoint of its episodes
         self.engine_url, self.engine_ranks = "", 1
@@ -197,11 +201,10 @@ class RolloutServer(Daemon):
 
             self.reward_model = RewardModel(self.facts.task.reward_model,
                                             self.facts.task.reward_timeout_s, self.metrics)
-        if self.facts.distill.enabled:  # its engine started here, or one at a URL
+        if self.facts.distill.enabled:  # an engine at a URL (the job's teacher process's)
             from rollout_server.teacher import Teacher
 
-            self.teacher = Teacher(self.facts.distill, self.facts.model, self.metrics,
-                                   api_key=self.api_key)
+            self.teacher = Teacher(self.facts.distill, self.metrics, api_key=self.api_key)
         # multi-turn episodes (rollout_server/multiturn.py): their tools run here
         if self.facts.task.env:
             from rollout_server.tool_pool import ToolPool
@@ -261,7 +264,7 @@ class RolloutServer(Daemon):
         return True
 
     def stop(self) -> None:
-        for pool in (self.tools, self.rewards, self.reward_model, self.teacher):
+        for pool in (self.tools, self.rewards, self.reward_model):
             if pool is not None:
                 pool.close()
         self.tools = self.rewards = self.reward_model = self.teacher = None
@@ -549,6 +552,8 @@ class RolloutServer(Daemon):
                                  type(e).__name__, e)
                 self.failure = self.failure or died
                 return
+            if isinstance(e, TeacherError) and self.teacher.down_s() < self.teacher_wait_s:
+                return  # the launcher restarts a teacher process: its prompt is issued again
             self.episode_failures += 1
             why, stops = f"{type(e).__name__}: {e}", self.episode_failures >= MAX_EPISODE_FAILURES
             # the traceback of the failure that stops us: where it was raised (an env's step, ...)

@@ -2,21 +2,23 @@
 it gives each sampled token, given the prompt and the tokens before it, at temperature 1, put on
 the trajectory as ``teacher_logp``.
 
-A teacher is an engine: one at a URL (an SGLang server, or an embedded engine started by hand), or
-an embedded engine this rollout server starts for a model directory (its own scheduler thread and
-port, started and health-checked with the server, stopped with it; never weight-synced: the trainer
-drives only the engines on the buffer's roster). One ``/generate`` per group, generating nothing,
-asks for the input log-probs of the group's prompt + response rows from the prompt's end
-(``SGLangClient.input_logprobs``).
+A teacher is an engine at a URL: an SGLang server or an embedded engine given by the user, or the
+job's ``teacher`` process, which ``areal-like run`` starts for a model directory and whose URL it
+puts in ``distill.teachers`` (launch/topology.py; started, health-checked, restarted and stopped
+with the job; never weight-synced: the trainer drives only the engines on the buffer's roster).
+It is called with the job's engine key, as the policy's engine is. One ``/generate`` per group,
+generating nothing, asks for the input log-probs of the group's prompt + response rows from the
+prompt's end (``SGLangClient.input_logprobs``).
 
 Invariants:
 * ``group_logprobs`` never raises but ``TeacherError`` (``distill.on_teacher_failure=drop``): a
   call that raises, runs past ``distill.teacher_timeout_s`` or answers a wrong count is counted in
   ``rollout/teacher_failures`` (kinds ``error``, ``timeout``) and fails the whole group, which is
-  then not sent (``drop``) or sent without teacher log-probs (``task_reward_only``);
+  then not sent (``drop``) or sent without teacher log-probs (``task_reward_only``); a dropped
+  group is no failure of the server's engine (``down_s``: the server's bound on that);
 * a context token (loss mask 0) gets 0, as its behaviour log-prob;
 * the teacher reads the student's tokens: its tokenizer is the student's (``tokenizer_problem``,
-  run by the launcher's preflight and at start).
+  run by the launcher's preflight on a model directory).
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import asyncio
 import logging
 import time
 
+from areal_like.daemon import StartRefused
 from areal_like.net.metrics import Metrics
 from areal_like.net.ratelog import RateLimitedLog
 from areal_like.net.sglang_client import SGLangClient
-from areal_like.settings.config import EngineConfig, ModelConfig
+from areal_like.settings.config import ModelConfig
 from areal_like.settings.distill_schema import DistillConfig
 
 log = logging.getLogger(__name__)
@@ -66,28 +69,22 @@ def tokenizer_problem(distill: DistillConfig, student: ModelConfig) -> str | Non
 
 
 class Teacher:
-    """``distill.teachers[0]`` (module docstring). ``api_key``: the job's engine key, which the
-    embedded engine started here requires; a URL teacher is called without one."""
+    """``distill.teachers[0]``, an engine URL (module docstring). ``api_key``: the job's engine
+    key, which the job's teacher process requires."""
 
-    def __init__(self, cfg: DistillConfig, student: ModelConfig, metrics: Metrics | None = None,
+    def __init__(self, cfg: DistillConfig, metrics: Metrics | None = None,
                  api_key: str | None = None):
-        if problem := tokenizer_problem(cfg, student):
-            raise ValueError(problem)
+        url = cfg.teachers[0]
+        if not cfg.is_url(url):
+            raise StartRefused(f"distill.teachers: {url!r} is not an engine URL: a model directory "
+                             "is served by the job's teacher process (`areal-like run`)")
         self.cfg, self.metrics = cfg, metrics or Metrics()
         self.warnings = RateLimitedLog(log, WARN_EVERY_S)
-        self.engine, url = None, cfg.teachers[0]
-        if not cfg.is_url(url):
-            from rollout_server.engine import EmbeddedEngine
-
-            self.engine = EmbeddedEngine(ModelConfig(path=url), EngineConfig(device=cfg.device),
-                                         api_key=api_key).start()
-            url = self.engine.url
-        # the engine started here answers /generate in-process (no HTTP)
-        self.client = SGLangClient(url, api_key=api_key if self.engine is not None else None,
-                                   local=self.engine)
+        self.client = SGLangClient(url, api_key=api_key)
+        self.failing_since: float | None = None  # the first of the failures since a success
         self.failures = self.metrics.counter("rollout/teacher_failures", "groups the teacher "
                                              "gave no log-probs for", ("kind",))
-        log.info("teacher %s at %s", cfg.teachers[0], url)
+        log.info("teacher at %s", url)
 
     async def group_logprobs(self, prompt_ids: list[int], outputs: list[list[int]],
                              masks: list[list[int]]) -> list[list[float] | None]:
@@ -109,21 +106,21 @@ class Teacher:
         finally:
             self.metrics.histogram("rollout/teacher_seconds", "wall time of the teacher on one "
                                    "group", buckets=SECONDS_BUCKETS).observe(time.monotonic() - t0)
+        self.failing_since = None
         out: list[list[float] | None] = [[] for _ in outputs]
         for (i, _), v in zip(rows, values):
             out[i] = [lp if m else 0.0 for lp, m in zip(v, masks[i])]
         return out
 
+    def down_s(self) -> float:
+        """For how long every call has failed (0 after a success)."""
+        return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
+
     def _failed(self, kind: str, why: str, n: int) -> list[None]:
         self.failures.labels(kind=kind).inc()
+        self.failing_since = self.failing_since or time.monotonic()
         self.warnings.warning(kind, "teacher failed on a group (%s): %s; on_teacher_failure=%s",
                               kind, why, self.cfg.on_teacher_failure)
         if self.cfg.on_teacher_failure == "drop":
             raise TeacherError(f"teacher: {why}")
         return [None] * n
-
-    def close(self) -> None:
-        """Stops the engine started here (its client is closed on the server's loop)."""
-        if self.engine is not None:
-            self.engine.stop()
-            self.engine = None

@@ -22,8 +22,8 @@ class DistillConfig(Section):
     key = D.rstrip(".")
 
     # the teachers: each an engine URL (http://host:port, an SGLang server or an embedded engine
-    # serving the teacher, never weight-synced) or a local model directory the rollout server
-    # scores with itself; its tokenizer must be the student's (preflight)
+    # serving the teacher, never weight-synced) or a local model directory, which `areal-like run`
+    # serves with an engine process of the job; its tokenizer must be the student's (preflight)
     teachers: Annotated[list[str], TEACHERS] = field(default_factory=list)
     # the per-token advantage is task_reward_weight * A_task + kl_weight * (log pi_teacher -
     # log pi_behav) on each sampled token (trainer/LOSSES.md section 11)
@@ -33,7 +33,7 @@ class DistillConfig(Section):
     # task_reward_only (trained on its task advantage alone)
     on_teacher_failure: Annotated[str, one_of(*POLICIES)] = "drop"
     teacher_timeout_s: Annotated[float, at_least(0.001)] = 60.0  # one group's teacher call
-    # where a teacher given as a model directory runs, in each rollout server
+    # where the job's teacher process (a teacher given as a model directory) runs
     device: Annotated[str, DEVICE] = "cpu"
 
     def __post_init__(self):

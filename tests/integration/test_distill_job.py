@@ -1,11 +1,11 @@
 """A real job distilled from a teacher: `areal-like run -q` (the real CLI, supervisor and daemons
 on loopback; the tiny model from config, no warm start) with ``distill.teachers`` a saved tiny
-model directory, which the rollout server serves with an embedded engine of its own. Shown:
+model directory, which the job serves with its `teacher` engine process. Shown:
 
 * every step's loss saw the teacher on every row (``distill_rows``) and reports the sampled
   reverse KL (``distill_reverse_kl``) among its ``stats``, finite and positive (student and
   teacher are different random models);
-* the job completes every step, and nothing is left running (the teacher's engine included).
+* the job completes every step, and nothing is left running (the teacher process included).
 """
 
 from __future__ import annotations

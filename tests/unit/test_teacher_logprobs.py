@@ -1,7 +1,8 @@
-"""A teacher's log-probs (rollout_server/teacher.py): an embedded engine started for a model
-directory, and one reached at its URL, give each sampled token the log-prob a direct forward of the
-teacher model gives it; a failing teacher is counted and its group dropped or sent without them; a
-teacher with another tokenizer than the student's is refused, naming both."""
+"""A teacher's log-probs (rollout_server/teacher.py): an engine at its URL, keyed as the job's
+teacher process is or not, gives each sampled token the log-prob a direct forward of the teacher
+model gives it; a failing teacher is counted and its group dropped or sent without them; a teacher
+with another tokenizer than the student's is refused, naming both; ``areal-like plan`` shows the
+job's teacher process."""
 
 from __future__ import annotations
 
@@ -58,17 +59,19 @@ def ask(teacher: Teacher, masks=None) -> list:
     return asyncio.run(go())
 
 
-def test_a_model_directory_teacher_equals_a_direct_forward(teacher_dir):
-    student = model_config(teacher_dir)
-    teacher = Teacher(DistillConfig(teachers=[str(teacher_dir)]), student, api_key="k" * 32)
+def test_a_keyed_teacher_engine_equals_a_direct_forward(teacher_dir):
+    """As the job's teacher process: an engine that requires the job's key."""
+    key = "k" * 32
+    engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig(), api_key=key).start()
     try:
+        teacher = Teacher(DistillConfig(teachers=[engine.url]), api_key=key)
         got = ask(teacher)
         # a context token (mask 0) gets 0, as its behaviour log-prob
         masked = ask(teacher, [[1, 0, 1, 1], [1, 1], [0]])
         # no token sampled: nothing asked, nothing failed
         assert asyncio.run(teacher.group_logprobs(PROMPT, [[], []], [[], []])) == [[], []]
     finally:
-        teacher.close()
+        engine.stop()
     want = direct(teacher_dir)
     for g, w in zip(got, want):
         torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=0, atol=1e-5)
@@ -78,7 +81,7 @@ def test_a_model_directory_teacher_equals_a_direct_forward(teacher_dir):
 def test_a_url_teacher_over_http_equals_a_direct_forward(teacher_dir):
     engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig()).start()
     try:
-        got = ask(Teacher(DistillConfig(teachers=[engine.url]), model_config(teacher_dir)))
+        got = ask(Teacher(DistillConfig(teachers=[engine.url])))
     finally:
         engine.stop()
     for g, w in zip(got, direct(teacher_dir)):
@@ -103,10 +106,9 @@ def test_a_failing_teacher_is_counted_and_its_policy_applied(teacher_dir, free_p
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     metrics = Metrics()
     keep = Teacher(DistillConfig(teachers=[url], on_teacher_failure="task_reward_only",
-                                 teacher_timeout_s=5.0), model_config(teacher_dir), metrics)
+                                 teacher_timeout_s=5.0), metrics)
     assert ask(keep) == [None, None, None]
-    drop = Teacher(DistillConfig(teachers=[url], teacher_timeout_s=5.0),
-                   model_config(teacher_dir), metrics)
+    drop = Teacher(DistillConfig(teachers=[url], teacher_timeout_s=5.0), metrics)
     with pytest.raises(TeacherError, match="teacher: "):
         ask(drop)
     assert "rollout_teacher_failures_total{kind=\"error\"} 2.0" in metrics.render().decode()
@@ -122,8 +124,9 @@ def test_a_teacher_with_another_tokenizer_is_refused_naming_both(teacher_dir):
 
 def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_dir):
     """The preflight (``areal-like run``'s first step): the tiny student reads the char
-    tokenizer as the teacher does, a bpe student does not. ``areal-like plan``: each rollout
-    server's row names its teacher."""
+    tokenizer as the teacher does, a bpe student does not. ``areal-like plan``: one ``teacher``
+    process serves the directory, and each rollout server's row names it; a teacher URL is used
+    as is (no process)."""
     from areal_like.settings.config import load_config
     from launch.preflight import PreflightError, checked
 
@@ -136,5 +139,15 @@ def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_
                         f"distill.teachers=[{teacher_dir}]"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    rows = [line for line in r.stdout.splitlines() if "teacher" in line]
-    assert rows and all(f"teacher {teacher_dir} (embedded, cpu)" in row for row in rows)
+    rows = r.stdout.splitlines()
+    own = [row for row in rows if row.split()[1:2] == ["teacher"]]
+    assert len(own) == 1 and f"engine embedded on cpu http://127.0.0.1:auto  model {teacher_dir}" \
+        in own[0], r.stdout
+    servers = [row for row in rows if "rollout-" in row]
+    assert servers and all("teacher process teacher" in row for row in servers)
+    url = "http://127.0.0.1:9"
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", f"distill.teachers=[{url}]"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert not [row for row in r.stdout.splitlines() if row.split()[1:2] == ["teacher"]]
+    assert all(f"teacher {url}" in row for row in r.stdout.splitlines() if "rollout-" in row)

@@ -1,0 +1,111 @@
+"""A distillation job's ``teacher`` process (a model-directory teacher, launch/topology.py) killed
+with ``kill -9`` mid-job, through the real CLI (``areal-like run``) as tests/integration/
+test_distill_job.py runs it:
+
+* the supervisor counts it and starts it again (its ``[supervisor] started teacher`` line, twice);
+* the rollout server counts the groups the dead teacher failed (``rollout/teacher_failures``: its
+  warning in the server's log) and applies ``distill.on_teacher_failure=drop``: every step still
+  trains on rows the teacher scored, and the server itself goes on (no restart);
+* the job completes every step, and nothing is left running; the job's engine key never was on
+  the teacher's argv.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from areal_like.net.auth import engine_api_key
+from tests.conftest import REPO_ROOT, child_env, stop_process, wait_until
+from tests.engine_kit import save_model
+
+pytestmark = pytest.mark.slow
+STEPS, GROUPS, GROUP_SIZE = 8, 2, 4
+STARTED = re.compile(r"\[supervisor\] started teacher pid=(\d+)")
+
+
+class Launcher:
+    """``areal-like run`` in a subprocess; its stderr read on a thread, each teacher PID the
+    supervisor reports started recorded (``teachers``), ``changed`` notified at each."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", "-q", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     cwd=REPO_ROOT, env=child_env())
+        self.teachers: list[int] = []
+        self.lines: list[str] = []
+        self.changed = threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stderr:
+            with self.changed:
+                self.lines.append(line)
+                if m := STARTED.search(line):
+                    self.teachers.append(int(m[1]))
+                self.changed.notify_all()
+
+    def wait_teachers(self, n: int, timeout_s: float) -> list[int]:
+        """The first ``n`` teacher PIDs, once the supervisor reported that many starts."""
+        with self.changed:
+            ok = self.changed.wait_for(lambda: len(self.teachers) >= n, timeout_s)
+        assert ok, f"not {n} teacher start(s) within {timeout_s}s:\n{''.join(self.lines)[-3000:]}"
+        return self.teachers[:n]
+
+
+@pytest.mark.timeout(600)
+def test_a_killed_teacher_is_restarted_and_the_job_finishes(tmp_path):
+    teacher = save_model(tmp_path / "teacher", init_seed=7)
+    run_dir = tmp_path / "run"
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    job = Launcher("warm_start.steps=0", f"run_dir={run_dir}", "launch.num_rollout_servers=1",
+                   "launch.trainer_ranks=1", f"trainer.steps={STEPS}",
+                   f"buffer.groups_per_step={GROUPS}", f"task.group_size={GROUP_SIZE}",
+                   "task.temperature=1.0", "eval.at_end=false", f"distill.teachers=[{teacher}]",
+                   "distill.on_teacher_failure=drop", "distill.teacher_timeout_s=20",
+                   # a dropped group's prompt is issued again when its lease expires
+                   "buffer.lease_timeout_s=15")
+    try:
+        (first,) = job.wait_teachers(1, timeout_s=180)
+        # mid-job: a step trained, the teacher answering
+        jsonl = run_dir / "metrics" / "trainer.jsonl"
+        wait_until(lambda: jsonl.is_file() and '"distill_rows"' in jsonl.read_text(), 240,
+                   what="the first step")
+        assert psutil.Process(first) in psutil.Process(job.proc.pid).children(recursive=True)
+        # it requires the job's engine key, which reached it by the environment, not its argv
+        key = engine_api_key(run_dir)
+        assert key and key not in " ".join(psutil.Process(first).cmdline())
+        os.kill(first, signal.SIGKILL)
+        second = job.wait_teachers(2, timeout_s=120)[1]
+        assert second != first
+        job.proc.wait(timeout=420)
+        job.reader.join(timeout=30)
+        out = job.proc.stdout.read()  # the summary line
+    finally:
+        stop_process(job.proc)
+    err = "".join(job.lines)
+    assert job.proc.returncode == 0, err[-3000:]
+    assert re.search(r"\[supervisor\] teacher exited with -9; restart 1/", err), err[-3000:]
+    assert "[supervisor] rollout-0 exited" not in err, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["ok"] and summary["steps"] == STEPS
+    # counted by the server (Teacher._failed logs each kind at once), and its group dropped:
+    # every step trained on rows the teacher scored
+    log = (run_dir / "logs" / "rollout-0.log").read_text()
+    assert "teacher failed on a group (error)" in log, log[-3000:]
+    steps = [json.loads(line) for line in (run_dir / "metrics" / "trainer.jsonl").read_text()
+             .splitlines() if '"distill_rows"' in line]
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    assert all(s["stats"]["distill_rows"] == GROUPS * GROUP_SIZE for s in steps)
+    assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
+    assert Path(run_dir / "logs" / "teacher.log").read_text().count("---- start ") == 2
