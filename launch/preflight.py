@@ -367,11 +367,17 @@ def check_reward_model(cfg: RunConfig) -> list[str]:
 
 
 def check_teachers(cfg: RunConfig) -> list[str]:
-    """A ``distill.teachers`` model directory reads the student's tokens: its tokenizer is the
-    student's (``rollout_server.teacher``; the tokenizers only)."""
+    """A ``distill.teachers`` model directory is a model with tokenizer files, and reads the
+    student's tokens: its tokenizer is the student's (``rollout_server.teacher``)."""
     from rollout_server.teacher import tokenizer_problem
 
     d = cfg.distill
+    for teacher in (t for t in d.teachers if not d.is_url(t)):
+        if out := _model_dir("distill.teachers", teacher):
+            return out
+        if not holds(Path(teacher).expanduser(), TOKENIZER_FILES):
+            return [f"distill.teachers={teacher!r} has no tokenizer files "
+                    f"({' or '.join(TOKENIZER_FILES)}): a teacher must score the student's tokens"]
     return [why] if d.enabled and (why := tokenizer_problem(d, cfg.model)) else []
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 
 from areal_like.daemon import StartRefused
@@ -107,6 +108,8 @@ class Teacher:
             self.metrics.histogram("rollout/teacher_seconds", "wall time of the teacher on one "
                                    "group", buckets=SECONDS_BUCKETS).observe(time.monotonic() - t0)
         self.failing_since = None
+        if not all(math.isfinite(lp) for v in values for lp in v if lp is not None):
+            return self._failed("error", "a log-prob that is not finite", len(outputs))
         out: list[list[float] | None] = [[] for _ in outputs]
         for (i, _), v in zip(rows, values):
             out[i] = [lp if m else 0.0 for lp, m in zip(v, masks[i])]

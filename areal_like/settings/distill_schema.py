@@ -13,24 +13,27 @@ D = "distill."
 POLICIES = ("drop", "task_reward_only")
 
 
+# a URL of another scheme (ftp://...) is a mistake, not a directory of that name
 TEACHERS = Bound("a list of engine URLs (http://host:port) or model directories",
-                 lambda v: all(t.strip() for t in v))
+                 lambda v: all(t.strip() and ("://" not in t or DistillConfig.is_url(t))
+                               for t in v))
 
 
 @dataclass(kw_only=True)
 class DistillConfig(Section):
     key = D.rstrip(".")
 
-    # the teachers: each an engine URL (http://host:port, an SGLang server or an embedded engine
-    # serving the teacher, never weight-synced) or a local model directory, which `areal-like run`
-    # serves with an engine process of the job; its tokenizer must be the student's (preflight)
+    # the teacher (one per job): an engine URL (http://host:port, an SGLang server or an embedded
+    # engine serving it, never weight-synced) or a local model directory, which `areal-like run`
+    # serves with an engine process of the job; its tokenizer must be the student's (preflight);
+    # the student samples at task.temperature=1.0, as the teacher's log-probs are
     teachers: Annotated[list[str], TEACHERS] = field(default_factory=list)
     # the per-token advantage is task_reward_weight * A_task + kl_weight * (log pi_teacher -
     # log pi_behav) on each sampled token (trainer/LOSSES.md section 11)
     kl_weight: Annotated[float, at_least(0.0)] = 1.0
     task_reward_weight: Annotated[float, at_least(0.0)] = 0.0  # 0: pure distillation
-    # a sample whose teacher failed or timed out: drop (its whole group is generated again) or
-    # task_reward_only (trained on its task advantage alone)
+    # a group whose teacher failed or timed out: drop (not sent; generated again when its lease
+    # expires, buffer.lease_timeout_s) or task_reward_only (trained on its task advantage alone)
     on_teacher_failure: Annotated[str, one_of(*POLICIES)] = "drop"
     teacher_timeout_s: Annotated[float, at_least(0.001)] = 60.0  # one group's teacher call
     # where the job's teacher process (a teacher given as a model directory) runs

@@ -746,6 +746,10 @@ class RunConfig(Section):
         _check("distill.teachers", not (self.distill.enabled and multiturn),
                "empty with task.env or task.agent (a teacher scores single-turn episodes only)",
                self.distill.teachers)
+        _check("task.temperature", not self.distill.enabled or self.task.temperature == 1.0,
+               "1.0 with distill.teachers (the teacher's log-probs are at temperature 1; the "
+               "student's behaviour log-probs are at the temperature it samples)",
+               self.task.temperature)
         _check("trainer.groups_per_step", not isinstance(self.trainer.groups_per_step, int)
                or self.trainer.groups_per_step == self.buffer.groups_per_step,
                f"buffer.groups_per_step="

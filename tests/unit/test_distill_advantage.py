@@ -96,7 +96,7 @@ def test_a_training_step_reads_the_teacher_as_the_vectors_say():
     from trainer.step import StepSettings, train_step
 
     cfg = load_config(["distill.teachers=[http://127.0.0.1:1]", "distill.kl_weight=2.0",
-                       "distill.task_reward_weight=0.5", "loss=grpo"])
+                       "distill.task_reward_weight=0.5", "loss=grpo", "task.temperature=1.0"])
     torch.manual_seed(0)
     model = attach_logprobs(build_model(cfg.model))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import urllib.error
@@ -114,12 +115,61 @@ def test_a_failing_teacher_is_counted_and_its_policy_applied(teacher_dir, free_p
     assert "rollout_teacher_failures_total{kind=\"error\"} 2.0" in metrics.render().decode()
 
 
+def test_a_teacher_that_answers_a_log_prob_that_is_not_finite_has_failed():
+    """An engine's JSON may carry NaN or -Infinity: the group is the teacher's failure (counted,
+    its policy applied), not a trajectory the wire refuses later as an episode's failure."""
+    import http.server
+    import threading
+
+    class NotFinite(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            rows = [{"meta_info": {"input_token_logprobs": [[float("nan"), t, None] for t in ids]}}
+                    for ids in body["input_ids"]]
+            answer = json.dumps(rows).encode()  # NaN, as Python's json writes it
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFinite)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        metrics = Metrics()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        keep = Teacher(DistillConfig(teachers=[url], on_teacher_failure="task_reward_only"),
+                       metrics)
+        assert ask(keep) == [None] * len(OUTPUTS)
+        assert "rollout_teacher_failures_total{kind=\"error\"} 1.0" in metrics.render().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_a_teacher_with_another_tokenizer_is_refused_naming_both(teacher_dir):
     student = ModelConfig(tokenizer="bpe", vocab_size=512)
     why = tokenizer_problem(DistillConfig(teachers=[str(teacher_dir)]), student)
     assert why is not None and str(teacher_dir) in why and "'bpe'" in why
     assert tokenizer_problem(DistillConfig(teachers=[str(teacher_dir)]),
                              model_config(teacher_dir)) is None
+
+
+T1 = "task.temperature=1.0"  # the teacher's log-probs are at temperature 1: so must sampling be
+
+
+@pytest.mark.parametrize("overrides,why", [
+    (["distill.teachers=[http://127.0.0.1:1]"], "task.temperature=2.0 is invalid: must be 1.0 "
+     "with distill.teachers"),
+    (["distill.teachers=[ftp://host/t]", T1], "distill.teachers=['ftp://host/t'] is invalid")])
+def test_a_teacher_the_student_cannot_be_compared_with_is_refused_at_load(overrides, why):
+    from areal_like.settings.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        load_config(overrides)
 
 
 def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_dir):
@@ -130,13 +180,16 @@ def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_
     from areal_like.settings.config import load_config
     from launch.preflight import PreflightError, checked
 
-    checked(load_config([f"distill.teachers=[{teacher_dir}]"]))
+    checked(load_config([f"distill.teachers=[{teacher_dir}]", T1]))
     with pytest.raises(PreflightError, match=f"the teacher '{teacher_dir}' has another tokenizer "
                        "than the student's model.tokenizer='bpe'"):
         checked(load_config([f"distill.teachers=[{teacher_dir}]", "model.tokenizer=bpe",
-                             "model.vocab_size=512"]))
+                             "model.vocab_size=512", T1]))
+    # a directory that is not there is not read as the char tokenizer's, which the student has
+    with pytest.raises(PreflightError, match="distill.teachers='/nonexistent/t' does not exist"):
+        checked(load_config(["distill.teachers=[/nonexistent/t]", T1]))
     r = subprocess.run([sys.executable, "-m", "launch.cli", "plan",
-                        f"distill.teachers=[{teacher_dir}]"],
+                        f"distill.teachers=[{teacher_dir}]", T1],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()
@@ -146,7 +199,8 @@ def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_
     servers = [row for row in rows if "rollout-" in row]
     assert servers and all("teacher process teacher" in row for row in servers)
     url = "http://127.0.0.1:9"
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", f"distill.teachers=[{url}]"],
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", f"distill.teachers=[{url}]",
+                        T1],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert not [row for row in r.stdout.splitlines() if row.split()[1:2] == ["teacher"]]
