@@ -336,7 +336,7 @@ def check_chat_format(cfg: RunConfig) -> list[str]:
     try:
         column, chat = prompt_column(t)
         tokenizer = load_tokenizer(cfg.model) if chat else None
-    except Exception:  # noqa: BLE001 - an unusable dataset, model or tokenizer: other checks say why
+    except Exception:  # noqa: BLE001 - an unusable dataset, model or tokenizer: others say why
         return []
     if not chat or getattr(tokenizer, "chat_template", None):
         return []

@@ -130,9 +130,6 @@ class RolloutServer(Daemon):
         self.rewards: RewardPool | None = None
         self.reward_model = None  # task.reward_model (rollout_server/reward_model.py)
         self.teacher = None  # distill.teachers (rollout_server/teacher.py)
-        # a teacher failing for longer than an engine may take to start fails episodes as an
-        # engine does (MAX_EPISODE_FAILURES); before, its groups are dropped and generated again
-        self.teacher_wait_s = self.rcfg.engine.startup_timeout_s
         self.tools = None  # ToolPool of task.env's tools, or the agent pool (task.agent)
         self.agent_endpoint = None  # task.agent: the OpenAI-compatible endpoint of its episodes
         self.engine_url, self.engine_ranks = "", 1
@@ -552,8 +549,11 @@ class RolloutServer(Daemon):
                                  type(e).__name__, e)
                 self.failure = self.failure or died
                 return
-            if isinstance(e, TeacherError) and self.teacher.down_s() < self.teacher_wait_s:
-                return  # the launcher restarts a teacher process: its prompt is issued again
+            # a teacher down for less than an engine may take to start (the launcher restarts
+            # it): its group is dropped and generated again, not counted as a failure
+            if (isinstance(e, TeacherError)
+                    and self.teacher.down_s() < self.rcfg.engine.startup_timeout_s):
+                return
             self.episode_failures += 1
             why, stops = f"{type(e).__name__}: {e}", self.episode_failures >= MAX_EPISODE_FAILURES
             # the traceback of the failure that stops us: where it was raised (an env's step, ...)
