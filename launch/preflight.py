@@ -378,7 +378,21 @@ def check_teachers(cfg: RunConfig) -> list[str]:
         if not holds(Path(teacher).expanduser(), TOKENIZER_FILES):
             return [f"distill.teachers={teacher!r} has no tokenizer files "
                     f"({' or '.join(TOKENIZER_FILES)}): a teacher must score the student's tokens"]
+    if d.teacher_tasks and (lost := unrouted_tasks(cfg)):
+        return [f"distill.teacher_tasks: no teacher scores the rows of task(s) {lost} (a row's "
+                f"task: its distill.task_key={d.task_key!r} column; '' without one): list them, "
+                "or leave one teacher's list empty to score every other task"]
     return [why] if d.enabled and (why := tokenizer_problem(d, cfg.model)) else []
+
+
+def unrouted_tasks(cfg: RunConfig) -> list[str]:
+    """The tasks of the training rows that ``distill.teacher_tasks`` routes to no teacher."""
+    from areal_like.tasks.datasets import load_split
+
+    d = cfg.distill
+    rows = load_split(cfg.task, "train") if cfg.task.name == "dataset" else ()
+    tasks = {str(r.metadata.get(d.task_key, "")) for r in rows} or {""}
+    return sorted(t for t in tasks if d.teacher_of(t) is None)
 
 
 def check_engine(cfg: RunConfig) -> list[str]:

@@ -46,7 +46,7 @@ TURN_SPINCOUNT = 10_000
 class DaemonSlot:
     """One process the launcher starts: its name, kind, metrics port, pinned cores and GPUs."""
 
-    name: str  # "buffer", "teacher", "rollout-0", ..., "trainer"
+    name: str  # "buffer", "teacher-0", "rollout-0", ..., "trainer"
     kind: str  # "buffer" | "teacher" | "rollout" | "trainer"
     metrics_port: int  # a teacher's: its engine's port (/health open, the rest keyed)
     cpus: tuple[int, ...] | None  # None = not pinned
@@ -179,9 +179,9 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int],
     turns = cfg.launch.pin_cpus and cfg.buffer.max_staleness == 0  # eta 0 (module docstring)
     slots = [DaemonSlot(name="buffer", kind="buffer", metrics_port=pick(cfg.buffer.metrics_port),
                         cpus=job_cpus, gpus=no_gpu)]
-    if (teacher := own_teacher(cfg)) is not None:  # beside the servers it scores for
+    for i, teacher in own_teachers(cfg).items():  # beside the servers they score for
         gpus = no_gpu if cfg.distill.device == "cpu" else None
-        slots.append(DaemonSlot(name="teacher", kind="teacher", metrics_port=next(source),
+        slots.append(DaemonSlot(name=f"teacher-{i}", kind="teacher", metrics_port=next(source),
                                 cpus=rollout_cpus, gpus=gpus,
                                 overrides=teacher_overrides(teacher, cfg.distill.device)))
     trainers = []
@@ -210,17 +210,17 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int],
                     trainer_cpus=trainer_cpus)
 
 
-def own_teacher(cfg: RunConfig) -> str | None:
-    """The model directory of ``distill.teachers`` that the job serves with an engine process of
-    its own (the ``teacher`` slot; its URL replaces the directory in what the daemons read), or None
-    (no teacher, or one at a URL, used as is). ConfigError on several nodes or Ray, whose launchers
-    start no teacher: there it is an engine URL."""
-    teacher = next((t for t in cfg.distill.teachers if not cfg.distill.is_url(t)), None)
-    if teacher is not None and (cfg.launch.nodes > 1 or cfg.launch.cluster != "local"):
-        raise ConfigError(f"distill.teachers: {teacher!r} (a model directory) is served by a "
-                          "process of one-node local jobs only: with launch.nodes > 1 or "
-                          "launch.cluster=ray give the URL of an engine serving it")
-    return teacher
+def own_teachers(cfg: RunConfig) -> dict[int, str]:
+    """The model directories of ``distill.teachers`` that the job serves with engine processes of
+    its own (slot ``teacher-<i>`` for entry i; its URL replaces the directory in what the daemons
+    read); a URL is used as is. ConfigError on several nodes or Ray, whose launchers start no
+    teacher: there each is an engine URL."""
+    own = {i: t for i, t in enumerate(cfg.distill.teachers) if not cfg.distill.is_url(t)}
+    if own and (cfg.launch.nodes > 1 or cfg.launch.cluster != "local"):
+        raise ConfigError(f"distill.teachers: {next(iter(own.values()))!r} (a model directory) is "
+                          "served by a process of one-node local jobs only: with launch.nodes > 1 "
+                          "or launch.cluster=ray give the URL of an engine serving it")
+    return own
 
 
 def teacher_overrides(teacher: str, device: str) -> tuple[str, ...]:
@@ -287,8 +287,9 @@ def apply_topology(cfg: RunConfig, topo: Topology) -> RunConfig:
                                   metrics_port=topo.slot("trainer").metrics_port,
                                   first_engine_wait_s=wait,
                                   first_engines=max(cfg.trainer.first_engines, servers))
-    teachers = ([f"http://{topo.host}:{topo.slot('teacher').metrics_port}"]
-                if any(s.kind == "teacher" for s in topo.slots) else cfg.distill.teachers)
+    served = {s.name: s.metrics_port for s in topo.slots if s.kind == "teacher"}
+    teachers = [f"http://{topo.host}:{served[f'teacher-{i}']}" if f"teacher-{i}" in served else t
+                for i, t in enumerate(cfg.distill.teachers)]
     return dataclasses.replace(cfg, buffer=buffer, rollout=rollout, trainer=trainer,
                                distill=dataclasses.replace(cfg.distill, teachers=teachers))
 
@@ -403,11 +404,13 @@ def _reward_model(cfg: RunConfig, s: DaemonSlot) -> str:
 
 
 def _teachers(cfg: RunConfig) -> str:
-    """A rollout row's distillation teacher: an engine at a URL, or the job's ``teacher``
-    process serving a model directory."""
+    """A rollout row's distillation teachers: each an engine at a URL, or the job's
+    ``teacher-<i>`` process serving a model directory, and the tasks it scores."""
     d = cfg.distill
-    return "".join(f"  teacher {t}" if d.is_url(t) else "  teacher process teacher"
-                   for t in d.teachers)
+    return "".join((f"  teacher {t}" if d.is_url(t) else f"  teacher process teacher-{i}")
+                   + (f" (tasks {','.join(d.teacher_tasks[i]) or 'the others'})"
+                      if d.teacher_tasks else "")
+                   for i, t in enumerate(d.teachers))
 
 
 def _engine(cfg: RunConfig, node_host: str) -> str:

@@ -31,7 +31,7 @@ from areal_like.wire.protocol import Credit, TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from rollout_server.reward_model import RewardModel, combine, process_rewards
 from rollout_server.reward_pool import RewardPool
-from rollout_server.teacher import Teacher
+from rollout_server.teacher import Teacher, teacher_for
 
 MAX_EMPTY_RESUMES = 1000  # aborts in a row without a new token: the engine is stuck, not pausing
 # what callers without a registry (evaluation) count into: made once, never served
@@ -203,7 +203,7 @@ class EpisodeContext:
     context: int = 0  # prompt + output tokens the engine serves (RolloutFacts.context; 0: any)
     max_input: int = 0  # the engine refuses an input this long (output_room; 0: none)
     reward_model: RewardModel | None = None  # task.reward_model, loaded by the server
-    teacher: Teacher | None = None  # distill.teachers: each sample's teacher log-probs
+    teachers: list[Teacher] = field(default_factory=list)  # distill.teachers (teacher_for)
 
     def sampling_params(self) -> dict:
         cfg = self.task_cfg
@@ -268,9 +268,9 @@ async def run_episode(ctx: EpisodeContext, credit: Credit) -> TrajectoryGroup:
         model = await ctx.reward_model.score_group(example.prompt, texts)
         scores = combine(rule, model, ctx.task_cfg.reward_model)
     teacher = [None] * n
-    if ctx.teacher is not None and budget > 0:  # TeacherError (on_teacher_failure=drop): no group
-        teacher = await ctx.teacher.group_logprobs(prompt_ids, [s.output_ids for s in samples],
-                                                   [[1] * len(s.output_ids) for s in samples])
+    if (scorer := teacher_for(ctx.teachers, example)) and budget > 0:  # TeacherError: no group
+        teacher = await scorer.group_logprobs(prompt_ids, [s.output_ids for s in samples],
+                                              [[1] * len(s.output_ids) for s in samples])
     trajectories = []
     for s, text, (reward, error), (rule_reward, _), (_, _, steps), teacher_logp in zip(
             samples, texts, scores, rule, model, teacher):

@@ -129,7 +129,7 @@ class RolloutServer(Daemon):
         self.engine = None
         self.rewards: RewardPool | None = None
         self.reward_model = None  # task.reward_model (rollout_server/reward_model.py)
-        self.teacher = None  # distill.teachers (rollout_server/teacher.py)
+        self.teachers = []  # distill.teachers (rollout_server/teacher.py)
         self.tools = None  # ToolPool of task.env's tools, or the agent pool (task.agent)
         self.agent_endpoint = None  # task.agent: the OpenAI-compatible endpoint of its episodes
         self.engine_url, self.engine_ranks = "", 1
@@ -198,10 +198,10 @@ class RolloutServer(Daemon):
 
             self.reward_model = RewardModel(self.facts.task.reward_model,
                                             self.facts.task.reward_timeout_s, self.metrics)
-        if self.facts.distill.enabled:  # an engine at a URL (the job's teacher process's)
-            from rollout_server.teacher import Teacher
+        if self.facts.distill.enabled:  # engines at URLs (the job's teacher processes')
+            from rollout_server.teacher import teachers
 
-            self.teacher = Teacher(self.facts.distill, self.metrics, api_key=self.api_key)
+            self.teachers = teachers(self.facts.distill, self.metrics, api_key=self.api_key)
         # multi-turn episodes (rollout_server/multiturn.py): their tools run here
         if self.facts.task.env:
             from rollout_server.tool_pool import ToolPool
@@ -264,7 +264,8 @@ class RolloutServer(Daemon):
         for pool in (self.tools, self.rewards, self.reward_model):
             if pool is not None:
                 pool.close()
-        self.tools = self.rewards = self.reward_model = self.teacher = None
+        self.tools = self.rewards = self.reward_model = None
+        self.teachers = []
         if self.engine is not None:
             proc = getattr(self.engine, "proc", None)  # a launched SGLang: its process group
             if self.wedged and proc is not None:
@@ -380,8 +381,8 @@ class RolloutServer(Daemon):
             await self.sync_port.close()
         close_door(self.engine_url)
         await self.client.close()
-        if self.teacher is not None:
-            await self.teacher.client.close()
+        for teacher in self.teachers:
+            await teacher.client.close()
         self.control.close()
         self.data.close()
 
@@ -513,7 +514,7 @@ class RolloutServer(Daemon):
                               server_id=self.server_id, incarnation=self.incarnation,
                               current_version_fn=lambda: self.policy_version, metrics=self.metrics,
                               context=self.facts.context, max_input=self.max_input,
-                              reward_model=self.reward_model, teacher=self.teacher)
+                              reward_model=self.reward_model, teachers=self.teachers)
 
     async def start_agent_endpoint(self) -> None:
         from rollout_server.agent_endpoint import AgentEndpoint
@@ -551,8 +552,7 @@ class RolloutServer(Daemon):
                 return
             # a teacher down for less than an engine may take to start (the launcher restarts
             # it): its group is dropped and generated again, not counted as a failure
-            if (isinstance(e, TeacherError)
-                    and self.teacher.down_s() < self.rcfg.engine.startup_timeout_s):
+            if isinstance(e, TeacherError) and e.down_s < self.rcfg.engine.startup_timeout_s:
                 return
             self.episode_failures += 1
             why, stops = f"{type(e).__name__}: {e}", self.episode_failures >= MAX_EPISODE_FAILURES

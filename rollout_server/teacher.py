@@ -34,6 +34,7 @@ from areal_like.net.ratelog import RateLimitedLog
 from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import ModelConfig
 from areal_like.settings.distill_schema import DistillConfig
+from areal_like.tasks.datasets import Example
 
 log = logging.getLogger(__name__)
 WARN_EVERY_S = 60.0
@@ -41,7 +42,12 @@ SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60)
 
 
 class TeacherError(RuntimeError):
-    """The teacher gave no log-probs for a group, and ``distill.on_teacher_failure=drop``."""
+    """A teacher gave no log-probs for a group, and ``distill.on_teacher_failure=drop``.
+    ``down_s``: for how long that teacher's calls have failed."""
+
+    def __init__(self, why: str, down_s: float):
+        super().__init__(why)
+        self.down_s = down_s
 
 
 def tokenizer_problem(distill: DistillConfig, student: ModelConfig) -> str | None:
@@ -69,13 +75,27 @@ def tokenizer_problem(distill: DistillConfig, student: ModelConfig) -> str | Non
     return None
 
 
-class Teacher:
-    """``distill.teachers[0]``, an engine URL (module docstring). ``api_key``: the job's engine
-    key, which the job's teacher process requires."""
+def teachers(cfg: DistillConfig, metrics: Metrics | None = None,
+             api_key: str | None = None) -> list[Teacher]:
+    """A Teacher per ``distill.teachers`` entry, each an engine URL."""
+    return [Teacher(cfg, url, metrics, api_key) for url in cfg.teachers]
 
-    def __init__(self, cfg: DistillConfig, metrics: Metrics | None = None,
+
+def teacher_for(teachers: list[Teacher], example: Example) -> Teacher | None:
+    """The teacher that scores ``example`` (by its ``distill.task_key`` column), or None."""
+    if not teachers:
+        return None
+    cfg = teachers[0].cfg
+    i = cfg.teacher_of(str(example.metadata.get(cfg.task_key, "")))
+    return None if i is None else teachers[i]
+
+
+class Teacher:
+    """One of ``distill.teachers``, an engine URL (module docstring). ``api_key``: the job's
+    engine key, which the job's teacher processes require."""
+
+    def __init__(self, cfg: DistillConfig, url: str, metrics: Metrics | None = None,
                  api_key: str | None = None):
-        url = cfg.teachers[0]
         if not cfg.is_url(url):
             raise StartRefused(f"distill.teachers: {url!r} is not an engine URL: a model directory "
                              "is served by the job's teacher process (`areal-like run`)")
@@ -83,8 +103,9 @@ class Teacher:
         self.warnings = RateLimitedLog(log, WARN_EVERY_S)
         self.client = SGLangClient(url, api_key=api_key)
         self.failing_since: float | None = None  # the first of the failures since a success
-        self.failures = self.metrics.counter("rollout/teacher_failures", "groups the teacher "
-                                             "gave no log-probs for", ("kind",))
+        self.failures = self.metrics.counter("rollout/teacher_failures", "groups a teacher gave "
+                                             "no log-probs for", ("teacher", "kind"))
+        self.url = url
         log.info("teacher at %s", url)
 
     async def group_logprobs(self, prompt_ids: list[int], outputs: list[list[int]],
@@ -120,10 +141,11 @@ class Teacher:
         return 0.0 if self.failing_since is None else time.monotonic() - self.failing_since
 
     def _failed(self, kind: str, why: str, n: int) -> list[None]:
-        self.failures.labels(kind=kind).inc()
+        self.failures.labels(teacher=self.url, kind=kind).inc()
         self.failing_since = self.failing_since or time.monotonic()
-        self.warnings.warning(kind, "teacher failed on a group (%s): %s; on_teacher_failure=%s",
-                              kind, why, self.cfg.on_teacher_failure)
+        self.warnings.warning(kind, "teacher %s failed on a group (%s): %s; "
+                              "on_teacher_failure=%s", self.url, kind, why,
+                              self.cfg.on_teacher_failure)
         if self.cfg.on_teacher_failure == "drop":
-            raise TeacherError(f"teacher: {why}")
+            raise TeacherError(f"teacher {self.url}: {why}", self.down_s())
         return [None] * n

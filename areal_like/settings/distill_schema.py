@@ -23,11 +23,16 @@ TEACHERS = Bound("a list of engine URLs (http://host:port) or model directories"
 class DistillConfig(Section):
     key = D.rstrip(".")
 
-    # the teacher (one per job): an engine URL (http://host:port, an SGLang server or an embedded
-    # engine serving it, never weight-synced) or a local model directory, which `areal-like run`
-    # serves with an engine process of the job; its tokenizer must be the student's (preflight);
-    # the student samples at task.temperature=1.0, as the teacher's log-probs are
+    # the teachers: each an engine URL (http://host:port, an SGLang server or an embedded engine
+    # serving it, never weight-synced) or a local model directory, which `areal-like run` serves
+    # with an engine process of the job; their tokenizer must be the student's (preflight); the
+    # student samples at task.temperature=1.0, as the teachers' log-probs are
     teachers: Annotated[list[str], TEACHERS] = field(default_factory=list)
+    # [several teachers] the tasks each teacher scores, one list per teacher: the values of a
+    # row's task_key column (a dataset's; a synthetic task's rows have none); an empty list
+    # scores the rows no other teacher names. [] = the one teacher scores every row
+    teacher_tasks: list[list[str]] = field(default_factory=list)
+    task_key: str = "task"  # the dataset column naming a row's task
     # the per-token advantage is task_reward_weight * A_task + kl_weight * (log pi_teacher -
     # log pi_behav) on each sampled token (trainer/LOSSES.md section 11)
     kl_weight: Annotated[float, at_least(0.0)] = 1.0
@@ -41,8 +46,15 @@ class DistillConfig(Section):
 
     def __post_init__(self):
         super().__post_init__()
-        check(D + "teachers", len(self.teachers) <= 1, "at most one teacher (one per job)",
-              self.teachers)
+        tasks = self.teacher_tasks
+        check(D + "teacher_tasks", len(tasks) == len(self.teachers) or (
+            not tasks and len(self.teachers) <= 1),
+              f"one list of tasks per teacher ({len(self.teachers)} teachers)", tasks)
+        named = [t for ts in tasks for t in ts]
+        check(D + "teacher_tasks", len(set(named)) == len(named), "a task taught by one teacher "
+              "only", tasks)
+        check(D + "teacher_tasks", sum(not ts for ts in tasks) <= 1, "at most one empty list "
+              "(the teacher of every other task)", tasks)
         check(D + "kl_weight", not self.enabled or self.kl_weight > 0,
               "> 0 with distill.teachers set (else the teachers are asked for nothing)",
               self.kl_weight)
@@ -50,6 +62,15 @@ class DistillConfig(Section):
     @property
     def enabled(self) -> bool:
         return bool(self.teachers)
+
+    def teacher_of(self, task: str) -> int | None:
+        """The index of the teacher that scores a row of ``task`` ("": a row without one), or
+        None: no teacher does (its samples are trained on the task's reward alone)."""
+        if not self.teacher_tasks:
+            return 0 if self.teachers else None
+        named = next((i for i, ts in enumerate(self.teacher_tasks) if task in ts), None)
+        return named if named is not None else next(
+            (i for i, ts in enumerate(self.teacher_tasks) if not ts), None)
 
     @staticmethod
     def is_url(teacher: str) -> bool:

@@ -41,5 +41,7 @@ def test_a_job_trains_on_its_teachers_logprobs(tmp_path):
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     for s in (step["stats"] for step in steps):
         assert s["distill_rows"] == GROUPS * GROUP_SIZE
-        assert math.isfinite(s["distill_reverse_kl"]) and s["distill_reverse_kl"] > 0
+        # a sampled estimate of the reverse KL: its sign may go either way between two random
+        # models; 0 would mean the teacher's log-probs were the student's own
+        assert math.isfinite(s["distill_reverse_kl"]) and s["distill_reverse_kl"] != 0
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before

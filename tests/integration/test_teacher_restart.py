@@ -1,8 +1,8 @@
-"""A distillation job's ``teacher`` process (a model-directory teacher, launch/topology.py) killed
+"""A distillation job's ``teacher-0`` process (a model-directory teacher, launch/topology.py) killed
 with ``kill -9`` mid-job, through the real CLI (``areal-like run``) as tests/integration/
 test_distill_job.py runs it:
 
-* the supervisor counts it and starts it again (its ``[supervisor] started teacher`` line, twice);
+* the supervisor counts it and starts it again (its ``[supervisor] started teacher-0`` line, twice);
 * the rollout server counts the groups the dead teacher failed (``rollout/teacher_failures``: its
   warning in the server's log) and applies ``distill.on_teacher_failure=drop``: every step still
   trains on rows the teacher scored, and the server itself goes on (no restart);
@@ -30,7 +30,7 @@ from tests.engine_kit import save_model
 
 pytestmark = pytest.mark.slow
 STEPS, GROUPS, GROUP_SIZE = 8, 2, 4
-STARTED = re.compile(r"\[supervisor\] started teacher pid=(\d+)")
+STARTED = re.compile(r"\[supervisor\] started teacher-0 pid=(\d+)")
 
 
 class Launcher:
@@ -95,17 +95,17 @@ def test_a_killed_teacher_is_restarted_and_the_job_finishes(tmp_path):
         stop_process(job.proc)
     err = "".join(job.lines)
     assert job.proc.returncode == 0, err[-3000:]
-    assert re.search(r"\[supervisor\] teacher exited with -9; restart 1/", err), err[-3000:]
+    assert re.search(r"\[supervisor\] teacher-0 exited with -9; restart 1/", err), err[-3000:]
     assert "[supervisor] rollout-0 exited" not in err, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["ok"] and summary["steps"] == STEPS
     # counted by the server (Teacher._failed logs each kind at once), and its group dropped:
     # every step trained on rows the teacher scored
     log = (run_dir / "logs" / "rollout-0.log").read_text()
-    assert "teacher failed on a group (error)" in log, log[-3000:]
+    assert "failed on a group (error)" in log, log[-3000:]
     steps = [json.loads(line) for line in (run_dir / "metrics" / "trainer.jsonl").read_text()
              .splitlines() if '"distill_rows"' in line]
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
     assert all(s["stats"]["distill_rows"] == GROUPS * GROUP_SIZE for s in steps)
     assert {p.pid for p in psutil.Process().children(recursive=True)} <= before
-    assert Path(run_dir / "logs" / "teacher.log").read_text().count("---- start ") == 2
+    assert Path(run_dir / "logs" / "teacher-0.log").read_text().count("---- start ") == 2

@@ -65,7 +65,7 @@ def test_a_keyed_teacher_engine_equals_a_direct_forward(teacher_dir):
     key = "k" * 32
     engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig(), api_key=key).start()
     try:
-        teacher = Teacher(DistillConfig(teachers=[engine.url]), api_key=key)
+        teacher = Teacher(DistillConfig(teachers=[engine.url]), engine.url, api_key=key)
         got = ask(teacher)
         # a context token (mask 0) gets 0, as its behaviour log-prob
         masked = ask(teacher, [[1, 0, 1, 1], [1, 1], [0]])
@@ -82,7 +82,7 @@ def test_a_keyed_teacher_engine_equals_a_direct_forward(teacher_dir):
 def test_a_url_teacher_over_http_equals_a_direct_forward(teacher_dir):
     engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig()).start()
     try:
-        got = ask(Teacher(DistillConfig(teachers=[engine.url])))
+        got = ask(Teacher(DistillConfig(teachers=[engine.url]), engine.url))
     finally:
         engine.stop()
     for g, w in zip(got, direct(teacher_dir)):
@@ -107,12 +107,13 @@ def test_a_failing_teacher_is_counted_and_its_policy_applied(teacher_dir, free_p
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     metrics = Metrics()
     keep = Teacher(DistillConfig(teachers=[url], on_teacher_failure="task_reward_only",
-                                 teacher_timeout_s=5.0), metrics)
+                                 teacher_timeout_s=5.0), url, metrics)
     assert ask(keep) == [None, None, None]
-    drop = Teacher(DistillConfig(teachers=[url], teacher_timeout_s=5.0), metrics)
-    with pytest.raises(TeacherError, match="teacher: "):
+    drop = Teacher(DistillConfig(teachers=[url], teacher_timeout_s=5.0), url, metrics)
+    with pytest.raises(TeacherError, match=f"teacher {url}: "):
         ask(drop)
-    assert "rollout_teacher_failures_total{kind=\"error\"} 2.0" in metrics.render().decode()
+    assert (f'rollout_teacher_failures_total{{kind="error",teacher="{url}"}} 2.0'
+            in metrics.render().decode())
 
 
 def test_a_teacher_that_answers_a_log_prob_that_is_not_finite_has_failed():
@@ -142,9 +143,10 @@ def test_a_teacher_that_answers_a_log_prob_that_is_not_finite_has_failed():
         metrics = Metrics()
         url = f"http://127.0.0.1:{server.server_address[1]}"
         keep = Teacher(DistillConfig(teachers=[url], on_teacher_failure="task_reward_only"),
-                       metrics)
+                       url, metrics)
         assert ask(keep) == [None] * len(OUTPUTS)
-        assert "rollout_teacher_failures_total{kind=\"error\"} 1.0" in metrics.render().decode()
+        assert (f'rollout_teacher_failures_total{{kind="error",teacher="{url}"}} 1.0'
+                in metrics.render().decode())
     finally:
         server.shutdown()
         server.server_close()
@@ -193,15 +195,79 @@ def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()
-    own = [row for row in rows if row.split()[1:2] == ["teacher"]]
+    own = [row for row in rows if row.split()[1:2] == ["teacher-0"]]
     assert len(own) == 1 and f"engine embedded on cpu http://127.0.0.1:auto  model {teacher_dir}" \
         in own[0], r.stdout
     servers = [row for row in rows if "rollout-" in row]
-    assert servers and all("teacher process teacher" in row for row in servers)
+    assert servers and all("teacher process teacher-0" in row for row in servers)
     url = "http://127.0.0.1:9"
     r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", f"distill.teachers=[{url}]",
                         T1],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
-    assert not [row for row in r.stdout.splitlines() if row.split()[1:2] == ["teacher"]]
+    assert not [row for row in r.stdout.splitlines() if row.split()[1:2] == ["teacher-0"]]
     assert all(f"teacher {url}" in row for row in r.stdout.splitlines() if "rollout-" in row)
+
+
+def test_several_teachers_route_by_the_rows_task(teacher_dir, tmp_path):
+    """Each row goes to the teacher that lists its task (its ``distill.task_key`` column), a row
+    of an unlisted task to the teacher with an empty list; each teacher's log-probs are its own
+    model's."""
+    from areal_like.tasks.datasets import Example
+    from rollout_server.teacher import teacher_for, teachers
+
+    other = save_model(tmp_path / "other", init_seed=4)
+    engines = [EmbeddedEngine(model_config(d), EngineConfig()).start()
+               for d in (teacher_dir, other)]
+    try:
+        cfg = DistillConfig(teachers=[e.url for e in engines],
+                            teacher_tasks=[["math", "sum"], []])
+        both = teachers(cfg)
+        picked = {task: teacher_for(both, Example("p", "a", metadata={"task": task}))
+                  for task in ("math", "sum", "code")}
+        assert teacher_for(both, Example("p", "a")) is both[1]  # no task column: the others'
+        assert [picked[t] for t in ("math", "sum", "code")] == [both[0], both[0], both[1]]
+        got = [ask(t) for t in both]
+    finally:
+        for e in engines:
+            e.stop()
+    for g, want in zip(got, (direct(teacher_dir), direct(other))):
+        for a, b in zip(g, want):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
+    assert got[0] != got[1]
+
+
+@pytest.mark.parametrize("tasks,why", [
+    ([["a"]], "one list of tasks per teacher (2 teachers)"),
+    ([["a"], ["a"]], "a task taught by one teacher only"),
+    ([[], []], "at most one empty list")])
+def test_teacher_tasks_that_route_a_task_twice_or_not_per_teacher_are_refused(tasks, why):
+    from areal_like.settings.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        DistillConfig(teachers=["http://127.0.0.1:1", "http://127.0.0.1:2"], teacher_tasks=tasks)
+
+
+def test_a_task_no_teacher_scores_is_refused_before_start_and_plan_shows_each(teacher_dir,
+                                                                             tmp_path):
+    from areal_like.settings.config import load_config
+    from launch.preflight import PreflightError, checked
+
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "task": task}
+            for i, task in enumerate(["math", "code", "math", "chat"])]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    routed = ["task=dataset", f"task.dataset_path={data}", "task.max_new_tokens=8", "task.reward_fn="
+              "areal_like.tasks.task:exact_match", T1,
+              f"distill.teachers=[{teacher_dir},http://127.0.0.1:9]"]
+    with pytest.raises(PreflightError, match=re.escape("no teacher scores the rows of task(s) "
+                                                       "['chat']")):
+        checked(load_config([*routed, "distill.teacher_tasks=[[math],[code]]"]))
+    checked(load_config([*routed, "distill.teacher_tasks=[[math],[]]"]))
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", *routed,
+                        "distill.teacher_tasks=[[math],[]]"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    servers = [row for row in r.stdout.splitlines() if "rollout-" in row]
+    assert servers and all("teacher process teacher-0 (tasks math)  teacher http://127.0.0.1:9 "
+                           "(tasks the others)" in row for row in servers), r.stdout
