@@ -5,7 +5,7 @@ Qwen2 of ``--hidden``/``--layers`` (default 512 x 12: 181 MiB of float32), kept 
 ``--requests`` long generations that are resubmitted across every pause exactly as a rollout
 server's episodes are (``rollout_server.episode.generate_sample``). A sender process plays trainer
 rank 0: it joins the weight group once and, per version, broadcasts the model in the buckets of
-``areal_like.wire.weight_wire.plan_buckets`` (``BucketPipeline``, flattened) while this process
+``areal_like.weights.plan.plan_buckets`` (``BucketPipeline``, flattened) while this process
 applies the version as a rollout server does (``apply_weight_sync`` with the case's pause mode).
 
 Cases: every pause mode SGLang 0.5.23 offers (``/pause_generation`` ``mode``: ``abort``,
@@ -97,7 +97,7 @@ def sender_main(spec: dict) -> None:
 
 
 def plan(version: int, buckets, port: int, group: str, reform: bool):
-    from areal_like.wire.protocol import SyncMember, WeightSyncPlan
+    from areal_like.weights.plan import SyncMember, WeightSyncPlan
 
     return WeightSyncPlan(
         policy_version=version,
@@ -129,7 +129,8 @@ async def used_tokens(client) -> int:
 
 async def one_version(client, sender, p, mode: str) -> dict:
     """Apply one version under load; the three timings of it (module docstring)."""
-    from areal_like.weights.engine_sync import apply_weight_sync, local_door
+    from areal_like.weights.push import apply_weight_sync
+    from areal_like.weights.server_sync import local_door
 
     t0 = time.perf_counter()
     sender.stdin.write(json.dumps([b.names for b in p.buckets]) + "\n")
@@ -168,7 +169,7 @@ async def run_case(server, args, mode: str, bucket_mb: float, first_version: int
     from areal_like.net.distributed import free_port
     from areal_like.net.sglang_client import SGLangClient
     from areal_like.weights.hf import build_model
-    from areal_like.wire.weight_wire import plan_buckets
+    from areal_like.weights.plan import plan_buckets
 
     state = build_model(model_config(args)).state_dict()
     buckets = plan_buckets(
@@ -222,7 +223,8 @@ async def run_case(server, args, mode: str, bucket_mb: float, first_version: int
 
 async def _form(client, sender, p, mode: str) -> dict:
     """The warm-up version, which forms the group (abort mode: the group is its point)."""
-    from areal_like.weights.engine_sync import apply_weight_sync, local_door
+    from areal_like.weights.push import apply_weight_sync
+    from areal_like.weights.server_sync import local_door
 
     door = local_door(client.base_url, client.api_key)
     done = await apply_weight_sync(client, p, "bench", door=door,

@@ -73,7 +73,8 @@ async def generated(client) -> float:
 
 async def one_version(client, sender, p) -> dict:
     """Apply one version under load; the three timings of it (module docstring)."""
-    from areal_like.weights.engine_sync import apply_weight_sync, local_door
+    from areal_like.weights.push import apply_weight_sync
+    from areal_like.weights.server_sync import local_door
 
     t0 = time.perf_counter()
     sender.stdin.write(json.dumps([b.names for b in p.buckets]) + "\n")
@@ -101,7 +102,8 @@ async def run_versions(server, args, buckets) -> list[dict]:
     engine, through one weight group."""
     from areal_like.net.distributed import free_port
     from areal_like.net.vllm_client import VLLMClient
-    from areal_like.weights.engine_sync import apply_weight_sync, local_door
+    from areal_like.weights.push import apply_weight_sync
+    from areal_like.weights.server_sync import local_door
 
     port, group = free_port(), f"bench_vllm_{os.getpid()}"
     spec = {"model": {"hidden": args.hidden, "layers": args.layers}, "port": port, "group": group}
@@ -204,7 +206,7 @@ def summarize(runs: list[dict], sglang: dict[str, dict], model: str, buckets: in
 
 async def bench(args) -> None:
     from areal_like.weights.hf import build_model
-    from areal_like.wire.weight_wire import plan_buckets
+    from areal_like.weights.plan import plan_buckets
 
     sglang = sglang_lines(args)
     state = build_model(model_config(args)).state_dict()

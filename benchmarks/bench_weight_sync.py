@@ -3,10 +3,10 @@ flat broadcast.
 
 Three processes on loopback. Rank 0 plays trainer rank 0: it builds a Qwen2
 (``areal_like.weights.hf.build_model``; default hidden 512, 4 layers, vocab 8192: ~24M fp32
-parameters, ~96 MB) and sends it in the buckets of ``areal_like.wire.weight_wire.plan_buckets`` (64
+parameters, ~96 MB) and sends it in the buckets of ``areal_like.weights.plan.plan_buckets`` (64
 MB). Ranks 1-2 each run a real ``EmbeddedEngine`` (HTTP server, scheduler, ``WeightUpdater``) with a
 differently initialised copy of the model, and apply every sync exactly as a rollout server does:
-``areal_like.weights.engine_sync.apply_weight_sync`` over ``SGLangClient`` (``/pause_generation``,
+``areal_like.weights.push.apply_weight_sync`` over ``SGLangClient`` (``/pause_generation``,
 ``/begin_weight_update``, one ``/update_weights_from_distributed`` per bucket,
 ``/end_weight_update``, ``/continue_generation``). The weight group is formed once, as in a real run
 (``/init_weights_update_group`` + rank 0's join).
@@ -138,8 +138,8 @@ async def receiver_trials(args: argparse.Namespace, rank: int, wport: int, bucke
     import torch.distributed as dist
 
     from areal_like.net.sglang_client import SGLangClient
-    from areal_like.weights.engine_sync import apply_weight_sync
-    from areal_like.wire.protocol import SyncMember, WeightSyncPlan
+    from areal_like.weights.plan import SyncMember, WeightSyncPlan
+    from areal_like.weights.push import apply_weight_sync
     from areal_like.wire.weight_wire import FLATTENED
 
     last_update = [0.0]
@@ -201,7 +201,7 @@ def worker(rank: int, cport: int, wport: int, args: argparse.Namespace) -> None:
     from areal_like.net.auth import ENGINE_KEY_ENV
     from areal_like.settings.config import EngineConfig
     from areal_like.weights.hf import build_model
-    from areal_like.wire.weight_wire import plan_buckets
+    from areal_like.weights.plan import plan_buckets
     from benchmarks.weight_checksum import state_checksum
     from rollout_server.engine import EmbeddedEngine
 

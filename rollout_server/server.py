@@ -52,16 +52,14 @@ from areal_like.net.vllm_client import engine_client
 from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import load_tokenizer
-from areal_like.weights.engine_sync import (
-    CONTINUE_TIMEOUT_S,
-    LAUNCHED,
+from areal_like.weights.plan import CONTINUE_TIMEOUT_S, LAUNCHED, SyncDone, WeightSyncPlan
+from areal_like.weights.server_sync import (
     apply_adapter_sync,
     close_door,
-    engine_versions,
     open_door,
     require_local_engine,
 )
-from areal_like.weights.versions import RuntimeVersions
+from areal_like.weights.versions import RuntimeVersions, engine_versions
 from areal_like.wire.protocol import (
     Ack,
     Credit,
@@ -69,9 +67,7 @@ from areal_like.wire.protocol import (
     HeartbeatAck,
     Register,
     RegisterAck,
-    SyncDone,
     VersionUpdate,
-    WeightSyncPlan,
 )
 from rollout_server.buffer_link import BufferLink, raise_if_superseded, wait_event
 from rollout_server.episode import EpisodeContext, as_version, run_episode

@@ -24,8 +24,8 @@ engine's last one; the trainer tells the engine to join through it. Only to the 
 (``trainer.weight_sync.master_addr``, and ``master_port`` unless 0): 400 for any other address.
 ``POST /adapter`` (a ``WeightSyncPlan``, JSON) -> ``{"ok", "reason", "pause_s"}``: with LoRA on a
 launched engine, the server loads the plan's adapter itself (its generate calls name the adapter:
-``areal_like/weights/engine_sync.py`` ``apply_adapter_sync``). Only from a push directory of the
-disk path (``engine_sync.in_push_dir``): 400 for any other path, the same whether it exists.
+``areal_like/weights/server_sync.py`` ``apply_adapter_sync``). Only from a push directory of the
+disk path (``server_sync.in_push_dir``): 400 for any other path, the same whether it exists.
 ``POST /end {"plan_id", "version", "ok", "pause_s", "reason"}`` -> ``{}``: the sync ended; after
 a failed one the server checks that its engine still generates and stops when it does not (its
 supervisor restarts it with a fresh engine).
@@ -46,8 +46,8 @@ from areal_like.net.answers import peer_text
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, begin_proof, vouch_proof
 from areal_like.net.http_guard import METRICS_LIMITS, guarded_app, serve
 from areal_like.net.sglang_client import EngineError
-from areal_like.weights.engine_sync import ROOT_PREFIX, in_push_dir
-from areal_like.wire.protocol import SyncDone, WeightSyncPlan
+from areal_like.weights.plan import ROOT_PREFIX, SyncDone, WeightSyncPlan
+from areal_like.weights.server_sync import in_push_dir
 
 # the metrics port's limits, but a body as large as a plan of a big adapter (its names and shapes)
 LIMITS = dataclasses.replace(METRICS_LIMITS, max_body_bytes=4 << 20)

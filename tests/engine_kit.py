@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from areal_like.settings.config import LoraConfig, ModelConfig, WeightSyncConfig
-from areal_like.weights.engine_sync import apply_adapter_sync
 from areal_like.weights.hf import build_model
 from areal_like.weights.lora import add_adapters
-from areal_like.wire.protocol import WeightSyncPlan
+from areal_like.weights.plan import WeightSyncPlan
+from areal_like.weights.server_sync import apply_adapter_sync
 from trainer.logprob_guard import trainer_logprobs
 from trainer.weight_buckets import PushTensors
 from trainer.weight_local import DiskSender

@@ -2,7 +2,7 @@
 tells the member's rollout server the sync begins, the server vouching for its engine in its
 answer (its sync port, rollout_server/sync_port.py: refused while it evaluates, answered once
 drained where it drains),
-runs the engine side (``areal_like/weights/engine_sync.py``: pause, join through the door that
+runs the engine side (``areal_like/weights/push.py``: pause, join through the door that
 server opens, load, continue) and tells the server how it ended (after the member's result is
 known: the push does not wait for that call); on a loop thread of its own, while the push thread
 broadcasts.
@@ -47,8 +47,9 @@ import msgspec
 from areal_like.net.answers import peer_text
 from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.net.vllm_client import engine_client
-from areal_like.weights.engine_sync import LAUNCHED, ServerPort, answer, apply_weight_sync
-from areal_like.wire.protocol import RosterEntry, SyncDone, WeightSyncPlan
+from areal_like.weights.plan import LAUNCHED, SyncDone, WeightSyncPlan, answer
+from areal_like.weights.push import ServerPort, apply_weight_sync
+from areal_like.wire.protocol import RosterEntry
 
 log = logging.getLogger("trainer.engine_drive")
 WAIT_SLICE_S = 0.05  # ``wait`` looks at its stop request this often

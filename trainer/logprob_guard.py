@@ -40,7 +40,7 @@ from areal_like.daemon import StartRefused
 from areal_like.net.dealer import Client
 from areal_like.net.sglang_client import EngineError, GenerateOutput
 from areal_like.net.vllm_client import engine_client
-from areal_like.weights.engine_sync import ServerPort
+from areal_like.weights.push import ServerPort
 from areal_like.wire.protocol import RosterEntry
 from trainer.logprobs import token_logprobs
 from trainer.ranks import from_rank0

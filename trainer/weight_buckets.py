@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from areal_like.weights.hf import checkpoint_layout
 from areal_like.weights.lora import is_adapter, synced_parameters
-from areal_like.wire.protocol import BucketSpec
+from areal_like.weights.plan import BucketSpec
 from areal_like.wire.weight_wire import pack
 from trainer.ranks import full
 

@@ -24,7 +24,7 @@ import torch
 
 from areal_like.net.distributed import destroy_weight_group, free_port, init_weight_group
 from areal_like.settings.config import WeightSyncConfig
-from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
 from trainer.weight_buckets import BucketPipeline, Sender, gather
 from trainer.weight_members import BROADCAST_SLICE_S, ROSTER_POLL_S, RendezvousWatch
 

@@ -28,9 +28,12 @@ import psutil
 import torch
 
 from areal_like.settings.config import WeightSyncConfig
-from areal_like.weights.engine_sync import ROOT_PREFIX  # + the writer's pid + "_": its pushes
 from areal_like.weights.lora import is_adapter
-from areal_like.wire.protocol import BucketSpec, SyncMember
+from areal_like.weights.plan import (
+    ROOT_PREFIX,  # + the writer's pid + "_": its pushes
+    BucketSpec,
+    SyncMember,
+)
 from areal_like.wire.weight_wire import layout, pack, unpack
 from trainer.export import save_adapter
 from trainer.weight_buckets import Sender, gather

@@ -32,18 +32,9 @@ from areal_like.net.security import Keys
 from areal_like.net.transport import TransportTimeout
 from areal_like.settings.config import WeightSyncConfig
 from areal_like.weights.lora import is_adapter
+from areal_like.weights.plan import WEIGHT_PATHS, BucketSpec, WeightSyncPlan, plan_buckets
 from areal_like.weights.versions import RuntimeVersions, local_versions, mismatch
-from areal_like.wire.protocol import (
-    WEIGHT_PATHS,
-    Ack,
-    BucketSpec,
-    Roster,
-    RosterEntry,
-    RosterRequest,
-    VersionUpdate,
-    WeightSyncPlan,
-)
-from areal_like.wire.weight_wire import plan_buckets
+from areal_like.wire.protocol import Ack, Roster, RosterEntry, RosterRequest, VersionUpdate
 from trainer.engine_drive import EngineDrive
 from trainer.ranks import from_rank0
 from trainer.weight_buckets import PushTensors

@@ -2,7 +2,7 @@
 
 Every HTTP client of the project reads its answers here (``read_capped``, or ``read_capped_sync``
 for urllib): the engine clients (``sglang_client.py``, ``vllm_client.py``), the sync port's client
-(``areal_like/weights/engine_sync.py``, ``ServerPort``), the remote reward
+(``areal_like/weights/push.py``, ``ServerPort``), the remote reward
 (``rollout_server/reward_pool.py``) and the ``/metrics`` scrape (``metrics.py``).
 
 Invariants:

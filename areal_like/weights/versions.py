@@ -8,8 +8,12 @@ reporting nothing at all is never refused (the caller warns about it).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,22 @@ def from_server_info(info: dict[str, Any]) -> RuntimeVersions:
     """The versions an engine's ``/server_info`` reports ("" where it reports none)."""
     return RuntimeVersions(*(str(info.get(f"{k}_version") or "")
                              for k in ("torch", "cuda", "nccl")))
+
+
+async def engine_versions(kind: str, server_info: dict) -> RuntimeVersions:
+    """The torch, CUDA and NCCL an engine of ``rollout.engine.kind`` runs on. The embedded engine
+    runs on this process's torch. An SGLang server is asked (``server_info``, its ``/server_info``
+    answer); SGLang 0.5.23 does not say, so this process's are assumed: exact for a launched one
+    (it runs on this interpreter, ``sys.executable``), a guess for one attached by URL."""
+    local = await asyncio.to_thread(local_versions)  # the first torch import takes seconds
+    if kind == "embedded":
+        return local
+    reported = from_server_info(server_info)
+    if reported.known():
+        return reported
+    log.log(logging.INFO if kind in ("sglang", "vllm") else logging.WARNING,
+            "the engine reports no torch/CUDA/NCCL versions: assuming this process's (%s)", local)
+    return local
 
 
 def _release(torch_version: str) -> str:

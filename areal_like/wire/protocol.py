@@ -26,7 +26,6 @@ MAX_CREDITS_PER_REQUEST = 4096  # leases one TrajectoryGroup may ask for with it
 Wanted = Annotated[int, msgspec.Meta(ge=0, le=MAX_CREDITS_PER_REQUEST)]  # leases asked for at once
 MAX_GROUP_RANKS = 65536  # ranks of one weight-update group (an engine's TP size, a group's size)
 Ranks = Annotated[int, msgspec.Meta(ge=1, le=MAX_GROUP_RANKS)]
-Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]  # 0: none (a plan of a path without a group)
 # a random token per rollout server process start ("": not told): another one under an id is
 # another process (buffer/STALENESS.md)
 Incarnation = Annotated[str, msgspec.Meta(max_length=64)]
@@ -182,77 +181,12 @@ class Roster(_TopLevel, tag="roster"):
     evaluating: list[str] = []  # servers out of the roster while they evaluate
 
 
-class SyncMember(Message, tag="sync_member"):
-    server_id: ServerId
-    # engine TP rank t is group rank rank_offset + t
-    rank_offset: Annotated[int, msgspec.Meta(ge=0, le=MAX_GROUP_RANKS - 1)]
-
-
-class BucketSpec(Message, tag="bucket_spec"):
-    """Tensors broadcast together, in this order (SGLang update_weights_from_distributed)."""
-
-    names: list[str]
-    dtypes: list[str]  # torch dtype names without "torch." (e.g. "float32")
-    shapes: list[list[int]]
-
-    def validate(self) -> None:
-        if not (len(self.names) == len(self.dtypes) == len(self.shapes)):
-            raise ProtocolError("names, dtypes and shapes differ in length", "names")
-
-
-# How the weights of a plan travel (``WeightSyncPlan.path``) -> the payloads its plan carries, given
-# its buckets: "distributed" (the group), "tensor" (one shared-memory payload per bucket), "disk"
-# (one directory). The trainer's senders and the rollout server's receivers are keyed by these.
-WEIGHT_PATHS = {"distributed": lambda buckets: 0, "tensor": len, "disk": lambda buckets: 1}
-
-
-class WeightSyncPlan(Message):
-    """How version ``policy_version`` is pushed to its members' engines, in the trainer's process
-    (trainer/weight_sync.py, driven by trainer/engine_drive.py); never on ZeroMQ (with LoRA
-    on a launched engine, the JSON body of a sync port's ``/adapter``)."""
-
-    policy_version: int
-    group_name: str
-    master_addr: str
-    master_port: Port
-    world_size: Ranks
-    backend: str  # "gloo" | "nccl"
-    reform: bool  # members must (re)join the group before receiving
-    members: list[SyncMember]
-    buckets: list[BucketSpec]
-    deadline_s: Finite  # the whole sync, from the plan's start
-    plan_id: str = ""  # unique per push attempt: a re-push of the same version is a new plan
-    path: str = "distributed"  # WEIGHT_PATHS; a str: an unknown one fails the member's sync
-    payloads: list[str] = []  # WEIGHT_PATHS[path](buckets) of them
-
-    def validate(self) -> None:
-        count = WEIGHT_PATHS.get(self.path)
-        want = count(self.buckets) if count is not None else None
-        if want is not None and len(self.payloads) != want:
-            raise ProtocolError(f"path {self.path} needs {want} payload(s), "
-                                f"got {len(self.payloads)}", "payloads")
-        if self.path == "distributed" and self.master_port == 0:
-            raise ProtocolError("the distributed path needs the group's port", "master_port")
-
-
 class HeartbeatAck(_TopLevel, tag="heartbeat_ack"):
     policy_version: int
     known: bool  # False: the buffer lost this server (restart/expiry); it must Register again
     # why a Register under this server's id from another process was refused since its last
     # heartbeat ("": none); it keeps its id (buffer/STALENESS.md, The roster)
     challenged: str = ""
-
-
-class SyncDone(Message):
-    """One member's result of a ``WeightSyncPlan`` (areal_like/weights/engine_sync.py); never on
-    the wire."""
-
-    server_id: ServerId
-    policy_version: int
-    ok: bool
-    reason: str = ""
-    pause_s: Finite = 0.0  # how long the engine was not generating
-    plan_id: str = ""  # the plan answered
 
 
 class StatsRequest(_TopLevel, tag="stats_request"):
@@ -265,7 +199,7 @@ class Stats(_TopLevel, tag="stats"):
 
 _ALL = (Trajectory, Register, RegisterAck, Heartbeat, HeartbeatAck, CreditRequest, Credit, Credits,
         TrajectoryGroup, GroupSubmit, Ack, BatchRequest, Batch, VersionUpdate, RosterRequest,
-        RosterEntry, Roster, SyncMember, BucketSpec, WeightSyncPlan, SyncDone, StatsRequest, Stats)
+        RosterEntry, Roster, StatsRequest, Stats)
 for _cls in _ALL:
     _cls.TYPE = _cls.__struct_config__.tag
 TOP_LEVEL_TYPES: dict[str, type[Message]] = {c.TYPE: c for c in _ALL if issubclass(c, _TopLevel)}

@@ -1,47 +1,17 @@
 """The flattened-bucket wire format of weight updates (SGLang's ``load_format:
 "flattened_bucket"``): a bucket is ONE uint8 buffer of its tensors back to back in ``names``
-order, row-major, in their wire dtype, no padding.
+order, row-major, in their wire dtype, no padding (the buckets: areal_like/weights/plan.py,
+``plan_buckets``).
 
-Invariants: ``plan_buckets`` is deterministic and gives each bucket one dtype (offsets aligned);
-``layout`` is the only definition of the offsets (``pack`` writes and ``unpack`` reads them; an
-unaligned one is refused, as SGLang does); only the functions that need torch import it.
+Invariants: ``layout`` is the only definition of the offsets (``pack`` writes and ``unpack`` reads
+them; an unaligned one is refused, as SGLang does); only the functions that need torch import it.
 """
 
 from __future__ import annotations
 
 import math
 
-from areal_like.wire.protocol import BucketSpec
-
 FLATTENED = "flattened_bucket"  # SGLang's load_format of a bucket broadcast as one uint8 buffer
-ITEMSIZE = {"float32": 4, "float64": 8, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4,
-            "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
-
-
-def plan_buckets(named_shapes_dtypes: list[tuple[str, list[int], str]],
-                 bucket_bytes: int) -> list[BucketSpec]:
-    """Buckets of at most ``bucket_bytes`` (a larger tensor alone), one dtype each, dtypes in order
-    of first occurrence and tensors in order within a dtype."""
-    by_dtype: dict[str, list[tuple[str, list[int]]]] = {}
-    for name, shape, dt in named_shapes_dtypes:
-        if dt not in ITEMSIZE:
-            raise ValueError(f"{name}: unsupported dtype {dt!r}")
-        by_dtype.setdefault(dt, []).append((name, [int(s) for s in shape]))
-    groups: list[tuple[list, str]] = []  # (name, shape) per tensor, and the dtype, per bucket
-    for dt, items in by_dtype.items():
-        cur: list[tuple[str, list[int]]] = []
-        cur_bytes = 0
-        for name, shape in items:
-            nbytes = ITEMSIZE[dt] * math.prod(shape)
-            if cur and cur_bytes + nbytes > bucket_bytes:
-                groups.append((cur, dt))
-                cur, cur_bytes = [], 0
-            cur.append((name, shape))
-            cur_bytes += nbytes
-        if cur:
-            groups.append((cur, dt))
-    return [BucketSpec(names=[n for n, _ in items], dtypes=[dt] * len(items),
-                       shapes=[s for _, s in items]) for items, dt in groups]
 
 
 def torch_dtype(name: str):

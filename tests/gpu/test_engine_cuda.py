@@ -171,9 +171,8 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
     import asyncio
 
     from areal_like.net.sglang_client import SGLangClient
-    from areal_like.weights.engine_sync import apply_weight_sync
-    from areal_like.wire.protocol import SyncMember, WeightSyncPlan
-    from areal_like.wire.weight_wire import plan_buckets
+    from areal_like.weights.plan import SyncMember, WeightSyncPlan, plan_buckets
+    from areal_like.weights.push import apply_weight_sync
 
     engine = EmbeddedEngine(model_cfg("bfloat16"),
                             EngineConfig(device="cuda:0", max_running_requests=4),

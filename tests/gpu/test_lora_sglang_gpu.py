@@ -53,8 +53,8 @@ def _scored(outs, model) -> float:
 
 async def _sync(client, model, version: int) -> None:
     """What a push of ``model``'s adapter as ``version`` gives a rollout server (the disk path)."""
-    from areal_like.weights.engine_sync import apply_adapter_sync
-    from areal_like.wire.protocol import WeightSyncPlan
+    from areal_like.weights.plan import WeightSyncPlan
+    from areal_like.weights.server_sync import apply_adapter_sync
     from trainer.weight_buckets import PushTensors
     from trainer.weight_local import DiskSender
     from trainer.weight_sync import SyncReport, push_buckets

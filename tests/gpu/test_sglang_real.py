@@ -24,7 +24,7 @@ import pytest
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import scrape
 from areal_like.settings.config import EngineConfig, ModelConfig
-from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
 from rollout_server.launch_sglang import installed_sglang
 
 # the installed distribution, not find_spec: pytest puts tests/ on sys.path, where tests/sglang/ is
@@ -62,8 +62,9 @@ def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
     import torch
 
     from areal_like.net.sglang_client import SGLangClient
-    from areal_like.weights.engine_sync import apply_weight_sync, local_door
     from areal_like.weights.hf import build_model
+    from areal_like.weights.push import apply_weight_sync
+    from areal_like.weights.server_sync import local_door
     from rollout_server.episode import generate_sample
 
     two_gpus = torch.cuda.device_count() >= 2

@@ -250,9 +250,8 @@ def test_peak_memory_against_the_estimate(trained, figure, checkpointing):
 
 def test_weight_sync_seconds(engine, figure):
     from areal_like.net.sglang_client import SGLangClient
-    from areal_like.weights.engine_sync import apply_weight_sync
-    from areal_like.wire.protocol import SyncMember, WeightSyncPlan
-    from areal_like.wire.weight_wire import plan_buckets
+    from areal_like.weights.plan import SyncMember, WeightSyncPlan, plan_buckets
+    from areal_like.weights.push import apply_weight_sync
 
     named = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
     buckets = plan_buckets([(n, s, "bfloat16") for n, s in named], BUCKET_BYTES)
@@ -298,7 +297,7 @@ IPC_SENDER = r"""
 import json, sys, time, types, torch
 from areal_like.settings.config import ModelConfig, WeightSyncConfig
 from areal_like.weights.hf import build_model
-from areal_like.wire.weight_wire import plan_buckets
+from areal_like.weights.plan import plan_buckets
 from benchmarks.weight_checksum import state_checksum
 from trainer.weight_buckets import PushTensors
 from trainer.weight_local import TensorSender

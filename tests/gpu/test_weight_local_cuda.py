@@ -39,7 +39,7 @@ def test_cuda_payload_is_an_ipc_handle_read_by_another_process():
     import torch
 
     from areal_like.settings.config import WeightSyncConfig
-    from areal_like.wire.protocol import BucketSpec
+    from areal_like.weights.plan import BucketSpec
     from trainer.weight_local import TensorSender
 
     w, b = (torch.randn(64, 32, device="cuda"),

@@ -30,7 +30,7 @@ KEY = "k" * 32  # the job's engine key (the embedded engines take any)
 
 
 def _disk_plan(members: list[str], path: str, version: int):
-    from areal_like.wire.protocol import SyncMember, WeightSyncPlan
+    from areal_like.weights.plan import SyncMember, WeightSyncPlan
 
     return WeightSyncPlan(
         policy_version=version, group_name="", master_addr="", master_port=0, world_size=1,

@@ -29,10 +29,9 @@ from areal_like.net.distributed import free_port
 from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.tasks.tokenizer import char_tokenizer
-from areal_like.weights.engine_sync import apply_weight_sync
 from areal_like.weights.hf import build_model
-from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
-from areal_like.wire.weight_wire import plan_buckets
+from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan, plan_buckets
+from areal_like.weights.push import apply_weight_sync
 from benchmarks.weight_checksum import state_checksum
 from rollout_server.engine import EmbeddedEngine
 

@@ -37,9 +37,9 @@ import torch
 from areal_like.net.distributed import free_port
 from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
-from areal_like.weights.engine_sync import apply_weight_sync
 from areal_like.weights.hf import build_model
-from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.push import apply_weight_sync
 from rollout_server.episode import generate_sample
 
 REPO = Path(__file__).resolve().parents[2]

@@ -44,8 +44,9 @@ from areal_like.net.distributed import free_port
 from areal_like.net.metrics import scrape
 from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.settings.config import EngineConfig, ModelConfig
-from areal_like.weights.engine_sync import apply_weight_sync, local_door
-from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.push import apply_weight_sync
+from areal_like.weights.server_sync import local_door
 
 SGLANG_PIN = "0.5.23"
 CACHE = Path(os.environ.get("AREAL_LIKE_CACHE", Path.home() / ".cache" / "areal_like")) / "sglang"

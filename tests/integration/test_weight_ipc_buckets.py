@@ -26,7 +26,7 @@ SENDER = r"""
 import json, sys, types, torch
 from areal_like.settings.config import ModelConfig, WeightSyncConfig
 from areal_like.weights.hf import build_model
-from areal_like.wire.weight_wire import plan_buckets
+from areal_like.weights.plan import plan_buckets
 from trainer.weight_buckets import PushTensors
 from trainer.weight_local import TensorSender
 

@@ -165,7 +165,7 @@ class SyncStandIn:
     def __init__(self, server_id: str, engine_url: str, key: str, *, kind: str = "embedded",
                  door_url: str | None = None, incarnation: str = ""):
         from areal_like.net.vllm_client import engine_client
-        from areal_like.weights.engine_sync import apply_adapter_sync, open_door
+        from areal_like.weights.server_sync import apply_adapter_sync, open_door
         from rollout_server.sync_port import SyncPort
 
         self.door_url, self.calls = door_url or engine_url, []
@@ -198,7 +198,7 @@ class SyncStandIn:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(STARTUP_S)
 
     def close(self) -> None:
-        from areal_like.weights.engine_sync import close_door
+        from areal_like.weights.server_sync import close_door
 
         async def closing() -> None:
             await self.port.close()

@@ -20,9 +20,9 @@ from sglang_kit import assert_served, engine_logprobs, start_server
 
 from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import ModelConfig, WeightSyncConfig
-from areal_like.weights.engine_sync import apply_weight_sync
 from areal_like.weights.hf import build_model
-from areal_like.wire.protocol import SyncMember, WeightSyncPlan
+from areal_like.weights.plan import SyncMember, WeightSyncPlan
+from areal_like.weights.push import apply_weight_sync
 from tests.families import FAMILIES, save_family
 from trainer.weight_buckets import PushTensors, gather
 from trainer.weight_local import TensorSender

@@ -1,7 +1,7 @@
 """LoRA with the real SGLang on CPU: an SGLang server started for a job with ``trainer.lora``
 (rollout_server/launch_sglang.py: ``--enable-lora``, the job's rank and target modules, the
 ``torch_native`` LoRA kernels) gets each version's adapter alone (trainer/weight_local.py's disk
-path: a PEFT directory; areal_like/weights/engine_sync.py's ``apply_adapter_sync``) and then samples
+path: a PEFT directory; areal_like/weights/server_sync.py's ``apply_adapter_sync``) and then samples
 what the trainer's model WITH that adapter scores, not what the base scores; a second adapter
 changes them again; a sync in the middle of a generation labels every token with the adapter that
 sampled it.

@@ -1,4 +1,4 @@
-"""``apply_adapter_sync`` (areal_like/weights/engine_sync.py) against an engine that keeps SGLang
+"""``apply_adapter_sync`` (areal_like/weights/server_sync.py) against an engine that keeps SGLang
 0.5.23's LoRA locking: an adapter load and an unload share one lock
 (``tokenizer_manager.lora_update_lock``), and the unload holds it while it waits for every request
 still using the adapter (``_unload_lora_adapter_locked`` -> ``wait_for_unload``). A handler goes
@@ -16,8 +16,8 @@ import uuid
 import msgspec
 
 from areal_like.net.sglang_client import EngineError, SGLangClient
-from areal_like.weights.engine_sync import apply_adapter_sync
-from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.server_sync import apply_adapter_sync
 
 DONE = {"meta_info": {"id": "r", "finish_reason": {"type": "stop"}, "output_token_logprobs": []},
         "output_ids": []}

@@ -26,7 +26,8 @@ import pytest
 
 from areal_like.net.metrics import Metrics, parse_exposition
 from areal_like.net.sglang_client import EngineError, SGLangClient
-from areal_like.wire.protocol import RosterEntry, SyncMember, WeightSyncPlan
+from areal_like.weights.plan import SyncMember, WeightSyncPlan
+from areal_like.wire.protocol import RosterEntry
 from trainer.engine_drive import EngineDrive
 
 HUGE = 1 << 30  # a /health answer

@@ -24,7 +24,8 @@ import pytest
 from areal_like.net.metrics import Metrics
 from areal_like.net.sglang_client import EngineError
 from areal_like.settings.config import EvalConfig, RunConfig
-from areal_like.weights.engine_sync import ROOT_PREFIX, ServerPort
+from areal_like.weights.plan import ROOT_PREFIX, SyncDone, WeightSyncPlan
+from areal_like.weights.push import ServerPort
 from areal_like.wire import protocol as P
 from rollout_server.buffer_link import BufferLink
 from rollout_server.evaluate import EvalSchedule
@@ -86,11 +87,11 @@ def _push_root():
 ME = ("me", "http://127.0.0.1:1", "me-1")
 
 
-def _plan(version: int) -> P.WeightSyncPlan:
-    return P.WeightSyncPlan(policy_version=version, group_name="", master_addr="", master_port=0,
-                            world_size=1, backend="gloo", reform=False, members=[], buckets=[],
-                            deadline_s=30.0, path="disk", payloads=[UNREAD],
-                            plan_id=f"plan-{version}")
+def _plan(version: int) -> WeightSyncPlan:
+    return WeightSyncPlan(policy_version=version, group_name="", master_addr="", master_port=0,
+                          world_size=1, backend="gloo", reform=False, members=[], buckets=[],
+                          deadline_s=30.0, path="disk", payloads=[UNREAD],
+                          plan_id=f"plan-{version}")
 
 
 def _server(tmp_path, version: int, heartbeat_s: float = 0.05) -> RolloutServer:
@@ -136,8 +137,8 @@ def test_a_sync_under_way_ends_first_then_the_evaluation_holds_its_version_and_r
             # out of the roster now; the evaluation waits for the sync's end (else it had run at 5)
             assert server.evaluator.versions == [] and not evaluation.done()
             server.client.version = 6  # the engine loaded it
-            await port.end(_plan(6), P.SyncDone(server_id="me", policy_version=6, ok=True,
-                                                pause_s=0.1))
+            await port.end(_plan(6), SyncDone(server_id="me", policy_version=6, ok=True,
+                                              pause_s=0.1))
             await asyncio.wait_for(evaluation, WAIT_S)
             await port.begin(_plan(7), *ME)  # after the evaluation: syncs are taken again
         finally:
@@ -166,7 +167,7 @@ def test_the_schedule_starts_an_evaluation_only_when_due_and_idle(tmp_path):
             await port.begin(_plan(5), *ME)
             server.maybe_evaluate()
             assert server.eval_task is None  # never while a sync runs
-            await port.end(_plan(5), P.SyncDone(server_id="me", policy_version=5, ok=True))
+            await port.end(_plan(5), SyncDone(server_id="me", policy_version=5, ok=True))
             server.maybe_evaluate()
             task = server.eval_task
             assert task is not None
@@ -203,7 +204,7 @@ def test_the_sync_port_acts_only_for_the_sync_under_way(tmp_path):
     server = _server(tmp_path, version=5)
     group = {"master_addr": "127.0.0.1", "master_port": 1, "group_name": "g"}
     plan6, plan7 = (msgspec.structs.replace(_plan(v), **group) for v in (6, 7))
-    ok = {v: P.SyncDone(server_id="me", policy_version=v, ok=True) for v in (6, 7)}
+    ok = {v: SyncDone(server_id="me", policy_version=v, ok=True) for v in (6, 7)}
 
     async def refused(call) -> None:
         with pytest.raises(EngineError) as e:
@@ -256,7 +257,7 @@ def test_a_label_read_across_a_sync_does_not_undo_the_version_its_end_set(tmp_pa
             await asyncio.wait_for(asking.wait(), WAIT_S)
             await port.begin(_plan(6), *ME)
             server.client.version = 6  # the engine loaded it
-            await port.end(_plan(6), P.SyncDone(server_id="me", policy_version=6, ok=True))
+            await port.end(_plan(6), SyncDone(server_id="me", policy_version=6, ok=True))
             await asyncio.wait_for(asyncio.gather(*server.after_sync), WAIT_S)  # its heartbeat
             assert server.policy_version == 6
             answer.set()

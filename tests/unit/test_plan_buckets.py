@@ -1,13 +1,15 @@
-"""``plan_buckets``: pure bucket planning for the weight broadcast
-(areal_like/wire/weight_wire.py)."""
+"""A weight sync's plan (areal_like/weights/plan.py): ``plan_buckets``, pure bucket planning for
+the weight broadcast, and the payloads a plan takes per path."""
 
 from __future__ import annotations
 
 import math
 
+import msgspec
 import pytest
 
-from areal_like.wire.weight_wire import plan_buckets
+from areal_like.weights.plan import BucketSpec, WeightSyncPlan, plan_buckets
+from areal_like.wire.codec import ProtocolError
 
 MB = 1024 * 1024
 ITEMSIZE = {"float32": 4, "bfloat16": 2, "float16": 2}  # the dtypes these tests plan
@@ -73,10 +75,6 @@ def test_unknown_dtype_is_refused():
 
 def test_plan_travels_as_the_sync_ports_json():
     """As the trainer sends a plan to a rollout server's /adapter (rollout_server/sync_port.py)."""
-    import msgspec
-
-    from areal_like.wire.protocol import WeightSyncPlan
-
     buckets = plan_buckets([("a", [2, 3], "float32"), ("b", [5], "bfloat16")], MB)
     plan = WeightSyncPlan(policy_version=3, group_name="g", master_addr="127.0.0.1",
                           master_port=1234, world_size=2,
@@ -84,3 +82,23 @@ def test_plan_travels_as_the_sync_ports_json():
     back = msgspec.json.decode(msgspec.json.encode(msgspec.to_builtins(plan)), type=WeightSyncPlan)
     assert ([(b.names, b.dtypes, b.shapes) for b in back.buckets]
             == [(b.names, b.dtypes, b.shapes) for b in buckets])
+
+
+def test_weight_sync_plan_payloads_fit_its_path():
+    """A plan (built in the trainer's process, trainer/weight_sync.py; never on the wire) without
+    ``path`` is a distributed one. A known path takes exactly its payloads (one per bucket, one
+    directory, none), else it is refused when built, naming the field; an unknown path is built,
+    and the engine side fails that member's sync naming it (areal_like/weights/push.py)."""
+    bucket = BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2]])
+    plan = WeightSyncPlan(policy_version=1, group_name="g", master_addr="h", master_port=1,
+                          world_size=2, backend="gloo", reform=False, members=[],
+                          buckets=[bucket, bucket], deadline_s=5.0)
+    assert (plan.path, plan.payloads) == ("distributed", [])
+    for path, payloads in (("tensor", ["a", "b"]), ("disk", ["/d"]), ("shm", ["x"])):
+        built = msgspec.structs.replace(plan, path=path, payloads=payloads)
+        assert (built.path, built.payloads) == (path, payloads)
+    for path, payloads in (("tensor", ["a"]), ("disk", []), ("disk", ["/d", "/e"]),
+                           ("distributed", ["x"])):
+        with pytest.raises(ProtocolError) as info:
+            msgspec.structs.replace(plan, path=path, payloads=payloads)
+        assert info.value.field == "payloads" and f"path {path} needs" in str(info.value)

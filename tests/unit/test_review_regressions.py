@@ -12,8 +12,8 @@ from aiohttp import web
 
 from areal_like.net.distributed import free_port
 from areal_like.net.sglang_client import SGLangClient
-from areal_like.weights.engine_sync import apply_weight_sync
-from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.push import apply_weight_sync
 
 OK = {"success": True, "message": "ok"}
 

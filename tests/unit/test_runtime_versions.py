@@ -19,8 +19,13 @@ from test_handout import _start, _step  # the buffer service with fake sockets
 
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import WeightSyncConfig
-from areal_like.weights.engine_sync import engine_versions
-from areal_like.weights.versions import RuntimeVersions, from_server_info, local_versions, mismatch
+from areal_like.weights.versions import (
+    RuntimeVersions,
+    engine_versions,
+    from_server_info,
+    local_versions,
+    mismatch,
+)
 from areal_like.wire import protocol as P
 from areal_like.wire.codec import field_names
 from buffer.control import ControlPlane

@@ -359,7 +359,7 @@ def test_tp_size_has_one_source_of_truth():
 
 
 def _plan(reform: bool, buckets: int = 2, deadline_s: float = 10.0):
-    from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+    from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
 
     return WeightSyncPlan(policy_version=3, group_name="g", master_addr="10.0.0.1",
                           master_port=29500, world_size=3, backend="gloo", reform=reform,
@@ -373,7 +373,7 @@ OK = (200, {"success": True, "message": "ok"})
 
 
 def test_weight_sync_follows_the_contract_in_order():
-    from areal_like.weights.engine_sync import apply_weight_sync
+    from areal_like.weights.push import apply_weight_sync
 
     async def body(server, client):
         for path in ("/destroy_weights_update_group", "/init_weights_update_group",
@@ -416,7 +416,7 @@ def test_weight_sync_follows_the_contract_in_order():
 
 
 def test_a_failed_sync_reports_the_reason_and_always_continues():
-    from areal_like.weights.engine_sync import apply_weight_sync
+    from areal_like.weights.push import apply_weight_sync
 
     async def body(server, client):
         server.script["/pause_generation"] = [OK]

@@ -1,5 +1,5 @@
 """A rollout server's sync port (rollout_server/sync_port.py) as a driving trainer calls it
-(``ServerPort``, areal_like/weights/engine_sync.py), over real loopback sockets: it vouches for its
+(``ServerPort``, areal_like/weights/push.py), over real loopback sockets: it vouches for its
 own engine and id only, and a relay of it vouches for nothing and is never sent the key (nor is an
 answer past the client's cap read whole); the door it opens
 carries a client's bytes through the weight group's real store gate, a second door replaces the
@@ -24,8 +24,9 @@ from test_store_gate import DEADLINE_S, GROUP, KEY, closed_by_peer, echo  # noqa
 from areal_like.net.distributed import free_port
 from areal_like.net.sglang_client import EngineError
 from areal_like.net.store_gate import StoreGate
-from areal_like.weights.engine_sync import ROOT_PREFIX, ServerPort, close_door, open_door
-from areal_like.wire.protocol import BucketSpec, SyncDone, WeightSyncPlan
+from areal_like.weights.plan import ROOT_PREFIX, BucketSpec, SyncDone, WeightSyncPlan
+from areal_like.weights.push import ServerPort
+from areal_like.weights.server_sync import close_door, open_door
 from rollout_server.sync_port import SyncPort
 
 ENGINE = "http://127.0.0.1:1"  # the engine the port serves (never called here)

@@ -24,6 +24,7 @@ from areal_like.net.auth import vouch_proof
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import WeightSyncConfig
+from areal_like.weights.plan import WeightSyncPlan
 from areal_like.wire import protocol as P
 from trainer.engine_drive import EngineDrive
 from trainer.weight_sync import WeightBroadcaster
@@ -92,7 +93,7 @@ class _Recording(EngineDrive):
 
     def __init__(self):
         super().__init__()
-        self.plans: list[tuple[P.WeightSyncPlan, float]] = []
+        self.plans: list[tuple[WeightSyncPlan, float]] = []
 
     def start(self, plan, entries) -> None:
         self.plans.append((plan, time.monotonic()))

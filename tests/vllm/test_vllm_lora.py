@@ -1,7 +1,7 @@
 """LoRA with the real vLLM on CPU: a vLLM started for a job with ``trainer.lora``
 (rollout_server/launch_vllm.py: ``--enable-lora``, the job's rank rounded up to one vLLM takes,
 runtime adapter loading) gets each version's adapter alone (trainer/weight_local.py's disk path:
-a PEFT directory; areal_like/weights/engine_sync.py's ``apply_adapter_sync``, vLLM's abort pause)
+a PEFT directory; areal_like/weights/server_sync.py's ``apply_adapter_sync``, vLLM's abort pause)
 and then samples what the trainer's model WITH that adapter scores, not what the base scores; a
 second adapter changes them again; a sync in the middle of a generation labels every token with
 the adapter that sampled it; the log-prob guard's probe naming the live adapter measures it.

@@ -27,9 +27,10 @@ from vllm_kit import MODEL, PROMPTS, TOL, assert_served, engine_logprobs, model_
 
 from areal_like.net.distributed import free_port
 from areal_like.net.vllm_client import VLLMClient
-from areal_like.weights.engine_sync import apply_weight_sync, local_door
 from areal_like.weights.hf import build_model
-from areal_like.wire.protocol import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.push import apply_weight_sync
+from areal_like.weights.server_sync import local_door
 from areal_like.wire.weight_wire import FLATTENED
 from rollout_server.episode import generate_sample
 from trainer.logprob_guard import trainer_logprobs
