@@ -17,7 +17,7 @@ Invariants:
   proofs of the key go before it is sent) and is never logged;
 * ``adapter`` (LoRA) is the (name, version) generate calls name; a request's tokens carry that
   adapter's version, and ``running(name)`` counts calls in flight naming it
-  (``areal_like/weights/engine_sync.py`` unloads only names at 0);
+  (``areal_like/weights/server_sync.py`` unloads only names at 0);
 * ``/begin_weight_update``/``/end_weight_update``: a server answering 404 predates them; the
   client remembers it (``weight_session_supported = False``) and skips both from then on;
 * errors raise ``EngineError`` with the HTTP status (None: no answer) and SGLang's own message,
