@@ -257,8 +257,8 @@ def test_a_task_no_teacher_scores_is_refused_before_start_and_plan_shows_each(te
             for i, task in enumerate(["math", "code", "math", "chat"])]
     data = tmp_path / "rows.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    routed = ["task=dataset", f"task.dataset_path={data}", "task.max_new_tokens=8", "task.reward_fn="
-              "areal_like.tasks.task:exact_match", T1,
+    routed = ["task=dataset", f"task.dataset_path={data}", "task.max_new_tokens=8",
+              "task.reward_fn=areal_like.tasks.task:exact_match", T1,
               f"distill.teachers=[{teacher_dir},http://127.0.0.1:9]"]
     with pytest.raises(PreflightError, match=re.escape("no teacher scores the rows of task(s) "
                                                        "['chat']")):
