@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from areal_like.settings.config import ConfigError, RunConfig
+from areal_like.settings.distill_schema import DistillConfig
 from launch.placement import (
     COUNTS,
     MEMORY_SHARE_FLAGS,
@@ -183,7 +184,7 @@ def plan_topology(cfg: RunConfig, ports: Iterable[int],
         gpus = no_gpu if cfg.distill.device == "cpu" else None
         slots.append(DaemonSlot(name=f"teacher-{i}", kind="teacher", metrics_port=next(source),
                                 cpus=rollout_cpus, gpus=gpus,
-                                overrides=teacher_overrides(teacher, cfg.distill.device)))
+                                overrides=teacher_overrides(teacher, cfg.distill)))
     trainers = []
     for k in range(cfg.launch.nodes):
         gpus = placed[k] if placed is not None else None
@@ -223,11 +224,17 @@ def own_teachers(cfg: RunConfig) -> dict[int, str]:
     return own
 
 
-def teacher_overrides(teacher: str, device: str) -> tuple[str, ...]:
+def teacher_overrides(teacher: str, distill: DistillConfig) -> tuple[str, ...]:
     """The teacher process's ``key=value`` on the job's config (``python -m
-    rollout_server.engine``): its model, on ``distill.device``, without the student's LoRA."""
-    return (f"model.path={teacher}", "rollout.engine.kind=embedded",
-            f"rollout.engine.device={device}", "trainer.lora.rank=0")
+    rollout_server.engine``): its model on ``distill.teacher_engine`` (embedded: on
+    ``distill.device``; SGLang and vLLM: with the job's flags for them), one engine, without the
+    student's LoRA or weight path (never weight-synced)."""
+    kind = distill.teacher_engine
+    return (f"model.path={teacher}", f"rollout.engine.kind={kind}",
+            f"rollout.engine.device={distill.device}", "rollout.engine.tp_size=1",
+            "trainer.lora.rank=0",
+            *(("rollout.pause_mode=abort", "trainer.weight_sync.path=auto") if kind == "vllm"
+              else ()))
 
 
 def auto_threads(cfg: RunConfig, cores: tuple[int, ...] | None) -> int | None:
@@ -332,7 +339,9 @@ def plan_lines(cfg: RunConfig, topo: Topology) -> list[str]:
             where = f"{metrics}  {_engine(cfg, host)}{_reward_model(cfg, s)}{_teachers(cfg)}"
         elif s.kind == "teacher":
             model = s.overrides[0].split("=", 1)[1]
-            where = (f"engine embedded on {cfg.distill.device} http://{host}:auto  "
+            d = cfg.distill
+            on = f" on {d.device}" if d.teacher_engine == "embedded" else ""
+            where = (f"engine {d.teacher_engine}{on} http://{host}:auto  "
                      f"model {model} (never weight-synced)")
         else:
             where = _trainer_where(cfg, topo, s, metrics if s.node == 0 else "")

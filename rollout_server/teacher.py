@@ -2,13 +2,15 @@
 it gives each sampled token, given the prompt and the tokens before it, at temperature 1, put on
 the trajectory as ``teacher_logp``.
 
-A teacher is an engine at a URL: an SGLang server or an embedded engine given by the user, or the
-job's ``teacher`` process, which ``areal-like run`` starts for a model directory and whose URL it
-puts in ``distill.teachers`` (launch/topology.py; started, health-checked, restarted and stopped
-with the job; never weight-synced: the trainer drives only the engines on the buffer's roster).
-It is called with the job's engine key, as the policy's engine is. One ``/generate`` per group,
-generating nothing, asks for the input log-probs of the group's prompt + response rows from the
-prompt's end (``SGLangClient.input_logprobs``).
+A teacher is an engine at a URL: an SGLang, vLLM or embedded engine given by the user, or the
+job's ``teacher-<i>`` processes, which ``areal-like run`` starts for model directories on
+``distill.teacher_engine`` and whose URLs it puts in ``distill.teachers`` (launch/topology.py;
+started, health-checked, restarted and stopped with the job; never weight-synced: the trainer
+drives only the engines on the buffer's roster). It is called with the job's engine key, as the
+policy's engine is, through the client of ``distill.teacher_engine``. One call per group asks for
+the input log-probs of the group's prompt + response rows from the prompt's end
+(``input_logprobs``: SGLang's ``/generate`` generating nothing, vLLM's ``/v1/completions`` with
+``prompt_logprobs``).
 
 Invariants:
 * ``group_logprobs`` never raises but ``TeacherError`` (``distill.on_teacher_failure=drop``): a
@@ -31,7 +33,7 @@ import time
 from areal_like.daemon import StartRefused
 from areal_like.net.metrics import Metrics
 from areal_like.net.ratelog import RateLimitedLog
-from areal_like.net.sglang_client import SGLangClient
+from areal_like.net.vllm_client import engine_client
 from areal_like.settings.config import ModelConfig
 from areal_like.settings.distill_schema import DistillConfig
 from areal_like.tasks.datasets import Example
@@ -101,12 +103,12 @@ class Teacher:
                              "is served by the job's teacher process (`areal-like run`)")
         self.cfg, self.metrics = cfg, metrics or Metrics()
         self.warnings = RateLimitedLog(log, WARN_EVERY_S)
-        self.client = SGLangClient(url, api_key=api_key)
+        self.client = engine_client(cfg.teacher_engine, url, api_key=api_key)
         self.failing_since: float | None = None  # the first of the failures since a success
         self.failures = self.metrics.counter("rollout/teacher_failures", "groups a teacher gave "
                                              "no log-probs for", ("teacher", "kind"))
         self.url = url
-        log.info("teacher at %s", url)
+        log.info("teacher at %s (%s engine)", url, cfg.teacher_engine)
 
     async def group_logprobs(self, prompt_ids: list[int], outputs: list[list[int]],
                              masks: list[list[int]]) -> list[list[float] | None]:

@@ -402,11 +402,12 @@ class SGLangClient:
                              timeout_s: float | None = None) -> list[list[float]]:
         """The log-prob of each token of ``inputs[i]`` from ``starts[i]`` (>= 1) on, given the
         tokens before it, at temperature 1: ``POST /generate`` generating nothing
-        (``max_new_tokens`` 0) with ``logprob_start_len``, read from SGLang's
-        ``input_token_logprobs``. What a teacher gives a sampled response (distill)."""
+        (``max_new_tokens`` 0) with ``logprob_start_len`` one before ``starts[i]`` (SGLang's
+        entry there is None), read from SGLang's ``input_token_logprobs``. What a teacher gives
+        a sampled response (distill)."""
         body = {"input_ids": [[int(t) for t in p] for p in inputs],
                 "sampling_params": [{"max_new_tokens": 0, "temperature": 1.0} for _ in inputs],
-                "return_logprob": True, "logprob_start_len": [int(s) for s in starts],
+                "return_logprob": True, "logprob_start_len": [int(s) - 1 for s in starts],
                 "stream": False}
         _, out, _ = await self._call("POST", "/generate", body, idempotent=True,
                                      timeout_s=timeout_s or self.generate_timeout_s,

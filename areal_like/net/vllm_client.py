@@ -54,6 +54,7 @@ SAMPLING_KEYS = {  # SGLang's name -> vLLM's (SamplingParams)
 }
 PAUSE_MODES = {"abort": "abort"}  # rollout.pause_mode -> vLLM's (trainer/WEIGHT_SYNC.md says why)
 GENERATE = "/inference/v1/generate"
+COMPLETIONS = "/v1/completions"  # the teacher's input log-probs (input_logprobs)
 
 
 def vllm_sampling(params: dict) -> dict:
@@ -133,6 +134,33 @@ class VLLMClient(SGLangClient):
         """One request per prompt, all at once, answered in order."""
         return list(await asyncio.gather(*(self.generate(p, sp, timeout_s=timeout_s)
                                            for p, sp in zip(inputs, sampling_params))))
+
+    async def input_logprobs(self, inputs: list[list[int]], starts: list[int], *,
+                             timeout_s: float | None = None) -> list[list[float]]:
+        """``SGLangClient.input_logprobs`` by vLLM's ``POST /v1/completions``: the prompt's own
+        log-probs (``prompt_logprobs`` 0: each token's alone, from the raw logits, i.e. at
+        temperature 1), one token generated and dropped."""
+        body = {"prompt": [[int(t) for t in p] for p in inputs], "max_tokens": 1,
+                "temperature": 1.0, "prompt_logprobs": 0, "stream": False}
+        limit = generate_answer_bytes({"prompt": body["prompt"], "sampling_params": {"max_tokens": 1}},
+                                      tokens_key="prompt", max_new_key="max_tokens")
+        _, out, _ = await self._call("POST", COMPLETIONS, body, idempotent=True,
+                                     timeout_s=timeout_s or self.generate_timeout_s, limit=limit)
+        choices = sorted((out or {}).get("choices") or [], key=lambda c: c.get("index", 0))
+        if len(choices) != len(inputs):
+            raise EngineError(COMPLETIONS, 200, f"a batch of {len(inputs)} inputs got "
+                              f"{len(choices)} choices")
+        values = []
+        for c, p, start in zip(choices, inputs, starts):
+            entries = c.get("prompt_logprobs") or []
+            try:  # entry t: {str(token id): {"logprob": ...}} for the token at t (None at 0)
+                got = [float(entries[t][str(p[t])]["logprob"]) for t in range(start, len(p))]
+            except (KeyError, TypeError, ValueError, IndexError) as e:
+                raise EngineError(COMPLETIONS, 200, f"prompt_logprobs: {len(entries)} entries "
+                                  f"for {len(p)} tokens ({type(e).__name__}: {e})",
+                                  from_peer=True) from None
+            values.append(got)
+        return values
 
     async def abort_request(self, rid: str = "", *, abort_all: bool = False,
                             timeout_s: float | None = None) -> None:

@@ -23,10 +23,11 @@ TEACHERS = Bound("a list of engine URLs (http://host:port) or model directories"
 class DistillConfig(Section):
     key = D.rstrip(".")
 
-    # the teachers: each an engine URL (http://host:port, an SGLang server or an embedded engine
-    # serving it, never weight-synced) or a local model directory, which `areal-like run` serves
-    # with an engine process of the job; their tokenizer must be the student's (preflight); the
-    # student samples at task.temperature=1.0, as the teachers' log-probs are
+    # the teachers: each an engine URL (http://host:port, an SGLang, vLLM or embedded engine
+    # serving it, never weight-synced; distill.teacher_engine says which) or a local model
+    # directory, which `areal-like run` serves with an engine process of the job; their
+    # tokenizer must be the student's (preflight); the student samples at task.temperature=1.0,
+    # as the teachers' log-probs are
     teachers: Annotated[list[str], TEACHERS] = field(default_factory=list)
     # [several teachers] the tasks each teacher scores, one list per teacher: the values of a
     # row's task_key column (a dataset's; a synthetic task's rows have none); an empty list
@@ -41,7 +42,12 @@ class DistillConfig(Section):
     # expires, buffer.lease_timeout_s) or task_reward_only (trained on its task advantage alone)
     on_teacher_failure: Annotated[str, one_of(*POLICIES)] = "drop"
     teacher_timeout_s: Annotated[float, at_least(0.001)] = 60.0  # one group's teacher call
-    # where the job's teacher process (a teacher given as a model directory) runs
+    # the teacher's engine: a URL teacher's picks the client (vllm: vLLM's protocol; embedded or
+    # sglang: SGLang's); a model directory is served by the job's teacher process on this engine,
+    # with the job's rollout.engine.sglang or rollout.engine.vllm flags
+    teacher_engine: Annotated[str, one_of("embedded", "sglang", "vllm")] = "embedded"
+    # where the job's teacher process runs with teacher_engine=embedded (SGLang and vLLM take
+    # their device from their own flags)
     device: Annotated[str, DEVICE] = "cpu"
 
     def __post_init__(self):

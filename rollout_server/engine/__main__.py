@@ -1,6 +1,8 @@
 """``python -m rollout_server.engine [--config-file PATH] [key=value ...] [--port N] [--host H]``
 
-Runs one embedded engine as its own process, prints ``ENGINE_URL http://host:port`` once
+Runs one embedded engine as its own process (or, with ``rollout.engine.kind`` sglang or vllm, an
+SGLang or vLLM server launched as a rollout server launches one: the job's teacher process on
+``distill.teacher_engine``), prints ``ENGINE_URL http://host:port`` once
 ``/health`` would answer 200, and serves until SIGTERM/SIGINT (``--port 0``, the default, picks a
 free port). Every request needs the job's engine API key (``areal_like.net.auth.engine_api_key``);
 a job without one gets an unauthenticated engine (said in the log), on ``rollout.engine.host``.
@@ -48,6 +50,8 @@ def main(argv: list[str]) -> int:
         log.warning("no engine API key (%s unset, no %s): the engine's endpoints need none "
                     "(it listens on %s), and it can join no weight group", ENGINE_KEY_ENV,
                     Path(cfg.run_dir) / KEY_FILE, engine_cfg.host)
+    if engine_cfg.kind in ("sglang", "vllm"):
+        return serve_launched(cfg, engine_cfg, key, stop, log)
     engine = EmbeddedEngine(cfg.model, engine_cfg, seed=cfg.seed, api_key=key, group_key=key,
                             lora=cfg.trainer.lora).start()
     print(f"ENGINE_URL {engine.url}", flush=True)
@@ -58,6 +62,30 @@ def main(argv: list[str]) -> int:
                 return 1
     finally:
         engine.stop()
+    return 0
+
+
+def serve_launched(cfg, engine_cfg, key: str | None, stop: threading.Event, log) -> int:
+    """An SGLang or vLLM server (``rollout.engine.kind``) launched as a rollout server launches
+    one, at ``--host``/``--port``, until a signal or its exit (the job's teacher process on
+    ``distill.teacher_engine``)."""
+    from rollout_server.launch_sglang import SGLangProcess, StartAborted
+    from rollout_server.launch_vllm import VLLMProcess
+
+    launcher = SGLangProcess if engine_cfg.kind == "sglang" else VLLMProcess
+    proc = launcher(cfg.model, engine_cfg, api_key=key)
+    try:
+        proc.start(stop.is_set)
+    except StartAborted:
+        return 0
+    print(f"ENGINE_URL {proc.url}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if (code := proc.exit_code()) is not None:
+                log.error("%s exited with code %s", launcher.NAME, code)
+                return 1
+    finally:
+        proc.stop()
     return 0
 
 

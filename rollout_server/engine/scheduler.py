@@ -67,8 +67,8 @@ class Request:
     # return_routed_experts: the experts each fed position was routed to, [rows, layers, k] blocks
     # in order (a prefill's, then one per decode step); None: not recorded
     routes: list[torch.Tensor] | None = None
-    # logprob_start_len (max_new_tokens 0 only): the log-prob of each input token from this one on
-    # given the tokens before it, in ``input_logprobs`` when finished (None for token 0)
+    # logprob_start_len (max_new_tokens 0 only): the log-prob of each input token after this one
+    # given the tokens before it, in ``input_logprobs`` when finished (None for this one: SGLang's)
     input_logprob_start: int | None = None
     input_logprobs: list[float | None] | None = None
 
@@ -276,12 +276,13 @@ class Scheduler:
     def _input_logprobs(self, req: Request) -> list[float | None]:
         """log_softmax(logits / temperature)[token] of each input token from
         ``input_logprob_start`` on, fp32 (the engine's convention, sampling.py: temperature 0 is
-        1), from one plain forward of the whole input outside the KV slots; None for token 0."""
+        1), from one plain forward of the whole input outside the KV slots; None for the first,
+        as SGLang's (its log-prob is not computed there)."""
         ids = torch.tensor([req.input_ids], dtype=torch.long, device=self.device)
         logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
         logp = torch.log_softmax(logits / (req.params.temperature or 1.0), dim=-1)
         values = logp.gather(-1, ids[0, 1:, None])[:, 0].tolist()
-        return ([None] + values)[req.input_logprob_start:]
+        return [None] + values[req.input_logprob_start:]
 
     def _admit(self) -> list[Request]:
         free = self.max_running - len(self.running)

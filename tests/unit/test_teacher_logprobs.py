@@ -271,3 +271,20 @@ def test_a_task_no_teacher_scores_is_refused_before_start_and_plan_shows_each(te
     servers = [row for row in r.stdout.splitlines() if "rollout-" in row]
     assert servers and all("teacher process teacher-0 (tasks math)  teacher http://127.0.0.1:9 "
                            "(tasks the others)" in row for row in servers), r.stdout
+
+
+def test_a_teacher_directory_is_served_on_distill_teacher_engine(teacher_dir):
+    """The job's teacher process runs ``distill.teacher_engine`` (here vLLM, in a job whose own
+    settings vLLM would refuse: it is never weight-synced), and ``areal-like plan`` says so."""
+    from areal_like.settings.config import load_config
+    from launch.topology import teacher_overrides
+
+    job = [f"distill.teachers=[{teacher_dir}]", T1, "distill.teacher_engine=vllm",
+           "rollout.pause_mode=retract"]
+    own = load_config([*job, *teacher_overrides(str(teacher_dir), load_config(job).distill)])
+    assert (own.rollout.engine.kind, own.model.path) == ("vllm", str(teacher_dir))
+    assert own.trainer.lora.rank == 0 and own.rollout.engine.tp_size == 1
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", *job],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert f"engine vllm http://127.0.0.1:auto  model {teacher_dir}" in r.stdout, r.stdout

@@ -15,6 +15,8 @@ from tests.engine_kit import (  # noqa: F401 - the tier's tests import them from
     TOL,
     Server,
     assert_served,
+    check_teacher,
+    check_teacher_process,
     engine_logprobs,
     model_config,
     save_model,
