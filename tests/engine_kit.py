@@ -248,7 +248,10 @@ def check_teacher_process(model_dir: Path, kind: str, log_path: Path) -> None:
             assert proc.poll() is None, f"teacher process exited {proc.returncode} ({log_path})"
             assert time.monotonic() < deadline, f"no ENGINE_URL in 600 s ({log_path})"
         url = next(ln for ln in lines if ln.startswith("ENGINE_URL ")).split()[1]
-        group = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        kids = psutil.Process(proc.pid).children(recursive=True)
+        launched = {"sglang": "sglang.launch_server", "vllm": "vllm.entrypoints"}[kind]
+        assert any(launched in " ".join(c.cmdline()) for c in kids), "no engine of its kind"
+        group = [proc.pid, *(c.pid for c in kids)]
         check_teacher(url, key, model_dir, kind)
     finally:
         proc.send_signal(signal.SIGTERM)

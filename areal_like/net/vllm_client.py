@@ -8,7 +8,8 @@ drive either engine alike. vLLM's routes (``rollout_server/launch_vllm.py`` star
 token ids in, token ids out by ``/inference/v1/generate`` (``--enable-scale-out``), each answer with
 its weight-version spans; ``/pause``, ``/resume``, ``/weight_info``, ``/update_weight_version`` and
 the weight-transfer routes ``/init_weight_transfer_engine``, ``/start_weight_update``,
-``/update_weights``, ``/finish_weight_update`` (``VLLM_SERVER_DEV_MODE``).
+``/update_weights``, ``/finish_weight_update`` (``VLLM_SERVER_DEV_MODE``); a teacher's input
+log-probs by the OpenAI route ``/v1/completions`` (``prompt_logprobs``).
 
 Log-probs: each output token's comes from the ``logprobs`` of the request (0 extra tokens: the
 sampled one's only); vLLM computes it as its ``--logprobs-mode`` says, and the launch sets
@@ -142,7 +143,7 @@ class VLLMClient(SGLangClient):
         temperature 1), one token generated and dropped."""
         body = {"prompt": [[int(t) for t in p] for p in inputs], "max_tokens": 1,
                 "temperature": 1.0, "prompt_logprobs": 0, "stream": False}
-        limit = generate_answer_bytes({"prompt": body["prompt"], "sampling_params": {"max_tokens": 1}},
+        limit = generate_answer_bytes({**body, "sampling_params": {"max_tokens": 1}},
                                       tokens_key="prompt", max_new_key="max_tokens")
         _, out, _ = await self._call("POST", COMPLETIONS, body, idempotent=True,
                                      timeout_s=timeout_s or self.generate_timeout_s, limit=limit)

@@ -103,6 +103,26 @@ def test_the_engine_refuses_input_logprobs_of_a_request_that_generates(teacher_d
         engine.stop()
 
 
+def test_the_engine_answers_input_logprobs_as_sglang_does(teacher_dir):
+    """SGLang's ``input_token_logprobs`` from ``logprob_start_len`` s: one entry per token from
+    s on, None for token s (the teacher's client asks from one before the first it wants)."""
+    engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig()).start()
+    ids = PROMPT + OUTPUTS[0]
+    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
+            "return_logprob": True, "logprob_start_len": 2}
+    req = urllib.request.Request(engine.url + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            entries = json.loads(r.read())["meta_info"]["input_token_logprobs"]
+    finally:
+        engine.stop()
+    assert [e[1] for e in entries] == ids[2:] and entries[0][0] is None
+    (want,) = direct(teacher_dir)[:1]
+    torch.testing.assert_close(torch.tensor([e[0] for e in entries[-len(want):]]),
+                               torch.tensor(want), rtol=0, atol=1e-5)
+
+
 def test_a_failing_teacher_is_counted_and_its_policy_applied(teacher_dir, free_port):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     metrics = Metrics()
