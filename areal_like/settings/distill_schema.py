@@ -46,8 +46,8 @@ class DistillConfig(Section):
     # sglang: SGLang's); a model directory is served by the job's teacher process on this engine,
     # with the job's rollout.engine.sglang or rollout.engine.vllm flags
     teacher_engine: Annotated[str, one_of("embedded", "sglang", "vllm")] = "embedded"
-    # where the job's teacher process runs with teacher_engine=embedded (SGLang and vLLM take
-    # their device from their own flags)
+    # where the job's teacher process runs (cpu: it sees no GPU); the embedded engine's device
+    # (SGLang and vLLM take theirs from their own flags)
     device: Annotated[str, DEVICE] = "cpu"
 
     def __post_init__(self):
