@@ -42,11 +42,11 @@ class DistillConfig(Section):
     # expires, buffer.lease_timeout_s) or task_reward_only (trained on its task advantage alone)
     on_teacher_failure: Annotated[str, one_of(*POLICIES)] = "drop"
     teacher_timeout_s: Annotated[float, at_least(0.001)] = 60.0  # one group's teacher call
-    # the teacher's engine: a URL teacher's picks the client (vllm: vLLM's protocol; embedded or
-    # sglang: SGLang's); a model directory is served by the job's teacher process on this engine,
-    # with the job's rollout.engine.sglang or rollout.engine.vllm flags
+    # the teachers' engine (one kind for all): for a URL it picks the client (vllm: vLLM's
+    # protocol; embedded or sglang: SGLang's); a model directory is served by a teacher process
+    # of the job on this engine, with the job's rollout.engine.sglang or rollout.engine.vllm flags
     teacher_engine: Annotated[str, one_of("embedded", "sglang", "vllm")] = "embedded"
-    # where the job's teacher process runs (cpu: it sees no GPU); the embedded engine's device
+    # where the job's teacher processes run (cpu: they see no GPU); the embedded engine's device
     # (SGLang and vLLM take theirs from their own flags)
     device: Annotated[str, DEVICE] = "cpu"
 
