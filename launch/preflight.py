@@ -604,16 +604,17 @@ def check_critic(cfg: RunConfig) -> list[str]:
 
 def check_routing_replay(cfg: RunConfig) -> list[str]:
     """``trainer.routing_replay``: a mixture whose routers replay (areal_like/weights/routing.py),
-    served by the embedded engine (the engine that returns its routes to this job), single-turn
-    episodes (a multi-turn or agent trajectory carries no routes)."""
+    served by an engine that returns its routes to this job (the embedded one, or SGLang, which
+    the launch starts with ``--enable-return-routed-experts``), single-turn episodes (a multi-turn
+    or agent trajectory carries no routes)."""
     if not cfg.trainer.routing_replay:
         return []
     from areal_like.weights.routing import route_shape
 
     why = []
-    if cfg.rollout.engine.kind != "embedded":
-        why.append(f"rollout.engine.kind={cfg.rollout.engine.kind}: only the embedded engine "
-                   "returns its routes to this job")
+    if cfg.rollout.engine.kind not in ("embedded", "sglang"):
+        why.append(f"rollout.engine.kind={cfg.rollout.engine.kind}: only the embedded engine and "
+                   "a launched SGLang return their routes to this job")
     if cfg.task.env or cfg.task.agent:
         why.append("multi-turn (task.env) and agent (task.agent) trajectories carry no routes")
     try:
