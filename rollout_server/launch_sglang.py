@@ -7,10 +7,10 @@ the one source of truth), ``--weight-version 0`` (our versions are integers) and
 ``model.dtype`` (SGLang's default follows ``config.json``, while the trainer sends ``model.dtype``
 weights), each unless configured. CPU mode (``rollout.engine.sglang.device=cpu``) adds, in SGLang's
 environment only, ``SGLANG_USE_CPU_ENGINE=1`` and the pure-torch ``sgl_kernel`` stand-in first on
-``PYTHONPATH`` (with LoRA also its ``lora_site``: rollout_server/sglang_cpu/lora_site/__init__.py
-says why), no NCCL library (``NO_NCCL`` there says why) and, with ``tp_size>1``, each rank's CPUs
-(``threads_bind``); the stand-in was checked against one SGLang release, and ``start()`` refuses
-another.
+``PYTHONPATH`` (with LoRA or routed experts also its ``lora_site``:
+rollout_server/sglang_cpu/lora_site/__init__.py says why), no NCCL library (``NO_NCCL`` there
+says why) and, with ``tp_size>1``, each rank's CPUs (``threads_bind``); the stand-in was
+checked against one SGLang release, and ``start()`` refuses another.
 
 Invariants:
 * the engine never outlives the rollout server, also when the server is SIGKILLed: it runs in a
@@ -83,10 +83,13 @@ def stop_group(proc: subprocess.Popen, grace_s: float = STOP_GRACE_S) -> None:
 
 
 def sglang_command(model: ModelConfig, engine: EngineConfig, port: int,
-                   secrets_file: str | None = None, lora: LoraConfig | None = None) -> list[str]:
+                   secrets_file: str | None = None, lora: LoraConfig | None = None,
+                   routed_experts: bool = False) -> list[str]:
     """The argv that starts SGLang for ``model`` with ``engine.sglang`` passed through (module
-    docstring); ``secrets_file`` (``write_secrets``: the API key) goes as ``--config``, SGLang's
-    YAML file of options, so that no secret is on the command line every local user reads."""
+    docstring); ``routed_experts`` (trainer.routing_replay): SGLang keeps and returns the experts
+    it routes each token to (``--enable-return-routed-experts``); ``secrets_file``
+    (``write_secrets``: the API key) goes as ``--config``, SGLang's YAML file of options, so that
+    no secret is on the command line every local user reads."""
     if not model.path:
         raise ValueError("rollout.engine.kind=sglang needs model.path (a local HF model directory)")
     if secrets_file and "config" in engine.sglang:
@@ -97,6 +100,8 @@ def sglang_command(model: ModelConfig, engine: EngineConfig, port: int,
             "tp_size": engine.tp_size, "dtype": model.dtype}
     if lora is not None and lora.enabled:
         opts.update(lora_options(lora, cpu_mode(engine)))
+    if routed_experts:
+        opts["enable_return_routed_experts"] = True
     opts.update(engine.sglang)  # a pass-through value wins, ``dtype`` included
     if secrets_file:
         opts["config"] = secrets_file
@@ -163,7 +168,7 @@ def sglang_env(engine: EngineConfig, base: dict[str, str] | None = None,
                lora: bool = False) -> dict[str, str] | None:
     """The SGLang process's environment (module docstring): ``None`` (this one's) on a GPU. On CPU
     the project's directory follows the stand-in on ``PYTHONPATH`` (its version pin is imported
-    from there)."""
+    from there); ``lora``: SGLang asks for pinned host memory (LoRA, routed experts)."""
     if not cpu_mode(engine):
         return None
     from rollout_server.sglang_cpu import NO_NCCL, SITE_DIR, STANDIN_DIR, UNPINNED_ENV
@@ -209,9 +214,11 @@ class SGLangProcess:
     """One SGLang server subprocess: ``start()`` -> base URL once ``/health`` answers 200."""
 
     def __init__(self, model: ModelConfig, engine: EngineConfig, log_path: str | None = None,
-                 api_key: str | None = None, lora: LoraConfig | None = None):
+                 api_key: str | None = None, lora: LoraConfig | None = None,
+                 routed_experts: bool = False):
         self.model, self.engine, self.api_key = model, engine, api_key
         self.lora = lora if lora is not None and lora.enabled else None  # serve its adapters
+        self.routed_experts = routed_experts  # return each token's experts (routing replay)
         self.port = engine.port or free_port(engine.host if engine.host != "0.0.0.0"
                                              else "127.0.0.1")
         self.url = f"http://{engine.host}:{self.port}"
@@ -236,14 +243,15 @@ class SGLangProcess:
             check_sglang_version(installed_sglang())
 
     def environment(self) -> dict[str, str]:
-        return sglang_env(self.engine, lora=self.lora is not None) or dict(os.environ)
+        pinned = self.lora is not None or self.routed_experts
+        return sglang_env(self.engine, lora=pinned) or dict(os.environ)
 
     def command(self, tmpdir: str, env: dict[str, str]) -> tuple[list[str], str | None]:
         """The argv, and the file of secrets it names (removed once healthy), if any; ``env`` is
         the engine's environment (an engine may take its secrets from there)."""
         secrets_file = write_secrets(tmpdir, self.api_key) if self.api_key else None
-        return sglang_command(self.model, self.engine, self.port, secrets_file,
-                              self.lora), secrets_file
+        return sglang_command(self.model, self.engine, self.port, secrets_file, self.lora,
+                              self.routed_experts), secrets_file
 
     def start(self, stop_requested: Callable[[], bool] = lambda: False) -> SGLangProcess:
         """Launch and wait until healthy; gives up (stopping what it started) at the startup

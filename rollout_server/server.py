@@ -243,8 +243,9 @@ class RolloutServer(Daemon):
 
             log_path = str(self.facts.run_dir / f"logs/{ecfg.kind}-{self.server_id}.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
-            self.engine = launched_engine(ecfg.kind)(self.facts.model, ecfg, log_path,
-                                                     api_key=self.api_key, lora=self.facts.lora)
+            self.engine = launched_engine(ecfg.kind)(
+                self.facts.model, ecfg, log_path, api_key=self.api_key, lora=self.facts.lora,
+                routed_experts=self.facts.routed_experts)
             try:
                 self.engine.start(stop_requested=self.stop_requested.is_set)
             except StartAborted:  # stopped while it started (it is stopped too): nothing to run

@@ -1,8 +1,9 @@
 """What the real-engine tiers (tests/sglang, tests/vllm) share: the model they serve, its prompts
 and tolerance, the check that an engine's log-probs are the trainer's, the check of the engine as a
-distillation teacher (``check_teacher``), and the LoRA tests' adapter model and disk-path push
-(``lora_model``, ``sync_adapter``, ``scored``). Each tier's kit
-(``sglang_kit``, ``vllm_kit``) adds its engine's flags and how to start one."""
+distillation teacher (``check_teacher``), the LoRA tests' adapter model and disk-path push
+(``lora_model``, ``sync_adapter``, ``scored``), and the routing replay checks
+(``routed_generations``, ``assert_routed_as_the_model``, ``run_routing_replay_job``). Each tier's
+kit (``sglang_kit``, ``vllm_kit``) adds its engine's flags and how to start one."""
 
 from __future__ import annotations
 
@@ -259,3 +260,55 @@ def check_teacher_process(model_dir: Path, kind: str, log_path: Path) -> None:
     assert code == 0, f"teacher process exited {code} on SIGTERM ({log_path})"
     left = [p for p in group if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
     assert not left, f"left running: {left}"
+
+
+async def routed_generations(client, tokens: int = 16) -> list:
+    """The engine's generations for ``PROMPTS`` (``tokens`` each, sampled), with their routes."""
+    sp = {"max_new_tokens": tokens, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
+          "ignore_eos": True}
+    return [await client.generate(p, sp) for p in PROMPTS]
+
+
+def assert_routed_as_the_model(outs, model_dir: Path) -> None:
+    """Each generation's routes are the experts a transformers forward of ``model_dir`` routes the
+    same tokens to: every token the engine ran through the model (all but the last sampled one),
+    every layer, in top-k order (both sides take torch.topk of the same fp32 router logits)."""
+    import numpy as np
+
+    from areal_like.weights.routing import recording
+
+    model = build_model(ModelConfig(path=str(model_dir), dtype="float32",
+                                    attn_implementation="sdpa")).eval()
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.output_ids and out.routed_experts is not None, f"no routes for {prompt}"
+        with torch.no_grad(), recording(model) as routes:
+            model(torch.tensor([list(prompt) + out.output_ids[:-1]]))
+        want = routes[0].numpy()  # [tokens, layers, top_k]
+        got = np.frombuffer(out.routed_experts, "<i4")
+        assert got.size == want.size, (got.size, want.shape)
+        np.testing.assert_array_equal(got.reshape(want.shape), want)
+
+
+def run_routing_replay_job(tmp_path: Path, topology: str, steps: int = 2) -> None:
+    """``areal-like run`` of the quickstart on a tiny Qwen3-MoE with ``trainer.routing_replay`` on
+    ``topology``'s engine: it completes, and no group was dropped as bad data (a trajectory
+    without its routes is)."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.families import save_family
+
+    moe = save_family("qwen3_moe", tmp_path / "moe")
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "run", "experiment=quickstart", f"topology={topology}",
+         "warm_start.steps=0", f"model.path={moe}", "model.attn_implementation=sdpa",
+         "trainer.routing_replay=true", f"trainer.steps={steps}", "eval.at_start=false",
+         "eval.at_end=false", "launch.health_timeout_s=300", f"run_dir={run_dir}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=1000)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["steps_trained"] == steps
+    reports = [json.loads(line) for line in (run_dir / "metrics" / "trainer.jsonl").open()
+               if '"groups_dropped_bad_data"' in line]
+    assert reports and all(r["groups_dropped_bad_data"] == 0 for r in reports)

@@ -565,8 +565,8 @@ class TrainerConfig(Section):
     # routing replay (a mixture of experts): the engine returns the experts it routed each token
     # to, the trajectory carries them and the trainer's forwards route to them, so its log-probs
     # follow the engine's choices (areal_like/weights/routing.py). Qwen3-MoE/Qwen2-MoE routers,
-    # the embedded engine, single-turn tasks, no activation_checkpointing or compile_blocks;
-    # refused before start otherwise.
+    # the embedded engine or SGLang, single-turn tasks, no activation_checkpointing or
+    # compile_blocks; refused before start otherwise.
     routing_replay: bool = False
     # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
     logprob_chunk_tokens: Annotated[int, at_least(1)] = 512

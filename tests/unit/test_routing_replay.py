@@ -150,7 +150,11 @@ def test_the_switch_is_refused_before_start_where_it_cannot_work(tmp_path):
     moe = save_family("qwen3_moe", tmp_path / "moe")
     on = ("trainer.routing_replay=true", f"model.path={moe}")
     assert why(*on) == ""
-    assert "rollout.engine.kind=sglang" in why(*on, "rollout.engine.kind=sglang")
+    assert why(*on, "rollout.engine.kind=sglang") == ""  # launched with its routes returned
+    assert "rollout.engine.kind=vllm" in why(*on, "rollout.engine.kind=vllm",
+                                            "rollout.pause_mode=abort")
+    assert "rollout.engine.kind=url" in why(*on, "rollout.engine.kind=url",
+                                           "rollout.engine.url=http://127.0.0.1:1")
     assert "task.env" in why(*on, "task.env=areal_like.tasks.envs:calc")
 
 
