@@ -214,6 +214,10 @@ def make_task(cfg: TaskConfig, tokenizer: Any = None, split: str = "train") -> T
     """The task's ``split``; ``tokenizer`` only filters a dataset by ``task.max_prompt_tokens``."""
     if cfg.name in SYNTHETIC:
         return SyntheticTask(cfg, split)
+    if cfg.name == "verifiers":
+        from areal_like.tasks.verifiers_env import VerifiersTask
+
+        return VerifiersTask(cfg, split)
     return DatasetTask(cfg, tokenizer, split)
 
 
@@ -255,7 +259,7 @@ def prompt_layout(cfg: TaskConfig) -> str:
     template = ("the tokenizer's chat template" if value in ("auto", "none")
                 else "task.chat_template's template" if inline else f"the template in {value}")
     if cfg.env or cfg.agent:  # task.chat_template=none is refused for both
-        owner = "task.env" if cfg.env else "task.agent"
+        owner = "task.agent" if cfg.agent else "task.env"
         return f"task: episodes are conversations through {template} ({owner})"
     chat, column = False, cfg.prompt_key
     if cfg.name == "dataset":

@@ -1,0 +1,87 @@
+"""Environments written with the verifiers library (``task=verifiers``,
+areal_like/tasks/verifiers_env.py): a multi-turn episode with an MCP tool runs in the sandboxed
+agent pool against the real agent endpoint, its trajectory holding exactly the tokens the endpoint
+served; the shipped single-turn example learns under ``areal-like run``; the multi-turn example
+runs a job end to end; without the extra, ``task=verifiers`` is refused before anything starts.
+
+The episode test's engine is test_agent_endpoint's ``Scripted`` (scripted replies in the char
+tokenizer's ids), so the model calls the tool; everything else is real: verifiers' Env, its
+interception server, its chat loop, its MCP tool server process, the endpoint and the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from areal_like.settings.config import TaskConfig
+from areal_like.settings.schema import VERIFIERS_AGENT
+from areal_like.tasks.task import make_task
+from areal_like.tasks.tokenizer import EOS_ID, char_tokenizer
+from areal_like.wire.protocol import Credit
+from rollout_server.agent_endpoint import AgentEndpoint
+from rollout_server.agent_episode import AgentRunner, agent_pool
+from rollout_server.episode import EpisodeContext
+from tests.conftest import child_env
+from tests.integration.test_agent_endpoint import Scripted
+
+REPO = Path(__file__).resolve().parents[2]
+VF = yaml.safe_load((REPO / "configs/task/verifiers.yaml").read_text())
+TOK = char_tokenizer()
+CALL = '<tool_call>{"name": "mul", "arguments": {"a": %s, "b": %s}}</tool_call>'
+
+
+def ids(text: str) -> list[int]:
+    return [int(t) for t in TOK(text, add_special_tokens=False)["input_ids"]]
+
+
+def calc_cfg(**over) -> TaskConfig:
+    fields = dict(name="verifiers", env="areal_like.tasks.vf_calc", env_args={"num_tasks": 4},
+                  agent=VERIFIERS_AGENT, chat_template=VF["chat_template"], max_new_tokens=96,
+                  max_turns=4, max_episode_tokens=320, group_size=2, agent_workers=2,
+                  episode_timeout_s=60.0)
+    return TaskConfig(**{**fields, **over})
+
+
+def test_a_tool_episode_is_verifiers_own_and_its_trajectory_is_what_the_endpoint_served():
+    cfg = calc_cfg()
+    example = make_task(cfg).example(0)
+    a, b = example.prompt.split("*")
+    replies = [CALL % (a, b), example.answer] * cfg.group_size
+    engine, pool = Scripted(replies), agent_pool(cfg)
+
+    async def scenario():
+        ctx = EpisodeContext(client=engine, task=make_task(cfg), tokenizer=TOK, rewards=None,
+                             task_cfg=cfg, server_id="s", current_version_fn=lambda: 3)
+        ep = await AgentEndpoint(ctx).start()
+        try:
+            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
+            return (await AgentRunner(ctx, ep, pool).run_group(credit)).trajectories
+        finally:
+            await ep.close()
+
+    try:
+        pool.wait_ready(120)
+        trajectories = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert len(trajectories) == cfg.group_size and len(engine.calls) == 2 * cfg.group_size
+    served = ids(CALL % (a, b)) + [EOS_ID], ids(example.answer) + [EOS_ID]
+    for traj in trajectories:
+        # the score is the task's @vf.reward: the answer after the tool's result
+        assert traj.reward == 1.0 and traj.finish_reason == "stop", traj.metadata
+        seq = list(traj.prompt_ids) + list(traj.output_ids)
+        mask = [0] * len(traj.prompt_ids) + list(traj.loss_mask)
+        # the engine was asked for exactly the trajectory's prefixes, and what it answered is
+        # exactly what is trained on, token for token
+        first, second = sorted({tuple(c[0]) for c in engine.calls if c[0] == seq[:len(c[0])]},
+                               key=len)
+        assert seq[len(first):len(first) + len(served[0])] == served[0]
+        assert seq[len(second):] == served[1]
+        assert [t for t, m in zip(seq, mask) if m] == served[0] + served[1]
+        context = TOK.decode(seq[len(first) + len(served[0]):len(second)])
+        assert f"tool:{int(a) * int(b)}|" in context  # the MCP tool's result, in the context
