@@ -99,9 +99,6 @@ class ModelConfig(Section):
                "a multiple of model.num_attention_heads", self.hidden_size)
 
 
-VERIFIERS_AGENT = "areal_like.tasks.verifiers_env:run"  # the episodes of task.name=verifiers
-
-
 @dataclass(kw_only=True)
 class TaskConfig(Section):
     """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is
@@ -235,8 +232,8 @@ class TaskConfig(Section):
         if self.name == "verifiers":
             _check("task.env", bool(self.env), "a verifiers taskset (an installed id or a module "
                    "path) when task.name=verifiers", self.env)
-            _check("task.agent", self.agent == VERIFIERS_AGENT,
-                   f"{VERIFIERS_AGENT} with task.name=verifiers (task=verifiers sets it)", self.agent)
+            _check("task.agent", bool(self.agent), "the verifiers episode runner with "
+                   "task.name=verifiers (task=verifiers sets it)", self.agent)
         else:
             _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
                    self.agent)

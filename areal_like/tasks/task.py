@@ -183,6 +183,19 @@ class DatasetTask(Task):
         return self.examples[index]
 
 
+class VerifiersTask(DatasetTask):
+    """A verifiers taskset's tasks (``task.name=verifiers``; areal_like/tasks/verifiers_env.py);
+    each episode's reward is verifiers' own score."""
+
+    name = "verifiers"
+
+    def __init__(self, cfg: TaskConfig, split: str = "train"):
+        Task.__init__(self, cfg, split)
+        from areal_like.tasks.verifiers_env import examples
+
+        self.examples = examples(cfg)
+
+
 def filter_long_prompts(examples: list[Example], cfg: TaskConfig, tokenizer: Any,
                         split: str) -> list[Example]:
     """``examples`` without those whose prompt ids exceed ``task.max_prompt_tokens`` (0: all)."""
@@ -215,8 +228,6 @@ def make_task(cfg: TaskConfig, tokenizer: Any = None, split: str = "train") -> T
     if cfg.name in SYNTHETIC:
         return SyntheticTask(cfg, split)
     if cfg.name == "verifiers":
-        from areal_like.tasks.verifiers_env import VerifiersTask
-
         return VerifiersTask(cfg, split)
     return DatasetTask(cfg, tokenizer, split)
 

@@ -1,7 +1,8 @@
 """verifiers environments (``task=verifiers``): ``task.env`` names a verifiers 0.4 taskset (an
 installed package's id or a module path) and ``task.env_args`` sets its config's fields.
 
-The taskset's tasks are the prompts (``VerifiersTask``). Each episode is verifiers' own
+The taskset's tasks are the prompts (``examples``; ``task.py``'s ``VerifiersTask``). Each episode
+is verifiers' own
 single-agent episode (``Env.run_slot``) run by ``run`` in a sandboxed agent worker: verifiers'
 interception server relays its model calls to the rollout server's agent endpoint, which records
 every token, and the sum of the task's weighted rewards (its ``@vf.reward`` methods) is the
@@ -26,7 +27,6 @@ from typing import Any
 
 from areal_like.settings.config import ConfigError, TaskConfig
 from areal_like.tasks.datasets import Example
-from areal_like.tasks.task import Task
 
 INSTALL = "pip install 'areal-like[verifiers]'"
 HARNESS = "areal_like.tasks.vf_harness"
@@ -75,36 +75,23 @@ def _messages(data: Any) -> list[dict]:
     return out + [message_to_wire(m) for m in data.prompt or []]
 
 
-class VerifiersTask(Task):
+def examples(cfg: TaskConfig) -> list[Example]:
     """The taskset's tasks in its order (at most ``task.num_prompts`` of an infinite one); each
     example carries the task's data, so an agent worker rebuilds the task without the dataset."""
-
-    name = "verifiers"
-
-    def __init__(self, cfg: TaskConfig, split: str = "train"):
-        super().__init__(cfg, split)
-        if why := missing():
-            raise ConfigError(why)
-        try:
-            taskset = load(cfg.env, json.dumps(cfg.env_args, sort_keys=True)).taskset
-        except Exception as e:  # an import, a config field or the taskset's own check
-            raise ConfigError(f"task.env={cfg.env!r} with task.env_args={cfg.env_args!r} cannot "
-                              f"be loaded: {type(e).__name__}: {e}") from e
-        tasks = taskset if taskset.bounded else taskset.take(cfg.num_prompts)
-        meta = {"env": cfg.env, "env_args": cfg.env_args}
-        self.examples = [Example(
-            t.data.prompt_text, str(getattr(t.data, "answer", "") or ""), _messages(t.data),
-            {"verifiers": {**meta, "task": t.data.model_dump(mode="json")}}) for t in tasks]
-        if not self.examples:
-            raise ConfigError(f"task.env={cfg.env!r}: the taskset has no tasks")
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def example(self, index: int, epoch: int = 0) -> Example:
-        if not 0 <= index < len(self.examples):
-            raise IndexError(f"prompt index {index} outside [0, {len(self.examples)})")
-        return self.examples[index]
+    if why := missing():
+        raise ConfigError(why)
+    try:
+        taskset = load(cfg.env, json.dumps(cfg.env_args, sort_keys=True)).taskset
+    except Exception as e:  # an import, a config field or the taskset's own check
+        raise ConfigError(f"task.env={cfg.env!r} with task.env_args={cfg.env_args!r} cannot be "
+                          f"loaded: {type(e).__name__}: {e}") from e
+    tasks = taskset if taskset.bounded else taskset.take(cfg.num_prompts)
+    meta = {"env": cfg.env, "env_args": cfg.env_args}
+    out = [Example(t.data.prompt_text, str(getattr(t.data, "answer", "") or ""), _messages(t.data),
+                   {"verifiers": {**meta, "task": t.data.model_dump(mode="json")}}) for t in tasks]
+    if not out:
+        raise ConfigError(f"task.env={cfg.env!r}: the taskset has no tasks")
+    return out
 
 
 async def run(client_base_url: str, api_key: str, example: Example) -> float:

@@ -19,14 +19,13 @@ from pathlib import Path
 import yaml
 
 from areal_like.settings.config import TaskConfig
-from areal_like.settings.schema import VERIFIERS_AGENT
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import EOS_ID, char_tokenizer
 from areal_like.wire.protocol import Credit
 from rollout_server.agent_endpoint import AgentEndpoint
 from rollout_server.agent_episode import AgentRunner, agent_pool
 from rollout_server.episode import EpisodeContext
-from tests.conftest import child_env
+from tests.conftest import child_env, run_cli
 from tests.integration.test_agent_endpoint import Scripted
 
 REPO = Path(__file__).resolve().parents[2]
@@ -41,7 +40,7 @@ def ids(text: str) -> list[int]:
 
 def calc_cfg(**over) -> TaskConfig:
     fields = dict(name="verifiers", env="areal_like.tasks.vf_calc", env_args={"num_tasks": 4},
-                  agent=VERIFIERS_AGENT, chat_template=VF["chat_template"], max_new_tokens=96,
+                  agent=VF["agent"], chat_template=VF["chat_template"], max_new_tokens=96,
                   max_turns=4, max_episode_tokens=320, group_size=2, agent_workers=2,
                   episode_timeout_s=60.0)
     return TaskConfig(**{**fields, **over})
@@ -85,3 +84,30 @@ def test_a_tool_episode_is_verifiers_own_and_its_trajectory_is_what_the_endpoint
         assert [t for t, m in zip(seq, mask) if m] == served[0] + served[1]
         context = TOK.decode(seq[len(first) + len(served[0]):len(second)])
         assert f"tool:{int(a) * int(b)}|" in context  # the MCP tool's result, in the context
+
+
+def summary_of(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_the_multi_turn_tool_example_runs_a_job_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("run", "-q", "experiment=vf_calc", "trainer.steps=3",
+                   "task.env_args={num_tasks: 64}", f"run_dir={run_dir}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = summary_of(proc.stdout)
+    assert summary["end"] == "completed" and summary["steps_trained"] == 3, summary
+    samples = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["prompt"].startswith("user:") for s in samples), samples[:2]
+
+
+def test_without_the_extra_task_verifiers_is_refused_before_anything_starts(tmp_path):
+    run_dir = tmp_path / "run"
+    code = ("import sys; sys.modules['verifiers'] = None; from launch.cli import main; "
+            f"sys.exit(main(['run', 'experiment=vf_reverse', 'run_dir={run_dir}']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, env=child_env(), timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "task.name=verifiers needs the verifiers package: pip install 'areal-like[verifiers]'" \
+        in proc.stderr, proc.stderr
+    assert not run_dir.exists()  # no daemon, no warm start, nothing written
