@@ -643,8 +643,8 @@ def check_routing_replay(cfg: RunConfig) -> list[str]:
 
 
 # every check but check_models, which checked() runs on the resolved model keys
-OTHER_CHECKS = (check_verifiers, check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
-                check_epochs, check_lengths, check_chat_template, check_chat_format,
-                check_reward_fn, check_reward_model, check_teachers, check_env, check_agent,
-                check_trackers, check_engine, check_architecture, check_lora, check_environment,
-                check_critic, check_routing_replay)
+OTHER_CHECKS = (check_verifiers, check_warm_start, check_task_files, check_dataset_columns,
+                check_eval_split, check_epochs, check_lengths, check_chat_template,
+                check_chat_format, check_reward_fn, check_reward_model, check_teachers, check_env,
+                check_agent, check_trackers, check_engine, check_architecture, check_lora,
+                check_environment, check_critic, check_routing_replay)

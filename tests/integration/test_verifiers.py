@@ -102,10 +102,11 @@ def test_the_multi_turn_tool_example_runs_a_job_end_to_end(tmp_path):
     assert summary["end"] == "completed" and summary["steps_trained"] == 2, summary
     scrapes = [json.loads(line) for line in (run_dir / "metrics/scrape.jsonl").read_text()
                .splitlines()]
+    name = "areal_rollout_agent_episodes_total"
     episodes = {k: v for r in scrapes if r["daemon"] == "rollout-0"
-                for k, v in r["values"].items() if k.startswith("areal_rollout_agent_episodes_total")}
+                for k, v in r["values"].items() if k.startswith(name)}
     # verifiers' episodes ended normally (ok, or out of turns/room): none raised
-    assert episodes.get('areal_rollout_agent_episodes_total{outcome="ok"}', 0) >= 1, episodes
+    assert episodes.get(name + '{outcome="ok"}', 0) >= 1, episodes
     assert not [k for k in episodes if "error" in k or "no_call" in k], episodes
 
 
@@ -119,3 +120,17 @@ def test_without_the_extra_task_verifiers_is_refused_before_anything_starts(tmp_
     assert "task.name=verifiers needs the verifiers package: pip install 'areal-like[verifiers]'" \
         in proc.stderr, proc.stderr
     assert not run_dir.exists()  # no daemon, no warm start, nothing written
+
+
+@pytest.mark.timeout(1500)
+def test_the_single_turn_example_learns(tmp_path):
+    """experiment=vf_reverse as shipped. A step's mean is over 32 episodes, so the rise is judged on
+    the first and last 10 of its 40 steps (320 episodes each; std of the difference ~0.04)."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("run", "-q", "experiment=vf_reverse", f"run_dir={run_dir}", timeout=1440)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary_of(proc.stdout)["steps_trained"] == 40
+    lines = (run_dir / "metrics/trainer.jsonl").read_text().splitlines()
+    rewards = [json.loads(line)["reward_mean"] for line in lines if "reward_mean" in line]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last >= first + 0.08, rewards
