@@ -505,7 +505,7 @@ def _daemons_sys_path():
 def check_env(cfg: RunConfig) -> list[str]:
     """``task.env`` (multi-turn episodes) loads as a rollout server will load it, and its tools'
     functions as the tool workers will (``check_tools``)."""
-    if not cfg.task.env:
+    if not cfg.task.env or cfg.task.name == "verifiers":  # check_verifiers loads it
         return []
     from areal_like.tasks.environment import load_environment
     from areal_like.tasks.tools import ToolRegistry
@@ -538,6 +538,23 @@ def check_tools(env: str, specs: list) -> list[str]:
         out = [f"task.env={env!r}: importing its tools ended the interpreter with status "
                f"{r.returncode}"]
     return out
+
+
+def check_verifiers(cfg: RunConfig) -> list[str]:
+    """``task.name=verifiers``: the extra is installed and ``task.env`` loads with its args."""
+    if cfg.task.name != "verifiers":
+        return []
+    from areal_like.tasks.task import make_task
+    from areal_like.tasks.verifiers_env import missing
+
+    if why := missing():
+        return [why]
+    try:
+        with _daemons_sys_path():
+            make_task(cfg.task)
+    except ConfigError as e:
+        return [str(e)]
+    return []
 
 
 def check_agent(cfg: RunConfig) -> list[str]:
@@ -648,8 +665,8 @@ def check_routing_replay(cfg: RunConfig) -> list[str]:
 
 
 # every check but check_models, which checked() runs on the resolved model keys
-OTHER_CHECKS = (check_warm_start, check_task_files, check_dataset_columns, check_eval_split,
-                check_epochs, check_lengths, check_chat_template, check_chat_format,
-                check_reward_fn, check_reward_model, check_teachers, check_env, check_agent,
-                check_trackers, check_engine, check_architecture, check_lora, check_environment,
-                check_critic, check_routing_replay)
+OTHER_CHECKS = (check_verifiers, check_warm_start, check_task_files, check_dataset_columns,
+                check_eval_split, check_epochs, check_lengths, check_chat_template,
+                check_chat_format, check_reward_fn, check_reward_model, check_teachers, check_env,
+                check_agent, check_trackers, check_engine, check_architecture, check_lora,
+                check_environment, check_critic, check_routing_replay)

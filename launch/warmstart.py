@@ -38,7 +38,7 @@ CACHE_FORMAT = 4
 # reports is the first run's)
 TASK_KEYS = ("name", "dataset_path", "eval_fraction", "prompt_key", "messages_key", "answer_key",
              "system_prompt", "chat_template", "max_prompt_tokens", "num_prompts", "digits",
-             "seed", "env", "agent", "agent_tool_format")
+             "seed", "env", "env_args", "agent", "agent_tool_format")
 
 
 def content_hash(path: str | None) -> str | None:

@@ -102,14 +102,14 @@ def check_request(body: Any) -> dict:
         raise RequestError("tools must be a list of tool specs")
     if body.get("n") not in (None, 1):  # null is the API's default, 1
         raise RequestError("n must be 1: one episode samples one answer per call")
-    if body.get("stream"):
-        raise RequestError("stream=true is not supported; ask without streaming")
+    if body.get("stream") not in (None, False, True):
+        raise RequestError("stream must be true or false")
     limit = body.get("max_completion_tokens")  # the newer name wins; null counts as unset
     limit = body.get("max_tokens") if limit is None else limit
     if limit is not None and (type(limit) is not int or limit < 1):
         raise RequestError("max_tokens must be a positive integer")
     return {"messages": messages, "tools": tools, "max_tokens": limit,
-            "model": str(body.get("model") or "")}
+            "model": str(body.get("model") or ""), "stream": bool(body.get("stream"))}
 
 
 def _arguments(raw: Any) -> Any:
@@ -187,6 +187,18 @@ def completion(model: str, content: str, calls: list[dict], finish: str, prompt_
         usage=CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                               total_tokens=prompt_tokens + completion_tokens),
     ).model_dump(mode="json")
+
+
+def stream_events(answer: dict) -> bytes:
+    """A ``completion`` as server-sent events for ``stream=true``: one chunk holding the whole
+    message, then ``[DONE]`` (the answer is generated whole before it is sent)."""
+    choice = answer["choices"][0]
+    delta = {k: v for k, v in choice["message"].items() if v is not None}
+    for i, call in enumerate(delta.get("tool_calls") or []):
+        call["index"] = i
+    chunk = {**answer, "object": "chat.completion.chunk",
+             "choices": [{"index": 0, "delta": delta, "finish_reason": choice["finish_reason"]}]}
+    return f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n".encode()
 
 
 def models(model: str) -> dict:

@@ -199,6 +199,9 @@ class AgentEndpoint:
             self._count("engine_error")
             return _error(400 if e.status and e.status < 500 else 502, str(e), "engine_error")
         self._count("ok")
+        if req["stream"]:
+            return web.Response(body=agent_chat.stream_events(answer),
+                                content_type="text/event-stream")
         return web.json_response(answer)
 
     def _ended(self) -> web.Response:

@@ -199,7 +199,7 @@ class RolloutServer(Daemon):
 
             self.teachers = teachers(self.facts.distill, self.metrics, api_key=self.api_key)
         # multi-turn episodes (rollout_server/multiturn.py): their tools run here
-        if self.facts.task.env:
+        if self.facts.task.env and not self.facts.task.agent:  # a verifiers env's are its own
             from rollout_server.tool_pool import ToolPool
 
             task = self.facts.task

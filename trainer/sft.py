@@ -84,7 +84,7 @@ def demo_pairs(cfg: RunConfig, task, tok) -> Callable[[int, random.Random], list
     from areal_like.tasks.callables import import_function
     from areal_like.tasks.environment import ChatRenderer, env_template
 
-    env_cls = import_function(cfg.task.env or cfg.task.agent)  # an agent may carry a .demo too
+    env_cls = import_function(cfg.task.agent or cfg.task.env)  # an agent may carry a .demo too
     if not callable(getattr(env_cls, "demo", None)):
         raise ConfigError(f"warm_start.steps > 0 with task.env={cfg.task.env!r} / task.agent="
                           f"{cfg.task.agent!r}: it has no "

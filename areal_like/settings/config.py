@@ -104,8 +104,9 @@ def _sequence_count_wins(overrides: list[str]) -> list[str]:
     return overrides
 
 
-# the engines' own flags: any key, none of ours
-PASS_THROUGH = ("rollout.engine.sglang.", "rollout.engine.vllm.")
+# the engines' own flags and a verifiers taskset's config: any key, none of ours
+PASS_THROUGH = ("rollout.engine.sglang.", "rollout.engine.vllm.", "task.env_args.",
+                "task.env_args=")
 
 
 def _pass_through_adds(overrides: list[str]) -> list[str]:

@@ -106,9 +106,10 @@ class TaskConfig(Section):
 
     key = "task"
 
-    # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset
+    # addition | sort | reverse | countdown | calc, guess (with task.env) | dataset | verifiers (a
+    # verifiers environment, task.env; rollout_server/AGENTS.md)
     name: Annotated[str, one_of("addition", "sort", "reverse", "countdown", "calc", "guess",
-                                "dataset")] = "addition"
+                                "dataset", "verifiers")] = "addition"
     # [task.name=dataset only] a local .jsonl, .json, .parquet or .csv file, a directory of
     # them or a save_to_disk directory (hub datasets are refused)
     dataset_path: str | None = None
@@ -181,8 +182,12 @@ class TaskConfig(Section):
     # task.reward_url, is called by the rollout server and needs none; agents keep it)
     worker_network: bool = False
     # multi-turn episodes: "pkg.module:Class" of an environment (rollout_server/ROLLOUT.md) whose
-    # step rewards replace the task's reward; empty = single-turn
+    # step rewards replace the task's reward; empty = single-turn. With task.name=verifiers: the
+    # verifiers taskset (an installed id or a module path)
     env: str = ""
+    # [task.name=verifiers only]
+    # the verifiers taskset's config fields
+    env_args: dict[str, Any] = field(default_factory=dict)
     # [task.env or task.agent only]
     # assistant turns per episode; then it ends with finish_reason "max_turns"
     max_turns: Annotated[int, at_least(1)] = 8
@@ -224,8 +229,16 @@ class TaskConfig(Section):
             if getattr(self, key):
                 raise ConfigError(f"task.{key}={getattr(self, key)!r} is read only by "
                                   f"task=dataset, and task.name={self.name!r}: add task=dataset")
-        _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
-               self.agent)
+        if self.name == "verifiers":
+            _check("task.env", bool(self.env), "a verifiers taskset (an installed id or a module "
+                   "path) when task.name=verifiers", self.env)
+            _check("task.agent", bool(self.agent), "the verifiers episode runner with "
+                   "task.name=verifiers (task=verifiers sets it)", self.agent)
+        else:
+            _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
+                   self.agent)
+        _check("task.env_args", not self.env_args or self.name == "verifiers",
+               "empty unless task.name=verifiers", self.env_args)
         chat = bool(self.agent or self.env)  # an episode talks in chat
         _check("task.chat_template", not (chat and self.chat_template == "none"),
                "a chat template (not none) when task.env or task.agent is set", self.chat_template)

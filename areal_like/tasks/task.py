@@ -183,6 +183,19 @@ class DatasetTask(Task):
         return self.examples[index]
 
 
+class VerifiersTask(DatasetTask):
+    """A verifiers taskset's tasks (``task.name=verifiers``; areal_like/tasks/verifiers_env.py);
+    each episode's reward is verifiers' own score."""
+
+    name = "verifiers"
+
+    def __init__(self, cfg: TaskConfig, split: str = "train"):
+        Task.__init__(self, cfg, split)
+        from areal_like.tasks.verifiers_env import examples
+
+        self.examples = examples(cfg)
+
+
 def filter_long_prompts(examples: list[Example], cfg: TaskConfig, tokenizer: Any,
                         split: str) -> list[Example]:
     """``examples`` without those whose prompt ids exceed ``task.max_prompt_tokens`` (0: all)."""
@@ -214,6 +227,8 @@ def make_task(cfg: TaskConfig, tokenizer: Any = None, split: str = "train") -> T
     """The task's ``split``; ``tokenizer`` only filters a dataset by ``task.max_prompt_tokens``."""
     if cfg.name in SYNTHETIC:
         return SyntheticTask(cfg, split)
+    if cfg.name == "verifiers":
+        return VerifiersTask(cfg, split)
     return DatasetTask(cfg, tokenizer, split)
 
 
@@ -255,7 +270,7 @@ def prompt_layout(cfg: TaskConfig) -> str:
     template = ("the tokenizer's chat template" if value in ("auto", "none")
                 else "task.chat_template's template" if inline else f"the template in {value}")
     if cfg.env or cfg.agent:  # task.chat_template=none is refused for both
-        owner = "task.env" if cfg.env else "task.agent"
+        owner = "task.agent" if cfg.agent else "task.env"
         return f"task: episodes are conversations through {template} ({owner})"
     chat, column = False, cfg.prompt_key
     if cfg.name == "dataset":

@@ -1,0 +1,136 @@
+"""Environments written with the verifiers library (``task=verifiers``,
+areal_like/tasks/verifiers_env.py): a multi-turn episode with an MCP tool runs in the sandboxed
+agent pool against the real agent endpoint, its trajectory holding exactly the tokens the endpoint
+served; the shipped single-turn example learns under ``areal-like run``; the multi-turn example
+runs a job end to end; without the extra, ``task=verifiers`` is refused before anything starts.
+
+The episode test's engine is test_agent_endpoint's ``Scripted`` (scripted replies in the char
+tokenizer's ids), so the model calls the tool; everything else is real: verifiers' Env, its
+interception server, its chat loop, its MCP tool server process, the endpoint and the pool."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from areal_like.settings.config import TaskConfig
+from areal_like.tasks.task import make_task
+from areal_like.tasks.tokenizer import EOS_ID, char_tokenizer
+from areal_like.wire.protocol import Credit
+from rollout_server.agent_endpoint import AgentEndpoint
+from rollout_server.agent_episode import AgentRunner, agent_pool
+from rollout_server.episode import EpisodeContext
+from tests.conftest import child_env, run_cli
+from tests.integration.test_agent_endpoint import Scripted
+
+REPO = Path(__file__).resolve().parents[2]
+VF = yaml.safe_load((REPO / "configs/task/verifiers.yaml").read_text())
+TOK = char_tokenizer()
+CALL = '<tool_call>{"name": "mul", "arguments": {"a": %s, "b": %s}}</tool_call>'
+
+
+def ids(text: str) -> list[int]:
+    return [int(t) for t in TOK(text, add_special_tokens=False)["input_ids"]]
+
+
+def calc_cfg(**over) -> TaskConfig:
+    fields = dict(name="verifiers", env="areal_like.tasks.vf_calc", env_args={"num_tasks": 4},
+                  agent=VF["agent"], chat_template=VF["chat_template"], max_new_tokens=96,
+                  max_turns=4, max_episode_tokens=320, group_size=2, agent_workers=2,
+                  episode_timeout_s=60.0)
+    return TaskConfig(**{**fields, **over})
+
+
+def test_a_tool_episode_is_verifiers_own_and_its_trajectory_is_what_the_endpoint_served():
+    cfg = calc_cfg()
+    example = make_task(cfg).example(0)
+    a, b = example.prompt.split("*")
+    replies = [CALL % (a, b), example.answer] * cfg.group_size
+    engine, pool = Scripted(replies), agent_pool(cfg)
+
+    async def scenario():
+        ctx = EpisodeContext(client=engine, task=make_task(cfg), tokenizer=TOK, rewards=None,
+                             task_cfg=cfg, server_id="s", current_version_fn=lambda: 3)
+        ep = await AgentEndpoint(ctx).start()
+        try:
+            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
+            return (await AgentRunner(ctx, ep, pool).run_group(credit)).trajectories
+        finally:
+            await ep.close()
+
+    try:
+        pool.wait_ready(120)
+        trajectories = asyncio.run(scenario())
+    finally:
+        pool.close()
+    assert len(trajectories) == cfg.group_size and len(engine.calls) == 2 * cfg.group_size
+    served = ids(CALL % (a, b)) + [EOS_ID], ids(example.answer) + [EOS_ID]
+    for traj in trajectories:
+        # the score is the task's @vf.reward: the answer after the tool's result
+        assert traj.reward == 1.0 and traj.finish_reason == "stop", traj.metadata
+        seq = list(traj.prompt_ids) + list(traj.output_ids)
+        mask = [0] * len(traj.prompt_ids) + list(traj.loss_mask)
+        # the engine was asked for exactly the trajectory's prefixes, and what it answered is
+        # exactly what is trained on, token for token
+        first, second = sorted({tuple(c[0]) for c in engine.calls if c[0] == seq[:len(c[0])]},
+                               key=len)
+        assert seq[len(first):len(first) + len(served[0])] == served[0]
+        assert seq[len(second):] == served[1]
+        assert [t for t, m in zip(seq, mask) if m] == served[0] + served[1]
+        context = TOK.decode(seq[len(first) + len(served[0]):len(second)])
+        assert f"tool:{int(a) * int(b)}|" in context  # the MCP tool's result, in the context
+
+
+def summary_of(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(900)
+def test_the_multi_turn_tool_example_runs_a_job_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli("run", "-q", "experiment=vf_calc", "trainer.steps=2", "task.group_size=2",
+                   "buffer.groups_per_step=1", "buffer.max_staleness=1", "task.max_turns=2",
+                   "task.env_args={num_tasks: 64}", f"run_dir={run_dir}", timeout=840)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = summary_of(proc.stdout)
+    assert summary["end"] == "completed" and summary["steps_trained"] == 2, summary
+    scrapes = [json.loads(line) for line in (run_dir / "metrics/scrape.jsonl").read_text()
+               .splitlines()]
+    name = "areal_rollout_agent_episodes_total"
+    episodes = {k: v for r in scrapes if r["daemon"] == "rollout-0"
+                for k, v in r["values"].items() if k.startswith(name)}
+    # verifiers' episodes ended normally (ok, or out of turns/room): none raised
+    assert episodes.get(name + '{outcome="ok"}', 0) >= 1, episodes
+    assert not [k for k in episodes if "error" in k or "no_call" in k], episodes
+
+
+def test_without_the_extra_task_verifiers_is_refused_before_anything_starts(tmp_path):
+    run_dir = tmp_path / "run"
+    code = ("import sys; sys.modules['verifiers'] = None; from launch.cli import main; "
+            f"sys.exit(main(['run', 'experiment=vf_reverse', 'run_dir={run_dir}']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=REPO, env=child_env(), timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "task.name=verifiers needs the verifiers package: pip install 'areal-like[verifiers]'" \
+        in proc.stderr, proc.stderr
+    assert not run_dir.exists()  # no daemon, no warm start, nothing written
+
+
+@pytest.mark.timeout(1500)
+def test_the_single_turn_example_learns(tmp_path):
+    """experiment=vf_reverse as shipped. A step's mean is over 32 episodes, so the rise is judged on
+    the first and last 10 of its 40 steps (320 episodes each; std of the difference ~0.04)."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("run", "-q", "experiment=vf_reverse", f"run_dir={run_dir}", timeout=1440)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert summary_of(proc.stdout)["steps_trained"] == 40
+    lines = (run_dir / "metrics/trainer.jsonl").read_text().splitlines()
+    rewards = [json.loads(line)["reward_mean"] for line in lines if "reward_mean" in line]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert last >= first + 0.08, rewards
