@@ -204,6 +204,9 @@ def check_eval_split(cfg: RunConfig) -> list[str]:
 
     if cfg.eval.every <= 0 or has_eval_split(cfg.task):
         return []
+    if cfg.task.name == "verifiers":  # its episodes' rewards are the measure
+        return [f"eval.every={cfg.eval.every}: a verifiers taskset has no eval split here: set "
+                "eval.every=0"]
     return [f"eval.every={cfg.eval.every}: task.dataset_path has no eval split to evaluate: set "
             "task.eval_path or task.eval_fraction (or eval.every=0)"]
 
@@ -372,7 +375,12 @@ def check_teachers(cfg: RunConfig) -> list[str]:
     from rollout_server.teacher import tokenizer_problem
 
     d = cfg.distill
-    for teacher in (t for t in d.teachers if not d.is_url(t)):
+    own = [t for t in d.teachers if not d.is_url(t)]
+    engine = d.teacher_engine
+    if own and engine != "embedded" and importlib.util.find_spec(engine) is None:
+        return [f"distill.teacher_engine={engine}: the teacher process launches {engine}, which "
+                "is not installed in this environment"]
+    for teacher in own:
         if out := _model_dir("distill.teachers", teacher):
             return out
         if not holds(Path(teacher).expanduser(), TOKENIZER_FILES):

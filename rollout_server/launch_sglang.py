@@ -5,8 +5,9 @@ value`` verbatim (``true``: a bare flag, ``false``/``null``: omitted, a list: se
 server adds only what it owns: model path, host, port, ``--tp-size`` (``rollout.engine.tp_size``,
 the one source of truth), ``--weight-version 0`` (our versions are integers) and ``--dtype`` from
 ``model.dtype`` (SGLang's default follows ``config.json``, while the trainer sends ``model.dtype``
-weights), each unless configured. CPU mode (``rollout.engine.sglang.device=cpu``) adds, in SGLang's
-environment only, ``SGLANG_USE_CPU_ENGINE=1`` and the pure-torch ``sgl_kernel`` stand-in first on
+weights), each unless configured, and ``--enable-return-routed-experts`` with routing replay.
+CPU mode (``rollout.engine.sglang.device=cpu``) adds, in SGLang's environment only,
+``SGLANG_USE_CPU_ENGINE=1`` and the pure-torch ``sgl_kernel`` stand-in first on
 ``PYTHONPATH`` (with LoRA or routed experts also its ``lora_site``:
 rollout_server/sglang_cpu/lora_site/__init__.py says why), no NCCL library (``NO_NCCL`` there
 says why) and, with ``tp_size>1``, each rank's CPUs (``threads_bind``); the stand-in was

@@ -130,9 +130,9 @@ class Teacher:
         finally:
             self.metrics.histogram("rollout/teacher_seconds", "wall time of the teacher on one "
                                    "group", buckets=SECONDS_BUCKETS).observe(time.monotonic() - t0)
-        self.failing_since = None
         if not all(math.isfinite(lp) for v in values for lp in v):
             return self._failed("error", "a log-prob that is not finite", len(outputs))
+        self.failing_since = None
         out: list[list[float] | None] = [[] for _ in outputs]
         for (i, _), v in zip(rows, values):
             out[i] = [lp if m else 0.0 for lp, m in zip(v, masks[i])]

@@ -138,8 +138,9 @@ class TaskConfig(Section):
     chat_template: str = "auto"
     # longer prompts are filtered out (and counted); 0 = no limit
     max_prompt_tokens: Annotated[int, at_least(0)] = 0
-    # [synthetic tasks only]
-    num_prompts: int = 100_000  # size of a synthetic dataset (an epoch)
+    # [synthetic and verifiers tasks]
+    # size of a synthetic dataset (an epoch); a verifiers taskset without an end: its tasks loaded
+    num_prompts: int = 100_000
     # [synthetic tasks only]
     digits: Annotated[int, within(1, 9)] = 2  # operand size / list length for synthetic tasks
     seed: int = 0  # synthetic prompts and the dataset's eval split are drawn from it
@@ -234,6 +235,8 @@ class TaskConfig(Section):
                    "path) when task.name=verifiers", self.env)
             _check("task.agent", bool(self.agent), "the verifiers episode runner with "
                    "task.name=verifiers (task=verifiers sets it)", self.agent)
+            _check("task.eval_fraction", self.eval_fraction == 0, "0 with task.name=verifiers "
+                   "(a verifiers taskset has no eval split here)", self.eval_fraction)
         else:
             _check("task.agent", not (self.agent and self.env), "empty when task.env is set",
                    self.agent)
@@ -763,6 +766,12 @@ class RunConfig(Section):
                "1.0 with distill.teachers (the teacher's log-probs are at temperature 1; the "
                "student's behaviour log-probs are at the temperature it samples)",
                self.task.temperature)
+        _check("task.top_p", not self.distill.enabled or self.task.top_p == 1.0,
+               "1.0 with distill.teachers (the teacher scores the whole distribution)",
+               self.task.top_p)
+        _check("task.top_k", not self.distill.enabled or self.task.top_k <= 0,
+               "-1 (off) with distill.teachers (the teacher scores the whole "
+               "distribution)", self.task.top_k)
         _check("trainer.groups_per_step", not isinstance(self.trainer.groups_per_step, int)
                or self.trainer.groups_per_step == self.buffer.groups_per_step,
                f"buffer.groups_per_step="

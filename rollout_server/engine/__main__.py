@@ -73,7 +73,11 @@ def serve_launched(cfg, engine_cfg, key: str | None, stop: threading.Event, log)
     from rollout_server.launch_vllm import VLLMProcess
 
     launcher = SGLangProcess if engine_cfg.kind == "sglang" else VLLMProcess
-    proc = launcher(cfg.model, engine_cfg, api_key=key)
+    # its own log, as a rollout server's engine has: the engine's start lines name its key
+    log_path = Path(cfg.run_dir) / "logs" / f"{engine_cfg.kind}-teacher-{os.getpid()}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("%s writes its log to %s", launcher.NAME, log_path)
+    proc = launcher(cfg.model, engine_cfg, str(log_path), api_key=key)
     try:
         proc.start(stop.is_set)
     except StartAborted:

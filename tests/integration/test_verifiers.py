@@ -31,6 +31,7 @@ from tests.integration.test_agent_endpoint import Scripted
 
 REPO = Path(__file__).resolve().parents[2]
 VF = yaml.safe_load((REPO / "configs/task/verifiers.yaml").read_text())
+CALC = yaml.safe_load((REPO / "configs/experiment/vf_calc.yaml").read_text())["task"]
 TOK = char_tokenizer()
 CALL = '<tool_call>{"name": "mul", "arguments": {"a": %s, "b": %s}}</tool_call>'
 
@@ -41,7 +42,7 @@ def ids(text: str) -> list[int]:
 
 def calc_cfg(**over) -> TaskConfig:
     fields = dict(name="verifiers", env="areal_like.tasks.vf_calc", env_args={"num_tasks": 4},
-                  agent=VF["agent"], chat_template=VF["chat_template"], max_new_tokens=96,
+                  agent=VF["agent"], chat_template=CALC["chat_template"], max_new_tokens=96,
                   max_turns=4, max_episode_tokens=320, group_size=2, agent_workers=2,
                   episode_timeout_s=60.0)
     return TaskConfig(**{**fields, **over})
@@ -134,3 +135,16 @@ def test_the_single_turn_example_learns(tmp_path):
     rewards = [json.loads(line)["reward_mean"] for line in lines if "reward_mean" in line]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last >= first + 0.08, rewards
+
+
+def test_an_eval_split_is_refused_with_a_taskset_naming_the_key():
+    """A taskset has no eval split here: evaluations would score its training tasks as single
+    answers."""
+    from areal_like.settings.config import ConfigError, load_config
+    from launch.preflight import PreflightError, checked
+
+    with pytest.raises(ConfigError, match="task.eval_fraction=0.1 is invalid"):
+        load_config(["experiment=vf_reverse", "task.eval_fraction=0.1"])
+    with pytest.raises(PreflightError, match="a verifiers taskset has no eval split here: set "
+                       "eval.every=0"):
+        checked(load_config(["experiment=vf_reverse", "eval.every=5"]))

@@ -167,6 +167,21 @@ def test_a_teacher_that_answers_a_log_prob_that_is_not_finite_has_failed():
         assert ask(keep) == [None] * len(OUTPUTS)
         assert (f'rollout_teacher_failures_total{{kind="error",teacher="{url}"}} 1.0'
                 in metrics.render().decode())
+        # answering is not recovering: down_s runs from the first of its failures, so the
+        # server's grace for a teacher being restarted ends (rollout_server/server.py)
+        drop = Teacher(DistillConfig(teachers=[url]), url, metrics)
+        masks = [[1] * len(o) for o in OUTPUTS]
+
+        async def twice() -> float:
+            try:
+                for gap in (0.3, 0.0):
+                    with pytest.raises(TeacherError) as info:
+                        await drop.group_logprobs(PROMPT, OUTPUTS, masks)
+                    await asyncio.sleep(gap)  # a known time between the two failures
+                return info.value.down_s
+            finally:
+                await drop.client.close()
+        assert asyncio.run(twice()) >= 0.3
     finally:
         server.shutdown()
         server.server_close()
@@ -186,7 +201,9 @@ T1 = "task.temperature=1.0"  # the teacher's log-probs are at temperature 1: so 
 @pytest.mark.parametrize("overrides,why", [
     (["distill.teachers=[http://127.0.0.1:1]"], "task.temperature=2.0 is invalid: must be 1.0 "
      "with distill.teachers"),
-    (["distill.teachers=[ftp://host/t]", T1], "distill.teachers=['ftp://host/t'] is invalid")])
+    (["distill.teachers=[ftp://host/t]", T1], "distill.teachers=['ftp://host/t'] is invalid"),
+    (["distill.teachers=[http://127.0.0.1:1]", T1, "task.top_p=0.9"], "task.top_p=0.9 is invalid"),
+    (["distill.teachers=[http://127.0.0.1:1]", T1, "task.top_k=5"], "task.top_k=5 is invalid")])
 def test_a_teacher_the_student_cannot_be_compared_with_is_refused_at_load(overrides, why):
     from areal_like.settings.config import ConfigError, load_config
 
@@ -252,6 +269,7 @@ def test_several_teachers_route_by_the_rows_task(teacher_dir, tmp_path):
         for e in engines:
             e.stop()
     for g, want in zip(got, (direct(teacher_dir), direct(other))):
+        assert [len(a) for a in g] == [len(b) for b in want]
         for a, b in zip(g, want):
             torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
     assert got[0] != got[1]
