@@ -48,12 +48,25 @@ def calc_cfg(**over) -> TaskConfig:
     return TaskConfig(**{**fields, **over})
 
 
+class ByTurn(Scripted):
+    """The tool call on an episode's first turn, the answer once the tool's result is in its
+    context: whatever order the group's episodes call in."""
+
+    def __init__(self, call: str, answer: str, result: str):
+        super().__init__([])
+        self.call, self.answer, self.result = call, answer, result
+
+    async def generate(self, input_ids, params):
+        self.replies = [self.answer if self.result in TOK.decode(input_ids) else self.call]
+        return await super().generate(input_ids, params)
+
+
 def test_a_tool_episode_is_verifiers_own_and_its_trajectory_is_what_the_endpoint_served():
     cfg = calc_cfg()
     example = make_task(cfg).example(0)
     a, b = example.prompt.split("*")
-    replies = [CALL % (a, b), example.answer] * cfg.group_size
-    engine, pool = Scripted(replies), agent_pool(cfg)
+    engine = ByTurn(CALL % (a, b), example.answer, f"tool:{int(a) * int(b)}|")
+    pool = agent_pool(cfg)
 
     async def scenario():
         ctx = EpisodeContext(client=engine, task=make_task(cfg), tokenizer=TOK, rewards=None,

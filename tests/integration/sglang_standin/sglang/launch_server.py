@@ -36,7 +36,7 @@ def main(argv: list[str]) -> None:
             env["AREAL_LIKE_ENGINE_API_KEY"] = key
     argv = [sys.executable, "-m", "rollout_server.engine", "--config-file",
             os.environ["AREAL_LIKE_STANDIN_CONFIG"], "--host", flags["--host"], "--port",
-            flags["--port"]]
+            flags["--port"], "rollout.engine.kind=embedded"]  # the engine itself, not a launch
     lag = os.environ.get("AREAL_LIKE_STANDIN_EXIT_LAG_S")
     if lag is None:
         record_pid(os.getpid())
