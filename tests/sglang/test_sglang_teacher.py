@@ -5,11 +5,21 @@ given by URL and for the job's teacher process (``engine_kit.check_teacher``,
 
 from __future__ import annotations
 
+import asyncio
+
 from sglang_kit import check_teacher, check_teacher_process
+
+from areal_like.net.sglang_client import SGLangClient
 
 
 def test_sglang_teacher_logprobs_equal_a_direct_forward_and_reach_the_trajectory(sglang_server):
     s = sglang_server
+
+    async def serve_the_model() -> None:  # the session's server: earlier tests pushed others
+        async with SGLangClient(s.url, api_key=s.api_key, timeout_s=120) as client:
+            await client.update_weights_from_disk(str(s.model_dir), weight_version="0")
+
+    asyncio.run(serve_the_model())
     check_teacher(s.url, s.api_key, s.model_dir, "sglang")
 
 
