@@ -66,13 +66,14 @@ def load(env_id: str, env_args: str) -> Any:
     return load_environment(config)
 
 
-def _messages(data: Any) -> list[dict]:
+def chat_messages(system: str | None, prompt: Any) -> list[dict]:
+    """A task's system prompt and prompt (text or verifiers messages) as chat messages."""
     from verifiers.v1.dialects.chat import message_to_wire
 
-    out = [{"role": "system", "content": data.system_prompt}] if data.system_prompt else []
-    if isinstance(data.prompt, str):
-        return out + [{"role": "user", "content": data.prompt}]
-    return out + [message_to_wire(m) for m in data.prompt or []]
+    out = [{"role": "system", "content": system}] if system else []
+    if isinstance(prompt, str):
+        return out + [{"role": "user", "content": prompt}]
+    return out + [message_to_wire(m) for m in prompt or []]
 
 
 def examples(cfg: TaskConfig) -> list[Example]:
@@ -87,7 +88,8 @@ def examples(cfg: TaskConfig) -> list[Example]:
                           f"loaded: {type(e).__name__}: {e}") from e
     tasks = taskset if taskset.bounded else taskset.take(cfg.num_prompts)
     meta = {"env": cfg.env, "env_args": cfg.env_args}
-    out = [Example(t.data.prompt_text, str(getattr(t.data, "answer", "") or ""), _messages(t.data),
+    out = [Example(t.data.prompt_text, str(getattr(t.data, "answer", "") or ""),
+                   chat_messages(t.data.system_prompt, t.data.prompt),
                    {"verifiers": {**meta, "task": t.data.model_dump(mode="json")}}) for t in tasks]
     if not out:
         raise ConfigError(f"task.env={cfg.env!r}: the taskset has no tasks")

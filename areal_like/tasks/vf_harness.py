@@ -13,10 +13,11 @@ from functools import cache
 
 import httpx
 from openai import AsyncOpenAI
-from verifiers.v1.dialects.chat import message_to_wire
 from verifiers.v1.harnesses.null import NullHarness
 from verifiers.v1.harnesses.utils.launch import CHAT_PROGRAM_SOURCE
 from verifiers.v1.runtimes import ProgramResult
+
+from areal_like.tasks.verifiers_env import chat_messages
 
 
 @cache
@@ -33,10 +34,7 @@ class InProcessChatHarness(NullHarness):
 
     async def launch(self, ctx, trace, runtime, endpoint, secret, mcp_urls, data,
                      tool_interception_url=None) -> ProgramResult:
-        system, prompt = self.resolve_prompt(data)
-        messages = [{"role": "system", "content": system}] if system else []
-        messages += ([{"role": "user", "content": prompt}] if isinstance(prompt, str)
-                     else [message_to_wire(m) for m in prompt or []])
+        messages = chat_messages(*self.resolve_prompt(data))
         args = argparse.Namespace(tool_interception_url=tool_interception_url or "",
                                   api_key=secret, bash=False, edit=False, search=False)
         servers = {n: {"url": u, "timeout": self.config.tool_timeout} for n, u in mcp_urls.items()}
