@@ -672,9 +672,25 @@ def check_routing_replay(cfg: RunConfig) -> list[str]:
     return [f"trainer.routing_replay=true: {'; '.join(why)}"] if why else []
 
 
+def check_expert_parallel(cfg: RunConfig) -> list[str]:
+    """``trainer.expert_parallel``: a mixture with fused experts, whose num_experts (and, where
+    set, ``launch.trainer_ranks``) it divides (trainer/experts.py)."""
+    if cfg.trainer.expert_parallel == 1:
+        return []
+    from areal_like.weights.routing import expert_parallel_problem
+
+    try:
+        model = build_meta_model(cfg.model)
+    except Exception:  # noqa: BLE001 - a broken model.path: check_models names it
+        return []
+    problem = expert_parallel_problem(cfg.trainer.expert_parallel, model, cfg.launch.trainer_ranks)
+    return [problem] if problem else []
+
+
 # every check but check_models, which checked() runs on the resolved model keys
 OTHER_CHECKS = (check_verifiers, check_warm_start, check_task_files, check_dataset_columns,
                 check_eval_split, check_epochs, check_lengths, check_chat_template,
                 check_chat_format, check_reward_fn, check_reward_model, check_teachers, check_env,
                 check_agent, check_trackers, check_engine, check_architecture, check_lora,
-                check_environment, check_critic, check_routing_replay)
+                check_environment, check_critic, check_routing_replay,
+                check_expert_parallel)

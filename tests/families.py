@@ -53,9 +53,9 @@ def family_config(family: str):
     return _configs()[family]()
 
 
-def save_family(family: str, directory: Path, seed: int = 0) -> Path:
+def save_family(family: str, directory: Path, seed: int = 0, **overrides) -> Path:
     """A tiny random ``family`` model and the char tokenizer saved in ``directory``
-    (safetensors, as a user's checkpoint)."""
+    (safetensors, as a user's checkpoint); ``overrides``: its config's keys set otherwise."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -63,6 +63,8 @@ def save_family(family: str, directory: Path, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     config = family_config(family)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     impl = "eager" if family == "gpt_oss" else "sdpa"
     model = AutoModelForCausalLM.from_config(config, attn_implementation=impl)
     with torch.no_grad():  # a random init this small gives near-uniform logits: sharpen them

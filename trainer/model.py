@@ -41,6 +41,8 @@ from areal_like.net.distributed import gloo_toward, set_nccl_nonblocking_timeout
 from areal_like.settings.config import LoraConfig, ModelConfig, TrainerConfig
 from areal_like.weights.hf import build_meta_model, layer_windows, torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters, is_adapter
+from trainer.experts import check as check_expert_parallel
+from trainer.experts import shard_experts
 from trainer.logprobs import hidden_token_logprobs
 from trainer.packed_attention import PACKED_SDPA, Packing, flash_attention_implementations
 from trainer.ranks import full
@@ -106,12 +108,16 @@ def mixed_precision(model_cfg: ModelConfig):
                                 reduce_dtype=torch.float32)
 
 
-def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig) -> torch.nn.Module:
-    """``fully_shard`` each decoder block, then the root (embeddings, final norm, lm_head)."""
+def apply_fsdp(model: torch.nn.Module, model_cfg: ModelConfig,
+               expert_parallel: int = 1, device_type: str = "cpu") -> torch.nn.Module:
+    """``fully_shard`` each decoder block, then the root (embeddings, final norm, lm_head); with
+    ``expert_parallel`` > 1 the experts first (trainer/experts.py)."""
     from torch.distributed.fsdp import fully_shard
 
     mp = mixed_precision(model_cfg)
     kwargs = {"mp_policy": mp} if mp is not None else {}
+    if expert_parallel > 1:
+        shard_experts(model, expert_parallel, device_type, kwargs)
     for block in model.model.layers:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
@@ -294,9 +300,10 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
         compile_blocks(model)
     # one rank is sharded only for FSDP2's cast of fp32 weights to a lower model.dtype; one held in
     # model.dtype already (a LoRA base, a KL reference) computes as it is, gathering nothing
+    check_expert_parallel(trainer_cfg.expert_parallel, model, dist.get_world_size())
     if dist.get_world_size() > 1 or (mixed_precision(model_cfg) is not None
                                      and dtype == "float32"):
-        apply_fsdp(model, model_cfg)
+        apply_fsdp(model, model_cfg, trainer_cfg.expert_parallel, device.type)
     materialize(model, model_cfg, device)
     return attach_logprobs(model)
 
@@ -366,5 +373,15 @@ def build_policy(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *,
 
 
 def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (DTensor-aware; a collective) and return the pre-clip norm."""
-    return float(full(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+    """Clip the global gradient norm (DTensor-aware; a collective) and return the pre-clip norm.
+    Per device mesh, then combined: expert parallelism's experts live on a mesh of their own
+    (trainer/experts.py), and DTensor ops take one mesh at a time."""
+    by_mesh: dict = {}
+    for p in model.parameters():
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    norms = [full(torch.nn.utils.get_total_norm([p.grad for p in ps])) for ps in by_mesh.values()]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    for ps in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(ps, max_norm, total)
+    return float(total)

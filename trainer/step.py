@@ -38,6 +38,7 @@ from areal_like.weights.lora import adapters_disabled
 from areal_like.weights.routing import replaying
 from trainer.advantages import AdvantageInputs, Advantages, distill_advantages
 from trainer.data import TrainBatch
+from trainer.experts import expert_load
 from trainer.finite_guard import SKIPPED, all_finite
 from trainer.logprobs import CHUNK_TOKENS
 from trainer.loss_terms import norms
@@ -387,20 +388,22 @@ def train_step(policy: Policy, batch: TrainBatch, s: StepSettings, prox_logp: to
         mb_plan = plan(batch, run, s)
         t_tokens, t_seqs, share = loss_share(loss_cfg, batch.mask, trained, n_tokens, n_seqs)
         stats: dict = {}
-        for idx, real in rank_calls(mb_plan, run):
-            mb = batch.select(idx)
-            if not (real and len(trained)):
-                mb.mask = torch.zeros_like(mb.mask)
-            t = mb.mask.shape[1]
-            prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
-            ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
-            adv_t = advantages[idx, :t].to(policy.device)
-            mbs = forward_backward(policy, mb.to(policy.device), adv_t, prox, s, loss_cfg, t_tokens,
-                                   t_seqs, ref, packed=mb_plan.packed, share=share)
-            stats = accumulate_stats(stats, mbs)
+        load: dict = {}  # a mixture's expert load (trainer/experts.py)
+        with expert_load(policy.model, load):
+            for idx, real in rank_calls(mb_plan, run):
+                mb = batch.select(idx)
+                if not (real and len(trained)):
+                    mb.mask = torch.zeros_like(mb.mask)
+                t = mb.mask.shape[1]
+                prox = None if prox_logp is None else prox_logp[idx, :t].to(policy.device)
+                ref = None if ref_logp is None else ref_logp[idx, :t].to(policy.device)
+                adv_t = advantages[idx, :t].to(policy.device)
+                mbs = forward_backward(policy, mb.to(policy.device), adv_t, prox, s, loss_cfg,
+                                       t_tokens, t_seqs, ref, packed=mb_plan.packed, share=share)
+                stats = accumulate_stats(stats, mbs)
         out = {"loss": 0.0, "policy_loss": 0.0}  # the stats of a row at zero weight mean nothing
         if len(trained):
-            out = _reduce_stats(stats) | layout_stats(mb_plan)
+            out = _reduce_stats(stats) | layout_stats(mb_plan) | load
         out["zero_adv_skip_frac"] = 1.0 - len(trained) / len(rows)
         out["grad_norm"] = clip_gradients(policy.model, s.grad_clip)
         out[SKIPPED] = 0.0 if all_finite(out["loss"], out["grad_norm"], adv.lr_scale) else 1.0

@@ -584,6 +584,10 @@ class TrainerConfig(Section):
     # the embedded engine or SGLang, single-turn tasks, no activation_checkpointing or
     # compile_blocks; refused before start otherwise.
     routing_replay: bool = False
+    # expert parallelism (a mixture with fused experts, Qwen3-MoE's): each mixture layer's experts
+    # split over this many ranks, tokens sent to their expert's rank (trainer/MEMORY.md); must
+    # divide the model's num_experts and the trainer's ranks. 1 = off
+    expert_parallel: Annotated[int, at_least(1)] = 1
     # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
     logprob_chunk_tokens: Annotated[int, at_least(1)] = 512
     # the output head of the log-probs (trainer/logprobs.py): chunked (PyTorch, chunks of
@@ -772,6 +776,9 @@ class RunConfig(Section):
         _check("task.top_k", not self.distill.enabled or self.task.top_k <= 0,
                "-1 (off) with distill.teachers (the teacher scores the whole "
                "distribution)", self.task.top_k)
+        ranks, ep = self.launch.trainer_ranks, self.trainer.expert_parallel
+        _check("trainer.expert_parallel", ranks is None or ranks % ep == 0,
+               f"a divisor of launch.trainer_ranks={ranks} (an EP group is that many ranks)", ep)
         _check("trainer.groups_per_step", not isinstance(self.trainer.groups_per_step, int)
                or self.trainer.groups_per_step == self.buffer.groups_per_step,
                f"buffer.groups_per_step="

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROUTER_CLASSES = ("Qwen3MoeTopKRouter", "Qwen2MoeTopKRouter")
+# the experts modules expert parallelism splits (their forward's layout: trainer/experts.py)
+EP_EXPERTS = ("Qwen3MoeExperts",)
 
 
 def routers(model: nn.Module) -> list[nn.Module]:
@@ -103,3 +105,27 @@ def _replayed(router: nn.Module, chosen: Tensor):
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights.to(logits.dtype), idx
     return forward
+
+
+def fused_experts(model: nn.Module) -> list[nn.Module]:
+    """The mixture layers' experts modules whose experts are fused into 3-D parameters
+    (transformers 5's ``gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I]), in layer order."""
+    return [m for m in model.modules() if hasattr(m, "num_experts")
+            and getattr(m, "gate_up_proj", None) is not None and m.gate_up_proj.dim() == 3]
+
+
+def expert_parallel_problem(n: int, model: nn.Module, world: int | None) -> str | None:
+    """Why ``trainer.expert_parallel=n`` cannot split ``model`` over ``world`` trainer ranks
+    (None: not known yet), or None when it can (trainer/experts.py)."""
+    key = f"trainer.expert_parallel={n}"
+    experts = fused_experts(model)
+    if n == 1:
+        return None
+    if not experts or _class_name(experts[0]) not in EP_EXPERTS:
+        return (f"{key}: {type(model).__name__} is not a mixture of experts whose experts "
+                f"the trainer splits ({', '.join(EP_EXPERTS)}); use 1")
+    if experts[0].num_experts % n:
+        return f"{key} does not divide the model's num_experts={experts[0].num_experts}"
+    if world is not None and world % n:
+        return f"{key} does not divide the trainer's ranks ({world}, launch.trainer_ranks)"
+    return None
