@@ -35,9 +35,10 @@ RECIPES = {  # experiment -> (the family of its model, its dataset)
     "math_qwen25_7b": ("qwen2", "math"),
     "math_qwen3_30b_a3b": ("qwen3_moe", "math"),
 }
-# the GPU layouts as one CPU process each, and a test-sized job
+# the GPU layouts as one CPU process each (so no expert parallelism), and a test-sized job
 CPU = ["topology=local_cpu", "launch.gpus_per_node=0", "launch.nodes=1", "launch.train_nodes=1",
-       "launch.trainer_ranks=1", "launch.num_rollout_servers=1", "rollout.engine.tp_size=1"]
+       "launch.trainer_ranks=1", "launch.num_rollout_servers=1", "rollout.engine.tp_size=1",
+       "trainer.expert_parallel=1"]
 SHORT = ["trainer.steps=3", "task.max_new_tokens=16", "buffer.groups_per_step=2",
          "task.group_size=4", "task.reward_fn=tests.recipe_reward:graded_or_odd",
          "launch.health_timeout_s=180"]
