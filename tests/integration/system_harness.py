@@ -44,9 +44,15 @@ BASE_OVERRIDES = [
 
 
 def warm_model(root: Path) -> str:
-    """The warm-started model directory (trained once per cache root)."""
+    """The warm-started model directory (trained once per cache root: xdist's workers that ask
+    while one trains it wait for that one, under a lock file, rather than each training its own)."""
+    import fcntl
+
     cfg = load_config([*BASE_OVERRIDES, f"run_dir={root / 'warm' / 'run'}"])
-    return ensure_warm_start(cfg, log=lambda m: None).model.path
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "warm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on an error
+        return ensure_warm_start(cfg, log=lambda m: None).model.path
 
 
 def system_config(run_dir: Path, model_path: str, *overrides: str) -> RunConfig:
