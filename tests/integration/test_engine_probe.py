@@ -12,8 +12,8 @@ deadline and it tells the server so (its sync port's ``/end``); the server's pro
 (``/health_generate``) gets no answer, the server exits 1 killing the frozen engine, and the wrapper
 restarts it: a fresh engine (another PID) serves, the server registers again, the frozen one is
 gone; a version another loads into the fresh engine reaches the roster. And an engine killed
-with ``kill -9`` under eight groups in flight: the server names its
-death, not "episodes failed in a row" (reverting ``ENGINE_EXIT_GRACE_S`` to no wait fails it).
+with ``kill -9`` under eight groups in flight: the server names its death, not "episodes failed
+in a row" (reverting ``ENGINE_EXIT_GRACE_S`` to no wait fails it).
 """
 
 from __future__ import annotations
