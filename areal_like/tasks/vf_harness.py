@@ -7,17 +7,25 @@ cost about 4 s on a 2-core machine.
 from __future__ import annotations
 
 import argparse
+import ssl
 import types
 from contextlib import AsyncExitStack
 from functools import cache
 
 import httpx
-from openai import AsyncOpenAI
+from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 from verifiers.v1.harnesses.null import NullHarness
 from verifiers.v1.harnesses.utils.launch import CHAT_PROGRAM_SOURCE
 from verifiers.v1.runtimes import ProgramResult
 
 from areal_like.tasks.verifiers_env import chat_messages
+
+
+@cache
+def tls() -> ssl.SSLContext:
+    """httpx's default TLS context, made once a process: each client made its own, reading the CA
+    bundle (about a third of an episode's CPU), twice an episode, for loopback http."""
+    return httpx.create_ssl_context()
 
 
 @cache
@@ -39,8 +47,10 @@ class InProcessChatHarness(NullHarness):
                                   api_key=secret, bash=False, edit=False, search=False)
         servers = {n: {"url": u, "timeout": self.config.tool_timeout} for n, u in mcp_urls.items()}
         program = chat_program()
-        async with (AsyncExitStack() as stack, AsyncOpenAI(base_url=endpoint, api_key=secret) as
-                    client, httpx.AsyncClient() as tool_client):
+        async with (AsyncExitStack() as stack,
+                    AsyncOpenAI(base_url=endpoint, api_key=secret,
+                                http_client=DefaultAsyncHttpxClient(verify=tls())) as client,
+                    httpx.AsyncClient(verify=tls()) as tool_client):
             tools, dispatch, live = ([], {}, {}) if not servers else await program.connect_mcp(
                 {"mcpServers": servers}, stack, set())
             compactor = program.Compactor(client, ctx.model, tools, False, None)

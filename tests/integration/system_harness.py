@@ -26,7 +26,7 @@ from areal_like.net.metrics import scrape
 from areal_like.settings.config import RunConfig, load_config
 from areal_like.wire import protocol as P
 from launch.job import job_specs, prepare
-from launch.local import Supervisor
+from launch.local import Supervisor, process_tree
 from launch.records import read_jsonl
 from launch.warmstart import ensure_warm_start
 
@@ -44,9 +44,15 @@ BASE_OVERRIDES = [
 
 
 def warm_model(root: Path) -> str:
-    """The warm-started model directory (trained once per cache root)."""
+    """The warm-started model directory (trained once per cache root: xdist's workers that ask
+    while one trains it wait for that one, under a lock file, rather than each training its own)."""
+    import fcntl
+
     cfg = load_config([*BASE_OVERRIDES, f"run_dir={root / 'warm' / 'run'}"])
-    return ensure_warm_start(cfg, log=lambda m: None).model.path
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "warm.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on an error
+        return ensure_warm_start(cfg, log=lambda m: None).model.path
 
 
 def system_config(run_dir: Path, model_path: str, *overrides: str) -> RunConfig:
@@ -79,13 +85,14 @@ class RunningSystem:
 
     def _watch(self) -> None:  # remember every PID the job ever had, to prove none is left
         while not self._watch_stop.is_set():
-            for p in self.sup.procs:
-                pop = p.popen
-                if pop is not None:
+            tree = process_tree()  # one walk of the process table a tick, not one per daemon
+            todo = [p.popen.pid for p in self.sup.procs if p.popen is not None]
+            while todo:
+                pid = todo.pop()
+                todo += tree.get(pid, [])
+                if pid not in self.seen:
                     try:
-                        proc = psutil.Process(pop.pid)
-                        for q in [proc, *proc.children(recursive=True)]:
-                            self.seen.setdefault(q.pid, q.create_time())
+                        self.seen[pid] = psutil.Process(pid).create_time()
                     except psutil.Error:
                         pass
             time.sleep(0.3)

@@ -47,16 +47,24 @@ export_hf(model, root / "moved" / "v00000003", model_cfg=cfg.model, tokenizer=to
 FAST = ["eval.max_examples=4", "eval.k=0"]
 
 
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory) -> Path:
+    """``EXPORT``'s two exports, made once: ``moved/`` and ``bare/`` (the tests copy, never
+    change them)."""
+    root = tmp_path_factory.mktemp("exports")
+    subprocess.run([sys.executable, "-c", EXPORT, str(root)], check=True, timeout=300,
+                   cwd=REPO_ROOT, env=child_env())
+    return root
+
+
 def _eval(model: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launch.cli", "eval", str(model), *FAST,
                            *overrides], capture_output=True, text=True, timeout=300,
                           cwd=REPO_ROOT, env=child_env())
 
 
-def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(tmp_path):
-    subprocess.run([sys.executable, "-c", EXPORT, str(tmp_path)], check=True, timeout=300,
-                   cwd=REPO_ROOT, env=child_env())
-    moved, bare = tmp_path / "moved" / "v00000003", tmp_path / "bare" / "v00000003"
+def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(exports):
+    moved, bare = exports / "moved" / "v00000003", exports / "bare" / "v00000003"
 
     # rollout.engine.host: a multi-node run's engine address, not this machine's (TEST-NET-1);
     # eval's own engine binds loopback (before: a traceback, cannot assign requested address)
@@ -76,18 +84,14 @@ def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(tmp_
     assert json.loads(r.stdout.strip())["task"] == "sort"
 
 
-def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(tmp_path):
+def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(exports, tmp_path):
     """A LoRA run of a model built from its config has no base directory for its adapter to name
     (``base_model_name_or_path`` null), so it must export with ``export.merged=true`` (LORA.md,
     on exports): ``areal-like eval`` of that export, and of the run's checkpoint (exported the same
     way first), scores the ``merged/`` beside the adapter. Before, both were refused, telling the
     user to evaluate the run's checkpoint or the merged/ instead."""
-    import shutil
-
-    subprocess.run([sys.executable, "-c", EXPORT, str(tmp_path)], check=True, timeout=300,
-                   cwd=REPO_ROOT, env=child_env())
     lora = tmp_path / "lora" / "v00000003"
-    shutil.copytree(tmp_path / "moved" / "v00000003", lora / "merged")
+    shutil.copytree(exports / "moved" / "v00000003", lora / "merged")
     shutil.copy(lora / "merged" / "areal_like_task.yaml", lora)
     (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": None,
                                                           "peft_type": "LORA", "r": 8}))
@@ -97,7 +101,8 @@ def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(tmp_pa
     assert record["task"] == "sort" and record["n"] == 4 and record["policy_version"] == 3
 
 
-def test_a_users_model_samples_at_its_tasks_settings_and_a_merged_export_finds_its_run(tmp_path):
+def test_a_users_model_samples_at_its_tasks_settings_and_a_merged_export_finds_its_run(
+        exports, tmp_path):
     """A model from elsewhere is sampled at the task's settings (``task=sort``: temperature 1),
     not at the tiny model's recipe (2), and ``model=local_hf`` beside it is accepted (before:
     "model.path is mandatory"); the settings are printed and recorded. A LoRA export's ``merged/``
@@ -105,9 +110,7 @@ def test_a_users_model_samples_at_its_tasks_settings_and_a_merged_export_finds_i
     (before: refused as a reward the export's task file names)."""
     from areal_like.settings.config import load_config, to_yaml
 
-    subprocess.run([sys.executable, "-c", EXPORT, str(tmp_path)], check=True, timeout=300,
-                   cwd=REPO_ROOT, env=child_env())
-    bare = tmp_path / "bare" / "v00000003"
+    bare = exports / "bare" / "v00000003"
     sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "max_new_tokens": 16,
                 "samples_per_prompt": 0, "from": "task=sort's defaults and the command line"}
     for model in ([], ["model=local_hf"]):
@@ -119,7 +122,7 @@ def test_a_users_model_samples_at_its_tasks_settings_and_a_merged_export_finds_i
 
     run = tmp_path / "run"
     merged = run / "export" / "v00000003" / "merged"
-    shutil.copytree(tmp_path / "moved" / "v00000003", merged)
+    shutil.copytree(exports / "moved" / "v00000003", merged)
     (merged.parent / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
     (merged / "areal_like_task.yaml").write_text(
         "task: {name: sort, reward_fn: 'tests.learning_reward:reversed_exact'}\n")

@@ -264,27 +264,6 @@ def _logs(tmp_path: Path, run_dir: Path, lines: int = 25) -> str:
 
 
 @pytest.mark.timeout(720)
-def test_sbatch_runs_a_job_whose_guard_checks_its_engine_and_waits_for_the_final_eval(
-        slurm, tmp_path):
-    job_id, run_dir = _submit(slurm, tmp_path, steps=3, restarts=0)
-    try:
-        job = slurm.wait_ended(job_id)
-    finally:
-        subprocess.run(["scancel", job_id], env=slurm.env, timeout=30)
-    out = (tmp_path / "job.out").read_text()
-    assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), out[-4000:]
-    guard = [json.loads(line)
-             for line in (run_dir / "metrics/trainer.jsonl").read_text().splitlines()
-             if '"logprob_guard"' in line]
-    assert [g["passed"] for g in guard] == [["rollout-0"]], guard  # the first push waited
-    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
-    assert any(e.get("final") and e.get("policy_version") == 3 for e in evals), evals
-    done = trainer_done(run_dir)
-    assert done is not None and done["policy_version"] == 3, done
-    assert _gone(_engine_pids(tmp_path))
-
-
-@pytest.mark.timeout(720)
 def test_a_killed_rollout_step_restarts_and_scancel_stops_the_job_as_ctrl_c_does(
         slurm, tmp_path):
     steps = 10_000
@@ -357,7 +336,9 @@ def two_nodes(request, tmp_path_factory) -> Iterator[tuple[Cluster, str]]:
 def test_sbatch_runs_a_job_across_two_nodes_of_their_own(two_nodes, tmp_path):
     """The script on two hosts: the buffer and the trainer on n0, the rollout server and its
     engine on n1; groups cross the bridge to the buffer, weights to the engine (the trainer's
-    log-prob guard passed it), three steps trained, the final evaluation done, nothing left."""
+    log-prob guard passed it: the first push waited for it), three steps trained, the job waited
+    for the final evaluation (of version 3), nothing left. The one-node layout runs in
+    test_a_killed_rollout_step_restarts_and_scancel_stops_the_job_as_ctrl_c_does."""
     slurm, bridge = two_nodes
     job_id, run_dir = _submit(slurm, tmp_path, steps=3, restarts=0, nodes=2, GPUS_PER_NODE="1",
                               HEAD_IFACE=bridge)
@@ -379,7 +360,9 @@ def test_sbatch_runs_a_job_across_two_nodes_of_their_own(two_nodes, tmp_path):
     guard = [json.loads(line)
              for line in (run_dir / "metrics/trainer.jsonl").read_text().splitlines()
              if '"logprob_guard"' in line]
-    assert [g["passed"] for g in guard] == [["rollout-0"]], guard
+    assert [g["passed"] for g in guard] == [["rollout-0"]], guard  # the first push waited
+    evals = [json.loads(line) for line in (run_dir / "eval.jsonl").read_text().splitlines()]
+    assert any(e.get("final") and e.get("policy_version") == 3 for e in evals), evals
     done = trainer_done(run_dir)
     assert done is not None and done["policy_version"] == 3, done
     assert _gone(_engine_pids(tmp_path))

@@ -299,16 +299,18 @@ def test_durations_that_travel_in_messages_must_be_finite(override):
         load_config([override])
 
 
-def _seconds_keys(obj, prefix: str = "") -> list[str]:
+def _seconds_fields(obj, prefix: str = "") -> list[tuple[str, object, str]]:
+    """(dotted key, the section holding it, its field name) for every ``*_s`` field under
+    ``obj``."""
     import dataclasses
 
     out = []
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            out += _seconds_keys(value, f"{prefix}{f.name}.")
+            out += _seconds_fields(value, f"{prefix}{f.name}.")
         elif f.name.endswith("_s"):
-            out.append(f"{prefix}{f.name}")
+            out.append((f"{prefix}{f.name}", obj, f.name))
     return out
 
 
@@ -316,13 +318,20 @@ def test_every_duration_and_timeout_must_be_finite():
     """inf was accepted by the keys without a rule of their own and failed in the daemon that read
     it: ``timedelta(seconds=inf)`` (trainer.gloo_timeout_s) and a ZeroMQ poll of inf * 1000 ms
     raise OverflowError. No key reads inf as "no limit", so every ``*_s`` key refuses it, nan and
-    a negative number at load, naming the key."""
-    keys = _seconds_keys(load_config([]))
+    a negative number, naming the key: its section as the loader builds it (every key, every
+    value) and ``load_config`` (a key per value)."""
+    import dataclasses
+
+    fields = _seconds_fields(load_config([]))
+    keys = [key for key, _, _ in fields]
     assert len(keys) > 15 and "trainer.gloo_timeout_s" in keys and "eval.final_timeout_s" in keys
-    for key in keys:
-        for value in ("inf", "nan", "-1"):
-            with pytest.raises(ConfigError, match=rf"(^| ){key.replace('.', '[.]')}={value}\b"):
-                load_config([f"{key}={value}"])
+    for key, section, name in fields:
+        for value in (float("inf"), float("nan"), -1):
+            with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}="):
+                dataclasses.replace(section, **{name: value})
+    for key, value in zip(keys[::max(1, len(keys) // 3)], ("inf", "nan", "-1")):
+        with pytest.raises(ConfigError, match=rf"(^| ){key.replace('.', '[.]')}={value}\b"):
+            load_config([f"{key}={value}"])
 
 
 @pytest.mark.parametrize("overrides", [["task.group_size=1", "loss=vcpo", "trainer.estimator=rloo"],
@@ -341,7 +350,9 @@ def test_a_group_of_one_trains_with_every_estimator():
         assert load_config(["task.group_size=1", f"trainer.estimator={estimator}"])
 
 
-def _float_keys(obj, prefix: str = "") -> list[str]:
+def _float_fields(obj, prefix: str = "") -> list[tuple[str, object, str]]:
+    """(dotted key, the section holding it, its field name) for every float field under ``obj``
+    (``list[float]`` too)."""
     import dataclasses
     import typing
 
@@ -350,9 +361,9 @@ def _float_keys(obj, prefix: str = "") -> list[str]:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value):
-            out += _float_keys(value, f"{prefix}{f.name}.")
+            out += _float_fields(value, f"{prefix}{f.name}.")
         elif float in typing.get_args(hints[f.name]) or hints[f.name] is float:
-            out.append(f"{prefix}{f.name}")
+            out.append((f"{prefix}{f.name}", obj, f.name))
     return out
 
 
@@ -361,19 +372,28 @@ def test_every_number_must_be_finite(tmp_path):
     stopped ``areal-like run`` with an OverflowError after the preflight (``int(inf)``), and
     task.temperature=inf reached the engines, which refuse it on every request; inf in
     trainer.weight_decay or trainer.loss.kl_coef can only make the update non-finite. No key reads
-    inf (or nan) as "no limit": each is refused at load, naming the key: a daemon's load of the
-    job's config file for every key (the same rules, without Hydra composing each time), and
-    ``areal-like run``'s for the two above."""
+    inf (or nan) as "no limit": each is refused, naming the key, by its section as the loader
+    builds it (every key, every value), by a daemon's load of the job's config file (a key per
+    value: the same sections, built by OmegaConf from the file) and by ``areal-like run``'s load
+    for the two above."""
+    import dataclasses
+
     cfg = load_config([])
-    keys = _float_keys(cfg)
+    fields = _float_fields(cfg)
+    keys = [key for key, _, _ in fields]
     assert len(keys) > 25 and "launch.log_max_mb" in keys and "trainer.loss.dual_clip" in keys
+    for key, section, name in fields:
+        for value in (float("inf"), float("-inf"), float("nan")):
+            as_typed = [value, value] if isinstance(getattr(section, name), list) else value
+            with pytest.raises(ConfigError) as info:
+                dataclasses.replace(section, **{name: as_typed})
+            assert str(info.value).startswith(f"{key}="), (key, value)
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
-    for key in keys:
-        for value in ("inf", "-inf", "nan"):
-            with pytest.raises(ConfigError) as info:
-                load_daemon_config(["--config-file", str(path), f"{key}={value}"])
-            assert key in str(info.value)
+    for key, value in zip(keys[::max(1, len(keys) // 3)], ("inf", "-inf", "nan")):
+        with pytest.raises(ConfigError) as info:
+            load_daemon_config(["--config-file", str(path), f"{key}={value}"])
+        assert key in str(info.value)
     for key in ("launch.log_max_mb", "task.temperature"):
         assert key in error_of([f"{key}=inf"])
 
