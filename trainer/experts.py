@@ -12,7 +12,7 @@ pushes whole: ``full_tensor`` gathers them in the engines' layout.
 Dispatch, per mixture layer: the router's (token, expert) pairs sorted by expert; one all-to-all
 of the counts, one of the token rows, the local experts' MLP on what arrived, one all-to-all back;
 then, on the token's own rank, the routing weights and the sum over its experts, added in the
-order the unsplit module adds them (ascending expert).
+order the unsplit module adds them (ascending expert), without atomics.
 
 Gradient scale: each rank backpropagates world x its loss and FSDP2 averages over ranks, so an
 unsplit parameter's gradient is the sum of the ranks' losses' gradients. A local expert gets the
@@ -24,6 +24,7 @@ backward by N (the tokens' gradients, back to what they were).
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 
 import torch
@@ -45,12 +46,10 @@ def check(n: int, model: nn.Module, world: int) -> None:
 def shard_experts(model: nn.Module, n: int, device_type: str, fsdp_kwargs: dict) -> None:
     """Place each experts module's parameters on their EP ranks and make it an FSDP2 unit over
     "edp" (module docstring). Before the blocks' ``fully_shard``, on the meta device."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor, Shard
 
-    world = dist.get_world_size()
-    mesh = init_device_mesh(device_type, (world // n, n), mesh_dim_names=("edp", "ep"))
+    mesh = _mesh(device_type, dist.get_world_size(), n)
     ep = mesh["ep"]
     for m in fused_experts(model):
         for name, p in list(m.named_parameters(recurse=False)):
@@ -60,6 +59,14 @@ def shard_experts(model: nn.Module, n: int, device_type: str, fsdp_kwargs: dict)
         m.ep_group, m.ep_size = ep.get_group(), n
         m.forward = types.MethodType(ep_forward, m)
         fully_shard(m, mesh=mesh["edp"], **fsdp_kwargs)
+
+
+@functools.cache
+def _mesh(device_type: str, world: int, n: int):
+    """The (world / N, N) mesh, made once a process (the policy and a KL reference share it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (world // n, n), mesh_dim_names=("edp", "ep"))
 
 
 class _Exchange(torch.autograd.Function):
@@ -104,7 +111,14 @@ def ep_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor,
     y = torch.cat(ys)[by_expert.argsort()]  # back in arrival order
     y = _Exchange.apply(y, send, recv, self.ep_group, 1.0 / n)
     y = y * top_k_weights.reshape(-1)[order, None]
-    return torch.zeros_like(hidden).index_add(0, token, y.to(hidden.dtype))
+    # back to [T, k, H] in (token, slot) order, then each token's sum in ascending expert order,
+    # the unsplit module's order (a sum, not index_add's atomics: the same bits on every run)
+    pairs = torch.empty_like(y).index_copy(0, order, y).view(*top_k_index.shape, -1)
+    pairs = pairs.gather(1, top_k_index.argsort(1)[..., None].expand_as(pairs))
+    out = torch.zeros_like(hidden)
+    for j in range(k):
+        out = out + pairs[:, j].to(hidden.dtype)
+    return out
 
 
 @contextlib.contextmanager
@@ -117,6 +131,8 @@ def expert_load(model: nn.Module, into: dict):
 
     def hook(i: int, n: int):
         def count(_module, args):
+            if len(args) < 2:  # a forward that routes inside (not the Qwen3-MoE layout)
+                return
             got = torch.bincount(args[1].reshape(-1), minlength=n)[:n].double()
             counts[i] = got if counts[i] is None else counts[i] + got
         return count

@@ -41,6 +41,7 @@ from areal_like.net.distributed import gloo_toward, set_nccl_nonblocking_timeout
 from areal_like.settings.config import LoraConfig, ModelConfig, TrainerConfig
 from areal_like.weights.hf import build_meta_model, layer_windows, torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters, is_adapter
+from areal_like.weights.routing import fused_experts
 from trainer.experts import check as check_expert_parallel
 from trainer.experts import shard_experts
 from trainer.logprobs import hidden_token_logprobs
@@ -300,10 +301,12 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
         compile_blocks(model)
     # one rank is sharded only for FSDP2's cast of fp32 weights to a lower model.dtype; one held in
     # model.dtype already (a LoRA base, a KL reference) computes as it is, gathering nothing
-    check_expert_parallel(trainer_cfg.expert_parallel, model, dist.get_world_size())
+    # a dense model beside a mixture policy (a critic, a KL reference) runs without EP
+    ep = trainer_cfg.expert_parallel if fused_experts(model) else 1
+    check_expert_parallel(ep, model, dist.get_world_size())
     if dist.get_world_size() > 1 or (mixed_precision(model_cfg) is not None
                                      and dtype == "float32"):
-        apply_fsdp(model, model_cfg, trainer_cfg.expert_parallel, device.type)
+        apply_fsdp(model, model_cfg, ep, device.type)
     materialize(model, model_cfg, device)
     return attach_logprobs(model)
 

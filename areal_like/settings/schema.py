@@ -586,7 +586,8 @@ class TrainerConfig(Section):
     routing_replay: bool = False
     # expert parallelism (a mixture with fused experts, Qwen3-MoE's): each mixture layer's experts
     # split over this many ranks, tokens sent to their expert's rank (trainer/MEMORY.md); must
-    # divide the model's num_experts and the trainer's ranks. 1 = off
+    # divide the model's num_experts and the trainer's ranks per node (an EP group stays inside a
+    # node); no compile_blocks. 1 = off
     expert_parallel: Annotated[int, at_least(1)] = 1
     # tokens per lm_head chunk of the log-probs: one [chunk, vocab] fp32 block
     logprob_chunk_tokens: Annotated[int, at_least(1)] = 512
@@ -611,6 +612,9 @@ class TrainerConfig(Section):
                or not (self.activation_checkpointing or self.compile_blocks),
                "false with trainer.activation_checkpointing or trainer.compile_blocks",
                self.routing_replay)
+        # the experts' forward exchanges tokens by all-to-all with data-dependent sizes
+        _check("trainer.expert_parallel", self.expert_parallel == 1 or not self.compile_blocks,
+               "1 with trainer.compile_blocks", self.expert_parallel)
         self.loss.check_for_kernel()
         self.critic.check_for_trainer(self.loss.kernel, self.lora.enabled, model_keys(ModelConfig))
         # the KL reference is the base itself, the adapter switched off; the weight path with
@@ -778,7 +782,8 @@ class RunConfig(Section):
                "distribution)", self.task.top_k)
         ranks, ep = self.launch.trainer_ranks, self.trainer.expert_parallel
         _check("trainer.expert_parallel", ranks is None or ranks % ep == 0,
-               f"a divisor of launch.trainer_ranks={ranks} (an EP group is that many ranks)", ep)
+               f"a divisor of launch.trainer_ranks={ranks} (the trainer's ranks per node: an EP "
+               "group stays inside a node)", ep)
         _check("trainer.groups_per_step", not isinstance(self.trainer.groups_per_step, int)
                or self.trainer.groups_per_step == self.buffer.groups_per_step,
                f"buffer.groups_per_step="

@@ -115,8 +115,8 @@ def fused_experts(model: nn.Module) -> list[nn.Module]:
 
 
 def expert_parallel_problem(n: int, model: nn.Module, world: int | None) -> str | None:
-    """Why ``trainer.expert_parallel=n`` cannot split ``model`` over ``world`` trainer ranks
-    (None: not known yet), or None when it can (trainer/experts.py)."""
+    """Why ``trainer.expert_parallel=n`` cannot split ``model`` over ``world`` trainer ranks of a
+    node (None: not known yet), or None when it can (trainer/experts.py)."""
     key = f"trainer.expert_parallel={n}"
     experts = fused_experts(model)
     if n == 1:
@@ -124,8 +124,10 @@ def expert_parallel_problem(n: int, model: nn.Module, world: int | None) -> str 
     if not experts or _class_name(experts[0]) not in EP_EXPERTS:
         return (f"{key}: {type(model).__name__} is not a mixture of experts whose experts "
                 f"the trainer splits ({', '.join(EP_EXPERTS)}); use 1")
-    if experts[0].num_experts % n:
-        return f"{key} does not divide the model's num_experts={experts[0].num_experts}"
+    e = experts[0].num_experts
+    if e % n:
+        return f"{key} does not divide the model's num_experts={e}; use a divisor of {e}"
     if world is not None and world % n:
-        return f"{key} does not divide the trainer's ranks ({world}, launch.trainer_ranks)"
+        return (f"{key} does not divide the trainer's ranks on a node ({world}, "
+                f"launch.trainer_ranks); use a divisor of both {e} and {world}")
     return None

@@ -142,7 +142,7 @@ def test_an_expert_parallel_that_cannot_split_the_model_is_refused_before_start(
     from areal_like.settings.config import ConfigError, load_config
     from launch.preflight import PreflightError, checked
     from tests.families import save_family
-    from trainer.model import build_policy, init_distributed, leave_distributed
+    from trainer.model import build_policy, build_reference, init_distributed, leave_distributed
 
     moe = save_family("qwen3_moe", tmp_path / "moe", num_experts=EXPERTS)
     dense = save_family("qwen3", tmp_path / "dense")
@@ -150,6 +150,9 @@ def test_an_expert_parallel_that_cannot_split_the_model_is_refused_before_start(
     with pytest.raises(ConfigError, match=r"trainer.expert_parallel=4 is invalid: must be a "
                        r"divisor of launch.trainer_ranks=2"):
         load_config(["trainer.expert_parallel=4", "launch.trainer_ranks=2"])
+    with pytest.raises(ConfigError, match=r"trainer.expert_parallel=2 is invalid: must be 1 with "
+                       r"trainer.compile_blocks"):
+        load_config(["trainer.expert_parallel=2", "trainer.compile_blocks=true"])
     # at preflight, what the model says
     for path, n, why in ((moe, 3, "does not divide the model's num_experts=8"),
                          (dense, 2, "Qwen3ForCausalLM is not a mixture of experts whose")):
@@ -163,8 +166,13 @@ def test_an_expert_parallel_that_cannot_split_the_model_is_refused_before_start(
     init_distributed(cfg.trainer)
     try:
         with pytest.raises(ValueError, match=r"trainer.expert_parallel=2 does not divide the "
-                           r"trainer's ranks \(1, launch.trainer_ranks\)"):
+                           r"trainer's ranks on a node \(1, launch.trainer_ranks\); use a "
+                           r"divisor of both 8 and 1"):
             build_policy(cfg.model, cfg.trainer)
+        # a dense KL reference beside the mixture is built without EP
+        ref = load_config([f"model.path={moe}", "trainer.expert_parallel=2",
+                           f"trainer.ref_path={dense}"])
+        assert type(build_reference(ref.model, ref.trainer)).__name__ == "Qwen3ForCausalLM"
     finally:
         leave_distributed()
 
