@@ -100,6 +100,20 @@ class ModelConfig(Section):
 
 
 @dataclass(kw_only=True)
+class MixtureShape(ModelConfig):
+    """Not a config section: the shape of a Qwen3-MoE checkpoint, read from its config.json for
+    the memory estimate (launch/memory.py). Every block's MLP is a router [E, H] and
+    ``num_experts`` experts of ``moe_intermediate_size`` I (fused ``gate_up_proj`` [E, 2I, H],
+    ``down_proj`` [E, H, I]), ``num_experts_per_tok`` of them routed per token; attention of
+    ``head_dim`` per head, q/k RMSNorms, no biases."""
+
+    num_experts: Annotated[int, above(0)]
+    num_experts_per_tok: Annotated[int, above(0)]
+    moe_intermediate_size: Annotated[int, above(0)]
+    head_dim: Annotated[int, above(0)]
+
+
+@dataclass(kw_only=True)
 class TaskConfig(Section):
     """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is
     scored."""
