@@ -355,12 +355,13 @@ def shape_of(config: dict, where: str) -> ModelConfig:
     shape["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
     shape["max_position_embeddings"] = config.get("max_position_embeddings", 1)
     head = config.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
-    if any(config.get(k) for k in MIXTURE_KEYS):
+    experts = next((config[k] for k in MIXTURE_KEYS if config.get(k)), 0)
+    if experts:
         if (config.get("model_type") != "qwen3_moe" or config.get("mlp_only_layers")
                 or config.get("decoder_sparse_step", 1) != 1):
             raise NoEstimate(f"{where} is a mixture of experts other than Qwen3-MoE's with every "
                              "block a mixture; the estimate models that one and dense blocks")
-        return MixtureShape(**shape, num_experts=config["num_experts"], head_dim=head,
+        return MixtureShape(**shape, num_experts=experts, head_dim=head,
                             num_experts_per_tok=config["num_experts_per_tok"],
                             moe_intermediate_size=config["moe_intermediate_size"])
     if head * shape["num_attention_heads"] != shape["hidden_size"]:

@@ -294,7 +294,10 @@ def test_mixture_terms_by_hand_with_and_without_expert_parallel():
 
 
 def test_plan_prints_the_mixture_peak_with_and_without_expert_parallel(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(MOE_CONFIG))
+    from transformers import Qwen3MoeConfig
+
+    # as transformers 5 saves it (num_local_experts), where the published one says num_experts
+    Qwen3MoeConfig(**MOE_CONFIG).save_pretrained(tmp_path)
 
     def plan(ep: int) -> list[str]:
         r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", "topology=gpu_sglang",
