@@ -60,8 +60,10 @@ class Transcript:
     Routes (routing replay): each turn's request is the whole conversation so far and its routes
     cover every position it ran, but a position keeps the route of the turn that ran it first:
     the context and the previous turn's last token from that turn's prefill, generated tokens
-    from their decode (what ``logprobs`` were sampled under). Context the engine never ran (an
-    episode cut before its next turn) is left out of the trajectory."""
+    from their decode (what ``logprobs`` were sampled under; for a turn resumed after a pause,
+    from its last segment, which re-ran the turn's earlier tokens, as a single-turn sample's).
+    Context the engine never ran (an episode cut before its next turn) is left out of the
+    trajectory; a turn without routes leaves the trajectory without any."""
 
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
@@ -70,6 +72,7 @@ class Transcript:
     loss_mask: list[int] = field(default_factory=list)
     finish_reason: str = ""
     routes: np.ndarray | None = None  # int32 [positions run so far, layers x top_k]
+    routes_lost: bool = False  # a turn came back without its routes: the trajectory has none
 
     def add_context(self, ids: list[int], version: int) -> None:
         self.output_ids += ids
@@ -78,7 +81,9 @@ class Transcript:
         self.loss_mask += [0] * len(ids)
 
     def add_generated(self, s: Sample) -> None:
-        if s.routes is not None:  # this request ran the conversation so far + s's tokens but one
+        if s.routes is None:  # not asked for, or a turn ended by an abort past its budget
+            self.routes, self.routes_lost = None, True
+        elif not self.routes_lost:  # it ran the conversation so far + s's tokens but one
             ran = len(self.prompt_ids) + len(self.output_ids) + len(s.output_ids) - 1
             turn = np.frombuffer(s.routes, "<i4").reshape(ran, -1)
             seen = 0 if self.routes is None else len(self.routes)
