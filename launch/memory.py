@@ -16,9 +16,11 @@ moment). ``benchmarks/bench_trainer_memory.py`` checks it against a measured ste
 
 Not counted: the allocator's fragmentation, NCCL buffers, the weight-sync staging buffers, an
 engine's activations and CUDA graphs outside its memory share (leave a few GiB of headroom). The
-blocks are modelled as Qwen2's (Llama's, with q/k/v biases): a mixture of experts or a
-``head_dim`` other than ``hidden_size / num_attention_heads`` gets no estimate. No I/O but reading
-a ``config.json`` (a local ``model.path`` or the Hugging Face cache); nothing is downloaded.
+blocks are modelled as Qwen2's (Llama's, with q/k/v biases) or Qwen3-MoE's (``MixtureShape``:
+every block a mixture of experts, which ``trainer.expert_parallel`` splits); another mixture,
+or a dense ``head_dim`` other than ``hidden_size / num_attention_heads``, gets no estimate. No
+I/O but reading a ``config.json`` (a local ``model.path`` or the Hugging Face cache); nothing is
+downloaded.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from areal_like.settings.config import ModelConfig, RunConfig
-from areal_like.settings.schema import LORA_DEFAULT_TARGETS
+from areal_like.settings.schema import LORA_DEFAULT_TARGETS, MixtureShape
 
 GIB = 2**30
 
@@ -52,11 +54,36 @@ def qwen2_shape(name: str, **overrides) -> ModelConfig:
     return ModelConfig(**{"max_position_embeddings": 32768, **QWEN2_SHAPES[name], **overrides})
 
 
+def expert_params(cfg: ModelConfig) -> int:
+    """Parameters of one block's experts (none in a dense block)."""
+    if not isinstance(cfg, MixtureShape):
+        return 0
+    return 3 * cfg.num_experts * cfg.moe_intermediate_size * cfg.hidden_size
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    if isinstance(cfg, MixtureShape):
+        return cfg.head_dim
+    return cfg.hidden_size // cfg.num_attention_heads
+
+
 def block_params(cfg: ModelConfig) -> int:
-    """Parameters of one Qwen2 decoder block: q/k/v (with bias), o, gate/up/down, two RMSNorms."""
+    """Parameters of one decoder block: Qwen2's q/k/v (with bias), o, gate/up/down, two RMSNorms;
+    Qwen3-MoE's q/k/v/o, q/k norms, two RMSNorms, the router and every expert."""
     h, i = cfg.hidden_size, cfg.intermediate_size
+    if isinstance(cfg, MixtureShape):
+        q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+        return (2 * h * q + 2 * h * kv + 2 * cfg.head_dim + 2 * h + cfg.num_experts * h
+                + expert_params(cfg))
     kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     return (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * i + 2 * h
+
+
+def gathered_block_params(cfg: ModelConfig, expert_parallel: int = 1) -> int:
+    """Parameters one rank all-gathers for a block: all of it, or under ``expert_parallel`` N its
+    dense parts and its own E/N experts (their FSDP2 unit spans the ranks holding the same
+    experts, trainer/experts.py)."""
+    return block_params(cfg) - expert_params(cfg) + expert_params(cfg) // expert_parallel
 
 
 def root_params(cfg: ModelConfig) -> int:
@@ -75,11 +102,17 @@ def block_activation_bytes(cfg: ModelConfig, c: int) -> int:
     of ``c`` bytes: the tensors Hugging Face's Qwen2 layer (SDPA attention) saves, counted with
     ``saved_tensors_hooks`` (tests/unit/test_memory.py checks the count): in units of ``c`` bytes,
     8H + 4I + 2 kv_dim + 2 head_dim + heads + 2 in fp32; in bf16 the RMSNorms' fp32 upcasts and
-    the attention's fp32 log-sum-exp add 3H + heads + 2."""
+    the attention's fp32 log-sum-exp add 3H + heads + 2. A ``MixtureShape`` block is counted as
+    a dense one as wide as a token's routed experts (top_k x I) plus its router logits: an
+    approximation, not checked against the layer."""
     h, i, heads = cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads
-    hd = h // heads
+    hd = head_dim(cfg)
     kv = cfg.num_key_value_heads * hd
-    units = 8 * h + 4 * i + 2 * kv + 2 * hd + heads + 2
+    units = 8 * h + 2 * kv + 2 * hd + heads + 2
+    if isinstance(cfg, MixtureShape):
+        units += 4 * cfg.num_experts_per_tok * cfg.moe_intermediate_size + cfg.num_experts
+    else:
+        units += 4 * i
     if c != 4:
         units += 3 * h + heads + 2
     return units * c
@@ -192,15 +225,18 @@ class MemoryEstimate:
 def estimate_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_tokens: int,
                         dtype: str = "bfloat16",
                         checkpointing: bool = False, logprob_chunk: int = 512,
-                        accumulating: bool = True) -> MemoryEstimate:
+                        accumulating: bool = True, expert_parallel: int = 1) -> MemoryEstimate:
     """Peak memory of one trainer rank in a step: FSDP2 over ``world`` ranks, ``micro_batch_tokens``
     tokens per forward/backward, compute in ``dtype`` (fp32 master weights). ``accumulating``: an
     optimizer step takes more than one micro-batch, so an earlier one's gradients are held when a
-    backward starts (with one, none are: the step frees them, ``zero_grad(set_to_none=True)``)."""
+    backward starts (with one, none are: the step frees them, ``zero_grad(set_to_none=True)``).
+    ``expert_parallel`` N: a mixture's experts split over N ranks; the state at rest is the same
+    1/world per rank, a gathered block (and its unsharded gradient) holds E/N experts, not E."""
     c = 4 if dtype == "float32" else 2
     # mixed precision: the fp32 copy a bf16 gradient is reduced in / upcast to
     mp = 4 if c != 4 else 0
-    p, blk, root = total_params(model_cfg), block_params(model_cfg), root_params(model_cfg)
+    p, root = total_params(model_cfg), root_params(model_cfg)
+    blk = gathered_block_params(model_cfg, expert_parallel)
     t, h, v = micro_batch_tokens, model_cfg.hidden_size, model_cfg.vocab_size
     acts = activation_bytes(model_cfg, t, c, checkpointing, block_activation_bytes(model_cfg, c))
     chunk = min(logprob_chunk, t)
@@ -291,6 +327,12 @@ def estimate_critic_peak_bytes(model_cfg: ModelConfig, world: int, micro_batch_t
 HUB_SHAPES = {f"Qwen/Qwen{v}-{size}{kind}": size
               for v, sizes in (("2", ("0.5B", "1.5B", "7B")), ("2.5", tuple(QWEN2_SHAPES)))
               for size in sizes for kind in ("", "-Instruct")}
+# Qwen3-30B-A3B's config.json (the shape keys), for its recipe on a machine without the checkpoint
+QWEN3_MOE_CONFIGS = {"Qwen/Qwen3-30B-A3B": dict(
+    model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+    num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+    tie_word_embeddings=False, max_position_embeddings=40960, num_experts=128,
+    num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1, mlp_only_layers=[])}
 CUDA_CONTEXT_GIB = 0.5  # per process on a GPU (trainer/MEMORY.md, section 2)
 MIXTURE_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -302,22 +344,31 @@ class NoEstimate(ValueError):
 
 
 def shape_of(config: dict, where: str) -> ModelConfig:
-    """The ``ModelConfig`` of a ``config.json``'s dict (a multimodal one's ``text_config``)."""
+    """The ``ModelConfig`` of a ``config.json``'s dict (a multimodal one's ``text_config``); a
+    ``MixtureShape`` for Qwen3-MoE's (every block a mixture)."""
     config = config.get("text_config") or config
-    if any(config.get(k) for k in MIXTURE_KEYS):
-        raise NoEstimate(f"{where} is a mixture of experts; the estimate models dense blocks")
     try:
         shape = {k: config[k] for k in SHAPE_KEYS[:5]}
     except KeyError as e:
         raise NoEstimate(f"{where} has no {e.args[0]}") from None
     shape["num_key_value_heads"] = config.get("num_key_value_heads") or shape["num_attention_heads"]
     shape["tie_word_embeddings"] = bool(config.get("tie_word_embeddings", False))
-    head_dim = config.get("head_dim")
-    if head_dim and head_dim * shape["num_attention_heads"] != shape["hidden_size"]:
-        raise NoEstimate(f"{where}: head_dim {head_dim} x {shape['num_attention_heads']} heads is "
+    shape["max_position_embeddings"] = config.get("max_position_embeddings", 1)
+    head = config.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
+    experts = next((config[k] for k in MIXTURE_KEYS if config.get(k)), 0)
+    if experts:
+        if (config.get("model_type") != "qwen3_moe" or config.get("mlp_only_layers")
+                or config.get("decoder_sparse_step", 1) != 1):
+            raise NoEstimate(f"{where} is a mixture of experts other than Qwen3-MoE's with every "
+                             "block a mixture; the estimate models that one and dense blocks")
+        return MixtureShape(**shape, num_experts=experts, head_dim=head,
+                            num_experts_per_tok=config["num_experts_per_tok"],
+                            moe_intermediate_size=config["moe_intermediate_size"])
+    if head * shape["num_attention_heads"] != shape["hidden_size"]:
+        raise NoEstimate(f"{where}: head_dim {head} x {shape['num_attention_heads']} heads is "
                          f"not hidden_size {shape['hidden_size']}; the estimate models Qwen2's "
                          "blocks")
-    return ModelConfig(**shape, max_position_embeddings=config.get("max_position_embeddings", 1))
+    return ModelConfig(**shape)
 
 
 def model_shape(model_cfg: ModelConfig) -> ModelConfig:
@@ -334,6 +385,8 @@ def model_shape(model_cfg: ModelConfig) -> ModelConfig:
         return shape_of(json.loads(local.read_text()), f"model.path={path}")
     if path in HUB_SHAPES:
         return qwen2_shape(HUB_SHAPES[path])
+    if path in QWEN3_MOE_CONFIGS:
+        return shape_of(QWEN3_MOE_CONFIGS[path], f"model.path={path}")
     raise NoEstimate(f"model.path={path}: no config.json here or in the Hugging Face cache")
 
 
@@ -355,7 +408,7 @@ def dtype_bytes(dtype: str) -> int:
 
 def kv_bytes_per_token(shape: ModelConfig, dtype: str, tp: int = 1) -> int:
     """An engine's KV cache per token per GPU: a key and a value per layer and KV head."""
-    hd = shape.hidden_size // shape.num_attention_heads
+    hd = head_dim(shape)
     heads = max(1, math.ceil(shape.num_key_value_heads / tp))  # tp > heads: replicated
     return 2 * shape.num_hidden_layers * heads * hd * dtype_bytes(dtype)
 
@@ -391,22 +444,28 @@ def trainer_world(cfg: RunConfig) -> int:
     return (la.trainer_ranks or 1) * (la.train_nodes if la.nodes > 1 else 1)
 
 
-def trainer_memory(cfg: RunConfig, shape: ModelConfig) -> TrainerMemory:
+def trainer_memory(cfg: RunConfig, shape: ModelConfig,
+                   expert_parallel: int | None = None) -> TrainerMemory:
     """What one trainer rank of ``cfg`` holds at its peak (``NoEstimate`` for a LoRA target the
-    accounting does not model)."""
+    accounting does not model, or LoRA on a mixture), with ``trainer.expert_parallel`` or the
+    ``expert_parallel`` given."""
     tr, world, dtype = cfg.trainer, trainer_world(cfg), cfg.model.dtype
+    ep = expert_parallel or tr.expert_parallel
     tokens, many = micro_batch_tokens(cfg)
     common = dict(checkpointing=tr.activation_checkpointing, logprob_chunk=tr.logprob_chunk_tokens,
                   accumulating=many)
     extra = {}
     if tr.lora.enabled:
+        if isinstance(shape, MixtureShape):
+            raise NoEstimate("trainer.lora on a mixture of experts: the estimate models dense "
+                             "blocks' adapters")
         try:
             est = estimate_lora_peak_bytes(shape, world, tokens, tr.lora.rank,
                                            tr.lora.target_modules, dtype=dtype, **common)
         except ValueError as e:
             raise NoEstimate(f"trainer.lora.target_modules: {e}") from None
         return TrainerMemory(est, est.total, world, tokens, extra)
-    est = estimate_peak_bytes(shape, world, tokens, dtype, **common)
+    est = estimate_peak_bytes(shape, world, tokens, dtype, expert_parallel=ep, **common)
     total = est.total
     if tr.loss.kl_coef > 0:  # the frozen reference's shards, in model.dtype
         extra["KL reference"] = -(-total_params(shape) // world) * dtype_bytes(dtype)
@@ -501,6 +560,8 @@ def memory_lines(cfg: RunConfig) -> list[str]:
     lines = [head]
     if trainer is not None:
         lines.append(_trainer_line(cfg, trainer))
+        if isinstance(shape, MixtureShape):
+            lines.append(_experts_line(cfg, shape, trainer))
     if engine is not None:
         lines.append(_engine_line(cfg, engine, size))
     shared = any(n.shared for n in nodes)
@@ -533,6 +594,19 @@ def _trainer_line(cfg: RunConfig, t: TrainerMemory) -> str:
            + (f", LoRA rank {tr.lora.rank} on a {cfg.model.dtype} base" if tr.lora.enabled else "")
            + (", activation checkpointing" if tr.activation_checkpointing else ""))
     return f"  trainer  {gib(t.total)} GiB a rank ({how}): {what}, at its peak ({moment})"
+
+
+def _experts_line(cfg: RunConfig, shape: MixtureShape, t: TrainerMemory) -> str:
+    """The gathered block and the peak per rank with and without expert parallelism."""
+    n, e, c = cfg.trainer.expert_parallel, shape.num_experts, dtype_bytes(cfg.model.dtype)
+    whole = f"{gib(gathered_block_params(shape) * c)} GiB a gathered block"
+    if n == 1:
+        return (f"  experts  not split (trainer.expert_parallel=1): every rank gathers each "
+                f"block's {e} experts, {whole}")
+    without = trainer_memory(cfg, shape, expert_parallel=1).total
+    return (f"  experts  {n}-way expert parallel: a rank gathers {e // n} of each block's {e} "
+            f"experts, {gib(gathered_block_params(shape, n) * c)} GiB a gathered block, per-rank "
+            f"peak {gib(t.total)} GiB; without EP {whole}, per-rank peak {gib(without)} GiB")
 
 
 def _engine_line(cfg: RunConfig, e: EngineMemory, size: float) -> str:

@@ -55,7 +55,15 @@ class Transcript:
     """A conversation's ids as one trajectory grows them (multiturn.py, agent_endpoint.py):
     aligned per-token arrays after the prompt. A generated token keeps its logprob and version
     (loss_mask 1); a context token has logprob 0, loss_mask 0 and the version of the generated
-    token before it (``version`` before the first), so the oldest version is a generated one's."""
+    token before it (``version`` before the first), so the oldest version is a generated one's.
+
+    Routes (routing replay): each turn's request is the whole conversation so far and its routes
+    cover every position it ran, but a position keeps the route of the turn that ran it first:
+    the context and the previous turn's last token from that turn's prefill, generated tokens
+    from their decode (what ``logprobs`` were sampled under; for a turn resumed after a pause,
+    from its last segment, which re-ran the turn's earlier tokens, as a single-turn sample's).
+    Context the engine never ran (an episode cut before its next turn) is left out of the
+    trajectory; a turn without routes leaves the trajectory without any."""
 
     prompt_ids: list[int]
     output_ids: list[int] = field(default_factory=list)
@@ -63,6 +71,8 @@ class Transcript:
     versions: list[int] = field(default_factory=list)
     loss_mask: list[int] = field(default_factory=list)
     finish_reason: str = ""
+    routes: np.ndarray | None = None  # int32 [positions run so far, layers x top_k]
+    routes_lost: bool = False  # a turn came back without its routes: the trajectory has none
 
     def add_context(self, ids: list[int], version: int) -> None:
         self.output_ids += ids
@@ -71,16 +81,30 @@ class Transcript:
         self.loss_mask += [0] * len(ids)
 
     def add_generated(self, s: Sample) -> None:
+        if s.routes is None:  # not asked for, or a turn ended by an abort past its budget
+            self.routes, self.routes_lost = None, True
+        elif not self.routes_lost:  # it ran the conversation so far + s's tokens but one
+            ran = len(self.prompt_ids) + len(self.output_ids) + len(s.output_ids) - 1
+            turn = np.frombuffer(s.routes, "<i4").reshape(ran, -1)
+            seen = 0 if self.routes is None else len(self.routes)
+            self.routes = turn if self.routes is None else np.concatenate([self.routes,
+                                                                          turn[seen:]])
         self.output_ids += s.output_ids
         self.logprobs += s.logprobs
         self.versions += s.versions
         self.loss_mask += [1] * len(s.output_ids)
 
     def trajectory(self, reward: float, metadata: dict, finish_reason: str = "") -> Trajectory:
-        return Trajectory.of(prompt_ids=as_i32(self.prompt_ids), output_ids=as_i32(self.output_ids),
-                             behav_logp=as_f32(self.logprobs), versions=as_i32(self.versions),
-                             loss_mask=as_i32(self.loss_mask), reward=float(reward),
-                             finish_reason=finish_reason or self.finish_reason, metadata=metadata)
+        n = len(self.output_ids)
+        if self.routes is not None:  # positions run + the last token, which no request ran
+            n = len(self.routes) + 1 - len(self.prompt_ids)
+        return Trajectory.of(prompt_ids=as_i32(self.prompt_ids),
+                             output_ids=as_i32(self.output_ids[:n]),
+                             behav_logp=as_f32(self.logprobs[:n]),
+                             versions=as_i32(self.versions[:n]),
+                             loss_mask=as_i32(self.loss_mask[:n]), reward=float(reward),
+                             finish_reason=finish_reason or self.finish_reason, metadata=metadata,
+                             routed_experts=self.routes)
 
 
 def as_version(label: str | None, fallback: int) -> int:

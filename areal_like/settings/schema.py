@@ -100,6 +100,20 @@ class ModelConfig(Section):
 
 
 @dataclass(kw_only=True)
+class MixtureShape(ModelConfig):
+    """Not a config section: the shape of a Qwen3-MoE checkpoint, read from its config.json for
+    the memory estimate (launch/memory.py). Every block's MLP is a router [E, H] and
+    ``num_experts`` experts of ``moe_intermediate_size`` I (fused ``gate_up_proj`` [E, 2I, H],
+    ``down_proj`` [E, H, I]), ``num_experts_per_tok`` of them routed per token; attention of
+    ``head_dim`` per head, q/k RMSNorms, no biases."""
+
+    num_experts: Annotated[int, above(0)]
+    num_experts_per_tok: Annotated[int, above(0)]
+    moe_intermediate_size: Annotated[int, above(0)]
+    head_dim: Annotated[int, above(0)]
+
+
+@dataclass(kw_only=True)
 class TaskConfig(Section):
     """What to train on: a shipped synthetic task or a dataset (``name=dataset``), and how it is
     scored."""
@@ -581,8 +595,9 @@ class TrainerConfig(Section):
     # routing replay (a mixture of experts): the engine returns the experts it routed each token
     # to, the trajectory carries them and the trainer's forwards route to them, so its log-probs
     # follow the engine's choices (areal_like/weights/routing.py). Qwen3-MoE/Qwen2-MoE routers,
-    # the embedded engine or SGLang, single-turn tasks, no activation_checkpointing or
-    # compile_blocks; refused before start otherwise.
+    # the embedded engine or SGLang for single-turn tasks, the embedded engine for multi-turn
+    # (task.env), no agent tasks, activation_checkpointing or compile_blocks; refused before
+    # start otherwise.
     routing_replay: bool = False
     # expert parallelism (a mixture with fused experts, Qwen3-MoE's): each mixture layer's experts
     # split over this many ranks, tokens sent to their expert's rank (trainer/MEMORY.md); must

@@ -8,6 +8,9 @@ a 7B-shaped model sharded on meta.
 - with LoRA: the adapter parameter count equals the PEFT-injected model's, the per-token bytes a
   block keeps equal the real LoRA layer's, and the estimate's terms are hand-checked on a tiny
   shape;
+- a Qwen3-MoE shape read from its config.json: the parameter count equals the meta-built model's,
+  and under expert parallelism the terms are hand-checked (the state at rest unchanged, a
+  gathered block and its gradient holding E/N experts); ``areal-like plan`` prints both peaks;
 - a Qwen2-7B-shaped model is built on the meta device and FSDP2-sharded 8 ways (rank 3 of a fake
   process group): every parameter is a meta DTensor holding 1/8 of the rows, and the process's
   peak RSS stays far below even one rank's shard (3.8 GB), let alone the model (30 GB in fp32).
@@ -35,6 +38,7 @@ from launch.memory import (
     lora_block_activation_bytes,
     qwen2_shape,
     root_params,
+    shape_of,
     total_params,
 )
 
@@ -248,3 +252,70 @@ def test_critic_estimate_terms_by_hand():
     assert est["critic_step"] < est["policy_step"]  # no log-prob working set, a frozen head
     half = qwen2_shape("7B", num_hidden_layers=14)
     assert estimate_critic_peak_bytes(cfg, 8, 2048, critic_cfg=half)["peak"] < est["peak"]
+
+
+# a small Qwen3-MoE config.json: head_dim x heads (1024) is the hidden size only by chance of
+# the numbers; 16 experts of 2048, 2 routed per token
+MOE_CONFIG = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"],
+              "vocab_size": 32000, "hidden_size": 1024, "intermediate_size": 4096,
+              "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+              "head_dim": 128, "num_experts": 16, "num_experts_per_tok": 2,
+              "moe_intermediate_size": 2048, "max_position_embeddings": 4096,
+              "tie_word_embeddings": False}
+
+
+def test_mixture_terms_by_hand_with_and_without_expert_parallel():
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    cfg = shape_of(MOE_CONFIG, "test")
+    # a block: q 1024x1024, k and v 1024x512, o 1024x1024 (3145728), q/k norms 2x128, two
+    # RMSNorms 2x1024, router 16x1024 (16384): 3164416 dense; experts 3 x 16 x 2048 x 1024
+    experts, dense, root = 100_663_296, 3_164_416, 2 * 32000 * 1024 + 1024
+    assert block_params(cfg) == dense + experts and root_params(cfg) == root
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(**MOE_CONFIG))
+    assert total_params(cfg) == sum(p.numel() for p in model.parameters()) == 480_847_872
+    assert block_params(cfg) == sum(p.numel() for p in model.model.layers[0].parameters())
+
+    whole = estimate_peak_bytes(cfg, world=4, micro_batch_tokens=128, dtype="bfloat16")
+    ep = estimate_peak_bytes(cfg, world=4, micro_batch_tokens=128, dtype="bfloat16",
+                             expert_parallel=4)
+    # at rest 1/world of every parameter either way: 480847872 / 4 fp32 weights
+    assert ep.weights == whole.weights == 480_847_872 and ep.adam == whole.adam
+    # all-gathered in bf16: the root group and two blocks, a block with all 16 experts or its 4
+    assert whole.gathered == (root + 2 * (dense + experts)) * 2 == 546_384_896
+    assert ep.gathered == (root + 2 * (dense + experts // 4)) * 2 == 244_395_008
+    # one block's unsharded gradient, bf16 + its fp32 copy
+    assert whole.block_grads == (dense + experts) * 6
+    assert ep.block_grads == (dense + experts // 4) * 6
+    assert ep.activations == whole.activations
+    # (the peak is the end of backward: the gathered params and the block's gradient differ)
+    assert whole.total - ep.total == 2 * 2 * experts * 3 // 4 + 6 * experts * 3 // 4
+
+
+def test_plan_prints_the_mixture_peak_with_and_without_expert_parallel(tmp_path):
+    from transformers import Qwen3MoeConfig
+
+    # as transformers 5 saves it (num_local_experts), where the published one says num_experts
+    Qwen3MoeConfig(**MOE_CONFIG).save_pretrained(tmp_path)
+
+    def plan(ep: int) -> list[str]:
+        r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", "topology=gpu_sglang",
+                            "launch.gpus_per_node=8", "launch.trainer_ranks=4",
+                            f"trainer.expert_parallel={ep}", f"model.path={tmp_path}",
+                            "model.dtype=bfloat16"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout.split("memory per GPU")[1].splitlines()
+
+    def peak(lines: list[str]) -> str:
+        return next(x for x in lines if x.startswith("  trainer ")).split()[1]
+
+    split, whole = plan(4), plan(1)
+    # the gathered blocks above: 56660480 and 207655424 bytes of bf16
+    assert (f"  experts  4-way expert parallel: a rank gathers 4 of each block's 16 experts, "
+            f"0.05 GiB a gathered block, per-rank peak {peak(split)} GiB; without EP 0.19 GiB a "
+            f"gathered block, per-rank peak {peak(whole)} GiB") in split
+    assert ("  experts  not split (trainer.expert_parallel=1): every rank gathers each block's 16 "
+            "experts, 0.19 GiB a gathered block") in whole
+    assert float(peak(whole)) - float(peak(split)) == pytest.approx(0.7, abs=0.11)

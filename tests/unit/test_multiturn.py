@@ -1,7 +1,7 @@
 """Multi-turn episodes against a scripted engine (rollout_server/multiturn.py): token ids equal the
 chat template's rendering of the final conversation, tool errors become messages the model reads,
-limits end episodes with their finish reason, and a weight sync mid-episode keeps every token's
-version.
+limits end episodes with their finish reason, a weight sync mid-episode keeps every token's
+version, and with routing replay every position keeps the routes of the turn that ran it first.
 
 The engine is a stand-in for SGLang's ``/generate`` (the only call an episode makes): each call
 answers the next scripted reply, encoded by the real tokenizer and ended by EOS, truncated to the
@@ -12,6 +12,7 @@ checks that part against a real engine)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -408,3 +409,51 @@ def test_an_episode_cut_during_a_step_keeps_its_messages_equal_to_its_ids():
     ids = list(traj.prompt_ids) + list(traj.output_ids)
     newline = TOK("\n", add_special_tokens=False)["input_ids"]
     assert ids + newline == TOK(rendered, add_special_tokens=False)["input_ids"]
+
+
+class RoutedEngine(ScriptedEngine):
+    """Answers routes too, as the engine does for every position a request ran ([input + output -
+    1, layers 1, top_k 2]): all the call's number, so a trajectory's routes name the call that ran
+    each position."""
+
+    def __init__(self, *args, unrouted: int = -1, **kw):
+        super().__init__(*args, **kw)
+        self.unrouted = unrouted  # this call answers no routes
+
+    async def generate(self, input_ids, params):
+        call = len(self.calls)
+        out = await super().generate(input_ids, params)
+        rows = len(input_ids) + len(out.output_ids) - 1
+        routes = np.full((rows, 1, 2), call, "<i4").tobytes() if call != self.unrouted else None
+        return dataclasses.replace(out, routed_experts=routes)
+
+
+@pytest.mark.parametrize("cut", [False, True])
+def test_each_position_keeps_the_routes_of_the_turn_that_ran_it_first(cut):
+    """A turn's request re-runs the whole conversation; its routes are taken only for the
+    positions no earlier turn ran (the previous turn's last token, the environment's message, its
+    own tokens). A turn cut by its timeout leaves context no request ran: it is left out."""
+    replies = ["hello there", "it is 5", None if cut else "bye"]
+    # the second reply paused after 2 tokens: the resumed call's routes replace the first's
+    conv, traj = episode(RoutedEngine(replies, pause_after={1: 2}), env="agent_envs:Endless",
+                         max_turns=3, turn_timeout_s=0.2 if cut else 30.0)
+    mask, p = traj.loss_mask, len(traj.prompt_ids)
+    # turn k's request ran up to its own last token but one: output position end_k - 1
+    ends = [t + 1 for t in range(len(mask)) if mask[t] == 1 and (t + 1 == len(mask)
+                                                                  or mask[t + 1] == 0)]
+    want, ran = [], 0
+    for call, end in zip([0, 2, 3], ends):  # (call 1: the aborted segment, re-run by call 2)
+        want += [call] * (p + end - 1 - ran)
+        ran = p + end - 1
+    assert len(ends) == conv.turns == (2 if cut else 3)
+    if cut:  # the third call never answered: the context after turn 2 is not in the trajectory
+        assert mask[-1] == 1 and len(traj.output_ids) < len(conv.output_ids)
+    routes = traj.routed_experts.reshape(-1, 1, 2)
+    assert routes[:, 0, 0].tolist() == want and len(want) == p + len(mask) - 1
+
+
+def test_a_turn_without_routes_leaves_the_trajectory_without_any():
+    """The trainer then drops its group, as a single-turn sample's without routes."""
+    conv, traj = episode(RoutedEngine(["hello there", "it is 5", "bye"], unrouted=1),
+                         env="agent_envs:Endless", max_turns=3)
+    assert traj.routed_experts is None and len(traj.output_ids) == len(conv.output_ids)

@@ -155,7 +155,10 @@ def test_the_switch_is_refused_before_start_where_it_cannot_work(tmp_path):
                                             "rollout.pause_mode=abort")
     assert "rollout.engine.kind=url" in why(*on, "rollout.engine.kind=url",
                                            "rollout.engine.url=http://127.0.0.1:1")
-    assert "task.env" in why(*on, "task.env=areal_like.tasks.envs:calc")
+    env = "task.env=areal_like.tasks.envs:calc"
+    assert why(*on, env) == ""  # multi-turn on the embedded engine
+    assert "task.env" in why(*on, env, "rollout.engine.kind=sglang")
+    assert "task.agent" in why(*on, "task.agent=areal_like.tasks.agents:calc_agent")
 
 
 @pytest.mark.parametrize("other", ["trainer.activation_checkpointing=true",

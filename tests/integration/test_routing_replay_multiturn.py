@@ -1,0 +1,108 @@
+"""Routing replay of multi-turn episodes (``task.env``) on a tiny Qwen3-MoE (tests/families.py),
+CPU: the embedded engine (fp32) plays whole conversations through ``EpisodeRunner`` asking for its
+routes; each trajectory, over the wire, carries a route for every fed position (the prompt, the
+environment's messages and the generated tokens of every turn), and the routes the trainer
+replays (``groups_to_batch``) are, token by token, the experts a transformers forward of the whole
+conversation routes to. A training step on them runs with the replayed routes and moves the
+weights."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import torch
+
+from tests.families import save_family
+
+# the guess task's template: the char tokenizer spells it
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{% if m['role'] == "
+            "'assistant' %}<eos>{% endif %}|{% endfor %}{% if add_generation_prompt %}assistant:"
+            "{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def group():
+    from areal_like.settings.config import load_config
+    from trainer.model import init_distributed, leave_distributed
+
+    init_distributed(load_config([]).trainer)
+    yield
+    leave_distributed()
+
+
+def _episodes(engine, tokenizer, n_groups: int = 2):
+    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.settings.config import TaskConfig
+    from areal_like.tasks.task import make_task
+    from areal_like.wire import protocol as P
+    from rollout_server.episode import EpisodeContext
+    from rollout_server.multiturn import EpisodeRunner
+
+    client = SGLangClient(engine.url, local=engine, routed_experts=True)
+    cfg = TaskConfig(env="tests.unit.agent_envs:Chat", chat_template=TEMPLATE, group_size=2,
+                     max_new_tokens=6, max_turns=3, max_episode_tokens=200, temperature=1.0)
+    ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=tokenizer, rewards=None,
+                         task_cfg=cfg, server_id="s", current_version_fn=lambda: 0)
+    runner = EpisodeRunner(ctx)
+
+    async def run():
+        try:
+            return [P.decode(P.encode(await runner.run_group(
+                P.Credit(lease_id=str(g), prompt_index=g, epoch=0, deadline_s=60.0))))
+                for g in range(n_groups)]
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def test_multi_turn_routes_are_the_models_and_train(tmp_path: Path, group):
+    from transformers import AutoTokenizer
+
+    from areal_like.settings.config import EngineConfig, ModelConfig, load_config
+    from areal_like.weights.hf import build_model
+    from areal_like.weights.routing import recording, route_shape
+    from rollout_server.engine.embedded import EmbeddedEngine
+    from trainer.data import BatchSource, groups_to_batch
+    from trainer.model import build_policy
+    from trainer.step import StepSettings, train_step
+
+    d = save_family("qwen3_moe", tmp_path / "moe")
+    model_cfg = ModelConfig(path=str(d), attn_implementation="sdpa", dtype="float32")
+    engine = EmbeddedEngine(model_cfg, EngineConfig(max_running_requests=4)).start()
+    try:
+        groups = _episodes(engine, AutoTokenizer.from_pretrained(str(d)))
+    finally:
+        engine.stop()
+    # the environment scores every episode alike: other rewards, so that the step has advantages
+    groups = [msgspec.structs.replace(g, trajectories=[
+        msgspec.structs.replace(t, reward=float(j)) for j, t in enumerate(g.trajectories)])
+        for g in groups]
+    trajs = [t for g in groups for t in g.trajectories]
+    # several turns each, with environment messages between them (loss_mask 0)
+    assert all(t.metadata["turns"] >= 2 and (t.loss_mask == 0).any() for t in trajs)
+
+    model = build_model(model_cfg).eval()
+    shape = route_shape(model)
+    cfg = load_config([f"model.path={d}", "model.attn_implementation=sdpa",
+                       "trainer.routing_replay=true", "trainer.lr=1e-3", "trainer.grad_clip=1e9",
+                       f"buffer.groups_per_step={len(groups)}"])
+    source = BatchSource("inproc://none", len(groups), wait_s=1, buffer_timeout_s=1, rank=1,
+                         route_shape=shape)
+    assert len(source.usable(groups)) == len(groups)  # every trajectory has its routes
+    batch = groups_to_batch(groups, shape)
+    for i, t in enumerate(trajs):
+        fed = [*t.prompt_ids.tolist(), *t.output_ids.tolist()][:-1]
+        with torch.no_grad(), recording(model) as seen:
+            model(torch.tensor([fed]))
+        np.testing.assert_array_equal(batch.routes[i, :len(fed)].numpy(), seen[0].numpy())
+
+    policy = build_policy(cfg.model, cfg.trainer)
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    stats = train_step(policy, batch, StepSettings.from_config(cfg), None)
+    assert np.isfinite(float(stats["loss"]))
+    assert any(not torch.equal(before[n], p.detach())
+               for n, p in policy.model.named_parameters())
