@@ -265,14 +265,22 @@ def vcpo_step_advantages(a: AdvantageInputs, params: VCPOConfig) -> Advantages:
 # ------------------------------------------------ on-policy distillation (LOSSES.md section 11)
 def distill_advantages(task: Tensor, teacher_logp: Tensor, behav_logp: Tensor, mask: Tensor,
                        has_teacher: Tensor, *, kl_weight: float,
-                       task_reward_weight: float) -> Tensor:
+                       task_reward_weight: float, group_ids: Tensor | None = None) -> Tensor:
     """Advantages [N, T] (fp32) of on-policy distillation: on each sampled token
     ``task_reward_weight * A_task + kl_weight * (log pi_teacher - log pi_behav)`` (the negative
     reverse KL's per-token estimate, the student's log-prob being the engine's behaviour log-prob);
     a row without the teacher's log-probs (``has_teacher`` [N] false) keeps ``A_task`` alone.
-    0 off ``mask``."""
+    With ``group_ids`` [N] (``distill.kl_baseline=group``) the KL term less its mean over the
+    group's tokens with a teacher's log-prob at the same position (a baseline: the group's samples
+    answer one prompt); a token alone at its position then gets 0. 0 off ``mask``."""
     m = mask.detach().double()
     a = task.detach().double().to(m.device)
     kl = (teacher_logp.detach().double() - behav_logp.detach().double()).to(m.device)
+    if group_ids is not None:
+        on = m * has_teacher.to(m.device)[:, None].double()
+        idx = group_index(group_ids.to(m.device)).to(m.device)
+        sums = torch.zeros(int(idx.max()) + 1, kl.shape[1], dtype=kl.dtype, device=m.device)
+        mean = sums.index_add(0, idx, kl * on) / sums.index_add(0, idx, on).clamp(min=1.0)
+        kl = kl - mean[idx]
     mixed = task_reward_weight * a + kl_weight * kl
     return (torch.where(has_teacher.to(m.device)[:, None], mixed, a) * m).float()

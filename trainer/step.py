@@ -256,7 +256,9 @@ def with_teacher(adv: Advantages, batch: TrainBatch, rows: torch.Tensor,
     d, mask, has = s.distill, batch.mask[rows], batch.has_teacher[rows]
     teacher, behav = batch.teacher_logp[rows], batch.behav_logp[rows]
     values = distill_advantages(adv.values, teacher, behav, mask, has, kl_weight=d.kl_weight,
-                                task_reward_weight=d.task_reward_weight)
+                                task_reward_weight=d.task_reward_weight,
+                                group_ids=batch.group_ids[rows] if d.kl_baseline == "group"
+                                else None)
     m = mask * has[:, None]
     kl = float(((behav - teacher) * m).sum() / m.sum().clamp(min=1.0))
     return adv._replace(values=values, stats=adv.stats | {"distill_reverse_kl": kl,

@@ -38,6 +38,9 @@ class DistillConfig(Section):
     # log pi_behav) on each sampled token (trainer/LOSSES.md section 11)
     kl_weight: Annotated[float, at_least(0.0)] = 1.0
     task_reward_weight: Annotated[float, at_least(0.0)] = 0.0  # 0: pure distillation
+    # the KL term's baseline: none, or group (less its mean over the group's tokens with a
+    # teacher's log-prob at the same position: less variance; trainer/LOSSES.md section 11)
+    kl_baseline: Annotated[str, one_of("none", "group")] = "none"
     # a group whose teacher failed or timed out: drop (not sent; generated again when its lease
     # expires, buffer.lease_timeout_s) or task_reward_only (trained on its task advantage alone)
     on_teacher_failure: Annotated[str, one_of(*POLICIES)] = "drop"

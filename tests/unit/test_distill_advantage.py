@@ -38,6 +38,27 @@ def test_pure_distillation_and_a_row_without_the_teacher():
     torch.testing.assert_close(adv, torch.tensor([[0.5, -0.25, 0.0], [-0.5, 0.0, -0.5]]))
 
 
+def test_group_baseline_by_hand():
+    # kl = teacher - behav: row 0: 0.5, -0.25, (padding); row 1: -1, (context), -2. One group:
+    # position 0 has both tokens, mean -0.25: 0.75 and -0.75; positions 1 and 2 have one token
+    # each, which is its own mean: 0. Then 0.5 * A + 2 * that:
+    # row 0: 0.25 + 1.5 = 1.75, 0.25 + 0 = 0.25, 0; row 1: -0.25 - 1.5 = -1.75, 0, -0.25
+    adv = distill_advantages(TASK, TEACHER, BEHAV, MASK, torch.tensor([True, True]),
+                             kl_weight=2.0, task_reward_weight=0.5, group_ids=torch.tensor([7, 7]))
+    torch.testing.assert_close(adv, torch.tensor([[1.75, 0.25, 0.0], [-1.75, 0.0, -0.25]]))
+    # two groups of one row each: every KL term is its own mean, the task advantage alone stays
+    adv = distill_advantages(TASK, TEACHER, BEHAV, MASK, torch.tensor([True, True]),
+                             kl_weight=2.0, task_reward_weight=0.5, group_ids=torch.tensor([3, 9]))
+    torch.testing.assert_close(adv, torch.tensor([[0.25, 0.25, 0.0], [-0.25, 0.0, -0.25]]))
+
+
+def test_group_baseline_leaves_out_a_row_without_the_teacher():
+    # row 1 has no teacher's log-probs: it is not in the mean (row 0 is alone: 0) and keeps A_task
+    adv = distill_advantages(TASK, TEACHER, BEHAV, MASK, torch.tensor([True, False]),
+                             kl_weight=1.0, task_reward_weight=0.0, group_ids=torch.tensor([0, 0]))
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.0, 0.0], [-0.5, 0.0, -0.5]]))
+
+
 def sample(n: int, teacher: list[float] | None, reward: float = 1.0) -> Trajectory:
     return Trajectory.of(prompt_ids=np.array([5, 6, 7]), output_ids=np.arange(10, 10 + n),
                          behav_logp=np.full(n, -1.0, np.float32), versions=np.zeros(n, np.int32),
@@ -115,3 +136,31 @@ def test_a_training_step_reads_the_teacher_as_the_vectors_say():
     assert with_teacher["loss"] == pytest.approx(plain["loss"], rel=1e-5)
     # behav - teacher: (-0.5 + 0 + 1 + 2 + 0) / 5 tokens
     assert with_teacher["distill_reverse_kl"] == pytest.approx(2.5 / 5)
+
+
+def test_a_training_step_centres_the_teacher_term_per_group_with_kl_baseline_group():
+    from areal_like.weights.hf import build_model
+    from trainer.model import Policy, attach_logprobs
+    from trainer.step import StepSettings, train_step
+
+    cfg = load_config(["distill.teachers=[http://127.0.0.1:1]", "distill.kl_weight=2.0",
+                       "distill.task_reward_weight=0.5", "distill.kl_baseline=group", "loss=grpo",
+                       "task.temperature=1.0"])
+    torch.manual_seed(0)
+    model = attach_logprobs(build_model(cfg.model))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    policy = Policy(model=model, optimizer=opt,
+                    scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+                    device=torch.device("cpu"), rank=0, world_size=1)
+    batch = groups_to_batch([group(sample(3, [-0.5, -1.0, -2.0], 1.0),
+                                   sample(2, [-3.0, -1.0], 0.0))])
+    centred = train_step(policy, batch, StepSettings.from_config(cfg), None)
+    # teacher - behav: (0.5, 0, -1) and (-2, 0); one group: position 0's mean -0.75 leaves
+    # 1.25 and -1.25, position 1's 0 leaves 0 and 0, position 2 has one token: 0. Times 2, plus
+    # 0.5 * grpo's +-1/(sqrt(0.5) + 1e-6)
+    a = 0.5 / (0.5 ** 0.5 + 1e-6)
+    by_hand = torch.tensor([[a + 2.5, a, a], [-a - 2.5, -a, 0.0]])
+    plain = train_step(policy, batch, StepSettings.from_config(load_config(["loss=grpo"])), None,
+                       advantages=by_hand)
+    assert centred["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    assert centred["distill_reverse_kl"] == pytest.approx(2.5 / 5)  # the KL itself, uncentred
