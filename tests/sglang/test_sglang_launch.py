@@ -1,21 +1,18 @@
 """Launch through the rollout server's path (``SGLangProcess``, cpu_sglang's flags): health,
 the API key, flags passed through, a flag SGLang does not know refused naming it, the
-refusal of an SGLang release the stand-in was not checked against, and a TMPDIR of the engine's
-own, gone after stop (SGLang left its IPC sockets in the shared temporary directory, ~25 a tier
-run)."""
+refusal of an SGLang release the stand-in was not checked against. The engine's TMPDIR of its own,
+gone after stop (SGLang left its IPC sockets in the shared temporary directory, ~25 a tier run), is
+checked (``sglang_kit.own_tmpdir``) on the server test_sglang_logprob_guard.py starts and stops
+anyway: a server of its own here cost the tier one more SGLang start (~30-130 s)."""
 
 from __future__ import annotations
 
 import json
-import os
-import stat
-import tempfile
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
-from sglang_kit import cpu_engine, model_config, start_server
+from sglang_kit import cpu_engine, model_config
 
 from rollout_server.launch_sglang import SGLangProcess
 
@@ -113,18 +110,3 @@ def test_sglang_reads_every_api_key_from_its_config_file_never_from_argv(key, tm
                           write_secrets(str(tmp_path), key))
     assert prepare_server_args(argv[3:]).api_key == key  # after `python -m sglang.launch_server`
     assert key not in " ".join(argv) and "--api-key" not in argv
-
-
-def test_the_engine_has_a_tmpdir_of_its_own_gone_after_stop(model_dir, tmp_path):
-    """SGLang makes its ZeroMQ IPC sockets with ``tempfile`` and leaves them there at exit: they
-    go into a directory of this engine's own (its TMPDIR), which the reaper removes."""
-    server = start_server(model_dir, tmp_path / "sglang.log")
-    try:
-        environ = Path(f"/proc/{server.proc.proc.pid}/environ").read_bytes().split(b"\0")
-        tmpdir = dict(e.decode().split("=", 1) for e in environ if b"=" in e).get("TMPDIR")
-        assert tmpdir and os.path.dirname(tmpdir) == tempfile.gettempdir(), tmpdir
-        sockets = [e for e in os.scandir(tmpdir) if stat.S_ISSOCK(e.stat().st_mode)]
-        assert sockets, os.listdir(tmpdir)  # SGLang's IPC sockets are there, not in the shared one
-    finally:
-        server.proc.stop()
-    assert not os.path.exists(tmpdir)

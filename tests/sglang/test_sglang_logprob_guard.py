@@ -1,6 +1,8 @@
 """The trainer's log-prob guard (trainer/logprob_guard.py) against the real SGLang: it passes an
 engine that serves the trainer's weights with the trainer's convention, and refuses one started
-with ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (log-probs before the temperature), naming it.
+with ``SGLANG_RETURN_ORIGINAL_LOGPROB`` (log-probs before the temperature), naming it. That
+engine, started and stopped by its test, also shows the launch's TMPDIR of the engine's own, gone
+after stop (``sglang_kit.own_tmpdir``; moved from test_sglang_launch.py to spare a start).
 
 Mutation checked: ``run_guard`` comparing at temperature 1 instead of the run's (the refusal
 test failed: the wrongly started engine passed)."""
@@ -8,12 +10,13 @@ test failed: the wrongly started engine passed)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from sglang_kit import model_config, start_server
+from sglang_kit import model_config, own_tmpdir, start_server
 
 from areal_like.net.sglang_client import SGLangClient
 from areal_like.weights.hf import build_model
@@ -82,6 +85,8 @@ def test_the_guard_refuses_sglang_returning_logprobs_before_the_temperature(
     monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", "1")
     server = start_server(model_dir, tmp_path / "sglang.log")
     try:
+        tmpdir = own_tmpdir(server)  # the launch's, whatever the engine's environment says
+
         async def served_version() -> str | None:
             async with SGLangClient(server.url, api_key=server.api_key) as client:
                 return await client.weight_version()
@@ -91,3 +96,4 @@ def test_the_guard_refuses_sglang_returning_logprobs_before_the_temperature(
             _guard(server, monkeypatch)
     finally:
         server.proc.stop()
+    assert not os.path.exists(tmpdir)  # SGLang's sockets left in it, removed with it at stop
