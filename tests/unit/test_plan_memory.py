@@ -91,7 +91,9 @@ def test_a_local_model_directory_is_sized_from_its_config_json(tmp_path):
     moe = plan("experiment=gsm8k_qwen25_05b_24gb", f"model.path={tmp_path / 'moe'}")
     assert moe.returncode == 0, moe.stderr
     assert memory_block(moe.stdout)[1] == (f"  no estimate: model.path={tmp_path / 'moe'} is a "
-                                           "mixture of experts; the estimate models dense blocks")
+                                           "mixture of experts other than Qwen3-MoE's with every "
+                                           "block a mixture; the estimate models that one and "
+                                           "dense blocks")
 
 
 def test_a_cpu_job_prints_no_memory_block():
