@@ -44,7 +44,7 @@ Columns: **default** is the effective default of `areal-like run` with no overri
 where the dataclass default differs it follows as "schema: ...". **bounds** are those the key
 declares, checked at load (a bad value stops the job before anything starts, naming the key, as
 do the checks that relate two keys, in the schema's `__post_init__`). **set by** lists the
-presets (`group=option`) that change the key. `${a.b}` is the value of key `a.b`.
+presets (`group=option`) that change the key (`group=*`: all of them; `* but a`: all but a). `${a.b}` is the value of key `a.b`.
 """
 
 
@@ -190,14 +190,21 @@ def preset_settings() -> dict[str, list[str]]:
     return out
 
 
-def _presets(names: list[str], options: dict[str, int]) -> str:
-    """``loss=*`` for every option of a group, else ``group=a,b``."""
+def _presets(names: list[str], options: dict[str, list[str]]) -> str:
+    """``loss=*`` for every option of a group, ``group=* but c`` for most of them, else
+    ``group=a,b``."""
     by_group: dict[str, list[str]] = {}
     for name in names:
         group, _, option = name.partition("=")
         by_group.setdefault(group, []).append(option)
-    return ", ".join(f"{g}=*" if len(opts) == options[g] > 1 else f"{g}={','.join(opts)}"
-                     for g, opts in by_group.items())
+
+    def shown(group: str, opts: list[str]) -> str:
+        rest = [o for o in options[group] if o not in opts]
+        if not rest and len(opts) > 1:
+            return f"{group}=*"
+        return (f"{group}=* but {','.join(rest)}" if len(rest) < len(opts) / 2
+                else f"{group}={','.join(opts)}")
+    return ", ".join(shown(g, opts) for g, opts in by_group.items())
 
 
 def _show(value: Any) -> str:
@@ -223,7 +230,8 @@ def _cell(text: str) -> str:
 def render() -> str:
     effective = _effective()
     presets = preset_settings()
-    options = {d.name: len(list(d.glob("*.yaml"))) for d in config_dir().iterdir() if d.is_dir()}
+    options = {d.name: sorted(p.stem for p in d.glob("*.yaml"))
+               for d in config_dir().iterdir() if d.is_dir()}
     sections: dict[str, tuple[str, list[Key]]] = {"": ("", [])}
     for path, row in walk():
         if isinstance(row, Key):
