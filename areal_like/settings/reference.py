@@ -44,7 +44,8 @@ Columns: **default** is the effective default of `areal-like run` with no overri
 where the dataclass default differs it follows as "schema: ...". **bounds** are those the key
 declares, checked at load (a bad value stops the job before anything starts, naming the key, as
 do the checks that relate two keys, in the schema's `__post_init__`). **set by** lists the
-presets (`group=option`) that change the key (`group=*`: all of them; `* but a`: all but a). `${a.b}` is the value of key `a.b`.
+presets (`group=option`) that change the key (`group=*`: all of them; `* but a`: all but a).
+`${a.b}` is the value of key `a.b`.
 """
 
 
