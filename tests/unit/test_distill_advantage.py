@@ -109,15 +109,16 @@ def test_a_wrong_length_or_a_nonfinite_teacher_logprob_is_refused():
     assert info.value.field == "teacher_logp"
 
 
-def test_a_training_step_reads_the_teacher_as_the_vectors_say():
-    """A step with the teacher's log-probs has the loss of the same step given the mixed
-    advantages by hand, and reports the sampled reverse KL (behav - teacher over the tokens)."""
+def _step_against_by_hand(*extra: str):
+    """One step of a GRPO batch with the teacher's log-probs under ``extra`` distill keys, and the
+    same step given ``by_hand(a)`` advantages (``a``: 0.5 x GRPO's advantage of rewards 1, 0)."""
     from areal_like.weights.hf import build_model
     from trainer.model import Policy, attach_logprobs
     from trainer.step import StepSettings, train_step
 
     cfg = load_config(["distill.teachers=[http://127.0.0.1:1]", "distill.kl_weight=2.0",
-                       "distill.task_reward_weight=0.5", "loss=grpo", "task.temperature=1.0"])
+                       "distill.task_reward_weight=0.5", "loss=grpo", "task.temperature=1.0",
+                       *extra])
     torch.manual_seed(0)
     model = attach_logprobs(build_model(cfg.model))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -126,41 +127,30 @@ def test_a_training_step_reads_the_teacher_as_the_vectors_say():
                     device=torch.device("cpu"), rank=0, world_size=1)
     batch = groups_to_batch([group(sample(3, [-0.5, -1.0, -2.0], 1.0),
                                    sample(2, [-3.0, -1.0], 0.0))])
-    s = StepSettings.from_config(cfg)
-    with_teacher = train_step(policy, batch, s, None)
+    stats = train_step(policy, batch, StepSettings.from_config(cfg), None)
+
+    def plain(by_hand: list[list[float]]) -> dict:
+        return train_step(policy, batch, StepSettings.from_config(load_config(["loss=grpo"])),
+                          None, advantages=torch.tensor(by_hand))
+    return stats, plain, 0.5 / (0.5 ** 0.5 + 1e-6)
+
+
+def test_a_training_step_reads_the_teacher_as_the_vectors_say():
+    """A step with the teacher's log-probs has the loss of the same step given the mixed
+    advantages by hand, and reports the sampled reverse KL (behav - teacher over the tokens)."""
+    with_teacher, plain, a = _step_against_by_hand()
     # grpo on rewards (1, 0): +-1/(sqrt(0.5) + 1e-6), times 0.5, plus 2 * (teacher - behav)
-    a = 0.5 / (0.5 ** 0.5 + 1e-6)
-    by_hand = torch.tensor([[a + 1.0, a + 0.0, a - 2.0], [-a - 4.0, -a + 0.0, 0.0]])
-    plain = train_step(policy, batch, StepSettings.from_config(load_config(["loss=grpo"])), None,
-                       advantages=by_hand)
-    assert with_teacher["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    by_hand = plain([[a + 1.0, a + 0.0, a - 2.0], [-a - 4.0, -a + 0.0, 0.0]])
+    assert with_teacher["loss"] == pytest.approx(by_hand["loss"], rel=1e-5)
     # behav - teacher: (-0.5 + 0 + 1 + 2 + 0) / 5 tokens
     assert with_teacher["distill_reverse_kl"] == pytest.approx(2.5 / 5)
 
 
 def test_a_training_step_centres_the_teacher_term_per_group_with_kl_baseline_group():
-    from areal_like.weights.hf import build_model
-    from trainer.model import Policy, attach_logprobs
-    from trainer.step import StepSettings, train_step
-
-    cfg = load_config(["distill.teachers=[http://127.0.0.1:1]", "distill.kl_weight=2.0",
-                       "distill.task_reward_weight=0.5", "distill.kl_baseline=group", "loss=grpo",
-                       "task.temperature=1.0"])
-    torch.manual_seed(0)
-    model = attach_logprobs(build_model(cfg.model))
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    policy = Policy(model=model, optimizer=opt,
-                    scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
-                    device=torch.device("cpu"), rank=0, world_size=1)
-    batch = groups_to_batch([group(sample(3, [-0.5, -1.0, -2.0], 1.0),
-                                   sample(2, [-3.0, -1.0], 0.0))])
-    centred = train_step(policy, batch, StepSettings.from_config(cfg), None)
+    centred, plain, a = _step_against_by_hand("distill.kl_baseline=group")
     # teacher - behav: (0.5, 0, -1) and (-2, 0); one group: position 0's mean -0.75 leaves
     # 1.25 and -1.25, position 1's 0 leaves 0 and 0, position 2 has one token: 0. Times 2, plus
     # 0.5 * grpo's +-1/(sqrt(0.5) + 1e-6)
-    a = 0.5 / (0.5 ** 0.5 + 1e-6)
-    by_hand = torch.tensor([[a + 2.5, a, a], [-a - 2.5, -a, 0.0]])
-    plain = train_step(policy, batch, StepSettings.from_config(load_config(["loss=grpo"])), None,
-                       advantages=by_hand)
-    assert centred["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    by_hand = plain([[a + 2.5, a, a], [-a - 2.5, -a, 0.0]])
+    assert centred["loss"] == pytest.approx(by_hand["loss"], rel=1e-5)
     assert centred["distill_reverse_kl"] == pytest.approx(2.5 / 5)  # the KL itself, uncentred
