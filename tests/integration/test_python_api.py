@@ -22,6 +22,8 @@ SCRIPT = textwrap.dedent("""
     import dataclasses, json, signal, sys
     from launch import config, run
 
+    # a known handler to restore (a shell's background job starts with SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     cfg = config("experiment=quickstart", "warm_start.steps=0", "eval.at_end=false",
                  f"run_dir={sys.argv[1]}")
     cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, steps=2))
