@@ -679,8 +679,8 @@ def check_routing_replay(cfg: RunConfig) -> list[str]:
 
 
 def check_expert_parallel(cfg: RunConfig) -> list[str]:
-    """``trainer.expert_parallel``: a mixture with fused experts, whose num_experts (and, where
-    set, ``launch.trainer_ranks``) it divides (trainer/experts.py)."""
+    """``trainer.expert_parallel``: a mixture with fused experts, whose num_experts it divides
+    (trainer/experts.py; the config load checks ``launch.trainer_ranks``)."""
     if cfg.trainer.expert_parallel == 1:
         return []
     from areal_like.weights.routing import expert_parallel_problem
@@ -689,7 +689,7 @@ def check_expert_parallel(cfg: RunConfig) -> list[str]:
         model = build_meta_model(cfg.model)
     except Exception:  # noqa: BLE001 - a broken model.path: check_models names it
         return []
-    problem = expert_parallel_problem(cfg.trainer.expert_parallel, model, cfg.launch.trainer_ranks)
+    problem = expert_parallel_problem(cfg.trainer.expert_parallel, model, None)
     return [problem] if problem else []
 
 

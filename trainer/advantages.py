@@ -32,7 +32,8 @@ def group_index(group_ids: Tensor | Sequence) -> Tensor:
 
 
 def _group_sums(values: Tensor, idx: Tensor) -> Tensor:
-    return torch.zeros(int(idx.max()) + 1, dtype=values.dtype,
+    """Per group (``idx`` [N]) the sum of ``values`` [N, ...] over its rows."""
+    return torch.zeros(int(idx.max()) + 1, *values.shape[1:], dtype=values.dtype,
                        device=values.device).index_add_(0, idx, values)
 
 
@@ -279,8 +280,6 @@ def distill_advantages(task: Tensor, teacher_logp: Tensor, behav_logp: Tensor, m
     if group_ids is not None:
         on = m * has_teacher.to(m.device)[:, None].double()
         idx = group_index(group_ids.to(m.device)).to(m.device)
-        sums = torch.zeros(int(idx.max()) + 1, kl.shape[1], dtype=kl.dtype, device=m.device)
-        mean = sums.index_add(0, idx, kl * on) / sums.index_add(0, idx, on).clamp(min=1.0)
-        kl = kl - mean[idx]
+        kl = kl - (_group_sums(kl * on, idx) / _group_sums(on, idx).clamp(min=1.0))[idx]
     mixed = task_reward_weight * a + kl_weight * kl
     return (torch.where(has_teacher.to(m.device)[:, None], mixed, a) * m).float()

@@ -32,15 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from areal_like.weights.routing import expert_parallel_problem, fused_experts
+from areal_like.weights.routing import fused_experts
 from trainer.ranks import local
-
-
-def check(n: int, model: nn.Module, world: int) -> None:
-    """ValueError naming ``trainer.expert_parallel`` unless ``n`` splits ``model`` over ``world``
-    ranks."""
-    if problem := expert_parallel_problem(n, model, world):
-        raise ValueError(problem)
 
 
 def shard_experts(model: nn.Module, n: int, device_type: str, fsdp_kwargs: dict) -> None:

@@ -41,8 +41,7 @@ from areal_like.net.distributed import gloo_toward, set_nccl_nonblocking_timeout
 from areal_like.settings.config import LoraConfig, ModelConfig, TrainerConfig
 from areal_like.weights.hf import build_meta_model, layer_windows, torch_dtype
 from areal_like.weights.lora import ADAPTER, add_adapters, is_adapter
-from areal_like.weights.routing import fused_experts
-from trainer.experts import check as check_expert_parallel
+from areal_like.weights.routing import expert_parallel_problem, fused_experts
 from trainer.experts import shard_experts
 from trainer.logprobs import hidden_token_logprobs
 from trainer.packed_attention import PACKED_SDPA, Packing, flash_attention_implementations
@@ -303,7 +302,8 @@ def shard_model(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, *, dtype: st
     # model.dtype already (a LoRA base, a KL reference) computes as it is, gathering nothing
     # a dense model beside a mixture policy (a critic, a KL reference) runs without EP
     ep = trainer_cfg.expert_parallel if fused_experts(model) else 1
-    check_expert_parallel(ep, model, dist.get_world_size())
+    if problem := expert_parallel_problem(ep, model, dist.get_world_size()):
+        raise ValueError(problem)
     if dist.get_world_size() > 1 or (mixed_precision(model_cfg) is not None
                                      and dtype == "float32"):
         apply_fsdp(model, model_cfg, ep, device.type)
