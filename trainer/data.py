@@ -300,7 +300,7 @@ class BatchSource:
             if r is None or len(r) != size * (len(t.prompt_ids) + t.n_tokens - 1):
                 return (f"trainer.routing_replay: a trajectory carries no routed_experts of "
                         f"[prompt + output - 1, {self.route_shape[0]} layers, "
-                        f"{self.route_shape[1]} experts] (agent trajectories carry none)")
+                        f"{self.route_shape[1]} experts]")
         return None
 
     def _engines_behind(self, version: int) -> list[str]:

@@ -1,10 +1,11 @@
-"""Routing replay of multi-turn episodes (``task.env``) on a tiny Qwen3-MoE (tests/families.py),
-CPU: the embedded engine (fp32) plays whole conversations through ``EpisodeRunner`` asking for its
-routes; each trajectory, over the wire, carries a route for every fed position (the prompt, the
-environment's messages and the generated tokens of every turn), and the routes the trainer
-replays (``groups_to_batch``) are, token by token, the experts a transformers forward of the whole
-conversation routes to. A training step on them runs with the replayed routes and moves the
-weights."""
+"""Routing replay of multi-turn episodes (``task.env``) and agent episodes (``task.agent``) on a
+tiny Qwen3-MoE (tests/families.py), CPU: the embedded engine (fp32) plays whole conversations,
+through ``EpisodeRunner`` or an agent calling the agent endpoint with the openai SDK, asking for
+its routes; each trajectory, over the wire, carries a route for every fed position (the prompt,
+the environment's or agent's messages and the generated tokens of every turn), and the routes the
+trainer replays (``groups_to_batch``) are, token by token, the experts a transformers forward of
+the whole conversation routes to. A training step on them runs with the replayed routes and moves
+the weights."""
 
 from __future__ import annotations
 
@@ -59,7 +60,51 @@ def _episodes(engine, tokenizer, n_groups: int = 2):
     return asyncio.run(run())
 
 
-def test_multi_turn_routes_are_the_models_and_train(tmp_path: Path, group):
+def _agent_episodes(engine, tokenizer):
+    """One agent episode of three calls: the second continues the first (its reply and a new user
+    message), the third rewrites the history (a second trajectory of the same episode)."""
+    from openai import AsyncOpenAI
+
+    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.settings.config import TaskConfig
+    from areal_like.tasks.task import make_task
+    from areal_like.wire import protocol as P
+    from rollout_server.agent_endpoint import AgentEndpoint
+    from rollout_server.episode import EpisodeContext
+
+    client = SGLangClient(engine.url, local=engine, routed_experts=True)
+    cfg = TaskConfig(name="calc", chat_template=TEMPLATE, agent="areal_like.tasks.agents:calc_agent",
+                     group_size=1, max_new_tokens=6, max_turns=3, max_episode_tokens=200,
+                     temperature=1.0)
+    ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=tokenizer, rewards=None,
+                         task_cfg=cfg, server_id="s", current_version_fn=lambda: 0)
+
+    async def run():
+        ep = await AgentEndpoint(ctx).start()
+        try:
+            key, session = ep.open_session(None)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            user = [{"role": "user", "content": "12*34"}]
+            reply = await sdk.chat.completions.create(model="m", messages=user)
+            await sdk.chat.completions.create(model="m", messages=user + [
+                reply.choices[0].message,
+                {"role": "user", "content": "again"}])
+            await sdk.chat.completions.create(model="m", messages=[
+                {"role": "user", "content": "5*6"}])
+            await sdk.close()
+            ep.close_session(key)
+            trajs = ep.trajectories(session, 0.0, {"turns": 0})
+            return P.decode(P.encode(P.TrajectoryGroup(
+                group_id="a", server_id="s", lease_id="a", prompt_index=0, epoch=0,
+                trajectories=trajs)))
+        finally:
+            await ep.close()
+            await client.close()
+    return [asyncio.run(run())]
+
+
+@pytest.mark.parametrize("episodes", ["multi_turn", "agent"])
+def test_multi_turn_routes_are_the_models_and_train(tmp_path: Path, group, episodes):
     from transformers import AutoTokenizer
 
     from areal_like.settings.config import EngineConfig, ModelConfig, load_config
@@ -74,7 +119,8 @@ def test_multi_turn_routes_are_the_models_and_train(tmp_path: Path, group):
     model_cfg = ModelConfig(path=str(d), attn_implementation="sdpa", dtype="float32")
     engine = EmbeddedEngine(model_cfg, EngineConfig(max_running_requests=4)).start()
     try:
-        groups = _episodes(engine, AutoTokenizer.from_pretrained(str(d)))
+        tokenizer = AutoTokenizer.from_pretrained(str(d))
+        groups = (_episodes if episodes == "multi_turn" else _agent_episodes)(engine, tokenizer)
     finally:
         engine.stop()
     # the environment scores every episode alike: other rewards, so that the step has advantages
@@ -82,8 +128,10 @@ def test_multi_turn_routes_are_the_models_and_train(tmp_path: Path, group):
         msgspec.structs.replace(t, reward=float(j)) for j, t in enumerate(g.trajectories)])
         for g in groups]
     trajs = [t for g in groups for t in g.trajectories]
-    # several turns each, with environment messages between them (loss_mask 0)
-    assert all(t.metadata["turns"] >= 2 and (t.loss_mask == 0).any() for t in trajs)
+    if episodes == "multi_turn":  # several turns each, environment messages between (loss_mask 0)
+        assert all(t.metadata["turns"] >= 2 and (t.loss_mask == 0).any() for t in trajs)
+    else:  # two calls in the first trajectory, the agent's message between; the rewrite's one
+        assert [t.metadata["calls"] for t in trajs] == [2, 1] and (trajs[0].loss_mask == 0).any()
 
     model = build_model(model_cfg).eval()
     shape = route_shape(model)

@@ -158,7 +158,9 @@ def test_the_switch_is_refused_before_start_where_it_cannot_work(tmp_path):
     env = "task.env=areal_like.tasks.envs:calc"
     assert why(*on, env) == ""  # multi-turn on the embedded engine
     assert "task.env" in why(*on, env, "rollout.engine.kind=sglang")
-    assert "task.agent" in why(*on, "task.agent=areal_like.tasks.agents:calc_agent")
+    agent = "task.agent=areal_like.tasks.agents:calc_agent"
+    assert why(*on, agent) == ""  # agents on the embedded engine
+    assert "task.agent" in why(*on, agent, "rollout.engine.kind=sglang")
 
 
 @pytest.mark.parametrize("other", ["trainer.activation_checkpointing=true",
