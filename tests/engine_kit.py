@@ -262,53 +262,65 @@ def check_teacher_process(model_dir: Path, kind: str, log_path: Path) -> None:
     assert not left, f"left running: {left}"
 
 
-async def routed_generations(client, tokens: int = 16) -> list:
-    """The engine's generations for ``PROMPTS`` (``tokens`` each, sampled), with their routes."""
+async def routed_generations(client, tokens: int = 16) -> list[tuple[list[int], object]]:
+    """(input, generation) pairs with their routes: the engine's generations for ``PROMPTS``
+    (``tokens`` each, sampled), then a second turn of each: its conversation so far and three
+    context tokens, a prefix the engine may serve from its cache."""
     sp = {"max_new_tokens": tokens, "temperature": 1.0, "top_p": 1.0, "top_k": -1,
           "ignore_eos": True}
-    return [await client.generate(p, sp) for p in PROMPTS]
+    first = [(p, await client.generate(p, sp)) for p in PROMPTS]
+    turns = [p + out.output_ids + [30, 31, 32] for p, out in first]
+    return first + [(t, await client.generate(t, sp)) for t in turns]
 
 
-def assert_routed_as_the_model(outs, model_dir: Path) -> None:
+def assert_routed_as_the_model(pairs, model_dir: Path) -> None:
     """Each generation's routes are the experts a transformers forward of ``model_dir`` routes the
-    same tokens to: every token the engine ran through the model (all but the last sampled one),
-    every layer, in top-k order (both sides take torch.topk of the same fp32 router logits)."""
+    same tokens to: every token the engine ran through the model (all but the last sampled one,
+    a cached prefix included), every layer, in top-k order (both sides take torch.topk of the same
+    fp32 router logits)."""
     import numpy as np
 
     from areal_like.weights.routing import recording
 
     model = build_model(ModelConfig(path=str(model_dir), dtype="float32",
                                     attn_implementation="sdpa")).eval()
-    for prompt, out in zip(PROMPTS, outs):
-        assert out.output_ids and out.routed_experts is not None, f"no routes for {prompt}"
+    for ids, out in pairs:
+        assert out.output_ids and out.routed_experts is not None, f"no routes for {ids}"
         with torch.no_grad(), recording(model) as routes:
-            model(torch.tensor([list(prompt) + out.output_ids[:-1]]))
+            model(torch.tensor([list(ids) + out.output_ids[:-1]]))
         want = routes[0].numpy()  # [tokens, layers, top_k]
         got = np.frombuffer(out.routed_experts, "<i4")
-        assert got.size == want.size, (got.size, want.shape)
+        assert got.size == want.size, (len(ids), got.size, want.shape)
         np.testing.assert_array_equal(got.reshape(want.shape), want)
 
 
 def run_routing_replay_job(tmp_path: Path, topology: str, steps: int = 2) -> None:
-    """``areal-like run`` of the quickstart on a tiny Qwen3-MoE with ``trainer.routing_replay`` on
-    ``topology``'s engine: it completes, and no group was dropped as bad data (a trajectory
-    without its routes is)."""
+    """``areal-like run`` of multi-turn episodes (tests/unit/agent_envs.py's Chat: three turns, each
+    turn's conversation so far a prefix the engine may serve from its cache) on a tiny Qwen3-MoE
+    with ``trainer.routing_replay`` on ``topology``'s engine: it completes, and no group was
+    dropped as bad data (a trajectory without its routes is)."""
     import json
     import subprocess
     import sys
 
+    from tests.conftest import child_env
     from tests.families import save_family
 
     moe = save_family("qwen3_moe", tmp_path / "moe")
     run_dir = tmp_path / "run"
+    envs = str(Path(__file__).resolve().parent / "unit")
     done = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "run", "experiment=quickstart", f"topology={topology}",
+        [sys.executable, "-m", "launch.cli", "run", "experiment=guess_env", f"topology={topology}",
          "warm_start.steps=0", f"model.path={moe}", "model.attn_implementation=sdpa",
-         "trainer.routing_replay=true", f"trainer.steps={steps}", "eval.at_start=false",
+         "trainer.routing_replay=true", "task.env=agent_envs:Chat", "task.max_turns=3",
+         "task.group_size=2", "buffer.groups_per_step=2", "launch.trainer_ranks=1",
+         "launch.num_rollout_servers=1", f"trainer.steps={steps}", "eval.at_start=false",
          "eval.at_end=false", "launch.health_timeout_s=300", f"run_dir={run_dir}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=1000)
+        cwd=tmp_path, capture_output=True, text=True, timeout=1000,
+        env=child_env({"PYTHONPATH": os.pathsep.join([envs, child_env()["PYTHONPATH"]])}))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert json.loads((run_dir / "summary.json").read_text())["steps_trained"] == steps
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps_trained"] == steps and summary["reward_first"] == 1.5  # three turns each
     reports = [json.loads(line) for line in (run_dir / "metrics" / "trainer.jsonl").open()
                if '"groups_dropped_bad_data"' in line]
     assert reports and all(r["groups_dropped_bad_data"] == 0 for r in reports)

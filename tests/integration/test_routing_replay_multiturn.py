@@ -73,9 +73,9 @@ def _agent_episodes(engine, tokenizer):
     from rollout_server.episode import EpisodeContext
 
     client = SGLangClient(engine.url, local=engine, routed_experts=True)
-    cfg = TaskConfig(name="calc", chat_template=TEMPLATE, agent="areal_like.tasks.agents:calc_agent",
-                     group_size=1, max_new_tokens=6, max_turns=3, max_episode_tokens=200,
-                     temperature=1.0)
+    cfg = TaskConfig(name="calc", chat_template=TEMPLATE, group_size=1,
+                     agent="areal_like.tasks.agents:calc_agent", max_new_tokens=6, max_turns=3,
+                     max_episode_tokens=200, temperature=1.0)
     ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=tokenizer, rewards=None,
                          task_cfg=cfg, server_id="s", current_version_fn=lambda: 0)
 

@@ -1,12 +1,14 @@
 """Routing replay on the real SGLang (CPU): started for ``trainer.routing_replay`` (the launch adds
-``--enable-return-routed-experts``), it returns the experts it routed each token to, and those are
-the experts a direct transformers forward of the same tiny Qwen3-MoE routes the same tokens to,
-token by token and layer by layer. Then a whole job (``areal-like run``, topology=cpu_sglang)
-trains on trajectories that carry them."""
+``--enable-return-routed-experts``), it returns the experts it routed each token to, a prefix it
+served from its cache included (a second turn), and those are the experts a direct transformers
+forward of the same tiny Qwen3-MoE routes the same tokens to, token by token and layer by layer.
+Then a whole multi-turn job (``areal-like run``, topology=cpu_sglang) trains on trajectories that
+carry them."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 
 import pytest
@@ -33,9 +35,11 @@ def test_sglang_returns_the_experts_the_model_routes_each_token_to(tmp_path):
         outs = asyncio.run(generate())
     finally:
         proc.stop()
+    cached = re.findall(r"#cached-token: (\d+)", (tmp_path / "sglang.log").read_text())
+    assert any(int(n) > 0 for n in cached), "no turn was served from SGLang's prefix cache"
     assert_routed_as_the_model(outs, moe)
 
 
 @pytest.mark.timeout(1200)  # one SGLang start-up (up to ~2 min on a loaded machine) and 2 steps
-def test_a_routing_replay_job_on_sglang_trains_on_every_trajectory(tmp_path):
+def test_a_multi_turn_routing_replay_job_on_sglang_trains_on_every_trajectory(tmp_path):
     run_routing_replay_job(tmp_path, "cpu_sglang")
