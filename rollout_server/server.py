@@ -11,12 +11,9 @@ Invariants:
 * a group is re-sent until acked, also across buffer restarts (``known=False``: register again,
   re-send everything unacked);
 * at most ``rollout.max_concurrent_groups`` episodes run at once (counting leases asked for and not
-  yet answered); no lease is asked for between a sync's ``begin`` and its ``end`` (or the
-  ``seconds`` its ``begin`` gave and the engine's continue after it);
-* the sync port acts for the sync under way only: a door, adapter or end naming another plan is
-  refused (``sync_under_way``), so a late call of an earlier sync changes nothing;
-* an evaluation never overlaps a sync: ``begin`` is refused while one runs, and one begins only
-  once a sync under way ended;
+  yet answered);
+* the sync window (no lease and no evaluation between a sync's ``begin`` and its ``end``; calls of
+  any other plan refused, ``sync_under_way``): trainer/WEIGHT_SYNC.md, "Who drives the engines";
 * ``policy_version`` is the version the engine serves: set by a sync's ``end`` and read from the
   engine after each heartbeat outside a sync (whoever loaded it);
 * after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``, else

@@ -4,31 +4,9 @@
 (areal_like/net/http_guard.py); every route but ``/vouch`` and ``/begin`` behind the job's
 engine key.
 
-``POST /vouch {"nonce"}`` -> ``{"proof"}``, open: ``auth.vouch_proof`` of the nonce, the server's
-id, this port's URL and its engine's, so the trainer sends the key to neither URL before a holder
-of the key vouched for both under that id (a roster entry is a member's word, SECURITY.md).
-``POST /begin {"plan_id", "version", "seconds", "nonce", "proof"}`` -> ``{"drained", "proof"}``,
-open but for a ``proof`` (``auth.begin_proof``) of the key, this port's URL, its engine's, the
-server's id and the body, answered with ``/vouch``'s proof of the nonce (one round trip proves the
-key each way; 401 otherwise; 409 for a nonce this port has seen: a replay, ``NONCES_KEPT``): the
-sync of plan ``plan_id`` (of ``version``) begins: no lease is
-asked for and no evaluation begins until its ``/end`` or for ``seconds`` (what is left of the
-trainer's deadline; an hour at most) and the engine's continue after it. With
-``rollout.drain_on_update`` the answer comes once the episodes in flight ended (``DRAIN_SHARE`` of
-``seconds`` at most). 409 while the server evaluates, or still ends a sync its trainer abandoned:
-the sync fails before anything reached the engine.
-The others act only for the sync under way (409 for any other ``plan_id``, or none):
-``POST /door {"plan_id", "master_addr", "master_port", "group_name"}`` -> ``{"port"}``: a door on
-this node's loopback to that group's store gate (areal_like/net/store_gate.py), in place of the
-engine's last one; the trainer tells the engine to join through it. Only to the job's rendezvous
-(``trainer.weight_sync.master_addr``, and ``master_port`` unless 0): 400 for any other address.
-``POST /adapter`` (a ``WeightSyncPlan``, JSON) -> ``{"ok", "reason", "pause_s"}``: with LoRA on a
-launched engine, the server loads the plan's adapter itself (its generate calls name the adapter:
-``areal_like/weights/server_sync.py`` ``apply_adapter_sync``). Only from a push directory of the
-disk path (``server_sync.in_push_dir``): 400 for any other path, the same whether it exists.
-``POST /end {"plan_id", "version", "ok", "pause_s", "reason"}`` -> ``{}``: the sync ended; after
-a failed one the server checks that its engine still generates and stops when it does not (its
-supervisor restarts it with a fresh engine).
+Routes ``/vouch``, ``/begin``, ``/door``, ``/adapter`` and ``/end``. Their bodies, proofs,
+deadlines and 409/400 rules are the protocol of trainer/WEIGHT_SYNC.md ("Who drives the
+engines"); who may call which route: areal_like/SECURITY.md ("Rollout server sync port").
 """
 
 from __future__ import annotations

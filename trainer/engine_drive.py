@@ -18,11 +18,7 @@ Invariants:
   the next plan's load, and ``/end`` of a plan comes before ``/begin`` of the next;
 - ``failed`` never waits, ``wait`` returns by its deadline (the members not done then are missing
   from its answer);
-- a member is ``lost`` when its sync failed and its engine then did not answer ``/health`` (or its
-  task of the last plan outlived this one's deadline): the
-  survivors that missed the version with it get it again (``WeightBroadcaster``), the lost one not;
-  it ``stalled`` when lost or not done by the deadline (``WeightBroadcaster`` leaves it out until
-  it shows life);
+- when a member is ``lost`` or ``stalled``: trainer/WEIGHT_SYNC.md, "Who drives the engines";
 - one client per engine URL and sync URL lives while the roster names the URL (its connections,
   and the state a client keeps between calls of one sync: vLLM's version label, SGLang's
   adapter), kept by what it is (a sync port or an engine of a kind), its URL and the key it sends:

@@ -1,9 +1,9 @@
 """The trainer's side of a weight sync: one member's engine driven through one ``WeightSyncPlan``
-(phases 2-5 of areal_like/DESIGN.md section 4, as trainer/engine_drive.py runs each member), and
+(phases 3-5 of trainer/WEIGHT_SYNC.md, as trainer/engine_drive.py runs each member), and
 the client of the member's sync port beside it (``ServerPort``).
 
-``apply_weight_sync`` drives the engine in the order of rollout_server/ROLLOUT.md, "Weight sync"
-(how each ``plan.path`` loads: ``RECEIVERS``).
+``apply_weight_sync`` drives the engine in the order of trainer/WEIGHT_SYNC.md, "Who drives the
+engines", step 2 (how each ``plan.path`` loads: ``RECEIVERS``).
 
 Invariants:
 * ``/continue_generation`` always runs, also after a failure: an engine is never left paused, and
