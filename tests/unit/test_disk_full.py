@@ -13,15 +13,13 @@ import shutil
 import threading
 import time
 
-import numpy as np
 import pytest
-from service_harness import start, step
+from service_harness import answer, start, step
 
 import buffer.diskspace
 import buffer.wal
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
-from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.diskspace import DiskGuard
 from buffer.service import BufferService
 from buffer.wal import DiskFull, WriteAheadLog
@@ -51,20 +49,12 @@ def _step(svc: BufferService, msg: P.Message) -> P.Message:
     return step(svc, msg, peer=b"trainer-ws-t")
 
 
-def _group(c: P.Credit) -> P.TrajectoryGroup:
-    t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
-                     behav_logp=as_f32([-1, -1]),
-                     versions=as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
-    return P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
-                             prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
-
-
 def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_path):
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     credits = _step(svc, P.CreditRequest(server_id="s", max_credits=3)).credits
-    groups = [_group(c) for c in credits]
+    groups = [answer(c) for c in credits]
     assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
     disk.free = RESERVE - 1  # another writer filled the disk
     svc.settle()  # a sweep reads the free space
@@ -95,7 +85,7 @@ def test_degraded_mode_compacts_consumed_records_without_waiting_for_a_full_segm
     svc = _start(tmp_path, disk, fsync="batch")
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits:
-        assert _step(svc, _group(c)).status == "accepted"
+        assert _step(svc, answer(c)).status == "accepted"
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
     _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0, ack_batch=batch.batch_id))
     first = svc.wal.segments()
@@ -225,7 +215,7 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
     svc = _start(tmp_path, disk, fsync="batch")
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     credits = _step(svc, P.CreditRequest(server_id="s", max_credits=3)).credits
-    groups = [_group(c) for c in credits]
+    groups = [answer(c) for c in credits]
     assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
     fails = [10 ** 6]
@@ -305,7 +295,7 @@ def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(tmp
     svc = _start(tmp_path, disk, fsync=fsync)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits:
-        assert _step(svc, _group(c)).status == "accepted"
+        assert _step(svc, answer(c)).status == "accepted"
     fails = [10 ** 6]
     monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))  # full: estimate had room
     svc.server = sink = _KillAtEverySend(svc, tmp_path, disk, fails)
