@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_handout import _start, _step  # the buffer service with fake sockets
+from service_harness import start, step  # the buffer service with fake sockets
 
-from areal_like.settings.config import EvalConfig, TaskConfig
+from areal_like.settings.config import BufferConfig, EvalConfig, TaskConfig
 from areal_like.wire import protocol as P
 from rollout_server.evaluate import EvalSchedule, main, read_done_versions, summarize
 
@@ -220,16 +220,16 @@ def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(tmp_path,
 
 
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
-    svc = _start(tmp_path)  # the real buffer service with fake sockets (test_handout.py)
+    svc = start(tmp_path, BufferConfig())
     try:
         for sid in ("a", "b"):
-            _step(svc, P.Register(server_id=sid, engine_url=f"http://{sid}", policy_version=0))
-        assert [m.server_id for m in _step(svc, P.RosterRequest()).members] == ["a", "b"]
-        _step(svc, P.Heartbeat(server_id="a", policy_version=3, evaluating=True))
-        roster = _step(svc, P.RosterRequest())
+            step(svc, P.Register(server_id=sid, engine_url=f"http://{sid}", policy_version=0))
+        assert [m.server_id for m in step(svc, P.RosterRequest()).members] == ["a", "b"]
+        step(svc, P.Heartbeat(server_id="a", policy_version=3, evaluating=True))
+        roster = step(svc, P.RosterRequest())
         assert [m.server_id for m in roster.members] == ["b"] and roster.evaluating == ["a"]
-        _step(svc, P.Heartbeat(server_id="a", policy_version=3))  # done: back in the next sync
-        roster = _step(svc, P.RosterRequest())
+        step(svc, P.Heartbeat(server_id="a", policy_version=3))  # done: back in the next sync
+        roster = step(svc, P.RosterRequest())
         assert [m.server_id for m in roster.members] == ["a", "b"] and roster.evaluating == []
     finally:
         svc.stop()

@@ -488,24 +488,22 @@ def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anyt
     assert not run_dir.exists()  # no warm start, no daemon, not even the run directory
 
 
-@pytest.mark.parametrize("value", ["1", "true", "True", "yes"])
-def test_inherited_return_original_logprob_is_refused(monkeypatch, value):
-    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
+@pytest.mark.parametrize("value", ["1", "true", "True", "yes", None, "", "0", "false"])
+def test_an_inherited_return_original_logprob_is_refused_unless_unset_or_false(monkeypatch,
+                                                                               value):
+    if value is None:
+        monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB", raising=False)
+    else:
+        monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
     problems = pf.check_environment(base())
+    if value in (None, "", "0", "false"):
+        assert problems == []
+        return
     assert len(problems) == 1 and problems[0].startswith(
         f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r} is set")
     with pytest.raises(pf.PreflightError) as e:
         pf.checked(base())
     assert e.value.problems == problems
-
-
-@pytest.mark.parametrize("value", [None, "", "0", "false"])
-def test_unset_or_false_return_original_logprob_passes(monkeypatch, value):
-    if value is None:
-        monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB", raising=False)
-    else:
-        monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
-    assert pf.check_environment(base()) == []
 
 
 def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tmp_path):
@@ -713,16 +711,32 @@ def test_the_embedded_engines_kv_budget_is_the_context_the_lengths_are_checked_a
         "tokens; set task.max_new_tokens to at most 127"]
     # a budget over the model's positions: the model's 256 bind
     assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=200), 512)) == []
+
+
+@pytest.mark.parametrize("long_prompt,budget", [(300, 512), (150, 128)])
+def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(
+        tmp_path, monkeypatch, long_prompt, budget):
+    """A prompt that fills the context (the model's 256 positions, or a smaller KV budget of the
+    embedded engine) is skipped each epoch (its group refused as no_room): with
+    buffer.max_epochs=1 over 2 prompts that fit and 2 that do not, 4 groups were asked for and the
+    trainer waited for data forever after the second."""
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "mix.jsonl").write_text("".join(
-        f'{{"prompt": "{"x" * (150 if i % 2 else 3)}", "answer": "1"}}\n' for i in range(4)))
-    cfg = kv_budget(cfg_with(name="dataset", dataset_path="mix.jsonl"), 128)
+        f'{{"prompt": "{"x" * (long_prompt if i % 2 else 3)}", "answer": "1"}}\n'
+        for i in range(4)))
+    cfg = kv_budget(cfg_with(name="dataset", dataset_path="mix.jsonl"), budget)
     job = dataclasses.replace(
         cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=1, groups_per_step=1),
         trainer=dataclasses.replace(cfg.trainer, steps=4, groups_per_step=1))
-    assert pf.check_epochs(job)[0].startswith(
+    assert pf.check_epochs(job) == [
         "buffer.max_epochs=1: 1 pass over the 2 prompts of task.dataset_path that leave room in "
-        "the context of 128 tokens the engine serves gives 2 groups")
-    assert pf.check_epochs(kv_budget(job, 256)) == []  # all 4 fit the model's 256
+        f"the context of {min(budget, 256)} tokens the engine serves gives 2 groups, fewer than "
+        "the 4 the job trains on (trainer.steps=4 x buffer.groups_per_step=1): it would wait for "
+        "data forever; raise buffer.max_epochs (0: no limit) or lower trainer.steps"]
+    two = dataclasses.replace(job, trainer=dataclasses.replace(job.trainer, steps=2))
+    assert pf.check_epochs(two) == []
+    if budget < 256:  # all 4 fit the model's 256
+        assert pf.check_epochs(kv_budget(job, 256)) == []
 
 
 def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anything_starts(
@@ -738,26 +752,6 @@ def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anythin
         "(model.max_position_embeddings=256): a prompt of one token leaves room for 255 output "
         "tokens; set task.max_new_tokens to at most 255"]
     assert not run_dir.exists()  # no warm start, no daemon
-
-
-def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(tmp_path, monkeypatch):
-    """A prompt that fills the context is skipped each epoch (its group refused as no_room):
-    with buffer.max_epochs=1 over 2 prompts that fit and 2 that do not, 4 groups were asked for
-    and the trainer waited for data forever after the second."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "mix.jsonl").write_text("".join(
-        f'{{"prompt": "{"x" * (300 if i % 2 else 3)}", "answer": "1"}}\n' for i in range(4)))
-    cfg = cfg_with(name="dataset", dataset_path="mix.jsonl")
-    job = dataclasses.replace(
-        cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=1, groups_per_step=1),
-        trainer=dataclasses.replace(cfg.trainer, steps=4, groups_per_step=1))
-    assert pf.check_epochs(job) == [
-        "buffer.max_epochs=1: 1 pass over the 2 prompts of task.dataset_path that leave room in "
-        "the context of 256 tokens the engine serves gives 2 groups, fewer than the 4 the job "
-        "trains on (trainer.steps=4 x buffer.groups_per_step=1): it would wait for data forever; "
-        "raise buffer.max_epochs (0: no limit) or lower trainer.steps"]
-    two = dataclasses.replace(job, trainer=dataclasses.replace(job.trainer, steps=2))
-    assert pf.check_epochs(two) == []
 
 
 def test_sglang_refuses_an_untied_gemma3_whose_lm_head_it_would_never_load(tmp_path):
