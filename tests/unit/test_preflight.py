@@ -311,8 +311,35 @@ def test_chat_template_is_auto_none_a_file_or_a_template_that_compiles(tmp_path,
         "(a template contains '{{' or '{%')"]
 
 
+LOAD = "cannot be loaded in a reward worker: "
+
+
+@pytest.mark.parametrize("reward_fn,why", [
+    ("my_rewards:score", None), ("my_rewards.score", None), ("my_rewards:loose", None),
+    # called as fn(response, example): a reward that cannot be would score every sample 0
+    ("my_rewards:one", LOAD + "it cannot be called as fn(response, example): TypeError: too many "
+                              "positional arguments"),
+    ("my_rewards:three", LOAD + "it cannot be called as fn(response, example): TypeError: missing "
+                                "a required argument: 'extra'"),
+    ("my_rewards:THRESHOLD", LOAD + "TypeError: THRESHOLD in my_rewards is a int, not a callable"),
+    ("my_rewards:nothing", LOAD + "AttributeError: module 'my_rewards' has no attribute 'nothing'"),
+    ("broken_rewards:score", LOAD + "ModuleNotFoundError: No module named 'no_such_package_areal'"),
+    ("exits_rewards:score", LOAD + "SystemExit: 7"),
+    ("score", "is not of the form package.module:function"),
+    # a file's path for a module's name: said so, not "No module named 'my_rewards/py'"
+    ("./my_rewards.py:score", "is not of the form package.module:function"),
+    # the reward's own module is not found: where it was looked for (a new user's module sits
+    # beside their data, not where they started the job)
+    ("elsewhere_rewards.mine:score", LOAD + "ModuleNotFoundError: No module named "
+                                            "'elsewhere_rewards' (imported from the working "
+                                            "directory, {cwd}, then PYTHONPATH)"),
+    # its calls would return coroutines: every sample would score 0
+    ("async_rewards:score", LOAD + "TypeError: async_rewards:score is an async def: a reward is "
+                                   "a plain def fn(response, example) -> float (await inside it "
+                                   "with asyncio.run)"),
+])
 def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_servers_do(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, reward_fn, why):
     # the child Python finds my_rewards.py here, as `python -m rollout_server` would
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_rewards.py").write_text("def score(response, example):\n    return 1.0\n"
@@ -322,47 +349,13 @@ def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_serve
                                             "THRESHOLD = 3\n")
     (tmp_path / "broken_rewards.py").write_text("import no_such_package_areal\n")
     (tmp_path / "exits_rewards.py").write_text("raise SystemExit(7)\n")
-    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:score")) == []
-    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards.score")) == []
-    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:loose")) == []
-    # called as fn(response, example): a reward that cannot be would score every sample 0
-    for name, why in (("one", "too many positional arguments"),
-                      ("three", "missing a required argument: 'extra'")):
-        assert pf.check_reward_fn(cfg_with(reward_fn=f"my_rewards:{name}")) == [
-            f"task.reward_fn='my_rewards:{name}' cannot be loaded in a reward worker: it cannot be "
-            f"called as fn(response, example): TypeError: {why}"]
-    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:THRESHOLD")) == [
-        "task.reward_fn='my_rewards:THRESHOLD' cannot be loaded in a reward worker: "
-        "TypeError: THRESHOLD in my_rewards is a int, not a callable"]
-    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:nothing")) == [
-        "task.reward_fn='my_rewards:nothing' cannot be loaded in a reward worker: AttributeError: "
-        "module 'my_rewards' has no attribute 'nothing'"]
-    assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score")) == [
-        "task.reward_fn='broken_rewards:score' cannot be loaded in a reward worker: "
-        "ModuleNotFoundError: "
-        "No module named 'no_such_package_areal'"]
-    assert pf.check_reward_fn(cfg_with(reward_fn="exits_rewards:score")) == [
-        "task.reward_fn='exits_rewards:score' cannot be loaded in a reward worker: SystemExit: 7"]
-    assert pf.check_reward_fn(cfg_with(reward_fn="score")) == [
-        "task.reward_fn='score' is not of the form package.module:function"]
-    # a file's path for a module's name: said so, not "No module named 'my_rewards/py'"
-    assert pf.check_reward_fn(cfg_with(reward_fn="./my_rewards.py:score")) == [
-        "task.reward_fn='./my_rewards.py:score' is not of the form package.module:function"]
-    # the reward's own module is not found: where it was looked for (a new user's module
-    # sits beside their data, not where they started the job)
-    assert pf.check_reward_fn(cfg_with(reward_fn="elsewhere_rewards.mine:score")) == [
-        "task.reward_fn='elsewhere_rewards.mine:score' cannot be loaded in a reward worker: "
-        "ModuleNotFoundError: No module named 'elsewhere_rewards' (imported from the working "
-        f"directory, {tmp_path}, then PYTHONPATH)"]
-    # its calls would return coroutines: every sample would score 0
     (tmp_path / "async_rewards.py").write_text("async def score(response, example):\n"
                                                "    return 1.0\n")
-    assert pf.check_reward_fn(cfg_with(reward_fn="async_rewards:score")) == [
-        "task.reward_fn='async_rewards:score' cannot be loaded in a reward worker: TypeError: "
-        "async_rewards:score is an async def: a reward is a plain def fn(response, example) -> "
-        "float (await inside it with asyncio.run)"]
+    expected = [] if why is None else [f"task.reward_fn={reward_fn!r} "
+                                       + why.format(cwd=tmp_path)]
+    assert pf.check_reward_fn(cfg_with(reward_fn=reward_fn)) == expected
     # a remote reward replaces the function: its import is not the job's business
-    assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score",
+    assert pf.check_reward_fn(cfg_with(reward_fn=reward_fn,
                                        reward_url="http://127.0.0.1:1/r")) == []
 
 
