@@ -353,30 +353,16 @@ def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
     assert listed() == ["buffer", "rollout-0"]
 
 
-def test_a_start_refused_after_settings_were_written_leaves_them_as_they_were(tmp_path,
-                                                                             monkeypatch):
+def test_a_start_refused_after_settings_were_written_leaves_them_as_they_were(tmp_path):
     """A resume the launcher refuses after ``write_settings`` (a layout that does not fit, here two
     daemons on one fixed port; a warm start that fails): settings.yaml got this start's content
     (a new trainer.steps), and ``status`` and ``top`` took the refused run for the one started
     last. Now it is as it was, and so is job.json (its ``started`` with it)."""
-    from launch import job, warmstart
     from launch.rundir import JOB_FILE, SETTINGS_FILE, write_job, write_settings
 
     same_port = ["buffer.metrics_port=29001", "trainer.metrics_port=29001"]
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20", *same_port]))
-    path = tmp_path / SETTINGS_FILE
     write_job(tmp_path, state="ended", started=10.0**9, summary={"end": "completed"})
-    before = path.read_bytes()
-    job_before = (tmp_path / JOB_FILE).read_bytes()
-    locks: list[int] = []
-    monkeypatch.setattr(job, "lock_run_dir", lambda d: locks.append(lock_run_dir(d)) or locks[-1])
-    monkeypatch.setattr(warmstart, "ensure_warm_start", lambda *a, **k: pytest.fail("started"))
-    try:
-        with pytest.raises(ConfigError, match="the same fixed port"):
-            job.start_job(load_config([f"run_dir={tmp_path}", "trainer.steps=30", *same_port]),
-                          False)
-    finally:
-        for fd in locks:
-            os.close(fd)
-    assert path.read_bytes() == before
-    assert (tmp_path / JOB_FILE).read_bytes() == job_before
+    before = [(tmp_path / name).read_bytes() for name in (SETTINGS_FILE, JOB_FILE)]
+    assert "the same fixed port" in run_again(tmp_path, "trainer.steps=30", *same_port).stderr
+    assert [(tmp_path / name).read_bytes() for name in (SETTINGS_FILE, JOB_FILE)] == before
