@@ -115,15 +115,15 @@ def test_degraded_mode_does_not_rotate_a_segment_that_holds_only_a_big_checkpoin
     wal.close()
 
 
-def _partial_writev(real, fails: list[int]):
-    """os.writev that, while ``fails[0] > 0``, writes half of the record and reports ENOSPC."""
+def _partial_writev(real, fails: list[int], code: int = errno.ENOSPC):
+    """os.writev that, while ``fails[0] > 0``, writes half of the record and reports ``code``."""
     def writev(fd, parts):
         if fails[0] <= 0:
             return real(fd, parts)
         fails[0] -= 1
         data = b"".join(bytes(p) for p in parts)
         os.write(fd, data[:len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(code, os.strerror(code))
     return writev
 
 
@@ -241,21 +241,24 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
     again.close()
 
 
-def test_records_waiting_for_room_that_statvfs_does_not_see_keep_the_mode_and_one_line(tmp_path,
-                                                                                       caplog):
+def test_records_waiting_for_room_that_statvfs_does_not_see_keep_the_mode_and_one_line(
+        tmp_path, monkeypatch, caplog):
     """A quota (EDQUOT) fills while statvfs still shows free space: the degraded mode holds as long
     as the WAL's records wait for room (before, each sweep left and re-entered it, two lines each
     time), its error line names the segment and the errno, and it ends once they are written."""
     wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
     wal.open({"state": {}})
     guard = DiskGuard(wal.dir, RESERVE, free_bytes=_Disk(100 * RESERVE))
-    wal._full(DiskFull(errno.EDQUOT, "quota"))  # what a failed write records
+    fails = [10 ** 6]
+    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails, errno.EDQUOT))
+    wal.append_control({"consumed": ["g0"]})  # kept, waiting for room
     for _ in range(5):
         guard.sweep(wal, lambda: {"state": {}})
     assert guard.degraded
-    lines = [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    lines = [r.getMessage() for r in caplog.records if r.name == "buffer.diskspace"]
     assert len(lines) == 1 and "seg-" in lines[0] and "(EDQUOT)" in lines[0], lines
-    wal.disk_full = False  # the waiting records were written
+    fails[0] = 0
+    wal.request_sync()  # the waiting records are written
     guard.sweep(wal, lambda: {"state": {}})
     assert not guard.degraded
     wal.close()
