@@ -390,17 +390,6 @@ def test_reward_fn_is_loaded_under_the_workers_memory_limit_and_environment(tmp_
         "AttributeError: module 'big_rewards' has no attribute 'nothing'"]
 
 
-def test_trackers_packages_are_checked(monkeypatch):
-    cfg = dataclasses.replace(base(), tracker=["jsonl", "wandb"])
-    assert pf.check_trackers(cfg) == []  # the test extra installs every tracker
-    monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec answers None: as if not installed
-    assert pf.check_trackers(cfg) == [
-        "tracker='wandb' needs the 'wandb' package, which is not installed: "
-        "pip install -e '.[wandb]' in the checkout "
-        "(or drop 'wandb' from tracker)"]
-    assert pf.check_trackers(dataclasses.replace(cfg, tracker=["jsonl"])) == []
-
-
 def test_sglang_engine_needs_its_package_and_a_model_directory(tmp_path):
     cfg = load_config(["rollout.engine.kind=sglang", "warm_start.steps=0"])
     problems = pf.check_engine(cfg)
