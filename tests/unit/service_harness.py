@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig
 from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.service import BufferService
 
 
@@ -52,3 +53,14 @@ def step(svc: BufferService, msg: P.Message, peer: bytes = b"trainer-ws-test") -
     svc.wal.wait_durable()
     svc.send_durable()
     return svc.server.sent[-1]
+
+
+def answer(credit: P.Credit, version: int = 0, server_id: str = "s") -> P.TrajectoryGroup:
+    """The group a server sends for ``credit``: one trajectory of two tokens, sampled at
+    ``version``, reward 1."""
+    t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
+                      behav_logp=as_f32([-1, -1]), versions=as_i32([version, version]),
+                      reward=1.0, finish_reason="stop")
+    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,
+                             lease_id=credit.lease_id, prompt_index=credit.prompt_index,
+                             epoch=credit.epoch, trajectories=[t])

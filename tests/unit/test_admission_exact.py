@@ -12,13 +12,11 @@ versions older than admission assumes: it gets a window shrunk by d, so they are
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from service_harness import start, step
+from service_harness import answer, start, step
 
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
-from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.service import BufferService
 from buffer.staleness import StalenessPolicy
 
@@ -38,12 +36,7 @@ def _step(svc: BufferService, msg: P.Message, peer: bytes = TRAINER) -> P.Messag
 
 def _deliver(svc: BufferService, n: int, version: int) -> None:
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits:
-        t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
-                         behav_logp=as_f32([-1, -1]),
-                         versions=as_i32(np.full(2, version)), reward=1.0, finish_reason="stop")
-        g = P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
-                              prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
-        assert _step(svc, g).status == "accepted"
+        assert _step(svc, answer(c, version)).status == "accepted"
 
 
 def _ahead(svc: BufferService) -> int:

@@ -13,15 +13,13 @@ import shutil
 import threading
 import time
 
-import numpy as np
 import pytest
-from service_harness import start, step
+from service_harness import answer, start, step
 
 import buffer.diskspace
 import buffer.wal
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
-from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.diskspace import DiskGuard
 from buffer.service import BufferService
 from buffer.wal import DiskFull, WriteAheadLog
@@ -51,20 +49,12 @@ def _step(svc: BufferService, msg: P.Message) -> P.Message:
     return step(svc, msg, peer=b"trainer-ws-t")
 
 
-def _group(c: P.Credit) -> P.TrajectoryGroup:
-    t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
-                     behav_logp=as_f32([-1, -1]),
-                     versions=as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
-    return P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
-                             prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
-
-
 def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_path):
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     credits = _step(svc, P.CreditRequest(server_id="s", max_credits=3)).credits
-    groups = [_group(c) for c in credits]
+    groups = [answer(c) for c in credits]
     assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
     disk.free = RESERVE - 1  # another writer filled the disk
     svc.settle()  # a sweep reads the free space
@@ -95,7 +85,7 @@ def test_degraded_mode_compacts_consumed_records_without_waiting_for_a_full_segm
     svc = _start(tmp_path, disk, fsync="batch")
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits:
-        assert _step(svc, _group(c)).status == "accepted"
+        assert _step(svc, answer(c)).status == "accepted"
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
     _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0, ack_batch=batch.batch_id))
     first = svc.wal.segments()
@@ -125,15 +115,15 @@ def test_degraded_mode_does_not_rotate_a_segment_that_holds_only_a_big_checkpoin
     wal.close()
 
 
-def _partial_writev(real, fails: list[int]):
-    """os.writev that, while ``fails[0] > 0``, writes half of the record and reports ENOSPC."""
+def _partial_writev(real, fails: list[int], code: int = errno.ENOSPC):
+    """os.writev that, while ``fails[0] > 0``, writes half of the record and reports ``code``."""
     def writev(fd, parts):
         if fails[0] <= 0:
             return real(fd, parts)
         fails[0] -= 1
         data = b"".join(bytes(p) for p in parts)
         os.write(fd, data[:len(data) // 2])
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise OSError(code, os.strerror(code))
     return writev
 
 
@@ -225,7 +215,7 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
     svc = _start(tmp_path, disk, fsync="batch")
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     credits = _step(svc, P.CreditRequest(server_id="s", max_credits=3)).credits
-    groups = [_group(c) for c in credits]
+    groups = [answer(c) for c in credits]
     assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
     fails = [10 ** 6]
@@ -251,21 +241,24 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
     again.close()
 
 
-def test_records_waiting_for_room_that_statvfs_does_not_see_keep_the_mode_and_one_line(tmp_path,
-                                                                                       caplog):
+def test_records_waiting_for_room_that_statvfs_does_not_see_keep_the_mode_and_one_line(
+        tmp_path, monkeypatch, caplog):
     """A quota (EDQUOT) fills while statvfs still shows free space: the degraded mode holds as long
     as the WAL's records wait for room (before, each sweep left and re-entered it, two lines each
     time), its error line names the segment and the errno, and it ends once they are written."""
     wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
     wal.open({"state": {}})
     guard = DiskGuard(wal.dir, RESERVE, free_bytes=_Disk(100 * RESERVE))
-    wal._full(DiskFull(errno.EDQUOT, "quota"))  # what a failed write records
+    fails = [10 ** 6]
+    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails, errno.EDQUOT))
+    wal.append_control({"consumed": ["g0"]})  # kept, waiting for room
     for _ in range(5):
         guard.sweep(wal, lambda: {"state": {}})
     assert guard.degraded
-    lines = [r.getMessage() for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    lines = [r.getMessage() for r in caplog.records if r.name == "buffer.diskspace"]
     assert len(lines) == 1 and "seg-" in lines[0] and "(EDQUOT)" in lines[0], lines
-    wal.disk_full = False  # the waiting records were written
+    fails[0] = 0
+    wal.request_sync()  # the waiting records are written
     guard.sweep(wal, lambda: {"state": {}})
     assert not guard.degraded
     wal.close()
@@ -305,7 +298,7 @@ def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(tmp
     svc = _start(tmp_path, disk, fsync=fsync)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits:
-        assert _step(svc, _group(c)).status == "accepted"
+        assert _step(svc, answer(c)).status == "accepted"
     fails = [10 ** 6]
     monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))  # full: estimate had room
     svc.server = sink = _KillAtEverySend(svc, tmp_path, disk, fails)

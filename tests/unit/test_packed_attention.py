@@ -29,7 +29,7 @@ from trainer.step import output_logp
 SHAPES = [(3, 6), (5, 2), (2, 7), (4, 5)]  # two sequences of 9 tokens: a length group of 2
 
 
-def _batch(shapes):
+def packed_batch(shapes):
     rng = np.random.default_rng(0)
     trajs = [Trajectory.of(prompt_ids=rng.integers(4, 100, p), output_ids=rng.integers(4, 100, o),
                            behav_logp=np.full(o, -1.0), versions=np.zeros(o, np.int32), reward=1.0,
@@ -38,7 +38,7 @@ def _batch(shapes):
                                             prompt_index=0, epoch=0, trajectories=trajs)])
 
 
-def _model():
+def packed_model():
     from areal_like.weights.hf import build_model
     from trainer.model import attach_logprobs
     from trainer.packed_attention import PACKED_SDPA
@@ -92,7 +92,7 @@ def test_a_packed_forward_and_backward_sync_with_the_host_once():
     of the lengths; padded, no read at all. Fails on the per-layer boundaries (seen on the
     previous code: 10, a ``tolist`` per layer and pass plus the lengths' and the longest
     length's reads)."""
-    model, batch = _model(), _batch(SHAPES)
+    model, batch = packed_model(), packed_batch(SHAPES)
     model.config.use_cache = False  # as trainer/model.py's shard_model builds it
     assert model.config.num_hidden_layers >= 2
     with counting_host_syncs() as calls:
@@ -138,7 +138,7 @@ def test_the_varlen_kernel_gets_the_row_in_its_layout(monkeypatch):
     slip (checked once: the output returned as [1, H, L, D] without the transpose)."""
     import trainer.packed_attention as pa
 
-    model, batch = _model(), _batch(SHAPES)
+    model, batch = packed_model(), packed_batch(SHAPES)
 
     def run():
         model.zero_grad()
@@ -182,7 +182,7 @@ def test_a_sliding_window_stays_inside_each_packed_sequence(monkeypatch):
     model = attach_logprobs(Qwen2ForCausalLM(cfg).eval())
     model.set_attn_implementation(pa.PACKED_SDPA)
     assert set(model.config.layer_types) == {"sliding_attention"}
-    batch = _batch(SHAPES)
+    batch = packed_batch(SHAPES)
     m = batch.mask > 0
 
     def run(fn):

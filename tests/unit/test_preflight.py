@@ -311,8 +311,35 @@ def test_chat_template_is_auto_none_a_file_or_a_template_that_compiles(tmp_path,
         "(a template contains '{{' or '{%')"]
 
 
+LOAD = "cannot be loaded in a reward worker: "
+
+
+@pytest.mark.parametrize("reward_fn,why", [
+    ("my_rewards:score", None), ("my_rewards.score", None), ("my_rewards:loose", None),
+    # called as fn(response, example): a reward that cannot be would score every sample 0
+    ("my_rewards:one", LOAD + "it cannot be called as fn(response, example): TypeError: too many "
+                              "positional arguments"),
+    ("my_rewards:three", LOAD + "it cannot be called as fn(response, example): TypeError: missing "
+                                "a required argument: 'extra'"),
+    ("my_rewards:THRESHOLD", LOAD + "TypeError: THRESHOLD in my_rewards is a int, not a callable"),
+    ("my_rewards:nothing", LOAD + "AttributeError: module 'my_rewards' has no attribute 'nothing'"),
+    ("broken_rewards:score", LOAD + "ModuleNotFoundError: No module named 'no_such_package_areal'"),
+    ("exits_rewards:score", LOAD + "SystemExit: 7"),
+    ("score", "is not of the form package.module:function"),
+    # a file's path for a module's name: said so, not "No module named 'my_rewards/py'"
+    ("./my_rewards.py:score", "is not of the form package.module:function"),
+    # the reward's own module is not found: where it was looked for (a new user's module sits
+    # beside their data, not where they started the job)
+    ("elsewhere_rewards.mine:score", LOAD + "ModuleNotFoundError: No module named "
+                                            "'elsewhere_rewards' (imported from the working "
+                                            "directory, {cwd}, then PYTHONPATH)"),
+    # its calls would return coroutines: every sample would score 0
+    ("async_rewards:score", LOAD + "TypeError: async_rewards:score is an async def: a reward is "
+                                   "a plain def fn(response, example) -> float (await inside it "
+                                   "with asyncio.run)"),
+])
 def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_servers_do(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, reward_fn, why):
     # the child Python finds my_rewards.py here, as `python -m rollout_server` would
     monkeypatch.chdir(tmp_path)
     (tmp_path / "my_rewards.py").write_text("def score(response, example):\n    return 1.0\n"
@@ -322,47 +349,13 @@ def test_reward_fn_is_imported_from_the_working_directory_like_the_rollout_serve
                                             "THRESHOLD = 3\n")
     (tmp_path / "broken_rewards.py").write_text("import no_such_package_areal\n")
     (tmp_path / "exits_rewards.py").write_text("raise SystemExit(7)\n")
-    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:score")) == []
-    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards.score")) == []
-    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:loose")) == []
-    # called as fn(response, example): a reward that cannot be would score every sample 0
-    for name, why in (("one", "too many positional arguments"),
-                      ("three", "missing a required argument: 'extra'")):
-        assert pf.check_reward_fn(cfg_with(reward_fn=f"my_rewards:{name}")) == [
-            f"task.reward_fn='my_rewards:{name}' cannot be loaded in a reward worker: it cannot be "
-            f"called as fn(response, example): TypeError: {why}"]
-    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:THRESHOLD")) == [
-        "task.reward_fn='my_rewards:THRESHOLD' cannot be loaded in a reward worker: "
-        "TypeError: THRESHOLD in my_rewards is a int, not a callable"]
-    assert pf.check_reward_fn(cfg_with(reward_fn="my_rewards:nothing")) == [
-        "task.reward_fn='my_rewards:nothing' cannot be loaded in a reward worker: AttributeError: "
-        "module 'my_rewards' has no attribute 'nothing'"]
-    assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score")) == [
-        "task.reward_fn='broken_rewards:score' cannot be loaded in a reward worker: "
-        "ModuleNotFoundError: "
-        "No module named 'no_such_package_areal'"]
-    assert pf.check_reward_fn(cfg_with(reward_fn="exits_rewards:score")) == [
-        "task.reward_fn='exits_rewards:score' cannot be loaded in a reward worker: SystemExit: 7"]
-    assert pf.check_reward_fn(cfg_with(reward_fn="score")) == [
-        "task.reward_fn='score' is not of the form package.module:function"]
-    # a file's path for a module's name: said so, not "No module named 'my_rewards/py'"
-    assert pf.check_reward_fn(cfg_with(reward_fn="./my_rewards.py:score")) == [
-        "task.reward_fn='./my_rewards.py:score' is not of the form package.module:function"]
-    # the reward's own module is not found: where it was looked for (a new user's module
-    # sits beside their data, not where they started the job)
-    assert pf.check_reward_fn(cfg_with(reward_fn="elsewhere_rewards.mine:score")) == [
-        "task.reward_fn='elsewhere_rewards.mine:score' cannot be loaded in a reward worker: "
-        "ModuleNotFoundError: No module named 'elsewhere_rewards' (imported from the working "
-        f"directory, {tmp_path}, then PYTHONPATH)"]
-    # its calls would return coroutines: every sample would score 0
     (tmp_path / "async_rewards.py").write_text("async def score(response, example):\n"
                                                "    return 1.0\n")
-    assert pf.check_reward_fn(cfg_with(reward_fn="async_rewards:score")) == [
-        "task.reward_fn='async_rewards:score' cannot be loaded in a reward worker: TypeError: "
-        "async_rewards:score is an async def: a reward is a plain def fn(response, example) -> "
-        "float (await inside it with asyncio.run)"]
+    expected = [] if why is None else [f"task.reward_fn={reward_fn!r} "
+                                       + why.format(cwd=tmp_path)]
+    assert pf.check_reward_fn(cfg_with(reward_fn=reward_fn)) == expected
     # a remote reward replaces the function: its import is not the job's business
-    assert pf.check_reward_fn(cfg_with(reward_fn="broken_rewards:score",
+    assert pf.check_reward_fn(cfg_with(reward_fn=reward_fn,
                                        reward_url="http://127.0.0.1:1/r")) == []
 
 
@@ -395,17 +388,6 @@ def test_reward_fn_is_loaded_under_the_workers_memory_limit_and_environment(tmp_
         "task.reward_fn='big_rewards:nothing' cannot be loaded in the rollout server "
         "(task.reward_workers=0): "
         "AttributeError: module 'big_rewards' has no attribute 'nothing'"]
-
-
-def test_trackers_packages_are_checked(monkeypatch):
-    cfg = dataclasses.replace(base(), tracker=["jsonl", "wandb"])
-    assert pf.check_trackers(cfg) == []  # the test extra installs every tracker
-    monkeypatch.setitem(sys.modules, "wandb", None)  # find_spec answers None: as if not installed
-    assert pf.check_trackers(cfg) == [
-        "tracker='wandb' needs the 'wandb' package, which is not installed: "
-        "pip install -e '.[wandb]' in the checkout "
-        "(or drop 'wandb' from tracker)"]
-    assert pf.check_trackers(dataclasses.replace(cfg, tracker=["jsonl"])) == []
 
 
 def test_sglang_engine_needs_its_package_and_a_model_directory(tmp_path):
@@ -488,24 +470,22 @@ def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anyt
     assert not run_dir.exists()  # no warm start, no daemon, not even the run directory
 
 
-@pytest.mark.parametrize("value", ["1", "true", "True", "yes"])
-def test_inherited_return_original_logprob_is_refused(monkeypatch, value):
-    monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
+@pytest.mark.parametrize("value", ["1", "true", "True", "yes", None, "", "0", "false"])
+def test_an_inherited_return_original_logprob_is_refused_unless_unset_or_false(monkeypatch,
+                                                                               value):
+    if value is None:
+        monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB", raising=False)
+    else:
+        monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
     problems = pf.check_environment(base())
+    if value in (None, "", "0", "false"):
+        assert problems == []
+        return
     assert len(problems) == 1 and problems[0].startswith(
         f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r} is set")
     with pytest.raises(pf.PreflightError) as e:
         pf.checked(base())
     assert e.value.problems == problems
-
-
-@pytest.mark.parametrize("value", [None, "", "0", "false"])
-def test_unset_or_false_return_original_logprob_passes(monkeypatch, value):
-    if value is None:
-        monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB", raising=False)
-    else:
-        monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
-    assert pf.check_environment(base()) == []
 
 
 def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tmp_path):
@@ -713,16 +693,32 @@ def test_the_embedded_engines_kv_budget_is_the_context_the_lengths_are_checked_a
         "tokens; set task.max_new_tokens to at most 127"]
     # a budget over the model's positions: the model's 256 bind
     assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=200), 512)) == []
+
+
+@pytest.mark.parametrize("long_prompt,budget", [(300, 512), (150, 128)])
+def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(
+        tmp_path, monkeypatch, long_prompt, budget):
+    """A prompt that fills the context (the model's 256 positions, or a smaller KV budget of the
+    embedded engine) is skipped each epoch (its group refused as no_room): with
+    buffer.max_epochs=1 over 2 prompts that fit and 2 that do not, 4 groups were asked for and the
+    trainer waited for data forever after the second."""
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "mix.jsonl").write_text("".join(
-        f'{{"prompt": "{"x" * (150 if i % 2 else 3)}", "answer": "1"}}\n' for i in range(4)))
-    cfg = kv_budget(cfg_with(name="dataset", dataset_path="mix.jsonl"), 128)
+        f'{{"prompt": "{"x" * (long_prompt if i % 2 else 3)}", "answer": "1"}}\n'
+        for i in range(4)))
+    cfg = kv_budget(cfg_with(name="dataset", dataset_path="mix.jsonl"), budget)
     job = dataclasses.replace(
         cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=1, groups_per_step=1),
         trainer=dataclasses.replace(cfg.trainer, steps=4, groups_per_step=1))
-    assert pf.check_epochs(job)[0].startswith(
+    assert pf.check_epochs(job) == [
         "buffer.max_epochs=1: 1 pass over the 2 prompts of task.dataset_path that leave room in "
-        "the context of 128 tokens the engine serves gives 2 groups")
-    assert pf.check_epochs(kv_budget(job, 256)) == []  # all 4 fit the model's 256
+        f"the context of {min(budget, 256)} tokens the engine serves gives 2 groups, fewer than "
+        "the 4 the job trains on (trainer.steps=4 x buffer.groups_per_step=1): it would wait for "
+        "data forever; raise buffer.max_epochs (0: no limit) or lower trainer.steps"]
+    two = dataclasses.replace(job, trainer=dataclasses.replace(job.trainer, steps=2))
+    assert pf.check_epochs(two) == []
+    if budget < 256:  # all 4 fit the model's 256
+        assert pf.check_epochs(kv_budget(job, 256)) == []
 
 
 def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anything_starts(
@@ -738,26 +734,6 @@ def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anythin
         "(model.max_position_embeddings=256): a prompt of one token leaves room for 255 output "
         "tokens; set task.max_new_tokens to at most 255"]
     assert not run_dir.exists()  # no warm start, no daemon
-
-
-def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(tmp_path, monkeypatch):
-    """A prompt that fills the context is skipped each epoch (its group refused as no_room):
-    with buffer.max_epochs=1 over 2 prompts that fit and 2 that do not, 4 groups were asked for
-    and the trainer waited for data forever after the second."""
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "mix.jsonl").write_text("".join(
-        f'{{"prompt": "{"x" * (300 if i % 2 else 3)}", "answer": "1"}}\n' for i in range(4)))
-    cfg = cfg_with(name="dataset", dataset_path="mix.jsonl")
-    job = dataclasses.replace(
-        cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=1, groups_per_step=1),
-        trainer=dataclasses.replace(cfg.trainer, steps=4, groups_per_step=1))
-    assert pf.check_epochs(job) == [
-        "buffer.max_epochs=1: 1 pass over the 2 prompts of task.dataset_path that leave room in "
-        "the context of 256 tokens the engine serves gives 2 groups, fewer than the 4 the job "
-        "trains on (trainer.steps=4 x buffer.groups_per_step=1): it would wait for data forever; "
-        "raise buffer.max_epochs (0: no limit) or lower trainer.steps"]
-    two = dataclasses.replace(job, trainer=dataclasses.replace(job.trainer, steps=2))
-    assert pf.check_epochs(two) == []
 
 
 def test_sglang_refuses_an_untied_gemma3_whose_lm_head_it_would_never_load(tmp_path):

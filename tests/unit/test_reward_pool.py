@@ -166,14 +166,17 @@ def test_each_queued_sample_has_its_own_timeout(make_pool):
     assert score(pool, "sleep 2 1", "sleep 2 2") == [(1.0, None), (2.0, None)]
 
 
-def test_a_memory_hog_hits_the_limit_and_its_worker_is_replaced(make_pool):
+@pytest.mark.parametrize("response,why,kind", [("hog", "MemoryError", "memory"),
+                                                ("exit", "worker died: exit code 3", "died")])
+def test_a_reward_that_loses_its_worker_is_scored_and_the_worker_replaced(make_pool, response,
+                                                                          why, kind):
     metrics = Metrics()
     pool = make_pool(metrics=metrics, reward_memory_mb=256, reward_workers=1)
     (old,) = [psutil.Process(pid) for pid in pool.worker_pids]
-    assert score(pool, "hog") == [(0.0, "MemoryError")]
-    assert gone(old) and pool.worker_pids != [old.pid]
-    assert score(pool, "3") == [(3.0, None)]
-    assert failures(metrics, "memory") == 1
+    assert score(pool, response) == [(0.0, why)]
+    assert gone(old) and score(pool, "3") == [(3.0, None)]  # a new worker answers
+    assert pool.worker_pids != [old.pid]
+    assert failures(metrics, kind) == 1
 
 
 def test_workers_run_under_their_limits(make_pool):
@@ -181,16 +184,6 @@ def test_workers_run_under_their_limits(make_pool):
     (memory, _), (cpu_left, _) = score(pool, "memory_limit", "cpu_limit_left")
     assert memory == 256
     assert 2.0 < cpu_left < 10_000  # set (the default is unlimited), and past the timeout
-
-
-def test_a_reward_that_exits_the_process_is_scored_and_replaced(make_pool):
-    metrics = Metrics()
-    pool = make_pool(metrics=metrics, reward_workers=1)
-    (old,) = [psutil.Process(pid) for pid in pool.worker_pids]
-    assert score(pool, "exit") == [(0.0, "worker died: exit code 3")]
-    assert gone(old) and score(pool, "1") == [(1.0, None)]  # a new worker answers
-    assert pool.worker_pids != [old.pid]
-    assert failures(metrics, "died") == 1
 
 
 @pytest.mark.parametrize("response", ["reply 2000000", "forged_frame"])

@@ -28,6 +28,14 @@ def checkpoint(root: Path, step: int, complete: bool = True) -> None:
         (d / "meta.pt").write_bytes(b"")
 
 
+def run_again(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """``areal-like run -q run_dir=<tmp_path> ...``, refused before anything starts."""
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", f"run_dir={tmp_path}",
+                        *overrides], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and "[warm-start]" not in r.stderr, r.stderr
+    return r
+
+
 def test_latest_complete_checkpoint_by_name(tmp_path):
     root = tmp_path / "checkpoints"
     assert latest_checkpoint_step(root) is None
@@ -102,10 +110,8 @@ def test_a_run_dir_is_private_to_its_user_whatever_the_umask(tmp_path):
 
 def test_running_a_finished_run_again_exits_2_with_one_line(tmp_path):
     checkpoint(tmp_path / "run" / "checkpoints", 200)
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q",
-                        f"run_dir={tmp_path / 'run'}", "trainer.steps=200", "eval.at_end=false"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert r.returncode == 2 and r.stdout == ""  # no summary line claiming "ok": true
+    r = run_again(tmp_path / "run", "trainer.steps=200", "eval.at_end=false")
+    assert r.stdout == ""  # no summary line claiming "ok": true
     assert r.stderr == (f"error: run_dir {tmp_path / 'run'} already finished at step 200 "
                         "(trainer.steps=200): "
                         "raise trainer.steps to continue, or use a new run_dir\n")
@@ -285,28 +291,18 @@ def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path
                                  accept=False) == []
 
 
-def test_a_run_dir_run_before_its_first_checkpoint_keeps_its_settings(tmp_path, monkeypatch):
+def test_a_run_dir_run_before_its_first_checkpoint_keeps_its_settings(tmp_path):
     """A job stopped hard before its first checkpoint leaves its WAL and version labels, which the
     next run in that run_dir continues: other settings are refused as for any resume (before: not
     compared at all, so `task=sort` trained the WAL's reverse groups and replaced settings.yaml).
     The adapters' layout may change there: no checkpoint holds adapters yet."""
-    from launch import job, warmstart
-    from launch.rundir import SETTINGS_FILE, write_settings
+    from launch.rundir import SETTINGS_FILE, check_resume_settings, write_settings
 
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.lr=3e-4"]))
     before = (tmp_path / SETTINGS_FILE).read_text()
-    locks: list[int] = []
-    monkeypatch.setattr(job, "lock_run_dir", lambda d: locks.append(lock_run_dir(d)) or locks[-1])
-    monkeypatch.setattr(warmstart, "ensure_warm_start", lambda *a, **k: pytest.fail("started"))
-    try:
-        with pytest.raises(ConfigError, match=r"would change 1:\n  trainer.lr: 0.0003 -> 0.001"):
-            job.start_job(load_config([f"run_dir={tmp_path}", "trainer.lr=1e-3"]), False)
-    finally:
-        for fd in locks:
-            os.close(fd)
+    assert "would change 1:\nerror:   trainer.lr: 0.0003 -> 0.001\n" in run_again(
+        tmp_path, "trainer.lr=1e-3").stderr
     assert (tmp_path / SETTINGS_FILE).read_text() == before
-    from launch.rundir import check_resume_settings
-
     assert check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lr=3e-4",
                                               "trainer.lora.rank=4"]), accept=True) == [
         "trainer.lora.rank: 0 -> 4"]
@@ -357,30 +353,16 @@ def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
     assert listed() == ["buffer", "rollout-0"]
 
 
-def test_a_start_refused_after_settings_were_written_leaves_them_as_they_were(tmp_path,
-                                                                             monkeypatch):
+def test_a_start_refused_after_settings_were_written_leaves_them_as_they_were(tmp_path):
     """A resume the launcher refuses after ``write_settings`` (a layout that does not fit, here two
     daemons on one fixed port; a warm start that fails): settings.yaml got this start's content
     (a new trainer.steps), and ``status`` and ``top`` took the refused run for the one started
     last. Now it is as it was, and so is job.json (its ``started`` with it)."""
-    from launch import job, warmstart
     from launch.rundir import JOB_FILE, SETTINGS_FILE, write_job, write_settings
 
     same_port = ["buffer.metrics_port=29001", "trainer.metrics_port=29001"]
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20", *same_port]))
-    path = tmp_path / SETTINGS_FILE
     write_job(tmp_path, state="ended", started=10.0**9, summary={"end": "completed"})
-    before = path.read_bytes()
-    job_before = (tmp_path / JOB_FILE).read_bytes()
-    locks: list[int] = []
-    monkeypatch.setattr(job, "lock_run_dir", lambda d: locks.append(lock_run_dir(d)) or locks[-1])
-    monkeypatch.setattr(warmstart, "ensure_warm_start", lambda *a, **k: pytest.fail("started"))
-    try:
-        with pytest.raises(ConfigError, match="the same fixed port"):
-            job.start_job(load_config([f"run_dir={tmp_path}", "trainer.steps=30", *same_port]),
-                          False)
-    finally:
-        for fd in locks:
-            os.close(fd)
-    assert path.read_bytes() == before
-    assert (tmp_path / JOB_FILE).read_bytes() == job_before
+    before = [(tmp_path / name).read_bytes() for name in (SETTINGS_FILE, JOB_FILE)]
+    assert "the same fixed port" in run_again(tmp_path, "trainer.steps=30", *same_port).stderr
+    assert [(tmp_path / name).read_bytes() for name in (SETTINGS_FILE, JOB_FILE)] == before

@@ -13,7 +13,7 @@ import torch
 from areal_like.settings.config import ConfigError, load_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_packed_attention import SHAPES, _batch, _model  # noqa: E402
+from test_packed_attention import SHAPES, packed_batch, packed_model  # noqa: E402
 
 
 def test_adamw_is_fused_on_cuda_and_computes_what_foreach_does():
@@ -49,7 +49,7 @@ def test_compiled_blocks_compute_what_eager_blocks_do():
     from trainer.model import checkpoint_blocks, compile_blocks
     from trainer.step import output_logp
 
-    model, batch = _model(), _batch(SHAPES)
+    model, batch = packed_model(), packed_batch(SHAPES)
     names = [n for n, _ in model.named_parameters()]
 
     def run(packed):

@@ -15,10 +15,20 @@ def replay(path, **kw) -> tuple[WriteAheadLog, list]:
     return wal, [(r.kind, r.group_id, r.frame, r.control) for r in wal.replay()]
 
 
-def test_round_trip_in_order(tmp_path):
-    wal = WriteAheadLog(tmp_path)
+def opened(path, checkpoint: dict | None = None, **kw) -> WriteAheadLog:
+    """A log on ``path``, replayed and opened with ``checkpoint``."""
+    wal = WriteAheadLog(path, **kw)
     list(wal.replay())
-    wal.open({"state": {"v": 0}})
+    wal.open({} if checkpoint is None else checkpoint)
+    return wal
+
+
+def groups(recs) -> list[str]:
+    return [r[1] for r in recs if r[0] == "G"]
+
+
+def test_round_trip_in_order(tmp_path):
+    wal = opened(tmp_path, {"state": {"v": 0}})
     wal.append_group("g1", b"frame-1")
     wal.append_control({"consumed": ["g1"], "state": {"v": 1}})
     wal.append_group("g2", b"\x00" * 1000)
@@ -35,9 +45,7 @@ def test_round_trip_in_order(tmp_path):
 
 
 def test_every_start_opens_a_new_segment(tmp_path):
-    wal = WriteAheadLog(tmp_path)
-    list(wal.replay())
-    wal.open({"n": 0})
+    wal = opened(tmp_path, {"n": 0})
     wal.append_group("live", b"...")
     wal.close()
     for i in (1, 2):
@@ -47,9 +55,7 @@ def test_every_start_opens_a_new_segment(tmp_path):
         wal.close()
     # segment 2 holds only a checkpoint, but only a prefix is compacted and segment 1 holds "live"
     assert WriteAheadLog(tmp_path).segments() == [1, 2, 3]
-    wal = WriteAheadLog(tmp_path)
-    list(wal.replay())
-    wal.open({"n": 3})
+    wal = opened(tmp_path, {"n": 3})
     wal.append_control({"consumed": ["live"]})
     assert wal.compact() == [1, 2, 3] and wal.segments() == [4]
     wal.close()
@@ -58,9 +64,7 @@ def test_every_start_opens_a_new_segment(tmp_path):
 @pytest.mark.parametrize("damage", ["truncate_payload", "truncate_header", "flip_byte",
                                     "garbage_length"])
 def test_torn_or_corrupt_tail_is_skipped_and_logged(tmp_path, damage, caplog):
-    wal = WriteAheadLog(tmp_path)
-    list(wal.replay())
-    wal.open({})
+    wal = opened(tmp_path)
     wal.append_group("good", b"x" * 100)
     wal.append_group("last", b"y" * 100)
     wal.close()
@@ -78,7 +82,7 @@ def test_torn_or_corrupt_tail_is_skipped_and_logged(tmp_path, damage, caplog):
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="buffer.wal"):
         wal2, recs = replay(tmp_path)
-    assert [r[1] for r in recs if r[0] == "G"] == ["good"]  # never the damaged one
+    assert groups(recs) == ["good"]  # never the damaged one
     assert wal2.corrupt_records == 1
     assert any("seg-000000000001.wal" in m and "offset" in m for m in caplog.messages)
     assert path.stat().st_size == size_good  # the torn tail of the newest segment was cut off
@@ -86,13 +90,11 @@ def test_torn_or_corrupt_tail_is_skipped_and_logged(tmp_path, damage, caplog):
     wal2.append_group("after", b"z")
     wal2.close()
     _, recs = replay(tmp_path)  # clean now; new records follow in a new segment
-    assert [r[1] for r in recs if r[0] == "G"] == ["good", "after"]
+    assert groups(recs) == ["good", "after"]
 
 
 def test_corruption_in_an_older_segment_skips_only_its_rest(tmp_path):
-    wal = WriteAheadLog(tmp_path, segment_bytes=1)  # rotate after every commit
-    list(wal.replay())
-    wal.open({})
+    wal = opened(tmp_path, segment_bytes=1)  # rotate after every commit
     for gid in ("a", "b"):
         wal.append_group(gid, gid.encode() * 10)
         wal.commit()
@@ -103,14 +105,12 @@ def test_corruption_in_an_older_segment_skips_only_its_rest(tmp_path):
     data[-1] ^= 1
     first.write_bytes(bytes(data))
     _, recs = replay(tmp_path)
-    assert [r[1] for r in recs if r[0] == "G"] == ["b"]
+    assert groups(recs) == ["b"]
     assert first.exists()  # kept for inspection; only the newest segment's tail is truncated
 
 
 def test_compaction_deletes_fully_consumed_prefix_only(tmp_path):
-    wal = WriteAheadLog(tmp_path, segment_bytes=1)
-    list(wal.replay())
-    wal.open({})  # segment 1
+    wal = opened(tmp_path, segment_bytes=1)  # segment 1
     for gid in ("a", "b", "c"):  # one group per segment: 1, 2, 3; current becomes 4
         wal.append_group(gid, b"." * 50)
         wal.commit()
@@ -125,15 +125,13 @@ def test_compaction_deletes_fully_consumed_prefix_only(tmp_path):
     wal.close()
     assert size_before == sum(p.stat().st_size for p in tmp_path.glob("seg-*.wal"))
     _, recs = replay(tmp_path)  # "c" still there, "a"/"b" gone with their segments
-    assert [r[1] for r in recs if r[0] == "G"] == ["c"]
+    assert groups(recs) == ["c"]
 
 
 def test_a_running_pipeline_keeps_at_most_two_segments(tmp_path):
     """launch/OPERATIONS.md's bound ("Long runs: disk use"): a segment that rotates still holds
     the groups not consumed yet, so it stays until the next rotation, and no longer."""
-    wal = WriteAheadLog(tmp_path, segment_bytes=400)
-    list(wal.replay())
-    wal.open({})
+    wal = opened(tmp_path, segment_bytes=400)
     counts = []
     for i in range(200):  # each group consumed 3 groups later, as a trainer behind the servers
         wal.append_group(f"g{i}", b"." * 50)
@@ -145,25 +143,39 @@ def test_a_running_pipeline_keeps_at_most_two_segments(tmp_path):
     assert len(counts) > 10 and set(counts) == {2}
 
 
+def run_script(script: str, *args: str) -> str:
+    """``script`` run by a fresh Python (stdin closed); its stdout."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                         timeout=120, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+WAL_VANISHES = """
+import os, sys
+from buffer.wal import WriteAheadLog
+wal = WriteAheadLog(sys.argv[1], fsync=sys.argv[2])
+list(wal.replay())
+wal.open({})
+wal.append_group("g", b"payload")
+wal.commit()
+os._exit(0)  # the process vanishes: no close, no final commit
+"""
+
+
 @pytest.mark.parametrize("policy", ["always", "batch", "never"])
 def test_records_survive_the_process_without_close(tmp_path, policy):
     """What was committed is readable without close/fsync: writev goes straight to the kernel."""
-    wal = WriteAheadLog(tmp_path, fsync=policy)
-    list(wal.replay())
-    wal.open({})
-    wal.append_group("g", b"payload")
-    wal.commit()
-    fd = wal._fd  # simulate the process vanishing: no close, no final commit
-    wal._unlock()  # the kernel drops a dead process's directory lock
+    run_script(WAL_VANISHES, str(tmp_path), policy)
     _, recs = replay(tmp_path)
-    assert [r[1] for r in recs if r[0] == "G"] == ["g"]
-    os.close(fd)
+    assert groups(recs) == ["g"]
 
 
 def test_group_commit_tickets_become_durable_in_order(tmp_path):
-    wal = WriteAheadLog(tmp_path)  # fsync=always: a background thread runs the fsyncs
-    list(wal.replay())
-    wal.open({})
+    wal = opened(tmp_path)  # fsync=always: a background thread runs the fsyncs
     assert wal.request_sync() == wal.durable()  # nothing appended: nothing to wait for
     wal.append_group("a", b"1")
     first = wal.request_sync()
@@ -176,9 +188,7 @@ def test_group_commit_tickets_become_durable_in_order(tmp_path):
 
 
 def test_fsync_always_reads_back_what_is_still_queued_for_the_fsync_thread(tmp_path):
-    wal = WriteAheadLog(tmp_path)
-    list(wal.replay())
-    wal.open({})
+    wal = opened(tmp_path)
     frame = os.urandom(300_000)
     ref = wal.append_group("a", frame)  # queued: the fsync thread writes it
     assert bytes(wal.read_group(ref)) == frame  # written out first, then read
@@ -187,13 +197,11 @@ def test_fsync_always_reads_back_what_is_still_queued_for_the_fsync_thread(tmp_p
     assert [bytes(wal.read_group(r)) for r in refs] == [frame[:i * 1000 + 1] for i in range(20)]
     wal.close()
     _, recs = replay(tmp_path)
-    assert [r[1] for r in recs if r[0] == "G"] == ["a", *(f"g{i}" for i in range(20))]
+    assert groups(recs) == ["a", *(f"g{i}" for i in range(20))]
 
 
 def test_a_failing_fsync_is_fatal_not_silent(tmp_path, monkeypatch):
-    wal = WriteAheadLog(tmp_path)
-    list(wal.replay())
-    wal.open({})
+    wal = opened(tmp_path)
 
     def broken_fsync(fd):
         raise OSError(5, "Input/output error")
@@ -205,18 +213,22 @@ def test_a_failing_fsync_is_fatal_not_silent(tmp_path, monkeypatch):
     ticket = wal.request_sync()
     with pytest.raises(OSError, match=r"WAL .*seg-.*\.wal: writing it to disk failed: .*\(EIO\)"):
         wal.wait_durable()
-    assert wal._synced < ticket  # never reported durable
+    with pytest.raises(OSError):  # never reported durable
+        assert wal.durable() < ticket
     monkeypatch.undo()
-    fd = wal._fd
+
+    def segments_open() -> int:
+        fds = [os.path.join("/proc/self/fd", fd) for fd in os.listdir("/proc/self/fd")]
+        return sum(1 for fd in fds if os.path.islink(fd)
+                   and os.readlink(fd).startswith(os.path.join(os.path.realpath(tmp_path), "seg-")))
+
+    assert segments_open() >= 1
     wal.close()  # after the failure: releases the segment, writes nothing more, does not raise
-    with pytest.raises(OSError):
-        os.fstat(fd)
+    assert segments_open() == 0
 
 
 def test_group_frames_are_read_back_from_the_log_and_checked(tmp_path):
-    wal = WriteAheadLog(tmp_path)
-    list(wal.replay())
-    wal.open({})
+    wal = opened(tmp_path)
     refs = {gid: wal.append_group(gid, gid.encode() * 1000) for gid in ("a", "bb")}
     wal.append_control({"consumed": []})
     assert ({gid: bytes(wal.read_group(ref)) for gid, ref in refs.items()}
@@ -256,12 +268,7 @@ print("ok")
 
 def test_the_log_syncs_where_the_os_has_no_fdatasync(tmp_path):
     """macOS has no os.fdatasync: the log falls back to fsync instead of failing to open."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", WAL_WITHOUT_FDATASYNC, str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert run_script(WAL_WITHOUT_FDATASYNC, str(tmp_path)) == "ok"
 
 
 def test_a_zeroed_tail_off_a_block_boundary_is_corruption_not_padding(tmp_path, caplog):
@@ -269,9 +276,7 @@ def test_a_zeroed_tail_off_a_block_boundary_is_corruption_not_padding(tmp_path, 
     always ends the file at a multiple of 4096. Any other zeroed last record (a lost write after a
     power failure, whose ack fsync=batch may already have sent) is counted and warned about as
     corruption, not cut silently at INFO as padding."""
-    wal = WriteAheadLog(tmp_path, fsync="batch")
-    list(wal.replay())
-    wal.open({})
+    wal = opened(tmp_path, fsync="batch")
     wal.append_group("good", b"x" * 100)
     last = wal.append_group("last", b"y" * 100)
     wal.close()
@@ -282,7 +287,7 @@ def test_a_zeroed_tail_off_a_block_boundary_is_corruption_not_padding(tmp_path, 
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="buffer.wal"):
         wal2, recs = replay(tmp_path)
-    assert [r[1] for r in recs if r[0] == "G"] == ["good"]
+    assert groups(recs) == ["good"]
     assert wal2.corrupt_records == 1  # not taken for a direct append's padding
     assert any("offset" in m for m in caplog.messages)
 
@@ -292,50 +297,20 @@ def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, 
     makes read_group wait for it. When that write fails (EIO), the WAL's fatal WalFailed must stop
     the daemon: the hand-out must not take it for a damaged record and drop the intact, accepted
     group as 'unreadable'."""
-    import numpy as np
+    from service_harness import answer, start, step
 
-    from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig
+    from areal_like.settings.config import BufferConfig
     from areal_like.wire import protocol as P
-    from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
-    from buffer.service import BufferService
 
-    class FakeServer:
-        def __init__(self):
-            self.sent = []
-
-        def send(self, peer, req_id, msg):
-            self.sent.append(msg)
-
-        publish = send
-
-        def close(self):
-            pass
-
-    cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
-        max_staleness=1, groups_per_step=2, max_inflight=16, capacity=64))
-    svc = BufferService.from_run(cfg)
-    svc.recover()
-    svc.server, svc.publisher = FakeServer(), FakeServer()
+    svc = start(tmp_path, BufferConfig(max_staleness=1, groups_per_step=2, max_inflight=16,
+                                       capacity=64))
+    step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    sent = [answer(c) for c in step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits]
+    step(svc, sent[0])  # the first group is on disk
 
     def handle(msg):
         frame = P.encode(msg)
         svc.handle(b"peer", b"req", P.decode(frame), frame)
-
-    handle(P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    handle(P.CreditRequest(server_id="s", max_credits=2))
-    svc.settle()
-    svc.wal.wait_durable()
-    svc.send_durable()
-    groups = []
-    for c in svc.server.sent[-1].credits:
-        t = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
-                            behav_logp=as_f32([-1, -1]),
-                            versions=as_i32(np.zeros(2)), reward=1.0, finish_reason="stop")
-        groups.append(P.TrajectoryGroup(group_id=f"s-{c.lease_id}", server_id="s",
-                                        lease_id=c.lease_id, prompt_index=c.prompt_index,
-                                        epoch=c.epoch, trajectories=[t]))
-    handle(groups[0])
-    svc.wal.wait_durable()  # the first group is on disk
 
     def broken_writev(*args):
         raise OSError(5, "Input/output error")
@@ -343,7 +318,7 @@ def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, 
     monkeypatch.setattr("buffer.wal.os.writev", broken_writev)
     try:
         with pytest.raises(WalFailed):
-            handle(groups[1])  # queued for the fsync thread, whose write fails (maybe already here)
+            handle(sent[1])  # queued for the fsync thread, whose write fails (maybe already here)
             handle(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0.0, ack_batch=""))
             svc.settle()
         assert svc.instruments.counts["groups_dropped_unreadable"] == 0
@@ -376,13 +351,7 @@ else:
 def test_a_reader_descriptor_numbered_0_is_kept_and_closed(tmp_path):
     """A reader descriptor numbered 0 (a daemon without stdin) is used and closed like any
     other, not taken for 'none' (a leaked one would keep a compacted segment's blocks allocated)."""
-    import subprocess
-    import sys
-
-    out = subprocess.run([sys.executable, "-c", WAL_READER_ON_FD_0, str(tmp_path)],
-                         capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "closed"
+    assert run_script(WAL_READER_ON_FD_0, str(tmp_path)) == "closed"
 
 
 def test_one_log_per_directory(tmp_path):
@@ -444,9 +413,7 @@ def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
 def _three_groups(tmp_path) -> tuple[bytearray, list[int]]:
     """A closed log of a checkpoint and groups a, b, c (frames of 300 bytes, each a msgpack map's
     head and filler); the bytes of its only segment and each group record's offset."""
-    wal = WriteAheadLog(tmp_path)
-    list(wal.replay())
-    wal.open({})
+    wal = opened(tmp_path)
     offsets = [wal.append_group(f"s0-L{gid}", b"\x87" + gid.encode() * 299).offset for gid in "abc"]
     wal.close()
     return bytearray(segment_path(tmp_path, 1).read_bytes()), offsets
@@ -494,9 +461,7 @@ def test_a_damaged_tail_after_damage_mid_segment_is_still_cut(tmp_path):
 def test_each_control_record_carries_the_one_before_it(tmp_path):
     import msgspec
 
-    wal = WriteAheadLog(tmp_path)
-    list(wal.replay())
-    wal.open({"state": 0})
+    wal = opened(tmp_path, {"state": 0})
     for i in (1, 2, 3):
         wal.append_control({"consumed": [f"g{i}"]})
     wal.close()
