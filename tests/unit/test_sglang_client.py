@@ -1,6 +1,6 @@
 """SGLangClient behaviour against a scripted in-process HTTP server on 127.0.0.1.
 
-The scripted server answers with SGLang 0.5.23's shapes (listed in areal_like/net/sglang_client.py);
+The scripted server answers with SGLang 0.5.23's shapes (listed in areal_like/engines/sglang.py);
 the real shapes are checked against SGLang's own contract in
 tests/integration/test_sglang_contract.py. Here: retries only where safe, timeouts, error
 bodies, version detection, and interruptible generation (resubmit after abort).
@@ -16,8 +16,9 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from areal_like.engines.client import KEEPALIVE_S, EngineError, GenerateOutput
+from areal_like.engines.sglang import SGLangClient
 from areal_like.net.distributed import free_port
-from areal_like.net.sglang_client import KEEPALIVE_S, EngineError, GenerateOutput, SGLangClient
 from areal_like.settings.config import ConfigError, EngineConfig, ModelConfig
 from rollout_server.episode import generate_sample, segment_versions
 from rollout_server.launch_sglang import SGLangProcess, healthy, sglang_command
@@ -146,7 +147,7 @@ def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypat
 
         # the aborts go out together: this engine answers none until all of a batch's arrived
         # (sent one by one, the first would wait out its grace and the call its limit)
-        monkeypatch.setattr("areal_like.net.sglang_client.ABORT_GRACE_S", 2.0)
+        monkeypatch.setattr("areal_like.engines.sglang.ABORT_GRACE_S", 2.0)
         arrived, all_in = [], asyncio.Event()
 
         async def held_batch(req):
@@ -166,7 +167,7 @@ def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypat
         async def wedged(_):
             await asyncio.sleep(5.0)
             return 200, gen_response([4], [-1.0], {"type": "length", "length": 1})
-        monkeypatch.setattr("areal_like.net.sglang_client.ABORT_GRACE_S", 0.3)
+        monkeypatch.setattr("areal_like.engines.sglang.ABORT_GRACE_S", 0.3)
         server.script["/generate"] = [wedged]
         with pytest.raises(EngineError, match="Timeout"):
             await client.generate([1], {"max_new_tokens": 1}, timeout_s=0.3)

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import pytest
 
-from areal_like.net.sglang_client import EngineError, SGLangClient
-from areal_like.net.vllm_client import (
-    VLLMClient,
-    engine_client,
-    parse_vllm_output,
-    vllm_sampling,
-)
+from areal_like.engines import engine_client
+from areal_like.engines.client import EngineError
+from areal_like.engines.sglang import SGLangClient
+from areal_like.engines.vllm import VLLMClient, parse_vllm_output, vllm_sampling
 from areal_like.settings.config import ConfigError, EngineConfig, load_config
 
 
