@@ -107,7 +107,6 @@ def ok(status: int, body: Any) -> bool:
 
 
 def error_message(body: Any, raw: str) -> str:
-    """The message an error answer carries, in whichever of the engines' error shapes."""
     if isinstance(body, dict):
         err = body.get("error")
         if isinstance(err, dict) and "message" in err:

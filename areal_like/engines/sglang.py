@@ -101,7 +101,10 @@ class SGLangClient(EngineClient):
     # ------------------------------------------------------------------ generation
     async def _generate(self, body: dict, n: int, timeout_s: float | None) -> list[GenerateOutput]:
         """``POST /generate`` of ``body`` (``n`` prompts, 0: a single one) under the adapter
-        generate calls name now (``_naming_adapter``)."""
+        generate calls name now (``_naming_adapter``), asking for the routed experts with
+        ``routed_experts``."""
+        if self.routed_experts:
+            body["return_routed_experts"] = True
         with self._naming_adapter() as named:
             if named is not None:
                 body["lora_path"] = [named[0]] * n if n else named[0]
@@ -147,8 +150,6 @@ class SGLangClient(EngineClient):
                 "return_logprob": True, "stream": False}
         if rid is not None:
             body["rid"] = rid
-        if self.routed_experts:
-            body["return_routed_experts"] = True
         return (await self._generate(body, 0, timeout_s))[0]
 
     async def generate_batch(self, inputs: list[list[int]], sampling_params: list[dict], *,
@@ -158,8 +159,6 @@ class SGLangClient(EngineClient):
         body = {"input_ids": [[int(t) for t in p] for p in inputs],
                 "sampling_params": [dict(p) for p in sampling_params], "return_logprob": True,
                 "stream": False}
-        if self.routed_experts:
-            body["return_routed_experts"] = True
         return await self._generate(body, len(inputs), timeout_s)
 
     async def input_logprobs(self, inputs: list[list[int]], starts: list[int], *,
