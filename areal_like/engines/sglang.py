@@ -215,7 +215,6 @@ class SGLangClient(EngineClient):
     # ------------------------------------------------------------------ pause, continue
     async def pause_generation(self, mode: str = "abort", *,
                                timeout_s: float | None = None) -> None:
-        """Returns once every in-flight request was aborted and answered (mode ``abort``)."""
         await self._call("POST", "/pause_generation", {"mode": mode}, timeout_s=timeout_s,
                          idempotent=True)
 

@@ -185,7 +185,6 @@ class VLLMClient(EngineClient):
 
     async def pause_generation(self, mode: str = "abort", *,
                                timeout_s: float | None = None) -> None:
-        """Returns once every in-flight request was aborted and answered (vLLM's ``abort``)."""
         if mode not in PAUSE_MODES:
             raise EngineError("/pause", None, f"pause mode {mode!r}: the vLLM engine pauses in "
                               f"{', '.join(PAUSE_MODES)} (trainer/WEIGHT_SYNC.md)")
