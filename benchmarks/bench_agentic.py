@@ -62,7 +62,7 @@ async def overhead(calls: int, tokens: int) -> dict:
     import aiohttp
     from openai import AsyncOpenAI
 
-    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.settings.config import EngineConfig, ModelConfig
     from areal_like.tasks.tokenizer import char_tokenizer
     from rollout_server.agent_endpoint import AgentEndpoint

@@ -166,8 +166,8 @@ async def one_version(client, sender, p, mode: str) -> dict:
 
 async def run_case(server, args, mode: str, bucket_mb: float, first_version: int) -> list[dict]:
     """``--versions`` versions of one case on a busy engine, through one weight group."""
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.net.distributed import free_port
-    from areal_like.net.sglang_client import SGLangClient
     from areal_like.weights.hf import build_model
     from areal_like.weights.plan import plan_buckets
 

@@ -100,8 +100,8 @@ async def one_version(client, sender, p) -> dict:
 async def run_versions(server, args, buckets) -> list[dict]:
     """The warm-up version (it forms the group) and ``--versions`` measured ones, on a busy
     engine, through one weight group."""
+    from areal_like.engines.vllm import VLLMClient
     from areal_like.net.distributed import free_port
-    from areal_like.net.vllm_client import VLLMClient
     from areal_like.weights.push import apply_weight_sync
     from areal_like.weights.server_sync import local_door
 

@@ -137,7 +137,7 @@ async def receiver_trials(args: argparse.Namespace, rank: int, wport: int, bucke
     import torch
     import torch.distributed as dist
 
-    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.weights.plan import SyncMember, WeightSyncPlan
     from areal_like.weights.push import apply_weight_sync
     from areal_like.wire.weight_wire import FLATTENED

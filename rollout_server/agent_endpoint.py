@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import jinja2
 from aiohttp import web
 
+from areal_like.engines.client import EngineError
 from areal_like.net.http_guard import HttpLimits, guarded_app, serve
-from areal_like.net.sglang_client import EngineError
 from areal_like.tasks.environment import ChatRenderer, TemplateError, env_template
 from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.trajectory import Trajectory

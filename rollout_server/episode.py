@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from areal_like.engines.client import EngineClient, EngineError, GenerateOutput
 from areal_like.net.metrics import Metrics
-from areal_like.net.sglang_client import EngineError, GenerateOutput, SGLangClient
 from areal_like.tasks.task import encode_prompt
 from areal_like.wire.group_checks import NO_ROOM
 from areal_like.wire.protocol import Credit, TrajectoryGroup
@@ -125,7 +125,7 @@ def segment_versions(out: GenerateOutput, fallback: int) -> list[int]:
     return versions
 
 
-async def generate_sample(client: SGLangClient, prompt_ids: list[int], sampling: dict,
+async def generate_sample(client: EngineClient, prompt_ids: list[int], sampling: dict,
                           max_new_tokens: int, current_version_fn: Callable[[], int],
                           metrics: Metrics = UNCOUNTED) -> Sample:
     """Generate one sample to completion, resubmitting across pauses (module docstring)."""
@@ -133,7 +133,7 @@ async def generate_sample(client: SGLangClient, prompt_ids: list[int], sampling:
                                  current_version_fn, metrics))[0]
 
 
-async def generate_group(client: SGLangClient, prompt_ids: list[int], n: int, sampling: dict,
+async def generate_group(client: EngineClient, prompt_ids: list[int], n: int, sampling: dict,
                          max_new_tokens: int, current_version_fn: Callable[[], int],
                          metrics: Metrics = UNCOUNTED) -> list[Sample]:
     """n samples for one prompt, each resubmitted across pauses on its own (module docstring). The
@@ -215,7 +215,7 @@ async def gather_or_cancel(coros) -> list:
 class EpisodeContext:
     """What every episode of one rollout server shares."""
 
-    client: SGLangClient
+    client: EngineClient
     task: object  # areal_like.tasks.task.Task
     tokenizer: object  # HF tokenizer
     rewards: RewardPool

@@ -42,9 +42,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from areal_like.engines.client import EngineClient, EngineError
+from areal_like.engines.sglang import SGLangClient
 from areal_like.net.answers import peer_text
 from areal_like.net.metrics import Metrics
-from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.settings.config import EvalConfig, LoraConfig, RunConfig, TaskConfig
 from rollout_server.episode import gather_or_cancel, generate_sample, output_room
 from rollout_server.facts import RolloutFacts
@@ -133,7 +134,7 @@ def sampling_settings(ev: EvalConfig, task: TaskConfig) -> dict:
             "samples_per_prompt": ev.k}
 
 
-async def evaluate(client: SGLangClient, examples: Sequence, encode: Callable[[object], list[int]],
+async def evaluate(client: EngineClient, examples: Sequence, encode: Callable[[object], list[int]],
                    decode: Callable[[list[int]], str], rewards, ev: EvalConfig, task: TaskConfig,
                    stop_token_ids: list[int], version_fn: Callable[[], int], concurrency: int = 64,
                    seed: int = 0, context: int = 0, max_input: int = 0,
@@ -240,7 +241,7 @@ class ServerEvaluator:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    async def figures(self, client: SGLangClient, version: int, max_input: int = 0,
+    async def figures(self, client: EngineClient, version: int, max_input: int = 0,
                       samples: list | None = None) -> dict:
         """``evaluate`` of the eval split on ``client``'s engine, which serves ``version`` and
         refuses an input of ``max_input`` tokens (0: none)."""
@@ -251,7 +252,7 @@ class ServerEvaluator:
                               seed=self.facts.seed, context=self.facts.context,
                               max_input=max_input, samples=samples)
 
-    async def run(self, client: SGLangClient, version: int, max_input: int = 0) -> dict:
+    async def run(self, client: EngineClient, version: int, max_input: int = 0) -> dict:
         """Evaluate the engine (which serves ``version``) and record the result."""
         t0 = time.monotonic()
         figures = await self.figures(client, version, max_input)

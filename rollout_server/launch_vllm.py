@@ -8,7 +8,7 @@ value`` (as ``rollout.engine.sglang``'s do), checked by vLLM's own argument pars
 not know exits 2 naming it, which the rollout server reports as a refused start. The launch adds
 what the job owns (``VLLM_LAUNCHER_FLAGS`` in areal_like/settings/schema.py): model path, host,
 port, ``--tensor-parallel-size``, ``--dtype`` from ``model.dtype``, ``--logprobs-mode
-processed_logprobs`` (the trainer's convention: areal_like/net/vllm_client.py),
+processed_logprobs`` (the trainer's convention: areal_like/engines/vllm.py),
 ``--enable-scale-out`` (token ids in and out), ``--weight-transfer-config`` with the ``gloo``
 backend (``areal_nccl`` on a GPU; both rollout_server/vllm_gloo.py) and the ``--middleware``
 that holds every route but ``/health`` behind the API key (``vllm_guard``).

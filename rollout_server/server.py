@@ -36,16 +36,16 @@ from dataclasses import replace
 from urllib.parse import urlparse
 
 from areal_like.daemon import ComponentStopped, Daemon, StartRefused
+from areal_like.engines import engine_client
+from areal_like.engines.client import EngineError
 from areal_like.net.answers import peer_text
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
 from areal_like.net.dealer import AsyncClient
 from areal_like.net.distributed import reachable_host
 from areal_like.net.pubsub import Subscriber
 from areal_like.net.security import Keys, check_local
-from areal_like.net.sglang_client import EngineError
 from areal_like.net.store_gate import refused_total
 from areal_like.net.transport import TransportTimeout
-from areal_like.net.vllm_client import engine_client
 from areal_like.settings.config import ConfigError, RolloutConfig, RunConfig
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import load_tokenizer

@@ -20,10 +20,10 @@ from typing import Annotated
 import msgspec
 from aiohttp import web
 
+from areal_like.engines.client import EngineError
 from areal_like.net.answers import peer_text
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, begin_proof, vouch_proof
 from areal_like.net.http_guard import METRICS_LIMITS, guarded_app, serve
-from areal_like.net.sglang_client import EngineError
 from areal_like.weights.plan import ROOT_PREFIX, SyncDone, WeightSyncPlan
 from areal_like.weights.server_sync import in_push_dir
 

@@ -31,9 +31,9 @@ import math
 import time
 
 from areal_like.daemon import StartRefused
+from areal_like.engines import engine_client
 from areal_like.net.metrics import Metrics
 from areal_like.net.ratelog import RateLimitedLog
-from areal_like.net.vllm_client import engine_client
 from areal_like.settings.config import ModelConfig
 from areal_like.settings.distill_schema import DistillConfig
 from areal_like.tasks.datasets import Example

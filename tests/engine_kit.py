@@ -154,7 +154,7 @@ def check_teacher(url: str, api_key: str, model_dir: Path, kind: str) -> None:
     the teacher here) its behaviour log-probs."""
     import asyncio
 
-    from areal_like.net.vllm_client import engine_client
+    from areal_like.engines import engine_client
     from areal_like.settings.config import TaskConfig
     from areal_like.settings.distill_schema import DistillConfig
     from areal_like.tasks.task import make_task

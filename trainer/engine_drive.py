@@ -40,9 +40,9 @@ from collections.abc import Callable
 
 import msgspec
 
+from areal_like.engines import engine_client
+from areal_like.engines.client import EngineClient, EngineError
 from areal_like.net.answers import peer_text
-from areal_like.net.sglang_client import EngineError, SGLangClient
-from areal_like.net.vllm_client import engine_client
 from areal_like.weights.plan import LAUNCHED, SyncDone, WeightSyncPlan, answer
 from areal_like.weights.push import ServerPort, apply_weight_sync
 from areal_like.wire.protocol import RosterEntry
@@ -64,7 +64,7 @@ class EngineDrive:
         # ``kind``: a member's engine kind when its roster entry names none
         self.kind, self.engine_key, self.pause_mode, self.lora = kind, engine_key, pause_mode, lora
         # by (kind: "port" or the engine's, URL, key): engine URLs and sync URLs
-        self.clients: dict[tuple[str, str, str | None], SGLangClient] = {}
+        self.clients: dict[tuple[str, str, str | None], EngineClient | ServerPort] = {}
         self.runs: dict[str, concurrent.futures.Future] = {}  # of the last plan
         # each member's last task, whichever plan it was of (a member left out of a plan keeps its)
         self.last: dict[str, concurrent.futures.Future] = {}
@@ -95,7 +95,7 @@ class EngineDrive:
         for key in [k for k in self.clients if k[1] not in live]:
             await self.clients.pop(key).close()
 
-    def _client(self, kind: str, url: str) -> SGLangClient:
+    def _client(self, kind: str, url: str) -> EngineClient | ServerPort:
         if (client := self.clients.get(key := (kind, url, self.engine_key))) is None:
             make = ServerPort if kind == "port" else functools.partial(engine_client, kind)
             client = self.clients[key] = make(url, api_key=self.engine_key)

@@ -2,7 +2,7 @@
 convention (``log_softmax(logits / temperature)`` before top-p/top-k, ``trainer/logprobs.py``).
 
 Rank 0 sends each engine that acknowledged the initial push one short ``/generate`` through the
-project's one SGLang client (``areal_like/net/sglang_client.py``; with the engine API key, once
+project's client for its engine kind (``areal_like/engines/``; with the engine API key, once
 the engine's rollout server vouched for its URL: ``unvouched``; with LoRA naming the adapter that
 push made live), every rank scores the probes
 (a collective forward), and rank 0 broadcasts its verdict: a mean absolute per-token difference
@@ -37,9 +37,9 @@ from dataclasses import dataclass
 import torch
 
 from areal_like.daemon import StartRefused
+from areal_like.engines import engine_client
+from areal_like.engines.client import EngineError, GenerateOutput
 from areal_like.net.dealer import Client
-from areal_like.net.sglang_client import EngineError, GenerateOutput
-from areal_like.net.vllm_client import engine_client
 from areal_like.weights.push import ServerPort
 from areal_like.wire.protocol import RosterEntry
 from trainer.logprobs import token_logprobs

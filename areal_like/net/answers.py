@@ -1,7 +1,7 @@
 """What a peer's HTTP answer may cost this process, and how a peer's words reach a log line.
 
 Every HTTP client of the project reads its answers here (``read_capped``, or ``read_capped_sync``
-for urllib): the engine clients (``sglang_client.py``, ``vllm_client.py``), the sync port's client
+for urllib): the engine clients (``areal_like/engines/client.py``), the sync port's client
 (``areal_like/weights/push.py``, ``ServerPort``), the remote reward
 (``rollout_server/reward_pool.py``) and the ``/metrics`` scrape (``metrics.py``).
 

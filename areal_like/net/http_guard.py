@@ -333,7 +333,7 @@ def _too_large(request: web.Request, lim: HttpLimits) -> web.Response:
 
 def _refusal(status: int, message: str, headers: dict) -> web.Response:
     """A refusal as the OpenAI API words one (``{"error": {"message": ...}}``): its SDKs show
-    only that message (the agent endpoint's clients), ``sglang_client`` reads it too."""
+    only that message (the agent endpoint's clients), the engine clients read it too."""
     return web.json_response({"error": {"message": message, "code": status}}, status=status,
                              headers=headers)
 

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import msgspec
 
-from areal_like.net.sglang_client import EngineError, SGLangClient
+from areal_like.engines.client import EngineClient, EngineError
 from areal_like.wire.codec import Finite, Message, ProtocolError
 from areal_like.wire.protocol import MAX_GROUP_RANKS, Ranks, ServerId
 
@@ -143,7 +143,7 @@ class Deadline:
         return left
 
 
-async def resume(client: SGLangClient, reason: str) -> str:
+async def resume(client: EngineClient, reason: str) -> str:
     """Continue the engine's generation after a sync; ``reason`` with the failure added if not."""
     try:
         await client.continue_generation(timeout_s=CONTINUE_TIMEOUT_S)

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 
 import msgspec
 
+from areal_like.engines.client import EngineClient, EngineError, HttpClient
 from areal_like.net.answers import peer_text
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, begin_proof, vouch_proof
-from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.weights.plan import (
     CONTINUE_TIMEOUT_S,
     WEIGHT_PATHS,
@@ -48,7 +48,7 @@ _JOINED: dict[str, str] = {}  # engine URL -> the group its engine was last told
 Door = Callable[[WeightSyncPlan], Awaitable[int]]
 
 
-async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *,
+async def apply_weight_sync(client: EngineClient, plan: WeightSyncPlan, server_id: str, *,
                             load_format: str | None = FLATTENED, door: Door | None = None,
                             pause_mode: str = "abort") -> SyncDone:
     """Apply ``plan`` to this server's engine; never raises, never leaves the engine paused.
@@ -102,7 +102,7 @@ async def apply_weight_sync(client: SGLangClient, plan: WeightSyncPlan, server_i
     return answer(plan, server_id, reason, pause_s)
 
 
-async def _load_broadcast(client: SGLangClient, plan: WeightSyncPlan, load_format: str | None,
+async def _load_broadcast(client: EngineClient, plan: WeightSyncPlan, load_format: str | None,
                           deadline: Deadline) -> None:
     for bucket, version, last in _in_order(plan):
         await client.update_weights_from_distributed(
@@ -111,14 +111,14 @@ async def _load_broadcast(client: SGLangClient, plan: WeightSyncPlan, load_forma
             load_format=load_format, timeout_s=deadline.left())
 
 
-async def _load_tensors(client: SGLangClient, plan: WeightSyncPlan, load_format: str | None,
+async def _load_tensors(client: EngineClient, plan: WeightSyncPlan, load_format: str | None,
                         deadline: Deadline) -> None:
     for (_, version, last), payload in zip(_in_order(plan), plan.payloads):
         await client.update_weights_from_tensor([payload], flush_cache=last, weight_version=version,
                                                 timeout_s=deadline.left())
 
 
-async def _load_directory(client: SGLangClient, plan: WeightSyncPlan, load_format: str | None,
+async def _load_directory(client: EngineClient, plan: WeightSyncPlan, load_format: str | None,
                           deadline: Deadline) -> None:
     await client.update_weights_from_disk(plan.payloads[0], weight_version=str(plan.policy_version),
                                           timeout_s=deadline.left())
@@ -135,7 +135,7 @@ def _in_order(plan: WeightSyncPlan):
 class Receiver:
     """How step 3 of one ``WeightSyncPlan.path`` loads the plan's weights into the engine."""
 
-    load: Callable[[SGLangClient, WeightSyncPlan, str | None, Deadline], Awaitable[None]]
+    load: Callable[[EngineClient, WeightSyncPlan, str | None, Deadline], Awaitable[None]]
     session: bool = True  # inside /begin_weight_update ... /end_weight_update
     joins_group: bool = False  # a plan with ``reform`` makes the engine join the group first
 
@@ -145,7 +145,7 @@ RECEIVERS = {"distributed": Receiver(_load_broadcast, joins_group=True),
 assert RECEIVERS.keys() == WEIGHT_PATHS.keys()  # every path a plan may name has its receiver
 
 
-async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_offset: int,
+async def _start_group_join(client: EngineClient, plan: WeightSyncPlan, rank_offset: int,
                             deadline: Deadline, door: Door | None) -> asyncio.Task:
     # every formation has a name of its own: the engine's last group is the one to tear down
     for name in dict.fromkeys(n for n in (_JOINED.get(client.base_url), plan.group_name) if n):
@@ -164,7 +164,7 @@ async def _start_group_join(client: SGLangClient, plan: WeightSyncPlan, rank_off
         timeout_s=deadline.left()))
 
 
-class ServerPort(SGLangClient):
+class ServerPort(HttpClient):
     """A rollout server's sync port (rollout_server/sync_port.py), as the trainer driving its
     engine calls it: its word for its engine, the door beside the engine, a sync's begin and end.
     ``vouch`` first: the other calls carry the key."""

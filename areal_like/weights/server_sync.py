@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 
-from areal_like.net.sglang_client import EngineError, SGLangClient
+from areal_like.engines.client import EngineClient, EngineError
 from areal_like.net.store_gate import StoreDoor
 from areal_like.weights.lora import served_name
 from areal_like.weights.plan import ROOT_PREFIX, Deadline, SyncDone, WeightSyncPlan, answer, resume
@@ -49,7 +49,7 @@ def in_push_dir(path: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
 
 
-async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_id: str, *,
+async def apply_adapter_sync(client: EngineClient, plan: WeightSyncPlan, server_id: str, *,
                              pause_mode: str = "abort") -> SyncDone:
     """Load ``plan``'s adapter (a PEFT directory) into an SGLang engine started with LoRA and make
     it the one generate calls name; never raises (but ``CancelledError``), never leaves the engine
@@ -89,7 +89,7 @@ async def apply_adapter_sync(client: SGLangClient, plan: WeightSyncPlan, server_
     return answer(plan, server_id, reason, pause_s)
 
 
-def _unload_idle(client: SGLangClient) -> None:
+def _unload_idle(client: EngineClient) -> None:
     """Unload, in the background, each retired adapter of ``client``'s engine that no generate call
     in flight names; the others stay retired for a later sync. SGLang's unload waits for the
     requests using the adapter while holding the lock every adapter load needs: unloading only
@@ -103,7 +103,7 @@ def _unload_idle(client: SGLangClient) -> None:
             task.add_done_callback(_unloading.discard)
 
 
-async def _unload(client: SGLangClient, name: str) -> None:
+async def _unload(client: EngineClient, name: str) -> None:
     try:
         await client.unload_lora_adapter(name, timeout_s=UNLOAD_TIMEOUT_S)
     except EngineError as e:  # 400: SGLang never registered it (a load that failed, or never ran)

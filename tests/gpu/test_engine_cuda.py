@@ -170,7 +170,7 @@ def test_cuda_flattened_bucket_syncs_swap_bf16_weights_exactly():
     second sync, which receives into the buffers the first one retired."""
     import asyncio
 
-    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.weights.plan import SyncMember, WeightSyncPlan, plan_buckets
     from areal_like.weights.push import apply_weight_sync
 

@@ -79,7 +79,7 @@ async def _sync(client, model, version: int) -> None:
 def test_sglang_on_gpus_samples_what_the_adapter_scores(tmp_path, tp_size):
     import torch
 
-    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.tasks.tokenizer import char_tokenizer
     from areal_like.weights.hf import build_model
     from rollout_server.launch_sglang import SGLangProcess

@@ -61,7 +61,7 @@ def sglang_server(tmp_path_factory):
 def test_generate_pause_resume_and_weight_update_on_real_sglang(sglang_server):
     import torch
 
-    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.weights.hf import build_model
     from areal_like.weights.push import apply_weight_sync
     from areal_like.weights.server_sync import local_door

@@ -249,7 +249,7 @@ def test_peak_memory_against_the_estimate(trained, figure, checkpointing):
 
 
 def test_weight_sync_seconds(engine, figure):
-    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.weights.plan import SyncMember, WeightSyncPlan, plan_buckets
     from areal_like.weights.push import apply_weight_sync
 

@@ -27,8 +27,9 @@ from openai import (
     InternalServerError,
 )
 
+from areal_like.engines.client import EngineError, GenerateOutput
+from areal_like.engines.sglang import SGLangClient
 from areal_like.net.metrics import Metrics, scrape
-from areal_like.net.sglang_client import EngineError, GenerateOutput, SGLangClient
 from areal_like.settings.config import EngineConfig, ModelConfig, TaskConfig
 from areal_like.tasks.agents import calc_agent, langgraph_calc_agent
 from areal_like.tasks.environment import ChatRenderer

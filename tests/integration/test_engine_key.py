@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from areal_like.engines.client import EngineError
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
-from areal_like.net.sglang_client import EngineError
 from areal_like.settings.config import load_config
 from rollout_server.server import RolloutServer
 from trainer.facts import TrainerFacts

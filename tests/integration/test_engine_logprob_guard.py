@@ -205,8 +205,8 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
     model WITH the adapter, while the same model with the adapter disabled (the base) is refused."""
     import torch
 
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.net.dealer import Client
-    from areal_like.net.sglang_client import SGLangClient
     from areal_like.settings.config import load_config, to_yaml
     from areal_like.tasks.tokenizer import load_tokenizer
     from areal_like.weights.hf import build_model

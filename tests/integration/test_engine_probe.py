@@ -189,8 +189,8 @@ def _relabelled_by_another(cfg, tmp_path: Path, url: str, wait_until) -> None:
     roster through the server's next heartbeat: the server reads its engine's label."""
     import asyncio
 
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.net.auth import engine_api_key
-    from areal_like.net.sglang_client import SGLangClient
 
     async def relabel() -> None:
         client = SGLangClient(url, api_key=engine_api_key(tmp_path))

@@ -24,9 +24,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from areal_like.engines.sglang import SGLangClient
 from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE
 from areal_like.net.distributed import free_port
-from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.tasks.tokenizer import char_tokenizer
 from areal_like.weights.hf import build_model

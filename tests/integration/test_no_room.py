@@ -22,7 +22,8 @@ import dataclasses
 
 from test_buffer_service import make_cfg, register, running
 
-from areal_like.net.sglang_client import GenerateOutput, SGLangClient
+from areal_like.engines.client import GenerateOutput
+from areal_like.engines.sglang import SGLangClient
 from areal_like.settings.config import RunConfig, TaskConfig
 from areal_like.tasks.task import encode_prompt, make_task
 from areal_like.tasks.tokenizer import char_tokenizer

@@ -34,8 +34,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from areal_like.engines.sglang import SGLangClient
 from areal_like.net.distributed import free_port
-from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
 from areal_like.weights.hf import build_model
 from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan

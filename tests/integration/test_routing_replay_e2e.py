@@ -32,7 +32,7 @@ def group():
 
 
 def _sample_groups(engine, n_groups: int = 8, n: int = 4):
-    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.wire import protocol as P
     from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
     from rollout_server.episode import generate_group

@@ -36,7 +36,7 @@ def group():
 
 
 def _episodes(engine, tokenizer, n_groups: int = 2):
-    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.settings.config import TaskConfig
     from areal_like.tasks.task import make_task
     from areal_like.wire import protocol as P
@@ -65,7 +65,7 @@ def _agent_episodes(engine, tokenizer):
     message), the third rewrites the history (a second trajectory of the same episode)."""
     from openai import AsyncOpenAI
 
-    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.settings.config import TaskConfig
     from areal_like.tasks.task import make_task
     from areal_like.wire import protocol as P

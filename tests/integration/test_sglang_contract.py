@@ -40,9 +40,10 @@ from pathlib import Path
 
 import pytest
 
+from areal_like.engines.client import EngineError
+from areal_like.engines.sglang import SGLangClient
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import scrape
-from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.weights.push import apply_weight_sync

@@ -135,7 +135,7 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
 
 async def sample_probe(
         url: str, prompts: list[list[int]]) -> list[tuple[list[int], list[int], list[float]]]:
-    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.engines.sglang import SGLangClient
 
     async with SGLangClient(url, timeout_s=60) as sg:
         outs = [await sg.generate(p, {"max_new_tokens": 8, "temperature": 1.0}) for p in prompts]

@@ -97,7 +97,8 @@ def _payload(obj: bytes) -> str:
 def test_engine_refuses_payloads_that_reach_code_through_allowed_names(engine_url, tmp_path):
     """A payload's way to ``os.system`` through torch's namespace, a ``getattr`` chain or
     ``builtins.eval`` runs nothing: each is a 400 naming what it tried, nothing is loaded."""
-    from areal_like.net.sglang_client import EngineError, SGLangClient
+    from areal_like.engines.client import EngineError
+    from areal_like.engines.sglang import SGLangClient
 
     marker = tmp_path / "ran"
     cmd = _text(f"touch {marker}")
@@ -129,7 +130,8 @@ def test_engine_refuses_payloads_that_reach_code_through_allowed_names(engine_ur
 
 
 def test_engine_refuses_payloads_it_must_not_unpickle(engine_url):
-    from areal_like.net.sglang_client import EngineError, SGLangClient
+    from areal_like.engines.client import EngineError
+    from areal_like.engines.sglang import SGLangClient
 
     evil = base64.b64encode(pickle.dumps([("model.norm.weight", _Evil())])).decode()
 

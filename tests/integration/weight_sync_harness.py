@@ -164,7 +164,7 @@ class SyncStandIn:
 
     def __init__(self, server_id: str, engine_url: str, key: str, *, kind: str = "embedded",
                  door_url: str | None = None, incarnation: str = ""):
-        from areal_like.net.vllm_client import engine_client
+        from areal_like.engines import engine_client
         from areal_like.weights.server_sync import apply_adapter_sync, open_door
         from rollout_server.sync_port import SyncPort
 
@@ -244,9 +244,9 @@ class Driver(threading.Thread):
             self.error = e
 
     async def _main(self) -> None:
+        from areal_like.engines.sglang import SGLangClient
         from areal_like.net.auth import engine_api_key
         from areal_like.net.dealer import Client
-        from areal_like.net.sglang_client import SGLangClient
         from areal_like.wire.protocol import Heartbeat, Register, RegisterAck
         from rollout_server.episode import as_version
 

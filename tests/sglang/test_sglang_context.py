@@ -14,7 +14,8 @@ import dataclasses
 import pytest
 from sglang_kit import MODEL
 
-from areal_like.net.sglang_client import EngineError, SGLangClient
+from areal_like.engines.client import EngineError
+from areal_like.engines.sglang import SGLangClient
 from areal_like.settings.config import TaskConfig, load_config
 from areal_like.tasks.datasets import Example
 from areal_like.tasks.task import encode_prompt

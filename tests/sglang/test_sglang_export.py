@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from areal_like.net.sglang_client import SGLangClient
+from areal_like.engines.sglang import SGLangClient
 from areal_like.settings.config import export_yaml, load_config
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.hf import build_model

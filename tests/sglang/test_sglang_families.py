@@ -18,7 +18,7 @@ import uuid
 import pytest
 from sglang_kit import assert_served, engine_logprobs, start_server
 
-from areal_like.net.sglang_client import SGLangClient
+from areal_like.engines.sglang import SGLangClient
 from areal_like.settings.config import ModelConfig, WeightSyncConfig
 from areal_like.weights.hf import build_model
 from areal_like.weights.plan import SyncMember, WeightSyncPlan

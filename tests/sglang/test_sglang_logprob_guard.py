@@ -18,7 +18,7 @@ import pytest
 import torch
 from sglang_kit import model_config, own_tmpdir, start_server
 
-from areal_like.net.sglang_client import SGLangClient
+from areal_like.engines.sglang import SGLangClient
 from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import Roster, RosterEntry
 from trainer.logprob_guard import LogprobGuardError, run_guard

@@ -19,7 +19,7 @@ import torch
 from sglang_kit import PROMPTS, TOL, Server, cpu_engine, engine_logprobs, model_config
 from test_sglang_weights import _until_decoding
 
-from areal_like.net.sglang_client import SGLangClient
+from areal_like.engines.sglang import SGLangClient
 from areal_like.settings.config import LoraConfig
 from areal_like.weights.lora import served_name
 from rollout_server.engine_reaper import shm_files

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from sglang_kit import assert_served, engine_logprobs, model_config, start_server
 
-from areal_like.net.sglang_client import SGLangClient
+from areal_like.engines.sglang import SGLangClient
 from areal_like.weights.hf import build_model
 from rollout_server.engine_reaper import group_members
 

@@ -14,7 +14,7 @@ import secrets
 import pytest
 from sglang_kit import cpu_engine, model_config
 
-from areal_like.net.sglang_client import SGLangClient
+from areal_like.engines.sglang import SGLangClient
 from rollout_server.launch_sglang import SGLangProcess
 from tests.engine_kit import assert_routed_as_the_model, routed_generations, run_routing_replay_job
 from tests.families import save_family

@@ -9,7 +9,7 @@ import asyncio
 
 from sglang_kit import check_teacher, check_teacher_process
 
-from areal_like.net.sglang_client import SGLangClient
+from areal_like.engines.sglang import SGLangClient
 
 
 def test_sglang_teacher_logprobs_equal_a_direct_forward_and_reach_the_trajectory(sglang_server):

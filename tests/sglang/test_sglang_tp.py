@@ -14,7 +14,7 @@ from dataclasses import replace
 from sglang_kit import assert_served, cpu_engine, engine_logprobs, model_config
 from test_sglang_weights import push
 
-from areal_like.net.sglang_client import SGLangClient
+from areal_like.engines.sglang import SGLangClient
 from areal_like.weights.hf import build_model
 from rollout_server.launch_sglang import SGLangProcess
 

@@ -20,8 +20,8 @@ import pytest
 import torch
 from sglang_kit import MODEL, PROMPTS, TOL, assert_served, engine_logprobs, model_config, save_model
 
+from areal_like.engines.sglang import SGLangClient
 from areal_like.net.distributed import free_port
-from areal_like.net.sglang_client import SGLangClient
 from areal_like.settings.config import WeightSyncConfig
 from areal_like.weights.hf import build_model
 from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan

@@ -15,7 +15,8 @@ import uuid
 
 import msgspec
 
-from areal_like.net.sglang_client import EngineError, SGLangClient
+from areal_like.engines.client import EngineError
+from areal_like.engines.sglang import SGLangClient
 from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.weights.server_sync import apply_adapter_sync
 

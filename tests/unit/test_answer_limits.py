@@ -24,8 +24,9 @@ import time
 import psutil
 import pytest
 
+from areal_like.engines.client import EngineError
+from areal_like.engines.sglang import SGLangClient
 from areal_like.net.metrics import Metrics, parse_exposition
-from areal_like.net.sglang_client import EngineError, SGLangClient
 from areal_like.weights.plan import SyncMember, WeightSyncPlan
 from areal_like.wire.protocol import RosterEntry
 from trainer.engine_drive import EngineDrive

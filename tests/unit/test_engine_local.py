@@ -81,7 +81,8 @@ def test_in_process_generate_waits_while_paused_and_a_cancelled_caller_aborts(en
 
 
 def test_the_client_maps_in_process_answers_like_http_ones(engine):
-    from areal_like.net.sglang_client import EngineError, SGLangClient
+    from areal_like.engines.client import EngineError
+    from areal_like.engines.sglang import SGLangClient
 
     async def main():
         client = SGLangClient("http://127.0.0.1:1", local=engine)  # no HTTP reachable
@@ -101,7 +102,8 @@ def test_an_in_process_call_ends_when_its_engine_stops_and_later_ones_are_refuse
     """A call held at the pause gate when the engine stops ends (as unreachable, like a dropped
     connection) instead of waiting for its timeout; a call to a stopped engine is refused at
     once."""
-    from areal_like.net.sglang_client import EngineError, SGLangClient
+    from areal_like.engines.client import EngineError
+    from areal_like.engines.sglang import SGLangClient
 
     e = EmbeddedEngine(MODEL, EngineConfig(max_running_requests=2)).start()
 

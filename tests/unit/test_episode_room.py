@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 
-from areal_like.net.sglang_client import EngineError, GenerateOutput
+from areal_like.engines.client import EngineError, GenerateOutput
 from areal_like.settings.config import EvalConfig, RunConfig, TaskConfig
 from areal_like.tasks.task import encode_prompt, make_task
 from areal_like.tasks.tokenizer import char_tokenizer

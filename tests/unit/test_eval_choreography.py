@@ -21,8 +21,8 @@ import tempfile
 import msgspec
 import pytest
 
+from areal_like.engines.client import EngineError
 from areal_like.net.metrics import Metrics
-from areal_like.net.sglang_client import EngineError
 from areal_like.settings.config import EvalConfig, RunConfig
 from areal_like.weights.plan import ROOT_PREFIX, SyncDone, WeightSyncPlan
 from areal_like.weights.push import ServerPort

@@ -78,7 +78,7 @@ class _TrackedEngine:
     async def generate(self, input_ids, params):
         import asyncio
 
-        from areal_like.net.sglang_client import EngineError, GenerateOutput
+        from areal_like.engines.client import EngineError, GenerateOutput
 
         self.running.add(id(asyncio.current_task()))
         try:
@@ -353,7 +353,7 @@ class _ScriptedEngine:
         self.sampled: dict[int, int] = {}
 
     async def generate(self, input_ids, params):
-        from areal_like.net.sglang_client import EngineError, GenerateOutput
+        from areal_like.engines.client import EngineError, GenerateOutput
 
         prompt = input_ids[0]
         if prompt == 9:
@@ -398,7 +398,7 @@ def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
 
 
 def test_evaluate_raises_when_every_prompt_fails():
-    from areal_like.net.sglang_client import EngineError
+    from areal_like.engines.client import EngineError
 
     with pytest.raises(EngineError, match="every eval prompt failed") as e:
         _eval([9, 9])
@@ -410,7 +410,7 @@ def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(tmp_path, ca
                                                                     monkeypatch):
     """``areal-like eval`` on an eval file whose every prompt is longer than the model's context:
     one error line naming the refusal, exit 2 (before: a traceback)."""
-    from areal_like.net.sglang_client import EngineError
+    from areal_like.engines.client import EngineError
 
     def refused():
         raise EngineError("/generate", 400, "every eval prompt failed; the first: The input "
@@ -534,7 +534,7 @@ def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
     concurrency too (another batching); another seed changes them."""
     import asyncio
 
-    from areal_like.net.sglang_client import SGLangClient
+    from areal_like.engines.sglang import SGLangClient
     from areal_like.settings.config import EngineConfig, ModelConfig
     from areal_like.tasks.task import Example
     from rollout_server.engine import EmbeddedEngine

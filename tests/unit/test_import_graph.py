@@ -247,7 +247,7 @@ def test_circle_check_sees_a_circle_through_a_lazy_import(tmp_path, monkeypatch)
 # lower one (lazy imports and dotted paths in strings included). The modules at the top
 # (``TOP_MODULES``) sit above every wing and may import any.
 
-WINGS = ("wire", "net", "settings", "tasks", "weights")
+WINGS = ("wire", "net", "engines", "settings", "tasks", "weights")
 # tied: a script run before anything else in a child (areal_like/daemon.py popen_tied), no import
 TOP_MODULES = {"areal_like", "areal_like.daemon", "areal_like.job_facts", "areal_like.tied"}
 

@@ -17,7 +17,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from areal_like.net.sglang_client import GenerateOutput
+from areal_like.engines.client import GenerateOutput
 from areal_like.settings.config import TaskConfig
 from areal_like.tasks.environment import ChatRenderer
 from areal_like.tasks.task import make_task

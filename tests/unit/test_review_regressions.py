@@ -10,8 +10,8 @@ import asyncio
 
 from aiohttp import web
 
+from areal_like.engines.sglang import SGLangClient
 from areal_like.net.distributed import free_port
-from areal_like.net.sglang_client import SGLangClient
 from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.weights.push import apply_weight_sync
 

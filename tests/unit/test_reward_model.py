@@ -10,8 +10,8 @@ import asyncio
 
 import pytest
 
+from areal_like.engines.client import GenerateOutput
 from areal_like.net.metrics import Metrics
-from areal_like.net.sglang_client import GenerateOutput
 from areal_like.settings.config import TaskConfig, load_config
 from areal_like.settings.reward_model_schema import RewardModelConfig
 from areal_like.tasks.task import encode_prompt, make_task

@@ -21,8 +21,8 @@ import msgspec
 import pytest
 from test_store_gate import DEADLINE_S, GROUP, KEY, closed_by_peer, echo  # noqa: F401 - fixture
 
+from areal_like.engines.client import EngineError
 from areal_like.net.distributed import free_port
-from areal_like.net.sglang_client import EngineError
 from areal_like.net.store_gate import StoreGate
 from areal_like.weights.plan import ROOT_PREFIX, BucketSpec, SyncDone, WeightSyncPlan
 from areal_like.weights.push import ServerPort

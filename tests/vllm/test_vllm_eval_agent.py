@@ -1,4 +1,4 @@
-"""Evaluation and the agent endpoint through the vLLM client (areal_like/net/vllm_client.py), as a
+"""Evaluation and the agent endpoint through the vLLM client (areal_like/engines/vllm.py), as a
 rollout server with ``rollout.engine.kind=vllm`` runs them: a model the trainer exports, served by
 the real vLLM, evaluates greedily as ``areal-like eval`` does on the embedded engine (the same
 greedy accuracy and reward over the quickstart's eval prompts); an ``openai``-SDK call to the
@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from vllm_kit import Server, cpu_engine, start
 
-from areal_like.net.vllm_client import VLLMClient
+from areal_like.engines.vllm import VLLMClient
 from areal_like.settings.config import export_yaml, load_config
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.hf import build_model

@@ -20,7 +20,7 @@ import torch
 from test_vllm_weights import TOKENS, _until_generated, mid_generation
 from vllm_kit import PROMPTS, TOL, Server, cpu_engine, engine_logprobs, model_config
 
-from areal_like.net.vllm_client import VLLMClient
+from areal_like.engines.vllm import VLLMClient
 from areal_like.settings.config import LoraConfig
 from areal_like.weights.lora import served_name
 from rollout_server.episode import generate_sample

