@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -61,6 +62,10 @@ LAYOUTS = [REFERENCE,  # (label, overrides) run on one rank; the first is the re
 LAYOUTS_2 = [("padded mbs=2", ["trainer.pack_sequences=false", "trainer.micro_batch_size=2"]),
              ("packed mbs=2", [*PACKED, "trainer.micro_batch_size=2"]),
              ("packed 24 tokens", [*PACKED, f"{BUDGET}=24"])]
+# what a layout sets: every one of them, whatever its overrides name (load_config sets
+# max_tokens_per_micro_batch=0 with micro_batch_size)
+LAYOUT_KEYS = ("pack_sequences", "pack_min_padding", "micro_batch_size",
+               "max_tokens_per_micro_batch")
 # two cold torch+transformers imports and 11 cases x 5 layouts of steps on a loaded 2-core machine
 # (~40 s alone; 155 s at a load average of 13)
 WORKER_TIMEOUT_S = 480
@@ -104,11 +109,19 @@ def worker(out: str, layouts: list[tuple[str, list[str]]]) -> None:
     from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, train_step
 
+    # composed once per case and once per layout (a composition is ~0.6 CPU-s, 55 of them were
+    # most of the worker's time), then the layout's keys set on the case's trainer, validated again
+    # by replace; the same config as composing both override lists at once
+    assert all(ov.partition("=")[0].removeprefix("trainer.") in LAYOUT_KEYS
+               for _, layout in layouts for ov in layout), layouts
+    shapes = {label: load_config(layout).trainer for label, layout in layouts}
     results = {}
     for name, overrides in CASES:
         batch = groups_to_batch(synthetic_groups(solved=SOLVED.get(name, 0)))
-        for label, layout in layouts:
-            cfg = load_config(["trainer.lr=1e-2", "trainer.grad_clip=1e9", *layout, *overrides])
+        case = load_config(["trainer.lr=1e-2", "trainer.grad_clip=1e9", *overrides])
+        for label, _ in layouts:
+            shape = {k: getattr(shapes[label], k) for k in LAYOUT_KEYS}
+            cfg = replace(case, trainer=replace(case.trainer, **shape))
             rank, _ = init_distributed(cfg.trainer)
             policy = build_policy(cfg.model, cfg.trainer, adam_eps=1e-3)
             results.setdefault("init", full_state_dict(policy.model))
