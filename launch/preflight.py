@@ -660,6 +660,13 @@ def check_routing_replay(cfg: RunConfig) -> list[str]:
         why.append(f"rollout.engine.kind={cfg.rollout.engine.kind}: only the embedded engine and "
                    f"a launched SGLang return their routes to this job ("
                    f"{NO_ROUTES[cfg.rollout.engine.kind]})")
+    sglang = cfg.rollout.engine.sglang if cfg.rollout.engine.kind == "sglang" else {}
+    if sglang.get("enable_return_routed_experts", True) is not True:
+        why.append("rollout.engine.sglang.enable_return_routed_experts: the job turns it on; "
+                   "leave it unset")
+    if sglang.get("enable_hierarchical_cache"):
+        why.append("rollout.engine.sglang.enable_hierarchical_cache: a prefix SGLang loads back "
+                   "from host memory comes back without the routes it ran with; leave it off")
     try:
         route_shape(build_meta_model(cfg.model))
     except ValueError as e:

@@ -31,9 +31,11 @@ def run_agent(path: str, base_url: str, api_key: str, example: Any, relay: str =
     # collected on this episode's loop, its close would run there and fail: "Event loop is closed"
     gc.collect()
     if _EPISODES[0] == 1:
-        # what survives the first episode (the agent's imports, the environments it caches) lives
-        # as long as the worker: out of every later collection (a full one scanned it: 0.2 CPU-s
-        # an episode, most of an episode's own, under verifiers' 390k objects)
+        # what survives the first episode (the agent's imports, the environments it caches) goes
+        # out of every later collection: the full collection above scanned it, 0.2 CPU-s an
+        # episode, most of an episode's own, under verifiers' 390k objects. The cost: a frozen
+        # object that later becomes cyclic garbage is never freed; the leak is bounded by that
+        # one snapshot, and the worker's memory limit still applies
         gc.freeze()
     _EPISODES[0] += 1
     if relay:

@@ -85,10 +85,14 @@ class Transcript:
             self.routes, self.routes_lost = None, True
         elif not self.routes_lost:  # it ran the conversation so far + s's tokens but one
             ran = len(self.prompt_ids) + len(self.output_ids) + len(s.output_ids) - 1
-            turn = np.frombuffer(s.routes, "<i4").reshape(ran, -1)
-            seen = 0 if self.routes is None else len(self.routes)
-            self.routes = turn if self.routes is None else np.concatenate([self.routes,
-                                                                          turn[seen:]])
+            turn = np.frombuffer(s.routes, "<i4")
+            width = turn.size // max(ran, 1) if self.routes is None else self.routes.shape[1]
+            if turn.size != ran * width or width == 0:  # not a row per position it ran: none kept
+                self.routes, self.routes_lost = None, True
+            else:
+                turn = turn.reshape(ran, width)
+                self.routes = turn if self.routes is None else np.concatenate(
+                    [self.routes, turn[len(self.routes):]])
         self.output_ids += s.output_ids
         self.logprobs += s.logprobs
         self.versions += s.versions

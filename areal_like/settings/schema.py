@@ -595,8 +595,8 @@ class TrainerConfig(Section):
     # routing replay (a mixture of experts): the engine returns the experts it routed each token
     # to, the trajectory carries them and the trainer's forwards route to them, so its log-probs
     # follow the engine's choices (areal_like/weights/routing.py). Qwen3-MoE/Qwen2-MoE routers,
-    # the embedded engine or SGLang, every kind of task, no activation_checkpointing or
-    # compile_blocks; refused before start otherwise.
+    # the embedded engine or SGLang (without its hierarchical cache), every kind of task, no
+    # activation_checkpointing or compile_blocks; refused before start otherwise.
     routing_replay: bool = False
     # expert parallelism (a mixture with fused experts, Qwen3-MoE's): each mixture layer's experts
     # split over this many ranks, tokens sent to their expert's rank (trainer/MEMORY.md); must

@@ -416,14 +416,14 @@ class RoutedEngine(ScriptedEngine):
     1, layers 1, top_k 2]): all the call's number, so a trajectory's routes name the call that ran
     each position."""
 
-    def __init__(self, *args, unrouted: int = -1, **kw):
+    def __init__(self, *args, unrouted: int = -1, short: int = -1, **kw):
         super().__init__(*args, **kw)
-        self.unrouted = unrouted  # this call answers no routes
+        self.unrouted, self.short = unrouted, short  # these calls answer no routes, a row short
 
     async def generate(self, input_ids, params):
         call = len(self.calls)
         out = await super().generate(input_ids, params)
-        rows = len(input_ids) + len(out.output_ids) - 1
+        rows = len(input_ids) + len(out.output_ids) - 1 - (call == self.short)
         routes = np.full((rows, 1, 2), call, "<i4").tobytes() if call != self.unrouted else None
         return dataclasses.replace(out, routed_experts=routes)
 
@@ -452,8 +452,10 @@ def test_each_position_keeps_the_routes_of_the_turn_that_ran_it_first(cut):
     assert routes[:, 0, 0].tolist() == want and len(want) == p + len(mask) - 1
 
 
-def test_a_turn_without_routes_leaves_the_trajectory_without_any():
-    """The trainer then drops its group, as a single-turn sample's without routes."""
-    conv, traj = episode(RoutedEngine(["hello there", "it is 5", "bye"], unrouted=1),
+@pytest.mark.parametrize("fault", ["unrouted", "short"])
+def test_a_turn_without_routes_leaves_the_trajectory_without_any(fault):
+    """A turn with no routes, or not a row for each position it ran: the trainer then drops its
+    group, as a single-turn sample's without routes."""
+    conv, traj = episode(RoutedEngine(["hello there", "it is 5", "bye"], **{fault: 1}),
                          env="agent_envs:Endless", max_turns=3)
     assert traj.routed_experts is None and len(traj.output_ids) == len(conv.output_ids)

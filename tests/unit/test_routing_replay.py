@@ -151,6 +151,9 @@ def test_the_switch_is_refused_before_start_where_it_cannot_work(tmp_path):
     on = ("trainer.routing_replay=true", f"model.path={moe}")
     assert why(*on) == ""
     assert why(*on, "rollout.engine.kind=sglang") == ""  # launched with its routes returned
+    for flag in ("+rollout.engine.sglang.enable_return_routed_experts=false",
+                 "+rollout.engine.sglang.enable_hierarchical_cache=true"):
+        assert flag[1:].split("=")[0] in why(*on, "rollout.engine.kind=sglang", flag)
     assert "rollout.engine.kind=vllm" in why(*on, "rollout.engine.kind=vllm",
                                             "rollout.pause_mode=abort")
     assert "rollout.engine.kind=url" in why(*on, "rollout.engine.kind=url",
