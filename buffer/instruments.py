@@ -18,7 +18,7 @@ COUNTERS = ("groups_accepted", "groups_duplicate", "groups_consumed", "credits_g
 LABELLED = {"groups_dropped": ("stale", "equal_rewards", "max_tokens", "unreadable"),
             "rejected": ("decode", "frame_too_large", "invalid_group_id", "unknown_lease",
                          "lease_mismatch", "future_version", "negative_version", "not_trainer",
-                         "version_jump", "reserved_id", "unexpected_type", "empty_prompt",
+                         "reserved_id", "unexpected_type", "empty_prompt",
                          "no_room", "empty_output", "bad_loss_mask", "over_context",
                          "too_many_trajectories", "token_out_of_vocab", "nonfinite_logp",
                          "implausible_logp", "bad_process_rewards", "bad_routes", "peer_limit",

@@ -375,14 +375,11 @@ class BufferService(Daemon):
                      reason=f"{reason}: {detail}")
 
     def _on_version(self, m: P.VersionUpdate, peer: bytes) -> P.Ack:
-        """Versions come only from the trainer, one at a time (buffer/STALENESS.md, Versions). A
-        refusal's ``ref`` is the buffer's version: the trainer walks up from it."""
+        """Versions come only from the trainer; one ahead by several is taken whole (admission
+        counts consumed groups, not versions: buffer/STALENESS.md, Versions)."""
         if not is_trainer_peer(peer):
             return self._refuse("not_trainer",
                                 f"VersionUpdate({m.policy_version}) from {peer[:64]!r}")
-        if m.policy_version > self.control.version + 1:
-            return self._refuse("version_jump", f"VersionUpdate({m.policy_version}) at version "
-                                f"{self.control.version}")
         if m.policy_version > self.control.version:
             self.control.version = m.policy_version
             self._dirty = True

@@ -14,8 +14,8 @@ Invariants:
   yet answered);
 * the sync window (no lease and no evaluation between a sync's ``begin`` and its ``end``; calls of
   any other plan refused, ``sync_under_way``): trainer/WEIGHT_SYNC.md, "Who drives the engines";
-* ``policy_version`` is the version the engine serves: set by a sync's ``end`` and read from the
-  engine after each heartbeat outside a sync (whoever loaded it);
+* ``policy_version`` is the version the engine serves: its label, read from the engine after a
+  sync's ``end`` and after each heartbeat outside a sync (whoever loaded it);
 * after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``, else
   this server stops (exit 1, the wedged engine killed with it) for its supervisor to restart it
   with a fresh engine; an engine attached by URL is only reported.
@@ -446,7 +446,7 @@ class RolloutServer(Daemon):
             label = await asyncio.wait_for(self.client.weight_version(), ENGINE_VERSION_READ_S)
         except (EngineError, asyncio.TimeoutError):
             return
-        if begun != self.syncs_begun:  # a sync began meanwhile: its end says what the engine serves
+        if begun != self.syncs_begun:  # a sync began meanwhile: its end reads the label again
             return
         if (version := as_version(label, self.policy_version)) != self.policy_version:
             self.policy_version = version
@@ -472,7 +472,7 @@ class RolloutServer(Daemon):
                           len(self.link.unacked))
             await self.register()
             self.link.resend_all()
-        if not self.in_sync():  # for the next heartbeat; a sync's end sets it itself
+        if not self.in_sync():  # for the next heartbeat; a sync's end reads it first
             await self.read_engine_version()
 
     async def leave(self) -> None:
@@ -682,10 +682,6 @@ class RolloutServer(Daemon):
         version, ok, pause_s, reason = body.version, body.ok, body.pause_s, body.reason
         self.sync_until, self.sync_plan = 0.0, ""
         self.wake.set()
-        if ok:
-            self.policy_version = version
-            self.metrics.gauge("rollout/policy_version",
-                               "version the engine serves").set(self.policy_version)
         self.metrics.histogram("rollout/weight_sync_pause_seconds",
                                "engine pause per weight update",
                                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)).observe(
@@ -694,8 +690,8 @@ class RolloutServer(Daemon):
                  else logging.INFO)
         self.log.log(level, "weight sync v%d %s in %.2fs pause%s", version, "done" if ok
                      else "FAILED", pause_s, f": {peer_text(reason)}" if reason else "")
-        # ok: the buffer learns the version at once (a heartbeat), then we ask for leases (at eta 0
-        # they wait for the engine's version); failed: does the engine still generate?
+        # ok: the buffer learns the engine's new label at once (a heartbeat), then we ask for
+        # leases (at eta 0 they wait for the engine's version); failed: does it still generate?
         task = asyncio.create_task(self.after_load() if ok else self.probe_engine(version),
                                    name=f"after-v{version}")
         self.after_sync.add(task)
@@ -722,6 +718,7 @@ class RolloutServer(Daemon):
         await self.probe_engine(version)
 
     async def after_load(self) -> None:
+        await self.read_engine_version()
         await self.heartbeat()
         self.link.window_moved()
         self.wake.set()

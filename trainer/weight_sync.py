@@ -128,9 +128,6 @@ class WeightBroadcaster:
         if self.client is not None:
             self.client.cancel = self.stopping.is_set
         self._done_report: SyncReport | None = None  # what the last overlapped push reported
-        # rank 0: the buffer's version as read at start (announced_version); the first
-        # announcement walks the buffer up from it
-        self._buffer_version: int | None = None
 
     # ------------------------------------------------------------------ the collective
     def push(self, model: torch.nn.Module, version: int, *, announce: int | None = None,
@@ -226,10 +223,7 @@ class WeightBroadcaster:
             reply = self.client.request(RosterRequest(), timeout_s=timeout_s)
         except TransportTimeout:
             return None
-        if isinstance(reply, Roster):
-            self._buffer_version = reply.policy_version
-            return reply.policy_version
-        return None
+        return reply.policy_version if isinstance(reply, Roster) else None
 
     def close(self) -> None:
         self.stopping.set()
@@ -334,8 +328,8 @@ class WeightBroadcaster:
             report.reform = plan.reform
             self.drive.start(plan, entries)
             report.plan_id = plan.plan_id  # started: its members answer it
-            watch = RendezvousWatch(self.client, report.members, deadline,
-                                    rendezvous_end(deadline), failed=self.drive.failed)
+            watch = RendezvousWatch(report.members, rendezvous_end(deadline),
+                                    failed=self.drive.failed)
             self.sender.connect(plan, admitted, watch, self.engine_key)
             return True
         except Exception as e:  # rendezvous timeout, member lost, plan refused, buffer gone, disk
@@ -381,22 +375,7 @@ class WeightBroadcaster:
 
     def _announce(self, version: int, report: SyncReport) -> None:
         try:
-            known, self._buffer_version = self._buffer_version, None
-            if known is not None and known + 1 < version:
-                # resumed from a checkpoint whose last versions its trainer never announced (a
-                # stopping trainer does not wait on the buffer): expected, said once
-                log.info("buffer is at version %d, our checkpoint at %d: announcing the versions "
-                         "in between", known, version)
-                for v in range(known + 1, version):
-                    self._version_update(v)
             ack = self._version_update(version)
-            if ack.status == "rejected" and ack.reason.startswith("version_jump"):
-                # The buffer restarted before our last announcements were durable: walk it up one
-                # version at a time (it refuses jumps; every label in between was ours).
-                log.warning("buffer is at version %s, behind our %d: announcing the versions in "
-                            "between", ack.ref, version)
-                for v in range(int(ack.ref) + 1, version + 1):
-                    ack = self._version_update(v)
             if ack.status != "ok":
                 raise RuntimeError(f"buffer refused VersionUpdate({version}): {ack.reason}")
         except Exception as e:

@@ -7,8 +7,8 @@ first and the evaluation runs at the version it brought; the heartbeats say eval
 not evaluating after; a sync the trainer begins during the evaluation is refused at once with the
 reason (409); the schedule decides when. The port acts only for the sync under way: a door,
 adapter or end of another plan (a late call of an earlier one) is refused and changes nothing;
-an engine label read that a sync began and ended during does not undo the version the sync's end
-set; no sync begins while the server continues the engine of one its trainer abandoned.
+an engine label read that a sync began and ended during does not undo the label read at the
+sync's end; no sync begins while the server continues the engine of one its trainer abandoned.
 """
 
 from __future__ import annotations
@@ -222,8 +222,13 @@ def test_the_sync_port_acts_only_for_the_sync_under_way(tmp_path):
             late = await port.load_adapter_for(plan7, "me")
             assert not late.ok and "not the weight sync under way" in late.reason
             assert server.in_sync() and server.policy_version == 5
+            server.client.version = 6  # the engine loaded it
             await port.end(plan6, ok[6])
+            await asyncio.wait_for(asyncio.gather(*server.after_sync), WAIT_S)
             assert not server.in_sync() and server.policy_version == 6
+            # the engine's label, read at the end, reaches the buffer in the heartbeat after it
+            beats = [m for m in server.control.sent if isinstance(m, P.Heartbeat)]
+            assert beats[-1].policy_version == 6
             await refused(port.end(plan6, ok[6]))  # ended: its powers with it
             await refused(port.door(plan6))
         finally:
@@ -233,9 +238,9 @@ def test_the_sync_port_acts_only_for_the_sync_under_way(tmp_path):
     asyncio.run(scenario())
 
 
-def test_a_label_read_across_a_sync_does_not_undo_the_version_its_end_set(tmp_path):
+def test_a_label_read_across_a_sync_does_not_undo_the_label_read_at_its_end(tmp_path):
     """The engine's label read after a heartbeat may answer from before a sync that began and
-    ended while it was under way: the version the sync's end set stands."""
+    ended while it was under way: the label read at the sync's end stands."""
     server = _server(tmp_path, version=5)
 
     class SlowLabel(_Engine):
