@@ -75,14 +75,19 @@ class _Evaluator:
 
 # an adapter's directory where the trainer writes one (trainer/weight_local.py: a push root made
 # by mkdtemp, this user's, 0700): never read here; the root goes with the module's tests
-_PUSH_ROOT = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}1_")
-UNREAD = os.path.join(_PUSH_ROOT, "v1")
+UNREAD = ""  # <a push root>/v1, made for the module's tests (not at import: an xdist worker
+# that imports this module without running it would leave the root behind)
 
 
 @pytest.fixture(autouse=True, scope="module")
 def _push_root():
+    global UNREAD
+    root = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}1_")
+    UNREAD = os.path.join(root, "v1")
     yield
-    os.rmdir(_PUSH_ROOT)
+    os.rmdir(root)
+
+
 # the server's id, its engine's URL and its process's incarnation (``begin``)
 ME = ("me", "http://127.0.0.1:1", "me-1")
 
