@@ -26,7 +26,7 @@ from areal_like.net.distributed import destroy_weight_group, free_port, init_wei
 from areal_like.settings.config import WeightSyncConfig
 from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
 from trainer.weight_buckets import BucketPipeline, Sender, gather
-from trainer.weight_members import BROADCAST_SLICE_S, RENDEZVOUS_CHECK_S, RendezvousWatch
+from trainer.weight_members import BROADCAST_SLICE_S, ROSTER_POLL_S, RendezvousWatch
 
 log = logging.getLogger("trainer.weight_sync")
 
@@ -62,7 +62,7 @@ class WeightGroup:
                                     plan.world_size, 0, plan.group_name,
                                     timeout_s=self.cfg.deadline_s,
                                     connect_timeout_s=max(0.5, watch.give_up - time.monotonic()),
-                                    check=watch, check_every_s=RENDEZVOUS_CHECK_S, key=engine_key)
+                                    check=watch, check_every_s=ROSTER_POLL_S, key=engine_key)
         self.key = key
 
     def forget_members(self) -> None:

@@ -21,8 +21,8 @@ log = logging.getLogger("trainer.weight_sync")
 BUFFER_REQUEST_TIMEOUT_S = 10.0  # the buffer answers control requests in milliseconds when alive
 # a stalled broadcast checks every slice whether a member's sync already failed
 BROADCAST_SLICE_S = 1.0
-# while the group forms: how often to read the drive's results (in memory: no request is made)
-RENDEZVOUS_CHECK_S = 0.05
+# while the group forms: how often to check that its members are still in the roster
+ROSTER_POLL_S = 0.5
 # before the initial push: how often to ask whether enough servers registered (a roster request
 # costs the buffer microseconds; the push should start soon after the last one registers)
 REGISTER_POLL_S = 0.1
@@ -86,17 +86,23 @@ def await_registered(client, want: int, timeout_s: float, should_stop=lambda: Fa
 
 class RendezvousWatch:
     """``check`` for ``init_weight_group``: ``MembersLost`` once a member's sync failed
-    (``failed``: the drive's results, which report a member gone with its engine or server),
-    ``TimeoutError`` at ``give_up``."""
+    (``failed``: the drive's) or it left the roster, ``TimeoutError`` at ``give_up``."""
 
-    def __init__(self, members: list[str], give_up: float, failed: Callable[[], list[str]]):
-        self.members, self.give_up, self.failed = set(members), give_up, failed
+    def __init__(self, client, members: list[str], deadline: float, give_up: float,
+                 failed: Callable[[], list[str]]):
+        self.client, self.members, self.deadline = client, set(members), deadline
+        self.give_up, self.failed = give_up, failed
 
     def __call__(self) -> None:
         if time.monotonic() >= self.give_up:
             raise TimeoutError(f"members {sorted(self.members)} did not all join by the push's "
                                f"deadline (less the reports' margin)")
-        if lost := set(self.failed()) & self.members:
+        lost = set(self.failed()) & self.members
+        try:
+            lost |= self.members - roster_ids(self.client, self.deadline)
+        except TransportTimeout:
+            pass  # the buffer is slow: the deadline still bounds the rendezvous
+        if lost:
             raise MembersLost(sorted(lost))
 
 

@@ -328,8 +328,8 @@ class WeightBroadcaster:
             report.reform = plan.reform
             self.drive.start(plan, entries)
             report.plan_id = plan.plan_id  # started: its members answer it
-            watch = RendezvousWatch(report.members, rendezvous_end(deadline),
-                                    failed=self.drive.failed)
+            watch = RendezvousWatch(self.client, report.members, deadline,
+                                    rendezvous_end(deadline), failed=self.drive.failed)
             self.sender.connect(plan, admitted, watch, self.engine_key)
             return True
         except Exception as e:  # rendezvous timeout, member lost, plan refused, buffer gone, disk

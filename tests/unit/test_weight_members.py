@@ -1,4 +1,4 @@
-"""The re-push decision and the wait for the first servers
+"""The re-push decision, the rendezvous watch and the wait for the first servers
 (trainer/weight_members.py), against scripted buffer replies."""
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ import pytest
 from areal_like.wire import protocol as P
 from trainer.weight_members import (
     REPUSH_MIN_S,
+    MembersLost,
+    RendezvousWatch,
     merge_repush,
     repush_targets,
 )
@@ -75,6 +77,26 @@ def test_merge_keeps_one_report_per_version():
     assert report.loaded == {"b": "again", "c": "first"}  # each names the adapter it loaded (LoRA)
     assert (report.bytes == 200 and report.pause_s == {"b": 0.2}
             and report.error == "broadcast failed")
+
+
+def test_the_watch_raises_for_a_failed_sync_or_a_departure():
+    # x: not a member of this plan; ``failed``: the drive's members whose sync already failed
+    with pytest.raises(MembersLost) as lost:
+        RendezvousWatch(_Buffer(_roster("a", "b")), ["a", "b"], _later(), _later(),
+                        failed=lambda: ["x", "b"])()
+    assert lost.value.lost == ["b"]
+    with pytest.raises(MembersLost) as lost:
+        RendezvousWatch(_Buffer(_roster("b")), ["a", "b"], _later(), _later(), failed=list)()
+    assert lost.value.lost == ["a"]
+    RendezvousWatch(_Buffer(_roster("a", "b")), ["a", "b"], _later(), _later(),
+                    failed=list)()  # everyone there: no error
+
+
+def test_the_watch_gives_up_at_its_end_without_asking_the_buffer():
+    buffer = _Buffer()  # no reply scripted: a request would fail
+    with pytest.raises(TimeoutError):
+        RendezvousWatch(buffer, ["a", "b"], _later(), time.monotonic(), failed=list)()
+    assert buffer.sent == []
 
 
 def test_the_initial_push_waits_for_the_servers_and_gives_up_at_its_timeout(monkeypatch):
