@@ -8,6 +8,7 @@ tokenizer code (the facts a config implies: ``areal_like/job_facts.py``).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import operator
 import os
@@ -86,6 +87,15 @@ def micro_batch_tokens(device: str) -> int:
     return 0 if str(device).startswith("cuda") else CPU_MICRO_BATCH_TOKENS
 
 
+@functools.cache
+def schema_node(schema: type) -> Any:
+    """``schema``'s defaults as a typed DictConfig, made once per process (a tenth of a CPU-second
+    for RunConfig): ``OmegaConf.merge`` copies its first argument, so it is never changed."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.structured(schema)
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
 
@@ -127,7 +137,8 @@ def compose_with_choices(overrides: list[str], config_name: str):
     from omegaconf import open_dict
 
     # the schema is the base of config.yaml's defaults: overrides are typed against it
-    ConfigStore.instance().store(name="areal_like_schema", node=RunConfig)
+    if "areal_like_schema.yaml" not in ConfigStore.instance().list("/"):
+        ConfigStore.instance().store(name="areal_like_schema", node=schema_node(RunConfig))
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
@@ -212,7 +223,7 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
             for key in _mandatory_keys(group, option) if option else []:
                 if OmegaConf.select(raw, key, default=None) in (None, ""):
                     raise ConfigError(f"{key} is mandatory with {group}={option}: add {key}=...")
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), raw))
+        return OmegaConf.to_object(OmegaConf.merge(schema_node(RunConfig), raw))
 
     try:
         cfg = _structured(build)
