@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_trainer_weight_sync import RUNNER, STARTUP_S, _read_json  # noqa: E402
+from test_trainer_weight_sync import RUNNER, STARTUP_S, read_json  # noqa: E402
 from weight_sync_harness import Driver  # noqa: E402
 
 TRAINER = r"""
@@ -73,7 +73,7 @@ def test_weight_broadcast_to_cuda_engine(tmp_path, spawn_python, free_port, wait
                                        "test_trainer_weight_sync.py"), "engine", cfg_path,
                                    tmp_path / "gpu"],
                           capture=False, env={"CUDA_VISIBLE_DEVICES": "0"})
-    url = wait_until(lambda: _read_json(tmp_path / "gpu") and (tmp_path / "gpu.url").read_text(),
+    url = wait_until(lambda: read_json(tmp_path / "gpu") and (tmp_path / "gpu.url").read_text(),
                      STARTUP_S, 0.2,
                      "the CUDA engine")
     driver = Driver("gpu", url, cfg)
@@ -85,7 +85,7 @@ def test_weight_broadcast_to_cuda_engine(tmp_path, spawn_python, free_port, wait
         assert trainer.returncode == 0, err[-4000:]
         rep = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
         assert rep["done"] == ["gpu"] and not rep["dropped"] and rep["bytes"] > 0, rep
-        got = wait_until(lambda: (r := _read_json(tmp_path / "gpu")) and r["version"] == "1" and r,
+        got = wait_until(lambda: (r := read_json(tmp_path / "gpu")) and r["version"] == "1" and r,
                          60, 0.1,
                          "engine at version 1")
         assert got["sha"] == rep["sha"]

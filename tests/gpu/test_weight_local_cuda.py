@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-from test_trainer_weight_sync import STARTUP_S, _read_json  # noqa: E402
+from test_trainer_weight_sync import STARTUP_S, read_json  # noqa: E402
 from weight_sync_harness import (  # noqa: E402
     Driver,
     engine_at,
@@ -72,7 +72,7 @@ def test_one_gpu_tensor_and_disk_paths_end_to_end(tmp_path, spawn_python, free_p
     try:
         for push in pushes:
             v = push["version"]
-            rep = wait_until(lambda v=v: _read_json(tmp_path / f"v{v}.json"), STARTUP_S, 0.2,
+            rep = wait_until(lambda v=v: read_json(tmp_path / f"v{v}.json"), STARTUP_S, 0.2,
                              f"push v{v}")
             assert rep["done"] == ["rollout-a"] and not rep["error"], rep
             got = wait_until(lambda v=v: engine_at(tmp_path, "rollout-a", v), 60, 0.1,

@@ -80,9 +80,9 @@ def test_a_member_without_an_engine_does_not_hold_up_every_sync(
     def report(version: int):
         assert pusher.poll() in (None, 0), f"trainer died (exit {pusher.returncode}): see its log"
         assert real.error is None and fake.error is None, (real.error, fake.error)
-        from test_trainer_weight_sync import _read_json
+        from test_trainer_weight_sync import read_json
 
-        return _read_json(tmp_path / f"v{version}.json")
+        return read_json(tmp_path / f"v{version}.json")
 
     try:
         reports = {}

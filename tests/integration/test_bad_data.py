@@ -58,7 +58,7 @@ def test_buffer_refuses_out_of_vocab_tokens_and_empty_prompts_with_a_reason(tmp_
         assert (s["started"], s["in_flight"], s["stored"], s["reissue_queue"]) == (2, 1, 1, 0)
 
 
-class _OneBatch:
+class OneBatch:
     """A buffer stand-in that answers every BatchRequest with the same groups."""
 
     def __init__(self, address: str, groups: list[P.TrajectoryGroup]):
@@ -88,7 +88,7 @@ def test_trainer_drops_a_bad_group_from_its_batch_and_goes_on(free_port):
     empty = _with_tokens(make_group(P.Credit(lease_id="L2", prompt_index=2, epoch=0,
                                              deadline_s=1.0)), [], [3])
     address = f"tcp://127.0.0.1:{free_port()}"
-    buffer = _OneBatch(address, [oov, good, empty])
+    buffer = OneBatch(address, [oov, good, empty])
     source = BatchSource(address, 3, wait_s=0.05, buffer_timeout_s=30, rank=0, vocab_size=VOCAB)
     try:
         batch = source.next_batch(0)
@@ -120,7 +120,7 @@ def test_a_trajectory_longer_than_the_context_is_refused_by_the_buffer_and_dropp
         assert c.request(P.StatsRequest()).values["rejected_over_context"] == 1
     address = f"tcp://127.0.0.1:{free_port()}"
     good = make_group(P.Credit(lease_id="L9", prompt_index=9, epoch=0, deadline_s=1.0))
-    buffer = _OneBatch(address, [over, good])
+    buffer = OneBatch(address, [over, good])
     source = BatchSource(address, 2, wait_s=0.05, buffer_timeout_s=30, rank=0, vocab_size=VOCAB,
                          context=context)
     try:

@@ -38,7 +38,7 @@ def run_job(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
                 "warm_start.steps=0", f"run_dir={run_dir}", *overrides)
 
 
-def _children() -> set[int]:
+def live_children() -> set[int]:
     return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
@@ -47,7 +47,7 @@ def _children() -> set[int]:
 @pytest.mark.timeout(900)
 def test_in_run_evaluation_matches_the_exported_model(tmp_path):
     run_dir = tmp_path / "run"
-    before = _children()
+    before = live_children()
     r = run_job(run_dir, "trainer.steps=6", "eval.every=3", "eval.max_examples=96", "eval.k=2",
                 "export.at_end=true", "launch.num_rollout_servers=2", "launch.trainer_ranks=1")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -86,7 +86,7 @@ def test_in_run_evaluation_matches_the_exported_model(tmp_path):
     assert (json.loads(checkpoint.stdout.strip().splitlines()[-1])["greedy_accuracy"]
             == final["greedy_accuracy"])
     _evaluated_away_from_the_run(tmp_path, run_dir, final)
-    assert _children() <= before
+    assert live_children() <= before
 
 
 def _evaluated_away_from_the_run(tmp_path: Path, run_dir: Path, final: dict) -> None:
@@ -147,11 +147,11 @@ def test_eval_of_a_lora_export_scores_the_base_with_its_adapter(tmp_path):
                               "trainer.weight_sync.path=disk", f"run_dir={tmp_path}"])
     (tmp_path / "config.yaml").write_text(to_yaml(sglang_run))
 
-    before = _children()
+    before = live_children()
     for task in (["task=reverse"], []):  # the task named, then the run's config.yaml
         r = run_cli("eval", str(export), *task, "eval.max_examples=64", "eval.k=1")
         assert r.returncode == 0, r.stderr[-3000:]
         record = json.loads(r.stdout.strip().splitlines()[-1])
         assert record["policy_version"] == 7 and record["n"] == 64
         assert record["greedy_accuracy"] > 0.9, record
-    assert _children() <= before
+    assert live_children() <= before

@@ -27,7 +27,7 @@ sys.path.insert(
 from test_trainer_weight_sync import (  # noqa: E402
     RUNNER,
     STARTUP_S,
-    _read_json,
+    read_json,
     sample_probe,
     weights_sha,
 )
@@ -140,7 +140,7 @@ def test_adapter_sync_reaches_the_engine_exactly(tmp_path, spawn_python, free_po
     def result(name: str):
         assert trainer.poll() in (None, 0), f"the trainer died (exit {trainer.returncode})"
         assert driver.error is None, driver.error
-        return _read_json(tmp_path / name)
+        return read_json(tmp_path / name)
 
     try:
         for v in (1, 2):

@@ -23,7 +23,7 @@ import math
 
 import msgspec
 import numpy as np
-from test_bad_data import _OneBatch
+from test_bad_data import OneBatch
 from test_buffer_service import make_cfg, make_group, register, running
 
 from areal_like.net.metrics import scrape
@@ -110,7 +110,7 @@ def test_trainer_drops_a_nonfinite_group_that_reaches_it(free_port):
     groups = [_with_logp(make_group(c), v) for c, v in zip(credits, BAD)]
     good = make_group(P.Credit(lease_id="L9", prompt_index=9, epoch=0, deadline_s=1.0))
     address = f"tcp://127.0.0.1:{free_port()}"
-    buffer = _OneBatch(address, [*groups, good])
+    buffer = OneBatch(address, [*groups, good])
     source = BatchSource(address, 4, wait_s=0.05, buffer_timeout_s=30, rank=0, vocab_size=104)
     try:
         batch = source.next_batch(0)

@@ -16,7 +16,7 @@ would broadcast v2 on a group whose member is dead, to an engine that never join
 
 from __future__ import annotations
 
-from test_trainer_weight_sync import _read_json
+from test_trainer_weight_sync import read_json
 from weight_sync_harness import Driver, engine_at, start_pusher, start_system, write_config
 
 from areal_like.net.dealer import Client
@@ -43,7 +43,7 @@ def test_a_server_restarted_between_syncs_gets_the_next_version_on_a_reformed_gr
         assert pusher.poll() in (None, 0), f"the trainer died (exit {pusher.returncode})"
         for d in (first, restarted):
             assert d is None or d.error is None, d.error
-        return _read_json(tmp_path / f"v{version}.json")
+        return read_json(tmp_path / f"v{version}.json")
 
     def a_entry():
         members = buffer.request(RosterRequest()).members

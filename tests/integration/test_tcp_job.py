@@ -16,7 +16,7 @@ import json
 
 import pytest
 import yaml
-from test_eval_export import _children, run_job
+from test_eval_export import live_children, run_job
 
 # long enough that an engine that starts seconds later under load still joins several syncs
 STEPS = 40
@@ -27,14 +27,14 @@ pytestmark = pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_job_over_tcp_with_curve_and_gated_rendezvous(tmp_path):
     run_dir = tmp_path / "run"
-    before = _children()
+    before = live_children()
     r = run_job(run_dir, f"trainer.steps={STEPS}", "security.local_ipc=false",
                 "launch.num_rollout_servers=2",
                 "launch.trainer_ranks=1", "eval.max_examples=64")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["ok"] and summary["steps"] == STEPS, summary
-    assert _children() == before
+    assert live_children() == before
 
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert cfg["rollout"]["buffer_address"].startswith("tcp://"), cfg["rollout"]["buffer_address"]

@@ -142,7 +142,7 @@ async def sample_probe(
     return [(p, list(o.output_ids), list(o.logprobs)) for p, o in zip(prompts, outs)]
 
 
-def _read_json(path: Path):
+def read_json(path: Path):
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -166,7 +166,7 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(
     engines = {sid: spawn_python(RUNNER, [__file__, "engine", cfg_path, tmp_path / sid],
                                  capture=False)
                for sid in ("rollout-a", "rollout-b")}
-    urls = {sid: wait_until(lambda sid=sid: _read_json(tmp_path / sid)
+    urls = {sid: wait_until(lambda sid=sid: read_json(tmp_path / sid)
                                             and (tmp_path / f"{sid}.url").read_text(),
                             STARTUP_S, 0.2, f"engine {sid}") for sid in engines}
     from weight_sync_harness import Driver
@@ -187,7 +187,7 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(
         assert all(c in (None, 0) for c in codes), (
             f"a trainer rank died: exit codes by rank {codes} (see its log above)")
         assert all(d.error is None for d in drivers), [d.error for d in drivers]
-        return _read_json(tmp_path / name)
+        return read_json(tmp_path / name)
 
     try:
         v1 = wait_until(lambda: result("v1.json"), STARTUP_S, 0.2, "trainer push v1")
@@ -195,7 +195,7 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(
         assert v1["reform"] and v1["bytes"] > 0
         # exact weights: every parameter byte-identical to the trainer's full state
         for sid in engines:
-            got = wait_until(lambda sid=sid: (r := _read_json(tmp_path / sid))
+            got = wait_until(lambda sid=sid: (r := read_json(tmp_path / sid))
                                              and r["version"] == "1" and r,
                              30, 0.1, f"{sid} at version 1")
             assert got["sha"] == v1["sha"], sid
@@ -221,7 +221,7 @@ def test_two_rank_trainer_pushes_to_two_engines_and_survives_a_kill(
         assert v3["reform"] == ("rollout-b" not in v2["repushed"]
                                 or "rollout-b" not in v2["done"]), v3
         # (a group re-formed for B by v2's re-push stays warm)
-        got = wait_until(lambda: (r := _read_json(tmp_path / "rollout-b"))
+        got = wait_until(lambda: (r := read_json(tmp_path / "rollout-b"))
                                  and r["version"] == "3" and r,
                          30, 0.1, "rollout-b at version 3")
         assert got["sha"] == v3["sha"]

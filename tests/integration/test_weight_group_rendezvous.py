@@ -212,13 +212,15 @@ def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_mem
 SGLANG_STYLE = (r"""
 import sys, torch, torch.distributed as dist
 from datetime import timedelta
-from torch.distributed.distributed_c10d import rendezvous
-from areal_like.net.distributed import _build_group
+from torch.distributed.distributed_c10d import (Backend, PrefixStore, _new_process_group_helper,
+                                                _world, rendezvous)
 door_port, name, timeout_s = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
-t = timedelta(seconds=timeout_s)  # torch's own tcp:// rendezvous, as SGLang's """
-    r"""init_custom_process_group does
+t = timedelta(seconds=timeout_s)  # torch's own tcp:// rendezvous and group, as SGLang's """
+    r"""init_custom_process_group makes them
 raw, rank, world = next(rendezvous(f"tcp://127.0.0.1:{door_port}", 1, 2, timeout=t))
-pg = _build_group("gloo", raw, "127.0.0.1", world, rank, name, t, t)
+pg, _ = _new_process_group_helper(world, rank, [], Backend("gloo"), PrefixStore(name, raw),
+                                  group_name=name, timeout=t)
+_world.pg_group_ranks[pg] = {i: i for i in range(world)}
 x = torch.zeros(3)
 dist.broadcast(x, src=0, group=pg)
 print("joined", x.tolist(), flush=True)

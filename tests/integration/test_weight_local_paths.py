@@ -20,7 +20,7 @@ import base64
 import pickle
 
 import pytest
-from test_trainer_weight_sync import STARTUP_S, _read_json
+from test_trainer_weight_sync import STARTUP_S, read_json
 from weight_sync_harness import Driver, engine_at, start_pusher, start_system, write_config
 
 REPORT_WAIT_S = 120.0
@@ -45,7 +45,7 @@ def test_tensor_and_disk_paths_load_the_trainers_exact_weights(
             def report(v=v):
                 assert pusher.poll() in (None, 0), f"the trainer died (exit {pusher.returncode})"
                 assert driver.error is None, driver.error
-                return _read_json(tmp_path / f"v{v}.json")
+                return read_json(tmp_path / f"v{v}.json")
 
             rep = wait_until(report, STARTUP_S + REPORT_WAIT_S, 0.2, f"trainer push v{v}")
             assert rep["done"] == ["rollout-a"] and not rep["dropped"] and not rep["error"], rep

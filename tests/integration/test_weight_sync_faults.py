@@ -65,9 +65,9 @@ def test_engine_killed_during_a_push_is_dropped_and_the_survivor_serves_this_ver
         assert pusher.poll() in (None, 0), (
             f"the trainer died (exit {pusher.returncode}); see its log above")
         assert a.error is None and b.error is None, (a.error, b.error)
-        from test_trainer_weight_sync import _read_json
+        from test_trainer_weight_sync import read_json
 
-        return _read_json(tmp_path / f"v{version}.json")
+        return read_json(tmp_path / f"v{version}.json")
 
     try:
         v1 = wait_until(lambda: report(1), STARTUP_S + REPORT_WAIT_S, 0.2, "trainer push v1")

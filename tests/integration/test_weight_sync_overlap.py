@@ -28,7 +28,7 @@ STARTUP_S = 180.0
 @pytest.mark.parametrize("path", ["distributed", "tensor"])
 def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_late(
         path, tmp_path, spawn_python, free_port, wait_until):
-    from test_trainer_weight_sync import _read_json
+    from test_trainer_weight_sync import read_json
 
     cfg, cfg_path = write_config(tmp_path, free_port, ["trainer.weight_sync.deadline_s=60"])
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a"])
@@ -43,7 +43,7 @@ def test_overlapped_pushes_deliver_the_packed_weights_and_report_one_version_lat
         assert pusher.poll() in (None, 0), (
             f"the trainer died (exit {pusher.returncode}); see its log above")
         assert a.error is None, a.error
-        return _read_json(tmp_path / name)
+        return read_json(tmp_path / name)
 
     try:
         shas = {}

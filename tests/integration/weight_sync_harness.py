@@ -32,7 +32,7 @@ import socket
 import threading
 from pathlib import Path
 
-from test_trainer_weight_sync import RUNNER, STARTUP_S, _read_json
+from test_trainer_weight_sync import RUNNER, STARTUP_S, read_json
 
 HERE = Path(__file__).resolve().parent
 PUSHER = HERE.parent / "weight_pusher.py"
@@ -58,7 +58,7 @@ def start_system(tmp_path: Path, spawn_python, wait_until, cfg_path: Path, serve
     engines = {sid: spawn_python(RUNNER, [HERE / "test_trainer_weight_sync.py", "engine", cfg_path,
                                           tmp_path / sid],
                                  capture=False) for sid in server_ids}
-    urls = {sid: wait_until(lambda sid=sid: _read_json(tmp_path / sid)
+    urls = {sid: wait_until(lambda sid=sid: read_json(tmp_path / sid)
                                             and (tmp_path / f"{sid}.url").read_text(),
                             STARTUP_S, 0.2, f"engine {sid}") for sid in engines}
     return engines, urls
@@ -284,6 +284,6 @@ class Driver(threading.Thread):
 
 def engine_at(tmp_path: Path, sid: str, version: int):
     """The engine's last weights report if it serves ``version`` (else None)."""
-    r = _read_json(tmp_path / sid)
+    r = read_json(tmp_path / sid)
     return r if r and r["version"] == str(version) else None
 

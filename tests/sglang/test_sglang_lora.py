@@ -17,7 +17,7 @@ import uuid
 import pytest
 import torch
 from sglang_kit import PROMPTS, TOL, Server, cpu_engine, engine_logprobs, model_config
-from test_sglang_weights import _until_decoding
+from test_sglang_weights import until_decoding
 
 from areal_like.engines.sglang import SGLangClient
 from areal_like.settings.config import LoraConfig
@@ -86,7 +86,7 @@ def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that
             prompt = PROMPTS[0]
             job = asyncio.create_task(generate_sample(
                 client, prompt, {"temperature": 1.0, "ignore_eos": True}, 1500, lambda: version))
-            await _until_decoding(client, 200)
+            await until_decoding(client, 200)
             await sync_adapter(client, models[11], 11, pause_mode=pause_mode)
             version = 11
             return prompt, await job

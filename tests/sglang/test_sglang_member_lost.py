@@ -38,7 +38,7 @@ from rollout_server.engine_reaper import group_members
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
-from test_trainer_weight_sync import _read_json  # noqa: E402
+from test_trainer_weight_sync import read_json  # noqa: E402
 from weight_sync_harness import (  # noqa: E402
     Driver,
     start_pusher,
@@ -105,7 +105,7 @@ def test_a_member_lost_mid_bucket_leaves_the_survivor_healthy_and_on_the_next_ve
         def report(version: int):
             assert pusher.poll() in (None, 0), f"the trainer died (exit {pusher.returncode})"
             assert a.error is None and b.error is None, (a.error, b.error)
-            return _read_json(tmp_path / f"v{version}.json")
+            return read_json(tmp_path / f"v{version}.json")
 
         v1 = wait_until(lambda: report(1), REPORT_WAIT_S, 0.2, "trainer push v1")
         assert a.killed.is_set(), f"the fault never fired: {v1}"

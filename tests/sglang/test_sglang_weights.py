@@ -171,7 +171,7 @@ def test_the_tensor_path_serves_the_trainers_weights(sglang_server):
         sender.close()
 
 
-async def _until_decoding(client, tokens: int, timeout_s: float = 120) -> None:
+async def until_decoding(client, tokens: int, timeout_s: float = 120) -> None:
     """Until the engine holds ``tokens`` KV slots (a request is well into its decode)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -199,7 +199,7 @@ def test_a_push_mid_generation_labels_every_token_with_the_weights_that_sampled_
                     lambda: version,
                 )
             )
-            await _until_decoding(client, 200)
+            await until_decoding(client, 200)
             await push(client, 21, seed=1, pause_mode=pause_mode)
             version = 21
             sample = await job

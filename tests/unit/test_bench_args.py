@@ -6,6 +6,7 @@ used to end in "no median for empty data" after the work,
 
 import argparse
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -94,3 +95,19 @@ def test_a_value_out_of_its_range_is_refused_at_parsing_naming_its_flag(name, fl
     assert refused.value.code == 2
     assert f"argument {flag}: " in capsys.readouterr().err.splitlines()[-1]
 
+
+
+@pytest.mark.parametrize("name, argv, says", [
+    # --fsync sometimes ran the raw round, then ended in BufferConfig's ConfigError traceback;
+    # one --curve-io-threads value ran the CURVE rounds and printed no line for them
+    ("bench_buffer", ["--fsync", "sometimes"], "--fsync"),
+    ("bench_buffer", ["--curve-io-threads", "2"], "--curve-io-threads"),
+    # --lora without --system ran the broadcast benchmark instead; a --skip of every step ran
+    # both systems, then took the median of nothing (StatisticsError)
+    ("bench_weight_sync", ["--lora", "8"], "--system"),
+    ("bench_weight_sync", ["--system", "--steps", "5", "--skip", "5"], "--skip"),
+])
+def test_flags_that_measure_nothing_are_refused_before_any_run(name, argv, says):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), *argv],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and says in out.stderr.splitlines()[-1]

@@ -61,17 +61,6 @@ def test_a_failed_run_keeps_the_logs_its_message_names_and_a_finished_one_leaves
     assert line["figure"] == 1.0 and set(tmp_path.iterdir()) == before
 
 
-def test_a_loaded_machine_still_gets_its_line_with_a_warning(monkeypatch):
-    def fine(run_dir: Path, _eta: int, _args):
-        run_dir.mkdir(parents=True)
-        return records(6)
-
-    monkeypatch.setattr(bench.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
-    monkeypatch.setattr(bench.os, "cpu_count", lambda: 2)
-    line = bench.speedup_line("x", "bench_", fine, argparse.Namespace(steps=6, skip=2, keep=None))
-    assert "loaded machine" in line["warning"]
-
-
 def test_a_keep_directory_holding_earlier_runs_is_refused_before_any_run(tmp_path):
     # the jobs resumed the finished runs, trained nothing, and their old step records were
     # printed as a new measurement (the same figures to the last digit)

@@ -105,38 +105,3 @@ def test_medians_over_runs():
     pairs = ((30.0, 0.5), (10.0, 0.7), (20.0, 0.6))
     runs = [{"samples_per_s": s, "accuracy": {"greedy": g}} for s, g in pairs]
     assert (bench.median_of(runs, "samples_per_s"), bench.median_of(runs, "greedy")) == (20.0, 0.6)
-
-
-def test_a_failed_run_keeps_the_logs_its_message_names(monkeypatch, tmp_path):
-    # the temporary root was deleted on the way out, the logs named with it
-    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda _pid: {0, 1})
-    monkeypatch.setattr(bench, "trl_version", lambda: "1.16.0")
-
-    def failing(root, *_):
-        (root / "ours_eta0" / "logs").mkdir(parents=True)
-        raise SystemExit(f"eta=0: the run trained nothing; logs in {root / 'ours_eta0' / 'logs'}")
-
-    monkeypatch.setattr(bench, "synthetic_lines", failing)
-    monkeypatch.setattr(bench.sys, "argv", ["bench_vs_trl.py", "--quick"])
-    with pytest.raises(SystemExit) as failed:
-        bench.main()
-    assert Path(str(failed.value).rsplit("logs in ", 1)[1]).is_dir()
-
-
-def test_quick_sets_defaults_and_a_budget_or_prompt_count_given_wins(monkeypatch, tmp_path, capsys):
-    # --quick silently replaced an explicit --budget-s and --eval-prompts with 60 s and 128
-    monkeypatch.setattr(bench.tempfile, "tempdir", str(tmp_path))
-    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda _pid: {0, 1})
-    monkeypatch.setattr(bench, "trl_version", lambda: "1.16.0")
-    got = []
-
-    def lines(root, cpus, budget, eval_n, seed, version):
-        got.append((budget, eval_n))
-        return [{"name": "x", "trl": {}}]
-
-    monkeypatch.setattr(bench, "synthetic_lines", lines)
-    for argv in (["--quick"], ["--quick", "--budget-s", "30", "--eval-prompts", "64"], []):
-        monkeypatch.setattr(bench.sys, "argv", ["bench_vs_trl.py", *argv])
-        bench.main()
-    assert got == [(60.0, 128), (30.0, 64), (180.0, 256)]

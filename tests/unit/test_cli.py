@@ -17,6 +17,14 @@ from launch.top import figure, render, status
 BUFFER = "buffer.address=tcp://127.0.0.1:5555"
 
 
+@pytest.fixture
+def execs(monkeypatch) -> list[list[str]]:
+    """The command lines the CLI would exec (it replaces itself with the daemon or torchrun)."""
+    calls: list[list[str]] = []
+    monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
+    return calls
+
+
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "launch.cli", *args],
                           capture_output=True, text=True,
@@ -68,7 +76,7 @@ def test_torchrun_flags_pass_through():
     assert flags == ["--standalone", "--nproc-per-node", "1"] and rest == ["trainer.steps=5"]
 
 
-def test_no_config_value_makes_torchrun_print_its_usage(monkeypatch, tmp_path):
+def test_no_config_value_makes_torchrun_print_its_usage(execs, monkeypatch, tmp_path):
     """A relative run_dir starting with "-" reached torchrun as ``--log-dir -x/logs/torchrun``,
     which its parser read as a flag: it printed its usage instead of starting. (A buffer host
     starting with "-", torchrun's ``--master-addr``, is refused naming its key: test_topology.)"""
@@ -76,13 +84,11 @@ def test_no_config_value_makes_torchrun_print_its_usage(monkeypatch, tmp_path):
 
     from areal_like.settings.config import load_config, to_yaml
 
-    calls = []
-    monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "config.yaml"
     config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run", BUFFER])))
     main(["train", "--nproc-per-node", "2", "--config-file", str(config), "run_dir=-x"])
-    args = parse_args(calls[0][3:])  # after `python -m launch.torchrun`
+    args = parse_args(execs[0][3:])  # after `python -m launch.torchrun`
     assert args.log_dir == str(tmp_path / "-x" / "logs" / "torchrun")
     assert args.training_script_args[-1] == "run_dir=-x"
 
@@ -137,11 +143,10 @@ def test_top_figures_values_rates_and_histogram_means():
     assert [t.title for t in tables] == ["buffer", "rollout", "trainer"]
 
 
-def test_daemon_commands_pass_every_argument_through(monkeypatch, tmp_path):
+def test_daemon_commands_pass_every_argument_through(execs, tmp_path):
     from areal_like.settings.config import load_config, to_yaml
 
-    calls = []
-    monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
+    calls = execs
     config = tmp_path / "config.yaml"
     config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run", BUFFER])))
     main(["rollout", "--config-file", "run/config.yaml", "rollout.server_id=a"])
@@ -158,18 +163,16 @@ def test_daemon_commands_pass_every_argument_through(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("args", [["trainer.lrr=1"], ["--nproc-per-node", "4", "trainer.lr=-1"],
                                   ["--config-file", "missing.yaml"]])
-def test_train_with_a_bad_config_is_one_error_line_before_torchrun(args, monkeypatch, capsys):
+def test_train_with_a_bad_config_is_one_error_line_before_torchrun(args, execs, capsys):
     """Each rank refused it and torchrun reported every failed rank: with --nproc-per-node 4, four
     error lines, torchrun's log line and its summary."""
-    monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: pytest.fail("torchrun started"))
-    assert main(["train", *args]) == 2
+    assert main(["train", *args]) == 2 and execs == []
     err = capsys.readouterr().err
     assert err.startswith("error: bad configuration: ") and err.count("\n") == 1, err
 
 
-def test_train_sends_torchruns_files_to_the_run_dir_unless_told(monkeypatch, tmp_path):
-    calls = []
-    monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
+def test_train_sends_torchruns_files_to_the_run_dir_unless_told(execs, tmp_path):
+    calls = execs
     from areal_like.settings.config import load_config, to_yaml
 
     config = tmp_path / "config.yaml"
@@ -186,9 +189,8 @@ def test_train_sends_torchruns_files_to_the_run_dir_unless_told(monkeypatch, tmp
     assert "--log-dir" not in calls[2]
 
 
-def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(monkeypatch):
-    calls = []
-    monkeypatch.setattr("launch.cli.os.execv", lambda exe, argv: calls.append(argv))
+def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(execs):
+    calls = execs
     main(["export", "runs/x/checkpoints/v00000012", "out", "--config-file", "runs/x/config.yaml",
           "--shard-mb", "5"])
     assert calls == [[sys.executable, "-m", "trainer.export", "runs/x/checkpoints/v00000012", "out",

@@ -115,29 +115,38 @@ def test_degraded_mode_does_not_rotate_a_segment_that_holds_only_a_big_checkpoin
     wal.close()
 
 
-def _partial_writev(real, fails: list[int], code: int = errno.ENOSPC):
-    """os.writev that, while ``fails[0] > 0``, writes half of the record and reports ``code``."""
+@pytest.fixture
+def full_disk(monkeypatch):
+    """``full_disk(n, code)``: the next ``n`` record writes (``os.writev``) each write half of the
+    record and fail with ``code`` (ENOSPC), as a full disk does. It returns ``[n left]``: set it to
+    0 and the disk has room again."""
+    real, fails, codes = os.writev, [0], [errno.ENOSPC]
+
     def writev(fd, parts):
         if fails[0] <= 0:
             return real(fd, parts)
         fails[0] -= 1
         data = b"".join(bytes(p) for p in parts)
         os.write(fd, data[:len(data) // 2])
-        raise OSError(code, os.strerror(code))
-    return writev
+        raise OSError(codes[0], os.strerror(codes[0]))
+
+    monkeypatch.setattr(os, "writev", writev)
+
+    def arm(n: int, code: int = errno.ENOSPC) -> list[int]:
+        fails[0], codes[0] = n, code
+        return fails
+    return arm
 
 
 @pytest.mark.parametrize("fsync", ["always", "batch"])
-def test_enospc_mid_record_cuts_it_off_and_nothing_is_acknowledged_that_is_not_on_disk(tmp_path,
-                                                                                      monkeypatch,
-                                                                                      fsync):
+def test_enospc_mid_record_cuts_it_off_and_nothing_is_acknowledged_that_is_not_on_disk(
+        tmp_path, full_disk, fsync):
     wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     wal.open({"state": {}})
     wal.append_group("g0", b"frame-0")
     wal.wait_durable() if fsync == "always" else wal.request_sync()
     size = os.path.getsize(wal.dir / sorted(os.listdir(wal.dir))[-1])
-    fails = [3]
-    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    fails = full_disk(3)
     if fsync == "batch":  # written inline: the caller is told and refuses the record
         with pytest.raises(DiskFull):
             wal.append_group("g1", b"frame-1" * 100)
@@ -165,13 +174,12 @@ def test_enospc_mid_record_cuts_it_off_and_nothing_is_acknowledged_that_is_not_o
 
 
 def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_meanwhile(
-        tmp_path, monkeypatch):
+        tmp_path, full_disk):
     wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
     wal.open({"state": {}})
     wal.append_group("g0", b"frame-0")
     wal.request_sync()
-    fails = [2]
-    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    fails = full_disk(2)
     wal.append_control({"consumed": ["g0"]})  # the buffer acted on it: kept, not raised
     assert wal.disk_full and fails[0] == 1
     with pytest.raises(DiskFull):  # behind a waiting control record a group would break the order
@@ -192,12 +200,11 @@ def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_m
 
 @pytest.mark.parametrize("fsync", ["batch", "never"])
 def test_a_ticket_behind_an_inline_control_record_waiting_for_room_is_not_durable(
-        tmp_path, monkeypatch, fsync):
+        tmp_path, full_disk, monkeypatch, fsync):
     monkeypatch.setattr(buffer.wal, "DISK_RETRY_S", 0.0)
     wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     wal.open({"state": {}})
-    fails = [3]  # the record's own write, request_sync's try, wait_durable's first try
-    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    fails = full_disk(3)  # the record's own write, request_sync's try, wait_durable's first try
     wal.append_control({"consumed": ["g0"]})
     ticket = wal.request_sync()
     assert wal.durable() < ticket and wal.disk_full and fails[0] == 1
@@ -209,8 +216,8 @@ def test_a_ticket_behind_an_inline_control_record_waiting_for_room_is_not_durabl
     again.close()
 
 
-def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stopping_it(tmp_path,
-                                                                                      monkeypatch):
+def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stopping_it(
+        tmp_path, full_disk):
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk, fsync="batch")
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
@@ -218,9 +225,7 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
     groups = [answer(c) for c in credits]
     assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
-    fails = [10 ** 6]
-    # full although the estimate had room
-    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    fails = full_disk(10 ** 6)  # full although the estimate had room
     ack = P.encode(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0,
                                   ack_batch=batch.batch_id))
     sent = len(svc.server.sent)
@@ -242,15 +247,14 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
 
 
 def test_records_waiting_for_room_that_statvfs_does_not_see_keep_the_mode_and_one_line(
-        tmp_path, monkeypatch, caplog):
+        tmp_path, full_disk, caplog):
     """A quota (EDQUOT) fills while statvfs still shows free space: the degraded mode holds as long
     as the WAL's records wait for room (before, each sweep left and re-entered it, two lines each
     time), its error line names the segment and the errno, and it ends once they are written."""
     wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
     wal.open({"state": {}})
     guard = DiskGuard(wal.dir, RESERVE, free_bytes=_Disk(100 * RESERVE))
-    fails = [10 ** 6]
-    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails, errno.EDQUOT))
+    fails = full_disk(10 ** 6, errno.EDQUOT)
     wal.append_control({"consumed": ["g0"]})  # kept, waiting for room
     for _ in range(5):
         guard.sweep(wal, lambda: {"state": {}})
@@ -288,8 +292,8 @@ class _KillAtEverySend:
 
 
 @pytest.mark.parametrize("fsync", ["batch", "never"])  # both promise that a reply survives kill -9
-def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(tmp_path, monkeypatch,
-                                                                              fsync):
+def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(
+        tmp_path, full_disk, fsync):
     """A Batch whose in-transit record, and Credits whose leases, wait in the WAL's queue for room
     leave only once that record is written: a kill -9 at the moment either is sent restarts a
     buffer that holds what it said. The credits are granted before a sweep marks the buffer
@@ -299,8 +303,7 @@ def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(tmp
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     for c in _step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits:
         assert _step(svc, answer(c)).status == "accepted"
-    fails = [10 ** 6]
-    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))  # full: estimate had room
+    fails = full_disk(10 ** 6)  # full: estimate had room
     svc.server = sink = _KillAtEverySend(svc, tmp_path, disk, fails)
     for msg in (P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0),
                 P.CreditRequest(server_id="s", max_credits=2)):
@@ -320,7 +323,7 @@ def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(tmp
 
 @pytest.mark.parametrize("fsync", ["always", "batch", "never"])
 def test_a_rotation_whose_checkpoint_waits_for_room_keeps_the_segments_it_supersedes(
-        tmp_path, monkeypatch, fsync):
+        tmp_path, full_disk, fsync):
     """Compaction at a rotation deletes segments the new checkpoint supersedes: while that
     checkpoint waits for room they hold the only copy of the control state (a kill -9 then, with
     them gone, would restart from nothing)."""
@@ -330,8 +333,7 @@ def test_a_rotation_whose_checkpoint_waits_for_room_keeps_the_segments_it_supers
     wal.append_control({"changes": {"cursor": 2}})
     wal.request_sync()
     wal.wait_durable()
-    fails = [2]  # the new checkpoint's write and the rotation's commit of it
-    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    fails = full_disk(2)  # the new checkpoint's write and the rotation's commit of it
     assert wal.maybe_rotate(lambda: {"state": {"cursor": 2}}, force=True) and wal.disk_full
     killed = tmp_path / "killed"
     shutil.copytree(wal.dir, killed)
@@ -345,15 +347,14 @@ def test_a_rotation_whose_checkpoint_waits_for_room_keeps_the_segments_it_supers
 
 
 @pytest.mark.parametrize("fsync", ["always", "batch", "never"])
-def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, monkeypatch, fsync):
+def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, full_disk, monkeypatch, fsync):
     """SIGTERM while a reply waits for its control record on a full disk: the buffer stops (the
     reply is not sent; its sender asks again) instead of waiting for space that may never come
     (it waited until the launcher's SIGKILL, or forever when started by hand)."""
     monkeypatch.setattr(buffer.wal, "DISK_RETRY_S", 0.01)
     svc = _start(tmp_path, _Disk(100 * RESERVE), fsync=fsync)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    fails = [10 ** 9]
-    monkeypatch.setattr(os, "writev", _partial_writev(os.writev, fails))
+    fails = full_disk(10 ** 9)
     frame = P.encode(P.CreditRequest(server_id="s", max_credits=2))
     sent = len(svc.server.sent)
     svc.handle(b"s", b"req", P.decode(frame), frame)

@@ -584,14 +584,23 @@ def test_the_sglang_log_is_readable_by_this_user_only(tmp_path):
     assert log.stat().st_mode & 0o777 == 0o600 and log.read_text().startswith("an earlier run\n")
 
 
+def _sglang_standin(tmp_path, monkeypatch, body: str) -> None:
+    """``python -m sglang.launch_server ...`` (the launch's own argv) runs ``body`` instead of
+    SGLang: a package of that name first on the engine's PYTHONPATH."""
+    import os
+
+    package = tmp_path / "standin" / "sglang"
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_text("")
+    (package / "launch_server.py").write_text(body + "\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(package.parent), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+
 def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, monkeypatch):
     """A scheduler that fails at start logs its traceback, then SGLang's parent kills the rest and
     logs that last (e.g. SGLang on CPU with rollout.engine.tp_size=2 on one NUMA node): the error
     names the exception, not the kill nor an exception an earlier start left in the log."""
-    import sys
-
-    import rollout_server.launch_sglang as launch
-
     log = tmp_path / "sglang-s0.log"
     log.write_text("ValueError: an earlier start\n")
     lines = ["[TP1] Scheduler hit an exception: Traceback (most recent call last):",
@@ -601,8 +610,7 @@ def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, 
                         "os.kill(os.getpid(), 9)",
                         r"code -9 during startup: AssertionError: SGLANG_CPU_OMP_THREADS_BIND"),
                        ("print('bye'); raise SystemExit(1)", r"code 1 during startup: bye \(in")):
-        monkeypatch.setattr(launch, "sglang_command", lambda *a, b=body, **k: [sys.executable,
-                                                                               "-c", b])
+        _sglang_standin(tmp_path, monkeypatch, body)
         proc = SGLangProcess(ModelConfig(path="/m"),
                              EngineConfig(kind="sglang", startup_timeout_s=60), str(log))
         with pytest.raises(RuntimeError, match=want):
@@ -615,16 +623,15 @@ def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_
     then (its port taken), or whose rollout server is killed then, left them: they are tracked from
     the start. The stand-in holds a /dev/shm file open and never answers /health."""
     import os
-    import sys
     import uuid
     from pathlib import Path
 
     import rollout_server.launch_sglang as launch
 
     shm = f"/dev/shm/areal-like-test-{uuid.uuid4().hex}"
-    body = (f"import os, time; os.open({shm!r}, os.O_CREAT | os.O_RDWR, 0o600)\n"
-            "while True: time.sleep(0.1)")
-    monkeypatch.setattr(launch, "sglang_command", lambda *a, **k: [sys.executable, "-c", body])
+    _sglang_standin(tmp_path, monkeypatch,
+                    f"import os, time; os.open({shm!r}, os.O_CREAT | os.O_RDWR, 0o600)\n"
+                    "while True: time.sleep(0.1)")
     proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60),
                          str(tmp_path / "sglang.log"))
     try:

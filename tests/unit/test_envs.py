@@ -111,7 +111,19 @@ def test_the_preflight_names_an_environment_that_cannot_load():
                    "missing 1 required positional argument: 'e'"]
 
 
-def test_the_preflight_imports_an_environment_from_the_working_directory(tmp_path, monkeypatch):
+@pytest.fixture
+def launcher_cwd(tmp_path, monkeypatch):
+    """tmp_path is the working directory, and not on sys.path: ``areal-like`` (a console script)
+    has no working directory there, the rollout servers (``python -m rollout_server``) have it
+    first."""
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+
+
+def test_the_preflight_imports_an_environment_from_the_working_directory(
+        tmp_path, launcher_cwd, monkeypatch):
     # `areal-like` (a console script) has no working directory on sys.path; the rollout servers
     # (`python -m rollout_server`) have it first, and load task.env from there
     import sys
@@ -119,8 +131,6 @@ def test_the_preflight_imports_an_environment_from_the_working_directory(tmp_pat
     from areal_like.settings.config import load_config
     from launch.preflight import check_env
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     monkeypatch.delitem(sys.modules, "my_cwd_env", raising=False)
     (tmp_path / "my_cwd_env.py").write_text(
         "class Env:\n    def reset(self, example):\n        return []\n"
@@ -132,7 +142,7 @@ def test_the_preflight_imports_an_environment_from_the_working_directory(tmp_pat
         sys.modules.pop("my_cwd_env", None)
 
 
-def test_the_preflight_imports_each_tool_of_an_environment(tmp_path, monkeypatch):
+def test_the_preflight_imports_each_tool_of_an_environment(tmp_path, launcher_cwd):
     """A tool's function path with a typo surfaced only when the model called it (an error each
     call, at run time); now the preflight imports each tool's function from the working
     directory, as the tool workers will, and names the key, the tool and the path."""
@@ -141,8 +151,6 @@ def test_the_preflight_imports_each_tool_of_an_environment(tmp_path, monkeypatch
     from areal_like.settings.config import load_config
     from launch.preflight import check_env
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     (tmp_path / "my_cwd_tool_fns.py").write_text("def calc(e):\n    return e\n")
     (tmp_path / "my_cwd_tools.py").write_text(
         "from areal_like.tasks.envs import CALC_TOOL, Calculator\n\n"
@@ -161,7 +169,8 @@ def test_the_preflight_imports_each_tool_of_an_environment(tmp_path, monkeypatch
         sys.modules.pop("my_cwd_tools", None)
 
 
-def test_the_preflight_names_an_async_tool_and_a_tool_spec_of_another_shape(tmp_path, monkeypatch):
+def test_the_preflight_names_an_async_tool_and_a_tool_spec_of_another_shape(
+        tmp_path, launcher_cwd):
     """An ``async def`` tool imported fine, then every call of it was an error the model read; a
     tool given in OpenAI's shape (``{"type": "function", "function": {...}}``) read ``KeyError:
     'name'``, a function object ``is not of the form package.module:function`` and a bad schema
@@ -171,8 +180,6 @@ def test_the_preflight_names_an_async_tool_and_a_tool_spec_of_another_shape(tmp_
     from areal_like.settings.config import load_config
     from launch.preflight import check_env
 
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
     (tmp_path / "my_cwd_async_tools.py").write_text(
         "from areal_like.tasks.envs import CALC_TOOL, Calculator\n\n"
         "async def calc(e):\n    return e\n\n"

@@ -196,12 +196,12 @@ def test_a_transient_read_error_never_drops_an_intact_group(tmp_path, monkeypatc
             raise OSError(errno.EMFILE, "Too many open files")
         return real_open(path, flags, *args)
 
-    monkeypatch.setattr(buffer.wal.os, "open", no_fds)
-    with pytest.raises(OSError) as raised:
-        _ask(svc)
+    with monkeypatch.context() as out_of_fds:
+        out_of_fds.setattr(buffer.wal.os, "open", no_fds)
+        with pytest.raises(OSError) as raised:
+            _ask(svc)
     assert raised.value.errno == errno.EMFILE
     assert svc.instruments.counts["groups_dropped_unreadable"] == 0 and not svc.ledger.reissue
-    monkeypatch.setattr(buffer.wal.os, "open", real_open)
     svc.wal.close()
     restarted = _start(tmp_path)
     assert sorted(s.group_id for s in restarted.store.groups()) == sorted(ids)

@@ -7,7 +7,6 @@ expect and are marked xfail(strict): if math-verify starts getting them right, t
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -107,22 +106,19 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("response,reference,expected", ROWS)
-def test_math_reward_table(response, reference, expected, monkeypatch):
-    # which answers match, not how fast: the 2 s production bounds are wall-clock alarms, and a
-    # cold sympy parse went past them on 2 cores shared by 4 test workers and other jobs
-    # (3/4 scored 0)
-    monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 60)
-    monkeypatch.setattr(rewards, "VERIFY_TIMEOUT_S", 60)
-    assert math_reward(response, Example("", reference)) == expected
-
-
-def test_math_reward_off_the_main_thread():
-    """math-verify's signal timeouts raise outside the main thread; there they are off instead."""
+@pytest.fixture(scope="module")
+def score():
+    """math_reward off the main thread, where math-verify's signal timeouts are off: these tests
+    are about which answers match, not how fast (the 2 s production bounds are wall-clock alarms,
+    and a cold sympy parse went past them on 2 cores shared by 4 test workers: 3/4 scored 0)."""
     with ThreadPoolExecutor(1) as pool:
-        assert pool.submit(math_reward, r"\boxed{2\sqrt{2}}",
-                           Example("", r"\sqrt8")).result() == 1.0
-        assert pool.submit(math_reward, r"\boxed{3}", Example("", r"\sqrt8")).result() == 0.0
+        yield lambda response, reference: pool.submit(math_reward, response,
+                                                      Example("", reference)).result()
+
+
+@pytest.mark.parametrize("response,reference,expected", ROWS)
+def test_math_reward_table(response, reference, expected, score):
+    assert score(response, reference) == expected
 
 
 PLAIN = [("82", "82"), ("83", "82"), (" 082\n", "82"), ("-7", "7"), ("-7", "-7"), ("0", "-0"),
@@ -131,39 +127,21 @@ PLAIN = [("82", "82"), ("83", "82"), (" 082\n", "82"), ("-7", "7"), ("-7", "-7")
 
 
 @pytest.mark.parametrize("response,reference", PLAIN)
-def test_plain_integers_are_decided_as_math_verify_decides_them_without_the_parser(
-        response, reference, monkeypatch):
-    """Issue 41, item 7: the parser cost about 0.8 ms a sample on answers such as ``82``."""
-    monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 60)
-    monkeypatch.setattr(rewards, "VERIFY_TIMEOUT_S", 60)
-    parsed = math_reward(f"The answer is {response.strip()}.", Example("", reference))  # the parser
-    with monkeypatch.context() as patch:  # the bare strings through the parser give the same
-        patch.setattr(rewards, "_PLAIN_INTEGER", re.compile("(?!)"))
-        assert math_reward(response, Example("", reference)) == parsed
-    parses = []
-    monkeypatch.setattr(rewards, "parse", lambda *a, **k: parses.append(a) or [])
-    assert math_reward(response, Example("", reference)) == parsed and parses == []
+def test_plain_integers_are_decided_as_math_verify_decides_them(response, reference, score):
+    """Issue 41, item 7: plain integers skip the parser (about 0.8 ms a sample on ``82``), and
+    score as the parser scores the same answer in a sentence."""
+    assert score(response, reference) == score(f"The answer is {response.strip()}.", reference)
 
 
-def test_what_is_not_a_plain_integer_still_goes_to_the_parser(monkeypatch):
-    parses = []
-    monkeypatch.setattr(rewards, "parse", lambda *a, **k: parses.append(a) or [])
-    for response, reference in (("82.0", "82"), ("82", "82.0"), ("1" * 16, "1" * 16), ("+5", "5"),
-                                ("٨٢", "82"), (r"\boxed{82}", "82"), ("-07", "-7"), ("-01", "-1"),
-                                ("-010", "-10"), ("-0100", "-100")):
-        parses.clear()
-        math_reward(response, Example("", reference))
-        assert parses, (response, reference)
-
-
-@pytest.mark.parametrize("response,reference", [("-07", "-7"), ("-01", "-1"), ("-010", "-10"),
-                                                ("-0100", "-100")])
-def test_a_negative_with_a_leading_zero_scores_as_the_parser_reads_it(response, reference,
-                                                                       monkeypatch):
-    """Math-verify reads a bare ``-07`` as nothing (0.0); the fast path said
-    1.0."""
-    monkeypatch.setattr(rewards, "PARSE_TIMEOUT_S", 60)
-    assert rewards.parse(response) == [] and math_reward(response, Example("", reference)) == 0.0
+@pytest.mark.parametrize("response,reference,expected", [
+    ("82.0", "82", 1.0), ("82", "82.0", 1.0), ("1" * 16, "1" * 16, 1.0), ("+5", "5", 0.0),
+    ("\u0668\u0662", "82", 0.0),  # Arabic-Indic digits: int() reads 82, math-verify nothing
+    (r"\boxed{82}", "82", 1.0),
+    # math-verify reads a bare negative with a leading zero as nothing; the fast path said 1.0
+    ("-07", "-7", 0.0), ("-01", "-1", 0.0), ("-010", "-10", 0.0), ("-0100", "-100", 0.0)])
+def test_what_is_not_a_plain_integer_scores_as_the_parser_reads_it(response, reference, expected,
+                                                                    score):
+    assert score(response, reference) == expected
 
 
 def test_a_reference_parse_that_yields_nothing_is_not_remembered(monkeypatch):

@@ -131,13 +131,25 @@ def _reference_varlen(calls):
     return varlen_attn
 
 
-def test_the_varlen_kernel_gets_the_row_in_its_layout(monkeypatch):
+@pytest.fixture
+def varlen_standin(monkeypatch):
+    """``varlen_standin()``: from now on the packed path takes the varlen kernel (CUDA's; here the
+    SDPA stand-in above); returns the list of its calls."""
+    import trainer.packed_attention as pa
+
+    def choose() -> list[dict]:
+        calls: list[dict] = []
+        monkeypatch.setattr(pa, "varlen_attn", _reference_varlen(calls))
+        monkeypatch.setattr(pa, "uses_varlen_kernel", lambda q: True)
+        return calls
+    return choose
+
+
+def test_the_varlen_kernel_gets_the_row_in_its_layout(varlen_standin):
     """With the varlen kernel chosen (as on CUDA in bf16) each sequence's log-probs and gradients
     equal the exact SDPA path's: q/k/v as [T, H, D], the micro-batch's ``cu_seqlens`` and longest
     length, causal, GQA (2 KV heads for 6 query heads) flagged. Fails on a layout or boundary
     slip (checked once: the output returned as [1, H, L, D] without the transpose)."""
-    import trainer.packed_attention as pa
-
     model, batch = packed_model(), packed_batch(SHAPES)
 
     def run():
@@ -147,9 +159,7 @@ def test_the_varlen_kernel_gets_the_row_in_its_layout(monkeypatch):
         return lp.detach(), [p.grad.clone() for p in model.parameters()]
 
     exact, g_exact = run()
-    calls: list[dict] = []
-    monkeypatch.setattr(pa, "varlen_attn", _reference_varlen(calls))
-    monkeypatch.setattr(pa, "uses_varlen_kernel", lambda q: True)
+    calls = varlen_standin()
     varlen, g_varlen = run()
     assert len(calls) == model.config.num_hidden_layers  # one launch per layer
     lens = [p + o for p, o in SHAPES]
@@ -165,7 +175,7 @@ def test_the_varlen_kernel_gets_the_row_in_its_layout(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
 
 
-def test_a_sliding_window_stays_inside_each_packed_sequence(monkeypatch):
+def test_a_sliding_window_stays_inside_each_packed_sequence(varlen_standin):
     """A Qwen2 whose layers all slide (window 3): each packed sequence's log-probs and gradients
     equal that sequence's run alone through transformers' own sliding-window mask, on the SDPA
     path and through the varlen call (``window_size`` (2, 0)). Fails when the packed path drops
@@ -201,8 +211,7 @@ def test_a_sliding_window_stays_inside_each_packed_sequence(monkeypatch):
     calls: list[dict] = []
     for varlen in (False, True):
         if varlen:
-            monkeypatch.setattr(pa, "varlen_attn", _reference_varlen(calls))
-            monkeypatch.setattr(pa, "uses_varlen_kernel", lambda q: True)
+            calls = varlen_standin()
         lp, grads = run(lambda: output_logp(model, batch, 0.8, chunk_tokens=5, packed=True))
         torch.testing.assert_close(lp[m], ref[m], rtol=0, atol=1e-5)
         for a, b in zip(grads, g_ref):

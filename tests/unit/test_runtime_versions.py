@@ -15,10 +15,10 @@ import logging
 import msgpack
 import pytest
 import torch
-from test_handout import _start, _step  # the buffer service with fake sockets
+from service_harness import start, step  # the buffer service with fake sockets
 
 from areal_like.net.metrics import Metrics
-from areal_like.settings.config import WeightSyncConfig
+from areal_like.settings.config import BufferConfig, WeightSyncConfig
 from areal_like.weights.versions import (
     RuntimeVersions,
     engine_versions,
@@ -151,23 +151,23 @@ def test_version_fields_must_be_strings():
 # ---------------------------------------------------------------- the buffer
 
 def test_the_buffer_keeps_the_versions_from_register_in_the_roster(tmp_path):
-    svc = _start(tmp_path)  # the real buffer service with fake sockets (test_handout.py)
+    svc = start(tmp_path, BufferConfig(max_staleness=1, groups_per_step=2))
     try:
-        _step(svc, P.Register(server_id="new", engine_url="http://n", engine_ranks=2,
-                              policy_version=0, evaluates=True,
-                              **VERSIONS))
+        step(svc, P.Register(server_id="new", engine_url="http://n", engine_ranks=2,
+                             policy_version=0, evaluates=True,
+                             **VERSIONS))
         # an older server's frame
         old = _without(P.Register(server_id="old", engine_url="http://o"), *FIELDS)
         svc.handle(b"peer", b"req", P.decode(old), old)
-        members = {m.server_id: m for m in _step(svc, P.RosterRequest()).members}
+        members = {m.server_id: m for m in step(svc, P.RosterRequest()).members}
         # what the Register said, every other field its default
         assert _values(members["new"]) == _values(P.RosterEntry(
             server_id="new", engine_url="http://n", engine_ranks=2, policy_version=0,
             evaluates=True, **VERSIONS))
         assert (members["old"].torch_version, members["old"].cuda_version,
                 members["old"].nccl_version) == ("",) * 3
-        _step(svc, P.Heartbeat(server_id="new", policy_version=4))  # a version change keeps them
-        members = {m.server_id: m for m in _step(svc, P.RosterRequest()).members}
+        step(svc, P.Heartbeat(server_id="new", policy_version=4))  # a version change keeps them
+        members = {m.server_id: m for m in step(svc, P.RosterRequest()).members}
         assert members["new"].policy_version == 4 and members["new"].nccl_version == "2.30.7"
     finally:
         svc.stop()

@@ -103,11 +103,16 @@ def _run(tmp_path: Path, overrides: tuple[str, ...], nodes: int) -> dict[str, tu
     return out
 
 
+@pytest.fixture
+def no_preflight(monkeypatch):
+    """The layout alone: the preflight (models resolved and checked, the other checks) is off."""
+    monkeypatch.setattr(launch.preflight, "checked", lambda cfg: cfg)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS,
                          ids=lambda layout: " ".join(a.split(".")[-1] for a in layout[1:]))
 def test_each_slurm_step_gets_the_config_run_gives_that_process(layout, tmp_path, monkeypatch,
-                                                                capsys):
-    monkeypatch.setattr(launch.preflight, "checked", lambda cfg: cfg)
+                                                                capsys, no_preflight):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     nodes = int(next((a.split("=")[1] for a in layout if a.startswith("launch.nodes=")), 1))
     overrides = (*layout, *HEAD, f"run_dir={tmp_path / 'run'}")
@@ -123,9 +128,8 @@ def test_each_slurm_step_gets_the_config_run_gives_that_process(layout, tmp_path
         assert waits == (rollouts if stage == 2 else []), name
 
 
-def test_one_shared_gpu_is_laid_out_on_slurm_as_by_run(tmp_path, monkeypatch, capsys):
+def test_one_shared_gpu_is_laid_out_on_slurm_as_by_run(tmp_path, capsys, no_preflight):
     """What item 3 found missing on the Slurm path, spelled out for the one-GPU node."""
-    monkeypatch.setattr(launch.preflight, "checked", lambda cfg: cfg)
     slurm = _slurm(tmp_path, (*_one(1, 1, 1, 1), *HEAD, f"run_dir={tmp_path / 'run'}"), 1, capsys)
     trainer, _, waits = slurm["trainer"]
     assert trainer.trainer.weight_sync.path == "tensor"  # not an NCCL group with two ranks on GPU 0

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 import torch
-from test_vllm_weights import TOKENS, _until_generated, mid_generation
+from test_vllm_weights import TOKENS, mid_generation, until_generated
 from vllm_kit import PROMPTS, TOL, Server, cpu_engine, engine_logprobs, model_config
 
 from areal_like.engines.vllm import VLLMClient
@@ -83,7 +83,7 @@ def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that
             version = before
             job = asyncio.create_task(generate_sample(
                 client, prompt, {"temperature": 1.0, "ignore_eos": True}, TOKENS, lambda: version))
-            await _until_generated(client, 20)
+            await until_generated(client, 20)
             await sync_adapter(client, built[attempt][after], after)
             version = after
             return await job

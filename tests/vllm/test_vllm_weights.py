@@ -118,7 +118,7 @@ def _generated(url: str, key: str) -> float:
                if line.startswith("vllm:generation_tokens_total"))
 
 
-async def _until_generated(client, tokens: int, timeout_s: float = 300) -> None:
+async def until_generated(client, tokens: int, timeout_s: float = 300) -> None:
     """Until vLLM counts ``tokens`` more generated than when called."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -163,7 +163,7 @@ def test_a_push_mid_generation_labels_every_token_with_the_weights_that_sampled_
                 job = asyncio.create_task(generate_sample(
                     client, prompt, {"temperature": temperature, "ignore_eos": True}, TOKENS,
                     lambda: version))
-                await _until_generated(client, 20)
+                await until_generated(client, 20)
                 return await pause(*args, **kwargs)
 
             client.pause_generation = pause_mid_generation

@@ -1,0 +1,144 @@
+"""What every benchmark's JSON line carries, over the pieces the benchmarks share: the keys
+(``name``, ``figure``, ``unit``, ``baseline``, ``ratio``, ``goal``), a higher-is-better ``ratio``
+with a numeric ``goal`` on its scale (``ratio >= goal`` passes), a ``warning`` on a loaded machine
+(``load_warning`` in benchmarks/transport_report.py), and benchmarks/results.py, which prints the
+last kept line per name as the Markdown table the results page is checked against.
+
+A benchmark's figures are not the product: its internals are not tested here."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+COLUMNS = {"name", "figure", "unit", "baseline", "ratio", "goal"}
+sys.path.insert(0, str(BENCH))
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"lines_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: Path, lines: list) -> Path:
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("script, builder, better, worse", [
+    # (trainer s, plain s): a trainer step faster than the plain one beats its baseline
+    ("bench_train_step", "step_line", (0.09, 0.10), (0.20, 0.10)),
+    # (overlapped ms, blocking ms): the trainer blocked for less than the blocking push
+    ("bench_weight_sync", "blocked_line", (0.008, 0.40), (0.50, 0.40)),
+])
+def test_a_smaller_figure_than_the_baseline_gives_a_ratio_above_1(script, builder, better, worse):
+    build = getattr(_load(script), builder)
+    good, bad = build(*better), build(*worse)
+    assert COLUMNS <= good.keys()
+    assert good["figure"] < good["baseline"] and good["ratio"] > 1
+    assert bad["figure"] > bad["baseline"] and bad["ratio"] < 1
+    if isinstance(good["goal"], float):
+        assert good["ratio"] >= good["goal"] > bad["ratio"]  # 1.3x slower fails 1 / 1.3
+
+
+def test_the_endpoint_overhead_ratio_grows_as_the_overhead_shrinks():
+    line = _load("bench_agentic").overhead_line
+    small, large = line(13.6, 14.0), line(13.6, 27.2)  # (direct ms, through the endpoint ms)
+    assert COLUMNS <= small.keys()
+    assert small["figure"] < large["figure"] and small["ratio"] > large["ratio"]
+    assert large["ratio"] == 0.5
+
+
+def test_the_memory_band_is_one_ratio_that_the_estimate_high_or_low_fails_alike():
+    line = _load("bench_trainer_memory").memory_line
+    gib = 2**30
+    close, high, low = line(gib, int(1.02 * gib)), line(int(1.3 * gib), gib), line(gib, 1.3 * gib)
+    assert COLUMNS <= close.keys()
+    assert close["ratio"] >= close["goal"] == 0.87
+    assert high["ratio"] == low["ratio"] == round(1 / 1.3, 3) < high["goal"]
+    assert (high["measured_over_estimate"], low["measured_over_estimate"]) == (1.3, 0.769)
+
+
+def test_the_same_node_transport_line_has_every_key():
+    # it had no goal
+    rates = {("stream", "local"): [900.0], ("stream", "ours"): [800.0],
+             ("stream", "curve"): [300.0]}
+    line = _load("transport_report").local_line(4096, rates, lambda _key: 100.0, rounds=1,
+                                                seconds=0.35)
+    assert COLUMNS <= line.keys()
+    assert (line["figure"], line["baseline"], line["ratio"]) == (900.0, 800.0, 1.125)
+
+
+@pytest.mark.parametrize("clean, chaos, ratio", [(0.1, 0.05, 2.0), (0.1, 0.2, 0.5),
+                                                 (0.1, 0.3, 0.33), (0.0, 0.0, 1.0)])
+def test_the_chaos_ratio_is_the_clean_waste_over_the_chaos_waste(
+        monkeypatch, tmp_path, capsys, clean, chaos, ratio):
+    bench = _load("bench_chaos")  # its two runs (minutes each) faked
+    shares = {False: clean, True: chaos}
+    monkeypatch.setattr(bench, "run", lambda _d, _a, chaos: {"wasted_share": shares[chaos]})
+    monkeypatch.setattr(sys, "argv", ["bench_chaos.py", "--root", str(tmp_path)])
+    bench.main()
+    line = json.loads(capsys.readouterr().out)
+    assert COLUMNS <= line.keys() and (line["figure"], line["baseline"]) == (chaos, clean)
+    assert line["ratio"] == ratio and (ratio >= line["goal"]) == (chaos <= 2 * clean)
+
+
+def test_a_loaded_machine_still_gets_its_line_with_a_warning(monkeypatch, capsys):
+    """Every benchmark adds ``load_warning()`` to its lines (bench_buffer's ``emit`` to each: only
+    its CURVE capacity line had it once)."""
+    warning, emit = _load("transport_report").load_warning, _load("bench_buffer").emit
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, says in ((1.0, None), (2.0, None), (2.5, "1-minute load 2.5 on 2 CPUs"),
+                       (7.6, "loaded machine (1-minute load 7.6 on 2")):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, 5.0, 5.0))
+        emit(name="raw_transport", figure=1.0)
+        line = json.loads(capsys.readouterr().out)
+        assert line.get("warning") == warning().get("warning")
+        assert (says in line["warning"]) if says else "warning" not in line
+
+
+def test_the_last_line_of_a_name_wins_and_bad_lines_are_skipped(tmp_path, capsys):
+    results = _load("results")
+    a = _write(tmp_path / "a.jsonl", [
+        {"name": "x", "figure": 1.0, "unit": "s", "baseline": 2.0, "ratio": 2.0, "goal": 1.5},
+        "not json", {"figure": 3}, {"name": "y", "figure": 5, "unit": "ms"}])
+    b = _write(tmp_path / "b.jsonl", [{"name": "x", "figure": 0.5, "unit": "s", "baseline": 2.0,
+                                       "ratio": 4.0, "goal": "figure <= 1 | s"}])
+    latest = results.latest_lines([a, b])
+    assert latest["x"] == ({"name": "x", "figure": 0.5, "unit": "s", "baseline": 2.0, "ratio": 4.0,
+                            "goal": "figure <= 1 | s"}, "b.jsonl")
+    assert set(latest) == {"x", "y"}
+    assert capsys.readouterr().err.count("not a benchmark line") == 2
+    rows = results.table(latest).splitlines()
+    assert rows[0] == "| name | figure | unit | baseline | ratio | goal | file |"
+    assert rows[2] == "| x | 0.5 | s | 2 | 4 | figure <= 1 \\| s | b.jsonl |"
+    assert rows[3] == "| y | 5 | ms |  |  |  | a.jsonl |"
+
+
+def test_every_kept_jsonl_file_reads(capsys):
+    assert _load("results").main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| name |") and "vs_trl_samples_per_s_user_path" in out
+
+
+def test_no_published_line_states_its_goal_lower_is_better_or_without_what_it_bounds():
+    """A goal is null, a number (ratio >= goal) or a string naming what it bounds: "<= 0.05" left
+    the reader to guess which field, "ratio <= 1.1" read the other way round."""
+    seen = 0
+    for path in BENCH.glob("*.jsonl"):
+        for text in path.read_text().splitlines():
+            goal = json.loads(text).get("goal") if text.strip() else None
+            seen += 1
+            if isinstance(goal, str):
+                assert not re.match(r"\s*[<>]=", goal), (path.name, goal)
+                assert not re.search(r"ratio <=|/ bound <=", goal), (path.name, goal)
+    assert seen > 100
