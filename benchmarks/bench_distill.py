@@ -17,9 +17,9 @@ Both runs share every setting but the teacher: ``trainer.lr`` (``--lr``), the se
 ``buffer.max_staleness`` (``--staleness``, 0 by default: the teacher's term takes the behaviour
 log-prob as the student's, exact on-policy; in one run at 4 and lr 5e-4, with the policy moving
 fast, the distilled student's reverse KL rose). The default student (300 SFT steps, greedy about
-0.05) leaves room to learn where an exact-match reward is rare. A rerun with the same ``--root`` reuses its teacher and
-student (``ROOT/teacher-STEPS-lrLR``, ``ROOT/student-STEPS-lrLR``) and runs only the two jobs,
-each in a new run directory. Trailing ``KEY=VALUE`` overrides go to both runs.
+0.05) leaves room to learn where an exact-match reward is rare. A rerun with the same ``--root``
+reuses its teacher and student (``ROOT/teacher-STEPS-lrLR``, ``ROOT/student-STEPS-lrLR``) and runs
+only the two jobs, each in a new run directory. Trailing ``KEY=VALUE`` overrides go to both runs.
 
     python -m benchmarks.bench_distill [--root DIR] [--teacher-steps 1500] [--student-steps 300]
         [--steps 50] [--lr 5e-4] [--staleness 0] [KEY=VALUE ...]
