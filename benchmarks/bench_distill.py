@@ -13,8 +13,16 @@ the teacher's own accuracy and the sampled reverse KL (first and last 5 steps) b
 ``ROOT/learning_curves.png`` (and ``ROOT/curves.jsonl``): both runs' reward per step and their
 held-out greedy accuracy.
 
-    python -m benchmarks.bench_distill [--root DIR] [--teacher-steps 1500] [--student-steps 550]
-        [--steps 50] [--lr 3e-4]
+Both runs share every setting but the teacher: ``trainer.lr`` (``--lr``), the seed, the batch and
+``buffer.max_staleness`` (``--staleness``, 0 by default: the teacher's term takes the behaviour
+log-prob as the student's, exact on-policy; in one run at 4 and lr 5e-4, with the policy moving
+fast, the distilled student's reverse KL rose). The default student (300 SFT steps, greedy about
+0.05) leaves room to learn where an exact-match reward is rare. A rerun with the same ``--root``
+reuses its teacher and student (``ROOT/teacher-STEPS-lrLR``, ``ROOT/student-STEPS-lrLR``) and runs
+only the two jobs, each in a new run directory. Trailing ``KEY=VALUE`` overrides go to both runs.
+
+    python -m benchmarks.bench_distill [--root DIR] [--teacher-steps 1500] [--student-steps 300]
+        [--steps 50] [--lr 5e-4] [--staleness 0] [KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -35,37 +43,49 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", help="working directory (default: a new temporary one)")
     ap.add_argument("--teacher-steps", type=int, default=1500)
     ap.add_argument("--teacher-lr", type=float, default=2e-3)
-    ap.add_argument("--student-steps", type=int, default=550,
+    ap.add_argument("--student-steps", type=int, default=300,
                     help="steps of the teacher's SFT that make the weaker student (0: the "
                          "random model they both start from)")
     ap.add_argument("--steps", type=int, default=50, help="N: distillation steps (RL gets 2N)")
-    ap.add_argument("--lr", type=float, default=3e-4, help="trainer.lr of both runs")
-    ap.add_argument("--seed", type=int, default=0, help="the models' initialization")
+    ap.add_argument("--lr", type=float, default=5e-4, help="trainer.lr of both runs")
+    ap.add_argument("--staleness", type=int, default=0,
+                    help="buffer.max_staleness of both runs (0: on-policy; the teacher's term "
+                         "takes the behaviour log-prob as the student's, exact on-policy)")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="the models' initialization (an existing ROOT/init is reused)")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="config overrides for both runs (e.g. distill.kl_baseline=none)")
     args = ap.parse_args(argv)
     root = Path(args.root or tempfile.mkdtemp(prefix="bench_distill_")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     train, held = addition_data(root)
     data = (f"task.dataset_path={train}", f"task.eval_path={held}")
 
-    init = make_model(root / "init", seed=args.seed)
-
     def sft(name: str, steps: int) -> dict:
+        """``ROOT/NAME-STEPS-lrLR``: SFT from the initialization, or the one a run before left."""
+        out = root / f"{name}-{steps}-lr{args.teacher_lr:g}"
+        if (out / "warm_start.json").exists():  # a rerun on this root: only the two runs again
+            return json.loads((out / "warm_start.json").read_text()) | {"model": str(out)}
         return cli("sft", "experiment=distill_addition", "distill.teachers=[]",
                    f"model.path={init}", *data,
                    f"warm_start.steps={steps}", f"warm_start.lr={args.teacher_lr}",
-                   "--out", str(root / name), f"run_dir={root / 'runs' / name}")
+                   "--out", str(out), f"run_dir={root / 'runs' / out.name}")
 
+    init = root / "init" if (root / "init").exists() else make_model(root / "init", args.seed)
     t0 = time.monotonic()
     teacher = sft("teacher", args.teacher_steps)
     teacher_s = time.monotonic() - t0
     student = sft("student", args.student_steps)["model"] if args.student_steps else init
+    run_dirs = _fresh(root / "runs", ("distill", "rl_only"))
     runs = {name: cli("run", "-q", "experiment=distill_addition", f"model.path={student}", *data,
-                      f"trainer.lr={args.lr}", *extra, f"run_dir={root / 'runs' / name}")
+                      f"trainer.lr={args.lr}", f"buffer.max_staleness={args.staleness}",
+                      *args.overrides, *extra,
+                      f"run_dir={run_dirs[name]}")
             for name, extra in (
                 ("distill", (f"distill.teachers=[{teacher['model']}]",
                              f"trainer.steps={args.steps}")),
                 ("rl_only", ("distill.teachers=[]", f"trainer.steps={2 * args.steps}")))}
-    curves = learning_curves(root, {n: root / "runs" / n for n in runs}, runs)
+    curves = learning_curves(root, run_dirs, runs)
     kl = curves["distill"]["reverse_kl"]
     figure = runs["distill"]["eval_last"]["greedy_accuracy"]
     baseline = runs["rl_only"]["eval_last"]["greedy_accuracy"]
@@ -82,10 +102,21 @@ def main(argv: list[str] | None = None) -> None:
         "version0_greedy": {n: r.get("eval_first", {}).get("greedy_accuracy")
                             for n, r in runs.items()},
         "student_steps": args.student_steps, "lr": args.lr,
+        "staleness": args.staleness, "overrides": args.overrides,
         # the sampled reverse KL to the teacher, nats per token: it falls as the student learns
         "reverse_kl": {"first5": _mean(kl[:5]), "last5": _mean(kl[-5:])},
         "plot": curves["plot"],
-        "wall_s": {n: r["wall_s"] for n, r in runs.items()}, "root": str(root)}), flush=True)
+        "wall_s": {n: r["wall_s"] for n, r in runs.items()}, "root": str(root),
+        "runs": {n: str(d) for n, d in run_dirs.items()}}), flush=True)
+
+
+def _fresh(parent: Path, names: tuple[str, ...]) -> dict[str, Path]:
+    """A run directory per name under ``parent`` that no earlier run on this root used
+    (``NAME``, else ``NAME.2``, ``NAME.3``...): a run never resumes another's checkpoint."""
+    k = 1
+    while any((parent / (n if k == 1 else f"{n}.{k}")).exists() for n in names):
+        k += 1
+    return {n: parent / (n if k == 1 else f"{n}.{k}") for n in names}
 
 
 def _mean(xs: list[float]) -> float | None:
