@@ -257,9 +257,11 @@ class SGLangProcess:
         return sglang_command(self.model, self.engine, self.port, secrets_file, self.lora,
                               self.routed_experts), secrets_file
 
-    def start(self, stop_requested: Callable[[], bool] = lambda: False) -> SGLangProcess:
+    def start(self, stop_requested: Callable[[], bool] = lambda: False,
+              meanwhile: Callable[[], object] | None = None) -> SGLangProcess:
         """Launch and wait until healthy; gives up (stopping what it started) at the startup
-        timeout or as soon as ``stop_requested()``."""
+        timeout or as soon as ``stop_requested()``. ``meanwhile`` runs once here while the engine
+        loads (the rollout server's tokenizer); what it raises stops the engine."""
         self.check_version()
         env = self.environment()
         try:  # a port taken: the engine fails only after loading the model, its /health another's
@@ -287,6 +289,12 @@ class SGLangProcess:
                                        start_new_session=True,
                                        env={**os.environ, "PYTHONPATH": project_path()})
         deadline = time.monotonic() + self.engine.startup_timeout_s
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                self.stop()
+                raise
         tracked = 0.0
         while not healthy(self.url):
             if time.monotonic() - tracked >= SHM_TRACK_S:

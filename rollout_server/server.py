@@ -182,9 +182,11 @@ class RolloutServer(Daemon):
         if self.facts.engine_key is None:  # started by hand, first of its job: it makes the key
             self.facts = replace(self.facts, engine_key=ensure_key_file(self.facts.run_dir))
         self.api_key = self.facts.engine_key  # the job's: the trainer drives the engine with it
+        self.tokenizer = None  # a launched engine's start loads it while the engine loads
         if not self.start_engine(ecfg):
             return
-        self.tokenizer = load_tokenizer(self.facts.model)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.facts.model)
         self.task = make_task(self.facts.task, self.tokenizer)
         self.rewards = RewardPool(self.facts.task, self.task.reward_path, metrics=self.metrics)
         if self.facts.task.reward_model.enabled:  # trusted weights, run here (reward_model.py)
@@ -245,7 +247,8 @@ class RolloutServer(Daemon):
                 self.facts.model, ecfg, log_path, api_key=self.api_key, lora=self.facts.lora,
                 routed_experts=self.facts.routed_experts)
             try:
-                self.engine.start(stop_requested=self.stop_requested.is_set)
+                self.engine.start(stop_requested=self.stop_requested.is_set,
+                                  meanwhile=self._load_tokenizer)
             except StartAborted:  # stopped while it started (it is stopped too): nothing to run
                 self.engine = None
                 return False
@@ -254,6 +257,9 @@ class RolloutServer(Daemon):
             # it joins weight groups through our loopback door
             self.engine_url = require_local_engine(ecfg.url)
         return True
+
+    def _load_tokenizer(self) -> None:
+        self.tokenizer = load_tokenizer(self.facts.model)
 
     def stop(self) -> None:
         for pool in (self.tools, self.rewards, self.reward_model):

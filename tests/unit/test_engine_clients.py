@@ -636,6 +636,35 @@ def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_
         Path(shm).unlink(missing_ok=True)
 
 
+def test_what_the_caller_does_meanwhile_runs_while_the_engine_starts_and_its_error_stops_it(
+        tmp_path, monkeypatch):
+    """``SGLangProcess.start(meanwhile=...)``: the rollout server loads its tokenizer (seconds of
+    imports) while the engine loads instead of after it is healthy; called once, with the engine
+    already running; what it raises stops the engine (its group gone) and propagates."""
+    import sys
+
+    import rollout_server.launch_sglang as launch
+    from rollout_server.engine_reaper import group_members
+
+    monkeypatch.setattr(launch, "sglang_command", lambda *a, **k: [
+        sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)"])
+    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60),
+                         str(tmp_path / "sglang.log"))
+    seen = []
+
+    def meanwhile():
+        seen.append(proc.proc.poll())  # launched, still running
+        raise ValueError("no tokenizer")
+
+    try:
+        with pytest.raises(ValueError, match="no tokenizer"):
+            proc.start(meanwhile=meanwhile)
+        assert seen == [None]
+        assert proc.proc.poll() is not None and not group_members(proc.proc.pid)
+    finally:
+        proc.stop()
+
+
 def test_a_port_in_use_is_refused_naming_it_before_sglang_starts(tmp_path):
     """rollout.engine.port taken: SGLang failed only after loading the model, and the error named
     what its own requests to that port got back from the other process."""
