@@ -49,7 +49,10 @@ from rollout_server.engine_reaper import GONE_TIMEOUT_S, shm_files
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 30.0  # SGLang frees GPU memory and joins its subprocesses on SIGTERM; give it time
-HEALTH_POLL_S = 1.0
+# while the engine starts: how often to ask its /health (a local GET: an engine that became
+# healthy waits no more than this) and to tell the reaper its /dev/shm files (reads /proc)
+HEALTH_POLL_S = 0.2
+SHM_TRACK_S = 1.0
 # the last line of a Python traceback: ``AssertionError: ...``, ``torch.OutOfMemoryError: ...``
 EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception)(: |$)")
 THREADS_BIND = "SGLANG_CPU_OMP_THREADS_BIND"  # SGLang on CPU: each TP rank's CPUs, '|' between
@@ -254,9 +257,11 @@ class SGLangProcess:
         return sglang_command(self.model, self.engine, self.port, secrets_file, self.lora,
                               self.routed_experts), secrets_file
 
-    def start(self, stop_requested: Callable[[], bool] = lambda: False) -> SGLangProcess:
+    def start(self, stop_requested: Callable[[], bool] = lambda: False,
+              meanwhile: Callable[[], object] | None = None) -> SGLangProcess:
         """Launch and wait until healthy; gives up (stopping what it started) at the startup
-        timeout or as soon as ``stop_requested()``."""
+        timeout or as soon as ``stop_requested()``. ``meanwhile`` runs once here while the engine
+        loads (the rollout server's tokenizer); what it raises stops the engine."""
         self.check_version()
         env = self.environment()
         try:  # a port taken: the engine fails only after loading the model, its /health another's
@@ -284,8 +289,18 @@ class SGLangProcess:
                                        start_new_session=True,
                                        env={**os.environ, "PYTHONPATH": project_path()})
         deadline = time.monotonic() + self.engine.startup_timeout_s
+        if meanwhile is not None:
+            try:
+                meanwhile()
+            except BaseException:
+                self.stop()
+                raise
+        tracked = 0.0
         while not healthy(self.url):
-            self.track_shm()  # also while it starts: one that fails or is stopped then leaves them
+            if time.monotonic() - tracked >= SHM_TRACK_S:
+                # also while it starts: one that fails or is stopped then leaves them
+                self.track_shm()
+                tracked = time.monotonic()
             if self.proc.poll() is not None:
                 self.stop()
                 raise self.start_failure()

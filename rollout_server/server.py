@@ -16,8 +16,9 @@ Invariants:
   any other plan refused, ``sync_under_way``): trainer/WEIGHT_SYNC.md, "Who drives the engines";
 * ``policy_version`` is the version the engine serves: its label, read from the engine after a
   sync's ``end`` and after each heartbeat outside a sync (whoever loaded it);
-* after a failed sync the engine must answer ``/health_generate`` within ``ENGINE_PROBE_S``, else
-  this server stops (exit 1, the wedged engine killed with it) for its supervisor to restart it
+* after a failed sync the engine must answer ``/health_generate`` (and, after a sync abandoned
+  by the trainer, the calls that end and continue it) within ``ENGINE_PROBE_S``, else this server
+  stops (exit 1, the wedged engine killed with it) for its supervisor to restart it
   with a fresh engine; an engine attached by URL is only reported.
 
 Concurrency: one asyncio loop; heartbeats, announcements, the link's sender and each episode are
@@ -181,9 +182,11 @@ class RolloutServer(Daemon):
         if self.facts.engine_key is None:  # started by hand, first of its job: it makes the key
             self.facts = replace(self.facts, engine_key=ensure_key_file(self.facts.run_dir))
         self.api_key = self.facts.engine_key  # the job's: the trainer drives the engine with it
+        self.tokenizer = None  # a launched engine's start loads it while the engine loads
         if not self.start_engine(ecfg):
             return
-        self.tokenizer = load_tokenizer(self.facts.model)
+        if self.tokenizer is None:
+            self.tokenizer = load_tokenizer(self.facts.model)
         self.task = make_task(self.facts.task, self.tokenizer)
         self.rewards = RewardPool(self.facts.task, self.task.reward_path, metrics=self.metrics)
         if self.facts.task.reward_model.enabled:  # trusted weights, run here (reward_model.py)
@@ -244,7 +247,8 @@ class RolloutServer(Daemon):
                 self.facts.model, ecfg, log_path, api_key=self.api_key, lora=self.facts.lora,
                 routed_experts=self.facts.routed_experts)
             try:
-                self.engine.start(stop_requested=self.stop_requested.is_set)
+                self.engine.start(stop_requested=self.stop_requested.is_set,
+                                  meanwhile=self._load_tokenizer)
             except StartAborted:  # stopped while it started (it is stopped too): nothing to run
                 self.engine = None
                 return False
@@ -253,6 +257,9 @@ class RolloutServer(Daemon):
             # it joins weight groups through our loopback door
             self.engine_url = require_local_engine(ecfg.url)
         return True
+
+    def _load_tokenizer(self) -> None:
+        self.tokenizer = load_tokenizer(self.facts.model)
 
     def stop(self) -> None:
         for pool in (self.tools, self.rewards, self.reward_model):
@@ -570,8 +577,13 @@ class RolloutServer(Daemon):
         try:
             return await self.client.health_generate(timeout_s=ENGINE_PROBE_S)
         except EngineError as e:  # refused, no answer in time, a 503: its message says which
-            why = (f"engine {self.engine_url} failed /health_generate after the failed weight "
-                   f"sync v{version}: {peer_text(e.message)}")
+            self.engine_failed(version, "/health_generate", e)
+
+    def engine_failed(self, version: int, call: str, e: EngineError) -> None:
+        """The engine failed ``call`` after the failed sync of ``version``: stop (a launched
+        engine) or report it (attached by URL)."""
+        why = (f"engine {self.engine_url} failed {call} after the failed weight sync "
+               f"v{version}: {peer_text(e.message)}")
         if self.rcfg.engine.kind == "url":
             self.log.error("%s; attached by URL (rollout.engine.kind=url): restart it yourself",
                            why)
@@ -711,10 +723,15 @@ class RolloutServer(Daemon):
         task.add_done_callback(self.after_sync.discard)
 
     async def resume_abandoned(self, version: int) -> None:
-        with contextlib.suppress(EngineError):  # a session it left open refuses the next sync
-            await self.client.end_weight_update(timeout_s=ENGINE_PROBE_S)
-        with contextlib.suppress(EngineError):
-            await self.client.continue_generation(timeout_s=ENGINE_PROBE_S)
+        """Close a session it left open (it refuses the next sync), continue it, probe it; an
+        engine that does not answer one of these calls within ``ENGINE_PROBE_S`` is wedged as
+        one that fails the probe (each further call would wait as long again: 90 s in all)."""
+        for call in (self.client.end_weight_update, self.client.continue_generation):
+            try:
+                await call(timeout_s=ENGINE_PROBE_S)
+            except EngineError as e:
+                if e.status is None:  # no answer (none in time, or the connection refused)
+                    return self.engine_failed(version, e.endpoint, e)
         await self.probe_engine(version)
 
     async def after_load(self) -> None:

@@ -216,8 +216,9 @@ class Driver(threading.Thread):
     """A rollout server stand-in: it registers its engine (behind a ``FaultProxy`` with ``fault``)
     and its sync port (``SyncStandIn``), and heartbeats with the version its engine serves; the
     trainer drives the engine. Once the proxy killed the engine it stops heartbeating and closes
-    its sync port, as a dead rollout server does. Its engine key is the job's (``cfg.run_dir``;
-    made there if none is yet, as a rollout server does)."""
+    its sync port, as a dead rollout server does; before that, expired (its thread starved past
+    ``buffer.heartbeat_timeout_s``) it registers again, as a rollout server does. Its engine key
+    is the job's (``cfg.run_dir``; made there if none is yet, as a rollout server does)."""
 
     def __init__(self, server_id: str, url: str, cfg, *, fault: str | None = None,
                  engine_pid: int | None = None, fresh: bool = False, sglang: str | None = None,
@@ -244,10 +245,12 @@ class Driver(threading.Thread):
             self.error = e
 
     async def _main(self) -> None:
+        import msgspec
+
         from areal_like.engines.sglang import SGLangClient
         from areal_like.net.auth import engine_api_key
         from areal_like.net.dealer import Client
-        from areal_like.wire.protocol import Heartbeat, Register, RegisterAck
+        from areal_like.wire.protocol import Heartbeat, HeartbeatAck, Register, RegisterAck
         from rollout_server.episode import as_version
 
         client = Client(self.address, timeout_s=10)
@@ -269,8 +272,13 @@ class Driver(threading.Thread):
         served = 0
         try:
             while not self.stop.is_set() and not self.killed.is_set():
-                client.request(Heartbeat(server_id=self.server_id, policy_version=served,
-                                         incarnation=self.incarnation))
+                ack = client.request(Heartbeat(server_id=self.server_id, policy_version=served,
+                                               incarnation=self.incarnation))
+                if isinstance(ack, HeartbeatAck) and not ack.known:
+                    # expired (this thread starved past buffer.heartbeat_timeout_s on a loaded
+                    # machine): join again, as a rollout server does; left out, a push waiting
+                    # for every member would wait forever
+                    client.request(msgspec.structs.replace(register, policy_version=served))
                 with contextlib.suppress(Exception):  # a dying engine: the last version stands
                     served = as_version(await engine.weight_version(), served)
                 await asyncio.sleep(0.1)

@@ -643,6 +643,35 @@ def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_
         Path(shm).unlink(missing_ok=True)
 
 
+def test_what_the_caller_does_meanwhile_runs_while_the_engine_starts_and_its_error_stops_it(
+        tmp_path, monkeypatch):
+    """``SGLangProcess.start(meanwhile=...)``: the rollout server loads its tokenizer (seconds of
+    imports) while the engine loads instead of after it is healthy; called once, with the engine
+    already running; what it raises stops the engine (its group gone) and propagates."""
+    import sys
+
+    import rollout_server.launch_sglang as launch
+    from rollout_server.engine_reaper import group_members
+
+    monkeypatch.setattr(launch, "sglang_command", lambda *a, **k: [
+        sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)"])
+    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60),
+                         str(tmp_path / "sglang.log"))
+    seen = []
+
+    def meanwhile():
+        seen.append(proc.proc.poll())  # launched, still running
+        raise ValueError("no tokenizer")
+
+    try:
+        with pytest.raises(ValueError, match="no tokenizer"):
+            proc.start(meanwhile=meanwhile)
+        assert seen == [None]
+        assert proc.proc.poll() is not None and not group_members(proc.proc.pid)
+    finally:
+        proc.stop()
+
+
 def test_a_port_in_use_is_refused_naming_it_before_sglang_starts(tmp_path):
     """rollout.engine.port taken: SGLang failed only after loading the model, and the error named
     what its own requests to that port got back from the other process."""
@@ -673,6 +702,7 @@ def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answere
             server = SimpleNamespace(client=client, engine_url=url, failure=None, wedged=False,
                                      rcfg=SimpleNamespace(engine=EngineConfig(kind="sglang")),
                                      log=logging.getLogger("probe"))
+            server.engine_failed = lambda *a: server_module.RolloutServer.engine_failed(server, *a)
             await server_module.RolloutServer.probe_engine(server, 7)
         assert server.wedged
         return str(server.failure)
@@ -686,6 +716,47 @@ def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answere
     # the engine's words quoted (areal_like/net/answers.py)
     assert 'after the failed weight sync v7: "connection failed (ConnectionRefusedError)' in refused
     assert "after the failed weight sync v7: 'TimeoutError: no answer within 1s'" in mute
+
+
+@pytest.mark.parametrize("end", ["silent", "refused", "no session"])
+def test_an_abandoned_sync_stops_at_the_first_call_its_engine_does_not_answer(end):
+    """After a sync the trainer abandoned, the server ends the engine's session, continues it and
+    probes it (``RolloutServer.resume_abandoned``). A wedged engine answered none of the three and
+    was found only after 3 x ``ENGINE_PROBE_S`` (90 s); now the first call it does not answer
+    (none in time, or the connection refused) stops the server. A refusal with an answer (a 400:
+    no session open) is not one: the engine is continued and probed."""
+    from types import SimpleNamespace
+
+    import rollout_server.server as server_module
+
+    calls = []
+
+    class Engine:
+        async def end_weight_update(self, *, timeout_s):
+            calls.append("/end_weight_update")
+            if end == "no session":
+                raise EngineError("/end_weight_update", 400, "no weight update session")
+            raise EngineError("/end_weight_update", None, "TimeoutError: no answer within 30s"
+                              if end == "silent" else "connection failed (ConnectionRefusedError)")
+
+        async def continue_generation(self, *, timeout_s):
+            calls.append("/continue_generation")
+
+        async def health_generate(self, timeout_s):
+            calls.append("/health_generate")
+
+    server = SimpleNamespace(client=Engine(), engine_url="http://e", failure=None, wedged=False,
+                             rcfg=SimpleNamespace(engine=EngineConfig(kind="sglang")),
+                             log=logging.getLogger("probe"))
+    for name in ("engine_failed", "probe_engine"):
+        setattr(server, name, getattr(server_module.RolloutServer, name).__get__(server))
+    asyncio.run(server_module.RolloutServer.resume_abandoned(server, 7))
+    if end == "no session":
+        assert calls == ["/end_weight_update", "/continue_generation", "/health_generate"]
+        assert not server.wedged and server.failure is None
+    else:
+        assert calls == ["/end_weight_update"] and server.wedged
+        assert "failed /end_weight_update after the failed weight sync v7" in str(server.failure)
 
 
 def test_the_sglang_line_copied_into_our_log_never_holds_the_engine_key(tmp_path):
