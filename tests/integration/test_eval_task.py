@@ -11,7 +11,9 @@ and once without a task (an HF directory from elsewhere). Each sits in a directo
 * the bare directory is refused with one ``error:`` line and exit 2, and no JSON record;
 * naming the task on the command line (``task=sort``) evaluates the bare directory, at the
   task's sampling settings (with or without ``model=local_hf``), printed and recorded;
-* a LoRA export's ``merged/`` is scored with its run's config.yaml.
+* a LoRA export's ``merged/`` is scored with its run's config.yaml;
+* an ``--out`` that cannot be written, or a split the engine refuses whole, is one ``error:``
+  line and exit 2, the record printed first when there is one.
 """
 
 from __future__ import annotations
@@ -63,15 +65,20 @@ def _eval(model: Path, *overrides: str) -> subprocess.CompletedProcess:
                           cwd=REPO_ROOT, env=child_env())
 
 
-def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(exports):
+def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(exports,
+                                                                              tmp_path):
     moved, bare = exports / "moved" / "v00000003", exports / "bare" / "v00000003"
 
     # rollout.engine.host: a multi-node run's engine address, not this machine's (TEST-NET-1);
     # eval's own engine binds loopback (before: a traceback, cannot assign requested address)
-    r = _eval(moved, "task.max_new_tokens=5", "rollout.engine.host=192.0.2.1")
+    # overrides after ``--out FILE`` reach the config (before: 'unrecognized arguments', argparse
+    # had given the positionals out before the flag)
+    out = tmp_path / "e.jsonl"
+    r = _eval(moved, "--out", str(out), "task.max_new_tokens=5", "rollout.engine.host=192.0.2.1")
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(r.stdout.strip())
     assert record["task"] == "sort" and record["n"] == 4 and record["policy_version"] == 3
+    assert record["sampling"]["max_new_tokens"] == 5 and json.loads(out.read_text()) == record
 
     r = _eval(bare)
     assert r.returncode == 2 and r.stdout == ""
@@ -82,6 +89,29 @@ def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(expo
     r = _eval(bare, "task=sort")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip())["task"] == "sort"
+
+
+def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(exports, tmp_path):
+    """``--out`` naming a directory: the record is printed all the same, then one error line and
+    exit 2 (before: a traceback after the whole evaluation, and no record anywhere)."""
+    r = _eval(exports / "moved" / "v00000003", "--out", str(tmp_path), "task.max_new_tokens=5")
+    assert r.returncode == 2
+    record = json.loads(r.stdout)
+    assert record["policy_version"] == 3 and record["sampling"]["max_new_tokens"] == 5, r.stdout
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[eval] sampling at temperature "), r.stderr
+    assert lines[1].startswith(f"error: --out {tmp_path}: "), r.stderr
+
+
+def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(exports):
+    """Every eval prompt refused by the engine (here a ``task.top_k`` the config lets through and
+    the engine refuses): one error line naming the refusal, exit 2, no record (before: a
+    traceback)."""
+    r = _eval(exports / "moved" / "v00000003", "task.top_k=0")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: /generate: HTTP 400: every eval prompt failed; the first: "
+                               "'top_k must be"), r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
 
 
 def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(exports, tmp_path):

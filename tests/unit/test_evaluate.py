@@ -19,9 +19,6 @@ from areal_like.settings.config import BufferConfig, EvalConfig, TaskConfig
 from areal_like.wire import protocol as P
 from rollout_server.evaluate import EvalSchedule, main, read_done_versions, summarize
 
-# what main reads of a config it did not compose (the tests that replace the evaluation)
-_SETTINGS = type("Settings", (), {"eval": EvalConfig(), "task": TaskConfig()})()
-
 
 @pytest.mark.parametrize("every,at_start,at_end,done,due,words", [
     # every=5, 20 steps: 0 (baseline), 5, 10, 15, 20 (final)
@@ -188,35 +185,6 @@ def test_an_eval_path_on_a_synthetic_tasks_export_names_the_key_given(tmp_path, 
     assert main([str(export), f"task.eval_path={tmp_path / 'mine.jsonl'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: task.eval_path=") and "add task=dataset" in err, err
-
-
-def _main_evaluating(tmp_path, monkeypatch, argv, evaluated):
-    """``main([export, *argv])`` with the config load and the evaluation replaced: ``evaluated``
-    is the record (or raises); returns (exit code, the overrides the config load got)."""
-    import rollout_server.evaluate as evaluate
-
-    export = tmp_path / "v00000003"
-    export.mkdir()
-    (export / "config.json").write_text("{}")
-    seen = []
-    monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
-                        (seen.append(overrides) or _SETTINGS, None))
-    monkeypatch.setattr(evaluate, "_evaluate_path", lambda model, cfg, config_file, samples:
-                        evaluated())
-    return main([str(export), *argv]), seen
-
-
-def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(tmp_path, capsys,
-                                                                        monkeypatch):
-    """``--out`` naming a directory: the record is printed all the same, then one error line and
-    exit 2 (before: a traceback after the whole evaluation, and no record anywhere)."""
-    rc, _ = _main_evaluating(tmp_path, monkeypatch, ["--out", str(tmp_path)],
-                             lambda: {"policy_version": 3, "greedy_accuracy": 0.5})
-    assert rc == 2
-    out, err = capsys.readouterr()
-    assert json.loads(out)["greedy_accuracy"] == 0.5, out
-    assert err.startswith("[eval] sampling at temperature ") and err.count("\n") == 2, err
-    assert err.splitlines()[1].startswith(f"error: --out {tmp_path}: "), err
 
 
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
@@ -406,22 +374,6 @@ def test_evaluate_raises_when_every_prompt_fails():
     assert e.value.status == 400 and "unreachable" not in str(e.value), e.value
 
 
-def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(tmp_path, capsys,
-                                                                    monkeypatch):
-    """``areal-like eval`` on an eval file whose every prompt is longer than the model's context:
-    one error line naming the refusal, exit 2 (before: a traceback)."""
-    from areal_like.engines.client import EngineError
-
-    def refused():
-        raise EngineError("/generate", 400, "every eval prompt failed; the first: The input "
-                          "(406 tokens) is longer than the model's context length (256 tokens).")
-
-    assert _main_evaluating(tmp_path, monkeypatch, [], refused)[0] == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err.startswith("error: /generate: HTTP 400: every eval prompt failed")
-    assert err.count("\n") == 1 and "context length" in err, err
-
-
 def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, capfd):
     """``areal-like eval`` of a checkpoint that ``trainer.export`` refuses (here: no run config
     beside it): export's own error line, exit 2, and no second line for the export's exit status
@@ -567,18 +519,6 @@ def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
         assert asyncio.run(responses(engine, seed=1, concurrency=64)) != first
     finally:
         engine.stop()
-
-
-def test_overrides_after_out_reach_the_config(tmp_path, capsys, monkeypatch):
-    """launch/OPERATIONS.md's ``areal-like eval MODEL [--out FILE] [overrides]``: overrides after
-    ``--out FILE`` were 'unrecognized arguments' (argparse had given the positionals out before the
-    flag), so ``--out e.jsonl eval.k=8`` could not run."""
-    out = tmp_path / "e.jsonl"
-    rc, seen = _main_evaluating(tmp_path, monkeypatch, ["--out", str(out), "eval.k=8",
-                                                        "task=reverse"],
-                                lambda: {"policy_version": 3})
-    assert rc == 0 and seen == [["eval.k=8", "task=reverse"]], capsys.readouterr().err
-    assert json.loads(out.read_text())["policy_version"] == 3
 
 
 def test_an_export_away_from_its_run_is_evaluated_with_the_runs_eval_settings_and_version(
