@@ -18,6 +18,7 @@ and once without a task (an HF directory from elsewhere). Each sits in a directo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -59,10 +60,25 @@ def exports(tmp_path_factory) -> Path:
     return root
 
 
-def _eval(model: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", "eval", str(model), *FAST,
-                           *overrides], capture_output=True, text=True, timeout=300,
-                          cwd=REPO_ROOT, env=child_env())
+def _eval(model: Path, *overrides: str, fast: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", "eval", str(model),
+                           *(FAST if fast else ()), *overrides], capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT, env=child_env())
+
+
+def _moved(exports: Path, to: Path, task_file: str) -> Path:
+    """A copy of the ``moved`` export at ``to`` (no run config.yaml near it) storing
+    ``task_file``."""
+    from areal_like.settings.config import EXPORT_TASK_FILE
+
+    shutil.copytree(exports / "moved" / "v00000003", to)
+    (to / EXPORT_TASK_FILE).write_text(task_file)
+    return to
+
+
+def _record(r: subprocess.CompletedProcess) -> dict:
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip())
 
 
 def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(exports,
@@ -112,6 +128,63 @@ def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(exports):
     assert r.stderr.startswith("error: /generate: HTTP 400: every eval prompt failed; the first: "
                                "'top_k must be"), r.stderr
     assert r.stderr.count("\n") == 1, r.stderr
+
+
+def test_an_export_away_from_its_run_is_evaluated_with_the_runs_eval_settings_and_version(
+        exports, tmp_path):
+    """An export carries its run's eval.* and seed and its policy version (``export_yaml``):
+    ``areal-like eval`` of it in a directory of another name, with no run config.yaml beside it,
+    evaluates as the run did and labels the record with the version; an override given still
+    wins. An export written before they were stored reads as before (defaults, the name's
+    version)."""
+    from areal_like.settings.config import EvalConfig, TaskConfig, export_yaml
+    from rollout_server.evaluate import sampling_settings
+
+    run_eval = EvalConfig(k=2, max_examples=3, temperature=0.5, max_new_tokens=7)
+    final = _moved(exports, tmp_path / "final", export_yaml(TaskConfig(name="sort"), run_eval,
+                                                            seed=7, policy_version=12))
+    answers = {}
+    for seed in ([], ["seed=7"], ["seed=1"]):  # the stored seed is 7; one given wins
+        out = tmp_path / f"samples{seed}.jsonl"
+        record = _record(_eval(final, "eval.k=1", *seed, "--samples", str(out), fast=False))
+        assert (record["policy_version"], record["n"], record["k"]) == (12, 3, 1), record
+        assert record["sampling"]["temperature"] == 0.5, record
+        assert record["sampling"]["max_new_tokens"] == 7, record
+        answers[tuple(seed)] = out.read_text()
+    assert answers[()] == answers[("seed=7",)] != answers[("seed=1",)]
+    record = _record(_eval(final, "eval.temperature=null", fast=False))
+    assert record["k"] == 2 and record["sampling"] == {
+        **sampling_settings(dataclasses.replace(run_eval, temperature=None),
+                            TaskConfig(name="sort")),
+        "from": f"the export's {final}/areal_like_task.yaml"}, record
+
+    older = _moved(exports, tmp_path / "v00000005", export_yaml(TaskConfig(name="sort")))
+    record = _record(_eval(older, "eval.max_examples=2", fast=False))
+    assert record["policy_version"] == 5 and record["k"] == EvalConfig().k, record
+    assert record["sampling"] == {**sampling_settings(EvalConfig(), TaskConfig(name="sort")),
+                                  "from": f"the export's {older}/areal_like_task.yaml"}, record
+
+
+def test_an_exports_task_runs_the_code_and_address_the_evaluator_names(exports, tmp_path,
+                                                                        free_port):
+    """A stored ``reward_fn`` outside the project's rewards, or any stored ``reward_url``, is
+    evaluated when the command line names it (the refusal otherwise: test_evaluate.py); the
+    project's own rewards need no naming."""
+    own = "tests.learning_reward:reversed_exact"
+    export = _moved(exports, tmp_path / "own", f"task: {{name: sort, reward_fn: '{own}'}}\n")
+    r = _eval(export)
+    assert r.returncode == 2 and f"task.reward_fn='{own}' in " in r.stderr, r.stderr
+    assert _record(_eval(export, f"task.reward_fn={own}"))["task"] == "sort"
+
+    url = f"http://127.0.0.1:{free_port()}/batch"  # nothing listens: each score says so
+    export = _moved(exports, tmp_path / "remote", f"task: {{name: sort, reward_url: '{url}'}}\n")
+    r = _eval(export, f"task.reward_url={url}")
+    assert _record(r)["n"] == 4
+    assert f"Cannot connect to host 127.0.0.1:{url.split(':')[2].split('/')[0]}" in r.stderr
+
+    export = _moved(exports, tmp_path / "math", "task: {name: sort, reward_fn: "
+                    "'areal_like.tasks.rewards.math_reward'}\n")
+    assert _record(_eval(export))["task"] == "sort"
 
 
 def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(exports, tmp_path):

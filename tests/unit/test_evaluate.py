@@ -521,41 +521,6 @@ def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
         engine.stop()
 
 
-def test_an_export_away_from_its_run_is_evaluated_with_the_runs_eval_settings_and_version(
-        tmp_path):
-    """An export carries its run's eval.* and seed and its policy version (``export_yaml``):
-    ``areal-like eval`` of it in a directory of another name, with no run config.yaml beside it,
-    evaluates as the run did and labels the record with the version; an override given still
-    wins. An export written before they were stored reads as before (defaults, the name's
-    version)."""
-    from areal_like.settings.config import (
-        EXPORT_TASK_FILE,
-        EvalConfig,
-        TaskConfig,
-        export_yaml,
-    )
-    from rollout_server.evaluate import _eval_config, _version_of
-
-    export = tmp_path / "final"
-    export.mkdir()
-    run_eval = EvalConfig(k=2, max_examples=3, temperature=0.5, max_new_tokens=7)
-    (export / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(name="sort"), run_eval, seed=7,
-                                                       policy_version=12))
-    cfg, config_file = _eval_config(export, None, ["eval.k=8"])
-    assert config_file is None and cfg.task.name == "sort" and cfg.seed == 7
-    assert cfg.eval == EvalConfig(k=8, max_examples=3, temperature=0.5, max_new_tokens=7)
-    assert _version_of(export) == 12
-    cfg, _ = _eval_config(export, None, ["seed=1", "eval.temperature=null"])
-    assert cfg.seed == 1 and cfg.eval.temperature is None and cfg.eval.k == 2
-
-    older = tmp_path / "v00000005"
-    older.mkdir()
-    (older / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(name="sort")))
-    cfg, _ = _eval_config(older, None, [])
-    assert cfg.task.name == "sort" and cfg.eval == EvalConfig() and cfg.seed == 0
-    assert _version_of(older) == 5
-
-
 def _export_with_task(tmp_path, **task) -> Path:
     from areal_like.settings.config import EXPORT_TASK_FILE
 
@@ -581,30 +546,23 @@ def test_an_exports_task_file_is_data_never_an_interpolation(tmp_path, monkeypat
     assert "is an interpolation" in err and "hunter2" not in err, err
 
 
-def test_an_exports_task_names_no_code_or_address_the_evaluator_did_not(tmp_path):
+def test_an_exports_task_names_no_code_or_address_the_evaluator_did_not(tmp_path, capsys):
     """A stored ``reward_fn`` outside the project's rewards (``shutil:rmtree``) or any stored
-    ``reward_url`` is refused unless the command line names it; the project's own rewards pass."""
-    from areal_like.settings.config import ConfigError
-    from rollout_server.evaluate import _eval_config
-
+    ``reward_url`` is refused, before any model is read; named on the command line they are
+    evaluated, and the project's own rewards need no naming (test_eval_task.py's
+    ``test_an_exports_task_runs_the_code_and_address_the_evaluator_names``)."""
     export = _export_with_task(tmp_path, reward_fn="shutil:rmtree")
-    with pytest.raises(ConfigError, match=r"task.reward_fn='shutil:rmtree' in .* is not one of"):
-        _eval_config(export, None, [])
-    cfg, _ = _eval_config(export, None, ["task.reward_fn=shutil:rmtree"])  # the evaluator's choice
-    assert cfg.task.reward_fn == "shutil:rmtree"
+    assert main([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task.reward_fn='shutil:rmtree' in ") and "is not one of" in err
 
-    (tmp_path / "v00000004" / "areal_like_task.yaml").unlink()
-    (tmp_path / "v00000004").rename(tmp_path / "old")
+    (export / "areal_like_task.yaml").unlink()
+    export.rename(tmp_path / "old")
     export = _export_with_task(tmp_path, reward_url="http://scores.example/batch")
-    with pytest.raises(ConfigError, match="task.reward_url='http://scores.example/batch' in"):
-        _eval_config(export, None, [])
-    cfg, _ = _eval_config(export, None, ["task.reward_url=http://scores.example/batch"])
-    assert cfg.task.reward_url == "http://scores.example/batch"
-
-    (export / "areal_like_task.yaml").write_text(yaml.safe_dump(
-        {"task": {"name": "sort", "reward_fn": "areal_like.tasks.rewards.math_reward"}}))
-    cfg, _ = _eval_config(export, None, [])
-    assert cfg.task.reward_fn == "areal_like.tasks.rewards.math_reward"
+    assert main([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task.reward_url='http://scores.example/batch' in "), err
+    assert err.count("\n") == 1, err
 
 
 def test_eval_started_inside_an_export_imports_nothing_shipped_in_it(tmp_path, monkeypatch,
