@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from areal_like.net.distributed import free_port as _free_port
+from areal_like.net import distributed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TERM_GRACE_S = 10.0  # a daemon's graceful stop (GRACEFUL_STOP_S) fits in this; then SIGKILL
@@ -87,6 +87,12 @@ def wait_all(procs: list[subprocess.Popen], timeout_s: float) -> None:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def live_children() -> set[int]:
+    """The pids of this process's descendants now: a test that starts a job compares the set
+    after it with the one before (nothing left running)."""
+    return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
 def _descendants(pid: int) -> list:
@@ -185,7 +191,7 @@ class Spawner:
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     """``free_port()`` -> an ephemeral TCP port on 127.0.0.1 (call it once per socket)."""
-    return _free_port
+    return distributed.free_port
 
 
 @pytest.fixture

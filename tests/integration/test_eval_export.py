@@ -21,11 +21,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import psutil
 import pytest
 from system_harness import BASE_OVERRIDES, warm_model
 
-from tests.conftest import run_cli
+from tests.conftest import live_children, run_cli
 
 WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart"  # shared with test_e2e.py
 
@@ -36,10 +35,6 @@ def run_job(run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     """``areal-like run -q`` at test size from the warm-started model (no warm start of its own)."""
     return run_cli("run", "-q", *BASE_OVERRIDES, f"model.path={warm_model(WARM_CACHE)}",
                 "warm_start.steps=0", f"run_dir={run_dir}", *overrides)
-
-
-def live_children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
 # a job, then three CLI evaluations each starting an engine: 80 s alone, past the 300 s default on 2

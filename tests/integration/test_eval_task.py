@@ -11,11 +11,14 @@ and once without a task (an HF directory from elsewhere). Each sits in a directo
 * the bare directory is refused with one ``error:`` line and exit 2, and no JSON record;
 * naming the task on the command line (``task=sort``) evaluates the bare directory, at the
   task's sampling settings (with or without ``model=local_hf``), printed and recorded;
-* a LoRA export's ``merged/`` is scored with its run's config.yaml.
+* a LoRA export's ``merged/`` is scored with its run's config.yaml;
+* an ``--out`` that cannot be written, or a split the engine refuses whole, is one ``error:``
+  line and exit 2, the record printed first when there is one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -57,21 +60,41 @@ def exports(tmp_path_factory) -> Path:
     return root
 
 
-def _eval(model: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", "eval", str(model), *FAST,
-                           *overrides], capture_output=True, text=True, timeout=300,
-                          cwd=REPO_ROOT, env=child_env())
+def _eval(model: Path, *overrides: str, fast: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launch.cli", "eval", str(model),
+                           *(FAST if fast else ()), *overrides], capture_output=True, text=True,
+                          timeout=300, cwd=REPO_ROOT, env=child_env())
 
 
-def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(exports):
+def _moved(exports: Path, to: Path, task_file: str) -> Path:
+    """A copy of the ``moved`` export at ``to`` (no run config.yaml near it) storing
+    ``task_file``."""
+    from areal_like.settings.config import EXPORT_TASK_FILE
+
+    shutil.copytree(exports / "moved" / "v00000003", to)
+    (to / EXPORT_TASK_FILE).write_text(task_file)
+    return to
+
+
+def _record(r: subprocess.CompletedProcess) -> dict:
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip())
+
+
+def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(exports,
+                                                                              tmp_path):
     moved, bare = exports / "moved" / "v00000003", exports / "bare" / "v00000003"
 
     # rollout.engine.host: a multi-node run's engine address, not this machine's (TEST-NET-1);
     # eval's own engine binds loopback (before: a traceback, cannot assign requested address)
-    r = _eval(moved, "task.max_new_tokens=5", "rollout.engine.host=192.0.2.1")
+    # overrides after ``--out FILE`` reach the config (before: 'unrecognized arguments', argparse
+    # had given the positionals out before the flag)
+    out = tmp_path / "e.jsonl"
+    r = _eval(moved, "--out", str(out), "task.max_new_tokens=5", "rollout.engine.host=192.0.2.1")
     assert r.returncode == 0, r.stderr[-3000:]
     record = json.loads(r.stdout.strip())
     assert record["task"] == "sort" and record["n"] == 4 and record["policy_version"] == 3
+    assert record["sampling"]["max_new_tokens"] == 5 and json.loads(out.read_text()) == record
 
     r = _eval(bare)
     assert r.returncode == 2 and r.stdout == ""
@@ -82,6 +105,86 @@ def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(expo
     r = _eval(bare, "task=sort")
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout.strip())["task"] == "sort"
+
+
+def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(exports, tmp_path):
+    """``--out`` naming a directory: the record is printed all the same, then one error line and
+    exit 2 (before: a traceback after the whole evaluation, and no record anywhere)."""
+    r = _eval(exports / "moved" / "v00000003", "--out", str(tmp_path), "task.max_new_tokens=5")
+    assert r.returncode == 2
+    record = json.loads(r.stdout)
+    assert record["policy_version"] == 3 and record["sampling"]["max_new_tokens"] == 5, r.stdout
+    lines = r.stderr.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("[eval] sampling at temperature "), r.stderr
+    assert lines[1].startswith(f"error: --out {tmp_path}: "), r.stderr
+
+
+def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(exports):
+    """Every eval prompt refused by the engine (here a ``task.top_k`` the config lets through and
+    the engine refuses): one error line naming the refusal, exit 2, no record (before: a
+    traceback)."""
+    r = _eval(exports / "moved" / "v00000003", "task.top_k=0")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.startswith("error: /generate: HTTP 400: every eval prompt failed; the first: "
+                               "'top_k must be"), r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+
+
+def test_an_export_away_from_its_run_is_evaluated_with_the_runs_eval_settings_and_version(
+        exports, tmp_path):
+    """An export carries its run's eval.* and seed and its policy version (``export_yaml``):
+    ``areal-like eval`` of it in a directory of another name, with no run config.yaml beside it,
+    evaluates as the run did and labels the record with the version; an override given still
+    wins. An export written before they were stored reads as before (defaults, the name's
+    version)."""
+    from areal_like.settings.config import EvalConfig, TaskConfig, export_yaml
+    from rollout_server.evaluate import sampling_settings
+
+    run_eval = EvalConfig(k=2, max_examples=3, temperature=0.5, max_new_tokens=7)
+    final = _moved(exports, tmp_path / "final", export_yaml(TaskConfig(name="sort"), run_eval,
+                                                            seed=7, policy_version=12))
+    answers = {}
+    for seed in ([], ["seed=7"], ["seed=1"]):  # the stored seed is 7; one given wins
+        out = tmp_path / f"samples{seed}.jsonl"
+        record = _record(_eval(final, "eval.k=1", *seed, "--samples", str(out), fast=False))
+        assert (record["policy_version"], record["n"], record["k"]) == (12, 3, 1), record
+        assert record["sampling"]["temperature"] == 0.5, record
+        assert record["sampling"]["max_new_tokens"] == 7, record
+        answers[tuple(seed)] = out.read_text()
+    assert answers[()] == answers[("seed=7",)] != answers[("seed=1",)]
+    record = _record(_eval(final, "eval.temperature=null", fast=False))
+    assert record["k"] == 2 and record["sampling"] == {
+        **sampling_settings(dataclasses.replace(run_eval, temperature=None),
+                            TaskConfig(name="sort")),
+        "from": f"the export's {final}/areal_like_task.yaml"}, record
+
+    older = _moved(exports, tmp_path / "v00000005", export_yaml(TaskConfig(name="sort")))
+    record = _record(_eval(older, "eval.max_examples=2", fast=False))
+    assert record["policy_version"] == 5 and record["k"] == EvalConfig().k, record
+    assert record["sampling"] == {**sampling_settings(EvalConfig(), TaskConfig(name="sort")),
+                                  "from": f"the export's {older}/areal_like_task.yaml"}, record
+
+
+def test_an_exports_task_runs_the_code_and_address_the_evaluator_names(exports, tmp_path,
+                                                                        free_port):
+    """A stored ``reward_fn`` outside the project's rewards, or any stored ``reward_url``, is
+    evaluated when the command line names it (the refusal otherwise: test_evaluate.py); the
+    project's own rewards need no naming."""
+    own = "tests.learning_reward:reversed_exact"
+    export = _moved(exports, tmp_path / "own", f"task: {{name: sort, reward_fn: '{own}'}}\n")
+    r = _eval(export)
+    assert r.returncode == 2 and f"task.reward_fn='{own}' in " in r.stderr, r.stderr
+    assert _record(_eval(export, f"task.reward_fn={own}"))["task"] == "sort"
+
+    url = f"http://127.0.0.1:{free_port()}/batch"  # nothing listens: each score says so
+    export = _moved(exports, tmp_path / "remote", f"task: {{name: sort, reward_url: '{url}'}}\n")
+    r = _eval(export, f"task.reward_url={url}")
+    assert _record(r)["n"] == 4
+    assert f"Cannot connect to host 127.0.0.1:{url.split(':')[2].split('/')[0]}" in r.stderr
+
+    export = _moved(exports, tmp_path / "math", "task: {name: sort, reward_fn: "
+                    "'areal_like.tasks.rewards.math_reward'}\n")
+    assert _record(_eval(export))["task"] == "sort"
 
 
 def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(exports, tmp_path):

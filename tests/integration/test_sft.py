@@ -22,10 +22,9 @@ import json
 import subprocess
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import live_children, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -33,10 +32,6 @@ pytestmark = pytest.mark.slow
 def _summary(r: subprocess.CompletedProcess) -> dict:
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def _children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
 
 
 def user_model(directory: Path) -> Path:
@@ -58,7 +53,7 @@ def user_model(directory: Path) -> Path:
 
 @pytest.mark.timeout(900)
 def test_sft_then_a_run_that_starts_from_it(tmp_path):
-    before = _children()
+    before = live_children()
     model = user_model(tmp_path / "model")
     data = tmp_path / "one_digit.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{a}+{b}=", "answer": str(a + b)}) + "\n"
@@ -87,14 +82,14 @@ def test_sft_then_a_run_that_starts_from_it(tmp_path):
     again = run_cli("sft", *common, f"run_dir={tmp_path / 'runs' / 'sft'}")
     assert again.returncode == 2
     assert f"error: {out} exists: give --out a new directory" in again.stderr
-    assert _children() <= before
+    assert live_children() <= before
 
 
 @pytest.mark.timeout(900)
 def test_two_ranks_train_as_one_and_lora_writes_a_merged_model(tmp_path):
     from safetensors.torch import load_file
 
-    before = _children()
+    before = live_children()
     # no accuracy line after SFT (eval_prompts=0, ~4 CPU-s a call): this test compares weights
     common = ["experiment=quickstart", "warm_start.steps=5", "trainer.micro_batch_size=16",
               "warm_start.eval_prompts=0",
@@ -114,4 +109,4 @@ def test_two_ranks_train_as_one_and_lora_writes_a_merged_model(tmp_path):
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
     merged = load_file(str(tmp_path / "lora" / "merged" / "model.safetensors"))
     assert merged.keys() == a.keys()  # a plain model: RL starts from it as from any directory
-    assert _children() <= before
+    assert live_children() <= before

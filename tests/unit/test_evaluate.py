@@ -19,9 +19,6 @@ from areal_like.settings.config import BufferConfig, EvalConfig, TaskConfig
 from areal_like.wire import protocol as P
 from rollout_server.evaluate import EvalSchedule, main, read_done_versions, summarize
 
-# what main reads of a config it did not compose (the tests that replace the evaluation)
-_SETTINGS = type("Settings", (), {"eval": EvalConfig(), "task": TaskConfig()})()
-
 
 @pytest.mark.parametrize("every,at_start,at_end,done,due,words", [
     # every=5, 20 steps: 0 (baseline), 5, 10, 15, 20 (final)
@@ -188,35 +185,6 @@ def test_an_eval_path_on_a_synthetic_tasks_export_names_the_key_given(tmp_path, 
     assert main([str(export), f"task.eval_path={tmp_path / 'mine.jsonl'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: task.eval_path=") and "add task=dataset" in err, err
-
-
-def _main_evaluating(tmp_path, monkeypatch, argv, evaluated):
-    """``main([export, *argv])`` with the config load and the evaluation replaced: ``evaluated``
-    is the record (or raises); returns (exit code, the overrides the config load got)."""
-    import rollout_server.evaluate as evaluate
-
-    export = tmp_path / "v00000003"
-    export.mkdir()
-    (export / "config.json").write_text("{}")
-    seen = []
-    monkeypatch.setattr(evaluate, "_eval_config", lambda model, config_file, overrides:
-                        (seen.append(overrides) or _SETTINGS, None))
-    monkeypatch.setattr(evaluate, "_evaluate_path", lambda model, cfg, config_file, samples:
-                        evaluated())
-    return main([str(export), *argv]), seen
-
-
-def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(tmp_path, capsys,
-                                                                        monkeypatch):
-    """``--out`` naming a directory: the record is printed all the same, then one error line and
-    exit 2 (before: a traceback after the whole evaluation, and no record anywhere)."""
-    rc, _ = _main_evaluating(tmp_path, monkeypatch, ["--out", str(tmp_path)],
-                             lambda: {"policy_version": 3, "greedy_accuracy": 0.5})
-    assert rc == 2
-    out, err = capsys.readouterr()
-    assert json.loads(out)["greedy_accuracy"] == 0.5, out
-    assert err.startswith("[eval] sampling at temperature ") and err.count("\n") == 2, err
-    assert err.splitlines()[1].startswith(f"error: --out {tmp_path}: "), err
 
 
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
@@ -406,22 +374,6 @@ def test_evaluate_raises_when_every_prompt_fails():
     assert e.value.status == 400 and "unreachable" not in str(e.value), e.value
 
 
-def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(tmp_path, capsys,
-                                                                    monkeypatch):
-    """``areal-like eval`` on an eval file whose every prompt is longer than the model's context:
-    one error line naming the refusal, exit 2 (before: a traceback)."""
-    from areal_like.engines.client import EngineError
-
-    def refused():
-        raise EngineError("/generate", 400, "every eval prompt failed; the first: The input "
-                          "(406 tokens) is longer than the model's context length (256 tokens).")
-
-    assert _main_evaluating(tmp_path, monkeypatch, [], refused)[0] == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err.startswith("error: /generate: HTTP 400: every eval prompt failed")
-    assert err.count("\n") == 1 and "context length" in err, err
-
-
 def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, capfd):
     """``areal-like eval`` of a checkpoint that ``trainer.export`` refuses (here: no run config
     beside it): export's own error line, exit 2, and no second line for the export's exit status
@@ -569,53 +521,6 @@ def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
         engine.stop()
 
 
-def test_overrides_after_out_reach_the_config(tmp_path, capsys, monkeypatch):
-    """launch/OPERATIONS.md's ``areal-like eval MODEL [--out FILE] [overrides]``: overrides after
-    ``--out FILE`` were 'unrecognized arguments' (argparse had given the positionals out before the
-    flag), so ``--out e.jsonl eval.k=8`` could not run."""
-    out = tmp_path / "e.jsonl"
-    rc, seen = _main_evaluating(tmp_path, monkeypatch, ["--out", str(out), "eval.k=8",
-                                                        "task=reverse"],
-                                lambda: {"policy_version": 3})
-    assert rc == 0 and seen == [["eval.k=8", "task=reverse"]], capsys.readouterr().err
-    assert json.loads(out.read_text())["policy_version"] == 3
-
-
-def test_an_export_away_from_its_run_is_evaluated_with_the_runs_eval_settings_and_version(
-        tmp_path):
-    """An export carries its run's eval.* and seed and its policy version (``export_yaml``):
-    ``areal-like eval`` of it in a directory of another name, with no run config.yaml beside it,
-    evaluates as the run did and labels the record with the version; an override given still
-    wins. An export written before they were stored reads as before (defaults, the name's
-    version)."""
-    from areal_like.settings.config import (
-        EXPORT_TASK_FILE,
-        EvalConfig,
-        TaskConfig,
-        export_yaml,
-    )
-    from rollout_server.evaluate import _eval_config, _version_of
-
-    export = tmp_path / "final"
-    export.mkdir()
-    run_eval = EvalConfig(k=2, max_examples=3, temperature=0.5, max_new_tokens=7)
-    (export / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(name="sort"), run_eval, seed=7,
-                                                       policy_version=12))
-    cfg, config_file = _eval_config(export, None, ["eval.k=8"])
-    assert config_file is None and cfg.task.name == "sort" and cfg.seed == 7
-    assert cfg.eval == EvalConfig(k=8, max_examples=3, temperature=0.5, max_new_tokens=7)
-    assert _version_of(export) == 12
-    cfg, _ = _eval_config(export, None, ["seed=1", "eval.temperature=null"])
-    assert cfg.seed == 1 and cfg.eval.temperature is None and cfg.eval.k == 2
-
-    older = tmp_path / "v00000005"
-    older.mkdir()
-    (older / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(name="sort")))
-    cfg, _ = _eval_config(older, None, [])
-    assert cfg.task.name == "sort" and cfg.eval == EvalConfig() and cfg.seed == 0
-    assert _version_of(older) == 5
-
-
 def _export_with_task(tmp_path, **task) -> Path:
     from areal_like.settings.config import EXPORT_TASK_FILE
 
@@ -641,30 +546,23 @@ def test_an_exports_task_file_is_data_never_an_interpolation(tmp_path, monkeypat
     assert "is an interpolation" in err and "hunter2" not in err, err
 
 
-def test_an_exports_task_names_no_code_or_address_the_evaluator_did_not(tmp_path):
+def test_an_exports_task_names_no_code_or_address_the_evaluator_did_not(tmp_path, capsys):
     """A stored ``reward_fn`` outside the project's rewards (``shutil:rmtree``) or any stored
-    ``reward_url`` is refused unless the command line names it; the project's own rewards pass."""
-    from areal_like.settings.config import ConfigError
-    from rollout_server.evaluate import _eval_config
-
+    ``reward_url`` is refused, before any model is read; named on the command line they are
+    evaluated, and the project's own rewards need no naming (test_eval_task.py's
+    ``test_an_exports_task_runs_the_code_and_address_the_evaluator_names``)."""
     export = _export_with_task(tmp_path, reward_fn="shutil:rmtree")
-    with pytest.raises(ConfigError, match=r"task.reward_fn='shutil:rmtree' in .* is not one of"):
-        _eval_config(export, None, [])
-    cfg, _ = _eval_config(export, None, ["task.reward_fn=shutil:rmtree"])  # the evaluator's choice
-    assert cfg.task.reward_fn == "shutil:rmtree"
+    assert main([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task.reward_fn='shutil:rmtree' in ") and "is not one of" in err
 
-    (tmp_path / "v00000004" / "areal_like_task.yaml").unlink()
-    (tmp_path / "v00000004").rename(tmp_path / "old")
+    (export / "areal_like_task.yaml").unlink()
+    export.rename(tmp_path / "old")
     export = _export_with_task(tmp_path, reward_url="http://scores.example/batch")
-    with pytest.raises(ConfigError, match="task.reward_url='http://scores.example/batch' in"):
-        _eval_config(export, None, [])
-    cfg, _ = _eval_config(export, None, ["task.reward_url=http://scores.example/batch"])
-    assert cfg.task.reward_url == "http://scores.example/batch"
-
-    (export / "areal_like_task.yaml").write_text(yaml.safe_dump(
-        {"task": {"name": "sort", "reward_fn": "areal_like.tasks.rewards.math_reward"}}))
-    cfg, _ = _eval_config(export, None, [])
-    assert cfg.task.reward_fn == "areal_like.tasks.rewards.math_reward"
+    assert main([str(export)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: task.reward_url='http://scores.example/batch' in "), err
+    assert err.count("\n") == 1, err
 
 
 def test_eval_started_inside_an_export_imports_nothing_shipped_in_it(tmp_path, monkeypatch,

@@ -7,23 +7,32 @@ import socket
 
 import pytest
 
-from areal_like.net import distributed
 from areal_like.net.distributed import free_port
+
+FIXED_LOW = 10000  # free_port's ports come from [FIXED_LOW, the kernel's ephemeral range)
+
+
+def ephemeral_low() -> int | None:
+    """The lowest port the kernel hands to a bind on port 0 (Linux), else None."""
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def test_ports_are_below_the_ephemeral_range_distinct_and_free():
-    low = distributed._ephemeral_low()
-    if low is None or low - distributed._FIXED_LOW < 1000:
+    low = ephemeral_low()
+    if low is None or low - FIXED_LOW < 1000:
         pytest.skip("no room below this kernel's ephemeral port range")
     ports = [free_port() for _ in range(50)]
     assert len(set(ports)) == 50
-    assert all(distributed._FIXED_LOW <= p < low for p in ports), ports
+    assert all(FIXED_LOW <= p < low for p in ports), ports
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", ports[-1]))  # it really is free
 
 
 def test_binds_to_port_zero_never_get_a_handed_out_port():
-    if distributed._ephemeral_low() is None:
+    if ephemeral_low() is None:
         pytest.skip("not Linux")
     handed = {free_port() for _ in range(20)}
     socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(200)]
@@ -36,10 +45,10 @@ def test_binds_to_port_zero_never_get_a_handed_out_port():
             s.close()
 
 
-
 class _RepeatingKernel:
     """A socket whose bind to port 0 gets the ports in ``PORTS`` in turn: a kernel that hands a
-    just-closed port out again (it may, off Linux or in a narrow range)."""
+    just-closed port out again (it may, off Linux or in a narrow range). Every other port is
+    taken, so that ``free_port`` falls back to the kernel's pick wherever it runs."""
 
     PORTS: list[int] = []
 
@@ -53,16 +62,17 @@ class _RepeatingKernel:
         return False
 
     def bind(self, addr):
-        self.port = addr[1] or self.PORTS.pop(0)
+        if addr[1]:
+            raise OSError(98, "Address already in use")
+        self.port = self.PORTS.pop(0)
 
     def getsockname(self):
         return ("127.0.0.1", self.port)
 
 
 def test_the_port_zero_fallback_never_hands_a_port_out_twice(monkeypatch):
-    monkeypatch.setattr(distributed, "_ephemeral_low", lambda: None)  # off Linux: the fallback
-    monkeypatch.setattr(distributed, "_HANDED", set())
-    monkeypatch.setattr(distributed.socket, "socket", _RepeatingKernel)
-    _RepeatingKernel.PORTS = [41000, 41000, 41001]
-    assert [free_port(), free_port()] == [41000, 41001]
-    assert distributed._HANDED == {41000, 41001}
+    # above any range free_port picks from itself (< 32768 on Linux): none handed out before
+    _RepeatingKernel.PORTS = [61000, 61000, 61001]
+    monkeypatch.setattr(socket, "socket", _RepeatingKernel)
+    assert [free_port(), free_port()] == [61000, 61001]
+    assert _RepeatingKernel.PORTS == []

@@ -119,18 +119,20 @@ def test_a_minibatch_is_packed_only_where_padding_would_waste_the_threshold():
         load_config(["trainer.pack_min_padding=1"])
 
 
-def test_each_pass_runs_its_minibatch_in_the_layout_its_plan_chose(monkeypatch):
+def test_each_pass_runs_its_minibatch_in_the_layout_its_plan_chose():
     # two minibatches (one group each): lengths 9, 3 (67% padding: packed) and 9, 9 (padded)
-    import trainer.step as step
+    from trainer.step import batch_logp
+
+    class Model(torch.nn.Module):  # the policy's log-prob door: what each call was given
+        def policy_logprobs(self, ids, pos, temperature, chunk_tokens, packing=None, head=None):
+            seen.append((tuple(ids.shape), packing is not None))
+            return torch.zeros(pos.shape)
 
     batch = _batch([(1, 8), (1, 2)], [(1, 8), (1, 8)])
     cfg = load_config(["trainer.pack_sequences=true", "trainer.num_minibatches=2"])
-    s = StepSettings.from_config(cfg)
     seen = []
-    monkeypatch.setattr(step, "output_logp", lambda model, mb, *a, **kw: (
-        seen.append((mb.input_ids.shape[0], a[-1])) or torch.zeros(mb.mask.shape)))
-    step.batch_logp(torch.nn.Linear(1, 1), batch, s, torch.device("cpu"))
-    assert seen == [(2, True), (2, False)]
+    batch_logp(Model(), batch, StepSettings.from_config(cfg), torch.device("cpu"))
+    assert seen == [((1, 12), True), ((2, 9), False)]  # one packed row of 9 + 3; two of 9
 
 
 def _batch(*groups: list[tuple[int, int]], seed: int = 0):

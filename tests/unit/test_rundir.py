@@ -11,13 +11,17 @@ import os
 import stat
 import subprocess
 import sys
+import textwrap
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from areal_like.settings.config import ConfigError, load_config
 from launch.records import summarize
 from launch.rundir import check_existing_run, latest_checkpoint_step, lock_run_dir, read_job
+from tests.conftest import REPO_ROOT, child_env
 
 
 def checkpoint(root: Path, step: int, complete: bool = True) -> None:
@@ -137,48 +141,78 @@ def test_summary_counts_only_this_invocations_steps(tmp_path):
     assert fresh["steps"] == 12 and "resumed_from" not in fresh
 
 
-def test_trainer_done_loads_the_plotting_code_and_waits_only_for_a_scheduled_eval(
-        tmp_path, monkeypatch):
-    import launch.job as job
+class _Supervisor:
+    """What ``on_trainer_done`` asks of the job's supervisor: each daemon's process (the trainer
+    completed, the others alive), the live pids and the stop event. ``seen`` gets the Prometheus
+    targets each time the final evaluation's wait looks for the evaluating server."""
 
-    waited = []
-    monkeypatch.setattr(job, "wait_for_final_eval",
-                        lambda cfg, run_dir, sup: waited.append(run_dir))
-    started = []
-    monkeypatch.setattr(job, "warm_plotting", lambda: started.append(True))
-    monkeypatch.setattr(job, "write_targets", lambda run_dir, topo, sup, hosts=None: None)
-    cfg = load_config(["experiment=quickstart", "eval.at_end=false"])
-    job.on_trainer_done(cfg, tmp_path, topo=None, sup=None)
-    assert started == [True] and waited == []
-    job.on_trainer_done(load_config(["experiment=quickstart"]), tmp_path, topo=None, sup=None)
-    assert waited == [tmp_path]
+    def __init__(self, targets: Path):
+        live, exited = SimpleNamespace(poll=lambda: None), SimpleNamespace(poll=lambda: 0)
+        self.procs = {"buffer": SimpleNamespace(popen=live, restart_at=None),
+                      "rollout-0": SimpleNamespace(popen=live, restart_at=None),
+                      "trainer": SimpleNamespace(popen=exited, restart_at=None)}  # completed
+        self.stop_event = threading.Event()
+        self.targets, self.seen = targets, []
+
+    def proc(self, name):
+        return self.procs[name]
+
+    def pids(self):
+        self.seen.append([t["labels"]["daemon"] for t in json.loads(self.targets.read_text())])
+        return {"buffer": 1, "rollout-0": 2}
 
 
-def test_prometheus_stops_scraping_a_completed_trainer_during_the_final_evaluation(
-        tmp_path, monkeypatch):
+def _trainer_done(tmp_path: Path, *overrides: str) -> _Supervisor:
+    """``on_trainer_done`` of a planned quickstart job whose final evaluation is written already."""
+    from launch.job import on_trainer_done, plan_job
+
+    cfg, topo = plan_job(load_config(["experiment=quickstart", f"run_dir={tmp_path}",
+                                      *overrides]))
+    (tmp_path / "eval.jsonl").write_text(json.dumps(
+        {"policy_version": cfg.trainer.steps, "final": True}) + "\n")
+    sup = _Supervisor(tmp_path / "prometheus_targets.json")
+    on_trainer_done(cfg, tmp_path, topo, sup)
+    return sup
+
+
+def test_trainer_done_waits_only_for_a_scheduled_eval(tmp_path, capsys):
+    """The job waits for the final evaluation only when one is scheduled (``eval.at_end``)."""
+    assert _trainer_done(tmp_path, "eval.at_end=false").seen == []
+    assert "waiting for the final evaluation" not in capsys.readouterr().err
+    assert len(_trainer_done(tmp_path).seen) == 1  # written already: one look
+    assert "[run] trainer done; waiting for the final evaluation" in capsys.readouterr().err
+
+
+def test_trainer_done_starts_importing_the_plotting_code():
+    """In a process that has not imported matplotlib: ``on_trainer_done`` starts the import
+    (``warm_plotting``'s thread), with no final evaluation to wait for."""
+    script = textwrap.dedent("""
+        import sys, tempfile, threading
+        from pathlib import Path
+        sys.path.insert(0, "tests/unit")
+        from test_rundir import _trainer_done
+        assert "matplotlib.figure" not in sys.modules
+        with tempfile.TemporaryDirectory() as d:
+            _trainer_done(Path(d), "eval.at_end=false")
+        for t in threading.enumerate():
+            if t.name == "warm-plotting":
+                t.join()
+        print(sorted(m for m in ("matplotlib.figure", "matplotlib.backends.backend_agg")
+                     if m in sys.modules))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=120, cwd=REPO_ROOT, env=child_env())
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split("\n")[-2] == "['matplotlib.backends.backend_agg', 'matplotlib.figure']"
+
+
+def test_prometheus_stops_scraping_a_completed_trainer_during_the_final_evaluation(tmp_path):
     """The trainer exits when it completed, the job waits for the final evaluation (up to
     eval.final_timeout_s, 600 s): its target stayed listed, so ``up{kind="trainer"}`` was 0 and
     TrainerDown (``for: 2m``) paged for a job doing what it should. The others stay scraped, by
     the rule ``write_ports`` lists them with (``scraped``: a completed trainer was filtered by hand
     beside it)."""
-    from types import SimpleNamespace
-
-    import launch.job as job
-
-    cfg = load_config(["experiment=quickstart", f"run_dir={tmp_path}"])
-    _, topo = job.plan_job(cfg)
-    live, exited = SimpleNamespace(poll=lambda: None), SimpleNamespace(poll=lambda: 0)
-    procs = {"buffer": SimpleNamespace(popen=live, restart_at=None),
-             "rollout-0": SimpleNamespace(popen=live, restart_at=None),
-             "trainer": SimpleNamespace(popen=exited, restart_at=None)}  # completed
-    sup = SimpleNamespace(proc=lambda name: procs[name])
-    targets = tmp_path / "prometheus_targets.json"
-    scraped = []
-    monkeypatch.setattr(job, "wait_for_final_eval", lambda cfg, run_dir, sup: scraped.extend(
-        t["labels"]["daemon"] for t in json.loads(targets.read_text())))
-    monkeypatch.setattr(job, "warm_plotting", lambda: None)
-    job.on_trainer_done(cfg, tmp_path, topo, sup)
-    assert scraped == ["buffer", "rollout-0"]
+    assert _trainer_done(tmp_path).seen == [["buffer", "rollout-0"]]
 
 
 def test_warm_plotting_imports_what_the_learning_curve_needs():

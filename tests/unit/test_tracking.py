@@ -192,19 +192,25 @@ def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path, cap
     assert main(["track", str(tmp_path / "nowhere"), "--once"]) == 2
 
 
-def test_a_tracker_that_cannot_start_is_an_error_line_naming_it(tmp_path, capsys, monkeypatch):
+def test_a_tracker_that_cannot_start_is_an_error_line_naming_it(tmp_path):
     """wandb online without a login raised its UsageError through `areal-like run` and `track`
-    (a traceback, after the warm start)."""
-    def not_logged_in(*args):
-        raise RuntimeError("No API key configured. Use `wandb login` to log in.")
+    (a traceback, after the warm start). Here wandb itself, online, with no key anywhere it
+    looks (its environment variable, ~/.netrc, its settings)."""
+    from tests.conftest import child_env, run_cli
 
-    monkeypatch.setattr(tracking, "WandbTracker", not_logged_in)
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(to_yaml(RunConfig(run_dir=str(run))))
-    assert main(["track", str(run), "--once", "tracker=[jsonl,wandb]"]) == 2
-    assert "tracker='wandb' could not start: RuntimeError: No API key configured" in (
-        capsys.readouterr().err)
+    home = tmp_path / "home"
+    env = child_env({"HOME": str(home), "WANDB_CONFIG_DIR": str(home / "wandb"),
+                     "WANDB_DIR": str(tmp_path)})
+    env.pop("WANDB_API_KEY", None)
+    r = run_cli("track", str(run), "--once", "tracker=[jsonl,wandb]",
+                "tracking.wandb_mode=online", timeout=120, cwd=tmp_path, env=env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "tracker='wandb' could not start: UsageError: No API key configured" in r.stderr, (
+        r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
 
 
 def test_track_of_a_job_started_without_run_ends_with_its_trainer_and_final_eval(tmp_path):
