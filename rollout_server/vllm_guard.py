@@ -14,7 +14,7 @@ import hmac
 import json
 import os
 
-OPEN_PATHS = ("/health",)  # the rollout server's health poll carries no key (launch_sglang.py)
+OPEN_PATHS = ("/health",)  # the rollout server's health poll carries no key (engine_process.py)
 
 
 class KeyGuard:

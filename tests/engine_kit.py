@@ -57,7 +57,7 @@ def save_model(path: Path, init_seed: int = 0) -> Path:
 
 @dataclass
 class Server:
-    proc: object  # the engine's process (rollout_server.launch_sglang.SGLangProcess or a subclass)
+    proc: object  # the engine's process (rollout_server.engine_process.EngineProcess)
     model_dir: Path
     api_key: str
 

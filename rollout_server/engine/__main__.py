@@ -69,7 +69,8 @@ def serve_launched(cfg, engine_cfg, key: str | None, stop: threading.Event, log)
     """An SGLang or vLLM server (``rollout.engine.kind``) launched as a rollout server launches
     one, at ``--host``/``--port``, until a signal or its exit (the job's teacher process on
     ``distill.teacher_engine``)."""
-    from rollout_server.launch_sglang import SGLangProcess, StartAborted
+    from rollout_server.engine_process import StartAborted
+    from rollout_server.launch_sglang import SGLangProcess
     from rollout_server.launch_vllm import VLLMProcess
 
     launcher = SGLangProcess if engine_cfg.kind == "sglang" else VLLMProcess

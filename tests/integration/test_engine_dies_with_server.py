@@ -1,6 +1,6 @@
 """A rollout server killed with SIGKILL leaves no engine process behind, nor its port.
 
-``rollout_server/launch_sglang.py`` starts SGLang with ``spawn_tied`` (its own process group, and
+``rollout_server/engine_process.py`` starts SGLang with ``spawn_tied`` (its own process group, and
 ``PR_SET_PDEATHSIG``: the kernel kills it when its parent dies). SGLang itself needs a GPU, so the
 stand-in child here is the embedded engine's HTTP server (``python -m rollout_server.engine``)
 started the same way by a stand-in rollout server process; the test kill -9s that process and
@@ -31,7 +31,7 @@ HEALTH_DEADLINE_S = 180.0
 PARENT = r"""
 import subprocess, sys, threading
 sys.path.insert(0, sys.argv[1])
-from rollout_server.launch_sglang import spawn_tied
+from rollout_server.engine_process import spawn_tied
 argv = [sys.executable, *sys.argv[3:]]
 if sys.argv[2] == "tied":
     child = spawn_tied(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -24,8 +24,9 @@ from areal_like.engines.sglang import SGLangClient
 from areal_like.engines.vllm import VLLMClient
 from areal_like.net.distributed import free_port
 from areal_like.settings.config import ConfigError, EngineConfig, ModelConfig
+from rollout_server.engine_process import StartAborted, healthy
 from rollout_server.episode import generate_sample, segment_versions
-from rollout_server.launch_sglang import SGLangProcess, healthy, sglang_command
+from rollout_server.launch_sglang import SGLangProcess, sglang_command
 
 
 class Scripted:
@@ -626,8 +627,6 @@ def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_
     import uuid
     from pathlib import Path
 
-    import rollout_server.launch_sglang as launch
-
     shm = f"/dev/shm/areal-like-test-{uuid.uuid4().hex}"
     _sglang_standin(tmp_path, monkeypatch,
                     f"import os, time; os.open({shm!r}, os.O_CREAT | os.O_RDWR, 0o600)\n"
@@ -635,7 +634,7 @@ def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_
     proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60),
                          str(tmp_path / "sglang.log"))
     try:
-        with pytest.raises((launch.StartAborted, TimeoutError)):  # stopped once the file is known
+        with pytest.raises((StartAborted, TimeoutError)):  # stopped once the file is known
             proc.start(stop_requested=lambda: shm in proc.shm)
         assert not os.path.exists(shm)
     finally:

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from rollout_server import engine_reaper
+from rollout_server.engine_process import stop_group
 from rollout_server.engine_reaper import group_members, reap, shm_files
-from rollout_server.launch_sglang import stop_group
 
 GROUP = r"""
 import multiprocessing, sys

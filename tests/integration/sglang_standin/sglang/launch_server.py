@@ -2,7 +2,7 @@
 
 SGLang needs a GPU. On this directory's ``PYTHONPATH`` a rollout server with
 ``rollout.engine.kind=sglang`` starts, through its real launcher
-(``rollout_server/launch_sglang.py``: ``spawn_tied``, own process group, the API key in its
+(``rollout_server/engine_process.py``: ``spawn_tied``, own process group, the API key in its
 ``--config`` file), this module in SGLang's place; it becomes (exec, same PID)
 ``python -m rollout_server.engine``, which speaks SGLang's HTTP protocol, on the
 ``--host``/``--port`` SGLang was given, requiring the ``api_key`` of that file. The model and
