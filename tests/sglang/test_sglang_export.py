@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from areal_like.engines.sglang import SGLangClient
@@ -23,10 +24,14 @@ from trainer.export import export_hf
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL = ["experiment=quickstart", "eval.max_examples=128", "eval.k=0"]
+# where tests/integration/system_harness.warm_model keeps the quickstart's warm start: the main
+# tier trained it already (the same cache key), so it is not trained again here
+WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart" / "warm" / "warmstart"
 
 
 def test_an_export_served_by_sglang_evaluates_like_the_embedded_engine(sglang_server, tmp_path):
-    cfg = ensure_warm_start(load_config([*EVAL, f"run_dir={tmp_path / 'run'}"]), log=lambda m: None)
+    cfg = ensure_warm_start(load_config([*EVAL, f"run_dir={tmp_path / 'run'}",
+                                         f"warm_start.cache_dir={WARM_CACHE}"]), log=lambda m: None)
     export = export_hf(
         build_model(cfg.model),
         tmp_path / "export" / "v00000030",

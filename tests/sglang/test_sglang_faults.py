@@ -17,12 +17,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from sglang_kit import MODEL
 
 from rollout_server.engine_reaper import group_members, shm_files
 
@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 from system_harness import RunningSystem  # noqa: E402
 
+# where system_harness.warm_model keeps the quickstart's warm start
+WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart" / "warm" / "warmstart"
 GONE_DEADLINE_S = 60.0  # SIGKILL is immediate; the slack is for a loaded 2-core machine
 STANDIN = r"""
 import sys
@@ -147,10 +149,11 @@ def test_a_killed_sglang_is_noticed_relaunched_and_the_job_goes_on(tmp_path):
         "launch.restarts=2",
         "launch.health_timeout_s=300",
         "eval.at_end=false",
-        f"model.max_position_embeddings={MODEL['max_position_embeddings']}",
     ]
+    # the quickstart's warm start, from the main tier's cache (the same key: not trained again)
     warm = ensure_warm_start(
-        load_config([*over, f"run_dir={tmp_path / 'warm' / 'run'}"]), log=lambda m: None
+        load_config([*over, f"run_dir={tmp_path / 'warm' / 'run'}",
+                     f"warm_start.cache_dir={WARM_CACHE}"]), log=lambda m: None
     )
     cfg = load_config(
         [

@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,13 +34,17 @@ from trainer.export import export_hf
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL = ["experiment=quickstart", "eval.max_examples=128", "eval.k=0"]
+# where tests/integration/system_harness.warm_model keeps the quickstart's warm start: the main
+# tier trained it already (the same cache key), so it is not trained again here
+WARM_CACHE = Path(tempfile.gettempdir()) / "areal-like-test-warmstart" / "warm" / "warmstart"
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """The quickstart's warm-started model as the trainer exports it, and its config."""
     tmp = tmp_path_factory.mktemp("vllm-export")
-    cfg = ensure_warm_start(load_config([*EVAL, f"run_dir={tmp / 'run'}"]), log=lambda m: None)
+    cfg = ensure_warm_start(load_config([*EVAL, f"run_dir={tmp / 'run'}",
+                                         f"warm_start.cache_dir={WARM_CACHE}"]), log=lambda m: None)
     export = export_hf(build_model(cfg.model), tmp / "export" / "v00000030", model_cfg=cfg.model,
                        tokenizer=load_tokenizer(cfg.model), shard_mb=64, dtype="float32",
                        task_file=export_yaml(cfg.task))  # `areal-like eval` scores the stored task
