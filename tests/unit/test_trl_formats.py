@@ -2,7 +2,8 @@
 text, an optional ``completion``) are plain text; conversational rows (``prompt`` as a list of
 {role, content} messages, or a ``messages`` column) go through the tokenizer's chat template with
 the generation prompt, in every file format the loader reads. Ambiguous data is refused naming
-the key to set, by the loader and by the preflight (``areal-like config``)."""
+the key to set, by the loader (the preflight's refusal before start, through ``areal-like run``:
+tests/integration/test_trl_data_job.py)."""
 
 from __future__ import annotations
 
@@ -129,16 +130,6 @@ def test_ambiguous_data_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^task.answer_key='' is invalid: .*the task's own "
                                           r"reward \(math-verify\) grades against the answer"):
         dataset(tmp_path / "d.parquet", answer_key="")
-
-
-def test_the_preflight_refuses_ambiguous_data_before_start(tmp_path):
-    both = write("jsonl", tmp_path, [{**r, "messages": r["prompt"]} for r in CONVERSATIONAL])
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "config", "task=dataset",
-                        f"task.dataset_path={both}", "task.max_new_tokens=8"],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=child_env())
-    assert r.returncode == 2 and r.stdout == "", r.stderr
-    assert r.stderr.startswith(f"error: task.messages_key: {both} has both a 'prompt' column and "
-                               "a 'messages' column"), r.stderr
 
 
 def test_a_conversational_prompt_column_needs_a_chat_template(tmp_path):

@@ -50,12 +50,6 @@ def test_survivors_of_a_member_gone_from_the_roster_get_the_version_again():
     assert repush_targets(_Buffer(_roster("b", "c")), report, set(), _later()) == ["b"]
 
 
-def test_a_member_lost_at_the_rendezvous_is_never_pushed_to_even_when_still_in_the_roster():
-    # a declined (it reported failure) before the group formed; both still listed
-    report = _report(["a", "b"])
-    assert repush_targets(_Buffer(_roster("a", "b")), report, {"a"}, _later()) == ["b"]
-
-
 @pytest.mark.parametrize("case", ["nobody_lost", "nobody_dropped", "no_time_left", "no_survivor"])
 def test_no_re_push(case):
     report = _report(["a", "b"], done=["a", "b"] if case == "nobody_dropped" else [])
