@@ -1,11 +1,14 @@
-"""Path disk against the push's deadline (trainer/weight_sync.py, trainer/weight_local.py): a
-plan's deadline is what is left when the plan goes out, after its sender wrote the payloads (a
-whole HF directory), so the members never wait past the trainer's deadline; and a re-push to the
-survivors of a lost member sends the directory already written instead of writing it again.
+"""Whole pushes against their deadline (trainer/weight_sync.py, trainer/weight_local.py). Path
+disk: a plan's deadline is what is left when the plan goes out, after its sender wrote the
+payloads (a whole HF directory), so the members never wait past the trainer's deadline; and a
+re-push to the survivors of a lost member sends the directory already written instead of writing it
+again. Path tensor, overlapped (trainer/WEIGHT_SYNC.md "Overlap"): which report a step's record
+gets, and each push's deadline counted from when it starts its own work.
 
 Rank 0 drives the members' engines itself (trainer/engine_drive.py, the real ``EngineDrive``): each
-member's engine is a stand-in over real HTTP that answers the calls of a disk sync (pause, load,
-continue, ``/health``) and loads, fails at once or freezes as the test says, and, on the same port,
+member's engine is a stand-in over real HTTP that answers the calls of a disk or tensor sync
+(pause, session, load, continue, ``/health``) and loads, loads slowly, fails at once or freezes as
+the test says, and, on the same port,
 its rollout server's sync port (``/begin``, vouching for its id, ``/end``); the buffer is a
 scripted roster."""
 
@@ -30,13 +33,15 @@ from trainer.engine_drive import EngineDrive
 from trainer.weight_sync import WeightBroadcaster
 
 WRITE_S = 0.6  # how long the stand-in model's directory takes to write
+SLOW_S = 1.0  # how long a "slow" engine takes to load: more than the least a plan gets (0.5 s)
 FROZEN_S = 60.0  # a frozen engine's longest silence (the test ends it sooner)
 
 
 class _Engine:
-    """An engine over real HTTP for a disk sync; ``how(body)`` of each load (its JSON body) says
-    what it does: "done", "failed" (a 500 at once) or "frozen" (no answer until ``close``: the
-    sync runs into its deadline). ``loaded``: the version labels it loaded."""
+    """An engine over real HTTP for a disk or tensor sync; ``how(body)`` of each load (its JSON
+    body; a tensor sync's last bucket) says what it does: "done", "slow" (done after ``SLOW_S``),
+    "failed" (a 500 at once) or "frozen" (no answer until ``close``: the sync runs into its
+    deadline). ``loaded``: the version labels it loaded."""
 
     def __init__(self, how: Callable[[dict], str]):
         self.how, self.loaded, self.released = how, [], threading.Event()
@@ -56,12 +61,14 @@ class _Engine:
                 if self.path == "/end":
                     time.sleep(engine.end_s)
                     engine.ended.append(body["ok"])
-                if self.path != "/update_weights_from_disk":  # begin, pause, continue, end
+                if body.get("weight_version") is None:  # begin, pause, a bucket, continue, end
                     return self._reply(200, {})
                 how = engine.how(body)
                 if how == "frozen":
                     engine.released.wait(FROZEN_S)
-                elif how == "done":
+                elif how == "slow":
+                    time.sleep(SLOW_S)
+                if how in ("done", "slow"):
                     engine.loaded.append(body["weight_version"])
                     return self._reply(200, {"success": True})
                 self._reply(500, {"error": {"message": f"load {how}"}})
@@ -272,3 +279,42 @@ def test_a_trainer_closing_after_its_last_push_still_tells_each_server_how_it_en
         assert report.done == ["a"] and engine.ended == [True], (report, engine.ended)
     finally:
         engine.close()
+
+
+def test_a_resync_after_a_failed_overlapped_push_leaves_its_report_to_the_next_record():
+    """An overlapped push returns the previous push's report; a blocking push in between (the
+    resync on a data stall) must not take the place of a report no record has carried yet. Member
+    a's engine freezes the first time it gets v1 (cut at the deadline) and loads the resync."""
+    from trainer.engine_lag import EngineSchedule
+
+    cfg = WeightSyncConfig(path="tensor", deadline_s=1.0)
+    seen: list[str] = []
+
+    def how(body: dict) -> str:
+        seen.append(body["weight_version"])
+        return "frozen" if seen.count("1") == 1 and seen[-1] == "1" else "done"
+
+    engine = _Engine(how)
+    with _closing(_broadcaster(cfg, {"a": engine}, EngineDrive()), engine) as wb:
+        engines = EngineSchedule(cfg, wb, torch.nn.Linear(4, 4), final_version=10)
+        engines.after_step(0)  # the setup push, blocking
+        assert engines.after_step(1, wait=False).version == 0  # v1 goes on in the background
+        assert engines.repush(1).done == ["a"]  # no data for v1: pushed again, blocking; it lands
+        record = engines.after_step(2, wait=False)  # what step 2's record carries
+    assert (record.version, record.dropped, record.cut) == (1, ["a"], True), record
+
+
+def test_an_overlapped_push_gets_its_whole_deadline_after_waiting_for_the_one_before():
+    """The next push's deadline counted from before it waited for the overlapped push still
+    running: after one push ran out its deadline the next one had none left, and every member,
+    the healthy ones too, was dropped from that version as well. Member a's engine freezes in v1
+    and takes ``SLOW_S`` (half the deadline) to load v2."""
+    cfg = WeightSyncConfig(path="tensor", deadline_s=2 * SLOW_S)
+    engine = _Engine(lambda body: "frozen" if body["weight_version"] == "1" else "slow")
+    model = torch.nn.Linear(4, 4)
+    with _closing(_broadcaster(cfg, {"a": engine}, EngineDrive()), engine) as wb:
+        wb.push(model, 1, wait=False)
+        first = wb.push(model, 2, wait=False)  # v1's report, once v1 ran out its deadline
+        second = wb.join()
+    assert (first.version, first.dropped) == (1, ["a"]), first
+    assert (second.version, second.done, engine.loaded) == (2, ["a"], ["2"]), second
