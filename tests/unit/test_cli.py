@@ -10,6 +10,7 @@ import pytest
 
 from launch.cli import main, split_torchrun_args
 from launch.top import figure, render
+from tests.conftest import run_cli
 
 # a trainer started on its own needs the buffer's real address (port 0 is refused)
 BUFFER = "buffer.address=tcp://127.0.0.1:5555"
@@ -24,9 +25,7 @@ def execs(monkeypatch) -> list[list[str]]:
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args],
-                          capture_output=True, text=True,
-                          timeout=timeout)
+    return run_cli(*args, timeout=timeout)
 
 
 def test_help_is_fast_and_imports_nothing_heavy():

@@ -21,6 +21,7 @@ from areal_like.net.metrics import Metrics, MetricsServer
 from launch.rundir import lock_run_dir, write_job
 from launch.top import launcher as live_launcher
 from launch.top import newest_run_dir, status
+from tests.conftest import run_cli
 
 
 def _daemons(daemons: list[tuple[str, int, int | None]]) -> list[dict]:
@@ -45,8 +46,7 @@ def _states(out: str) -> dict[str, str]:
 
 def _top(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """``areal-like top`` in a pipe (no terminal); TimeoutExpired if it does not exit."""
-    return subprocess.run([sys.executable, "-m", "launch.cli", "top", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return run_cli("top", *args, timeout=timeout)
 
 
 def _finish(run_dir, summary: dict | None = None) -> None:
@@ -253,14 +253,11 @@ def test_top_without_the_metrics_token_says_so(tmp_path):
     try:
         _ports(tmp_path, [("buffer", srv.port, os.getpid())])
         env = {k: v for k, v in os.environ.items() if k != METRICS_TOKEN_ENV}
-        done = subprocess.run([sys.executable, "-m", "launch.cli", "top", str(tmp_path), "--once",
-                               "--interval", "0.1"], capture_output=True, text=True, timeout=30,
-                              env=env)
+        done = run_cli("top", str(tmp_path), "--once", "--interval", "0.1", timeout=30, env=env)
         assert done.returncode == 1 and "401" in done.stderr, (done.stdout, done.stderr)
         assert METRICS_TOKEN_ENV in done.stderr
-        done = subprocess.run([sys.executable, "-m", "launch.cli", "top", str(tmp_path), "--once",
-                               "--interval", "0.1"], capture_output=True, text=True, timeout=30,
-                              env={**env, METRICS_TOKEN_ENV: "t0k"})
+        done = run_cli("top", str(tmp_path), "--once", "--interval", "0.1", timeout=30,
+                       env={**env, METRICS_TOKEN_ENV: "t0k"})
         assert done.returncode == 0 and "ok" in done.stdout, (done.stdout, done.stderr)
     finally:
         srv.stop()
@@ -471,6 +468,4 @@ def test_top_once_fails_when_nothing_answers_and_a_bad_ports_file_is_named(tmp_p
     assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
     assert "ports.json is not a ports file" in bad.stderr and "health_url" in bad.stderr, bad.stderr
     (tmp_path / "ports.json").write_text("{not json")
-    assert "is not a ports file" in subprocess.run(
-        [sys.executable, "-m", "launch.cli", "status", str(tmp_path)], capture_output=True,
-        text=True, timeout=120).stderr
+    assert "is not a ports file" in run_cli("status", str(tmp_path), timeout=120).stderr

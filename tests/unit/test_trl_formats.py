@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -20,7 +19,7 @@ import pytest
 from areal_like.settings.config import ConfigError, TaskConfig
 from areal_like.tasks.task import Example, encode_prompt, make_task, prompt_layout
 from areal_like.tasks.tokenizer import char_tokenizer
-from tests.conftest import child_env
+from tests.conftest import run_cli
 
 SUMS = [(12, 34), (90, 11), (5, 7)]
 CONVERSATIONAL = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a + b)}
@@ -145,9 +144,7 @@ def test_a_conversational_prompt_column_needs_a_chat_template(tmp_path):
               "task.max_new_tokens=8"]
 
     def config(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "launch.cli", "config", *common, *extra],
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                              env=child_env())
+        return run_cli("config", *common, *extra, timeout=300, cwd=tmp_path)
 
     r = config(f"task.dataset_path={conv}")
     assert r.returncode == 2 and r.stderr.splitlines() == [
