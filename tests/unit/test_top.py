@@ -445,16 +445,9 @@ def test_top_without_a_terminal_prints_plain_tables(tmp_path):
         once = _top(str(tmp_path), "--once", "--interval", "0.2")
         assert once.returncode == 0, once.stderr
         assert "trainer step -" in once.stdout and "buffer" in once.stdout and "7" in once.stdout
-        assert "\x1b[" not in once.stdout  # no terminal control codes in a pipe
-        piped = subprocess.Popen([sys.executable, "-m", "launch.cli", "top", str(tmp_path),
-                                  "--interval", "0.2"],
-                                 stdout=subprocess.PIPE, text=True)
-        try:
-            first = [piped.stdout.readline() for _ in range(3)]
-            assert any("trainer step -" in ln for ln in first), first
-        finally:
-            piped.kill()
-            piped.communicate()
+        # no terminal control codes in a pipe (top without --once in a pipe, view after view:
+        # test_top_exits_with_a_last_view_when_the_job_it_watches_finishes)
+        assert "\x1b[" not in once.stdout
     finally:
         srv.stop()
 
