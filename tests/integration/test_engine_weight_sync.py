@@ -109,6 +109,31 @@ def read_line(proc, prefix: str, timeout_s: float) -> str:
                          f"stderr: {proc.stderr.read()[-2000:]}")
 
 
+def specs(engine) -> list[BucketSpec]:
+    """The engine's parameters in the trainer's float32 buckets of 40 kB (several)."""
+    names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
+    return plan_buckets([(n, s, "float32") for n, s in names], 40_000)
+
+
+def flat_sender(spawn_python, port: int, seed: int, buckets: list[list[str]], **spec):
+    """``tests/weight_sender.py`` as group rank 0 on ``port``: the model of ``init_seed=seed``."""
+    return spawn_python(FLAT_SENDER, [json.dumps({
+        "model": {"max_position_embeddings": 128, "init_seed": seed}, "port": port,
+        "group": GROUP, "key": KEY, "buckets": buckets, **spec})])
+
+
+def join(url: str, port) -> tuple[int, dict | str]:
+    """``/init_weights_update_group`` as engine rank 1 of 2 (blocks until rank 0 is there)."""
+    return post(url, "/init_weights_update_group", {
+        "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
+        "group_name": GROUP, "backend": "gloo"})
+
+
+def seeded(seed: int) -> dict[str, torch.Tensor]:
+    return dict(build_model(ModelConfig(max_position_embeddings=128,
+                                        init_seed=seed)).named_parameters())
+
+
 @pytest.fixture
 def engine():
     torch.set_num_threads(1)
@@ -129,9 +154,7 @@ def test_weight_update_over_gloo_from_another_process(engine, spawn_python):
     assert state_checksum(engine.model) != state_checksum(target)
     with ThreadPoolExecutor(2) as pool:
         # master_port as a string: pydantic-lax like SGLang
-        joined = pool.submit(post, url, "/init_weights_update_group", {
-            "master_address": "127.0.0.1", "master_port": str(port), "rank_offset": 1,
-            "world_size": 2, "group_name": GROUP, "backend": "gloo"})
+        joined = pool.submit(join, url, str(port))
         assert read_line(sender, "JOINED", PROCESS_START_S) == "JOINED"
         assert joined.result(timeout=HTTP_TIMEOUT_S) == (200, {
             "success": True, "message": "Succeeded to initialize custom process group."})
@@ -201,9 +224,8 @@ def test_standalone_engine_process(spawn_python):
 def test_consecutive_flattened_bucket_syncs_swap_exact_weights(engine, spawn_python):
     port = free_port()
     model_fields = {"max_position_embeddings": 128}
-    names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
-    bucket_names = [b.names for b in plan_buckets([(n, s, "float32") for n, s in names], 40_000)]
-    shapes = dict(names)
+    shapes = {n: list(p.shape) for n, p in engine.model.named_parameters()}
+    bucket_names = [b.names for b in specs(engine)]
     assert len(bucket_names) >= 3
     sender = spawn_python(FLAT_SENDER, [json.dumps({"model": model_fields, "port": port,
                                                     "group": GROUP, "key": KEY,
@@ -261,14 +283,11 @@ def test_a_sender_crash_mid_sync_never_labels_mixed_weights(engine, spawn_python
     """Buckets that are not the last are answered before their receive completes: a trainer that
     dies after bucket 0 must still leave the engine on its old version label, and the next sync
     works."""
-    names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
-    plan_specs = plan_buckets([(n, s, "float32") for n, s in names], 40_000)
+    plan_specs = specs(engine)
     assert len(plan_specs) >= 3
     bucket_names = [b.names for b in plan_specs]
     ports = [free_port(), free_port()]
-    crashing = spawn_python(FLAT_SENDER, [json.dumps({
-        "model": {"max_position_embeddings": 128, "init_seed": 31}, "port": ports[0],
-        "group": GROUP, "key": KEY, "buckets": bucket_names, "stop_after": 1})])
+    crashing = flat_sender(spawn_python, ports[0], 31, bucket_names, stop_after=1)
 
     async def sync(version: int, port: int):
         plan = WeightSyncPlan(policy_version=version, group_name=GROUP, master_addr="127.0.0.1",
@@ -283,9 +302,7 @@ def test_a_sender_crash_mid_sync_never_labels_mixed_weights(engine, spawn_python
     assert read_line(crashing, "crashing", PROCESS_START_S) == "crashing"
     # some buckets may be new: the label stays old
     assert not done.ok and served == "0", (done, served)
-    sender = spawn_python(FLAT_SENDER, [json.dumps({
-        "model": {"max_position_embeddings": 128, "init_seed": 32}, "port": ports[1],
-        "group": GROUP, "key": KEY, "buckets": bucket_names})])
+    sender = flat_sender(spawn_python, ports[1], 32, bucket_names)
     done, served = asyncio.run(sync(2, ports[1]))
     assert done.ok and served == "2", done.reason
     assert (state_checksum(engine.model)
@@ -294,24 +311,17 @@ def test_a_sender_crash_mid_sync_never_labels_mixed_weights(engine, spawn_python
 
 
 def test_a_refused_flattened_bucket_is_drained_and_loads_nothing(engine, spawn_python):
-    names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
-    specs = plan_buckets([(n, s, "float32") for n, s in names], 40_000)
+    buckets = specs(engine)
     port = free_port()
-    sender = spawn_python(FLAT_SENDER, [json.dumps({
-        "model": {"max_position_embeddings": 128, "init_seed": 41}, "port": port,
-        "group": GROUP, "key": KEY, "buckets": [b.names for b in specs]})])
+    sender = flat_sender(spawn_python, port, 41, [b.names for b in buckets])
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
-    with ThreadPoolExecutor(1) as pool:
-        joined = pool.submit(post, engine.url, "/init_weights_update_group", {
-            "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
-            "group_name": GROUP, "backend": "gloo"})
-        assert joined.result(timeout=HTTP_TIMEOUT_S)[0] == 200
+    assert join(engine.url, port)[0] == 200
     # paused: buckets answered early
     assert post(engine.url, "/pause_generation", {"mode": "abort"})[0] == 200
     assert post(engine.url, "/begin_weight_update", {})[0] == 200
     # bucket 0 under a wrong name: refused after its bytes were drained
-    for i, b in enumerate(specs):
-        last = i == len(specs) - 1
+    for i, b in enumerate(buckets):
+        last = i == len(buckets) - 1
         status, body = post(engine.url, "/update_weights_from_distributed", {
             "names": ["bogus." + n for n in b.names] if i == 0 else b.names,
             "dtypes": b.dtypes, "shapes": b.shapes,
@@ -321,10 +331,9 @@ def test_a_refused_flattened_bucket_is_drained_and_loads_nothing(engine, spawn_p
     assert post(engine.url, "/end_weight_update", {})[0] == 200
     assert post(engine.url, "/continue_generation", {})[0] == 200
     assert read_line(sender, "sent", PROCESS_START_S) == "sent"
-    target = dict(build_model(ModelConfig(max_position_embeddings=128,
-                                          init_seed=41)).named_parameters())
+    target = seeded(41)
     for n, p in engine.model.named_parameters():
-        assert torch.equal(p, before[n] if n in specs[0].names else target[n]), n
+        assert torch.equal(p, before[n] if n in buckets[0].names else target[n]), n
 
 
 def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(
@@ -334,21 +343,16 @@ def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(
     is posted, so ``/end_weight_update`` is where the client learns the outcome: it must report a
     receive that failed after that answer (not "Success" over weights that never arrived), and once
     it answers the bucket must be loaded."""
-    names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
-    bucket = plan_buckets([(n, s, "float32") for n, s in names], 40_000)[0]
+    bucket = specs(engine)[0]
     body = {"names": bucket.names, "dtypes": bucket.dtypes, "shapes": bucket.shapes,
             "group_name": GROUP, "load_format": "flattened_bucket", "flush_cache": False}
     before = {n: p.detach().clone() for n, p in engine.model.named_parameters()}
 
     def session(seed: int, go: Path, **spec) -> tuple[tuple, tuple, object]:
         port = free_port()
-        sender = spawn_python(FLAT_SENDER, [json.dumps({
-            "model": {"max_position_embeddings": 128, "init_seed": seed}, "port": port,
-            "group": GROUP, "key": KEY, "buckets": [bucket.names], "wait_for": str(go), **spec})])
+        sender = flat_sender(spawn_python, port, seed, [bucket.names], wait_for=str(go), **spec)
         post(engine.url, "/destroy_weights_update_group", {"group_name": GROUP})
-        assert post(engine.url, "/init_weights_update_group", {
-            "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
-            "group_name": GROUP, "backend": "gloo"})[0] == 200
+        assert join(engine.url, port)[0] == 200
         # as the rollout server does
         assert post(engine.url, "/pause_generation", {"mode": "abort"})[0] == 200
         assert post(engine.url, "/begin_weight_update", {})[0] == 200
@@ -366,8 +370,7 @@ def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(
         assert torch.equal(p, before[n]), n
     update, end, sender = session(52, tmp_path / "go2")
     assert update[0] == 200 and end[0] == 200, (update, end)
-    target = dict(build_model(ModelConfig(max_position_embeddings=128,
-                                          init_seed=52)).named_parameters())
+    target = seeded(52)
     # read right after end answered: the bucket is loaded
     for n, p in engine.model.named_parameters():
         assert torch.equal(p, target[n] if n in bucket.names else before[n]), n
@@ -381,27 +384,20 @@ def test_an_update_while_not_paused_holds_new_requests_until_its_bucket_is_loade
     model-update lock): a /generate that arrives meanwhile starts only once the bucket is loaded, so
     it never spans two weight states. Here the sender holds bucket 0 back until the test lets it go;
     the request must not start before that, and it then runs entirely on the updated weights."""
-    names = [(n, list(p.shape)) for n, p in engine.model.named_parameters()]
-    specs = plan_buckets([(n, s, "float32") for n, s in names], 40_000)
+    first = specs(engine)[0]
     port, go = free_port(), tmp_path / "go"
-    sender = spawn_python(FLAT_SENDER, [json.dumps({
-        "model": {"max_position_embeddings": 128, "init_seed": 81}, "port": port,
-        "group": GROUP, "key": KEY, "buckets": [specs[0].names], "wait_for": str(go)})])
+    sender = flat_sender(spawn_python, port, 81, [first.names], wait_for=str(go))
     # what the engine holds once bucket 0 is in: bucket 0 new, the rest old
-    mixed = build_model(MODEL)
-    new = dict(build_model(ModelConfig(max_position_embeddings=128,
-                                       init_seed=81)).named_parameters())
+    mixed, new = build_model(MODEL), seeded(81)
     with torch.no_grad():
         for n, p in mixed.named_parameters():
-            if n in specs[0].names:
+            if n in first.names:
                 p.copy_(new[n])
     prompt = [1, 40, 41, 42]
-    body = {"names": specs[0].names, "dtypes": specs[0].dtypes, "shapes": specs[0].shapes,
+    body = {"names": first.names, "dtypes": first.dtypes, "shapes": first.shapes,
             "group_name": GROUP, "load_format": "flattened_bucket", "flush_cache": False}
+    assert join(engine.url, port)[0] == 200
     with ThreadPoolExecutor(2) as pool:
-        assert pool.submit(post, engine.url, "/init_weights_update_group", {
-            "master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2,
-            "group_name": GROUP, "backend": "gloo"}).result(timeout=HTTP_TIMEOUT_S)[0] == 200
         assert post(engine.url, "/begin_weight_update", {})[0] == 200
         update = pool.submit(post, engine.url, "/update_weights_from_distributed", body)
         try:

@@ -94,11 +94,22 @@ def _payload(obj: bytes) -> str:
                             + pickle.STOP).decode()
 
 
-def test_engine_refuses_payloads_that_reach_code_through_allowed_names(engine_url, tmp_path):
+def test_engine_refuses_payloads_it_must_not_unpickle_or_cannot_read(engine_url, tmp_path):
     """A payload's way to ``os.system`` through torch's namespace, a ``getattr`` chain or
-    ``builtins.eval`` runs nothing: each is a 400 naming what it tried, nothing is loaded."""
+    ``builtins.eval`` runs nothing, nor does a plain ``__reduce__``: each is a 400 naming what it
+    tried, nothing is loaded; so is a load_format the engine cannot read, and an empty or
+    undecodable payload."""
     from areal_like.engines.client import EngineError
     from areal_like.engines.sglang import SGLangClient
+
+    async def post(payloads, load_format=None) -> str:
+        async with SGLangClient(engine_url, timeout_s=30) as sg:
+            with pytest.raises(EngineError) as e:
+                await sg.update_weights_from_tensor(payloads, load_format=load_format,
+                                                    weight_version="9")
+            assert e.value.status == 400, e.value
+            assert await sg.weight_version() == "0"  # nothing was loaded
+            return e.value.message
 
     marker = tmp_path / "ran"
     cmd = _text(f"touch {marker}")
@@ -114,36 +125,11 @@ def test_engine_refuses_payloads_that_reach_code_through_allowed_names(engine_ur
         ("torch._utils._rebuild_parameter", _call(_global("torch._utils", "_rebuild_parameter"),
                                                   cmd, cmd, cmd)),
     ]
-
-    async def post(payload) -> str:
-        async with SGLangClient(engine_url, timeout_s=30) as sg:
-            with pytest.raises(EngineError) as e:
-                await sg.update_weights_from_tensor([payload], weight_version="9")
-            assert e.value.status == 400, e.value
-            assert await sg.weight_version() == "0"
-            return e.value.message
-
     for named, obj in payloads:
-        message = asyncio.run(post(_payload(obj)))
+        message = asyncio.run(post([_payload(obj)]))
         assert not marker.exists(), f"{named}: the payload ran a command"
         assert f"{named} is not allowed" in message, (named, message)
-
-
-def test_engine_refuses_payloads_it_must_not_unpickle(engine_url):
-    from areal_like.engines.client import EngineError
-    from areal_like.engines.sglang import SGLangClient
-
     evil = base64.b64encode(pickle.dumps([("model.norm.weight", _Evil())])).decode()
-
-    async def post(payloads, load_format=None) -> str:
-        async with SGLangClient(engine_url, timeout_s=30) as sg:
-            with pytest.raises(EngineError) as e:
-                await sg.update_weights_from_tensor(payloads, load_format=load_format,
-                                                    weight_version="9")
-            assert e.value.status == 400, e.value
-            assert await sg.weight_version() == "0"  # nothing was loaded
-            return e.value.message
-
     assert "builtins.print is not allowed" in asyncio.run(post([evil]))
     assert ("load_format='flattened_bucket' is not supported"
             in asyncio.run(post([evil], "flattened_bucket")))

@@ -36,7 +36,6 @@ from test_trainer_weight_sync import RUNNER, STARTUP_S, read_json
 
 HERE = Path(__file__).resolve().parent
 PUSHER = HERE.parent / "weight_pusher.py"
-FAULTS = ("rendezvous", "bucket", "done")
 
 
 def write_config(tmp_path: Path, free_port, overrides: list[str]) -> tuple[object, Path]:

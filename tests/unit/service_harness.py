@@ -12,6 +12,17 @@ from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.service import BufferService
 
 
+class Clock:
+    """A fake clock for the service (``start(clock=...)``) or a ControlPlane: ``t`` moves when a
+    test sets it."""
+
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
 class Sink:
     """Stands for the ROUTER and the PUB socket: keeps every message sent or published, as its
     receiver decodes it (a Batch's groups leave as their stored frames)."""

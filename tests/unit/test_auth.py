@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import os
 import stat
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -25,8 +22,7 @@ from areal_like.settings.config import ConfigError, TaskConfig, load_config
 from areal_like.settings.schema import EngineConfig
 from launch.job import job_specs, prepare
 from rollout_server.launch_sglang import sglang_command
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.conftest import run_cli
 
 
 def test_the_key_file_is_made_once_and_readable_by_its_owner_only(tmp_path):
@@ -116,12 +112,10 @@ def test_a_credential_in_the_reward_url_is_refused_before_any_file_is_written(tm
     """``task.reward_url`` with a user:password or a token query parameter reached config.yaml,
     exports and the trackers (``dataclasses.asdict`` of the config); now it is refused by name,
     before anything is written, and the credential goes in ``REWARD_AUTH_ENV``."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     for url in ("https://bot:hunter2@rewards.example/score",
                 "https://rewards.example/score?token=hunter2"):
-        r = subprocess.run([sys.executable, "-m", "launch.cli", "config", f"run_dir={tmp_path}",
-                            "warm_start.steps=0", f"task.reward_url='{url}'"],
-                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        r = run_cli("config", f"run_dir={tmp_path}", "warm_start.steps=0",
+                    f"task.reward_url='{url}'", cwd=tmp_path, timeout=300)
         assert r.returncode == 2, (url, r.stdout[-500:])
         assert "task.reward_url: credentials are not configuration" in r.stderr, r.stderr
         assert REWARD_AUTH_ENV in r.stderr and "hunter2" not in r.stdout + r.stderr

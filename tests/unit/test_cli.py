@@ -1,17 +1,16 @@
-"""areal-like CLI: fast --help, clear bad-override errors, torchrun pass-through, status/top."""
+"""areal-like CLI: fast --help, clear bad-override errors, torchrun pass-through, top's figures
+(the status and top views: test_top.py)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
 import pytest
 
-from areal_like.net.distributed import free_port
-from areal_like.net.metrics import Metrics, MetricsServer
 from launch.cli import main, split_torchrun_args
-from launch.top import figure, render, status
+from launch.top import figure, render
+from tests.conftest import run_cli
 
 # a trainer started on its own needs the buffer's real address (port 0 is refused)
 BUFFER = "buffer.address=tcp://127.0.0.1:5555"
@@ -26,9 +25,7 @@ def execs(monkeypatch) -> list[list[str]]:
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", *args],
-                          capture_output=True, text=True,
-                          timeout=timeout)
+    return run_cli(*args, timeout=timeout)
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
@@ -120,13 +117,6 @@ def test_a_torchrun_flag_without_its_value_exits_2():
     assert (r.returncode, r.stderr) == (2, "error: --nproc-per-node needs a value\n")
 
 
-def _ports(tmp_path, daemons: list[tuple[str, int, int | None]]) -> None:
-    (tmp_path / "ports.json").write_text(json.dumps({"daemons": [
-        {"name": n, "kind": n.split("-")[0], "pid": pid,
-         "metrics_url": f"http://127.0.0.1:{p}/metrics",
-         "health_url": f"http://127.0.0.1:{p}/health"} for n, p, pid in daemons]}))
-
-
 def test_top_figures_values_rates_and_histogram_means():
     now = {"areal_x": 3.0, "areal_c_total": 50.0, "areal_h_sum": 6.0, "areal_h_count": 4.0}
     prev = {"areal_c_total": 30.0}
@@ -205,75 +195,6 @@ def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(execs):
     assert "CHECKPOINT OUT" in r.stdout and "Hugging Face" in r.stdout
 
 
-def test_status_tells_starting_up_finished_and_down_apart(tmp_path, capsys):
-    """up: /health answers; starting: its process lives but does not answer yet; DOWN: neither
-    (a crashed daemon); finished: job.json says the job ended, so nobody answering is expected."""
-    import os
-
-    from launch.rundir import write_job
-
-    srv = MetricsServer(Metrics(), 0, "127.0.0.1")
-    # no port open yet
-    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    try:
-        _ports(tmp_path, [("buffer", srv.port, None)])
-        assert status(tmp_path) == 0  # every daemon up
-        assert capsys.readouterr().out.split()[:2] == ["buffer", "up"]
-        _ports(tmp_path, [("buffer", srv.port, os.getpid()),
-                          ("rollout-0", free_port(), waiting.pid),
-                          ("trainer", free_port(), gone.pid)])
-        assert status(tmp_path) == 1
-        states = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()}
-        assert states == {"buffer": "up", "rollout-0": "starting", "trainer": "DOWN"}, states
-        daemons = json.loads((tmp_path / "ports.json").read_text())["daemons"]
-        write_job(tmp_path, state="ended", daemons=daemons, summary={})
-        assert status(tmp_path) == 1
-        states = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()}
-        assert states == {"job": "finished", "buffer": "up", "rollout-0": "finished",
-                          "trainer": "finished"}, states
-    finally:
-        waiting.kill()
-        waiting.wait()
-        srv.stop()
-
-
-def test_top_without_a_terminal_prints_plain_tables(tmp_path):
-    m = Metrics()
-    m.gauge("buffer/trainer_version").set(7)
-    srv = MetricsServer(m, 0, "127.0.0.1")
-    try:
-        _ports(tmp_path, [("buffer", srv.port, None)])
-        once = _cli("top", str(tmp_path), "--once", "--interval", "0.2")
-        assert once.returncode == 0, once.stderr
-        assert "trainer step -" in once.stdout and "buffer" in once.stdout and "7" in once.stdout
-        assert "\x1b[" not in once.stdout  # no terminal control codes in a pipe
-        piped = subprocess.Popen([sys.executable, "-m", "launch.cli", "top", str(tmp_path),
-                                  "--interval", "0.2"],
-                                 stdout=subprocess.PIPE, text=True)
-        try:
-            first = [piped.stdout.readline() for _ in range(3)]
-            assert any("trainer step -" in ln for ln in first), first
-        finally:
-            piped.kill()
-            piped.communicate()
-    finally:
-        srv.stop()
-
-
-def test_top_once_fails_when_nothing_answers_and_a_bad_ports_file_is_named(tmp_path):
-    _ports(tmp_path, [("buffer", free_port(), None)])  # nobody listens there
-    once = _cli("top", str(tmp_path), "--once", "--interval", "0.1")
-    assert once.returncode == 1, (once.returncode, once.stdout, once.stderr)
-    (tmp_path / "ports.json").write_text('{"daemons": [{"name": "buffer"}]}')
-    bad = _cli("top", str(tmp_path), "--once", "--interval", "0.1")
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
-    assert "ports.json is not a ports file" in bad.stderr and "health_url" in bad.stderr, bad.stderr
-    (tmp_path / "ports.json").write_text("{not json")
-    assert "is not a ports file" in _cli("status", str(tmp_path)).stderr
-
-
 def test_top_reward_is_the_mean_of_the_samples_scored_in_the_interval():
     series = "areal_rollout_reward_sum/areal_rollout_reward_count"
     prev = {"areal_rollout_reward_sum": 10.0, "areal_rollout_reward_count": 40.0}
@@ -283,24 +204,6 @@ def test_top_reward_is_the_mean_of_the_samples_scored_in_the_interval():
     # the first refresh: every sample so far
     assert figure(now, None, 2.0, series, "ratio") == "0.333"
     assert figure(now, now, 2.0, series, "ratio") == "-"  # none scored since
-
-
-def test_status_says_down_for_a_live_daemon_that_stopped_answering(tmp_path, capsys):
-    """A daemon whose /health port accepts but never answers (a wedged daemon, up for hours) is
-    DOWN, not "starting": starting is a live process whose port is not open yet."""
-    import os
-    import socket
-
-    wedged = socket.socket()
-    wedged.bind(("127.0.0.1", 0))
-    wedged.listen(8)  # the kernel completes the handshake; nobody ever reads the request
-    try:
-        _ports(tmp_path, [("buffer", wedged.getsockname()[1], os.getpid())])
-        assert status(tmp_path) == 1
-        states = {ln.split()[0]: ln.split()[1] for ln in capsys.readouterr().out.splitlines()}
-        assert states == {"buffer": "DOWN"}, states
-    finally:
-        wedged.close()
 
 
 def test_keys_makes_what_a_job_started_by_hand_needs(tmp_path, capsys):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from service_harness import start, step
+from service_harness import Clock, start, step
 
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
@@ -17,14 +17,6 @@ from buffer.instruments import service_stats
 from buffer.service import BufferService
 
 HEARTBEAT_S, LEASE_S = 15.0, 120.0
-
-
-class _Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def _start(tmp_path, clock) -> BufferService:
@@ -44,7 +36,7 @@ def _join(svc: BufferService, sid: str, credits: int) -> list[int]:
 
 
 def test_a_server_that_leaves_the_roster_releases_its_leases_at_once(tmp_path):
-    clock = _Clock()
+    clock = Clock()
     svc = _start(tmp_path, clock)
     dead = _join(svc, "dead", 3)
     _join(svc, "live", 2)
@@ -62,7 +54,7 @@ def test_a_server_stopped_on_request_gives_its_leases_back_at_info_a_dead_one_wa
         tmp_path, caplog):
     """Every rollout server of a healthy job stops on request at its end, holding the leases of
     the episodes it was generating: routine (INFO); one gone silent is a fault (WARNING)."""
-    clock = _Clock()
+    clock = Clock()
     svc = _start(tmp_path, clock)
     caplog.set_level(logging.INFO, logger=svc.log.name)
     _join(svc, "r0", 3)
@@ -80,7 +72,7 @@ def test_a_server_stopped_on_request_gives_its_leases_back_at_info_a_dead_one_wa
 
 
 def test_after_a_restart_leases_of_a_server_that_never_returns_are_released(tmp_path):
-    clock = _Clock()
+    clock = Clock()
     svc = _start(tmp_path, clock)
     dead = _join(svc, "dead", 3)
     _join(svc, "live", 2)
@@ -102,7 +94,7 @@ def test_after_a_restart_leases_of_a_server_that_never_returns_are_released(tmp_
 
 
 def test_a_server_restarted_within_the_heartbeat_timeout_releases_its_old_leases(tmp_path):
-    clock = _Clock()
+    clock = Clock()
     svc = _start(tmp_path, clock)
     old = _join(svc, "r0", 3)
     _join(svc, "r1", 2)
@@ -126,7 +118,7 @@ def test_a_server_restarted_within_the_heartbeat_timeout_releases_its_old_leases
 def test_a_process_is_told_by_its_incarnation_not_by_fresh_alone(tmp_path):
     """A retried first Register (``fresh``, same incarnation) is the same process: its leases stay.
     Another incarnation under the id is a new process: the leases go out again at once."""
-    clock = _Clock()
+    clock = Clock()
     svc = _start(tmp_path, clock)
     first = P.Register(server_id="r0", engine_url="http://x", policy_version=0, fresh=True,
                        incarnation="1111")

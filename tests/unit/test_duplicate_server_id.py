@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from service_harness import start, step
+from service_harness import Clock, start, step
 
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
@@ -22,15 +22,7 @@ OLD, NEW = "a" * 16, "b" * 16
 HEARTBEAT_S = 15.0
 
 
-class _Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-def _start(tmp_path, clock: _Clock) -> BufferService:
+def _start(tmp_path, clock: Clock) -> BufferService:
     return start(tmp_path, BufferConfig(max_staleness=4, groups_per_step=2, max_inflight=32,
                                         capacity=64, heartbeat_timeout_s=HEARTBEAT_S), clock=clock)
 
@@ -60,7 +52,7 @@ def _told_to_stop(reply: P.Message) -> bool:
 
 def test_the_older_process_of_an_id_is_told_to_stop_and_cannot_unregister_the_newer(
         tmp_path, caplog):
-    clock = _Clock()
+    clock = Clock()
     svc = _start(tmp_path, clock)
     assert isinstance(_register(svc, OLD), P.RegisterAck)
     clock.t += HEARTBEAT_S + 1  # the first one stalled (SIGSTOP): silent past the timeout
@@ -84,7 +76,7 @@ def test_the_older_process_of_an_id_is_told_to_stop_and_cannot_unregister_the_ne
 
 
 def test_a_second_process_is_refused_while_the_first_is_heard_and_the_first_is_told(tmp_path):
-    clock = _Clock()
+    clock = Clock()
     svc = _start(tmp_path, clock)
     assert isinstance(_register(svc, OLD), P.RegisterAck)
     for incarnation, url in ((NEW, "http://x"), (OLD, "http://elsewhere"), ("", "http://x")):
@@ -104,7 +96,7 @@ def test_a_second_process_is_refused_while_the_first_is_heard_and_the_first_is_t
 
 
 def test_a_restarted_server_is_served_once_its_old_process_is_silent(tmp_path):
-    clock = _Clock()
+    clock = Clock()
     svc = _start(tmp_path, clock)
     assert isinstance(_register(svc, OLD), P.RegisterAck)
     clock.t += HEARTBEAT_S + 0.5  # the old process was killed -9: silent since
@@ -118,7 +110,7 @@ def test_a_message_without_the_holders_incarnation_neither_unregisters_nor_keeps
     """A holder of the rollout key who names a live server's id but no incarnation: its leaving
     heartbeat takes the server off nothing, and its heartbeats do not keep a dead server's id held
     against the server's restart."""
-    clock = _Clock()
+    clock = Clock()
     svc = _start(tmp_path, clock)
     assert isinstance(_register(svc, OLD), P.RegisterAck)
     for msg in (P.Heartbeat(server_id="rollout-0", policy_version=0, leaving=True),

@@ -560,6 +560,41 @@ def test_a_failed_sync_reports_the_reason_and_always_continues():
     run(body)
 
 
+def test_a_begin_that_times_out_after_the_engine_opened_the_session_does_not_wedge_later_syncs():
+    """Bug: ``session_open`` was set only after ``/begin_weight_update`` answered. A begin that the
+    engine executed but whose answer came after the deadline left the session open for good, and
+    every later sync was refused ("already open"): the engine never received weights again. The
+    scripted engine keeps SGLang's session: refused while one is open, closed by ``end``."""
+    from areal_like.weights.push import apply_weight_sync
+
+    async def body(server, client):
+        session, delays = [False], [2.0]  # the first begin answers after the plan's deadline
+
+        async def begin(_):
+            if session[0]:
+                return 400, {"success": False, "message": "a session is already open"}
+            session[0] = True
+            await asyncio.sleep(delays.pop(0) if delays else 0.0)
+            return OK
+
+        async def end(_):
+            was, session[0] = session[0], False
+            return OK if was else (400, {"success": False, "message": "no session is open"})
+
+        async def update(_):
+            return OK if session[0] else (400, {"success": False, "message": "no session"})
+        server.script = {"/pause_generation": [OK], "/continue_generation": [OK],
+                         "/begin_weight_update": [begin], "/end_weight_update": [end],
+                         "/update_weights_from_distributed": [update]}
+        first = await apply_weight_sync(client, _plan(reform=False, buckets=1, deadline_s=0.5),
+                                        "s0")
+        assert not first.ok and server.calls[-1][0] == "/continue_generation"  # never left paused
+        await asyncio.sleep(2.0)  # the slow begin handler has finished
+        second = await apply_weight_sync(client, _plan(reform=False, buckets=1), "s0")
+        assert second.ok and not session[0], second.reason
+    run(body)
+
+
 def test_timeout_bounds_the_whole_call_including_retries():
     async def body(server, client):
         # idempotent and 5xx: retried until the budget

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from test_engine_scheduler import greedy, run_all
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from rollout_server.engine import fastpath, padded
@@ -48,21 +49,11 @@ def run(model, ps, params, *, fast: bool = True, max_running: int = 3,
         s.path = padded
     if sched is not None:
         sched.append(s)
-    done, finished = {}, threading.Event()
-
-    def fin(r):
-        done[r.rid] = r
-        if len(done) == len(ps):
-            finished.set()
     s.start()
     try:
-        for i, (p, sp) in enumerate(zip(ps, params)):
-            s.submit(Request(rid=str(i), input_ids=p, params=sp, stop_ids=frozenset([EOS]),
-                             on_finish=fin))
-        assert finished.wait(WAIT_S), "requests did not finish"
+        return run_all(s, ps, params)
     finally:
         s.stop()
-    return [done[str(i)] for i in range(len(ps))]
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "llama", "qwen3"])
@@ -73,10 +64,7 @@ def test_family_greedy_equals_generate_and_logprobs_equal_forward(kind):
     ps, limits = prompts(7, seed=3), [6, 30, 12, 1, 45, 20, 9]
     got = run(model, ps, [SamplingParams(max_new_tokens=m, temperature=0.0) for m in limits])
     for p, m, r in zip(ps, limits, got):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
-                                 eos_token_id=EOS,
-                                 pad_token_id=0)[0, len(p):].tolist()
+        ref = greedy(model, p, m)
         assert r.output_ids == ref
     sampled = run(model, ps, [SamplingParams(max_new_tokens=20, temperature=0.8) for _ in ps],
                   max_running=4)
@@ -108,16 +96,10 @@ def test_identical_prompts_share_one_prefill(fast):
     a, b = prompts(2, seed=7)
     ps = [a, b, a, a, b, a]
     made: list[Scheduler] = []
-    greedy = run(model, ps, [SamplingParams(max_new_tokens=12, temperature=0.0) for _ in ps],
-                 fast=fast,
-                 max_running=6, sched=made)
+    got = run(model, ps, [SamplingParams(max_new_tokens=12, temperature=0.0) for _ in ps],
+              fast=fast, max_running=6, sched=made)
     assert made[0].prefill_tokens == len(a) + len(b)
-    for p, r in zip(ps, greedy):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False,
-                                 eos_token_id=EOS,
-                                 pad_token_id=0)[0, len(p):].tolist()
-        assert r.output_ids == ref
+    assert [r.output_ids for r in got] == [greedy(model, p, 12) for p in ps]
     sampled = run(model, ps, [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=i)
                               for i in range(6)],
                   fast=fast, max_running=6)
@@ -146,10 +128,7 @@ def test_supports_only_known_layouts():
 def _greedy_equals_generate(model, ps, limit: int, **kw) -> None:
     got = run(model, ps, [SamplingParams(max_new_tokens=limit, temperature=0.0) for _ in ps], **kw)
     for p, r in zip(ps, got):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=limit, do_sample=False,
-                                 eos_token_id=EOS,
-                                 pad_token_id=0)[0, len(p):].tolist()
+        ref = greedy(model, p, limit)
         assert r.finish_reason["type"] != "abort", r.finish_reason
         assert r.output_ids == ref
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from test_engine_scheduler import greedy
 
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.weights.hf import build_model
@@ -85,10 +86,7 @@ def test_concurrent_greedy_equals_transformers(engine):
         outs = list(pool.map(lambda a: gen(engine, input_ids=a[0], sampling_params={
             "max_new_tokens": a[1], "temperature": 0.0}), zip(prompts, limits)))
     for p, m, out in zip(prompts, limits, outs):
-        with torch.no_grad():
-            ref = engine.model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
-                                        eos_token_id=2,
-                                        pad_token_id=0)[0, len(p):].tolist()
+        ref = greedy(engine.model, p, m)
         assert out["output_ids"] == ref
         assert "output_token_logprobs" not in out["meta_info"]
 

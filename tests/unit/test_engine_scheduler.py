@@ -65,6 +65,14 @@ def run_all(s: Scheduler, ps: list[list[int]], params: list[SamplingParams], sto
     return [done[str(i)] for i in range(len(ps))]
 
 
+def greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy ``generate`` of ``prompt``: the tokens an engine must answer."""
+    with torch.no_grad():
+        return model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens,
+                              do_sample=False, eos_token_id=EOS,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+
+
 def full_forward_logprobs(model, prompt: list[int], out: list[int],
                           temperature: float) -> torch.Tensor:
     with torch.no_grad():
@@ -78,10 +86,7 @@ def test_greedy_equals_transformers_generate_with_refill(model, make_scheduler):
     s = make_scheduler(max_running=3)  # 9 requests through 3 slots: rows join and leave every step
     got = run_all(s, ps, [SamplingParams(max_new_tokens=m, temperature=0.0) for m in limits])
     for p, m, r in zip(ps, limits, got):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
-                                 eos_token_id=EOS,
-                                 pad_token_id=0)[0, len(p):].tolist()
+        ref = greedy(model, p, m)
         assert r.output_ids == ref
         expected = ({"type": "stop", "matched": EOS} if ref[-1] == EOS
                     else {"type": "length", "length": m})
@@ -100,10 +105,7 @@ def test_many_rows_leaving_in_one_step_leave_the_others_their_own_kv(model, make
                   then=s.release)
     assert s.prefills == 1
     for p, m, r in zip(ps, limits, got):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), max_new_tokens=m, do_sample=False,
-                                 eos_token_id=EOS,
-                                 pad_token_id=0)[0, len(p):].tolist()
+        ref = greedy(model, p, m)
         assert r.output_ids == ref
 
 

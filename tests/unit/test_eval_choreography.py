@@ -14,6 +14,7 @@ sync's end; no sync begins while the server continues the engine of one its trai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -113,10 +114,18 @@ def _server(tmp_path, version: int, heartbeat_s: float = 0.05) -> RolloutServer:
     return server
 
 
-async def _trainer(server: RolloutServer) -> ServerPort:
-    """The sync port opened as ``main`` opens it, called as the trainer calls it."""
+@contextlib.asynccontextmanager
+async def _trainer(server: RolloutServer):
+    """The sync port opened as ``main`` opens it, called as the trainer calls it; both closed at
+    the end."""
+    server.wake = asyncio.Event()
     await server.open_sync_port()
-    return ServerPort(server.sync_url, api_key=server.facts.engine_key)
+    port = ServerPort(server.sync_url, api_key=server.facts.engine_key)
+    try:
+        yield port
+    finally:
+        await port.close()
+        await server.sync_port.close()
 
 
 async def _until(cond, what: str) -> None:
@@ -132,10 +141,8 @@ def test_a_sync_under_way_ends_first_then_the_evaluation_holds_its_version_and_r
     server = _server(tmp_path, version=5)
 
     async def scenario():
-        server.wake = asyncio.Event()
-        port = await _trainer(server)
-        server.evaluator.port = port
-        try:
+        async with _trainer(server) as port:
+            server.evaluator.port = port
             await port.begin(_plan(6), *ME)  # v6 is being loaded into our engine
             evaluation = asyncio.create_task(server.evaluate())
             await _until(lambda: any(m.evaluating for m in server.control.sent), "evaluating beat")
@@ -146,9 +153,6 @@ def test_a_sync_under_way_ends_first_then_the_evaluation_holds_its_version_and_r
                                               pause_s=0.1))
             await asyncio.wait_for(evaluation, WAIT_S)
             await port.begin(_plan(7), *ME)  # after the evaluation: syncs are taken again
-        finally:
-            await port.close()
-            await server.sync_port.close()
 
     asyncio.run(scenario())
     # the version the sync under way brought is the one evaluated
@@ -163,9 +167,7 @@ def test_the_schedule_starts_an_evaluation_only_when_due_and_idle(tmp_path):
     server = _server(tmp_path, version=4)
 
     async def scenario():
-        server.wake = asyncio.Event()
-        port = await _trainer(server)
-        try:
+        async with _trainer(server) as port:
             server.maybe_evaluate()
             assert server.eval_task is None  # 4 is not a multiple of 5
             server.policy_version = server.client.version = 5
@@ -181,9 +183,6 @@ def test_the_schedule_starts_an_evaluation_only_when_due_and_idle(tmp_path):
             await task
             await asyncio.sleep(0)
             assert server.eval_task is None and server.failure is None
-        finally:
-            await port.close()
-            await server.sync_port.close()
 
     asyncio.run(scenario())
     assert server.evaluator.versions == [5]
@@ -217,9 +216,7 @@ def test_the_sync_port_acts_only_for_the_sync_under_way(tmp_path):
         assert e.value.status == 409 and "not the weight sync under way" in e.value.message
 
     async def scenario():
-        server.wake = asyncio.Event()
-        port = await _trainer(server)
-        try:
+        async with _trainer(server) as port:
             await refused(port.door(plan6))  # no sync began
             await port.begin(plan6, *ME)
             await refused(port.door(plan7))
@@ -236,9 +233,6 @@ def test_the_sync_port_acts_only_for_the_sync_under_way(tmp_path):
             assert beats[-1].policy_version == 6
             await refused(port.end(plan6, ok[6]))  # ended: its powers with it
             await refused(port.door(plan6))
-        finally:
-            await port.close()
-            await server.sync_port.close()
 
     asyncio.run(scenario())
 
@@ -259,10 +253,8 @@ def test_a_label_read_across_a_sync_does_not_undo_the_label_read_at_its_end(tmp_
     async def scenario():
         nonlocal asking, answer
         asking, answer = asyncio.Event(), asyncio.Event()
-        server.wake = asyncio.Event()
-        port = await _trainer(server)
         server.client = SlowLabel(5)
-        try:
+        async with _trainer(server) as port:
             read = asyncio.create_task(server.read_engine_version())
             await asyncio.wait_for(asking.wait(), WAIT_S)
             await port.begin(_plan(6), *ME)
@@ -272,9 +264,6 @@ def test_a_label_read_across_a_sync_does_not_undo_the_label_read_at_its_end(tmp_
             assert server.policy_version == 6
             answer.set()
             await asyncio.wait_for(read, WAIT_S)
-        finally:
-            await port.close()
-            await server.sync_port.close()
 
     asking = answer = None
     asyncio.run(scenario())
@@ -306,10 +295,8 @@ def test_no_sync_begins_while_the_engine_of_an_abandoned_one_is_being_continued(
     async def scenario():
         nonlocal closing
         closing = asyncio.Event()
-        server.wake = asyncio.Event()
-        port = await _trainer(server)
         server.client = Abandoned(5)
-        try:
+        async with _trainer(server) as port:
             await port.begin(msgspec.structs.replace(_plan(6), deadline_s=1.0), *ME)
             await _until(lambda: not server.in_sync(), "the sync's window to pass")
             server.end_abandoned_sync()  # as the loop does once the window passed
@@ -321,9 +308,6 @@ def test_no_sync_begins_while_the_engine_of_an_abandoned_one_is_being_continued(
             await asyncio.wait_for(server.resuming, WAIT_S)
             await port.begin(_plan(7), *ME)  # taken once the engine is continued and probed
             assert server.in_sync() and server.failure is None
-        finally:
-            await port.close()
-            await server.sync_port.close()
 
     closing = None
     asyncio.run(scenario())

@@ -9,6 +9,7 @@ final catch-up decision runs against a scripted buffer.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -221,95 +222,71 @@ def _roster(versions: dict[str, int], evaluating=(), evaluates=()) -> P.Roster:
                     policy_version=10, evaluating=list(evaluating))
 
 
-def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_once():
+@pytest.fixture
+def rank0():
+    """Trainer rank 0's broadcaster (``WeightBroadcaster``); its buffer is set by each test."""
+    import torch
+
+    from areal_like.settings.config import WeightSyncConfig
+    from trainer.weight_sync import WeightBroadcaster
+
+    broadcaster = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1",
+                                    rank=0, device=torch.device("cpu"))
+    broadcaster.client.close()
+    yield broadcaster
+    broadcaster.close()
+
+
+def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_once(rank0):
     """Trainer rank 0 at the end of a 10-step run: while a server evaluates it waits; once it is
     back (at version 7) the final version is pushed again; when every member serves 10 it is
     done."""
-    import time
-
-    import torch
-
-    from areal_like.settings.config import WeightSyncConfig
-    from trainer.weight_sync import WeightBroadcaster
-
-    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0,
-                          device=torch.device("cpu"))
-    try:
-        b.client.close()
-        b.client = _ScriptedBuffer([_roster({"b": 10}, evaluating=["a"]),
-                                    _roster({"a": 7, "b": 10}),
-                                    _roster({"a": 10, "b": 10})])
-        deadline = time.monotonic() + 60
-        b.loaded = {"b": 10}  # what this trainer's pushes gave each member
-        assert b.catch_up_decision(10, deadline, 0) == "wait"
-        assert b.catch_up_decision(10, deadline, 0) == "push"
-        b.loaded["a"] = 10  # the push
-        assert b.catch_up_decision(10, deadline, 1) == "done"
-        # bounded: past the deadline, or after CATCH_UP_PUSHES,
-        # it gives up even if a member is behind
-        b.client = _ScriptedBuffer([_roster({"a": 7})])
-        assert b.catch_up_decision(10, time.monotonic() - 1, 0) == "done"
-        assert b.catch_up_decision(10, deadline, 3) == "done"
-    finally:
-        b.close()
+    rank0.client = _ScriptedBuffer([_roster({"b": 10}, evaluating=["a"]),
+                                _roster({"a": 7, "b": 10}),
+                                _roster({"a": 10, "b": 10})])
+    deadline = time.monotonic() + 60
+    rank0.loaded = {"b": 10}  # what this trainer's pushes gave each member
+    assert rank0.catch_up_decision(10, deadline, 0) == "wait"
+    assert rank0.catch_up_decision(10, deadline, 0) == "push"
+    rank0.loaded["a"] = 10  # the push
+    assert rank0.catch_up_decision(10, deadline, 1) == "done"
+    # bounded: past the deadline, or after CATCH_UP_PUSHES,
+    # it gives up even if a member is behind
+    rank0.client = _ScriptedBuffer([_roster({"a": 7})])
+    assert rank0.catch_up_decision(10, time.monotonic() - 1, 0) == "done"
+    assert rank0.catch_up_decision(10, deadline, 3) == "done"
 
 
-def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it():
+def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it(rank0):
     """The trainer finished before the server that evaluates registered (it started late): with a
     final evaluation scheduled (``eval.await_server``) it waits for that server, then pushes the
     final version to it; without one, a roster of up-to-date members is done at once."""
-    import time
-
-    import torch
-
-    from areal_like.settings.config import WeightSyncConfig
-    from trainer.weight_sync import WeightBroadcaster
-
-    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0,
-                          device=torch.device("cpu"))
-    try:
-        b.client.close()
-        b.client = _ScriptedBuffer([_roster({"r1": 10}),
-                                    _roster({"r0": 0, "r1": 10}, evaluates=["r0"]),
-                                    _roster({"r0": 10, "r1": 10}, evaluates=["r0"])])
-        deadline = time.monotonic() + 60
-        b.loaded = {"r1": 10}
-        # r0 (the evaluator) not registered yet
-        assert b.catch_up_decision(10, deadline, 0, final_eval=True) == "wait"
-        # registered, serving version 0
-        assert b.catch_up_decision(10, deadline, 0, final_eval=True) == "push"
-        b.loaded["r0"] = 10
-        assert b.catch_up_decision(10, deadline, 1, final_eval=True) == "done"
-        b.client = _ScriptedBuffer([_roster({"r1": 10})])
-        assert b.catch_up_decision(10, deadline, 0) == "done"  # no final evaluation: no wait
-        # bounded by the deadline
-        assert b.catch_up_decision(10, time.monotonic() - 1, 0, final_eval=True) == "done"
-    finally:
-        b.close()
+    rank0.client = _ScriptedBuffer([_roster({"r1": 10}),
+                                _roster({"r0": 0, "r1": 10}, evaluates=["r0"]),
+                                _roster({"r0": 10, "r1": 10}, evaluates=["r0"])])
+    deadline = time.monotonic() + 60
+    rank0.loaded = {"r1": 10}
+    # r0 (the evaluator) not registered yet
+    assert rank0.catch_up_decision(10, deadline, 0, final_eval=True) == "wait"
+    # registered, serving version 0
+    assert rank0.catch_up_decision(10, deadline, 0, final_eval=True) == "push"
+    rank0.loaded["r0"] = 10
+    assert rank0.catch_up_decision(10, deadline, 1, final_eval=True) == "done"
+    rank0.client = _ScriptedBuffer([_roster({"r1": 10})])
+    assert rank0.catch_up_decision(10, deadline, 0) == "done"  # no final evaluation: no wait
+    # bounded by the deadline
+    assert rank0.catch_up_decision(10, time.monotonic() - 1, 0, final_eval=True) == "done"
 
 
-def test_final_catch_up_pushes_to_a_member_whose_label_another_trainer_gave_it():
+def test_final_catch_up_pushes_to_a_member_whose_label_another_trainer_gave_it(rank0):
     """A trainer resumed from a checkpoint takes the label the crashed one last announced, for
     other weights: a member reporting that label without having loaded it from this trainer (its
     push failed) is behind, and the final version goes to it again."""
-    import time
-
-    import torch
-
-    from areal_like.settings.config import WeightSyncConfig
-    from trainer.weight_sync import WeightBroadcaster
-
-    b = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1", rank=0,
-                          device=torch.device("cpu"))
-    try:
-        b.client.close()
-        b.client = _ScriptedBuffer([_roster({"a": 10, "b": 10}), _roster({"a": 10, "b": 10})])
-        b.loaded = {"b": 10}
-        assert b.catch_up_decision(10, time.monotonic() + 60, 0) == "push"
-        b.loaded["a"] = 10
-        assert b.catch_up_decision(10, time.monotonic() + 60, 1) == "done"
-    finally:
-        b.close()
+    rank0.client = _ScriptedBuffer([_roster({"a": 10, "b": 10}), _roster({"a": 10, "b": 10})])
+    rank0.loaded = {"b": 10}
+    assert rank0.catch_up_decision(10, time.monotonic() + 60, 0) == "push"
+    rank0.loaded["a"] = 10
+    assert rank0.catch_up_decision(10, time.monotonic() + 60, 1) == "done"
 
 
 class _ScriptedEngine:

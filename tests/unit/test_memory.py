@@ -41,6 +41,7 @@ from launch.memory import (
     shape_of,
     total_params,
 )
+from tests.conftest import run_cli
 
 
 def test_peak_tensor_bytes_counts_allocations_until_freed():
@@ -300,11 +301,9 @@ def test_plan_prints_the_mixture_peak_with_and_without_expert_parallel(tmp_path)
     Qwen3MoeConfig(**MOE_CONFIG).save_pretrained(tmp_path)
 
     def plan(ep: int) -> list[str]:
-        r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", "topology=gpu_sglang",
-                            "launch.gpus_per_node=8", "launch.trainer_ranks=4",
-                            f"trainer.expert_parallel={ep}", f"model.path={tmp_path}",
-                            "model.dtype=bfloat16"],
-                           capture_output=True, text=True, timeout=120)
+        r = run_cli("plan", "topology=gpu_sglang", "launch.gpus_per_node=8",
+                    "launch.trainer_ranks=4", f"trainer.expert_parallel={ep}",
+                    f"model.path={tmp_path}", "model.dtype=bfloat16", timeout=120)
         assert r.returncode == 0, r.stderr[-3000:]
         return r.stdout.split("memory per GPU")[1].splitlines()
 

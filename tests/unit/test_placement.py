@@ -7,7 +7,6 @@ import itertools
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +15,8 @@ from areal_like.settings.config import ConfigError, load_config
 from launch.job import job_specs
 from launch.placement import check_one_node, idle_gpus, place_node, place_nodes
 from launch.topology import apply_topology, plan_topology
+from tests.conftest import run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ("buffer.address=tcp://10.0.0.1:5555", "buffer.pub_address=tcp://10.0.0.1:5556",
            # what other nodes dial: node 0 on the cluster network
            "trainer.weight_sync.master_addr=10.0.0.1")
@@ -260,9 +259,8 @@ def layout_rows(stdout: str) -> list[str]:
 
 
 def _plan(*overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", "plan", *overrides],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env=None if env is None else {**os.environ, **env})
+    return run_cli("plan", *overrides, timeout=120,
+                   env=None if env is None else {**os.environ, **env})
 
 
 def test_plan_prints_one_line_per_process_and_starts_nothing(tmp_path):

@@ -5,8 +5,6 @@ refused."""
 from __future__ import annotations
 
 import itertools
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +19,8 @@ from launch.placement import (
     with_weight_path,
 )
 from launch.topology import apply_topology, plan_topology
+from tests.conftest import run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
 ONE_GPU_SGLANG = ("topology=gpu_sglang", "launch.gpus_per_node=1",
                   "rollout.engine.sglang.mem_fraction_static=0.4")
 
@@ -116,9 +114,7 @@ def test_both_processes_see_gpu_0_and_the_daemons_read_the_tensor_path():
 
 
 def test_plan_prints_the_shared_gpu_and_the_path():
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", *ONE_GPU_SGLANG],
-                       capture_output=True,
-                       text=True, timeout=120, cwd=ROOT)
+    r = run_cli("plan", *ONE_GPU_SGLANG, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = {row.split(None, 3)[1]: row.split(None, 3)
             for row in r.stdout.split("\n\n")[0].splitlines()[1:]}

@@ -10,21 +10,18 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from launch.memory import QWEN2_SHAPES
+from tests.conftest import run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
 VERDICT = re.compile(r"^  (.+): ([\d.]+ \+ )*[\d.]+ = ([\d.]+) of ([\d.]+) GiB.*: "
                      r"(fits|does NOT fit)")
 
 
 def plan(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launch.cli", "plan", *overrides],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return run_cli("plan", *overrides, timeout=120)
 
 
 def memory_block(stdout: str) -> list[str]:

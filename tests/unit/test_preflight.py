@@ -16,6 +16,7 @@ import pytest
 
 from areal_like.settings.config import ConfigError, RunConfig, TaskConfig, load_config
 from launch import preflight as pf
+from tests.conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -456,11 +457,9 @@ def test_preflight_lists_every_problem_and_checked_resolves_first(tmp_path, monk
 def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anything(tmp_path):
     run_dir = tmp_path / "run"
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", f"run_dir={run_dir}",
-                        f"model.path={tmp_path / 'no_model'}", "task=dataset",
-                        "task.dataset_path=train.jsonl", "task.eval_path=no_eval.jsonl",
-                        "task.reward_fn=no_such_module_areal:score"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = run_cli("run", "-q", f"run_dir={run_dir}", f"model.path={tmp_path / 'no_model'}",
+                "task=dataset", "task.dataset_path=train.jsonl", "task.eval_path=no_eval.jsonl",
+                "task.reward_fn=no_such_module_areal:score", timeout=120, cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert [ln.split("=", 1)[0] for ln in lines] == ["error: model.path", "error: model.path",
@@ -509,8 +508,7 @@ def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tm
               "task.max_new_tokens=16"]  # task=dataset's 256 fill the tiny model's context
 
     def config(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "launch.cli", "config", *common, *extra],
-                              capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        return run_cli("config", *common, *extra, timeout=120, cwd=tmp_path)
 
     r = config()
     assert r.returncode == 2 and r.stdout == "", r.stderr
@@ -544,11 +542,9 @@ def test_rows_whose_contents_make_no_example_are_refused_before_start_in_one_lin
     starts) exits 2 with one line counting them and naming their rows, no traceback."""
     good = {"prompt_messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}
     data = _jsonl(tmp_path / "rows.jsonl", [bad_row if i in (3, 6) else good for i in range(8)])
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "config", "task=dataset",
-                        f"task.dataset_path={data}", "task.messages_key=prompt_messages",
-                        "task.max_new_tokens=16"],
-                       capture_output=True, text=True, timeout=120,
-                       cwd=tmp_path)
+    r = run_cli("config", "task=dataset", f"task.dataset_path={data}",
+                "task.messages_key=prompt_messages", "task.max_new_tokens=16", timeout=120,
+                cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
     [line] = r.stderr.splitlines()
     assert line.startswith(f"error: task.dataset_path={str(data)!r}: 2 of 8 rows cannot be used "
@@ -725,9 +721,8 @@ def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anythin
         tmp_path):
     """The review's command: it warm-started, then trained on outputs the engine cut at 256."""
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", "experiment=quickstart",
-                        "task.max_new_tokens=1000", f"run_dir={run_dir}"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = run_cli("run", "-q", "experiment=quickstart", "task.max_new_tokens=1000",
+                f"run_dir={run_dir}", timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "", r.stderr
     assert r.stderr.splitlines() == [
         "error: task.max_new_tokens=1000 is not below the context of 256 tokens the engine serves "

@@ -8,26 +8,20 @@ start."""
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 import torch
+from test_reward_model import episode
 
-from areal_like.engines.client import GenerateOutput
-from areal_like.net.metrics import Metrics
 from areal_like.settings.config import ConfigError, TaskConfig, load_config
-from areal_like.settings.reward_model_schema import RewardModelConfig
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import char_tokenizer
 from areal_like.weights.hf import save_tokenizer
 from areal_like.wire.group_checks import content_problem
-from areal_like.wire.protocol import Credit, TrajectoryGroup, decode, encode
+from areal_like.wire.protocol import TrajectoryGroup, decode, encode
 from areal_like.wire.trajectory import Trajectory
 from benchmarks import reward_model_demo
 from launch.preflight import check_reward_model
-from rollout_server.episode import EpisodeContext, run_episode
-from rollout_server.reward_model import RewardModel, process_rewards, step_ends
-from rollout_server.reward_pool import RewardPool
+from rollout_server.reward_model import process_rewards, step_ends
 from trainer.critic import critic_advantages
 from trainer.data import groups_to_batch
 
@@ -93,19 +87,6 @@ def split(t: Trajectory) -> tuple[list[int], list[float]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-class Engine:
-    """Answers sample i with ``answers[i]`` and <eos> (an SGLang stand-in)."""
-
-    def __init__(self, answers: list[str]):
-        self.answers = answers
-
-    async def generate_batch(self, inputs, params):
-        return [GenerateOutput(rid="r", output_ids=TOK(a, add_special_tokens=False)["input_ids"]
-                               + [TOK.eos_token_id], logprobs=[-0.5] * (len(a) + 1),
-                               finish_reason="stop", finish_message="", abort_status=None,
-                               weight_version="0") for a in self.answers]
-
-
 @pytest.fixture(scope="module")
 def prm_dir(tmp_path_factory):
     """A tiny scalar-head classifier (random weights: any score will do), saved as the demo
@@ -119,27 +100,13 @@ def prm_dir(tmp_path_factory):
 
 
 def test_a_real_trajectory_scored_per_step_reaches_the_critic_at_its_step_boundaries(prm_dir):
-    rm_cfg = RewardModelConfig(path=prm_dir, process=True, step_delimiter="|", weight=2.0,
-                               rule_weight=0.5)
-    cfg = TaskConfig(name="reverse", digits=4, group_size=2, reward_workers=0,
-                     reward_model=rm_cfg)
-    task, metrics = make_task(cfg), Metrics()
-    model = RewardModel(rm_cfg, 30.0, metrics)
-    rewards = RewardPool(cfg, task.reward_path)
-    example = task.example(0)
+    example = make_task(TaskConfig(name="reverse", digits=4)).example(0)
     answers = [example.answer[:2] + "|" + example.answer[2:], example.answer]
-    ctx = EpisodeContext(client=Engine(answers), task=task, tokenizer=TOK, rewards=rewards,
-                         task_cfg=cfg, server_id="s", current_version_fn=lambda: 0,
-                         metrics=metrics, reward_model=model)
-    try:
-        group = asyncio.run(run_episode(ctx, Credit(lease_id="L", prompt_index=0, epoch=0,
-                                                    deadline_s=60.0)))
-        p = example.prompt
-        s1 = model.scores([p + answers[0][:3], p + answers[0]])
-        [s2] = model.scores([p + answers[1]])
-    finally:
-        model.close()
-        rewards.close()
+    group, model, _, _ = episode(prm_dir, answers, process=True, step_delimiter="|", weight=2.0,
+                                 rule_weight=0.5)
+    p = example.prompt
+    s1 = model.scores([p + answers[0][:3], p + answers[0]])
+    [s2] = model.scores([p + answers[1]])
     first, second = group.trajectories
     # one token a character, then <eos>: "xy|zw..." has steps ending on tokens 2 and n - 1
     n = len(answers[1])

@@ -7,20 +7,12 @@ from __future__ import annotations
 
 import logging
 
-from service_harness import start, step
+from service_harness import Clock, start, step
 
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
 from buffer import control
 from buffer.control import ControlPlane
-
-
-class _Clock:
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def _control(clock, heartbeat_timeout_s: float = 5.0, **kw) -> ControlPlane:
@@ -51,11 +43,11 @@ def test_a_register_costs_the_same_however_many_ids_the_buffer_remembers(monkeyp
     distinct ids registering one after the other made the buffer quadratic); the ids kept off
     the roster are the ``INCARNATIONS_KEEP`` that left it last, and a departed id that comes back
     is on the roster again, no longer counted as departed."""
-    clock = _Clock()
+    clock = Clock(0.0)
     cp = _control(clock)
     for i in range(300):
         cp.register(_hello(f"s{i}", f"{i:04x}"))
-    clock.now = 6.0
+    clock.t = 6.0
     cp.register(_hello("late", "ffff"))
     assert len(cp.expire()) == 300
     cp.roster = _CountingRoster(cp.roster)
@@ -63,7 +55,7 @@ def test_a_register_costs_the_same_however_many_ids_the_buffer_remembers(monkeyp
         cp.register(_hello(f"n{i}", f"{i:04x}"))
     assert _CountingRoster.lookups <= 2 * 1000
     monkeypatch.setattr(control, "INCARNATIONS_KEEP", 100)
-    clock.now = 12.0
+    clock.t = 12.0
     cp.heartbeat(P.Heartbeat(server_id="s299", policy_version=0))  # unknown: stays off
     cp.register(_hello("s299", "012b"))  # back on the roster: not departed any more
     assert len(cp.expire()) == 1001 and "s299" not in cp.departed
@@ -76,7 +68,7 @@ def test_a_server_that_stops_on_request_leaves_at_once():
     and releases its leases now, not ``heartbeat_timeout_s`` later (the next push leaves it out);
     started again later, it is a member as any other."""
     released = []
-    cp = _control(_Clock(), 15.0, release=lambda keep, why, level=logging.WARNING:
+    cp = _control(Clock(0.0), 15.0, release=lambda keep, why, level=logging.WARNING:
                   released.append(([s for s in ("a", "b") if not keep(s)], why, level)))
     cp.register(_hello("a", "1111", fresh=True))
     cp.register(_hello("b", "2222", fresh=True))

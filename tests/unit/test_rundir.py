@@ -21,7 +21,7 @@ import pytest
 from areal_like.settings.config import ConfigError, load_config
 from launch.records import summarize
 from launch.rundir import check_existing_run, latest_checkpoint_step, lock_run_dir, read_job
-from tests.conftest import REPO_ROOT, child_env
+from tests.conftest import REPO_ROOT, child_env, run_cli
 
 
 def checkpoint(root: Path, step: int, complete: bool = True) -> None:
@@ -34,8 +34,7 @@ def checkpoint(root: Path, step: int, complete: bool = True) -> None:
 
 def run_again(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     """``areal-like run -q run_dir=<tmp_path> ...``, refused before anything starts."""
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", f"run_dir={tmp_path}",
-                        *overrides], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    r = run_cli("run", "-q", f"run_dir={tmp_path}", *overrides, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "[warm-start]" not in r.stderr, r.stderr
     return r
 

@@ -16,6 +16,7 @@ import msgpack
 import pytest
 import torch
 from service_harness import start, step  # the buffer service with fake sockets
+from test_weight_members import ScriptedBuffer
 
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import BufferConfig, WeightSyncConfig
@@ -175,20 +176,6 @@ def test_the_buffer_keeps_the_versions_from_register_in_the_roster(tmp_path):
 
 # ---------------------------------------------------------------- the trainer
 
-class _ScriptedBuffer:
-    """Answers every request with the next reply; records what it was sent."""
-
-    def __init__(self, *replies: P.Message):
-        self.replies, self.sent = list(replies), []
-
-    def request(self, msg, timeout_s=None):
-        self.sent.append(msg)
-        return self.replies.pop(0)
-
-    def close(self):
-        pass
-
-
 def _entry(sid: str, v: RuntimeVersions) -> P.RosterEntry:
     return P.RosterEntry(server_id=sid, engine_url="", engine_ranks=2 if sid == "b" else 1,
                          policy_version=0,
@@ -234,7 +221,7 @@ def test_a_plan_with_every_member_refused_is_not_sent(broadcaster):
     """The refused member is out of the plan; with nobody left, nothing is published and no group
     forms, so nothing waits on a peer that will not come."""
     b, metrics = broadcaster
-    b.client = _ScriptedBuffer(P.Roster(members=[_entry("a", RuntimeVersions("2.13.0", "12.8",
+    b.client = ScriptedBuffer(P.Roster(members=[_entry("a", RuntimeVersions("2.13.0", "12.8",
                                                                              "2.27.3"))],
                                         policy_version=4))
     report = SyncReport(version=5)
@@ -249,7 +236,7 @@ def test_catch_up_does_not_wait_for_a_refused_member(broadcaster):
     b, _ = broadcaster
     b._admit([_entry("a", GPU), _entry("b", RuntimeVersions("2.13.0", "12.8", "2.27.3"))],
              SyncReport(version=9))
-    b.client = _ScriptedBuffer(P.Roster(members=[P.RosterEntry(server_id="a", engine_url="",
+    b.client = ScriptedBuffer(P.Roster(members=[P.RosterEntry(server_id="a", engine_url="",
                                                                 engine_ranks=1,
                                                                 policy_version=10),
                                                  P.RosterEntry(server_id="b", engine_url="",

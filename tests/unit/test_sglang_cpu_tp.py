@@ -5,8 +5,6 @@ anything starts, of more ranks than CPUs."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -14,6 +12,7 @@ from areal_like.daemon import StartRefused
 from areal_like.settings.config import load_config
 from launch import preflight as pf
 from rollout_server.launch_sglang import THREADS_BIND, sglang_env, threads_bind
+from tests.conftest import run_cli
 
 
 def cpu_engine(tp: int):
@@ -58,9 +57,8 @@ def test_areal_like_run_refuses_more_cpu_ranks_than_cpus_before_starting_anythin
     tp = len(os.sched_getaffinity(0)) + 1
     run_dir = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if k != THREADS_BIND}
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", f"run_dir={run_dir}",
-                        "topology=cpu_sglang", f"rollout.engine.tp_size={tp}"],
-                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    r = run_cli("run", "-q", f"run_dir={run_dir}", "topology=cpu_sglang",
+                f"rollout.engine.tp_size={tp}", timeout=120, cwd=tmp_path, env=env)
     assert r.returncode == 2, r.stderr
     assert any(line.startswith(f"error: rollout.engine.tp_size={tp}: SGLang on CPU ")
                for line in r.stderr.splitlines()), r.stderr

@@ -9,11 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,11 +20,11 @@ from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.settings.distill_schema import DistillConfig
 from rollout_server.engine import EmbeddedEngine
 from rollout_server.teacher import Teacher, TeacherError, tokenizer_problem
+from tests.conftest import run_cli
 from tests.engine_kit import model_config, save_model
 
 PROMPT = [5, 6, 7]
 OUTPUTS = [[10, 11, 12, 13], [20, 21], [30]]
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -227,9 +224,7 @@ def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_
     # a directory that is not there is not read as the char tokenizer's, which the student has
     with pytest.raises(PreflightError, match="distill.teachers='/nonexistent/t' does not exist"):
         checked(load_config(["distill.teachers=[/nonexistent/t]", T1]))
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan",
-                        f"distill.teachers=[{teacher_dir}]", T1],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = run_cli("plan", f"distill.teachers=[{teacher_dir}]", T1, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = r.stdout.splitlines()
     own = [row for row in rows if row.split()[1:2] == ["teacher-0"]]
@@ -238,9 +233,7 @@ def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_
     servers = [row for row in rows if "rollout-" in row]
     assert servers and all("teacher process teacher-0" in row for row in servers)
     url = "http://127.0.0.1:9"
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", f"distill.teachers=[{url}]",
-                        T1],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = run_cli("plan", f"distill.teachers=[{url}]", T1, timeout=120)
     assert r.returncode == 0, r.stderr
     assert not [row for row in r.stdout.splitlines() if row.split()[1:2] == ["teacher-0"]]
     assert all(f"teacher {url}" in row for row in r.stdout.splitlines() if "rollout-" in row)
@@ -302,9 +295,7 @@ def test_a_task_no_teacher_scores_is_refused_before_start_and_plan_shows_each(te
                                                        "['chat']")):
         checked(load_config([*routed, "distill.teacher_tasks=[[math],[code]]"]))
     checked(load_config([*routed, "distill.teacher_tasks=[[math],[]]"]))
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", *routed,
-                        "distill.teacher_tasks=[[math],[]]"],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = run_cli("plan", *routed, "distill.teacher_tasks=[[math],[]]", timeout=120)
     assert r.returncode == 0, r.stderr
     servers = [row for row in r.stdout.splitlines() if "rollout-" in row]
     assert servers and all("teacher process teacher-0 (tasks math)  teacher http://127.0.0.1:9 "
@@ -322,7 +313,6 @@ def test_a_teacher_directory_is_served_on_distill_teacher_engine(teacher_dir):
     own = load_config([*job, *teacher_overrides(str(teacher_dir), load_config(job).distill)])
     assert (own.rollout.engine.kind, own.model.path) == ("vllm", str(teacher_dir))
     assert own.trainer.lora.rank == 0 and own.rollout.engine.tp_size == 1
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", *job],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    r = run_cli("plan", *job, timeout=120)
     assert r.returncode == 0, r.stderr
     assert f"engine vllm http://127.0.0.1:auto  model {teacher_dir}" in r.stdout, r.stdout

@@ -21,6 +21,7 @@ from areal_like.net.metrics import Metrics, MetricsServer
 from launch.rundir import lock_run_dir, write_job
 from launch.top import launcher as live_launcher
 from launch.top import newest_run_dir, status
+from tests.conftest import run_cli
 
 
 def _daemons(daemons: list[tuple[str, int, int | None]]) -> list[dict]:
@@ -45,8 +46,7 @@ def _states(out: str) -> dict[str, str]:
 
 def _top(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     """``areal-like top`` in a pipe (no terminal); TimeoutExpired if it does not exit."""
-    return subprocess.run([sys.executable, "-m", "launch.cli", "top", *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return run_cli("top", *args, timeout=timeout)
 
 
 def _finish(run_dir, summary: dict | None = None) -> None:
@@ -253,14 +253,11 @@ def test_top_without_the_metrics_token_says_so(tmp_path):
     try:
         _ports(tmp_path, [("buffer", srv.port, os.getpid())])
         env = {k: v for k, v in os.environ.items() if k != METRICS_TOKEN_ENV}
-        done = subprocess.run([sys.executable, "-m", "launch.cli", "top", str(tmp_path), "--once",
-                               "--interval", "0.1"], capture_output=True, text=True, timeout=30,
-                              env=env)
+        done = run_cli("top", str(tmp_path), "--once", "--interval", "0.1", timeout=30, env=env)
         assert done.returncode == 1 and "401" in done.stderr, (done.stdout, done.stderr)
         assert METRICS_TOKEN_ENV in done.stderr
-        done = subprocess.run([sys.executable, "-m", "launch.cli", "top", str(tmp_path), "--once",
-                               "--interval", "0.1"], capture_output=True, text=True, timeout=30,
-                              env={**env, METRICS_TOKEN_ENV: "t0k"})
+        done = run_cli("top", str(tmp_path), "--once", "--interval", "0.1", timeout=30,
+                       env={**env, METRICS_TOKEN_ENV: "t0k"})
         assert done.returncode == 0 and "ok" in done.stdout, (done.stdout, done.stderr)
     finally:
         srv.stop()
@@ -410,3 +407,58 @@ def test_a_job_started_without_run_and_stopped_says_where(tmp_path, capsys):
         json.dumps({**done, "policy_version": 3}) + "\n")
     assert status(tmp_path) == 1
     assert capsys.readouterr().out.splitlines()[0] == "job          completed at step 3 of 3"
+
+
+def test_status_tells_starting_up_and_down_apart(tmp_path, capsys):
+    """up: /health answers; starting: its process lives but does not answer yet; DOWN: neither
+    (a crashed daemon), also a live daemon whose port accepts but never answers (wedged for hours).
+    (finished: test_status_of_a_finished_run_shows_no_connection_errors.)"""
+    import socket
+
+    srv = MetricsServer(Metrics(), 0, "127.0.0.1")
+    waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    wedged = socket.create_server(("127.0.0.1", 0))  # the kernel completes the handshake only
+    try:
+        _ports(tmp_path, [("buffer", srv.port, None)])
+        assert status(tmp_path) == 0  # every daemon up
+        assert capsys.readouterr().out.split()[:2] == ["buffer", "up"]
+        _ports(tmp_path, [("buffer", srv.port, os.getpid()),
+                          ("rollout-0", free_port(), waiting.pid),  # no port open yet
+                          ("trainer", free_port(), _dead_pid()),
+                          ("rollout-1", wedged.getsockname()[1], os.getpid())])
+        assert status(tmp_path) == 1
+        assert _states(capsys.readouterr().out) == {
+            "buffer": "up", "rollout-0": "starting", "trainer": "DOWN", "rollout-1": "DOWN"}
+    finally:
+        waiting.kill()
+        waiting.wait()
+        wedged.close()
+        srv.stop()
+
+
+def test_top_without_a_terminal_prints_plain_tables(tmp_path):
+    m = Metrics()
+    m.gauge("buffer/trainer_version").set(7)
+    srv = MetricsServer(m, 0, "127.0.0.1")
+    try:
+        _ports(tmp_path, [("buffer", srv.port, None)])
+        once = _top(str(tmp_path), "--once", "--interval", "0.2")
+        assert once.returncode == 0, once.stderr
+        assert "trainer step -" in once.stdout and "buffer" in once.stdout and "7" in once.stdout
+        # no terminal control codes in a pipe (top without --once in a pipe, view after view:
+        # test_top_exits_with_a_last_view_when_the_job_it_watches_finishes)
+        assert "\x1b[" not in once.stdout
+    finally:
+        srv.stop()
+
+
+def test_top_once_fails_when_nothing_answers_and_a_bad_ports_file_is_named(tmp_path):
+    _ports(tmp_path, [("buffer", free_port(), None)])  # nobody listens there
+    once = _top(str(tmp_path), "--once", "--interval", "0.1")
+    assert once.returncode == 1, (once.returncode, once.stdout, once.stderr)
+    (tmp_path / "ports.json").write_text('{"daemons": [{"name": "buffer"}]}')
+    bad = _top(str(tmp_path), "--once", "--interval", "0.1")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr, bad.stderr
+    assert "ports.json is not a ports file" in bad.stderr and "health_url" in bad.stderr, bad.stderr
+    (tmp_path / "ports.json").write_text("{not json")
+    assert "is not a ports file" in run_cli("status", str(tmp_path), timeout=120).stderr

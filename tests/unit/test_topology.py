@@ -8,6 +8,7 @@ import pytest
 
 from areal_like.settings.config import ConfigError, RunConfig, load_config
 from launch.topology import apply_topology, plan_topology, split_address, split_cpus
+from tests.conftest import run_cli
 
 
 def _cfg(*overrides: str) -> RunConfig:
@@ -320,14 +321,9 @@ def test_a_cpu_job_lays_itself_out_from_the_cores_and_keeps_the_counts_it_sets(b
 
 
 def test_plan_ends_with_what_the_cores_chose_and_says_nothing_of_counts_set_by_hand():
-    import subprocess
-    import sys
-    from pathlib import Path
 
     def plan(*overrides: str) -> list[str]:
-        r = subprocess.run([sys.executable, "-m", "launch.cli", "plan", *overrides],
-                           capture_output=True, text=True, timeout=120,
-                           cwd=Path(__file__).resolve().parents[2])
+        r = run_cli("plan", *overrides, timeout=120)
         assert r.returncode == 0, r.stderr
         return r.stdout.splitlines()
 

@@ -31,6 +31,7 @@ from launch.records import curve_figure, eval_records, job_over, plot_curve
 from launch.topology import Topology
 from launch.track_sink import JsonlTail, TrackerSink, follow, scalars
 from launch.tracking import JsonlTracker, MlflowTracker, TensorBoardTracker, Tracker, WandbTracker
+from tests.conftest import run_cli
 from trainer.data import BatchSource
 from trainer.loop import Trainer
 from trainer.samples import sample_rows
@@ -196,7 +197,7 @@ def test_a_tracker_that_cannot_start_is_an_error_line_naming_it(tmp_path):
     """wandb online without a login raised its UsageError through `areal-like run` and `track`
     (a traceback, after the warm start). Here wandb itself, online, with no key anywhere it
     looks (its environment variable, ~/.netrc, its settings)."""
-    from tests.conftest import child_env, run_cli
+    from tests.conftest import child_env
 
     run = tmp_path / "run"
     run.mkdir()
@@ -227,8 +228,7 @@ def test_track_of_a_job_started_without_run_ends_with_its_trainer_and_final_eval
     assert job_over(run, dataclasses.replace(cfg, eval=EvalConfig(at_end=False)))
     append(run / "eval.jsonl", {"final": True, "policy_version": 3, "greedy_accuracy": 1.0})
     assert job_over(run, cfg)
-    done = subprocess.run([sys.executable, "-m", "launch.cli", "track", str(run)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = run_cli("track", str(run), timeout=120)
     assert done.returncode == 0, done.stderr
     assert any("eval/greedy_accuracy" in r.get("metrics", {}) for r in merged(run))
 

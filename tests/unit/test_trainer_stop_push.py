@@ -5,39 +5,20 @@ out the push's ``deadline_s`` (60 s, holding job.lock) on members that no longer
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 
 import torch
+from test_weight_plan_deadline import CountingConfig, broadcaster
 
 from areal_like.settings.config import WeightSyncConfig, load_config
 from areal_like.wire import protocol as P
+from trainer.engine_drive import EngineDrive
 from trainer.loop import Trainer
 from trainer.weight_sync import WeightBroadcaster
 
 DEADLINE_S = 60.0  # the push's own deadline: what a stop must not wait out
 STOP_S = 10.0  # the push ends this soon after the stop request
-
-
-class _Roster:
-    """The buffer's side: one member, whose engine and sync port are at ``engine_url``."""
-
-    def __init__(self, engine_url: str):
-        self.engine_url = engine_url
-
-    def request(self, msg, timeout_s=None):
-        if isinstance(msg, P.RosterRequest):
-            entry = P.RosterEntry(server_id="a", engine_url=self.engine_url, engine_ranks=1,
-                                  policy_version=0, sync_url=self.engine_url)
-            return P.Roster(members=[entry], policy_version=0)
-        return P.Ack(ref=str(getattr(msg, "policy_version", "")), status="ok")
-
-
-class _Config:
-    def save_pretrained(self, path: str) -> None:
-        with open(f"{path}/config.json", "w") as f:
-            json.dump({}, f)
 
 
 def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
@@ -46,13 +27,11 @@ def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
     the deadline."""
     trainer = Trainer.from_run(load_config([f"run_dir={tmp_path}"]))
     frozen = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
-    wb = WeightBroadcaster(WeightSyncConfig(path="disk", deadline_s=DEADLINE_S),
-                           buffer_address="tcp://127.0.0.1:9", rank=0, device=torch.device("cpu"))
-    wb.client.close()
-    wb.client = _Roster(f"http://127.0.0.1:{frozen.getsockname()[1]}")
-    trainer.broadcaster = wb
+    trainer.broadcaster = wb = broadcaster(WeightSyncConfig(path="disk", deadline_s=DEADLINE_S),
+                                           {"a": f"http://127.0.0.1:{frozen.getsockname()[1]}"},
+                                           EngineDrive())
     model = torch.nn.Linear(2, 2)
-    model.config = _Config()
+    model.config = CountingConfig()
     reports = []
     push = threading.Thread(target=lambda: reports.append(wb.push(model, 1)), daemon=True)
     push.start()

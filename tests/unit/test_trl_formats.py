@@ -2,14 +2,14 @@
 text, an optional ``completion``) are plain text; conversational rows (``prompt`` as a list of
 {role, content} messages, or a ``messages`` column) go through the tokenizer's chat template with
 the generation prompt, in every file format the loader reads. Ambiguous data is refused naming
-the key to set, by the loader and by the preflight (``areal-like config``)."""
+the key to set, by the loader (the preflight's refusal before start, through ``areal-like run``:
+tests/integration/test_trl_data_job.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -19,7 +19,7 @@ import pytest
 from areal_like.settings.config import ConfigError, TaskConfig
 from areal_like.tasks.task import Example, encode_prompt, make_task, prompt_layout
 from areal_like.tasks.tokenizer import char_tokenizer
-from tests.conftest import child_env
+from tests.conftest import run_cli
 
 SUMS = [(12, 34), (90, 11), (5, 7)]
 CONVERSATIONAL = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a + b)}
@@ -131,16 +131,6 @@ def test_ambiguous_data_is_refused_naming_the_key(tmp_path):
         dataset(tmp_path / "d.parquet", answer_key="")
 
 
-def test_the_preflight_refuses_ambiguous_data_before_start(tmp_path):
-    both = write("jsonl", tmp_path, [{**r, "messages": r["prompt"]} for r in CONVERSATIONAL])
-    r = subprocess.run([sys.executable, "-m", "launch.cli", "config", "task=dataset",
-                        f"task.dataset_path={both}", "task.max_new_tokens=8"],
-                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=child_env())
-    assert r.returncode == 2 and r.stdout == "", r.stderr
-    assert r.stderr.startswith(f"error: task.messages_key: {both} has both a 'prompt' column and "
-                               "a 'messages' column"), r.stderr
-
-
 def test_a_conversational_prompt_column_needs_a_chat_template(tmp_path):
     """A tokenizer without a chat template on TRL's conversational rows: refused before start,
     naming the key to set; a plain-text dataset needs none."""
@@ -154,9 +144,7 @@ def test_a_conversational_prompt_column_needs_a_chat_template(tmp_path):
               "task.max_new_tokens=8"]
 
     def config(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "launch.cli", "config", *common, *extra],
-                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                              env=child_env())
+        return run_cli("config", *common, *extra, timeout=300, cwd=tmp_path)
 
     r = config(f"task.dataset_path={conv}")
     assert r.returncode == 2 and r.stderr.splitlines() == [

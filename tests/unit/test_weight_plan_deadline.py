@@ -1,11 +1,14 @@
-"""Path disk against the push's deadline (trainer/weight_sync.py, trainer/weight_local.py): a
-plan's deadline is what is left when the plan goes out, after its sender wrote the payloads (a
-whole HF directory), so the members never wait past the trainer's deadline; and a re-push to the
-survivors of a lost member sends the directory already written instead of writing it again.
+"""Whole pushes against their deadline (trainer/weight_sync.py, trainer/weight_local.py). Path
+disk: a plan's deadline is what is left when the plan goes out, after its sender wrote the
+payloads (a whole HF directory), so the members never wait past the trainer's deadline; and a
+re-push to the survivors of a lost member sends the directory already written instead of writing it
+again. Path tensor, overlapped (trainer/WEIGHT_SYNC.md "Overlap"): which report a step's record
+gets, and each push's deadline counted from when it starts its own work.
 
 Rank 0 drives the members' engines itself (trainer/engine_drive.py, the real ``EngineDrive``): each
-member's engine is a stand-in over real HTTP that answers the calls of a disk sync (pause, load,
-continue, ``/health``) and loads, fails at once or freezes as the test says, and, on the same port,
+member's engine is a stand-in over real HTTP that answers the calls of a disk or tensor sync
+(pause, session, load, continue, ``/health``) and loads, loads slowly, fails at once or freezes as
+the test says, and, on the same port,
 its rollout server's sync port (``/begin``, vouching for its id, ``/end``); the buffer is a
 scripted roster."""
 
@@ -30,18 +33,20 @@ from trainer.engine_drive import EngineDrive
 from trainer.weight_sync import WeightBroadcaster
 
 WRITE_S = 0.6  # how long the stand-in model's directory takes to write
+SLOW_S = 1.0  # how long a "slow" engine takes to load: more than the least a plan gets (0.5 s)
 FROZEN_S = 60.0  # a frozen engine's longest silence (the test ends it sooner)
 
 
-class _Engine:
-    """An engine over real HTTP for a disk sync; ``how(body)`` of each load (its JSON body) says
-    what it does: "done", "failed" (a 500 at once) or "frozen" (no answer until ``close``: the
-    sync runs into its deadline). ``loaded``: the version labels it loaded."""
+class Engine:
+    """An engine over real HTTP for a disk or tensor sync; ``how(body)`` of each load (its JSON
+    body; a tensor sync's last bucket) says what it does: "done", "slow" (done after ``SLOW_S``),
+    "failed" (a 500 at once) or "frozen" (no answer until ``close``: the sync runs into its
+    deadline). ``loaded``: the version labels it loaded."""
 
     def __init__(self, how: Callable[[dict], str]):
         self.how, self.loaded, self.released = how, [], threading.Event()
         self.ended, self.end_s = [], 0.0  # each /end's ok, answered after ``end_s``
-        self.server_id = ""  # the roster's id for it (``_Buffer``)
+        self.server_id = ""  # the roster's id for it (``RosterBuffer``)
         engine = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -56,12 +61,14 @@ class _Engine:
                 if self.path == "/end":
                     time.sleep(engine.end_s)
                     engine.ended.append(body["ok"])
-                if self.path != "/update_weights_from_disk":  # begin, pause, continue, end
+                if body.get("weight_version") is None:  # begin, pause, a bucket, continue, end
                     return self._reply(200, {})
                 how = engine.how(body)
                 if how == "frozen":
                     engine.released.wait(FROZEN_S)
-                elif how == "done":
+                elif how == "slow":
+                    time.sleep(SLOW_S)
+                if how in ("done", "slow"):
                     engine.loaded.append(body["weight_version"])
                     return self._reply(200, {"success": True})
                 self._reply(500, {"error": {"message": f"load {how}"}})
@@ -88,7 +95,7 @@ class _Engine:
         self.server.server_close()
 
 
-class _Recording(EngineDrive):
+class Recording(EngineDrive):
     """The real drive, keeping each plan it was given with the time it went out."""
 
     def __init__(self):
@@ -100,15 +107,15 @@ class _Recording(EngineDrive):
         super().start(plan, entries)
 
 
-class _Buffer:
-    """The roster of ``members`` (id -> ``_Engine``, or a URL where nothing answers), each
+class RosterBuffer:
+    """The roster of ``members`` (id -> ``Engine``, or a URL where nothing answers), each
     showing life between two pushes (its ``active`` count moves, as a member asking for leases
     does); everything else acknowledged."""
 
-    def __init__(self, members: dict[str, _Engine | str]):
+    def __init__(self, members: dict[str, Engine | str]):
         self.members, self.asked = members, 0
         for s, engine in members.items():
-            if isinstance(engine, _Engine):
+            if isinstance(engine, Engine):
                 engine.server_id = s
 
     def request(self, msg, timeout_s=None):
@@ -122,17 +129,17 @@ class _Buffer:
         return P.Ack(ref="", status="ok")
 
 
-def _broadcaster(cfg: WeightSyncConfig, members: dict, drive: EngineDrive,
+def broadcaster(cfg: WeightSyncConfig, members: dict, drive: EngineDrive,
                  metrics: Metrics | None = None) -> WeightBroadcaster:
     wb = WeightBroadcaster(cfg, buffer_address="tcp://127.0.0.1:9", rank=0,
                            device=torch.device("cpu"), metrics=metrics, drive=drive)
     wb.client.close()
-    wb.client = _Buffer(members)
+    wb.client = RosterBuffer(members)
     return wb
 
 
 @contextlib.contextmanager
-def _closing(wb: WeightBroadcaster, *engines: _Engine):
+def closing(wb: WeightBroadcaster, *engines: Engine):
     try:
         yield wb
     finally:
@@ -142,7 +149,7 @@ def _closing(wb: WeightBroadcaster, *engines: _Engine):
         wb.close()
 
 
-class _SlowConfig:
+class SlowConfig:
     def save_pretrained(self, path: str) -> None:
         time.sleep(WRITE_S)
         with open(f"{path}/config.json", "w") as f:
@@ -151,10 +158,10 @@ class _SlowConfig:
 
 def test_the_plan_deadline_leaves_out_the_time_spent_making_the_payloads():
     cfg = WeightSyncConfig(path="disk", deadline_s=5.0)
-    engine, drive = _Engine(lambda body: "done"), _Recording()
+    engine, drive = Engine(lambda body: "done"), Recording()
     model = torch.nn.Linear(2, 2)
-    model.config = _SlowConfig()
-    with _closing(_broadcaster(cfg, {"a": engine}, drive), engine) as wb:
+    model.config = SlowConfig()
+    with closing(broadcaster(cfg, {"a": engine}, drive), engine) as wb:
         t0 = time.monotonic()
         report = wb.push(model, 1)
     assert report.done == ["a"] and engine.loaded == ["1"], report
@@ -164,7 +171,7 @@ def test_the_plan_deadline_leaves_out_the_time_spent_making_the_payloads():
     assert sent + plan.deadline_s <= t0 + cfg.deadline_s + 0.2, (plan.deadline_s, sent - t0)
 
 
-class _Counting:
+class CountingConfig:
     def __init__(self):
         self.writes = 0
 
@@ -179,12 +186,12 @@ def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
     roster), b's fails the first plan at once (the group-less paths re-push too) and loads the
     second, which goes to b alone."""
     cfg = WeightSyncConfig(path="disk", deadline_s=20.0)
-    drive = _Recording()
-    b = _Engine(lambda body: "failed" if len(drive.plans) == 1 else "done")
+    drive = Recording()
+    b = Engine(lambda body: "failed" if len(drive.plans) == 1 else "done")
     model = torch.nn.Linear(2, 2)
-    model.config = _Counting()
+    model.config = CountingConfig()
     members = {"a": f"http://127.0.0.1:{free_port()}", "b": b}
-    with _closing(_broadcaster(cfg, members, drive), b) as wb:
+    with closing(broadcaster(cfg, members, drive), b) as wb:
         report = wb.push(model, 1)
     assert report.done == ["b"] and report.repushed == ["b"] and b.loaded == ["1"], report
     first, again = (plan for plan, _ in drive.plans)
@@ -201,11 +208,11 @@ def test_a_push_cut_at_its_deadline_is_counted_for_its_alert():
     a's engine freezes in v1 and loads v2 at once."""
     cfg = WeightSyncConfig(path="disk", deadline_s=1.0)
     metrics = Metrics()
-    engine = _Engine(lambda body: "frozen" if body["weight_version"] == "1" else "done")
+    engine = Engine(lambda body: "frozen" if body["weight_version"] == "1" else "done")
     model = torch.nn.Linear(2, 2)
-    model.config = _Counting()
+    model.config = CountingConfig()
     near = "areal_trainer_weight_sync_near_deadline_total"
-    with _closing(_broadcaster(cfg, {"a": engine}, _Recording(), metrics), engine) as wb:
+    with closing(broadcaster(cfg, {"a": engine}, Recording(), metrics), engine) as wb:
         assert metrics.registry.get_sample_value(near) == 0  # served before any push
         cut, fast = wb.push(model, 1), wb.push(model, 2)
     assert cut.dropped == ["a"] and fast.done == ["a"] and engine.loaded == ["2"], (cut, fast)
@@ -228,16 +235,16 @@ def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplo
     # 1 s: a plan gets at least 0.5 s (``WeightBroadcaster``), so a frozen plan's member task
     # would outlive a shorter push and hold up the next plan's (one member task at a time)
     cfg = WeightSyncConfig(path="disk", deadline_s=1.0)
-    drive = _Recording()
+    drive = Recording()
     paths = lambda: [plan.payloads[0] for plan, _ in drive.plans]  # noqa: E731 - one line
-    engine = _Engine(lambda body: answers[paths().index(body["model_path"])])
+    engine = Engine(lambda body: answers[paths().index(body["model_path"])])
     model = torch.nn.Linear(2, 2)
-    model.config = _Counting()
+    model.config = CountingConfig()
 
     def errors() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
 
-    with _closing(_broadcaster(cfg, {"a": engine}, drive), engine) as wb:
+    with closing(broadcaster(cfg, {"a": engine}, drive), engine) as wb:
         engines = EngineSchedule(cfg, wb, model, final_version=10)
         for _ in range(5):  # two cut, one loaded, one cut, one failed at once
             engines.repush(1)
@@ -260,11 +267,11 @@ def test_a_trainer_closing_after_its_last_push_still_tells_each_server_how_it_en
     """A member's result is known before its server is told (``/end``, which the push does not
     wait for); a trainer closed right after its last push tells it still: a server not told
     holds its leases until the sync's window passes."""
-    engine = _Engine(lambda body: "done")
+    engine = Engine(lambda body: "done")
     engine.end_s = 0.5
     model = torch.nn.Linear(2, 2)
-    model.config = _Counting()
-    wb = _broadcaster(WeightSyncConfig(path="disk", deadline_s=5.0), {"a": engine}, EngineDrive())
+    model.config = CountingConfig()
+    wb = broadcaster(WeightSyncConfig(path="disk", deadline_s=5.0), {"a": engine}, EngineDrive())
     try:
         report = wb.push(model, 1)
         wb.client = None
@@ -272,3 +279,42 @@ def test_a_trainer_closing_after_its_last_push_still_tells_each_server_how_it_en
         assert report.done == ["a"] and engine.ended == [True], (report, engine.ended)
     finally:
         engine.close()
+
+
+def test_a_resync_after_a_failed_overlapped_push_leaves_its_report_to_the_next_record():
+    """An overlapped push returns the previous push's report; a blocking push in between (the
+    resync on a data stall) must not take the place of a report no record has carried yet. Member
+    a's engine freezes the first time it gets v1 (cut at the deadline) and loads the resync."""
+    from trainer.engine_lag import EngineSchedule
+
+    cfg = WeightSyncConfig(path="tensor", deadline_s=1.0)
+    seen: list[str] = []
+
+    def how(body: dict) -> str:
+        seen.append(body["weight_version"])
+        return "frozen" if seen.count("1") == 1 and seen[-1] == "1" else "done"
+
+    engine = Engine(how)
+    with closing(broadcaster(cfg, {"a": engine}, EngineDrive()), engine) as wb:
+        engines = EngineSchedule(cfg, wb, torch.nn.Linear(4, 4), final_version=10)
+        engines.after_step(0)  # the setup push, blocking
+        assert engines.after_step(1, wait=False).version == 0  # v1 goes on in the background
+        assert engines.repush(1).done == ["a"]  # no data for v1: pushed again, blocking; it lands
+        record = engines.after_step(2, wait=False)  # what step 2's record carries
+    assert (record.version, record.dropped, record.cut) == (1, ["a"], True), record
+
+
+def test_an_overlapped_push_gets_its_whole_deadline_after_waiting_for_the_one_before():
+    """The next push's deadline counted from before it waited for the overlapped push still
+    running: after one push ran out its deadline the next one had none left, and every member,
+    the healthy ones too, was dropped from that version as well. Member a's engine freezes in v1
+    and takes ``SLOW_S`` (half the deadline) to load v2."""
+    cfg = WeightSyncConfig(path="tensor", deadline_s=2 * SLOW_S)
+    engine = Engine(lambda body: "frozen" if body["weight_version"] == "1" else "slow")
+    model = torch.nn.Linear(4, 4)
+    with closing(broadcaster(cfg, {"a": engine}, EngineDrive()), engine) as wb:
+        wb.push(model, 1, wait=False)
+        first = wb.push(model, 2, wait=False)  # v1's report, once v1 ran out its deadline
+        second = wb.join()
+    assert (first.version, first.dropped) == (1, ["a"]), first
+    assert (second.version, second.done, engine.loaded) == (2, ["a"], ["2"]), second
