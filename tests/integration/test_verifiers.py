@@ -1,8 +1,9 @@
 """Environments written with the verifiers library (``task=verifiers``,
 areal_like/tasks/verifiers_env.py): a multi-turn episode with an MCP tool runs in the sandboxed
 agent pool against the real agent endpoint, its trajectory holding exactly the tokens the endpoint
-served; the shipped single-turn example learns under ``areal-like run``; the multi-turn example
-runs a job end to end; without the extra, ``task=verifiers`` is refused before anything starts.
+served; the shipped examples learn under ``areal-like run``, the single-turn one and the
+multi-turn one with its tool; without the extra, ``task=verifiers`` is refused before anything
+starts.
 
 The episode test's engine is test_agent_endpoint's ``Scripted`` (scripted replies in the char
 tokenizer's ids), so the model calls the tool; everything else is real: verifiers' Env, its
@@ -105,23 +106,36 @@ def summary_of(out: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def rewards_of(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics/trainer.jsonl").read_text().splitlines()
+    return [json.loads(line)["reward_mean"] for line in lines if "reward_mean" in line]
+
+
 @pytest.mark.timeout(900)
-def test_the_multi_turn_tool_example_runs_a_job_end_to_end(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = run_cli("run", "-q", "experiment=vf_calc", "trainer.steps=2", "task.group_size=2",
-                   "buffer.groups_per_step=1", "buffer.max_staleness=1", "task.max_turns=2",
-                   "task.env_args={num_tasks: 64}", f"run_dir={run_dir}", timeout=840)
+def test_the_multi_turn_tool_example_learns_to_call_its_tool(tmp_path):
+    """experiment=vf_calc, shortened: its warm start as shipped, then STEPS RL steps. The
+    warm-started model calls the `mul` tool in about two episodes of three and answers at once
+    (wrongly) otherwise; RL makes it call the tool. A step's mean is over 32 episodes, so the rise
+    is judged on the first and last 5 steps (160 episodes each; std of the difference ~0.05)."""
+    steps, run_dir = 16, tmp_path / "run"
+    proc = run_cli("run", "-q", "experiment=vf_calc", f"trainer.steps={steps}",
+                   f"run_dir={run_dir}", timeout=840)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = summary_of(proc.stdout)
-    assert summary["end"] == "completed" and summary["steps_trained"] == 2, summary
+    assert summary["end"] == "completed" and summary["steps_trained"] == steps, summary
+    rewards = rewards_of(run_dir)
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last >= first + 0.1, rewards
     scrapes = [json.loads(line) for line in (run_dir / "metrics/scrape.jsonl").read_text()
                .splitlines()]
     name = "areal_rollout_agent_episodes_total"
     episodes = {k: v for r in scrapes if r["daemon"] == "rollout-0"
                 for k, v in r["values"].items() if k.startswith(name)}
-    # verifiers' episodes ended normally (ok, or out of turns/room): none raised
-    assert episodes.get(name + '{outcome="ok"}', 0) >= 1, episodes
-    assert not [k for k in episodes if "error" in k or "no_call" in k], episodes
+    # verifiers' episodes ended normally (ok, or out of turns/room), but for a rare one whose
+    # model call failed
+    ok = episodes.get(name + '{outcome="ok"}', 0)
+    failed = sum(v for k, v in episodes.items() if "error" in k or "no_call" in k)
+    assert ok >= 32 * steps and failed <= 0.05 * ok, episodes
 
 
 def test_without_the_extra_task_verifiers_is_refused_before_anything_starts(tmp_path):
@@ -144,8 +158,7 @@ def test_the_single_turn_example_learns(tmp_path):
     proc = run_cli("run", "-q", "experiment=vf_reverse", f"run_dir={run_dir}", timeout=1440)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert summary_of(proc.stdout)["steps_trained"] == 40
-    lines = (run_dir / "metrics/trainer.jsonl").read_text().splitlines()
-    rewards = [json.loads(line)["reward_mean"] for line in lines if "reward_mean" in line]
+    rewards = rewards_of(run_dir)
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     assert last >= first + 0.08, rewards
 
