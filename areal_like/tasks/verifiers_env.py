@@ -195,14 +195,22 @@ async def episode(hold: Served, client_base_url: str, api_key: str, example: Exa
         await hold.drop(key)  # verifiers itself failed: the next episode serves afresh
         raise
     finally:
-        clients = getattr(env._interception, "clients", {})
-        if (made := clients.pop(client.model_dump_json(), None)) is not None:
-            await made.close()
+        await forget_client(env, client.model_dump_json())
     errors = episode.errors + [e for t in episode.traces for e in t.errors]
     if errors:  # the next episode serves afresh: a failed episode can leave the interception
         await hold.drop(key)  # server's client unusable (later calls all failing)
         raise RuntimeError(f"verifiers episode failed: {errors[0].type}: {errors[0].message}")
     return sum(t.reward for t in episode.traces)
+
+
+async def forget_client(env: Any, key: str) -> None:
+    """Close and forget the model client the interception servers made for the client config
+    ``key`` (an elastic pool's ``servers``, or one server)."""
+    interception = env._interception
+    for server in getattr(interception, "servers", [interception]):
+        clients = getattr(server, "clients", None)
+        if clients is not None and (made := clients.pop(key, None)) is not None:
+            await made.close()
 
 
 def demo(example: Example, rng: random.Random) -> list[dict]:
