@@ -2,18 +2,22 @@
 installed package's id or a module path) and ``task.env_args`` sets its config's fields.
 
 The taskset's tasks are the prompts (``examples``; ``task.py``'s ``VerifiersTask``). Each episode
-is verifiers' own
-single-agent episode (``Env.run_slot``) run by ``run`` in a sandboxed agent worker: verifiers'
-interception server relays its model calls to the rollout server's agent endpoint, which records
-every token, and the sum of the task's weighted rewards (its ``@vf.reward`` methods) is the
-episode's reward. The chat loop is verifiers' own program, run in the worker's process
-(``vf_harness.py``); tool servers (``vf.Toolset``) run as subprocesses of the worker.
+is verifiers' own single-agent episode (``Env.run_slot``) run by ``run`` in a sandboxed agent
+worker, under the one ``Env.serving()`` the worker holds (``Served``: its interception server and
+the taskset's shared tool servers start once per worker): verifiers' interception server relays
+its model calls to the rollout server's agent endpoint, which records every token, and the sum of
+the task's weighted rewards (its ``@vf.reward`` methods) is the episode's reward. The chat loop is
+verifiers' own program, run in the worker's process (``vf_harness.py``); tool servers
+(``vf.Toolset``) run as subprocesses of the worker.
 
 Nothing here imports verifiers at module level: without the ``verifiers`` extra the launcher's
 preflight names it (``missing``).
 """
 from __future__ import annotations
 
+import asyncio
+import atexit
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -21,6 +25,7 @@ import os
 import random
 import sys
 import tempfile
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -96,32 +101,131 @@ def examples(cfg: TaskConfig) -> list[Example]:
     return out
 
 
+class Served:
+    """verifiers' serving resources (``Env.serving``: its interception server, the taskset's
+    shared tool servers) held for a worker process's whole life, as an eval holds them for all
+    its episodes: a shared tool server starts once, not once an episode (its process's imports
+    alone cost seconds). They live on an event loop of their own in a daemon thread, each env's
+    in one task that holds ``serving()`` open (what it enters, anyio's task groups, must be left
+    by the task that entered it); episodes run as tasks on that loop."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="verifiers-serving",
+                         daemon=True).start()
+        # key -> (the env, the event that ends its serving, the task holding it)
+        self.envs: dict[str, tuple[Any, asyncio.Event, asyncio.Task]] = {}
+        atexit.register(self.close)
+
+    async def env(self, key: str) -> Any:
+        """The loaded env of ``key`` (its id and JSON args), serving (on this loop)."""
+        if key in self.envs:
+            return self.envs[key][0]
+        env, stop, ready = load(*json.loads(key)), asyncio.Event(), self.loop.create_future()
+
+        async def hold():
+            try:
+                async with env.serving():
+                    ready.set_result(None)
+                    await stop.wait()
+            except BaseException as e:
+                if not ready.done():
+                    ready.set_exception(e)
+                raise
+
+        task = self.loop.create_task(hold())
+        self.envs[key] = env, stop, task
+        try:
+            await ready
+        except BaseException:
+            self.envs.pop(key, None)
+            task.cancel()
+            raise
+        return env
+
+    async def drop(self, key: str) -> None:
+        """Leave ``key``'s ``serving()``, waiting for it (a next one reuses the env object)."""
+        if (held := self.envs.pop(key, None)) is not None:
+            held[1].set()
+            with contextlib.suppress(BaseException):
+                await held[2]
+
+    def close(self) -> None:
+        """Leave every ``serving()`` (its tool servers stop) at the process's exit."""
+        async def leave():
+            await asyncio.gather(*(self.drop(k) for k in list(self.envs)))
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(leave(), self.loop).result(10)
+
+
+@lru_cache(maxsize=1)
+def served() -> Served:
+    return Served()
+
+
 async def run(client_base_url: str, api_key: str, example: Example) -> float:
     """One verifiers episode of ``example``'s task against the agent endpoint; its reward."""
     if not os.access(Path.home(), os.W_OK):  # a sandboxed worker: only its own /tmp is writable,
         os.environ["HOME"] = tempfile.gettempdir()  # and verifiers keeps runtimes under ~/.cache
+    hold = served()
+    return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
+        episode(hold, client_base_url, api_key, example), hold.loop))
+
+
+async def episode(hold: Served, client_base_url: str, api_key: str, example: Example) -> float:
+    """``run``'s episode, on ``hold``'s loop."""
     import verifiers.v1 as vf
     from verifiers.v1.env import RunSlot
 
     meta = example.metadata["verifiers"]
-    env = load(meta["env"], json.dumps(meta["env_args"], sort_keys=True))
+    key = json.dumps([meta["env"], json.dumps(meta["env_args"], sort_keys=True)])
+    env = await hold.env(key)
     task_cls = type(env.taskset).task_type()
     task = task_cls(task_cls.data_type().model_validate(meta["task"]), env.taskset.config.task)
     os.environ[KEY_VAR] = api_key  # one episode at a time per worker
-    client = vf.EvalClientConfig(base_url=client_base_url, api_key_var=KEY_VAR)
-    async with env.serving():
+    # verifiers' interception server keeps one model client per distinct client config, its key
+    # read when it is made: a config of the episode's own (a header naming it) gets a client
+    # with this episode's key, closed and forgotten when the episode ends
+    client = vf.EvalClientConfig(base_url=client_base_url, api_key_var=KEY_VAR,
+                                 headers={"X-Areal-Episode": api_key[-12:]})
+    try:
         episode = await env.run_slot(RunSlot(task), vf.ModelContext(model=MODEL, client=client))
+    except BaseException:
+        await hold.drop(key)  # verifiers itself failed: the next episode serves afresh
+        raise
+    finally:
+        await forget_client(env, client.model_dump_json())
     errors = episode.errors + [e for t in episode.traces for e in t.errors]
-    if errors:
+    if errors:  # the next episode serves afresh: a failed episode can leave the interception
+        await hold.drop(key)  # server's client unusable (later calls all failing)
         raise RuntimeError(f"verifiers episode failed: {errors[0].type}: {errors[0].message}")
     return sum(t.reward for t in episode.traces)
 
 
+async def forget_client(env: Any, key: str) -> None:
+    """Close and forget the model client the interception servers made for the client config
+    ``key`` (an elastic pool's ``servers``, or one server)."""
+    interception = env._interception
+    for server in getattr(interception, "servers", [interception]):
+        clients = getattr(server, "clients", None)
+        if clients is not None and (made := clients.pop(key, None)) is not None:
+            await made.close()
+
+
 def demo(example: Example, rng: random.Random) -> list[dict]:
-    """The warm start's conversation: the prompt and the task's ``answer`` field."""
+    """The warm start's conversation: the taskset's own ``demo(messages, task, rng)`` (a static
+    method: the prompt's messages and the task's data as JSON, to the whole conversation, tool
+    calls and tool replies included) when it has one, else the prompt and the task's ``answer``
+    field."""
+    meta = example.metadata["verifiers"]
+    taskset = load(meta["env"], json.dumps(meta["env_args"], sort_keys=True)).taskset
+    if callable(own := getattr(type(taskset), "demo", None)):
+        return own(list(example.messages), meta["task"], rng)
     if not example.answer:
         raise ConfigError("warm_start.steps > 0 with task=verifiers needs tasks with an `answer` "
-                          "field to learn from; set warm_start.steps=0")
+                          "field or a taskset demo(messages, task, rng) to learn from; set "
+                          "warm_start.steps=0")
     return [*example.messages, {"role": "assistant", "content": example.answer}]
 
 
