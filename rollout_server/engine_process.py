@@ -20,6 +20,7 @@ Invariants:
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import os
@@ -103,7 +104,7 @@ class StartAborted(RuntimeError):
     """``EngineProcess.start`` gave up because a stop was requested (what it started is stopped)."""
 
 
-class EngineProcess:
+class EngineProcess(abc.ABC):
     """One engine server subprocess (``NAME``: SGLang, vLLM): ``start()`` -> base URL once
     ``/health`` answers 200. A subclass gives ``check_version``, ``environment`` and ``command``."""
 
@@ -129,18 +130,18 @@ class EngineProcess:
     def engine_ranks(self) -> int:
         return self.engine.tp_size
 
+    @abc.abstractmethod
     def check_version(self) -> None:
         """Refuse (before anything starts) an engine release this launch was not checked with."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def environment(self) -> dict[str, str]:
         """The engine's environment (``TMPDIR`` is added to it)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def command(self, tmpdir: str, env: dict[str, str]) -> tuple[list[str], str | None]:
         """The argv, and the file of secrets it names (removed once healthy), if any; ``env`` is
         the engine's environment (an engine may take its secrets from there)."""
-        raise NotImplementedError
 
     def start(self, stop_requested: Callable[[], bool] = lambda: False,
               meanwhile: Callable[[], object] | None = None) -> EngineProcess:

@@ -73,22 +73,19 @@ class CalcTaskset(vf.Taskset[CalcTask, CalcConfig]):
 __all__ = ["CalcTaskset"]
 
 
-
 def exit_with_parent() -> None:
-    """End this process when the one that started it is gone: verifiers starts a tool server in
-    a session of its own, so a killed agent worker would otherwise leave it running."""
+    """Ask the kernel to kill this process when the one that started it dies (``PR_SET_PDEATHSIG``,
+    as ``areal_like/tied.py`` does for the job's daemons): verifiers starts a tool server in a
+    session of its own, so a killed agent worker would otherwise leave it running."""
+    import ctypes
     import os
-    import threading
-    import time
+    import signal
+    import sys
 
     parent = os.getppid()
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(0)
-
-    threading.Thread(target=watch, daemon=True).start()
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # 1: PR_SET_PDEATHSIG, <linux/prctl.h>
+    if os.getppid() != parent:  # gone before the ask
+        sys.exit(0)
 
 
 if __name__ == "__main__":  # the tool server's process (verifiers starts it with python -m)

@@ -310,7 +310,6 @@ ALLOWED_PRIVATES = {
     "areal_like/settings/config.py": {"_get_node"},  # OmegaConf: a key's node without resolving it
     # verifiers: the serving env's interception server, whose per-episode model client run() closes
     "areal_like/tasks/verifiers_env.py": {"_interception"},
-    "areal_like/tasks/vf_calc.py": {"_exit"},  # os._exit: a tool server whose parent is gone
     # os._exit: leave at once after the logs are flushed; a marker of ours on logging's root
     "areal_like/daemon.py": {"_exit", "_areal_like_configured"},
     # torch.distributed: a process group over a store we connected, and an NCCL timeout option
