@@ -72,22 +72,18 @@ def test_status_says_starting_for_a_daemon_the_live_launcher_has_not_started(tmp
     assert _states(capsys.readouterr().out) == {"trainer": "DOWN"}
 
 
-def test_status_of_a_finished_run_shows_no_connection_errors(tmp_path, capsys):
+def test_status_and_top_of_a_finished_run_say_finished_without_connection_errors(tmp_path,
+                                                                                  capsys):
     """The daemons of a finished job are gone as they should be: `finished`, without the refused
-    connection's error text, which read like a failure; the exit code stays 1 (not all up)."""
+    connection's error text, which read like a failure; status's exit code stays 1 (not all up).
+    top (said DOWN for every daemon, every 2 s forever without a terminal, exit 1 with --once):
+    one view saying finished, then exit 0."""
     _job(tmp_path, [("buffer", free_port(), _dead_pid()), ("rollout-0", free_port(), None)])
     _finish(tmp_path)
     assert status(tmp_path) == 1
     out = capsys.readouterr().out
     assert _states(out) == {"job": "finished", "buffer": "finished", "rollout-0": "finished"}, out
     assert "Error" not in out and "refused" not in out, out
-
-
-def test_top_on_a_finished_run_says_finished_and_exits(tmp_path):
-    """Where status says finished, top did say DOWN for every daemon, printed on every 2 s forever
-    without a terminal and exited 1 with --once: now one view saying finished, then exit 0."""
-    _job(tmp_path, [("buffer", free_port(), _dead_pid()), ("rollout-0", free_port(), None)])
-    _finish(tmp_path)
     for args in ([], ["--once"]):
         done = _top(str(tmp_path), "--interval", "0.2", *args)
         assert done.returncode == 0, (args, done.stdout, done.stderr)
@@ -358,7 +354,7 @@ def test_status_tells_starting_up_and_down_apart(tmp_path, capsys):
     (a rollout server loading its engine); DOWN: neither (a crashed daemon), a probe that raised,
     or a live daemon whose port accepts but never answers (wedged for hours). A ports.json without
     PIDs (Slurm, by hand) shows the PID the daemon's /health reports, or ``pid=-``.
-    (finished: test_status_of_a_finished_run_shows_no_connection_errors.)"""
+    (finished: test_status_and_top_of_a_finished_run_say_finished_without_connection_errors.)"""
     import socket
 
     def broken():
