@@ -171,22 +171,26 @@ def test_calc_agent_round_trip_is_one_trajectory_of_the_templates_rendering(agen
     assert (traj.metadata["calls"], session.splits) == (2, 0)
 
 
-def test_the_openai_schema_round_trip_with_tool_calls():
-    engine = Scripted([CALL % "6*7" + CALL % "1+1", "42"])
+def test_the_openai_schema_round_trip_with_tool_calls_and_a_streamed_call():
+    """A streamed call gets the whole answer as one chunk, and is recorded."""
+    engine = Scripted([CALL % "6*7" + CALL % "1+1", "42", CALL % "6*7"])
     tools = [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]
+    user = [{"role": "user", "content": "6*7"}]
 
     async def scenario():
-        async with opened(engine, max_new_tokens=128) as (_, _, _, client):
-            first = await client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "6*7"}], tools=tools,
-                max_tokens=500)
-            msgs = [{"role": "user", "content": "6*7"}, first.choices[0].message,
+        async with opened(engine, max_new_tokens=128) as (_, _, session, client):
+            first = await client.chat.completions.create(model="m", messages=user, tools=tools,
+                                                         max_tokens=500)
+            msgs = [*user, first.choices[0].message,
                     {"role": "tool", "tool_call_id": first.choices[0].message.tool_calls[0].id,
                      "content": "42"}]
             second = await client.chat.completions.create(model="m", messages=msgs, tools=tools)
-            return first, second, await client.models.list()
+            stream = await client.chat.completions.create(model="m", messages=user, tools=tools,
+                                                          stream=True)
+            chunks = [c async for c in stream]
+            return first, second, chunks, session, await client.models.list()
 
-    first, second, models = asyncio.run(scenario())
+    first, second, chunks, session, models = asyncio.run(scenario())
     msg = first.choices[0].message
     assert first.choices[0].finish_reason == "tool_calls" and msg.content is None
     assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls] == [
@@ -196,6 +200,12 @@ def test_the_openai_schema_round_trip_with_tool_calls():
     assert engine.calls[0][1]["max_new_tokens"] == 128  # capped at task.max_new_tokens
     assert (second.choices[0].message.content, second.choices[0].finish_reason) == ("42", "stop")
     assert second.choices[0].message.tool_calls is None
+    [chunk] = chunks
+    [call] = chunk.choices[0].delta.tool_calls
+    assert call.index == 0 and call.function.name == "calc"
+    assert json.loads(call.function.arguments) == {"e": "6*7"}
+    assert chunk.choices[0].finish_reason == "tool_calls"
+    assert session.last.generated == ids(CALL % "6*7") + [EOS_ID]
     assert [m.id for m in models.data] == ["areal-like"]
 
 
@@ -333,27 +343,6 @@ def test_calls_size_and_sampling_are_bounded():
     assert getattr(big, "status_code", None) == 413 and "request body over" in big.message
     [(_, params)] = engine.calls  # only the one call in bounds reached the engine
     assert params["max_new_tokens"] == 1 and params["temperature"] == 1.0  # the task's, not 0.1
-
-
-def test_a_streamed_call_gets_the_whole_answer_as_one_chunk_and_is_recorded():
-    example = make_task(task_cfg()).example(0)
-    engine = Scripted([CALL % example.prompt])
-
-    async def scenario():
-        async with opened(engine, example) as (_, _, session, client):
-            stream = await client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": example.prompt}],
-                tools=[{"type": "function", "function": {"name": "calc", "parameters": {}}}],
-                stream=True)
-            return [c async for c in stream], session
-
-    chunks, session = asyncio.run(scenario())
-    [chunk] = chunks
-    [call] = chunk.choices[0].delta.tool_calls
-    assert call.index == 0 and call.function.name == "calc"
-    assert json.loads(call.function.arguments) == {"e": example.prompt}
-    assert chunk.choices[0].finish_reason == "tool_calls"
-    assert session.last.generated == ids(CALL % example.prompt) + [EOS_ID]
 
 
 class Held(Scripted):
