@@ -37,6 +37,11 @@ def says_true(base_url: str, api_key: str, example) -> bool:
     return True
 
 
+def says_false(base_url: str, api_key: str, example) -> bool:
+    _ask(base_url, api_key, example)
+    return False
+
+
 async def never_calls(base_url: str, api_key: str, example) -> float:
     return 1.0
 

@@ -571,7 +571,8 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
               "agent_fns:crashes": (0.0, "agent raised RuntimeError: agent bug"),
               "agent_fns:says_words": (0.0, "not a number"),
               "agent_fns:leaves_it_to_the_reward": (1.0, ""),  # the task's reward: exact match
-              "agent_fns:says_true": (1.0, "")}  # a bool counts as 0/1, as a reward's does
+              # a bool counts as 0/1, as a reward function's does
+              "agent_fns:says_true": (1.0, ""), "agent_fns:says_false": (0.0, "")}
 
     async def one(path: str, pool, late_calls: int = 0):
         replies = [CALL % example.prompt, example.answer]
@@ -601,6 +602,7 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
             [traj] = asyncio.run(one(path, pool))
             assert traj.reward == reward, (path, traj.metadata)
             assert why in traj.metadata.get("agent_error", ""), (path, traj.metadata)
+            assert bool(why) == ("agent_error" in traj.metadata), (path, traj.metadata)
         # a group whose agents all fail before calling fails, saying the agents' reason
         for path, why in (("never_calls", []),
                           ("fails_before_calling", ["ValueError: no such model: gpt-5"]),
