@@ -32,6 +32,16 @@ def says_words(base_url: str, api_key: str, example) -> str:
     return "very good"
 
 
+def says_true(base_url: str, api_key: str, example) -> bool:
+    _ask(base_url, api_key, example)
+    return True
+
+
+def says_false(base_url: str, api_key: str, example) -> bool:
+    _ask(base_url, api_key, example)
+    return False
+
+
 async def never_calls(base_url: str, api_key: str, example) -> float:
     return 1.0
 

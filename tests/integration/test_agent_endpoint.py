@@ -12,6 +12,7 @@ what the real engine generates and for the weight sync."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -94,6 +95,44 @@ def endpoint(client, version=lambda: 3, rewards=None, **over) -> AgentEndpoint:
     return AgentEndpoint(ctx)
 
 
+@contextlib.asynccontextmanager
+async def started(engine, metrics=None, max_input=0, **over):
+    ep = endpoint(engine, **over)
+    ep.ctx.metrics, ep.ctx.max_input = metrics or ep.ctx.metrics, max_input
+    await ep.start()
+    try:
+        yield ep
+    finally:
+        await ep.close()
+
+
+@contextlib.asynccontextmanager
+async def opened(engine, example=None, **kw):
+    """A started endpoint, one open session and an openai client with its key."""
+    async with started(engine, **kw) as ep:
+        key, session = ep.open_session(example)
+        async with AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0) as sdk:
+            yield ep, key, session, sdk
+
+
+def run_group(pool, engine, **kw) -> P.TrajectoryGroup:
+    """One group of prompt 0, its agents run by ``pool`` against an endpoint on ``engine``."""
+    async def one():
+        async with started(engine, **kw) as ep:
+            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
+            return await AgentRunner(ep.ctx, ep, pool).run_group(credit)
+    return asyncio.run(one())
+
+
+@pytest.fixture(scope="module")
+def pool():
+    """One agent worker, a 30 s episode."""
+    p = agent_pool(task_cfg(agent_workers=1, episode_timeout_s=30.0))
+    p.wait_ready(120)
+    yield p
+    p.close()
+
+
 def rendering(messages: list[dict]) -> list[int]:
     return ChatRenderer(TOK, CALC["chat_template"]).encode(
         ChatRenderer(TOK, CALC["chat_template"]).render(messages, add_generation_prompt=False))
@@ -108,14 +147,10 @@ def test_calc_agent_round_trip_is_one_trajectory_of_the_templates_rendering(agen
     engine = Scripted([CALL % example.prompt, example.answer])
 
     async def scenario():
-        ep = await endpoint(engine).start()
-        try:
-            key, session = ep.open_session(example)
+        async with opened(engine, example) as (ep, key, session, _):
             reward = await agent(ep.base_url, key, example)
             ep.close_session(key)
             return reward, session, ep
-        finally:
-            await ep.close()
 
     reward, session, ep = asyncio.run(scenario())
     assert reward == 1.0 and int(a) * int(b) == int(example.answer)
@@ -136,29 +171,26 @@ def test_calc_agent_round_trip_is_one_trajectory_of_the_templates_rendering(agen
     assert (traj.metadata["calls"], session.splits) == (2, 0)
 
 
-def test_the_openai_schema_round_trip_with_tool_calls():
-    engine = Scripted([CALL % "6*7" + CALL % "1+1", "42"])
+def test_the_openai_schema_round_trip_with_tool_calls_and_a_streamed_call():
+    """A streamed call gets the whole answer as one chunk, and is recorded."""
+    engine = Scripted([CALL % "6*7" + CALL % "1+1", "42", CALL % "6*7"])
     tools = [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]
+    user = [{"role": "user", "content": "6*7"}]
 
     async def scenario():
-        ep = await endpoint(engine, max_new_tokens=128).start()
-        try:
-            key, _ = ep.open_session(None)
-            client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
-            first = await client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "6*7"}], tools=tools,
-                max_tokens=500)
-            msgs = [{"role": "user", "content": "6*7"}, first.choices[0].message,
+        async with opened(engine, max_new_tokens=128) as (_, _, session, client):
+            first = await client.chat.completions.create(model="m", messages=user, tools=tools,
+                                                         max_tokens=500)
+            msgs = [*user, first.choices[0].message,
                     {"role": "tool", "tool_call_id": first.choices[0].message.tool_calls[0].id,
                      "content": "42"}]
             second = await client.chat.completions.create(model="m", messages=msgs, tools=tools)
-            models = await client.models.list()
-            await client.close()
-            return first, second, models
-        finally:
-            await ep.close()
+            stream = await client.chat.completions.create(model="m", messages=user, tools=tools,
+                                                          stream=True)
+            chunks = [c async for c in stream]
+            return first, second, chunks, session, await client.models.list()
 
-    first, second, models = asyncio.run(scenario())
+    first, second, chunks, session, models = asyncio.run(scenario())
     msg = first.choices[0].message
     assert first.choices[0].finish_reason == "tool_calls" and msg.content is None
     assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls] == [
@@ -168,6 +200,12 @@ def test_the_openai_schema_round_trip_with_tool_calls():
     assert engine.calls[0][1]["max_new_tokens"] == 128  # capped at task.max_new_tokens
     assert (second.choices[0].message.content, second.choices[0].finish_reason) == ("42", "stop")
     assert second.choices[0].message.tool_calls is None
+    [chunk] = chunks
+    [call] = chunk.choices[0].delta.tool_calls
+    assert call.index == 0 and call.function.name == "calc"
+    assert json.loads(call.function.arguments) == {"e": "6*7"}
+    assert chunk.choices[0].finish_reason == "tool_calls"
+    assert session.last.generated == ids(CALL % "6*7") + [EOS_ID]
     assert [m.id for m in models.data] == ["areal-like"]
 
 
@@ -189,10 +227,7 @@ def test_a_history_rewrite_splits_the_episode_and_each_part_is_its_rendering():
     engine = Scripted(["hi", "ok", "fine", "done"])
 
     async def scenario():
-        ep = await endpoint(engine, max_turns=4).start()
-        try:
-            key, session = ep.open_session(None)
-            client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+        async with opened(engine, max_turns=4) as (ep, key, session, client):
             history = [{"role": "user", "content": "a"}]
             r1 = (await client.chat.completions.create(model="m", messages=history)).choices[0]
             history += [r1.message, {"role": "user", "content": "b"}]
@@ -202,11 +237,8 @@ def test_a_history_rewrite_splits_the_episode_and_each_part_is_its_rendering():
             await client.chat.completions.create(model="m", messages=rewritten + [
                 {"role": "assistant", "content": r3.message.content},
                 {"role": "user", "content": "c"}])
-            await client.close()
             ep.close_session(key)
             return ep, session
-        finally:
-            await ep.close()
 
     ep, session = asyncio.run(scenario())
     first, second = ep.trajectories(session, 0.5, {})
@@ -223,24 +255,17 @@ def test_a_history_rewrite_splits_the_episode_and_each_part_is_its_rendering():
 
 
 def test_a_special_token_generated_mid_turn_does_not_double_its_eos():
-    """The content the agent reads drops the special tokens the model generated (``<pad>`` here);
-    the next call's context must still follow the generated EOS with the template's ``|``, not
-    with another EOS (the ids are the template's rendering with the model's own tokens)."""
+    """The agent reads content without the generated special tokens (``<pad>``); the next call's
+    context is still the template's rendering of the model's own tokens."""
     engine = Scripted(["x<pad>y", "z"])
 
     async def scenario():
-        ep = await endpoint(engine).start()
-        try:
-            key, session = ep.open_session(None)
-            client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+        async with opened(engine) as (_, _, session, client):
             history = [{"role": "user", "content": "a"}]
             r1 = (await client.chat.completions.create(model="m", messages=history)).choices[0]
             await client.chat.completions.create(model="m", messages=history + [
                 r1.message, {"role": "user", "content": "b"}])
-            await client.close()
             return r1.message.content, session
-        finally:
-            await ep.close()
 
     content, session = asyncio.run(scenario())
     assert content == "xy" and session.splits == 0
@@ -248,16 +273,10 @@ def test_a_special_token_generated_mid_turn_does_not_double_its_eos():
 
 
 def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
-    engine = Scripted(["x", "y"])
-
-    metrics = Metrics()
+    engine, metrics = Scripted(["x", "y"]), Metrics()
 
     async def scenario():
-        ep = endpoint(engine)
-        ep.ctx.metrics = metrics
-        await ep.start()
-        try:
-            key_a, a = ep.open_session(None)
+        async with opened(engine, metrics=metrics) as (ep, key_a, a, _):
             key_b, b = ep.open_session(None)
             user = [{"role": "user", "content": "q"}]
             for stranger in ("wrong", key_a[:-1]):
@@ -280,8 +299,6 @@ def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
             with pytest.raises(Exception) as ended:
                 await late.chat.completions.create(model="m", messages=user)
             return strangers, ended.value, a, b, ep.unauthorized
-        finally:
-            await ep.close()
 
     strangers, ended, a, b, unauthorized = asyncio.run(scenario())
     assert strangers == unauthorized == 4  # every stranger counted; members are not
@@ -300,10 +317,7 @@ def test_calls_size_and_sampling_are_bounded():
 
     async def scenario():
         # 3 refused, 1 without room, 1 answered: 5 calls; the 6th is one too many
-        ep = await endpoint(engine, max_turns=5, max_episode_tokens=40).start()
-        try:
-            key, _ = ep.open_session(None)
-            client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+        async with opened(engine, max_turns=5, max_episode_tokens=40) as (_, _, _, client):
             user = [{"role": "user", "content": "q"}]
             refused = []
             for extra in ({"n": 2}, {"extra_body": {"stream": "yes"}}, {"max_tokens": 0}):
@@ -320,10 +334,7 @@ def test_calls_size_and_sampling_are_bounded():
             with pytest.raises(Exception) as big:
                 await client.chat.completions.create(model="m", messages=[
                     {"role": "user", "content": "q" * MAX_BODY_BYTES}])
-            await client.close()
             return refused, room.value, used_up.value, big.value
-        finally:
-            await ep.close()
 
     refused, room, used_up, big = asyncio.run(scenario())
     assert "n must be 1" in refused[0] and "stream must be" in refused[1]
@@ -334,32 +345,17 @@ def test_calls_size_and_sampling_are_bounded():
     assert params["max_new_tokens"] == 1 and params["temperature"] == 1.0  # the task's, not 0.1
 
 
-def test_a_streamed_call_gets_the_whole_answer_as_one_chunk_and_is_recorded():
-    example = make_task(task_cfg()).example(0)
-    engine = Scripted([CALL % example.prompt])
+class Held(Scripted):
+    """``Scripted`` whose calls wait, once they have started, until ``release`` is set."""
 
-    async def scenario():
-        ep = await endpoint(engine).start()
-        try:
-            key, session = ep.open_session(example)
-            client = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
-            stream = await client.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": example.prompt}],
-                tools=[{"type": "function", "function": {"name": "calc", "parameters": {}}}],
-                stream=True)
-            chunks = [c async for c in stream]
-            await client.close()
-            return chunks, session
-        finally:
-            await ep.close()
+    def __init__(self, replies: list[str]):
+        super().__init__(replies)
+        self.started, self.release = asyncio.Event(), asyncio.Event()
 
-    chunks, session = asyncio.run(scenario())
-    [chunk] = chunks
-    [call] = chunk.choices[0].delta.tool_calls
-    assert call.index == 0 and call.function.name == "calc"
-    assert json.loads(call.function.arguments) == {"e": example.prompt}
-    assert chunk.choices[0].finish_reason == "tool_calls"
-    assert session.last.generated == ids(CALL % example.prompt) + [EOS_ID]
+    async def generate(self, input_ids, params):
+        self.started.set()
+        await self.release.wait()
+        return await super().generate(input_ids, params)
 
 
 class InputLimited(Scripted):
@@ -398,11 +394,8 @@ def test_a_call_without_room_is_openais_context_length_exceeded_and_is_recorded(
     user = [{"role": "user", "content": "q"}]
 
     async def scenario():
-        ep = endpoint(engine, max_episode_tokens=30)
-        ep.ctx.max_input, ep.ctx.metrics = engine.max_input, Metrics()
-        await ep.start()
-        try:
-            first, opening = ep.open_session(None)
+        async with opened(engine, metrics=Metrics(), max_input=engine.max_input,
+                          max_episode_tokens=30) as (ep, first, opening, _):
             later, extended = ep.open_session(None)
             errors = []
             # 56 and 31 tokens: past the engine's input limit, past max_episode_tokens
@@ -424,8 +417,6 @@ def test_a_call_without_room_is_openais_context_length_exceeded_and_is_recorded(
             await sdk.close()
             return errors, ep.trajectories(opening, 0.0, {"finish_reason": "error"}), \
                 ep.trajectories(extended, 0.0, {}), ep.ctx.metrics
-        finally:
-            await ep.close()
 
     errors, [opening], [extended], metrics = asyncio.run(scenario())
     for e, why in zip(errors, ("the engine refuses an input of 40 tokens or more",
@@ -443,28 +434,11 @@ def test_a_call_without_room_is_openais_context_length_exceeded_and_is_recorded(
                                              {"outcome": "no_room"}) == 4
 
 
-def test_a_group_whose_opening_prompt_leaves_no_room_is_refused_as_no_room_not_failed():
-    """calc_agent's first call left no room: no agent made a recorded call, so the group failed
-    like an engine error (its lease re-issued at every expiry, five in a row stop the server).
-    Now its trajectories are no_room, which the buffer refuses and skips, as a multi-turn
-    episode's."""
-    pool = agent_pool(task_cfg(agent_workers=2, episode_timeout_s=30.0))
-
-    async def group(max_input: int, replies: list[str]):
-        ep = endpoint(InputLimited(replies, max_input), group_size=2)
-        ep.ctx.max_input = max_input
-        await ep.start()
-        try:
-            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
-            return (await AgentRunner(ep.ctx, ep, pool).run_group(credit)).trajectories
-        finally:
-            await ep.close()
-
-    try:
-        pool.wait_ready(120)
-        trajectories = asyncio.run(group(5, []))
-    finally:
-        pool.close()
+def test_a_group_whose_opening_prompt_leaves_no_room_is_refused_as_no_room_not_failed(pool):
+    """No agent made a recorded call: the group failed like an engine error (re-issued at every
+    expiry, five in a row stop the server); now its trajectories are no_room, which the buffer
+    refuses and skips."""
+    trajectories = run_group(pool, InputLimited([], 5), max_input=5, group_size=2).trajectories
     assert [(t.n_tokens, t.finish_reason) for t in trajectories] == [(0, "no_room")] * 2
     why = content_problem(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l1",
                                             prompt_index=0, epoch=0, trajectories=trajectories),
@@ -473,33 +447,13 @@ def test_a_group_whose_opening_prompt_leaves_no_room_is_refused_as_no_room_not_f
 
 
 @pytest.mark.parametrize("agent", ["calc_agent", "langgraph_calc_agent"])
-def test_an_agent_that_raises_on_a_later_call_without_room_ends_as_max_tokens(agent):
+def test_an_agent_that_raises_on_a_later_call_without_room_ends_as_max_tokens(agent, pool):
     """Both shipped agents let the 400 ``context_length_exceeded`` of their second call raise: the
-    episode was recorded as an agent ``error`` (``rollout/agent_episodes{outcome="error"}``, the
-    trajectory's finish_reason ``error``), an episode that ran out of room read as a crashed agent.
-    It ends as ``max_tokens``, as ROLLOUT.md says and a multi-turn episode does; the agent
-    returned no reward (0), and its error stays in the metadata."""
-    cfg = task_cfg(agent=f"areal_like.tasks.agents:{agent}", agent_workers=1,
-                   episode_timeout_s=30.0)
-    example, pool = make_task(cfg).example(0), agent_pool(cfg)
-
-    async def group():
-        # the opening call has room; the second (the tool's answer added) is past the input limit
-        ep = endpoint(InputLimited([CALL % example.prompt], max_input=80), agent=cfg.agent)
-        ep.ctx.max_input, ep.ctx.metrics = 80, Metrics()
-        await ep.start()
-        try:
-            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
-            g = await AgentRunner(ep.ctx, ep, pool).run_group(credit)
-            return g.trajectories, ep.ctx.metrics
-        finally:
-            await ep.close()
-
-    try:
-        pool.wait_ready(120)
-        [t], metrics = asyncio.run(group())
-    finally:
-        pool.close()
+    episode ends as ``max_tokens`` (was an agent ``error``), reward 0, its error in the metadata."""
+    example, metrics = make_task(task_cfg()).example(0), Metrics()
+    # the opening call has room; the second (the tool's answer added) is past the input limit
+    [t] = run_group(pool, InputLimited([CALL % example.prompt], max_input=80), metrics=metrics,
+                    max_input=80, agent=f"areal_like.tasks.agents:{agent}").trajectories
     assert (t.finish_reason, t.reward, t.metadata["calls"]) == ("max_tokens", 0.0, 1)
     assert "context_length_exceeded" in t.metadata["agent_error"], t.metadata
     assert metrics.registry.get_sample_value("areal_rollout_agent_episodes_total",
@@ -548,21 +502,13 @@ def engine():
 
 def test_recorded_ids_are_what_the_real_engine_generated(engine):
     async def scenario():
-        client = SGLangClient(engine.url, local=engine)
-        rec = Recording(client)
-        ep = await endpoint(rec, version=lambda: 0).start()
-        try:
-            key, session = ep.open_session(None)
-            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+        async with SGLangClient(engine.url, local=engine) as client, \
+                opened(rec := Recording(client), version=lambda: 0) as (ep, _, session, sdk):
             user = [{"role": "user", "content": "12*34"}]
             reply = await sdk.chat.completions.create(model="m", messages=user)
             await sdk.chat.completions.create(model="m", messages=user + [
                 reply.choices[0].message, {"role": "user", "content": "again"}])
-            await sdk.close()
             return ep.trajectories(session, 0.0, {}), rec.outs, reply
-        finally:
-            await ep.close()
-            await client.close()
 
     [traj], outs, reply = asyncio.run(scenario())
     mask = traj.loss_mask == 1
@@ -582,13 +528,9 @@ def test_a_weight_sync_in_the_middle_of_a_call_keeps_every_tokens_version(engine
     served = {"v": 0}
 
     async def scenario():
-        client = SGLangClient(engine.url, local=engine)
-        rec = Recording(client)
-        ep = await endpoint(rec, version=lambda: served["v"], top_k=1, max_new_tokens=400,
-                            max_episode_tokens=480).start()
-        try:
-            key, session = ep.open_session(None)
-            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+        async with SGLangClient(engine.url, local=engine) as client, \
+                opened(rec := Recording(client), version=lambda: served["v"], top_k=1,
+                       max_new_tokens=400, max_episode_tokens=480) as (ep, _, session, sdk):
             call = asyncio.create_task(sdk.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "go"}]))
             await _wait_for_tokens(engine.url, 20)
@@ -597,11 +539,7 @@ def test_a_weight_sync_in_the_middle_of_a_call_keeps_every_tokens_version(engine
             served["v"] = 1
             await client.continue_generation()
             await call
-            await sdk.close()
             return ep.trajectories(session, 0.0, {}), rec.outs
-        finally:
-            await ep.close()
-            await client.close()
 
     [traj], outs = asyncio.run(scenario())
     assert [o.finish_reason for o in outs][0] == "abort" and outs[-1].finish_reason != "abort"
@@ -632,14 +570,15 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
               "agent_fns:hangs": (0.0, "did not finish"),
               "agent_fns:crashes": (0.0, "agent raised RuntimeError: agent bug"),
               "agent_fns:says_words": (0.0, "not a number"),
-              "agent_fns:leaves_it_to_the_reward": (1.0, "")}  # the task's reward: exact match
+              "agent_fns:leaves_it_to_the_reward": (1.0, ""),  # the task's reward: exact match
+              # a bool counts as 0/1, as a reward function's does
+              "agent_fns:says_true": (1.0, ""), "agent_fns:says_false": (0.0, "")}
 
     async def one(path: str, pool, late_calls: int = 0):
         replies = [CALL % example.prompt, example.answer]
         engine = Scripted(replies[1:] if "reward" in path or late_calls else replies)
-        ep = await endpoint(engine, agent=path, episode_timeout_s=10.0, rewards=rewards).start()
-        ep.ctx.metrics = metrics
-        try:
+        async with started(engine, metrics=metrics, agent=path, episode_timeout_s=10.0,
+                           rewards=rewards) as ep:
             runner = AgentRunner(ep.ctx, ep, pool)
             credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
             trajectories = (await runner.run_group(credit)).trajectories
@@ -648,8 +587,6 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
                 assert asyncio.get_running_loop().time() < deadline, "no late call arrived"
                 await asyncio.sleep(0.05)
             return trajectories
-        finally:
-            await ep.close()
 
     metrics = Metrics()
 
@@ -665,8 +602,14 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
             [traj] = asyncio.run(one(path, pool))
             assert traj.reward == reward, (path, traj.metadata)
             assert why in traj.metadata.get("agent_error", ""), (path, traj.metadata)
-        with pytest.raises(RuntimeError, match="called the model"):
-            asyncio.run(one("agent_fns:never_calls", pool))
+            assert bool(why) == ("agent_error" in traj.metadata), (path, traj.metadata)
+        # a group whose agents all fail before calling fails, saying the agents' reason
+        for path, why in (("never_calls", []),
+                          ("fails_before_calling", ["ValueError: no such model: gpt-5"]),
+                          ("hogs_memory", ["ran out of memory", "task.agent_memory_mb=4096"])):
+            with pytest.raises(RuntimeError, match="called the model") as failed:
+                asyncio.run(one(f"agent_fns:{path}", pool))
+            assert all(w in str(failed.value) for w in why), str(failed.value)
         [traj] = asyncio.run(one("agent_fns:calls_after_its_end", pool, late_calls=1))
         assert (traj.metadata["calls"], traj.reward, ended()) == (1, 1.0, 1.0)  # 410, not recorded
     finally:
@@ -674,76 +617,20 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
         rewards.close()
 
 
-
-def test_a_client_an_agent_leaves_open_does_not_break_the_next_episode(capfd):
+def test_a_client_an_agent_leaves_open_does_not_break_the_next_episode(capfd, pool):
     """Each episode runs on a fresh event loop in a long-lived worker: an ``AsyncOpenAI`` client
-    the agent never closed (AGENTS.md's example), whether it returned or raised, must not be
-    closed on the next episode's loop, which logged a traceback ("Event loop is closed") per
-    episode."""
+    the agent never closed (AGENTS.md's example), returned or raised, is not closed on the next
+    episode's loop (which logged "Event loop is closed" per episode)."""
     example = make_task(task_cfg()).example(0)
-    pool = agent_pool(task_cfg(agent_workers=1, episode_timeout_s=30.0))
 
     async def one():
-        ep = await endpoint(Scripted(["x"]), agent="agent_fns:leaves_its_client_open").start()
-        try:
+        async with started(Scripted(["x"]), agent="agent_fns:leaves_its_client_open") as ep:
             return await AgentRunner(ep.ctx, ep, pool).run(example)
-        finally:
-            await ep.close()
 
-    try:
-        pool.wait_ready(120)
-        runs = [asyncio.run(one()) for _ in range(4)]
-    finally:
-        pool.close()
+    runs = [asyncio.run(one()) for _ in range(4)]
     assert [[t.reward for t in run] for run in runs] == [[0.0], [1.0]] * 2  # it raised, it did not
     assert "Event loop is closed" not in capfd.readouterr().err
 
-
-def test_an_agent_out_of_memory_is_told_the_agents_memory_setting():
-    from rollout_server.agent_episode import RUN
-
-    pool = agent_pool(task_cfg(agent_workers=1, agent_memory_mb=4096, episode_timeout_s=30.0))
-    try:
-        pool.wait_ready(120)
-        outcome = asyncio.run(pool.call(RUN, {"path": "agent_fns:hogs_memory", "example": None,
-                                              "api_key": "k", "base_url": "http://h/v1"}))
-    finally:
-        pool.close()
-    assert outcome.outcome == "error" and "ran out of memory" in outcome.content
-    assert "task.agent_memory_mb=4096" in outcome.content, outcome.content
-
-
-def test_an_agent_that_returns_a_bool_is_scored_as_a_reward_function_would():
-    """Reward functions' bools count as 0/1 (reward_worker.as_reward); an agent's too (its value
-    comes back from the worker as JSON: ``true``/``false``)."""
-    from rollout_server.agent_episode import score
-    from rollout_server.tool_pool import ToolOutcome
-
-    assert score(ToolOutcome("ok", "true", 0.1)) == (1.0, "", "")
-    assert score(ToolOutcome("ok", "false", 0.1)) == (0.0, "", "")
-    assert score(ToolOutcome("ok", '"yes"', 0.1))[1].endswith("not a number")
-
-
-def test_a_group_whose_agents_all_fail_before_calling_says_why():
-    """Such a group fails (the credit lapses; enough in a row stop the rollout server): the error
-    the operator reads must carry the agents' reason, not only that no call was made."""
-    pool = agent_pool(task_cfg(agent_workers=1, episode_timeout_s=30.0))
-
-    async def one():
-        ep = await endpoint(Scripted([]), agent="agent_fns:fails_before_calling").start()
-        try:
-            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
-            await AgentRunner(ep.ctx, ep, pool).run_group(credit)
-        finally:
-            await ep.close()
-
-    try:
-        pool.wait_ready(120)
-        with pytest.raises(RuntimeError, match="called the model") as failed:
-            asyncio.run(one())
-    finally:
-        pool.close()
-    assert "ValueError: no such model: gpt-5" in str(failed.value)
 
 def test_an_agent_and_an_environment_together_are_refused():
     from areal_like.settings.config import ConfigError
@@ -756,7 +643,7 @@ def test_an_agent_and_an_environment_together_are_refused():
         task_cfg(chat_template="none")
 
 
-def test_preflight_names_an_agent_that_cannot_run():
+def test_preflight_names_an_agent_that_cannot_run(monkeypatch):
     from types import SimpleNamespace
 
     from launch.preflight import check_agent
@@ -769,36 +656,22 @@ def test_preflight_names_an_agent_that_cannot_run():
     assert "not a callable" in problems("areal_like.tasks.envs:GUESS_MAX")[0]
     assert "cannot be called as run(client_base_url, api_key, example)" in \
         problems("areal_like.tasks.envs:calc")[0]
-
-
-
-def test_preflight_names_the_missing_openai_package(monkeypatch):
-    """The endpoint answers in the ``openai`` package's types (the ``agent`` extra): without it
-    the rollout server could not start its endpoint, so preflight says so in one line."""
-    from types import SimpleNamespace
-
-    from launch.preflight import check_agent
-
+    # the endpoint answers in the openai package's types (the agent extra): named in one line
     monkeypatch.setitem(__import__("sys").modules, "openai", None)  # as if not installed
-    [problem] = check_agent(SimpleNamespace(task=SimpleNamespace(
-        agent="areal_like.tasks.agents:calc_agent")))  # imports openai only when it runs
+    [problem] = problems("areal_like.tasks.agents:calc_agent")  # it imports openai when it runs
     assert "openai" in problem and "pip install -e '.[agent]'" in problem
 
 
-def test_a_null_max_completion_tokens_leaves_max_tokens_in_force():
-    """A client that serialises unset fields as null (``max_completion_tokens: null``) still
-    bounds the call by the ``max_tokens`` it sent."""
+def test_null_fields_are_the_apis_defaults():
+    """As clients that send every field write them: ``n: null`` is one call, and a null
+    ``max_completion_tokens`` leaves the ``max_tokens`` sent in force."""
     user = [{"role": "user", "content": "q"}]
+    assert agent_chat.check_request({"messages": user, "n": None})["messages"] == user
     both = agent_chat.check_request({"messages": user, "max_completion_tokens": None,
                                      "max_tokens": 5})
     newer = agent_chat.check_request({"messages": user, "max_completion_tokens": 3,
                                       "max_tokens": 5})
     assert (both["max_tokens"], newer["max_tokens"]) == (5, 3)
-
-def test_a_null_n_is_one_call():
-    """``n: null`` is the API's default (1), as clients that send every field write it."""
-    user = [{"role": "user", "content": "q"}]
-    assert agent_chat.check_request({"messages": user, "n": None})["messages"] == user
 
 
 def test_an_api_the_endpoint_does_not_serve_is_named():
@@ -807,18 +680,12 @@ def test_an_api_the_endpoint_does_not_serve_is_named():
     from openai import NotFoundError
 
     async def scenario():
-        ep = await endpoint(Scripted([])).start()
-        try:
-            key, _ = ep.open_session(None)
-            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+        async with opened(Scripted([])) as (_, _, _, sdk):
             with pytest.raises(NotFoundError) as responses:
                 await sdk.responses.create(model="m", input="q")
             with pytest.raises(NotFoundError) as legacy:
                 await sdk.completions.create(model="m", prompt="q")
-            await sdk.close()
             return responses.value.message, legacy.value.message
-        finally:
-            await ep.close()
 
     responses, legacy = asyncio.run(scenario())
     assert "POST /v1/responses is not served" in responses
@@ -827,31 +694,18 @@ def test_an_api_the_endpoint_does_not_serve_is_named():
 
 
 def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recorded():
-    class Held(Scripted):
-        async def generate(self, input_ids, params):
-            started.set()
-            await release.wait()
-            return await super().generate(input_ids, params)
-
     engine = Held(["late"])
+    started, release = engine.started, engine.release
 
     async def scenario():
-        ep = await endpoint(engine).start()
-        try:
-            key, session = ep.open_session(None)
-            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+        async with opened(engine) as (ep, key, session, sdk):
             call = asyncio.create_task(sdk.chat.completions.create(
                 model="m", messages=[{"role": "user", "content": "q"}]))
             await asyncio.wait_for(started.wait(), 30)
             ep.close_session(key)  # the episode ends while its call generates
             release.set()
-            answer = await call
-            await sdk.close()
-            return answer, session
-        finally:
-            await ep.close()
+            return await call, session
 
-    started, release = asyncio.Event(), asyncio.Event()
     answer, session = asyncio.run(scenario())
     assert answer.choices[0].message.content == "late"
     assert session.segments == [] and not session.generated
@@ -868,19 +722,11 @@ async def _until(condition, timeout_s: float = 30.0) -> None:
 def test_a_call_waiting_for_its_episodes_previous_call_is_refused_once_the_episode_ends():
     """An episode's calls take turns: one still waiting for its turn when the episode ends gets the
     ended episode's 410 and generates nothing (before: it generated tokens nobody recorded)."""
-    class Held(Scripted):
-        async def generate(self, input_ids, params):
-            started.set()
-            await release.wait()
-            return await super().generate(input_ids, params)
-
     engine = Held(["first", "second"])
+    started, release = engine.started, engine.release
 
     async def scenario():
-        ep = await endpoint(engine).start()
-        try:
-            key, session = ep.open_session(None)
-            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+        async with opened(engine) as (ep, key, session, sdk):
             user = [{"role": "user", "content": "q"}]
             first = asyncio.create_task(sdk.chat.completions.create(model="m", messages=user))
             await asyncio.wait_for(started.wait(), 30)
@@ -891,12 +737,8 @@ def test_a_call_waiting_for_its_episodes_previous_call_is_refused_once_the_episo
             await first
             with pytest.raises(APIStatusError) as late:
                 await second
-            await sdk.close()
             return late.value, session
-        finally:
-            await ep.close()
 
-    started, release = asyncio.Event(), asyncio.Event()
     late, session = asyncio.run(scenario())
     assert late.status_code == 410 and "this episode has ended" in late.message
     assert len(engine.calls) == 1 and session.segments == []
@@ -909,20 +751,14 @@ def test_the_connection_cap_answers_in_the_openai_error_shape(monkeypatch):
                         dataclasses.replace(agent_endpoint.LIMITS, max_connections=1))
 
     async def scenario():
-        ep = await endpoint(Scripted([])).start()
-        _, holder = await asyncio.open_connection("127.0.0.1", ep.port)  # silent: the one slot
-        try:
+        async with opened(Scripted([])) as (ep, _, _, sdk):
+            _, holder = await asyncio.open_connection("127.0.0.1", ep.port)  # the one slot
             await _until(lambda: ep.stats.connections == 1)
-            key, _ = ep.open_session(None)
-            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
             with pytest.raises(InternalServerError) as busy:
                 await sdk.chat.completions.create(model="m",
                                                   messages=[{"role": "user", "content": "q"}])
-            await sdk.close()
-            return busy.value
-        finally:
             holder.close()
-            await ep.close()
+            return busy.value
 
     busy = asyncio.run(scenario())
     # openai 3 shows the error's message alone, openai 2 (what verifiers 0.4 pins) the whole body
@@ -930,28 +766,34 @@ def test_the_connection_cap_answers_in_the_openai_error_shape(monkeypatch):
     assert busy.body == {"message": "too many open connections", "code": 503}
 
 
-def test_a_body_that_is_not_json_or_a_template_that_refuses_gets_400():
-    raising = "{{ raise_exception('no tools here') if messages[0]['role'] == 'tool' else 'x' }}"
-
+def posted(engine, bodies: list, **over) -> tuple[list[tuple[int, str]], object]:
+    """(status, error message or "") of each body (bytes, or JSON) POSTed to /chat/completions
+    in one session, in turn, and that session."""
     async def scenario():
-        ep = await endpoint(Scripted([]), chat_template=raising).start()
-        try:
-            key, session = ep.open_session(None)
+        async with opened(engine, **over) as (ep, key, session, _):
+            out = []
             async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
-                url = ep.base_url + "/chat/completions"
-                async with http.post(url, data=b"{not json") as r:
-                    bad_json = (r.status, (await r.json())["error"]["message"])
-                tool_first = {"messages": [{"role": "tool", "content": "1"}]}
-                async with http.post(url, json=tool_first) as r:
-                    refused = (r.status, (await r.json())["error"]["message"])
-            return bad_json, refused, session
-        finally:
-            await ep.close()
+                for body in bodies:
+                    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                    async with http.post(ep.base_url + "/chat/completions", data=data) as r:
+                        out.append((r.status, (await r.json()).get("error", {}).get("message", "")))
+            return out, session
+    return asyncio.run(scenario())
 
-    bad_json, refused, session = asyncio.run(scenario())
-    assert bad_json == (400, "the body is not valid JSON")
-    assert refused[0] == 400 and "cannot render" in refused[1] and "no tools here" in refused[1]
-    assert session.segments == []
+
+def test_bad_bodies_get_400_and_count_toward_the_episodes_calls():
+    """Bad JSON, no messages, a template that refuses: each a 400 naming why, and each counts
+    toward ``task.max_turns`` (a refused call was free: an agent could send any number)."""
+    raising = "{{ raise_exception('no tools here') if messages[0]['role'] == 'tool' else 'x' }}"
+    engine, user = Scripted(["1", "2"]), {"messages": [{"role": "user", "content": "q"}]}
+    statuses, session = posted(engine, [b"{not json", {"messages": []},
+                                        {"messages": [{"role": "tool", "content": "1"}]}, user,
+                                        user], chat_template=raising, max_turns=4)
+    assert [s for s, _ in statuses] == [400, 400, 400, 200, 400], statuses
+    assert statuses[0][1] == "the body is not valid JSON"
+    assert "cannot render" in statuses[2][1] and "no tools here" in statuses[2][1]
+    assert "calls are used up" in statuses[4][1] and session.calls == 4
+    assert len(engine.calls) == len(session.segments) == 1
 
 
 def test_ids_and_names_of_the_wrong_type_get_400_not_500():
@@ -965,32 +807,17 @@ def test_ids_and_names_of_the_wrong_type_get_400_not_500():
     nested = [{**call, "function": {"name": "calc", "arguments": "[" * depth + "]" * depth}}
               for depth in (200_000, 990)]  # JSON nested past Python's recursion limit
     okay = [[user, {"role": "assistant", "content": "", "tool_calls": [c]}] for c in nested]
-
-    async def scenario():
-        # max_turns: each refused call counts
-        ep = await endpoint(Scripted(["a", "b"]), max_episode_tokens=10**6, max_turns=10).start()
-        try:
-            key, session = ep.open_session(None)
-            statuses = []
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
-                for messages in bodies + okay:
-                    async with http.post(ep.base_url + "/chat/completions",
-                                         json={"messages": messages}) as r:
-                        statuses.append(r.status)
-            return statuses, session
-        finally:
-            await ep.close()
-
-    statuses, session = asyncio.run(scenario())
-    assert statuses == [400] * len(bodies) + [200] * len(okay)  # arguments kept as their text
+    # max_turns: each refused call counts
+    statuses, _ = posted(Scripted(["a", "b"]), [{"messages": m} for m in bodies + okay],
+                         max_episode_tokens=10**6, max_turns=10)
+    # arguments kept as their text
+    assert [s for s, _ in statuses] == [400] * len(bodies) + [200] * len(okay)
 
 
 def test_a_deeply_nested_message_or_tool_gets_a_clear_400_not_500():
-    """JSON nested nearly as deep as Python parses (in the body, or in a tool call's arguments
-    given as text) parsed, then encoding it again recursed past the interpreter's limit: a 500
-    (where exactly depends on the stack, so every depth up to what parses is tried). Now a body
-    nested deeper than ``MAX_NESTING`` is a 400 naming it, before the engine; arguments that deep
-    stay their text, as arguments that do not parse do."""
+    """A body nested deeper than ``MAX_NESTING`` is a 400 naming it (was a 500 from encoding it
+    again, at a depth that depends on the stack: every depth up to what parses is tried);
+    arguments that deep stay their text."""
     def body(depth: int, as_text: bool) -> bytes:
         deep = "[" * depth + "]" * depth
         arguments = json.dumps(deep) if as_text else deep
@@ -1000,24 +827,9 @@ def test_a_deeply_nested_message_or_tool_gets_a_clear_400_not_500():
 
     depths = [*range(65, 1000, 97), *range(940, 1000)]  # MAX_NESTING = 64
     engine = Scripted(["a"] * len(depths))
-
-    async def scenario():
-        ep = await endpoint(engine, max_turns=4 * len(depths),
-                            max_episode_tokens=10**6).start()
-        try:
-            key, _ = ep.open_session(None)
-            out = {}
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
-                for depth in depths:
-                    for as_text in (False, True):
-                        async with http.post(ep.base_url + "/chat/completions",
-                                             data=body(depth, as_text)) as r:
-                            out[depth, as_text] = (r.status, await r.text())
-            return out
-        finally:
-            await ep.close()
-
-    got = asyncio.run(scenario())
+    statuses, _ = posted(engine, [body(d, t) for d in depths for t in (False, True)],
+                         max_turns=4 * len(depths), max_episode_tokens=10**6)
+    got = dict(zip([(d, t) for d in depths for t in (False, True)], statuses))
     assert not [k for k, (status, _) in got.items() if status >= 500], got
     nested = {k: v for k, v in got.items() if not k[1]}
     assert all(s == 400 and ("nested deeper than" in t or "not valid JSON" in t)
@@ -1025,31 +837,3 @@ def test_a_deeply_nested_message_or_tool_gets_a_clear_400_not_500():
     assert "nested deeper than 64 levels" in got[depths[0], False][1]
     assert all(s == 200 for (_, as_text), (s, _) in got.items() if as_text)
     assert len(engine.calls) == len(depths)  # only the calls with their arguments as text
-
-
-def test_refused_calls_count_toward_the_episodes_calls():
-    """A refused call (bad JSON, a body the endpoint refuses) was free: an agent could send any
-    number of them, each parsed and checked. Each now counts toward ``task.max_turns``."""
-    engine = Scripted(["1", "2"])
-
-    async def scenario():
-        ep = await endpoint(engine, max_turns=3).start()
-        try:
-            key, session = ep.open_session(None)
-            statuses = []
-            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as http:
-                url = ep.base_url + "/chat/completions"
-                for body in (b"{not json", b'{"messages": []}', b'{"messages": [{"role": "user", '
-                             b'"content": "q"}]}', b'{"messages": [{"role": "user", '
-                             b'"content": "q"}]}'):
-                    async with http.post(url, data=body) as r:
-                        statuses.append((r.status, (await r.json()).get("error", {}).get(
-                            "message", "")))
-            return statuses, session
-        finally:
-            await ep.close()
-
-    statuses, session = asyncio.run(scenario())
-    assert [s for s, _ in statuses] == [400, 400, 200, 400], statuses
-    assert "calls are used up" in statuses[3][1] and session.calls == 3
-    assert len(engine.calls) == 1

@@ -258,6 +258,9 @@ def test_engine_behind_the_bound_gets_no_credits(tmp_path):
         assert c.request(P.CreditRequest(server_id="s0", max_credits=1)).reason == "stale_engine"
         c.request(P.Heartbeat(server_id="s0", policy_version=1))  # 2 - 1 <= eta
         assert len(c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits) == 1
+        # an unknown version (-1) is trusted, and checked at consumption
+        c.request(P.Heartbeat(server_id="s0", policy_version=-1))
+        assert len(c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits) == 1
 
 
 def test_the_roster_names_each_members_engine_and_sync_port_from_its_register(tmp_path):

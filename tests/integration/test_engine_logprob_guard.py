@@ -50,12 +50,28 @@ def start_proxy(target: str,
     return loop, thread, runner
 
 
+def job(tmp_path, spawn_python, free_port, *overrides: str):
+    """The job's config (the run's temperature, small engines) and a client of its buffer daemon,
+    started from it."""
+    from areal_like.net.dealer import Client
+    from areal_like.settings.config import load_config, to_yaml
+
+    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false",
+                       f"buffer.address=tcp://127.0.0.1:{free_port()}",
+                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}",
+                       "buffer.heartbeat_timeout_s=120",
+                       f"task.temperature={TEMPERATURE}", "rollout.engine.max_running_requests=2",
+                       "rollout.engine.max_total_tokens=1024", *overrides])
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(to_yaml(cfg))
+    spawn_python("buffer", ["--config-file", cfg_path], capture=False)
+    return cfg, Client(cfg.buffer.address, timeout_s=60)
+
+
 def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperature(
         tmp_path, spawn_python, free_port):
     import torch
 
-    from areal_like.net.dealer import Client
-    from areal_like.settings.config import load_config, to_yaml
     from areal_like.tasks.tokenizer import load_tokenizer
     from areal_like.weights.hf import build_model
     from areal_like.wire.protocol import Register
@@ -63,21 +79,12 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
     from trainer.logprob_guard import PROBE_TEXT, LogprobGuardError, run_guard
 
     torch.manual_seed(0)
-    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false",
-                       f"buffer.address=tcp://127.0.0.1:{free_port()}",
-                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}",
-                       "buffer.heartbeat_timeout_s=120",
-                       f"task.temperature={TEMPERATURE}", "rollout.engine.max_running_requests=2",
-                       "rollout.engine.max_total_tokens=1024"])
-    cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(to_yaml(cfg))
-    spawn_python("buffer", ["--config-file", cfg_path], capture=False)
+    cfg, client = job(tmp_path, spawn_python, free_port)
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
     proxy_port, proxy = free_port(), None
     proxy_url = f"http://127.0.0.1:{proxy_port}"
     ports = {"good": SyncStandIn("good", engine.url, KEY),
              "no-temperature": SyncStandIn("no-temperature", proxy_url, KEY)}
-    client = Client(cfg.buffer.address, timeout_s=60)
     try:
         proxy = start_proxy(engine.url, proxy_port)
         trainer_model = build_model(cfg.model, device="cpu", dtype="float32").eval()
@@ -148,8 +155,6 @@ def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopb
 
     import torch
 
-    from areal_like.net.dealer import Client
-    from areal_like.settings.config import load_config, to_yaml
     from areal_like.tasks.tokenizer import load_tokenizer
     from areal_like.weights.hf import build_model
     from areal_like.wire.protocol import Register
@@ -159,21 +164,12 @@ def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopb
     host = routable_ipv4()
     if host is None:
         pytest.skip("this machine has no non-loopback IPv4 address")
-    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false",
-                       f"buffer.address=tcp://127.0.0.1:{free_port()}",
-                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}",
-                       "buffer.heartbeat_timeout_s=120",
-                       f"task.temperature={TEMPERATURE}", "rollout.engine.max_running_requests=2",
-                       "rollout.engine.max_total_tokens=1024", f"rollout.engine.host={host}"])
-    cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(to_yaml(cfg))
-    spawn_python("buffer", ["--config-file", cfg_path], capture=False)
+    cfg, client = job(tmp_path, spawn_python, free_port, f"rollout.engine.host={host}")
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
     # the trap: an engine answering on rank 0's own loopback, as another job's (or node's) would
     local = EmbeddedEngine(cfg.model,
                            dataclasses.replace(cfg.rollout.engine, host="127.0.0.1")).start()
     port = SyncStandIn("routable", engine.url, KEY)
-    client = Client(cfg.buffer.address, timeout_s=60)
     try:
         assert engine.url.startswith(f"http://{host}:")  # what a rollout server registers for it
         trainer_model = build_model(cfg.model, device="cpu", dtype="float32").eval()
@@ -206,8 +202,6 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
     import torch
 
     from areal_like.engines.sglang import SGLangClient
-    from areal_like.net.dealer import Client
-    from areal_like.settings.config import load_config, to_yaml
     from areal_like.tasks.tokenizer import load_tokenizer
     from areal_like.weights.hf import build_model
     from areal_like.weights.lora import (
@@ -222,19 +216,10 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
     from trainer.weight_local import tensor_payload
 
     torch.manual_seed(0)
-    cfg = load_config([f"run_dir={tmp_path}", "security.curve=false",
-                       f"buffer.address=tcp://127.0.0.1:{free_port()}",
-                       f"buffer.pub_address=tcp://127.0.0.1:{free_port()}",
-                       "buffer.heartbeat_timeout_s=120",
-                       f"task.temperature={TEMPERATURE}", "rollout.engine.max_running_requests=2",
-                       "rollout.engine.max_total_tokens=1024", "trainer.lora.rank=4",
-                       "trainer.lora.target_modules=[q_proj,v_proj,down_proj,lm_head]"])
-    cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(to_yaml(cfg))
-    spawn_python("buffer", ["--config-file", cfg_path], capture=False)
+    cfg, client = job(tmp_path, spawn_python, free_port, "trainer.lora.rank=4",
+                      "trainer.lora.target_modules=[q_proj,v_proj,down_proj,lm_head]")
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine, lora=cfg.trainer.lora).start()
     port = SyncStandIn("s", engine.url, KEY)
-    client = Client(cfg.buffer.address, timeout_s=60)
     try:
         trainer_model = add_adapters(build_model(cfg.model, device="cpu", dtype="float32"),
                                      cfg.trainer.lora)

@@ -6,8 +6,8 @@ an epoch. An engine that answers no token for a prompt that had room is still as
 The groups are made by the real single-turn episode (``rollout_server/episode.py``) and sent over
 a real ZMQ socket to a running BufferService (``test_buffer_service.py``).
 
-Mutation checked: with ``no_room`` left out of ``group_checks.REASONS`` the skip test fails (the
-prompt comes back), and with every empty trajectory read as ``no_room`` the retry test fails.
+Mutation checked: with ``no_room`` left out of ``group_checks.REASONS`` the first test fails at the
+skip (the prompt comes back), and with every empty trajectory read as ``no_room`` at the retry.
 
 The embedded engine serves a context of min(max_position_embeddings,
 rollout.engine.max_total_tokens) (its KV budget). A prompt that fits the model but not that budget
@@ -71,7 +71,8 @@ def next_credit(client) -> P.Credit:
     return client.request(P.CreditRequest(server_id="s0", max_credits=1)).credits[0]
 
 
-def test_a_prompt_that_leaves_no_room_is_skipped_at_its_first_refusal(tmp_path):
+def test_no_room_is_skipped_at_its_first_refusal_and_no_token_with_room_is_asked_again(
+        tmp_path):
     with running(make_cfg(tmp_path, max_staleness=3)) as (_, c):
         register(c)
         first, engine = next_credit(c), SilentEngine()
@@ -79,20 +80,15 @@ def test_a_prompt_that_leaves_no_room_is_skipped_at_its_first_refusal(tmp_path):
         assert engine.asked == 0  # never sent
         assert ack.status == "rejected" and ack.reason.startswith(
             "no_room: trajectory 0 has no output tokens: its prompt of "), ack.reason
-        assert next_credit(c).prompt_index != first.prompt_index  # skipped: the cursor moves on
         s = c.request(P.StatsRequest()).values
         assert (s["rejected_no_room"], s.get("rejected_empty_output"), s["reissue_queue"]) == (
             1, None, 0)
-
-
-def test_an_engine_that_answers_no_token_for_a_prompt_with_room_is_asked_again(tmp_path):
-    with running(make_cfg(tmp_path, max_staleness=3)) as (_, c):
-        register(c)
-        first, engine = next_credit(c), SilentEngine()
-        ack = c.request(group_for(first, 5, engine))
+        second = next_credit(c)
+        assert second.prompt_index != first.prompt_index  # skipped: the cursor moves on
+        ack = c.request(group_for(second, 5, engine))  # room, but the engine answers no token
         assert engine.asked == 2
         assert ack.status == "rejected" and ack.reason.startswith("empty_output:"), ack.reason
-        assert next_credit(c).prompt_index == first.prompt_index  # re-issued: the engine's fault
+        assert next_credit(c).prompt_index == second.prompt_index  # re-issued: the engine's fault
         assert c.request(P.StatsRequest()).values["rejected_empty_output"] == 1
 
 

@@ -13,7 +13,7 @@ sampler gives in practice (-60) is accepted.
 A prompt whose groups come back non-finite every time is generated at most
 ``MAX_ENGINE_RETRIES`` (3) times per epoch, then skipped like a bad prompt.
 
-Mutations checked: without the range check the -1e30 group was accepted (the implausible test
+Mutations checked: without the range check the -1e30 group was accepted (the refusal test
 failed); re-issuing without the cap made the cap test fail.
 """
 
@@ -44,48 +44,39 @@ def _with_logp(group: P.TrajectoryGroup, value: float, at: int = 1) -> P.Traject
     return msgspec.structs.replace(group, trajectories=[*group.trajectories[:-1], bad])
 
 
-def test_buffer_refuses_nonfinite_logprobs_counts_them_and_requeues_their_prompts(tmp_path):
+def test_buffer_refuses_nonfinite_and_implausible_logprobs_counts_them_and_requeues_their_prompts(
+        tmp_path):
     cfg = make_cfg(tmp_path, max_staleness=3)
     with running(cfg) as (svc, c):
         register(c)
-        credits = c.request(P.CreditRequest(server_id="s0", max_credits=4)).credits
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=6)).credits
         for credit, value in zip(credits, BAD):
             ack = c.request(_with_logp(make_group(credit), value))
             assert ack.status == "rejected", ack
             assert ack.reason.startswith("nonfinite_logp: trajectory 1"), ack.reason
             assert f"first {value}" in ack.reason and "at token 1" in ack.reason, ack.reason
-        assert c.request(make_group(credits[3])).status == "accepted"  # a finite group goes in
-        s = c.request(P.StatsRequest()).values
-        assert s["rejected_nonfinite_logp"] == 3 and s["groups_accepted"] == 1 and s["stored"] == 1
-        assert (s["in_flight"], s["reissue_queue"]) == (0, 3)  # slots came back, prompts queued
-        page = scrape(f"http://127.0.0.1:{svc.metrics_server.port}/metrics")
-        assert page['areal_buffer_rejected_total{reason="nonfinite_logp"}'] == 3
-        # the prompts go out again, first, and a finite group for each is accepted
-        again = c.request(P.CreditRequest(server_id="s0", max_credits=3)).credits
-        assert [x.prompt_index for x in again] == [x.prompt_index for x in credits[:3]]
-        for credit in again:
-            assert c.request(make_group(credit, rewards=(1.0, 0.0))).status == "accepted"
-        batch = c.request(P.BatchRequest(n_groups=4, trainer_version=0, wait_s=5.0))
-        assert len(batch.groups) == 4
-        assert all(np.isfinite(t.behav_logp).all() for g in batch.groups for t in g.trajectories)
-
-
-def test_buffer_refuses_implausible_logprobs_and_takes_plausible_ones(tmp_path):
-    cfg = make_cfg(tmp_path, max_staleness=3)
-    with running(cfg) as (svc, c):
-        register(c)
-        credits = c.request(P.CreditRequest(server_id="s0", max_credits=3)).credits
-        for credit, value in zip(credits, (-1e30, 5.0)):
+        for credit, value in zip(credits[3:], (-1e30, 5.0)):
             ack = c.request(_with_logp(make_group(credit), value))
             assert ack.status == "rejected", ack
             assert ack.reason.startswith("implausible_logp: trajectory 1"), ack.reason
             assert "outside [-100.0, 0.1]" in ack.reason and "at token 1" in ack.reason, ack.reason
-        assert c.request(_with_logp(make_group(credits[2]), -60.0)).status == "accepted"
+        # the most negative log-prob a real sampler gives in practice goes in
+        assert c.request(_with_logp(make_group(credits[5]), -60.0)).status == "accepted"
         s = c.request(P.StatsRequest()).values
-        assert s["rejected_implausible_logp"] == 2 and s["groups_accepted"] == 1
-        assert (s["in_flight"], s["reissue_queue"]) == (0, 2)  # engine's numbers: prompts re-queued
+        assert (s["rejected_nonfinite_logp"], s["rejected_implausible_logp"]) == (3, 2)
+        assert s["groups_accepted"] == 1 and s["stored"] == 1
+        assert (s["in_flight"], s["reissue_queue"]) == (0, 5)  # slots came back, prompts queued
         page = scrape(f"http://127.0.0.1:{svc.metrics_server.port}/metrics")
+        assert page['areal_buffer_rejected_total{reason="nonfinite_logp"}'] == 3
         assert page['areal_buffer_rejected_total{reason="implausible_logp"}'] == 2
+        # the prompts go out again, first, and a finite group for each is accepted
+        again = c.request(P.CreditRequest(server_id="s0", max_credits=5)).credits
+        assert [x.prompt_index for x in again] == [x.prompt_index for x in credits[:5]]
+        for credit in again:
+            assert c.request(make_group(credit, rewards=(1.0, 0.0))).status == "accepted"
+        batch = c.request(P.BatchRequest(n_groups=6, trainer_version=0, wait_s=5.0))
+        assert len(batch.groups) == 6
+        assert all(np.isfinite(t.behav_logp).all() for g in batch.groups for t in g.trajectories)
 
 
 def test_a_prompt_refused_for_its_numbers_every_time_is_skipped_after_three_tries(tmp_path):

@@ -189,29 +189,23 @@ def _refused(result: subprocess.CompletedProcess, *words: str) -> None:
     assert "[supervisor] started" not in result.stderr, result.stderr
 
 
-def test_ray_not_installed_is_one_error_line(tmp_path):
-    shadow = tmp_path / "shadow"
-    shadow.mkdir()
-    (shadow / "ray.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
-    env = child_env({"PYTHONPATH": f"{shadow}{os.pathsep}{REPO}"})
-    _refused(_cli("run", *JOB, f"run_dir={tmp_path / 'run'}", env=env), "needs Ray",
-             ".[ray]")
-    assert not (tmp_path / "run").exists()
-
-
-def test_no_cluster_at_the_address_is_one_error_line(tmp_path):
-    _need_ray()
-    env = child_env({"RAY_ADDRESS": f"127.0.0.1:{free_port()}"})
-    _refused(_cli("run", *JOB, f"run_dir={tmp_path / 'run'}", env=env), "no Ray cluster at")
-    assert not (tmp_path / "run").exists()
-
-
-def test_a_dashboard_address_is_one_error_line(tmp_path):
-    """RAY_ADDRESS as the jobs CLI wants it (http://HEAD:8265) names the GCS address instead."""
-    _need_ray()
-    env = child_env({"RAY_ADDRESS": f"http://127.0.0.1:{free_port()}"})
-    _refused(_cli("run", *JOB, f"run_dir={tmp_path / 'run'}", env=env), "dashboard address",
-             "HEAD:6379", "ray job submit")
+@pytest.mark.parametrize("case", ["no ray", "no cluster", "dashboard address"])
+def test_no_ray_no_cluster_or_a_dashboard_address_is_one_error_line(tmp_path, case):
+    """Ray not importable; no cluster at RAY_ADDRESS; RAY_ADDRESS as the jobs CLI wants it
+    (http://HEAD:8265): the line names the GCS address instead."""
+    if case == "no ray":
+        shadow = tmp_path / "shadow"
+        shadow.mkdir()
+        (shadow / "ray.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+        env, words = child_env({"PYTHONPATH": f"{shadow}{os.pathsep}{REPO}"}), ("needs Ray",
+                                                                                 ".[ray]")
+    else:
+        _need_ray()
+        http = "http://" if case == "dashboard address" else ""
+        env = child_env({"RAY_ADDRESS": f"{http}127.0.0.1:{free_port()}"})
+        words = (("dashboard address", "HEAD:6379", "ray job submit") if http
+                 else ("no Ray cluster at",))
+    _refused(_cli("run", *JOB, f"run_dir={tmp_path / 'run'}", env=env), *words)
     assert not (tmp_path / "run").exists()
 
 

@@ -119,28 +119,21 @@ def test_keys_command_writes_private_files(tmp_path, spawn_python):
             == security.load(keys, security.SERVER).public)
 
 
-def test_buffer_without_keys_refuses_to_start(tmp_run_dir, spawn_python):
-    cfg = RunConfig(run_dir=str(tmp_run_dir),
-                    buffer=BufferConfig(address=f"tcp://127.0.0.1:{free_port()}",
-                                        pub_address=f"tcp://127.0.0.1:{free_port()}"))
-    (tmp_run_dir / "config.yaml").write_text(to_yaml(cfg))
-    proc = spawn_python("buffer", ["--config-file", tmp_run_dir / "config.yaml"])
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
-    assert "server.key is missing" in err and "areal-like keys RUN_DIR" in err
-
-
 def test_a_daemon_refuses_a_secret_key_file_others_may_read(tmp_run_dir, spawn_python):
     """A key copied with a plain ``scp`` (0644) was accepted: each daemon that loads a secret key
     (the buffer's CURVE key; the engine API key's file for a rollout server, a trainer rank and a
     standalone engine) exits 2 with one line naming the file and ``chmod 600``; so does
-    ``areal-like keys``, which would keep them."""
+    ``areal-like keys``, which would keep them. A buffer without keys refuses to start."""
     from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
 
-    security.make_keys(tmp_run_dir / "keys")
-    ensure_key_file(tmp_run_dir)
     config = tmp_run_dir / "config.yaml"
     config.write_text(to_yaml(RunConfig(run_dir=str(tmp_run_dir))))
+    proc = spawn_python("buffer", ["--config-file", config])
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "server.key is missing" in err and "areal-like keys RUN_DIR" in err
+    security.make_keys(tmp_run_dir / "keys")
+    ensure_key_file(tmp_run_dir)
     server_secret, engine_key = tmp_run_dir / "keys" / "server.key_secret", tmp_run_dir / KEY_FILE
     server_secret.chmod(0o644)
     engine_key.chmod(0o644)

@@ -44,14 +44,11 @@ def test_subcommand_help():
     assert r.returncode == 0 and "--nproc-per-node" in r.stdout
 
 
-@pytest.mark.parametrize("override,named", [
-    ("trainer.lr=abc", ["error: bad configuration", "trainer.lr"]),
-    ("trainer.no_such_key=1", ["no_such_key"]),
-    ("experiment=no_such_experiment", ["no_such_experiment"]),
-    ("buffer.max_staleness=-1", ["buffer.max_staleness"])])  # a validator's
-def test_a_bad_override_names_the_key_and_exits_2(override, named):
-    r = _cli("run", override)
-    assert r.returncode == 2 and all(word in r.stderr for word in named), r.stderr
+def test_a_bad_override_names_the_key_and_exits_2():
+    # what each refusal names: test_config.py's test_a_refusal_names_the_key_and_what_it_takes
+    r = _cli("run", "trainer.lr=abc")
+    assert r.returncode == 2 and "error: bad configuration" in r.stderr, r.stderr
+    assert "trainer.lr" in r.stderr, r.stderr
 
 
 def test_unknown_command_is_a_usage_error():

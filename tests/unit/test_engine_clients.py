@@ -607,19 +607,6 @@ def test_timeout_bounds_the_whole_call_including_retries():
     run(body)
 
 
-def test_the_sglang_log_is_readable_by_this_user_only(tmp_path):
-    """SGLang may print its server_args, the API key among them: its log is 0600, also one left by
-    an earlier run. (No SGLang here: the server exits at once, after the log was opened.)"""
-    log = tmp_path / "sglang-s0.log"
-    log.write_text("an earlier run\n")
-    log.chmod(0o644)
-    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60),
-                         str(log))
-    with pytest.raises(RuntimeError, match="SGLang exited"):
-        proc.start()
-    assert log.stat().st_mode & 0o777 == 0o600 and log.read_text().startswith("an earlier run\n")
-
-
 def _sglang_standin(tmp_path, monkeypatch, body: str) -> None:
     """``python -m sglang.launch_server ...`` (the launch's own argv) runs ``body`` instead of
     SGLang: a package of that name first on the engine's PYTHONPATH."""
@@ -636,9 +623,12 @@ def _sglang_standin(tmp_path, monkeypatch, body: str) -> None:
 def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, monkeypatch):
     """A scheduler that fails at start logs its traceback, then SGLang's parent kills the rest and
     logs that last (e.g. SGLang on CPU with rollout.engine.tp_size=2 on one NUMA node): the error
-    names the exception, not the kill nor an exception an earlier start left in the log."""
+    names the exception, not the kill nor an exception an earlier start left in the log. SGLang
+    may print its server_args, the API key among them: the log is 0600, also one left by an
+    earlier run, and kept."""
     log = tmp_path / "sglang-s0.log"
     log.write_text("ValueError: an earlier start\n")
+    log.chmod(0o644)
     lines = ["[TP1] Scheduler hit an exception: Traceback (most recent call last):",
              "AssertionError: SGLANG_CPU_OMP_THREADS_BIND is not set",
              "[x] Received sigquit from a child process.", "[x] kill_process_tree called: pid=1"]
@@ -651,6 +641,8 @@ def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, 
                              EngineConfig(kind="sglang", startup_timeout_s=60), str(log))
         with pytest.raises(RuntimeError, match=want):
             proc.start()
+    assert log.stat().st_mode & 0o777 == 0o600
+    assert log.read_text().startswith("ValueError: an earlier start\n")
 
 
 def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_comes_up(

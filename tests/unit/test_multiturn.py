@@ -239,7 +239,10 @@ def test_an_opening_prompt_that_leaves_no_room_is_refused_with_its_reason():
                    "leaves the engine no room to generate"), why
 
 
-def test_a_weight_sync_mid_episode_keeps_every_tokens_version():
+def test_a_weight_sync_mid_episode_keeps_every_tokens_version_and_its_logged_sample_shows_it():
+    from areal_like.wire.protocol import TrajectoryGroup
+    from trainer.samples import sample_rows
+
     replies = ["first turn", "second turn is long", "third"]
     # turn 2 is paused after 3 tokens, resumes at v1
     engine = ScriptedEngine(replies, pause_after={1: 3})
@@ -257,14 +260,7 @@ def test_a_weight_sync_mid_episode_keeps_every_tokens_version():
     assert list(versions[mask == 0]) == ([0] * (starts[1] - len(g[0]))
                                          + [1] * (starts[2] - starts[1] - len(g[1])))
     assert traj.head_version == 0 and list(traj.output_ids[mask == 1]) == sum(g, [])
-
-
-def test_a_logged_sample_shows_each_tokens_source_and_version():
-    from areal_like.wire.protocol import TrajectoryGroup
-    from trainer.samples import sample_rows
-
-    engine = ScriptedEngine(["first turn", "second turn is long", "third"], pause_after={1: 3})
-    _, traj = episode(engine)
+    # a logged sample shows each token's source and version
     group = TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
                             trajectories=[traj])
     row = sample_rows([group], version=2, k=1,

@@ -538,18 +538,17 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 ])
 def test_rows_whose_contents_make_no_example_are_refused_before_start_in_one_line(
         tmp_path, bad_row, why):
-    """Rows 3 and 6 of 8 unusable: `areal-like config` (the preflight `run` runs before anything
-    starts) exits 2 with one line counting them and naming their rows, no traceback."""
+    """Rows 3 and 6 of 8 unusable: the preflight (`areal-like run` and `config` run it first:
+    test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anything) refuses in
+    one line counting them and naming their rows."""
     good = {"prompt_messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}
     data = _jsonl(tmp_path / "rows.jsonl", [bad_row if i in (3, 6) else good for i in range(8)])
-    r = run_cli("config", "task=dataset", f"task.dataset_path={data}",
-                "task.messages_key=prompt_messages", "task.max_new_tokens=16", timeout=120,
-                cwd=tmp_path)
-    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
-    [line] = r.stderr.splitlines()
-    assert line.startswith(f"error: task.dataset_path={str(data)!r}: 2 of 8 rows cannot be used "
-                           "(rows 3, 6, counted from 0); "
-                           "the first: task."), line
+    with pytest.raises(pf.PreflightError) as refused:
+        pf.checked(load_config(["task=dataset", f"task.dataset_path={data}",
+                                "task.messages_key=prompt_messages", "task.max_new_tokens=16"]))
+    [line] = refused.value.problems
+    assert line.startswith(f"task.dataset_path={str(data)!r}: 2 of 8 rows cannot be used "
+                           "(rows 3, 6, counted from 0); the first: task."), line
     assert f"row 3 of {data} {why}" in line, line
 
 

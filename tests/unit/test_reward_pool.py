@@ -129,16 +129,19 @@ def test_a_hanging_reward_is_killed_at_the_timeout_and_replaced(make_pool):
 
 
 def test_samples_after_a_lost_worker_are_scored_by_its_replacement(make_pool):
-    """One worker gets the whole group at once; a sample that hangs or kills it costs only itself:
-    the samples queued behind it go to the fresh worker, in order."""
+    """One worker gets the whole group at once; a sample that hangs, kills it or runs out of
+    memory costs only itself (each timed, counted by kind): the samples queued behind it go to a
+    fresh worker, in order, and the lost worker is gone."""
     metrics = Metrics()
-    pool = make_pool(metrics=metrics, reward_timeout_s=1.0, reward_workers=1)
-    first = pool.worker_pids
-    assert score(pool, "1", "hang", "3", "exit", "5") == [
+    pool = make_pool(metrics=metrics, reward_timeout_s=1.0, reward_memory_mb=256,
+                     reward_workers=1)
+    (first,) = [psutil.Process(pid) for pid in pool.worker_pids]
+    assert score(pool, "1", "hang", "3", "exit", "5", "hog", "7") == [
         (1.0, None), (0.0, "timeout after 1.0s"), (3.0, None), (0.0, "worker died: exit code 3"),
-        (5.0, None)]
-    assert pool.worker_pids != first
-    assert failures(metrics, "timeout") == 1 and failures(metrics, "died") == 1
+        (5.0, None), (0.0, "MemoryError"), (7.0, None)]
+    assert gone(first) and pool.worker_pids != [first.pid]
+    assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 7
+    assert [failures(metrics, k) for k in ("timeout", "died", "memory")] == [1, 1, 1]
 
 
 def test_a_share_bigger_than_a_socket_buffer_is_scored_whole(make_pool):
@@ -149,34 +152,11 @@ def test_a_share_bigger_than_a_socket_buffer_is_scored_whole(make_pool):
     assert score(pool, *responses) == [(float(len(r)), None) for r in responses]
 
 
-def test_every_sample_is_timed_and_a_memory_failure_costs_only_its_own(make_pool):
-    metrics = Metrics()
-    pool = make_pool(metrics=metrics, reward_timeout_s=1.0, reward_memory_mb=256, reward_workers=1)
-    assert score(pool, "1", "hang", "hog", "4") == [
-        (1.0, None), (0.0, "timeout after 1.0s"), (0.0, "MemoryError"), (4.0, None)]
-    # the lost ones too
-    assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 4
-    assert failures(metrics, "timeout") == 1 and failures(metrics, "memory") == 1
-
-
 def test_each_queued_sample_has_its_own_timeout(make_pool):
     """Samples queued on one worker are timed from the answer before them, not from the send: two
     2 s samples under a 3 s timeout both score, though together they take 4 s."""
     pool = make_pool(reward_timeout_s=3.0, reward_workers=1)
     assert score(pool, "sleep 2 1", "sleep 2 2") == [(1.0, None), (2.0, None)]
-
-
-@pytest.mark.parametrize("response,why,kind", [("hog", "MemoryError", "memory"),
-                                                ("exit", "worker died: exit code 3", "died")])
-def test_a_reward_that_loses_its_worker_is_scored_and_the_worker_replaced(make_pool, response,
-                                                                          why, kind):
-    metrics = Metrics()
-    pool = make_pool(metrics=metrics, reward_memory_mb=256, reward_workers=1)
-    (old,) = [psutil.Process(pid) for pid in pool.worker_pids]
-    assert score(pool, response) == [(0.0, why)]
-    assert gone(old) and score(pool, "3") == [(3.0, None)]  # a new worker answers
-    assert pool.worker_pids != [old.pid]
-    assert failures(metrics, kind) == 1
 
 
 def test_workers_run_under_their_limits(make_pool):

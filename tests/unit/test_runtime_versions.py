@@ -29,7 +29,6 @@ from areal_like.weights.versions import (
 )
 from areal_like.wire import protocol as P
 from areal_like.wire.codec import field_names
-from buffer.control import ControlPlane
 from trainer.weight_sync import SyncReport, WeightBroadcaster
 
 GPU = RuntimeVersions("2.14.1+cu130", "13.0", "2.30.7")
@@ -245,30 +244,3 @@ def test_catch_up_does_not_wait_for_a_refused_member(broadcaster):
                                         policy_version=10))
     b.loaded = {"a": 10}  # a loaded the final version from this trainer
     assert b.catch_up_decision(10, time.monotonic() + 60, 0) == "done"
-
-
-def test_a_member_restarted_between_syncs_re_forms_the_group(broadcaster):
-    """The roster carries each member's incarnation (``Register`` to ``RosterEntry``), and the
-    trainer's group is for those processes: a member restarted between two syncs, back on the
-    roster under its id and ranks before the buffer noticed, makes the next plan re-form the
-    group (it never joined the formed one); the same processes reuse it. Before, the plan reused
-    the group and the broadcast stalled on the new process and failed for every member."""
-    b, _ = broadcaster
-    control = ControlPlane("tcp://x", 5.0, lambda: 0.0,
-                           logging.getLogger("test"))
-
-    def plan_reforms(incarnation: str) -> bool:
-        control.register(P.Register(server_id="a", engine_url="http://x", policy_version=0,
-                                    incarnation=incarnation))
-        entries = control.roster_reply(P.RosterRequest()).members
-        admitted = b._admit(entries, SyncReport(version=1))
-        reform = b.sender.route(1, admitted)["reform"]
-        b.sender.group.pg, b.sender.group.key = object(), tuple(admitted)  # formed (connect)
-        return reform
-
-    try:
-        assert plan_reforms("1111")  # no group yet
-        assert not plan_reforms("1111")  # the same process: the group is reused
-        assert plan_reforms("2222")  # restarted: a new group
-    finally:
-        b.sender.group.pg = None

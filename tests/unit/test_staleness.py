@@ -59,12 +59,6 @@ def test_check_batch_raises_on_a_stale_group():
         policy.check_batch([3, 1], trainer_version=3)
 
 
-def test_engine_older_than_the_bound_gets_no_credits():
-    policy = StalenessPolicy(1, 4, 8)
-    assert policy.engine_can_start(4, 5) and not policy.engine_can_start(3, 5)
-    assert policy.engine_can_start(-1, 5)  # unknown version: trusted, checked at consumption
-
-
 def test_eta_zero_is_synchronous():
     """Simulated: grant until admission stops, generate at the current version, consume B, step."""
     B = 3

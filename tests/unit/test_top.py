@@ -60,27 +60,6 @@ def _dead_pid() -> int:
     return gone.pid
 
 
-def test_status_says_starting_for_a_daemon_whose_health_says_not_ready(tmp_path, capsys):
-    """A rollout server loading its engine answers /health 503 with its uptime: starting, not DOWN.
-    A probe that raised (its answer names an error) stays DOWN."""
-
-    def broken():
-        raise RuntimeError("probe broke")
-
-    loading = MetricsServer(Metrics(), 0, "127.0.0.1", health=lambda: (False, {"name": "r"}))
-    failing = MetricsServer(Metrics(), 0, "127.0.0.1", health=broken)
-    try:
-        _ports(tmp_path, [("rollout-0", loading.port, os.getpid()),
-                          ("rollout-1", failing.port, os.getpid())])
-        assert status(tmp_path) == 1  # not every daemon is up
-        out = capsys.readouterr().out
-        assert _states(out) == {"rollout-0": "starting", "rollout-1": "DOWN"}, out
-        assert "uptime" in out.splitlines()[0], out
-    finally:
-        loading.stop()
-        failing.stop()
-
-
 def test_status_says_starting_for_a_daemon_the_live_launcher_has_not_started(tmp_path, capsys):
     """ports.json lists a daemon of a later start stage with no PID yet (a trainer waiting for the
     engines on a shared GPU): starting while the launcher lives, DOWN once it is gone."""
@@ -93,22 +72,18 @@ def test_status_says_starting_for_a_daemon_the_live_launcher_has_not_started(tmp
     assert _states(capsys.readouterr().out) == {"trainer": "DOWN"}
 
 
-def test_status_of_a_finished_run_shows_no_connection_errors(tmp_path, capsys):
+def test_status_and_top_of_a_finished_run_say_finished_without_connection_errors(tmp_path,
+                                                                                  capsys):
     """The daemons of a finished job are gone as they should be: `finished`, without the refused
-    connection's error text, which read like a failure; the exit code stays 1 (not all up)."""
+    connection's error text, which read like a failure; status's exit code stays 1 (not all up).
+    top (said DOWN for every daemon, every 2 s forever without a terminal, exit 1 with --once):
+    one view saying finished, then exit 0."""
     _job(tmp_path, [("buffer", free_port(), _dead_pid()), ("rollout-0", free_port(), None)])
     _finish(tmp_path)
     assert status(tmp_path) == 1
     out = capsys.readouterr().out
     assert _states(out) == {"job": "finished", "buffer": "finished", "rollout-0": "finished"}, out
     assert "Error" not in out and "refused" not in out, out
-
-
-def test_top_on_a_finished_run_says_finished_and_exits(tmp_path):
-    """Where status says finished, top did say DOWN for every daemon, printed on every 2 s forever
-    without a terminal and exited 1 with --once: now one view saying finished, then exit 0."""
-    _job(tmp_path, [("buffer", free_port(), _dead_pid()), ("rollout-0", free_port(), None)])
-    _finish(tmp_path)
     for args in ([], ["--once"]):
         done = _top(str(tmp_path), "--interval", "0.2", *args)
         assert done.returncode == 0, (args, done.stdout, done.stderr)
@@ -116,30 +91,6 @@ def test_top_on_a_finished_run_says_finished_and_exits(tmp_path):
         rows = [ln.split("│")[1:3] for ln in done.stdout.splitlines() if ln.startswith("│")]
         assert [[c.strip() for c in r] for r in rows] == [["buffer", "finished"],
                                                           ["rollout-0", "finished"]], done.stdout
-
-
-def test_top_exits_with_a_last_view_when_the_job_it_watches_finishes(tmp_path):
-    m = Metrics()
-    m.gauge("buffer/trainer_version").set(7)
-    srv = MetricsServer(m, 0, "127.0.0.1")
-    try:
-        _job(tmp_path, [("buffer", srv.port, os.getpid())])
-        watching = subprocess.Popen([sys.executable, "-m", "launch.cli", "top", str(tmp_path),
-                                     "--interval", "0.2"], stdout=subprocess.PIPE, text=True)
-        try:
-            # the first view of the running job: the buffer answers
-            assert "trainer step -" in watching.stdout.readline()
-            _finish(tmp_path)
-            rest, _ = watching.communicate(timeout=30)
-        finally:
-            watching.kill()
-            watching.wait()
-        assert watching.returncode == 0, rest
-        last = rest[rest.rindex("trainer step -"):].splitlines()
-        rows = [[c.strip() for c in ln.split("│")[1:3]] for ln in last if ln.startswith("│")]
-        assert "job finished" in last[0] and rows == [["buffer", "finished"]], rest
-    finally:
-        srv.stop()
 
 
 def _start(path, *, at: float, launcher: int, born: float | None = None) -> None:
@@ -225,7 +176,8 @@ def test_a_lock_whose_mtime_is_skewed_still_names_its_live_launcher(tmp_path):
     assert live_launcher(run) is None
 
 
-def test_top_waits_through_the_warm_start_then_shows_the_daemons(tmp_path):
+def test_top_waits_through_the_warm_start_then_shows_the_daemons_and_exits_when_it_finishes(
+        tmp_path):
     m = Metrics()
     m.gauge("buffer/trainer_version").set(7)
     srv = MetricsServer(m, 0, "127.0.0.1")
@@ -239,7 +191,10 @@ def test_top_waits_through_the_warm_start_then_shows_the_daemons(tmp_path):
             assert line, "top exited"
         _finish(run)
         rest, _ = watching.communicate(timeout=30)
-        assert watching.returncode == 0 and "job finished" in rest, rest
+        assert watching.returncode == 0, rest
+        last = rest[rest.rindex("trainer step -"):].splitlines()  # a last view, then exit 0
+        rows = [[c.strip() for c in ln.split("│")[1:3]] for ln in last if ln.startswith("│")]
+        assert "job finished" in last[0] and rows == [["buffer", "finished"]], rest
     finally:
         watching.kill()
         watching.wait()
@@ -284,21 +239,6 @@ def test_a_job_started_without_run_is_finished_once_its_trainer_is_done(tmp_path
     assert trainer.split()[:2] == ["trainer", "finished"], trainer
     watched = _top(str(tmp_path), "--interval", "0.2")
     assert watched.returncode == 0 and "job completed" in watched.stdout, watched.stdout
-
-
-def test_status_shows_the_pid_a_daemon_started_without_run_reports(tmp_path, capsys):
-    """A Slurm or hand-started job's ports.json records no PIDs (launch/srun.py writes none): the
-    PID comes from the daemon's own /health, and one that does not answer shows ``pid=-``, not
-    ``pid=None``."""
-    srv = MetricsServer(Metrics(), 0, "127.0.0.1", health=lambda: (True, {"name": "buffer"}))
-    try:
-        _ports(tmp_path, [("buffer", srv.port, None), ("rollout-0", free_port(), None)])
-        assert status(tmp_path) == 1
-        lines = capsys.readouterr().out.splitlines()
-    finally:
-        srv.stop()
-    assert lines[0].split()[:3] == ["buffer", "up", f"pid={os.getpid()}"], lines
-    assert lines[1].split()[:3] == ["rollout-0", "DOWN", "pid=-"], lines
 
 
 def _lock_holder(run_dir, launcher_pid: str | None = None) -> subprocess.Popen:
@@ -410,30 +350,45 @@ def test_a_job_started_without_run_and_stopped_says_where(tmp_path, capsys):
 
 
 def test_status_tells_starting_up_and_down_apart(tmp_path, capsys):
-    """up: /health answers; starting: its process lives but does not answer yet; DOWN: neither
-    (a crashed daemon), also a live daemon whose port accepts but never answers (wedged for hours).
-    (finished: test_status_of_a_finished_run_shows_no_connection_errors.)"""
+    """up: /health answers; starting: its process lives but does not answer yet, or answers 503
+    (a rollout server loading its engine); DOWN: neither (a crashed daemon), a probe that raised,
+    or a live daemon whose port accepts but never answers (wedged for hours). A ports.json without
+    PIDs (Slurm, by hand) shows the PID the daemon's /health reports, or ``pid=-``.
+    (finished: test_status_and_top_of_a_finished_run_say_finished_without_connection_errors.)"""
     import socket
 
+    def broken():
+        raise RuntimeError("probe broke")
+
     srv = MetricsServer(Metrics(), 0, "127.0.0.1")
+    loading = MetricsServer(Metrics(), 0, "127.0.0.1", health=lambda: (False, {"name": "r"}))
+    failing = MetricsServer(Metrics(), 0, "127.0.0.1", health=broken)
     waiting = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     wedged = socket.create_server(("127.0.0.1", 0))  # the kernel completes the handshake only
     try:
         _ports(tmp_path, [("buffer", srv.port, None)])
         assert status(tmp_path) == 0  # every daemon up
-        assert capsys.readouterr().out.split()[:2] == ["buffer", "up"]
+        assert capsys.readouterr().out.split()[:3] == ["buffer", "up", f"pid={os.getpid()}"]
         _ports(tmp_path, [("buffer", srv.port, os.getpid()),
                           ("rollout-0", free_port(), waiting.pid),  # no port open yet
                           ("trainer", free_port(), _dead_pid()),
-                          ("rollout-1", wedged.getsockname()[1], os.getpid())])
+                          ("rollout-1", wedged.getsockname()[1], os.getpid()),
+                          ("rollout-2", loading.port, os.getpid()),
+                          ("rollout-3", failing.port, os.getpid()),
+                          ("rollout-4", free_port(), None)])
         assert status(tmp_path) == 1
-        assert _states(capsys.readouterr().out) == {
-            "buffer": "up", "rollout-0": "starting", "trainer": "DOWN", "rollout-1": "DOWN"}
+        out = capsys.readouterr().out
+        assert _states(out) == {
+            "buffer": "up", "rollout-0": "starting", "trainer": "DOWN", "rollout-1": "DOWN",
+            "rollout-2": "starting", "rollout-3": "DOWN", "rollout-4": "DOWN"}, out
+        lines = {ln.split()[0]: ln for ln in out.splitlines()}
+        assert "uptime" in lines["rollout-2"] and lines["rollout-4"].split()[2] == "pid=-", out
     finally:
+        for server in (srv, loading, failing):
+            server.stop()
         waiting.kill()
         waiting.wait()
         wedged.close()
-        srv.stop()
 
 
 def test_top_without_a_terminal_prints_plain_tables(tmp_path):
@@ -446,7 +401,7 @@ def test_top_without_a_terminal_prints_plain_tables(tmp_path):
         assert once.returncode == 0, once.stderr
         assert "trainer step -" in once.stdout and "buffer" in once.stdout and "7" in once.stdout
         # no terminal control codes in a pipe (top without --once in a pipe, view after view:
-        # test_top_exits_with_a_last_view_when_the_job_it_watches_finishes)
+        # test_top_waits_through_the_warm_start_then_shows_the_daemons_and_exits_when_it_finishes)
         assert "\x1b[" not in once.stdout
     finally:
         srv.stop()

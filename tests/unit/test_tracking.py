@@ -241,7 +241,7 @@ def test_markdown_table_keeps_each_row_on_one_line():
         "| a | b | c |\n| --- | --- | --- |\n| x\\|y | 1\\n2 |  |\n| 3 |  | [1, 2] |")
 
 
-def test_tensorboard_event_files_hold_scalars_and_the_text_table(tmp_path):
+def test_tensorboard_event_files_hold_scalars_the_text_table_and_the_last_replay_only(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = TensorBoardTracker(tmp_path / "tb")
@@ -257,20 +257,14 @@ def test_tensorboard_event_files_hold_scalars_and_the_text_table(tmp_path):
     assert text.step == 4
     assert text.tensor_proto.string_val[0].decode() == (
         "| prompt | versions |\n| --- | --- |\n| a\\|b | [1, 2] |")
-
-
-def test_tensorboard_holds_the_last_replay_only(tmp_path):
-    """A resumed run's sink (or `areal-like track`) replays every step again into the same log
-    directory: TensorBoard showed steps 1..N twice, its line going back from N to 1."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    for loss in (0.5, 0.25):  # the run, then its replay
-        tb = TensorBoardTracker(tmp_path / "tb")
-        tb.log_metrics({"train/loss": loss}, 1)
-        tb.close()
+    # a resumed run's sink (or `areal-like track`) replays every step into the same directory:
+    # only the last replay is shown (TensorBoard showed the steps twice, going back from N to 1)
+    tb = TensorBoardTracker(tmp_path / "tb")
+    tb.log_metrics({"train/loss": 0.125}, 3)
+    tb.close()
     ea = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0})
     ea.Reload()
-    assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(1, 0.25)]
+    assert [(e.step, e.value) for e in ea.Scalars("train/loss")] == [(3, 0.125)]
 
 
 def wandb_records(path: Path) -> list:

@@ -111,20 +111,28 @@ def _frame(gid: str) -> bytes:
                                       epoch=0, trajectories=[t, t]))
 
 
-def test_the_last_control_record_of_a_segment_is_restored_from_the_next_checkpoint(tmp_path):
-    """Segment 1 ends with the record that consumed g1 (g2 keeps the segment); a rotation opens
-    segment 2 with a checkpoint that carries it. Damage to that last record (a damaged tail of an
-    older segment) loses nothing: g1 is not served again."""
+@pytest.mark.parametrize("opened_by", ["rotation", "restart"])
+def test_the_last_control_record_of_a_segment_is_restored_from_the_next_checkpoint(tmp_path,
+                                                                                   opened_by):
+    """Segment 1 ends with the record that consumed g1; segment 2, opened by a rotation or by a
+    restart (replay, then a fresh segment), starts with a checkpoint that carries it. Damage to
+    that last record (now the tail of an older segment) loses nothing: g1 is not served again.
+    (Before, a restarted process had no previous record to copy: g1 was served again.)"""
     state = _state()
-    wal = _open(tmp_path, state, segment_bytes=1)
+    wal = _open(tmp_path, state, segment_bytes=1 if opened_by == "rotation" else 1 << 20)
     for gid in ("s0-g1", "s0-g2"):
         wal.append_group(gid, _frame(gid))
     wal.append_control({**_changes(consumed=1), "consumed": ["s0-g1"]})
-    wal.commit()
-    assert wal.maybe_rotate(lambda: {"state": state, "seen": []})
-    wal.close()
+    if opened_by == "rotation":
+        wal.commit()
+        assert wal.maybe_rotate(lambda: {"state": state, "seen": []})
+        wal.close()
+    else:
+        wal.close()
+        wal = _open(tmp_path, state)
+        wal.close()
     assert wal.segments() == [1, 2]
-    _flip(tmp_path, 1, -3)
+    _flip(tmp_path, 1, -3)  # inside the last record of segment 1: the control record
     got, _, store = _recover(tmp_path)
     assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
     assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
@@ -191,25 +199,4 @@ def test_damage_taking_a_later_segments_checkpoint_and_next_record_restores_that
     _flip(tmp_path, 2, HEADER.size + 5, second + HEADER.size + 5)  # second: record 1's offset
     got, _, store = _recover(tmp_path)
     assert (got.damaged, got.restored, got.lost_control) == (1, 1, 1)
-    assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
-
-
-def test_the_last_control_record_before_a_restart_is_restored_from_the_restarts_checkpoint(
-        tmp_path):
-    """A restart replays the WAL and opens a fresh segment with a checkpoint; that checkpoint
-    carries the last control record it replayed, as a rotation's does. So damage to that record
-    (now the tail of an older segment) loses nothing: g1 stays consumed. Before, a restarted
-    process had no previous record to copy: the consumed mark was lost and g1 served again."""
-    state = _state()
-    wal = _open(tmp_path, state)
-    for gid in ("s0-g1", "s0-g2"):
-        wal.append_group(gid, _frame(gid))
-    wal.append_control({**_changes(consumed=1), "consumed": ["s0-g1"]})
-    wal.close()
-    restarted = _open(tmp_path, state)  # the restart: replay, then a fresh segment
-    restarted.close()
-    assert restarted.segments() == [1, 2]
-    _flip(tmp_path, 1, -3)  # inside the last record of segment 1: the control record
-    got, _, store = _recover(tmp_path)
-    assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
     assert "s0-g2" in store and "s0-g1" not in store  # g1 stays consumed
