@@ -165,7 +165,7 @@ def test_the_single_turn_example_learns(tmp_path):
     assert summary_of(proc.stdout)["steps_trained"] == 80
     rewards = rewards_of(run_dir)
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert last >= first + 0.2, rewards
+    assert last >= first + 0.15, rewards
 
 
 def test_an_eval_split_is_refused_with_a_taskset_naming_the_key():
