@@ -3,8 +3,9 @@
 ``ensure_warm_start(cfg)`` trains ``warm_start.steps`` SFT steps and returns the config with
 ``model.path`` at the saved Hugging Face directory, so RL starts from it. The result is cached
 under ``<warm_start.cache_dir>/<key>``: ``key`` hashes the content of the model directory
-(``model.path``) and of the data files (``task.dataset_path``, ``warm_start.dataset_path``), not
-their names, with the model, LoRA and warm-start settings and the task settings the examples
+(``model.path``), of the data files (``task.dataset_path``, ``warm_start.dataset_path``) and of
+the environment's module (``task.env``, whose code writes its demo conversations), not their
+names, with the model, LoRA and warm-start settings and the task settings the examples
 depend on (``TASK_KEYS``). A cache entry is written under a temporary name and renamed, so a
 crash never leaves a half-written one. ``sft(cfg, out)`` is ``areal-like sft``: the same
 training into ``out`` (by default the cache entry ``areal-like run`` with the same overrides
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -59,11 +61,23 @@ def content_hash(path: str | None) -> str | None:
     return h.hexdigest()
 
 
+def module_hash(name: str | None) -> str | None:
+    """SHA-256 of the source file of the module ``name`` names (``package.module`` or
+    ``package.module:Attr``); None where it names no module with a file (an installed id)."""
+    try:
+        spec = importlib.util.find_spec(name.split(":")[0]) if name else None
+    except (ImportError, ValueError):
+        return None
+    return content_hash(spec.origin) if spec and spec.has_location else None
+
+
 def cache_key(cfg: RunConfig) -> str:
     model = dataclasses.asdict(cfg.model) | {"path": content_hash(cfg.model.path),
                                              "tokenizer": content_hash(cfg.model.tokenizer)}
     task = {k: v for k, v in dataclasses.asdict(cfg.task).items() if k in TASK_KEYS}
     task["dataset_path"] = content_hash(task["dataset_path"])
+    if env_source := module_hash(task["env"]):
+        task["env_source"] = env_source
     ws = {k: v for k, v in dataclasses.asdict(cfg.warm_start).items()
           if k not in ("cache_dir", "eval_prompts")}
     ws["dataset_path"] = content_hash(ws["dataset_path"])

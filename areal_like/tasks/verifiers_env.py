@@ -214,13 +214,13 @@ async def forget_client(env: Any, key: str) -> None:
 
 
 def demo(example: Example, rng: random.Random) -> list[dict]:
-    """The warm start's conversation: the taskset's own ``demo(messages, task, rng)`` (a static
-    method: the prompt's messages and the task's data as JSON, to the whole conversation, tool
-    calls and tool replies included) when it has one, else the prompt and the task's ``answer``
+    """The warm start's conversation: the taskset's own ``demo(messages, task, rng)`` (a method:
+    the prompt's messages and the task's data as JSON, to the whole conversation, tool calls and
+    tool replies included) when it has one, else the prompt and the task's ``answer``
     field."""
     meta = example.metadata["verifiers"]
     taskset = load(meta["env"], json.dumps(meta["env_args"], sort_keys=True)).taskset
-    if callable(own := getattr(type(taskset), "demo", None)):
+    if callable(own := getattr(taskset, "demo", None)):
         return own(list(example.messages), meta["task"], rng)
     if not example.answer:
         raise ConfigError("warm_start.steps > 0 with task=verifiers needs tasks with an `answer` "

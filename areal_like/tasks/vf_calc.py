@@ -3,9 +3,10 @@ the ``mul`` tool of an MCP tool server (``vf.Toolset``, started as ``python -m
 areal_like.tasks.vf_calc``; the taskset's, so an agent worker starts it once) and answer the
 product (``areal-like run experiment=vf_calc``). ``task.env_args`` sets ``num_tasks`` and ``seed``.
 
-``CalcTaskset.demo`` gives the warm start its conversations: half call the tool and copy its
-result, half answer at once with a wrong number of about the right size. A warm-started model
-does both, so RL has a choice to learn: calling the tool is what earns the reward."""
+``CalcTaskset.demo`` gives the warm start its conversations: a quarter (``tool_demos``) call the
+tool and copy its result, the rest answer at once with a wrong number of about the right size. A
+warm-started model does both, mostly the latter, so RL has a choice to learn: calling the tool is
+what earns the reward."""
 from __future__ import annotations
 
 import json
@@ -36,6 +37,7 @@ class CalcTask(vf.Task[CalcData, vf.State, vf.TaskConfig]):
 class CalcConfig(vf.TasksetConfig):
     num_tasks: int = 4096
     seed: int = 0
+    tool_demos: float = 0.25  # the share of demo conversations that call the tool
 
 
 def call_text(a: int, b: int) -> str:
@@ -57,11 +59,10 @@ class CalcTaskset(vf.Taskset[CalcTask, CalcConfig]):
             a, b = rng.randrange(10, 100), rng.randrange(2, 10)
             yield CalcTask(CalcData(prompt=f"{a}*{b}", answer=str(a * b)), self.config.task)
 
-    @staticmethod
-    def demo(messages: list[dict], task: dict, rng: random.Random) -> list[dict]:
+    def demo(self, messages: list[dict], task: dict, rng: random.Random) -> list[dict]:
         """A warm-start conversation after the prompt ``messages`` (module docstring)."""
         answer = int(task["answer"])
-        if rng.random() < 0.5:  # answered at once: wrong by 1 to 30
+        if rng.random() >= self.config.tool_demos:  # answered at once: wrong by 1 to 30
             guess = answer + rng.choice([-1, 1]) * rng.randint(1, 30)
             return [*messages, {"role": "assistant", "content": str(abs(guess) or answer + 1)}]
         a, b = (int(x) for x in task["prompt"].split("*"))

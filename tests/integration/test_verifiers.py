@@ -158,14 +158,14 @@ def test_without_the_extra_task_verifiers_is_refused_before_anything_starts(tmp_
 @pytest.mark.timeout(1500)
 def test_the_single_turn_example_learns(tmp_path):
     """experiment=vf_reverse as shipped. A step's mean is over 32 episodes, so the rise is judged on
-    the first and last 10 of its 40 steps (320 episodes each; std of the difference ~0.04)."""
+    the first and last 10 of its 80 steps (320 episodes each; std of the difference ~0.04)."""
     run_dir = tmp_path / "run"
     proc = run_cli("run", "-q", "experiment=vf_reverse", f"run_dir={run_dir}", timeout=1440)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert summary_of(proc.stdout)["steps_trained"] == 40
+    assert summary_of(proc.stdout)["steps_trained"] == 80
     rewards = rewards_of(run_dir)
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert last >= first + 0.08, rewards
+    assert last >= first + 0.15, rewards
 
 
 def test_an_eval_split_is_refused_with_a_taskset_naming_the_key():

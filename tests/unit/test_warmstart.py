@@ -60,6 +60,22 @@ def test_cache_key_is_the_content_of_model_and_data_not_their_names(tmp_path):
     assert key(model, data, f"warm_start.dataset_path={chat}") not in (first, with_chat)
 
 
+def test_cache_key_follows_the_environment_module_s_code(tmp_path, monkeypatch):
+    """A taskset's code writes its demo conversations: an edit to it is a new warm start."""
+    module = tmp_path / "my_env.py"
+    module.write_text("class Env: pass\n")
+    monkeypatch.syspath_prepend(tmp_path)
+
+    def key() -> str:
+        return cache_key(load_config(["task=calc", "task.env=my_env:Env"]))
+
+    first = key()
+    module.write_text("class Env: demo_share = 0.25\n")
+    assert key() != first
+    module.write_text("class Env: pass\n")
+    assert key() == first
+
+
 def test_cached_model_is_reused_without_training(tmp_path):
     cfg = load_config(["experiment=quickstart", f"run_dir={tmp_path}/run"])
     out = cache_path(cfg)
