@@ -1,10 +1,5 @@
-"""The whole system as a test fixture: buffer + rollout servers + torchrun trainer under the real
-supervisor (launch/local.py), on loopback, with helpers to watch it and break it.
-
-Used by test_e2e.py and test_faults.py. The model is the quickstart's recipe at test size: a tiny
-Qwen2 warm-started on the reversal task (launch/warmstart.py, cached per test session), so that
-rewards are informative from the first step and RL visibly improves them.
-"""
+"""The whole system as a fixture (buffer, rollout servers, torchrun trainer under launch/local.py),
+with the quickstart's warm-started tiny Qwen2; used by test_e2e.py and test_faults.py."""
 
 from __future__ import annotations
 
@@ -44,8 +39,7 @@ BASE_OVERRIDES = [
 
 
 def warm_model(root: Path) -> str:
-    """The warm-started model directory (trained once per cache root: xdist's workers that ask
-    while one trains it wait for that one, under a lock file, rather than each training its own)."""
+    """The warm-started model dir, trained once per cache root (xdist workers wait on a lock)."""
     import fcntl
 
     cfg = load_config([*BASE_OVERRIDES, f"run_dir={root / 'warm' / 'run'}"])
@@ -163,8 +157,7 @@ class RunningSystem:
         return self.sup.proc(name).popen.pid
 
     def client_keys(self) -> security.Keys | None:
-        """The trainer's CURVE keys of this job (None with security.curve=false): what this test's
-        own requests to the buffer present."""
+        """The trainer's CURVE keys of this job (None without CURVE)."""
         if not self.cfg.security.curve:
             return None
         return security.load(self.cfg.resolve_path(self.cfg.security.keys_dir), "trainer")
@@ -205,12 +198,8 @@ def engine_weights(engine_url: str, names: list[str],
 
 def engine_prefix(engine_url: str, names: list[str], rows: int,
                   key: str | None = None) -> tuple[int, dict[str, list]] | None:
-    """(weight_version, the first ``rows`` rows of every parameter) at one stable version,
-    else None.
-
-    A small read (SGLang's ``truncate_size``) fits between two weight syncs, so intermediate
-    versions are caught; reads on the engine's scheduler thread never see a half-loaded version.
-    """
+    """(weight_version, first rows rows of every parameter) at one stable version, else None
+    (small reads fit between syncs; scheduler-thread reads never see a half-loaded version)."""
     def get(path: str, body: dict | None = None):
         req = urllib.request.Request(engine_url + path,
                                      data=json.dumps(body).encode() if body else None,
@@ -225,8 +214,7 @@ def engine_prefix(engine_url: str, names: list[str], rows: int,
 
 
 def checkpoint_prefix(ckpt_dir: Path, rows: int, scratch: Path) -> dict | None:
-    """The first ``rows`` rows of every model tensor of a trainer DCP checkpoint
-    (None if rotated away)."""
+    """The first rows rows of every model tensor of a DCP checkpoint (None if rotated)."""
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
@@ -245,8 +233,7 @@ def checkpoint_prefix(ckpt_dir: Path, rows: int, scratch: Path) -> dict | None:
 
 
 def checksum(named: dict) -> float:
-    """trainer/checkpoint.py's model checksum: sum of each tensor in float64,
-    weighted by sorted position."""
+    """trainer/checkpoint.py's checksum: each tensor's float64 sum weighted by sorted position."""
     import torch
 
     total = torch.zeros((), dtype=torch.float64)

@@ -1,21 +1,9 @@
 """A registered id with no engine behind it does not hold up every weight sync.
 
-Real processes and sockets: the buffer daemon, one embedded engine with a rollout-server stand-in
-(``weight_sync_harness.Driver``), a world-size-1 trainer (``tests/weight_pusher.py``, the real
-``WeightBroadcaster`` driving every member's engine itself), and a fake member: a socket that
-registers an id and heartbeats, as any holder of a member key can, with an engine URL and sync
-port that
-
-* refuses connections (``refused``): the trainer's drive of it fails at once;
-* accepts TCP connections but never answers (``silent``): the drive of it fails only at the
-  push's deadline, as a slow engine's would.
-
-The fake heartbeats, so it stays on the buffer's roster (each push starts once the roster has
-both). Each push must still give the real server its version: with ``refused`` the fake fails at
-once and the real server gets the version well inside the deadline; with ``silent`` the first push
-may wait its whole deadline for the fake (the trainer cannot tell it from a slow engine yet), the
-later ones must not (``SyncReport.cut``: the push ran into its deadline). The real server ends
-serving exactly the trainer's last weights.
+Real buffer, one engine with a Driver, a world-size-1 trainer and a fake member that heartbeats
+with an engine URL that refuses connections (fails at once) or never answers (only the first push
+may wait its whole deadline: SyncReport.cut). The real server always gets each version and ends on
+the trainer's last weights.
 """
 
 from __future__ import annotations
@@ -37,8 +25,7 @@ VERSIONS = (1, 2, 3)
 
 
 class FakeMember(threading.Thread):
-    """Registers ``server_id`` with ``engine_url`` (its sync port's URL too), then only
-    heartbeats."""
+    """Registers server_id with engine_url (also its sync URL), then only heartbeats."""
 
     def __init__(self, address: str, server_id: str, engine_url: str):
         super().__init__(daemon=True, name=f"fake-{server_id}")

@@ -1,13 +1,9 @@
-"""The agent endpoint (rollout_server/agent_endpoint.py) with the real ``openai`` client over real
-sockets: the OpenAI schema round trip with tool calls, token-in/token-out capture (the recorded ids
-are the engine's, a trajectory's ids are the chat template's rendering of its conversation, only
-generated tokens are trained on), a history rewrite splits the episode, a weight sync in the middle
-of a call keeps every token's version, strangers get 401 and late calls 410, limits answer 4xx, and
-agents that hang, crash or return no number are contained and scored 0 with their reason.
+"""The agent endpoint (rollout_server/agent_endpoint.py) with the real openai client.
 
-Two engines: ``Scripted`` answers scripted replies (so the model "calls tools"), with the char
-tokenizer's ids, as test_multiturn's stand-in does; the embedded engine (a random tiny model) for
-what the real engine generates and for the weight sync."""
+Schema round trip with tool calls, token capture (ids are the template's rendering), history
+rewrites split episodes, syncs mid-call keep versions, 401/410/4xx refusals, and failing agents
+scored 0 with their reason. Engines: Scripted (replies) and the embedded one.
+"""
 
 from __future__ import annotations
 
@@ -56,8 +52,7 @@ def ids(text: str) -> list[int]:
 
 
 class Scripted:
-    """``generate`` answers the scripted replies in order, each ended by EOS, cut to the request's
-    ``max_new_tokens``; records every request."""
+    """Answers the scripted replies in order (EOS, cut to max_new_tokens); records requests."""
 
     def __init__(self, replies: list[str]):
         self.replies, self.calls = list(replies), []
@@ -255,8 +250,7 @@ def test_a_history_rewrite_splits_the_episode_and_each_part_is_its_rendering():
 
 
 def test_a_special_token_generated_mid_turn_does_not_double_its_eos():
-    """The agent reads content without the generated special tokens (``<pad>``); the next call's
-    context is still the template's rendering of the model's own tokens."""
+    """Content drops generated special tokens; the next context renders the model's own."""
     engine = Scripted(["x<pad>y", "z"])
 
     async def scenario():
@@ -359,8 +353,7 @@ class Held(Scripted):
 
 
 class InputLimited(Scripted):
-    """Refuses an input of ``max_input`` tokens or more with HTTP 400, as SGLang does for its
-    ``max_req_input_len`` (tests/sglang/test_sglang_context.py); the rest as ``Scripted``."""
+    """Refuses max_input tokens or more with a 400, as SGLang's max_req_input_len."""
 
     def __init__(self, replies: list[str], max_input: int):
         super().__init__(replies)
@@ -381,12 +374,7 @@ class InputLimited(Scripted):
 
 
 def test_a_call_without_room_is_openais_context_length_exceeded_and_is_recorded():
-    """A conversation at the engine's input limit (SGLang's max_req_input_len) was sent and the
-    engine's 400 came back as ``engine_error``; one at task.max_episode_tokens came back as
-    ``invalid_request_error``. Both are now answered before the engine, with OpenAI's code
-    ``context_length_exceeded`` that langchain reads as a context overflow; a first call without
-    room leaves the episode a ``no_room`` trajectory, a later one ends its segment as max_tokens,
-    as a multi-turn episode does."""
+    """No room: OpenAI's context_length_exceeded before the engine; no_room or max_tokens."""
     from langchain_core.exceptions import ContextOverflowError
     from langchain_openai import ChatOpenAI
 
@@ -435,9 +423,7 @@ def test_a_call_without_room_is_openais_context_length_exceeded_and_is_recorded(
 
 
 def test_a_group_whose_opening_prompt_leaves_no_room_is_refused_as_no_room_not_failed(pool):
-    """No agent made a recorded call: the group failed like an engine error (re-issued at every
-    expiry, five in a row stop the server); now its trajectories are no_room, which the buffer
-    refuses and skips."""
+    """No recorded call for lack of room: the group is no_room, not failed."""
     trajectories = run_group(pool, InputLimited([], 5), max_input=5, group_size=2).trajectories
     assert [(t.n_tokens, t.finish_reason) for t in trajectories] == [(0, "no_room")] * 2
     why = content_problem(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l1",
@@ -448,8 +434,7 @@ def test_a_group_whose_opening_prompt_leaves_no_room_is_refused_as_no_room_not_f
 
 @pytest.mark.parametrize("agent", ["calc_agent", "langgraph_calc_agent"])
 def test_an_agent_that_raises_on_a_later_call_without_room_ends_as_max_tokens(agent, pool):
-    """Both shipped agents let the 400 ``context_length_exceeded`` of their second call raise: the
-    episode ends as ``max_tokens`` (was an agent ``error``), reward 0, its error in the metadata."""
+    """An agent raising on a later call's context_length_exceeded ends as max_tokens."""
     example, metrics = make_task(task_cfg()).example(0), Metrics()
     # the opening call has room; the second (the tool's answer added) is past the input limit
     [t] = run_group(pool, InputLimited([CALL % example.prompt], max_input=80), metrics=metrics,
@@ -461,8 +446,7 @@ def test_an_agent_that_raises_on_a_later_call_without_room_ends_as_max_tokens(ag
 
 
 def test_the_agent_endpoint_knows_the_input_limit_the_engine_reports():
-    """The rollout server started its agent endpoint before it read the engine's input limit
-    (``meet_engine``): every call of an agent task saw none, and SGLang's 400 came back."""
+    """The agent endpoint knows the engine's input limit (meet_engine first)."""
     from areal_like.settings.config import RunConfig
     from rollout_server.server import RolloutServer
 
@@ -618,9 +602,7 @@ def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason(
 
 
 def test_a_client_an_agent_leaves_open_does_not_break_the_next_episode(capfd, pool):
-    """Each episode runs on a fresh event loop in a long-lived worker: an ``AsyncOpenAI`` client
-    the agent never closed (AGENTS.md's example), returned or raised, is not closed on the next
-    episode's loop (which logged "Event loop is closed" per episode)."""
+    """An AsyncOpenAI client left open does not break the next episode's loop."""
     example = make_task(task_cfg()).example(0)
 
     async def one():
@@ -663,8 +645,7 @@ def test_preflight_names_an_agent_that_cannot_run(monkeypatch):
 
 
 def test_null_fields_are_the_apis_defaults():
-    """As clients that send every field write them: ``n: null`` is one call, and a null
-    ``max_completion_tokens`` leaves the ``max_tokens`` sent in force."""
+    """n: null is one call; a null max_completion_tokens leaves max_tokens."""
     user = [{"role": "user", "content": "q"}]
     assert agent_chat.check_request({"messages": user, "n": None})["messages"] == user
     both = agent_chat.check_request({"messages": user, "max_completion_tokens": None,
@@ -675,8 +656,7 @@ def test_null_fields_are_the_apis_defaults():
 
 
 def test_an_api_the_endpoint_does_not_serve_is_named():
-    """An agent on the Responses API (the OpenAI Agents SDK's default) or the legacy completions
-    reads which path was not found and which are served, not a bare 404."""
+    """Responses/completions APIs get which path is missing and which are served."""
     from openai import NotFoundError
 
     async def scenario():
@@ -720,8 +700,7 @@ async def _until(condition, timeout_s: float = 30.0) -> None:
 
 
 def test_a_call_waiting_for_its_episodes_previous_call_is_refused_once_the_episode_ends():
-    """An episode's calls take turns: one still waiting for its turn when the episode ends gets the
-    ended episode's 410 and generates nothing (before: it generated tokens nobody recorded)."""
+    """A call still waiting its turn when the episode ends gets 410, generating nothing."""
     engine = Held(["first", "second"])
     started, release = engine.started, engine.release
 
@@ -745,8 +724,7 @@ def test_a_call_waiting_for_its_episodes_previous_call_is_refused_once_the_episo
 
 
 def test_the_connection_cap_answers_in_the_openai_error_shape(monkeypatch):
-    """At the connection cap the openai SDK shows why, as for the guard's other refusals (before:
-    'Error code: 503' and nothing else)."""
+    """At the connection cap the refusal is in OpenAI's error shape."""
     monkeypatch.setattr(agent_endpoint, "LIMITS",
                         dataclasses.replace(agent_endpoint.LIMITS, max_connections=1))
 
@@ -767,8 +745,7 @@ def test_the_connection_cap_answers_in_the_openai_error_shape(monkeypatch):
 
 
 def posted(engine, bodies: list, **over) -> tuple[list[tuple[int, str]], object]:
-    """(status, error message or "") of each body (bytes, or JSON) POSTed to /chat/completions
-    in one session, in turn, and that session."""
+    """(status, error message) of each body POSTed to /chat/completions in one session."""
     async def scenario():
         async with opened(engine, **over) as (ep, key, session, _):
             out = []
@@ -782,8 +759,7 @@ def posted(engine, bodies: list, **over) -> tuple[list[tuple[int, str]], object]
 
 
 def test_bad_bodies_get_400_and_count_toward_the_episodes_calls():
-    """Bad JSON, no messages, a template that refuses: each a 400 naming why, and each counts
-    toward ``task.max_turns`` (a refused call was free: an agent could send any number)."""
+    """Bad JSON, no messages, a refusing template: 400 naming why, counted in max_turns."""
     raising = "{{ raise_exception('no tools here') if messages[0]['role'] == 'tool' else 'x' }}"
     engine, user = Scripted(["1", "2"]), {"messages": [{"role": "user", "content": "q"}]}
     statuses, session = posted(engine, [b"{not json", {"messages": []},
@@ -815,9 +791,7 @@ def test_ids_and_names_of_the_wrong_type_get_400_not_500():
 
 
 def test_a_deeply_nested_message_or_tool_gets_a_clear_400_not_500():
-    """A body nested deeper than ``MAX_NESTING`` is a 400 naming it (was a 500 from encoding it
-    again, at a depth that depends on the stack: every depth up to what parses is tried);
-    arguments that deep stay their text."""
+    """Nesting past MAX_NESTING is a 400 naming it; arguments that deep stay text."""
     def body(depth: int, as_text: bool) -> bytes:
         deep = "[" * depth + "]" * depth
         arguments = json.dumps(deep) if as_text else deep

@@ -1,7 +1,4 @@
-"""BufferService over real ZMQ sockets on loopback (the service runs in a thread of this process).
-
-A fake rollout server and a fake trainer are plain ``Client``s speaking the protocol.
-"""
+"""BufferService over real ZMQ on loopback (in a thread); fake server/trainer Clients."""
 
 from __future__ import annotations
 
@@ -78,9 +75,7 @@ def register(client, server_id="s0", version=0) -> None:
 
 
 def link_to(cfg: RunConfig, server_id: str, started: list, slots: int = 2):
-    """A rollout server's BufferLink to the buffer of ``cfg`` (call it in the event loop; close
-    ``link.control`` after), starting each lease it gets into ``started``,
-    ``slots`` episode slots."""
+    """A rollout server's BufferLink to cfg's buffer; leases start into started; slots slots."""
     from areal_like.net.dealer import AsyncClient
     from areal_like.net.metrics import Metrics
     from rollout_server.buffer_link import BufferLink
@@ -264,8 +259,7 @@ def test_engine_behind_the_bound_gets_no_credits(tmp_path):
 
 
 def test_the_roster_names_each_members_engine_and_sync_port_from_its_register(tmp_path):
-    """What the trainer needs to drive a member's engine itself (trainer/engine_drive.py) comes
-    from its Register: the engine's URL and kind, and the URL of its server's sync port."""
+    """The roster carries each member's engine URL, kind and sync port from its Register."""
     with running(make_cfg(tmp_path)) as (svc, c):
         c.request(P.Register(server_id="a", engine_url="http://127.0.0.1:7", policy_version=0,
                              engine_kind="vllm", sync_url="http://127.0.0.1:8"))
@@ -277,10 +271,7 @@ def test_the_roster_names_each_members_engine_and_sync_port_from_its_register(tm
 
 
 def test_a_silent_server_leaves_the_roster_and_comes_back_when_it_registers(tmp_path):
-    """The roster the trainer pushes weights to: a server silent for longer than
-    ``buffer.heartbeat_timeout_s`` leaves it, one that keeps beating stays; the silent one's
-    heartbeat is then answered ``known=False`` and its Register puts it back. Fake clock: the
-    buffer's expiry sweep sees the silences the test makes, not those of a loaded machine."""
+    """Fake clock: a silent server leaves the roster, is told known=False, re-registers."""
     now = [1000.0]
     cfg = make_cfg(tmp_path, heartbeat_timeout_s=10.0)
     with running(cfg, clock=lambda: now[0]) as (svc, c):
@@ -302,9 +293,7 @@ def test_a_silent_server_leaves_the_roster_and_comes_back_when_it_registers(tmp_
 
 
 def test_tokens_of_the_version_being_pushed_are_accepted_before_it_is_announced(tmp_path):
-    """The trainer announces a version once its push is over, and an engine that loaded it may
-    generate with it (and its group arrive) before: the buffer accepts tokens of its version + 1
-    and refuses newer ones."""
+    """Tokens of version + 1 are accepted before it is announced; newer are refused."""
     with running(make_cfg(tmp_path)) as (svc, c):
         register(c)
         first, second = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
@@ -314,8 +303,7 @@ def test_tokens_of_the_version_being_pushed_are_accepted_before_it_is_announced(
 
 
 def test_expired_lease_is_reissued_to_the_next_requester(tmp_path):
-    """Fake clock: server a stalls past its lease deadline, b gets the same prompt, a's late group
-    is refused (the prompt is generated once)."""
+    """Fake clock: an expired lease goes to the next requester; the late group is refused."""
     now = [1000.0]
     cfg = make_cfg(tmp_path, lease_timeout_s=30.0)
     with running(cfg, clock=lambda: now[0]) as (svc, c):
@@ -339,8 +327,7 @@ def test_expired_lease_is_reissued_to_the_next_requester(tmp_path):
 
 
 def test_filtered_group_returns_its_slot(tmp_path):
-    """DAPO filter: a group with equal rewards is acked, not stored, and its admission
-    slot comes back."""
+    """DAPO filter: an equal-reward group is acked, not stored, and its slot returns."""
     cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2, filter_equal_rewards=True)
     with running(cfg) as (svc, c):
         register(c)
@@ -376,10 +363,7 @@ def test_restart_resumes_counters_without_a_capacity_burst(tmp_path):
 
 
 def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_path):
-    """``GroupSubmit.want_credits``: the Ack carries new leases (the same admission rules as a
-    CreditRequest: capped by staleness and capacity, none for a rejected group), and they are
-    durable before the Ack is sent: after a restart they are still outstanding, and the cursor does
-    not repeat them."""
+    """want_credits: the Ack carries admitted leases, durable across a restart."""
     # (1 + 0 + 1) * 2 = 4 groups may start
     cfg = make_cfg(tmp_path, max_staleness=1, groups_per_step=2)
     with running(cfg) as (svc, c):
@@ -415,11 +399,7 @@ def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_pat
 
 
 def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
-    """BufferLink.send asks for the leases of its free slots with a group's first send (not while a
-    weight sync blocks, not for slots already asked for, not on a re-send, which may be a duplicate
-    whose lost ack had them) and starts an episode for each lease the Ack carries; leases arriving
-    after a sync began are held until it is over. request_credits leaves a due group to ask: one
-    round trip per group instead of two."""
+    """BufferLink asks free slots' leases with a group's first send (not during a sync)."""
     import asyncio
 
     from areal_like.net.dealer import AsyncClient
@@ -479,8 +459,7 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
 
 
 def test_due_groups_go_out_together_and_ask_for_leases_once(tmp_path):
-    """BufferLink.send with several groups: all in flight at once, each acked, and the leases of the
-    free slots asked for once (by the first), not once per group."""
+    """Several due groups go out together and ask for leases once."""
     import asyncio
 
     cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)

@@ -1,14 +1,7 @@
-"""Chaos on a short job: ``kill -9`` of the trainer twice and of the buffer once, by PID, while it
-trains (buffer + 2 rollout servers + 2-rank trainer under the real supervisor). The job must
-complete on its own, and its outcome must say what the faults cost:
+"""kill -9 of the trainer twice and the buffer once in a short job: it completes on its own.
 
-- the summary is ok and says what the crashes rolled back (``rolled_back_steps`` > 0 with
-  checkpoint_every=4) and how many steps the final weights hold (``steps_trained``: trainer.steps
-  less the rolled-back steps, whose labels the resumes skip);
-- no consumed group was ever staler than eta (every step record and the buffer's histogram);
-- wasted generation (groups the buffer acknowledged that the final weights never trained on) is
-  measured and bounded: at most the rolled-back steps' batches plus what the staleness window
-  holds at each fault and at the end.
+The summary says what was rolled back (rolled_back_steps > 0) and steps_trained; no consumed group
+was staler than eta; wasted generation is bounded by the rolled-back batches plus the window.
 """
 
 from __future__ import annotations
@@ -39,14 +32,8 @@ def _acked(system: RunningSystem) -> int:
 
 
 def _kill_trainer(system: RunningSystem, n_resumes: int, at_least: int) -> None:
-    """kill -9 of torchrun and of its ranks, by PID, as a machine fault would (torchrun alone would
-    leave the ranks to the supervisor's SIGTERM, on which they save a checkpoint and nothing is
-    lost).
-
-    The kill waits for step ``at_least`` and for a step two or three past a checkpoint, so that it
-    rolls steps back: a step takes well under a second, and a kill just after a checkpoint rolls
-    back nothing (nor does one just after the next step's record, before that step's version is
-    announced: the rolled-back steps count announced labels)."""
+    """kill -9 of torchrun and its ranks by PID, after step at_least and 2-3 past a checkpoint
+    (so that steps roll back)."""
     system.wait_for(lambda: (s := _last_step(system)) >= at_least and s % CKPT in (2, 3), 300,
                     f"a step >= {at_least} just past a checkpoint", poll_s=0.02)
     torchrun = psutil.Process(system.pid("trainer"))

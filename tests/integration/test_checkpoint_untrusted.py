@@ -1,16 +1,8 @@
 """A checkpoint loads data, never code (trainer/checkpoint.py).
 
-A real checkpoint is saved (1 rank), then one of its pickles is replaced by a planted one whose
-``__reduce__`` would write a marker file: ``meta.pt``, ``rng_rank0.pt`` (both ``torch.save``),
-DCP's ``.metadata`` (a plain pickle), or a value DCP stores as a pickle in its shard file (the
-optimizer's learning rate). Resuming from it (``load_checkpoint``) and exporting it
-(``load_checkpoint_model``, what ``areal-like export`` runs) refuse it with an error naming the
-file, and the marker is never written. The untouched checkpoint still resumes. A damaged one (a
-file cut short, missing or empty) is refused naming it and the checkpoint before it, not with
-torch's traceback.
-
-The worker half runs as ``python test_checkpoint_untrusted.py OUT`` (a process of its own: the
-trainer's process group).
+A planted pickle in meta.pt, rng_rank0.pt, .metadata or a DCP-pickled value is refused by resume
+and export naming the file, the marker never written; damaged files are refused naming them and
+the checkpoint before. Worker: ``python test_checkpoint_untrusted.py OUT``.
 """
 
 from __future__ import annotations
@@ -37,9 +29,7 @@ class Planted:
 
 
 def plant_value(directory: Path, fqn: str, marker: Path) -> None:
-    """Make DCP's stored value ``fqn`` (not a tensor: DCP ``torch.save``s it into a shard file) a
-    planted pickle: appended to its shard, and the (trusted, re-pickled) ``.metadata``
-    pointed at it."""
+    """Make DCP stored non-tensor value fqn a planted pickle (shard and .metadata)."""
     import dataclasses
     import io
     import pickle

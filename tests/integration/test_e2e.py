@@ -1,13 +1,6 @@
-"""The whole system on loopback: buffer + 2 rollout servers (embedded engines) + a 2-rank FSDP2
-trainer under torchrun, started by the real supervisor.
-
-Shown: versions advance one per step; every trained group had staleness <= eta (trainer's
-per-step record and the buffer's staleness histogram); every sync reports both engines done,
-none dropped; during the run, at (almost) every version, each engine's weights equal the
-trainer's checkpoint of that version (the first rows of the parameters read, a rotating few per
-read, over SGLang's /get_weights_by_name at a stable weight_version, exact); after the last sync,
-with the finished job held up, each engine's full weights equal the trainer's (checksum); the reward
-mean rises; nothing is left running.
+"""The whole system on loopback (2 rollout servers, 2-rank trainer, real supervisor): versions
+advance per step, staleness <= eta, every sync reaches both engines, engine weights equal the
+trainer's checkpoints at each version and at the end, reward rises, nothing left running.
 """
 
 from __future__ import annotations
@@ -45,9 +38,7 @@ def _param_names(model_dir: str) -> list[str]:
 
 
 class WeightWatcher(threading.Thread):
-    """During the run: the first rows of engine parameters (a rotating slice per read) at each
-    version it serves, and the same rows of every trainer checkpoint as it appears
-    (checkpoint_every=1); compared afterwards."""
+    """Records engine rows per served version and checkpoint rows as they appear."""
 
     def __init__(self, system: RunningSystem, engines: dict[str, str], names: list[str],
                  scratch: Path):

@@ -1,18 +1,8 @@
-"""The trainer drives the engines of a push itself (``trainer/engine_drive.py``;
-trainer/WEIGHT_SYNC.md, "Who drives the engines").
+"""The trainer drives a push's engines itself (trainer/engine_drive.py), two real engines.
 
-Real processes: two embedded engines (``test_trainer_weight_sync.engine_role``, each writes its
-served version and the SHA-256 of its weights whenever the version changes), driven from this
-process through a disk plan (the model's directory). One member's engine is frozen by SIGSTOP, by
-PID: its sync ends failed at the plan's deadline, the other member's loads, and ``wait`` answers
-by the deadline. A member with no engine behind its URL is reported failed at once, and ``lost``
-(no ``/health`` answer either), the frozen one too. A second plan started at once waits, per
-member, for the member's task of the first to end: the healthy member's sync port sees the first
-sync end before the second begins, and the frozen member's second sync fails, never begun, as its
-first outlives the second's deadline; the clients of a member that left the roster are closed.
-The drive's own kind is vLLM's, the two
-engines' roster kind ``embedded``: each member is driven as its roster entry names (a vLLM client
-fails on the embedded engine: it has no ``/pause``).
+A SIGSTOPped engine's sync fails at the deadline while the other loads; a member without an engine
+fails at once and is lost; a second plan waits per member for the first's task; a member leaving
+the roster has its clients closed; each member is driven as its roster kind names.
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
-"""A rollout server and its trainer agree on the job's engine API key without the environment.
+"""A rollout server and its trainer agree on the job's engine key without the environment.
 
-The bug: a rollout server started without ``AREAL_LIKE_ENGINE_API_KEY`` gave the
-engine it starts a random key of its own, so the trainer's log-prob guard, which sends the job's
-key, got 401 from it. Now every daemon finds the job's key once at start the same way
-(``auth.engine_api_key``: the variable, else ``<run_dir>/secrets/engine_api_key``, which
-``areal-like run`` writes) and keeps it in its facts. Real objects: a ``RolloutServer`` started in
-this process with its embedded engine (a real HTTP server), probed by the trainer's own
-``probe_engine`` with the key ``TrainerFacts`` holds.
-A job with no key at all: its first process makes one in the run directory, for all.
-A request with a wrong key is counted in the server's ``areal_refused_total{port="engine"}``.
+Every daemon finds it with auth.engine_api_key (the variable, else <run_dir>/secrets/): a real
+RolloutServer's engine passes the trainer's probe_engine with TrainerFacts' key; a wrong key is
+counted in areal_refused_total{port="engine"}.
 """
 
 from __future__ import annotations
@@ -54,9 +48,7 @@ def test_a_server_without_the_variable_serves_the_trainers_probe_with_the_jobs_k
 
 def test_a_job_without_a_key_gets_one_made_by_its_first_process_and_shared_by_all(
         tmp_run_dir, monkeypatch):
-    """No variable and no key file (daemons started by hand): the first process that asks makes
-    the key file, owner-only, and processes asking at once all end with that one key (the trainer
-    drives every engine with it: trainer/WEIGHT_SYNC.md)."""
+    """No key anywhere: the first process makes an owner-only key file; all share it."""
     import subprocess
     import sys
 
@@ -91,10 +83,7 @@ class _KeyedEngine(http.server.BaseHTTPRequestHandler):
 
 def test_an_attached_engine_refusing_the_jobs_key_is_one_line_naming_the_key(
         tmp_run_dir, monkeypatch, caplog):
-    """An engine attached by URL that was started without the job's key answered every start of
-    the server with a traceback ending in '/model_info: HTTP 401: Unauthorized', and the supervisor
-    restarted it until no restarts were left; now the start is refused (exit 2) in one line
-    saying which key the engine needs."""
+    """An attached engine refusing the job's key: exit 2, one line naming the key."""
     monkeypatch.setenv(ENGINE_KEY_ENV, "the-jobs-key")
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeyedEngine) as engine:
         threading.Thread(target=engine.serve_forever, daemon=True).start()

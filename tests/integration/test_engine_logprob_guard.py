@@ -1,13 +1,7 @@
 """The log-prob guard against real engines: a correct one passes, a mis-configured one is refused.
 
-Processes and sockets: the real buffer daemon (a subprocess: the guard reads the roster from it),
-a real embedded engine (in this process), and a proxy engine that forwards ``/generate`` to it
-with the temperature replaced by 1: its tokens and log-probs are those of an engine that ignores
-the run's temperature (0.5 here), the mistake the guard exists for. The trainer side scores with a
-model holding the engine's weights, with ``trainer.logprobs.token_logprobs`` at temperature 0.5.
-Each engine's rollout server is a real sync port (``weight_sync_harness.SyncStandIn``) vouching for
-it: the guard sends the job's key to no engine before one did, and leaves one it would not vouch
-for unchecked.
+A real buffer, an embedded engine and a proxy sampling at T=1 (the run's is 0.5); each engine's
+rollout server is a SyncStandIn vouching for it (no key is sent to an engine not vouched for).
 """
 
 from __future__ import annotations
@@ -26,8 +20,7 @@ KEY = "k" * 32  # the job's engine key (the embedded engines here take any)
 
 def start_proxy(target: str,
                 port: int) -> tuple[asyncio.AbstractEventLoop, threading.Thread, web.AppRunner]:
-    """An SGLang-shaped engine whose log-probs ignore the temperature
-    (it samples and scores at T=1)."""
+    """An SGLang-shaped engine whose log-probs ignore the temperature (T=1)."""
 
     async def generate(request: web.Request) -> web.Response:
         body = await request.json()
@@ -51,8 +44,7 @@ def start_proxy(target: str,
 
 
 def job(tmp_path, spawn_python, free_port, *overrides: str):
-    """The job's config (the run's temperature, small engines) and a client of its buffer daemon,
-    started from it."""
+    """The job's config (the run's temperature, small engines) and a client of its buffer."""
     from areal_like.net.dealer import Client
     from areal_like.settings.config import load_config, to_yaml
 
@@ -147,10 +139,7 @@ def routable_ipv4() -> str | None:
 
 def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopback_one_unchecked(
         tmp_path, spawn_python, free_port):
-    """Issue 36, item 6: rank 0 probes the URL an engine registered. An engine listening on its
-    node's address (rollout.engine.host) is probed there and passes; one that registered 127.0.0.1
-    on a job of several nodes would be probed on rank 0's own machine: it is reported NOT CHECKED,
-    not passed."""
+    """Multi-node: a routable engine is probed and passes; a loopback one is NOT CHECKED."""
     import dataclasses
 
     import torch
@@ -195,10 +184,7 @@ def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopb
 
 def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_sync(
         tmp_path, spawn_python, free_port):
-    """LoRA: a resumed job's first push makes a trained adapter (B != 0) live, so the
-    guard must probe with it: the probe names it as generate calls do (``lora_path``, which the
-    embedded engine ignores: it serves its one live adapter) and passes against the trainer's
-    model WITH the adapter, while the same model with the adapter disabled (the base) is refused."""
+    """LoRA: the guard probes with the live adapter; the base model alone is refused."""
     import torch
 
     from areal_like.engines.sglang import SGLangClient

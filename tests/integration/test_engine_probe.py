@@ -1,20 +1,10 @@
 """An engine that stops answering during a failed weight sync is restarted.
 
-A survivor of an aborted NCCL group may never finish its receive (SGLang receives on its
-scheduler) or lose its scheduler to SGLang's watchdog: it stays up and answers nothing. Real
-processes and sockets: the buffer daemon; a rollout server (``python -m rollout_server``) with
-``rollout.engine.kind=sglang`` under the Slurm restart wrapper (``launch/slurm/with_restarts.sh``),
-whose real launcher starts its engine in its own process (``sglang_standin``: the embedded engine's
-HTTP server in SGLang's place, SGLang needs a GPU); a world-size-1 trainer
-(``tests/weight_pusher.py``, the real ``WeightBroadcaster``, driving the engine). The engine is
-frozen with SIGSTOP, by PID, before the trainer pushes v1: the trainer's sync of it fails at its
-deadline and it tells the server so (its sync port's ``/end``), or the server's sync window ends
-without one; the server's probe (``/health_generate``), or its first call that ends the abandoned
-sync, gets no answer, the server exits 1 killing the frozen engine, and the wrapper
-restarts it: a fresh engine (another PID) serves, the server registers again, the frozen one is
-gone; a version another loads into the fresh engine reaches the roster. And an engine killed
-with ``kill -9`` under eight groups in flight: the server names its death, not "episodes failed
-in a row" (reverting ``ENGINE_EXIT_GRACE_S`` to no wait fails it).
+Real buffer, a rollout server (kind=sglang, sglang_standin engine) under with_restarts.sh and a
+world-size-1 trainer. The engine is SIGSTOPped before v1: the sync fails at its deadline, the
+server's probe gets no answer, it exits 1 killing the engine, the wrapper restarts it with a fresh
+engine that registers and serves; a version loaded by another reaches the roster. An engine killed
+by kill -9 under eight groups: the server names its death (fails without ENGINE_EXIT_GRACE_S).
 """
 
 from __future__ import annotations
@@ -164,11 +154,7 @@ def _requests_in_engine(url: str, key: str) -> float:
 @pytest.mark.timeout(720)
 def test_an_engine_killed_under_many_groups_stops_the_server_naming_the_engine(
         tmp_path, spawn_python, free_port, wait_until):
-    """``kill -9`` of the engine, by PID, with eight groups in flight: their episodes all fail at
-    once (more than ``MAX_EPISODE_FAILURES``) while the engine's exit is not visible yet (the
-    stand-in reports it ``EXIT_LAG_S`` late, as a dying SGLang closes its sockets before its parent
-    can reap it). The server exits 1 naming the engine's death, not "episodes failed in a row",
-    and the wrapper restarts it with a fresh engine."""
+    """kill -9 of the engine under 8 groups: the server exits naming the engine's death."""
     from areal_like.net.auth import engine_api_key
 
     cfg, *_ = _start(tmp_path, spawn_python, free_port, wait_until,
@@ -187,9 +173,7 @@ def test_an_engine_killed_under_many_groups_stops_the_server_naming_the_engine(
 
 
 def _relabelled_by_another(cfg, tmp_path: Path, url: str, wait_until) -> None:
-    """A version loaded into the engine by someone else than its rollout server (here from the
-    model's directory; the trainer, in trainer/WEIGHT_SYNC.md's design) reaches the buffer's
-    roster through the server's next heartbeat: the server reads its engine's label."""
+    """A version loaded by someone else reaches the roster via the next heartbeat."""
     import asyncio
 
     from areal_like.engines.sglang import SGLangClient

@@ -1,12 +1,5 @@
-"""Engine weight update over gloo from ANOTHER process, and the standalone engine process.
-
-The sender is a separate Python process that joins the weight group as rank 0 with
-``areal_like.net.distributed.init_weight_group`` and broadcasts a model built with a different init
-seed, in two buckets, exactly like trainer rank 0 does (areal_like/DESIGN.md section 4); the test
-drives the engine through the SGLang endpoints (init group, pause, begin, update x2, end, continue):
-once with one broadcast per tensor (SGLang's default format), once with several consecutive syncs in
-the flattened-bucket format the trainer uses (received into spare buffers and swapped in).
-"""
+"""Engine weight update over gloo from another process (per-tensor and flattened buckets), and
+the standalone engine process."""
 
 from __future__ import annotations
 
@@ -188,8 +181,7 @@ def test_weight_update_over_gloo_from_another_process(engine, spawn_python):
 
 
 def test_standalone_engine_process(spawn_python):
-    """An engine started by hand, without the job's engine key (no variable, no key file in its
-    run directory): it serves, and it joins no weight group, saying where the key comes from."""
+    """An engine started by hand without the key serves and joins no weight group."""
     proc = spawn_python("rollout_server.engine", ["--port", "0",
                                                   "model.max_position_embeddings=128",
                                                   "rollout.engine.max_running_requests=4",
@@ -280,9 +272,7 @@ def _no_spare_is_viewed_by_a_parameter(engine) -> None:
 
 
 def test_a_sender_crash_mid_sync_never_labels_mixed_weights(engine, spawn_python):
-    """Buckets that are not the last are answered before their receive completes: a trainer that
-    dies after bucket 0 must still leave the engine on its old version label, and the next sync
-    works."""
+    """A sender dying after bucket 0 leaves the old label; the next sync works."""
     plan_specs = specs(engine)
     assert len(plan_specs) >= 3
     bucket_names = [b.names for b in plan_specs]
@@ -338,11 +328,7 @@ def test_a_refused_flattened_bucket_is_drained_and_loads_nothing(engine, spawn_p
 
 def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(
         engine, spawn_python, tmp_path):
-    """SGLang's schema lets a client send its last bucket with ``flush_cache: false`` and no
-    ``weight_version`` (and flush or label later). The engine answers such a bucket once its receive
-    is posted, so ``/end_weight_update`` is where the client learns the outcome: it must report a
-    receive that failed after that answer (not "Success" over weights that never arrived), and once
-    it answers the bucket must be loaded."""
+    """/end_weight_update reports a failed unlabelled last bucket, or it is loaded."""
     bucket = specs(engine)[0]
     body = {"names": bucket.names, "dtypes": bucket.dtypes, "shapes": bucket.shapes,
             "group_name": GROUP, "load_format": "flattened_bucket", "flush_cache": False}
@@ -380,10 +366,7 @@ def test_an_unlabelled_last_bucket_is_settled_before_end_weight_update_answers(
 
 def test_an_update_while_not_paused_holds_new_requests_until_its_bucket_is_loaded(
         engine, spawn_python, tmp_path):
-    """Without /pause_generation a weight update takes the gate's writer side (as SGLang's
-    model-update lock): a /generate that arrives meanwhile starts only once the bucket is loaded, so
-    it never spans two weight states. Here the sender holds bucket 0 back until the test lets it go;
-    the request must not start before that, and it then runs entirely on the updated weights."""
+    """An update without pause holds new /generate until the bucket is loaded."""
     first = specs(engine)[0]
     port, go = free_port(), tmp_path / "go"
     sender = flat_sender(spawn_python, port, 81, [first.names], wait_for=str(go))

@@ -1,16 +1,9 @@
-"""A real job evaluates at known versions and its exported model evaluates the same offline.
+"""A real job evaluates at known versions and its export evaluates the same offline.
 
-`areal-like run -q` (the real CLI, supervisor and daemons on loopback; the quickstart's model and
-task at test size, 2 rollout servers, 1 trainer rank) with an evaluation every 3 versions and an
-export at the end. Shown:
-
-* eval.jsonl holds versions 0, the first one past 3 that the evaluating engine served, and 6 (the
-  final one), and every token of every eval response came from the version it is labelled with
-  (``token_versions == [v, v]``): the evaluating server left the weight syncs while it evaluated;
-* the trainer completed every step and the summary line carries the first and last evaluation;
-* ``areal-like eval`` on the exported directory (loaded with ``from_pretrained``) gives the same
-  greedy accuracy as the final in-run evaluation, and the same again from the trainer checkpoint;
-* nothing is left running.
+``areal-like run -q`` (2 rollout servers, eval every 3 versions, export at the end): eval.jsonl
+holds 0, the first served version past 3 and 6, each response's tokens of its labelled version;
+the summary carries first and last eval; ``areal-like eval`` of the export (and the checkpoint)
+gives the final in-run greedy accuracy; nothing is left running.
 """
 
 from __future__ import annotations
@@ -85,10 +78,7 @@ def test_in_run_evaluation_matches_the_exported_model(tmp_path):
 
 
 def _evaluated_away_from_the_run(tmp_path: Path, run_dir: Path, final: dict) -> None:
-    """The in-run export copied under another name, and ``areal-like export`` of the checkpoint
-    into a directory of one's own, each with no run config.yaml beside it: evaluated with the
-    run's eval.* (96 examples, k=2) and labelled with version 6, as the run's final evaluation.
-    Before, both used the default eval.* (every example, k=4) and said policy_version null."""
+    """Renamed export and an own export of the checkpoint use the run's eval.* and v6."""
     moved = tmp_path / "elsewhere" / "final"
     shutil.copytree(run_dir / "export" / "v00000006", moved)
     mine = tmp_path / "mine"
@@ -103,12 +93,7 @@ def _evaluated_away_from_the_run(tmp_path: Path, run_dir: Path, final: dict) -> 
 
 
 def test_eval_of_a_lora_export_scores_the_base_with_its_adapter(tmp_path):
-    """A LoRA run exports its adapter in PEFT's layout, naming its base (LORA.md);
-    ``areal-like eval`` of it scores the adapted model (before: refused, no config.json). The base
-    here is the warm-started model with its output head negated (greedy picks its worst token);
-    the adapter on lm_head undoes exactly that (B @ A = 2 x the head), so only the adapted model
-    reverses. Also with the config.yaml of an SGLang LoRA run beside it (before: refused, its
-    adapters' disk path checked against the embedded engine that evaluates)."""
+    """eval of a LoRA export scores the adapted model (head negated, adapter undoes it)."""
     import shutil
 
     import torch

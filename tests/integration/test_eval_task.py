@@ -1,19 +1,8 @@
-"""``areal-like eval`` of an exported model moved out of its run scores the task it was trained on,
-or refuses; it never falls back to the default task.
+"""``areal-like eval`` of an export moved out of its run scores its own task, or refuses.
 
-One worker process builds the tiny model and exports it twice with ``trainer.export.export_hf``:
-once as the trainer does (with the run's task, here ``sort``, which is not the default ``reverse``)
-and once without a task (an HF directory from elsewhere). Each sits in a directory with no run
-``config.yaml`` beside it. Then, with the real CLI:
-
-* the export that stores its task is scored on it (the record names ``sort``), and a
-  ``task.*`` override still applies on top of the stored task;
-* the bare directory is refused with one ``error:`` line and exit 2, and no JSON record;
-* naming the task on the command line (``task=sort``) evaluates the bare directory, at the
-  task's sampling settings (with or without ``model=local_hf``), printed and recorded;
-* a LoRA export's ``merged/`` is scored with its run's config.yaml;
-* an ``--out`` that cannot be written, or a split the engine refuses whole, is one ``error:``
-  line and exit 2, the record printed first when there is one.
+One worker exports the tiny model with its task (sort) and without (bare). With the real CLI: the
+stored task is scored (overrides apply); the bare one is refused in one line unless task= names it;
+LoRA merged/ exports find their run; an unwritable --out or a refused split is one error line.
 """
 
 from __future__ import annotations
@@ -52,8 +41,7 @@ FAST = ["eval.max_examples=4", "eval.k=0"]
 
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> Path:
-    """``EXPORT``'s two exports, made once: ``moved/`` and ``bare/`` (the tests copy, never
-    change them)."""
+    """EXPORT's two exports, made once: moved/ and bare/ (copied, never changed)."""
     root = tmp_path_factory.mktemp("exports")
     subprocess.run([sys.executable, "-c", EXPORT, str(root)], check=True, timeout=300,
                    cwd=REPO_ROOT, env=child_env())
@@ -67,8 +55,7 @@ def _eval(model: Path, *overrides: str, fast: bool = True) -> subprocess.Complet
 
 
 def _moved(exports: Path, to: Path, task_file: str) -> Path:
-    """A copy of the ``moved`` export at ``to`` (no run config.yaml near it) storing
-    ``task_file``."""
+    """A copy of the moved export at to (no run config.yaml near) storing task_file."""
     from areal_like.settings.config import EXPORT_TASK_FILE
 
     shutil.copytree(exports / "moved" / "v00000003", to)
@@ -104,8 +91,7 @@ def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(expo
 
 
 def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(exports, tmp_path):
-    """``--out`` naming a directory: the record is printed all the same, then one error line and
-    exit 2 (before: a traceback after the whole evaluation, and no record anywhere)."""
+    """An unwritable --out: the record is printed, then one error line, exit 2."""
     r = _eval(exports / "moved" / "v00000003", "--out", str(tmp_path), "task.max_new_tokens=5")
     assert r.returncode == 2
     record = json.loads(r.stdout)
@@ -116,9 +102,7 @@ def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(exports, 
 
 
 def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(exports):
-    """Every eval prompt refused by the engine (here a ``task.top_k`` the config lets through and
-    the engine refuses): one error line naming the refusal, exit 2, no record (before: a
-    traceback)."""
+    """Every prompt refused by the engine: one error line naming the refusal, no record."""
     r = _eval(exports / "moved" / "v00000003", "task.top_k=0")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: /generate: HTTP 400: every eval prompt failed; the first: "
@@ -128,11 +112,7 @@ def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(exports):
 
 def test_an_export_away_from_its_run_is_evaluated_with_the_runs_eval_settings_and_version(
         exports, tmp_path):
-    """An export carries its run's eval.* and seed and its policy version (``export_yaml``):
-    ``areal-like eval`` of it in a directory of another name, with no run config.yaml beside it,
-    evaluates as the run did and labels the record with the version; an override given still
-    wins. An export written before they were stored reads as before (defaults, the name's
-    version)."""
+    """A moved export uses its stored eval.*, seed and version; overrides win; old as before."""
     from areal_like.settings.config import EvalConfig, TaskConfig, export_yaml
     from rollout_server.evaluate import sampling_settings
 
@@ -163,9 +143,7 @@ def test_an_export_away_from_its_run_is_evaluated_with_the_runs_eval_settings_an
 
 def test_an_exports_task_runs_the_code_and_address_the_evaluator_names(exports, tmp_path,
                                                                         free_port):
-    """A stored ``reward_fn`` outside the project's rewards, or any stored ``reward_url``, is
-    evaluated when the command line names it (the refusal otherwise: test_evaluate.py); the
-    project's own rewards need no naming."""
+    """A stored reward_fn/reward_url named on the command line is evaluated; own rewards freely."""
     own = "tests.learning_reward:reversed_exact"
     export = _moved(exports, tmp_path / "own", f"task: {{name: sort, reward_fn: '{own}'}}\n")
     assert _record(_eval(export, f"task.reward_fn={own}"))["task"] == "sort"
@@ -182,11 +160,7 @@ def test_an_exports_task_runs_the_code_and_address_the_evaluator_names(exports, 
 
 
 def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(exports, tmp_path):
-    """A LoRA run of a model built from its config has no base directory for its adapter to name
-    (``base_model_name_or_path`` null), so it must export with ``export.merged=true`` (LORA.md,
-    on exports): ``areal-like eval`` of that export, and of the run's checkpoint (exported the same
-    way first), scores the ``merged/`` beside the adapter. Before, both were refused, telling the
-    user to evaluate the run's checkpoint or the merged/ instead."""
+    """A LoRA export (and checkpoint) with no base to name is scored by its merged/."""
     lora = tmp_path / "lora" / "v00000003"
     shutil.copytree(exports / "moved" / "v00000003", lora / "merged")
     shutil.copy(lora / "merged" / "areal_like_task.yaml", lora)
@@ -200,11 +174,7 @@ def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(export
 
 def test_a_users_model_samples_at_its_tasks_settings_and_a_merged_export_finds_its_run(
         exports, tmp_path):
-    """A model from elsewhere is sampled at the task's settings (``task=sort``: temperature 1),
-    not at the tiny model's recipe (2), and ``model=local_hf`` beside it is accepted (before:
-    "model.path is mandatory"); the settings are printed and recorded. A LoRA export's ``merged/``
-    is evaluated with its run's config.yaml two folders up, the user's own reward included
-    (before: refused as a reward the export's task file names)."""
+    """A user's model samples at the task's settings; a merged/ export finds its run config."""
     from areal_like.settings.config import load_config, to_yaml
 
     bare = exports / "bare" / "v00000003"

@@ -1,21 +1,9 @@
-"""Expert parallelism (``trainer.expert_parallel``, trainer/experts.py): a tiny Qwen3-MoE
-(8 experts, top-2, 2 mixture layers) trained one step on two gloo ranks with EP=2 equals one rank
-without EP, and what it writes is the unsplit model's.
+"""Expert parallelism: a tiny Qwen3-MoE step on 2 gloo ranks with EP=2 equals one rank without.
 
-Real processes (``spawn_python.one_and_two_ranks``): each worker builds the policy with
-``trainer.expert_parallel`` = its world size, trains one step, pushes its weights bucket by bucket
-(``PushTensors``, the engines' layout: experts one by one), takes the log-probs of a fixed row,
-saves a checkpoint and exports the model. Asserted: each EP rank holds 4 of the 8 experts; loss,
-gradient norm, expert load and every parameter after the step equal the one-rank run's (1e-5);
-the pushed tensors are the one-rank run's (same names, whole experts); the EP=2 checkpoint resumes
-under EP=1 (this process, one rank) to the same parameters, bit for bit; the export loads with
-``from_pretrained`` and gives the trained model's log-probs. The worker half of this file runs as
-``python -c RUNNER test_expert_parallel.py OUT_DIR`` (``one`` or ``two``; the model in
-``OUT_DIR/../hf``). AdamW's eps is 1e-3, as in test_trainer_invariance.py.
-
-Not vacuous (each seen failing once): without the return trip's 1 / N gradient scale the gradient
-norm differs; with the experts' outputs sent back in expert order instead of arrival order, the
-loss does.
+Asserted: 4 of 8 experts per EP rank; loss, grad norm, expert load and parameters equal (1e-5);
+pushed tensors are the unsplit model's; the EP=2 checkpoint resumes under EP=1 bit for bit; the
+export gives the trained log-probs. Workers: ``python -c RUNNER test_expert_parallel.py OUT_DIR``.
+Not vacuous: dropping the 1/N grad scale, or returning outputs in expert order, fails it.
 """
 
 from __future__ import annotations

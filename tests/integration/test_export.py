@@ -1,15 +1,7 @@
-"""Hugging Face export (trainer/export.py) with real processes and real files.
-
-- From a 2-rank FSDP2 trainer (gloo), after one update, with a 1 MiB shard limit: the directory
-  loads with ``AutoModelForCausalLM.from_pretrained`` and gives the trained model's logits (fp32,
-  1e-5); the index lists every tensor of every shard; tokenizer, chat template and generation ids
-  round-trip; tied embeddings are written once and re-tied; a bf16 export is one file.
-- The trainer daemon (2 ranks, a stand-in buffer) exports at multiples of ``export.every`` and at
-  the end, in its "export" phase, next to the KL reference's "ref_logp" phase; ``areal-like
-  export`` of its checkpoint at a version gives exactly the tensors of the in-run export at that
-  version.
-
-The worker half of this file runs as ``python -c RUNNER test_export.py OUT_DIR`` in each rank.
+"""HF export (trainer/export.py) with real processes: a 2-rank export after an update loads with
+from_pretrained with the trained logits, full index, tokenizer round trip, tied once, bf16 in one
+file; the daemon exports at export.every and the end, and areal-like export of its checkpoint
+matches the in-run export. Worker: ``python -c RUNNER test_export.py OUT_DIR``.
 """
 
 from __future__ import annotations

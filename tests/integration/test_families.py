@@ -1,16 +1,8 @@
-"""The family table (README, "Supported models"): for each family a tiny random model built from
-its transformers config (tests/families.py), saved as a user's checkpoint, through the project's
-own entry points, on CPU, FSDP2's world of one rank:
+"""The family table (README "Supported models"): a tiny random model of each family, on CPU.
 
-- the trainer's meta-device build from ``model.path`` equals ``from_pretrained``'s bit for bit,
-  parameters and recomputed buffers (Gemma 3's ``embed_scale``, rotary tables), experts included;
-- the preflight takes it for the embedded engine, which serves it (sliding-window layers as masks)
-  and whose sampled log-probs equal the trainer's (packed and padded) and the model's own forward;
-- one training step moves every parameter that got a gradient (experts included); a checkpoint
-  round trip restores it; the export loads with ``from_pretrained`` with identical logits;
-- the trainer's weight push names the checkpoint's tensors (SGLang loads those: a mixture's
-  experts one by one) and reaches every engine parameter, bit for bit;
-- LoRA's default targets exist in it.
+Meta build equals from_pretrained bit for bit; the embedded engine serves it with the trainer's
+log-probs; a step moves every parameter with a gradient; checkpoint and export round trip; the
+push names the checkpoint's tensors and reaches every engine parameter; LoRA targets exist.
 """
 
 from __future__ import annotations
@@ -217,8 +209,7 @@ def test_lora_default_targets_exist(family):
 
 @pytest.mark.parametrize("name", MIXTURES)
 def test_the_router_aux_loss_is_off_by_default_and_a_switch_turns_it_on(name, tmp_path, group):
-    """Off (trainer.router_aux_loss_coef=0): the step is the policy loss alone, router logits never
-    asked for; on: transformers' load-balancing loss joins it and moves the router."""
+    """Router aux loss: off by default (no router logits); on, it joins and moves the router."""
     from test_trainer_invariance import synthetic_groups
 
     from tests.helpers_trainer import full_state_dict

@@ -1,16 +1,6 @@
-"""Faults on the running system, each a ``kill -9`` by PID, one after the other on one job
-(buffer + 2 rollout servers + 2-rank trainer under the real supervisor):
-
-1. a rollout server (stopped while it holds leases, then killed): training goes on with the other
-   one, the dead server's leases are given back (at once, when its next process registers) and
-   their prompts are re-issued, the restarted server re-registers and serves the current version;
-2. the trainer (the torchrun leader; its ranks are orphaned and killed by the supervisor): the
-   restart resumes from the last checkpoint with identical weights and optimizer state and goes on
-   from that version;
-3. the buffer: the restart recovers from its write-ahead log (version, cursor, every stored
-   group), and the rollout servers and the trainer carry on against it: nobody hangs.
-
-Between faults the buffer's books balance: every accepted group is consumed, dropped or stored.
+"""kill -9 faults one after another on one job: a rollout server (its leases re-issued, it
+re-registers), the trainer (resumes identical from its checkpoint), the buffer (recovers from its
+WAL; nobody hangs). Between faults the books balance.
 """
 
 from __future__ import annotations
@@ -115,8 +105,7 @@ def test_kill9_rollout_trainer_and_buffer_and_the_job_goes_on(tmp_path):
 
 
 def _stopped_holding_leases(system: RunningSystem, pid: int) -> dict | None:
-    """SIGSTOP ``pid`` (rollout-0); the buffer's stats if it holds leases then,
-    else SIGCONT and None."""
+    """SIGSTOP pid; the buffer's stats if it holds leases then, else SIGCONT and None."""
     os.kill(pid, signal.SIGSTOP)
     stats = system.buffer_stats()
     if stats.get("leases_of_rollout-0", 0) > 0:

@@ -1,13 +1,9 @@
 """Closing the terminal, or killing the supervisor, leaves nothing of the job running.
 
-* ``areal-like run`` of a real job gets SIGHUP (what a closed terminal sends): every daemon and
-  every process under it is gone within a deadline, the command still writes its summary, the
-  run directory's job lock is free afterwards and its Prometheus targets are empty. While the job
-  runs, a second ``areal-like run`` on its ``run_dir`` is refused in one line naming the job's
-  PID.
-* A supervisor killed with SIGKILL (an OOM kill) cannot stop anything: the kernel sends its
-  daemons SIGTERM (``PR_SET_PDEATHSIG``); one that ignores SIGTERM still holds the job lock it
-  inherited, so the run directory stays refused until it is gone.
+SIGHUP to ``areal-like run``: every process gone within a deadline, the summary written, the job
+lock free, Prometheus targets empty; a second run on the run_dir meanwhile is refused naming the
+PID. A supervisor killed by SIGKILL: PR_SET_PDEATHSIG sends its daemons SIGTERM; one ignoring it
+keeps the inherited job lock, so the run dir stays refused until it is gone.
 """
 
 from __future__ import annotations
@@ -129,11 +125,7 @@ SUPERVISE = textwrap.dedent('''
 
 
 def _from_a_terminal() -> None:
-    """In the child before exec: SIGHUP and SIGINT at their defaults, as a job started from a shell
-    on a terminal has them, whatever this test runner inherited (under ``nohup`` SIGHUP is ignored,
-    and the supervisor rightly keeps it so: test_a_supervisor_started_under_nohup_keeps_its_job_
-    through_a_hangup; a runner started as a background job of a script has SIGINT ignored, and
-    Python then never raises KeyboardInterrupt)."""
+    """In the child: SIGHUP and SIGINT at their defaults, as from a terminal shell."""
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -149,8 +141,7 @@ def _both_started(run_dir: Path) -> dict | None:
 
 @contextlib.contextmanager
 def _supervised(argv: list[str], run_dir: Path, **popen):
-    """(the test's supervisor, its two daemons' PIDs) once both started; on the way out every one
-    of them is stopped, by PID, and none may be left."""
+    """(supervisor, its two daemons' PIDs) once started; all stopped by PID on the way out."""
     sup = subprocess.Popen(argv, cwd=REPO_ROOT, env=child_env(), **popen)
     pids: dict[str, int] = {}
     try:
@@ -200,8 +191,7 @@ def _read_new(path: Path, offset: int) -> str:
 
 @pytest.mark.slow
 def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
-    """SIGINT (Ctrl-C) to `areal-like run` (daemon logs echoed: no -q): what the daemons print while
-    they stop goes to their logs only; the console gets the supervisor's one closing line."""
+    """Ctrl-C: daemons' stop output goes to their logs; the console gets one line."""
     run_dir, err_path = tmp_path / "run", tmp_path / "stderr"
     argv = [sys.executable, "-m", "launch.cli", "run",
             "experiment=quickstart", "warm_start.steps=0",
@@ -244,8 +234,7 @@ def test_ctrl_c_stops_a_job_with_one_line_on_the_console(tmp_path):
 
 
 def _says_where_it_stopped(run_dir: Path, console: str, sig: str) -> None:
-    """A job stopped partway: summary.json says so (not a completed job, not a failed one), the
-    console's line and ``status`` name the step and the checkpoint the trainer saved at it."""
+    """summary.json, the console line and status name the step and checkpoint stopped at."""
     summary = json.loads((run_dir / "summary.json").read_text())
     at, ckpt = summary["policy_version"], summary["checkpoint"]
     assert summary["end"] == "stopped" and not summary["ok"] and at > 0, summary
@@ -264,9 +253,7 @@ def _says_where_it_stopped(run_dir: Path, console: str, sig: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path, sig):
-    """Ctrl-C, or SIGTERM (``areal-like stop``), during the warm start: one line, the run
-    directory it made is gone, and exit 128 + the signal, as once the daemons run (SIGTERM killed
-    the command here: no line, its run directory left, and status 143 only in a shell's words)."""
+    """Ctrl-C/SIGTERM in the warm start: one line, run dir removed, exit 128 + signal."""
     err_path = tmp_path / "stderr"
     argv = [sys.executable, "-m", "launch.cli", "run", "-q",
             "experiment=quickstart", "warm_start.steps=100000",
@@ -296,8 +283,7 @@ POLITE = SUPERVISE.replace('daemon.format("signal.SIG_IGN")',
 
 
 def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_path):
-    """``nohup areal-like run ... &`` is how a job is kept past logout: SIGHUP arrives ignored
-    (SIG_IGN, inherited), and the supervisor must leave it so, not stop the job on it."""
+    """Under nohup SIGHUP stays ignored: the job survives a hangup."""
     run_dir = tmp_path / "run"
     with _supervised(["nohup", sys.executable, "-c", POLITE, str(run_dir)], run_dir,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as (sup, pids):
@@ -309,9 +295,7 @@ def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_pat
 
 
 def test_sigterm_to_a_running_job_exits_143_as_during_its_warm_start(tmp_path):
-    """``areal-like stop`` (SIGTERM) once the daemons run: the supervisor stops them and returns
-    128 + 15, as ``areal-like run`` exits for a SIGTERM in its warm start; it returned 1, a
-    failed job's status."""
+    """SIGTERM once the daemons run: they are stopped and run exits 143."""
     run_dir = tmp_path / "run"
     with _supervised([sys.executable, "-c", POLITE, str(run_dir)], run_dir,
                      stdout=subprocess.DEVNULL) as (sup, pids):
@@ -321,9 +305,7 @@ def test_sigterm_to_a_running_job_exits_143_as_during_its_warm_start(tmp_path):
 
 
 def test_a_hangup_whose_console_pipe_is_gone_still_ends_the_job_in_order(tmp_path):
-    """``areal-like run ... | tee run.log`` and the terminal closes: tee dies of the same SIGHUP, so
-    the supervisor's console is a pipe nobody reads. It must still stop the job and get past its
-    last console line (run_job then writes summary.json), not die of EPIPE on the way."""
+    """Hangup with the console pipe gone (| tee): the job still stops in order, no EPIPE."""
     run_dir = tmp_path / "run"
     script = POLITE.replace("sys.exit(sup.run())",
                             "code = sup.run()\n(run_dir / 'done').write_text(str(code))")

@@ -1,13 +1,5 @@
-"""Real network hosts (Linux network namespaces on a bridge): the trainer's default group and the
-weight-sync group form across them (launch/MULTINODE.md).
-
-Left to itself gloo listens on, and tells its peers, the address the host's name resolves to,
-which on many machines (a container's ``127.0.0.1 host``, Debian's ``127.0.1.1 host``) is loopback:
-a rank on the other host was told to connect to its own loopback, and a two-node trainer or an
-engine on another node never joined (``areal_like/net/distributed.py``, ``gloo_toward``).
-
-Needs root and ``ip netns`` (skipped otherwise); every namespace, link and process it makes is
-removed at the end.
+"""Real hosts (network namespaces on a bridge): the default and weight-sync groups form across
+them, though the hostname resolves to loopback (gloo_toward). Needs root and ip netns.
 """
 
 from __future__ import annotations
@@ -34,8 +26,7 @@ def _ip(*args: str) -> None:
 
 @pytest.fixture
 def hosts() -> Iterator[tuple[list[str], list[str]]]:
-    """(namespace names, their addresses) of three hosts on one /24: host 0 holds the bridge, a
-    veth pair joins it to each other host, so deleting the namespaces removes every link."""
+    """(namespaces, addresses) of three hosts on one /24; host 0 holds the bridge, veths join."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 (ip netns)")
     tag = f"al{os.getpid() % 100000}"
@@ -70,8 +61,7 @@ def hosts() -> Iterator[tuple[list[str], list[str]]]:
 
 
 def _on_each(names: list[str], code: str, extra: list[dict[str, str]]) -> list[str]:
-    """``code`` on each host at once, host i with ``extra[i]`` in its environment; their stdout
-    (each must exit 0)."""
+    """code on each host at once, host i with extra[i] in its env; their stdout (exit 0)."""
     procs = [subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-c", code],
                               env=child_env(env), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -122,9 +112,7 @@ destroy_weight_group(pg)
 
 
 def test_engines_on_two_other_nodes_join_the_weight_group(hosts, free_port):
-    """Trainer rank 0 on host 0 hosts the group on its address; engines' ranks on hosts 1 and 2
-    join through the gate (gloo connects every pair of ranks, the engines' too) and receive the
-    broadcast."""
+    """Rank 0 on host 0 hosts the group; engines on hosts 1 and 2 join and receive."""
     names, addrs = hosts
     # the job's engine key in every node's environment, as `areal-like run` hands it out
     base = {"M": addrs[0], "P": str(free_port()), ENGINE_KEY_ENV: secrets.token_hex(16)}

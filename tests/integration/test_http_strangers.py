@@ -1,18 +1,9 @@
 """Strangers on HTTP ports cannot fake a daemon's death or lock clients out.
 
-Over real processes and sockets:
-
-* a real buffer daemon's ``/metrics`` port, with ``AREAL_LIKE_METRICS_TOKEN`` set or not: 64
-  strangers each ask ``/metrics`` without the token (401, or 200 with none set) and keep their
-  connection, 64 more connect and send nothing, together more than the port's connection cap
-  (64). The supervisor's own probe (``launch.local.probe``) must still find ``/health`` 200 with
-  the daemon's own state, and each 401 must end its connection (before: they stayed for the 30 s
-  keep-alive and ``/health`` answered 503, so ``areal-like status`` said DOWN);
-* a standalone embedded engine with its API key: more keyless connections than its cap (512) each
-  get a 401 and keep their socket; the engine closes each, and a client with the key is still
-  served (before: 511 stayed open 75 s after their 401 and new clients got 503). Connections that
-  send nothing at all hold a slot until the header deadline (10 s), as any client may be slow to
-  write its first request: areal_like/SECURITY.md.
+A buffer's /metrics port (token or none): 128 strangers over its cap; the supervisor's probe
+still gets /health 200 and each 401 ends its connection. An engine with its key: more keyless
+connections than its cap each get a 401 and are closed; a keyed client is still served (silent
+ones hold a slot until the header deadline: areal_like/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -38,8 +29,7 @@ EOF_WITHIN_S = 5.0  # a 401 ends its connection at once; this is the slack of a 
 
 
 def stranger_401(port: int, path: str, method: str = "GET", status: bytes = b"401"):
-    """A connection that asks ``path`` with no token, reads the answer (``status``: a 401 where
-    the path needs a token) and keeps the socket open."""
+    """A connection asking path with no token, reading the answer (status), socket kept."""
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
     s.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".encode())
     head = s.recv(4096)

@@ -1,8 +1,7 @@
 """launch/local.py Supervisor with real processes: start, health, logs, restart, stop, no leftovers.
 
-The daemons here are small Python programs (written to tmp_path) that serve ``/health`` on a
-given port, print lines, and can spawn a child in a session of its own, the way torchrun starts
-its ranks, so that a ``kill -9`` of the leader orphans the child outside the process group.
+Daemons are small programs in tmp_path serving /health, printing, and able to spawn a child in
+its own session (as torchrun's ranks), orphaned by a kill -9 of the leader.
 """
 
 from __future__ import annotations
@@ -209,8 +208,7 @@ def test_sigterm_ignored_gets_sigkill_and_restarts_are_bounded(dummy, tmp_path):
 
 @pytest.mark.slow
 def test_a_daemon_that_refuses_its_settings_fails_the_job_without_restarts(dummy, tmp_path):
-    """Exit 2 is a refusal (a checkpoint of another model, a missing key): every restart would be
-    refused the same way, so the job fails at once (it crash-looped through its restarts)."""
+    """Exit 2 is a refusal: the job fails at once, no restarts."""
     specs = [_spec(dummy, "buffer", stage=0), _spec(dummy, "trainer", mode="refuse", main=True)]
     sup = Supervisor(specs, tmp_path / "run", restarts=3, health_timeout_s=60, echo=lambda _: None)
     with _Run(sup) as run:
@@ -238,8 +236,7 @@ STOPS_LATER = textwrap.dedent('''
 
 @pytest.mark.slow
 def test_a_daemon_that_exits_2_after_it_started_is_said_to_have_stopped(dummy, tmp_path):
-    """A daemon that ran (it reported ``started``) and then exited 2 was reported as "refused to
-    start (exit 2)"; it stopped with exit 2, and still fails the job without restarts."""
+    """Exit 2 after started is 'stopped with exit 2', still no restarts."""
     go, port = tmp_path / "go", free_port()
     trainer = ProcSpec(name="trainer", main=True, env={"PYTHONPATH": str(ROOT)},
                        argv=[sys.executable, "-c", STOPS_LATER, str(port), str(go)],
@@ -259,9 +256,7 @@ def test_a_daemon_that_exits_2_after_it_started_is_said_to_have_stopped(dummy, t
 
 @pytest.mark.slow
 def test_a_trainer_of_several_ranks_that_refuses_fails_the_job_without_restarts(tmp_path):
-    """Several ranks run under torchrun, which exits 1 with a traceback whatever its ranks did: a
-    refusal (exit 2) read as a crash was restarted until the restarts ran out, and the job's last
-    lines were torchrun's summary, not the refusal. launch/torchrun.py passes the rank's 2 on."""
+    """A rank's exit 2 passes through torchrun: the job fails, no restarts."""
     rank = tmp_path / "rank.py"
     rank.write_text("import sys\nprint('error: this checkpoint holds another model', flush=True)\n"
                     "sys.exit(2)\n")
@@ -281,8 +276,7 @@ def test_a_trainer_of_several_ranks_that_refuses_fails_the_job_without_restarts(
 
 @pytest.mark.slow
 def test_a_sigterm_to_torchrun_stops_its_ranks_in_one_line_without_a_traceback(tmp_path):
-    """`areal-like train` stopped with SIGTERM (an operator scaling the trainer pool): the ranks
-    stop gracefully, and torchrun printed a SignalException traceback and exited 1."""
+    """SIGTERM to areal-like train stops the ranks in one line, no traceback."""
     rank = tmp_path / "rank.py"
     rank.write_text("import signal, sys, time\n"
                     "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
@@ -336,8 +330,7 @@ def test_a_failed_job_names_the_daemon_and_shows_its_last_traceback(dummy, tmp_p
 
 @pytest.mark.slow
 def test_quiet_run_prints_why_the_job_failed(tmp_path):
-    """`areal-like run -q` with a buffer that cannot create its WAL (a file where its directory
-    should be): the job fails at start, and stderr says why, although -q hides daemon logs."""
+    """run -q with a buffer failing at start: stderr says why."""
     (tmp_path / "afile").write_text("")
     r = subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q",
                         f"run_dir={tmp_path / 'run'}", "warm_start.steps=0",
@@ -362,12 +355,7 @@ def _run_cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_a_trainer_that_refuses_to_start_fails_run_with_exit_2_and_its_line(tmp_path):
-    """The trainer refuses at start (its metrics port is taken: exit 2, one ERROR line): `run`
-    exited 1 and showed the log's last lines; now it exits 2 with the trainer's line as an
-    ``error:`` line (a refusal, as run's own refusals), and the run_dir is left as it was: a first
-    start leaves no settings.yaml, config.yaml or job.json. After a run that trained, a resume
-    (with a new trainer.steps) refused the same way leaves those three as they were (``status`` and
-    ``top`` read job.json: the refused run is not taken for the one started last)."""
+    """A trainer refusing at start: run exits 2 with its line; run_dir files unchanged."""
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -396,9 +384,7 @@ def test_a_trainer_that_refuses_to_start_fails_run_with_exit_2_and_its_line(tmp_
 
 @pytest.mark.slow
 def test_restarts_spread_over_time_do_not_use_up_the_budget(dummy, tmp_path):
-    """A crash every back-off (>= 0.4 s apart) against a 0.3 s window: each restart finds none in
-    its window, so six crashes with restarts=2 still do not fail the job; the back-off stays at its
-    base."""
+    """Crashes spread past the window never use up restarts; back-off stays at base."""
     crasher = _spec(dummy, "crasher", mode="crash", health=False)
     lines: list[str] = []
     sup = Supervisor([crasher], tmp_path / "run", restarts=2, health_timeout_s=60,

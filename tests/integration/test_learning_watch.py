@@ -1,17 +1,8 @@
 """A job says when it is not learning, and its models evaluate with the run's settings.
 
-Two short real jobs (`areal-like run -q`, the quickstart's warm-started model at test size, one
-rollout server, one trainer rank), with ``trainer.learning_watch_steps=3``:
-
-* a reward that gives every response 0 (``tests/learning_reward.py:zero``): every group's rewards
-  are equal, nothing is trained. The job still ends with exit 0 and ``"ok": true`` (it ran), but
-  the trainer's log warns, the console says "not learning", and the final JSON's ``learning``
-  (also in summary.json) has ``ok`` false, the steps without a signal and what to try;
-* the reversal task's own grade under a user's module name (``reversed_exact``): ``learning.ok``
-  is true. Then ``areal-like export`` of its checkpoint into a directory of one's own is evaluated
-  with the run's settings (its task file names the run's config.yaml), the user's reward named on
-  the command line (a recorded config chooses settings, not code), with ``--samples`` (a checkpoint
-  ``trainer.keep_checkpoints`` deleted, named as deleted: test_evaluate.py).
+Two real jobs with learning_watch_steps=3: an all-zero reward ends ok but warns "not learning"
+(learning.ok false, with what to try); the reversal grade under a user's module learns, and an
+export of its checkpoint evaluates with the run's settings, the reward named on the command line.
 """
 
 from __future__ import annotations

@@ -1,13 +1,5 @@
-"""A week-long job's files stay bounded: daemon logs and ``metrics/scrape.jsonl`` rotate.
-
-* The supervisor (launch/local.py) with a real daemon that prints 3,000 numbered lines (~100 KB)
-  and a 4 KB limit with 2 backups: ``<name>.log``, ``.log.1`` and ``.log.2`` exist, none is
-  over the limit by more than one line, there is no third backup, and the three files hold the
-  newest lines in order, the last one included.
-* ``areal-like run``'s scrape of every ``/metrics`` (``launch/job.py``, ``Monitor``) against a real
-  metrics server: past ``launch.log_max_mb`` it rotates the same way.
-* (The rollout server's per-version weight-sync line, DEBUG but for one version in a hundred:
-  test_resume_settings.py's job.)
+"""Daemon logs and metrics/scrape.jsonl rotate: a 4 KB limit with 2 backups holds the newest
+lines in order, none over by more than a line; run's /metrics scrape rotates the same way.
 """
 
 from __future__ import annotations
@@ -34,8 +26,7 @@ CHATTY = (f"import time\nfor i in range({LINES}): "
 
 
 def _text(path: Path) -> str:
-    """The file's text, or "" while it does not exist (rotation renames it before making it
-    again)."""
+    """The file's text, or '' while it does not exist (rotation renames it first)."""
     try:
         return path.read_text()
     except FileNotFoundError:

@@ -1,16 +1,8 @@
-"""Adapter-only weight sync to the embedded engine (``trainer.lora.rank`` > 0), real processes.
+"""Adapter-only weight sync to the embedded engine (trainer.lora.rank > 0), real processes.
 
-Processes: the buffer daemon, one embedded engine built with the job's LoRA layout
-(``test_trainer_weight_sync.engine_role``: it writes the SHA-256 of ALL its weights, base and
-adapter, whenever its served version changes), a world-size-1 trainer (``trainer_role`` below: a
-LoRA policy trained one step per version on synthetic groups, pushed with the real
-``WeightBroadcaster``) and a rollout-server stand-in in this process
-(``weight_sync_harness.Driver``, the real applier). Checks, for v1 and v2:
-- the push carried the adapters alone: its bytes are the A and B matrices' fp32 bytes;
-- the engine then holds exactly the trainer's whole state (its own base + the adapter received);
-- after v1, the engine's log-probs of its own samples equal the trainer's within 1e-5 (fp32),
-  and differ from the base model's (the adapter is live, not only stored); ``lm_head`` is among
-  the targets, so the trainer's chunked lm_head (``trainer.model.output_weight``) is covered.
+For v1 and v2: the push's bytes are the A and B matrices alone; the engine then holds the
+trainer's whole state (SHA-256); its log-probs equal the trainer's within 1e-5 and differ from the
+base (lm_head among the targets covers the chunked lm_head).
 """
 
 from __future__ import annotations

@@ -1,21 +1,4 @@
-"""Members by key, not by socket, over a real CURVE buffer on tcp.
-
-A real buffer (``python -m buffer``, keys from ``security.make_keys``) serves the job's trainer
-(trainer key) and a rollout server (rollout key). An attacker holding the *rollout* key (a buggy
-rollout server, user code that read it) opens a fresh socket per request, as the attack campaign's
-did:
-
-* while the trainer's batch is in transit, it asks for batches: each must be refused for its role,
-  and the trainer's batch must still be consumed once, never re-delivered (before, any BatchRequest
-  settled the trainer's batch as lost and handed its groups to the attacker);
-* it registers a flood of fresh server ids: at most the key's roster allowance joins, the rest are
-  refused and counted, the buffer's log about them stays short, and the real server is unaffected
-  (before, every id joined the roster and so the next weight-sync plan);
-* it asks for the roster: refused for its role (before, it read every server's URLs and
-  incarnation);
-* it re-registers the real server's id with its own URLs: refused while the real server
-  heartbeats, which is told and goes on (before, its entry was replaced).
-"""
+"""Members by key, not by socket: a rollout-key attacker against a real CURVE buffer on tcp."""
 
 from __future__ import annotations
 
@@ -158,8 +141,7 @@ def test_a_register_flood_from_fresh_sockets_is_capped_per_key(tmp_run_dir, spaw
 
 
 def test_a_rollout_key_cannot_read_the_roster(tmp_run_dir, spawn_python):
-    """The roster holds each server's engine URL, sync URL and incarnation: what a member needs to
-    take a server's id over. Only the trainer's key reads it (before, any member did)."""
+    """Only the trainer's key reads the roster (engine/sync URLs, incarnations)."""
     cfg, rollout, trainer, _ = start_buffer(tmp_run_dir, spawn_python)
     attacker = security.load(tmp_run_dir / "keys", "rollout")
     replies = [fresh_socket_request(cfg, attacker, P.RosterRequest()) for _ in range(3)]
@@ -175,11 +157,7 @@ def test_a_rollout_key_cannot_read_the_roster(tmp_run_dir, spawn_python):
 
 def test_a_member_cannot_take_a_live_servers_id_and_the_server_is_told(tmp_run_dir,
                                                                       spawn_python):
-    """A member re-registers the real server's id with its own engine and sync URLs (under the
-    real server's incarnation, as if it had read it, and under its own): both are refused while
-    the real server heartbeats, the roster keeps the real entry, the real server's next heartbeat
-    answer says so, and it goes on delivering groups that the trainer takes. Before, the last
-    Register replaced the entry: the trainer's next push went to the attacker's engine and hung."""
+    """Re-registering a live server's id is refused; the real server is told and goes on."""
     cfg, rollout, trainer, _ = start_buffer(tmp_run_dir, spawn_python)
     real = trainer.request(P.RosterRequest()).members[0]
     attacker = security.load(tmp_run_dir / "keys", "rollout")

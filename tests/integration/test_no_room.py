@@ -1,18 +1,8 @@
-"""A prompt that leaves the engine no room to generate is the prompt's fault: the buffer refuses
-its group as ``no_room`` and skips the prompt this epoch at the first refusal, where before it
-was ``empty_output``, an engine fault, and the prompt was leased ``MAX_ENGINE_RETRIES`` (3) times
-an epoch. An engine that answers no token for a prompt that had room is still asked again.
+"""A prompt leaving the engine no room is the prompt's fault: refused as no_room, skipped.
 
-The groups are made by the real single-turn episode (``rollout_server/episode.py``) and sent over
-a real ZMQ socket to a running BufferService (``test_buffer_service.py``).
-
-Mutation checked: with ``no_room`` left out of ``group_checks.REASONS`` the first test fails at the
-skip (the prompt comes back), and with every empty trajectory read as ``no_room`` at the retry.
-
-The embedded engine serves a context of min(max_position_embeddings,
-rollout.engine.max_total_tokens) (its KV budget). A prompt that fits the model but not that budget
-was sent, refused with HTTP 400, and its episode failed (five in a row stop the rollout server;
-the lease came back forever).
+Real single-turn episodes over ZMQ to a BufferService. An empty answer with room is still retried.
+Mutation checked: no_room out of group_checks.REASONS fails at the skip; every empty trajectory
+read as no_room fails at the retry. The engine's context is min(positions, max_total_tokens).
 """
 
 from __future__ import annotations
@@ -93,8 +83,7 @@ def test_no_room_is_skipped_at_its_first_refusal_and_no_token_with_room_is_asked
 
 
 def meet(cfg: RunConfig, engine, kind: str):
-    """A rollout server of ``cfg`` that has met ``engine`` (``meet_engine``) as ``kind``: the
-    embedded one in-process, or over HTTP at its URL."""
+    """A rollout server of cfg that met engine as kind (embedded in-process, or by HTTP URL)."""
     from rollout_server.server import RolloutServer
 
     server = RolloutServer.from_run(cfg)
@@ -122,9 +111,7 @@ async def episode_on(engine, ctx: EpisodeContext, credit: P.Credit) -> P.Traject
 
 
 def test_a_prompt_over_the_embedded_engines_kv_budget_is_skipped_not_failed(tmp_path):
-    """rollout.engine.max_total_tokens as long as the prompt, the model's context 256: the rollout
-    server knows the engine's context (its facts, and the input limit its /server_info reports,
-    also to a server that attaches by URL) and does not send the prompt; the buffer skips it."""
+    """A prompt over the engine's KV budget is not sent (also by URL); the buffer skips it."""
     from rollout_server.engine import EmbeddedEngine
 
     with running(make_cfg(tmp_path, max_staleness=3)) as (_, c):

@@ -1,20 +1,9 @@
-"""Groups whose behaviour log-probs are not finite (NaN, +inf, -inf) are refused at the buffer's
-admission (``areal_like/wire/group_checks.py``).
+"""Groups with non-finite (or implausible: -1e30, +5) behaviour log-probs are refused at admission.
 
-A member sends them over a real ZMQ socket to a running BufferService; each is refused with the
-reason ``nonfinite_logp``, counted in ``buffer/rejected{reason="nonfinite_logp"}`` (StatsRequest and
-the Prometheus ``/metrics`` page), nothing of it is stored or handed out, and its prompt is
-re-queued: the next credits go out for the same prompts, and a finite group for them is accepted.
-The trainer's ``BatchSource`` drops such a group that reaches it anyway (a WAL written before the
-check). Finite but absurd log-probs (-1e30, which overflows the importance ratio like a NaN; +5) are
-refused the same way with the reason ``implausible_logp``, while the most negative log-prob a real
-sampler gives in practice (-60) is accepted.
-
-A prompt whose groups come back non-finite every time is generated at most
-``MAX_ENGINE_RETRIES`` (3) times per epoch, then skipped like a bad prompt.
-
-Mutations checked: without the range check the -1e30 group was accepted (the refusal test
-failed); re-issuing without the cap made the cap test fail.
+Over real ZMQ to a BufferService: each refused with its reason, counted (stats and /metrics),
+never stored, its prompt re-queued; BatchSource drops one that reaches it; -60 is accepted; a
+prompt failing every time is tried MAX_ENGINE_RETRIES times an epoch. Mutations checked: without
+the range check or without the cap, a test fails.
 """
 
 from __future__ import annotations

@@ -1,14 +1,5 @@
-"""A batch whose step raises is quarantined: skipped, recorded, acknowledged, and the job goes on.
-
-The trainer daemon (1 rank, a tiny Qwen3-MoE with ``trainer.routing_replay=true``) is fed over a
-real socket by a buffer stand-in. Its first batch carries a route to expert 1,000,000 (what a
-buffer without the route check, or a WAL written before it, hands out): the replayed forward
-raises. The trainer must record the batch (its groups, the error), skip it, acknowledge it in its
-next BatchRequest (so a buffer never hands it out again), train on the clean batches after it and
-finish its steps with exit 0, its ``done`` record counting the quarantined batch. Before, the
-trainer died on it, and a restarted trainer was handed the same batch (unacknowledged) until its
-restarts ran out. On 2 ranks (every trajectory poisoned, so each rank's rows raise) both ranks agree
-to skip the batch and go on in step.
+"""A batch whose step raises (a route to expert 1e6) is quarantined: recorded, skipped, acked in
+the next request, and the job finishes with exit 0 counting it; on 2 ranks both skip in step.
 """
 
 from __future__ import annotations
@@ -48,8 +39,7 @@ def _groups(tag: str, version: int, poison: bool, everywhere: bool) -> list[P.Tr
 
 
 class StandIn:
-    """A buffer stand-in: the first batch is poisoned, every later one clean; it keeps each
-    BatchRequest's ``ack_batch``, answers rosters (no engines) and version announcements."""
+    """Buffer stand-in: first batch poisoned, later clean; keeps each ack_batch."""
 
     def __init__(self, address: str, everywhere: bool):
         self.server, self.stop = Server(address), threading.Event()

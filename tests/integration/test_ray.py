@@ -1,29 +1,9 @@
-"""``areal-like run launch.cluster=ray`` on a real local Ray cluster of three nodes, started as
-launch/RAY.md says (``ray start``, token authentication on, the token in a 0600 file: a head and
-two worker nodes, each with its own CPUs and a resource ``n<k>`` of its own; node failure seen
-after ~8 s).
+"""``areal-like run launch.cluster=ray`` on a real local three-node Ray cluster (launch/RAY.md).
 
-Ray's own security: a client without the cluster's token runs no task (neither as a driver on
-the GCS port nor through Ray Client) and submits no job (the jobs API on the dashboard port); one
-with it does; the launcher refuses to run without the token, with a token file others may read,
-and on a cluster that serves clients without a token (the ``ray start --head`` of old).
-
-One job (the quickstart from its cached warm start: buffer + trainer on layout node 0, one rollout
-server on each of nodes 1 and 2, CPU, embedded engines) trains steps; ``status``, ``top`` and
-ports.json see every daemon at its Ray node; ``areal-like scale`` grows the rollout pool to three
-servers (the third in an actor of its own) and back to two, every acknowledged group accounted
-for; the raylet of a node running only a rollout server is killed by PID with every process
-under it: Ray places that server's bundle again on a live node, the supervisor starts it there,
-the trainer goes on, and the buffer's books balance (every acknowledged group consumed, dropped or
-stored: none lost); ``areal-like stop`` stops the job as Ctrl-C does; the reward rose by >= 0.3.
-
-Bad input, each one ``error:`` line and exit 2 before any daemon starts: Ray not importable, no
-cluster at the address, a layout with more GPUs or CPUs than the cluster has, a run directory a
-node does not see (a one-node cluster whose raylet runs in a mount namespace of its own, where a
-tmpfs hides the directory).
-
-Needs Ray (``pip install -e '.[ray]'``, as ``.ci/run`` does): skipped without it, except in CI
-(CI=true), where that is a failure.
+Ray's security: without the token no task, no job; the launcher refuses no token, a readable token
+file, or a cluster serving tokenless clients. One quickstart job: seen by status/top/ports.json,
+scaled to three servers and back, survives a lost rollout node (books balance), stops as Ctrl-C
+does, learns (>= 0.3). Bad inputs are one error line, exit 2. Needs Ray (skipped without, but CI).
 """
 
 from __future__ import annotations
@@ -79,16 +59,12 @@ def _need_ray():
 
 
 def _port() -> int:
-    """A free port above the ones Ray keeps for its workers (10002-19999), which it refuses for
-    its own servers."""
+    """A free port above Ray's worker range (10002-19999), which Ray refuses for its servers."""
     return next(p for p in iter(free_port, 0) if p >= 20000)
 
 
 class RayNodes:
-    """A local Ray cluster started with ``ray start ... --block`` as launch/RAY.md says (one
-    process per node: killing its tree loses the node): ``RAY_AUTH_MODE=token`` and a token made
-    for it in a 0600 file (``auth=False``: the ``ray start`` of old, no token), the dashboard on
-    loopback, every port of the head picked free."""
+    """A local Ray cluster per launch/RAY.md: token auth (a 0600 file; auth=False: none)."""
 
     def __init__(self):
         self.temp = tempfile.mkdtemp(prefix="al-ray-")  # Ray's sessions and logs (short: sockets)
@@ -104,8 +80,7 @@ class RayNodes:
 
     def start(self, tmp: Path, cpus: list[int], auth: bool = True,
               more: tuple[str, ...] = ()) -> RayNodes:
-        """A head (``more``: its further flags) and ``len(cpus) - 1`` worker nodes; node k has
-        ``cpus[k]`` CPUs."""
+        """A head (more: its flags) and len(cpus) - 1 workers; node k has cpus[k] CPUs."""
         ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
         env = child_env(self.env if auth else {"RAY_AUTH_MODE": "disabled"})
         # the job moves no data through Ray's object store: 100 MB of /dev/shm each, not 30%
@@ -142,8 +117,7 @@ class RayNodes:
         return env
 
     def driver(self, code: str, token: bool = True, address: str | None = None) -> subprocess.Popen:
-        """``code`` in a Ray driver connected to the cluster (or ``address``: ``ray://...``), with
-        the cluster's token or none."""
+        """code in a Ray driver (or ray:// address), with the cluster's token or none."""
         script = f"import time, ray\nray.init(address={address or self.address!r})\n{code}\n"
         return subprocess.Popen([sys.executable, "-c", script], env=self.client_env(token),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -191,8 +165,7 @@ def _refused(result: subprocess.CompletedProcess, *words: str) -> None:
 
 @pytest.mark.parametrize("case", ["no ray", "no cluster", "dashboard address"])
 def test_no_ray_no_cluster_or_a_dashboard_address_is_one_error_line(tmp_path, case):
-    """Ray not importable; no cluster at RAY_ADDRESS; RAY_ADDRESS as the jobs CLI wants it
-    (http://HEAD:8265): the line names the GCS address instead."""
+    """No Ray, no cluster, or a dashboard URL as RAY_ADDRESS: one error line each."""
     if case == "no ray":
         shadow = tmp_path / "shadow"
         shadow.mkdir()
@@ -231,8 +204,7 @@ ray.get(prove.remote({path!r}), timeout=60)"""
 
 
 def _jobs_api(cluster: RayNodes, token: str | None, body: dict | None = None) -> tuple[int, object]:
-    """Ray's job submission REST API on the dashboard port: POST ``body`` to /api/jobs/ (GET the
-    job list without one), with ``Authorization: Bearer token`` or no credential."""
+    """Ray's job REST API on the dashboard port, with a Bearer token or none."""
     import urllib.error
     import urllib.request
 
@@ -251,9 +223,7 @@ def _jobs_api(cluster: RayNodes, token: str | None, body: dict | None = None) ->
 
 
 def test_a_client_without_the_token_runs_no_task_and_submits_no_job(cluster, tmp_path):
-    """The cluster launch/RAY.md starts: a driver on the GCS port and a Ray Client on its port,
-    both without the token, run no task; the jobs API on the dashboard port takes no job without
-    it; with the token, each does."""
+    """Without the token: no task (GCS driver, Ray Client), no job; with it, each works."""
     keyless = {how: cluster.driver(TASK.format(path=str(tmp_path / how)), token=False,
                                    address=address)
                for how, address in (("driver", None),
@@ -298,8 +268,7 @@ def test_the_launcher_refuses_to_run_without_a_token_only_its_user_reads(cluster
 
 
 def test_the_launcher_refuses_a_cluster_that_serves_clients_without_a_token(tmp_path):
-    """``ray start --head`` without RAY_AUTH_MODE=token (the command launch/RAY.md gave before):
-    any client that reaches it runs tasks; the launcher, holding a token, refuses to run there."""
+    """A cluster started without RAY_AUTH_MODE=token is refused by the launcher."""
     _need_ray()
     open_cluster = RayNodes()
     try:
@@ -368,9 +337,7 @@ time.sleep(600)
 
 
 def test_the_guard_leaves_no_process_behind_when_its_actor_dies(tmp_path):
-    """The actor's child (``python -m launch.ray_job guard``) outlives nothing: when the actor is
-    killed (-9), the kernel stops the guard, which stops the daemon and then, by PID, the rank
-    the daemon put in a session of its own."""
+    """Actor killed -9: the guard stops the daemon and its own-session rank by PID."""
     pids = tmp_path / "pids"
     actor = subprocess.Popen([sys.executable, "-c", ACTOR, sys.executable, "-m", "launch.ray_job",
                               "guard", "--", sys.executable, "-c", TORCHRUN, str(pids)],
@@ -397,9 +364,7 @@ DAEMON_UP = "import time; print('daemon-up', flush=True); time.sleep(600)"
 
 
 def test_rays_messages_about_the_cluster_stay_out_of_a_daemons_output(tmp_path, capfd):
-    """Ray prints the cluster's error messages (a node marked dead, with its raylet's state dump) to
-    the stdout of every driver: a proxy relays only its daemon's lines, so the daemon's log holds
-    none of them (the job's own driver shows them once)."""
+    """Ray's cluster messages stay out of a daemon's log (the proxy relays its lines only)."""
     Cluster = _need_ray()
     import ray
     from ray.util import placement_group
@@ -528,10 +493,7 @@ def _url(run_dir: Path, name: str) -> str:
 
 
 def _scale_rollout_up_and_down(run_dir: Path) -> None:
-    """rollout=3: a third server, in an actor of its own outside the placement group, joins and
-    the buffer acknowledges its groups; rollout=2: it leaves (off the roster, its actor's
-    processes gone) and every group the buffer acknowledged is consumed, stored, in transit or
-    dropped by rule."""
+    """rollout=3 adds a server in its own actor; rollout=2 removes it; every group accounted."""
     from areal_like.net.metrics import scrape
 
     # a new actor's process imports torch and starts its engine: minutes on a loaded machine
@@ -561,9 +523,7 @@ def _scale_rollout_up_and_down(run_dir: Path) -> None:
 
 @pytest.mark.timeout(900)
 def test_a_ray_job_learns_scales_survives_a_lost_node_and_stops(cluster, tmp_path):
-    """The quickstart from its warm start on three Ray nodes: status, top and the Prometheus
-    targets see every daemon; the rollout pool grows and shrinks (``_scale_rollout_up_and_down``);
-    a worker node is lost; ``stop`` stops it as Ctrl-C does; the reward rose by >= 0.3."""
+    """Quickstart on 3 Ray nodes: seen by status/top, scales, loses a node, stops, learns."""
     run_dir = tmp_path / "run"
     env = cluster.client_env(RAY_ADDRESS=cluster.address)
     job = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", "-q", *LEARN,

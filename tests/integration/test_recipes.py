@@ -1,17 +1,7 @@
-"""The recipes for real models (configs/RECIPES.md), each run through `areal-like run` as a user
-runs it, from a directory where `python -m areal_like.tasks.prepare_math` wrote `data/KIND/` from
-the shipped samples in the public datasets' own formats (areal_like/tasks/data/samples/), with a
-tiny random model of the recipe's family (tests/families.py, the shipped BPE tokenizer and its
-ChatML template) in place of the hub model, on CPU. Shown per recipe:
-
-* the recipe's own settings reach the run (data paths, system prompt, the trainer's memory
-  settings), on the CPU layout and a 16-token response budget that the overrides below set;
-* a few steps train (the gradient is not zero: tests/recipe_reward.py gives the groups rewards
-  that differ), the test split is evaluated at the start and the end, and the final model is
-  exported as a Hugging Face directory of the family;
-* each recipe's own GPU layout is what its header says (`areal-like plan`).
-
-Nothing here says how well a recipe learns: no real model was trained (configs/RECIPES.md).
+"""The recipes (configs/RECIPES.md) through ``areal-like run`` on CPU with a tiny random model of
+each family and the shipped data samples (prepare_math): the recipe's settings reach the run, a
+few steps train, the test split is evaluated at start and end, the export is of the family, and
+the GPU layout matches its header (areal-like plan). Nothing here says how well it learns.
 """
 
 from __future__ import annotations
@@ -54,8 +44,7 @@ def _cli(cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedPro
 
 
 def _tiny_model(family: str, directory: Path) -> Path:
-    """A tiny random ``family`` model with the BPE tokenizer, whose chat template is ChatML as
-    Qwen's is."""
+    """A tiny random family model with the BPE tokenizer and a ChatML template."""
     import torch
     from transformers import AutoModelForCausalLM
 

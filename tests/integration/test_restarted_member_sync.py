@@ -1,17 +1,6 @@
-"""A rollout server restarted between two weight syncs gets the next version: the trainer re-forms
-the group for the new process.
-
-Real processes and sockets: the buffer daemon, two embedded engines, a world-size-1 trainer
-(``tests/weight_pusher.py``, the real ``WeightBroadcaster`` driving the members' engines), and
-rollout-server stand-ins in this process (``weight_sync_harness.Driver``: they register and
-heartbeat). Server ``rollout-a`` loads v1 on the group the trainer formed with it; then its engine
-is killed (SIGKILL by PID) and the server stops, as a rollout server whose SGLang dies does, and it
-is restarted under the same id with a new engine: a new process (another ``Register.incarnation``).
-
-The trainer keeps a formed group while its members are the same processes
-(trainer/weight_group.py); the restarted server is another one, so v2 re-forms the group with it
-and its new engine serves exactly the trainer's weights. A trainer that took it for the old member
-would broadcast v2 on a group whose member is dead, to an engine that never joined it.
+"""A rollout server restarted (new incarnation, new engine) between two syncs gets the next
+version: the trainer re-forms the group for the new process, whose engine then serves exactly the
+trainer's weights.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""A resumed trainer keeps the buffer's last version label, so the batch the dead trainer was handed
-is trained again instead of going stale.
-
-A real BufferService over loopback ZMQ (a thread of this process, eta = 1, B = 2), a trainer that
-trained one step and was killed holding its second batch, and the restarted ``Trainer``'s own
-``monotonic_version`` asking the buffer through a real ``WeightBroadcaster``.
+"""A resumed trainer keeps the buffer's last version label, so the dead trainer's batch is trained
+again, not stale (a real BufferService, Trainer.monotonic_version through a WeightBroadcaster).
 """
 
 from __future__ import annotations
@@ -68,10 +64,7 @@ class _Announced:
 
 
 def test_a_lowered_checkpoint_every_still_takes_the_label_its_checkpoint_allows(tmp_path):
-    """A job killed 23 steps after its checkpoint (trainer.checkpoint_every=50), resumed with
-    ``--accept-changes trainer.checkpoint_every=10``: the steps lost count against what the crashed
-    process ran with, saved in the checkpoint (before: against the new 10, so the label was refused
-    as 'not ours' on every restart and the job failed). Further ahead is still refused."""
+    """Lost steps count against the checkpoint's checkpoint_every, not a lowered one."""
     from types import SimpleNamespace
 
     from areal_like.settings.config import load_config
@@ -95,10 +88,7 @@ def test_a_lowered_checkpoint_every_still_takes_the_label_its_checkpoint_allows(
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_with_a_lowered_checkpoint_every(tmp_path):
-    """Killed 23 steps in (trainer.checkpoint_every=50, no checkpoint yet), resumed with
-    ``--accept-changes trainer.checkpoint_every=10``: no checkpoint holds the bound the crashed
-    process ran with, so the label is taken, as the steps rolled back (before: refused as 'not
-    ours' against the new 10, "now and when it was saved" though nothing was, on every restart)."""
+    """Killed before any checkpoint, resumed with a lower checkpoint_every: label taken."""
     from types import SimpleNamespace
 
     from areal_like.settings.config import load_config

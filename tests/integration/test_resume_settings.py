@@ -1,24 +1,10 @@
 """Resuming a run with other settings shows what changed and refuses unless asked.
 
-A real 6-step job (``areal-like run``, the quickstart's layout without its warm start) leaves
-checkpoints, every step with ``trainer.keep_checkpoints=3``, and exports, every 2 steps with
-``export.keep=2``: the checkpoints left are the 3 newest, the exports the 2 newest (checkpoint
-retention never touches an export), the exported weights readable by whoever may read the rest of
-the export; the rollout server logs the first weight sync at INFO and no per-version line after it
-(the next INFO one would be v100). Then, on the same run_dir:
-
-* raising ``trainer.steps`` and changing ``trainer.lr``: refused (exit 2) before anything starts,
-  naming ``trainer.lr`` with both values; ``trainer.steps`` (how a run is continued) is not listed;
-* an accepted change of the model's shape that its checkpoint does not fit: refused by the
-  launcher in one line naming the key (exit 2), before any daemon, warm start or file of the run
-  (the trainer used to refuse it at start, after ``config.yaml`` held the new model, so that
-  ``areal-like export``/``eval`` of the old checkpoints read the wrong settings);
-* an accepted change that the trainer refuses at start for a reason the launcher cannot see (its
-  newest checkpoint cut short): the job fails with exit 2 and the trainer's line, and
-  ``config.yaml`` and ``settings.yaml`` are as they were;
-* the learning rate with ``--accept-changes``: the run resumes, says which setting changed, trains
-  to the new end, and the run's config and ``settings.yaml`` now hold the new learning rate;
-  ``areal-like eval`` of its last checkpoint prints one JSON line, its own.
+A real 6-step job keeps the 3 newest checkpoints and 2 newest exports (readable exported weights;
+one INFO line for the first sync). Then on its run_dir: lr changed is refused naming it (steps is
+not listed); a shape change the checkpoint cannot fit is refused by the launcher, one line; a change
+the trainer refuses leaves config.yaml and settings.yaml as they were; --accept-changes resumes,
+says what changed and stores it; eval of the last checkpoint prints one JSON line.
 """
 
 from __future__ import annotations
@@ -104,11 +90,7 @@ def test_a_resume_with_changed_settings_is_refused_unless_accepted(tmp_path):
 
 
 def test_a_run_stopped_before_its_final_evaluation_does_it_when_run_again(tmp_path):
-    """A run that trained ``trainer.steps`` but was stopped before its final evaluation was written
-    (eval.jsonl without it, as a Ctrl-C during the wait for it leaves it) is not refused as
-    finished when run again (before: exit 2, and only ``areal-like eval`` could make it): the rerun
-    resumes at the last step, trains nothing, writes the final evaluation, and ends ok. With the
-    evaluation written, a rerun is refused as before."""
+    """Stopped before its final eval: a rerun trains nothing, evaluates, ends ok; then refused."""
     run_dir = tmp_path / "run"
     args = ("run", "-q", "experiment=quickstart", "warm_start.steps=0", "trainer.steps=2",
             "eval.max_examples=8", "eval.k=0", f"run_dir={run_dir}")

@@ -1,14 +1,5 @@
-"""A real job scored by a learned process reward model: `areal-like run -q` (the real CLI,
-supervisor and daemons on loopback; the quickstart's warm-started model, PPO with a critic) whose
-reward is a tiny saved scalar-head classifier's, one score per step (``task.reward_model.process``,
-steps ending with "a"), the rule only in the metadata. Shown:
-
-* every sample the trainer consumed (``samples.jsonl``, all of them: ``sample_k`` = a step's
-  trajectories) is rewarded with the sum of its steps' scores, each the model's score of the
-  prompt and the response up to that step's end, recomputed here from the saved model, on the
-  token that completes the step; the rule's reward beside it;
-* the trainer's ``reward_mean`` of each step is the mean of those rewards;
-* the job completes every step, and nothing is left running.
+"""A real job scored by a tiny process reward model (PPO with a critic): each consumed sample's
+reward is the sum of its steps' scores recomputed here; reward_mean matches; nothing left running.
 """
 
 from __future__ import annotations

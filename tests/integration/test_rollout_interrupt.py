@@ -1,23 +1,10 @@
-"""Interruptible generation across a real weight update.
+"""Interruptible generation across a real weight update (pause_mode abort and retract, and LoRA).
 
-Long greedy generations run on the embedded engine; in the middle, a ``WeightSyncPlan`` is applied
-with ``apply_weight_sync`` (reform, pause, begin, two buckets, end, continue) while a separate
-sender process joins the group as rank 0 and broadcasts a differently initialised model. The
-engine's steps wait at about 40 tokens per sample until the pause is posted (``gate_at_the_pause``):
-under load a group join can outlast the rest of a generation, and the pause must find every sample
-in flight by construction, not by timing. With
-``pause_mode=abort`` every sample is resubmitted as prompt + tokens so far; with ``retract`` it is
-held in the engine and prefilled again with the new weights. Either way it completes. Checked
-against reference forward passes in this process:
-
-* versions switch 0 -> 1 exactly once per sample, at the point k where the sample was paused;
-* tokens before k are the old model's greedy choices and tokens from k on are the new model's
-  greedy continuation of ``prompt + tokens[:k]`` (so no token was lost, duplicated or regenerated:
-  the concatenation is exactly what the two weight versions generated);
-* ``behav_logp`` equals ``log_softmax(logits)`` of the model version that produced each token
-  (max abs diff <= 1e-4), and the total length is what the engine reported.
-
-The same with LoRA: an engine with adapters, the update only the adapter's tensors.
+Greedy generations are gated at ~40 tokens until the pause lands (gate_at_the_pause), while a
+sender process broadcasts other weights. Checked against reference forwards: versions switch
+0 -> 1 once per sample at its pause point k; tokens before k are the old model's greedy choices,
+from k the new model's continuation of prompt + tokens[:k]; behav_logp is the producing model's
+log_softmax (1e-4); the length is what the engine reported.
 """
 
 from __future__ import annotations
@@ -65,10 +52,7 @@ def make_plan(state: dict, port: int, group: str) -> tuple[WeightSyncPlan, list[
 
 
 def gate_at_the_pause(sched, tokens: int) -> tuple[threading.Event, threading.Event]:
-    """Hold the engine's steps once every sample has ``tokens`` tokens (then ``held`` is set) until
-    its scheduler has the pause (``hold``: retract, ``abort``: abort) in its inbox, so that the
-    pause lands with every sample in flight however long the group join takes (the steps wait for
-    it, not the reverse); the pause then runs after at most one more step. ``go`` lets go."""
+    """Hold engine steps at tokens per sample (held set) until the pause is in its inbox."""
     held, go = threading.Event(), threading.Event()
 
     def then_go(post):
@@ -131,8 +115,7 @@ def check_against(model, prompt: list[int], out: list[int], logps: list[float], 
 
 def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Path | None = None,
                     pause_mode: str = "abort"):
-    """Generate PROMPTS on a fresh engine (``lora``: with adapters) while ``state`` (name -> tensor)
-    is pushed as version 1 mid-generation; returns (SyncDone, samples, the served version)."""
+    """Generate PROMPTS while state is pushed as v1 mid-way: (SyncDone, samples, version)."""
     from rollout_server.engine import EmbeddedEngine
 
     port, group = free_port(), "interrupt_weights"
@@ -189,8 +172,7 @@ def test_pause_update_continue_switches_versions_exactly_at_the_pause_point(paus
 
 
 def test_an_adapter_change_mid_generation_switches_versions_exactly(tmp_path):
-    """LoRA (``trainer.lora``): the engine carries adapters (B = 0: version 0 is its base) and the
-    update is the adapter alone; from the abort point on, tokens are the base + adapter's."""
+    """LoRA: adapters-only update; from the abort point on, tokens are base + adapter's."""
     from areal_like.weights.lora import add_adapters, is_adapter
 
     torch.set_num_threads(1)

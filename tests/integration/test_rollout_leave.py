@@ -1,14 +1,6 @@
-"""A rollout server stopped on request leaves the buffer's roster at once.
-
-Real processes over loopback: the buffer daemon and one rollout server (embedded engine). With
-``buffer.heartbeat_timeout_s`` and ``buffer.lease_timeout_s`` at 600 s, only the server's last
-heartbeat (``leaving``, sent as SIGTERM stops it) can take it off the roster and hand its leases
-back within this test's waits; before it, the buffer found out 15 s later (the default timeout),
-and a weight sync under way waited that long for the member that had gone.
-
-A second server started by mistake (or by someone else) under the same ``rollout.server_id`` is
-refused while the first is heard (``id_in_use``: it keeps retrying); the first keeps the id, is
-told in a heartbeat answer and logs it on one line; once the first leaves, the second takes the id.
+"""A rollout server stopped on request leaves the roster at once (600 s timeouts: only its leaving
+heartbeat can); a second server under the same id is refused (id_in_use) while the first is heard,
+the first is told, and the second takes the id once the first leaves.
 """
 
 from __future__ import annotations

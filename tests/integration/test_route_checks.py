@@ -1,14 +1,6 @@
-"""Routing-replay routes are checked at the buffer's admission (areal_like/wire/group_checks.py).
-
-A tiny Qwen3-MoE (2 mixture layers, top-2 of 4 experts) is saved as a user's checkpoint; a buffer
-of a job with ``trainer.routing_replay=true`` on it runs over real sockets and a member sends it
-groups whose routes name experts 4, -5 and 1,000,000, and one whose routes have the wrong top-k
-width. Each is refused with the reason ``bad_routes`` naming the model's numbers, counted in
-``buffer/rejected{reason="bad_routes"}``, nothing of it is stored, and its prompt goes out again;
-a group whose routes name the model's experts is accepted. The shape the buffer reads from the
-config.json is the one the trainer's model has (``route_shape``).
-
-Mutation checked: without ``routes_problem`` every bad group was accepted (seen failing).
+"""Routing-replay routes are checked at admission: experts 4, -5, 1e6 or a wrong top-k width on a
+tiny Qwen3-MoE are refused as bad_routes (counted, not stored, re-issued); valid routes pass; the
+shape read is the trainer model's. Mutation: without routes_problem every bad group passed.
 """
 
 from __future__ import annotations
@@ -27,8 +19,7 @@ PROMPT, OUTPUT = 2, 4
 
 
 def _group(credit: P.Credit, expert: int | None = None, top_k: int = TOP_K) -> P.TrajectoryGroup:
-    """Two trajectories with routes [prompt + output - 1, LAYERS, top_k]; ``expert`` put at one
-    position of the second one's."""
+    """Two trajectories with routes; expert put at one position of the second's."""
     trajs = []
     for r in (0.0, 1.0):
         routes = np.tile(np.arange(top_k, dtype=np.int32) % EXPERTS,

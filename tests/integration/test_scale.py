@@ -1,19 +1,9 @@
-"""``areal-like scale`` on a real job: ``areal-like run`` (buffer, one rollout server, a one-rank
-trainer, real processes) resized while it trains.
+"""``areal-like scale`` on a real job (buffer, one rollout server, one trainer rank).
 
-* ``rollout=2``: a second server starts as ``run`` starts one (ports.json, ``status``), and the
-  buffer acknowledges groups from it;
-* ``rollout=1``: it leaves; the moment the command returns, the buffer holds no lease of it and it
-  is off the roster. ``buffer.lease_timeout_s`` and ``buffer.heartbeat_timeout_s`` are 600 s, so
-  only the leaving server's own last heartbeat (its SIGTERM stop) can do that in time; every group
-  the buffer acknowledged is consumed, stored, in transit or dropped by rule (its counters);
-* ``trainer=2``: the trainer saves a checkpoint as it stops (``trainer.checkpoint_every`` far
-  beyond the run: no other checkpoint exists) and resumes from it on two ranks (torchrun) with no
-  step rolled back, then trains on.
-
-That a checkpoint saved on one rank resumes on two with the same loss is
-tests/integration/test_trainer_reshard.py (a step on one synthetic batch: cheaper and exact, where
-this job's batches depend on timing).
+rollout=2: a second server starts and its groups are acked; rollout=1: when the command returns
+it holds no lease and is off the roster (600 s timeouts: only its own last heartbeat can), every
+acked group accounted; trainer=2: a checkpoint at stop, resumed on two ranks with nothing rolled
+back (same-loss resharding: test_trainer_reshard.py).
 """
 
 from __future__ import annotations

@@ -1,14 +1,8 @@
-"""CURVE on the buffer's sockets, over real processes and sockets: strangers get nothing and are
-counted.
+"""CURVE on the buffer's sockets with real processes: strangers get nothing and are counted.
 
-A real buffer daemon (``python -m buffer``, CURVE on, keys from ``areal-like keys``) serves a real
-rollout-server client and a real trainer client (this process, holding the job's keys). Beside them,
-stranger processes, one with no CURVE at all, one with a CURVE key that is not on the allow-list,
-one that does not know the server's key, each try to register, send a group, ask for a Batch and
-listen for the version announcements the job publishes meanwhile. Every stranger request must time
-out cleanly with nothing received; the buffer's ``auth_refused`` counter on /metrics must count
-them by reason; the job's own traffic must go on unaffected (its group trained on, its
-announcements received).
+Strangers (no CURVE, a key not allowed, not knowing the server key) try to register, send, ask
+for a Batch and listen: each times out with nothing, auth_refused counts them by reason, and the
+job's own traffic goes on.
 """
 
 from __future__ import annotations
@@ -120,10 +114,7 @@ def test_keys_command_writes_private_files(tmp_path, spawn_python):
 
 
 def test_a_daemon_refuses_a_secret_key_file_others_may_read(tmp_run_dir, spawn_python):
-    """A key copied with a plain ``scp`` (0644) was accepted: each daemon that loads a secret key
-    (the buffer's CURVE key; the engine API key's file for a rollout server, a trainer rank and a
-    standalone engine) exits 2 with one line naming the file and ``chmod 600``; so does
-    ``areal-like keys``, which would keep them. A buffer without keys refuses to start."""
+    """A readable (0644) secret key file: exit 2 naming it and chmod 600; no keys: refused."""
     from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
 
     config = tmp_run_dir / "config.yaml"
@@ -208,9 +199,7 @@ def test_strangers_get_nothing_are_counted_and_the_job_goes_on(
 
 
 def test_a_one_rank_trainer_opens_no_port_on_every_interface(spawn_python):
-    """The one-rank trainer (every CPU job on 2 cores) once hosted its default group's TCPStore,
-    which listens on every interface whatever host it is given: any machine on the network could
-    list and overwrite its keys. Its store is in-process now; gloo's pair binds one address."""
+    """A one-rank trainer's store is in-process; gloo binds one address."""
     proc = spawn_python("""
         import json, os, psutil
         from areal_like.settings.config import RunConfig
@@ -226,8 +215,7 @@ def test_a_one_rank_trainer_opens_no_port_on_every_interface(spawn_python):
 
 
 def test_only_trainer_rank_0_needs_the_trainer_key(tmp_run_dir, tmp_path, spawn_python):
-    """launch/MULTINODE.md gives clients/trainer.key_secret to rank 0's node only; a rank of
-    another training node (server.key alone) once exited 2 naming the file it does not use."""
+    """Only trainer rank 0 needs the trainer key; other ranks start with server.key."""
     security.make_keys(tmp_path / "all")
     node = tmp_path / "node"
     node.mkdir(mode=0o700)

@@ -1,19 +1,7 @@
-"""``areal-like sft``: supervised fine-tuning of a user's own model, then RL from it.
+"""``areal-like sft`` of a user's own tiny Qwen2 on one-digit additions, then RL from it.
 
-Through the real CLI (subprocesses): a random-initialized tiny Qwen2 built with transformers and
-the project's char tokenizer, saved as a user's Hugging Face directory, and a JSONL of every
-one-digit addition. Shown:
-
-* ``areal-like sft`` (model=local_hf, task=dataset) takes the untrained model (it answers
-  nothing) to a greedy accuracy of at least 0.6 on those prompts, and prints its summary line;
-* ``areal-like run`` with the same overrides finds that result in the warm-start cache (keyed by
-  the content of model and data), starts RL from it without training again, and its final
-  evaluation agrees;
-* two ranks (``--nproc-per-node 2``, FSDP2 over gloo) train the weights one rank trains;
-* with LoRA the adapter is written in PEFT's layout and the merged model beside it is the model;
-* nothing is left running.
-
-The 2-digit demonstration (SFT then RL against RL alone) is benchmarks/bench_sft_then_rl.py.
+sft reaches greedy accuracy >= 0.6; run finds it in the warm-start cache and agrees; 2 ranks
+train the weights one trains; LoRA writes PEFT's layout and a merged model; nothing left running.
 """
 
 from __future__ import annotations

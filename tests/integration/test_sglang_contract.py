@@ -1,26 +1,11 @@
-"""Contract test against SGLang itself (pinned 0.5.23), without installing or committing SGLang.
+"""Contract test against SGLang 0.5.23's own types, without installing it (the main suite's).
 
-At test time the wheel is fetched with ``pip download --no-deps sglang==0.5.23`` into a per-machine
-cache (``~/.cache/areal_like/sglang``; the 40 MB download happens once). From the wheel:
-
-* ``sglang/api/v1/api_types.py`` (imports only msgspec) is exec'd into a module object
-  (``sglang/__init__`` never runs) and used to validate every ``/generate`` and ``/abort_request``
-  body our client sends and every generate / model-info / server-info response the embedded engine
-  returns, with SGLang's own ``from_json_value`` decoders;
-* ``sglang/srt/managers/io_struct.py`` is parsed with ``ast`` (no import) and every control body
-  we send (pause, continue, flush, weight-update group, bucket update, begin/end session, update
-  from disk) is checked against the struct's fields: names a subset, required fields present,
-  Literal values allowed, JSON types matching the annotations; control answers carry the
-  ``*ReqOutput`` fields.
-
-Everything is captured through ``SGLangClient(on_request=..., on_response=...)`` while the client
-drives a real embedded engine through a full cycle, including a weight update received by
-broadcast from a separate sender process. Skips only when the wheel cannot be downloaded.
-
-The SGLang tier runs the same cycle and the same checks (``drive_engine``, ``check_*``) against
-the real server (tests/sglang/test_sglang_contract_live.py). This one stays in the main suite,
-which has no SGLang installed: it is the only check that the embedded engine, which every
-default run trains against, answers as SGLang's types say.
+The wheel (pip download --no-deps, cached in ~/.cache/areal_like/sglang) gives api_types.py,
+exec'd to decode every /generate, /abort_request body and engine response, and io_struct.py,
+parsed to check every control body's fields, required keys, Literals and JSON types; captured via
+SGLangClient(on_request, on_response) over a full cycle with a broadcast weight update. Skips only
+when the wheel cannot be downloaded; tests/sglang/test_sglang_contract_live.py runs the same checks
+against the real server.
 """
 
 from __future__ import annotations
@@ -166,8 +151,7 @@ def check_control_body(structs, path: str, body) -> None:
 async def drive_engine(url: str, tmp: Path, seen_requests: list, seen_responses: list,
                        plan: WeightSyncPlan, sender: subprocess.Popen, api_key: str | None = None,
                        door: bool = False) -> dict:
-    """Exercise every endpoint the rollout server uses; return facts for extra asserts. ``door``:
-    the engine joins the weight group through a store door (SGLang's own rendezvous)."""
+    """Exercise every endpoint the rollout server uses; door: join through a store door."""
     client = SGLangClient(url, api_key=api_key, timeout_s=120,
                           on_request=lambda m, p, b: seen_requests.append((p, b)),
                           on_response=lambda m, p, s, j, raw: seen_responses.append((p, s, j, raw)))
@@ -239,8 +223,7 @@ async def one_episode(client: SGLangClient):
 
 
 async def generating(client: SGLangClient, timeout_s: float = 60.0) -> None:
-    """Wait until the engine holds 8 more KV slots than now: the long request is decoding, not
-    queued (SGLang counts generated tokens in its metrics only when a request finishes)."""
+    """Wait until the engine holds 8 more KV slots: the long request is decoding."""
     async def used() -> int:
         return sum(int(x.get("num_used_tokens") or 0) for x in await client.loads())
     start, deadline = await used(), time.monotonic() + timeout_s
@@ -250,8 +233,7 @@ async def generating(client: SGLangClient, timeout_s: float = 60.0) -> None:
 
 
 def weight_sync_setup() -> tuple[WeightSyncPlan, subprocess.Popen]:
-    """The plan for version 1 and the sender process (rank 0), started before the engine so its
-    torch import overlaps with the engine's start-up; it waits in the rendezvous."""
+    """The v1 plan and the sender process (rank 0), started before the engine."""
     from areal_like.weights.hf import build_model
 
     state = build_model(ModelConfig(**MODEL, init_seed=1)).state_dict()

@@ -1,24 +1,9 @@
-"""`launch/slurm/areal_like.sbatch` submitted with `sbatch` to a real Slurm (Debian's slurm-wlm).
+"""launch/slurm/areal_like.sbatch under a real one- or two-node Slurm started by the test.
 
-The fixture starts a one-node cluster inside the test: `munged` with its own key and socket,
-`slurmctld` and `slurmd` from a generated `slurm.conf` (no cgroups: `proctrack/linuxproc`,
-`task/none`; state, spool, logs and PID files in a temporary directory; free ports), the node named
-after this host with its memory and 8 CPUs (`SlurmdParameters=config_overrides`: CI's machine has
-2 cores, and the script's plan gives the buffer a core and each GPU a core of its own), with an
-`lscpu` first on PATH that reports those 8 cores. Slurm has no GPUs here: the job is submitted with
-`--gpus-per-node=0` and `GPUS_PER_NODE=2` (the script's knob): the trainer on CPU beside an engine
-on "GPU" 0 of 2. SGLang is `sglang_standin`, the embedded engine's HTTP server started by the
-rollout server's real launcher. Everything else is
-Slurm's: the batch script's copy, `scontrol show hostnames`, `srun` steps with their signals,
-`scancel`.
-
-Two nodes too (``two_nodes``): ``n0`` and ``n1`` are hosts of their own, each ``slurmd`` in a
-network namespace (test_hosts_netns.py's bridge), a UTS namespace with its hostname and a mount
-namespace whose /etc/hosts names both; the script runs across them (launch/MULTINODE.md).
-
-Needs root and the binaries (`apt-get install slurm-wlm munge`, as `.ci/run` does): skipped without
-them, except in CI (CI=true), where that is a failure. Every daemon is stopped by its PID at the
-end.
+One node: munged, slurmctld and slurmd (no cgroups, 8 CPUs via config_overrides and an lscpu
+stand-in, GPUS_PER_NODE=2 with no GPUs: the engine is sglang_standin). Two nodes: each slurmd in
+its own network/UTS/mount namespace (test_hosts_netns.py's bridge). Needs root, slurm-wlm and
+munge: skipped without them, except in CI. Every daemon is stopped by its PID.
 """
 
 from __future__ import annotations
@@ -95,8 +80,7 @@ class Cluster:
 
 
 def _conf(root: Path, ctld: str, nodes: list[tuple[str, str]], ports: tuple[int, int]) -> str:
-    """slurm.conf: slurmctld at ``ctld`` (``name(address)``), a node per (name, address), each
-    with its own spool directory, PID file and log (``%n``: the node's name)."""
+    """slurm.conf: slurmctld at ctld, a node per (name, address), each with its own files."""
     mem_mb = psutil.virtual_memory().total // 2**20 - 1024  # slurmd drains a node that has less
     lines = "".join(f"NodeName={name} NodeAddr={addr} CPUs={CPUS} RealMemory={mem_mb} "
                     "State=UNKNOWN\n" for name, addr in nodes)
@@ -149,8 +133,7 @@ def _stop_daemon(pid_file: Path) -> None:
 def _cluster(ctld: str, nodes: list[tuple[str, str]],
              wrap: Callable[[str | None], list[str]] = lambda _node: [],
              within: tuple[str, ...] = ()) -> Iterator[Cluster]:
-    """munged, slurmctld and a slurmd per node, each started under ``wrap(node)`` (slurmctld's:
-    ``wrap(None)``), until every node is idle; everything stopped by its PID file at the end."""
+    """munged, slurmctld and a slurmd per node under wrap(node), until every node is idle."""
     _need_slurm()
     root = Path(tempfile.mkdtemp(prefix="al-slurm-"))  # short: the munge socket's path
     for sub in ("state", "log", *(f"spool-{name}" for name, _ in nodes)):
@@ -200,8 +183,7 @@ def _model(path: Path) -> None:
 
 def _submit(slurm: Cluster, tmp_path: Path, steps: int, restarts: int, nodes: int = 1,
             **knobs: str) -> tuple[str, Path]:
-    """sbatch the script for a quickstart-sized CPU job of ``steps`` steps on ``nodes`` nodes,
-    ``knobs`` the script's environment knobs over the one-node test's: (job id, run dir)."""
+    """sbatch a quickstart-sized CPU job on nodes nodes with knobs: (job id, run dir)."""
     _model(tmp_path / "model")
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin/lscpu").write_text(LSCPU)
@@ -237,15 +219,13 @@ def _engine_pids(tmp_path: Path) -> list[int]:
 
 
 def _job_processes(run_dir: Path) -> list[psutil.Process]:
-    """The processes whose command line names this job's run directory (srun, the restart
-    wrappers, the daemons; not Slurm's own)."""
+    """Processes whose command line names this job's run directory."""
     return [p for p in psutil.process_iter(["cmdline"])
             if p.pid != os.getpid() and any(str(run_dir) in c for c in p.info["cmdline"] or [])]
 
 
 def _rollout_servers(run_dir: Path) -> list[psutil.Process]:
-    """This job's rollout servers (``areal-like rollout`` execs ``python -m rollout_server``),
-    not the srun or with_restarts.sh around them."""
+    """This job's rollout servers (python -m rollout_server), not their wrappers."""
     return [p for p in _job_processes(run_dir)
             if p.info["cmdline"][1:3] == ["-m", "rollout_server"]]
 
@@ -283,8 +263,7 @@ def test_a_killed_rollout_step_restarts_and_scancel_stops_the_job_as_ctrl_c_does
 
 
 def _restart_and_cancel(slurm: Cluster, job_id: str, run_dir: Path, tmp_path: Path) -> None:
-    """Kill the rollout server, see it restarted and a step trained after it, then scancel the
-    job and see every daemon of it exit."""
+    """Kill the rollout server, see it restarted and a step trained; scancel stops all."""
     wait_until(lambda: _steps(run_dir) >= 1, JOB_S, 1.0, "the first trained step")
     [server] = _rollout_servers(run_dir)
     first_engines = _engine_pids(tmp_path)
@@ -314,10 +293,7 @@ def _restart_and_cancel(slurm: Cluster, job_id: str, run_dir: Path, tmp_path: Pa
 
 @pytest.fixture
 def two_nodes(request, tmp_path_factory) -> Iterator[tuple[Cluster, str]]:
-    """Slurm nodes ``n0`` and ``n1``, each a host of its own: its own network (host 0 holds the
-    bridge, whose name is returned), its own hostname (what slurmd knows itself by) and an
-    /etc/hosts naming both (the script's srun steps and ports.json name the nodes). slurmctld runs
-    on host 0 as ``ctl``; the test's commands run in host 0's network."""
+    """Slurm nodes n0 and n1, each its own host (netns, hostname, /etc/hosts)."""
     names, addrs = request.getfixturevalue("hosts")
     etc_hosts = tmp_path_factory.mktemp("hosts") / "hosts"
     etc_hosts.write_text(f"127.0.0.1 localhost\n{addrs[0]} n0 ctl\n{addrs[1]} n1\n")
@@ -334,11 +310,7 @@ def two_nodes(request, tmp_path_factory) -> Iterator[tuple[Cluster, str]]:
 
 @pytest.mark.timeout(720)
 def test_sbatch_runs_a_job_across_two_nodes_of_their_own(two_nodes, tmp_path):
-    """The script on two hosts: the buffer and the trainer on n0, the rollout server and its
-    engine on n1; groups cross the bridge to the buffer, weights to the engine (the trainer's
-    log-prob guard passed it: the first push waited for it), three steps trained, the job waited
-    for the final evaluation (of version 3), nothing left. The one-node layout runs in
-    test_a_killed_rollout_step_restarts_and_scancel_stops_the_job_as_ctrl_c_does."""
+    """Buffer and trainer on n0, rollout on n1: 3 steps, the final eval, nothing left."""
     slurm, bridge = two_nodes
     job_id, run_dir = _submit(slurm, tmp_path, steps=3, restarts=0, nodes=2, GPUS_PER_NODE="1",
                               HEAD_IFACE=bridge)

@@ -1,13 +1,6 @@
-"""A distillation job's ``teacher-0`` process (a model-directory teacher, launch/topology.py) killed
-with ``kill -9`` mid-job, through the real CLI (``areal-like run``) as tests/integration/
-test_distill_job.py runs it:
-
-* the supervisor counts it and starts it again (its ``[supervisor] started teacher-0`` line, twice);
-* the rollout server counts the groups the dead teacher failed (``rollout/teacher_failures``: its
-  warning in the server's log) and applies ``distill.on_teacher_failure=drop``: every step still
-  trains on rows the teacher scored, and the server itself goes on (no restart);
-* the job completes every step, and nothing is left running; the job's engine key never was on
-  the teacher's argv.
+"""A distill job's teacher-0 killed -9: the supervisor restarts it, the rollout server counts the
+failed groups and drops them (distill.on_teacher_failure=drop) without restarting, the job
+completes, nothing is left, and the engine key never was on the teacher's argv.
 """
 
 from __future__ import annotations
@@ -34,8 +27,7 @@ STARTED = re.compile(r"\[supervisor\] started teacher-0 pid=(\d+)")
 
 
 class Launcher:
-    """``areal-like run`` in a subprocess; its stderr read on a thread, each teacher PID the
-    supervisor reports started recorded (``teachers``), ``changed`` notified at each."""
+    """areal-like run in a subprocess; records each teacher PID started, notifying changed."""
 
     def __init__(self, *args: str):
         self.proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", "-q", *args],

@@ -1,14 +1,6 @@
-"""The fixed cost of a one-rank step (trainer/step.py, trainer/model.py), in a real 1-rank process:
-
-- one minibatch, decoupled PPO: ``train_step`` takes pi_prox from its own forward
-  (``StepSettings.fuse_prox``; ``recompute_prox_logp`` returns None) and gives exactly the loss,
-  gradient norm and updated weights of the same step fed the separately recomputed log-probs
-  (``batch_logp``), and the step really moved the weights;
-- with two minibatches nothing is fused: the recompute runs, and ``train_step`` without it is
-  refused with an error naming ``trainer.num_minibatches``;
-- on a world of one in fp32 the model is not FSDP-sharded: its parameters are plain tensors.
-
-The worker runs as ``python test_trainer_fused_prox.py OUT``.
+"""The fixed cost of a one-rank step: one minibatch fuses pi_prox into the step with exactly the
+unfused update; two minibatches recompute (refused without, naming trainer.num_minibatches); a
+world of one in fp32 is not FSDP-sharded. Worker: ``python test_trainer_fused_prox.py OUT``.
 """
 
 from __future__ import annotations

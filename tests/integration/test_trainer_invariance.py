@@ -1,21 +1,9 @@
-"""Invariance: the same batch gives the same loss, gradient norm, every kernel stat and the same
-updated weights (1e-5) whatever the layout of its micro-batches: today's padded micro-batches of
-1 and 4 sequences, packed micro-batches (``trainer.pack_sequences``), token-budget micro-batches
-(``trainer.max_tokens_per_micro_batch``, packed and padded), on 1 rank and on 2 FSDP2 ranks (gloo,
-real processes; sequences balanced over ranks by tokens). The reference is the padded path with
-one sequence per call. The batch has multi-turn loss masks (context tokens inside the output).
+"""The same batch gives the same loss, grad norm, stats and weights (1e-5) in any micro-batching.
 
-Not vacuous: with the attention of a packed sequence leaking into its neighbours' this test
-fails at its first packed case (decoupled PPO, packed mbs=4: ess_ratio 0.4322 against the padded
-0.4398), checked once by running ``trainer/packed_attention.py``'s SDPA over the whole packed row
-as one causal sequence (and, before that module existed, by dropping the restarting
-``position_ids`` on transformers' SDPA: 0.4325).
-
-The worker half of this file runs as ``python test_trainer_invariance.py OUT 1|2`` (the layouts);
-the 2-rank run uses the torchrun environment (RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT), the
-1-rank run the plain single-process path (a world-size-1 gloo group).
-AdamW's first step is lr * g / (|g| + eps): with the default eps it is sign(g) and float rounding
-of near-zero gradients would flip whole updates, so the workers use eps=1e-3 (linear in g).
+Padded mbs 1 and 4, packed, token-budget (packed and padded), on 1 and 2 FSDP2 ranks (gloo), with
+multi-turn loss masks; the reference is padded, one sequence per call. Not vacuous: packed
+attention leaking across sequences fails the first packed case (ess_ratio 0.4322 vs 0.4398).
+Workers run as ``python test_trainer_invariance.py OUT 1|2``; AdamW eps=1e-3 keeps steps linear.
 """
 
 from __future__ import annotations

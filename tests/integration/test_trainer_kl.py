@@ -1,17 +1,8 @@
-"""The KL-to-reference term in real trainer steps, on 1 and on 2 FSDP2 ranks (gloo, real processes).
+"""The KL-to-reference term in real trainer steps on 1 and 2 FSDP2 ranks.
 
-Each worker builds the policy and the frozen reference (``trainer.loss.kl_coef`` > 0) and runs:
-- step 0: the reference equals the policy, so ``kl_ref`` is exactly 0 and loss == policy_loss;
-- step 1, after an update: ``kl_ref`` > 0 and loss - policy_loss == kl_coef * kl_ref (token-mean);
-- the reference never moved (frozen, no gradients) and is the initial weights, also when built
-  after a resume (a checkpoint loaded into a fresh policy);
-- ``trainer.ref_path``: a reference loaded from an HF export of the updated policy equals it, so
-  KL against it is 0 again;
-- packed micro-batches and right-padded ones (``trainer.pack_sequences``) give the same loss, KL
-  and updated weights.
-1 rank and 2 ranks agree on every stat. The worker half of this file runs as
-``python -c RUNNER test_trainer_kl.py OUT_DIR`` (RANK/WORLD_SIZE/MASTER_* in the environment
-for 2 ranks).
+Step 0: kl_ref is 0; after an update loss - policy_loss == kl_coef * kl_ref; the reference stays
+frozen (also after a resume); trainer.ref_path from an export of the policy gives KL 0; packed and
+padded agree; 1 and 2 ranks agree. Worker: ``python -c RUNNER test_trainer_kl.py OUT_DIR``.
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
-"""LoRA in real trainer steps (``trainer.lora.rank`` > 0), on 1 and on 2 FSDP2 ranks (gloo, real
-processes).
+"""LoRA in real trainer steps on 1 and 2 FSDP2 ranks (gloo, real processes).
 
-Each worker builds the policy with adapters and the KL reference (``trainer.loss.kl_coef`` > 0,
-the same model with the adapters off) and checks:
-- only the adapters require gradients and only they are in AdamW; the base weights are exactly
-  the weights of the model without LoRA (meta-device build, sharded init);
-- step 0: B = 0, so the adapted model is its base: ``kl_ref`` is exactly 0;
-- after two steps every base weight is bit-identical to its initial value, the adapters moved,
-  and ``kl_ref`` > 0 (the reference really runs without the adapters);
-- resume: a fresh policy loading the checkpoint takes the same next step as the original (the
-  adapters and their AdamW state were restored);
-- export (``merged=True``): PEFT loads the adapter onto the base, and the merged model gives the
-  adapted model's logits within 1e-5 (fp32); the same from the checkpoint (``areal-like export``).
-1 rank and 2 ranks agree on the stats. The worker half of this file runs as
-``python -c RUNNER test_trainer_lora.py OUT_DIR`` (RANK/WORLD_SIZE/MASTER_* in the environment
-for 2 ranks).
+Each worker checks: only the adapters train (and are in AdamW), the base equals the no-LoRA model
+and stays bit-identical; step 0's kl_ref is 0 (B = 0), > 0 after two steps; a resumed policy takes
+the same next step; the merged export (and PEFT's adapter on base) gives the adapted logits within
+1e-5. 1 and 2 ranks agree. Workers run as ``python -c RUNNER test_trainer_lora.py OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -151,8 +140,7 @@ def test_lora_trains_adapters_only_on_one_and_two_ranks(tmp_path, spawn_python, 
 
 
 def check_export(directory: Path, state: dict) -> None:
-    """The export: PEFT loads the adapter onto the base, and the merged model, both giving the
-    trainer's adapted model's logits (fp32: merged within 1e-5)."""
+    """PEFT's adapter-on-base and the merged export give the adapted logits (1e-5)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -187,8 +175,7 @@ WITH_LM_HEAD = ("trainer.lora.target_modules="
 
 
 def bf16_worker(out_dir: Path) -> None:
-    """``model.dtype=bfloat16`` (FSDP2 mixed precision: fp32 weights, bf16 compute, fp32 gradient
-    reduction): two steps, and the first step of an fp32 policy on the same batch."""
+    """model.dtype=bfloat16 (FSDP2 mixed precision): two steps, plus an fp32 first step."""
     import torch
 
     torch.set_num_threads(1)
@@ -222,11 +209,7 @@ def bf16_worker(out_dir: Path) -> None:
 
 
 def test_lora_computes_in_bf16_on_one_and_two_ranks(tmp_path, spawn_python, free_port):
-    """A GPU topology's ``model.dtype=bfloat16`` with LoRA: the adapters train, the base stays,
-    and the numbers are the fp32 ones within bf16 rounding, on one and on two ranks. Failed
-    before: PEFT freezes the adapters while they are switched off, so when the model's first
-    forward was the KL reference's, FSDP2 set the gradients up for no trainable parameter and the
-    backward assigned bf16 gradients to the fp32 adapters."""
+    """bf16 LoRA on 1 and 2 ranks: adapters train, base stays, fp32 numbers within bf16."""
     import torch
 
     one, two = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(),

@@ -1,17 +1,7 @@
-"""The policy is built on the meta device and materialised shard by shard (trainer/sharded_init.py).
-
-On 1 rank and on 2 FSDP2 ranks (gloo, real processes):
-- built from config, its weights equal ``build_model``'s for the same init seed BIT FOR BIT
-  (untied and tied embeddings), rotary tables included;
-- loaded from a local safetensors directory (three files and an index), they equal
-  ``from_pretrained``'s bit for bit, and so does the KL reference built from it;
-- the tensor bytes allocated while loading a checkpoint never reach a full copy of the model: the
-  rank's shards plus about one full parameter (``PeakTensorBytes``);
-- activation checkpointing (``trainer.activation_checkpointing``) leaves the loss and every
-  gradient of a forward/backward unchanged, and keeps the Hugging Face parameter names.
-
-The worker half runs as ``python test_trainer_meta_init.py OUT MODEL_DIR``
-(torchrun env for 2 ranks).
+"""The policy is built on meta and materialised shard by shard (trainer/sharded_init.py), 1 and 2
+ranks: bit-identical to build_model (tied, untied) and from_pretrained (and its KL reference);
+checkpoint loading never holds a full copy; activation checkpointing changes no loss or gradient.
+Worker: ``python test_trainer_meta_init.py OUT MODEL_DIR``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""Finite numbers or no step (trainer/finite_guard.py), with the real trainer
-code on 2 FSDP2 ranks (gloo, real processes), and the trainer daemon itself.
+"""Finite numbers or no step (trainer/finite_guard.py): 2 FSDP2 ranks and the trainer daemon.
 
-Under each of the 9 kernels a batch holding one group whose behaviour log-prob is NaN, then one
-whose is -inf (what the buffer now refuses, fed straight to ``train_step`` as a WAL written before
-the check or a buffer without it would), leaves every weight finite: a step whose loss or gradient
-norm is not finite is skipped on both ranks alike (no update at all, optimizer state untouched),
-and the clean batch after it trains (the job goes on). ``all_finite`` is a collective: a NaN on
-one rank only makes both ranks skip. A checkpoint of non-finite weights is refused on every rank
-and leaves the last good checkpoint the newest. The trainer daemon, fed batches that make the loss
-non-finite (a model diverged by a learning rate of 1e30: finite weights of ~1e30 after its first
-step overflow the next forward), skips those steps and stops after ``trainer.max_nonfinite_skips``
-in a row. (Absurd but finite log-probs, which made oapl's loss infinite here before, are now
-refused by the data checks: test_nonfinite_groups.py.)
-
-The worker half runs as ``python test_trainer_nonfinite.py OUT`` (torchrun's environment).
+Under each kernel a group with NaN, then -inf, behaviour log-probs is skipped on both ranks (no
+update, optimizer state untouched; all_finite is collective) and the clean batch after trains; a
+checkpoint of non-finite weights is refused on every rank. The daemon stops after
+trainer.max_nonfinite_skips in a row. Workers run as ``python test_trainer_nonfinite.py OUT``.
 """
 
 from __future__ import annotations
@@ -181,8 +171,7 @@ def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_r
 
 
 class PoisonedBuffer:
-    """A buffer stand-in that hands out clean synthetic batches to a trainer set up to diverge; it
-    answers rosters (no engines) and version announcements."""
+    """Buffer stand-in: clean synthetic batches, rosters without engines, version acks."""
 
     def __init__(self, address: str):
         import threading
@@ -221,11 +210,7 @@ class PoisonedBuffer:
 
 def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, spawn_python,
                                                                     free_port):
-    """The trainer daemon (1 rank) diverged by ``trainer.lr=1e30``: its first step applies, every
-    later one has a non-finite loss and is skipped, counted in its record
-    (``stats.nonfinite_skipped``), and the third in a row stops the job
-    (``trainer.max_nonfinite_skips=3``) with an error naming the setting; every checkpoint it saved
-    meanwhile holds finite weights."""
+    """lr=1e30: non-finite steps are skipped and counted; the 3rd in a row stops the job."""
     import json
 
     import torch

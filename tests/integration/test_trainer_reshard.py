@@ -1,15 +1,6 @@
-"""A checkpoint saved on one trainer rank resumes on two (``areal-like scale RUN_DIR trainer=2``,
-launch/scale.py): DCP reshards model and optimizer, and the next step gives the same loss, stats
-and weights (1e-5) as on one rank from the same checkpoint and as the run that never stopped.
-
-Real processes, gloo: ``save`` trains a step on one rank, saves the checkpoint, and trains the
-next step on without stopping; then that next step from the checkpoint on one rank and on two
-FSDP2 ranks. The second step's update depends on Adam's moments from the first, so an optimizer
-state not restored (or resharded wrong) changes the weights. The worker half of this file runs as
-``python -c RUNNER test_trainer_reshard.py OUT_DIR`` (``OUT_DIR`` named ``save``, ``one`` or
-``two``; RANK/WORLD_SIZE/MASTER_* in the environment for 2 ranks). AdamW's eps is 1e-3, as in
-test_trainer_invariance.py: with the default one the first step is sign(g), and rounding of
-near-zero gradients would flip whole updates.
+"""A one-rank checkpoint resumes on two ranks (scale trainer=2): DCP reshards model and optimizer
+and the next step equals one rank's and the unstopped run's (1e-5). Worker: ``python -c RUNNER
+test_trainer_reshard.py OUT_DIR`` (save, one or two); AdamW eps=1e-3 keeps steps linear.
 """
 
 from __future__ import annotations

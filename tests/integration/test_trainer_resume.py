@@ -1,10 +1,5 @@
-"""Resume: the trainer daemon (2 FSDP2 ranks, checkpoint_every=1) trains a few steps, is killed
-with kill -9 (both ranks, by PID), and restarts: it resumes at the last complete checkpoint's
-version with bit-identical weights and optimizer state, re-announces that version, goes on
-training, and stops gracefully on SIGTERM.
-
-The buffer is a small in-test ROUTER stand-in that answers BatchRequest with synthetic groups,
-an empty roster (no engines) and acks; it records every VersionUpdate it receives.
+"""Resume: the trainer daemon (2 FSDP2 ranks) killed -9 resumes at its last complete checkpoint
+bit-identical, re-announces it, trains on and stops on SIGTERM (buffer: a ROUTER stand-in).
 """
 
 from __future__ import annotations
@@ -153,11 +148,7 @@ def test_kill9_and_resume_restores_version_weights_and_optimizer(tmp_path, spawn
 
 def test_a_kill_between_the_checkpoint_and_its_record_loses_no_record(tmp_path, spawn_python,
                                                                         free_port, wait_until):
-    """``metrics/trainer.jsonl`` is a FIFO nobody reads, so the trainer blocks opening it for its
-    first record: step 1's, written after step 1's checkpoint. Once that checkpoint is in place
-    the trainer is ``kill -9``ed by PID there; the resume (at trainer.steps, so it only finishes)
-    writes the record from the checkpoint (before: the step was never trained again, so its record
-    never appeared)."""
+    """kill -9 after step 1's checkpoint, before its record: the resume writes it."""
     from areal_like.settings.config import load_config, to_yaml
 
     address = f"tcp://127.0.0.1:{free_port()}"
@@ -190,11 +181,7 @@ def test_a_kill_between_the_checkpoint_and_its_record_loses_no_record(tmp_path, 
 
 def test_checkpoint_every_raised_then_lowered_still_takes_the_label(tmp_path, spawn_python,
                                                                       free_port, wait_until):
-    """Three runs on one run_dir: the first (trainer.checkpoint_every=1) checkpoints step 1 and
-    ends; the second (checkpoint_every=100) resumes there, trains past step 10 and is killed -9
-    before its first checkpoint; the third (checkpoint_every=2) resumes at step 1 again and must
-    take the label the second announced: the second could lose 100 steps (before: the check
-    counted only the first's 1 and the third's 2, refused the label as 'not ours' and exited)."""
+    """checkpoint_every 1, then 100 (killed), then 2: the third takes the second's label."""
     from areal_like.settings.config import load_config, to_yaml
 
     address = f"tcp://127.0.0.1:{free_port()}"

@@ -1,17 +1,8 @@
-"""Weight sync on CPU with real processes: a 2-rank FSDP2 trainer pushes to 2 embedded engines.
+"""Weight sync on CPU: a 2-rank FSDP2 trainer pushes to 2 embedded engines (real processes).
 
-Processes: the real buffer daemon, two embedded engines (``python -m``-style wrappers below that
-also write a SHA-256 of their weights whenever their weight_version changes), two trainer ranks
-(torchrun environment, gloo); rank 0 drives both engines. The rollout-server side is played by two
-stand-ins in this test process that register with the buffer and heartbeat
-(``weight_sync_harness.Driver``); A's engine is behind a proxy that kills it.
-
-Checks:
-- v1: both engines hold exactly the trainer's full state (SHA-256 of every parameter's bytes) and
-  their sampled logprobs on a probe batch match the trainer's recomputation;
-- v2: engine A is killed (kill -9) mid-sync (paused, update session open, before its first
-  bucket): the trainer finishes the version within its deadline and drops A;
-- v3: after A left the roster, the group is re-formed with B alone and B gets the full push.
+v1: both engines hold the trainer's exact state (SHA-256) and their logprobs match; v2: A killed
+mid-sync (session open, before its first bucket), finished within the deadline, A dropped; v3: the
+group re-formed with B alone gets the full push.
 """
 
 from __future__ import annotations

@@ -1,20 +1,9 @@
-"""Rows whose every advantage is 0 are not computed (``trainer/step.py`` ``trained_rows``), and the
-update is the one that computes them, in a real 1-rank process:
+"""Rows whose every advantage is 0 are not computed (trainer/step.py trained_rows), same update.
 
-- a batch of four groups, two of them with equal rewards (all 1, all 0: GRPO gives their rows
-  advantage exactly 0): with ``trainer.skip_zero_advantage`` the forward passes see only the other
-  two groups' rows, and the loss, the gradient norm and the updated weights are those of the step
-  computing all rows (to float rounding: the micro-batches differ), for a token-mean kernel
-  (decoupled PPO), GSPO (seq-mean-token-mean) and VESPO;
-- the same with PPO, ``seq-mean-token-sum`` and packed calls, and with two minibatches (VESPO)
-  whose first has no row to train: that one runs one row at zero weight, and the step's stats
-  still carry the second's;
-- a batch where every group has equal rewards: one row at zero weight, and the weights after the
-  step (AdamW with weight decay, so the step moves them) are exactly those of the step
-  computing all;
-- OAPL (its loss is not 0 at A = 0), a KL term and a separate pi_prox pass compute every row.
-
-The worker runs as ``python test_trainer_zero_advantage.py OUT``.
+In a 1-rank process: with skip_zero_advantage the forwards see only nonzero rows and loss, grad
+norm and weights match computing all (decoupled PPO, GSPO, VESPO; PPO seq-mean-token-sum packed;
+two minibatches, the first empty); an all-equal batch runs one zero-weight row with the exact
+update; OAPL, a KL term and a pi_prox pass compute every row. Worker: ``python ... OUT``.
 """
 
 from __future__ import annotations

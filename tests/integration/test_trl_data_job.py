@@ -1,15 +1,8 @@
-"""A TRL conversational dataset and TRL-style rewards in a real job (`areal-like run -q`, the
-quickstart's tiny model built from config, whose char tokenizer has a chat template; no warm
-start): rows ``{"prompt": [{"role": "user", ...}], "answer": ...}`` in a JSONL file, and
-``task.reward_fn`` a list of a batched ``f(prompts, completions, **columns)`` and a per-sample
-reward, weighted by ``task.reward_weights``. Shown:
+"""A TRL conversational dataset and TRL-style rewards (batched, per-sample, weighted) in a job.
 
-* the prompts the model was given (samples.jsonl) are the chat template's rendering of the rows'
-  messages, with the generation prompt, not the text of a Python list;
-* every sample's reward is the weighted sum of its functions' rewards (each reported by name in
-  samples.jsonl), the batched one got TRL's shapes (a chat prompt as messages, each completion as
-  one assistant message), and trainer.jsonl reports each function's mean reward per step;
-* data that is ambiguous is refused by `areal-like run` before anything starts, naming the key.
+Prompts are the chat template's rendering of the rows' messages; each reward is the weighted sum,
+reported by name; the batched one gets TRL's shapes; trainer.jsonl has each function's mean;
+ambiguous data is refused before start, naming the key.
 """
 
 from __future__ import annotations

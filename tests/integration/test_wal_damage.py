@@ -1,16 +1,8 @@
-"""WAL damage on disk, found at a real buffer daemon's restart ("cover what has not been
-tried"; buffer/wal.py, buffer/recovery.py).
+"""WAL damage found at a real buffer daemon's restart (buffer/wal.py, recovery.py).
 
-A buffer daemon (``python -m buffer``) takes 8 groups from a rollout server; a trainer consumes two
-batches of 2 (their consumed marks are in the WAL); the daemon is killed (kill -9, by PID). Then
-one record of its segment is damaged in place: a byte flipped in the middle of a stored group's
-frame, that record's header zeroed, a byte flipped in the control record holding the first batch's
-consumed marks, or a torn header appended at the end. The daemon restarts on the same files and:
-
-- reports the damage: ``wal_corrupt_records`` is 1 (StatsRequest and ``/metrics``);
-- bounds it: every stored group but a damaged one is handed out, each once, and no consumed group
-  comes back (nothing trained twice); a damaged group's prompt is generated again (its credit is
-  the first one out), so nothing is lost beyond the damaged record.
+After 8 groups, two consumed batches and kill -9, one record is damaged (group byte, zeroed
+header, control record byte, torn tail): wal_corrupt_records is 1, every other group is handed out
+once, nothing consumed comes back, and a damaged group's prompt is generated again.
 """
 
 from __future__ import annotations

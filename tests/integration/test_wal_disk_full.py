@@ -1,17 +1,6 @@
-"""A WAL segment that cannot grow mid-run (a full disk during a run), over real sockets.
-
-The buffer daemon runs with ``RLIMIT_FSIZE`` set (and ``SIGXFSZ`` ignored), so once its WAL
-segment reaches the limit a write to it fails for real with ``EFBIG``, while ``statvfs`` still
-shows free space. Unlike a full disk (``ENOSPC``: the buffer refuses new groups and waits for
-space, ``buffer/diskspace.py``) no room comes back to this file, and the control records that hand
-out batches could not be written either: the buffer stops (``buffer/wal.py``). A producer streams
-groups, re-sending one that is not acknowledged, as a rollout server does. Then:
-
-* the daemon exits with status 1 by itself, having acknowledged no group it could not write;
-* its log says what is wrong in one error line naming the segment's path and the errno, and
-  holds no traceback;
-* started again without the limit (what the supervisor does, with space again), it holds every
-  group it acknowledged, each exactly once.
+"""A WAL segment that cannot grow (RLIMIT_FSIZE: EFBIG with statvfs showing room): the buffer
+stops by itself (exit 1) having acked nothing unwritten, one error line naming segment and errno,
+no traceback; restarted, it holds every acked group exactly once.
 """
 
 from __future__ import annotations

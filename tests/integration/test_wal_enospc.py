@@ -1,17 +1,8 @@
-"""A disk that fills up during a run, for real, over real sockets.
+"""A real full disk: the buffer in ``unshare -Urm`` on a small tmpfs filled from outside.
 
-The buffer daemon runs in a user and mount namespace of its own (``unshare -Urm``, no privilege
-needed) whose WAL directory is a small tmpfs. Mid-stream the test fills that filesystem from
-outside (through ``/proc/<pid>/root``) until it has no byte left, so the buffer meets the real
-thing: ``statvfs`` says zero and writes fail with ``ENOSPC`` (``buffer/diskspace.py``). Then:
-
-* the buffer stays up and refuses new groups as ``unavailable`` with a ``disk_full`` reason (the
-  sender keeps them and sends them again), without a traceback;
-* once the filler is deleted it accepts groups again by itself;
-* every group it acknowledged is stored exactly once: the WAL is copied out of the tmpfs after a
-  clean stop and a buffer started on the copy hands out each acknowledged group once.
-
-Machines without unprivileged user namespaces skip it (the reason is printed).
+It stays up refusing groups as unavailable/disk_full (no traceback), accepts again once the filler
+goes, and stores every acked group once (checked from a copy of its WAL). Skipped without user
+namespaces.
 """
 
 from __future__ import annotations
@@ -92,8 +83,7 @@ def fill(path: Path) -> int:
 
 
 class Producer:
-    """A rollout server's part: credits, then groups, each kept and sent again until acknowledged
-    (one not answered in RESEND_S goes to the back of the line), and heartbeats."""
+    """A rollout server's part: credits, groups resent until acked (RESEND_S), heartbeats."""
 
     def __init__(self, address: str):
         self.client = Client(address, timeout_s=REQUEST_S)

@@ -1,18 +1,10 @@
-"""Who can join a weight-update group: only the ranks that hold the job's engine key and know the
-group's name (real processes, gloo).
+"""Only ranks holding the job's engine key and the group's secret name join a weight group.
 
-Trainer rank 0 hosts the rendezvous (``init_weight_group`` rank 0, a thread of this test) on
-127.0.0.1 with a name carrying a secret token, as the trainer's plans do. Before the real engine
-rank joins, strangers connect to the store's port: one holds an idle connection, one sends garbage,
-one is a torch TCPStore client that tries to take rank 1 under the name it can guess (the configured
-``weight_sync.group_name`` without the token), one a member of another job (the secret name, but
-another engine key), and one a torch client that asks the store for its keys (whose prefix is the
-secret name). The group must form with the real rank within its deadline and carry a broadcast;
-the strangers must get no rank and no key (rank 0's store sits on loopback behind a gate that wants
-proof of the job's engine key for the name: areal_like/net/store_gate.py); and the port must not
-answer on any other interface of this machine. A process without a key hosts and joins nothing.
-An engine that joins with torch's own rendezvous (SGLang) does so through a door its rollout server
-opens; a door admits this user only.
+Rank 0 hosts the rendezvous behind areal_like/net/store_gate.py. Strangers (an idle connection,
+garbage, a TCPStore client guessing the name without the token, another job's member, a client
+listing keys) get no rank and no key; the real rank joins within the deadline and a broadcast
+arrives; the port answers on loopback only. Without a key nothing is hosted or joined. A
+torch-rendezvous engine (SGLang) joins through its rollout server's door, which admits this user.
 """
 
 from __future__ import annotations
@@ -94,8 +86,7 @@ def other_ipv4() -> str | None:
 
 
 def host_rank0(port: int, tensor: torch.Tensor, result: dict) -> threading.Thread:
-    """Rank 0 of a group of two in a thread: join, broadcast ``tensor``; ``result`` gets "pg" or
-    "error"."""
+    """Rank 0 of a group of two in a thread: join, broadcast tensor; result: pg or error."""
     def rank0() -> None:
         try:
             pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, SECRET_NAME,
@@ -141,9 +132,7 @@ def test_only_the_named_members_join_and_strangers_cannot_stall_it(spawn_python)
 
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_process_without_the_jobs_key_hosts_no_group_and_joins_none(rank):
-    """Rank 0 or a member started without the job's engine key (no variable, no key file): before,
-    its gate or door keyed by the group's name; now it fails at once, saying where the key comes
-    from, and leaves nothing listening."""
+    """Without the engine key rank 0 or a member fails at once, naming the key's source."""
     port = free_port()
     with pytest.raises(SecurityError) as refused:
         init_weight_group("gloo", "127.0.0.1", port, 2, rank, SECRET_NAME, timeout_s=5.0, key=None)
@@ -172,12 +161,7 @@ class _Lost(RuntimeError):
 
 def test_rank0_gives_up_on_a_rendezvous_when_its_check_raises_and_the_joined_member_fails_at_once(
         spawn_python, capfd, caplog):
-    """A group of three where rank 2 never comes (an engine that died before joining). Rank 0's
-    ``check`` raises once rank 1 is connected to the store (through rank 0's gate): rank 0's
-    call raises that error, and rank 1's join, whose own timeout is far away, fails now because
-    rank 0 closed the store. Rank 0's own join fails with it, and torch's store client wrote that
-    to fd 2 as a warning with a 20-line C++ stack (in the trainer's log, after every engine lost
-    before a group formed): it is at DEBUG now, the caller's error says what happened."""
+    """Rank 0's check raising fails rank 0 and the joined rank 1 at once; no C++ stack."""
     caplog.set_level(logging.DEBUG, logger="areal_like.net.distributed")
     port = free_port()
     member = spawn_python(MEMBER_OF_3, [port, SECRET_NAME, CONNECT_S], env=JOB)

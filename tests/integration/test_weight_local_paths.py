@@ -1,16 +1,8 @@
-"""The one-GPU weight paths end to end on CPU: ``trainer.weight_sync.path`` tensor and disk.
+"""The one-GPU weight paths on CPU: v1 by tensor (shared memory), v2 from disk, v3 by tensor.
 
-Real processes: the buffer daemon, one embedded engine, a world-size-1 trainer
-(``tests/weight_pusher.py``, the real ``WeightBroadcaster``) and a rollout-server stand-in in this
-process applying plans with the real applier. v1 goes by ``tensor`` (SGLang's
-``/update_weights_from_tensor``; on CPU the payload names shared-memory files, on a GPU CUDA IPC
-handles), v2 from ``disk`` (an HF directory the trainer wrote, ``/update_weights_from_disk``),
-v3 by ``tensor`` again. After each, the engine serves that version and its weights are
-bit-identical to the trainer's (SHA-256 of every parameter's bytes). No group is formed.
-
-Also: the engine refuses a payload that names anything but torch's rebuild functions, types and
-dtypes (``torch.os.system``, a ``getattr`` chain, ``builtins.eval``: none runs), and a load_format
-it cannot read, with a clear 400.
+Real buffer, engine, world-size-1 trainer and a stand-in applying plans: after each the engine
+serves the version with the trainer's exact weights (SHA-256); no group. Also: unsafe pickles and
+unreadable formats are refused with a 400.
 """
 
 from __future__ import annotations
@@ -73,8 +65,7 @@ class _Evil:
 
 
 def _global(module: str, name: str) -> bytes:
-    """Pickle opcodes pushing ``module.name`` (protocol 4: a dotted ``name`` is an attribute
-    path)."""
+    """Pickle opcodes pushing module.name (protocol 4: a dotted name is an attribute path)."""
     return b"".join(pickle.SHORT_BINUNICODE + bytes([len(w)]) + w.encode()
                     for w in (module, name)) + pickle.STACK_GLOBAL
 
@@ -95,10 +86,7 @@ def _payload(obj: bytes) -> str:
 
 
 def test_engine_refuses_payloads_it_must_not_unpickle_or_cannot_read(engine_url, tmp_path):
-    """A payload's way to ``os.system`` through torch's namespace, a ``getattr`` chain or
-    ``builtins.eval`` runs nothing, nor does a plain ``__reduce__``: each is a 400 naming what it
-    tried, nothing is loaded; so is a load_format the engine cannot read, and an empty or
-    undecodable payload."""
+    """Payloads reaching os.system/eval/__reduce__, bad formats, empty ones: 400, nothing run."""
     from areal_like.engines.client import EngineError
     from areal_like.engines.sglang import SGLangClient
 

@@ -1,29 +1,9 @@
-"""Bounded weight sync on CPU (gloo): an engine killed with SIGKILL at three points of a push.
+"""Bounded weight sync on CPU (gloo): engine A killed by SIGKILL at one point of push v1.
 
-Real processes and sockets: the buffer daemon, two embedded engines, a world-size-1 trainer
-(``tests/weight_pusher.py``, the real ``WeightBroadcaster`` driving both engines), and two
-rollout-server stand-ins in this process (``weight_sync_harness.Driver``: they register and
-heartbeat). Engine A is killed by PID, from a proxy in front of it, during the first push (v1), at
-one of:
-
-* ``rendezvous``: as it is about to join the group, so it never does: the trainer's rendezvous
-  cannot complete; it gives up as soon as A's sync fails (its call finds no engine), which closes
-  its store and fails B's join at once;
-* ``bucket``: after its first bucket, with more to come: the next broadcast fails or the group
-  breaks, the trainer tears it down, and B's receive fails with it;
-* ``done``: after every bucket, before the trainer has its answer: the trainer's call fails with
-  the connection.
-
-``rendezvous`` runs twice: with six buckets of 0.25 MB (the re-push gathers every bucket again) and
-with two of 1 MB (``rendezvous-staged``: the whole model is in the staging buffers, which rank 0
-sends again as they are). ``bucket`` has six: A dies after the first, so B cannot have them all.
-
-In the first two, B survives A but misses v1 with it: the same push re-forms the group for B alone
-and pushes v1 again, within the same deadline. Each test checks that the v1 push returned (waited
-on with a generous bound) having blocked the trainer no longer than the deadline, that A is dropped
-for v1 and its process is gone, that B serves v1 itself, exactly the trainer's weights (after a
-re-push where B missed it), and that v2 reaches B alone (on the group re-formed for it during v1,
-or a new one after ``done``) with exactly the trainer's weights.
+Real buffer, two embedded engines, a world-size-1 trainer (tests/weight_pusher.py) and two Driver
+stand-ins. Faults: rendezvous (six 0.25 MB buckets, or two 1 MB: "rendezvous-staged"), bucket (after
+the first of six) and done. Each checks: v1 returned within the deadline, A dropped and gone, B
+serving v1 with the trainer's exact weights (re-pushed where it missed it), and v2 to B alone.
 """
 
 from __future__ import annotations

@@ -1,19 +1,8 @@
-"""Overlapped weight sync (``push(wait=False)``, trainer/WEIGHT_SYNC.md "Overlap") on CPU, by the
-group (gloo) and by the ``tensor`` path (shared-memory buffers packed at ``stage``).
+"""Overlapped weight sync (push(wait=False)) on CPU, by the group (gloo) and by tensor.
 
-Real processes and sockets: the buffer daemon, one embedded engine, a world-size-1 trainer
-(``tests/weight_pusher.py``, the real ``WeightBroadcaster`` driving the engine) and a
-rollout-server stand-in in this process (``weight_sync_harness.Driver``). The trainer pushes v1,
-v2, v3 overlapped; right after each push returns it moves every weight by +1000, as the next
-optimizer step would while the push finishes in the background. Checks:
-
-- each overlapped push returns the PREVIOUS push's complete report (v2's call returns v1's:
-  the engine reported it done, nothing dropped) marked ``overlapped``, and the last one's report
-  comes from ``join``;
-- the engine serves, at each version, exactly the weights the trainer had when it called
-  ``push`` (SHA-256), not the weights moved afterwards: the background thread sends the packed
-  copies only;
-- the group stays warm: only the first push forms it (``reform``).
+The trainer pushes v1-v3 overlapped, moving every weight by +1000 after each returns: each push
+returns the previous one's complete report (the last from join); the engine serves exactly the
+weights at push time (SHA-256); only the first push forms the group.
 """
 
 from __future__ import annotations

@@ -1,16 +1,9 @@
 """Reward, tool and agent code cannot read the job's keys, signal its processes, act as root or
-reach the host's controls, files of others, network or the weight-sync store.
+reach host controls, others' files, the network or the weight-sync store.
 
-Real sandbox workers (``rollout_server/sandbox.py``: the reward pool's and the tool pool's) run an
-attacker's function that tries what an attack once found it could do: read
-``secrets/engine_api_key`` and the CURVE secret keys in ``keys/``, list those directories, read the
-rollout server's command line and environment from ``/proc``, and signal the process that started it
-(signal 0: the permission check alone, and a real SIGUSR1 that this test would notice). The job's
-private directories are hidden as the rollout server hides them at start (``sandbox.hide``). Then
-what issue 64 found a root worker kept: uid 0 and root's groups, host-wide controls guarded by mode
-alone (opened for writing and closed at once, never written: a test that could reboot the machine
-would be a defect), the shared ``/tmp`` and ``/dev/shm``, the network and a store-gate door. Only as
-root: a job of another user cannot switch uid or make namespaces, which ``SECURITY.md`` states.
+Real sandbox workers run an attacker function: read secrets and keys, /proc of the server, signal
+it (0 and SIGUSR1), keep uid 0, open host controls for writing (never written), use /tmp, /dev/shm,
+the network or a store door. As root: another user's job cannot switch uid or make namespaces.
 """
 
 from __future__ import annotations
@@ -312,8 +305,7 @@ def test_sandboxed_code_gets_nothing_through_a_store_gate_door(probes, listener,
 
 @ROOT_ONLY
 def test_an_agent_worker_reaches_its_endpoint_and_nothing_else(probes, listener):
-    """The agent pool's workers get a network namespace with loopback alone, where their endpoint
-    (the rollout server's agent API on the host's loopback) is relayed."""
+    """Agent workers get loopback alone, where their endpoint is relayed."""
     from rollout_server.agent_episode import RUN
     from rollout_server.tool_pool import ToolPool
 

@@ -1,23 +1,9 @@
-"""Pieces shared by the weight-sync fault and one-GPU-path tests (not a test module).
+"""Shared by the weight-sync fault and one-GPU-path tests: start_system, Driver, start_pusher.
 
-``start_system`` starts the real buffer daemon, the given embedded engines (each its own process,
-``test_trainer_weight_sync.engine_role``: it writes the SHA-256 of its weights whenever its
-served version changes) and returns their URLs; ``Driver`` plays a rollout server in a thread of
-the test process (Register, Heartbeat, and a real sync port: ``SyncStandIn``); ``start_pusher``
-starts a world-size-1 trainer (``tests/weight_pusher.py``) that pushes the given versions, driving
-the engines itself.
-
-A ``Driver`` with ``fault`` puts a ``FaultProxy`` in front of its engine, which kills it with
-SIGKILL, by PID, at one point of the first push that reaches it; the Driver then stops as a dead
-rollout server does (no more heartbeats, so the buffer expires it after
-``buffer.heartbeat_timeout_s``):
-
-* ``"rendezvous"``: as it is about to join the group: the engine dies before its
-  ``/init_weights_update_group`` reaches it, so it never joins and the group cannot form;
-* ``"session"``: paused, its update session open, before its first bucket reaches it;
-* ``"bucket"``: once its first bucket was answered (later buckets still to come);
-* ``"done"``: after ``/end_weight_update`` answered, i.e. after every bucket, before the trainer
-  has its answer.
+A Driver with ``fault`` kills its engine by PID (SIGKILL) at one point of the first push reaching
+it: "rendezvous" (before it joins the group), "session" (paused, before its first bucket),
+"bucket" (after its first bucket) or "done" (after /end_weight_update, before the trainer knows);
+then it stops heartbeating, as a dead rollout server does.
 """
 
 from __future__ import annotations
@@ -64,8 +50,7 @@ def start_system(tmp_path: Path, spawn_python, wait_until, cfg_path: Path, serve
 
 
 def write_job_key(run_dir: Path, key: str) -> None:
-    """``key`` as the job's engine key in ``run_dir`` (as ``areal-like run`` writes one): the
-    pusher drives the engines with it."""
+    """Write key as the job's engine key in run_dir; the pusher drives the engines with it."""
     from areal_like.net.auth import KEY_FILE
 
     path = run_dir / KEY_FILE
@@ -88,9 +73,7 @@ BEFORE_PAUSE = {"/init_weights_update_group"}  # a push joins the group before i
 
 
 class FaultProxy:
-    """An HTTP proxy in front of one engine that kills it (SIGKILL by PID; ``group``: its process
-    group) at ``fault``, in the push whose pause is the engine's ``at_pause``-th (1: the first).
-    Whoever drives the engine sees only its URL (``url``)."""
+    """HTTP proxy before one engine; SIGKILLs it (group: its pgroup) at fault in push at_pause."""
 
     def __init__(self, target: str, fault: str, pid: int, killed: threading.Event,
                  group: bool = False, at_pause: int = 1):
@@ -155,11 +138,7 @@ class FaultProxy:
 
 
 class SyncStandIn:
-    """A rollout server's sync port (rollout_server/sync_port.py, the real one) for the engine at
-    ``engine_url`` (as registered), on a loop thread of its own, with the job's engine ``key``: it
-    vouches for that engine, opens doors beside it and loads LoRA adapters into it (at
-    ``door_url``: the engine itself when ``engine_url`` is a proxy in front of it), and takes a
-    sync's begin and end (``calls``: their plan ids); the trainer drives the engine."""
+    """A real rollout sync port for engine_url on its own loop thread; calls: plan ids seen."""
 
     def __init__(self, server_id: str, engine_url: str, key: str, *, kind: str = "embedded",
                  door_url: str | None = None, incarnation: str = ""):
@@ -212,12 +191,7 @@ class SyncStandIn:
 
 
 class Driver(threading.Thread):
-    """A rollout server stand-in: it registers its engine (behind a ``FaultProxy`` with ``fault``)
-    and its sync port (``SyncStandIn``), and heartbeats with the version its engine serves; the
-    trainer drives the engine. Once the proxy killed the engine it stops heartbeating and closes
-    its sync port, as a dead rollout server does; before that, expired (its thread starved past
-    ``buffer.heartbeat_timeout_s``) it registers again, as a rollout server does. Its engine key
-    is the job's (``cfg.run_dir``; made there if none is yet, as a rollout server does)."""
+    """Rollout server stand-in: registers, heartbeats; stops as a dead one when its engine dies."""
 
     def __init__(self, server_id: str, url: str, cfg, *, fault: str | None = None,
                  engine_pid: int | None = None, fresh: bool = False, sglang: str | None = None,

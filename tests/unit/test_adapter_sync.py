@@ -1,9 +1,5 @@
-"""``apply_adapter_sync`` (areal_like/weights/server_sync.py) against an engine that keeps SGLang
-0.5.23's LoRA locking: an adapter load and an unload share one lock
-(``tokenizer_manager.lora_update_lock``), and the unload holds it while it waits for every request
-still using the adapter (``_unload_lora_adapter_locked`` -> ``wait_for_unload``). A handler goes
-on after its caller's timeout, as SGLang's does. The client is the real ``SGLangClient``: only its
-transport (``_call``) is replaced, so its per-adapter count of generate calls is the real one.
+"""apply_adapter_sync against an engine with SGLang 0.5.23's LoRA lock (load and unload share it;
+unload waits for its requests); the real SGLangClient with only _call replaced.
 """
 
 from __future__ import annotations
@@ -25,8 +21,7 @@ DONE = {"meta_info": {"id": "r", "finish_reason": {"type": "stop"}, "output_toke
 
 
 class LockedLoraEngine:
-    """SGLang's LoRA registry and lock; a generate naming ``hold`` runs until ``release`` is set
-    (a request a retracting pause keeps across syncs); other generates end at once."""
+    """SGLang's LoRA registry and lock; a generate naming hold runs until release."""
 
     def __init__(self):
         self.lock = asyncio.Lock()
@@ -121,10 +116,7 @@ async def sync(client, version: int, deadline_s: float = 2.0):
 
 
 def test_a_request_kept_across_syncs_neither_stalls_loads_nor_leaks_adapters():
-    """One request admitted under v1 runs through ten syncs (a retracting pause keeps it). Its
-    adapter's unload would hold SGLang's LoRA lock until it ends, so every later load would miss
-    its deadline and be loaded by SGLang later, never to be unloaded: here no sync fails, at most
-    three adapters plus the one the request names are loaded, and it is unloaded once it ends."""
+    """A request kept across ten syncs stalls no load and leaks no adapter."""
 
     async def main():
         engine = LockedLoraEngine()
@@ -149,8 +141,7 @@ def test_a_request_kept_across_syncs_neither_stalls_loads_nor_leaks_adapters():
 
 
 def test_an_adapter_whose_load_timed_out_is_unloaded_by_the_next_sync():
-    """SGLang goes on with a load its caller gave up on: the failed sync retires that name, and
-    the next sync unloads it (one that never got registered would answer 400: only logged)."""
+    """An adapter whose load timed out is unloaded by the next sync."""
 
     async def main():
         engine = LockedLoraEngine()
@@ -190,8 +181,7 @@ def test_a_sync_cancelled_while_paused_continues_generation():
 
 
 def test_a_plan_naming_no_directory_on_this_node_is_refused_before_sglang_is_called():
-    """SGLang takes a path that is not a directory for a hub repository to download: the
-    rollout server says what is wrong instead, and the engine is never touched."""
+    """A plan naming no local directory is refused before SGLang is called."""
 
     async def main():
         engine = LockedLoraEngine()

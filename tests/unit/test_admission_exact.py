@@ -1,13 +1,7 @@
-"""Admission counted against what was consumed: hand-built sequences of events through the buffer's
-real request handling (fake sockets, a real WAL in tmp_path).
+"""Admission counted against what was consumed, through the buffer's real request handling.
 
-eta = 1, B = 2: at most (eta + 1) * B = 4 groups may be ahead of the trainer (in flight, stored or
-in transit). AReaL's ``started < (eta + v + 1) * B`` lets a trainer restart that skips a version
-label open the window by B, and a consumer other than the trainer close it by what it took; the
-buffer counts consumed groups instead, so neither moves the bound.
-
-A server whose engine missed a sync (it serves v - d while the trainer is at v) starts groups d
-versions older than admission assumes: it gets a window shrunk by d, so they are consumed fresh.
+eta = 1, B = 2: at most 4 groups ahead of the trainer; a skipped version label or another consumer
+does not move the bound. A server d versions behind gets a window shrunk by d.
 """
 
 from __future__ import annotations
@@ -151,8 +145,7 @@ def test_an_engine_that_missed_a_sync_starts_no_group_that_would_go_stale(tmp_pa
 
 
 def test_the_lag_counts_from_a_batch_asked_for_before_its_version_was_announced(tmp_path):
-    """An overlapped sync: the trainer asks for the batch of version 1 (acking version 0's, which
-    opens the window) while version 1's weights are still on their way and not yet announced."""
+    """The lag counts from a batch asked for before its version was announced."""
     svc = _start(tmp_path)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     _deliver(svc, 10, 0)
@@ -169,10 +162,7 @@ def test_the_lag_counts_from_a_batch_asked_for_before_its_version_was_announced(
 
 
 def test_the_lag_counts_from_a_batch_request_still_waiting_for_its_groups(tmp_path):
-    """An overlapped sync whose next batch is not stored yet: the trainer's request for version 1's
-    batch (acking version 0's) waits in the buffer, version 1 not announced. What the engine (still
-    version 0) starts now is trained at version 1, or 2 if it misses that batch: only the B groups
-    that batch needs may start, not the 2 * B of an engine that is up to date."""
+    """A waiting batch request (overlapped sync) lets only B groups start, not 2B."""
     svc = _start(tmp_path)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     _deliver(svc, B, 0)

@@ -1,14 +1,8 @@
-"""What a member's fake engine and sync port can make trainer rank 0 read and log
-(areal_like/net/answers.py), through the trainer's own drive of a push (trainer/engine_drive.py)
-against a real HTTP server on 127.0.0.1.
+"""What a member's fake engine can make trainer rank 0 read and log (areal_like/net/answers.py).
 
-The fake answers every ``/health`` with 1 GiB (made as it is sent, never held), every ``/generate``
-with 64 MiB, and refuses every ``/begin`` with an error whose text forges log lines. Ten failed
-syncs, each followed by the drive's ``/health`` probe of the member's engine, raise the
-process's memory by less than 64 MiB; each refused answer is counted in
-``areal_answers_refused_total``; each failure is logged on one line, the peer's text quoted and
-cut. A generate call refuses an answer past what its prompt and ``max_new_tokens`` can make,
-naming the URL and the limit.
+The fake answers /health with 1 GiB, /generate with 64 MiB, /begin with forged log lines: ten
+failed syncs raise memory by < 64 MiB, each refusal is counted, each failure is one quoted line; a
+generate answer past what the request can make is refused naming URL and limit.
 """
 
 from __future__ import annotations
@@ -42,8 +36,7 @@ ERROR = "refused\n" + "\n".join([FORGED] * 4) + "\n" + "y" * (32 << 10)
 
 
 class FakeEngine(http.server.BaseHTTPRequestHandler):
-    """A member's engine and sync port in one: answers of any size, without Content-Length (the
-    end of the answer is the end of the connection)."""
+    """A member's engine and sync port: answers of any size, no Content-Length."""
 
     protocol_version = "HTTP/1.0"
 
@@ -139,8 +132,7 @@ def _refused_total(client: str) -> float:
 
 
 def _syncs(engine: str, port: str):
-    """A drive, and what runs one failed sync of the member at ``engine`` (its sync port at
-    ``port``): whether its engine then counted as lost, each time (``lost``)."""
+    """A drive, and a callable running one failed sync of the member (whether it was lost)."""
     entry = RosterEntry(server_id=SID, engine_url=engine, engine_ranks=1,
                         policy_version=0, engine_kind="embedded", sync_url=port)
     drive, lost = EngineDrive(engine_key="k" * 32), []
@@ -170,8 +162,7 @@ def test_a_members_huge_health_answers_cost_the_trainer_no_memory(fake_engine, f
 
 
 def test_a_members_error_text_and_id_stay_on_one_log_line(fake_engine, fake_port, caplog):
-    """Its id, its sync port's error (four forged lines and 32 KiB) and a URL it registered with
-    a forged line in it are quoted and cut."""
+    """A member's id, error text and forged URL are quoted and cut on one line."""
     caplog.set_level(logging.WARNING, logger="trainer.engine_drive")
     for port in (fake_port, f"{fake_port}/\n{FORGED}"):
         drive, sync, _ = _syncs(fake_engine, port)

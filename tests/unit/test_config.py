@@ -31,8 +31,7 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.
 
 
 def composed(group: str, option: str, tmp_path: Path) -> RunConfig:
-    """``load_config`` of the option, given a value for each key its refusal names mandatory (a
-    JSONL file for datasets, a directory otherwise)."""
+    """load_config of the option, with a value for each key its refusal names mandatory."""
     overrides = [f"{group}={option}"]
     while True:
         try:
@@ -150,9 +149,8 @@ def test_range_and_cross_field_rules():
     load_config(["trainer.loss.eps_clip_high=null", "trainer.loss.gspo.eps_clip_high=null"])
 
 
-def test_an_own_model_computes_in_bf16_on_a_gpu_and_fp32_on_cpu(tmp_path):
-    """model=local_hf on the default (CPU) topology trained, and exported, a float32 model in
-    bfloat16: its dtype now follows the trainer's device unless set."""
+def test_an_own_models_dtype_and_micro_batches_follow_the_trainers_device(tmp_path):
+    """model=local_hf: dtype and micro-batch sizing (token budget on CPU) follow the device."""
     own = ["model=local_hf", f"model.path={tmp_path}"]
     assert load_config(own).model.dtype == "float32"
     assert load_config([*own, "trainer.device=cuda"]).model.dtype == "bfloat16"
@@ -160,13 +158,6 @@ def test_an_own_model_computes_in_bf16_on_a_gpu_and_fp32_on_cpu(tmp_path):
     # sets no dtype itself
     assert load_config([*own, "topology=gpu_embedded"]).model.dtype == "bfloat16"
     assert load_config([*own, "model.dtype=float16"]).model.dtype == "float16"
-
-
-def test_an_own_model_on_cpu_trains_micro_batches_by_tokens_and_on_a_gpu_by_sequences(tmp_path):
-    """model=local_hf on CPU trained a step of 64 short sequences in 8 micro-batches of 8, the
-    trainer then the bottleneck of the user's path: on CPU a token budget now
-    sizes them; on a GPU micro_batch_size as before. A value set by hand is kept."""
-    own = ["model=local_hf", f"model.path={tmp_path}"]
 
     def budget(*extra: str) -> int:
         return load_config([*own, *extra]).trainer.max_tokens_per_micro_batch
@@ -176,18 +167,12 @@ def test_an_own_model_on_cpu_trains_micro_batches_by_tokens_and_on_a_gpu_by_sequ
     assert budget("trainer.max_tokens_per_micro_batch=0") == 0
     assert budget("trainer.max_tokens_per_micro_batch=512", "topology=gpu_embedded") == 512
     assert load_config([]).trainer.max_tokens_per_micro_batch == 0  # the tiny model's: as before
-
-
-def test_a_micro_batch_size_set_by_hand_sizes_the_micro_batches_on_cpu_too(tmp_path):
-    """``trainer.micro_batch_size=4`` with model=local_hf on CPU was ignored
-    (the 2048-token budget sized the micro-batches); set alone on the command line it wins."""
-    own = ["model=local_hf", f"model.path={tmp_path}"]
+    # trainer.micro_batch_size set alone on the command line wins on CPU too
     cfg = load_config([*own, "trainer.micro_batch_size=4"])
     assert (cfg.trainer.micro_batch_size, cfg.trainer.max_tokens_per_micro_batch) == (4, 0)
     both = load_config([*own, "++trainer.micro_batch_size=4",
                         "trainer.max_tokens_per_micro_batch=512"])
     assert (both.trainer.micro_batch_size, both.trainer.max_tokens_per_micro_batch) == (4, 512)
-    assert load_config(own).trainer.max_tokens_per_micro_batch == 2048  # not set: the CPU budget
 
 
 def test_daemon_config_round_trip(tmp_path):
@@ -262,8 +247,7 @@ def test_dataset_size(tmp_path):
 
 @pytest.mark.parametrize("content", [None, "{bad", "[1]"], ids=["missing", "not-json", "a-list"])
 def test_an_unreadable_model_config_json_is_a_config_error_naming_model_path(tmp_path, content):
-    """job_facts' invariant: a fact that cannot be computed because of a setting is a ConfigError
-    naming the key (the buffer then says so in one line and exits 2, instead of a traceback)."""
+    """A fact a setting keeps from being computed is a ConfigError naming the key."""
     from areal_like.job_facts import model_context, model_vocab_size, request_frame_limit
 
     if content is not None:
@@ -276,8 +260,7 @@ def test_an_unreadable_model_config_json_is_a_config_error_naming_model_path(tmp
 
 
 def _fields(obj, keep, prefix: str = "") -> list[tuple[str, object, str]]:
-    """(dotted key, the section holding it, its field name) for every field under ``obj`` that
-    ``keep(name, type hint)`` keeps."""
+    """(dotted key, its section, its field name) for each field under obj that keep() keeps."""
     hints = typing.get_type_hints(type(obj))
     out = []
     for f in dataclasses.fields(obj):
@@ -290,11 +273,7 @@ def _fields(obj, keep, prefix: str = "") -> list[tuple[str, object, str]]:
 
 
 def test_every_duration_and_timeout_must_be_finite():
-    """inf was accepted by the keys without a rule of their own and failed in the daemon that read
-    it: ``timedelta(seconds=inf)`` (trainer.gloo_timeout_s) and a ZeroMQ poll of inf * 1000 ms
-    raise OverflowError. No key reads inf as "no limit", so every ``*_s`` key refuses it, nan and
-    a negative number, naming the key: its section as the loader builds it (every key, every
-    value) and ``load_config`` (a key per value)."""
+    """Every *_s key refuses inf, nan and negatives, naming the key, in section and load_config."""
     fields = _fields(load_config([]), lambda name, hint: name.endswith("_s"))
     keys = [key for key, _, _ in fields]
     assert len(keys) > 15 and "trainer.gloo_timeout_s" in keys and "eval.final_timeout_s" in keys
@@ -313,28 +292,19 @@ def test_every_duration_and_timeout_must_be_finite():
 @pytest.mark.parametrize("overrides", [["task.group_size=1", "loss=vcpo", "trainer.estimator=rloo"],
                                        ["task.group_size=1", "loss=oapl"]])
 def test_a_group_of_one_where_every_advantage_is_zero_is_refused(overrides):
-    """OAPL's soft value and VCPO's baseline of one reward are that reward: every advantage was 0
-    and the job ran to its last step without learning anything."""
+    """OAPL/VCPO with groups of one (every advantage 0) are refused."""
     msg = error_of(overrides)
     assert msg.startswith("task.group_size=1 is invalid") and "every advantage" in msg, msg
 
 
 def test_a_group_of_one_trains_with_every_estimator():
-    """The estimators give a group of one no baseline (mean 0, std 1, as verl): A = R, not 0
-    (trainer/advantages.py; test_advantages.py, test_interleaved_groups_and_singletons)."""
+    """The estimators give a group of one no baseline: A = R."""
     for estimator in ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"):
         assert load_config(["task.group_size=1", f"trainer.estimator={estimator}"])
 
 
 def test_every_number_must_be_finite(tmp_path):
-    """inf passed every key whose rule is only a bound (``> 0``, ``>= 0``): launch.log_max_mb=inf
-    stopped ``areal-like run`` with an OverflowError after the preflight (``int(inf)``), and
-    task.temperature=inf reached the engines, which refuse it on every request; inf in
-    trainer.weight_decay or trainer.loss.kl_coef can only make the update non-finite. No key reads
-    inf (or nan) as "no limit": each is refused, naming the key, by its section as the loader
-    builds it (every key, every value), by a daemon's load of the job's config file (a key per
-    value: the same sections, built by OmegaConf from the file) and by ``areal-like run``'s load
-    for the two above."""
+    """inf/nan is refused for every number key: section, daemon config file and run load."""
     cfg = load_config([])
     fields = _fields(cfg, lambda name, hint: hint is float or float in typing.get_args(hint))
     keys = [key for key, _, _ in fields]
@@ -356,8 +326,7 @@ def test_every_number_must_be_finite(tmp_path):
 
 
 def test_a_task_alone_checks_its_durations_too():
-    """``areal-like eval`` builds a TaskConfig from an export's task file and its overrides, no
-    RunConfig: ``task.reward_timeout_s=inf`` passed there."""
+    """A TaskConfig alone (eval's) refuses task.reward_timeout_s=inf."""
     text = export_yaml(C.TaskConfig())
     for value in ("inf", "-1"):
         with pytest.raises(ConfigError, match=rf"^task[.]reward_timeout_s={value}"):
@@ -365,8 +334,7 @@ def test_a_task_alone_checks_its_durations_too():
 
 
 def test_sglang_flags_pass_through_without_hydras_plus(tmp_path):
-    """``rollout.engine.sglang`` holds SGLang's own flags, which the schema does not list: a new one
-    needs no ``+``, on the command line or over a daemon's config file."""
+    """rollout.engine.sglang takes new flags without +, on the CLI and a config file."""
     cfg = load_config(["topology=gpu_sglang", "rollout.engine.sglang.chunked_prefill_size=4096",
                        "rollout.engine.sglang.mem_fraction_static=0.7", f"run_dir={tmp_path}"])
     assert cfg.rollout.engine.sglang == {"mem_fraction_static": 0.7, "skip_server_warmup": True,
@@ -397,10 +365,7 @@ def test_run_dir_with_a_tilde_is_in_the_home_directory(tmp_path, monkeypatch):
                                  "warm_start.cache_dir", "security.keys_dir"])
 @pytest.mark.parametrize("value", ["", "' '"])
 def test_an_empty_directory_is_refused_not_read_as_the_one_it_is_relative_to(key, value):
-    """``run_dir=$RUN`` with RUN unset: the job wrote config.yaml, logs/, checkpoints/ and wal/
-    into the current directory (a checkout, say) and its warm start into the one above; an empty
-    wal_dir or checkpoint_dir put the WAL's segments and LOCK or the checkpoints among the run
-    directory's own files, an empty cache_dir the warm starts among the run directories."""
+    """An empty run_dir/wal_dir/checkpoint_dir/cache_dir is refused, not read as cwd."""
     assert error_of([f"{key}={value}"]).startswith(f"{key}=")
 
 
@@ -411,9 +376,7 @@ def test_an_unquoted_tilde_says_how_to_write_it():
 
 
 def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
-    """The task file written beside an export (``export_yaml``) reads from anywhere: relative
-    ``task.dataset_path``/``eval_path`` (and a chat template file) start at the working directory
-    the daemons run in, so they are written absolute (before: only the launch directory worked)."""
+    """export_yaml writes dataset/eval/chat-template paths absolute."""
     from areal_like.tasks.datasets import load_split
 
     launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
@@ -445,20 +408,14 @@ def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
     "buffer.max_epochs=-1", "buffer.max_tokens_per_trajectory=-5",
     "rollout.server_id=" + "s" * 129, "rollout.server_id='a\tb'"])
 def test_values_a_daemon_or_the_optimizer_would_fail_on_later_are_refused_at_load(override):
-    """Each was accepted and failed only once a daemon ran: a port past 65535 in bind(), a device
-    neither cpu nor cuda in the layout (a TypeError), AdamW's own checks, ``version % 0`` at the
-    first step, an engine that can hold no request, a WAL rotated after every record, a negative
-    epoch or length limit read as none or as refusing every group, a server id the buffer refuses
-    at its first message."""
+    """Values a daemon or AdamW would fail on later are refused at load, naming the key."""
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=.* is invalid"):
         load_config([override])
 
 
 def test_overrides_on_a_config_file_name_the_mistake(tmp_path):
-    """Over a ``--config-file``: Hydra's ``+`` was read as a key named ``+trainer``, a missing
-    ``=`` as the value null, a group (``task=dataset``) as a merge error naming no key; a
-    directory "did not exist" and an empty file ran on the schema's defaults."""
+    """Over --config-file: +key, a missing =, a group, a directory or empty file are named."""
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(load_config([f"run_dir={tmp_path}"])))
     file = ["--config-file", str(path)]
@@ -477,8 +434,7 @@ def test_overrides_on_a_config_file_name_the_mistake(tmp_path):
 
 
 def test_a_config_dir_variable_without_configs_is_named(tmp_path, monkeypatch):
-    """It failed as Hydra's "Primary config directory not found", naming neither the variable nor
-    its value."""
+    """A config-dir variable pointing at no configs names the variable and value."""
     monkeypatch.setenv("AREAL_LIKE_CONFIG_DIR", str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match=r"^AREAL_LIKE_CONFIG_DIR='.*nope' holds no config\.yaml"):
         load_config([])

@@ -1,9 +1,4 @@
-"""Disk full is a degraded mode (buffer/diskspace.py, buffer/wal.py).
-
-The free space is a fault-injecting stand-in for ``statvfs`` (the real request handling, a real WAL
-in tmp_path); ENOSPC itself comes from a fault-injecting ``os.writev`` that writes part of a record
-and fails, as a full disk does.
-"""
+"""Disk full is a degraded mode (buffer/diskspace.py, buffer/wal.py); statvfs, writev faked."""
 
 from __future__ import annotations
 
@@ -117,9 +112,7 @@ def test_degraded_mode_does_not_rotate_a_segment_that_holds_only_a_big_checkpoin
 
 @pytest.fixture
 def full_disk(monkeypatch):
-    """``full_disk(n, code)``: the next ``n`` record writes (``os.writev``) each write half of the
-    record and fail with ``code`` (ENOSPC), as a full disk does. It returns ``[n left]``: set it to
-    0 and the disk has room again."""
+    """full_disk(n, code): the next n writev write half and fail with code; returns [n left]."""
     real, fails, codes = os.writev, [0], [errno.ENOSPC]
 
     def writev(fd, parts):
@@ -248,9 +241,7 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
 
 def test_records_waiting_for_room_that_statvfs_does_not_see_keep_the_mode_and_one_line(
         tmp_path, full_disk, caplog):
-    """A quota (EDQUOT) fills while statvfs still shows free space: the degraded mode holds as long
-    as the WAL's records wait for room (before, each sweep left and re-entered it, two lines each
-    time), its error line names the segment and the errno, and it ends once they are written."""
+    """EDQUOT unseen by statvfs: the mode holds while records wait, one line, then ends."""
     wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
     wal.open({"state": {}})
     guard = DiskGuard(wal.dir, RESERVE, free_bytes=_Disk(100 * RESERVE))
@@ -269,8 +260,7 @@ def test_records_waiting_for_room_that_statvfs_does_not_see_keep_the_mode_and_on
 
 
 class _KillAtEverySend:
-    """Stands for the ROUTER socket; at each reply it copies the WAL as a ``kill -9`` at that
-    instant would leave it (what is written to the files) and recovers a buffer from the copy."""
+    """ROUTER stand-in: at each reply, recovers a buffer from a kill -9 copy of the WAL."""
 
     def __init__(self, svc: BufferService, tmp_path, disk: _Disk, fails: list[int]):
         self.svc, self.tmp_path, self.disk, self.fails = svc, tmp_path, disk, fails
@@ -294,10 +284,7 @@ class _KillAtEverySend:
 @pytest.mark.parametrize("fsync", ["batch", "never"])  # both promise that a reply survives kill -9
 def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(
         tmp_path, full_disk, fsync):
-    """A Batch whose in-transit record, and Credits whose leases, wait in the WAL's queue for room
-    leave only once that record is written: a kill -9 at the moment either is sent restarts a
-    buffer that holds what it said. The credits are granted before a sweep marks the buffer
-    degraded (the write fails in the same iteration)."""
+    """Batch/Credits replies wait for their control record to be written on a full disk."""
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk, fsync=fsync)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
@@ -324,9 +311,7 @@ def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(
 @pytest.mark.parametrize("fsync", ["always", "batch", "never"])
 def test_a_rotation_whose_checkpoint_waits_for_room_keeps_the_segments_it_supersedes(
         tmp_path, full_disk, fsync):
-    """Compaction at a rotation deletes segments the new checkpoint supersedes: while that
-    checkpoint waits for room they hold the only copy of the control state (a kill -9 then, with
-    them gone, would restart from nothing)."""
+    """A rotation keeps superseded segments while its checkpoint waits for room."""
     wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     list(wal.replay())
     wal.open({"state": {"cursor": 1}})
@@ -348,9 +333,7 @@ def test_a_rotation_whose_checkpoint_waits_for_room_keeps_the_segments_it_supers
 
 @pytest.mark.parametrize("fsync", ["always", "batch", "never"])
 def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, full_disk, monkeypatch, fsync):
-    """SIGTERM while a reply waits for its control record on a full disk: the buffer stops (the
-    reply is not sent; its sender asks again) instead of waiting for space that may never come
-    (it waited until the launcher's SIGKILL, or forever when started by hand)."""
+    """SIGTERM with a reply waiting for room stops the buffer, the reply unsent."""
     monkeypatch.setattr(buffer.wal, "DISK_RETRY_S", 0.01)
     svc = _start(tmp_path, _Disk(100 * RESERVE), fsync=fsync)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
@@ -372,8 +355,7 @@ def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, full_disk, monk
 
 
 def test_status_says_a_buffer_on_a_full_disk_is_up_but_refuses_new_groups(tmp_path, capsys):
-    """`areal-like status` showed such a buffer as plain "up": its /health (200: it still hands out
-    batches) says why it refuses groups, and status prints it."""
+    """status shows a full-disk buffer as up but refusing groups (its /health)."""
     import json
 
     from areal_like.net.metrics import Metrics, MetricsServer

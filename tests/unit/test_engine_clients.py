@@ -1,11 +1,7 @@
-"""The engine clients (``areal_like.engines``) against a scripted in-process HTTP server on
-127.0.0.1, through the ``EngineClient`` interface.
+"""Engine clients (areal_like.engines) against a scripted HTTP server with SGLang/vLLM shapes.
 
-The scripted server answers with SGLang 0.5.23's and vLLM 0.32's shapes (listed in
-areal_like/engines/sglang.py and vllm.py); the real shapes are checked against SGLang's own
-contract in tests/integration/test_sglang_contract.py and against a real vLLM in tests/vllm.
-Here: retries only where safe, timeouts, error bodies, version detection, interruptible
-generation (resubmit after abort), vLLM's translation of SGLang's terms, and the SGLang launcher.
+Retries only where safe, timeouts, error bodies, version detection, resubmit after abort, vLLM's
+translation, and the SGLang launcher (real shapes: test_sglang_contract.py and tests/vllm).
 """
 
 from __future__ import annotations
@@ -211,9 +207,7 @@ def test_generate_is_not_retried_after_it_may_have_run():
 
 
 def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypatch):
-    """A request held in the engine (pause_mode=retract) past request_timeout_s: its rids are
-    aborted and the tokens it made come back as an abort's, for episode.py to resubmit; an engine
-    that does not answer the abort either is a timeout within ABORT_GRACE_S."""
+    """Past request_timeout_s a request is aborted, keeping its tokens; no abort answer: timeout."""
     async def body(server, client):
         aborted = asyncio.Event()
 
@@ -286,8 +280,7 @@ def test_idempotent_calls_retry_on_5xx_and_generate_retries_on_refused_connectio
 
 
 def test_a_connection_idle_past_the_keepalive_is_not_reused():
-    """SGLang's and vLLM's servers close a connection idle for 5 s; a call sent on one as it
-    closes is lost unanswered, so the client opens a new one once KEEPALIVE_S has passed."""
+    """A connection idle past KEEPALIVE_S is not reused."""
     async def body(server, client):
         server.script["/model_info"] = [(200, {"model_path": "m"})]
         for _ in range(2):
@@ -397,9 +390,7 @@ def test_segment_versions_use_spans_and_fall_back_for_non_integer_versions():
 
 
 def test_a_default_label_is_the_version_served_when_the_request_was_sent():
-    """pause_mode=retract: one request spans a sync to version 1; its first token carries the
-    engine's first label ("default", SGLang without --weight-version), its second "1". The first
-    is labelled 0, the version served when it was sent, not 1 (served when it came back)."""
+    """A 'default' token label is the version served when the request was sent."""
     async def body(server, client):
         served = [0]
 
@@ -561,10 +552,7 @@ def test_a_failed_sync_reports_the_reason_and_always_continues():
 
 
 def test_a_begin_that_times_out_after_the_engine_opened_the_session_does_not_wedge_later_syncs():
-    """Bug: ``session_open`` was set only after ``/begin_weight_update`` answered. A begin that the
-    engine executed but whose answer came after the deadline left the session open for good, and
-    every later sync was refused ("already open"): the engine never received weights again. The
-    scripted engine keeps SGLang's session: refused while one is open, closed by ``end``."""
+    """A begin timing out after the engine opened the session does not wedge later syncs."""
     from areal_like.weights.push import apply_weight_sync
 
     async def body(server, client):
@@ -608,8 +596,7 @@ def test_timeout_bounds_the_whole_call_including_retries():
 
 
 def _sglang_standin(tmp_path, monkeypatch, body: str) -> None:
-    """``python -m sglang.launch_server ...`` (the launch's own argv) runs ``body`` instead of
-    SGLang: a package of that name first on the engine's PYTHONPATH."""
+    """sglang.launch_server stand-in running body, first on the engine's PYTHONPATH."""
     import os
 
     package = tmp_path / "standin" / "sglang"
@@ -621,11 +608,7 @@ def _sglang_standin(tmp_path, monkeypatch, body: str) -> None:
 
 
 def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, monkeypatch):
-    """A scheduler that fails at start logs its traceback, then SGLang's parent kills the rest and
-    logs that last (e.g. SGLang on CPU with rollout.engine.tp_size=2 on one NUMA node): the error
-    names the exception, not the kill nor an exception an earlier start left in the log. SGLang
-    may print its server_args, the API key among them: the log is 0600, also one left by an
-    earlier run, and kept."""
+    """A failed start names the exception, not later lines; the log is 0600 and kept."""
     log = tmp_path / "sglang-s0.log"
     log.write_text("ValueError: an earlier start\n")
     log.chmod(0o644)
@@ -647,9 +630,7 @@ def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, 
 
 def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_comes_up(
         tmp_path, monkeypatch):
-    """SGLang's scheduler makes its /dev/shm files while the server still starts; one that fails
-    then (its port taken), or whose rollout server is killed then, left them: they are tracked from
-    the start. The stand-in holds a /dev/shm file open and never answers /health."""
+    """/dev/shm files made while SGLang starts are removed when it never comes up."""
     import os
     import uuid
     from pathlib import Path
@@ -671,9 +652,7 @@ def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_
 
 def test_what_the_caller_does_meanwhile_runs_while_the_engine_starts_and_its_error_stops_it(
         tmp_path, monkeypatch):
-    """``SGLangProcess.start(meanwhile=...)``: the rollout server loads its tokenizer (seconds of
-    imports) while the engine loads instead of after it is healthy; called once, with the engine
-    already running; what it raises stops the engine (its group gone) and propagates."""
+    """start(meanwhile=...) runs once during start-up; its error stops the engine."""
     import sys
 
     import rollout_server.launch_sglang as launch
@@ -699,8 +678,7 @@ def test_what_the_caller_does_meanwhile_runs_while_the_engine_starts_and_its_err
 
 
 def test_a_port_in_use_is_refused_naming_it_before_sglang_starts(tmp_path):
-    """rollout.engine.port taken: SGLang failed only after loading the model, and the error named
-    what its own requests to that port got back from the other process."""
+    """A taken rollout.engine.port is refused, named, before SGLang starts."""
     import socket
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
@@ -713,9 +691,7 @@ def test_a_port_in_use_is_refused_naming_it_before_sglang_starts(tmp_path):
 
 
 def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answered(monkeypatch):
-    """After a failed sync the rollout server probes its engine (``RolloutServer.probe_engine``):
-    an engine whose port refused the connection (gone) was reported as one that "did not answer
-    /health_generate within 30s", 2 s after the probe began. Now the reason is the call's own."""
+    """probe_engine says whether the connection was refused or not answered."""
     import socket
     from types import SimpleNamespace
 
@@ -746,11 +722,7 @@ def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answere
 
 @pytest.mark.parametrize("end", ["silent", "refused", "no session"])
 def test_an_abandoned_sync_stops_at_the_first_call_its_engine_does_not_answer(end):
-    """After a sync the trainer abandoned, the server ends the engine's session, continues it and
-    probes it (``RolloutServer.resume_abandoned``). A wedged engine answered none of the three and
-    was found only after 3 x ``ENGINE_PROBE_S`` (90 s); now the first call it does not answer
-    (none in time, or the connection refused) stops the server. A refusal with an answer (a 400:
-    no session open) is not one: the engine is continued and probed."""
+    """resume_abandoned stops at the first unanswered call; a 400 is an answer."""
     from types import SimpleNamespace
 
     import rollout_server.server as server_module
@@ -786,8 +758,7 @@ def test_an_abandoned_sync_stops_at_the_first_call_its_engine_does_not_answer(en
 
 
 def test_the_sglang_line_copied_into_our_log_never_holds_the_engine_key(tmp_path):
-    """SGLang logs its server_args, the API key among them, unredacted: the line of its log that a
-    failed start copies into the rollout server's log shows the key as ``***``."""
+    """SGLang's line copied into our log shows the engine key as ***."""
     import subprocess
 
     key = "k3y-" + "x" * 40
@@ -802,9 +773,7 @@ def test_the_sglang_line_copied_into_our_log_never_holds_the_engine_key(tmp_path
 
 
 def test_the_api_key_goes_to_every_path_but_the_open_health_poll():
-    """SGLang (and the embedded engine) leave /health open: the health poll sent the key there, so
-    a process holding the engine's port (while SGLang starts, say) got it. Now it goes without;
-    every other call carries it. SGLangProcess's own start-up poll sends none either."""
+    """The API key goes to every path but the open /health poll."""
     async def body(server, _):
         server.script = {"/health": [(200, "")], "/health_generate": [(200, "")],
                          "/model_info": [(200, {"weight_version": "0"})]}

@@ -1,7 +1,4 @@
-"""The scheduler's own prefill/decode path (fastpath.py) against transformers, for each family it
-accepts: greedy tokens equal ``generate`` token for token, logprobs equal a separate forward, and
-the path agrees with the model's own forward through the slot cache (the fallback every other model
-uses)."""
+"""fastpath.py against transformers per family: greedy tokens and logprobs equal."""
 
 from __future__ import annotations
 
@@ -89,8 +86,7 @@ def test_fast_path_agrees_with_the_models_own_forward():
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_identical_prompts_share_one_prefill(fast):
-    """The n samples of one prompt admitted together are prefilled once; each still decodes on its
-    own."""
+    """n samples of one prompt are prefilled once, decoded apart."""
     torch.set_num_threads(1)
     model = tiny("qwen2")
     a, b = prompts(2, seed=7)
@@ -134,10 +130,7 @@ def _greedy_equals_generate(model, ps, limit: int, **kw) -> None:
 
 
 def test_a_model_whose_attention_or_layer_is_not_the_stock_one_goes_through_its_forward():
-    """The gate looks at the modules it re-implements (attention, decoder layer, model, head), not
-    only at ``model_type``: a subclass with its own forward (remote code, logit softcapping, ...) or
-    a forward hook would be silently skipped by fastpath, so such a model must use its own
-    forward."""
+    """A non-stock module or a forward hook sends the model through its own forward."""
     from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
     class ScaledAttention(Qwen2Attention):  # e.g. a remote-code variant: same weights, other math
@@ -159,16 +152,13 @@ def test_a_model_whose_attention_or_layer_is_not_the_stock_one_goes_through_its_
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
 def test_the_models_own_forward_serves_every_family(kind):
-    """The fallback (any model the gate refuses) passes its 4D mask in a form every decoder accepts:
-    Llama's forward takes a tensor, not the per-layer-type dict Qwen2's accepts."""
+    """The fallback's 4D mask is one every decoder accepts."""
     torch.set_num_threads(1)
     _greedy_equals_generate(tiny(kind), prompts(3, seed=17), 10, fast=False)
 
 
 def test_a_weight_swap_between_steps_is_seen_by_the_next_forward():
-    """weights.py re-points each parameter's ``.data`` at a received buffer: fastpath must hold no
-    reference to a weight tensor, so the first pass after the swap already computes with the new
-    weights."""
+    """fastpath holds no weight reference: a swap is seen by the next pass."""
     torch.set_num_threads(1)
     model, other = tiny("qwen3"), tiny("qwen3")
     with torch.no_grad():

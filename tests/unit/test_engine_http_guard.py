@@ -1,8 +1,4 @@
-"""The embedded engine's HTTP hardening over real sockets on 127.0.0.1 (one in-process engine with
-an API key and small limits): 401 on every endpoint but /health without the key (counted), /health
-open as SGLang leaves it (a status, no body), 413 / 431 for oversized
-bodies and headers, slow clients cut off by the header and body deadlines, and 400 (never 500)
-for invalid UTF-8, deep JSON and out-of-range numbers."""
+"""The embedded engine's HTTP hardening over real sockets (401, 413/431, deadlines, 400s)."""
 
 from __future__ import annotations
 
@@ -57,9 +53,7 @@ def routes(engine) -> list[tuple[str, str]]:
 
 
 def test_every_endpoint_but_health_refuses_a_missing_or_wrong_key(engine):
-    """/health is open, as SGLang's --api-key leaves it: the rollout server polls it without the
-    key, so a process holding the engine's port gets none; its answer is a status and no body.
-    Every other endpoint (``/health_generate`` too) refuses a stranger with 401, each counted."""
+    """/health is open (status, no body); every other endpoint gives 401, counted."""
     found = routes(engine)
     assert (len(found) == 24 and ("POST", "/update_weights_from_distributed") in found
             and ("GET", "/health") in found and ("GET", "/health_generate") in found)
@@ -79,8 +73,7 @@ def test_every_endpoint_but_health_refuses_a_missing_or_wrong_key(engine):
 
 
 def test_a_key_of_bytes_that_are_not_utf8_gets_401_not_500(engine):
-    """aiohttp hands such header bytes over as surrogates, which the key check once failed to
-    encode: a stranger got 500 (uncounted) where the docs promise 401."""
+    """A non-UTF-8 key header gets 401, not 500."""
     port = int(engine.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S) as sock:
         sock.sendall(b"GET /model_info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"
@@ -111,9 +104,7 @@ def test_an_oversized_header_gets_431(engine):
 
 
 def drip(port: int, data: bytes, head: bytes = b"") -> tuple[int, bytes]:
-    """Send ``head`` at once, then ``data`` one byte per second until the server closes the socket;
-    returns (bytes of ``data`` sent, what the server answered). Never decides by elapsed time:
-    the server's closing ends it (``data`` is far longer than any deadline allows)."""
+    """Send head, then data a byte a second until the server closes: (bytes sent, answer)."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S)
     closed, sent, answer = threading.Event(), [0], bytearray()
 
@@ -188,8 +179,7 @@ def test_bad_control_numbers_get_400(engine):
 
 
 def test_control_calls_get_through_while_generate_calls_fill_the_in_flight_cap(engine, wait_until):
-    """While paused, /generate calls wait (holding their in-flight slots); the cap refuses more with
-    429, and /continue_generation still gets in and releases them."""
+    """With the in-flight cap full (429), /continue_generation still gets in."""
     assert call(engine, "/pause_generation", b'{"mode": "abort"}')[0] == 200
     body = json.dumps({"input_ids": [1, 5],
                        "sampling_params": {"max_new_tokens": 1, "temperature": 0}}).encode()

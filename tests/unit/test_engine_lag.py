@@ -1,14 +1,8 @@
 """Engines that lag by design (trainer/engine_lag.py) and OAPL's published defaults.
 
-- lagged inference (``trainer.weight_sync.every = L``): the engines' version advances only every L
-  trainer steps, and the buffer's admission admits exactly the lag that creates (L - 1);
-- forced delay (``trainer.weight_sync.delay = D``): the engines get the weights of version v - D,
-  bit for bit, under that label;
-- OAPL: beta1 = 1 for the value estimate, beta2 = 1e-3 for the regression, on a hand-computed
-  vector.
-
-``EngineSchedule`` is driven here with a recording broadcaster (it only records what it was asked to
-push and announce, with a copy of the weights) around a real torch module and optimizer steps.
+weight_sync.every = L: engines advance every L steps and admission admits lag L - 1; delay = D:
+engines get version v - D's weights bit for bit under that label; OAPL beta1 = 1, beta2 = 1e-3 by
+hand. EngineSchedule runs with a recording broadcaster around a real module and optimizer.
 """
 
 from __future__ import annotations
@@ -95,9 +89,7 @@ def test_repush_resends_what_the_engines_should_serve():
 
 
 def test_a_resumed_lagged_push_that_reached_nobody_is_sent_again_on_a_stall():
-    """Resumed at version 5 with L = 4: the first push may reach no engine (none registered yet)
-    and versions 6 and 7 are only announced; the data stall that follows repushes version 5's
-    weights, held as the one snapshot, under their own label (not the trainer's newer weights)."""
+    """Resumed at 5 with L = 4: a stall repushes version 5's snapshot under its label."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

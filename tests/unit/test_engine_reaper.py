@@ -1,15 +1,6 @@
-"""The engine reaper finds a named semaphore by the process group that maps it, and only that one
-(rollout_server/engine_reaper.py). A real process group makes one the way SGLang's scheduler does
-(a multiprocessing lock under the ``spawn`` start method, left to a resource tracker that dies
-with the group); a lock of this process stands for another job's on the node. Killed with
-SIGKILL, the group leaves its semaphore; ``reap`` removes it and nothing else.
-
-Mutation checked: ``shm_files`` without the semaphores mapped under an unlinked name (its code
-before this test): the group's semaphore was not among the files found, so not reaped.
-
-``shm_files`` reading one fd that closes meanwhile, or a PID taken by another process once the
-group listed it: the tests below failed on the code before them (the process's semaphore was
-dropped with its fd; the other process's semaphore was found).
+"""The engine reaper removes the named semaphore a killed process group (as SGLang's) left, and
+nothing else (rollout_server/engine_reaper.py). Mutations checked: shm_files missing unlinked
+semaphores, a closing fd, or a reused PID each failed a test here.
 """
 
 from __future__ import annotations
@@ -95,8 +86,7 @@ def test_an_fd_closed_while_it_is_read_drops_that_fd_alone(group, monkeypatch):
 
 
 def test_a_pid_that_left_the_group_while_it_was_read_counts_for_nothing(group, monkeypatch):
-    """The group listed the PID; by the time its maps were read it was another process's (the
-    second look at its group says so): none of what it maps is the group's to reap."""
+    """A listed PID reused by another process meanwhile counts for nothing."""
     pgid, path = group
     group_of, looks = engine_reaper.group_of, []
 
@@ -110,8 +100,7 @@ def test_a_pid_that_left_the_group_while_it_was_read_counts_for_nothing(group, m
 
 
 def test_stop_group_kills_a_member_that_outlived_an_exited_leader():
-    """``stop_group`` returned at once when the leader had exited, though it promises every member
-    that outlived the leader; a member in the group of a leader seen exited is SIGKILLed now."""
+    """stop_group SIGKILLs a member that outlived its exited leader."""
     leader = subprocess.Popen(["bash", "-c", "sleep 600 & echo $!"], stdout=subprocess.PIPE,
                               text=True, start_new_session=True)
     member = int(leader.stdout.readline())

@@ -1,6 +1,4 @@
-"""Engine correctness at the scheduler level (no HTTP): greedy == transformers' generate, exact
-logprobs, continuous batching with refill, abort/retract, weight loads between steps (the sampler
-alone: test_engine_sampling.py)."""
+"""Engine correctness at the scheduler level (no HTTP): greedy, logprobs, batching, abort."""
 
 from __future__ import annotations
 
@@ -95,8 +93,7 @@ def test_greedy_equals_transformers_generate_with_refill(model, make_scheduler):
 
 
 def test_many_rows_leaving_in_one_step_leave_the_others_their_own_kv(model, make_scheduler):
-    """Eight of twelve rows (in the middle and at the tail) finish in the same step, then two more:
-    the rows moved into the holes, in one copy (``SlotKV.move``), go on from their own KV."""
+    """Rows finishing together: the moved rows (SlotKV.move) keep their own KV."""
     ps = prompts(12, seed=3)
     limits = [4, 20, 4, 4, 13, 4, 20, 4, 4, 13, 4, 4]
     s = make_scheduler(max_running=12)
@@ -158,8 +155,7 @@ def test_abort_returns_partial_and_frees_slot(model, make_scheduler):
 
 
 def test_retract_and_weight_swap_between_steps(model, make_scheduler):
-    """Pause with retract, load new weights, release: outputs continue; versions switch at the
-    swap."""
+    """Pause with retract, load weights, release: outputs continue; versions switch."""
     other = build_model(ModelConfig(max_position_embeddings=192, init_seed=1))
     s = make_scheduler(max_running=2,
                        own_model=build_model(ModelConfig(max_position_embeddings=192)))
@@ -228,9 +224,7 @@ def test_too_long_prompt_is_refused_not_fatal(model, make_scheduler):
 
 
 def test_a_burst_at_an_idle_scheduler_is_prefilled_as_one_batch(model, make_scheduler):
-    """Submits that trickle in (as a rollout server's groups do) while an idle scheduler
-    gathers are admitted together: one prefill for all of them, not one for the first and one for
-    the rest."""
+    """A burst of submits at an idle scheduler is prefilled as one batch."""
     # gaps far wider than the test's
     s = make_scheduler(max_running=8, gather_gap_s=2.0, gather_max_s=60.0)
     ps, finished, all_done = prompts(8, seed=3), [], threading.Event()
@@ -251,8 +245,7 @@ def test_a_burst_at_an_idle_scheduler_is_prefilled_as_one_batch(model, make_sche
 
 
 def test_only_submits_are_gathered(make_scheduler):
-    """A command that is not a submit (a weight load, a pause) reaches an idle scheduler at once,
-    also when it comes during a burst's gather (which then ends: the burst runs with what came)."""
+    """Non-submit commands reach an idle scheduler at once, ending a gather."""
     s = make_scheduler(gather_gap_s=30.0, gather_max_s=60.0)
     assert s.call(lambda sched: sched.prefills).result(timeout=15.0) == 0
     finished = threading.Event()
@@ -266,8 +259,7 @@ def test_only_submits_are_gathered(make_scheduler):
 
 
 def _parked(s: Scheduler, when=lambda sch: True) -> threading.Event:
-    """Park the scheduler thread inside a command at the first step where ``when`` holds; set the
-    returned event to go on. Commands posted meanwhile wait in the inbox and run as one batch."""
+    """Park the scheduler inside a command where when holds; set the event to go on."""
     go, answers = threading.Event(), queue.Queue()
 
     def park(sch):
@@ -281,8 +273,7 @@ def _parked(s: Scheduler, when=lambda sch: True) -> threading.Event:
 
 
 def test_a_command_that_kills_the_loop_leaves_no_later_submit_unanswered(model, make_scheduler):
-    """A command that raises (here an abort whose KV copy fails, as a sticky CUDA error would)
-    ends the loop; a submit that came in the same batch after it still gets its on_finish."""
+    """A command killing the loop leaves no later submit of its batch unanswered."""
     s = make_scheduler(max_running=2)
     finished: dict[str, Request] = {}
     all_done = threading.Event()
@@ -308,8 +299,7 @@ def test_a_command_that_kills_the_loop_leaves_no_later_submit_unanswered(model, 
 
 
 def test_stop_answers_a_submit_still_in_the_inbox(make_scheduler):
-    """A submit accepted just before ``stop`` gets its on_finish (an abort), and a call posted
-    then gets its result: nobody waits for an answer that never comes."""
+    """stop answers a submit still in the inbox, and a call posted then."""
     s = make_scheduler()
     go = _parked(s)
     done = threading.Event()

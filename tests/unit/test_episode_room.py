@@ -1,11 +1,4 @@
-"""A single-turn episode and an evaluation ask the engine for at most what the context leaves
-after the prompt (rollout_server/episode.py ``output_room``), as a multi-turn turn does.
-
-The engine is a stand-in that validates a request as SGLang's tokenizer manager does
-(``_validate_one_request``, sglang 0.5): an input of the context or more, or an input plus
-``max_new_tokens`` over the context, is refused with HTTP 400; otherwise it answers
-``max_new_tokens`` tokens. Before the fix a prompt of 20 tokens with ``task.max_new_tokens=8``
-on a context of 24 was refused every time, and each episode failed."""
+"""Single-turn episodes and evals ask for at most what the context leaves (output_room)."""
 
 from __future__ import annotations
 
@@ -55,8 +48,7 @@ class Rewards:
 
 
 def episode(prompt_room: int, max_new_tokens: int = 8, max_input: int = 0):
-    """One group of 2 on an engine whose context leaves ``prompt_room`` tokens after the prompt
-    (and that refuses an input of ``max_input`` tokens or more, when set)."""
+    """One group of 2 on an engine leaving prompt_room after the prompt (refusing max_input+)."""
     cfg = TaskConfig(name="reverse", group_size=2, max_new_tokens=max_new_tokens)
     task = make_task(cfg)
     prompt = len(encode_prompt(TOK, task.example(0), cfg))
@@ -88,9 +80,7 @@ def test_a_prompt_that_leaves_no_room_is_not_sent_and_its_group_is_refused_as_no
 
 
 def test_a_prompt_the_engine_refuses_for_its_length_is_not_sent_either():
-    """SGLang refuses a prompt of ``max_req_input_len`` (context - 6) tokens or more, though the
-    context leaves it room: the rollout server reads that limit (``max_input``) and such a prompt
-    is skipped as one that fills the context is, not sent to fail its episode."""
+    """A prompt at SGLang's max_req_input_len or more is skipped, not sent."""
     _, _, prompt = episode(prompt_room=5)
     group, engine, _ = episode(prompt_room=5, max_input=prompt)
     assert engine.asked == []
@@ -100,8 +90,7 @@ def test_a_prompt_the_engine_refuses_for_its_length_is_not_sent_either():
 
 
 def test_an_evaluation_asks_for_what_the_context_leaves_and_skips_a_prompt_without_room():
-    """A prompt without room is not sent and is counted as ``no_room``, as training skips it;
-    before, it was sent and the engine's refusal counted among the ``errors``."""
+    """Evaluation skips a prompt without room, counting it as no_room."""
     cfg = TaskConfig(name="reverse", max_new_tokens=8)
     examples = [make_task(cfg).example(i) for i in range(4)]
     engine = ContextEngine(10)
@@ -123,9 +112,7 @@ def test_the_rollout_server_knows_the_context_it_serves():
 
 
 def test_the_rollout_server_reads_the_input_limit_sglang_reports():
-    """``max_req_input_len`` of SGLang's ``/server_info`` reaches every episode and evaluation
-    (the real SGLang's: tests/sglang/test_sglang_context.py); an engine that reports none sets no
-    limit beyond the context."""
+    """/server_info's max_req_input_len reaches every episode and eval; none: no limit."""
     from rollout_server.server import RolloutServer
 
     class Engine:

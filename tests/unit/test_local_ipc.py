@@ -1,8 +1,4 @@
-"""Same-node endpoints (security.bind/connect with ipc://): what protects them, and that tcp keeps
-CURVE.
-
-Real sockets in one process, plus (as root) a real process of another user knocking on the
-socket."""
+"""Same-node ipc:// endpoints: what protects them (uid check, 0700 dir); tcp keeps CURVE."""
 
 from __future__ import annotations
 
@@ -53,8 +49,7 @@ def refusals():
 
 
 def serve_acks(server: Server, stop: threading.Event) -> threading.Thread:
-    """Answer every request on ``server`` with an accepted Ack naming the message type, until
-    ``stop``."""
+    """Answer every request on server with an accepted Ack until stop."""
     def loop() -> None:
         while not stop.is_set():
             if (got := server.recv(0.05)) is not None:
@@ -159,13 +154,11 @@ HUNG_S = 30.0  # past its wait, a knocking child that has not exited is hung
 
 
 def knock_as(uid: int, address: str, wait_s: float) -> int:
-    """Fork a process that drops to ``uid``, connects a plain DEALER to ``address`` and sends a
-    request; returns its exit status: 0 = no reply within ``wait_s``, 1 = a reply, 2 = an error.
+    """Fork a child as uid knocking on address: 0 no reply in wait_s, 1 a reply, 2 an error.
 
-    The fork copies this multi-threaded process: a child forked while another thread (a ZeroMQ I/O
-    thread in a CURVE handshake) held a lock hangs before it knocks (seen once in CI-like runs). A
-    child that has not exited ``HUNG_S`` after its wait is killed and the knock forked again; its
-    answer, once it gives one, is never retried."""
+    A child hung by the fork (a lock held by a ZeroMQ thread) is killed after HUNG_S and forked
+    again; an answer is never retried.
+    """
     for _ in range(3):
         pid = os.fork()
         if pid == 0:  # the child: no pytest, no inherited ZeroMQ context
@@ -199,9 +192,7 @@ def knock_as(uid: int, address: str, wait_s: float) -> int:
 @pytest.mark.parametrize("curve", [True, False], ids=["curve_on", "curve_off"])
 def test_a_process_of_another_user_is_refused_even_when_the_kernel_lets_it_in(
         keys, refusals, curve):
-    """Defence in depth: the directory and socket are opened to everyone after binding (what a wrong
-    umask or chmod would do); the uid check in the ZAP handler still refuses the other user, and the
-    refusal is counted, with CURVE on tcp or without (security.curve=false)."""
+    """Another user let in by the kernel is still refused (and counted) by the uid check."""
     # not under pytest's 0700 tmp root: nobody must reach it
     sock_dir = Path(tempfile.mkdtemp(prefix="ipc-"))
     tcp, (router, _pub) = f"tcp://127.0.0.1:{free_port()}", local_addresses(sock_dir)
@@ -256,9 +247,7 @@ def test_a_one_node_run_points_every_daemon_at_the_same_node_sockets(tmp_path):
 
 
 def test_a_buffer_given_a_socket_directory_others_can_enter_refuses_in_one_line(tmp_path, keys):
-    """``buffer.local_dir`` made with a plain ``mkdir`` (0755) on a node of a job started by hand
-    (launch/MULTINODE.md): one line naming the directory and ``chmod 700``, exit 2 (not restarted
-    by launch/slurm/with_restarts.sh); it was 'buffer crashed', a traceback and exit 1."""
+    """A 0755 buffer.local_dir: one line naming it and chmod 700, exit 2."""
     import subprocess
     import sys
 
@@ -280,10 +269,7 @@ def test_a_buffer_given_a_socket_directory_others_can_enter_refuses_in_one_line(
 
 def test_a_rollout_server_given_a_socket_directory_others_can_enter_refuses_to_start(
         tmp_path, caplog):
-    """The rollout server connects to the buffer in its loop, after ``started``: a same-node
-    address in a directory others may enter was refused only then, so the launcher said "stopped
-    with exit 2" (it ran) instead of "refused to start", after the engine had started. Now the
-    directory is checked first: one line, exit 2, no ``started`` and no engine."""
+    """A rollout server checks the socket dir first: exit 2, no started, no engine."""
     import logging
 
     from areal_like.daemon import STARTED

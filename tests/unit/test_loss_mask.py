@@ -1,12 +1,8 @@
-"""The per-token loss mask of multi-turn trajectories (``Trajectory.loss_mask``).
+"""The per-token loss mask of multi-turn trajectories (Trajectory.loss_mask).
 
-A trajectory whose output holds context tokens (an environment's or a tool's messages) must train
-exactly like the same trajectory with those tokens cut out of the loss by hand: for every kernel,
-aggregation mode and advantage estimator, the loss and its gradient are the same, context tokens
-get zero gradient and count in no token or sequence count. The "by hand" side deletes the context
-columns outright (each row's generated tokens moved left), so it cannot share a masking bug with
-the masked side. The mask reaches the kernels from the wire through ``groups_to_batch``, and an
-old-version frame (no mask) is refused.
+Masked context tokens train exactly like deleting those columns by hand (no shared masking bug),
+for every kernel, aggregation and estimator; the mask arrives via groups_to_batch; old frames are
+refused.
 """
 
 from __future__ import annotations
@@ -49,8 +45,7 @@ def masked_batch(seed: int) -> dict[str, torch.Tensor]:
 
 
 def compact(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each row's generated tokens, moved left; context and padding columns deleted (zeros
-    after)."""
+    """Each row's generated tokens moved left; context and padding columns deleted."""
     width = int(mask.sum(-1).max())
     out = torch.zeros(t.shape[0], width, dtype=t.dtype)
     for i in range(t.shape[0]):

@@ -138,15 +138,18 @@ def test_decoupled_ppo_vector(cap, expected, grad):
     close(stats["is_weight_max"], 3.0)
 
 
-# ---------------------------------------------------------------- TIS (section 5)
-def test_tis_token_vector():
-    behav = PROX5 - torch.log(RHO5)
-    loss, g, stats = run("tis", logp=LOGP5, prox=PROX5, behav=behav, adv=A5,
-                         eps_clip=0.2, dual_clip=3.0,
-                         tis=TISConfig(cap=2.0, level="token"))
-    close(loss, 0.94)
+# ------------------------------------------------------------ TIS (section 5), IcePop (section 6)
+@pytest.mark.parametrize("kind,rho,hp,expected,stat", [
+    ("tis", RHO5, dict(tis=TISConfig(cap=2.0, level="token")), 0.94, "truncated_frac"),
+    ("icepop", torch.tensor([[1.0, 6.0, 0.3, 2.5, 1.2]]),
+     dict(icepop=IcePopConfig(low=0.5, high=5.0)), 1.64, "masked_frac"),
+])
+def test_token_is_weight_vectors(kind, rho, hp, expected, stat):
+    loss, g, stats = run(kind, logp=LOGP5, prox=PROX5, behav=PROX5 - torch.log(rho), adv=A5,
+                         eps_clip=0.2, dual_clip=3.0, **hp)
+    close(loss, expected)
     close(g, [[-0.22, 0.0, 0.0, 0.0, 0.36]])
-    close(stats["truncated_frac"], 0.4)
+    close(stats[stat], 0.4)
 
 
 def test_tis_sequence_weights_and_loss():
@@ -181,16 +184,6 @@ def test_seq_mis_weights(low, weights):
     close(stats["masked_frac"], (w == 0).float().mean())
 
 
-def test_icepop_vector():
-    behav = PROX5 - torch.log(torch.tensor([[1.0, 6.0, 0.3, 2.5, 1.2]]))
-    loss, g, stats = run("icepop", logp=LOGP5, prox=PROX5, behav=behav, adv=A5,
-                         eps_clip=0.2, dual_clip=3.0,
-                         icepop=IcePopConfig(low=0.5, high=5.0))
-    close(loss, 1.64)
-    close(g, [[-0.22, 0.0, 0.0, 0.0, 0.36]])
-    close(stats["masked_frac"], 0.4)
-
-
 # ---------------------------------------------------------------- VESPO (section 7)
 @pytest.mark.parametrize("w,positive,phi", [
     (1.0, True, 1.0), (1.0, False, 1.0), (1.5, True, 0.502043), (0.8, False, 0.763814),
@@ -207,23 +200,14 @@ VESPO_M = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
 VESPO_OLD = VESPO_LP - torch.tensor([[math.log(1.5) / 2] * 3, [math.log(0.8) / 3] * 3]) * VESPO_M
 
 
-def test_vespo_full_vector_async():
-    loss, g, stats = run("vespo", logp=VESPO_LP, behav=VESPO_OLD, adv=torch.tensor([1.0, -1.0]),
-                         mask=VESPO_M)
+@pytest.mark.parametrize("prox", [None, VESPO_LP - 0.05 * VESPO_M])
+def test_vespo_full_vector_async(prox):
+    # with prox given, log W = sum(logp - prox) + sum(prox - behav): still pi_theta / pi_behav
+    loss, g, stats = run("vespo", logp=VESPO_LP, prox=prox, behav=VESPO_OLD,
+                         adv=torch.tensor([1.0, -1.0]), mask=VESPO_M)
     close(loss, -0.370835, rtol=1e-5)
     close(g, [[-0.100409, -0.100409, 0.0], [0.152763] * 3], rtol=1e-5, atol=1e-6)
     close(stats["is_weight_max"], 1.5)
-
-
-def test_vespo_prox_folded_gives_same_weight():
-    """With prox given, log W = sum(logp - prox) + sum(prox - behav): still
-    W = pi_theta / pi_behav."""
-    prox = VESPO_LP - 0.05 * VESPO_M
-    loss, g, _ = run("vespo", logp=VESPO_LP, prox=prox, behav=VESPO_OLD,
-                     adv=torch.tensor([1.0, -1.0]),
-                     mask=VESPO_M)
-    close(loss, -0.370835, rtol=1e-5)
-    close(g, [[-0.100409, -0.100409, 0.0], [0.152763] * 3], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------- VCPO loss (section 8, steps 2 and 5)

@@ -1,9 +1,4 @@
-"""math_reward on a table of answer forms, each expected value decided by hand.
-
-A row is (response, reference, expected). Comments say why where a reader could doubt it. Known
-limits (the module docstring of areal_like/tasks/rewards.py lists them) keep the value a user would
-expect and are marked xfail(strict): if math-verify starts getting them right, the test says so.
-"""
+"""math_reward on a hand-decided table of answer forms; known limits are xfail(strict)."""
 
 from __future__ import annotations
 
@@ -108,9 +103,7 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def score():
-    """math_reward off the main thread, where math-verify's signal timeouts are off: these tests
-    are about which answers match, not how fast (the 2 s production bounds are wall-clock alarms,
-    and a cold sympy parse went past them on 2 cores shared by 4 test workers: 3/4 scored 0)."""
+    """math_reward off the main thread (math-verify's signal timeouts off): matching only."""
     with ThreadPoolExecutor(1) as pool:
         yield lambda response, reference: pool.submit(math_reward, response,
                                                       Example("", reference)).result()
@@ -128,8 +121,7 @@ PLAIN = [("82", "82"), ("83", "82"), (" 082\n", "82"), ("-7", "7"), ("-7", "-7")
 
 @pytest.mark.parametrize("response,reference", PLAIN)
 def test_plain_integers_are_decided_as_math_verify_decides_them(response, reference, score):
-    """Issue 41, item 7: plain integers skip the parser (about 0.8 ms a sample on ``82``), and
-    score as the parser scores the same answer in a sentence."""
+    """Plain integers skip the parser and score as the parser would."""
     assert score(response, reference) == score(f"The answer is {response.strip()}.", reference)
 
 
@@ -145,9 +137,7 @@ def test_what_is_not_a_plain_integer_scores_as_the_parser_reads_it(response, ref
 
 
 def test_a_reference_parse_that_yields_nothing_is_not_remembered(monkeypatch):
-    """math-verify returns [] for a parse past its timeout (a loaded machine; a fresh worker's
-    first parse imports sympy). Cached, that empty reading scored every later sample of the
-    reference 0 for the rest of the run."""
+    """An empty reference parse (a timeout) is not cached."""
     reference = r"\frac{7}{13}"  # used by no other test: nothing cached for it
     real_parse = rewards.parse
     timed_out = [True]

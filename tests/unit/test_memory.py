@@ -1,19 +1,9 @@
-"""launch/memory.py: the accounting behind trainer/MEMORY.md (benchmarks/memory.py measures);
-a 7B-shaped model sharded on meta.
+"""launch/memory.py: the accounting behind trainer/MEMORY.md, checked against real models.
 
-- ``PeakTensorBytes`` counts what a computation allocates (hand-checkable sizes);
-- the parameter counts equal the meta-built Hugging Face models' and Qwen2's published sizes;
-- the activation bytes per token per block equal what the Hugging Face Qwen2 layer really saves
-  for backward (``saved_tensors_hooks``), fp32 and bf16;
-- with LoRA: the adapter parameter count equals the PEFT-injected model's, the per-token bytes a
-  block keeps equal the real LoRA layer's, and the estimate's terms are hand-checked on a tiny
-  shape;
-- a Qwen3-MoE shape read from its config.json: the parameter count equals the meta-built model's,
-  and under expert parallelism the terms are hand-checked (the state at rest unchanged, a
-  gathered block and its gradient holding E/N experts); ``areal-like plan`` prints both peaks;
-- a Qwen2-7B-shaped model is built on the meta device and FSDP2-sharded 8 ways (rank 3 of a fake
-  process group): every parameter is a meta DTensor holding 1/8 of the rows, and the process's
-  peak RSS stays far below even one rank's shard (3.8 GB), let alone the model (30 GB in fp32).
+PeakTensorBytes on hand-sized allocations; parameter counts vs meta-built HF models and Qwen2's
+published sizes; activation bytes per token per block vs Qwen2's saved tensors (fp32, bf16); LoRA
+counts and bytes vs PEFT; a Qwen3-MoE shape with expert parallelism by hand; a 7B Qwen2 sharded 8
+ways on meta (1/8 of the rows per DTensor, RSS far below one shard).
 """
 
 from __future__ import annotations
@@ -119,8 +109,7 @@ def test_block_activation_bytes_match_what_the_layer_saves(dtype, c, shape, lora
 
 @pytest.mark.parametrize("shape", [(128, 256, 4, 2), (192, 320, 6, 3)])
 def test_fp32_adapters_on_a_bf16_base_keep_fp32_copies_of_their_inputs(shape):
-    """One unsharded LoRA rank (a bf16 base, fp32 adapters): PEFT casts each targeted linear's
-    input to fp32, and lora_A keeps that copy."""
+    """bf16 base, fp32 adapters: lora_A keeps the fp32 copy of its input."""
     h, i, heads, kv = shape
     cfg = ModelConfig(vocab_size=104, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
@@ -239,9 +228,7 @@ def test_7b_shaped_model_is_sharded_on_meta_without_allocating_it():
 
 
 def test_critic_estimate_terms_by_hand():
-    """PPO with a critic (trainer.critic): the larger of the policy's step beside the critic's held
-    weights and moments, and the critic's step beside the policy's; the critic's untied lm_head
-    keeps its weight shard only."""
+    """With a critic: the larger of the policy's and the critic's step, each beside the other."""
     cfg = qwen2_shape("7B")  # untied lm_head [152064, 3584]
     est = estimate_critic_peak_bytes(cfg, world=8, micro_batch_tokens=2048, accumulating=False)
     policy = estimate_peak_bytes(cfg, world=8, micro_batch_tokens=2048, accumulating=False)

@@ -1,13 +1,8 @@
-"""Multi-turn episodes against a scripted engine (rollout_server/multiturn.py): token ids equal the
-chat template's rendering of the final conversation, tool errors become messages the model reads,
-limits end episodes with their finish reason, a weight sync mid-episode keeps every token's
-version, and with routing replay every position keeps the routes of the turn that ran it first.
+"""Multi-turn episodes (rollout_server/multiturn.py) against a scripted /generate stand-in.
 
-The engine is a stand-in for SGLang's ``/generate`` (the only call an episode makes): each call
-answers the next scripted reply, encoded by the real tokenizer and ended by EOS, truncated to the
-request's ``max_new_tokens``; a reply can be cut by a pause (``abort``) and finished by the resumed
-request under a new version, as the real engine does (tests/integration/test_rollout_interrupt.py
-checks that part against a real engine)."""
+Ids equal the chat template's rendering; tool errors become messages; limits end episodes with
+their reason; a sync mid-episode keeps each token's version; routing replay keeps first routes.
+"""
 
 from __future__ import annotations
 
@@ -32,8 +27,7 @@ EOS = TOK.eos_token_id
 
 
 class ScriptedEngine:
-    """``generate`` answers the scripted replies in order. ``pause_after[k] = n``: reply k stops
-    after n tokens with an abort, the served version then becomes ``version + 1``."""
+    """Answers the scripted replies in order; pause_after[k] = n aborts reply k after n tokens."""
 
     def __init__(self, replies: list[str | None], pause_after: dict[int, int] | None = None):
         self.replies, self.pause_after = list(replies), dict(pause_after or {})
@@ -200,9 +194,7 @@ def test_limits_end_episodes_with_their_finish_reason(limits, reason):
 
 
 def test_an_episode_ends_at_the_models_context_when_max_episode_tokens_is_longer():
-    """The tiny model's 256 positions against the default task.max_episode_tokens (1024): the
-    engine refused the 257th token of input (HTTP 400), every episode failed and the rollout
-    server stopped; the episode now ends there with max_tokens."""
+    """An episode ends at the model's context (256) with max_tokens, not an HTTP 400."""
     from areal_like.settings.config import RunConfig
     from rollout_server.facts import RolloutFacts
 
@@ -217,12 +209,7 @@ def test_an_episode_ends_at_the_models_context_when_max_episode_tokens_is_longer
 
 
 def test_an_opening_prompt_that_leaves_no_room_is_refused_with_its_reason():
-    """An environment whose opening prompt fills the context (``max_episode_tokens``) ends at once
-    with ``no_room``: a trajectory of no output token, reward 0, the environment never stepped.
-    It passed every check and, having no token, counted as version 0: its group (fresh siblings
-    too) was dropped as ``stale`` once the trainer passed ``max_staleness``, and trained before.
-    The buffer (and the trainer) now refuse it as ``no_room``, saying why: the prompt's fault, it
-    is skipped this epoch (tests/integration/test_no_room.py)."""
+    """An opening prompt filling the context ends at once as no_room, env never stepped."""
     from areal_like.wire.group_checks import content_problem
     from areal_like.wire.protocol import Credit
 
@@ -276,8 +263,7 @@ def test_a_weight_sync_mid_episode_keeps_every_tokens_version_and_its_logged_sam
 
 
 def test_a_multi_turn_groups_rewards_reach_the_rollout_reward_metrics():
-    """``areal-like top``'s rollout reward column reads ``rollout/reward``: a job of multi-turn
-    episodes (and of agent episodes, which make their groups alike) showed no reward there."""
+    """Multi-turn (and agent) groups' rewards reach rollout/reward."""
     from areal_like.wire.protocol import Credit
 
     r = runner(ScriptedEngine(["a", "b", "c"]))
@@ -288,10 +274,7 @@ def test_a_multi_turn_groups_rewards_reach_the_rollout_reward_metrics():
 
 
 def test_when_one_conversation_of_a_group_fails_its_siblings_are_cancelled():
-    """``run_group`` gathered its conversations with ``asyncio.gather``: when one failed the group
-    failed at once, but its siblings ran on, unseen (their slot freed), to
-    ``task.episode_timeout_s``, generating for a group already dropped. Now they are cancelled
-    (their engine requests with them) before the failure goes on."""
+    """One conversation failing cancels its siblings (and their requests) first."""
     from areal_like.wire.protocol import Credit
 
     async def group():
@@ -309,10 +292,7 @@ def test_when_one_conversation_of_a_group_fails_its_siblings_are_cancelled():
 
 
 def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_stops(caplog):
-    """An environment whose step raises fails its episode; the server stops after
-    MAX_EPISODE_FAILURES in a row. The log said only ``failed (1 in a row): 'missing'`` (a
-    KeyError's str): now the exception's type, and the traceback of the failure that stops the
-    server, which ``areal-like run`` shows (launch/local.py: error_tail)."""
+    """A raising env is named with its exception type; the stopping failure's traceback."""
     import logging
 
     from areal_like.settings.config import load_config
@@ -343,9 +323,7 @@ def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_
 
 @pytest.mark.parametrize("reward", [None, float("nan"), "1.0"])
 def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
-    """A step's reward of None read ``float() argument must be a string or a real number``, a NaN
-    failed the group later as ``reward: must be finite`` (naming no environment), a string
-    passed."""
+    """A step reward that is None, NaN or a string is refused naming the env."""
     from areal_like.tasks.environment import as_step_result
 
     with pytest.raises(TypeError, match=r"^environment m:E step returned reward .+; expected a "
@@ -355,10 +333,7 @@ def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
 
 
 def test_numpy_values_in_a_steps_info_go_on_the_wire_and_others_are_named_at_the_step():
-    """An env's ``info`` of numpy values (``{"score": np.float32(0.5)}``) failed every episode in
-    the frame encoder (``frame: cannot encode: ... numpy.float32``, naming neither the env nor
-    ``info``); five in a row stopped the server. They become plain values where the step result
-    is taken; a value the wire cannot carry is refused there, naming the env and the key."""
+    """numpy values in info become plain; a value the wire can't carry is named."""
     from areal_like.tasks.environment import as_step_result
     from areal_like.wire.protocol import Credit, encode
 
@@ -377,8 +352,7 @@ def test_numpy_values_in_a_steps_info_go_on_the_wire_and_others_are_named_at_the
 
 
 def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():
-    """An agent episode's part (rollout_server/agent_endpoint.py) records its ``calls``, not
-    ``turns``: its rows in samples.jsonl read ``"turns": null``."""
+    """An agent episode's samples.jsonl rows count its calls as turns."""
     from areal_like.wire.protocol import TrajectoryGroup
     from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
     from trainer.samples import sample_rows
@@ -394,9 +368,7 @@ def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():
 
 
 def test_an_episode_cut_during_a_step_keeps_its_messages_equal_to_its_ids():
-    """The episode timeout fires while the environment steps the first turn: the turn's generated
-    tokens stay in the trajectory, so its conversation (metadata ``messages``) ends with that
-    assistant turn, and the ids are still the template's rendering of it."""
+    """Cut during a step: messages end with the turn and ids still render them."""
     engine = ScriptedEngine(["hello there"])
     conv, traj = episode(engine, env="agent_envs:Stuck", episode_timeout_s=0.3)
     assert (conv.finish_reason, conv.turns) == ("episode_timeout", 1)
@@ -408,9 +380,7 @@ def test_an_episode_cut_during_a_step_keeps_its_messages_equal_to_its_ids():
 
 
 class RoutedEngine(ScriptedEngine):
-    """Answers routes too, as the engine does for every position a request ran ([input + output -
-    1, layers 1, top_k 2]): all the call's number, so a trajectory's routes name the call that ran
-    each position."""
+    """Also answers routes for every position a request ran, all the call's number."""
 
     def __init__(self, *args, unrouted: int = -1, short: int = -1, **kw):
         super().__init__(*args, **kw)
@@ -426,9 +396,7 @@ class RoutedEngine(ScriptedEngine):
 
 @pytest.mark.parametrize("cut", [False, True])
 def test_each_position_keeps_the_routes_of_the_turn_that_ran_it_first(cut):
-    """A turn's request re-runs the whole conversation; its routes are taken only for the
-    positions no earlier turn ran (the previous turn's last token, the environment's message, its
-    own tokens). A turn cut by its timeout leaves context no request ran: it is left out."""
+    """Each position keeps the routes of the turn that ran it first; unrun context dropped."""
     replies = ["hello there", "it is 5", None if cut else "bye"]
     # the second reply paused after 2 tokens: the resumed call's routes replace the first's
     conv, traj = episode(RoutedEngine(replies, pause_after={1: 2}), env="agent_envs:Endless",
@@ -450,8 +418,7 @@ def test_each_position_keeps_the_routes_of_the_turn_that_ran_it_first(cut):
 
 @pytest.mark.parametrize("fault", ["unrouted", "short"])
 def test_a_turn_without_routes_leaves_the_trajectory_without_any(fault):
-    """A turn with no routes, or not a row for each position it ran: the trainer then drops its
-    group, as a single-turn sample's without routes."""
+    """A turn without (complete) routes leaves the trajectory without any."""
     conv, traj = episode(RoutedEngine(["hello there", "it is 5", "bye"], **{fault: 1}),
                          env="agent_envs:Endless", max_turns=3)
     assert traj.routed_experts is None and len(traj.output_ids) == len(conv.output_ids)

@@ -1,5 +1,4 @@
-"""launch/observability: the scrape config, alert rules and dashboard parse, and every metric
-they query is one a daemon really exports (names checked against the daemons' source)."""
+"""launch/observability: configs parse and every metric queried is one a daemon exports."""
 
 from __future__ import annotations
 
@@ -59,9 +58,7 @@ def test_files_parse():
 
 
 def test_prometheus_accepts_every_path_of_the_scrape_config():
-    """Prometheus refuses a whole config whose file_sd path has a '*' outside the file's name, or
-    a rule file path one outside the last segment (its own patterns, discovery/file/file.go and
-    config/config.go); ``runs/*/prometheus_targets.json`` did."""
+    """No '*' outside a file_sd or rule path's last segment (Prometheus refuses it)."""
     file_sd = re.compile(r"^[^*]*(\*[^/]*)?\.(json|yml|yaml|JSON|YML|YAML)$")
     rule_path = re.compile(r"^[^*]*(\*[^/]*)?$")
     prom = yaml.safe_load((OBS / "prometheus.yml").read_text())
@@ -72,10 +69,7 @@ def test_prometheus_accepts_every_path_of_the_scrape_config():
 
 
 def test_alert_rules_compare_daemons_within_one_job():
-    """One Prometheus may watch several jobs: a rule that aggregates over daemons keeps ``run``
-    (RosterShrunk compared one job's roster with every job's rollout servers, StalenessAtBound
-    every job's staleness with the largest bound of all), and every rule has one of the two
-    severities the rules route on."""
+    """Rules aggregating over daemons keep run; every rule has a routed severity."""
     rules = [r for g in yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
              for r in g["rules"]]
     aggregation = re.compile(r"\b(?:sum|min|max|count|avg)\s*(?:by\s*\(([^)]*)\))?\s*\(")
@@ -88,8 +82,7 @@ def test_alert_rules_compare_daemons_within_one_job():
 
 
 def test_docs_name_counters_as_prometheus_serves_them():
-    """A counter's series is ``<name>_total``: a page naming it without the suffix sends the reader
-    to a query that matches nothing (README.md named ``areal_trainer_nonfinite_steps``)."""
+    """Docs name counters as served: <name>_total."""
     made = re.compile(r'(?:counter|count_to)\(\s*f?"((?:buffer|rollout|trainer)/[a-z_]+)"')
     counters = {prom_name(f"buffer/{n}") for n in (*COUNTERS, *LABELLED)}
     for pkg in ("buffer", "rollout_server", "trainer"):
@@ -111,8 +104,7 @@ LOOKBACK_S = 300  # how far back Prometheus takes a series' last sample for an i
 
 
 class _Vector(dict):
-    """An instant vector: labels (a frozenset of pairs) -> value; arithmetic and comparisons
-    (which keep the left side's values where they hold) match labels one to one."""
+    """An instant vector: labels -> value; ops match labels one to one."""
 
     def _op(self, other, op):
         if isinstance(other, dict):
@@ -127,9 +119,7 @@ class _Vector(dict):
 
 
 def _fires(expr: str, series: dict[str, dict[frozenset, list]], t: float) -> bool:
-    """Whether ``expr`` has a result at time ``t`` over ``series`` (metric name -> labels ->
-    [(time, value)]): enough PromQL for a rule of min/max by one label, min/max_over_time,
-    ``delta`` of a series, ``-`` and ``>``, nothing else (promtool is not installed here)."""
+    """Whether expr has a result at t over series: enough PromQL for our rules."""
     def window(name, seconds):
         return {k: [v for ts, v in pts if t - seconds < ts <= t]
                 for k, pts in series.get(name, {}).items()}
@@ -155,9 +145,7 @@ def _fires(expr: str, series: dict[str, dict[frozenset, list]], t: float) -> boo
 
 
 def test_trainer_rolled_back_sees_a_whole_job_resume_on_new_ports():
-    """``areal-like run`` again on a run_dir picks new metrics ports: the resumed trainer is a new
-    ``instance`` whose ``areal_trainer_rolled_back_steps`` starts at the steps the crash lost.
-    ``delta()`` of one series saw no change in either, so a resume never fired the rule."""
+    """TrainerRolledBack fires for a resume on new ports (a new instance)."""
     expr = _rules()["TrainerRolledBack"]
 
     def resumed(lost: int, port: int) -> bool:
@@ -177,8 +165,7 @@ def test_trainer_rolled_back_sees_a_whole_job_resume_on_new_ports():
 
 
 def test_every_kind_of_daemon_has_a_down_rule():
-    """``up`` of each kind at 0 pages (there was none for the buffer); ``up`` is there from the
-    daemon's first start, when ``areal-like run`` lists it in prometheus_targets.json."""
+    """up == 0 of every daemon kind pages."""
     rules = {r["expr"]: r for g in yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
              for r in g["rules"]}
     for kind in ("buffer", "rollout", "trainer"):
@@ -195,8 +182,7 @@ def test_every_queried_metric_is_exported():
 
 
 def test_every_rejection_reason_is_created_up_front():
-    """Each label the buffer counts under buffer/rejected is in LABELLED, so its series exists (at
-    0) from the first scrape; found in the source where the reasons are written."""
+    """Every buffer/rejected reason is in LABELLED, so exists at 0 from the start."""
     sources = {ROOT / "buffer" / "credits.py": r'f?"([a-z_]+): ',
                ROOT / "areal_like" / "wire" / "group_checks.py": r'f?"([a-z_]+): ',
                ROOT / "buffer" / "service.py": r'_refuse\("([a-z_]+)"',

@@ -1,13 +1,4 @@
-"""Packed attention's device contract and attention selection (``trainer/packed_attention.py``,
-``trainer/model.py``), on CPU.
-
-* A packed forward and backward reads the device back at most once per micro-batch: every
-  host-sync entry point of ``torch.Tensor`` is counted while ``output_logp(packed=True)`` runs.
-* The CUDA path's call into torch's ``varlen_attn``: layout, boundaries, causality and GQA, checked
-  by a reference kernel with its signature standing in for the flash kernel CPU torch lacks.
-* flash-attention detection where ``flash_attn`` is only ``flash-attn-4``'s ``flash_attn/cute``
-  namespace package (an SGLang install): FA2 is not there, FA4 is, and its mask is "no mask".
-"""
+"""Packed attention on CPU: host syncs per micro-batch, the varlen call, flash-attn detection."""
 
 from __future__ import annotations
 
@@ -51,12 +42,7 @@ def packed_model():
 
 @contextlib.contextmanager
 def counting_host_syncs():
-    """Count the calls through which a CUDA tensor's value reaches the host (each one waits for
-    the device): ``item``, ``tolist``, ``cpu``, ``numpy``, ``int()``/``float()``/``bool()`` and
-    index use of a tensor, and a blocking ``.to("cpu")``. On this CPU-only machine every device
-    reads ``cpu``, so a ``.to`` counts when its target is written as the host (the string
-    ``"cpu"``), not a tensor's ``device`` (a copy onto the compute device, or none), and not
-    ``non_blocking`` (a copy onto the device from the host waits for nothing)."""
+    """Count calls by which a tensor's value reaches the host (item, tolist, .to('cpu'), ...)."""
     calls: list[str] = []
     saved = {}
 
@@ -88,10 +74,7 @@ def counting_host_syncs():
 
 
 def test_a_packed_forward_and_backward_sync_with_the_host_once():
-    """Four sequences (three lengths) through 2 decoder layers, forward and backward: one read
-    of the lengths; padded, no read at all. Fails on the per-layer boundaries (seen on the
-    previous code: 10, a ``tolist`` per layer and pass plus the lengths' and the longest
-    length's reads)."""
+    """Packed forward+backward read the lengths once; padded, never."""
     model, batch = packed_model(), packed_batch(SHAPES)
     model.config.use_cache = False  # as trainer/model.py's shard_model builds it
     assert model.config.num_hidden_layers >= 2
@@ -108,8 +91,7 @@ def test_a_packed_forward_and_backward_sync_with_the_host_once():
 
 
 def _reference_varlen(calls):
-    """torch's ``varlen_attn`` signature ([T, H, D] in and out, GQA by ``enable_gqa``), computed
-    per sequence with SDPA on CPU; records what it was called with."""
+    """torch's varlen_attn signature computed per sequence with SDPA; records its calls."""
     def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
                     window_size=(-1, -1), enable_gqa=False, **kwargs):
         calls.append({"max_q": max_q, "window_size": window_size, "gqa": enable_gqa,
@@ -133,8 +115,7 @@ def _reference_varlen(calls):
 
 @pytest.fixture
 def varlen_standin(monkeypatch):
-    """``varlen_standin()``: from now on the packed path takes the varlen kernel (CUDA's; here the
-    SDPA stand-in above); returns the list of its calls."""
+    """Make the packed path take the varlen kernel (the SDPA stand-in); returns its calls."""
     import trainer.packed_attention as pa
 
     def choose() -> list[dict]:
@@ -146,10 +127,7 @@ def varlen_standin(monkeypatch):
 
 
 def test_the_varlen_kernel_gets_the_row_in_its_layout(varlen_standin):
-    """With the varlen kernel chosen (as on CUDA in bf16) each sequence's log-probs and gradients
-    equal the exact SDPA path's: q/k/v as [T, H, D], the micro-batch's ``cu_seqlens`` and longest
-    length, causal, GQA (2 KV heads for 6 query heads) flagged. Fails on a layout or boundary
-    slip (checked once: the output returned as [1, H, L, D] without the transpose)."""
+    """Through the varlen kernel, log-probs and grads equal SDPA's ([T, H, D], cu_seqlens, GQA)."""
     model, batch = packed_model(), packed_batch(SHAPES)
 
     def run():
@@ -176,10 +154,7 @@ def test_the_varlen_kernel_gets_the_row_in_its_layout(varlen_standin):
 
 
 def test_a_sliding_window_stays_inside_each_packed_sequence(varlen_standin):
-    """A Qwen2 whose layers all slide (window 3): each packed sequence's log-probs and gradients
-    equal that sequence's run alone through transformers' own sliding-window mask, on the SDPA
-    path and through the varlen call (``window_size`` (2, 0)). Fails when the packed path drops
-    the window (seen: today's code, which read every layer as fully causal)."""
+    """A sliding window (3) stays inside each packed sequence, SDPA and varlen paths."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import trainer.packed_attention as pa
@@ -228,8 +203,7 @@ def test_the_varlen_kernel_is_chosen_for_half_precision_cuda_only():
 
 @pytest.fixture
 def flash_attn_4_only(tmp_path, monkeypatch):
-    """``flash_attn`` as an SGLang install has it: the ``flash_attn/cute`` namespace package of
-    ``flash-attn-4`` (no ``flash_attn/__init__.py``, no FA2), first on ``sys.path``."""
+    """flash_attn as SGLang installs it: flash-attn-4's cute namespace package only."""
     cute = tmp_path / "flash_attn" / "cute"
     cute.mkdir(parents=True)
     (cute / "__init__.py").write_text("def flash_attn_varlen_func(*a, **k):\n    raise "
@@ -245,9 +219,7 @@ def flash_attn_4_only(tmp_path, monkeypatch):
 
 
 def test_flash_attn_4_alone_is_not_taken_for_fa2(flash_attn_4_only):
-    """Fails on detection by ``find_spec("flash_attn")`` (what tests/gpu/test_packing_cuda.py
-    did: FA2 was run, and failed in transformers' import of it), and on a ``VARLEN_ATTENTION``
-    without ``flash_attention_4`` (its packed mask was then None: a dense mask it never reads)."""
+    """flash-attn-4 alone is not FA2, and its packed mask is flash_attention_4's."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
 
     from trainer.model import VARLEN_ATTENTION, packed_mask, require_attention

@@ -1,10 +1,4 @@
-"""Packed micro-batches, token budgets and balanced ranks (``trainer/packing.py``,
-``trainer/step.py``'s ``packed_output_logp``).
-
-The plans are checked against partitions worked out by hand in the comments; the packed forward
-against each sequence run alone through the padded path (its own row: nothing to pad, nothing to
-leak into), on a real tiny Qwen2 with SDPA.
-"""
+"""Packed micro-batches, token budgets and balanced ranks (trainer/packing.py, step.py)."""
 
 from __future__ import annotations
 
@@ -149,15 +143,7 @@ def _batch(*groups: list[tuple[int, int]], seed: int = 0):
 
 @pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed"])
 def test_packed_logp_equals_each_sequence_alone_and_its_gradient_too(attn):
-    """Each packed sequence's log-probs (and the gradient of their masked sum) equal that
-    sequence's run alone: attention stays inside it and positions restart; on transformers' SDPA
-    (its block-diagonal mask) and on the trainer's ``sdpa_packed`` (one SDPA per sequence).
-    Fails when the packed row attends across sequences (checked once each: ``use_cache=True`` in
-    ``policy_logprobs``, whose cache turns transformers' block-diagonal mask back into a plain
-    causal one: 9 of 15 log-probs off, by up to 0.54 nat; ``sdpa_packed`` run over the whole row
-    as one sequence: likewise), and when ``sdpa_packed``'s recomputing backward is wrong (checked
-    once: its output gradient halved, or the two 9-token sequences' gradients swapped within
-    their length group, fails the gradient comparison; their outputs swapped fails the values)."""
+    """Packed log-probs and gradients equal each sequence alone (transformers SDPA, sdpa_packed)."""
     from areal_like.weights.hf import build_model
     from trainer.model import attach_logprobs
     from trainer.packed_attention import PACKED_SDPA

@@ -1,5 +1,4 @@
-"""launch/preflight.py: every input a job reads from outside its config fails in one line naming
-its key, before anything starts, instead of 10-30 s later inside three daemons."""
+"""launch/preflight.py: every outside input fails in one line naming its key, before start."""
 
 from __future__ import annotations
 
@@ -75,8 +74,7 @@ def test_model_path_must_be_a_model_directory(tmp_path):
 
 
 def test_a_model_built_from_config_must_have_room_for_its_tokenizer():
-    """model.vocab_size below the tokenizer's size passed the preflight and stopped the rollout
-    server at start with a traceback (exit 1)."""
+    """model.vocab_size below the tokenizer's size is refused at preflight."""
     assert pf.check_models(load_config(["model.vocab_size=50"])) == [
         "model.vocab_size=50 is smaller than the tokenizer (model.tokenizer='char': 104 tokens)"]
 
@@ -119,8 +117,7 @@ def test_model_path_without_a_tokenizer_needs_a_tokenizer_directory(tmp_path):
 
 
 def test_tokenizer_is_measured_against_the_embedding_of_model_path(tmp_path):
-    """A model directory's embedding is its config.json's vocab_size, not model.vocab_size (the
-    tiny model's 104, which every real tokenizer exceeds: the daemons refused such a job)."""
+    """A model directory's embedding is its config.json's vocab_size, not model.vocab_size."""
     from areal_like.tasks.tokenizer import bpe_tokenizer, load_tokenizer
 
     tok = bpe_tokenizer(512)
@@ -140,8 +137,7 @@ def test_tokenizer_is_measured_against_the_embedding_of_model_path(tmp_path):
 
 
 def test_a_model_the_trainer_or_the_engine_cannot_run_is_refused_naming_why(tmp_path):
-    """GPT-2, Gemma 2, Cohere: each failed inside a daemon after start (a traceback), or trained on
-    log-probs without the model's own logit scale, mismatch_kl > 0 at staleness 0."""
+    """GPT-2, Gemma 2, Cohere are refused naming why."""
     from transformers import CohereConfig, Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
 
     dims = dict(vocab_size=104, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -488,9 +484,7 @@ def test_an_inherited_return_original_logprob_is_refused_unless_unset_or_false(m
 
 
 def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tmp_path):
-    """A tokenizer without a chat template on a dataset of chat messages: `areal-like config` (the
-    preflight `run` runs first) refuses in one line naming the keys, unless task.chat_template says
-    what to do (none: plain text; or a template of one's own)."""
+    """Chat rows need a chat template unless task.chat_template says what to do."""
     import copy
     import json
 
@@ -538,9 +532,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 ])
 def test_rows_whose_contents_make_no_example_are_refused_before_start_in_one_line(
         tmp_path, bad_row, why):
-    """Rows 3 and 6 of 8 unusable: the preflight (`areal-like run` and `config` run it first:
-    test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anything) refuses in
-    one line counting them and naming their rows."""
+    """Unusable rows are refused in one line counting them and naming their rows."""
     good = {"prompt_messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}
     data = _jsonl(tmp_path / "rows.jsonl", [bad_row if i in (3, 6) else good for i in range(8)])
     with pytest.raises(pf.PreflightError) as refused:
@@ -571,9 +563,7 @@ def test_row_check_streams_batches_and_shows_the_first_rows(tmp_path, monkeypatc
 
 
 def test_max_epochs_must_give_the_groups_the_job_trains_on(tmp_path, monkeypatch):
-    """buffer.max_epochs over a dataset with fewer prompts than the job trains on: the buffer ran
-    out of prompts and the trainer waited for data forever ('3 of 4 fresh groups'), saying nothing
-    about why."""
+    """buffer.max_epochs must give the groups the job trains on."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.jsonl").write_text(
         "".join(f'{{"prompt": "q{i}", "answer": "{i}"}}\n' for i in range(3)))
@@ -604,11 +594,7 @@ def test_max_epochs_must_give_the_groups_the_job_trains_on(tmp_path, monkeypatch
 
 def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
         tmp_path, monkeypatch):
-    """task.max_new_tokens=1000 on the tiny model (256 positions) was accepted: the embedded engine
-    cut every output at the context, and SGLang refuses every such request (input +
-    max_new_tokens over its context: HTTP 400), so each episode failed and the server stopped. A
-    prompt limit or a dataset whose every prompt leaves no room failed the same way at run
-    time."""
+    """Lengths leaving no room in the context are refused naming the keys."""
     monkeypatch.chdir(tmp_path)
     assert base().model.max_position_embeddings == 256
     assert pf.check_lengths(cfg_with(max_new_tokens=255, max_prompt_tokens=255)) == []
@@ -649,10 +635,7 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
 
 
 def test_an_eval_split_whose_every_prompt_leaves_no_room_is_refused(tmp_path, monkeypatch):
-    """An eval file of longer prompts than the train split's, none leaving room: the job ran and
-    every evaluation sent nothing (each prompt counted as no_room), recording n=0 and
-    greedy_accuracy 0.0, an evaluation of nothing that check_eval_split refuses where the split is
-    missing."""
+    """An eval split whose every prompt leaves no room is refused."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
     (tmp_path / "long.jsonl").write_text(
@@ -677,9 +660,7 @@ def kv_budget(cfg: RunConfig, tokens: int) -> RunConfig:
 
 def test_the_embedded_engines_kv_budget_is_the_context_the_lengths_are_checked_against(
         tmp_path, monkeypatch):
-    """The embedded engine serves min(max_position_embeddings, rollout.engine.max_total_tokens);
-    the preflight checked against the model's 256 alone, so task.max_new_tokens=200 with a budget
-    of 128 passed, and the prompts it skips at run time counted as prompts of an epoch."""
+    """Lengths are checked against min(positions, rollout.engine.max_total_tokens)."""
     monkeypatch.chdir(tmp_path)
     assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=127), 128)) == []
     assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=200), 128)) == [
@@ -693,10 +674,7 @@ def test_the_embedded_engines_kv_budget_is_the_context_the_lengths_are_checked_a
 @pytest.mark.parametrize("long_prompt,budget", [(300, 512), (150, 128)])
 def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(
         tmp_path, monkeypatch, long_prompt, budget):
-    """A prompt that fills the context (the model's 256 positions, or a smaller KV budget of the
-    embedded engine) is skipped each epoch (its group refused as no_room): with
-    buffer.max_epochs=1 over 2 prompts that fit and 2 that do not, 4 groups were asked for and the
-    trainer waited for data forever after the second."""
+    """max_epochs counts only the prompts that leave room in the context."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mix.jsonl").write_text("".join(
         f'{{"prompt": "{"x" * (long_prompt if i % 2 else 3)}", "answer": "1"}}\n'

@@ -1,5 +1,4 @@
-"""Wire protocol: property round trips for every message type, strict rejection naming the
-field, and a fuzz run showing that nothing but ProtocolError escapes ``decode``."""
+"""Wire protocol: round trips per message type, strict rejection naming fields, fuzzed decode."""
 
 from __future__ import annotations
 
@@ -211,8 +210,7 @@ def test_arrays_travel_as_raw_bytes_not_lists():
 
 
 def test_senders_use_plain_types_and_encode_refuses_others():
-    """Construction checks no field (areal_like/wire/codec.py): a numpy scalar or a ``str`` subclass
-    is refused by ``encode`` naming the frame, so nothing ambiguous is ever sent."""
+    """encode refuses a numpy scalar or str subclass, naming the frame."""
     class Name(str):
         pass
 
@@ -386,9 +384,7 @@ def test_rejects_non_finite_reward(reward):
     (None, "expected float"), (10**400, "finite"), (np.float64("nan"), "finite")],
                          ids=["str", "bool", "np.bool_", "None", "10**400", "np.nan"])
 def test_trajectory_of_refuses_a_reward_that_is_no_finite_number(reward, says):
-    """Trajectory.of is where an episode's reward is checked (its docstring): anything but a
-    finite real number is a ProtocolError naming ``reward`` there, never a TypeError or an
-    OverflowError, nor a group that encodes and is refused whole by the buffer's decode."""
+    """Trajectory.of refuses a non-finite or non-real reward as a ProtocolError naming it."""
     with pytest.raises(P.ProtocolError) as info:
         make_traj(reward=reward)
     assert info.value.field == "reward" and says in str(info.value)
@@ -397,8 +393,7 @@ def test_trajectory_of_refuses_a_reward_that_is_no_finite_number(reward, says):
 @pytest.mark.parametrize("reward", [np.float32(0.5), np.float64(0.5), np.int64(2), 2, 0.5],
                          ids=["np.float32", "np.float64", "np.int64", "int", "float"])
 def test_trajectory_of_takes_any_finite_real_reward_as_a_float(reward):
-    """A numpy reward (an environment's np.mean, say) is stored as the float msgpack carries, so
-    its group encodes (a numpy scalar would make encode fail, and with it the sender)."""
+    """A numpy reward is stored as a float, so its group encodes."""
     traj = make_traj(reward=reward)
     assert type(traj.reward) is float and traj.reward == float(reward)
     group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
@@ -435,8 +430,7 @@ def test_rejects_wrong_dtype_or_malformed_array(name, bad):
 
 
 def test_want_credits_is_optional_and_bounded():
-    """A group's send may ask for leases with its ack; a GroupSubmit without the field decodes
-    with 0."""
+    """A GroupSubmit without want_credits decodes with 0."""
     wire = wire_of(P.GroupSubmit(group=P.encode_group(make_group())))
     del wire["want_credits"]
     frame = msgpack.packb(wire, use_bin_type=True)
@@ -455,9 +449,7 @@ def test_want_credits_is_optional_and_bounded():
 
 
 def test_a_group_submit_carries_the_group_frame_as_encoded_and_opens_it_checked():
-    """The group's frame is encoded once: a GroupSubmit's frame holds those bytes verbatim,
-    ``opened`` returns the group and a view of them; a frame inside that is not a valid group is
-    refused naming the field under ``group``."""
+    """A GroupSubmit keeps the group's bytes verbatim; opened() checks them."""
     group_frame = P.encode_group(make_group())
     frame = P.encode(P.GroupSubmit(group=group_frame, want_credits=3))
     assert bytes(group_frame) in frame and frame.count(bytes(group_frame)) == 1
@@ -477,8 +469,7 @@ def test_a_group_submit_carries_the_group_frame_as_encoded_and_opens_it_checked(
 
 
 def test_a_batch_of_stored_frames_decodes_as_a_batch_of_groups():
-    """The buffer hands out groups as their stored frames (msgspec.Raw, no decode and re-encode);
-    the trainer reads the same groups a Batch of decoded groups gives."""
+    """A batch of stored frames (msgspec.Raw) decodes as a batch of groups."""
     groups = [make_group(), make_group(n=3, t=2)]
     spliced = P.encode(P.Batch(groups=[P.encode_group(g) for g in groups], trainer_version=2,
                                batch_id="b"))
@@ -515,8 +506,7 @@ def test_a_group_too_large_for_its_submit_is_refused_before_it_is_sent(monkeypat
               policy_version=0), ("members", 0, "engine_ranks"), [0]),
 ], ids=lambda v: ".".join(map(str, v)) if isinstance(v, tuple) else None)
 def test_counts_ranks_and_ports_have_ranges_on_decode(msg, path, bad):
-    """A member's message with an index, count, rank or port out of range is refused naming the
-    field (before, ``engine_ranks=0`` decoded and would skew a weight group's rank offsets)."""
+    """Indexes, counts, ranks and ports out of range are refused naming the field."""
     assert P.encode(P.decode(P.encode(msg))) == P.encode(msg)  # in range: taken
     for value in bad:
         wire = wire_of(msg)
@@ -661,9 +651,7 @@ def test_fuzz_only_protocol_error_escapes():
 
 def _nested_frame(depth: int, open_byte: bytes = b"\x91", key: bytes = b"\xa6values",
                   protocol: int = P.PROTOCOL_VERSION) -> bytes:
-    """``{"type": "stats", <key>: {"a": [[[...]]]}, "protocol": protocol}`` with the value nested
-    ``depth`` deep (``open_byte``: a 1-element fixarray, or ``\\x81\\xa1a``, a 1-entry fixmap),
-    written by hand: no encoder builds it (they recurse too)."""
+    """A hand-written stats frame with key's value nested depth deep (fixarray or fixmap)."""
     return (b"\x83\xa4type\xa5stats" + key + b"\x81\xa1a" + open_byte * depth + b"\x90"
             + b"\xa8protocol" + bytes([protocol]))
 
@@ -672,8 +660,7 @@ def _nested_frame(depth: int, open_byte: bytes = b"\x91", key: bytes = b"\xa6val
 # 1: the refused-version path reads the frame again
 @pytest.mark.parametrize("protocol", [P.PROTOCOL_VERSION, 1])
 def test_deep_nesting_raises_only_protocol_error(protocol, open_byte):
-    """A map whose value nests lists (or maps) 50,000 deep: msgspec raises
-    RecursionError; ``decode`` refuses it like any other bad frame, and the next frame decodes."""
+    """50,000-deep nesting is a ProtocolError, and the next frame decodes."""
     with pytest.raises(P.ProtocolError) as e:
         P.decode(_nested_frame(50_000, open_byte, protocol=protocol))
     assert e.value.field in ("frame", "protocol")
@@ -681,10 +668,7 @@ def test_deep_nesting_raises_only_protocol_error(protocol, open_byte):
 
 
 def test_no_finalizer_runs_inside_a_deep_decode(monkeypatch):
-    """msgspec parses a deep frame down to the recursion limit: a garbage collection there ran
-    finalizers with no stack left, which raised RecursionError, and so did pytest's unraisable hook
-    formatting it ("Failed to process unraisable exception", a flake of test_deep_frame.py). A
-    collection made due at every depth near the limit: no finalizer runs inside the decode."""
+    """No finalizer (gc) runs inside a deep decode near the recursion limit."""
     import gc
     import weakref
 
@@ -718,8 +702,7 @@ def test_no_finalizer_runs_inside_a_deep_decode(monkeypatch):
     lambda v: P.Credit(lease_id="L1", prompt_index=0, epoch=0, deadline_s=v),
 ], ids=["BatchRequest.wait_s", "Credit.deadline_s"])
 def test_every_float_field_must_be_finite(make, bad):
-    """Not the reward only: every float field of every message (areal_like/DESIGN.md), on decode
-    of a frame a member wrote by hand (before: NaN and inf decoded)."""
+    """Every float field of every message must be finite on decode."""
     good = make(1.0)
     if isinstance(good, P.Credit):  # not a frame of its own (it travels in Credits and Ack)
         good = P.Credits(credits=[good], policy_version=0)
@@ -742,8 +725,7 @@ def _float_swapped(wire, bad: float):
                                          ("engine_url", "http://x\r\nforged"),
                                          ("sync_url", "http://" + "x" * 600)])
 def test_a_peers_names_and_addresses_reach_no_log_line_with_a_newline(field, value):
-    """A Register's id and URLs go into the buffer's and the trainer's log lines: one with a
-    control character or past its length is refused at decode, naming the field."""
+    """A Register's id/URLs with control chars or too long are refused at decode."""
     fields = {"server_id": "rollout-0", "engine_url": "http://127.0.0.1:1", "policy_version": 0}
     frame = P.encode(P.Register(**{**fields, field: value}))
     with pytest.raises(P.ProtocolError) as info:

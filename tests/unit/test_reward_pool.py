@@ -1,11 +1,4 @@
-"""RewardPool with real worker processes (and, with ``reward_workers=0``, in this process): failures
-of a running reward are contained, scored 0 with their reason (and logged at most once a minute per
-kind), and the lost worker is replaced; a reward that cannot be loaded in a worker is fatal; results
-keep their order; secrets stay out; close() leaves nothing.
-
-The reward is ``reward_fns:behave`` (tests/unit/reward_fns.py), found through the test process's
-sys.path, which the workers get too.
-"""
+"""RewardPool with real workers (and in-process): faults contained, order kept, secrets out."""
 
 from __future__ import annotations
 
@@ -103,8 +96,7 @@ def test_a_crashing_reward_scores_zero_and_keeps_its_worker(make_pool):
 
 
 def test_an_exception_whose_message_raises_scores_zero_and_keeps_its_worker(make_pool):
-    """The worker formatted the reason with ``str(e)``: the ZeroDivisionError of the exception's
-    own ``__str__`` escaped ``call_one`` and the worker died (lost, restarted, no reason)."""
+    """An exception whose __str__ raises scores 0 and keeps its worker."""
     pool = make_pool(reward_workers=1)
     before = pool.worker_pids
     assert score(pool, "bad_error", "1.5") == [(0.0, "BadError (its message raised)"),
@@ -129,9 +121,7 @@ def test_a_hanging_reward_is_killed_at_the_timeout_and_replaced(make_pool):
 
 
 def test_samples_after_a_lost_worker_are_scored_by_its_replacement(make_pool):
-    """One worker gets the whole group at once; a sample that hangs, kills it or runs out of
-    memory costs only itself (each timed, counted by kind): the samples queued behind it go to a
-    fresh worker, in order, and the lost worker is gone."""
+    """A hanging/killing/OOM sample costs only itself; the rest go to a fresh worker, in order."""
     metrics = Metrics()
     pool = make_pool(metrics=metrics, reward_timeout_s=1.0, reward_memory_mb=256,
                      reward_workers=1)
@@ -145,16 +135,14 @@ def test_samples_after_a_lost_worker_are_scored_by_its_replacement(make_pool):
 
 
 def test_a_share_bigger_than_a_socket_buffer_is_scored_whole(make_pool):
-    """Eight 300 KB responses on one worker: more than a socket holds, so they cannot all be queued
-    at once; each is scored, in order."""
+    """Eight 300 KB responses on one worker are each scored, in order."""
     pool = make_pool(reward_workers=1)
     responses = ["long " + "x" * (300_000 + k) for k in range(8)]
     assert score(pool, *responses) == [(float(len(r)), None) for r in responses]
 
 
 def test_each_queued_sample_has_its_own_timeout(make_pool):
-    """Samples queued on one worker are timed from the answer before them, not from the send: two
-    2 s samples under a 3 s timeout both score, though together they take 4 s."""
+    """Queued samples are timed from the answer before them, not from the send."""
     pool = make_pool(reward_timeout_s=3.0, reward_workers=1)
     assert score(pool, "sleep 2 1", "sleep 2 2") == [(1.0, None), (2.0, None)]
 
@@ -396,9 +384,7 @@ def test_reward_workers_0_scores_in_this_process_by_the_same_rules(make_pool, ca
 
 
 def test_a_group_the_wire_cannot_carry_fails_its_episode_not_the_sender():
-    """A value user code put in a trajectory's metadata (a numpy scalar) cannot be encoded: the
-    episode fails where it ends and is counted; nothing reaches the sender, whose encode error would
-    stop the server with its unacknowledged groups."""
+    """Unencodable metadata fails its episode (counted), never the sender."""
     import numpy as np
 
     from areal_like.net.metrics import Metrics

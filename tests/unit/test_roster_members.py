@@ -1,7 +1,4 @@
-"""Who is on the buffer's roster (buffer/control.py): a server that stops on request leaves it at
-once, a Register costs the same however many ids the buffer remembers, and a server refused leases
-for its stale engine stays on it, so the trainer's next push, which it needs, names it (the
-trainer reads the roster and drives the members' engines itself: trainer/WEIGHT_SYNC.md)."""
+"""Who is on the buffer's roster (buffer/control.py)."""
 
 from __future__ import annotations
 
@@ -39,10 +36,7 @@ class _CountingRoster(dict):
 
 
 def test_a_register_costs_the_same_however_many_ids_the_buffer_remembers(monkeypatch):
-    """A Register reads the roster a bounded number of times, not once per remembered id (20k
-    distinct ids registering one after the other made the buffer quadratic); the ids kept off
-    the roster are the ``INCARNATIONS_KEEP`` that left it last, and a departed id that comes back
-    is on the roster again, no longer counted as departed."""
+    """A Register reads the roster a bounded number of times; INCARNATIONS_KEEP departed kept."""
     clock = Clock(0.0)
     cp = _control(clock)
     for i in range(300):
@@ -64,9 +58,7 @@ def test_a_register_costs_the_same_however_many_ids_the_buffer_remembers(monkeyp
 
 
 def test_a_server_that_stops_on_request_leaves_at_once():
-    """A last Heartbeat with ``leaving`` (a rollout server's graceful stop) takes it off the roster
-    and releases its leases now, not ``heartbeat_timeout_s`` later (the next push leaves it out);
-    started again later, it is a member as any other."""
+    """A leaving Heartbeat takes the server off the roster and frees its leases now."""
     released = []
     cp = _control(Clock(0.0), 15.0, release=lambda keep, why, level=logging.WARNING:
                   released.append(([s for s in ("a", "b") if not keep(s)], why, level)))
@@ -83,10 +75,7 @@ def test_a_server_that_stops_on_request_leaves_at_once():
 
 
 def test_a_server_behind_the_staleness_bound_stays_on_the_roster(tmp_path):
-    """A rollout server whose engine missed a push (frozen past its deadline, SIGSTOP) is beyond
-    the staleness bound: it gets no leases, so no group to deliver. It stays on the roster, so the
-    next push names it and its leases come back; a roster without it (as when a member that
-    missed a sync was kept out until it showed life) waited forever at eta = 0 with one server."""
+    """A server past the staleness bound gets no leases but stays on the roster."""
     svc = start(tmp_path, BufferConfig(max_staleness=0, groups_per_step=1))
     try:
         step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))

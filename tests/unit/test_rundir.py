@@ -1,8 +1,4 @@
-"""Running the same command twice with a fixed run_dir: a finished run is refused (it used to train
-0 steps and report ok), an unfinished one resumes, and the summary counts this invocation's steps.
-
-Checkpoints are laid out as trainer/checkpoint.py writes them (``v%08d/`` with ``meta.pt`` last,
-``.tmp_v...`` while a save is in progress)."""
+"""A run_dir run again: finished is refused, unfinished resumes; checkpoints as trainer writes."""
 
 from __future__ import annotations
 
@@ -71,20 +67,15 @@ def test_fresh_unfinished_and_finished_runs(tmp_path):
     with pytest.raises(ConfigError, match="trainer.resume=false"):
         check_existing_run(load_config([f"run_dir={tmp_path}", "trainer.steps=300",
                                         "trainer.resume=false"]))
-
-
-def test_checkpoint_dir_outside_the_run_dir(tmp_path):
-    ckpts = tmp_path / "elsewhere"
-    checkpoint(ckpts, 7)
-    cfg = load_config([f"run_dir={tmp_path / 'run'}", f"trainer.checkpoint_dir={ckpts}",
-                       "trainer.steps=7", "eval.at_end=false"])
-    with pytest.raises(ConfigError, match="already finished at step 7"):
+    # a checkpoint_dir outside the run_dir is the one looked in
+    cfg = load_config([f"run_dir={tmp_path / 'run'}", "trainer.steps=200", "eval.at_end=false",
+                       f"trainer.checkpoint_dir={tmp_path / 'checkpoints'}"])
+    with pytest.raises(ConfigError, match="already finished at step 200"):
         check_existing_run(cfg)
 
 
 def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
-    """The job lock is an flock: a second holder is refused with the first one's PID; closing the
-    holder's descriptor (its process exiting) frees it."""
+    """The job flock: a second holder is refused with the PID; closing frees it."""
     held = lock_run_dir(tmp_path / "run")
     try:
         with pytest.raises(ConfigError,
@@ -96,9 +87,7 @@ def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
 
 
 def test_a_run_dir_is_private_to_its_user_whatever_the_umask(tmp_path):
-    """Under the usual umask (022) a run directory was 0755: its WAL, checkpoints, exports and
-    logs readable by every local user. A new one is made 0700 and one left open by an earlier
-    run is closed at the start."""
+    """A run dir is made 0700 under umask 022, and an open one is closed at start."""
     old = os.umask(0o022)
     try:
         os.close(lock_run_dir(tmp_path / "run"))
@@ -141,9 +130,7 @@ def test_summary_counts_only_this_invocations_steps(tmp_path):
 
 
 class _Supervisor:
-    """What ``on_trainer_done`` asks of the job's supervisor: each daemon's process (the trainer
-    completed, the others alive), the live pids and the stop event. ``seen`` gets the Prometheus
-    targets each time the final evaluation's wait looks for the evaluating server."""
+    """on_trainer_done's supervisor; ``seen`` gets the Prometheus targets at each wait."""
 
     def __init__(self, targets: Path):
         live, exited = SimpleNamespace(poll=lambda: None), SimpleNamespace(poll=lambda: 0)
@@ -183,8 +170,7 @@ def test_trainer_done_waits_only_for_a_scheduled_eval(tmp_path, capsys):
 
 
 def test_trainer_done_starts_importing_the_plotting_code():
-    """In a process that has not imported matplotlib: ``on_trainer_done`` starts the import
-    (``warm_plotting``'s thread), with no final evaluation to wait for."""
+    """on_trainer_done starts importing matplotlib (warm_plotting's thread)."""
     script = textwrap.dedent("""
         import sys, tempfile, threading
         from pathlib import Path
@@ -206,11 +192,7 @@ def test_trainer_done_starts_importing_the_plotting_code():
 
 
 def test_prometheus_stops_scraping_a_completed_trainer_during_the_final_evaluation(tmp_path):
-    """The trainer exits when it completed, the job waits for the final evaluation (up to
-    eval.final_timeout_s, 600 s): its target stayed listed, so ``up{kind="trainer"}`` was 0 and
-    TrainerDown (``for: 2m``) paged for a job doing what it should. The others stay scraped, by
-    the rule ``write_ports`` lists them with (``scraped``: a completed trainer was filtered by hand
-    beside it)."""
+    """A completed trainer leaves the scrape targets while the final eval runs."""
     assert _trainer_done(tmp_path).seen == [["buffer", "rollout-0"]]
 
 
@@ -236,8 +218,7 @@ def test_the_summary_shows_a_first_evaluation_only_when_there_were_two(tmp_path)
 
 
 def test_the_learning_curve_legend_sits_outside_the_plot(tmp_path):
-    """Late evaluation points (top right as a run learns) and early low rewards (bottom) must stay
-    visible: the legend is drawn below the axes, not over them."""
+    """The legend is drawn below the axes, not over the curve."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     from launch.records import curve_figure
@@ -256,9 +237,7 @@ def test_the_learning_curve_legend_sits_outside_the_plot(tmp_path):
 
 
 def test_a_resume_naming_the_same_run_dir_another_way_changes_nothing(tmp_path, monkeypatch):
-    """``run_dir=/abs/run`` then ``run_dir=run`` from its parent is the same run: the settings file
-    lives in it, so the spelling of its path is not a changed setting (a resume refused for it
-    was)."""
+    """run_dir=/abs/run then run_dir=run from its parent is the same run."""
     from launch.rundir import changed_settings, write_settings
 
     run = tmp_path / "run"
@@ -272,29 +251,17 @@ def test_a_resume_naming_the_same_run_dir_another_way_changes_nothing(tmp_path, 
         "trainer.lr: 0.0003 -> 0.001"]
 
 
-def test_retention_settings_may_change_on_resume(tmp_path):
-    """Keeping fewer checkpoints or exports (what a long run short of disk is resumed with) changes
-    nothing the run trains on: no --accept-changes for it."""
-    from launch.rundir import changed_settings, write_settings
-
-    write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20"]))
-    assert changed_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=30",
-                                         "trainer.keep_checkpoints=1",
-                                         "export.keep=3"])) == []
-
-
-def test_cadence_and_metrics_ports_may_change_on_resume(tmp_path):
-    """Checkpoints, exports and /metrics train nothing: how often a checkpoint or an export is
-    written (and how) and the ports /metrics listens on change without --accept-changes (before:
-    refused, ``trainer.checkpoint_every`` listed as a changed setting). A setting that trains
-    still is listed."""
+def test_retention_cadence_and_metrics_ports_may_change_on_resume(tmp_path):
+    """Retention, checkpoint/export cadence and metrics ports change freely; lr is listed."""
     from launch.rundir import changed_settings, write_settings
 
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20"]))
     free = ["trainer.checkpoint_every=5", "trainer.checkpoint_async=true", "export.every=10",
             "export.at_end=false", "export.shard_mb=512", "buffer.metrics_port=29101",
             "rollout.metrics_port=29102", "trainer.metrics_port=29103"]
-    assert changed_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=30", *free])) == []
+    for each in [["trainer.keep_checkpoints=1", "export.keep=3"], free]:
+        assert changed_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=30",
+                                             *each])) == []
     assert changed_settings(load_config([f"run_dir={tmp_path}", *free, "trainer.lr=1e-3"])) == [
         "trainer.lr: 0.0003 -> 0.001"]
 
@@ -302,9 +269,7 @@ def test_cadence_and_metrics_ports_may_change_on_resume(tmp_path):
 @pytest.mark.parametrize("change", ["trainer.lora.rank=4", "trainer.lora.rank=0",
                                     "trainer.lora.target_modules=[q_proj]"])
 def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path, change):
-    """The checkpoint holds adapters of the rank and targets it was run with: no trainer can load
-    it with others (before: --accept-changes let the trainer fail to load it on every restart, a
-    DCP size mismatch). Their alpha and dropout may change like any setting."""
+    """LoRA rank/targets never change on resume; alpha and dropout may."""
     from launch.rundir import check_resume_settings, write_settings
 
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8"]))
@@ -325,10 +290,7 @@ def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path
 
 
 def test_a_run_dir_run_before_its_first_checkpoint_keeps_its_settings(tmp_path):
-    """A job stopped hard before its first checkpoint leaves its WAL and version labels, which the
-    next run in that run_dir continues: other settings are refused as for any resume (before: not
-    compared at all, so `task=sort` trained the WAL's reverse groups and replaced settings.yaml).
-    The adapters' layout may change there: no checkpoint holds adapters yet."""
+    """Before the first checkpoint settings are compared too; the adapters' layout may change."""
     from launch.rundir import SETTINGS_FILE, check_resume_settings, write_settings
 
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.lr=3e-4"]))
@@ -342,8 +304,7 @@ def test_a_run_dir_run_before_its_first_checkpoint_keeps_its_settings(tmp_path):
 
 
 def test_a_run_dir_that_cannot_be_made_is_one_error_line(tmp_path):
-    """A file where run_dir goes (or under it) raised FileExistsError / NotADirectoryError from
-    ``areal-like run`` with a traceback."""
+    """A file where run_dir goes (or under it): one error line, no traceback."""
     (tmp_path / "file").write_text("")
     for run_dir, reason in ((tmp_path / "file", "File exists"),
                             (tmp_path / "file" / "sub", "Not a directory")):
@@ -352,11 +313,7 @@ def test_a_run_dir_that_cannot_be_made_is_one_error_line(tmp_path):
 
 
 def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
-    """``prometheus_targets.json`` lists a daemon from its first start until it completes: a
-    trainer that waits for a slow engine (one shared GPU: it starts once every engine is up) was
-    listed from the job's start and paged TrainerDown; a trainer that completed was listed again
-    by a later restart of another daemon. A daemon that crashed and waits for its restart stays
-    listed: that outage is what the down rules are for."""
+    """Targets: a daemon from its first start until it completes; a crashed one stays."""
     from types import SimpleNamespace
 
     import launch.job as job
@@ -387,10 +344,7 @@ def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
 
 
 def test_a_start_refused_after_settings_were_written_leaves_them_as_they_were(tmp_path):
-    """A resume the launcher refuses after ``write_settings`` (a layout that does not fit, here two
-    daemons on one fixed port; a warm start that fails): settings.yaml got this start's content
-    (a new trainer.steps), and ``status`` and ``top`` took the refused run for the one started
-    last. Now it is as it was, and so is job.json (its ``started`` with it)."""
+    """A start refused after write_settings leaves settings.yaml and job.json as they were."""
     from launch.rundir import JOB_FILE, SETTINGS_FILE, write_job, write_settings
 
     same_port = ["buffer.metrics_port=29001", "trainer.metrics_port=29001"]

@@ -1,9 +1,5 @@
-"""``areal-like scale`` refuses in one ``error:`` line, exit 2, and asks the job nothing (no
-``scale.json``): a pool that does not exist, a size that is not a whole number, fewer than one,
-fewer rollout servers than one batch needs at once, more than the job's buffer admits, a job that
-is not running or not ``areal-like run``'s. The supervisor's side (launch/scale.py ``Scaler``)
-refuses a layout that does not fit the GPUs or would move a running server's GPUs, and does not
-apply a request an earlier run left in the run directory.
+"""``areal-like scale`` refuses bad pools, sizes and jobs in one line, exit 2, asking nothing; the
+Scaler refuses layouts that do not fit or move a server's GPUs, and stale requests.
 """
 
 from __future__ import annotations
@@ -107,9 +103,7 @@ def test_the_supervisor_refuses_a_layout_that_does_not_fit_the_gpus(tmp_path):
 
 
 def test_a_request_replaced_before_the_job_read_it_says_so(tmp_path, capsys):
-    """Two `scale` commands at once: the second's request replaces the first's in scale.json before
-    the supervisor reads it; the first says so at once (exit 1) instead of waiting out its
-    --timeout for a request the job will never see."""
+    """A scale request replaced before the job read it says so at once (exit 1)."""
     import os
     import threading
 
@@ -167,10 +161,7 @@ def test_a_ray_jobs_trainer_beyond_its_bundle_is_refused(tmp_path, capsys, more,
 
 
 def test_a_ray_job_grows_its_rollout_pool_outside_the_placement_group(tmp_path):
-    """``RayCluster.scale_layout``: a server beyond the layout's is a layout node of its own (its
-    own actor, placed by Ray) with the layout servers' settings but not rollout-0's evaluation;
-    the highest leave first; one that returns takes its bundle again; the trainer keeps its slot
-    with more or fewer ranks."""
+    """RayCluster.scale_layout: extra servers get own actors; highest leave first."""
     from launch.ray_job import RayCluster
 
     cfg, topo = plan_job(load_config([f"run_dir={tmp_path / 'run'}", *RAY_JOB,

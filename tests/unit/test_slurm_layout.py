@@ -1,15 +1,8 @@
-"""The Slurm path gives every process the config `areal-like run` gives it.
+"""The Slurm path gives every process the config, GPUs and start order ``areal-like run`` does.
 
-For every GPU layout the placement tests cover (tests/unit/test_placement*.py, test_srun.py,
-test_topology.py), the sbatch script's own steps run here: `areal-like config` with its overrides
-(the preflight stubbed: sglang and model files are the preflight's tests), written to a file, then
-`python -m launch.srun steps` on it. Each step's daemon config, the file plus the overrides on its
-command line as the daemon loads them, must equal the config of the same process of `run`
-(`launch.job.plan_job` + `job_specs`, its config.yaml plus its argv); so must its GPUs, and its
-start order (on one shared GPU the trainer starts once the engine is up). On several nodes `run`
-refuses to start, and its plan (`areal-like plan`, the same function) is the reference, plus
-the one thing only the allocation knows: each engine listens on its node's address
-(`rollout.engine.host`), where trainer rank 0's log-prob guard reaches it.
+For every GPU layout, the sbatch steps (areal-like config, then launch.srun steps) give each
+daemon the config of the same process of run (plan_job + job_specs); on several nodes the plan is
+the reference, plus each engine listening on its node's address (rollout.engine.host).
 """
 
 from __future__ import annotations
@@ -60,8 +53,7 @@ LAYOUTS = [
 
 
 def _daemon_config(argv: list[str]):
-    """The config a daemon started with ``argv`` reads: its --config-file plus the key=value after
-    it."""
+    """The config a daemon started with argv reads: --config-file plus key=value after."""
     i = argv.index("--config-file")
     return load_daemon_config(argv[i:i + 2] + [a for a in argv[i + 2:]
                                                if "=" in a and not a.startswith("-")])
@@ -150,8 +142,7 @@ def test_steps_refuse_a_config_that_is_not_laid_out(tmp_path, capsys):
 
 
 def test_after_starts_the_command_once_the_url_is_healthy_and_refuses_when_it_is_not():
-    """`python -m launch.srun after`, the trainer step's wait on one shared GPU, with a real
-    server."""
+    """launch.srun after (the shared-GPU trainer's wait) with a real server."""
     import http.server
     import subprocess
     import sys

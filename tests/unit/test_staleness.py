@@ -1,8 +1,4 @@
-"""StalenessPolicy (admission formula, consume-time check) and CreditLedger (cursor, leases).
-
-Admission: capacity = min(max_inflight - in_flight, (eta + v + 1) * B - started), never < 0.
-Every row of the table below is computed by hand in its comment.
-"""
+"""StalenessPolicy (hand-computed admission table) and CreditLedger (cursor, leases)."""
 
 from __future__ import annotations
 
@@ -154,9 +150,7 @@ OPS = {"credits": 3, "deliver": 4, "redeliver": 1, "batch": 2, "lost_batch": 1, 
 
 @pytest.mark.parametrize("seed", range(20))
 def test_change_records_rebuild_the_state(seed):
-    """A replica that loads a snapshot and applies every later change record (as recovery does)
-    holds the ledger's state after any mix of grants, deliveries, rejections, drops and expiries,
-    whenever the records are cut (several changes of one lease in one record included)."""
+    """Snapshot plus every later change record rebuilds the ledger, however cut."""
     import random
 
     import msgspec
@@ -195,8 +189,7 @@ def test_change_records_rebuild_the_state(seed):
 
 
 def test_a_change_record_costs_what_changed_not_what_is_outstanding():
-    """With 4,096 leases out, an iteration that grants one and closes one logs two lease entries,
-    not 4,096 (the whole state is ~117 KB of msgpack)."""
+    """With 4,096 leases out, one grant and one close log two lease entries."""
     import msgspec
 
     ledger = CreditLedger(StalenessPolicy(10_000, 8, 100_000), 10**6, lease_timeout_s=60.0,
@@ -215,11 +208,7 @@ def test_a_change_record_costs_what_changed_not_what_is_outstanding():
 
 @pytest.mark.parametrize("seed", range(12))
 def test_books_balance_under_random_traffic(seed, tmp_path):
-    """Random requests against the real service logic (fake sockets, fake clock). After every step:
-    started == in_flight + stored + in transit + consumed (every slot accounted for), every prompt
-    below the cursor is in exactly one of stored/in transit/consumed/leased/re-issue queue, and no
-    batch is stale. The trainer acks each batch with its next request, except after a "restart"
-    (``lost_batch``: it acks nothing, so the batch in transit goes back to the store)."""
+    """Random traffic (fake clock, restarts): slots and prompts always accounted, nothing stale."""
     import random
 
     from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig

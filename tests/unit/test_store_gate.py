@@ -1,9 +1,4 @@
-"""The weight group's store gate and door (areal_like/net/store_gate.py) over real loopback sockets:
-the handshake carries bytes both ways unchanged; a slow, idle or surplus connection is cut off; a
-door proves nothing to a listener that cannot prove the key itself; the proof is of the job's
-engine key for one group (knowing the group's name is not enough, and no gate or door is made
-without the key); a closed socket's leftover entry in /proc/net/tcp does not pass for its owner.
-The torch store and real members are in tests/integration/test_weight_group_rendezvous.py."""
+"""The weight group's store gate and door (areal_like/net/store_gate.py) over real sockets."""
 
 from __future__ import annotations
 
@@ -57,8 +52,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 @pytest.mark.parametrize("key", [None, ""])
 def test_no_gate_or_door_without_the_jobs_key_and_the_error_says_where_it_comes_from(echo, key):
-    """A process without the job's engine key (an engine started by hand without it) can host no
-    group and join none: before, its gate or door fell back to keying by the group's name."""
+    """Without the engine key no gate or door is made; the error says where it comes from."""
     port = free_port()
     for make in (lambda: StoreGate("127.0.0.1", port, GROUP, echo, key=key),
                  lambda: StoreDoor("127.0.0.1", port, GROUP, key=key)):
@@ -84,9 +78,7 @@ def test_a_door_carries_bytes_through_the_gate_unchanged_both_ways(echo):
 
 
 def test_a_door_waits_for_a_gate_that_opens_after_its_client_came(echo, monkeypatch):
-    """A member can take its plan up before rank 0 opens the gate (a server added to a running
-    job did, every time): the door dropped its client at the first refused connect, and torch's
-    client logged a C++ stack trace at each retry of its own."""
+    """A door waits for a gate opening after its client came (no drop, no C++ stacks)."""
     refused = threading.Event()
     connect = socket.create_connection
 
@@ -116,10 +108,7 @@ def test_a_door_waits_for_a_gate_that_opens_after_its_client_came(echo, monkeypa
                                         ("another group", KEY)])
 def test_the_groups_name_alone_another_key_or_another_group_and_a_torch_client_get_nothing(
         echo, group, key):
-    """The gate asks for the job's engine key bound to its group: a door that knows the group's
-    name (which the plan carries) but not the key is refused (keyed by the name, as a keyless door
-    was until issue 62), so is one of another job (its key), and so is the right key offered for
-    another group."""
+    """The group's name alone, another job's key, or another group's proof get nothing."""
     port = free_port()
     gate, door = (StoreGate("127.0.0.1", port, GROUP, echo, key=KEY),
                   StoreDoor("127.0.0.1", port, group, key=key))

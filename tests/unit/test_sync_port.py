@@ -1,11 +1,9 @@
-"""A rollout server's sync port (rollout_server/sync_port.py) as a driving trainer calls it
-(``ServerPort``, areal_like/weights/push.py), over real loopback sockets: it vouches for its
-own engine and id only, and a relay of it vouches for nothing and is never sent the key (nor is an
-answer past the client's cap read whole); the door it opens
-carries a client's bytes through the weight group's real store gate, a second door replaces the
-first, a sync's begin and end reach the server as sent, and a caller without the job's engine key
-(counted) or with a malformed body gets nothing done. What the server does on them is tested with
-whole daemons (tests/integration) and tests/unit/test_eval_choreography.py."""
+"""A rollout server's sync port as a driving trainer calls it (ServerPort), over real sockets.
+
+It vouches for its own engine only (a relay gets no key, nor a huge answer read whole); its door
+reaches the real store gate (a second replaces the first); begin/end reach the server as sent;
+keyless (counted) or malformed calls do nothing.
+"""
 
 from __future__ import annotations
 
@@ -35,8 +33,7 @@ ENGINE = "http://127.0.0.1:1"  # the engine the port serves (never called here)
 
 @pytest.fixture
 def pushed():
-    """One push's directory of the disk path, as the trainer's DiskSender makes its root
-    (``mkdtemp``: this user's, mode 0700); the push itself need not exist."""
+    """One push's directory as DiskSender makes its root (mkdtemp, 0700)."""
     root = tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}1_")
     yield os.path.join(root, "v1-abcdef")
     os.rmdir(root)
@@ -132,9 +129,7 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
 
 
 def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key():
-    """The trainer sends the key to a member's URLs only once the port proved it holds it for
-    them (``vouch``, and ``begin``'s answer): a URL in the roster is what a member registered
-    (areal_like/SECURITY.md). A sync begins only for a proof of the key for this port."""
+    """The port vouches for its own engine only; a sync begins only on proof of the key."""
     from aiohttp import web
 
     calls, seen = [], []
@@ -209,8 +204,7 @@ def _begin_body(url: str, nonce: str, plan_id: str = "p1") -> bytes:
 
 
 def test_a_replayed_begin_is_refused_and_begins_nothing():
-    """A /begin seen on the wire and sent again (it needs no key: its proof is in the body) begins
-    no second sync; a fresh nonce does."""
+    """A replayed /begin begins nothing; a fresh nonce does."""
     calls = []
     port = _port(KEY, calls)
 
@@ -230,8 +224,7 @@ def test_a_replayed_begin_is_refused_and_begins_nothing():
 
 
 def test_a_door_leads_only_to_the_jobs_rendezvous(echo):  # noqa: F811
-    """A key holder's /door to any other address (another host, another port when the job fixes
-    its port) is refused before anything is dialled; the rendezvous's own still opens."""
+    """A /door to any address but the job's rendezvous is refused before dialling."""
     gate_port, calls = free_port(), []
     gate = StoreGate("127.0.0.1", gate_port, GROUP, echo, key=KEY)
     dialled = []
@@ -267,10 +260,7 @@ def test_a_door_leads_only_to_the_jobs_rendezvous(echo):  # noqa: F811
 
 def test_an_adapter_outside_the_push_directories_is_refused_alike_whether_it_exists(tmp_path,
                                                                                    pushed):
-    """/adapter loads only a directory the trainer's disk path writes; any other path, one that
-    exists or not, a ``..`` out of one, a link from one to elsewhere, or a look-alike root others
-    may enter (another local user's), is refused the same way, and the server's adapter route is
-    never called."""
+    """/adapter outside the push directories (.., links, others' roots) is refused alike."""
     calls = []
 
     async def adapter(plan):

@@ -1,8 +1,4 @@
-"""A teacher's log-probs (rollout_server/teacher.py): an engine at its URL, keyed as the job's
-teacher process is or not, gives each sampled token the log-prob a direct forward of the teacher
-model gives it; a failing teacher is counted and its group dropped or sent without them; a teacher
-with another tokenizer than the student's is refused, naming both; ``areal-like plan`` shows the
-job's teacher process."""
+"""Teacher log-probs (rollout_server/teacher.py): exact, keyed, failures counted, in plan."""
 
 from __future__ import annotations
 
@@ -101,8 +97,7 @@ def test_the_engine_refuses_input_logprobs_of_a_request_that_generates(teacher_d
 
 
 def test_the_engine_answers_input_logprobs_as_sglang_does(teacher_dir):
-    """SGLang's ``input_token_logprobs`` from ``logprob_start_len`` s: one entry per token from
-    s on, None for token s (the teacher's client asks from one before the first it wants)."""
+    """input_token_logprobs from logprob_start_len s: one per token from s, None for s."""
     engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig()).start()
     ids = PROMPT + OUTPUTS[0]
     body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
@@ -134,8 +129,7 @@ def test_a_failing_teacher_is_counted_and_its_policy_applied(teacher_dir, free_p
 
 
 def test_a_teacher_that_answers_a_log_prob_that_is_not_finite_has_failed():
-    """An engine's JSON may carry NaN or -Infinity: the group is the teacher's failure (counted,
-    its policy applied), not a trajectory the wire refuses later as an episode's failure."""
+    """A teacher answering NaN or -Infinity has failed (counted, its policy applied)."""
     import http.server
     import threading
 
@@ -209,10 +203,7 @@ def test_a_teacher_the_student_cannot_be_compared_with_is_refused_at_load(overri
 
 
 def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_dir):
-    """The preflight (``areal-like run``'s first step): the tiny student reads the char
-    tokenizer as the teacher does, a bpe student does not. ``areal-like plan``: one ``teacher``
-    process serves the directory, and each rollout server's row names it; a teacher URL is used
-    as is (no process)."""
+    """Preflight refuses another tokenizer; plan shows the teacher process (a URL: none)."""
     from areal_like.settings.config import load_config
     from launch.preflight import PreflightError, checked
 
@@ -240,9 +231,7 @@ def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_
 
 
 def test_several_teachers_route_by_the_rows_task(teacher_dir, tmp_path):
-    """Each row goes to the teacher that lists its task (its ``distill.task_key`` column), a row
-    of an unlisted task to the teacher with an empty list; each teacher's log-probs are its own
-    model's."""
+    """Rows go to the teacher listing their task (unlisted: the empty list's)."""
     from areal_like.tasks.datasets import Example
     from rollout_server.teacher import teacher_for, teachers
 
@@ -303,8 +292,7 @@ def test_a_task_no_teacher_scores_is_refused_before_start_and_plan_shows_each(te
 
 
 def test_a_teacher_directory_is_served_on_distill_teacher_engine(teacher_dir):
-    """The job's teacher process runs ``distill.teacher_engine`` (here vLLM, in a job whose own
-    settings vLLM would refuse: it is never weight-synced), and ``areal-like plan`` says so."""
+    """The teacher process runs distill.teacher_engine, and plan says so."""
     from areal_like.settings.config import load_config
     from launch.topology import teacher_overrides
 

@@ -1,8 +1,4 @@
-"""``areal-like status`` / ``top`` as a new user meets them: a job starting up (a daemon that
-answers "not ready", one not started yet, the warm start before any daemon), a finished job, and
-which run directory they pick when none is named. A job of ``areal-like run`` is what its
-``job.json`` says (written here as ``launch/job.py`` writes it, with ``write_job``); a job started
-by hand has a ``ports.json``."""
+"""areal-like status / top as a new user meets them (job.json via write_job, or ports.json)."""
 
 from __future__ import annotations
 
@@ -61,8 +57,7 @@ def _dead_pid() -> int:
 
 
 def test_status_says_starting_for_a_daemon_the_live_launcher_has_not_started(tmp_path, capsys):
-    """ports.json lists a daemon of a later start stage with no PID yet (a trainer waiting for the
-    engines on a shared GPU): starting while the launcher lives, DOWN once it is gone."""
+    """A daemon with no PID yet: starting while the launcher lives, DOWN once gone."""
     _job(tmp_path, [("trainer", free_port(), None)], supervisor_pid=os.getpid())
     assert status(tmp_path) == 1
     out = capsys.readouterr().out
@@ -74,10 +69,7 @@ def test_status_says_starting_for_a_daemon_the_live_launcher_has_not_started(tmp
 
 def test_status_and_top_of_a_finished_run_say_finished_without_connection_errors(tmp_path,
                                                                                   capsys):
-    """The daemons of a finished job are gone as they should be: `finished`, without the refused
-    connection's error text, which read like a failure; status's exit code stays 1 (not all up).
-    top (said DOWN for every daemon, every 2 s forever without a terminal, exit 1 with --once):
-    one view saying finished, then exit 0."""
+    """A finished job: 'finished' without connection errors; top shows it once, exit 0."""
     _job(tmp_path, [("buffer", free_port(), _dead_pid()), ("rollout-0", free_port(), None)])
     _finish(tmp_path)
     assert status(tmp_path) == 1
@@ -94,8 +86,7 @@ def test_status_and_top_of_a_finished_run_say_finished_without_connection_errors
 
 
 def _start(path, *, at: float, launcher: int, born: float | None = None) -> None:
-    """job.json as ``areal-like run`` begins it at ``at``, before the warm start: the launcher's PID
-    and create_time (``born``, default: that PID's now, or ``at`` for a dead one)."""
+    """job.json as areal-like run begins it at at: the launcher's PID and create_time."""
     if born is None:
         born = psutil.Process(launcher).create_time() if psutil.pid_exists(launcher) else at
     write_job(path, state="starting", started=at, supervisor_pid=launcher, supervisor_born=born)
@@ -103,8 +94,7 @@ def _start(path, *, at: float, launcher: int, born: float | None = None) -> None
 
 def _run_dir(path, *, at: float, launcher: int, born: float | None = None, ports: bool = False,
              finished: bool = False):
-    """A run directory as ``areal-like run`` leaves it: job.json started at ``at``, running once
-    its daemons start (``ports``), ended at the end (``finished``)."""
+    """A run dir as areal-like run leaves it: started at at, running (ports), ended (finished)."""
     path.mkdir(parents=True)
     _start(path, at=at, launcher=launcher, born=born)
     if ports:
@@ -115,9 +105,7 @@ def _run_dir(path, *, at: float, launcher: int, born: float | None = None, ports
 
 
 def test_a_run_in_its_warm_start_is_the_newest_and_says_starting(tmp_path, capsys):
-    """Right after `areal-like run` starts, its run directory has no daemons for the warm start's
-    ~12 s: status/top without RUN_DIR picked the previous run (newest ports.json) and said it had
-    finished. The newest is the run started last (job.json's ``started``), and it is starting."""
+    """A run in its warm start is the newest (job.json's started) and starting."""
     t0 = time.time() - 600
     _run_dir(tmp_path / "runs/old", at=t0, ports=True, finished=True, launcher=_dead_pid())
     new = _run_dir(tmp_path / "runs/new", at=t0 + 300, launcher=os.getpid())
@@ -135,8 +123,7 @@ def test_a_run_in_its_warm_start_is_the_newest_and_says_starting(tmp_path, capsy
 
 
 def test_a_resume_in_its_warm_start_is_starting_not_finished(tmp_path, capsys):
-    """A resumed run had the previous start's daemons and end until its daemons start: while its
-    launcher prepares it, it is starting."""
+    """A resume in its warm start is starting, not the previous start's end."""
     t0 = time.time() - 600
     run = _run_dir(tmp_path / "run", at=t0, ports=True, finished=True, launcher=_dead_pid())
     _start(run, at=time.time(), launcher=os.getpid())  # the resume starts now
@@ -145,8 +132,7 @@ def test_a_resume_in_its_warm_start_is_starting_not_finished(tmp_path, capsys):
 
 
 def test_a_run_whose_launcher_is_gone_is_not_starting(tmp_path, capsys):
-    """No launcher (killed in its warm start), or a launcher PID that a later process reuses: not
-    starting but DOWN, saying so; status of a directory that holds no job says what is missing."""
+    """A dead or reused launcher PID: DOWN, saying so; a dir with no job says what's missing."""
     t0 = time.time() - 600
     died = _run_dir(tmp_path / "died", at=t0, launcher=_dead_pid())
     # the launcher began 10 s before this process, which has its PID now
@@ -164,9 +150,7 @@ def test_a_run_whose_launcher_is_gone_is_not_starting(tmp_path, capsys):
 
 
 def test_a_lock_whose_mtime_is_skewed_still_names_its_live_launcher(tmp_path):
-    """On NFS job.lock's mtime is the file server's clock: 5 s behind this machine's, the lock looks
-    older than the launcher that took it. The launcher is still told by its create_time, which
-    ``lock_run_dir`` (as ``areal-like run`` calls it) wrote beside its PID."""
+    """A skewed job.lock mtime (NFS) still names its live launcher via its create_time."""
     run = tmp_path / "run"
     os.close(lock_run_dir(run))
     skewed = psutil.Process().create_time() - 5
@@ -202,8 +186,7 @@ def test_top_waits_through_the_warm_start_then_shows_the_daemons_and_exits_when_
 
 
 def test_top_without_the_metrics_token_says_so(tmp_path):
-    """A job whose /metrics need a token: without it `top` names the variable (before, it showed
-    each daemon "up" with a dash in every column); with it, the figures."""
+    """top without the metrics token names the variable; with it, the figures."""
     srv = MetricsServer(Metrics(), 0, "127.0.0.1", token="t0k")
     try:
         _ports(tmp_path, [("buffer", srv.port, os.getpid())])
@@ -219,10 +202,7 @@ def test_top_without_the_metrics_token_says_so(tmp_path):
 
 
 def test_a_job_started_without_run_is_finished_once_its_trainer_is_done(tmp_path, capsys):
-    """A Slurm or hand-started job (launch/MULTINODE.md) has a ports.json without a supervisor and
-    never a summary.json: its trainer that exited 0 read DOWN for ever and top never ended. Its
-    ``done`` record, written after ports.json, ends the job; an older one (a resubmitted job's
-    earlier run) does not."""
+    """A hand/Slurm job ends on a done record newer than its ports.json."""
     _ports(tmp_path, [("trainer", free_port(), None)])
     (tmp_path / "metrics").mkdir()
     done = {"event": "done", "policy_version": 3, "steps": 3}
@@ -242,8 +222,7 @@ def test_a_job_started_without_run_is_finished_once_its_trainer_is_done(tmp_path
 
 
 def _lock_holder(run_dir, launcher_pid: str | None = None) -> subprocess.Popen:
-    """A process holding ``run_dir``'s job lock as ``areal-like run`` does (SIGTERM ends it);
-    ``launcher_pid``: written over its own PID, as after the launcher of its job was killed."""
+    """A process holding run_dir's job lock (SIGTERM ends it); launcher_pid written over its own."""
     code = ("import sys, pathlib; from launch.rundir import lock_run_dir; "
             "fd = lock_run_dir(pathlib.Path(sys.argv[1])); "
             "sys.argv[2:] and (pathlib.Path(sys.argv[1]) / 'job.lock').write_text(sys.argv[2]); "
@@ -256,9 +235,7 @@ def _lock_holder(run_dir, launcher_pid: str | None = None) -> subprocess.Popen:
 
 
 def test_stop_ends_the_job_as_ctrl_c_does_and_waits_for_it(tmp_path, capsys):
-    """``areal-like stop RUN_DIR``: the job's lock names its launcher, which gets SIGTERM; the
-    command returns once no process of the job holds the lock, and a second stop finds none. (There
-    was no command: a job started with nohup was stopped by finding its PID by hand.)"""
+    """stop SIGTERMs the lock's launcher and waits until none holds it; a second finds none."""
     from launch.cli import main
 
     run = tmp_path / "run"
@@ -278,8 +255,7 @@ def test_stop_ends_the_job_as_ctrl_c_does_and_waits_for_it(tmp_path, capsys):
 
 
 def test_stop_after_the_launcher_was_killed_waits_for_its_daemons(tmp_path, capsys):
-    """``kill -9`` of ``areal-like run``: its daemons still hold the lock while they stop (the
-    kernel sent them SIGTERM); stop signals no one and waits for them, up to ``--timeout``."""
+    """Launcher killed -9: stop signals no one and waits for the daemons, up to --timeout."""
     from launch.cli import main
 
     run = tmp_path / "run"
@@ -296,8 +272,7 @@ def test_stop_after_the_launcher_was_killed_waits_for_its_daemons(tmp_path, caps
 
 
 def _ended(run_dir, code: int, reached: int, steps: int = 10, checkpoint: str | None = None):
-    """A job that ended as ``areal-like run`` records it: trainer.jsonl (steps 1..``reached``, the
-    trainer's ``done`` record), summary.json (``summarize``), then job.json ended with it."""
+    """An ended job's records: trainer.jsonl to reached, summary.json, job.json ended."""
     from launch.records import summarize
 
     (run_dir / "metrics").mkdir(exist_ok=True)
@@ -317,9 +292,7 @@ def _ended(run_dir, code: int, reached: int, steps: int = 10, checkpoint: str | 
     (1, 4, "failed (exit 1) at step 4 of 10; last checkpoint {ckpt}")])
 def test_status_and_top_tell_a_completed_job_from_a_stopped_or_failed_one(tmp_path, capsys, code,
                                                                            reached, words):
-    """A job stopped partway (Ctrl-C, SIGTERM, `areal-like stop`) read `finished` in status and
-    `job finished` in top, as one that completed its steps: now each says how the job ended,
-    where, and the checkpoint a stopped or failed one can go on from."""
+    """status/top say how a job ended, where, and the checkpoint to go on from."""
     ckpt = str(tmp_path / "checkpoints" / f"v{reached:08d}")
     _job(tmp_path, [("buffer", free_port(), _dead_pid())])
     summary = _ended(tmp_path, code, reached, checkpoint=ckpt)
@@ -335,8 +308,7 @@ def test_status_and_top_tell_a_completed_job_from_a_stopped_or_failed_one(tmp_pa
 
 
 def test_a_job_started_without_run_and_stopped_says_where(tmp_path, capsys):
-    """No summary.json (Slurm, by hand): the trainer's ``done`` record below ``trainer.steps`` is
-    a stop, at its version; at ``trainer.steps`` the job completed."""
+    """No summary.json: a done record below trainer.steps is a stop at its version."""
     _ports(tmp_path, [("trainer", free_port(), None)])
     (tmp_path / "metrics").mkdir()
     done = {"event": "done", "policy_version": 2, "steps": 3, "time": time.time() + 1}
@@ -350,11 +322,7 @@ def test_a_job_started_without_run_and_stopped_says_where(tmp_path, capsys):
 
 
 def test_status_tells_starting_up_and_down_apart(tmp_path, capsys):
-    """up: /health answers; starting: its process lives but does not answer yet, or answers 503
-    (a rollout server loading its engine); DOWN: neither (a crashed daemon), a probe that raised,
-    or a live daemon whose port accepts but never answers (wedged for hours). A ports.json without
-    PIDs (Slurm, by hand) shows the PID the daemon's /health reports, or ``pid=-``.
-    (finished: test_status_and_top_of_a_finished_run_say_finished_without_connection_errors.)"""
+    """up, starting (alive or 503) and DOWN (dead, raising, wedged); PID from /health if none."""
     import socket
 
     def broken():

@@ -1,7 +1,4 @@
-"""A trainer told to stop while a weight push waits on the members stops waiting at once
-(trainer/loop.py ``Trainer.request_stop``): its launcher killed -9, every daemon gets SIGTERM, the
-buffer is gone in a second, and run() waits for the push in flight before it can stop; it waited
-out the push's ``deadline_s`` (60 s, holding job.lock) on members that no longer answer."""
+"""A stop request ends a trainer's waits on gone members and buffers (Trainer.request_stop)."""
 
 from __future__ import annotations
 
@@ -22,9 +19,7 @@ STOP_S = 10.0  # the push ends this soon after the stop request
 
 
 def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
-    """Member a's node takes the sync's first request (its sync port's ``/begin``) and never
-    answers (a frozen node): the push's drive (trainer/engine_drive.py) would wait for it until
-    the deadline."""
+    """A stop ends a push waiting on a member whose /begin never answers."""
     trainer = Trainer.from_run(load_config([f"run_dir={tmp_path}"]))
     frozen = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
     trainer.broadcaster = wb = broadcaster(WeightSyncConfig(path="disk", deadline_s=DEADLINE_S),
@@ -56,10 +51,7 @@ def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
 
 
 def test_a_stop_request_ends_the_version_announce_waiting_on_a_gone_buffer(tmp_path, monkeypatch):
-    """The announce after a push waited out its request timeout (10 s) for a buffer gone with the
-    launcher: daemons outlived a ``kill -9`` of it by up to ~12 s. The stop now ends that wait
-    too. A real client and a buffer socket that takes the request and never answers; the
-    request's timeout is the push's deadline here, so only the stop can end it in time."""
+    """A stop ends the version announce waiting on a buffer that never answers."""
     from areal_like.net.distributed import free_port
     from areal_like.net.transport import Server
 
@@ -83,8 +75,7 @@ def test_a_stop_request_ends_the_version_announce_waiting_on_a_gone_buffer(tmp_p
 
 
 def test_a_stop_request_ends_the_batch_request_waiting_on_a_gone_buffer():
-    """The same for the trainer's wait for a batch: a BatchRequest waits ``batch_wait_s`` plus a
-    reply margin (10 s by default) for a buffer that may be gone with the launcher."""
+    """A stop ends a BatchRequest waiting on a buffer that never answers."""
     from areal_like.net.distributed import free_port
     from areal_like.net.transport import Server
     from trainer.data import BatchSource
@@ -107,8 +98,7 @@ def test_a_stop_request_ends_the_batch_request_waiting_on_a_gone_buffer():
 
 
 def _ends_on_stop(gone, waiting: threading.Thread, request: type, stop) -> None:
-    """``waiting`` sends a ``request`` to ``gone`` (a buffer socket that never answers) and waits
-    for the reply; ``stop()`` must end that wait within ``STOP_S``."""
+    """waiting sends request to gone (never answers); stop() must end it within STOP_S."""
     waiting.start()
     got = gone.recv(DEADLINE_S / 2)
     assert got is not None and isinstance(got[2], request)  # in flight

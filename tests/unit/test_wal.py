@@ -129,8 +129,7 @@ def test_compaction_deletes_fully_consumed_prefix_only(tmp_path):
 
 
 def test_a_running_pipeline_keeps_at_most_two_segments(tmp_path):
-    """launch/OPERATIONS.md's bound ("Long runs: disk use"): a segment that rotates still holds
-    the groups not consumed yet, so it stays until the next rotation, and no longer."""
+    """A running pipeline keeps at most two segments (OPERATIONS.md's bound)."""
     wal = opened(tmp_path, segment_bytes=400)
     counts = []
     for i in range(200):  # each group consumed 3 groups later, as a trainer behind the servers
@@ -272,10 +271,7 @@ def test_the_log_syncs_where_the_os_has_no_fdatasync(tmp_path):
 
 
 def test_a_zeroed_tail_off_a_block_boundary_is_corruption_not_padding(tmp_path, caplog):
-    """Versions that appended with O_DIRECT padded only up to a 4 KiB boundary, so their zero tail
-    always ends the file at a multiple of 4096. Any other zeroed last record (a lost write after a
-    power failure, whose ack fsync=batch may already have sent) is counted and warned about as
-    corruption, not cut silently at INFO as padding."""
+    """A zeroed tail not ending at a 4 KiB boundary is corruption (warned), not padding."""
     wal = opened(tmp_path, fsync="batch")
     wal.append_group("good", b"x" * 100)
     last = wal.append_group("last", b"y" * 100)
@@ -293,10 +289,7 @@ def test_a_zeroed_tail_off_a_block_boundary_is_corruption_not_padding(tmp_path, 
 
 
 def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, monkeypatch):
-    """fsync=always: the fsync thread writes queued records, so a hand-out of a group still queued
-    makes read_group wait for it. When that write fails (EIO), the WAL's fatal WalFailed must stop
-    the daemon: the hand-out must not take it for a damaged record and drop the intact, accepted
-    group as 'unreadable'."""
+    """fsync=always: a failed queued write is WalFailed at hand-out, not 'unreadable'."""
     from service_harness import answer, start, step
 
     from areal_like.settings.config import BufferConfig
@@ -349,14 +342,12 @@ else:
 
 
 def test_a_reader_descriptor_numbered_0_is_kept_and_closed(tmp_path):
-    """A reader descriptor numbered 0 (a daemon without stdin) is used and closed like any
-    other, not taken for 'none' (a leaked one would keep a compacted segment's blocks allocated)."""
+    """A reader descriptor numbered 0 is used and closed like any other."""
     assert run_script(WAL_READER_ON_FD_0, str(tmp_path)) == "closed"
 
 
 def test_one_log_per_directory(tmp_path):
-    """A second log on a directory that a log holds fails at once, naming the holder; closing (or
-    dropping) the first lets the next one in."""
+    """A second log on a held directory fails naming the holder; closing lets it in."""
     wal = WriteAheadLog(tmp_path)
     with pytest.raises(WalInUse, match=f"in use by another buffer \\(pid {os.getpid()}\\)"):
         WriteAheadLog(tmp_path)
@@ -367,8 +358,7 @@ def test_one_log_per_directory(tmp_path):
 
 
 def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
-    """Where flock is not supported (ENOLCK: some network file systems) the log still opens, and
-    says that nothing stops a second buffer."""
+    """Without flock (ENOLCK) the log opens, warning nothing stops a second buffer."""
     import errno
 
     def no_locks(fd, op):
@@ -389,9 +379,7 @@ def _signal_and_wait(running, release) -> None:
 
 
 def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
-    """A child forked while the log is open (multiprocessing's default on Linux) shares the lock
-    file; it lets go of it at once, so the directory is free as soon as the parent closes its
-    log."""
+    """A forked child lets go of the lock: the directory frees when the parent closes."""
     import multiprocessing as mp
 
     wal = WriteAheadLog(tmp_path)
@@ -411,8 +399,7 @@ def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
 
 
 def _three_groups(tmp_path) -> tuple[bytearray, list[int]]:
-    """A closed log of a checkpoint and groups a, b, c (frames of 300 bytes, each a msgpack map's
-    head and filler); the bytes of its only segment and each group record's offset."""
+    """A closed log of a checkpoint and 300-byte groups a, b, c: (segment bytes, offsets)."""
     wal = opened(tmp_path)
     offsets = [wal.append_group(f"s0-L{gid}", b"\x87" + gid.encode() * 299).offset for gid in "abc"]
     wal.close()
@@ -422,9 +409,7 @@ def _three_groups(tmp_path) -> tuple[bytearray, list[int]]:
 @pytest.mark.parametrize("damage", ["flip_frame_byte", "zero_header", "garbage_length",
                                     "flip_gid_len"])
 def test_damage_mid_segment_loses_only_the_damaged_record(tmp_path, damage, caplog):
-    """Flipped bytes or a zeroed header in the middle of the newest segment: the records after it
-    are read (the file is not cut there), the damaged one is reported by offset, counted, and
-    named."""
+    """Damage mid-segment: later records are read; the damaged one is reported and counted."""
     data, (_, at, after) = _three_groups(tmp_path)
     if damage == "flip_frame_byte":
         data[at + 8 + 150] ^= 0x10

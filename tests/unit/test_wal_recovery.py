@@ -47,8 +47,7 @@ def _flip(path, segment: int, *at: int) -> None:
 
 
 def _write(path) -> list[int]:
-    """A checkpoint, then control records: 1 re-queues prompt 5, 2 consumes g1, 3 takes prompt 5
-    from the re-issue queue, 4 consumes g2. Returns each control record's offset (0: checkpoint)."""
+    """A checkpoint, then records 1-4 (requeue 5, consume g1, take 5, consume g2); offsets."""
     wal = _open(path, _state())
     for record in (_changes(requeued=[(5, 0)]), {**_changes(consumed=1), "consumed": ["g1"]},
                    _changes(dequeued=1, consumed=1), {**_changes(consumed=2), "consumed": ["g2"]}):

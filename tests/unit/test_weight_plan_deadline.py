@@ -1,16 +1,4 @@
-"""Whole pushes against their deadline (trainer/weight_sync.py, trainer/weight_local.py). Path
-disk: a plan's deadline is what is left when the plan goes out, after its sender wrote the
-payloads (a whole HF directory), so the members never wait past the trainer's deadline; and a
-re-push to the survivors of a lost member sends the directory already written instead of writing it
-again. Path tensor, overlapped (trainer/WEIGHT_SYNC.md "Overlap"): which report a step's record
-gets, and each push's deadline counted from when it starts its own work.
-
-Rank 0 drives the members' engines itself (trainer/engine_drive.py, the real ``EngineDrive``): each
-member's engine is a stand-in over real HTTP that answers the calls of a disk or tensor sync
-(pause, session, load, continue, ``/health``) and loads, loads slowly, fails at once or freezes as
-the test says, and, on the same port,
-its rollout server's sync port (``/begin``, vouching for its id, ``/end``); the buffer is a
-scripted roster."""
+"""Whole pushes against their deadline (trainer/weight_sync.py, weight_local.py)."""
 
 from __future__ import annotations
 
@@ -38,10 +26,7 @@ FROZEN_S = 60.0  # a frozen engine's longest silence (the test ends it sooner)
 
 
 class Engine:
-    """An engine over real HTTP for a disk or tensor sync; ``how(body)`` of each load (its JSON
-    body; a tensor sync's last bucket) says what it does: "done", "slow" (done after ``SLOW_S``),
-    "failed" (a 500 at once) or "frozen" (no answer until ``close``: the sync runs into its
-    deadline). ``loaded``: the version labels it loaded."""
+    """Engine over HTTP; how(body) of each load: done, slow (SLOW_S), failed (500) or frozen."""
 
     def __init__(self, how: Callable[[dict], str]):
         self.how, self.loaded, self.released = how, [], threading.Event()
@@ -108,9 +93,7 @@ class Recording(EngineDrive):
 
 
 class RosterBuffer:
-    """The roster of ``members`` (id -> ``Engine``, or a URL where nothing answers), each
-    showing life between two pushes (its ``active`` count moves, as a member asking for leases
-    does); everything else acknowledged."""
+    """Roster of members (id -> Engine or a dead URL), each showing life between pushes."""
 
     def __init__(self, members: dict[str, Engine | str]):
         self.members, self.asked = members, 0
@@ -182,9 +165,7 @@ class CountingConfig:
 
 
 def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
-    """Members a and b: a's engine is gone (nothing listens at its URL: lost, though still on the
-    roster), b's fails the first plan at once (the group-less paths re-push too) and loads the
-    second, which goes to b alone."""
+    """a is lost, b fails the first plan: the re-push to b alone sends the same directory."""
     cfg = WeightSyncConfig(path="disk", deadline_s=20.0)
     drive = Recording()
     b = Engine(lambda body: "failed" if len(drive.plans) == 1 else "done")
@@ -201,11 +182,7 @@ def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
 
 
 def test_a_push_cut_at_its_deadline_is_counted_for_its_alert():
-    """Alert WeightSyncOverDeadline read the gauge of the last sync's seconds, which the next step
-    overwrites (a step of a small model takes less than a scrape interval): a sync cut at its
-    deadline was mostly never scraped. Each push that took 90% of its deadline or more (one that
-    was cut at it: 59.9 s of 60 s measured with an engine frozen) is counted when it ends. Member
-    a's engine freezes in v1 and loads v2 at once."""
+    """A push taking >= 90% of its deadline (cut at it) is counted for its alert."""
     cfg = WeightSyncConfig(path="disk", deadline_s=1.0)
     metrics = Metrics()
     engine = Engine(lambda body: "frozen" if body["weight_version"] == "1" else "done")
@@ -221,13 +198,7 @@ def test_a_push_cut_at_its_deadline_is_counted_for_its_alert():
 
 
 def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplog):
-    """A stall (no data, an engine behind) is answered by a re-push; when no push can finish
-    within deadline_s (measured: 0.05 s on a quickstart job, each push cut in its rendezvous) the
-    trainer re-pushed every few seconds forever, saying only that it re-pushes. The third re-push
-    in a row cut at its deadline with no engine done logs one error naming the setting and the
-    times, once per streak; the re-pushes go on (an outage of the engines looks the same, and
-    ends). One that an engine loads, or that failed at once (a fault), starts the count again.
-    Member a's engine treats each plan's directory as ``answers`` says, in order."""
+    """A third re-push in a row cut at its deadline logs one error per streak; pushes go on."""
     from trainer.engine_lag import STALL_PUSHES, EngineSchedule
 
     answers = ["frozen", "frozen", "done", "frozen", "failed", "frozen", "frozen", "frozen",
@@ -264,9 +235,7 @@ def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplo
 
 
 def test_a_trainer_closing_after_its_last_push_still_tells_each_server_how_it_ended():
-    """A member's result is known before its server is told (``/end``, which the push does not
-    wait for); a trainer closed right after its last push tells it still: a server not told
-    holds its leases until the sync's window passes."""
+    """A trainer closed right after its last push still sends each server /end."""
     engine = Engine(lambda body: "done")
     engine.end_s = 0.5
     model = torch.nn.Linear(2, 2)
@@ -282,9 +251,7 @@ def test_a_trainer_closing_after_its_last_push_still_tells_each_server_how_it_en
 
 
 def test_a_resync_after_a_failed_overlapped_push_leaves_its_report_to_the_next_record():
-    """An overlapped push returns the previous push's report; a blocking push in between (the
-    resync on a data stall) must not take the place of a report no record has carried yet. Member
-    a's engine freezes the first time it gets v1 (cut at the deadline) and loads the resync."""
+    """A blocking resync does not take the place of an overlapped push's pending report."""
     from trainer.engine_lag import EngineSchedule
 
     cfg = WeightSyncConfig(path="tensor", deadline_s=1.0)
@@ -305,10 +272,7 @@ def test_a_resync_after_a_failed_overlapped_push_leaves_its_report_to_the_next_r
 
 
 def test_an_overlapped_push_gets_its_whole_deadline_after_waiting_for_the_one_before():
-    """The next push's deadline counted from before it waited for the overlapped push still
-    running: after one push ran out its deadline the next one had none left, and every member,
-    the healthy ones too, was dropped from that version as well. Member a's engine freezes in v1
-    and takes ``SLOW_S`` (half the deadline) to load v2."""
+    """An overlapped push's deadline counts from after it waited for the one before."""
     cfg = WeightSyncConfig(path="tensor", deadline_s=2 * SLOW_S)
     engine = Engine(lambda body: "frozen" if body["weight_version"] == "1" else "slow")
     model = torch.nn.Linear(4, 4)

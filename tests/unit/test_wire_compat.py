@@ -1,20 +1,6 @@
-"""Frames and write-ahead logs of an earlier build are refused, each naming the version it has and
-the one this build reads (areal_like/wire/protocol.py, "Compatibility"; buffer/recovery.py).
-
-The fixtures were written once by the build of their protocol version and are never regenerated:
-``tests/fixtures/wire_v2`` holds one frame of every message type, ``tests/fixtures/wal_v2`` a
-buffer's WAL with stored, consumed and leased groups, ``tests/fixtures/wal_v3`` one with stored and
-consumed groups, each sent asking for a lease (``want_credits``, a field of the group until version
-4). So:
-
-* every one of those frames, received live, is refused with an error naming protocol version 2 and
-  this side's version (and nothing else about it: the version is read before any field);
-* a real buffer daemon started on a copy of that WAL does not start: one line naming the group,
-  both versions and what to do, exit status 2 (as for a bad configuration), and the WAL directory
-  is left as it was.
-
-Mutation checked: recovery dropping such a group as unreadable (as it did for other decode errors)
-made the buffer start and the daemon test fail.
+"""Frames and WALs of an earlier build are refused naming both versions (never regenerated
+fixtures: tests/fixtures/wire_v2, wal_v2, wal_v3). Live frames: refused before any field. A buffer
+on such a WAL: one line, exit 2, the WAL untouched (mutation: dropping the group started it).
 """
 
 from __future__ import annotations
