@@ -363,13 +363,18 @@ def test_the_guard_leaves_no_process_behind_when_its_actor_dies(tmp_path):
 DAEMON_UP = "import time; print('daemon-up', flush=True); time.sleep(600)"
 
 
-def test_rays_messages_about_the_cluster_stay_out_of_a_daemons_output(tmp_path, capfd):
+def test_rays_messages_about_the_cluster_stay_out_of_a_daemons_output(tmp_path, capfd,
+                                                                      monkeypatch):
     """Ray's cluster messages stay out of a daemon's log (the proxy relays its lines only)."""
     Cluster = _need_ray()
     import ray
     from ray.util import placement_group
 
     temp = tempfile.mkdtemp(prefix="al-ray-")
+    # Cluster writes the head's address to $RAY_TMPDIR/ray/ray_current_cluster, whatever temp_dir
+    # says (/tmp/ray by default, which may not exist yet): this test's own
+    monkeypatch.setenv("RAY_TMPDIR", temp)
+    os.mkdir(os.path.join(temp, "ray"))
     c = Cluster(initialize_head=True,
                 head_node_args={"num_cpus": 1, "resources": {"n0": 1}, "include_dashboard": False,
                                 "_system_config": SYSTEM, "temp_dir": temp})
