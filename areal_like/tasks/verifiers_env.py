@@ -82,8 +82,9 @@ def chat_messages(system: str | None, prompt: Any) -> list[dict]:
 
 
 def examples(cfg: TaskConfig) -> list[Example]:
-    """The taskset's tasks in its order (at most ``task.num_prompts`` of an infinite one); each
-    example carries the task's data, so an agent worker rebuilds the task without the dataset."""
+    """The taskset's first ``task.num_prompts`` tasks in its order (so a ``load()`` that never
+    ends, ``INFINITE`` or not, stops there); each example carries the task's data, so an agent
+    worker rebuilds the task without the dataset."""
     if why := missing():
         raise ConfigError(why)
     try:
@@ -91,7 +92,7 @@ def examples(cfg: TaskConfig) -> list[Example]:
     except Exception as e:  # an import, a config field or the taskset's own check
         raise ConfigError(f"task.env={cfg.env!r} with task.env_args={cfg.env_args!r} cannot be "
                           f"loaded: {type(e).__name__}: {e}") from e
-    tasks = taskset if taskset.bounded else taskset.take(cfg.num_prompts)
+    tasks = taskset.take(cfg.num_prompts)
     meta = {"env": cfg.env, "env_args": cfg.env_args}
     out = [Example(t.data.prompt_text, str(getattr(t.data, "answer", "") or ""),
                    chat_messages(t.data.system_prompt, t.data.prompt),

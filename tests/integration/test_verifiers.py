@@ -168,6 +168,31 @@ def test_the_single_turn_example_learns(tmp_path):
     assert last >= first + 0.15, rewards
 
 
+ENDLESS = """
+import itertools
+import verifiers.v1 as vf
+
+class Data(vf.TaskData):
+    answer: str
+
+class Endless(vf.Taskset[vf.Task[Data, vf.State, vf.TaskConfig], vf.TasksetConfig]):
+    def load(self):  # never ends, and the class does not say INFINITE = True
+        for i in itertools.count():
+            yield vf.Task(Data(prompt=str(i), answer=str(i + 1)), self.config.task)
+
+__all__ = ["Endless"]
+"""
+
+
+def test_a_taskset_gives_its_first_num_prompts_tasks_even_one_that_never_ends(tmp_path,
+                                                                               monkeypatch):
+    (tmp_path / "endless_env.py").write_text(ENDLESS)
+    monkeypatch.syspath_prepend(tmp_path)
+    got = verifiers_env.examples(TaskConfig(name="verifiers", env="endless_env", agent=VF["agent"],
+                                            num_prompts=3))
+    assert [(e.prompt, e.answer) for e in got] == [("0", "1"), ("1", "2"), ("2", "3")]
+
+
 def test_an_eval_split_is_refused_with_a_taskset_naming_the_key():
     """A taskset has no eval split here: evaluations would score its training tasks as single
     answers."""
