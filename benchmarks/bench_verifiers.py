@@ -10,8 +10,8 @@ medians over the seeds; ratio figure / baseline; goal: a rise (figure - baseline
 0.3. Beside them each seed's pair, and the share of the logged episodes (``samples.jsonl``) that
 call a tool in the first and last third of the run.
 
-    python -m benchmarks.bench_verifiers [--root DIR] [--seeds 0 1 2]
-        [--examples vf_reverse vf_calc] [KEY=VALUE ...]
+    python -m benchmarks.bench_verifiers [KEY=VALUE ...] [--root DIR] [--seeds 0 1 2]
+        [--examples vf_reverse vf_calc]
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.bench_sft_then_rl import cli
 
 GOAL = 0.3  # on the rise: the last 10 steps' mean reward minus the first 10's
 
@@ -31,10 +31,8 @@ GOAL = 0.3  # on the rise: the last 10 steps' mean reward minus the first 10's
 def run_example(root: Path, example: str, seed: int, overrides: list[str]) -> dict:
     run_dir = Path(tempfile.mkdtemp(dir=root, prefix=f"{example}-seed{seed}-")) / "run"
     t0 = time.monotonic()
-    subprocess.run([sys.executable, "-m", "launch.cli", "run", "-q", f"experiment={example}",
-                    f"seed={seed}", f"run_dir={run_dir}",
-                    f"warm_start.cache_dir={root / 'warm-start'}", *overrides],
-                   stdout=subprocess.DEVNULL, check=True)
+    cli("run", "-q", f"experiment={example}", f"seed={seed}", f"run_dir={run_dir}",
+        f"warm_start.cache_dir={root / 'warm-start'}", *overrides)
     metrics = (run_dir / "metrics/trainer.jsonl").read_text().splitlines()
     rewards = [json.loads(m)["reward_mean"] for m in metrics if "reward_mean" in m]
     samples = [json.loads(s) for s in (run_dir / "samples.jsonl").read_text().splitlines()]
@@ -53,7 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", help="working directory (default: a new temporary one)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--examples", nargs="+", default=["vf_reverse", "vf_calc"])
+    ap.add_argument("--examples", nargs="+", default=["vf_reverse", "vf_calc"],
+                    choices=["vf_reverse", "vf_calc"])
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="config overrides for every run (e.g. trainer.steps=80)")
     args = ap.parse_args(argv)
