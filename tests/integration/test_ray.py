@@ -478,6 +478,17 @@ def _steps(run_dir: Path) -> int:
     return len(step_records(run_dir))
 
 
+def _curve(run_dir: Path, every: int = 50) -> list:
+    """The run's reward by ``every`` steps, with the members each window's syncs reached: what a
+    failed learning check shows."""
+    recs = step_records(run_dir)
+    return [(recs[i]["step"], round(sum(r["reward_mean"] for r in recs[i:i + every])
+                                     / len(recs[i:i + every]), 3),
+             sorted({m for r in recs[i:i + every] for m in (r.get("weight_sync") or {})
+                     .get("done", [])}))
+            for i in range(0, len(recs), every)]
+
+
 def _roster(run_dir: Path) -> set[str]:
     from areal_like.net import security
     from areal_like.net.dealer import Client
@@ -591,7 +602,8 @@ def test_a_ray_job_learns_scales_survives_a_lost_node_and_stops(cluster, tmp_pat
         summary = json.loads(out.strip().splitlines()[-1])
         assert job.returncode == 128 + signal.SIGTERM, job.returncode
         assert summary["end"] == "stopped" and summary["steps"] >= at_kill + 3, summary
-        assert summary["reward_last"] - summary["reward_first"] >= 0.3, summary
+        assert summary["reward_last"] - summary["reward_first"] >= 0.3, \
+            f"reward by 50 steps: {_curve(run_dir)}; summary: {json.dumps(summary)}"
         assert not [p for p in daemons if psutil.pid_exists(p)
                     and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         # nothing of the job is left: proxies, guards, daemons, torchrun's rank (own session)

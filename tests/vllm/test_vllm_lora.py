@@ -83,7 +83,7 @@ def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that
             version = before
             job = asyncio.create_task(generate_sample(
                 client, prompt, {"temperature": 1.0, "ignore_eos": True}, TOKENS, lambda: version))
-            await until_generated(client, 20)
+            await until_generated(client, 20, job)
             await sync_adapter(client, built[attempt][after], after)
             version = after
             return await job

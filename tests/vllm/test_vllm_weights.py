@@ -118,17 +118,23 @@ def _generated(url: str, key: str) -> float:
                if line.startswith("vllm:generation_tokens_total"))
 
 
-async def until_generated(client, tokens: int, timeout_s: float = 300) -> None:
-    """Until vLLM counts ``tokens`` more generated than when called."""
+async def until_generated(client, tokens: int, job: asyncio.Task,
+                          timeout_s: float = 300) -> None:
+    """Until vLLM counts ``tokens`` more generated than when called, or ``job`` (the generation
+    watched) ended: its error is raised; a job that finished leaves nothing to pause."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     start = await asyncio.to_thread(_generated, client.base_url, client.api_key)
-    while loop.time() < deadline:
+    done = 0.0
+    while loop.time() < deadline and not job.done():
         done = await asyncio.to_thread(_generated, client.base_url, client.api_key) - start
         if done >= tokens:
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"vLLM never generated {tokens} tokens")
+    if job.done():
+        job.result()  # raises what ended the generation
+        return
+    raise AssertionError(f"vLLM generated {done:.0f} of {tokens} tokens in {timeout_s:.0f} s")
 
 
 def mid_generation(scenario, attempts: int = 3):
@@ -163,7 +169,7 @@ def test_a_push_mid_generation_labels_every_token_with_the_weights_that_sampled_
                 job = asyncio.create_task(generate_sample(
                     client, prompt, {"temperature": temperature, "ignore_eos": True}, TOKENS,
                     lambda: version))
-                await until_generated(client, 20)
+                await until_generated(client, 20, job)
                 return await pause(*args, **kwargs)
 
             client.pause_generation = pause_mid_generation
