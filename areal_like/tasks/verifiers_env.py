@@ -26,6 +26,7 @@ import random
 import sys
 import tempfile
 import threading
+import traceback
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,17 @@ def load(env_id: str, env_args: str) -> Any:
     return load_environment(config)
 
 
+def load_error(e: Exception) -> str:
+    """What went wrong loading an environment, in the job's words: a taskset config field as
+    ``task.env_args.<field>``; else the error and the line of code that raised it."""
+    if hasattr(e, "errors") and callable(e.errors):  # pydantic's ValidationError
+        return "; ".join(".".join(["task.env_args", *map(str, err["loc"][1:])]) + f": {err['msg']}"
+                         for err in e.errors() if err["loc"][:1] == ("taskset",)) or str(e)
+    frame = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
+    where = f" ({frame[0].filename}:{frame[0].lineno})" if frame else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
 def chat_messages(system: str | None, prompt: Any) -> list[dict]:
     """A task's system prompt and prompt (text or verifiers messages) as chat messages."""
     from verifiers.v1.dialects.chat import message_to_wire
@@ -91,7 +103,7 @@ def examples(cfg: TaskConfig) -> list[Example]:
         taskset = load(cfg.env, json.dumps(cfg.env_args, sort_keys=True)).taskset
     except Exception as e:  # an import, a config field or the taskset's own check
         raise ConfigError(f"task.env={cfg.env!r} with task.env_args={cfg.env_args!r} cannot be "
-                          f"loaded: {type(e).__name__}: {e}") from e
+                          f"loaded: {load_error(e)}") from e
     tasks = taskset.take(cfg.num_prompts)
     meta = {"env": cfg.env, "env_args": cfg.env_args}
     out = [Example(t.data.prompt_text, str(getattr(t.data, "answer", "") or ""),

@@ -204,3 +204,15 @@ def test_an_eval_split_is_refused_with_a_taskset_naming_the_key():
     with pytest.raises(PreflightError, match="a verifiers taskset has no eval split here: set "
                        "eval.every=0"):
         checked(load_config(["experiment=vf_reverse", "eval.every=5"]))
+
+
+def test_an_environment_that_cannot_load_is_named_in_the_jobs_words(tmp_path, monkeypatch):
+    """A config field by its task.env_args key; a module's own error with the line that raised."""
+    from areal_like.settings.config import ConfigError
+
+    (tmp_path / "broken_env.py").write_text("x = 1\nraise RuntimeError('my env is broken')\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    with pytest.raises(ConfigError, match=r"cannot be loaded: task.env_args.bogus: Extra inputs"):
+        verifiers_env.examples(calc_cfg(env_args={"bogus": 1}))
+    with pytest.raises(ConfigError, match=r"RuntimeError: my env is broken \(.*broken_env.py:2\)"):
+        verifiers_env.examples(calc_cfg(env="broken_env"))
