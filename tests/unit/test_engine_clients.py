@@ -451,18 +451,13 @@ OK = (200, {"success": True, "message": "ok"})
 
 def test_weight_sync_follows_the_contract_in_order():
     async def body(server, client):
-        for path in ("/destroy_weights_update_group", "/init_weights_update_group",
-                     "/pause_generation", "/begin_weight_update",
-                     "/update_weights_from_distributed", "/end_weight_update",
-                     "/continue_generation"):
-            server.script[path] = [OK]
+        order = ["/destroy_weights_update_group", "/init_weights_update_group", "/pause_generation",
+                 "/begin_weight_update", *["/update_weights_from_distributed"] * 2,
+                 "/end_weight_update", "/continue_generation"]  # one update a bucket
+        server.script = {path: [OK] for path in order}
         done = await apply_weight_sync(client, _plan(reform=True), "s1")
         assert done.ok and done.server_id == "s1" and done.policy_version == 3 and done.pause_s > 0
-        assert [p for p, _ in server.calls] == [
-            "/destroy_weights_update_group", "/init_weights_update_group", "/pause_generation",
-            "/begin_weight_update", "/update_weights_from_distributed",
-            "/update_weights_from_distributed",
-            "/end_weight_update", "/continue_generation"]
+        assert [p for p, _ in server.calls] == order
         bodies = dict(server.calls[:3])
         assert bodies["/init_weights_update_group"] == {"master_address": "10.0.0.1",
                                                          "master_port": 29500, "rank_offset": 2,
@@ -490,16 +485,13 @@ def test_weight_sync_follows_the_contract_in_order():
 
 def test_a_vllm_weight_sync_takes_the_new_label_only_once_the_session_closes():
     async def body(server, client):
-        for path in ("/shutdown_weight_transfer_engine", "/init_weight_transfer_engine",
-                     "/pause", "/start_weight_update", "/update_weights",
-                     "/finish_weight_update", "/reset_prefix_cache", "/resume"):
-            server.script[path] = [OK]
+        order = ["/shutdown_weight_transfer_engine", "/init_weight_transfer_engine", "/pause",
+                 "/start_weight_update", "/update_weights", "/update_weights",
+                 "/finish_weight_update", "/reset_prefix_cache", "/resume"]
+        server.script = {path: [OK] for path in order}
         done = await apply_weight_sync(client, _plan(reform=True), "s1")
         assert done.ok, done.reason
-        assert [p for p, _ in server.calls] == [
-            "/shutdown_weight_transfer_engine", "/init_weight_transfer_engine", "/pause",
-            "/start_weight_update", "/update_weights", "/update_weights", "/finish_weight_update",
-            "/reset_prefix_cache", "/resume"]
+        assert [p for p, _ in server.calls] == order
         bodies = [b for p, b in server.calls if p in ("/update_weights", "/finish_weight_update")]
         assert [b["update_info"]["names"] for b in bodies[:2]] == [["w0"], ["w1"]]
         assert "weight_version" not in json.dumps(bodies[:2])  # no label with a bucket
@@ -515,12 +507,10 @@ def test_a_vllm_weight_sync_takes_the_new_label_only_once_the_session_closes():
 
 def test_a_failed_sync_reports_the_reason_and_always_continues():
     async def body(server, client):
-        server.script["/pause_generation"] = [OK]
-        server.script["/continue_generation"] = [OK]
-        server.script["/begin_weight_update"] = [OK]
+        server.script = {p: [OK] for p in ("/pause_generation", "/continue_generation",
+                                           "/begin_weight_update", "/end_weight_update")}
         server.script["/update_weights_from_distributed"] = [
             (400, {"success": False, "message": "bad shape"})]
-        server.script["/end_weight_update"] = [OK]
         done = await apply_weight_sync(client, _plan(reform=False), "s0")
         assert not done.ok and "bad shape" in done.reason
         # the session is closed (or every later sync would be refused) and generation continues
