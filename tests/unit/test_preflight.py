@@ -55,63 +55,53 @@ def test_the_dataset_tasks_own_example_passes_with_the_default_model():
     pf.checked(load_config(shlex.split(" ".join(line.lstrip("# ") for line in lines))))
 
 
-def test_model_path_must_be_a_model_directory(tmp_path):
-    ok = hf_dir(tmp_path / "ok")
-    assert pf.check_models(model_cfg(path=str(ok))) == []
-    no_config = hf_dir(tmp_path / "no_config", config=False)
-    assert pf.check_models(model_cfg(path=str(no_config))) == [
-        f"model.path={str(no_config)!r} has no config.json: not a Hugging Face model directory"]
-    no_weights = hf_dir(tmp_path / "no_weights", weights=False)
-    assert pf.check_models(model_cfg(path=str(no_weights))) == [
-        f"model.path={str(no_weights)!r} has config.json but no weights (*.safetensors or *.bin)"]
-    sharded = hf_dir(tmp_path / "sharded", weights=False)
-    (sharded / "pytorch_model-00001-of-00002.bin").write_bytes(b"")
-    assert pf.check_models(model_cfg(path=str(sharded))) == []
-    missing = pf.check_models(model_cfg(path=str(tmp_path / "nope")))
-    assert len(missing) == 1 and missing[0].startswith(
-        f"model.path={str(tmp_path / 'nope')!r} does not exist")
-
-
 def test_a_model_built_from_config_must_have_room_for_its_tokenizer():
     assert pf.check_models(load_config(["model.vocab_size=50"])) == [
         "model.vocab_size=50 is smaller than the tokenizer (model.tokenizer='char': 104 tokens)"]
 
 
-def test_tokenizer_directory_and_reference_model(tmp_path):
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    assert pf.check_models(model_cfg(tokenizer=str(tok))) == [
-        f"model.tokenizer={str(tok)!r} has no tokenizer.json or tokenizer_config.json: "
-        "not a tokenizer directory"]
-    (tok / "tokenizer_config.json").write_text("{}")
-    assert pf.check_models(model_cfg(tokenizer=str(tok))) == []
-    assert pf.check_models(model_cfg(tokenizer="bpe", vocab_size=512)) == []
+WEIGHTS = ("config.json", "model.safetensors")  # a model directory without its tokenizer
+NOT_HF = "has no config.json: not a Hugging Face model directory"
+NO_TOKENIZER = ("model.path={m} has no tokenizer files (tokenizer.json or tokenizer_config.json): "
+                "give model.tokenizer=<a tokenizer directory>")
+
+
+@pytest.mark.parametrize("layout, keys, want", [
+    ({"m": (*WEIGHTS, "tokenizer.json")}, {"path": "m"}, []),
+    ({"m": ("model.safetensors", "tokenizer.json")}, {"path": "m"}, ["model.path={m} " + NOT_HF]),
+    ({"m": ("config.json", "tokenizer.json")}, {"path": "m"},
+     ["model.path={m} has config.json but no weights (*.safetensors or *.bin)"]),
+    ({"m": ("config.json", "tokenizer.json", "pytorch_model-00001-of-00002.bin")}, {"path": "m"},
+     []),  # sharded
+    ({}, {"path": "m"},
+     ["model.path={m} does not exist (a Hugging Face model directory, or a hub id org/name)"]),
+    ({"t": ()}, {"tokenizer": "t"}, ["model.tokenizer={t} has no tokenizer.json or "
+                                     "tokenizer_config.json: not a tokenizer directory"]),
+    ({"t": ("tokenizer_config.json",)}, {"tokenizer": "t"}, []),
+    ({}, {"tokenizer": "bpe", "vocab_size": 512}, []),
     # the daemons' load_tokenizer would refuse it 10-30 s later
-    assert pf.check_models(model_cfg(tokenizer="bpe")) == [
-        "model.vocab_size=104 is too small for model.tokenizer=bpe: it needs at least 259 "
-        "(256 bytes + 3 special tokens), e.g. 512"]
-    with_ref = dataclasses.replace(base(),
-                                   trainer=dataclasses.replace(base().trainer, ref_path=str(tok)))
-    assert pf.check_models(with_ref) == [f"trainer.ref_path={str(tok)!r} has no config.json: "
-                                         "not a Hugging Face model directory"]
-
-
-def test_model_path_without_a_tokenizer_needs_a_tokenizer_directory(tmp_path):
-    # e.g. model.save_pretrained without the tokenizer
-    bare = hf_dir(tmp_path / "bare", tokenizer=False)
-    # what load_tokenizer would fall back to: ids the model never saw
-    for builtin in ("char", "bpe"):
-        assert pf.check_models(model_cfg(path=str(bare), tokenizer=builtin)) == [
-            f"model.path={str(bare)!r} has no tokenizer files "
-            "(tokenizer.json or tokenizer_config.json): "
-            "give model.tokenizer=<a tokenizer directory>"]
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    (tok / "tokenizer_config.json").write_text("{}")
-    assert pf.check_models(model_cfg(path=str(bare), tokenizer=str(tok))) == []
-    with_config_only = hf_dir(tmp_path / "cfg_only", tokenizer=False)
-    (with_config_only / "tokenizer_config.json").write_text("{}")
-    assert pf.check_models(model_cfg(path=str(with_config_only))) == []
+    ({}, {"tokenizer": "bpe"}, ["model.vocab_size=104 is too small for model.tokenizer=bpe: it "
+                                "needs at least 259 (256 bytes + 3 special tokens), e.g. 512"]),
+    # a model saved without its tokenizer: a built-in one's ids are ones the model never saw
+    ({"m": WEIGHTS}, {"path": "m", "tokenizer": "char"}, [NO_TOKENIZER]),
+    ({"m": WEIGHTS}, {"path": "m", "tokenizer": "bpe"}, [NO_TOKENIZER]),
+    ({"m": WEIGHTS, "t": ("tokenizer_config.json",)}, {"path": "m", "tokenizer": "t"}, []),
+    ({"m": (*WEIGHTS, "tokenizer_config.json")}, {"path": "m"}, []),
+    ({"t": ()}, {"ref_path": "t"}, ["trainer.ref_path={t} " + NOT_HF]),
+])
+def test_model_tokenizer_and_reference_paths_must_be_what_they_name(tmp_path, layout, keys, want):
+    for folder, files in layout.items():
+        (tmp_path / folder).mkdir()
+        for name in files:
+            (tmp_path / folder / name).write_text("{}")
+    paths = {folder: str(tmp_path / folder) for folder in ("m", "t")}
+    model = {k: paths.get(v, v) for k, v in keys.items() if k != "ref_path"}
+    cfg = model_cfg(**model)
+    if "ref_path" in keys:
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer,
+                                                                   ref_path=paths["t"]))
+    assert pf.check_models(cfg) == [w.format(**{k: repr(p) for k, p in paths.items()})
+                                    for w in want]
 
 
 def test_tokenizer_is_measured_against_the_embedding_of_model_path(tmp_path):
