@@ -1,26 +1,31 @@
-"""Engine clients (areal_like.engines) against a scripted HTTP server with SGLang/vLLM shapes.
-
-Retries only where safe, timeouts, error bodies, version detection, resubmit after abort, vLLM's
-translation, and the SGLang launcher (real shapes: test_sglang_contract.py and tests/vllm).
-"""
+"""Engine clients and the SGLang launcher against a scripted HTTP server (real: tests/vllm)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import logging
+import os
+import socket
+import subprocess
+import uuid
+from pathlib import Path
 
 import msgspec
 import pytest
 from aiohttp import web
 
+import rollout_server.server as server_module
 from areal_like.engines import engine_client
 from areal_like.engines.client import KEEPALIVE_S, EngineError, GenerateOutput
 from areal_like.engines.sglang import SGLangClient
 from areal_like.engines.vllm import VLLMClient
 from areal_like.net.distributed import free_port
 from areal_like.settings.config import ConfigError, EngineConfig, ModelConfig
+from areal_like.settings.schema import RunConfig
+from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.push import apply_weight_sync
 from rollout_server.engine_process import StartAborted, healthy
+from rollout_server.engine_reaper import group_members
 from rollout_server.episode import generate_sample, segment_versions
 from rollout_server.launch_sglang import SGLangProcess, sglang_command
 
@@ -227,8 +232,6 @@ def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypat
             {"rid": r, "abort_all": False} for r in rids]
 
         # the aborts go out together: this engine answers none until all of a batch's arrived
-        # (sent one by one, the first would wait out its grace and the call its limit)
-        monkeypatch.setattr("areal_like.engines.sglang.ABORT_GRACE_S", 2.0)
         arrived, all_in = [], asyncio.Event()
 
         async def held_batch(req):
@@ -280,7 +283,6 @@ def test_idempotent_calls_retry_on_5xx_and_generate_retries_on_refused_connectio
 
 
 def test_a_connection_idle_past_the_keepalive_is_not_reused():
-    """A connection idle past KEEPALIVE_S is not reused."""
     async def body(server, client):
         server.script["/model_info"] = [(200, {"model_path": "m"})]
         for _ in range(2):
@@ -368,8 +370,7 @@ def test_interrupted_sample_is_resumed_with_prompt_plus_tokens_and_remaining_bud
         assert [b["input_ids"] for b in sent] == [[1, 7], [1, 7, 10, 11], [1, 7, 10, 11]]
         assert [b["sampling_params"]["max_new_tokens"] for b in sent] == [8, 6, 6]
 
-        # an abort that exhausts the budget finishes as length;
-        # an abort with an HTTP status is an error
+        # an abort that exhausts the budget finishes as length; one with an HTTP status: an error
         server.script["/generate"] = [(200, gen_response([3, 4], [-1.0, -1.0], abort, version="5"))]
         s = await generate_sample(client, [1], {}, 2, current_version_fn=lambda: 0)
         assert s.finish_reason == "length" and s.output_ids == [3, 4]
@@ -390,7 +391,6 @@ def test_segment_versions_use_spans_and_fall_back_for_non_integer_versions():
 
 
 def test_a_default_label_is_the_version_served_when_the_request_was_sent():
-    """A 'default' token label is the version served when the request was sent."""
     async def body(server, client):
         served = [0]
 
@@ -438,8 +438,6 @@ def test_tp_size_has_one_source_of_truth():
 
 
 def _plan(reform: bool, buckets: int = 2, deadline_s: float = 10.0):
-    from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
-
     return WeightSyncPlan(policy_version=3, group_name="g", master_addr="10.0.0.1",
                           master_port=29500, world_size=3, backend="gloo", reform=reform,
                           members=[SyncMember(server_id="s0", rank_offset=1),
@@ -452,21 +450,14 @@ OK = (200, {"success": True, "message": "ok"})
 
 
 def test_weight_sync_follows_the_contract_in_order():
-    from areal_like.weights.push import apply_weight_sync
-
     async def body(server, client):
-        for path in ("/destroy_weights_update_group", "/init_weights_update_group",
-                     "/pause_generation", "/begin_weight_update",
-                     "/update_weights_from_distributed", "/end_weight_update",
-                     "/continue_generation"):
-            server.script[path] = [OK]
+        order = ["/destroy_weights_update_group", "/init_weights_update_group", "/pause_generation",
+                 "/begin_weight_update", *["/update_weights_from_distributed"] * 2,
+                 "/end_weight_update", "/continue_generation"]  # one update a bucket
+        server.script = {path: [OK] for path in order}
         done = await apply_weight_sync(client, _plan(reform=True), "s1")
         assert done.ok and done.server_id == "s1" and done.policy_version == 3 and done.pause_s > 0
-        assert [p for p, _ in server.calls] == [
-            "/destroy_weights_update_group", "/init_weights_update_group", "/pause_generation",
-            "/begin_weight_update", "/update_weights_from_distributed",
-            "/update_weights_from_distributed",
-            "/end_weight_update", "/continue_generation"]
+        assert [p for p, _ in server.calls] == order
         bodies = dict(server.calls[:3])
         assert bodies["/init_weights_update_group"] == {"master_address": "10.0.0.1",
                                                          "master_port": 29500, "rank_offset": 2,
@@ -474,8 +465,7 @@ def test_weight_sync_follows_the_contract_in_order():
                                                          "backend": "gloo"}
         assert bodies["/pause_generation"] == {"mode": "abort"}
         updates = [b for p, b in server.calls if p == "/update_weights_from_distributed"]
-        # the new version label goes only with the last bucket:
-        # a half-applied sync keeps the old label
+        # the new version label goes only with the last bucket: a half-applied sync keeps the old
         assert [(b["names"], b.get("weight_version"), b["flush_cache"]) for b in updates] == [
             (["w0"], None, False), (["w1"], "3", True)]
 
@@ -484,8 +474,7 @@ def test_weight_sync_follows_the_contract_in_order():
         done = await apply_weight_sync(client, _plan(reform=False), "s9")
         assert not done.ok and "not a member" in done.reason and len(server.calls) == n
 
-        # a path this server does not know (a newer trainer): refused, naming it,
-        # and nothing is called
+        # a path this server does not know (a newer trainer): refused, naming it, nothing called
         done = await apply_weight_sync(client,
                                        msgspec.structs.replace(_plan(reform=False), path="shm"),
                                        "s1")
@@ -495,19 +484,14 @@ def test_weight_sync_follows_the_contract_in_order():
 
 
 def test_a_vllm_weight_sync_takes_the_new_label_only_once_the_session_closes():
-    from areal_like.weights.push import apply_weight_sync
-
     async def body(server, client):
-        for path in ("/shutdown_weight_transfer_engine", "/init_weight_transfer_engine",
-                     "/pause", "/start_weight_update", "/update_weights",
-                     "/finish_weight_update", "/reset_prefix_cache", "/resume"):
-            server.script[path] = [OK]
+        order = ["/shutdown_weight_transfer_engine", "/init_weight_transfer_engine", "/pause",
+                 "/start_weight_update", "/update_weights", "/update_weights",
+                 "/finish_weight_update", "/reset_prefix_cache", "/resume"]
+        server.script = {path: [OK] for path in order}
         done = await apply_weight_sync(client, _plan(reform=True), "s1")
         assert done.ok, done.reason
-        assert [p for p, _ in server.calls] == [
-            "/shutdown_weight_transfer_engine", "/init_weight_transfer_engine", "/pause",
-            "/start_weight_update", "/update_weights", "/update_weights", "/finish_weight_update",
-            "/reset_prefix_cache", "/resume"]
+        assert [p for p, _ in server.calls] == order
         bodies = [b for p, b in server.calls if p in ("/update_weights", "/finish_weight_update")]
         assert [b["update_info"]["names"] for b in bodies[:2]] == [["w0"], ["w1"]]
         assert "weight_version" not in json.dumps(bodies[:2])  # no label with a bucket
@@ -522,22 +506,17 @@ def test_a_vllm_weight_sync_takes_the_new_label_only_once_the_session_closes():
 
 
 def test_a_failed_sync_reports_the_reason_and_always_continues():
-    from areal_like.weights.push import apply_weight_sync
-
     async def body(server, client):
-        server.script["/pause_generation"] = [OK]
-        server.script["/continue_generation"] = [OK]
-        server.script["/begin_weight_update"] = [OK]
+        server.script = {p: [OK] for p in ("/pause_generation", "/continue_generation",
+                                           "/begin_weight_update", "/end_weight_update")}
         server.script["/update_weights_from_distributed"] = [
             (400, {"success": False, "message": "bad shape"})]
-        server.script["/end_weight_update"] = [OK]
         done = await apply_weight_sync(client, _plan(reform=False), "s0")
         assert not done.ok and "bad shape" in done.reason
         # the session is closed (or every later sync would be refused) and generation continues
         assert [p for p, _ in server.calls][-2:] == ["/end_weight_update", "/continue_generation"]
 
-        # a rendezvous that never completes is bounded by the plan's deadline;
-        # the engine was never paused
+        # a rendezvous that never completes is bounded by the deadline; the engine was never paused
         async def hang(_):
             await asyncio.sleep(1.5)
             return OK
@@ -552,9 +531,6 @@ def test_a_failed_sync_reports_the_reason_and_always_continues():
 
 
 def test_a_begin_that_times_out_after_the_engine_opened_the_session_does_not_wedge_later_syncs():
-    """A begin timing out after the engine opened the session does not wedge later syncs."""
-    from areal_like.weights.push import apply_weight_sync
-
     async def body(server, client):
         session, delays = [False], [2.0]  # the first begin answers after the plan's deadline
 
@@ -597,8 +573,6 @@ def test_timeout_bounds_the_whole_call_including_retries():
 
 def _sglang_standin(tmp_path, monkeypatch, body: str) -> None:
     """sglang.launch_server stand-in running body, first on the engine's PYTHONPATH."""
-    import os
-
     package = tmp_path / "standin" / "sglang"
     package.mkdir(parents=True, exist_ok=True)
     (package / "__init__.py").write_text("")
@@ -630,11 +604,6 @@ def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, 
 
 def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_comes_up(
         tmp_path, monkeypatch):
-    """/dev/shm files made while SGLang starts are removed when it never comes up."""
-    import os
-    import uuid
-    from pathlib import Path
-
     shm = f"/dev/shm/areal-like-test-{uuid.uuid4().hex}"
     _sglang_standin(tmp_path, monkeypatch,
                     f"import os, time; os.open({shm!r}, os.O_CREAT | os.O_RDWR, 0o600)\n"
@@ -652,14 +621,7 @@ def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_
 
 def test_what_the_caller_does_meanwhile_runs_while_the_engine_starts_and_its_error_stops_it(
         tmp_path, monkeypatch):
-    """start(meanwhile=...) runs once during start-up; its error stops the engine."""
-    import sys
-
-    import rollout_server.launch_sglang as launch
-    from rollout_server.engine_reaper import group_members
-
-    monkeypatch.setattr(launch, "sglang_command", lambda *a, **k: [
-        sys.executable, "-c", "import time\nwhile True: time.sleep(0.1)"])
+    _sglang_standin(tmp_path, monkeypatch, "import time\nwhile True: time.sleep(0.1)")
     proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60),
                          str(tmp_path / "sglang.log"))
     seen = []
@@ -678,9 +640,6 @@ def test_what_the_caller_does_meanwhile_runs_while_the_engine_starts_and_its_err
 
 
 def test_a_port_in_use_is_refused_naming_it_before_sglang_starts(tmp_path):
-    """A taken rollout.engine.port is refused, named, before SGLang starts."""
-    import socket
-
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", port=port),
@@ -690,22 +649,20 @@ def test_a_port_in_use_is_refused_naming_it_before_sglang_starts(tmp_path):
     assert proc.proc is None  # nothing was launched
 
 
+def rollout_server(client, url: str) -> server_module.RolloutServer:
+    """A rollout server (never started) whose engine is ``client`` at ``url``."""
+    server = server_module.RolloutServer.from_run(RunConfig())
+    server.client, server.engine_url = client, url
+    return server
+
+
 def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answered(monkeypatch):
-    """probe_engine says whether the connection was refused or not answered."""
-    import socket
-    from types import SimpleNamespace
-
-    import rollout_server.server as server_module
-
     monkeypatch.setattr(server_module, "ENGINE_PROBE_S", 1.0)
 
     async def probe(url: str) -> str:
         async with SGLangClient(url) as client:
-            server = SimpleNamespace(client=client, engine_url=url, failure=None, wedged=False,
-                                     rcfg=SimpleNamespace(engine=EngineConfig(kind="sglang")),
-                                     log=logging.getLogger("probe"))
-            server.engine_failed = lambda *a: server_module.RolloutServer.engine_failed(server, *a)
-            await server_module.RolloutServer.probe_engine(server, 7)
+            server = rollout_server(client, url)
+            await server.probe_engine(7)
         assert server.wedged
         return str(server.failure)
 
@@ -723,10 +680,6 @@ def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answere
 @pytest.mark.parametrize("end", ["silent", "refused", "no session"])
 def test_an_abandoned_sync_stops_at_the_first_call_its_engine_does_not_answer(end):
     """resume_abandoned stops at the first unanswered call; a 400 is an answer."""
-    from types import SimpleNamespace
-
-    import rollout_server.server as server_module
-
     calls = []
 
     class Engine:
@@ -743,12 +696,8 @@ def test_an_abandoned_sync_stops_at_the_first_call_its_engine_does_not_answer(en
         async def health_generate(self, timeout_s):
             calls.append("/health_generate")
 
-    server = SimpleNamespace(client=Engine(), engine_url="http://e", failure=None, wedged=False,
-                             rcfg=SimpleNamespace(engine=EngineConfig(kind="sglang")),
-                             log=logging.getLogger("probe"))
-    for name in ("engine_failed", "probe_engine"):
-        setattr(server, name, getattr(server_module.RolloutServer, name).__get__(server))
-    asyncio.run(server_module.RolloutServer.resume_abandoned(server, 7))
+    server = rollout_server(Engine(), "http://e")
+    asyncio.run(server.resume_abandoned(7))
     if end == "no session":
         assert calls == ["/end_weight_update", "/continue_generation", "/health_generate"]
         assert not server.wedged and server.failure is None
@@ -758,9 +707,6 @@ def test_an_abandoned_sync_stops_at_the_first_call_its_engine_does_not_answer(en
 
 
 def test_the_sglang_line_copied_into_our_log_never_holds_the_engine_key(tmp_path):
-    """SGLang's line copied into our log shows the engine key as ***."""
-    import subprocess
-
     key = "k3y-" + "x" * 40
     log = tmp_path / "sglang-s0.log"
     log.write_text(f"server_args=ServerArgs(model_path='/m', api_key='{key}', port=30000)\n")
@@ -773,7 +719,6 @@ def test_the_sglang_line_copied_into_our_log_never_holds_the_engine_key(tmp_path
 
 
 def test_the_api_key_goes_to_every_path_but_the_open_health_poll():
-    """The API key goes to every path but the open /health poll."""
     async def body(server, _):
         server.script = {"/health": [(200, "")], "/health_generate": [(200, "")],
                          "/model_info": [(200, {"weight_version": "0"})]}

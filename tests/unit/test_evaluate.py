@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from service_harness import start, step  # the buffer service with fake sockets
 
+from areal_like.engines.client import EngineError, GenerateOutput
 from areal_like.settings.config import EXPORT_TASK_FILE, BufferConfig, EvalConfig, TaskConfig
+from areal_like.tasks.task import Example
 from areal_like.wire import protocol as P
-from rollout_server.evaluate import EvalSchedule, main, read_done_versions, summarize
+from rollout_server.evaluate import EvalSchedule, evaluate, main, read_done_versions, summarize
 
 
 @pytest.mark.parametrize("every,at_start,at_end,done,due,words", [
@@ -60,16 +64,12 @@ def test_summarize_hand_computed():
 
 
 class _TrackedEngine:
-    """/generate as pick(ids, params) says: hang, refuse (400) or answer; tracks running calls."""
+    """/generate as pick(ids, params) says: hang, refuse (400) or answer (its ids or [1])."""
 
     def __init__(self, pick):
         self.pick, self.running = pick, set()
 
     async def generate(self, input_ids, params):
-        import asyncio
-
-        from areal_like.engines.client import EngineError, GenerateOutput
-
         self.running.add(id(asyncio.current_task()))
         try:
             how = self.pick(input_ids, params)
@@ -77,19 +77,16 @@ class _TrackedEngine:
                 raise EngineError("/generate", 400, "prompt too long")
             if how == "hang":
                 await asyncio.Event().wait()
-            return GenerateOutput(rid="r", output_ids=[1], logprobs=[-0.1], finish_reason="stop",
-                                  finish_message="", abort_status=None, weight_version="0")
+            out = how or [1]
+            return GenerateOutput(rid="r", output_ids=out, logprobs=[-0.1] * len(out),
+                                  finish_reason="stop", finish_message="", abort_status=None,
+                                  weight_version="5")
         finally:
             self.running.discard(id(asyncio.current_task()))
 
 
 def _evaluate_tracked(engine, rewards, n, ev):
     """(evaluate's result or error, the engine calls still running when it returned)."""
-    import asyncio
-    from types import SimpleNamespace
-
-    from rollout_server.evaluate import evaluate
-
     async def run():
         try:
             out = await asyncio.wait_for(evaluate(
@@ -103,7 +100,6 @@ def _evaluate_tracked(engine, rewards, n, ev):
 
 
 def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_returns():
-    """No request outlives evaluate raising (eval closes its client right after)."""
     from rollout_server.reward_pool import RewardPoolError
 
     class Rewards:
@@ -117,7 +113,6 @@ def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_retu
 
 
 def test_a_refused_eval_request_stops_its_prompts_other_requests_before_evaluate_returns():
-    """A refused request (counted in errors) leaves none of its siblings running."""
     def pick(ids, params):  # prompt 0: its greedy request refused, its samples still generating
         return None if ids[0] else "refuse" if params["temperature"] == 0.0 else "hang"
 
@@ -150,7 +145,6 @@ def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, caps
 
 
 def test_eval_of_a_checkpoint_its_run_pruned_says_so(tmp_path, capsys):
-    """A checkpoint keep_checkpoints deleted is named as pruned, with those left."""
     checkpoints = tmp_path / "run" / "checkpoints"
     for version in (8, 10):
         (checkpoints / f"v{version:08d}").mkdir(parents=True)
@@ -158,14 +152,6 @@ def test_eval_of_a_checkpoint_its_run_pruned_says_so(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"error: {checkpoints / 'v00000004'} was deleted by its run"), err
     assert "trainer.keep_checkpoints" in err and "holds v00000008, v00000010" in err, err
-
-
-def test_an_eval_path_on_a_synthetic_tasks_export_names_the_key_given(tmp_path, capsys):
-    """On a synthetic task's export the refusal names task.eval_path, the key given."""
-    export = _export_with_task(tmp_path, name="reverse")
-    assert main([str(export), f"task.eval_path={tmp_path / 'mine.jsonl'}"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: task.eval_path=") and "add task=dataset" in err, err
 
 
 def _export_with_task(tmp_path, name="sort", **task) -> Path:
@@ -226,72 +212,47 @@ def rank0():
     broadcaster.close()
 
 
-def test_final_catch_up_waits_for_the_evaluator_then_pushes_the_final_version_once(rank0):
-    """Rank 0 waits for an evaluating server, pushes the final version once, bounded."""
-    rank0.client = _ScriptedBuffer([_roster({"b": 10}, evaluating=["a"]),
-                                _roster({"a": 7, "b": 10}),
-                                _roster({"a": 10, "b": 10})])
-    deadline = time.monotonic() + 60
-    rank0.loaded = {"b": 10}  # what this trainer's pushes gave each member
-    assert rank0.catch_up_decision(10, deadline, 0) == "wait"
-    assert rank0.catch_up_decision(10, deadline, 0) == "push"
-    rank0.loaded["a"] = 10  # the push
-    assert rank0.catch_up_decision(10, deadline, 1) == "done"
-    # bounded: past the deadline, or after CATCH_UP_PUSHES,
-    # it gives up even if a member is behind
-    rank0.client = _ScriptedBuffer([_roster({"a": 7})])
-    assert rank0.catch_up_decision(10, time.monotonic() - 1, 0) == "done"
-    assert rank0.catch_up_decision(10, deadline, 3) == "done"
+@pytest.mark.parametrize("rosters, final_eval, decisions", [
+    # an evaluating server is waited for, then pushed the final version once
+    ([_roster({"b": 10}, evaluating=["a"]), _roster({"a": 7, "b": 10}),
+      _roster({"a": 10, "b": 10})], False, ["wait", "push", "done"]),
+    # with a final eval scheduled: the evaluator is waited for until it registers (at version 0)
+    ([_roster({"b": 10}), _roster({"a": 0, "b": 10}, evaluates=["a"]),
+      _roster({"a": 10, "b": 10}, evaluates=["a"])], True, ["wait", "push", "done"]),
+    # a member at the final label that another trainer (not this one's pushes) gave it
+    ([_roster({"a": 10, "b": 10})], False, ["push", "done"]),
+])
+def test_final_catch_up_pushes_the_final_version_once_to_each_member(
+        rank0, rosters, final_eval, decisions):
+    rank0.client, rank0.loaded = _ScriptedBuffer(rosters), {"b": 10}  # what this trainer pushed
+    deadline, pushes = time.monotonic() + 60, 0
+    for want in decisions:
+        assert rank0.catch_up_decision(10, deadline, pushes, final_eval=final_eval) == want
+        if want == "push":
+            rank0.loaded["a"], pushes = 10, pushes + 1
 
 
-def test_final_catch_up_waits_for_a_late_evaluator_to_register_and_pushes_to_it(rank0):
-    """With a final eval scheduled rank 0 waits for the late evaluator, then pushes."""
-    rank0.client = _ScriptedBuffer([_roster({"r1": 10}),
-                                _roster({"r0": 0, "r1": 10}, evaluates=["r0"]),
-                                _roster({"r0": 10, "r1": 10}, evaluates=["r0"])])
-    deadline = time.monotonic() + 60
-    rank0.loaded = {"r1": 10}
-    # r0 (the evaluator) not registered yet
-    assert rank0.catch_up_decision(10, deadline, 0, final_eval=True) == "wait"
-    # registered, serving version 0
-    assert rank0.catch_up_decision(10, deadline, 0, final_eval=True) == "push"
-    rank0.loaded["r0"] = 10
-    assert rank0.catch_up_decision(10, deadline, 1, final_eval=True) == "done"
-    rank0.client = _ScriptedBuffer([_roster({"r1": 10})])
-    assert rank0.catch_up_decision(10, deadline, 0) == "done"  # no final evaluation: no wait
-    # bounded by the deadline
-    assert rank0.catch_up_decision(10, time.monotonic() - 1, 0, final_eval=True) == "done"
+@pytest.mark.parametrize("versions, past, pushes, final_eval", [
+    ({"a": 7}, True, 0, False), ({"a": 7}, False, 3, False),  # the deadline, or CATCH_UP_PUSHES
+    ({"b": 10}, False, 0, False),  # no final evaluation: no wait for an evaluator
+    ({"b": 10}, True, 0, True),  # a late evaluator: waited for until the deadline
+])
+def test_final_catch_up_gives_up_when_bounded(rank0, versions, past, pushes, final_eval):
+    rank0.client, rank0.loaded = _ScriptedBuffer([_roster(versions)]), {"a": 10, "b": 10}
+    deadline = time.monotonic() + (-1 if past else 60)
+    assert rank0.catch_up_decision(10, deadline, pushes, final_eval=final_eval) == "done"
 
 
-def test_final_catch_up_pushes_to_a_member_whose_label_another_trainer_gave_it(rank0):
-    """A member at the final label not loaded from this trainer is pushed again."""
-    rank0.client = _ScriptedBuffer([_roster({"a": 10, "b": 10}), _roster({"a": 10, "b": 10})])
-    rank0.loaded = {"b": 10}
-    assert rank0.catch_up_decision(10, time.monotonic() + 60, 0) == "push"
-    rank0.loaded["a"] = 10
-    assert rank0.catch_up_decision(10, time.monotonic() + 60, 1) == "done"
-
-
-class _ScriptedEngine:
+def _scripted_engine() -> _TrackedEngine:
     """Greedy answers 1; samples alternate right/wrong; prompt 9 is refused (400)."""
+    sampled: dict[int, int] = {}
 
-    def __init__(self):
-        self.sampled: dict[int, int] = {}
-
-    async def generate(self, input_ids, params):
-        from areal_like.engines.client import EngineError, GenerateOutput
-
-        prompt = input_ids[0]
-        if prompt == 9:
-            raise EngineError("/generate", 400, "prompt too long")
-        if params["temperature"] == 0.0:
-            out = [1]
-        else:
-            self.sampled[prompt] = self.sampled.get(prompt, 0) + 1
-            out = [prompt + 1] if self.sampled[prompt] % 2 else [7]
-        return GenerateOutput(rid="r", output_ids=out,
-                              logprobs=[-0.1] * len(out), finish_reason="stop",
-                              finish_message="", abort_status=None, weight_version="5")
+    def pick(ids, params):
+        if ids[0] == 9 or params["temperature"] == 0.0:
+            return "refuse" if ids[0] == 9 else [1]
+        sampled[ids[0]] = sampled.get(ids[0], 0) + 1
+        return [ids[0] + 1] if sampled[ids[0]] % 2 else [7]
+    return _TrackedEngine(pick)
 
 
 class _Rewards:
@@ -300,22 +261,16 @@ class _Rewards:
 
 
 def _eval(examples, k=2):
-    import asyncio
-
-    from areal_like.tasks.task import Example
-    from rollout_server.evaluate import evaluate
-
     ev, task = EvalConfig(k=k, temperature=1.0, max_new_tokens=4), TaskConfig(top_p=1.0, top_k=-1)
     exs = [Example(prompt=str(p), answer=str(p + 1)) for p in examples]
-    return asyncio.run(evaluate(_ScriptedEngine(), exs,
+    return asyncio.run(evaluate(_scripted_engine(), exs,
                                 lambda ex: [int(ex.prompt)], lambda ids: str(ids[0]),
                                 _Rewards(), ev, task, [2], lambda: 5))
 
 
 def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
     out = _eval([0, 3, 9])
-    # prompt 0: greedy "1" is right; prompt 3: greedy "1" is wrong;
-    # prompt 9 refused (counted, left out)
+    # prompt 0: greedy "1" is right; 3: greedy "1" is wrong; 9 refused (counted, left out)
     assert out["n"] == 2 and out["errors"] == 1 and "prompt too long" in out["first_error"]
     assert out["greedy_accuracy"] == 0.5
     # each prompt's 2 samples: one right, one wrong
@@ -324,8 +279,6 @@ def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
 
 
 def test_evaluate_raises_when_every_prompt_fails():
-    from areal_like.engines.client import EngineError
-
     with pytest.raises(EngineError, match="every eval prompt failed") as e:
         _eval([9, 9])
     # the refusal's own status (before: None, which reads "unreachable": the engine answered)
@@ -333,7 +286,6 @@ def test_evaluate_raises_when_every_prompt_fails():
 
 
 def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, capfd):
-    """A checkpoint export refuses: export's error line alone, exit 2."""
     checkpoint = tmp_path / "checkpoints" / "v00000003"
     checkpoint.mkdir(parents=True)
     for name in (".metadata", "meta.pt"):  # never read: export refuses first
@@ -400,7 +352,6 @@ def test_a_running_count_is_a_counter_brought_up_to_its_total():
 
 def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_anywhere(
         tmp_path, monkeypatch):
-    """config.yaml holds task files absolute: eval reads them from any directory."""
     from areal_like.settings.config import load_config, load_daemon_config, to_yaml
     from launch.job import plan_job
 
@@ -419,13 +370,9 @@ def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_an
 
 def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
     """Per-sample seeds: same seed repeats responses at any concurrency; another changes them."""
-    import asyncio
-
     from areal_like.engines.sglang import SGLangClient
     from areal_like.settings.config import EngineConfig, ModelConfig
-    from areal_like.tasks.task import Example
     from rollout_server.engine import EmbeddedEngine
-    from rollout_server.evaluate import evaluate
 
     class Kept:  # keeps every response, scores none
         async def score_group(self, prompt, responses, example):
@@ -456,34 +403,30 @@ def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
         engine.stop()
 
 
-def test_an_exports_task_file_is_data_never_an_interpolation(tmp_path, monkeypatch, capsys):
-    """${oc.env:...} in an export's task file is refused by name, never resolved."""
+@pytest.mark.parametrize("task, args, starts, says", [
+    # on a synthetic task's export the refusal names task.eval_path, the key given
+    ({"name": "reverse"}, ["task.eval_path={tmp}/mine.jsonl"], "error: task.eval_path=",
+     "add task=dataset"),
+    # the task file is data: ${oc.env:...} is refused by name, never resolved
+    ({"reward_url": "http://evil.invalid/${oc.env:EVAL_TEST_SECRET}"}, [],
+     "error: task.reward_url: ", "is an interpolation"),
+    ("policy_version: ${oc.env:EVAL_TEST_SECRET}\n", [], "error: ", "policy_version: "),
+    # no code or address the evaluator did not name: a reward_fn outside the project's, a reward_url
+    ({"reward_fn": "shutil:rmtree"}, [], "error: task.reward_fn='shutil:rmtree' in ",
+     "is not one of"),
+    ({"reward_url": "http://scores.example/batch"}, [],
+     "error: task.reward_url='http://scores.example/batch' in ", ""),
+])
+def test_an_exports_stored_task_is_refused_in_one_line_naming_its_key(
+        tmp_path, monkeypatch, capsys, task, args, starts, says):
     monkeypatch.setenv("EVAL_TEST_SECRET", "hunter2")
-    export = _export_with_task(tmp_path, reward_url="http://evil.invalid/${oc.env:EVAL_TEST_SECRET}")
-    assert main([str(export)]) == 2
+    export = _export_with_task(tmp_path, **(task if isinstance(task, dict) else {}))
+    if isinstance(task, str):
+        (export / EXPORT_TASK_FILE).write_text(task)
+    assert main([str(export), *(a.format(tmp=tmp_path) for a in args)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: task.reward_url: ") and "is an interpolation" in err, err
-    (export / "areal_like_task.yaml").write_text("policy_version: ${oc.env:EVAL_TEST_SECRET}\n")
-    assert main([str(export)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "policy_version: " in err, err
-    assert "is an interpolation" in err and "hunter2" not in err, err
-
-
-def test_an_exports_task_names_no_code_or_address_the_evaluator_did_not(tmp_path, capsys):
-    """A stored reward_fn outside the project's, or any stored reward_url, is refused."""
-    export = _export_with_task(tmp_path, reward_fn="shutil:rmtree")
-    assert main([str(export)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: task.reward_fn='shutil:rmtree' in ") and "is not one of" in err
-
-    (export / "areal_like_task.yaml").unlink()
-    export.rename(tmp_path / "old")
-    export = _export_with_task(tmp_path, reward_url="http://scores.example/batch")
-    assert main([str(export)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: task.reward_url='http://scores.example/batch' in "), err
-    assert err.count("\n") == 1, err
+    assert err.startswith(starts) and says in err and err.count("\n") == 1, err
+    assert "hunter2" not in err and ("oc.env" not in str(task) or "is an interpolation" in err)
 
 
 def test_eval_started_inside_an_export_imports_nothing_shipped_in_it(tmp_path, monkeypatch,
@@ -507,7 +450,7 @@ def test_a_run_config_an_export_names_is_read_only_when_it_is_the_users_own(tmp_
     """A run config others may write (or outside a 0700 run dir) is not the user's own."""
     import os
 
-    from areal_like.settings.config import EXPORT_TASK_FILE, TaskConfig, export_yaml
+    from areal_like.settings.config import export_yaml
 
     config = tmp_path / "run" / "config.yaml"
     config.parent.mkdir()

@@ -49,71 +49,59 @@ def test_the_default_job_passes():
 
 
 def test_the_dataset_tasks_own_example_passes_with_the_default_model():
-    # configs/task/dataset.yaml's example, as a user copies it: with the tiny model's 256
-    # positions, the task's max_new_tokens of 256 was refused
+    # configs/task/dataset.yaml's example as a user copies it (its max_new_tokens was refused)
     text = (ROOT / "configs/task/dataset.yaml").read_text().split("# Example")[1]
     lines = text.split("\nname:")[0].splitlines()[1:]
     pf.checked(load_config(shlex.split(" ".join(line.lstrip("# ") for line in lines))))
 
 
-def test_model_path_must_be_a_model_directory(tmp_path):
-    ok = hf_dir(tmp_path / "ok")
-    assert pf.check_models(model_cfg(path=str(ok))) == []
-    no_config = hf_dir(tmp_path / "no_config", config=False)
-    assert pf.check_models(model_cfg(path=str(no_config))) == [
-        f"model.path={str(no_config)!r} has no config.json: not a Hugging Face model directory"]
-    no_weights = hf_dir(tmp_path / "no_weights", weights=False)
-    assert pf.check_models(model_cfg(path=str(no_weights))) == [
-        f"model.path={str(no_weights)!r} has config.json but no weights (*.safetensors or *.bin)"]
-    sharded = hf_dir(tmp_path / "sharded", weights=False)
-    (sharded / "pytorch_model-00001-of-00002.bin").write_bytes(b"")
-    assert pf.check_models(model_cfg(path=str(sharded))) == []
-    missing = pf.check_models(model_cfg(path=str(tmp_path / "nope")))
-    assert len(missing) == 1 and missing[0].startswith(
-        f"model.path={str(tmp_path / 'nope')!r} does not exist")
-
-
 def test_a_model_built_from_config_must_have_room_for_its_tokenizer():
-    """model.vocab_size below the tokenizer's size is refused at preflight."""
     assert pf.check_models(load_config(["model.vocab_size=50"])) == [
         "model.vocab_size=50 is smaller than the tokenizer (model.tokenizer='char': 104 tokens)"]
 
 
-def test_tokenizer_directory_and_reference_model(tmp_path):
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    assert pf.check_models(model_cfg(tokenizer=str(tok))) == [
-        f"model.tokenizer={str(tok)!r} has no tokenizer.json or tokenizer_config.json: "
-        "not a tokenizer directory"]
-    (tok / "tokenizer_config.json").write_text("{}")
-    assert pf.check_models(model_cfg(tokenizer=str(tok))) == []
-    assert pf.check_models(model_cfg(tokenizer="bpe", vocab_size=512)) == []
+WEIGHTS = ("config.json", "model.safetensors")  # a model directory without its tokenizer
+NOT_HF = "has no config.json: not a Hugging Face model directory"
+NO_TOKENIZER = ("model.path={m} has no tokenizer files (tokenizer.json or tokenizer_config.json): "
+                "give model.tokenizer=<a tokenizer directory>")
+
+
+@pytest.mark.parametrize("layout, keys, want", [
+    ({"m": (*WEIGHTS, "tokenizer.json")}, {"path": "m"}, []),
+    ({"m": ("model.safetensors", "tokenizer.json")}, {"path": "m"}, ["model.path={m} " + NOT_HF]),
+    ({"m": ("config.json", "tokenizer.json")}, {"path": "m"},
+     ["model.path={m} has config.json but no weights (*.safetensors or *.bin)"]),
+    ({"m": ("config.json", "tokenizer.json", "pytorch_model-00001-of-00002.bin")}, {"path": "m"},
+     []),  # sharded
+    ({}, {"path": "m"},
+     ["model.path={m} does not exist (a Hugging Face model directory, or a hub id org/name)"]),
+    ({"t": ()}, {"tokenizer": "t"}, ["model.tokenizer={t} has no tokenizer.json or "
+                                     "tokenizer_config.json: not a tokenizer directory"]),
+    ({"t": ("tokenizer_config.json",)}, {"tokenizer": "t"}, []),
+    ({}, {"tokenizer": "bpe", "vocab_size": 512}, []),
     # the daemons' load_tokenizer would refuse it 10-30 s later
-    assert pf.check_models(model_cfg(tokenizer="bpe")) == [
-        "model.vocab_size=104 is too small for model.tokenizer=bpe: it needs at least 259 "
-        "(256 bytes + 3 special tokens), e.g. 512"]
-    with_ref = dataclasses.replace(base(),
-                                   trainer=dataclasses.replace(base().trainer, ref_path=str(tok)))
-    assert pf.check_models(with_ref) == [f"trainer.ref_path={str(tok)!r} has no config.json: "
-                                         "not a Hugging Face model directory"]
-
-
-def test_model_path_without_a_tokenizer_needs_a_tokenizer_directory(tmp_path):
-    # e.g. model.save_pretrained without the tokenizer
-    bare = hf_dir(tmp_path / "bare", tokenizer=False)
-    # what load_tokenizer would fall back to: ids the model never saw
-    for builtin in ("char", "bpe"):
-        assert pf.check_models(model_cfg(path=str(bare), tokenizer=builtin)) == [
-            f"model.path={str(bare)!r} has no tokenizer files "
-            "(tokenizer.json or tokenizer_config.json): "
-            "give model.tokenizer=<a tokenizer directory>"]
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    (tok / "tokenizer_config.json").write_text("{}")
-    assert pf.check_models(model_cfg(path=str(bare), tokenizer=str(tok))) == []
-    with_config_only = hf_dir(tmp_path / "cfg_only", tokenizer=False)
-    (with_config_only / "tokenizer_config.json").write_text("{}")
-    assert pf.check_models(model_cfg(path=str(with_config_only))) == []
+    ({}, {"tokenizer": "bpe"}, ["model.vocab_size=104 is too small for model.tokenizer=bpe: it "
+                                "needs at least 259 (256 bytes + 3 special tokens), e.g. 512"]),
+    # a model saved without its tokenizer: a built-in one's ids are ones the model never saw
+    ({"m": WEIGHTS}, {"path": "m", "tokenizer": "char"}, [NO_TOKENIZER]),
+    ({"m": WEIGHTS}, {"path": "m", "tokenizer": "bpe"}, [NO_TOKENIZER]),
+    ({"m": WEIGHTS, "t": ("tokenizer_config.json",)}, {"path": "m", "tokenizer": "t"}, []),
+    ({"m": (*WEIGHTS, "tokenizer_config.json")}, {"path": "m"}, []),
+    ({"t": ()}, {"ref_path": "t"}, ["trainer.ref_path={t} " + NOT_HF]),
+])
+def test_model_tokenizer_and_reference_paths_must_be_what_they_name(tmp_path, layout, keys, want):
+    for folder, files in layout.items():
+        (tmp_path / folder).mkdir()
+        for name in files:
+            (tmp_path / folder / name).write_text("{}")
+    paths = {folder: str(tmp_path / folder) for folder in ("m", "t")}
+    model = {k: paths.get(v, v) for k, v in keys.items() if k != "ref_path"}
+    cfg = model_cfg(**model)
+    if "ref_path" in keys:
+        cfg = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer,
+                                                                   ref_path=paths["t"]))
+    assert pf.check_models(cfg) == [w.format(**{k: repr(p) for k, p in paths.items()})
+                                    for w in want]
 
 
 def test_tokenizer_is_measured_against_the_embedding_of_model_path(tmp_path):
@@ -137,7 +125,6 @@ def test_tokenizer_is_measured_against_the_embedding_of_model_path(tmp_path):
 
 
 def test_a_model_the_trainer_or_the_engine_cannot_run_is_refused_naming_why(tmp_path):
-    """GPT-2, Gemma 2, Cohere are refused naming why."""
     from transformers import CohereConfig, Gemma2Config, GPT2Config, LlamaConfig, Qwen2Config
 
     dims = dict(vocab_size=104, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -153,8 +140,7 @@ def test_a_model_the_trainer_or_the_engine_cannot_run_is_refused_naming_why(tmp_
     assert found["qwen2"] == found["llama"] == [] == pf.check_architecture(base())
     assert found["gpt2"] == [f"model.path={str(tmp_path / 'gpt2')!r} (GPT2LMHeadModel) is not a "
                              "model this job can train: its decoder blocks are not at model.layers"]
-    # its scaled embedding is rebuilt and its sliding windows served (test_families.py): only
-    # the soft cap after lm_head is left
+    # only the soft cap after lm_head is left (the rest: test_families.py)
     assert found["gemma2"][0].split(": ", 1)[1].split("; ") == [
         "config.json final_logit_softcapping=30.0 (the trainer's log-probs would leave it out)"]
     assert found["cohere"][0].endswith(": config.json logit_scale=0.0625 (the trainer's "
@@ -189,8 +175,7 @@ def test_warm_start_fine_tunes_a_hf_model_but_not_with_the_tiny_recipe(tmp_path)
         "supervised fine-tuning, is off unless warm_start.steps=N), or set those keys; "
         "warm_start.steps=0 for no warm start"]
     assert pf.check_warm_start(load_config(["model=local_hf", f"model.path={model}"])) == []
-    # model=local_hf with a warm start of its own: supervised fine-tuning of that model, even at
-    # the tiny model's warm-start numbers
+    # model=local_hf with a warm start of its own, even at the tiny model's numbers: SFT of it
     for ws in (["warm_start.steps=300"],
                ["warm_start.steps=150", "warm_start.lr=3e-3", "warm_start.batch_size=64"]):
         hf = load_config(["model=local_hf", f"model.path={model}", *ws])
@@ -244,8 +229,7 @@ def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch
     assert pf.check_dataset_columns(cfg_with(**ok, answer_key="solution")) == [
         "task.answer_key='solution': no such column in train.jsonl; "
         "columns found: question, answer, level" + no_answer]
-    # both wrong (the README's example keys on one's own data): both named at once, not the
-    # answer's only once the messages' is fixed
+    # both wrong: both named at once, not the answer's only once the messages' is fixed
     assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages",
                                              answer_key="solution")) == [
         "task.messages_key='messages', task.answer_key='solution': no such columns in "
@@ -325,8 +309,7 @@ LOAD = "cannot be loaded in a reward worker: "
     ("score", "is not of the form package.module:function"),
     # a file's path for a module's name: said so, not "No module named 'my_rewards/py'"
     ("./my_rewards.py:score", "is not of the form package.module:function"),
-    # the reward's own module is not found: where it was looked for (a new user's module sits
-    # beside their data, not where they started the job)
+    # the reward's own module is not found: where it was looked for
     ("elsewhere_rewards.mine:score", LOAD + "ModuleNotFoundError: No module named "
                                             "'elsewhere_rewards' (imported from the working "
                                             "directory, {cwd}, then PYTHONPATH)"),
@@ -364,7 +347,7 @@ def test_reward_fn_is_loaded_under_the_workers_memory_limit_and_environment(tmp_
     (tmp_path / "secret_rewards.py").write_text("import os\n"
                                                 "TOKEN = os.environ['AREAL_TEST_API_TOKEN']\n"
                                                 "def score(response, example):\n    return 1.0\n")
-    # a reward worker (task.reward_memory_mb of address space) could not import it: refused here too
+    # a reward worker (task.reward_memory_mb of address space) could not import it: refused
     assert pf.check_reward_fn(cfg_with(reward_fn="big_rewards:score", reward_memory_mb=256)) == [
         "task.reward_fn='big_rewards:score' cannot be loaded in a reward worker: "
         "MemoryError (task.reward_memory_mb=256 limits the address space)"]
@@ -376,8 +359,7 @@ def test_reward_fn_is_loaded_under_the_workers_memory_limit_and_environment(tmp_
     assert pf.check_reward_fn(cfg_with(reward_fn="secret_rewards:score")) == [
         "task.reward_fn='secret_rewards:score' cannot be loaded in a reward worker: "
         "KeyError: 'AREAL_TEST_API_TOKEN'"]
-    # task.reward_workers=0 loads it in the rollout server itself:
-    # no limit, the environment as it is
+    # task.reward_workers=0 loads it in the rollout server: no limit, the environment as it is
     for name in ("big_rewards", "secret_rewards"):
         assert pf.check_reward_fn(cfg_with(reward_fn=f"{name}:score", reward_memory_mb=256,
                                            reward_workers=0)) == []
@@ -387,7 +369,7 @@ def test_reward_fn_is_loaded_under_the_workers_memory_limit_and_environment(tmp_
         "AttributeError: module 'big_rewards' has no attribute 'nothing'"]
 
 
-def test_sglang_engine_needs_its_package_and_a_model_directory(tmp_path):
+def test_sglang_engine_needs_its_package_and_a_model_directory(monkeypatch):
     cfg = load_config(["rollout.engine.kind=sglang", "warm_start.steps=0"])
     problems = pf.check_engine(cfg)
     assert ("rollout.engine.kind=sglang needs model.path (SGLang serves a Hugging Face model "
@@ -396,9 +378,7 @@ def test_sglang_engine_needs_its_package_and_a_model_directory(tmp_path):
     assert any(p.startswith("rollout.engine.kind=sglang needs the sglang package")
                for p in problems) != has_sglang
     assert pf.check_engine(base()) == []  # embedded
-
-
-def test_a_missing_sglang_is_answered_for_the_machine_at_hand(monkeypatch):
+    # a missing sglang is answered for the machine at hand
     monkeypatch.setitem(sys.modules, "sglang", None)  # find_spec answers None: as if not installed
     hint = {device: next(p for p in pf.check_engine(load_config([
         "rollout.engine.kind=sglang", f"rollout.engine.device={device}"])) if "package" in p)
@@ -484,7 +464,6 @@ def test_an_inherited_return_original_logprob_is_refused_unless_unset_or_false(m
 
 
 def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tmp_path):
-    """Chat rows need a chat template unless task.chat_template says what to do."""
     import copy
     import json
 
@@ -532,7 +511,6 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 ])
 def test_rows_whose_contents_make_no_example_are_refused_before_start_in_one_line(
         tmp_path, bad_row, why):
-    """Unusable rows are refused in one line counting them and naming their rows."""
     good = {"prompt_messages": [{"role": "user", "content": "1+1?"}], "answer": "2"}
     data = _jsonl(tmp_path / "rows.jsonl", [bad_row if i in (3, 6) else good for i in range(8)])
     with pytest.raises(pf.PreflightError) as refused:
@@ -544,18 +522,18 @@ def test_rows_whose_contents_make_no_example_are_refused_before_start_in_one_lin
     assert f"row 3 of {data} {why}" in line, line
 
 
-def test_row_check_streams_batches_and_shows_the_first_rows(tmp_path, monkeypatch):
+def test_row_check_streams_batches_and_shows_the_first_rows(tmp_path):
     from areal_like.tasks import datasets as ds
 
-    monkeypatch.setattr(ds, "ROW_BATCH", 3)  # several batches: row numbers run on across them
-    data = _jsonl(tmp_path / "rows.jsonl", [{"prompt": "p", "answer": None if i % 4 == 1 else "a"}
-                                            for i in range(30)])
+    assert ds.ROW_BATCH <= 1024  # rows 1025+ are in a later batch: row numbers run on across them
+    bad = {1, *range(1025, 1050, 4)}
+    data = _jsonl(tmp_path / "rows.jsonl", [{"prompt": "p", "answer": None if i in bad else "a"}
+                                            for i in range(1050)])
     task = TaskConfig(name="dataset", dataset_path=str(data))
     line = ds.check_rows(task, "task.dataset_path", str(data),
                          ds.load_table("task.dataset_path", str(data)))
-    assert line.startswith(f"task.dataset_path={str(data)!r}: 8 of 30 rows cannot be used "
-                           "(rows 1, 5, 9, 13, 17, "
-                           "..., counted from 0); "
+    assert line.startswith(f"task.dataset_path={str(data)!r}: 8 of 1050 rows cannot be used "
+                           "(rows 1, 1025, 1029, 1033, 1037, ..., counted from 0); "
                            "the first: task.answer_key='answer': row 1 of"), line
     ok = _jsonl(tmp_path / "ok.jsonl", [{"prompt": "p", "answer": "a"}] * 5)
     assert ds.check_rows(task, "task.dataset_path", str(ok),
@@ -563,7 +541,6 @@ def test_row_check_streams_batches_and_shows_the_first_rows(tmp_path, monkeypatc
 
 
 def test_max_epochs_must_give_the_groups_the_job_trains_on(tmp_path, monkeypatch):
-    """buffer.max_epochs must give the groups the job trains on."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.jsonl").write_text(
         "".join(f'{{"prompt": "q{i}", "answer": "{i}"}}\n' for i in range(3)))
@@ -594,7 +571,6 @@ def test_max_epochs_must_give_the_groups_the_job_trains_on(tmp_path, monkeypatch
 
 def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
         tmp_path, monkeypatch):
-    """Lengths leaving no room in the context are refused naming the keys."""
     monkeypatch.chdir(tmp_path)
     assert base().model.max_position_embeddings == 256
     assert pf.check_lengths(cfg_with(max_new_tokens=255, max_prompt_tokens=255)) == []
@@ -635,7 +611,6 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
 
 
 def test_an_eval_split_whose_every_prompt_leaves_no_room_is_refused(tmp_path, monkeypatch):
-    """An eval split whose every prompt leaves no room is refused."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
     (tmp_path / "long.jsonl").write_text(
@@ -674,7 +649,6 @@ def test_the_embedded_engines_kv_budget_is_the_context_the_lengths_are_checked_a
 @pytest.mark.parametrize("long_prompt,budget", [(300, 512), (150, 128)])
 def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(
         tmp_path, monkeypatch, long_prompt, budget):
-    """max_epochs counts only the prompts that leave room in the context."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mix.jsonl").write_text("".join(
         f'{{"prompt": "{"x" * (long_prompt if i % 2 else 3)}", "answer": "1"}}\n'

@@ -1,5 +1,4 @@
-"""Experiment tracking: the JSONL tailer, the sink, every backend read back from its own files
-(offline), the missing-package check, sample rows and the learning curve's eval points."""
+"""Experiment tracking: tailer, sink, each backend read back offline, sample rows, the curve."""
 
 from __future__ import annotations
 
@@ -194,9 +193,7 @@ def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path, cap
 
 
 def test_a_tracker_that_cannot_start_is_an_error_line_naming_it(tmp_path):
-    """wandb online without a login raised its UsageError through `areal-like run` and `track`
-    (a traceback, after the warm start). Here wandb itself, online, with no key anywhere it
-    looks (its environment variable, ~/.netrc, its settings)."""
+    """wandb itself, online, with no key anywhere it looks: one line, no traceback."""
     from tests.conftest import child_env
 
     run = tmp_path / "run"
@@ -215,9 +212,7 @@ def test_a_tracker_that_cannot_start_is_an_error_line_naming_it(tmp_path):
 
 
 def test_track_of_a_job_started_without_run_ends_with_its_trainer_and_final_eval(tmp_path):
-    """`areal-like track` is for Slurm and hand-started jobs, which never write summary.json: it
-    ran until Ctrl-C. Their job is over once the trainer's last record is its ``done`` event and
-    the final evaluation the config schedules is written."""
+    """Without summary.json the job is over at the trainer's ``done`` and its final eval."""
     run = tmp_path / "run"
     run.mkdir()
     cfg = RunConfig(run_dir=str(run), trainer=TrainerConfig(steps=3))  # reverse: it evaluates
@@ -257,8 +252,7 @@ def test_tensorboard_event_files_hold_scalars_the_text_table_and_the_last_replay
     assert text.step == 4
     assert text.tensor_proto.string_val[0].decode() == (
         "| prompt | versions |\n| --- | --- |\n| a\\|b | [1, 2] |")
-    # a resumed run's sink (or `areal-like track`) replays every step into the same directory:
-    # only the last replay is shown (TensorBoard showed the steps twice, going back from N to 1)
+    # a resumed run's sink replays every step into the same directory: only the last is shown
     tb = TensorBoardTracker(tmp_path / "tb")
     tb.log_metrics({"train/loss": 0.125}, 3)
     tb.close()
@@ -268,8 +262,7 @@ def test_tensorboard_event_files_hold_scalars_the_text_table_and_the_last_replay
 
 
 def wandb_records(path: Path) -> list:
-    """The records of a ``run-*.wandb`` file: a ":W&B" header, then LevelDB-log framing (32 KiB
-    blocks; each chunk has a 7-byte header: crc32c, length, type FULL=1 FIRST=2 MIDDLE=3 LAST=4)."""
+    """A ``run-*.wandb`` file's records: ":W&B", then LevelDB-log chunks (FULL=1 ... LAST=4)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = path.read_bytes()
@@ -366,8 +359,7 @@ def test_trackio_store_holds_metrics_and_tables(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
-    # trackio's banners went to stderr: stdout is the supervisor's result line
-    assert proc.stdout == ""
+    assert proc.stdout == ""  # trackio's banners went to stderr
     with sqlite3.connect(tmp_path / "trackio" / "proj.db") as db:
         logged = [(name, step, json.loads(m)) for name, step, m in
                   db.execute("SELECT run_name, step, metrics FROM metrics ORDER BY id")]
@@ -502,9 +494,7 @@ RESUMED = textwrap.dedent("""
 
 
 def test_a_resumed_job_continues_each_trackers_run(tmp_path, monkeypatch):
-    """A resume replays the run's files into new trackers: wandb, MLflow and trackio each started
-    a second run for the same job. Each continues its run now (wandb by id, MLflow by run id,
-    trackio by name) and gets only the rows it did not have; ``tracking/runs.json`` says which."""
+    """Each tracker continues its run on a resume, given only the rows it lacked (runs.json)."""
     import wandb  # noqa: F401 - installed, as the test's child needs
     from mlflow.tracking import MlflowClient
 
