@@ -1,79 +1,111 @@
-"""Bounded weight sync on CPU (gloo): engine A killed by SIGKILL at one point of push v1.
-
-Real buffer, two embedded engines, a world-size-1 trainer (tests/weight_pusher.py) and two Driver
-stand-ins. Faults: rendezvous (six 0.25 MB buckets, or two 1 MB: "rendezvous-staged"), bucket (after
-the first of six) and done. Each checks: v1 returned within the deadline, A dropped and gone, B
-serving v1 with the trainer's exact weights (re-pushed where it missed it), and v2 to B alone.
-"""
+"""Weight sync on CPU (gloo) when a member's engine dies (SIGKILL by PID) or restarts: engine B and
+the buffer are shared by the module; each test starts its own engine A and world-size-1 trainer."""
 
 from __future__ import annotations
 
 import pytest
-from weight_sync_harness import Driver, engine_at, start_pusher, start_system, write_config
+from weight_sync_harness import Driver, Pusher, System, engine_at, start_engines
 
 # the sync deadline under test: small, so a hang would show; room for a re-push on 2 shared cores
 DEADLINE_S = 12.0
-HEARTBEAT_TIMEOUT_S = 3.0  # how soon the buffer expires the killed engine's server
-# how long the test waits for a report at most (not a timing assert)
-REPORT_WAIT_S = DEADLINE_S + 60.0
+REPORT_WAIT_S = DEADLINE_S + 60.0  # the longest wait for a report (not a timing assert)
 STARTUP_S = 180.0
+A, B = "rollout-a", "rollout-b"
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    # heartbeat timeout: how soon the buffer expires a killed engine's server
+    s = System(tmp_path_factory.mktemp("faults"), [f"trainer.weight_sync.deadline_s={DEADLINE_S}",
+                                                   "buffer.heartbeat_timeout_s=3"], [B])
+    yield s
+    s.close()
+
+
+@pytest.fixture(autouse=True)
+def settled(system):
+    system.settle()
+    yield
+    system.settle()
 
 
 @pytest.mark.parametrize("fault", ["rendezvous", "rendezvous-staged", "bucket", "done"])
 def test_engine_killed_during_a_push_is_dropped_and_the_survivor_serves_this_version(
-        fault, tmp_path, spawn_python, free_port, wait_until):
-    # the model: 1.3 MB
+        fault, system, tmp_path, spawn_python, wait_until):
+    """A killed at the rendezvous (six or two buckets), after its first bucket or its last."""
     fault, bucket_mb = ("rendezvous", 1.0) if fault == "rendezvous-staged" else (fault, 0.25)
-    cfg, cfg_path = write_config(tmp_path, free_port, [
-        f"trainer.weight_sync.deadline_s={DEADLINE_S}",
-        f"trainer.weight_sync.bucket_mb={bucket_mb}",
-        f"buffer.heartbeat_timeout_s={HEARTBEAT_TIMEOUT_S}"])
-    engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path,
-                                 ["rollout-a", "rollout-b"])
-    a = Driver("rollout-a", urls["rollout-a"], cfg, fault=fault,
-               engine_pid=engines["rollout-a"].pid)
-    b = Driver("rollout-b", urls["rollout-b"], cfg)
-    for d in (a, b):
-        d.start()
-    # v2 waits for the test's look at B's v1 weights: its buckets would otherwise land under
-    # B's v1 label
-    pusher = start_pusher(spawn_python, cfg_path, tmp_path,
-                          [{"version": 1, "members": 2},
-                           {"version": 2, "members": 1, "after": "checked-v1"}])
-
-    def report(version: int):
-        assert pusher.poll() in (None, 0), (
-            f"the trainer died (exit {pusher.returncode}); see its log above")
-        assert a.error is None and b.error is None, (a.error, b.error)
-        from test_trainer_weight_sync import read_json
-
-        return read_json(tmp_path / f"v{version}.json")
-
+    engines, urls = start_engines(tmp_path, spawn_python, wait_until, system.cfg_path, [A])
+    a = Driver(A, urls[A], system.cfg, fault=fault, engine_pid=engines[A].pid)
+    a.start()
+    v1, v2 = system.versions(2)
+    # v2 waits for the test's look at B's v1 weights: its buckets would otherwise land under v1
+    pusher = Pusher(spawn_python, system, tmp_path,
+                    [{"version": v1, "members": 2},
+                     {"version": v2, "members": 1, "after": "checked-v1"}],
+                    [f"trainer.weight_sync.bucket_mb={bucket_mb}"], drivers=[a])
     try:
-        v1 = wait_until(lambda: report(1), STARTUP_S + REPORT_WAIT_S, 0.2, "trainer push v1")
-        assert a.killed.is_set(), f"the {fault} fault never fired: {v1}"
-        assert v1["members"] == ["rollout-a", "rollout-b"] and v1["reform"], v1
-        # B has v1, from this push
-        assert v1["dropped"] == ["rollout-a"] and v1["done"] == ["rollout-b"], v1
-        assert v1["repushed"] == ([] if fault == "done" else ["rollout-b"]), v1
-        # the attempt and the re-push together: one deadline
-        assert v1["blocked_s"] <= DEADLINE_S, v1
-        wait_until(lambda: engines["rollout-a"].poll() is not None, 30, 0.1, "engine A gone")
-        got = wait_until(lambda: engine_at(tmp_path, "rollout-b", 1), 30, 0.1,
-                         "rollout-b at version 1")
-        assert got["sha"] == v1["sha"]
+        r1 = pusher.report(f"v{v1}.json", STARTUP_S + REPORT_WAIT_S)
+        assert a.killed.is_set(), f"the {fault} fault never fired: {r1}"
+        assert r1["members"] == [A, B] and r1["reform"], r1
+        assert r1["dropped"] == [A] and r1["done"] == [B], r1
+        assert r1["repushed"] == ([] if fault == "done" else [B]), r1
+        assert r1["blocked_s"] <= DEADLINE_S, r1  # the attempt and the re-push: one deadline
+        wait_until(lambda: engines[A].poll() is not None, 30, 0.1, "engine A gone")
+        got = wait_until(lambda: engine_at(system.root, B, v1), 30, 0.1, "B at v1")
+        assert got["sha"] == r1["sha"]
         (tmp_path / "checked-v1").write_text("ok")
 
-        v2 = wait_until(lambda: report(2), REPORT_WAIT_S, 0.2, "trainer push v2")
-        assert v2["members"] == ["rollout-b"] and v2["done"] == ["rollout-b"], v2
-        # the group re-formed for B during v1 stays warm
-        assert v2["reform"] == (fault == "done"), v2
-        assert not v2["dropped"] and not v2["error"] and not v2["repushed"], v2
-        got = wait_until(lambda: engine_at(tmp_path, "rollout-b", 2), 30, 0.1,
-                         "rollout-b at version 2")
-        assert got["sha"] == v2["sha"]
+        r2 = pusher.report(f"v{v2}.json", REPORT_WAIT_S)
+        assert r2["members"] == [B] and r2["done"] == [B], r2
+        assert r2["reform"] == (fault == "done"), r2  # a group re-formed for B in v1 stays warm
+        assert not r2["dropped"] and not r2["error"] and not r2["repushed"], r2
+        got = wait_until(lambda: engine_at(system.root, B, v2), 30, 0.1, "B at v2")
+        assert got["sha"] == r2["sha"]
+        pusher.exited()
     finally:
-        for d in (a, b):
-            d.stop.set()
-        for d in (a, b):
-            d.join(timeout=15)
+        a.stop.set()
+        a.join(timeout=15)
+
+
+def test_a_server_restarted_between_syncs_gets_the_next_version_on_a_reformed_group(
+        system, tmp_path, spawn_python, wait_until):
+    """A's server and engine killed, then A with a new incarnation and engine: a new group."""
+    engines, urls = start_engines(tmp_path, spawn_python, wait_until, system.cfg_path,
+                                  ["old", "new"])
+    first = Driver(A, urls["old"], system.cfg, fresh=True)
+    first.start()
+    v1, v2 = system.versions(2)
+    pusher = Pusher(spawn_python, system, tmp_path,
+                    [{"version": v1, "members": 2},
+                     {"version": v2, "members": 2, "after": "restarted"}], drivers=[first])
+    restarted = None
+    try:
+        r1 = pusher.report(f"v{v1}.json", STARTUP_S + REPORT_WAIT_S)
+        assert r1["members"] == r1["done"] == [A, B] and r1["reform"], r1
+        got = wait_until(lambda: engine_at(tmp_path, "old", v1), 30, 0.1, "the old engine at v1")
+        assert got["sha"] == r1["sha"]
+
+        spawn_python.kill9(engines["old"])
+        first.stop.set()
+        first.join(timeout=15)
+        restarted = Driver(A, urls["new"], system.cfg, fresh=True)
+        pusher.drivers.append(restarted)
+        restarted.start()
+        # let in once the old process is silent for buffer.heartbeat_timeout_s
+        wait_until(lambda: any(m.incarnation == restarted.incarnation for m in system.roster()),
+                   60, 0.05, "the restarted server registered")
+        assert [(m.server_id, m.engine_url) for m in system.roster()] == [
+            (A, urls["new"]), (B, system.urls[B])]
+        (tmp_path / "restarted").write_text("ok")
+
+        r2 = pusher.report(f"v{v2}.json", REPORT_WAIT_S)
+        assert r2["members"] == r2["done"] == [A, B] and r2["reform"], r2
+        assert not r2["dropped"] and not r2["error"], r2
+        got = wait_until(lambda: engine_at(tmp_path, "new", v2), 30, 0.1, "the new engine at v2")
+        assert got["sha"] == r2["sha"]
+        pusher.exited()
+    finally:
+        for d in (first, restarted):
+            if d is not None:
+                d.stop.set()
+                d.join(timeout=15)

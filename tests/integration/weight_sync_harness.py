@@ -1,4 +1,5 @@
-"""Shared by the weight-sync fault and one-GPU-path tests: start_system, Driver, start_pusher.
+"""Shared by the weight-sync tests: start_system, Driver, start_pusher; System and Pusher (a
+buffer and engines shared by a module's tests, a trainer per test).
 
 A Driver with ``fault`` kills its engine by PID (SIGKILL) at one point of the first push reaching
 it: "rendezvous" (before it joins the group), "session" (paused, before its first bucket),
@@ -40,6 +41,11 @@ def write_config(tmp_path: Path, free_port, overrides: list[str]) -> tuple[objec
 def start_system(tmp_path: Path, spawn_python, wait_until, cfg_path: Path, server_ids: list[str]):
     """The buffer and one engine per server id; returns ({id: engine Popen}, {id: url})."""
     spawn_python("buffer", ["--config-file", cfg_path], capture=False)
+    return start_engines(tmp_path, spawn_python, wait_until, cfg_path, server_ids)
+
+
+def start_engines(tmp_path: Path, spawn_python, wait_until, cfg_path: Path, server_ids: list[str]):
+    """One engine per server id, reporting its weights to tmp_path/<id> (``engine_at``)."""
     engines = {sid: spawn_python(RUNNER, [HERE / "test_trainer_weight_sync.py", "engine", cfg_path,
                                           tmp_path / sid],
                                  capture=False) for sid in server_ids}
@@ -268,3 +274,83 @@ def engine_at(tmp_path: Path, sid: str, version: int):
     r = read_json(tmp_path / sid)
     return r if r and r["version"] == str(version) else None
 
+
+class System:
+    """A buffer and engines with their Drivers, shared by a module's tests (a module fixture)."""
+
+    def __init__(self, root: Path, overrides: list[str], server_ids: list[str]):
+        from areal_like.net.dealer import Client
+        from areal_like.net.distributed import free_port
+        from tests.conftest import Spawner, wait_until
+
+        self.root, self.spawn, self.version = root, Spawner(root), 0
+        self.cfg, self.cfg_path = write_config(root, free_port, overrides)
+        self.drivers: dict[str, Driver] = {}
+        self.buffer = Client(self.cfg.buffer.address, timeout_s=10)
+        try:
+            self.engines, self.urls = start_system(root, self.spawn, wait_until, self.cfg_path,
+                                                   server_ids)
+            for sid in server_ids:
+                self.drivers[sid] = Driver(sid, self.urls[sid], self.cfg)
+                self.drivers[sid].start()
+        except BaseException:
+            self.close()
+            raise
+
+    def versions(self, n: int) -> list[int]:
+        """The next n versions: each test's pushes go past every earlier one's."""
+        self.version += n
+        return list(range(self.version - n + 1, self.version + 1))
+
+    def roster(self) -> list:
+        from areal_like.wire.protocol import RosterRequest
+
+        return sorted(self.buffer.request(RosterRequest()).members, key=lambda m: m.server_id)
+
+    def settle(self, timeout_s: float = 60.0) -> None:
+        """Until the roster is this system's own members again, all alive (between tests)."""
+        from tests.conftest import wait_until
+
+        wait_until(lambda: [m.server_id for m in self.roster()] == sorted(self.drivers),
+                   timeout_s, 0.1, f"the roster back to {sorted(self.drivers)}")
+        assert all(e.poll() is None for e in self.engines.values()), "a shared engine died"
+        assert all(d.error is None and d.is_alive() for d in self.drivers.values()), [
+            d.error for d in self.drivers.values()]
+
+    def close(self) -> None:
+        for d in self.drivers.values():
+            d.stop.set()
+        for d in self.drivers.values():
+            d.join(timeout=15)
+        self.buffer.close()
+        self.spawn.cleanup()
+
+
+class Pusher:
+    """tests/weight_pusher.py run by one test against a System; its config: the System's plus
+    overrides. ``report(name)`` fails at once if the trainer or a Driver in ``drivers`` died."""
+
+    def __init__(self, spawn_python, system: System, out: Path, pushes: list[dict],
+                 overrides: tuple | list = (), drivers: tuple | list = ()):
+        from areal_like.settings.config import load_daemon_config, to_yaml
+
+        cfg_path = out / "pusher.yaml"
+        cfg_path.write_text(to_yaml(load_daemon_config(["--config-file", str(system.cfg_path),
+                                                        *overrides])))
+        self.out, self.drivers = out, [*system.drivers.values(), *drivers]
+        self.proc = start_pusher(spawn_python, cfg_path, out, pushes)
+
+    def report(self, name: str, timeout_s: float):
+        from tests.conftest import wait_until
+
+        def read():
+            assert self.proc.poll() in (None, 0), (
+                f"the trainer died (exit {self.proc.returncode}); see its log above")
+            assert all(d.error is None for d in self.drivers), [d.error for d in self.drivers]
+            return read_json(self.out / name)
+
+        return wait_until(read, timeout_s, 0.2, f"the trainer's {name}")
+
+    def exited(self, timeout_s: float = 60.0) -> None:
+        """Its pushes done, it exits 0 (its group and buffers released before the next test)."""
+        assert self.proc.wait(timeout=timeout_s) == 0
