@@ -12,19 +12,16 @@ import pytest
 from service_harness import answer, start, step
 
 import buffer.diskspace
-import buffer.wal
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
-from buffer.diskspace import DiskGuard
+from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
 from buffer.service import BufferService
 from buffer.wal import DiskFull, WriteAheadLog
 
 RESERVE = 1 << 20
 
 
-class _Disk:
-    """The free space statvfs would report."""
-
+class _Disk:  # the free space statvfs would report
     def __init__(self, free: int):
         self.free = free
 
@@ -90,22 +87,18 @@ def test_degraded_mode_compacts_consumed_records_without_waiting_for_a_full_segm
     svc.wal.close()
 
 
-def test_degraded_mode_does_not_rotate_a_segment_that_holds_only_a_big_checkpoint(tmp_path,
-                                                                                 monkeypatch):
-    # A long run's dedupe checkpoint larger than MIN_SEGMENT_BYTES counted as
-    # records, so a nearly full disk rotated every DEGRADED_ROTATE_S, writing it again each time.
-    monkeypatch.setattr(buffer.diskspace, "MIN_SEGMENT_BYTES", 1000)
-    monkeypatch.setattr(buffer.diskspace, "DEGRADED_ROTATE_S", 0.0)
-    wal = WriteAheadLog(tmp_path, fsync="batch", segment_bytes=1 << 20)
+def test_degraded_mode_does_not_rotate_a_segment_that_holds_only_a_big_checkpoint(tmp_path):
+    # a long run's dedupe checkpoint, counted as records, was written again at every rotation
+    wal = WriteAheadLog(tmp_path, fsync="batch", segment_bytes=64 << 20)
     list(wal.replay())
-    big = {"seen": [f"rollout-0-{i:08d}" for i in range(200)]}  # ~4 KB: above MIN_SEGMENT_BYTES
+    big = {"seen": [f"rollout-0-{i:08d}" for i in range(60_000)]}  # above MIN_SEGMENT_BYTES
     wal.open(big)
+    assert wal.segment_size > MIN_SEGMENT_BYTES
     guard = DiskGuard(tmp_path, RESERVE, free_bytes=_Disk(0))
-    for _ in range(3):
-        guard.sweep(wal, lambda: big)
+    guard.sweep(wal, lambda: big)  # the first sweep in the mode may rotate: it does not
     assert guard.degraded and wal.segments() == [1] and wal.records_size == 0
-    wal.append_group("a", b"." * 1200)  # records past MIN_SEGMENT_BYTES: now a rotation frees them
-    guard.sweep(wal, lambda: big)
+    wal.append_group("a", b"." * MIN_SEGMENT_BYTES)  # records past it: a rotation frees them
+    DiskGuard(tmp_path, RESERVE, free_bytes=_Disk(0)).sweep(wal, lambda: big)
     assert wal.segments()[-1] == 2
     wal.close()
 
@@ -193,8 +186,7 @@ def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_m
 
 @pytest.mark.parametrize("fsync", ["batch", "never"])
 def test_a_ticket_behind_an_inline_control_record_waiting_for_room_is_not_durable(
-        tmp_path, full_disk, monkeypatch, fsync):
-    monkeypatch.setattr(buffer.wal, "DISK_RETRY_S", 0.0)
+        tmp_path, full_disk, fsync):
     wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     wal.open({"state": {}})
     fails = full_disk(3)  # the record's own write, request_sync's try, wait_durable's first try
@@ -241,7 +233,6 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
 
 def test_records_waiting_for_room_that_statvfs_does_not_see_keep_the_mode_and_one_line(
         tmp_path, full_disk, caplog):
-    """EDQUOT unseen by statvfs: the mode holds while records wait, one line, then ends."""
     wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
     wal.open({"state": {}})
     guard = DiskGuard(wal.dir, RESERVE, free_bytes=_Disk(100 * RESERVE))
@@ -284,7 +275,6 @@ class _KillAtEverySend:
 @pytest.mark.parametrize("fsync", ["batch", "never"])  # both promise that a reply survives kill -9
 def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(
         tmp_path, full_disk, fsync):
-    """Batch/Credits replies wait for their control record to be written on a full disk."""
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk, fsync=fsync)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
@@ -311,7 +301,6 @@ def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(
 @pytest.mark.parametrize("fsync", ["always", "batch", "never"])
 def test_a_rotation_whose_checkpoint_waits_for_room_keeps_the_segments_it_supersedes(
         tmp_path, full_disk, fsync):
-    """A rotation keeps superseded segments while its checkpoint waits for room."""
     wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     list(wal.replay())
     wal.open({"state": {"cursor": 1}})
@@ -332,9 +321,8 @@ def test_a_rotation_whose_checkpoint_waits_for_room_keeps_the_segments_it_supers
 
 
 @pytest.mark.parametrize("fsync", ["always", "batch", "never"])
-def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, full_disk, monkeypatch, fsync):
+def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, full_disk, fsync):
     """SIGTERM with a reply waiting for room stops the buffer, the reply unsent."""
-    monkeypatch.setattr(buffer.wal, "DISK_RETRY_S", 0.01)
     svc = _start(tmp_path, _Disk(100 * RESERVE), fsync=fsync)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     fails = full_disk(10 ** 9)
@@ -355,7 +343,6 @@ def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, full_disk, monk
 
 
 def test_status_says_a_buffer_on_a_full_disk_is_up_but_refuses_new_groups(tmp_path, capsys):
-    """status shows a full-disk buffer as up but refusing groups (its /health)."""
     import json
 
     from areal_like.net.metrics import Metrics, MetricsServer

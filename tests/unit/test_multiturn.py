@@ -1,8 +1,4 @@
-"""Multi-turn episodes (rollout_server/multiturn.py) against a scripted /generate stand-in.
-
-Ids equal the chat template's rendering; tool errors become messages; limits end episodes with
-their reason; a sync mid-episode keeps each token's version; routing replay keeps first routes.
-"""
+"""Multi-turn episodes (rollout_server/multiturn.py) against a scripted /generate stand-in."""
 
 from __future__ import annotations
 
@@ -18,12 +14,14 @@ from areal_like.tasks.environment import ChatRenderer
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import CHATML, bpe_tokenizer
 from areal_like.tasks.tools import ToolRegistry, parse_tool_calls
+from areal_like.wire.protocol import Credit, TrajectoryGroup
 from rollout_server.episode import EpisodeContext
 from rollout_server.multiturn import EpisodeRunner
 from rollout_server.tool_pool import ToolPool
 
 TOK = bpe_tokenizer(512)
 EOS = TOK.eos_token_id
+CREDIT = Credit(lease_id="l", prompt_index=0, epoch=0, deadline_s=60.0)
 
 
 class ScriptedEngine:
@@ -82,6 +80,15 @@ def episode(engine, tools=None, **task):
 CALL_ADD = '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
 
 
+def assert_ids_render(conv, traj, messages) -> list[int]:
+    """The trajectory's ids are the template's rendering of ``messages`` but its closing "\n"."""
+    rendered = ChatRenderer(TOK, CHATML).render(messages, add_generation_prompt=False)
+    ids = list(traj.prompt_ids) + list(traj.output_ids)
+    newline = TOK("\n", add_special_tokens=False)["input_ids"]
+    assert ids + newline == TOK(rendered, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 @pytest.fixture(scope="module")
 def tools():
     pool = ToolPool(workers=1, timeout_s=30.0)
@@ -100,10 +107,7 @@ def test_ids_are_the_templates_rendering_of_the_final_conversation(tools):
     assert conv.messages[5]["content"] == "5"
     # the final assistant turn ends with its generated EOS; the template then adds "\n" and the last
     # environment message (not sent: the episode is over)
-    rendered = ChatRenderer(TOK, CHATML).render(conv.messages[:-1], add_generation_prompt=False)
-    ids = list(traj.prompt_ids) + list(traj.output_ids)
-    newline = TOK("\n", add_special_tokens=False)["input_ids"]
-    assert ids + newline == TOK(rendered, add_special_tokens=False)["input_ids"]
+    ids = assert_ids_render(conv, traj, conv.messages[:-1])
     # every request was the whole conversation so far, and only generated tokens are trained on
     gen = [TOK(r, add_special_tokens=False)["input_ids"] + [EOS]
            for r in ["hello there", CALL_ADD, "it is 5", "bye"]]
@@ -189,12 +193,13 @@ def test_limits_end_episodes_with_their_finish_reason(limits, reason):
     # the first turn and its continuation stay; the cut turn is dropped
     if reason == "turn_timeout":
         assert conv.turns == 1 and traj.loss_mask[-1] == 0
-    if reason == "episode_timeout":
-        assert conv.turns == 1
+    if reason == "episode_timeout":  # cut during a step: messages end with the turn, as ids do
+        assert conv.turns == 1 and conv.messages[-1] == {"role": "assistant", "content": replies[0]}
+        assert_ids_render(conv, traj, conv.messages)
 
 
 def test_an_episode_ends_at_the_models_context_when_max_episode_tokens_is_longer():
-    """An episode ends at the model's context (256) with max_tokens, not an HTTP 400."""
+    # at the model's context (256) with max_tokens, not an HTTP 400
     from areal_like.settings.config import RunConfig
     from rollout_server.facts import RolloutFacts
 
@@ -209,16 +214,13 @@ def test_an_episode_ends_at_the_models_context_when_max_episode_tokens_is_longer
 
 
 def test_an_opening_prompt_that_leaves_no_room_is_refused_with_its_reason():
-    """An opening prompt filling the context ends at once as no_room, env never stepped."""
     from areal_like.wire.group_checks import content_problem
-    from areal_like.wire.protocol import Credit
 
-    credit = Credit(lease_id="l", prompt_index=0, epoch=0, deadline_s=60.0)
     _, traj = episode(ScriptedEngine(["a", "b", "c"]))
     context = len(traj.prompt_ids)  # the opening prompt exactly at the context
     r = runner(engine := ScriptedEngine(["a", "b", "c"]), max_episode_tokens=context,
                max_new_tokens=16)
-    group = asyncio.run(r.run_group(credit))
+    group = asyncio.run(r.run_group(CREDIT))
     [t] = group.trajectories
     assert (t.n_tokens, t.finish_reason, t.reward, engine.calls) == (0, "no_room", 0.0, [])
     why = content_problem(group, TOK.vocab_size, context, 1)
@@ -227,7 +229,6 @@ def test_an_opening_prompt_that_leaves_no_room_is_refused_with_its_reason():
 
 
 def test_a_weight_sync_mid_episode_keeps_every_tokens_version_and_its_logged_sample_shows_it():
-    from areal_like.wire.protocol import TrajectoryGroup
     from trainer.samples import sample_rows
 
     replies = ["first turn", "second turn is long", "third"]
@@ -263,26 +264,20 @@ def test_a_weight_sync_mid_episode_keeps_every_tokens_version_and_its_logged_sam
 
 
 def test_a_multi_turn_groups_rewards_reach_the_rollout_reward_metrics():
-    """Multi-turn (and agent) groups' rewards reach rollout/reward."""
-    from areal_like.wire.protocol import Credit
-
     r = runner(ScriptedEngine(["a", "b", "c"]))
-    asyncio.run(r.run_group(Credit(lease_id="l", prompt_index=0, epoch=0, deadline_s=60.0)))
+    asyncio.run(r.run_group(CREDIT))
     value = r.ctx.metrics.registry.get_sample_value
     assert value("areal_rollout_reward_count") == 1  # 0.25 + 0.25 + 1.0 (agent_envs.Chat)
     assert value("areal_rollout_reward_sum") == value("areal_rollout_reward_mean") == 1.5
 
 
 def test_when_one_conversation_of_a_group_fails_its_siblings_are_cancelled():
-    """One conversation failing cancels its siblings (and their requests) first."""
-    from areal_like.wire.protocol import Credit
-
-    async def group():
+    async def group():  # (and their requests) first
         # the first request answers and its env's step raises; the others never answer
         engine = ScriptedEngine(["a", None])
         r = runner(engine, env="agent_envs:Broken", group_size=3)
         with pytest.raises(KeyError, match="missing"):
-            await r.run_group(Credit(lease_id="l", prompt_index=0, epoch=0, deadline_s=60.0))
+            await r.run_group(CREDIT)
         assert len(engine.calls) == 3
         left = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         return engine.waiting, left
@@ -292,21 +287,18 @@ def test_when_one_conversation_of_a_group_fails_its_siblings_are_cancelled():
 
 
 def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_stops(caplog):
-    """A raising env is named with its exception type; the stopping failure's traceback."""
     import logging
 
     from areal_like.settings.config import load_config
-    from areal_like.wire.protocol import Credit
     from rollout_server.server import MAX_EPISODE_FAILURES, RolloutServer
 
     server = RolloutServer.from_run(load_config([]))
 
     async def episodes():
         server.wake = asyncio.Event()
-        for i in range(MAX_EPISODE_FAILURES):
+        for _ in range(MAX_EPISODE_FAILURES):
             r = runner(ScriptedEngine(["a"]), env="agent_envs:Broken")
-            task = asyncio.create_task(r.run_group(Credit(lease_id=str(i), prompt_index=0,
-                                                          epoch=0, deadline_s=60.0)))
+            task = asyncio.create_task(r.run_group(CREDIT))
             await asyncio.gather(task, return_exceptions=True)
             server._episode_done(task)
 
@@ -323,7 +315,6 @@ def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_
 
 @pytest.mark.parametrize("reward", [None, float("nan"), "1.0"])
 def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
-    """A step reward that is None, NaN or a string is refused naming the env."""
     from areal_like.tasks.environment import as_step_result
 
     with pytest.raises(TypeError, match=r"^environment m:E step returned reward .+; expected a "
@@ -333,13 +324,11 @@ def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
 
 
 def test_numpy_values_in_a_steps_info_go_on_the_wire_and_others_are_named_at_the_step():
-    """numpy values in info become plain; a value the wire can't carry is named."""
     from areal_like.tasks.environment import as_step_result
-    from areal_like.wire.protocol import Credit, encode
+    from areal_like.wire.protocol import encode
 
     r = runner(ScriptedEngine(["a", "b", "c"]), env="agent_envs:NumpyInfo")
-    group = asyncio.run(r.run_group(Credit(lease_id="l", prompt_index=0, epoch=0,
-                                           deadline_s=60.0)))
+    group = asyncio.run(r.run_group(CREDIT))
     encode(group)
     info = group.trajectories[0].metadata["info"]
     assert info == {"steps": 3, "score": 0.5, "hist": [0, 1, 2], "ok": True, "nested": {"x": 2}}
@@ -352,8 +341,6 @@ def test_numpy_values_in_a_steps_info_go_on_the_wire_and_others_are_named_at_the
 
 
 def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():
-    """An agent episode's samples.jsonl rows count its calls as turns."""
-    from areal_like.wire.protocol import TrajectoryGroup
     from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
     from trainer.samples import sample_rows
 
@@ -365,18 +352,6 @@ def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():
                             trajectories=[t])
     [row] = sample_rows([group], version=0, k=1, decode=lambda ids: TOK.decode(ids))
     assert row["turns"] == 2
-
-
-def test_an_episode_cut_during_a_step_keeps_its_messages_equal_to_its_ids():
-    """Cut during a step: messages end with the turn and ids still render them."""
-    engine = ScriptedEngine(["hello there"])
-    conv, traj = episode(engine, env="agent_envs:Stuck", episode_timeout_s=0.3)
-    assert (conv.finish_reason, conv.turns) == ("episode_timeout", 1)
-    assert conv.messages[-1] == {"role": "assistant", "content": "hello there"}
-    rendered = ChatRenderer(TOK, CHATML).render(conv.messages, add_generation_prompt=False)
-    ids = list(traj.prompt_ids) + list(traj.output_ids)
-    newline = TOK("\n", add_special_tokens=False)["input_ids"]
-    assert ids + newline == TOK(rendered, add_special_tokens=False)["input_ids"]
 
 
 class RoutedEngine(ScriptedEngine):
@@ -396,7 +371,6 @@ class RoutedEngine(ScriptedEngine):
 
 @pytest.mark.parametrize("cut", [False, True])
 def test_each_position_keeps_the_routes_of_the_turn_that_ran_it_first(cut):
-    """Each position keeps the routes of the turn that ran it first; unrun context dropped."""
     replies = ["hello there", "it is 5", None if cut else "bye"]
     # the second reply paused after 2 tokens: the resumed call's routes replace the first's
     conv, traj = episode(RoutedEngine(replies, pause_after={1: 2}), env="agent_envs:Endless",
@@ -418,7 +392,6 @@ def test_each_position_keeps_the_routes_of_the_turn_that_ran_it_first(cut):
 
 @pytest.mark.parametrize("fault", ["unrouted", "short"])
 def test_a_turn_without_routes_leaves_the_trajectory_without_any(fault):
-    """A turn without (complete) routes leaves the trajectory without any."""
     conv, traj = episode(RoutedEngine(["hello there", "it is 5", "bye"], **{fault: 1}),
                          env="agent_envs:Endless", max_turns=3)
     assert traj.routed_experts is None and len(traj.output_ids) == len(conv.output_ids)

@@ -84,27 +84,20 @@ def test_a_groups_samples_run_in_parallel_across_workers(make_pool):
         meeting.join(timeout=30)
 
 
-def test_a_crashing_reward_scores_zero_and_keeps_its_worker(make_pool):
+@pytest.mark.parametrize("response,why", [
+    ("crash", "ZeroDivisionError: division by zero on purpose"),
+    ("bad_error", "BadError (its message raised)"),  # its __str__ raises
+])
+def test_a_raising_reward_scores_zero_and_keeps_its_worker(make_pool, response, why):
     metrics = Metrics()
     pool = make_pool(metrics=metrics, reward_workers=1)
     before = pool.worker_pids
-    assert score(pool, "crash", "1.5") == [(0.0, "ZeroDivisionError: division by zero on purpose"),
-                                           (1.5, None)]
+    assert score(pool, response, "1.5") == [(0.0, why), (1.5, None)]
     assert pool.worker_pids == before
     assert failures(metrics, "error") == 1
     assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 2
-
-
-def test_an_exception_whose_message_raises_scores_zero_and_keeps_its_worker(make_pool):
-    """An exception whose __str__ raises scores 0 and keeps its worker."""
-    pool = make_pool(reward_workers=1)
-    before = pool.worker_pids
-    assert score(pool, "bad_error", "1.5") == [(0.0, "BadError (its message raised)"),
-                                               (1.5, None)]
-    assert pool.worker_pids == before
-    inline = make_pool(reward_workers=0)  # scored in the server's own process: the same reason
-    assert score(inline, "bad_error", "1.5") == [(0.0, "BadError (its message raised)"),
-                                                 (1.5, None)]
+    # scored in the server's own process: the same reason
+    assert score(make_pool(reward_workers=0), response, "1.5") == [(0.0, why), (1.5, None)]
 
 
 def test_a_hanging_reward_is_killed_at_the_timeout_and_replaced(make_pool):
@@ -121,7 +114,6 @@ def test_a_hanging_reward_is_killed_at_the_timeout_and_replaced(make_pool):
 
 
 def test_samples_after_a_lost_worker_are_scored_by_its_replacement(make_pool):
-    """A hanging/killing/OOM sample costs only itself; the rest go to a fresh worker, in order."""
     metrics = Metrics()
     pool = make_pool(metrics=metrics, reward_timeout_s=1.0, reward_memory_mb=256,
                      reward_workers=1)
@@ -134,15 +126,14 @@ def test_samples_after_a_lost_worker_are_scored_by_its_replacement(make_pool):
     assert [failures(metrics, k) for k in ("timeout", "died", "memory")] == [1, 1, 1]
 
 
-def test_a_share_bigger_than_a_socket_buffer_is_scored_whole(make_pool):
-    """Eight 300 KB responses on one worker are each scored, in order."""
+def test_a_share_bigger_than_a_socket_buffer_is_scored_whole_in_order(make_pool):
     pool = make_pool(reward_workers=1)
     responses = ["long " + "x" * (300_000 + k) for k in range(8)]
     assert score(pool, *responses) == [(float(len(r)), None) for r in responses]
 
 
 def test_each_queued_sample_has_its_own_timeout(make_pool):
-    """Queued samples are timed from the answer before them, not from the send."""
+    # timed from the answer before it, not from the send
     pool = make_pool(reward_timeout_s=3.0, reward_workers=1)
     assert score(pool, "sleep 2 1", "sleep 2 2") == [(1.0, None), (2.0, None)]
 
@@ -253,13 +244,14 @@ def test_a_reward_that_cannot_be_loaded_is_fatal_at_the_first_score(path, why, m
 
 def test_the_tasks_own_reward_is_named_when_it_cannot_be_loaded(make_pool):
     with pytest.raises(RewardPoolError, match=r"^the task's reward 'nope\.module:fn' cannot be "
-                                              r"loaded in a reward "
-                                              r"worker: ModuleNotFoundError"):
+                                              r"loaded in a reward worker: ModuleNotFoundError"):
         score(make_pool("nope.module:fn"), "1")
 
 
-# module source -> why its import fails in a worker, though it imports here
+# module source -> why its import fails in a worker (without the secret), though it imports here
 WORKER_ONLY_FAILURES = {
+    "exits_at_import": ("import os\nif 'AREAL_TEST_API_TOKEN' not in os.environ:\n"
+                        "    os._exit(4)\n", "worker died: exit code 4"),  # before it is ready
     "needs_secret": ("import os\nif 'AREAL_TEST_API_TOKEN' not in os.environ:\n"
                      "    raise RuntimeError('AREAL_TEST_API_TOKEN is not set')\n",
                      "RuntimeError: AREAL_TEST_API_TOKEN is not set"),
@@ -286,29 +278,7 @@ def test_a_reward_that_imports_here_but_not_in_a_worker_is_fatal(
     assert str(e.value) == (f"task.reward_fn='{module}:score' cannot be loaded in a reward worker: "
                             f"{why}")
     assert all_gone(workers)
-
-
-def test_a_worker_that_dies_before_it_is_ready_is_fatal(make_pool, tmp_path, monkeypatch):
-    (tmp_path / "exits_at_import.py").write_text("import os\nos._exit(4)\n")
-    tmp_path.chmod(0o755)  # root's workers run as a uid of their own
-    monkeypatch.syspath_prepend(str(tmp_path))
-    pool = make_pool(reward_fn="exits_at_import:score")
-    workers = [psutil.Process(pid) for pid in pool.worker_pids]
-    with pytest.raises(RewardPoolError, match=r"^task\.reward_fn='exits_at_import:score' "
-                                              r"cannot be loaded in a "
-                                              r"reward worker: worker died: exit code 4$"):
-        score(pool, "1")
-    assert all_gone(workers)
-
-
-def test_the_pool_never_imports_the_reward_in_its_own_process(make_pool, tmp_path, monkeypatch):
-    (tmp_path / "marks_importer.py").write_text(
-        "IMPORTED = 1.0\ndef score(response, example):\n    return IMPORTED\n")
-    tmp_path.chmod(0o755)  # root's workers run as a uid of their own
-    monkeypatch.syspath_prepend(str(tmp_path))
-    pool = make_pool(reward_fn="marks_importer:score", reward_workers=1)
-    assert score(pool, "x") == [(1.0, None)]  # imported and called in the worker
-    assert "marks_importer" not in sys.modules
+    assert module not in sys.modules  # the pool never imports the reward in its own process
 
 
 def test_failures_are_logged_at_most_once_a_minute_per_kind(make_pool, caplog):
@@ -384,7 +354,6 @@ def test_reward_workers_0_scores_in_this_process_by_the_same_rules(make_pool, ca
 
 
 def test_a_group_the_wire_cannot_carry_fails_its_episode_not_the_sender():
-    """Unencodable metadata fails its episode (counted), never the sender."""
     import numpy as np
 
     from areal_like.net.metrics import Metrics

@@ -57,7 +57,6 @@ def _dead_pid() -> int:
 
 
 def test_status_says_starting_for_a_daemon_the_live_launcher_has_not_started(tmp_path, capsys):
-    """A daemon with no PID yet: starting while the launcher lives, DOWN once gone."""
     _job(tmp_path, [("trainer", free_port(), None)], supervisor_pid=os.getpid())
     assert status(tmp_path) == 1
     out = capsys.readouterr().out
@@ -69,7 +68,6 @@ def test_status_says_starting_for_a_daemon_the_live_launcher_has_not_started(tmp
 
 def test_status_and_top_of_a_finished_run_say_finished_without_connection_errors(tmp_path,
                                                                                   capsys):
-    """A finished job: 'finished' without connection errors; top shows it once, exit 0."""
     _job(tmp_path, [("buffer", free_port(), _dead_pid()), ("rollout-0", free_port(), None)])
     _finish(tmp_path)
     assert status(tmp_path) == 1
@@ -105,7 +103,6 @@ def _run_dir(path, *, at: float, launcher: int, born: float | None = None, ports
 
 
 def test_a_run_in_its_warm_start_is_the_newest_and_says_starting(tmp_path, capsys):
-    """A run in its warm start is the newest (job.json's started) and starting."""
     t0 = time.time() - 600
     _run_dir(tmp_path / "runs/old", at=t0, ports=True, finished=True, launcher=_dead_pid())
     new = _run_dir(tmp_path / "runs/new", at=t0 + 300, launcher=os.getpid())
@@ -123,7 +120,6 @@ def test_a_run_in_its_warm_start_is_the_newest_and_says_starting(tmp_path, capsy
 
 
 def test_a_resume_in_its_warm_start_is_starting_not_finished(tmp_path, capsys):
-    """A resume in its warm start is starting, not the previous start's end."""
     t0 = time.time() - 600
     run = _run_dir(tmp_path / "run", at=t0, ports=True, finished=True, launcher=_dead_pid())
     _start(run, at=time.time(), launcher=os.getpid())  # the resume starts now
@@ -150,7 +146,6 @@ def test_a_run_whose_launcher_is_gone_is_not_starting(tmp_path, capsys):
 
 
 def test_a_lock_whose_mtime_is_skewed_still_names_its_live_launcher(tmp_path):
-    """A skewed job.lock mtime (NFS) still names its live launcher via its create_time."""
     run = tmp_path / "run"
     os.close(lock_run_dir(run))
     skewed = psutil.Process().create_time() - 5
@@ -186,7 +181,6 @@ def test_top_waits_through_the_warm_start_then_shows_the_daemons_and_exits_when_
 
 
 def test_top_without_the_metrics_token_says_so(tmp_path):
-    """top without the metrics token names the variable; with it, the figures."""
     srv = MetricsServer(Metrics(), 0, "127.0.0.1", token="t0k")
     try:
         _ports(tmp_path, [("buffer", srv.port, os.getpid())])
@@ -201,22 +195,25 @@ def test_top_without_the_metrics_token_says_so(tmp_path):
         srv.stop()
 
 
-def test_a_job_started_without_run_is_finished_once_its_trainer_is_done(tmp_path, capsys):
-    """A hand/Slurm job ends on a done record newer than its ports.json."""
+def test_a_job_started_without_run_ends_on_a_done_record_newer_than_its_ports(tmp_path, capsys):
+    """No summary.json: a done record below trainer.steps is a stop, at it a completion."""
     _ports(tmp_path, [("trainer", free_port(), None)])
     (tmp_path / "metrics").mkdir()
     done = {"event": "done", "policy_version": 3, "steps": 3}
     older = os.stat(tmp_path / "ports.json").st_mtime - 60
-    (tmp_path / "metrics" / "trainer.jsonl").write_text(json.dumps({**done, "time": older}) + "\n")
-    assert status(tmp_path) == 1
-    assert _states(capsys.readouterr().out) == {"trainer": "DOWN"}
-    (tmp_path / "metrics" / "trainer.jsonl").write_text(
-        json.dumps({"step": 3, "reward_mean": 0.5}) + "\n"
-        + json.dumps({**done, "time": time.time() + 1}) + "\n")
-    assert status(tmp_path) == 1
-    job, trainer = capsys.readouterr().out.splitlines()[:2]
-    assert job.split() == ["job", "completed", "at", "step", "3", "of", "3"], job
-    assert trainer.split()[:2] == ["trainer", "finished"], trainer
+    for record, words in [({**done, "time": older}, None),
+                          ({**done, "policy_version": 2, "time": time.time() + 1},
+                           "stopped at step 2 of 3"),
+                          ({**done, "time": time.time() + 1}, "completed at step 3 of 3")]:
+        (tmp_path / "metrics" / "trainer.jsonl").write_text(
+            json.dumps({"step": 3, "reward_mean": 0.5}) + "\n" + json.dumps(record) + "\n")
+        assert status(tmp_path) == 1
+        out = capsys.readouterr().out
+        if words is None:  # older than the job: not its end
+            assert out.split()[:2] == ["trainer", "DOWN"], out
+        else:
+            job, trainer = out.splitlines()[:2]
+            assert job == f"job          {words}" and trainer.split()[:2] == ["trainer", "finished"]
     watched = _top(str(tmp_path), "--interval", "0.2")
     assert watched.returncode == 0 and "job completed" in watched.stdout, watched.stdout
 
@@ -235,7 +232,6 @@ def _lock_holder(run_dir, launcher_pid: str | None = None) -> subprocess.Popen:
 
 
 def test_stop_ends_the_job_as_ctrl_c_does_and_waits_for_it(tmp_path, capsys):
-    """stop SIGTERMs the lock's launcher and waits until none holds it; a second finds none."""
     from launch.cli import main
 
     run = tmp_path / "run"
@@ -292,7 +288,6 @@ def _ended(run_dir, code: int, reached: int, steps: int = 10, checkpoint: str | 
     (1, 4, "failed (exit 1) at step 4 of 10; last checkpoint {ckpt}")])
 def test_status_and_top_tell_a_completed_job_from_a_stopped_or_failed_one(tmp_path, capsys, code,
                                                                            reached, words):
-    """status/top say how a job ended, where, and the checkpoint to go on from."""
     ckpt = str(tmp_path / "checkpoints" / f"v{reached:08d}")
     _job(tmp_path, [("buffer", free_port(), _dead_pid())])
     summary = _ended(tmp_path, code, reached, checkpoint=ckpt)
@@ -305,20 +300,6 @@ def test_status_and_top_tell_a_completed_job_from_a_stopped_or_failed_one(tmp_pa
     assert watched.returncode == 0, watched.stderr
     head = " ".join(watched.stdout.split("\nbuffer")[0].split())  # wrapped at 160 columns
     assert head.endswith(f"job {words.format(ckpt=ckpt)}"), watched.stdout
-
-
-def test_a_job_started_without_run_and_stopped_says_where(tmp_path, capsys):
-    """No summary.json: a done record below trainer.steps is a stop at its version."""
-    _ports(tmp_path, [("trainer", free_port(), None)])
-    (tmp_path / "metrics").mkdir()
-    done = {"event": "done", "policy_version": 2, "steps": 3, "time": time.time() + 1}
-    (tmp_path / "metrics" / "trainer.jsonl").write_text(json.dumps(done) + "\n")
-    assert status(tmp_path) == 1
-    assert capsys.readouterr().out.splitlines()[0] == "job          stopped at step 2 of 3"
-    (tmp_path / "metrics" / "trainer.jsonl").write_text(
-        json.dumps({**done, "policy_version": 3}) + "\n")
-    assert status(tmp_path) == 1
-    assert capsys.readouterr().out.splitlines()[0] == "job          completed at step 3 of 3"
 
 
 def test_status_tells_starting_up_and_down_apart(tmp_path, capsys):
@@ -368,9 +349,7 @@ def test_top_without_a_terminal_prints_plain_tables(tmp_path):
         once = _top(str(tmp_path), "--once", "--interval", "0.2")
         assert once.returncode == 0, once.stderr
         assert "trainer step -" in once.stdout and "buffer" in once.stdout and "7" in once.stdout
-        # no terminal control codes in a pipe (top without --once in a pipe, view after view:
-        # test_top_waits_through_the_warm_start_then_shows_the_daemons_and_exits_when_it_finishes)
-        assert "\x1b[" not in once.stdout
+        assert "\x1b[" not in once.stdout  # no terminal control codes in a pipe
     finally:
         srv.stop()
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -16,7 +18,6 @@ def replay(path, **kw) -> tuple[WriteAheadLog, list]:
 
 
 def opened(path, checkpoint: dict | None = None, **kw) -> WriteAheadLog:
-    """A log on ``path``, replayed and opened with ``checkpoint``."""
     wal = WriteAheadLog(path, **kw)
     list(wal.replay())
     wal.open({} if checkpoint is None else checkpoint)
@@ -62,9 +63,9 @@ def test_every_start_opens_a_new_segment(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate_payload", "truncate_header", "flip_byte",
-                                    "garbage_length"])
+                                    "garbage_length", "zeroed"])
 def test_torn_or_corrupt_tail_is_skipped_and_logged(tmp_path, damage, caplog):
-    wal = opened(tmp_path)
+    wal = opened(tmp_path, fsync="batch" if damage == "zeroed" else "always")
     wal.append_group("good", b"x" * 100)
     wal.append_group("last", b"y" * 100)
     wal.close()
@@ -77,8 +78,11 @@ def test_torn_or_corrupt_tail_is_skipped_and_logged(tmp_path, damage, caplog):
         data = data[:size_good + 5]
     elif damage == "flip_byte":
         data[-1] ^= 0xFF
-    else:
+    elif damage == "garbage_length":
         data[size_good:size_good + 4] = (2**31).to_bytes(4, "little")
+    else:  # off a 4 KiB boundary a zeroed record is corruption, not a direct append's padding
+        assert len(data) % 4096 != 0
+        data[size_good:] = bytes(len(data) - size_good)
     path.write_bytes(bytes(data))
     with caplog.at_level(logging.WARNING, logger="buffer.wal"):
         wal2, recs = replay(tmp_path)
@@ -129,7 +133,7 @@ def test_compaction_deletes_fully_consumed_prefix_only(tmp_path):
 
 
 def test_a_running_pipeline_keeps_at_most_two_segments(tmp_path):
-    """A running pipeline keeps at most two segments (OPERATIONS.md's bound)."""
+    # OPERATIONS.md's bound
     wal = opened(tmp_path, segment_bytes=400)
     counts = []
     for i in range(200):  # each group consumed 3 groups later, as a trainer behind the servers
@@ -144,9 +148,6 @@ def test_a_running_pipeline_keeps_at_most_two_segments(tmp_path):
 
 def run_script(script: str, *args: str) -> str:
     """``script`` run by a fresh Python (stdin closed); its stdout."""
-    import subprocess
-    import sys
-
     out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                          timeout=120, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -167,7 +168,7 @@ os._exit(0)  # the process vanishes: no close, no final commit
 
 @pytest.mark.parametrize("policy", ["always", "batch", "never"])
 def test_records_survive_the_process_without_close(tmp_path, policy):
-    """What was committed is readable without close/fsync: writev goes straight to the kernel."""
+    # readable without close/fsync: writev goes straight to the kernel
     run_script(WAL_VANISHES, str(tmp_path), policy)
     _, recs = replay(tmp_path)
     assert groups(recs) == ["g"]
@@ -266,30 +267,11 @@ print("ok")
 
 
 def test_the_log_syncs_where_the_os_has_no_fdatasync(tmp_path):
-    """macOS has no os.fdatasync: the log falls back to fsync instead of failing to open."""
     assert run_script(WAL_WITHOUT_FDATASYNC, str(tmp_path)) == "ok"
 
 
-def test_a_zeroed_tail_off_a_block_boundary_is_corruption_not_padding(tmp_path, caplog):
-    """A zeroed tail not ending at a 4 KiB boundary is corruption (warned), not padding."""
-    wal = opened(tmp_path, fsync="batch")
-    wal.append_group("good", b"x" * 100)
-    last = wal.append_group("last", b"y" * 100)
-    wal.close()
-    path = segment_path(tmp_path, 1)
-    data = bytearray(path.read_bytes())
-    assert len(data) % 4096 != 0  # a buffered segment: its size is not block aligned
-    data[last.offset:] = bytes(len(data) - last.offset)  # the last record reads back as zeros
-    path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="buffer.wal"):
-        wal2, recs = replay(tmp_path)
-    assert groups(recs) == ["good"]
-    assert wal2.corrupt_records == 1  # not taken for a direct append's padding
-    assert any("offset" in m for m in caplog.messages)
-
-
 def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, monkeypatch):
-    """fsync=always: a failed queued write is WalFailed at hand-out, not 'unreadable'."""
+    # fsync=always: the queued write fails in the fsync thread
     from service_harness import answer, start, step
 
     from areal_like.settings.config import BufferConfig
@@ -342,12 +324,10 @@ else:
 
 
 def test_a_reader_descriptor_numbered_0_is_kept_and_closed(tmp_path):
-    """A reader descriptor numbered 0 is used and closed like any other."""
     assert run_script(WAL_READER_ON_FD_0, str(tmp_path)) == "closed"
 
 
 def test_one_log_per_directory(tmp_path):
-    """A second log on a held directory fails naming the holder; closing lets it in."""
     wal = WriteAheadLog(tmp_path)
     with pytest.raises(WalInUse, match=f"in use by another buffer \\(pid {os.getpid()}\\)"):
         WriteAheadLog(tmp_path)
@@ -358,7 +338,6 @@ def test_one_log_per_directory(tmp_path):
 
 
 def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
-    """Without flock (ENOLCK) the log opens, warning nothing stops a second buffer."""
     import errno
 
     def no_locks(fd, op):
@@ -379,7 +358,6 @@ def _signal_and_wait(running, release) -> None:
 
 
 def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
-    """A forked child lets go of the lock: the directory frees when the parent closes."""
     import multiprocessing as mp
 
     wal = WriteAheadLog(tmp_path)
@@ -409,7 +387,6 @@ def _three_groups(tmp_path) -> tuple[bytearray, list[int]]:
 @pytest.mark.parametrize("damage", ["flip_frame_byte", "zero_header", "garbage_length",
                                     "flip_gid_len"])
 def test_damage_mid_segment_loses_only_the_damaged_record(tmp_path, damage, caplog):
-    """Damage mid-segment: later records are read; the damaged one is reported and counted."""
     data, (_, at, after) = _three_groups(tmp_path)
     if damage == "flip_frame_byte":
         data[at + 8 + 150] ^= 0x10
@@ -430,17 +407,25 @@ def test_damage_mid_segment_loses_only_the_damaged_record(tmp_path, damage, capl
     assert any(said in m for m in caplog.messages), caplog.messages
 
 
-def test_a_damaged_tail_after_damage_mid_segment_is_still_cut(tmp_path):
+@pytest.mark.parametrize("torn", [False, True])
+def test_a_damaged_tail_after_damage_mid_segment_is_cut_and_an_intact_record_between_kept(
+        tmp_path, torn):
     data, (_, at, _) = _three_groups(tmp_path)
+    intact_end = len(data)
     data[at + 8 + 150] ^= 0x10
-    data[-1] ^= 0x10  # the last record too: nothing intact after it
+    if torn:  # a torn last write after the intact c
+        data += (1000).to_bytes(4, "little") + bytes(4) + b"G\x05\x00s0-Ld"
+    else:  # the last record too: nothing intact after b
+        data[-1] ^= 0x10
     path = segment_path(tmp_path, 1)
     path.write_bytes(bytes(data))
     wal, recs = replay(tmp_path)
-    # b and c are damaged and nothing intact follows: a damaged tail, cut from b's offset (a torn
-    # last write was never acknowledged; its lease is re-issued at its deadline), named by no group
-    assert [(r[0], r[1]) for r in recs if r[0] != "C"] == [("G", "s0-La"), ("D", "")]
-    assert wal.corrupt_records == 1 and path.stat().st_size == at
+    # a damaged tail is cut (a torn last write was never acknowledged; its lease is re-issued at
+    # its deadline) and named by no group
+    assert [(r[0], r[1]) for r in recs if r[0] != "C"] == (
+        [("G", "s0-La"), ("D", "s0-Lb"), ("G", "s0-Lc"), ("D", "")] if torn
+        else [("G", "s0-La"), ("D", "")])
+    assert wal.corrupt_records == 1 + torn and path.stat().st_size == (intact_end if torn else at)
 
 
 def test_each_control_record_carries_the_one_before_it(tmp_path):
@@ -458,23 +443,8 @@ def test_each_control_record_carries_the_one_before_it(tmp_path):
     assert copies == [{"consumed": ["g1"], "n": 1}, {"consumed": ["g2"], "n": 2}]
 
 
-def test_an_intact_record_between_damage_and_a_torn_tail_is_kept(tmp_path):
-    """The record after a damaged one is found even when a torn last write follows it."""
-    data, (_, at, _) = _three_groups(tmp_path)
-    intact_end = len(data)
-    data[at + 8 + 150] ^= 0x10
-    data += (1000).to_bytes(4, "little") + bytes(4) + b"G\x05\x00s0-Ld"  # a torn append
-    path = segment_path(tmp_path, 1)
-    path.write_bytes(bytes(data))
-    wal, recs = replay(tmp_path)
-    assert [(r[0], r[1]) for r in recs if r[0] != "C"] == [
-        ("G", "s0-La"), ("D", "s0-Lb"), ("G", "s0-Lc"), ("D", "")]
-    assert wal.corrupt_records == 2 and path.stat().st_size == intact_end  # the torn tail was cut
-
-
 def test_a_checkpoint_larger_than_a_segment_does_not_rotate_by_itself(tmp_path):
-    # A long run's checkpoint holds its dedupe ids (up to 400,000): in segments smaller than
-    # it, counting it rotated at every loop iteration, writing it again each time (soak run).
+    # a long run's checkpoint of dedupe ids, counted as records, rotated at every loop (soak run)
     wal = WriteAheadLog(tmp_path, segment_bytes=1000)
     list(wal.replay())
     big = {"seen": [f"rollout-0-{i:08d}" for i in range(200)]}  # ~4 KB: larger than a segment
