@@ -105,8 +105,7 @@ def test_ids_are_the_templates_rendering_of_the_final_conversation(tools):
                                                   "user", "assistant", "tool",
                                                   "assistant", "user", "assistant", "user"]
     assert conv.messages[5]["content"] == "5"
-    # the final assistant turn ends with its generated EOS; the template then adds "\n" and the last
-    # environment message (not sent: the episode is over)
+    # the last environment message was never sent: the episode is over
     ids = assert_ids_render(conv, traj, conv.messages[:-1])
     # every request was the whole conversation so far, and only generated tokens are trained on
     gen = [TOK(r, add_special_tokens=False)["input_ids"] + [EOS]
@@ -272,7 +271,7 @@ def test_a_multi_turn_groups_rewards_reach_the_rollout_reward_metrics():
 
 
 def test_when_one_conversation_of_a_group_fails_its_siblings_are_cancelled():
-    async def group():  # (and their requests) first
+    async def group():  # the siblings (and their requests) are cancelled first
         # the first request answers and its env's step raises; the others never answer
         engine = ScriptedEngine(["a", None])
         r = runner(engine, env="agent_envs:Broken", group_size=3)

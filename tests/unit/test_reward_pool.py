@@ -193,8 +193,7 @@ def test_task_reward_fn_overrides_the_default_path(make_pool):
 
 def test_close_leaves_no_process_behind(make_pool, wait_until):
     pool = make_pool(reward_timeout_s=30.0, processes=1)  # a reward may start one process here
-    # a worker's own child, still running (its pid is the worker's namespace's, as root: found
-    # among the worker's descendants here)
+    # a worker's own child, still running (found among the worker's descendants here)
     score(pool, "child")
     workers = [psutil.Process(pid) for pid in pool.worker_pids]
     started = [p for w in workers for p in w.children(recursive=True)]
@@ -279,6 +278,14 @@ def test_a_reward_that_imports_here_but_not_in_a_worker_is_fatal(
                             f"{why}")
     assert all_gone(workers)
     assert module not in sys.modules  # the pool never imports the reward in its own process
+
+
+def test_the_pool_never_imports_the_reward_in_its_own_process(make_pool, tmp_path, monkeypatch):
+    (tmp_path / "marks_importer.py").write_text("def score(response, example):\n    return 1.0\n")
+    tmp_path.chmod(0o755)  # root's workers run as a uid of their own
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pool = make_pool(reward_fn="marks_importer:score", reward_workers=1)
+    assert score(pool, "x") == [(1.0, None)] and "marks_importer" not in sys.modules
 
 
 def test_failures_are_logged_at_most_once_a_minute_per_kind(make_pool, caplog):

@@ -102,7 +102,7 @@ def _run_dir(path, *, at: float, launcher: int, born: float | None = None, ports
     return path
 
 
-def test_a_run_in_its_warm_start_is_the_newest_and_says_starting(tmp_path, capsys):
+def test_a_run_or_resume_in_its_warm_start_is_the_newest_and_says_starting(tmp_path, capsys):
     t0 = time.time() - 600
     _run_dir(tmp_path / "runs/old", at=t0, ports=True, finished=True, launcher=_dead_pid())
     new = _run_dir(tmp_path / "runs/new", at=t0 + 300, launcher=os.getpid())
@@ -117,13 +117,9 @@ def test_a_run_in_its_warm_start_is_the_newest_and_says_starting(tmp_path, capsy
     hand.mkdir()
     _ports(hand, [("buffer", free_port(), None)])
     assert newest_run_dir(tmp_path / "runs") == str(hand)
-
-
-def test_a_resume_in_its_warm_start_is_starting_not_finished(tmp_path, capsys):
-    t0 = time.time() - 600
-    run = _run_dir(tmp_path / "run", at=t0, ports=True, finished=True, launcher=_dead_pid())
-    _start(run, at=time.time(), launcher=os.getpid())  # the resume starts now
-    assert status(run) == 1
+    old = tmp_path / "runs/old"
+    _start(old, at=time.time(), launcher=os.getpid())  # a resume: starting, not the last end
+    assert status(old) == 1
     assert _states(capsys.readouterr().out) == {"job": "starting"}
 
 
@@ -340,7 +336,8 @@ def test_status_tells_starting_up_and_down_apart(tmp_path, capsys):
         wedged.close()
 
 
-def test_top_without_a_terminal_prints_plain_tables(tmp_path):
+def test_top_once_prints_plain_tables_fails_when_nothing_answers_and_names_a_bad_ports_file(
+        tmp_path):
     m = Metrics()
     m.gauge("buffer/trainer_version").set(7)
     srv = MetricsServer(m, 0, "127.0.0.1")
@@ -352,11 +349,7 @@ def test_top_without_a_terminal_prints_plain_tables(tmp_path):
         assert "\x1b[" not in once.stdout  # no terminal control codes in a pipe
     finally:
         srv.stop()
-
-
-def test_top_once_fails_when_nothing_answers_and_a_bad_ports_file_is_named(tmp_path):
-    _ports(tmp_path, [("buffer", free_port(), None)])  # nobody listens there
-    once = _top(str(tmp_path), "--once", "--interval", "0.1")
+    once = _top(str(tmp_path), "--once", "--interval", "0.1")  # nobody listens there now
     assert once.returncode == 1, (once.returncode, once.stdout, once.stderr)
     (tmp_path / "ports.json").write_text('{"daemons": [{"name": "buffer"}]}')
     bad = _top(str(tmp_path), "--once", "--interval", "0.1")

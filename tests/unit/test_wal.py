@@ -37,8 +37,7 @@ def test_round_trip_in_order(tmp_path):
     assert wal.commit() is None  # nothing new: no second fsync
     wal.close()
     _, recs = replay(tmp_path)
-    # control records are numbered in their segment (the checkpoint 0); the checkpoint is not copied
-    # into the next one (test_each_control_record_carries_the_one_before_it)
+    # control records are numbered in their segment (the checkpoint 0)
     assert recs == [("C", "", b"", {"state": {"v": 0}, "checkpoint": True, "n": 0}),
                     ("G", "g1", b"frame-1", None),
                     ("C", "", b"", {"consumed": ["g1"], "state": {"v": 1}, "n": 1}),
@@ -420,8 +419,7 @@ def test_a_damaged_tail_after_damage_mid_segment_is_cut_and_an_intact_record_bet
     path = segment_path(tmp_path, 1)
     path.write_bytes(bytes(data))
     wal, recs = replay(tmp_path)
-    # a damaged tail is cut (a torn last write was never acknowledged; its lease is re-issued at
-    # its deadline) and named by no group
+    # a damaged tail (a torn last write, never acknowledged) is cut and named by no group
     assert [(r[0], r[1]) for r in recs if r[0] != "C"] == (
         [("G", "s0-La"), ("D", "s0-Lb"), ("G", "s0-Lc"), ("D", "")] if torn
         else [("G", "s0-La"), ("D", "")])
