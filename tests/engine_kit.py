@@ -1,18 +1,26 @@
 """What the real-engine tiers (tests/sglang, tests/vllm) share: the model they serve, its prompts
 and tolerance, the check that an engine's log-probs are the trainer's, the check of the engine as a
 distillation teacher (``check_teacher``), the LoRA tests' adapter model and disk-path push
-(``lora_model``, ``sync_adapter``, ``scored``), and the routing replay checks
-(``routed_generations``, ``assert_routed_as_the_model``, ``run_routing_replay_job``). Each tier's
-kit (``sglang_kit``, ``vllm_kit``) adds its engine's flags and how to start one."""
+(``lora_model``, ``sync_adapter``, ``scored``), the routing replay checks
+(``routed_generations``, ``assert_routed_as_the_model``, ``run_routing_replay_job``) and the
+faults (``check_killed_server_takes_its_engine``, ``check_killed_engine_is_relaunched``). Each
+tier's kit (``sglang_kit``, ``vllm_kit``) adds its engine's flags and how to start one."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import secrets
+import signal
+import socket
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 
 from areal_like.settings.config import LoraConfig, ModelConfig, WeightSyncConfig
@@ -20,11 +28,14 @@ from areal_like.weights.hf import build_model
 from areal_like.weights.lora import add_adapters
 from areal_like.weights.plan import WeightSyncPlan
 from areal_like.weights.server_sync import apply_adapter_sync
+from rollout_server.engine_reaper import group_members, shm_files
+from tests.conftest import wait_until
 from trainer.logprob_guard import trainer_logprobs
 from trainer.weight_buckets import PushTensors
 from trainer.weight_local import DiskSender
 from trainer.weight_sync import SyncReport, push_buckets
 
+REPO = Path(__file__).resolve().parents[1]
 # The quickstart's tiny Qwen2 (configs/model/tiny.yaml, char tokenizer), room for long generations.
 MODEL = dict(
     vocab_size=104,
@@ -324,3 +335,96 @@ def run_routing_replay_job(tmp_path: Path, topology: str, steps: int = 2) -> Non
     reports = [json.loads(line) for line in (run_dir / "metrics" / "trainer.jsonl").open()
                if '"groups_dropped_bad_data"' in line]
     assert reports and all(r["groups_dropped_bad_data"] == 0 for r in reports)
+
+
+STANDIN = r"""
+import sys
+from {kit} import model_config, cpu_engine
+from {cls.__module__} import {cls.__name__}
+proc = {cls.__name__}(model_config(sys.argv[1]), cpu_engine(), log_path=sys.argv[2]).start()
+print("READY", proc.proc.pid, proc.port, flush=True)
+sys.stdin.read()  # until the test kills us
+"""
+GONE_DEADLINE_S = 60.0  # SIGKILL is immediate; the slack is for a loaded 2-core machine
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def check_killed_server_takes_its_engine(kit: str, process_class, model_dir: Path,
+                                         tmp_path: Path, inspect=lambda pgid, files: None):
+    """A stand-in rollout server starts an engine with ``process_class`` (the tier's ``kit`` gives
+    its flags) and is killed -9: the engine's process group, port, /dev/shm files and TMPDIR go.
+    ``inspect(pgid, files)`` checks the live engine first."""
+    tier = Path(sys.modules[kit].__file__).parent
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO}{os.pathsep}{tier}"}
+    server = subprocess.Popen(
+        [sys.executable, "-c", STANDIN.format(kit=kit, cls=process_class), str(model_dir),
+         str(tmp_path / "engine.log")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("READY"), f"the stand-in printed {line!r} (exit {server.poll()})"
+        pgid, port = int(line.split()[1]), int(line.split()[2])
+        files = shm_files(pgid)
+        assert group_members(pgid) and not port_free(port)
+        inspect(pgid, files)
+        environ = Path(f"/proc/{pgid}/environ").read_bytes().split(b"\0")
+        tmpdir = next(e[len(b"TMPDIR="):].decode() for e in environ if e.startswith(b"TMPDIR="))
+        assert os.listdir(tmpdir), tmpdir  # its IPC sockets, in a directory of its own
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait(timeout=30)
+        wait_until(lambda: not group_members(pgid), GONE_DEADLINE_S, 0.1, f"group {pgid} gone")
+        wait_until(lambda: port_free(port), GONE_DEADLINE_S, 0.1, f"port {port} free")
+        wait_until(lambda: not any(os.path.exists(f) for f in [*files, tmpdir]), GONE_DEADLINE_S,
+                   0.1, f"{sorted(files)} and {tmpdir} removed")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def check_killed_engine_is_relaunched(cfg, engine: str, cmdline: str, kill_at: int,
+                                      wait_s: float) -> None:
+    """In a running job, rollout-0's ``engine`` (its process's command line holds ``cmdline``) is
+    killed -9 at step ``kill_at``: the server notices, one restart starts a new engine whose files
+    the old one's leave behind, and the job reaches its last step with no further restart."""
+    from tests.integration.system_harness import RunningSystem
+
+    def engine_of(rs) -> psutil.Process | None:  # a killed one is a zombie until reaped
+        try:
+            kids = psutil.Process(rs.pid("rollout-0")).children()
+        except psutil.Error:
+            return None
+        for kid in kids:
+            with contextlib.suppress(psutil.Error):
+                if cmdline in " ".join(kid.cmdline()):
+                    return kid
+        return None
+
+    with RunningSystem(cfg) as rs:
+        rs.wait_step(kill_at, timeout_s=wait_s)
+        first = wait_until(lambda: engine_of(rs), 60, 0.1, f"the first {engine} process")
+        files = shm_files(first.pid)
+        first.send_signal(signal.SIGKILL)
+        second = rs.wait_for(lambda: (e := engine_of(rs)) and e.pid != first.pid and e, wait_s,
+                             f"a new {engine} under a new rollout server")
+        assert rs.sup.proc("rollout-0").restarts == 1
+        log = (rs.run_dir / "logs" / "rollout-0.log").read_text()
+        assert f"its {engine} engine (pid {first.pid}) exited with code -9" in log
+        wait_until(lambda: not any(os.path.exists(f) for f in files), GONE_DEADLINE_S, 0.1,
+                   f"{sorted(files)} removed")
+        rs.wait_for(rs.completed.is_set, 900, "the job's last step")
+        assert rs.steps()[-1]["step"] == cfg.trainer.steps
+        # the relaunched engine served to the end: a plan published while it started is not its
+        # own (the buffer left it out at its fresh registration), so no second restart
+        assert rs.sup.proc("rollout-0").restarts == 1
+        log = (rs.run_dir / "logs" / "rollout-0.log").read_text()
+        assert re.search(rf"{engine} healthy at \S+ \(pid {second.pid}\)", log), log

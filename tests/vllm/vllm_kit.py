@@ -15,6 +15,8 @@ from tests.engine_kit import (  # noqa: F401 - the tier's tests import them from
     TOL,
     Server,
     assert_served,
+    check_killed_engine_is_relaunched,
+    check_killed_server_takes_its_engine,
     check_teacher,
     check_teacher_process,
     engine_logprobs,
