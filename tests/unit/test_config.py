@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from areal_like.job_facts import dataset_size
+from areal_like.job_facts import dataset_size, model_context, model_vocab_size, request_frame_limit
 from areal_like.settings import config as C
 from areal_like.settings.config import (
     ConfigError,
@@ -64,28 +64,26 @@ def test_every_yaml_composes_and_validates(group, option, tmp_path, monkeypatch)
     assert not (tmp_path / "outputs").exists() and os.getcwd() == str(tmp_path)
 
 
-def test_group_files_feed_the_typed_config():
+def test_group_files_feed_the_typed_config_without_chdir_or_outputs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     cfg = load_config(["model=small", "loss=tis", "task=sort"])
     assert (cfg.model.hidden_size == 384 and cfg.trainer.loss.kernel == "tis"
             and cfg.task.name == "sort")
     assert cfg.trainer.loss.tis.cap == 2.0 and cfg.trainer.loss.params is cfg.trainer.loss.tis
-    # ppo has only the shared knobs
-    assert load_config(["trainer.loss.kernel=ppo"]).trainer.loss.params is None
+    assert load_config(["trainer.loss.kernel=ppo"]).trainer.loss.params is None  # shared knobs only
     assert cfg.rollout.buffer_address == cfg.buffer.address  # interpolation resolved
     assert cfg.trainer.groups_per_step == cfg.buffer.groups_per_step
-
-
-def test_hydra_does_not_chdir_or_write_outputs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    load_config(["trainer.lr=3e-4"])
-    assert os.getcwd() == str(tmp_path)
-    assert list(tmp_path.iterdir()) == []  # no outputs/, no .hydra/
+    assert os.getcwd() == str(tmp_path) and list(tmp_path.iterdir()) == []  # no outputs/, .hydra/
 
 
 def error_of(overrides: list[str]) -> str:
     with pytest.raises(ConfigError) as info:
         load_config(overrides)
     return str(info.value)
+
+
+NEGATIVE_BOUNDS = ("eps_clip_high", "gspo.eps_clip_high", "vcpo.ess_base", "vespo.k_pos",
+                   "vespo.lambda_neg")  # a wrong sign inverts a clamp, NaNs the LR, flips VESPO
 
 
 @pytest.mark.parametrize("overrides,named", [
@@ -101,8 +99,21 @@ def error_of(overrides: list[str]) -> str:
     (["+trainer.foo=1"], ["trainer.foo"]),
     (["+bogus=1"], ["bogus"]),
     (["trainer.lr"], ["trainer.lr"]),  # not key=value
+    (["trainer.lr=${oops"], ["override 'trainer.lr=${oops' does not parse"]),
+    (["model.path=~/m"], ["override 'model.path=~/m' does not parse", "only in quotes ",
+                          "or use $HOME"]),
     (["model=local_hf"], ["model.path"]),  # mandatory values (``???``)
     (["task=jsonl_math"], ["task.dataset_path"]),
+    (["buffer.max_staleness=-1"], ["buffer.max_staleness"]),
+    (["buffer.capacity=2", "buffer.groups_per_step=4"], ["buffer.capacity"]),
+    (["loss=vcpo", "trainer.loss.agg=token-mean"], ["trainer.loss.agg"]),
+    (["loss=gspo", "trainer.loss.agg=seq-mean-token-sum"], ["trainer.loss.agg"]),
+    (["model.num_key_value_heads=3"], ["model.num_attention_heads"]),
+    (["task.top_p=0"], ["task.top_p"]),
+    # Dr.GRPO's divisor: inf (every step skipped) or an ascent on the loss
+    *[([f"trainer.loss.loss_scale_factor={c}"], ["trainer.loss.loss_scale_factor"])
+      for c in ("0", "-4")],
+    *[([f"trainer.loss.{k}=-0.5"], [f"trainer.loss.{k}"]) for k in NEGATIVE_BOUNDS],
 ])
 def test_a_refusal_names_the_key_and_what_it_takes(overrides, named):
     msg = error_of(overrides)
@@ -119,50 +130,35 @@ def test_more_minibatches_than_groups_per_step_is_refused():
     assert load_config(["trainer.num_minibatches=8"]).trainer.num_minibatches == 8
 
 
-def test_range_and_cross_field_rules():
-    assert "buffer.max_staleness" in error_of(["buffer.max_staleness=-1"])
-    assert "buffer.capacity" in error_of(["buffer.capacity=2", "buffer.groups_per_step=4"])
-    assert "trainer.loss.agg" in error_of(["loss=vcpo", "trainer.loss.agg=token-mean"])
-    assert "trainer.loss.agg" in error_of(["loss=gspo", "trainer.loss.agg=seq-mean-token-sum"])
-    # the PPO trust region of a kernel without one would be silently ignored
+def test_knobs_no_kernel_reads_are_refused_naming_the_key():
+    # a PPO trust region on a kernel without one would be silently ignored
     for loss, key in (("gspo", "dual_clip=3"), ("vespo", "eps_clip_high=0.28"),
                       ("vcpo", "eps_clip=0.1"), ("oapl", "dual_clip=2")):
         msg = error_of([f"loss={loss}", f"trainer.loss.{key}"])
         assert msg.startswith(f"trainer.loss.{key.split('=')[0]}=") and loss in msg, msg
     load_config(["loss=icepop", "trainer.loss.dual_clip=3", "trainer.loss.eps_clip_high=0.28"])
-    # knobs no kernel reads in that config: oapl's loss is a mean over sequences (agg shapes only
-    # a KL term), and only seq-mean-token-sum-norm divides by loss_scale_factor
+    # oapl's agg shapes only a KL term; only seq-mean-token-sum-norm reads loss_scale_factor
     assert error_of(["loss=oapl", "trainer.loss.agg=seq-mean-token-sum"]).startswith(
         "trainer.loss.agg='seq-mean-token-sum'")
     load_config(["loss=oapl", "trainer.loss.agg=seq-mean-token-sum", "trainer.loss.kl_coef=0.1"])
     assert error_of(["trainer.loss.loss_scale_factor=4"]).startswith(
         "trainer.loss.loss_scale_factor=4")
     load_config(["trainer.loss.agg=seq-mean-token-sum-norm", "trainer.loss.loss_scale_factor=4"])
-    assert "model.num_attention_heads" in error_of(["model.num_key_value_heads=3"])
-    assert "task.top_p" in error_of(["task.top_p=0"])
-    for c in ("0", "-4"):  # Dr.GRPO's divisor: inf (every step skipped) or an ascent on the loss
-        assert "trainer.loss.loss_scale_factor" in error_of([f"trainer.loss.loss_scale_factor={c}"])
-    # bounds whose wrong sign inverts a clamp, scales the LR by NaN or flips VESPO's shape
-    for key in ("eps_clip_high", "gspo.eps_clip_high", "vcpo.ess_base", "vespo.k_pos",
-                "vespo.lambda_neg"):
-        assert f"trainer.loss.{key}" in error_of([f"trainer.loss.{key}=-0.5"]), key
     load_config(["trainer.loss.eps_clip_high=null", "trainer.loss.gspo.eps_clip_high=null"])
 
 
 def test_an_own_models_dtype_and_micro_batches_follow_the_trainers_device(tmp_path):
-    """model=local_hf: dtype and micro-batch sizing (token budget on CPU) follow the device."""
     own = ["model=local_hf", f"model.path={tmp_path}"]
     assert load_config(own).model.dtype == "float32"
     assert load_config([*own, "trainer.device=cuda"]).model.dtype == "bfloat16"
     assert load_config([*own, "trainer.device=cuda:1"]).model.dtype == "bfloat16"
-    # sets no dtype itself
-    assert load_config([*own, "topology=gpu_embedded"]).model.dtype == "bfloat16"
+    assert load_config([*own, "topology=gpu_embedded"]).model.dtype == "bfloat16"  # sets none
     assert load_config([*own, "model.dtype=float16"]).model.dtype == "float16"
 
     def budget(*extra: str) -> int:
         return load_config([*own, *extra]).trainer.max_tokens_per_micro_batch
 
-    assert budget() == budget("topology=laptop") == 2048
+    assert budget() == budget("topology=laptop") == 2048  # a token budget on CPU
     assert budget("trainer.device=cuda") == budget("topology=gpu_embedded") == 0
     assert budget("trainer.max_tokens_per_micro_batch=0") == 0
     assert budget("trainer.max_tokens_per_micro_batch=512", "topology=gpu_embedded") == 512
@@ -188,44 +184,43 @@ def test_daemon_config_round_trip(tmp_path):
     assert to_yaml(daemon_cfg) == to_yaml(same)
     assert to_yaml(load_daemon_config(["--config-file", str(path)])) == path.read_text()
     assert to_yaml(load_daemon_config([f"--config-file={path}"])) == path.read_text()
+    assert load_daemon_config(["--config-file", str(path), "++trainer.lr=2e-3"]).trainer.lr == 2e-3
     assert load_daemon_config(["task=sort"]).task.name == "sort"  # without a file: Hydra composes
-
-
-def test_a_daemon_names_an_unknown_option_and_answers_help(tmp_path):
-    path = tmp_path / "config.yaml"
-    path.write_text(to_yaml(load_config([])))
-    for argv, flag in ((["--confg-file", str(path)], "--confg-file"),
-                       (["--config-file", str(path), "-v"], "-v")):
-        with pytest.raises(ConfigError, match=f"unknown option '{flag}'"):
-            load_daemon_config(argv)
     out = subprocess.run([sys.executable, "-m", "buffer", "--help"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.startswith("``python -m buffer [--config-file PATH]")
 
 
-def test_daemon_config_errors_name_the_key(tmp_path):
-    path = tmp_path / "config.yaml"
-    path.write_text(to_yaml(load_config([])))
-    for override, key in (("trainer.lr=abc", "trainer.lr"), ("trainer.nope=1", "trainer.nope"),
-                          ("trainer.loss.kernel=xyz", "trainer.loss.kernel"),
-                          ("trainer.loss.tis_cap=3", "trainer.loss.tis_cap")):
-        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_daemon_config(["--config-file", str(path), override])
-    with pytest.raises(ConfigError, match="does not exist"):
-        load_daemon_config(["--config-file", str(tmp_path / "missing.yaml")])
-    with pytest.raises(ConfigError):
-        load_daemon_config(["--config-file"])
-    # a file or an override that does not parse is a ConfigError naming it, not a traceback
-    with pytest.raises(ConfigError, match="trainer.lr"):
-        load_daemon_config(["--config-file", str(path), "trainer.lr=${oops"])
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("trainer: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml"):
-        load_daemon_config(["--config-file", str(bad)])
-    with pytest.raises(ConfigError, match="task.temperature"):
-        task_from_yaml(export_yaml(load_config([]).task), ["task.temperature=${oops"])
-    with pytest.raises(ConfigError, match=r"override 'trainer.lr=\$\{oops' does not parse"):
-        load_config(["trainer.lr=${oops"])  # composed by Hydra (no --config-file)
+@pytest.fixture(scope="module")
+def daemon_files(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("daemon")
+    (d / "config.yaml").write_text(to_yaml(load_config([f"run_dir={d}"])))
+    (d / "bad.yaml").write_text("trainer: [unclosed\n")
+    (d / "empty.yaml").write_text("\n")
+    return d
+
+
+@pytest.mark.parametrize("argv,message", [
+    ("--confg-file {f}", "unknown option '--confg-file'"),
+    ("--config-file {f} -v", "unknown option '-v'"),
+    ("--config-file {f} trainer.lr=abc", r"trainer\.lr"),
+    ("--config-file {f} trainer.nope=1", r"trainer\.nope"),
+    ("--config-file {f} trainer.loss.kernel=xyz", r"trainer\.loss\.kernel"),
+    ("--config-file {f} trainer.loss.tis_cap=3", r"trainer\.loss\.tis_cap"),
+    ("--config-file {f} trainer.lr=${{oops", r"trainer\.lr"),  # does not parse: no traceback
+    ("--config-file {f} +trainer.lrr=1", r"^trainer\.lrr: Key 'lrr' not in"),
+    ("--config-file {f} trainer.lr", r"^override 'trainer\.lr' is not key=value"),
+    ("--config-file {f} task=dataset", r"^task=dataset: a config group is chosen where"),
+    ("--config-file {f} experiment=quickstart", r"^experiment=quickstart: a config group"),
+    ("--config-file {d}/missing.yaml", "does not exist"),
+    ("--config-file {d}/bad.yaml", "bad.yaml"),
+    ("--config-file {d}", "is a directory"),
+    ("--config-file {d}/empty.yaml", "is empty"),
+    ("--config-file", None),
+])
+def test_a_daemon_refusal_names_the_option_key_or_file(daemon_files, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        load_daemon_config(argv.format(f=daemon_files / "config.yaml", d=daemon_files).split())
 
 
 def test_dataset_size(tmp_path):
@@ -236,8 +231,7 @@ def test_dataset_size(tmp_path):
     for task in ("jsonl_math", "dataset"):
         cfg = load_config([f"task={task}", f"task.dataset_path={data}"])
         assert dataset_size(cfg.task, cfg.model) == 2
-    # the count the buffer's cursor runs over is after the prompt-length filter (plain text:
-    # "<bos>a" = 2 ids, "<bos>bbbb" = 5)
+    # counted after the prompt-length filter: "<bos>a" is 2 ids, "<bos>bbbb" 5
     cfg = load_config(["task=dataset", f"task.dataset_path={data}", "task.max_prompt_tokens=4"])
     assert dataset_size(cfg.task, cfg.model) == 1
     cfg = load_config(["task=jsonl_math", f"task.dataset_path={tmp_path / 'no.jsonl'}"])
@@ -247,9 +241,6 @@ def test_dataset_size(tmp_path):
 
 @pytest.mark.parametrize("content", [None, "{bad", "[1]"], ids=["missing", "not-json", "a-list"])
 def test_an_unreadable_model_config_json_is_a_config_error_naming_model_path(tmp_path, content):
-    """A fact a setting keeps from being computed is a ConfigError naming the key."""
-    from areal_like.job_facts import model_context, model_vocab_size, request_frame_limit
-
     if content is not None:
         (tmp_path / "config.json").write_text(content)
     cfg = load_config([f"model.path={tmp_path}"])
@@ -259,78 +250,64 @@ def test_an_unreadable_model_config_json_is_a_config_error_naming_model_path(tmp
             fact()
 
 
-def _fields(obj, keep, prefix: str = "") -> list[tuple[str, object, str]]:
-    """(dotted key, its section, its field name) for each field under obj that keep() keeps."""
+def number_fields(obj, prefix: str = "") -> list[tuple[str, object, str]]:
+    """(dotted key, its section, its field name) for each float or *_s field under obj."""
     hints = typing.get_type_hints(type(obj))
     out = []
     for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
+        value, hint = getattr(obj, f.name), hints[f.name]
         if dataclasses.is_dataclass(value):
-            out += _fields(value, keep, f"{prefix}{f.name}.")
-        elif keep(f.name, hints[f.name]):
+            out += number_fields(value, f"{prefix}{f.name}.")
+        elif f.name.endswith("_s") or hint is float or float in typing.get_args(hint):
             out.append((f"{prefix}{f.name}", obj, f.name))
     return out
 
 
-def test_every_duration_and_timeout_must_be_finite():
-    """Every *_s key refuses inf, nan and negatives, naming the key, in section and load_config."""
-    fields = _fields(load_config([]), lambda name, hint: name.endswith("_s"))
+def test_every_number_and_duration_must_be_finite(tmp_path):
+    """inf/nan (and a negative *_s) are refused naming the key: section, daemon file, load."""
+    cfg = load_config([])
+    fields = number_fields(cfg)
     keys = [key for key, _, _ in fields]
-    assert len(keys) > 15 and "trainer.gloo_timeout_s" in keys and "eval.final_timeout_s" in keys
-    # those that travel in messages (Credit.deadline_s, BatchRequest.wait_s, the plan's deadline)
-    assert {"buffer.lease_timeout_s", "trainer.batch_wait_s", "trainer.weight_sync.deadline_s"} <= {
-        *keys}
+    durations = [key for key in keys if key.endswith("_s")]
+    assert len(keys) > 25 and {"launch.log_max_mb", "trainer.loss.dual_clip"} <= {*keys}
+    assert len(durations) > 15 and {"trainer.gloo_timeout_s", "eval.final_timeout_s",
+                                    # those that travel in messages
+                                    "buffer.lease_timeout_s", "trainer.batch_wait_s",
+                                    "trainer.weight_sync.deadline_s"} <= {*durations}
     for key, section, name in fields:
-        for value in (float("inf"), float("nan"), -1):
+        for value in (float("inf"), float("-inf"), float("nan"), *([-1] * key.endswith("_s"))):
+            as_typed = [value, value] if isinstance(getattr(section, name), list) else value
             with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}="):
-                dataclasses.replace(section, **{name: value})
-    for key, value in zip(keys[::max(1, len(keys) // 3)], ("inf", "nan", "-1")):
+                dataclasses.replace(section, **{name: as_typed})
+    for key, value in zip(durations[::max(1, len(durations) // 3)], ("inf", "nan", "-1")):
         with pytest.raises(ConfigError, match=rf"(^| ){key.replace('.', '[.]')}={value}\b"):
             load_config([f"{key}={value}"])
-
-
-@pytest.mark.parametrize("overrides", [["task.group_size=1", "loss=vcpo", "trainer.estimator=rloo"],
-                                       ["task.group_size=1", "loss=oapl"]])
-def test_a_group_of_one_where_every_advantage_is_zero_is_refused(overrides):
-    """OAPL/VCPO with groups of one (every advantage 0) are refused."""
-    msg = error_of(overrides)
-    assert msg.startswith("task.group_size=1 is invalid") and "every advantage" in msg, msg
-
-
-def test_a_group_of_one_trains_with_every_estimator():
-    """The estimators give a group of one no baseline: A = R."""
-    for estimator in ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"):
-        assert load_config(["task.group_size=1", f"trainer.estimator={estimator}"])
-
-
-def test_every_number_must_be_finite(tmp_path):
-    """inf/nan is refused for every number key: section, daemon config file and run load."""
-    cfg = load_config([])
-    fields = _fields(cfg, lambda name, hint: hint is float or float in typing.get_args(hint))
-    keys = [key for key, _, _ in fields]
-    assert len(keys) > 25 and "launch.log_max_mb" in keys and "trainer.loss.dual_clip" in keys
-    for key, section, name in fields:
-        for value in (float("inf"), float("-inf"), float("nan")):
-            as_typed = [value, value] if isinstance(getattr(section, name), list) else value
-            with pytest.raises(ConfigError) as info:
-                dataclasses.replace(section, **{name: as_typed})
-            assert str(info.value).startswith(f"{key}="), (key, value)
+    for key in ("launch.log_max_mb", "task.temperature"):
+        assert key in error_of([f"{key}=inf"])
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(cfg))
     for key, value in zip(keys[::max(1, len(keys) // 3)], ("inf", "-inf", "nan")):
-        with pytest.raises(ConfigError) as info:
+        with pytest.raises(ConfigError, match=re.escape(key)):
             load_daemon_config(["--config-file", str(path), f"{key}={value}"])
-        assert key in str(info.value)
-    for key in ("launch.log_max_mb", "task.temperature"):
-        assert key in error_of([f"{key}=inf"])
 
 
-def test_a_task_alone_checks_its_durations_too():
-    """A TaskConfig alone (eval's) refuses task.reward_timeout_s=inf."""
+def test_a_task_alone_checks_its_values_too():
+    """A TaskConfig alone (eval's) refuses task.reward_timeout_s=inf and an unparsable value."""
     text = export_yaml(C.TaskConfig())
     for value in ("inf", "-1"):
         with pytest.raises(ConfigError, match=rf"^task[.]reward_timeout_s={value}"):
             task_from_yaml(text, [f"task.reward_timeout_s={value}"])
+    with pytest.raises(ConfigError, match="task.temperature"):
+        task_from_yaml(text, ["task.temperature=${oops"])
+
+
+def test_a_group_of_one_is_refused_only_where_every_advantage_is_zero():
+    """OAPL/VCPO with groups of one are refused; the estimators give it no baseline: A = R."""
+    for overrides in (["loss=vcpo", "trainer.estimator=rloo"], ["loss=oapl"]):
+        msg = error_of(["task.group_size=1", *overrides])
+        assert msg.startswith("task.group_size=1 is invalid") and "every advantage" in msg, msg
+    for estimator in ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"):
+        assert load_config(["task.group_size=1", f"trainer.estimator={estimator}"])
 
 
 def test_sglang_flags_pass_through_without_hydras_plus(tmp_path):
@@ -365,14 +342,7 @@ def test_run_dir_with_a_tilde_is_in_the_home_directory(tmp_path, monkeypatch):
                                  "warm_start.cache_dir", "security.keys_dir"])
 @pytest.mark.parametrize("value", ["", "' '"])
 def test_an_empty_directory_is_refused_not_read_as_the_one_it_is_relative_to(key, value):
-    """An empty run_dir/wal_dir/checkpoint_dir/cache_dir is refused, not read as cwd."""
     assert error_of([f"{key}={value}"]).startswith(f"{key}=")
-
-
-def test_an_unquoted_tilde_says_how_to_write_it():
-    with pytest.raises(ConfigError, match=r"override 'model.path=~/m' does not parse: .*only in "
-                                          r"quotes .*or use \$HOME"):
-        load_config(["model.path=~/m"])
 
 
 def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
@@ -408,33 +378,12 @@ def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
     "buffer.max_epochs=-1", "buffer.max_tokens_per_trajectory=-5",
     "rollout.server_id=" + "s" * 129, "rollout.server_id='a\tb'"])
 def test_values_a_daemon_or_the_optimizer_would_fail_on_later_are_refused_at_load(override):
-    """Values a daemon or AdamW would fail on later are refused at load, naming the key."""
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', '[.]')}=.* is invalid"):
         load_config([override])
 
 
-def test_overrides_on_a_config_file_name_the_mistake(tmp_path):
-    """Over --config-file: +key, a missing =, a group, a directory or empty file are named."""
-    path = tmp_path / "config.yaml"
-    path.write_text(to_yaml(load_config([f"run_dir={tmp_path}"])))
-    file = ["--config-file", str(path)]
-    assert load_daemon_config([*file, "++trainer.lr=0.002"]).trainer.lr == 0.002
-    for override, message in (("+trainer.lrr=1", r"^trainer\.lrr: Key 'lrr' not in"),
-                              ("trainer.lr", r"^override 'trainer\.lr' is not key=value"),
-                              ("task=dataset", r"^task=dataset: a config group is chosen where"),
-                              ("experiment=quickstart", r"^experiment=quickstart: a config group")):
-        with pytest.raises(ConfigError, match=message):
-            load_daemon_config([*file, override])
-    with pytest.raises(ConfigError, match="is a directory"):
-        load_daemon_config(["--config-file", str(tmp_path)])
-    (tmp_path / "empty.yaml").write_text("\n")
-    with pytest.raises(ConfigError, match="is empty"):
-        load_daemon_config(["--config-file", str(tmp_path / "empty.yaml")])
-
-
 def test_a_config_dir_variable_without_configs_is_named(tmp_path, monkeypatch):
-    """A config-dir variable pointing at no configs names the variable and value."""
     monkeypatch.setenv("AREAL_LIKE_CONFIG_DIR", str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match=r"^AREAL_LIKE_CONFIG_DIR='.*nope' holds no config\.yaml"):
         load_config([])

@@ -1,10 +1,4 @@
-"""launch/memory.py: the accounting behind trainer/MEMORY.md, checked against real models.
-
-PeakTensorBytes on hand-sized allocations; parameter counts vs meta-built HF models and Qwen2's
-published sizes; activation bytes per token per block vs Qwen2's saved tensors (fp32, bf16); LoRA
-counts and bytes vs PEFT; a Qwen3-MoE shape with expert parallelism by hand; a 7B Qwen2 sharded 8
-ways on meta (1/8 of the rows per DTensor, RSS far below one shard).
-"""
+"""launch/memory.py: the accounting behind trainer/MEMORY.md, checked against real models."""
 
 from __future__ import annotations
 
@@ -14,8 +8,12 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
 
 from areal_like.settings.config import ModelConfig
+from areal_like.settings.schema import LoraConfig
+from areal_like.weights.hf import build_meta_model, build_model
+from areal_like.weights.lora import add_adapters, is_adapter
 from benchmarks.memory import PeakTensorBytes
 from launch.memory import (
     adapter_block_params,
@@ -31,7 +29,7 @@ from launch.memory import (
     shape_of,
     total_params,
 )
-from tests.conftest import run_cli
+from tests.conftest import child_env, run_cli
 
 
 def test_peak_tensor_bytes_counts_allocations_until_freed():
@@ -50,8 +48,6 @@ def test_peak_tensor_bytes_counts_allocations_until_freed():
 @pytest.mark.parametrize("name,published", [("0.5B", 494_032_768), ("1.5B", 1_543_714_304),
                                             ("7B", 7_615_616_512)])
 def test_parameter_counts_match_the_model(name, published):
-    from areal_like.weights.hf import build_meta_model
-
     cfg = qwen2_shape(name)
     model = build_meta_model(cfg)
     assert total_params(cfg) == sum(p.numel() for p in model.parameters()) == published
@@ -59,19 +55,13 @@ def test_parameter_counts_match_the_model(name, published):
     assert root_params(cfg) == published - cfg.num_hidden_layers * block_params(cfg)
 
 
-def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 48,
-                           lora_rank: int = 0, fp32_adapters: bool = False) -> float:
-    from areal_like.settings.schema import LoraConfig
-    from areal_like.weights.hf import build_model
-    from areal_like.weights.lora import add_adapters
-
+def saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 48,
+                          lora_rank: int = 0, fp32_adapters: bool = False) -> float:
     model = build_model(cfg, dtype="float32")
     if lora_rank:  # PEFT freezes the base: its layers keep only what the adapters' gradients need
         add_adapters(model, LoraConfig(rank=lora_rank))
     model = model.to(dtype).train()
     if fp32_adapters:  # one unsharded rank: the base in dtype, the adapters fp32 (trainer/model.py)
-        from areal_like.weights.lora import is_adapter
-
         for name, p in model.named_parameters():
             if is_adapter(name):
                 p.data = p.data.float()
@@ -95,33 +85,22 @@ def _saved_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, tokens: int = 4
     return sum(n for ptr, n in seen.items() if ptr not in params) / tokens
 
 
-@pytest.mark.parametrize("lora_rank", [0, 8], ids=["plain", "lora"])
-@pytest.mark.parametrize("dtype,c", [(torch.float32, 4), (torch.bfloat16, 2)])
+# fp32-adapters: a bf16 base with fp32 adapters, whose lora_A keeps an fp32 copy of its input
+@pytest.mark.parametrize("dtype,c,rank,fp32_adapters", [
+    (torch.float32, 4, 0, False), (torch.bfloat16, 2, 0, False), (torch.float32, 4, 8, False),
+    (torch.bfloat16, 2, 8, False), (torch.bfloat16, 2, 8, True),
+], ids=["plain-fp32", "plain-bf16", "lora-fp32", "lora-bf16", "fp32-adapters"])
 @pytest.mark.parametrize("shape", [(128, 256, 4, 2), (192, 320, 6, 3)])
-def test_block_activation_bytes_match_what_the_layer_saves(dtype, c, shape, lora_rank):
+def test_block_activation_bytes_match_what_the_layer_saves(dtype, c, rank, fp32_adapters, shape):
     h, i, heads, kv = shape
     cfg = ModelConfig(vocab_size=104, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
                       num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
-    want = (lora_block_activation_bytes(cfg, c, lora_rank) if lora_rank
-            else block_activation_bytes(cfg, c))
-    assert _saved_bytes_per_token(cfg, dtype, lora_rank=lora_rank) == want
-
-
-@pytest.mark.parametrize("shape", [(128, 256, 4, 2), (192, 320, 6, 3)])
-def test_fp32_adapters_on_a_bf16_base_keep_fp32_copies_of_their_inputs(shape):
-    """bf16 base, fp32 adapters: lora_A keeps the fp32 copy of its input."""
-    h, i, heads, kv = shape
-    cfg = ModelConfig(vocab_size=104, hidden_size=h, intermediate_size=i, num_hidden_layers=1,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=64)
-    want = lora_block_activation_bytes(cfg, 2, 8) + fp32_adapter_input_bytes(cfg, 2, 8)
-    assert _saved_bytes_per_token(cfg, torch.bfloat16, lora_rank=8, fp32_adapters=True) == want
+    want = lora_block_activation_bytes(cfg, c, rank) if rank else block_activation_bytes(cfg, c)
+    want += fp32_adapter_input_bytes(cfg, c, rank) if fp32_adapters else 0
+    assert saved_bytes_per_token(cfg, dtype, lora_rank=rank, fp32_adapters=fp32_adapters) == want
 
 
 def test_adapter_params_match_peft():
-    from areal_like.settings.schema import LoraConfig
-    from areal_like.weights.hf import build_meta_model
-    from areal_like.weights.lora import add_adapters, is_adapter
-
     cfg = qwen2_shape("0.5B", num_hidden_layers=2)
     model = add_adapters(build_meta_model(cfg), LoraConfig(rank=8))
     got = sum(p.numel() for n, p in model.named_parameters() if is_adapter(n))
@@ -214,11 +193,8 @@ print(json.dumps({
 
 
 def test_7b_shaped_model_is_sharded_on_meta_without_allocating_it():
-    from tests.conftest import child_env
-
-    proc = subprocess.run([sys.executable, "-c", WORKER],
-                          capture_output=True, text=True, timeout=300,
-                          env=child_env())
+    proc = subprocess.run([sys.executable, "-c", WORKER], capture_output=True, text=True,
+                          timeout=300, env=child_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["n"] == 339 and got["dtensor"] and got["devices"] == ["meta"]
@@ -253,8 +229,6 @@ MOE_CONFIG = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"
 
 
 def test_mixture_terms_by_hand_with_and_without_expert_parallel():
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
-
     cfg = shape_of(MOE_CONFIG, "test")
     # a block: q 1024x1024, k and v 1024x512, o 1024x1024 (3145728), q/k norms 2x128, two
     # RMSNorms 2x1024, router 16x1024 (16384): 3164416 dense; experts 3 x 16 x 2048 x 1024
@@ -282,8 +256,6 @@ def test_mixture_terms_by_hand_with_and_without_expert_parallel():
 
 
 def test_plan_prints_the_mixture_peak_with_and_without_expert_parallel(tmp_path):
-    from transformers import Qwen3MoeConfig
-
     # as transformers 5 saves it (num_local_experts), where the published one says num_experts
     Qwen3MoeConfig(**MOE_CONFIG).save_pretrained(tmp_path)
 

@@ -15,8 +15,20 @@ from types import SimpleNamespace
 import pytest
 
 from areal_like.settings.config import ConfigError, load_config
-from launch.records import summarize
-from launch.rundir import check_existing_run, latest_checkpoint_step, lock_run_dir, read_job
+from launch.job import on_trainer_done, plan_job, write_ports
+from launch.records import curve_figure, eval_summary, summarize
+from launch.rundir import (
+    JOB_FILE,
+    SETTINGS_FILE,
+    changed_settings,
+    check_existing_run,
+    check_resume_settings,
+    latest_checkpoint_step,
+    lock_run_dir,
+    read_job,
+    write_job,
+    write_settings,
+)
 from tests.conftest import REPO_ROOT, child_env, run_cli
 
 
@@ -129,7 +141,7 @@ def test_summary_counts_only_this_invocations_steps(tmp_path):
     assert fresh["steps"] == 12 and "resumed_from" not in fresh
 
 
-class _Supervisor:
+class Supervisor:
     """on_trainer_done's supervisor; ``seen`` gets the Prometheus targets at each wait."""
 
     def __init__(self, targets: Path):
@@ -148,24 +160,22 @@ class _Supervisor:
         return {"buffer": 1, "rollout-0": 2}
 
 
-def _trainer_done(tmp_path: Path, *overrides: str) -> _Supervisor:
+def trainer_done(tmp_path: Path, *overrides: str) -> Supervisor:
     """``on_trainer_done`` of a planned quickstart job whose final evaluation is written already."""
-    from launch.job import on_trainer_done, plan_job
-
     cfg, topo = plan_job(load_config(["experiment=quickstart", f"run_dir={tmp_path}",
                                       *overrides]))
     (tmp_path / "eval.jsonl").write_text(json.dumps(
         {"policy_version": cfg.trainer.steps, "final": True}) + "\n")
-    sup = _Supervisor(tmp_path / "prometheus_targets.json")
+    sup = Supervisor(tmp_path / "prometheus_targets.json")
     on_trainer_done(cfg, tmp_path, topo, sup)
     return sup
 
 
-def test_trainer_done_waits_only_for_a_scheduled_eval(tmp_path, capsys):
-    """The job waits for the final evaluation only when one is scheduled (``eval.at_end``)."""
-    assert _trainer_done(tmp_path, "eval.at_end=false").seen == []
+def test_trainer_done_waits_only_for_a_scheduled_eval_unscraped(tmp_path, capsys):
+    """Only with ``eval.at_end``; a completed trainer leaves the scrape targets meanwhile."""
+    assert trainer_done(tmp_path, "eval.at_end=false").seen == []
     assert "waiting for the final evaluation" not in capsys.readouterr().err
-    assert len(_trainer_done(tmp_path).seen) == 1  # written already: one look
+    assert trainer_done(tmp_path).seen == [["buffer", "rollout-0"]]  # written already: one look
     assert "[run] trainer done; waiting for the final evaluation" in capsys.readouterr().err
 
 
@@ -175,10 +185,10 @@ def test_trainer_done_starts_importing_the_plotting_code():
         import sys, tempfile, threading
         from pathlib import Path
         sys.path.insert(0, "tests/unit")
-        from test_rundir import _trainer_done
+        from test_rundir import trainer_done
         assert "matplotlib.figure" not in sys.modules
         with tempfile.TemporaryDirectory() as d:
-            _trainer_done(Path(d), "eval.at_end=false")
+            trainer_done(Path(d), "eval.at_end=false")
         for t in threading.enumerate():
             if t.name == "warm-plotting":
                 t.join()
@@ -191,21 +201,7 @@ def test_trainer_done_starts_importing_the_plotting_code():
     assert r.stdout.split("\n")[-2] == "['matplotlib.backends.backend_agg', 'matplotlib.figure']"
 
 
-def test_prometheus_stops_scraping_a_completed_trainer_during_the_final_evaluation(tmp_path):
-    """A completed trainer leaves the scrape targets while the final eval runs."""
-    assert _trainer_done(tmp_path).seen == [["buffer", "rollout-0"]]
-
-
-def test_warm_plotting_imports_what_the_learning_curve_needs():
-    from launch.records import warm_plotting
-
-    warm_plotting().join(timeout=120)
-    assert {"matplotlib.figure", "matplotlib.backends.backend_agg"} <= set(sys.modules)
-
-
 def test_the_summary_shows_a_first_evaluation_only_when_there_were_two(tmp_path):
-    from launch.records import eval_summary
-
     evals = tmp_path / "eval.jsonl"
     evals.write_text(json.dumps({"policy_version": 200, "greedy_accuracy": 0.9, "final": True})
                      + "\n")
@@ -218,10 +214,7 @@ def test_the_summary_shows_a_first_evaluation_only_when_there_were_two(tmp_path)
 
 
 def test_the_learning_curve_legend_sits_outside_the_plot(tmp_path):
-    """The legend is drawn below the axes, not over the curve."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    from launch.records import curve_figure
 
     recs = [{"step": s, "reward_mean": s / 100} for s in range(1, 101)]
     evals = [{"policy_version": v, "greedy_accuracy": v / 100, "mean@4": v / 120, "k": 4}
@@ -238,8 +231,6 @@ def test_the_learning_curve_legend_sits_outside_the_plot(tmp_path):
 
 def test_a_resume_naming_the_same_run_dir_another_way_changes_nothing(tmp_path, monkeypatch):
     """run_dir=/abs/run then run_dir=run from its parent is the same run."""
-    from launch.rundir import changed_settings, write_settings
-
     run = tmp_path / "run"
     run.mkdir()
     write_settings(load_config([f"run_dir={run}", "trainer.steps=20", "trainer.lr=3e-4"]))
@@ -253,8 +244,6 @@ def test_a_resume_naming_the_same_run_dir_another_way_changes_nothing(tmp_path, 
 
 def test_retention_cadence_and_metrics_ports_may_change_on_resume(tmp_path):
     """Retention, checkpoint/export cadence and metrics ports change freely; lr is listed."""
-    from launch.rundir import changed_settings, write_settings
-
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20"]))
     free = ["trainer.checkpoint_every=5", "trainer.checkpoint_async=true", "export.every=10",
             "export.at_end=false", "export.shard_mb=512", "buffer.metrics_port=29101",
@@ -269,9 +258,7 @@ def test_retention_cadence_and_metrics_ports_may_change_on_resume(tmp_path):
 @pytest.mark.parametrize("change", ["trainer.lora.rank=4", "trainer.lora.rank=0",
                                     "trainer.lora.target_modules=[q_proj]"])
 def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path, change):
-    """LoRA rank/targets never change on resume; alpha and dropout may."""
-    from launch.rundir import check_resume_settings, write_settings
-
+    """LoRA rank/targets never change on resume; alpha may."""
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8"]))
     checkpoint(tmp_path / "checkpoints", 5)
     with pytest.raises(ConfigError, match=r"LoRA adapters[\s\S]*" + change.split("=")[0]
@@ -281,8 +268,7 @@ def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path
     assert check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8",
                                               "trainer.lora.alpha=32"]), accept=True) == [
         "trainer.lora.alpha: 16.0 -> 32.0"]
-    # the same targets in another order are the same adapters (PEFT's adapter_config.json lists
-    # them in any order): no change (before: refused, "no resume can load it")
+    # the same targets in another order (as PEFT lists them) are the same adapters
     same = "[down_proj,up_proj,gate_proj,o_proj,v_proj,k_proj,q_proj,q_proj]"
     assert check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8",
                                               f"trainer.lora.target_modules={same}"]),
@@ -291,8 +277,6 @@ def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path
 
 def test_a_run_dir_run_before_its_first_checkpoint_keeps_its_settings(tmp_path):
     """Before the first checkpoint settings are compared too; the adapters' layout may change."""
-    from launch.rundir import SETTINGS_FILE, check_resume_settings, write_settings
-
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.lr=3e-4"]))
     before = (tmp_path / SETTINGS_FILE).read_text()
     assert "would change 1:\nerror:   trainer.lr: 0.0003 -> 0.001\n" in run_again(
@@ -314,11 +298,7 @@ def test_a_run_dir_that_cannot_be_made_is_one_error_line(tmp_path):
 
 def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
     """Targets: a daemon from its first start until it completes; a crashed one stays."""
-    from types import SimpleNamespace
-
-    import launch.job as job
-
-    _, topo = job.plan_job(load_config(["experiment=quickstart", f"run_dir={tmp_path}"]))
+    _, topo = plan_job(load_config(["experiment=quickstart", f"run_dir={tmp_path}"]))
     live = SimpleNamespace(poll=lambda: None, pid=4242)
     exited = SimpleNamespace(poll=lambda: 0, pid=4243)
     procs = {"buffer": SimpleNamespace(popen=live, restart_at=None),
@@ -327,7 +307,7 @@ def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
     sup = SimpleNamespace(pids=lambda: {}, proc=lambda name: procs[name])
 
     def listed() -> list[str]:
-        job.write_ports(tmp_path, topo, sup)
+        write_ports(tmp_path, topo, sup)
         # status and top see the same daemons in job.json
         assert read_job(tmp_path)["daemons"] == json.loads(
             (tmp_path / "ports.json").read_text())["daemons"]
@@ -345,8 +325,6 @@ def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
 
 def test_a_start_refused_after_settings_were_written_leaves_them_as_they_were(tmp_path):
     """A start refused after write_settings leaves settings.yaml and job.json as they were."""
-    from launch.rundir import JOB_FILE, SETTINGS_FILE, write_job, write_settings
-
     same_port = ["buffer.metrics_port=29001", "trainer.metrics_port=29001"]
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20", *same_port]))
     write_job(tmp_path, state="ended", started=10.0**9, summary={"end": "completed"})
