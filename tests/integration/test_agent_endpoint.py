@@ -1,15 +1,10 @@
-"""The agent endpoint (rollout_server/agent_endpoint.py) with the real openai client.
-
-Schema round trip with tool calls, token capture (ids are the template's rendering), history
-rewrites split episodes, syncs mid-call keep versions, 401/410/4xx refusals, and failing agents
-scored 0 with their reason. Engines: Scripted (replies) and the embedded one.
-"""
+"""The agent endpoint (rollout_server/agent_endpoint.py) with the real openai client, on Scripted
+replies (below) or the embedded engine."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 from pathlib import Path
 
@@ -110,6 +105,14 @@ async def opened(engine, example=None, **kw):
             yield ep, key, session, sdk
 
 
+async def _until(condition, timeout_s: float = 30.0) -> None:
+    """Return once ``condition()`` holds; TimeoutError past the deadline."""
+    async def poll():
+        while not condition():
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(), timeout_s)
+
+
 def run_group(pool, engine, **kw) -> P.TrajectoryGroup:
     """One group of prompt 0, its agents run by ``pool`` against an endpoint on ``engine``."""
     async def one():
@@ -136,7 +139,6 @@ def rendering(messages: list[dict]) -> list[int]:
 @pytest.mark.parametrize("agent", [calc_agent, langgraph_calc_agent],
                          ids=["openai_sdk", "langgraph"])
 def test_calc_agent_round_trip_is_one_trajectory_of_the_templates_rendering(agent):
-    """The same agent written with the openai SDK and with LangGraph: either way one trajectory."""
     example = make_task(task_cfg()).example(0)
     a, b = example.prompt.split("*")
     engine = Scripted([CALL % example.prompt, example.answer])
@@ -282,6 +284,12 @@ def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
                 url = ep.base_url + "/chat/completions"
                 async with http.post(url, json={"messages": user}) as r:
                     assert r.status == 401
+            # a key of bytes that are not UTF-8: a 401, once a UnicodeEncodeError (500) in the guard
+            reader, writer = await asyncio.open_connection("127.0.0.1", ep.port)
+            writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe"
+                         b"\r\nConnection: close\r\n\r\n")
+            assert (await reader.readline()).split()[1] == b"401"
+            writer.close()
             with pytest.raises(AuthenticationError):
                 await AsyncOpenAI(base_url=ep.base_url, api_key="wrong",
                                   max_retries=0).models.list()
@@ -295,15 +303,10 @@ def test_only_the_episodes_key_gets_in_and_late_calls_get_4xx():
             return strangers, ended.value, a, b, ep.unauthorized
 
     strangers, ended, a, b, unauthorized = asyncio.run(scenario())
-    assert strangers == unauthorized == 4  # every stranger counted; members are not
-    assert metrics.registry.get_sample_value("areal_refused_total", {"port": "agent"}) == 4
+    assert strangers == unauthorized == 5  # every stranger counted; members are not
+    assert metrics.registry.get_sample_value("areal_refused_total", {"port": "agent"}) == 5
     assert getattr(ended, "status_code", None) == 410
     assert (len(a.segments), len(b.segments), len(engine.calls)) == (0, 1, 1)
-
-
-def test_a_key_of_bytes_that_are_not_utf8_is_refused_not_an_error():
-    # aiohttp's str of the header bytes ff fe: once a UnicodeEncodeError (a 500) in the guard
-    assert not endpoint(Scripted([])).known_key("Bearer \udcff\udcfe")
 
 
 def test_calls_size_and_sampling_are_bounded():
@@ -423,7 +426,6 @@ def test_a_call_without_room_is_openais_context_length_exceeded_and_is_recorded(
 
 
 def test_a_group_whose_opening_prompt_leaves_no_room_is_refused_as_no_room_not_failed(pool):
-    """No recorded call for lack of room: the group is no_room, not failed."""
     trajectories = run_group(pool, InputLimited([], 5), max_input=5, group_size=2).trajectories
     assert [(t.n_tokens, t.finish_reason) for t in trajectories] == [(0, "no_room")] * 2
     why = content_problem(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l1",
@@ -434,7 +436,6 @@ def test_a_group_whose_opening_prompt_leaves_no_room_is_refused_as_no_room_not_f
 
 @pytest.mark.parametrize("agent", ["calc_agent", "langgraph_calc_agent"])
 def test_an_agent_that_raises_on_a_later_call_without_room_ends_as_max_tokens(agent, pool):
-    """An agent raising on a later call's context_length_exceeded ends as max_tokens."""
     example, metrics = make_task(task_cfg()).example(0), Metrics()
     # the opening call has room; the second (the tool's answer added) is past the input limit
     [t] = run_group(pool, InputLimited([CALL % example.prompt], max_input=80), metrics=metrics,
@@ -446,7 +447,6 @@ def test_an_agent_that_raises_on_a_later_call_without_room_ends_as_max_tokens(ag
 
 
 def test_the_agent_endpoint_knows_the_input_limit_the_engine_reports():
-    """The agent endpoint knows the engine's input limit (meet_engine first)."""
     from areal_like.settings.config import RunConfig
     from rollout_server.server import RolloutServer
 
@@ -535,74 +535,78 @@ def test_a_weight_sync_in_the_middle_of_a_call_keeps_every_tokens_version(engine
 
 async def _wait_for_tokens(url: str, n: int, timeout_s: float = 60.0) -> None:
     """Until the engine has generated ``n`` tokens (a deadline, not a sleep)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    start = await _generated(url)
-    while await _generated(url) - start < n:
-        assert loop.time() < deadline, f"the engine did not generate {n} tokens in {timeout_s}s"
-        await asyncio.sleep(0.01)
+    async def generated() -> float:
+        page = await asyncio.to_thread(scrape, f"{url}/metrics", 30.0)
+        return sum(v for k, v in page.items() if k.startswith("sglang:generation_tokens_total"))
 
-
-async def _generated(url: str) -> float:
-    page = await asyncio.to_thread(scrape, f"{url}/metrics", 30.0)
-    return sum(v for k, v in page.items() if k.startswith("sglang:generation_tokens_total"))
+    async def poll(start: float) -> None:
+        while await generated() - start < n:
+            await asyncio.sleep(0.01)
+    await asyncio.wait_for(poll(await generated()), timeout_s)
 
 
 def test_agents_that_hang_crash_or_say_no_number_are_scored_0_with_their_reason():
     example = make_task(task_cfg()).example(0)
     agents = {"areal_like.tasks.agents:calc_agent": (1.0, ""),
-              "agent_fns:hangs": (0.0, "did not finish"),
               "agent_fns:crashes": (0.0, "agent raised RuntimeError: agent bug"),
               "agent_fns:says_words": (0.0, "not a number"),
               "agent_fns:leaves_it_to_the_reward": (1.0, ""),  # the task's reward: exact match
               # a bool counts as 0/1, as a reward function's does
               "agent_fns:says_true": (1.0, ""), "agent_fns:says_false": (0.0, "")}
-
-    async def one(path: str, pool, late_calls: int = 0):
-        replies = [CALL % example.prompt, example.answer]
-        engine = Scripted(replies[1:] if "reward" in path or late_calls else replies)
-        async with started(engine, metrics=metrics, agent=path, episode_timeout_s=10.0,
-                           rewards=rewards) as ep:
-            runner = AgentRunner(ep.ctx, ep, pool)
-            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
-            trajectories = (await runner.run_group(credit)).trajectories
-            deadline = asyncio.get_running_loop().time() + 30.0
-            while ended() < late_calls:  # the agent's stray thread calls after the episode
-                assert asyncio.get_running_loop().time() < deadline, "no late call arrived"
-                await asyncio.sleep(0.05)
-            return trajectories
-
     metrics = Metrics()
 
     def ended() -> float:
         return metrics.registry.get_sample_value("areal_rollout_agent_calls_total",
                                                  {"outcome": "ended"}) or 0.0
 
+    async def one(path: str, late_calls: int = 0, engine=None):
+        replies = [CALL % example.prompt, example.answer]
+        engine = engine or Scripted(replies[1:] if "reward" in path or late_calls else replies)
+        async with started(engine, metrics=metrics, agent=path, episode_timeout_s=10.0,
+                           rewards=rewards) as ep:
+            runner = AgentRunner(ep.ctx, ep, pool)
+            credit = Credit(lease_id="l1", prompt_index=0, epoch=0, deadline_s=60.0)
+            trajectories = (await runner.run_group(credit)).trajectories
+            # the agent's stray thread calls after the episode
+            await _until(lambda: ended() >= late_calls)
+            return trajectories
+
+    async def failed(path: str) -> str:
+        with pytest.raises(RuntimeError, match="called the model") as e:
+            await one(f"agent_fns:{path}")
+        return str(e.value)
+
+    async def scenario():
+        hung = Scripted([CALL % example.prompt])
+        hang = asyncio.create_task(one("agent_fns:hangs", engine=hung))
+        await _until(lambda: hung.calls)  # it hangs on one worker; the rest run on the other
+        scored = {path: (await one(path))[0] for path in agents}
+        # a group whose agents all fail before calling fails, saying the agents' reason
+        failures = {path: await failed(path)
+                    for path in ("never_calls", "fails_before_calling", "hogs_memory")}
+        [late] = await one("agent_fns:calls_after_its_end", late_calls=1)
+        return {**scored, "agent_fns:hangs": (await hang)[0]}, failures, late
+
     pool = agent_pool(task_cfg(agent_workers=2, episode_timeout_s=10.0))
     rewards = RewardPool(task_cfg(reward_workers=0), make_task(task_cfg()).reward_path)
     try:
         pool.wait_ready(120)
-        for path, (reward, why) in agents.items():
-            [traj] = asyncio.run(one(path, pool))
-            assert traj.reward == reward, (path, traj.metadata)
-            assert why in traj.metadata.get("agent_error", ""), (path, traj.metadata)
-            assert bool(why) == ("agent_error" in traj.metadata), (path, traj.metadata)
-        # a group whose agents all fail before calling fails, saying the agents' reason
-        for path, why in (("never_calls", []),
-                          ("fails_before_calling", ["ValueError: no such model: gpt-5"]),
-                          ("hogs_memory", ["ran out of memory", "task.agent_memory_mb=4096"])):
-            with pytest.raises(RuntimeError, match="called the model") as failed:
-                asyncio.run(one(f"agent_fns:{path}", pool))
-            assert all(w in str(failed.value) for w in why), str(failed.value)
-        [traj] = asyncio.run(one("agent_fns:calls_after_its_end", pool, late_calls=1))
-        assert (traj.metadata["calls"], traj.reward, ended()) == (1, 1.0, 1.0)  # 410, not recorded
+        scored, failures, late = asyncio.run(scenario())
     finally:
         pool.close()
         rewards.close()
+    for path, (reward, why) in {**agents, "agent_fns:hangs": (0.0, "did not finish")}.items():
+        traj = scored[path]
+        assert traj.reward == reward, (path, traj.metadata)
+        assert why in traj.metadata.get("agent_error", ""), (path, traj.metadata)
+        assert bool(why) == ("agent_error" in traj.metadata), (path, traj.metadata)
+    assert "ValueError: no such model: gpt-5" in failures["fails_before_calling"]
+    assert "ran out of memory" in failures["hogs_memory"]
+    assert "task.agent_memory_mb=4096" in failures["hogs_memory"]
+    assert (late.metadata["calls"], late.reward, ended()) == (1, 1.0, 1.0)  # 410, not recorded
 
 
 def test_a_client_an_agent_leaves_open_does_not_break_the_next_episode(capfd, pool):
-    """An AsyncOpenAI client left open does not break the next episode's loop."""
     example = make_task(task_cfg()).example(0)
 
     async def one():
@@ -617,12 +621,11 @@ def test_a_client_an_agent_leaves_open_does_not_break_the_next_episode(capfd, po
 def test_an_agent_and_an_environment_together_are_refused():
     from areal_like.settings.config import ConfigError
 
-    with pytest.raises(ConfigError, match="task.agent"):
-        task_cfg(env="areal_like.tasks.envs:Calculator")
-    with pytest.raises(ConfigError, match="agent_tool_format"):
-        task_cfg(agent_tool_format="pythonic")
-    with pytest.raises(ConfigError, match="task.chat_template"):  # an agent talks in chat
-        task_cfg(chat_template="none")
+    for over, key in (({"env": "areal_like.tasks.envs:Calculator"}, "task.agent"),
+                      ({"agent_tool_format": "pythonic"}, "agent_tool_format"),
+                      ({"chat_template": "none"}, "task.chat_template")):  # an agent talks in chat
+        with pytest.raises(ConfigError, match=key):
+            task_cfg(**over)
 
 
 def test_preflight_names_an_agent_that_cannot_run(monkeypatch):
@@ -673,70 +676,46 @@ def test_an_api_the_endpoint_does_not_serve_is_named():
     assert "POST /v1/chat/completions and GET /v1/models" in responses
 
 
-def test_a_call_still_generating_when_its_episode_ends_is_answered_and_not_recorded():
-    engine = Held(["late"])
-    started, release = engine.started, engine.release
-
-    async def scenario():
-        async with opened(engine) as (ep, key, session, sdk):
-            call = asyncio.create_task(sdk.chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "q"}]))
-            await asyncio.wait_for(started.wait(), 30)
-            ep.close_session(key)  # the episode ends while its call generates
-            release.set()
-            return await call, session
-
-    answer, session = asyncio.run(scenario())
-    assert answer.choices[0].message.content == "late"
-    assert session.segments == [] and not session.generated
-
-
-async def _until(condition, timeout_s: float = 30.0) -> None:
-    """Return once ``condition()`` holds; TimeoutError past the deadline."""
-    async def poll():
-        while not condition():
-            await asyncio.sleep(0.01)
-    await asyncio.wait_for(poll(), timeout_s)
-
-
-def test_a_call_waiting_for_its_episodes_previous_call_is_refused_once_the_episode_ends():
-    """A call still waiting its turn when the episode ends gets 410, generating nothing."""
+def test_calls_in_flight_when_their_episode_ends_are_not_recorded():
+    """The call generating is answered; the one waiting its turn gets 410, generating nothing."""
     engine = Held(["first", "second"])
-    started, release = engine.started, engine.release
 
     async def scenario():
         async with opened(engine) as (ep, key, session, sdk):
             user = [{"role": "user", "content": "q"}]
             first = asyncio.create_task(sdk.chat.completions.create(model="m", messages=user))
-            await asyncio.wait_for(started.wait(), 30)
+            await asyncio.wait_for(engine.started.wait(), 30)
             second = asyncio.create_task(sdk.chat.completions.create(model="m", messages=user))
             await _until(lambda: session.calls == 2)  # it waits for the first one's turn
             ep.close_session(key)
-            release.set()
-            await first
+            engine.release.set()
             with pytest.raises(APIStatusError) as late:
                 await second
-            return late.value, session
+            return await first, late.value, session
 
-    late, session = asyncio.run(scenario())
+    answer, late, session = asyncio.run(scenario())
+    assert answer.choices[0].message.content == "first"
     assert late.status_code == 410 and "this episode has ended" in late.message
-    assert len(engine.calls) == 1 and session.segments == []
+    assert len(engine.calls) == 1 and session.segments == [] and not session.generated
 
 
-def test_the_connection_cap_answers_in_the_openai_error_shape(monkeypatch):
-    """At the connection cap the refusal is in OpenAI's error shape."""
-    monkeypatch.setattr(agent_endpoint, "LIMITS",
-                        dataclasses.replace(agent_endpoint.LIMITS, max_connections=1))
+def test_the_connection_cap_answers_in_the_openai_error_shape():
+    cap = agent_endpoint.LIMITS.max_connections
 
     async def scenario():
         async with opened(Scripted([])) as (ep, _, _, sdk):
-            _, holder = await asyncio.open_connection("127.0.0.1", ep.port)  # the one slot
-            await _until(lambda: ep.stats.connections == 1)
-            with pytest.raises(InternalServerError) as busy:
-                await sdk.chat.completions.create(model="m",
-                                                  messages=[{"role": "user", "content": "q"}])
-            holder.close()
-            return busy.value
+            holders = []
+            try:
+                for _ in range(cap):
+                    holders.append((await asyncio.open_connection("127.0.0.1", ep.port))[1])
+                await _until(lambda: ep.stats.connections == cap)  # silent: none can be evicted
+                with pytest.raises(InternalServerError) as busy:
+                    await sdk.chat.completions.create(model="m",
+                                                      messages=[{"role": "user", "content": "q"}])
+                return busy.value
+            finally:
+                for holder in holders:
+                    holder.close()
 
     busy = asyncio.run(scenario())
     # openai 3 shows the error's message alone, openai 2 (what verifiers 0.4 pins) the whole body
@@ -759,39 +738,31 @@ def posted(engine, bodies: list, **over) -> tuple[list[tuple[int, str]], object]
 
 
 def test_bad_bodies_get_400_and_count_toward_the_episodes_calls():
-    """Bad JSON, no messages, a refusing template: 400 naming why, counted in max_turns."""
+    """Bad JSON, no messages, a refusing template, ids or names of a wrong type: 400, not 500."""
     raising = "{{ raise_exception('no tools here') if messages[0]['role'] == 'tool' else 'x' }}"
-    engine, user = Scripted(["1", "2"]), {"messages": [{"role": "user", "content": "q"}]}
+    user = {"role": "user", "content": "q"}
+    call = {"id": "c1", "function": {"name": "calc", "arguments": "{}"}}
+    said = {"role": "assistant", "content": ""}
+    wrong_types = [[user, {"role": "tool", "tool_call_id": [1], "content": "x"}],
+                   [user, {**said, "tool_calls": [{**call, "id": [1]}]}],
+                   [user, {**said, "tool_calls": [{**call, "function": {"name": ["calc"],
+                                                                        "arguments": "{}"}}]}],
+                   [user, {"role": "tool", "name": {"a": 1}, "content": "x"}]]
+    engine = Scripted(["1", "2"])
     statuses, session = posted(engine, [b"{not json", {"messages": []},
-                                        {"messages": [{"role": "tool", "content": "1"}]}, user,
-                                        user], chat_template=raising, max_turns=4)
-    assert [s for s, _ in statuses] == [400, 400, 400, 200, 400], statuses
+                                        {"messages": [{"role": "tool", "content": "1"}]},
+                                        *({"messages": m} for m in wrong_types),
+                                        {"messages": [user]}, {"messages": [user]}],
+                               chat_template=raising, max_turns=8)
+    assert [s for s, _ in statuses] == [400] * 7 + [200, 400], statuses
     assert statuses[0][1] == "the body is not valid JSON"
     assert "cannot render" in statuses[2][1] and "no tools here" in statuses[2][1]
-    assert "calls are used up" in statuses[4][1] and session.calls == 4
+    assert "calls are used up" in statuses[8][1] and session.calls == 8
     assert len(engine.calls) == len(session.segments) == 1
 
 
-def test_ids_and_names_of_the_wrong_type_get_400_not_500():
-    user = {"role": "user", "content": "q"}
-    call = {"id": "c1", "function": {"name": "calc", "arguments": "{}"}}
-    bodies = [[user, {"role": "tool", "tool_call_id": [1], "content": "x"}],
-              [user, {"role": "assistant", "content": "", "tool_calls": [{**call, "id": [1]}]}],
-              [user, {"role": "assistant", "content": "", "tool_calls": [
-                  {**call, "function": {"name": ["calc"], "arguments": "{}"}}]}],
-              [user, {"role": "tool", "name": {"a": 1}, "content": "x"}]]
-    nested = [{**call, "function": {"name": "calc", "arguments": "[" * depth + "]" * depth}}
-              for depth in (200_000, 990)]  # JSON nested past Python's recursion limit
-    okay = [[user, {"role": "assistant", "content": "", "tool_calls": [c]}] for c in nested]
-    # max_turns: each refused call counts
-    statuses, _ = posted(Scripted(["a", "b"]), [{"messages": m} for m in bodies + okay],
-                         max_episode_tokens=10**6, max_turns=10)
-    # arguments kept as their text
-    assert [s for s, _ in statuses] == [400] * len(bodies) + [200] * len(okay)
-
-
 def test_a_deeply_nested_message_or_tool_gets_a_clear_400_not_500():
-    """Nesting past MAX_NESTING is a 400 naming it; arguments that deep stay text."""
+    """Nesting past MAX_NESTING (or the recursion limit) is a 400; arguments as text are kept."""
     def body(depth: int, as_text: bool) -> bytes:
         deep = "[" * depth + "]" * depth
         arguments = json.dumps(deep) if as_text else deep
@@ -799,7 +770,7 @@ def test_a_deeply_nested_message_or_tool_gets_a_clear_400_not_500():
                 '"content": "", "tool_calls": [{"id": "c1", "function": {"name": "calc", '
                 f'"arguments": {arguments}}}}}]}}]}}').encode()
 
-    depths = [*range(65, 1000, 97), *range(940, 1000)]  # MAX_NESTING = 64
+    depths = [*range(65, 1000, 97), *range(940, 1000), 200_000]  # MAX_NESTING = 64
     engine = Scripted(["a"] * len(depths))
     statuses, _ = posted(engine, [body(d, t) for d in depths for t in (False, True)],
                          max_turns=4 * len(depths), max_episode_tokens=10**6)
