@@ -18,6 +18,7 @@ for _name, _value in (("OMP_NUM_THREADS", "1"), ("MKL_NUM_THREADS", "1"),
                       ("TOKENIZERS_PARALLELISM", "false"), ("PYTHONUNBUFFERED", "1")):
     os.environ.setdefault(_name, _value)
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -210,6 +211,17 @@ def spawn_python(tmp_path: Path) -> Iterator[Spawner]:
         yield spawner
     finally:
         spawner.cleanup()
+
+
+def port_free(port: int) -> bool:
+    """Nothing listens on loopback ``port`` (a socket in TIME_WAIT is not a listener)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
 
 
 def wait_until(predicate: Callable[[], object], timeout_s: float = 60.0, interval_s: float = 0.05,

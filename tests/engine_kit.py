@@ -13,7 +13,6 @@ import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -29,7 +28,7 @@ from areal_like.weights.lora import add_adapters
 from areal_like.weights.plan import WeightSyncPlan
 from areal_like.weights.server_sync import apply_adapter_sync
 from rollout_server.engine_reaper import group_members, shm_files
-from tests.conftest import wait_until
+from tests.conftest import port_free, wait_until
 from trainer.logprob_guard import trainer_logprobs
 from trainer.weight_buckets import PushTensors
 from trainer.weight_local import DiskSender
@@ -346,16 +345,6 @@ print("READY", proc.proc.pid, proc.port, flush=True)
 sys.stdin.read()  # until the test kills us
 """
 GONE_DEADLINE_S = 60.0  # SIGKILL is immediate; the slack is for a loaded 2-core machine
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 def check_killed_server_takes_its_engine(kit: str, process_class, model_dir: Path,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import psutil
 import pytest
 
 from areal_like.net.distributed import free_port
+from tests.conftest import port_free
 
 REPO = Path(__file__).resolve().parents[2]
 GONE_DEADLINE_S = 30.0  # SIGKILL delivery is immediate; the slack is for a loaded CI machine
@@ -61,16 +61,6 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not a listener
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def _kill(*procs) -> None:
     for p in procs:
         try:
@@ -92,12 +82,12 @@ def test_engine_and_its_port_go_when_the_rollout_server_is_killed():
             "the engine never came up")
         # a process group of its own
         assert os.getpgid(child.pid) == child.pid != os.getpgid(parent.pid)
-        assert not _port_free(port)
+        assert not port_free(port)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
         gone, alive = psutil.wait_procs([child], timeout=GONE_DEADLINE_S)
         assert not alive, f"engine pid {child.pid} outlived its killed parent by {GONE_DEADLINE_S}s"
-        assert _port_free(port)
+        assert port_free(port)
     finally:
         _kill(parent, child)
         parent.stdout.close()

@@ -4,7 +4,7 @@ the buffer are shared by the module; each test starts its own engine A and world
 from __future__ import annotations
 
 import pytest
-from weight_sync_harness import Driver, Pusher, System, engine_at, start_engines
+from weight_sync_harness import Driver, Pusher, engine_at, module_system, start_engines
 
 # the sync deadline under test: small, so a hang would show; room for a re-push on 2 shared cores
 DEADLINE_S = 12.0
@@ -13,20 +13,9 @@ STARTUP_S = 180.0
 A, B = "rollout-a", "rollout-b"
 
 
-@pytest.fixture(scope="module")
-def system(tmp_path_factory):
-    # heartbeat timeout: how soon the buffer expires a killed engine's server
-    s = System(tmp_path_factory.mktemp("faults"), [f"trainer.weight_sync.deadline_s={DEADLINE_S}",
-                                                   "buffer.heartbeat_timeout_s=3"], [B])
-    yield s
-    s.close()
-
-
-@pytest.fixture(autouse=True)
-def settled(system):
-    system.settle()
-    yield
-    system.settle()
+# heartbeat timeout: how soon the buffer expires a killed engine's server
+system, settled = module_system("faults", [f"trainer.weight_sync.deadline_s={DEADLINE_S}",
+                                           "buffer.heartbeat_timeout_s=3"], [B])
 
 
 @pytest.mark.parametrize("fault", ["rendezvous", "rendezvous-staged", "bucket", "done"])

@@ -10,7 +10,7 @@ import socket
 import threading
 
 import pytest
-from weight_sync_harness import Pusher, System, engine_at
+from weight_sync_harness import Pusher, engine_at, module_system
 
 from areal_like.net.dealer import Client
 from areal_like.wire import protocol as P
@@ -20,19 +20,8 @@ STARTUP_S = 180.0
 A = "rollout-a"
 
 
-@pytest.fixture(scope="module")
-def system(tmp_path_factory):
-    # no expiry: a test's fake member leaves by its last Heartbeat
-    s = System(tmp_path_factory.mktemp("one_engine"), ["buffer.heartbeat_timeout_s=600"], [A])
-    yield s
-    s.close()
-
-
-@pytest.fixture(autouse=True)
-def settled(system):
-    system.settle()
-    yield
-    system.settle()
+# no expiry: a test's fake member leaves by its last Heartbeat
+system, settled = module_system("one_engine", ["buffer.heartbeat_timeout_s=600"], [A])
 
 
 # name -> (trainer overrides, (path, overlapped) per push); six 0.25 MB buckets: too many to overlap

@@ -354,3 +354,23 @@ class Pusher:
     def exited(self, timeout_s: float = 60.0) -> None:
         """Its pushes done, it exits 0 (its group and buffers released before the next test)."""
         assert self.proc.wait(timeout=timeout_s) == 0
+
+
+def module_system(name: str, overrides: list[str], server_ids: list[str]):
+    """A module's fixtures: ``system`` (a System shared by its tests) and ``settled`` (autouse:
+    the roster back to the system's own members before and after each test)."""
+    import pytest
+
+    @pytest.fixture(scope="module")
+    def system(tmp_path_factory):
+        s = System(tmp_path_factory.mktemp(name), overrides, server_ids)
+        yield s
+        s.close()
+
+    @pytest.fixture(autouse=True)
+    def settled(system):
+        system.settle()
+        yield
+        system.settle()
+
+    return system, settled
