@@ -151,7 +151,7 @@ def test_a_client_sending_its_body_one_byte_a_second_gets_408(engine):
 
 
 @pytest.mark.parametrize("body, why", [
-    (b'{"text": "\xff\xfe\xfa"}', "utf-8"),
+    (b'{"text": "\xff\xfe\xfa"}', "utf-8"),  # msgspec's words: "invalid utf-8" before 0.23
     (b"[" * 30000 + b"]" * 30000, "Expected `object`"),  # refused at its first byte
     (b'{"input_ids": [1, ' + b"9" * 5000 + b"]}", "out of range - at `$.input_ids[1]`"),
     (json.dumps({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 10**30}}).encode(),
@@ -169,7 +169,7 @@ def test_a_client_sending_its_body_one_byte_a_second_gets_408(engine):
 ])
 def test_bad_input_gets_400_naming_the_problem(engine, body, why):
     status, text = call(engine, "/generate", body)
-    assert status == 400 and why in text, (status, text)
+    assert status == 400 and why.lower() in text.lower(), (status, text)
 
 
 def test_bad_control_numbers_get_400(engine):
