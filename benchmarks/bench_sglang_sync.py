@@ -249,7 +249,7 @@ def start_server(args, tmp: Path):
     char_tokenizer().save_pretrained(tmp / "model")
     engine = load_config(["topology=cpu_sglang"]).rollout.engine
     engine = replace(engine, sglang={**engine.sglang, "max_total_tokens": 65536})
-    key = secrets.token_urlsafe(16)
+    key = secrets.token_hex(16)  # hex: never starts with "-", which SGLang reads as a flag
     proc = SGLangProcess(
         model_config(args, path=str(tmp / "model")), engine, str(tmp / "sglang.log"), api_key=key
     )

@@ -92,7 +92,7 @@ def test_sglang_on_gpus_samples_what_the_adapter_scores(tmp_path, tp_size):
     engine = EngineConfig(kind="sglang", device="cuda", tp_size=tp_size, startup_timeout_s=900,
                           sglang={"mem_fraction_static": 0.3, "skip_server_warmup": True,
                                   "attention_backend": "triton"})
-    key = secrets.token_urlsafe(16)
+    key = secrets.token_hex(16)  # hex: never starts with "-"
     proc = SGLangProcess(ModelConfig(**MODEL, path=str(model_dir)), engine,
                          log_path=str(tmp_path / "sglang.log"), api_key=key, lora=LORA).start()
     base, first, second = _model(None), _model(1), _model(2)

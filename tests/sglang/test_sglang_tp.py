@@ -20,7 +20,7 @@ from rollout_server.launch_sglang import SGLangProcess
 
 
 def test_tp_2_on_cpu_starts_samples_what_the_trainer_scores_and_takes_a_push(model_dir, tmp_path):
-    key = secrets.token_urlsafe(16)
+    key = secrets.token_hex(16)  # hex: never starts with "-"
     proc = SGLangProcess(model_config(model_dir), replace(cpu_engine(), tp_size=2),
                          log_path=str(tmp_path / "sglang.log"), api_key=key)
     proc.start()
