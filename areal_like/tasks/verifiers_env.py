@@ -75,9 +75,12 @@ def load(env_id: str, env_args: str) -> Any:
 def load_error(e: Exception) -> str:
     """What went wrong loading an environment, in the job's words: a taskset config field as
     ``task.env_args.<field>``; else the error and the line of code that raised it."""
-    if hasattr(e, "errors") and callable(e.errors):  # pydantic's ValidationError
-        return "; ".join(".".join(["task.env_args", *map(str, err["loc"][1:])]) + f": {err['msg']}"
-                         for err in e.errors() if err["loc"][:1] == ("taskset",)) or str(e)
+    from pydantic import ValidationError  # verifiers' configs are pydantic models
+
+    if isinstance(e, ValidationError):
+        fields = [(".".join(map(str, err["loc"][1:])), err["msg"]) for err in e.errors()
+                  if err["loc"][:1] == ("taskset",)]
+        return "; ".join(f"task.env_args.{key}: {msg}" for key, msg in fields) or str(e)
     frame = traceback.extract_tb(e.__traceback__)[-1:] if e.__traceback__ else []
     where = f" ({frame[0].filename}:{frame[0].lineno})" if frame else ""
     return f"{type(e).__name__}: {e}{where}"

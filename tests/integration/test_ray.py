@@ -481,12 +481,13 @@ def _steps(run_dir: Path) -> int:
 def _curve(run_dir: Path, every: int = 50) -> list:
     """The run's reward by ``every`` steps, with the members each window's syncs reached: what a
     failed learning check shows."""
-    recs = step_records(run_dir)
-    return [(recs[i]["step"], round(sum(r["reward_mean"] for r in recs[i:i + every])
-                                     / len(recs[i:i + every]), 3),
-             sorted({m for r in recs[i:i + every] for m in (r.get("weight_sync") or {})
-                     .get("done", [])}))
-            for i in range(0, len(recs), every)]
+    recs, out = step_records(run_dir), []
+    for i in range(0, len(recs), every):
+        window = recs[i:i + every]
+        synced = {m for r in window for m in (r.get("weight_sync") or {}).get("done", [])}
+        reward = sum(r["reward_mean"] for r in window) / len(window)
+        out.append((window[0]["step"], round(reward, 3), sorted(synced)))
+    return out
 
 
 def _roster(run_dir: Path) -> set[str]:

@@ -19,7 +19,10 @@ import socket
 import threading
 from pathlib import Path
 
+import pytest
 from test_trainer_weight_sync import RUNNER, STARTUP_S, read_json
+
+from tests.conftest import Spawner, wait_until
 
 HERE = Path(__file__).resolve().parent
 PUSHER = HERE.parent / "weight_pusher.py"
@@ -281,7 +284,6 @@ class System:
     def __init__(self, root: Path, overrides: list[str], server_ids: list[str]):
         from areal_like.net.dealer import Client
         from areal_like.net.distributed import free_port
-        from tests.conftest import Spawner, wait_until
 
         self.root, self.spawn, self.version = root, Spawner(root), 0
         self.cfg, self.cfg_path = write_config(root, free_port, overrides)
@@ -309,8 +311,6 @@ class System:
 
     def settle(self, timeout_s: float = 60.0) -> None:
         """Until the roster is this system's own members again, all alive (between tests)."""
-        from tests.conftest import wait_until
-
         wait_until(lambda: [m.server_id for m in self.roster()] == sorted(self.drivers),
                    timeout_s, 0.1, f"the roster back to {sorted(self.drivers)}")
         assert all(e.poll() is None for e in self.engines.values()), "a shared engine died"
@@ -341,8 +341,6 @@ class Pusher:
         self.proc = start_pusher(spawn_python, cfg_path, out, pushes)
 
     def report(self, name: str, timeout_s: float):
-        from tests.conftest import wait_until
-
         def read():
             assert self.proc.poll() in (None, 0), (
                 f"the trainer died (exit {self.proc.returncode}); see its log above")
@@ -359,8 +357,6 @@ class Pusher:
 def module_system(name: str, overrides: list[str], server_ids: list[str]):
     """A module's fixtures: ``system`` (a System shared by its tests) and ``settled`` (autouse:
     the roster back to the system's own members before and after each test)."""
-    import pytest
-
     @pytest.fixture(scope="module")
     def system(tmp_path_factory):
         s = System(tmp_path_factory.mktemp(name), overrides, server_ids)
