@@ -1,14 +1,18 @@
 """What the real-engine tiers (tests/sglang, tests/vllm) share: the model they serve, its prompts
-and tolerance, the check that an engine's log-probs are the trainer's, the check of the engine as a
-distillation teacher (``check_teacher``), the LoRA tests' adapter model and disk-path push
-(``lora_model``, ``sync_adapter``, ``scored``), the routing replay checks
+and tolerance, the check that an engine's log-probs are the trainer's, a push from a stand-in
+trainer (``push_seed``), the check of the engine as a distillation teacher (``check_teacher``),
+the LoRA tests' adapter model, disk-path push and guard check (``lora_model``, ``sync_adapter``,
+``scored``, ``check_guard_probes_the_live_adapter``),
+the routing replay checks
 (``routed_generations``, ``assert_routed_as_the_model``, ``run_routing_replay_job``) and the
 faults (``check_killed_server_takes_its_engine``, ``check_killed_engine_is_relaunched``). Each
 tier's kit (``sglang_kit``, ``vllm_kit``) adds its engine's flags and how to start one."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -22,11 +26,14 @@ from pathlib import Path
 import psutil
 import torch
 
+from areal_like.net.distributed import free_port
 from areal_like.settings.config import LoraConfig, ModelConfig, WeightSyncConfig
 from areal_like.weights.hf import build_model
 from areal_like.weights.lora import add_adapters
-from areal_like.weights.plan import WeightSyncPlan
-from areal_like.weights.server_sync import apply_adapter_sync
+from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.push import apply_weight_sync
+from areal_like.weights.server_sync import apply_adapter_sync, local_door
+from areal_like.wire.weight_wire import FLATTENED
 from rollout_server.engine_reaper import group_members, shm_files
 from tests.conftest import port_free, wait_until
 from trainer.logprob_guard import trainer_logprobs
@@ -101,6 +108,53 @@ def assert_served(outs, model, temperature: float) -> None:
         assert worst < TOL, f"engine and trainer differ by {worst:.2e} (prompt {prompt})"
 
 
+def seed_plan(version: int, state: dict, port: int, group: str, path: str = "distributed",
+              payloads=(), engine_ranks: int = 1, deadline_s: float = 300) -> WeightSyncPlan:
+    """A plan pushing ``state`` as ``version`` in two buckets to one member, server "s"."""
+    names = list(state)
+    buckets = [BucketSpec(names=b, dtypes=["float32"] * len(b),
+                          shapes=[list(state[n].shape) for n in b])
+               for b in (names[:len(names) // 2], names[len(names) // 2:])]
+    return WeightSyncPlan(
+        policy_version=version, group_name=group, master_addr="127.0.0.1", master_port=port,
+        world_size=1 + engine_ranks, backend="gloo", reform=True,
+        members=[SyncMember(server_id="s", rank_offset=1)], path=path, payloads=list(payloads),
+        buckets=buckets, deadline_s=deadline_s)
+
+
+async def push_seed(client, version: int, seed: int, load_format: str | None = FLATTENED,
+                    pause_mode: str = "abort", engine_ranks: int = 1, wait_ready: bool = False
+                    ) -> None:
+    """Broadcast the tiers' model built with ``seed`` as ``version`` from a sender process (group
+    rank 0, tests/weight_sender.py, as the trainer) to the engine of ``engine_ranks`` (its
+    tp_size) behind ``client``, the rollout server's side through ``apply_weight_sync``: at once
+    (the engine pauses while the sender starts), or once the sender's model is built."""
+    state = build_model(model_config(init_seed=seed)).state_dict()
+    port, group = free_port(), f"engine_tier_{version}_{seed}_{os.getpid()}"
+    plan = seed_plan(version, state, port, group, engine_ranks=engine_ranks)
+    spec = {"model": {**MODEL, "init_seed": seed}, "world_size": 1 + engine_ranks, "port": port,
+            "group": group, "load_format": load_format, "buckets": [b.names for b in plan.buckets],
+            "backend": "gloo", "timeout_s": 300, "key": client.api_key}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    sender = subprocess.Popen([sys.executable, "-c", (REPO / "tests/weight_sender.py").read_text(),
+                               json.dumps(spec)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        if wait_ready:
+            assert await asyncio.to_thread(sender.stdout.readline) == "ready\n"
+        done = await apply_weight_sync(client, plan, "s", load_format=load_format,
+                                       door=local_door(client.base_url, client.api_key),
+                                       pause_mode=pause_mode)
+        _, err = await asyncio.to_thread(sender.communicate, timeout=300)
+    finally:
+        if sender.poll() is None:
+            sender.kill()
+            sender.wait()
+    assert done.ok, done.reason
+    assert sender.returncode == 0, err[-2000:]
+    assert await client.weight_version() == str(version)
+
+
 def lora_model(lora: LoraConfig, seed: int | None, base: ModelConfig | None = None
                ) -> torch.nn.Module:
     """``base`` (default: the tiers' model, init seed 0) with ``lora``'s adapters: B from ``seed``
@@ -144,6 +198,35 @@ def scored(outs, model, temperature: float) -> float:
     return max(abs(a - b) for prompt, out in zip(PROMPTS, outs)
                for a, b in zip(out.logprobs, trainer_logprobs(model, prompt, out.output_ids,
                                                               temperature, torch.device("cpu"))))
+
+
+def check_guard_probes_the_live_adapter(client, server: Server, lora: LoraConfig, kind: str
+                                        ) -> None:
+    """The log-prob guard's probe names the live adapter as the job's generate calls do
+    (``served_name`` of the push's version and plan) and so measures the trainer's model with that
+    adapter within the guard's default tolerance; unnamed, the engine answers with the base model
+    (that probe would refuse a correct job). ``client``: an unopened client of ``server``."""
+    from areal_like.tasks.tokenizer import load_tokenizer
+    from areal_like.weights.lora import served_name
+    from trainer.logprob_guard import PROBE_TEXT, compare_logprobs, probe_engine
+
+    base, trained = lora_model(lora, None), lora_model(lora, 5)
+    prompt = list(load_tokenizer(model_config(server.model_dir)).encode(PROBE_TEXT))
+
+    def mean_off(probe, model) -> float:
+        mine = trainer_logprobs(model, prompt, probe.output_ids, 1.0, torch.device("cpu"))
+        return compare_logprobs(probe.engine_logp, mine)[0]
+
+    async def push() -> str:
+        async with client:
+            return await sync_adapter(client, trained, 7)
+
+    plan_id = asyncio.run(push())
+    named = probe_engine("s", server.url, prompt, 1.0, api_key=server.api_key,
+                         adapter=served_name(7, plan_id), engine_kind=kind)
+    assert mean_off(named, trained) < 0.05 < mean_off(named, base)  # 0.05: the guard's default
+    unnamed = probe_engine("s", server.url, prompt, 1.0, api_key=server.api_key, engine_kind=kind)
+    assert mean_off(unnamed, base) < 0.05 < mean_off(unnamed, trained)
 
 
 def hf_logprobs(model_dir: Path, ids: list[int], start: int) -> list[float]:

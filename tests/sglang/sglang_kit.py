@@ -24,7 +24,9 @@ from tests.engine_kit import (  # noqa: F401 - the tier's tests import them from
     check_teacher_process,
     engine_logprobs,
     model_config,
+    push_seed,
     save_model,
+    seed_plan,
     start,
 )
 

@@ -11,8 +11,7 @@ import os
 import secrets
 from dataclasses import replace
 
-from sglang_kit import assert_served, cpu_engine, engine_logprobs, model_config
-from test_sglang_weights import push
+from sglang_kit import assert_served, cpu_engine, engine_logprobs, model_config, push_seed
 
 from areal_like.engines.sglang import SGLangClient
 from areal_like.weights.hf import build_model
@@ -28,7 +27,7 @@ def test_tp_2_on_cpu_starts_samples_what_the_trainer_scores_and_takes_a_push(mod
     async def scenario():
         async with SGLangClient(proc.url, api_key=key, timeout_s=120) as client:
             assert_served(await engine_logprobs(client, 1.0), build_model(model_config()), 1.0)
-            await push(client, 7, seed=3, engine_ranks=2)
+            await push_seed(client, 7, seed=3, engine_ranks=2)
             assert_served(await engine_logprobs(client, 1.0),
                           build_model(model_config(init_seed=3)), 1.0)
 

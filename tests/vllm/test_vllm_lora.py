@@ -22,11 +22,15 @@ from vllm_kit import PROMPTS, TOL, Server, cpu_engine, engine_logprobs, model_co
 
 from areal_like.engines.vllm import VLLMClient
 from areal_like.settings.config import LoraConfig
-from areal_like.weights.lora import served_name
 from rollout_server.episode import generate_sample
 from rollout_server.launch_vllm import VLLMProcess
-from tests.engine_kit import lora_model, scored, sync_adapter
-from trainer.logprob_guard import PROBE_TEXT, compare_logprobs, probe_engine, trainer_logprobs
+from tests.engine_kit import (
+    check_guard_probes_the_live_adapter,
+    lora_model,
+    scored,
+    sync_adapter,
+)
+from trainer.logprob_guard import trainer_logprobs
 
 LORA = LoraConfig(rank=4, alpha=16.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                        "gate_proj", "up_proj", "down_proj"])
@@ -100,26 +104,5 @@ def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that
 
 
 def test_the_logprob_guard_probes_the_adapter_the_engine_serves(lora_server):
-    """The guard's probe names the live adapter as the job's generate calls do (``served_name``
-    of the push's version and plan) and so measures the trainer's model with that adapter;
-    unnamed, vLLM answers with the base model."""
-    from areal_like.tasks.tokenizer import load_tokenizer
+    check_guard_probes_the_live_adapter(_client(lora_server), lora_server, LORA, "vllm")
 
-    base, trained = lora_model(LORA, None), lora_model(LORA, 5)
-    prompt = list(load_tokenizer(model_config(lora_server.model_dir)).encode(PROBE_TEXT))
-
-    def mean_off(probe, model) -> float:
-        mine = trainer_logprobs(model, prompt, probe.output_ids, 1.0, torch.device("cpu"))
-        return compare_logprobs(probe.engine_logp, mine)[0]
-
-    async def push() -> str:
-        async with _client(lora_server) as client:
-            return await sync_adapter(client, trained, 7)
-
-    plan_id = asyncio.run(push())
-    named = probe_engine("s", lora_server.url, prompt, 1.0, api_key=lora_server.api_key,
-                         adapter=served_name(7, plan_id), engine_kind="vllm")
-    assert mean_off(named, trained) < 0.05 < mean_off(named, base)  # 0.05: the guard's default
-    unnamed = probe_engine("s", lora_server.url, prompt, 1.0, api_key=lora_server.api_key,
-                           engine_kind="vllm")
-    assert mean_off(unnamed, base) < 0.05 < mean_off(unnamed, trained)

@@ -14,29 +14,17 @@ off at temperature 0.7); ``receive_weights`` not loading what it received (0.75 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import torch
-from vllm_kit import MODEL, PROMPTS, TOL, assert_served, engine_logprobs, model_config
+from vllm_kit import PROMPTS, TOL, assert_served, engine_logprobs, model_config, push_seed
 
 from areal_like.engines.vllm import VLLMClient
-from areal_like.net.distributed import free_port
 from areal_like.weights.hf import build_model
-from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
-from areal_like.weights.push import apply_weight_sync
-from areal_like.weights.server_sync import local_door
-from areal_like.wire.weight_wire import FLATTENED
 from rollout_server.episode import generate_sample
 from trainer.logprob_guard import trainer_logprobs
 
-REPO = Path(__file__).resolve().parents[2]
-SENDER = (REPO / "tests" / "weight_sender.py").read_text()  # group rank 0, as the trainer
 TOKENS = 3000  # ~20 s of generation here (prompt + TOKENS within the model's 4096 positions)
 
 
@@ -46,44 +34,6 @@ def _model(seed: int) -> torch.nn.Module:
 
 def _client(server) -> VLLMClient:
     return VLLMClient(server.url, api_key=server.api_key, timeout_s=300)
-
-
-def _plan(version: int, state: dict, port: int, group: str) -> WeightSyncPlan:
-    names = list(state)
-    buckets = [names[: len(names) // 2], names[len(names) // 2:]]
-    return WeightSyncPlan(
-        policy_version=version, group_name=group, master_addr="127.0.0.1", master_port=port,
-        world_size=2, backend="gloo", reform=True,
-        members=[SyncMember(server_id="s", rank_offset=1)], path="distributed",
-        buckets=[BucketSpec(names=b, dtypes=["float32"] * len(b),
-                            shapes=[list(state[n].shape) for n in b]) for b in buckets],
-        deadline_s=300)
-
-
-async def push(client, version: int, seed: int, load_format: str | None = FLATTENED) -> None:
-    """Broadcast the seed-``seed`` model as ``version`` from a sender process (group rank 0)."""
-    state = _model(seed).state_dict()
-    port, group = free_port(), f"vllm_tier_{version}_{seed}_{os.getpid()}"
-    plan = _plan(version, state, port, group)
-    spec = {"model": {**MODEL, "init_seed": seed}, "world_size": 2, "port": port, "group": group,
-            "load_format": load_format, "buckets": [b.names for b in plan.buckets],
-            "backend": "gloo", "timeout_s": 300, "key": client.api_key}
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert await asyncio.to_thread(sender.stdout.readline) == "ready\n"
-        done = await apply_weight_sync(client, plan, "s", load_format=load_format,
-                                       door=local_door(client.base_url, client.api_key),
-                                       pause_mode="abort")
-        _, err = await asyncio.to_thread(sender.communicate, timeout=300)
-    finally:
-        if sender.poll() is None:
-            sender.kill()
-            sender.wait()
-    assert done.ok, done.reason
-    assert sender.returncode == 0, err[-2000:]
-    assert await client.weight_version() == str(version)
 
 
 def test_the_engine_log_probs_at_launch_are_the_trainers(vllm_server):
@@ -98,12 +48,13 @@ def test_the_engine_log_probs_at_launch_are_the_trainers(vllm_server):
 def test_after_a_push_the_engine_samples_what_the_trainer_scores(vllm_server):
     async def scenario():
         async with _client(vllm_server) as client:
-            await push(client, 11, seed=3)
+            await push_seed(client, 11, seed=3, wait_ready=True)
             for temperature in (1.0, 0.7):
                 assert_served(await engine_logprobs(client, temperature), _model(3), temperature)
             # temperature 0 is greedy; its log-probs are at temperature 1
             assert_served(await engine_logprobs(client, 0.0), _model(3), 1.0)
-            await push(client, 12, seed=4, load_format=None)  # one broadcast per tensor
+            # one broadcast per tensor
+            await push_seed(client, 12, seed=4, load_format=None, wait_ready=True)
             assert_served(await engine_logprobs(client, 1.0), _model(4), 1.0)
 
     asyncio.run(scenario())
@@ -158,7 +109,7 @@ def test_a_push_mid_generation_labels_every_token_with_the_weights_that_sampled_
     async def scenario(attempt: int):
         before, after = 20 + 2 * attempt, 21 + 2 * attempt
         async with _client(vllm_server) as client:
-            await push(client, before, seed=0)
+            await push_seed(client, before, seed=0, wait_ready=True)
             version, job = before, None
             pause = client.pause_generation
 
@@ -173,7 +124,7 @@ def test_a_push_mid_generation_labels_every_token_with_the_weights_that_sampled_
                 return await pause(*args, **kwargs)
 
             client.pause_generation = pause_mid_generation
-            await push(client, after, seed=1)
+            await push_seed(client, after, seed=1, wait_ready=True)
             version = after
             return await job
 
