@@ -13,6 +13,7 @@ from areal_like.wire.protocol import Credit
 from rollout_server.episode import EpisodeContext, run_episode
 from rollout_server.evaluate import evaluate
 from rollout_server.facts import RolloutFacts
+from rollout_server.server import RolloutServer
 
 TOK = char_tokenizer()
 
@@ -113,8 +114,6 @@ def test_the_rollout_server_knows_the_context_it_serves():
 
 def test_the_rollout_server_reads_the_input_limit_sglang_reports():
     """/server_info's max_req_input_len reaches every episode and eval; none: no limit."""
-    from rollout_server.server import RolloutServer
-
     class Engine:
         def __init__(self, info: dict):
             self.info = info

@@ -12,11 +12,14 @@ fourth column of row 0 and the second of row 1 are padding holding nan / garbage
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from areal_like.settings.config import LossConfig
+from areal_like.settings.config import LossConfig, load_config
 from trainer.losses import compute_policy_loss
+from trainer.step import StepSettings
 
 NAN = float("nan")
 LOGP = [[-1.0, -2.0, -0.5, NAN], [-3.0, NAN, NAN, NAN]]
@@ -81,11 +84,6 @@ def test_kl_is_zero_when_policy_equals_reference():
 
 
 def test_step_settings_pass_kl_to_the_loss_and_it_needs_a_reference():
-    from types import SimpleNamespace
-
-    from areal_like.settings.config import load_config
-    from trainer.step import StepSettings
-
     run = load_config(["trainer.loss.kl_coef=0.05", "trainer.loss.kl_estimator=k2"])
     s = StepSettings.from_config(run)
     cfg = s.loss_config(SimpleNamespace(mask=torch.ones(2, 6)))  # what train_step hands every call

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import pytest
 
+import trainer.logprob_guard as guard
+from areal_like.daemon import Daemon
+from areal_like.settings.config import load_config
 from trainer.logprob_guard import (
     PROBE_TOKENS,
     Probe,
     compare_logprobs,
+    guard_tol,
     mismatch_message,
     probe_sampling,
 )
@@ -73,9 +77,6 @@ def test_a_failed_guard_is_a_refusal_the_supervisor_does_not_restart(monkeypatch
     restart (seen with 2 ranks and 2 servers: 3 restarts, then 'no restarts left'). A nan
     difference fails too (it passed: ``nan > tol`` is false; seen with trainer.lora.alpha=inf,
     then the job waited for data forever, every group refused for its nan log-probs)."""
-    import trainer.logprob_guard as guard
-    from areal_like.daemon import Daemon
-
     probe = Probe(server_id="rollout-0", engine_url="http://127.0.0.1:1", prompt_ids=[1, 2],
                   output_ids=[3, 4], engine_logp=[-3.0, -3.0])
     monkeypatch.setattr(guard, "collect_probes", lambda *a: ([probe], {}))
@@ -94,9 +95,6 @@ def test_a_failed_guard_is_a_refusal_the_supervisor_does_not_restart(monkeypatch
 def test_the_default_tolerance_follows_the_model_dtype():
     """fp32 keeps 0.05 nats; bf16 engines and trainers differ more (the measurement in
     trainer/logprob_guard.py's docstring): a bf16 job gets 0.1 unless it sets its own."""
-    from areal_like.settings.config import load_config
-    from trainer.logprob_guard import guard_tol
-
     for dtype, tol in (("float32", 0.05), ("bfloat16", 0.1), ("float16", 0.1)):
         cfg = load_config([f"model.dtype={dtype}"])
         assert guard_tol(cfg.trainer.logprob_guard_tol, cfg.model.dtype) == tol

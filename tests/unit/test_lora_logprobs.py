@@ -4,12 +4,18 @@ base model's with the adapters off (the KL reference)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from areal_like.settings.config import LoraConfig, ModelConfig
+from areal_like.settings.config import LoraConfig, ModelConfig, load_config
 from areal_like.weights.hf import build_model
 from areal_like.weights.lora import adapters_disabled, add_adapters, is_adapter
-from trainer.model import policy_logprobs
+from areal_like.wire.protocol import TrajectoryGroup
+from areal_like.wire.trajectory import Trajectory
+from trainer.data import groups_to_batch
+from trainer.logprob_guard import trainer_logprobs
+from trainer.model import Policy, attach_logprobs, policy_logprobs
+from trainer.step import StepSettings, batch_logp, recompute_prox_logp, train_step
 
 
 def reference_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
@@ -23,15 +29,6 @@ def test_measuring_passes_run_without_dropout():
     policy in train mode with LoRA dropout 0.5 are the dropout-free numbers the engine computes, the
     same twice, and the model is left in train mode. Fails without ``evaluating`` (differences up
     to about 1 nat)."""
-    import numpy as np
-
-    from areal_like.settings.config import load_config
-    from areal_like.wire.protocol import TrajectoryGroup
-    from areal_like.wire.trajectory import Trajectory
-    from trainer.data import groups_to_batch
-    from trainer.logprob_guard import trainer_logprobs
-    from trainer.model import attach_logprobs
-    from trainer.step import StepSettings, batch_logp
 
     cfg = load_config(["trainer.lora.rank=4", "trainer.lora.dropout=0.5"])
     model = attach_logprobs(add_adapters(build_model(cfg.model), cfg.trainer.lora))
@@ -89,14 +86,6 @@ def test_the_proximal_logprobs_of_a_step_run_without_dropout_too():
     (``fuse_prox``), dropout and all: against engine log-probs of the same weights (no dropout),
     ``mismatch_kl`` read 0.005 where it is 0. With LoRA dropout pi_prox is the separate
     dropout-free pass, as areal_like/weights/LORA.md says."""
-    import numpy as np
-
-    from areal_like.settings.config import load_config
-    from areal_like.wire.protocol import TrajectoryGroup
-    from areal_like.wire.trajectory import Trajectory
-    from trainer.data import groups_to_batch
-    from trainer.model import Policy, attach_logprobs
-    from trainer.step import StepSettings, batch_logp, recompute_prox_logp, train_step
 
     cfg = load_config(["trainer.lora.rank=4", "trainer.lora.dropout=0.5"])
     torch.manual_seed(0)

@@ -8,8 +8,10 @@ import io
 import json
 from pathlib import Path
 
+from areal_like.settings.config import load_config
 from areal_like.settings.schema import RunConfig
 from launch.job import Monitor
+from launch.rundir import SETTINGS_FILE, write_settings
 from launch.topology import Topology
 
 
@@ -47,9 +49,6 @@ def test_a_resumes_accepted_settings_reach_settings_yaml_with_its_first_step(tmp
     """settings.yaml gets a resume's changed settings once a step trained with them: a resume that
     a daemon refuses at start (another model's checkpoint) leaves the run's settings as they
     were (they used to be written before any daemon started)."""
-    from areal_like.settings.config import load_config
-    from launch.rundir import SETTINGS_FILE, write_settings
-
     run = tmp_path / "run"
     run.mkdir()
     write_settings(load_config([f"run_dir={run}", "trainer.lr=3e-4"]))

@@ -16,7 +16,7 @@ import pytest
 from areal_like.settings.config import ConfigError, load_config
 from launch.job import plan_job
 from launch.placement import place_node
-from launch.srun import cpu_mask, head_ip, node_cores, physical_cores, slurm_steps
+from launch.srun import after, cpu_mask, head_ip, node_cores, physical_cores, slurm_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -310,8 +310,6 @@ def test_with_restarts_stops_at_once_on_sigterm_in_the_back_off_and_in_a_run(tmp
 
 @pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf"])
 def test_after_refuses_a_bad_timeout_in_one_line(value, capsys):
-    from launch.srun import after
-
     assert after(["--timeout-s", value, "http://127.0.0.1:1/health", "--", "true"]) == 2
     assert capsys.readouterr().err == (f"error: --timeout-s: {value!r} is not a number of "
                                        "seconds >= 0\n")
