@@ -18,29 +18,16 @@ from trainer.logprob_guard import (
 )
 
 
-def test_compare_within_tolerance():
-    mean, worst = compare_logprobs([-1.0, -2.0, -0.5, -3.0], [-1.01, -1.98, -0.5, -3.03])
-    assert mean == pytest.approx((0.01 + 0.02 + 0.0 + 0.03) / 4)
-    assert worst == pytest.approx(0.03)
-    assert mean <= 0.05
-
-
-def test_compare_beyond_tolerance_shifted_and_temperature():
-    shifted = compare_logprobs([-1.3, -2.3, -0.8], [-1.0, -2.0, -0.5])  # every log-prob off by 0.3
-    assert shifted == pytest.approx((0.3, 0.3))
-    # log-probs at T=1 vs T=2 of a 2-token vocabulary with logits (2, 0):
-    # log_softmax([2,0]) vs log_softmax([1,0])
-    mean, worst = compare_logprobs([-0.126928, -2.126928], [-0.313262, -1.313262])
-    assert mean == pytest.approx((0.186334 + 0.813666) / 2, abs=1e-6)
-    assert worst == pytest.approx(0.813666, abs=1e-6)
-    assert mean > 0.05
-
-
-def test_one_outlier_does_not_trip_the_mean():
-    """bf16 kernels leave single tokens off by a few tenths: the mean stays small, the max does
-    not."""
-    mean, worst = compare_logprobs([-1.0] * 15 + [-1.4], [-1.0] * 16)
-    assert worst == pytest.approx(0.4) and mean == pytest.approx(0.025)
+@pytest.mark.parametrize("engine,trainer,mean,worst", [
+    ([-1.0, -2.0, -0.5, -3.0], [-1.01, -1.98, -0.5, -3.03], 0.015, 0.03),
+    ([-1.3, -2.3, -0.8], [-1.0, -2.0, -0.5], 0.3, 0.3),  # every log-prob off by 0.3
+    # T=1 vs T=2 of a 2-token vocabulary with logits (2, 0): log_softmax([2,0]) vs ([1,0])
+    ([-0.126928, -2.126928], [-0.313262, -1.313262], 0.5, 0.813666),
+    # bf16 kernels leave single tokens off by a few tenths: the mean stays small, the max does not
+    ([-1.0] * 15 + [-1.4], [-1.0] * 16, 0.025, 0.4),
+], ids=["within", "shifted", "temperature", "outlier"])
+def test_compare_gives_the_mean_and_the_worst_token_difference(engine, trainer, mean, worst):
+    assert compare_logprobs(engine, trainer) == pytest.approx((mean, worst), abs=1e-6)
 
 
 def test_compare_refuses_misaligned_or_empty():
@@ -51,9 +38,8 @@ def test_compare_refuses_misaligned_or_empty():
 
 
 def test_mismatch_message_names_engine_difference_tolerance_and_causes():
-    p = Probe(server_id="rollout-3", engine_url="http://10.0.0.7:30000",
-              prompt_ids=[1, 2], output_ids=[5, 6, 7],
-              engine_logp=[-1.0, -1.0, -1.0])
+    p = Probe(server_id="rollout-3", engine_url="http://10.0.0.7:30000", prompt_ids=[1, 2],
+              output_ids=[5, 6, 7], engine_logp=[-1.0, -1.0, -1.0])
     msg = mismatch_message(p, 0.31, 0.9, 0.05, 2.0)
     for part in ("rollout-3", "http://10.0.0.7:30000", "by 0.31 nats", "max 0.9)",
                  "trainer.logprob_guard_tol=0.05", "temperature 2",

@@ -24,20 +24,23 @@ def reference_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     return logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
 
 
+def randomize_adapters(model, gen: torch.Generator | None = None):
+    """Adapters of weight ~0.3 (PEFT starts B at zero: the adapters would change nothing)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter(name):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
 def test_measuring_passes_run_without_dropout():
     """The proximal/reference log-probs (``batch_logp``) and the guard's (``trainer_logprobs``) of a
     policy in train mode with LoRA dropout 0.5 are the dropout-free numbers the engine computes, the
     same twice, and the model is left in train mode. Fails without ``evaluating`` (differences up
     to about 1 nat)."""
-
     cfg = load_config(["trainer.lora.rank=4", "trainer.lora.dropout=0.5"])
     model = attach_logprobs(add_adapters(build_model(cfg.model), cfg.trainer.lora))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter(name):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.train()
+    randomize_adapters(model, torch.Generator().manual_seed(0)).train()
     trajs = [Trajectory.of(prompt_ids=np.array([5, 6, 7]), output_ids=np.arange(10, 16),
                            behav_logp=np.full(6, -1.0), versions=np.zeros(6, np.int32), reward=1.0,
                            finish_reason="stop")]
@@ -63,10 +66,7 @@ def test_policy_logprobs_include_every_adapter_and_drop_them_when_disabled():
     cfg = ModelConfig()
     model = add_adapters(build_model(cfg), LoraConfig(rank=4, target_modules=["q_proj", "lm_head"]))
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter(name):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize_adapters(model, gen)
     ids = torch.randint(4, cfg.vocab_size, (2, 12), generator=gen)
     positions = torch.arange(11).expand(2, -1)
     with torch.no_grad():
@@ -86,14 +86,10 @@ def test_the_proximal_logprobs_of_a_step_run_without_dropout_too():
     (``fuse_prox``), dropout and all: against engine log-probs of the same weights (no dropout),
     ``mismatch_kl`` read 0.005 where it is 0. With LoRA dropout pi_prox is the separate
     dropout-free pass, as areal_like/weights/LORA.md says."""
-
     cfg = load_config(["trainer.lora.rank=4", "trainer.lora.dropout=0.5"])
     torch.manual_seed(0)
-    model = attach_logprobs(add_adapters(build_model(cfg.model), cfg.trainer.lora))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter(name):
-                p.copy_(torch.randn(p.shape) * 0.3)
+    model = randomize_adapters(attach_logprobs(add_adapters(build_model(cfg.model),
+                                                            cfg.trainer.lora)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-9)
     policy = Policy(model=model.train(), optimizer=opt,
