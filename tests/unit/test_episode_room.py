@@ -81,7 +81,6 @@ def test_a_prompt_that_leaves_no_room_is_not_sent_and_its_group_is_refused_as_no
 
 
 def test_a_prompt_the_engine_refuses_for_its_length_is_not_sent_either():
-    """A prompt at SGLang's max_req_input_len or more is skipped, not sent."""
     _, _, prompt = episode(prompt_room=5)
     group, engine, _ = episode(prompt_room=5, max_input=prompt)
     assert engine.asked == []
@@ -91,7 +90,6 @@ def test_a_prompt_the_engine_refuses_for_its_length_is_not_sent_either():
 
 
 def test_an_evaluation_asks_for_what_the_context_leaves_and_skips_a_prompt_without_room():
-    """Evaluation skips a prompt without room, counting it as no_room."""
     cfg = TaskConfig(name="reverse", max_new_tokens=8)
     examples = [make_task(cfg).example(i) for i in range(4)]
     engine = ContextEngine(10)
