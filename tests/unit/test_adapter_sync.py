@@ -38,14 +38,14 @@ class LockedLoraEngine:
         async with self.changed:
             await asyncio.wait_for(self.changed.wait_for(done), timeout_s)
 
-    async def _changed(self) -> None:
+    async def notify(self) -> None:
         self.most = max(self.most, len(self.loaded))
         async with self.changed:
             self.changed.notify_all()
 
     async def handle(self, path: str, body: dict):
         self.calls.append(path)
-        await self._changed()
+        await self.notify()
         name = (body or {}).get("lora_name")
         if path == "/load_lora_adapter":
             async with self.lock:
@@ -58,13 +58,13 @@ class LockedLoraEngine:
                 async with self.changed:  # wait_for_unload: every request using it ended
                     await self.changed.wait_for(lambda: not self.using.get(name))
         elif path == "/generate":
-            return await self._generate(body.get("lora_path"))
+            return await self.generate(body.get("lora_path"))
         elif path == "/update_weight_version" and self.block is not None:
             await self.block.wait()
-        await self._changed()
+        await self.notify()
         return {"success": True}
 
-    async def _generate(self, name: str | None):
+    async def generate(self, name: str | None):
         if name is not None and name not in self.loaded:
             raise EngineError("/generate", 400, f"no adapter {name}")
         self.using[name] = self.using.get(name, 0) + 1
@@ -74,7 +74,7 @@ class LockedLoraEngine:
             return DONE
         finally:
             self.using[name] -= 1
-            await self._changed()
+            await self.notify()
 
     hold: str | None = None
 
