@@ -112,15 +112,12 @@ def test_sink_forwards_trainer_eval_and_sample_rows(tmp_path):
 
 class Failing(Tracker):
     """A backend that fails on its first row (a full disk, a lost server)."""
+    closed = False
 
-    def __init__(self):
-        self.closed = False
-
-    def log_metrics(self, metrics, step):
+    def log_metrics(self, *row):
         raise OSError("disk full")
 
-    def log_table(self, name, rows, step):
-        raise OSError("disk full")
+    log_table = log_metrics
 
     def close(self):
         self.closed = True
