@@ -38,14 +38,14 @@ class LockedLoraEngine:
         async with self.changed:
             await asyncio.wait_for(self.changed.wait_for(done), timeout_s)
 
-    async def _changed(self) -> None:
+    async def notify(self) -> None:
         self.most = max(self.most, len(self.loaded))
         async with self.changed:
             self.changed.notify_all()
 
     async def handle(self, path: str, body: dict):
         self.calls.append(path)
-        await self._changed()
+        await self.notify()
         name = (body or {}).get("lora_name")
         if path == "/load_lora_adapter":
             async with self.lock:
@@ -58,13 +58,13 @@ class LockedLoraEngine:
                 async with self.changed:  # wait_for_unload: every request using it ended
                     await self.changed.wait_for(lambda: not self.using.get(name))
         elif path == "/generate":
-            return await self._generate(body.get("lora_path"))
+            return await self.generate(body.get("lora_path"))
         elif path == "/update_weight_version" and self.block is not None:
             await self.block.wait()
-        await self._changed()
+        await self.notify()
         return {"success": True}
 
-    async def _generate(self, name: str | None):
+    async def generate(self, name: str | None):
         if name is not None and name not in self.loaded:
             raise EngineError("/generate", 400, f"no adapter {name}")
         self.using[name] = self.using.get(name, 0) + 1
@@ -74,7 +74,7 @@ class LockedLoraEngine:
             return DONE
         finally:
             self.using[name] -= 1
-            await self._changed()
+            await self.notify()
 
     hold: str | None = None
 
@@ -115,12 +115,17 @@ async def sync(client, version: int, deadline_s: float = 2.0):
                                     pause_mode="retract")
 
 
-def test_a_request_kept_across_syncs_neither_stalls_loads_nor_leaks_adapters():
-    """A request kept across ten syncs stalls no load and leaks no adapter."""
-
+def run(test) -> None:
+    """test(engine, client), then every engine call it left running is awaited."""
     async def main():
         engine = LockedLoraEngine()
-        client = FakeTransportClient(engine)
+        await test(engine, FakeTransportClient(engine))
+        await asyncio.gather(*engine.tasks)
+    asyncio.run(main())
+
+
+def test_a_request_kept_across_syncs_neither_stalls_loads_nor_leaks_adapters():
+    async def ten_syncs(engine, client):
         assert (await sync(client, 1)).ok
         engine.hold = client.adapter[0]
         long = asyncio.create_task(client.generate([1], {}))
@@ -135,17 +140,11 @@ def test_a_request_kept_across_syncs_neither_stalls_loads_nor_leaks_adapters():
         for v in (12, 13):
             assert (await sync(client, v)).ok
         await engine.until(lambda: engine.loaded == {"policy-v12-p12", "policy-v13-p13"})
-        await asyncio.gather(*engine.tasks)
-
-    asyncio.run(main())
+    run(ten_syncs)
 
 
 def test_an_adapter_whose_load_timed_out_is_unloaded_by_the_next_sync():
-    """An adapter whose load timed out is unloaded by the next sync."""
-
-    async def main():
-        engine = LockedLoraEngine()
-        client = FakeTransportClient(engine)
+    async def slow_load(engine, client):
         assert (await sync(client, 1)).ok
         await engine.lock.acquire()  # a slow engine: the load waits past the deadline
         done = await sync(client, 2, deadline_s=0.2)
@@ -154,15 +153,11 @@ def test_an_adapter_whose_load_timed_out_is_unloaded_by_the_next_sync():
         await engine.until(lambda: "policy-v2-p2" in engine.loaded)
         assert (await sync(client, 3)).ok
         await engine.until(lambda: engine.loaded == {"policy-v1-p1", "policy-v3-p3"})
-        await asyncio.gather(*engine.tasks)
-
-    asyncio.run(main())
+    run(slow_load)
 
 
 def test_a_sync_cancelled_while_paused_continues_generation():
-    async def main():
-        engine = LockedLoraEngine()
-        client = FakeTransportClient(engine)
+    async def cancelled(engine, client):
         assert (await sync(client, 1)).ok
         engine.block = asyncio.Event()
         task = asyncio.create_task(sync(client, 2))
@@ -175,19 +170,13 @@ def test_a_sync_cancelled_while_paused_continues_generation():
         engine.block.set()
         assert (await sync(client, 3)).ok  # ... so the next sync unloads it
         await engine.until(lambda: engine.loaded == {"policy-v1-p1", "policy-v3-p3"})
-        await asyncio.gather(*engine.tasks)
-
-    asyncio.run(main())
+    run(cancelled)
 
 
 def test_a_plan_naming_no_directory_on_this_node_is_refused_before_sglang_is_called():
-    """A plan naming no local directory is refused before SGLang is called."""
-
-    async def main():
-        engine = LockedLoraEngine()
+    async def refused(engine, client):
         gone = msgspec.structs.replace(plan(1), payloads=[ADAPTER_DIR + "-not-here"])
-        done = await apply_adapter_sync(FakeTransportClient(engine), gone, "s")
+        done = await apply_adapter_sync(client, gone, "s")
         assert not done.ok and "no adapter directory" in done.reason and done.plan_id == "p1"
         assert engine.calls == []
-
-    asyncio.run(main())
+    run(refused)

@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+import yaml
 
 from areal_like.net.auth import (
     BIND_HOST_ENV,
@@ -18,10 +19,11 @@ from areal_like.net.auth import (
     redact,
     redact_argv,
 )
-from areal_like.settings.config import ConfigError, TaskConfig, load_config
+from areal_like.net.security import SecurityError
+from areal_like.settings.config import ConfigError, ModelConfig, TaskConfig, load_config
 from areal_like.settings.schema import EngineConfig
 from launch.job import job_specs, prepare
-from rollout_server.launch_sglang import sglang_command
+from rollout_server.launch_sglang import sglang_command, write_secrets
 from tests.conftest import run_cli
 
 
@@ -58,8 +60,6 @@ def test_a_job_whose_key_file_others_may_read_is_refused_before_config_yaml(tmp_
                                                                             monkeypatch):
     """``areal-like run`` (``prepare``) keeps a run's engine API key: one that others may read is
     refused (SecurityError, printed as one ``error:`` line) before config.yaml is written."""
-    from areal_like.net.security import SecurityError
-
     monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
     ensure_key_file(tmp_path / "run")
     (tmp_path / "run" / KEY_FILE).chmod(0o644)
@@ -91,11 +91,6 @@ def test_redaction_keeps_what_is_not_a_credential():
 
 
 def test_sglang_gets_the_key_in_an_owner_only_file_never_on_its_command_line(tmp_path):
-    import yaml
-
-    from areal_like.settings.config import ModelConfig
-    from rollout_server.launch_sglang import write_secrets
-
     path = write_secrets(str(tmp_path), "K:#")
     argv = sglang_command(ModelConfig(path="/m"), EngineConfig(kind="sglang"), 30000, path)
     assert argv[argv.index("--config") + 1] == path and "K:#" not in " ".join(argv)

@@ -18,8 +18,7 @@ spec.loader.exec_module(bench)
 
 def rec(step, reward, stale_mean, stale_max, loss=0.1, grad=1.0):
     return {"step": step, "reward_mean": reward, "staleness_mean": stale_mean,
-            "staleness_max": stale_max,
-            "loss": loss, "stats": {"grad_norm": grad}}
+            "staleness_max": stale_max, "loss": loss, "stats": {"grad_norm": grad}}
 
 
 def run(rewards, start=0.2, final=0.5, eta=2, recs=None):

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 
 from areal_like.settings.config import ConfigError, load_config
+from areal_like.tasks.tokenizer import bpe_tokenizer, load_tokenizer
 from launch import preflight as pf
 
 
@@ -45,8 +46,6 @@ def test_a_smaller_critic_by_config_loads():
 
 
 def test_a_critic_with_another_tokenizer_fails_the_preflight(tmp_path):
-    from areal_like.tasks.tokenizer import bpe_tokenizer, load_tokenizer
-
     cfg = load_config(["loss=ppo_critic"])
 
     def critic_dir(name, tokenizer):

@@ -5,8 +5,12 @@ registry."""
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -35,7 +39,6 @@ class Probe(Daemon):
 
     def run_once(self):
         self.metrics.counter("probe/ticks").inc()
-        # e.g. an episode's error
         if self.crash_at is not None and time.monotonic() >= self.crash_at:
             self.failure = self.failure or RuntimeError("boom in a component")
         time.sleep(0.02)
@@ -145,26 +148,15 @@ class Counting(Daemon):
         self.stopped = True
 
 
-def test_serve_runs_until_stop_requested():
-    d = Counting(iterations=5)
-    assert d.serve() == 0 and d.calls == 5 and d.stopped
-
-
-def test_crash_in_loop_exits_non_zero_and_still_stops():
-    d = Counting(iterations=10, fail_at=3)
-    assert d.serve() == 1 and d.calls == 3 and d.stopped
-
-
-def test_serve_restores_signal_handlers():
+@pytest.mark.parametrize("fail_at,code,calls", [(None, 0, 5), (3, 1, 3)], ids=["stop", "crash"])
+def test_serve_runs_until_stopped_or_crashed_then_stops_and_restores_signals(fail_at, code, calls):
     before = signal.getsignal(signal.SIGTERM)
-    Counting(iterations=1).serve()
+    d = Counting(iterations=5, fail_at=fail_at)
+    assert d.serve() == code and d.calls == calls and d.stopped
     assert signal.getsignal(signal.SIGTERM) is before
 
 
 def test_exit_process_flushes_logs_and_output_and_keeps_the_code():
-    import subprocess
-    import sys
-
     code = ("import logging, sys\n"
             "from areal_like.daemon import exit_process, setup_logging\n"
             "setup_logging('t').warning('last log line')\n"
@@ -176,14 +168,7 @@ def test_exit_process_flushes_logs_and_output_and_keeps_the_code():
     assert r.stdout == "no newline, still written" and "last log line" in r.stderr
 
 
-def test_health_names_the_kind_of_a_recorded_failure_only():
-    d = Counting(iterations=1)
-    assert d.health() == (True, {"name": "counting"})
-    d.failure = RuntimeError("/secret/path: boom")
-    assert d.health() == (False, {"name": "counting", "error": "RuntimeError"})
-
-
-def test_a_crash_is_in_health_while_the_daemon_stops():
+def test_health_names_the_kind_of_a_recorded_failure_only_and_while_the_daemon_stops():
     """A crash in run() (or start()): while stop() runs (an engine stopping can take seconds)
     /health names it, so `areal-like status` says DOWN rather than starting."""
     class Stopping(Counting):
@@ -191,15 +176,16 @@ def test_a_crash_is_in_health_while_the_daemon_stops():
             self.seen = self.health()
 
     d = Stopping(iterations=5, fail_at=2)
+    assert d.health() == (True, {"name": "counting"})
     assert d.serve() == 1
     assert d.seen == (False, {"name": "counting", "error": "ValueError"})
+    d.failure = RuntimeError("/secret/path: boom")
+    assert d.health() == (False, {"name": "counting", "error": "RuntimeError"})
 
 
 def test_a_metrics_port_another_process_holds_refuses_the_start_naming_the_key(caplog):
     """It crashed the daemon with a traceback (exit 1: the supervisor restarted it, to the same
     failure); a fixed port taken is a setting this machine cannot serve: one line, exit 2."""
-    import socket
-
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -213,10 +199,6 @@ def test_a_metrics_port_another_process_holds_refuses_the_start_naming_the_key(c
 @pytest.mark.parametrize("value,shown", [("debug", "x: hi"), ("loud", "is not a logging level")])
 def test_a_log_level_in_lower_case_or_misspelt_does_not_crash_the_daemon(value, shown):
     """``AREAL_LIKE_LOG_LEVEL=debug`` (or a typo) raised ValueError in every daemon's first line."""
-    import os
-    import subprocess
-    import sys
-
     code = "from areal_like.daemon import setup_logging\nsetup_logging('x').debug('hi')\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          env={**os.environ, "AREAL_LIKE_LOG_LEVEL": value})

@@ -17,8 +17,7 @@ from rollout_server.engine import EmbeddedEngine
 
 KEY = "k-0123456789"
 LIMITS = HttpLimits(max_body_bytes=64 * 1024, header_timeout_s=2.0, body_timeout_s=2.0,
-                    max_connections=64,
-                    max_inflight=32)
+                    max_connections=64, max_inflight=32)
 HTTP_TIMEOUT_S = 120.0
 
 
@@ -35,8 +34,7 @@ def engine():
 
 
 def call(engine, path: str, body: bytes | None = None, method: str = "POST",
-         auth: str | None = f"Bearer {KEY}",
-         headers: dict | None = None) -> tuple[int, str]:
+         auth: str | None = f"Bearer {KEY}", headers: dict | None = None) -> tuple[int, str]:
     h = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {}),
          **(headers or {})}
     req = urllib.request.Request(engine.url + path, data=body, method=method, headers=h)
@@ -73,7 +71,6 @@ def test_every_endpoint_but_health_refuses_a_missing_or_wrong_key(engine):
 
 
 def test_a_key_of_bytes_that_are_not_utf8_gets_401_not_500(engine):
-    """A non-UTF-8 key header gets 401, not 500."""
     port = int(engine.url.rsplit(":", 1)[1])
     with socket.create_connection(("127.0.0.1", port), timeout=HTTP_TIMEOUT_S) as sock:
         sock.sendall(b"GET /model_info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\r\n"

@@ -102,8 +102,7 @@ def test_many_rows_leaving_in_one_step_leave_the_others_their_own_kv(model, make
                   then=s.release)
     assert s.prefills == 1
     for p, m, r in zip(ps, limits, got):
-        ref = greedy(model, p, m)
-        assert r.output_ids == ref
+        assert r.output_ids == greedy(model, p, m)
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k",
@@ -126,9 +125,8 @@ def test_logprobs_equal_separate_forward(model, make_scheduler, temperature, top
 def test_seeded_sampling_is_reproducible(model, make_scheduler):
     s = make_scheduler()
     p = prompts(1, seed=2) * 3
-    params = ([SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=7)
-               for _ in range(2)]
-              + [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=8)])
+    params = [SamplingParams(max_new_tokens=16, temperature=1.0, sampling_seed=seed)
+              for seed in (7, 7, 8)]
     a, b, c = run_all(s, p, params, stop_eos=False)
     assert a.output_ids == b.output_ids and a.output_ids != c.output_ids
 
@@ -179,8 +177,8 @@ def test_retract_and_weight_swap_between_steps(model, make_scheduler):
     # tokens after the swap are exactly new-weights greedy continuations of prompt + old tokens
     with torch.no_grad():
         ref = other.generate(torch.tensor([p + req.output_ids[:cut]]), max_new_tokens=60 - cut,
-                             do_sample=False,
-                             eos_token_id=None, pad_token_id=0)[0, len(p) + cut:].tolist()
+                             do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(p) + cut:].tolist()
     assert req.output_ids[cut:] == ref
 
 
@@ -211,8 +209,7 @@ def test_forward_failure_answers_every_request_and_stops(model, make_scheduler, 
     assert not s.alive
     with pytest.raises(RuntimeError):
         s.submit(Request(rid="late", input_ids=[1, 5], params=SamplingParams(),
-                         stop_ids=frozenset(),
-                         on_finish=lambda r: None))
+                         stop_ids=frozenset(), on_finish=lambda r: None))
 
 
 def test_too_long_prompt_is_refused_not_fatal(model, make_scheduler):
@@ -224,8 +221,6 @@ def test_too_long_prompt_is_refused_not_fatal(model, make_scheduler):
 
 
 def test_a_burst_at_an_idle_scheduler_is_prefilled_as_one_batch(model, make_scheduler):
-    """A burst of submits at an idle scheduler is prefilled as one batch."""
-    # gaps far wider than the test's
     s = make_scheduler(max_running=8, gather_gap_s=2.0, gather_max_s=60.0)
     ps, finished, all_done = prompts(8, seed=3), [], threading.Event()
 
@@ -234,8 +229,7 @@ def test_a_burst_at_an_idle_scheduler_is_prefilled_as_one_batch(model, make_sche
         if len(finished) == len(ps):
             all_done.set()
     for i, p in enumerate(ps):
-        if i:
-            # spaced like separate HTTP requests; the first is alone at the engine for 0.2 s
+        if i:  # spaced like separate HTTP requests, within the scheduler's gather gap
             time.sleep(0.2)
         s.submit(Request(rid=str(i), input_ids=p,
                          params=SamplingParams(max_new_tokens=2, temperature=0.0),
@@ -249,11 +243,9 @@ def test_only_submits_are_gathered(make_scheduler):
     s = make_scheduler(gather_gap_s=30.0, gather_max_s=60.0)
     assert s.call(lambda sched: sched.prefills).result(timeout=15.0) == 0
     finished = threading.Event()
-    # the scheduler gathers for 30 s
     s.submit(Request(rid="r", input_ids=[1, 5, 6],
                      params=SamplingParams(max_new_tokens=1, temperature=0.0),
                      stop_ids=frozenset(), on_finish=lambda r: finished.set()))
-    # run before the prefill
     assert s.call(lambda sched: len(sched.waiting)).result(timeout=15.0) == 1
     assert finished.wait(15.0) and s.prefills == 1
 
@@ -273,7 +265,6 @@ def _parked(s: Scheduler, when=lambda sch: True) -> threading.Event:
 
 
 def test_a_command_that_kills_the_loop_leaves_no_later_submit_unanswered(model, make_scheduler):
-    """A command killing the loop leaves no later submit of its batch unanswered."""
     s = make_scheduler(max_running=2)
     finished: dict[str, Request] = {}
     all_done = threading.Event()
@@ -299,7 +290,6 @@ def test_a_command_that_kills_the_loop_leaves_no_later_submit_unanswered(model, 
 
 
 def test_stop_answers_a_submit_still_in_the_inbox(make_scheduler):
-    """stop answers a submit still in the inbox, and a call posted then."""
     s = make_scheduler()
     go = _parked(s)
     done = threading.Event()

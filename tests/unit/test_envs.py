@@ -4,13 +4,18 @@ grammar, and demos that replay through the environment they were written for."""
 from __future__ import annotations
 
 import random
+import sys
 
 import pytest
 
-from areal_like.settings.config import TaskConfig
+from areal_like.settings.config import TaskConfig, load_config
+from areal_like.tasks.environment import ChatRenderer
 from areal_like.tasks.envs import GUESS_CUT_CREDIT, GUESS_TURN_COST, Calculator, GuessNumber, calc
 from areal_like.tasks.task import Example, make_task
+from areal_like.tasks.tokenizer import char_tokenizer
 from areal_like.tasks.tools import ToolRegistry, parse_tool_calls
+from launch.preflight import check_env
+from trainer.sft import demo_pairs
 
 
 def test_calc_evaluates_integer_arithmetic_only():
@@ -73,11 +78,6 @@ def test_demos_replay_through_their_environment(env_cls, task):
 
 
 def test_the_warm_start_sees_a_demo_laid_out_as_the_episode_would_be():
-    from areal_like.settings.config import load_config
-    from areal_like.tasks.environment import ChatRenderer
-    from areal_like.tasks.tokenizer import char_tokenizer
-    from trainer.sft import demo_pairs
-
     cfg = load_config(["experiment=calc_env"])
     tok, task = char_tokenizer(), make_task(cfg.task)
     index = next(i for i in range(50)
@@ -97,9 +97,6 @@ def test_the_warm_start_sees_a_demo_laid_out_as_the_episode_would_be():
 
 
 def test_the_preflight_names_an_environment_that_cannot_load():
-    from areal_like.settings.config import load_config
-    from launch.preflight import check_env
-
     assert check_env(load_config(["experiment=calc_env"])) == []
     nope = "task.env=areal_like.tasks.envs:Nope"
     assert check_env(load_config(["experiment=calc_env", nope])) == [
@@ -116,21 +113,12 @@ def launcher_cwd(tmp_path, monkeypatch):
     """tmp_path is the working directory, and not on sys.path: ``areal-like`` (a console script)
     has no working directory there, the rollout servers (``python -m rollout_server``) have it
     first."""
-    import sys
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
 
 
 def test_the_preflight_imports_an_environment_from_the_working_directory(
         tmp_path, launcher_cwd, monkeypatch):
-    # `areal-like` (a console script) has no working directory on sys.path; the rollout servers
-    # (`python -m rollout_server`) have it first, and load task.env from there
-    import sys
-
-    from areal_like.settings.config import load_config
-    from launch.preflight import check_env
-
     monkeypatch.delitem(sys.modules, "my_cwd_env", raising=False)
     (tmp_path / "my_cwd_env.py").write_text(
         "class Env:\n    def reset(self, example):\n        return []\n"
@@ -146,11 +134,6 @@ def test_the_preflight_imports_each_tool_of_an_environment(tmp_path, launcher_cw
     """A tool's function path with a typo surfaced only when the model called it (an error each
     call, at run time); now the preflight imports each tool's function from the working
     directory, as the tool workers will, and names the key, the tool and the path."""
-    import sys
-
-    from areal_like.settings.config import load_config
-    from launch.preflight import check_env
-
     (tmp_path / "my_cwd_tool_fns.py").write_text("def calc(e):\n    return e\n")
     (tmp_path / "my_cwd_tools.py").write_text(
         "from areal_like.tasks.envs import CALC_TOOL, Calculator\n\n"
@@ -175,11 +158,6 @@ def test_the_preflight_names_an_async_tool_and_a_tool_spec_of_another_shape(
     tool given in OpenAI's shape (``{"type": "function", "function": {...}}``) read ``KeyError:
     'name'``, a function object ``is not of the form package.module:function`` and a bad schema
     its whole meta-schema walk."""
-    import sys
-
-    from areal_like.settings.config import load_config
-    from launch.preflight import check_env
-
     (tmp_path / "my_cwd_async_tools.py").write_text(
         "from areal_like.tasks.envs import CALC_TOOL, Calculator\n\n"
         "async def calc(e):\n    return e\n\n"

@@ -13,6 +13,7 @@ from areal_like.wire.protocol import Credit
 from rollout_server.episode import EpisodeContext, run_episode
 from rollout_server.evaluate import evaluate
 from rollout_server.facts import RolloutFacts
+from rollout_server.server import RolloutServer
 
 TOK = char_tokenizer()
 
@@ -80,7 +81,6 @@ def test_a_prompt_that_leaves_no_room_is_not_sent_and_its_group_is_refused_as_no
 
 
 def test_a_prompt_the_engine_refuses_for_its_length_is_not_sent_either():
-    """A prompt at SGLang's max_req_input_len or more is skipped, not sent."""
     _, _, prompt = episode(prompt_room=5)
     group, engine, _ = episode(prompt_room=5, max_input=prompt)
     assert engine.asked == []
@@ -90,7 +90,6 @@ def test_a_prompt_the_engine_refuses_for_its_length_is_not_sent_either():
 
 
 def test_an_evaluation_asks_for_what_the_context_leaves_and_skips_a_prompt_without_room():
-    """Evaluation skips a prompt without room, counting it as no_room."""
     cfg = TaskConfig(name="reverse", max_new_tokens=8)
     examples = [make_task(cfg).example(i) for i in range(4)]
     engine = ContextEngine(10)
@@ -113,8 +112,6 @@ def test_the_rollout_server_knows_the_context_it_serves():
 
 def test_the_rollout_server_reads_the_input_limit_sglang_reports():
     """/server_info's max_req_input_len reaches every episode and eval; none: no limit."""
-    from rollout_server.server import RolloutServer
-
     class Engine:
         def __init__(self, info: dict):
             self.info = info

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import struct
+
+import crc32c
 import numpy as np
+import pytest
 from service_harness import answer, start, step
 
+import buffer.wal
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
@@ -16,22 +23,18 @@ def _start(tmp_path) -> BufferService:
                                         capacity=64))
 
 
-def _step(svc: BufferService, msg: P.Message) -> P.Message:
-    return step(svc, msg)
-
-
 def _fill(svc: BufferService, n: int) -> list[str]:
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     ids = []
-    for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits:
+    for c in step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits:
         g = answer(c)
-        assert _step(svc, g).status == "accepted"
+        assert step(svc, g).status == "accepted"
         ids.append(g.group_id)
     return ids
 
 
 def _ask(svc: BufferService, ack: str = "", n: int = 2) -> P.Batch:
-    return _step(svc, P.BatchRequest(n_groups=n, trainer_version=0, wait_s=0.0, ack_batch=ack))
+    return step(svc, P.BatchRequest(n_groups=n, trainer_version=0, wait_s=0.0, ack_batch=ack))
 
 
 def test_in_transit_then_ack_marks_consumed(tmp_path):
@@ -79,8 +82,8 @@ def test_returned_groups_are_checked_for_staleness_again(tmp_path):
     svc = _start(tmp_path)
     _fill(svc, 2)
     assert len(_ask(svc).groups) == 2
-    _step(svc, P.VersionUpdate(policy_version=2))  # eta = 1: head version 0 is stale at 2
-    batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=2, wait_s=0.0))
+    step(svc, P.VersionUpdate(policy_version=2))  # eta = 1: head version 0 is stale at 2
+    batch = step(svc, P.BatchRequest(n_groups=2, trainer_version=2, wait_s=0.0))
     assert (batch.groups == [] and svc.instruments.counts["groups_dropped_stale"] == 2
             and svc.instruments.counts["groups_redelivered"] == 2)
     svc.wal.close()
@@ -113,9 +116,9 @@ def test_wal_replay_restores_the_batch_in_transit(tmp_path):
 def test_stored_groups_live_in_the_wal_and_come_back_whole(tmp_path):
     """The sender's frame is what the WAL stores and the Batch carries, spliced."""
     svc = _start(tmp_path)
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     sent = []
-    for k, c in enumerate(_step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits):
+    for k, c in enumerate(step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits):
         t = Trajectory.of(prompt_ids=as_i32([k, 5]), output_ids=as_i32(np.arange(k, k + 7)),
                          behav_logp=as_f32(np.linspace(-1, -0.5, 7)), versions=as_i32(np.zeros(7)),
                          reward=float(k), finish_reason="stop")
@@ -124,7 +127,7 @@ def test_stored_groups_live_in_the_wal_and_come_back_whole(tmp_path):
                                       prompt_index=c.prompt_index, epoch=c.epoch, trajectories=[t]))
         # as a rollout server sends it: encoded once, asking for a lease with the ack
         submit = P.GroupSubmit(group=P.encode_group(sent[-1]), want_credits=1)
-        assert _step(svc, submit).status == "accepted"
+        assert step(svc, submit).status == "accepted"
     # no frame kept in memory: each is read back from the WAL
     assert all(s.ref is not None for s in svc.store.groups())
     batch = _ask(svc)
@@ -170,13 +173,6 @@ def test_a_record_damaged_on_disk_is_dropped_and_the_daemon_keeps_serving(tmp_pa
 
 def test_a_transient_read_error_never_drops_an_intact_group(tmp_path, monkeypatch):
     """EMFILE/ENOMEM reading a record stops the daemon; no intact group is dropped."""
-    import errno
-    import os
-
-    import pytest
-
-    import buffer.wal
-
     svc = _start(tmp_path)
     ids = _fill(svc, 4)
     real_open = os.open
@@ -201,10 +197,6 @@ def test_a_transient_read_error_never_drops_an_intact_group(tmp_path, monkeypatc
 
 def _make_undecodable(wal_dir, ref) -> None:
     """Overwrite a group record's frame with non-msgpack bytes, CRC kept valid."""
-    import struct
-
-    import crc32c
-
     path = wal_dir / f"seg-{ref.segment:012d}.wal"
     data = bytearray(path.read_bytes())
     start, end = ref.offset + 8, ref.offset + ref.length
@@ -216,7 +208,6 @@ def _make_undecodable(wal_dir, ref) -> None:
 
 def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_its_segment(
         tmp_path, caplog):
-    """An undecodable group at replay is dropped once and its segment compacts."""
     svc = _start(tmp_path)
     ids = _fill(svc, 2)
     victim = next(s for s in svc.store.groups() if s.group_id == ids[0])
@@ -245,10 +236,9 @@ def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_i
 
 
 def test_an_undecodable_group_logged_before_its_lease_closed_returns_the_lease(tmp_path):
-    """An undecodable group logged before its lease closed: lease closed, prompt re-issued once."""
     svc = _start(tmp_path)
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    (credit,) = _step(svc, P.CreditRequest(server_id="s", max_credits=1)).credits
+    step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    (credit,) = step(svc, P.CreditRequest(server_id="s", max_credits=1)).credits
     started = svc.ledger.started
     svc.wal.append_group(f"s-{credit.lease_id}", b"\xc1" * 16)  # no state record follows: a crash
     svc.wal.close()

@@ -12,11 +12,14 @@ fourth column of row 0 and the second of row 1 are padding holding nan / garbage
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
-from areal_like.settings.config import LossConfig
+from areal_like.settings.config import LossConfig, load_config
 from trainer.losses import compute_policy_loss
+from trainer.step import StepSettings
 
 NAN = float("nan")
 LOGP = [[-1.0, -2.0, -0.5, NAN], [-3.0, NAN, NAN, NAN]]
@@ -74,18 +77,13 @@ def test_kl_is_zero_when_policy_equals_reference():
     logp = torch.tensor([[-0.3, -2.5, -7.0]])
     for est in ("k1", "k2", "k3"):
         _, stats = compute_policy_loss(LossConfig(kernel="ppo", kl_coef=1.0, kl_estimator=est),
-                                       logp=logp,
-                                       prox_logp=logp, behav_logp=logp, advantages=torch.ones(1, 3),
-                                       mask=torch.ones(1, 3), ref_logp=logp.clone())
+                                       logp=logp, prox_logp=logp, behav_logp=logp,
+                                       advantages=torch.ones(1, 3), mask=torch.ones(1, 3),
+                                       ref_logp=logp.clone())
         assert float(stats["kl_ref"]) == 0.0 and float(stats["loss"]) == float(stats["policy_loss"])
 
 
 def test_step_settings_pass_kl_to_the_loss_and_it_needs_a_reference():
-    from types import SimpleNamespace
-
-    from areal_like.settings.config import load_config
-    from trainer.step import StepSettings
-
     run = load_config(["trainer.loss.kl_coef=0.05", "trainer.loss.kl_estimator=k2"])
     s = StepSettings.from_config(run)
     cfg = s.loss_config(SimpleNamespace(mask=torch.ones(2, 6)))  # what train_step hands every call
@@ -93,6 +91,6 @@ def test_step_settings_pass_kl_to_the_loss_and_it_needs_a_reference():
     assert (cfg.kl_coef == 0.05 and cfg.kl_estimator == "k2"
             and cfg.loss_scale_factor == run.task.max_new_tokens)
     with pytest.raises(ValueError, match="kl_coef > 0 needs ref_logp"):
-        compute_policy_loss(cfg, logp=torch.zeros(1, 2),
-                            prox_logp=torch.zeros(1, 2), behav_logp=torch.zeros(1, 2),
-                            advantages=torch.ones(1, 2), mask=torch.ones(1, 2))
+        compute_policy_loss(cfg, logp=torch.zeros(1, 2), prox_logp=torch.zeros(1, 2),
+                            behav_logp=torch.zeros(1, 2), advantages=torch.ones(1, 2),
+                            mask=torch.ones(1, 2))

@@ -5,38 +5,29 @@ from __future__ import annotations
 
 import pytest
 
+import trainer.logprob_guard as guard
+from areal_like.daemon import Daemon
+from areal_like.settings.config import load_config
 from trainer.logprob_guard import (
     PROBE_TOKENS,
     Probe,
     compare_logprobs,
+    guard_tol,
     mismatch_message,
     probe_sampling,
 )
 
 
-def test_compare_within_tolerance():
-    mean, worst = compare_logprobs([-1.0, -2.0, -0.5, -3.0], [-1.01, -1.98, -0.5, -3.03])
-    assert mean == pytest.approx((0.01 + 0.02 + 0.0 + 0.03) / 4)
-    assert worst == pytest.approx(0.03)
-    assert mean <= 0.05
-
-
-def test_compare_beyond_tolerance_shifted_and_temperature():
-    shifted = compare_logprobs([-1.3, -2.3, -0.8], [-1.0, -2.0, -0.5])  # every log-prob off by 0.3
-    assert shifted == pytest.approx((0.3, 0.3))
-    # log-probs at T=1 vs T=2 of a 2-token vocabulary with logits (2, 0):
-    # log_softmax([2,0]) vs log_softmax([1,0])
-    mean, worst = compare_logprobs([-0.126928, -2.126928], [-0.313262, -1.313262])
-    assert mean == pytest.approx((0.186334 + 0.813666) / 2, abs=1e-6)
-    assert worst == pytest.approx(0.813666, abs=1e-6)
-    assert mean > 0.05
-
-
-def test_one_outlier_does_not_trip_the_mean():
-    """bf16 kernels leave single tokens off by a few tenths: the mean stays small, the max does
-    not."""
-    mean, worst = compare_logprobs([-1.0] * 15 + [-1.4], [-1.0] * 16)
-    assert worst == pytest.approx(0.4) and mean == pytest.approx(0.025)
+@pytest.mark.parametrize("engine,trainer,mean,worst", [
+    ([-1.0, -2.0, -0.5, -3.0], [-1.01, -1.98, -0.5, -3.03], 0.015, 0.03),
+    ([-1.3, -2.3, -0.8], [-1.0, -2.0, -0.5], 0.3, 0.3),  # every log-prob off by 0.3
+    # T=1 vs T=2 of a 2-token vocabulary with logits (2, 0): log_softmax([2,0]) vs ([1,0])
+    ([-0.126928, -2.126928], [-0.313262, -1.313262], 0.5, 0.813666),
+    # bf16 kernels leave single tokens off by a few tenths: the mean stays small, the max does not
+    ([-1.0] * 15 + [-1.4], [-1.0] * 16, 0.025, 0.4),
+], ids=["within", "shifted", "temperature", "outlier"])
+def test_compare_gives_the_mean_and_the_worst_token_difference(engine, trainer, mean, worst):
+    assert compare_logprobs(engine, trainer) == pytest.approx((mean, worst), abs=1e-6)
 
 
 def test_compare_refuses_misaligned_or_empty():
@@ -47,9 +38,8 @@ def test_compare_refuses_misaligned_or_empty():
 
 
 def test_mismatch_message_names_engine_difference_tolerance_and_causes():
-    p = Probe(server_id="rollout-3", engine_url="http://10.0.0.7:30000",
-              prompt_ids=[1, 2], output_ids=[5, 6, 7],
-              engine_logp=[-1.0, -1.0, -1.0])
+    p = Probe(server_id="rollout-3", engine_url="http://10.0.0.7:30000", prompt_ids=[1, 2],
+              output_ids=[5, 6, 7], engine_logp=[-1.0, -1.0, -1.0])
     msg = mismatch_message(p, 0.31, 0.9, 0.05, 2.0)
     for part in ("rollout-3", "http://10.0.0.7:30000", "by 0.31 nats", "max 0.9)",
                  "trainer.logprob_guard_tol=0.05", "temperature 2",
@@ -73,9 +63,6 @@ def test_a_failed_guard_is_a_refusal_the_supervisor_does_not_restart(monkeypatch
     restart (seen with 2 ranks and 2 servers: 3 restarts, then 'no restarts left'). A nan
     difference fails too (it passed: ``nan > tol`` is false; seen with trainer.lora.alpha=inf,
     then the job waited for data forever, every group refused for its nan log-probs)."""
-    import trainer.logprob_guard as guard
-    from areal_like.daemon import Daemon
-
     probe = Probe(server_id="rollout-0", engine_url="http://127.0.0.1:1", prompt_ids=[1, 2],
                   output_ids=[3, 4], engine_logp=[-3.0, -3.0])
     monkeypatch.setattr(guard, "collect_probes", lambda *a: ([probe], {}))
@@ -94,9 +81,6 @@ def test_a_failed_guard_is_a_refusal_the_supervisor_does_not_restart(monkeypatch
 def test_the_default_tolerance_follows_the_model_dtype():
     """fp32 keeps 0.05 nats; bf16 engines and trainers differ more (the measurement in
     trainer/logprob_guard.py's docstring): a bf16 job gets 0.1 unless it sets its own."""
-    from areal_like.settings.config import load_config
-    from trainer.logprob_guard import guard_tol
-
     for dtype, tol in (("float32", 0.05), ("bfloat16", 0.1), ("float16", 0.1)):
         cfg = load_config([f"model.dtype={dtype}"])
         assert guard_tol(cfg.trainer.logprob_guard_tol, cfg.model.dtype) == tol

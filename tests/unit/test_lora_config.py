@@ -3,46 +3,46 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from areal_like.settings.config import ConfigError, load_config
+from areal_like.settings.config import ConfigError, load_config, to_yaml
+from areal_like.weights.hf import build_meta_model
+from areal_like.weights.lora import add_adapters
 from launch import preflight as pf
+from launch.placement import with_weight_path
+from rollout_server.launch_sglang import sglang_command
+from trainer.export import main
+from trainer.facts import TrainerFacts
+from trainer.weight_sync import SENDERS, WeightBroadcaster
 
 
-@pytest.mark.parametrize(
-    "override, key",
-    [
-        ("trainer.lora.rank=-1", "trainer.lora.rank"),
-        ("trainer.lora.dropout=1.0", "trainer.lora.dropout"),
-        ("trainer.lora.alpha=0", "trainer.lora.alpha"),
-        ("trainer.lora.alpha=-16", "trainer.lora.alpha"),
-        # inf: scaling inf x B = 0 is nan, every log-prob nan; the job waited for data forever
-        ("trainer.lora.alpha=inf", "trainer.lora.alpha"),
-        ("trainer.lora.target_modules=[]", "trainer.lora.target_modules"),
-        (
-            "trainer.ref_path=/tmp/ref",
-            "trainer.ref_path",
-        ),  # the reference is the base without the adapter
-        ("trainer.weight_sync.path=disk", "trainer.weight_sync.path"),  # embedded: the group
-        ("trainer.weight_sync.path=tensor", "trainer.weight_sync.path"),
-        ("rollout.engine.kind=url rollout.engine.url=http://h:1", "rollout.engine.kind"),
-        ("topology=cpu_sglang trainer.weight_sync.path=distributed", "trainer.weight_sync.path"),
-        ("topology=cpu_sglang trainer.weight_sync.path=tensor", "trainer.weight_sync.path"),
-        # the launcher's LoRA flags: a pass-through of them won over trainer.lora
-        ("topology=cpu_sglang +rollout.engine.sglang.max_lora_rank=4",
-         "rollout.engine.sglang.max_lora_rank"),
-        ("topology=cpu_sglang +rollout.engine.sglang.enable_lora=false",
-         "rollout.engine.sglang.enable_lora"),
-    ],
-)
+@pytest.mark.parametrize("override, key", [
+    ("trainer.lora.rank=-1", "trainer.lora.rank"),
+    ("trainer.lora.dropout=1.0", "trainer.lora.dropout"),
+    ("trainer.lora.alpha=0", "trainer.lora.alpha"),
+    ("trainer.lora.alpha=-16", "trainer.lora.alpha"),
+    # inf: scaling inf x B = 0 is nan, every log-prob nan; the job waited for data forever
+    ("trainer.lora.alpha=inf", "trainer.lora.alpha"),
+    ("trainer.lora.target_modules=[]", "trainer.lora.target_modules"),
+    # the reference is the base without the adapter
+    ("trainer.ref_path=/tmp/ref", "trainer.ref_path"),
+    ("trainer.weight_sync.path=disk", "trainer.weight_sync.path"),  # embedded: the group
+    ("trainer.weight_sync.path=tensor", "trainer.weight_sync.path"),
+    ("rollout.engine.kind=url rollout.engine.url=http://h:1", "rollout.engine.kind"),
+    ("topology=cpu_sglang trainer.weight_sync.path=distributed", "trainer.weight_sync.path"),
+    ("topology=cpu_sglang trainer.weight_sync.path=tensor", "trainer.weight_sync.path"),
+    # the launcher's LoRA flags: a pass-through of them won over trainer.lora
+    ("topology=cpu_sglang +rollout.engine.sglang.max_lora_rank=4",
+     "rollout.engine.sglang.max_lora_rank"),
+    ("topology=cpu_sglang +rollout.engine.sglang.enable_lora=false",
+     "rollout.engine.sglang.enable_lora"),
+])
 def test_bad_lora_settings_name_their_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(["trainer.lora.rank=4", *override.split()])
 
 
 def test_sglang_serves_the_jobs_adapters_over_the_disk_path():
-    from launch.placement import with_weight_path
-    from rollout_server.launch_sglang import sglang_command
-
     cfg = load_config(["topology=cpu_sglang", "trainer.lora.rank=4", "model.path=/m",
                        "trainer.lora.target_modules=[q_proj,v_proj]"])
     assert with_weight_path(cfg).trainer.weight_sync.path == "disk"
@@ -56,11 +56,6 @@ def test_a_trainer_started_by_hand_sends_the_adapter_on_the_engine_kinds_path(to
                                                                               tmp_path):
     """No ``areal-like run`` resolved ``weight_sync.path=auto``: the trainer reads it as the path
     the job's engine kind loads an adapter from (before: the group path, which SGLang refuses)."""
-    import torch
-
-    from trainer.facts import TrainerFacts
-    from trainer.weight_sync import SENDERS, WeightBroadcaster
-
     # the facts read the model's context from its config.json
     (tmp_path / "config.json").write_text('{"max_position_embeddings": 256, "vocab_size": 104}')
     cfg = load_config([f"topology={topology}", "trainer.lora.rank=4", f"model.path={tmp_path}"])
@@ -80,35 +75,23 @@ def test_lora_is_off_by_default_and_on_with_a_rank():
 
 
 def test_a_target_module_the_model_lacks_is_refused_by_preflight():
-    cfg = load_config(
-        ["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,query_key_value]"]
-    )
+    cfg = load_config(["trainer.lora.rank=8",
+                       "trainer.lora.target_modules=[q_proj,query_key_value]"])
     with pytest.raises(pf.PreflightError) as e:
         pf.checked(cfg)
-    assert len(e.value.problems) == 1
-    assert (
-        "trainer.lora.target_modules" in e.value.problems[0]
-        and "query_key_value" in e.value.problems[0]
-    )
+    [problem] = e.value.problems
+    assert "trainer.lora.target_modules" in problem and "query_key_value" in problem
 
 
 def test_the_trainer_refuses_a_missing_target_too():
-    from areal_like.weights.hf import build_meta_model
-    from areal_like.weights.lora import add_adapters
-
     cfg = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,c_attn]"])
     with pytest.raises(ConfigError, match=r"trainer\.lora\.target_modules.*c_attn"):
         add_adapters(build_meta_model(cfg.model), cfg.trainer.lora)
 
 
 def test_an_adapter_on_a_tied_lm_head_is_refused():
-    cfg = load_config(
-        [
-            "trainer.lora.rank=8",
-            "trainer.lora.target_modules=[q_proj,lm_head]",
-            "model.tie_word_embeddings=true",
-        ]
-    )
+    cfg = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,lm_head]",
+                       "model.tie_word_embeddings=true"])
     with pytest.raises(pf.PreflightError, match=r"trainer\.lora\.target_modules.*tied"):
         pf.checked(cfg)
     untied = load_config(["trainer.lora.rank=8", "trainer.lora.target_modules=[q_proj,lm_head]"])
@@ -129,9 +112,6 @@ def test_an_adapter_export_with_no_base_to_name_is_refused_before_start():
 
 
 def test_areal_like_export_of_such_a_checkpoint_is_refused_naming_the_key(tmp_path, capsys):
-    from areal_like.settings.config import to_yaml
-    from trainer.export import main
-
     ckpt = tmp_path / "checkpoints" / "v00000002"
     ckpt.mkdir(parents=True)
     (ckpt / "meta.pt").write_bytes(b"")  # refused before anything is read

@@ -4,12 +4,18 @@ base model's with the adapters off (the KL reference)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from areal_like.settings.config import LoraConfig, ModelConfig
+from areal_like.settings.config import LoraConfig, ModelConfig, load_config
 from areal_like.weights.hf import build_model
 from areal_like.weights.lora import adapters_disabled, add_adapters, is_adapter
-from trainer.model import policy_logprobs
+from areal_like.wire.protocol import TrajectoryGroup
+from areal_like.wire.trajectory import Trajectory
+from trainer.data import groups_to_batch
+from trainer.logprob_guard import trainer_logprobs
+from trainer.model import Policy, attach_logprobs, policy_logprobs
+from trainer.step import StepSettings, batch_logp, recompute_prox_logp, train_step
 
 
 def reference_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
@@ -18,29 +24,23 @@ def reference_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     return logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
 
 
+def randomize_adapters(model, gen: torch.Generator | None = None):
+    """Adapters of weight ~0.3 (PEFT starts B at zero: the adapters would change nothing)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if is_adapter(name):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
 def test_measuring_passes_run_without_dropout():
     """The proximal/reference log-probs (``batch_logp``) and the guard's (``trainer_logprobs``) of a
     policy in train mode with LoRA dropout 0.5 are the dropout-free numbers the engine computes, the
     same twice, and the model is left in train mode. Fails without ``evaluating`` (differences up
     to about 1 nat)."""
-    import numpy as np
-
-    from areal_like.settings.config import load_config
-    from areal_like.wire.protocol import TrajectoryGroup
-    from areal_like.wire.trajectory import Trajectory
-    from trainer.data import groups_to_batch
-    from trainer.logprob_guard import trainer_logprobs
-    from trainer.model import attach_logprobs
-    from trainer.step import StepSettings, batch_logp
-
     cfg = load_config(["trainer.lora.rank=4", "trainer.lora.dropout=0.5"])
     model = attach_logprobs(add_adapters(build_model(cfg.model), cfg.trainer.lora))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter(name):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    model.train()
+    randomize_adapters(model, torch.Generator().manual_seed(0)).train()
     trajs = [Trajectory.of(prompt_ids=np.array([5, 6, 7]), output_ids=np.arange(10, 16),
                            behav_logp=np.full(6, -1.0), versions=np.zeros(6, np.int32), reward=1.0,
                            finish_reason="stop")]
@@ -66,10 +66,7 @@ def test_policy_logprobs_include_every_adapter_and_drop_them_when_disabled():
     cfg = ModelConfig()
     model = add_adapters(build_model(cfg), LoraConfig(rank=4, target_modules=["q_proj", "lm_head"]))
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter(name):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomize_adapters(model, gen)
     ids = torch.randint(4, cfg.vocab_size, (2, 12), generator=gen)
     positions = torch.arange(11).expand(2, -1)
     with torch.no_grad():
@@ -89,22 +86,10 @@ def test_the_proximal_logprobs_of_a_step_run_without_dropout_too():
     (``fuse_prox``), dropout and all: against engine log-probs of the same weights (no dropout),
     ``mismatch_kl`` read 0.005 where it is 0. With LoRA dropout pi_prox is the separate
     dropout-free pass, as areal_like/weights/LORA.md says."""
-    import numpy as np
-
-    from areal_like.settings.config import load_config
-    from areal_like.wire.protocol import TrajectoryGroup
-    from areal_like.wire.trajectory import Trajectory
-    from trainer.data import groups_to_batch
-    from trainer.model import Policy, attach_logprobs
-    from trainer.step import StepSettings, batch_logp, recompute_prox_logp, train_step
-
     cfg = load_config(["trainer.lora.rank=4", "trainer.lora.dropout=0.5"])
     torch.manual_seed(0)
-    model = attach_logprobs(add_adapters(build_model(cfg.model), cfg.trainer.lora))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_adapter(name):
-                p.copy_(torch.randn(p.shape) * 0.3)
+    model = randomize_adapters(attach_logprobs(add_adapters(build_model(cfg.model),
+                                                            cfg.trainer.lora)))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-9)
     policy = Policy(model=model.train(), optimizer=opt,

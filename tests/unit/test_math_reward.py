@@ -121,7 +121,6 @@ PLAIN = [("82", "82"), ("83", "82"), (" 082\n", "82"), ("-7", "7"), ("-7", "-7")
 
 @pytest.mark.parametrize("response,reference", PLAIN)
 def test_plain_integers_are_decided_as_math_verify_decides_them(response, reference, score):
-    """Plain integers skip the parser and score as the parser would."""
     assert score(response, reference) == score(f"The answer is {response.strip()}.", reference)
 
 
@@ -137,7 +136,6 @@ def test_what_is_not_a_plain_integer_scores_as_the_parser_reads_it(response, ref
 
 
 def test_a_reference_parse_that_yields_nothing_is_not_remembered(monkeypatch):
-    """An empty reference parse (a timeout) is not cached."""
     reference = r"\frac{7}{13}"  # used by no other test: nothing cached for it
     real_parse = rewards.parse
     timed_out = [True]

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import socket
+import threading
+import time
 import urllib.error
 import urllib.request
 
 import pytest
 
+from areal_like.net.http_guard import EVICT_IDLE_S, HttpLimits
 from areal_like.net.metrics import Metrics, MetricsServer, prom_name, scrape
 
 
@@ -102,11 +108,6 @@ def test_many_idle_connections_cost_no_threads_and_are_cut_off():
     """300 clients connect and send nothing: the server holds at most max_connections of them at
     once (the others get 503 as soon as they are accepted), starts no thread per connection,
     closes each idle one at the header deadline, and answers a probe afterwards."""
-    import socket
-    import threading
-
-    from areal_like.net.http_guard import HttpLimits
-
     limits = HttpLimits(max_connections=32, header_timeout_s=1.0, max_inflight=4,
                         max_body_bytes=1024)
     before = threading.active_count()
@@ -140,11 +141,6 @@ def test_at_the_cap_only_kept_alive_strangers_are_evicted_and_health_always_answ
     """A connection that showed the token keeps its slot while idle, one kept alive by a stranger
     after an open /health is closed for a newcomer, and past a full cap a /health probe is still
     answered from the daemon's state (anything else gets 503)."""
-    import socket
-    import time
-
-    from areal_like.net.http_guard import EVICT_IDLE_S, HttpLimits
-
     limits = HttpLimits(max_connections=4, header_timeout_s=30.0, keepalive_s=30.0, max_inflight=4,
                         max_body_bytes=1024)
     server = MetricsServer(Metrics(), 0, "127.0.0.1", token="t0k", limits=limits)
@@ -190,13 +186,6 @@ def test_eviction_works_for_sockets_numbered_past_fd_setsize():
     """A daemon with more than 1024 open files (an engine's process has many) still makes room at
     the cap: the eviction check on a socket numbered past FD_SETSIZE used ``select.select``, which
     raised in ``connection_made`` and left the newcomer hanging, neither served nor refused."""
-    import os
-    import resource
-    import socket
-    import time
-
-    from areal_like.net.http_guard import EVICT_IDLE_S, HttpLimits
-
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if max(soft, hard) < 1200:
         pytest.skip("needs an open-file limit above 1200")

@@ -3,14 +3,18 @@ read once."""
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 from pathlib import Path
 
-from areal_like.settings.schema import RunConfig
+from areal_like.settings.config import load_config
+from areal_like.settings.schema import RunConfig, TrainerConfig
 from launch.job import Monitor
+from launch.rundir import SETTINGS_FILE, write_settings
 from launch.topology import Topology
+
+TOPO = Topology(host="127.0.0.1", buffer_address="", pub_address="", master_port=0, slots=(),
+                rollout_cpus=None, trainer_cpus=None)
 
 
 def append(path: Path, row: dict) -> None:
@@ -21,13 +25,10 @@ def append(path: Path, row: dict) -> None:
 
 def test_monitor_progress_line_reads_each_record_once_and_keeps_the_last_steps(tmp_path):
     run = tmp_path / "run"
-    cfg = RunConfig(run_dir=str(run))
-    cfg = RunConfig(run_dir=str(run), trainer=dataclasses.replace(cfg.trainer, steps=10))
-    topo = Topology(host="127.0.0.1", buffer_address="", pub_address="", master_port=0, slots=(),
-                    rollout_cpus=None, trainer_cpus=None)
+    cfg = RunConfig(run_dir=str(run), trainer=TrainerConfig(steps=10))
     path = run / "metrics" / "trainer.jsonl"
     append(path, {"step": 1, "reward_mean": 9.0})  # an earlier invocation's step: before `since`
-    mon = Monitor(cfg, topo, run, out=io.StringIO(), since=path.stat().st_size)
+    mon = Monitor(cfg, TOPO, run, out=io.StringIO(), since=path.stat().st_size)
     assert "waiting for the first trainer step" in mon.progress_line()
     for step in range(2, 9):
         append(path, {"step": step, "policy_version": step, "reward_mean": step / 10})
@@ -47,17 +48,12 @@ def test_a_resumes_accepted_settings_reach_settings_yaml_with_its_first_step(tmp
     """settings.yaml gets a resume's changed settings once a step trained with them: a resume that
     a daemon refuses at start (another model's checkpoint) leaves the run's settings as they
     were (they used to be written before any daemon started)."""
-    from areal_like.settings.config import load_config
-    from launch.rundir import SETTINGS_FILE, write_settings
-
     run = tmp_path / "run"
     run.mkdir()
     write_settings(load_config([f"run_dir={run}", "trainer.lr=3e-4"]))
     before = (run / SETTINGS_FILE).read_text()
-    topo = Topology(host="127.0.0.1", buffer_address="", pub_address="", master_port=0, slots=(),
-                    rollout_cpus=None, trainer_cpus=None)
     changed = load_config([f"run_dir={run}", "trainer.lr=1e-3"])
-    mon = Monitor(changed, topo, run, out=io.StringIO(), settings=changed)
+    mon = Monitor(changed, TOPO, run, out=io.StringIO(), settings=changed)
     append(run / "metrics" / "trainer.jsonl", {"event": "resume", "policy_version": 2})
     mon.read()
     assert (run / SETTINGS_FILE).read_text() == before  # no step yet

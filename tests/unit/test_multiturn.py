@@ -4,20 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
 
 from areal_like.engines.client import GenerateOutput
-from areal_like.settings.config import TaskConfig
-from areal_like.tasks.environment import ChatRenderer
+from areal_like.settings.config import RunConfig, TaskConfig, load_config
+from areal_like.tasks.environment import ChatRenderer, as_step_result
 from areal_like.tasks.task import make_task
 from areal_like.tasks.tokenizer import CHATML, bpe_tokenizer
 from areal_like.tasks.tools import ToolRegistry, parse_tool_calls
-from areal_like.wire.protocol import Credit, TrajectoryGroup
+from areal_like.wire.group_checks import content_problem
+from areal_like.wire.protocol import Credit, TrajectoryGroup, encode
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from rollout_server.episode import EpisodeContext
+from rollout_server.facts import RolloutFacts
 from rollout_server.multiturn import EpisodeRunner
+from rollout_server.server import MAX_EPISODE_FAILURES, RolloutServer
 from rollout_server.tool_pool import ToolPool
+from trainer.samples import sample_rows
 
 TOK = bpe_tokenizer(512)
 EOS = TOK.eos_token_id
@@ -199,9 +205,6 @@ def test_limits_end_episodes_with_their_finish_reason(limits, reason):
 
 def test_an_episode_ends_at_the_models_context_when_max_episode_tokens_is_longer():
     # at the model's context (256) with max_tokens, not an HTTP 400
-    from areal_like.settings.config import RunConfig
-    from rollout_server.facts import RolloutFacts
-
     task = TaskConfig(env="agent_envs:Endless", chat_template=CHATML, group_size=2,
                       max_new_tokens=64, max_turns=50)
     facts = RolloutFacts.from_run(RunConfig(run_dir="/nonexistent", task=task))
@@ -213,8 +216,6 @@ def test_an_episode_ends_at_the_models_context_when_max_episode_tokens_is_longer
 
 
 def test_an_opening_prompt_that_leaves_no_room_is_refused_with_its_reason():
-    from areal_like.wire.group_checks import content_problem
-
     _, traj = episode(ScriptedEngine(["a", "b", "c"]))
     context = len(traj.prompt_ids)  # the opening prompt exactly at the context
     r = runner(engine := ScriptedEngine(["a", "b", "c"]), max_episode_tokens=context,
@@ -228,8 +229,6 @@ def test_an_opening_prompt_that_leaves_no_room_is_refused_with_its_reason():
 
 
 def test_a_weight_sync_mid_episode_keeps_every_tokens_version_and_its_logged_sample_shows_it():
-    from trainer.samples import sample_rows
-
     replies = ["first turn", "second turn is long", "third"]
     # turn 2 is paused after 3 tokens, resumes at v1
     engine = ScriptedEngine(replies, pause_after={1: 3})
@@ -286,11 +285,6 @@ def test_when_one_conversation_of_a_group_fails_its_siblings_are_cancelled():
 
 
 def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_stops(caplog):
-    import logging
-
-    from areal_like.settings.config import load_config
-    from rollout_server.server import MAX_EPISODE_FAILURES, RolloutServer
-
     server = RolloutServer.from_run(load_config([]))
 
     async def episodes():
@@ -314,8 +308,6 @@ def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_
 
 @pytest.mark.parametrize("reward", [None, float("nan"), "1.0"])
 def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
-    from areal_like.tasks.environment import as_step_result
-
     with pytest.raises(TypeError, match=r"^environment m:E step returned reward .+; expected a "
                                         "finite"):
         as_step_result(([], reward, True, {}), "m:E")
@@ -323,9 +315,6 @@ def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
 
 
 def test_numpy_values_in_a_steps_info_go_on_the_wire_and_others_are_named_at_the_step():
-    from areal_like.tasks.environment import as_step_result
-    from areal_like.wire.protocol import encode
-
     r = runner(ScriptedEngine(["a", "b", "c"]), env="agent_envs:NumpyInfo")
     group = asyncio.run(r.run_group(CREDIT))
     encode(group)
@@ -340,9 +329,6 @@ def test_numpy_values_in_a_steps_info_go_on_the_wire_and_others_are_named_at_the
 
 
 def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():
-    from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
-    from trainer.samples import sample_rows
-
     t = Trajectory.of(prompt_ids=as_i32([1, 2]), output_ids=as_i32([3, 4, 5]),
                       behav_logp=as_f32([-0.5, 0.0, -0.5]), versions=as_i32([0, 0, 0]),
                       loss_mask=as_i32([1, 0, 1]), reward=1.0, finish_reason="stop",

@@ -57,18 +57,14 @@ def test_an_sglang_lora_job_gets_its_adapter_as_a_directory_on_any_gpu_of_the_tr
     for gpus in ("1", "2"):
         cfg = with_weight_path(load_config([*lora, f"launch.gpus_per_node={gpus}"]))
         assert cfg.trainer.weight_sync.path == "disk", gpus
-    with pytest.raises(ConfigError,
-                       match=r"^trainer\.lora\.rank > 0 with rollout\.engine\.kind=sglang and "
-                             r"launch\.nodes=2"):
-        place_nodes(load_config([*lora, "launch.gpus_per_node=2", "launch.nodes=2",
-                                 "buffer.address=tcp://10.0.0.1:5555",
-                                 "buffer.pub_address=tcp://10.0.0.1:5556",
-                                 "trainer.weight_sync.master_addr=10.0.0.1"]))
-    with pytest.raises(ConfigError,
-                       match=r"^trainer\.lora\.rank > 0 with rollout\.engine\.kind=sglang and "
-                             r"launch\.nodes=2"):
-        # CPU too
-        place_nodes(load_config(["topology=cpu_sglang", "trainer.lora.rank=8", "launch.nodes=2"]))
+    for two_nodes in ([*lora, "launch.gpus_per_node=2", "launch.nodes=2",
+                       "buffer.address=tcp://10.0.0.1:5555",
+                       "buffer.pub_address=tcp://10.0.0.1:5556",
+                       "trainer.weight_sync.master_addr=10.0.0.1"],
+                      ["topology=cpu_sglang", "trainer.lora.rank=8", "launch.nodes=2"]):  # CPU too
+        with pytest.raises(ConfigError, match=r"^trainer\.lora\.rank > 0 with rollout\.engine\."
+                                              r"kind=sglang and launch\.nodes=2"):
+            place_nodes(load_config(two_nodes))
     embedded = with_weight_path(load_config(["topology=gpu_embedded", "trainer.lora.rank=8",
                                              "launch.gpus_per_node=1",
                                              "trainer.weight_sync.backend=gloo",

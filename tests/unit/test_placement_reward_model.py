@@ -31,8 +31,7 @@ def _specs(*overrides: str) -> dict:
 
 def _device(spec) -> str | None:
     """The reward model's device the rollout server reads: its config with its slot's overrides."""
-    argv = spec.argv
-    given = [a for a in argv if a.startswith("task.reward_model.device=")]
+    given = [a for a in spec.argv if a.startswith("task.reward_model.device=")]
     return given[-1].split("=", 1)[1] if given else None
 
 
@@ -86,8 +85,8 @@ def test_a_cpu_device_or_a_cpu_topology_takes_no_gpu():
     cpu = _specs("topology=gpu_sglang", "launch.gpus_per_node=8", "launch.trainer_ranks=4",
                  "launch.num_rollout_servers=2", "rollout.engine.tp_size=2", RM,
                  "task.reward_model.device=cpu")
-    assert cpu["rollout-0"].env["CUDA_VISIBLE_DEVICES"] == "4,5" and _device(cpu["rollout-0"]) \
-        is None
+    assert cpu["rollout-0"].env["CUDA_VISIBLE_DEVICES"] == "4,5"
+    assert _device(cpu["rollout-0"]) is None
     laptop = _specs("launch.num_rollout_servers=2", "launch.trainer_ranks=1", RM)
     assert all("CUDA_VISIBLE_DEVICES" not in s.env for s in laptop.values())
     assert _device(laptop["rollout-0"]) is None

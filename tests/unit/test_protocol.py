@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 import math
+import pickle
 import random
 import sys
 import typing
+import weakref
 
 import msgpack
 import msgspec
@@ -228,26 +232,26 @@ def test_trajectory_of_converts_array_likes_to_the_wire_dtypes():
     assert back.prompt_ids.tolist() == [0, 0] and back.prompt_ids.dtype == np.int32
 
 
-def test_equal_dtypes_are_taken_without_a_copy_and_2d_arrays_are_refused():
-    import pickle
-
+def test_equal_dtypes_are_taken_without_a_copy():
     # equal, not the same object
     equal_dtype = np.arange(5, dtype=pickle.loads(pickle.dumps(np.dtype("<i4"))))
     traj = make_traj(prompt_ids=as_i32([1]), output_ids=equal_dtype, behav_logp=as_f32(np.zeros(5)),
                      versions=as_i32(np.zeros(5)))
     assert len(traj.output_ids) == 5 and np.shares_memory(traj.output_ids, equal_dtype)  # no copy
-    with pytest.raises(P.ProtocolError) as info:  # Trajectory.of refuses it, naming the field
-        make_traj(prompt_ids=np.zeros((2, 3), dtype=np.int32))
-    assert info.value.field == "prompt_ids" and "1-D" in str(info.value)
 
 
 @pytest.mark.parametrize("field,value,says", [
     ("output_ids", ["a", "b", "c", "d", "e"], "expected integers"),  # a str array
     ("output_ids", 7, "1-D"), ("prompt_ids", np.array(5), "1-D"),
+    ("prompt_ids", np.zeros((2, 3), dtype=np.int32), "1-D"),
     ("prompt_ids", b"\1\0\0\0", "raw bytes"), ("output_ids", np.arange(5) + 2**40, "outside <i4"),
     ("output_ids", np.arange(5) + 0.5, "whole numbers"),
     ("versions", np.full(5, np.nan), "whole numbers"),
     ("versions", np.ones(5, dtype=bool), "expected integers"),
+    # an environment's NaN or non-real reward fails its episode when built
+    *(("reward", bad, "expected float") for bad in ("1.0", True, np.bool_(True), None)),
+    *(("reward", bad, "finite")
+      for bad in (10**400, np.float64("nan"), math.nan, math.inf, -math.inf)),
 ])
 def test_trajectory_of_refuses_what_it_cannot_convert_naming_the_field(field, value, says):
     with pytest.raises(P.ProtocolError) as info:
@@ -255,10 +259,7 @@ def test_trajectory_of_refuses_what_it_cannot_convert_naming_the_field(field, va
     assert info.value.field == field and says in str(info.value)
 
 
-def test_a_trajectory_pickles_copies_and_its_arrays_are_views_of_the_frame():
-    import copy
-    import pickle
-
+def test_a_decoded_trajectory_pickles_and_a_built_one_deep_copies():
     frame = P.encode(make_group())
     traj = P.decode(frame).trajectories[0]
     back = pickle.loads(pickle.dumps(traj))
@@ -270,8 +271,6 @@ def test_a_trajectory_pickles_copies_and_its_arrays_are_views_of_the_frame():
             and twin.metadata is not built.metadata)
     assert "output_ids=array([10, 11, 12, 13, 14]" in repr(built)  # not the wire triples
     assert back.n_tokens == 5 and back.head_version == 7
-    ids = traj.output_ids
-    assert ids.base.obj is frame and not ids.flags.writeable  # a view of the frame, no copy
 
 
 def test_encode_into_writes_the_same_frame_into_a_kept_buffer():
@@ -357,6 +356,8 @@ def test_optional_fields_may_be_missing(msg, name, default):
     (("trajectories",), {"a": 1}, "trajectories"),
     (("trajectories", 0), [1, 2], "trajectories[0]"),
     (("trajectories", 0, "reward"), "1.0", "trajectories[0].reward"),
+    *((("trajectories", 1, "reward"), bad, "trajectories[1].reward")
+      for bad in (math.nan, math.inf, -math.inf)),  # not finite
     (("trajectories", 0, "metadata"), [1], "trajectories[0].metadata"),
     # list, not bytes
     (("trajectories", 0, "output_ids"), [10, 11, 12, 13, 14], "trajectories[0].output_ids"),
@@ -377,27 +378,6 @@ def test_rejects_wrongly_typed_field(path, bad, expect):
     assert reject(wire).field == expect
 
 
-@pytest.mark.parametrize("reward", [math.nan, math.inf, -math.inf])
-def test_rejects_non_finite_reward(reward):
-    wire = wire_of(make_group())
-    wire["trajectories"][1]["reward"] = reward
-    err = reject(wire)
-    assert err.field == "trajectories[1].reward" and "finite" in str(err)
-
-
-@pytest.mark.parametrize("reward,says", [
-    ("1.0", "expected float"), (True, "expected float"), (np.bool_(True), "expected float"),
-    (None, "expected float"), (10**400, "finite"), (np.float64("nan"), "finite"),
-    (math.nan, "finite"), (math.inf, "finite"), (-math.inf, "finite")],
-                         ids=["str", "bool", "np.bool_", "None", "10**400", "np.nan", "nan", "inf",
-                              "-inf"])
-def test_trajectory_of_refuses_a_reward_that_is_no_finite_number(reward, says):
-    """An environment's NaN or non-real reward fails its episode when built, naming it."""
-    with pytest.raises(P.ProtocolError) as info:
-        make_traj(reward=reward)
-    assert info.value.field == "reward" and says in str(info.value)
-
-
 @pytest.mark.parametrize("reward", [np.float32(0.5), np.float64(0.5), np.int64(2), 2, 0.5],
                          ids=["np.float32", "np.float64", "np.int64", "int", "float"])
 def test_trajectory_of_takes_any_finite_real_reward_as_a_float(reward):
@@ -411,10 +391,7 @@ def test_trajectory_of_takes_any_finite_real_reward_as_a_float(reward):
 @pytest.mark.parametrize("name", ["behav_logp", "versions"])
 def test_rejects_array_length_mismatch(name):
     wire = wire_of(make_group(t=5))
-    short = make_traj(t=4)
-    wire["trajectories"][0][name] = msgpack.unpackb(P.encode(P.TrajectoryGroup(
-        group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0, trajectories=[short])))[
-        "trajectories"][0][name]
+    wire["trajectories"][0][name] = wire_of(make_group(t=4))["trajectories"][0][name]
     err = reject(wire)
     assert err.field == f"trajectories[0].{name}" and "output_ids" in str(err)
     with pytest.raises(P.ProtocolError) as info:  # and the sender cannot build it either
@@ -635,9 +612,6 @@ def test_deep_nesting_raises_only_protocol_error(protocol, open_byte):
 
 
 def test_no_finalizer_runs_inside_a_deep_decode(monkeypatch):
-    import gc
-    import weakref
-
     class Garbage:
         pass
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from areal_like.wire.protocol import TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
-from buffer.replay_buffer import ReplayBuffer, StoredGroup
+from buffer.replay_buffer import ReplayBuffer
 from buffer.staleness import StalenessPolicy
 
 
@@ -23,12 +23,6 @@ def make_group(gid: str, head: int, rewards=(0.0, 1.0), tokens: int = 4) -> Traj
                         reward=float(r), finish_reason="stop") for i, r in enumerate(rewards)]
     return TrajectoryGroup(group_id=gid, server_id="s", lease_id=gid, prompt_index=0, epoch=0,
                            trajectories=trajs)
-
-
-def take_batch(buf: ReplayBuffer, n: int, version: int,
-               max_bytes: int = 0) -> list[StoredGroup] | None:
-    """The groups of ``take_stored`` (what the hand-out reads back and sends)."""
-    return buf.take_stored(n, version, max_bytes)
 
 
 def make_buffer(eta=1, selection="oldest", capacity=100, **kw) -> ReplayBuffer:
@@ -44,17 +38,17 @@ def test_selection_order(selection, expected):
     buf = make_buffer(eta=5, selection=selection)
     for gid, head in [("a", 3), ("b", 1), ("c", 2), ("d", 1)]:
         buf.add(make_group(gid, head))
-    assert [g.group_id for g in take_batch(buf, 4, 3)] == expected
+    assert [g.group_id for g in buf.take_stored(4, 3)] == expected
     assert len(buf) == 0 and buf.nbytes == 0
 
 
-def test_take_batch_is_exactly_n_or_nothing():
+def test_take_stored_is_exactly_n_or_nothing():
     buf = make_buffer()
     for i in range(3):
         buf.add(make_group(f"g{i}", 0), nbytes=10)
-    assert take_batch(buf, 4, 0) is None and len(buf) == 3  # nothing removed
-    assert len(take_batch(buf, 2, 0)) == 2 and len(buf) == 1 and buf.nbytes == 10
-    assert take_batch(buf, 0, 0) is None
+    assert buf.take_stored(4, 0) is None and len(buf) == 3  # nothing removed
+    assert len(buf.take_stored(2, 0)) == 2 and len(buf) == 1 and buf.nbytes == 10
+    assert buf.take_stored(0, 0) is None
 
 
 def test_stale_group_is_never_returned():
@@ -62,8 +56,8 @@ def test_stale_group_is_never_returned():
     for gid, head in [("old", 0), ("mid", 1), ("new", 2)]:
         buf.add(make_group(gid, head))
     assert buf.n_fresh(2) == 2
-    assert take_batch(buf, 3, 2) is None  # 3 groups stored, only 2 fresh at v = 2
-    assert {g.group_id for g in take_batch(buf, 2, 2)} == {"mid", "new"}
+    assert buf.take_stored(3, 2) is None  # 3 groups stored, only 2 fresh at v = 2
+    assert {g.group_id for g in buf.take_stored(2, 2)} == {"mid", "new"}
     assert [g.group_id for g in buf.drop_stale(2)] == ["old"] and len(buf) == 0
 
 
@@ -80,7 +74,7 @@ def test_invariant_under_random_operations(ops, eta, selection):
             stored.add(f"g{i}")
         elif op == "take":
             version += x % 2  # the trainer sometimes moved on
-            batch = take_batch(buf, n, version)
+            batch = buf.take_stored(n, version)
             if batch is not None:
                 assert len(batch) == n
                 assert all(version - g.head_version <= eta for g in batch)
@@ -108,9 +102,9 @@ def test_capacity_counts_in_flight_and_add_dedupes():
     assert len(buf) == 1 and buf.free_slots(in_flight=3) == 0 and buf.free_slots(in_flight=9) == 0
 
 
-def test_take_batch_refuses_a_batch_over_the_frame_budget():
+def test_take_stored_refuses_a_batch_over_the_frame_budget():
     buf = make_buffer()
     for i in range(3):
         buf.add(make_group(f"g{i}", 0), nbytes=100)
-    assert take_batch(buf, 3, 0, max_bytes=250) is None and len(buf) == 3
-    assert len(take_batch(buf, 2, 0, max_bytes=250)) == 2
+    assert buf.take_stored(3, 0, max_bytes=250) is None and len(buf) == 3
+    assert len(buf.take_stored(2, 0, max_bytes=250)) == 2

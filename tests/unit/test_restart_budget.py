@@ -19,6 +19,7 @@ def test_crashes_in_a_burst_use_up_the_budget_with_doubling_backoff():
     assert waits == [1.0, 2.0, 4.0]
     assert b.backoff(7.0) == 5.0  # capped
     assert not b.allow(7.0)  # a 4th crash within 100 s ends the job
+    assert not RestartBudget(0).allow(0.0)  # zero restarts allows none
 
 
 def test_crashes_spread_over_time_never_run_out():
@@ -31,10 +32,6 @@ def test_crashes_spread_over_time_never_run_out():
     assert b.recent(5000.0) == 0 and b.backoff(5000.0) == 1.0 and b.allow(5000.0)
     assert b.allow(5001.0) and b.allow(5002.0) and not b.allow(5003.0)
     assert b.allow(5100.5)  # the crash at 5000 left the window; those at 5001 and 5002 still count
-
-
-def test_zero_restarts_allows_none():
-    assert not RestartBudget(0).allow(0.0)
 
 
 @pytest.mark.parametrize("kw,key", [({"restart_window_s": 0}, "launch.restart_window_s"),

@@ -5,9 +5,12 @@ for mixtures whose layers are not all sparse (``decoder_sparse_step``, ``mlp_onl
 from __future__ import annotations
 
 import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from areal_like.job_facts import model_routes
 from areal_like.settings.config import ModelConfig, RunConfig, TrainerConfig
+from areal_like.weights.routing import route_shape
 
 
 @pytest.mark.parametrize("family,extra", [
@@ -16,11 +19,6 @@ from areal_like.settings.config import ModelConfig, RunConfig, TrainerConfig
     ("qwen2_moe", {"num_hidden_layers": 3, "mlp_only_layers": [1]}),
 ])
 def test_the_buffers_route_facts_are_the_trainers_route_shape(tmp_path, family, extra):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from areal_like.weights.routing import route_shape
-
     config = AutoConfig.for_model(family, vocab_size=104, hidden_size=32, intermediate_size=64,
                                   num_attention_heads=2, num_key_value_heads=1, num_experts=6,
                                   num_experts_per_tok=2, moe_intermediate_size=16,

@@ -8,17 +8,19 @@ import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
+from areal_like.settings.config import ConfigError, load_config
 from areal_like.weights.routing import recording, replaying, route_shape
-from tests.families import family_config
+from launch.preflight import check_routing_replay
+from tests.families import family_config, save_family
 from trainer.data import TrainBatch
 from trainer.model import attach_logprobs
 from trainer.step import output_logp
 
 
 def _router(norm: bool):
-    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
-
     cfg = family_config("qwen3_moe")
     cfg.norm_topk_prob = norm
     router = Qwen3MoeTopKRouter(cfg)
@@ -57,8 +59,6 @@ def test_router_replays_the_given_experts(norm, expected):
 
 
 def _moe():
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(0)
     cfg = family_config("qwen3_moe")
     cfg.norm_topk_prob = True
@@ -130,18 +130,12 @@ def test_routes_that_do_not_match_the_forward_are_refused():
 
 
 def test_a_dense_model_has_no_routes():
-    from transformers import AutoModelForCausalLM
-
     dense = AutoModelForCausalLM.from_config(family_config("qwen3"))
     with pytest.raises(ValueError, match="no mixture-of-experts router"):
         route_shape(dense)
 
 
 def test_the_switch_is_refused_before_start_where_it_cannot_work(tmp_path):
-    from areal_like.settings.config import load_config
-    from launch.preflight import check_routing_replay
-    from tests.families import save_family
-
     def why(*keys: str) -> str:
         return " ".join(check_routing_replay(load_config(list(keys))))
 
@@ -166,7 +160,5 @@ def test_the_switch_is_refused_before_start_where_it_cannot_work(tmp_path):
 @pytest.mark.parametrize("other", ["trainer.activation_checkpointing=true",
                                    "trainer.compile_blocks=true"])
 def test_the_switch_is_refused_with_recomputed_or_compiled_blocks(other):
-    from areal_like.settings.config import ConfigError, load_config
-
     with pytest.raises(ConfigError, match="trainer.routing_replay=True is invalid"):
         load_config(["trainer.routing_replay=true", other])

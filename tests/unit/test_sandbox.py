@@ -11,13 +11,16 @@ import os
 from pathlib import Path
 
 import psutil
+import pytest
 
-from areal_like.net.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
+from areal_like.net.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV, SECRET_NAME
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import TaskConfig, load_config
 from areal_like.tasks.task import Example
 from benchmarks.sandbox_call import SandboxResult, run_sandboxed
+from rollout_server.__main__ import private_dirs
 from rollout_server.reward_pool import RewardPool
+from rollout_server.reward_worker import SECRET_NAME as WORKER_SECRET_NAME  # a stdlib-only copy
 from rollout_server.sandbox import SandboxLimits
 
 LIMITS = SandboxLimits(timeout_s=5.0, memory_mb=512)
@@ -34,34 +37,23 @@ def test_a_call_returns_its_json_result_and_leaves_no_process():
     assert my_children() == before
 
 
-def test_crash_is_reported_with_the_signal():
-    got = run_sandboxed("reward_fns:segfault", (), LIMITS)
-    assert (got.ok, got.kind, got.reason) == (False, "died", "worker died: signal 11")
+SHORT = SandboxLimits(timeout_s=1.0, memory_mb=512)
 
 
-def test_an_exception_is_an_error_with_its_reason():
-    got = run_sandboxed("reward_fns:behave", ("crash", None), LIMITS)
-    assert (got.kind, got.reason) == ("error", "ZeroDivisionError: division by zero on purpose")
-
-
-def test_hang_is_killed_at_the_deadline():
+@pytest.mark.parametrize("fn,args,limits,kind,reason", [
+    ("segfault", (), LIMITS, "died", "worker died: signal 11"),
+    ("behave", ("crash", None), LIMITS, "error", "ZeroDivisionError: division by zero on purpose"),
+    ("behave", ("hang", None), SHORT, "timeout", "timeout after 1.0s"),  # killed by PID, reaped
+    ("fork_bomb", (64,), LIMITS, "error", "BlockingIOError"),  # the very first fork is refused
+    ("spin_forks", (), SHORT, "timeout", "timeout"),  # ignores the refusals
+    ("behave", ("hog", None), SandboxLimits(timeout_s=5.0, memory_mb=256), "memory", "MemoryError"),
+    ("no_such_function", (), LIMITS, "start", "no_such_function"),
+])
+def test_each_failure_kind_is_reported_with_its_reason_and_leaves_no_process(fn, args, limits,
+                                                                             kind, reason):
     before = my_children()
-    got = run_sandboxed("reward_fns:behave", ("hang", None),
-                        SandboxLimits(timeout_s=1.0, memory_mb=512))
-    assert (got.kind, got.reason) == ("timeout", "timeout after 1.0s")
-    assert my_children() == before  # killed by PID and reaped
-
-
-def test_fork_bomb_cannot_fork():
-    got = run_sandboxed("reward_fns:fork_bomb", (64,), LIMITS)
-    # the very first fork is refused
-    assert got.kind == "error" and got.reason.startswith("BlockingIOError"), got
-
-
-def test_fork_bomb_that_ignores_refusals_is_killed_at_the_deadline():
-    before = my_children()
-    got = run_sandboxed("reward_fns:spin_forks", (), SandboxLimits(timeout_s=1.0, memory_mb=512))
-    assert got.kind == "timeout"
+    got = run_sandboxed(f"reward_fns:{fn}", args, limits)
+    assert (got.ok, got.kind) == (False, kind) and reason in got.reason, got
     assert my_children() == before
 
 
@@ -70,32 +62,19 @@ def test_allowed_processes_are_allowed():
                                                                      processes=2)).value == 2
 
 
-def test_memory_hog_gets_memory_error():
-    got = run_sandboxed("reward_fns:behave", ("hog", None),
-                        SandboxLimits(timeout_s=5.0, memory_mb=256))
-    assert (got.kind, got.reason) == ("memory", "MemoryError")
-
-
 def test_the_call_runs_confined_and_without_secrets(monkeypatch):
-    for name in (ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD",
-                 "MY_SECRET"):
+    secrets = {ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD",
+               "MY_SECRET"}
+    for name in secrets:
         monkeypatch.setenv(name, "s3cret")
     got = run_sandboxed("reward_fns:identity", (), LIMITS)
-    assert got.ok, got
-    assert not {ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "DB_PASSWORD",
-                "MY_SECRET"} \
-        & set(got.value["env"])
+    assert got.ok and not secrets & set(got.value["env"]), got
     assert got.value["memory"] == 512 * 2**20
     # root drops to a uid of its own, where RLIMIT_NPROC binds: itself and nothing else
     if os.geteuid() == 0:
         assert got.value["uid"] != 0 and got.value["nproc"] == 1
     else:
         assert got.value["nproc"] >= 1
-
-
-def test_a_function_that_cannot_be_loaded_is_a_start_failure():
-    got = run_sandboxed("reward_fns:no_such_function", (), LIMITS)
-    assert got.kind == "start" and "no_such_function" in got.reason
 
 
 def test_reward_pool_scores_a_fork_bomb_as_failed_and_counts_it():
@@ -115,9 +94,6 @@ def test_reward_pool_scores_a_fork_bomb_as_failed_and_counts_it():
 
 
 def test_the_worker_scrubs_what_the_job_calls_secret():
-    from areal_like.net.auth import SECRET_NAME
-    from rollout_server.reward_worker import SECRET_NAME as WORKER_SECRET_NAME  # a stdlib-only copy
-
     assert (WORKER_SECRET_NAME.pattern == SECRET_NAME.pattern
             and WORKER_SECRET_NAME.flags == SECRET_NAME.flags)
 
@@ -126,8 +102,6 @@ def test_the_run_directorys_own_keys_are_hidden_beside_a_copy_elsewhere(tmp_path
     """A node given a copy of the keys (``security.keys_dir``) on a shared run directory: the run
     directory's ``keys/`` holds the trainer's secret key too, and reward code must not read it
     (before: only the copy was hidden)."""
-    from rollout_server.__main__ import private_dirs
-
     cfg = load_config([f"run_dir={tmp_path / 'run'}", f"security.keys_dir={tmp_path / 'copy'}"])
     dirs = {Path(d) for d in private_dirs(cfg)}
     assert {tmp_path / "copy", tmp_path / "run" / "keys", tmp_path / "run" / "secrets"} <= dirs

@@ -11,6 +11,7 @@ import pytest
 import zmq
 
 from areal_like.net import security
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, engine_api_key, ensure_key_file
 from areal_like.settings.config import RunConfig, SecurityConfig
 
 
@@ -77,8 +78,6 @@ def test_a_secret_key_file_others_may_read_is_refused_naming_the_fix(tmp_path, m
     """As ssh refuses a private key that others may read (a plain ``scp`` leaves a copy 0644): a
     CURVE secret key or the engine API key's file with any group/other bit is refused, naming the
     file and ``chmod 600``; a public key is not checked, and make_keys refuses to keep one."""
-    from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, engine_api_key, ensure_key_file
-
     monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
     keys = tmp_path / "keys"
     security.make_keys(keys)

@@ -16,7 +16,7 @@ import pytest
 from areal_like.settings.config import ConfigError, load_config
 from launch.job import plan_job
 from launch.placement import place_node
-from launch.srun import cpu_mask, head_ip, node_cores, physical_cores, slurm_steps
+from launch.srun import after, cpu_mask, head_ip, node_cores, physical_cores, slurm_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,21 +71,16 @@ def test_an_address_with_an_alias_label_is_its_interfaces(monkeypatch):
     assert head_ip("eth2") == "10.9.0.4"
 
 
-def test_head_ip_on_the_real_loopback():
-    assert head_ip("lo") == "127.0.0.1"
-
-
 def test_the_sbatch_command_line_prints_the_address_or_one_error_line():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ok = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip", "lo"],
-                        capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    """On the real loopback: the address, or one line naming the interfaces there are."""
+    def head_ip_cli(*iface: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "launch.srun", "head-ip", *iface],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ok, bad, typo = head_ip_cli("lo"), head_ip_cli(), head_ip_cli("lo7")
     assert (ok.returncode, ok.stdout) == (0, "127.0.0.1\n")
-    bad = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip"],
-                         capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert (bad.returncode == 2 and bad.stdout == ""
             and bad.stderr.startswith("error: no interface given"))
-    typo = subprocess.run([sys.executable, "-m", "launch.srun", "head-ip", "lo7"],
-                          capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
     assert (typo.returncode == 2 and typo.stdout == ""
             and typo.stderr.startswith("error: interface 'lo7' is not an interface of this node; "
                                        "interfaces with an IPv4 address here: lo=127.0.0.1")
@@ -125,20 +120,17 @@ def test_hyperthreads_stay_with_their_core_and_blocks_follow_sockets():
 
 def _cfg(nodes: int, tp: int, *extra: str):
     """What `areal-like config` prints for the sbatch's overrides: laid out (plan_job)."""
-    return plan_job(_user_cfg(nodes, tp, *extra))[0]
-
-
-def _user_cfg(nodes: int, tp: int, *extra: str):
     gpus = 4
     trainer, servers = (2, (gpus - 2) // tp) if nodes == 1 else (gpus, gpus // tp)
-    return load_config(["topology=gpu_sglang", "run_dir=/shared/run",
-                        f"launch.nodes={nodes}", f"launch.train_nodes={max(1, nodes - 1)}",
-                        f"launch.gpus_per_node={gpus}", f"launch.trainer_ranks={trainer}",
-                        f"launch.num_rollout_servers={servers}", f"rollout.engine.tp_size={tp}",
-                        "buffer.address=tcp://10.1.2.3:5555",
-                        "buffer.pub_address=tcp://10.1.2.3:5556",
-                        "trainer.weight_sync.master_addr=10.1.2.3", "buffer.metrics_port=9100",
-                        "rollout.metrics_port=9101", "trainer.metrics_port=9200", *extra])
+    laid_out, _ = plan_job(load_config([
+        "topology=gpu_sglang", "run_dir=/shared/run", f"launch.nodes={nodes}",
+        f"launch.train_nodes={max(1, nodes - 1)}", f"launch.gpus_per_node={gpus}",
+        f"launch.trainer_ranks={trainer}", f"launch.num_rollout_servers={servers}",
+        f"rollout.engine.tp_size={tp}", "buffer.address=tcp://10.1.2.3:5555",
+        "buffer.pub_address=tcp://10.1.2.3:5556", "trainer.weight_sync.master_addr=10.1.2.3",
+        "buffer.metrics_port=9100", "rollout.metrics_port=9101", "trainer.metrics_port=9200",
+        *extra]))
+    return laid_out
 
 
 def _steps(nodes: int, tp: int):
@@ -249,19 +241,18 @@ def test_steps_refuse_what_a_slurm_job_cannot_run():
 
 def test_with_restarts_restarts_a_failing_command_then_gives_up(tmp_path):
     count = tmp_path / "count"
-    r = subprocess.run(["bash", str(ROOT / "launch/slurm/with_restarts.sh"), "2", "bash", "-c",
-                        f"echo run >> {count}; exit 3"], capture_output=True, text=True, timeout=60,
-                       env={**os.environ, "RESTART_BACKOFF_S": "0"})
+
+    def with_restarts(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(ROOT / "launch/slurm/with_restarts.sh"), "2", *command],
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "RESTART_BACKOFF_S": "0"})
+    r = with_restarts("bash", "-c", f"echo run >> {count}; exit 3")
     assert r.returncode == 3 and count.read_text() == "run\n" * 3
     assert "restart 2/2" in r.stderr and "no restarts left (2)" in r.stderr
-    ok = subprocess.run(["bash", str(ROOT / "launch/slurm/with_restarts.sh"), "2", "true"],
-                        timeout=60)
-    assert ok.returncode == 0
+    assert with_restarts("true").returncode == 0
     # exit 2: the daemon refused its settings (the local supervisor's REFUSED_EXIT), not restarted
     count.unlink()
-    refused = subprocess.run(["bash", str(ROOT / "launch/slurm/with_restarts.sh"), "2", "bash",
-                              "-c", f"echo run >> {count}; exit 2"], capture_output=True,
-                             text=True, timeout=60, env={**os.environ, "RESTART_BACKOFF_S": "0"})
+    refused = with_restarts("bash", "-c", f"echo run >> {count}; exit 2")
     assert refused.returncode == 2 and count.read_text() == "run\n"
     assert "not restarted" in refused.stderr
 
@@ -310,8 +301,6 @@ def test_with_restarts_stops_at_once_on_sigterm_in_the_back_off_and_in_a_run(tmp
 
 @pytest.mark.parametrize("value", ["abc", "-1", "nan", "inf"])
 def test_after_refuses_a_bad_timeout_in_one_line(value, capsys):
-    from launch.srun import after
-
     assert after(["--timeout-s", value, "http://127.0.0.1:1/health", "--", "true"]) == 2
     assert capsys.readouterr().err == (f"error: --timeout-s: {value!r} is not a number of "
                                        "seconds >= 0\n")

@@ -5,6 +5,7 @@ number, which another process may lead by then."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -27,13 +28,6 @@ if os.fork() == 0:
     os._exit(0)
 os._exit(3)
 """
-
-
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def test_a_child_left_in_an_exited_daemons_group_is_killed_before_its_restart(tmp_path):
@@ -63,7 +57,8 @@ def test_a_child_left_in_an_exited_daemons_group_is_killed_before_its_restart(tm
             "the first run's child outlived the job"
     finally:
         if child is not None:
-            _kill(child)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
         for fd in (go_r, go_w, pids_r, pids_w):
             if fd >= 0:
                 os.close(fd)
@@ -74,8 +69,7 @@ def test_stopping_a_daemon_that_exited_long_ago_signals_no_group_by_its_old_numb
     stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
                                 start_new_session=True)
     try:
-        sup = Supervisor([ProcSpec(name="d", argv=["true"])], tmp_path,
-                         echo=lambda _line: None)
+        sup = Supervisor([ProcSpec(name="d", argv=["true"])], tmp_path, echo=lambda _line: None)
         exited = subprocess.Popen(["true"])
         exited.wait()
         exited.pid = stranger.pid  # as if the kernel had recycled the number

@@ -101,30 +101,21 @@ def test_countdown_accepts_any_valid_expression_and_rejects_reuse():
     assert task.reward("(7+5)+3", ex) == 1.0 and task.reward("7+(5+3", ex) == 0.0
 
 
-def test_countdown_parses_instead_of_evaluating():
-    # both use only offered numbers and characters from + - * ( ): eval would compute 9**(8**7)
-    # (millions of digits) or 2**999999; the parser refuses the power operator outright
-    assert countdown_reward("9**8**7", Example("cd 9 8 7 to 15:", "9+8-2")) == 0.0
-    assert countdown_reward("2**999999", Example("cd 2 999999 to 4:", "2*2")) == 0.0
-    assert countdown_reward("2*999999", Example("cd 2 999999 to 1999998:", "2*999999")) == 1.0
-    # unary minus is not an operator here
-    assert countdown_reward("-3+5", Example("cd 3 5 to 2:", "5-3")) == 0.0
-    assert countdown_reward("3" * 41, Example("cd 3 to 3:", "3")) == 0.0  # over the length bound
-
-
-def test_countdown_divides_exactly_and_refuses_what_is_not_arithmetic():
-    ex = Example("cd 8 2 3 to 12:", "8+2*2")
-    assert countdown_reward("8/2*3", ex) == 1.0  # (8/2)*3
-    # 10/3 is not 3: exact, no rounding
-    assert countdown_reward("(8+2)/3", Example("cd 8 2 3 to 3:", "")) == 0.0
-    assert countdown_reward("(3-3)", Example("cd 3 3 to 0:", "")) == 1.0
-    # division by zero scores 0
-    assert countdown_reward("8/(3-3)", Example("cd 8 3 3 to 0:", "")) == 0.0
-    # floor division is not offered
-    assert countdown_reward("8//2", Example("cd 8 2 to 4:", "")) == 0.0
-    assert countdown_reward("9**8**7", Example("cd 9 8 7 to 15:", "9+8-2")) == 0.0
-    # not small
-    assert countdown_reward("1000000000*2", Example("cd 1000000000 2 to 2000000000:", "")) == 0.0
+@pytest.mark.parametrize("expr,prompt,want", [
+    # only offered numbers and + - * ( ): eval would compute 9**(8**7) (millions of digits) or
+    # 2**999999; the parser refuses the power operator outright
+    ("9**8**7", "cd 9 8 7 to 15:", 0.0), ("2**999999", "cd 2 999999 to 4:", 0.0),
+    ("2*999999", "cd 2 999999 to 1999998:", 1.0),
+    ("-3+5", "cd 3 5 to 2:", 0.0),  # unary minus is not an operator here
+    ("3" * 41, "cd 3 to 3:", 0.0),  # over the length bound
+    ("8/2*3", "cd 8 2 3 to 12:", 1.0),  # (8/2)*3
+    ("(8+2)/3", "cd 8 2 3 to 3:", 0.0),  # 10/3 is not 3: exact, no rounding
+    ("(3-3)", "cd 3 3 to 0:", 1.0), ("8/(3-3)", "cd 8 3 3 to 0:", 0.0),  # division by zero
+    ("8//2", "cd 8 2 to 4:", 0.0),  # floor division is not offered
+    ("1000000000*2", "cd 1000000000 2 to 2000000000:", 0.0),  # not small
+])
+def test_countdown_parses_divides_exactly_and_refuses_what_is_not_arithmetic(expr, prompt, want):
+    assert countdown_reward(expr, Example(prompt, "")) == want
 
 
 def test_dataset_task_and_math_reward(tmp_path):

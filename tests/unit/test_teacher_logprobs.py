@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import http.server
 import json
 import re
+import threading
 import urllib.error
 import urllib.request
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from areal_like.net.metrics import Metrics
-from areal_like.settings.config import EngineConfig, ModelConfig
+from areal_like.settings.config import ConfigError, EngineConfig, ModelConfig, load_config
 from areal_like.settings.distill_schema import DistillConfig
+from areal_like.tasks.datasets import Example
+from launch.preflight import PreflightError, checked
+from launch.topology import teacher_overrides
 from rollout_server.engine import EmbeddedEngine
-from rollout_server.teacher import Teacher, TeacherError, tokenizer_problem
+from rollout_server.teacher import Teacher, TeacherError, teacher_for, teachers, tokenizer_problem
 from tests.conftest import run_cli
 from tests.engine_kit import model_config, save_model
 
@@ -31,8 +37,6 @@ def teacher_dir(tmp_path_factory):
 
 def direct(teacher_dir) -> list[list[float]]:
     """log_softmax(logits)[token] of each output token, from one plain transformers forward."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     out = []
     for o in OUTPUTS:
@@ -53,9 +57,15 @@ def ask(teacher: Teacher, masks=None) -> list:
     return asyncio.run(go())
 
 
-def test_a_keyed_teacher_engine_equals_a_direct_forward(teacher_dir):
-    """As the job's teacher process: an engine that requires the job's key."""
-    key = "k" * 32
+def assert_direct(got, want) -> None:
+    assert [len(a) for a in got] == [len(b) for b in want]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("key", [None, "k" * 32], ids=["url", "keyed"])
+def test_a_teacher_engine_over_http_equals_a_direct_forward(teacher_dir, key):
+    """keyed: as the job's teacher process, an engine that requires the job's key."""
     engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig(), api_key=key).start()
     try:
         teacher = Teacher(DistillConfig(teachers=[engine.url]), engine.url, api_key=key)
@@ -66,47 +76,28 @@ def test_a_keyed_teacher_engine_equals_a_direct_forward(teacher_dir):
         assert asyncio.run(teacher.group_logprobs(PROMPT, [[], []], [[], []])) == [[], []]
     finally:
         engine.stop()
-    want = direct(teacher_dir)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=0, atol=1e-5)
+    assert_direct(got, direct(teacher_dir))
     assert masked[0][1] == 0.0 and masked[2] == [0.0] and masked[0][2] == got[0][2]
 
 
-def test_a_url_teacher_over_http_equals_a_direct_forward(teacher_dir):
-    engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig()).start()
-    try:
-        got = ask(Teacher(DistillConfig(teachers=[engine.url]), engine.url))
-    finally:
-        engine.stop()
-    for g, w in zip(got, direct(teacher_dir)):
-        torch.testing.assert_close(torch.tensor(g), torch.tensor(w), rtol=0, atol=1e-5)
-
-
-def test_the_engine_refuses_input_logprobs_of_a_request_that_generates(teacher_dir):
-    engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig()).start()
-    body = {"input_ids": PROMPT, "sampling_params": {"max_new_tokens": 2},
-            "return_logprob": True, "logprob_start_len": 1}
-    req = urllib.request.Request(engine.url + "/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(req, timeout=60)
-        assert info.value.code == 400 and "max_new_tokens=0" in info.value.read().decode()
-    finally:
-        engine.stop()
-
-
 def test_the_engine_answers_input_logprobs_as_sglang_does(teacher_dir):
-    """input_token_logprobs from logprob_start_len s: one per token from s, None for s."""
+    """input_token_logprobs from logprob_start_len s: one per token from s, None for s; only for
+    a request that generates nothing."""
     engine = EmbeddedEngine(model_config(teacher_dir), EngineConfig()).start()
     ids = PROMPT + OUTPUTS[0]
-    body = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
-            "return_logprob": True, "logprob_start_len": 2}
-    req = urllib.request.Request(engine.url + "/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    try:
+
+    def post(max_new_tokens: int):
+        body = {"input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens},
+                "return_logprob": True, "logprob_start_len": 2}
+        req = urllib.request.Request(engine.url + "/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
-            entries = json.loads(r.read())["meta_info"]["input_token_logprobs"]
+            return json.loads(r.read())["meta_info"]["input_token_logprobs"]
+    try:
+        entries = post(0)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            post(2)
+        assert info.value.code == 400 and "max_new_tokens=0" in info.value.read().decode()
     finally:
         engine.stop()
     assert [e[1] for e in entries] == ids[2:] and entries[0][0] is None
@@ -129,10 +120,6 @@ def test_a_failing_teacher_is_counted_and_its_policy_applied(teacher_dir, free_p
 
 
 def test_a_teacher_that_answers_a_log_prob_that_is_not_finite_has_failed():
-    """A teacher answering NaN or -Infinity has failed (counted, its policy applied)."""
-    import http.server
-    import threading
-
     class NotFinite(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -196,17 +183,11 @@ T1 = "task.temperature=1.0"  # the teacher's log-probs are at temperature 1: so 
     (["distill.teachers=[http://127.0.0.1:1]", T1, "task.top_p=0.9"], "task.top_p=0.9 is invalid"),
     (["distill.teachers=[http://127.0.0.1:1]", T1, "task.top_k=5"], "task.top_k=5 is invalid")])
 def test_a_teacher_the_student_cannot_be_compared_with_is_refused_at_load(overrides, why):
-    from areal_like.settings.config import ConfigError, load_config
-
     with pytest.raises(ConfigError, match=re.escape(why)):
         load_config(overrides)
 
 
 def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_dir):
-    """Preflight refuses another tokenizer; plan shows the teacher process (a URL: none)."""
-    from areal_like.settings.config import load_config
-    from launch.preflight import PreflightError, checked
-
     checked(load_config([f"distill.teachers=[{teacher_dir}]", T1]))
     with pytest.raises(PreflightError, match=f"the teacher '{teacher_dir}' has another tokenizer "
                        "than the student's model.tokenizer='bpe'"):
@@ -231,10 +212,6 @@ def test_preflight_refuses_another_tokenizer_and_plan_shows_the_teacher(teacher_
 
 
 def test_several_teachers_route_by_the_rows_task(teacher_dir, tmp_path):
-    """Rows go to the teacher listing their task (unlisted: the empty list's)."""
-    from areal_like.tasks.datasets import Example
-    from rollout_server.teacher import teacher_for, teachers
-
     other = save_model(tmp_path / "other", init_seed=4)
     engines = [EmbeddedEngine(model_config(d), EngineConfig()).start()
                for d in (teacher_dir, other)]
@@ -251,9 +228,7 @@ def test_several_teachers_route_by_the_rows_task(teacher_dir, tmp_path):
         for e in engines:
             e.stop()
     for g, want in zip(got, (direct(teacher_dir), direct(other))):
-        assert [len(a) for a in g] == [len(b) for b in want]
-        for a, b in zip(g, want):
-            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
+        assert_direct(g, want)
     assert got[0] != got[1]
 
 
@@ -262,17 +237,12 @@ def test_several_teachers_route_by_the_rows_task(teacher_dir, tmp_path):
     ([["a"], ["a"]], "a task taught by one teacher only"),
     ([[], []], "at most one empty list")])
 def test_teacher_tasks_that_route_a_task_twice_or_not_per_teacher_are_refused(tasks, why):
-    from areal_like.settings.config import ConfigError
-
     with pytest.raises(ConfigError, match=re.escape(why)):
         DistillConfig(teachers=["http://127.0.0.1:1", "http://127.0.0.1:2"], teacher_tasks=tasks)
 
 
 def test_a_task_no_teacher_scores_is_refused_before_start_and_plan_shows_each(teacher_dir,
                                                                              tmp_path):
-    from areal_like.settings.config import load_config
-    from launch.preflight import PreflightError, checked
-
     rows = [{"prompt": f"{i}+1=", "answer": str(i + 1), "task": task}
             for i, task in enumerate(["math", "code", "math", "chat"])]
     data = tmp_path / "rows.jsonl"
@@ -292,10 +262,6 @@ def test_a_task_no_teacher_scores_is_refused_before_start_and_plan_shows_each(te
 
 
 def test_a_teacher_directory_is_served_on_distill_teacher_engine(teacher_dir):
-    """The teacher process runs distill.teacher_engine, and plan says so."""
-    from areal_like.settings.config import load_config
-    from launch.topology import teacher_overrides
-
     job = [f"distill.teachers=[{teacher_dir}]", T1, "distill.teacher_engine=vllm",
            "rollout.pause_mode=retract"]
     own = load_config([*job, *teacher_overrides(str(teacher_dir), load_config(job).distill)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,8 @@ import pytest
 from areal_like.net.auth import METRICS_TOKEN_ENV
 from areal_like.net.distributed import free_port
 from areal_like.net.metrics import Metrics, MetricsServer
+from launch.cli import main
+from launch.records import summarize
 from launch.rundir import lock_run_dir, write_job
 from launch.top import launcher as live_launcher
 from launch.top import newest_run_dir, status
@@ -228,8 +231,6 @@ def _lock_holder(run_dir, launcher_pid: str | None = None) -> subprocess.Popen:
 
 
 def test_stop_ends_the_job_as_ctrl_c_does_and_waits_for_it(tmp_path, capsys):
-    from launch.cli import main
-
     run = tmp_path / "run"
     proc = _lock_holder(run)
     try:
@@ -248,8 +249,6 @@ def test_stop_ends_the_job_as_ctrl_c_does_and_waits_for_it(tmp_path, capsys):
 
 def test_stop_after_the_launcher_was_killed_waits_for_its_daemons(tmp_path, capsys):
     """Launcher killed -9: stop signals no one and waits for the daemons, up to --timeout."""
-    from launch.cli import main
-
     run = tmp_path / "run"
     daemon = _lock_holder(run, launcher_pid=f"{_dead_pid()} 1.0")
     try:
@@ -265,8 +264,6 @@ def test_stop_after_the_launcher_was_killed_waits_for_its_daemons(tmp_path, caps
 
 def _ended(run_dir, code: int, reached: int, steps: int = 10, checkpoint: str | None = None):
     """An ended job's records: trainer.jsonl to reached, summary.json, job.json ended."""
-    from launch.records import summarize
-
     (run_dir / "metrics").mkdir(exist_ok=True)
     recs = [{"step": s, "policy_version": s, "reward_mean": 0.5} for s in range(1, reached + 1)]
     recs.append({"event": "done", "policy_version": reached, "steps": steps, "steps_trained":
@@ -300,8 +297,6 @@ def test_status_and_top_tell_a_completed_job_from_a_stopped_or_failed_one(tmp_pa
 
 def test_status_tells_starting_up_and_down_apart(tmp_path, capsys):
     """up, starting (alive or 503) and DOWN (dead, raising, wedged); PID from /health if none."""
-    import socket
-
     def broken():
         raise RuntimeError("probe broke")
 

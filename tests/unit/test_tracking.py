@@ -30,7 +30,7 @@ from launch.records import curve_figure, eval_records, job_over, plot_curve
 from launch.topology import Topology
 from launch.track_sink import JsonlTail, TrackerSink, follow, scalars
 from launch.tracking import JsonlTracker, MlflowTracker, TensorBoardTracker, Tracker, WandbTracker
-from tests.conftest import run_cli
+from tests.conftest import child_env, run_cli
 from trainer.data import BatchSource
 from trainer.loop import Trainer
 from trainer.samples import sample_rows
@@ -112,15 +112,12 @@ def test_sink_forwards_trainer_eval_and_sample_rows(tmp_path):
 
 class Failing(Tracker):
     """A backend that fails on its first row (a full disk, a lost server)."""
+    closed = False
 
-    def __init__(self):
-        self.closed = False
-
-    def log_metrics(self, metrics, step):
+    def log_metrics(self, *row):
         raise OSError("disk full")
 
-    def log_table(self, name, rows, step):
-        raise OSError("disk full")
+    log_table = log_metrics
 
     def close(self):
         self.closed = True
@@ -194,8 +191,6 @@ def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path, cap
 
 def test_a_tracker_that_cannot_start_is_an_error_line_naming_it(tmp_path):
     """wandb itself, online, with no key anywhere it looks: one line, no traceback."""
-    from tests.conftest import child_env
-
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text(to_yaml(RunConfig(run_dir=str(run))))

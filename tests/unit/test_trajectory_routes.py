@@ -13,7 +13,7 @@ import pytest
 from areal_like.wire import protocol as P
 from areal_like.wire.codec import ProtocolError
 from areal_like.wire.trajectory import Trajectory
-from trainer.data import groups_to_batch
+from trainer.data import BatchSource, groups_to_batch
 
 
 def traj(prompt: int = 3, out: int = 4, routes=None) -> Trajectory:
@@ -62,8 +62,6 @@ def test_the_batch_carries_the_routes_aligned_to_its_input_positions():
 
 
 def test_with_replay_on_groups_without_their_routes_are_dropped_not_trained():
-    from trainer.data import BatchSource
-
     source = BatchSource("inproc://none", 2, wait_s=1, buffer_timeout_s=1, rank=1,
                          route_shape=(2, 2))
     whole, bare, short = (group(traj(routes=ROUTES)), group(traj(routes=ROUTES), traj()),
