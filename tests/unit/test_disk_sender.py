@@ -1,6 +1,4 @@
-"""The disk path's directories (trainer/weight_local.py ``DiskSender``): an adapter's is what PEFT
-(and SGLang's ``/load_lora_adapter``, tests/sglang/test_sglang_lora.py) loads; those of a writer
-killed before its ``close`` are removed by the next writer."""
+"""``DiskSender``: an adapter's directory is what PEFT loads; a killed writer's are removed."""
 
 from __future__ import annotations
 

@@ -277,19 +277,14 @@ def test_chat_template_is_auto_none_a_file_or_a_template_that_compiles(tmp_path,
                                          "{% endfor %}")
     assert pf.check_chat_template(cfg_with(chat_template="chat.jinja")) == []
     (tmp_path / "bad.jinja").write_text("{% for m in messages %}\n{{ m['content'] }}\n")
-    assert pf.check_chat_template(cfg_with(chat_template="bad.jinja")) == [
-        "task.chat_template='bad.jinja' is not a valid Jinja template: Unexpected end of template. "
-        "Jinja was looking for the following tags: 'endfor' or 'else'. The innermost block that "
-        "needs to be closed is "
-        "'for'. (line 2)"]
-    assert pf.check_chat_template(cfg_with(chat_template="{{ messages[0]['content'] ")) == [
-        "task.chat_template=\"{{ messages[0]['content'] \" is not a valid Jinja template: "
-        "unexpected end of "
-        "template, expected 'end of print statement'. (line 1)"]
+    [bad] = pf.check_chat_template(cfg_with(chat_template="bad.jinja"))
+    assert bad.startswith("task.chat_template='bad.jinja' is not a valid Jinja template: ")
+    assert bad.endswith("(line 2)")
+    [bad] = pf.check_chat_template(cfg_with(chat_template="{{ messages[0]['content'] "))
+    assert bad.startswith("task.chat_template=\"{{ messages[0]['content'] \" is not a valid Jinja")
     assert pf.check_chat_template(cfg_with(chat_template="templates/chatml.jinja")) == [
         "task.chat_template='templates/chatml.jinja' is not 'auto', 'none', an existing file "
-        "or a Jinja template "
-        "(a template contains '{{' or '{%')"]
+        "or a Jinja template (a template contains '{{' or '{%')"]
 
 
 LOAD = "cannot be loaded in a reward worker: "
@@ -430,18 +425,19 @@ def test_preflight_lists_every_problem_and_checked_resolves_first(tmp_path, monk
     assert pf.checked(good) == good
 
 
-def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anything(tmp_path):
+@pytest.mark.parametrize("args, keys", [
+    (["experiment=quickstart", "task.max_new_tokens=1000"], ["task.max_new_tokens"]),
+    (["model.path=/nonexistent/no_model", "task=dataset", "task.dataset_path=train.jsonl",
+      "task.eval_path=no_eval.jsonl", "task.reward_fn=no_such_module_areal:score"],
+     ["model.path", "model.path", "task.eval_path", "task.reward_fn"]),
+])
+def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anything(
+        tmp_path, args, keys):
     run_dir = tmp_path / "run"
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
-    r = run_cli("run", "-q", f"run_dir={run_dir}", f"model.path={tmp_path / 'no_model'}",
-                "task=dataset", "task.dataset_path=train.jsonl", "task.eval_path=no_eval.jsonl",
-                "task.reward_fn=no_such_module_areal:score", timeout=120, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert [ln.split("=", 1)[0] for ln in lines] == ["error: model.path", "error: model.path",
-                                                     "error: task.eval_path",
-                                                     "error: task.reward_fn"], lines
-    assert "Traceback" not in r.stderr and r.stdout == ""
+    r = run_cli("run", "-q", f"run_dir={run_dir}", *args, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert [ln.split("=", 1)[0] for ln in r.stderr.splitlines()] == [f"error: {k}" for k in keys]
     assert not run_dir.exists()  # no warm start, no daemon, not even the run directory
 
 
@@ -666,20 +662,6 @@ def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(
     assert pf.check_epochs(two) == []
     if budget < 256:  # all 4 fit the model's 256
         assert pf.check_epochs(kv_budget(job, 256)) == []
-
-
-def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anything_starts(
-        tmp_path):
-    """The review's command: it warm-started, then trained on outputs the engine cut at 256."""
-    run_dir = tmp_path / "run"
-    r = run_cli("run", "-q", "experiment=quickstart", "task.max_new_tokens=1000",
-                f"run_dir={run_dir}", timeout=120, cwd=tmp_path)
-    assert r.returncode == 2 and r.stdout == "", r.stderr
-    assert r.stderr.splitlines() == [
-        "error: task.max_new_tokens=1000 is not below the context of 256 tokens the engine serves "
-        "(model.max_position_embeddings=256): a prompt of one token leaves room for 255 output "
-        "tokens; set task.max_new_tokens to at most 255"]
-    assert not run_dir.exists()  # no warm start, no daemon
 
 
 def test_sglang_refuses_an_untied_gemma3_whose_lm_head_it_would_never_load(tmp_path):

@@ -1,6 +1,4 @@
-"""The pure-torch sgl_kernel stand-in SGLang's CPU mode runs on (rollout_server/sglang_cpu): each
-helper against hand-worked cases of its SGLang reference (the Triton kernel it replaces), and its
-refusals. The tier tests/sglang runs it inside the real SGLang."""
+"""The pure-torch sgl_kernel stand-in for SGLang's CPU mode: hand-worked cases and refusals."""
 
 from __future__ import annotations
 

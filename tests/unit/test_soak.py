@@ -1,5 +1,4 @@
-"""The pure pieces of benchmarks/soak.py: what a sample reads (/proc, the run directory, the
-trainer's last version, the job's processes) and the flatness summary built from samples."""
+"""benchmarks/soak.py: what a sample reads and the flatness summary built from samples."""
 
 from __future__ import annotations
 
@@ -120,8 +119,7 @@ def test_a_checkpoint_caught_while_written_is_not_growth_but_shows_as_the_larges
 
 
 def test_a_leak_under_the_ratio_fails_the_week_budget_and_a_few_files_fail_the_absolute_bound():
-    """4 KB a version on 400 MB stays under the 10% ratio in 3,900 versions
-    but is 79 MB a week at 2,880 versions a day; 3 more open files out of 50 is a ratio of 0.95."""
+    """4 KB a version on 400 MB passes the ratio but is 79 MB a week; 3 more fds of 50 pass too."""
     samples = _samples(rss=lambda i: 400_000 + 4 * 100 * i)  # 4 KB a version, 100 versions a sample
     for i, s in enumerate(samples):
         s["procs"]["trainer"]["fds"] = 50 + (3 if i > 30 else 0)
@@ -142,8 +140,6 @@ def test_a_leak_under_the_ratio_fails_the_week_budget_and_a_few_files_fail_the_a
 
 
 def test_a_root_given_keeps_what_it_held_and_too_short_a_run_says_why(monkeypatch, tmp_path):
-    # without --keep the soak deleted the whole --root, the user's files in it too; a run that
-    # trained no version ended in a ValueError traceback
     root = tmp_path / "mine"
     root.mkdir()
     (root / "precious.txt").write_text("not the soak's")
