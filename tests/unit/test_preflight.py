@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
@@ -41,6 +42,11 @@ def hf_dir(path: Path, config: bool = True, weights: bool = True, tokenizer: boo
         (path / "model.safetensors").write_bytes(b"")
     if tokenizer:
         (path / "tokenizer.json").write_text("{}")
+    return path
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
@@ -444,34 +450,27 @@ def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anyt
 @pytest.mark.parametrize("value", ["1", "true", "True", "yes", None, "", "0", "false"])
 def test_an_inherited_return_original_logprob_is_refused_unless_unset_or_false(monkeypatch,
                                                                                value):
-    if value is None:
-        monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB", raising=False)
-    else:
+    monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB", raising=False)
+    if value is not None:
         monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
-    problems = pf.check_environment(base())
-    if value in (None, "", "0", "false"):
-        assert problems == []
-        return
-    assert len(problems) == 1 and problems[0].startswith(
-        f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r} is set")
-    with pytest.raises(pf.PreflightError) as e:
-        pf.checked(base())
-    assert e.value.problems == problems
+    refused = value not in (None, "", "0", "false")
+    assert [p.split(" is set")[0] for p in pf.check_environment(base())] == (
+        [f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r}"] if refused else [])
+    if refused:
+        with pytest.raises(pf.PreflightError, match="^SGLANG_RETURN_ORIGINAL_LOGPROB="):
+            pf.checked(base())
 
 
 def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tmp_path):
     import copy
-    import json
 
     from areal_like.tasks.tokenizer import load_tokenizer
 
     tok = copy.deepcopy(load_tokenizer(base().model))
     tok.chat_template = None
     tok.save_pretrained(str(tmp_path / "tok"))
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"}],
-                                        "answer": str(i + 1)})
-                            + "\n" for i in range(4)))
+    data = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"{i}+1?"}],
+                                             "answer": str(i + 1)} for i in range(4)])
     common = ["task=dataset", f"task.dataset_path={data}", "task.messages_key=messages",
               f"model.tokenizer={tmp_path / 'tok'}", "warm_start.steps=0",
               "task.max_new_tokens=16"]  # task=dataset's 256 fill the tiny model's context
@@ -490,13 +489,6 @@ def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tm
     for says in ("task.chat_template=none", f"task.chat_template={tmp_path / 'chat.jinja'}"):
         r = config(says)
         assert r.returncode == 0, r.stderr
-
-
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    import json
-
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.mark.parametrize("bad_row, why", [
@@ -536,16 +528,19 @@ def test_row_check_streams_batches_and_shows_the_first_rows(tmp_path):
                          ds.load_table("task.dataset_path", str(ok))) is None
 
 
+def epochs_job(cfg: RunConfig, epochs: int, steps: int, groups: int) -> RunConfig:
+    return dataclasses.replace(
+        cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=epochs, groups_per_step=groups),
+        trainer=dataclasses.replace(cfg.trainer, steps=steps, groups_per_step=groups))
+
+
 def test_max_epochs_must_give_the_groups_the_job_trains_on(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "train.jsonl").write_text(
-        "".join(f'{{"prompt": "q{i}", "answer": "{i}"}}\n' for i in range(3)))
+    _jsonl(tmp_path / "train.jsonl", [{"prompt": f"q{i}", "answer": str(i)} for i in range(3)])
     small = cfg_with(name="dataset", dataset_path="train.jsonl")
 
     def job(epochs: int, steps: int, groups: int, cfg: RunConfig = small) -> RunConfig:
-        return dataclasses.replace(
-            cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=epochs, groups_per_step=groups),
-            trainer=dataclasses.replace(cfg.trainer, steps=steps, groups_per_step=groups))
+        return epochs_job(cfg, epochs, steps, groups)
 
     with pytest.raises(pf.PreflightError) as refused:
         pf.checked(job(1, 4, 2))
@@ -587,8 +582,7 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
                                                 sglang={"context_length": 2048})))
     assert pf.check_lengths(longer) == []  # SGLang serves 2048 tokens
     # a dataset whose every prompt (the char tokenizer: one token a character) leaves no room
-    (tmp_path / "long.jsonl").write_text(
-        "".join(f'{{"prompt": "{"x" * (256 + i)}", "answer": "1"}}\n' for i in range(3)))
+    _jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * (256 + i), "answer": "1"} for i in range(3)])
     long = cfg_with(name="dataset", dataset_path="long.jsonl")
     with pytest.raises(pf.PreflightError) as refused:
         pf.checked(long)
@@ -609,8 +603,7 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
 def test_an_eval_split_whose_every_prompt_leaves_no_room_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
-    (tmp_path / "long.jsonl").write_text(
-        "".join(f'{{"prompt": "{"x" * (256 + i)}", "answer": "1"}}\n' for i in range(2)))
+    _jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * (256 + i), "answer": "1"} for i in range(2)])
     job = cfg_with(name="dataset", dataset_path="train.jsonl", eval_path="long.jsonl")
     job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, every=5))
     assert pf.check_lengths(job) == [
@@ -646,20 +639,15 @@ def test_the_embedded_engines_kv_budget_is_the_context_the_lengths_are_checked_a
 def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(
         tmp_path, monkeypatch, long_prompt, budget):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "mix.jsonl").write_text("".join(
-        f'{{"prompt": "{"x" * (long_prompt if i % 2 else 3)}", "answer": "1"}}\n'
-        for i in range(4)))
-    cfg = kv_budget(cfg_with(name="dataset", dataset_path="mix.jsonl"), budget)
-    job = dataclasses.replace(
-        cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=1, groups_per_step=1),
-        trainer=dataclasses.replace(cfg.trainer, steps=4, groups_per_step=1))
+    _jsonl(tmp_path / "mix.jsonl",
+           [{"prompt": "x" * (long_prompt if i % 2 else 3), "answer": "1"} for i in range(4)])
+    job = epochs_job(kv_budget(cfg_with(name="dataset", dataset_path="mix.jsonl"), budget), 1, 4, 1)
     assert pf.check_epochs(job) == [
         "buffer.max_epochs=1: 1 pass over the 2 prompts of task.dataset_path that leave room in "
         f"the context of {min(budget, 256)} tokens the engine serves gives 2 groups, fewer than "
         "the 4 the job trains on (trainer.steps=4 x buffer.groups_per_step=1): it would wait for "
         "data forever; raise buffer.max_epochs (0: no limit) or lower trainer.steps"]
-    two = dataclasses.replace(job, trainer=dataclasses.replace(job.trainer, steps=2))
-    assert pf.check_epochs(two) == []
+    assert pf.check_epochs(epochs_job(job, 1, 2, 1)) == []
     if budget < 256:  # all 4 fit the model's 256
         assert pf.check_epochs(kv_budget(job, 256)) == []
 

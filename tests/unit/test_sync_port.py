@@ -1,9 +1,5 @@
-"""A rollout server's sync port as a driving trainer calls it (ServerPort), over real sockets.
-
-It vouches for its own engine only (a relay gets no key, nor a huge answer read whole); its door
-reaches the real store gate (a second replaces the first); begin/end reach the server as sent;
-keyless (counted) or malformed calls do nothing.
-"""
+"""A rollout server's sync port as a trainer's ServerPort calls it, over real sockets: its
+door, begin/end, proofs of its own engine, and what keyless or malformed calls do (nothing)."""
 
 from __future__ import annotations
 
@@ -28,7 +24,6 @@ from areal_like.weights.server_sync import close_door, open_door
 from rollout_server.sync_port import SyncPort
 
 ENGINE = "http://127.0.0.1:1"  # the engine the port serves (never called here)
-# where the trainer's disk path writes a push (trainer/weight_local.py): need not exist here
 
 
 @pytest.fixture
