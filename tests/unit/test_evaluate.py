@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 from service_harness import start, step  # the buffer service with fake sockets
+from test_weight_members import ScriptedBuffer
 
 from areal_like.engines.client import EngineError, GenerateOutput
 from areal_like.settings.config import EXPORT_TASK_FILE, BufferConfig, EvalConfig, TaskConfig
@@ -131,7 +132,6 @@ def test_done_versions_survive_a_torn_line(tmp_path):
 
 
 def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, capsys):
-    """A run dir or its checkpoints root: one error line naming what eval takes."""
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("run_dir: run\n")
@@ -179,17 +179,6 @@ def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_
         svc.stop()
 
 
-class _ScriptedBuffer:
-    def __init__(self, replies: list[P.Roster]):
-        self.replies = replies
-
-    def request(self, msg, timeout_s=None):
-        return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
-
-    def close(self):
-        pass
-
-
 def _roster(versions: dict[str, int], evaluating=(), evaluates=()) -> P.Roster:
     return P.Roster(members=[P.RosterEntry(server_id=s, engine_url="",
                                            engine_ranks=1, policy_version=v,
@@ -220,11 +209,11 @@ def rank0():
     ([_roster({"b": 10}), _roster({"a": 0, "b": 10}, evaluates=["a"]),
       _roster({"a": 10, "b": 10}, evaluates=["a"])], True, ["wait", "push", "done"]),
     # a member at the final label that another trainer (not this one's pushes) gave it
-    ([_roster({"a": 10, "b": 10})], False, ["push", "done"]),
+    ([_roster({"a": 10, "b": 10})] * 2, False, ["push", "done"]),
 ])
 def test_final_catch_up_pushes_the_final_version_once_to_each_member(
         rank0, rosters, final_eval, decisions):
-    rank0.client, rank0.loaded = _ScriptedBuffer(rosters), {"b": 10}  # what this trainer pushed
+    rank0.client, rank0.loaded = ScriptedBuffer(*rosters), {"b": 10}  # what this trainer pushed
     deadline, pushes = time.monotonic() + 60, 0
     for want in decisions:
         assert rank0.catch_up_decision(10, deadline, pushes, final_eval=final_eval) == want
@@ -238,7 +227,7 @@ def test_final_catch_up_pushes_the_final_version_once_to_each_member(
     ({"b": 10}, True, 0, True),  # a late evaluator: waited for until the deadline
 ])
 def test_final_catch_up_gives_up_when_bounded(rank0, versions, past, pushes, final_eval):
-    rank0.client, rank0.loaded = _ScriptedBuffer([_roster(versions)]), {"a": 10, "b": 10}
+    rank0.client, rank0.loaded = ScriptedBuffer(_roster(versions)), {"a": 10, "b": 10}
     deadline = time.monotonic() + (-1 if past else 60)
     assert rank0.catch_up_decision(10, deadline, pushes, final_eval=final_eval) == "done"
 
@@ -299,7 +288,6 @@ def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, ca
 
 def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_loads(
         tmp_path, capfd, monkeypatch):
-    """A reward_fn that does not import from here: one line naming cwd, before the model."""
     monkeypatch.chdir(tmp_path)
     export = _export_with_task(tmp_path, name="reverse",
                                reward_fn="my_own_rewards_mod.rewards:score")
@@ -313,7 +301,6 @@ def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_
 
 def test_eval_with_a_batched_reward_that_cannot_take_the_columns_is_one_error_line(
         tmp_path, capfd, monkeypatch):
-    """A batched reward missing a column is refused; a task given over the stored one is said."""
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the workers import from here
     export = _export_with_task(tmp_path)
     spec = "tests.unit.trl_reward_fns:needs_solution"
@@ -369,7 +356,7 @@ def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_an
 
 
 def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
-    """Per-sample seeds: same seed repeats responses at any concurrency; another changes them."""
+    """Per-sample seeds: the same responses at any concurrency; another seed changes them."""
     from areal_like.engines.sglang import SGLangClient
     from areal_like.settings.config import EngineConfig, ModelConfig
     from rollout_server.engine import EmbeddedEngine
