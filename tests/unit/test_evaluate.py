@@ -4,20 +4,47 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from service_harness import start, step  # the buffer service with fake sockets
 from test_weight_members import ScriptedBuffer
 
 from areal_like.engines.client import EngineError, GenerateOutput
-from areal_like.settings.config import EXPORT_TASK_FILE, BufferConfig, EvalConfig, TaskConfig
+from areal_like.engines.sglang import SGLangClient
+from areal_like.net.metrics import Metrics
+from areal_like.settings.config import (
+    EXPORT_TASK_FILE,
+    BufferConfig,
+    EngineConfig,
+    EvalConfig,
+    ModelConfig,
+    TaskConfig,
+    WeightSyncConfig,
+    export_yaml,
+    load_config,
+    load_daemon_config,
+    to_yaml,
+)
 from areal_like.tasks.task import Example
 from areal_like.wire import protocol as P
-from rollout_server.evaluate import EvalSchedule, evaluate, main, read_done_versions, summarize
+from launch.job import plan_job
+from rollout_server.engine import EmbeddedEngine
+from rollout_server.evaluate import (
+    EvalSchedule,
+    evaluate,
+    main,
+    read_done_versions,
+    record_eval_metrics,
+    summarize,
+)
+from rollout_server.reward_pool import RewardPoolError
+from trainer.weight_sync import WeightBroadcaster
 
 
 @pytest.mark.parametrize("every,at_start,at_end,done,due,words", [
@@ -101,8 +128,6 @@ def _evaluate_tracked(engine, rewards, n, ev):
 
 
 def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_returns():
-    from rollout_server.reward_pool import RewardPoolError
-
     class Rewards:
         async def score_group(self, prompt, responses, example):
             raise RewardPoolError("task.reward_fn='m:f' cannot be loaded in a reward worker")
@@ -189,11 +214,6 @@ def _roster(versions: dict[str, int], evaluating=(), evaluates=()) -> P.Roster:
 @pytest.fixture
 def rank0():
     """Trainer rank 0's broadcaster (``WeightBroadcaster``); its buffer is set by each test."""
-    import torch
-
-    from areal_like.settings.config import WeightSyncConfig
-    from trainer.weight_sync import WeightBroadcaster
-
     broadcaster = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1",
                                     rank=0, device=torch.device("cpu"))
     broadcaster.client.close()
@@ -315,9 +335,6 @@ def test_eval_with_a_batched_reward_that_cannot_take_the_columns_is_one_error_li
 
 
 def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
-    from areal_like.net.metrics import Metrics
-    from rollout_server.evaluate import record_eval_metrics
-
     m = Metrics()
     record_eval_metrics(m, {"greedy_accuracy": 0.5, "greedy_reward": 0.6, "mean@4": 0.25,
                             "pass@4": 0.75}, 4)
@@ -329,8 +346,6 @@ def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
 
 
 def test_a_running_count_is_a_counter_brought_up_to_its_total():
-    from areal_like.net.metrics import Metrics
-
     m = Metrics()
     for total in (0, 2, 2, 5):
         m.count_to("trainer/groups_dropped_bad_data", "dropped", total)
@@ -339,9 +354,6 @@ def test_a_running_count_is_a_counter_brought_up_to_its_total():
 
 def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_anywhere(
         tmp_path, monkeypatch):
-    from areal_like.settings.config import load_config, load_daemon_config, to_yaml
-    from launch.job import plan_job
-
     monkeypatch.chdir(tmp_path)
     cfg, _ = plan_job(load_config(["task=dataset", "task.dataset_path=data/train.jsonl",
                                    "task.eval_path=data/test.jsonl", "run_dir=run"]), cpus=[0, 1])
@@ -357,10 +369,6 @@ def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_an
 
 def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
     """Per-sample seeds: the same responses at any concurrency; another seed changes them."""
-    from areal_like.engines.sglang import SGLangClient
-    from areal_like.settings.config import EngineConfig, ModelConfig
-    from rollout_server.engine import EmbeddedEngine
-
     class Kept:  # keeps every response, scores none
         async def score_group(self, prompt, responses, example):
             seen.append(tuple(responses))
@@ -435,10 +443,6 @@ def test_eval_started_inside_an_export_imports_nothing_shipped_in_it(tmp_path, m
 
 def test_a_run_config_an_export_names_is_read_only_when_it_is_the_users_own(tmp_path, capsys):
     """A run config others may write (or outside a 0700 run dir) is not the user's own."""
-    import os
-
-    from areal_like.settings.config import export_yaml
-
     config = tmp_path / "run" / "config.yaml"
     config.parent.mkdir()
     config.write_text("task:\n  name: reverse\n")

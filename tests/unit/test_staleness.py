@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import random
+
+import msgspec
+import numpy as np
 import pytest
 from service_harness import Sink
 
+from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig
+from areal_like.wire import protocol as P
+from areal_like.wire.protocol import encode
+from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.credits import CreditLedger
+from buffer.service import BufferService
 from buffer.staleness import StaleBatchError, StalenessPolicy
 
 
@@ -131,11 +140,6 @@ def test_state_round_trip_neither_repeats_nor_skips():
 # -------------------------------------------------------- the service's books, under random traffic
 
 def _group(credit, server_id: str, version: int, rewards):
-    import numpy as np
-
-    from areal_like.wire import protocol as P
-    from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
-
     trajs = [Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
                            behav_logp=as_f32([-1, -1]), versions=as_i32([version, version]),
                            reward=float(r), finish_reason="stop") for r in rewards]
@@ -151,10 +155,6 @@ OPS = {"credits": 3, "deliver": 4, "redeliver": 1, "batch": 2, "lost_batch": 1, 
 @pytest.mark.parametrize("seed", range(20))
 def test_change_records_rebuild_the_state(seed):
     """Snapshot plus every later change record rebuilds the ledger, however cut."""
-    import random
-
-    import msgspec
-
     rng, clock = random.Random(seed), FakeClock(0.0)
     ledger = CreditLedger(StalenessPolicy(2, 3, 12), 7, lease_timeout_s=5.0,
                           max_epochs=rng.choice([0, 3]), clock=clock)
@@ -190,8 +190,6 @@ def test_change_records_rebuild_the_state(seed):
 
 def test_a_change_record_costs_what_changed_not_what_is_outstanding():
     """With 4,096 leases out, one grant and one close log two lease entries."""
-    import msgspec
-
     ledger = CreditLedger(StalenessPolicy(10_000, 8, 100_000), 10**6, lease_timeout_s=60.0,
                           clock=FakeClock())
     for s in range(64):
@@ -209,13 +207,6 @@ def test_a_change_record_costs_what_changed_not_what_is_outstanding():
 @pytest.mark.parametrize("seed", range(12))
 def test_books_balance_under_random_traffic(seed, tmp_path):
     """Random traffic (fake clock, restarts): slots and prompts always accounted, nothing stale."""
-    import random
-
-    from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig
-    from areal_like.wire import protocol as P
-    from areal_like.wire.protocol import encode
-    from buffer.service import BufferService
-
     rng = random.Random(seed)
     clock = FakeClock(0.0)
     cfg = RunConfig(run_dir=str(tmp_path), task=TaskConfig(num_prompts=7), buffer=BufferConfig(
