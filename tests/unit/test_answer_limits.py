@@ -1,9 +1,5 @@
-"""What a member's fake engine can make trainer rank 0 read and log (areal_like/net/answers.py).
-
-The fake answers /health with 1 GiB, /generate with 64 MiB, /begin with forged log lines: ten
-failed syncs raise memory by < 64 MiB, each refusal is counted, each failure is one quoted line; a
-generate answer past what the request can make is refused naming URL and limit.
-"""
+"""What a member's fake engine (huge answers, forged log lines) can make trainer rank 0 read and
+log: bounded memory, counted refusals, one quoted line per failure."""
 
 from __future__ import annotations
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import threading
@@ -12,11 +13,13 @@ import pytest
 from service_harness import answer, start, step
 
 import buffer.diskspace
+from areal_like.net.metrics import Metrics, MetricsServer
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
 from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
 from buffer.service import BufferService
 from buffer.wal import DiskFull, WriteAheadLog
+from launch.top import status
 
 RESERVE = 1 << 20
 
@@ -342,11 +345,6 @@ def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, full_disk, fsyn
 
 
 def test_status_says_a_buffer_on_a_full_disk_is_up_but_refuses_new_groups(tmp_path, capsys):
-    import json
-
-    from areal_like.net.metrics import Metrics, MetricsServer
-    from launch.top import status
-
     disk = _Disk(RESERVE - 1)
     svc = _start(tmp_path / "buffer", disk)
     svc.settle()  # a sweep reads the free space

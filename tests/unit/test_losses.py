@@ -1,6 +1,5 @@
-"""Policy-loss kernels: hand-computed vectors for every kernel of trainer/LOSSES.md (loss and
-gradient w.r.t. logp, rtol 1e-5), aggregation vectors, gradient flow, stability and micro-batch
-invariance."""
+"""Policy-loss kernels: trainer/LOSSES.md's hand vectors (loss and gradient), aggregation,
+gradient flow, stability and micro-batch invariance."""
 
 from __future__ import annotations
 
@@ -344,8 +343,7 @@ def test_mismatch_kl_is_k3_of_behav_vs_prox():
 
 # ------------------------------------------------------------- gradient flow, stability, invariance
 def make_batch(seed=0, b=6, t=7, spread=0.3):
-    """Random [b, t] batch with ragged lengths (>= 1) and garbage (nan) in the padding of every
-    stream."""
+    """Random [b, t] batch with ragged lengths (>= 1) and nan in every stream's padding."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, t + 1, (b,), generator=g)
     lengths[0] = t
@@ -408,8 +406,7 @@ def test_extreme_log_ratios_and_lengths_are_finite(kind, sign):
 
 
 def _split_losses(kind, agg, b, sizes, trim):
-    """Whole batch vs micro-batches (optionally re-padded to their own max length) with global
-    counts."""
+    """Whole batch vs micro-batches (optionally re-padded) with global counts."""
     hp = dict(KIND_HP[kind], loss_scale_factor=7.0)
     n_tok = float(b["mask"].sum())
     n_seq = float((b["mask"].sum(-1) > 0).sum())

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from areal_like.net.auth import REWARD_AUTH_ENV
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import TaskConfig
 from rollout_server.reward_pool import RewardPool
@@ -138,8 +139,6 @@ def test_an_unreachable_url_scores_zero_with_the_reason():
 def test_the_credential_comes_from_the_environment_as_the_authorization_header(monkeypatch):
     """task.reward_url carries no credential (refused there: areal_like/net/auth.py): the one in
     ``REWARD_AUTH_ENV`` goes with every request; without it, no Authorization header."""
-    from areal_like.net.auth import REWARD_AUTH_ENV
-
     _, server = run("ok", ["1"])
     assert server.auth == [None]
     monkeypatch.setenv(REWARD_AUTH_ENV, "Bearer hunter2")

@@ -1,11 +1,5 @@
 """One torch everywhere: engines report torch/CUDA/NCCL in Register, the buffer keeps them in the
-roster, and the trainer leaves a member out of a weight sync when its versions cannot share the
-group.
-
-The rule is a pure function (areal_like/weights/versions.py) checked against a table; the wire
-fields round-trip and old frames without them still decode; the buffer is the real service with fake
-sockets; the trainer's admission runs against a scripted buffer.
-"""
+roster, and the trainer leaves out a member whose versions cannot share the weight group."""
 
 from __future__ import annotations
 
@@ -217,8 +211,7 @@ def test_the_trainer_leaves_out_members_whose_versions_differ(broadcaster, caplo
 
 
 def test_a_plan_with_every_member_refused_is_not_sent(broadcaster):
-    """The refused member is out of the plan; with nobody left, nothing is published and no group
-    forms, so nothing waits on a peer that will not come."""
+    """With every member refused no plan is published and no group forms."""
     b, metrics = broadcaster
     b.client = ScriptedBuffer(P.Roster(members=[_entry("a", RuntimeVersions("2.13.0", "12.8",
                                                                              "2.27.3"))],
