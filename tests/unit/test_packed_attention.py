@@ -154,7 +154,6 @@ def test_the_varlen_kernel_gets_the_row_in_its_layout(varlen_standin):
 
 
 def test_a_sliding_window_stays_inside_each_packed_sequence(varlen_standin):
-    """A sliding window (3) stays inside each packed sequence, SDPA and varlen paths."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import trainer.packed_attention as pa

@@ -124,7 +124,6 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
 
 
 def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key():
-    """The port vouches for its own engine only; a sync begins only on proof of the key."""
     from aiohttp import web
 
     calls, seen = [], []
@@ -199,7 +198,6 @@ def _begin_body(url: str, nonce: str, plan_id: str = "p1") -> bytes:
 
 
 def test_a_replayed_begin_is_refused_and_begins_nothing():
-    """A replayed /begin begins nothing; a fresh nonce does."""
     calls = []
     port = _port(KEY, calls)
 
@@ -219,7 +217,6 @@ def test_a_replayed_begin_is_refused_and_begins_nothing():
 
 
 def test_a_door_leads_only_to_the_jobs_rendezvous(echo):  # noqa: F811
-    """A /door to any address but the job's rendezvous is refused before dialling."""
     gate_port, calls = free_port(), []
     gate = StoreGate("127.0.0.1", gate_port, GROUP, echo, key=KEY)
     dialled = []
