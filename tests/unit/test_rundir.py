@@ -85,7 +85,7 @@ def test_fresh_unfinished_and_finished_runs(tmp_path):
         check_existing_run(cfg)
 
 
-def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
+def test_a_run_dir_is_locked_by_its_job_and_private_to_its_user_whatever_the_umask(tmp_path):
     held = lock_run_dir(tmp_path / "run")
     try:
         with pytest.raises(ConfigError,
@@ -93,20 +93,21 @@ def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
             lock_run_dir(tmp_path / "run")
     finally:
         os.close(held)
-    os.close(lock_run_dir(tmp_path / "run"))
-
-
-def test_a_run_dir_is_private_to_its_user_whatever_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
-        os.close(lock_run_dir(tmp_path / "run"))
-        assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o700
+        os.close(lock_run_dir(tmp_path / "new"))
+        assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
         (tmp_path / "old").mkdir(mode=0o755)
         (tmp_path / "old" / "wal").mkdir()
         os.close(lock_run_dir(tmp_path / "old"))
         assert stat.S_IMODE(os.stat(tmp_path / "old").st_mode) == 0o700
     finally:
         os.umask(old)
+    (tmp_path / "file").write_text("")  # a file where run_dir goes, or under it
+    for run_dir, reason in ((tmp_path / "file", "File exists"),
+                            (tmp_path / "file" / "sub", "Not a directory")):
+        with pytest.raises(ConfigError, match=f"^run_dir {run_dir} cannot be used: {reason}"):
+            lock_run_dir(run_dir)
 
 
 def test_running_a_finished_run_again_exits_2_with_one_line(tmp_path):
@@ -277,14 +278,6 @@ def test_a_run_dir_run_before_its_first_checkpoint_keeps_its_settings(tmp_path):
     assert check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lr=3e-4",
                                               "trainer.lora.rank=4"]), accept=True) == [
         "trainer.lora.rank: 0 -> 4"]
-
-
-def test_a_run_dir_that_cannot_be_made_is_one_error_line(tmp_path):
-    (tmp_path / "file").write_text("")
-    for run_dir, reason in ((tmp_path / "file", "File exists"),
-                            (tmp_path / "file" / "sub", "Not a directory")):
-        with pytest.raises(ConfigError, match=f"^run_dir {run_dir} cannot be used: {reason}"):
-            lock_run_dir(run_dir)
 
 
 def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
