@@ -61,11 +61,6 @@ def test_the_dataset_tasks_own_example_passes_with_the_default_model():
     pf.checked(load_config(shlex.split(" ".join(line.lstrip("# ") for line in lines))))
 
 
-def test_a_model_built_from_config_must_have_room_for_its_tokenizer():
-    assert pf.check_models(load_config(["model.vocab_size=50"])) == [
-        "model.vocab_size=50 is smaller than the tokenizer (model.tokenizer='char': 104 tokens)"]
-
-
 WEIGHTS = ("config.json", "model.safetensors")  # a model directory without its tokenizer
 NOT_HF = "has no config.json: not a Hugging Face model directory"
 NO_TOKENIZER = ("model.path={m} has no tokenizer files (tokenizer.json or tokenizer_config.json): "
@@ -85,6 +80,9 @@ NO_TOKENIZER = ("model.path={m} has no tokenizer files (tokenizer.json or tokeni
                                      "tokenizer_config.json: not a tokenizer directory"]),
     ({"t": ("tokenizer_config.json",)}, {"tokenizer": "t"}, []),
     ({}, {"tokenizer": "bpe", "vocab_size": 512}, []),
+    # a model built from config must have room for its tokenizer
+    ({}, {"vocab_size": 50}, ["model.vocab_size=50 is smaller than the tokenizer "
+                              "(model.tokenizer='char': 104 tokens)"]),
     # the daemons' load_tokenizer would refuse it 10-30 s later
     ({}, {"tokenizer": "bpe"}, ["model.vocab_size=104 is too small for model.tokenizer=bpe: it "
                                 "needs at least 259 (256 bytes + 3 special tokens), e.g. 512"]),
