@@ -156,7 +156,7 @@ def test_done_versions_survive_a_torn_line(tmp_path):
     assert read_done_versions(tmp_path / "missing.jsonl") == set()
 
 
-def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, capsys):
+def test_eval_of_a_run_directory_or_a_pruned_checkpoint_is_one_error_line(tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("run_dir: run\n")
@@ -167,10 +167,7 @@ def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, caps
         assert "<run_dir>/export/v<version>" in err, err
     assert main([str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'missing'} does not exist\n"
-
-
-def test_eval_of_a_checkpoint_its_run_pruned_says_so(tmp_path, capsys):
-    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints = run_dir / "checkpoints"  # one its run pruned
     for version in (8, 10):
         (checkpoints / f"v{version:08d}").mkdir(parents=True)
     assert main([str(checkpoints / "v00000004")]) == 2
