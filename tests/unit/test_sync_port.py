@@ -194,20 +194,27 @@ def _begin_body(url: str, nonce: str, plan_id: str = "p1") -> bytes:
                        "proof": proof}).encode()
 
 
-def test_a_replayed_begin_is_refused_and_begins_nothing():
-    calls = []
-    port = _port(KEY, calls)
-
+def _answers(port: SyncPort, route: str, bodies, key: str = KEY) -> list[tuple[int, str]]:
+    """Starts ``port`` and POSTs to ``route`` each of ``bodies(url)`` in turn; their answers."""
     async def scenario() -> list[tuple[int, str]]:
         url = await port.start("127.0.0.1", 0)
         try:
-            first = _begin_body(url, "ab" * 16)
-            return [await asyncio.to_thread(_post, f"{url}/begin", body, "")
-                    for body in (first, first, _begin_body(url, "cd" * 16, "p2"))]
+            return [await asyncio.to_thread(_post, f"{url}{route}", body, key)
+                    for body in bodies(url)]
         finally:
             await port.close()
 
-    answers = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_replayed_begin_is_refused_and_begins_nothing():
+    calls = []
+
+    def bodies(url: str) -> list[bytes]:
+        first = _begin_body(url, "ab" * 16)
+        return [first, first, _begin_body(url, "cd" * 16, "p2")]
+
+    answers = _answers(_port(KEY, calls), "/begin", bodies, key="")
     assert [status for status, _ in answers] == [200, 409, 200], answers
     assert "replayed" in answers[1][1], answers
     assert calls == [("begin", "p1", 1), ("begin", "p2", 1)]  # the replay began nothing
@@ -225,20 +232,11 @@ def test_a_door_leads_only_to_the_jobs_rendezvous(echo):  # noqa: F811
     port = _port(KEY, calls, door=door)
     port.rendezvous = ("127.0.0.1", gate_port)  # trainer.weight_sync.master_port set
 
-    async def scenario() -> list[tuple[int, str]]:
-        url = await port.start("127.0.0.1", 0)
-        try:
-            bodies = [{"master_addr": addr, "master_port": p}
-                      for addr, p in (("10.1.2.3", gate_port), ("127.0.0.1", 22),
-                                      ("127.0.0.1", gate_port))]
-            return [await asyncio.to_thread(
-                _post, f"{url}/door", json.dumps({"plan_id": "p1", "group_name": GROUP, **b})
-                .encode(), KEY) for b in bodies]
-        finally:
-            await port.close()
-
+    bodies = [json.dumps({"plan_id": "p1", "group_name": GROUP, "master_addr": addr,
+                          "master_port": p}).encode()
+              for addr, p in (("10.1.2.3", gate_port), ("127.0.0.1", 22), ("127.0.0.1", gate_port))]
     try:
-        answers = asyncio.run(scenario())
+        answers = _answers(port, "/door", lambda url: bodies)
     finally:
         close_door("engine-a")
         gate.close()
@@ -262,22 +260,10 @@ def test_an_adapter_outside_the_push_directories_is_refused_alike_whether_it_exi
     os.chmod(open_root, 0o755)
     paths = [str(tmp_path), str(tmp_path / "not-here"), "/etc", f"{root}/../../etc",
              f"{root}/v1-link", f"{open_root}/v1-abcdef", pushed]
-    port = _port(KEY, calls, adapter=adapter)
-
-    async def scenario() -> list[tuple[int, str]]:
-        url = await port.start("127.0.0.1", 0)
-        try:
-            out = []
-            for path in paths:
-                plan = msgspec.structs.replace(_plan(1), path="disk", payloads=[path])
-                out.append(await asyncio.to_thread(
-                    _post, f"{url}/adapter", msgspec.json.encode(plan), KEY))
-            return out
-        finally:
-            await port.close()
-
+    plans = [msgspec.json.encode(msgspec.structs.replace(_plan(1), path="disk", payloads=[path]))
+             for path in paths]
     try:
-        answers = asyncio.run(scenario())
+        answers = _answers(_port(KEY, calls, adapter=adapter), "/adapter", lambda url: plans)
     finally:
         os.unlink(os.path.join(root, "v1-link"))
         os.rmdir(root)
