@@ -116,14 +116,11 @@ def test_the_last_line_of_a_name_wins_and_bad_lines_are_skipped(tmp_path, capsys
     assert rows[3] == "| y | 5 | ms |  |  |  | a.jsonl |"
 
 
-def test_every_kept_jsonl_file_reads(capsys):
+def test_every_kept_line_reads_and_states_its_goal_as_a_ratio_or_naming_what_it_bounds(capsys):
+    """A goal is null, a number (ratio >= goal) or a string naming the field it bounds."""
     assert _load("results").main([]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| name |") and "vs_trl_samples_per_s_user_path" in out
-
-
-def test_no_published_line_states_its_goal_lower_is_better_or_without_what_it_bounds():
-    """A goal is null, a number (ratio >= goal) or a string naming the field it bounds."""
     seen = 0
     for path in BENCH.glob("*.jsonl"):
         for text in path.read_text().splitlines():
