@@ -73,9 +73,8 @@ def test_aggregation_ignores_nan_padding_and_empty_rows():
 # ---------------------------------------------------------------- PPO / GRPO (section 2)
 @pytest.mark.parametrize("eps_high,expected", [(0.2, 0.6), (0.28, 0.584)])
 def test_ppo_vector(eps_high, expected):
-    loss, grad, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5,
-                            eps_clip=0.2, eps_clip_high=eps_high,
-                            dual_clip=3.0)
+    loss, grad, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, eps_clip=0.2,
+                            eps_clip_high=eps_high, dual_clip=3.0)
     close(loss, expected)
     close(grad, [[-0.22, 0.0, 0.0, 0.0, 0.30]])
     close(stats["clip_frac"], 0.4)  # tokens 2 and 3 (l2 > l1)
@@ -261,7 +260,7 @@ def test_sequence_log_ratio_is_clamped_after_summing():
 
 
 # ---------------------------------------------------------------- KL to the reference policy
-def test_kl_penalty_estimators_and_clamps():
+def test_kl_penalty_estimators_clamps_and_term_in_the_loss():
     lp = torch.tensor([[math.log(0.5), math.log(0.2)]])
     ref = torch.tensor([[math.log(0.25), math.log(0.4)]])
     m = torch.ones(1, 2)
@@ -272,14 +271,11 @@ def test_kl_penalty_estimators_and_clamps():
     big = losses.kl_penalty(torch.tensor([[-1e4]]), torch.tensor([[0.0]]), torch.ones(1, 1),
                             estimator="k3")
     close(big, [[10.0]])  # log-ratio clamped to -20, k3 clamped to 10
-
-
-def test_kl_term_adds_to_loss():
+    # the KL term adds to the loss
     ref = PROX5 - 0.1
     base, g0, _ = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0)
-    loss, g, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0,
-                         kl_coef=0.5, kl_estimator="k1",
-                         ref_logp=ref)
+    loss, g, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0, kl_coef=0.5,
+                         kl_estimator="k1", ref_logp=ref)
     close(loss - base, 0.5 * (LOGP5 - ref).mean())
     close(g - g0, torch.full((1, 5), 0.5 / 5))
     close(stats["kl_ref"], (LOGP5 - ref).mean())
@@ -420,8 +416,7 @@ def _split_losses(kind, agg, b, sizes, trim):
                                           logp=lp[cut], prox_logp=b["prox"][sl][cut],
                                           behav_logp=b["behav"][sl][cut],
                                           advantages=b["adv"][sl][cut], mask=m[cut],
-                                          ref_logp=b["ref"][sl][cut],
-                                          **norms)
+                                          ref_logp=b["ref"][sl][cut], **norms)
         loss.backward()
         return loss.detach(), lp.grad, stats
 
