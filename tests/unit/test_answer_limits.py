@@ -85,11 +85,7 @@ def fake_engine():
         yield url
 
 
-@pytest.fixture
-def fake_port():
-    """The member's sync port: another URL (each of a member's URLs gets a client of its own)."""
-    with _serving() as url:
-        yield url
+fake_port = fake_engine  # the member's sync port: a URL (and a client) of its own
 
 
 class PeakRss:

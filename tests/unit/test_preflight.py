@@ -223,24 +223,21 @@ def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch
     (tmp_path / "eval.jsonl").write_text('{"question": "2+2=", "solution": "4"}\n')
     ok = dict(name="dataset", dataset_path="train.jsonl", prompt_key="question")
     assert pf.check_dataset_columns(cfg_with(**ok)) == []
-    assert pf.check_dataset_columns(cfg_with(name="dataset", dataset_path="train.jsonl")) == [
-        "task.prompt_key='prompt': no such column in train.jsonl; "
-        "columns found: question, answer, level"]
-    assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages")) == [
-        "task.messages_key='messages': no such column in train.jsonl; "
-        "columns found: question, answer, level"]
+    found = "in train.jsonl; columns found: question, answer, level"
     no_answer = "; task.answer_key='' when the reward (task.reward_fn) needs no answer"
-    assert pf.check_dataset_columns(cfg_with(**ok, answer_key="solution")) == [
-        "task.answer_key='solution': no such column in train.jsonl; "
-        "columns found: question, answer, level" + no_answer]
-    # both wrong: both named at once, not the answer's only once the messages' is fixed
-    assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages",
-                                             answer_key="solution")) == [
-        "task.messages_key='messages', task.answer_key='solution': no such columns in "
-        "train.jsonl; columns found: question, answer, level" + no_answer]
-    assert pf.check_dataset_columns(cfg_with(**ok, metadata_keys=["level", "source"])) == [
-        "task.metadata_keys='source': no such column in train.jsonl; "
-        "columns found: question, answer, level"]
+    for keys, want in [
+        ({"prompt_key": "prompt"}, f"task.prompt_key='prompt': no such column {found}"),
+        ({"messages_key": "messages"}, f"task.messages_key='messages': no such column {found}"),
+        ({"answer_key": "solution"},
+         f"task.answer_key='solution': no such column {found}{no_answer}"),
+        # both wrong: both named at once, not the answer's only once the messages' is fixed
+        ({"messages_key": "messages", "answer_key": "solution"},
+         f"task.messages_key='messages', task.answer_key='solution': no such columns {found}"
+         f"{no_answer}"),
+        ({"metadata_keys": ["level", "source"]},
+         f"task.metadata_keys='source': no such column {found}"),
+    ]:
+        assert pf.check_dataset_columns(cfg_with(**{**ok, **keys})) == [want], keys
     assert pf.check_dataset_columns(cfg_with(**ok, eval_path="eval.jsonl")) == [
         "task.answer_key='answer': no such column in eval.jsonl; columns found: question, "
         "solution" + no_answer]
