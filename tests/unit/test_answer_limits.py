@@ -1,9 +1,5 @@
-"""What a member's fake engine can make trainer rank 0 read and log (areal_like/net/answers.py).
-
-The fake answers /health with 1 GiB, /generate with 64 MiB, /begin with forged log lines: ten
-failed syncs raise memory by < 64 MiB, each refusal is counted, each failure is one quoted line; a
-generate answer past what the request can make is refused naming URL and limit.
-"""
+"""What a member's fake engine (huge answers, forged log lines) can make trainer rank 0 read and
+log: bounded memory, counted refusals, one quoted line per failure."""
 
 from __future__ import annotations
 
@@ -89,11 +85,7 @@ def fake_engine():
         yield url
 
 
-@pytest.fixture
-def fake_port():
-    """The member's sync port: another URL (each of a member's URLs gets a client of its own)."""
-    with _serving() as url:
-        yield url
+fake_port = fake_engine  # the member's sync port: a URL (and a client) of its own
 
 
 class PeakRss:

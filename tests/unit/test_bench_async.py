@@ -1,5 +1,4 @@
-"""benchmarks/bench_async.py's ``speedup_line`` (bench_agentic.py's too), with the runs faked: what
-it refuses before running, and where a run's directory goes."""
+"""bench_async.py's ``speedup_line``, runs faked: its refusals and where a run's directory goes."""
 
 from __future__ import annotations
 
@@ -30,7 +29,6 @@ def records(steps: int) -> list[dict]:
 
 
 def test_a_skip_that_leaves_no_steps_is_refused_before_any_run():
-    # the runs took minutes before the figures divided by an empty window (ZeroDivisionError)
     def never(*_):
         raise AssertionError("ran")
 
@@ -62,8 +60,7 @@ def test_a_failed_run_keeps_the_logs_its_message_names_and_a_finished_one_leaves
 
 
 def test_a_keep_directory_holding_earlier_runs_is_refused_before_any_run(tmp_path):
-    # the jobs resumed the finished runs, trained nothing, and their old step records were
-    # printed as a new measurement (the same figures to the last digit)
+    # resumed finished runs would print their old records as a new measurement
     def never(*_):
         raise AssertionError("ran")
 

@@ -1,10 +1,5 @@
-"""What every benchmark's JSON line carries, over the pieces the benchmarks share: the keys
-(``name``, ``figure``, ``unit``, ``baseline``, ``ratio``, ``goal``), a higher-is-better ``ratio``
-with a numeric ``goal`` on its scale (``ratio >= goal`` passes), a ``warning`` on a loaded machine
-(``load_warning`` in benchmarks/transport_report.py), and benchmarks/results.py, which prints the
-last kept line per name as the Markdown table the results page is checked against.
-
-A benchmark's figures are not the product: its internals are not tested here."""
+"""Every benchmark's JSON line: its keys, a higher-is-better ratio against its goal, a load
+warning, and benchmarks/results.py's table of the last line per name."""
 
 from __future__ import annotations
 
@@ -69,7 +64,6 @@ def test_the_memory_band_is_one_ratio_that_the_estimate_high_or_low_fails_alike(
 
 
 def test_the_same_node_transport_line_has_every_key():
-    # it had no goal
     rates = {("stream", "local"): [900.0], ("stream", "ours"): [800.0],
              ("stream", "curve"): [300.0]}
     line = _load("transport_report").local_line(4096, rates, lambda _key: 100.0, rounds=1,
@@ -93,8 +87,6 @@ def test_the_chaos_ratio_is_the_clean_waste_over_the_chaos_waste(
 
 
 def test_a_loaded_machine_still_gets_its_line_with_a_warning(monkeypatch, capsys):
-    """Every benchmark adds ``load_warning()`` to its lines (bench_buffer's ``emit`` to each: only
-    its CURVE capacity line had it once)."""
     warning, emit = _load("transport_report").load_warning, _load("bench_buffer").emit
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     for load, says in ((1.0, None), (2.0, None), (2.5, "1-minute load 2.5 on 2 CPUs"),
@@ -124,15 +116,11 @@ def test_the_last_line_of_a_name_wins_and_bad_lines_are_skipped(tmp_path, capsys
     assert rows[3] == "| y | 5 | ms |  |  |  | a.jsonl |"
 
 
-def test_every_kept_jsonl_file_reads(capsys):
+def test_every_kept_line_reads_and_states_its_goal_as_a_ratio_or_naming_what_it_bounds(capsys):
+    """A goal is null, a number (ratio >= goal) or a string naming the field it bounds."""
     assert _load("results").main([]) == 0
     out = capsys.readouterr().out
     assert out.startswith("| name |") and "vs_trl_samples_per_s_user_path" in out
-
-
-def test_no_published_line_states_its_goal_lower_is_better_or_without_what_it_bounds():
-    """A goal is null, a number (ratio >= goal) or a string naming what it bounds: "<= 0.05" left
-    the reader to guess which field, "ratio <= 1.1" read the other way round."""
     seen = 0
     for path in BENCH.glob("*.jsonl"):
         for text in path.read_text().splitlines():

@@ -12,8 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_pool_scores_in_two_workers_and_prints_one_full_line():
-    # bench_vs_trl's experiment (the workload) scores in-process since its run 8: a pool of 0
-    # workers has no calls to share out, and the line measured nothing of what it claims
+    # a pool of 0 workers (in-process scoring) would measure nothing of what the line claims
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_reward_pool.py"),
                           "--rounds", "1"], env=env, cwd=ROOT, capture_output=True, text=True,

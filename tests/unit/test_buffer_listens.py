@@ -1,7 +1,4 @@
-"""The buffer's start line says where it listens, and the address its clients are told when that
-is another: with ``AREAL_LIKE_BIND_HOST`` (or ``tcp://*``) it binds one host while its config
-names the address other nodes connect to. It said "serving on tcp://10.77.0.1:5555" while it
-listened on 0.0.0.0."""
+"""The buffer's start line names the address it binds and, when another, the one clients use."""
 
 from __future__ import annotations
 

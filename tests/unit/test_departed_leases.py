@@ -1,9 +1,5 @@
-"""A rollout server that leaves the roster gives its leases back at once, not after
-``buffer.lease_timeout_s``; after a buffer restart, leases restored for a server that never comes
-back are given back once every live server had the time to register again; a server restarted
-faster than the heartbeat timeout registers as a new process (``fresh``) and its old leases are
-given back then. The real request
-handling with fake sockets, a real WAL and a fake clock."""
+"""A departed rollout server's leases go back at once, not after ``buffer.lease_timeout_s``: when
+it leaves the roster, never returns after a buffer restart, or comes back as a new process."""
 
 from __future__ import annotations
 
@@ -52,8 +48,7 @@ def test_a_server_that_leaves_the_roster_releases_its_leases_at_once(tmp_path):
 
 def test_a_server_stopped_on_request_gives_its_leases_back_at_info_a_dead_one_warns(
         tmp_path, caplog):
-    """Every rollout server of a healthy job stops on request at its end, holding the leases of
-    the episodes it was generating: routine (INFO); one gone silent is a fault (WARNING)."""
+    """A stop on request is routine (INFO); a server gone silent is a fault (WARNING)."""
     clock = Clock()
     svc = _start(tmp_path, clock)
     caplog.set_level(logging.INFO, logger=svc.log.name)
@@ -98,9 +93,7 @@ def test_a_server_restarted_within_the_heartbeat_timeout_releases_its_old_leases
     svc = _start(tmp_path, clock)
     old = _join(svc, "r0", 3)
     _join(svc, "r1", 2)
-    # kill -9 and a restart well inside the heartbeat timeout: r0 never left the roster
-    clock.t += 1.0
-    # re-registration: kept
+    clock.t += 1.0  # kill -9, restarted inside the heartbeat timeout: r0 never left the roster
     _step(svc, P.Register(server_id="r0", engine_url="http://x", policy_version=0))
     assert svc.ledger.in_flight == 5 and "credits_released" not in svc.instruments.counts
     assert (service_stats(svc)["leases_of_r0"], service_stats(svc)["leases_of_r1"]) == (3, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import threading
@@ -12,11 +13,13 @@ import pytest
 from service_harness import answer, start, step
 
 import buffer.diskspace
+from areal_like.net.metrics import Metrics, MetricsServer
 from areal_like.settings.config import BufferConfig
 from areal_like.wire import protocol as P
 from buffer.diskspace import MIN_SEGMENT_BYTES, DiskGuard
 from buffer.service import BufferService
 from buffer.wal import DiskFull, WriteAheadLog
+from launch.top import status
 
 RESERVE = 1 << 20
 
@@ -41,12 +44,22 @@ def _step(svc: BufferService, msg: P.Message) -> P.Message:
     return step(svc, msg, peer=b"trainer-ws-t")
 
 
+def _send(svc: BufferService, msg: P.Message, peer: bytes = b"trainer-ws-t") -> None:
+    """Hands ``msg`` to the service without settling it (its reply may wait)."""
+    frame = P.encode(msg)
+    svc.handle(peer, b"req", P.decode(frame), frame)
+
+
+def _granted(svc: BufferService, n: int) -> list[P.TrajectoryGroup]:
+    """Registers server "s" and answers the n credits it is granted."""
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    return [answer(c) for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits]
+
+
 def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_path):
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk)
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    credits = _step(svc, P.CreditRequest(server_id="s", max_credits=3)).credits
-    groups = [answer(c) for c in credits]
+    groups = _granted(svc, 3)
     assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
     disk.free = RESERVE - 1  # another writer filled the disk
     svc.settle()  # a sweep reads the free space
@@ -75,9 +88,7 @@ def test_degraded_mode_compacts_consumed_records_without_waiting_for_a_full_segm
     monkeypatch.setattr(buffer.diskspace, "MIN_SEGMENT_BYTES", 1)
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk, fsync="batch")
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    for c in _step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits:
-        assert _step(svc, answer(c)).status == "accepted"
+    assert [_step(svc, g).status for g in _granted(svc, 2)] == ["accepted"] * 2
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
     _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0, ack_batch=batch.batch_id))
     first = svc.wal.segments()
@@ -205,21 +216,16 @@ def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stoppi
         tmp_path, full_disk):
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk, fsync="batch")
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    credits = _step(svc, P.CreditRequest(server_id="s", max_credits=3)).credits
-    groups = [answer(c) for c in credits]
+    groups = _granted(svc, 3)
     assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
     fails = full_disk(10 ** 6)  # full although the estimate had room
-    ack = P.encode(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0,
-                                  ack_batch=batch.batch_id))
     sent = len(svc.server.sent)
-    svc.handle(b"trainer-ws-t", b"req", P.decode(ack), ack)
+    _send(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0, ack_batch=batch.batch_id))
     svc.settle()
     svc.settle()  # its reply waits for the consumed mark, which waits for room
     assert len(svc.server.sent) == sent and svc.disk.degraded
-    frame = P.encode(groups[2])
-    svc.handle(b"s", b"req", P.decode(frame), frame)  # refused at once: it depends on nothing
+    _send(svc, groups[2], b"s")  # refused at once: it depends on nothing
     assert svc.server.sent[sent:][0].status == "unavailable"
     fails[0] = 0
     svc.settle()
@@ -277,15 +283,12 @@ def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(
         tmp_path, full_disk, fsync):
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk, fsync=fsync)
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    for c in _step(svc, P.CreditRequest(server_id="s", max_credits=2)).credits:
-        assert _step(svc, answer(c)).status == "accepted"
+    assert [_step(svc, g).status for g in _granted(svc, 2)] == ["accepted"] * 2
     fails = full_disk(10 ** 6)  # full: estimate had room
     svc.server = sink = _KillAtEverySend(svc, tmp_path, disk, fails)
     for msg in (P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0),
                 P.CreditRequest(server_id="s", max_credits=2)):
-        frame = P.encode(msg)
-        svc.handle(b"trainer-ws-t", b"req", P.decode(frame), frame)
+        _send(svc, msg)
         svc.settle()
     assert svc.wal.disk_full and svc.disk.degraded
     fails[0] = 0  # space is back: the waiting records are written, then the replies leave
@@ -326,9 +329,8 @@ def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, full_disk, fsyn
     svc = _start(tmp_path, _Disk(100 * RESERVE), fsync=fsync)
     _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
     fails = full_disk(10 ** 9)
-    frame = P.encode(P.CreditRequest(server_id="s", max_credits=2))
     sent = len(svc.server.sent)
-    svc.handle(b"s", b"req", P.decode(frame), frame)
+    _send(svc, P.CreditRequest(server_id="s", max_credits=2), b"s")
     svc.settle()  # the Credits wait for their leases' record, which waits for room
     stopper = threading.Thread(target=svc.stop, daemon=True)
     stopper.start()
@@ -343,11 +345,6 @@ def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, full_disk, fsyn
 
 
 def test_status_says_a_buffer_on_a_full_disk_is_up_but_refuses_new_groups(tmp_path, capsys):
-    import json
-
-    from areal_like.net.metrics import Metrics, MetricsServer
-    from launch.top import status
-
     disk = _Disk(RESERVE - 1)
     svc = _start(tmp_path / "buffer", disk)
     svc.settle()  # a sweep reads the free space

@@ -1,7 +1,5 @@
-"""On-policy distillation in the trainer (trainer/LOSSES.md section 11): the advantage of each
-sampled token against hand-computed vectors, the teacher's log-probs carried by a trajectory over
-the wire and through the buffer's log into the trainer's batch, and a training step that reads
-them as those vectors say."""
+"""On-policy distillation (trainer/LOSSES.md section 11): hand vectors of each token's advantage,
+the teacher's log-probs over the wire and the WAL into the batch, and a step that reads them."""
 
 from __future__ import annotations
 
@@ -10,10 +8,14 @@ import pytest
 import torch
 
 from areal_like.settings.config import load_config
+from areal_like.weights.hf import build_model
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory
+from buffer.wal import WriteAheadLog
 from trainer.advantages import distill_advantages
 from trainer.data import groups_to_batch
+from trainer.model import Policy, attach_logprobs
+from trainer.step import StepSettings, train_step
 
 TASK = torch.tensor([[0.5, 0.5, 0.0], [-0.5, -0.5, -0.5]])
 TEACHER = torch.tensor([[-1.0, -0.5, 0.0], [-2.0, -1.0, -3.0]])
@@ -21,42 +23,24 @@ BEHAV = torch.tensor([[-1.5, -0.25, 0.0], [-1.0, -1.0, -1.0]])
 MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 1.0]])  # row 0: 2 tokens; row 1: a context token
 
 
-def test_mixed_advantage_by_hand():
-    # 0.5 * A + 2 * (teacher - behav) on each token of the mask:
-    # row 0: 0.25 + 2 * 0.5 = 1.25, 0.25 + 2 * (-0.25) = -0.25, padding 0
-    # row 1: -0.25 + 2 * (-1) = -2.25, context 0, -0.25 + 2 * (-2) = -4.25
-    adv = distill_advantages(TASK, TEACHER, BEHAV, MASK, torch.tensor([True, True]), kl_weight=2.0,
-                             task_reward_weight=0.5)
-    torch.testing.assert_close(adv, torch.tensor([[1.25, -0.25, 0.0], [-2.25, 0.0, -4.25]]))
-
-
-def test_pure_distillation_and_a_row_without_the_teacher():
-    # task weight 0, kl weight 1: row 0 is teacher - behav = 0.5, -0.25; row 1 has no teacher's
-    # log-probs (task_reward_only): its task advantage alone, -0.5, context 0, -0.5
-    adv = distill_advantages(TASK, TEACHER, BEHAV, MASK, torch.tensor([True, False]),
-                             kl_weight=1.0, task_reward_weight=0.0)
-    torch.testing.assert_close(adv, torch.tensor([[0.5, -0.25, 0.0], [-0.5, 0.0, -0.5]]))
-
-
-def test_group_baseline_by_hand():
-    # kl = teacher - behav: row 0: 0.5, -0.25, (padding); row 1: -1, (context), -2. One group:
-    # position 0 has both tokens, mean -0.25: 0.75 and -0.75; positions 1 and 2 have one token
-    # each, which is its own mean: 0. Then 0.5 * A + 2 * that:
-    # row 0: 0.25 + 1.5 = 1.75, 0.25 + 0 = 0.25, 0; row 1: -0.25 - 1.5 = -1.75, 0, -0.25
-    adv = distill_advantages(TASK, TEACHER, BEHAV, MASK, torch.tensor([True, True]),
-                             kl_weight=2.0, task_reward_weight=0.5, group_ids=torch.tensor([7, 7]))
-    torch.testing.assert_close(adv, torch.tensor([[1.75, 0.25, 0.0], [-1.75, 0.0, -0.25]]))
-    # two groups of one row each: every KL term is its own mean, the task advantage alone stays
-    adv = distill_advantages(TASK, TEACHER, BEHAV, MASK, torch.tensor([True, True]),
-                             kl_weight=2.0, task_reward_weight=0.5, group_ids=torch.tensor([3, 9]))
-    torch.testing.assert_close(adv, torch.tensor([[0.25, 0.25, 0.0], [-0.25, 0.0, -0.25]]))
-
-
-def test_group_baseline_leaves_out_a_row_without_the_teacher():
-    # row 1 has no teacher's log-probs: it is not in the mean (row 0 is alone: 0) and keeps A_task
-    adv = distill_advantages(TASK, TEACHER, BEHAV, MASK, torch.tensor([True, False]),
-                             kl_weight=1.0, task_reward_weight=0.0, group_ids=torch.tensor([0, 0]))
-    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.0, 0.0], [-0.5, 0.0, -0.5]]))
+# kl = teacher - behav: row 0: 0.5, -0.25, (padding); row 1: -1, (context), -2
+@pytest.mark.parametrize("has, kl_w, task_w, groups, want", [
+    # 0.5 * A + 2 * kl on each token of the mask
+    ([True, True], 2.0, 0.5, None, [[1.25, -0.25, 0.0], [-2.25, 0.0, -4.25]]),
+    # row 1 without the teacher's log-probs: its task advantage alone
+    ([True, False], 1.0, 0.0, None, [[0.5, -0.25, 0.0], [-0.5, 0.0, -0.5]]),
+    # one group: position 0's kl mean -0.25 leaves +-0.75; a position with one token: 0
+    ([True, True], 2.0, 0.5, [7, 7], [[1.75, 0.25, 0.0], [-1.75, 0.0, -0.25]]),
+    # a group of one row each: every kl term is its own mean
+    ([True, True], 2.0, 0.5, [3, 9], [[0.25, 0.25, 0.0], [-0.25, 0.0, -0.25]]),
+    # a row without the teacher is not in the mean (row 0 alone: 0) and keeps A_task
+    ([True, False], 1.0, 0.0, [0, 0], [[0.0, 0.0, 0.0], [-0.5, 0.0, -0.5]]),
+])
+def test_mixed_advantage_by_hand(has, kl_w, task_w, groups, want):
+    adv = distill_advantages(TASK, TEACHER, BEHAV, MASK, torch.tensor(has), kl_weight=kl_w,
+                             task_reward_weight=task_w,
+                             group_ids=None if groups is None else torch.tensor(groups))
+    torch.testing.assert_close(adv, torch.tensor(want))
 
 
 def sample(n: int, teacher: list[float] | None, reward: float = 1.0) -> Trajectory:
@@ -84,10 +68,7 @@ def test_teacher_logprobs_cross_the_wire_into_the_batch():
 
 
 def test_teacher_logprobs_survive_the_buffers_write_ahead_log(tmp_path):
-    """The buffer logs a group's frame as its rollout server encoded it and replays it after a
-    restart (buffer/WAL.md): the teacher's log-probs come back with it."""
-    from buffer.wal import WriteAheadLog
-
+    """A group's frame replayed from the WAL after a restart keeps the teacher's log-probs."""
     frame = P.encode(group(sample(3, [-0.5, -1.0, -2.0])))
     wal = WriteAheadLog(tmp_path)
     list(wal.replay())
@@ -112,10 +93,6 @@ def test_a_wrong_length_or_a_nonfinite_teacher_logprob_is_refused():
 def _step_against_by_hand(*extra: str):
     """One step of a GRPO batch with the teacher's log-probs under ``extra`` distill keys, and the
     same step given ``by_hand(a)`` advantages (``a``: 0.5 x GRPO's advantage of rewards 1, 0)."""
-    from areal_like.weights.hf import build_model
-    from trainer.model import Policy, attach_logprobs
-    from trainer.step import StepSettings, train_step
-
     cfg = load_config(["distill.teachers=[http://127.0.0.1:1]", "distill.kl_weight=2.0",
                        "distill.task_reward_weight=0.5", "loss=grpo", "task.temperature=1.0",
                        *extra])
@@ -136,8 +113,7 @@ def _step_against_by_hand(*extra: str):
 
 
 def test_a_training_step_reads_the_teacher_as_the_vectors_say():
-    """A step with the teacher's log-probs has the loss of the same step given the mixed
-    advantages by hand, and reports the sampled reverse KL (behav - teacher over the tokens)."""
+    """The loss of the same step given the mixed advantages by hand; the sampled reverse KL."""
     with_teacher, plain, a = _step_against_by_hand()
     # grpo on rewards (1, 0): +-1/(sqrt(0.5) + 1e-6), times 0.5, plus 2 * (teacher - behav)
     by_hand = plain([[a + 1.0, a + 0.0, a - 2.0], [-a - 4.0, -a + 0.0, 0.0]])

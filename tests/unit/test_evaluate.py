@@ -4,19 +4,47 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from service_harness import start, step  # the buffer service with fake sockets
+from test_weight_members import ScriptedBuffer
 
 from areal_like.engines.client import EngineError, GenerateOutput
-from areal_like.settings.config import EXPORT_TASK_FILE, BufferConfig, EvalConfig, TaskConfig
+from areal_like.engines.sglang import SGLangClient
+from areal_like.net.metrics import Metrics
+from areal_like.settings.config import (
+    EXPORT_TASK_FILE,
+    BufferConfig,
+    EngineConfig,
+    EvalConfig,
+    ModelConfig,
+    TaskConfig,
+    WeightSyncConfig,
+    export_yaml,
+    load_config,
+    load_daemon_config,
+    to_yaml,
+)
 from areal_like.tasks.task import Example
 from areal_like.wire import protocol as P
-from rollout_server.evaluate import EvalSchedule, evaluate, main, read_done_versions, summarize
+from launch.job import plan_job
+from rollout_server.engine import EmbeddedEngine
+from rollout_server.evaluate import (
+    EvalSchedule,
+    evaluate,
+    main,
+    read_done_versions,
+    record_eval_metrics,
+    summarize,
+)
+from rollout_server.reward_pool import RewardPoolError
+from trainer.weight_sync import WeightBroadcaster
 
 
 @pytest.mark.parametrize("every,at_start,at_end,done,due,words", [
@@ -100,8 +128,6 @@ def _evaluate_tracked(engine, rewards, n, ev):
 
 
 def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_returns():
-    from rollout_server.reward_pool import RewardPoolError
-
     class Rewards:
         async def score_group(self, prompt, responses, example):
             raise RewardPoolError("task.reward_fn='m:f' cannot be loaded in a reward worker")
@@ -130,8 +156,7 @@ def test_done_versions_survive_a_torn_line(tmp_path):
     assert read_done_versions(tmp_path / "missing.jsonl") == set()
 
 
-def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, capsys):
-    """A run dir or its checkpoints root: one error line naming what eval takes."""
+def test_eval_of_a_run_directory_or_a_pruned_checkpoint_is_one_error_line(tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("run_dir: run\n")
@@ -142,10 +167,7 @@ def test_eval_of_a_run_directory_says_it_wants_a_model_not_a_task(tmp_path, caps
         assert "<run_dir>/export/v<version>" in err, err
     assert main([str(tmp_path / "missing")]) == 2
     assert capsys.readouterr().err == f"error: {tmp_path / 'missing'} does not exist\n"
-
-
-def test_eval_of_a_checkpoint_its_run_pruned_says_so(tmp_path, capsys):
-    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints = run_dir / "checkpoints"  # one its run pruned
     for version in (8, 10):
         (checkpoints / f"v{version:08d}").mkdir(parents=True)
     assert main([str(checkpoints / "v00000004")]) == 2
@@ -179,17 +201,6 @@ def test_an_evaluating_server_is_out_of_the_roster_until_it_says_it_is_done(tmp_
         svc.stop()
 
 
-class _ScriptedBuffer:
-    def __init__(self, replies: list[P.Roster]):
-        self.replies = replies
-
-    def request(self, msg, timeout_s=None):
-        return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
-
-    def close(self):
-        pass
-
-
 def _roster(versions: dict[str, int], evaluating=(), evaluates=()) -> P.Roster:
     return P.Roster(members=[P.RosterEntry(server_id=s, engine_url="",
                                            engine_ranks=1, policy_version=v,
@@ -200,11 +211,6 @@ def _roster(versions: dict[str, int], evaluating=(), evaluates=()) -> P.Roster:
 @pytest.fixture
 def rank0():
     """Trainer rank 0's broadcaster (``WeightBroadcaster``); its buffer is set by each test."""
-    import torch
-
-    from areal_like.settings.config import WeightSyncConfig
-    from trainer.weight_sync import WeightBroadcaster
-
     broadcaster = WeightBroadcaster(WeightSyncConfig(), buffer_address="tcp://127.0.0.1:1",
                                     rank=0, device=torch.device("cpu"))
     broadcaster.client.close()
@@ -220,11 +226,11 @@ def rank0():
     ([_roster({"b": 10}), _roster({"a": 0, "b": 10}, evaluates=["a"]),
       _roster({"a": 10, "b": 10}, evaluates=["a"])], True, ["wait", "push", "done"]),
     # a member at the final label that another trainer (not this one's pushes) gave it
-    ([_roster({"a": 10, "b": 10})], False, ["push", "done"]),
+    ([_roster({"a": 10, "b": 10})] * 2, False, ["push", "done"]),
 ])
 def test_final_catch_up_pushes_the_final_version_once_to_each_member(
         rank0, rosters, final_eval, decisions):
-    rank0.client, rank0.loaded = _ScriptedBuffer(rosters), {"b": 10}  # what this trainer pushed
+    rank0.client, rank0.loaded = ScriptedBuffer(*rosters), {"b": 10}  # what this trainer pushed
     deadline, pushes = time.monotonic() + 60, 0
     for want in decisions:
         assert rank0.catch_up_decision(10, deadline, pushes, final_eval=final_eval) == want
@@ -238,7 +244,7 @@ def test_final_catch_up_pushes_the_final_version_once_to_each_member(
     ({"b": 10}, True, 0, True),  # a late evaluator: waited for until the deadline
 ])
 def test_final_catch_up_gives_up_when_bounded(rank0, versions, past, pushes, final_eval):
-    rank0.client, rank0.loaded = _ScriptedBuffer([_roster(versions)]), {"a": 10, "b": 10}
+    rank0.client, rank0.loaded = ScriptedBuffer(_roster(versions)), {"a": 10, "b": 10}
     deadline = time.monotonic() + (-1 if past else 60)
     assert rank0.catch_up_decision(10, deadline, pushes, final_eval=final_eval) == "done"
 
@@ -299,7 +305,6 @@ def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, ca
 
 def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_loads(
         tmp_path, capfd, monkeypatch):
-    """A reward_fn that does not import from here: one line naming cwd, before the model."""
     monkeypatch.chdir(tmp_path)
     export = _export_with_task(tmp_path, name="reverse",
                                reward_fn="my_own_rewards_mod.rewards:score")
@@ -313,7 +318,6 @@ def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_
 
 def test_eval_with_a_batched_reward_that_cannot_take_the_columns_is_one_error_line(
         tmp_path, capfd, monkeypatch):
-    """A batched reward missing a column is refused; a task given over the stored one is said."""
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the workers import from here
     export = _export_with_task(tmp_path)
     spec = "tests.unit.trl_reward_fns:needs_solution"
@@ -328,9 +332,6 @@ def test_eval_with_a_batched_reward_that_cannot_take_the_columns_is_one_error_li
 
 
 def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
-    from areal_like.net.metrics import Metrics
-    from rollout_server.evaluate import record_eval_metrics
-
     m = Metrics()
     record_eval_metrics(m, {"greedy_accuracy": 0.5, "greedy_reward": 0.6, "mean@4": 0.25,
                             "pass@4": 0.75}, 4)
@@ -339,22 +340,13 @@ def test_eval_metrics_name_the_sample_count_in_a_label_not_in_the_name():
             and value("areal_rollout_eval_pass", {"k": "4"}) == 0.75)
     assert value("areal_rollout_eval_greedy_accuracy") == 0.5
     assert b"_at_4" not in m.render()
-
-
-def test_a_running_count_is_a_counter_brought_up_to_its_total():
-    from areal_like.net.metrics import Metrics
-
-    m = Metrics()
-    for total in (0, 2, 2, 5):
+    for total in (0, 2, 2, 5):  # a running count is a counter brought up to its total
         m.count_to("trainer/groups_dropped_bad_data", "dropped", total)
     assert m.registry.get_sample_value("areal_trainer_groups_dropped_bad_data_total") == 5
 
 
 def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_anywhere(
         tmp_path, monkeypatch):
-    from areal_like.settings.config import load_config, load_daemon_config, to_yaml
-    from launch.job import plan_job
-
     monkeypatch.chdir(tmp_path)
     cfg, _ = plan_job(load_config(["task=dataset", "task.dataset_path=data/train.jsonl",
                                    "task.eval_path=data/test.jsonl", "run_dir=run"]), cpus=[0, 1])
@@ -369,11 +361,7 @@ def test_the_run_config_names_its_data_files_absolute_so_eval_reads_them_from_an
 
 
 def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
-    """Per-sample seeds: same seed repeats responses at any concurrency; another changes them."""
-    from areal_like.engines.sglang import SGLangClient
-    from areal_like.settings.config import EngineConfig, ModelConfig
-    from rollout_server.engine import EmbeddedEngine
-
+    """Per-sample seeds: the same responses at any concurrency; another seed changes them."""
     class Kept:  # keeps every response, scores none
         async def score_group(self, prompt, responses, example):
             seen.append(tuple(responses))
@@ -448,10 +436,6 @@ def test_eval_started_inside_an_export_imports_nothing_shipped_in_it(tmp_path, m
 
 def test_a_run_config_an_export_names_is_read_only_when_it_is_the_users_own(tmp_path, capsys):
     """A run config others may write (or outside a 0700 run dir) is not the user's own."""
-    import os
-
-    from areal_like.settings.config import export_yaml
-
     config = tmp_path / "run" / "config.yaml"
     config.parent.mkdir()
     config.write_text("task:\n  name: reverse\n")

@@ -1,5 +1,4 @@
-"""The engine API key a daemon keeps in its facts never shows in their repr (a log line, a
-traceback's locals), as ``security.Keys.secret`` does not."""
+"""The engine API key in a daemon's facts never shows in their repr."""
 
 from __future__ import annotations
 

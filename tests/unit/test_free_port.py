@@ -1,5 +1,4 @@
-"""``free_port`` hands out ports a later bind to port 0 cannot take (a collision seen on a loaded CI
-run: the buffer's publisher, bound to port 0, got the metrics port picked for a rollout server)."""
+"""``free_port`` hands out ports a later bind to port 0 cannot take."""
 
 from __future__ import annotations
 
@@ -46,9 +45,7 @@ def test_binds_to_port_zero_never_get_a_handed_out_port():
 
 
 class _RepeatingKernel:
-    """A socket whose bind to port 0 gets the ports in ``PORTS`` in turn: a kernel that hands a
-    just-closed port out again (it may, off Linux or in a narrow range). Every other port is
-    taken, so that ``free_port`` falls back to the kernel's pick wherever it runs."""
+    """A kernel that hands a just-closed port out again on a bind to port 0; others are taken."""
 
     PORTS: list[int] = []
 

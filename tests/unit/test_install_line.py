@@ -1,9 +1,5 @@
-"""The install lines: the README's two commands and CI's script get PyTorch's CPU build of torch
-the way PyTorch documents it for pip (its CPU index); from PyPI, a pinned torch is the CUDA build.
-
-The install itself needs a network (or a configured mirror) and minutes, so it runs in CI
-(``.ci/run``); this test holds the three lines to one text, so that the README's "exactly what CI
-runs" stays true and no line falls back to PyPI's CUDA build."""
+"""The README's two install commands and CI's take torch's CPU build from PyTorch's index (PyPI's
+pinned torch is the CUDA build); the install itself runs in CI."""
 
 from __future__ import annotations
 

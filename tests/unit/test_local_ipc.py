@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -13,12 +16,16 @@ from pathlib import Path
 import pytest
 import zmq
 
+from areal_like.daemon import STARTED
 from areal_like.net import security
 from areal_like.net.dealer import Client
 from areal_like.net.distributed import free_port
 from areal_like.net.transport import Server, TransportTimeout, local_addresses
 from areal_like.settings.config import RunConfig, load_config
 from areal_like.wire import protocol as P
+from launch.topology import with_local_ipc
+from rollout_server.server import RolloutServer
+from tests.conftest import child_env
 
 ANSWER_S = 20.0  # generous: the machine is shared; only refusals wait this long
 NOBODY = 65534
@@ -154,11 +161,8 @@ HUNG_S = 30.0  # past its wait, a knocking child that has not exited is hung
 
 
 def knock_as(uid: int, address: str, wait_s: float) -> int:
-    """Fork a child as uid knocking on address: 0 no reply in wait_s, 1 a reply, 2 an error.
-
-    A child hung by the fork (a lock held by a ZeroMQ thread) is killed after HUNG_S and forked
-    again; an answer is never retried.
-    """
+    """Fork a child as uid knocking on address: 0 no reply in wait_s, 1 a reply, 2 an error (a
+    child hung by the fork is killed after HUNG_S and forked again)."""
     for _ in range(3):
         pid = os.fork()
         if pid == 0:  # the child: no pytest, no inherited ZeroMQ context
@@ -228,8 +232,6 @@ def test_a_process_of_another_user_is_refused_even_when_the_kernel_lets_it_in(
 
 
 def test_a_one_node_run_points_every_daemon_at_the_same_node_sockets(tmp_path):
-    from launch.topology import with_local_ipc
-
     cfg = _cfg(f"run_dir={tmp_path}")
     local = with_local_ipc(cfg)
     router, pub = local_addresses(tmp_path / "sock")
@@ -248,11 +250,6 @@ def test_a_one_node_run_points_every_daemon_at_the_same_node_sockets(tmp_path):
 
 def test_a_buffer_given_a_socket_directory_others_can_enter_refuses_in_one_line(tmp_path, keys):
     """A 0755 buffer.local_dir: one line naming it and chmod 700, exit 2."""
-    import subprocess
-    import sys
-
-    from tests.conftest import child_env
-
     (tmp_path / "local").mkdir(mode=0o755)
     os.chmod(tmp_path / "local", 0o755)
     proc = subprocess.run(
@@ -270,11 +267,6 @@ def test_a_buffer_given_a_socket_directory_others_can_enter_refuses_in_one_line(
 def test_a_rollout_server_given_a_socket_directory_others_can_enter_refuses_to_start(
         tmp_path, caplog):
     """A rollout server checks the socket dir first: exit 2, no started, no engine."""
-    import logging
-
-    from areal_like.daemon import STARTED
-    from rollout_server.server import RolloutServer
-
     (tmp_path / "open").mkdir(mode=0o755)
     os.chmod(tmp_path / "open", 0o755)
     router, pub = local_addresses(tmp_path / "open")

@@ -1,10 +1,5 @@
-"""With LoRA the trainer holds the frozen base in ``model.dtype`` and trains the adapters in fp32.
-
-GPU topologies compute in bf16 (``model.dtype=bfloat16``): there the base is stored in bf16, which
-is what FSDP2's mixed precision cast it to for every forward anyway, so the log-probs are the same
-as with an fp32 base, bit for bit, at half the memory. CPU topologies (``model.dtype=float32``)
-keep the fp32 base. Checked on CPU through ``build_policy``, which the trainer builds from.
-"""
+"""With LoRA the frozen base is held in ``model.dtype`` (bf16: the log-probs FSDP2's cast gave,
+bit for bit) and the adapters train in fp32."""
 
 from __future__ import annotations
 

@@ -1,7 +1,5 @@
-"""The ``sitecustomize`` an SGLang process on CPU with LoRA starts with
-(rollout_server/sglang_cpu/lora_site): it unpins once, however often ``unpin`` is reached, and
-runs the ``sitecustomize`` it shadows. Each case is a fresh interpreter (unpinning changes torch
-for the whole process) started with the ``PYTHONPATH`` and variable ``sglang_env`` gives."""
+"""SGLang-on-CPU LoRA's ``sitecustomize`` unpins once and runs the one it shadows (a fresh
+interpreter each: unpinning changes torch process-wide)."""
 
 from __future__ import annotations
 

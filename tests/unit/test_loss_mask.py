@@ -1,9 +1,5 @@
-"""The per-token loss mask of multi-turn trajectories (Trajectory.loss_mask).
-
-Masked context tokens train exactly like deleting those columns by hand (no shared masking bug),
-for every kernel, aggregation and estimator; the mask arrives via groups_to_batch; old frames are
-refused.
-"""
+"""Trajectory.loss_mask: masked context tokens train exactly like columns deleted by hand, for
+every kernel, aggregation and estimator; the mask crosses the wire; bad or old frames refused."""
 
 from __future__ import annotations
 
@@ -122,25 +118,19 @@ def test_the_trainers_loss_mask_is_the_trajectorys_across_the_wire():
 
 
 def test_a_bad_mask_or_an_old_version_frame_is_refused():
-    with pytest.raises(P.ProtocolError, match="0 \\(context\\) or 1") as info:
-        Trajectory.of(prompt_ids=[1], output_ids=[2, 3], behav_logp=[0.0, 0.0],
-                      versions=[0, 0], reward=0.0,
-                        finish_reason="stop", loss_mask=[1, 2])
-    assert info.value.field == "loss_mask"
-    with pytest.raises(P.ProtocolError, match="length 1 != len"):
-        Trajectory.of(prompt_ids=[1], output_ids=[2, 3], behav_logp=[0.0, 0.0],
-                      versions=[0, 0], reward=0.0,
-                        finish_reason="stop", loss_mask=[1])
+    for mask, why in (([1, 2], "0 \\(context\\) or 1"), ([1], "length 1 != len")):
+        with pytest.raises(P.ProtocolError, match=why) as info:
+            Trajectory.of(prompt_ids=[1], output_ids=[2, 3], behav_logp=[0.0, 0.0],
+                          versions=[0, 0], reward=0.0, finish_reason="stop", loss_mask=mask)
+        assert info.value.field == "loss_mask"
     group = P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
                               trajectories=[trajectory(3, [1])])
     # on the wire, as a sender not built on Trajectory.of might
     for bad in ([1, 0, 2], [1, -1, 1], [1, 256, 1]):
         wire = msgpack.unpackb(P.encode(group))
         wire["trajectories"][0]["loss_mask"][2] = runs_of(bad, "loss_mask")[2].tobytes()
-        # decode checks the mask's length, not its values (the hot path)
+        # decode checks the mask's length (the hot path); admission checks every value
         decoded = P.decode(msgpack.packb(wire))
-        # the buffer's admission and the trainer's data source read every value
-        # (areal_like/wire/group_checks.py)
         assert content_problem(decoded, vocab_size=0).startswith(
             "bad_loss_mask: trajectory 0 has loss_mask"), bad
     assert content_problem(group, vocab_size=0) is None

@@ -1,6 +1,5 @@
-"""Policy-loss kernels: hand-computed vectors for every kernel of trainer/LOSSES.md (loss and
-gradient w.r.t. logp, rtol 1e-5), aggregation vectors, gradient flow, stability and micro-batch
-invariance."""
+"""Policy-loss kernels: trainer/LOSSES.md's hand vectors (loss and gradient), aggregation,
+gradient flow, stability and micro-batch invariance."""
 
 from __future__ import annotations
 
@@ -74,9 +73,8 @@ def test_aggregation_ignores_nan_padding_and_empty_rows():
 # ---------------------------------------------------------------- PPO / GRPO (section 2)
 @pytest.mark.parametrize("eps_high,expected", [(0.2, 0.6), (0.28, 0.584)])
 def test_ppo_vector(eps_high, expected):
-    loss, grad, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5,
-                            eps_clip=0.2, eps_clip_high=eps_high,
-                            dual_clip=3.0)
+    loss, grad, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, eps_clip=0.2,
+                            eps_clip_high=eps_high, dual_clip=3.0)
     close(loss, expected)
     close(grad, [[-0.22, 0.0, 0.0, 0.0, 0.30]])
     close(stats["clip_frac"], 0.4)  # tokens 2 and 3 (l2 > l1)
@@ -262,7 +260,7 @@ def test_sequence_log_ratio_is_clamped_after_summing():
 
 
 # ---------------------------------------------------------------- KL to the reference policy
-def test_kl_penalty_estimators_and_clamps():
+def test_kl_penalty_estimators_clamps_and_term_in_the_loss():
     lp = torch.tensor([[math.log(0.5), math.log(0.2)]])
     ref = torch.tensor([[math.log(0.25), math.log(0.4)]])
     m = torch.ones(1, 2)
@@ -273,14 +271,11 @@ def test_kl_penalty_estimators_and_clamps():
     big = losses.kl_penalty(torch.tensor([[-1e4]]), torch.tensor([[0.0]]), torch.ones(1, 1),
                             estimator="k3")
     close(big, [[10.0]])  # log-ratio clamped to -20, k3 clamped to 10
-
-
-def test_kl_term_adds_to_loss():
+    # the KL term adds to the loss
     ref = PROX5 - 0.1
     base, g0, _ = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0)
-    loss, g, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0,
-                         kl_coef=0.5, kl_estimator="k1",
-                         ref_logp=ref)
+    loss, g, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0, kl_coef=0.5,
+                         kl_estimator="k1", ref_logp=ref)
     close(loss - base, 0.5 * (LOGP5 - ref).mean())
     close(g - g0, torch.full((1, 5), 0.5 / 5))
     close(stats["kl_ref"], (LOGP5 - ref).mean())
@@ -344,8 +339,7 @@ def test_mismatch_kl_is_k3_of_behav_vs_prox():
 
 # ------------------------------------------------------------- gradient flow, stability, invariance
 def make_batch(seed=0, b=6, t=7, spread=0.3):
-    """Random [b, t] batch with ragged lengths (>= 1) and garbage (nan) in the padding of every
-    stream."""
+    """Random [b, t] batch with ragged lengths (>= 1) and nan in every stream's padding."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(1, t + 1, (b,), generator=g)
     lengths[0] = t
@@ -408,8 +402,7 @@ def test_extreme_log_ratios_and_lengths_are_finite(kind, sign):
 
 
 def _split_losses(kind, agg, b, sizes, trim):
-    """Whole batch vs micro-batches (optionally re-padded to their own max length) with global
-    counts."""
+    """Whole batch vs micro-batches (optionally re-padded) with global counts."""
     hp = dict(KIND_HP[kind], loss_scale_factor=7.0)
     n_tok = float(b["mask"].sum())
     n_seq = float((b["mask"].sum(-1) > 0).sum())
@@ -423,8 +416,7 @@ def _split_losses(kind, agg, b, sizes, trim):
                                           logp=lp[cut], prox_logp=b["prox"][sl][cut],
                                           behav_logp=b["behav"][sl][cut],
                                           advantages=b["adv"][sl][cut], mask=m[cut],
-                                          ref_logp=b["ref"][sl][cut],
-                                          **norms)
+                                          ref_logp=b["ref"][sl][cut], **norms)
         loss.backward()
         return loss.detach(), lp.grad, stats
 

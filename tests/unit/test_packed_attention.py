@@ -90,6 +90,14 @@ def test_a_packed_forward_and_backward_sync_with_the_host_once():
     assert calls == []
 
 
+def logp_and_grads(model, batch, forward=None):
+    """Log-probs (packed, by default) and every parameter's gradient of their masked sum."""
+    model.zero_grad()
+    lp = (forward or (lambda: output_logp(model, batch, 0.8, chunk_tokens=5, packed=True)))()
+    (lp * batch.mask).sum().backward()
+    return lp.detach(), [p.grad.clone() for p in model.parameters()]
+
+
 def _reference_varlen(calls):
     """torch's varlen_attn signature computed per sequence with SDPA; records its calls."""
     def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None,
@@ -129,16 +137,9 @@ def varlen_standin(monkeypatch):
 def test_the_varlen_kernel_gets_the_row_in_its_layout(varlen_standin):
     """Through the varlen kernel, log-probs and grads equal SDPA's ([T, H, D], cu_seqlens, GQA)."""
     model, batch = packed_model(), packed_batch(SHAPES)
-
-    def run():
-        model.zero_grad()
-        lp = output_logp(model, batch, 0.8, chunk_tokens=5, packed=True)
-        (lp * batch.mask).sum().backward()
-        return lp.detach(), [p.grad.clone() for p in model.parameters()]
-
-    exact, g_exact = run()
+    exact, g_exact = logp_and_grads(model, batch)
     calls = varlen_standin()
-    varlen, g_varlen = run()
+    varlen, g_varlen = logp_and_grads(model, batch)
     assert len(calls) == model.config.num_hidden_layers  # one launch per layer
     lens = [p + o for p, o in SHAPES]
     cfg = model.config
@@ -154,7 +155,6 @@ def test_the_varlen_kernel_gets_the_row_in_its_layout(varlen_standin):
 
 
 def test_a_sliding_window_stays_inside_each_packed_sequence(varlen_standin):
-    """A sliding window (3) stays inside each packed sequence, SDPA and varlen paths."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import trainer.packed_attention as pa
@@ -170,24 +170,18 @@ def test_a_sliding_window_stays_inside_each_packed_sequence(varlen_standin):
     batch = packed_batch(SHAPES)
     m = batch.mask > 0
 
-    def run(fn):
-        model.zero_grad()
-        lp = fn()
-        (lp * batch.mask).sum().backward()
-        return lp.detach(), [p.grad.clone() for p in model.parameters()]
-
     def alone():
         width = batch.mask.shape[1]
         return torch.cat([torch.nn.functional.pad(output_logp(model, batch.select([i]), 0.8),
                                                   (0, width - int(batch.output_lens[i])))
                           for i in range(batch.n_seqs)])
 
-    ref, g_ref = run(alone)
+    ref, g_ref = logp_and_grads(model, batch, alone)
     calls: list[dict] = []
     for varlen in (False, True):
         if varlen:
             calls = varlen_standin()
-        lp, grads = run(lambda: output_logp(model, batch, 0.8, chunk_tokens=5, packed=True))
+        lp, grads = logp_and_grads(model, batch)
         torch.testing.assert_close(lp[m], ref[m], rtol=0, atol=1e-5)
         for a, b in zip(grads, g_ref):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

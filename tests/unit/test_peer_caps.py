@@ -1,9 +1,6 @@
-"""Per-member caps and roles at the buffer (buffer/peer_caps.py), through the service's real request
-handling: a member (a key's role, whatever socket it uses) over its cap of held BatchRequests, of
-registered server ids or of new ids per second is refused at once with a ``peer_limit`` reason and
-counted in ``buffer/rejected{peer_limit}``; other members are unaffected. A rollout key's
-BatchRequest or plan is refused as ``role``. (Over real sockets:
-tests/integration/test_member_roles.py.)"""
+"""Per-member caps and roles at the buffer, through the service's request handling: a member (a
+key's role, on any socket) over a cap is refused as ``peer_limit``, others unaffected; a rollout
+key's BatchRequest as ``role``."""
 
 from __future__ import annotations
 
@@ -35,9 +32,8 @@ def serve(tmp_path, **buffer):
     return svc, now
 
 
-def send(
-    svc, peer: bytes, req_id: bytes, msg: P.Message, member: str = "trainer"
-) -> list[tuple[bytes, bytes, P.Message]]:
+def send(svc, peer: bytes, req_id: bytes, msg: P.Message,
+         member: str = "trainer") -> list[tuple[bytes, bytes, P.Message]]:
     """Handle one request as the loop does; the replies sent meanwhile (none for a held request)."""
     before = len(svc.server.to)
     frame = P.encode(msg)
@@ -50,9 +46,7 @@ def send(
 
 def test_a_member_holding_too_many_batch_requests_is_refused_on_any_socket(tmp_path):
     svc, _ = serve(tmp_path)
-    request = P.BatchRequest(
-        n_groups=2, trainer_version=0, wait_s=600.0
-    )  # nothing stored: every one is held
+    request = P.BatchRequest(n_groups=2, trainer_version=0, wait_s=600.0)  # nothing stored: held
     for i in range(MAX_HELD_PER_MEMBER):
         assert send(svc, b"t%d" % i, b"a", request) == []  # a fresh socket each time: one member
     ((peer, req_id, reply),) = send(svc, A, b"over", request)
@@ -65,9 +59,8 @@ def test_a_member_holding_too_many_batch_requests_is_refused_on_any_socket(tmp_p
 
 def test_a_rollout_key_takes_no_batch(tmp_path):
     svc, _ = serve(tmp_path)
-    ((_, _, reply),) = send(
-        svc, A, b"r", P.BatchRequest(n_groups=1, trainer_version=0, wait_s=600.0), "rollout"
-    )
+    ((_, _, reply),) = send(svc, A, b"r", P.BatchRequest(n_groups=1, trainer_version=0,
+                                                          wait_s=600.0), "rollout")
     assert isinstance(reply, P.Batch) and reply.groups == [] and reply.reason.startswith("role: ")
     assert svc.handout.pending == [] and svc.stats()["rejected_role"] == 1
 
@@ -76,13 +69,8 @@ def test_a_member_registering_too_many_server_ids_is_refused_and_others_are_not(
     svc, now = serve(tmp_path, heartbeat_timeout_s=15.0)
 
     def register(peer: bytes, server_id: str, member: str = "rollout") -> P.Message:
-        ((_, _, reply),) = send(
-            svc,
-            peer,
-            server_id.encode(),
-            P.Register(server_id=server_id, engine_url="http://e"),
-            member,
-        )
+        ((_, _, reply),) = send(svc, peer, server_id.encode(),
+                                P.Register(server_id=server_id, engine_url="http://e"), member)
         return reply
 
     for i in range(MIN_SERVERS):
@@ -92,12 +80,9 @@ def test_a_member_registering_too_many_server_ids_is_refused_and_others_are_not(
     assert refused.reason == (
         f"peer_limit: member 'rollout' already has {MIN_SERVERS} server ids on "
         f"the roster (at most {MIN_SERVERS}: 2 x launch.num_rollout_servers per rollout node, "
-        "at least 8, in the buffer's config); refused 's9'"
-    )
+        "at least 8, in the buffer's config); refused 's9'")
     assert "s9" not in svc.control.roster and svc.stats()["rejected_peer_limit"] == 1
-    assert isinstance(
-        register(C, "s0"), P.RegisterAck
-    )  # registering again is always fine, from any socket
+    assert isinstance(register(C, "s0"), P.RegisterAck)  # registering again: from any socket
     assert isinstance(register(B, "s9", "local"), P.RegisterAck)  # another member is unaffected
     # an id that left the roster no longer counts: s1 falls silent, the others heartbeat
     now[0] = 20.0
@@ -113,9 +98,10 @@ def test_a_member_registering_too_many_server_ids_is_refused_and_others_are_not(
 
 def test_new_server_ids_of_a_member_are_rate_limited_after_a_burst(tmp_path):
     svc, now = serve(tmp_path, heartbeat_timeout_s=1.0)
-    register = lambda sid: send(
-        svc, A, sid.encode(), P.Register(server_id=sid, engine_url="http://e"), "rollout"
-    )[0][2]
+    def register(sid: str) -> P.Message:
+        return send(svc, A, sid.encode(), P.Register(server_id=sid, engine_url="http://e"),
+                    "rollout")[0][2]
+
     for i in range(MIN_SERVERS):  # the burst: every server of the job at once
         assert isinstance(register(f"a{i}"), P.RegisterAck)
     now[0] = 2.0  # all of them expire; the bucket refilled by 2 ids only

@@ -1,5 +1,4 @@
-"""A weight sync's plan (areal_like/weights/plan.py): ``plan_buckets``, pure bucket planning for
-the weight broadcast, and the payloads a plan takes per path."""
+"""A weight sync's plan: ``plan_buckets``' pure bucket planning, and the payloads per path."""
 
 from __future__ import annotations
 
@@ -24,23 +23,17 @@ def _names(buckets):
     return [b.names for b in buckets]
 
 
-def test_packs_in_order_up_to_the_bucket_size():
-    # float32: 4 bytes per element. a, b = 400 B each, c = 800 B; bucket 1000 B.
-    specs = [("a", [10, 10], "float32"), ("b", [100], "float32"), ("c", [200], "float32")]
-    buckets = plan_buckets(specs, 1000)
-    assert _names(buckets) == [["a", "b"], ["c"]]
-    assert [bucket_nbytes(b) for b in buckets] == [800, 800]
-    assert buckets[0].shapes == [[10, 10], [100]] and buckets[0].dtypes == ["float32", "float32"]
-
-
-def test_exact_fit_stays_in_one_bucket():
-    buckets = plan_buckets([("a", [125], "float32"), ("b", [125], "float32")], 1000)
-    assert _names(buckets) == [["a", "b"]]
-
-
-def test_a_tensor_larger_than_a_bucket_gets_its_own():
-    specs = [("small", [10], "float32"), ("huge", [1000], "float32"), ("tail", [10], "float32")]
-    assert _names(plan_buckets(specs, 100)) == [["small"], ["huge"], ["tail"]]
+@pytest.mark.parametrize("sizes, limit, names", [
+    ({"a": [10, 10], "b": [100], "c": [200]}, 1000, [["a", "b"], ["c"]]),  # 400, 400, 800 B
+    ({"a": [125], "b": [125]}, 1000, [["a", "b"]]),  # an exact fit stays in one bucket
+    ({"small": [10], "huge": [1000], "tail": [10]}, 100, [["small"], ["huge"], ["tail"]]),
+    ({}, MB, []),
+])
+def test_packs_in_order_up_to_the_bucket_size(sizes, limit, names):
+    buckets = plan_buckets([(n, s, "float32") for n, s in sizes.items()], limit)
+    assert _names(buckets) == names
+    assert [b.shapes for b in buckets] == [[sizes[n] for n in group] for group in names]
+    assert all(b.dtypes == ["float32"] * len(b.names) for b in buckets)
 
 
 def test_dtype_grouped_in_first_appearance_order_and_stable_within_dtype():
@@ -62,8 +55,7 @@ def test_every_tensor_exactly_once_and_deterministic():
         assert bucket_nbytes(bucket) <= 300 or len(bucket.names) == 1
 
 
-def test_empty_and_scalars():
-    assert plan_buckets([], MB) == []
+def test_a_scalar_takes_one_element():
     buckets = plan_buckets([("s", [], "float32")], MB)
     assert buckets[0].shapes == [[]] and bucket_nbytes(buckets[0]) == 4
 
@@ -74,7 +66,7 @@ def test_unknown_dtype_is_refused():
 
 
 def test_plan_travels_as_the_sync_ports_json():
-    """As the trainer sends a plan to a rollout server's /adapter (rollout_server/sync_port.py)."""
+    """As the trainer sends a plan to a rollout server's /adapter."""
     buckets = plan_buckets([("a", [2, 3], "float32"), ("b", [5], "bfloat16")], MB)
     plan = WeightSyncPlan(policy_version=3, group_name="g", master_addr="127.0.0.1",
                           master_port=1234, world_size=2,
@@ -85,10 +77,8 @@ def test_plan_travels_as_the_sync_ports_json():
 
 
 def test_weight_sync_plan_payloads_fit_its_path():
-    """A plan (built in the trainer's process, trainer/weight_sync.py; never on the wire) without
-    ``path`` is a distributed one. A known path takes exactly its payloads (one per bucket, one
-    directory, none), else it is refused when built, naming the field; an unknown path is built,
-    and the engine side fails that member's sync naming it (areal_like/weights/push.py)."""
+    """No ``path``: distributed. A known path takes exactly its payloads (one per bucket, one
+    directory, none), else it is refused when built, naming the field."""
     bucket = BucketSpec(names=["w"], dtypes=["float32"], shapes=[[2]])
     plan = WeightSyncPlan(policy_version=1, group_name="g", master_addr="h", master_port=1,
                           world_size=2, backend="gloo", reform=False, members=[],

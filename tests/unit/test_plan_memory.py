@@ -1,9 +1,5 @@
-"""`areal-like plan` ends a GPU job's layout with its memory per GPU (launch/memory.py): the
-trainer's peak and the engine's weights and KV cache against ``launch.gpu_memory_gb``.
-
-The 24 GB presets fit their GPUs by that estimate, from the published Qwen2.5 shapes (no
-download: a recipe's hub id names a known shape, a local ``model.path`` its ``config.json``).
-"""
+"""`areal-like plan` ends a GPU job's layout with its estimated memory per GPU against
+``launch.gpu_memory_gb``, from known Qwen2.5 shapes or a local ``config.json`` (no download)."""
 
 from __future__ import annotations
 
@@ -61,9 +57,7 @@ def test_the_24gb_presets_fit_a_24gb_gpu_by_the_estimate(experiment, topology, g
 
 
 def test_the_80gb_recipe_does_not_fit_24gb_and_the_estimate_follows_the_config():
-    """The 80 GB recipe's trainer (16384 tokens a micro-batch) on a 24 GB card is refused by the
-    estimate only (the plan still exits 0: an estimate, not a measurement); its 24 GB preset
-    (4096 tokens) fits."""
+    """The 80 GB recipe on a 24 GB card is said not to fit (the plan still exits 0: an estimate)."""
     big = plan("experiment=gsm8k_qwen25_05b", "launch.gpus_per_node=1", "launch.gpu_memory_gb=24",
                "trainer.activation_checkpointing=false")
     assert big.returncode == 0, big.stderr
@@ -72,9 +66,7 @@ def test_the_80gb_recipe_does_not_fit_24gb_and_the_estimate_follows_the_config()
 
 
 def test_a_local_model_directory_is_sized_from_its_config_json(tmp_path):
-    """A ``model.path`` directory's config.json gives the shape (no weights needed): the 0.5B
-    shape written there is sized as the hub id's published one; a mixture of experts gets no
-    estimate, saying why."""
+    """A ``model.path``'s config.json gives the shape; a mixture of experts gets no estimate."""
     (tmp_path / "dense").mkdir()
     (tmp_path / "dense" / "config.json").write_text(json.dumps(
         {"model_type": "qwen2", "max_position_embeddings": 32768, **QWEN2_SHAPES["0.5B"]}))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import os
 import shlex
 import subprocess
@@ -44,6 +45,11 @@ def hf_dir(path: Path, config: bool = True, weights: bool = True, tokenizer: boo
     return path
 
 
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def test_the_default_job_passes():
     assert pf.checked(base()) == base()
 
@@ -53,11 +59,6 @@ def test_the_dataset_tasks_own_example_passes_with_the_default_model():
     text = (ROOT / "configs/task/dataset.yaml").read_text().split("# Example")[1]
     lines = text.split("\nname:")[0].splitlines()[1:]
     pf.checked(load_config(shlex.split(" ".join(line.lstrip("# ") for line in lines))))
-
-
-def test_a_model_built_from_config_must_have_room_for_its_tokenizer():
-    assert pf.check_models(load_config(["model.vocab_size=50"])) == [
-        "model.vocab_size=50 is smaller than the tokenizer (model.tokenizer='char': 104 tokens)"]
 
 
 WEIGHTS = ("config.json", "model.safetensors")  # a model directory without its tokenizer
@@ -79,6 +80,9 @@ NO_TOKENIZER = ("model.path={m} has no tokenizer files (tokenizer.json or tokeni
                                      "tokenizer_config.json: not a tokenizer directory"]),
     ({"t": ("tokenizer_config.json",)}, {"tokenizer": "t"}, []),
     ({}, {"tokenizer": "bpe", "vocab_size": 512}, []),
+    # a model built from config must have room for its tokenizer
+    ({}, {"vocab_size": 50}, ["model.vocab_size=50 is smaller than the tokenizer "
+                              "(model.tokenizer='char': 104 tokens)"]),
     # the daemons' load_tokenizer would refuse it 10-30 s later
     ({}, {"tokenizer": "bpe"}, ["model.vocab_size=104 is too small for model.tokenizer=bpe: it "
                                 "needs at least 259 (256 bytes + 3 special tokens), e.g. 512"]),
@@ -219,24 +223,21 @@ def test_dataset_columns_named_by_the_task_keys_must_exist(tmp_path, monkeypatch
     (tmp_path / "eval.jsonl").write_text('{"question": "2+2=", "solution": "4"}\n')
     ok = dict(name="dataset", dataset_path="train.jsonl", prompt_key="question")
     assert pf.check_dataset_columns(cfg_with(**ok)) == []
-    assert pf.check_dataset_columns(cfg_with(name="dataset", dataset_path="train.jsonl")) == [
-        "task.prompt_key='prompt': no such column in train.jsonl; "
-        "columns found: question, answer, level"]
-    assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages")) == [
-        "task.messages_key='messages': no such column in train.jsonl; "
-        "columns found: question, answer, level"]
+    found = "in train.jsonl; columns found: question, answer, level"
     no_answer = "; task.answer_key='' when the reward (task.reward_fn) needs no answer"
-    assert pf.check_dataset_columns(cfg_with(**ok, answer_key="solution")) == [
-        "task.answer_key='solution': no such column in train.jsonl; "
-        "columns found: question, answer, level" + no_answer]
-    # both wrong: both named at once, not the answer's only once the messages' is fixed
-    assert pf.check_dataset_columns(cfg_with(**ok, messages_key="messages",
-                                             answer_key="solution")) == [
-        "task.messages_key='messages', task.answer_key='solution': no such columns in "
-        "train.jsonl; columns found: question, answer, level" + no_answer]
-    assert pf.check_dataset_columns(cfg_with(**ok, metadata_keys=["level", "source"])) == [
-        "task.metadata_keys='source': no such column in train.jsonl; "
-        "columns found: question, answer, level"]
+    for keys, want in [
+        ({"prompt_key": "prompt"}, f"task.prompt_key='prompt': no such column {found}"),
+        ({"messages_key": "messages"}, f"task.messages_key='messages': no such column {found}"),
+        ({"answer_key": "solution"},
+         f"task.answer_key='solution': no such column {found}{no_answer}"),
+        # both wrong: both named at once, not the answer's only once the messages' is fixed
+        ({"messages_key": "messages", "answer_key": "solution"},
+         f"task.messages_key='messages', task.answer_key='solution': no such columns {found}"
+         f"{no_answer}"),
+        ({"metadata_keys": ["level", "source"]},
+         f"task.metadata_keys='source': no such column {found}"),
+    ]:
+        assert pf.check_dataset_columns(cfg_with(**{**ok, **keys})) == [want], keys
     assert pf.check_dataset_columns(cfg_with(**ok, eval_path="eval.jsonl")) == [
         "task.answer_key='answer': no such column in eval.jsonl; columns found: question, "
         "solution" + no_answer]
@@ -277,19 +278,14 @@ def test_chat_template_is_auto_none_a_file_or_a_template_that_compiles(tmp_path,
                                          "{% endfor %}")
     assert pf.check_chat_template(cfg_with(chat_template="chat.jinja")) == []
     (tmp_path / "bad.jinja").write_text("{% for m in messages %}\n{{ m['content'] }}\n")
-    assert pf.check_chat_template(cfg_with(chat_template="bad.jinja")) == [
-        "task.chat_template='bad.jinja' is not a valid Jinja template: Unexpected end of template. "
-        "Jinja was looking for the following tags: 'endfor' or 'else'. The innermost block that "
-        "needs to be closed is "
-        "'for'. (line 2)"]
-    assert pf.check_chat_template(cfg_with(chat_template="{{ messages[0]['content'] ")) == [
-        "task.chat_template=\"{{ messages[0]['content'] \" is not a valid Jinja template: "
-        "unexpected end of "
-        "template, expected 'end of print statement'. (line 1)"]
+    [bad] = pf.check_chat_template(cfg_with(chat_template="bad.jinja"))
+    assert bad.startswith("task.chat_template='bad.jinja' is not a valid Jinja template: ")
+    assert bad.endswith("(line 2)")
+    [bad] = pf.check_chat_template(cfg_with(chat_template="{{ messages[0]['content'] "))
+    assert bad.startswith("task.chat_template=\"{{ messages[0]['content'] \" is not a valid Jinja")
     assert pf.check_chat_template(cfg_with(chat_template="templates/chatml.jinja")) == [
         "task.chat_template='templates/chatml.jinja' is not 'auto', 'none', an existing file "
-        "or a Jinja template "
-        "(a template contains '{{' or '{%')"]
+        "or a Jinja template (a template contains '{{' or '{%')"]
 
 
 LOAD = "cannot be loaded in a reward worker: "
@@ -430,52 +426,46 @@ def test_preflight_lists_every_problem_and_checked_resolves_first(tmp_path, monk
     assert pf.checked(good) == good
 
 
-def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anything(tmp_path):
+@pytest.mark.parametrize("args, keys", [
+    (["experiment=quickstart", "task.max_new_tokens=1000"], ["task.max_new_tokens"]),
+    (["model.path=/nonexistent/no_model", "task=dataset", "task.dataset_path=train.jsonl",
+      "task.eval_path=no_eval.jsonl", "task.reward_fn=no_such_module_areal:score"],
+     ["model.path", "model.path", "task.eval_path", "task.reward_fn"]),
+])
+def test_areal_like_run_refuses_bad_inputs_in_one_line_each_before_starting_anything(
+        tmp_path, args, keys):
     run_dir = tmp_path / "run"
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
-    r = run_cli("run", "-q", f"run_dir={run_dir}", f"model.path={tmp_path / 'no_model'}",
-                "task=dataset", "task.dataset_path=train.jsonl", "task.eval_path=no_eval.jsonl",
-                "task.reward_fn=no_such_module_areal:score", timeout=120, cwd=tmp_path)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert [ln.split("=", 1)[0] for ln in lines] == ["error: model.path", "error: model.path",
-                                                     "error: task.eval_path",
-                                                     "error: task.reward_fn"], lines
-    assert "Traceback" not in r.stderr and r.stdout == ""
+    r = run_cli("run", "-q", f"run_dir={run_dir}", *args, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
+    assert [ln.split("=", 1)[0] for ln in r.stderr.splitlines()] == [f"error: {k}" for k in keys]
     assert not run_dir.exists()  # no warm start, no daemon, not even the run directory
 
 
 @pytest.mark.parametrize("value", ["1", "true", "True", "yes", None, "", "0", "false"])
 def test_an_inherited_return_original_logprob_is_refused_unless_unset_or_false(monkeypatch,
                                                                                value):
-    if value is None:
-        monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB", raising=False)
-    else:
+    monkeypatch.delenv("SGLANG_RETURN_ORIGINAL_LOGPROB", raising=False)
+    if value is not None:
         monkeypatch.setenv("SGLANG_RETURN_ORIGINAL_LOGPROB", value)
-    problems = pf.check_environment(base())
-    if value in (None, "", "0", "false"):
-        assert problems == []
-        return
-    assert len(problems) == 1 and problems[0].startswith(
-        f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r} is set")
-    with pytest.raises(pf.PreflightError) as e:
-        pf.checked(base())
-    assert e.value.problems == problems
+    refused = value not in (None, "", "0", "false")
+    assert [p.split(" is set")[0] for p in pf.check_environment(base())] == (
+        [f"SGLANG_RETURN_ORIGINAL_LOGPROB={value!r}"] if refused else [])
+    if refused:
+        with pytest.raises(pf.PreflightError, match="^SGLANG_RETURN_ORIGINAL_LOGPROB="):
+            pf.checked(base())
 
 
 def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tmp_path):
     import copy
-    import json
 
     from areal_like.tasks.tokenizer import load_tokenizer
 
     tok = copy.deepcopy(load_tokenizer(base().model))
     tok.chat_template = None
     tok.save_pretrained(str(tmp_path / "tok"))
-    data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"{i}+1?"}],
-                                        "answer": str(i + 1)})
-                            + "\n" for i in range(4)))
+    data = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": f"{i}+1?"}],
+                                             "answer": str(i + 1)} for i in range(4)])
     common = ["task=dataset", f"task.dataset_path={data}", "task.messages_key=messages",
               f"model.tokenizer={tmp_path / 'tok'}", "warm_start.steps=0",
               "task.max_new_tokens=16"]  # task=dataset's 256 fill the tiny model's context
@@ -494,13 +484,6 @@ def test_a_chat_dataset_needs_a_chat_template_unless_the_task_says_what_to_do(tm
     for says in ("task.chat_template=none", f"task.chat_template={tmp_path / 'chat.jinja'}"):
         r = config(says)
         assert r.returncode == 0, r.stderr
-
-
-def _jsonl(path: Path, rows: list[dict]) -> Path:
-    import json
-
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.mark.parametrize("bad_row, why", [
@@ -540,16 +523,19 @@ def test_row_check_streams_batches_and_shows_the_first_rows(tmp_path):
                          ds.load_table("task.dataset_path", str(ok))) is None
 
 
+def epochs_job(cfg: RunConfig, epochs: int, steps: int, groups: int) -> RunConfig:
+    return dataclasses.replace(
+        cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=epochs, groups_per_step=groups),
+        trainer=dataclasses.replace(cfg.trainer, steps=steps, groups_per_step=groups))
+
+
 def test_max_epochs_must_give_the_groups_the_job_trains_on(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "train.jsonl").write_text(
-        "".join(f'{{"prompt": "q{i}", "answer": "{i}"}}\n' for i in range(3)))
+    _jsonl(tmp_path / "train.jsonl", [{"prompt": f"q{i}", "answer": str(i)} for i in range(3)])
     small = cfg_with(name="dataset", dataset_path="train.jsonl")
 
     def job(epochs: int, steps: int, groups: int, cfg: RunConfig = small) -> RunConfig:
-        return dataclasses.replace(
-            cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=epochs, groups_per_step=groups),
-            trainer=dataclasses.replace(cfg.trainer, steps=steps, groups_per_step=groups))
+        return epochs_job(cfg, epochs, steps, groups)
 
     with pytest.raises(pf.PreflightError) as refused:
         pf.checked(job(1, 4, 2))
@@ -591,8 +577,7 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
                                                 sglang={"context_length": 2048})))
     assert pf.check_lengths(longer) == []  # SGLang serves 2048 tokens
     # a dataset whose every prompt (the char tokenizer: one token a character) leaves no room
-    (tmp_path / "long.jsonl").write_text(
-        "".join(f'{{"prompt": "{"x" * (256 + i)}", "answer": "1"}}\n' for i in range(3)))
+    _jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * (256 + i), "answer": "1"} for i in range(3)])
     long = cfg_with(name="dataset", dataset_path="long.jsonl")
     with pytest.raises(pf.PreflightError) as refused:
         pf.checked(long)
@@ -613,8 +598,7 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
 def test_an_eval_split_whose_every_prompt_leaves_no_room_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
-    (tmp_path / "long.jsonl").write_text(
-        "".join(f'{{"prompt": "{"x" * (256 + i)}", "answer": "1"}}\n' for i in range(2)))
+    _jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * (256 + i), "answer": "1"} for i in range(2)])
     job = cfg_with(name="dataset", dataset_path="train.jsonl", eval_path="long.jsonl")
     job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, every=5))
     assert pf.check_lengths(job) == [
@@ -650,36 +634,17 @@ def test_the_embedded_engines_kv_budget_is_the_context_the_lengths_are_checked_a
 def test_max_epochs_counts_only_the_prompts_that_leave_room_in_the_context(
         tmp_path, monkeypatch, long_prompt, budget):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "mix.jsonl").write_text("".join(
-        f'{{"prompt": "{"x" * (long_prompt if i % 2 else 3)}", "answer": "1"}}\n'
-        for i in range(4)))
-    cfg = kv_budget(cfg_with(name="dataset", dataset_path="mix.jsonl"), budget)
-    job = dataclasses.replace(
-        cfg, buffer=dataclasses.replace(cfg.buffer, max_epochs=1, groups_per_step=1),
-        trainer=dataclasses.replace(cfg.trainer, steps=4, groups_per_step=1))
+    _jsonl(tmp_path / "mix.jsonl",
+           [{"prompt": "x" * (long_prompt if i % 2 else 3), "answer": "1"} for i in range(4)])
+    job = epochs_job(kv_budget(cfg_with(name="dataset", dataset_path="mix.jsonl"), budget), 1, 4, 1)
     assert pf.check_epochs(job) == [
         "buffer.max_epochs=1: 1 pass over the 2 prompts of task.dataset_path that leave room in "
         f"the context of {min(budget, 256)} tokens the engine serves gives 2 groups, fewer than "
         "the 4 the job trains on (trainer.steps=4 x buffer.groups_per_step=1): it would wait for "
         "data forever; raise buffer.max_epochs (0: no limit) or lower trainer.steps"]
-    two = dataclasses.replace(job, trainer=dataclasses.replace(job.trainer, steps=2))
-    assert pf.check_epochs(two) == []
+    assert pf.check_epochs(epochs_job(job, 1, 2, 1)) == []
     if budget < 256:  # all 4 fit the model's 256
         assert pf.check_epochs(kv_budget(job, 256)) == []
-
-
-def test_areal_like_run_refuses_an_output_budget_over_the_context_before_anything_starts(
-        tmp_path):
-    """The review's command: it warm-started, then trained on outputs the engine cut at 256."""
-    run_dir = tmp_path / "run"
-    r = run_cli("run", "-q", "experiment=quickstart", "task.max_new_tokens=1000",
-                f"run_dir={run_dir}", timeout=120, cwd=tmp_path)
-    assert r.returncode == 2 and r.stdout == "", r.stderr
-    assert r.stderr.splitlines() == [
-        "error: task.max_new_tokens=1000 is not below the context of 256 tokens the engine serves "
-        "(model.max_position_embeddings=256): a prompt of one token leaves room for 255 output "
-        "tokens; set task.max_new_tokens to at most 255"]
-    assert not run_dir.exists()  # no warm start, no daemon
 
 
 def test_sglang_refuses_an_untied_gemma3_whose_lm_head_it_would_never_load(tmp_path):

@@ -1,10 +1,5 @@
-"""A process reward model (``task.reward_model.process``, rollout_server/reward_model.py): a
-response split at ``step_delimiter``, one score per step, each on the output token that completes
-its step (``process_rewards`` metadata), their sum the trajectory's reward (critic-free kernels);
-the critic takes them as token-level rewards (trainer/critic.py ``critic_advantages``). Hand
-vectors from step boundaries to token positions to GAE returns, one real trajectory scored by a
-tiny model through the episode, the wire and the trainer's batch, and the bad input refused before
-start."""
+"""A process reward model: one score per ``step_delimiter`` step on the token completing it,
+their sum the reward, the critic's token-level rewards; hand vectors and one real trajectory."""
 
 from __future__ import annotations
 
@@ -20,7 +15,6 @@ from areal_like.wire.group_checks import content_problem
 from areal_like.wire.protocol import TrajectoryGroup, decode, encode
 from areal_like.wire.trajectory import Trajectory
 from benchmarks import reward_model_demo
-from launch.preflight import check_reward_model
 from rollout_server.reward_model import process_rewards, step_ends
 from trainer.critic import critic_advantages
 from trainer.data import groups_to_batch
@@ -89,8 +83,7 @@ def split(t: Trajectory) -> tuple[list[int], list[float]]:
 
 @pytest.fixture(scope="module")
 def prm_dir(tmp_path_factory):
-    """A tiny scalar-head classifier (random weights: any score will do), saved as the demo
-    saves one."""
+    """A tiny scalar-head classifier (random weights: any score will do)."""
     torch.manual_seed(0)
     model, tok = reward_model_demo.build("random")
     out = tmp_path_factory.mktemp("prm")
@@ -128,16 +121,9 @@ def test_a_real_trajectory_scored_per_step_reaches_the_critic_at_its_step_bounda
     torch.testing.assert_close(returns, expected.float(), atol=1e-5, rtol=1e-5)
 
 
-def test_a_process_reward_model_without_a_delimiter_or_a_scalar_head_is_refused(tmp_path):
+def test_a_process_reward_model_without_a_delimiter_is_refused():
+    """Its non-scalar head: test_reward_model.py."""
     with pytest.raises(ConfigError, match="task.reward_model.step_delimiter=''.*process=true"):
         load_config(["task.reward_model.path=x", "task.reward_model.process=true"])
     with pytest.raises(ConfigError, match="task.reward_model.step_delimiter='|'"):
         load_config(["task.reward_model.path=x", "task.reward_model.step_delimiter=|"])
-    model, tok = reward_model_demo.build("random")
-    model.config.num_labels = 2
-    model.save_pretrained(tmp_path)
-    save_tokenizer(tok, tmp_path)
-    cfg = load_config([f"task.reward_model.path={tmp_path}", "task.reward_model.process=true",
-                       "task.reward_model.step_delimiter=|"])
-    [line] = check_reward_model(cfg)
-    assert "num_labels=2" in line and "must be scalar (num_labels=1)" in line

@@ -1,12 +1,6 @@
-"""A list of reward functions (``task.reward_fn=[...]`` with ``task.reward_weights``) in real
-worker processes and in process: TRL's batched ``f(prompts, completions, **columns)`` is called
-once per group with TRL's arguments, a per-sample one per sample; the score is the weighted sum
-and each function's rewards come back by name; a batched result of the wrong length, a None, a
-numpy array; the preflight's probe of a batched reward against the dataset's columns.
-
-The rewards are in tests/unit/trl_reward_fns.py, found through the test process's sys.path,
-which the workers get too.
-"""
+"""A list of reward functions with weights, in workers and in process: TRL's batched rewards
+called once per group, per-sample ones per sample; the weighted sum and each one's rewards by name;
+bad batched results; the preflight's probe against the dataset's columns (trl_reward_fns.py)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""A learned reward model (``task.reward_model``, rollout_server/reward_model.py): the shipped
-trainer (benchmarks/reward_model_demo.py) makes one that ranks right reversals above wrong
-ones on held-out pairs; an episode is scored by it (combined with the rule by the configured
-weights, the rule's reward kept in the metadata); a pass past its timeout marks the samples as
-every reward failure does; a head that is not scalar is refused before start."""
+"""A learned reward model (``task.reward_model``): the demo trains one that ranks right above
+wrong; episodes are scored by it with the rule; timeouts and non-scalar heads."""
 
 from __future__ import annotations
 
@@ -29,8 +26,7 @@ TOK = char_tokenizer()
 
 @pytest.fixture(scope="module")
 def rm_dir(tmp_path_factory):
-    """A reward model trained from random weights for a few seconds, saved as the script saves
-    it."""
+    """A reward model trained from random weights for a few seconds, saved as the demo saves it."""
     model, tok, acc = reward_model_demo.train(200, lr=1e-3, init="random", log=lambda _: None)
     out = tmp_path_factory.mktemp("rm")
     model.save_pretrained(out)
@@ -101,20 +97,21 @@ def test_a_reward_model_past_its_timeout_marks_its_samples_as_reward_failures(rm
     assert 'rollout_reward_failures_total{kind="model_timeout"} 2.0' in metrics.render().decode()
 
 
-def test_a_reward_model_whose_head_is_not_scalar_is_refused_before_start(tmp_path):
+@pytest.mark.parametrize("process", [[], ["task.reward_model.process=true",
+                                          "task.reward_model.step_delimiter=|"]])
+def test_a_reward_model_whose_head_is_not_scalar_is_refused_before_start(tmp_path, process):
     model, tok = reward_model_demo.build("random")
     model.config.num_labels = 2
     model.save_pretrained(tmp_path)
     save_tokenizer(tok, tmp_path)
-    cfg = load_config([f"task.reward_model.path={tmp_path}"])
+    cfg = load_config([f"task.reward_model.path={tmp_path}", *process])
     [line] = check_reward_model(cfg)
     assert "num_labels=2" in line and "must be scalar (num_labels=1)" in line
     assert check_reward_model(load_config([])) == []
 
 
 class LetterChecker:
-    """A stand-in reward model scoring the reversal's answer by hand: 1 per answer letter that is
-    the prompt's mirrored letter (``every``), or only the last letter's (``every=False``)."""
+    """Scores 1 per answer letter mirroring the prompt's (``every``), or the last letter's only."""
 
     def __init__(self, every: bool):
         self.every = every
@@ -128,9 +125,6 @@ class LetterChecker:
 
 
 def test_substitution_accuracy_finds_a_model_that_reads_only_the_last_letter():
-    """The demo's per-position probe: a right answer against itself with one letter replaced
-    ranks above it at every position for a model that checks every letter; one that checks only
-    the last letter ties (0 ranked above) at the five others."""
     assert reward_model_demo.substitution_accuracy(LetterChecker(True), TOK, n=32) == [1.0] * 6
     assert reward_model_demo.substitution_accuracy(LetterChecker(False), TOK, n=32) == \
         [0.0] * 5 + [1.0]

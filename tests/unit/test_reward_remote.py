@@ -7,8 +7,10 @@ import asyncio
 import socket
 from dataclasses import dataclass, field
 
+import pytest
 from aiohttp import web
 
+from areal_like.net.auth import REWARD_AUTH_ENV
 from areal_like.net.metrics import Metrics
 from areal_like.settings.config import TaskConfig
 from rollout_server.reward_pool import RewardPool
@@ -25,8 +27,7 @@ EXAMPLE = MetaExample("Half of 3?", "1.5", {"source": "unit", "level": 2})
 
 
 class RewardServer:
-    """Answers ``{"rewards": [float(response), ...]}``; ``mode`` scripts failures. Records each
-    body."""
+    """Answers ``{"rewards": [float(response), ...]}``; ``mode`` scripts failures; keeps bodies."""
 
     def __init__(self, mode: str = "ok"):
         self.mode, self.bodies, self.auth = mode, [], []
@@ -85,14 +86,20 @@ def test_one_batch_per_group_in_order():
     assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 1
 
 
-def test_a_value_that_is_not_a_number_scores_only_its_item_zero():
-    got, _ = run("one_bad", ["1", "1", "0.5"])
-    assert got == [(1.0, None), (0.0, "remote reward: reward is not a number: 'x'"), (0.5, None)]
-
-
-def test_a_server_that_fails_twice_is_retried():
-    got, server = run("fails_twice", ["1", "0"], reward_retries=2)
-    assert got == [(1.0, None), (0.0, None)] and len(server.bodies) == 3
+@pytest.mark.parametrize("mode, responses, task, want, posts", [
+    ("one_bad", ["1", "1", "0.5"], {},  # only its item scores 0
+     [(1.0, None), (0.0, "remote reward: reward is not a number: 'x'"), (0.5, None)], 1),
+    ("fails_twice", ["1", "0"], {"reward_retries": 2}, [(1.0, None), (0.0, None)], 3),
+    ("hang", ["1"], {"reward_timeout_s": 1.0, "reward_retries": 1},
+     [(0.0, "remote reward: timeout after 1.0s (attempt 2 of 2)")], 2),
+    ("wrong_length", ["1", "1", "1"], {"reward_retries": 2},  # not retried
+     [(0.0, "remote reward: expected {'rewards': [3 numbers]}, got 2 rewards (attempt 1 of 3)")]
+     * 3, 1),
+])
+def test_a_failing_server_is_retried_or_not_and_scores_zero_with_the_reason(mode, responses, task,
+                                                                           want, posts):
+    got, server = run(mode, responses, **task)
+    assert got == want and len(server.bodies) == posts
 
 
 def test_a_server_that_always_fails_scores_every_item_zero_after_the_retries():
@@ -102,18 +109,6 @@ def test_a_server_that_always_fails_scores_every_item_zero_after_the_retries():
             and len(server.bodies) == 3)
     assert metrics.registry.get_sample_value("areal_rollout_reward_failures_total",
                                              {"kind": "remote"}) == 2
-
-
-def test_a_hanging_server_times_out():
-    got, server = run("hang", ["1"], reward_timeout_s=1.0, reward_retries=1)
-    assert (got == [(0.0, "remote reward: timeout after 1.0s (attempt 2 of 2)")]
-            and len(server.bodies) == 2)
-
-
-def test_a_wrong_length_answer_is_not_retried():
-    got, server = run("wrong_length", ["1", "1", "1"], reward_retries=2)
-    reason = "remote reward: expected {'rewards': [3 numbers]}, got 2 rewards (attempt 1 of 3)"
-    assert got == [(0.0, reason)] * 3 and len(server.bodies) == 1
 
 
 def test_an_unreachable_url_scores_zero_with_the_reason():
@@ -136,10 +131,7 @@ def test_an_unreachable_url_scores_zero_with_the_reason():
 
 
 def test_the_credential_comes_from_the_environment_as_the_authorization_header(monkeypatch):
-    """task.reward_url carries no credential (refused there: areal_like/net/auth.py): the one in
-    ``REWARD_AUTH_ENV`` goes with every request; without it, no Authorization header."""
-    from areal_like.net.auth import REWARD_AUTH_ENV
-
+    """``REWARD_AUTH_ENV`` goes with every request (task.reward_url may carry no credential)."""
     _, server = run("ok", ["1"])
     assert server.auth == [None]
     monkeypatch.setenv(REWARD_AUTH_ENV, "Bearer hunter2")
@@ -148,8 +140,8 @@ def test_the_credential_comes_from_the_environment_as_the_authorization_header(m
 
 
 def test_an_answer_past_what_the_group_needs_is_refused_unread_and_not_retried():
-    """An answer is read up to what ``{"rewards": [n numbers]}`` can take
-    (areal_like/net/answers.py): past it, every response scores 0 with the reason, once."""
+    """An answer is read up to what ``{"rewards": [n numbers]}`` can take; past it, every response
+    scores 0 with the reason, once."""
     got, server = run("huge", ["1", "0"], reward_retries=2)
     assert len(server.bodies) == 1, "retried"
     assert [r for r, _ in got] == [0.0, 0.0]

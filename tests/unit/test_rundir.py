@@ -41,7 +41,6 @@ def checkpoint(root: Path, step: int, complete: bool = True) -> None:
 
 
 def run_again(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    """``areal-like run -q run_dir=<tmp_path> ...``, refused before anything starts."""
     r = run_cli("run", "-q", f"run_dir={tmp_path}", *overrides, timeout=120, cwd=tmp_path)
     assert r.returncode == 2 and "[warm-start]" not in r.stderr, r.stderr
     return r
@@ -86,8 +85,7 @@ def test_fresh_unfinished_and_finished_runs(tmp_path):
         check_existing_run(cfg)
 
 
-def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
-    """The job flock: a second holder is refused with the PID; closing frees it."""
+def test_a_run_dir_is_locked_by_its_job_and_private_to_its_user_whatever_the_umask(tmp_path):
     held = lock_run_dir(tmp_path / "run")
     try:
         with pytest.raises(ConfigError,
@@ -95,21 +93,21 @@ def test_a_run_dir_in_use_by_a_live_job_is_refused(tmp_path):
             lock_run_dir(tmp_path / "run")
     finally:
         os.close(held)
-    os.close(lock_run_dir(tmp_path / "run"))
-
-
-def test_a_run_dir_is_private_to_its_user_whatever_the_umask(tmp_path):
-    """A run dir is made 0700 under umask 022, and an open one is closed at start."""
     old = os.umask(0o022)
     try:
-        os.close(lock_run_dir(tmp_path / "run"))
-        assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o700
+        os.close(lock_run_dir(tmp_path / "new"))
+        assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
         (tmp_path / "old").mkdir(mode=0o755)
         (tmp_path / "old" / "wal").mkdir()
         os.close(lock_run_dir(tmp_path / "old"))
         assert stat.S_IMODE(os.stat(tmp_path / "old").st_mode) == 0o700
     finally:
         os.umask(old)
+    (tmp_path / "file").write_text("")  # a file where run_dir goes, or under it
+    for run_dir, reason in ((tmp_path / "file", "File exists"),
+                            (tmp_path / "file" / "sub", "Not a directory")):
+        with pytest.raises(ConfigError, match=f"^run_dir {run_dir} cannot be used: {reason}"):
+            lock_run_dir(run_dir)
 
 
 def test_running_a_finished_run_again_exits_2_with_one_line(tmp_path):
@@ -172,7 +170,6 @@ def trainer_done(tmp_path: Path, *overrides: str) -> Supervisor:
 
 
 def test_trainer_done_waits_only_for_a_scheduled_eval_unscraped(tmp_path, capsys):
-    """Only with ``eval.at_end``; a completed trainer leaves the scrape targets meanwhile."""
     assert trainer_done(tmp_path, "eval.at_end=false").seen == []
     assert "waiting for the final evaluation" not in capsys.readouterr().err
     assert trainer_done(tmp_path).seen == [["buffer", "rollout-0"]]  # written already: one look
@@ -180,7 +177,6 @@ def test_trainer_done_waits_only_for_a_scheduled_eval_unscraped(tmp_path, capsys
 
 
 def test_trainer_done_starts_importing_the_plotting_code():
-    """on_trainer_done starts importing matplotlib (warm_plotting's thread)."""
     script = textwrap.dedent("""
         import sys, tempfile, threading
         from pathlib import Path
@@ -230,7 +226,6 @@ def test_the_learning_curve_legend_sits_outside_the_plot(tmp_path):
 
 
 def test_a_resume_naming_the_same_run_dir_another_way_changes_nothing(tmp_path, monkeypatch):
-    """run_dir=/abs/run then run_dir=run from its parent is the same run."""
     run = tmp_path / "run"
     run.mkdir()
     write_settings(load_config([f"run_dir={run}", "trainer.steps=20", "trainer.lr=3e-4"]))
@@ -243,7 +238,6 @@ def test_a_resume_naming_the_same_run_dir_another_way_changes_nothing(tmp_path, 
 
 
 def test_retention_cadence_and_metrics_ports_may_change_on_resume(tmp_path):
-    """Retention, checkpoint/export cadence and metrics ports change freely; lr is listed."""
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20"]))
     free = ["trainer.checkpoint_every=5", "trainer.checkpoint_async=true", "export.every=10",
             "export.at_end=false", "export.shard_mb=512", "buffer.metrics_port=29101",
@@ -258,7 +252,6 @@ def test_retention_cadence_and_metrics_ports_may_change_on_resume(tmp_path):
 @pytest.mark.parametrize("change", ["trainer.lora.rank=4", "trainer.lora.rank=0",
                                     "trainer.lora.target_modules=[q_proj]"])
 def test_the_adapters_layout_cannot_change_on_resume_even_when_accepted(tmp_path, change):
-    """LoRA rank/targets never change on resume; alpha may."""
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.lora.rank=8"]))
     checkpoint(tmp_path / "checkpoints", 5)
     with pytest.raises(ConfigError, match=r"LoRA adapters[\s\S]*" + change.split("=")[0]
@@ -285,15 +278,6 @@ def test_a_run_dir_run_before_its_first_checkpoint_keeps_its_settings(tmp_path):
     assert check_resume_settings(load_config([f"run_dir={tmp_path}", "trainer.lr=3e-4",
                                               "trainer.lora.rank=4"]), accept=True) == [
         "trainer.lora.rank: 0 -> 4"]
-
-
-def test_a_run_dir_that_cannot_be_made_is_one_error_line(tmp_path):
-    """A file where run_dir goes (or under it): one error line, no traceback."""
-    (tmp_path / "file").write_text("")
-    for run_dir, reason in ((tmp_path / "file", "File exists"),
-                            (tmp_path / "file" / "sub", "Not a directory")):
-        with pytest.raises(ConfigError, match=f"^run_dir {run_dir} cannot be used: {reason}"):
-            lock_run_dir(run_dir)
 
 
 def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
@@ -324,7 +308,6 @@ def test_prometheus_scrapes_the_daemons_started_and_not_completed(tmp_path):
 
 
 def test_a_start_refused_after_settings_were_written_leaves_them_as_they_were(tmp_path):
-    """A start refused after write_settings leaves settings.yaml and job.json as they were."""
     same_port = ["buffer.metrics_port=29001", "trainer.metrics_port=29001"]
     write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20", *same_port]))
     write_job(tmp_path, state="ended", started=10.0**9, summary={"end": "completed"})

@@ -1,6 +1,5 @@
-"""Per-token versions and loss masks travel as runs (protocol version 3,
-areal_like/wire/trajectory.py): hand-computed vectors, a round trip over random arrays, and every
-malformed run refused on decode with an error naming the field."""
+"""Per-token versions and loss masks travel as runs: hand vectors, a random round trip, and every
+malformed run refused on decode naming the field."""
 
 from __future__ import annotations
 
@@ -39,12 +38,8 @@ def test_random_arrays_round_trip_through_a_frame():
         versions = np.sort(rng.integers(0, 4, n)).astype(np.int32)
         mask = (rng.random(n) < 0.7).astype(np.int32)
         t = Trajectory.of(prompt_ids=[1], output_ids=np.arange(n), behav_logp=np.zeros(n),
-                          versions=versions,
-                          loss_mask=mask, reward=0.0, finish_reason="stop")
-        g = P.decode(P.encode(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l",
-                                                prompt_index=0, epoch=0,
-                                                trajectories=[t])))
-        back = g.trajectories[0]
+                          versions=versions, loss_mask=mask, reward=0.0, finish_reason="stop")
+        back = P.decode(P.encode(group(t))).trajectories[0]
         assert (back.versions.tolist() == versions.tolist()
                 and back.loss_mask.tolist() == mask.tolist())
         assert back.head_version == (int(versions.min()) if n else 0)
@@ -52,13 +47,15 @@ def test_random_arrays_round_trip_through_a_frame():
         assert back.versions_wire[2].nbytes == 8 * runs  # one pair per run: nothing more travels
 
 
+def group(*trajs: Trajectory) -> P.TrajectoryGroup:
+    return P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
+                             trajectories=list(trajs))
+
+
 def group_frame(**runs: bytes) -> dict:
     t = Trajectory.of(prompt_ids=[1], output_ids=[5, 6, 7, 8], behav_logp=[0.0] * 4,
-                      versions=[2, 2, 3, 3],
-                      reward=0.0, finish_reason="stop")
-    wire = msgpack.unpackb(P.encode(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l",
-                                                        prompt_index=0,
-                                                        epoch=0, trajectories=[t])))
+                      versions=[2, 2, 3, 3], reward=0.0, finish_reason="stop")
+    wire = msgpack.unpackb(P.encode(group(t)))
     for name, data in runs.items():
         wire["trajectories"][0][name][2] = data
     return wire
@@ -70,8 +67,7 @@ def group_frame(**runs: bytes) -> dict:
     pairs(1, 3, 2, 1, 3, 4), pairs(1, 4, 0), pairs(1, 1, 1, 2, 1, 3, 1, 4, 1, 4), pairs(1, -4),
     b"\x01", pairs(1, 1, 2, 3), pairs(1, 2, 2, 5),
 ], ids=["empty", "short", "long", "zero-end", "repeated-end", "decreasing", "odd-size",
-        "too-many", "negative",
-        "one-byte", "runs-short", "runs-long"])
+        "too-many", "negative", "one-byte", "runs-short", "runs-long"])
 def test_a_malformed_run_is_refused_naming_the_field(name, data):
     with pytest.raises(P.ProtocolError, match="runs must be") as info:
         P.decode(msgpack.packb(group_frame(**{name: data})))
@@ -96,12 +92,7 @@ def test_the_buffer_reads_version_ranges_from_the_runs():
     def traj(versions):
         n = len(versions)
         return Trajectory.of(prompt_ids=[1], output_ids=np.arange(n), behav_logp=np.zeros(n),
-                             versions=versions,
-                             reward=0.0, finish_reason="stop")
-
-    def group(*trajs):
-        return P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0, epoch=0,
-                                 trajectories=list(trajs))
+                             versions=versions, reward=0.0, finish_reason="stop")
 
     assert traj([2, 2, 3, 3, 2]).version_values.tolist() == [2, 3, 2]
     assert version_range(group(traj([2, 2, 3, 3]), traj([4]))) == (2, 4, 2)
@@ -112,13 +103,10 @@ def test_the_buffer_reads_version_ranges_from_the_runs():
 
 def test_decoded_and_built_runs_are_read_only_and_odd_buffers_decode():
     t = Trajectory.of(prompt_ids=[1], output_ids=[5, 6, 7], behav_logp=[0.0] * 3,
-                      versions=[1, 2, 2], reward=0.0,
-                      finish_reason="stop")
+                      versions=[1, 2, 2], reward=0.0, finish_reason="stop")
     with pytest.raises(ValueError):
         t.version_values[0] = 9  # a view of the runs: writing it would change versions
-    frame = P.encode(P.TrajectoryGroup(group_id="g", server_id="s", lease_id="l", prompt_index=0,
-                                       epoch=0,
-                                       trajectories=[t]))
+    frame = P.encode(group(t))
     # a 2-D view
     square = memoryview(frame + bytes(-len(frame) % 8)).cast("B", (8, (len(frame) + 7) // 8))
     with pytest.raises(P.ProtocolError):  # trailing zero bytes: not one frame, but refused as such

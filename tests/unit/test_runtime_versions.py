@@ -1,11 +1,5 @@
 """One torch everywhere: engines report torch/CUDA/NCCL in Register, the buffer keeps them in the
-roster, and the trainer leaves a member out of a weight sync when its versions cannot share the
-group.
-
-The rule is a pure function (areal_like/weights/versions.py) checked against a table; the wire
-fields round-trip and old frames without them still decode; the buffer is the real service with fake
-sockets; the trainer's admission runs against a scripted buffer.
-"""
+roster, and the trainer leaves out a member whose versions cannot share the weight group."""
 
 from __future__ import annotations
 
@@ -69,32 +63,25 @@ def test_mismatch_table(peer, backend, refused_for):
     assert str(GPU) in why and str(peer) in why  # both sides named in full
 
 
-def test_mismatch_refuses_an_unknown_backend():
-    with pytest.raises(ValueError, match="'mpi'"):
-        mismatch(GPU, GPU, "mpi")
-
-
 def test_local_versions_are_this_process_torch():
+    with pytest.raises(ValueError, match="'mpi'"):  # an unknown backend: no rule to apply
+        mismatch(GPU, GPU, "mpi")
     v = local_versions()
     assert v.torch == torch.__version__ and v.cuda == (torch.version.cuda or "")
     assert (v.nccl != "") == torch.cuda.is_available()
     # torch.__version__ is a str subclass the codec refuses
     assert v.known() and type(v.torch) is str
     reg = P.decode(P.encode(P.Register(server_id="r", engine_url="u", torch_version=v.torch,
-                                       cuda_version=v.cuda,
-                                       nccl_version=v.nccl)))
+                                       cuda_version=v.cuda, nccl_version=v.nccl)))
     assert (reg.torch_version, reg.cuda_version, reg.nccl_version) == (v.torch, v.cuda, v.nccl)
 
 
-def test_versions_from_server_info():
+def test_the_rollout_server_reports_the_engine_versions():
     # SGLang says nothing
     assert from_server_info({"version": "0.5.23", "tp_size": 2}) == RuntimeVersions()
     assert from_server_info({**VERSIONS, "tp_size": 1}) == GPU
     assert (from_server_info({"torch_version": "2.14.1", "cuda_version": None})
             == RuntimeVersions("2.14.1"))
-
-
-def test_the_rollout_server_reports_the_engine_versions():
     local = local_versions()
     assert asyncio.run(engine_versions("embedded", {})) == local
     assert asyncio.run(engine_versions("url", {**VERSIONS})) == GPU  # what the engine says wins
@@ -154,8 +141,7 @@ def test_the_buffer_keeps_the_versions_from_register_in_the_roster(tmp_path):
     svc = start(tmp_path, BufferConfig(max_staleness=1, groups_per_step=2))
     try:
         step(svc, P.Register(server_id="new", engine_url="http://n", engine_ranks=2,
-                             policy_version=0, evaluates=True,
-                             **VERSIONS))
+                             policy_version=0, evaluates=True, **VERSIONS))
         # an older server's frame
         old = _without(P.Register(server_id="old", engine_url="http://o"), *FIELDS)
         svc.handle(b"peer", b"req", P.decode(old), old)
@@ -177,16 +163,15 @@ def test_the_buffer_keeps_the_versions_from_register_in_the_roster(tmp_path):
 
 def _entry(sid: str, v: RuntimeVersions) -> P.RosterEntry:
     return P.RosterEntry(server_id=sid, engine_url="", engine_ranks=2 if sid == "b" else 1,
-                         policy_version=0,
-                         torch_version=v.torch, cuda_version=v.cuda, nccl_version=v.nccl)
+                         policy_version=0, torch_version=v.torch, cuda_version=v.cuda,
+                         nccl_version=v.nccl)
 
 
 @pytest.fixture
 def broadcaster():
     metrics = Metrics()
     b = WeightBroadcaster(WeightSyncConfig(backend="nccl"), buffer_address="tcp://127.0.0.1:1",
-                          rank=0,
-                          device=torch.device("cpu"), metrics=metrics)
+                          rank=0, device=torch.device("cpu"), metrics=metrics)
     b.client.close()
     b.versions = GPU  # as on a GPU node: the rule, not this machine's torch, is under test
     yield b, metrics
@@ -217,8 +202,7 @@ def test_the_trainer_leaves_out_members_whose_versions_differ(broadcaster, caplo
 
 
 def test_a_plan_with_every_member_refused_is_not_sent(broadcaster):
-    """The refused member is out of the plan; with nobody left, nothing is published and no group
-    forms, so nothing waits on a peer that will not come."""
+    """With every member refused no plan is published and no group forms."""
     b, metrics = broadcaster
     b.client = ScriptedBuffer(P.Roster(members=[_entry("a", RuntimeVersions("2.13.0", "12.8",
                                                                              "2.27.3"))],

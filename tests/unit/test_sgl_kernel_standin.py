@@ -1,6 +1,4 @@
-"""The pure-torch sgl_kernel stand-in SGLang's CPU mode runs on (rollout_server/sglang_cpu): each
-helper against hand-worked cases of its SGLang reference (the Triton kernel it replaces), and its
-refusals. The tier tests/sglang runs it inside the real SGLang."""
+"""The pure-torch sgl_kernel stand-in for SGLang's CPU mode: hand-worked cases and refusals."""
 
 from __future__ import annotations
 
@@ -17,14 +15,8 @@ from rollout_server.sglang_cpu.sgl_kernel import (
 def test_new_slots_go_to_each_requests_row_back_to_back():
     pool = torch.zeros(4, 8, dtype=torch.int32)
     # request in row 2 gets slots [3, 5) from the first 2 entries; row 0 gets [0, 4) from the next 4
-    assign_req_to_token_pool_cpu(
-        torch.tensor([2, 0]),
-        pool,
-        torch.tensor([3, 0]),
-        torch.tensor([5, 4]),
-        torch.tensor([10, 11, 20, 21, 22, 23]),
-        8,
-    )
+    assign_req_to_token_pool_cpu(torch.tensor([2, 0]), pool, torch.tensor([3, 0]),
+                                 torch.tensor([5, 4]), torch.tensor([10, 11, 20, 21, 22, 23]), 8)
     expected = torch.zeros(4, 8, dtype=torch.int32)
     expected[2, 3:5] = torch.tensor([10, 11])
     expected[0, 0:4] = torch.tensor([20, 21, 22, 23])
@@ -33,14 +25,8 @@ def test_new_slots_go_to_each_requests_row_back_to_back():
 
 def test_slots_outside_a_row_are_refused():
     with pytest.raises(ValueError, match=r"slots \[6, 9\) outside a token-pool row of 8"):
-        assign_req_to_token_pool_cpu(
-            torch.tensor([0]),
-            torch.zeros(1, 8, dtype=torch.int32),
-            torch.tensor([6]),
-            torch.tensor([9]),
-            torch.arange(3),
-            8,
-        )
+        assign_req_to_token_pool_cpu(torch.tensor([0]), torch.zeros(1, 8, dtype=torch.int32),
+                                     torch.tensor([6]), torch.tensor([9]), torch.arange(3), 8)
 
 
 def test_kv_rows_move_in_every_layer_reading_all_before_writing():
@@ -58,9 +44,7 @@ def test_kv_rows_move_in_every_layer_reading_all_before_writing():
 def test_names_it_does_not_implement_are_refused_by_name():
     import rollout_server.sglang_cpu.sgl_kernel as standin
 
-    with pytest.raises(
-        ImportError, match="sgl_kernel.rmsnorm_cpu is not provided by the CPU stand-in"
-    ):
+    with pytest.raises(ImportError, match="rmsnorm_cpu is not provided by the CPU stand-in"):
         standin.rmsnorm_cpu  # noqa: B018
     with pytest.raises(NotImplementedError, match="does not run speculative decoding"):
         standin.verify_tree_greedy_cpu()

@@ -1,6 +1,4 @@
-"""SGLang on CPU with ``rollout.engine.tp_size>1`` (the run itself: tests/sglang/test_sglang_tp.py):
-the environment the launch gives it (no NCCL library; each rank's CPUs), and the refusal, before
-anything starts, of more ranks than CPUs."""
+"""SGLang on CPU with tp_size>1: its launch environment, and more ranks than CPUs refused."""
 
 from __future__ import annotations
 

@@ -1,8 +1,5 @@
-"""tests/sglang/setup_env.sh's re-use path: a complete environment (its marker names the script's
-requirement set) is not rebuilt, and the project is installed into it again WITH its dependencies,
-so one added to pyproject.toml after the environment was made (peft was) reaches it. The
-environment's ``bin/python`` here records how the script calls it (building a real one takes 11 GB
-and minutes); the marker is the script's own requirement line."""
+"""tests/sglang/setup_env.sh re-uses a complete environment and installs the project into it with
+its dependencies (a new one must reach it); a fake ``bin/python`` records the calls."""
 
 from __future__ import annotations
 

@@ -7,7 +7,11 @@ the reference, plus each engine listening on its node's address (rollout.engine.
 
 from __future__ import annotations
 
+import http.server
 import shlex
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -143,11 +147,6 @@ def test_steps_refuse_a_config_that_is_not_laid_out(tmp_path, capsys):
 
 def test_after_starts_the_command_once_the_url_is_healthy_and_refuses_when_it_is_not():
     """launch.srun after (the shared-GPU trainer's wait) with a real server."""
-    import http.server
-    import subprocess
-    import sys
-    import threading
-
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
             self.send_response(200 if self.path == "/health" else 404)
@@ -177,10 +176,6 @@ def test_after_starts_the_command_once_the_url_is_healthy_and_refuses_when_it_is
 
 def test_final_eval_waits_for_the_record_while_the_evaluating_step_lives(tmp_path):
     """The sbatch script's wait for the final evaluation, as `run` waits (launch/job.py)."""
-    import subprocess
-    import sys
-    import threading
-
     cfg = load_config([f"run_dir={tmp_path}", "experiment=quickstart", "trainer.steps=3",
                        "eval.at_end=true", "eval.final_timeout_s=60"])
     # the rollout-0 step

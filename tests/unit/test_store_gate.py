@@ -52,7 +52,6 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 @pytest.mark.parametrize("key", [None, ""])
 def test_no_gate_or_door_without_the_jobs_key_and_the_error_says_where_it_comes_from(echo, key):
-    """Without the engine key no gate or door is made; the error says where it comes from."""
     port = free_port()
     for make in (lambda: StoreGate("127.0.0.1", port, GROUP, echo, key=key),
                  lambda: StoreDoor("127.0.0.1", port, GROUP, key=key)):
@@ -108,7 +107,6 @@ def test_a_door_waits_for_a_gate_that_opens_after_its_client_came(echo, monkeypa
                                         ("another group", KEY)])
 def test_the_groups_name_alone_another_key_or_another_group_and_a_torch_client_get_nothing(
         echo, group, key):
-    """The group's name alone, another job's key, or another group's proof get nothing."""
     port = free_port()
     gate, door = (StoreGate("127.0.0.1", port, GROUP, echo, key=KEY),
                   StoreDoor("127.0.0.1", port, group, key=key))

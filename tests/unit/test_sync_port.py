@@ -1,9 +1,5 @@
-"""A rollout server's sync port as a driving trainer calls it (ServerPort), over real sockets.
-
-It vouches for its own engine only (a relay gets no key, nor a huge answer read whole); its door
-reaches the real store gate (a second replaces the first); begin/end reach the server as sent;
-keyless (counted) or malformed calls do nothing.
-"""
+"""A rollout server's sync port as a trainer's ServerPort calls it, over real sockets: its
+door, begin/end, proofs of its own engine, and what keyless or malformed calls do (nothing)."""
 
 from __future__ import annotations
 
@@ -28,7 +24,6 @@ from areal_like.weights.server_sync import close_door, open_door
 from rollout_server.sync_port import SyncPort
 
 ENGINE = "http://127.0.0.1:1"  # the engine the port serves (never called here)
-# where the trainer's disk path writes a push (trainer/weight_local.py): need not exist here
 
 
 @pytest.fixture
@@ -129,7 +124,7 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
 
 
 def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key():
-    """The port vouches for its own engine only; a sync begins only on proof of the key."""
+    import aiohttp
     from aiohttp import web
 
     calls, seen = [], []
@@ -141,13 +136,9 @@ def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key(
         seen.append((request.path, request.headers.get("Authorization")))
         if request.path.startswith("/lie/"):  # a squatter's port: yes to anything
             return web.json_response({"drained": False, "proof": "0" * 64})
-        async with ServerPort(port.url) as upstream:
-            try:
-                _, got, _ = await upstream._call("POST", request.path, await request.json(),
-                                                 idempotent=True)
-            except EngineError as e:
-                return web.json_response({}, status=e.status or 502)
-        return web.json_response(got)
+        async with (aiohttp.ClientSession() as http,
+                    http.post(port.url + request.path, json=await request.json()) as r):
+            return web.json_response(await r.json() if r.ok else {}, status=r.status)
 
     async def scenario() -> None:
         url = await port.start("127.0.0.1", 0)
@@ -155,9 +146,9 @@ def test_the_port_vouches_for_its_own_engine_only_and_a_relay_of_it_gets_no_key(
         app.router.add_post("/{path:.*}", relay)
         runner = web.AppRunner(app)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        relay_url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        listening = socket.create_server(("127.0.0.1", 0))
+        await web.SockSite(runner, listening).start()
+        relay_url = f"http://127.0.0.1:{listening.getsockname()[1]}"
         try:
             plan = _plan(1)
             async with ServerPort(url, api_key=KEY) as trainer:
@@ -203,28 +194,33 @@ def _begin_body(url: str, nonce: str, plan_id: str = "p1") -> bytes:
                        "proof": proof}).encode()
 
 
-def test_a_replayed_begin_is_refused_and_begins_nothing():
-    """A replayed /begin begins nothing; a fresh nonce does."""
-    calls = []
-    port = _port(KEY, calls)
-
+def _answers(port: SyncPort, route: str, bodies, key: str = KEY) -> list[tuple[int, str]]:
+    """Starts ``port`` and POSTs to ``route`` each of ``bodies(url)`` in turn; their answers."""
     async def scenario() -> list[tuple[int, str]]:
         url = await port.start("127.0.0.1", 0)
         try:
-            first = _begin_body(url, "ab" * 16)
-            return [await asyncio.to_thread(_post, f"{url}/begin", body, "")
-                    for body in (first, first, _begin_body(url, "cd" * 16, "p2"))]
+            return [await asyncio.to_thread(_post, f"{url}{route}", body, key)
+                    for body in bodies(url)]
         finally:
             await port.close()
 
-    answers = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_replayed_begin_is_refused_and_begins_nothing():
+    calls = []
+
+    def bodies(url: str) -> list[bytes]:
+        first = _begin_body(url, "ab" * 16)
+        return [first, first, _begin_body(url, "cd" * 16, "p2")]
+
+    answers = _answers(_port(KEY, calls), "/begin", bodies, key="")
     assert [status for status, _ in answers] == [200, 409, 200], answers
     assert "replayed" in answers[1][1], answers
     assert calls == [("begin", "p1", 1), ("begin", "p2", 1)]  # the replay began nothing
 
 
 def test_a_door_leads_only_to_the_jobs_rendezvous(echo):  # noqa: F811
-    """A /door to any address but the job's rendezvous is refused before dialling."""
     gate_port, calls = free_port(), []
     gate = StoreGate("127.0.0.1", gate_port, GROUP, echo, key=KEY)
     dialled = []
@@ -236,20 +232,11 @@ def test_a_door_leads_only_to_the_jobs_rendezvous(echo):  # noqa: F811
     port = _port(KEY, calls, door=door)
     port.rendezvous = ("127.0.0.1", gate_port)  # trainer.weight_sync.master_port set
 
-    async def scenario() -> list[tuple[int, str]]:
-        url = await port.start("127.0.0.1", 0)
-        try:
-            bodies = [{"master_addr": addr, "master_port": p}
-                      for addr, p in (("10.1.2.3", gate_port), ("127.0.0.1", 22),
-                                      ("127.0.0.1", gate_port))]
-            return [await asyncio.to_thread(
-                _post, f"{url}/door", json.dumps({"plan_id": "p1", "group_name": GROUP, **b})
-                .encode(), KEY) for b in bodies]
-        finally:
-            await port.close()
-
+    bodies = [json.dumps({"plan_id": "p1", "group_name": GROUP, "master_addr": addr,
+                          "master_port": p}).encode()
+              for addr, p in (("10.1.2.3", gate_port), ("127.0.0.1", 22), ("127.0.0.1", gate_port))]
     try:
-        answers = asyncio.run(scenario())
+        answers = _answers(port, "/door", lambda url: bodies)
     finally:
         close_door("engine-a")
         gate.close()
@@ -273,22 +260,10 @@ def test_an_adapter_outside_the_push_directories_is_refused_alike_whether_it_exi
     os.chmod(open_root, 0o755)
     paths = [str(tmp_path), str(tmp_path / "not-here"), "/etc", f"{root}/../../etc",
              f"{root}/v1-link", f"{open_root}/v1-abcdef", pushed]
-    port = _port(KEY, calls, adapter=adapter)
-
-    async def scenario() -> list[tuple[int, str]]:
-        url = await port.start("127.0.0.1", 0)
-        try:
-            out = []
-            for path in paths:
-                plan = msgspec.structs.replace(_plan(1), path="disk", payloads=[path])
-                out.append(await asyncio.to_thread(
-                    _post, f"{url}/adapter", msgspec.json.encode(plan), KEY))
-            return out
-        finally:
-            await port.close()
-
+    plans = [msgspec.json.encode(msgspec.structs.replace(_plan(1), path="disk", payloads=[path]))
+             for path in paths]
     try:
-        answers = asyncio.run(scenario())
+        answers = _answers(_port(KEY, calls, adapter=adapter), "/adapter", lambda url: plans)
     finally:
         os.unlink(os.path.join(root, "v1-link"))
         os.rmdir(root)

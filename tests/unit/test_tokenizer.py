@@ -49,10 +49,7 @@ def test_bpe_special_tokens_digits_and_exact_round_trip():
     assert ids.count(1) == 3 and ids.count(2) == 2  # the chat markers are single tokens
     reply = tok("<|im_start|>assistant\n82<|im_end|>")["input_ids"]
     assert tok.decode(reply, skip_special_tokens=True) == "assistant\n82"
-
-
-def test_bpe_chat_template_is_chatml():
-    tok = bpe_tokenizer(512)
+    # its chat template is ChatML
     assert tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) == CHATML_TEXT
     without = tok.apply_chat_template(CHAT, add_generation_prompt=False, tokenize=False)
     assert without + "<|im_start|>assistant\n" == CHATML_TEXT
@@ -100,9 +97,7 @@ def test_built_model_config_carries_the_tokenizer_ids():
 
 
 def test_char_tokenizer_reloaded_from_a_qwen2_model_directory_keeps_whitespace(tmp_path):
-    """A warm-started model directory (config.json says qwen2) makes AutoTokenizer pick
-    transformers' Qwen2Tokenizer, which rebuilds the pre-tokenizer; it once dropped every space and
-    newline."""
+    """A qwen2 config.json makes AutoTokenizer rebuild the pre-tokenizer: whitespace is kept."""
     tok = char_tokenizer()
     tok.save_pretrained(tmp_path)
     qwen2_config(ModelConfig()).save_pretrained(tmp_path)

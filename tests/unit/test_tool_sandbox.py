@@ -1,20 +1,19 @@
-"""ToolPool: an agent's tool calls run in sandboxed workers, as rewards do. One test per failure
-kind (crash, hang, fork bomb, memory hog) and one for the worker's secrets and limits; after each,
-the pool answers the next call and leaves no process behind.
-
-The tools are the functions of tests/unit/reward_fns.py, imported by path inside the workers.
-"""
+"""ToolPool: tool calls run in sandboxed workers (the functions of reward_fns.py); after each
+failure the pool answers the next call and leaves no process behind."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import psutil
 import pytest
 
 from areal_like.net.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV
 from areal_like.tasks.tools import ToolSpec
+from rollout_server.sandbox import SandboxLimits, WorkerPool, call_request
 from rollout_server.tool_pool import ToolPool
+from tests.unit.slow_start_fns import START_S
 
 SECRETS = (ENGINE_KEY_ENV, METRICS_TOKEN_ENV, "WANDB_API_KEY", "HF_TOKEN", "MY_SECRET")
 
@@ -51,27 +50,21 @@ def test_a_call_returns_its_result_as_text(pool):
     still_works(pool)
 
 
-def test_an_async_tool_is_an_error_saying_so_not_a_coroutine_as_text(pool):
-    got = call(pool, "async_add", a=2, b=3)
-    assert (got.outcome, got.content) == (
-        "error", "async_add raised TypeError: reward_fns:async_add is an async def: a tool is a "
-        "plain def")
-    still_works(pool)
-
-
-def test_a_reply_past_the_limit_is_an_error_saying_so(pool):
+@pytest.mark.parametrize("function, arguments, content", [
+    ("async_add", {"a": 2, "b": 3}, "async_add raised TypeError: reward_fns:async_add is an async "
+                                    "def: a tool is a plain def"),
     # a result's text is cut short in the worker; a tool that writes its own frame is not
-    got = call(pool, "behave", response="forged_frame", example=None)
-    assert (got.outcome, got.content) == (
-        "error", "behave: a reply of 1099511627776 bytes was refused: past the 16777216 bytes a "
-        "worker may send (task.worker_reply_mb)"), got
-    still_works(pool)
-
-
-def test_crash_is_an_error_naming_the_signal(pool):
-    got = call(pool, "segfault")
-    assert (got.outcome, got.content) == (
-        "error", "segfault crashed its worker process (worker died: signal 11)")
+    ("behave", {"response": "forged_frame", "example": None},
+     "behave: a reply of 1099511627776 bytes was refused: past the 16777216 bytes a worker may "
+     "send (task.worker_reply_mb)"),
+    ("segfault", {}, "segfault crashed its worker process (worker died: signal 11)"),
+    ("behave", {"response": "hog", "example": None},
+     "behave ran out of memory (MemoryError; the limit is task.tool_memory_mb=512)"),
+])
+def test_a_failing_tool_is_an_error_saying_why_and_the_pool_goes_on(pool, function, arguments,
+                                                                     content):
+    got = call(pool, function, **arguments)
+    assert (got.outcome, got.content) == ("error", content), got
     still_works(pool)
 
 
@@ -98,28 +91,17 @@ def test_fork_bomb_cannot_fork(pool):
     still_works(pool)
 
 
-def test_memory_hog_is_an_error_naming_the_limit(pool):
-    got = call(pool, "behave", response="hog", example=None)
-    assert (got.outcome, got.content) == (
-        "error", "behave ran out of memory (MemoryError; the limit is task.tool_memory_mb=512)")
-    still_works(pool)
-
-
 def test_the_tool_sees_no_secret_and_runs_under_the_limits(pool):
     got = call(pool, "identity")
     assert got.outcome == "ok", got
-    import json
-
     seen = json.loads(got.content)
     assert not set(SECRETS) & set(seen["env"])
     assert seen["memory"] == 512 * 2**20
 
 
 def test_a_tool_that_imports_numpy_runs_within_the_process_limit(monkeypatch):
-    """The job's environment may ask for more BLAS threads than a worker may start (or none, so
-    OpenBLAS takes one per core): the worker's pools are sized to its allowance, 1 + processes,
-    and numpy imported at the first call (after RLIMIT_NPROC) works. Without that, OpenBLAS's
-    thread start failed and the call died (KeyboardInterrupt) on any machine with 2+ cores."""
+    """BLAS pools are sized to the worker's process allowance (1 + processes), whatever the job's
+    environment asks: numpy imported after RLIMIT_NPROC works."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "64")
@@ -130,8 +112,6 @@ def test_a_tool_that_imports_numpy_runs_within_the_process_limit(monkeypatch):
         finally:
             tools.close()
         assert got.outcome == "ok", got
-        import json
-
         seen = json.loads(got.content)
         assert seen["sum"] == 64.0**3
         assert seen["threads"] == dict.fromkeys(
@@ -150,9 +130,6 @@ def test_close_leaves_no_worker():
 
 def test_a_calls_seconds_leave_out_its_workers_startup():
     # a fresh slot's worker imports its function for START_S first; the call itself is a sum
-    from rollout_server.sandbox import SandboxLimits, WorkerPool, call_request
-    from tests.unit.slow_start_fns import START_S
-
     pool = WorkerPool("slow_start_fns:add", SandboxLimits(timeout_s=30.0), 1, "slow")
     try:
         seconds: list[float] = []

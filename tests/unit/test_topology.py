@@ -7,7 +7,18 @@ import itertools
 import pytest
 
 from areal_like.settings.config import ConfigError, RunConfig, load_config
-from launch.topology import apply_topology, plan_topology, split_address, split_cpus
+from launch.job import job_specs, laid_out, plan_job
+from launch.placement import check_one_node, place_nodes
+from launch.topology import (
+    TURN_SPINCOUNT,
+    apply_topology,
+    laptop_layout,
+    layout_line,
+    plan_lines,
+    plan_topology,
+    split_address,
+    split_cpus,
+)
 from tests.conftest import run_cli
 
 
@@ -16,8 +27,7 @@ def _cfg(*overrides: str) -> RunConfig:
 
 
 def _fixed(*overrides: str) -> RunConfig:
-    """A config that sets both counts (2 servers, 2 ranks; ``overrides`` after them win): nothing is
-    left to the cores, so ``plan_topology`` takes it as it is."""
+    """2 servers, 2 ranks (``overrides`` win): nothing is left to the cores."""
     return _cfg("launch.num_rollout_servers=2", "launch.trainer_ranks=2", *overrides)
 
 
@@ -63,11 +73,8 @@ def test_two_daemons_with_the_same_fixed_port_are_refused():
 ])
 def test_cpu_pools_are_disjoint_and_cover_the_cores(cores, rollout, trainer):
     assert split_cpus(cores) == (rollout, trainer)
-
-
-def test_pinning_needs_two_cores():
-    with pytest.raises(ConfigError, match="at least 2 cores"):
-        split_cpus([0])
+    with pytest.raises(ConfigError, match="at least 2 cores"):  # pinning needs two
+        split_cpus(cores[:1])
 
 
 def test_pinned_topology_puts_rollouts_on_one_pool_trainer_on_the_other_buffer_on_both():
@@ -108,8 +115,6 @@ def test_split_address_rejects_non_tcp():
     ("buffer.address=tcp://-x:5555", "buffer.address='tcp://-x:5555': host '-x' is not a host"),
     ("buffer.pub_address=tcp://:5556", "buffer.pub_address='tcp://:5556': host '' is not a host")])
 def test_a_bad_buffer_address_is_refused_naming_its_key(override, message):
-    """The address alone did not say which key held it, and a port past 65535 or below 0 passed
-    the plan and failed in the buffer's bind."""
     with pytest.raises(ConfigError, match=f"^{message}"):
         plan_topology(_fixed(override), itertools.count(20000))
 
@@ -121,9 +126,6 @@ def test_a_bad_buffer_address_is_refused_naming_its_key(override, message):
     ([0, 1, 2], 1, (0,), (1, 2)),
 ])
 def test_laptop_layout_fills_the_cores_without_oversubscribing(cores, servers, rollout, trainer):
-    from launch.job import job_specs
-    from launch.topology import laptop_layout
-
     cfg = laptop_layout(_cfg("topology=laptop"), cores)
     assert ((cfg.launch.num_rollout_servers, cfg.launch.trainer_ranks, cfg.launch.pin_cpus)
             == (servers, 1, True))
@@ -145,11 +147,8 @@ def test_laptop_layout_fills_the_cores_without_oversubscribing(cores, servers, r
 
 @pytest.mark.parametrize("cores", [(0, 1), (0, 1, 2, 3, 4)])
 def test_at_eta_0_the_trainer_takes_every_core_while_the_servers_wait(cores, monkeypatch):
-    """Generation and training take turns at eta 0: the trainer gets a thread per core of both
-    pools, and its idle threads spin briefly; the servers keep their pool, one thread each."""
-    from launch.job import job_specs
-    from launch.topology import TURN_SPINCOUNT, laptop_layout
-
+    """At eta 0 generation and training take turns: the trainer gets a (briefly spinning) thread
+    per core of both pools; the servers keep theirs."""
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     cfg = laptop_layout(_cfg("topology=laptop", "buffer.max_staleness=0"), cores)
     topo = plan_topology(cfg, itertools.count(31500), cores)
@@ -175,9 +174,6 @@ def test_at_eta_0_the_trainer_takes_every_core_while_the_servers_wait(cores, mon
 
 
 def test_laptop_layout_on_one_core_runs_unpinned_and_a_gpu_or_multi_node_job_must_set_its_counts():
-    from launch.placement import place_nodes
-    from launch.topology import laptop_layout
-
     cfg = laptop_layout(_cfg("topology=laptop"), [3])
     assert ((cfg.launch.num_rollout_servers, cfg.launch.trainer_ranks, cfg.launch.pin_cpus)
             == (1, 1, False))
@@ -199,9 +195,6 @@ def test_laptop_layout_on_one_core_runs_unpinned_and_a_gpu_or_multi_node_job_mus
     (64, 8, 8),
 ])
 def test_the_quickstart_lays_itself_out_from_the_cores(cores, servers, trainer_threads):
-    from launch.job import job_specs
-    from launch.topology import laptop_layout
-
     base = _cfg("experiment=quickstart")
     # the README's first command: its layout from the cores
     assert base.launch.num_rollout_servers is None
@@ -220,8 +213,6 @@ def test_the_quickstart_lays_itself_out_from_the_cores(cores, servers, trainer_t
 
 
 def test_laptop_layout_ceilings_are_configurable_and_without_taskset_nothing_is_pinned():
-    from launch.topology import laptop_layout
-
     cpus = list(range(16))
     cfg = laptop_layout(_cfg("topology=laptop", "launch.auto_max_servers=3",
                              "launch.auto_max_threads=2"), cpus)
@@ -236,12 +227,8 @@ def test_laptop_layout_ceilings_are_configurable_and_without_taskset_nothing_is_
 
 
 def test_a_job_attached_to_an_engine_by_url_gets_one_rollout_server():
-    """rollout.engine.kind=url: on 8 cores the cores chose 4 servers, all attached to that one
-    engine, each joining it to the weight group: the first sync wedged it. One server, and a
-    count set above one is refused by `areal-like run`."""
-    from launch.placement import check_one_node
-    from launch.topology import laptop_layout, layout_line
-
+    """Servers attached to one engine by URL would each join it to the weight group: one server;
+    a count set above one is refused."""
     url = ("rollout.engine.kind=url", "rollout.engine.url=http://127.0.0.1:30000")
     cpus = list(range(8))
     asked = _cfg(*url)
@@ -255,8 +242,6 @@ def test_a_job_attached_to_an_engine_by_url_gets_one_rollout_server():
 
 
 def test_several_trainer_ranks_still_run_under_torchrun():
-    from launch.job import job_specs
-
     cfg = _fixed("topology=local_cpu")
     topo = plan_topology(cfg, itertools.count(35000))
     argv = next(s for s in job_specs(cfg, topo, "config.yaml") if s.name == "trainer").argv()
@@ -267,8 +252,6 @@ def test_several_trainer_ranks_still_run_under_torchrun():
 
 
 def test_the_trainer_waits_for_the_evaluating_server_only_when_one_is_started_for_a_final_eval():
-    from launch.job import job_specs
-
     def trainer_argv(*overrides: str) -> list[str]:
         cfg = _fixed("experiment=quickstart", *overrides)
         topo = plan_topology(cfg, itertools.count(37000))
@@ -286,12 +269,7 @@ def test_the_trainer_waits_for_the_evaluating_server_only_when_one_is_started_fo
                                   ("model=local_hf", "model.path=/models/mine", "task=jsonl_math",
                                    "task.dataset_path=/data/train.jsonl")])
 def test_a_cpu_job_lays_itself_out_from_the_cores_and_keeps_the_counts_it_sets(base, monkeypatch):
-    """Issue 41 item 7: the default job and a user's own model ran a fixed 2-server, 2-rank layout
-    on 2 cores (~2x slower than the cores' one), and the quickstart overrode the counts a user
-    set."""
-    from launch.job import laid_out, plan_job
-    from launch.topology import layout_line, plan_lines
-
+    """Counts not set come from the cores; counts set are kept."""
     # taskset, to pin
     monkeypatch.setattr("launch.job.shutil.which", lambda name: f"/usr/bin/{name}")
 

@@ -8,8 +8,11 @@ import threading
 import torch
 from test_weight_plan_deadline import CountingConfig, broadcaster
 
+from areal_like.net.distributed import free_port
+from areal_like.net.transport import Server
 from areal_like.settings.config import WeightSyncConfig, load_config
 from areal_like.wire import protocol as P
+from trainer.data import BatchSource
 from trainer.engine_drive import EngineDrive
 from trainer.loop import Trainer
 from trainer.weight_sync import WeightBroadcaster
@@ -19,7 +22,6 @@ STOP_S = 10.0  # the push ends this soon after the stop request
 
 
 def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
-    """A stop ends a push waiting on a member whose /begin never answers."""
     trainer = Trainer.from_run(load_config([f"run_dir={tmp_path}"]))
     frozen = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
     trainer.broadcaster = wb = broadcaster(WeightSyncConfig(path="disk", deadline_s=DEADLINE_S),
@@ -51,10 +53,6 @@ def test_a_stop_request_ends_a_push_waiting_on_the_members(tmp_path):
 
 
 def test_a_stop_request_ends_the_version_announce_waiting_on_a_gone_buffer(tmp_path, monkeypatch):
-    """A stop ends the version announce waiting on a buffer that never answers."""
-    from areal_like.net.distributed import free_port
-    from areal_like.net.transport import Server
-
     monkeypatch.setattr("trainer.weight_sync.BUFFER_REQUEST_TIMEOUT_S", DEADLINE_S)
     address = f"tcp://127.0.0.1:{free_port()}"
     gone = Server(address)  # binds; never replies
@@ -75,11 +73,6 @@ def test_a_stop_request_ends_the_version_announce_waiting_on_a_gone_buffer(tmp_p
 
 
 def test_a_stop_request_ends_the_batch_request_waiting_on_a_gone_buffer():
-    """A stop ends a BatchRequest waiting on a buffer that never answers."""
-    from areal_like.net.distributed import free_port
-    from areal_like.net.transport import Server
-    from trainer.data import BatchSource
-
     address = f"tcp://127.0.0.1:{free_port()}"
     gone = Server(address)  # binds; never replies
     stop = threading.Event()

@@ -1,5 +1,4 @@
-"""What the settings ``kind=vllm`` refuse before anything starts, and the flags a vLLM is
-launched with (its client: tests/unit/test_engine_clients.py)."""
+"""What ``kind=vllm`` settings refuse, and the flags a vLLM is launched with."""
 
 from __future__ import annotations
 
@@ -34,8 +33,7 @@ def test_cpu_vllm_passes_its_flags_through():
 
 
 def test_a_lora_job_starts_vllm_with_its_adapter_flags_and_runtime_loading():
-    """LoRA's flags (rank rounded up to one vLLM takes) and the environment that opens vLLM's
-    adapter routes; without LoRA neither (tests/vllm/test_vllm_lora.py runs them for real)."""
+    """LoRA's flags (rank rounded up to one vLLM takes) and the adapter routes' environment."""
     from rollout_server.launch_vllm import VLLMProcess
 
     cfg = load_config(["topology=cpu_vllm", "model.path=/m", "trainer.lora.rank=4"])

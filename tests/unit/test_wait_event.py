@@ -1,10 +1,5 @@
-"""``rollout_server.buffer_link.wait_event``: a loop waiting on an event ends when cancelled.
-
-Before Python 3.12, ``asyncio.wait_for(event.wait(), t)`` loses a cancellation that arrives after
-the event was set and before ``wait_for`` resumed: it returns the result instead of raising, so a
-``while True`` loop around it never ends. A rollout server's stop then hung in its last part, and
-only a second cancellation (which also cut its flush and its goodbye to the buffer) ended it.
-"""
+"""``wait_event``: a loop waiting on an event ends when cancelled (before Python 3.12
+``asyncio.wait_for`` lost a cancellation arriving just after the event was set)."""
 
 from __future__ import annotations
 
@@ -49,8 +44,7 @@ def test_a_cancellation_as_the_event_is_set_ends_the_loop():
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="wait_for keeps it since Python 3.12")
 def test_wait_for_loses_it_before_python_3_12():
-    """The flaw wait_event avoids, shown: this test fails once the interpreter no longer has it."""
-    # a loop that lost its cancellation never ends: a short patience cannot make this pass
+    """The flaw wait_event avoids; a short patience cannot make this pass."""
     assert not any(asyncio.run(_ends_on_cancel(_wait_for, 0.5)) for _ in range(3))
 
 

@@ -1,15 +1,16 @@
-"""buffer/recovery.py after WAL damage (real segment files): one damaged control record is
-restored from the copy the next one carries, so its consumed marks and ledger changes hold; two in
-a row lose the first, which is counted and logged, and the start goes on (a re-issue queue the
-lost records filled is not taken for a fatal inconsistency)."""
+"""Recovery after WAL damage (real segment files): a damaged control record is restored from the
+copy the next one carries; two in a row lose the first, counted and logged; the start goes on."""
 
 from __future__ import annotations
 
 import logging
 import time
 
+import numpy as np
 import pytest
 
+from areal_like.wire import protocol as P
+from areal_like.wire.trajectory import Trajectory
 from buffer.credits import CreditLedger
 from buffer.recovery import replay
 from buffer.replay_buffer import ReplayBuffer
@@ -74,35 +75,23 @@ def _recover(path):
     return got, ledger, store
 
 
-@pytest.mark.parametrize("damaged", [1, 2, 3])
-def test_one_damaged_control_record_is_restored_from_the_next(tmp_path, damaged, caplog):
-    offsets = _write(tmp_path)
-    _damage(tmp_path, offsets, damaged)
+@pytest.mark.parametrize("damaged, lost, says", [
+    *(((k,), 0, f"control record {k} before segment 1's record {k + 1} was damaged: restored")
+      for k in (1, 2, 3)),
+    # the re-queue of prompt 5 is lost; record 3 takes it
+    ((1, 2), 1, "1 control records after record 0 were damaged beyond repair"),
+])
+def test_damaged_control_records_are_restored_from_the_next_or_lost(tmp_path, caplog, damaged,
+                                                                    lost, says):
+    _damage(tmp_path, _write(tmp_path), *damaged)
     with caplog.at_level(logging.WARNING, logger="test.recovery"):
         got, ledger, _ = _recover(tmp_path)
-    assert (got.damaged, got.restored, got.lost_control) == (1, 1, 0)
+    assert (got.damaged, got.restored, got.lost_control) == (1, 1, lost)
     assert ledger.consumed == 2 and list(ledger.reissue) == []  # as if nothing had been damaged
-    assert any(f"control record {damaged} before segment 1's record {damaged + 1} was damaged: "
-               "restored" in m for m in caplog.messages), caplog.messages
-
-
-def test_two_damaged_control_records_lose_the_first_and_the_start_goes_on(tmp_path, caplog):
-    offsets = _write(tmp_path)
-    _damage(tmp_path, offsets, 1, 2)  # the re-queue of prompt 5 is lost; record 3 takes it
-    with caplog.at_level(logging.WARNING, logger="test.recovery"):
-        got, ledger, _ = _recover(tmp_path)
-    assert (got.damaged, got.restored, got.lost_control) == (1, 1, 1)
-    assert ledger.consumed == 2 and list(ledger.reissue) == []
-    assert any("1 control records after record 0 were damaged beyond repair" in m
-               for m in caplog.messages), caplog.messages
+    assert any(says in m for m in caplog.messages), caplog.messages
 
 
 def _frame(gid: str) -> bytes:
-    import numpy as np
-
-    from areal_like.wire import protocol as P
-    from areal_like.wire.trajectory import Trajectory
-
     t = Trajectory.of(prompt_ids=[7, 8], output_ids=[1, 2], behav_logp=np.full(2, -1.0, np.float32),
                       versions=[0, 0], reward=1.0, finish_reason="stop")
     lease = gid.rpartition("-")[2]
@@ -113,10 +102,8 @@ def _frame(gid: str) -> bytes:
 @pytest.mark.parametrize("opened_by", ["rotation", "restart"])
 def test_the_last_control_record_of_a_segment_is_restored_from_the_next_checkpoint(tmp_path,
                                                                                    opened_by):
-    """Segment 1 ends with the record that consumed g1; segment 2, opened by a rotation or by a
-    restart (replay, then a fresh segment), starts with a checkpoint that carries it. Damage to
-    that last record (now the tail of an older segment) loses nothing: g1 is not served again.
-    (Before, a restarted process had no previous record to copy: g1 was served again.)"""
+    """Segment 2, opened by a rotation or a restart, starts with a checkpoint carrying segment 1's
+    last record (it consumed g1): damage to that record loses nothing."""
     state = _state()
     wal = _open(tmp_path, state, segment_bytes=1 if opened_by == "rotation" else 1 << 20)
     for gid in ("s0-g1", "s0-g2"):
@@ -139,10 +126,8 @@ def test_the_last_control_record_of_a_segment_is_restored_from_the_next_checkpoi
 
 def test_a_damaged_group_at_the_tail_of_an_older_segment_is_dropped_and_its_prompt_reissued(
         tmp_path):
-    """An older segment's last record is a group (acknowledged: its segment was rotated after it)
-    whose frame was damaged: like a damaged group mid-segment it is reported as unreadable with
-    its lease, so the start re-issues its prompt. Before, it vanished with nothing re-issued (its
-    lease, closed in the next segment's checkpoint, never came back): an accepted group lost."""
+    """A damaged group ending an older segment is reported unreadable with its lease (its prompt
+    is re-issued), as one mid-segment is."""
     # lease g2 (prompt 7, epoch 0) of server s0: group s0-g2
     state = _state(leases=[["g2", 7, 0, "s0"]])
     wal = _open(tmp_path, state, segment_bytes=1)
@@ -161,11 +146,8 @@ def test_a_damaged_group_at_the_tail_of_an_older_segment_is_dropped_and_its_prom
 
 def test_a_damaged_checkpoint_opening_the_wal_is_counted_lost_and_the_start_goes_on(tmp_path,
                                                                                   caplog):
-    """The oldest segment's checkpoint (the state every later record changes) is damaged: no
-    record carries a copy of it. Its loss is counted and logged as an error, and the records
-    after it apply (a re-issue they take from the lost state is not a fatal inconsistency),
-    as for two damaged control records in a row. Before, nothing was counted and the start failed
-    on the re-issue queue the checkpoint had filled."""
+    """No record carries a copy of the oldest checkpoint: its loss is counted and logged, and the
+    records after it apply (a re-issue taken from the lost state is not fatal)."""
     wal = _open(tmp_path, _state(reissue=[[5, 0]]))
     wal.append_control(_changes(dequeued=1))
     wal.close()
@@ -178,10 +160,8 @@ def test_a_damaged_checkpoint_opening_the_wal_is_counted_lost_and_the_start_goes
 
 
 def test_damage_taking_a_later_segments_checkpoint_and_next_record_restores_that_record(tmp_path):
-    """Record numbers count within a segment. Segment 1 ends at record 3; segment 2's checkpoint
-    and its record 1 (which consumed g1) are damaged together; record 2 carries record 1. Record 1
-    is restored (g1 stays consumed) and the checkpoint is counted lost. Before, record 2's copy
-    (number 1) was compared with segment 1's last number (3) and dropped: g1 served again."""
+    """Record numbers count within a segment: segment 2's damaged checkpoint and record 1 (it
+    consumed g1; segment 1 ends at record 3) lose the checkpoint, and record 2 restores record 1."""
     state = _state()
     wal = _open(tmp_path, state, segment_bytes=1)
     for gid in ("s0-g1", "s0-g2"):

@@ -1,16 +1,18 @@
-"""launch/warmstart.py and trainer/sft.py's data: the cache key (by content), the token layout of
-prompt, chat and demo rows, and the skip when cached."""
+"""The warm start: its cache key (by content), its rows' token layout, the skip when cached."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import shutil
 from pathlib import Path
 
 import pytest
 
 from areal_like.settings.config import ConfigError, load_config
+from areal_like.tasks.task import encode_prompt, make_task
+from areal_like.tasks.tokenizer import load_tokenizer
 from launch.warmstart import cache_key, cache_path, ensure_warm_start
 from trainer.sft import chat_pairs, example_pair, pairs_batch, sft_source
 
@@ -99,9 +101,6 @@ def test_batch_puts_the_loss_on_the_target_and_eos_only():
 
 
 def test_pairs_use_the_rollout_servers_prompt_layout():
-    from areal_like.tasks.task import encode_prompt, make_task
-    from areal_like.tasks.tokenizer import load_tokenizer
-
     quick = load_config(["experiment=quickstart"])
     tok = load_tokenizer(quick.model)
     task = make_task(quick.task, tok)
@@ -126,12 +125,7 @@ def test_pairs_use_the_rollout_servers_prompt_layout():
 
 
 def test_chat_rows_train_every_assistant_message_in_its_context(tmp_path):
-    """``warm_start.dataset_path`` of chat rows (a messages column, no answer column): one pair per
-    assistant message, its context through the chat template, the target its content + EOS."""
-    import random
-
-    from areal_like.tasks.tokenizer import load_tokenizer
-
+    """One pair per assistant message: its context through the chat template, its content + EOS."""
     rows = [{"messages": [{"role": "system", "content": "Add."},
                           {"role": "user", "content": "1+2="},
                           {"role": "assistant", "content": "3"},
@@ -169,10 +163,7 @@ def test_chat_rows_train_every_assistant_message_in_its_context(tmp_path):
 
 
 def test_an_environment_without_demos_is_a_config_error_not_a_traceback(tmp_path, monkeypatch):
-    """``areal-like run task.env=...`` keeps the tiny model's warm start (150 steps); an environment
-    with no ``demo`` to learn from stopped the command with a ValueError's traceback. A ConfigError
-    is printed as one ``error:`` line and exits 2 (launch/cli.py)."""
-    # the SFT process imports the environment from its working directory, as the daemons do
+    """An environment with no ``demo`` for the tiny model's warm start: a ConfigError."""
     monkeypatch.chdir(Path(__file__).parent)  # tests/unit: agent_envs.py
     cfg = load_config(["task.env=agent_envs:Chat", f"run_dir={tmp_path}/run"])
     with pytest.raises(ConfigError, match="has no demo.*set warm_start.steps=0"):
