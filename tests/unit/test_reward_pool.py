@@ -179,14 +179,11 @@ def test_workers_do_not_see_secrets(make_pool, monkeypatch):
     assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": "/repo"}
 
 
-def test_the_math_reward_runs_in_workers(make_pool):
+def test_the_default_reward_runs_in_workers_unless_task_reward_fn_overrides_it(make_pool):
     pool = make_pool("areal_like.tasks.rewards:math_reward", reward_timeout_s=30.0)
     example = Example("Simplify sqrt(8).", r"2\sqrt{2}")
     assert score(pool, r"so \boxed{2\sqrt{2}}", r"\boxed{\sqrt{8}}", "3", example=example) == [
         (1.0, None), (1.0, None), (0.0, None)]
-
-
-def test_task_reward_fn_overrides_the_default_path(make_pool):
     pool = make_pool("areal_like.tasks.rewards:math_reward", reward_fn=PATH)
     assert pool.path == PATH and score(pool, "0.25") == [(0.25, None)]
 
@@ -278,14 +275,6 @@ def test_a_reward_that_imports_here_but_not_in_a_worker_is_fatal(
                             f"{why}")
     assert all_gone(workers)
     assert module not in sys.modules  # the pool never imports the reward in its own process
-
-
-def test_the_pool_never_imports_the_reward_in_its_own_process(make_pool, tmp_path, monkeypatch):
-    (tmp_path / "marks_importer.py").write_text("def score(response, example):\n    return 1.0\n")
-    tmp_path.chmod(0o755)  # root's workers run as a uid of their own
-    monkeypatch.syspath_prepend(str(tmp_path))
-    pool = make_pool(reward_fn="marks_importer:score", reward_workers=1)
-    assert score(pool, "x") == [(1.0, None)] and "marks_importer" not in sys.modules
 
 
 def test_failures_are_logged_at_most_once_a_minute_per_kind(make_pool, caplog):
