@@ -1,5 +1,4 @@
-"""launch/placement.py: one process per GPU, trainer ranks first, refusals naming keys and numbers;
-the launcher's CUDA_VISIBLE_DEVICES and `areal-like plan` follow the placement."""
+"""launch/placement.py, the launcher's CUDA_VISIBLE_DEVICES and `areal-like plan`."""
 
 from __future__ import annotations
 
@@ -113,6 +112,10 @@ def test_place_nodes_reads_the_config_and_cpu_topologies_take_no_gpu():
                                         "launch.gpus_per_node=2",
                                         "launch.num_rollout_servers=2"]))
     assert (mixed.trainer, mixed.rollout) == ((), ((0,), (1,)))
+    with pytest.raises(ConfigError,
+                       match=r"^trainer.weight_sync.backend=nccl with trainer.device='cpu'"):
+        place_nodes(load_config(["topology=gpu_embedded", "trainer.device=cpu",
+                                 "launch.gpus_per_node=2", "trainer.weight_sync.backend=nccl"]))
     with pytest.raises(ConfigError, match="need GPUs, and torch sees none here"):
         place_nodes(load_config(["topology=gpu_embedded"]))
     # the CPU default with SGLang: only the engine needs a GPU (not the CPU trainer)
@@ -147,13 +150,15 @@ def _specs(*overrides: str):
                                          python="py")}
 
 
-def test_every_process_gets_its_own_cuda_visible_devices():
+def test_every_gpu_process_gets_its_own_cuda_visible_devices():
     specs = _specs("topology=gpu_sglang", "launch.gpus_per_node=8", "launch.trainer_ranks=4",
                    "launch.num_rollout_servers=2", "rollout.engine.tp_size=2")
     got = {name: s.env["CUDA_VISIBLE_DEVICES"] for name, s in specs.items()}
     assert got == {"buffer": "", "rollout-0": "4,5", "rollout-1": "6,7", "trainer": "0,1,2,3"}
     assert "--nproc-per-node" in specs["trainer"].argv() and specs["trainer"].argv()[6] == "4"
     assert specs["rollout-0"].env["OMP_NUM_THREADS"] == "1"  # the common environment is kept
+    cpu = _specs("launch.gpus_per_node=8", "launch.num_rollout_servers=2", "launch.trainer_ranks=2")
+    assert all("CUDA_VISIBLE_DEVICES" not in s.env for s in cpu.values())  # inherited on CPU
 
 
 def test_an_inherited_cuda_visible_devices_is_translated_not_overwritten(monkeypatch):
@@ -215,20 +220,6 @@ def test_one_shared_gpu_starts_the_trainer_after_the_engine():
 def test_layouts_a_gpu_run_would_hang_or_crash_on_are_refused(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         place_nodes(load_config(["topology=gpu_sglang", *overrides]))
-
-
-def test_nccl_with_a_cpu_trainer_is_refused():
-    with pytest.raises(ConfigError,
-                       match=r"^trainer.weight_sync.backend=nccl with trainer.device='cpu'"):
-        place_nodes(load_config(["topology=gpu_embedded", "trainer.device=cpu",
-                                 "launch.gpus_per_node=2",
-                                 "trainer.weight_sync.backend=nccl"]))
-
-
-def test_cpu_topology_processes_inherit_cuda_visible_devices():
-    specs = _specs("launch.gpus_per_node=8", "launch.num_rollout_servers=2",
-                   "launch.trainer_ranks=2")
-    assert all("CUDA_VISIBLE_DEVICES" not in s.env for s in specs.values())
 
 
 def layout_rows(stdout: str) -> list[str]:  # `plan`'s table, before the memory estimate
