@@ -1,6 +1,4 @@
-"""tests/gpu/kit.py, the parts that need no GPU: the wheelhouse covers pyproject's dependencies,
-its pip commands and checks, the junit -> RESULTS.md writer (a sample report, and one pytest
-really wrote with the `figure` fixture), and the command line's refusals."""
+"""tests/gpu/kit.py without a GPU: the wheelhouse, the junit -> RESULTS.md writer, the CLI."""
 
 from __future__ import annotations
 
@@ -138,8 +136,7 @@ def test_a_run_past_its_budget_still_reports_the_tests_that_finished(tmp_path):
 def test_command_line(tmp_path):
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / "tests/gpu/kit.py"), *args],
-                              capture_output=True, text=True,
-                              timeout=120)
+                              capture_output=True, text=True, timeout=120)
 
     r = cli("run", "--wheelhouse", str(tmp_path / "none"), "--out", str(tmp_path / "out"))
     assert (r.returncode == 2 and "the wheelhouse is incomplete" in r.stderr
