@@ -146,7 +146,7 @@ def test_invalid_message_sends_nothing(server_and_dealer):
 
 
 def test_a_frame_above_the_incoming_limit_never_reaches_the_server(free_port, monkeypatch):
-    """Above INCOMING_LIMIT_FACTOR x the frame limit libzmq cuts the peer; below, a ProtocolError."""
+    """Past INCOMING_LIMIT_FACTOR x the frame limit libzmq cuts the peer; below: a ProtocolError."""
     monkeypatch.setattr(P, "MAX_FRAME_BYTES", 128 * 1024)  # a small limit: the bound follows it
     server = Server(f"tcp://127.0.0.1:{free_port()}")
     big, other = (new_socket(zmq.Context.instance(), zmq.DEALER, None) for _ in range(2))
