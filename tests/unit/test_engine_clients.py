@@ -258,12 +258,17 @@ def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypat
     run(body)
 
 
-def test_idempotent_calls_retry_on_5xx_and_generate_retries_on_refused_connection():
+def test_idempotent_calls_retry_on_5xx_within_the_timeout_and_generate_on_refused_connection():
     async def body(server, client):
         server.script["/model_info"] = [(503, "starting"), (503, "starting"),
                                         (200, {"weight_version": "7"})]
         assert await client.weight_version() == "7"
         assert server.count("/model_info") == 3
+        # the timeout bounds the whole call, retries included (without it: 4 attempts)
+        server.script["/pause_generation"] = [(503, "busy")]
+        with pytest.raises(EngineError) as e:
+            await client.pause_generation(timeout_s=0.5)
+        assert e.value.status == 503 and 1 <= server.count("/pause_generation") <= 2
 
         # connection refused before anything was sent: safe even for generate
         late = Scripted()
@@ -558,18 +563,6 @@ def test_a_begin_that_times_out_after_the_engine_opened_the_session_does_not_wed
         await asyncio.wait_for(slow_begin_done.wait(), 10)  # the engine opened the session late
         second = await apply_weight_sync(client, _plan(reform=False, buckets=1), "s0")
         assert second.ok and not session[0], second.reason
-    run(body)
-
-
-def test_timeout_bounds_the_whole_call_including_retries():
-    async def body(server, client):
-        # idempotent and 5xx: retried until the budget
-        server.script["/pause_generation"] = [(503, "busy")]
-        with pytest.raises(EngineError) as e:
-            await client.pause_generation(timeout_s=0.5)
-        assert e.value.status == 503
-        # without the budget: 4 attempts (backoff 0.25, 0.5, 1.0)
-        assert 1 <= server.count("/pause_generation") <= 2
     run(body)
 
 
