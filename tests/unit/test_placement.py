@@ -188,7 +188,8 @@ def test_an_inherited_cuda_visible_devices_cuda_cannot_read_is_refused(monkeypat
         _specs("topology=gpu_sglang", "launch.gpus_per_node=1")
     r = _plan("topology=gpu_sglang", "launch.gpus_per_node=1",
               env={"CUDA_VISIBLE_DEVICES": visible})
-    assert r.returncode == 2 and "is not a GPU index or UUID" in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 2 and r.stdout == "", r.stdout + r.stderr  # plan refuses in one line
+    assert r.stderr.startswith("error: ") and "is not a GPU index or UUID" in r.stderr, r.stderr
 
 
 def test_one_shared_gpu_starts_the_trainer_after_the_engine():
@@ -249,15 +250,6 @@ def test_plan_prints_one_line_per_process_and_starts_nothing(tmp_path):
     assert roll1.startswith("metrics 10.0.0.5:9102")
     assert "torchrun 4 ranks" in trainer and "weight sync nccl 127.0.0.1:auto" in trainer
     assert not run_dir.exists()  # nothing written
-
-
-def test_plan_refuses_a_layout_that_does_not_fit():
-    r = _plan("topology=gpu_sglang", "launch.gpus_per_node=8", "launch.trainer_ranks=2",
-              "launch.num_rollout_servers=4", "rollout.engine.tp_size=2")
-    assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.startswith("error: launch.trainer_ranks=2 + launch.num_rollout_servers=4 x "
-                               "rollout.engine.tp_size=2 needs 10 GPUs per node; "
-                               "launch.gpus_per_node=8")
 
 
 def test_plan_prints_every_node_of_a_multi_node_job():
