@@ -44,15 +44,12 @@ def test_help_is_fast_and_imports_nothing_heavy():
         assert cmd in r.stdout
 
 
-def test_a_bad_override_names_the_key_and_exits_2():
+def test_a_bad_override_or_an_unknown_command_exits_2():
     # what each refusal names: test_config.py's test_a_refusal_names_the_key_and_what_it_takes
     r = run_cli("run", "trainer.lr=abc", timeout=120)
     assert r.returncode == 2 and "error: bad configuration" in r.stderr, r.stderr
     assert "trainer.lr" in r.stderr, r.stderr
-
-
-def test_unknown_command_is_a_usage_error():
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e:  # an unknown command: a usage error
         main(["frobnicate"])
     assert e.value.code == 2
 

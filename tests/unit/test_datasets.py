@@ -80,15 +80,19 @@ def test_every_format_gives_the_same_examples(fmt, tmp_path):
         task.example(len(EXPECTED))
 
 
-def test_saved_dataset_dict_gives_train_and_eval_by_role(tmp_path):
+def test_eval_split_from_its_own_file_or_a_saved_dataset_dicts_test_split(tmp_path):
     import datasets
 
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS[:4])
+    own = task_cfg(train, eval_path=str(write_jsonl(tmp_path / "eval.jsonl", ROWS[4:])),
+                   eval_fraction=0.5)  # eval_path set: nothing held out of train
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:4]),
                           "test": datasets.Dataset.from_list(ROWS[4:])}).save_to_disk(
                               str(tmp_path / "dd"))
-    cfg = task_cfg(tmp_path / "dd", eval_path=str(tmp_path / "dd"))
-    assert (examples(make_task(cfg)) == EXPECTED[:4]
-            and examples(make_task(cfg, split="eval")) == EXPECTED[4:])
+    by_role = task_cfg(tmp_path / "dd", eval_path=str(tmp_path / "dd"))
+    for cfg in (own, by_role):
+        assert has_eval_split(cfg) and examples(make_task(cfg)) == EXPECTED[:4]
+        assert examples(make_task(cfg, split="eval")) == EXPECTED[4:]
 
 
 def test_key_mapping_messages_answer_and_metadata(tmp_path):
@@ -152,15 +156,6 @@ def test_anything_but_a_local_path_is_refused(value, tmp_path, monkeypatch):
         make_task(task_cfg(value))
     with pytest.raises(ConfigError, match=f"task.eval_path='{value}' is not a local"):
         make_task(task_cfg(write("jsonl", tmp_path), eval_path=value), split="eval")
-
-
-def test_eval_split_from_its_own_file(tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", ROWS[:4])
-    cfg = task_cfg(train, eval_path=str(write_jsonl(tmp_path / "eval.jsonl", ROWS[4:])),
-                   eval_fraction=0.5)
-    assert has_eval_split(cfg)
-    assert examples(make_task(cfg)) == EXPECTED[:4]  # eval_path set: nothing held out of train
-    assert examples(make_task(cfg, split="eval")) == EXPECTED[4:]
 
 
 def test_eval_split_by_fraction_is_fixed_disjoint_and_seeded(tmp_path):

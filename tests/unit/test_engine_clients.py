@@ -385,7 +385,7 @@ def test_interrupted_sample_is_resumed_with_prompt_plus_tokens_and_remaining_bud
     run(body)
 
 
-def test_segment_versions_use_spans_and_fall_back_for_non_integer_versions():
+def test_segment_versions_use_spans_and_a_default_label_is_the_version_served_when_sent():
     out = GenerateOutput(rid="", output_ids=[1, 2, 3, 4], logprobs=[0.0] * 4, finish_reason="stop",
                          finish_message="", abort_status=None, weight_version="8",
                          weight_spans=[("7", 0, 3), ("8", 3, 4)])
@@ -394,8 +394,6 @@ def test_segment_versions_use_spans_and_fall_back_for_non_integer_versions():
                              finish_message="", abort_status=None, weight_version="default")
     assert segment_versions(default, fallback=3) == [3, 3]
 
-
-def test_a_default_label_is_the_version_served_when_the_request_was_sent():
     async def body(server, client):
         served = [0]
 
