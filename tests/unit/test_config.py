@@ -49,11 +49,6 @@ def composed(group: str, option: str, tmp_path: Path) -> RunConfig:
             overrides.append(f"{key[1]}={path}")
 
 
-def test_config_groups_are_discovered():
-    assert {"model", "task", "loss", "topology"} <= set(GROUPS)
-    assert len(OPTIONS) >= 15
-
-
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_yaml_composes_and_validates(group, option, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -65,6 +60,7 @@ def test_every_yaml_composes_and_validates(group, option, tmp_path, monkeypatch)
 
 
 def test_group_files_feed_the_typed_config_without_chdir_or_outputs(tmp_path, monkeypatch):
+    assert {"model", "task", "loss", "topology"} <= set(GROUPS) and len(OPTIONS) >= 15
     monkeypatch.chdir(tmp_path)
     cfg = load_config(["model=small", "loss=tis", "task=sort"])
     assert (cfg.model.hidden_size == 384 and cfg.trainer.loss.kernel == "tis"
@@ -329,11 +325,6 @@ def test_flags_the_launcher_sets_are_not_passed_through(key):
         load_config([f"rollout.engine.sglang.{key}=x"])
 
 
-def test_run_dir_with_a_tilde_is_in_the_home_directory(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert load_config(['run_dir="~/runs/a"']).run_dir == str(tmp_path / "runs" / "a")
-
-
 @pytest.mark.parametrize("key", ["run_dir", "buffer.wal_dir", "trainer.checkpoint_dir",
                                  "warm_start.cache_dir", "security.keys_dir"])
 @pytest.mark.parametrize("value", ["", "' '"])
@@ -378,7 +369,10 @@ def test_values_a_daemon_or_the_optimizer_would_fail_on_later_are_refused_at_loa
         load_config([override])
 
 
-def test_a_config_dir_variable_without_configs_is_named(tmp_path, monkeypatch):
+def test_a_run_dir_with_a_tilde_is_home_and_a_config_dir_without_configs_is_named(tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config(['run_dir="~/runs/a"']).run_dir == str(tmp_path / "runs" / "a")
     monkeypatch.setenv("AREAL_LIKE_CONFIG_DIR", str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match=r"^AREAL_LIKE_CONFIG_DIR='.*nope' holds no config\.yaml"):
         load_config([])
