@@ -1,8 +1,5 @@
-"""Admission counted against what was consumed, through the buffer's real request handling.
-
-eta = 1, B = 2: at most 4 groups ahead of the trainer; a skipped version label or another consumer
-does not move the bound. A server d versions behind gets a window shrunk by d.
-"""
+"""Admission counted against what was consumed, through the buffer's real request handling
+(eta = 1, B = 2: at most 4 groups ahead of the trainer; a server d versions behind: d fewer)."""
 
 from __future__ import annotations
 
@@ -16,12 +13,16 @@ from buffer.staleness import StalenessPolicy
 
 ETA, B = 1, 2
 TRAINER, STRAY = b"trainer-ws-t0", b"stray-c0ffee"
+CONFIG = BufferConfig(max_staleness=ETA, groups_per_step=B, max_inflight=16, capacity=64,
+                      stale_policy="reissue")
 
 
-def _start(tmp_path) -> BufferService:
-    return start(tmp_path, BufferConfig(max_staleness=ETA, groups_per_step=B,
-                                        max_inflight=16, capacity=64,
-                                        stale_policy="reissue"))
+def _start(tmp_path, delivered: int = 10) -> BufferService:
+    """The service with server s registered at version 0 and ``delivered`` groups sent."""
+    svc = start(tmp_path, CONFIG)
+    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
+    _deliver(svc, delivered, 0)
+    return svc
 
 
 def _step(svc: BufferService, msg: P.Message, peer: bytes = TRAINER) -> P.Message:
@@ -39,8 +40,6 @@ def _ahead(svc: BufferService) -> int:
 
 def test_a_restart_that_skips_a_version_label_does_not_open_the_window(tmp_path):
     svc = _start(tmp_path)
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    _deliver(svc, 10, 0)
     # (eta + 1) * B ahead, the window is full
     assert (svc.ledger.started, svc.ledger.available()) == (4, 0)
     first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
@@ -72,8 +71,6 @@ def test_a_restart_that_skips_a_version_label_does_not_open_the_window(tmp_path)
 
 def test_a_stray_consumer_neither_shrinks_the_window_nor_starves_the_trainer(tmp_path):
     svc = _start(tmp_path)
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    _deliver(svc, 10, 0)
     stray = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0), peer=STRAY)
     _step(svc, P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0, ack_batch=stray.batch_id),
           peer=STRAY)
@@ -90,14 +87,12 @@ def test_a_stray_consumer_neither_shrinks_the_window_nor_starves_the_trainer(tmp
 
 def test_consumption_is_durable(tmp_path):
     svc = _start(tmp_path)
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    _deliver(svc, 10, 0)
     first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
     _step(svc, P.VersionUpdate(policy_version=1))
     _step(svc, P.BatchRequest(n_groups=1, trainer_version=1, wait_s=0, ack_batch=first.batch_id))
     state = (svc.ledger.consumed, svc.ledger.available())
     svc.wal.close()
-    again = _start(tmp_path)
+    again = start(tmp_path, CONFIG)
     assert (again.ledger.consumed, again.ledger.available()) == state == (B, B)
     again.wal.close()
 
@@ -122,8 +117,6 @@ def test_admission_limit_shrinks_by_an_engines_lag(eta, b, lam, lag, consumed, l
 
 def test_an_engine_that_missed_a_sync_starts_no_group_that_would_go_stale(tmp_path):
     svc = _start(tmp_path)
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    _deliver(svc, 10, 0)
     first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
     _step(svc, P.VersionUpdate(policy_version=1))  # the engine missed this sync: it still serves 0
     second = _step(svc, P.BatchRequest(n_groups=B, trainer_version=1, wait_s=0,
@@ -145,10 +138,7 @@ def test_an_engine_that_missed_a_sync_starts_no_group_that_would_go_stale(tmp_pa
 
 
 def test_the_lag_counts_from_a_batch_asked_for_before_its_version_was_announced(tmp_path):
-    """The lag counts from a batch asked for before its version was announced."""
     svc = _start(tmp_path)
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    _deliver(svc, 10, 0)
     first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
     second = _step(svc, P.BatchRequest(n_groups=B, trainer_version=1, wait_s=0,
                                        ack_batch=first.batch_id))
@@ -163,9 +153,7 @@ def test_the_lag_counts_from_a_batch_asked_for_before_its_version_was_announced(
 
 def test_the_lag_counts_from_a_batch_request_still_waiting_for_its_groups(tmp_path):
     """A waiting batch request (overlapped sync) lets only B groups start, not 2B."""
-    svc = _start(tmp_path)
-    _step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    _deliver(svc, B, 0)
+    svc = _start(tmp_path, delivered=B)
     first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
     ask = P.BatchRequest(n_groups=B, trainer_version=1, wait_s=60, ack_batch=first.batch_id)
     frame = P.encode(ask)

@@ -1,8 +1,4 @@
-"""Every count flag of every benchmark script refuses a value below its minimum when the arguments
-are parsed (``at_least`` in benchmarks/transport_report.py), and every float flag a value out of
-its range, nan or inf (``number_in``): exit 2 naming the flag, before any work. ``--trials 0``
-used to end in "no median for empty data" after the work,
-``bench_staleness.py --seeds 0`` silently became the default and ``--etas 0,x`` a traceback."""
+"""Every benchmark count/float flag refuses an out-of-range value at parsing: exit 2 naming it."""
 
 import argparse
 import importlib.util
@@ -96,14 +92,9 @@ def test_a_value_out_of_its_range_is_refused_at_parsing_naming_its_flag(name, fl
     assert f"argument {flag}: " in capsys.readouterr().err.splitlines()[-1]
 
 
-
 @pytest.mark.parametrize("name, argv, says", [
-    # --fsync sometimes ran the raw round, then ended in BufferConfig's ConfigError traceback;
-    # one --curve-io-threads value ran the CURVE rounds and printed no line for them
     ("bench_buffer", ["--fsync", "sometimes"], "--fsync"),
     ("bench_buffer", ["--curve-io-threads", "2"], "--curve-io-threads"),
-    # --lora without --system ran the broadcast benchmark instead; a --skip of every step ran
-    # both systems, then took the median of nothing (StatisticsError)
     ("bench_weight_sync", ["--lora", "8"], "--system"),
     ("bench_weight_sync", ["--system", "--steps", "5", "--skip", "5"], "--skip"),
 ])

@@ -1,26 +1,19 @@
 """``benchmarks/bench_distill.py`` on a reused ``--root``: each rerun's two jobs get run directories
-no earlier run used (an earlier run's directory holds its checkpoints and WAL), and the pair stays
-aligned (``distill.N`` with ``rl_only.N``)."""
+no earlier run used (they hold its checkpoints and WAL), the pair aligned (distill.N, rl_only.N)."""
+
+import pytest
 
 from benchmarks.bench_distill import _fresh
 
 
-def test_a_new_root_gets_the_plain_names(tmp_path):
-    got = _fresh(tmp_path / "runs", ("distill", "rl_only"))
-    assert got == {"distill": tmp_path / "runs" / "distill",
-                   "rl_only": tmp_path / "runs" / "rl_only"}
-
-
-def test_a_rerun_never_reuses_a_run_directory(tmp_path):
+@pytest.mark.parametrize("used, suffix", [
+    ((), ""),  # a new root: the plain names
+    (("distill", "rl_only", "distill.2", "rl_only.2"), ".3"),
+    (("rl_only",), ".2"),  # a first run that died after its distill job's directory
+])
+def test_a_rerun_never_reuses_a_run_directory_and_keeps_the_pair_aligned(tmp_path, used, suffix):
     runs = tmp_path / "runs"
-    for name in ("distill", "rl_only", "distill.2", "rl_only.2"):
+    for name in used:
         (runs / name).mkdir(parents=True)
-    got = _fresh(runs, ("distill", "rl_only"))
-    assert got == {"distill": runs / "distill.3", "rl_only": runs / "rl_only.3"}
-
-
-def test_one_used_name_moves_the_pair_on(tmp_path):
-    runs = tmp_path / "runs"
-    (runs / "rl_only").mkdir(parents=True)  # a first run that died after its distill job's dir
-    assert _fresh(runs, ("distill", "rl_only")) == {"distill": runs / "distill.2",
-                                                    "rl_only": runs / "rl_only.2"}
+    assert _fresh(runs, ("distill", "rl_only")) == {"distill": runs / f"distill{suffix}",
+                                                    "rl_only": runs / f"rl_only{suffix}"}

@@ -1,5 +1,4 @@
-"""The pure pieces of benchmarks/bench_vs_trl.py: TRL's reward wrappers, our throughput window and
-the user path's rows, settings and medians."""
+"""The pure pieces of benchmarks/bench_vs_trl.py."""
 
 from __future__ import annotations
 
@@ -14,27 +13,21 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-def test_reward_is_the_tasks_exact_match_per_completion():
+def test_reward_is_the_tasks_exact_match_per_completion_and_refuses_mismatched_columns():
     # TRL passes the dataset's `answer` column by name, one entry per completion
     got = bench.exact_match_rewards(["82", " 82 ", "8", "820", ""],
                                     answer=["82", "82", "82", "82", "0"],
                                     prompts=["37+45="] * 5, completion_ids=[[]] * 5)
     assert got == [1.0, 1.0, 0.0, 0.0, 0.0]
-
-
-def test_reward_refuses_mismatched_columns():
     with pytest.raises(ValueError):
         bench.exact_match_rewards(["1", "2"], answer=["1"])
 
 
-def test_throughput_from_budget_start_to_last_step_end():
+def test_throughput_from_budget_start_to_last_step_end_and_its_refusals():
     recs = [{"time": 102.0, "seqs": 64}, {"time": 103.0, "seqs": 64}, {"time": 106.0, "seqs": 32}]
     sps, samples, seconds = bench.rl_throughput(recs, start=100.0)
     assert (samples, seconds) == (160, 6.0)
     assert sps == pytest.approx(160 / 6.0)
-
-
-def test_throughput_refuses_no_steps_and_a_bad_window():
     with pytest.raises(ValueError, match="no trainer step"):
         bench.rl_throughput([], start=0.0)
     with pytest.raises(ValueError, match="after the start"):
@@ -42,9 +35,8 @@ def test_throughput_refuses_no_steps_and_a_bad_window():
 
 
 def test_the_budget_starts_after_the_steps_that_may_train_groups_made_during_start_up():
-    """The buffer grants credits before the trainer is ready, so version-0
-    groups generated during its start-up (before the log-prob guard) gave our side a head start
-    in the first eta + 1 steps; the clock starts at the end of step eta + 1, later steps count."""
+    """Groups made during start-up give the first eta + 1 steps a head start: the clock starts
+    at the end of step eta + 1."""
     rows = [{"time": 1.0, "event": "resume"},
             {"time": 2.5, "event": "logprob_guard", "passed": True},
             *({"time": 3.0 + k, "step": k, "seqs": 64, "reward_mean": 0.5} for k in range(1, 7))]

@@ -1,8 +1,5 @@
-"""trainer/checkpoint.py's ``dcp_load`` never hands a checkpoint's bytes to an unrestricted
-unpickler: DCP's values that are not tensors (optimizer hyper-parameters) are read once, with
-``weights_only``, and that object is what lands in the state. Checking the bytes with
-``weights_only`` and then letting DCP's ``load_bytes`` parse them again with ``weights_only=False``
-would trust two different unpicklers to read the same bytes the same way."""
+"""trainer/checkpoint.py's ``dcp_load`` reads DCP's non-tensor values once, with weights_only, and
+that object lands in the state (never re-parsed by an unrestricted unpickler)."""
 
 from __future__ import annotations
 

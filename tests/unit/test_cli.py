@@ -1,5 +1,4 @@
-"""areal-like CLI: fast --help, clear bad-override errors, torchrun pass-through, top's figures
-(the status and top views: test_top.py)."""
+"""areal-like CLI: --help, refusals, torchrun pass-through, top's figures (views: test_top.py)."""
 
 from __future__ import annotations
 
@@ -24,8 +23,14 @@ def execs(monkeypatch) -> list[list[str]]:
     return calls
 
 
-def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return run_cli(*args, timeout=timeout)
+@pytest.fixture
+def config(tmp_path):
+    """A config file whose run_dir is tmp_path/run."""
+    from areal_like.settings.config import load_config, to_yaml
+
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run", BUFFER])))
+    return path
 
 
 def test_help_is_fast_and_imports_nothing_heavy():
@@ -39,20 +44,12 @@ def test_help_is_fast_and_imports_nothing_heavy():
         assert cmd in r.stdout
 
 
-def test_subcommand_help():
-    r = _cli("train", "--help")
-    assert r.returncode == 0 and "--nproc-per-node" in r.stdout
-
-
-def test_a_bad_override_names_the_key_and_exits_2():
+def test_a_bad_override_or_an_unknown_command_exits_2():
     # what each refusal names: test_config.py's test_a_refusal_names_the_key_and_what_it_takes
-    r = _cli("run", "trainer.lr=abc")
+    r = run_cli("run", "trainer.lr=abc", timeout=120)
     assert r.returncode == 2 and "error: bad configuration" in r.stderr, r.stderr
     assert "trainer.lr" in r.stderr, r.stderr
-
-
-def test_unknown_command_is_a_usage_error():
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(SystemExit) as e:  # an unknown command: a usage error
         main(["frobnicate"])
     assert e.value.code == 2
 
@@ -70,17 +67,11 @@ def test_torchrun_flags_pass_through():
     assert flags == ["--standalone", "--nproc-per-node", "1"] and rest == ["trainer.steps=5"]
 
 
-def test_no_config_value_makes_torchrun_print_its_usage(execs, monkeypatch, tmp_path):
-    """A relative run_dir starting with "-" reached torchrun as ``--log-dir -x/logs/torchrun``,
-    which its parser read as a flag: it printed its usage instead of starting. (A buffer host
-    starting with "-", torchrun's ``--master-addr``, is refused naming its key: test_topology.)"""
+def test_no_config_value_makes_torchrun_print_its_usage(execs, monkeypatch, tmp_path, config):
+    """run_dir=-x reached torchrun as ``--log-dir -x/...``, which it read as a flag."""
     from torch.distributed.run import parse_args
 
-    from areal_like.settings.config import load_config, to_yaml
-
     monkeypatch.chdir(tmp_path)
-    config = tmp_path / "config.yaml"
-    config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run", BUFFER])))
     main(["train", "--nproc-per-node", "2", "--config-file", str(config), "run_dir=-x"])
     args = parse_args(execs[0][3:])  # after `python -m launch.torchrun`
     assert args.log_dir == str(tmp_path / "-x" / "logs" / "torchrun")
@@ -93,8 +84,7 @@ def test_no_config_value_makes_torchrun_print_its_usage(execs, monkeypatch, tmp_
     (["--node-rank", "abc"], "--node-rank"), (["--nnodes", "2", "--node-rank", "2"], "--node-rank"),
     (["--master-port", "99999"], "--master-port"), (["--max-restarts", "-1"], "--max-restarts")])
 def test_a_bad_torchrun_flag_is_one_error_line_and_exit_2(flags, named, capsys, monkeypatch):
-    """``areal-like train --nproc-per-node abc`` ended in torchrun's ValueError traceback (its
-    usage for a non-integer --node-rank): one line naming the flag, exit 2, before any rank."""
+    """Not torchrun's traceback or usage: one line naming the flag, exit 2, before any rank."""
     from launch import torchrun
 
     def started(_args):
@@ -109,8 +99,10 @@ def test_a_bad_torchrun_flag_is_one_error_line_and_exit_2(flags, named, capsys, 
     assert len(err) == 1 and err[0].startswith("error: argument " + named), err
 
 
-def test_a_torchrun_flag_without_its_value_exits_2():
-    r = _cli("train", "--nproc-per-node")  # exited 1, as an error of the trainer would
+def test_train_help_and_a_torchrun_flag_without_its_value():
+    r = run_cli("train", "--help", timeout=120)
+    assert r.returncode == 0 and "--nproc-per-node" in r.stdout
+    r = run_cli("train", "--nproc-per-node", timeout=120)  # exited 1, as a trainer's error would
     assert (r.returncode, r.stderr) == (2, "error: --nproc-per-node needs a value\n")
 
 
@@ -128,14 +120,17 @@ def test_top_figures_values_rates_and_histogram_means():
     tables = render(info, {"buffer": {"areal_buffer_trainer_version": 4.0}, "rollout-0": None,
                            "trainer": {}}, {}, 1)
     assert [t.title for t in tables] == ["buffer", "rollout", "trainer"]
+    # reward: the mean of the samples scored in the interval (8 samples, 6.0 in all)
+    series = "areal_rollout_reward_sum/areal_rollout_reward_count"
+    prev = {"areal_rollout_reward_sum": 10.0, "areal_rollout_reward_count": 40.0}
+    now = {"areal_rollout_reward_sum": 16.0, "areal_rollout_reward_count": 48.0}
+    assert figure(now, prev, 2.0, series, "ratio") == "0.75"
+    assert figure(now, None, 2.0, series, "ratio") == "0.333"  # the first refresh: all so far
+    assert figure(now, now, 2.0, series, "ratio") == "-"  # none scored since
 
 
-def test_daemon_commands_pass_every_argument_through(execs, tmp_path):
-    from areal_like.settings.config import load_config, to_yaml
-
+def test_daemon_commands_pass_every_argument_through(execs, config):
     calls = execs
-    config = tmp_path / "config.yaml"
-    config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run", BUFFER])))
     main(["rollout", "--config-file", "run/config.yaml", "rollout.server_id=a"])
     main(["buffer", "buffer.metrics_port=9100"])
     main(["train", "--nproc-per-node", "2", "--log-dir", "l", "--config-file", str(config),
@@ -151,19 +146,14 @@ def test_daemon_commands_pass_every_argument_through(execs, tmp_path):
 @pytest.mark.parametrize("args", [["trainer.lrr=1"], ["--nproc-per-node", "4", "trainer.lr=-1"],
                                   ["--config-file", "missing.yaml"]])
 def test_train_with_a_bad_config_is_one_error_line_before_torchrun(args, execs, capsys):
-    """Each rank refused it and torchrun reported every failed rank: with --nproc-per-node 4, four
-    error lines, torchrun's log line and its summary."""
+    """Not one refusal per rank plus torchrun's log line and summary."""
     assert main(["train", *args]) == 2 and execs == []
     err = capsys.readouterr().err
     assert err.startswith("error: bad configuration: ") and err.count("\n") == 1, err
 
 
-def test_train_sends_torchruns_files_to_the_run_dir_unless_told(execs, tmp_path):
+def test_train_sends_torchruns_files_to_the_run_dir_unless_told(execs, tmp_path, config):
     calls = execs
-    from areal_like.settings.config import load_config, to_yaml
-
-    config = tmp_path / "config.yaml"
-    config.write_text(to_yaml(load_config([f"run_dir={tmp_path}/run", BUFFER])))
     main(["train", "--config-file", str(config), "trainer.steps=3"])
     main(["train", "--log-dir", "elsewhere", "--config-file", str(config)])
     # composed here, a time-stamped run_dir could differ: none
@@ -192,20 +182,8 @@ def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(execs):
     assert "CHECKPOINT OUT" in r.stdout and "Hugging Face" in r.stdout
 
 
-def test_top_reward_is_the_mean_of_the_samples_scored_in_the_interval():
-    series = "areal_rollout_reward_sum/areal_rollout_reward_count"
-    prev = {"areal_rollout_reward_sum": 10.0, "areal_rollout_reward_count": 40.0}
-    # 8 samples, 6.0 in all
-    now = {"areal_rollout_reward_sum": 16.0, "areal_rollout_reward_count": 48.0}
-    assert figure(now, prev, 2.0, series, "ratio") == "0.75"
-    # the first refresh: every sample so far
-    assert figure(now, None, 2.0, series, "ratio") == "0.333"
-    assert figure(now, now, 2.0, series, "ratio") == "-"  # none scored since
-
-
 def test_keys_makes_what_a_job_started_by_hand_needs(tmp_path, capsys):
-    """The CURVE keys and the engine API key: a rollout server with the log-prob guard on refuses to
-    start without the latter (areal_like/net/auth.py); run again, both are kept."""
+    """The CURVE keys and the engine API key (areal_like/net/auth.py); run again, both are kept."""
     from areal_like.net.auth import KEY_FILE, read_key_file
 
     assert main(["keys", str(tmp_path)]) == 0
@@ -217,9 +195,7 @@ def test_keys_makes_what_a_job_started_by_hand_needs(tmp_path, capsys):
 
 
 def test_config_gives_the_daemons_runs_warm_started_model(tmp_path, capsys):
-    """`areal-like config` prints what `run` gives its daemons, the warm start's model (trained, or
-    here from its cache) included: without it a job started by hand (launch/MULTINODE.md, the
-    Slurm script) from model=tiny's recipe trained the untrained model and its reward stayed 0."""
+    """The warm start's model included: else a hand-started job trains the untrained model."""
     import yaml
 
     from areal_like.settings.config import load_config
@@ -237,8 +213,6 @@ def test_config_gives_the_daemons_runs_warm_started_model(tmp_path, capsys):
 
 def test_keys_into_a_file_and_a_top_interval_of_no_time_are_refused_without_a_traceback(
         tmp_path, capsys):
-    """``keys`` with a RUN_DIR that is a file raised NotADirectoryError; ``top --interval -1``
-    (or 0, nan, inf) reached time.sleep, which raised ValueError once a job was running."""
     run_file = tmp_path / "config.yaml"
     run_file.write_text("")
     assert main(["keys", str(run_file)]) == 2
@@ -251,8 +225,7 @@ def test_keys_into_a_file_and_a_top_interval_of_no_time_are_refused_without_a_tr
 
 
 def test_plan_into_a_pipe_its_reader_closed_ends_without_a_traceback():
-    """``areal-like plan ... | head -3``: head leaves after three lines, and plan's output ended
-    in a BrokenPipeError traceback. The read end is closed before plan writes a byte here."""
+    """``areal-like plan | head -3`` ended in a BrokenPipeError traceback."""
     p = subprocess.Popen([sys.executable, "-m", "launch.cli", "plan"], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     p.stdout.close()  # no reader left: plan's first write fails with EPIPE

@@ -31,7 +31,7 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONFIG_DIR / g).glob("*.
 
 
 def composed(group: str, option: str, tmp_path: Path) -> RunConfig:
-    """load_config of the option, with a value for each key its refusal names mandatory."""
+    """load_config of the option, with a value for each mandatory key its refusal names."""
     overrides = [f"{group}={option}"]
     while True:
         try:
@@ -49,11 +49,6 @@ def composed(group: str, option: str, tmp_path: Path) -> RunConfig:
             overrides.append(f"{key[1]}={path}")
 
 
-def test_config_groups_are_discovered():
-    assert {"model", "task", "loss", "topology"} <= set(GROUPS)
-    assert len(OPTIONS) >= 15
-
-
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_yaml_composes_and_validates(group, option, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -65,6 +60,7 @@ def test_every_yaml_composes_and_validates(group, option, tmp_path, monkeypatch)
 
 
 def test_group_files_feed_the_typed_config_without_chdir_or_outputs(tmp_path, monkeypatch):
+    assert {"model", "task", "loss", "topology"} <= set(GROUPS) and len(OPTIONS) >= 15
     monkeypatch.chdir(tmp_path)
     cfg = load_config(["model=small", "loss=tis", "task=sort"])
     assert (cfg.model.hidden_size == 384 and cfg.trainer.loss.kernel == "tis"
@@ -121,7 +117,6 @@ def test_a_refusal_names_the_key_and_what_it_takes(overrides, named):
 
 
 def test_more_minibatches_than_groups_per_step_is_refused():
-    """A minibatch is whole groups: 16 of 8 groups made 8 optimizer steps, silently."""
     assert error_of(["trainer.num_minibatches=16"]) == (
         "trainer.num_minibatches=16 is invalid: must be <= buffer.groups_per_step=8 (a minibatch "
         "is whole groups: more would make fewer optimizer steps)")
@@ -231,9 +226,7 @@ def test_dataset_size(tmp_path):
     for task in ("jsonl_math", "dataset"):
         cfg = load_config([f"task={task}", f"task.dataset_path={data}"])
         assert dataset_size(cfg.task, cfg.model) == 2
-    # counted after the prompt-length filter: "<bos>a" is 2 ids, "<bos>bbbb" 5
-    cfg = load_config(["task=dataset", f"task.dataset_path={data}", "task.max_prompt_tokens=4"])
-    assert dataset_size(cfg.task, cfg.model) == 1
+    # counted after the prompt-length filter: test_datasets.py, test_long_prompts_are_filtered
     cfg = load_config(["task=jsonl_math", f"task.dataset_path={tmp_path / 'no.jsonl'}"])
     with pytest.raises(ConfigError, match="task.dataset_path"):
         dataset_size(cfg.task, cfg.model)
@@ -264,7 +257,7 @@ def number_fields(obj, prefix: str = "") -> list[tuple[str, object, str]]:
 
 
 def test_every_number_and_duration_must_be_finite(tmp_path):
-    """inf/nan (and a negative *_s) are refused naming the key: section, daemon file, load."""
+    """And a negative *_s: in a section, a daemon's file and at load."""
     cfg = load_config([])
     fields = number_fields(cfg)
     keys = [key for key, _, _ in fields]
@@ -292,7 +285,7 @@ def test_every_number_and_duration_must_be_finite(tmp_path):
 
 
 def test_a_task_alone_checks_its_values_too():
-    """A TaskConfig alone (eval's) refuses task.reward_timeout_s=inf and an unparsable value."""
+    """Eval's TaskConfig alone."""
     text = export_yaml(C.TaskConfig())
     for value in ("inf", "-1"):
         with pytest.raises(ConfigError, match=rf"^task[.]reward_timeout_s={value}"):
@@ -302,7 +295,7 @@ def test_a_task_alone_checks_its_values_too():
 
 
 def test_a_group_of_one_is_refused_only_where_every_advantage_is_zero():
-    """OAPL/VCPO with groups of one are refused; the estimators give it no baseline: A = R."""
+    """OAPL/VCPO refuse it; the estimators give it no baseline: A = R."""
     for overrides in (["loss=vcpo", "trainer.estimator=rloo"], ["loss=oapl"]):
         msg = error_of(["task.group_size=1", *overrides])
         assert msg.startswith("task.group_size=1 is invalid") and "every advantage" in msg, msg
@@ -311,7 +304,6 @@ def test_a_group_of_one_is_refused_only_where_every_advantage_is_zero():
 
 
 def test_sglang_flags_pass_through_without_hydras_plus(tmp_path):
-    """rollout.engine.sglang takes new flags without +, on the CLI and a config file."""
     cfg = load_config(["topology=gpu_sglang", "rollout.engine.sglang.chunked_prefill_size=4096",
                        "rollout.engine.sglang.mem_fraction_static=0.7", f"run_dir={tmp_path}"])
     assert cfg.rollout.engine.sglang == {"mem_fraction_static": 0.7, "skip_server_warmup": True,
@@ -333,11 +325,6 @@ def test_flags_the_launcher_sets_are_not_passed_through(key):
         load_config([f"rollout.engine.sglang.{key}=x"])
 
 
-def test_run_dir_with_a_tilde_is_in_the_home_directory(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    assert load_config(['run_dir="~/runs/a"']).run_dir == str(tmp_path / "runs" / "a")
-
-
 @pytest.mark.parametrize("key", ["run_dir", "buffer.wal_dir", "trainer.checkpoint_dir",
                                  "warm_start.cache_dir", "security.keys_dir"])
 @pytest.mark.parametrize("value", ["", "' '"])
@@ -346,7 +333,6 @@ def test_an_empty_directory_is_refused_not_read_as_the_one_it_is_relative_to(key
 
 
 def test_an_exports_task_file_names_its_files_absolute(tmp_path, monkeypatch):
-    """export_yaml writes dataset/eval/chat-template paths absolute."""
     from areal_like.tasks.datasets import load_split
 
     launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
@@ -383,7 +369,10 @@ def test_values_a_daemon_or_the_optimizer_would_fail_on_later_are_refused_at_loa
         load_config([override])
 
 
-def test_a_config_dir_variable_without_configs_is_named(tmp_path, monkeypatch):
+def test_a_run_dir_with_a_tilde_is_home_and_a_config_dir_without_configs_is_named(tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config(['run_dir="~/runs/a"']).run_dir == str(tmp_path / "runs" / "a")
     monkeypatch.setenv("AREAL_LIKE_CONFIG_DIR", str(tmp_path / "nope"))
     with pytest.raises(ConfigError, match=r"^AREAL_LIKE_CONFIG_DIR='.*nope' holds no config\.yaml"):
         load_config([])

@@ -8,37 +8,24 @@ from trainer.advantages import adaptive_lambda, gae, token_rewards
 from trainer.losses import value_loss
 
 
-def test_gae_hand_vector():
-    # r = [0, 0, 1 | pad], V = [0.5, 0.2, 0.8 | 9], gamma 0.9, lambda 0.5
-    # t2: delta = 1 - 0.8 = 0.2                       A2 = 0.2
-    # t1: delta = 0.9 * 0.8 - 0.2 = 0.52              A1 = 0.52 + 0.45 * 0.2 = 0.61
-    # t0: delta = 0.9 * 0.2 - 0.5 = -0.32             A0 = -0.32 + 0.45 * 0.61 = -0.0455
-    r = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
-    v = torch.tensor([[0.5, 0.2, 0.8, 9.0]])
-    m = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    adv, ret = gae(r, v, m, gamma=0.9, lam=0.5)
-    torch.testing.assert_close(adv, torch.tensor([[-0.0455, 0.61, 0.2, 0.0]], dtype=torch.float64))
-    torch.testing.assert_close(ret, torch.tensor([[0.4545, 0.81, 1.0, 0.0]], dtype=torch.float64))
-
-
-def test_gae_skips_context_tokens_and_monte_carlo_at_one():
-    # mask [1, 0, 1]: the middle token is context; gamma = lambda = 1: A_t = G_t - V_t
-    # t2: 1 - 0.8 = 0.2; t0: delta = 0.8 - 0.5 = 0.3, A0 = 0.3 + 0.2 = 0.5; returns = 1 on both
-    r = torch.tensor([[0.0, 0.0, 1.0]])
-    v = torch.tensor([[0.5, 7.0, 0.8]])
-    m = torch.tensor([[1.0, 0.0, 1.0]])
-    adv, ret = gae(r, v, m, gamma=1.0, lam=1.0)
-    torch.testing.assert_close(adv, torch.tensor([[0.5, 0.0, 0.2]], dtype=torch.float64))
-    torch.testing.assert_close(ret, torch.tensor([[1.0, 0.0, 1.0]], dtype=torch.float64))
-
-
-def test_gae_lambda_zero_is_one_step_td_and_per_row_lambda():
-    r = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
-    v = torch.tensor([[0.25, 0.5], [0.25, 0.5]])
-    m = torch.ones(2, 2)
-    adv, _ = gae(r, v, m, gamma=1.0, lam=torch.tensor([0.0, 1.0]))
-    # row 0 (lambda 0): A0 = 0.5 - 0.25 = 0.25; row 1 (lambda 1): A0 = 1 - 0.25 = 0.75; A1 = 0.5
-    torch.testing.assert_close(adv, torch.tensor([[0.25, 0.5], [0.75, 0.5]], dtype=torch.float64))
+@pytest.mark.parametrize("r, v, m, gamma, lam, adv, ret", [
+    # gamma 0.9, lambda 0.5: t2 delta = 1 - 0.8 = 0.2, A2 = 0.2; t1 delta = 0.9 * 0.8 - 0.2 = 0.52,
+    # A1 = 0.52 + 0.45 * 0.2 = 0.61; t0 delta = 0.9 * 0.2 - 0.5 = -0.32, A0 = -0.32 + 0.45 * 0.61
+    ([[0, 0, 1, 0]], [[0.5, 0.2, 0.8, 9]], [[1, 1, 1, 0]], 0.9, 0.5,
+     [[-0.0455, 0.61, 0.2, 0]], [[0.4545, 0.81, 1.0, 0]]),
+    # the middle token is context; gamma = lambda = 1 (Monte Carlo): A_t = G_t - V_t
+    ([[0, 0, 1]], [[0.5, 7, 0.8]], [[1, 0, 1]], 1.0, 1.0, [[0.5, 0, 0.2]], [[1.0, 0, 1.0]]),
+    # a lambda per row: 0 is one-step TD (A0 = 0.5 - 0.25), 1 gives A0 = 1 - 0.25
+    ([[0, 1], [0, 1]], [[0.25, 0.5], [0.25, 0.5]], [[1, 1], [1, 1]], 1.0, [0.0, 1.0],
+     [[0.25, 0.5], [0.75, 0.5]], None),
+])
+def test_gae_hand_vectors(r, v, m, gamma, lam, adv, ret):
+    r, v, m = (torch.tensor(x, dtype=torch.float32) for x in (r, v, m))
+    lam = torch.tensor(lam) if isinstance(lam, list) else lam
+    got_adv, got_ret = gae(r, v, m, gamma=gamma, lam=lam)
+    torch.testing.assert_close(got_adv, torch.tensor(adv, dtype=torch.float64))
+    if ret is not None:
+        torch.testing.assert_close(got_ret, torch.tensor(ret, dtype=torch.float64))
 
 
 def test_adaptive_lambda_vapo():

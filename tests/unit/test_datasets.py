@@ -1,5 +1,4 @@
-"""task.name=dataset: local files of every format, key mapping, splits, prompt filtering and chat
-templates."""
+"""task.name=dataset: local formats, key mapping, splits, prompt filtering, chat templates."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ from decimal import Decimal
 from pathlib import Path
 
 import msgpack
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -82,15 +80,19 @@ def test_every_format_gives_the_same_examples(fmt, tmp_path):
         task.example(len(EXPECTED))
 
 
-def test_saved_dataset_dict_gives_train_and_eval_by_role(tmp_path):
+def test_eval_split_from_its_own_file_or_a_saved_dataset_dicts_test_split(tmp_path):
     import datasets
 
+    train = write_jsonl(tmp_path / "train.jsonl", ROWS[:4])
+    own = task_cfg(train, eval_path=str(write_jsonl(tmp_path / "eval.jsonl", ROWS[4:])),
+                   eval_fraction=0.5)  # eval_path set: nothing held out of train
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS[:4]),
                           "test": datasets.Dataset.from_list(ROWS[4:])}).save_to_disk(
                               str(tmp_path / "dd"))
-    cfg = task_cfg(tmp_path / "dd", eval_path=str(tmp_path / "dd"))
-    assert (examples(make_task(cfg)) == EXPECTED[:4]
-            and examples(make_task(cfg, split="eval")) == EXPECTED[4:])
+    by_role = task_cfg(tmp_path / "dd", eval_path=str(tmp_path / "dd"))
+    for cfg in (own, by_role):
+        assert has_eval_split(cfg) and examples(make_task(cfg)) == EXPECTED[:4]
+        assert examples(make_task(cfg, split="eval")) == EXPECTED[4:]
 
 
 def test_key_mapping_messages_answer_and_metadata(tmp_path):
@@ -156,15 +158,6 @@ def test_anything_but_a_local_path_is_refused(value, tmp_path, monkeypatch):
         make_task(task_cfg(write("jsonl", tmp_path), eval_path=value), split="eval")
 
 
-def test_eval_split_from_its_own_file(tmp_path):
-    train = write_jsonl(tmp_path / "train.jsonl", ROWS[:4])
-    cfg = task_cfg(train, eval_path=str(write_jsonl(tmp_path / "eval.jsonl", ROWS[4:])),
-                   eval_fraction=0.5)
-    assert has_eval_split(cfg)
-    assert examples(make_task(cfg)) == EXPECTED[:4]  # eval_path set: nothing held out of train
-    assert examples(make_task(cfg, split="eval")) == EXPECTED[4:]
-
-
 def test_eval_split_by_fraction_is_fixed_disjoint_and_seeded(tmp_path):
     rows = [{"question": f"q{i}", "answer": str(i)} for i in range(40)]
     cfg = task_cfg(write_jsonl(tmp_path / "d.jsonl", rows), eval_fraction=0.25, seed=3)
@@ -215,16 +208,14 @@ def test_long_prompts_are_filtered_and_counted_once(tmp_path, caplog, monkeypatc
 def test_metadata_values_become_plain_msgpack_types(tmp_path):
     table = pa.table({"question": ["q"], "answer": ["a"], "f32": pa.array([0.5], pa.float32()),
                       "when": pa.array([datetime.datetime(2024, 1, 2, 3, 4)], pa.timestamp("s")),
+                      "day": pa.array([datetime.date(2024, 5, 6)]), "yes": [True],
                       "ids": pa.array([[1, 2]], pa.list_(pa.int16())),
-                      "dec": pa.array([Decimal("1.10")])})
+                      "dec": pa.array([Decimal("1.10")]), "s": [{"a": 3, "b": [0.25]}]})
     pq.write_table(table, tmp_path / "t.parquet")
     meta = make_task(task_cfg(tmp_path / "t.parquet")).example(0).metadata
-    assert meta == {"f32": 0.5, "when": "2024-01-02T03:04:00", "ids": [1, 2], "dec": "1.10"}
-    assert msgpack.unpackb(msgpack.packb(meta)) == meta
-    assert D._plain({"a": np.int64(3), "b": (np.float32(0.25), np.array([1, 2])),
-                     4: datetime.date(2024, 5, 6)}) == {
-        "a": 3, "b": [0.25, [1, 2]], "4": "2024-05-06"}
-    assert type(D._plain(np.int64(3))) is int and type(D._plain(np.bool_(True))) is bool
+    assert meta == {"f32": 0.5, "when": "2024-01-02T03:04:00", "day": "2024-05-06", "yes": True,
+                    "ids": [1, 2], "dec": "1.10", "s": {"a": 3, "b": [0.25]}}
+    assert type(meta["yes"]) is bool and msgpack.unpackb(msgpack.packb(meta)) == meta
 
 
 # ---------------------------------------------------------------- prompt encoding

@@ -1,7 +1,4 @@
-"""`areal-like run` with no experiment is a working job: it learns like the quickstart (warm start,
-the tiny model's recipe), runs in a directory of its own and on free ports, so two runs never
-collide; real models get none of the tiny model's recipe; multi-node recipes keep their
-addresses."""
+"""`areal-like run` with no experiment: the quickstart's recipe, its own directory, free ports."""
 
 from __future__ import annotations
 
@@ -28,13 +25,8 @@ def test_the_default_job_is_the_quickstart_recipe():
     assert default.launch == quick.launch
     assert (default.launch.num_rollout_servers, default.launch.trainer_ranks) == (None, None)
     assert re.fullmatch(r"runs/default/\d{8}-\d{6}", default.run_dir), default.run_dir
-
-
-def test_local_buffer_addresses_default_to_port_0():
-    cfg = load_config([])
-    assert (cfg.buffer.address == cfg.rollout.buffer_address == cfg.trainer.buffer_address
-            == "tcp://127.0.0.1:0")
-    assert cfg.buffer.pub_address == "tcp://127.0.0.1:0"
+    assert (default.buffer.address == default.rollout.buffer_address
+            == default.trainer.buffer_address == default.buffer.pub_address == "tcp://127.0.0.1:0")
 
 
 def test_two_prepared_jobs_get_different_ports(tmp_path):
@@ -79,7 +71,8 @@ def test_benchmark_keeps_a_random_init_model_at_temperature_1():
     assert cfg.warm_start.steps == 0 and cfg.task.temperature == 1.0 and cfg.trainer.lr == 1e-4
 
 
-def test_daemons_started_by_hand_refuse_port_0_and_take_the_multinode_addresses(tmp_path):
+def test_daemons_started_by_hand_check_their_addresses_and_take_the_multinode_ones(tmp_path):
+    """Port 0 and a port past 65535 (libzmq took it modulo 65536) are refused naming the key."""
     path = tmp_path / "config.yaml"
     path.write_text(to_yaml(load_config([f"run_dir={tmp_path}"])))
     for keys in (("buffer.address", "buffer.pub_address"),
@@ -88,6 +81,14 @@ def test_daemons_started_by_hand_refuse_port_0_and_take_the_multinode_addresses(
         with pytest.raises(ConfigError,
                            match=rf"^{re.escape(keys[0])}='tcp://127.0.0.1:0' has port 0"):
             load_daemon_config(["--config-file", str(path)], addresses=keys)
+        with pytest.raises(ConfigError, match=rf"^{re.escape(keys[0])}='tcp://h:99999': port "
+                                              "'99999' is not a port number"):
+            load_daemon_config(["--config-file", str(path), f"{keys[0]}=tcp://h:99999"],
+                               addresses=keys)
+    ipc = load_daemon_config(["rollout.buffer_address=ipc:///local/router",  # one node: no port
+                              "rollout.pub_address=ipc:///local/pub"],
+                             addresses=("rollout.buffer_address", "rollout.pub_address"))
+    assert ipc.rollout.buffer_address == "ipc:///local/router"
     # what launch/slurm/areal_like.sbatch and launch/MULTINODE.md pass to `areal-like config`
     multinode = load_config(["topology=gpu_sglang", f"run_dir={tmp_path}",
                              "buffer.address=tcp://10.0.0.1:5555",
@@ -100,24 +101,6 @@ def test_daemons_started_by_hand_refuse_port_0_and_take_the_multinode_addresses(
     assert (loaded.rollout.buffer_address, loaded.rollout.pub_address) == ("tcp://10.0.0.1:5555",
                                                                           "tcp://10.0.0.1:5556")
     assert dataclasses.asdict(loaded.buffer) == dataclasses.asdict(multinode.buffer)
-
-
-def test_daemons_started_by_hand_check_the_buffer_address_as_run_does(tmp_path):
-    """A hand-started daemon took ``tcp://h:99999`` (the buffer bound port 34463, libzmq's port
-    modulo 65536), which ``areal-like run`` and ``plan`` refuse naming the key (split_address)."""
-    path = tmp_path / "config.yaml"
-    path.write_text(to_yaml(load_config([f"run_dir={tmp_path}"])))
-    for keys in (("buffer.address", "buffer.pub_address"),
-                 ("rollout.buffer_address", "rollout.pub_address"),
-                 ("trainer.buffer_address",)):
-        with pytest.raises(ConfigError, match=rf"^{re.escape(keys[0])}='tcp://h:99999': port "
-                                              "'99999' is not a port number"):
-            load_daemon_config(["--config-file", str(path), f"{keys[0]}=tcp://h:99999"],
-                               addresses=keys)
-    ipc = load_daemon_config(["rollout.buffer_address=ipc:///local/router",  # one node: no port
-                              "rollout.pub_address=ipc:///local/pub"],
-                             addresses=("rollout.buffer_address", "rollout.pub_address"))
-    assert ipc.rollout.buffer_address == "ipc:///local/router"
 
 
 def test_the_multinode_recipes_pass_explicit_addresses():

@@ -1,11 +1,5 @@
-"""Two rollout server processes under one ``rollout.server_id``: while the first is heard, a second
-one's Register is refused (``id_in_use``) and the first is told in its next heartbeat answer; once
-the first is silent for ``buffer.heartbeat_timeout_s`` the second takes the id, and the older
-process is told to stop (an Ack ``duplicate_id`` naming the id) when the buffer hears from it
-again, by its heartbeat, credit request or group; its leaving heartbeat does not take the newer
-one off the roster; the buffer warns once per such process. The real request handling with fake
-sockets and a fake clock (service_harness); the process-level check is in
-tests/integration/test_rollout_leave.py."""
+"""Two rollout server processes under one ``rollout.server_id``: the real request handling, a fake
+clock (service_harness); the process-level check: tests/integration/test_rollout_leave.py."""
 
 from __future__ import annotations
 
@@ -55,7 +49,7 @@ def test_the_older_process_of_an_id_is_told_to_stop_and_cannot_unregister_the_ne
     clock = Clock()
     svc = _start(tmp_path, clock)
     assert isinstance(_register(svc, OLD), P.RegisterAck)
-    clock.t += HEARTBEAT_S + 1  # the first one stalled (SIGSTOP): silent past the timeout
+    clock.t += HEARTBEAT_S + 1  # the first one stalled (SIGSTOP) or died: silent past the timeout
     # a second rollout-0 started by hand: it takes the id, as a restart does
     assert isinstance(_register(svc, NEW), P.RegisterAck)
     with caplog.at_level(logging.WARNING, logger=svc.log.name):
@@ -95,21 +89,8 @@ def test_a_second_process_is_refused_while_the_first_is_heard_and_the_first_is_t
     svc.wal.close()
 
 
-def test_a_restarted_server_is_served_once_its_old_process_is_silent(tmp_path):
-    clock = Clock()
-    svc = _start(tmp_path, clock)
-    assert isinstance(_register(svc, OLD), P.RegisterAck)
-    clock.t += HEARTBEAT_S + 0.5  # the old process was killed -9: silent since
-    assert isinstance(_register(svc, NEW), P.RegisterAck)  # only the new one speaks
-    ack = _step(svc, P.Heartbeat(server_id="rollout-0", policy_version=0, incarnation=NEW))
-    assert isinstance(ack, P.HeartbeatAck) and ack.known
-    svc.wal.close()
-
-
 def test_a_message_without_the_holders_incarnation_neither_unregisters_nor_keeps_it_alive(tmp_path):
-    """A holder of the rollout key who names a live server's id but no incarnation: its leaving
-    heartbeat takes the server off nothing, and its heartbeats do not keep a dead server's id held
-    against the server's restart."""
+    """A keyholder naming a live server's id without its incarnation: no leave, no keep-alive."""
     clock = Clock()
     svc = _start(tmp_path, clock)
     assert isinstance(_register(svc, OLD), P.RegisterAck)

@@ -212,7 +212,7 @@ def test_generate_is_not_retried_after_it_may_have_run():
 
 
 def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypatch):
-    """Past request_timeout_s a request is aborted, keeping its tokens; no abort answer: timeout."""
+    """No abort answer: a timeout."""
     async def body(server, client):
         aborted = asyncio.Event()
 
@@ -258,12 +258,17 @@ def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypat
     run(body)
 
 
-def test_idempotent_calls_retry_on_5xx_and_generate_retries_on_refused_connection():
+def test_idempotent_calls_retry_on_5xx_within_the_timeout_and_generate_on_refused_connection():
     async def body(server, client):
         server.script["/model_info"] = [(503, "starting"), (503, "starting"),
                                         (200, {"weight_version": "7"})]
         assert await client.weight_version() == "7"
         assert server.count("/model_info") == 3
+        # the timeout bounds the whole call, retries included (without it: 4 attempts)
+        server.script["/pause_generation"] = [(503, "busy")]
+        with pytest.raises(EngineError) as e:
+            await client.pause_generation(timeout_s=0.5)
+        assert e.value.status == 503 and 1 <= server.count("/pause_generation") <= 2
 
         # connection refused before anything was sent: safe even for generate
         late = Scripted()
@@ -380,7 +385,7 @@ def test_interrupted_sample_is_resumed_with_prompt_plus_tokens_and_remaining_bud
     run(body)
 
 
-def test_segment_versions_use_spans_and_fall_back_for_non_integer_versions():
+def test_segment_versions_use_spans_and_a_default_label_is_the_version_served_when_sent():
     out = GenerateOutput(rid="", output_ids=[1, 2, 3, 4], logprobs=[0.0] * 4, finish_reason="stop",
                          finish_message="", abort_status=None, weight_version="8",
                          weight_spans=[("7", 0, 3), ("8", 3, 4)])
@@ -389,8 +394,6 @@ def test_segment_versions_use_spans_and_fall_back_for_non_integer_versions():
                              finish_message="", abort_status=None, weight_version="default")
     assert segment_versions(default, fallback=3) == [3, 3]
 
-
-def test_a_default_label_is_the_version_served_when_the_request_was_sent():
     async def body(server, client):
         served = [0]
 
@@ -533,12 +536,14 @@ def test_a_failed_sync_reports_the_reason_and_always_continues():
 def test_a_begin_that_times_out_after_the_engine_opened_the_session_does_not_wedge_later_syncs():
     async def body(server, client):
         session, delays = [False], [2.0]  # the first begin answers after the plan's deadline
+        slow_begin_done = asyncio.Event()
 
         async def begin(_):
             if session[0]:
                 return 400, {"success": False, "message": "a session is already open"}
             session[0] = True
             await asyncio.sleep(delays.pop(0) if delays else 0.0)
+            slow_begin_done.set()
             return OK
 
         async def end(_):
@@ -553,22 +558,17 @@ def test_a_begin_that_times_out_after_the_engine_opened_the_session_does_not_wed
         first = await apply_weight_sync(client, _plan(reform=False, buckets=1, deadline_s=0.5),
                                         "s0")
         assert not first.ok and server.calls[-1][0] == "/continue_generation"  # never left paused
-        await asyncio.sleep(2.0)  # the slow begin handler has finished
+        await asyncio.wait_for(slow_begin_done.wait(), 10)  # the engine opened the session late
         second = await apply_weight_sync(client, _plan(reform=False, buckets=1), "s0")
         assert second.ok and not session[0], second.reason
     run(body)
 
 
-def test_timeout_bounds_the_whole_call_including_retries():
-    async def body(server, client):
-        # idempotent and 5xx: retried until the budget
-        server.script["/pause_generation"] = [(503, "busy")]
-        with pytest.raises(EngineError) as e:
-            await client.pause_generation(timeout_s=0.5)
-        assert e.value.status == 503
-        # without the budget: 4 attempts (backoff 0.25, 0.5, 1.0)
-        assert 1 <= server.count("/pause_generation") <= 2
-    run(body)
+def sglang_process(log, api_key: str | None = None, **engine) -> SGLangProcess:
+    """An SGLangProcess of model /m logging to ``log``, started by nobody yet."""
+    return SGLangProcess(ModelConfig(path="/m"),
+                         EngineConfig(kind="sglang", **{"startup_timeout_s": 60, **engine}),
+                         str(log), api_key=api_key)
 
 
 def _sglang_standin(tmp_path, monkeypatch, body: str) -> None:
@@ -582,7 +582,7 @@ def _sglang_standin(tmp_path, monkeypatch, body: str) -> None:
 
 
 def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, monkeypatch):
-    """A failed start names the exception, not later lines; the log is 0600 and kept."""
+    """The log is 0600 and kept."""
     log = tmp_path / "sglang-s0.log"
     log.write_text("ValueError: an earlier start\n")
     log.chmod(0o644)
@@ -594,8 +594,7 @@ def test_a_startup_failure_names_the_exception_not_the_lines_after_it(tmp_path, 
                         r"code -9 during startup: AssertionError: SGLANG_CPU_OMP_THREADS_BIND"),
                        ("print('bye'); raise SystemExit(1)", r"code 1 during startup: bye \(in")):
         _sglang_standin(tmp_path, monkeypatch, body)
-        proc = SGLangProcess(ModelConfig(path="/m"),
-                             EngineConfig(kind="sglang", startup_timeout_s=60), str(log))
+        proc = sglang_process(log)
         with pytest.raises(RuntimeError, match=want):
             proc.start()
     assert log.stat().st_mode & 0o777 == 0o600
@@ -608,8 +607,7 @@ def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_
     _sglang_standin(tmp_path, monkeypatch,
                     f"import os, time; os.open({shm!r}, os.O_CREAT | os.O_RDWR, 0o600)\n"
                     "while True: time.sleep(0.1)")
-    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60),
-                         str(tmp_path / "sglang.log"))
+    proc = sglang_process(tmp_path / "sglang.log")
     try:
         with pytest.raises((StartAborted, TimeoutError)):  # stopped once the file is known
             proc.start(stop_requested=lambda: shm in proc.shm)
@@ -622,8 +620,7 @@ def test_shared_memory_files_made_while_sglang_starts_are_removed_when_it_never_
 def test_what_the_caller_does_meanwhile_runs_while_the_engine_starts_and_its_error_stops_it(
         tmp_path, monkeypatch):
     _sglang_standin(tmp_path, monkeypatch, "import time\nwhile True: time.sleep(0.1)")
-    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", startup_timeout_s=60),
-                         str(tmp_path / "sglang.log"))
+    proc = sglang_process(tmp_path / "sglang.log")
     seen = []
 
     def meanwhile():
@@ -642,8 +639,7 @@ def test_what_the_caller_does_meanwhile_runs_while_the_engine_starts_and_its_err
 def test_a_port_in_use_is_refused_naming_it_before_sglang_starts(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang", port=port),
-                             str(tmp_path / "sglang.log"))
+        proc = sglang_process(tmp_path / "sglang.log", port=port)
         with pytest.raises(RuntimeError, match=rf":{port} \(rollout.engine.port\) is in use"):
             proc.start()
     assert proc.proc is None  # nothing was launched
@@ -679,7 +675,7 @@ def test_the_engine_probe_says_whether_the_connection_was_refused_or_not_answere
 
 @pytest.mark.parametrize("end", ["silent", "refused", "no session"])
 def test_an_abandoned_sync_stops_at_the_first_call_its_engine_does_not_answer(end):
-    """resume_abandoned stops at the first unanswered call; a 400 is an answer."""
+    """A 400 is an answer."""
     calls = []
 
     class Engine:
@@ -710,8 +706,7 @@ def test_the_sglang_line_copied_into_our_log_never_holds_the_engine_key(tmp_path
     key = "k3y-" + "x" * 40
     log = tmp_path / "sglang-s0.log"
     log.write_text(f"server_args=ServerArgs(model_path='/m', api_key='{key}', port=30000)\n")
-    proc = SGLangProcess(ModelConfig(path="/m"), EngineConfig(kind="sglang"), str(log),
-                         api_key=key)
+    proc = sglang_process(log, api_key=key)
     proc.proc = subprocess.Popen(["false"])  # SGLang exited during startup (code 1)
     proc.proc.wait()
     why = str(proc.start_failure())

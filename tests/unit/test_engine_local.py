@@ -1,7 +1,5 @@
-"""The embedded engine's in-process ``/generate`` (rollout_server/engine/local.py,
-``EmbeddedEngine.generate_local``: what a rollout server uses for the engine it embeds) against
-the same engine over HTTP: the same answers and errors, the pause gate, a cancelled caller's abort,
-the client's mapping, and calls ended or refused when the engine stops."""
+"""The embedded engine's in-process ``/generate`` (rollout_server/engine/local.py) against the
+same engine over HTTP: answers, errors, the pause gate, aborts, and calls when the engine stops."""
 
 from __future__ import annotations
 
@@ -11,7 +9,7 @@ import time
 
 import pytest
 import torch
-from test_engine_http import HTTP_TIMEOUT_S, MODEL, call, gen
+from test_engine_http import HTTP_TIMEOUT_S, MODEL, aborted, call, gen
 
 from areal_like.settings.config import EngineConfig
 from rollout_server.engine import EmbeddedEngine
@@ -66,7 +64,7 @@ def test_in_process_generate_waits_while_paused_and_a_cancelled_caller_aborts(en
             assert call(engine, "/continue_generation", {})[0] == 200
         status, out = await asyncio.wait_for(waiting, HTTP_TIMEOUT_S)
         assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "length"
-        aborted = engine.metrics.num_aborted._value.get()
+        before = aborted(engine)
         long = asyncio.ensure_future(engine.generate_local(
             {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}))
         deadline = time.monotonic() + HTTP_TIMEOUT_S
@@ -74,7 +72,7 @@ def test_in_process_generate_waits_while_paused_and_a_cancelled_caller_aborts(en
             assert time.monotonic() < deadline, "the request never ran"
             await asyncio.sleep(0.005)
         long.cancel()
-        while engine.metrics.num_aborted._value.get() == aborted:
+        while aborted(engine) == before:
             assert time.monotonic() < deadline, "the cancelled request was not aborted"
             await asyncio.sleep(0.005)
     asyncio.run(main())
@@ -99,9 +97,7 @@ def test_the_client_maps_in_process_answers_like_http_ones(engine):
 
 
 def test_an_in_process_call_ends_when_its_engine_stops_and_later_ones_are_refused():
-    """A call held at the pause gate when the engine stops ends (as unreachable, like a dropped
-    connection) instead of waiting for its timeout; a call to a stopped engine is refused at
-    once."""
+    """A call held at the pause gate ends as unreachable, not at its timeout; later ones too."""
     from areal_like.engines.client import EngineError
     from areal_like.engines.sglang import SGLangClient
 
@@ -130,15 +126,17 @@ def test_an_in_process_call_ends_when_its_engine_stops_and_later_ones_are_refuse
 
 
 def test_calls_ended_by_cancel_all_say_so_and_a_caller_cancelled_stays_cancelled():
-    """``LocalGenerate`` on its own, with a handler that never answers: a call running when the
-    engine stops (``cancel_all``) and one made after it end with ConnectionAbortedError; a caller
-    cancelled for its own reasons sees its CancelledError."""
+    """``LocalGenerate`` with a handler that never answers: ConnectionAbortedError at and after
+    ``cancel_all``; a caller cancelled for its own reasons sees its CancelledError."""
     import threading
     from types import SimpleNamespace
 
     from rollout_server.engine.local import LocalGenerate
 
+    answering = threading.Semaphore(0)  # one release per call the handler took
+
     async def never(_inp):
+        answering.release()
         await asyncio.Event().wait()
 
     http = SimpleNamespace(parse=lambda body: SimpleNamespace(stream=False), answer=never)
@@ -149,12 +147,12 @@ def test_calls_ended_by_cancel_all_say_so_and_a_caller_cancelled_stays_cancelled
 
     async def main():
         own = asyncio.ensure_future(calls.call(loop, {}))
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(answering.acquire, timeout=HTTP_TIMEOUT_S)
         own.cancel()
         with pytest.raises(asyncio.CancelledError):
             await own
         running = asyncio.ensure_future(calls.call(loop, {}))
-        await asyncio.sleep(0.05)
+        assert await asyncio.to_thread(answering.acquire, timeout=HTTP_TIMEOUT_S)
         calls.cancel_all()
         with pytest.raises(ConnectionAbortedError):
             await asyncio.wait_for(running, HTTP_TIMEOUT_S)

@@ -1,6 +1,5 @@
-"""The embedded engine returns the experts it routed each token to (``return_routed_experts``,
-SGLang's ``meta_info["routed_experts"]``: base64 int32 ``[prompt + output - 1, layers, top_k]``),
-and a trainer replaying them reproduces the engine's log-probs; a dense model's engine refuses."""
+"""The embedded engine returns each token's experts (SGLang's base64 int32 routed_experts) and a
+trainer replaying them reproduces the engine's log-probs; a dense model's engine refuses."""
 
 from __future__ import annotations
 

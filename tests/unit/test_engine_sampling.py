@@ -1,6 +1,5 @@
-"""The engine's sampler (rollout_server/engine/sampling.py): exact inverse-CDF draws (frequencies
-exact on a tiny vocabulary for evenly spread uniforms, chi-square for the request streams), top-k
-and top-p truncation, the logprob convention, and at most one read of the device per step."""
+"""The engine's sampler (rollout_server/engine/sampling.py): inverse-CDF draws, top-k/top-p,
+the logprob convention, and at most one read of the device per step."""
 
 from __future__ import annotations
 
@@ -119,8 +118,7 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float_
 
 
 def test_a_step_reads_the_device_once(model, monkeypatch):
-    """Every way a tensor's value reaches Python waits for the device on CUDA; count them per
-    scheduler step (prefill or decode) over sampled, seeded, greedy and truncated rows."""
+    """Each way a tensor's value reaches Python waits for CUDA: counted per scheduler step."""
     reads, steps = [0], [0]
 
     def counting(fn):

@@ -36,9 +36,10 @@ def test_torchrun_rank_prefixes(tmp_path):
     assert error_tail(log(tmp_path, ["x", *prefixed, *TORCHRUN_TB])) == prefixed
 
 
-def test_without_a_traceback_the_last_lines(tmp_path):
+def test_without_a_traceback_the_last_lines_and_without_a_log_none(tmp_path):
     lines = [f"line {i}" for i in range(30)]
     assert error_tail(log(tmp_path, ["old"], lines), max_lines=20) == lines[-20:]
+    assert error_tail(tmp_path / "missing.log") == []
 
 
 def test_a_long_traceback_keeps_its_head_and_the_frames_nearest_the_error(tmp_path):
@@ -46,10 +47,6 @@ def test_a_long_traceback_keeps_its_head_and_the_frames_nearest_the_error(tmp_pa
     tb = ["Traceback (most recent call last):", *frames, "KeyError: 'x'"]
     got = error_tail(log(tmp_path, tb), max_lines=20)
     assert got == [tb[0], "  ...", *tb[-18:]] and len(got) == 20
-
-
-def test_no_log(tmp_path):
-    assert error_tail(tmp_path / "missing.log") == []
 
 
 REFUSED = ["12:00:00 INFO [trainer-0 pid=7] trainer-0: CURVE on",

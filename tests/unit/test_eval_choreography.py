@@ -1,8 +1,4 @@
-"""The rollout server's side of an evaluation, with a real sync port and scripted buffer/engine.
-
-A sync under way ends first; heartbeats say evaluating; a sync begun meanwhile gets 409; the
-schedule decides when; calls of another plan are refused and change nothing.
-"""
+"""The rollout server's side of an evaluation: a real sync port, a scripted buffer and engine."""
 
 from __future__ import annotations
 
@@ -67,10 +63,9 @@ class _Evaluator:
         return {"policy_version": version}
 
 
-# an adapter's directory where the trainer writes one (trainer/weight_local.py: a push root made
-# by mkdtemp, this user's, 0700): never read here; the root goes with the module's tests
-UNREAD = ""  # <a push root>/v1, made for the module's tests (not at import: an xdist worker
-# that imports this module without running it would leave the root behind)
+# <a push root>/v1 (trainer/weight_local.py's layout), never read here; made per module, not at
+# import (an xdist worker importing this module without running it would leave the root behind)
+UNREAD = ""
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -181,7 +176,6 @@ def test_the_schedule_starts_an_evaluation_only_when_due_and_idle(tmp_path):
 
 
 def test_the_final_evaluation_starts_at_once(tmp_path):
-    """The final version's evaluation starts at once: leave syncs, evaluate, come back."""
     server = _server(tmp_path, version=20, heartbeat_s=30.0)  # trainer.steps: the last push landed
 
     async def scenario():
@@ -229,7 +223,6 @@ def test_the_sync_port_acts_only_for_the_sync_under_way(tmp_path):
 
 
 def test_a_label_read_across_a_sync_does_not_undo_the_label_read_at_its_end(tmp_path):
-    """A label read spanning a sync does not undo the label read at the sync's end."""
     server = _server(tmp_path, version=5)
 
     class SlowLabel(_Engine):
@@ -262,7 +255,6 @@ def test_a_label_read_across_a_sync_does_not_undo_the_label_read_at_its_end(tmp_
 
 def test_no_sync_begins_while_the_engine_of_an_abandoned_one_is_being_continued(tmp_path,
                                                                                 monkeypatch):
-    """No sync begins while the engine of an abandoned one is being continued."""
     import rollout_server.server as server_module
 
     monkeypatch.setattr(server_module, "CONTINUE_TIMEOUT_S", 0.0)  # the window: the deadline alone

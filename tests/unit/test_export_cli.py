@@ -73,7 +73,6 @@ def test_a_checkpoint_its_job_deletes_under_the_export_is_named_as_deleted(
                                       ["trainer.lora.rank=4", "export.merged=true"]])
 def test_a_checkpoint_of_other_settings_is_named_as_such_not_as_damaged(tmp_path, capsys,
                                                                          settings):
-    """A config.yaml of other model/LoRA settings is named as such, not as damage."""
     ckpt = _checkpoint(tmp_path)
     (tmp_path / "config.yaml").write_text(to_yaml(load_config(settings)))
     code, err = _export(ckpt, tmp_path / "out", capsys)
@@ -85,7 +84,6 @@ def test_a_checkpoint_of_other_settings_is_named_as_such_not_as_damaged(tmp_path
 @pytest.mark.parametrize("metadata", [b"", b"planted"])
 def test_an_empty_or_planted_metadata_is_refused_in_one_line_naming_which(tmp_path, capsys,
                                                                           metadata):
-    """An empty or planted .metadata is refused in one line saying which."""
     ckpt = _checkpoint(tmp_path)
     (ckpt / ".metadata").write_bytes(pickle.dumps({"planted": 1}) if metadata else b"")
     code, err = _export(ckpt, tmp_path / "out", capsys)
@@ -99,7 +97,6 @@ def test_an_empty_or_planted_metadata_is_refused_in_one_line_naming_which(tmp_pa
 
 
 def test_an_exports_tokenizer_config_carries_no_loader_arguments(tmp_path, capsys, monkeypatch):
-    """An export's tokenizer_config.json carries no loader arguments (is_local...)."""
     from transformers import AutoTokenizer
 
     from areal_like.tasks.tokenizer import char_tokenizer

@@ -1,10 +1,5 @@
-"""launch/job.py wait_for_final_eval: the job stays up until THIS run's final evaluation is in
-eval.jsonl (``"final": true`` at ``trainer.steps``), and gives up when the evaluating server is
-down, on a stop request or at ``eval.final_timeout_s``.
-
-The supervisor is a stand-in exposing the two things the wait reads (``pids()``, ``stop_event``);
-its ``stop_event.wait`` is where the test plays the evaluating server, appending records to a real
-file.
+"""launch/job.py wait_for_final_eval: until THIS run's final record is in eval.jsonl, or the
+evaluating server is down, a stop, or eval.final_timeout_s (its stop_event.wait plays the server).
 """
 
 from __future__ import annotations
@@ -56,7 +51,8 @@ def test_returns_when_the_final_record_of_this_run_appears(tmp_path):
     assert event.waits == 3
 
 
-def test_an_earlier_runs_final_record_is_not_this_runs(tmp_path, capsys):
+def test_an_earlier_runs_final_record_is_not_this_runs_and_the_wait_gives_up_at_its_deadline(
+        tmp_path, capsys):
     append(tmp_path, 5, True)  # the run was resumed with trainer.steps raised from 5 to 8
 
     def server(n: int) -> None:
@@ -75,13 +71,6 @@ def test_an_earlier_runs_final_record_is_not_this_runs(tmp_path, capsys):
                                FakeSupervisor(threading.Event())) is False
     assert capsys.readouterr().err.endswith(
         "[run] no final evaluation: not written within eval.final_timeout_s=0.2\n")
-
-
-def test_gives_up_at_the_deadline(tmp_path, capsys):
-    assert wait_for_final_eval(cfg(timeout_s=0.05), tmp_path,
-                               FakeSupervisor(threading.Event())) is False
-    assert capsys.readouterr().err.endswith(
-        "[run] no final evaluation: not written within eval.final_timeout_s=0.05\n")
 
 
 def test_a_down_evaluator_ends_the_wait_unless_it_wrote_the_record_first(tmp_path, capsys):

@@ -1,6 +1,4 @@
-"""trainer/finite_guard.py: skipped steps are counted, exported, logged at most once a minute,
-and ``trainer.max_nonfinite_skips`` in a row stop the job with an error; a finite step resets the
-run."""
+"""trainer/finite_guard.py: skipped steps counted, exported, logged once a minute, bounded."""
 
 from __future__ import annotations
 

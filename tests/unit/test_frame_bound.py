@@ -1,7 +1,5 @@
-"""A request frame is bounded by what the job can need (request_frame_limit, hand-computed) and
-refused from its length alone: a real buffer sent a 32 MB expanding frame counts it
-(frame_too_large), stays responsive and its VmHWM barely grows.
-"""
+"""A request frame is bounded by what the job can need (request_frame_limit) and refused from
+its length alone: a real buffer sent a 32 MB expanding frame stays responsive and small."""
 
 from __future__ import annotations
 
@@ -110,7 +108,6 @@ def test_a_32mb_frame_is_refused_undecoded_by_a_real_buffer(tmp_run_dir, spawn_p
 
 
 def test_an_agent_groups_limit_holds_one_trajectory_per_call():
-    """An agent group's limit holds group_size x max_turns trajectories of full length."""
     task = TaskConfig(group_size=16, max_prompt_tokens=4096, max_new_tokens=64, max_turns=8,
                       agent="areal_like.tasks.agents:calc_agent", max_episode_tokens=8192)
     biggest = 16 * 8 * (8192 * 16 + 64 * 1024)  # every call its own segment, all of it output
@@ -118,7 +115,7 @@ def test_an_agent_groups_limit_holds_one_trajectory_per_call():
 
 
 def test_the_trajectory_limit_is_the_context_the_engine_serves(tmp_path):
-    """over_context is the served context: SGLang's (rope scaling, context_length) or embedded."""
+    """SGLang's context (rope scaling, context_length) or the embedded engine's."""
     def limit(config: dict, kind: str = "sglang", budget: int = 65536, **sglang) -> int:
         (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 100, **config}))
         cfg = RunConfig(model=ModelConfig(path=str(tmp_path)))

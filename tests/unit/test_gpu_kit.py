@@ -1,6 +1,4 @@
-"""tests/gpu/kit.py, the parts that need no GPU: the wheelhouse covers pyproject's dependencies,
-its pip commands and checks, the junit -> RESULTS.md writer (a sample report, and one pytest
-really wrote with the `figure` fixture), and the command line's refusals."""
+"""tests/gpu/kit.py without a GPU: the wheelhouse, the junit -> RESULTS.md writer, the CLI."""
 
 from __future__ import annotations
 
@@ -33,19 +31,16 @@ ENV = {"date": "2026-11-22 18:00 UTC", "gpu": "NVIDIA H100 80GB HBM3", "driver":
        "commit": "abc1234"}
 
 
-def test_every_dependency_is_carried_or_in_the_gpu_image(tmp_path):
+def test_every_dependency_is_carried_or_in_the_gpu_image_at_the_version_pyproject_pins(tmp_path):
     assert kit.missing_requirements(ROOT / "pyproject.toml") == []
     fake = tmp_path / "pyproject.toml"
     fake.write_text('[project]\nname = "x"\n'
                     'dependencies = ["hydra-core>=1.3", "Foo_Bar>=1", "torch"]\n'
                     '[project.optional-dependencies]\ntest = ["x[y]", "pytest"]\n')
     assert kit.missing_requirements(fake) == ["foo-bar"]
-
-
-def test_the_kit_installs_the_versions_pyproject_pins(tmp_path):
+    # and the versions pyproject pins
     assert kit.pin_mismatches(ROOT / "pyproject.toml") == []
     assert kit.WHEELS["transformers"] == "5.19.0" and "transformers" not in kit.IMAGE_HAS
-    fake = tmp_path / "pyproject.toml"
     fake.write_text('[project]\nname = "x"\n'
                     'dependencies = ["torch==9", "Foo_Bar==1.2", "hydra-core==1.3.8", '
                     '"msgspec==0.1", "pyzmq>=1"]\n')
@@ -138,8 +133,7 @@ def test_a_run_past_its_budget_still_reports_the_tests_that_finished(tmp_path):
 def test_command_line(tmp_path):
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(ROOT / "tests/gpu/kit.py"), *args],
-                              capture_output=True, text=True,
-                              timeout=120)
+                              capture_output=True, text=True, timeout=120)
 
     r = cli("run", "--wheelhouse", str(tmp_path / "none"), "--out", str(tmp_path / "out"))
     assert (r.returncode == 2 and "the wheelhouse is incomplete" in r.stderr

@@ -1,6 +1,4 @@
-"""The pure parts of tests/gpu/kit.py on CPU: goals at least and at most (a number, or a baseline
-figure of the same run), results merged over the kit calls of one commit, the MFU FLOP count
-(the output head on output tokens only), and the trainer phases a test selection needs."""
+"""tests/gpu/kit.py on CPU: goals, results merged per commit, the MFU FLOP count, phases."""
 
 from __future__ import annotations
 

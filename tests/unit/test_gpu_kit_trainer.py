@@ -1,7 +1,5 @@
-"""The trainer's part of the GPU kit, on CPU: the goal table of ``tests/gpu/kit.py`` (each goal
-figure beside its baseline from the same run), ``kit.py run --dry-run`` selecting the trainer's
-GPU tests, and ``tests/gpu/train_figures.py`` running every phase end to end on the tiny model
-(what the GPU run does at 0.5B/1.5B/7B shapes)."""
+"""The trainer's part of the GPU kit on CPU: its goal table, ``kit.py run --dry-run``, and
+``tests/gpu/train_figures.py``'s phases end to end on the tiny model."""
 
 from __future__ import annotations
 
@@ -55,8 +53,7 @@ def test_a_dry_run_lists_the_trainer_tests_and_installs_nothing(tmp_path):
 
 
 def test_every_trainer_phase_runs_on_the_tiny_model():
-    """All but ``compiled_0.5B`` (inductor on CPU compiles C++ for minutes; that the switch
-    reaches the build is tests/unit/test_step_kernels.py's)."""
+    """But compiled_0.5B (minutes of C++ on CPU; the switch: test_step_kernels.py)."""
     from tests.conftest import child_env
 
     phases = "packed_0.5B,plain_0.5B,packed_1.5B,lora_7B"

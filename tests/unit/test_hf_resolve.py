@@ -43,17 +43,15 @@ def run_py(code: str, home: Path, offline: bool, *args: str, cwd: Path | None = 
     env.pop("HF_HUB_OFFLINE", None)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-c", code, *args], env=env,
-                          capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=cwd)
 
 
-RESOLVE = ("import sys; from areal_like.weights.hf import resolve_model_path; "
-           "print(resolve_model_path(sys.argv[1]))")
-
-
-def test_local_directory_is_used_as_is(tmp_path):
-    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+ONE_LINE = ("import sys\nfrom areal_like.settings.config import ConfigError\n"
+            "from areal_like.weights.hf import resolve_model_path\n"
+            "try:\n    print(resolve_model_path(*sys.argv[1:]))\n"
+            "except ConfigError as e:\n    print('error:', e)\n")
+CLI = "import sys; from launch.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def test_a_home_relative_path_is_read_and_resolved_expanded(tmp_path, monkeypatch):
@@ -74,30 +72,20 @@ def test_a_home_relative_path_is_read_and_resolved_expanded(tmp_path, monkeypatc
 
 def test_hub_id_is_found_in_the_local_cache_without_the_network(tmp_path):
     snap = fake_cache(tmp_path / "hf")
-    # HF_HUB_OFFLINE unset: the cache is looked at first,
-    # so a cached model never reaches the network
-    r = run_py(RESOLVE, tmp_path / "hf", False, REPO)
+    # HF_HUB_OFFLINE unset: the cache is looked at first, so a cached model never reaches the net
+    r = run_py(ONE_LINE, tmp_path / "hf", False, REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(snap)
 
 
 def test_missing_hub_id_offline_is_one_line_naming_the_key(tmp_path):
     fake_cache(tmp_path / "hf")
-    code = ("import sys\nfrom areal_like.settings.config import ConfigError\n"
-            "from areal_like.weights.hf import resolve_model_path\n"
-            "try:\n    resolve_model_path(sys.argv[1])\nexcept ConfigError as e:\n    print(e)\n")
-    r = run_py(code, tmp_path / "hf", True, "areal-like-test/not-cached")
+    r = run_py(ONE_LINE, tmp_path / "hf", True, "areal-like-test/not-cached")
     assert r.returncode == 0, r.stderr
     msg = r.stdout.strip()
     assert "\n" not in msg
-    assert msg.startswith("model.path='areal-like-test/not-cached' is not a local directory")
+    assert msg.startswith("error: model.path='areal-like-test/not-cached' is not a local directory")
     assert "HF_HUB_OFFLINE" in msg and str(tmp_path / "hf" / "hub") in msg
-
-
-ONE_LINE = ("import sys\nfrom areal_like.settings.config import ConfigError\n"
-            "from areal_like.weights.hf import resolve_model_path\n"
-            "try:\n    print(resolve_model_path(*sys.argv[1:]))\n"
-            "except ConfigError as e:\n    print('error:', e)\n")
 
 
 def test_a_cache_without_weights_is_incomplete_offline(tmp_path):
@@ -133,35 +121,30 @@ def test_a_cache_without_weights_is_completed_by_a_download(tmp_path):
 
 def test_areal_like_config_prints_the_resolved_directory(tmp_path):
     snap = fake_cache(tmp_path / "hf", tokenizer=True)
-    code = "import sys; from launch.cli import main; sys.exit(main(sys.argv[1:]))"
-    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", f"model.path={REPO}",
+    r = run_py(CLI, tmp_path / "hf", True, "config", "model=local_hf", f"model.path={REPO}",
                cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert f"path: {snap}\n" in r.stdout
-    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf",
-               "model.path=areal-like-test/not-cached",
-               cwd=tmp_path)
-    assert r.returncode == 2 and r.stdout == ""
-    assert r.stderr.count("\n") == 1
+    r = run_py(CLI, tmp_path / "hf", True, "config", "model=local_hf",
+               "model.path=areal-like-test/not-cached", cwd=tmp_path)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1  # no traceback
     assert r.stderr.startswith(
         "error: model.path='areal-like-test/not-cached' is not a local directory")
-    assert "Traceback" not in r.stderr
 
 
 def test_a_relative_model_directory_is_written_absolute(tmp_path):
-    """A relative model directory is written absolute in config.yaml."""
     snap = fake_cache(tmp_path / "hf", tokenizer=True)
     (tmp_path / "work").mkdir()
     snap.rename(tmp_path / "work" / "m")
-    code = "import sys; from launch.cli import main; sys.exit(main(sys.argv[1:]))"
-    r = run_py(code, tmp_path / "hf", True, "config", "model=local_hf", "model.path=m",
+    r = run_py(CLI, tmp_path / "hf", True, "config", "model=local_hf", "model.path=m",
                "model.tokenizer=./m", "trainer.ref_path=m", cwd=tmp_path / "work")
     assert r.returncode == 0, r.stderr
     for key in ("path", "tokenizer", "ref_path"):
         assert f"  {key}: {tmp_path / 'work' / 'm'}\n" in r.stdout, key
 
 
-def test_neither_a_directory_nor_a_hub_id(tmp_path):
+def test_a_directory_is_used_as_is_and_neither_a_directory_nor_a_hub_id_is_refused(tmp_path):
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)
     with pytest.raises(ConfigError,
                        match=r"^model\.path='/no/such/dir' does not exist \(and is not a hub id"):
         resolve_model_path("/no/such/dir")
@@ -173,7 +156,6 @@ def test_neither_a_directory_nor_a_hub_id(tmp_path):
 
 def test_a_relative_model_path_that_is_not_here_says_where_it_was_looked_for(tmp_path,
                                                                             monkeypatch):
-    """A relative model.path not found names the directory looked in."""
     fake_cache(tmp_path / "hf")
     r = run_py(ONE_LINE, tmp_path / "hf", True, "models/mine", cwd=tmp_path)
     assert r.stdout.startswith(f"error: model.path='models/mine' is not a local directory at "
@@ -211,7 +193,6 @@ def test_resolve_models_resolves_every_model_key_and_leaves_the_input_alone(tmp_
 
 def test_loading_a_saved_model_draws_no_progress_bar_and_leaves_the_setting_alone(tmp_path,
                                                                                    capfd):
-    """Loading a saved model draws no progress bar and leaves the setting alone."""
     from transformers.utils import logging as hf_logging
 
     from areal_like.weights.hf import build_model

@@ -1,7 +1,5 @@
-"""``launch/kuberay/rayjob.yaml`` against what it runs, offline: its entrypoint is an
-``areal-like run launch.cluster=ray`` command whose layout ``areal-like plan`` accepts, and its
-worker pods hold that layout's placement-group bundles (``launch/ray_job.py``) with the storage
-every pod must see. Not checked here: applying it to a Kubernetes cluster (launch/RAY.md)."""
+"""``launch/kuberay/rayjob.yaml`` offline: a ray run ``areal-like plan`` accepts, worker pods that
+hold its bundles and see the shared storage (applying it to a cluster: launch/RAY.md)."""
 
 from __future__ import annotations
 

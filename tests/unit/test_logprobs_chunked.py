@@ -1,10 +1,5 @@
-"""hidden_token_logprobs: lm_head applied a chunk of tokens at a time, forward and backward.
-
-Checks: a case small enough to do by hand; values and gradients (hidden and weight) equal the
-unchunked ``token_logprobs(hidden @ W.T)`` for every chunk size; fp64 gradcheck; bf16 compute
-with fp32 log-probs; and memory: the peak of the bytes it allocates (``PeakTensorBytes``) does not
-grow with the number of tokens by anything vocabulary-sized, while the unchunked path's does.
-"""
+"""hidden_token_logprobs: lm_head a chunk of tokens at a time, forward and backward, against the
+unchunked ``token_logprobs(hidden @ W.T)``; its peak memory holds one chunk of logits."""
 
 from __future__ import annotations
 

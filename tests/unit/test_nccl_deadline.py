@@ -1,10 +1,5 @@
-"""The trainer bounds torch's wait for a non-blocking NCCL communicator by the weight-sync deadline.
-
-torch's c10d waits for a lazily created non-blocking communicator holding the mutex that
-``abort()`` needs, for ``TORCH_NCCL_NONBLOCKING_TIMEOUT`` seconds (default 30 minutes), read once
-per process at its first NCCL call (areal_like/net/distributed.py). So the trainer must carry the
-variable, derived from ``trainer.weight_sync.deadline_s``, before it makes its first process group.
-"""
+"""TORCH_NCCL_NONBLOCKING_TIMEOUT (read once, at the first NCCL call; 30 minutes by default) is
+set from trainer.weight_sync.deadline_s before the first process group (net/distributed.py)."""
 
 from __future__ import annotations
 

@@ -46,32 +46,31 @@ def _queried(text: str) -> set[str]:
     return out
 
 
-def test_files_parse():
+def test_files_parse_and_prometheus_accepts_every_path_of_the_scrape_config():
     prom = yaml.safe_load((OBS / "prometheus.yml").read_text())
     assert {j["job_name"] for j in prom["scrape_configs"]} >= {"areal-like"}
-    rules = yaml.safe_load((OBS / "alerts.yml").read_text())
-    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    alerts = {r["alert"] for r in alert_rules()}
     assert {"TrainerNoStep", "WeightSyncOverDeadline", "StalenessAtBound",
             "EngineUnhealthy"} <= alerts
     dash = json.loads((OBS / "grafana_dashboard.json").read_text())
     assert dash["panels"] and all(p["targets"] for p in dash["panels"])
-
-
-def test_prometheus_accepts_every_path_of_the_scrape_config():
-    """No '*' outside a file_sd or rule path's last segment (Prometheus refuses it)."""
+    # no '*' outside a file_sd or rule path's last segment (Prometheus refuses it)
     file_sd = re.compile(r"^[^*]*(\*[^/]*)?\.(json|yml|yaml|JSON|YML|YAML)$")
     rule_path = re.compile(r"^[^*]*(\*[^/]*)?$")
-    prom = yaml.safe_load((OBS / "prometheus.yml").read_text())
     files = [f for job in prom["scrape_configs"] for sd in job.get("file_sd_configs", [])
              for f in sd["files"]]
     assert files and all(file_sd.match(f) for f in files), files
     assert all(rule_path.match(f) for f in prom["rule_files"]), prom["rule_files"]
 
 
-def test_alert_rules_compare_daemons_within_one_job():
+def alert_rules() -> list[dict]:
+    return [r for g in yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
+            for r in g["rules"]]
+
+
+def test_alert_rules_compare_daemons_within_one_job_and_each_daemon_kind_has_a_down_rule():
     """Rules aggregating over daemons keep run; every rule has a routed severity."""
-    rules = [r for g in yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
-             for r in g["rules"]]
+    rules = alert_rules()
     aggregation = re.compile(r"\b(?:sum|min|max|count|avg)\s*(?:by\s*\(([^)]*)\))?\s*\(")
     for rule in rules:
         expr = rule["expr"]
@@ -79,10 +78,13 @@ def test_alert_rules_compare_daemons_within_one_job():
             assert "run" in (m.group(1) or ""), f"{rule['alert']}: {m.group(0)} mixes jobs"
         assert "scalar(" not in expr, f"{rule['alert']}: scalar() of every job's series"
         assert rule["labels"]["severity"] in ("page", "warn"), rule["alert"]
+    by_expr = {r["expr"]: r for r in rules}
+    for kind in ("buffer", "rollout", "trainer"):  # up == 0 of every daemon kind pages
+        rule = by_expr.get(f'up{{kind="{kind}"}} == 0')
+        assert rule and rule["for"] and rule["labels"]["severity"] == "page", kind
 
 
 def test_docs_name_counters_as_prometheus_serves_them():
-    """Docs name counters as served: <name>_total."""
     made = re.compile(r'(?:counter|count_to)\(\s*f?"((?:buffer|rollout|trainer)/[a-z_]+)"')
     counters = {prom_name(f"buffer/{n}") for n in (*COUNTERS, *LABELLED)}
     for pkg in ("buffer", "rollout_server", "trainer"):
@@ -93,11 +95,6 @@ def test_docs_name_counters_as_prometheus_serves_them():
             if ".venv" not in page.parts
             for name in re.findall(r"\b(areal_[a-z_]+)", page.read_text()) if name in counters}
     assert not bare, sorted(bare)
-
-
-def _rules() -> dict[str, str]:
-    return {r["alert"]: r["expr"] for g in yaml.safe_load((OBS / "alerts.yml").read_text())[
-        "groups"] for r in g["rules"]}
 
 
 LOOKBACK_S = 300  # how far back Prometheus takes a series' last sample for an instant selector
@@ -145,8 +142,7 @@ def _fires(expr: str, series: dict[str, dict[frozenset, list]], t: float) -> boo
 
 
 def test_trainer_rolled_back_sees_a_whole_job_resume_on_new_ports():
-    """TrainerRolledBack fires for a resume on new ports (a new instance)."""
-    expr = _rules()["TrainerRolledBack"]
+    expr = {r["alert"]: r["expr"] for r in alert_rules()}["TrainerRolledBack"]
 
     def resumed(lost: int, port: int) -> bool:
         first = frozenset({"run": "myjob", "instance": "127.0.0.1:40001"}.items())
@@ -162,15 +158,6 @@ def test_trainer_rolled_back_sees_a_whole_job_resume_on_new_ports():
     assert resumed(3, 40002)  # the whole job again: a new instance
     assert resumed(3, 40001)  # the trainer alone restarted by its supervisor: the same port
     assert not resumed(0, 40002)  # a resume that lost nothing
-
-
-def test_every_kind_of_daemon_has_a_down_rule():
-    """up == 0 of every daemon kind pages."""
-    rules = {r["expr"]: r for g in yaml.safe_load((OBS / "alerts.yml").read_text())["groups"]
-             for r in g["rules"]}
-    for kind in ("buffer", "rollout", "trainer"):
-        rule = rules.get(f'up{{kind="{kind}"}} == 0')
-        assert rule and rule["for"] and rule["labels"]["severity"] == "page", kind
 
 
 def test_every_queried_metric_is_exported():

@@ -143,7 +143,6 @@ def _batch(*groups: list[tuple[int, int]], seed: int = 0):
 
 @pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed"])
 def test_packed_logp_equals_each_sequence_alone_and_its_gradient_too(attn):
-    """Packed log-probs and gradients equal each sequence alone (transformers SDPA, sdpa_packed)."""
     from areal_like.weights.hf import build_model
     from trainer.model import attach_logprobs
     from trainer.packed_attention import PACKED_SDPA

@@ -1,8 +1,5 @@
-"""The trainer's policy has no dropout of its own, whatever the model's config.json says: the
-engines sample without it, so pi_theta / pi_prox must be exactly 1 at a step's start. With a
-config's ``attention_dropout`` 0.5 kept, the training forward gave log-ratios to pi_prox of
-0.14 nats on average (0.30 at most): the first minibatch clipped tokens at eps 0.2 before any
-update. LoRA's own dropout (``trainer.lora.dropout``) is a knob of its own and is not touched."""
+"""The policy has no dropout of its own whatever config.json says (the engines sample without it:
+pi_theta / pi_prox is exactly 1 at a step's start); trainer.lora.dropout is its own knob."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""GSM8K and MATH as the dataset format (areal_like/tasks/prepare_math.py), through its command
-line, on the shipped samples in the public datasets' own formats
-(areal_like/tasks/data/samples/); hand-read answers, and the recipes' math-verify reward on them."""
+"""areal_like/tasks/prepare_math.py's command line on the shipped GSM8K and MATH samples
+(areal_like/tasks/data/samples/): hand-read answers, and math-verify's reward on them."""
 
 from __future__ import annotations
 
@@ -21,10 +20,13 @@ from areal_like.tasks.rewards import math_reward
 SAMPLES = Path(__file__).resolve().parents[2] / "areal_like" / "tasks" / "data" / "samples"
 
 
+def prepare(*args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "areal_like.tasks.prepare_math", *args],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def _prepare(kind: str, out: Path, train: Path, test: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "areal_like.tasks.prepare_math", kind,
-                           "--train", str(train), "--test", str(test), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    done = prepare(kind, "--train", str(train), "--test", str(test), "--out", str(out))
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -99,9 +101,7 @@ def test_rows_without_a_final_answer_are_dropped_and_counted(tmp_path):
     assert summary["test"] == {"rows": 1, "dropped": 1}
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[1]) + "\n")
-    done = subprocess.run([sys.executable, "-m", "areal_like.tasks.prepare_math", "gsm8k",
-                           "--train", str(bad), "--test", str(src), "--out", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=300)
+    done = prepare("gsm8k", "--train", str(bad), "--test", str(src), "--out", str(tmp_path / "o"))
     assert done.returncode != 0 and "no row of" in done.stderr and "final answer" in done.stderr
 
 
@@ -117,9 +117,8 @@ def test_a_source_it_cannot_read_is_one_error_line(kind, train, want, tmp_path):
     (tmp_path / "notes.txt").write_text("not a table\n")
     args = [] if train is None else ["--train", str(gsm) if train == "GSM" else train,
                                      "--test", str(gsm)]
-    done = subprocess.run([sys.executable, "-m", "areal_like.tasks.prepare_math", kind, *args],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    done = prepare(kind, *args, cwd=tmp_path,
+                   env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
     assert want in done.stderr
@@ -127,16 +126,14 @@ def test_a_source_it_cannot_read_is_one_error_line(kind, train, want, tmp_path):
 
 
 def test_a_directory_of_several_splits_is_refused_not_mixed(tmp_path):
-    """A hub snapshot (``main/train-*.parquet`` beside ``main/test-*.parquet``) given as the
-    training source would put the test problems into the training split: refused, naming them."""
+    """A hub snapshot's train and test files together would mix test problems into training."""
     snapshot = tmp_path / "gsm8k" / "main"
     snapshot.mkdir(parents=True)
     for split in ("train", "test"):
         rows = [json.loads(line) for line in (SAMPLES / "gsm8k" / f"{split}.jsonl").open()]
         pq.write_table(pa.Table.from_pylist(rows), snapshot / f"{split}-00000-of-00001.parquet")
-    done = subprocess.run([sys.executable, "-m", "areal_like.tasks.prepare_math", "gsm8k",
-                           "--train", "gsm8k", "--test", "gsm8k/main/test-00000-of-00001.parquet"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = prepare("gsm8k", "--train", "gsm8k", "--test",
+                   "gsm8k/main/test-00000-of-00001.parquet", cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr == ("error: --train gsm8k: the directory holds the files of several splits "
                            "(test, train); give the train split's file or directory\n")

@@ -1,11 +1,6 @@
-"""How a dataset row becomes prompt ids (``areal_like.tasks.task.prompt_template``): TRL's
-convention.
-
-With ``task.chat_template=auto`` a plain prompt column is plain text with the tokenizer's own
-special tokens and a ``messages`` column goes through the tokenizer's chat template; a template
-of one's own applies to both; ``none`` makes both plain text. The char tokenizer is the case the
-convention matters for: its encoding adds ``<bos>``, its chat template does not emit it.
-"""
+"""How a dataset row becomes prompt ids, TRL's convention: with task.chat_template=auto plain
+text gets the tokenizer's special tokens and messages its chat template (the char tokenizer's
+encoding adds <bos>, its template does not)."""
 
 from __future__ import annotations
 

@@ -58,7 +58,6 @@ def test_a_register_costs_the_same_however_many_ids_the_buffer_remembers(monkeyp
 
 
 def test_a_server_that_stops_on_request_leaves_at_once():
-    """A leaving Heartbeat takes the server off the roster and frees its leases now."""
     released = []
     cp = _control(Clock(0.0), 15.0, release=lambda keep, why, level=logging.WARNING:
                   released.append(([s for s in ("a", "b") if not keep(s)], why, level)))
@@ -75,7 +74,6 @@ def test_a_server_that_stops_on_request_leaves_at_once():
 
 
 def test_a_server_behind_the_staleness_bound_stays_on_the_roster(tmp_path):
-    """A server past the staleness bound gets no leases but stays on the roster."""
     svc = start(tmp_path, BufferConfig(max_staleness=0, groups_per_step=1))
     try:
         step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))

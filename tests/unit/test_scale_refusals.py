@@ -1,6 +1,4 @@
-"""``areal-like scale`` refuses bad pools, sizes and jobs in one line, exit 2, asking nothing; the
-Scaler refuses layouts that do not fit or move a server's GPUs, and stale requests.
-"""
+"""``areal-like scale``'s one-line refusals (exit 2, asking nothing) and the Scaler's refusals."""
 
 from __future__ import annotations
 
@@ -55,11 +53,6 @@ def test_bad_requests_are_refused_in_one_line(tmp_path, capsys, args, says):
     assert says in _refused(capsys, run_dir, *args)
 
 
-def test_an_engine_by_url_serves_one_rollout_server(tmp_path, capsys):
-    run_dir = _run_dir(tmp_path, "rollout.engine.kind=url", "rollout.engine.url=http://h:1")
-    assert "rollout.engine.kind=url" in _refused(capsys, run_dir, "rollout=2")
-
-
 def test_a_job_that_is_not_running_or_not_run_s_is_refused(tmp_path, capsys):
     assert "is not a run directory (no config.yaml)" in _refused(capsys, tmp_path, "rollout=2")
     run_dir = _run_dir(tmp_path)
@@ -103,7 +96,6 @@ def test_the_supervisor_refuses_a_layout_that_does_not_fit_the_gpus(tmp_path):
 
 
 def test_a_request_replaced_before_the_job_read_it_says_so(tmp_path, capsys):
-    """A scale request replaced before the job read it says so at once (exit 1)."""
     import os
     import threading
 
@@ -149,19 +141,22 @@ RAY_JOB = ["launch.cluster=ray", "launch.nodes=3", "launch.train_nodes=1",
            "launch.num_rollout_servers=1", "buffer.groups_per_step=4"]
 
 
-@pytest.mark.parametrize("more, args, says", [
+@pytest.mark.parametrize("job, args, says", [
     # the placement group's bundle on node 0 holds the ranks the job started with
-    (["launch.trainer_ranks=1"], ["trainer=2"], "start the job with launch.trainer_ranks=2"),
-    (["launch.trainer_ranks=1", "launch.nodes=4", "launch.train_nodes=2"], ["trainer=1"],
+    ([*RAY_JOB, "launch.trainer_ranks=1"], ["trainer=2"],
+     "start the job with launch.trainer_ranks=2"),
+    ([*RAY_JOB, "launch.trainer_ranks=1", "launch.nodes=4", "launch.train_nodes=2"], ["trainer=1"],
      "launch.train_nodes=2 nodes is not resized"),
+    (["rollout.engine.kind=url", "rollout.engine.url=http://h:1"], ["rollout=2"],
+     "rollout.engine.kind=url"),  # an engine by URL serves one rollout server
 ])
-def test_a_ray_jobs_trainer_beyond_its_bundle_is_refused(tmp_path, capsys, more, args, says):
-    run_dir = _run_dir(tmp_path, *RAY_JOB, *more)
+def test_a_pool_this_job_cannot_resize_is_refused(tmp_path, capsys, job, args, says):
+    run_dir = _run_dir(tmp_path, *job)
     assert says in _refused(capsys, run_dir, *args)
 
 
 def test_a_ray_job_grows_its_rollout_pool_outside_the_placement_group(tmp_path):
-    """RayCluster.scale_layout: extra servers get own actors; highest leave first."""
+    """Extra servers get actors of their own; the highest leave first."""
     from launch.ray_job import RayCluster
 
     cfg, topo = plan_job(load_config([f"run_dir={tmp_path / 'run'}", *RAY_JOB,

@@ -1,5 +1,4 @@
-"""Server.wake_on: a background thread ends the loop's wait for requests (the WAL's fsync thread
-does, so replies go out as soon as they are durable)."""
+"""Server.wake_on: a background thread (the WAL's fsync thread) ends the wait for requests."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The step's kernel choices (``trainer/model.py``): fused AdamW on CUDA, and the opt-in
-``torch.compile`` of decoder blocks (``trainer.compile_blocks``), checked on CPU for what they
-compute, against the eager / multi-tensor runs the rest of the tests use."""
+"""trainer/model.py's kernel choices checked on CPU against the eager/multi-tensor runs: fused
+AdamW on CUDA, and trainer.compile_blocks' torch.compile of decoder blocks."""
 
 from __future__ import annotations
 
@@ -17,8 +16,7 @@ from test_packed_attention import SHAPES, packed_batch, packed_model  # noqa: E4
 
 
 def test_adamw_is_fused_on_cuda_and_computes_what_foreach_does():
-    """CUDA gets the fused kernel; on CPU (which has one too) three steps of it equal the
-    multi-tensor implementation's, weight decay and bias correction included."""
+    """Three fused steps (CPU has the kernel too) equal the multi-tensor ones."""
     from trainer.model import adamw_options
 
     assert adamw_options(torch.device("cuda", 0)) == {"fused": True}
@@ -43,9 +41,8 @@ def test_adamw_is_fused_on_cuda_and_computes_what_foreach_does():
 
 
 def test_compiled_blocks_compute_what_eager_blocks_do():
-    """Each decoder block compiled in place (dynamo with the eager backend here: what is checked
-    is the tracing of the packed kwargs, checkpointing and names, not inductor's code): packed
-    and padded log-probs and gradients equal the eager model's, parameter names unchanged."""
+    """Dynamo's eager backend: the tracing of packed kwargs, checkpointing and names is checked,
+    not inductor's code."""
     from trainer.model import checkpoint_blocks, compile_blocks
     from trainer.step import output_logp
 

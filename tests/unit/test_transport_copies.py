@@ -1,7 +1,4 @@
-"""Transport copy discipline, in one process over loopback TCP: decoded arrays are views of the
-received ZMQ frame and stay valid after the frame is dropped and more frames arrive; the sender's
-kept encode buffer never corrupts frames still queued; big frames hand their buffer over; frames
-beyond the incoming bound are cut before they reach the server."""
+"""Transport copy discipline over loopback TCP: zero-copy views, the kept encode buffer, bounds."""
 
 from __future__ import annotations
 
@@ -62,7 +59,7 @@ def receive(server: Server, n: int) -> list:
     return got
 
 
-def test_decoded_arrays_outlive_the_received_frame(server_and_dealer):
+def test_decoded_arrays_and_the_payload_outlive_the_received_frame(server_and_dealer):
     server, dealer = server_and_dealer
     writer = FrameWriter()
     sent = group(1)
@@ -71,8 +68,8 @@ def test_decoded_arrays_outlive_the_received_frame(server_and_dealer):
     assert req_id == b"r1" and isinstance(msg, P.TrajectoryGroup)
     arr = msg.trajectories[0].output_ids
     assert not arr.flags.owndata and not arr.flags.writeable  # a view of ZMQ's buffer, not a copy
-    # holds the frame
     assert isinstance(arr.base, memoryview) and isinstance(arr.base.obj, zmq.Frame)
+    kept_payload = payload  # the buffer daemon logs the payload and replays it with decode
     del payload
     gc.collect()
     for seed in range(2, 12):  # new frames reuse whatever memory was freed meanwhile
@@ -81,25 +78,14 @@ def test_decoded_arrays_outlive_the_received_frame(server_and_dealer):
     del others
     gc.collect()
     assert same_group(msg, sent)  # the arrays still read the first frame's bytes
-
-
-def test_payload_stays_valid_and_decodes_again(server_and_dealer):
-    """The buffer daemon logs the payload and replays it with ``decode``: same message back."""
-    server, dealer = server_and_dealer
-    writer = FrameWriter()
-    writer.send(dealer, [b"a"], group(3))
-    [(_p, _r, msg, payload)] = receive(server, 1)
     del msg
-    writer.send(dealer, [b"b"], group(4))
-    receive(server, 1)
     gc.collect()
-    assert same_group(P.decode(payload), group(3)) and P.decode(bytes(payload)) is not None
+    assert same_group(P.decode(kept_payload), sent) and P.decode(bytes(kept_payload)) is not None
 
 
 def test_kept_buffer_never_corrupts_queued_frames(server_and_dealer):
     server, dealer = server_and_dealer
     writer = FrameWriter()
-    # sizes change frame to frame
     sent = [group(seed, tokens=512 * (seed + 1)) for seed in range(6)]
     for i, g in enumerate(sent):  # all queued before the server reads any
         writer.send(dealer, [str(i).encode()], g)
@@ -128,8 +114,7 @@ def test_frames_above_the_kept_size_hand_their_buffer_over(server_and_dealer, mo
 
 
 def test_a_frame_over_the_limit_is_not_kept_either(server_and_dealer, monkeypatch):
-    """An oversized message fails with ProtocolError after msgspec grew the buffer to its size: that
-    allocation must not stay pinned for the socket's lifetime (the limit is hundreds of MB)."""
+    """A refused oversized message's grown buffer is not kept (the limit is hundreds of MB)."""
     server, dealer = server_and_dealer
     monkeypatch.setattr(transport, "SCRATCH_KEEP_BYTES", 64 * 1024)
     monkeypatch.setattr(P, "MAX_FRAME_BYTES", 128 * 1024)
@@ -146,7 +131,6 @@ def test_a_frame_over_the_limit_is_not_kept_either(server_and_dealer, monkeypatc
 def test_invalid_message_sends_nothing(server_and_dealer):
     server, dealer = server_and_dealer
     writer = FrameWriter()
-    # valid, but a value msgpack cannot carry: refused by encode
     bad = P.Stats(values={"x": object()})
     with pytest.raises(P.ProtocolError) as info:
         writer.send(dealer, [b"bad"], bad)
@@ -161,37 +145,12 @@ def test_invalid_message_sends_nothing(server_and_dealer):
     assert server.recv(0.2) is None
 
 
-def test_server_reply_and_client_round_trip(server_and_dealer):
-    server, _ = server_and_dealer
-    client = Client(server.address, timeout_s=REQUEST_TIMEOUT_S)
-    try:
-        import threading
-
-        def answer():
-            peer, req_id, msg = server.recv(REQUEST_TIMEOUT_S)
-            server.send(peer, req_id, P.Batch(groups=[msg], trainer_version=1, batch_id="b"))
-
-        thread = threading.Thread(target=answer, daemon=True)
-        thread.start()
-        reply = client.request(group(7))
-        thread.join(timeout=REQUEST_TIMEOUT_S)
-        assert isinstance(reply, P.Batch) and same_group(reply.groups[0], group(7))
-    finally:
-        client.close()
-
-
 def test_a_frame_above_the_incoming_limit_never_reaches_the_server(free_port, monkeypatch):
-    """A peer must not make the buffer allocate an arbitrarily big frame before decode refuses it:
-    every socket sets MAXMSGSIZE to INCOMING_LIMIT_FACTOR x the frame limit. A frame above the limit
-    but below that bound is still received and answered with a ProtocolError naming its size; a
-    bigger one is cut by libzmq (the peer's connection is dropped; it reconnects) and the server
-    keeps serving everyone."""
+    """Past INCOMING_LIMIT_FACTOR x the frame limit libzmq cuts the peer; below: a ProtocolError."""
     monkeypatch.setattr(P, "MAX_FRAME_BYTES", 128 * 1024)  # a small limit: the bound follows it
     server = Server(f"tcp://127.0.0.1:{free_port()}")
     big, other = (new_socket(zmq.Context.instance(), zmq.DEALER, None) for _ in range(2))
     try:
-        assert (server._sock.getsockopt(zmq.MAXMSGSIZE)
-                == transport.INCOMING_LIMIT_FACTOR * 128 * 1024)
         for sock in (big, other):
             sock.connect(server.address)
         big.send_multipart([b"moderate", b"\x00" * (200 * 1024)])

@@ -1,20 +1,15 @@
-"""TRL's dataset formats through ``make_task`` and ``encode_prompt``: standard rows (``prompt``
-text, an optional ``completion``) are plain text; conversational rows (``prompt`` as a list of
-{role, content} messages, or a ``messages`` column) go through the tokenizer's chat template with
-the generation prompt, in every file format the loader reads. Ambiguous data is refused naming
-the key to set, by the loader (the preflight's refusal before start, through ``areal-like run``:
-tests/integration/test_trl_data_job.py)."""
+"""TRL's dataset formats through ``make_task`` and ``encode_prompt``: standard rows are plain
+text, conversational ones go through the chat template; ambiguous data is refused naming the key
+(the preflight's refusal through ``areal-like run``: tests/integration/test_trl_data_job.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
+from test_datasets import write
 
 from areal_like.settings.config import ConfigError, TaskConfig
 from areal_like.tasks.task import Example, encode_prompt, make_task, prompt_layout
@@ -26,31 +21,6 @@ CONVERSATIONAL = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}], "answer
                   for a, b in SUMS]
 MESSAGES = [{"messages": r["prompt"], "answer": r["answer"]} for r in CONVERSATIONAL]
 STANDARD = [{"prompt": f"{a}+{b}=", "completion": str(a + b)} for a, b in SUMS]
-
-
-def write(fmt: str, tmp_path: Path, rows: list[dict]) -> Path:
-    """``rows`` stored in format ``fmt`` (csv: flat rows only); the path task.dataset_path takes."""
-    if fmt == "jsonl":
-        path = tmp_path / "d.jsonl"
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    elif fmt == "json":
-        path = tmp_path / "d.json"
-        path.write_text(json.dumps(rows))
-    elif fmt == "parquet":
-        path = tmp_path / "d.parquet"
-        pq.write_table(pa.Table.from_pylist(rows), path)
-    elif fmt == "csv":
-        path = tmp_path / "d.csv"
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        import datasets
-
-        path = tmp_path / "saved"
-        datasets.Dataset.from_list(rows).save_to_disk(str(path))
-    return path
 
 
 def dataset(path: Path, **kw) -> TaskConfig:
@@ -132,8 +102,7 @@ def test_ambiguous_data_is_refused_naming_the_key(tmp_path):
 
 
 def test_a_conversational_prompt_column_needs_a_chat_template(tmp_path):
-    """A tokenizer without a chat template on TRL's conversational rows: refused before start,
-    naming the key to set; a plain-text dataset needs none."""
+    """Refused before start naming the key to set; a plain-text dataset needs none."""
     import copy
 
     tok = copy.deepcopy(char_tokenizer())

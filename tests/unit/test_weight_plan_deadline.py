@@ -164,13 +164,19 @@ class CountingConfig:
             json.dump({}, f)
 
 
+def counted_model() -> torch.nn.Module:
+    """A model whose config counts the directories written for it."""
+    model = torch.nn.Linear(2, 2)
+    model.config = CountingConfig()
+    return model
+
+
 def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
     """a is lost, b fails the first plan: the re-push to b alone sends the same directory."""
     cfg = WeightSyncConfig(path="disk", deadline_s=20.0)
     drive = Recording()
     b = Engine(lambda body: "failed" if len(drive.plans) == 1 else "done")
-    model = torch.nn.Linear(2, 2)
-    model.config = CountingConfig()
+    model = counted_model()
     members = {"a": f"http://127.0.0.1:{free_port()}", "b": b}
     with closing(broadcaster(cfg, members, drive), b) as wb:
         report = wb.push(model, 1)
@@ -182,12 +188,10 @@ def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
 
 
 def test_a_push_cut_at_its_deadline_is_counted_for_its_alert():
-    """A push taking >= 90% of its deadline (cut at it) is counted for its alert."""
     cfg = WeightSyncConfig(path="disk", deadline_s=1.0)
     metrics = Metrics()
     engine = Engine(lambda body: "frozen" if body["weight_version"] == "1" else "done")
-    model = torch.nn.Linear(2, 2)
-    model.config = CountingConfig()
+    model = counted_model()
     near = "areal_trainer_weight_sync_near_deadline_total"
     with closing(broadcaster(cfg, {"a": engine}, Recording(), metrics), engine) as wb:
         assert metrics.registry.get_sample_value(near) == 0  # served before any push
@@ -209,8 +213,7 @@ def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplo
     drive = Recording()
     paths = lambda: [plan.payloads[0] for plan, _ in drive.plans]  # noqa: E731 - one line
     engine = Engine(lambda body: answers[paths().index(body["model_path"])])
-    model = torch.nn.Linear(2, 2)
-    model.config = CountingConfig()
+    model = counted_model()
 
     def errors() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
@@ -235,11 +238,9 @@ def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplo
 
 
 def test_a_trainer_closing_after_its_last_push_still_tells_each_server_how_it_ended():
-    """A trainer closed right after its last push still sends each server /end."""
     engine = Engine(lambda body: "done")
     engine.end_s = 0.5
-    model = torch.nn.Linear(2, 2)
-    model.config = CountingConfig()
+    model = counted_model()
     wb = broadcaster(WeightSyncConfig(path="disk", deadline_s=5.0), {"a": engine}, EngineDrive())
     try:
         report = wb.push(model, 1)
@@ -251,7 +252,7 @@ def test_a_trainer_closing_after_its_last_push_still_tells_each_server_how_it_en
 
 
 def test_a_resync_after_a_failed_overlapped_push_leaves_its_report_to_the_next_record():
-    """A blocking resync does not take the place of an overlapped push's pending report."""
+    """A blocking resync does not take the place of the overlapped push's pending report."""
     from trainer.engine_lag import EngineSchedule
 
     cfg = WeightSyncConfig(path="tensor", deadline_s=1.0)
@@ -272,7 +273,6 @@ def test_a_resync_after_a_failed_overlapped_push_leaves_its_report_to_the_next_r
 
 
 def test_an_overlapped_push_gets_its_whole_deadline_after_waiting_for_the_one_before():
-    """An overlapped push's deadline counts from after it waited for the one before."""
     cfg = WeightSyncConfig(path="tensor", deadline_s=2 * SLOW_S)
     engine = Engine(lambda body: "frozen" if body["weight_version"] == "1" else "slow")
     model = torch.nn.Linear(4, 4)
