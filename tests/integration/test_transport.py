@@ -98,14 +98,32 @@ def expect_timeout(fn) -> float:
     return elapsed
 
 
-def test_request_reply_kill9_and_reconnect(spawn_python, endpoint):
+def test_request_reply_garbage_late_replies_kill9_and_reconnect(spawn_python, endpoint):
     server = start_server(spawn_python, endpoint)
     client = Client(endpoint, timeout_s=REQUEST_TIMEOUT_S, identity="test")
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
     try:
         first = client.request(P.StatsRequest())
         assert first.values["pid"] == server.pid
         ack = client.request(group(4096))  # a realistic frame (~200 KB, zero-copy path)
         assert ack.status == "accepted" and ack.ref == "s-1" and ack.reason == str(4 * 4096)
+
+        dealer.send_multipart([b"rid", b"\x81\xa4type\xa3bad"])  # garbage: a rejection
+        assert dealer.poll(int(REQUEST_TIMEOUT_S * 1000))
+        req_id, payload = dealer.recv_multipart()
+        reply = P.decode(payload)
+        assert req_id == b"rid" and isinstance(reply, P.Ack) and reply.status == "rejected"
+        assert reply.reason.startswith("type: ") and "'bad'" in reply.reason  # names the field
+
+        with pytest.raises(TransportTimeout):  # abandoned: its late reply is discarded
+            client.request(P.Heartbeat(server_id="s", policy_version=1, in_flight=800),
+                           timeout_s=0.2)
+        reply = client.request(P.Heartbeat(server_id="s", policy_version=2, in_flight=0))
+        assert isinstance(reply, P.HeartbeatAck) and reply.policy_version == 2
+        time.sleep(0.8)  # the abandoned reply is surely sent by now; it must never surface
+        assert isinstance(client.request(P.StatsRequest()), P.Stats)
 
         spawn_python.kill9(server)
         expect_timeout(lambda: client.request(P.StatsRequest(), timeout_s=DEAD_PEER_TIMEOUT_S))
@@ -116,22 +134,7 @@ def test_request_reply_kill9_and_reconnect(spawn_python, endpoint):
         assert reply.values["pid"] == restarted.pid and reply.values["pid"] != first.values["pid"]
     finally:
         client.close()
-
-
-def test_late_reply_to_an_abandoned_request_is_discarded(spawn_python, endpoint):
-    start_server(spawn_python, endpoint)
-    client = Client(endpoint, timeout_s=REQUEST_TIMEOUT_S)
-    try:
-        client.request(P.StatsRequest())  # connected and warm
-        with pytest.raises(TransportTimeout):
-            client.request(P.Heartbeat(server_id="s", policy_version=1, in_flight=800),
-                           timeout_s=0.2)
-        reply = client.request(P.Heartbeat(server_id="s", policy_version=2, in_flight=0))
-        assert isinstance(reply, P.HeartbeatAck) and reply.policy_version == 2
-        time.sleep(0.8)  # the abandoned reply is surely sent by now; it must never surface
-        assert isinstance(client.request(P.StatsRequest()), P.Stats)
-    finally:
-        client.close()
+        dealer.close(linger=0)
 
 
 def test_reply_with_another_req_id_is_skipped(endpoint):
@@ -158,23 +161,6 @@ def test_reply_with_another_req_id_is_skipped(endpoint):
         router.close(linger=0)
 
 
-def test_server_answers_garbage_with_a_rejection(spawn_python, endpoint):
-    start_server(spawn_python, endpoint)
-    dealer = zmq.Context.instance().socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(endpoint)
-    try:
-        dealer.send_multipart([b"rid", b"\x81\xa4type\xa3bad"])
-        assert dealer.poll(int(REQUEST_TIMEOUT_S * 1000))
-        req_id, payload = dealer.recv_multipart()
-        reply = P.decode(payload)
-        assert req_id == b"rid" and isinstance(reply, P.Ack) and reply.status == "rejected"
-        # the ProtocolError names the field
-        assert reply.reason.startswith("type: ") and "'bad'" in reply.reason
-    finally:
-        dealer.close(linger=0)
-
-
 def test_async_client_kill9_and_reconnect(spawn_python, endpoint):
     server = start_server(spawn_python, endpoint)
 
@@ -183,8 +169,7 @@ def test_async_client_kill9_and_reconnect(spawn_python, endpoint):
         try:
             first = await client.request(P.StatsRequest())
             assert first.values["pid"] == server.pid
-            # two concurrent requests share the socket: the lock serialises them, each gets its
-            # own reply
+            # two concurrent requests on one socket: each gets its own reply
             a, b = await asyncio.gather(
                 client.request(P.Heartbeat(server_id="x", policy_version=5, in_flight=50)),
                 client.request(P.Heartbeat(server_id="x", policy_version=6)))
@@ -218,10 +203,9 @@ def test_pub_sub_delivers_once_subscribed(spawn_python, free_port):
     try:
         first = sub.recv(REQUEST_TIMEOUT_S)  # slow joiner: whatever was published before is gone
         assert isinstance(first, P.VersionUpdate)
-        # junk frames in between are skipped
         later = [sub.recv(REQUEST_TIMEOUT_S) for _ in range(3)]
         versions = [first.policy_version] + [m.policy_version for m in later]
-        assert versions == sorted(versions) and len(set(versions)) == 4
+        assert versions == sorted(versions) and len(set(versions)) == 4  # junk frames skipped
     finally:
         sub.close()
 
