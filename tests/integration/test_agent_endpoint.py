@@ -17,6 +17,7 @@ from openai import (
     AuthenticationError,
     BadRequestError,
     InternalServerError,
+    NotFoundError,
 )
 
 from areal_like.engines.client import EngineError, GenerateOutput
@@ -169,7 +170,7 @@ def test_calc_agent_round_trip_is_one_trajectory_of_the_templates_rendering(agen
 
 
 def test_the_openai_schema_round_trip_with_tool_calls_and_a_streamed_call():
-    """A streamed call gets the whole answer as one chunk, and is recorded."""
+    """A stream is the whole answer as one chunk, and is recorded; other APIs are named."""
     engine = Scripted([CALL % "6*7" + CALL % "1+1", "42", CALL % "6*7"])
     tools = [{"type": "function", "function": {"name": "calc", "parameters": {"type": "object"}}}]
     user = [{"role": "user", "content": "6*7"}]
@@ -185,9 +186,14 @@ def test_the_openai_schema_round_trip_with_tool_calls_and_a_streamed_call():
             stream = await client.chat.completions.create(model="m", messages=user, tools=tools,
                                                           stream=True)
             chunks = [c async for c in stream]
-            return first, second, chunks, session, await client.models.list()
+            with pytest.raises(NotFoundError) as responses:
+                await client.responses.create(model="m", input="q")
+            with pytest.raises(NotFoundError) as legacy:
+                await client.completions.create(model="m", prompt="q")
+            return (first, second, chunks, session, await client.models.list(),
+                    responses.value.message, legacy.value.message)
 
-    first, second, chunks, session, models = asyncio.run(scenario())
+    first, second, chunks, session, models, responses, legacy = asyncio.run(scenario())
     msg = first.choices[0].message
     assert first.choices[0].finish_reason == "tool_calls" and msg.content is None
     assert [(c.function.name, json.loads(c.function.arguments)) for c in msg.tool_calls] == [
@@ -204,9 +210,12 @@ def test_the_openai_schema_round_trip_with_tool_calls_and_a_streamed_call():
     assert chunk.choices[0].finish_reason == "tool_calls"
     assert session.last.generated == ids(CALL % "6*7") + [EOS_ID]
     assert [m.id for m in models.data] == ["areal-like"]
+    assert "POST /v1/responses is not served" in responses
+    assert "POST /v1/completions is not served" in legacy
+    assert "POST /v1/chat/completions and GET /v1/models" in responses
 
 
-def test_tool_calls_parse_in_two_model_families_formats():
+def test_tool_calls_parse_in_two_model_families_formats_and_null_fields_are_defaults():
     tools = [{"type": "function", "function": {"name": "calc"}}]
     hermes = agent_chat.parse_assistant('ok <tool_call>{"name": "calc", "arguments": {"e": "2"}}'
                                         '</tool_call>', "hermes", tools)
@@ -218,6 +227,13 @@ def test_tool_calls_parse_in_two_model_families_formats():
     broken = '<tool_call>{"name": "calc", "argu'
     assert agent_chat.parse_assistant(broken, "hermes", tools) == (broken, [])  # plain content
     assert agent_chat.parse_assistant(CALL % "1", "hermes", []) == (CALL % "1", [])  # no tools
+    user = [{"role": "user", "content": "q"}]  # n: null is one call
+    assert agent_chat.check_request({"messages": user, "n": None})["messages"] == user
+    both = agent_chat.check_request({"messages": user, "max_completion_tokens": None,
+                                     "max_tokens": 5})
+    newer = agent_chat.check_request({"messages": user, "max_completion_tokens": 3,
+                                      "max_tokens": 5})
+    assert (both["max_tokens"], newer["max_tokens"]) == (5, 3)
 
 
 def test_a_history_rewrite_splits_the_episode_and_each_part_is_its_rendering():
@@ -645,35 +661,6 @@ def test_preflight_names_an_agent_that_cannot_run(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "openai", None)  # as if not installed
     [problem] = problems("areal_like.tasks.agents:calc_agent")  # it imports openai when it runs
     assert "openai" in problem and "pip install -e '.[agent]'" in problem
-
-
-def test_null_fields_are_the_apis_defaults():
-    """n: null is one call; a null max_completion_tokens leaves max_tokens."""
-    user = [{"role": "user", "content": "q"}]
-    assert agent_chat.check_request({"messages": user, "n": None})["messages"] == user
-    both = agent_chat.check_request({"messages": user, "max_completion_tokens": None,
-                                     "max_tokens": 5})
-    newer = agent_chat.check_request({"messages": user, "max_completion_tokens": 3,
-                                      "max_tokens": 5})
-    assert (both["max_tokens"], newer["max_tokens"]) == (5, 3)
-
-
-def test_an_api_the_endpoint_does_not_serve_is_named():
-    """Responses/completions APIs get which path is missing and which are served."""
-    from openai import NotFoundError
-
-    async def scenario():
-        async with opened(Scripted([])) as (_, _, _, sdk):
-            with pytest.raises(NotFoundError) as responses:
-                await sdk.responses.create(model="m", input="q")
-            with pytest.raises(NotFoundError) as legacy:
-                await sdk.completions.create(model="m", prompt="q")
-            return responses.value.message, legacy.value.message
-
-    responses, legacy = asyncio.run(scenario())
-    assert "POST /v1/responses is not served" in responses
-    assert "POST /v1/completions is not served" in legacy
-    assert "POST /v1/chat/completions and GET /v1/models" in responses
 
 
 def test_calls_in_flight_when_their_episode_ends_are_not_recorded():
