@@ -1,8 +1,5 @@
 """PPO with a critic through the trainer's own entry points (trainer/critic.py, one rank in this
-process): gradients reach only the model they belong to, the critic learns the values of a toy task
-with a known answer, a checkpoint round trip continues both models exactly, and at eta = 0 the
-trainer's step equals a synchronous PPO step written out here from the formulas
-(trainer/LOSSES.md section 10)."""
+process); the eta = 0 reference is written from trainer/LOSSES.md section 10."""
 
 from __future__ import annotations
 

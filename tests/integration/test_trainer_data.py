@@ -1,11 +1,4 @@
-"""trainer/data.py and the output-token alignment of trainer/step.py, single process, loopback ZMQ.
-
-- ``groups_to_batch`` right-pads prompt + output and aligns the output-token arrays;
-- ``output_logp`` reads the logits at position P - 1 + t for output token t (checked against a
-  stand-in model whose logits are a known function of the input token, through the chunked lm_head);
-- ``BatchSource`` retries empty batches, returns a batch, stops on request, and raises a clear
-  ``BufferUnavailable`` when nothing answers for ``buffer_timeout_s``.
-"""
+"""trainer/data.py and the output-token alignment of trainer/step.py, single process."""
 
 from __future__ import annotations
 
@@ -113,7 +106,6 @@ def test_batch_source_retries_empty_then_returns_the_batch(free_port):
     try:
         batch = src.next_batch(4)
         assert batch is not None and batch.n_seqs == 2 and src.empty_polls == 2
-        # for the sample tables
         assert [g.group_id for g in src.last_groups] == [g.group_id for g in groups]
         assert all(r.n_groups == 2 and r.trainer_version == 4 for r in stand_in.requests)
     finally:
