@@ -1,12 +1,6 @@
 """Environments written with the verifiers library (``task=verifiers``,
-areal_like/tasks/verifiers_env.py): a multi-turn episode with an MCP tool runs in the sandboxed
-agent pool against the real agent endpoint, its trajectory holding exactly the tokens the endpoint
-served, laid out as the warm start's demo conversations are; the shipped single-turn example
-learns under ``areal-like run``; the multi-turn example runs a job end to end (warm start
-included); without the extra, ``task=verifiers`` is refused before anything starts.
-
-The episode test's engine is test_agent_endpoint's ``Scripted`` (scripted replies in the char
-tokenizer's ids), so the model calls the tool; everything else is real: verifiers' Env, its
+areal_like/tasks/verifiers_env.py). The episode test's engine is test_agent_endpoint's
+``Scripted``, so the model calls the tool; everything else is real: verifiers' Env, its
 interception server, its chat loop, its MCP tool server process, the endpoint and the pool."""
 
 from __future__ import annotations
@@ -184,15 +178,6 @@ __all__ = ["Endless"]
 """
 
 
-def test_a_taskset_gives_its_first_num_prompts_tasks_even_one_that_never_ends(tmp_path,
-                                                                               monkeypatch):
-    (tmp_path / "endless_env.py").write_text(ENDLESS)
-    monkeypatch.syspath_prepend(tmp_path)
-    got = verifiers_env.examples(TaskConfig(name="verifiers", env="endless_env", agent=VF["agent"],
-                                            num_prompts=3))
-    assert [(e.prompt, e.answer) for e in got] == [("0", "1"), ("1", "2"), ("2", "3")]
-
-
 def test_an_eval_split_is_refused_with_a_taskset_naming_the_key():
     """A taskset has no eval split here: evaluations would score its training tasks as single
     answers."""
@@ -206,12 +191,18 @@ def test_an_eval_split_is_refused_with_a_taskset_naming_the_key():
         checked(load_config(["experiment=vf_reverse", "eval.every=5"]))
 
 
-def test_an_environment_that_cannot_load_is_named_in_the_jobs_words(tmp_path, monkeypatch):
-    """A config field by its task.env_args key; a module's own error with the line that raised."""
+def test_a_taskset_gives_its_first_num_prompts_tasks_or_is_named_if_it_cannot_load(
+        tmp_path, monkeypatch):
+    """Even an endless one; a bad config field by its task.env_args key, a module's own error with
+    the line that raised."""
     from areal_like.settings.config import ConfigError
 
+    (tmp_path / "endless_env.py").write_text(ENDLESS)
     (tmp_path / "broken_env.py").write_text("x = 1\nraise RuntimeError('my env is broken')\n")
     monkeypatch.syspath_prepend(tmp_path)
+    got = verifiers_env.examples(TaskConfig(name="verifiers", env="endless_env", agent=VF["agent"],
+                                            num_prompts=3))
+    assert [(e.prompt, e.answer) for e in got] == [("0", "1"), ("1", "2"), ("2", "3")]
     with pytest.raises(ConfigError, match=r"cannot be loaded: task.env_args.bogus: Extra inputs"):
         verifiers_env.examples(calc_cfg(env_args={"bogus": 1}))
     with pytest.raises(ConfigError, match=r"RuntimeError: my env is broken \(.*broken_env.py:2\)"):
