@@ -1,14 +1,6 @@
-"""The series the alert rules read exist from a daemon's start, not from its first event.
-
-``launch/observability/alerts.yml``: TrainerNoStep is ``changes(areal_trainer_policy_version[10m])
-== 0`` and EngineNotGenerating ``rate(areal_rollout_tokens_generated_total[5m]) == 0``. Both were
-created at the first step or token, so a trainer that never made a step (starved, or stuck after
-a restart) and an engine that never generated a token had no series, and those alerts could not
-fire for exactly the stall they describe (TrainerRolledBack, too, saw a resume only at its first
-step). Here a trainer fed by a buffer stand-in that has no data
-(empty batches, no engines) serves its version and a dropped-engines counter at 0 before any step,
-and a rollout server serves its token counter at 0 before any generation.
-"""
+"""The series the alert rules read (launch/observability/alerts.yml) exist from a daemon's start,
+not from its first event: else TrainerNoStep and EngineNotGenerating cannot fire for a trainer
+that never stepped or an engine that never generated, exactly the stalls they describe."""
 
 from __future__ import annotations
 

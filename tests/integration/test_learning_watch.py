@@ -1,9 +1,5 @@
-"""A job says when it is not learning, and its models evaluate with the run's settings.
-
-Two real jobs with learning_watch_steps=3: an all-zero reward ends ok but warns "not learning"
-(learning.ok false, with what to try); the reversal grade under a user's module learns, and an
-export of its checkpoint evaluates with the run's settings, the reward named on the command line.
-"""
+"""A job says when it is not learning, and its models evaluate with the run's settings
+(two real jobs with learning_watch_steps=3)."""
 
 from __future__ import annotations
 
