@@ -63,16 +63,17 @@ class _Announced:
         return self.version
 
 
-def test_a_lowered_checkpoint_every_still_takes_the_label_its_checkpoint_allows(tmp_path):
-    """Lost steps count against the checkpoint's checkpoint_every, not a lowered one."""
+def test_a_lowered_checkpoint_every_takes_the_label_its_checkpoint_allows(tmp_path):
+    """Lost steps count against the checkpoint's checkpoint_every, not a lowered one; a run killed
+    before any checkpoint takes the label, bounded once a checkpoint at 0 is saved."""
     from types import SimpleNamespace
 
     from areal_like.settings.config import load_config
 
-    def trainer(every: int) -> Trainer:
+    def trainer(every: int, last_batch_id: str = "b7") -> Trainer:
         t = Trainer.from_run(load_config([f"run_dir={tmp_path}",
                                           f"trainer.checkpoint_every={every}"]))
-        t.data = SimpleNamespace(last_batch_id="b7")
+        t.data = SimpleNamespace(last_batch_id=last_batch_id)
         return t
 
     saved = trainer(50)
@@ -86,18 +87,9 @@ def test_a_lowered_checkpoint_every_still_takes_the_label_its_checkpoint_allows(
     with pytest.raises(RuntimeError, match="a crash loses at most 50 steps"):
         resumed.monotonic_version(50)
 
-
-def test_a_run_killed_before_its_first_checkpoint_resumes_with_a_lowered_checkpoint_every(tmp_path):
-    """Killed before any checkpoint, resumed with a lower checkpoint_every: label taken."""
-    from types import SimpleNamespace
-
-    from areal_like.settings.config import load_config
-
-    resumed = Trainer.from_run(load_config([f"run_dir={tmp_path}",
-                                            "trainer.checkpoint_every=10"]))
-    resumed.data = SimpleNamespace(last_batch_id="")
-    resumed.broadcaster = _Announced(23)
-    assert resumed.monotonic_version(0) == 23
-    resumed.restore_extra(resumed.checkpoint_extra())  # a checkpoint at 0, saved with 10, bounds it
+    early = trainer(10, last_batch_id="")
+    early.broadcaster = _Announced(23)
+    assert early.monotonic_version(0) == 23
+    early.restore_extra(early.checkpoint_extra())  # a checkpoint at 0, saved with 10, bounds it
     with pytest.raises(RuntimeError, match="a crash loses at most 10 steps"):
-        resumed.monotonic_version(0)
+        early.monotonic_version(0)
