@@ -1,11 +1,7 @@
 """A rollout server killed with SIGKILL leaves no engine process behind, nor its port.
 
-``rollout_server/engine_process.py`` starts SGLang with ``spawn_tied`` (its own process group, and
-``PR_SET_PDEATHSIG``: the kernel kills it when its parent dies). SGLang itself needs a GPU, so the
-stand-in child here is the embedded engine's HTTP server (``python -m rollout_server.engine``)
-started the same way by a stand-in rollout server process; the test kill -9s that process and
-waits, with a deadline, for the engine to be gone and its port to be bindable again. The control
-case (a plain ``start_new_session`` child) shows the test would fail without the tie.
+SGLang needs a GPU, so the child tied with ``spawn_tied`` (rollout_server/engine_process.py) is the
+embedded engine's HTTP server; the control case shows the test would fail without the tie.
 """
 
 from __future__ import annotations

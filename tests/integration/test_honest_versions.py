@@ -1,9 +1,5 @@
 """Versions come only from the trainer; the job says ok only when the trainer says
-it reached ``trainer.steps``.
-
-A real BufferService over loopback ZMQ (a thread of this process) and the trainer's own
-``WeightBroadcaster`` announcing versions to it; the summary's outcome from hand-written
-trainer.jsonl records.
+it reached ``trainer.steps`` (a real BufferService, hand-written trainer.jsonl records).
 """
 
 from __future__ import annotations
