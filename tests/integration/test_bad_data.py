@@ -1,9 +1,6 @@
-"""Groups no model can train on: token ids outside the vocabulary and empty prompts.
-
-The buffer (a real BufferService on loopback) refuses them at admission with the reason, counted in
-``buffer/rejected``, and skips their prompt (it would come back the same); the trainer's
-``BatchSource`` drops one that reaches it anyway and trains on the rest.
-"""
+"""Groups no model can train on: refused by the buffer (a real BufferService on loopback) at
+admission with the reason, their prompt skipped (it would come back the same); the trainer's
+``BatchSource`` drops one that reaches it anyway and trains on the rest."""
 
 from __future__ import annotations
 
@@ -33,7 +30,8 @@ def _with_tokens(group: P.TrajectoryGroup, prompt: list[int],
     return msgspec.structs.replace(group, trajectories=[bad, *group.trajectories[1:]])
 
 
-def test_buffer_refuses_out_of_vocab_tokens_and_empty_prompts_with_a_reason(tmp_path):
+def test_buffer_refuses_out_of_vocab_tokens_empty_prompts_and_oversized_groups_with_a_reason(
+        tmp_path):
     cfg = make_cfg(tmp_path, max_staleness=3)
     with running(cfg) as (svc, c):
         register(c)
@@ -56,6 +54,19 @@ def test_buffer_refuses_out_of_vocab_tokens_and_empty_prompts_with_a_reason(tmp_
                 s["groups_accepted"]) == (2, 1, 1)
         # the refused groups' slots came back and their prompts are skipped, not re-issued for ever
         assert (s["started"], s["in_flight"], s["stored"], s["reissue_queue"]) == (2, 1, 1, 0)
+
+        # one member's group of 1,500 short trajectories (within the frame limit) made a step of
+        # 1,556 rows: 27 s instead of 0.2 s; no rollout server makes more than task.group_size
+        size = cfg.task.group_size
+        ack = c.request(make_group(credits[4], rewards=[0.0, 1.0] * size))
+        assert ack.status == "rejected" and ack.reason.startswith(
+            f"too_many_trajectories: {2 * size}, more than the {size}"), ack.reason
+        [credit] = c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits
+        full = make_group(credit, rewards=[float(i % 2) for i in range(size)])
+        assert c.request(full).status == "accepted"  # the whole group is fine
+        assert c.request(P.StatsRequest()).values["rejected_too_many_trajectories"] == 1
+    agent = TaskConfig(group_size=4, max_turns=3, agent="tests.integration.agent_fns:hangs")
+    assert group_trajectories(agent) == 12  # up to one trajectory per call of each episode
 
 
 class OneBatch:
@@ -130,21 +141,3 @@ def test_a_trajectory_longer_than_the_context_is_refused_by_the_buffer_and_dropp
     finally:
         source.close()
         buffer.close()
-
-
-def test_a_group_with_more_trajectories_than_the_job_makes_is_refused(tmp_path):
-    # one member's group of 1,500 short trajectories (within the frame limit) made a step of
-    # 1,556 rows: 27 s instead of 0.2 s; no rollout server makes more than task.group_size
-    cfg = make_cfg(tmp_path, max_staleness=3)
-    size = cfg.task.group_size
-    with running(cfg) as (svc, c):
-        register(c)
-        credits = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
-        ack = c.request(make_group(credits[0], rewards=[0.0, 1.0] * size))
-        assert ack.status == "rejected" and ack.reason.startswith(
-            f"too_many_trajectories: {2 * size}, more than the {size}"), ack.reason
-        full = make_group(credits[1], rewards=[float(i % 2) for i in range(size)])
-        assert c.request(full).status == "accepted"  # the whole group is fine
-        assert c.request(P.StatsRequest()).values["rejected_too_many_trajectories"] == 1
-    agent = TaskConfig(group_size=4, max_turns=3, agent="tests.integration.agent_fns:hangs")
-    assert group_trajectories(agent) == 12  # up to one trajectory per call of each episode
