@@ -32,6 +32,7 @@ def _with_tokens(group: P.TrajectoryGroup, prompt: list[int],
 
 def test_buffer_refuses_out_of_vocab_tokens_empty_prompts_and_oversized_groups_with_a_reason(
         tmp_path):
+    """Token ids outside the vocabulary, empty prompts, too many trajectories, past the context."""
     cfg = make_cfg(tmp_path, max_staleness=3)
     with running(cfg) as (svc, c):
         register(c)
@@ -65,6 +66,17 @@ def test_buffer_refuses_out_of_vocab_tokens_empty_prompts_and_oversized_groups_w
         full = make_group(credit, rewards=[float(i % 2) for i in range(size)])
         assert c.request(full).status == "accepted"  # the whole group is fine
         assert c.request(P.StatsRequest()).values["rejected_too_many_trajectories"] == 1
+
+        # one member's group with a 200k-token trajectory (1.6 MB, within the 4 MiB frame limit)
+        # stalled the trainer for good and took 12 GB in two minutes; no engine makes one
+        context = cfg.model.max_position_embeddings
+        credits = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
+        ack = c.request(_with_tokens(make_group(credits[0]), [7, 8], [1] * (context - 1)))
+        assert ack.status == "rejected" and ack.reason.startswith(
+            f"over_context: trajectory 0 has {context + 1} prompt and output tokens"), ack.reason
+        assert c.request(_with_tokens(make_group(credits[1]), [7, 8],
+                                      [1] * (context - 2))).status == "accepted"  # the whole
+        assert c.request(P.StatsRequest()).values["rejected_over_context"] == 1
     agent = TaskConfig(group_size=4, max_turns=3, agent="tests.integration.agent_fns:hangs")
     assert group_trajectories(agent) == 12  # up to one trajectory per call of each episode
 
@@ -91,53 +103,27 @@ class OneBatch:
         self.server.close()
 
 
-def test_trainer_drops_a_bad_group_from_its_batch_and_goes_on(free_port):
+def test_trainer_drops_bad_groups_from_its_batch_and_goes_on(tmp_path, free_port):
+    """Out of vocabulary, an empty prompt, longer than the context: dropped, the rest trained."""
+    context = make_cfg(tmp_path).model.max_position_embeddings
     credit = P.Credit(lease_id="L0", prompt_index=0, epoch=0, deadline_s=1.0)
     good = make_group(credit)
     oov = _with_tokens(make_group(P.Credit(lease_id="L1", prompt_index=1, epoch=0,
                                            deadline_s=1.0)), [7], [VOCAB + 5])
     empty = _with_tokens(make_group(P.Credit(lease_id="L2", prompt_index=2, epoch=0,
                                              deadline_s=1.0)), [], [3])
+    over = _with_tokens(make_group(P.Credit(lease_id="L3", prompt_index=3, epoch=0,
+                                            deadline_s=1.0)), [7, 8], [1] * (context - 1))
     address = f"tcp://127.0.0.1:{free_port()}"
-    buffer = OneBatch(address, [oov, good, empty])
-    source = BatchSource(address, 3, wait_s=0.05, buffer_timeout_s=30, rank=0, vocab_size=VOCAB)
-    try:
-        batch = source.next_batch(0)
-        assert batch is not None and int(batch.head_versions.numel()) == 1 and batch.n_seqs == 2
-        assert int(batch.input_ids.max()) < VOCAB and source.dropped_groups == 2
-        assert ([g.group_id for g in source.last_groups] == [good.group_id]
-                and source.last_batch_id == "b1")
-    finally:
-        source.close()
-        buffer.close()
-
-
-def test_a_trajectory_longer_than_the_context_is_refused_by_the_buffer_and_dropped_by_the_trainer(
-        tmp_path, free_port):
-    # one member's group with a 200k-token trajectory (1.6 MB, within the 4 MiB frame limit)
-    # stalled the trainer for good and took 12 GB in two minutes; no engine makes one
-    cfg = make_cfg(tmp_path, max_staleness=3)
-    context = cfg.model.max_position_embeddings
-    with running(cfg) as (svc, c):
-        register(c)
-        credits = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
-        over = _with_tokens(make_group(credits[0]), [7, 8], [1] * (context - 1))
-        ack = c.request(over)
-        assert ack.status == "rejected" and ack.reason.startswith(
-            f"over_context: trajectory 0 has {context + 1} prompt and output tokens"), ack.reason
-        # the whole context is fine
-        assert c.request(_with_tokens(make_group(credits[1]), [7, 8],
-                                      [1] * (context - 2))).status == "accepted"
-        assert c.request(P.StatsRequest()).values["rejected_over_context"] == 1
-    address = f"tcp://127.0.0.1:{free_port()}"
-    good = make_group(P.Credit(lease_id="L9", prompt_index=9, epoch=0, deadline_s=1.0))
-    buffer = OneBatch(address, [over, good])
-    source = BatchSource(address, 2, wait_s=0.05, buffer_timeout_s=30, rank=0, vocab_size=VOCAB,
+    buffer = OneBatch(address, [oov, good, empty, over])
+    source = BatchSource(address, 4, wait_s=0.05, buffer_timeout_s=30, rank=0, vocab_size=VOCAB,
                          context=context)
     try:
         batch = source.next_batch(0)
-        assert batch is not None and source.dropped_groups == 1
-        assert [g.group_id for g in source.last_groups] == [good.group_id]
+        assert batch is not None and int(batch.head_versions.numel()) == 1 and batch.n_seqs == 2
+        assert int(batch.input_ids.max()) < VOCAB and source.dropped_groups == 3
+        assert ([g.group_id for g in source.last_groups] == [good.group_id]
+                and source.last_batch_id == "b1")
     finally:
         source.close()
         buffer.close()
