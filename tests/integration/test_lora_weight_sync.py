@@ -13,9 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent)
-)  # run as a role: beside its sibling modules
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a role: beside its siblings
 from test_trainer_weight_sync import (  # noqa: E402
     RUNNER,
     STARTUP_S,
@@ -50,15 +48,11 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
     cfg = load_daemon_config(["--config-file", cfg_path])
     init_distributed(cfg.trainer)
     policy = build_policy(cfg.model, cfg.trainer)
-    s, batch, out = (
-        StepSettings.from_config(cfg),
-        groups_to_batch(synthetic_groups()),
-        Path(out_dir),
-    )
-    wb = WeightBroadcaster(
+    s, batch = StepSettings.from_config(cfg), groups_to_batch(synthetic_groups())
+    out = Path(out_dir)
+    wb = WeightBroadcaster(  # the job's engine key, as a trainer holds it
         cfg.trainer.weight_sync, buffer_address=cfg.buffer.address, rank=0, device=policy.device,
-        engine_key=engine_api_key(cfg.run_dir, make=True),  # the job's, as a trainer holds it
-    )
+        engine_key=engine_api_key(cfg.run_dir, make=True))
     client = Client(cfg.buffer.address)
     while len(client.request(RosterRequest()).members) != 1:
         time.sleep(0.2)
@@ -68,42 +62,24 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
         rep = wb.push(policy.model, version)
         sha = weights_sha(full_state_dict(policy.model).items())
         (out / f"v{version}.json").write_text(
-            json.dumps({**rep.__dict__, "sha": sha, "adapter_bytes": adapter_bytes})
-        )
+            json.dumps({**rep.__dict__, "sha": sha, "adapter_bytes": adapter_bytes}))
         if version == 1:  # the engine's samples scored by the trainer, with and without the adapter
             while not (out / "probe.json").exists():
                 time.sleep(0.1)
             probe = json.loads((out / "probe.json").read_text())
-            mb = groups_to_batch(
-                [
-                    TrajectoryGroup(
-                        group_id="probe",
-                        server_id="probe",
-                        lease_id="probe",
-                        prompt_index=0,
-                        epoch=0,
-                        trajectories=[
-                            Trajectory.of(
-                                prompt_ids=as_i32(p),
-                                output_ids=as_i32(o),
-                                behav_logp=as_f32([0.0] * len(o)),
-                                versions=as_i32([0] * len(o)),
-                                reward=0.0,
-                                finish_reason="length",
-                            )
-                            for p, o in probe
-                        ],
-                    )
-                ]
-            )
+            trajectories = [Trajectory.of(prompt_ids=as_i32(p), output_ids=as_i32(o),
+                                          behav_logp=as_f32([0.0] * len(o)),
+                                          versions=as_i32([0] * len(o)), reward=0.0,
+                                          finish_reason="length") for p, o in probe]
+            mb = groups_to_batch([TrajectoryGroup(group_id="probe", server_id="probe",
+                                                  lease_id="probe", prompt_index=0, epoch=0,
+                                                  trajectories=trajectories)])
             with torch.no_grad():
                 lp = output_logp(policy.model, mb, cfg.task.temperature)
                 with adapters_disabled(policy.model):
                     base = output_logp(policy.model, mb, cfg.task.temperature)
-            rows = [
-                {"lora": lp[i, : len(o)].tolist(), "base": base[i, : len(o)].tolist()}
-                for i, (_, o) in enumerate(probe)
-            ]
+            rows = [{"lora": lp[i, :len(o)].tolist(), "base": base[i, :len(o)].tolist()}
+                    for i, (_, o) in enumerate(probe)]
             (out / "probe_logp.json").write_text(json.dumps(rows))
     wb.close()
     client.close()
@@ -111,19 +87,11 @@ def trainer_role(cfg_path: str, out_dir: str) -> None:
 
 
 def test_adapter_sync_reaches_the_engine_exactly(tmp_path, spawn_python, free_port, wait_until):
-    cfg, cfg_path = write_config(
-        tmp_path,
-        free_port,
-        [
-            "trainer.lora.rank=4",
-            "trainer.lora.alpha=8",
-            "trainer.lr=1e-2",
-            "task.temperature=1.0",
-            # lm_head: the trainer's chunked head adds its delta (trainer.model.output_weight)
-            "trainer.lora.target_modules=[q_proj,v_proj,down_proj,lm_head]",
-            "trainer.weight_sync.deadline_s=30",
-        ],
-    )
+    cfg, cfg_path = write_config(tmp_path, free_port, [
+        "trainer.lora.rank=4", "trainer.lora.alpha=8", "trainer.lr=1e-2", "task.temperature=1.0",
+        # lm_head: the trainer's chunked head adds its delta (trainer.model.output_weight)
+        "trainer.lora.target_modules=[q_proj,v_proj,down_proj,lm_head]",
+        "trainer.weight_sync.deadline_s=30"])
     engines, urls = start_system(tmp_path, spawn_python, wait_until, cfg_path, ["rollout-a"])
     driver = Driver("rollout-a", urls["rollout-a"], cfg)
     driver.start()
@@ -139,26 +107,19 @@ def test_adapter_sync_reaches_the_engine_exactly(tmp_path, spawn_python, free_po
             rep = wait_until(lambda v=v: result(f"v{v}.json"), STARTUP_S, 0.2, f"trainer push v{v}")
             assert rep["done"] == ["rollout-a"] and not rep["error"], rep
             assert rep["bytes"] == rep["adapter_bytes"], rep  # the adapter alone went over the wire
-            got = wait_until(
-                lambda v=v: engine_at(tmp_path, "rollout-a", v), 30, 0.1, f"engine at v{v}"
-            )
+            got = wait_until(lambda v=v: engine_at(tmp_path, "rollout-a", v), 30, 0.1,
+                             f"engine at v{v}")
             assert got["sha"] == rep["sha"]  # its base + the adapter = the trainer's whole state
             if v == 1:
                 probes = asyncio.run(sample_probe(urls["rollout-a"], PROMPTS))
                 (tmp_path / "probe.json").write_text(json.dumps([[p, o] for p, o, _ in probes]))
-                trainer_lp = wait_until(
-                    lambda: result("probe_logp.json"), 60, 0.1, "probe logprobs"
-                )
+                trainer_lp = wait_until(lambda: result("probe_logp.json"), 60, 0.1,
+                                        "probe logprobs")
                 for (_, _, engine_lp), row in zip(probes, trainer_lp):
                     assert max(abs(a - b) for a, b in zip(engine_lp, row["lora"])) < 1e-5, (
-                        engine_lp,
-                        row,
-                    )
-                off = max(
-                    abs(a - b)
-                    for (_, _, e), row in zip(probes, trainer_lp)
-                    for a, b in zip(e, row["base"])
-                )
+                        engine_lp, row)
+                off = max(abs(a - b) for (_, _, e), row in zip(probes, trainer_lp)
+                          for a, b in zip(e, row["base"]))
                 assert off > 1e-3  # the engine serves the adapter, not its base
         assert trainer.wait(timeout=60) == 0
         assert engines["rollout-a"].poll() is None
