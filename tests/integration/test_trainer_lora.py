@@ -1,10 +1,5 @@
-"""LoRA in real trainer steps on 1 and 2 FSDP2 ranks (gloo, real processes).
-
-Each worker checks: only the adapters train (and are in AdamW), the base equals the no-LoRA model
-and stays bit-identical; step 0's kl_ref is 0 (B = 0), > 0 after two steps; a resumed policy takes
-the same next step; the merged export (and PEFT's adapter on base) gives the adapted logits within
-1e-5. 1 and 2 ranks agree. Workers run as ``python -c RUNNER test_trainer_lora.py OUT_DIR``.
-"""
+"""LoRA in real trainer steps on 1 and 2 FSDP2 ranks (gloo, real processes); workers run as
+``python -c RUNNER test_trainer_lora.py OUT_DIR``."""
 
 from __future__ import annotations
 
@@ -14,18 +9,10 @@ from pathlib import Path
 import pytest
 
 RUNNER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
-WORKER_TIMEOUT_S = (
-    300  # cold torch + transformers imports of three processes on a loaded 2-core machine
-)
+WORKER_TIMEOUT_S = 300  # cold torch + transformers imports of three processes on a loaded 2-core
 KL_COEF = 0.1
-SETTINGS = [
-    "trainer.lr=1e-2",
-    "trainer.micro_batch_size=2",
-    f"trainer.loss.kl_coef={KL_COEF}",
-    "trainer.loss.agg=token-mean",
-    "trainer.lora.rank=4",
-    "trainer.lora.alpha=8",
-]
+SETTINGS = ["trainer.lr=1e-2", "trainer.micro_batch_size=2", f"trainer.loss.kl_coef={KL_COEF}",
+            "trainer.loss.agg=token-mean", "trainer.lora.rank=4", "trainer.lora.alpha=8"]
 
 
 def worker(out_dir: Path) -> None:
@@ -55,40 +42,26 @@ def worker(out_dir: Path) -> None:
 
     def step(p):
         ref = build_reference(cfg.model, cfg.trainer, p)
-        return train_step(
-            p, batch, s, recompute_prox_logp(p, batch, s), reference_logp(ref, batch, s, p.device)
-        )
+        return train_step(p, batch, s, recompute_prox_logp(p, batch, s),
+                          reference_logp(ref, batch, s, p.device))
 
     trainable = {n for n, p in policy.model.named_parameters() if p.requires_grad}
     in_adam = {id(p) for g in policy.optimizer.param_groups for p in g["params"]}
-    res = {
-        "trainable": trainable,
-        "plain": plain,
-        "init": full_state_dict(policy.model),
-        "adam_is_trainable": in_adam
-        == {id(p) for p in policy.model.parameters() if p.requires_grad},
-        "same_model": reference is policy.model,
-    }
+    res = {"trainable": trainable, "plain": plain, "init": full_state_dict(policy.model),
+           "adam_is_trainable": in_adam == {id(p) for p in policy.model.parameters()
+                                            if p.requires_grad},
+           "same_model": reference is policy.model}
     res["step0"], res["step1"] = step(policy), step(policy)
     res["policy"] = full_state_dict(policy.model)
     ckpt = save_checkpoint(out_dir / "ckpt", policy, 2)
     resumed = build_policy(cfg.model, cfg.trainer)
     load_checkpoint(ckpt, resumed)
     res["step2"], res["resumed_step2"] = step(policy), step(resumed)
-    res["after"], res["resumed_after"] = (
-        full_state_dict(policy.model),
-        full_state_dict(resumed.model),
-    )
+    res["after"] = full_state_dict(policy.model)
+    res["resumed_after"] = full_state_dict(resumed.model)
     res["base_names"] = {n: base_name(n) for n in res["init"] if not is_adapter(n)}
-    export_hf(
-        policy.model,
-        out_dir / "export",
-        model_cfg=cfg.model,
-        tokenizer=load_tokenizer(cfg.model),
-        shard_mb=1,
-        dtype="float32",
-        merged=True,
-    )
+    export_hf(policy.model, out_dir / "export", model_cfg=cfg.model,
+              tokenizer=load_tokenizer(cfg.model), shard_mb=1, dtype="float32", merged=True)
     if rank == 0:
         torch.save(res, out_dir / "res.pt")
     leave_distributed()
@@ -101,9 +74,8 @@ def test_lora_trains_adapters_only_on_one_and_two_ranks(tmp_path, spawn_python, 
                                               WORKER_TIMEOUT_S)
     one, two = torch.load(one / "res.pt"), torch.load(two / "res.pt")
     for res in (one, two):
-        assert res["trainable"] and all(
-            ".lora_A." in n or ".lora_B." in n for n in res["trainable"]
-        )
+        assert res["trainable"] and all(".lora_A." in n or ".lora_B." in n
+                                        for n in res["trainable"])
         assert res["adam_is_trainable"] and res["same_model"]
         for name, hf in res["base_names"].items():  # the frozen base is the plain model's init
             assert torch.equal(res["init"][name], res["plain"][hf]), name
@@ -114,13 +86,10 @@ def test_lora_trains_adapters_only_on_one_and_two_ranks(tmp_path, spawn_python, 
                 continue
             assert torch.equal(res["policy"][name], w), name  # the base never moves
             assert torch.equal(res["after"][name], w), name
-        moved = max(
-            float((res["policy"][n] - res["init"][n]).abs().max()) for n in res["trainable"]
-        )
+        moved = max(float((res["policy"][n] - res["init"][n]).abs().max())
+                    for n in res["trainable"])
         assert moved > 1e-3
-        for name, w in res[
-            "after"
-        ].items():  # the same next step after a resume: adapters + AdamW state
+        for name, w in res["after"].items():  # the same next step after a resume: adapters, AdamW
             torch.testing.assert_close(res["resumed_after"][name], w, rtol=0, atol=1e-6)
         assert res["resumed_step2"]["loss"] == pytest.approx(res["step2"]["loss"], rel=1e-6)
     for key in ("loss", "policy_loss", "kl_ref"):  # ranks do not change the numbers
@@ -131,11 +100,9 @@ def test_lora_trains_adapters_only_on_one_and_two_ranks(tmp_path, spawn_python, 
     from trainer.checkpoint import latest_checkpoint
     from trainer.export import export_checkpoint
 
-    offline = export_checkpoint(
-        latest_checkpoint(tmp_path / "two" / "ckpt"),
-        tmp_path / "offline",
-        load_config([*SETTINGS, "export.merged=true"]),
-    )  # `areal-like export`
+    offline = export_checkpoint(latest_checkpoint(tmp_path / "two" / "ckpt"),  # areal-like export
+                                tmp_path / "offline",
+                                load_config([*SETTINGS, "export.merged=true"]))
     check_export(offline, two["policy"])  # the checkpoint holds the weights after step 1
 
 
@@ -156,9 +123,8 @@ def check_export(directory: Path, state: dict) -> None:
 
     assert json.loads((directory / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
     peft_loaded = PeftModel.from_pretrained(build_model(cfg.model), str(directory)).eval()
-    merged = AutoModelForCausalLM.from_pretrained(
-        str(directory / "merged"), dtype=torch.float32
-    ).eval()
+    merged = AutoModelForCausalLM.from_pretrained(str(directory / "merged"),
+                                                  dtype=torch.float32).eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
     ids = torch.tensor([[1, 20, 30, 40, 50, 60, 70, 80], [1, 9, 8, 7, 6, 5, 4, 3]])
     with torch.no_grad():
