@@ -1,9 +1,5 @@
-"""A checkpoint loads data, never code (trainer/checkpoint.py).
-
-A planted pickle in meta.pt, rng_rank0.pt, .metadata or a DCP-pickled value is refused by resume
-and export naming the file, the marker never written; damaged files are refused naming them and
-the checkpoint before. Worker: ``python test_checkpoint_untrusted.py OUT``.
-"""
+"""A checkpoint loads data, never code (trainer/checkpoint.py): planted pickles and damaged files
+are refused naming them. Worker: ``python test_checkpoint_untrusted.py OUT``."""
 
 from __future__ import annotations
 

@@ -1,9 +1,5 @@
-"""Adapter-only weight sync to the embedded engine (trainer.lora.rank > 0), real processes.
-
-For v1 and v2: the push's bytes are the A and B matrices alone; the engine then holds the
-trainer's whole state (SHA-256); its log-probs equal the trainer's within 1e-5 and differ from the
-base (lm_head among the targets covers the chunked lm_head).
-"""
+"""Adapter-only weight sync to the embedded engine (trainer.lora.rank > 0), real processes;
+lm_head among the targets covers the chunked lm_head."""
 
 from __future__ import annotations
 

@@ -1,10 +1,5 @@
-"""Rollout servers + buffer daemon + this process as trainer, real processes over loopback.
-
-In one run: groups flow and are acked; kill -9 of a rollout server mid-generation re-issues its
-leases to another (no prompt twice, nothing acked lost); a drain-mode weight sync through the
-sync port reaches the engine and later tokens carry the version; kill -9 of the buffer and a
-restart on its run dir: the server registers again and re-sends what was not acked.
-"""
+"""Rollout servers + buffer daemon + this process as trainer, real processes over loopback, in
+one run: groups flow, a kill -9 of a rollout server, a drain-mode weight sync, a buffer kill -9."""
 
 from __future__ import annotations
 

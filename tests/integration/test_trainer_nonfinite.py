@@ -1,10 +1,5 @@
-"""Finite numbers or no step (trainer/finite_guard.py): 2 FSDP2 ranks and the trainer daemon.
-
-Under each kernel a group with NaN, then -inf, behaviour log-probs is skipped on both ranks (no
-update, optimizer state untouched; all_finite is collective) and the clean batch after trains; a
-checkpoint of non-finite weights is refused on every rank. The daemon stops after
-trainer.max_nonfinite_skips in a row. Workers run as ``python test_trainer_nonfinite.py OUT``.
-"""
+"""Finite numbers or no step (trainer/finite_guard.py): 2 FSDP2 ranks and the trainer daemon; a
+skip is collective (all_finite). Workers run as ``python test_trainer_nonfinite.py OUT``."""
 
 from __future__ import annotations
 

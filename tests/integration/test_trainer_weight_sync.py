@@ -1,9 +1,5 @@
-"""Weight sync on CPU: a 2-rank FSDP2 trainer pushes to 2 embedded engines (real processes).
-
-v1: both engines hold the trainer's exact state (SHA-256) and their logprobs match; v2: A killed
-mid-sync (session open, before its first bucket), finished within the deadline, A dropped; v3: the
-group re-formed with B alone gets the full push.
-"""
+"""Weight sync on CPU: a 2-rank FSDP2 trainer pushes to 2 embedded engines (real processes);
+v2 kills engine A mid-sync (session open, before its first bucket), v3 pushes to B alone."""
 
 from __future__ import annotations
 

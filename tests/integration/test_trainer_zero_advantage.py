@@ -1,10 +1,5 @@
-"""Rows whose every advantage is 0 are not computed (trainer/step.py trained_rows), same update.
-
-In a 1-rank process: with skip_zero_advantage the forwards see only nonzero rows and loss, grad
-norm and weights match computing all (decoupled PPO, GSPO, VESPO; PPO seq-mean-token-sum packed;
-two minibatches, the first empty); an all-equal batch runs one zero-weight row with the exact
-update; OAPL, a KL term and a pi_prox pass compute every row. Worker: ``python ... OUT``.
-"""
+"""Rows whose every advantage is 0 are not computed (trainer/step.py trained_rows), same update;
+OAPL, a KL term and a pi_prox pass compute every row. Worker: ``python ... OUT``."""
 
 from __future__ import annotations
 

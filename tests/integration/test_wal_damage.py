@@ -1,9 +1,5 @@
-"""WAL damage found at a real buffer daemon's restart (buffer/wal.py, recovery.py).
-
-After 8 groups, two consumed batches and kill -9, one record is damaged (group byte, zeroed
-header, control record byte, torn tail): wal_corrupt_records is 1, every other group is handed out
-once, nothing consumed comes back, and a damaged group's prompt is generated again.
-"""
+"""WAL damage found at a real buffer daemon's restart (buffer/wal.py, recovery.py): one record
+damaged after a kill -9 is counted, the rest handed out once, its prompt generated again."""
 
 from __future__ import annotations
 
