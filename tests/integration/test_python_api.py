@@ -40,14 +40,13 @@ def test_run_returns_the_jobs_summary(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.splitlines()
-    got = json.loads(next(line for line in lines if line.startswith("API "))[4:])
+    api = next(i for i, line in enumerate(lines) if line.startswith("API "))
+    got = json.loads(lines[api][4:])
     summary = got["summary"]
     assert summary["ok"] is True and summary["steps"] == 2 and summary["trainer_steps"] == 2
     assert summary["run_dir"] == str(run_dir.resolve())
     assert summary == json.loads((run_dir / "summary.json").read_text())
-    # the CLI's last line, printed by the same launcher
-    assert json.loads(lines[lines.index(next(x for x in lines if x.startswith("API "))) - 1]) \
-        == summary
+    assert json.loads(lines[api - 1]) == summary  # the CLI's last line, by the same launcher
     assert got["handlers_restored"]
 
 

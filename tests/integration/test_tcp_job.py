@@ -1,13 +1,7 @@
 """A real job over the multi-node path, on one machine: `areal-like run -q` with
-``security.local_ipc=false``, so every daemon reaches the buffer over tcp with CURVE (every frame
-encrypted, the buffer's I/O threads decrypting), and every weight group's rendezvous through
-rank 0's store gate and the members' doors (areal_like/net/store_gate.py). 2 rollout servers
-(embedded engines), 1 trainer rank.
-
-Shown: the job completes every step; the daemons were on tcp with CURVE on; no weight sync of the
-run dropped a member, and from the first one both servers were in, both did every one; no member's
-store connection was refused (one that failed a handshake would be); the trained model still learns
-(the final evaluation holds the warm start's accuracy); nothing is left running.
+``security.local_ipc=false``, so every daemon reaches the buffer over tcp with CURVE, and every
+weight group's rendezvous goes through rank 0's store gate and the members' doors
+(areal_like/net/store_gate.py). 2 rollout servers (embedded engines), 1 trainer rank.
 """
 
 from __future__ import annotations
