@@ -1,8 +1,5 @@
-"""``areal-like sft`` of a user's own tiny Qwen2 on one-digit additions, then RL from it.
-
-sft reaches greedy accuracy >= 0.6; run finds it in the warm-start cache and agrees; 2 ranks
-train the weights one trains; LoRA writes PEFT's layout and a merged model; nothing left running.
-"""
+"""``areal-like sft`` of a user's own tiny Qwen2 on one-digit additions, then RL from it; 2 ranks
+train the weights one trains; LoRA writes PEFT's layout and a merged model."""
 
 from __future__ import annotations
 

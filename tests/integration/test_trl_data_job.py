@@ -1,9 +1,5 @@
-"""A TRL conversational dataset and TRL-style rewards (batched, per-sample, weighted) in a job.
-
-Prompts are the chat template's rendering of the rows' messages; each reward is the weighted sum,
-reported by name; the batched one gets TRL's shapes; trainer.jsonl has each function's mean;
-ambiguous data is refused before start, naming the key.
-"""
+"""A TRL conversational dataset and TRL-style rewards (batched, per-sample, weighted) in a job;
+ambiguous data is refused before start, naming the key."""
 
 from __future__ import annotations
 
