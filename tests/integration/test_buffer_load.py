@@ -1,10 +1,5 @@
-"""Load test on loopback: 32 producer threads (each its own Client) and a fake trainer,
-bounded time.
-
-The buffer is a real ``python -m buffer`` process so that its memory can be watched. Checks:
-zero lost (every acked group is delivered to the trainer, still stored, or counted as dropped
-for staleness), zero duplicated (no group delivered or stored twice), and memory bounded (the
-store never exceeds its capacity; the daemon's RSS stays bounded).
+"""Load test on loopback: 32 producer threads and a fake trainer against a real ``python -m
+buffer`` process (its memory watched), bounded time: zero lost, zero duplicated, memory bounded.
 """
 
 from __future__ import annotations
@@ -12,8 +7,8 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import psutil
+from test_buffer_service import make_group
 
 from areal_like.net.dealer import Client
 from areal_like.net.distributed import free_port
@@ -21,7 +16,6 @@ from areal_like.net.peers import TRAINER_PEER
 from areal_like.net.transport import TransportTimeout
 from areal_like.settings.config import BufferConfig, RunConfig, SecurityConfig, TaskConfig, to_yaml
 from areal_like.wire import protocol as P
-from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
 # the daemons here talk to this test's plain sockets (CURVE: test_security)
 PLAIN = SecurityConfig(curve=False)
@@ -31,16 +25,6 @@ RUN_S = 4.0  # streaming time; bounded on purpose
 REQUEST_S = 30.0  # per request: the machine is loaded, but a live buffer never takes this long
 CAPACITY = 128
 RSS_LIMIT_MB = 400  # interpreter + zmq + prometheus ~60 MB; 128 small groups are < 1 MB
-
-
-def make_group(credit: P.Credit, server_id: str, version: int) -> P.TrajectoryGroup:
-    trajs = [Trajectory.of(prompt_ids=as_i32([1, 2, 3]), output_ids=as_i32(np.arange(16)),
-                          behav_logp=as_f32(np.full(16, -1.0)),
-                          versions=as_i32(np.full(16, version)),
-                          reward=float(i % 2), finish_reason="stop") for i in range(4)]
-    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,
-                             lease_id=credit.lease_id, prompt_index=credit.prompt_index,
-                             epoch=credit.epoch, trajectories=trajs)
 
 
 def producer(address: str, server_id: str, stop: threading.Event, acked: list[str],
@@ -57,7 +41,8 @@ def producer(address: str, server_id: str, stop: threading.Event, acked: list[st
                 time.sleep(0.02)
                 continue
             for credit in credits.credits:  # finish what was leased, even after stop
-                ack = client.request(make_group(credit, server_id, credits.policy_version))
+                ack = client.request(make_group(credit, server_id, credits.policy_version,
+                                                rewards=(0, 1, 0, 1), tokens=16))
                 if ack.status == "accepted":
                     acked.append(ack.ref)
                 else:

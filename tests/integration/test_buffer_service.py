@@ -74,15 +74,15 @@ def register(client, server_id="s0", version=0) -> None:
     assert isinstance(ack, P.RegisterAck)
 
 
-def link_to(cfg: RunConfig, server_id: str, started: list, slots: int = 2):
-    """A rollout server's BufferLink to cfg's buffer; leases start into started; slots slots."""
+def link_to(cfg: RunConfig, server_id: str, started: list, slots: int = 2, blocked=lambda: False):
+    """A rollout server's BufferLink to cfg's buffer; leases start into started."""
     from areal_like.net.dealer import AsyncClient
     from areal_like.net.metrics import Metrics
     from rollout_server.buffer_link import BufferLink
 
     client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity=server_id)
     return BufferLink(client, client, server_id, Metrics(), free_slots=lambda: slots - len(started),
-                      blocked=lambda: False, start=started.append)
+                      blocked=blocked, start=started.append)
 
 
 def stats(client) -> dict:
@@ -258,8 +258,7 @@ def test_engine_behind_the_bound_gets_no_credits(tmp_path):
         assert len(c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits) == 1
 
 
-def test_the_roster_names_each_members_engine_and_sync_port_from_its_register(tmp_path):
-    """The roster carries each member's engine URL, kind and sync port from its Register."""
+def test_roster_members_and_tokens_of_the_version_being_pushed(tmp_path):
     with running(make_cfg(tmp_path)) as (svc, c):
         c.request(P.Register(server_id="a", engine_url="http://127.0.0.1:7", policy_version=0,
                              engine_kind="vllm", sync_url="http://127.0.0.1:8"))
@@ -268,10 +267,15 @@ def test_the_roster_names_each_members_engine_and_sync_port_from_its_register(tm
                for m in c.request(P.RosterRequest()).members}
         assert got == {"a": ("http://127.0.0.1:7", "vllm", "http://127.0.0.1:8"),
                        "b": ("http://127.0.0.1:1", "", "")}
+        # tokens of the version being pushed (announced + 1) are accepted; newer are refused
+        register(c)
+        first, second = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
+        assert c.request(make_group(first, version=1)).status == "accepted"
+        ack = c.request(make_group(second, version=2))
+        assert ack.status == "rejected" and ack.reason.startswith("future_version"), ack
 
 
 def test_a_silent_server_leaves_the_roster_and_comes_back_when_it_registers(tmp_path):
-    """Fake clock: a silent server leaves the roster, is told known=False, re-registers."""
     now = [1000.0]
     cfg = make_cfg(tmp_path, heartbeat_timeout_s=10.0)
     with running(cfg, clock=lambda: now[0]) as (svc, c):
@@ -292,18 +296,8 @@ def test_a_silent_server_leaves_the_roster_and_comes_back_when_it_registers(tmp_
         assert sorted(m.server_id for m in c.request(P.RosterRequest()).members) == ["a", "b"]
 
 
-def test_tokens_of_the_version_being_pushed_are_accepted_before_it_is_announced(tmp_path):
-    """Tokens of version + 1 are accepted before it is announced; newer are refused."""
-    with running(make_cfg(tmp_path)) as (svc, c):
-        register(c)
-        first, second = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits
-        assert c.request(make_group(first, version=1)).status == "accepted"
-        ack = c.request(make_group(second, version=2))
-        assert ack.status == "rejected" and ack.reason.startswith("future_version"), ack
-
 
 def test_expired_lease_is_reissued_to_the_next_requester(tmp_path):
-    """Fake clock: an expired lease goes to the next requester; the late group is refused."""
     now = [1000.0]
     cfg = make_cfg(tmp_path, lease_timeout_s=30.0)
     with running(cfg, clock=lambda: now[0]) as (svc, c):
@@ -402,10 +396,6 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
     """BufferLink asks free slots' leases with a group's first send (not during a sync)."""
     import asyncio
 
-    from areal_like.net.dealer import AsyncClient
-    from areal_like.net.metrics import Metrics
-    from rollout_server.buffer_link import BufferLink
-
     cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)
     with running(cfg) as (svc, c):
         register(c)
@@ -414,10 +404,7 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
         syncing = [False]
 
         async def scenario() -> None:
-            client = AsyncClient(cfg.buffer.address, timeout_s=TIMEOUT_S, identity="s0")
-            link = BufferLink(client, client, "s0", Metrics(),
-                              free_slots=lambda: 2,  # 3 slots, one busy
-                              blocked=lambda: syncing[0], start=started.append)
+            link = link_to(cfg, "s0", started, blocked=lambda: syncing[0])
             try:
                 assert link.wanted() == 2
                 link.asked = 2  # e.g. a CreditRequest for them is in flight
@@ -451,7 +438,7 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
                 assert (await link.send(link.unacked[f"s0-{third.lease_id}"])
                         and len(started) == 2)
             finally:
-                client.close()
+                link.control.close()
 
         asyncio.run(scenario())
         s = stats(c)
@@ -459,7 +446,6 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
 
 
 def test_due_groups_go_out_together_and_ask_for_leases_once(tmp_path):
-    """Several due groups go out together and ask for leases once."""
     import asyncio
 
     cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)

@@ -1,6 +1,5 @@
-"""A rollout server's credit back-off and the trainer's announcements
-(rollout_server/buffer_link.py, ``window_moved``; rollout_server/server.py, ``announcements``),
-against the real buffer and a real PUB socket."""
+"""A rollout server's credit back-off and the trainer's announcements, against the real buffer
+and a real PUB socket."""
 
 from __future__ import annotations
 
@@ -19,12 +18,8 @@ from rollout_server.server import RolloutServer
 
 def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announces(
         tmp_path, monkeypatch):
-    """At eta 0 the leases a server asks for as its engine's sync ends (``RolloutServer.end`` ends
-    any back-off) can reach the buffer before the trainer's request for its next batch, which is
-    what consumes the last one: the request is refused ("staleness") and the link backs off. With
-    the default overlapped push the trainer's announcement comes after that batch request
-    (trainer/weight_sync.py, ``_finish``), and ends the back-off (``BufferLink.window_moved``): the
-    next ask gets the leases."""
+    """At eta 0 the sync's lease request can beat the trainer's batch request and be refused;
+    the trainer's later announcement (``BufferLink.window_moved``) ends the back-off."""
     # the back-off outlasts any slow machine
     monkeypatch.setattr(buffer_link, "CREDIT_RETRY_S", 3600.0)
     cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2)
@@ -57,8 +52,7 @@ def test_a_refused_credit_request_is_asked_again_as_soon_as_the_trainer_announce
 
 
 def test_the_servers_announcement_loop_ends_the_back_off_and_wakes_the_main_loop():
-    """``RolloutServer.announcements`` on a VersionUpdate: the trainer-version gauge,
-    ``window_moved``, and the main loop woken (it asks for leases at once)."""
+    """On a VersionUpdate: the trainer-version gauge set, ``window_moved``, the main loop woken."""
     address = f"tcp://127.0.0.1:{free_port()}"
     pub = Publisher(address)
     moved = []

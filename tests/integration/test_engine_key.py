@@ -48,7 +48,6 @@ def test_a_server_without_the_variable_serves_the_trainers_probe_with_the_jobs_k
 
 def test_a_job_without_a_key_gets_one_made_by_its_first_process_and_shared_by_all(
         tmp_run_dir, monkeypatch):
-    """No key anywhere: the first process makes an owner-only key file; all share it."""
     import subprocess
     import sys
 

@@ -77,9 +77,8 @@ def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(expo
     # overrides after ``--out FILE`` reach the config (before: 'unrecognized arguments', argparse
     # had given the positionals out before the flag)
     out = tmp_path / "e.jsonl"
-    r = _eval(moved, "--out", str(out), "task.max_new_tokens=5", "rollout.engine.host=192.0.2.1")
-    assert r.returncode == 0, r.stderr[-3000:]
-    record = json.loads(r.stdout.strip())
+    record = _record(_eval(moved, "--out", str(out), "task.max_new_tokens=5",
+                           "rollout.engine.host=192.0.2.1"))
     assert record["task"] == "sort" and record["n"] == 4 and record["policy_version"] == 3
     assert record["sampling"]["max_new_tokens"] == 5 and json.loads(out.read_text()) == record
 
@@ -91,7 +90,6 @@ def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(expo
 
 
 def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(exports, tmp_path):
-    """An unwritable --out: the record is printed, then one error line, exit 2."""
     r = _eval(exports / "moved" / "v00000003", "--out", str(tmp_path), "task.max_new_tokens=5")
     assert r.returncode == 2
     record = json.loads(r.stdout)
@@ -102,7 +100,6 @@ def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(exports, 
 
 
 def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(exports):
-    """Every prompt refused by the engine: one error line naming the refusal, no record."""
     r = _eval(exports / "moved" / "v00000003", "task.top_k=0")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: /generate: HTTP 400: every eval prompt failed; the first: "
@@ -160,21 +157,17 @@ def test_an_exports_task_runs_the_code_and_address_the_evaluator_names(exports, 
 
 
 def test_a_lora_export_with_no_base_to_name_is_scored_by_its_merged_model(exports, tmp_path):
-    """A LoRA export (and checkpoint) with no base to name is scored by its merged/."""
     lora = tmp_path / "lora" / "v00000003"
     shutil.copytree(exports / "moved" / "v00000003", lora / "merged")
     shutil.copy(lora / "merged" / "areal_like_task.yaml", lora)
     (lora / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": None,
                                                           "peft_type": "LORA", "r": 8}))
-    r = _eval(lora)
-    assert r.returncode == 0, r.stderr[-3000:]
-    record = json.loads(r.stdout.strip())
+    record = _record(_eval(lora))
     assert record["task"] == "sort" and record["n"] == 4 and record["policy_version"] == 3
 
 
 def test_a_users_model_samples_at_its_tasks_settings_and_a_merged_export_finds_its_run(
         exports, tmp_path):
-    """A user's model samples at the task's settings; a merged/ export finds its run config."""
     from areal_like.settings.config import load_config, to_yaml
 
     bare = exports / "bare" / "v00000003"
@@ -182,8 +175,7 @@ def test_a_users_model_samples_at_its_tasks_settings_and_a_merged_export_finds_i
                 "samples_per_prompt": 0, "from": "task=sort's defaults and the command line"}
     for model in ([], ["model=local_hf"]):
         r = _eval(bare, "task=sort", *model)
-        assert r.returncode == 0, r.stderr[-3000:]
-        record = json.loads(r.stdout.strip())
+        record = _record(r)
         assert record["task"] == "sort" and record["sampling"] == sampling, r.stdout
         assert "[eval] sampling at temperature 1, top_p 1, top_k -1, at most 16 new tokens, 0 " \
                "samples per prompt" in r.stderr, r.stderr
@@ -196,8 +188,6 @@ def test_a_users_model_samples_at_its_tasks_settings_and_a_merged_export_finds_i
         "task: {name: sort, reward_fn: 'tests.learning_reward:reversed_exact'}\n")
     (run / "config.yaml").write_text(to_yaml(load_config(
         ["task=sort", "task.reward_fn=tests.learning_reward:reversed_exact", f"run_dir={run}"])))
-    r = _eval(merged)
-    assert r.returncode == 0, r.stderr[-3000:]
-    record = json.loads(r.stdout.strip())
+    record = _record(_eval(merged))
     assert record["task"] == "sort" and record["sampling"]["from"] == f"the run's {run}/config.yaml"
     assert record["sampling"]["temperature"] == 2.0  # the run's: model=tiny's recipe

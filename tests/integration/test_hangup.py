@@ -156,11 +156,8 @@ def _supervised(argv: list[str], run_dir: Path, **popen):
 @pytest.mark.slow
 def test_daemons_of_a_killed_supervisor_get_sigterm_and_hold_the_run_dir_until_gone(tmp_path):
     run_dir = tmp_path / "run"
-    sup = subprocess.Popen([sys.executable, "-c", SUPERVISE, str(run_dir)], cwd=REPO_ROOT,
-                           env=child_env(), stdout=subprocess.DEVNULL)
-    pids: dict[str, int] = {}
-    try:
-        pids.update(wait_until(lambda: _both_started(run_dir), 60, 0.1, "both daemons started"))
+    with _supervised([sys.executable, "-c", SUPERVISE, str(run_dir)], run_dir,
+                     stdout=subprocess.DEVNULL) as (sup, pids):
         # started is not yet deaf: until its interpreter has set SIGTERM to ignored, the kernel's
         # SIGTERM kills it (the test then failed about one run in three on a loaded machine)
         wait_until(lambda: signal.SIGTERM in _ignored(pids["deaf"]), 60, 0.05,
@@ -177,10 +174,6 @@ def test_daemons_of_a_killed_supervisor_get_sigterm_and_hold_the_run_dir_until_g
         os.kill(pids["deaf"], signal.SIGKILL)
         wait_until(lambda: not _alive(pids["deaf"]), GONE_S, 0.1, "the deaf daemon to die")
         os.close(lock_run_dir(run_dir))
-    finally:
-        stop_process(sup)
-        left = _kill_all(set(pids.values()))
-    assert not left, f"processes left behind: {left}"
 
 
 def _read_new(path: Path, offset: int) -> str:
@@ -283,7 +276,6 @@ POLITE = SUPERVISE.replace('daemon.format("signal.SIG_IGN")',
 
 
 def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_path):
-    """Under nohup SIGHUP stays ignored: the job survives a hangup."""
     run_dir = tmp_path / "run"
     with _supervised(["nohup", sys.executable, "-c", POLITE, str(run_dir)], run_dir,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as (sup, pids):
@@ -293,9 +285,7 @@ def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_pat
         assert _alive(pids["polite"]) and _alive(pids["deaf"])
 
 
-
 def test_sigterm_to_a_running_job_exits_143_as_during_its_warm_start(tmp_path):
-    """SIGTERM once the daemons run: they are stopped and run exits 143."""
     run_dir = tmp_path / "run"
     with _supervised([sys.executable, "-c", POLITE, str(run_dir)], run_dir,
                      stdout=subprocess.DEVNULL) as (sup, pids):
@@ -310,25 +300,20 @@ def test_a_hangup_whose_console_pipe_is_gone_still_ends_the_job_in_order(tmp_pat
     script = POLITE.replace("sys.exit(sup.run())",
                             "code = sup.run()\n(run_dir / 'done').write_text(str(code))")
     read, write = os.pipe()
-    sup = subprocess.Popen([sys.executable, "-c", script, str(run_dir)],
-                           cwd=REPO_ROOT, env=child_env(),
-                           stdout=write, stderr=write, preexec_fn=_from_a_terminal)
-    os.close(write)
-    pids: dict[str, int] = {}
     try:
-        pids.update(wait_until(lambda: _both_started(run_dir), 60, 0.1, "both daemons started"))
-        os.close(read)  # tee is gone
-        read = None
-        os.kill(sup.pid, signal.SIGHUP)
-        sup.wait(timeout=GONE_S)
-        assert (run_dir / "done").read_text() == str(128 + signal.SIGHUP)
-        assert not _alive(pids["polite"]) and not _alive(pids["deaf"])
+        with _supervised([sys.executable, "-c", script, str(run_dir)], run_dir, stdout=write,
+                         stderr=write, preexec_fn=_from_a_terminal) as (sup, pids):
+            os.close(write)
+            os.close(read)  # tee is gone
+            read = write = None
+            os.kill(sup.pid, signal.SIGHUP)
+            sup.wait(timeout=GONE_S)
+            assert (run_dir / "done").read_text() == str(128 + signal.SIGHUP)
+            assert not _alive(pids["polite"]) and not _alive(pids["deaf"])
     finally:
-        if read is not None:
-            os.close(read)
-        stop_process(sup)
-        left = _kill_all(set(pids.values()))
-    assert not left, f"processes left behind: {left}"
+        for fd in (read, write):
+            if fd is not None:
+                os.close(fd)
 
 
 def _ignored(pid: int) -> set[int]:

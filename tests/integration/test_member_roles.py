@@ -2,54 +2,24 @@
 
 from __future__ import annotations
 
-import numpy as np
+from test_buffer_service import make_group
 
 from areal_like.net import security
 from areal_like.net.dealer import Client
 from areal_like.net.distributed import free_port
 from areal_like.settings.config import BufferConfig, RunConfig, TaskConfig, to_yaml
 from areal_like.wire import protocol as P
-from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 from buffer.facts import MIN_SERVERS
 
 REQUEST_S = 30.0  # a live buffer answers in milliseconds, on a loaded machine too
 FLOOD = 120  # Registers in the flood, each from a fresh socket (the attack campaign sent 1,000)
 
 
-def group(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
-    trajs = [
-        Trajectory.of(
-            prompt_ids=as_i32([5, 6]),
-            output_ids=as_i32(np.arange(4)),
-            behav_logp=as_f32(np.full(4, -1.0)),
-            versions=as_i32(np.zeros(4)),
-            reward=float(r),
-            finish_reason="stop",
-        )
-        for r in (0.0, 1.0)
-    ]
-    return P.TrajectoryGroup(
-        group_id=f"{server_id}-{credit.lease_id}",
-        server_id=server_id,
-        lease_id=credit.lease_id,
-        prompt_index=credit.prompt_index,
-        epoch=credit.epoch,
-        trajectories=trajs,
-    )
-
-
 def start_buffer(run_dir, spawn_python):
     """A CURVE buffer daemon over tcp: (cfg, rollout client, trainer client, the process)."""
-    cfg = RunConfig(
-        run_dir=str(run_dir),
-        task=TaskConfig(num_prompts=100),
-        buffer=BufferConfig(
-            address=f"tcp://127.0.0.1:{free_port()}",
-            pub_address=f"tcp://127.0.0.1:{free_port()}",
-            groups_per_step=1,
-            heartbeat_timeout_s=600,
-        ),
-    )
+    cfg = RunConfig(run_dir=str(run_dir), task=TaskConfig(num_prompts=100), buffer=BufferConfig(
+        address=f"tcp://127.0.0.1:{free_port()}", pub_address=f"tcp://127.0.0.1:{free_port()}",
+        groups_per_step=1, heartbeat_timeout_s=600))
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     security.make_keys(run_dir / "keys")
     proc = spawn_python("buffer", ["--config-file", run_dir / "config.yaml"])
@@ -74,76 +44,26 @@ def fresh_socket_request(cfg, keys: security.Keys, msg: P.Message) -> P.Message:
         client.close()
 
 
-def test_a_rollout_key_cannot_take_or_settle_the_trainers_batch(tmp_run_dir, spawn_python):
+def test_a_rollout_key_cannot_take_or_settle_the_trainers_batch_nor_read_the_roster(
+        tmp_run_dir, spawn_python):
     cfg, rollout, trainer, _ = start_buffer(tmp_run_dir, spawn_python)
     for _ in range(3):  # three groups stored: enough for the trainer's batch and for the attacker's
         credit = rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits[0]
-        assert rollout.request(group(credit, "real")).status == "accepted"
+        assert rollout.request(make_group(credit, "real")).status == "accepted"
     batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
     assert len(batch.groups) == 1 and batch.batch_id  # in transit until the trainer's next request
     attacker = security.load(tmp_run_dir / "keys", "rollout")
-    replies = [
-        fresh_socket_request(
-            cfg, attacker, P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0.0)
-        )
-        for _ in range(6)
-    ]
-    assert all(
-        isinstance(r, P.Batch) and not r.groups and r.reason.startswith("role: ") for r in replies
-    ), replies
-    nxt = trainer.request(
-        P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0, ack_batch=batch.batch_id)
-    )
+    take = P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0.0)
+    replies = [fresh_socket_request(cfg, attacker, take) for _ in range(6)]
+    assert all(isinstance(r, P.Batch) and not r.groups and r.reason.startswith("role: ")
+               for r in replies), replies
+    nxt = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0,
+                                         ack_batch=batch.batch_id))
     assert len(nxt.groups) == 1 and nxt.groups[0].group_id != batch.groups[0].group_id
     stats = trainer.request(P.StatsRequest()).values
     assert stats["groups_consumed"] == 1, stats  # the first batch was received, once
     assert stats.get("batches_redelivered", 0) == 0 and stats["rejected_role"] == 6, stats
-    rollout.close(), trainer.close()
-
-
-def test_a_register_flood_from_fresh_sockets_is_capped_per_key(tmp_run_dir, spawn_python):
-    cfg, rollout, trainer, proc = start_buffer(tmp_run_dir, spawn_python)
-    attacker = security.load(tmp_run_dir / "keys", "rollout")
-    replies = [
-        fresh_socket_request(
-            cfg,
-            attacker,
-            P.Register(server_id=f"fake-{i}", engine_url="http://x", policy_version=0),
-        )
-        for i in range(FLOOD)
-    ]
-    accepted = [r for r in replies if isinstance(r, P.RegisterAck)]
-    refused = [r for r in replies if isinstance(r, P.Ack) and r.status == "rejected"]
-    assert len(accepted) <= MIN_SERVERS - 1 + 2, len(
-        accepted
-    )  # the key's allowance (the real server holds one)
-    assert len(refused) == FLOOD - len(accepted) and all(
-        r.reason.startswith("peer_limit") for r in refused
-    )
-    roster = [m.server_id for m in trainer.request(P.RosterRequest()).members]
-    assert "real" in roster and len(roster) <= MIN_SERVERS, roster
-    # the real server goes on: it heartbeats, re-registers and is granted credits as before
-    assert rollout.request(P.Heartbeat(server_id="real", policy_version=0)).known
-    assert isinstance(
-        rollout.request(P.Register(server_id="real", engine_url="http://127.0.0.1:1")),
-        P.RegisterAck,
-    )
-    assert rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits
-    stats = trainer.request(P.StatsRequest()).values
-    assert stats["rejected_peer_limit"] == len(refused), stats
-    rollout.close(), trainer.close()
-    proc.terminate()
-    _, err = proc.communicate(timeout=60)
-    about = [line for line in err.splitlines() if "fake-" in line]
-    assert len(about) <= 3 * MIN_SERVERS, about[
-        :20
-    ]  # the accepted ids, and a rate-limited refusal line
-
-
-def test_a_rollout_key_cannot_read_the_roster(tmp_run_dir, spawn_python):
-    """Only the trainer's key reads the roster (engine/sync URLs, incarnations)."""
-    cfg, rollout, trainer, _ = start_buffer(tmp_run_dir, spawn_python)
-    attacker = security.load(tmp_run_dir / "keys", "rollout")
+    # only the trainer's key reads the roster (engine/sync URLs, incarnations)
     replies = [fresh_socket_request(cfg, attacker, P.RosterRequest()) for _ in range(3)]
     replies.append(rollout.request(P.RosterRequest()))  # the real server's own socket alike
     assert all(isinstance(r, P.Ack) and r.status == "rejected"
@@ -151,13 +71,40 @@ def test_a_rollout_key_cannot_read_the_roster(tmp_run_dir, spawn_python):
                for r in replies), replies
     roster = trainer.request(P.RosterRequest())
     assert isinstance(roster, P.Roster) and [m.server_id for m in roster.members] == ["real"]
-    assert trainer.request(P.StatsRequest()).values["rejected_role"] == 4
+    assert trainer.request(P.StatsRequest()).values["rejected_role"] == 6 + 4
     rollout.close(), trainer.close()
+
+
+def test_a_register_flood_from_fresh_sockets_is_capped_per_key(tmp_run_dir, spawn_python):
+    cfg, rollout, trainer, proc = start_buffer(tmp_run_dir, spawn_python)
+    attacker = security.load(tmp_run_dir / "keys", "rollout")
+    replies = [fresh_socket_request(cfg, attacker, P.Register(
+        server_id=f"fake-{i}", engine_url="http://x", policy_version=0)) for i in range(FLOOD)]
+    accepted = [r for r in replies if isinstance(r, P.RegisterAck)]
+    refused = [r for r in replies if isinstance(r, P.Ack) and r.status == "rejected"]
+    # the key's allowance (the real server holds one)
+    assert len(accepted) <= MIN_SERVERS - 1 + 2, len(accepted)
+    assert len(refused) == FLOOD - len(accepted)
+    assert all(r.reason.startswith("peer_limit") for r in refused)
+    roster = [m.server_id for m in trainer.request(P.RosterRequest()).members]
+    assert "real" in roster and len(roster) <= MIN_SERVERS, roster
+    # the real server goes on: it heartbeats, re-registers and is granted credits as before
+    assert rollout.request(P.Heartbeat(server_id="real", policy_version=0)).known
+    reply = rollout.request(P.Register(server_id="real", engine_url="http://127.0.0.1:1"))
+    assert isinstance(reply, P.RegisterAck)
+    assert rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits
+    stats = trainer.request(P.StatsRequest()).values
+    assert stats["rejected_peer_limit"] == len(refused), stats
+    rollout.close(), trainer.close()
+    proc.terminate()
+    _, err = proc.communicate(timeout=60)
+    about = [line for line in err.splitlines() if "fake-" in line]
+    # the accepted ids, and a rate-limited refusal line
+    assert len(about) <= 3 * MIN_SERVERS, about[:20]
 
 
 def test_a_member_cannot_take_a_live_servers_id_and_the_server_is_told(tmp_run_dir,
                                                                       spawn_python):
-    """Re-registering a live server's id is refused; the real server is told and goes on."""
     cfg, rollout, trainer, _ = start_buffer(tmp_run_dir, spawn_python)
     real = trainer.request(P.RosterRequest()).members[0]
     attacker = security.load(tmp_run_dir / "keys", "rollout")
@@ -175,7 +122,7 @@ def test_a_member_cannot_take_a_live_servers_id_and_the_server_is_told(tmp_run_d
     assert "'http://127.0.0.1:9'" in beat.challenged
     assert not rollout.request(P.Heartbeat(server_id="real", policy_version=0)).challenged  # once
     credit = rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits[0]
-    assert rollout.request(group(credit, "real")).status == "accepted"
+    assert rollout.request(make_group(credit, "real")).status == "accepted"
     batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
     assert [g.group_id for g in batch.groups] == [f"real-{credit.lease_id}"]
     assert trainer.request(P.StatsRequest()).values["rejected_id_in_use"] == 2

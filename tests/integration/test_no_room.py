@@ -1,8 +1,7 @@
 """A prompt leaving the engine no room is the prompt's fault: refused as no_room, skipped.
 
 Real single-turn episodes over ZMQ to a BufferService. An empty answer with room is still retried.
-Mutation checked: no_room out of group_checks.REASONS fails at the skip; every empty trajectory
-read as no_room fails at the retry. The engine's context is min(positions, max_total_tokens).
+The engine's context is min(positions, max_total_tokens).
 """
 
 from __future__ import annotations

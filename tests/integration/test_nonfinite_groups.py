@@ -2,8 +2,7 @@
 
 Over real ZMQ to a BufferService: each refused with its reason, counted (stats and /metrics),
 never stored, its prompt re-queued; BatchSource drops one that reaches it; -60 is accepted; a
-prompt failing every time is tried MAX_ENGINE_RETRIES times an epoch. Mutations checked: without
-the range check or without the cap, a test fails.
+prompt failing every time is tried MAX_ENGINE_RETRIES times an epoch.
 """
 
 from __future__ import annotations

@@ -39,6 +39,12 @@ def _server_a(spawn_python, tmp_run_dir, capture: bool = False):
                         capture=capture)
 
 
+def _ask(trainer: Client, msg, reply_type):
+    reply = trainer.request(msg)
+    assert isinstance(reply, reply_type), reply
+    return reply
+
+
 def test_a_server_stopped_on_request_leaves_the_roster_and_its_leases_at_once(
         spawn_python, tmp_run_dir, wait_until):
     cfg = _start_buffer(spawn_python, tmp_run_dir)
@@ -46,14 +52,10 @@ def test_a_server_stopped_on_request_leaves_the_roster_and_its_leases_at_once(
     trainer = Client(cfg.buffer.address, timeout_s=30, identity=TRAINER_PEER)
 
     def roster() -> set[str]:
-        reply = trainer.request(RosterRequest())
-        assert isinstance(reply, Roster)
-        return {m.server_id for m in reply.members}
+        return {m.server_id for m in _ask(trainer, RosterRequest(), Roster).members}
 
     def stats() -> dict:
-        reply = trainer.request(StatsRequest())
-        assert isinstance(reply, Stats)
-        return reply.values
+        return _ask(trainer, StatsRequest(), Stats).values
 
     try:
         wait_until(lambda: roster() == {"A"}, STARTUP_S, 0.2, "A on the roster")
@@ -74,14 +76,11 @@ def test_a_second_server_under_a_live_id_is_refused_and_the_first_is_told(
     trainer = Client(cfg.buffer.address, timeout_s=30, identity=TRAINER_PEER)
 
     def incarnation() -> str | None:
-        reply = trainer.request(RosterRequest())
-        assert isinstance(reply, Roster)
-        return next((m.incarnation for m in reply.members if m.server_id == "A"), None)
+        members = _ask(trainer, RosterRequest(), Roster).members
+        return next((m.incarnation for m in members if m.server_id == "A"), None)
 
     def refused() -> int:
-        reply = trainer.request(StatsRequest())
-        assert isinstance(reply, Stats)
-        return reply.values.get("rejected_id_in_use", 0)
+        return _ask(trainer, StatsRequest(), Stats).values.get("rejected_id_in_use", 0)
 
     second = None
     try:

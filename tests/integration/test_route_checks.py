@@ -1,6 +1,6 @@
 """Routing-replay routes are checked at admission: experts 4, -5, 1e6 or a wrong top-k width on a
 tiny Qwen3-MoE are refused as bad_routes (counted, not stored, re-issued); valid routes pass; the
-shape read is the trainer model's. Mutation: without routes_problem every bad group passed.
+shape read is the trainer model's.
 """
 
 from __future__ import annotations

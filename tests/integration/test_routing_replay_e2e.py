@@ -1,10 +1,6 @@
-"""Routing replay end to end on a tiny Qwen3-MoE (tests/families.py), CPU, one FSDP2 rank: the
-embedded engine samples groups through the rollout client asking for its routes
-(``SGLangClient(routed_experts=True)``, ``generate_group``), the trajectories carry them over the
-wire, ``groups_to_batch`` aligns them, and the trainer (``trainer.routing_replay``) trains on
-them. Before any update the trainer's log-probs equal the engine's either way; after a few
-updates the engine-vs-trainer gap is smaller with replay than without (the figure is printed:
-``-s`` shows it)."""
+"""Routing replay end to end on a tiny Qwen3-MoE, CPU, one FSDP2 rank: engine routes over the
+wire into ``trainer.routing_replay``. Before any update the trainer's log-probs equal the engine's
+either way; after a few the engine-vs-trainer gap is smaller with replay (``-s`` prints it)."""
 
 from __future__ import annotations
 

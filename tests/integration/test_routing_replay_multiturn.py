@@ -1,11 +1,7 @@
-"""Routing replay of multi-turn episodes (``task.env``) and agent episodes (``task.agent``) on a
-tiny Qwen3-MoE (tests/families.py), CPU: the embedded engine (fp32) plays whole conversations,
-through ``EpisodeRunner`` or an agent calling the agent endpoint with the openai SDK, asking for
-its routes; each trajectory, over the wire, carries a route for every fed position (the prompt,
-the environment's or agent's messages and the generated tokens of every turn), and the routes the
-trainer replays (``groups_to_batch``) are, token by token, the experts a transformers forward of
-the whole conversation routes to. A training step on them runs with the replayed routes and moves
-the weights."""
+"""Routing replay of multi-turn (``task.env``) and agent (``task.agent``) episodes on a tiny
+Qwen3-MoE, CPU: each trajectory carries a route for every fed position over the wire, the routes
+the trainer replays are a transformers forward's of the whole conversation, and a step on them
+moves the weights."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ import json
 import os
 import stat
 
-import numpy as np
+from test_buffer_service import make_group
 
 from areal_like.net import security
 from areal_like.net.dealer import Client
@@ -28,16 +28,14 @@ from areal_like.settings.config import (
     to_yaml,
 )
 from areal_like.wire import protocol as P
-from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
 
 # the job's own requests: a live buffer answers in milliseconds on a loaded machine too
 REQUEST_S = 30.0
 STRANGER_REQUEST_S = 3.0  # each stranger request waits this long for an answer that must never come
 
-STRANGER = (r"""
-import json, sys, time
+STRANGER = r"""
+import json, sys
 from pathlib import Path
-import numpy as np
 from areal_like.wire import protocol as P
 from areal_like.net import security
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
@@ -47,21 +45,18 @@ from areal_like.net.transport import TransportTimeout
 
 address, pub_address, mode, keys_dir, stop_file, wait_s = sys.argv[1:7]
 keys = None
-if mode != "none":  # a CURVE client: its own key pair (never on the allow-list), """
-    r"""and the server's key or not
+if mode != "none":  # a CURVE client: its own key pair (never allowed), the server's key or not
     own = security.load(keys_dir, "trainer")
-    server = own.server_public if mode == "wrong_server" else """
-        r"""security.load(sys.argv[7], "trainer").server_public
-    keys = security.Keys("trainer", own.public, own.secret, server)
+    theirs = own if mode == "wrong_server" else security.load(sys.argv[7], "trainer")
+    keys = security.Keys("trainer", own.public, own.secret, theirs.server_public)
 sub = Subscriber(pub_address, keys=keys)
 client = Client(address, keys=keys, timeout_s=float(wait_s))
-traj = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]), """
-                     r"""behav_logp=as_f32([-1.0, -1.0]),
-                    versions=as_i32([0, 0]), reward=1.0, finish_reason="stop")
+traj = Trajectory.of(prompt_ids=as_i32([1]), output_ids=as_i32([2, 3]),
+                     behav_logp=as_f32([-1.0, -1.0]), versions=as_i32([0, 0]), reward=1.0,
+                     finish_reason="stop")
 requests = [P.Register(server_id="stranger", engine_url="http://127.0.0.1:1", policy_version=0),
-            P.TrajectoryGroup(group_id="stranger-g", server_id="stranger", lease_id="x", """
-                              r"""prompt_index=0, epoch=0,
-                              trajectories=[traj, traj]),
+            P.TrajectoryGroup(group_id="stranger-g", server_id="stranger", lease_id="x",
+                              prompt_index=0, epoch=0, trajectories=[traj, traj]),
             P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0.0),
             P.RosterRequest()]
 out = {"requests": {}, "announcements": []}
@@ -71,22 +66,12 @@ for msg in requests:
     except TransportTimeout:
         out["requests"][msg.TYPE] = "timeout"
 print("listening", flush=True)
-while not Path(stop_file).exists():  # the test announces versions until every stranger """
-    r"""listened
+while not Path(stop_file).exists():  # the test announces versions until every stranger listened
     got = sub.recv(0.2)
     if got is not None:
         out["announcements"].append(got.TYPE)
 print(json.dumps(out), flush=True)
-""")
-
-
-def group(credit: P.Credit, server_id: str) -> P.TrajectoryGroup:
-    trajs = [Trajectory.of(prompt_ids=as_i32([5, 6]), output_ids=as_i32(np.arange(4)),
-                          behav_logp=as_f32(np.full(4, -1.0)), versions=as_i32(np.zeros(4)),
-                          reward=float(r), finish_reason="stop") for r in (0.0, 1.0)]
-    return P.TrajectoryGroup(group_id=f"{server_id}-{credit.lease_id}", server_id=server_id,
-                             lease_id=credit.lease_id, prompt_index=credit.prompt_index,
-                             epoch=credit.epoch, trajectories=trajs)
+"""
 
 
 def areal_like(spawn_python, *args) -> tuple[int, str, str]:
@@ -167,7 +152,7 @@ def test_strangers_get_nothing_are_counted_and_the_job_goes_on(
                                      policy_version=0))
     assert isinstance(ack, P.RegisterAck)
     credit = rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits[0]
-    assert rollout.request(group(credit, "real")).status == "accepted"
+    assert rollout.request(make_group(credit, "real")).status == "accepted"
     batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
     assert [g.group_id for g in batch.groups] == [f"real-{credit.lease_id}"]
     # versions are announced while every stranger listens; the real subscriber gets them
@@ -215,7 +200,6 @@ def test_a_one_rank_trainer_opens_no_port_on_every_interface(spawn_python):
 
 
 def test_only_trainer_rank_0_needs_the_trainer_key(tmp_run_dir, tmp_path, spawn_python):
-    """Only trainer rank 0 needs the trainer key; other ranks start with server.key."""
     security.make_keys(tmp_path / "all")
     node = tmp_path / "node"
     node.mkdir(mode=0o700)

@@ -1,12 +1,7 @@
 """``model.dtype=bfloat16`` on ONE trainer rank computes in bf16 with fp32 master weights (CPU).
 
-Both GPU topologies default to one trainer rank. A world of one used to be left unsharded, and
-only FSDP2's mixed-precision policy casts, so it trained in fp32 whatever ``model.dtype`` said.
-Here one CPU rank (its own world-size-1 gloo group, in a child process) builds the policy with
-``model.dtype=bfloat16`` and runs one ``train_step``; a forward pre-hook on a decoder ``Linear``
-records the dtype of its input and weight. Checked: the Linear computes in bf16 in the forward
-that trains, while every master parameter, its gradient and AdamW's states stay fp32 and the step
-moves the weights. With ``model.dtype=float32`` the same Linear sees fp32 (nothing is cast).
+A world of one used to be left unsharded, and only FSDP2's mixed-precision policy casts, so it
+trained in fp32 whatever ``model.dtype`` said (both GPU topologies default to one trainer rank).
 """
 
 from __future__ import annotations

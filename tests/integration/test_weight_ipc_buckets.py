@@ -1,8 +1,5 @@
-"""The one-GPU ``tensor`` path's mechanics, trainer process to engine, on CPU (the same code takes
-CUDA IPC handles on a GPU, tests/gpu/test_throughput.py times it): each bucket travels as one
-shared buffer the sender keeps from push to push, so the engine maps it once (the second push
-opens nothing) and loads it with one copy per bucket, not one per tensor; the weights are the
-sender's exactly after every push."""
+"""The one-GPU ``tensor`` path on CPU (the same code takes CUDA IPC handles on a GPU): each bucket
+is one shared buffer the sender keeps from push to push, mapped once and loaded with one copy."""
 
 from __future__ import annotations
 
