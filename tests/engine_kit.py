@@ -200,12 +200,12 @@ def scored(outs, model, temperature: float) -> float:
                                                               temperature, torch.device("cpu"))))
 
 
-def check_guard_probes_the_live_adapter(client, server: Server, lora: LoraConfig, kind: str
-                                        ) -> None:
+def check_guard_probes_the_live_adapter(server: Server, lora: LoraConfig, kind: str) -> None:
     """The log-prob guard's probe names the live adapter as the job's generate calls do
     (``served_name`` of the push's version and plan) and so measures the trainer's model with that
     adapter within the guard's default tolerance; unnamed, the engine answers with the base model
-    (that probe would refuse a correct job). ``client``: an unopened client of ``server``."""
+    (that probe would refuse a correct job)."""
+    from areal_like.engines import engine_client
     from areal_like.tasks.tokenizer import load_tokenizer
     from areal_like.weights.lora import served_name
     from trainer.logprob_guard import PROBE_TEXT, compare_logprobs, probe_engine
@@ -218,7 +218,7 @@ def check_guard_probes_the_live_adapter(client, server: Server, lora: LoraConfig
         return compare_logprobs(probe.engine_logp, mine)[0]
 
     async def push() -> str:
-        async with client:
+        async with engine_client(kind, server.url, api_key=server.api_key, timeout_s=300) as client:
             return await sync_adapter(client, trained, 7)
 
     plan_id = asyncio.run(push())

@@ -104,5 +104,5 @@ def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that
 
 
 def test_the_logprob_guard_probes_the_adapter_the_engine_serves(lora_server):
-    check_guard_probes_the_live_adapter(_client(lora_server), lora_server, LORA, "vllm")
+    check_guard_probes_the_live_adapter(lora_server, LORA, "vllm")
 
