@@ -84,10 +84,20 @@ def test_an_adapter_sync_mid_generation_labels_every_token_with_the_adapter_that
         built[attempt] = {before: lora_model(LORA, 3), after: lora_model(LORA, 4)}
         async with _client(lora_server) as client:
             await sync_adapter(client, built[attempt][before], before)
-            version = before
-            job = asyncio.create_task(generate_sample(
-                client, prompt, {"temperature": 1.0, "ignore_eos": True}, TOKENS, lambda: version))
-            await until_generated(client, 20, job)
+            version, job = before, None
+            load = client.load_lora_adapter
+
+            async def load_then_generate(*args, **kwargs):
+                # the generation starts once the new adapter is loaded (seconds on a loaded
+                # machine) and before the sync names it, so the pause that follows catches it
+                nonlocal job
+                await load(*args, **kwargs)
+                job = asyncio.create_task(generate_sample(
+                    client, prompt, {"temperature": 1.0, "ignore_eos": True}, TOKENS,
+                    lambda: version))
+                await until_generated(client, 20, job)
+
+            client.load_lora_adapter = load_then_generate
             await sync_adapter(client, built[attempt][after], after)
             version = after
             return await job
