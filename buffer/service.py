@@ -107,7 +107,8 @@ class BufferService(Daemon):
         }
         self.server: Server | None = None
         self.publisher: Publisher | None = None
-        security.on_refused(self.instruments.refused)  # peers refused by CURVE never reach handle()
+        # peers refused by CURVE never reach handle()
+        self._unwatch_refused = security.on_refused(self.instruments.refused)
 
     @classmethod
     def from_run(cls, cfg: RunConfig, *, keys: security.Keys | None = None,
@@ -168,6 +169,7 @@ class BufferService(Daemon):
             if closable is not None:
                 closable.close()
         self.wal.close()
+        self._unwatch_refused()
 
     def health(self) -> tuple[bool, dict]:
         return self.failure is None, {"name": self.name, "policy_version": self.control.version,

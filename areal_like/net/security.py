@@ -10,6 +10,7 @@ ZAP User-Id is its key's name (``role_of``); every refused handshake is counted 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -140,9 +141,15 @@ def setup(cfg, role: str, logger: logging.Logger | None = None) -> Keys | None:
     return keys
 
 
-def on_refused(callback: Callable[[str], None]) -> None:
-    """Call ``callback(reason)`` (from a monitor thread) for every refused peer."""
+def on_refused(callback: Callable[[str], None]) -> Callable[[], None]:
+    """Call ``callback(reason)`` (from a monitor thread) for every refused peer, until the
+    returned function is called."""
     _refused_callbacks.append(callback)
+
+    def unwatch() -> None:
+        with contextlib.suppress(ValueError):  # once is enough
+            _refused_callbacks.remove(callback)
+    return unwatch
 
 
 def role_of(frame: zmq.Frame) -> str | None:

@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 
-from areal_like.net.http_guard import HttpLimits
+from areal_like.net.http_guard import GuardStats, HttpLimits
 from areal_like.net.http_guard import serve as guarded_serve
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
 from areal_like.weights.lora import add_adapters
@@ -69,9 +69,14 @@ class EmbeddedEngine:
         return f"http://{self.engine_cfg.host}:{self.port}"
 
     @property
+    def http_stats(self) -> GuardStats:
+        """What its port refused so far (401s, slow clients cut off, calls in flight)."""
+        return self._server.stats if self._server is not None else GuardStats()
+
+    @property
     def unauthorized(self) -> int:
         """Requests its port refused 401 (no or a wrong API key) so far."""
-        return self._server.stats.unauthorized if self._server is not None else 0
+        return self.http_stats.unauthorized
 
     @property
     def model_name(self) -> str:

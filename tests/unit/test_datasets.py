@@ -183,8 +183,7 @@ def test_eval_split_by_fraction_is_fixed_disjoint_and_seeded(tmp_path):
         make_task(no_eval, split="eval")
 
 
-def test_long_prompts_are_filtered_and_counted_once(tmp_path, caplog, monkeypatch):
-    monkeypatch.setattr("areal_like.tasks.task._logged", set())
+def test_long_prompts_are_filtered_and_counted_once(tmp_path, caplog):
     rows = [{"question": "x" * n, "answer": "1"} for n in (3, 5, 8, 10)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     tok = char_tokenizer()  # plain text: <bos> + one id per character -> 4, 6, 9, 11 ids

@@ -130,12 +130,12 @@ def drip(port: int, data: bytes, head: bytes = b"") -> tuple[int, bytes]:
 
 
 def test_a_client_sending_its_header_one_byte_a_second_is_cut_off(engine):
-    before = engine._server.stats.timed_out
+    before = engine.http_stats.timed_out
     header = b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: " + b"a" * 600
     sent, answer = drip(engine.port, header)
     # closed with no answer, long before the header could end
     assert sent < len(header) and answer == b""
-    assert engine._server.stats.timed_out == before + 1
+    assert engine.http_stats.timed_out == before + 1
     assert call(engine, "/health", method="GET")[0] == 200  # nothing else was held up
 
 
@@ -185,7 +185,7 @@ def test_control_calls_get_through_while_generate_calls_fill_the_in_flight_cap(e
                for _ in range(LIMITS.max_inflight)]
     for t in waiting:
         t.start()
-    stats = engine._server.stats
+    stats = engine.http_stats
     wait_until(lambda: stats.inflight == LIMITS.max_inflight, timeout_s=HTTP_TIMEOUT_S,
                what="every waiting /generate call to hold its in-flight slot")
     assert call(engine, "/generate", body)[0] == 429

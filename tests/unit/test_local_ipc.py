@@ -50,9 +50,9 @@ def refusals():
         seen.append(reason)
         event.set()
 
-    security.on_refused(record)
+    unwatch = security.on_refused(record)
     yield seen, event
-    security._refused_callbacks.remove(record)
+    unwatch()
 
 
 def serve_acks(server: Server, stop: threading.Event) -> threading.Thread:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import psutil
@@ -168,8 +169,13 @@ def test_top_waits_through_the_warm_start_then_shows_the_daemons_and_exits_when_
         while "trainer step -" not in (line := watching.stdout.readline()):
             assert line, "top exited"
         _finish(run)
-        rest, _ = watching.communicate(timeout=30)
-        assert watching.returncode == 0, rest
+        # read on through the text stream readline() buffered: communicate() would read the
+        # pipe from behind that buffer, starting mid-character; a top that never exits is killed
+        killer = threading.Timer(30, watching.kill)
+        killer.start()
+        rest = watching.stdout.read()
+        killer.cancel()
+        assert watching.wait() == 0, rest
         last = rest[rest.rindex("trainer step -"):].splitlines()  # a last view, then exit 0
         rows = [[c.strip() for c in ln.split("│")[1:3]] for ln in last if ln.startswith("│")]
         assert "job finished" in last[0] and rows == [["buffer", "finished"]], rest
