@@ -112,7 +112,8 @@ def worker(out: str, layouts: list[tuple[str, list[str]]]) -> None:
             cfg = replace(case, trainer=replace(case.trainer, **shape))
             rank, _ = init_distributed(cfg.trainer)
             policy = build_policy(cfg.model, cfg.trainer, adam_eps=1e-3)
-            results.setdefault("init", full_state_dict(policy.model))
+            if "init" not in results:  # (setdefault would gather the whole model every time)
+                results["init"] = full_state_dict(policy.model)
             s = StepSettings.from_config(cfg)
             stats = train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
             results[(name, label)] = {"stats": stats, "state": full_state_dict(policy.model)}
