@@ -183,28 +183,18 @@ def _auth(key: str | None) -> dict[str, str]:
 def engine_weights(engine_url: str, names: list[str],
                    key: str | None = None) -> tuple[int, dict[str, list]] | None:
     """(weight_version, full parameters) read between two equal version reads, else None."""
-    def get(path: str, body: dict | None = None):
-        req = urllib.request.Request(engine_url + path,
-                                     data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json", **_auth(key)})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read())
-
-    before = get("/server_info")["weight_version"]
-    params = {n: get("/get_weights_by_name", {"name": n, "truncate_size": 1 << 30}) for n in names}
-    after = get("/server_info")["weight_version"]
-    return (int(before), params) if before == after else None
+    return engine_prefix(engine_url, names, 1 << 30, key, timeout_s=30)
 
 
-def engine_prefix(engine_url: str, names: list[str], rows: int,
-                  key: str | None = None) -> tuple[int, dict[str, list]] | None:
+def engine_prefix(engine_url: str, names: list[str], rows: int, key: str | None = None,
+                  timeout_s: float = 10) -> tuple[int, dict[str, list]] | None:
     """(weight_version, first rows rows of every parameter) at one stable version, else None
     (small reads fit between syncs; scheduler-thread reads never see a half-loaded version)."""
     def get(path: str, body: dict | None = None):
         req = urllib.request.Request(engine_url + path,
                                      data=json.dumps(body).encode() if body else None,
                                      headers={"Content-Type": "application/json", **_auth(key)})
-        with urllib.request.urlopen(req, timeout=10) as r:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return json.loads(r.read())
 
     before = get("/server_info")["weight_version"]

@@ -23,7 +23,7 @@ ATOL = 1e-5
 MIXTURES = ("qwen3_moe", "gpt_oss")  # experts fused into parameters (transformers 5)
 
 
-def _cfg(model_dir: Path, family: str, *overrides: str):
+def _cfg(model_dir: Path, *overrides: str):
     from areal_like.settings.config import load_config
 
     # the default attention, sdpa, whatever the family: GPT-OSS (sinks, no SDPA) runs eager
@@ -31,11 +31,23 @@ def _cfg(model_dir: Path, family: str, *overrides: str):
                         *overrides])
 
 
+def _step(policy, cfg) -> None:
+    """One train step on the trainer invariance tests' synthetic groups."""
+    from test_trainer_invariance import synthetic_groups
+
+    from trainer.data import groups_to_batch
+    from trainer.step import StepSettings, recompute_prox_logp, train_step
+
+    batch = groups_to_batch(synthetic_groups())
+    s = StepSettings.from_config(cfg)
+    train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
+
+
 @pytest.fixture(scope="module")
 def group():
     from trainer.model import init_distributed, leave_distributed
 
-    init_distributed(_cfg(Path("."), "qwen2").trainer)
+    init_distributed(_cfg(Path(".")).trainer)
     yield
     leave_distributed()
 
@@ -56,14 +68,16 @@ def _scheduled(model, prompts: list[list[int]]):
     return run(model, prompts, params, max_running=2)
 
 
-def test_meta_build_equals_from_pretrained_and_the_engine_matches_the_trainer(family):
-    from areal_like.weights.hf import build_model
+def test_meta_build_engine_logprobs_and_lora_targets_match_the_family(family):
+    from areal_like.settings.config import LoraConfig
+    from areal_like.weights.hf import build_meta_model, build_model
+    from areal_like.weights.lora import add_adapters, check_targets
     from launch.preflight import check_architecture
     from tests.helpers_trainer import full_state_dict
     from trainer.model import build_policy
 
     name, d = family
-    cfg = _cfg(d, name)
+    cfg = _cfg(d)
     assert check_architecture(cfg) == []
     policy = build_policy(cfg.model, cfg.trainer)
     ref = build_model(cfg.model)  # from_pretrained: transformers' own loading and conversion
@@ -103,6 +117,17 @@ def test_meta_build_equals_from_pretrained_and_the_engine_matches_the_trainer(fa
     engine = torch.tensor(sum((r.output_logprobs for r in done), []))
     assert (engine - packed).abs().max() <= ATOL, name
 
+    model = build_meta_model(cfg.model)
+    lora = LoraConfig(rank=4)
+    check_targets(model, lora)  # raises when a default target matches no linear layer
+    add_adapters(model, lora)
+    adapted = {n.rsplit(".", 3)[0].rsplit(".", 1)[-1]
+               for n, _ in model.named_parameters() if ".lora_A." in n}
+    attention = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    mlp = {"gate_proj", "up_proj", "down_proj"}
+    # every default target the model has as a linear layer; a mixture's fused experts are not
+    assert adapted == attention | (set() if name in MIXTURES else mlp)
+
 
 def _tensor_names(directory: Path) -> set[str]:
     from safetensors import safe_open
@@ -115,29 +140,23 @@ def _tensor_names(directory: Path) -> set[str]:
 
 
 def test_train_checkpoint_export_and_weight_sync_reach_every_parameter(family, tmp_path):
-    from test_trainer_invariance import synthetic_groups
-
     from areal_like.tasks.tokenizer import load_tokenizer
     from areal_like.weights.hf import build_model
     from rollout_server.engine.scheduler import Scheduler
     from rollout_server.engine.weights import WeightUpdater
     from tests.helpers_trainer import full_state_dict
     from trainer.checkpoint import load_checkpoint, save_checkpoint
-    from trainer.data import groups_to_batch
     from trainer.export import export_hf
     from trainer.model import build_policy
-    from trainer.step import StepSettings, recompute_prox_logp, train_step
     from trainer.weight_buckets import PushTensors, gather
     from trainer.weight_local import tensor_payload
     from trainer.weight_sync import push_buckets
 
-    name, d = family
-    cfg = _cfg(d, name)
+    _, d = family
+    cfg = _cfg(d)
     policy = build_policy(cfg.model, cfg.trainer)
     before = full_state_dict(policy.model)
-    batch = groups_to_batch(synthetic_groups())
-    s = StepSettings.from_config(cfg)
-    train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
+    _step(policy, cfg)
     after = full_state_dict(policy.model)
     moved = {k for k in after if not torch.equal(after[k], before[k])}
     assert moved == set(after), sorted(set(after) - moved)  # experts and router included
@@ -187,55 +206,29 @@ def test_train_checkpoint_export_and_weight_sync_reach_every_parameter(family, t
         updater.close()
 
 
-def test_lora_default_targets_exist(family):
-    from areal_like.settings.config import LoraConfig
-    from areal_like.weights.hf import build_meta_model
-    from areal_like.weights.lora import add_adapters, check_targets
-
-    name, d = family
-    cfg = _cfg(d, name)
-    model = build_meta_model(cfg.model)
-    lora = LoraConfig(rank=4)
-    check_targets(model, lora)  # raises when a default target matches no linear layer
-    add_adapters(model, lora)
-    adapted = {n.rsplit(".", 3)[0].rsplit(".", 1)[-1]
-               for n, _ in model.named_parameters() if ".lora_A." in n}
-    attention = {"q_proj", "k_proj", "v_proj", "o_proj"}
-    mlp = {"gate_proj", "up_proj", "down_proj"}
-    # every default target the model has as a linear layer; a mixture's fused experts are not
-    assert adapted == attention | (set() if name in MIXTURES else mlp)
-
-
-
 @pytest.mark.parametrize("name", MIXTURES)
 def test_the_router_aux_loss_is_off_by_default_and_a_switch_turns_it_on(name, tmp_path, group):
     """Router aux loss: off by default (no router logits); on, it joins and moves the router."""
-    from test_trainer_invariance import synthetic_groups
-
     from tests.helpers_trainer import full_state_dict
-    from trainer.data import groups_to_batch
     from trainer.model import build_policy
-    from trainer.step import StepSettings, recompute_prox_logp, train_step
 
     d = save_family(name, tmp_path / "hf")
-    batch = groups_to_batch(synthetic_groups())
     states, asked = {}, {}
     for coef in (0.0, 10.0):
-        cfg = _cfg(d, name, f"trainer.router_aux_loss_coef={coef}")
+        cfg = _cfg(d, f"trainer.router_aux_loss_coef={coef}")
         policy = build_policy(cfg.model, cfg.trainer)
         calls = []
         policy.model.get_decoder().register_forward_pre_hook(
             lambda _m, _a, kw: calls.append(kw.get("output_router_logits", False)),
             with_kwargs=True)
-        s = StepSettings.from_config(cfg)
-        train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
+        _step(policy, cfg)
         states[coef], asked[coef] = full_state_dict(policy.model), any(calls)
     assert asked == {0.0: False, 10.0: True}
     routers = [k for k in states[0.0] if k.endswith("mlp.gate.weight") or ".router." in k]
     assert routers and all(not torch.equal(states[0.0][k], states[10.0][k]) for k in routers)
     with pytest.raises(ValueError, match="router_aux_loss_coef"):
         dense = save_family("qwen3", tmp_path / "dense")
-        cfg = _cfg(dense, "qwen3", "trainer.router_aux_loss_coef=1.0")
+        cfg = _cfg(dense, "trainer.router_aux_loss_coef=1.0")
         build_policy(cfg.model, cfg.trainer)
 
 # ---- two FSDP2 ranks (gloo, real processes) against one, for the families new to the trainer
@@ -243,17 +236,14 @@ RANKED = ("qwen3_moe", "gemma3")
 WORKER_TIMEOUT_S = 300
 
 
-def worker(out: str, family: str, model_dir: str) -> None:
-    from test_trainer_invariance import synthetic_groups
+def worker(out: str, model_dir: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from tests.helpers_trainer import full_state_dict
-    from trainer.data import groups_to_batch
     from trainer.model import build_policy, init_distributed, leave_distributed
-    from trainer.step import StepSettings, recompute_prox_logp, train_step
 
     torch.set_num_threads(1)
-    cfg = _cfg(Path(model_dir), family)
+    cfg = _cfg(Path(model_dir))
     rank, world = init_distributed(cfg.trainer)
     policy = build_policy(cfg.model, cfg.trainer, adam_eps=1e-3)
     # each decoder block is its own FSDP2 unit: its parameters (fused experts included) sharded
@@ -261,9 +251,7 @@ def worker(out: str, family: str, model_dir: str) -> None:
     sharded = {n: tuple(p.to_local().shape) for n, p in block.named_parameters()
                if isinstance(p, DTensor)}
     init = full_state_dict(policy.model)
-    s = StepSettings.from_config(cfg)
-    batch = groups_to_batch(synthetic_groups())
-    train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
+    _step(policy, cfg)
     state = full_state_dict(policy.model)
     if rank == 0:
         torch.save({"init": init, "state": state, "sharded": sharded,
@@ -272,8 +260,7 @@ def worker(out: str, family: str, model_dir: str) -> None:
     leave_distributed()
 
 
-def _spawn(out: Path, family: str, model_dir: Path, rank: int | None = None, world: int = 1,
-           port: int = 0):
+def _spawn(out: Path, model_dir: Path, rank: int | None = None, world: int = 1, port: int = 0):
     import subprocess
 
     from tests.conftest import child_env
@@ -282,7 +269,7 @@ def _spawn(out: Path, family: str, model_dir: Path, rank: int | None = None, wor
     if rank is not None:
         env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return subprocess.Popen([sys.executable, __file__, str(out), family, str(model_dir)],
+    return subprocess.Popen([sys.executable, __file__, str(out), str(model_dir)],
                             env=env, cwd=ROOT)
 
 
@@ -293,9 +280,8 @@ def test_two_fsdp2_ranks_shard_each_block_and_train_as_one(name, tmp_path):
 
     d = save_family(name, tmp_path / "hf")
     port = free_port()
-    procs = [_spawn(tmp_path / "one.pt", name, d),
-             _spawn(tmp_path / "two.pt", name, d, 0, 2, port),
-             _spawn(tmp_path / "unused.pt", name, d, 1, 2, port)]
+    procs = [_spawn(tmp_path / "one.pt", d), _spawn(tmp_path / "two.pt", d, 0, 2, port),
+             _spawn(tmp_path / "unused.pt", d, 1, 2, port)]
     wait_all(procs, WORKER_TIMEOUT_S)
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one["sharded"] == {}  # one fp32 rank: plain parameters
@@ -310,7 +296,7 @@ def test_two_fsdp2_ranks_shard_each_block_and_train_as_one(name, tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
-    worker(sys.argv[1], sys.argv[2], sys.argv[3])
+    worker(sys.argv[1], sys.argv[2])
     from areal_like.daemon import exit_process
 
     exit_process(0)  # as the trainer exits (tests/integration/test_trainer_meta_init.py)

@@ -19,11 +19,16 @@ from tests.families import family_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "areal_like" / "tasks" / "data" / "samples"
-RECIPES = {  # experiment -> (the family of its model, its dataset)
-    "gsm8k_qwen25_05b": ("qwen2", "gsm8k"),
-    "math_qwen25_15b": ("qwen2", "math"),
-    "math_qwen25_7b": ("qwen2", "math"),
-    "math_qwen3_30b_a3b": ("qwen3_moe", "math"),
+ONE_GPU = {("0", "trainer"): "0", ("0", "rollout-0"): "0"}  # shared: SGLang takes 0.4 of it
+RECIPES = {  # experiment -> (the family of its model, its dataset, its GPU layout: areal-like plan)
+    "gsm8k_qwen25_05b": ("qwen2", "gsm8k", ONE_GPU),
+    "math_qwen25_15b": ("qwen2", "math", ONE_GPU),
+    "math_qwen25_7b": ("qwen2", "math", {("0", "trainer"): "0,1,2,3",
+                                         **{("0", f"rollout-{i}"): str(4 + i) for i in range(4)}}),
+    "math_qwen3_30b_a3b": ("qwen3_moe", "math", {
+        ("0", "trainer"): "0,1,2,3,4,5,6,7", ("1", "trainer-n1"): "0,1,2,3,4,5,6,7",
+        **{(str(2 + i // 4), f"rollout-{i}"): f"{2 * (i % 4)},{2 * (i % 4) + 1}"
+           for i in range(8)}}),
 }
 # the GPU layouts as one CPU process each (so no expert parallelism), and a test-sized job
 CPU = ["topology=local_cpu", "launch.gpus_per_node=0", "launch.nodes=1", "launch.train_nodes=1",
@@ -75,8 +80,8 @@ def _recipe(name: str) -> dict:
 
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", sorted(RECIPES))
-def test_recipe_trains_a_tiny_model_of_its_family_on_prepared_data(name, tmp_path):
-    family, kind = RECIPES[name]
+def test_recipe_trains_a_tiny_model_of_its_family_and_lays_out_as_its_header_says(name, tmp_path):
+    family, kind, layout = RECIPES[name]
     _prepare(tmp_path, kind)
     model = _tiny_model(family, tmp_path / "model")
     run_dir = tmp_path / "run"
@@ -104,23 +109,6 @@ def test_recipe_trains_a_tiny_model_of_its_family_on_prepared_data(name, tmp_pat
     exported = json.loads(next((run_dir / "export").glob("*/config.json")).read_text())
     assert exported["model_type"] == family
 
-
-ONE_GPU = {("0", "trainer"): "0", ("0", "rollout-0"): "0"}  # shared: SGLang takes 0.4 of it
-
-
-@pytest.mark.parametrize("name,layout", [
-    ("gsm8k_qwen25_05b", ONE_GPU),
-    ("math_qwen25_15b", ONE_GPU),
-    ("math_qwen25_7b", {("0", "trainer"): "0,1,2,3", **{("0", f"rollout-{i}"): str(4 + i)
-                                                       for i in range(4)}}),
-    ("math_qwen3_30b_a3b", {("0", "trainer"): "0,1,2,3,4,5,6,7",
-                            ("1", "trainer-n1"): "0,1,2,3,4,5,6,7",
-                            **{(str(2 + i // 4), f"rollout-{i}"): f"{2 * (i % 4)},{2 * (i % 4) + 1}"
-                               for i in range(8)}}),
-])
-def test_recipes_lay_out_as_their_headers_say(name, layout, tmp_path):
-    family, _ = RECIPES[name]
-    model = _tiny_model(family, tmp_path / "model")
     one_gpu = ["launch.gpus_per_node=1"] if layout is ONE_GPU else []  # the user's GPU count
     done = _cli(tmp_path, "plan", f"experiment={name}", f"model.path={model}", *one_gpu,
                 "buffer.address=tcp://10.0.0.1:5555", "buffer.pub_address=tcp://10.0.0.1:5556",
