@@ -28,7 +28,8 @@ def records(steps: int) -> list[dict]:
              "phase_seconds": {"fetch_batch": 0.5, "train_step": 0.5}} for k in range(1, steps + 1)]
 
 
-def test_a_skip_that_leaves_no_steps_is_refused_before_any_run():
+def test_a_skip_leaving_no_steps_or_a_keep_directory_of_earlier_runs_is_refused_before_any_run(
+        tmp_path):
     def never(*_):
         raise AssertionError("ran")
 
@@ -36,6 +37,11 @@ def test_a_skip_that_leaves_no_steps_is_refused_before_any_run():
         with pytest.raises(SystemExit, match="--skip"):
             bench.speedup_line("x", "bench_", never, argparse.Namespace(steps=steps, skip=skip,
                                                                          keep=None))
+    # resumed finished runs would print their old records as a new measurement
+    (tmp_path / "eta0").mkdir()
+    with pytest.raises(SystemExit, match="eta0 exist from an earlier run"):
+        bench.speedup_line("x", "bench_", never,
+                           argparse.Namespace(steps=6, skip=2, keep=str(tmp_path)))
 
 
 def test_a_failed_run_keeps_the_logs_its_message_names_and_a_finished_one_leaves_nothing(
@@ -57,14 +63,3 @@ def test_a_failed_run_keeps_the_logs_its_message_names_and_a_finished_one_leaves
     before = set(tmp_path.iterdir())
     line = bench.speedup_line("x", "bench_", fine, args)
     assert line["figure"] == 1.0 and set(tmp_path.iterdir()) == before
-
-
-def test_a_keep_directory_holding_earlier_runs_is_refused_before_any_run(tmp_path):
-    # resumed finished runs would print their old records as a new measurement
-    def never(*_):
-        raise AssertionError("ran")
-
-    (tmp_path / "eta0").mkdir()
-    with pytest.raises(SystemExit, match="eta0 exist from an earlier run"):
-        bench.speedup_line("x", "bench_", never,
-                           argparse.Namespace(steps=6, skip=2, keep=str(tmp_path)))

@@ -13,14 +13,20 @@ bench = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)
 
 
-def test_reward_is_the_tasks_exact_match_per_completion_and_refuses_mismatched_columns():
+@pytest.mark.parametrize("fn, completions, answers, want", [
+    ("exact_match_rewards", ["82", " 82 ", "8", "820", ""], ["82"] * 4 + ["0"],
+     [1.0, 1.0, 0.0, 0.0, 0.0]),
+    ("math_rewards", ["82", "The answer is 82.", "$82$", "83", ""], ["82"] * 5,
+     [1.0, 1.0, 1.0, 0.0, 0.0]),  # the project's math-verify reward
+])
+def test_a_trl_reward_scores_each_completion_and_refuses_mismatched_columns(fn, completions,
+                                                                            answers, want):
+    reward = getattr(bench, fn)
     # TRL passes the dataset's `answer` column by name, one entry per completion
-    got = bench.exact_match_rewards(["82", " 82 ", "8", "820", ""],
-                                    answer=["82", "82", "82", "82", "0"],
-                                    prompts=["37+45="] * 5, completion_ids=[[]] * 5)
-    assert got == [1.0, 1.0, 0.0, 0.0, 0.0]
+    got = reward(completions, answer=answers, prompts=["37+45="] * 5, completion_ids=[[]] * 5)
+    assert got == want
     with pytest.raises(ValueError):
-        bench.exact_match_rewards(["1", "2"], answer=["1"])
+        reward(["1", "2"], answer=["1"])
 
 
 def test_throughput_from_budget_start_to_last_step_end_and_its_refusals():
@@ -65,14 +71,6 @@ def test_the_users_rows_are_every_2_digit_addition_split_once_into_disjoint_trai
     assert {r["prompt"] for r in train}.isdisjoint(r["prompt"] for r in held)
     assert all(int(r["answer"]) == sum(map(int, r["prompt"][:-1].split("+"))) for r in train + held)
     assert bench.addition_rows() == (train, held) and bench.addition_rows(seed=1)[1] != held
-
-
-def test_trl_gets_the_projects_math_verify_reward():
-    got = bench.math_rewards(["82", "The answer is 82.", "$82$", "83", ""], answer=["82"] * 5,
-                             prompts=["37+45="] * 5, completion_ids=[[]] * 5)
-    assert got == [1.0, 1.0, 1.0, 0.0, 0.0]
-    with pytest.raises(ValueError):
-        bench.math_rewards(["1", "2"], answer=["1"])
 
 
 def test_the_users_path_takes_layout_micro_batch_reward_placement_and_eta_from_defaults(tmp_path):

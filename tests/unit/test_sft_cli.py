@@ -8,31 +8,20 @@ import pytest
 from launch.cli import main
 
 
-def test_sft_without_steps_names_the_key(tmp_path, capsys):
-    assert main(["sft", f"run_dir={tmp_path / 'run'}", "warm_start.steps=0"]) == 2
-    err = capsys.readouterr().err
-    assert "error: warm_start.steps=0: set warm_start.steps=N, the number of SFT optimizer steps" \
-        in err
-    assert not (tmp_path / "warmstart").exists()
-
-
-def test_sft_into_an_existing_directory_is_refused(tmp_path, capsys):
-    out = tmp_path / "model"
-    out.mkdir()
-    assert main(["sft", "--out", str(out), f"run_dir={tmp_path / 'run'}"]) == 2
-    assert f"error: {out} exists: give --out a new directory" in capsys.readouterr().err
-    assert list(out.iterdir()) == []
-
-
-def test_sft_ranks_must_be_a_count(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["sft", "--nproc-per-node", "0", f"run_dir={tmp_path / 'run'}"])
-    assert e.value.code == 2
-    assert "argument --nproc-per-node: 0 is not a count >= 1" in capsys.readouterr().err
-
-
-def test_sft_checks_its_inputs_as_run_does(tmp_path, capsys):
-    assert main(["sft", f"run_dir={tmp_path / 'run'}", "warm_start.steps=5",
-                 f"warm_start.dataset_path={tmp_path / 'nope.jsonl'}"]) == 2
-    assert f"warm_start.dataset_path='{tmp_path / 'nope.jsonl'}' does not exist" in \
-        capsys.readouterr().err
+@pytest.mark.parametrize("args, says", [
+    (["warm_start.steps=0"],
+     "error: warm_start.steps=0: set warm_start.steps=N, the number of SFT optimizer steps"),
+    (["--out", "{tmp}/model"], "error: {tmp}/model exists: give --out a new directory"),
+    (["--nproc-per-node", "0"], "argument --nproc-per-node: 0 is not a count >= 1"),
+    (["warm_start.steps=5", "warm_start.dataset_path={tmp}/nope.jsonl"],  # checked as run does
+     "warm_start.dataset_path='{tmp}/nope.jsonl' does not exist"),
+])
+def test_sft_refuses_what_it_cannot_do_naming_the_key(tmp_path, capsys, args, says):
+    (tmp_path / "model").mkdir()
+    try:
+        code = main(["sft", *(a.format(tmp=tmp_path) for a in args), f"run_dir={tmp_path / 'run'}"])
+    except SystemExit as e:  # argparse's refusal
+        code = e.code
+    assert code == 2
+    assert says.format(tmp=tmp_path) in capsys.readouterr().err
+    assert list((tmp_path / "model").iterdir()) == [] and not (tmp_path / "warmstart").exists()

@@ -62,22 +62,9 @@ def test_no_gate_or_door_without_the_jobs_key_and_the_error_says_where_it_comes_
         socket.create_connection(("127.0.0.1", port), timeout=DEADLINE_S).close()
 
 
-def test_a_door_carries_bytes_through_the_gate_unchanged_both_ways(echo):
-    port = free_port()
-    gate = StoreGate("127.0.0.1", port, GROUP, echo, key=KEY)
-    door = StoreDoor("127.0.0.1", port, GROUP, key=KEY)
-    try:
-        with socket.create_connection(("127.0.0.1", door.port), timeout=DEADLINE_S) as s:
-            s.sendall(b"\x00store")
-            assert s.recv(100) == b"erots\x00"
-        assert gate.refused == door.refused == 0 and gate.answered == 6
-    finally:
-        door.close()
-        gate.close()
-
-
-def test_a_door_waits_for_a_gate_that_opens_after_its_client_came(echo, monkeypatch):
-    """A door waits for a gate opening after its client came (no drop, no C++ stacks)."""
+def test_a_door_waits_for_a_gate_that_opens_after_its_client_came_and_carries_its_bytes(
+        echo, monkeypatch):
+    """No drop, no C++ stacks; then the bytes pass unchanged both ways."""
     refused = threading.Event()
     connect = socket.create_connection
 
@@ -97,6 +84,7 @@ def test_a_door_waits_for_a_gate_that_opens_after_its_client_came(echo, monkeypa
             assert refused.wait(DEADLINE_S)  # the door found no gate yet
             gate = StoreGate("127.0.0.1", port, GROUP, echo, key=KEY)
             assert s.recv(100) == b"erots\x00"
+        assert gate.refused == door.refused == 0 and gate.answered == 6
     finally:
         door.close()
         if gate is not None:
