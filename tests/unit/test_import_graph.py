@@ -78,13 +78,21 @@ def python_files(package: str) -> list[Path]:
     return sorted((ROOT / package).rglob("*.py")) if (ROOT / package).is_dir() else []
 
 
-def test_checked_packages_exist():
-    for pkg in CHECKED:
-        assert (ROOT / pkg / "__init__.py").is_file(), pkg
+@pytest.fixture()
+def tree(tmp_path, monkeypatch):
+    """A synthetic repository the checks read instead of ROOT: write({path: text})."""
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+
+    def write(files: dict[str, str]) -> None:
+        for name, text in files.items():
+            (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name).write_text(text)
+    return write
 
 
 @pytest.mark.parametrize("package", CHECKED)
 def test_no_imports_between_process_packages(package):
+    assert (ROOT / package / "__init__.py").is_file(), package  # else nothing would be checked
     violations = [f"{path.relative_to(ROOT)}:{line} imports {target}"
                   for path in python_files(package)
                   for line, target in imported_top_levels(path, package)
@@ -92,26 +100,19 @@ def test_no_imports_between_process_packages(package):
     assert not violations, "process packages may import only areal_like:\n" + "\n".join(violations)
 
 
-def test_walker_sees_every_import_form(tmp_path, monkeypatch):
-    pkg = tmp_path / "buffer" / "sub"
-    pkg.mkdir(parents=True)
-    src = pkg / "m.py"
-    src.write_text("import trainer.loop\nfrom rollout_server import x\n"
-                   "from .. import y\nfrom ... import z\n"
-                   "def f():\n    import launch\n")
-    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    targets = [t for _, t in imported_top_levels(src, "buffer")]
+def test_walker_sees_every_import_form(tmp_path, tree):
+    tree({"buffer/sub/m.py": "import trainer.loop\nfrom rollout_server import x\n"
+                             "from .. import y\nfrom ... import z\n"
+                             "def f():\n    import launch\n"})
+    targets = [t for _, t in imported_top_levels(tmp_path / "buffer/sub/m.py", "buffer")]
     assert sorted(targets) == sorted(["trainer", "rollout_server", "buffer", "<parent>", "launch"])
 
 
-def test_walker_sees_imports_hidden_in_strings(tmp_path, monkeypatch):
+def test_walker_sees_imports_hidden_in_strings(tmp_path, tree):
     """The check can fail: each upward reach below is reported, the legitimate strings are not."""
-    for module in ("launch/job.py", "trainer/export.py", "rollout_server/rewards.py",
-                   "areal_like/cli.py"):
-        (tmp_path / module).parent.mkdir(exist_ok=True)
-        (tmp_path / module).write_text("")
+    tree({"launch/job.py": "", "trainer/export.py": "", "rollout_server/rewards.py": ""})
     src = tmp_path / "areal_like" / "cli.py"
-    src.write_text(
+    tree({"areal_like/cli.py": (
         "import importlib\nfrom importlib import import_module\n"
         "job = importlib.import_module('launch.job')\n"  # 3
         "exp = import_module('trainer.export')\n"  # 4
@@ -122,8 +123,7 @@ def test_walker_sees_imports_hidden_in_strings(tmp_path, monkeypatch):
         "user = importlib.import_module(path)\n"
         # config keys, names
         "keys = ('trainer.lr', 'trainer.export.shard_mb', 'trainer', 'launch.nope')\n"
-        "own = 'areal_like.cli:main'\n")  # its own package: allowed
-    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+        "own = 'areal_like.cli:main'\n")})  # its own package: allowed
     found = sorted(imported_top_levels(src, "areal_like"))
     assert [(line, t) for line, t in found if t != "areal_like" and t != "importlib"] == [
         (3, "launch"), (4, "trainer"), (5, "buffer"), (6, "rollout_server"), (7, "trainer")]
@@ -210,16 +210,11 @@ def test_no_import_circle_inside_a_package(package):
     assert not found, f"import circles in {package} (lazy imports included): {found}"
 
 
-def test_circle_check_sees_a_circle_through_a_lazy_import(tmp_path, monkeypatch):
-    pkg = tmp_path / "buffer"
-    (pkg / "sub").mkdir(parents=True)
-    for name, text in (("__init__.py", ""), ("a.py", "from buffer import b\n"),
-                       ("b.py", "def f():\n    from .sub.c import X\n"),
-                       ("sub/__init__.py", ""),
-                       ("sub/c.py", "from ..a import Y\nimport buffer.d\n"),
-                       ("d.py", "import buffer.a\n"), ("e.py", "from buffer import a\n")):
-        (pkg / name).write_text(text)
-    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+def test_circle_check_sees_a_circle_through_a_lazy_import(tree):
+    tree({"buffer/__init__.py": "", "buffer/a.py": "from buffer import b\n",
+          "buffer/b.py": "def f():\n    from .sub.c import X\n", "buffer/sub/__init__.py": "",
+          "buffer/sub/c.py": "from ..a import Y\nimport buffer.d\n",
+          "buffer/d.py": "import buffer.a\n", "buffer/e.py": "from buffer import a\n"})
     graph = package_graph("buffer")
     assert graph["buffer.b"] == {"buffer.sub.c"}
     assert graph["buffer.sub.c"] == {"buffer.a", "buffer.d"}
@@ -269,17 +264,14 @@ def test_the_top_of_areal_like_holds_only_its_named_modules():
     assert top == TOP_MODULES, "a new module belongs in a wing (or in TOP_MODULES, with a reason)"
 
 
-def test_wing_check_sees_lazy_relative_and_string_imports(tmp_path, monkeypatch):
+def test_wing_check_sees_lazy_relative_and_string_imports(tree):
     sources = {"__init__.py": "", "job_facts.py": "",
                "wire/a.py": "def f():\n    from areal_like.settings import c\n",  # lazy, up
                "net/b.py": "from ..wire import a\nP = 'areal_like.tasks.t:fn'\n",  # a string up
                "settings/c.py": "import areal_like.job_facts\nfrom . import c\n",  # up to the top
                "tasks/t.py": "from areal_like.net import b\n"}  # down
     sources.update({f"{wing}/__init__.py": "" for wing in ("wire", "net", "settings", "tasks")})
-    for name, text in sources.items():
-        (tmp_path / "areal_like" / name).parent.mkdir(exist_ok=True)
-        (tmp_path / "areal_like" / name).write_text(text)
-    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    tree({f"areal_like/{name}": text for name, text in sources.items()})
     assert upward_imports() == ["areal_like.net.b -> areal_like.tasks.t",
                                 "areal_like.settings.c -> areal_like.job_facts",
                                 "areal_like.wire.a -> areal_like.settings.c"]
