@@ -52,7 +52,7 @@ def test_a_dry_run_lists_the_trainer_tests_and_installs_nothing(tmp_path):
         "test_the_7b_lora_step_peak_memory_against_the_estimate", "test_the_compiled_step")]
 
 
-def test_every_trainer_phase_runs_on_the_tiny_model():
+def test_every_trainer_phase_runs_on_the_tiny_model_and_a_bad_one_is_refused():
     """But compiled_0.5B (minutes of C++ on CPU; the switch: test_step_kernels.py)."""
     from tests.conftest import child_env
 
@@ -69,10 +69,7 @@ def test_every_trainer_phase_runs_on_the_tiny_model():
     # the same log-normal batch (lengths clipped to [32, 48]) in both, cut by the budget
     assert packed["tokens"] == plain["tokens"] and 4 * 32 <= packed["tokens"] <= 4 * 48
     assert packed["micro_batches"] >= 2
-
-
-def test_bad_phase_arguments_are_refused_by_name():
     r = subprocess.run([sys.executable, str(ROOT / "tests/gpu/train_figures.py"),
                         "--phases", "packed_0.5B,bogus"], capture_output=True, text=True,
                        timeout=120, cwd=ROOT)
-    assert r.returncode == 2 and "unknown bogus" in r.stderr
+    assert r.returncode == 2 and "unknown bogus" in r.stderr  # refused by name

@@ -17,18 +17,15 @@ def cpu_engine(tp: int):
     return load_config(["topology=cpu_sglang", f"rollout.engine.tp_size={tp}"]).rollout.engine
 
 
-def test_sglang_on_cpu_finds_no_nccl_library():
+def test_sglang_on_cpu_finds_no_nccl_library_and_each_rank_gets_cpus_of_its_own(monkeypatch):
     """With the CUDA build of torch, SGLang's NCCL communicator found NCCL and bound the ranks'
     ``cpu`` device as a CUDA device: tp 2 never started."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 1, 0, 2, 4})
     env = sglang_env(cpu_engine(1), {})
     assert env["SGLANG_NCCL_SO_PATH"] and not os.path.exists(env["SGLANG_NCCL_SO_PATH"])
     assert THREADS_BIND not in env  # one rank: SGLang's own default
-
-
-def test_each_rank_gets_cpus_of_its_own_unless_the_user_says(monkeypatch):
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3, 1, 0, 2, 4})
     assert sglang_env(cpu_engine(2), {})[THREADS_BIND] == "0,1|2,3,4"
-    assert sglang_env(cpu_engine(2), {THREADS_BIND: "0-3|4-7"})[THREADS_BIND] == "0-3|4-7"
+    assert sglang_env(cpu_engine(2), {THREADS_BIND: "0-3|4-7"})[THREADS_BIND] == "0-3|4-7"  # user's
 
 
 @pytest.mark.parametrize("tp,cpus,bind", [(2, [0, 1], "0|1"), (2, [8, 9, 10, 11], "8,9|10,11"),
