@@ -1,12 +1,16 @@
 """Routing replay end to end on a tiny Qwen3-MoE, CPU, one FSDP2 rank: engine routes over the
 wire into ``trainer.routing_replay``. Before any update the trainer's log-probs equal the engine's
-either way; after a few the engine-vs-trainer gap is smaller with replay (``-s`` prints it)."""
+either way; after a few the engine-vs-trainer gap is smaller with replay (``-s`` prints it).
+Multi-turn (``task.env``) and agent (``task.agent``) episodes: each trajectory carries a route for
+every fed position over the wire, the routes the trainer replays are a transformers forward's of
+the whole conversation, and a step on them moves the weights."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -15,6 +19,10 @@ from tests.families import save_family
 
 STEPS = 3
 DTYPE = "bfloat16"
+# the guess task's template: the char tokenizer spells it
+TEMPLATE = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{% if m['role'] == "
+            "'assistant' %}<eos>{% endif %}|{% endfor %}{% if add_generation_prompt %}assistant:"
+            "{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +116,124 @@ def test_replay_narrows_the_engine_trainer_gap_of_a_mixture(tmp_path: Path, grou
         print(f"\n|trainer - engine| log-prob {when}, mean (max): replay {replayed[0]:.5f} "
               f"({replayed[1]:.4f}), free routing {free[0]:.5f} ({free[1]:.4f})")
         assert replayed[0] < free[0] and replayed[1] < free[1]
+
+
+def _episodes(engine, tokenizer, n_groups: int = 2):
+    from areal_like.engines.sglang import SGLangClient
+    from areal_like.settings.config import TaskConfig
+    from areal_like.tasks.task import make_task
+    from areal_like.wire import protocol as P
+    from rollout_server.episode import EpisodeContext
+    from rollout_server.multiturn import EpisodeRunner
+
+    client = SGLangClient(engine.url, local=engine, routed_experts=True)
+    cfg = TaskConfig(env="tests.unit.agent_envs:Chat", chat_template=TEMPLATE, group_size=2,
+                     max_new_tokens=6, max_turns=3, max_episode_tokens=200, temperature=1.0)
+    ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=tokenizer, rewards=None,
+                         task_cfg=cfg, server_id="s", current_version_fn=lambda: 0)
+    runner = EpisodeRunner(ctx)
+
+    async def run():
+        try:
+            return [P.decode(P.encode(await runner.run_group(
+                P.Credit(lease_id=str(g), prompt_index=g, epoch=0, deadline_s=60.0))))
+                for g in range(n_groups)]
+        finally:
+            await client.close()
+    return asyncio.run(run())
+
+
+def _agent_episodes(engine, tokenizer):
+    """One agent episode of three calls: the second continues the first (its reply and a new user
+    message), the third rewrites the history (a second trajectory of the same episode)."""
+    from openai import AsyncOpenAI
+
+    from areal_like.engines.sglang import SGLangClient
+    from areal_like.settings.config import TaskConfig
+    from areal_like.tasks.task import make_task
+    from areal_like.wire import protocol as P
+    from rollout_server.agent_endpoint import AgentEndpoint
+    from rollout_server.episode import EpisodeContext
+
+    client = SGLangClient(engine.url, local=engine, routed_experts=True)
+    cfg = TaskConfig(name="calc", chat_template=TEMPLATE, group_size=1,
+                     agent="areal_like.tasks.agents:calc_agent", max_new_tokens=6, max_turns=3,
+                     max_episode_tokens=200, temperature=1.0)
+    ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=tokenizer, rewards=None,
+                         task_cfg=cfg, server_id="s", current_version_fn=lambda: 0)
+
+    async def run():
+        ep = await AgentEndpoint(ctx).start()
+        try:
+            key, session = ep.open_session(None)
+            sdk = AsyncOpenAI(base_url=ep.base_url, api_key=key, max_retries=0)
+            user = [{"role": "user", "content": "12*34"}]
+            reply = await sdk.chat.completions.create(model="m", messages=user)
+            await sdk.chat.completions.create(model="m", messages=user + [
+                reply.choices[0].message,
+                {"role": "user", "content": "again"}])
+            await sdk.chat.completions.create(model="m", messages=[
+                {"role": "user", "content": "5*6"}])
+            await sdk.close()
+            ep.close_session(key)
+            trajs = ep.trajectories(session, 0.0, {"turns": 0})
+            return P.decode(P.encode(P.TrajectoryGroup(
+                group_id="a", server_id="s", lease_id="a", prompt_index=0, epoch=0,
+                trajectories=trajs)))
+        finally:
+            await ep.close()
+            await client.close()
+    return [asyncio.run(run())]
+
+
+@pytest.mark.parametrize("episodes", ["multi_turn", "agent"])
+def test_multi_turn_routes_are_the_models_and_train(tmp_path: Path, group, episodes):
+    from transformers import AutoTokenizer
+
+    from areal_like.settings.config import EngineConfig, ModelConfig, load_config
+    from areal_like.weights.hf import build_model
+    from areal_like.weights.routing import recording, route_shape
+    from rollout_server.engine.embedded import EmbeddedEngine
+    from trainer.data import BatchSource, groups_to_batch
+    from trainer.model import build_policy
+    from trainer.step import StepSettings, train_step
+
+    d = save_family("qwen3_moe", tmp_path / "moe")
+    model_cfg = ModelConfig(path=str(d), attn_implementation="sdpa", dtype="float32")
+    engine = EmbeddedEngine(model_cfg, EngineConfig(max_running_requests=4)).start()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(d))
+        groups = (_episodes if episodes == "multi_turn" else _agent_episodes)(engine, tokenizer)
+    finally:
+        engine.stop()
+    # the environment scores every episode alike: other rewards, so that the step has advantages
+    groups = [msgspec.structs.replace(g, trajectories=[
+        msgspec.structs.replace(t, reward=float(j)) for j, t in enumerate(g.trajectories)])
+        for g in groups]
+    trajs = [t for g in groups for t in g.trajectories]
+    if episodes == "multi_turn":  # several turns each, environment messages between (loss_mask 0)
+        assert all(t.metadata["turns"] >= 2 and (t.loss_mask == 0).any() for t in trajs)
+    else:  # two calls in the first trajectory, the agent's message between; the rewrite's one
+        assert [t.metadata["calls"] for t in trajs] == [2, 1] and (trajs[0].loss_mask == 0).any()
+
+    model = build_model(model_cfg).eval()
+    shape = route_shape(model)
+    cfg = load_config([f"model.path={d}", "model.attn_implementation=sdpa",
+                       "trainer.routing_replay=true", "trainer.lr=1e-3", "trainer.grad_clip=1e9",
+                       f"buffer.groups_per_step={len(groups)}"])
+    source = BatchSource("inproc://none", len(groups), wait_s=1, buffer_timeout_s=1, rank=1,
+                         route_shape=shape)
+    assert len(source.usable(groups)) == len(groups)  # every trajectory has its routes
+    batch = groups_to_batch(groups, shape)
+    for i, t in enumerate(trajs):
+        fed = [*t.prompt_ids.tolist(), *t.output_ids.tolist()][:-1]
+        with torch.no_grad(), recording(model) as seen:
+            model(torch.tensor([fed]))
+        np.testing.assert_array_equal(batch.routes[i, :len(fed)].numpy(), seen[0].numpy())
+
+    policy = build_policy(cfg.model, cfg.trainer)
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
+    stats = train_step(policy, batch, StepSettings.from_config(cfg), None)
+    assert np.isfinite(float(stats["loss"]))
+    assert any(not torch.equal(before[n], p.detach())
+               for n, p in policy.model.named_parameters())
