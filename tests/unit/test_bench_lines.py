@@ -1,18 +1,24 @@
 """Every benchmark's JSON line: its keys, a higher-is-better ratio against its goal, a load
-warning, and benchmarks/results.py's table of the last line per name."""
+warning, and benchmarks/results.py's table of the last line per name; bench_reward_pool's line
+measures what its docstring says; bench_async's ``speedup_line`` (runs faked): its refusals and
+where a run's directory goes."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
 COLUMNS = {"name", "figure", "unit", "baseline", "ratio", "goal"}
 sys.path.insert(0, str(BENCH))
 
@@ -130,3 +136,62 @@ def test_every_kept_line_reads_and_states_its_goal_as_a_ratio_or_naming_what_it_
                 assert not re.match(r"\s*[<>]=", goal), (path.name, goal)
                 assert not re.search(r"ratio <=|/ bound <=", goal), (path.name, goal)
     assert seen > 100
+
+
+def test_the_reward_pool_scores_in_two_workers_and_prints_one_full_line():
+    # a pool of 0 workers (in-process scoring) would measure nothing of what the line claims
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(BENCH / "bench_reward_pool.py"), "--rounds", "1"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=True)
+    line = json.loads(out.stdout.strip().splitlines()[-1])
+    assert line["workers"] == 2 and COLUMNS <= line.keys()
+
+
+@pytest.fixture()
+def speedup_line(monkeypatch, tmp_path):
+    """bench_async's speedup_line on two cores, its temporary directories under tmp_path."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return _load("bench_async").speedup_line
+
+
+def records(steps: int) -> list[dict]:
+    return [{"step": k, "time": float(k), "seqs": 16, "staleness_mean": 0.0,
+             "phase_seconds": {"fetch_batch": 0.5, "train_step": 0.5}} for k in range(1, steps + 1)]
+
+
+def test_a_skip_leaving_no_steps_or_a_keep_directory_of_earlier_runs_is_refused_before_any_run(
+        tmp_path, speedup_line):
+    def never(*_):
+        raise AssertionError("ran")
+
+    for steps, skip in ((3, 2), (6, 6), (6, -1)):
+        with pytest.raises(SystemExit, match="--skip"):
+            speedup_line("x", "bench_", never, argparse.Namespace(steps=steps, skip=skip,
+                                                                  keep=None))
+    # resumed finished runs would print their old records as a new measurement
+    (tmp_path / "eta0").mkdir()
+    with pytest.raises(SystemExit, match="eta0 exist from an earlier run"):
+        speedup_line("x", "bench_", never, argparse.Namespace(steps=6, skip=2, keep=str(tmp_path)))
+
+
+def test_a_failed_run_keeps_the_logs_its_message_names_and_a_finished_one_leaves_nothing(
+        tmp_path, speedup_line):
+    def failing(run_dir: Path, eta: int, _args):
+        (run_dir / "logs").mkdir(parents=True)
+        raise SystemExit(f"eta={eta} run failed; logs in {run_dir / 'logs'}")
+
+    args = argparse.Namespace(steps=6, skip=2, keep=None)
+    with pytest.raises(SystemExit) as failed:
+        speedup_line("x", "bench_", failing, args)
+    logs = Path(re.search(r"logs in (\S+)", str(failed.value)).group(1))
+    assert logs.is_dir() and tmp_path in logs.parents
+
+    def fine(run_dir: Path, _eta: int, _args):
+        run_dir.mkdir(parents=True)
+        return records(6)
+
+    before = set(tmp_path.iterdir())
+    line = speedup_line("x", "bench_", fine, args)
+    assert line["figure"] == 1.0 and set(tmp_path.iterdir()) == before
