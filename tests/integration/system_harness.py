@@ -176,10 +176,6 @@ class RunningSystem:
         return self.buffer_request(P.StatsRequest()).values
 
 
-def _auth(key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
 def engine_weights(engine_url: str, names: list[str],
                    key: str | None = None) -> tuple[int, dict[str, list]] | None:
     """(weight_version, full parameters) read between two equal version reads, else None."""
@@ -190,10 +186,12 @@ def engine_prefix(engine_url: str, names: list[str], rows: int, key: str | None 
                   timeout_s: float = 10) -> tuple[int, dict[str, list]] | None:
     """(weight_version, first rows rows of every parameter) at one stable version, else None
     (small reads fit between syncs; scheduler-thread reads never see a half-loaded version)."""
+    auth = {"Authorization": f"Bearer {key}"} if key else {}
+
     def get(path: str, body: dict | None = None):
         req = urllib.request.Request(engine_url + path,
                                      data=json.dumps(body).encode() if body else None,
-                                     headers={"Content-Type": "application/json", **_auth(key)})
+                                     headers={"Content-Type": "application/json", **auth})
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return json.loads(r.read())
 

@@ -74,10 +74,6 @@ def _prepare(cwd: Path, kind: str) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def _recipe(name: str) -> dict:
-    return yaml.safe_load((ROOT / "configs" / "experiment" / f"{name}.yaml").read_text())
-
-
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_trains_a_tiny_model_of_its_family_and_lays_out_as_its_header_says(name, tmp_path):
@@ -91,7 +87,8 @@ def test_recipe_trains_a_tiny_model_of_its_family_and_lays_out_as_its_header_say
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["ok"] and summary["steps_trained"] == 3
 
-    cfg, recipe = yaml.safe_load((run_dir / "config.yaml").read_text()), _recipe(name)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    recipe = yaml.safe_load((ROOT / "configs" / "experiment" / f"{name}.yaml").read_text())
     assert cfg["task"]["dataset_path"] == str(tmp_path / "data" / kind / "train.parquet")
     assert cfg["task"]["eval_path"] == str(tmp_path / "data" / kind / "test.parquet")
     assert cfg["task"]["system_prompt"] == recipe["task"]["system_prompt"]

@@ -2,7 +2,8 @@
 warning, and benchmarks/results.py's table of the last line per name; bench_reward_pool's line
 measures what its docstring says; bench_async's ``speedup_line`` (runs faked): its refusals and
 where a run's directory goes; bench_staleness's cells: what each line claims is computed from the
-run records as documented, on records made by hand."""
+run records as documented, on records made by hand; bench_distill's run directories on a reused
+``--root``."""
 
 from __future__ import annotations
 
@@ -265,3 +266,19 @@ def test_a_bad_kernel_or_override_is_refused_before_the_first_run(argv, says, tm
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and says in out.stderr.splitlines()[-1]
     assert not (tmp_path / "runs").exists()  # no run started
+
+
+@pytest.mark.parametrize("used, suffix", [
+    ((), ""),  # a new root: the plain names
+    (("distill", "rl_only", "distill.2", "rl_only.2"), ".3"),
+    (("rl_only",), ".2"),  # a first run that died after its distill job's directory
+])
+def test_a_distill_rerun_never_reuses_a_run_directory_and_keeps_the_pair_aligned(tmp_path, used,
+                                                                                suffix):
+    """Each rerun's two jobs get directories no earlier run used (they hold its checkpoints and
+    WAL), the pair aligned (distill.N, rl_only.N)."""
+    runs = tmp_path / "runs"
+    for name in used:
+        (runs / name).mkdir(parents=True)
+    fresh = _load("bench_distill")._fresh(runs, ("distill", "rl_only"))
+    assert fresh == {"distill": runs / f"distill{suffix}", "rl_only": runs / f"rl_only{suffix}"}

@@ -139,16 +139,13 @@ def test_every_reference_resolves_inside_the_repository():
                           + "\n".join(map(str, problems)))
 
 
-def test_the_scan_covers_the_documents_and_code():
+def test_the_scan_covers_the_documents_and_code_and_the_cited_sections_exist():
     scanned = {str(p.relative_to(ROOT)) for p in scanned_files(ROOT)}
     for expected in ("README.md", "areal_like/DESIGN.md", "trainer/LOSSES.md", "trainer/losses.py",
                      "configs/loss/oapl.yaml", "launch/slurm/areal_like.sbatch",
                      "tests/unit/test_docs_resolve.py"):
         assert expected in scanned, expected
     assert not any(part.startswith(".venv") for p in scanned for part in Path(p).parts)
-
-
-def test_cited_design_sections_exist():
     # the numbering areal_like/DESIGN.md promises to the code that cites it
     assert section_numbers(ROOT / "areal_like" / "DESIGN.md") == set(range(1, 8))
     assert section_numbers(ROOT / "trainer" / "LOSSES.md") == set(range(0, 12))

@@ -26,17 +26,13 @@ def test_what_a_vllm_engine_does_not_offer_is_refused_by_the_settings(over, mess
         load_config(["topology=cpu_vllm", *over])
 
 
-def test_cpu_vllm_passes_its_flags_through():
-    engine = load_config(["topology=cpu_vllm"]).rollout.engine
-    assert engine.kind == "vllm" and engine.vllm["enforce_eager"] is True
-    assert EngineConfig(kind="vllm", vllm={"max_num_seqs": 4}).vllm == {"max_num_seqs": 4}
-
-
-def test_a_lora_job_starts_vllm_with_its_adapter_flags_and_runtime_loading():
+def test_cpu_vllm_passes_its_flags_through_and_a_lora_job_adds_its_adapter_flags():
     """LoRA's flags (rank rounded up to one vLLM takes) and the adapter routes' environment."""
     from rollout_server.launch_vllm import VLLMProcess
 
+    assert EngineConfig(kind="vllm", vllm={"max_num_seqs": 4}).vllm == {"max_num_seqs": 4}
     cfg = load_config(["topology=cpu_vllm", "model.path=/m", "trainer.lora.rank=4"])
+    assert cfg.rollout.engine.kind == "vllm" and cfg.rollout.engine.vllm["enforce_eager"] is True
     assert cfg.trainer.weight_sync.path == "auto" and cfg.adapter_path == "disk"
     with_lora = VLLMProcess(cfg.model, cfg.rollout.engine, lora=cfg.trainer.lora)
     argv = with_lora.command("/tmp", {})[0]
