@@ -118,19 +118,26 @@ def test_replay_narrows_the_engine_trainer_gap_of_a_mixture(tmp_path: Path, grou
         assert replayed[0] < free[0] and replayed[1] < free[1]
 
 
-def _episodes(engine, tokenizer, n_groups: int = 2):
+def _context(engine, tokenizer, **task):
+    """A routed-experts client of ``engine`` and an episode context of a task of ``task``."""
     from areal_like.engines.sglang import SGLangClient
     from areal_like.settings.config import TaskConfig
     from areal_like.tasks.task import make_task
-    from areal_like.wire import protocol as P
     from rollout_server.episode import EpisodeContext
-    from rollout_server.multiturn import EpisodeRunner
 
     client = SGLangClient(engine.url, local=engine, routed_experts=True)
-    cfg = TaskConfig(env="tests.unit.agent_envs:Chat", chat_template=TEMPLATE, group_size=2,
-                     max_new_tokens=6, max_turns=3, max_episode_tokens=200, temperature=1.0)
-    ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=tokenizer, rewards=None,
-                         task_cfg=cfg, server_id="s", current_version_fn=lambda: 0)
+    cfg = TaskConfig(chat_template=TEMPLATE, max_new_tokens=6, max_turns=3, max_episode_tokens=200,
+                     temperature=1.0, **task)
+    return client, EpisodeContext(client=client, task=make_task(cfg), tokenizer=tokenizer,
+                                  rewards=None, task_cfg=cfg, server_id="s",
+                                  current_version_fn=lambda: 0)
+
+
+def _episodes(engine, tokenizer, n_groups: int = 2):
+    from areal_like.wire import protocol as P
+    from rollout_server.multiturn import EpisodeRunner
+
+    client, ctx = _context(engine, tokenizer, env="tests.unit.agent_envs:Chat", group_size=2)
     runner = EpisodeRunner(ctx)
 
     async def run():
@@ -148,19 +155,11 @@ def _agent_episodes(engine, tokenizer):
     message), the third rewrites the history (a second trajectory of the same episode)."""
     from openai import AsyncOpenAI
 
-    from areal_like.engines.sglang import SGLangClient
-    from areal_like.settings.config import TaskConfig
-    from areal_like.tasks.task import make_task
     from areal_like.wire import protocol as P
     from rollout_server.agent_endpoint import AgentEndpoint
-    from rollout_server.episode import EpisodeContext
 
-    client = SGLangClient(engine.url, local=engine, routed_experts=True)
-    cfg = TaskConfig(name="calc", chat_template=TEMPLATE, group_size=1,
-                     agent="areal_like.tasks.agents:calc_agent", max_new_tokens=6, max_turns=3,
-                     max_episode_tokens=200, temperature=1.0)
-    ctx = EpisodeContext(client=client, task=make_task(cfg), tokenizer=tokenizer, rewards=None,
-                         task_cfg=cfg, server_id="s", current_version_fn=lambda: 0)
+    client, ctx = _context(engine, tokenizer, name="calc", group_size=1,
+                           agent="areal_like.tasks.agents:calc_agent")
 
     async def run():
         ep = await AgentEndpoint(ctx).start()
