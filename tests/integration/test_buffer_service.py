@@ -158,7 +158,10 @@ def test_bad_input_is_rejected_with_a_reason_and_the_daemon_keeps_serving(tmp_pa
         # a NaN reward cannot be encoded by a well-behaved sender: patch the frame by hand
         wire = msgpack.unpackb(P.encode(make_group(credits[2])), raw=False)
         wire["trajectories"][0]["reward"] = math.nan
-        raw = [msgpack.packb(wire, use_bin_type=True),
+        # a Stats frame whose value is a list nested 50,000 deep, by hand: encoders recurse too
+        nested = (b"\x83\xa4type\xa5stats\xa6values\x81\xa1a" + b"\x91" * 50_000
+                  + b"\x90\xa8protocol" + bytes([P.PROTOCOL_VERSION]))
+        raw = [msgpack.packb(wire, use_bin_type=True), nested,  # the socket is answered after it
                msgpack.packb({"type": "stats_request", "protocol": 99}),
                b"not msgpack at all \xc1"]
         sock = zmq.Context.instance().socket(zmq.DEALER)
@@ -173,12 +176,12 @@ def test_bad_input_is_rejected_with_a_reason_and_the_daemon_keeps_serving(tmp_pa
                 assert (req_id == bytes([i]) and ack.status == "rejected"
                         and ack.reason.startswith("decode"))
                 reasons.append(ack.reason)
-            assert ("trajectories[0].reward" in reasons[0] and "protocol" in reasons[1]
-                    and "frame" in reasons[2])
+            assert ("trajectories[0].reward" in reasons[0] and "nested too deeply" in reasons[1]
+                    and "protocol" in reasons[2] and "frame" in reasons[3])
         finally:
             sock.close(linger=0)
         s = stats(c)  # still serving
-        assert s["rejected_decode"] == 3 and s["rejected_future_version"] == 1
+        assert s["rejected_decode"] == 4 and s["rejected_future_version"] == 1
         assert s["rejected_unknown_lease"] == 1 and s["rejected_lease_mismatch"] == 1
         # the prompts of the future-version and bad-id groups go out again; other leases stay valid
         again = c.request(P.CreditRequest(server_id="s0", max_credits=2)).credits

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from areal_like.net.dealer import AsyncClient, Client
-from areal_like.net.pubsub import Publisher, Subscriber
+from areal_like.net.pubsub import Subscriber
 from areal_like.net.transport import Server, TransportTimeout
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory
@@ -218,21 +218,6 @@ def test_pub_sub_delivers_once_subscribed(spawn_python, free_port):
             asub.close()
 
     asyncio.run(async_side())
-
-
-def test_in_process_publisher_reaches_live_subscriber(endpoint):
-    publisher, sub = Publisher(endpoint), Subscriber(endpoint)
-    try:
-        deadline = time.monotonic() + REQUEST_TIMEOUT_S
-        got = None
-        while got is None and time.monotonic() < deadline:
-            # repeat until the subscription is live
-            publisher.publish(P.VersionUpdate(policy_version=9))
-            got = sub.recv(0.1)
-        assert isinstance(got, P.VersionUpdate) and got.policy_version == 9
-    finally:
-        sub.close()
-        publisher.close()
 
 
 def test_closed_client_refuses(endpoint):
