@@ -170,45 +170,30 @@ def test_enospc_mid_record_cuts_it_off_and_nothing_is_acknowledged_that_is_not_o
     again.close()
 
 
-def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_meanwhile(
-        tmp_path, full_disk):
-    wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
-    wal.open({"state": {}})
-    wal.append_group("g0", b"frame-0")
-    wal.request_sync()
-    fails = full_disk(2)
-    wal.append_control({"consumed": ["g0"]})  # the buffer acted on it: kept, not raised
-    assert wal.disk_full and fails[0] == 1
-    with pytest.raises(DiskFull):  # behind a waiting control record a group would break the order
-        wal.append_group("g1", b"frame-1")
-    # still full: it waits
-    assert wal.commit(force=True) is None and wal.disk_full and fails[0] == 0
-    assert not wal.maybe_rotate(lambda: {"state": {}}, force=True)  # it belongs to this segment
-    wal.request_sync()  # space is back: written first, whatever the fsync policy's timing
-    assert not wal.disk_full
-    wal.append_group("g2", b"frame-2")
-    wal.close()
-    again = WriteAheadLog(tmp_path / "wal", fsync="batch")
-    records = [(r.kind, r.group_id or r.control.get("consumed")) for r in again.replay()
-               if r.kind == "G" or "consumed" in r.control]
-    assert records == [("G", "g0"), ("C", ["g0"]), ("G", "g2")] and again.corrupt_records == 0
-    again.close()
-
-
 @pytest.mark.parametrize("fsync", ["batch", "never"])
-def test_a_ticket_behind_an_inline_control_record_waiting_for_room_is_not_durable(
+def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_meanwhile(
         tmp_path, full_disk, fsync):
     wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     wal.open({"state": {}})
-    fails = full_disk(3)  # the record's own write, request_sync's try, wait_durable's first try
-    wal.append_control({"consumed": ["g0"]})
+    wal.append_group("g0", b"frame-0")
+    wal.request_sync()
+    fails = full_disk(4)  # the record's own write, commit's, request_sync's, wait_durable's first
+    wal.append_control({"consumed": ["g0"]})  # the buffer acted on it: kept, not raised
+    assert wal.disk_full and fails[0] == 3
+    with pytest.raises(DiskFull):  # behind a waiting control record a group would break the order
+        wal.append_group("g1", b"frame-1")
+    assert wal.commit(force=True) is None and wal.disk_full and fails[0] == 2  # still full: waits
     ticket = wal.request_sync()
     assert wal.durable() < ticket and wal.disk_full and fails[0] == 1
-    wal.wait_durable()  # tries again until it is written
+    assert not wal.maybe_rotate(lambda: {"state": {}}, force=True)  # it belongs to this segment
+    wal.wait_durable()  # tries again until it is written, whatever the fsync policy's timing
     assert wal.durable() >= ticket and not wal.disk_full and fails[0] == 0
+    wal.append_group("g2", b"frame-2")
     wal.close()
     again = WriteAheadLog(tmp_path / "wal", fsync=fsync)
-    assert [r.control.get("consumed") for r in again.replay() if r.kind == "C"][-1] == ["g0"]
+    records = [(r.kind, r.group_id or r.control.get("consumed")) for r in again.replay()
+               if r.kind == "G" or "consumed" in r.control]
+    assert records == [("G", "g0"), ("C", ["g0"]), ("G", "g2")] and again.corrupt_records == 0
     again.close()
 
 
