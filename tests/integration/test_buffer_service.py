@@ -339,26 +339,6 @@ def test_filtered_group_returns_its_slot(tmp_path):
         assert [x.prompt_index for x in more] == [2]
 
 
-def test_restart_resumes_counters_without_a_capacity_burst(tmp_path):
-    cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2)
-    with running(cfg) as (svc, c):
-        register(c)
-        credits = c.request(P.CreditRequest(server_id="s0", max_credits=5)).credits
-        assert c.request(make_group(credits[0])).status == "accepted"
-        c.request(P.VersionUpdate(policy_version=0))
-    with running(cfg) as (svc, c):  # same run_dir: recovered from the WAL
-        register(c)
-        s = stats(c)
-        assert (s["started"], s["in_flight"], s["stored"], s["cursor_index"]) == (2, 1, 1, 2)
-        # no burst
-        assert c.request(P.CreditRequest(server_id="s0", max_credits=5)).reason == "staleness"
-        assert c.request(make_group(credits[0])).status == "duplicate"
-        # the restored lease is still valid
-        assert c.request(make_group(credits[1])).status == "accepted"
-        batch = c.request(P.BatchRequest(n_groups=2, trainer_version=0, wait_s=5))
-        assert sorted(g.prompt_index for g in batch.groups) == [0, 1]
-
-
 def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_path):
     """want_credits: the Ack carries admitted leases, durable across a restart."""
     # (1 + 0 + 1) * 2 = 4 groups may start
@@ -396,7 +376,8 @@ def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_pat
 
 
 def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
-    """BufferLink asks free slots' leases with a group's first send (not during a sync)."""
+    """BufferLink asks free slots' leases with a group's first send (not during a sync), once for
+    groups sent together."""
     import asyncio
 
     cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)
@@ -440,34 +421,19 @@ def test_a_rollout_server_gets_its_next_leases_with_each_ack(tmp_path):
                 link.add(make_group(third))
                 assert (await link.send(link.unacked[f"s0-{third.lease_id}"])
                         and len(started) == 2)
-            finally:
-                link.control.close()
-
-        asyncio.run(scenario())
-        s = stats(c)
-        assert (s["groups_accepted"], s["groups_duplicate"], s["credits_granted"]) == (3, 1, 7)
-
-
-def test_due_groups_go_out_together_and_ask_for_leases_once(tmp_path):
-    import asyncio
-
-    cfg = make_cfg(tmp_path, max_staleness=100, groups_per_step=2)
-    with running(cfg) as (svc, c):
-        register(c)
-        credits = c.request(P.CreditRequest(server_id="s0", max_credits=3)).credits
-        started: list[P.Credit] = []
-
-        async def scenario() -> None:
-            link = link_to(cfg, "s0", started)
-            try:
-                for credit in credits:
+                syncing[0] = False
+                started.clear()
+                # due groups go out together and ask for the free slots' leases once
+                more = await asyncio.to_thread(
+                    c.request, P.CreditRequest(server_id="s0", max_credits=3))
+                for credit in more.credits:
                     link.add(make_group(credit))
                 assert await link.send(*link.unacked.values())
                 assert not link.unacked and link.asked == 0
-                assert [x.prompt_index for x in started] == [3, 4]
+                assert [x.prompt_index for x in started] == [10, 11]
             finally:
                 link.control.close()
 
         asyncio.run(scenario())
         s = stats(c)
-        assert (s["groups_accepted"], s["credits_granted"]) == (3, 5)
+        assert (s["groups_accepted"], s["groups_duplicate"], s["credits_granted"]) == (6, 1, 12)
