@@ -197,31 +197,6 @@ def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_m
     again.close()
 
 
-def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stopping_it(
-        tmp_path, full_disk):
-    disk = _Disk(100 * RESERVE)
-    svc = _start(tmp_path, disk, fsync="batch")
-    groups = _granted(svc, 3)
-    assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
-    batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
-    fails = full_disk(10 ** 6)  # full although the estimate had room
-    sent = len(svc.server.sent)
-    _send(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0, ack_batch=batch.batch_id))
-    svc.settle()
-    svc.settle()  # its reply waits for the consumed mark, which waits for room
-    assert len(svc.server.sent) == sent and svc.disk.degraded
-    _send(svc, groups[2], b"s")  # refused at once: it depends on nothing
-    assert svc.server.sent[sent:][0].status == "unavailable"
-    fails[0] = 0
-    svc.settle()
-    assert not svc.wal.disk_full and isinstance(svc.server.sent[sent + 1], P.Batch)
-    svc.wal.close()
-    again = WriteAheadLog(tmp_path / "wal", fsync="batch")
-    consumed = [g for r in again.replay() if r.kind == "C" for g in r.control.get("consumed", ())]
-    assert sorted(consumed) == sorted(g.group_id for g in groups[:2])  # the mark reached the disk
-    again.close()
-
-
 def test_records_waiting_for_room_that_statvfs_does_not_see_keep_the_mode_and_one_line(
         tmp_path, full_disk, caplog):
     wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
@@ -268,21 +243,26 @@ def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(
         tmp_path, full_disk, fsync):
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk, fsync=fsync)
-    assert [_step(svc, g).status for g in _granted(svc, 2)] == ["accepted"] * 2
+    groups = _granted(svc, 3)
+    assert [_step(svc, g).status for g in groups[:2]] == ["accepted"] * 2
+    first = _step(svc, P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0))
     fails = full_disk(10 ** 6)  # full: estimate had room
     svc.server = sink = _KillAtEverySend(svc, tmp_path, disk, fails)
-    for msg in (P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0),
+    # the batch request's consumed mark and hand-out, the credits' leases: each waits for room
+    for msg in (P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0, ack_batch=first.batch_id),
                 P.CreditRequest(server_id="s", max_credits=2)):
         _send(svc, msg)
         svc.settle()
-    assert svc.wal.disk_full and svc.disk.degraded
+    assert svc.wal.disk_full and svc.disk.degraded and sink.sent == []  # degraded, not stopped
+    _send(svc, groups[2], b"s")  # refused at once: it depends on nothing
+    assert [msg.status for msg, _ in sink.sent] == ["unavailable"]
     fails[0] = 0  # space is back: the waiting records are written, then the replies leave
     svc.settle()
-    (batch, at_batch), (credits, at_credits) = sink.sent
-    assert len(batch.groups) == 2 and len(credits.credits) == 2
+    _, (batch, at_batch), (credits, at_credits) = sink.sent
+    assert len(batch.groups) == 1 and len(credits.credits) == 2
     held = at_batch.handout.in_transit
-    assert [held is not None and held.batch_id == batch.batch_id,
-            {c.lease_id for c in credits.credits} <= set(at_credits.ledger.leases)] == [True, True]
+    assert [held is not None and held.batch_id == batch.batch_id, at_batch.ledger.consumed == 1,
+            {c.lease_id for c in credits.credits} <= set(at_credits.ledger.leases)] == [True] * 3
     svc.wal.close()
 
 
