@@ -85,18 +85,6 @@ def test_a_stray_consumer_neither_shrinks_the_window_nor_starves_the_trainer(tmp
     svc.wal.close()
 
 
-def test_consumption_is_durable(tmp_path):
-    svc = _start(tmp_path)
-    first = _step(svc, P.BatchRequest(n_groups=B, trainer_version=0, wait_s=0))
-    _step(svc, P.VersionUpdate(policy_version=1))
-    _step(svc, P.BatchRequest(n_groups=1, trainer_version=1, wait_s=0, ack_batch=first.batch_id))
-    state = (svc.ledger.consumed, svc.ledger.available())
-    svc.wal.close()
-    again = start(tmp_path, CONFIG)
-    assert (again.ledger.consumed, again.ledger.available()) == state == (B, B)
-    again.wal.close()
-
-
 # eta, B, lambda (designed lag), lag (this engine's now), consumed -> admission limit, by hand
 LIMITS = [
     (4, 8, 0, 0, 400, 440),  # 400 + (4 - 0 + 1) * 8
