@@ -226,8 +226,9 @@ def test_held_batch_request_and_empty_answer_after_wait(tmp_path):
         assert len(got["b"].groups) == 2
 
 
-def test_stale_groups_are_dropped_and_their_prompts_reissued(tmp_path):
-    cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2, stale_policy="reissue")
+def test_stale_groups_are_dropped_and_reissued_filtered_ones_return_their_slot(tmp_path):
+    cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2, stale_policy="reissue",
+                   filter_equal_rewards=True)
     with running(cfg) as (svc, c):
         register(c)
         credits = c.request(P.CreditRequest(server_id="s0", max_credits=4)).credits
@@ -245,6 +246,14 @@ def test_stale_groups_are_dropped_and_their_prompts_reissued(tmp_path):
         # nothing consumed: 0 + (0+1)*2 = 2 limit, 2 started - 2 dropped = 0 -> 2 re-issued prompts
         # ((eta + v + 1) * B would admit 2 more at v = 1, as if a batch had been consumed at v = 0)
         assert [x.prompt_index for x in again] == [0, 1]
+        # DAPO filter: an equal-reward group is acked, not stored, and its slot returns
+        assert c.request(make_group(again[0], version=1, rewards=(1.0, 1.0))).status == "accepted"
+        assert c.request(make_group(again[1], version=1, rewards=(0.0, 1.0))).status == "accepted"
+        s = stats(c)
+        assert (s["groups_dropped_equal_rewards"], s["stored"], s["started"]) == (1, 1, 1)
+        more = c.request(P.CreditRequest(server_id="s0", max_credits=5)).credits
+        # a new prompt (no re-issue): the trainer is not starved
+        assert [x.prompt_index for x in more] == [2]
 
 
 def test_engine_behind_the_bound_gets_no_credits(tmp_path):
@@ -321,22 +330,6 @@ def test_expired_lease_is_reissued_to_the_next_requester(tmp_path):
         assert c.request(make_group(lease_b, server_id="b")).status == "accepted"
         s = stats(c)
         assert (s["credits_expired"], s["credits_reissued"], s["credits_granted"]) == (1, 1, 2)
-
-
-def test_filtered_group_returns_its_slot(tmp_path):
-    """DAPO filter: an equal-reward group is acked, not stored, and its slot returns."""
-    cfg = make_cfg(tmp_path, max_staleness=0, groups_per_step=2, filter_equal_rewards=True)
-    with running(cfg) as (svc, c):
-        register(c)
-        credits = c.request(P.CreditRequest(server_id="s0", max_credits=5)).credits
-        assert len(credits) == 2  # (0+0+1)*2
-        assert c.request(make_group(credits[0], rewards=(1.0, 1.0))).status == "accepted"
-        assert c.request(make_group(credits[1], rewards=(0.0, 1.0))).status == "accepted"
-        s = stats(c)
-        assert (s["groups_dropped_equal_rewards"], s["stored"], s["started"]) == (1, 1, 1)
-        more = c.request(P.CreditRequest(server_id="s0", max_credits=5)).credits
-        # a new prompt (no re-issue): the trainer is not starved
-        assert [x.prompt_index for x in more] == [2]
 
 
 def test_a_group_asks_for_leases_with_its_ack_and_they_survive_a_restart(tmp_path):
