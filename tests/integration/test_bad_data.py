@@ -32,7 +32,6 @@ def _with_tokens(group: P.TrajectoryGroup, prompt: list[int],
 
 def test_buffer_refuses_out_of_vocab_tokens_empty_prompts_and_oversized_groups_with_a_reason(
         tmp_path):
-    """Token ids outside the vocabulary, empty prompts, too many trajectories, past the context."""
     cfg = make_cfg(tmp_path, max_staleness=3)
     with running(cfg) as (svc, c):
         register(c)
@@ -104,7 +103,6 @@ class OneBatch:
 
 
 def test_trainer_drops_bad_groups_from_its_batch_and_goes_on(tmp_path, free_port):
-    """Out of vocabulary, an empty prompt, longer than the context: dropped, the rest trained."""
     context = make_cfg(tmp_path).model.max_position_embeddings
     good, oov, empty, over = (make_group(P.Credit(lease_id=f"L{i}", prompt_index=i, epoch=0,
                                                   deadline_s=1.0)) for i in range(4))

@@ -214,9 +214,10 @@ def test_senders_use_plain_types_and_encode_refuses_others():
 
     for bad in (P.VersionUpdate(policy_version=np.int64(3)), P.Ack(ref=Name("g"), status="ok"),
                 P.Stats(values={"a": object()})):
-        with pytest.raises(P.ProtocolError) as info:
-            P.encode(bad)
-        assert info.value.field == "frame" and "cannot encode" in str(info.value)
+        for encode in (P.encode, lambda msg: P.encode_into(msg, bytearray())):
+            with pytest.raises(P.ProtocolError) as info:
+                encode(bad)
+            assert info.value.field == "frame"
 
 
 def test_trajectory_of_converts_array_likes_to_the_wire_dtypes():
@@ -272,9 +273,6 @@ def test_encode_into_writes_the_same_frame_into_a_kept_buffer():
     for msg in (make_group(n=3, t=400), P.Ack(ref="g", status="ok"), make_group(n=1, t=7)):
         P.encode_into(msg, buffer)
         assert bytes(buffer) == P.encode(msg)
-    with pytest.raises(P.ProtocolError) as info:
-        P.encode_into(P.Stats(values={"a": object()}), buffer)  # no msgpack form
-    assert info.value.field == "frame"  # its frame limit: test_frames_over_the_limit_are_refused
 
 
 # ---------------------------------------------------------------- rejection, naming the field

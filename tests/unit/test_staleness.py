@@ -51,16 +51,13 @@ def test_admission_table(eta, B, v, started, in_flight, cap, expected):
 
 @pytest.mark.parametrize("eta,head,v,fresh", [(0, 3, 3, True), (0, 2, 3, False), (2, 1, 3, True),
                                                (2, 0, 3, False), (1, 5, 3, True)])
-def test_is_fresh(eta, head, v, fresh):
+def test_is_fresh_and_check_batch_raises_on_a_stale_group(eta, head, v, fresh):
     policy = StalenessPolicy(eta, 4, 8)
     assert policy.is_fresh(head, v) is fresh
-
-
-def test_check_batch_raises_on_a_stale_group():
-    policy = StalenessPolicy(1, 4, 8)
-    policy.check_batch([2, 3, 3], trainer_version=3)  # staleness 1, 0, 0
-    with pytest.raises(StaleBatchError, match="head version 1 at trainer version 3"):
-        policy.check_batch([3, 1], trainer_version=3)
+    policy.check_batch([v - eta, v, v], trainer_version=v)  # staleness eta, 0, 0
+    if not fresh:
+        with pytest.raises(StaleBatchError, match=f"head version {head} at trainer version {v}"):
+            policy.check_batch([v, head], trainer_version=v)
 
 
 def test_lease_expiry_and_reissue_with_a_fake_clock():
