@@ -256,21 +256,7 @@ def test_stale_groups_are_dropped_and_reissued_filtered_ones_return_their_slot(t
         assert [x.prompt_index for x in more] == [2]
 
 
-def test_engine_behind_the_bound_gets_no_credits(tmp_path):
-    cfg = make_cfg(tmp_path, max_staleness=1)
-    with running(cfg) as (svc, c):
-        register(c, version=0)
-        c.request(P.VersionUpdate(policy_version=1))
-        c.request(P.VersionUpdate(policy_version=2))
-        assert c.request(P.CreditRequest(server_id="s0", max_credits=1)).reason == "stale_engine"
-        c.request(P.Heartbeat(server_id="s0", policy_version=1))  # 2 - 1 <= eta
-        assert len(c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits) == 1
-        # an unknown version (-1) is trusted, and checked at consumption
-        c.request(P.Heartbeat(server_id="s0", policy_version=-1))
-        assert len(c.request(P.CreditRequest(server_id="s0", max_credits=1)).credits) == 1
-
-
-def test_roster_members_and_tokens_of_the_version_being_pushed(tmp_path):
+def test_roster_members_tokens_of_the_version_being_pushed_and_engines_behind(tmp_path):
     with running(make_cfg(tmp_path)) as (svc, c):
         c.request(P.Register(server_id="a", engine_url="http://127.0.0.1:7", policy_version=0,
                              engine_kind="vllm", sync_url="http://127.0.0.1:8"))
@@ -285,6 +271,15 @@ def test_roster_members_and_tokens_of_the_version_being_pushed(tmp_path):
         assert c.request(make_group(first, version=1)).status == "accepted"
         ack = c.request(make_group(second, version=2))
         assert ack.status == "rejected" and ack.reason.startswith("future_version"), ack
+        # an engine further behind than eta gets no credits
+        c.request(P.VersionUpdate(policy_version=1))
+        c.request(P.VersionUpdate(policy_version=2))
+        assert c.request(P.CreditRequest(server_id="a", max_credits=1)).reason == "stale_engine"
+        c.request(P.Heartbeat(server_id="a", policy_version=1))  # 2 - 1 <= eta
+        assert len(c.request(P.CreditRequest(server_id="a", max_credits=1)).credits) == 1
+        # an unknown version (-1) is trusted, and checked at consumption
+        c.request(P.Heartbeat(server_id="a", policy_version=-1))
+        assert len(c.request(P.CreditRequest(server_id="a", max_credits=1)).credits) == 1
 
 
 def test_a_silent_server_leaves_the_roster_and_comes_back_when_it_registers(tmp_path):
