@@ -56,9 +56,9 @@ def _granted(svc: BufferService, n: int) -> list[P.TrajectoryGroup]:
     return [answer(c) for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits]
 
 
-def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_path):
+def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_path, capsys):
     disk = _Disk(100 * RESERVE)
-    svc = _start(tmp_path, disk)
+    svc = _start(tmp_path / "buffer", disk)
     groups = _granted(svc, 3)
     assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
     disk.free = RESERVE - 1  # another writer filled the disk
@@ -67,6 +67,17 @@ def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_pa
     assert (ack.status == "unavailable" and ack.reason.startswith("disk_full")
             and "wal_reserve_bytes" in ack.reason)
     assert svc.health()[1]["degraded"].startswith("disk_full")
+    srv = MetricsServer(Metrics(), 0, "127.0.0.1", health=svc.health)
+    try:  # the status tool says it is up but refuses new groups
+        (tmp_path / "ports.json").write_text(json.dumps({"daemons": [{
+            "name": "buffer", "kind": "buffer", "pid": None,
+            "metrics_url": f"http://127.0.0.1:{srv.port}/metrics",
+            "health_url": f"http://127.0.0.1:{srv.port}/health"}]}))
+        assert status(tmp_path) == 0
+        line = capsys.readouterr().out.splitlines()[0].split()
+        assert line[:2] == ["buffer", "up"] and "refusing new groups: disk_full:" in " ".join(line)
+    finally:
+        srv.stop()
     more = _step(svc, P.CreditRequest(server_id="s", max_credits=3))
     assert more.credits == [] and more.reason == "disk_full"
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))  # hand-out goes on
@@ -307,22 +318,3 @@ def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, full_disk, fsyn
     again = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     assert again.corrupt_records == 0 and list(again.replay())
     again.close()
-
-
-def test_status_says_a_buffer_on_a_full_disk_is_up_but_refuses_new_groups(tmp_path, capsys):
-    disk = _Disk(RESERVE - 1)
-    svc = _start(tmp_path / "buffer", disk)
-    svc.settle()  # a sweep reads the free space
-    assert svc.disk.degraded
-    srv = MetricsServer(Metrics(), 0, "127.0.0.1", health=svc.health)
-    try:
-        (tmp_path / "ports.json").write_text(json.dumps({"daemons": [{
-            "name": "buffer", "kind": "buffer", "pid": None,
-            "metrics_url": f"http://127.0.0.1:{srv.port}/metrics",
-            "health_url": f"http://127.0.0.1:{srv.port}/health"}]}))
-        assert status(tmp_path) == 0
-        line = capsys.readouterr().out.splitlines()[0].split()
-        assert line[:2] == ["buffer", "up"] and "refusing new groups: disk_full:" in " ".join(line)
-    finally:
-        srv.stop()
-        svc.stop()
