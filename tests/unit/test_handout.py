@@ -37,7 +37,7 @@ def _ask(svc: BufferService, ack: str = "", n: int = 2) -> P.Batch:
     return step(svc, P.BatchRequest(n_groups=n, trainer_version=0, wait_s=0.0, ack_batch=ack))
 
 
-def test_in_transit_then_ack_marks_consumed(tmp_path):
+def test_in_transit_until_acked_and_put_back_by_a_request_without_the_ack(tmp_path):
     svc = _start(tmp_path)
     ids = _fill(svc, 4)
     first = _ask(svc)
@@ -49,7 +49,16 @@ def test_in_transit_then_ack_marks_consumed(tmp_path):
     assert (len(svc.store), svc.handout.in_transit_groups(),
             svc.instruments.counts["groups_consumed"]) == (0, 2, 2)
     assert svc.instruments.counts["batches_redelivered"] == 0
-    empty = _ask(svc, ack=second.batch_id)
+    again = _ask(svc)  # a restarted trainer acks nothing: the batch never arrived
+    assert (sorted(g.group_id for g in again.groups) == sorted(ids[2:])
+            and again.batch_id != second.batch_id)
+    assert (svc.instruments.counts["batches_redelivered"] == 1
+            and svc.instruments.counts["groups_redelivered"] == 2)
+    stale_ack = _ask(svc, ack=second.batch_id)  # an older id: the reply to `again` was lost too
+    assert sorted(g.group_id for g in stale_ack.groups) == sorted(ids[2:])
+    assert (svc.instruments.counts["batches_redelivered"] == 2
+            and svc.instruments.counts["groups_consumed"] == 2)
+    empty = _ask(svc, ack=stale_ack.batch_id)
     assert (empty.groups == [] and empty.batch_id == ""
             and svc.instruments.counts["groups_consumed"] == 4)
     assert svc.handout.in_transit is None and svc.state()["in_transit"] is None
@@ -57,25 +66,6 @@ def test_in_transit_then_ack_marks_consumed(tmp_path):
     restarted = _start(tmp_path)  # the WAL agrees: everything consumed
     assert len(restarted.store) == 0 and restarted.handout.in_transit is None
     restarted.wal.close()
-
-
-def test_a_request_without_the_ack_puts_the_batch_back(tmp_path):
-    svc = _start(tmp_path)
-    ids = _fill(svc, 2)
-    lost = _ask(svc)
-    assert len(lost.groups) == 2 and len(svc.store) == 0
-    again = _ask(svc)  # a restarted trainer acks nothing: the batch never arrived
-    assert (sorted(g.group_id for g in again.groups) == sorted(ids)
-            and again.batch_id != lost.batch_id)
-    assert (svc.instruments.counts["batches_redelivered"] == 1
-            and svc.instruments.counts["groups_redelivered"] == 2)
-    stale_ack = _ask(svc, ack=lost.batch_id)  # an older id: the reply to `again` was lost too
-    assert sorted(g.group_id for g in stale_ack.groups) == sorted(ids)
-    assert (svc.instruments.counts["batches_redelivered"] == 2
-            and svc.instruments.counts["groups_consumed"] == 0)
-    _ask(svc, ack=stale_ack.batch_id)
-    assert svc.instruments.counts["groups_consumed"] == 2 and len(svc.store) == 0
-    svc.wal.close()
 
 
 def test_wal_replay_restores_the_batch_in_transit(tmp_path):
