@@ -32,7 +32,6 @@ def _with_tokens(group: P.TrajectoryGroup, prompt: list[int],
 
 def test_buffer_refuses_out_of_vocab_tokens_empty_prompts_and_oversized_groups_with_a_reason(
         tmp_path):
-    """Token ids outside the vocabulary, empty prompts, too many trajectories, past the context."""
     cfg = make_cfg(tmp_path, max_staleness=3)
     with running(cfg) as (svc, c):
         register(c)
@@ -104,16 +103,12 @@ class OneBatch:
 
 
 def test_trainer_drops_bad_groups_from_its_batch_and_goes_on(tmp_path, free_port):
-    """Out of vocabulary, an empty prompt, longer than the context: dropped, the rest trained."""
     context = make_cfg(tmp_path).model.max_position_embeddings
-    credit = P.Credit(lease_id="L0", prompt_index=0, epoch=0, deadline_s=1.0)
-    good = make_group(credit)
-    oov = _with_tokens(make_group(P.Credit(lease_id="L1", prompt_index=1, epoch=0,
-                                           deadline_s=1.0)), [7], [VOCAB + 5])
-    empty = _with_tokens(make_group(P.Credit(lease_id="L2", prompt_index=2, epoch=0,
-                                             deadline_s=1.0)), [], [3])
-    over = _with_tokens(make_group(P.Credit(lease_id="L3", prompt_index=3, epoch=0,
-                                            deadline_s=1.0)), [7, 8], [1] * (context - 1))
+    good, oov, empty, over = (make_group(P.Credit(lease_id=f"L{i}", prompt_index=i, epoch=0,
+                                                  deadline_s=1.0)) for i in range(4))
+    oov = _with_tokens(oov, [7], [VOCAB + 5])
+    empty = _with_tokens(empty, [], [3])
+    over = _with_tokens(over, [7, 8], [1] * (context - 1))
     address = f"tcp://127.0.0.1:{free_port()}"
     buffer = OneBatch(address, [oov, good, empty, over])
     source = BatchSource(address, 4, wait_s=0.05, buffer_timeout_s=30, rank=0, vocab_size=VOCAB,

@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from areal_like.net.dealer import AsyncClient, Client
-from areal_like.net.pubsub import Publisher, Subscriber
+from areal_like.net.pubsub import Subscriber
 from areal_like.net.transport import Server, TransportTimeout
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory
@@ -99,39 +99,65 @@ def expect_timeout(fn) -> float:
 
 
 def test_request_reply_garbage_late_replies_kill9_and_reconnect(spawn_python, endpoint):
+    """A Client and an AsyncClient through one server's life: kill -9, then a restart."""
     server = start_server(spawn_python, endpoint)
     client = Client(endpoint, timeout_s=REQUEST_TIMEOUT_S, identity="test")
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(endpoint)
+
+    async def scenario() -> None:  # the Client's calls block the loop: nothing else runs then
+        aclient = AsyncClient(endpoint, timeout_s=REQUEST_TIMEOUT_S, identity="async")
+        try:
+            first = client.request(P.StatsRequest())
+            assert first.values["pid"] == server.pid
+            ack = client.request(group(4096))  # a realistic frame (~200 KB, zero-copy path)
+            assert ack.status == "accepted" and ack.ref == "s-1" and ack.reason == str(4 * 4096)
+            # two concurrent requests on one async socket: each gets its own reply
+            a, b = await asyncio.gather(
+                aclient.request(P.Heartbeat(server_id="x", policy_version=5, in_flight=50)),
+                aclient.request(P.Heartbeat(server_id="x", policy_version=6)))
+            assert (a.policy_version, b.policy_version) == (5, 6)
+
+            dealer.send_multipart([b"rid", b"\x81\xa4type\xa3bad"])  # garbage: a rejection
+            assert dealer.poll(int(REQUEST_TIMEOUT_S * 1000))
+            req_id, payload = dealer.recv_multipart()
+            reply = P.decode(payload)
+            assert req_id == b"rid" and isinstance(reply, P.Ack) and reply.status == "rejected"
+            assert reply.reason.startswith("type: ") and "'bad'" in reply.reason  # names the field
+
+            with pytest.raises(TransportTimeout):  # abandoned: its late reply is discarded
+                client.request(P.Heartbeat(server_id="s", policy_version=1, in_flight=800),
+                               timeout_s=0.2)
+            reply = client.request(P.Heartbeat(server_id="s", policy_version=2, in_flight=0))
+            assert isinstance(reply, P.HeartbeatAck) and reply.policy_version == 2
+            time.sleep(0.8)  # the abandoned reply is surely sent by now; it must never surface
+            assert isinstance(client.request(P.StatsRequest()), P.Stats)
+
+            spawn_python.kill9(server)
+            expect_timeout(lambda: client.request(P.StatsRequest(), timeout_s=DEAD_PEER_TIMEOUT_S))
+            expect_timeout(lambda: client.request(P.StatsRequest(), timeout_s=DEAD_PEER_TIMEOUT_S))
+            t0 = time.monotonic()
+            with pytest.raises(TransportTimeout):
+                await aclient.request(P.StatsRequest(), timeout_s=DEAD_PEER_TIMEOUT_S)
+            assert time.monotonic() - t0 < DEAD_PEER_TIMEOUT_S + HANG_SLACK_S
+
+            restarted = start_server(spawn_python, endpoint)  # same address, new process
+            reply = client.request(P.StatsRequest())  # the same Client object reconnects
+            assert reply.values["pid"] == restarted.pid != first.values["pid"]
+            assert (await aclient.request(P.StatsRequest())).values["pid"] == restarted.pid
+            # a cancelled request leaves a late reply behind; the next request must not see it
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(aclient.request(P.Heartbeat(server_id="x", policy_version=7,
+                                                                   in_flight=800)),
+                                       0.2)
+            reply = await aclient.request(P.Heartbeat(server_id="x", policy_version=8))
+            assert reply.policy_version == 8
+        finally:
+            aclient.close()
+
     try:
-        first = client.request(P.StatsRequest())
-        assert first.values["pid"] == server.pid
-        ack = client.request(group(4096))  # a realistic frame (~200 KB, zero-copy path)
-        assert ack.status == "accepted" and ack.ref == "s-1" and ack.reason == str(4 * 4096)
-
-        dealer.send_multipart([b"rid", b"\x81\xa4type\xa3bad"])  # garbage: a rejection
-        assert dealer.poll(int(REQUEST_TIMEOUT_S * 1000))
-        req_id, payload = dealer.recv_multipart()
-        reply = P.decode(payload)
-        assert req_id == b"rid" and isinstance(reply, P.Ack) and reply.status == "rejected"
-        assert reply.reason.startswith("type: ") and "'bad'" in reply.reason  # names the field
-
-        with pytest.raises(TransportTimeout):  # abandoned: its late reply is discarded
-            client.request(P.Heartbeat(server_id="s", policy_version=1, in_flight=800),
-                           timeout_s=0.2)
-        reply = client.request(P.Heartbeat(server_id="s", policy_version=2, in_flight=0))
-        assert isinstance(reply, P.HeartbeatAck) and reply.policy_version == 2
-        time.sleep(0.8)  # the abandoned reply is surely sent by now; it must never surface
-        assert isinstance(client.request(P.StatsRequest()), P.Stats)
-
-        spawn_python.kill9(server)
-        expect_timeout(lambda: client.request(P.StatsRequest(), timeout_s=DEAD_PEER_TIMEOUT_S))
-        expect_timeout(lambda: client.request(P.StatsRequest(), timeout_s=DEAD_PEER_TIMEOUT_S))
-
-        restarted = start_server(spawn_python, endpoint)  # same address, new process
-        reply = client.request(P.StatsRequest())  # the same Client object reconnects
-        assert reply.values["pid"] == restarted.pid and reply.values["pid"] != first.values["pid"]
+        asyncio.run(scenario())
     finally:
         client.close()
         dealer.close(linger=0)
@@ -161,41 +187,6 @@ def test_reply_with_another_req_id_is_skipped(endpoint):
         router.close(linger=0)
 
 
-def test_async_client_kill9_and_reconnect(spawn_python, endpoint):
-    server = start_server(spawn_python, endpoint)
-
-    async def scenario():
-        client = AsyncClient(endpoint, timeout_s=REQUEST_TIMEOUT_S, identity="async")
-        try:
-            first = await client.request(P.StatsRequest())
-            assert first.values["pid"] == server.pid
-            # two concurrent requests on one socket: each gets its own reply
-            a, b = await asyncio.gather(
-                client.request(P.Heartbeat(server_id="x", policy_version=5, in_flight=50)),
-                client.request(P.Heartbeat(server_id="x", policy_version=6)))
-            assert (a.policy_version, b.policy_version) == (5, 6)
-
-            spawn_python.kill9(server)
-            t0 = time.monotonic()
-            with pytest.raises(TransportTimeout):
-                await client.request(P.StatsRequest(), timeout_s=DEAD_PEER_TIMEOUT_S)
-            assert time.monotonic() - t0 < DEAD_PEER_TIMEOUT_S + HANG_SLACK_S
-
-            restarted = start_server(spawn_python, endpoint)
-            assert (await client.request(P.StatsRequest())).values["pid"] == restarted.pid
-            # a cancelled request leaves a late reply behind; the next request must not see it
-            with pytest.raises(asyncio.TimeoutError):
-                await asyncio.wait_for(client.request(P.Heartbeat(server_id="x", policy_version=7,
-                                                                  in_flight=800)),
-                                       0.2)
-            reply = await client.request(P.Heartbeat(server_id="x", policy_version=8))
-            assert reply.policy_version == 8
-        finally:
-            client.close()
-
-    asyncio.run(scenario())
-
-
 def test_pub_sub_delivers_once_subscribed(spawn_python, free_port):
     req, pub = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
     start_server(spawn_python, req, pub)
@@ -218,21 +209,6 @@ def test_pub_sub_delivers_once_subscribed(spawn_python, free_port):
             asub.close()
 
     asyncio.run(async_side())
-
-
-def test_in_process_publisher_reaches_live_subscriber(endpoint):
-    publisher, sub = Publisher(endpoint), Subscriber(endpoint)
-    try:
-        deadline = time.monotonic() + REQUEST_TIMEOUT_S
-        got = None
-        while got is None and time.monotonic() < deadline:
-            # repeat until the subscription is live
-            publisher.publish(P.VersionUpdate(policy_version=9))
-            got = sub.recv(0.1)
-        assert isinstance(got, P.VersionUpdate) and got.policy_version == 9
-    finally:
-        sub.close()
-        publisher.close()
 
 
 def test_closed_client_refuses(endpoint):

@@ -13,33 +13,16 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from test_buffer_crash import stored_groups
-from test_wal_disk_full import Log, group_for
+from test_wal_disk_full import REQUEST_S, Log, Producer, write_config
 
-from areal_like.net.dealer import Client
-from areal_like.net.distributed import free_port
-from areal_like.net.transport import TransportTimeout
-from areal_like.settings.config import (
-    BufferConfig,
-    ModelConfig,
-    RunConfig,
-    SecurityConfig,
-    TaskConfig,
-    to_yaml,
-)
-from areal_like.wire import protocol as P
 from tests.conftest import child_env
 
 TMPFS_BYTES = 8 << 20  # the WAL's whole filesystem
 RESERVE_BYTES = 1 << 20  # buffer.wal_reserve_bytes: group records stop this far before full
-REQUEST_S = 30.0  # a live buffer answers in milliseconds, on a loaded machine too
-PHASE_S = 120.0  # bound on each phase (before, full, after); never a timing assert
-RESEND_S = 2.0  # a group not acknowledged by then goes to the back of the sender's line
-HEARTBEAT_S = 0.5
 GROUPS_BEFORE = 20
 
 # Runs inside the namespace: mount the tmpfs on the WAL directory, run the buffer, then keep the
@@ -82,66 +65,6 @@ def fill(path: Path) -> int:
     return written
 
 
-class Producer:
-    """A rollout server's part: credits, groups resent until acked (RESEND_S), heartbeats."""
-
-    def __init__(self, address: str):
-        self.client = Client(address, timeout_s=REQUEST_S)
-        self.beats = Client(address, timeout_s=HEARTBEAT_S)
-        self.acked: list[str] = []
-        self.refusals: list[str] = []
-        self.credits: list[P.Credit] = []
-        self.next_beat = 0.0
-        ack = self.client.request(P.Register(server_id="prod", engine_url="http://x",
-                                             policy_version=0))
-        assert isinstance(ack, P.RegisterAck), ack
-
-    def stock(self) -> None:
-        if not self.credits:
-            got = self.client.request(P.CreditRequest(server_id="prod", max_credits=8))
-            self.credits = list(got.credits)
-
-    def beat(self) -> None:
-        if time.monotonic() >= self.next_beat:  # a reply may wait for the disk; arriving counts
-            self.next_beat = time.monotonic() + 1.0
-            try:
-                self.beats.request(P.Heartbeat(server_id="prod", policy_version=0))
-            except TransportTimeout:
-                pass
-
-    def send_one(self) -> None:
-        self.beat()
-        if not self.credits:
-            self.stock()
-            if not self.credits:
-                time.sleep(0.05)
-                return
-        try:
-            ack = self.client.request(group_for(self.credits[0]), timeout_s=RESEND_S)
-        except TransportTimeout:  # its record may wait for space: sent again later
-            self.credits.append(self.credits.pop(0))
-            return
-        if ack.status in ("accepted", "duplicate"):
-            self.acked.append(ack.ref)
-            self.credits.pop(0)
-        else:
-            assert ack.status == "unavailable", ack  # kept and sent again, as a rollout server does
-            self.refusals.append(ack.reason)
-            time.sleep(0.05)
-
-    def until(self, done, what: str) -> None:
-        deadline = time.monotonic() + PHASE_S
-        while not done():
-            assert time.monotonic() < deadline, (
-                f"timed out waiting for {what}: {len(self.acked)} acked, {len(self.credits)} "
-                f"credits held, refusals {self.refusals[:3]}")
-            self.send_one()
-
-    def close(self) -> None:
-        self.client.close()
-        self.beats.close()
-
-
 def test_a_disk_that_fills_mid_run_refuses_groups_then_recovers_and_loses_none(
         tmp_run_dir, spawn_python, wait_until):
     why = user_namespaces()
@@ -149,14 +72,8 @@ def test_a_disk_that_fills_mid_run_refuses_groups_then_recovers_and_loses_none(
         pytest.skip(f"needs an unprivileged user+mount namespace for a small tmpfs: {why}")
     wal = tmp_run_dir / "wal"
     wal.mkdir()
-    cfg = RunConfig(run_dir=str(tmp_run_dir), security=SecurityConfig(curve=False),
-                    task=TaskConfig(num_prompts=100_000), model=ModelConfig(vocab_size=1024),
-                    buffer=BufferConfig(address=f"tcp://127.0.0.1:{free_port()}",
-                                        pub_address=f"tcp://127.0.0.1:{free_port()}",
-                                        max_staleness=10_000, groups_per_step=1, capacity=10_000,
-                                        wal_dir=str(wal), wal_reserve_bytes=RESERVE_BYTES))
-    config_file = tmp_run_dir / "config.yaml"
-    config_file.write_text(to_yaml(cfg))
+    cfg, config_file = write_config(tmp_run_dir, wal_dir=str(wal),
+                                    wal_reserve_bytes=RESERVE_BYTES)
     ns = subprocess.Popen(["unshare", "-Urm", sys.executable, "-c", IN_NAMESPACE, wal,
                            str(TMPFS_BYTES), config_file, tmp_run_dir], stderr=subprocess.PIPE,
                           text=True, env=child_env())

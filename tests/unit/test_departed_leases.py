@@ -31,38 +31,27 @@ def _join(svc: BufferService, sid: str, credits: int) -> list[int]:
             for c in _step(svc, P.CreditRequest(server_id=sid, max_credits=credits)).credits]
 
 
-def test_a_server_that_leaves_the_roster_releases_its_leases_at_once(tmp_path):
-    clock = Clock()
-    svc = _start(tmp_path, clock)
-    dead = _join(svc, "dead", 3)
-    _join(svc, "live", 2)
-    clock.t += HEARTBEAT_S + 1  # "dead" went silent; "live" heartbeats
-    _step(svc, P.Heartbeat(server_id="live", policy_version=0))
-    assert sorted(svc.control.roster) == ["live"] and svc.ledger.in_flight == 2
-    assert svc.instruments.counts["credits_released"] == 3 and svc.ledger.started == 2
-    # long before lease_timeout_s, the dead server's prompts go out again, first
-    assert [c.prompt_index
-            for c in _step(svc, P.CreditRequest(server_id="live", max_credits=3)).credits] == dead
-    svc.wal.close()
-
-
-def test_a_server_stopped_on_request_gives_its_leases_back_at_info_a_dead_one_warns(
-        tmp_path, caplog):
+def test_a_server_that_leaves_the_roster_releases_its_leases_at_once(tmp_path, caplog):
     """A stop on request is routine (INFO); a server gone silent is a fault (WARNING)."""
     clock = Clock()
     svc = _start(tmp_path, clock)
     caplog.set_level(logging.INFO, logger=svc.log.name)
-    _join(svc, "r0", 3)
-    _join(svc, "r1", 2)
-    _step(svc, P.Heartbeat(server_id="r0", policy_version=0, leaving=True))
+    stopped, dead = _join(svc, "stopped", 3), _join(svc, "dead", 2)
+    _join(svc, "live", 1)
+    _step(svc, P.Heartbeat(server_id="stopped", policy_version=0, leaving=True))
     assert svc.instruments.counts["credits_released"] == 3
     said = [(r.levelno, r.getMessage()) for r in caplog.records if "re-issuing" in r.getMessage()]
-    assert said == [(logging.INFO, "re-issuing 3 leases of r0: r0 stopped on request")]
+    assert said == [(logging.INFO, "re-issuing 3 leases of stopped: stopped stopped on request")]
     caplog.clear()
-    clock.t += HEARTBEAT_S + 1
-    svc.expire()
+    clock.t += HEARTBEAT_S + 1  # "dead" went silent; "live" heartbeats
+    _step(svc, P.Heartbeat(server_id="live", policy_version=0))
     said = [(r.levelno, r.getMessage()) for r in caplog.records if "re-issuing" in r.getMessage()]
-    assert said == [(logging.WARNING, "re-issuing 2 leases of r1: gone from the roster")]
+    assert said == [(logging.WARNING, "re-issuing 2 leases of dead: gone from the roster")]
+    assert sorted(svc.control.roster) == ["live"] and svc.ledger.in_flight == 1
+    assert svc.instruments.counts["credits_released"] == 5 and svc.ledger.started == 1
+    # long before lease_timeout_s, the departed servers' prompts go out again, first
+    again = _step(svc, P.CreditRequest(server_id="live", max_credits=5)).credits
+    assert [c.prompt_index for c in again] == [*stopped, *dead]
     svc.wal.close()
 
 

@@ -56,9 +56,9 @@ def _granted(svc: BufferService, n: int) -> list[P.TrajectoryGroup]:
     return [answer(c) for c in _step(svc, P.CreditRequest(server_id="s", max_credits=n)).credits]
 
 
-def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_path):
+def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_path, capsys):
     disk = _Disk(100 * RESERVE)
-    svc = _start(tmp_path, disk)
+    svc = _start(tmp_path / "buffer", disk)
     groups = _granted(svc, 3)
     assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
     disk.free = RESERVE - 1  # another writer filled the disk
@@ -67,6 +67,17 @@ def test_a_full_disk_refuses_groups_keeps_handing_out_batches_and_resumes(tmp_pa
     assert (ack.status == "unavailable" and ack.reason.startswith("disk_full")
             and "wal_reserve_bytes" in ack.reason)
     assert svc.health()[1]["degraded"].startswith("disk_full")
+    srv = MetricsServer(Metrics(), 0, "127.0.0.1", health=svc.health)
+    try:  # the status tool says it is up but refuses new groups
+        (tmp_path / "ports.json").write_text(json.dumps({"daemons": [{
+            "name": "buffer", "kind": "buffer", "pid": None,
+            "metrics_url": f"http://127.0.0.1:{srv.port}/metrics",
+            "health_url": f"http://127.0.0.1:{srv.port}/health"}]}))
+        assert status(tmp_path) == 0
+        line = capsys.readouterr().out.splitlines()[0].split()
+        assert line[:2] == ["buffer", "up"] and "refusing new groups: disk_full:" in " ".join(line)
+    finally:
+        srv.stop()
     more = _step(svc, P.CreditRequest(server_id="s", max_credits=3))
     assert more.credits == [] and more.reason == "disk_full"
     batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))  # hand-out goes on
@@ -170,70 +181,30 @@ def test_enospc_mid_record_cuts_it_off_and_nothing_is_acknowledged_that_is_not_o
     again.close()
 
 
-def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_meanwhile(
-        tmp_path, full_disk):
-    wal = WriteAheadLog(tmp_path / "wal", fsync="batch")
-    wal.open({"state": {}})
-    wal.append_group("g0", b"frame-0")
-    wal.request_sync()
-    fails = full_disk(2)
-    wal.append_control({"consumed": ["g0"]})  # the buffer acted on it: kept, not raised
-    assert wal.disk_full and fails[0] == 1
-    with pytest.raises(DiskFull):  # behind a waiting control record a group would break the order
-        wal.append_group("g1", b"frame-1")
-    # still full: it waits
-    assert wal.commit(force=True) is None and wal.disk_full and fails[0] == 0
-    assert not wal.maybe_rotate(lambda: {"state": {}}, force=True)  # it belongs to this segment
-    wal.request_sync()  # space is back: written first, whatever the fsync policy's timing
-    assert not wal.disk_full
-    wal.append_group("g2", b"frame-2")
-    wal.close()
-    again = WriteAheadLog(tmp_path / "wal", fsync="batch")
-    records = [(r.kind, r.group_id or r.control.get("consumed")) for r in again.replay()
-               if r.kind == "G" or "consumed" in r.control]
-    assert records == [("G", "g0"), ("C", ["g0"]), ("G", "g2")] and again.corrupt_records == 0
-    again.close()
-
-
 @pytest.mark.parametrize("fsync", ["batch", "never"])
-def test_a_ticket_behind_an_inline_control_record_waiting_for_room_is_not_durable(
+def test_inline_control_records_wait_for_space_in_order_and_groups_are_refused_meanwhile(
         tmp_path, full_disk, fsync):
     wal = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     wal.open({"state": {}})
-    fails = full_disk(3)  # the record's own write, request_sync's try, wait_durable's first try
-    wal.append_control({"consumed": ["g0"]})
+    wal.append_group("g0", b"frame-0")
+    wal.request_sync()
+    fails = full_disk(4)  # the record's own write, commit's, request_sync's, wait_durable's first
+    wal.append_control({"consumed": ["g0"]})  # the buffer acted on it: kept, not raised
+    assert wal.disk_full and fails[0] == 3
+    with pytest.raises(DiskFull):  # behind a waiting control record a group would break the order
+        wal.append_group("g1", b"frame-1")
+    assert wal.commit(force=True) is None and wal.disk_full and fails[0] == 2  # still full: waits
     ticket = wal.request_sync()
     assert wal.durable() < ticket and wal.disk_full and fails[0] == 1
-    wal.wait_durable()  # tries again until it is written
+    assert not wal.maybe_rotate(lambda: {"state": {}}, force=True)  # it belongs to this segment
+    wal.wait_durable()  # tries again until it is written, whatever the fsync policy's timing
     assert wal.durable() >= ticket and not wal.disk_full and fails[0] == 0
+    wal.append_group("g2", b"frame-2")
     wal.close()
     again = WriteAheadLog(tmp_path / "wal", fsync=fsync)
-    assert [r.control.get("consumed") for r in again.replay() if r.kind == "C"][-1] == ["g0"]
-    again.close()
-
-
-def test_a_full_disk_under_a_consumed_mark_degrades_the_buffer_instead_of_stopping_it(
-        tmp_path, full_disk):
-    disk = _Disk(100 * RESERVE)
-    svc = _start(tmp_path, disk, fsync="batch")
-    groups = _granted(svc, 3)
-    assert [_step(svc, g).status for g in groups[:2]] == ["accepted", "accepted"]
-    batch = _step(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0))
-    fails = full_disk(10 ** 6)  # full although the estimate had room
-    sent = len(svc.server.sent)
-    _send(svc, P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0, ack_batch=batch.batch_id))
-    svc.settle()
-    svc.settle()  # its reply waits for the consumed mark, which waits for room
-    assert len(svc.server.sent) == sent and svc.disk.degraded
-    _send(svc, groups[2], b"s")  # refused at once: it depends on nothing
-    assert svc.server.sent[sent:][0].status == "unavailable"
-    fails[0] = 0
-    svc.settle()
-    assert not svc.wal.disk_full and isinstance(svc.server.sent[sent + 1], P.Batch)
-    svc.wal.close()
-    again = WriteAheadLog(tmp_path / "wal", fsync="batch")
-    consumed = [g for r in again.replay() if r.kind == "C" for g in r.control.get("consumed", ())]
-    assert sorted(consumed) == sorted(g.group_id for g in groups[:2])  # the mark reached the disk
+    records = [(r.kind, r.group_id or r.control.get("consumed")) for r in again.replay()
+               if r.kind == "G" or "consumed" in r.control]
+    assert records == [("G", "g0"), ("C", ["g0"]), ("G", "g2")] and again.corrupt_records == 0
     again.close()
 
 
@@ -283,21 +254,26 @@ def test_replies_wait_for_their_control_record_while_it_waits_for_disk_space(
         tmp_path, full_disk, fsync):
     disk = _Disk(100 * RESERVE)
     svc = _start(tmp_path, disk, fsync=fsync)
-    assert [_step(svc, g).status for g in _granted(svc, 2)] == ["accepted"] * 2
+    groups = _granted(svc, 3)
+    assert [_step(svc, g).status for g in groups[:2]] == ["accepted"] * 2
+    first = _step(svc, P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0))
     fails = full_disk(10 ** 6)  # full: estimate had room
     svc.server = sink = _KillAtEverySend(svc, tmp_path, disk, fails)
-    for msg in (P.BatchRequest(n_groups=2, trainer_version=0, wait_s=0),
+    # the batch request's consumed mark and hand-out, the credits' leases: each waits for room
+    for msg in (P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0, ack_batch=first.batch_id),
                 P.CreditRequest(server_id="s", max_credits=2)):
         _send(svc, msg)
         svc.settle()
-    assert svc.wal.disk_full and svc.disk.degraded
+    assert svc.wal.disk_full and svc.disk.degraded and sink.sent == []  # degraded, not stopped
+    _send(svc, groups[2], b"s")  # refused at once: it depends on nothing
+    assert [msg.status for msg, _ in sink.sent] == ["unavailable"]
     fails[0] = 0  # space is back: the waiting records are written, then the replies leave
     svc.settle()
-    (batch, at_batch), (credits, at_credits) = sink.sent
-    assert len(batch.groups) == 2 and len(credits.credits) == 2
+    _, (batch, at_batch), (credits, at_credits) = sink.sent
+    assert len(batch.groups) == 1 and len(credits.credits) == 2
     held = at_batch.handout.in_transit
-    assert [held is not None and held.batch_id == batch.batch_id,
-            {c.lease_id for c in credits.credits} <= set(at_credits.ledger.leases)] == [True, True]
+    assert [held is not None and held.batch_id == batch.batch_id, at_batch.ledger.consumed == 1,
+            {c.lease_id for c in credits.credits} <= set(at_credits.ledger.leases)] == [True] * 3
     svc.wal.close()
 
 
@@ -342,22 +318,3 @@ def test_a_stop_on_a_full_disk_does_not_wait_for_space(tmp_path, full_disk, fsyn
     again = WriteAheadLog(tmp_path / "wal", fsync=fsync)
     assert again.corrupt_records == 0 and list(again.replay())
     again.close()
-
-
-def test_status_says_a_buffer_on_a_full_disk_is_up_but_refuses_new_groups(tmp_path, capsys):
-    disk = _Disk(RESERVE - 1)
-    svc = _start(tmp_path / "buffer", disk)
-    svc.settle()  # a sweep reads the free space
-    assert svc.disk.degraded
-    srv = MetricsServer(Metrics(), 0, "127.0.0.1", health=svc.health)
-    try:
-        (tmp_path / "ports.json").write_text(json.dumps({"daemons": [{
-            "name": "buffer", "kind": "buffer", "pid": None,
-            "metrics_url": f"http://127.0.0.1:{srv.port}/metrics",
-            "health_url": f"http://127.0.0.1:{srv.port}/health"}]}))
-        assert status(tmp_path) == 0
-        line = capsys.readouterr().out.splitlines()[0].split()
-        assert line[:2] == ["buffer", "up"] and "refusing new groups: disk_full:" in " ".join(line)
-    finally:
-        srv.stop()
-        svc.stop()

@@ -54,6 +54,10 @@ def test_the_limit_is_the_biggest_group_the_job_can_produce(tmp_path):
                                          env="areal_like.tasks.envs:GuessNumber",
                                          max_episode_tokens=8192))
     assert request_frame_limit(episodes) == 6_815_744  # every turn of an episode is in its output
+    agent = TaskConfig(group_size=16, max_prompt_tokens=4096, max_new_tokens=64, max_turns=8,
+                       agent="areal_like.tasks.agents:calc_agent", max_episode_tokens=8192)
+    biggest = 16 * 8 * (8192 * 16 + 64 * 1024)  # every call its own segment, all of it output
+    assert request_frame_limit(RunConfig(task=agent)) >= biggest
     with pytest.raises(ConfigError, match="buffer.max_frame_bytes"):
         BufferConfig(max_frame_bytes=-1)
 
@@ -105,13 +109,6 @@ def test_a_32mb_frame_is_refused_undecoded_by_a_real_buffer(tmp_run_dir, spawn_p
     finally:
         sock.close(linger=0)
         client.close()
-
-
-def test_an_agent_groups_limit_holds_one_trajectory_per_call():
-    task = TaskConfig(group_size=16, max_prompt_tokens=4096, max_new_tokens=64, max_turns=8,
-                      agent="areal_like.tasks.agents:calc_agent", max_episode_tokens=8192)
-    biggest = 16 * 8 * (8192 * 16 + 64 * 1024)  # every call its own segment, all of it output
-    assert request_frame_limit(RunConfig(task=task)) >= biggest
 
 
 def test_the_trajectory_limit_is_the_context_the_engine_serves(tmp_path):

@@ -37,7 +37,7 @@ def _ask(svc: BufferService, ack: str = "", n: int = 2) -> P.Batch:
     return step(svc, P.BatchRequest(n_groups=n, trainer_version=0, wait_s=0.0, ack_batch=ack))
 
 
-def test_in_transit_then_ack_marks_consumed(tmp_path):
+def test_in_transit_until_acked_and_put_back_by_a_request_without_the_ack(tmp_path):
     svc = _start(tmp_path)
     ids = _fill(svc, 4)
     first = _ask(svc)
@@ -49,7 +49,16 @@ def test_in_transit_then_ack_marks_consumed(tmp_path):
     assert (len(svc.store), svc.handout.in_transit_groups(),
             svc.instruments.counts["groups_consumed"]) == (0, 2, 2)
     assert svc.instruments.counts["batches_redelivered"] == 0
-    empty = _ask(svc, ack=second.batch_id)
+    again = _ask(svc)  # a restarted trainer acks nothing: the batch never arrived
+    assert (sorted(g.group_id for g in again.groups) == sorted(ids[2:])
+            and again.batch_id != second.batch_id)
+    assert (svc.instruments.counts["batches_redelivered"] == 1
+            and svc.instruments.counts["groups_redelivered"] == 2)
+    stale_ack = _ask(svc, ack=second.batch_id)  # an older id: the reply to `again` was lost too
+    assert sorted(g.group_id for g in stale_ack.groups) == sorted(ids[2:])
+    assert (svc.instruments.counts["batches_redelivered"] == 2
+            and svc.instruments.counts["groups_consumed"] == 2)
+    empty = _ask(svc, ack=stale_ack.batch_id)
     assert (empty.groups == [] and empty.batch_id == ""
             and svc.instruments.counts["groups_consumed"] == 4)
     assert svc.handout.in_transit is None and svc.state()["in_transit"] is None
@@ -57,36 +66,6 @@ def test_in_transit_then_ack_marks_consumed(tmp_path):
     restarted = _start(tmp_path)  # the WAL agrees: everything consumed
     assert len(restarted.store) == 0 and restarted.handout.in_transit is None
     restarted.wal.close()
-
-
-def test_a_request_without_the_ack_puts_the_batch_back(tmp_path):
-    svc = _start(tmp_path)
-    ids = _fill(svc, 2)
-    lost = _ask(svc)
-    assert len(lost.groups) == 2 and len(svc.store) == 0
-    again = _ask(svc)  # a restarted trainer acks nothing: the batch never arrived
-    assert (sorted(g.group_id for g in again.groups) == sorted(ids)
-            and again.batch_id != lost.batch_id)
-    assert (svc.instruments.counts["batches_redelivered"] == 1
-            and svc.instruments.counts["groups_redelivered"] == 2)
-    stale_ack = _ask(svc, ack=lost.batch_id)  # an older id: the reply to `again` was lost too
-    assert sorted(g.group_id for g in stale_ack.groups) == sorted(ids)
-    assert (svc.instruments.counts["batches_redelivered"] == 2
-            and svc.instruments.counts["groups_consumed"] == 0)
-    _ask(svc, ack=stale_ack.batch_id)
-    assert svc.instruments.counts["groups_consumed"] == 2 and len(svc.store) == 0
-    svc.wal.close()
-
-
-def test_returned_groups_are_checked_for_staleness_again(tmp_path):
-    svc = _start(tmp_path)
-    _fill(svc, 2)
-    assert len(_ask(svc).groups) == 2
-    step(svc, P.VersionUpdate(policy_version=2))  # eta = 1: head version 0 is stale at 2
-    batch = step(svc, P.BatchRequest(n_groups=2, trainer_version=2, wait_s=0.0))
-    assert (batch.groups == [] and svc.instruments.counts["groups_dropped_stale"] == 2
-            and svc.instruments.counts["groups_redelivered"] == 2)
-    svc.wal.close()
 
 
 def test_wal_replay_restores_the_batch_in_transit(tmp_path):
@@ -110,6 +89,11 @@ def test_wal_replay_restores_the_batch_in_transit(tmp_path):
     again = _ask(svc)
     assert sorted(g.group_id for g in again.groups) == sorted(ids[2:])
     assert svc.instruments.counts["batches_redelivered"] == 1
+    # returned again, unacked, they are checked for staleness again: eta = 1, head 0 at version 2
+    step(svc, P.VersionUpdate(policy_version=2))
+    batch = step(svc, P.BatchRequest(n_groups=2, trainer_version=2, wait_s=0.0))
+    assert (batch.groups == [] and svc.instruments.counts["groups_dropped_stale"] == 2
+            and svc.instruments.counts["groups_redelivered"] == 4)
     svc.wal.close()
 
 
@@ -211,15 +195,20 @@ def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_i
     svc = _start(tmp_path)
     ids = _fill(svc, 2)
     victim = next(s for s in svc.store.groups() if s.group_id == ids[0])
+    (credit,) = step(svc, P.CreditRequest(server_id="s", max_credits=1)).credits
     started = svc.ledger.started
+    # a group logged before its lease closed (no state record follows: a crash), undecodable
+    svc.wal.append_group(f"s-{credit.lease_id}", b"\xc1" * 16)
     svc.wal.close()
     _make_undecodable(svc.wal.dir, victim.ref)
 
     restarted = _start(tmp_path)
     assert [s.group_id for s in restarted.store.groups()] == ids[1:]
-    assert restarted.instruments.counts["groups_dropped_unreadable"] == 1
-    assert list(restarted.ledger.reissue) == [(victim.prompt_index, victim.epoch)]
-    assert restarted.ledger.started == started - 1
+    assert (restarted.instruments.counts["groups_dropped_unreadable"] == 2
+            and restarted.ledger.in_flight == 0)  # the open lease came back too
+    reissued = [(victim.prompt_index, victim.epoch), (credit.prompt_index, credit.epoch)]
+    assert list(restarted.ledger.reissue) == reissued
+    assert restarted.ledger.started == started - 2
     assert (f"seg-{victim.ref.segment:012d}.wal" in caplog.text
             and f"offset {victim.ref.offset}" in caplog.text)
     batch = _ask(restarted, n=1)
@@ -229,26 +218,9 @@ def test_a_group_that_no_longer_decodes_at_replay_is_dropped_and_stops_pinning_i
 
     again = _start(tmp_path)  # dropped once only; its segment is gone, with its read-only fd
     assert again.instruments.counts["groups_dropped_unreadable"] == 0
-    assert (list(again.ledger.reissue) == [(victim.prompt_index, victim.epoch)]
-            and again.ledger.started == started - 1)
+    assert list(again.ledger.reissue) == reissued and again.ledger.started == started - 2
     assert victim.ref.segment not in again.wal.segments()
     again.wal.close()
-
-
-def test_an_undecodable_group_logged_before_its_lease_closed_returns_the_lease(tmp_path):
-    svc = _start(tmp_path)
-    step(svc, P.Register(server_id="s", engine_url="http://x", policy_version=0))
-    (credit,) = step(svc, P.CreditRequest(server_id="s", max_credits=1)).credits
-    started = svc.ledger.started
-    svc.wal.append_group(f"s-{credit.lease_id}", b"\xc1" * 16)  # no state record follows: a crash
-    svc.wal.close()
-
-    restarted = _start(tmp_path)
-    assert (restarted.instruments.counts["groups_dropped_unreadable"] == 1
-            and restarted.ledger.in_flight == 0)
-    assert list(restarted.ledger.reissue) == [(credit.prompt_index, credit.epoch)]
-    assert restarted.ledger.started == started - 1
-    restarted.wal.close()
 
 
 def test_a_flood_of_undecodable_frames_costs_one_log_line_and_is_counted_in_full(tmp_path, caplog):

@@ -1,7 +1,6 @@
 """The transport's per-frame send (``FrameWriter``): a failed NOBLOCK send queues nothing, asyncio
-sockets keep their own path; the Client's kept poller survives a reconnect. (Its framing, and
-``recv_parts``', through every Server and Client round trip: test_transport_copies.py.) In one
-process over loopback TCP."""
+sockets keep their own path. (Its framing, and ``recv_parts``', through every Server and Client
+round trip: test_transport_copies.py.) In one process over loopback TCP."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from areal_like.net.dealer import AsyncClient, Client
+from areal_like.net.dealer import AsyncClient
 from areal_like.net.transport import FrameWriter, Server, new_socket
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory
@@ -86,34 +85,6 @@ def test_asyncio_sockets_keep_their_own_send(free_port):
         asyncio.run(go())
     finally:
         server.close()
-
-
-def test_client_kept_poller_follows_a_reconnect(free_port):
-    address = f"tcp://127.0.0.1:{free_port()}"
-    client = Client(address, timeout_s=0.3)
-    server, done = None, threading.Event()
-    try:
-        with pytest.raises(TimeoutError):
-            client.request(P.StatsRequest())  # nobody there: times out and reconnects
-        server = Server(address)
-
-        def answer() -> None:  # every request until done: a stray peer of another test on a
-            while not done.is_set():  # reused port number must not take the one answer
-                if (got := server.recv(0.1)) is not None:
-                    peer, req_id, msg = got
-                    server.send(peer, req_id, P.Ack(ref=type(msg).__name__, status="ok"))
-
-        thread = threading.Thread(target=answer, daemon=True)
-        thread.start()
-        client.timeout_s = TIMEOUT_MS / 1000
-        reply = client.request(P.StatsRequest())
-        assert isinstance(reply, P.Ack) and reply.ref == "StatsRequest"
-    finally:
-        done.set()
-        client.close()
-        if server is not None:
-            thread.join(TIMEOUT_MS / 1000)
-            server.close()
 
 
 def test_request_many_pipelines_and_matches_replies_by_request(free_port):

@@ -49,58 +49,6 @@ def test_round_trip_in_order_each_control_record_carrying_the_one_before_it(tmp_
     assert recs[4][:3] == ("C", "", b"") and last == {"consumed": ["g2"], "n": 2} and len(recs) == 5
 
 
-def test_every_start_opens_a_new_segment(tmp_path):
-    wal = opened(tmp_path, {"n": 0})
-    wal.append_group("live", b"...")
-    wal.close()
-    for i in (1, 2):
-        wal = WriteAheadLog(tmp_path)
-        assert [r.group_id for r in wal.replay() if r.kind == "G"] == ["live"]
-        wal.open({"n": i})
-        wal.close()
-    # segment 2 holds only a checkpoint, but only a prefix is compacted and segment 1 holds "live"
-    assert WriteAheadLog(tmp_path).segments() == [1, 2, 3]
-    wal = opened(tmp_path, {"n": 3})
-    wal.append_control({"consumed": ["live"]})
-    assert wal.compact() == [1, 2, 3] and wal.segments() == [4]
-    wal.close()
-
-
-@pytest.mark.parametrize("damage", ["truncate_payload", "truncate_header", "flip_byte",
-                                    "garbage_length", "zeroed"])
-def test_torn_or_corrupt_tail_is_skipped_and_logged(tmp_path, damage, caplog):
-    wal = opened(tmp_path, fsync="batch" if damage == "zeroed" else "always")
-    wal.append_group("good", b"x" * 100)
-    wal.append_group("last", b"y" * 100)
-    wal.close()
-    path = segment_path(tmp_path, 1)
-    data = bytearray(path.read_bytes())
-    size_good = len(data) - (8 + 1 + 2 + 4 + 100)  # everything before the last record
-    if damage == "truncate_payload":
-        data = data[:-30]
-    elif damage == "truncate_header":
-        data = data[:size_good + 5]
-    elif damage == "flip_byte":
-        data[-1] ^= 0xFF
-    elif damage == "garbage_length":
-        data[size_good:size_good + 4] = (2**31).to_bytes(4, "little")
-    else:  # off a 4 KiB boundary a zeroed record is corruption, not a direct append's padding
-        assert len(data) % 4096 != 0
-        data[size_good:] = bytes(len(data) - size_good)
-    path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="buffer.wal"):
-        wal2, recs = replay(tmp_path)
-    assert groups(recs) == ["good"]  # never the damaged one
-    assert wal2.corrupt_records == 1
-    assert any("seg-000000000001.wal" in m and "offset" in m for m in caplog.messages)
-    assert path.stat().st_size == size_good  # the torn tail of the newest segment was cut off
-    wal2.open({})
-    wal2.append_group("after", b"z")
-    wal2.close()
-    _, recs = replay(tmp_path)  # clean now; new records follow in a new segment
-    assert groups(recs) == ["good", "after"]
-
-
 def test_corruption_in_an_older_segment_skips_only_its_rest(tmp_path):
     wal = opened(tmp_path, segment_bytes=1)  # rotate after every commit
     for gid in ("a", "b"):
@@ -226,29 +174,7 @@ def test_a_failing_fsync_is_fatal_not_silent(tmp_path, monkeypatch):
     assert segments_open() == 0
 
 
-def test_group_frames_are_read_back_from_the_log_and_checked(tmp_path):
-    wal = opened(tmp_path)
-    refs = {gid: wal.append_group(gid, gid.encode() * 1000) for gid in ("a", "bb")}
-    wal.append_control({"consumed": []})
-    assert ({gid: bytes(wal.read_group(ref)) for gid, ref in refs.items()}
-            == {"a": b"a" * 1000, "bb": b"bb" * 1000})
-    wal.close()
-    wal2 = WriteAheadLog(tmp_path)
-    replayed = {r.group_id: r.ref for r in wal2.replay() if r.kind == "G"}
-    assert replayed == refs  # replay finds them where the writer put them
-    assert bytes(wal2.read_group(replayed["bb"])) == b"bb" * 1000
-    # one flipped bit in the last byte of "a"'s frame
-    with segment_path(tmp_path, 1).open("r+b") as f:
-        f.seek(refs["a"].offset + refs["a"].length - 1)
-        byte = f.read(1)[0]
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte ^ 1]))
-    with pytest.raises(OSError, match="damaged"):
-        wal2.read_group(refs["a"])
-    wal2.close()
-
-
-WAL_WITHOUT_FDATASYNC = """
+WAL_WITHOUT_FDATASYNC_OR_STDIN = """
 import os, sys
 del os.fdatasync  # as on macOS, whose os module has no fdatasync
 from buffer.wal import WriteAheadLog
@@ -259,14 +185,21 @@ for policy in ("always", "batch"):
     ref = wal.append_group("a", b"frame")
     wal.request_sync()
     wal.wait_durable()
+    if policy == "batch":
+        os.close(0)  # a daemon started without stdin: the next open returns descriptor 0
     assert bytes(wal.read_group(ref)) == b"frame"
     wal.close()
-print("ok")
+try:
+    os.fstat(0)
+except OSError:
+    print("closed")
+else:
+    print("leaked", os.readlink("/proc/self/fd/0"))
 """
 
 
-def test_the_log_syncs_where_the_os_has_no_fdatasync(tmp_path):
-    assert run_script(WAL_WITHOUT_FDATASYNC, str(tmp_path)) == "ok"
+def test_the_log_syncs_without_fdatasync_and_closes_a_reader_numbered_0(tmp_path):
+    assert run_script(WAL_WITHOUT_FDATASYNC_OR_STDIN, str(tmp_path)) == "closed"
 
 
 def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, monkeypatch):
@@ -301,41 +234,6 @@ def test_a_failed_write_is_not_taken_for_a_damaged_record_at_hand_out(tmp_path, 
         svc.wal.close()
 
 
-WAL_READER_ON_FD_0 = """
-import os, sys
-from buffer.wal import WriteAheadLog
-wal = WriteAheadLog(sys.argv[1])
-list(wal.replay())
-wal.open({})
-ref = wal.append_group("a", b"frame")
-wal.request_sync()
-wal.wait_durable()
-os.close(0)  # a daemon started without stdin: the next open returns descriptor 0
-assert bytes(wal.read_group(ref)) == b"frame"
-wal.close()
-try:
-    os.fstat(0)
-except OSError:
-    print("closed")
-else:
-    print("leaked", os.readlink("/proc/self/fd/0"))
-"""
-
-
-def test_a_reader_descriptor_numbered_0_is_kept_and_closed(tmp_path):
-    assert run_script(WAL_READER_ON_FD_0, str(tmp_path)) == "closed"
-
-
-def test_one_log_per_directory(tmp_path):
-    wal = WriteAheadLog(tmp_path)
-    with pytest.raises(WalInUse, match=f"in use by another buffer \\(pid {os.getpid()}\\)"):
-        WriteAheadLog(tmp_path)
-    wal.close()
-    again = WriteAheadLog(tmp_path)
-    del again  # never closed: the lock goes with the object
-    WriteAheadLog(tmp_path, fsync="never").close()
-
-
 def test_a_file_system_without_locks_runs_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
     import errno
 
@@ -356,10 +254,12 @@ def _signal_and_wait(running, release) -> None:
     release.wait(60)
 
 
-def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
+def test_one_log_per_directory_and_a_forked_child_keeps_no_lock(tmp_path):
     import multiprocessing as mp
 
     wal = WriteAheadLog(tmp_path)
+    with pytest.raises(WalInUse, match=f"in use by another buffer \\(pid {os.getpid()}\\)"):
+        WriteAheadLog(tmp_path)
     ctx = mp.get_context("fork")
     running, release, child = ctx.Event(), ctx.Event(), None
     try:
@@ -367,63 +267,84 @@ def test_a_forked_child_does_not_keep_the_directory_locked(tmp_path):
         child.start()
         assert running.wait(60)  # past the fork handlers
         wal.close()
-        WriteAheadLog(tmp_path).close()  # the child is still alive and holds no lock
+        again = WriteAheadLog(tmp_path)  # the child is still alive and holds no lock
         assert child.is_alive()
+        del again  # never closed: the lock goes with the object
+        WriteAheadLog(tmp_path, fsync="never").close()
     finally:
         release.set()
         if child is not None:
             child.join(timeout=60)
 
 
-def _three_groups(tmp_path) -> tuple[bytearray, list[int]]:
+def _three_groups(tmp_path, **kw) -> tuple[bytearray, list[int]]:
     """A closed log of a checkpoint and 300-byte groups a, b, c: (segment bytes, offsets)."""
-    wal = opened(tmp_path)
+    wal = opened(tmp_path, **kw)
     offsets = [wal.append_group(f"s0-L{gid}", b"\x87" + gid.encode() * 299).offset for gid in "abc"]
     wal.close()
     return bytearray(segment_path(tmp_path, 1).read_bytes()), offsets
 
 
-@pytest.mark.parametrize("damage", ["flip_frame_byte", "zero_header", "garbage_length",
-                                    "flip_gid_len"])
-def test_damage_mid_segment_loses_only_the_damaged_record(tmp_path, damage, caplog):
-    data, (_, at, after) = _three_groups(tmp_path)
-    if damage == "flip_frame_byte":
-        data[at + 8 + 150] ^= 0x10
-    elif damage == "zero_header":
-        data[at:at + 8] = bytes(8)
-    elif damage == "garbage_length":
-        data[at:at + 4] = (2**31).to_bytes(4, "little")
-    else:  # the group id's length: the id can no longer be read
-        data[at + 9] ^= 0x7F
+def _damaged(data: bytearray, how: str, b: int, c: int) -> bytes:
+    """``data`` with each "+"-joined damage of ``how`` done to record b (mid-segment) or c."""
+    for part in how.split("+"):
+        if part == "flip_frame_byte":
+            data[b + 8 + 150] ^= 0x10
+        elif part == "zero_header":
+            data[b:b + 8] = bytes(8)
+        elif part == "garbage_length":
+            data[b:b + 4] = (2**31).to_bytes(4, "little")
+        elif part == "flip_gid_len":  # the group id's length: the id can no longer be read
+            data[b + 9] ^= 0x7F
+        elif part == "truncate_payload":
+            del data[-30:]
+        elif part == "truncate_header":
+            del data[c + 5:]
+        elif part == "flip_last_byte":
+            data[-1] ^= 0x10
+        elif part == "garbage_last_length":
+            data[c:c + 4] = (2**31).to_bytes(4, "little")
+        elif part == "zero_last":  # off a 4 KiB boundary: corruption, not a direct append's padding
+            assert len(data) % 4096 != 0
+            data[c:] = bytes(len(data) - c)
+        else:  # "torn": a torn last write after the intact c
+            data += (1000).to_bytes(4, "little") + bytes(4) + b"G\x05\x00s0-Ld"
+    return bytes(data)
+
+
+A, B, C, TAIL = ("G", "s0-La"), ("G", "s0-Lb"), ("G", "s0-Lc"), ("D", "")
+
+
+@pytest.mark.parametrize("how, records, corrupt, kept", [
+    # damage mid-segment loses only the damaged record; nothing after it is cut
+    *((how, [A, ("D", "s0-Lb"), C], 1, "all")
+      for how in ("flip_frame_byte", "zero_header", "garbage_length")),
+    ("flip_gid_len", [A, ("D", ""), C], 1, "all"),
+    # a torn or corrupt last record (never acknowledged) is cut off and named by no group
+    *((how, [A, B, TAIL], 1, "c") for how in ("truncate_payload", "truncate_header",
+                                              "flip_last_byte", "garbage_last_length",
+                                              "zero_last")),
+    # after damage mid-segment: a damaged tail is cut, an intact record between them kept
+    ("flip_frame_byte+torn", [A, ("D", "s0-Lb"), C, TAIL], 2, "all"),
+    ("flip_frame_byte+flip_last_byte", [A, TAIL], 1, "b"),
+])
+def test_damage_loses_only_the_damaged_records_and_a_damaged_tail_is_cut(
+        tmp_path, caplog, how, records, corrupt, kept):
+    data, (_, b, c) = _three_groups(tmp_path, fsync="batch" if how == "zero_last" else "always")
+    sizes = {"all": len(data), "b": b, "c": c}
     path = segment_path(tmp_path, 1)
-    path.write_bytes(bytes(data))
+    path.write_bytes(_damaged(data, how, b, c))
     with caplog.at_level(logging.WARNING, logger="buffer.wal"):
         wal, recs = replay(tmp_path)
-    assert [(r[0], r[1]) for r in recs if r[0] != "C"] == [
-        ("G", "s0-La"), ("D", "" if damage == "flip_gid_len" else "s0-Lb"), ("G", "s0-Lc")]
-    assert wal.corrupt_records == 1 and path.stat().st_size == len(data)  # nothing after it was cut
-    said = f"at offset {at}; skipped {after - at} damaged bytes"
-    assert any(said in m for m in caplog.messages), caplog.messages
-
-
-@pytest.mark.parametrize("torn", [False, True])
-def test_a_damaged_tail_after_damage_mid_segment_is_cut_and_an_intact_record_between_kept(
-        tmp_path, torn):
-    data, (_, at, _) = _three_groups(tmp_path)
-    intact_end = len(data)
-    data[at + 8 + 150] ^= 0x10
-    if torn:  # a torn last write after the intact c
-        data += (1000).to_bytes(4, "little") + bytes(4) + b"G\x05\x00s0-Ld"
-    else:  # the last record too: nothing intact after b
-        data[-1] ^= 0x10
-    path = segment_path(tmp_path, 1)
-    path.write_bytes(bytes(data))
-    wal, recs = replay(tmp_path)
-    # a damaged tail (a torn last write, never acknowledged) is cut and named by no group
-    assert [(r[0], r[1]) for r in recs if r[0] != "C"] == (
-        [("G", "s0-La"), ("D", "s0-Lb"), ("G", "s0-Lc"), ("D", "")] if torn
-        else [("G", "s0-La"), ("D", "")])
-    assert wal.corrupt_records == 1 + torn and path.stat().st_size == (intact_end if torn else at)
+    assert [(r[0], r[1]) for r in recs if r[0] != "C"] == records
+    assert wal.corrupt_records == corrupt and path.stat().st_size == sizes[kept]
+    said = f"at offset {b}; skipped {c - b} damaged bytes" if records[2:] == [C] else "offset"
+    assert any("seg-000000000001.wal" in m and said in m for m in caplog.messages), caplog.messages
+    wal.open({})
+    wal.append_group("after", b"z")
+    wal.close()
+    _, recs = replay(tmp_path)  # clean now; new records follow in a new segment
+    assert groups(recs) == [gid for kind, gid in records if kind == "G"] + ["after"]
 
 
 def test_a_checkpoint_larger_than_a_segment_does_not_rotate_by_itself(tmp_path):

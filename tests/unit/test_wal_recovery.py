@@ -75,19 +75,22 @@ def _recover(path):
     return got, ledger, store
 
 
-@pytest.mark.parametrize("damaged, lost, says", [
-    *(((k,), 0, f"control record {k} before segment 1's record {k + 1} was damaged: restored")
+@pytest.mark.parametrize("damaged, restored, lost, says", [
+    *(((k,), 1, 0, f"control record {k} before segment 1's record {k + 1} was damaged: restored")
       for k in (1, 2, 3)),
-    # the re-queue of prompt 5 is lost; record 3 takes it
-    ((1, 2), 1, "1 control records after record 0 were damaged beyond repair"),
+    # the re-queue of prompt 5 is lost; record 3 takes it (not fatal)
+    ((1, 2), 1, 1, "1 control records after record 0 were damaged beyond repair"),
+    # no record carries a copy of the oldest checkpoint: lost, the records after it apply
+    ((0,), 0, 1, "damaged beyond repair"),
 ])
 def test_damaged_control_records_are_restored_from_the_next_or_lost(tmp_path, caplog, damaged,
-                                                                    lost, says):
+                                                                    restored, lost, says):
     _damage(tmp_path, _write(tmp_path), *damaged)
     with caplog.at_level(logging.WARNING, logger="test.recovery"):
         got, ledger, _ = _recover(tmp_path)
-    assert (got.damaged, got.restored, got.lost_control) == (1, 1, lost)
-    assert ledger.consumed == 2 and list(ledger.reissue) == []  # as if nothing had been damaged
+    assert (got.damaged, got.restored, got.lost_control) == (1, restored, lost)
+    # as if nothing had been damaged
+    assert ledger.consumed == 2 and list(ledger.reissue) == [] and ledger.next_index == 10
     assert any(says in m for m in caplog.messages), caplog.messages
 
 
@@ -142,21 +145,6 @@ def test_a_damaged_group_at_the_tail_of_an_older_segment_is_dropped_and_its_prom
     assert "s0-g2" in got.unreadable, got.unreadable
     u = got.unreadable["s0-g2"]
     assert (u.lease_id, u.prompt_index, u.epoch) == ("g2", 7, 0)
-
-
-def test_a_damaged_checkpoint_opening_the_wal_is_counted_lost_and_the_start_goes_on(tmp_path,
-                                                                                  caplog):
-    """No record carries a copy of the oldest checkpoint: its loss is counted and logged, and the
-    records after it apply (a re-issue taken from the lost state is not fatal)."""
-    wal = _open(tmp_path, _state(reissue=[[5, 0]]))
-    wal.append_control(_changes(dequeued=1))
-    wal.close()
-    _flip(tmp_path, 1, HEADER.size + 5)  # inside the checkpoint's payload
-    with caplog.at_level(logging.WARNING, logger="test.recovery"):
-        got, ledger, _ = _recover(tmp_path)
-    assert (got.damaged, got.restored, got.lost_control) == (1, 0, 1)
-    assert list(ledger.reissue) == [] and ledger.next_index == 10
-    assert any("damaged beyond repair" in m for m in caplog.messages), caplog.messages
 
 
 def test_damage_taking_a_later_segments_checkpoint_and_next_record_restores_that_record(tmp_path):
