@@ -1,23 +1,31 @@
-"""The embedded engine over real HTTP on 127.0.0.1 (one per module): SGLang shapes and control."""
+"""The embedded engine over real HTTP on 127.0.0.1 (one per module): SGLang shapes and control;
+its in-process ``/generate`` (rollout_server/engine/local.py) against the same engine over HTTP:
+answers, errors, the pause gate, aborts, and calls when the engine stops."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_engine_scheduler import greedy
 
+from areal_like.engines.client import EngineError
+from areal_like.engines.sglang import SGLangClient
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.weights.hf import build_model
 from benchmarks.weight_checksum import state_checksum
 from rollout_server.engine import EmbeddedEngine
+from rollout_server.engine.local import LocalGenerate
 
 HTTP_TIMEOUT_S = 120.0
 MODEL = ModelConfig(max_position_embeddings=256)
@@ -127,6 +135,7 @@ def test_stop_token_ids_finish_with_stop(engine):
     ({"input_ids": [1, 2], "text": "ab"}, "Either text"), ({"sampling_params": {}}, "Either text"),
     ({"input_ids": []}, "cannot be empty"), ({"input_ids": [1, 999]}, "out of vocabulary"),
     ({"input_ids": [1, 2], "sampling_params": {"stop": ["x"]}}, "sampling_params.stop"),
+    ({"input_ids": [1, 5], "return_routed_experts": True}, "return_routed_experts: "),  # dense
 ])
 def test_malformed_generate_gets_a_400_naming_what_is_wrong(engine, body, names):
     status, text = call(engine, "/generate", body)
@@ -316,8 +325,6 @@ def aborted(engine) -> float:
 
 
 def test_client_disconnect_aborts_request(engine):
-    import socket
-
     before = aborted(engine)
     body = json.dumps({"input_ids": [1, 2],
                        "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}).encode()
@@ -362,3 +369,132 @@ def test_streaming_chunks_are_cumulative_and_end_like_the_plain_response(engine)
     many = stream(engine, {"input_ids": [1, 5], "sampling_params": {"max_new_tokens": 3, "n": 2}})
     assert {c["index"] for c in many} == {0, 1}
 
+
+
+def local(engine, body: dict) -> tuple[int, object]:
+    return asyncio.run(engine.generate_local(body))
+
+
+def same_answer(a: dict, b: dict) -> None:
+    """Equal but for what differs between any two calls (request id, latency)."""
+    strip = lambda o: {**o, "meta_info": {k: v for k, v in o["meta_info"].items()
+                                          if k not in ("id", "e2e_latency")}}
+    # JSON-equal: what the endpoint would have sent
+    assert strip(a) == strip(json.loads(json.dumps(b)))
+
+
+def test_in_process_generate_answers_what_the_endpoint_answers_and_the_client_maps_it(engine):
+    body = {"input_ids": [[1, 7, 8], [1, 9]],
+            "sampling_params": [{"max_new_tokens": 6, "temperature": 0},
+                                {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}],
+            "return_logprob": True}
+    status, outs = local(engine, body)
+    assert status == 200 and len(outs) == 2
+    for over_http, in_process in zip(gen(engine, **body), outs):
+        same_answer(over_http, in_process)
+    bad = {"input_ids": [1, 999]}  # past the vocabulary
+    http_status, text = call(engine, "/generate", bad)
+    assert local(engine, bad) == (http_status, json.loads(text)) and http_status == 400
+    assert local(engine, {"input_ids": [1, 2], "stream": True})[0] == 400  # no streaming in-process
+
+    async def through_the_client():
+        client = SGLangClient("http://127.0.0.1:1", local=engine)  # no HTTP reachable
+        outs = await client.generate_batch([[1, 3], [1, 4, 5]],
+                                           [{"max_new_tokens": 3, "temperature": 0,
+                                             "ignore_eos": True}] * 2)
+        assert [(len(o.output_ids), len(o.logprobs), o.finish_reason, o.weight_version)
+                for o in outs] == [(3, 3, "length", "0")] * 2
+        with pytest.raises(EngineError) as e:
+            await client.generate([1, 999], {"max_new_tokens": 2})
+        assert e.value.status == 400
+        await client.close()
+    asyncio.run(through_the_client())
+
+
+def test_in_process_generate_waits_while_paused_and_a_cancelled_caller_aborts(engine):
+    async def main():
+        assert call(engine, "/pause_generation", {"mode": "abort"})[0] == 200
+        try:
+            waiting = asyncio.ensure_future(engine.generate_local(
+                {"input_ids": [1, 5], "sampling_params": {"max_new_tokens": 2}}))
+            done, _ = await asyncio.wait([waiting], timeout=0.5)
+            assert not done  # held back by the pause, not refused
+        finally:
+            assert call(engine, "/continue_generation", {})[0] == 200
+        status, out = await asyncio.wait_for(waiting, HTTP_TIMEOUT_S)
+        assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "length"
+        before = aborted(engine)
+        long = asyncio.ensure_future(engine.generate_local(
+            {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}))
+        deadline = time.monotonic() + HTTP_TIMEOUT_S
+        while not engine.scheduler.load()["num_running_reqs"]:
+            assert time.monotonic() < deadline, "the request never ran"
+            await asyncio.sleep(0.005)
+        long.cancel()
+        while aborted(engine) == before:
+            assert time.monotonic() < deadline, "the cancelled request was not aborted"
+            await asyncio.sleep(0.005)
+    asyncio.run(main())
+
+
+def test_an_in_process_call_ends_when_its_engine_stops_and_later_ones_are_refused():
+    """A call held at the pause gate ends as unreachable, not at its timeout; later ones too."""
+    e = EmbeddedEngine(MODEL, EngineConfig(max_running_requests=2)).start()
+
+    async def main():
+        client = SGLangClient("http://127.0.0.1:1", local=e, generate_timeout_s=HTTP_TIMEOUT_S)
+        try:
+            assert call(e, "/pause_generation", {"mode": "abort"})[0] == 200
+            held = asyncio.ensure_future(client.generate([1, 2], {"max_new_tokens": 2}))
+            done, _ = await asyncio.wait([held], timeout=0.3)
+            assert not done  # held back by the pause
+            await asyncio.to_thread(e.stop)
+            with pytest.raises(EngineError) as ended:
+                await asyncio.wait_for(held, HTTP_TIMEOUT_S)
+            with pytest.raises(EngineError) as refused:
+                await client.generate([1, 2], {"max_new_tokens": 2})
+            assert ended.value.status is None and refused.value.status is None
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        e.stop()
+
+
+def test_calls_ended_by_cancel_all_say_so_and_a_caller_cancelled_stays_cancelled():
+    """``LocalGenerate`` with a handler that never answers: ConnectionAbortedError at and after
+    ``cancel_all``; a caller cancelled for its own reasons sees its CancelledError."""
+    answering = threading.Semaphore(0)  # one release per call the handler took
+
+    async def never(_inp):
+        answering.release()
+        await asyncio.Event().wait()
+
+    http = SimpleNamespace(parse=lambda body: SimpleNamespace(stream=False), answer=never)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    calls = LocalGenerate(http)
+
+    async def main():
+        own = asyncio.ensure_future(calls.call(loop, {}))
+        assert await asyncio.to_thread(answering.acquire, timeout=HTTP_TIMEOUT_S)
+        own.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await own
+        running = asyncio.ensure_future(calls.call(loop, {}))
+        assert await asyncio.to_thread(answering.acquire, timeout=HTTP_TIMEOUT_S)
+        calls.cancel_all()
+        with pytest.raises(ConnectionAbortedError):
+            await asyncio.wait_for(running, HTTP_TIMEOUT_S)
+        with pytest.raises(ConnectionAbortedError):
+            await asyncio.wait_for(calls.call(loop, {}), HTTP_TIMEOUT_S)
+
+    try:
+        asyncio.run(main())
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=HTTP_TIMEOUT_S)
+        loop.close()
