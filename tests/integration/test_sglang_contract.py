@@ -287,20 +287,13 @@ def engine_run(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------- the tests
-def test_every_generate_and_abort_request_we_send_is_valid_for_sglang(contract, engine_run):
-    check_generate_and_abort_requests(*contract, engine_run[0])
-
-
-def test_every_control_body_we_send_fits_io_struct(contract, engine_run):
-    check_control_requests(contract[1], engine_run[0])
-
-
-def test_every_engine_response_decodes_with_sglang_types(contract, engine_run):
-    check_responses(*contract, engine_run[1], engine_run[2])
-
-
-def test_engine_behaves_as_the_protocol_says(engine_run):
-    check_facts(engine_run[2])
+def test_what_we_send_fits_sglangs_types_and_what_the_engine_answers_decodes_with_them(
+        contract, engine_run):
+    requests, responses, facts = engine_run
+    check_generate_and_abort_requests(*contract, requests)
+    check_control_requests(contract[1], requests)
+    check_responses(*contract, responses, facts)
+    check_facts(facts)
 
 
 # ------------------------------------------------------------ the checks (also tests/sglang's)

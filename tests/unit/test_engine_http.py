@@ -25,6 +25,7 @@ from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.weights.hf import build_model
 from benchmarks.weight_checksum import state_checksum
 from rollout_server.engine import EmbeddedEngine
+from rollout_server.engine.api import max_text_chars
 from rollout_server.engine.local import LocalGenerate
 
 HTTP_TIMEOUT_S = 120.0
@@ -498,3 +499,22 @@ def test_calls_ended_by_cancel_all_say_so_and_a_caller_cancelled_stays_cancelled
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=HTTP_TIMEOUT_S)
         loop.close()
+
+
+def test_a_text_no_context_could_hold_is_refused_before_tokenizing(engine, monkeypatch):
+    """A 10 MB body is within the default 64 MiB cap: only this bound refuses it untokenized."""
+    tokenizer, context = engine.tokenizer, MODEL.max_position_embeddings
+    longest = max(tokenizer.get_vocab(), key=len)
+    assert max_text_chars(tokenizer, context) == context * len(longest) < 10 * 1024 * 1024
+    calls, encode = [], tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode",
+                        lambda text, *a, **k: (calls.append(len(text)), encode(text, *a, **k))[1])
+    huge = "7" * (10 * 1024 * 1024)
+    status, text = call(engine, "/generate", {"text": huge,
+                                              "sampling_params": {"max_new_tokens": 2}})
+    assert status == 400 and ("(10485760 characters) is longer than the model's context length "
+                              "(256 tokens)") in json.loads(text)["error"]["message"]
+    assert call(engine, "/generate", {"text": ["1+1=", huge]})[0] == 400  # one of a batch
+    assert calls == []  # refused before the tokenizer saw it
+    out = gen(engine, text="1+1=", sampling_params={"max_new_tokens": 2})
+    assert len(out["output_ids"]) == 2 and calls == [4]
