@@ -65,10 +65,12 @@ def _kill(*procs) -> None:
             pass
 
 
-def test_engine_and_its_port_go_when_the_rollout_server_is_killed():
+def test_engine_and_its_port_go_when_the_rollout_server_is_killed_and_an_untied_child_stays():
     port = free_port()
     parent, child = _start_parent("tied", "-m", "rollout_server.engine", "--host", "127.0.0.1",
                                   "--port", str(port))
+    # the control: without the tie the child outlives its parent, so the test would fail
+    plain, untied = _start_parent("plain", "-c", "import threading; threading.Event().wait()")
     try:
         deadline = time.monotonic() + HEALTH_DEADLINE_S
         while (time.monotonic() < deadline and child.is_running()
@@ -79,27 +81,18 @@ def test_engine_and_its_port_go_when_the_rollout_server_is_killed():
         # a process group of its own
         assert os.getpgid(child.pid) == child.pid != os.getpgid(parent.pid)
         assert not port_free(port)
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait()
+        for p in (parent, plain):
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
         gone, alive = psutil.wait_procs([child], timeout=GONE_DEADLINE_S)
         assert not alive, f"engine pid {child.pid} outlived its killed parent by {GONE_DEADLINE_S}s"
         assert port_free(port)
+        assert untied.is_running()  # nothing else would have stopped it
     finally:
-        _kill(parent, child)
+        _kill(parent, child, plain, untied)
+        psutil.wait_procs([untied], timeout=10)
         parent.stdout.close()
-
-
-def test_control_an_untied_child_survives_its_parent():
-    parent, child = _start_parent("plain", "-c", "import threading; threading.Event().wait()")
-    try:
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait()
-        _, alive = psutil.wait_procs([child], timeout=2.0)
-        assert alive == [child]  # nothing else would have stopped it
-    finally:
-        _kill(parent, child)
-        psutil.wait_procs([child], timeout=10)
-        parent.stdout.close()
+        plain.stdout.close()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")
