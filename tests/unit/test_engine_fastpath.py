@@ -69,8 +69,13 @@ def test_family_greedy_equals_generate_and_logprobs_equal_forward(kind):
     model = tiny(kind)
     assert fastpath.supports(model)
     ps, limits = prompts(7, seed=3), [6, 30, 12, 1, 45, 20, 9]
+    # 7 requests through 3 slots: rows join and leave every step
     got = run(model, ps, [SamplingParams(max_new_tokens=m, temperature=0.0) for m in limits])
     assert [r.output_ids for r in got] == [greedy(model, p, m) for p, m in zip(ps, limits)]
+    for m, r in zip(limits, got):
+        assert r.finish_reason == ({"type": "stop", "matched": EOS} if r.output_ids[-1] == EOS
+                                   else {"type": "length", "length": m})
+        assert r.output_versions == ["0"] * len(r.output_ids)
     sampled = run(model, ps, [SamplingParams(max_new_tokens=20, temperature=0.8) for _ in ps],
                   max_running=4)
     _logprobs_equal_forward(model, ps, sampled, 0.8)
