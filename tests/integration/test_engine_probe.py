@@ -4,6 +4,7 @@ sglang on sglang_standin, under with_restarts.sh); one killed by kill -9 under l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -15,6 +16,15 @@ from pathlib import Path
 
 import psutil
 import pytest
+from weight_sync_harness import start_pusher
+
+from areal_like.engines.sglang import SGLangClient
+from areal_like.net.auth import engine_api_key, ensure_key_file
+from areal_like.net.dealer import Client
+from areal_like.net.metrics import scrape
+from areal_like.settings.config import load_config, to_yaml
+from areal_like.weights.hf import build_model
+from areal_like.wire.protocol import RosterRequest
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -42,10 +52,6 @@ def _healthy(port: int) -> bool:
 
 def _start(tmp_path: Path, spawn_python, free_port, wait_until, extra: tuple[str, ...] = (),
            standin: dict[str, str] | None = None):
-    from areal_like.net.auth import ensure_key_file
-    from areal_like.settings.config import load_config, to_yaml
-    from areal_like.weights.hf import build_model
-
     base = load_config([])
     build_model(base.model).save_pretrained(tmp_path / "model")
     metrics = free_port()
@@ -77,9 +83,6 @@ def _start(tmp_path: Path, spawn_python, free_port, wait_until, extra: tuple[str
 
 def _member(cfg):
     """The roster's one member (a ``RosterEntry``), or None before it registered."""
-    from areal_like.net.dealer import Client
-    from areal_like.wire.protocol import RosterRequest
-
     client = Client(cfg.buffer.address, timeout_s=10)
     try:
         members = client.request(RosterRequest()).members
@@ -100,8 +103,6 @@ def _report(tmp_path: Path, version: int) -> dict | None:
 @pytest.mark.timeout(720)  # ~90 s alone: a 6 s deadline, a 30 s call unanswered, two engine starts
 def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
         tmp_path, spawn_python, free_port, wait_until):
-    from weight_sync_harness import start_pusher
-
     cfg, path, server, metrics = _start(tmp_path, spawn_python, free_port, wait_until)
     (frozen,) = _pids(tmp_path / "engine.pids")
     old_url = wait_until(lambda: _roster_url(cfg), 60, 0.2, "the server's registration")
@@ -137,8 +138,6 @@ def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
 
 
 def _requests_in_engine(url: str, key: str) -> float:
-    from areal_like.net.metrics import scrape
-
     page = scrape(f"{url}/metrics", 5.0, token=key)
     return sum(v for k, v in page.items()
                if k.startswith(("sglang:num_running_reqs", "sglang:num_queue_reqs")))
@@ -147,8 +146,6 @@ def _requests_in_engine(url: str, key: str) -> float:
 @pytest.mark.timeout(720)
 def test_an_engine_killed_under_many_groups_stops_the_server_naming_the_engine(
         tmp_path, spawn_python, free_port, wait_until):
-    from areal_like.net.auth import engine_api_key
-
     cfg, *_ = _start(tmp_path, spawn_python, free_port, wait_until,
                      ("task.group_size=2", "task.max_new_tokens=400",
                       "rollout.max_concurrent_groups=8"),
@@ -166,11 +163,6 @@ def test_an_engine_killed_under_many_groups_stops_the_server_naming_the_engine(
 
 def _relabelled_by_another(cfg, tmp_path: Path, url: str, wait_until) -> None:
     """A version loaded by someone else reaches the roster via the next heartbeat."""
-    import asyncio
-
-    from areal_like.engines.sglang import SGLangClient
-    from areal_like.net.auth import engine_api_key
-
     async def relabel() -> None:
         client = SGLangClient(url, api_key=engine_api_key(tmp_path))
         try:
