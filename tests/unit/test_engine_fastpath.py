@@ -84,7 +84,6 @@ def test_family_greedy_equals_generate_and_logprobs_equal_forward(kind):
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_identical_prompts_share_one_prefill(fast):
-    """n samples of one prompt are prefilled once, decoded apart."""
     torch.set_num_threads(1)
     model = tiny("qwen2")
     a, b = prompts(2, seed=7)
@@ -123,7 +122,6 @@ def _greedy_equals_generate(model, ps, limit: int, **kw) -> None:
 
 
 def test_a_model_whose_attention_or_layer_is_not_the_stock_one_goes_through_its_forward():
-    """A non-stock module or a forward hook sends the model through its own forward."""
     class ScaledAttention(Qwen2Attention):  # e.g. a remote-code variant: same weights, other math
         def forward(self, *args, **kwargs):
             out, w = super().forward(*args, **kwargs)

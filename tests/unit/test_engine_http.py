@@ -273,7 +273,6 @@ def test_a_pause_keeps_the_request_and_the_flush_follows_sglang(engine, mode, fl
 
 
 def test_a_continue_that_overtakes_its_in_place_pause_still_resumes(engine):
-    """A continue reaching the server while the in_place hold is still queued still resumes."""
     with ThreadPoolExecutor(2) as pool:
         try:
             with stalled(engine):  # the hold (and the continue's release) queue behind this

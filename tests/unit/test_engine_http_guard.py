@@ -176,7 +176,6 @@ def test_bad_control_numbers_get_400(engine):
 
 
 def test_control_calls_get_through_while_generate_calls_fill_the_in_flight_cap(engine, wait_until):
-    """With the in-flight cap full (429), /continue_generation still gets in."""
     assert call(engine, "/pause_generation", b'{"mode": "abort"}')[0] == 200
     body = json.dumps({"input_ids": [1, 5],
                        "sampling_params": {"max_new_tokens": 1, "temperature": 0}}).encode()

@@ -170,7 +170,6 @@ def test_retract_and_weight_swap_between_steps(model, make_scheduler):
 
 @pytest.mark.parametrize("fail_at", [1, 4])  # the first prefill, a later decode step
 def test_forward_failure_answers_every_request_and_stops(model, make_scheduler, fail_at):
-    """A crash inside a forward pass must not leave callers hanging or the engine half alive."""
     class Exploding(torch.nn.Module):
         def __init__(self):
             super().__init__()
