@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
 from areal_like.net.distributed import free_port
+from rollout_server.engine_process import healthy
 from tests.conftest import port_free
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,14 +49,6 @@ def _start_parent(mode: str, *child_argv: str) -> tuple[subprocess.Popen, psutil
     return parent, psutil.Process(int(line.split()[1]))
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def _kill(*procs) -> None:
     for p in procs:
         try:
@@ -74,9 +66,9 @@ def test_engine_and_its_port_go_when_the_rollout_server_is_killed_and_an_untied_
     try:
         deadline = time.monotonic() + HEALTH_DEADLINE_S
         while (time.monotonic() < deadline and child.is_running()
-                and not _healthy(f"http://127.0.0.1:{port}/health")):
+                and not healthy(f"http://127.0.0.1:{port}")):
             psutil.wait_procs([child], timeout=0.5)  # returns early if the engine died
-        assert child.is_running() and _healthy(f"http://127.0.0.1:{port}/health"), (
+        assert child.is_running() and healthy(f"http://127.0.0.1:{port}"), (
             "the engine never came up")
         # a process group of its own
         assert os.getpgid(child.pid) == child.pid != os.getpgid(parent.pid)

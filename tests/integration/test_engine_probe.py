@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import sys
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -25,6 +24,7 @@ from areal_like.net.metrics import scrape
 from areal_like.settings.config import load_config, to_yaml
 from areal_like.weights.hf import build_model
 from areal_like.wire.protocol import RosterRequest
+from rollout_server.engine_process import healthy
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -40,14 +40,6 @@ EXEC_BASH = ("import os, sys; "
 
 def _pids(path: Path) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def _start(tmp_path: Path, spawn_python, free_port, wait_until, extra: tuple[str, ...] = (),
@@ -77,8 +69,9 @@ def _start(tmp_path: Path, spawn_python, free_port, wait_until, extra: tuple[str
                                       "rollout_server", "--config-file", path,
                                       "rollout.server_id=rollout-0",
                                       f"rollout.metrics_port={metrics}"], env=env, capture=False)
-    wait_until(lambda: _healthy(metrics), STARTUP_S, 0.5, "the rollout server's /health")
-    return cfg, path, server, metrics
+    metrics_url = f"http://127.0.0.1:{metrics}"
+    wait_until(lambda: healthy(metrics_url), STARTUP_S, 0.5, "the rollout server's /health")
+    return cfg, path, server, metrics_url
 
 
 def _member(cfg):
@@ -103,7 +96,7 @@ def _report(tmp_path: Path, version: int) -> dict | None:
 @pytest.mark.timeout(720)  # ~90 s alone: a 6 s deadline, a 30 s call unanswered, two engine starts
 def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
         tmp_path, spawn_python, free_port, wait_until):
-    cfg, path, server, metrics = _start(tmp_path, spawn_python, free_port, wait_until)
+    cfg, path, server, metrics_url = _start(tmp_path, spawn_python, free_port, wait_until)
     (frozen,) = _pids(tmp_path / "engine.pids")
     old_url = wait_until(lambda: _roster_url(cfg), 60, 0.2, "the server's registration")
     assert _member(cfg).policy_version == 0
@@ -120,7 +113,7 @@ def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
                             or psutil.Process(frozen).status() == psutil.STATUS_ZOMBIE),
                    60, 0.2, "the frozen engine to be gone")
         fresh = _pids(tmp_path / "engine.pids")[1]
-        wait_until(lambda: _healthy(metrics), STARTUP_S, 0.5, "the restarted server's /health")
+        wait_until(lambda: healthy(metrics_url), STARTUP_S, 0.5, "the restarted server's /health")
         new_url = wait_until(lambda: (u := _roster_url(cfg)) != old_url and u, 60, 0.2,
                              "a new registration")
         assert psutil.Process(fresh).status() != psutil.STATUS_STOPPED and new_url != old_url
