@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import threading
 
 import aiohttp
@@ -19,6 +18,7 @@ from weight_sync_harness import SyncStandIn
 
 from areal_like.engines.sglang import SGLangClient
 from areal_like.net.dealer import Client
+from areal_like.net.distributed import address_toward
 from areal_like.settings.config import load_config, to_yaml
 from areal_like.tasks.tokenizer import load_tokenizer
 from areal_like.weights.hf import build_model
@@ -135,21 +135,10 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
         engine.stop()
 
 
-def routable_ipv4() -> str | None:
-    """This machine's address on its default route (no packet is sent), or None without one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("198.51.100.1", 9))  # TEST-NET-2: only the route is looked up
-        except OSError:
-            return None
-        host = s.getsockname()[0]
-    return None if host.startswith("127.") or host == "0.0.0.0" else host
-
-
 def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopback_one_unchecked(
         tmp_path, spawn_python, free_port):
-    host = routable_ipv4()
-    if host is None:
+    host = address_toward("198.51.100.1")  # the default route's (TEST-NET-2: nothing is sent)
+    if host is None or host.startswith("127."):
         pytest.skip("this machine has no non-loopback IPv4 address")
     cfg, client = job(tmp_path, spawn_python, free_port, f"rollout.engine.host={host}")
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
