@@ -100,20 +100,6 @@ def test_identical_prompts_share_one_prefill(fast):
     _logprobs_equal_forward(model, ps, sampled, 1.0)
 
 
-def test_supports_only_known_layouts():
-    # a module that only forwards: the scheduler must use its forward
-    class Wrapped(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner, self.config = inner, inner.config
-    model = tiny("qwen2")
-    assert not fastpath.supports(Wrapped(model))
-    sliding = AutoModelForCausalLM.from_config(Qwen2Config(**SIZES, use_sliding_window=True,
-                                                           sliding_window=8,
-                                                           max_window_layers=0))
-    assert not fastpath.supports(sliding)
-
-
 def _greedy_equals_generate(model, ps, limit: int, **kw) -> None:
     got = run(model, ps, [SamplingParams(max_new_tokens=limit, temperature=0.0) for _ in ps], **kw)
     for p, r in zip(ps, got):
@@ -121,7 +107,7 @@ def _greedy_equals_generate(model, ps, limit: int, **kw) -> None:
         assert r.output_ids == greedy(model, p, limit)
 
 
-def test_a_model_whose_attention_or_layer_is_not_the_stock_one_goes_through_its_forward():
+def test_only_stock_layouts_take_the_fast_path_and_the_others_go_through_their_forward():
     class ScaledAttention(Qwen2Attention):  # e.g. a remote-code variant: same weights, other math
         def forward(self, *args, **kwargs):
             out, w = super().forward(*args, **kwargs)
@@ -137,6 +123,16 @@ def test_a_model_whose_attention_or_layer_is_not_the_stock_one_goes_through_its_
     assert not fastpath.supports(hooked)
     _greedy_equals_generate(hooked, ps, 12)
     assert fastpath.supports(tiny("qwen2"))
+
+    class Wrapped(torch.nn.Module):  # a module that only forwards: its forward is the model
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+    assert not fastpath.supports(Wrapped(tiny("qwen2")))
+    sliding = AutoModelForCausalLM.from_config(Qwen2Config(**SIZES, use_sliding_window=True,
+                                                           sliding_window=8,
+                                                           max_window_layers=0))
+    assert not fastpath.supports(sliding)
 
 
 def test_a_weight_swap_between_steps_is_seen_by_the_next_forward():
