@@ -159,6 +159,9 @@ def test_control_endpoints_shapes(engine):
     status, text = call(engine, "/get_weights_by_name", {"name": "no.such.weight"})
     assert (status == 400
             and json.loads(text) == {"error": {"message": "Get parameter by name failed"}})
+    status, text = call(engine, "/get_weights_by_name",
+                        b'{"name": "x", "truncate_size": 1e400}')  # int(inf)
+    assert status == 400 and "truncate_size" in text, text
     assert call(engine, "/flush_cache", {})[0] == 200 and call(engine, "/flush_cache")[0] == 200
     assert call(engine, "/abort_request", {"rid": "nope"}) == (200, "")
     status, text = call(engine, "/pause_generation", {"mode": "sideways"})
