@@ -11,13 +11,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
 
 from areal_like.net.distributed import free_port
+from rollout_server.engine_process import healthy
 from tests.conftest import port_free
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,14 +49,6 @@ def _start_parent(mode: str, *child_argv: str) -> tuple[subprocess.Popen, psutil
     return parent, psutil.Process(int(line.split()[1]))
 
 
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def _kill(*procs) -> None:
     for p in procs:
         try:
@@ -65,41 +57,34 @@ def _kill(*procs) -> None:
             pass
 
 
-def test_engine_and_its_port_go_when_the_rollout_server_is_killed():
+def test_engine_and_its_port_go_when_the_rollout_server_is_killed_and_an_untied_child_stays():
     port = free_port()
     parent, child = _start_parent("tied", "-m", "rollout_server.engine", "--host", "127.0.0.1",
                                   "--port", str(port))
+    # the control: without the tie the child outlives its parent, so the test would fail
+    plain, untied = _start_parent("plain", "-c", "import threading; threading.Event().wait()")
     try:
         deadline = time.monotonic() + HEALTH_DEADLINE_S
         while (time.monotonic() < deadline and child.is_running()
-                and not _healthy(f"http://127.0.0.1:{port}/health")):
+                and not healthy(f"http://127.0.0.1:{port}")):
             psutil.wait_procs([child], timeout=0.5)  # returns early if the engine died
-        assert child.is_running() and _healthy(f"http://127.0.0.1:{port}/health"), (
+        assert child.is_running() and healthy(f"http://127.0.0.1:{port}"), (
             "the engine never came up")
         # a process group of its own
         assert os.getpgid(child.pid) == child.pid != os.getpgid(parent.pid)
         assert not port_free(port)
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait()
+        for p in (parent, plain):
+            os.kill(p.pid, signal.SIGKILL)
+            p.wait()
         gone, alive = psutil.wait_procs([child], timeout=GONE_DEADLINE_S)
         assert not alive, f"engine pid {child.pid} outlived its killed parent by {GONE_DEADLINE_S}s"
         assert port_free(port)
+        assert untied.is_running()  # nothing else would have stopped it
     finally:
-        _kill(parent, child)
+        _kill(parent, child, plain, untied)
+        psutil.wait_procs([untied], timeout=10)
         parent.stdout.close()
-
-
-def test_control_an_untied_child_survives_its_parent():
-    parent, child = _start_parent("plain", "-c", "import threading; threading.Event().wait()")
-    try:
-        os.kill(parent.pid, signal.SIGKILL)
-        parent.wait()
-        _, alive = psutil.wait_procs([child], timeout=2.0)
-        assert alive == [child]  # nothing else would have stopped it
-    finally:
-        _kill(parent, child)
-        psutil.wait_procs([child], timeout=10)
-        parent.stdout.close()
+        plain.stdout.close()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux")

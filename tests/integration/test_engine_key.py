@@ -8,13 +8,15 @@ counted in areal_refused_total{port="engine"}.
 from __future__ import annotations
 
 import http.server
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
 from areal_like.engines.client import EngineError
-from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
+from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, engine_api_key, ensure_key_file
 from areal_like.settings.config import load_config
 from rollout_server.server import RolloutServer
 from trainer.facts import TrainerFacts
@@ -48,11 +50,6 @@ def test_a_server_without_the_variable_serves_the_trainers_probe_with_the_jobs_k
 
 def test_a_job_without_a_key_gets_one_made_by_its_first_process_and_shared_by_all(
         tmp_run_dir, monkeypatch):
-    import subprocess
-    import sys
-
-    from areal_like.net.auth import engine_api_key
-
     monkeypatch.delenv(ENGINE_KEY_ENV, raising=False)
     ask = ("import sys; from areal_like.net.auth import engine_api_key; "
            "print(engine_api_key(sys.argv[1], make=True))")  # as each daemon's start asks
@@ -82,7 +79,6 @@ class _KeyedEngine(http.server.BaseHTTPRequestHandler):
 
 def test_an_attached_engine_refusing_the_jobs_key_is_one_line_naming_the_key(
         tmp_run_dir, monkeypatch, caplog):
-    """An attached engine refusing the job's key: exit 2, one line naming the key."""
     monkeypatch.setenv(ENGINE_KEY_ENV, "the-jobs-key")
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), _KeyedEngine) as engine:
         threading.Thread(target=engine.serve_forever, daemon=True).start()

@@ -7,12 +7,31 @@ rollout server is a SyncStandIn vouching for it (no key is sent to an engine not
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import aiohttp
 import pytest
+import torch
 from aiohttp import web
 from weight_sync_harness import SyncStandIn
+
+from areal_like.engines.sglang import SGLangClient
+from areal_like.net.dealer import Client
+from areal_like.net.distributed import address_toward
+from areal_like.settings.config import load_config, to_yaml
+from areal_like.tasks.tokenizer import load_tokenizer
+from areal_like.weights.hf import build_model
+from areal_like.weights.lora import (
+    adapters_disabled,
+    add_adapters,
+    served_name,
+    synced_parameters,
+)
+from areal_like.wire.protocol import Register
+from rollout_server.engine.embedded import EmbeddedEngine
+from trainer.logprob_guard import PROBE_TEXT, LogprobGuardError, run_guard
+from trainer.weight_local import tensor_payload
 
 TEMPERATURE = 0.5
 KEY = "k" * 32  # the job's engine key (the embedded engines here take any)
@@ -43,11 +62,15 @@ def start_proxy(target: str,
     return loop, thread, runner
 
 
+def register(client: Client, server_id: str, engine_url: str, sync: SyncStandIn | None = None,
+             version: int = 0) -> None:
+    """server_id on the buffer's roster, its engine vouched for by ``sync`` (None: by nobody)."""
+    client.request(Register(server_id=server_id, engine_url=engine_url, engine_ranks=1,
+                            policy_version=version, sync_url=sync.url if sync else ""))
+
+
 def job(tmp_path, spawn_python, free_port, *overrides: str):
     """The job's config (the run's temperature, small engines) and a client of its buffer."""
-    from areal_like.net.dealer import Client
-    from areal_like.settings.config import load_config, to_yaml
-
     cfg = load_config([f"run_dir={tmp_path}", "security.curve=false",
                        f"buffer.address=tcp://127.0.0.1:{free_port()}",
                        f"buffer.pub_address=tcp://127.0.0.1:{free_port()}",
@@ -62,14 +85,6 @@ def job(tmp_path, spawn_python, free_port, *overrides: str):
 
 def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperature(
         tmp_path, spawn_python, free_port):
-    import torch
-
-    from areal_like.tasks.tokenizer import load_tokenizer
-    from areal_like.weights.hf import build_model
-    from areal_like.wire.protocol import Register
-    from rollout_server.engine.embedded import EmbeddedEngine
-    from trainer.logprob_guard import PROBE_TEXT, LogprobGuardError, run_guard
-
     torch.manual_seed(0)
     cfg, client = job(tmp_path, spawn_python, free_port)
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
@@ -83,14 +98,10 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
         # the weights the initial push delivers
         trainer_model.load_state_dict(engine.model.state_dict())
         prompt = list(load_tokenizer(cfg.model).encode(PROBE_TEXT))
-        client.request(Register(server_id="good", engine_url=engine.url, engine_ranks=1,
-                                policy_version=0, sync_url=ports["good"].url))
-        client.request(Register(server_id="no-temperature", engine_url=proxy_url,
-                                engine_ranks=1, policy_version=0,
-                                sync_url=ports["no-temperature"].url))
+        register(client, "good", engine.url, ports["good"])
+        register(client, "no-temperature", proxy_url, ports["no-temperature"])
         # a member's word alone: its sync port is another's, which vouches for its own engine only
-        client.request(Register(server_id="unvouched", engine_url=proxy_url, engine_ranks=1,
-                                policy_version=0, sync_url=ports["good"].url))
+        register(client, "unvouched", proxy_url, ports["good"])
 
         def guard(served: list[str], tol: float = 0.05) -> list[str]:
             passed, unchecked = run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client,
@@ -124,34 +135,10 @@ def test_guard_passes_a_correct_engine_and_refuses_one_that_ignores_the_temperat
         engine.stop()
 
 
-def routable_ipv4() -> str | None:
-    """This machine's address on its default route (no packet is sent), or None without one."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("198.51.100.1", 9))  # TEST-NET-2: only the route is looked up
-        except OSError:
-            return None
-        host = s.getsockname()[0]
-    return None if host.startswith("127.") or host == "0.0.0.0" else host
-
-
 def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopback_one_unchecked(
         tmp_path, spawn_python, free_port):
-    """Multi-node: a routable engine is probed and passes; a loopback one is NOT CHECKED."""
-    import dataclasses
-
-    import torch
-
-    from areal_like.tasks.tokenizer import load_tokenizer
-    from areal_like.weights.hf import build_model
-    from areal_like.wire.protocol import Register
-    from rollout_server.engine.embedded import EmbeddedEngine
-    from trainer.logprob_guard import PROBE_TEXT, run_guard
-
-    host = routable_ipv4()
-    if host is None:
+    host = address_toward("198.51.100.1")  # the default route's (TEST-NET-2: nothing is sent)
+    if host is None or host.startswith("127."):
         pytest.skip("this machine has no non-loopback IPv4 address")
     cfg, client = job(tmp_path, spawn_python, free_port, f"rollout.engine.host={host}")
     engine = EmbeddedEngine(cfg.model, cfg.rollout.engine).start()
@@ -163,10 +150,8 @@ def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopb
         assert engine.url.startswith(f"http://{host}:")  # what a rollout server registers for it
         trainer_model = build_model(cfg.model, device="cpu", dtype="float32").eval()
         trainer_model.load_state_dict(engine.model.state_dict())
-        client.request(Register(server_id="routable", engine_url=engine.url, engine_ranks=1,
-                                policy_version=0, sync_url=port.url))
-        client.request(Register(server_id="loopback", engine_url=local.url, engine_ranks=1,
-                                policy_version=0))
+        register(client, "routable", engine.url, port)
+        register(client, "loopback", local.url)
         passed, unchecked = run_guard(trainer_model, torch.device("cpu"), rank=0, buffer=client,
                                       served=["routable", "loopback"], prompt_ids=list(
                                           load_tokenizer(cfg.model).encode(PROBE_TEXT)),
@@ -184,23 +169,6 @@ def test_on_several_nodes_the_guard_probes_a_routable_engine_and_reports_a_loopb
 
 def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_sync(
         tmp_path, spawn_python, free_port):
-    """LoRA: the guard probes with the live adapter; the base model alone is refused."""
-    import torch
-
-    from areal_like.engines.sglang import SGLangClient
-    from areal_like.tasks.tokenizer import load_tokenizer
-    from areal_like.weights.hf import build_model
-    from areal_like.weights.lora import (
-        adapters_disabled,
-        add_adapters,
-        served_name,
-        synced_parameters,
-    )
-    from areal_like.wire.protocol import Register
-    from rollout_server.engine.embedded import EmbeddedEngine
-    from trainer.logprob_guard import PROBE_TEXT, LogprobGuardError, run_guard
-    from trainer.weight_local import tensor_payload
-
     torch.manual_seed(0)
     cfg, client = job(tmp_path, spawn_python, free_port, "trainer.lora.rank=4",
                       "trainer.lora.target_modules=[q_proj,v_proj,down_proj,lm_head]")
@@ -230,8 +198,7 @@ def test_guard_probes_the_adapter_an_embedded_engine_serves_after_an_adapter_syn
                 await c.update_weights_from_tensor([payload], weight_version="3")
 
         asyncio.run(sync())
-        client.request(Register(server_id="s", engine_url=engine.url, engine_ranks=1,
-                                policy_version=3, sync_url=port.url))
+        register(client, "s", engine.url, port, version=3)
         prompt = list(load_tokenizer(cfg.model).encode(PROBE_TEXT))
 
         def guard() -> list[str]:

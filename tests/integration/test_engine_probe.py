@@ -4,17 +4,27 @@ sglang on sglang_standin, under with_restarts.sh); one killed by kill -9 under l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import re
 import signal
 import sys
-import urllib.request
 from pathlib import Path
 
 import psutil
 import pytest
+from weight_sync_harness import start_pusher
+
+from areal_like.engines.sglang import SGLangClient
+from areal_like.net.auth import engine_api_key, ensure_key_file
+from areal_like.net.dealer import Client
+from areal_like.net.metrics import scrape
+from areal_like.settings.config import load_config, to_yaml
+from areal_like.weights.hf import build_model
+from areal_like.wire.protocol import RosterRequest
+from rollout_server.engine_process import healthy
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -32,20 +42,8 @@ def _pids(path: Path) -> list[int]:
     return [int(p) for p in path.read_text().split()] if path.exists() else []
 
 
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def _start(tmp_path: Path, spawn_python, free_port, wait_until, extra: tuple[str, ...] = (),
            standin: dict[str, str] | None = None):
-    from areal_like.net.auth import ensure_key_file
-    from areal_like.settings.config import load_config, to_yaml
-    from areal_like.weights.hf import build_model
-
     base = load_config([])
     build_model(base.model).save_pretrained(tmp_path / "model")
     metrics = free_port()
@@ -71,15 +69,13 @@ def _start(tmp_path: Path, spawn_python, free_port, wait_until, extra: tuple[str
                                       "rollout_server", "--config-file", path,
                                       "rollout.server_id=rollout-0",
                                       f"rollout.metrics_port={metrics}"], env=env, capture=False)
-    wait_until(lambda: _healthy(metrics), STARTUP_S, 0.5, "the rollout server's /health")
-    return cfg, path, server, metrics
+    metrics_url = f"http://127.0.0.1:{metrics}"
+    wait_until(lambda: healthy(metrics_url), STARTUP_S, 0.5, "the rollout server's /health")
+    return cfg, path, server, metrics_url
 
 
 def _member(cfg):
     """The roster's one member (a ``RosterEntry``), or None before it registered."""
-    from areal_like.net.dealer import Client
-    from areal_like.wire.protocol import RosterRequest
-
     client = Client(cfg.buffer.address, timeout_s=10)
     try:
         members = client.request(RosterRequest()).members
@@ -100,9 +96,7 @@ def _report(tmp_path: Path, version: int) -> dict | None:
 @pytest.mark.timeout(720)  # ~90 s alone: a 6 s deadline, a 30 s call unanswered, two engine starts
 def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
         tmp_path, spawn_python, free_port, wait_until):
-    from weight_sync_harness import start_pusher
-
-    cfg, path, server, metrics = _start(tmp_path, spawn_python, free_port, wait_until)
+    cfg, path, server, metrics_url = _start(tmp_path, spawn_python, free_port, wait_until)
     (frozen,) = _pids(tmp_path / "engine.pids")
     old_url = wait_until(lambda: _roster_url(cfg), 60, 0.2, "the server's registration")
     assert _member(cfg).policy_version == 0
@@ -119,7 +113,7 @@ def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
                             or psutil.Process(frozen).status() == psutil.STATUS_ZOMBIE),
                    60, 0.2, "the frozen engine to be gone")
         fresh = _pids(tmp_path / "engine.pids")[1]
-        wait_until(lambda: _healthy(metrics), STARTUP_S, 0.5, "the restarted server's /health")
+        wait_until(lambda: healthy(metrics_url), STARTUP_S, 0.5, "the restarted server's /health")
         new_url = wait_until(lambda: (u := _roster_url(cfg)) != old_url and u, 60, 0.2,
                              "a new registration")
         assert psutil.Process(fresh).status() != psutil.STATUS_STOPPED and new_url != old_url
@@ -137,8 +131,6 @@ def test_an_engine_that_stops_answering_during_a_failed_sync_is_restarted(
 
 
 def _requests_in_engine(url: str, key: str) -> float:
-    from areal_like.net.metrics import scrape
-
     page = scrape(f"{url}/metrics", 5.0, token=key)
     return sum(v for k, v in page.items()
                if k.startswith(("sglang:num_running_reqs", "sglang:num_queue_reqs")))
@@ -147,8 +139,6 @@ def _requests_in_engine(url: str, key: str) -> float:
 @pytest.mark.timeout(720)
 def test_an_engine_killed_under_many_groups_stops_the_server_naming_the_engine(
         tmp_path, spawn_python, free_port, wait_until):
-    from areal_like.net.auth import engine_api_key
-
     cfg, *_ = _start(tmp_path, spawn_python, free_port, wait_until,
                      ("task.group_size=2", "task.max_new_tokens=400",
                       "rollout.max_concurrent_groups=8"),
@@ -166,11 +156,6 @@ def test_an_engine_killed_under_many_groups_stops_the_server_naming_the_engine(
 
 def _relabelled_by_another(cfg, tmp_path: Path, url: str, wait_until) -> None:
     """A version loaded by someone else reaches the roster via the next heartbeat."""
-    import asyncio
-
-    from areal_like.engines.sglang import SGLangClient
-    from areal_like.net.auth import engine_api_key
-
     async def relabel() -> None:
         client = SGLangClient(url, api_key=engine_api_key(tmp_path))
         try:

@@ -10,45 +10,26 @@ log_softmax (1e-4); the length is what the engine reported.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import secrets
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 import torch
+from test_sglang_contract import GROUP_KEY, weight_sync_setup
 
 from areal_like.engines.sglang import SGLangClient
-from areal_like.net.distributed import free_port
 from areal_like.settings.config import EngineConfig, LoraConfig, ModelConfig
 from areal_like.weights.hf import build_model
-from areal_like.weights.plan import BucketSpec, SyncMember, WeightSyncPlan
+from areal_like.weights.lora import add_adapters, is_adapter
+from areal_like.weights.plan import WeightSyncPlan
 from areal_like.weights.push import apply_weight_sync
+from rollout_server.engine import EmbeddedEngine
 from rollout_server.episode import generate_sample
 
-REPO = Path(__file__).resolve().parents[2]
 MODEL = {"max_position_embeddings": 512}
 MAX_NEW = 300
 PROMPTS = [[1, 20 + i, 40 + 2 * i, 60 + i] for i in range(4)]
-SENDER = (Path(__file__).resolve().parents[1] / "weight_sender.py").read_text()  # group rank 0
-GROUP_KEY = secrets.token_hex(16)  # the job's engine key: the sender's gate asks, the engine proves
-
-
-def make_plan(state: dict, port: int, group: str) -> tuple[WeightSyncPlan, list[list[str]]]:
-    names = list(state)
-    buckets = [names[: len(names) // 2], names[len(names) // 2:]]
-    specs = [BucketSpec(names=b, dtypes=[str(state[n].dtype).removeprefix("torch.") for n in b],
-                        shapes=[list(state[n].shape) for n in b]) for b in buckets]
-    plan = WeightSyncPlan(policy_version=1, group_name=group, master_addr="127.0.0.1",
-                          master_port=port,
-                          world_size=2, backend="gloo", reform=True,
-                          members=[SyncMember(server_id="engine-under-test", rank_offset=1)],
-                          buckets=specs,
-                          deadline_s=120.0)
-    return plan, buckets
 
 
 def gate_at_the_pause(sched, tokens: int) -> tuple[threading.Event, threading.Event]:
@@ -116,20 +97,7 @@ def check_against(model, prompt: list[int], out: list[int], logps: list[float], 
 def run_interrupted(state: dict, lora: LoraConfig | None = None, state_file: Path | None = None,
                     pause_mode: str = "abort"):
     """Generate PROMPTS while state is pushed as v1 mid-way: (SyncDone, samples, version)."""
-    from rollout_server.engine import EmbeddedEngine
-
-    port, group = free_port(), "interrupt_weights"
-    plan, buckets = make_plan(state, port, group)
-    spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets,
-            "key": GROUP_KEY}
-    if state_file is not None:
-        torch.save(state, state_file)
-        spec["state_file"] = str(state_file)
-    # the trainer's side (rank 0) starts first and waits in the rendezvous
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
-                              stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    plan, sender = weight_sync_setup(MODEL, "engine-under-test", state, state_file)
     try:
         engine = EmbeddedEngine(ModelConfig(**MODEL), EngineConfig(max_running_requests=8),
                                 lora=lora, group_key=GROUP_KEY).start()
@@ -173,8 +141,6 @@ def test_pause_update_continue_switches_versions_exactly_at_the_pause_point(paus
 
 def test_an_adapter_change_mid_generation_switches_versions_exactly(tmp_path):
     """LoRA: adapters-only update; from the abort point on, tokens are base + adapter's."""
-    from areal_like.weights.lora import add_adapters, is_adapter
-
     torch.set_num_threads(1)
     lora = LoraConfig(rank=4, alpha=8.0)
     old = build_model(ModelConfig(**MODEL))

@@ -232,22 +232,32 @@ async def generating(client: SGLangClient, timeout_s: float = 60.0) -> None:
         await asyncio.sleep(0.01)
 
 
-def weight_sync_setup() -> tuple[WeightSyncPlan, subprocess.Popen]:
-    """The v1 plan and the sender process (rank 0), started before the engine."""
+def weight_sync_setup(model: dict = MODEL, member: str = "contract", state: dict | None = None,
+                      state_file: Path | None = None) -> tuple[WeightSyncPlan, subprocess.Popen]:
+    """The v1 plan for ``member`` and the sender process (rank 0), started before the engine:
+    ``state`` (default: the weights of ``model`` at init_seed 1) in two buckets, read from
+    ``state_file`` when given (e.g. an adapter alone). The sender prints ``ready``, then waits in
+    the rendezvous; its group key is ``GROUP_KEY``."""
     from areal_like.weights.hf import build_model
 
-    state = build_model(ModelConfig(**MODEL, init_seed=1)).state_dict()
+    if state is None:
+        state = build_model(ModelConfig(**model, init_seed=1)).state_dict()
     names = list(state)
     buckets = [names[: len(names) // 2], names[len(names) // 2:]]
     port, group = free_port(), "contract_weights"
     plan = WeightSyncPlan(
         policy_version=1, group_name=group, master_addr="127.0.0.1", master_port=port, world_size=2,
-        backend="gloo", reform=True, members=[SyncMember(server_id="contract", rank_offset=1)],
+        backend="gloo", reform=True, members=[SyncMember(server_id=member, rank_offset=1)],
         buckets=[BucketSpec(names=b, dtypes=[str(state[n].dtype).removeprefix("torch.") for n in b],
                             shapes=[list(state[n].shape) for n in b]) for b in buckets],
         deadline_s=120.0)
-    spec = {"model": {**MODEL, "init_seed": 1}, "port": port, "group": group, "buckets": buckets,
+    spec = {"model": {**model, "init_seed": 1}, "port": port, "group": group, "buckets": buckets,
             "key": GROUP_KEY}
+    if state_file is not None:
+        import torch
+
+        torch.save(state, state_file)
+        spec["state_file"] = str(state_file)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     sender = subprocess.Popen([sys.executable, "-c", SENDER, json.dumps(spec)], env=env,
                               stdout=subprocess.PIPE,
@@ -287,20 +297,13 @@ def engine_run(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------- the tests
-def test_every_generate_and_abort_request_we_send_is_valid_for_sglang(contract, engine_run):
-    check_generate_and_abort_requests(*contract, engine_run[0])
-
-
-def test_every_control_body_we_send_fits_io_struct(contract, engine_run):
-    check_control_requests(contract[1], engine_run[0])
-
-
-def test_every_engine_response_decodes_with_sglang_types(contract, engine_run):
-    check_responses(*contract, engine_run[1], engine_run[2])
-
-
-def test_engine_behaves_as_the_protocol_says(engine_run):
-    check_facts(engine_run[2])
+def test_what_we_send_fits_sglangs_types_and_what_the_engine_answers_decodes_with_them(
+        contract, engine_run):
+    requests, responses, facts = engine_run
+    check_generate_and_abort_requests(*contract, requests)
+    check_control_requests(contract[1], requests)
+    check_responses(*contract, responses, facts)
+    check_facts(facts)
 
 
 # ------------------------------------------------------------ the checks (also tests/sglang's)

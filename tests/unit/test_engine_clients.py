@@ -143,25 +143,22 @@ def test_vllm_takes_sglangs_sampling_params_in_its_names_and_answers_each_tokens
     run(body, "vllm")
 
 
-@pytest.mark.parametrize("params", [{"regex": "a+"}, {"n": 2}])
-def test_a_sampling_param_vllm_does_not_take_is_refused_naming_it_before_anything_is_sent(params):
-    async def body(server, client):
-        with pytest.raises(EngineError, match="vLLM takes none of the sampling params"):
-            await client.generate([1], params)
-        assert server.calls == []
-    run(body, "vllm")
+SHAPE = r"/inference/v1/generate: HTTP 200: .unexpected"
 
 
-@pytest.mark.parametrize("answer", [
-    {"choices": []},
-    vllm_answer([30, 31], [-1.0], []),  # a token without its log-prob
-    vllm_answer([30], [-1.0], [], finish="error"),
+@pytest.mark.parametrize("params, answer, error", [
+    ({"regex": "a+"}, None, r"sampling params \['regex'\]"),  # refused before anything is sent
+    ({"n": 2}, None, r"sampling params \['n != 1'\]"),
+    ({}, {"choices": []}, SHAPE),
+    ({}, vllm_answer([30, 31], [-1.0], []), SHAPE),  # a token without its log-prob
+    ({}, vllm_answer([30], [-1.0], [], finish="error"), SHAPE),
 ])
-def test_a_vllm_answer_of_another_shape_is_an_error_naming_the_route(answer):
+def test_vllm_refuses_params_it_does_not_take_and_answers_of_another_shape(params, answer, error):
     async def body(server, client):
         server.script["/inference/v1/generate"] = [(200, answer)]
-        with pytest.raises(EngineError, match=r"/inference/v1/generate: HTTP 200: .unexpected"):
-            await client.generate([1], {"max_new_tokens": 2})
+        with pytest.raises(EngineError, match=error):
+            await client.generate([1], {"max_new_tokens": 2, **params})
+        assert server.count("/inference/v1/generate") == (answer is not None)
     run(body, "vllm")
 
 
@@ -260,6 +257,12 @@ def test_a_generate_past_its_timeout_is_aborted_and_keeps_what_it_made(monkeypat
 
 def test_idempotent_calls_retry_on_5xx_within_the_timeout_and_generate_on_refused_connection():
     async def body(server, client):
+        unreachable = SGLangClient(f"http://127.0.0.1:{free_port()}", max_attempts=2)
+        with pytest.raises(EngineError) as e:  # bounded attempts, then an error without status
+            await unreachable.pause_generation()
+        assert e.value.status is None and not await unreachable.health()
+        await unreachable.close()
+
         server.script["/model_info"] = [(503, "starting"), (503, "starting"),
                                         (200, {"weight_version": "7"})]
         assert await client.weight_version() == "7"
@@ -298,19 +301,6 @@ def test_a_connection_idle_past_the_keepalive_is_not_reused():
         assert server.peers[2] != server.peers[1]
     assert KEEPALIVE_S < 5
     run(body)
-
-
-def test_unreachable_server_raises_after_bounded_attempts():
-    async def main():
-        client = SGLangClient(f"http://127.0.0.1:{free_port()}", max_attempts=2)
-        try:
-            with pytest.raises(EngineError) as e:
-                await client.pause_generation()
-            assert e.value.status is None
-            assert not await client.health()
-        finally:
-            await client.close()
-    asyncio.run(main())
 
 
 def test_error_bodies_of_every_sglang_shape_become_the_message():
@@ -452,7 +442,7 @@ def _plan(reform: bool, buckets: int = 2, deadline_s: float = 10.0):
 OK = (200, {"success": True, "message": "ok"})
 
 
-def test_weight_sync_follows_the_contract_in_order():
+def test_weight_sync_follows_the_contract_in_order_and_a_failed_one_always_continues():
     async def body(server, client):
         order = ["/destroy_weights_update_group", "/init_weights_update_group", "/pause_generation",
                  "/begin_weight_update", *["/update_weights_from_distributed"] * 2,
@@ -483,6 +473,26 @@ def test_weight_sync_follows_the_contract_in_order():
                                        "s1")
         assert (not done.ok and "unknown weight-sync path 'shm'" in done.reason
                 and len(server.calls) == n)
+
+        # a failed sync reports the reason and always continues
+        server.script["/update_weights_from_distributed"] = [
+            (400, {"success": False, "message": "bad shape"})]
+        done = await apply_weight_sync(client, _plan(reform=False), "s0")
+        assert not done.ok and "bad shape" in done.reason
+        # the session is closed (or every later sync would be refused) and generation continues
+        assert [p for p, _ in server.calls][-2:] == ["/end_weight_update", "/continue_generation"]
+
+        # a rendezvous that never completes is bounded by the deadline; the engine was never paused
+        async def hang(_):
+            await asyncio.sleep(1.5)
+            return OK
+        server.calls.clear()
+        server.script["/destroy_weights_update_group"] = [
+            (400, {"success": False, "message": "no group"})]
+        server.script["/init_weights_update_group"] = [hang]
+        done = await apply_weight_sync(client, _plan(reform=True, deadline_s=0.5), "s0")
+        assert not done.ok and "Timeout" in done.reason and done.pause_s == 0.0
+        assert "/pause_generation" not in [p for p, _ in server.calls]
     run(body)
 
 
@@ -506,31 +516,6 @@ def test_a_vllm_weight_sync_takes_the_new_label_only_once_the_session_closes():
         assert not done.ok and "peer died" in done.reason
         assert server.calls[-2:] == [("/finish_weight_update", {}), ("/resume", None)]
     run(body, "vllm")
-
-
-def test_a_failed_sync_reports_the_reason_and_always_continues():
-    async def body(server, client):
-        server.script = {p: [OK] for p in ("/pause_generation", "/continue_generation",
-                                           "/begin_weight_update", "/end_weight_update")}
-        server.script["/update_weights_from_distributed"] = [
-            (400, {"success": False, "message": "bad shape"})]
-        done = await apply_weight_sync(client, _plan(reform=False), "s0")
-        assert not done.ok and "bad shape" in done.reason
-        # the session is closed (or every later sync would be refused) and generation continues
-        assert [p for p, _ in server.calls][-2:] == ["/end_weight_update", "/continue_generation"]
-
-        # a rendezvous that never completes is bounded by the deadline; the engine was never paused
-        async def hang(_):
-            await asyncio.sleep(1.5)
-            return OK
-        server.calls.clear()
-        server.script["/destroy_weights_update_group"] = [
-            (400, {"success": False, "message": "no group"})]
-        server.script["/init_weights_update_group"] = [hang]
-        done = await apply_weight_sync(client, _plan(reform=True, deadline_s=0.5), "s0")
-        assert not done.ok and "Timeout" in done.reason and done.pause_s == 0.0
-        assert "/pause_generation" not in [p for p, _ in server.calls]
-    run(body)
 
 
 def test_a_begin_that_times_out_after_the_engine_opened_the_session_does_not_wedge_later_syncs():

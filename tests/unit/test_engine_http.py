@@ -1,23 +1,32 @@
-"""The embedded engine over real HTTP on 127.0.0.1 (one per module): SGLang shapes and control."""
+"""The embedded engine over real HTTP on 127.0.0.1 (one per module): SGLang shapes and control;
+its in-process ``/generate`` (rollout_server/engine/local.py) against the same engine over HTTP:
+answers, errors, the pause gate, aborts, and calls when the engine stops."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
 from test_engine_scheduler import greedy
 
+from areal_like.engines.client import EngineError
+from areal_like.engines.sglang import SGLangClient
 from areal_like.settings.config import EngineConfig, ModelConfig
 from areal_like.weights.hf import build_model
 from benchmarks.weight_checksum import state_checksum
 from rollout_server.engine import EmbeddedEngine
+from rollout_server.engine.api import max_text_chars
+from rollout_server.engine.local import LocalGenerate
 
 HTTP_TIMEOUT_S = 120.0
 MODEL = ModelConfig(max_position_embeddings=256)
@@ -127,6 +136,7 @@ def test_stop_token_ids_finish_with_stop(engine):
     ({"input_ids": [1, 2], "text": "ab"}, "Either text"), ({"sampling_params": {}}, "Either text"),
     ({"input_ids": []}, "cannot be empty"), ({"input_ids": [1, 999]}, "out of vocabulary"),
     ({"input_ids": [1, 2], "sampling_params": {"stop": ["x"]}}, "sampling_params.stop"),
+    ({"input_ids": [1, 5], "return_routed_experts": True}, "return_routed_experts: "),  # dense
 ])
 def test_malformed_generate_gets_a_400_naming_what_is_wrong(engine, body, names):
     status, text = call(engine, "/generate", body)
@@ -149,6 +159,9 @@ def test_control_endpoints_shapes(engine):
     status, text = call(engine, "/get_weights_by_name", {"name": "no.such.weight"})
     assert (status == 400
             and json.loads(text) == {"error": {"message": "Get parameter by name failed"}})
+    status, text = call(engine, "/get_weights_by_name",
+                        b'{"name": "x", "truncate_size": 1e400}')  # int(inf)
+    assert status == 400 and "truncate_size" in text, text
     assert call(engine, "/flush_cache", {})[0] == 200 and call(engine, "/flush_cache")[0] == 200
     assert call(engine, "/abort_request", {"rid": "nope"}) == (200, "")
     status, text = call(engine, "/pause_generation", {"mode": "sideways"})
@@ -263,7 +276,6 @@ def test_a_pause_keeps_the_request_and_the_flush_follows_sglang(engine, mode, fl
 
 
 def test_a_continue_that_overtakes_its_in_place_pause_still_resumes(engine):
-    """A continue reaching the server while the in_place hold is still queued still resumes."""
     with ThreadPoolExecutor(2) as pool:
         try:
             with stalled(engine):  # the hold (and the continue's release) queue behind this
@@ -316,8 +328,6 @@ def aborted(engine) -> float:
 
 
 def test_client_disconnect_aborts_request(engine):
-    import socket
-
     before = aborted(engine)
     body = json.dumps({"input_ids": [1, 2],
                        "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}).encode()
@@ -362,3 +372,151 @@ def test_streaming_chunks_are_cumulative_and_end_like_the_plain_response(engine)
     many = stream(engine, {"input_ids": [1, 5], "sampling_params": {"max_new_tokens": 3, "n": 2}})
     assert {c["index"] for c in many} == {0, 1}
 
+
+
+def local(engine, body: dict) -> tuple[int, object]:
+    return asyncio.run(engine.generate_local(body))
+
+
+def same_answer(a: dict, b: dict) -> None:
+    """Equal but for what differs between any two calls (request id, latency)."""
+    strip = lambda o: {**o, "meta_info": {k: v for k, v in o["meta_info"].items()
+                                          if k not in ("id", "e2e_latency")}}
+    # JSON-equal: what the endpoint would have sent
+    assert strip(a) == strip(json.loads(json.dumps(b)))
+
+
+def test_in_process_generate_answers_what_the_endpoint_answers_and_the_client_maps_it(engine):
+    body = {"input_ids": [[1, 7, 8], [1, 9]],
+            "sampling_params": [{"max_new_tokens": 6, "temperature": 0},
+                                {"max_new_tokens": 4, "temperature": 0, "ignore_eos": True}],
+            "return_logprob": True}
+    status, outs = local(engine, body)
+    assert status == 200 and len(outs) == 2
+    for over_http, in_process in zip(gen(engine, **body), outs):
+        same_answer(over_http, in_process)
+    bad = {"input_ids": [1, 999]}  # past the vocabulary
+    http_status, text = call(engine, "/generate", bad)
+    assert local(engine, bad) == (http_status, json.loads(text)) and http_status == 400
+    assert local(engine, {"input_ids": [1, 2], "stream": True})[0] == 400  # no streaming in-process
+
+    async def through_the_client():
+        client = SGLangClient("http://127.0.0.1:1", local=engine)  # no HTTP reachable
+        outs = await client.generate_batch([[1, 3], [1, 4, 5]],
+                                           [{"max_new_tokens": 3, "temperature": 0,
+                                             "ignore_eos": True}] * 2)
+        assert [(len(o.output_ids), len(o.logprobs), o.finish_reason, o.weight_version)
+                for o in outs] == [(3, 3, "length", "0")] * 2
+        with pytest.raises(EngineError) as e:
+            await client.generate([1, 999], {"max_new_tokens": 2})
+        assert e.value.status == 400
+        await client.close()
+    asyncio.run(through_the_client())
+
+
+def test_in_process_generate_waits_while_paused_and_a_cancelled_caller_aborts(engine):
+    async def main():
+        assert call(engine, "/pause_generation", {"mode": "abort"})[0] == 200
+        try:
+            waiting = asyncio.ensure_future(engine.generate_local(
+                {"input_ids": [1, 5], "sampling_params": {"max_new_tokens": 2}}))
+            done, _ = await asyncio.wait([waiting], timeout=0.5)
+            assert not done  # held back by the pause, not refused
+        finally:
+            assert call(engine, "/continue_generation", {})[0] == 200
+        status, out = await asyncio.wait_for(waiting, HTTP_TIMEOUT_S)
+        assert status == 200 and out["meta_info"]["finish_reason"]["type"] == "length"
+        before = aborted(engine)
+        long = asyncio.ensure_future(engine.generate_local(
+            {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 250, "ignore_eos": True}}))
+        deadline = time.monotonic() + HTTP_TIMEOUT_S
+        while not engine.scheduler.load()["num_running_reqs"]:
+            assert time.monotonic() < deadline, "the request never ran"
+            await asyncio.sleep(0.005)
+        long.cancel()
+        while aborted(engine) == before:
+            assert time.monotonic() < deadline, "the cancelled request was not aborted"
+            await asyncio.sleep(0.005)
+    asyncio.run(main())
+
+
+def test_an_in_process_call_ends_when_its_engine_stops_and_later_ones_are_refused():
+    """A call held at the pause gate ends as unreachable, not at its timeout; later ones too."""
+    e = EmbeddedEngine(MODEL, EngineConfig(max_running_requests=2)).start()
+
+    async def main():
+        client = SGLangClient("http://127.0.0.1:1", local=e, generate_timeout_s=HTTP_TIMEOUT_S)
+        try:
+            assert call(e, "/pause_generation", {"mode": "abort"})[0] == 200
+            held = asyncio.ensure_future(client.generate([1, 2], {"max_new_tokens": 2}))
+            done, _ = await asyncio.wait([held], timeout=0.3)
+            assert not done  # held back by the pause
+            await asyncio.to_thread(e.stop)
+            with pytest.raises(EngineError) as ended:
+                await asyncio.wait_for(held, HTTP_TIMEOUT_S)
+            with pytest.raises(EngineError) as refused:
+                await client.generate([1, 2], {"max_new_tokens": 2})
+            assert ended.value.status is None and refused.value.status is None
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        e.stop()
+
+
+def test_calls_ended_by_cancel_all_say_so_and_a_caller_cancelled_stays_cancelled():
+    """``LocalGenerate`` with a handler that never answers: ConnectionAbortedError at and after
+    ``cancel_all``; a caller cancelled for its own reasons sees its CancelledError."""
+    answering = threading.Semaphore(0)  # one release per call the handler took
+
+    async def never(_inp):
+        answering.release()
+        await asyncio.Event().wait()
+
+    http = SimpleNamespace(parse=lambda body: SimpleNamespace(stream=False), answer=never)
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    calls = LocalGenerate(http)
+
+    async def main():
+        own = asyncio.ensure_future(calls.call(loop, {}))
+        assert await asyncio.to_thread(answering.acquire, timeout=HTTP_TIMEOUT_S)
+        own.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await own
+        running = asyncio.ensure_future(calls.call(loop, {}))
+        assert await asyncio.to_thread(answering.acquire, timeout=HTTP_TIMEOUT_S)
+        calls.cancel_all()
+        with pytest.raises(ConnectionAbortedError):
+            await asyncio.wait_for(running, HTTP_TIMEOUT_S)
+        with pytest.raises(ConnectionAbortedError):
+            await asyncio.wait_for(calls.call(loop, {}), HTTP_TIMEOUT_S)
+
+    try:
+        asyncio.run(main())
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=HTTP_TIMEOUT_S)
+        loop.close()
+
+
+def test_a_text_no_context_could_hold_is_refused_before_tokenizing(engine, monkeypatch):
+    """A 10 MB body is within the default 64 MiB cap: only this bound refuses it untokenized."""
+    tokenizer, context = engine.tokenizer, MODEL.max_position_embeddings
+    longest = max(tokenizer.get_vocab(), key=len)
+    assert max_text_chars(tokenizer, context) == context * len(longest) < 10 * 1024 * 1024
+    calls, encode = [], tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode",
+                        lambda text, *a, **k: (calls.append(len(text)), encode(text, *a, **k))[1])
+    huge = "7" * (10 * 1024 * 1024)
+    status, text = call(engine, "/generate", {"text": huge,
+                                              "sampling_params": {"max_new_tokens": 2}})
+    assert status == 400 and ("(10485760 characters) is longer than the model's context length "
+                              "(256 tokens)") in json.loads(text)["error"]["message"]
+    assert call(engine, "/generate", {"text": ["1+1=", huge]})[0] == 400  # one of a batch
+    assert calls == []  # refused before the tokenizer saw it
+    out = gen(engine, text="1+1=", sampling_params={"max_new_tokens": 2})
+    assert len(out["output_ids"]) == 2 and calls == [4]

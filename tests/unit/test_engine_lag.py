@@ -38,7 +38,9 @@ class RecordingBroadcaster:
         return SyncReport(version=version)
 
 
-def _train(every: int, delay: int, steps: int, final_version: int | None = None):
+def _train(every: int, delay: int, steps: int, final_version: int | None = None, start: int = 0):
+    """Train from version start to steps, the schedule after each: (broadcaster, the weights of
+    each version, the version the engines serve after each, the schedule)."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1, bias=False)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -46,38 +48,32 @@ def _train(every: int, delay: int, steps: int, final_version: int | None = None)
     cfg = load_config([f"trainer.weight_sync.every={every}", f"trainer.weight_sync.delay={delay}",
                        f"buffer.max_staleness={max(every - 1, delay)}"]).trainer.weight_sync
     sched = EngineSchedule(cfg, wb, model, final_version=final_version or steps)
-    weights = {0: model.weight.detach().clone()}
-    engine_version = [None]
-    sched.after_step(0)
-    engine_version.append(wb.pushed[-1][0])
-    for v in range(1, steps + 1):
-        opt.zero_grad()
-        model(torch.ones(1, 3)).sum().backward()
-        opt.step()
+    weights, served = {}, []
+    for v in range(start, steps + 1):
+        if v > start:
+            opt.zero_grad()
+            model(torch.ones(1, 3)).sum().backward()
+            opt.step()
         weights[v] = model.weight.detach().clone()
         sched.after_step(v)
-        engine_version.append(wb.pushed[-1][0])
-    return wb, weights, engine_version[1:], sched
+        served.append(wb.pushed[-1][0] if wb.pushed else None)
+    return wb, weights, served, sched
 
 
-def test_lagged_inference_advances_the_engines_every_L_steps():
-    wb, weights, served, _ = _train(every=3, delay=0, steps=10)
-    # engine version after each trainer version 0..10: multiples of 3, and the final version
-    assert served == [0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 10]
-    assert [v for v, _ in wb.pushed] == [0, 3, 6, 9, 10]
-    assert wb.announced == list(range(11))  # the buffer hears every version
-    for v, w in wb.pushed:
-        torch.testing.assert_close(w, weights[v], rtol=0, atol=0)
-
-
-def test_forced_delay_serves_exactly_version_v_minus_D():
-    wb, weights, served, sched = _train(every=1, delay=2, steps=6)
-    assert served == [0, 0, 0, 1, 2, 3, 4]  # max(0, v - 2)
-    assert wb.announced == list(range(7))
+@pytest.mark.parametrize("every, delay, served", [
+    (3, 0, [0, 0, 0, 3, 3, 3, 6, 6, 6, 9, 10]),  # multiples of 3, and the final version
+    (1, 2, [0, 0, 0, 1, 2, 3, 4]),  # max(0, v - 2)
+])
+def test_engines_advance_every_L_steps_or_serve_exactly_v_minus_D(every, delay, served):
+    wb, weights, got, sched = _train(every=every, delay=delay, steps=len(served) - 1)
+    assert got == served  # the engines' version after each trainer version 0, 1, ...
+    assert [v for v, _ in wb.pushed] == sorted(set(served))
+    assert wb.announced == list(range(len(served)))  # the buffer hears every version
     for v, w in wb.pushed:  # each label carries exactly its own weights
         torch.testing.assert_close(w, weights[v], rtol=0, atol=0)
     # the trainer keeps its own
-    torch.testing.assert_close(sched.model.weight.detach(), weights[6], rtol=0, atol=0)
+    torch.testing.assert_close(sched.model.weight.detach(), weights[len(served) - 1], rtol=0,
+                               atol=0)
 
 
 def test_repush_resends_what_the_engines_should_serve():
@@ -90,24 +86,13 @@ def test_repush_resends_what_the_engines_should_serve():
 
 def test_a_resumed_lagged_push_that_reached_nobody_is_sent_again_on_a_stall():
     """Resumed at 5 with L = 4: a stall repushes version 5's snapshot under its label."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(3, 1, bias=False)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    wb = RecordingBroadcaster()
-    cfg = load_config(["trainer.weight_sync.every=4", "buffer.max_staleness=3"]).trainer.weight_sync
-    sched = EngineSchedule(cfg, wb, model, final_version=20)
-    resumed = model.weight.detach().clone()
-    sched.after_step(5)
-    for v in (6, 7):
-        opt.zero_grad()
-        model(torch.ones(1, 3)).sum().backward()
-        opt.step()
-        sched.after_step(v)
+    wb, weights, _, sched = _train(every=4, delay=0, steps=7, final_version=20, start=5)
     assert [v for v, _ in wb.pushed] == [5] and wb.announced == [5, 6, 7]
     sched.repush(7)
     assert wb.pushed[-1][0] == 5 and wb.announced[-1] == 7
-    torch.testing.assert_close(wb.pushed[-1][1], resumed, rtol=0, atol=0)
-    assert not torch.equal(model.weight, resumed)  # the trainer's own weights are back after
+    torch.testing.assert_close(wb.pushed[-1][1], weights[5], rtol=0, atol=0)
+    # the trainer's own weights are back after
+    assert torch.equal(sched.model.weight, weights[7]) and not torch.equal(weights[7], weights[5])
 
 
 @pytest.mark.parametrize("every", [1, 2, 4, 8])

@@ -31,31 +31,6 @@ def _path(name: str) -> str:
     return "/dev/shm/sem." + name.lstrip("/")  # glibc's file for the semaphore "/NAME"
 
 
-def test_the_groups_semaphore_is_found_by_its_mapping_and_reaped_and_no_other():
-    other = multiprocessing.get_context("spawn").Lock()  # another job's, alive meanwhile
-    others = _path(other._semlock.name)
-    group = subprocess.Popen([sys.executable, "-c", GROUP], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, text=True, start_new_session=True)
-    mine = None
-    try:
-        mine = _path(group.stdout.readline().strip())
-        assert os.path.exists(mine) and os.path.exists(others)
-        maps = Path(f"/proc/{group.pid}/maps").read_text()
-        assert mine not in maps and "/dev/shm/sem." in maps  # mapped under another, unlinked name
-        files = shm_files(group.pid)
-        assert mine in files and others not in files, files
-        assert reap(group.pid, sorted(files), timeout_s=30.0)  # SIGKILL: no finalizer, no tracker
-        assert not group_members(group.pid)
-        assert not os.path.exists(mine) and os.path.exists(others)
-    finally:
-        if group.poll() is None:
-            os.killpg(group.pid, 9)
-        group.wait(timeout=30)
-        if mine is not None and os.path.exists(mine):  # a failed run: the group left it
-            os.unlink(mine)
-        del other  # its finalizer unlinks it
-
-
 @pytest.fixture
 def group():
     """A live process group holding a semaphore like SGLang's: (its leader's PID, the file)."""
@@ -65,10 +40,25 @@ def group():
     try:
         yield proc.pid, path
     finally:
-        os.killpg(proc.pid, 9)
+        with contextlib.suppress(ProcessLookupError):  # reaped by the test
+            os.killpg(proc.pid, 9)
         proc.wait(timeout=30)
         if os.path.exists(path):
             os.unlink(path)
+
+
+def test_the_groups_semaphore_is_found_by_its_mapping_and_reaped_and_no_other(group):
+    pgid, mine = group
+    other = multiprocessing.get_context("spawn").Lock()  # another job's, alive meanwhile
+    others = _path(other._semlock.name)
+    assert os.path.exists(mine) and os.path.exists(others)
+    maps = Path(f"/proc/{pgid}/maps").read_text()
+    assert mine not in maps and "/dev/shm/sem." in maps  # mapped under another, unlinked name
+    files = shm_files(pgid)
+    assert mine in files and others not in files, files
+    assert reap(pgid, sorted(files), timeout_s=30.0)  # SIGKILL: no finalizer, no tracker
+    assert not group_members(pgid)
+    assert not os.path.exists(mine) and os.path.exists(others)
 
 
 def test_an_fd_closed_while_it_is_read_drops_that_fd_alone(group, monkeypatch):
@@ -86,7 +76,6 @@ def test_an_fd_closed_while_it_is_read_drops_that_fd_alone(group, monkeypatch):
 
 
 def test_a_pid_that_left_the_group_while_it_was_read_counts_for_nothing(group, monkeypatch):
-    """A listed PID reused by another process meanwhile counts for nothing."""
     pgid, path = group
     group_of, looks = engine_reaper.group_of, []
 
@@ -100,7 +89,6 @@ def test_a_pid_that_left_the_group_while_it_was_read_counts_for_nothing(group, m
 
 
 def test_stop_group_kills_a_member_that_outlived_an_exited_leader():
-    """stop_group SIGKILLs a member that outlived its exited leader."""
     leader = subprocess.Popen(["bash", "-c", "sleep 600 & echo $!"], stdout=subprocess.PIPE,
                               text=True, start_new_session=True)
     member = int(leader.stdout.readline())

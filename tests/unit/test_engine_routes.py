@@ -1,5 +1,6 @@
 """The embedded engine returns each token's experts (SGLang's base64 int32 routed_experts) and a
-trainer replaying them reproduces the engine's log-probs; a dense model's engine refuses."""
+trainer replaying them reproduces the engine's log-probs (a dense model's engine refuses:
+test_engine_http.py's table of malformed requests)."""
 
 from __future__ import annotations
 
@@ -59,14 +60,3 @@ def test_the_engine_returns_the_routes_its_forwards_took_and_replay_reproduces_t
         assert (picked - engine_lp).abs().max() <= 1e-5
     assert "routed_experts" not in generate(engine)[0]["meta_info"]  # only when asked
 
-
-def test_a_dense_engine_refuses_to_return_routes():
-    engine = EmbeddedEngine(ModelConfig(), EngineConfig(max_running_requests=2)).start()
-    try:
-        status, out = asyncio.run(engine.generate_local(
-            {"input_ids": [1, 5], "return_routed_experts": True}))
-    finally:
-        engine.stop()
-    assert status == 400
-    assert "return_routed_experts" in out["error"]["message"]
-    assert "no mixture-of-experts router" in out["error"]["message"]

@@ -4,7 +4,6 @@ the logprob convention, and at most one read of the device per step."""
 from __future__ import annotations
 
 import math
-import random
 import threading
 
 import pytest
@@ -19,8 +18,6 @@ from rollout_server.engine.scheduler import Request, Scheduler
 CPU = torch.device("cpu")
 P = [0.5, 0.3, 0.15, 0.05]
 LOGITS = torch.tensor([P]).log()
-# chi-square quantiles at 1 - 1e-3 by degrees of freedom (the draws are seeded: no flakes)
-CHI2_999 = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47}
 
 
 def draw(params: SamplingParams, uniforms: list[float], logits=LOGITS):
@@ -60,23 +57,12 @@ def test_each_uniform_picks_the_token_whose_interval_holds_it():
     (SamplingParams(temperature=0.5), [685, 247, 62, 7]),  # p^2 / sum p^2 (rounded)
 ])
 def test_evenly_spread_uniforms_give_the_exact_frequencies(params, expected):
+    # a draw is a function of its uniform: exact frequencies here are the distribution for
+    # uniform random draws
     n = 1000
     tok, _ = draw(params, [(i + 0.5) / n for i in range(n)])
     got = counts(tok, 4)
     assert all(abs(g - e) <= 1 for g, e in zip(got, expected)), got
-
-
-def test_request_streams_sample_the_distribution_chi_square():
-    probs = torch.tensor([0.4, 0.25, 0.2, 0.1, 0.05])
-    rng, n = random.Random(1), 20000
-    for params, keep in [(SamplingParams(temperature=1.0), 5), (SamplingParams(top_k=3), 3),
-                         (SamplingParams(top_p=0.7), 3)]:  # mass before token 3 is 0.85 > 0.7
-        tok, _ = draw(params, [rng.random() for _ in range(n)], torch.log(probs)[None])
-        got = torch.tensor(counts(tok, 5), dtype=torch.float64)
-        assert got[keep:].sum() == 0
-        expected = probs[:keep].double() / probs[:keep].sum() * n
-        chi2 = float(((got[:keep] - expected) ** 2 / expected).sum())
-        assert chi2 < CHI2_999[keep - 1], (params, got.tolist(), chi2)
 
 
 def test_logprobs_are_of_the_untruncated_tempered_distribution():

@@ -78,20 +78,6 @@ def full_forward_logprobs(model, prompt: list[int], out: list[int],
     return torch.log_softmax(logits / temperature, -1).gather(1, torch.tensor(out)[:, None])[:, 0]
 
 
-def test_greedy_equals_transformers_generate_with_refill(model, make_scheduler):
-    ps = prompts(9)
-    limits = [5, 40, 17, 3, 64, 25, 9, 33, 1]
-    s = make_scheduler(max_running=3)  # 9 requests through 3 slots: rows join and leave every step
-    got = run_all(s, ps, [SamplingParams(max_new_tokens=m, temperature=0.0) for m in limits])
-    for p, m, r in zip(ps, limits, got):
-        ref = greedy(model, p, m)
-        assert r.output_ids == ref
-        expected = ({"type": "stop", "matched": EOS} if ref[-1] == EOS
-                    else {"type": "length", "length": m})
-        assert r.finish_reason == expected
-        assert r.output_versions == ["0"] * len(ref)
-
-
 def test_many_rows_leaving_in_one_step_leave_the_others_their_own_kv(model, make_scheduler):
     """Rows finishing together: the moved rows (SlotKV.move) keep their own KV."""
     ps = prompts(12, seed=3)
@@ -184,7 +170,6 @@ def test_retract_and_weight_swap_between_steps(model, make_scheduler):
 
 @pytest.mark.parametrize("fail_at", [1, 4])  # the first prefill, a later decode step
 def test_forward_failure_answers_every_request_and_stops(model, make_scheduler, fail_at):
-    """A crash inside a forward pass must not leave callers hanging or the engine half alive."""
     class Exploding(torch.nn.Module):
         def __init__(self):
             super().__init__()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from areal_like.engines.client import EngineError, GenerateOutput
 from areal_like.settings.config import EvalConfig, RunConfig, TaskConfig
 from areal_like.tasks.task import encode_prompt, make_task
@@ -48,45 +50,40 @@ class Rewards:
         return await self.score_group(prompt, texts, example), {}
 
 
-def episode(prompt_room: int, max_new_tokens: int = 8, max_input: int = 0):
-    """One group of 2 on an engine leaving prompt_room after the prompt (refusing max_input+)."""
-    cfg = TaskConfig(name="reverse", group_size=2, max_new_tokens=max_new_tokens)
+def episode(prompt_room: int, over: int | None = None):
+    """One group of 2 on an engine leaving prompt_room after the prompt and, unless over is None,
+    refusing inputs of prompt + over tokens or more (SGLang's max_req_input_len)."""
+    cfg = TaskConfig(name="reverse", group_size=2, max_new_tokens=8)
     task = make_task(cfg)
     prompt = len(encode_prompt(TOK, task.example(0), cfg))
     engine = ContextEngine(prompt + prompt_room)
     ctx = EpisodeContext(client=engine, task=task, tokenizer=TOK, rewards=Rewards(),
                          task_cfg=cfg, server_id="s", current_version_fn=lambda: 0,
-                         context=engine.context, max_input=max_input)
+                         context=engine.context, max_input=0 if over is None else prompt + over)
     group = asyncio.run(run_episode(ctx, Credit(lease_id="L", prompt_index=0, epoch=0,
                                                 deadline_s=60.0)))
     return group, engine, prompt
 
 
-def test_an_episode_asks_for_what_the_context_leaves_after_its_prompt():
-    group, engine, prompt = episode(prompt_room=5)
-    assert engine.asked == [(prompt, 5), (prompt, 5)]
-    assert [t.n_tokens for t in group.trajectories] == [5, 5]
-    assert {t.finish_reason for t in group.trajectories} == {"length"}
-    assert content_problem(group, TOK.vocab_size, engine.context, 2) is None
-    group, engine, _ = episode(prompt_room=50)  # room to spare: the task's budget
-    assert engine.asked == [(prompt, 8), (prompt, 8)]
-
-
-def test_a_prompt_that_leaves_no_room_is_not_sent_and_its_group_is_refused_as_no_room():
-    group, engine, prompt = episode(prompt_room=0)
-    assert engine.asked == []
-    assert {t.finish_reason for t in group.trajectories} == {"no_room"}
+@pytest.mark.parametrize("room, over, asked", [
+    (5, None, 5),  # what the context leaves after the prompt
+    (50, None, 8),  # room to spare: the task's budget
+    (0, None, 0),  # no room: not sent, refused as no_room
+    (5, 0, 0),  # the engine refuses an input this long: not sent either
+    (5, 1, 5),  # one token shorter: sent
+])
+def test_an_episode_asks_for_what_the_context_leaves_and_sends_no_prompt_without_room(
+        room, over, asked):
+    group, engine, prompt = episode(prompt_room=room, over=over)
     why = content_problem(group, TOK.vocab_size, engine.context, 2)
-    assert why is not None and why.startswith("no_room: trajectory 0 has no output tokens")
-
-
-def test_a_prompt_the_engine_refuses_for_its_length_is_not_sent_either():
-    _, _, prompt = episode(prompt_room=5)
-    group, engine, _ = episode(prompt_room=5, max_input=prompt)
-    assert engine.asked == []
-    assert {t.finish_reason for t in group.trajectories} == {"no_room"}
-    group, engine, _ = episode(prompt_room=5, max_input=prompt + 1)  # one token shorter: sent
-    assert engine.asked == [(prompt, 5), (prompt, 5)]
+    if asked:
+        assert engine.asked == [(prompt, asked)] * 2
+        assert [t.n_tokens for t in group.trajectories] == [asked] * 2
+        assert {t.finish_reason for t in group.trajectories} == {"length"} and why is None
+    else:
+        assert engine.asked == []
+        assert {t.finish_reason for t in group.trajectories} == {"no_room"}
+        assert why is not None and why.startswith("no_room:")
 
 
 def test_an_evaluation_asks_for_what_the_context_leaves_and_skips_a_prompt_without_room():
