@@ -6,13 +6,13 @@ import threading
 
 import pytest
 import torch
-from test_engine_scheduler import greedy, run_all
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
 from rollout_server.engine import fastpath, padded
 from rollout_server.engine.sampling import SamplingParams
 from rollout_server.engine.scheduler import Request, Scheduler
+from tests.unit.test_engine_scheduler import greedy, run_all
 
 WAIT_S = 120.0  # generous: the machine is shared
 EOS = 2
