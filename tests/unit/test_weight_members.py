@@ -47,18 +47,16 @@ def _later(seconds: float = 30.0) -> float:
     return time.monotonic() + seconds
 
 
-def test_survivors_of_a_member_gone_from_the_roster_get_the_version_again():
-    report = _report(["a", "b", "c"], done=["c"])  # a died, b failed with it, c had it already
-    assert repush_targets(ScriptedBuffer(_roster("b", "c")), report, set(), _later()) == ["b"]
-
-
-@pytest.mark.parametrize("case", ["nobody_lost", "nobody_dropped", "no_time_left", "no_survivor"])
-def test_no_re_push(case):
-    report = _report(["a", "b"], done=["a", "b"] if case == "nobody_dropped" else [])
-    roster = _roster() if case == "no_survivor" else _roster("a", "b")
+@pytest.mark.parametrize("case, targets", [
+    ("survivor", ["b"]),  # a died (gone from the roster), b failed with it, c had it already
+    ("nobody_lost", []), ("nobody_dropped", []), ("no_time_left", []), ("no_survivor", [])])
+def test_re_push_targets(case, targets):
+    report = _report(["a", "b", "c"] if case == "survivor" else ["a", "b"],
+                     done={"survivor": ["c"], "nobody_dropped": ["a", "b"]}.get(case, []))
+    roster = {"survivor": _roster("b", "c"), "no_survivor": _roster()}.get(case, _roster("a", "b"))
     deadline = _later(REPUSH_MIN_S / 2) if case == "no_time_left" else _later()
     buffer = ScriptedBuffer(roster)
-    assert repush_targets(buffer, report, set(), deadline) == []
+    assert repush_targets(buffer, report, set(), deadline) == targets
     if case in ("nobody_dropped", "no_time_left"):
         assert buffer.sent == []  # decided without asking the buffer
 
