@@ -77,7 +77,6 @@ time.sleep(3600)  # hold the connection until the test stops this process
 
 
 def other_ipv4() -> str | None:
-    """A non-loopback IPv4 address of this machine, if it has one."""
     for addrs in psutil.net_if_addrs().values():
         for a in addrs:
             if a.family == socket.AF_INET and not a.address.startswith("127."):

@@ -199,7 +199,6 @@ def test_the_trainer_leaves_out_members_whose_versions_differ(broadcaster, caplo
 
 
 def test_a_plan_with_every_member_refused_is_not_sent(broadcaster):
-    """With every member refused no plan is published and no group forms."""
     b, metrics = broadcaster
     b.client = ScriptedBuffer(P.Roster(members=[_entry("a", RuntimeVersions("2.13.0", "12.8",
                                                                              "2.27.3"))],

@@ -195,7 +195,6 @@ def _begin_body(url: str, nonce: str, plan_id: str = "p1") -> bytes:
 
 
 def _answers(port: SyncPort, route: str, bodies, key: str = KEY) -> list[tuple[int, str]]:
-    """Starts ``port`` and POSTs to ``route`` each of ``bodies(url)`` in turn; their answers."""
     async def scenario() -> list[tuple[int, str]]:
         url = await port.start("127.0.0.1", 0)
         try:

@@ -18,7 +18,6 @@ from trainer.weight_sync import SyncReport
 
 
 class ScriptedBuffer:
-    """Answers every request with the next reply; records what it was sent."""
 
     def __init__(self, *replies: P.Message):
         self.replies, self.sent = list(replies), []

@@ -81,7 +81,6 @@ class Engine:
 
 
 class Recording(EngineDrive):
-    """The real drive, keeping each plan it was given with the time it went out."""
 
     def __init__(self):
         super().__init__()
@@ -172,7 +171,6 @@ class CountingConfig:
 
 
 def counted_model() -> torch.nn.Module:
-    """A model whose config counts the directories written for it."""
     model = torch.nn.Linear(2, 2)
     model.config = CountingConfig()
     return model
