@@ -192,20 +192,6 @@ def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
     assert again.payloads == first.payloads and model.config.writes == 1
 
 
-def test_a_push_cut_at_its_deadline_is_counted_for_its_alert():
-    cfg = WeightSyncConfig(path="disk", deadline_s=1.0)
-    metrics = Metrics()
-    engine = Engine(lambda body: "frozen" if body["weight_version"] == "1" else "done")
-    model = counted_model()
-    near = "areal_trainer_weight_sync_near_deadline_total"
-    with closing(broadcaster(cfg, {"a": engine}, Recording(), metrics), engine) as wb:
-        assert metrics.registry.get_sample_value(near) == 0  # served before any push
-        cut, fast = wb.push(model, 1), wb.push(model, 2)
-    assert cut.dropped == ["a"] and fast.done == ["a"] and engine.loaded == ["2"], (cut, fast)
-    assert cut.seconds >= 0.9 * cfg.deadline_s > fast.seconds
-    assert metrics.registry.get_sample_value(near) == 1
-
-
 def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplog):
     """A third re-push in a row cut at its deadline logs one error per streak; pushes go on."""
     from trainer.engine_lag import STALL_PUSHES, EngineSchedule
@@ -264,12 +250,18 @@ def test_a_resync_after_a_failed_overlapped_push_leaves_its_report_to_the_next_r
 
 
 def test_an_overlapped_push_gets_its_whole_deadline_after_waiting_for_the_one_before():
+    """v1, frozen, is cut at its deadline and counted for its alert; v2 waits for it."""
     cfg = WeightSyncConfig(path="tensor", deadline_s=2 * SLOW_S)
+    metrics = Metrics()
     engine = Engine(lambda body: "frozen" if body["weight_version"] == "1" else "slow")
     model = torch.nn.Linear(4, 4)
-    with closing(broadcaster(cfg, {"a": engine}, EngineDrive()), engine) as wb:
+    near = "areal_trainer_weight_sync_near_deadline_total"
+    with closing(broadcaster(cfg, {"a": engine}, EngineDrive(), metrics), engine) as wb:
+        assert metrics.registry.get_sample_value(near) == 0  # served before any push
         wb.push(model, 1, wait=False)
         first = wb.push(model, 2, wait=False)  # v1's report, once v1 ran out its deadline
         second = wb.join()
-    assert (first.version, first.dropped) == (1, ["a"]), first
+    assert (first.version, first.dropped, first.cut) == (1, ["a"], True), first
+    assert first.seconds >= 0.9 * cfg.deadline_s, first
     assert (second.version, second.done, engine.loaded) == (2, ["a"], ["2"]), second
+    assert not second.cut and metrics.registry.get_sample_value(near) == 1
