@@ -63,7 +63,7 @@ def test_mismatch_table(peer, backend, refused_for):
     assert str(GPU) in why and str(peer) in why  # both sides named in full
 
 
-def test_local_versions_are_this_process_torch():
+def test_local_versions_are_this_process_torch_and_the_server_reports_the_engines():
     with pytest.raises(ValueError, match="'mpi'"):  # an unknown backend: no rule to apply
         mismatch(GPU, GPU, "mpi")
     v = local_versions()
@@ -74,19 +74,15 @@ def test_local_versions_are_this_process_torch():
     reg = P.decode(P.encode(P.Register(server_id="r", engine_url="u", torch_version=v.torch,
                                        cuda_version=v.cuda, nccl_version=v.nccl)))
     assert (reg.torch_version, reg.cuda_version, reg.nccl_version) == (v.torch, v.cuda, v.nccl)
-
-
-def test_the_rollout_server_reports_the_engine_versions():
-    # SGLang says nothing
+    # the rollout server reports the engine's; SGLang says nothing
     assert from_server_info({"version": "0.5.23", "tp_size": 2}) == RuntimeVersions()
     assert from_server_info({**VERSIONS, "tp_size": 1}) == GPU
     assert (from_server_info({"torch_version": "2.14.1", "cuda_version": None})
             == RuntimeVersions("2.14.1"))
-    local = local_versions()
-    assert asyncio.run(engine_versions("embedded", {})) == local
+    assert asyncio.run(engine_versions("embedded", {})) == v
     assert asyncio.run(engine_versions("url", {**VERSIONS})) == GPU  # what the engine says wins
-    assert asyncio.run(engine_versions("url", {"version": "0.5.23"})) == local  # else assumed: ours
-    assert asyncio.run(engine_versions("sglang", {"version": "0.5.23"})) == local
+    assert asyncio.run(engine_versions("url", {"version": "0.5.23"})) == v  # else assumed: ours
+    assert asyncio.run(engine_versions("sglang", {"version": "0.5.23"})) == v
 
 
 # ---------------------------------------------------------------- the wire

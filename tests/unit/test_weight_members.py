@@ -72,7 +72,7 @@ def test_merge_keeps_one_report_per_version():
             and report.error == "broadcast failed")
 
 
-def test_the_watch_raises_for_a_failed_sync_or_a_departure():
+def test_the_watch_raises_for_a_failed_sync_a_departure_or_its_end():
     # x: not a member of this plan; ``failed``: the drive's members whose sync already failed
     with pytest.raises(MembersLost) as lost:
         RendezvousWatch(ScriptedBuffer(_roster("a", "b")), ["a", "b"], _later(), _later(),
@@ -83,9 +83,6 @@ def test_the_watch_raises_for_a_failed_sync_or_a_departure():
     assert lost.value.lost == ["a"]
     RendezvousWatch(ScriptedBuffer(_roster("a", "b")), ["a", "b"], _later(), _later(),
                     failed=list)()  # everyone there: no error
-
-
-def test_the_watch_gives_up_at_its_end_without_asking_the_buffer():
     buffer = ScriptedBuffer()  # no reply scripted: a request would fail
     with pytest.raises(TimeoutError):
         RendezvousWatch(buffer, ["a", "b"], _later(), time.monotonic(), failed=list)()
