@@ -13,6 +13,9 @@ WORKER_TIMEOUT_S = 300  # cold torch + transformers imports of three processes o
 KL_COEF = 0.1
 SETTINGS = ["trainer.lr=1e-2", "trainer.micro_batch_size=2", f"trainer.loss.kl_coef={KL_COEF}",
             "trainer.loss.agg=token-mean", "trainer.lora.rank=4", "trainer.lora.alpha=8"]
+# quickstart_lora's targets: the decoder's linear layers and the output head
+WITH_LM_HEAD = ("trainer.lora.target_modules="
+                "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]")
 
 
 def worker(out_dir: Path) -> None:
@@ -62,12 +65,23 @@ def worker(out_dir: Path) -> None:
     res["base_names"] = {n: base_name(n) for n in res["init"] if not is_adapter(n)}
     export_hf(policy.model, out_dir / "export", model_cfg=cfg.model,
               tokenizer=load_tokenizer(cfg.model), shard_mb=1, dtype="float32", merged=True)
+    for dtype in ("float32", "bfloat16"):  # model.dtype=bfloat16: FSDP2 mixed precision
+        cfg = load_config([*SETTINGS, f"model.dtype={dtype}", WITH_LM_HEAD])
+        p, s = build_policy(cfg.model, cfg.trainer), StepSettings.from_config(cfg)
+        init = full_state_dict(p.model)
+        # the KL reference first: the model's first forward runs with its adapters off
+        steps = [train_step(p, batch, s, recompute_prox_logp(p, batch, s),
+                            reference_logp(p.model, batch, s, p.device))
+                 for _ in range(2)]
+        res[dtype] = {"steps": steps, "init": init, "after": full_state_dict(p.model),
+                      "trainable": {n for n, q in p.model.named_parameters() if q.requires_grad}}
     if rank == 0:
         torch.save(res, out_dir / "res.pt")
     leave_distributed()
 
 
-def test_lora_trains_adapters_only_on_one_and_two_ranks(tmp_path, spawn_python, free_port):
+def test_lora_trains_adapters_only_on_one_and_two_ranks_in_fp32_and_bf16(tmp_path, spawn_python,
+                                                                          free_port):
     import torch
 
     one, two = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(),
@@ -94,6 +108,20 @@ def test_lora_trains_adapters_only_on_one_and_two_ranks(tmp_path, spawn_python, 
         assert res["resumed_step2"]["loss"] == pytest.approx(res["step2"]["loss"], rel=1e-6)
     for key in ("loss", "policy_loss", "kl_ref"):  # ranks do not change the numbers
         assert two["step1"][key] == pytest.approx(one["step1"][key], rel=1e-5, abs=1e-7), key
+    for res in (one, two):  # bf16: adapters train, the base stays, fp32 numbers within bf16
+        bf16, fp32 = res["bfloat16"], res["float32"]
+        assert bf16["trainable"] == fp32["trainable"]
+        assert any(n.startswith("lm_head.lora_A") for n in bf16["trainable"]), bf16["trainable"]
+        for name, w in bf16["init"].items():
+            moved = float((bf16["after"][name] - w).abs().max())
+            assert (moved > 1e-3) if name in bf16["trainable"] else moved == 0.0, name
+        for key in ("loss", "kl_ref"):
+            for step in (0, 1):
+                assert bf16["steps"][step][key] == pytest.approx(fp32["steps"][step][key],
+                                                                 abs=2e-2), key
+        assert bf16["steps"][1]["kl_ref"] > 1e-6
+    assert two["bfloat16"]["steps"][1]["loss"] == pytest.approx(
+        one["bfloat16"]["steps"][1]["loss"], abs=2e-2)
     for out, res in ((tmp_path / "one", one), (tmp_path / "two", two)):
         check_export(out / "export", res["after"])
     from areal_like.settings.config import load_config
@@ -135,75 +163,9 @@ def check_export(directory: Path, state: dict) -> None:
         torch.testing.assert_close(merged(ids).logits, want, rtol=0, atol=1e-5)
 
 
-# quickstart_lora's targets: the decoder's linear layers and the output head
-WITH_LM_HEAD = ("trainer.lora.target_modules="
-                "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]")
-
-
-def bf16_worker(out_dir: Path) -> None:
-    """model.dtype=bfloat16 (FSDP2 mixed precision): two steps, plus an fp32 first step."""
-    import torch
-
-    torch.set_num_threads(1)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_trainer_invariance import synthetic_groups
-
-    from areal_like.settings.config import load_config
-    from tests.helpers_trainer import full_state_dict
-    from trainer.data import groups_to_batch
-    from trainer.model import build_policy, init_distributed, leave_distributed
-    from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
-
-    batch = groups_to_batch(synthetic_groups())
-    res = {}
-    rank, _ = init_distributed(load_config(SETTINGS).trainer)
-    for dtype in ("float32", "bfloat16"):
-        cfg = load_config([*SETTINGS, f"model.dtype={dtype}", WITH_LM_HEAD])
-        policy = build_policy(cfg.model, cfg.trainer)
-        s = StepSettings.from_config(cfg)
-        init = full_state_dict(policy.model)
-        # the KL reference first: the model's first forward runs with its adapters off
-        steps = [train_step(policy, batch, s, recompute_prox_logp(policy, batch, s),
-                            reference_logp(policy.model, batch, s, policy.device))
-                 for _ in range(2)]
-        res[dtype] = {"steps": steps, "init": init, "after": full_state_dict(policy.model),
-                      "trainable": {n for n, p in policy.model.named_parameters()
-                                    if p.requires_grad}}
-    leave_distributed()
-    if rank == 0:
-        torch.save(res, out_dir / "res.pt")
-
-
-def test_lora_computes_in_bf16_on_one_and_two_ranks(tmp_path, spawn_python, free_port):
-    """bf16 LoRA on 1 and 2 ranks: adapters train, base stays, fp32 numbers within bf16."""
-    import torch
-
-    one, two = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(),
-                                              WORKER_TIMEOUT_S,
-                                              env={"LORA_WORKER": "bf16"})
-    one, two = torch.load(one / "res.pt"), torch.load(two / "res.pt")
-    for res in (one, two):
-        bf16, fp32 = res["bfloat16"], res["float32"]
-        assert bf16["trainable"] == fp32["trainable"]
-        assert any(n.startswith("lm_head.lora_A") for n in bf16["trainable"]), bf16["trainable"]
-        for name, w in bf16["init"].items():
-            moved = float((bf16["after"][name] - w).abs().max())
-            assert (moved > 1e-3) if name in bf16["trainable"] else moved == 0.0, name
-        for key in ("loss", "kl_ref"):
-            for step in (0, 1):
-                assert bf16["steps"][step][key] == pytest.approx(fp32["steps"][step][key],
-                                                                 abs=2e-2), key
-        assert bf16["steps"][1]["kl_ref"] > 1e-6
-    assert two["bfloat16"]["steps"][1]["loss"] == pytest.approx(
-        one["bfloat16"]["steps"][1]["loss"], abs=2e-2)
-
-
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    import os
-
-    # argv: -c, this file, OUT_DIR (see RUNNER)
-    (bf16_worker if os.environ.get("LORA_WORKER") == "bf16" else worker)(Path(sys.argv[2]))
+    worker(Path(sys.argv[2]))  # argv: -c, this file, OUT_DIR (see RUNNER)
     from areal_like.daemon import exit_process
 
     # as the trainer exits: FSDP's caches keep the gloo group's threads past

@@ -145,6 +145,11 @@ def test_a_request_kept_across_syncs_neither_stalls_loads_nor_leaks_adapters():
 
 def test_an_adapter_whose_load_timed_out_is_unloaded_by_the_next_sync():
     async def slow_load(engine, client):
+        # first a plan naming no directory on this node: refused before SGLang is called
+        gone = msgspec.structs.replace(plan(1), payloads=[ADAPTER_DIR + "-not-here"])
+        done = await apply_adapter_sync(client, gone, "s")
+        assert not done.ok and "no adapter directory" in done.reason and done.plan_id == "p1"
+        assert engine.calls == []
         assert (await sync(client, 1)).ok
         await engine.lock.acquire()  # a slow engine: the load waits past the deadline
         done = await sync(client, 2, deadline_s=0.2)
@@ -171,12 +176,3 @@ def test_a_sync_cancelled_while_paused_continues_generation():
         assert (await sync(client, 3)).ok  # ... so the next sync unloads it
         await engine.until(lambda: engine.loaded == {"policy-v1-p1", "policy-v3-p3"})
     run(cancelled)
-
-
-def test_a_plan_naming_no_directory_on_this_node_is_refused_before_sglang_is_called():
-    async def refused(engine, client):
-        gone = msgspec.structs.replace(plan(1), payloads=[ADAPTER_DIR + "-not-here"])
-        done = await apply_adapter_sync(client, gone, "s")
-        assert not done.ok and "no adapter directory" in done.reason and done.plan_id == "p1"
-        assert engine.calls == []
-    run(refused)

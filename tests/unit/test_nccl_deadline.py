@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from areal_like.net.distributed import NCCL_NONBLOCKING_TIMEOUT, set_nccl_nonblocking_timeout
+from areal_like.net.distributed import NCCL_NONBLOCKING_TIMEOUT
 from areal_like.settings.config import load_config
 
 
@@ -38,10 +38,3 @@ def test_the_timeout_is_in_the_environment_before_the_first_group(monkeypatch, d
             model.init_distributed(cfg.trainer)
     assert seen == [want, want]
 
-
-def test_whole_seconds_rounded_up(monkeypatch):
-    # setenv, not delenv: delenv of an absent variable records nothing, so what the function sets
-    # would outlive the test; setenv records the old value (absent included) and restores it
-    monkeypatch.setenv(NCCL_NONBLOCKING_TIMEOUT, "1800")
-    assert set_nccl_nonblocking_timeout(90.0) == 90 and os.environ[NCCL_NONBLOCKING_TIMEOUT] == "90"
-    assert set_nccl_nonblocking_timeout(90.01) == 91

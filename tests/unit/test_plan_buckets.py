@@ -27,6 +27,7 @@ def _names(buckets):
     ({"a": [10, 10], "b": [100], "c": [200]}, 1000, [["a", "b"], ["c"]]),  # 400, 400, 800 B
     ({"a": [125], "b": [125]}, 1000, [["a", "b"]]),  # an exact fit stays in one bucket
     ({"small": [10], "huge": [1000], "tail": [10]}, 100, [["small"], ["huge"], ["tail"]]),
+    ({"s": [], "t": [], "u": [1]}, 8, [["s", "t"], ["u"]]),  # a scalar takes one element: 4 B
     ({}, MB, []),
 ])
 def test_packs_in_order_up_to_the_bucket_size(sizes, limit, names):
@@ -53,11 +54,6 @@ def test_every_tensor_exactly_once_and_deterministic():
     assert _names(a) == _names(b)
     for bucket in a:  # no bucket over the limit unless it holds a single oversized tensor
         assert bucket_nbytes(bucket) <= 300 or len(bucket.names) == 1
-
-
-def test_a_scalar_takes_one_element():
-    buckets = plan_buckets([("s", [], "float32")], MB)
-    assert buckets[0].shapes == [[]] and bucket_nbytes(buckets[0]) == 4
 
 
 def test_unknown_dtype_is_refused():

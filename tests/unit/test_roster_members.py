@@ -26,7 +26,6 @@ def _hello(sid: str, incarnation: str, fresh: bool = False) -> P.Register:
 
 
 class _CountingRoster(dict):
-    """A roster that counts its membership tests."""
 
     lookups = 0
 

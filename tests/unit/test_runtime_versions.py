@@ -63,7 +63,7 @@ def test_mismatch_table(peer, backend, refused_for):
     assert str(GPU) in why and str(peer) in why  # both sides named in full
 
 
-def test_local_versions_are_this_process_torch():
+def test_local_versions_are_this_process_torch_and_the_server_reports_the_engines():
     with pytest.raises(ValueError, match="'mpi'"):  # an unknown backend: no rule to apply
         mismatch(GPU, GPU, "mpi")
     v = local_versions()
@@ -74,19 +74,15 @@ def test_local_versions_are_this_process_torch():
     reg = P.decode(P.encode(P.Register(server_id="r", engine_url="u", torch_version=v.torch,
                                        cuda_version=v.cuda, nccl_version=v.nccl)))
     assert (reg.torch_version, reg.cuda_version, reg.nccl_version) == (v.torch, v.cuda, v.nccl)
-
-
-def test_the_rollout_server_reports_the_engine_versions():
-    # SGLang says nothing
+    # the rollout server reports the engine's; SGLang says nothing
     assert from_server_info({"version": "0.5.23", "tp_size": 2}) == RuntimeVersions()
     assert from_server_info({**VERSIONS, "tp_size": 1}) == GPU
     assert (from_server_info({"torch_version": "2.14.1", "cuda_version": None})
             == RuntimeVersions("2.14.1"))
-    local = local_versions()
-    assert asyncio.run(engine_versions("embedded", {})) == local
+    assert asyncio.run(engine_versions("embedded", {})) == v
     assert asyncio.run(engine_versions("url", {**VERSIONS})) == GPU  # what the engine says wins
-    assert asyncio.run(engine_versions("url", {"version": "0.5.23"})) == local  # else assumed: ours
-    assert asyncio.run(engine_versions("sglang", {"version": "0.5.23"})) == local
+    assert asyncio.run(engine_versions("url", {"version": "0.5.23"})) == v  # else assumed: ours
+    assert asyncio.run(engine_versions("sglang", {"version": "0.5.23"})) == v
 
 
 # ---------------------------------------------------------------- the wire
@@ -106,7 +102,7 @@ def _values(msg: P.Message) -> dict:
     return {name: getattr(msg, name) for name in field_names(type(msg))}
 
 
-def test_register_and_roster_entry_round_trip_with_and_without_versions():
+def test_register_and_roster_entry_round_trip_with_and_without_versions_as_strings():
     reg = P.Register(server_id="r", engine_url="http://h:1", engine_ranks=2, policy_version=3,
                      **VERSIONS)
     assert _values(P.decode(P.encode(reg))) == _values(reg)
@@ -125,11 +121,8 @@ def test_register_and_roster_entry_round_trip_with_and_without_versions():
     assert _values(old_entry) == _values(P.RosterEntry(server_id="r", engine_url="u",
                                                        engine_ranks=1, policy_version=0))
     assert old_entry.torch_version == old_entry.cuda_version == old_entry.nccl_version == ""
-
-
-def test_version_fields_must_be_strings():
-    wire = msgpack.unpackb(P.encode(P.Register(server_id="r", engine_url="u")), raw=False)
-    wire["nccl_version"] = 23007
+    wire = msgpack.unpackb(P.encode(reg), raw=False)
+    wire["nccl_version"] = 23007  # a version must be a string
     with pytest.raises(P.ProtocolError) as info:
         P.decode(msgpack.packb(wire, use_bin_type=True))
     assert info.value.field == "nccl_version"
@@ -202,7 +195,6 @@ def test_the_trainer_leaves_out_members_whose_versions_differ(broadcaster, caplo
 
 
 def test_a_plan_with_every_member_refused_is_not_sent(broadcaster):
-    """With every member refused no plan is published and no group forms."""
     b, metrics = broadcaster
     b.client = ScriptedBuffer(P.Roster(members=[_entry("a", RuntimeVersions("2.13.0", "12.8",
                                                                              "2.27.3"))],

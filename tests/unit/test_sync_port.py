@@ -72,7 +72,14 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
         calls.append(("adapter", plan.policy_version, len(plan.buckets[0].names)))
         return SyncDone(server_id="a", policy_version=plan.policy_version, ok=True, pause_s=0.25)
 
-    port = _port(KEY, calls, adapter=adapter)
+    dialled = []
+
+    def door(body) -> int:
+        dialled.append((body.master_addr, body.master_port))
+        return open_door("engine-a", KEY, body.master_addr, body.master_port, body.group_name)
+
+    port = _port(KEY, calls, adapter=adapter, door=door)
+    port.rendezvous = ("127.0.0.1", gate_port)  # trainer.weight_sync.master_port set
 
     async def scenario() -> None:
         url = await port.start("127.0.0.1", 0)
@@ -108,11 +115,14 @@ def test_a_door_asked_of_the_sync_port_reaches_the_gate_and_only_the_key_gets_on
                 with pytest.raises(EngineError, match="AREAL_LIKE_ENGINE_API_KEY"):
                     await stranger.begin(_plan(gate_port), "a", ENGINE, "now")  # no proof
                 assert port.unauthorized() == 2
-            body = json.dumps({"plan_id": "p1", "master_addr": "127.0.0.1", "master_port": 0,
-                               "group_name": GROUP})
-            status, text = await asyncio.to_thread(_post, f"{url}/door", body.encode(), KEY)
-            assert status == 400 and "master_port" in text, text
-            assert len(calls) == 3
+            # a door leads only to the job's rendezvous
+            for addr, p, named in (("127.0.0.1", 0, "master_port"), ("127.0.0.1", 22, ""),
+                                   ("10.1.2.3", gate_port, "trainer.weight_sync.master_addr")):
+                body = json.dumps({"plan_id": "p1", "master_addr": addr, "master_port": p,
+                                   "group_name": GROUP})
+                status, text = await asyncio.to_thread(_post, f"{url}/door", body.encode(), KEY)
+                assert status == 400 and named in text, text
+            assert len(calls) == 3 and dialled == [("127.0.0.1", gate_port)] * 2
         finally:
             await port.close()
 
@@ -195,7 +205,6 @@ def _begin_body(url: str, nonce: str, plan_id: str = "p1") -> bytes:
 
 
 def _answers(port: SyncPort, route: str, bodies, key: str = KEY) -> list[tuple[int, str]]:
-    """Starts ``port`` and POSTs to ``route`` each of ``bodies(url)`` in turn; their answers."""
     async def scenario() -> list[tuple[int, str]]:
         url = await port.start("127.0.0.1", 0)
         try:
@@ -218,31 +227,6 @@ def test_a_replayed_begin_is_refused_and_begins_nothing():
     assert [status for status, _ in answers] == [200, 409, 200], answers
     assert "replayed" in answers[1][1], answers
     assert calls == [("begin", "p1", 1), ("begin", "p2", 1)]  # the replay began nothing
-
-
-def test_a_door_leads_only_to_the_jobs_rendezvous(echo):  # noqa: F811
-    gate_port, calls = free_port(), []
-    gate = StoreGate("127.0.0.1", gate_port, GROUP, echo, key=KEY)
-    dialled = []
-
-    def door(body) -> int:
-        dialled.append((body.master_addr, body.master_port))
-        return open_door("engine-a", KEY, body.master_addr, body.master_port, body.group_name)
-
-    port = _port(KEY, calls, door=door)
-    port.rendezvous = ("127.0.0.1", gate_port)  # trainer.weight_sync.master_port set
-
-    bodies = [json.dumps({"plan_id": "p1", "group_name": GROUP, "master_addr": addr,
-                          "master_port": p}).encode()
-              for addr, p in (("10.1.2.3", gate_port), ("127.0.0.1", 22), ("127.0.0.1", gate_port))]
-    try:
-        answers = _answers(port, "/door", lambda url: bodies)
-    finally:
-        close_door("engine-a")
-        gate.close()
-    assert [status for status, _ in answers] == [400, 400, 200], answers
-    assert "trainer.weight_sync.master_addr" in answers[0][1], answers
-    assert dialled == [("127.0.0.1", gate_port)]
 
 
 def test_an_adapter_outside_the_push_directories_is_refused_alike_whether_it_exists(tmp_path,

@@ -18,7 +18,6 @@ from trainer.weight_sync import SyncReport
 
 
 class ScriptedBuffer:
-    """Answers every request with the next reply; records what it was sent."""
 
     def __init__(self, *replies: P.Message):
         self.replies, self.sent = list(replies), []
@@ -47,18 +46,16 @@ def _later(seconds: float = 30.0) -> float:
     return time.monotonic() + seconds
 
 
-def test_survivors_of_a_member_gone_from_the_roster_get_the_version_again():
-    report = _report(["a", "b", "c"], done=["c"])  # a died, b failed with it, c had it already
-    assert repush_targets(ScriptedBuffer(_roster("b", "c")), report, set(), _later()) == ["b"]
-
-
-@pytest.mark.parametrize("case", ["nobody_lost", "nobody_dropped", "no_time_left", "no_survivor"])
-def test_no_re_push(case):
-    report = _report(["a", "b"], done=["a", "b"] if case == "nobody_dropped" else [])
-    roster = _roster() if case == "no_survivor" else _roster("a", "b")
+@pytest.mark.parametrize("case, targets", [
+    ("survivor", ["b"]),  # a died (gone from the roster), b failed with it, c had it already
+    ("nobody_lost", []), ("nobody_dropped", []), ("no_time_left", []), ("no_survivor", [])])
+def test_re_push_targets(case, targets):
+    report = _report(["a", "b", "c"] if case == "survivor" else ["a", "b"],
+                     done={"survivor": ["c"], "nobody_dropped": ["a", "b"]}.get(case, []))
+    roster = {"survivor": _roster("b", "c"), "no_survivor": _roster()}.get(case, _roster("a", "b"))
     deadline = _later(REPUSH_MIN_S / 2) if case == "no_time_left" else _later()
     buffer = ScriptedBuffer(roster)
-    assert repush_targets(buffer, report, set(), deadline) == []
+    assert repush_targets(buffer, report, set(), deadline) == targets
     if case in ("nobody_dropped", "no_time_left"):
         assert buffer.sent == []  # decided without asking the buffer
 
@@ -75,7 +72,7 @@ def test_merge_keeps_one_report_per_version():
             and report.error == "broadcast failed")
 
 
-def test_the_watch_raises_for_a_failed_sync_or_a_departure():
+def test_the_watch_raises_for_a_failed_sync_a_departure_or_its_end():
     # x: not a member of this plan; ``failed``: the drive's members whose sync already failed
     with pytest.raises(MembersLost) as lost:
         RendezvousWatch(ScriptedBuffer(_roster("a", "b")), ["a", "b"], _later(), _later(),
@@ -86,9 +83,6 @@ def test_the_watch_raises_for_a_failed_sync_or_a_departure():
     assert lost.value.lost == ["a"]
     RendezvousWatch(ScriptedBuffer(_roster("a", "b")), ["a", "b"], _later(), _later(),
                     failed=list)()  # everyone there: no error
-
-
-def test_the_watch_gives_up_at_its_end_without_asking_the_buffer():
     buffer = ScriptedBuffer()  # no reply scripted: a request would fail
     with pytest.raises(TimeoutError):
         RendezvousWatch(buffer, ["a", "b"], _later(), time.monotonic(), failed=list)()

@@ -81,7 +81,6 @@ class Engine:
 
 
 class Recording(EngineDrive):
-    """The real drive, keeping each plan it was given with the time it went out."""
 
     def __init__(self):
         super().__init__()
@@ -140,14 +139,21 @@ class SlowConfig:
 
 
 def test_the_plan_deadline_leaves_out_the_time_spent_making_the_payloads():
+    """And a trainer closing right after its last push still tells the server how it ended."""
     cfg = WeightSyncConfig(path="disk", deadline_s=5.0)
     engine, drive = Engine(lambda body: "done"), Recording()
+    engine.end_s = 0.5
     model = torch.nn.Linear(2, 2)
     model.config = SlowConfig()
-    with closing(broadcaster(cfg, {"a": engine}, drive), engine) as wb:
+    wb = broadcaster(cfg, {"a": engine}, drive)
+    try:
         t0 = time.monotonic()
         report = wb.push(model, 1)
-    assert report.done == ["a"] and engine.loaded == ["1"], report
+        wb.client = None
+        wb.close()
+    finally:
+        engine.close()
+    assert report.done == ["a"] and engine.loaded == ["1"] and engine.ended == [True], report
     (plan, sent), = drive.plans
     assert plan.path == "disk"
     # the members' deadline ends no later than the trainer's (t0 + deadline_s)
@@ -165,7 +171,6 @@ class CountingConfig:
 
 
 def counted_model() -> torch.nn.Module:
-    """A model whose config counts the directories written for it."""
     model = torch.nn.Linear(2, 2)
     model.config = CountingConfig()
     return model
@@ -185,20 +190,6 @@ def test_a_re_push_on_the_disk_path_sends_the_directory_it_wrote():
     assert [m.server_id for m in first.members] == ["a", "b"]
     assert [m.server_id for m in again.members] == ["b"]
     assert again.payloads == first.payloads and model.config.writes == 1
-
-
-def test_a_push_cut_at_its_deadline_is_counted_for_its_alert():
-    cfg = WeightSyncConfig(path="disk", deadline_s=1.0)
-    metrics = Metrics()
-    engine = Engine(lambda body: "frozen" if body["weight_version"] == "1" else "done")
-    model = counted_model()
-    near = "areal_trainer_weight_sync_near_deadline_total"
-    with closing(broadcaster(cfg, {"a": engine}, Recording(), metrics), engine) as wb:
-        assert metrics.registry.get_sample_value(near) == 0  # served before any push
-        cut, fast = wb.push(model, 1), wb.push(model, 2)
-    assert cut.dropped == ["a"] and fast.done == ["a"] and engine.loaded == ["2"], (cut, fast)
-    assert cut.seconds >= 0.9 * cfg.deadline_s > fast.seconds
-    assert metrics.registry.get_sample_value(near) == 1
 
 
 def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplog):
@@ -237,20 +228,6 @@ def test_re_pushes_that_can_never_meet_the_deadline_say_why_once_and_go_on(caplo
                         "takes here (or the engines are unreachable); re-pushing on"), why
 
 
-def test_a_trainer_closing_after_its_last_push_still_tells_each_server_how_it_ended():
-    engine = Engine(lambda body: "done")
-    engine.end_s = 0.5
-    model = counted_model()
-    wb = broadcaster(WeightSyncConfig(path="disk", deadline_s=5.0), {"a": engine}, EngineDrive())
-    try:
-        report = wb.push(model, 1)
-        wb.client = None
-        wb.close()
-        assert report.done == ["a"] and engine.ended == [True], (report, engine.ended)
-    finally:
-        engine.close()
-
-
 def test_a_resync_after_a_failed_overlapped_push_leaves_its_report_to_the_next_record():
     """A blocking resync does not take the place of the overlapped push's pending report."""
     from trainer.engine_lag import EngineSchedule
@@ -273,12 +250,18 @@ def test_a_resync_after_a_failed_overlapped_push_leaves_its_report_to_the_next_r
 
 
 def test_an_overlapped_push_gets_its_whole_deadline_after_waiting_for_the_one_before():
+    """v1, frozen, is cut at its deadline and counted for its alert; v2 waits for it."""
     cfg = WeightSyncConfig(path="tensor", deadline_s=2 * SLOW_S)
+    metrics = Metrics()
     engine = Engine(lambda body: "frozen" if body["weight_version"] == "1" else "slow")
     model = torch.nn.Linear(4, 4)
-    with closing(broadcaster(cfg, {"a": engine}, EngineDrive()), engine) as wb:
+    near = "areal_trainer_weight_sync_near_deadline_total"
+    with closing(broadcaster(cfg, {"a": engine}, EngineDrive(), metrics), engine) as wb:
+        assert metrics.registry.get_sample_value(near) == 0  # served before any push
         wb.push(model, 1, wait=False)
         first = wb.push(model, 2, wait=False)  # v1's report, once v1 ran out its deadline
         second = wb.join()
-    assert (first.version, first.dropped) == (1, ["a"]), first
+    assert (first.version, first.dropped, first.cut) == (1, ["a"], True), first
+    assert first.seconds >= 0.9 * cfg.deadline_s, first
     assert (second.version, second.done, engine.loaded) == (2, ["a"], ["2"]), second
+    assert not second.cut and metrics.registry.get_sample_value(near) == 1
