@@ -246,7 +246,6 @@ def _says_where_it_stopped(run_dir: Path, console: str, sig: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path, sig):
-    """Ctrl-C/SIGTERM in the warm start: one line, run dir removed, exit 128 + signal."""
     err_path = tmp_path / "stderr"
     argv = [sys.executable, "-m", "launch.cli", "run", "-q",
             "experiment=quickstart", "warm_start.steps=100000",

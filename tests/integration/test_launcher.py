@@ -298,7 +298,6 @@ def test_a_sigterm_to_torchrun_stops_its_ranks_in_one_line_without_a_traceback(t
 
 @pytest.mark.slow
 def test_quiet_run_prints_why_the_job_failed(tmp_path):
-    """run -q with a buffer failing at start: stderr says why."""
     (tmp_path / "afile").write_text("")
     r = run_cli("run", "-q", f"run_dir={tmp_path / 'run'}", "warm_start.steps=0",
                 f"buffer.wal_dir={tmp_path / 'afile' / 'wal'}", "launch.restarts=0",
@@ -345,7 +344,6 @@ def test_a_trainer_that_refuses_to_start_fails_run_with_exit_2_and_its_line(tmp_
 
 @pytest.mark.slow
 def test_restarts_spread_over_time_do_not_use_up_the_budget(dummy, tmp_path):
-    """Crashes spread past the window never use up restarts; back-off stays at base."""
     crasher = _spec(dummy, "crasher", mode="crash", health=False)
     lines: list[str] = []
     sup = Supervisor([crasher], tmp_path / "run", restarts=2, health_timeout_s=60,
