@@ -246,7 +246,6 @@ def _says_where_it_stopped(run_dir: Path, console: str, sig: str) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_during_the_warm_start_prints_one_line_and_no_traceback(tmp_path, sig):
-    """Ctrl-C/SIGTERM in the warm start: one line, run dir removed, exit 128 + signal."""
     err_path = tmp_path / "stderr"
     argv = [sys.executable, "-m", "launch.cli", "run", "-q",
             "experiment=quickstart", "warm_start.steps=100000",
@@ -275,7 +274,8 @@ POLITE = SUPERVISE.replace('daemon.format("signal.SIG_IGN")',
     "sys.exit(sup.run())", "sup.install_signals()\nsys.exit(sup.run())")  # as run_job does
 
 
-def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_path):
+def test_a_job_under_nohup_lives_through_a_hangup_and_sigterm_ends_it_with_143(tmp_path):
+    """143 (128 + SIGTERM) as during its warm start."""
     run_dir = tmp_path / "run"
     with _supervised(["nohup", sys.executable, "-c", POLITE, str(run_dir)], run_dir,
                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as (sup, pids):
@@ -283,12 +283,6 @@ def test_a_supervisor_started_under_nohup_keeps_its_job_through_a_hangup(tmp_pat
         with pytest.raises(subprocess.TimeoutExpired):
             sup.wait(timeout=3)
         assert _alive(pids["polite"]) and _alive(pids["deaf"])
-
-
-def test_sigterm_to_a_running_job_exits_143_as_during_its_warm_start(tmp_path):
-    run_dir = tmp_path / "run"
-    with _supervised([sys.executable, "-c", POLITE, str(run_dir)], run_dir,
-                     stdout=subprocess.DEVNULL) as (sup, pids):
         os.kill(sup.pid, signal.SIGTERM)
         assert sup.wait(timeout=GONE_S) == 128 + signal.SIGTERM
         assert not _alive(pids["polite"]) and not _alive(pids["deaf"])

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -22,7 +21,7 @@ import pytest
 from areal_like.net.distributed import free_port
 from launch.job import report_failure
 from launch.local import ProcSpec, Supervisor, error_tail, probe
-from tests.conftest import run_cli
+from tests.conftest import run_cli, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,15 +87,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _wait(cond, timeout_s: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 class _Run:
     """Run a supervisor on a thread; always stop it and check nothing it started survives."""
 
@@ -136,31 +126,31 @@ def test_start_health_logs_restart_and_clean_stop(dummy, tmp_path):
     sup = Supervisor(specs, tmp_path / "run", restarts=2, health_timeout_s=60, echo=lines.append,
                      restart_backoff_s=0.1)
     with _Run(sup) as run:
-        assert _wait(lambda: any("all 3 processes healthy" in ln for ln in lines)), lines
+        wait_until(lambda: any("all 3 processes healthy" in ln for ln in lines))
         run.track()
         assert all(probe(s.health_url) for s in specs)
         # every daemon's output is streamed with its name and kept in logs/<name>.log
-        assert _wait(lambda: any(ln.strip().startswith("rollout-0 | dummy up") for ln in lines))
+        wait_until(lambda: any(ln.strip().startswith("rollout-0 | dummy up") for ln in lines))
         assert "dummy up" in (tmp_path / "run" / "logs" / "buffer.log").read_text()
 
         # kill -9 of a daemon: restarted under a new PID and healthy again
         old = sup.proc("rollout-0").popen.pid
         os.kill(old, signal.SIGKILL)
-        assert _wait(lambda: sup.pids()["rollout-0"] not in (None, old))
-        assert _wait(lambda: probe(specs[1].health_url))
+        wait_until(lambda: sup.pids()["rollout-0"] not in (None, old))
+        wait_until(lambda: probe(specs[1].health_url))
         assert sup.proc("rollout-0").restarts == 1
 
         # kill -9 of a torchrun-like leader orphans its rank (own session): the supervisor
         # records it and kills it by PID before the restart
-        assert _wait(lambda: pidfile.is_file() and pidfile.read_text().strip() != "")
+        wait_until(lambda: pidfile.is_file() and pidfile.read_text().strip() != "")
         rank = int(pidfile.read_text())
-        assert _wait(lambda: rank in sup.proc("trainer").descendants)
+        wait_until(lambda: rank in sup.proc("trainer").descendants)
         os.kill(sup.proc("trainer").popen.pid, signal.SIGKILL)
-        assert _wait(lambda: not _alive(rank)), "orphaned rank survived its leader's kill -9"
-        assert _wait(lambda: sup.pids()["trainer"] is not None
+        wait_until(lambda: not _alive(rank), what="the orphaned rank to die with its leader")
+        wait_until(lambda: sup.pids()["trainer"] is not None
                      and sup.proc("trainer").restarts == 1)
-        assert _wait(lambda: pidfile.read_text().strip() not in ("", str(rank)))
-        assert _wait(lambda: len(sup.proc("trainer").descendants) == 1)
+        wait_until(lambda: pidfile.read_text().strip() not in ("", str(rank)))
+        wait_until(lambda: len(sup.proc("trainer").descendants) == 1)
         run.track()
     assert run.code == 1 and sup.outcome == "stopped on request"
     assert not _alive(int(pidfile.read_text()))
@@ -171,7 +161,7 @@ def _until_done(specs: list[ProcSpec], run_dir: Path, restarts: int, **kw) -> tu
     sup = Supervisor(specs, run_dir, restarts=restarts, echo=lambda _: None,
                      **{"health_timeout_s": 60, **kw})
     with _Run(sup) as run:
-        assert _wait(lambda: not run.thread.is_alive(), 120)
+        wait_until(lambda: not run.thread.is_alive(), 120)
         run.track()
     return run.code, sup
 
@@ -273,9 +263,9 @@ def test_a_daemon_that_exits_2_after_it_started_is_said_to_have_stopped(dummy, t
     sup = Supervisor([_spec(dummy, "buffer", stage=0), trainer], tmp_path / "run", restarts=3,
                      health_timeout_s=60, echo=lines.append)
     with _Run(sup) as run:
-        assert _wait(lambda: any("all 2 processes healthy" in ln for ln in lines), 90), lines
+        wait_until(lambda: any("all 2 processes healthy" in ln for ln in lines), 90)
         go.touch()  # the job ran: now the trainer stops
-        assert _wait(lambda: not run.thread.is_alive(), 90)
+        wait_until(lambda: not run.thread.is_alive(), 90)
         run.track()
     assert run.code == 1 and sup.failed == "trainer", sup.outcome
     assert "trainer stopped with exit 2" in sup.outcome and "refused" not in sup.outcome
@@ -308,7 +298,6 @@ def test_a_sigterm_to_torchrun_stops_its_ranks_in_one_line_without_a_traceback(t
 
 @pytest.mark.slow
 def test_quiet_run_prints_why_the_job_failed(tmp_path):
-    """run -q with a buffer failing at start: stderr says why."""
     (tmp_path / "afile").write_text("")
     r = run_cli("run", "-q", f"run_dir={tmp_path / 'run'}", "warm_start.steps=0",
                 f"buffer.wal_dir={tmp_path / 'afile' / 'wal'}", "launch.restarts=0",
@@ -355,14 +344,13 @@ def test_a_trainer_that_refuses_to_start_fails_run_with_exit_2_and_its_line(tmp_
 
 @pytest.mark.slow
 def test_restarts_spread_over_time_do_not_use_up_the_budget(dummy, tmp_path):
-    """Crashes spread past the window never use up restarts; back-off stays at base."""
     crasher = _spec(dummy, "crasher", mode="crash", health=False)
     lines: list[str] = []
     sup = Supervisor([crasher], tmp_path / "run", restarts=2, health_timeout_s=60,
                      echo=lines.append,
                      restart_window_s=0.3, restart_backoff_s=0.4, restart_backoff_max_s=0.4)
     with _Run(sup) as run:
-        assert _wait(lambda: sup.proc("crasher").restarts >= 4, 90)  # past the budget of 2
+        wait_until(lambda: sup.proc("crasher").restarts >= 4, 90)  # past the budget of 2
         run.track()
     assert run.code == 1 and sup.outcome == "stopped on request" and sup.failed is None
     restarts = [ln for ln in lines if "crasher exited with 3; restart" in ln]

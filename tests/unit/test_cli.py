@@ -33,15 +33,18 @@ def config(tmp_path):
     return path
 
 
-def test_help_is_fast_and_imports_nothing_heavy():
+def test_help_and_export_help_are_fast_and_import_nothing_heavy():
     code = ("import sys\nfrom launch.cli import main\n"
-            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "for argv in (['--help'], ['export', '--help']):\n"
+            "    try:\n        main(argv)\n"
+            "    except SystemExit as e:\n        assert e.code == 0\n"
             "heavy = [m for m in ('torch', 'transformers', 'hydra', 'buffer', 'trainer', "
             "'rollout_server') if m in sys.modules]\nassert not heavy, heavy\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     for cmd in ("run", "buffer", "rollout", "train", "top", "status", "export"):
         assert cmd in r.stdout
+    assert "CHECKPOINT OUT" in r.stdout and "Hugging Face" in r.stdout  # export's
 
 
 def test_a_bad_override_or_an_unknown_command_exits_2():
@@ -130,15 +133,14 @@ def test_top_figures_values_rates_and_histogram_means():
 
 
 def test_daemon_commands_pass_every_argument_through(execs, config):
-    calls = execs
     main(["rollout", "--config-file", "run/config.yaml", "rollout.server_id=a"])
     main(["buffer", "buffer.metrics_port=9100"])
     main(["train", "--nproc-per-node", "2", "--log-dir", "l", "--config-file", str(config),
           "trainer.steps=3"])
-    assert calls[0][1:] == ["-m", "rollout_server", "--config-file", "run/config.yaml",
+    assert execs[0][1:] == ["-m", "rollout_server", "--config-file", "run/config.yaml",
                             "rollout.server_id=a"]
-    assert calls[1][1:] == ["-m", "buffer", "buffer.metrics_port=9100"]
-    assert calls[2][1:] == ["-m", "launch.torchrun", "--nproc-per-node", "2", "--log-dir", "l",
+    assert execs[1][1:] == ["-m", "buffer", "buffer.metrics_port=9100"]
+    assert execs[2][1:] == ["-m", "launch.torchrun", "--nproc-per-node", "2", "--log-dir", "l",
                             "--standalone", "-m", "trainer",
                             "--config-file", str(config), "trainer.steps=3"]
 
@@ -153,33 +155,23 @@ def test_train_with_a_bad_config_is_one_error_line_before_torchrun(args, execs, 
 
 
 def test_train_sends_torchruns_files_to_the_run_dir_unless_told(execs, tmp_path, config):
-    calls = execs
     main(["train", "--config-file", str(config), "trainer.steps=3"])
     main(["train", "--log-dir", "elsewhere", "--config-file", str(config)])
     # composed here, a time-stamped run_dir could differ: none
     main(["train", "trainer.steps=3", BUFFER])
-    assert calls[0][1:] == ["-m", "launch.torchrun", "--standalone", "--nproc-per-node", "1",
+    assert execs[0][1:] == ["-m", "launch.torchrun", "--standalone", "--nproc-per-node", "1",
                             "--log-dir", f"{tmp_path}/run/logs/torchrun", "-m", "trainer",
                             "--config-file", str(config), "trainer.steps=3"]
-    assert calls[1].count("--log-dir") == 1
-    assert calls[1][calls[1].index("--log-dir") + 1] == "elsewhere"
-    assert "--log-dir" not in calls[2]
+    assert execs[1].count("--log-dir") == 1
+    assert execs[1][execs[1].index("--log-dir") + 1] == "elsewhere"
+    assert "--log-dir" not in execs[2]
 
 
-def test_export_runs_trainer_export_by_module_name_and_its_help_is_light(execs):
-    calls = execs
+def test_export_runs_trainer_export_by_module_name(execs):
     main(["export", "runs/x/checkpoints/v00000012", "out", "--config-file", "runs/x/config.yaml",
           "--shard-mb", "5"])
-    assert calls == [[sys.executable, "-m", "trainer.export", "runs/x/checkpoints/v00000012", "out",
-                      "--config-file",
-                      "runs/x/config.yaml", "--shard-mb", "5"]]
-    code = ("import sys\nfrom launch.cli import main\n"
-            "try:\n    main(['export', '--help'])\n"
-            "except SystemExit as e:\n    assert e.code == 0\n"
-            "assert not [m for m in ('torch', 'trainer') if m in sys.modules]\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    assert "CHECKPOINT OUT" in r.stdout and "Hugging Face" in r.stdout
+    assert execs == [[sys.executable, "-m", "trainer.export", "runs/x/checkpoints/v00000012", "out",
+                      "--config-file", "runs/x/config.yaml", "--shard-mb", "5"]]
 
 
 def test_keys_makes_what_a_job_started_by_hand_needs(tmp_path, capsys):

@@ -83,15 +83,17 @@ def start_probe(spawn_python, tmp_path, mode: str):
     return proc, port, flag
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_stops_gracefully(spawn_python, tmp_path, sig):
-    proc, port, _ = start_probe(spawn_python, tmp_path, "ok")
+def stops_gracefully(proc, sig: int) -> None:
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=EXIT_TIMEOUT_S)
     assert proc.returncode == 0, err
     assert "STOP_RAN" in out
     # structured log lines tagged with the name
     assert "[probe pid=" in err and "stopped (exit 0)" in err
+
+
+def test_sigint_stops_gracefully(spawn_python, tmp_path):
+    stops_gracefully(start_probe(spawn_python, tmp_path, "ok")[0], signal.SIGINT)
 
 
 def test_a_recorded_failure_takes_the_daemon_down(spawn_python, tmp_path):
@@ -102,7 +104,8 @@ def test_a_recorded_failure_takes_the_daemon_down(spawn_python, tmp_path):
     assert "probe: RuntimeError: boom in a component" in err
 
 
-def test_metrics_and_health_endpoints(spawn_python, tmp_path, wait_until):
+def test_metrics_and_health_endpoints_then_sigterm_stops_gracefully(spawn_python, tmp_path,
+                                                                     wait_until):
     proc, port, flag = start_probe(spawn_python, tmp_path, "ok")
     base = f"http://127.0.0.1:{port}"
 
@@ -123,8 +126,7 @@ def test_metrics_and_health_endpoints(spawn_python, tmp_path, wait_until):
     # not ready is not failed: no "error" (areal-like status says starting)
     assert status == 503 and json.loads(body)["ok"] is False and "error" not in json.loads(body)
     assert http_get(base + "/nope")[0] == 404
-    proc.terminate()
-    assert proc.wait(timeout=EXIT_TIMEOUT_S) == 0
+    stops_gracefully(proc, signal.SIGTERM)
 
 
 # ---------------------------------------------------------------- in-process lifecycle

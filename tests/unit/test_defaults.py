@@ -39,11 +39,17 @@ def test_two_prepared_jobs_get_different_ports(tmp_path):
     assert f"address: {b.buffer.address}" in (tmp_path / "b" / "config.yaml").read_text()
 
 
-def test_a_real_model_gets_none_of_the_tiny_models_recipe(tmp_path):
-    cfg = load_config(["model=local_hf", f"model.path={tmp_path}", "task=addition"])
-    assert cfg.warm_start.steps == 0  # no supervised phase on someone's model
-    assert cfg.trainer.lr == 1e-5 and cfg.trainer.micro_batch_size == 8  # the schema's defaults
-    assert cfg.task.temperature == 1.0
+@pytest.mark.parametrize("overrides, lr, micro_batch_size", [
+    # a real model: no supervised phase on someone's model, the schema's defaults
+    (["model=local_hf", "model.path=.", "task=addition"], 1e-5, 8),
+    # the benchmark keeps a random-init model
+    (["experiment=bench_async"], 1e-4, None),
+])
+def test_a_real_model_or_a_benchmark_gets_none_of_the_tiny_models_recipe(overrides, lr,
+                                                                          micro_batch_size):
+    cfg = load_config(overrides)
+    assert (cfg.warm_start.steps, cfg.task.temperature, cfg.trainer.lr) == (0, 1.0, lr)
+    assert micro_batch_size in (None, cfg.trainer.micro_batch_size)
 
 
 @pytest.mark.parametrize("extra", [[], ["experiment=quickstart"], ["experiment=quickstart_lora"]])
@@ -64,11 +70,6 @@ def test_no_experiment_silently_replaces_a_task_chosen_on_the_command_line(exper
         assert "task" in str(e)
         return
     assert cfg.task.name == "sort"
-
-
-def test_benchmark_keeps_a_random_init_model_at_temperature_1():
-    cfg = load_config(["experiment=bench_async"])
-    assert cfg.warm_start.steps == 0 and cfg.task.temperature == 1.0 and cfg.trainer.lr == 1e-4
 
 
 def test_daemons_started_by_hand_check_their_addresses_and_take_the_multinode_ones(tmp_path):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from launch.local import error_tail, refusal
 
 RANK_TB = ['Traceback (most recent call last):', '  File "/x/trainer/loop.py", line 9, in start',
@@ -24,16 +26,13 @@ def log(tmp_path: Path, *sections: list[str]) -> Path:
     return path
 
 
-def test_the_ranks_traceback_not_torchruns_wrapper(tmp_path):
+@pytest.mark.parametrize("prefix", ["", "[rank0]: "])  # torchrun's rank prefixes
+def test_the_ranks_traceback_not_torchruns_wrapper(tmp_path, prefix):
+    tb = [f"{prefix}{ln}" for ln in RANK_TB]
     first = ["starting", *RANK_TB[:-1], "OSError: first start failed differently"]
-    second = ["starting", "12:00:01 INFO loading", *RANK_TB,
+    second = ["starting", "12:00:01 INFO loading", *tb,
               "E1122 failed (exitcode: 1) local_rank: 0", *TORCHRUN_TB]
-    assert error_tail(log(tmp_path, first, second)) == RANK_TB
-
-
-def test_torchrun_rank_prefixes(tmp_path):
-    prefixed = [f"[rank0]: {ln}" for ln in RANK_TB]
-    assert error_tail(log(tmp_path, ["x", *prefixed, *TORCHRUN_TB])) == prefixed
+    assert error_tail(log(tmp_path, first, second)) == tb
 
 
 def test_without_a_traceback_the_last_lines_and_without_a_log_none(tmp_path):

@@ -17,15 +17,19 @@ OBS = ROOT / "launch" / "observability"
 SUFFIXES = ("_total", "_sum", "_count", "_bucket")
 
 
-def _exported() -> set[str]:
-    """Prometheus names of every metric the process packages create (hierarchical name literals)."""
-    names = set()
-    literal = re.compile(r'f?"((?:buffer|rollout|trainer)/[a-z_]+)"')
+def _made(literal: str) -> set[str]:
+    """Prometheus names of the hierarchical names ``literal`` finds in the process packages, and
+    of the buffer counters created up front from one table (buffer/instruments.py)."""
+    names = {prom_name(f"buffer/{n}") for n in (*COUNTERS, *LABELLED)}
     for pkg in ("buffer", "rollout_server", "trainer"):
         for path in (ROOT / pkg).rglob("*.py"):
-            names |= {prom_name(n) for n in literal.findall(path.read_text())}
-    # buffer counters are created up front from one table (buffer/instruments.py)
-    names |= {prom_name(f"buffer/{n}") for n in (*COUNTERS, *LABELLED)}
+            names |= {prom_name(n) for n in re.findall(literal, path.read_text())}
+    return names
+
+
+def _exported() -> set[str]:
+    """Prometheus names of every metric the process packages create (hierarchical name literals)."""
+    names = _made(r'f?"((?:buffer|rollout|trainer)/[a-z_]+)"')
     # trainer gauges named by a loop over row keys: m.gauge(f"trainer/{key}")
     loop = (ROOT / "trainer" / "loop.py").read_text()
     block = re.search(r'for key in \(([^)]*)\):\s*\n\s*m\.gauge\(f"trainer/\{key\}"\)', loop)
@@ -85,11 +89,7 @@ def test_alert_rules_compare_daemons_within_one_job_and_each_daemon_kind_has_a_d
 
 
 def test_docs_name_counters_as_prometheus_serves_them():
-    made = re.compile(r'(?:counter|count_to)\(\s*f?"((?:buffer|rollout|trainer)/[a-z_]+)"')
-    counters = {prom_name(f"buffer/{n}") for n in (*COUNTERS, *LABELLED)}
-    for pkg in ("buffer", "rollout_server", "trainer"):
-        for path in (ROOT / pkg).rglob("*.py"):
-            counters |= {prom_name(n) for n in made.findall(path.read_text())}
+    counters = _made(r'(?:counter|count_to)\(\s*f?"((?:buffer|rollout|trainer)/[a-z_]+)"')
     assert "areal_trainer_nonfinite_steps" in counters  # the pattern finds them
     bare = {f"{page.relative_to(ROOT)}: {name}" for page in ROOT.glob("**/*.md")
             if ".venv" not in page.parts

@@ -555,6 +555,11 @@ def test_max_epochs_must_give_the_groups_the_job_trains_on(tmp_path, monkeypatch
     assert pf.check_epochs(job(1, 4, 2, cfg_with(name="dataset", dataset_path="nope.jsonl"))) == []
 
 
+def kv_budget(cfg: RunConfig, tokens: int) -> RunConfig:
+    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine=(
+        dataclasses.replace(cfg.rollout.engine, max_total_tokens=tokens))))
+
+
 def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
         tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -576,6 +581,14 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
         job.rollout, engine=dataclasses.replace(job.rollout.engine, kind="sglang",
                                                 sglang={"context_length": 2048})))
     assert pf.check_lengths(longer) == []  # SGLang serves 2048 tokens
+    # the embedded engine's KV budget: the context is min(positions, max_total_tokens)
+    assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=127), 128)) == []
+    assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=200), 128)) == [
+        "task.max_new_tokens=200 is not below the context of 128 tokens the engine serves "
+        "(rollout.engine.max_total_tokens=128): a prompt of one token leaves room for 127 output "
+        "tokens; set task.max_new_tokens to at most 127"]
+    # a budget over the model's positions: the model's 256 bind
+    assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=200), 512)) == []
     # a dataset whose every prompt (the char tokenizer: one token a character) leaves no room
     _jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * (256 + i), "answer": "1"} for i in range(3)])
     long = cfg_with(name="dataset", dataset_path="long.jsonl")
@@ -593,41 +606,20 @@ def test_lengths_that_leave_no_room_in_the_context_are_refused_naming_the_keys(
         "task.max_prompt_tokens=3: each of the 4 prompts of task.dataset_path='long.jsonl' is "
         "longer: none is left"]
     assert pf.check_lengths(cfg_with(name="dataset", dataset_path="nope.jsonl")) == []
-
-
-def test_an_eval_split_whose_every_prompt_leaves_no_room_is_refused(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+    # an eval split whose every prompt leaves no room
     (tmp_path / "train.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n')
-    _jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * (256 + i), "answer": "1"} for i in range(2)])
-    job = cfg_with(name="dataset", dataset_path="train.jsonl", eval_path="long.jsonl")
+    _jsonl(tmp_path / "evals.jsonl", [{"prompt": "x" * (256 + i), "answer": "1"} for i in range(2)])
+    job = cfg_with(name="dataset", dataset_path="train.jsonl", eval_path="evals.jsonl")
     job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, every=5))
     assert pf.check_lengths(job) == [
-        "task.eval_path='long.jsonl': each of its 2 prompts is 256 tokens or longer, the context "
-        "the engine serves (model.max_position_embeddings=256): none leaves room to generate, so "
-        "no evaluation (eval.every=5) scores one"]
+        "task.eval_path='evals.jsonl': each of its 2 prompts is 256 tokens or longer, the "
+        "context the engine serves (model.max_position_embeddings=256): none leaves room to "
+        "generate, so no evaluation (eval.every=5) scores one"]
     assert pf.check_lengths(dataclasses.replace(job, eval=dataclasses.replace(
         job.eval, every=0))) == []  # never evaluated
-    (tmp_path / "long.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n'
-                                         + (tmp_path / "long.jsonl").read_text())
+    (tmp_path / "evals.jsonl").write_text('{"prompt": "1+1=", "answer": "2"}\n'
+                                          + (tmp_path / "evals.jsonl").read_text())
     assert pf.check_lengths(job) == []  # one eval prompt fits
-
-
-def kv_budget(cfg: RunConfig, tokens: int) -> RunConfig:
-    return dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine=(
-        dataclasses.replace(cfg.rollout.engine, max_total_tokens=tokens))))
-
-
-def test_the_embedded_engines_kv_budget_is_the_context_the_lengths_are_checked_against(
-        tmp_path, monkeypatch):
-    """Lengths are checked against min(positions, rollout.engine.max_total_tokens)."""
-    monkeypatch.chdir(tmp_path)
-    assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=127), 128)) == []
-    assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=200), 128)) == [
-        "task.max_new_tokens=200 is not below the context of 128 tokens the engine serves "
-        "(rollout.engine.max_total_tokens=128): a prompt of one token leaves room for 127 output "
-        "tokens; set task.max_new_tokens to at most 127"]
-    # a budget over the model's positions: the model's 256 bind
-    assert pf.check_lengths(kv_budget(cfg_with(max_new_tokens=200), 512)) == []
 
 
 @pytest.mark.parametrize("long_prompt,budget", [(300, 512), (150, 128)])

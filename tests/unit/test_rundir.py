@@ -225,28 +225,26 @@ def test_the_learning_curve_legend_sits_outside_the_plot(tmp_path):
     assert legend.y1 <= plot.y0 and fig.bbox.contains(legend.x0, legend.y0)
 
 
-def test_a_resume_naming_the_same_run_dir_another_way_changes_nothing(tmp_path, monkeypatch):
+FREE = ["trainer.checkpoint_every=5", "trainer.checkpoint_async=true", "export.every=10",
+        "export.at_end=false", "export.shard_mb=512", "buffer.metrics_port=29101",
+        "rollout.metrics_port=29102", "trainer.metrics_port=29103"]
+
+
+@pytest.mark.parametrize("again, changed", [
+    (["trainer.steps=30", "trainer.lr=3e-4"], []),
+    (["trainer.steps=30", "trainer.lr=1e-3"], ["trainer.lr: 0.0003 -> 0.001"]),
+    # retention, cadence and metrics ports may change on resume
+    (["trainer.steps=30", "trainer.keep_checkpoints=1", "export.keep=3"], []),
+    (["trainer.steps=30", *FREE], []),
+    ([*FREE, "trainer.lr=1e-3"], ["trainer.lr: 0.0003 -> 0.001"]),
+])
+def test_a_resume_lists_only_the_settings_that_change_the_training(tmp_path, monkeypatch, again,
+                                                                    changed):
     run = tmp_path / "run"
     run.mkdir()
     write_settings(load_config([f"run_dir={run}", "trainer.steps=20", "trainer.lr=3e-4"]))
-    monkeypatch.chdir(tmp_path)
-    assert changed_settings(load_config(["run_dir=run", "trainer.steps=30",
-                                         "trainer.lr=3e-4"])) == []
-    assert changed_settings(load_config(["run_dir=run", "trainer.steps=30",
-                                         "trainer.lr=1e-3"])) == [
-        "trainer.lr: 0.0003 -> 0.001"]
-
-
-def test_retention_cadence_and_metrics_ports_may_change_on_resume(tmp_path):
-    write_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=20"]))
-    free = ["trainer.checkpoint_every=5", "trainer.checkpoint_async=true", "export.every=10",
-            "export.at_end=false", "export.shard_mb=512", "buffer.metrics_port=29101",
-            "rollout.metrics_port=29102", "trainer.metrics_port=29103"]
-    for each in [["trainer.keep_checkpoints=1", "export.keep=3"], free]:
-        assert changed_settings(load_config([f"run_dir={tmp_path}", "trainer.steps=30",
-                                             *each])) == []
-    assert changed_settings(load_config([f"run_dir={tmp_path}", *free, "trainer.lr=1e-3"])) == [
-        "trainer.lr: 0.0003 -> 0.001"]
+    monkeypatch.chdir(tmp_path)  # the same run_dir named another way: relative to it
+    assert changed_settings(load_config(["run_dir=run", *again])) == changed
 
 
 @pytest.mark.parametrize("change", ["trainer.lora.rank=4", "trainer.lora.rank=0",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,23 +36,37 @@ def _refused(capsys, run_dir: Path, *args: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("args,says", [
-    (["workers=2"], "unknown pool 'workers'"),
-    (["rollout=two"], "rollout='two' is not a whole number"),
-    (["trainer=1.5"], "trainer='1.5' is not a whole number"),
-    (["rollout"], "give one pool size"),
-    (["rollout=2", "trainer=2"], "give one pool size"),
-    (["rollout=0"], "rollout=0: a running job needs at least one rollout server"),
-    (["trainer=0"], "trainer=0: a running job needs at least one trainer rank"),
-    (["rollout=-1"], "rollout=-1: a running job needs at least one rollout server"),
+SMALL = ["buffer.groups_per_step=16", "rollout.max_concurrent_groups=8"]
+RAY_JOB = ["launch.cluster=ray", "launch.nodes=3", "launch.train_nodes=1",
+           "buffer.address=tcp://10.0.0.1:0", "buffer.pub_address=tcp://10.0.0.1:0",
+           "trainer.weight_sync.master_addr=10.0.0.1",
+           "launch.num_rollout_servers=1", "buffer.groups_per_step=4"]
+
+
+@pytest.mark.parametrize("job,args,says", [
+    (SMALL, ["workers=2"], "unknown pool 'workers'"),
+    (SMALL, ["rollout=two"], "rollout='two' is not a whole number"),
+    (SMALL, ["trainer=1.5"], "trainer='1.5' is not a whole number"),
+    (SMALL, ["rollout"], "give one pool size"),
+    (SMALL, ["rollout=2", "trainer=2"], "give one pool size"),
+    (SMALL, ["rollout=0"], "rollout=0: a running job needs at least one rollout server"),
+    (SMALL, ["trainer=0"], "trainer=0: a running job needs at least one trainer rank"),
+    (SMALL, ["rollout=-1"], "rollout=-1: a running job needs at least one rollout server"),
     # 1 x 8 groups at once < 16 groups a batch
-    (["rollout=1"], "fewer than one batch needs (buffer.groups_per_step=16); at least 2"),
+    (SMALL, ["rollout=1"], "fewer than one batch needs (buffer.groups_per_step=16); at least 2"),
     # twice the servers it started with, at least 8 (buffer/facts.py max_servers)
-    (["rollout=9"], "the job's buffer admits at most 8 rollout servers"),
+    (SMALL, ["rollout=9"], "the job's buffer admits at most 8 rollout servers"),
+    # pools this job cannot resize: the placement group's bundle on node 0 holds the ranks the
+    # job started with
+    ([*RAY_JOB, "launch.trainer_ranks=1"], ["trainer=2"],
+     "start the job with launch.trainer_ranks=2"),
+    ([*RAY_JOB, "launch.trainer_ranks=1", "launch.nodes=4", "launch.train_nodes=2"], ["trainer=1"],
+     "launch.train_nodes=2 nodes is not resized"),
+    (["rollout.engine.kind=url", "rollout.engine.url=http://h:1"], ["rollout=2"],
+     "rollout.engine.kind=url"),  # an engine by URL serves one rollout server
 ])
-def test_bad_requests_are_refused_in_one_line(tmp_path, capsys, args, says):
-    run_dir = _run_dir(tmp_path, "buffer.groups_per_step=16", "rollout.max_concurrent_groups=8")
-    assert says in _refused(capsys, run_dir, *args)
+def test_bad_requests_are_refused_in_one_line(tmp_path, capsys, job, args, says):
+    assert says in _refused(capsys, _run_dir(tmp_path, *job), *args)
 
 
 def test_a_job_that_is_not_running_or_not_run_s_is_refused(tmp_path, capsys):
@@ -62,8 +78,6 @@ def test_a_job_that_is_not_running_or_not_run_s_is_refused(tmp_path, capsys):
         (run_dir / "ports.json").write_text(json.dumps({"daemons": []}))
         assert "was not started by `areal-like run`" in _refused(capsys, run_dir, "rollout=2")
     finally:
-        import os
-
         os.close(lock)
 
 
@@ -96,9 +110,6 @@ def test_the_supervisor_refuses_a_layout_that_does_not_fit_the_gpus(tmp_path):
 
 
 def test_a_request_replaced_before_the_job_read_it_says_so(tmp_path, capsys):
-    import os
-    import threading
-
     run_dir = _run_dir(tmp_path)
     lock = lock_run_dir(run_dir)  # this process is the job's `areal-like run`
     (run_dir / "ports.json").write_text(json.dumps({"daemons": [], "supervisor_pid": os.getpid()}))
@@ -133,26 +144,6 @@ def test_a_timeout_that_is_not_seconds_is_refused_before_the_job_is_asked(tmp_pa
     err = capsys.readouterr().err
     assert f"argument --timeout: {timeout} is not a number of seconds > 0" in err
     assert not (run_dir / REQUEST_FILE).exists()
-
-
-RAY_JOB = ["launch.cluster=ray", "launch.nodes=3", "launch.train_nodes=1",
-           "buffer.address=tcp://10.0.0.1:0", "buffer.pub_address=tcp://10.0.0.1:0",
-           "trainer.weight_sync.master_addr=10.0.0.1",
-           "launch.num_rollout_servers=1", "buffer.groups_per_step=4"]
-
-
-@pytest.mark.parametrize("job, args, says", [
-    # the placement group's bundle on node 0 holds the ranks the job started with
-    ([*RAY_JOB, "launch.trainer_ranks=1"], ["trainer=2"],
-     "start the job with launch.trainer_ranks=2"),
-    ([*RAY_JOB, "launch.trainer_ranks=1", "launch.nodes=4", "launch.train_nodes=2"], ["trainer=1"],
-     "launch.train_nodes=2 nodes is not resized"),
-    (["rollout.engine.kind=url", "rollout.engine.url=http://h:1"], ["rollout=2"],
-     "rollout.engine.kind=url"),  # an engine by URL serves one rollout server
-])
-def test_a_pool_this_job_cannot_resize_is_refused(tmp_path, capsys, job, args, says):
-    run_dir = _run_dir(tmp_path, *job)
-    assert says in _refused(capsys, run_dir, *args)
 
 
 def test_a_ray_job_grows_its_rollout_pool_outside_the_placement_group(tmp_path):
