@@ -61,15 +61,13 @@ def plant(directory: Path, name: str, marker: Path) -> None:
 def _outcome(fn, marker: Path) -> dict:
     try:
         fn()
-        error = ""
-    except BaseException as e:  # noqa: BLE001
-        # (what happened, whatever it was; DCP's are BaseException)
+    except BaseException as e:  # noqa: BLE001  (whatever happened; DCP's are BaseException)
         from areal_like.daemon import StartRefused
 
-        refused = isinstance(e, StartRefused)  # the daemon exits 2: its supervisor restarts it not
-        error = f"{type(e).__name__}: {e}"
-        return {"error": error, "ran": marker.exists(), "refused": refused}
-    return {"error": error, "ran": marker.exists()}
+        # refused: the daemon exits 2, and its supervisor does not restart it
+        return {"error": f"{type(e).__name__}: {e}", "ran": marker.exists(),
+                "refused": isinstance(e, StartRefused)}
+    return {"error": "", "ran": marker.exists()}
 
 
 def worker(out: str) -> None:

@@ -26,8 +26,9 @@ import pytest
 from system_harness import warm_model
 
 from areal_like.net.distributed import free_port
+from areal_like.wire import protocol as P
 from launch.local import LOG_START
-from launch.records import step_records
+from launch.records import step_records, trainer_done
 from tests.conftest import child_env, wait_until
 
 pytestmark = pytest.mark.slow
@@ -438,19 +439,22 @@ def _placed(run_dir: Path, name: str) -> dict:
     return json.loads((run_dir / "ray" / f"{name}.json").read_text())
 
 
-def _books(run_dir: Path) -> dict:
-    """The buffer's counters (``StatsRequest``), over CURVE with the trainer's keys."""
+def _ask(run_dir: Path, request):
+    """The buffer's answer to ``request``, over CURVE with the trainer's keys."""
     from areal_like.net import security
     from areal_like.net.dealer import Client
-    from areal_like.wire import protocol as P
 
     ports = json.loads((run_dir / "ports.json").read_text())
     client = Client(ports["buffer_address"], keys=security.load(run_dir / "keys", "trainer"),
                     timeout_s=10)
     try:
-        return client.request(P.StatsRequest()).values
+        return client.request(request)
     finally:
         client.close()
+
+
+def _books(run_dir: Path) -> dict:
+    return _ask(run_dir, P.StatsRequest()).values
 
 
 def _balance(s: dict) -> bool:
@@ -467,11 +471,6 @@ def _job_processes(run_dir: Path) -> list[psutil.Process]:
                 str(run_dir) in c for c in p.info["cmdline"] or []):
             out.append(p)
     return out
-
-
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics" / "trainer.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _steps(run_dir: Path) -> int:
@@ -491,17 +490,7 @@ def _curve(run_dir: Path, every: int = 50) -> list:
 
 
 def _roster(run_dir: Path) -> set[str]:
-    from areal_like.net import security
-    from areal_like.net.dealer import Client
-    from areal_like.wire import protocol as P
-
-    ports = json.loads((run_dir / "ports.json").read_text())
-    client = Client(ports["buffer_address"], keys=security.load(run_dir / "keys", "trainer"),
-                    timeout_s=10)
-    try:
-        return {m.server_id for m in client.request(P.RosterRequest()).members}
-    finally:
-        client.close()
+    return {m.server_id for m in _ask(run_dir, P.RosterRequest()).members}
 
 
 def _url(run_dir: Path, name: str) -> str:
@@ -609,8 +598,8 @@ def test_a_ray_job_learns_scales_survives_a_lost_node_and_stops(cluster, tmp_pat
                     and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         # nothing of the job is left: proxies, guards, daemons, torchrun's rank (own session)
         wait_until(lambda: not _job_processes(run_dir), 60, 0.5, "every process of the job to exit")
-        done = [r for r in _records(run_dir) if r.get("event") == "done"]
-        assert done, "the trainer stopped without its done record (not as on Ctrl-C)"
+        # the trainer stopped as on Ctrl-C: with its done record
+        assert trainer_done(run_dir)
     finally:
         if job.poll() is None:
             _kill_tree(job.pid)
