@@ -262,7 +262,6 @@ def test_the_trainer_waits_for_the_evaluating_server_only_when_one_is_started_fo
                                   ("model=local_hf", "model.path=/models/mine", "task=jsonl_math",
                                    "task.dataset_path=/data/train.jsonl")])
 def test_a_cpu_job_lays_itself_out_from_the_cores_and_keeps_the_counts_it_sets(base, monkeypatch):
-    """Counts not set come from the cores; counts set are kept."""
     # taskset, to pin
     monkeypatch.setattr("launch.job.shutil.which", lambda name: f"/usr/bin/{name}")
 
