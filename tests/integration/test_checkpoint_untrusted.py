@@ -125,7 +125,6 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
         assert not got["ran"], (name, got)  # the planted code never ran
         assert got["error"].startswith("UnsafeCheckpointError: "), (name, got)
         assert name in got["error"], (name, got)
-        assert "refusing to load it" in got["error"], got
         assert got["refused"], got  # exit 2, not a crash restarted into the same file
     # the export reads DCP's .metadata with the same allowlist, and not meta.pt, the rng files or
     # the optimizer's values at all (only the model's tensors)
