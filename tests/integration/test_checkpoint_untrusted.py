@@ -61,15 +61,13 @@ def plant(directory: Path, name: str, marker: Path) -> None:
 def _outcome(fn, marker: Path) -> dict:
     try:
         fn()
-        error = ""
-    except BaseException as e:  # noqa: BLE001
-        # (what happened, whatever it was; DCP's are BaseException)
+    except BaseException as e:  # noqa: BLE001  (whatever happened; DCP's are BaseException)
         from areal_like.daemon import StartRefused
 
-        refused = isinstance(e, StartRefused)  # the daemon exits 2: its supervisor restarts it not
-        error = f"{type(e).__name__}: {e}"
-        return {"error": error, "ran": marker.exists(), "refused": refused}
-    return {"error": error, "ran": marker.exists()}
+        # refused: the daemon exits 2, and its supervisor does not restart it
+        return {"error": f"{type(e).__name__}: {e}", "ran": marker.exists(),
+                "refused": isinstance(e, StartRefused)}
+    return {"error": "", "ran": marker.exists()}
 
 
 def worker(out: str) -> None:
@@ -127,7 +125,6 @@ def test_a_planted_pickle_in_a_checkpoint_is_refused_and_never_runs(tmp_path):
         assert not got["ran"], (name, got)  # the planted code never ran
         assert got["error"].startswith("UnsafeCheckpointError: "), (name, got)
         assert name in got["error"], (name, got)
-        assert "refusing to load it" in got["error"], got
         assert got["refused"], got  # exit 2, not a crash restarted into the same file
     # the export reads DCP's .metadata with the same allowlist, and not meta.pt, the rng files or
     # the optimizer's values at all (only the model's tensors)

@@ -88,15 +88,6 @@ dist.destroy_process_group()
 """
 
 
-def test_a_trainer_of_two_nodes_forms_its_group(hosts, free_port):
-    """torchrun's env on each host (``areal-like train --nnodes 2``): the ranks meet and reduce."""
-    names, addrs = hosts
-    base = {"WORLD_SIZE": "2", "MASTER_ADDR": addrs[0], "MASTER_PORT": str(free_port())}
-    outs = _on_each(names[:2], TRAINER,
-                    [{**base, "RANK": str(r), "LOCAL_RANK": "0"} for r in (0, 1)])
-    assert [o.split() for o in outs] == [["2", "3.0"], ["2", "3.0"]]
-
-
 WEIGHT_GROUP = """
 import os, torch, torch.distributed as dist
 from areal_like.net.auth import ENGINE_KEY_ENV
@@ -111,9 +102,14 @@ destroy_weight_group(pg)
 """
 
 
-def test_engines_on_two_other_nodes_join_the_weight_group(hosts, free_port):
-    """Rank 0 on host 0 hosts the group; engines on hosts 1 and 2 join and receive."""
+def test_a_two_node_trainer_and_engines_on_two_other_nodes_form_their_groups(hosts, free_port):
+    """torchrun's env on hosts 0 and 1 (``areal-like train --nnodes 2``): the ranks meet and
+    reduce. Then rank 0 on host 0 hosts the weight group; engines on hosts 1 and 2 join, receive."""
     names, addrs = hosts
+    base = {"WORLD_SIZE": "2", "MASTER_ADDR": addrs[0], "MASTER_PORT": str(free_port())}
+    outs = _on_each(names[:2], TRAINER,
+                    [{**base, "RANK": str(r), "LOCAL_RANK": "0"} for r in (0, 1)])
+    assert [o.split() for o in outs] == [["2", "3.0"], ["2", "3.0"]]
     # the job's engine key in every node's environment, as `areal-like run` hands it out
     base = {"M": addrs[0], "P": str(free_port()), ENGINE_KEY_ENV: secrets.token_hex(16)}
     outs = _on_each(names, WEIGHT_GROUP, [{**base, "R": str(r)} for r in range(3)])

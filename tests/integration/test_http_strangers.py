@@ -56,10 +56,6 @@ def counted(port: int, token: str) -> dict:
         return {}
 
 
-def silent(port: int, n: int) -> list[socket.socket]:
-    return [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(n)]
-
-
 @pytest.mark.parametrize("token", [TOKEN, None])
 def test_strangers_on_a_metrics_port_cannot_make_health_answer_503(token, tmp_run_dir,
                                                                    spawn_python, wait_until):
@@ -79,7 +75,7 @@ def test_strangers_on_a_metrics_port_cannot_make_health_answer_503(token, tmp_ru
         # without a token /metrics is open: those 64 stay kept alive after their answer
         socks += [stranger_401(port, "/metrics", status=b"401" if token else b"200")
                   for _ in range(64)]
-        socks += silent(port, 64)
+        socks += [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(64)]
         assert probe(health), "a healthy buffer's /health did not answer 200 beside 128 strangers"
         body = json.loads(urllib.request.urlopen(health, timeout=5).read())
         assert body["ok"] is True and body["name"] == "buffer"  # the daemon's own state

@@ -44,15 +44,34 @@ def fresh_socket_request(cfg, keys: security.Keys, msg: P.Message) -> P.Message:
         client.close()
 
 
-def test_a_rollout_key_cannot_take_or_settle_the_trainers_batch_nor_read_the_roster(
-        tmp_run_dir, spawn_python):
-    cfg, rollout, trainer, _ = start_buffer(tmp_run_dir, spawn_python)
-    for _ in range(3):  # three groups stored: enough for the trainer's batch and for the attacker's
-        credit = rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits[0]
-        assert rollout.request(make_group(credit, "real")).status == "accepted"
-    batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
-    assert len(batch.groups) == 1 and batch.batch_id  # in transit until the trainer's next request
+def test_a_rollout_key_is_held_to_its_role_its_own_ids_and_its_cap(tmp_run_dir, spawn_python):
+    """One CURVE buffer, an attacker holding the rollout key: it cannot take an id a live server
+    holds (the server is told), take or settle the trainer's batch, read the roster, or flood the
+    roster from fresh sockets; the real server goes on throughout."""
+    cfg, rollout, trainer, proc = start_buffer(tmp_run_dir, spawn_python)
     attacker = security.load(tmp_run_dir / "keys", "rollout")
+    real = trainer.request(P.RosterRequest()).members[0]
+    for incarnation in (real.incarnation, "f" * 16):
+        reply = fresh_socket_request(cfg, attacker, P.Register(
+            server_id="real", engine_url="http://127.0.0.1:9", sync_url="http://127.0.0.1:9",
+            policy_version=0, incarnation=incarnation))
+        assert isinstance(reply, P.Ack) and reply.status == "rejected", reply
+        assert reply.reason.startswith("id_in_use: server id 'real' is held by a live process")
+    entry = trainer.request(P.RosterRequest()).members[0]
+    assert (entry.engine_url, entry.sync_url, entry.incarnation) == (
+        real.engine_url, real.sync_url, real.incarnation)
+    beat = rollout.request(P.Heartbeat(server_id="real", policy_version=0))
+    assert beat.known and beat.challenged.startswith("a Register under this server's id"), beat
+    assert "'http://127.0.0.1:9'" in beat.challenged
+    assert not rollout.request(P.Heartbeat(server_id="real", policy_version=0)).challenged  # once
+
+    # the real server's groups are still accepted: enough for the trainer's batch and the attacker's
+    credits = [rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits[0]
+               for _ in range(3)]
+    assert all(rollout.request(make_group(c, "real")).status == "accepted" for c in credits)
+    batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
+    # in transit until the trainer's next request
+    assert [g.group_id in {f"real-{c.lease_id}" for c in credits} for g in batch.groups] == [True]
     take = P.BatchRequest(n_groups=1, trainer_version=0, wait_s=0.0)
     replies = [fresh_socket_request(cfg, attacker, take) for _ in range(6)]
     assert all(isinstance(r, P.Batch) and not r.groups and r.reason.startswith("role: ")
@@ -69,15 +88,7 @@ def test_a_rollout_key_cannot_take_or_settle_the_trainers_batch_nor_read_the_ros
     assert all(isinstance(r, P.Ack) and r.status == "rejected"
                and r.reason.startswith("role: a 'rollout' key may not send roster_request")
                for r in replies), replies
-    roster = trainer.request(P.RosterRequest())
-    assert isinstance(roster, P.Roster) and [m.server_id for m in roster.members] == ["real"]
-    assert trainer.request(P.StatsRequest()).values["rejected_role"] == 6 + 4
-    rollout.close(), trainer.close()
 
-
-def test_a_register_flood_from_fresh_sockets_is_capped_per_key(tmp_run_dir, spawn_python):
-    cfg, rollout, trainer, proc = start_buffer(tmp_run_dir, spawn_python)
-    attacker = security.load(tmp_run_dir / "keys", "rollout")
     replies = [fresh_socket_request(cfg, attacker, P.Register(
         server_id=f"fake-{i}", engine_url="http://x", policy_version=0)) for i in range(FLOOD)]
     accepted = [r for r in replies if isinstance(r, P.RegisterAck)]
@@ -94,36 +105,11 @@ def test_a_register_flood_from_fresh_sockets_is_capped_per_key(tmp_run_dir, spaw
     assert isinstance(reply, P.RegisterAck)
     assert rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits
     stats = trainer.request(P.StatsRequest()).values
-    assert stats["rejected_peer_limit"] == len(refused), stats
+    assert (stats["rejected_id_in_use"], stats["rejected_role"], stats["rejected_peer_limit"]) == (
+        2, 6 + 4, len(refused)), stats
     rollout.close(), trainer.close()
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     about = [line for line in err.splitlines() if "fake-" in line]
     # the accepted ids, and a rate-limited refusal line
     assert len(about) <= 3 * MIN_SERVERS, about[:20]
-
-
-def test_a_member_cannot_take_a_live_servers_id_and_the_server_is_told(tmp_run_dir,
-                                                                      spawn_python):
-    cfg, rollout, trainer, _ = start_buffer(tmp_run_dir, spawn_python)
-    real = trainer.request(P.RosterRequest()).members[0]
-    attacker = security.load(tmp_run_dir / "keys", "rollout")
-    for incarnation in (real.incarnation, "f" * 16):
-        reply = fresh_socket_request(cfg, attacker, P.Register(
-            server_id="real", engine_url="http://127.0.0.1:9", sync_url="http://127.0.0.1:9",
-            policy_version=0, incarnation=incarnation))
-        assert isinstance(reply, P.Ack) and reply.status == "rejected", reply
-        assert reply.reason.startswith("id_in_use: server id 'real' is held by a live process")
-    entry = trainer.request(P.RosterRequest()).members[0]
-    assert (entry.engine_url, entry.sync_url, entry.incarnation) == (
-        real.engine_url, real.sync_url, real.incarnation)
-    beat = rollout.request(P.Heartbeat(server_id="real", policy_version=0))
-    assert beat.known and beat.challenged.startswith("a Register under this server's id"), beat
-    assert "'http://127.0.0.1:9'" in beat.challenged
-    assert not rollout.request(P.Heartbeat(server_id="real", policy_version=0)).challenged  # once
-    credit = rollout.request(P.CreditRequest(server_id="real", max_credits=1)).credits[0]
-    assert rollout.request(make_group(credit, "real")).status == "accepted"
-    batch = trainer.request(P.BatchRequest(n_groups=1, trainer_version=0, wait_s=10.0))
-    assert [g.group_id for g in batch.groups] == [f"real-{credit.lease_id}"]
-    assert trainer.request(P.StatsRequest()).values["rejected_id_in_use"] == 2
-    rollout.close(), trainer.close()

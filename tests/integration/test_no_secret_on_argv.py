@@ -13,23 +13,16 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import urllib.request
 from pathlib import Path
 
 import psutil
+
+from launch.local import probe
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 STANDIN = HERE / "sglang_standin"
 STARTUP_S = 180.0
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def _curve_secrets(keys_dir: Path) -> list[str]:
@@ -71,7 +64,8 @@ def test_no_secret_is_on_the_argv_of_any_process_a_job_starts(tmp_path, spawn_py
                                         f"rollout.metrics_port={ports[server_id]}"],
                      env=env, capture=False)
     for server_id, port in ports.items():
-        wait_until(lambda port=port: _healthy(port), STARTUP_S, 0.5, f"{server_id}'s /health")
+        wait_until(lambda port=port: probe(f"http://127.0.0.1:{port}/health"), STARTUP_S, 0.5,
+                   f"{server_id}'s /health")
 
     argvs = {}
     for p in psutil.Process().children(recursive=True):

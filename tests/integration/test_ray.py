@@ -26,8 +26,9 @@ import pytest
 from system_harness import warm_model
 
 from areal_like.net.distributed import free_port
+from areal_like.wire import protocol as P
 from launch.local import LOG_START
-from launch.records import step_records
+from launch.records import step_records, trainer_done
 from tests.conftest import child_env, wait_until
 
 pytestmark = pytest.mark.slow
@@ -78,9 +79,10 @@ class RayNodes:
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.nodes: list[subprocess.Popen] = []
 
-    def start(self, tmp: Path, cpus: list[int], auth: bool = True,
-              more: tuple[str, ...] = ()) -> RayNodes:
-        """A head (more: its flags) and len(cpus) - 1 workers; node k has cpus[k] CPUs."""
+    def start(self, tmp: Path, cpus: list[int], auth: bool = True, more: tuple[str, ...] = (),
+              wrap: tuple[str, ...] = ()) -> RayNodes:
+        """A head (more: its flags; wrap: its argv's prefix) and len(cpus) - 1 workers; node k has
+        cpus[k] CPUs."""
         ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
         env = child_env(self.env if auth else {"RAY_AUTH_MODE": "disabled"})
         # the job moves no data through Ray's object store: 100 MB of /dev/shm each, not 30%
@@ -91,7 +93,7 @@ class RayNodes:
                 f"--ray-client-server-port={self.client_port}",
                 f"--system-config={json.dumps(SYSTEM)}", *more]
         for k, n in enumerate(cpus):
-            argv = head if k == 0 else [ray, "start", f"--address={self.address}"]
+            argv = [*wrap, *head] if k == 0 else [ray, "start", f"--address={self.address}"]
             argv = [*argv, f"--num-cpus={n}", f"--resources={json.dumps({f'n{k}': 1})}", *common]
             common[-1] = f"--dashboard-agent-listen-port={_port()}"
             log = tmp / f"ray-node{k}.log"
@@ -123,7 +125,6 @@ class RayNodes:
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def run(self, code: str, timeout: float = 120) -> None:
-        """``code`` in a Ray driver with the token; it must succeed."""
         proc = self.driver(code)
         try:
             _, err = proc.communicate(timeout=timeout)
@@ -165,7 +166,6 @@ def _refused(result: subprocess.CompletedProcess, *words: str) -> None:
 
 @pytest.mark.parametrize("case", ["no ray", "no cluster", "dashboard address"])
 def test_no_ray_no_cluster_or_a_dashboard_address_is_one_error_line(tmp_path, case):
-    """No Ray, no cluster, or a dashboard URL as RAY_ADDRESS: one error line each."""
     if case == "no ray":
         shadow = tmp_path / "shadow"
         shadow.mkdir()
@@ -179,20 +179,6 @@ def test_no_ray_no_cluster_or_a_dashboard_address_is_one_error_line(tmp_path, ca
         words = (("dashboard address", "HEAD:6379", "ray job submit") if http
                  else ("no Ray cluster at",))
     _refused(_cli("run", *JOB, f"run_dir={tmp_path / 'run'}", env=env), *words)
-    assert not (tmp_path / "run").exists()
-
-
-@pytest.mark.parametrize("more, words", [
-    (["trainer.device=cuda", "rollout.engine.device=cuda", "launch.gpus_per_node=1"],
-     ("node 0 of the layout needs", "1 GPU", "no node of the Ray cluster")),
-    (["launch.ray_cpus=2"], ("node 0 of the layout needs 4 CPU", "the largest: 3 CPU")),
-    (["launch.nodes=10"], ("the layout needs 11 CPU", "has 9 CPU")),
-])
-def test_a_layout_larger_than_the_cluster_is_one_error_line(cluster, tmp_path, more, words):
-    env = cluster.client_env(RAY_ADDRESS=cluster.address)
-    keys = {a.split("=")[0] for a in more}
-    job = [a for a in JOB if a.split("=")[0] not in keys]
-    _refused(_cli("run", *job, f"run_dir={tmp_path / 'run'}", *more, env=env), *words)
     assert not (tmp_path / "run").exists()
 
 
@@ -250,25 +236,31 @@ def test_a_client_without_the_token_runs_no_task_and_submits_no_job(cluster, tmp
     wait_until(marker.exists, 120, 0.5, "the job submitted with the token to run")
 
 
-@pytest.mark.parametrize("auth, words", [
-    ({"RAY_AUTH_MODE": ""}, ("runs only with Ray's token authentication", "RAY_AUTH_MODE=token",
-                             "RAY_AUTH_TOKEN_PATH")),
-    ({"RAY_AUTH_TOKEN_PATH": "{readable}"}, ("RAY_AUTH_TOKEN_PATH", "mode 0644", "chmod 600")),
-    ({"RAY_AUTH_TOKEN_PATH": "{missing}"}, ("RAY_AUTH_TOKEN_PATH", "No such file")),
+@pytest.mark.parametrize("more, auth, words", [
+    (["trainer.device=cuda", "rollout.engine.device=cuda", "launch.gpus_per_node=1"], {},
+     ("node 0 of the layout needs", "1 GPU", "no node of the Ray cluster")),
+    (["launch.ray_cpus=2"], {}, ("node 0 of the layout needs 4 CPU", "the largest: 3 CPU")),
+    (["launch.nodes=10"], {}, ("the layout needs 11 CPU", "has 9 CPU")),
+    # the launcher runs only with a token that only its user reads
+    ([], {"RAY_AUTH_MODE": ""}, ("runs only with Ray's token authentication",
+                                 "RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH")),
+    ([], {"RAY_AUTH_TOKEN_PATH": "{readable}"}, ("RAY_AUTH_TOKEN_PATH", "mode 0644", "chmod 600")),
+    ([], {"RAY_AUTH_TOKEN_PATH": "{missing}"}, ("RAY_AUTH_TOKEN_PATH", "No such file")),
 ])
-def test_the_launcher_refuses_to_run_without_a_token_only_its_user_reads(cluster, tmp_path, auth,
-                                                                           words):
+def test_a_layout_larger_than_the_cluster_or_a_token_others_read_is_one_error_line(
+        cluster, tmp_path, more, auth, words):
     readable = tmp_path / "readable"
     readable.write_text(cluster.token)
     readable.chmod(0o644)
     auth = {k: v.format(readable=readable, missing=tmp_path / "missing") for k, v in auth.items()}
     env = cluster.client_env(RAY_ADDRESS=cluster.address, **auth)
-    _refused(_cli("run", *JOB, f"run_dir={tmp_path / 'run'}", env=env), *words)
+    keys = {a.split("=")[0] for a in more}
+    job = [a for a in JOB if a.split("=")[0] not in keys]
+    _refused(_cli("run", *job, f"run_dir={tmp_path / 'run'}", *more, env=env), *words)
     assert not (tmp_path / "run").exists()
 
 
 def test_the_launcher_refuses_a_cluster_that_serves_clients_without_a_token(tmp_path):
-    """A cluster started without RAY_AUTH_MODE=token is refused by the launcher."""
     _need_ray()
     open_cluster = RayNodes()
     try:
@@ -294,32 +286,17 @@ def test_a_run_dir_a_node_does_not_see_is_one_error_line(tmp_path):
         pytest.skip("a mount namespace of its own for the raylet needs root and unshare")
     hidden = tmp_path / "hidden"  # a tmpfs over it in the raylet's mount namespace
     hidden.mkdir()
-    port = _port()
-    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
-    temp = tempfile.mkdtemp(prefix="al-ray-")
-    token = tmp_path / "auth_token"  # the cluster's, as launch/RAY.md makes it
-    token.touch(mode=0o600)
-    token.write_text(secrets.token_hex(32))
-    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
-    script = (f"mount -t tmpfs tmpfs {hidden} && exec {ray} start --head --port={port} "
-              f"--temp-dir={temp} --num-cpus=4 --include-dashboard=false --disable-usage-stats "
-              f"--ray-client-server-port={_port()} --dashboard-agent-listen-port={_port()} "
-              "--block")
-    log = tmp_path / "ray-head.log"
-    head = subprocess.Popen(["unshare", "--mount", "sh", "-c", script], env=child_env(auth),
-                            stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    nodes = RayNodes()
     try:
-        env = child_env({**auth, "RAY_ADDRESS": f"127.0.0.1:{port}"})
-        wait_until(lambda: _up(port) or head.poll() is not None, 180, 0.5,
-                   "the namespaced Ray head")
-        assert head.poll() is None, log.read_text()[-3000:]
-        result = _cli("run", *[a for a in JOB if not a.startswith("launch.nodes")],
-                      f"run_dir={hidden / 'run'}", env=env)
-        _refused(result, "is not on storage every node sees", "FileNotFoundError")
+        nodes.start(tmp_path, [4], more=("--include-dashboard=false",),
+                    wrap=("unshare", "--mount", "sh", "-c",
+                          f'mount -t tmpfs tmpfs {hidden} && exec "$0" "$@"'))
+        env = nodes.client_env(RAY_ADDRESS=nodes.address)
+        _refused(_cli("run", *[a for a in JOB if not a.startswith("launch.nodes")],
+                      f"run_dir={hidden / 'run'}", env=env),
+                 "is not on storage every node sees", "FileNotFoundError")
     finally:
-        _kill_tree(head.pid)
-        shutil.rmtree(temp, ignore_errors=True)
+        nodes.shutdown()
 
 
 ACTOR = """import time, sys
@@ -409,18 +386,7 @@ def test_rays_messages_about_the_cluster_stay_out_of_a_daemons_output(tmp_path, 
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _up(port: int) -> bool:
-    import socket
-
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process under it, by PID."""
     try:
         root = psutil.Process(pid)
         procs = [*root.children(recursive=True), root]
@@ -438,19 +404,22 @@ def _placed(run_dir: Path, name: str) -> dict:
     return json.loads((run_dir / "ray" / f"{name}.json").read_text())
 
 
-def _books(run_dir: Path) -> dict:
-    """The buffer's counters (``StatsRequest``), over CURVE with the trainer's keys."""
+def _ask(run_dir: Path, request):
+    """The buffer's answer to ``request``, over CURVE with the trainer's keys."""
     from areal_like.net import security
     from areal_like.net.dealer import Client
-    from areal_like.wire import protocol as P
 
     ports = json.loads((run_dir / "ports.json").read_text())
     client = Client(ports["buffer_address"], keys=security.load(run_dir / "keys", "trainer"),
                     timeout_s=10)
     try:
-        return client.request(P.StatsRequest()).values
+        return client.request(request)
     finally:
         client.close()
+
+
+def _books(run_dir: Path) -> dict:
+    return _ask(run_dir, P.StatsRequest()).values
 
 
 def _balance(s: dict) -> bool:
@@ -460,18 +429,12 @@ def _balance(s: dict) -> bool:
 
 
 def _job_processes(run_dir: Path) -> list[psutil.Process]:
-    """The live processes whose command line names ``run_dir``."""
     out = []
     for p in psutil.process_iter(["cmdline", "status"]):
         if p.info["status"] != psutil.STATUS_ZOMBIE and any(
                 str(run_dir) in c for c in p.info["cmdline"] or []):
             out.append(p)
     return out
-
-
-def _records(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics" / "trainer.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _steps(run_dir: Path) -> int:
@@ -491,17 +454,7 @@ def _curve(run_dir: Path, every: int = 50) -> list:
 
 
 def _roster(run_dir: Path) -> set[str]:
-    from areal_like.net import security
-    from areal_like.net.dealer import Client
-    from areal_like.wire import protocol as P
-
-    ports = json.loads((run_dir / "ports.json").read_text())
-    client = Client(ports["buffer_address"], keys=security.load(run_dir / "keys", "trainer"),
-                    timeout_s=10)
-    try:
-        return {m.server_id for m in client.request(P.RosterRequest()).members}
-    finally:
-        client.close()
+    return {m.server_id for m in _ask(run_dir, P.RosterRequest()).members}
 
 
 def _url(run_dir: Path, name: str) -> str:
@@ -540,7 +493,6 @@ def _scale_rollout_up_and_down(run_dir: Path) -> None:
 
 @pytest.mark.timeout(900)
 def test_a_ray_job_learns_scales_survives_a_lost_node_and_stops(cluster, tmp_path):
-    """Quickstart on 3 Ray nodes: seen by status/top, scales, loses a node, stops, learns."""
     run_dir = tmp_path / "run"
     env = cluster.client_env(RAY_ADDRESS=cluster.address)
     job = subprocess.Popen([sys.executable, "-m", "launch.cli", "run", "-q", *LEARN,
@@ -609,8 +561,8 @@ def test_a_ray_job_learns_scales_survives_a_lost_node_and_stops(cluster, tmp_pat
                     and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         # nothing of the job is left: proxies, guards, daemons, torchrun's rank (own session)
         wait_until(lambda: not _job_processes(run_dir), 60, 0.5, "every process of the job to exit")
-        done = [r for r in _records(run_dir) if r.get("event") == "done"]
-        assert done, "the trainer stopped without its done record (not as on Ctrl-C)"
+        # the trainer stopped as on Ctrl-C: with its done record
+        assert trainer_done(run_dir)
     finally:
         if job.poll() is None:
             _kill_tree(job.pid)

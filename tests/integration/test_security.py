@@ -80,26 +80,11 @@ def areal_like(spawn_python, *args) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def test_keys_command_writes_private_files(tmp_path, spawn_python):
-    code, _, err = areal_like(spawn_python, "keys", tmp_path)
-    assert code == 0, err
-    keys = tmp_path / "keys"
-    names = sorted(str(p.relative_to(keys)) for p in keys.rglob("*") if p.is_file())
-    assert names == ["clients/rollout.key", "clients/rollout.key_secret", "clients/trainer.key",
-                     "clients/trainer.key_secret", "server.key", "server.key_secret"]
-    for p in [keys, keys / "clients", *keys.rglob("*")]:
-        mode = stat.S_IMODE(os.stat(p).st_mode)
-        assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
-    before = (keys / "server.key_secret").read_bytes()
-    code, out, _ = areal_like(spawn_python, "keys", tmp_path)
-    # a restart keeps them
-    assert code == 0 and "kept" in out and (keys / "server.key_secret").read_bytes() == before
-    assert (security.load(keys, "rollout").server_public
-            == security.load(keys, security.SERVER).public)
-
-
-def test_a_daemon_refuses_a_secret_key_file_others_may_read(tmp_run_dir, spawn_python):
-    """A readable (0644) secret key file: exit 2 naming it and chmod 600; no keys: refused."""
+def test_keys_are_private_files_and_a_secret_key_file_others_may_read_is_refused(
+        tmp_run_dir, spawn_python):
+    """No keys: the buffer refuses to start naming the command. `areal-like keys` writes 0600
+    files in 0700 directories and keeps them on a restart. A readable (0644) secret key file:
+    each daemon and `keys` exit 2 naming it and chmod 600."""
     from areal_like.net.auth import ENGINE_KEY_ENV, KEY_FILE, ensure_key_file
 
     config = tmp_run_dir / "config.yaml"
@@ -108,9 +93,23 @@ def test_a_daemon_refuses_a_secret_key_file_others_may_read(tmp_run_dir, spawn_p
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "server.key is missing" in err and "areal-like keys RUN_DIR" in err
-    security.make_keys(tmp_run_dir / "keys")
+    code, _, err = areal_like(spawn_python, "keys", tmp_run_dir)
+    assert code == 0, err
+    keys = tmp_run_dir / "keys"
+    names = sorted(str(p.relative_to(keys)) for p in keys.rglob("*") if p.is_file())
+    assert names == ["clients/rollout.key", "clients/rollout.key_secret", "clients/trainer.key",
+                     "clients/trainer.key_secret", "server.key", "server.key_secret"]
+    for p in [keys, keys / "clients", *keys.rglob("*")]:
+        mode = stat.S_IMODE(os.stat(p).st_mode)
+        assert mode == (0o700 if p.is_dir() else 0o600), (p, oct(mode))
+    before = (keys / "server.key_secret").read_bytes()
+    code, out, _ = areal_like(spawn_python, "keys", tmp_run_dir)
+    # a restart keeps them
+    assert code == 0 and "kept" in out and (keys / "server.key_secret").read_bytes() == before
+    assert (security.load(keys, "rollout").server_public
+            == security.load(keys, security.SERVER).public)
     ensure_key_file(tmp_run_dir)
-    server_secret, engine_key = tmp_run_dir / "keys" / "server.key_secret", tmp_run_dir / KEY_FILE
+    server_secret, engine_key = keys / "server.key_secret", tmp_run_dir / KEY_FILE
     server_secret.chmod(0o644)
     engine_key.chmod(0o644)
     procs = {m: spawn_python(m, ["--config-file", config], env={ENGINE_KEY_ENV: ""})

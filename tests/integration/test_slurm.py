@@ -166,7 +166,6 @@ def _cluster(ctld: str, nodes: list[tuple[str, str]],
 
 @pytest.fixture(scope="module")
 def slurm() -> Iterator[Cluster]:
-    """One node, named after this host."""
     host = socket.gethostname().split(".")[0]
     with _cluster(f"{host}(127.0.0.1)", [(host, "127.0.0.1")]) as cluster:
         yield cluster
@@ -219,7 +218,6 @@ def _engine_pids(tmp_path: Path) -> list[int]:
 
 
 def _job_processes(run_dir: Path) -> list[psutil.Process]:
-    """Processes whose command line names this job's run directory."""
     return [p for p in psutil.process_iter(["cmdline"])
             if p.pid != os.getpid() and any(str(run_dir) in c for c in p.info["cmdline"] or [])]
 
@@ -263,7 +261,6 @@ def test_a_killed_rollout_step_restarts_and_scancel_stops_the_job_as_ctrl_c_does
 
 
 def _restart_and_cancel(slurm: Cluster, job_id: str, run_dir: Path, tmp_path: Path) -> None:
-    """Kill the rollout server, see it restarted and a step trained; scancel stops all."""
     wait_until(lambda: _steps(run_dir) >= 1, JOB_S, 1.0, "the first trained step")
     [server] = _rollout_servers(run_dir)
     first_engines = _engine_pids(tmp_path)

@@ -94,7 +94,7 @@ ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0 or sys.platform != "linux",
 
 
 @ROOT_ONLY
-def test_a_sandboxed_call_reaches_no_key_and_signals_no_process(job):
+def test_a_sandboxed_call_or_a_reward_in_the_pool_reaches_no_key_and_signals_no_process(job):
     run_dir, usr1 = job
     sys.modules.pop("attack_fns", None)
     from attack_fns import attack  # what it reaches where nothing stops it: this process
@@ -102,28 +102,20 @@ def test_a_sandboxed_call_reaches_no_key_and_signals_no_process(job):
     here = attack(str(run_dir), os.getpid())
     assert "keys/clients/trainer.key_secret" in here and usr1 == [1]
     plant = Path(sandbox.__file__).with_name(f"_planted_{os.getpid()}.py")
-    assert sandbox.hide(
-        [run_dir / "keys", run_dir / "secrets"]
-    )  # what the rollout server does at start
+    assert sandbox.hide([run_dir / "keys", run_dir / "secrets"])  # as the rollout server at start
     try:
         got = run_sandboxed("attack_fns:attack", (str(run_dir), os.getpid(), str(plant)),
                             SandboxLimits(timeout_s=30))
         assert got.ok and got.value == {} and not plant.exists(), got
     finally:
         plant.unlink(missing_ok=True)
-    assert usr1 == [1]  # only this process's own signal came through
-
-
-@ROOT_ONLY
-def test_a_reward_in_the_pool_reaches_no_key(job):
-    run_dir, usr1 = job
-    assert sandbox.hide([run_dir / "keys", run_dir / "secrets"])
     pool = RewardPool(TaskConfig(reward_timeout_s=30.0, reward_workers=1), "attack_fns:reward")
     try:
         got = asyncio.run(pool.score_group("q", [str(os.getpid())], Example("q", str(run_dir))))
     finally:
         pool.close()
-    assert got == [(0.0, None)] and usr1 == []  # nothing reached
+    assert got == [(0.0, None)]  # nothing reached
+    assert usr1 == [1]  # only this process's own signal came through
 
 
 PROBES = '''

@@ -57,14 +57,6 @@ def test_a_member_holding_too_many_batch_requests_is_refused_on_any_socket(tmp_p
     assert svc.stats()["rejected_peer_limit"] == 1
 
 
-def test_a_rollout_key_takes_no_batch(tmp_path):
-    svc, _ = serve(tmp_path)
-    ((_, _, reply),) = send(svc, A, b"r", P.BatchRequest(n_groups=1, trainer_version=0,
-                                                          wait_s=600.0), "rollout")
-    assert isinstance(reply, P.Batch) and reply.groups == [] and reply.reason.startswith("role: ")
-    assert svc.handout.pending == [] and svc.stats()["rejected_role"] == 1
-
-
 def test_a_member_registering_too_many_server_ids_is_refused_and_others_are_not(tmp_path):
     svc, now = serve(tmp_path, heartbeat_timeout_s=15.0)
 

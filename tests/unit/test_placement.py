@@ -37,6 +37,7 @@ def test_one_node_layouts(gpus, trainer, servers, tp, want_trainer, want_rollout
 
 @pytest.mark.parametrize("gpus,trainer,servers,tp,need", [
     (1, 1, 2, 1, 3),  # one GPU is shared by one trainer rank and one rollout server only
+    (1, 2, 1, 1, 3),
     (2, 2, 1, 1, 3),
     (4, 2, 2, 2, 6),
     (8, 2, 4, 2, 10),

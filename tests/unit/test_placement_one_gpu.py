@@ -31,13 +31,6 @@ def test_one_gpu_one_trainer_rank_one_server_share_gpu_0():
     assert not place_node(gpus_per_node=2, trainer_ranks=1, rollout_servers=1, tp_size=1).shared
 
 
-@pytest.mark.parametrize("trainer,servers", [(2, 1), (1, 2)])
-def test_one_gpu_shares_only_one_trainer_rank_and_one_server(trainer, servers):
-    with pytest.raises(ConfigError,
-                       match="only a one-GPU node with one trainer rank and one rollout server"):
-        place_node(gpus_per_node=1, trainer_ranks=trainer, rollout_servers=servers, tp_size=1)
-
-
 def test_auto_weight_path_is_tensor_only_when_the_gpu_is_shared():
     shared = with_weight_path(load_config(list(ONE_GPU_SGLANG)))
     assert shared.trainer.weight_sync.path == "tensor"

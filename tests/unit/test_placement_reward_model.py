@@ -7,26 +7,17 @@ from __future__ import annotations
 
 import itertools
 import re
-from pathlib import Path
 
 import pytest
 
 from areal_like.settings.config import ConfigError, load_config, load_daemon_config, to_yaml
-from launch.job import job_specs, plan_job
+from launch.job import plan_job
 from launch.placement import place_node, place_nodes
 from launch.ray_job import layout_bundles, request
-from launch.topology import apply_topology, plan_lines, plan_topology
+from launch.topology import plan_lines
+from tests.unit.test_placement import CLUSTER, _specs
 
 RM = "task.reward_model.path=/models/rm"
-CLUSTER = ("buffer.address=tcp://10.0.0.1:5555", "buffer.pub_address=tcp://10.0.0.1:5556",
-           "trainer.weight_sync.master_addr=10.0.0.1")
-
-
-def _specs(*overrides: str) -> dict:
-    cfg = load_config(list(overrides))
-    topo = plan_topology(cfg, itertools.count(31000))
-    return {s.name: s for s in job_specs(apply_topology(cfg, topo), topo, Path("/x/config.yaml"),
-                                         python="py")}
 
 
 def _device(spec) -> str | None:

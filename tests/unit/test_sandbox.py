@@ -10,7 +10,6 @@ import asyncio
 import os
 from pathlib import Path
 
-import psutil
 import pytest
 
 from areal_like.net.auth import ENGINE_KEY_ENV, METRICS_TOKEN_ENV, SECRET_NAME
@@ -22,19 +21,16 @@ from rollout_server.__main__ import private_dirs
 from rollout_server.reward_pool import RewardPool
 from rollout_server.reward_worker import SECRET_NAME as WORKER_SECRET_NAME  # a stdlib-only copy
 from rollout_server.sandbox import SandboxLimits
+from tests.conftest import live_children
 
 LIMITS = SandboxLimits(timeout_s=5.0, memory_mb=512)
 
 
-def my_children() -> set[int]:
-    return {p.pid for p in psutil.Process().children(recursive=True)}
-
-
 def test_a_call_returns_its_json_result_and_leaves_no_process():
-    before = my_children()
+    before = live_children()
     assert (run_sandboxed("reward_fns:add", (2, 3), LIMITS)
             == SandboxResult(True, {"sum": 5, "args": [2, 3]}))
-    assert my_children() == before
+    assert live_children() == before
 
 
 SHORT = SandboxLimits(timeout_s=1.0, memory_mb=512)
@@ -51,10 +47,10 @@ SHORT = SandboxLimits(timeout_s=1.0, memory_mb=512)
 ])
 def test_each_failure_kind_is_reported_with_its_reason_and_leaves_no_process(fn, args, limits,
                                                                              kind, reason):
-    before = my_children()
+    before = live_children()
     got = run_sandboxed(f"reward_fns:{fn}", args, limits)
     assert (got.ok, got.kind) == (False, kind) and reason in got.reason, got
-    assert my_children() == before
+    assert live_children() == before
 
 
 def test_allowed_processes_are_allowed():

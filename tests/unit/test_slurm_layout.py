@@ -124,16 +124,6 @@ def test_each_slurm_step_gets_the_config_run_gives_that_process(layout, tmp_path
         assert waits == (rollouts if stage == 2 else []), name
 
 
-def test_one_shared_gpu_is_laid_out_on_slurm_as_by_run(tmp_path, capsys, no_preflight):
-    """What item 3 found missing on the Slurm path, spelled out for the one-GPU node."""
-    slurm = _slurm(tmp_path, (*_one(1, 1, 1, 1), *HEAD, f"run_dir={tmp_path / 'run'}"), 1, capsys)
-    trainer, _, waits = slurm["trainer"]
-    assert trainer.trainer.weight_sync.path == "tensor"  # not an NCCL group with two ranks on GPU 0
-    assert trainer.rollout.engine.sglang["mem_fraction_static"] == 0.4  # not SGLang's default share
-    assert trainer.trainer.first_engines == 1 and trainer.trainer.first_engine_wait_s > 0
-    assert waits == ["http://10.1.2.3:9101/health"]  # the trainer starts once the engine is up
-
-
 def test_steps_refuse_a_config_that_is_not_laid_out(tmp_path, capsys):
     config = tmp_path / "config.yaml"
     config.write_text(to_yaml(load_config([*_one(1, 1, 1, 1), *HEAD, f"run_dir={tmp_path}"])))

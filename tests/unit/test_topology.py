@@ -16,7 +16,6 @@ from launch.topology import (
     layout_line,
     plan_lines,
     plan_topology,
-    split_address,
     split_cpus,
 )
 from tests.conftest import run_cli
@@ -98,12 +97,6 @@ def test_apply_topology_fills_every_daemon_address():
     assert out.buffer.metrics_port == topo.slot("buffer").metrics_port
     assert out.trainer.metrics_port == topo.slot("trainer").metrics_port
     assert cfg.buffer.address == "tcp://127.0.0.1:0"  # the input is not mutated
-
-
-def test_split_address_rejects_non_tcp():
-    assert split_address("tcp://node-3:5555") == ("node-3", 5555)
-    with pytest.raises(ConfigError):
-        split_address("ipc:///tmp/x")
 
 
 @pytest.mark.parametrize("override,message", [
@@ -269,7 +262,6 @@ def test_the_trainer_waits_for_the_evaluating_server_only_when_one_is_started_fo
                                   ("model=local_hf", "model.path=/models/mine", "task=jsonl_math",
                                    "task.dataset_path=/data/train.jsonl")])
 def test_a_cpu_job_lays_itself_out_from_the_cores_and_keeps_the_counts_it_sets(base, monkeypatch):
-    """Counts not set come from the cores; counts set are kept."""
     # taskset, to pin
     monkeypatch.setattr("launch.job.shutil.which", lambda name: f"/usr/bin/{name}")
 
