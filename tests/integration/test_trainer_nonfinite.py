@@ -4,10 +4,11 @@ skip is collective (all_finite). Workers run as ``python test_trainer_nonfinite.
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.helpers_trainer import BufferStandIn
 
 WORKER_TIMEOUT_S = 480  # 9 kernels x 4 steps on 2 ranks of a loaded 2-core machine
 KERNELS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
@@ -122,8 +123,10 @@ def worker(out: str) -> None:
 
 
 def _spawn(out: Path, rank: int, world: int, port: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-           "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    from tests.conftest import child_env
+
+    env = child_env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     return subprocess.Popen([sys.executable, __file__, str(out)], env=env,
                             cwd=Path(__file__).resolve().parents[2])
 
@@ -165,20 +168,10 @@ def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_r
     assert r["latest"] == "v00000001" and r["tmp_dirs"] == []  # nothing written; the good one stays
 
 
-class PoisonedBuffer:
+class CleanBuffer(BufferStandIn):
     """Buffer stand-in: clean synthetic batches, rosters without engines, version acks."""
 
-    def __init__(self, address: str):
-        import threading
-
-        from areal_like.net.transport import Server
-
-        self.server, self.stop = Server(address), threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def _reply(m):
+    def answer(self, m):
         from test_trainer_invariance import synthetic_groups
 
         from areal_like.wire import protocol as P
@@ -190,17 +183,6 @@ class PoisonedBuffer:
         if isinstance(m, P.RosterRequest):
             return P.Roster(members=[], policy_version=0)
         return P.Ack(ref="", status="ok")
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            if (got := self.server.recv(0.1)) is not None:
-                peer, req_id, m = got
-                self.server.send(peer, req_id, self._reply(m))
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.server.close()
 
 
 def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, spawn_python,
@@ -220,7 +202,7 @@ def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, s
                        "trainer.logprob_guard_tol=0", "trainer.batch_wait_s=1"])
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(to_yaml(cfg))
-    buffer = PoisonedBuffer(address)
+    buffer = CleanBuffer(address)
     try:
         proc = spawn_python("trainer", ["--config-file", cfg_path])
         _, err = proc.communicate(timeout=WORKER_TIMEOUT_S)
