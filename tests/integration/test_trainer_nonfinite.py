@@ -1,15 +1,15 @@
 """Finite numbers or no step (trainer/finite_guard.py): 2 FSDP2 ranks and the trainer daemon; a
-skip is collective (all_finite). Workers run as ``python test_trainer_nonfinite.py OUT``."""
+skip is collective (all_finite). Workers: ``python -c RUNNER test_trainer_nonfinite.py OUT``."""
 
 from __future__ import annotations
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 from tests.helpers_trainer import BufferStandIn
 
+RUNNER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 WORKER_TIMEOUT_S = 480  # 9 kernels x 4 steps on 2 ranks of a loaded 2-core machine
 KERNELS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
 BAD = {"nan": math.nan, "-inf": -math.inf}
@@ -122,15 +122,6 @@ def worker(out: str) -> None:
     leave_distributed()
 
 
-def _spawn(out: Path, rank: int, world: int, port: int) -> subprocess.Popen:
-    from tests.conftest import child_env
-
-    env = child_env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-    return subprocess.Popen([sys.executable, __file__, str(out)], env=env,
-                            cwd=Path(__file__).resolve().parents[2])
-
-
 def _check_kernel(kernel: str, steps: list[dict]) -> bool:
     """The kernel's four steps are as the module docstring says; True if a bad batch was skipped."""
     assert all(s["finite"] for s in steps), (kernel, steps)  # never a non-finite weight
@@ -150,15 +141,14 @@ def _check_kernel(kernel: str, steps: list[dict]) -> bool:
     return skipped
 
 
-def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_ranks(tmp_path):
+def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_ranks(
+        tmp_path, spawn_python, free_port):
     import torch
 
-    from areal_like.net.distributed import free_port
-    from tests.conftest import wait_all
-
-    port = free_port()
-    procs = [_spawn(tmp_path / "out.pt", rank, 2, port) for rank in (0, 1)]
-    wait_all(procs, WORKER_TIMEOUT_S)
+    ranks = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [spawn_python(RUNNER, [__file__, tmp_path / "out.pt"], capture=False,
+                          env={**ranks, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    assert [p.wait(timeout=WORKER_TIMEOUT_S) for p in procs] == [0, 0]
     r = torch.load(tmp_path / "out.pt", weights_only=True)
     assert r["one_rank_nan"] is False and r["all_ok"] is True  # one rank's NaN: both ranks skip
     skipped = {kernel for kernel in KERNELS if _check_kernel(kernel, r[kernel])}
@@ -226,7 +216,7 @@ def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, s
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    worker(sys.argv[1])
+    worker(sys.argv[2])  # argv: -c, this file, OUT (see RUNNER)
     from areal_like.daemon import exit_process
 
     # as the trainer exits: FSDP's caches keep the gloo group's threads past
