@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from types import SimpleNamespace
 
@@ -11,6 +10,7 @@ import torch
 
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory, as_f32, as_i32
+from tests.helpers_trainer import BufferStandIn
 from trainer.data import BatchSource, BufferUnavailable, groups_to_batch
 from trainer.model import attach_logprobs
 from trainer.step import output_logp
@@ -70,30 +70,16 @@ def test_output_logp_reads_the_logits_that_predict_each_output_token():
             assert float(got[i, t]) == pytest.approx(float(want), abs=1e-6)
 
 
-class _StandIn:
-    """A ROUTER answering BatchRequests from a script of replies."""
+class _StandIn(BufferStandIn):
+    """Answers BatchRequests from a script of replies (the last one for good)."""
 
     def __init__(self, address: str, replies: list):
-        from areal_like.net.transport import Server
+        self.replies, self.requests = list(replies), []
+        super().__init__(address)
 
-        self.server, self.replies, self.requests = Server(address), list(replies), []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
-
-    def serve(self):
-        while not self.stop.is_set():
-            got = self.server.recv(0.05)
-            if got:
-                peer, req_id, m = got
-                self.requests.append(m)
-                self.server.send(peer, req_id,
-                                 self.replies.pop(0) if len(self.replies) > 1 else self.replies[0])
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.server.close()
+    def answer(self, m):
+        self.requests.append(m)
+        return self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
 
 
 def test_batch_source_retries_empty_then_returns_the_batch(free_port):

@@ -3,19 +3,20 @@
 Padded mbs 1 and 4, packed, token-budget (packed and padded), on 1 and 2 FSDP2 ranks (gloo), with
 multi-turn loss masks; the reference is padded, one sequence per call. Not vacuous: packed
 attention leaking across sequences fails the first packed case (ess_ratio 0.4322 vs 0.4398).
-Workers run as ``python test_trainer_invariance.py OUT 1|2``; AdamW eps=1e-3 keeps steps linear.
+Workers run as ``python -c RUNNER test_trainer_invariance.py OUT_DIR``; AdamW eps=1e-3 keeps steps
+linear.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+RUNNER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 # (name, overrides); every case runs in every layout of LAYOUTS (1 rank) and LAYOUTS_2 (2 ranks)
 CASES = [
     ("decoupled_ppo", ["trainer.loss.kernel=decoupled_ppo", "trainer.loss.agg=token-mean"]),
@@ -87,7 +88,7 @@ def synthetic_groups(n_groups: int = 4, group_size: int = 4, seed: int = 0, vers
     return groups
 
 
-def worker(out: str, layouts: list[tuple[str, list[str]]]) -> None:
+def worker(out_dir: Path) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -97,6 +98,7 @@ def worker(out: str, layouts: list[tuple[str, list[str]]]) -> None:
     from trainer.model import build_policy, init_distributed, leave_distributed
     from trainer.step import StepSettings, recompute_prox_logp, train_step
 
+    layouts = LAYOUTS_2 if os.environ.get("WORLD_SIZE") == "2" else LAYOUTS
     # composed once per case and once per layout (a composition is ~0.6 CPU-s, 55 of them were
     # most of the worker's time), then the layout's keys set on the case's trainer, validated again
     # by replace; the same config as composing both override lists at once
@@ -118,35 +120,18 @@ def worker(out: str, layouts: list[tuple[str, list[str]]]) -> None:
             stats = train_step(policy, batch, s, recompute_prox_logp(policy, batch, s))
             results[(name, label)] = {"stats": stats, "state": full_state_dict(policy.model)}
     if rank == 0:
-        torch.save(results, out)
+        torch.save(results, out_dir / "res.pt")
     leave_distributed()
 
 
-def _spawn(out: Path, layouts: str, rank: int | None = None, world: int = 1,
-           port: int = 0) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if rank is not None:
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-    return subprocess.Popen([sys.executable, __file__, str(out), layouts], env=env,
-                            cwd=Path(__file__).resolve().parents[2])
-
-
 @pytest.mark.timeout(WORKER_TIMEOUT_S + 60)
-def test_loss_stats_and_weights_invariant_to_layout_and_ranks(tmp_path):
+def test_loss_stats_and_weights_invariant_to_layout_and_ranks(tmp_path, spawn_python, free_port):
     import torch
 
-    from areal_like.net.distributed import free_port
-    from tests.conftest import wait_all
     from trainer.step import LAYOUT_STATS
 
-    port = free_port()
-    procs = [_spawn(tmp_path / "one.pt", "1"),
-             _spawn(tmp_path / "two.pt", "2", rank=0, world=2, port=port),
-             _spawn(tmp_path / "unused.pt", "2", rank=1, world=2, port=port)]
-    wait_all(procs, WORKER_TIMEOUT_S)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    one, two = (torch.load(d / "res.pt") for d in spawn_python.one_and_two_ranks(
+        RUNNER, __file__, tmp_path, free_port(), WORKER_TIMEOUT_S))
     for name, _ in CASES:
         ref = one[(name, REFERENCE[0])]
         others = ([(label, one[(name, label)]) for label, _ in LAYOUTS[1:]]
@@ -172,7 +157,7 @@ def test_loss_stats_and_weights_invariant_to_layout_and_ranks(tmp_path):
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    worker(sys.argv[1], LAYOUTS if sys.argv[2] == "1" else LAYOUTS_2)
+    worker(Path(sys.argv[2]))  # argv: -c, this file, OUT_DIR (see RUNNER)
     from areal_like.daemon import exit_process
 
     # as the trainer exits: FSDP's caches keep the gloo group's threads past

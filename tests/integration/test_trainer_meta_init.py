@@ -1,17 +1,17 @@
 """The policy is built on meta and materialised shard by shard (trainer/sharded_init.py), 1 and 2
 ranks: bit-identical to build_model (tied, untied) and from_pretrained (and its KL reference);
 checkpoint loading never holds a full copy; activation checkpointing changes no loss or gradient.
-Worker: ``python test_trainer_meta_init.py OUT MODEL_DIR``.
+Worker: ``python -c RUNNER test_trainer_meta_init.py OUT_DIR`` (the model in OUT_DIR/../hf).
 """
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+RUNNER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 WORKER_TIMEOUT_S = 300
 SEED = 3
 
@@ -55,7 +55,7 @@ def _grads_after_one_microbatch(policy, cfg) -> dict:
             "mlp_calls": len(calls)}
 
 
-def worker(out: str, model_dir: str) -> None:
+def worker(out_dir: Path) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -70,7 +70,7 @@ def worker(out: str, model_dir: str) -> None:
         policy = build_policy(cfg.model, cfg.trainer)
         res[f"init_tie={tie}"] = full_state_dict(policy.model)
         res[f"rotary_tie={tie}"] = policy.model.model.rotary_emb.inv_freq.clone()
-    cfg = _cfg(f"model.path={model_dir}")
+    cfg = _cfg(f"model.path={out_dir.parent / 'hf'}")
     with PeakTensorBytes() as m:
         policy = build_policy(cfg.model, cfg.trainer)
     # 1 rank: plain parameters (not sharded); 2 ranks: DTensors, their local shards
@@ -85,40 +85,8 @@ def worker(out: str, model_dir: str) -> None:
         policy = build_policy(cfg.model, cfg.trainer)
         res[f"ac={ac}"] = _grads_after_one_microbatch(policy, cfg)
     if rank == 0:
-        torch.save(res, out)
+        torch.save(res, out_dir / "res.pt")
     leave_distributed()
-
-
-def _spawn(out: Path, model_dir: Path, rank: int | None = None, world: int = 1, port: int = 0):
-    from tests.conftest import child_env
-
-    env = child_env()
-    if rank is not None:
-        env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                   MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port))
-    return subprocess.Popen([sys.executable, __file__, str(out), str(model_dir)], env=env,
-                            cwd=Path(__file__).resolve().parents[2])
-
-
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    from areal_like.net.distributed import free_port
-    from areal_like.weights.hf import build_model
-    from tests.conftest import wait_all
-
-    tmp = tmp_path_factory.mktemp("meta_init")
-    model_dir = tmp / "hf"
-    # another seed than the config-built runs, in three safetensors files and an index
-    build_model(_cfg("model.init_seed=11").model, dtype="float32").save_pretrained(
-        model_dir, max_shard_size="500KB")
-    port = free_port()
-    procs = [_spawn(tmp / "one.pt", model_dir), _spawn(tmp / "two.pt", model_dir, 0, 2, port),
-             _spawn(tmp / "unused.pt", model_dir, 1, 2, port)]
-    wait_all(procs, WORKER_TIMEOUT_S)
-    import torch
-
-    return {"model_dir": model_dir, 1: torch.load(tmp / "one.pt"), 2: torch.load(tmp / "two.pt")}
 
 
 def _assert_bit_equal(got: dict, want: dict) -> None:
@@ -129,63 +97,60 @@ def _assert_bit_equal(got: dict, want: dict) -> None:
         assert torch.equal(got[k], w.detach().float()), k
 
 
-@pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("tie", [False, True])
-def test_config_init_equals_build_model_bit_for_bit(results, world, tie):
-    from areal_like.weights.hf import build_model
-
-    model = build_model(_cfg(f"model.tie_word_embeddings={tie}").model, dtype="float32")
-    _assert_bit_equal(results[world][f"init_tie={tie}"], dict(model.named_parameters()))
-    assert results[world][f"rotary_tie={tie}"].equal(model.model.rotary_emb.inv_freq)
-
-
-@pytest.mark.parametrize("world", [1, 2])
-def test_safetensors_load_equals_from_pretrained(results, world):
+@pytest.mark.timeout(WORKER_TIMEOUT_S + 60)  # as the module fixture's wait was
+def test_sharded_init_load_and_checkpointing_on_one_and_two_ranks(tmp_path, spawn_python,
+                                                                  free_port):
     import torch
     from transformers import AutoModelForCausalLM
 
-    assert len(list(results["model_dir"].glob("*.safetensors"))) == 3
-    model = AutoModelForCausalLM.from_pretrained(str(results["model_dir"]), dtype=torch.float32)
-    _assert_bit_equal(results[world]["loaded"], dict(model.named_parameters()))
-    _assert_bit_equal(results[world]["reference"], dict(model.named_parameters()))  # fp32 on CPU
-    loaded, built = results[world]["loaded"], results[world]["init_tie=False"]
-    # another seed: not vacuous
-    assert not torch.equal(loaded["lm_head.weight"], built["lm_head.weight"])
-
-
-@pytest.mark.parametrize("world", [1, 2])
-def test_loading_a_checkpoint_never_holds_a_full_copy(results, world):
     from areal_like.weights.hf import build_model
 
-    params = list(build_model(_cfg().model, dtype="float32").parameters())
-    full = sum(p.numel() * 4 for p in params)
-    largest = max(p.numel() * 4 for p in params)
-    got = results[world]["peak_loaded"]
-    assert got["local"] * world == pytest.approx(full, rel=0.01)  # the shards of this rank
-    # the shards, one full parameter being written and one scratch tensor of the same size
-    assert got["peak"] <= got["local"] + 2 * largest + 64 * 1024
-    if world == 2:
-        assert got["peak"] < 0.8 * full
-
-
-@pytest.mark.parametrize("world", [1, 2])
-def test_activation_checkpointing_keeps_loss_and_gradients(results, world):
-    import torch
-
-    off, on = results[world]["ac=False"], results[world]["ac=True"]
-    # on: the block's forward ran again in backward
-    assert (off["mlp_calls"], on["mlp_calls"]) == (1, 2)
-    assert off["stats"] == on["stats"]
-    assert (set(off["grads"]) == set(on["grads"])
-            and "model.layers.0.self_attn.q_proj.weight" in on["grads"])
-    for k, g in off["grads"].items():
-        torch.testing.assert_close(on["grads"][k], g, rtol=0, atol=1e-7, msg=k)
-    assert max(float(g.abs().max()) for g in off["grads"].values()) > 1e-3
+    model_dir = tmp_path / "hf"
+    # another seed than the config-built runs, in three safetensors files and an index
+    build_model(_cfg("model.init_seed=11").model, dtype="float32").save_pretrained(
+        model_dir, max_shard_size="500KB")
+    assert len(list(model_dir.glob("*.safetensors"))) == 3
+    dirs = spawn_python.one_and_two_ranks(RUNNER, __file__, tmp_path, free_port(),
+                                          WORKER_TIMEOUT_S)
+    pretrained = dict(AutoModelForCausalLM.from_pretrained(str(model_dir),
+                                                           dtype=torch.float32).named_parameters())
+    built = {tie: build_model(_cfg(f"model.tie_word_embeddings={tie}").model, dtype="float32")
+             for tie in (False, True)}
+    params = list(built[False].parameters())
+    full, largest = sum(p.numel() * 4 for p in params), max(p.numel() * 4 for p in params)
+    for world, out in zip((1, 2), dirs):
+        res = torch.load(out / "res.pt")
+        # config init equals build_model bit for bit, tied or not
+        for tie, model in built.items():
+            _assert_bit_equal(res[f"init_tie={tie}"], dict(model.named_parameters()))
+            assert res[f"rotary_tie={tie}"].equal(model.model.rotary_emb.inv_freq)
+        # the safetensors load equals from_pretrained, and so does its KL reference (fp32 on CPU)
+        _assert_bit_equal(res["loaded"], pretrained)
+        _assert_bit_equal(res["reference"], pretrained)
+        # another seed: not vacuous
+        assert not torch.equal(res["loaded"]["lm_head.weight"],
+                               res["init_tie=False"]["lm_head.weight"])
+        # loading a checkpoint never holds a full copy: the shards of this rank, one full
+        # parameter being written and one scratch tensor of the same size
+        got = res["peak_loaded"]
+        assert got["local"] * world == pytest.approx(full, rel=0.01), world
+        assert got["peak"] <= got["local"] + 2 * largest + 64 * 1024, world
+        if world == 2:
+            assert got["peak"] < 0.8 * full
+        # activation checkpointing keeps loss and gradients; on: the block's forward ran again
+        off, on = res["ac=False"], res["ac=True"]
+        assert (off["mlp_calls"], on["mlp_calls"]) == (1, 2)
+        assert off["stats"] == on["stats"]
+        assert (set(off["grads"]) == set(on["grads"])
+                and "model.layers.0.self_attn.q_proj.weight" in on["grads"])
+        for k, g in off["grads"].items():
+            torch.testing.assert_close(on["grads"][k], g, rtol=0, atol=1e-7, msg=f"{world} {k}")
+        assert max(float(g.abs().max()) for g in off["grads"].values()) > 1e-3
 
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    worker(sys.argv[1], sys.argv[2])
+    worker(Path(sys.argv[2]))  # argv: -c, this file, OUT_DIR (see RUNNER)
     from areal_like.daemon import exit_process
 
     # as the trainer exits: FSDP's caches keep the gloo group's threads past

@@ -1,14 +1,15 @@
 """Finite numbers or no step (trainer/finite_guard.py): 2 FSDP2 ranks and the trainer daemon; a
-skip is collective (all_finite). Workers run as ``python test_trainer_nonfinite.py OUT``."""
+skip is collective (all_finite). Workers: ``python -c RUNNER test_trainer_nonfinite.py OUT``."""
 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
+from tests.helpers_trainer import BufferStandIn
+
+RUNNER = "import runpy, sys; runpy.run_path(sys.argv[1], run_name='__main__')"
 WORKER_TIMEOUT_S = 480  # 9 kernels x 4 steps on 2 ranks of a loaded 2-core machine
 KERNELS = ("ppo", "decoupled_ppo", "tis", "mis", "icepop", "gspo", "vespo", "vcpo", "oapl")
 BAD = {"nan": math.nan, "-inf": -math.inf}
@@ -121,13 +122,6 @@ def worker(out: str) -> None:
     leave_distributed()
 
 
-def _spawn(out: Path, rank: int, world: int, port: int) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-           "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    return subprocess.Popen([sys.executable, __file__, str(out)], env=env,
-                            cwd=Path(__file__).resolve().parents[2])
-
-
 def _check_kernel(kernel: str, steps: list[dict]) -> bool:
     """The kernel's four steps are as the module docstring says; True if a bad batch was skipped."""
     assert all(s["finite"] for s in steps), (kernel, steps)  # never a non-finite weight
@@ -147,15 +141,14 @@ def _check_kernel(kernel: str, steps: list[dict]) -> bool:
     return skipped
 
 
-def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_ranks(tmp_path):
+def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_ranks(
+        tmp_path, spawn_python, free_port):
     import torch
 
-    from areal_like.net.distributed import free_port
-    from tests.conftest import wait_all
-
-    port = free_port()
-    procs = [_spawn(tmp_path / "out.pt", rank, 2, port) for rank in (0, 1)]
-    wait_all(procs, WORKER_TIMEOUT_S)
+    ranks = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    procs = [spawn_python(RUNNER, [__file__, tmp_path / "out.pt"], capture=False,
+                          env={**ranks, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    assert [p.wait(timeout=WORKER_TIMEOUT_S) for p in procs] == [0, 0]
     r = torch.load(tmp_path / "out.pt", weights_only=True)
     assert r["one_rank_nan"] is False and r["all_ok"] is True  # one rank's NaN: both ranks skip
     skipped = {kernel for kernel in KERNELS if _check_kernel(kernel, r[kernel])}
@@ -165,20 +158,10 @@ def test_a_nonfinite_group_leaves_the_weights_finite_under_every_kernel_on_two_r
     assert r["latest"] == "v00000001" and r["tmp_dirs"] == []  # nothing written; the good one stays
 
 
-class PoisonedBuffer:
+class CleanBuffer(BufferStandIn):
     """Buffer stand-in: clean synthetic batches, rosters without engines, version acks."""
 
-    def __init__(self, address: str):
-        import threading
-
-        from areal_like.net.transport import Server
-
-        self.server, self.stop = Server(address), threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    @staticmethod
-    def _reply(m):
+    def answer(self, m):
         from test_trainer_invariance import synthetic_groups
 
         from areal_like.wire import protocol as P
@@ -190,17 +173,6 @@ class PoisonedBuffer:
         if isinstance(m, P.RosterRequest):
             return P.Roster(members=[], policy_version=0)
         return P.Ack(ref="", status="ok")
-
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            if (got := self.server.recv(0.1)) is not None:
-                peer, req_id, m = got
-                self.server.send(peer, req_id, self._reply(m))
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
-        self.server.close()
 
 
 def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, spawn_python,
@@ -220,7 +192,7 @@ def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, s
                        "trainer.logprob_guard_tol=0", "trainer.batch_wait_s=1"])
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(to_yaml(cfg))
-    buffer = PoisonedBuffer(address)
+    buffer = CleanBuffer(address)
     try:
         proc = spawn_python("trainer", ["--config-file", cfg_path])
         _, err = proc.communicate(timeout=WORKER_TIMEOUT_S)
@@ -244,7 +216,7 @@ def test_the_trainer_skips_nonfinite_steps_and_stops_after_the_limit(tmp_path, s
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    worker(sys.argv[1])
+    worker(sys.argv[2])  # argv: -c, this file, OUT (see RUNNER)
     from areal_like.daemon import exit_process
 
     # as the trainer exits: FSDP's caches keep the gloo group's threads past

@@ -37,49 +37,48 @@ def groups(rewards: list[list[float]], seed: int = 0):
     return out
 
 
-def step(rewards: list[list[float]], overrides: list[str]) -> tuple[dict, dict, dict, list[int]]:
-    """(stats, weights before, weights after, rows of each forward call) of one step."""
+def step(rewards: list[list[float]], overrides: list[str]) -> tuple[dict, dict, dict]:
+    """(stats, weights before, weights after) of one step."""
     import torch
 
-    import trainer.step as step_mod
     from areal_like.settings.config import load_config
     from tests.helpers_trainer import full_state_dict
     from trainer.data import groups_to_batch
     from trainer.model import build_policy, init_distributed, leave_distributed
+    from trainer.step import StepSettings, recompute_prox_logp, reference_logp, train_step
 
     cfg = load_config(["trainer.lr=1e-2", "trainer.micro_batch_size=4", "trainer.grad_clip=1e9",
                        "trainer.weight_decay=0.1", *overrides])
     init_distributed(cfg.trainer)
     torch.manual_seed(0)
     policy = build_policy(cfg.model, cfg.trainer, adam_eps=1e-3)
-    s = step_mod.StepSettings.from_config(cfg)
-    seen: list[int] = []
-    real_output_logp = step_mod.output_logp
-
-    def counting(model, mb, *a, **kw):
-        seen.append(int(mb.mask.shape[0]))
-        return real_output_logp(model, mb, *a, **kw)
-
+    s = StepSettings.from_config(cfg)
     batch = groups_to_batch(groups(rewards))
-    ref = None  # the reference and pi_prox passes before the counting starts
+    ref = None
     if cfg.trainer.loss.kl_coef:
-        ref = step_mod.reference_logp(policy.model, batch, s, policy.device)
-    prox = step_mod.recompute_prox_logp(policy, batch, s)  # None: fused into the training pass
-    step_mod.output_logp = counting
+        ref = reference_logp(policy.model, batch, s, policy.device)
+    prox = recompute_prox_logp(policy, batch, s)  # None: fused into the training pass
     try:
         before = full_state_dict(policy.model)
-        stats = step_mod.train_step(policy, batch, s, prox, ref)
-        return stats, before, full_state_dict(policy.model), seen
+        stats = train_step(policy, batch, s, prox, ref)
+        return stats, before, full_state_dict(policy.model)
     finally:
-        step_mod.output_logp = real_output_logp
         leave_distributed()
 
 
 def compare(rewards: list[list[float]], overrides: list[str]) -> dict:
-    (on, before, w_on, rows_on), (off, _, w_off, rows_off) = (
+    from trainer.data import groups_to_batch
+
+    (on, before, w_on), (off, _, w_off) = (
         step(rewards, overrides + [f"trainer.skip_zero_advantage={flag}"])
         for flag in ("true", "false"))
-    return {"rows_on": sum(rows_on), "rows_off": sum(rows_off), "loss": [on["loss"], off["loss"]],
+    # the step's seq_tokens: the tokens of the rows it computed (a row at zero weight: none)
+    b = groups_to_batch(groups(rewards))
+    lens = (b.prompt_lens + b.output_lens).tolist()
+    varied = [len(set(rewards[g])) > 1 for g in b.group_ids.tolist()]
+    return {"tokens_on": on.get("seq_tokens", 0.0), "tokens_off": off["seq_tokens"],
+            "all": sum(lens), "varied": sum(n for n, v in zip(lens, varied) if v),
+            "loss": [on["loss"], off["loss"]],
             "grad_norm": [on["grad_norm"], off["grad_norm"]], "skip_frac": on["zero_adv_skip_frac"],
             "has_mismatch_kl": "mismatch_kl" in on,
             "weight_diff": max(float((w_on[k] - w_off[k]).abs().max()) for k in w_on),
@@ -109,22 +108,21 @@ def test_rows_with_zero_advantage_are_not_computed_and_the_update_is_the_same(tm
     r = run_json_worker(__file__, tmp_path / "out.json", WORKER_TIMEOUT_S)
     for kernel in ("decoupled_ppo", "gspo", "vespo", "ppo_packed", "two_minibatches"):
         k = r[kernel]
-        # MIXED: groups 0 and 2 are never computed;
-        # FIRST_EQUAL: one row at zero weight, then 2 and 3
-        assert (k["rows_off"] == 16
-                and k["rows_on"] == (9 if kernel == "two_minibatches" else 8)), kernel
+        # MIXED: groups 0 and 2 are never computed; FIRST_EQUAL: groups 0 and 1
+        assert k["tokens_off"] == k["all"] and k["tokens_on"] == k["varied"] < k["all"], kernel
         assert k["skip_frac"] == 0.5 and k["has_mismatch_kl"], kernel
         assert abs(k["loss"][0] - k["loss"][1]) <= 1e-6 * max(1.0, abs(k["loss"][1])), kernel
         assert abs(k["grad_norm"][0] - k["grad_norm"][1]) <= 1e-5 * k["grad_norm"][1], kernel
         assert k["weight_diff"] <= 1e-6, kernel
         assert k["moved"] > 1e-3, kernel  # not vacuous: the step moved the weights
     e = r["all_equal"]
-    assert (e["rows_on"] == 1 and e["rows_off"] == 16 and e["skip_frac"] == 1.0
+    assert (e["tokens_on"] == 0 and e["tokens_off"] == e["all"] and e["skip_frac"] == 1.0
             and not e["has_mismatch_kl"])
     assert e["loss"] == [0.0, 0.0] and e["grad_norm"] == [0.0, 0.0]
     assert e["weight_diff"] == 0.0 and e["moved"] > 1e-4  # weight decay moved them, alike
     for case in ("oapl", "kl", "prox_pass"):
-        assert r[case]["rows_on"] == r[case]["rows_off"] == 16 and r[case]["skip_frac"] == 0.0, case
+        c = r[case]
+        assert c["tokens_on"] == c["tokens_off"] == c["all"] and c["skip_frac"] == 0.0, case
 
 
 def test_the_loss_share_of_the_rows_computed_follows_the_aggregation():

@@ -87,9 +87,7 @@ def test_step_settings_pass_kl_to_the_loss_and_it_needs_a_reference():
     run = load_config(["trainer.loss.kl_coef=0.05", "trainer.loss.kl_estimator=k2"])
     s = StepSettings.from_config(run)
     cfg = s.loss_config(SimpleNamespace(mask=torch.ones(2, 6)))  # what train_step hands every call
-    # Dr.GRPO's constant defaults to task.max_new_tokens, not the batch's padded width (6)
-    assert (cfg.kl_coef == 0.05 and cfg.kl_estimator == "k2"
-            and cfg.loss_scale_factor == run.task.max_new_tokens)
+    assert cfg.kl_coef == 0.05 and cfg.kl_estimator == "k2"  # Dr.GRPO's C: test_step_advantages
     with pytest.raises(ValueError, match="kl_coef > 0 needs ref_logp"):
         compute_policy_loss(cfg, logp=torch.zeros(1, 2), prox_logp=torch.zeros(1, 2),
                             behav_logp=torch.zeros(1, 2), advantages=torch.ones(1, 2),

@@ -260,27 +260,11 @@ def test_sequence_log_ratio_is_clamped_after_summing():
 
 
 # ---------------------------------------------------------------- KL to the reference policy
-def test_kl_penalty_estimators_clamps_and_term_in_the_loss():
-    lp = torch.tensor([[math.log(0.5), math.log(0.2)]])
-    ref = torch.tensor([[math.log(0.25), math.log(0.4)]])
-    m = torch.ones(1, 2)
-    d = lp - ref
-    close(losses.kl_penalty(lp, ref, m, estimator="k1"), d)
-    close(losses.kl_penalty(lp, ref, m, estimator="k2"), 0.5 * d * d)
-    close(losses.kl_penalty(lp, ref, m, estimator="k3"), torch.exp(-d) + d - 1)
+def test_kl_penalty_is_clamped():
+    # the estimators' values, and their term in the loss and gradient: test_kl_reference.py
     big = losses.kl_penalty(torch.tensor([[-1e4]]), torch.tensor([[0.0]]), torch.ones(1, 1),
                             estimator="k3")
     close(big, [[10.0]])  # log-ratio clamped to -20, k3 clamped to 10
-    # the KL term adds to the loss
-    ref = PROX5 - 0.1
-    base, g0, _ = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0)
-    loss, g, stats = run("ppo", logp=LOGP5, prox=PROX5, adv=A5, dual_clip=3.0, kl_coef=0.5,
-                         kl_estimator="k1", ref_logp=ref)
-    close(loss - base, 0.5 * (LOGP5 - ref).mean())
-    close(g - g0, torch.full((1, 5), 0.5 / 5))
-    close(stats["kl_ref"], (LOGP5 - ref).mean())
-    with pytest.raises(ValueError, match="ref_logp"):
-        run("ppo", logp=LOGP5, prox=PROX5, adv=A5, kl_coef=0.5)
 
 
 # ---------------------------------------------------------------- dispatcher contract
@@ -439,12 +423,6 @@ def test_micro_batch_sum_equals_whole_batch(kind, agg):
     for sizes, trim in (([1] * 6, True), ([2, 2, 2], False), ([4, 2], True)):
         whole, g_whole, s_whole, summed, g_parts, s_total = _split_losses(kind, agg, b, sizes, trim)
         close(summed, whole, rtol=1e-5, atol=1e-6)
-        g_full = torch.zeros_like(g_whole)
-        start = 0
-        for size in sizes:  # micro-batch grads may be narrower when re-padded
-            g_mb = g_parts[start:start + size]
-            g_full[start:start + size, : g_mb.shape[1]] = g_mb
-            start += size
-        close(g_full, g_whole, rtol=1e-5, atol=1e-7)
+        close(g_parts, g_whole, rtol=1e-5, atol=1e-7)  # re-padded calls: 0 past their width
         for k, v in s_whole.items():
             close(s_total[k], v, rtol=1e-5, atol=1e-6)

@@ -154,23 +154,33 @@ def test_the_varlen_kernel_gets_the_row_in_its_layout(varlen_standin):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fp32 sums in another order
 
 
-def test_a_sliding_window_stays_inside_each_packed_sequence(varlen_standin):
+@pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed", "sliding_window"])
+def test_packed_logp_and_grads_equal_each_sequence_alone(attn, varlen_standin):
+    """Packed rows attend within their own sequence only, sliding windows too (on the SDPA path
+    and the varlen kernel's), whatever the model's attention implementation."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import trainer.packed_attention as pa
+    from areal_like.weights.hf import build_model
     from trainer.model import attach_logprobs
+    from trainer.packed_attention import PACKED_SDPA
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                      sliding_window=3, max_window_layers=0)
-    model = attach_logprobs(Qwen2ForCausalLM(cfg).eval())
-    model.set_attn_implementation(pa.PACKED_SDPA)
-    assert set(model.config.layer_types) == {"sliding_attention"}
+    if attn == "sliding_window":
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+            sliding_window=3, max_window_layers=0)).eval()
+        assert set(model.config.layer_types) == {"sliding_attention"}
+    else:
+        model = build_model(load_config([]).model)
+    model = attach_logprobs(model)
+    if attn != "sdpa":  # what trainer/model.py's shard_model does
+        model.set_attn_implementation(PACKED_SDPA)
+    model.config.use_cache = True  # as a built model has it: the packed path must not depend on it
     batch = packed_batch(SHAPES)
     m = batch.mask > 0
 
-    def alone():
+    def alone():  # each sequence in a forward of its own, padded to the batch's width afterwards
         width = batch.mask.shape[1]
         return torch.cat([torch.nn.functional.pad(output_logp(model, batch.select([i]), 0.8),
                                                   (0, width - int(batch.output_lens[i])))
@@ -178,14 +188,16 @@ def test_a_sliding_window_stays_inside_each_packed_sequence(varlen_standin):
 
     ref, g_ref = logp_and_grads(model, batch, alone)
     calls: list[dict] = []
-    for varlen in (False, True):
+    for varlen in (False, True) if attn == "sliding_window" else (False,):
         if varlen:
             calls = varlen_standin()
         lp, grads = logp_and_grads(model, batch)
         torch.testing.assert_close(lp[m], ref[m], rtol=0, atol=1e-5)
-        for a, b in zip(grads, g_ref):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert calls and all(c["window_size"] == (2, 0) for c in calls)
+        assert float(lp[~m].abs().max()) == 0.0  # 0 on padding, not garbage
+        for a, b in zip(grads, g_ref):  # fp32 sums in another order: up to 1.3e-6 seen
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if attn == "sliding_window":
+        assert calls and all(c["window_size"] == (2, 0) for c in calls)
 
 
 def test_the_varlen_kernel_is_chosen_for_half_precision_cuda_only():

@@ -14,7 +14,7 @@ from areal_like.wire.protocol import TrajectoryGroup
 from areal_like.wire.trajectory import Trajectory
 from trainer.data import groups_to_batch
 from trainer.packing import balance_ranks, plan_minibatch, split_microbatches
-from trainer.step import StepSettings, layout_stats, output_logp, plan
+from trainer.step import StepSettings, layout_stats, plan
 
 LENS = [9, 7, 6, 5, 4, 2]  # rows 0..5
 
@@ -139,41 +139,6 @@ def _batch(*groups: list[tuple[int, int]], seed: int = 0):
                                     versions=np.zeros(o, np.int32), reward=1.0,
                                     finish_reason="stop")
                       for p, o in shapes]) for i, shapes in enumerate(groups)])
-
-
-@pytest.mark.parametrize("attn", ["sdpa", "sdpa_packed"])
-def test_packed_logp_equals_each_sequence_alone_and_its_gradient_too(attn):
-    from areal_like.weights.hf import build_model
-    from trainer.model import attach_logprobs
-    from trainer.packed_attention import PACKED_SDPA
-
-    torch.manual_seed(0)
-    model = attach_logprobs(build_model(load_config([]).model))
-    if attn == PACKED_SDPA:  # what trainer/model.py's shard_model does
-        model.set_attn_implementation(PACKED_SDPA)
-    assert model.config._attn_implementation == attn
-    model.config.use_cache = True  # as a built model has it: the packed path must not depend on it
-    batch = _batch([(3, 6), (5, 2), (2, 7)])
-
-    def grads(fn):
-        model.zero_grad()
-        lp = fn()
-        (lp * batch.mask).sum().backward()
-        return lp.detach(), [p.grad.clone() for p in model.parameters()]
-
-    def alone():  # each sequence in a forward of its own, padded to the batch's width afterwards
-        width = batch.mask.shape[1]
-        return torch.cat([torch.nn.functional.pad(output_logp(model, batch.select([i]), 0.8),
-                                                  (0, width - int(batch.output_lens[i])))
-                          for i in range(batch.n_seqs)])
-
-    packed, g_packed = grads(lambda: output_logp(model, batch, 0.8, chunk_tokens=5, packed=True))
-    alone_full, g_alone = grads(alone)
-    m = batch.mask > 0
-    torch.testing.assert_close(packed[m], alone_full[m], rtol=0, atol=1e-5)
-    assert float(packed[~m].abs().max()) == 0.0  # 0 on padding, not garbage
-    for a, b in zip(g_packed, g_alone):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_trained_tokens_per_s_counts_the_passes_over_the_batch():

@@ -1,14 +1,12 @@
 """Trainer guards: re-push when engines are behind, the consume-time staleness check."""
 
-import threading
-
 import numpy as np
 import pytest
 import torch
 
-from areal_like.net.transport import Server
 from areal_like.wire import protocol as P
 from areal_like.wire.trajectory import Trajectory
+from tests.helpers_trainer import BufferStandIn
 
 
 def _group(version: int, gid: str = "g0") -> P.TrajectoryGroup:
@@ -21,38 +19,23 @@ def _group(version: int, gid: str = "g0") -> P.TrajectoryGroup:
                              trajectories=[traj, traj])
 
 
-class StandIn:
+class StandIn(BufferStandIn):
     """A buffer that has no data until the trainer re-pushes (the stale engine catches up)."""
 
     def __init__(self, address: str, engine_version: int):
-        self.server, self.engine_version, self.roster_requests = Server(address), engine_version, 0
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.serve, daemon=True)
-        self.thread.start()
+        self.engine_version, self.roster_requests = engine_version, 0
+        super().__init__(address)
 
-    def serve(self):
-        while not self.stop.is_set():
-            got = self.server.recv(0.05)
-            if got is None:
-                continue
-            peer, req_id, m = got
-            if isinstance(m, P.BatchRequest):
-                fresh = self.engine_version >= m.trainer_version
-                reply = P.Batch(groups=[_group(m.trainer_version)] if fresh else [],
-                                trainer_version=m.trainer_version,
-                                reason="" if fresh else "no data", batch_id="b1" if fresh else "")
-            else:
-                self.roster_requests += 1
-                reply = P.Roster(members=[P.RosterEntry(server_id="s", engine_url="http://x",
-                                                        engine_ranks=1,
-                                                        policy_version=self.engine_version)],
-                                 policy_version=3)
-            self.server.send(peer, req_id, reply)
-
-    def close(self):
-        self.stop.set()
-        self.thread.join(5)
-        self.server.close()
+    def answer(self, m):
+        if isinstance(m, P.BatchRequest):
+            fresh = self.engine_version >= m.trainer_version
+            return P.Batch(groups=[_group(m.trainer_version)] if fresh else [],
+                           trainer_version=m.trainer_version, reason="" if fresh else "no data",
+                           batch_id="b1" if fresh else "")
+        self.roster_requests += 1
+        return P.Roster(members=[P.RosterEntry(server_id="s", engine_url="http://x", engine_ranks=1,
+                                               policy_version=self.engine_version)],
+                        policy_version=3)
 
 
 @pytest.mark.parametrize("engine_version, pushes", [(0, [3]), (5, [])])
