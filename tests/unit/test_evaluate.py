@@ -127,7 +127,7 @@ def _evaluate_tracked(engine, rewards, n, ev):
     return asyncio.run(run())
 
 
-def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_returns():
+def test_a_reward_that_cannot_load_or_a_refused_request_stops_requests_before_evaluate_returns():
     class Rewards:
         async def score_group(self, prompt, responses, example):
             raise RewardPoolError("task.reward_fn='m:f' cannot be loaded in a reward worker")
@@ -137,15 +137,12 @@ def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_retu
     out, left = _evaluate_tracked(engine, Rewards(), 4, EvalConfig(k=1))
     assert isinstance(out, RewardPoolError) and left == set()
 
-
-def test_a_refused_eval_request_stops_its_prompts_other_requests_before_evaluate_returns():
     def pick(ids, params):  # prompt 0: its greedy request refused, its samples still generating
         return None if ids[0] else "refuse" if params["temperature"] == 0.0 else "hang"
 
     out, left = _evaluate_tracked(_TrackedEngine(pick), _Rewards(), 2,
                                   EvalConfig(k=2, temperature=1.0))
-    assert out["errors"] == 1 and out["n"] == 1
-    assert left == set()
+    assert out["errors"] == 1 and out["n"] == 1 and left == set()
 
 
 def test_done_versions_survive_a_torn_line(tmp_path):
@@ -282,9 +279,6 @@ def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
     # each prompt's 2 samples: one right, one wrong
     assert out["mean@2"] == 0.5 and out["pass@2"] == 1.0
     assert out["token_versions"] == [5, 5]
-
-
-def test_evaluate_raises_when_every_prompt_fails():
     with pytest.raises(EngineError, match="every eval prompt failed") as e:
         _eval([9, 9])
     # the refusal's own status (before: None, which reads "unreachable": the engine answered)
@@ -444,14 +438,11 @@ def test_a_run_config_an_export_names_is_read_only_when_it_is_the_users_own(tmp_
     (export / "config.json").write_text("{}")
     (export / EXPORT_TASK_FILE).write_text(export_yaml(
         TaskConfig(name="reverse", reward_fn="my_rewards:score"), run_config=config))
-    os.chmod(config, 0o666)
-    assert main([str(export)]) == 2
-    err = capsys.readouterr().err
-    assert "task.reward_fn='my_rewards:score' in" in err and "is not one of" in err, err
-    # a file only its owner may write, in a folder that is not a run directory (a download's
-    # folders are 0755; a run directory is 0700): not the user's configuration either
-    os.chmod(config, 0o644)
-    os.chmod(config.parent, 0o755)
-    assert main([str(export)]) == 2
-    err = capsys.readouterr().err
-    assert "task.reward_fn='my_rewards:score' in" in err and "is not one of" in err, err
+    # then a file only its owner may write, in a folder that is not a run directory (a
+    # download's folders are 0755; a run directory is 0700): not the user's configuration either
+    for config_mode, folder_mode in ((0o666, 0o700), (0o644, 0o755)):
+        os.chmod(config, config_mode)
+        os.chmod(config.parent, folder_mode)
+        assert main([str(export)]) == 2
+        err = capsys.readouterr().err
+        assert "task.reward_fn='my_rewards:score' in" in err and "is not one of" in err, err
