@@ -297,19 +297,6 @@ def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, ca
                                     "--config-file <run_dir>/config.yaml"], err
 
 
-def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_loads(
-        tmp_path, capfd, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    export = _export_with_task(tmp_path, name="reverse",
-                               reward_fn="my_own_rewards_mod.rewards:score")
-    assert main([str(export), "task.reward_fn=my_own_rewards_mod.rewards:score"]) == 2
-    out, err = capfd.readouterr()
-    assert out == "" and err.splitlines() == [
-        "error: task.reward_fn='my_own_rewards_mod.rewards:score' cannot be loaded in a reward "
-        "worker: ModuleNotFoundError: No module named 'my_own_rewards_mod' (imported from the "
-        f"working directory, {tmp_path}, then PYTHONPATH)"], err
-
-
 def test_eval_with_a_batched_reward_that_cannot_take_the_columns_is_one_error_line(
         tmp_path, capfd, monkeypatch):
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the workers import from here
@@ -398,16 +385,23 @@ def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
      "is not one of"),
     ({"reward_url": "http://scores.example/batch"}, [],
      "error: task.reward_url='http://scores.example/batch' in ", ""),
+    # the reward named, but not importable: before the model loads (its config.json is "{}")
+    ({"reward_fn": "my_mod.rewards:score"}, ["task.reward_fn=my_mod.rewards:score"],
+     "error: task.reward_fn='my_mod.rewards:score' cannot be loaded in a reward worker: "
+     "ModuleNotFoundError: No module named 'my_mod' (imported from the working directory, {tmp}, "
+     "then PYTHONPATH)", ""),
 ])
 def test_an_exports_stored_task_is_refused_in_one_line_naming_its_key(
-        tmp_path, monkeypatch, capsys, task, args, starts, says):
+        tmp_path, monkeypatch, capfd, task, args, starts, says):
     monkeypatch.setenv("EVAL_TEST_SECRET", "hunter2")
+    monkeypatch.chdir(tmp_path)
     export = _export_with_task(tmp_path, **(task if isinstance(task, dict) else {}))
     if isinstance(task, str):
         (export / EXPORT_TASK_FILE).write_text(task)
     assert main([str(export), *(a.format(tmp=tmp_path) for a in args)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(starts) and says in err and err.count("\n") == 1, err
+    out, err = capfd.readouterr()
+    assert out == "" and err.startswith(starts.format(tmp=tmp_path)), err
+    assert says in err and err.count("\n") == 1, err
     assert "hunter2" not in err and ("oc.env" not in str(task) or "is an interpolation" in err)
 
 
