@@ -153,24 +153,34 @@ def test_done_versions_survive_a_torn_line(tmp_path):
     assert read_done_versions(tmp_path / "missing.jsonl") == set()
 
 
-def test_eval_of_a_run_directory_or_a_pruned_checkpoint_is_one_error_line(tmp_path, capsys):
+def test_eval_of_a_run_directory_or_a_checkpoint_it_cannot_export_is_one_error_line(tmp_path,
+                                                                                   capfd):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("run_dir: run\n")
     for path in (run_dir, run_dir / "checkpoints"):
         assert main([str(path)]) == 2
-        err = capsys.readouterr().err
+        err = capfd.readouterr().err
         assert err.count("error:") == 1 and "neither a Hugging Face model directory" in err, err
         assert "<run_dir>/export/v<version>" in err, err
     assert main([str(tmp_path / "missing")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'missing'} does not exist\n"
+    assert capfd.readouterr().err == f"error: {tmp_path / 'missing'} does not exist\n"
     checkpoints = run_dir / "checkpoints"  # one its run pruned
     for version in (8, 10):
         (checkpoints / f"v{version:08d}").mkdir(parents=True)
     assert main([str(checkpoints / "v00000004")]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert err.startswith(f"error: {checkpoints / 'v00000004'} was deleted by its run"), err
     assert "trainer.keep_checkpoints" in err and "holds v00000008, v00000010" in err, err
+    lone = tmp_path / "lone" / "checkpoints" / "v00000003"  # no run config beside it
+    lone.mkdir(parents=True)
+    for name in (".metadata", "meta.pt"):  # never read: export refuses first
+        (lone / name).write_bytes(b"")
+    assert main([str(lone), "task=reverse"]) == 2
+    out, err = capfd.readouterr()
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert out == "" and errors == [f"error: no run config at {tmp_path / 'lone' / 'config.yaml'}: "
+                                    "pass --config-file <run_dir>/config.yaml"], err
 
 
 def _export_with_task(tmp_path, name="sort", **task) -> Path:
@@ -283,18 +293,6 @@ def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
         _eval([9, 9])
     # the refusal's own status (before: None, which reads "unreachable": the engine answered)
     assert e.value.status == 400 and "unreachable" not in str(e.value), e.value
-
-
-def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, capfd):
-    checkpoint = tmp_path / "checkpoints" / "v00000003"
-    checkpoint.mkdir(parents=True)
-    for name in (".metadata", "meta.pt"):  # never read: export refuses first
-        (checkpoint / name).write_bytes(b"")
-    assert main([str(checkpoint), "task=reverse"]) == 2
-    out, err = capfd.readouterr()
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert out == "" and errors == [f"error: no run config at {tmp_path / 'config.yaml'}: pass "
-                                    "--config-file <run_dir>/config.yaml"], err
 
 
 def test_eval_with_a_batched_reward_that_cannot_take_the_columns_is_one_error_line(
