@@ -107,7 +107,6 @@ async def opened(engine, example=None, **kw):
 
 
 async def _until(condition, timeout_s: float = 30.0) -> None:
-    """Return once ``condition()`` holds; TimeoutError past the deadline."""
     async def poll():
         while not condition():
             await asyncio.sleep(0.01)
@@ -125,7 +124,6 @@ def run_group(pool, engine, **kw) -> P.TrajectoryGroup:
 
 @pytest.fixture(scope="module")
 def pool():
-    """One agent worker, a 30 s episode."""
     p = agent_pool(task_cfg(agent_workers=1, episode_timeout_s=30.0))
     p.wait_ready(120)
     yield p
@@ -133,8 +131,8 @@ def pool():
 
 
 def rendering(messages: list[dict]) -> list[int]:
-    return ChatRenderer(TOK, CALC["chat_template"]).encode(
-        ChatRenderer(TOK, CALC["chat_template"]).render(messages, add_generation_prompt=False))
+    renderer = ChatRenderer(TOK, CALC["chat_template"])
+    return renderer.encode(renderer.render(messages, add_generation_prompt=False))
 
 
 @pytest.mark.parametrize("agent", [calc_agent, langgraph_calc_agent],

@@ -89,7 +89,9 @@ def test_an_export_is_scored_on_its_stored_task_and_a_bare_model_is_refused(expo
     assert "Traceback" not in r.stderr  # the task named, it is scored: the test below
 
 
-def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(exports, tmp_path):
+def test_an_unwritable_out_file_or_a_split_the_engine_refuses_is_one_error_line(exports,
+                                                                                 tmp_path):
+    # the out file: the evaluation is not lost, it goes to stdout
     r = _eval(exports / "moved" / "v00000003", "--out", str(tmp_path), "task.max_new_tokens=5")
     assert r.returncode == 2
     record = json.loads(r.stdout)
@@ -97,9 +99,6 @@ def test_an_out_file_that_cannot_be_written_never_loses_the_evaluation(exports, 
     lines = r.stderr.splitlines()
     assert len(lines) == 2 and lines[0].startswith("[eval] sampling at temperature "), r.stderr
     assert lines[1].startswith(f"error: --out {tmp_path}: "), r.stderr
-
-
-def test_eval_of_a_split_the_engine_refuses_whole_is_one_error_line(exports):
     r = _eval(exports / "moved" / "v00000003", "task.top_k=0")
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.startswith("error: /generate: HTTP 400: every eval prompt failed; the first: "

@@ -230,20 +230,17 @@ def test_chat_template_ids_are_the_tokenizers_own(tmp_path):
                                               return_dict=False)
         assert tok.decode(ids) == (f"<|im_start|>user\n{ex.prompt}<|im_end|>\n"
                                    "<|im_start|>assistant\n")
-    plain_row = Example("What is 2 + 3?", "5")  # auto: a plain prompt is plain text (as in TRL)
-    assert bpe.decode(encode_prompt(bpe, plain_row, cfg)) == "What is 2 + 3?"
-    chatml = task_cfg(MATH_CHAT / "eval.parquet", chat_template=bpe.chat_template)  # a user message
+    # (auto on a plain row: plain text, test_prompt_layout.py); a template given: a user message
+    plain_row = Example("What is 2 + 3?", "5")
+    chatml = task_cfg(MATH_CHAT / "eval.parquet", chat_template=bpe.chat_template)
     assert bpe.decode(encode_prompt(bpe, plain_row, chatml)) == (
         "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_chat_template_none_string_and_file(tmp_path):
+def test_chat_template_from_a_file_or_a_long_string_for_every_task(tmp_path):
+    """(none, auto and a template string on a plain row: test_prompt_layout.py)"""
     tok, ex = char_tokenizer(), Example("What is 2 + 3?", "5")
-    assert (encode_prompt(tok, ex, task_cfg("d", chat_template="none"))
-            == tok(ex.prompt)["input_ids"])
-    assert encode_prompt(tok, ex, task_cfg("d")) == tok(ex.prompt)["input_ids"]  # auto: plain too
     expected = tok("[user] What is 2 + 3?\n[assistant] ", add_special_tokens=False)["input_ids"]
-    assert encode_prompt(tok, ex, task_cfg("d", chat_template=BRACKETS)) == expected
     (tmp_path / "t.jinja").write_text(BRACKETS)
     assert (encode_prompt(tok, ex, task_cfg("d", chat_template=str(tmp_path / "t.jinja")))
             == expected)
@@ -277,7 +274,7 @@ def test_system_prompt_in_chat_and_plain_modes():
 
 
 # ---------------------------------------------------------------- shipped example data
-def test_math_chat_files_are_what_the_generator_writes():
+def test_math_chat_files_are_what_the_generator_writes_and_load_as_chat_rows():
     generated = make_math_chat.rows()
     for split in ("train", "eval"):
         path = MATH_CHAT / f"{split}.parquet"
@@ -287,9 +284,7 @@ def test_math_chat_files_are_what_the_generator_writes():
                  for split in generated}
     assert len(questions["train"]) == 1079 and len(questions["eval"]) == 300
     assert not questions["train"] & questions["eval"]
-
-
-def test_math_chat_loads_as_a_chat_dataset_with_metadata():
+    # a chat dataset with metadata
     cfg = task_cfg(MATH_CHAT / "train.parquet", eval_path=str(MATH_CHAT / "eval.parquet"),
                    messages_key="messages")
     train, ev = make_task(cfg), make_task(cfg, split="eval")

@@ -112,7 +112,7 @@ def _step_against_by_hand(*extra: str):
     return stats, plain, 0.5 / (0.5 ** 0.5 + 1e-6)
 
 
-def test_a_training_step_reads_the_teacher_as_the_vectors_say():
+def test_a_training_step_reads_the_teacher_as_the_vectors_say_and_centres_it_per_group():
     """The loss of the same step given the mixed advantages by hand; the sampled reverse KL."""
     with_teacher, plain, a = _step_against_by_hand()
     # grpo on rewards (1, 0): +-1/(sqrt(0.5) + 1e-6), times 0.5, plus 2 * (teacher - behav)
@@ -120,9 +120,7 @@ def test_a_training_step_reads_the_teacher_as_the_vectors_say():
     assert with_teacher["loss"] == pytest.approx(by_hand["loss"], rel=1e-5)
     # behav - teacher: (-0.5 + 0 + 1 + 2 + 0) / 5 tokens
     assert with_teacher["distill_reverse_kl"] == pytest.approx(2.5 / 5)
-
-
-def test_a_training_step_centres_the_teacher_term_per_group_with_kl_baseline_group():
+    # distill.kl_baseline=group
     centred, plain, a = _step_against_by_hand("distill.kl_baseline=group")
     # teacher - behav: (0.5, 0, -1) and (-2, 0); one group: position 0's mean -0.75 leaves
     # 1.25 and -1.25, position 1's 0 leaves 0 and 0, position 2 has one token: 0. Times 2, plus

@@ -130,57 +130,46 @@ def test_the_preflight_imports_an_environment_from_the_working_directory(
         sys.modules.pop("my_cwd_env", None)
 
 
-def test_the_preflight_imports_each_tool_of_an_environment(tmp_path, launcher_cwd):
-    """A tool's function path with a typo surfaced only when the model called it (an error each
-    call, at run time); now the preflight imports each tool's function from the working
-    directory, as the tool workers will, and names the key, the tool and the path."""
-    (tmp_path / "my_cwd_tool_fns.py").write_text("def calc(e):\n    return e\n")
+def test_the_preflight_imports_each_tool_of_an_environment_and_names_the_bad_ones(
+        tmp_path, launcher_cwd):
+    """A tool's typo'd function path, or an ``async def`` tool, surfaced only when the model called
+    it (an error each call, at run time); a tool in OpenAI's shape read ``KeyError: 'name'`` and a
+    bad schema its whole meta-schema walk. The preflight imports each tool's function from the
+    working directory, as the tool workers will, and names the key, the tool and the path."""
+    (tmp_path / "my_cwd_tool_fns.py").write_text("def calc(e):\n    return e\n\n"
+                                                 "async def acalc(e):\n    return e\n")
     (tmp_path / "my_cwd_tools.py").write_text(
         "from areal_like.tasks.envs import CALC_TOOL, Calculator\n\n"
         "class Env(Calculator):\n"
         "    tools = [{**CALC_TOOL, 'function': 'my_cwd_tool_fns:calc'}]\n\n"
         "class Typo(Calculator):\n"
-        "    tools = [{**CALC_TOOL, 'function': 'my_cwd_tool_fns:calx'}]\n")
-    try:
-        assert check_env(load_config(["experiment=calc_env", "task.env=my_cwd_tools:Env"])) == []
-        assert check_env(load_config(["experiment=calc_env", "task.env=my_cwd_tools:Typo"])) == [
-            "task.env='my_cwd_tools:Typo': tool 'calc' (function 'my_cwd_tool_fns:calx') cannot "
-            "be loaded: AttributeError: module 'my_cwd_tool_fns' has no attribute 'calx'"]
-        # imported in a child Python, as a tool worker imports it: not in the launcher
-        assert "my_cwd_tool_fns" not in sys.modules
-    finally:
-        sys.modules.pop("my_cwd_tools", None)
-
-
-def test_the_preflight_names_an_async_tool_and_a_tool_spec_of_another_shape(
-        tmp_path, launcher_cwd):
-    """An ``async def`` tool imported fine, then every call of it was an error the model read; a
-    tool given in OpenAI's shape (``{"type": "function", "function": {...}}``) read ``KeyError:
-    'name'``, a function object ``is not of the form package.module:function`` and a bad schema
-    its whole meta-schema walk."""
-    (tmp_path / "my_cwd_async_tools.py").write_text(
-        "from areal_like.tasks.envs import CALC_TOOL, Calculator\n\n"
-        "async def calc(e):\n    return e\n\n"
+        "    tools = [{**CALC_TOOL, 'function': 'my_cwd_tool_fns:calx'}]\n\n"
         "class Async(Calculator):\n"
-        "    tools = [{**CALC_TOOL, 'function': 'my_cwd_async_tools:calc'}]\n\n"
+        "    tools = [{**CALC_TOOL, 'function': 'my_cwd_tool_fns:acalc'}]\n\n"
         "class OpenAI(Calculator):\n"
         "    tools = [{'type': 'function', 'function': {'name': 'calc'}}]\n\n"
         "class Schema(Calculator):\n"
         "    tools = [{**CALC_TOOL, 'parameters': {'type': 'objekt'}}]\n")
-    problems = {}
     try:
-        for env in ("Async", "OpenAI", "Schema"):
-            [problems[env]] = check_env(load_config(["experiment=calc_env",
-                                                     f"task.env=my_cwd_async_tools:{env}"]))
+        problems = {env: check_env(load_config(["experiment=calc_env",
+                                                f"task.env=my_cwd_tools:{env}"]))
+                    for env in ("Env", "Typo", "Async", "OpenAI", "Schema")}
+        # imported in a child Python, as a tool worker imports it: not in the launcher
+        assert "my_cwd_tool_fns" not in sys.modules
     finally:
-        sys.modules.pop("my_cwd_async_tools", None)
-    assert problems["Async"] == (
-        "task.env='my_cwd_async_tools:Async': tool 'calc' (function 'my_cwd_async_tools:calc') "
-        "cannot be loaded: TypeError: it is an async def: a tool is a plain def")
-    assert problems["OpenAI"].startswith(
-        "task.env='my_cwd_async_tools:OpenAI' cannot be loaded: ValueError: a tool is "
+        sys.modules.pop("my_cwd_tools", None)
+    assert problems["Env"] == []
+    assert problems["Typo"] == [
+        "task.env='my_cwd_tools:Typo': tool 'calc' (function 'my_cwd_tool_fns:calx') cannot "
+        "be loaded: AttributeError: module 'my_cwd_tool_fns' has no attribute 'calx'"]
+    assert problems["Async"] == [
+        "task.env='my_cwd_tools:Async': tool 'calc' (function 'my_cwd_tool_fns:acalc') "
+        "cannot be loaded: TypeError: it is an async def: a tool is a plain def"]
+    [openai] = problems["OpenAI"]
+    assert openai.startswith(
+        "task.env='my_cwd_tools:OpenAI' cannot be loaded: ValueError: a tool is "
         '{"name": str, "function": "pkg.module:fn", "description": str, "parameters": JSON '
         "schema}, not {'type': 'function'")
-    assert problems["Schema"] == (
-        "task.env='my_cwd_async_tools:Schema' cannot be loaded: ValueError: tool 'calc': "
-        "parameters is not a JSON schema: 'objekt' is not valid under any of the given schemas")
+    assert problems["Schema"] == [
+        "task.env='my_cwd_tools:Schema' cannot be loaded: ValueError: tool 'calc': "
+        "parameters is not a JSON schema: 'objekt' is not valid under any of the given schemas"]

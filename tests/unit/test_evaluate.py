@@ -127,7 +127,7 @@ def _evaluate_tracked(engine, rewards, n, ev):
     return asyncio.run(run())
 
 
-def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_returns():
+def test_a_reward_that_cannot_load_or_a_refused_request_stops_requests_before_evaluate_returns():
     class Rewards:
         async def score_group(self, prompt, responses, example):
             raise RewardPoolError("task.reward_fn='m:f' cannot be loaded in a reward worker")
@@ -137,15 +137,12 @@ def test_a_reward_that_cannot_load_stops_every_eval_request_before_evaluate_retu
     out, left = _evaluate_tracked(engine, Rewards(), 4, EvalConfig(k=1))
     assert isinstance(out, RewardPoolError) and left == set()
 
-
-def test_a_refused_eval_request_stops_its_prompts_other_requests_before_evaluate_returns():
     def pick(ids, params):  # prompt 0: its greedy request refused, its samples still generating
         return None if ids[0] else "refuse" if params["temperature"] == 0.0 else "hang"
 
     out, left = _evaluate_tracked(_TrackedEngine(pick), _Rewards(), 2,
                                   EvalConfig(k=2, temperature=1.0))
-    assert out["errors"] == 1 and out["n"] == 1
-    assert left == set()
+    assert out["errors"] == 1 and out["n"] == 1 and left == set()
 
 
 def test_done_versions_survive_a_torn_line(tmp_path):
@@ -156,24 +153,34 @@ def test_done_versions_survive_a_torn_line(tmp_path):
     assert read_done_versions(tmp_path / "missing.jsonl") == set()
 
 
-def test_eval_of_a_run_directory_or_a_pruned_checkpoint_is_one_error_line(tmp_path, capsys):
+def test_eval_of_a_run_directory_or_a_checkpoint_it_cannot_export_is_one_error_line(tmp_path,
+                                                                                   capfd):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
     (run_dir / "config.yaml").write_text("run_dir: run\n")
     for path in (run_dir, run_dir / "checkpoints"):
         assert main([str(path)]) == 2
-        err = capsys.readouterr().err
+        err = capfd.readouterr().err
         assert err.count("error:") == 1 and "neither a Hugging Face model directory" in err, err
         assert "<run_dir>/export/v<version>" in err, err
     assert main([str(tmp_path / "missing")]) == 2
-    assert capsys.readouterr().err == f"error: {tmp_path / 'missing'} does not exist\n"
+    assert capfd.readouterr().err == f"error: {tmp_path / 'missing'} does not exist\n"
     checkpoints = run_dir / "checkpoints"  # one its run pruned
     for version in (8, 10):
         (checkpoints / f"v{version:08d}").mkdir(parents=True)
     assert main([str(checkpoints / "v00000004")]) == 2
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert err.startswith(f"error: {checkpoints / 'v00000004'} was deleted by its run"), err
     assert "trainer.keep_checkpoints" in err and "holds v00000008, v00000010" in err, err
+    lone = tmp_path / "lone" / "checkpoints" / "v00000003"  # no run config beside it
+    lone.mkdir(parents=True)
+    for name in (".metadata", "meta.pt"):  # never read: export refuses first
+        (lone / name).write_bytes(b"")
+    assert main([str(lone), "task=reverse"]) == 2
+    out, err = capfd.readouterr()
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert out == "" and errors == [f"error: no run config at {tmp_path / 'lone' / 'config.yaml'}: "
+                                    "pass --config-file <run_dir>/config.yaml"], err
 
 
 def _export_with_task(tmp_path, name="sort", **task) -> Path:
@@ -282,38 +289,10 @@ def test_evaluate_greedy_and_sampled_figures_with_a_refused_prompt_counted():
     # each prompt's 2 samples: one right, one wrong
     assert out["mean@2"] == 0.5 and out["pass@2"] == 1.0
     assert out["token_versions"] == [5, 5]
-
-
-def test_evaluate_raises_when_every_prompt_fails():
     with pytest.raises(EngineError, match="every eval prompt failed") as e:
         _eval([9, 9])
     # the refusal's own status (before: None, which reads "unreachable": the engine answered)
     assert e.value.status == 400 and "unreachable" not in str(e.value), e.value
-
-
-def test_eval_of_a_checkpoint_that_export_refuses_is_one_error_line(tmp_path, capfd):
-    checkpoint = tmp_path / "checkpoints" / "v00000003"
-    checkpoint.mkdir(parents=True)
-    for name in (".metadata", "meta.pt"):  # never read: export refuses first
-        (checkpoint / name).write_bytes(b"")
-    assert main([str(checkpoint), "task=reverse"]) == 2
-    out, err = capfd.readouterr()
-    errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert out == "" and errors == [f"error: no run config at {tmp_path / 'config.yaml'}: pass "
-                                    "--config-file <run_dir>/config.yaml"], err
-
-
-def test_eval_with_a_reward_it_cannot_import_is_one_error_line_before_the_model_loads(
-        tmp_path, capfd, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    export = _export_with_task(tmp_path, name="reverse",
-                               reward_fn="my_own_rewards_mod.rewards:score")
-    assert main([str(export), "task.reward_fn=my_own_rewards_mod.rewards:score"]) == 2
-    out, err = capfd.readouterr()
-    assert out == "" and err.splitlines() == [
-        "error: task.reward_fn='my_own_rewards_mod.rewards:score' cannot be loaded in a reward "
-        "worker: ModuleNotFoundError: No module named 'my_own_rewards_mod' (imported from the "
-        f"working directory, {tmp_path}, then PYTHONPATH)"], err
 
 
 def test_eval_with_a_batched_reward_that_cannot_take_the_columns_is_one_error_line(
@@ -404,16 +383,23 @@ def test_an_evaluation_samples_the_same_responses_again_from_the_configs_seed():
      "is not one of"),
     ({"reward_url": "http://scores.example/batch"}, [],
      "error: task.reward_url='http://scores.example/batch' in ", ""),
+    # the reward named, but not importable: before the model loads (its config.json is "{}")
+    ({"reward_fn": "my_mod.rewards:score"}, ["task.reward_fn=my_mod.rewards:score"],
+     "error: task.reward_fn='my_mod.rewards:score' cannot be loaded in a reward worker: "
+     "ModuleNotFoundError: No module named 'my_mod' (imported from the working directory, {tmp}, "
+     "then PYTHONPATH)", ""),
 ])
 def test_an_exports_stored_task_is_refused_in_one_line_naming_its_key(
-        tmp_path, monkeypatch, capsys, task, args, starts, says):
+        tmp_path, monkeypatch, capfd, task, args, starts, says):
     monkeypatch.setenv("EVAL_TEST_SECRET", "hunter2")
+    monkeypatch.chdir(tmp_path)
     export = _export_with_task(tmp_path, **(task if isinstance(task, dict) else {}))
     if isinstance(task, str):
         (export / EXPORT_TASK_FILE).write_text(task)
     assert main([str(export), *(a.format(tmp=tmp_path) for a in args)]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(starts) and says in err and err.count("\n") == 1, err
+    out, err = capfd.readouterr()
+    assert out == "" and err.startswith(starts.format(tmp=tmp_path)), err
+    assert says in err and err.count("\n") == 1, err
     assert "hunter2" not in err and ("oc.env" not in str(task) or "is an interpolation" in err)
 
 
@@ -444,14 +430,11 @@ def test_a_run_config_an_export_names_is_read_only_when_it_is_the_users_own(tmp_
     (export / "config.json").write_text("{}")
     (export / EXPORT_TASK_FILE).write_text(export_yaml(
         TaskConfig(name="reverse", reward_fn="my_rewards:score"), run_config=config))
-    os.chmod(config, 0o666)
-    assert main([str(export)]) == 2
-    err = capsys.readouterr().err
-    assert "task.reward_fn='my_rewards:score' in" in err and "is not one of" in err, err
-    # a file only its owner may write, in a folder that is not a run directory (a download's
-    # folders are 0755; a run directory is 0700): not the user's configuration either
-    os.chmod(config, 0o644)
-    os.chmod(config.parent, 0o755)
-    assert main([str(export)]) == 2
-    err = capsys.readouterr().err
-    assert "task.reward_fn='my_rewards:score' in" in err and "is not one of" in err, err
+    # then a file only its owner may write, in a folder that is not a run directory (a
+    # download's folders are 0755; a run directory is 0700): not the user's configuration either
+    for config_mode, folder_mode in ((0o666, 0o700), (0o644, 0o755)):
+        os.chmod(config, config_mode)
+        os.chmod(config.parent, folder_mode)
+        assert main([str(export)]) == 2
+        err = capsys.readouterr().err
+        assert "task.reward_fn='my_rewards:score' in" in err and "is not one of" in err, err

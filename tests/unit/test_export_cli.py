@@ -35,17 +35,35 @@ def _export(source, out, capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_a_checkpoint_cut_short_is_refused_in_one_line(tmp_path, capsys):
+OTHER_SETTINGS = {"other_model": ["model.intermediate_size=192"],
+                  "other_lora": ["trainer.lora.rank=4", "export.merged=true"]}
+
+
+@pytest.mark.parametrize("damage", ["cut", "empty", "planted", *OTHER_SETTINGS])
+def test_a_checkpoint_it_cannot_export_is_refused_in_one_line_naming_why(tmp_path, capsys,
+                                                                          damage):
     ckpt = _checkpoint(tmp_path)
-    assert _export(ckpt, tmp_path / "whole", capsys)[0] == 0  # the checkpoint itself is fine
-    # its version for eval from the v%08d name when meta.pt says none (empty here): not a crash
-    assert export_settings((tmp_path / "whole" / EXPORT_TASK_FILE).read_text())[1] == 3
-    [data] = ckpt.glob("*.distcp")
-    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    if damage == "cut":
+        [data] = ckpt.glob("*.distcp")
+        data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    elif damage in ("empty", "planted"):
+        (ckpt / ".metadata").write_bytes(pickle.dumps({"planted": 1}) if damage == "planted"
+                                         else b"")
+    else:  # a checkpoint of other settings is not called damaged
+        (tmp_path / "config.yaml").write_text(to_yaml(load_config(OTHER_SETTINGS[damage])))
     code, err = _export(ckpt, tmp_path / "out", capsys)
     assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
-    assert f"checkpoint {ckpt} cannot be read" in err and "damaged" in err, err
     assert not (tmp_path / "out").exists()
+    if damage == "cut":
+        assert f"checkpoint {ckpt} cannot be read" in err and "damaged" in err, err
+    elif damage == "empty":
+        assert f"checkpoint {ckpt} cannot be read (EOFError: .metadata is empty)" in err, err
+        assert "damaged" in err and "not written by this trainer" not in err, err
+    elif damage == "planted":
+        assert f"{ckpt / '.metadata'} holds objects other than" in err and "(planted" in err, err
+    else:
+        assert "holds another model's weights" in err and "damaged" not in err, err
+        assert "--config-file" in err
 
 
 @pytest.mark.parametrize("when", ["before", "after"])
@@ -69,33 +87,6 @@ def test_a_checkpoint_its_job_deletes_under_the_export_is_named_as_deleted(
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("settings", [["model.intermediate_size=192"],
-                                      ["trainer.lora.rank=4", "export.merged=true"]])
-def test_a_checkpoint_of_other_settings_is_named_as_such_not_as_damaged(tmp_path, capsys,
-                                                                         settings):
-    ckpt = _checkpoint(tmp_path)
-    (tmp_path / "config.yaml").write_text(to_yaml(load_config(settings)))
-    code, err = _export(ckpt, tmp_path / "out", capsys)
-    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
-    assert "holds another model's weights" in err and "damaged" not in err, err
-    assert "--config-file" in err and not (tmp_path / "out").exists()
-
-
-@pytest.mark.parametrize("metadata", [b"", b"planted"])
-def test_an_empty_or_planted_metadata_is_refused_in_one_line_naming_which(tmp_path, capsys,
-                                                                          metadata):
-    ckpt = _checkpoint(tmp_path)
-    (ckpt / ".metadata").write_bytes(pickle.dumps({"planted": 1}) if metadata else b"")
-    code, err = _export(ckpt, tmp_path / "out", capsys)
-    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err, err
-    if metadata:
-        assert f"{ckpt / '.metadata'} holds objects other than" in err and "(planted" in err, err
-    else:
-        assert f"checkpoint {ckpt} cannot be read (EOFError: .metadata is empty)" in err, err
-        assert "damaged" in err and "not written by this trainer" not in err, err
-    assert not (tmp_path / "out").exists()
-
-
 def test_an_exports_tokenizer_config_carries_no_loader_arguments(tmp_path, capsys, monkeypatch):
     from transformers import AutoTokenizer
 
@@ -113,6 +104,8 @@ def test_an_exports_tokenizer_config_carries_no_loader_arguments(tmp_path, capsy
     (run / "config.yaml").write_text(to_yaml(load_config(["model=local_hf",
                                                           f"model.path={source}"])))
     assert _export(ckpt, tmp_path / "out", capsys)[0] == 0
+    # its version for eval from the v%08d name when meta.pt says none (empty here): not a crash
+    assert export_settings((tmp_path / "out" / EXPORT_TASK_FILE).read_text())[1] == 3
     written = json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
     assert not {"is_local", "local_files_only"} & written.keys(), written
     loaded = AutoTokenizer.from_pretrained(str(tmp_path / "out"))

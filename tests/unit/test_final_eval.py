@@ -44,13 +44,6 @@ class FakeSupervisor:
         return {"buffer": 101, "rollout-0": 102 if self.evaluator_alive else None, "trainer": None}
 
 
-def test_returns_when_the_final_record_of_this_run_appears(tmp_path):
-    append(tmp_path, 0, False)
-    event = ServerPlaysOnWait(lambda n: append(tmp_path, 8, True) if n == 3 else None)
-    assert wait_for_final_eval(cfg(), tmp_path, FakeSupervisor(event)) is True
-    assert event.waits == 3
-
-
 def test_an_earlier_runs_final_record_is_not_this_runs_and_the_wait_gives_up_at_its_deadline(
         tmp_path, capsys):
     append(tmp_path, 5, True)  # the run was resumed with trainer.steps raised from 5 to 8

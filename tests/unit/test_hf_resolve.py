@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,13 +50,12 @@ def run_py(code: str, home: Path, offline: bool, *args: str, cwd: Path | None = 
 
 ONE_LINE = ("import sys\nfrom areal_like.settings.config import ConfigError\n"
             "from areal_like.weights.hf import resolve_model_path\n"
-            "try:\n    print(resolve_model_path(*sys.argv[1:]))\n"
-            "except ConfigError as e:\n    print('error:', e)\n")
+            "for path in sys.argv[1:]:\n    try:\n        print(resolve_model_path(path))\n"
+            "    except ConfigError as e:\n        print('error:', e)\n")
 CLI = "import sys; from launch.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def test_a_home_relative_path_is_read_and_resolved_expanded(tmp_path, monkeypatch):
-    """model.path=~/m is seen by facts, tp check and loaders, expanded."""
     from areal_like.job_facts import model_json
     from launch.preflight import check_tp_size
 
@@ -70,22 +70,23 @@ def test_a_home_relative_path_is_read_and_resolved_expanded(tmp_path, monkeypatc
     assert resolve_models(cfg).model.path == str(tmp_path / "m")
 
 
-def test_hub_id_is_found_in_the_local_cache_without_the_network(tmp_path):
+def test_hub_id_is_found_in_the_local_cache_without_the_network_or_named_in_one_line(tmp_path):
     snap = fake_cache(tmp_path / "hf")
     # HF_HUB_OFFLINE unset: the cache is looked at first, so a cached model never reaches the net
     r = run_py(ONE_LINE, tmp_path / "hf", False, REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(snap)
-
-
-def test_missing_hub_id_offline_is_one_line_naming_the_key(tmp_path):
-    fake_cache(tmp_path / "hf")
-    r = run_py(ONE_LINE, tmp_path / "hf", True, "areal-like-test/not-cached")
+    r = run_py(ONE_LINE, tmp_path / "hf", True, "areal-like-test/not-cached", "models/mine",
+               cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    msg = r.stdout.strip()
-    assert "\n" not in msg
-    assert msg.startswith("error: model.path='areal-like-test/not-cached' is not a local directory")
-    assert "HF_HUB_OFFLINE" in msg and str(tmp_path / "hf" / "hub") in msg
+    missing, relative = r.stdout.splitlines()
+    assert missing.startswith(
+        "error: model.path='areal-like-test/not-cached' is not a local directory")
+    assert "HF_HUB_OFFLINE" in missing and str(tmp_path / "hf" / "hub") in missing
+    # a relative path that is not here says where it was looked for
+    assert relative.startswith(f"error: model.path='models/mine' is not a local directory at "
+                               f"{tmp_path / 'models' / 'mine'} and not in the Hugging Face "
+                               "cache"), relative
 
 
 def test_a_cache_without_weights_is_incomplete_offline(tmp_path):
@@ -119,12 +120,15 @@ def test_a_cache_without_weights_is_completed_by_a_download(tmp_path):
                         "(the Hub unreachable, or the repository has none)\n")
 
 
-def test_areal_like_config_prints_the_resolved_directory(tmp_path):
+def test_areal_like_config_prints_the_resolved_directories_absolute(tmp_path):
     snap = fake_cache(tmp_path / "hf", tokenizer=True)
-    r = run_py(CLI, tmp_path / "hf", True, "config", "model=local_hf", f"model.path={REPO}",
-               cwd=tmp_path)
+    shutil.copytree(snap, tmp_path / "work" / "m")
+    r = run_py(CLI, tmp_path / "hf", True, "config", "model=local_hf", "model.path=m",
+               f"model.tokenizer={REPO}", "trainer.ref_path=./m", cwd=tmp_path / "work")
     assert r.returncode == 0, r.stderr
-    assert f"path: {snap}\n" in r.stdout
+    for key, where in (("path", tmp_path / "work" / "m"), ("tokenizer", snap),
+                       ("ref_path", tmp_path / "work" / "m")):
+        assert f"  {key}: {where}\n" in r.stdout, key
     r = run_py(CLI, tmp_path / "hf", True, "config", "model=local_hf",
                "model.path=areal-like-test/not-cached", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1  # no traceback
@@ -132,18 +136,8 @@ def test_areal_like_config_prints_the_resolved_directory(tmp_path):
         "error: model.path='areal-like-test/not-cached' is not a local directory")
 
 
-def test_a_relative_model_directory_is_written_absolute(tmp_path):
-    snap = fake_cache(tmp_path / "hf", tokenizer=True)
-    (tmp_path / "work").mkdir()
-    snap.rename(tmp_path / "work" / "m")
-    r = run_py(CLI, tmp_path / "hf", True, "config", "model=local_hf", "model.path=m",
-               "model.tokenizer=./m", "trainer.ref_path=m", cwd=tmp_path / "work")
-    assert r.returncode == 0, r.stderr
-    for key in ("path", "tokenizer", "ref_path"):
-        assert f"  {key}: {tmp_path / 'work' / 'm'}\n" in r.stdout, key
-
-
-def test_a_directory_is_used_as_is_and_neither_a_directory_nor_a_hub_id_is_refused(tmp_path):
+def test_a_directory_is_used_as_is_and_neither_a_directory_nor_a_hub_id_is_refused(tmp_path,
+                                                                                   monkeypatch):
     assert resolve_model_path(str(tmp_path)) == str(tmp_path)
     with pytest.raises(ConfigError,
                        match=r"^model\.path='/no/such/dir' does not exist \(and is not a hub id"):
@@ -152,15 +146,6 @@ def test_a_directory_is_used_as_is_and_neither_a_directory_nor_a_hub_id_is_refus
     with pytest.raises(ConfigError,
                        match=r"^trainer\.ref_path=.* is a file, not a model directory"):
         resolve_model_path(str(tmp_path / "f"), key="trainer.ref_path")
-
-
-def test_a_relative_model_path_that_is_not_here_says_where_it_was_looked_for(tmp_path,
-                                                                            monkeypatch):
-    fake_cache(tmp_path / "hf")
-    r = run_py(ONE_LINE, tmp_path / "hf", True, "models/mine", cwd=tmp_path)
-    assert r.stdout.startswith(f"error: model.path='models/mine' is not a local directory at "
-                               f"{tmp_path / 'models' / 'mine'} and not in the Hugging Face "
-                               "cache"), r.stdout
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as e:
         resolve_model_path("mine")
@@ -210,7 +195,6 @@ def test_loading_a_saved_model_draws_no_progress_bar_and_leaves_the_setting_alon
                                                 ("gpt_oss", "flex_attention", "flex_attention")])
 def test_a_checkpoint_as_published_starts_with_an_attention_its_family_has(tmp_path, family,
                                                                           asked, used):
-    """GPT-OSS without an attention setting loads eager; another choice is kept."""
     from areal_like.weights.hf import build_model
     from tests.families import save_family
 

@@ -215,8 +215,12 @@ def test_an_episode_ends_at_the_models_context_when_max_episode_tokens_is_longer
     assert conv.finish_reason == "max_tokens" and conv.total_tokens <= 256 and conv.turns >= 2
 
 
-def test_an_opening_prompt_that_leaves_no_room_is_refused_with_its_reason():
-    _, traj = episode(ScriptedEngine(["a", "b", "c"]))
+def test_a_groups_rewards_reach_the_metrics_and_a_prompt_leaving_no_room_is_refused_with_why():
+    r = runner(ScriptedEngine(["a", "b", "c"]))
+    [traj] = asyncio.run(r.run_group(CREDIT)).trajectories
+    value = r.ctx.metrics.registry.get_sample_value
+    assert value("areal_rollout_reward_count") == 1  # 0.25 + 0.25 + 1.0 (agent_envs.Chat)
+    assert value("areal_rollout_reward_sum") == value("areal_rollout_reward_mean") == 1.5
     context = len(traj.prompt_ids)  # the opening prompt exactly at the context
     r = runner(engine := ScriptedEngine(["a", "b", "c"]), max_episode_tokens=context,
                max_new_tokens=16)
@@ -261,14 +265,6 @@ def test_a_weight_sync_mid_episode_keeps_every_tokens_version_and_its_logged_sam
                                           "<|im_start|>assistant\n")
 
 
-def test_a_multi_turn_groups_rewards_reach_the_rollout_reward_metrics():
-    r = runner(ScriptedEngine(["a", "b", "c"]))
-    asyncio.run(r.run_group(CREDIT))
-    value = r.ctx.metrics.registry.get_sample_value
-    assert value("areal_rollout_reward_count") == 1  # 0.25 + 0.25 + 1.0 (agent_envs.Chat)
-    assert value("areal_rollout_reward_sum") == value("areal_rollout_reward_mean") == 1.5
-
-
 def test_when_one_conversation_of_a_group_fails_its_siblings_are_cancelled():
     async def group():  # the siblings (and their requests) are cancelled first
         # the first request answers and its env's step raises; the others never answer
@@ -306,14 +302,6 @@ def test_an_environment_that_raises_is_named_with_its_traceback_when_the_server_
                                    "KeyError: 'missing'")
 
 
-@pytest.mark.parametrize("reward", [None, float("nan"), "1.0"])
-def test_a_step_reward_that_is_not_a_finite_number_is_named(reward):
-    with pytest.raises(TypeError, match=r"^environment m:E step returned reward .+; expected a "
-                                        "finite"):
-        as_step_result(([], reward, True, {}), "m:E")
-    assert as_step_result(([], True, True, None), "m:E").reward == 1.0  # a bool counts as 0/1
-
-
 def test_numpy_values_in_a_steps_info_go_on_the_wire_and_others_are_named_at_the_step():
     r = runner(ScriptedEngine(["a", "b", "c"]), env="agent_envs:NumpyInfo")
     group = asyncio.run(r.run_group(CREDIT))
@@ -326,6 +314,11 @@ def test_numpy_values_in_a_steps_info_go_on_the_wire_and_others_are_named_at_the
         as_step_result(([], 1.0, True, {"fine": 1, "bad": object()}), "m:E")
     with pytest.raises(TypeError, match=r"^environment m:E step returned info \[1\]; expected a "):
         as_step_result(([], 1.0, True, [1]), "m:E")
+    for reward in (None, float("nan"), "1.0"):  # a step reward must be a finite number
+        with pytest.raises(TypeError, match=r"^environment m:E step returned reward .+; expected "
+                                            "a finite"):
+            as_step_result(([], reward, True, {}), "m:E")
+    assert as_step_result(([], True, True, None), "m:E").reward == 1.0  # a bool counts as 0/1
 
 
 def test_a_logged_sample_of_an_agent_episode_counts_its_calls_as_turns():

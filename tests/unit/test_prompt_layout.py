@@ -82,23 +82,17 @@ def test_a_template_of_ones_own_applies_to_both_and_none_to_neither(tmp_path):
     assert encode_prompt(tok, make_task(told).example(0), told) == ids
 
 
-def test_the_warm_start_uses_the_same_layout(tmp_path):
-    from trainer.sft import example_pair
-
-    tok, plain = char_tokenizer(), dataset(plain_rows(tmp_path))
-    task = make_task(plain, tok)
-    prompt, _answer = example_pair(tok, task.example(1), plain)
-    assert prompt == tok(QUESTIONS[1][0])["input_ids"] and prompt[0] == BOS_ID
-
-
 def test_synthetic_prompts_keep_their_ids():
-    # the quickstart's layout: <bos> + one id per character, whatever task.chat_template=auto finds
+    # the quickstart's layout: <bos> + one id per character, never the tokenizer's template (the
+    # char tokenizer has one: dataset tasks use it)
     tok = char_tokenizer()
+    assert tok.chat_template
     for name in SYNTHETIC:
-        cfg = TaskConfig(name=name)
-        ex = make_task(cfg).example(3)
-        chars = tok(ex.prompt, add_special_tokens=False)["input_ids"]
-        assert encode_prompt(tok, ex, cfg) == [BOS_ID, *chars] and len(chars) == len(ex.prompt)
+        for template in ("auto", "none"):
+            cfg = TaskConfig(name=name, chat_template=template)
+            ex = make_task(cfg).example(3)
+            chars = tok(ex.prompt, add_special_tokens=False)["input_ids"]
+            assert encode_prompt(tok, ex, cfg) == [BOS_ID, *chars] and len(chars) == len(ex.prompt)
 
 
 def test_prompt_layout_says_which_encoding(tmp_path):

@@ -58,11 +58,16 @@ def failures(metrics: Metrics, kind: str) -> float:
                                              {"kind": kind}) or 0.0
 
 
-def test_group_results_keep_the_order_of_the_responses(make_pool):
+def test_group_results_keep_the_order_and_values_not_finite_numbers_score_zero(make_pool):
     pool = make_pool()
     # the first samples finish last; each must still land at its own position
-    got = score(pool, "sleep 0.4 0", "sleep 0.3 1", "sleep 0.2 2", "sleep 0.1 3", "4")
-    assert got == [(0.0, None), (1.0, None), (2.0, None), (3.0, None), (4.0, None)]
+    got = score(pool, "sleep 0.4 0", "sleep 0.3 1", "sleep 0.2 2", "sleep 0.1 3", "4", "nan",
+                "text", "-2", "huge")
+    assert got[:8] == [(0.0, None), (1.0, None), (2.0, None), (3.0, None), (4.0, None),
+                       (0.0, "reward is not finite: nan"), (0.0, "reward is not a number: '1.0'"),
+                       (-2.0, None)]
+    # an int past a double's range crosses as JSON, then cannot be a float
+    assert got[8][0] == 0.0 and got[8][1].startswith("reward is not finite: 1000")
 
 
 def test_a_groups_samples_run_in_parallel_across_workers(make_pool):
@@ -84,18 +89,16 @@ def test_a_groups_samples_run_in_parallel_across_workers(make_pool):
         meeting.join(timeout=30)
 
 
-@pytest.mark.parametrize("response,why", [
-    ("crash", "ZeroDivisionError: division by zero on purpose"),
-    ("bad_error", "BadError (its message raised)"),  # its __str__ raises
-])
-def test_a_raising_reward_scores_zero_and_keeps_its_worker(make_pool, response, why):
+def test_a_raising_reward_scores_zero_and_keeps_its_worker(make_pool):
     metrics = Metrics()
     pool = make_pool(metrics=metrics, reward_workers=1)
     before = pool.worker_pids
-    assert score(pool, response, "1.5") == [(0.0, why), (1.5, None)]
+    assert score(pool, "crash", "bad_error", "1.5") == [
+        (0.0, "ZeroDivisionError: division by zero on purpose"),
+        (0.0, "BadError (its message raised)"), (1.5, None)]  # bad_error's __str__ raises
     assert pool.worker_pids == before
-    assert failures(metrics, "error") == 1
-    assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 2
+    assert failures(metrics, "error") == 2
+    assert metrics.registry.get_sample_value("areal_rollout_reward_seconds_count") == 3
 
 
 def test_a_hanging_reward_is_killed_at_the_timeout_and_replaced(make_pool):
@@ -124,15 +127,11 @@ def test_samples_after_a_lost_worker_are_scored_by_its_replacement(make_pool):
     assert [failures(metrics, k) for k in ("timeout", "died", "memory")] == [1, 1, 1]
 
 
-def test_a_share_bigger_than_a_socket_buffer_is_scored_whole_in_order(make_pool):
-    pool = make_pool(reward_workers=1)
+def test_one_worker_scores_shares_bigger_than_a_socket_buffer_and_times_each_sample(make_pool):
+    pool = make_pool(reward_timeout_s=3.0, reward_workers=1)
     responses = ["long " + "x" * (300_000 + k) for k in range(8)]
     assert score(pool, *responses) == [(float(len(r)), None) for r in responses]
-
-
-def test_each_queued_sample_has_its_own_timeout(make_pool):
-    # timed from the answer before it, not from the send
-    pool = make_pool(reward_timeout_s=3.0, reward_workers=1)
+    # each queued sample's timeout runs from the answer before it, not from the send
     assert score(pool, "sleep 2 1", "sleep 2 2") == [(1.0, None), (2.0, None)]
 
 
@@ -154,15 +153,6 @@ def test_a_reply_past_the_limit_is_refused_and_the_next_samples_are_scored(make_
     assert rest == [(1.0, None), (2.0, None)]  # by a fresh worker
     assert gone(old) and pool.worker_pids != [old.pid]
     assert failures(metrics, "oversize") == 1
-
-
-def test_values_that_are_not_finite_numbers_score_zero(make_pool):
-    pool = make_pool()
-    assert score(pool, "nan", "text", "-2") == [
-        (0.0, "reward is not finite: nan"), (0.0, "reward is not a number: '1.0'"), (-2.0, None)]
-    # an int past a double's range crosses as JSON, then cannot be a float
-    (reward, why), = score(pool, "huge")
-    assert reward == 0.0 and why.startswith("reward is not finite: 1000")
 
 
 def test_workers_do_not_see_secrets(make_pool, monkeypatch):

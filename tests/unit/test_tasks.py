@@ -13,7 +13,6 @@ from areal_like.tasks.task import (
     DatasetTask,
     Example,
     countdown_reward,
-    encode_prompt,
     exact_match,
     has_eval_split,
     load_function,
@@ -144,13 +143,3 @@ def test_char_tokenizer_round_trip(tmp_path):
     tok.save_pretrained(tmp_path)
     again = load_tokenizer(ModelConfig(path=str(tmp_path)))
     assert again(text)["input_ids"] == ids
-
-
-def test_synthetic_prompts_stay_plain_text_whatever_the_tokenizer_template():
-    # the quickstart's token layout: <bos> + one id per character, never the char template
-    tok, ex = char_tokenizer(), make_task(TaskConfig(name="reverse", digits=4)).example(0)
-    assert tok.chat_template  # the char tokenizer has a template: dataset tasks use it
-    for template in ("auto", "none"):
-        ids = encode_prompt(tok, ex, TaskConfig(name="reverse", digits=4, chat_template=template))
-        assert (ids == tok(ex.prompt)["input_ids"] and ids[0] == BOS_ID
-                and len(ids) == len(ex.prompt) + 1)

@@ -57,25 +57,21 @@ def test_bpe_special_tokens_digits_and_exact_round_trip():
             == tok(CHATML_TEXT)["input_ids"])
 
 
-def test_bpe_save_and_reload_keeps_ids_specials_and_template(tmp_path):
-    tok = bpe_tokenizer(512)
-    tok.save_pretrained(tmp_path)
-    again = load_tokenizer(ModelConfig(path=str(tmp_path), vocab_size=512))
-    assert again is not tok and again.chat_template == tok.chat_template
-    assert ((again.pad_token_id, again.eos_token_id, len(again))
-            == (tok.pad_token_id, tok.eos_token_id, len(tok)))
-    text = "What is 37 + 45? The answer is \\boxed{82}."
-    assert again(text)["input_ids"] == tok(text)["input_ids"]
-    assert (again.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False)
-            == tok.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False))
-
-
-def test_load_tokenizer_honours_model_tokenizer(tmp_path):
+def test_load_tokenizer_honours_model_tokenizer_and_a_saved_bpe_keeps_ids_specials_template(
+        tmp_path):
     assert load_tokenizer(ModelConfig()) is char_tokenizer()
     assert load_tokenizer(ModelConfig(tokenizer="bpe", vocab_size=600)) is bpe_tokenizer(600)
-    bpe_tokenizer(512).save_pretrained(tmp_path / "tok")
-    from_dir = load_tokenizer(ModelConfig(tokenizer=str(tmp_path / "tok"), vocab_size=512))
-    assert from_dir("37 + 45")["input_ids"] == bpe_tokenizer(512)("37 + 45")["input_ids"]
+    tok = bpe_tokenizer(512)
+    tok.save_pretrained(tmp_path / "tok")
+    text = "What is 37 + 45? The answer is \\boxed{82}."
+    for again in (load_tokenizer(ModelConfig(path=str(tmp_path / "tok"), vocab_size=512)),
+                  load_tokenizer(ModelConfig(tokenizer=str(tmp_path / "tok"), vocab_size=512))):
+        assert again is not tok and again.chat_template == tok.chat_template
+        assert ((again.pad_token_id, again.eos_token_id, len(again))
+                == (tok.pad_token_id, tok.eos_token_id, len(tok)))
+        assert again(text)["input_ids"] == tok(text)["input_ids"]
+        assert (again.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False)
+                == tok.apply_chat_template(CHAT, add_generation_prompt=True, return_dict=False))
     for vocab in (64, BPE_MIN_VOCAB - 1):
         with pytest.raises(ConfigError,
                            match=f"model.vocab_size={vocab} .*at least {BPE_MIN_VOCAB}"):

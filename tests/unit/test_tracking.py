@@ -29,7 +29,7 @@ from launch.job import Monitor
 from launch.records import curve_figure, eval_records, job_over, plot_curve
 from launch.topology import Topology
 from launch.track_sink import JsonlTail, TrackerSink, follow, scalars
-from launch.tracking import JsonlTracker, MlflowTracker, TensorBoardTracker, Tracker, WandbTracker
+from launch.tracking import JsonlTracker, TensorBoardTracker, Tracker
 from tests.conftest import child_env, run_cli
 from trainer.data import BatchSource
 from trainer.loop import Trainer
@@ -79,9 +79,23 @@ def test_scalars_flatten_nested_dicts_and_keep_only_numbers():
                                                        "train/stats/deep/x": -1.0}
 
 
-def test_sink_forwards_trainer_eval_and_sample_rows(tmp_path):
+class Failing(Tracker):
+    """A backend that fails on its first row (a full disk, a lost server)."""
+    closed = False
+
+    def log_metrics(self, *row):
+        raise OSError("disk full")
+
+    log_table = log_metrics
+
+    def close(self):
+        self.closed = True
+
+
+def test_sink_forwards_trainer_eval_and_sample_rows_past_a_failing_tracker(tmp_path):
     run = tmp_path / "run"
-    sink = TrackerSink(run, [JsonlTracker(run / "tracking" / "metrics.jsonl")])
+    failing = Failing()  # dropped at its first row; the others go on
+    sink = TrackerSink(run, [failing, JsonlTracker(run / "tracking" / "metrics.jsonl")])
     assert sink.poll() == 0  # no files yet
     append(run / "metrics" / "trainer.jsonl",
            {"time": 1.0, "step": 1, "policy_version": 1, "loss": 0.5, "stats": {"kl": 0.01},
@@ -93,6 +107,7 @@ def test_sink_forwards_trainer_eval_and_sample_rows(tmp_path):
               {"step": 2, "prompt": "cd", "reward": 0.0}]
     append(run / "samples.jsonl", *table2)
     assert sink.poll() == 2  # the trainer row and the eval row; the table may still be growing
+    assert failing.closed and len(sink.trackers) == 1
     assert sink.poll() == 1  # the file did not change since: the table is whole
     table4, table6 = ([{"step": 4, "prompt": "ef"}, {"step": 4, "prompt": "gh"}],
                       [{"step": 6, "prompt": "ij"}])
@@ -110,36 +125,12 @@ def test_sink_forwards_trainer_eval_and_sample_rows(tmp_path):
     ]
 
 
-class Failing(Tracker):
-    """A backend that fails on its first row (a full disk, a lost server)."""
-    closed = False
-
-    def log_metrics(self, *row):
-        raise OSError("disk full")
-
-    log_table = log_metrics
-
-    def close(self):
-        self.closed = True
-
-
-def test_a_failing_tracker_is_dropped_and_the_others_go_on(tmp_path):
+def test_follow_polls_until_the_summary_appears_and_a_monitor_tick_polls_the_sink(tmp_path):
     run = tmp_path / "run"
-    failing = Failing()
-    sink = TrackerSink(run, [failing, JsonlTracker(run / "tracking" / "metrics.jsonl")])
-    append(run / "metrics" / "trainer.jsonl", {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5})
-    assert sink.poll() == 2
-    assert failing.closed and len(sink.trackers) == 1
-    sink.close()
-    assert [r["metrics"]["train/loss"] for r in merged(run)] == [1.0, 0.5]
-
-
-def test_follow_polls_until_the_summary_appears(tmp_path):
-    run = tmp_path / "run"
+    cfg = RunConfig(run_dir=str(run))
     sink = TrackerSink(run, [JsonlTracker(run / "tracking" / "metrics.jsonl")])
     stop = threading.Event()
-    over = lambda: job_over(run, RunConfig(run_dir=str(run)))  # noqa: E731
-    follower = threading.Thread(target=follow, args=(sink, over, stop, 0.05))
+    follower = threading.Thread(target=follow, args=(sink, lambda: job_over(run, cfg), stop, 0.05))
     follower.start()
     try:
         append(run / "metrics" / "trainer.jsonl", {"step": 1, "loss": 1.0})
@@ -151,23 +142,16 @@ def test_follow_polls_until_the_summary_appears(tmp_path):
         (run / "summary.json").write_text("{}")
         follower.join(timeout=30)
         assert not follower.is_alive()  # the summary ended it, after a final poll
+        assert merged(run)[-1] == {"step": 2, "metrics": {"train/loss": 0.5}}
+        topo = Topology(host="127.0.0.1", buffer_address="", pub_address="", master_port=0,
+                        slots=(), rollout_cpus=None, trainer_cpus=None)
+        append(run / "metrics" / "trainer.jsonl", {"step": 3, "reward_mean": 0.5})
+        Monitor(cfg, topo, run, out=io.StringIO(), sink=sink)(None)
+        assert merged(run)[-1] == {"step": 3, "metrics": {"train/reward_mean": 0.5}}
     finally:
         stop.set()
         follower.join(timeout=30)
         sink.close()
-    assert merged(run)[-1] == {"step": 2, "metrics": {"train/loss": 0.5}}
-
-
-def test_monitor_tick_polls_the_sink(tmp_path):
-    run = tmp_path / "run"
-    cfg = RunConfig(run_dir=str(run))
-    topo = Topology(host="127.0.0.1", buffer_address="", pub_address="", master_port=0, slots=(),
-                    rollout_cpus=None, trainer_cpus=None)
-    sink = TrackerSink(run, [JsonlTracker(run / "tracking" / "metrics.jsonl")])
-    append(run / "metrics" / "trainer.jsonl", {"step": 1, "reward_mean": 0.5})
-    Monitor(cfg, topo, run, out=io.StringIO(), sink=sink)(None)
-    sink.close()
-    assert merged(run) == [{"step": 1, "metrics": {"train/reward_mean": 0.5}}]
 
 
 def test_track_command_forwards_a_finished_run_and_takes_overrides(tmp_path, capsys):
@@ -280,90 +264,6 @@ def wandb_records(path: Path) -> list:
     return records
 
 
-def test_wandb_offline_run_directory_holds_history_config_and_table(tmp_path, monkeypatch):
-    import wandb
-
-    for var in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_DIR"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    for var in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(var, str(tmp_path / var.lower()))
-    wb = WandbTracker(tmp_path, "proj", "r1", "offline", {"trainer": {"lr": 0.001}})
-    try:
-        wb.log_metrics({"train/loss": 0.5}, 5)
-        wb.log_metrics({"eval/pass@k": 0.25}, 3)  # an earlier step on its own axis is kept
-        wb.log_table("samples", [{"step": 5, "prompt": "p", "versions": [1, 2]}], 5)
-    finally:
-        wb.close()
-        wandb.teardown()  # the wandb-core service this test started
-    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
-    records = wandb_records(run_file)
-    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                for item in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
-    assert {"train/loss": 0.5, "train/step": 5}.items() <= history[0].items()
-    assert {"eval/pass@k": 0.25, "eval/step": 3}.items() <= history[1].items()
-    assert history[2]["samples/_type"] == "table-file" and history[2]["samples/nrows"] == 1
-    (table,) = run_file.parent.glob("files/media/table/samples_*.table.json")
-    assert json.loads(table.read_text()) == {"columns": ["step", "prompt", "versions"],
-                                             "data": [[5, "p", "[1, 2]"]]}
-    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    assert (run.project, run.display_name) == ("proj", "r1")
-    assert json.loads(next(i.value_json for i in run.config.update
-                           if i.key == "trainer")) == {"lr": 0.001}
-
-
-def test_mlflow_file_store_holds_metrics_params_and_tables(tmp_path, monkeypatch):
-    from mlflow.tracking import MlflowClient
-
-    # the tracker sets it; this undoes it afterwards
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    rows = [{"step": 4, "prompt": "p", "versions": [1, 2]}]
-    ml = MlflowTracker(tmp_path / "mlruns", "proj", "r1",
-                       {"trainer": {"lr": 0.001}, "tracker": ["mlflow"]})
-    ml.log_metrics({"train/loss": 0.5, "eval/pass@k": 0.25}, 3)
-    ml.log_metrics({"train/loss": 0.25}, 4)
-    ml.log_table("samples", rows, 4)
-    ml.close()
-    client = MlflowClient(tracking_uri=f"file:{tmp_path / 'mlruns'}")
-    (run,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
-    assert run.info.run_name == "r1" and run.info.status == "FINISHED"
-    assert ([(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss")]
-            == [(3, 0.5), (4, 0.25)])
-    assert ([(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "eval/pass_k")]
-            == [(3, 0.25)])
-    assert run.data.params == {"trainer/lr": "0.001", "tracker": "['mlflow']"}
-    local = client.download_artifacts(run.info.run_id, "samples/step_00000004.json",
-                                      str(tmp_path / "dl"))
-    assert json.loads(Path(local).read_text()) == {"step": 4, "rows": rows}
-
-
-def test_trackio_store_holds_metrics_and_tables(tmp_path):
-    # a process of its own: trackio reads TRACKIO_DIR once, when it is first imported
-    code = textwrap.dedent(f"""
-        from pathlib import Path
-        from launch.tracking import TrackioTracker
-        t = TrackioTracker(Path({str(tmp_path / 'trackio')!r}), "proj", "r1", {{"seed": 0}})
-        t.log_metrics({{"train/loss": 0.5}}, 3)
-        t.log_metrics({{"eval/pass@k": 0.25}}, 2)
-        t.log_table("samples", [{{"step": 3, "prompt": "p", "versions": [1, 2]}}], 3)
-        t.close()
-    """)
-    env = {k: v for k, v in os.environ.items() if k != "TRACKIO_DIR"}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HOME=str(tmp_path))
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == ""  # trackio's banners went to stderr
-    with sqlite3.connect(tmp_path / "trackio" / "proj.db") as db:
-        logged = [(name, step, json.loads(m)) for name, step, m in
-                  db.execute("SELECT run_name, step, metrics FROM metrics ORDER BY id")]
-    assert logged == [("r1", 3, {"train/loss": 0.5}), ("r1", 2, {"eval/pass@k": 0.25}),
-                      ("r1", 3, {"samples": {"_type": "trackio.table",
-                                             "_value": [{"step": 3, "prompt": "p",
-                                                         "versions": "[1, 2]"}]}})]
-
-
 def test_check_trackers_names_the_missing_package_and_its_extra(monkeypatch, tmp_path):
     assert tracking.check_trackers(RunConfig(tracker=["jsonl", "tensorboard", "wandb", "mlflow",
                                                       "trackio"])) == []  # the test extra
@@ -471,25 +371,34 @@ RESUMED = textwrap.dedent("""
     from launch.track_sink import TrackerSink
 
     run = Path(sys.argv[1])
-    jsonl = run / "metrics" / "trainer.jsonl"
-    jsonl.parent.mkdir(parents=True)
+    (run / "metrics").mkdir(parents=True)
+
+    def append(name, rows):
+        with (run / name).open("a") as f:
+            f.write("".join(json.dumps(r) + "\\n" for r in rows))
 
     def start(steps):  # one start of the job: its trainer's lines, then its sink's polls
-        with jsonl.open("a") as f:
-            f.write("".join(json.dumps({"step": s, "reward_mean": s / 10}) + "\\n" for s in steps))
+        append("metrics/trainer.jsonl", [{"step": s, "reward_mean": s / 10} for s in steps])
         cfg = RunConfig(tracker=["mlflow", "trackio", "wandb"], run_dir=str(run))
         cfg.tracking.wandb_mode = "offline"
         sink = TrackerSink.from_config(cfg)
         sink.poll(final=True)
         sink.close()
 
+    # an eval at an earlier step than the trainer's (on its own axis) and a table, before the resume
+    append("eval.jsonl", [{"policy_version": 0, "pass@k": 0.25}])
+    append("samples.jsonl", [{"step": 2, "prompt": "p", "versions": [1, 2]}])
     start([1, 2, 3])
     start([3, 4, 5])  # resumed from the checkpoint at 2: step 3 again, then on
 """)
+TABLE = [{"step": 2, "prompt": "p", "versions": [1, 2]}]
 
 
-def test_a_resumed_job_continues_each_trackers_run(tmp_path, monkeypatch):
-    """Each tracker continues its run on a resume, given only the rows it lacked (runs.json)."""
+def test_each_backend_holds_metrics_config_and_tables_and_a_resumed_job_continues_its_run(
+        tmp_path, monkeypatch):
+    """Each tracker continues its run on a resume, given only the rows it lacked (runs.json).
+    mlflow, trackio and wandb read back offline; trackio reads TRACKIO_DIR once, when it is first
+    imported: the trackers run in a process of their own."""
     import wandb  # noqa: F401 - installed, as the test's child needs
     from mlflow.tracking import MlflowClient
 
@@ -504,23 +413,49 @@ def test_a_resumed_job_continues_each_trackers_run(tmp_path, monkeypatch):
     proc = subprocess.run([sys.executable, "-c", RESUMED, str(run)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""  # trackio's banners went to stderr
+    lr = RunConfig().trainer.lr
     client = MlflowClient(tracking_uri=f"file:{run / 'tracking' / 'mlruns'}")
     (ml,) = client.search_runs([client.get_experiment_by_name("areal-like").experiment_id])
-    assert ml.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(ml.info.run_id, "train/reward_mean")] == [
-        1, 2, 3, 4, 5]
+    assert ml.info.status == "FINISHED" and ml.info.run_name == "run"
+    history = {name: [(m.step, m.value) for m in client.get_metric_history(ml.info.run_id, name)]
+               for name in ("train/reward_mean", "eval/pass_k")}  # mlflow's name for pass@k
+    assert history == {"train/reward_mean": [(s, s / 10) for s in range(1, 6)],
+                       "eval/pass_k": [(0, 0.25)]}
+    assert ml.data.params["trainer/lr"] == str(lr)
+    assert ml.data.params["tracker"] == "['mlflow', 'trackio', 'wandb']"
+    local = client.download_artifacts(ml.info.run_id, "samples/step_00000002.json",
+                                      str(tmp_path / "dl"))
+    assert json.loads(Path(local).read_text()) == {"step": 2, "rows": TABLE}
     with sqlite3.connect(run / "tracking" / "trackio" / "areal-like.db") as db:
-        logged = list(db.execute("SELECT run_id, step FROM metrics ORDER BY id"))
-    assert len({r for r, _ in logged}) == 1 and [s for _, s in logged] == [1, 2, 3, 4, 5], logged
+        logged = list(db.execute("SELECT run_id, run_name, step, metrics FROM metrics ORDER BY id"))
+    assert len({(r, name) for r, name, _, _ in logged}) == 1 and logged[0][1] == "run", logged
+    assert [(s, json.loads(m)) for _, _, s, m in logged] == [
+        *((s, {"train/reward_mean": s / 10}) for s in (1, 2, 3)), (0, {"eval/pass@k": 0.25}),
+        (2, {"samples": {"_type": "trackio.table",
+                         "_value": [{"step": 2, "prompt": "p", "versions": "[1, 2]"}]}}),
+        *((s, {"train/reward_mean": s / 10}) for s in (4, 5))], logged
     starts = [wandb_records(f) for f in sorted((run / "tracking" / "wandb").glob(
         "offline-run-*/run-*.wandb"), key=lambda f: f.stat().st_mtime)]
-    ids = [next(r.run.run_id for r in recs if r.WhichOneof("record_type") == "run")
-           for recs in starts]
-    steps = [[json.loads(i.value_json) for r in recs if r.WhichOneof("record_type") == "history"
-              for i in r.history.item if (i.key or "/".join(i.nested_key)) == "train/step"]
-             for recs in starts]
-    assert ids[0] == ids[1] and steps == [[1, 2, 3], [4, 5]], (ids, steps)
+    runs_of = [next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+               for recs in starts]
+    history = [[{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                for r in recs if r.WhichOneof("record_type") == "history"] for recs in starts]
+    steps = [[h["train/step"] for h in hs if "train/step" in h] for hs in history]
+    assert runs_of[0].run_id == runs_of[1].run_id and steps == [[1, 2, 3], [4, 5]], steps
+    assert (runs_of[0].project, runs_of[0].display_name) == ("areal-like", "run")
+    assert json.loads(next(i.value_json for i in runs_of[0].config.update
+                           if i.key == "trainer"))["lr"] == lr
+    [evaluated] = [h for hs in history for h in hs if "eval/pass@k" in h]
+    [table] = [h for hs in history for h in hs if "samples/_type" in h]
+    assert evaluated["eval/pass@k"] == 0.25 and evaluated["eval/step"] == 0
+    assert table["samples/_type"] == "table-file" and table["samples/nrows"] == 1
+    (table_file,) = (run / "tracking" / "wandb").glob(
+        "offline-run-*/files/media/table/samples_*.table.json")
+    assert json.loads(table_file.read_text()) == {"columns": ["step", "prompt", "versions"],
+                                                  "data": [[2, "p", "[1, 2]"]]}
     runs = json.loads((run / "tracking" / "runs.json").read_text())
-    assert runs == {"mlflow": {"id": ml.info.run_id, "train": 5},
-                    "trackio": {"id": "run", "train": 5},
-                    "wandb": {"id": ids[0], "train": 5}}, runs
+    marks = {"train": 5, "eval": 0, "samples": 2}
+    assert runs == {"mlflow": {"id": ml.info.run_id, **marks},
+                    "trackio": {"id": "run", **marks},
+                    "wandb": {"id": runs_of[0].run_id, **marks}}, runs
