@@ -24,7 +24,7 @@ def _start_buffer(spawn_python, tmp_run_dir):
         f"buffer.address=tcp://127.0.0.1:{free_port()}",
         f"buffer.pub_address=tcp://127.0.0.1:{free_port()}", "buffer.max_staleness=1000",
         "buffer.heartbeat_timeout_s=600", "buffer.lease_timeout_s=600", "buffer.fsync=never",
-        "task.group_size=2", "task.max_new_tokens=32", "rollout.heartbeat_s=0.5"])
+        "task.group_size=2", "task.max_new_tokens=256", "rollout.heartbeat_s=0.5"])
     config = tmp_run_dir / "config.yaml"
     config.write_text(to_yaml(cfg))
     ensure_key_file(tmp_run_dir)
@@ -60,12 +60,13 @@ def test_a_second_server_under_a_live_id_is_refused_and_the_first_stopped_leaves
 
     try:
         was = wait_until(incarnation, STARTUP_S, 0.2, "the first A on the roster")
-        wait_until(lambda: stats().get("leases_of_A", 0) >= 1, STARTUP_S, 0.05, "A holding leases")
         second = _server_a(spawn_python, tmp_run_dir, capture=True)
         # two refusals: the first (heartbeat_s=0.5) answered a heartbeat in between
         wait_until(lambda: stats().get("rejected_id_in_use", 0) >= 2, STARTUP_S, 0.2,
                    "the second A refused twice")
         assert incarnation() == was and second.poll() is None  # it keeps retrying
+        # stopped while it holds leases (256-token episodes: it holds them for a while)
+        wait_until(lambda: stats().get("leases_of_A", 0) >= 1, STARTUP_S, 0.05, "A holding leases")
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=LEFT_S)
         assert first.returncode == 0, err[-2000:]
