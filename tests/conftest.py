@@ -2,7 +2,7 @@
 
 Every process a test starts goes through ``spawn_python`` so teardown can stop it by PID
 (SIGTERM, then SIGKILL after ``TERM_GRACE_S``), and its descendants after it, by PID as
-well. Nothing here kills by name.
+well, also when the run itself is stopped with SIGTERM. Nothing here kills by name.
 """
 
 from __future__ import annotations
@@ -33,6 +33,17 @@ from areal_like.net import distributed
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TERM_GRACE_S = 10.0  # a daemon's graceful stop (GRACEFUL_STOP_S) fits in this; then SIGKILL
+
+
+def _stopped(signum, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)  # a second SIGTERM ends the run without teardown
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+def pytest_configure(config) -> None:
+    # a run stopped with SIGTERM (a CI timeout, `kill PID`) ends as Ctrl-C ends it: every
+    # fixture's teardown runs and stops the processes its test started
+    signal.signal(signal.SIGTERM, _stopped)
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
