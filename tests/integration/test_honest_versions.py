@@ -49,7 +49,9 @@ def test_a_version_from_another_peer_is_refused_and_a_trainer_ahead_is_taken_who
     caplog.clear()
     caplog.set_level(logging.INFO)
     # the version was made durable; a trainer ahead of the restarted buffer (announcements it
-    # never made durable, or a resume from a checkpoint) moves it in one announcement, unrefused
+    # never made durable, or a resume from a checkpoint) moves it in one announcement, unrefused;
+    # the same run_dir on new ports (the stopped buffer's may not be free again at once)
+    cfg = make_cfg(tmp_path)
     with running(cfg) as (svc, trainer):
         ws = WeightBroadcaster(WeightSyncConfig(), buffer_address=cfg.buffer.address, rank=0,
                                device=torch.device("cpu"))

@@ -260,8 +260,10 @@ def test_an_overlapped_push_gets_its_whole_deadline_after_waiting_for_the_one_be
         assert metrics.registry.get_sample_value(near) == 0  # served before any push
         wb.push(model, 1, wait=False)
         first = wb.push(model, 2, wait=False)  # v1's report, once v1 ran out its deadline
+        assert metrics.registry.get_sample_value(near) == 1
         second = wb.join()
     assert (first.version, first.dropped, first.cut) == (1, ["a"], True), first
     assert first.seconds >= 0.9 * cfg.deadline_s, first
     assert (second.version, second.done, engine.loaded) == (2, ["a"], ["2"]), second
-    assert not second.cut and metrics.registry.get_sample_value(near) == 1
+    # v2 (the engine takes half its deadline) is counted only if a loaded machine made it that near
+    assert metrics.registry.get_sample_value(near) == 1 + second.cut
