@@ -4,12 +4,10 @@ tests/conftest.py turns the signal into the interrupt Ctrl-C gives, so every tea
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 
 import psutil
 
-from tests.conftest import REPO_ROOT, child_env, wait_until
+from tests.conftest import REPO_ROOT, wait_until
 
 HOLDING = """
 import os, time
@@ -22,22 +20,19 @@ def test_holds_a_process(spawn_python):
 """
 
 
-def test_a_run_stopped_by_sigterm_stops_the_processes_its_test_started(tmp_path):
+def test_a_run_stopped_by_sigterm_stops_the_processes_its_test_started(tmp_path, spawn_python):
     (tmp_path / "test_holding.py").write_text(HOLDING)
     pid_file = tmp_path / "pid"
-    run = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:xdist",
-                            "-p", "tests.conftest", str(tmp_path / "test_holding.py")],
-                           cwd=REPO_ROOT, env=child_env({"PID_FILE": str(pid_file)}),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    held = None
+    run = spawn_python("pytest", ["-q", "-p", "no:xdist", "-p", "tests.conftest",
+                                  tmp_path / "test_holding.py"],
+                       env={"PID_FILE": str(pid_file)}, cwd=REPO_ROOT)
+    held = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 60, 0.1,
+                          "the inner test's process"))
     try:
-        held = int(wait_until(lambda: pid_file.exists() and pid_file.read_text(), 60, 0.1,
-                              "the inner test's process"))
         run.send_signal(signal.SIGTERM)
         out, _ = run.communicate(timeout=60)
         assert run.returncode == 2 and "stopped by signal 15" in out, out  # pytest's "interrupted"
         assert not psutil.pid_exists(held), out
     finally:
-        for proc in (run, *([psutil.Process(held)] if held and psutil.pid_exists(held) else [])):
-            proc.kill()  # by PID: what a failed check left
-            proc.wait()
+        if psutil.pid_exists(held):  # a failed check's orphan: spawn_python stops only the run
+            psutil.Process(held).kill()
